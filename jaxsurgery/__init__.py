@@ -1,0 +1,38 @@
+"""jaxsurgery: look inside JAX functions, name intermediates, and cut them apart.
+
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x):
+    ...     z1 = jnp.tanh(x)
+    ...     z2 = jnp.sin(z1)
+    ...     return z2.sum()
+    >>> g = js.trace(f, jnp.ones(3))
+    >>> s = g.slice("z1", "z2")
+    >>> jax.jvp(s, (g.value("z1"),), (jnp.ones(3),))[1].shape
+    (3,)
+"""
+
+from ._errors import SelectionError as SelectionError
+from ._errors import SliceError as SliceError
+from ._errors import SurgeryError as SurgeryError
+from ._errors import TraceError as TraceError
+from ._graph import Graph as Graph
+from ._graph import Var as Var
+from ._select import Selection as Selection
+from ._slice import Slice as Slice
+from ._tag import tag as tag
+from ._trace import trace as trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph",
+    "Selection",
+    "SelectionError",
+    "Slice",
+    "SliceError",
+    "SurgeryError",
+    "TraceError",
+    "Var",
+    "tag",
+    "trace",
+]

@@ -1,0 +1,86 @@
+"""The one module that touches JAX internals or version differences.
+
+Everything else in jaxsurgery reaches JAX through public modules (``jax``,
+``jax.extend.core``) or through the names defined here, so a JAX upgrade touches
+this file alone. Tested with jax 0.10.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.extend import core as jex_core
+from jax.extend import source_info_util as jex_source_info
+
+from jax._src import source_info_util as _source_info_util  # user_frame lives here only
+from jax._src.interpreters import partial_eval as _pe  # the tracer type of make_jaxpr
+
+Var = jex_core.Var
+Literal = jex_core.Literal
+DropVar = jex_core.DropVar
+Jaxpr = jex_core.Jaxpr
+ClosedJaxpr = jex_core.ClosedJaxpr
+JaxprEqn = jex_core.JaxprEqn
+new_jaxpr_eqn = jex_core.new_jaxpr_eqn
+check_jaxpr = jex_core.check_jaxpr
+SourceInfo = jex_source_info.SourceInfo
+
+#: Primitives that call a closed jaxpr with no rule of their own: inlining them
+#: changes nothing but the nesting. (``pjit`` is the name before jax 0.7.)
+INLINE_CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+#: The identity primitive behind ``jax.ad_checkpoint.checkpoint_name`` and ``js.tag``.
+TAG_PRIMITIVE = "name"
+
+
+def tracer_atom(x: Any) -> Any:
+    """The jaxpr atom a ``make_jaxpr`` tracer stands for, or None for anything else."""
+    if isinstance(x, _pe.DynamicJaxprTracer):
+        return x.val
+    return None
+
+
+def called_jaxpr(eqn: JaxprEqn) -> ClosedJaxpr:
+    """The closed jaxpr an inlinable call equation runs."""
+    params = eqn.params
+    inner = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
+    if isinstance(inner, Jaxpr) and not hasattr(inner, "consts"):
+        inner = ClosedJaxpr(inner, ())
+    return inner
+
+
+def tag_name(eqn: JaxprEqn) -> str:
+    """The name a ``checkpoint_name``/``js.tag`` equation gives its operand."""
+    return str(eqn.params["name"])
+
+
+def user_frame(source_info: SourceInfo | None) -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the innermost user frame that made an equation."""
+    if source_info is None or source_info.traceback is None:
+        return None
+    frame = _source_info_util.user_frame(source_info.traceback)
+    if frame is None:
+        return None
+    return frame.file_name, frame.start_line, frame.function_name
+
+
+def scope_of(source_info: SourceInfo | None) -> str:
+    """The name-stack path of an equation, ``"MLP/Dense_0"`` or ``""``."""
+    if source_info is None:
+        return ""
+    return str(source_info.name_stack)
+
+
+def nest_source_info(outer: SourceInfo, inner: SourceInfo) -> SourceInfo:
+    """Source info of an equation inlined from a call made at ``outer``."""
+    return inner.replace(name_stack=outer.name_stack + inner.name_stack)
+
+
+def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
+    """Evaluate a jaxpr; traceable (works on tracers of any transformation)."""
+    return jax.core.eval_jaxpr(jaxpr, consts, *args)
+
+
+def make_jaxpr(fn: Any, *args: Any) -> ClosedJaxpr:
+    """``jax.make_jaxpr(fn)(*args)``."""
+    return jax.make_jaxpr(fn)(*args)

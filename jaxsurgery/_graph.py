@@ -1,0 +1,329 @@
+"""``Graph`` and ``Var``: the traced program, its vars and their names.
+
+A :class:`Graph` is immutable. It wraps a flat :class:`~jaxsurgery._program.Program`
+(the jaxpr is the source of truth), the names of its vars, and, when traced with
+concrete arrays, the arguments of the trace so that values and slices are available.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x, w):
+    ...     h = jnp.tanh(x @ w)
+    ...     return jnp.sum(h ** 2)
+    >>> g = js.trace(f, jnp.ones((2, 3)), jnp.ones((3, 4)))
+    >>> g["h"]
+    Var(h: f32[2,4] = tanh, index 3)
+    >>> [v.name for v in g.inputs], [v.name for v in g.outputs]
+    (['x', 'w'], ['%5'])
+    >>> g.value("h").shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import jax
+import numpy as np
+
+from . import _compat as C
+from . import _select
+from ._errors import SliceError
+from ._names import Names
+from ._program import Program
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from ._select import Selection
+    from ._slice import Slice
+
+
+class Var:
+    """One value of the program: an input, a constant, or an equation output.
+
+    Vars are hashable and compare by identity; a Var belongs to one Graph.
+    """
+
+    __slots__ = ("_graph", "index")
+
+    def __init__(self, graph: Graph, index: int):
+        self._graph = graph
+        self.index = index
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def name(self) -> str:
+        """The unique canonical name."""
+        return self._graph._names.canonical[self.index]
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other names that select this var."""
+        return self._graph._names.aliases[self.index]
+
+    @property
+    def aval(self) -> Any:
+        return self._graph._program.vars[self.index].aval
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.aval.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.aval.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def primitive(self) -> str:
+        """The producing primitive; ``"input"`` or ``"const"`` for leaves."""
+        return self._graph._primitive(self.index)
+
+    @property
+    def scope(self) -> str:
+        """Name-stack path of the producing equation (``"MLP/Dense_0"``), or ``""``."""
+        eqn = self._graph._eqn_of(self.index)
+        return "" if eqn is None else C.scope_of(eqn.source_info)
+
+    @property
+    def source(self) -> str | None:
+        """``"file.py:12"`` of the user code that made this var, or None."""
+        eqn = self._graph._eqn_of(self.index)
+        frame = None if eqn is None else C.user_frame(eqn.source_info)
+        return None if frame is None else f"{frame[0]}:{frame[1]}"
+
+    @property
+    def producers(self) -> tuple[Var, ...]:
+        """The vars the producing equation reads."""
+        p = self._graph._program
+        e = p.producer[self.index]
+        return () if e < 0 else tuple(self._graph._vars[i] for i in dict.fromkeys(p.eqn_in[e]))
+
+    @property
+    def users(self) -> tuple[Var, ...]:
+        """The vars written by equations that read this one."""
+        p = self._graph._program
+        outs = (i for e in p.users[self.index] for i in p.eqn_out[e])
+        return tuple(self._graph._vars[i] for i in dict.fromkeys(outs))
+
+    def __repr__(self) -> str:
+        return f"Var({self.name}: {short_type(self.aval)} = {self.primitive}, index {self.index})"
+
+
+def short_type(aval: Any) -> str:
+    """``f32[2,3]`` for an aval."""
+    try:
+        return aval.str_short(short_dtypes=True)
+    except (AttributeError, TypeError):
+        return str(aval)
+
+
+Selector = Any  # int | str | re.Pattern | Var | Selection | a list/tuple/dict of these
+
+
+class Graph:
+    """The traced program of a function, with named, selectable vars.
+
+    Made by :func:`jaxsurgery.trace`; never mutated.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        names: Names,
+        flatten_args: Callable[..., list[Any]],
+        flat_args: Sequence[Any] | None,
+        title: str,
+        notes: Sequence[str] = (),
+    ):
+        self._program = program
+        self._names = names
+        self._flatten_args = flatten_args
+        self._flat_args = None if flat_args is None else tuple(flat_args)
+        self._title = title
+        self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
+        self._values: dict[int, Any] = {}
+        self.notes: tuple[str, ...] = tuple(notes)
+
+    # -- vars ---------------------------------------------------------------------------
+    @property
+    def vars(self) -> tuple[Var, ...]:
+        """All vars in program order: inputs, constants, then equation outputs."""
+        return self._vars
+
+    @property
+    def inputs(self) -> tuple[Var, ...]:
+        return self._vars[: self._program.num_inputs]
+
+    @property
+    def outputs(self) -> tuple[Var, ...]:
+        return tuple(self._vars[i] for i in self._program.outputs)
+
+    @property
+    def jaxpr(self) -> C.Jaxpr:
+        """The flat jaxpr (nested ``jit`` calls inlined); constants are its constvars."""
+        return self._program.jaxpr
+
+    @property
+    def is_concrete(self) -> bool:
+        """True when traced with concrete arrays (values and bound slices available)."""
+        return self._flat_args is not None
+
+    def __len__(self) -> int:
+        return len(self._vars)
+
+    def __iter__(self):
+        return iter(self._vars)
+
+    def __getitem__(self, selector: int | str | Any) -> Var:
+        """One var by index, exact name, glob/regex matching one var, or Var."""
+        return _select.one(self, selector)
+
+    def names(self) -> list[str]:
+        """Every name that selects a var, canonical names first."""
+        return self._names.all_names()
+
+    def select(
+        self,
+        *selectors: Selector,
+        primitive: str | Sequence[str] | None = None,
+        scope: str | None = None,
+        where: Callable[[Var], bool] | None = None,
+    ) -> Selection:
+        """Vars matching any of ``selectors`` (all vars if none) and every filter.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     z1 = jnp.tanh(x)
+            ...     z2 = jnp.tanh(z1)
+            ...     return jnp.sin(z2)
+            >>> g = js.trace(f, jnp.ones(3))
+            >>> g.select("z?").names
+            ('z1', 'z2')
+            >>> g.select(primitive="tanh", where=lambda v: v.name != "z1").names
+            ('z2',)
+        """
+        return _select.select(self, selectors, primitive=primitive, scope=scope, where=where)
+
+    # -- slicing and derivatives ----------------------------------------------------------
+    def slice(self, inputs: Selector, outputs: Selector, *, allow_unconnected: bool = False) -> Slice:
+        """The sub-computation ``inputs ↦ outputs`` as a JAX function (SPEC §5).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     z1 = jnp.tanh(x)
+            ...     z2 = jnp.sin(z1) + x
+            ...     return z2
+            >>> g = js.trace(f, jnp.ones(3))
+            >>> s = g.slice("z1", "z2")        # x is context: held fixed
+            >>> jax.jvp(s, (g.value("z1"),), (jnp.ones(3),))[1]
+            Array([0.64..., 0.64..., 0.64...], dtype=float32)
+        """
+        from ._slice import Slice
+
+        return Slice._build(self, inputs, outputs, allow_unconnected=allow_unconnected)
+
+    def value(self, selector: Selector) -> Any:
+        """The traced value of the selected var(s), mirroring the selector's structure."""
+        structure, flat = _select.tree(self, selector)
+        missing = [v.index for v in flat if v.index not in self._values]
+        if missing:
+            args = self._require_args("g.value")
+            with jax.ensure_compile_time_eval():
+                values = self._program.evaluate(list(dict.fromkeys(missing)), args)
+            self._values.update(zip(dict.fromkeys(missing), values))
+        return _select.unflatten(structure, [self._values[v.index] for v in flat])
+
+    def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
+        """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``."""
+        s = self.slice(inputs, outputs)
+        primals = s.input_values()
+        return jax.jvp(s, primals, s._as_args(tangents))
+
+    def vjp(self, inputs: Selector, outputs: Selector, cotangents: Any) -> tuple[Any, Any]:
+        """``(outputs, cotangentsᵀ·∂outputs/∂inputs)`` at the traced values."""
+        s = self.slice(inputs, outputs)
+        out, pullback = jax.vjp(s, *s.input_values())
+        return out, s._from_args(pullback(cotangents))
+
+    def jacobian(
+        self, inputs: Selector, outputs: Selector, mode: Literal["auto", "fwd", "rev"] = "auto"
+    ) -> Any:
+        """``∂outputs/∂inputs`` at the traced values.
+
+        ``mode="auto"`` uses forward mode when the inputs have no more elements than the
+        outputs, reverse mode otherwise. The result is structured as ``jax.jacfwd``'s
+        with ``argnums`` over the slice's positional inputs.
+        """
+        s = self.slice(inputs, outputs)
+        if mode == "auto":
+            n_in = sum(v.size for v in s.in_vars)
+            n_out = sum(v.size for v in s.out_vars)
+            mode = "fwd" if n_in <= n_out else "rev"
+        if mode not in ("fwd", "rev"):
+            raise SliceError(f"unknown jacobian mode {mode!r}; use 'auto', 'fwd' or 'rev'")
+        jac = jax.jacfwd if mode == "fwd" else jax.jacrev
+        args = s.input_values()
+        argnums = tuple(range(len(args)))
+        result = jac(s, argnums=argnums)(*args)
+        return s._from_args_tree(result)
+
+    # -- views ----------------------------------------------------------------------------
+    def to_networkx(self) -> nx.DiGraph:
+        """A networkx view: nodes are var indices, edges dataflow labelled by equation."""
+        import networkx as nx
+
+        p = self._program
+        graph = nx.DiGraph()
+        for v in self._vars:
+            graph.add_node(
+                v.index,
+                name=v.name,
+                shape=v.shape,
+                dtype=str(v.dtype),
+                primitive=v.primitive,
+            )
+        for e, (ins, outs) in enumerate(zip(p.eqn_in, p.eqn_out)):
+            primitive = p.jaxpr.eqns[e].primitive.name
+            graph.add_edges_from(((i, o) for i in ins for o in outs), eqn=e, primitive=primitive)
+        return graph
+
+    def __repr__(self) -> str:
+        from ._table import graph_table
+
+        return graph_table(self)
+
+    # -- internals ------------------------------------------------------------------------
+    def _primitive(self, i: int) -> str:
+        p = self._program
+        if i < p.num_inputs:
+            return "input"
+        if p.is_const(i):
+            return "const"
+        return p.jaxpr.eqns[p.producer[i]].primitive.name
+
+    def _eqn_of(self, i: int) -> C.JaxprEqn | None:
+        e = self._program.producer[i]
+        return None if e < 0 else self._program.jaxpr.eqns[e]
+
+    def _require_args(self, what: str) -> tuple[Any, ...]:
+        if self._flat_args is None:
+            raise SliceError(
+                f"{what} needs values, but this graph was traced with abstract "
+                "arguments (jax.ShapeDtypeStruct); trace with concrete arrays, or "
+                "bind a slice to arguments with s.bind(*args)"
+            )
+        return self._flat_args

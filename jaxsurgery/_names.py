@@ -1,0 +1,133 @@
+"""Naming: every var gets one unique canonical name and any number of aliases.
+
+The rules, in priority order (SPEC §4); the canonical name is the first that applies
+and is not already another var's canonical name, the rest are aliases:
+
+1. inputs: parameter name + pytree key path (``x``, ``params['w']``, ``args[2]``);
+2. tags: ``js.tag(x, "name")`` and ``checkpoint_name(x, "name")``;
+3. Python variable names of the traced function (``z1 = ...``);
+4. outputs: ``out``, ``out[0]``, ``out['loss']`` (aliases: an output that also has a
+   Python name keeps the Python name as canonical);
+5. fallback: ``%<index>`` (every var answers to it) and ``<primitive>:<index>``.
+
+A name given to k > 1 distinct vars (a loop, a rebinding, a repeated tag) is
+canonical in its ``name#k`` forms, in binding order, and the bare ``name`` is an
+alias of all of them, so ``g.select("h")`` finds every binding and ``g["h"]`` says it
+is ambiguous. A parameter that the function body rebinds is binding ``#0``.
+
+Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x):
+    ...     for _ in range(2):
+    ...         x = jnp.sin(x)
+    ...     return x
+    >>> g = js.trace(f, jnp.ones(3))
+    >>> [v.name for v in g.vars]
+    ['x', 'x#1', 'x#2']
+    >>> g["x#2"].aliases
+    ('x', 'out', '%2', 'sin:2')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Names:
+    """The result of naming: canonical names per var and the lookup table."""
+
+    canonical: list[str]
+    aliases: list[tuple[str, ...]]
+    lookup: dict[str, list[int]] = field(default_factory=dict)
+    by_canonical: dict[str, int] = field(default_factory=dict)
+
+    def all_names(self) -> list[str]:
+        """Every name that selects something, canonical names first."""
+        return [*self.canonical, *(n for n in self.lookup if n not in self.by_canonical)]
+
+
+def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[int, list[str]]:
+    """Per var, the names a binding sequence gives it, ``#k`` forms where needed.
+
+    ``first`` gives vars that are binding ``#0`` of a name before the sequence starts
+    (parameters the body rebinds).
+    """
+    order: dict[str, list[int]] = {}
+    for name, var in bindings:
+        vs = order.setdefault(name, [first[name]] if name in first else [])
+        if var not in vs:
+            vs.append(var)
+    names: dict[int, list[str]] = {}
+    for name, vs in order.items():
+        if len(vs) == 1:
+            if name not in first:
+                names.setdefault(vs[0], []).append(name)
+            continue
+        for k, var in enumerate(vs):
+            names.setdefault(var, []).extend((f"{name}#{k}", name))
+    return names
+
+
+def assign_names(
+    num_vars: int,
+    primitives: Sequence[str],
+    inputs: Sequence[str],
+    outputs: Sequence[tuple[int, str]],
+    tags: Sequence[tuple[int, str]],
+    bindings: Sequence[tuple[str, int]],
+) -> Names:
+    """Names for ``num_vars`` vars, the first ``len(inputs)`` being the inputs.
+
+    Args:
+        primitives: the producing primitive of each var (``"input"``, ``"const"``, ...).
+        inputs: the name of each input var.
+        outputs: ``(var, name)`` for each output leaf.
+        tags: ``(var, name)`` in program order.
+        bindings: ``(name, var)`` of Python assignments in the order they ran.
+    """
+    candidates: list[list[str]] = [[] for _ in range(num_vars)]
+    for i, name in enumerate(inputs):
+        candidates[i].append(name)
+    for var, names in _group(((n, v) for v, n in tags), {}).items():
+        candidates[var].extend(names)
+    rebound = {name: i for i, name in enumerate(inputs)}
+    for var, names in _group(bindings, rebound).items():
+        candidates[var].extend(names)
+    bound_first = {name for name, _ in bindings if name in rebound}
+    for name in bound_first:
+        candidates[rebound[name]].append(f"{name}#0")
+    for var, name in outputs:
+        candidates[var].append(name)
+
+    multi = _multi_names(candidates)
+    input_names = set(inputs)
+    taken: set[str] = set()
+    canonical: list[str] = []
+    aliases: list[tuple[str, ...]] = []
+    lookup: dict[str, list[int]] = {}
+    for i, cands in enumerate(candidates):
+        fallback = f"%{i}"
+        chosen = next(
+            (c for c in cands if c not in taken and (c not in multi or c in input_names)), fallback
+        )
+        taken.add(chosen)
+        canonical.append(chosen)
+        rest = [c for c in dict.fromkeys(cands) if c != chosen]
+        rest += [n for n in (fallback, f"{primitives[i]}:{i}") if n != chosen]
+        aliases.append(tuple(rest))
+        for n in (chosen, *rest):
+            lookup.setdefault(n, []).append(i)
+    return Names(canonical, aliases, lookup, {n: i for i, n in enumerate(canonical)})
+
+
+def _multi_names(candidates: Sequence[Sequence[str]]) -> set[str]:
+    """Names that more than one var answers to (never canonical, except inputs)."""
+    seen: dict[str, int] = {}
+    multi: set[str] = set()
+    for i, cands in enumerate(candidates):
+        for c in cands:
+            if seen.setdefault(c, i) != i:
+                multi.add(c)
+    return multi

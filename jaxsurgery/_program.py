@@ -1,0 +1,207 @@
+"""The flat program: one jaxpr with nested calls inlined, and its dataflow index.
+
+``js.trace`` produces a closed jaxpr whose ``jit`` calls nest other jaxprs. A
+:class:`Program` inlines those calls (they carry no rule of their own), strips the
+identity ``name`` equations of ``js.tag``/``checkpoint_name`` (remembering the
+names), and indexes the result: every var gets an integer, every equation the
+integers it reads and writes. Slicing and evaluation are liveness walks over those
+integers, in the manner of ``jax._src.interpreters.partial_eval._dce_jaxpr``.
+
+The jaxpr is the source of truth; the integer tables are derived from it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _compat as C
+
+
+class Program:
+    """A flat jaxpr (no inlinable calls) plus integer dataflow tables.
+
+    Attributes:
+        jaxpr: the flat ``Jaxpr``; its ``constvars`` hold captured constants.
+        consts: values of ``jaxpr.constvars``.
+        vars: jaxpr vars in index order: inputs, constants, equation outputs.
+        producer: per var, the index of the equation that writes it, or -1.
+        eqn_in / eqn_out: per equation, the var indices it reads / writes.
+        users: per var, the equations that read it, in program order.
+        outputs: var indices of the program outputs.
+        tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order.
+        origin: ``id(original var) -> [var index, ...]``: where each var of the
+            traced (nested) jaxpr ended up; a var of a call traced once and
+            called k times has k entries.
+    """
+
+    def __init__(self, closed: C.ClosedJaxpr):
+        inliner = _Inliner()
+        self.jaxpr, self.consts = inliner.run(closed)
+        self.tags: list[tuple[int, str]] = []
+        jaxpr = self.jaxpr
+        self.vars: list[C.Var] = [*jaxpr.invars, *jaxpr.constvars]
+        self.producer: list[int] = [-1] * len(self.vars)
+        self.eqn_in: list[tuple[int, ...]] = []
+        self.eqn_out: list[tuple[int, ...]] = []
+        index = {v: i for i, v in enumerate(self.vars)}
+        for e, eqn in enumerate(jaxpr.eqns):
+            self.eqn_in.append(tuple(index[a] for a in eqn.invars if isinstance(a, C.Var)))
+            outs = []
+            for v in eqn.outvars:
+                if isinstance(v, C.DropVar):
+                    continue
+                index[v] = len(self.vars)
+                self.vars.append(v)
+                self.producer.append(e)
+                outs.append(index[v])
+            self.eqn_out.append(tuple(outs))
+        self.index = index
+        self.users: list[list[int]] = [[] for _ in self.vars]
+        for e, ins in enumerate(self.eqn_in):
+            for i in dict.fromkeys(ins):
+                self.users[i].append(e)
+        self.outputs = [index[v] for v in jaxpr.outvars]
+        self.tags = [(index[v], name) for v, name in inliner.tags]
+        self.origin: dict[int, list[int]] = {
+            k: [index[v] for v in vs if v in index] for k, vs in inliner.origin.items()
+        }
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.jaxpr.invars)
+
+    @property
+    def num_consts(self) -> int:
+        return len(self.jaxpr.constvars)
+
+    def is_const(self, i: int) -> bool:
+        return self.num_inputs <= i < self.num_inputs + self.num_consts
+
+    def const_value(self, i: int) -> Any:
+        return self.consts[i - self.num_inputs]
+
+    def ancestor_eqns(self, targets: Iterable[int], stop: frozenset[int] = frozenset()) -> list[int]:
+        """Equations needed to compute ``targets``, not looking past ``stop`` vars."""
+        needed: set[int] = set()
+        stack = [t for t in targets if t not in stop]
+        seen = set(stack)
+        producer, eqn_in = self.producer, self.eqn_in
+        while stack:
+            e = producer[stack.pop()]
+            if e < 0 or e in needed:
+                continue
+            needed.add(e)
+            for i in eqn_in[e]:
+                if i not in seen and i not in stop:
+                    seen.add(i)
+                    stack.append(i)
+        return sorted(needed)
+
+    def sub_jaxpr(
+        self,
+        eqns: Sequence[int],
+        invars: Sequence[int],
+        outvars: Sequence[int],
+        constvars: Sequence[int] = (),
+    ) -> C.Jaxpr:
+        """A jaxpr of the given equations (in program order) between given vars."""
+        eqn_objs = [self.jaxpr.eqns[e] for e in eqns]
+        effects = frozenset().union(*(eqn.effects for eqn in eqn_objs)) if eqn_objs else frozenset()
+        return C.Jaxpr(
+            [self.vars[i] for i in constvars],
+            [self.vars[i] for i in invars],
+            [self.vars[i] for i in outvars],
+            eqn_objs,
+            effects,
+        )
+
+    def evaluate(self, targets: Sequence[int], flat_args: Sequence[Any]) -> list[Any]:
+        """Values of ``targets`` for the given flat inputs, computing only ancestors.
+
+        Traceable: ``flat_args`` may be tracers.
+        """
+        inputs = range(self.num_inputs)
+        consts = range(self.num_inputs, self.num_inputs + self.num_consts)
+        jaxpr = self.sub_jaxpr(self.ancestor_eqns(targets), inputs, targets, consts)
+        return C.eval_jaxpr(jaxpr, self.consts, *flat_args)
+
+
+class _Inliner:
+    """Copies a closed jaxpr into one flat jaxpr, inlining plain calls."""
+
+    def __init__(self) -> None:
+        self.eqns: list[C.JaxprEqn] = []
+        self.constvars: list[C.Var] = []
+        self.consts: list[Any] = []
+        self.tags: list[tuple[C.Var, str]] = []
+        self.origin: dict[int, list[C.Var]] = {}
+
+    def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
+        jaxpr = closed.jaxpr
+        env: dict[Any, Any] = {}
+        invars = [self._fresh(v, env) for v in jaxpr.invars]
+        self._bind_consts(jaxpr.constvars, closed.consts, env)
+        self._copy(jaxpr, env, None)
+        outvars = []
+        for a in jaxpr.outvars:
+            a = self._read(a, env)
+            if isinstance(a, C.Literal):  # a constant output becomes a constant var
+                a = self._new_const(np.asarray(a.val), a.aval)
+            outvars.append(a)
+        effects = frozenset().union(*(e.effects for e in self.eqns)) if self.eqns else frozenset()
+        flat = C.Jaxpr(self.constvars, invars, outvars, self.eqns, effects)
+        return flat, self.consts
+
+    def _fresh(self, v: C.Var, env: dict) -> C.Var:
+        new = C.Var(v.aval)
+        env[v] = new
+        self.origin.setdefault(id(v), []).append(new)
+        return new
+
+    def _alias(self, v: C.Var, atom: Any, env: dict) -> None:
+        env[v] = atom
+        if isinstance(atom, C.Var):
+            self.origin.setdefault(id(v), []).append(atom)
+
+    def _new_const(self, value: Any, aval: Any) -> C.Var:
+        var = C.Var(aval)
+        self.constvars.append(var)
+        self.consts.append(value)
+        return var
+
+    def _bind_consts(self, constvars: Sequence[C.Var], values: Sequence[Any], env: dict) -> None:
+        for v, value in zip(constvars, values):
+            env[v] = self._new_const(value, v.aval)
+            self.origin.setdefault(id(v), []).append(env[v])
+
+    @staticmethod
+    def _read(a: Any, env: dict) -> Any:
+        return a if isinstance(a, C.Literal) else env[a]
+
+    def _copy(self, jaxpr: C.Jaxpr, env: dict, outer: C.SourceInfo | None) -> None:
+        for eqn in jaxpr.eqns:
+            source_info = eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
+            invars = [self._read(a, env) for a in eqn.invars]
+            name = eqn.primitive.name
+            if name in C.INLINE_CALL_PRIMITIVES:
+                inner = C.called_jaxpr(eqn)
+                inner_env: dict[Any, Any] = {}
+                for v, a in zip(inner.jaxpr.invars, invars):
+                    self._alias(v, a, inner_env)
+                self._bind_consts(inner.jaxpr.constvars, inner.consts, inner_env)
+                self._copy(inner.jaxpr, inner_env, source_info)
+                for out, a in zip(eqn.outvars, inner.jaxpr.outvars):
+                    if not isinstance(out, C.DropVar):
+                        self._alias(out, self._read(a, inner_env), env)
+                continue
+            if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
+                self._alias(eqn.outvars[0], invars[0], env)
+                self.tags.append((invars[0], C.tag_name(eqn)))
+                continue
+            outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
+            self.eqns.append(
+                C.new_jaxpr_eqn(invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info)
+            )

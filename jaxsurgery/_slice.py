@@ -1,0 +1,355 @@
+"""``Slice``: the sub-computation between chosen vars, as a JAX function.
+
+For inputs I and outputs O the slice runs the equations that are descendants of I
+and ancestors of O (the *window*). Every other value those equations read is
+*context*, held fixed at its value in the traced (or bound) computation: the
+partial-derivative semantics of the zero-tangent trick. Effectful equations (e.g.
+``jax.debug.print``) that read values inside the window are kept, in order.
+
+The window is found by two walks that never leave it: forward from I over the users
+of each var (stopping at the last equation that writes an output), then backward from
+O through the vars the forward walk reached. Its cost grows with the window and its
+side branches, not with the graph.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x, w):
+    ...     z1 = jnp.tanh(x @ w)
+    ...     z2 = jnp.tanh(z1 @ w) + z1      # a residual connection
+    ...     return z2.sum()
+    >>> g = js.trace(f, jnp.ones((1, 2)), jnp.eye(2))
+    >>> s = g.slice("z1", "z2")
+    >>> s
+    Slice(z1 ↦ z2: 3 equations, context: w)
+    >>> jnp.allclose(s(g.value("z1")), g.value("z2"))
+    Array(True, dtype=bool)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _compat as C
+from . import _select
+from ._errors import SliceError, short_list
+
+if TYPE_CHECKING:
+    from ._graph import Graph, Var
+
+
+class Window:
+    """The equations and context of a slice, found by liveness walks (integers only)."""
+
+    def __init__(self, program: Any, ins: Sequence[int], outs: Sequence[int]):
+        inputs = frozenset(ins)
+        producer, users, eqn_in, eqn_out = (
+            program.producer,
+            program.users,
+            program.eqn_in,
+            program.eqn_out,
+        )
+        limit = max((producer[o] for o in outs), default=-1)
+        # Forward: descendants of the inputs, up to the last output's equation.
+        reached: set[int] = set(inputs)
+        forward: set[int] = set()
+        stack = list(inputs)
+        while stack:
+            for e in users[stack.pop()]:
+                if e > limit or e in forward:
+                    continue
+                forward.add(e)
+                for o in eqn_out[e]:
+                    if o not in inputs and o not in reached:
+                        reached.add(o)
+                        stack.append(o)
+        # Backward: ancestors of the outputs (and of effects) among reached vars.
+        eqns: set[int] = set()
+        roots = [o for o in outs if o in reached and o not in inputs]
+        last = max((producer[o] for o in roots), default=-1)
+        effects = [e for e in forward if e <= last and program.jaxpr.eqns[e].effects]
+        roots += [i for e in effects for i in eqn_in[e] if i in reached and i not in inputs]
+        eqns.update(effects)
+        seen = set(roots)
+        while roots:
+            e = producer[roots.pop()]
+            if e in eqns:
+                continue
+            eqns.add(e)
+            for i in eqn_in[e]:
+                if i in reached and i not in inputs and i not in seen:
+                    seen.add(i)
+                    roots.append(i)
+        self.eqns = sorted(eqns)
+        self.reached = reached
+        written = {o for e in self.eqns for o in eqn_out[e]}
+        read = dict.fromkeys(i for e in self.eqns for i in eqn_in[e])
+        self.context = [i for i in read if i not in written and i not in inputs]
+        self.used_inputs = {i for i in read if i in inputs} | (inputs & set(outs))
+
+
+class Slice:
+    """A JAX function ``inputs ↦ outputs`` cut out of a :class:`Graph`.
+
+    Call it with the input values (a tuple selector means positional arguments; any
+    other selector one argument of that structure). ``jax.jit``, ``jax.jvp``,
+    ``jax.vjp``, ``jax.jacfwd``, ``jax.vmap`` and ``jax.grad`` run on it unchanged.
+
+    Attributes:
+        graph: the Graph it was cut from.
+        inputs / outputs: the selected vars, in the selectors' structure.
+        in_vars / out_vars: the same, flat.
+        jaxpr: the window as a ``Jaxpr``: ``constvars`` are the context,
+            ``invars`` the inputs, ``outvars`` the outputs.
+        notes: remarks about the cut (empty when there is nothing to say).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        in_tree: Any,
+        in_vars: tuple[Var, ...],
+        out_tree: Any,
+        out_vars: tuple[Var, ...],
+        jaxpr: C.Jaxpr,
+        context_vars: tuple[Var, ...],
+        flat_args: Sequence[Any] | None,
+        notes: tuple[str, ...] = (),
+        context_values: Sequence[Any] | None = None,
+    ):
+        self.graph = graph
+        self._in_tree = in_tree
+        self.in_vars = in_vars
+        self._out_tree = out_tree
+        self.out_vars = out_vars
+        self.jaxpr = jaxpr
+        self.context_vars = context_vars
+        self._flat_args = flat_args
+        self._context_values = None if context_values is None else list(context_values)
+        self.notes = notes
+
+    @classmethod
+    def _build(cls, graph: Graph, inputs: Any, outputs: Any, *, allow_unconnected: bool) -> Slice:
+        in_tree, in_vars = _select.tree(graph, inputs)
+        out_tree, out_vars = _select.tree(graph, outputs)
+        if not in_vars:
+            raise SliceError(f"the slice has no inputs: {inputs!r} selected no var")
+        if not out_vars:
+            raise SliceError(f"the slice has no outputs: {outputs!r} selected no var")
+        dup = [v.name for v in in_vars if in_vars.count(v) > 1]
+        if dup:
+            raise SliceError(f"{dup[0]!r} is selected twice as an input; select each input once")
+        program = graph._program
+        ins = [v.index for v in in_vars]
+        outs = [v.index for v in out_vars]
+        window = Window(program, ins, outs)
+        unconnected = [v for v in out_vars if v.index not in window.reached]
+        unused = [v for v in in_vars if v.index not in window.used_inputs]
+        if not allow_unconnected:
+            _check_connected(graph, unconnected, unused, in_vars, out_vars)
+        context = list(window.context)
+        context += [v.index for v in unconnected if v.index not in context]
+        jaxpr = program.sub_jaxpr(window.eqns, ins, outs, context)
+        return cls(
+            graph,
+            in_tree,
+            tuple(in_vars),
+            out_tree,
+            tuple(out_vars),
+            jaxpr,
+            tuple(graph.vars[i] for i in context),
+            graph._flat_args,
+        )
+
+    # -- structure ----------------------------------------------------------------------
+    @property
+    def inputs(self) -> Any:
+        return _select.unflatten(self._in_tree, self.in_vars)
+
+    @property
+    def outputs(self) -> Any:
+        return _select.unflatten(self._out_tree, self.out_vars)
+
+    @property
+    def _positional(self) -> bool:
+        return isinstance(self.inputs, tuple)
+
+    def _as_args(self, value: Any) -> tuple[Any, ...]:
+        """Input-structured ``value`` as the tuple of positional arguments."""
+        return tuple(value) if self._positional else (value,)
+
+    def _from_args(self, args: Sequence[Any]) -> Any:
+        """The inverse of :meth:`_as_args`."""
+        return tuple(args) if self._positional else args[0]
+
+    def _from_args_tree(self, result: Any) -> Any:
+        return self._from_args(result) if isinstance(result, tuple) else result
+
+    def input_values(self) -> tuple[Any, ...]:
+        """The traced (or bound) values of the inputs, as positional arguments."""
+        flat = _evaluate_vars(self.graph, self.in_vars, self._require_args())
+        return self._as_args(_select.unflatten(self._in_tree, flat))
+
+    # -- context ------------------------------------------------------------------------
+    @property
+    def context(self) -> dict[str, Any]:
+        """Context values by var name."""
+        return {v.name: x for v, x in zip(self.context_vars, self._context())}
+
+    def _require_args(self) -> Sequence[Any]:
+        if self._flat_args is None:
+            raise SliceError(
+                f"{self!r} is unbound: its graph was traced with abstract arguments, so "
+                "its context has no values; call s.bind(*args, **kwargs) with the "
+                "function's arguments first"
+            )
+        return self._flat_args
+
+    def _context(self) -> list[Any]:
+        if self._context_values is None:
+            self._context_values = _evaluate_vars(self.graph, self.context_vars, self._require_args())
+        return self._context_values
+
+    def bind(self, *args: Any, **kwargs: Any) -> Slice:
+        """The same slice with its context recomputed for new arguments of the function.
+
+        Traceable: inside ``jax.jit`` the arguments may be tracers.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x, w):
+            ...     z = jnp.tanh(x * w)
+            ...     return jnp.sin(z) * w
+            >>> g = js.trace(f, 1.0, 2.0)
+            >>> s = g.slice("z", "out")
+            >>> float(s.bind(1.0, 3.0)(0.5))      # context w = 3.0 now
+            1.438...
+        """
+        flat = self.graph._flatten_args(*args, **kwargs)
+        flat = [_coerce(x, v) for x, v in zip(flat, self.graph.inputs, strict=True)]
+        values = None
+        if any(isinstance(x, jax.core.Tracer) for x in flat):
+            values = _evaluate_vars(self.graph, self.context_vars, flat)
+        return Slice(
+            self.graph,
+            self._in_tree,
+            self.in_vars,
+            self._out_tree,
+            self.out_vars,
+            self.jaxpr,
+            self.context_vars,
+            flat,
+            self.notes,
+            values,
+        )
+
+    # -- calling ------------------------------------------------------------------------
+    def __call__(self, *args: Any) -> Any:
+        expected = len(self.inputs) if self._positional else 1
+        if len(args) != expected:
+            raise SliceError(
+                f"{self!r} takes {expected} argument{'s' if expected != 1 else ''} "
+                f"({short_list(v.name for v in self.in_vars)}), got {len(args)}"
+            )
+        structured = self._from_args(args)
+        leaves, treedef = jax.tree_util.tree_flatten(structured)
+        if treedef != self._in_tree:
+            raise SliceError(
+                f"{self!r} expects its inputs structured as {self._in_tree}, got {treedef}"
+            )
+        flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
+        out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
+        return _select.unflatten(self._out_tree, out)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(v.name for v in self.in_vars)
+        outs = ", ".join(v.name for v in self.out_vars)
+        n = len(self.jaxpr.eqns)
+        ctx = short_list([v.name for v in self.context_vars]) or "none"
+        return f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, context: {ctx})"
+
+
+def _evaluate_vars(graph: Graph, vars_: Sequence[Var], flat_args: Sequence[Any]) -> list[Any]:
+    """Values of ``vars_`` for flat function arguments (traceable; cached when traced)."""
+    program = graph._program
+    idx = [v.index for v in vars_]
+    concrete = not any(isinstance(x, jax.core.Tracer) for x in flat_args)
+    if concrete and flat_args is graph._flat_args:
+        return list(graph.value(list(vars_)))
+    if concrete:
+        with jax.ensure_compile_time_eval():
+            return program.evaluate(idx, flat_args)
+    return program.evaluate(idx, flat_args)
+
+
+def _coerce(x: Any, var: Var) -> Any:
+    """``x`` as an array of ``var``'s type, or a SliceError naming the mismatch."""
+    if isinstance(x, (bool, int, float, complex)):
+        return jnp.asarray(x, dtype=var.dtype)
+    if not hasattr(x, "dtype"):
+        if isinstance(x, (list, tuple)) or not hasattr(x, "__array__"):
+            raise SliceError(
+                f"input {var.name!r} expects an array {_type(var)}, got {type(x).__name__}"
+            )
+        x = np.asarray(x)
+    shape = tuple(jnp.shape(x))
+    if shape != var.shape or not _same_dtype(x.dtype, var.dtype):
+        got = f"{jnp.dtype(x.dtype).name if _is_numpy_dtype(x.dtype) else x.dtype}{list(shape)}"
+        raise SliceError(
+            f"input {var.name!r} expects {_type(var)}, got {got}; pass a value shaped "
+            f"like g.value({var.name!r})"
+        )
+    return x
+
+
+def _is_numpy_dtype(dtype: Any) -> bool:
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    # numpy float64 input while x64 is off: JAX would canonicalize it anyway
+    return _is_numpy_dtype(a) and jax.dtypes.canonicalize_dtype(a) == b
+
+
+def _type(var: Var) -> str:
+    return f"{var.dtype}{list(var.shape)}"
+
+
+def _check_connected(
+    graph: Graph,
+    unconnected: Sequence[Var],
+    unused: Sequence[Var],
+    in_vars: Sequence[Var],
+    out_vars: Sequence[Var],
+) -> None:
+    ins = short_list(v.name for v in in_vars)
+    if unconnected:
+        v = unconnected[0]
+        raise SliceError(
+            f"output {v.name!r} does not depend on any input ({ins}); pick an output "
+            "downstream of the inputs, or pass allow_unconnected=True to hold it constant"
+        )
+    if unused:
+        v = unused[0]
+        program = graph._program
+        last_out = max(program.producer[o.index] for o in out_vars)
+        where = (
+            "is computed after every output"
+            if program.producer[v.index] > last_out
+            else "does not reach any output"
+        )
+        outs = short_list(o.name for o in out_vars)
+        raise SliceError(
+            f"input {v.name!r} {where} ({outs}); pick an input upstream of the outputs, "
+            "or pass allow_unconnected=True to ignore it"
+        )

@@ -1,0 +1,193 @@
+"""``js.trace``: run a function once under ``jax.make_jaxpr`` and build its Graph.
+
+Steps: bind the arguments to the function's signature (input names come from the
+parameter names and pytree key paths), rewrite the function so assignments report
+their names (:mod:`jaxsurgery._instrument`), trace it to a closed jaxpr, flatten the
+nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._names`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _compat as C
+from ._errors import TraceError
+from ._graph import Graph
+from ._instrument import Recorder, instrument
+from ._names import assign_names
+from ._program import Program
+
+
+def trace(
+    fn: Callable[..., Any],
+    *args: Any,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+    **kwargs: Any,
+) -> Graph:
+    """Trace ``fn(*args, **kwargs)`` into a :class:`Graph` of named intermediates.
+
+    Args:
+        fn: any function JAX can trace (a ``jax.jit``-ed function is traced through).
+        *args, **kwargs: pytrees of arrays, Python scalars, or ``jax.ShapeDtypeStruct``
+            (then the graph is abstract: slices must be bound before use).
+        static_argnums, static_argnames: arguments passed through as Python values,
+            as for ``jax.jit``.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxsurgery as js
+        >>> def f(x, params):
+        ...     h = jnp.tanh(x @ params["w"])
+        ...     return h.sum()
+        >>> g = js.trace(f, jnp.ones((2, 3)), {"w": jnp.ones((3, 4))})
+        >>> [v.name for v in g.inputs]
+        ["x", "params['w']"]
+        >>> g["h"].shape
+        (2, 4)
+    """
+    target = _unwrap(fn)
+    binder = _ArgBinder(target, static_argnums, static_argnames)
+    bound, leaves, in_names = binder.bind(args, kwargs)
+    concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+    run, reason = instrument(target)
+    recorder = Recorder()
+    out_info: dict[str, Any] = {}
+
+    def flat_fn(*flat: Any) -> list[Any]:
+        call = binder.rebuild(bound, flat)
+        out = run(*call.args, **call.kwargs)
+        out_leaves, out_info["tree"] = jax.tree_util.tree_flatten_with_path(out)
+        out_info["paths"] = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
+        return [x for _, x in out_leaves]
+
+    with recorder:
+        closed = C.make_jaxpr(flat_fn, *leaves)
+    program = Program(closed)
+    primitives = _primitives(program)
+    bindings = [
+        (name, i) for name, atom in recorder.bindings for i in program.origin.get(id(atom), ())
+    ]
+    names = assign_names(
+        len(program.vars),
+        primitives,
+        in_names,
+        list(zip(program.outputs, out_info["paths"])),
+        program.tags,
+        bindings,
+    )
+    notes = [f"no Python variable names: {reason}"] if reason else []
+    title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"
+    return Graph(
+        program,
+        names,
+        lambda *a, **k: binder.bind(a, k)[1],
+        leaves if concrete else None,
+        title,
+        notes,
+    )
+
+
+def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The Python function behind a ``jax.jit``-ed one (same semantics, readable source)."""
+    while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    if not callable(fn):
+        raise TraceError(f"js.trace needs a function, got {type(fn).__name__}: {fn!r}")
+    return fn
+
+
+def _primitives(program: Program) -> list[str]:
+    n_in, n_const = program.num_inputs, program.num_consts
+    out = ["input"] * n_in + ["const"] * n_const
+    eqns = program.jaxpr.eqns
+    out += [eqns[program.producer[i]].primitive.name for i in range(n_in + n_const, len(program.vars))]
+    return out
+
+
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(
+        x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, bool, int, float, complex)
+    )
+
+
+_ANY_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
+
+class _ArgBinder:
+    """Maps the function's arguments to named flat leaves and back."""
+
+    def __init__(self, fn: Callable[..., Any], static_argnums: Any, static_argnames: Any):
+        self.fn = fn
+        try:
+            self.signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin or C function: name leaves args[i]
+            self.signature = _ANY_SIGNATURE
+        nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+        names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        self.static_names = set(names)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        positional = [p.name for p in self.signature.parameters.values() if p.kind in kinds]
+        for n in nums:
+            if not -len(positional) <= n < len(positional):
+                raise TraceError(
+                    f"static_argnums={n} is out of range for {getattr(fn, '__name__', 'fn')}"
+                    f"{self.signature} ({len(positional)} positional parameters)"
+                )
+            self.static_names.add(positional[n])
+
+    def signature_text(self) -> str:
+        return str(self.signature)
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[Any, list[Any], list[str]]:
+        """``(bound arguments, flat dynamic leaves, leaf names)``."""
+        try:
+            bound_obj = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TraceError(
+                f"the arguments do not fit {getattr(self.fn, '__name__', 'fn')}"
+                f"{self.signature}: {e}; pass the arguments you would pass to the function"
+            ) from None
+        items = [
+            (name, value)
+            for name, value in bound_obj.arguments.items()
+            if name not in self.static_names
+        ]
+        leaves: list[Any] = []
+        names: list[str] = []
+        for name, value in items:
+            for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+                leaf_name = name + jax.tree_util.keystr(path)
+                if not _is_array_leaf(leaf):
+                    raise TraceError(
+                        f"argument {leaf_name!r} is a {type(leaf).__name__}, not an array; "
+                        "pass arrays (or jax.ShapeDtypeStruct), or mark it static with "
+                        f"static_argnames=({name!r},)"
+                    )
+                leaves.append(leaf)
+                names.append(leaf_name)
+        return (bound_obj, items), leaves, names
+
+    def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
+        """The bound arguments with the dynamic leaves replaced by ``flat``."""
+        bound_obj, items = bound
+        it = iter(flat)
+        new_values = {}
+        for name, value in items:
+            treedef = jax.tree_util.tree_structure(value)
+            new_values[name] = jax.tree_util.tree_unflatten(
+                treedef, [next(it) for _ in range(treedef.num_leaves)]
+            )
+        rebuilt = inspect.BoundArguments(bound_obj.signature, dict(bound_obj.arguments))
+        rebuilt.arguments.update(new_values)
+        return rebuilt
