@@ -76,6 +76,20 @@ def nest_source_info(outer: SourceInfo, inner: SourceInfo) -> SourceInfo:
     return inner.replace(name_stack=outer.name_stack + inner.name_stack)
 
 
+def new_jaxpr(
+    constvars: Any, invars: Any, outvars: Any, eqns: Any, label: str = "jaxsurgery"
+) -> Jaxpr:
+    """A ``Jaxpr`` with the effects of its equations and a debug-info label."""
+    effects = frozenset().union(*(e.effects for e in eqns)) if eqns else frozenset()
+    debug_info = jex_core.DebugInfo(
+        "jaxsurgery",
+        label,
+        tuple(f"in{i}" for i in range(len(invars))),
+        tuple(f"out{i}" for i in range(len(outvars))),
+    )
+    return Jaxpr(constvars, invars, outvars, eqns, effects, debug_info)
+
+
 def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
     """Evaluate a jaxpr; traceable (works on tracers of any transformation)."""
     return jax.core.eval_jaxpr(jaxpr, consts, *args)

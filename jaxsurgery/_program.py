@@ -108,14 +108,11 @@ class Program:
         constvars: Sequence[int] = (),
     ) -> C.Jaxpr:
         """A jaxpr of the given equations (in program order) between given vars."""
-        eqn_objs = [self.jaxpr.eqns[e] for e in eqns]
-        effects = frozenset().union(*(eqn.effects for eqn in eqn_objs)) if eqn_objs else frozenset()
-        return C.Jaxpr(
+        return C.new_jaxpr(
             [self.vars[i] for i in constvars],
             [self.vars[i] for i in invars],
             [self.vars[i] for i in outvars],
-            eqn_objs,
-            effects,
+            [self.jaxpr.eqns[e] for e in eqns],
         )
 
     def evaluate(self, targets: Sequence[int], flat_args: Sequence[Any]) -> list[Any]:
@@ -151,9 +148,7 @@ class _Inliner:
             if isinstance(a, C.Literal):  # a constant output becomes a constant var
                 a = self._new_const(np.asarray(a.val), a.aval)
             outvars.append(a)
-        effects = frozenset().union(*(e.effects for e in self.eqns)) if self.eqns else frozenset()
-        flat = C.Jaxpr(self.constvars, invars, outvars, self.eqns, effects)
-        return flat, self.consts
+        return C.new_jaxpr(self.constvars, invars, outvars, self.eqns, "program"), self.consts
 
     def _fresh(self, v: C.Var, env: dict) -> C.Var:
         new = C.Var(v.aval)

@@ -90,6 +90,25 @@ class Window:
         read = dict.fromkeys(i for e in self.eqns for i in eqn_in[e])
         self.context = [i for i in read if i not in written and i not in inputs]
         self.used_inputs = {i for i in read if i in inputs} | (inputs & set(outs))
+        self.shielded = {
+            i for i in inputs - self.used_inputs if _reaches(program, i, set(outs), limit)
+        }
+
+
+def _reaches(program: Any, start: int, targets: set[int], limit: int) -> bool:
+    """Whether ``start`` is an ancestor of a target (crossing every var, inputs too)."""
+    seen, stack = {start}, [start]
+    while stack:
+        for e in program.users[stack.pop()]:
+            if e > limit:
+                continue
+            for o in program.eqn_out[e]:
+                if o in targets:
+                    return True
+                if o not in seen:
+                    seen.add(o)
+                    stack.append(o)
+    return False
 
 
 class Slice:
@@ -148,7 +167,17 @@ class Slice:
         outs = [v.index for v in out_vars]
         window = Window(program, ins, outs)
         unconnected = [v for v in out_vars if v.index not in window.reached]
-        unused = [v for v in in_vars if v.index not in window.used_inputs]
+        unused = [
+            v
+            for v in in_vars
+            if v.index not in window.used_inputs and v.index not in window.shielded
+        ]
+        notes = tuple(
+            f"input {v.name!r} reaches the outputs only through other inputs: its "
+            "derivative is zero"
+            for v in in_vars
+            if v.index in window.shielded
+        )
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         context = list(window.context)
@@ -163,6 +192,7 @@ class Slice:
             jaxpr,
             tuple(graph.vars[i] for i in context),
             graph._flat_args,
+            notes,
         )
 
     # -- structure ----------------------------------------------------------------------

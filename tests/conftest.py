@@ -1,0 +1,66 @@
+"""Shared checks: every slice in the tests goes through ``check_slice``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import check_jaxpr
+
+jax.config.update("jax_platforms", "cpu")
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def allclose(a, b, rtol=RTOL, atol=ATOL):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb, f"structures differ: {ta} vs {tb}"
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _random_like(key, args):
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    )
+
+
+def check_slice(s, args, reference=None, *, eqns=None):
+    """Check a slice end to end against a reference function of the same inputs.
+
+    * its jaxpr type-checks and, when ``eqns`` is given, holds exactly that many equations;
+    * ``s(*args)`` equals ``reference(*args)`` (if given), also under ``jax.jit``;
+    * ``jax.jvp`` and ``jax.vjp`` equal the reference's;
+    * ``jax.vmap`` over a batch of 3 equals stacking three calls.
+    """
+    check_jaxpr(s.jaxpr)
+    if eqns is not None:
+        assert len(s.jaxpr.eqns) == eqns, f"{s}: {len(s.jaxpr.eqns)} equations, expected {eqns}"
+    out = s(*args)
+    allclose(jax.jit(s)(*args), out)
+    tangents = _random_like(jax.random.key(1), args)
+    primal, tangent = jax.jvp(s, args, tangents)
+    allclose(primal, out)
+    out_vjp, pullback = jax.vjp(s, *args)
+    cotangent = _random_like(jax.random.key(2), out_vjp)
+    cts = pullback(cotangent)
+    if reference is not None:
+        allclose(out, reference(*args))
+        ref_primal, ref_tangent = jax.jvp(reference, args, tangents)
+        allclose(tangent, ref_tangent)
+        _, ref_pullback = jax.vjp(reference, *args)
+        allclose(cts, ref_pullback(cotangent))
+    batch = [_random_like(jax.random.key(10 + i), args) for i in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batch)
+    expected = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[s(*b) for b in batch])
+    allclose(jax.vmap(s)(*stacked), expected, rtol=1e-4, atol=1e-5)
+    return out
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
