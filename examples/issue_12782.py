@@ -59,7 +59,9 @@ def g(x0):
 
 def report(label, ours, reference):
     ok = np.allclose(ours, reference, rtol=1e-5, atol=1e-6)
-    print(f"  {'ok ' if ok else 'BAD'} {label}: max |diff| = {np.max(np.abs(ours - reference)):.2e}")
+    print(
+        f"  {'ok ' if ok else 'BAD'} {label}: max |diff| = {np.max(np.abs(ours - reference)):.2e}"
+    )
     return ok
 
 
@@ -78,8 +80,11 @@ def main() -> int:
     print("case 1: (dz2/dz1)·v for the issue's MLP")
     oks = [
         report("jax.jvp(g.slice('z1', 'z2'))  vs zero-tangent trick", dz2, reference),
-        report("jax.jit(jvp) of the slice      vs zero-tangent trick",
-               jax.jit(lambda t: jax.jvp(s, (z1,), (t,))[1])(v), reference),
+        report(
+            "jax.jit(jvp) of the slice      vs zero-tangent trick",
+            jax.jit(lambda t: jax.jvp(s, (z1,), (t,))[1])(v),
+            reference,
+        ),
         report("slice value                    vs traced z2", z2, graph.value("z2")),
     ]
 
@@ -88,14 +93,24 @@ def main() -> int:
     x1, x2 = f1(x0), f2(f1(x0))
     print("case 2: Jacobians of 'the rest of the function' for g(x0) = f3(f2(f1(x0)))")
     oks += [
-        report("jacfwd(h.slice('x2', 'x3')) vs jacfwd(f3)",
-               jax.jacfwd(h.slice("x2", "x3"))(x2), jax.jacfwd(f3)(x2)),
-        report("jacfwd(h.slice('x1', 'x3')) vs jacfwd(f3∘f2)",
-               jax.jacfwd(h.slice("x1", "x3"))(x1), jax.jacfwd(lambda a: f3(f2(a)))(x1)),
-        report("jacfwd(h.slice('x0', 'x3')) vs jacfwd(g)",
-               jax.jacfwd(h.slice("x0", "x3"))(x0), jax.jacfwd(g)(x0)),
-        report("h.jacobian('x1', 'x2')      vs jacfwd(f2)",
-               h.jacobian("x1", "x2"), jax.jacfwd(f2)(x1)),
+        report(
+            "jacfwd(h.slice('x2', 'x3')) vs jacfwd(f3)",
+            jax.jacfwd(h.slice("x2", "x3"))(x2),
+            jax.jacfwd(f3)(x2),
+        ),
+        report(
+            "jacfwd(h.slice('x1', 'x3')) vs jacfwd(f3∘f2)",
+            jax.jacfwd(h.slice("x1", "x3"))(x1),
+            jax.jacfwd(lambda a: f3(f2(a)))(x1),
+        ),
+        report(
+            "jacfwd(h.slice('x0', 'x3')) vs jacfwd(g)",
+            jax.jacfwd(h.slice("x0", "x3"))(x0),
+            jax.jacfwd(g)(x0),
+        ),
+        report(
+            "h.jacobian('x1', 'x2')      vs jacfwd(f2)", h.jacobian("x1", "x2"), jax.jacfwd(f2)(x1)
+        ),
     ]
     print("all checks pass" if all(oks) else "SOME CHECKS FAILED")
     return 0 if all(oks) else 1

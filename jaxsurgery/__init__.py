@@ -1,14 +1,14 @@
 """jaxsurgery: look inside JAX functions, name intermediates, and cut them apart.
 
-    >>> import jax, jax.numpy as jnp, jaxsurgery as js
-    >>> def f(x):
-    ...     z1 = jnp.tanh(x)
-    ...     z2 = jnp.sin(z1)
-    ...     return z2.sum()
-    >>> g = js.trace(f, jnp.ones(3))
-    >>> s = g.slice("z1", "z2")
-    >>> jax.jvp(s, (g.value("z1"),), (jnp.ones(3),))[1].shape
-    (3,)
+>>> import jax, jax.numpy as jnp, jaxsurgery as js
+>>> def f(x):
+...     z1 = jnp.tanh(x)
+...     z2 = jnp.sin(z1)
+...     return z2.sum()
+>>> g = js.trace(f, jnp.ones(3))
+>>> s = g.slice("z1", "z2")
+>>> jax.jvp(s, (g.value("z1"),), (jnp.ones(3),))[1].shape
+(3,)
 """
 
 from ._errors import SelectionError as SelectionError

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.extend import core as jex_core
-from jax.extend import source_info_util as jex_source_info
-
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import partial_eval as _pe  # the tracer type of make_jaxpr
+from jax.extend import core as jex_core
+from jax.extend import source_info_util as jex_source_info
 
 Var = jex_core.Var
 Literal = jex_core.Literal

@@ -20,10 +20,10 @@ class SelectionError(SurgeryError, LookupError):
         >>> import jax.numpy as jnp, jaxsurgery as js
         >>> g = js.trace(lambda x: jnp.sin(x), jnp.ones(2))
         >>> try:
-        ...     g["y"]
+        ...     g["xx"]
         ... except js.SelectionError as e:
         ...     print(e)
-        no var named 'y'; did you mean 'x'? (g.names() lists all)
+        no var named 'xx'; did you mean 'x'? (g.names() lists all)
     """
 
     def __str__(self) -> str:  # LookupError would quote the message like a KeyError
@@ -40,7 +40,7 @@ class TraceError(SurgeryError, TypeError):
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The few candidates closest to ``word``, best first."""
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.5)
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

@@ -83,7 +83,9 @@ class Program:
     def const_value(self, i: int) -> Any:
         return self.consts[i - self.num_inputs]
 
-    def ancestor_eqns(self, targets: Iterable[int], stop: frozenset[int] = frozenset()) -> list[int]:
+    def ancestor_eqns(
+        self, targets: Iterable[int], stop: frozenset[int] = frozenset()
+    ) -> list[int]:
         """Equations needed to compute ``targets``, not looking past ``stop`` vars."""
         needed: set[int] = set()
         stack = [t for t in targets if t not in stop]
@@ -178,7 +180,9 @@ class _Inliner:
 
     def _copy(self, jaxpr: C.Jaxpr, env: dict, outer: C.SourceInfo | None) -> None:
         for eqn in jaxpr.eqns:
-            source_info = eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
+            source_info = (
+                eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
+            )
             invars = [self._read(a, env) for a in eqn.invars]
             name = eqn.primitive.name
             if name in C.INLINE_CALL_PRIMITIVES:
@@ -198,5 +202,7 @@ class _Inliner:
                 continue
             outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
             self.eqns.append(
-                C.new_jaxpr_eqn(invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info)
+                C.new_jaxpr_eqn(
+                    invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info
+                )
             )

@@ -102,7 +102,9 @@ def one(graph: Graph, selector: Any) -> Var:
             hits = _glob(graph, selector)
         return _exactly_one(graph, repr(selector), hits, selector)
     if isinstance(selector, re.Pattern):
-        return _exactly_one(graph, f"re.compile({selector.pattern!r})", _regex(graph, selector), None)
+        return _exactly_one(
+            graph, f"re.compile({selector.pattern!r})", _regex(graph, selector), None
+        )
     raise SelectionError(
         f"{selector!r} is not a selector of one var: use an int, a name, a glob, a "
         "re.Pattern or a Var (g.select(...) takes several)"
@@ -195,8 +197,7 @@ def _many(graph: Graph, selector: Any) -> list[int]:
 def _own(graph: Graph, var: Var) -> Var:
     if var.graph is not graph:
         raise SelectionError(
-            f"{var!r} belongs to another graph; select it from this graph by name: "
-            f"g[{var.name!r}]"
+            f"{var!r} belongs to another graph; select it from this graph by name: g[{var.name!r}]"
         )
     return var
 
@@ -218,9 +219,7 @@ def _exactly_one(graph: Graph, label: str, hits: list[int] | None, word: str | N
         raise _no_match(graph, label, word)
     if len(set(hits)) > 1:
         names = [graph.vars[i].name for i in sorted(set(hits))]
-        raise SelectionError(
-            f"{label} is ambiguous: it matches {short_list(names)}; pick one"
-        )
+        raise SelectionError(f"{label} is ambiguous: it matches {short_list(names)}; pick one")
     return graph.vars[hits[0]]
 
 

@@ -241,7 +241,9 @@ class Slice:
 
     def _context(self) -> list[Any]:
         if self._context_values is None:
-            self._context_values = _evaluate_vars(self.graph, self.context_vars, self._require_args())
+            self._context_values = _evaluate_vars(
+                self.graph, self.context_vars, self._require_args()
+            )
         return self._context_values
 
     def bind(self, *args: Any, **kwargs: Any) -> Slice:

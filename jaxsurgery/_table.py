@@ -33,7 +33,9 @@ def var_table(vars_: Sequence[Var], title: str) -> str:
     else:
         shown = list(vars_)
     rows = [COLUMNS] + [
-        _row(v) if v is not None else ("...", f"({len(vars_) - HEAD - TAIL} more)", "", "", "", "", "")
+        _row(v)
+        if v is not None
+        else ("...", f"({len(vars_) - HEAD - TAIL} more)", "", "", "", "", "")
         for v in shown
     ]
     keep = [c for c in range(len(COLUMNS)) if any(r[c] for r in rows[1:])] or [0]

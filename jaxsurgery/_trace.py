@@ -46,7 +46,7 @@ def trace(
         ...     return h.sum()
         >>> g = js.trace(f, jnp.ones((2, 3)), {"w": jnp.ones((3, 4))})
         >>> [v.name for v in g.inputs]
-        ["x", "params['w']"]
+        ['x', "params['w']"]
         >>> g["h"].shape
         (2, 4)
     """
@@ -106,7 +106,9 @@ def _primitives(program: Program) -> list[str]:
     n_in, n_const = program.num_inputs, program.num_consts
     out = ["input"] * n_in + ["const"] * n_const
     eqns = program.jaxpr.eqns
-    out += [eqns[program.producer[i]].primitive.name for i in range(n_in + n_const, len(program.vars))]
+    out += [
+        eqns[program.producer[i]].primitive.name for i in range(n_in + n_const, len(program.vars))
+    ]
     return out
 
 

@@ -132,7 +132,11 @@ def dense_block(x, ws):
 def test_densenet_block_context_is_the_zero_tangent_trick(key):
     ks = jax.random.split(key, 4)
     x = jax.random.normal(ks[0], (2, 3))
-    ws = [jax.random.normal(ks[1], (3, 3)), jax.random.normal(ks[2], (6, 3)), jax.random.normal(ks[3], (9, 3))]
+    ws = [
+        jax.random.normal(ks[1], (3, 3)),
+        jax.random.normal(ks[2], (6, 3)),
+        jax.random.normal(ks[3], (9, 3)),
+    ]
     g = js.trace(dense_block, x, ws)
     h1 = g.value("h1")
     v = jax.random.normal(ks[0], h1.shape)
@@ -187,7 +191,10 @@ def test_input_also_output_and_structures():
 
 def test_unconnected_output_is_an_error_unless_allowed():
     g = js.trace(simple, jnp.ones(3), 2.0)
-    with pytest.raises(js.SliceError, match=r"output 'a' does not depend on any input \(b\).*allow_unconnected=True"):
+    with pytest.raises(
+        js.SliceError,
+        match=r"output 'a' does not depend on any input \(b\).*allow_unconnected=True",
+    ):
         g.slice("b", ["c", "a"])
     s = g.slice("b", ["c", "a"], allow_unconnected=True)
     jac = jax.jacfwd(s)(g.value("b"))
@@ -230,7 +237,9 @@ def test_context_is_computed_lazily_from_ancestors_only():
 
     def f(x, y):
         a = jnp.sin(x)
-        b = jax.pure_callback(lambda v: (calls.append(1), v)[1], jax.ShapeDtypeStruct((3,), jnp.float32), y)
+        b = jax.pure_callback(
+            lambda v: (calls.append(1), v)[1], jax.ShapeDtypeStruct((3,), jnp.float32), y
+        )
         c = a * 2.0
         return c + b
 
@@ -289,13 +298,17 @@ def test_bind_recomputes_context_and_is_traceable():
     def step(x, p1, p2, p3, z):
         return jax.jvp(s.bind(x, p1, p2, p3), (z,), (jnp.ones(4),))[1]
 
-    expected = jax.jvp(lambda z: jnp.tanh(jnp.dot(new[2][0], z) + new[2][1]), (z1,), (jnp.ones(4),))[1]
+    expected = jax.jvp(
+        lambda z: jnp.tanh(jnp.dot(new[2][0], z) + new[2][1]), (z1,), (jnp.ones(4),)
+    )[1]
     allclose(step(*new, z1), expected)
     allclose(s(z1), jnp.tanh(jnp.dot(args[2][0], z1) + args[2][1]))  # the original is unchanged
 
 
 def test_abstract_trace_needs_bind():
-    specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args())
+    specs = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args()
+    )
     g = js.trace(mlp_12782, *specs)
     assert not g.is_concrete
     s = g.slice("z1", "z2")
@@ -346,4 +359,6 @@ def test_user_arrays_are_not_modified():
     g = js.trace(mlp_12782, *args)
     s = g.slice("z1", "z3")
     jax.jvp(s, (g.value("z1"),), (jnp.ones(4),))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.array, args))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.array, args)
+    )

@@ -1,0 +1,82 @@
+"""The Graph: flat program, values, views (text table, networkx)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import check_jaxpr
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+
+
+def test_vars_are_inputs_then_equation_outputs():
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    assert len(g.inputs) == 7 and g.vars[:7] == g.inputs
+    assert len(g.vars) == 7 + len(g.jaxpr.eqns)
+    assert [v.index for v in g.vars] == list(range(len(g.vars)))
+    check_jaxpr(g.jaxpr)
+
+
+def test_values_match_eager_evaluation():
+    args = mlp_12782_args()
+    x, p1, p2, p3 = args
+    g = js.trace(mlp_12782, *args)
+    z1 = jnp.tanh(jnp.dot(p1[0], x) + p1[1])
+    np.testing.assert_allclose(g.value("z1"), z1, rtol=1e-6)
+    np.testing.assert_allclose(g.value(g.outputs[0]), mlp_12782(*args), rtol=1e-6)
+    pair = g.value(("z1", "x"))
+    assert isinstance(pair, tuple)
+    np.testing.assert_array_equal(pair[1], x)
+
+
+def test_values_are_concrete_inside_jit():
+    g = js.trace(mlp_12782, *mlp_12782_args())
+
+    @jax.jit
+    def f(v):
+        return v * g.value("z2").sum()
+
+    assert np.isfinite(float(f(1.0)))
+    assert not isinstance(g.value("z2"), jax.core.Tracer)
+
+
+def test_constant_and_literal_outputs_become_const_vars():
+    captured = np.arange(3.0, dtype=np.float32)
+
+    def f(x):
+        return x + captured, 1.0
+
+    g = js.trace(f, jnp.ones(3))
+    assert g.outputs[1].primitive == "const"
+    assert float(g.value("out[1]")) == 1.0
+    check_jaxpr(g.jaxpr)
+
+
+def test_networkx_view_is_an_index_of_the_jaxpr():
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    nxg = g.to_networkx()
+    assert nxg.number_of_nodes() == len(g.vars)
+    assert nxg.nodes[g["z1"].index]["name"] == "z1"
+    edge = nxg.edges[g["z1"].index, g["z2"].producers[0].producers[0].index]
+    assert edge["primitive"] == "dot_general"
+    import networkx as nx
+
+    assert nx.is_directed_acyclic_graph(nxg)
+    assert nx.has_path(nxg, g["x"].index, g["z3"].index)
+
+
+def test_text_table():
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    text = repr(g)
+    assert text.splitlines()[0].startswith(
+        "Graph mlp_12782(x, params_1, params_2, params_3): 16 vars, 9 equations"
+    )
+    assert "z3 (out)" in text and "dot_general" in text and "models.py:" in text
+
+    def deep(x):
+        for _ in range(100):
+            x = jnp.sin(x)
+        return x
+
+    big = repr(js.trace(deep, jnp.ones(2)))
+    assert "(61 more)" in big and len(big.splitlines()) < 50

@@ -1,0 +1,235 @@
+"""Names (SPEC §4 rules 1, 2, 3, 6): inputs, outputs, tags, Python variables, fallback."""
+
+import linecache
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.ad_checkpoint import checkpoint_name
+
+import jaxsurgery as js
+
+
+def names_of(g):
+    return [v.name for v in g.vars]
+
+
+def test_input_names_follow_parameters_and_key_paths():
+    def f(x, params, *args, scale, **extra):
+        return x * params["w"] + params["b"][0] + args[1] * scale + extra["k"]
+
+    g = js.trace(
+        f,
+        1.0,
+        {"w": jnp.ones(2), "b": [jnp.zeros(2)]},
+        2.0,
+        3.0,
+        scale=4.0,
+        k=jnp.ones(2),
+    )
+    assert [v.name for v in g.inputs] == [
+        "x",
+        "params['b'][0]",
+        "params['w']",
+        "args[0]",
+        "args[1]",
+        "scale",
+        "extra['k']",
+    ]
+    assert g["params['w']"] is g.inputs[2]
+
+
+def test_output_aliases():
+    def f(x):
+        y = jnp.sin(x)
+        return {"loss": y.sum(), "aux": (y, x)}
+
+    g = js.trace(f, jnp.ones(3))
+    assert g["out['loss']"] is g.outputs[2]  # dict keys in sorted order: aux, loss
+    assert g["out['aux'][0]"] is g["y"]
+    assert g["y"].name == "y"  # a Python name stays canonical; out[...] is an alias
+    assert "out['aux'][0]" in g["y"].aliases
+    assert g["out['aux'][1]"] is g["x"]
+    h = js.trace(lambda x: jnp.sin(x) * 2, jnp.ones(3))
+    assert h.outputs[0].name == "out"
+
+
+def test_python_variable_names_tuple_targets_and_aliases():
+    def f(x):
+        a, (b, c) = jnp.sin(x), (jnp.cos(x), jnp.tan(x))
+        alias = b
+        d: jax.Array = a + alias
+        d += c
+        return d
+
+    g = js.trace(f, jnp.ones(3))
+    assert g["a"].primitive == "sin"
+    assert g["b"].primitive == "cos" and g["c"].primitive == "tan"
+    assert g["alias"] is g["b"]
+    assert g["b"].name == "b" and "alias" in g["b"].aliases
+    assert g["d#0"].primitive == "add" and g["d#1"].primitive == "add"
+    assert g["d#1"] in g["d#1"].graph.outputs
+
+
+def test_repeated_bindings_get_k_forms_and_bare_name_is_ambiguous():
+    def f(x):
+        h = x
+        for _ in range(3):
+            h = jnp.sin(h)
+        return h
+
+    g = js.trace(f, jnp.ones(2))
+    # h#0 is the input x (a plain alias), then three sin outputs
+    assert g["h#0"] is g["x"]
+    assert [g[f"h#{k}"].primitive for k in (1, 2, 3)] == ["sin"] * 3
+    assert g.select("h").names == ("x", "h#1", "h#2", "h#3")
+    with pytest.raises(
+        js.SelectionError, match=r"'h' is ambiguous: it matches x, h#1, h#2, h#3; pick one"
+    ):
+        g["h"]
+
+
+def test_parameter_rebinding_counts_parameter_as_binding_zero():
+    def f(x):
+        x = jnp.sin(x)
+        x = jnp.cos(x)
+        return x
+
+    g = js.trace(f, jnp.ones(2))
+    assert names_of(g) == ["x", "x#1", "x#2"]
+    assert g["x"] is g.inputs[0]  # the canonical name wins over the alias
+    assert g["x#0"] is g.inputs[0]
+    assert g.select("x").names == ("x", "x#1", "x#2")
+
+
+def test_pytree_values_assigned_to_a_name():
+    def f(x):
+        pair = {"s": jnp.sin(x), "c": jnp.cos(x)}
+        return pair["s"] + pair["c"]
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["pair['s']"].primitive == "sin"
+    assert g["pair['c']"].primitive == "cos"
+
+
+def test_tags_and_checkpoint_names():
+    def f(x):
+        y = js.tag(jnp.sin(x), "feature")
+        z = checkpoint_name(jnp.cos(y), "cosine")
+        pair = js.tag({"a": y * 2, "b": z * 3}, "pair")
+        return pair["a"] + pair["b"]
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["feature"].primitive == "sin"
+    assert g["feature"].name == "feature" and "y" in g["feature"].aliases
+    assert g["cosine"].primitive == "cos"
+    assert g["pair['a']"].primitive == "mul"
+    # tags are identities: no `name` equation stays in the graph
+    assert "name" not in {v.primitive for v in g.vars}
+
+
+def test_fallback_names_and_primitive_aliases():
+    g = js.trace(lambda x: jnp.sin(jnp.cos(x)), jnp.ones(2))
+    assert names_of(g) == ["x", "%1", "out"]
+    assert g["%1"] is g[1] is g["cos:1"]
+    assert g["%2"] is g["sin:2"] is g[-1]
+
+
+def test_every_canonical_name_is_unique_and_selects_its_var():
+    def f(x, y):
+        a = js.tag(x * y, "a")
+        b = a + 1.0
+        a = jnp.sin(b)  # a Python name that collides with a tag
+        return a
+
+    g = js.trace(f, jnp.ones(2), jnp.ones(2))
+    names = names_of(g)
+    assert len(set(names)) == len(names)
+    for v in g.vars:
+        assert g[v.name] is v
+
+
+def test_names_work_for_source_registered_like_a_notebook_cell():
+    source = "def cell_fn(x):\n    hidden = jnp.tanh(x)\n    return hidden * 2\n"
+    filename = "<ipython-input-7-abc>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"jnp": jnp}
+    exec(compile(source, filename, "exec"), namespace)
+    g = js.trace(namespace["cell_fn"], jnp.ones(2))
+    assert g["hidden"].primitive == "tanh"
+    assert g["hidden"].source == f"{filename}:2"
+
+
+def test_no_source_means_fallback_names_and_a_note():
+    namespace = {"jnp": jnp}
+    exec("def nosrc(x):\n    q = jnp.sin(x)\n    return q\n", namespace)
+    g = js.trace(namespace["nosrc"], jnp.ones(2))
+    assert g.notes and "no Python variable names" in g.notes[0]
+    assert g.outputs[0].name == "out"
+
+
+def test_closures_defaults_and_decorated_functions():
+    scale = jnp.asarray(3.0)
+
+    @jax.jit
+    def f(x, offset=1.0):
+        shifted = x + offset
+        scaled = shifted * scale
+        return scaled
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["scaled"].primitive == "mul"
+    assert float(g.value("scaled")[0]) == pytest.approx(6.0)
+
+
+def test_static_arguments_are_not_inputs():
+    def f(x, n, mode="sin"):
+        y = x
+        for _ in range(n):
+            y = jnp.sin(y) if mode == "sin" else jnp.cos(y)
+        return y
+
+    g = js.trace(f, jnp.ones(2), 2, static_argnums=1, mode="cos", static_argnames="mode")
+    assert [v.name for v in g.inputs] == ["x"]
+    assert [g[f"y#{k}"].primitive for k in (1, 2)] == ["cos", "cos"]
+
+
+def test_methods_are_traced_with_names():
+    class Model:
+        def __init__(self):
+            self.w = jnp.eye(2)
+
+        def __call__(self, x):
+            hidden = x @ self.w
+            return jnp.tanh(hidden)
+
+    g = js.trace(Model(), jnp.ones(2))  # a callable object: its __call__ is not rewritten
+    assert g.outputs[0].primitive == "tanh"
+    m = Model()
+    g2 = js.trace(m.__call__, jnp.ones(2))
+    assert g2["hidden"].primitive == "dot_general"
+
+
+def test_nested_jit_is_inlined_and_its_result_named():
+    @jax.jit
+    def inner(a):
+        return jnp.sin(a) * 2.0
+
+    def f(x):
+        y = inner(x)
+        z = inner(y)
+        return z
+
+    g = js.trace(f, jnp.ones(2))
+    assert "jit" not in {v.primitive for v in g.vars}
+    assert g["y"].primitive == "mul" and g["z"].primitive == "mul"
+    assert g["z"].producers[0].producers[0] is g["y"]
+
+
+def test_non_array_argument_is_a_trace_error():
+    with pytest.raises(
+        js.TraceError, match=r"argument 'mode' is a str.*static_argnames=\('mode',\)"
+    ):
+        js.trace(lambda x, mode: x, jnp.ones(2), "fast")
+    with pytest.raises(js.TraceError, match="do not fit"):
+        js.trace(lambda x: x, jnp.ones(2), jnp.ones(2))
