@@ -25,9 +25,22 @@ new_jaxpr_eqn = jex_core.new_jaxpr_eqn
 check_jaxpr = jex_core.check_jaxpr
 SourceInfo = jex_source_info.SourceInfo
 
-#: Primitives that call a closed jaxpr with no rule of their own: inlining them
-#: changes nothing but the nesting. (``pjit`` is the name before jax 0.7.)
-INLINE_CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+#: Call primitives whose body is inlined into the flat program, and the parameter
+#: holding the body. (``pjit`` and ``checkpoint`` are older names.) A slice that does
+#: not cut through such a call keeps it as one equation, its rule intact.
+CALL_PRIMITIVES = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+#: Calls that carry a custom differentiation rule.
+CUSTOM_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 #: The identity primitive behind ``jax.ad_checkpoint.checkpoint_name`` and ``js.tag``.
 TAG_PRIMITIVE = "name"
 
@@ -41,11 +54,19 @@ def tracer_atom(x: Any) -> Any:
 
 def called_jaxpr(eqn: JaxprEqn) -> ClosedJaxpr:
     """The closed jaxpr an inlinable call equation runs."""
-    params = eqn.params
-    inner = params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"]
+    inner = eqn.params[CALL_PRIMITIVES[eqn.primitive.name]]
     if isinstance(inner, Jaxpr) and not hasattr(inner, "consts"):
         inner = ClosedJaxpr(inner, ())
     return inner
+
+
+def call_name(eqn: JaxprEqn) -> str:
+    """A readable name of a call equation: the called function's name if known."""
+    name = eqn.params.get("name")
+    if name is None:
+        debug = getattr(called_jaxpr(eqn).jaxpr, "debug_info", None)
+        name = getattr(debug, "func_name", None) or eqn.primitive.name
+    return str(name)
 
 
 def tag_name(eqn: JaxprEqn) -> str:

@@ -35,6 +35,8 @@ class Program:
         origin: ``id(original var) -> [var index, ...]``: where each var of the
             traced (nested) jaxpr ended up; a var of a call traced once and
             called k times has k entries.
+        regions: the inlined calls (``jit``, ``custom_jvp``, ``remat``, ...) as
+            :class:`Region` s, outermost first.
     """
 
     def __init__(self, closed: C.ClosedJaxpr):
@@ -68,6 +70,10 @@ class Program:
         self.origin: dict[int, list[int]] = {
             k: [index[v] for v in vs if v in index] for k, vs in inliner.origin.items()
         }
+        # calls that produced equations, outermost first (by start, then by size)
+        self.regions = sorted(
+            (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
+        )
 
     @property
     def num_inputs(self) -> int:
@@ -128,6 +134,53 @@ class Program:
         return C.eval_jaxpr(jaxpr, self.consts, *flat_args)
 
 
+def _inlinable(eqn: C.JaxprEqn) -> bool:
+    """Whether a call's body can be inlined and folded back without losing its rule.
+
+    A custom-rule call whose body returns one of its operands (or a constant) as is
+    stays one opaque equation: inlined, that result would bypass the rule.
+    """
+    if eqn.primitive.name not in C.CUSTOM_RULE_PRIMITIVES:
+        return True
+    body = C.called_jaxpr(eqn).jaxpr
+    made = {v for e in body.eqns for v in e.outvars}
+    outs = [v for v in body.outvars]
+    return all(isinstance(v, C.Var) and v in made for v in outs) and len(set(outs)) == len(outs)
+
+
+class Region:
+    """An inlined call: flat equations ``[start, end)`` that were one call equation.
+
+    ``ins`` and ``outs`` are the call's operands and results as flat atoms; ``eqn`` is
+    the original call equation (its params still hold the body and any custom rule).
+    """
+
+    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info")
+
+    def __init__(self, start: int, eqn: C.JaxprEqn, ins: list[Any], source_info: Any):
+        self.start, self.end, self.eqn, self.ins = start, start, eqn, ins
+        self.outs: list[Any] = []
+        self.source_info = source_info
+
+    @property
+    def primitive(self) -> str:
+        return self.eqn.primitive.name
+
+    @property
+    def name(self) -> str:
+        return C.call_name(self.eqn)
+
+    def folded(self) -> C.JaxprEqn:
+        """The call as one equation over flat atoms (results it forwards are dropped)."""
+        outvars, seen = [], set()
+        for a in self.outs:
+            produced = isinstance(a, C.Var) and a not in seen
+            outvars.append(a if produced else C.DropVar(a.aval))
+            seen.add(a)
+        eqn = self.eqn
+        return C.new_jaxpr_eqn(self.ins, outvars, eqn.primitive, eqn.params, eqn.effects, self.source_info)
+
+
 class _Inliner:
     """Copies a closed jaxpr into one flat jaxpr, inlining plain calls."""
 
@@ -137,6 +190,7 @@ class _Inliner:
         self.consts: list[Any] = []
         self.tags: list[tuple[C.Var, str]] = []
         self.origin: dict[int, list[C.Var]] = {}
+        self.regions: list[Region] = []
 
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
@@ -185,16 +239,20 @@ class _Inliner:
             )
             invars = [self._read(a, env) for a in eqn.invars]
             name = eqn.primitive.name
-            if name in C.INLINE_CALL_PRIMITIVES:
+            if name in C.CALL_PRIMITIVES and _inlinable(eqn):
                 inner = C.called_jaxpr(eqn)
+                region = Region(len(self.eqns), eqn, invars, source_info)
+                self.regions.append(region)
                 inner_env: dict[Any, Any] = {}
                 for v, a in zip(inner.jaxpr.invars, invars):
                     self._alias(v, a, inner_env)
                 self._bind_consts(inner.jaxpr.constvars, inner.consts, inner_env)
                 self._copy(inner.jaxpr, inner_env, source_info)
-                for out, a in zip(eqn.outvars, inner.jaxpr.outvars):
+                region.outs = [self._read(a, inner_env) for a in inner.jaxpr.outvars]
+                region.end = len(self.eqns)
+                for out, a in zip(eqn.outvars, region.outs):
                     if not isinstance(out, C.DropVar):
-                        self._alias(out, self._read(a, inner_env), env)
+                        self._alias(out, a, env)
                 continue
             if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
                 self._alias(eqn.outvars[0], invars[0], env)

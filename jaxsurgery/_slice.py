@@ -86,10 +86,8 @@ class Window:
                     roots.append(i)
         self.eqns = sorted(eqns)
         self.reached = reached
-        written = {o for e in self.eqns for o in eqn_out[e]}
-        read = dict.fromkeys(i for e in self.eqns for i in eqn_in[e])
-        self.context = [i for i in read if i not in written and i not in inputs]
-        self.used_inputs = {i for i in read if i in inputs} | (inputs & set(outs))
+        read = {i for e in self.eqns for i in eqn_in[e]}
+        self.used_inputs = (read & inputs) | (inputs & set(outs))
         self.shielded = {
             i for i in inputs - self.used_inputs if _reaches(program, i, set(outs), limit)
         }
@@ -109,6 +107,49 @@ def _reaches(program: Any, start: int, targets: set[int], limit: int) -> bool:
                     seen.add(o)
                     stack.append(o)
     return False
+
+
+def assemble(program: Any, eqns: Sequence[int], ins: Sequence[int], outs: Sequence[int]):
+    """The window's equations with every call it does not cut through folded back.
+
+    A call (``jit``, ``custom_jvp``, ``remat``, ...) is cut when a slice input or
+    output is a value made inside it; then its body stays inlined and, for a custom
+    rule, a note says the rule is bypassed. Otherwise its equations in the window are
+    replaced by the original call equation, so its rule survives.
+
+    Returns ``(equations, context var indices, notes)``.
+    """
+    chosen = set(eqns)
+    boundary = set(ins) | set(outs)
+    folded: dict[int, Any] = {}  # start equation -> folded call equation
+    notes: list[str] = []
+    skip_until = -1
+    for region in program.regions:
+        if region.start < skip_until:
+            continue  # inside a call already folded
+        window = [e for e in range(region.start, region.end) if e in chosen]
+        if not window:
+            continue
+        region_outs = {program.index[a] for a in region.outs if isinstance(a, C.Var)}
+        inside = {o for e in range(region.start, region.end) for o in program.eqn_out[e]}
+        if (inside - region_outs) & boundary or (region_outs & set(ins)):
+            if region.primitive in C.CUSTOM_RULE_PRIMITIVES:
+                notes.append(
+                    f"the slice cuts inside the {region.primitive} call {region.name!r}: its "
+                    "custom derivative rule is bypassed and its primal body is differentiated"
+                )
+            continue
+        chosen.difference_update(window)
+        folded[region.start] = region.folded()
+        skip_until = region.end
+    order = sorted([*chosen, *folded])
+    result = [folded[e] if e in folded else program.jaxpr.eqns[e] for e in order]
+    index = program.index
+    written = {index[v] for eqn in result for v in eqn.outvars if not isinstance(v, C.DropVar)}
+    read = dict.fromkeys(index[a] for eqn in result for a in eqn.invars if isinstance(a, C.Var))
+    inputs = set(ins)
+    context = [i for i in read if i not in written and i not in inputs]
+    return result, context, notes
 
 
 class Slice:
@@ -172,17 +213,23 @@ class Slice:
             for v in in_vars
             if v.index not in window.used_inputs and v.index not in window.shielded
         ]
+        eqns, context, cut_notes = assemble(program, window.eqns, ins, outs)
         notes = tuple(
             f"input {v.name!r} reaches the outputs only through other inputs: its "
             "derivative is zero"
             for v in in_vars
             if v.index in window.shielded
-        )
+        ) + tuple(cut_notes)
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
-        context = list(window.context)
         context += [v.index for v in unconnected if v.index not in context]
-        jaxpr = program.sub_jaxpr(window.eqns, ins, outs, context)
+        jaxpr = C.new_jaxpr(
+            [program.vars[i] for i in context],
+            [program.vars[i] for i in ins],
+            [program.vars[i] for i in outs],
+            eqns,
+            "slice",
+        )
         return cls(
             graph,
             in_tree,
