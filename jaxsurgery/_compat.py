@@ -69,6 +69,24 @@ def call_name(eqn: JaxprEqn) -> str:
     return str(name)
 
 
+def rebuild_custom_rule(fn: Any, fun: Any) -> Any:
+    """A ``custom_jvp``/``custom_vjp`` like ``fn`` around another primal function."""
+    if isinstance(fn, jax.custom_jvp):
+        new = jax.custom_jvp(fun, nondiff_argnums=fn.nondiff_argnums)
+        new.defjvp(fn.jvp, symbolic_zeros=getattr(fn, "symbolic_zeros", False))
+        return new
+    if isinstance(fn, jax.custom_vjp):
+        new = jax.custom_vjp(fun, nondiff_argnums=fn.nondiff_argnums)
+        new.defvjp(
+            fn.fwd,
+            fn.bwd,
+            symbolic_zeros=getattr(fn, "symbolic_zeros", False),
+            optimize_remat=getattr(fn, "optimize_remat", False),
+        )
+        return new
+    return fn
+
+
 def tag_name(eqn: JaxprEqn) -> str:
     """The name a ``checkpoint_name``/``js.tag`` equation gives its operand."""
     return str(eqn.params["name"])

@@ -1,9 +1,22 @@
-"""Python variable names: rewrite the traced function so assignments report themselves.
+"""Python names: rewrite the traced function so assignments and calls report themselves.
 
 ``js.trace`` runs a copy of the user's function whose assignments are followed by a
-call ``__js_mark__("z1", z1)``. The call records which traced value the name holds
-and returns nothing; it adds **no equation** to the program, so tracing costs the
-same as ``jax.make_jaxpr`` plus one Python call per assignment.
+call ``__js_mark__("z1", z1)``, and whose calls ``f2(x)`` become
+``__js_call__("f2", f2)(x)``. A mark records which traced value a name holds; a call
+wrapper opens a *frame* (so names inside are qualified, ``f2/h``), runs a rewritten
+copy of the callee when it is user code, and records what the call returned. Neither
+adds an **equation** to the program, so tracing costs the same as ``jax.make_jaxpr``
+plus a few Python calls per statement.
+
+Which calls open a frame: calls of anything that is not JAX itself, numpy or a
+builtin: user functions, methods (``self.l1(x)`` is the call ``l1``), callable
+objects (``nn.Dense(4)(x)`` is ``Dense``), library modules. Only *user code* (a
+function whose file is not in site-packages or the standard library) is rewritten,
+so names reach inside user functions, ``jax.jit``-ed user functions (run without their
+jit boundary, which inlining would drop anyway), and user ``custom_jvp``/``custom_vjp``
+functions (rebuilt around the rewritten body with the same rules). Library code
+(Flax, Haiku, Equinox internals) runs untouched inside its frame; its values are
+named by scopes instead.
 
 Why not equation source lines? The source span of an equation cannot tell loop
 iterations apart (``x = jnp.sin(x)`` in a loop has the same traceback every time) and
@@ -29,6 +42,8 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import os
+import sysconfig
 import textwrap
 import threading
 import types
@@ -40,15 +55,30 @@ import jax
 from . import _compat as C
 
 MARK = "__js_mark__"
+CALL = "__js_call__"
+#: Calls that must stay where they are: they read the calling frame.
+_FRAME_SENSITIVE = frozenset(
+    {"super", "locals", "globals", "vars", "eval", "exec", "dir", "breakpoint"}
+)
 
 _state = threading.local()
 
 
 class Recorder:
-    """Collects ``(name, atom)`` bindings, in the order the assignments ran."""
+    """Collects what one trace's marks and call wrappers report.
+
+    Attributes:
+        frames: ``(label, parent frame or -1)`` per call, in call order.
+        bindings: ``(frame, name, atom)`` per assignment, in the order they ran
+            (frame -1 is the traced function itself).
+        returns: ``(frame, key path, atom)`` per traced value a call returned.
+    """
 
     def __init__(self) -> None:
-        self.bindings: list[tuple[str, Any]] = []
+        self.frames: list[tuple[str, int]] = []
+        self.bindings: list[tuple[int, str, Any]] = []
+        self.returns: list[tuple[int, str, Any]] = []
+        self._stack: list[int] = []
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -60,24 +90,163 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         _state.stack.pop()
 
+    @property
+    def frame(self) -> int:
+        return self._stack[-1] if self._stack else -1
+
     def record(self, name: str, value: Any) -> None:
-        atom = C.tracer_atom(value)
-        if atom is not None:  # the common case: one array
-            self.bindings.append((name, atom))
-            return
-        if isinstance(value, (int, float, complex, bool, str, type(None))):
-            return
-        leaves, _ = jax.tree_util.tree_flatten_with_path(value)
-        for path, leaf in leaves:
-            atom = C.tracer_atom(leaf)
-            if atom is not None:
-                self.bindings.append((name + jax.tree_util.keystr(path), atom))
+        frame = self.frame
+        for path, atom in _atoms(value):
+            self.bindings.append((frame, name + path, atom))
+
+    def enter(self, label: str) -> int:
+        self.frames.append((label, self.frame))
+        self._stack.append(len(self.frames) - 1)
+        return self._stack[-1]
+
+    def qualified(self) -> list[tuple[str, Any]]:
+        """``(name, atom)`` pairs, call-qualified, in naming priority order.
+
+        Names bound in the traced function come first, then what calls returned
+        (outer calls first), then names bound inside calls (outer first). A call made
+        more than once under the same parent is ``label#k``, k in call order.
+        """
+        counts: dict[tuple[int, str], int] = {}
+        for label, parent in self.frames:
+            counts[parent, label] = counts.get((parent, label), 0) + 1
+        seen: dict[tuple[int, str], int] = {}
+        paths: list[str] = []
+        depths: list[int] = []
+        for label, parent in self.frames:
+            k = seen[parent, label] = seen.get((parent, label), -1) + 1
+            own = label if counts[parent, label] == 1 else f"{label}#{k}"
+            paths.append(own if parent < 0 else f"{paths[parent]}/{own}")
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        top = [(name, atom) for frame, name, atom in self.bindings if frame < 0]
+        returns = sorted(
+            ((depths[f], paths[f] + path, atom) for f, path, atom in self.returns),
+            key=lambda t: t[0],
+        )
+        inner = sorted(
+            ((depths[f], f"{paths[f]}/{name}", atom) for f, name, atom in self.bindings if f >= 0),
+            key=lambda t: t[0],
+        )
+        return top + [(n, a) for _, n, a in returns] + [(n, a) for _, n, a in inner]
+
+    def leave(self, frame: int, value: Any) -> None:
+        self._stack.pop()
+        for path, atom in _atoms(value):
+            self.returns.append((frame, path, atom))
+
+
+def _atoms(value: Any) -> list[tuple[str, Any]]:
+    """``(key path, jaxpr atom)`` of each traced leaf of ``value``."""
+    atom = C.tracer_atom(value)
+    if atom is not None:  # the common case: one array
+        return [("", atom)]
+    if isinstance(value, (int, float, complex, bool, str, type(None))):
+        return []
+    leaves, _ = jax.tree_util.tree_flatten_with_path(value)
+    out = []
+    for path, leaf in leaves:
+        atom = C.tracer_atom(leaf)
+        if atom is not None:
+            out.append((jax.tree_util.keystr(path), atom))
+    return out
+
+
+def _current() -> Recorder | None:
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
 
 
 def _mark(name: str, value: Any) -> None:
-    stack = getattr(_state, "stack", None)
-    if stack:
-        stack[-1].record(name, value)
+    recorder = _current()
+    if recorder is not None:
+        recorder.record(name, value)
+
+
+def _call(label: str | None, fn: Any) -> Any:
+    """``fn``, or a wrapper that runs it (rewritten if user code) inside a frame."""
+    recorder = _current()
+    if recorder is None or _is_jax_or_builtin(fn):
+        return fn
+    target = _rewritten(fn)
+    name = label or _callable_name(fn)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        frame = recorder.enter(name)
+        out = None
+        try:
+            out = target(*args, **kwargs)
+        finally:
+            recorder.leave(frame, out)
+        return out
+
+    return run
+
+
+_SKIP_MODULES = ("jax", "jaxlib", "numpy", "jaxsurgery", "builtins", "functools", "operator")
+
+
+def _module_of(fn: Any) -> str:
+    inner = getattr(fn, "__func__", fn)
+    for candidate in (getattr(inner, "fun", None), getattr(inner, "__wrapped__", None)):
+        if candidate is not None and _is_user_function(candidate):
+            return getattr(candidate, "__module__", "") or ""
+    module = getattr(inner, "__module__", None)
+    if module is None or not isinstance(module, str):
+        module = type(fn).__module__
+    return module
+
+
+def _is_jax_or_builtin(fn: Any) -> bool:
+    if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return True  # constructing an object, or a C function: no frame
+    module = _module_of(fn)
+    return module.split(".", 1)[0] in _SKIP_MODULES
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_user_file(filename: str) -> bool:
+    if filename.startswith("<frozen") or not filename:
+        return False
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return not any(filename.startswith(p + os.sep) for p in library)
+
+
+def _is_user_function(fn: Any) -> bool:
+    return (
+        isinstance(fn, types.FunctionType)
+        and not hasattr(fn, "__wrapped__")
+        and _is_user_file(fn.__code__.co_filename)
+    )
+
+
+def _rewritten(fn: Any) -> Any:
+    """The callable to run in place of ``fn``: a rewritten copy when it is user code."""
+    if _is_user_function(fn):
+        return instrument(fn)[0]
+    if isinstance(fn, types.MethodType) and _is_user_function(fn.__func__):
+        return instrument(fn)[0]
+    wrapped = getattr(fn, "__wrapped__", None)
+    if hasattr(fn, "lower") and _is_user_function(wrapped):  # a jax.jit-ed user function
+        return instrument(wrapped)[0]
+    if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
+        return C.rebuild_custom_rule(fn, instrument(fn.fun)[0])
+    call = getattr(type(fn), "__call__", None)
+    if not isinstance(fn, types.FunctionType) and _is_user_function(call):
+        return types.MethodType(instrument(call)[0], fn)
+    return fn
+
+
+def _callable_name(fn: Any) -> str:
+    """The function's name, or the class name of a callable object (``Dense``)."""
+    if isinstance(fn, (types.FunctionType, types.MethodType)) or hasattr(fn, "__wrapped__"):
+        name = getattr(getattr(fn, "__func__", fn), "__name__", None)
+        if isinstance(name, str):
+            return name
+    return type(fn).__name__
 
 
 def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
@@ -97,6 +266,7 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
         code = _instrumented_code(fn.__code__)
         cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
         cells[MARK] = types.CellType(_mark)
+        cells[CALL] = types.CellType(_call)
         closure = tuple(cells[name] for name in code.co_freevars)
     except (OSError, TypeError, SyntaxError, LookupError, ValueError) as e:
         return fn, f"the source of {fn.__qualname__} could not be rewritten ({e})"
@@ -125,7 +295,7 @@ def _instrumented_code(code: types.CodeType) -> types.CodeType:
         name="__js_factory__",
         args=ast.arguments(
             posonlyargs=[],
-            args=[ast.arg(arg=a) for a in (MARK, *code.co_freevars)],
+            args=[ast.arg(arg=a) for a in (MARK, CALL, *code.co_freevars)],
             kwonlyargs=[],
             kw_defaults=[],
             defaults=[],
@@ -187,16 +357,41 @@ class _MarkAssignments(ast.NodeTransformer):
     visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = visit_FunctionDef
 
     def visit_Assign(self, node: ast.Assign) -> list[ast.stmt]:
+        self.generic_visit(node)
         names = [n for t in node.targets for n in _target_names(t)]
         return [node, *_marks(names, node)]
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> list[ast.stmt]:
+        self.generic_visit(node)
         return [node, *_marks(_target_names(node.target) if node.value else [], node)]
 
     def visit_AugAssign(self, node: ast.AugAssign) -> list[ast.stmt]:
+        self.generic_visit(node)
         return [node, *_marks(_target_names(node.target), node)]
 
     def visit_For(self, node: ast.For) -> ast.For:
         self.generic_visit(node)
         node.body = _marks(_target_names(node.target), node) + node.body
         return node
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _FRAME_SENSITIVE | {MARK, CALL}:
+            return node
+        label = _call_label(func)
+        wrapper = ast.Call(
+            func=ast.Name(id=CALL, ctx=ast.Load()),
+            args=[ast.Constant(value=label), func],
+            keywords=[],
+        )
+        node.func = ast.copy_location(wrapper, func)
+        return node
+
+
+def _call_label(func: ast.expr) -> str | None:
+    """The call's name from its callee expression (``self.`` dropped), or None."""
+    if not isinstance(func, (ast.Name, ast.Attribute, ast.Subscript)):
+        return None
+    text = ast.unparse(func)
+    return text[len("self.") :] if text.startswith("self.") else text

@@ -6,9 +6,13 @@ and is not already another var's canonical name, the rest are aliases:
 1. inputs: parameter name + pytree key path (``x``, ``params['w']``, ``args[2]``);
 2. tags: ``js.tag(x, "name")`` and ``checkpoint_name(x, "name")``;
 3. Python variable names of the traced function (``z1 = ...``);
-4. outputs: ``out``, ``out[0]``, ``out['loss']`` (aliases: an output that also has a
+   Values inside called functions are qualified by the call (``f2/h``,
+   ``layer#1/z``); the call name alone names what it returned (``layer#1``);
+4. scopes: ``"MLP/Dense_0"`` names the outputs of a scope, ``"MLP/Dense_0/%i"``
+   everything made inside it (:mod:`jaxsurgery._scopes`);
+5. outputs: ``out``, ``out[0]``, ``out['loss']`` (aliases: an output that also has a
    Python name keeps the Python name as canonical);
-5. fallback: ``%<index>`` (every var answers to it) and ``<primitive>:<index>``.
+6. fallback: ``%<index>`` (every var answers to it) and ``<primitive>:<index>``.
 
 A name given to k > 1 distinct vars (a loop, a rebinding, a repeated tag) is
 canonical in its ``name#k`` forms, in binding order, and the bare ``name`` is an
@@ -77,6 +81,8 @@ def assign_names(
     outputs: Sequence[tuple[int, str]],
     tags: Sequence[tuple[int, str]],
     bindings: Sequence[tuple[str, int]],
+    scopes: Sequence[tuple[int, str]] = (),
+    extra_aliases: Sequence[tuple[int, str]] = (),
 ) -> Names:
     """Names for ``num_vars`` vars, the first ``len(inputs)`` being the inputs.
 
@@ -85,7 +91,10 @@ def assign_names(
         inputs: the name of each input var.
         outputs: ``(var, name)`` for each output leaf.
         tags: ``(var, name)`` in program order.
-        bindings: ``(name, var)`` of Python assignments in the order they ran.
+        bindings: ``(name, var)`` of Python assignments and call results, in naming
+            priority order.
+        scopes: ``(var, name)`` of scope outputs (never ``#k``).
+        extra_aliases: ``(var, name)`` that are never canonical (``scope/%i``).
     """
     candidates: list[list[str]] = [[] for _ in range(num_vars)]
     for i, name in enumerate(inputs):
@@ -98,9 +107,14 @@ def assign_names(
     bound_first = {name for name, _ in bindings if name in rebound}
     for name in bound_first:
         candidates[rebound[name]].append(f"{name}#0")
+    for var, name in scopes:
+        candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)
 
+    extras: dict[int, list[str]] = {}
+    for var, name in extra_aliases:
+        extras.setdefault(var, []).append(name)
     multi = _multi_names(candidates)
     input_names = set(inputs)
     taken: set[str] = set()
@@ -116,6 +130,7 @@ def assign_names(
         canonical.append(chosen)
         rest = [c for c in dict.fromkeys(cands) if c != chosen]
         rest += [n for n in (fallback, f"{primitives[i]}:{i}") if n != chosen]
+        rest += extras.get(i, ())
         aliases.append(tuple(rest))
         for n in (chosen, *rest):
             lookup.setdefault(n, []).append(i)

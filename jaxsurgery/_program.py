@@ -178,7 +178,9 @@ class Region:
             outvars.append(a if produced else C.DropVar(a.aval))
             seen.add(a)
         eqn = self.eqn
-        return C.new_jaxpr_eqn(self.ins, outvars, eqn.primitive, eqn.params, eqn.effects, self.source_info)
+        return C.new_jaxpr_eqn(
+            self.ins, outvars, eqn.primitive, eqn.params, eqn.effects, self.source_info
+        )
 
 
 class _Inliner:

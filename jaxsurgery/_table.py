@@ -15,7 +15,7 @@ COLUMNS = ("index", "name", "type", "primitive", "reads", "scope", "source")
 
 def _row(v: Var) -> tuple[str, ...]:
     reads = ", ".join(p.name for p in v.producers)
-    aliases = [a for a in v.aliases if not a.startswith("%") and ":" not in a]
+    aliases = [a for a in v.aliases if "%" not in a and ":" not in a]
     name = v.name + (f" ({', '.join(aliases)})" if aliases else "")
     source = v.source or ""
     if source:

@@ -21,6 +21,7 @@ from ._graph import Graph
 from ._instrument import Recorder, instrument
 from ._names import assign_names
 from ._program import Program
+from ._scopes import scope_names
 
 
 def trace(
@@ -71,7 +72,7 @@ def trace(
     program = Program(closed)
     primitives = _primitives(program)
     bindings = [
-        (name, i) for name, atom in recorder.bindings for i in program.origin.get(id(atom), ())
+        (name, i) for name, atom in recorder.qualified() for i in program.origin.get(id(atom), ())
     ]
     names = assign_names(
         len(program.vars),
@@ -80,6 +81,7 @@ def trace(
         list(zip(program.outputs, out_info["paths"])),
         program.tags,
         bindings,
+        *scope_names(program),
     )
     notes = [f"no Python variable names: {reason}"] if reason else []
     title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"

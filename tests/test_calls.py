@@ -1,8 +1,10 @@
-"""Calls keep their structure: custom rules survive unless the slice cuts inside."""
+"""Calls: call-qualified names, and custom rules that survive unless a slice cuts inside."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import allclose, check_slice
+from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 
@@ -76,22 +78,81 @@ def test_custom_vjp_rule_survives():
     allclose(pullback(jnp.ones(2))[0], 0.1 * jnp.ones(2))  # the rule clipped 10 to 0.1
 
 
-def test_jit_and_remat_calls_are_kept_whole_when_not_cut():
-    @jax.jit
-    def block(h):
-        return jnp.tanh(h) * 2.0
-
+def test_library_jit_and_remat_calls_are_kept_whole_when_not_cut():
     def f(x):
         a = x + 1.0
-        b = block(a)
+        b = jnp.clip(a, 0.5, 1.5)  # jax.numpy's clip is a jitted function
         c = jax.checkpoint(lambda t: jnp.sin(t) ** 2)(b)
         return c
 
-    g = js.trace(f, jnp.ones(3))
+    g = js.trace(f, jnp.linspace(-1.0, 1.0, 3))
     s = g.slice("a", "c")
     assert [e.primitive.name for e in s.jaxpr.eqns] == ["jit", "remat2"]
-    check_slice(s, (g.value("a"),), lambda a: jnp.sin(jnp.tanh(a) * 2.0) ** 2, eqns=2)
-    inner = g.select(primitive="tanh").one()
+    check_slice(s, (g.value("a"),), lambda a: jnp.sin(jnp.clip(a, 0.5, 1.5)) ** 2, eqns=2)
+    inner = g.select(primitive=("max", "min"))[0]  # made inside clip
     cut = g.slice(inner, "c")  # starts inside the jit: the jit is inlined, remat kept
-    assert [e.primitive.name for e in cut.jaxpr.eqns] == ["mul", "remat2"]
+    assert "jit" not in [e.primitive.name for e in cut.jaxpr.eqns]
+    assert cut.jaxpr.eqns[-1].primitive.name == "remat2"
     assert cut.notes == ()
+
+
+def test_user_jit_functions_are_named_per_call():
+    @jax.jit
+    def layer(p, h):
+        pre = jnp.dot(p[0], h) + p[1]
+        z = jnp.tanh(pre)
+        return z
+
+    def f(x, p1, p2, p3):
+        z1 = layer(p1, x)
+        z2 = layer(p2, z1)
+        z3 = layer(p3, z2)
+        return z3
+
+    args = mlp_12782_args()
+    g = js.trace(f, *args)
+    assert g["layer#1"] is g["z2"] and g["layer#1/z"] is g["z2"]
+    assert g["layer#1/pre"].primitive == "add"
+    assert g.select("layer#?").names == ("z1", "z2", "z3")
+    s = g.slice("layer#0", "layer#1")
+    ref = js.trace(mlp_12782, *args).slice("z1", "z2")
+    z1 = g.value("z1")
+    allclose(jax.jvp(s, (z1,), (jnp.ones(4),)), jax.jvp(ref, (z1,), (jnp.ones(4),)))
+    check_slice(s, (z1,), lambda z: jnp.tanh(jnp.dot(args[2][0], z) + args[2][1]), eqns=3)
+
+
+def helper(x, w):
+    h = jnp.sin(x) * w
+    return jnp.cos(h)
+
+
+class Block:
+    def __init__(self, w):
+        self.w = w
+
+    def part(self, x):
+        inner = helper(x, self.w)
+        return inner * 2.0
+
+    def __call__(self, x):
+        a = self.part(x)
+        return self.part(a)
+
+
+def test_call_qualified_names_compose():
+    def f(x):
+        first = helper(x, 2.0)
+        block = Block(3.0)
+        out = block(first)
+        return out
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["helper"] is g["first"]
+    assert g["helper/h"].primitive == "mul"
+    assert g["block/part#1/helper/h"].primitive == "mul"
+    assert g["block/part#0"] is g["block/a"]
+    assert g["block"] is g["out"]
+    with pytest.raises(js.SelectionError, match="no var named 'block/part/helper/h'"):
+        g["block/part/helper/h"]
+    s = g.slice("block/part#0", "block/part#1/helper/h")
+    check_slice(s, (g.value("block/a"),), lambda a: jnp.sin(a) * 3.0, eqns=2)

@@ -1,0 +1,84 @@
+"""Scope names: ``jax.named_scope``, Flax linen module paths, Haiku and Equinox scopes.
+
+Every equation carries a name-stack path (``"MLP/Dense_0"``). A *scope instance* is a
+run of consecutive equations inside the same scope; a scope entered k > 1 times under
+the same parent instance is ``name#k`` (k in program order), like a repeated call.
+
+Names given (SPEC §4.5):
+    * ``"MLP/Dense_0"`` on each **output** of the instance: a value made inside and
+      read outside it (or returned by the function);
+    * ``"MLP/Dense_0/%<index>"`` on every value made inside, so the glob
+      ``"MLP/Dense_0/*"`` selects the instance's inside.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x):
+    ...     with jax.named_scope("block"):
+    ...         h = jnp.sin(x) * 2.0
+    ...     return h + 1.0
+    >>> g = js.trace(f, jnp.ones(2))
+    >>> g["block"] is g["h"]
+    True
+    >>> g.select("block/*").names
+    ('%1', 'h')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _compat as C
+
+
+def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """``(var index, name)`` pairs: outputs of scope instances, and their insides."""
+    eqns = program.jaxpr.eqns
+    parents: list[int] = []  # per instance: its parent instance, or -1
+    labels: list[str] = []
+    chains: list[tuple[int, ...]] = []  # per equation: its instances, outermost first
+    stack: list[tuple[str, int]] = []  # (component, instance)
+    for eqn in eqns:
+        path = C.scope_of(eqn.source_info)
+        parts = path.split("/") if path else []
+        keep = 0
+        while keep < min(len(stack), len(parts)) and stack[keep][0] == parts[keep]:
+            keep += 1
+        del stack[keep:]
+        for part in parts[keep:]:
+            parents.append(stack[-1][1] if stack else -1)
+            labels.append(part)
+            stack.append((part, len(labels) - 1))
+        chains.append(tuple(inst for _, inst in stack))
+    if not labels:
+        return [], []
+    paths = _instance_paths(parents, labels)
+
+    names: list[tuple[int, str]] = []
+    inside: list[tuple[int, str]] = []
+    outputs = set(program.outputs)
+    for e, chain in enumerate(chains):
+        if not chain:
+            continue
+        for v in program.eqn_out[e]:
+            leaving = set(chain) if v in outputs else set()
+            for u in program.users[v]:
+                leaving.update(set(chain) - set(chains[u]))
+            for inst in chain:
+                if inst in leaving:
+                    names.append((v, paths[inst]))
+                inside.append((v, f"{paths[inst]}/%{v}"))
+    return names, inside
+
+
+def _instance_paths(parents: list[int], labels: list[str]) -> list[str]:
+    """Full paths with ``#k`` where a scope repeats under the same parent."""
+    counts: dict[tuple[int, str], int] = {}
+    for parent, label in zip(parents, labels):
+        counts[parent, label] = counts.get((parent, label), 0) + 1
+    seen: dict[tuple[int, str], int] = {}
+    paths: list[str] = []
+    for parent, label in zip(parents, labels):
+        k = seen[parent, label] = seen.get((parent, label), -1) + 1
+        own = label if counts[parent, label] == 1 else f"{label}#{k}"
+        paths.append(own if parent < 0 else f"{paths[parent]}/{own}")
+    return paths
