@@ -22,7 +22,8 @@ Why not equation source lines? The source span of an equation cannot tell loop
 iterations apart (``x = jnp.sin(x)`` in a loop has the same traceback every time) and
 misses plain aliases (``a = h`` makes no equation). A marked assignment sees both.
 
-What is marked: ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
+What is marked: the parameters (binding ``#0`` of their names; ``self`` and ``cls``
+excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
 augmented assignments, and ``for`` loop targets. Attribute and subscript targets
 (``self.h = ...``, ``d["k"] = ...``) and walrus expressions are not. Functions defined
 inside the traced function are not rewritten. When the source cannot be found or
@@ -53,6 +54,7 @@ from typing import Any
 import jax
 
 from . import _compat as C
+from ._frameworks import submodule_paths
 
 MARK = "__js_mark__"
 CALL = "__js_call__"
@@ -76,6 +78,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.frames: list[tuple[str, int]] = []
+        self.callees: list[Any] = []  # per frame: what was called
+        self._paths: dict[int, dict[int, str] | None] = {}
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
         self._stack: list[int] = []
@@ -99,7 +103,21 @@ class Recorder:
         for path, atom in _atoms(value):
             self.bindings.append((frame, name + path, atom))
 
-    def enter(self, label: str) -> int:
+    def label(self, label: str | None, fn: Any) -> str:
+        """A call's name: its call-site label, or a submodule path, or its own name."""
+        if label is not None and not label.isidentifier():
+            return label  # an attribute or subscript: already a path
+        if self._stack:
+            parent = self.callees[self._stack[-1]]
+            if id(parent) not in self._paths:
+                self._paths[id(parent)] = submodule_paths(parent)
+            path = (self._paths[id(parent)] or {}).get(id(fn))
+            if path:
+                return path
+        return label or _callable_name(fn)
+
+    def enter(self, label: str, fn: Any = None) -> int:
+        self.callees.append(fn)
         self.frames.append((label, self.frame))
         self._stack.append(len(self.frames) - 1)
         return self._stack[-1]
@@ -171,11 +189,11 @@ def _call(label: str | None, fn: Any) -> Any:
     recorder = _current()
     if recorder is None or _is_jax_or_builtin(fn):
         return fn
-    target = _rewritten(fn)
-    name = label or _callable_name(fn)
+    target, _ = rewritten(fn)
+    name = recorder.label(label, fn)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        frame = recorder.enter(name)
+        frame = recorder.enter(name, fn)
         out = None
         try:
             out = target(*args, **kwargs)
@@ -223,21 +241,29 @@ def _is_user_function(fn: Any) -> bool:
     )
 
 
-def _rewritten(fn: Any) -> Any:
-    """The callable to run in place of ``fn``: a rewritten copy when it is user code."""
-    if _is_user_function(fn):
-        return instrument(fn)[0]
-    if isinstance(fn, types.MethodType) and _is_user_function(fn.__func__):
-        return instrument(fn)[0]
+def rewritten(fn: Any) -> tuple[Any, str | None]:
+    """The callable to run in place of ``fn``: a rewritten copy when it is user code.
+
+    Returns ``(callable, None)``, or ``(fn, reason)`` when nothing was rewritten.
+    """
+    if isinstance(fn, functools.partial):
+        inner, reason = rewritten(fn.func)
+        return functools.partial(inner, *fn.args, **fn.keywords), reason
+    if _is_user_function(fn) or (
+        isinstance(fn, types.MethodType) and _is_user_function(fn.__func__)
+    ):
+        return instrument(fn)
     wrapped = getattr(fn, "__wrapped__", None)
     if hasattr(fn, "lower") and _is_user_function(wrapped):  # a jax.jit-ed user function
-        return instrument(wrapped)[0]
+        return instrument(wrapped)
     if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
-        return C.rebuild_custom_rule(fn, instrument(fn.fun)[0])
-    call = getattr(type(fn), "__call__", None)
-    if not isinstance(fn, types.FunctionType) and _is_user_function(call):
-        return types.MethodType(instrument(call)[0], fn)
-    return fn
+        body, reason = instrument(fn.fun)
+        return C.rebuild_custom_rule(fn, body), reason
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 (the class attribute)
+    if not isinstance(fn, (types.FunctionType, types.MethodType)) and _is_user_function(call):
+        body, reason = instrument(call)
+        return types.MethodType(body, fn), reason
+    return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
 
 
 def _callable_name(fn: Any) -> str:
@@ -290,7 +316,12 @@ def _instrumented_code(code: types.CodeType) -> types.CodeType:
     if not isinstance(funcdef, ast.FunctionDef) or funcdef.name != code.co_name:
         raise ValueError(f"the source at line {code.co_firstlineno} is not `def {code.co_name}`")
     funcdef.decorator_list = []
-    funcdef.body = _MarkAssignments().visit_body(funcdef.body)
+    args = funcdef.args
+    params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    params = [p for p in params if p not in ("self", "cls")]
+    body = _MarkAssignments().visit_body(funcdef.body)
+    docstring = body[:1] if body and _is_docstring(body[0]) else []
+    funcdef.body = docstring + _marks(params, funcdef) + body[len(docstring) :]
     factory = ast.FunctionDef(
         name="__js_factory__",
         args=ast.arguments(
@@ -309,6 +340,10 @@ def _instrumented_code(code: types.CodeType) -> types.CodeType:
     compiled = compile(module, code.co_filename, "exec")
     factory_code = _const_code(compiled, "__js_factory__")
     return _const_code(factory_code, code.co_name)
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
 
 
 def _const_code(code: types.CodeType, name: str) -> types.CodeType:

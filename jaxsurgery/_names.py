@@ -104,9 +104,6 @@ def assign_names(
     rebound = {name: i for i, name in enumerate(inputs)}
     for var, names in _group(bindings, rebound).items():
         candidates[var].extend(names)
-    bound_first = {name for name, _ in bindings if name in rebound}
-    for name in bound_first:
-        candidates[rebound[name]].append(f"{name}#0")
     for var, name in scopes:
         candidates[var].append(name)
     for var, name in outputs:

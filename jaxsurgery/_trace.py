@@ -18,7 +18,7 @@ import numpy as np
 from . import _compat as C
 from ._errors import TraceError
 from ._graph import Graph
-from ._instrument import Recorder, instrument
+from ._instrument import Recorder, rewritten
 from ._names import assign_names
 from ._program import Program
 from ._scopes import scope_names
@@ -36,7 +36,9 @@ def trace(
     Args:
         fn: any function JAX can trace (a ``jax.jit``-ed function is traced through).
         *args, **kwargs: pytrees of arrays, Python scalars, or ``jax.ShapeDtypeStruct``
-            (then the graph is abstract: slices must be bound before use).
+            (then the graph is abstract: slices must be bound before use). Other
+            leaves (strings, functions, an Equinox module's activation) are held
+            static, as ``equinox.filter_jit`` does; a bound slice keeps the trace's.
         static_argnums, static_argnames: arguments passed through as Python values,
             as for ``jax.jit``.
 
@@ -56,7 +58,7 @@ def trace(
     bound, leaves, in_names = binder.bind(args, kwargs)
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
-    run, reason = instrument(target)
+    run, reason = rewritten(target)
     recorder = Recorder()
     out_info: dict[str, Any] = {}
 
@@ -83,7 +85,7 @@ def trace(
         bindings,
         *scope_names(program),
     )
-    notes = [f"no Python variable names: {reason}"] if reason else []
+    notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
     title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"
     return Graph(
         program,
@@ -171,27 +173,20 @@ class _ArgBinder:
         names: list[str] = []
         for name, value in items:
             for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-                leaf_name = name + jax.tree_util.keystr(path)
-                if not _is_array_leaf(leaf):
-                    raise TraceError(
-                        f"argument {leaf_name!r} is a {type(leaf).__name__}, not an array; "
-                        "pass arrays (or jax.ShapeDtypeStruct), or mark it static with "
-                        f"static_argnames=({name!r},)"
-                    )
-                leaves.append(leaf)
-                names.append(leaf_name)
+                if _is_array_leaf(leaf):
+                    leaves.append(leaf)
+                    names.append(name + jax.tree_util.keystr(path))
         return (bound_obj, items), leaves, names
 
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
-        """The bound arguments with the dynamic leaves replaced by ``flat``."""
+        """The bound arguments with the array leaves replaced by ``flat``."""
         bound_obj, items = bound
         it = iter(flat)
         new_values = {}
         for name, value in items:
-            treedef = jax.tree_util.tree_structure(value)
-            new_values[name] = jax.tree_util.tree_unflatten(
-                treedef, [next(it) for _ in range(treedef.num_leaves)]
-            )
+            old, treedef = jax.tree_util.tree_flatten(value)
+            new = [next(it) if _is_array_leaf(x) else x for x in old]
+            new_values[name] = jax.tree_util.tree_unflatten(treedef, new)
         rebuilt = inspect.BoundArguments(bound_obj.signature, dict(bound_obj.arguments))
         rebuilt.arguments.update(new_values)
         return rebuilt

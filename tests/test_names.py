@@ -226,10 +226,12 @@ def test_nested_jit_is_inlined_and_its_result_named():
     assert g["z"].producers[0].producers[0] is g["y"]
 
 
-def test_non_array_argument_is_a_trace_error():
-    with pytest.raises(
-        js.TraceError, match=r"argument 'mode' is a str.*static_argnames=\('mode',\)"
-    ):
-        js.trace(lambda x, mode: x, jnp.ones(2), "fast")
+def test_non_array_leaves_are_static_and_bad_arguments_are_trace_errors():
+    def f(x, mode, options):
+        return jnp.sin(x) if mode == "sin" else options["fn"](x) * options["scale"]
+
+    g = js.trace(f, jnp.ones(2), "cos", {"fn": jnp.cos, "scale": jnp.ones(2)})
+    assert [v.name for v in g.inputs] == ["x", "options['scale']"]
+    assert g.outputs[0].primitive == "mul"
     with pytest.raises(js.TraceError, match="do not fit"):
         js.trace(lambda x: x, jnp.ones(2), jnp.ones(2))
