@@ -1,0 +1,238 @@
+"""Real models, built the way each library's examples build them: names and slices.
+
+Each test selects module outputs by readable names (documented in the README) and
+compares slices between them with a hand-written reference made from the library's
+own sub-modules (the zero-tangent semantics: everything else held fixed).
+"""
+
+import equinox as eqx
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from conftest import allclose, check_slice
+from flax import nnx
+from jax.example_libraries import stax
+
+import jaxsurgery as js
+
+RTOL = 2e-4
+
+
+# -- Flax linen: a CNN with BatchNorm (eval mode) and a dense head ------------------------------
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=8, kernel_size=(3, 3))(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(features=16)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
+
+
+def test_flax_linen_cnn_module_outputs_and_slices(key):
+    model = CNN()
+    x = jax.random.normal(key, (2, 8, 8, 1))
+    variables = model.init(jax.random.key(1), x)
+    # make the BatchNorm statistics non-trivial, as after training
+    stats = jax.tree_util.tree_map(lambda s: s + 0.3, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    g = js.trace(model.apply, variables, x)
+    params = variables["params"]
+
+    dense0 = g["CNN/Dense_0"]
+    assert dense0.shape == (2, 16) and dense0.primitive == "add"
+    assert g["CNN/Conv_0"].shape == (2, 8, 8, 8)
+    assert g["CNN/BatchNorm_0"].shape == (2, 8, 8, 8)
+    allclose(g.value("CNN/Dense_1"), model.apply(variables, x), rtol=RTOL)
+
+    def head(h):  # Dense_0 output -> logits, by hand from the library's modules
+        return nn.Dense(10).apply({"params": params["Dense_1"]}, nn.relu(h))
+
+    s = g.slice("CNN/Dense_0", "CNN/Dense_1")
+    check_slice(s, (g.value(dense0),), head)
+    allclose(jax.jacfwd(s)(g.value(dense0)), jax.jacfwd(head)(g.value(dense0)), rtol=RTOL)
+
+    def body(c):  # Conv output -> Dense_0 output: BatchNorm with running stats, pool, dense
+        h = nn.BatchNorm(use_running_average=True).apply(
+            {"params": params["BatchNorm_0"], "batch_stats": stats["BatchNorm_0"]}, c
+        )
+        h = nn.avg_pool(nn.relu(h), window_shape=(2, 2), strides=(2, 2))
+        return nn.Dense(16).apply({"params": params["Dense_0"]}, h.reshape((h.shape[0], -1)))
+
+    s2 = g.slice("CNN/Conv_0", "CNN/Dense_0")
+    conv = g.value("CNN/Conv_0")
+    allclose(s2(conv), body(conv), rtol=RTOL)
+    v = jax.random.normal(key, conv.shape)
+    allclose(jax.jvp(s2, (conv,), (v,))[1], jax.jvp(body, (conv,), (v,))[1], rtol=RTOL)
+    inside = g.select("CNN/Conv_0/*")
+    assert g["CNN/Conv_0"] in inside and {v.scope for v in inside} == {"CNN/Conv_0"}
+
+
+# -- Flax linen: a pre-norm transformer block ------------------------------------------------------
+class TransformerBlock(nn.Module):
+    heads: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        h = nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h)
+        x = x + h
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(4 * x.shape[-1])(h)
+        h = nn.gelu(h)
+        h = nn.Dense(x.shape[-1])(h)
+        return x + h
+
+
+def test_flax_linen_transformer_block_from_attention_to_block_output(key):
+    model = TransformerBlock()
+    x = jax.random.normal(key, (2, 5, 8))
+    variables = model.init(jax.random.key(1), x)
+    p = variables["params"]
+    g = js.trace(model.apply, variables, x)
+    attn = g["TransformerBlock/MultiHeadDotProductAttention_0"]
+    assert attn.shape == (2, 5, 8)
+    assert g["TransformerBlock/Dense_1"].shape == (2, 5, 8)
+    out = g.outputs[0]
+
+    def rest(a):  # attention output -> block output; the residual input x is context
+        x1 = x + a
+        h = nn.LayerNorm().apply({"params": p["LayerNorm_1"]}, x1)
+        h = nn.Dense(32).apply({"params": p["Dense_0"]}, h)
+        h = nn.Dense(8).apply({"params": p["Dense_1"]}, nn.gelu(h))
+        return x1 + h
+
+    s = g.slice(attn, out)
+    assert "args[0]" in s.context  # model.apply(variables, *args): x is args[0]
+    a = g.value(attn)
+    check_slice(s, (a,), rest)
+    allclose(
+        g.jvp(attn, out, jnp.ones_like(a))[1],
+        jax.jvp(rest, (a,), (jnp.ones_like(a),))[1],
+        rtol=RTOL,
+    )
+
+
+# -- Flax NNX: an MLP with a list of layers -----------------------------------------------------
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(3, 8, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(3)])
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.l1(x))
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.head(x)
+
+
+def test_flax_nnx_layers_are_named_by_attribute_path(key):
+    model = NNXMLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        model = nnx.merge(graphdef, state)
+        return model(x)
+
+    x = jax.random.normal(key, (4, 3))
+    g = js.trace(forward, state, x)
+    assert g["model/l1"].shape == (4, 8)
+    assert [g[f"model/layers[{k}]"].primitive for k in range(3)] == ["add"] * 3
+    assert g["model/head"] is g.outputs[0]
+    layers = model.layers
+
+    def rest(h):  # layers[1] output -> head output
+        h = layers[2](nnx.relu(h))
+        return model.head(nnx.relu(h))
+
+    s = g.slice("model/layers[1]", "model/head")
+    h = g.value("model/layers[1]")
+    check_slice(s, (h,), rest)
+
+
+# -- Equinox: eqx.nn.MLP ------------------------------------------------------------------------------
+def test_equinox_mlp_layers_by_scope(key):
+    mlp = eqx.nn.MLP(in_size=3, out_size=2, width_size=8, depth=3, key=key)
+
+    def forward(model, x):
+        return model(x)
+
+    x = jnp.array([0.5, -1.0, 2.0])
+    g = js.trace(forward, mlp, x)  # the activation functions are held static
+    names = [f"eqx.nn.MLP/eqx.nn.Linear#{k}" for k in range(4)]
+    assert [g[n].shape for n in names] == [(8,), (8,), (8,), (2,)]
+    assert g["model"] is g.outputs[0] is g[names[-1]]
+    layers = mlp.layers
+
+    def rest(h):  # layer 1 output -> output
+        h = layers[2](jax.nn.relu(h))
+        return layers[3](jax.nn.relu(h))
+
+    s = g.slice(names[1], names[3])
+    check_slice(s, (g.value(names[1]),), rest)
+
+
+# -- Haiku: hk.nets.MLP ----------------------------------------------------------------------------
+def test_haiku_mlp_layers_by_module_name(key):
+    forward = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x))
+    x = jax.random.normal(key, (4, 3))
+    params = forward.init(jax.random.key(1), x)
+    g = js.trace(forward.apply, params, None, x)
+    assert [g[f"mlp/linear_{k}"].shape for k in range(3)] == [(4, 8), (4, 8), (4, 2)]
+    assert g.outputs[0] is g["mlp/linear_2"]
+
+    def rest(h):
+        p = params["mlp/~/linear_2"]
+        return jax.nn.relu(h) @ p["w"] + p["b"]
+
+    s = g.slice("mlp/linear_1", "mlp/linear_2")
+    check_slice(s, (g.value("mlp/linear_1"),), rest)
+
+
+# -- stax: a ResNet-style network with FanOut / FanInSum --------------------------------------------
+def residual_block(width):
+    return stax.serial(
+        stax.FanOut(2),
+        stax.parallel(stax.serial(stax.Dense(width), stax.Tanh, stax.Dense(width)), stax.Identity),
+        stax.FanInSum,
+    )
+
+
+def test_stax_resnet_slice_across_a_residual_block(key):
+    init_in, apply_in = stax.serial(stax.Dense(8), stax.Tanh)
+    init_block, apply_block = residual_block(8)
+    init_out, apply_out = stax.Dense(2)
+    k1, k2, k3 = jax.random.split(key, 3)
+    _, p_in = init_in(k1, (-1, 3))
+    _, p_block = init_block(k2, (-1, 8))
+    _, p_out = init_out(k3, (-1, 8))
+
+    def resnet(params, x):
+        h0 = apply_in(params["in"], x)
+        h1 = apply_block(params["block1"], h0)
+        h2 = apply_block(params["block2"], jnp.tanh(h1))
+        return apply_out(params["out"], h2)
+
+    params = {"in": p_in, "block1": p_block, "block2": p_block, "out": p_out}
+    x = jax.random.normal(key, (4, 3))
+    g = js.trace(resnet, params, x)
+    s = g.slice("h0", "h1")  # across the first residual block: the skip is inside
+    h0 = g.value("h0")
+    check_slice(s, (h0,), lambda h: apply_block(p_block, h))
+    allclose(
+        jax.jacfwd(s)(h0),
+        jax.jacfwd(lambda h: apply_block(p_block, h))(h0),
+        rtol=RTOL,
+    )
+    # h1 -> out: two blocks' worth of work, block 2's parameters held fixed
+    check_slice(
+        g.slice("h1", "out"),
+        (g.value("h1"),),
+        lambda h: apply_out(p_out, apply_block(p_block, jnp.tanh(h))),
+    )
