@@ -87,6 +87,25 @@ def rebuild_custom_rule(fn: Any, fun: Any) -> Any:
     return fn
 
 
+def rejit(fn: Any, fun: Any) -> Any:
+    """``jax.jit(fun)`` with the options ``fn`` (a ``jax.jit``-ed function) was made with."""
+    info = getattr(fn, "_jit_info", None)
+    if info is None:
+        return jax.jit(fun)
+    options: dict[str, Any] = {
+        "static_argnums": info.static_argnums,
+        "static_argnames": info.static_argnames,
+        "keep_unused": info.keep_unused,
+        "inline": info.inline,
+    }
+    for kind in ("in", "out"):
+        leaves = getattr(info, f"{kind}_shardings_leaves")
+        if any(type(leaf).__name__ != "UnspecifiedValue" for leaf in leaves):
+            treedef = getattr(info, f"{kind}_shardings_treedef")
+            options[f"{kind}_shardings"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.jit(fun, **options)
+
+
 def tag_name(eqn: JaxprEqn) -> str:
     """The name a ``checkpoint_name``/``js.tag`` equation gives its operand."""
     return str(eqn.params["name"])

@@ -12,8 +12,8 @@ Which calls open a frame: calls of anything that is not JAX itself, numpy or a
 builtin: user functions, methods (``self.l1(x)`` is the call ``l1``), callable
 objects (``nn.Dense(4)(x)`` is ``Dense``), library modules. Only *user code* (a
 function whose file is not in site-packages or the standard library) is rewritten,
-so names reach inside user functions, ``jax.jit``-ed user functions (run without their
-jit boundary, which inlining would drop anyway), and user ``custom_jvp``/``custom_vjp``
+so names reach inside user functions, ``jax.jit``-ed user functions (jitted again around
+the rewritten body with the same options) and user ``custom_jvp``/``custom_vjp``
 functions (rebuilt around the rewritten body with the same rules). Library code
 (Flax, Haiku, Equinox internals) runs untouched inside its frame; its values are
 named by scopes instead.
@@ -255,7 +255,8 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         return instrument(fn)
     wrapped = getattr(fn, "__wrapped__", None)
     if hasattr(fn, "lower") and _is_user_function(wrapped):  # a jax.jit-ed user function
-        return instrument(wrapped)
+        body, reason = instrument(wrapped)
+        return C.rejit(fn, body), reason
     if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
         body, reason = instrument(fn.fun)
         return C.rebuild_custom_rule(fn, body), reason

@@ -1,5 +1,7 @@
 """Calls: call-qualified names, and custom rules that survive unless a slice cuts inside."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -118,7 +120,10 @@ def test_user_jit_functions_are_named_per_call():
     ref = js.trace(mlp_12782, *args).slice("z1", "z2")
     z1 = g.value("z1")
     allclose(jax.jvp(s, (z1,), (jnp.ones(4),)), jax.jvp(ref, (z1,), (jnp.ones(4),)))
-    check_slice(s, (z1,), lambda z: jnp.tanh(jnp.dot(args[2][0], z) + args[2][1]), eqns=3)
+    assert [e.primitive.name for e in s.jaxpr.eqns] == ["jit"]  # the call is kept whole
+    check_slice(s, (z1,), lambda z: jnp.tanh(jnp.dot(args[2][0], z) + args[2][1]), eqns=1)
+    inside = g.slice("layer#1/pre", "layer#2/pre")  # cuts inside two calls: both inlined
+    assert "jit" not in [e.primitive.name for e in inside.jaxpr.eqns]
 
 
 def helper(x, w):
@@ -156,3 +161,31 @@ def test_call_qualified_names_compose():
         g["block/part/helper/h"]
     s = g.slice("block/part#0", "block/part#1/helper/h")
     check_slice(s, (g.value("block/a"),), lambda a: jnp.sin(a) * 3.0, eqns=2)
+
+
+def test_static_jit_and_remat_user_functions_are_calls():
+    @functools.partial(jax.jit, static_argnums=1)
+    def power(x, n):
+        y = x
+        for _ in range(n):
+            y = y * x
+        return y
+
+    @jax.checkpoint
+    def block(h):
+        inner = jnp.sin(h)
+        return inner * 2.0
+
+    def f(x):
+        a = power(x, 2)
+        b = block(a)
+        return b
+
+    x = jnp.array([0.5, 1.0, 2.0])
+    g = js.trace(f, x)
+    assert g["power/y#2"] is g["a"] and g["power/y#0"] is g["x"]
+    assert g["block"] is g["b"]  # remat'd: named as a call, run as it is
+    s = g.slice("a", "b")
+    assert [e.primitive.name for e in s.jaxpr.eqns] == ["remat2"]
+    check_slice(s, (g.value("a"),), lambda a: jnp.sin(a) * 2.0, eqns=1)
+    check_slice(g.slice("x", "power"), (x,), lambda t: t**3)
