@@ -147,6 +147,11 @@ def new_jaxpr(
     return Jaxpr(constvars, invars, outvars, eqns, effects, debug_info)
 
 
+def jaxpr_as_fun(closed: ClosedJaxpr) -> Any:
+    """A Python function that evaluates a closed jaxpr."""
+    return jex_core.jaxpr_as_fun(closed)
+
+
 def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
     """Evaluate a jaxpr; traceable (works on tracers of any transformation)."""
     return jax.core.eval_jaxpr(jaxpr, consts, *args)

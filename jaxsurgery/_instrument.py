@@ -122,22 +122,30 @@ class Recorder:
         self._stack.append(len(self.frames) - 1)
         return self._stack[-1]
 
-    def qualified(self) -> list[tuple[str, Any]]:
+    def qualified(self, alive: Callable[[Any], bool]) -> list[tuple[str, Any]]:
         """``(name, atom)`` pairs, call-qualified, in naming priority order.
 
         Names bound in the traced function come first, then what calls returned
         (outer calls first), then names bound inside calls (outer first). A call made
-        more than once under the same parent is ``label#k``, k in call order.
+        more than once under the same parent is ``label#k``, k in call order, counting
+        only calls that left a value in the program (``alive(atom)``): a body JAX
+        traced twice, or a call that returned no array, takes no number.
         """
+        live = [False] * len(self.frames)
+        for frame, _, atom in (*self.bindings, *self.returns):
+            while frame >= 0 and not live[frame] and alive(atom):
+                live[frame] = True
+                frame = self.frames[frame][1]
         counts: dict[tuple[int, str], int] = {}
-        for label, parent in self.frames:
-            counts[parent, label] = counts.get((parent, label), 0) + 1
+        for (label, parent), ok in zip(self.frames, live):
+            if ok:
+                counts[parent, label] = counts.get((parent, label), 0) + 1
         seen: dict[tuple[int, str], int] = {}
         paths: list[str] = []
         depths: list[int] = []
-        for label, parent in self.frames:
-            k = seen[parent, label] = seen.get((parent, label), -1) + 1
-            own = label if counts[parent, label] == 1 else f"{label}#{k}"
+        for (label, parent), ok in zip(self.frames, live):
+            k = seen[parent, label] = seen.get((parent, label), -1) + ok
+            own = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
             paths.append(own if parent < 0 else f"{paths[parent]}/{own}")
             depths.append(0 if parent < 0 else depths[parent] + 1)
         top = [(name, atom) for frame, name, atom in self.bindings if frame < 0]
@@ -187,7 +195,12 @@ def _mark(name: str, value: Any) -> None:
 def _call(label: str | None, fn: Any) -> Any:
     """``fn``, or a wrapper that runs it (rewritten if user code) inside a frame."""
     recorder = _current()
-    if recorder is None or _is_jax_or_builtin(fn):
+    if recorder is None:
+        return fn
+    bodies = _control_flow_bodies().get(id(fn))
+    if bodies is not None:
+        return _with_named_bodies(fn, bodies)
+    if _is_jax_or_builtin(fn):
         return fn
     target, _ = rewritten(fn)
     name = recorder.label(label, fn)
@@ -200,6 +213,40 @@ def _call(label: str | None, fn: Any) -> Any:
         finally:
             recorder.leave(frame, out)
         return out
+
+    return run
+
+
+@functools.cache
+def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
+    """``lax`` control-flow functions and their function arguments (position, name)."""
+    lax = jax.lax
+    return {
+        id(lax.scan): ((0, "f"),),
+        id(lax.map): ((0, "f"),),
+        id(lax.fori_loop): ((2, "body_fun"),),
+        id(lax.while_loop): ((0, "cond_fun"), (1, "body_fun")),
+        id(lax.cond): ((1, "true_fun"), (2, "false_fun")),
+        id(lax.switch): ((1, "branches"),),
+    }
+
+
+def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...]) -> Any:
+    """``fn`` (a lax loop or conditional) with its function arguments run in frames."""
+
+    def frame(body: Any) -> Any:
+        if isinstance(body, (list, tuple)):  # switch's branches
+            return type(body)(frame(b) for b in body)
+        return _call(None, body) if callable(body) else body
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        args = list(args)
+        for pos, name in bodies:
+            if pos < len(args):
+                args[pos] = frame(args[pos])
+            elif name in kwargs:
+                kwargs[name] = frame(kwargs[name])
+        return fn(*args, **kwargs)
 
     return run
 

@@ -70,8 +70,14 @@ def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[i
                 names.setdefault(vs[0], []).append(name)
             continue
         for k, var in enumerate(vs):
-            names.setdefault(var, []).extend((f"{name}#{k}", name))
+            names.setdefault(var, []).extend((_numbered(name, k), name))
     return names
+
+
+def _numbered(name: str, k: int) -> str:
+    """``h#k``, with the ``#k`` before an iteration suffix: ``step/h#1@3``."""
+    base, at, iterations = name.partition("@")
+    return f"{base}#{k}{at}{iterations}"
 
 
 def assign_names(

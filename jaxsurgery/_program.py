@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _compat as C
+from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES, ControlFlow
 
 
 class Program:
@@ -32,15 +34,15 @@ class Program:
         users: per var, the equations that read it, in program order.
         outputs: var indices of the program outputs.
         tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order.
-        origin: ``id(original var) -> [var index, ...]``: where each var of the
-            traced (nested) jaxpr ended up; a var of a call traced once and
-            called k times has k entries.
+        origin: ``id(original var) -> [(var index, iterations), ...]``: where each var
+            of the traced (nested) jaxpr ended up; a var of a loop body has one entry
+            per iteration, with the iteration numbers of the enclosing unrolled loops.
         regions: the inlined calls (``jit``, ``custom_jvp``, ``remat``, ...) as
             :class:`Region` s, outermost first.
     """
 
-    def __init__(self, closed: C.ClosedJaxpr):
-        inliner = _Inliner()
+    def __init__(self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None):
+        inliner = _Inliner(flat_args)
         self.jaxpr, self.consts = inliner.run(closed)
         self.tags: list[tuple[int, str]] = []
         jaxpr = self.jaxpr
@@ -67,9 +69,11 @@ class Program:
                 self.users[i].append(e)
         self.outputs = [index[v] for v in jaxpr.outvars]
         self.tags = [(index[v], name) for v, name in inliner.tags]
-        self.origin: dict[int, list[int]] = {
-            k: [index[v] for v in vs if v in index] for k, vs in inliner.origin.items()
+        self.origin: dict[int, list[tuple[int, tuple[int, ...]]]] = {
+            k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
+        self.notes = inliner.notes
+        self.opaque_loops = inliner.opaque_loops
         # calls that produced equations, outermost first (by start, then by size)
         self.regions = sorted(
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
@@ -155,12 +159,13 @@ class Region:
     the original call equation (its params still hold the body and any custom rule).
     """
 
-    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info")
+    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info", "cut_note")
 
     def __init__(self, start: int, eqn: C.JaxprEqn, ins: list[Any], source_info: Any):
         self.start, self.end, self.eqn, self.ins = start, start, eqn, ins
         self.outs: list[Any] = []
         self.source_info = source_info
+        self.cut_note: str | None = None  # what a slice cutting inside must be told
 
     @property
     def primitive(self) -> str:
@@ -183,21 +188,25 @@ class Region:
         )
 
 
-class _Inliner:
-    """Copies a closed jaxpr into one flat jaxpr, inlining plain calls."""
+class _Inliner(ControlFlow):
+    """Copies a closed jaxpr into one flat jaxpr, inlining calls and control flow."""
 
-    def __init__(self) -> None:
+    def __init__(self, flat_args: Sequence[Any] | None = None) -> None:
+        self.flat_args = flat_args
+        self.notes: list[str] = []
+        self.iteration: list[int] = []
+        self.opaque_loops: list[C.JaxprEqn] = []
         self.eqns: list[C.JaxprEqn] = []
         self.constvars: list[C.Var] = []
         self.consts: list[Any] = []
         self.tags: list[tuple[C.Var, str]] = []
-        self.origin: dict[int, list[C.Var]] = {}
+        self.origin: dict[int, list[tuple[C.Var, tuple[int, ...]]]] = {}
         self.regions: list[Region] = []
 
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
         env: dict[Any, Any] = {}
-        invars = [self._fresh(v, env) for v in jaxpr.invars]
+        invars = self._invars = [self._fresh(v, env) for v in jaxpr.invars]
         self._bind_consts(jaxpr.constvars, closed.consts, env)
         self._copy(jaxpr, env, None)
         outvars = []
@@ -211,13 +220,32 @@ class _Inliner:
     def _fresh(self, v: C.Var, env: dict) -> C.Var:
         new = C.Var(v.aval)
         env[v] = new
-        self.origin.setdefault(id(v), []).append(new)
+        self.origin.setdefault(id(v), []).append((new, tuple(self.iteration)))
         return new
+
+    def _inline(self, closed: C.ClosedJaxpr, atoms: Sequence[Any], source_info: Any) -> list[Any]:
+        """Copy a closed jaxpr's equations reading ``atoms``; its results as flat atoms."""
+        inner_env: dict[Any, Any] = {}
+        for v, a in zip(closed.jaxpr.invars, atoms):
+            self._alias(v, a, inner_env)
+        self._bind_consts(closed.jaxpr.constvars, closed.consts, inner_env)
+        self._copy(closed.jaxpr, inner_env, source_info)
+        return [self._read(a, inner_env) for a in closed.jaxpr.outvars]
+
+    def _values(self, atoms: Sequence[Any]) -> list[Any] | None:
+        """Concrete values of flat atoms from the traced arguments (None if abstract)."""
+        if self.flat_args is None:
+            return None
+        targets = [a for a in atoms if isinstance(a, C.Var)]
+        jaxpr = C.new_jaxpr(self.constvars, self._invars, targets, list(self.eqns))
+        with jax.ensure_compile_time_eval():
+            found = dict(zip(targets, C.eval_jaxpr(jaxpr, self.consts, *self.flat_args)))
+        return [a.val if isinstance(a, C.Literal) else found[a] for a in atoms]
 
     def _alias(self, v: C.Var, atom: Any, env: dict) -> None:
         env[v] = atom
         if isinstance(atom, C.Var):
-            self.origin.setdefault(id(v), []).append(atom)
+            self.origin.setdefault(id(v), []).append((atom, tuple(self.iteration)))
 
     def _new_const(self, value: Any, aval: Any) -> C.Var:
         var = C.Var(aval)
@@ -228,7 +256,7 @@ class _Inliner:
     def _bind_consts(self, constvars: Sequence[C.Var], values: Sequence[Any], env: dict) -> None:
         for v, value in zip(constvars, values):
             env[v] = self._new_const(value, v.aval)
-            self.origin.setdefault(id(v), []).append(env[v])
+            self.origin.setdefault(id(v), []).append((env[v], tuple(self.iteration)))
 
     @staticmethod
     def _read(a: Any, env: dict) -> Any:
@@ -241,18 +269,16 @@ class _Inliner:
             )
             invars = [self._read(a, env) for a in eqn.invars]
             name = eqn.primitive.name
+            outs = None
             if name in C.CALL_PRIMITIVES and _inlinable(eqn):
-                inner = C.called_jaxpr(eqn)
                 region = Region(len(self.eqns), eqn, invars, source_info)
                 self.regions.append(region)
-                inner_env: dict[Any, Any] = {}
-                for v, a in zip(inner.jaxpr.invars, invars):
-                    self._alias(v, a, inner_env)
-                self._bind_consts(inner.jaxpr.constvars, inner.consts, inner_env)
-                self._copy(inner.jaxpr, inner_env, source_info)
-                region.outs = [self._read(a, inner_env) for a in inner.jaxpr.outvars]
+                outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info)
                 region.end = len(self.eqns)
-                for out, a in zip(eqn.outvars, region.outs):
+            elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
+                outs = self._control_flow(eqn, invars, source_info)
+            if outs is not None:
+                for out, a in zip(eqn.outvars, outs):
                     if not isinstance(out, C.DropVar):
                         self._alias(out, a, env)
                 continue

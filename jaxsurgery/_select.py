@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ._errors import SelectionError, did_you_mean, short_list
+from ._errors import SelectionError, SliceError, did_you_mean, short_list
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -228,6 +228,13 @@ def _is_fallback(name: str) -> bool:
 
 
 def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
+    if word is not None and "@" in word and graph._program.opaque_loops:
+        raise SliceError(
+            f"{label} names a value inside a loop iteration, but the graph's while_loop "
+            "could not be unrolled: its trip count depends on values and the graph was "
+            "traced with abstract arguments (jax.ShapeDtypeStruct); trace with concrete "
+            "arrays, or use lax.fori_loop/lax.scan with a static trip count"
+        )
     hint = ""
     if word is not None:
         fallback = word.startswith("%") or ":" in word  # only suggest %i names for %i words

@@ -67,30 +67,43 @@ class Window:
                     if o not in inputs and o not in reached:
                         reached.add(o)
                         stack.append(o)
+        self.program, self.inputs, self.reached = program, inputs, reached
+        self.eqn_set: set[int] = set()
         # Backward: ancestors of the outputs (and of effects) among reached vars.
-        eqns: set[int] = set()
         roots = [o for o in outs if o in reached and o not in inputs]
         last = max((producer[o] for o in roots), default=-1)
         effects = [e for e in forward if e <= last and program.jaxpr.eqns[e].effects]
-        roots += [i for e in effects for i in eqn_in[e] if i in reached and i not in inputs]
-        eqns.update(effects)
-        seen = set(roots)
-        while roots:
-            e = producer[roots.pop()]
-            if e in eqns:
-                continue
-            eqns.add(e)
-            for i in eqn_in[e]:
-                if i in reached and i not in inputs and i not in seen:
-                    seen.add(i)
-                    roots.append(i)
-        self.eqns = sorted(eqns)
-        self.reached = reached
-        read = {i for e in self.eqns for i in eqn_in[e]}
+        self.eqn_set.update(effects)
+        self.grow([*roots, *(i for e in effects for i in eqn_in[e])])
+        read = {i for e in self.eqn_set for i in eqn_in[e]}
         self.used_inputs = (read & inputs) | (inputs & set(outs))
         self.shielded = {
             i for i in inputs - self.used_inputs if _reaches(program, i, set(outs), limit)
         }
+
+    @property
+    def eqns(self) -> list[int]:
+        return sorted(self.eqn_set)
+
+    def grow(self, roots: Sequence[int]) -> None:
+        """Add the equations computing ``roots`` from the inputs (within reached vars)."""
+        producer, eqn_in, reached, inputs = (
+            self.program.producer,
+            self.program.eqn_in,
+            self.reached,
+            self.inputs,
+        )
+        stack = [r for r in roots if r in reached and r not in inputs]
+        seen = set(stack)
+        while stack:
+            e = producer[stack.pop()]
+            if e in self.eqn_set:
+                continue
+            self.eqn_set.add(e)
+            for i in eqn_in[e]:
+                if i in reached and i not in inputs and i not in seen:
+                    seen.add(i)
+                    stack.append(i)
 
 
 def _reaches(program: Any, start: int, targets: set[int], limit: int) -> bool:
@@ -109,16 +122,28 @@ def _reaches(program: Any, start: int, targets: set[int], limit: int) -> bool:
     return False
 
 
-def assemble(program: Any, eqns: Sequence[int], ins: Sequence[int], outs: Sequence[int]):
+def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[int]):
     """The window's equations with every call it does not cut through folded back.
 
-    A call (``jit``, ``custom_jvp``, ``remat``, ...) is cut when a slice input or
-    output is a value made inside it; then its body stays inlined and, for a custom
-    rule, a note says the rule is bypassed. Otherwise its equations in the window are
-    replaced by the original call equation, so its rule survives.
+    A call (``jit``, ``custom_jvp``, ``remat``, a loop, a ``cond``) is cut when a slice
+    input or output is a value made inside it; then its body stays inlined and a note
+    says what that means (a custom rule bypassed, a traced trip count or branch fixed).
+    Otherwise its equations in the window are replaced by the original equation, so
+    its rule survives and a loop stays a loop. A folded equation reads all its
+    operands, so the window grows to compute those that depend on the inputs (a
+    ``cond``'s predicate, say) before the fold is final.
 
     Returns ``(equations, context var indices, notes)``.
     """
+    while True:
+        result, context, notes = _fold(program, window.eqn_set, ins, outs)
+        missing = [i for i in context if i in window.reached]
+        if not missing:
+            return result, context, notes
+        window.grow(missing)
+
+
+def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int]):
     chosen = set(eqns)
     boundary = set(ins) | set(outs)
     folded: dict[int, Any] = {}  # start equation -> folded call equation
@@ -138,6 +163,8 @@ def assemble(program: Any, eqns: Sequence[int], ins: Sequence[int], outs: Sequen
                     f"the slice cuts inside the {region.primitive} call {region.name!r}: its "
                     "custom derivative rule is bypassed and its primal body is differentiated"
                 )
+            elif region.cut_note:
+                notes.append(f"the slice cuts inside a {region.primitive}: {region.cut_note}")
             continue
         chosen.difference_update(window)
         folded[region.start] = region.folded()
@@ -213,7 +240,7 @@ class Slice:
             for v in in_vars
             if v.index not in window.used_inputs and v.index not in window.shielded
         ]
-        eqns, context, cut_notes = assemble(program, window.eqns, ins, outs)
+        eqns, context, cut_notes = assemble(program, window, ins, outs)
         notes = tuple(
             f"input {v.name!r} reaches the outputs only through other inputs: its "
             "derivative is zero"

@@ -71,10 +71,12 @@ def trace(
 
     with recorder:
         closed = C.make_jaxpr(flat_fn, *leaves)
-    program = Program(closed)
+    program = Program(closed, leaves if concrete else None)
     primitives = _primitives(program)
     bindings = [
-        (name, i) for name, atom in recorder.qualified() for i in program.origin.get(id(atom), ())
+        (name + "".join(f"@{t}" for t in its), i)
+        for name, atom in recorder.qualified(lambda atom: bool(program.origin.get(id(atom))))
+        for i, its in program.origin.get(id(atom), ())
     ]
     names = assign_names(
         len(program.vars),
@@ -86,6 +88,7 @@ def trace(
         *scope_names(program),
     )
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    notes += program.notes
     title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"
     return Graph(
         program,

@@ -1,0 +1,187 @@
+"""Control flow in the flat program: loops unrolled per iteration, the taken branch inlined.
+
+So that values inside ``scan``/``fori_loop``/``while_loop`` bodies and ``cond`` branches
+are vars like any other (named ``body/h@3`` for iteration 3, see
+:mod:`jaxsurgery._names`), the flat program inlines them:
+
+* ``scan`` (and ``fori_loop`` with static bounds, which is a scan): the body once per
+  iteration, with ``xs[t]`` sliced and the ``ys`` stacked by small helper jaxprs;
+* ``while_loop``: the body once per trip, the trip count found by running the loop on
+  the traced concrete values (with abstract inputs the loop stays one equation);
+* ``cond``/``switch``: the branch taken for the traced concrete values.
+
+Each stays a :class:`~jaxsurgery._program.Region`: a slice that takes the whole loop or
+conditional as a unit folds it back into the original equation (it stays a loop, and
+works for any trip count or predicate); a slice that cuts inside keeps only the
+iterations it needs, and its ``notes`` say it is valid for the traced trip count or
+branch.
+
+Sharp edges:
+    * a loop whose unrolled size (length × body equations) passes
+      :data:`UNROLL_LIMIT`, or a ``while_loop`` of more than :data:`MAX_TRIPS` trips,
+      stays one equation, and ``Graph.notes`` says so;
+    * finding a ``while_loop``'s trip count or a ``cond``'s branch evaluates the
+      program up to it once, at trace time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _compat as C
+
+#: Loops larger than this many unrolled equations stay one equation.
+UNROLL_LIMIT = 200_000
+#: A while_loop running more trips than this stays one equation.
+MAX_TRIPS = 10_000
+
+LOOP_PRIMITIVES = frozenset({"scan", "while"})
+BRANCH_PRIMITIVES = frozenset({"cond"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_jaxpr(shape: tuple[int, ...], dtype: Any, t: int) -> C.ClosedJaxpr:
+    spec = jax.ShapeDtypeStruct(shape, dtype)
+    return C.make_jaxpr(lambda a: jax.lax.index_in_dim(a, t, 0, keepdims=False), spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stack_jaxpr(shape: tuple[int, ...], dtype: Any, n: int) -> C.ClosedJaxpr:
+    spec = jax.ShapeDtypeStruct(shape, dtype)
+    return C.make_jaxpr(lambda *a: jnp.stack(a), *([spec] * n))
+
+
+class ControlFlow:
+    """The control-flow part of the inliner (mixed into ``_program._Inliner``).
+
+    Uses from its host: ``eqns``, ``regions``, ``notes``, ``opaque_loops``,
+    ``iteration`` (the stack of enclosing iteration numbers),
+    ``_inline(closed, atoms, source_info)`` and ``_values(atoms)`` (concrete values, or
+    None when the trace is abstract).
+    """
+
+    def _control_flow(
+        self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any
+    ) -> list[Any] | None:
+        """Flat atoms of the results, or None to keep the equation as it is."""
+        from ._program import Region
+
+        name = eqn.primitive.name
+        start, notes_before = len(self.eqns), len(self.notes)
+        region = Region(start, eqn, invars, source_info)
+        self.regions.append(region)
+        if name == "scan":
+            outs = self._scan(eqn, invars, source_info)
+        elif name == "while":
+            outs = self._while(eqn, invars, source_info)
+        else:
+            outs = self._cond(eqn, invars, source_info)
+        if outs is None:
+            self.regions.remove(region)
+            del self.eqns[start:]
+            del self.notes[notes_before + 1 :]
+            return None
+        region.outs, region.end = outs, len(self.eqns)
+        return outs
+
+    def _scan(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+        p = eqn.params
+        body, length = p["jaxpr"], p["length"]
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        if length * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT or length == 0:
+            self.notes.append(
+                f"a scan of length {length} stays one equation (unrolled it would pass "
+                f"{UNROLL_LIMIT} equations); its body values are not listed"
+            )
+            return None
+        consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]
+        xs = invars[n_consts + n_carry :]
+        ys: list[list[Any]] = []
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        for t in order:
+            x_t = [self._index(x, t, source_info) for x in xs]
+            self.iteration.append(t)
+            outs = self._inline(body, [*consts, *carry, *x_t], source_info)
+            self.iteration.pop()
+            carry, y = outs[:n_carry], outs[n_carry:]
+            ys.append(y)
+        if p["reverse"]:
+            ys.reverse()
+        stacked = [
+            self._stack([y[i] for y in ys], v.aval, source_info)
+            for i, v in enumerate(eqn.outvars[n_carry:])
+        ]
+        return [*carry, *stacked]
+
+    def _while(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+        p = eqn.params
+        cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+        n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+        cond_consts, body_consts = invars[:n_cond], invars[n_cond : n_cond + n_body]
+        carry = invars[n_cond + n_body :]
+        values = self._values([*cond_consts, *body_consts, *carry])
+        if values is None:
+            self.notes.append(
+                "a while_loop stays one equation: its trip count depends on values, and "
+                "the graph was traced with abstract arguments; trace with concrete "
+                "arrays to select values inside it"
+            )
+            self.opaque_loops.append(eqn)
+            return None
+        trips = _count_trips(
+            cond, body, values[:n_cond], values[n_cond : n_cond + n_body], values[n_cond + n_body :]
+        )
+        if trips is None or trips * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT:
+            self.notes.append(
+                f"a while_loop stays one equation: it runs more than {MAX_TRIPS} trips or "
+                f"would unroll past {UNROLL_LIMIT} equations"
+            )
+            return None
+        for t in range(trips):
+            self.iteration.append(t)
+            carry = self._inline(body, [*body_consts, *carry], source_info)
+            self.iteration.pop()
+        self.regions[-1].cut_note = f"it runs the loop's {trips} traced trips whatever the values"
+        return carry
+
+    def _cond(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+        branches = eqn.params["branches"]
+        values = self._values(invars[:1])
+        if values is None:
+            return None
+        taken = int(np.clip(np.asarray(values[0]), 0, len(branches) - 1))
+        region = self.regions[-1]
+        outs = self._inline(branches[taken], invars[1:], source_info)
+        region.cut_note = (
+            f"it computes branch {taken} (the one taken when traced) whatever the predicate"
+        )
+        return outs
+
+    def _index(self, x: Any, t: int, source_info: Any) -> Any:
+        shape = tuple(x.aval.shape)
+        return self._inline(_index_jaxpr(shape, x.aval.dtype, t), [x], source_info)[0]
+
+    def _stack(self, atoms: Sequence[Any], aval: Any, source_info: Any) -> Any:
+        shape = tuple(aval.shape[1:])
+        return self._inline(_stack_jaxpr(shape, aval.dtype, len(atoms)), list(atoms), source_info)[
+            0
+        ]
+
+
+def _count_trips(
+    cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list
+) -> int | None:
+    """How many times a while_loop runs from concrete values (None past MAX_TRIPS)."""
+    cond_fn, body_fn = C.jaxpr_as_fun(cond), C.jaxpr_as_fun(body)
+    with jax.ensure_compile_time_eval():
+        for trips in range(MAX_TRIPS + 1):
+            if not bool(cond_fn(*cond_consts, *carry)[0]):
+                return trips
+            carry = body_fn(*body_consts, *carry)
+    return None

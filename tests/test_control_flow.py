@@ -1,0 +1,198 @@
+"""Loops and conditionals: values per iteration ("body/h@3"), slices that unroll only
+what they need, and loops kept whole when a slice takes them as a unit."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, check_slice
+
+import jaxsurgery as js
+
+
+# -- a GRU RNN over 20 steps with lax.scan (as in Equinox's RNN example) -----------------------
+def rnn(cell, h0, xs):
+    def step(h, x):
+        h_new = cell(x, h)
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h0, xs)
+    return h_last
+
+
+def test_gru_rnn_jacobian_across_steps(key):
+    cell = eqx.nn.GRUCell(3, 4, key=key)
+    xs = jax.random.normal(jax.random.key(1), (20, 3))
+    h0 = jax.random.normal(jax.random.key(2), (4,))
+    g = js.trace(rnn, cell, h0, xs)
+    # step/h@t is the carry entering step t: h_t, the state after t steps
+    assert g["step/h@5"] is g["step/h_new@4"]
+    assert len(g.select("step/h_new@*")) == 20
+    assert g["h_last"] is g["step/h_new@19"]
+
+    def unrolled(h5):  # the reference: the loop from step 5 on, unrolled by hand
+        h = h5
+        for t in range(5, 20):
+            h = cell(xs[t], h)
+        return h
+
+    h5 = g.value("step/h@5")
+    jac = g.jacobian("step/h@5", "h_last")  # ∂h_20/∂h_5
+    allclose(jac, jax.jacfwd(unrolled)(h5), rtol=1e-4)
+    s = g.slice("step/h@5", "h_last")
+    assert "scan" not in [e.primitive.name for e in s.jaxpr.eqns]  # unrolled: steps 5..19 only
+    one_step = len(g.slice("step/h@5", "step/h_new@5").jaxpr.eqns)
+    assert len(s.jaxpr.eqns) == 15 * one_step
+    check_slice(s, (h5,), unrolled)
+
+
+def test_a_slice_over_the_whole_loop_keeps_it_a_loop(key):
+    cell = eqx.nn.GRUCell(3, 4, key=key)
+    xs = jax.random.normal(jax.random.key(1), (20, 3))
+    g = js.trace(rnn, cell, jnp.zeros(4), xs)
+    s = g.slice("h0", "h_last")
+    assert [e.primitive.name for e in s.jaxpr.eqns] == ["scan"]
+    check_slice(s, (jnp.zeros(4),), lambda h0: rnn(cell, h0, xs))
+    # and it is still a loop over the sequence when the sequence is the input
+    s2 = g.slice("xs", "h_last")
+    assert [e.primitive.name for e in s2.jaxpr.eqns] == ["scan"]
+    check_slice(s2, (xs,), lambda xs: rnn(cell, jnp.zeros(4), xs))
+
+
+# -- scan over 12 layers with stacked parameters ------------------------------------------------
+def scanned_mlp(params, x):
+    def layer(h, p):
+        w, b = p
+        out = jnp.tanh(h @ w + b)
+        return out, None
+
+    h, _ = jax.lax.scan(layer, x, params)
+    return h
+
+
+def test_scan_over_layers_slice_takes_only_its_layers(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = (jax.random.normal(k1, (12, 6, 6)) / 2.0, jax.random.normal(k2, (12, 6)))
+    x = jax.random.normal(k3, (2, 6))
+    g = js.trace(scanned_mlp, params, x)
+    # the output of layer 3 (1-based) is the input of iteration 3; the output of layer 7
+    # is iteration 6's output: four layers of work, iterations 3, 4, 5 and 6
+    s = g.slice("layer/h@3", "layer/out@6")
+    assert sum(e.primitive.name == "dot_general" for e in s.jaxpr.eqns) == 4
+    assert sum(e.primitive.name == "tanh" for e in s.jaxpr.eqns) == 4
+
+    def layers_4_to_7(h):
+        for t in range(3, 7):
+            h = jnp.tanh(h @ params[0][t] + params[1][t])
+        return h
+
+    check_slice(s, (g.value("layer/h@3"),), layers_4_to_7)
+    # the stacked weights are context: dout/dW for one layer is a slice from the params
+    w6 = g.select("layer/w@6").one()
+    check_slice(
+        g.slice(w6, "layer/out@6"),
+        (params[0][6],),
+        lambda w: jnp.tanh(g.value("layer/h@6") @ w + params[1][6]),
+    )
+
+
+# -- fori_loop, while_loop, cond --------------------------------------------------------------
+def fori(x):
+    def body(i, h):
+        h_next = jnp.sin(h) * (i + 1.0)
+        return h_next
+
+    y = jax.lax.fori_loop(0, 8, body, x)
+    return y
+
+
+def test_fori_loop_slice():
+    x = jnp.array([0.1, 0.2, 0.3])
+    g = js.trace(fori, x)
+    s = g.slice("body/h@2", "body/h_next@5")
+
+    def reference(h):
+        for i in range(2, 6):
+            h = jnp.sin(h) * (i + 1.0)
+        return h
+
+    check_slice(s, (g.value("body/h@2"),), reference)
+    assert g.slice("x", "y").jaxpr.eqns[0].primitive.name == "scan"
+
+
+def fixed_point(a):
+    def keep_going(state):
+        x, prev = state
+        return jnp.abs(x - prev) > 1e-4
+
+    def improve(state):
+        x, _ = state
+        x_new = jnp.cos(a * x)
+        return x_new, x
+
+    x_star, _ = jax.lax.while_loop(keep_going, improve, (jnp.cos(a), jnp.zeros_like(a)))
+    return x_star
+
+
+def test_while_loop_fixed_point_slice():
+    a = jnp.array(0.7)
+    g = js.trace(fixed_point, a)
+    trips = len(g.select("improve/x_new@*"))
+    assert trips > 5
+    s = g.slice("improve/x_new@2", "x_star")
+    assert any("while" in n and f"{trips} traced trips" in n for n in s.notes)
+
+    def reference(x):
+        for _ in range(trips - 3):
+            x = jnp.cos(a * x)
+        return x
+
+    check_slice(s, (g.value("improve/x_new@2"),), reference)
+    whole = g.slice("a", "x_star")  # the whole loop: still a while_loop, any trip count
+    assert [e.primitive.name for e in whole.jaxpr.eqns][-1] == "while"
+    allclose(whole(jnp.array(0.3)), fixed_point(jnp.array(0.3)))
+
+
+def test_while_loop_with_abstract_inputs_explains_itself():
+    g = js.trace(fixed_point, jax.ShapeDtypeStruct((), jnp.float32))
+    assert any("while_loop stays one equation" in n for n in g.notes)
+    with pytest.raises(js.SliceError, match=r"inside a loop iteration.*abstract.*fori_loop"):
+        g.slice("improve/x_new@2", "x_star")
+    s = g.slice("a", "x_star").bind(jnp.array(0.7))  # the loop as a unit still works
+    allclose(s(jnp.array(0.7)), fixed_point(jnp.array(0.7)))
+
+
+def branchy(x):
+    def positive(v):
+        doubled = v * 2.0
+        return jnp.sin(doubled)
+
+    def negative(v):
+        shifted = v - 1.0
+        return jnp.cos(shifted)
+
+    pre = x * 3.0
+    y = jax.lax.cond(pre.sum() > 0, positive, negative, pre)
+    return y
+
+
+def test_cond_taken_branch_is_selectable_and_sliced():
+    x = jnp.array([0.5, 1.0])
+    g = js.trace(branchy, x)
+    assert g["positive/doubled"].primitive == "mul"
+    with pytest.raises(js.SelectionError, match="no var named 'negative/shifted'"):
+        g["negative/shifted"]  # not the branch taken for these values
+    s = g.slice("positive/doubled", "y")
+    check_slice(s, (g.value("positive/doubled"),), jnp.sin)
+    s2 = g.slice("pre", "positive/doubled")
+    assert any("branch 1" in n for n in s2.notes)
+    whole = g.slice("pre", "y")  # the cond as a unit: both branches, any predicate
+    assert [e.primitive.name for e in whole.jaxpr.eqns] == [
+        "reduce_sum",  # the predicate depends on the input, so it is recomputed
+        "gt",
+        "convert_element_type",
+        "cond",
+    ]
+    allclose(whole(-jnp.ones(2)), jnp.cos(-jnp.ones(2) - 1.0))
+    h = js.trace(branchy, -x)
+    assert h["negative/shifted"].primitive == "sub"
