@@ -35,6 +35,8 @@ from ._program import Program
 if TYPE_CHECKING:
     import networkx as nx
 
+    from ._grads import GradsFunction
+    from ._match import Match
     from ._select import Selection
     from ._slice import Slice
 
@@ -146,6 +148,7 @@ class Graph:
         flat_args: Sequence[Any] | None,
         title: str,
         notes: Sequence[str] = (),
+        out_tree: Any = None,
     ):
         self._program = program
         self._names = names
@@ -155,6 +158,7 @@ class Graph:
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
         self.notes: tuple[str, ...] = tuple(notes)
+        self._out_tree = out_tree
 
     # -- vars ---------------------------------------------------------------------------
     @property
@@ -282,6 +286,113 @@ class Graph:
         argnums = tuple(range(len(args)))
         result = jac(s, argnums=argnums)(*args)
         return s._from_args_tree(result)
+
+    # -- surgery ------------------------------------------------------------------------------
+    def grads(self, out: Selector, wrt: Selector) -> dict[str, Any]:
+        """``d(sum of out)/d(var)`` for every var in ``wrt``, in ONE backward pass.
+
+        ``wrt`` is a selector or a list/dict of them; the result is a dict keyed by the
+        selector strings as given (a var's canonical name otherwise). For the same
+        gradients with new arguments each step (inside ``jax.jit``), use
+        :meth:`grads_fn`.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x, w):
+            ...     z1 = jnp.sin(x * w)
+            ...     z2 = z1 ** 2
+            ...     return z2.sum()
+            >>> g = js.trace(f, jnp.ones(2), 3.0)
+            >>> sorted(g.grads("out", wrt=["z1", "w"]))
+            ['w', 'z1']
+        """
+        return self.grads_fn(out, wrt).at_flat(self._require_args("g.grads"))
+
+    def grads_fn(self, out: Selector, wrt: Selector) -> GradsFunction:
+        """A function of the traced function's arguments giving :meth:`grads`' dict.
+
+        The perturbed program is built once; the function is traceable, so it runs
+        inside a jitted training step with new parameters every call.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxsurgery as js
+            >>> def loss(w, x):
+            ...     h = jnp.tanh(x @ w)
+            ...     return (h ** 2).mean()
+            >>> g = js.trace(loss, jnp.eye(2), jnp.ones((3, 2)))
+            >>> monitor = jax.jit(g.grads_fn("out", ["h", "w"]))
+            >>> monitor(2 * jnp.eye(2), jnp.ones((3, 2)))["h"].shape
+            (3, 2)
+        """
+        from ._grads import GradsFunction
+
+        return GradsFunction(self, out, wrt)
+
+    def replace(self, selector: Selector, value_or_fn: Any) -> Graph:
+        """A new Graph whose program uses ``value`` (or ``fn(old)``) at the selected var(s).
+
+        Activation patching: every equation after the var, and the outputs, see the new
+        value. The patched var keeps the var's names; the old value stays available as
+        ``<name>.unpatched``. Compose with :meth:`as_function` and ``jax.grad``.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     h = jnp.tanh(x)
+            ...     return (h * 2.0).sum()
+            >>> g = js.trace(f, jnp.ones(3))
+            >>> ablated = g.replace("h", lambda h: h.at[0].set(0.0))
+            >>> float(ablated.as_function()(jnp.ones(3)))
+            3.04...
+        """
+        from ._patch_graph import replace
+
+        return replace(self, selector, value_or_fn)
+
+    def match(self, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
+        """Occurrences of ``pattern_fn``'s computation, by dataflow and primitives.
+
+        ``args`` are example arrays (or ``jax.ShapeDtypeStruct``) for tracing the
+        pattern. Each :class:`~jaxsurgery._match.Match` has ``.inputs``, ``.outputs``
+        and ``.vars`` usable in :meth:`slice`. See :mod:`jaxsurgery._match`.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     return jnp.tanh(jnp.tanh(x * 2.0) * 2.0)
+            >>> g = js.trace(f, jnp.ones(3))
+            >>> [m.inputs[0].index for m in g.match(lambda a: jnp.tanh(a * 2.0), jnp.ones(3))]
+            [0, 2]
+        """
+        from ._match import match
+
+        return match(self, pattern_fn, *args)
+
+    def rewrite(
+        self, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
+    ) -> Graph:
+        """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
+        from ._match import match, rewrite_edits
+        from ._patch_graph import derive
+
+        matches = match(self, pattern_fn, *args)
+        if not matches:
+            raise SliceError(
+                f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
+                "nothing in this graph; check it with g.match(...) first"
+            )
+        return derive(self, rewrite_edits(self, matches, replacement_fn), "rewrite")
+
+    def as_function(self) -> Callable[..., Any]:
+        """The (patched) whole function, with the original signature; jittable."""
+
+        def function(*args: Any, **kwargs: Any) -> Any:
+            flat = self._flatten_args(*args, **kwargs)
+            outs = self._program.evaluate(self._program.outputs, flat)
+            return jax.tree_util.tree_unflatten(self._out_tree, outs)
+
+        function.__name__ = self._title.split("(")[0]
+        return function
 
     # -- views ----------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:

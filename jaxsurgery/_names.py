@@ -46,6 +46,10 @@ class Names:
     aliases: list[tuple[str, ...]]
     lookup: dict[str, list[int]] = field(default_factory=dict)
     by_canonical: dict[str, int] = field(default_factory=dict)
+    #: what ``finalize`` chose from, kept so a derived graph can carry names over
+    candidates: Sequence[Sequence[str]] = ()
+    extras: Sequence[Sequence[str]] = ()
+    protected: set[str] = field(default_factory=set)
 
     def all_names(self) -> list[str]:
         """Every name that selects something, canonical names first."""
@@ -115,11 +119,25 @@ def assign_names(
     for var, name in outputs:
         candidates[var].append(name)
 
-    extras: dict[int, list[str]] = {}
+    extras: list[list[str]] = [[] for _ in range(num_vars)]
     for var, name in extra_aliases:
-        extras.setdefault(var, []).append(name)
+        extras[var].append(name)
+    return finalize(candidates, extras, primitives, set(inputs))
+
+
+def finalize(
+    candidates: Sequence[Sequence[str]],
+    extras: Sequence[Sequence[str]],
+    primitives: Sequence[str],
+    protected: set[str],
+) -> Names:
+    """Choose canonical names from each var's candidates, in order.
+
+    A candidate is canonical unless another var took it already or several vars
+    answer to it (``protected`` names, the inputs', are canonical even then).
+    ``extras`` are aliases that are never canonical.
+    """
     multi = _multi_names(candidates)
-    input_names = set(inputs)
     taken: set[str] = set()
     canonical: list[str] = []
     aliases: list[tuple[str, ...]] = []
@@ -127,17 +145,19 @@ def assign_names(
     for i, cands in enumerate(candidates):
         fallback = f"%{i}"
         chosen = next(
-            (c for c in cands if c not in taken and (c not in multi or c in input_names)), fallback
+            (c for c in cands if c not in taken and (c not in multi or c in protected)), fallback
         )
         taken.add(chosen)
         canonical.append(chosen)
         rest = [c for c in dict.fromkeys(cands) if c != chosen]
         rest += [n for n in (fallback, f"{primitives[i]}:{i}") if n != chosen]
-        rest += extras.get(i, ())
+        rest += extras[i]
         aliases.append(tuple(rest))
         for n in (chosen, *rest):
             lookup.setdefault(n, []).append(i)
-    return Names(canonical, aliases, lookup, {n: i for i, n in enumerate(canonical)})
+    names = Names(canonical, aliases, lookup, {n: i for i, n in enumerate(canonical)})
+    names.candidates, names.extras, names.protected = candidates, extras, protected
+    return names
 
 
 def _multi_names(candidates: Sequence[Sequence[str]]) -> set[str]:

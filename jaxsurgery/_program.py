@@ -43,9 +43,11 @@ class Program:
 
     def __init__(self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None):
         inliner = _Inliner(flat_args)
-        self.jaxpr, self.consts = inliner.run(closed)
-        self.tags: list[tuple[int, str]] = []
-        jaxpr = self.jaxpr
+        self._index(inliner, *inliner.run(closed))
+
+    def _index(self, inliner: _Inliner, jaxpr: C.Jaxpr, consts: list[Any]) -> None:
+        """Build the integer tables of a flat jaxpr the inliner produced."""
+        self.jaxpr, self.consts = jaxpr, consts
         self.vars: list[C.Var] = [*jaxpr.invars, *jaxpr.constvars]
         self.producer: list[int] = [-1] * len(self.vars)
         self.eqn_in: list[tuple[int, ...]] = []
@@ -264,31 +266,33 @@ class _Inliner(ControlFlow):
 
     def _copy(self, jaxpr: C.Jaxpr, env: dict, outer: C.SourceInfo | None) -> None:
         for eqn in jaxpr.eqns:
-            source_info = (
-                eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
-            )
-            invars = [self._read(a, env) for a in eqn.invars]
-            name = eqn.primitive.name
-            outs = None
-            if name in C.CALL_PRIMITIVES and _inlinable(eqn):
-                region = Region(len(self.eqns), eqn, invars, source_info)
-                self.regions.append(region)
-                outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info)
-                region.end = len(self.eqns)
-            elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
-                outs = self._control_flow(eqn, invars, source_info)
-            if outs is not None:
-                for out, a in zip(eqn.outvars, outs):
-                    if not isinstance(out, C.DropVar):
-                        self._alias(out, a, env)
-                continue
-            if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
-                self._alias(eqn.outvars[0], invars[0], env)
-                self.tags.append((invars[0], C.tag_name(eqn)))
-                continue
-            outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
-            self.eqns.append(
-                C.new_jaxpr_eqn(
-                    invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info
-                )
-            )
+            self._copy_eqn(eqn, env, outer)
+
+    def _copy_eqn(self, eqn: C.JaxprEqn, env: dict, outer: C.SourceInfo | None) -> None:
+        """Copy one equation, inlining it when it is a call, loop or conditional."""
+        source_info = (
+            eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
+        )
+        invars = [self._read(a, env) for a in eqn.invars]
+        name = eqn.primitive.name
+        outs = None
+        if name in C.CALL_PRIMITIVES and _inlinable(eqn):
+            region = Region(len(self.eqns), eqn, invars, source_info)
+            self.regions.append(region)
+            outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info)
+            region.end = len(self.eqns)
+        elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
+            outs = self._control_flow(eqn, invars, source_info)
+        if outs is not None:
+            for out, a in zip(eqn.outvars, outs):
+                if not isinstance(out, C.DropVar):
+                    self._alias(out, a, env)
+            return
+        if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
+            self._alias(eqn.outvars[0], invars[0], env)
+            self.tags.append((invars[0], C.tag_name(eqn)))
+            return
+        outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
+        self.eqns.append(
+            C.new_jaxpr_eqn(invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info)
+        )

@@ -97,6 +97,7 @@ def trace(
         leaves if concrete else None,
         title,
         notes,
+        out_info["tree"],
     )
 
 

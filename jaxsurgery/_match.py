@@ -1,0 +1,242 @@
+"""Structural pattern matching and rewriting: ``g.match`` and ``g.rewrite``.
+
+A pattern is a small function, traced like any other. It matches where the graph has
+the same dataflow and primitives, names aside (in the manner of torch.fx's
+``subgraph_rewriter``): each pattern equation maps to a graph equation with the same
+primitive and structural params, operands map to operands (either order for
+commutative primitives such as ``add`` and ``mul``), each pattern input binds one graph
+value, and pattern literals equal graph literals.
+
+Matches are found from the pattern's output backwards, tried at graph equations in
+program order, and kept greedily when they share no equation with an earlier match,
+so the result is deterministic and non-overlapping. A match's internal values (not
+its outputs) must not be read outside it, so every match can be cut out or rewritten.
+
+Sharp edge: params that carry shapes (``broadcast_in_dim``'s ``shape``, ``reshape``'s
+``new_sizes``) must agree, so trace the pattern with arrays shaped like the target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _compat as C
+from ._errors import SliceError
+from ._patch import Edit
+
+if TYPE_CHECKING:
+    from ._graph import Graph, Var
+    from ._program import Program
+
+#: Primitives whose two operands may be swapped.
+COMMUTATIVE = frozenset({"add", "add_any", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
+#: Params that do not change what an equation computes structurally.
+INCIDENTAL_PARAMS = frozenset(
+    {"precision", "preferred_element_type", "out_sharding", "sharding", "accuracy"}
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One occurrence of a pattern.
+
+    Attributes:
+        inputs: the graph vars bound to the pattern's inputs, in the pattern's order.
+        outputs: the graph vars that correspond to the pattern's outputs.
+        vars: every graph var the matched equations write, in program order.
+    """
+
+    inputs: tuple[Var, ...]
+    outputs: tuple[Var, ...]
+    vars: tuple[Var, ...]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(v.name for v in self.inputs)
+        outs = ", ".join(v.name for v in self.outputs)
+        return f"Match({ins} ↦ {outs}: {len(self.vars)} vars)"
+
+
+def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
+    """See :meth:`Graph.match`."""
+    from ._trace import trace
+
+    pattern = trace(pattern_fn, *args)._program
+    if not pattern.jaxpr.eqns:
+        raise SliceError("the pattern computes nothing: it has no equations to match")
+    target = graph._program
+    anchor = pattern.producer[pattern.outputs[0]]
+    found: list[Match] = []
+    used: set[int] = set()
+    for e, eqn in enumerate(target.jaxpr.eqns):
+        if eqn.primitive != pattern.jaxpr.eqns[anchor].primitive:
+            continue
+        state = _Matcher(pattern, target).run(e)
+        if state is None or used & set(state.eqn_map.values()):
+            continue
+        used.update(state.eqn_map.values())
+        found.append(_as_match(graph, pattern, state))
+    return tuple(found)
+
+
+def rewrite_edits(
+    graph: Graph, matches: tuple[Match, ...], replacement_fn: Callable[..., Any]
+) -> list[Edit]:
+    """Edits replacing each match's output by ``replacement_fn(*match.inputs)``."""
+    edits = []
+    for m in matches:
+        if len(m.outputs) != 1:
+            raise SliceError(
+                f"rewrite replaces one output per match; {m!r} has {len(m.outputs)}: "
+                "use a pattern with one output"
+            )
+        specs = [jax_spec(v) for v in m.inputs]
+        closed = C.make_jaxpr(replacement_fn, *specs)
+        out, want = closed.out_avals, m.outputs[0]
+        if len(out) != 1 or tuple(out[0].shape) != want.shape or out[0].dtype != want.dtype:
+            got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
+            raise SliceError(
+                f"the replacement must give {want.dtype}{list(want.shape)} like the "
+                f"pattern's output {want.name!r}, got {got}"
+            )
+        edits.append(Edit(want.index, closed, tuple(v.index for v in m.inputs)))
+    return edits
+
+
+def jax_spec(v: Var) -> Any:
+    import jax
+
+    return jax.ShapeDtypeStruct(v.shape, v.dtype)
+
+
+class _State:
+    __slots__ = ("binding", "eqn_map")
+
+    def __init__(self, binding: dict[int, Any], eqn_map: dict[int, int]):
+        self.binding, self.eqn_map = binding, eqn_map
+
+    def copy(self) -> _State:
+        return _State(dict(self.binding), dict(self.eqn_map))
+
+
+class _Matcher:
+    def __init__(self, pattern: Program, target: Program):
+        self.p, self.t = pattern, target
+
+    def run(self, anchor_eqn: int) -> _State | None:
+        p, t = self.p, self.t
+        out0 = p.outputs[0]
+        pos = p.eqn_out[p.producer[out0]].index(out0)
+        outs = t.eqn_out[anchor_eqn]
+        if pos >= len(outs):
+            return None
+        state = self._var(out0, outs[pos], _State({}, {}))
+        if state is None:
+            return None
+        for o in p.outputs[1:]:
+            pe = p.producer[o]
+            if pe not in state.eqn_map:
+                return None  # an output not computed along the first one's ancestry
+        if not self._closed(state):
+            return None
+        return state
+
+    def _var(self, pv: int, tv: Any, state: _State) -> _State | None:
+        """Unify pattern var ``pv`` with target atom ``tv`` (a var index or Literal)."""
+        p, t = self.p, self.t
+        pe = p.producer[pv]
+        if pe < 0:  # a pattern input (or constant): binds any one target value
+            key = tv if not isinstance(tv, C.Literal) else ("literal", id(tv))
+            if pv in state.binding:
+                return state if state.binding[pv] == key else None
+            state.binding[pv] = key
+            return state
+        if isinstance(tv, C.Literal):
+            return None
+        te = t.producer[tv]
+        if te < 0:
+            return None
+        if p.eqn_out[pe].index(pv) != t.eqn_out[te].index(tv):
+            return None
+        if pe in state.eqn_map:
+            return state if state.eqn_map[pe] == te else None
+        if te in state.eqn_map.values():
+            return None
+        peqn, teqn = p.jaxpr.eqns[pe], t.jaxpr.eqns[te]
+        if peqn.primitive != teqn.primitive or not _same_params(peqn.params, teqn.params):
+            return None
+        if len(peqn.invars) != len(teqn.invars):
+            return None
+        state.eqn_map[pe] = te
+        orders = [list(teqn.invars)]
+        if peqn.primitive.name in COMMUTATIVE and len(teqn.invars) == 2:
+            orders.append(list(reversed(teqn.invars)))
+        for order in orders:
+            trial = state.copy() if len(orders) > 1 else state
+            trial = self._operands(list(peqn.invars), order, trial)
+            if trial is not None:
+                return trial
+        return None
+
+    def _operands(self, pattern_atoms: list, target_atoms: list, state: _State) -> _State | None:
+        for pa, ta in zip(pattern_atoms, target_atoms):
+            if isinstance(pa, C.Literal):
+                if not (isinstance(ta, C.Literal) and _same_literal(pa, ta)):
+                    return None
+                continue
+            target = ta if isinstance(ta, C.Literal) else self.t.index[ta]
+            state = self._var(self.p.index[pa], target, state)
+            if state is None:
+                return None
+        return state
+
+    def _closed(self, state: _State) -> bool:
+        """No internal value of the match is read outside it (or is a graph output)."""
+        t, p = self.t, self.p
+        matched = set(state.eqn_map.values())
+        outputs = {
+            t.eqn_out[state.eqn_map[p.producer[o]]][p.eqn_out[p.producer[o]].index(o)]
+            for o in p.outputs
+        }
+        graph_outputs = set(t.outputs)
+        for te in matched:
+            for v in t.eqn_out[te]:
+                if v in outputs:
+                    continue
+                if v in graph_outputs or any(u not in matched for u in t.users[v]):
+                    return False
+        return True
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    keys = (set(a) | set(b)) - INCIDENTAL_PARAMS
+    try:
+        return all(a.get(k) == b.get(k) for k in keys)
+    except (TypeError, ValueError):  # arrays in params: compare as arrays
+        return all(np.array_equal(np.asarray(a.get(k)), np.asarray(b.get(k))) for k in keys)
+
+
+def _same_literal(a: C.Literal, b: C.Literal) -> bool:
+    return np.asarray(a.val).dtype == np.asarray(b.val).dtype and np.array_equal(a.val, b.val)
+
+
+def _as_match(graph: Graph, pattern: Program, state: _State) -> Match:
+    t = graph._program
+    inputs = []
+    for pv in range(pattern.num_inputs):
+        bound = state.binding.get(pv)
+        if bound is None or isinstance(bound, tuple):
+            raise SliceError(
+                f"pattern input {pv} is not used by the pattern's outputs, or matched a "
+                "literal; every pattern input must feed the pattern's result"
+            )
+        inputs.append(graph.vars[bound])
+    outputs = []
+    for o in pattern.outputs:
+        pe = pattern.producer[o]
+        outputs.append(graph.vars[t.eqn_out[state.eqn_map[pe]][pattern.eqn_out[pe].index(o)]])
+    written = sorted(v for te in state.eqn_map.values() for v in t.eqn_out[te])
+    return Match(tuple(inputs), tuple(outputs), tuple(graph.vars[v] for v in written))

@@ -1,0 +1,111 @@
+"""Splicing: a new program with small jaxprs inserted after chosen vars.
+
+The one mechanism behind patching (``g.replace``: readers of a var see ``fn(old)``),
+one-pass gradients (``g.grads``: a zero perturbation added at each var) and rewriting
+(``g.rewrite``: a matched output recomputed by a replacement). Each :class:`Edit`
+names a target var and a closed jaxpr computing its new value from vars of the
+program (or from new inputs appended to the program's inputs); equations after the
+edit read the new value, equations before it the old one.
+
+Calls and loops kept as regions survive when no edit lands strictly inside them; a
+region with an edit inside is dropped (its body stays inlined, so a slice of the
+new program cannot fold it back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _compat as C
+from ._program import Program, Region, _Inliner
+
+
+@dataclass(frozen=True)
+class Extra:
+    """The k-th new input of a spliced program (appended after the original inputs)."""
+
+    k: int
+
+
+@dataclass(frozen=True)
+class Edit:
+    target: int
+    closed: C.ClosedJaxpr
+    reads: tuple[int | Extra, ...]
+
+
+def splice(
+    program: Program,
+    edits: Sequence[Edit],
+    extra_avals: Sequence[Any] = (),
+    flat_args: Sequence[Any] | None = None,
+) -> tuple[Program, list[int], dict[int, int]]:
+    """The program with ``edits`` applied.
+
+    Returns ``(new program, var map, patched)``: ``var map[i]`` is the new index of old
+    var ``i`` (its unpatched value); ``patched[i]`` the new index of an edited target's
+    new value.
+    """
+    inl = _Inliner(flat_args if not extra_avals else None)
+    env: dict[Any, Any] = {}
+    invars = [inl._fresh(v, env) for v in program.jaxpr.invars]
+    extra = [C.Var(aval) for aval in extra_avals]
+    invars += extra
+    inl._invars = invars
+    inl._bind_consts(program.jaxpr.constvars, program.consts, env)
+
+    at: dict[int, list[Edit]] = {}
+    for edit in edits:
+        reads = [r for r in edit.reads if not isinstance(r, Extra)]
+        pos = max(program.producer[i] for i in (edit.target, *reads))
+        at.setdefault(pos, []).append(edit)
+    new_values: dict[int, Any] = {}
+
+    def apply(pos: int) -> None:
+        for edit in at.get(pos, ()):
+            atoms = [
+                extra[r.k] if isinstance(r, Extra) else env[program.vars[r]] for r in edit.reads
+            ]
+            eqn = program.jaxpr.eqns[pos] if pos >= 0 else None
+            source_info = None if eqn is None else eqn.source_info
+            new_values[edit.target] = inl._inline(edit.closed, atoms, source_info)[0]
+            env[program.vars[edit.target]] = new_values[edit.target]
+
+    starts = {r.start: [] for r in program.regions}
+    for r in program.regions:
+        starts[r.start].append(r)
+    carried: list[tuple[Region, list[Any]]] = []
+    new_index: list[int] = []
+    apply(-1)
+    for e, eqn in enumerate(program.jaxpr.eqns):
+        for r in starts.get(e, ()):
+            carried.append((r, [inl._read(a, env) for a in r.ins]))
+        new_index.append(len(inl.eqns))
+        inl._copy_eqn(eqn, env, None)
+        apply(e)
+    outvars = [inl._read(a, env) for a in program.jaxpr.outvars]
+
+    for region, ins in carried:
+        if any(region.start <= pos < region.end - 1 for pos in at):
+            continue
+        new = Region(new_index[region.start], region.eqn, ins, region.source_info)
+        new.end = new_index[region.end - 1] + 1
+        new.outs = [_unpatched(inl, a) for a in region.outs]
+        new.cut_note = region.cut_note
+        inl.regions.append(new)
+
+    jaxpr = C.new_jaxpr(inl.constvars, invars, outvars, inl.eqns, "program")
+    new_program = Program.__new__(Program)
+    new_program._index(inl, jaxpr, inl.consts)
+    var_map = [new_program.index[_unpatched(inl, v)] for v in program.vars]
+    patched = {t: new_program.index[a] for t, a in new_values.items() if isinstance(a, C.Var)}
+    return new_program, var_map, patched
+
+
+def _unpatched(inl: _Inliner, atom: Any) -> Any:
+    """The copy of an old atom made when its equation was copied (before any edit)."""
+    if isinstance(atom, C.Literal):
+        return atom
+    return inl.origin[id(atom)][0][0]

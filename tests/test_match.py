@@ -1,0 +1,90 @@
+"""g.match and g.rewrite: structural patterns on the issue-12782 MLP and more."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, check_slice
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+
+
+def layer_pattern(x, w, b):
+    return jnp.tanh(x @ w + b)
+
+
+def test_dense_tanh_pattern_finds_the_three_layers_and_each_slices():
+    args = mlp_12782_args()
+    x, p1, p2, p3 = args
+    g = js.trace(mlp_12782, *args)
+    # traced with a matrix first, as the model's jnp.dot(W, h): dataflow, not names
+    matches = g.match(layer_pattern, jnp.ones((4, 3)), jnp.ones(3), jnp.ones(4))
+    assert [m.outputs[0].name for m in matches] == ["z1", "z2", "z3"]
+    assert [tuple(v.name for v in m.inputs) for m in matches] == [
+        ("params_1[0]", "x", "params_1[1]"),
+        ("params_2[0]", "z1", "params_2[1]"),
+        ("params_3[0]", "z2", "params_3[1]"),
+    ]
+    for m, (w, b) in zip(matches, (p1, p2, p3)):
+        assert len(m.vars) == 3
+        h = m.inputs[1]
+        check_slice(g.slice(h, m.outputs[0]), (g.value(h),), lambda h: jnp.tanh(w @ h + b))
+
+
+def test_commutative_operands_and_no_false_matches():
+    args = mlp_12782_args()
+    g = js.trace(mlp_12782, *args)
+    swapped = g.match(
+        lambda w, x, b: jnp.tanh(b + w @ x), jnp.ones((4, 3)), jnp.ones(3), jnp.ones(4)
+    )
+    assert len(swapped) == 3
+    assert g.match(lambda x: jnp.sin(x), jnp.ones(3)) == ()
+    assert len(g.match(lambda x: jnp.tanh(x), jnp.ones(3))) == 3
+
+
+def test_matches_do_not_overlap_and_keep_program_order():
+    def chain(x):
+        for _ in range(5):
+            x = jnp.tanh(x * 2.0)
+        return x
+
+    g = js.trace(chain, jnp.ones(2))
+    two = g.match(lambda a: jnp.tanh(jnp.tanh(a * 2.0) * 2.0), jnp.ones(2))
+    assert [m.outputs[0].name for m in two] == ["x#2", "x#4"]
+    assert g.match(lambda a: jnp.tanh(a * 2.0), jnp.ones(2))[0].inputs[0] is g["x"]
+
+
+def test_internal_values_read_outside_are_not_matched():
+    def f(x):
+        a = x * 2.0
+        b = jnp.tanh(a)
+        return b + a  # a is read outside the would-be match
+
+    g = js.trace(f, jnp.ones(2))
+    assert g.match(lambda t: jnp.tanh(t * 2.0), jnp.ones(2)) == ()
+    assert len(g.match(lambda t: jnp.tanh(t), jnp.ones(2))) == 1
+
+
+def test_rewrite_tanh_to_gelu_equals_the_hand_edited_function():
+    args = mlp_12782_args()
+    g = js.trace(mlp_12782, *args)
+    r = g.rewrite(jnp.tanh, jax.nn.gelu, jnp.ones(4))
+
+    def edited(x, params_1, params_2, params_3):
+        z1 = jax.nn.gelu(jnp.dot(params_1[0], x) + params_1[1])
+        z2 = jax.nn.gelu(jnp.dot(params_2[0], z1) + params_2[1])
+        return jax.nn.gelu(jnp.dot(params_3[0], z2) + params_3[1])
+
+    allclose(jax.jit(r.as_function())(*args), edited(*args))
+    new = mlp_12782_args(jax.random.key(9))
+    allclose(r.as_function()(*new), edited(*new))
+    allclose(r.value("z2"), jax.nn.gelu(jnp.dot(args[2][0], r.value("z1")) + args[2][1]))
+    # the replaced tanh no longer feeds anything: the output does not depend on it
+    with pytest.raises(js.SliceError, match="does not depend on any input"):
+        r.slice("z1.unpatched", "out")
+
+
+def test_rewrite_that_matches_nothing_says_so():
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    with pytest.raises(js.SliceError, match="matches nothing"):
+        g.rewrite(jnp.sin, jnp.cos, jnp.ones(3))

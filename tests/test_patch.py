@@ -1,0 +1,83 @@
+"""g.replace and g.as_function: activation patching, composed with jit and grad."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose
+
+import jaxsurgery as js
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8)(x)
+        h = nn.relu(h)
+        return nn.Dense(3)(h)
+
+
+def test_zero_ablating_one_hidden_unit_of_a_flax_model(key):
+    model = MLP()
+    x = jax.random.normal(key, (5, 4))
+    variables = model.init(jax.random.key(1), x)
+    g = js.trace(model.apply, variables, x)
+    patched = g.replace("MLP/Dense_0", lambda h: h.at[:, 3].set(0.0))
+    ablated = jax.jit(patched.as_function())
+
+    def by_hand(variables, x):  # the model with unit 3 zeroed, written out
+        p = variables["params"]
+        h = nn.Dense(8).apply({"params": p["Dense_0"]}, x).at[:, 3].set(0.0)
+        return nn.Dense(3).apply({"params": p["Dense_1"]}, nn.relu(h))
+
+    allclose(ablated(variables, x), by_hand(variables, x))
+    assert not jnp.allclose(ablated(variables, x), model.apply(variables, x))
+    new_x = jax.random.normal(jax.random.key(3), (5, 4))
+    allclose(ablated(variables, new_x), by_hand(variables, new_x))  # any arguments
+    # patching composes with differentiation
+    loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)  # noqa: E731
+    allclose(
+        jax.grad(loss(patched.as_function()))(variables, x),
+        jax.grad(loss(by_hand))(variables, x),
+    )
+    # the original graph is untouched
+    allclose(g.as_function()(variables, x), model.apply(variables, x))
+
+
+def test_replace_with_a_value_and_names_of_the_old_value():
+    def f(x):
+        h = jnp.sin(x)
+        y = jnp.exp(h) * 2.0
+        return y
+
+    g = js.trace(f, jnp.ones(3))
+    p = g.replace("h", 0.5)
+    allclose(p.value("h"), 0.5 * jnp.ones(3))
+    allclose(p.value("h.unpatched"), jnp.sin(jnp.ones(3)))
+    allclose(p.value("y"), jnp.exp(0.5) * 2.0 * jnp.ones(3))
+    s = p.slice("x", "y", allow_unconnected=True)  # y no longer depends on x
+    allclose(jax.jacfwd(s)(jnp.ones(3)), jnp.zeros((3, 3)))
+    with pytest.raises(js.SliceError, match=r"output 'y' does not depend on any input"):
+        p.slice("x", "y")
+
+
+def test_a_patch_keeps_calls_it_does_not_touch():
+    def f(x):
+        a = x * 2.0
+        r = jax.nn.relu(a)
+        out = r + 1.0
+        return out
+
+    g = js.trace(f, jnp.array([-1.0, 0.0, 1.0]))
+    p = g.replace("out", lambda o: o * 3.0)
+    s = p.slice("a", "out")
+    assert "custom_jvp_call" in [e.primitive.name for e in s.jaxpr.eqns]
+    allclose(jax.jvp(s, (jnp.zeros(3),), (jnp.ones(3),))[1], jnp.zeros(3))
+
+
+def test_bad_replacements_are_slice_errors():
+    g = js.trace(lambda x: jnp.sin(x) * 2, jnp.ones(3))
+    with pytest.raises(js.SliceError, match=r"must give float32\[3\], got float32\[2\]"):
+        g.replace(1, lambda h: h[:2])
+    with pytest.raises(js.SelectionError, match="no var named 'nope'"):
+        g.replace("nope", 0.0)
