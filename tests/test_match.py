@@ -28,7 +28,9 @@ def test_dense_tanh_pattern_finds_the_three_layers_and_each_slices():
     for m, (w, b) in zip(matches, (p1, p2, p3)):
         assert len(m.vars) == 3
         h = m.inputs[1]
-        check_slice(g.slice(h, m.outputs[0]), (g.value(h),), lambda h, w=w, b=b: jnp.tanh(w @ h + b))
+        check_slice(
+            g.slice(h, m.outputs[0]), (g.value(h),), lambda h, w=w, b=b: jnp.tanh(w @ h + b)
+        )
 
 
 def test_commutative_operands_and_no_false_matches():
