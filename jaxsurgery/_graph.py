@@ -35,6 +35,7 @@ from ._program import Program
 if TYPE_CHECKING:
     import networkx as nx
 
+    from ._draw import Drawing
     from ._grads import GradsFunction
     from ._match import Match
     from ._select import Selection
@@ -414,10 +415,29 @@ class Graph:
             graph.add_edges_from(((i, o) for i in ins for o in outs), eqn=e, primitive=primitive)
         return graph
 
+    def to_dot(self, highlight: Slice | None = None, max_nodes: int = 150) -> str:
+        """Graphviz DOT text of the graph, a slice highlighted (see :mod:`jaxsurgery._draw`)."""
+        from ._draw import to_dot
+
+        return to_dot(self, highlight, max_nodes)
+
+    def draw(
+        self, highlight: Slice | None = None, max_nodes: int = 150, engine: str = "auto"
+    ) -> Drawing:
+        """An SVG picture (shown inline in notebooks), a slice highlighted."""
+        from ._draw import draw
+
+        return draw(self, highlight, max_nodes, engine)
+
     def __repr__(self) -> str:
         from ._table import graph_table
 
         return graph_table(self)
+
+    def _repr_html_(self) -> str:
+        from ._table import graph_title, var_table_html
+
+        return var_table_html(list(self.vars), graph_title(self), "; ".join(self.notes))
 
     # -- internals ------------------------------------------------------------------------
     def _primitive(self, i: int) -> str:

@@ -76,6 +76,11 @@ class Selection(tuple):
 
         return var_table(list(self), title=f"Selection of {len(self)} vars")
 
+    def _repr_html_(self) -> str:
+        from ._table import var_table_html
+
+        return var_table_html(list(self), f"Selection of {len(self)} vars")
+
 
 def one(graph: Graph, selector: Any) -> Var:
     """The one var ``selector`` names, or a SelectionError saying why not."""

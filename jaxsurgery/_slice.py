@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +194,10 @@ class Slice:
         jaxpr: the window as a ``Jaxpr``: ``constvars`` are the context,
             ``invars`` the inputs, ``outvars`` the outputs.
         notes: remarks about the cut (empty when there is nothing to say).
+        window_vars: the vars its equations compute (inside folded calls too).
     """
+
+    window_vars: tuple[Var, ...] = ()
 
     def __init__(
         self,
@@ -257,7 +261,7 @@ class Slice:
             eqns,
             "slice",
         )
-        return cls(
+        s = cls(
             graph,
             in_tree,
             tuple(in_vars),
@@ -268,6 +272,8 @@ class Slice:
             graph._flat_args,
             notes,
         )
+        s.window_vars = tuple(graph.vars[o] for e in window.eqns for o in program.eqn_out[e])
+        return s
 
     # -- structure ----------------------------------------------------------------------
     @property
@@ -340,18 +346,9 @@ class Slice:
         values = None
         if any(isinstance(x, jax.core.Tracer) for x in flat):
             values = _evaluate_vars(self.graph, self.context_vars, flat)
-        return Slice(
-            self.graph,
-            self._in_tree,
-            self.in_vars,
-            self._out_tree,
-            self.out_vars,
-            self.jaxpr,
-            self.context_vars,
-            flat,
-            self.notes,
-            values,
-        )
+        bound = copy.copy(self)
+        bound._flat_args, bound._context_values = flat, values
+        return bound
 
     # -- calling ------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -389,6 +386,19 @@ class Slice:
         )
         self._context()  # concrete context (or an unbound-slice error) before tracing
         return jax.export.export(jax.jit(self), platforms=platforms)(*self._as_args(specs))
+
+    def draw(self, engine: str = "auto") -> Any:
+        """An SVG picture of the slice's graph with the slice highlighted."""
+        return self.graph.draw(highlight=self, engine=engine)
+
+    def _repr_html_(self) -> str:
+        from ._table import var_table_html
+
+        shown = dict.fromkeys([*self.in_vars, *self.window_vars, *self.out_vars])
+        note = f"context: {', '.join(v.name for v in self.context_vars) or 'none'}"
+        if self.notes:
+            note += "; " + "; ".join(self.notes)
+        return var_table_html(list(shown), repr(self), note)
 
     def __repr__(self) -> str:
         ins = ", ".join(v.name for v in self.in_vars)
