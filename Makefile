@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxsurgery tests examples benchmarks
-	$(VENV)/bin/ruff format --check jaxsurgery tests examples benchmarks
+	$(VENV)/bin/ruff check jaxsurgery tests examples benchmarks notebooks
+	$(VENV)/bin/ruff format --check jaxsurgery tests examples benchmarks notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

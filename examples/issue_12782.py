@@ -39,15 +39,15 @@ def make_params(key):
 
 # -- case 2: g(x0) built from f1, f2, f3 (the thread's second post) ---------------------
 def f1(x):
-    return jnp.sin(x) * 2.0
+    return jnp.sin(x) * 0.5
 
 
 def f2(x):
-    return jnp.cumsum(x) ** 2
+    return jnp.cumsum(x) * 0.3 + 0.1 * x**2
 
 
 def f3(x):
-    return jnp.tanh(x[::-1] * x)
+    return jnp.tanh(x[::-1] * x + x)
 
 
 def g(x0):
