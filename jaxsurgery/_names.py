@@ -62,13 +62,15 @@ def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[i
     ``first`` gives vars that are binding ``#0`` of a name before the sequence starts
     (parameters the body rebinds).
     """
-    order: dict[str, list[int]] = {}
+    order: dict[str, dict[int, None]] = {}  # name -> its distinct vars, in binding order
     for name, var in bindings:
-        vs = order.setdefault(name, [first[name]] if name in first else [])
-        if var not in vs:
-            vs.append(var)
+        vs = order.get(name)
+        if vs is None:
+            vs = order[name] = {first[name]: None} if name in first else {}
+        vs[var] = None
     names: dict[int, list[str]] = {}
-    for name, vs in order.items():
+    for name, var_set in order.items():
+        vs = list(var_set)
         if len(vs) == 1:
             if name not in first:
                 names.setdefault(vs[0], []).append(name)

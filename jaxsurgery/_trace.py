@@ -8,6 +8,7 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +54,26 @@ def trace(
         >>> g["h"].shape
         (2, 4)
     """
+    # Tracing and indexing allocate many small objects that all stay alive; pausing the
+    # cyclic garbage collector meanwhile saves its repeated full scans (about a third of
+    # the time on 10k-equation programs). It is restored however the trace ends.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _trace(fn, args, kwargs, static_argnums, static_argnames)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _trace(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    static_argnums: int | Sequence[int],
+    static_argnames: str | Sequence[str],
+) -> Graph:
+    """The work of :func:`trace`."""
     target = _unwrap(fn)
     binder = _ArgBinder(target, static_argnums, static_argnames)
     bound, leaves, in_names = binder.bind(args, kwargs)
