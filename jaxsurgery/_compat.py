@@ -121,9 +121,14 @@ def user_frame(source_info: SourceInfo | None) -> tuple[str, int, str] | None:
     return frame.file_name, frame.start_line, frame.function_name
 
 
+def has_scope(source_info: SourceInfo | None) -> bool:
+    """Whether an equation was made inside any name scope (cheaper than scope_of)."""
+    return source_info is not None and bool(source_info.name_stack.stack)
+
+
 def scope_of(source_info: SourceInfo | None) -> str:
     """The name-stack path of an equation, ``"MLP/Dense_0"`` or ``""``."""
-    if source_info is None:
+    if not has_scope(source_info):
         return ""
     return str(source_info.name_stack)
 

@@ -66,7 +66,7 @@ class Var:
     @property
     def aliases(self) -> tuple[str, ...]:
         """Other names that select this var."""
-        return self._graph._names.aliases[self.index]
+        return self._graph._names.aliases_of(self.index)
 
     @property
     def aval(self) -> Any:

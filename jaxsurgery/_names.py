@@ -51,9 +51,31 @@ class Names:
     extras: Sequence[Sequence[str]] = ()
     protected: set[str] = field(default_factory=set)
 
+    primitives: Sequence[str] = ()
+
     def all_names(self) -> list[str]:
         """Every name that selects something, canonical names first."""
-        return [*self.canonical, *(n for n in self.lookup if n not in self.by_canonical)]
+        rest = [n for n in self.lookup if n not in self.by_canonical]
+        fallbacks = [n for i in range(len(self.canonical)) for n in self.fallbacks(i)]
+        return [*self.canonical, *rest, *(n for n in fallbacks if n not in self.by_canonical)]
+
+    def fallbacks(self, i: int) -> tuple[str, str]:
+        """``("%12", "tanh:12")``: names every var answers to, made when asked for."""
+        return f"%{i}", f"{self.primitives[i]}:{i}"
+
+    def aliases_of(self, i: int) -> tuple[str, ...]:
+        chosen = self.canonical[i]
+        return (*self.aliases[i], *(n for n in self.fallbacks(i) if n != chosen))
+
+    def parse_fallback(self, name: str) -> int | None:
+        """The var a ``%i`` or ``primitive:i`` name selects, or None."""
+        head, sep, digits = name.rpartition(":") if ":" in name else ("", "%", name[1:])
+        if not digits.isdigit() or (sep == "%" and not name.startswith("%")):
+            return None
+        i = int(digits)
+        if i >= len(self.canonical) or (sep == ":" and self.primitives[i] != head):
+            return None
+        return i
 
 
 def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[int, list[str]]:
@@ -145,20 +167,29 @@ def finalize(
     aliases: list[tuple[str, ...]] = []
     lookup: dict[str, list[int]] = {}
     for i, cands in enumerate(candidates):
-        fallback = f"%{i}"
+        if not cands and not extras[i]:  # most vars: nothing but the fallback
+            canonical.append(f"%{i}")
+            aliases.append(())
+            continue
         chosen = next(
-            (c for c in cands if c not in taken and (c not in multi or c in protected)), fallback
+            (c for c in cands if c not in taken and (c not in multi or c in protected)), None
         )
+        if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
+            canonical.append(f"%{i}")
+            aliases.append((*dict.fromkeys(cands), *extras[i]) if cands or extras[i] else ())
+            for n in aliases[-1]:
+                lookup.setdefault(n, []).append(i)
+            continue
         taken.add(chosen)
         canonical.append(chosen)
-        rest = [c for c in dict.fromkeys(cands) if c != chosen]
-        rest += [n for n in (fallback, f"{primitives[i]}:{i}") if n != chosen]
-        rest += extras[i]
-        aliases.append(tuple(rest))
+        rest = (*(c for c in dict.fromkeys(cands) if c != chosen), *extras[i])
+        aliases.append(rest)
         for n in (chosen, *rest):
             lookup.setdefault(n, []).append(i)
-    names = Names(canonical, aliases, lookup, {n: i for i, n in enumerate(canonical)})
+    by_canonical = {n: i for i, n in enumerate(canonical) if n in lookup}
+    names = Names(canonical, aliases, lookup, by_canonical)
     names.candidates, names.extras, names.protected = candidates, extras, protected
+    names.primitives = primitives
     return names
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _compat as C
+from ._gc import gc_paused
 from ._program import Program, Region, _Inliner
 
 
@@ -36,6 +37,7 @@ class Edit:
     reads: tuple[int | Extra, ...]
 
 
+@gc_paused
 def splice(
     program: Program,
     edits: Sequence[Edit],
@@ -49,12 +51,11 @@ def splice(
     new value.
     """
     inl = _Inliner(flat_args if not extra_avals else None)
+    inl.rewired = True  # edits map vars to new values
     env: dict[Any, Any] = {}
-    invars = [inl._fresh(v, env) for v in program.jaxpr.invars]
+    invars = inl.keep_top_level(program.jaxpr, program.consts, env)
     extra = [C.Var(aval) for aval in extra_avals]
     invars += extra
-    inl._invars = invars
-    inl._bind_consts(program.jaxpr.constvars, program.consts, env)
 
     at: dict[int, list[Edit]] = {}
     for edit in edits:
@@ -108,4 +109,5 @@ def _unpatched(inl: _Inliner, atom: Any) -> Any:
     """The copy of an old atom made when its equation was copied (before any edit)."""
     if isinstance(atom, C.Literal):
         return atom
-    return inl.origin[id(atom)][0][0]
+    found = inl.origin.get(id(atom))
+    return atom if found is None else found[0][0]  # kept as it is, or copied

@@ -31,12 +31,8 @@ class Program:
         vars: jaxpr vars in index order: inputs, constants, equation outputs.
         producer: per var, the index of the equation that writes it, or -1.
         eqn_in / eqn_out: per equation, the var indices it reads / writes.
-        users: per var, the equations that read it, in program order.
         outputs: var indices of the program outputs.
         tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order.
-        origin: ``id(original var) -> [(var index, iterations), ...]``: where each var
-            of the traced (nested) jaxpr ended up; a var of a loop body has one entry
-            per iteration, with the iteration numbers of the enclosing unrolled loops.
         regions: the inlined calls (``jit``, ``custom_jvp``, ``remat``, ...) as
             :class:`Region` s, outermost first.
     """
@@ -53,11 +49,12 @@ class Program:
         self.eqn_in: list[tuple[int, ...]] = []
         self.eqn_out: list[tuple[int, ...]] = []
         index = {v: i for i, v in enumerate(self.vars)}
+        Literal, DropVar = C.Literal, C.DropVar
         for e, eqn in enumerate(jaxpr.eqns):
-            self.eqn_in.append(tuple(index[a] for a in eqn.invars if isinstance(a, C.Var)))
+            self.eqn_in.append(tuple([index[a] for a in eqn.invars if type(a) is not Literal]))
             outs = []
             for v in eqn.outvars:
-                if isinstance(v, C.DropVar):
+                if type(v) is DropVar:
                     continue
                 index[v] = len(self.vars)
                 self.vars.append(v)
@@ -65,13 +62,10 @@ class Program:
                 outs.append(index[v])
             self.eqn_out.append(tuple(outs))
         self.index = index
-        self.users: list[list[int]] = [[] for _ in self.vars]
-        for e, ins in enumerate(self.eqn_in):
-            for i in dict.fromkeys(ins):
-                self.users[i].append(e)
+        self._users: list[list[int]] | None = None
         self.outputs = [index[v] for v in jaxpr.outvars]
         self.tags = [(index[v], name) for v, name in inliner.tags]
-        self.origin: dict[int, list[tuple[int, tuple[int, ...]]]] = {
+        self._origin: dict[int, list[tuple[int, tuple[int, ...]]]] = {
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
@@ -80,6 +74,30 @@ class Program:
         self.regions = sorted(
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
         )
+
+    @property
+    def users(self) -> list[list[int]]:
+        """Per var, the equations that read it, in program order (built when first used)."""
+        if self._users is None:
+            users: list[list[int]] = [[] for _ in self.vars]
+            for e, ins in enumerate(self.eqn_in):
+                for i in dict.fromkeys(ins):
+                    users[i].append(e)
+            self._users = users
+        return self._users
+
+    def locate(self, var: Any) -> list[tuple[int, tuple[int, ...]]]:
+        """Where a var of the traced (nested) jaxpr ended up: ``[(index, iterations)]``.
+
+        A var of a loop body has one entry per iteration, with the iteration numbers of
+        the enclosing unrolled loops; a var of a call traced once and called k times
+        has k entries; a top-level var kept as it is, one entry.
+        """
+        found = self._origin.get(id(var))
+        if found is not None:
+            return found
+        i = self.index.get(var) if isinstance(var, C.Var) else None
+        return [] if i is None else [(i, ())]
 
     @property
     def num_inputs(self) -> int:
@@ -190,6 +208,10 @@ class Region:
         )
 
 
+#: Primitives the inliner never copies as they are.
+_SPECIAL = frozenset({*C.CALL_PRIMITIVES, *LOOP_PRIMITIVES, *BRANCH_PRIMITIVES, C.TAG_PRIMITIVE})
+
+
 class _Inliner(ControlFlow):
     """Copies a closed jaxpr into one flat jaxpr, inlining calls and control flow."""
 
@@ -197,6 +219,9 @@ class _Inliner(ControlFlow):
         self.flat_args = flat_args
         self.notes: list[str] = []
         self.iteration: list[int] = []
+        #: whether a top-level var was mapped to another atom (then a top-level
+        #: equation is reused only after checking what it reads)
+        self.rewired = False
         self.opaque_loops: list[C.JaxprEqn] = []
         self.eqns: list[C.JaxprEqn] = []
         self.constvars: list[C.Var] = []
@@ -208,8 +233,7 @@ class _Inliner(ControlFlow):
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
         env: dict[Any, Any] = {}
-        invars = self._invars = [self._fresh(v, env) for v in jaxpr.invars]
-        self._bind_consts(jaxpr.constvars, closed.consts, env)
+        invars = self.keep_top_level(jaxpr, closed.consts, env)
         self._copy(jaxpr, env, None)
         outvars = []
         for a in jaxpr.outvars:
@@ -224,6 +248,17 @@ class _Inliner(ControlFlow):
         env[v] = new
         self.origin.setdefault(id(v), []).append((new, tuple(self.iteration)))
         return new
+
+    def keep_top_level(self, jaxpr: C.Jaxpr, consts: Sequence[Any], env: dict) -> list[C.Var]:
+        """Take a jaxpr's inputs and constants as they are (they need no copy)."""
+        for v in jaxpr.invars:
+            env[v] = v
+        for v, value in zip(jaxpr.constvars, consts):
+            self.constvars.append(v)
+            self.consts.append(value)
+            env[v] = v
+        self._invars = list(jaxpr.invars)
+        return self._invars
 
     def _inline(self, closed: C.ClosedJaxpr, atoms: Sequence[Any], source_info: Any) -> list[Any]:
         """Copy a closed jaxpr's equations reading ``atoms``; its results as flat atoms."""
@@ -270,6 +305,19 @@ class _Inliner(ControlFlow):
 
     def _copy_eqn(self, eqn: C.JaxprEqn, env: dict, outer: C.SourceInfo | None) -> None:
         """Copy one equation, inlining it when it is a call, loop or conditional."""
+        if (
+            outer is None
+            and not self.iteration
+            and eqn.primitive.name not in _SPECIAL
+            and (
+                not self.rewired
+                or all(env.get(a, a) is a for a in eqn.invars if type(a) is not C.Literal)
+            )
+        ):  # a top-level equation reading unchanged vars: reuse it as it is
+            for v in eqn.outvars:
+                env[v] = v
+            self.eqns.append(eqn)
+            return
         source_info = (
             eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
         )
@@ -284,14 +332,17 @@ class _Inliner(ControlFlow):
         elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
             outs = self._control_flow(eqn, invars, source_info)
         if outs is not None:
+            self.rewired = self.rewired or outer is None
             for out, a in zip(eqn.outvars, outs):
                 if not isinstance(out, C.DropVar):
                     self._alias(out, a, env)
             return
         if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
+            self.rewired = self.rewired or outer is None
             self._alias(eqn.outvars[0], invars[0], env)
             self.tags.append((invars[0], C.tag_name(eqn)))
             return
+        self.rewired = self.rewired or outer is None
         outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
         self.eqns.append(
             C.new_jaxpr_eqn(invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info)

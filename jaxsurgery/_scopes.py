@@ -38,6 +38,9 @@ def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, st
     chains: list[tuple[int, ...]] = []  # per equation: its instances, outermost first
     stack: list[tuple[str, int]] = []  # (component, instance)
     for eqn in eqns:
+        if not stack and not C.has_scope(eqn.source_info):
+            chains.append(())  # the common case outside any scope
+            continue
         path = C.scope_of(eqn.source_info)
         parts = path.split("/") if path else []
         keep = 0

@@ -103,6 +103,8 @@ def one(graph: Graph, selector: Any) -> Var:
         if selector in names.by_canonical:
             return graph.vars[names.by_canonical[selector]]
         hits = names.lookup.get(selector)
+        if hits is None:
+            hits = _fallback(graph, selector)
         if hits is None and _GLOB_CHARS & set(selector):
             hits = _glob(graph, selector)
         return _exactly_one(graph, repr(selector), hits, selector)
@@ -168,6 +170,7 @@ def _resolve_tree(graph: Graph, selector: Any) -> Any:
         isinstance(selector, str)
         and selector not in graph._names.lookup
         and _GLOB_CHARS & set(selector)
+        and graph._names.parse_fallback(selector) is None
     ):
         return tuple(graph.vars[i] for i in sorted(_many(graph, selector)))
     return one(graph, selector)
@@ -181,6 +184,8 @@ def _many(graph: Graph, selector: Any) -> list[int]:
         return [one(graph, selector).index]
     if isinstance(selector, str):
         hits = graph._names.lookup.get(selector)
+        if hits is None:
+            hits = _fallback(graph, selector)
         if hits is None and _GLOB_CHARS & set(selector):
             hits = _glob(graph, selector)
         if not hits:
@@ -212,11 +217,20 @@ def _glob(graph: Graph, pattern: str) -> list[int]:
 
 
 def _regex(graph: Graph, pattern: re.Pattern) -> list[int]:
+    names = graph._names
     hits: set[int] = set()
-    for name, idxs in graph._names.lookup.items():
+    for name, idxs in names.lookup.items():
         if pattern.fullmatch(name):
             hits.update(idxs)
+    for i in range(len(names.canonical)):
+        if any(pattern.fullmatch(n) for n in names.fallbacks(i)):
+            hits.add(i)
     return sorted(hits)
+
+
+def _fallback(graph: Graph, name: str) -> list[int] | None:
+    i = graph._names.parse_fallback(name)
+    return None if i is None else [i]
 
 
 def _exactly_one(graph: Graph, label: str, hits: list[int] | None, word: str | None) -> Var:
@@ -243,7 +257,9 @@ def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
     hint = ""
     if word is not None:
         fallback = word.startswith("%") or ":" in word  # only suggest %i names for %i words
-        hint = did_you_mean(
-            word, (n for n in graph._names.lookup if fallback or not _is_fallback(n))
+        names = graph._names
+        candidates = (
+            names.all_names() if fallback else [n for n in names.lookup if not _is_fallback(n)]
         )
+        hint = did_you_mean(word, candidates)
     return SelectionError(f"no var named {label}{hint} (g.names() lists all)")

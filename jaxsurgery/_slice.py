@@ -38,6 +38,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, short_list
+from ._gc import gc_paused
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -224,6 +225,7 @@ class Slice:
         self.notes = notes
 
     @classmethod
+    @gc_paused
     def _build(cls, graph: Graph, inputs: Any, outputs: Any, *, allow_unconnected: bool) -> Slice:
         in_tree, in_vars = _select.tree(graph, inputs)
         out_tree, out_vars = _select.tree(graph, outputs)

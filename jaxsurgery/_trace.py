@@ -8,7 +8,6 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 
 from __future__ import annotations
 
-import gc
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from . import _compat as C
 from ._errors import TraceError
+from ._gc import gc_paused
 from ._graph import Graph
 from ._instrument import Recorder, rewritten
 from ._names import assign_names
@@ -54,18 +54,10 @@ def trace(
         >>> g["h"].shape
         (2, 4)
     """
-    # Tracing and indexing allocate many small objects that all stay alive; pausing the
-    # cyclic garbage collector meanwhile saves its repeated full scans (about a third of
-    # the time on 10k-equation programs). It is restored however the trace ends.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _trace(fn, args, kwargs, static_argnums, static_argnames)
-    finally:
-        if enabled:
-            gc.enable()
+    return _trace(fn, args, kwargs, static_argnums, static_argnames)
 
 
+@gc_paused  # saves about a third of the time on 10k-equation programs
 def _trace(
     fn: Callable[..., Any],
     args: tuple,
@@ -96,8 +88,8 @@ def _trace(
     primitives = _primitives(program)
     bindings = [
         (name + "".join(f"@{t}" for t in its), i)
-        for name, atom in recorder.qualified(lambda atom: bool(program.origin.get(id(atom))))
-        for i, its in program.origin.get(id(atom), ())
+        for name, atom in recorder.qualified(lambda atom: bool(program.locate(atom)))
+        for i, its in program.locate(atom)
     ]
     names = assign_names(
         len(program.vars),

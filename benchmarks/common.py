@@ -1,0 +1,87 @@
+"""Timing helpers and the programs the benchmarks trace (each made fresh per run)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (results blocked until ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) -> dict[str, float]:
+    """Median wall time of each function, measured round-robin so that drifts in machine
+    speed (other processes, clocks) fall on all of them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def deep_mlp(depth: int) -> tuple[Callable, tuple]:
+    """A fresh depth-``depth`` MLP function (2 equations a layer) and its arguments."""
+
+    def mlp(x, ws):
+        h = x
+        for w in ws:
+            h = jnp.tanh(h @ w)
+        return h.sum()
+
+    return mlp, (jnp.ones((4, 8)), [jnp.ones((8, 8)) * 0.1] * depth)
+
+
+def transformer_stack(blocks: int) -> tuple[Callable, tuple]:
+    """A fresh stack of pre-norm self-attention blocks in plain jax.numpy."""
+
+    def layer_norm(x):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+    def block(x, p):
+        h = layer_norm(x)
+        q, k, v = h @ p["q"], h @ p["k"], h @ p["v"]
+        attn = jax.nn.softmax(q @ k.T / 4.0, axis=-1)
+        x = x + attn @ v @ p["o"]
+        h = layer_norm(x)
+        return x + jnp.tanh(h @ p["up"]) @ p["down"]
+
+    def stack(x, params):
+        for p in params:
+            x = block(x, p)
+        return x.sum()
+
+    p = {n: jnp.ones((16, 16)) * 0.01 for n in ("q", "k", "v", "o", "up", "down")}
+    return stack, (jnp.ones((8, 16)), [p] * blocks)
+
+
+def unrolled_loop(steps: int) -> tuple[Callable, tuple]:
+    """A fresh Python loop of elementwise updates, unrolled by tracing."""
+
+    def loop(x, a):
+        for _ in range(steps):
+            x = jnp.sin(x) * a + 0.1
+        return x
+
+    return loop, (jnp.ones(16), jnp.asarray(0.9))
+
+
+def count_eqns(fn: Callable, args: tuple) -> int:
+    return len(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
