@@ -38,10 +38,12 @@ def run(quick: bool = False) -> list[dict]:
 
     zeros = jnp.zeros((BATCH, WIDTH))
     fns = [separate(i) for i in range(K)]
-    slices = [
-        jax.jit(lambda ws, x, y, z, s=g.slice(n, "out"): jax.grad(s.bind(ws, x, y))(z))
-        for n in names
-    ]
+
+    def slice_vjp(name):
+        s = g.slice(name, "out")
+        return jax.jit(lambda ws, x, y, z: jax.grad(s.bind(ws, x, y))(z))
+
+    slices = [slice_vjp(n) for n in names]
     zs = [g.value(n) for n in names]
     timed = {"one": lambda: one_pass(ws, x, y)}
     timed.update({f"sep{i}": (lambda f=f: f(zeros, ws, x, y)) for i, f in enumerate(fns)})

@@ -37,7 +37,7 @@ def run(quick: bool = False) -> list[dict]:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append({"process": mode, **result, "target": "≤ 2 GB" if mode != "make_jaxpr" else ""})
         print(
-            f"  memory {mode:18s}: {result['equations']} eqns, peak {result['peak GB']:.2f} GB",
+            f"  memory {mode:18s}: {result['equations']} eqns, peak {result['peak GB'] * 1024:.0f} MB",
             flush=True,
         )
     return rows

@@ -21,7 +21,7 @@ def run(quick: bool = False) -> list[dict]:
             for k in range(1, depth):
                 g.slice(f"h#{k}", f"h#{k + 1}")
 
-        totals[depth] = median_time(all_pairs, repeat=3, warmup=0)
+        totals[depth] = median_time(all_pairs, repeat=7, warmup=1)
         per = totals[depth] / (depth - 1)
         rows.append(
             {

@@ -30,8 +30,8 @@ def run(quick: bool = False) -> list[dict]:
             times = interleaved_times(
                 {
                     # a fresh function each run: make_jaxpr caches per function object
-                    "make_jaxpr": lambda: jax.make_jaxpr(make(size)[0])(*args),
-                    "js.trace": lambda: js.trace(make(size)[0], *args),
+                    "make_jaxpr": lambda m=make, s=size, a=args: jax.make_jaxpr(m(s)[0])(*a),
+                    "js.trace": lambda m=make, s=size, a=args: js.trace(m(s)[0], *a),
                 },
                 repeat,
             )

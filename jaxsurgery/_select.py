@@ -254,6 +254,20 @@ def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
             "traced with abstract arguments (jax.ShapeDtypeStruct); trace with concrete "
             "arrays, or use lax.fori_loop/lax.scan with a static trip count"
         )
+    if word is not None and "@" not in word:
+        iterations = sorted(
+            (
+                n
+                for n in graph._names.lookup
+                if n.startswith(word + "@") and n[len(word) + 1 :].isdigit()
+            ),
+            key=lambda n: int(n[len(word) + 1 :]),
+        )
+        if iterations:
+            return SelectionError(
+                f"{label} is inside a loop: add the iteration, {iterations[0]!r} .. "
+                f"{iterations[-1]!r}, or {word + '@*'!r} for all"
+            )
     hint = ""
     if word is not None:
         fallback = word.startswith("%") or ":" in word  # only suggest %i names for %i words

@@ -1,0 +1,271 @@
+"""The bad-input catalog: each mistake gets the right exception type and a message
+that names the culprit and says what to do. Nothing the user passed is modified."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+
+
+def rnn(h0, xs):
+    def step(h, x):
+        h_new = jnp.tanh(h + x)
+        return h_new, h_new
+
+    h_last, _ = jax.lax.scan(step, h0, xs)
+    return h_last
+
+
+def fixed_point(a):
+    def body(x):
+        x_new = jnp.cos(a * x)
+        return x_new
+
+    return jax.lax.while_loop(lambda x: jnp.abs(x - jnp.cos(a * x)) > 1e-3, body, a)
+
+
+def repeated(x):
+    h = x
+    for _ in range(3):
+        h = jnp.sin(h)
+    return h
+
+
+@pytest.fixture(scope="module")
+def g():
+    return js.trace(mlp_12782, *mlp_12782_args())
+
+
+@pytest.fixture(scope="module")
+def abstract():
+    specs = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args()
+    )
+    return js.trace(mlp_12782, *specs)
+
+
+def int_graph():
+    def f(x, n):
+        m = n * 2
+        return (x * m).sum()
+
+    return js.trace(f, jnp.ones(3), jnp.arange(3))
+
+
+CATALOG = [
+    # (case, action on (g, abstract graph), exception, message pattern)
+    (
+        "unknown name",
+        lambda g, a: g["z9"],
+        js.SelectionError,
+        r"no var named 'z9'; did you mean .*'z1'.*\(g\.names\(\) lists all\)",
+    ),
+    (
+        "ambiguous name",
+        lambda g, a: js.trace(repeated, jnp.ones(2))["h"],
+        js.SelectionError,
+        r"'h' is ambiguous: it matches x, h#1, h#2, h#3; pick one",
+    ),
+    (
+        "index out of range",
+        lambda g, a: g[100],
+        js.SelectionError,
+        r"index 100 is out of range: the graph has 16 vars \(0\.\.15, or -16\.\.-1 from the end\)",
+    ),
+    (
+        "glob matching nothing",
+        lambda g, a: g.select("w*"),
+        js.SelectionError,
+        r"no var named 'w\*'",
+    ),
+    (
+        "selector of the wrong type",
+        lambda g, a: g[2.5],
+        js.SelectionError,
+        r"2\.5 is not a selector of one var: use an int, a name, a glob, a re\.Pattern or a Var",
+    ),
+    (
+        "var of another graph",
+        lambda g, a: g.slice(a["z1"], "z2"),
+        js.SelectionError,
+        r"belongs to another graph; select it from this graph by name: g\['z1'\]",
+    ),
+    (
+        ".one() on several vars",
+        lambda g, a: g.select("z?").one(),
+        js.SelectionError,
+        r"expected exactly one var, but the selection has 3: z1, z2, z3; use \.one\(\) only when",
+    ),
+    (
+        "loop value without iteration",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((4, 2)))["step/h_new"],
+        js.SelectionError,
+        r"'step/h_new' is inside a loop: add the iteration, 'step/h_new@0' \.\. 'step/h_new@3', or 'step/h_new@\*' for all",
+    ),
+    (
+        "input downstream of every output",
+        lambda g, a: g.slice("z3", "z1"),
+        js.SliceError,
+        r"output 'z1' does not depend on any input \(z3\)",
+    ),
+    (
+        "input computed after the outputs",
+        lambda g, a: g.slice(("z1", "z3"), "z2"),
+        js.SliceError,
+        r"input 'z3' is computed after every output \(z2\); pick an input upstream",
+    ),
+    (
+        "input reaching no output",
+        lambda g, a: g.slice(("z1", "params_3[1]"), "z2"),
+        js.SliceError,
+        r"input 'params_3\[1\]' does not reach any output \(z2\).*allow_unconnected=True",
+    ),
+    (
+        "unconnected output",
+        lambda g, a: g.slice("z2", ("z3", "z1")),
+        js.SliceError,
+        r"output 'z1' does not depend on any input \(z2\); pick an output downstream of the inputs, or pass allow_unconnected=True",
+    ),
+    (
+        "duplicate input",
+        lambda g, a: g.slice(("z1", "z1"), "z2"),
+        js.SliceError,
+        r"'z1' is selected twice as an input; select each input once",
+    ),
+    (
+        "wrong shape to a slice",
+        lambda g, a: g.slice("z1", "z2")(jnp.ones(5)),
+        js.SliceError,
+        r"input 'z1' expects float32\[4\], got float32\[5\]; pass a value shaped like g\.value\('z1'\)",
+    ),
+    (
+        "wrong dtype to a slice",
+        lambda g, a: g.slice("z1", "z2")(jnp.ones(4, jnp.int32)),
+        js.SliceError,
+        r"input 'z1' expects float32\[4\], got int32\[4\]",
+    ),
+    (
+        "wrong argument count",
+        lambda g, a: g.slice(("z1", "x"), "z2")(jnp.ones(4)),
+        js.SliceError,
+        r"takes 2 arguments \(z1, x\), got 1",
+    ),
+    (
+        "wrong argument structure",
+        lambda g, a: g.slice({"h": "z1"}, "z2")([jnp.ones(4)]),
+        js.SliceError,
+        r"expects its inputs structured as",
+    ),
+    (
+        "non-array argument to a slice",
+        lambda g, a: g.slice("z1", "z2")("four"),
+        js.SliceError,
+        r"input 'z1' expects an array float32\[4\], got str",
+    ),
+    (
+        "unbound slice of an abstract trace",
+        lambda g, a: a.slice("z1", "z2")(jnp.ones(4)),
+        js.SliceError,
+        r"is unbound: its graph was traced with abstract arguments.*call s\.bind\(\*args, \*\*kwargs\)",
+    ),
+    (
+        "value of an abstract trace",
+        lambda g, a: a.value("z1"),
+        js.SliceError,
+        r"g\.value needs values, but this graph was traced with abstract arguments",
+    ),
+    (
+        "bind with wrong shapes",
+        lambda g, a: g.slice("z1", "z2").bind(jnp.ones(7), *mlp_12782_args()[1:]),
+        js.SliceError,
+        r"input 'x' expects float32\[3\], got float32\[7\]",
+    ),
+    (
+        "bind with missing arguments",
+        lambda g, a: g.slice("z1", "z2").bind(jnp.ones(3)),
+        js.TraceError,
+        r"the arguments do not fit mlp_12782\(x, params_1, params_2, params_3\): missing a required argument",
+    ),
+    (
+        "trace of a non-function",
+        lambda g, a: js.trace(42, jnp.ones(2)),
+        js.TraceError,
+        r"js\.trace needs a function, got int: 42",
+    ),
+    (
+        "static_argnums out of range",
+        lambda g, a: js.trace(mlp_12782, *mlp_12782_args(), static_argnums=7),
+        js.TraceError,
+        r"static_argnums=7 is out of range for mlp_12782",
+    ),
+    (
+        "unknown jacobian mode",
+        lambda g, a: g.jacobian("z1", "z2", mode="sideways"),
+        js.SliceError,
+        r"unknown jacobian mode 'sideways'; use 'auto', 'fwd' or 'rev'",
+    ),
+    (
+        "gradient of an integer var",
+        lambda g, a: int_graph().grads("out", ["m"]),
+        js.SliceError,
+        r"cannot differentiate 'm' \(int32\): gradients need floating-point vars",
+    ),
+    (
+        "replacement of the wrong shape",
+        lambda g, a: g.replace("z1", lambda z: z[:2]),
+        js.SliceError,
+        r"the replacement for 'z1' must give float32\[4\], got float32\[2\]",
+    ),
+    (
+        "rewrite matching nothing",
+        lambda g, a: g.rewrite(jnp.cos, jnp.sin, jnp.ones(4)),
+        js.SliceError,
+        r"matches nothing in this graph; check it with g\.match",
+    ),
+    (
+        "abstract while_loop iteration",
+        lambda g, a: js.trace(fixed_point, jax.ShapeDtypeStruct((), jnp.float32)).slice(
+            "body/x_new@2", "out"
+        ),
+        js.SliceError,
+        r"names a value inside a loop iteration, but the graph's while_loop could not be unrolled",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, action, error, pattern", CATALOG, ids=[c[0] for c in CATALOG])
+def test_bad_input(g, abstract, case, action, error, pattern):
+    with pytest.raises(error) as info:
+        action(g, abstract)
+    assert isinstance(info.value, js.SurgeryError)
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_catalog_size():
+    assert len(CATALOG) >= 20
+
+
+def test_no_internal_errors_escape_for_odd_selectors(g):
+    for selector in (None, object(), b"z1", True, 1j, {"a": 1.5}, [2.5]):
+        with pytest.raises(js.SurgeryError):
+            g.slice(selector, "z2")
+
+
+def test_nothing_the_user_passes_is_modified():
+    args = mlp_12782_args()
+    snapshot = jax.tree_util.tree_map(np.array, args)
+    code, globals_keys = mlp_12782.__code__, set(mlp_12782.__globals__)
+    g = js.trace(mlp_12782, *args)
+    s = g.slice("z1", "z3")
+    jax.jvp(s.bind(*args), (g.value("z1"),), (jnp.ones(4),))
+    g.replace("z2", 0.0).as_function()(*args)
+    g.grads("out", ["z1"])
+    assert mlp_12782.__code__ is code and set(mlp_12782.__globals__) == globals_keys
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, snapshot, jax.tree_util.tree_map(np.array, args)
+    )
