@@ -26,5 +26,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+fuzz: $(STAMP)
+	JS_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+
 clean:
 	rm -rf $(VENV) build *.egg-info

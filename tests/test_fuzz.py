@@ -20,7 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jax.extend.core import DropVar, Literal, check_jaxpr
 
@@ -175,6 +175,7 @@ def test_random_slices_match_the_oracle(ops, n_outputs, data):
     tangents = tuple(jnp.asarray(rng.normal(size=SHAPE), jnp.float32) for _ in inputs)
     _, t_ours = jax.jvp(s, primals, tangents)
     _, t_oracle = jax.jvp(run, (zeros,), (tangents,))
+    event("connected" if any(bool(jnp.any(t != 0)) for t in t_oracle) else "unconnected")
     for a, b in zip(t_ours, t_oracle):
         close(a, b)
     # VJP

@@ -1,0 +1,116 @@
+"""The dtype matrix: slices with inputs, outputs and context of every common dtype."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import allclose
+
+import jaxsurgery as js
+
+FLOATS = [jnp.float16, jnp.bfloat16, jnp.float32]
+
+
+def float_program(x, w):
+    a = jnp.sin(x) * w
+    b = jnp.tanh(a) + x
+    return b.sum()
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: jnp.dtype(d).name)
+def test_float_dtypes(dtype):
+    x = jnp.linspace(-1, 1, 4).astype(dtype)
+    w = jnp.asarray(0.5, dtype)
+    g = js.trace(float_program, x, w)
+    s = g.slice("a", "b")
+    a = g.value("a")
+    assert a.dtype == dtype and s(a).dtype == dtype
+    tol = 1e-2 if dtype != jnp.float32 else 1e-6
+    allclose(s(a).astype(jnp.float32), (jnp.tanh(a) + x).astype(jnp.float32), rtol=tol, atol=tol)
+    _, t = jax.jvp(s, (a,), (jnp.ones_like(a),))
+    allclose(t.astype(jnp.float32), (1 - jnp.tanh(a) ** 2).astype(jnp.float32), rtol=tol, atol=tol)
+    ct = jax.vjp(s, a)[1](jnp.ones_like(a))[0]
+    assert ct.dtype == dtype
+
+
+def test_float64_with_x64():
+    with jax.enable_x64(True):
+        x = jnp.linspace(-1, 1, 4, dtype=jnp.float64)
+        g = js.trace(float_program, x, 0.5)
+        s = g.slice("a", "b")
+        a = g.value("a")
+        assert a.dtype == jnp.float64
+        jac = jax.jacfwd(s)(a)
+        np.testing.assert_allclose(np.diag(jac), 1 - np.tanh(np.asarray(a)) ** 2, rtol=1e-12)
+
+
+def test_complex64():
+    def f(z):
+        u = z * (1.0 + 2.0j)
+        v = jnp.exp(u) + jnp.conj(z)
+        return v
+
+    z = jnp.asarray([0.1 + 0.2j, -0.3 + 0.1j], jnp.complex64)
+    g = js.trace(f, z)
+    s = g.slice("u", "v")
+    u = g.value("u")
+    allclose(s(u), jnp.exp(u) + jnp.conj(z))
+    _, t = jax.jvp(s, (u,), (jnp.ones_like(u),))
+    allclose(t, jnp.exp(u), rtol=1e-5)  # conj(z) is context
+
+
+def test_int32_and_bool_inputs_outputs_and_context():
+    def f(x, n, mask):
+        m = n * 3
+        keep = mask & (m > 2)
+        y = jnp.where(keep, x * m, 0.0)
+        return y, m, keep
+
+    x, n, mask = jnp.ones(4), jnp.arange(4), jnp.array([True, True, False, True])
+    g = js.trace(f, x, n, mask)
+    # int input -> int and bool outputs
+    s = g.slice("n", ("m", "keep"))
+    m, keep = s(jnp.array([0, 1, 2, 3]))
+    allclose(m, jnp.array([0, 3, 6, 9]))
+    assert keep.dtype == jnp.bool_ and keep.tolist() == [False, True, False, True]
+    # float input with int and bool context; float0 tangents for the int input
+    s2 = g.slice(("x", "m"), "y")
+    assert {v.name for v in s2.context_vars} >= {"mask"}
+    out, t = jax.jvp(s2, (x, g.value("m")), (jnp.ones(4), np.zeros(4, jax.dtypes.float0)))
+    allclose(t, jnp.where(g.value("keep"), g.value("m"), 0.0))
+    # bool input
+    s3 = g.slice("keep", "y")
+    allclose(s3(jnp.array([True, False, False, False])), jnp.array([0.0, 0.0, 0.0, 0.0]))
+
+
+def test_prng_key_arrays():
+    def f(key, scale):
+        k1, k2 = jax.random.split(key)
+        noise = jax.random.normal(k1, (3,))
+        y = noise * scale
+        return y, k2
+
+    key = jax.random.key(0)
+    g = js.trace(f, key, 2.0)
+    # a key as a slice input
+    s = g.slice("k1", "y")
+    allclose(s(g.value("k1")), g.value("y"))
+    other = s(jax.random.key(7))
+    assert other.shape == (3,) and not jnp.allclose(other, g.value("y"))
+    # a key as a slice output, and as context
+    s_out = g.slice("key", "k2")
+    assert jax.random.key_data(s_out(key)).tolist() == jax.random.key_data(g.value("k2")).tolist()
+    allclose(jax.grad(lambda c: g.slice("scale", "y")(c).sum())(3.0), g.value("noise").sum())
+
+    # a key as context: the window folds a traced step number into it
+    def step(key, n):
+        m = n + 1
+        k = jax.random.fold_in(key, m)
+        draw = jax.random.uniform(k, (2,))
+        return draw
+
+    h = js.trace(step, key, jnp.asarray(3))
+    s_ctx = h.slice("n", "draw")
+    assert [v.name for v in s_ctx.context_vars] == ["key"]
+    allclose(s_ctx(jnp.asarray(3)), h.value("draw"))
+    allclose(s_ctx(jnp.asarray(4)), step(key, jnp.asarray(4)))
