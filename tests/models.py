@@ -1,21 +1,20 @@
-"""Small models used by several test files, each with its hand-made reference."""
+"""Models shared by several test files: the demo's, so the tests check what `make demo` shows."""
+
+import importlib.util
+import pathlib
 
 import jax
-import jax.numpy as jnp
 
+_path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "issue_12782.py"
+_spec = importlib.util.spec_from_file_location("issue_12782", _path)
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
-def mlp_12782(x, params_1, params_2, params_3):
-    z1 = jnp.tanh(jnp.dot(params_1[0], x) + params_1[1])
-    z2 = jnp.tanh(jnp.dot(params_2[0], z1) + params_2[1])
-    z3 = jnp.tanh(jnp.dot(params_3[0], z2) + params_3[1])
-    return z3
+#: the issue-12782 MLP, f(x, params_1, params_2, params_3) with z1, z2, z3
+mlp_12782 = demo.f
+#: the thread's second case: chain(x0) = f3(f2(f1(x0))) with x1, x2, x3
+f1, f2, f3, chain = demo.f1, demo.f2, demo.f3, demo.g
 
 
 def mlp_12782_args(key=None):
-    key = jax.random.key(0) if key is None else key
-    ks = jax.random.split(key, 7)
-    x = jax.random.normal(ks[0], (3,))
-    p1 = (jax.random.normal(ks[1], (4, 3)), jax.random.normal(ks[2], (4,)))
-    p2 = (jax.random.normal(ks[3], (5, 4)), jax.random.normal(ks[4], (5,)))
-    p3 = (jax.random.normal(ks[5], (2, 5)), jax.random.normal(ks[6], (2,)))
-    return x, p1, p2, p3
+    return demo.make_params(jax.random.key(0) if key is None else key)

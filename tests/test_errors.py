@@ -189,7 +189,7 @@ CATALOG = [
         "bind with missing arguments",
         lambda g, a: g.slice("z1", "z2").bind(jnp.ones(3)),
         js.TraceError,
-        r"the arguments do not fit mlp_12782\(x, params_1, params_2, params_3\): missing a required argument",
+        r"the arguments do not fit f\(x, params_1, params_2, params_3\): missing a required argument",
     ),
     (
         "trace of a non-function",
@@ -201,7 +201,7 @@ CATALOG = [
         "static_argnums out of range",
         lambda g, a: js.trace(mlp_12782, *mlp_12782_args(), static_argnums=7),
         js.TraceError,
-        r"static_argnums=7 is out of range for mlp_12782",
+        r"static_argnums=7 is out of range for f",
     ),
     (
         "unknown jacobian mode",

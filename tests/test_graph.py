@@ -69,9 +69,9 @@ def test_text_table():
     g = js.trace(mlp_12782, *mlp_12782_args())
     text = repr(g)
     assert text.splitlines()[0].startswith(
-        "Graph mlp_12782(x, params_1, params_2, params_3): 16 vars, 9 equations"
+        "Graph f(x, params_1, params_2, params_3): 16 vars, 9 equations"
     )
-    assert "z3 (out)" in text and "dot_general" in text and "models.py:" in text
+    assert "z3 (out)" in text and "dot_general" in text and "issue_12782.py:" in text
 
     def deep(x):
         for _ in range(100):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import allclose, check_slice
-from models import mlp_12782, mlp_12782_args
+from models import chain, f2, f3, mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 
@@ -53,25 +53,6 @@ def test_value_of_slice_matches_trace():
 
 
 # -- issue 12782, case 2: g(x0) built from f1, f2, f3 ---------------------------------------
-def f1(x):
-    return jnp.sin(x) * 0.5
-
-
-def f2(x):
-    return jnp.cumsum(x) * 0.3 + 0.1 * x**2
-
-
-def f3(x):
-    return jnp.tanh(x[::-1] * x + x)
-
-
-def chain(x0):
-    x1 = f1(x0)
-    x2 = f2(x1)
-    x3 = f3(x2)
-    return x3
-
-
 @pytest.mark.parametrize(
     "start, reference",
     [
