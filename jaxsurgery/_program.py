@@ -110,9 +110,6 @@ class Program:
     def is_const(self, i: int) -> bool:
         return self.num_inputs <= i < self.num_inputs + self.num_consts
 
-    def const_value(self, i: int) -> Any:
-        return self.consts[i - self.num_inputs]
-
     def ancestor_eqns(
         self, targets: Iterable[int], stop: frozenset[int] = frozenset()
     ) -> list[int]:
