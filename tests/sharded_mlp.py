@@ -5,7 +5,8 @@ Run as a script in a fresh process: the device count is fixed when JAX starts.
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+if __name__ == "__main__":  # only in its own process: pytest imports this file for doctests
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -15,10 +16,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxsurgery as js  # noqa: E402
 
-mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
 
 def spec(*axes):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     return NamedSharding(mesh, P(*axes))
 
 
