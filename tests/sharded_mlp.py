@@ -64,6 +64,27 @@ def main():
     np.testing.assert_allclose(
         np.asarray(out2), np.tanh(x_np @ w1_np) @ w2_np, rtol=1e-5, atol=1e-5
     )
+    # a shard_map'd layer stays one equation inside the slice, and runs on all devices
+    mesh = spec().mesh
+
+    def local(h, w):
+        return jnp.tanh(h @ w)
+
+    def with_shard_map(x, w1):
+        a = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data", None), P(None, "model")),
+            out_specs=P("data", "model"),
+        )(x, w1)
+        b = a * 2.0
+        return b
+
+    g2 = js.trace(with_shard_map, x, w1)
+    s2 = g2.slice("x", "b")
+    assert [e.primitive.name for e in s2.jaxpr.eqns] == ["shard_map", "mul"], s2.jaxpr
+    out3 = jax.jit(s2)(x)
+    np.testing.assert_allclose(np.asarray(out3), 2 * np.tanh(x_np @ w1_np), rtol=1e-5, atol=1e-5)
     print("sharded slices ok:", kept, out.sharding.spec)
 
 
