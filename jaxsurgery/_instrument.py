@@ -36,6 +36,9 @@ Sharp edges:
       the original function is not reused by ``js.trace``.
     * A value held by a name is recorded when the assignment runs; a value built in
       an expression and never assigned keeps its fallback ``%i`` name.
+    * A callee that inspects its caller's frame (``sys._getframe(1)``) sees the call
+      wrapper's frame; ``super()``, ``locals()``, ``vars()``, ``eval`` and ``exec`` calls
+      are left as they are.
 """
 
 from __future__ import annotations
