@@ -476,8 +476,18 @@ class _MarkAssignments(ast.NodeTransformer):
 
 
 def _call_label(func: ast.expr) -> str | None:
-    """The call's name from its callee expression (``self.`` dropped), or None."""
-    if not isinstance(func, (ast.Name, ast.Attribute, ast.Subscript)):
+    """The call's name from its callee expression (``self.`` dropped), or None.
+
+    Only plain paths name a call: names, attributes, and subscripts by constants
+    (``self.layers[2]``). Anything else (``super().f``, ``self.layers[i]``) is named at
+    run time, by submodule path or the function's own name.
+    """
+    node = func
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            return None
+        node = node.value
+    if not isinstance(node, ast.Name):
         return None
     text = ast.unparse(func)
     return text[len("self.") :] if text.startswith("self.") else text

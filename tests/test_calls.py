@@ -189,3 +189,29 @@ def test_static_jit_and_remat_user_functions_are_calls():
     assert [e.primitive.name for e in s.jaxpr.eqns] == ["remat2"]
     check_slice(s, (g.value("a"),), lambda a: jnp.sin(a) * 2.0, eqns=1)
     check_slice(g.slice("x", "power"), (x,), lambda t: t**3)
+
+
+class Base:
+    def __call__(self, x):
+        base_out = jnp.tanh(x)
+        return base_out
+
+
+class Child(Base):
+    def __call__(self, x):
+        pre = x * 2.0
+        return super().__call__(pre) + 1.0
+
+
+def test_calls_through_super_and_computed_subscripts_are_named_at_run_time():
+    def f(x):
+        m = Child()
+        fns = [jnp.sin, helper]
+        r = m(x)
+        for i in range(2):
+            r = fns[i](r, 2.0) if i else fns[i](r)
+        return r
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["m/__call__/base_out"].primitive == "tanh"  # super().__call__ -> its name
+    assert g["helper/h"].primitive == "mul"  # fns[i] -> the function's own name
