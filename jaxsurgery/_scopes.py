@@ -3,6 +3,7 @@
 Every equation carries a name-stack path (``"MLP/Dense_0"``). A *scope instance* is a
 run of consecutive equations inside the same scope; a scope entered k > 1 times under
 the same parent instance is ``name#k`` (k in program order), like a repeated call.
+Transformation marks in the name stack (``jvp()``, ``vmap()``) are not scopes.
 
 Names given (SPEC §4.5):
     * ``"MLP/Dense_0"`` on each **output** of the instance: a value made inside and
@@ -42,7 +43,7 @@ def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, st
             chains.append(())  # the common case outside any scope
             continue
         path = C.scope_of(eqn.source_info)
-        parts = path.split("/") if path else []
+        parts = [p for p in path.split("/") if p and not _is_transform(p)]
         keep = 0
         while keep < min(len(stack), len(parts)) and stack[keep][0] == parts[keep]:
             keep += 1
@@ -71,6 +72,12 @@ def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, st
                     names.append((v, paths[inst]))
                 inside.append((v, f"{paths[inst]}/%{v}"))
     return names, inside
+
+
+def _is_transform(part: str) -> bool:
+    """``jvp()``, ``vmap()``, ``transpose(jvp())``: marks JAX adds, not user scopes."""
+    head, paren, _ = part.partition("(")
+    return bool(paren) and part.endswith(")") and head.isidentifier()
 
 
 def _instance_paths(parents: list[int], labels: list[str]) -> list[str]:

@@ -235,3 +235,16 @@ def test_non_array_leaves_are_static_and_bad_arguments_are_trace_errors():
     assert g.outputs[0].primitive == "mul"
     with pytest.raises(js.TraceError, match="do not fit"):
         js.trace(lambda x: x, jnp.ones(2), jnp.ones(2))
+
+
+def test_named_scopes_name_outputs_and_transform_marks_are_not_scopes():
+    def f(x):
+        with jax.named_scope("block"):
+            h = jnp.sin(x) * 2.0
+        g = jax.grad(lambda t: jnp.sum(jnp.tanh(t)))(h)
+        return h + g
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["block"] is g["h"]
+    assert {v.scope for v in g.select("block/*")} == {"block"}
+    assert not [n for n in g.names() if n.startswith(("jvp()", "transpose("))]
