@@ -12,7 +12,7 @@ The jaxpr is the source of truth; the integer tables are derived from it once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -111,11 +111,20 @@ class Program:
         return self.num_inputs <= i < self.num_inputs + self.num_consts
 
     def ancestor_eqns(
-        self, targets: Iterable[int], stop: frozenset[int] = frozenset()
-    ) -> list[int]:
-        """Equations needed to compute ``targets``, not looking past ``stop`` vars."""
-        needed: set[int] = set()
-        stack = [t for t in targets if t not in stop]
+        self,
+        targets: Iterable[int],
+        through: Callable[[int], bool] | None = None,
+        into: set[int] | None = None,
+    ) -> set[int]:
+        """Equations needed to compute ``targets`` (a backward liveness walk).
+
+        Args:
+            through: walk only through vars for which it is true (all by default);
+                the others are taken as given.
+            into: a set of equations already found, to add to (and not walk again).
+        """
+        needed = set() if into is None else into
+        stack = [t for t in targets if through is None or through(t)]
         seen = set(stack)
         producer, eqn_in = self.producer, self.eqn_in
         while stack:
@@ -124,10 +133,10 @@ class Program:
                 continue
             needed.add(e)
             for i in eqn_in[e]:
-                if i not in seen and i not in stop:
+                if i not in seen and (through is None or through(i)):
                     seen.add(i)
                     stack.append(i)
-        return sorted(needed)
+        return needed
 
     def sub_jaxpr(
         self,
@@ -151,7 +160,7 @@ class Program:
         """
         inputs = range(self.num_inputs)
         consts = range(self.num_inputs, self.num_inputs + self.num_consts)
-        jaxpr = self.sub_jaxpr(self.ancestor_eqns(targets), inputs, targets, consts)
+        jaxpr = self.sub_jaxpr(sorted(self.ancestor_eqns(targets)), inputs, targets, consts)
         return C.eval_jaxpr(jaxpr, self.consts, *flat_args)
 
 

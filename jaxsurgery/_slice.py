@@ -89,23 +89,10 @@ class Window:
 
     def grow(self, roots: Sequence[int]) -> None:
         """Add the equations computing ``roots`` from the inputs (within reached vars)."""
-        producer, eqn_in, reached, inputs = (
-            self.program.producer,
-            self.program.eqn_in,
-            self.reached,
-            self.inputs,
+        reached, inputs = self.reached, self.inputs
+        self.program.ancestor_eqns(
+            roots, through=lambda i: i in reached and i not in inputs, into=self.eqn_set
         )
-        stack = [r for r in roots if r in reached and r not in inputs]
-        seen = set(stack)
-        while stack:
-            e = producer[stack.pop()]
-            if e in self.eqn_set:
-                continue
-            self.eqn_set.add(e)
-            for i in eqn_in[e]:
-                if i in reached and i not in inputs and i not in seen:
-                    seen.add(i)
-                    stack.append(i)
 
 
 def _reaches(program: Any, start: int, targets: set[int], limit: int) -> bool:
