@@ -69,12 +69,14 @@ class ControlFlow:
     def _control_flow(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any
     ) -> list[Any] | None:
-        """Flat atoms of the results, or None to keep the equation as it is."""
+        """Flat atoms of the results, or None to keep the equation as it is.
+
+        Each handler decides to keep the equation before it copies anything.
+        """
         from ._program import Region
 
         name = eqn.primitive.name
-        start, notes_before = len(self.eqns), len(self.notes)
-        region = Region(start, eqn, invars, source_info)
+        region = Region(len(self.eqns), eqn, invars, source_info)
         self.regions.append(region)
         if name == "scan":
             outs = self._scan(eqn, invars, source_info)
@@ -83,9 +85,7 @@ class ControlFlow:
         else:
             outs = self._cond(eqn, invars, source_info)
         if outs is None:
-            self.regions.remove(region)
-            del self.eqns[start:]
-            del self.notes[notes_before + 1 :]
+            self.regions.pop()
             return None
         region.outs, region.end = outs, len(self.eqns)
         return outs

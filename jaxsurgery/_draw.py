@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _compat as C
+from ._table import clip
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -275,13 +276,9 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="6" '
             f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"{dash}/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 16:.1f}" font-size="12" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(_fit(n.label, 22))}</text>'
+            f'fill="{text_color}">{html.escape(clip(n.label, 22))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 30:.1f}" font-size="10" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(_fit(n.detail, 26))}</text></g>'
+            f'fill="{text_color}">{html.escape(clip(n.detail, 26))}</text></g>'
         )
     parts.append("</svg>")
     return "\n".join(parts)
-
-
-def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -91,7 +91,7 @@ class Var:
     @property
     def primitive(self) -> str:
         """The producing primitive; ``"input"`` or ``"const"`` for leaves."""
-        return self._graph._primitive(self.index)
+        return self._graph._program.primitives[self.index]
 
     @property
     def scope(self) -> str:
@@ -440,14 +440,6 @@ class Graph:
         return var_table_html(list(self.vars), graph_title(self), "; ".join(self.notes))
 
     # -- internals ------------------------------------------------------------------------
-    def _primitive(self, i: int) -> str:
-        p = self._program
-        if i < p.num_inputs:
-            return "input"
-        if p.is_const(i):
-            return "const"
-        return p.jaxpr.eqns[p.producer[i]].primitive.name
-
     def _eqn_of(self, i: int) -> C.JaxprEqn | None:
         e = self._program.producer[i]
         return None if e < 0 else self._program.jaxpr.eqns[e]

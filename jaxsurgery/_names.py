@@ -78,6 +78,14 @@ class Names:
         return i
 
 
+def is_generated(name: str) -> bool:
+    """Whether jaxsurgery made a name up (``%12``, ``tanh:12``, ``MLP/%12``).
+
+    Tables do not list such aliases, and suggestions for a user's word skip them.
+    """
+    return "%" in name or (":" in name and name.rsplit(":", 1)[1].isdigit())
+
+
 def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[int, list[str]]:
     """Per var, the names a binding sequence gives it, ``#k`` forms where needed.
 

@@ -47,15 +47,7 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
     extras: list[list[str]] = [[] for _ in program.vars]
     for var, name in scope_names(program)[1]:
         extras[var].append(name)
-    primitives = [
-        "input"
-        if i < program.num_inputs
-        else "const"
-        if program.is_const(i)
-        else program.jaxpr.eqns[program.producer[i]].primitive.name
-        for i in range(len(program.vars))
-    ]
-    names = finalize(candidates, extras, primitives, old.protected)
+    names = finalize(candidates, extras, program.primitives, old.protected)
     return Graph(
         program,
         names,

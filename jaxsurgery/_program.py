@@ -30,6 +30,7 @@ class Program:
         consts: values of ``jaxpr.constvars``.
         vars: jaxpr vars in index order: inputs, constants, equation outputs.
         producer: per var, the index of the equation that writes it, or -1.
+        primitives: per var, its producing primitive, ``"input"`` or ``"const"``.
         eqn_in / eqn_out: per equation, the var indices it reads / writes.
         outputs: var indices of the program outputs.
         tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order.
@@ -46,6 +47,9 @@ class Program:
         self.jaxpr, self.consts = jaxpr, consts
         self.vars: list[C.Var] = [*jaxpr.invars, *jaxpr.constvars]
         self.producer: list[int] = [-1] * len(self.vars)
+        self.primitives: list[str] = ["input"] * len(jaxpr.invars) + ["const"] * len(
+            jaxpr.constvars
+        )
         self.eqn_in: list[tuple[int, ...]] = []
         self.eqn_out: list[tuple[int, ...]] = []
         index = {v: i for i, v in enumerate(self.vars)}
@@ -59,6 +63,7 @@ class Program:
                 index[v] = len(self.vars)
                 self.vars.append(v)
                 self.producer.append(e)
+                self.primitives.append(eqn.primitive.name)
                 outs.append(index[v])
             self.eqn_out.append(tuple(outs))
         self.index = index
@@ -106,9 +111,6 @@ class Program:
     @property
     def num_consts(self) -> int:
         return len(self.jaxpr.constvars)
-
-    def is_const(self, i: int) -> bool:
-        return self.num_inputs <= i < self.num_inputs + self.num_consts
 
     def ancestor_eqns(
         self,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from ._errors import SelectionError, SliceError, did_you_mean, short_list
+from ._names import is_generated
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -242,10 +243,6 @@ def _exactly_one(graph: Graph, label: str, hits: list[int] | None, word: str | N
     return graph.vars[hits[0]]
 
 
-def _is_fallback(name: str) -> bool:
-    return name.startswith("%") or (":" in name and name.rsplit(":", 1)[1].isdigit())
-
-
 def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
     if word is not None and "@" in word and graph._program.opaque_loops:
         raise SliceError(
@@ -273,7 +270,7 @@ def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
         fallback = word.startswith("%") or ":" in word  # only suggest %i names for %i words
         names = graph._names
         candidates = (
-            names.all_names() if fallback else [n for n in names.lookup if not _is_fallback(n)]
+            names.all_names() if fallback else [n for n in names.lookup if not is_generated(n)]
         )
         hint = did_you_mean(word, candidates)
     return SelectionError(f"no var named {label}{hint} (g.names() lists all)")

@@ -13,6 +13,8 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ._names import is_generated
+
 if TYPE_CHECKING:
     from ._graph import Graph, Var
 
@@ -24,9 +26,13 @@ COLUMNS = ("index", "name", "type", "primitive", "reads", "scope", "source")
 _ids = itertools.count()
 
 
+def _shown_aliases(v: Var) -> list[str]:
+    return [a for a in v.aliases if not is_generated(a)]
+
+
 def _row(v: Var) -> tuple[str, ...]:
     reads = ", ".join(p.name for p in v.producers)
-    aliases = [a for a in v.aliases if "%" not in a and ":" not in a]
+    aliases = _shown_aliases(v)
     name = v.name + (f" ({', '.join(aliases)})" if aliases else "")
     source = v.source or ""
     if source:
@@ -53,12 +59,13 @@ def var_table(vars_: Sequence[Var], title: str) -> str:
     widths = {c: min(40, max(len(r[c]) for r in rows)) for c in keep}
     lines = [title]
     for r in rows:
-        cells = [_clip(r[c], widths[c]).ljust(widths[c]) for c in keep]
+        cells = [clip(r[c], widths[c]).ljust(widths[c]) for c in keep]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
-def _clip(text: str, width: int) -> str:
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -70,7 +77,7 @@ HTML_COLUMNS = ("index", "name", "aliases", "shape", "dtype", "primitive", "scop
 
 
 def _html_row(v: Var) -> str:
-    aliases = ", ".join(a for a in v.aliases if "%" not in a and ":" not in a)
+    aliases = ", ".join(_shown_aliases(v))
     cells = (
         str(v.index),
         v.name,

@@ -85,7 +85,6 @@ def _trace(
     with recorder:
         closed = C.make_jaxpr(flat_fn, *leaves)
     program = Program(closed, leaves if concrete else None)
-    primitives = _primitives(program)
     bindings = [
         (name + "".join(f"@{t}" for t in its), i)
         for name, atom in recorder.qualified(lambda atom: bool(program.locate(atom)))
@@ -93,7 +92,7 @@ def _trace(
     ]
     names = assign_names(
         len(program.vars),
-        primitives,
+        program.primitives,
         in_names,
         list(zip(program.outputs, out_info["paths"])),
         program.tags,
@@ -121,16 +120,6 @@ def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     if not callable(fn):
         raise TraceError(f"js.trace needs a function, got {type(fn).__name__}: {fn!r}")
     return fn
-
-
-def _primitives(program: Program) -> list[str]:
-    n_in, n_const = program.num_inputs, program.num_consts
-    out = ["input"] * n_in + ["const"] * n_const
-    eqns = program.jaxpr.eqns
-    out += [
-        eqns[program.producer[i]].primitive.name for i in range(n_in + n_const, len(program.vars))
-    ]
-    return out
 
 
 def _is_array_leaf(x: Any) -> bool:
