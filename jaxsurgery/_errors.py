@@ -38,6 +38,11 @@ class TraceError(SurgeryError, TypeError):
     """``js.trace`` was given something it cannot trace (a non-array argument, ...)."""
 
 
+def type_of(var: object) -> str:
+    """``float32[4]``: a var's type as messages write it."""
+    return f"{var.dtype}{list(var.shape)}"  # type: ignore[attr-defined]
+
+
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The few candidates closest to ``word``, best first.
 

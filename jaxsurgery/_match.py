@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError
-from ._patch import Edit
+from ._patch import Edit, replacement_jaxpr
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -93,23 +93,12 @@ def rewrite_edits(
                 f"rewrite replaces one output per match; {m!r} has {len(m.outputs)}: "
                 "use a pattern with one output"
             )
-        specs = [jax_spec(v) for v in m.inputs]
-        closed = C.make_jaxpr(replacement_fn, *specs)
-        out, want = closed.out_avals, m.outputs[0]
-        if len(out) != 1 or tuple(out[0].shape) != want.shape or out[0].dtype != want.dtype:
-            got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
-            raise SliceError(
-                f"the replacement must give {want.dtype}{list(want.shape)} like the "
-                f"pattern's output {want.name!r}, got {got}"
-            )
+        want = m.outputs[0]
+        closed = replacement_jaxpr(
+            replacement_fn, m.inputs, want, f"the replacement of the pattern's output {want.name!r}"
+        )
         edits.append(Edit(want.index, closed, tuple(v.index for v in m.inputs)))
     return edits
-
-
-def jax_spec(v: Var) -> Any:
-    import jax
-
-    return jax.ShapeDtypeStruct(v.shape, v.dtype)
 
 
 class _State:

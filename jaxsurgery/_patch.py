@@ -14,13 +14,19 @@ new program cannot fold it back).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import jax
 
 from . import _compat as C
+from ._errors import SliceError, type_of
 from ._gc import gc_paused
 from ._program import Program, Region, _Inliner
+
+if TYPE_CHECKING:
+    from ._graph import Var
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,31 @@ class Extra:
     """The k-th new input of a spliced program (appended after the original inputs)."""
 
     k: int
+
+
+def spec_of(var: Var) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(var.shape, var.dtype)
+
+
+def replacement_jaxpr(
+    fn: Callable[..., Any], inputs: Sequence[Var], target: Var, what: str
+) -> C.ClosedJaxpr:
+    """``fn`` traced on the inputs' types, checked to give one value of the target's type.
+
+    ``what`` names the replacement in messages (``"the replacement for 'z1'"``).
+    """
+    try:
+        closed = C.make_jaxpr(fn, *[spec_of(v) for v in inputs])
+    except (TypeError, ValueError) as e:
+        raise SliceError(f"{what} ({type_of(target)}) failed to trace: {e}") from None
+    out = closed.out_avals
+    if len(out) != 1 or tuple(out[0].shape) != target.shape or out[0].dtype != target.dtype:
+        got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
+        raise SliceError(
+            f"{what} must give {type_of(target)}, got {got}; return a value shaped like "
+            f"{target.name!r}"
+        )
+    return closed
 
 
 @dataclass(frozen=True)

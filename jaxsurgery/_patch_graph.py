@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError
 from ._names import finalize
-from ._patch import Edit, splice
+from ._patch import Edit, replacement_jaxpr, splice
 from ._scopes import scope_names
 
 if TYPE_CHECKING:
@@ -61,27 +59,9 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
 
 def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
     """The jaxpr computing a var's new value from its old one, checked for its type."""
-    spec = jax.ShapeDtypeStruct(var.shape, var.dtype)
     if callable(value_or_fn):
         fn = value_or_fn
     else:
         value = value_or_fn
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
-    try:
-        closed = C.make_jaxpr(fn, spec)
-    except (TypeError, ValueError) as e:
-        raise SliceError(
-            f"the replacement for {var.name!r} ({_type(var)}) failed to trace: {e}"
-        ) from None
-    out = closed.out_avals
-    if len(out) != 1 or tuple(out[0].shape) != var.shape or out[0].dtype != var.dtype:
-        got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
-        raise SliceError(
-            f"the replacement for {var.name!r} must give {_type(var)}, got {got}; "
-            "return a value shaped like the old one"
-        )
-    return closed
-
-
-def _type(var: Var) -> str:
-    return f"{var.dtype}{list(var.shape)}"
+    return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError, short_list
+from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 
 if TYPE_CHECKING:
@@ -417,14 +417,14 @@ def _coerce(x: Any, var: Var) -> Any:
     if not hasattr(x, "dtype"):
         if isinstance(x, (list, tuple)) or not hasattr(x, "__array__"):
             raise SliceError(
-                f"input {var.name!r} expects an array {_type(var)}, got {type(x).__name__}"
+                f"input {var.name!r} expects an array {type_of(var)}, got {type(x).__name__}"
             )
         x = np.asarray(x)
     shape = tuple(jnp.shape(x))
     if shape != var.shape or not _same_dtype(x.dtype, var.dtype):
         got = f"{jnp.dtype(x.dtype).name if _is_numpy_dtype(x.dtype) else x.dtype}{list(shape)}"
         raise SliceError(
-            f"input {var.name!r} expects {_type(var)}, got {got}; pass a value shaped "
+            f"input {var.name!r} expects {type_of(var)}, got {got}; pass a value shaped "
             f"like g.value({var.name!r})"
         )
     return x
@@ -443,10 +443,6 @@ def _same_dtype(a: Any, b: Any) -> bool:
         return True
     # numpy float64 input while x64 is off: JAX would canonicalize it anyway
     return _is_numpy_dtype(a) and jax.dtypes.canonicalize_dtype(a) == b
-
-
-def _type(var: Var) -> str:
-    return f"{var.dtype}{list(var.shape)}"
 
 
 def _check_connected(
