@@ -2,7 +2,8 @@
 
 Everything else in jaxsurgery reaches JAX through public modules (``jax``,
 ``jax.extend.core``) or through the names defined here, so a JAX upgrade touches
-this file alone. Tested with jax 0.10.
+this file alone. Tested with jax 0.10 and the newest release (0.12): see the README's
+"Supported JAX versions".
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ def rejit(fn: Any, fun: Any) -> Any:
             treedef = getattr(info, f"{kind}_shardings_treedef")
             options[f"{kind}_shardings"] = jax.tree_util.tree_unflatten(treedef, leaves)
     return jax.jit(fun, **options)
+
+
+def scan_layout(eqn: JaxprEqn) -> tuple[int, int]:
+    """``(number of consts, number of carry)`` operands of a ``scan`` equation.
+
+    The operands are ``consts + carry + xs`` and the results ``carry + ys`` in every
+    version; jax 0.10 states the counts as ``num_consts``/``num_carry``, newer
+    releases as the flat trees ``ft_in = (consts, carry, xs)`` and ``ft_out``.
+    """
+    params = eqn.params
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
 
 
 def tag_name(eqn: JaxprEqn) -> str:

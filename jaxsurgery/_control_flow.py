@@ -93,7 +93,7 @@ class ControlFlow:
     def _scan(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
         p = eqn.params
         body, length = p["jaxpr"], p["length"]
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        n_consts, n_carry = C.scan_layout(eqn)
         if length * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT or length == 0:
             self.notes.append(
                 f"a scan of length {length} stays one equation (unrolled it would pass "

@@ -28,6 +28,7 @@ class Program:
     Attributes:
         jaxpr: the flat ``Jaxpr``; its ``constvars`` hold captured constants.
         consts: values of ``jaxpr.constvars``.
+        num_inputs / num_consts: how many vars are inputs, then constants.
         vars: jaxpr vars in index order: inputs, constants, equation outputs.
         producer: per var, the index of the equation that writes it, or -1.
         primitives: per var, its producing primitive, ``"input"`` or ``"const"``.
@@ -45,11 +46,11 @@ class Program:
     def _index(self, inliner: _Inliner, jaxpr: C.Jaxpr, consts: list[Any]) -> None:
         """Build the integer tables of a flat jaxpr the inliner produced."""
         self.jaxpr, self.consts = jaxpr, consts
-        self.vars: list[C.Var] = [*jaxpr.invars, *jaxpr.constvars]
+        # from the inliner, not the jaxpr: newer JAX lists unvalued constvars as invars
+        self.num_inputs, self.num_consts = len(inliner._invars), len(inliner.constvars)
+        self.vars: list[C.Var] = [*inliner._invars, *inliner.constvars]
         self.producer: list[int] = [-1] * len(self.vars)
-        self.primitives: list[str] = ["input"] * len(jaxpr.invars) + ["const"] * len(
-            jaxpr.constvars
-        )
+        self.primitives: list[str] = ["input"] * self.num_inputs + ["const"] * self.num_consts
         self.eqn_in: list[tuple[int, ...]] = []
         self.eqn_out: list[tuple[int, ...]] = []
         index = {v: i for i, v in enumerate(self.vars)}
@@ -103,14 +104,6 @@ class Program:
             return found
         i = self.index.get(var) if isinstance(var, C.Var) else None
         return [] if i is None else [(i, ())]
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self.jaxpr.invars)
-
-    @property
-    def num_consts(self) -> int:
-        return len(self.jaxpr.constvars)
 
     def ancestor_eqns(
         self,
