@@ -27,7 +27,7 @@ Sharp edges:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
+from ._structured import Step
 
 #: Loops larger than this many unrolled equations stay one equation.
 UNROLL_LIMIT = 200_000
@@ -61,9 +62,10 @@ class ControlFlow:
     """The control-flow part of the inliner (mixed into ``_program._Inliner``).
 
     Uses from its host: ``eqns``, ``regions``, ``notes``, ``opaque_loops``,
-    ``iteration`` (the stack of enclosing iteration numbers),
-    ``_inline(closed, atoms, source_info)`` and ``_values(atoms)`` (concrete values, or
-    None when the trace is abstract).
+    ``iteration`` (the stack of enclosing iteration numbers), ``path`` and
+    ``while_trips`` (see ``_Inliner``), ``position`` (the
+    equation's index in its jaxpr), ``_inline(closed, atoms, source_info, step)`` and
+    ``_values(atoms)`` (concrete values, or None when the trace is abstract).
     """
 
     def _control_flow(
@@ -76,21 +78,24 @@ class ControlFlow:
         from ._program import Region
 
         name = eqn.primitive.name
+        pos = self.position  # the equation's place in its jaxpr (``Step.eqn``)
         region = Region(len(self.eqns), eqn, invars, source_info)
         self.regions.append(region)
         if name == "scan":
-            outs = self._scan(eqn, invars, source_info)
+            outs = self._scan(eqn, invars, source_info, pos)
         elif name == "while":
-            outs = self._while(eqn, invars, source_info)
+            outs = self._while(eqn, invars, source_info, pos)
         else:
-            outs = self._cond(eqn, invars, source_info)
+            outs = self._cond(eqn, invars, source_info, pos)
         if outs is None:
             self.regions.pop()
             return None
         region.outs, region.end = outs, len(self.eqns)
         return outs
 
-    def _scan(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+    def _scan(
+        self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int
+    ) -> list[Any] | None:
         p = eqn.params
         body, length = p["jaxpr"], p["length"]
         n_consts, n_carry = C.scan_layout(eqn)
@@ -107,7 +112,8 @@ class ControlFlow:
         for t in order:
             x_t = [self._index(x, t, source_info) for x in xs]
             self.iteration.append(t)
-            outs = self._inline(body, [*consts, *carry, *x_t], source_info)
+            step = Step(pos, iteration=t)
+            outs = self._inline(body, [*consts, *carry, *x_t], source_info, step)
             self.iteration.pop()
             carry, y = outs[:n_carry], outs[n_carry:]
             ys.append(y)
@@ -119,7 +125,9 @@ class ControlFlow:
         ]
         return [*carry, *stacked]
 
-    def _while(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+    def _while(
+        self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int
+    ) -> list[Any] | None:
         p = eqn.params
         cond, body = p["cond_jaxpr"], p["body_jaxpr"]
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
@@ -143,21 +151,26 @@ class ControlFlow:
                 f"would unroll past {UNROLL_LIMIT} equations"
             )
             return None
+        self.while_trips[(*self.path, Step(pos))] = trips
         for t in range(trips):
             self.iteration.append(t)
-            carry = self._inline(body, [*body_consts, *carry], source_info)
+            step = Step(pos, iteration=t)
+            carry = self._inline(body, [*body_consts, *carry], source_info, step)
             self.iteration.pop()
         self.regions[-1].cut_note = f"it runs the loop's {trips} traced trips whatever the values"
         return carry
 
-    def _cond(self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any) -> list[Any] | None:
+    def _cond(
+        self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int
+    ) -> list[Any] | None:
         branches = eqn.params["branches"]
         values = self._values(invars[:1])
         if values is None:
             return None
         taken = int(np.clip(np.asarray(values[0]), 0, len(branches) - 1))
         region = self.regions[-1]
-        outs = self._inline(branches[taken], invars[1:], source_info)
+        step = Step(pos, branch=taken)
+        outs = self._inline(branches[taken], invars[1:], source_info, step)
         region.cut_note = (
             f"it computes branch {taken} (the one taken when traced) whatever the predicate"
         )
@@ -185,3 +198,44 @@ def _count_trips(
                 return trips
             carry = body_fn(*body_consts, *carry)
     return None
+
+
+def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
+    """Positions of the operands that decide which way a ``cond``/``while`` goes.
+
+    For a ``cond`` its branch index; for a ``while`` the operands its trip count depends
+    on: those the loop's condition reads, then, until nothing changes, those the body
+    computes them from (``fori_loop(0, n, ...)``: the counter and ``n``). These are the
+    control dependencies of every value computed inside the conditional or loop.
+    """
+    name = eqn.primitive.name
+    if name == "cond":
+        return [0]
+    if name != "while":
+        return []
+    p = eqn.params
+    n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+    reads = _reads(p["cond_jaxpr"].jaxpr, range(1))
+    cond_consts = {i for i in reads if i < n_cond}
+    carry = {i - n_cond for i in reads if i >= n_cond}
+    body_consts: set[int] = set()
+    body = p["body_jaxpr"].jaxpr
+    todo = set(carry)
+    while todo:  # the carry those depend on through the body, to a fixed point
+        found = _reads(body, todo)
+        body_consts.update(i for i in found if i < n_body)
+        todo = {i - n_body for i in found if i >= n_body} - carry
+        carry |= todo
+    return sorted(
+        [*cond_consts, *(n_cond + i for i in body_consts), *(n_cond + n_body + i for i in carry)]
+    )
+
+
+def _reads(jaxpr: C.Jaxpr, outs: Iterable[int]) -> set[int]:
+    """Positions of the inputs that the outputs at ``outs`` depend on (a liveness walk)."""
+    live = {jaxpr.outvars[i] for i in outs}
+    live = {v for v in live if isinstance(v, C.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars if not isinstance(v, C.DropVar)):
+            live.update(a for a in eqn.invars if isinstance(a, C.Var))
+    return {i for i, v in enumerate(jaxpr.invars) if v in live}

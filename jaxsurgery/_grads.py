@@ -1,9 +1,13 @@
 """One-pass gradients of many intermediates: ``g.grads`` and ``g.grads_fn``.
 
-The program is spliced (:mod:`jaxsurgery._patch`) so that each chosen var ``v`` is
-replaced by ``v + eps_v`` for new inputs ``eps_v``; one ``jax.grad`` with respect to all
-``eps`` at zero gives every ``d(sum of out)/dv`` in a single backward pass: the
-zero-perturbation trick, applied to all vars at once.
+The structured program (:mod:`jaxsurgery._structured`) is edited so that each chosen
+var ``v`` is replaced by ``v + eps_v`` for extra inputs ``eps_v``; one ``jax.grad`` with
+respect to all ``eps`` at zero gives every ``d(sum of out)/dv`` in a single backward
+pass: the zero-perturbation trick, applied to all vars at once. Since the nested
+program runs, calls keep their custom rules, conds decide again and loops stay
+loops (a perturbation at ``h@t`` for many ``t`` is one stacked input of the scan).
+A var inside a cond branch or a while trip exists only on that path: arguments
+that take another path raise a SliceError.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError
-from ._patch import Edit, Extra, splice
+from ._structured import Edit, Extra, Site, check_hits
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -40,8 +44,13 @@ class GradsFunction:
             keys = list(wrt)
             wrt_vars = [_select.one(graph, wrt[k]) for k in keys]
         else:
-            _, wrt_vars = _select.tree(graph, wrt)
-            keys = [v.name for v in wrt_vars]
+            keys, wrt_vars = [], []
+            for item in wrt if isinstance(wrt, (list, tuple)) else [wrt]:
+                _, found = _select.tree(graph, item)
+                # keyed as the caller wrote it; a pattern by the names it matched
+                named = isinstance(item, str) and len(found) == 1
+                keys += [item] if named else [v.name for v in found]
+                wrt_vars += found
         for v in [*out_vars, *wrt_vars]:
             if not jnp.issubdtype(v.dtype, jnp.inexact):
                 raise SliceError(
@@ -49,21 +58,41 @@ class GradsFunction:
                     "floating-point vars; pick a float var or cast it in your function"
                 )
         self.keys = keys
+        sites = [graph._site_of(v) for v in wrt_vars]
         edits = [
-            Edit(v.index, _add_jaxpr(v.shape, v.dtype), (v.index, Extra(k)))
-            for k, v in enumerate(wrt_vars)
+            Edit(site, "apply", _add_jaxpr(v.shape, v.dtype), (site.vars[0], Extra(k)))
+            for k, (v, site) in enumerate(zip(wrt_vars, sites))
         ]
-        self._program, var_map, patched = splice(graph._program, edits, [v.aval for v in wrt_vars])
-        self._targets = [patched.get(v.index, var_map[v.index]) for v in out_vars]
+        guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
+        self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
+        self._guards = [*guards, *out_guards]
+        self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.at_flat(self.graph._flatten_args(*args, **kwargs))
 
+    @property
+    def notes(self) -> list[str]:
+        """Remarks about the edited program (a custom rule bypassed, ...)."""
+        return self._structured.notes
+
     def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
         def total(eps: list[Any]) -> Any:
-            outs = self._program.evaluate(self._targets, [*flat_args, *eps])
-            return sum(jnp.sum(o) for o in outs)
+            _, exposed = self._structured.run(flat_args, eps)
+            loss = sum(jnp.sum(exposed[e]) for e in self._outs)
+            return loss, [exposed[h] for h in self._guards]
 
         zeros = [jnp.zeros(a.shape, a.dtype) for a in self._avals]
-        return dict(zip(self.keys, jax.grad(total)(zeros)))
+        try:
+            grads, hits = jax.grad(total, has_aux=True)(zeros)
+        except ValueError as e:
+            if "while_loop" not in str(e):
+                raise
+            raise SliceError(
+                "the gradients cross a while_loop, and JAX has no reverse mode for it "
+                "(jax.grad of your function fails the same way); use g.jvp / "
+                "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
+            ) from None
+        check_hits([(h, True, self._message) for h in hits])
+        return dict(zip(self.keys, grads))

@@ -31,6 +31,7 @@ from . import _select
 from ._errors import SliceError
 from ._names import Names
 from ._program import Program
+from ._structured import Edit, Site, Structured, check_hits
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -150,8 +151,19 @@ class Graph:
         title: str,
         notes: Sequence[str] = (),
         out_tree: Any = None,
+        structure: Structured | None = None,
+        site: Callable[[int], Site | None] | None = None,
+        unpatched: frozenset[int] = frozenset(),
     ):
         self._program = program
+        #: what runs for new arguments: the nested program with this graph's edits
+        self._structure = (
+            Structured(program.closed, while_trips=program.while_trips)
+            if structure is None
+            else structure
+        )
+        self._site = program.site if site is None else site
+        self._unpatched = unpatched  # vars holding a value from before a patch
         self._names = names
         self._flatten_args = flatten_args
         self._flat_args = None if flat_args is None else tuple(flat_args)
@@ -389,7 +401,7 @@ class Graph:
 
         def function(*args: Any, **kwargs: Any) -> Any:
             flat = self._flatten_args(*args, **kwargs)
-            outs = self._program.evaluate(self._program.outputs, flat)
+            outs, _ = self._structure.run(flat)
             return jax.tree_util.tree_unflatten(self._out_tree, outs)
 
         function.__name__ = self._title.split("(")[0]
@@ -440,6 +452,75 @@ class Graph:
         return var_table_html(list(self.vars), graph_title(self), "; ".join(self.notes))
 
     # -- internals ------------------------------------------------------------------------
+    def _site_of(self, var: Var) -> Site:
+        """The var's place in the nested program, or a SliceError."""
+        site = self._site(var.index)
+        if site is None:
+            raise SliceError(
+                f"{var.name!r} is a value jaxsurgery's index made up (a loop input or "
+                "output slice, or a value inside a patch), not one of the program's: "
+                "select the value it was made from instead"
+            )
+        return site
+
+    def _exposing(self, vars_: Sequence[Var], edits: Sequence[Edit] = ()) -> tuple:
+        """The structured program exposing ``vars_`` (after ``edits``), and its guards.
+
+        Returns ``(structured, value edits, guard edits)``; a guard is a hit edit
+        that must be reached (the var's cond branch or while trip exists).
+        """
+        exposures, before, guards = [], [], []
+        for v in vars_:
+            site = self._site_of(v)
+            e = Edit(site, "expose")
+            (before if v.index in self._unpatched else exposures).append(e)
+            if site.path_bound:
+                guards.append(Edit(Site(site.steps, ()), "hit"))
+        base = self._structure
+        structured = Structured(
+            base.closed, (*before, *base.edits, *edits, *exposures, *guards), base.notes
+        )
+        return structured, [*before, *exposures], guards
+
+    def _values_at(
+        self,
+        vars_: Sequence[Var],
+        flat_args: Sequence[Any],
+        path: Sequence[tuple[Edit, bool]] = (),
+        what: Sequence[Var] = (),
+    ) -> list[Any]:
+        """Values of ``vars_`` for new function arguments, from the structured program.
+
+        Traceable. Raises a SliceError (under ``jit``: when run) if a var lives on a
+        path (a cond branch, a while trip) the arguments do not take, or if a ``path``
+        hit is not as expected (``what`` names the vars that need that path).
+        """
+        order = sorted(range(len(vars_)), key=lambda k: vars_[k].index not in self._unpatched)
+        structured, exposures, guards = self._exposing(
+            [vars_[k] for k in order], [e for e, _ in path]
+        )
+        _, exposed = structured.run(flat_args)
+        message = self._path_message([*vars_, *what])
+        check_hits(
+            [(exposed[h], True, message) for h in guards]
+            + [(exposed[e], expected, message) for e, expected in path]
+        )
+        values = [exposed[e] for e in exposures]
+        result: list[Any] = [None] * len(vars_)
+        for k, x in zip(order, values):
+            result[k] = x
+        return result
+
+    @staticmethod
+    def _path_message(vars_: Sequence[Var]) -> str:
+        names = ", ".join(v.name for v in vars_[:4]) + (", ..." if len(vars_) > 4 else "")
+        return (
+            f"the arguments take another path through a cond or while_loop than the "
+            f"traced ones, and some of {names} exist only on the traced path; use "
+            "arguments that take the same branch / trip count, or cut outside the "
+            "cond / loop"
+        )
+
     def _eqn_of(self, i: int) -> C.JaxprEqn | None:
         e = self._program.producer[i]
         return None if e < 0 else self._program.jaxpr.eqns[e]

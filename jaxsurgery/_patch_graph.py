@@ -3,6 +3,13 @@
 A derived graph carries the names of its parent: each old var keeps its names, a
 patched var's names move to its new value, and the old value answers to
 ``<name>.unpatched``.
+
+Two programs carry the edits: the flat index is spliced (:mod:`jaxsurgery._patch`),
+so that names, values and slices at the traced arguments see the patch; and the
+edits are added to the structured program (:mod:`jaxsurgery._structured`), which is
+what ``as_function`` and ``grads_fn`` run for any arguments: a patch inside a cond
+branch edits that branch and the cond decides again; a patch at ``h@t`` applies at
+iteration ``t`` of a loop that stays a loop.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._names import finalize
+from ._errors import SliceError
 from ._patch import Edit, replacement_jaxpr, splice
+from ._structured import Edit as StructuredEdit
 from ._scopes import scope_names
 
 if TYPE_CHECKING:
@@ -33,7 +42,13 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
     """The graph with ``edits`` spliced in, names carried over."""
     from ._graph import Graph
 
+    structured = graph._structure.with_edits(*(_structured_edit(graph, e) for e in edits))
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
+    origin = {j: i for i, j in enumerate(var_map)}
+    origin.update({j: i for i, j in patched.items()})
+    unpatched = frozenset(var_map[i] for i in patched) | {
+        var_map[i] for i in graph._unpatched
+    }
     old = graph._names
     candidates: list[list[str]] = [[] for _ in program.vars]
     for i, j in enumerate(var_map):
@@ -54,7 +69,27 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
         f"{graph._title}.{what}",
         (*graph.notes, *program.notes[len(graph._program.notes) :]),
         graph._out_tree,
+        structured,
+        lambda j: graph._site(origin[j]) if j in origin else None,
+        frozenset(unpatched),
     )
+
+
+def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
+    """A flat edit as an edit of the structured program (reads at the target's level)."""
+    target = graph.vars[edit.target]
+    site = graph._site_of(target)
+    reads = []
+    for r in edit.reads:
+        read = graph._site_of(graph.vars[r])
+        if read.steps != site.steps:
+            raise SliceError(
+                f"the replacement for {target.name!r} reads {graph.vars[r].name!r}, which "
+                "lives in another call, loop iteration or branch; patch values of one "
+                "level together"
+            )
+        reads.append(read.vars[0])
+    return StructuredEdit(site, "apply", edit.closed, tuple(reads))
 
 
 def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from . import _compat as C
-from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES, ControlFlow
+from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES, ControlFlow, deciding_operands
+from ._structured import Site, Step, locate
 
 
 class Program:
@@ -41,7 +42,26 @@ class Program:
 
     def __init__(self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None):
         inliner = _Inliner(flat_args)
+        self.closed = closed
         self._index(inliner, *inliner.run(closed))
+        self._top: set[C.Var] | None = None
+
+    def site(self, i: int) -> Site | None:
+        """Where var ``i`` lives in the nested program (None: made by the inliner).
+
+        See :mod:`jaxsurgery._structured`.
+        """
+        v = self.vars[i]
+        found = self.locations.get(v)
+        if found is None:
+            if self._top is None:
+                jaxpr = self.closed.jaxpr
+                self._top = {*jaxpr.invars, *jaxpr.constvars}
+                self._top.update(o for e in jaxpr.eqns for o in e.outvars)
+            if v not in self._top:
+                return None
+            found = ((), v)
+        return locate(self.closed, *found, self.while_trips)
 
     def _index(self, inliner: _Inliner, jaxpr: C.Jaxpr, consts: list[Any]) -> None:
         """Build the integer tables of a flat jaxpr the inliner produced."""
@@ -75,11 +95,19 @@ class Program:
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
+        self.locations, self.while_trips = inliner.locations, inliner.while_trips
         self.opaque_loops = inliner.opaque_loops
         # calls that produced equations, outermost first (by start, then by size)
         self.regions = sorted(
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
         )
+        # control dependencies: what decides a cond or a while's trip count is read by
+        # every equation inside it (for windows, context and connectivity)
+        for r in self.regions:
+            deciders = tuple(index[a] for a in r.deciders if a in index)
+            if deciders:
+                for e in range(r.start, r.end):
+                    self.eqn_in[e] += deciders
 
     @property
     def users(self) -> list[list[int]]:
@@ -196,13 +224,28 @@ class Region:
     def name(self) -> str:
         return C.call_name(self.eqn)
 
-    def folded(self) -> C.JaxprEqn:
-        """The call as one equation over flat atoms (results it forwards are dropped)."""
-        outvars, seen = [], set()
+    @property
+    def deciders(self) -> list[Any]:
+        """The operands that decide a ``cond``/``while`` (its control dependencies)."""
+        return [self.ins[i] for i in deciding_operands(self.eqn) if isinstance(self.ins[i], C.Var)]
+
+    def made_outs(self, program: Program) -> list[int | None]:
+        """Per result, its var index if the region's equations write it, else None.
+
+        A result the call forwards (one of its operands, a constant, a ``Literal``, a
+        result already listed) is not written by the folded equation.
+        """
+        made: list[int | None] = []
         for a in self.outs:
-            produced = isinstance(a, C.Var) and a not in seen
-            outvars.append(a if produced else C.DropVar(a.aval))
-            seen.add(a)
+            i = program.index.get(a) if isinstance(a, C.Var) else None
+            written = i is not None and self.start <= program.producer[i] < self.end
+            made.append(i if written and i not in made else None)
+        return made
+
+    def folded(self, program: Program) -> C.JaxprEqn:
+        """The call as one equation over flat atoms (results it forwards are dropped)."""
+        made = self.made_outs(program)
+        outvars = [a if i is not None else C.DropVar(a.aval) for a, i in zip(self.outs, made)]
         eqn = self.eqn
         return C.new_jaxpr_eqn(
             self.ins, outvars, eqn.primitive, eqn.params, eqn.effects, self.source_info
@@ -230,6 +273,14 @@ class _Inliner(ControlFlow):
         self.tags: list[tuple[C.Var, str]] = []
         self.origin: dict[int, list[tuple[C.Var, tuple[int, ...]]]] = {}
         self.regions: list[Region] = []
+        #: where each copied flat var lives in the nested program: ``(steps, nested
+        #: var)`` (top-level vars kept as they are need no entry); see ``_structured``
+        self.locations: dict[C.Var, tuple[tuple[Step, ...], C.Var]] = {}
+        self.path: list[Step | None] = []  # None: inside a helper jaxpr (xs[t], stack)
+        self.position = 0  # the index of the equation being copied in its jaxpr
+        self._made_by_helper: set[C.Var] = set()
+        #: traced trip count of each unrolled while_loop, by its steps (iteration None)
+        self.while_trips: dict[tuple[Step, ...], int] = {}
 
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
@@ -248,7 +299,15 @@ class _Inliner(ControlFlow):
         new = C.Var(v.aval)
         env[v] = new
         self.origin.setdefault(id(v), []).append((new, tuple(self.iteration)))
+        self._locate(new, v)
         return new
+
+    def _locate(self, flat: C.Var, nested: C.Var) -> None:
+        """Record where a flat var lives in the nested program (the first place wins)."""
+        if self.path and self.path[-1] is None:
+            self._made_by_helper.add(flat)  # located when a body input or result aliases it
+        elif flat not in self.locations:
+            self.locations[flat] = (tuple(self.path), nested)
 
     def keep_top_level(self, jaxpr: C.Jaxpr, consts: Sequence[Any], env: dict) -> list[C.Var]:
         """Take a jaxpr's inputs and constants as they are (they need no copy)."""
@@ -261,13 +320,25 @@ class _Inliner(ControlFlow):
         self._invars = list(jaxpr.invars)
         return self._invars
 
-    def _inline(self, closed: C.ClosedJaxpr, atoms: Sequence[Any], source_info: Any) -> list[Any]:
-        """Copy a closed jaxpr's equations reading ``atoms``; its results as flat atoms."""
+    def _inline(
+        self,
+        closed: C.ClosedJaxpr,
+        atoms: Sequence[Any],
+        source_info: Any,
+        step: Step | None = None,
+    ) -> list[Any]:
+        """Copy a closed jaxpr's equations reading ``atoms``; its results as flat atoms.
+
+        ``step`` says where the jaxpr sits in the nested program (None: a helper
+        jaxpr of the inliner's own, whose values have no nested location).
+        """
+        self.path.append(step)
         inner_env: dict[Any, Any] = {}
         for v, a in zip(closed.jaxpr.invars, atoms):
             self._alias(v, a, inner_env)
         self._bind_consts(closed.jaxpr.constvars, closed.consts, inner_env)
         self._copy(closed.jaxpr, inner_env, source_info)
+        self.path.pop()
         return [self._read(a, inner_env) for a in closed.jaxpr.outvars]
 
     def _values(self, atoms: Sequence[Any]) -> list[Any] | None:
@@ -284,6 +355,9 @@ class _Inliner(ControlFlow):
         env[v] = atom
         if isinstance(atom, C.Var):
             self.origin.setdefault(id(v), []).append((atom, tuple(self.iteration)))
+            if atom in self._made_by_helper:  # xs[t] is a body input; stacked ys, results
+                self._made_by_helper.discard(atom)
+                self.locations[atom] = (tuple(self.path), v)
 
     def _new_const(self, value: Any, aval: Any) -> C.Var:
         var = C.Var(aval)
@@ -295,13 +369,15 @@ class _Inliner(ControlFlow):
         for v, value in zip(constvars, values):
             env[v] = self._new_const(value, v.aval)
             self.origin.setdefault(id(v), []).append((env[v], tuple(self.iteration)))
+            self._locate(env[v], v)
 
     @staticmethod
     def _read(a: Any, env: dict) -> Any:
         return a if isinstance(a, C.Literal) else env[a]
 
     def _copy(self, jaxpr: C.Jaxpr, env: dict, outer: C.SourceInfo | None) -> None:
-        for eqn in jaxpr.eqns:
+        for position, eqn in enumerate(jaxpr.eqns):
+            self.position = position
             self._copy_eqn(eqn, env, outer)
 
     def _copy_eqn(self, eqn: C.JaxprEqn, env: dict, outer: C.SourceInfo | None) -> None:
@@ -328,7 +404,8 @@ class _Inliner(ControlFlow):
         if name in C.CALL_PRIMITIVES and _inlinable(eqn):
             region = Region(len(self.eqns), eqn, invars, source_info)
             self.regions.append(region)
-            outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info)
+            step = Step(self.position)
+            outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
             region.end = len(self.eqns)
         elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
             outs = self._control_flow(eqn, invars, source_info)

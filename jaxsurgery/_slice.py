@@ -125,9 +125,10 @@ def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[in
     Returns ``(equations, context var indices, notes)``.
     """
     while True:
-        result, context, notes = _fold(program, window.eqn_set, ins, outs)
+        result, context, notes, dead = _fold(program, window.eqn_set, ins, outs)
         missing = [i for i in context if i in window.reached]
         if not missing:
+            window.eqn_set.difference_update(dead)
             return result, context, notes
         window.grow(missing)
 
@@ -144,7 +145,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
         window = [e for e in range(region.start, region.end) if e in chosen]
         if not window:
             continue
-        region_outs = {program.index[a] for a in region.outs if isinstance(a, C.Var)}
+        region_outs = {i for i in region.made_outs(program) if i is not None}
         inside = {o for e in range(region.start, region.end) for o in program.eqn_out[e]}
         if (inside - region_outs) & boundary or (region_outs & set(ins)):
             if region.primitive in C.CUSTOM_RULE_PRIMITIVES:
@@ -156,16 +157,28 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
                 notes.append(f"the slice cuts inside a {region.primitive}: {region.cut_note}")
             continue
         chosen.difference_update(window)
-        folded[region.start] = region.folded()
+        folded[region.start] = region.folded(program)
         skip_until = region.end
-    order = sorted([*chosen, *folded])
-    result = [folded[e] if e in folded else program.jaxpr.eqns[e] for e in order]
+    # Equations the window holds only as control dependencies of a branch or trip that
+    # the slice cuts inside (the predicate of a cond whose traced branch it keeps) are
+    # dead once that branch is inlined: keep what the outputs and effects need.
     index = program.index
+    live, result, dead = set(outs), [], []
+    for e in sorted([*chosen, *folded], reverse=True):
+        eqn = folded[e] if e in folded else program.jaxpr.eqns[e]
+        if eqn.effects or any(
+            not isinstance(v, C.DropVar) and index[v] in live for v in eqn.outvars
+        ):
+            result.append(eqn)
+            live.update(index[a] for a in eqn.invars if isinstance(a, C.Var))
+        elif e not in folded:
+            dead.append(e)
+    result.reverse()
     written = {index[v] for eqn in result for v in eqn.outvars if not isinstance(v, C.DropVar)}
     read = dict.fromkeys(index[a] for eqn in result for a in eqn.invars if isinstance(a, C.Var))
     inputs = set(ins)
     context = [i for i in read if i not in written and i not in inputs]
-    return result, context, notes
+    return result, context, notes, dead
 
 
 class Slice:
@@ -333,11 +346,49 @@ class Slice:
         flat = self.graph._flatten_args(*args, **kwargs)
         flat = [_coerce(x, v) for x, v in zip(flat, self.graph.inputs, strict=True)]
         values = None
-        if any(isinstance(x, jax.core.Tracer) for x in flat):
-            values = _evaluate_vars(self.graph, self.context_vars, flat)
+        path, what = self._path_guards()
+        if any(isinstance(x, jax.core.Tracer) for x in flat) or path:
+            values = _evaluate_vars(self.graph, self.context_vars, flat, path, what)
         bound = copy.copy(self)
         bound._flat_args, bound._context_values = flat, values
         return bound
+
+    def _path_guards(self) -> tuple[list[tuple[Any, bool]], list[Var]]:
+        """What new arguments must do for this window to be theirs: ``(hits, vars)``.
+
+        A window that keeps equations of a cond branch or of unrolled while trips
+        (it cuts inside them) is specialised to the traced path: the branch must be
+        taken again (a hit there is True) and the loop must run as many trips (a hit
+        at the last traced trip is True, at the next one False). ``vars`` are the
+        window vars that need it, for messages.
+        """
+        from ._structured import Edit, Site, Step
+
+        graph, program = self.graph, self.graph._program
+        found = [v.index for v in (*self.in_vars, *self.out_vars)]
+        found += [
+            program.index[o]
+            for e in self.jaxpr.eqns
+            for o in e.outvars
+            if not isinstance(o, C.DropVar)
+        ]
+        hits: dict[tuple, bool] = {}
+        what = []
+        trips = graph._structure.while_trips
+        for i in dict.fromkeys(found):
+            site = graph._site(i)
+            if site is None or not site.path_bound:
+                continue
+            what.append(graph.vars[i])
+            for d in site.path_bound:
+                outer, step = site.steps[:d], site.steps[d]
+                if step.branch is not None:
+                    hits[(*outer, step)] = True
+                    continue
+                n = trips[(*outer, Step(step.eqn))]
+                hits[(*outer, Step(step.eqn, iteration=n - 1))] = True
+                hits[(*outer, Step(step.eqn, iteration=n))] = False
+        return [(Edit(Site(steps, ()), "hit"), ok) for steps, ok in hits.items()], what
 
     # -- calling ------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -397,17 +448,26 @@ class Slice:
         return f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, context: {ctx})"
 
 
-def _evaluate_vars(graph: Graph, vars_: Sequence[Var], flat_args: Sequence[Any]) -> list[Any]:
-    """Values of ``vars_`` for flat function arguments (traceable; cached when traced)."""
-    program = graph._program
-    idx = [v.index for v in vars_]
+def _evaluate_vars(
+    graph: Graph,
+    vars_: Sequence[Var],
+    flat_args: Sequence[Any],
+    path: Sequence[tuple[Any, bool]] = (),
+    what: Sequence[Var] = (),
+) -> list[Any]:
+    """Values of ``vars_`` for flat function arguments (traceable; cached when traced).
+
+    The traced arguments read the flat program (exact for them); new arguments run
+    the structured program, which decides every cond and loop again and checks the
+    ``path`` the slice's window is specialised to (see ``Slice._path_guards``).
+    """
     concrete = not any(isinstance(x, jax.core.Tracer) for x in flat_args)
     if concrete and flat_args is graph._flat_args:
         return list(graph.value(list(vars_)))
     if concrete:
         with jax.ensure_compile_time_eval():
-            return program.evaluate(idx, flat_args)
-    return program.evaluate(idx, flat_args)
+            return graph._values_at(vars_, flat_args, path, what)
+    return graph._values_at(vars_, flat_args, path, what)
 
 
 def _coerce(x: Any, var: Var) -> Any:

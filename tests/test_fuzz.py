@@ -20,6 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fuzz_programs import SHAPE, close, make_program, programs
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jax.extend.core import DropVar, Literal, check_jaxpr
@@ -28,66 +29,6 @@ import jaxsurgery as js
 from jaxsurgery._compat import new_jaxpr  # a plain Jaxpr constructor
 
 EXAMPLES = int(os.environ.get("JS_FUZZ_EXAMPLES", "500"))
-SHAPE = (3, 4)
-
-OPS = [
-    "sin",
-    "tanh",
-    "square",
-    "add",
-    "mul",
-    "sub",
-    "max",
-    "dot",
-    "reduce",
-    "reshape",
-    "concat",
-    "select",
-    "cond",
-    "fori",
-]
-
-
-def apply_op(op: str, a, b):
-    if op == "sin":
-        return jnp.sin(a)
-    if op == "tanh":
-        return jnp.tanh(a * 0.7)
-    if op == "square":
-        return a * a * 0.3
-    if op == "add":
-        return a + b
-    if op == "mul":
-        return a * b
-    if op == "sub":
-        return a - b * 0.5
-    if op == "max":
-        return jnp.maximum(a, b)
-    if op == "dot":
-        return a @ (b.T @ b) * 0.2
-    if op == "reduce":
-        return jnp.broadcast_to(a.sum(axis=0, keepdims=True), SHAPE) * 0.3 + b
-    if op == "reshape":
-        return a.reshape(12)[::-1].reshape(4, 3).T + b
-    if op == "concat":
-        return jnp.concatenate([a[:, :2], b[:, 2:]], axis=1)
-    if op == "select":
-        return jnp.where(a > b, a, b * 0.5)
-    if op == "cond":
-        return jax.lax.cond(a.sum() > b.sum(), lambda t: jnp.sin(t), lambda t: t * 0.5, a + b)
-    if op == "fori":
-        return jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c) * 0.9 + b * 0.1, a)
-    raise ValueError(op)
-
-
-def make_program(ops: list[tuple[str, int, int]], n_outputs: int):
-    def program(x, y):
-        values = [x, y]
-        for op, i, j in ops:
-            values.append(apply_op(op, values[i % len(values)], values[j % len(values)]))
-        return tuple(values[-n_outputs:])
-
-    return program
 
 
 def oracle(graph, inputs, outputs, flat_args):
@@ -128,15 +69,6 @@ def eval_equation(eqn, operands):
     one = new_jaxpr([], invars, outvars, [eqn])
     outs = iter(jax.core.eval_jaxpr(one, [], *[values[v] for v in invars]))
     return [None if isinstance(v, DropVar) else next(outs) for v in eqn.outvars]
-
-
-def close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
-
-
-programs = st.lists(
-    st.tuples(st.sampled_from(OPS), st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=7
-)
 
 
 @settings(

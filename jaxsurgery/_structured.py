@@ -1,0 +1,481 @@
+"""The structured program: the traced, nested jaxpr, with edits, is what runs.
+
+The flat program (:mod:`jaxsurgery._program`) is an *index*: it names every value,
+per loop iteration and per call, and finds slice windows. Whatever must hold for
+arguments other than the traced ones (``as_function``, ``replace``, ``grads_fn``, a
+slice's context under ``bind``) runs the nested jaxpr that ``make_jaxpr`` produced,
+with *edits* applied only where the user cut or patched:
+
+* a flat var maps to a :class:`Site`: the equations on the way to its jaxpr (a call,
+  the ``t``-th iteration of a loop, the ``k``-th branch of a ``cond``) and the nested
+  vars that hold it there;
+* an :class:`Edit` at a site replaces the value (``new = fn(*reads)``, reads being
+  values at the same site level or extra inputs), exposes it as an extra result, or
+  reports whether the run reached it (a *hit*, for path guards);
+* :func:`run` interprets the nested jaxpr with JAX itself (traceable, jittable):
+  equations without an edit inside are evaluated as they are (a ``jit``, a
+  ``custom_jvp``/``custom_vjp`` call keeps its rule; a loop stays a loop; a ``cond``
+  decides again), and an equation with an edit inside is rebuilt around it: a call's
+  body is run inline (a custom rule is then bypassed: :attr:`Structured.notes` says
+  so), a ``scan`` gets per-iteration masks and stacked values as extra ``xs`` (edits at
+  many iterations of one value merge into one input), a ``while_loop`` carries an
+  iteration counter, a ``cond`` gets its branch rebuilt and stays a ``cond``.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(p, y):
+    ...     return jax.lax.cond(p > 0, jnp.sin, jnp.cos, y)
+    >>> g = js.trace(f, 1.0, 0.0)       # traced on the sin branch
+    >>> float(g.as_function()(-1.0, 0.0))   # decides again: cos(0)
+    1.0
+
+Sharp edges:
+    * An edit reads values of its own site level (same call, same iteration) or extra
+      inputs; a patch reading values of another iteration is refused.
+    * A value made inside a ``cond`` branch or a ``while_loop`` iteration exists only
+      on that path: exposing or cutting it for arguments that take another path is an
+      error (:class:`~jaxsurgery.SliceError` eagerly; under ``jit`` the run fails with
+      the same message through a ``jax.debug.callback``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _compat as C
+from ._errors import SliceError
+
+
+@dataclass(frozen=True)
+class Step:
+    """One level down the nested program: equation ``eqn`` of the current jaxpr, into
+    its body (a call), its ``iteration``-th trip (a loop) or its ``branch`` (a cond)."""
+
+    eqn: int
+    branch: int | None = None
+    iteration: int | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a value lives in the nested program: the steps to its jaxpr and the vars
+    of that jaxpr that hold it (several when a call returns one value twice)."""
+
+    steps: tuple[Step, ...]
+    vars: tuple[Any, ...]
+    #: steps into a cond branch or a while_loop trip: the value exists on that path only
+    path_bound: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Extra:
+    """The k-th extra input of an edited program (appended after the arguments)."""
+
+    k: int
+
+
+@dataclass(eq=False)
+class Edit:
+    """A change at a site: ``kind`` is ``"apply"`` (the value becomes ``fn(*reads)``;
+    reads are nested vars of the site's jaxpr or :class:`Extra` inputs), ``"expose"``
+    (the value is returned, keyed by this edit) or ``"hit"`` (whether the run got
+    there is returned)."""
+
+    site: Site
+    kind: str
+    fn: Any = None  # a closed jaxpr, for "apply"
+    reads: tuple[Any, ...] = ()
+    aval: Any = None  # of the exposed value
+
+    def __post_init__(self) -> None:
+        if self.kind == "hit":
+            self.aval = jax.ShapeDtypeStruct((), jnp.bool_)
+        elif self.aval is None and self.site.vars:
+            self.aval = self.site.vars[0].aval
+
+
+@dataclass(eq=False)
+class _Pending:
+    """An edit as one level of the interpreter sees it."""
+
+    steps: tuple[Step, ...]
+    edit: Edit
+    extras: list[Any]  # values of the edit's Extra reads, in this frame
+    active: Any = None  # a traced bool (a masked loop iteration), or None: always
+    key: Any = None  # where exposures go (the edit, or a merged group)
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = self.edit
+
+
+@dataclass
+class Structured:
+    """The nested program with edits: ``run(flat_args, extras) -> (outputs, exposed)``."""
+
+    closed: Any
+    edits: tuple[Edit, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    #: traced trip count of each unrolled while_loop, by its steps (iteration None)
+    while_trips: dict = field(default_factory=dict)
+
+    def with_edits(self, *edits: Edit) -> Structured:
+        """The same program with more edits (after these)."""
+        return Structured(self.closed, (*self.edits, *edits), self.notes, self.while_trips)
+
+    def run(self, flat_args: Sequence[Any], extras: Sequence[Any] = ()) -> tuple[list, dict]:
+        """Outputs of the (edited) program and the exposed values by edit."""
+        exposed: dict[Any, Any] = {}
+        pending = [
+            _Pending(e.site.steps, e, [extras[r.k] for r in e.reads if isinstance(r, Extra)])
+            for e in self.edits
+        ]
+        notes: list[str] = []
+        outs = _Interpreter(notes).run(
+            self.closed.jaxpr, self.closed.consts, flat_args, pending, exposed
+        )
+        for n in notes:
+            if n not in self.notes:
+                self.notes.append(n)
+        return outs, exposed
+
+
+def check_hits(hits: Sequence[tuple[Any, bool, str]]) -> None:
+    """Raise a SliceError when a hit is not as expected (``(value, expected, message)``).
+
+    Concrete values are checked now; traced ones when the program runs (a
+    ``jax.debug.callback`` raising the same message).
+    """
+    for value, expected, message in hits:
+        if isinstance(value, jax.core.Tracer):
+            jax.debug.callback(_raise_unless, value, expected, message)
+        elif bool(np.asarray(value).all()) != expected:
+            raise SliceError(message)
+
+
+def _raise_unless(value: Any, expected: bool, message: str) -> None:
+    if bool(np.asarray(value).all()) != expected:
+        raise SliceError(message)
+
+
+class _Interpreter:
+    """Runs a nested jaxpr with pending edits, rebuilding what holds an edit."""
+
+    def __init__(self, notes: list[str]):
+        self.notes = notes
+
+    def run(
+        self,
+        jaxpr: Any,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        pending: list[_Pending],
+        exposed: dict,
+    ) -> list[Any]:
+        if not pending:
+            return C.eval_jaxpr(jaxpr, consts, *args)
+        env: dict[Any, Any] = {}
+        for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args]):
+            env[v] = x
+        here = [p for p in pending if not p.steps]
+        below: dict[int, list[_Pending]] = {}
+        for p in pending:
+            if p.steps:
+                below.setdefault(p.steps[0].eqn, []).append(p)
+        made = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+        triggers: dict[int, list[_Pending]] = {}
+        for p in here:
+            deps = [*p.edit.site.vars, *(r for r in p.edit.reads if not isinstance(r, Extra))]
+            triggers.setdefault(max((made.get(v, -1) for v in deps), default=-1), []).append(p)
+
+        def read(a: Any) -> Any:
+            return a.val if isinstance(a, C.Literal) else env[a]
+
+        batch: list[Any] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            inside = {v for e in batch for v in e.outvars}
+            ins = list(
+                dict.fromkeys(
+                    a
+                    for e in batch
+                    for a in e.invars
+                    if not isinstance(a, C.Literal) and a not in inside
+                )
+            )
+            outs = [v for e in batch for v in e.outvars if not isinstance(v, C.DropVar)]
+            values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(batch)), [], *map(read, ins))
+            env.update(zip(outs, values))
+            batch.clear()
+
+        self._apply(triggers.get(-1, ()), env, exposed)
+        for i, eqn in enumerate(jaxpr.eqns):
+            if i in below:
+                flush()
+                outs = self._rebuild(eqn, [read(a) for a in eqn.invars], below[i], exposed)
+                for v, x in zip(eqn.outvars, outs):
+                    if not isinstance(v, C.DropVar):
+                        env[v] = x
+            else:
+                batch.append(eqn)
+            if i in triggers:
+                flush()
+                self._apply(triggers[i], env, exposed)
+        flush()
+        return [read(a) for a in jaxpr.outvars]
+
+    @staticmethod
+    def _apply(pending: Sequence[_Pending], env: dict, exposed: dict) -> None:
+        for p in pending:
+            edit = p.edit
+            if edit.kind == "hit":
+                exposed[p.key] = jnp.asarray(True) if p.active is None else p.active
+            elif edit.kind == "expose":
+                exposed[p.key] = env[edit.site.vars[0]]
+            else:
+                extras = iter(p.extras)
+                args = [next(extras) if isinstance(r, Extra) else env[r] for r in edit.reads]
+                new = C.jaxpr_as_fun(edit.fn)(*args)[0]
+                if p.active is not None:
+                    new = jnp.where(p.active, new, env[edit.site.vars[0]])
+                for v in edit.site.vars:
+                    env[v] = new
+
+    # -- equations holding an edit --------------------------------------------------------
+    def _rebuild(
+        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict
+    ) -> list[Any]:
+        name = eqn.primitive.name
+        if name in C.CALL_PRIMITIVES:
+            if name in C.CUSTOM_RULE_PRIMITIVES:
+                self.notes.append(
+                    f"an edit inside the {name} call {C.call_name(eqn)!r} bypasses its "
+                    "custom derivative rule: its primal body is differentiated"
+                )
+            body = C.called_jaxpr(eqn)
+            inner = [_descend(p) for p in pending]
+            return self.run(body.jaxpr, body.consts, invals, inner, exposed)
+        if name == "cond":
+            return self._cond(eqn, invals, pending, exposed)
+        if name == "scan":
+            return self._scan(eqn, invals, pending, exposed)
+        if name == "while":
+            return self._while(eqn, invals, pending, exposed)
+        raise SliceError(f"cannot edit inside a {name} equation")  # pragma: no cover
+
+    def _cond(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+        branches = eqn.params["branches"]
+        by_branch: dict[int, list[_Pending]] = {}
+        for p in pending:
+            by_branch.setdefault(p.steps[0].branch, []).append(_descend(p))
+        keys = [(p.key, p.edit.aval) for p in pending if p.edit.kind != "apply"]
+
+        def branch_fn(k: int, closed: Any) -> Callable[..., Any]:
+            def fn(*ops: Any) -> Any:
+                sub: dict[Any, Any] = {}
+                outs = self.run(closed.jaxpr, closed.consts, ops, by_branch.get(k, []), sub)
+                return outs, [sub[key] if key in sub else _zeros(aval) for key, aval in keys]
+
+            return fn
+
+        fns = [branch_fn(k, closed) for k, closed in enumerate(branches)]
+        outs, found = jax.lax.switch(invals[0], fns, *invals[1:])
+        exposed.update({key: x for (key, _), x in zip(keys, found)})
+        return outs
+
+    def _scan(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+        params = eqn.params
+        length, body = params["length"], params["jaxpr"]
+        n_consts, n_carry = C.scan_layout(eqn)
+        consts = invals[:n_consts]
+        init, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+        groups = _merge(pending)
+        masks, stacked = [], []
+        for its, members in groups:
+            masks.append(np.isin(np.arange(length), its))
+            stacked.append(
+                [
+                    jnp.zeros((length, *jnp.shape(vals[0])), jnp.result_type(vals[0]))
+                    .at[np.asarray(its)]
+                    .set(jnp.stack(vals))
+                    for vals in zip(*(m.extras for m in members))
+                ]
+            )
+        exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
+
+        def step(carry: list, x: tuple) -> tuple:
+            x_t, mask_t, extras_t = x
+            sub: dict[Any, Any] = {}
+            inner = [
+                _Pending(members[0].steps[1:], members[0].edit, list(extras_t[i]),
+                         _and(mask_t[i], members[0].active), key=i)
+                for i, (_, members) in enumerate(groups)
+            ]
+            outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], inner, sub)
+            return outs[:n_carry], (outs[n_carry:], [sub[i] for i, _ in exposing])
+
+        carry, (ys, found) = jax.lax.scan(
+            step,
+            list(init),
+            (list(xs), [jnp.asarray(m) for m in masks], stacked),
+            length=length,
+            reverse=params["reverse"],
+        )
+        for (_, (its, members)), values in zip(exposing, found):
+            for t, m in zip(its, members):
+                exposed[m.key] = values[t]
+        return [*carry, *ys]
+
+    def _while(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+        params = eqn.params
+        cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
+        init = invals[n_cond + n_body :]
+        groups = _merge(pending)
+        trips = [np.asarray(its) for its, _ in groups]
+        stacked = [
+            [jnp.stack(vals) for vals in zip(*(m.extras for m in members))]
+            for _, members in groups
+        ]
+        exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
+        slots = [
+            _zeros(jax.ShapeDtypeStruct((len(its), *m[0].edit.aval.shape), m[0].edit.aval.dtype))
+            for _, (its, m) in exposing
+        ]
+
+        def cond_fn(state: tuple) -> Any:
+            _, carry, _ = state
+            return C.jaxpr_as_fun(cond)(*cond_consts, *carry)[0]
+
+        def body_fn(state: tuple) -> tuple:
+            counter, carry, found = state
+            sub: dict[Any, Any] = {}
+            inner = []
+            hits = []
+            for i, (_, members) in enumerate(groups):
+                hit = counter == trips[i]
+                hits.append(hit)
+                k = jnp.argmax(hit)
+                extras = [s[k] for s in stacked[i]]
+                inner.append(
+                    _Pending(members[0].steps[1:], members[0].edit, extras,
+                             _and(jnp.any(hit), members[0].active), key=i)
+                )
+            carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
+            found = [
+                jnp.where(_expand(hits[i], slot.ndim), sub[i][None], slot)
+                for (i, _), slot in zip(exposing, found)
+            ]
+            return counter + 1, carry, found
+
+        _, carry, found = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0), list(init), slots))
+        for (_, (_, members)), values in zip(exposing, found):
+            for j, m in enumerate(members):
+                exposed[m.key] = values[j]
+        return carry
+
+
+def _descend(p: _Pending) -> _Pending:
+    return _Pending(p.steps[1:], p.edit, p.extras, p.active, p.key)
+
+
+def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]]:
+    """Edits at several iterations of one loop that do the same thing, grouped:
+    ``[(iterations, members)]``, one iteration per member."""
+    groups: dict[Any, tuple[list[int], list[_Pending]]] = {}
+    for p in pending:
+        e = p.edit
+        key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), e.reads, id(p.active))
+        its, members = groups.setdefault(key, ([], []))
+        t = p.steps[0].iteration
+        if t in its:  # the same iteration twice: a group of its own
+            groups[(key, id(p))] = ([t], [p])
+            continue
+        its.append(t)
+        members.append(p)
+    return list(groups.values())
+
+
+def _and(a: Any, b: Any) -> Any:
+    return a if b is None else jnp.logical_and(a, b)
+
+
+def _zeros(aval: Any) -> Any:
+    return jnp.zeros(aval.shape, aval.dtype)
+
+
+def _expand(mask: Any, ndim: int) -> Any:
+    return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
+def locate(
+    closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | None = None
+) -> Site:
+    """The site of a nested var reached by ``steps``, lifted out of calls and conds.
+
+    A value that a call (or a cond branch) returns and does not read itself is the
+    same value as the call's result: its site is the outer one, so an edit there
+    leaves the call whole (its custom rule kept) and a cond deciding again. Likewise
+    the carry a loop's last traced iteration returns is the loop's result (the
+    ``y`` of ``y = while_loop(...)``), whatever the trip count of new arguments.
+    """
+    levels, eqns = [closed.jaxpr], []
+    for s in steps:
+        eqn = levels[-1].eqns[s.eqn]
+        eqns.append(eqn)
+        levels.append(sub_jaxpr(eqn, s).jaxpr)
+    held = (var,)
+    while steps:
+        eqn, inner = eqns[-1], levels[-1]
+        at = [k for k, o in enumerate(inner.outvars) if o in held]
+        last = _last_iteration(eqn, steps, while_trips or {})
+        if last is not None:  # a loop: its result if this is the last iteration's carry
+            carried = steps[-1].iteration == last[0] and all(k < last[1] for k in at)
+            at = at if carried else []  # a ys of the last iteration is not the result
+        elif eqn.primitive.name not in C.CALL_PRIMITIVES and eqn.primitive.name != "cond":
+            break
+        outer = tuple(eqn.outvars[k] for k in at if not isinstance(eqn.outvars[k], C.DropVar))
+        if not outer or any(a in held for e in inner.eqns for a in e.invars):
+            break
+        held, steps = outer, steps[:-1]
+        eqns.pop()
+        levels.pop()
+    bound = tuple(
+        d
+        for d, (s, e) in enumerate(zip(steps, eqns))
+        if s.branch is not None or (s.iteration is not None and e.primitive.name == "while")
+    )
+    return Site(steps, held, bound)
+
+
+def _last_iteration(eqn: Any, steps: tuple[Step, ...], trips: dict) -> tuple[int, int] | None:
+    """``(last traced iteration, number of carry results)`` of a loop step, or None."""
+    name = eqn.primitive.name
+    if name == "scan":
+        length = eqn.params["length"]
+        return (0 if eqn.params["reverse"] else length - 1), C.scan_layout(eqn)[1]
+    if name == "while":
+        n = trips.get((*steps[:-1], Step(steps[-1].eqn)))
+        return None if n is None else (n - 1, len(eqn.outvars))
+    return None
+
+
+def sub_jaxpr(eqn: Any, step: Step) -> Any:
+    """The closed jaxpr a step enters."""
+    name = eqn.primitive.name
+    if name == "cond":
+        return eqn.params["branches"][step.branch]
+    if name == "scan":
+        return eqn.params["jaxpr"]
+    if name == "while":
+        return eqn.params["body_jaxpr"]
+    return C.called_jaxpr(eqn)

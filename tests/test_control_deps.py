@@ -1,0 +1,270 @@
+"""Control dependencies in the flat index: a ``cond``'s predicate, a ``switch``'s index and
+a loop's trip count are dependencies for windows, context and connectivity. A slice from
+one of them takes the conditional or loop as a unit, so it decides again for each input.
+
+Also: a ``fori_loop`` with a traced trip count folds back into a well-typed ``while``, and
+a ``jit`` helper that returns a Python constant folds back. Every reference is written by
+hand, in plain JAX, without jaxsurgery.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import allclose, check_slice
+
+import jaxsurgery as js
+from jaxsurgery._compat import check_jaxpr
+
+X = jnp.array([0.5, -1.0, 2.0])
+
+
+def primitives(s):
+    return [e.primitive.name for e in s.jaxpr.eqns]
+
+
+def float0_like(x):
+    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+
+
+def forward_checks(s, args, reference):
+    """``check_slice`` without reverse mode (a while_loop has none): value, jit, jvp, vmap."""
+    check_jaxpr(s.jaxpr)
+    out = s(*args)
+    allclose(out, reference(*args))
+    allclose(jax.jit(s)(*args), out)
+    tangents = tuple(jnp.full_like(a, 0.5) for a in args)
+    allclose(jax.jvp(s, args, tangents), jax.jvp(reference, args, tangents))
+    batch = [tuple(a * (1.0 + 0.1 * i) for a in args) for i in range(3)]
+    stacked = [jnp.stack(xs) for xs in zip(*batch)]
+    allclose(jax.vmap(s)(*stacked), jnp.stack([reference(*b) for b in batch]), rtol=1e-4)
+
+
+# -- cond: the predicate p, used as p > 0 ------------------------------------------------------
+def gated(x, p):
+    pre = x * 3.0
+
+    def positive(v):
+        doubled = v * 2.0
+        return jnp.sin(doubled)
+
+    def negative(v):
+        shifted = v - 1.0
+        return jnp.cos(shifted)
+
+    y = jax.lax.cond(p > 0, positive, negative, pre)
+    out = y * y + x
+    return out
+
+
+def gated_y(p):  # the reference: y as a function of p, x held at X
+    pre = X * 3.0
+    return jnp.where(p > 0, jnp.sin(pre * 2.0), jnp.cos(pre - 1.0))
+
+
+def gated_out(p):
+    y = gated_y(p)
+    return y * y + X
+
+
+def test_a_slice_from_the_predicate_decides_again():
+    g = js.trace(gated, X, 1.0)  # traced on the positive branch
+    for output, reference in [("y", gated_y), ("out", gated_out)]:
+        s = g.slice("p", output)
+        assert "cond" in primitives(s)
+        assert s.notes == ()
+        for p in (2.0, -1.0, 0.0):
+            p = jnp.float32(p)
+            allclose(s(p), reference(p))
+            allclose(jax.jit(s)(p), reference(p))
+        _, tangent = jax.jvp(s, (jnp.float32(-1.0),), (jnp.float32(1.0),))
+        allclose(tangent, jnp.zeros(3))  # the predicate has no derivative
+        check_slice(s, (jnp.float32(-1.0),), reference)
+    # the predicate and the data together: still one cond, deciding for each input
+    both = g.slice(("x", "p"), "out")
+
+    def reference(x, p):
+        pre = x * 3.0
+        y = jnp.where(p > 0, jnp.sin(pre * 2.0), jnp.cos(pre - 1.0))
+        return y * y + x
+
+    assert "cond" in primitives(both)
+    check_slice(both, (X, jnp.float32(-0.5)), reference)
+
+
+def test_the_predicate_is_context_of_a_slice_through_the_cond():
+    g = js.trace(gated, X, -1.0)  # traced on the negative branch
+    s = g.slice("pre", "y")
+    (index,) = s.context.values()  # the folded cond reads the branch index p > 0 decides
+    assert int(index) == 0
+    allclose(s(X * 3.0), jnp.cos(X * 3.0 - 1.0))
+    allclose(s.bind(X, 1.0)(X * 3.0), jnp.sin(X * 6.0))  # context from new arguments
+
+
+# -- switch: an integer index ------------------------------------------------------------------
+def switched(x, k):
+    def first(v):
+        return jnp.sin(v)
+
+    def second(v):
+        return v * v
+
+    def third(v):
+        return jnp.exp(-v)
+
+    y = jax.lax.switch(k, [first, second, third], x)
+    out = y + 1.0
+    return out
+
+
+def switched_ref(k):
+    k = jnp.clip(k, 0, 2)  # switch clamps its index
+    y = jnp.where(k == 0, jnp.sin(X), jnp.where(k == 1, X * X, jnp.exp(-X)))
+    return y + 1.0
+
+
+def test_a_slice_from_the_switch_index_decides_again():
+    g = js.trace(switched, X, 1)
+    s = g.slice("k", "out")
+    check_jaxpr(s.jaxpr)
+    assert "cond" in primitives(s)
+    for k in (0, 1, 2, 7, -3):
+        k = jnp.int32(k)
+        allclose(s(k), switched_ref(k))
+        allclose(jax.jit(s)(k), switched_ref(k))
+    _, tangent = jax.jvp(s, (jnp.int32(0),), (float0_like(0),))
+    allclose(tangent, jnp.zeros(3))
+
+
+# -- loops: the trip count ---------------------------------------------------------------------
+def counted(x, n):
+    def body(i, h):
+        h_next = jnp.sin(h) * (i + 1.0)
+        return h_next
+
+    out = jax.lax.fori_loop(0, n, body, x)
+    return out
+
+
+def counted_ref(x, n):  # a Python loop: n must be concrete
+    h = x
+    for i in range(int(n)):
+        h = jnp.sin(h) * (i + 1.0)
+    return h
+
+
+def test_a_slice_from_the_trip_count_runs_the_new_count():
+    g = js.trace(counted, X, 3)
+    s = g.slice("n", "out")
+    check_jaxpr(s.jaxpr)
+    assert primitives(s) == ["while"]
+    for n in (0, 1, 3, 5):
+        n = jnp.int32(n)
+        allclose(s(n), counted_ref(X, n))
+        allclose(jax.jit(s)(n), counted_ref(X, n))
+    _, tangent = jax.jvp(s, (jnp.int32(4),), (float0_like(0),))
+    allclose(tangent, jnp.zeros(3))
+
+
+def test_fori_loop_with_a_traced_count_folds_into_a_well_typed_while():
+    g = js.trace(counted, X, 3)
+    s = g.slice("x", "out")
+    check_jaxpr(s.jaxpr)  # the forwarded count is read, not redefined
+    assert primitives(s) == ["while"]
+    assert "n" in s.context
+    forward_checks(s, (X,), lambda x: counted_ref(x, 3))
+    allclose(s.bind(X, 5)(X * 0.5), counted_ref(X * 0.5, 5))
+    both = g.slice(("x", "n"), "out")
+    check_jaxpr(both.jaxpr)
+    allclose(both(X, jnp.int32(2)), counted_ref(X, 2))
+    allclose(jax.jit(both)(X, jnp.int32(6)), counted_ref(X, 6))
+
+
+def doubling(x, limit):
+    def keep_going(h):
+        return h.sum() < limit
+
+    def grow(h):
+        h_next = h * 2.0 + 1.0
+        return h_next
+
+    out = jax.lax.while_loop(keep_going, grow, x)
+    return out
+
+
+def doubling_ref(x, limit):
+    h = x
+    while float(h.sum()) < float(limit):
+        h = h * 2.0 + 1.0
+    return h
+
+
+def test_a_slice_from_a_while_loop_limit_runs_the_new_trips():
+    x = jnp.array([0.1, 0.2])
+    g = js.trace(doubling, x, 10.0)
+    assert len(g.select("grow/h_next@*")) == 3
+    s = g.slice("limit", "out")
+    check_jaxpr(s.jaxpr)
+    assert primitives(s) == ["while"]
+    for limit in (0.0, 5.0, 10.0, 100.0):
+        limit = jnp.float32(limit)
+        allclose(s(limit), doubling_ref(x, limit))
+        allclose(jax.jit(s)(limit), doubling_ref(x, limit))
+    _, tangent = jax.jvp(s, (jnp.float32(50.0),), (jnp.float32(1.0),))
+    allclose(tangent, jnp.zeros(2))
+    # the loop's start also decides its trip count
+    s2 = g.slice("x", "out")
+    x2 = jnp.array([3.0, 4.0])
+    allclose(s2(x2), doubling_ref(x2, 10.0))
+    allclose(jax.jit(s2)(x2), doubling_ref(x2, 10.0))
+
+
+def test_an_input_that_reaches_only_through_control_is_not_unconnected():
+    g = js.trace(gated, X, 1.0)
+    s = g.slice("p", "out")  # no SliceError: the predicate decides out
+    assert [v.name for v in s.in_vars] == ["p"]
+    g2 = js.trace(counted, X, 3)
+    assert [v.name for v in g2.slice("n", "out").in_vars] == ["n"]
+
+
+# -- a jit helper returning a Python constant (and an operand) ---------------------------------
+def with_constant(x):
+    @jax.jit
+    def helper(v):
+        return v * 2.0, 1.0, v
+
+    a, b, c = helper(x)
+    out = a + b * c
+    return out
+
+
+def test_a_jit_helper_returning_a_constant_folds():
+    g = js.trace(with_constant, X)
+    s = g.slice("x", "out")
+    check_jaxpr(s.jaxpr)
+    assert "jit" in primitives(s) or "pjit" in primitives(s)
+    check_slice(s, (X,), lambda x: x * 2.0 + 1.0 * x)
+    s2 = g.slice("a", "out")
+    check_slice(s2, (X * 2.0,), lambda a: a + X)
+
+
+# -- a slice that cuts inside the branch keeps the traced branch, without its predicate ---------
+def self_gated(x):
+    pre = x * 3.0
+
+    def positive(v):
+        doubled = v * 2.0
+        return jnp.sin(doubled)
+
+    y = jax.lax.cond(pre.sum() > 0, positive, jnp.cos, pre)
+    return y
+
+
+def test_a_cut_inside_the_branch_computes_no_dead_predicate():
+    g = js.trace(self_gated, X)
+    s = g.slice("x", "positive/doubled")
+    assert primitives(s) == ["mul", "mul"]  # not the predicate's reduce_sum, gt, convert
+    assert any("branch 1" in n for n in s.notes)
+    check_slice(s, (X,), lambda x: x * 6.0)
+    whole = g.slice("x", "y")  # the cond as a unit recomputes its predicate
+    assert primitives(whole)[-1] == "cond" and "reduce_sum" in primitives(whole)
+    check_slice(whole, (-X,), lambda x: jnp.cos(x * 3.0))

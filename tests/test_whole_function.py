@@ -1,0 +1,381 @@
+"""Whole-function semantics (SPEC §5): everything that runs the whole function computes
+what the original function computes, for ANY arguments.
+
+``g.as_function()``, ``g.replace(...)``, ``g.grads``/``g.grads_fn`` and the context that
+``s.bind(new_args)`` recomputes run the structured program with edits only where the user
+cut or patched: calls not cut keep their custom differentiation rules, and ``cond`` /
+``switch`` / ``while_loop`` decide again for new arguments. Where a cut really is
+specialised to the traced path (it starts inside a ``cond`` branch or a ``while``
+iteration), arguments that leave that path are a ``SliceError``, never a wrong number.
+
+Every reference here is written by hand, in plain JAX, without jaxsurgery.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import allclose
+
+import jaxsurgery as js
+
+# -- custom rules survive: relu's derivative at 0 and a gradient-clipping custom_vjp --------
+
+
+@jax.custom_vjp
+def clip_grad(h):
+    return h
+
+
+def _clip_fwd(h):
+    return h, None
+
+
+def _clip_bwd(_, ct):
+    return (jnp.clip(ct, -0.5, 0.5),)
+
+
+clip_grad.defvjp(_clip_fwd, _clip_bwd)
+
+SCALE = 15.0  # the cotangent reaching clip_grad; clipped to 0.5 by its rule
+
+
+def net(x, w):
+    a = x * w
+    h = jax.nn.relu(a)
+    c = clip_grad(h)
+    loss = jnp.sum(c * SCALE)
+    return loss
+
+
+def net_from_a(a):  # dL/da by hand: the rest of the net as a function of a
+    return jnp.sum(clip_grad(jax.nn.relu(a)) * SCALE)
+
+
+def net_from_h(h):
+    return jnp.sum(clip_grad(h) * SCALE)
+
+
+X = jnp.array([0.0, 1.0, -1.0])  # a = [0, 2, -2]: relu at exactly 0 in the first element
+W = jnp.array(2.0)
+X_NEW = jnp.array([-3.0, 0.0, 0.5])  # new arguments: relu at 0 in the second element
+W_NEW = jnp.array(-1.5)
+
+
+def test_the_reference_net_is_the_one_from_the_issue():
+    # the original function's dL/da: relu'(0) = 0 and the clipped cotangent 0.5 ...
+    allclose(jax.grad(net_from_a)(X * W), jnp.array([0.0, 0.5, 0.0]))
+    # ... where inlining both rules (max(a, 0) splits its tie, no clipping) gives
+    # [7.5, 15, 0]: the numbers a flat, inlined program would give
+    inlined = lambda a: jnp.sum(jnp.maximum(a, 0.0) * SCALE)
+    allclose(jax.grad(inlined)(X * W), jnp.array([7.5, 15.0, 0.0]))
+
+
+def test_grads_keep_custom_rules():
+    g = js.trace(net, X, W)
+    grads = g.grads("loss", wrt=["a", "h", "x", "w"])
+    allclose(grads["a"], jax.grad(net_from_a)(X * W))
+    allclose(grads["a"], jnp.array([0.0, 0.5, 0.0]))
+    allclose(grads["h"], jax.grad(net_from_h)(jax.nn.relu(X * W)))
+    dx, dw = jax.grad(net, argnums=(0, 1))(X, W)
+    allclose(grads["x"], dx)
+    allclose(grads["w"], dw)
+
+
+@pytest.mark.parametrize("args", [(X, W), (X_NEW, W_NEW)], ids=["traced", "new"])
+def test_jitted_grads_fn_keeps_custom_rules(args):
+    g = js.trace(net, X, W)
+    monitor = jax.jit(g.grads_fn("loss", ["a", "h", "x"]))
+    grads = monitor(*args)
+    x, w = args
+    allclose(grads["a"], jax.grad(net_from_a)(x * w))
+    allclose(grads["h"], jax.grad(net_from_h)(jax.nn.relu(x * w)))
+    allclose(grads["x"], jax.grad(net)(x, w))
+    allclose(g.grads_fn("loss", ["a"])(*args)["a"], jax.grad(net_from_a)(x * w))  # eagerly
+
+
+@pytest.mark.parametrize("args", [(X, W), (X_NEW, W_NEW)], ids=["traced", "new"])
+def test_grad_of_as_function_keeps_custom_rules(args):
+    g = js.trace(net, X, W)
+    whole = g.as_function()
+    allclose(whole(*args), net(*args))
+    expected = jax.grad(net, argnums=(0, 1))(*args)
+    allclose(jax.grad(whole, argnums=(0, 1))(*args), expected)
+    allclose(jax.jit(jax.grad(whole, argnums=(0, 1)))(*args), expected)
+    allclose(jax.grad(jax.jit(whole), argnums=(0, 1))(*args), expected)
+
+
+@pytest.mark.parametrize("args", [(X, W), (X_NEW, W_NEW)], ids=["traced", "new"])
+def test_a_replaced_graph_keeps_custom_rules(args):
+    def by_hand(x, w):  # net with h doubled, written out
+        a = x * w
+        h = jax.nn.relu(a) * 2.0
+        return jnp.sum(clip_grad(h) * SCALE)
+
+    patched = js.trace(net, X, W).replace("h", lambda h: h * 2.0)
+    whole = patched.as_function()
+    allclose(whole(*args), by_hand(*args))
+    expected = jax.grad(by_hand, argnums=(0, 1))(*args)
+    allclose(jax.grad(whole, argnums=(0, 1))(*args), expected)
+    allclose(jax.jit(jax.grad(whole, argnums=(0, 1)))(*args), expected)
+    # and the patched graph's own grads: d loss / d a through the patch and both rules
+    x, w = args
+    allclose(
+        patched.grads_fn("loss", ["a"])(*args)["a"],
+        jax.grad(lambda a: jnp.sum(clip_grad(jax.nn.relu(a) * 2.0) * SCALE))(x * w),
+    )
+
+
+def test_a_slice_that_does_not_cut_the_custom_calls_keeps_their_rules():
+    # the control: slices already keep uncut calls whole (SPEC §5); whole functions must agree
+    g = js.trace(net, X, W)
+    s = g.slice("a", "loss")
+    allclose(jax.grad(s)(X * W), jnp.array([0.0, 0.5, 0.0]))
+    allclose(jax.grad(s.bind(X_NEW, W_NEW))(X_NEW * W_NEW), jax.grad(net_from_a)(X_NEW * W_NEW))
+
+
+# -- cond and switch decide again ---------------------------------------------------------
+
+
+def cond_fn(p, y):
+    c = jax.lax.cond(p > 0, jnp.sin, jnp.cos, y)
+    out = c * 2.0
+    return out
+
+
+Y = jnp.array([0.3, -1.2, 2.0])
+P_TRACED, P_OTHER = jnp.array(1.0), jnp.array(-1.0)
+
+
+@pytest.mark.parametrize("p", [P_TRACED, P_OTHER], ids=["taken", "other"])
+def test_as_function_follows_cond(p):
+    g = js.trace(cond_fn, P_TRACED, Y)
+    whole = g.as_function()
+    expected = (jnp.sin(Y) if p > 0 else jnp.cos(Y)) * 2.0
+    allclose(cond_fn(p, Y), expected)  # the reference itself
+    allclose(whole(p, Y), expected)
+    allclose(jax.jit(whole)(p, Y), expected)
+    allclose(jax.grad(lambda y: whole(p, y).sum())(Y), jax.grad(lambda y: expected_fn(p, y))(Y))
+
+
+def expected_fn(p, y):  # cond_fn's sum by hand, the branch chosen in Python
+    return jnp.sum((jnp.sin(y) if p > 0 else jnp.cos(y)) * 2.0)
+
+
+@pytest.mark.parametrize("p", [P_TRACED, P_OTHER], ids=["taken", "other"])
+def test_grads_fn_follows_cond(p):
+    g = js.trace(cond_fn, P_TRACED, Y)
+    expected_y = jax.grad(expected_fn, argnums=1)(p, Y)  # 2 cos(y) or -2 sin(y)
+    fn = g.grads_fn("out", ["y", "c"])
+    for grads in (fn(p, Y), jax.jit(fn)(p, Y)):
+        allclose(grads["y"], expected_y)
+        allclose(grads["c"], 2.0 * jnp.ones(3))
+
+
+def switch_fn(i, y):
+    r = jax.lax.switch(i, [jnp.sin, jnp.cos, jnp.tanh], y)
+    out = r * 3.0
+    return out
+
+
+SWITCH_BRANCHES = [jnp.sin, jnp.cos, jnp.tanh, jnp.tanh, jnp.sin]  # for i = 0, 1, 2, 7, -1
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 7, -1])  # switch clamps the index
+def test_as_function_and_grads_fn_follow_switch(i):
+    branch = SWITCH_BRANCHES[[0, 1, 2, 7, -1].index(i)]
+    g = js.trace(switch_fn, jnp.int32(0), Y)
+    index = jnp.int32(i)
+    allclose(switch_fn(index, Y), branch(Y) * 3.0)  # the reference itself
+    whole = g.as_function()
+    allclose(whole(index, Y), branch(Y) * 3.0)
+    allclose(jax.jit(whole)(index, Y), branch(Y) * 3.0)
+    expected = jax.grad(lambda y: jnp.sum(branch(y) * 3.0))(Y)
+    fn = g.grads_fn("out", ["y"])
+    allclose(fn(index, Y)["y"], expected)
+    allclose(jax.jit(fn)(index, Y)["y"], expected)
+
+
+def cond_context(p, y, x):
+    c = jax.lax.cond(p > 0, jnp.sin, jnp.cos, y)
+    z = jnp.tanh(x)
+    out = z * c
+    return out
+
+
+@pytest.mark.parametrize("p", [P_TRACED, P_OTHER], ids=["taken", "other"])
+def test_bind_recomputes_context_made_by_a_cond(p):
+    x = jnp.array([0.5, -0.25, 1.0])
+    g = js.trace(cond_context, P_TRACED, Y, x)
+    s = g.slice("z", "out")
+    c = jnp.sin(Y) if p > 0 else jnp.cos(Y)  # the context by hand
+    z = jnp.array([0.1, 0.2, -0.7])
+    bound = s.bind(p, Y, x)
+    allclose(bound(z), z * c)
+    allclose(bound.context["c"], c)
+    allclose(jax.jvp(bound, (z,), (jnp.ones(3),))[1], c)
+    allclose(jax.jit(lambda p, y, x, z: s.bind(p, y, x)(z))(p, Y, x, z), z * c)
+    allclose(jax.jit(jax.grad(lambda z, p: s.bind(p, Y, x)(z).sum()))(z, p), c)
+
+
+# -- while_loop and fori_loop: a new trip count ---------------------------------------------
+
+
+def doubling(x, limit):
+    def keep(v):
+        return v < limit
+
+    def grow(v):
+        v_next = v * 2.0
+        return v_next
+
+    y = jax.lax.while_loop(keep, grow, x)
+    out = jnp.sin(y) * 3.0
+    return out
+
+
+def doubling_by_hand(x, limit):
+    while x < limit:
+        x = x * 2.0
+    return x
+
+
+X0, LIMIT = jnp.array(0.3), jnp.array(5.0)  # 0.3 → 0.6 → 1.2 → 2.4 → 4.8 → 9.6: 5 trips
+
+
+@pytest.mark.parametrize("limit", [5.0, 1.0, 100.0, 0.1], ids=["5", "1", "100", "0.1"])
+def test_as_function_follows_while_loop_trip_count(limit):
+    g = js.trace(doubling, X0, LIMIT)
+    assert len(g.select("grow/v_next@*")) == 5
+    limit = jnp.array(limit)
+    y = doubling_by_hand(float(X0), float(limit))
+    expected = jnp.sin(y) * 3.0
+    allclose(doubling(X0, limit), expected)  # the reference itself
+    whole = g.as_function()
+    allclose(whole(X0, limit), expected)
+    allclose(jax.jit(whole)(X0, limit), expected)
+    # forward-mode through the loop (JAX cannot reverse-differentiate a while_loop)
+    trips = int(np.round(np.log2(y / float(X0))))
+    allclose(jax.jvp(lambda x: whole(x, limit), (X0,), (1.0,))[1], 3 * jnp.cos(y) * 2.0**trips)
+
+
+@pytest.mark.parametrize("limit", [5.0, 1.0, 100.0], ids=["5", "1", "100"])
+def test_grads_fn_follows_while_loop_trip_count(limit):
+    g = js.trace(doubling, X0, LIMIT)
+    limit = jnp.array(limit)
+    y = doubling_by_hand(float(X0), float(limit))
+    fn = g.grads_fn("out", ["y"])  # d out / d y = 3 cos(y), y after the new trip count
+    allclose(fn(X0, limit)["y"], 3.0 * jnp.cos(y))
+    allclose(jax.jit(fn)(X0, limit)["y"], 3.0 * jnp.cos(y))
+
+
+def fori_n(x, n):
+    def body(i, h):
+        h_next = jnp.sin(h) * 1.5 + 0.1 * i
+        return h_next
+
+    y = jax.lax.fori_loop(0, n, body, x)
+    out = jnp.sin(y) * 2.0
+    return out
+
+
+def fori_by_hand(x, n):
+    for i in range(n):
+        x = jnp.sin(x) * 1.5 + 0.1 * i
+    return x
+
+
+@pytest.mark.parametrize("n", [3, 0, 1, 6])
+def test_as_function_follows_a_fori_loop_trip_count_argument(n):
+    x = jnp.array([0.2, -0.4])
+    g = js.trace(fori_n, x, jnp.int32(3))
+    y = fori_by_hand(x, n)
+    expected = jnp.sin(y) * 2.0
+    allclose(fori_n(x, jnp.int32(n)), expected)  # the reference itself
+    whole = g.as_function()
+    allclose(whole(x, jnp.int32(n)), expected)
+    allclose(jax.jit(whole)(x, jnp.int32(n)), expected)
+    tangent = jax.jvp(lambda x: whole(x, jnp.int32(n)), (x,), (jnp.ones(2),))[1]
+    reference = lambda x: jnp.sin(fori_by_hand(x, n)) * 2.0
+    allclose(tangent, jax.jvp(reference, (x,), (jnp.ones(2),))[1])
+    fn = g.grads_fn("out", ["y"])  # the loop is upstream of y: plain reverse mode works
+    allclose(fn(x, jnp.int32(n))["y"], 2.0 * jnp.cos(y))
+    allclose(jax.jit(fn)(x, jnp.int32(n))["y"], 2.0 * jnp.cos(y))
+
+
+# -- cuts specialised to the traced path: the same path works, another is a SliceError -----
+
+
+def branchy(p, x):
+    def positive(v):
+        doubled = v * 2.0
+        return jnp.sin(doubled) + v
+
+    def negative(v):
+        shifted = v - 1.0
+        return jnp.cos(shifted)
+
+    pre = x * 3.0
+    y = jax.lax.cond(p > 0, positive, negative, pre)
+    return y
+
+
+def test_a_slice_starting_inside_a_cond_branch():
+    x = jnp.array([0.5, 1.0])
+    g = js.trace(branchy, jnp.array(1.0), x)
+    s = g.slice("positive/doubled", "y")  # made inside the true branch
+    z = jnp.array([0.3, -0.6])
+    # the same path, new arguments: context (v = pre) recomputed, right value
+    x2 = jnp.array([-2.0, 4.0])
+    bound = s.bind(jnp.array(2.0), x2)
+    allclose(bound(z), jnp.sin(z) + 3.0 * x2)
+    allclose(jax.jvp(bound, (z,), (jnp.ones(2),))[1], jnp.cos(z))
+    allclose(jax.jit(lambda p, x, z: s.bind(p, x)(z))(jnp.array(2.0), x2, z), jnp.sin(z) + 3.0 * x2)
+    # arguments that take the other branch: the cut does not exist there
+    with pytest.raises(js.SliceError):
+        s.bind(jnp.array(-1.0), x2)(z)
+
+
+def test_a_slice_ending_inside_a_cond_branch():
+    x = jnp.array([0.5, 1.0])
+    g = js.trace(branchy, jnp.array(1.0), x)
+    s = g.slice("x", "positive/doubled")
+    x2 = jnp.array([-2.0, 4.0])
+    allclose(s.bind(jnp.array(3.0), x2)(x2), 6.0 * x2)
+    with pytest.raises(js.SliceError):
+        s.bind(jnp.array(-1.0), x2)(x2)
+
+
+def test_a_slice_starting_inside_a_while_iteration():
+    g = js.trace(doubling, X0, LIMIT)
+    s = g.slice("grow/v_next@2", "y")  # traced: iterations 3 and 4 follow, y = 4 z
+    allclose(s(jnp.array(2.4)), 9.6)
+    # the same path (5 trips) with new arguments: 0.35 → ... → 2.8 (v_next@2) → 5.6 → 11.2
+    bound = s.bind(jnp.array(0.35), jnp.array(8.0))
+    allclose(bound(jnp.array(2.8)), 11.2)
+    allclose(jax.jvp(bound, (jnp.array(2.8),), (jnp.array(1.0),))[1], 4.0)
+    jitted = jax.jit(lambda x, limit, z: s.bind(x, limit)(z))
+    allclose(jitted(jnp.array(0.35), jnp.array(8.0), jnp.array(2.8)), 11.2)
+    # fewer trips (0.3 → 0.6 → 1.2: 2 trips): iteration 2 never runs
+    with pytest.raises(js.SliceError):
+        s.bind(X0, jnp.array(1.0))(jnp.array(2.4))
+    # more trips leave the traced path too: a SliceError, or else the right number
+    # (the loop continued from z: 2.4 → ... → 153.6 for limit 100)
+    right_or_slice_error(lambda: s.bind(X0, jnp.array(100.0))(jnp.array(2.4)), 153.6)
+
+
+def test_a_slice_inside_one_while_iteration():
+    g = js.trace(doubling, X0, LIMIT)
+    s = g.slice("grow/v@3", "grow/v_next@3")  # iteration 3 alone: z ↦ 2 z
+    allclose(s.bind(jnp.array(0.35), jnp.array(8.0))(jnp.array(2.8)), 5.6)
+    with pytest.raises(js.SliceError):
+        s.bind(X0, jnp.array(2.0))(jnp.array(2.4))  # 0.3 → 0.6 → 1.2 → 2.4: 3 trips
+
+
+def right_or_slice_error(run, expected):
+    """Off the traced path: either a SliceError, or the number the function computes."""
+    try:
+        result = run()
+    except js.SliceError:
+        return
+    allclose(result, expected)
