@@ -125,6 +125,10 @@ class Var:
         return f"Var({self.name}: {short_type(self.aval)} = {self.primitive}, index {self.index})"
 
 
+def _in_loop(site: Site | None) -> bool:
+    return site is not None and any(s.iteration is not None for s in site.steps)
+
+
 def short_type(aval: Any) -> str:
     """``f32[2,3]`` for an aval."""
     try:
@@ -258,12 +262,20 @@ class Graph:
     def value(self, selector: Selector) -> Any:
         """The traced value of the selected var(s), mirroring the selector's structure."""
         structure, flat = _select.tree(self, selector)
-        missing = [v.index for v in flat if v.index not in self._values]
+        missing = list(dict.fromkeys(v.index for v in flat if v.index not in self._values))
         if missing:
             args = self._require_args("g.value")
+            # values inside loops: the loop runs once as a loop, exposing them (the
+            # flat index would replay every unrolled iteration before them, op by op)
+            looped = [i for i in missing if _in_loop(self._site(i))]
+            rest = [i for i in missing if i not in set(looped)]
+            looped = self._with_other_iterations(looped)
             with jax.ensure_compile_time_eval():
-                values = self._program.evaluate(list(dict.fromkeys(missing)), args)
-            self._values.update(zip(dict.fromkeys(missing), values))
+                if rest:
+                    self._values.update(zip(rest, self._program.evaluate(rest, args)))
+                if looped:
+                    found = self._values_at([self._vars[i] for i in looped], args)
+                    self._values.update(zip(looped, found))
         return _select.unflatten(structure, [self._values[v.index] for v in flat])
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
@@ -499,7 +511,7 @@ class Graph:
         structured, exposures, guards = self._exposing(
             [vars_[k] for k in order], [e for e, _ in path]
         )
-        _, exposed = structured.run(flat_args)
+        _, exposed = structured.run(flat_args, outputs=False)
         message = self._path_message([*vars_, *what])
         check_hits(
             [(exposed[h], True, message) for h in guards]
@@ -510,6 +522,22 @@ class Graph:
         for k, x in zip(order, values):
             result[k] = x
         return result
+
+    def _with_other_iterations(self, looped: list[int]) -> list[int]:
+        """``looped`` and the other iterations of the same body values, not yet cached.
+
+        One run of a loop exposes a body value at every iteration as one stacked
+        result, so a later ``g.value("step/h@7")`` is a lookup.
+        """
+        program = self._program
+        if not looped or self._structure.edits or not hasattr(program, "closed"):
+            return looped
+        more = dict.fromkeys(looped)
+        for i in looped:
+            found = program.locations.get(program.vars[i])
+            if found is not None:
+                more.update((j, None) for j, _ in program.locate(found[1]))
+        return [j for j in more if j not in self._values and _in_loop(self._site(j))]
 
     @staticmethod
     def _path_message(vars_: Sequence[Var]) -> str:

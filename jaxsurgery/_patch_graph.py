@@ -21,11 +21,11 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._names import finalize
 from ._errors import SliceError
+from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._structured import Edit as StructuredEdit
 from ._scopes import scope_names
+from ._structured import Edit as StructuredEdit
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -46,9 +46,7 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
     origin.update({j: i for i, j in patched.items()})
-    unpatched = frozenset(var_map[i] for i in patched) | {
-        var_map[i] for i in graph._unpatched
-    }
+    unpatched = frozenset(var_map[i] for i in patched) | {var_map[i] for i in graph._unpatched}
     old = graph._names
     candidates: list[list[str]] = [[] for _ in program.vars]
     for i, j in enumerate(var_map):

@@ -129,8 +129,14 @@ class Structured:
         """The same program with more edits (after these)."""
         return Structured(self.closed, (*self.edits, *edits), self.notes, self.while_trips)
 
-    def run(self, flat_args: Sequence[Any], extras: Sequence[Any] = ()) -> tuple[list, dict]:
-        """Outputs of the (edited) program and the exposed values by edit."""
+    def run(
+        self, flat_args: Sequence[Any], extras: Sequence[Any] = (), outputs: bool = True
+    ) -> tuple[list, dict]:
+        """Outputs of the (edited) program and the exposed values by edit.
+
+        With ``outputs=False`` only the exposed values are computed: top-level
+        equations that none of them needs do not run (and no outputs are returned).
+        """
         exposed: dict[Any, Any] = {}
         pending = [
             _Pending(e.site.steps, e, [extras[r.k] for r in e.reads if isinstance(r, Extra)])
@@ -138,7 +144,7 @@ class Structured:
         ]
         notes: list[str] = []
         outs = _Interpreter(notes).run(
-            self.closed.jaxpr, self.closed.consts, flat_args, pending, exposed
+            self.closed.jaxpr, self.closed.consts, flat_args, pending, exposed, outputs
         )
         for n in notes:
             if n not in self.notes:
@@ -177,9 +183,10 @@ class _Interpreter:
         args: Sequence[Any],
         pending: list[_Pending],
         exposed: dict,
+        outputs: bool = True,
     ) -> list[Any]:
         if not pending:
-            return C.eval_jaxpr(jaxpr, consts, *args)
+            return C.eval_jaxpr(jaxpr, consts, *args) if outputs else []
         env: dict[Any, Any] = {}
         for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args]):
             env[v] = x
@@ -190,9 +197,12 @@ class _Interpreter:
                 below.setdefault(p.steps[0].eqn, []).append(p)
         made = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
         triggers: dict[int, list[_Pending]] = {}
+        roots: set[Any] = set()
         for p in here:
             deps = [*p.edit.site.vars, *(r for r in p.edit.reads if not isinstance(r, Extra))]
+            roots.update(deps)
             triggers.setdefault(max((made.get(v, -1) for v in deps), default=-1), []).append(p)
+        live = _live(jaxpr, roots, set(below)) if not outputs else None
 
         def read(a: Any) -> Any:
             return a.val if isinstance(a, C.Literal) else env[a]
@@ -218,6 +228,8 @@ class _Interpreter:
 
         self._apply(triggers.get(-1, ()), env, exposed)
         for i, eqn in enumerate(jaxpr.eqns):
+            if live is not None and not live[i]:
+                continue
             if i in below:
                 flush()
                 outs = self._rebuild(eqn, [read(a) for a in eqn.invars], below[i], exposed)
@@ -230,7 +242,7 @@ class _Interpreter:
                 flush()
                 self._apply(triggers[i], env, exposed)
         flush()
-        return [read(a) for a in jaxpr.outvars]
+        return [read(a) for a in jaxpr.outvars] if outputs else []
 
     @staticmethod
     def _apply(pending: Sequence[_Pending], env: dict, exposed: dict) -> None:
@@ -315,8 +327,13 @@ class _Interpreter:
             x_t, mask_t, extras_t = x
             sub: dict[Any, Any] = {}
             inner = [
-                _Pending(members[0].steps[1:], members[0].edit, list(extras_t[i]),
-                         _and(mask_t[i], members[0].active), key=i)
+                _Pending(
+                    members[0].steps[1:],
+                    members[0].edit,
+                    list(extras_t[i]),
+                    _and(mask_t[i], members[0].active),
+                    key=i,
+                )
                 for i, (_, members) in enumerate(groups)
             ]
             outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], inner, sub)
@@ -343,8 +360,7 @@ class _Interpreter:
         groups = _merge(pending)
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
-            [jnp.stack(vals) for vals in zip(*(m.extras for m in members))]
-            for _, members in groups
+            [jnp.stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
         ]
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
         slots = [
@@ -367,8 +383,13 @@ class _Interpreter:
                 k = jnp.argmax(hit)
                 extras = [s[k] for s in stacked[i]]
                 inner.append(
-                    _Pending(members[0].steps[1:], members[0].edit, extras,
-                             _and(jnp.any(hit), members[0].active), key=i)
+                    _Pending(
+                        members[0].steps[1:],
+                        members[0].edit,
+                        extras,
+                        _and(jnp.any(hit), members[0].active),
+                        key=i,
+                    )
                 )
             carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
             found = [
@@ -384,6 +405,17 @@ class _Interpreter:
         return carry
 
 
+def _live(jaxpr: Any, roots: set[Any], edited: set[int]) -> list[bool]:
+    """Which equations compute ``roots``, hold an edit, or have effects (liveness)."""
+    needed, live = set(roots), [False] * len(jaxpr.eqns)
+    for i in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[i]
+        if i in edited or eqn.effects or any(v in needed for v in eqn.outvars):
+            live[i] = True
+            needed.update(a for a in eqn.invars if not isinstance(a, C.Literal))
+    return live
+
+
 def _descend(p: _Pending) -> _Pending:
     return _Pending(p.steps[1:], p.edit, p.extras, p.active, p.key)
 
@@ -394,7 +426,8 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
     groups: dict[Any, tuple[list[int], list[_Pending]]] = {}
     for p in pending:
         e = p.edit
-        key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), e.reads, id(p.active))
+        reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
+        key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), reads, id(p.active))
         its, members = groups.setdefault(key, ([], []))
         t = p.steps[0].iteration
         if t in its:  # the same iteration twice: a group of its own
@@ -417,9 +450,7 @@ def _expand(mask: Any, ndim: int) -> Any:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
-def locate(
-    closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | None = None
-) -> Site:
+def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | None = None) -> Site:
     """The site of a nested var reached by ``steps``, lifted out of calls and conds.
 
     A value that a call (or a cond branch) returns and does not read itself is the

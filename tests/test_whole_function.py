@@ -303,6 +303,52 @@ def test_as_function_follows_a_fori_loop_trip_count_argument(n):
     allclose(jax.jit(fn)(x, jnp.int32(n))["y"], 2.0 * jnp.cos(y))
 
 
+def patched_start(x, limit):
+    start = x * 1.0
+    y = jax.lax.while_loop(lambda v: v < limit, lambda v: v * 2.0, start)
+    return y
+
+
+@pytest.mark.parametrize("limit", [5.0, 1.0, 100.0], ids=["5", "1", "100"])
+def test_a_patch_before_a_while_loop_changes_its_trip_count(limit):
+    g = js.trace(patched_start, X0, LIMIT)
+    patched = g.replace("start", lambda s: s * 3.0).as_function()  # 0.9 → 1.8 → 3.6 → 7.2
+    limit = jnp.array(limit)
+    expected = doubling_by_hand(3.0 * float(X0), float(limit))
+    allclose(patched(X0, limit), expected)
+    allclose(jax.jit(patched)(X0, limit), expected)
+
+
+def loop_context(x, limit, q):
+    y = jax.lax.while_loop(lambda v: v < limit, lambda v: v * 2.0, x)
+    z = jnp.tanh(q)
+    out = z * y
+    return out
+
+
+@pytest.mark.parametrize("limit", [5.0, 1.0, 100.0], ids=["5", "1", "100"])
+def test_bind_recomputes_context_made_by_a_while_loop(limit):
+    q = jnp.array([0.5, -1.0])
+    g = js.trace(loop_context, X0, LIMIT, q)
+    s = g.slice("z", "out")
+    limit = jnp.array(limit)
+    y = doubling_by_hand(float(X0), float(limit))  # the context by hand
+    z = jnp.array([0.25, 0.75])
+    allclose(s.bind(X0, limit, q)(z), z * y)
+    allclose(jax.jit(lambda x, limit, z: s.bind(x, limit, q)(z))(X0, limit, z), z * y)
+
+
+def test_a_patch_after_a_cond_follows_the_cond():
+    g = js.trace(cond_fn, P_TRACED, Y)
+    patched = g.replace("c", lambda c: c + 1.0).as_function()
+    for p in (P_TRACED, P_OTHER):
+        expected = ((jnp.sin(Y) if p > 0 else jnp.cos(Y)) + 1.0) * 2.0
+        allclose(patched(p, Y), expected)
+        allclose(jax.jit(patched)(p, Y), expected)
+        grad = jax.grad(lambda y, p=p: patched(p, y).sum())(Y)
+        allclose(grad, jax.grad(expected_fn, argnums=1)(p, Y))
+
+
 # -- cuts specialised to the traced path: the same path works, another is a SliceError -----
 
 
