@@ -279,6 +279,10 @@ class _Inliner(ControlFlow):
         self.path: list[Step | None] = []  # None: inside a helper jaxpr (xs[t], stack)
         self.position = 0  # the index of the equation being copied in its jaxpr
         self._made_by_helper: set[C.Var] = set()
+        # concrete values found so far (for conds and while_loops), see _values
+        self._concrete: dict[C.Var, Any] = {}
+        self._made: dict[C.Var, int] = {}
+        self._made_upto = 0
         #: traced trip count of each unrolled while_loop, by its steps (iteration None)
         self.while_trips: dict[tuple[Step, ...], int] = {}
 
@@ -342,14 +346,43 @@ class _Inliner(ControlFlow):
         return [self._read(a, inner_env) for a in closed.jaxpr.outvars]
 
     def _values(self, atoms: Sequence[Any]) -> list[Any] | None:
-        """Concrete values of flat atoms from the traced arguments (None if abstract)."""
+        """Concrete values of flat atoms from the traced arguments (None if abstract).
+
+        Each equation is evaluated at most once over the whole inlining (values are
+        kept for later conds and loops), and only where a requested value needs it.
+        """
         if self.flat_args is None:
             return None
-        targets = [a for a in atoms if isinstance(a, C.Var)]
-        jaxpr = C.new_jaxpr(self.constvars, self._invars, targets, list(self.eqns))
-        with jax.ensure_compile_time_eval():
-            found = dict(zip(targets, C.eval_jaxpr(jaxpr, self.consts, *self.flat_args)))
-        return [a.val if isinstance(a, C.Literal) else found[a] for a in atoms]
+        env = self._concrete
+        if not env:
+            env.update(zip(self._invars, self.flat_args))
+        env.update((v, x) for v, x in zip(self.constvars, self.consts) if v not in env)
+        made = self._made
+        for k in range(self._made_upto, len(self.eqns)):
+            for v in self.eqns[k].outvars:
+                made[v] = k
+        self._made_upto = len(self.eqns)
+        needed: set[int] = set()
+        stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
+        while stack:
+            k = made[stack.pop()]
+            if k in needed:
+                continue
+            needed.add(k)
+            stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
+        if needed:
+            eqns = [self.eqns[k] for k in sorted(needed)]
+            inside = {v for e in eqns for v in e.outvars}
+            ins = list(
+                dict.fromkeys(
+                    a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside
+                )
+            )
+            outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
+            with jax.ensure_compile_time_eval():
+                values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, eqns), [], *(env[a] for a in ins))
+            env.update(zip(outs, values))
+        return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
 
     def _alias(self, v: C.Var, atom: Any, env: dict) -> None:
         env[v] = atom
