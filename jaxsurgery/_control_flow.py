@@ -169,6 +169,7 @@ class ControlFlow:
             return None
         taken = int(np.clip(np.asarray(values[0]), 0, len(branches) - 1))
         region = self.regions[-1]
+        region.taken = taken
         step = Step(pos, branch=taken)
         outs = self._inline(branches[taken], invars[1:], source_info, step)
         region.cut_note = (

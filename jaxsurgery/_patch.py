@@ -126,6 +126,7 @@ def splice(
         new.end = new_index[region.end - 1] + 1
         new.outs = [_unpatched(inl, a) for a in region.outs]
         new.cut_note = region.cut_note
+        new.taken = region.taken
         inl.regions.append(new)
 
     jaxpr = C.new_jaxpr(inl.constvars, invars, outvars, inl.eqns, "program")

@@ -208,13 +208,14 @@ class Region:
     the original call equation (its params still hold the body and any custom rule).
     """
 
-    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info", "cut_note")
+    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info", "cut_note", "taken")
 
     def __init__(self, start: int, eqn: C.JaxprEqn, ins: list[Any], source_info: Any):
         self.start, self.end, self.eqn, self.ins = start, start, eqn, ins
         self.outs: list[Any] = []
         self.source_info = source_info
         self.cut_note: str | None = None  # what a slice cutting inside must be told
+        self.taken: int | None = None  # a cond: the branch inlined (the traced one)
 
     @property
     def primitive(self) -> str:

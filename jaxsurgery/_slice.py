@@ -39,49 +39,76 @@ from . import _compat as C
 from . import _select
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
+from ._structured import check_hits
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
 
 
 class Window:
-    """The equations and context of a slice, found by liveness walks (integers only)."""
+    """The equations and context of a slice, found by liveness walks (integers only).
+
+    Effects: an effectful equation (``jax.debug.print``, a callback) that reads a
+    window value, i.e. an input, an output or a value computed from the inputs before
+    the last output, is kept, also when it comes after the last output; what else it
+    reads is computed from the inputs too where it depends on them.
+    """
 
     def __init__(self, program: Any, ins: Sequence[int], outs: Sequence[int]):
         inputs = frozenset(ins)
-        producer, users, eqn_in, eqn_out = (
-            program.producer,
-            program.users,
-            program.eqn_in,
-            program.eqn_out,
-        )
+        producer, eqn_in = program.producer, program.eqn_in
+        eqns = program.jaxpr.eqns
         limit = max((producer[o] for o in outs), default=-1)
-        # Forward: descendants of the inputs, up to the last output's equation.
+        # Forward: descendants of the inputs, up to the last output's equation; effects
+        # after it that read a reached value are noted on the way.
         reached: set[int] = set(inputs)
         forward: set[int] = set()
-        stack = list(inputs)
-        while stack:
-            for e in users[stack.pop()]:
-                if e > limit or e in forward:
-                    continue
-                forward.add(e)
-                for o in eqn_out[e]:
-                    if o not in inputs and o not in reached:
-                        reached.add(o)
-                        stack.append(o)
+        late: set[int] = set()
+        self._walk(program, list(inputs), inputs, reached, forward, limit, late)
+        effects = sorted(
+            {e for e in forward if eqns[e].effects} | {e for e in late if eqns[e].effects}
+        )
+        if effects and effects[-1] > limit:
+            # what the late effects read: descendants of the inputs up to the last one
+            # (found from the reached vars; those before the limit are done)
+            self._walk(program, list(reached), inputs, reached, forward, effects[-1], None)
         self.program, self.inputs, self.reached = program, inputs, reached
-        self.eqn_set: set[int] = set()
+        self.eqn_set: set[int] = set(effects)
         # Backward: ancestors of the outputs (and of effects) among reached vars.
         roots = [o for o in outs if o in reached and o not in inputs]
-        last = max((producer[o] for o in roots), default=-1)
-        effects = [e for e in forward if e <= last and program.jaxpr.eqns[e].effects]
-        self.eqn_set.update(effects)
         self.grow([*roots, *(i for e in effects for i in eqn_in[e])])
         read = {i for e in self.eqn_set for i in eqn_in[e]}
         self.used_inputs = (read & inputs) | (inputs & set(outs))
         self.shielded = {
             i for i in inputs - self.used_inputs if _reaches(program, i, set(outs), limit)
         }
+
+    @staticmethod
+    def _walk(
+        program: Any,
+        stack: list[int],
+        inputs: frozenset[int],
+        reached: set[int],
+        forward: set[int],
+        limit: int,
+        late: set[int] | None,
+    ) -> None:
+        """Grow ``reached``/``forward`` along users up to equation ``limit``; equations
+        past it that read a reached var go to ``late`` (if given)."""
+        users, eqn_out = program.users, program.eqn_out
+        while stack:
+            for e in users[stack.pop()]:
+                if e > limit:
+                    if late is not None:
+                        late.add(e)
+                    continue
+                if e in forward:
+                    continue
+                forward.add(e)
+                for o in eqn_out[e]:
+                    if o not in inputs and o not in reached:
+                        reached.add(o)
+                        stack.append(o)
 
     @property
     def eqns(self) -> list[int]:
@@ -122,15 +149,14 @@ def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[in
     operands, so the window grows to compute those that depend on the inputs (a
     ``cond``'s predicate, say) before the fold is final.
 
-    Returns ``(equations, context var indices, notes)``.
+    Returns ``(equations, context var indices, notes, cut regions)``.
     """
     while True:
-        result, context, notes, dead = _fold(program, window.eqn_set, ins, outs)
+        result, context, notes, dead, cut = _fold(program, window.eqn_set, ins, outs)
         missing = [i for i in context if i in window.reached]
         if not missing:
             window.eqn_set.difference_update(dead)
-            return result, context, notes
-        window.grow(missing)
+            return result, context, notes, cut
 
 
 def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int]):
@@ -138,6 +164,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     boundary = set(ins) | set(outs)
     folded: dict[int, Any] = {}  # start equation -> folded call equation
     notes: list[str] = []
+    cut: list[Any] = []
     skip_until = -1
     for region in program.regions:
         if region.start < skip_until:
@@ -155,6 +182,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
                 )
             elif region.cut_note:
                 notes.append(f"the slice cuts inside a {region.primitive}: {region.cut_note}")
+            cut.append(region)
             continue
         chosen.difference_update(window)
         folded[region.start] = region.folded(program)
@@ -178,7 +206,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     read = dict.fromkeys(index[a] for eqn in result for a in eqn.invars if isinstance(a, C.Var))
     inputs = set(ins)
     context = [i for i in read if i not in written and i not in inputs]
-    return result, context, notes, dead
+    return result, context, notes, dead, cut
 
 
 class Slice:
@@ -199,6 +227,9 @@ class Slice:
     """
 
     window_vars: tuple[Var, ...] = ()
+    #: ``(number of branches, traced branch)`` of each cond decided by the inputs
+    #: whose branch the window keeps; its decision is an extra result of ``jaxpr``
+    _decisions: tuple[tuple[int, int], ...] = ()
 
     def __init__(
         self,
@@ -246,7 +277,14 @@ class Slice:
             for v in in_vars
             if v.index not in window.used_inputs and v.index not in window.shielded
         ]
-        eqns, context, cut_notes = assemble(program, window, ins, outs)
+        eqns, context, cut_notes, cut = assemble(program, window, ins, outs)
+        # a cond whose traced branch the window keeps, decided by the inputs: the
+        # decision becomes an extra result, checked on every call (see __call__)
+        decisions = _decisions(program, window, cut)
+        if decisions:
+            window.grow([i for i, _, _ in decisions])
+            extra = [i for i, _, _ in decisions]
+            eqns, context, cut_notes, _ = assemble(program, window, ins, [*outs, *extra])
         notes = tuple(
             f"input {v.name!r} reaches the outputs only through other inputs: its "
             "derivative is zero"
@@ -259,7 +297,7 @@ class Slice:
         jaxpr = C.new_jaxpr(
             [program.vars[i] for i in context],
             [program.vars[i] for i in ins],
-            [program.vars[i] for i in outs],
+            [program.vars[i] for i in (*outs, *(i for i, _, _ in decisions))],
             eqns,
             "slice",
         )
@@ -275,6 +313,7 @@ class Slice:
             notes,
         )
         s.window_vars = tuple(graph.vars[o] for e in window.eqns for o in program.eqn_out[e])
+        s._decisions = tuple((n, taken) for _, n, taken in decisions)
         return s
 
     # -- structure ----------------------------------------------------------------------
@@ -303,7 +342,8 @@ class Slice:
 
     def input_values(self) -> tuple[Any, ...]:
         """The traced (or bound) values of the inputs, as positional arguments."""
-        flat = _evaluate_vars(self.graph, self.in_vars, self._require_args())
+        args = self._require_args(f"its input{'s' if len(self.in_vars) > 1 else ''}")
+        flat = _evaluate_vars(self.graph, self.in_vars, args)
         return self._as_args(_select.unflatten(self._in_tree, flat))
 
     # -- context ------------------------------------------------------------------------
@@ -312,21 +352,37 @@ class Slice:
         """Context values by var name."""
         return {v.name: x for v, x in zip(self.context_vars, self._context())}
 
-    def _require_args(self) -> Sequence[Any]:
+    def _require_args(self, needing: str = "its context") -> Sequence[Any]:
         if self._flat_args is None:
             raise SliceError(
                 f"{self!r} is unbound: its graph was traced with abstract arguments, so "
-                "its context has no values; call s.bind(*args, **kwargs) with the "
+                f"{needing} has no values; call s.bind(*args, **kwargs) with the "
                 "function's arguments first"
             )
         return self._flat_args
 
     def _context(self) -> list[Any]:
         if self._context_values is None:
-            self._context_values = _evaluate_vars(
-                self.graph, self.context_vars, self._require_args()
+            known = self._argument_free_context()
+            self._context_values = (
+                known
+                if known is not None
+                else _evaluate_vars(self.graph, self.context_vars, self._require_args())
             )
         return self._context_values
+
+    def _argument_free_context(self) -> list[Any] | None:
+        """The context when it needs no arguments (none, or only the program's constants),
+        so that a slice of an abstract trace runs unbound; else None."""
+        if self._flat_args is not None:
+            return None
+        program = self.graph._program
+        first, end = program.num_inputs, program.num_inputs + program.num_consts
+        if any(not first <= v.index < end for v in self.context_vars):
+            return None
+        if self.context_vars and self.graph._structure.edits:
+            return None  # a patched graph: its constants may not be the program's
+        return [program.consts[v.index - first] for v in self.context_vars]
 
     def bind(self, *args: Any, **kwargs: Any) -> Slice:
         """The same slice with its context recomputed for new arguments of the function.
@@ -406,7 +462,22 @@ class Slice:
             )
         flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
         out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
+        if self._decisions:
+            out, decided = out[: len(self.out_vars)], out[len(self.out_vars) :]
+            check_hits(
+                [
+                    (jnp.clip(d, 0, n - 1) == taken, True, self._path_message(taken))
+                    for d, (n, taken) in zip(decided, self._decisions)
+                ]
+            )
         return _select.unflatten(self._out_tree, out)
+
+    def _path_message(self, taken: int) -> str:
+        return (
+            f"{self!r} keeps branch {taken} of a cond (the traced branch), but these inputs "
+            "take another branch; call it with inputs that take the traced branch, or "
+            "slice to or from values outside the cond"
+        )
 
     def export(self, *, platforms: Sequence[str] | None = None) -> Any:
         """The slice as a ``jax.export.Exported`` (serialized StableHLO), context baked in.
@@ -446,6 +517,20 @@ class Slice:
         n = len(self.jaxpr.eqns)
         ctx = short_list([v.name for v in self.context_vars]) or "none"
         return f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, context: {ctx})"
+
+
+def _decisions(program: Any, window: Window, cut: Sequence[Any]) -> list[tuple[int, int, int]]:
+    """``(decider var, number of branches, traced branch)`` of each cut cond that the
+    slice inputs decide (its branch index depends on them)."""
+    found = []
+    for region in cut:
+        if region.primitive != "cond" or region.taken is None:
+            continue
+        for a in region.deciders:
+            i = program.index.get(a)
+            if i is not None and i in window.reached:
+                found.append((i, len(region.eqn.params["branches"]), region.taken))
+    return found
 
 
 def _evaluate_vars(

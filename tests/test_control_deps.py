@@ -10,6 +10,7 @@ hand, in plain JAX, without jaxsurgery.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import allclose, check_slice
 
 import jaxsurgery as js
@@ -259,12 +260,18 @@ def self_gated(x):
     return y
 
 
-def test_a_cut_inside_the_branch_computes_no_dead_predicate():
+def test_a_cut_inside_the_branch_checks_the_branch_its_inputs_decide():
     g = js.trace(self_gated, X)
     s = g.slice("x", "positive/doubled")
-    assert primitives(s) == ["mul", "mul"]  # not the predicate's reduce_sum, gt, convert
+    # the window keeps the traced branch; x decides it, so each call checks the decision
+    assert primitives(s) == ["mul", "reduce_sum", "gt", "convert_element_type", "mul"]
     assert any("branch 1" in n for n in s.notes)
-    check_slice(s, (X,), lambda x: x * 6.0)
+    check_jaxpr(s.jaxpr)
+    allclose(s(X), X * 6.0)
+    allclose(jax.jit(s)(X), X * 6.0)
+    allclose(jax.jvp(s, (X,), (X,))[1], X * 6.0)
+    with pytest.raises(js.SliceError, match="keeps branch 1 of a cond"):
+        s(-X)  # takes the other branch: no silently wrong number
     whole = g.slice("x", "y")  # the cond as a unit recomputes its predicate
     assert primitives(whole)[-1] == "cond" and "reduce_sum" in primitives(whole)
     check_slice(whole, (-X,), lambda x: jnp.cos(x * 3.0))
