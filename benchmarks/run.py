@@ -24,6 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_grads  # noqa: E402
+import bench_jit_layers  # noqa: E402
 import bench_loops  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_runtime  # noqa: E402
@@ -46,6 +47,7 @@ SECTIONS = [
         bench_grads,
     ),
     ("Peak memory for a 100k-equation program", bench_memory),
+    ("Trace of a @jax.jit layer called D times vs jax.make_jaxpr", bench_jit_layers),
     ("Loops at scale: a scan RNN of T steps (16 wide)", bench_loops),
 ]
 

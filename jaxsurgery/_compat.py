@@ -53,6 +53,18 @@ def tracer_atom(x: Any) -> Any:
     return None
 
 
+def made_by_jit(x: Any) -> tuple[ClosedJaxpr, tuple[Var, ...]] | None:
+    """``(called jaxpr, results)`` of the ``jit`` equation that made tracer ``x``, or None.
+
+    While ``make_jaxpr`` traces, a tracer keeps the equation that made it (its
+    ``parent``); a ``jit`` call traced from JAX's cache reuses the jaxpr of the first.
+    """
+    eqn = getattr(x, "parent", None) if isinstance(x, _pe.DynamicJaxprTracer) else None
+    if eqn is None or getattr(eqn.primitive, "name", None) not in ("jit", "pjit"):
+        return None
+    return eqn.params["jaxpr"], tuple(eqn.outvars)
+
+
 def called_jaxpr(eqn: JaxprEqn) -> ClosedJaxpr:
     """The closed jaxpr an inlinable call equation runs."""
     inner = eqn.params[CALL_PRIMITIVES[eqn.primitive.name]]
@@ -86,6 +98,16 @@ def rebuild_custom_rule(fn: Any, fun: Any) -> Any:
         )
         return new
     return fn
+
+
+def inlined_when_traced(fn: Any) -> bool:
+    """Whether a ``jax.jit``-ed function's calls leave no ``jit`` equation in a jaxpr.
+
+    jax 0.10 inlines a jit made with ``inline=True``; newer releases take ``True`` to mean
+    ``Inline.JAX_LATE`` (kept in the jaxpr) and inline only ``Inline.JAX_EARLY``.
+    """
+    inline = getattr(getattr(fn, "_jit_info", None), "inline", False)
+    return inline is True or getattr(inline, "name", None) == "JAX_EARLY"
 
 
 def rejit(fn: Any, fun: Any) -> Any:
@@ -180,3 +202,14 @@ def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
 def make_jaxpr(fn: Any, *args: Any) -> ClosedJaxpr:
     """``jax.make_jaxpr(fn)(*args)``."""
     return jax.make_jaxpr(fn)(*args)
+
+
+def jax_traceback_filtering_off() -> bool:
+    """Whether JAX's traceback filtering is off (``JAX_TRACEBACK_FILTERING=off``):
+    jaxsurgery then keeps its own frames too."""
+    try:
+        return str(jax.config.jax_traceback_filtering).lower() == "off"
+    except AttributeError:  # a JAX without that option
+        import os
+
+        return os.environ.get("JAX_TRACEBACK_FILTERING", "").lower() == "off"

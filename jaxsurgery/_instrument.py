@@ -18,6 +18,14 @@ functions (rebuilt around the rewritten body with the same rules). Library code
 (Flax, Haiku, Equinox internals) runs untouched inside its frame; its values are
 named by scopes instead.
 
+A ``jax.jit``-ed user function gets one rewritten twin per function object, so JAX's
+trace cache serves its repeated calls as it would the original's: a layer called 24
+times is traced once. A call served from the cache does not run the body, so the
+twin keeps, per traced jaxpr, what the body reported when it ran (names, calls,
+results, as vars of that jaxpr), and the call's frame replays it. The flat program
+holds one copy of the jaxpr's vars per call; each frame names only the copies of its
+own call (:class:`_CallSites`), so ``layer#5/pre`` is call 5's value.
+
 Why not equation source lines? The source span of an equation cannot tell loop
 iterations apart (``x = jnp.sin(x)`` in a loop has the same traceback every time) and
 misses plain aliases (``a = h`` makes no equation). A marked assignment sees both.
@@ -33,7 +41,8 @@ as it is and the graph has no Python variable names: ``Graph.notes`` says why.
 Sharp edges:
     * The copy shares the original's globals, defaults and closure cells, so it sees
       the same world; it has a different code object, so a ``jax.jit`` cache keyed on
-      the original function is not reused by ``js.trace``.
+      the original function is not reused by ``js.trace`` (the twin's own cache is,
+      from one ``js.trace`` to the next).
     * A value held by a name is recorded when the assignment runs; a value built in
       an expression and never assigned keeps its fallback ``%i`` name.
     * A callee that inspects its caller's frame (``sys._getframe(1)``) sees the call
@@ -44,6 +53,7 @@ Sharp edges:
 from __future__ import annotations
 
 import ast
+import bisect
 import functools
 import inspect
 import os
@@ -51,8 +61,9 @@ import sysconfig
 import textwrap
 import threading
 import types
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -82,7 +93,11 @@ class Recorder:
     def __init__(self) -> None:
         self.frames: list[tuple[str, int]] = []
         self.callees: list[Any] = []  # per frame: what was called
+        #: per frame: the results of the ``jit`` equation it made (None: not a jit call)
+        self.sites: list[tuple[Any, ...] | None] = []
         self._paths: dict[int, dict[int, str] | None] = {}
+        #: per id(called object): (it, what runs in its place, its cached jit twin)
+        self.targets: dict[int, tuple[Any, Any, _Jitted | None]] = {}
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
         self._stack: list[int] = []
@@ -121,51 +136,255 @@ class Recorder:
 
     def enter(self, label: str, fn: Any = None) -> int:
         self.callees.append(fn)
+        self.sites.append(None)
         self.frames.append((label, self.frame))
         self._stack.append(len(self.frames) - 1)
         return self._stack[-1]
 
-    def qualified(self, alive: Callable[[Any], bool]) -> list[tuple[str, Any]]:
-        """``(name, atom)`` pairs, call-qualified, in naming priority order.
+    def size(self) -> tuple[int, int, int]:
+        """How much was recorded so far (to tell whether a call's body ran)."""
+        return len(self.frames), len(self.bindings), len(self.returns)
+
+    def jit_called(
+        self, frame: int, start: tuple[int, int, int], jitted: _Jitted, inputs: Any, out: Any
+    ) -> None:
+        """After a call of a cached ``jit`` (``frame`` opened when ``size()`` was
+        ``start``): note its equation; remember what its body reported, or, when JAX
+        served the call from its cache and the body did not run, replay that."""
+        site = _jit_site(inputs, out)
+        if site is None:  # not traced by make_jaxpr (under vmap, say), or all forwarded
+            return
+        closed, self.sites[frame] = site
+        ran = self.size() != start
+        known = jitted.bodies.get(id(closed))
+        if known is not None and known[0] is not closed:
+            known = None  # a jaxpr that died, its id reused
+        if ran and known is None:
+            jitted.remember(closed, self._subtree(frame, start))
+        elif not ran and known is not None and len(self.frames) == frame + 1:
+            self._replay(frame, known[1])
+
+    def _subtree(self, frame: int, start: tuple[int, int, int]) -> _Recording:
+        """What ``frame`` and the frames inside it reported, frames relative to it."""
+        f0, b0, r0 = start
+        return _Recording(
+            tuple((label, parent - frame) for label, parent in self.frames[f0:]),
+            tuple(self.sites[f0:]),
+            tuple((f - frame, name, atom) for f, name, atom in self.bindings[b0:]),
+            tuple((f - frame, path, atom) for f, path, atom in self.returns[r0:]),
+        )
+
+    def _replay(self, frame: int, rec: _Recording) -> None:
+        """Report again, for ``frame``, what another call of the same jaxpr reported."""
+        if rec.frames:
+            self.frames += [(label, frame + parent) for label, parent in rec.frames]
+            self.callees += [None] * len(rec.frames)  # only a running frame's is read
+            self.sites += rec.sites
+            self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns]
+        self.bindings += [(frame + f, name, atom) for f, name, atom in rec.bindings]
+
+    def qualified(self, program: Any) -> list[tuple[str, int]]:
+        """``(name, var index)`` pairs for the flat ``program``, in naming priority order.
 
         Names bound in the traced function come first, then what calls returned
-        (outer calls first), then names bound inside calls (outer first). A call made
-        more than once under the same parent is ``label#k``, k in call order, counting
-        only calls that left a value in the program (``alive(atom)``): a body JAX
-        traced twice, or a call that returned no array, takes no number.
+        (outer calls first), then names bound inside calls (outer first). A value in a
+        loop body names each iteration's copy, ``name@t``. A call made more than once
+        under the same parent is ``label#k``, k in call order, counting only calls that
+        left a value in the program: a body JAX traced twice, or a call that returned no
+        array, takes no number. A value inside a ``jit`` call names only the copies the
+        program made for that call, not those of other calls of the same jaxpr.
         """
-        live = [False] * len(self.frames)
-        for frame, _, atom in (*self.bindings, *self.returns):
-            while frame >= 0 and not live[frame] and alive(atom):
-                live[frame] = True
-                frame = self.frames[frame][1]
+        calls = _CallSites(program, self)
+        scope = calls.scopes()
+        frames, select = self.frames, calls.select
+        own = [select(atom, scope[f] if f >= 0 else None) for f, _, atom in self.bindings]
+        back = [
+            select(atom, scope[p] if (p := frames[f][1]) >= 0 else None)
+            for f, _, atom in self.returns
+        ]
+        live = [False] * len(frames)
+        for records, found_per in ((self.bindings, own), (self.returns, back)):
+            for (frame, _, _), found in zip(records, found_per):
+                while frame >= 0 and found and not live[frame]:
+                    live[frame] = True
+                    frame = frames[frame][1]
         counts: dict[tuple[int, str], int] = {}
-        for (label, parent), ok in zip(self.frames, live):
+        for (label, parent), ok in zip(frames, live):
             if ok:
                 counts[parent, label] = counts.get((parent, label), 0) + 1
         seen: dict[tuple[int, str], int] = {}
         paths: list[str] = []
         depths: list[int] = []
-        for (label, parent), ok in zip(self.frames, live):
+        for (label, parent), ok in zip(frames, live):
             k = seen[parent, label] = seen.get((parent, label), -1) + ok
-            own = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
-            paths.append(own if parent < 0 else f"{paths[parent]}/{own}")
+            own_label = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
+            paths.append(own_label if parent < 0 else f"{paths[parent]}/{own_label}")
             depths.append(0 if parent < 0 else depths[parent] + 1)
-        top = [(name, atom) for frame, name, atom in self.bindings if frame < 0]
+        named = [(n, found) for (f, n, _), found in zip(self.bindings, own) if f < 0]
         returns = sorted(
-            ((depths[f], paths[f] + path, atom) for f, path, atom in self.returns),
+            (
+                (depths[f], paths[f] + path, found)
+                for (f, path, _), found in zip(self.returns, back)
+                if found
+            ),
             key=lambda t: t[0],
         )
         inner = sorted(
-            ((depths[f], f"{paths[f]}/{name}", atom) for f, name, atom in self.bindings if f >= 0),
+            (
+                (depths[f], f"{paths[f]}/{n}", found)
+                for (f, n, _), found in zip(self.bindings, own)
+                if f >= 0 and found
+            ),
             key=lambda t: t[0],
         )
-        return top + [(n, a) for _, n, a in returns] + [(n, a) for _, n, a in inner]
+        named += [(n, found) for _, n, found in returns]
+        named += [(n, found) for _, n, found in inner]
+        return [
+            (name + "".join(f"@{t}" for t in its) if its else name, i)
+            for name, found in named
+            for i, its in found
+        ]
 
     def leave(self, frame: int, value: Any) -> None:
         self._stack.pop()
         for path, atom in _atoms(value):
             self.returns.append((frame, path, atom))
+
+
+class _Recording(NamedTuple):
+    """What one run of a ``jit`` body reported: its frames (parents relative to the
+    call's frame, 0) and their ``jit`` results, and bindings and returns by relative
+    frame. Atoms are vars of the body's jaxpr, the same for every call of it."""
+
+    frames: tuple[tuple[str, int], ...]
+    sites: tuple[tuple[Any, ...] | None, ...]
+    bindings: tuple[tuple[int, str, Any], ...]
+    returns: tuple[tuple[int, str, Any], ...]
+
+
+def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """``(called jaxpr, results)`` of the ``jit`` equation a call's results come from.
+
+    A result that is one of the call's operands (forwarded) says nothing of the call.
+    """
+    given = None
+    for x in [out] if C.tracer_atom(out) is not None else jax.tree_util.tree_leaves(out):
+        site = C.made_by_jit(x)
+        if site is None:
+            continue
+        if given is None:
+            leaves = jax.tree_util.tree_leaves(inputs)
+            given = {id(a) for a in map(C.tracer_atom, leaves) if a is not None}
+        if id(C.tracer_atom(x)) not in given:
+            return site
+    return None
+
+
+class _Scope:
+    """Where the values of a frame inside a ``jit`` call live: the inlined calls
+    (``Region`` s) of its ``jit`` equation, and what picks their copies of a var."""
+
+    __slots__ = ("regions", "ranks", "copies", "own", "params")
+
+    def __init__(self, regions: list[Any], sites: _CallSites) -> None:
+        self.regions = regions
+        body = C.called_jaxpr(regions[0].eqn).jaxpr if regions else None
+        self.ranks = [sites.rank[id(r)] for r in regions]  # each one's place among all
+        self.copies = len(sites.copies.get(id(body), ()))  # inlined calls of the body
+        self.own, self.params = sites.own_vars(body) if regions else (set(), {})
+
+
+class _CallSites:
+    """Which flat copies of a traced value belong to which call.
+
+    JAX traces a ``jit``-ed function once per argument types, so its k calls share one
+    jaxpr and the program holds k copies of each of its vars (``Program.locate`` lists
+    them, in program order). A frame of such a call (and the frames inside it) is
+    *scoped* to the inlined calls of its own ``jit`` equation: one, or one per
+    iteration of an enclosing loop, or per copy of an enclosing call.
+    """
+
+    def __init__(self, program: Any, recorder: Recorder) -> None:
+        self.program = program
+        self.recorder = recorder
+        self.by_result: dict[int, list[Any]] = {}  # id(call result var) -> its regions
+        self.copies: dict[int, list[Any]] = {}  # id(called jaxpr) -> its regions
+        self.rank: dict[int, int] = {}  # id(region) -> its place in copies
+        self._starts: dict[int, list[int]] = {}
+        self._own: dict[int, tuple[set[int], dict[int, int]]] = {}
+
+    def scopes(self) -> list[_Scope | None]:
+        """Per frame: where its values live, or None (anywhere: not in a ``jit`` call)."""
+        recorder = self.recorder
+        if all(s is None for s in recorder.sites):
+            return [None] * len(recorder.frames)
+        self._index()
+        scope: list[_Scope | None] = []
+        for (_, parent), site in zip(recorder.frames, recorder.sites):
+            outer = scope[parent] if parent >= 0 else None
+            if site is None:
+                scope.append(outer)
+                continue
+            regions = next((self.by_result[id(v)] for v in site if id(v) in self.by_result), [])
+            if outer is not None:
+                regions = self._within(regions, outer.regions)
+            scope.append(_Scope(regions, self))
+        return scope
+
+    def _index(self) -> None:
+        for r in self.program.regions:
+            if r.primitive not in C.CALL_PRIMITIVES:
+                continue
+            copies = self.copies.setdefault(id(C.called_jaxpr(r.eqn).jaxpr), [])
+            self.rank[id(r)] = len(copies)
+            copies.append(r)
+            for v in r.eqn.outvars:
+                if isinstance(v, C.Var) and not isinstance(v, C.DropVar):
+                    self.by_result.setdefault(id(v), []).append(r)
+
+    def _within(self, regions: list[Any], outer: list[Any]) -> list[Any]:
+        """The regions nested in one of ``outer`` (both sorted by start)."""
+        if not regions or not outer:
+            return []
+        starts = self._starts.get(id(regions))  # regions: a list of by_result, kept
+        if starts is None:
+            starts = self._starts[id(regions)] = [r.start for r in regions]
+        found = []
+        for a in outer:
+            lo, hi = bisect.bisect_left(starts, a.start), bisect.bisect_left(starts, a.end)
+            found.extend(r for r in regions[lo:hi] if r.end <= a.end)
+        return found
+
+    def select(self, atom: Any, scope: _Scope | None) -> list[tuple[int, tuple[int, ...]]]:
+        """The flat copies ``(index, iterations)`` of ``atom`` that lie in ``scope``."""
+        copies = self.program.locate(atom)
+        if scope is None or not copies:
+            return copies
+        if len(copies) == scope.copies and id(atom) in scope.own:
+            # a var of the body itself: one copy per inlined call, in program order
+            return [copies[k] for k in scope.ranks]
+        # a var of a loop or branch inside the call, or one with no copy in some calls
+        producer, index = self.program.producer, self.program.index
+        pos = scope.params.get(id(atom))
+        found = []
+        for r in scope.regions:
+            if pos is not None:  # a parameter: the operand of this call
+                a = r.ins[pos]
+                i = index.get(a) if isinstance(a, C.Var) else None
+                if i is not None:
+                    found.append(next((c for c in copies if c[0] == i), (i, ())))
+            else:
+                found.extend(c for c in copies if r.start <= producer[c[0]] < r.end)
+        return found
+
+    def own_vars(self, body: Any) -> tuple[set[int], dict[int, int]]:
+        """ids of a jaxpr's own vars, and the positions of its parameters."""
+        found = self._own.get(id(body))
+        if found is None:
+            own = {id(v) for v in (*body.invars, *body.constvars)}
+            own.update(id(v) for e in body.eqns for v in e.outvars)
+            found = self._own[id(body)] = (own, {id(v): i for i, v in enumerate(body.invars)})
+        return found
 
 
 def _atoms(value: Any) -> list[tuple[str, Any]]:
@@ -200,24 +419,46 @@ def _call(label: str | None, fn: Any) -> Any:
     recorder = _current()
     if recorder is None:
         return fn
-    bodies = _control_flow_bodies().get(id(fn))
-    if bodies is not None:
-        return _with_named_bodies(fn, bodies)
-    if _is_jax_or_builtin(fn):
+    known = recorder.targets.get(id(fn))
+    if known is None or known[0] is not fn:
+        known = recorder.targets[id(fn)] = (fn, *_call_target(fn))
+    _, target, jitted = known
+    if target is None:  # JAX itself, numpy or a builtin: no frame
         return fn
-    target, _ = rewritten(fn)
+    if target is _CONTROL_FLOW:
+        return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
     name = recorder.label(label, fn)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         frame = recorder.enter(name, fn)
+        start = recorder.size()
         out = None
         try:
             out = target(*args, **kwargs)
+            if jitted is not None:
+                recorder.jit_called(frame, start, jitted, (args, kwargs), out)
         finally:
             recorder.leave(frame, out)
         return out
 
     return run
+
+
+_CONTROL_FLOW = object()
+
+
+def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
+    """``(what to run, the cached jit twin or None)`` for a call of ``fn``; what to run
+    is None for JAX itself, numpy, a builtin or a ``functools.partial`` (no frame), and
+    ``_CONTROL_FLOW`` for a ``lax`` loop or conditional."""
+    if id(fn) in _control_flow_bodies():
+        return _CONTROL_FLOW, None
+    if _is_jax_or_builtin(fn):
+        return None, None
+    jitted = _jitted(fn)
+    if jitted is None:
+        return rewritten(fn)[0], None
+    return jitted.jit, jitted if jitted.cached else None
 
 
 @functools.cache
@@ -303,10 +544,9 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         isinstance(fn, types.MethodType) and _is_user_function(fn.__func__)
     ):
         return instrument(fn)
-    wrapped = getattr(fn, "__wrapped__", None)
-    if hasattr(fn, "lower") and _is_user_function(wrapped):  # a jax.jit-ed user function
-        body, reason = instrument(wrapped)
-        return C.rejit(fn, body), reason
+    jitted = _jitted(fn)
+    if jitted is not None:  # a jax.jit-ed user function
+        return jitted.jit, jitted.reason
     if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
         body, reason = instrument(fn.fun)
         return C.rebuild_custom_rule(fn, body), reason
@@ -315,6 +555,54 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         body, reason = instrument(call)
         return types.MethodType(body, fn), reason
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
+
+
+class _Jitted:
+    """A ``jax.jit``-ed user function's rewritten twin: the rewritten body jitted with the
+    same options, made once per function object (:func:`_jitted`).
+
+    Being one jit object, it hits JAX's trace cache as the original does: a second call
+    with the same argument types reuses the jaxpr without running the body. ``bodies``
+    keeps, per jaxpr, what the body reported the time it ran, for such calls to replay.
+    """
+
+    __slots__ = ("jit", "reason", "bodies", "cached")
+
+    #: jaxprs remembered per function (the oldest is forgotten first)
+    MAX_BODIES = 64
+
+    def __init__(self, fn: Any, cached: bool = True) -> None:
+        body, self.reason = instrument(fn.__wrapped__)
+        self.jit = C.rejit(fn, body)
+        self.bodies: dict[int, tuple[Any, _Recording]] = {}
+        self.cached = cached  # False: a twin for one call, whose body runs
+
+    def remember(self, closed: Any, recording: _Recording) -> None:
+        if len(self.bodies) >= self.MAX_BODIES:
+            del self.bodies[next(iter(self.bodies))]
+        self.bodies[id(closed)] = (closed, recording)
+
+
+_JITTED: weakref.WeakKeyDictionary[Any, _Jitted] = weakref.WeakKeyDictionary()
+
+
+def _jitted(fn: Any) -> _Jitted | None:
+    """The rewritten twin of a ``jax.jit``-ed user function (cached per function), or None.
+
+    A jit inlined when traced leaves no call equation to tell its calls apart by, so it
+    gets a new twin per call, whose body runs each time.
+    """
+    if not (hasattr(fn, "lower") and _is_user_function(getattr(fn, "__wrapped__", None))):
+        return None
+    if C.inlined_when_traced(fn):
+        return _Jitted(fn, cached=False)
+    try:
+        found = _JITTED.get(fn)
+        if found is None:
+            found = _JITTED[fn] = _Jitted(fn)
+    except TypeError:  # not weakly referenceable
+        return _Jitted(fn, cached=False)
+    return found
 
 
 def _callable_name(fn: Any) -> str:

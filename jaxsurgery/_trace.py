@@ -85,11 +85,7 @@ def _trace(
     with recorder:
         closed = C.make_jaxpr(flat_fn, *leaves)
     program = Program(closed, leaves if concrete else None)
-    bindings = [
-        (name + "".join(f"@{t}" for t in its), i)
-        for name, atom in recorder.qualified(lambda atom: bool(program.locate(atom)))
-        for i, its in program.locate(atom)
-    ]
+    bindings = recorder.qualified(program)
     names = assign_names(
         len(program.vars),
         program.primitives,
