@@ -11,16 +11,23 @@
 (3,)
 """
 
+from . import _traceback
 from ._errors import SelectionError as SelectionError
 from ._errors import SliceError as SliceError
 from ._errors import SurgeryError as SurgeryError
 from ._errors import TraceError as TraceError
+from ._grads import GradsFunction as _GradsFunction
 from ._graph import Graph as Graph
 from ._graph import Var as Var
 from ._select import Selection as Selection
 from ._slice import Slice as Slice
 from ._tag import tag as tag
 from ._trace import trace as trace
+
+# errors leave the public entry points without jaxsurgery's frames (see _traceback)
+_traceback.install(Graph, Slice, Selection, _GradsFunction)
+trace = _traceback.boundary(trace)  # noqa: F811
+tag = _traceback.boundary(tag)  # noqa: F811
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ Every message names the culprit, says what was expected and ends with a fix.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class SurgeryError(Exception):
@@ -35,7 +35,8 @@ class SliceError(SurgeryError, ValueError):
 
 
 class TraceError(SurgeryError, TypeError):
-    """``js.trace`` was given something it cannot trace (a non-array argument, ...)."""
+    """``js.trace`` was given something it cannot trace (a non-array argument, ...),
+    or ``js.tag`` a name that is not a non-empty string or a value that is not arrays."""
 
 
 def type_of(var: object) -> str:
@@ -69,3 +70,57 @@ def short_list(items: Iterable[str], limit: int = 6) -> str:
     items = list(items)
     head = ", ".join(items[:limit])
     return head if len(items) <= limit else f"{head}, ... (+{len(items) - limit} more)"
+
+
+def check_like(values: object, treedef: object, vars_: Sequence, what: str, role: str) -> list:
+    """Flat ``values`` checked to be ``what`` (tangents, cotangents) of ``vars_``.
+
+    ``values`` must have the structure ``treedef`` and each leaf the var's shape and
+    tangent dtype (the var's own for floats, ``float0`` for integers and bools);
+    Python scalars and NumPy arrays of a dtype JAX canonicalizes to it are converted.
+    A mismatch is a SliceError naming the ``role`` var (``input 'z1'``).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    leaves, tree = jax.tree_util.tree_flatten(values)
+    names = short_list(v.name for v in vars_)
+    if tree != treedef:
+        raise SliceError(
+            f"the {what}s must be structured like the {role}s ({names}): {treedef}, got "
+            f"{tree}; pass one {what} per {role}, in the selectors' structure"
+        )
+    checked = []
+    for x, v in zip(leaves, vars_):
+        is_float = jnp.issubdtype(v.dtype, jnp.inexact)
+        want = v.dtype if is_float else jax.dtypes.float0
+        dtype = getattr(x, "dtype", None)
+        if dtype is None and isinstance(x, (bool, int, float, complex)) and is_float:
+            x, dtype = jnp.asarray(x, want), want
+        shape = tuple(np.shape(x)) if dtype is not None else None
+        same = dtype == want
+        if not same and is_float and dtype is not None:
+            try:
+                same = jax.dtypes.canonicalize_dtype(np.dtype(dtype)) == want
+            except TypeError:
+                same = False
+            if same:
+                x = jnp.asarray(x, want)
+        if shape != v.shape or not same:
+
+            def name(d: object) -> str:
+                return "float0" if d == jax.dtypes.float0 else np.dtype(d).name
+
+            got = type(x).__name__ if dtype is None else f"{name(dtype)}{list(shape)}"
+            expected = f"{name(want)}{list(v.shape)}"
+            fix = (
+                f"pass a {what} shaped like g.value({v.name!r})"
+                if is_float
+                else f"an integer or bool {role} takes np.zeros({v.shape}, jax.dtypes.float0)"
+            )
+            raise SliceError(
+                f"the {what} for {role} {v.name!r} must be {expected}, got {got}; {fix}"
+            )
+        checked.append(x)
+    return checked

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError
+from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
 from ._structured import Edit, Site, Structured, check_hits
@@ -279,16 +279,29 @@ class Graph:
         return _select.unflatten(structure, [self._values[v.index] for v in flat])
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
-        """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``."""
+        """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``.
+
+        ``tangents`` are structured like ``inputs``, each shaped like its input (a
+        SliceError names the input that is not).
+        """
+        self._require_args("g.jvp")
         s = self.slice(inputs, outputs)
+        if s._positional and isinstance(tangents, list):
+            tangents = tuple(tangents)
+        flat = check_like(tangents, s._in_tree, s.in_vars, "tangent", "input")
         primals = s.input_values()
-        return jax.jvp(s, primals, s._as_args(tangents))
+        return jax.jvp(s, primals, s._as_args(_select.unflatten(s._in_tree, flat)))
 
     def vjp(self, inputs: Selector, outputs: Selector, cotangents: Any) -> tuple[Any, Any]:
-        """``(outputs, cotangentsᵀ·∂outputs/∂inputs)`` at the traced values."""
+        """``(outputs, cotangentsᵀ·∂outputs/∂inputs)`` at the traced values.
+
+        ``cotangents`` are structured like ``outputs``, each shaped like its output.
+        """
+        self._require_args("g.vjp")
         s = self.slice(inputs, outputs)
+        flat = check_like(cotangents, s._out_tree, s.out_vars, "cotangent", "output")
         out, pullback = jax.vjp(s, *s.input_values())
-        return out, s._from_args(pullback(cotangents))
+        return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
 
     def jacobian(
         self, inputs: Selector, outputs: Selector, mode: Literal["auto", "fwd", "rev"] = "auto"
@@ -299,6 +312,7 @@ class Graph:
         outputs, reverse mode otherwise. The result is structured as ``jax.jacfwd``'s
         with ``argnums`` over the slice's positional inputs.
         """
+        self._require_args("g.jacobian")
         s = self.slice(inputs, outputs)
         if mode == "auto":
             n_in = sum(v.size for v in s.in_vars)

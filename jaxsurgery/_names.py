@@ -17,7 +17,8 @@ and is not already another var's canonical name, the rest are aliases:
 A name given to k > 1 distinct vars (a loop, a rebinding, a repeated tag) is
 canonical in its ``name#k`` forms, in binding order, and the bare ``name`` is an
 alias of all of them, so ``g.select("h")`` finds every binding and ``g["h"]`` says it
-is ambiguous. A parameter that the function body rebinds is binding ``#0``.
+is ambiguous. A parameter that the function body rebinds is binding ``#0``: its
+canonical name is ``x#0`` (the bare ``x`` is ambiguous there too).
 
 Example:
     >>> import jax.numpy as jnp, jaxsurgery as js
@@ -27,7 +28,7 @@ Example:
     ...     return x
     >>> g = js.trace(f, jnp.ones(3))
     >>> [v.name for v in g.vars]
-    ['x', 'x#1', 'x#2']
+    ['x#0', 'x#1', 'x#2']
     >>> g["x#2"].aliases
     ('x', 'out', '%2', 'sin:2')
 """
@@ -166,7 +167,9 @@ def finalize(
     """Choose canonical names from each var's candidates, in order.
 
     A candidate is canonical unless another var took it already or several vars
-    answer to it (``protected`` names, the inputs', are canonical even then).
+    answer to it (``protected`` names, the inputs', are canonical even then, unless
+    the input is binding ``#0`` of that name: a parameter the body rebinds is
+    ``x#0``, so the bare ``x`` is ambiguous like any name bound several times).
     ``extras`` are aliases that are never canonical.
     """
     multi = _multi_names(candidates)
@@ -180,7 +183,13 @@ def finalize(
             aliases.append(())
             continue
         chosen = next(
-            (c for c in cands if c not in taken and (c not in multi or c in protected)), None
+            (
+                c
+                for c in cands
+                if c not in taken
+                and (c not in multi or (c in protected and _numbered(c, 0) not in cands))
+            ),
+            None,
         )
         if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
             canonical.append(f"%{i}")

@@ -1,30 +1,50 @@
 """Selection: from selectors (index, name, glob, regex, Var, filters) to vars.
 
 A selector is an ``int`` (negative counts from the end), a ``str`` (an exact name
-first; only when nothing has that exact name and it contains ``*``, ``?`` or ``[``,
-a glob over every name and alias), a compiled ``re.Pattern`` (``fullmatch`` against
-every name and alias), a :class:`Var`, a :class:`Selection`, or a list/tuple/dict of
-these. Where one var is needed (``g[...]``, a leaf of a slice's inputs), an exact
-name matching several vars is an error; a glob, regex or Selection leaf stands for
-the tuple of everything it matched.
+first; only when nothing has that exact name and it has a wildcard, a glob over
+every name and alias), a compiled ``re.Pattern`` (``fullmatch`` against every name
+and alias), a :class:`Var`, a :class:`Selection`, or a list/tuple/dict of these.
+Where one var is needed (``g[...]``, a leaf of a slice's inputs), a name or pattern
+matching several vars is an error; a glob, regex or Selection leaf stands for the
+tuple of everything it matched.
+
+Globs know that names are paths (``block#2/attn/q``, ``params['dense']['kernel']``):
+
+* ``*`` matches within one level of a path: any run of characters except ``/``
+  (a ``/`` inside a bracketed key such as ``['mlp/~/linear_0']`` does not end a
+  level); ``**`` matches across levels, and ``**/`` also matches no level at all;
+* ``?`` matches one character other than ``/``;
+* brackets are pytree keys, matched literally, when they hold a quote
+  (``['params']``, ``['Block_*']``: ``*`` and ``?`` inside still match within the
+  key) or only digits and wildcards (``[*]``, ``[1?]``); a bracket of digits only,
+  ``[12]``, matches either the key ``[12]`` or one of the characters, so both
+  ``params_2[0]*`` and ``z[23]`` work; any other bracket (``[a-c]``, ``[!0]``) is a
+  character class, as in :mod:`fnmatch`.
+
+A var found through an alias keeps the name that matched: ``Selection.matched``
+lists, per var, the first of its names (canonical name first) that the selector
+matched, while ``Selection.names`` are the canonical names.
+
+A pattern matching nothing is a SelectionError ``no var matches the pattern ...``
+suggesting ``**`` when ``*`` stopped at a ``/``, else names close to it. Filters
+fail loudly too: a ``primitive=`` no var of the graph is made by, or a ``scope=``
+no var is in, is a typo, not an empty selection.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ._errors import SelectionError, SliceError, did_you_mean, short_list
+from ._errors import SelectionError, SliceError, close_matches, did_you_mean, short_list
 from ._names import is_generated
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
-
-_GLOB_CHARS = frozenset("*?[")
 
 
 class Selection(tuple):
@@ -42,13 +62,28 @@ class Selection(tuple):
         ('a', 'b')
         >>> sel.where(lambda v: v.primitive == "cos").one().name
         'b'
+        >>> g.select("sin:*").names, g.select("sin:*").matched   # found by an alias
+        (('a',), ('sin:1',))
     """
 
-    __slots__ = ()
+    # no __slots__: an instance keeps the names its vars were matched by
+    _matched: tuple[str, ...] | None = None
+
+    @classmethod
+    def _of(cls, vars_: Iterable[Var], matched: Iterable[str]) -> Selection:
+        sel = cls(vars_)
+        sel._matched = tuple(matched)
+        return sel
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The canonical names of the vars."""
         return tuple(v.name for v in self)
+
+    @property
+    def matched(self) -> tuple[str, ...]:
+        """Per var, the name the selector matched (an alias, or the canonical name)."""
+        return self.names if self._matched is None else self._matched
 
     def one(self) -> Var:
         """The single var; a SelectionError unless exactly one matched."""
@@ -62,7 +97,13 @@ class Selection(tuple):
 
     def where(self, predicate: Callable[[Var], bool]) -> Selection:
         """The vars for which ``predicate(var)`` is true."""
-        return Selection(v for v in self if predicate(v))
+        if not callable(predicate):
+            raise SelectionError(
+                f"where={predicate!r} is not a function: pass a predicate such as "
+                "lambda v: v.ndim == 2"
+            )
+        kept = [(v, m) for v, m in zip(self, self.matched) if predicate(v)]
+        return Selection._of((v for v, _ in kept), (m for _, m in kept))
 
     def assert_count_is(self, n: int) -> Selection:
         """Self, after checking it holds ``n`` vars."""
@@ -103,16 +144,11 @@ def one(graph: Graph, selector: Any) -> Var:
         names = graph._names
         if selector in names.by_canonical:
             return graph.vars[names.by_canonical[selector]]
-        hits = names.lookup.get(selector)
-        if hits is None:
-            hits = _fallback(graph, selector)
-        if hits is None and _GLOB_CHARS & set(selector):
-            hits = _glob(graph, selector)
-        return _exactly_one(graph, repr(selector), hits, selector)
+        hits, pattern = _string_hits(graph, selector)
+        return _exactly_one(graph, repr(selector), hits, selector, pattern)
     if isinstance(selector, re.Pattern):
-        return _exactly_one(
-            graph, f"re.compile({selector.pattern!r})", _regex(graph, selector), None
-        )
+        label = f"re.compile({selector.pattern!r})"
+        return _exactly_one(graph, label, _regex(graph, selector), None, selector)
     raise SelectionError(
         f"{selector!r} is not a selector of one var: use an int, a name, a glob, a "
         "re.Pattern or a Var (g.select(...) takes several)"
@@ -127,23 +163,83 @@ def select(
     scope: str | None = None,
     where: Callable[[Var], bool] | None = None,
 ) -> Selection:
-    """Vars matching any selector (every var if there are none), then every filter."""
+    """Vars matching any selector (every var if there are none), then every filter.
+
+    A filter that cannot match anything in this graph (a primitive no var is made by,
+    a scope no var is in) is a SelectionError with suggestions, not an empty result.
+    """
+    wanted = None if primitive is None else _primitives(graph, primitive)
+    if scope is not None and not isinstance(scope, str):
+        raise SelectionError(
+            f"scope={scope!r} is not a scope path: pass a str such as 'MLP/Dense_0'"
+        )
+    if where is not None and not callable(where):
+        raise SelectionError(
+            f"where={where!r} is not a function: pass a predicate such as lambda v: v.ndim == 2"
+        )
     if selectors:
-        found: set[int] = set()
+        found: dict[int, str] = {}
         for sel in selectors:
-            found.update(_many(graph, sel))
-        vars_ = [graph.vars[i] for i in sorted(found)]
+            for i, name in _many(graph, sel).items():
+                found.setdefault(i, name)
+        order = sorted(found)
+        vars_ = [graph.vars[i] for i in order]
+        matched = [found[i] for i in order]
     else:
         vars_ = list(graph.vars)
-    if primitive is not None:
-        wanted = {primitive} if isinstance(primitive, str) else set(primitive)
-        vars_ = [v for v in vars_ if v.primitive in wanted]
+        matched = [v.name for v in vars_]
+    keep = [True] * len(vars_)
+    if wanted is not None:
+        keep = [k and v.primitive in wanted for k, v in zip(keep, vars_)]
     if scope is not None:
         scope = scope.strip("/")
-        vars_ = [v for v in vars_ if v.scope == scope or v.scope.startswith(scope + "/")]
+        keep = [k and _in_scope(v.scope, scope) for k, v in zip(keep, vars_)]
+        if not any(keep) and scope and not any(_in_scope(v.scope, scope) for v in graph.vars):
+            raise _no_scope(graph, scope)
     if where is not None:
-        vars_ = [v for v in vars_ if where(v)]
-    return Selection(vars_)
+        keep = [k and bool(where(v)) for k, v in zip(keep, vars_)]
+    return Selection._of(
+        (v for v, k in zip(vars_, keep) if k), (m for m, k in zip(matched, keep) if k)
+    )
+
+
+def _primitives(graph: Graph, primitive: Any) -> set[str]:
+    """The primitive names a ``primitive=`` filter asks for, each one in the graph."""
+    items = [primitive] if isinstance(primitive, str) else primitive
+    try:
+        wanted = list(items)
+    except TypeError:
+        wanted = [primitive]
+    bad = [p for p in wanted if not isinstance(p, str)]
+    if bad or not wanted:
+        raise SelectionError(
+            f"primitive={primitive!r} is not a primitive name: pass a str such as 'tanh' "
+            "or a list of them (v.primitive gives a var's)"
+        )
+    present = set(graph._program.primitives)
+    for p in wanted:
+        if p not in present:
+            raise SelectionError(
+                f"no var is made by the primitive {p!r}{did_you_mean(p, sorted(present))} "
+                f"(this graph's primitives: {short_list(sorted(present), 12)})"
+            )
+    return set(wanted)
+
+
+def _in_scope(var_scope: str, scope: str) -> bool:
+    return var_scope == scope or var_scope.startswith(scope + "/")
+
+
+def _no_scope(graph: Graph, scope: str) -> SelectionError:
+    scopes: set[str] = set()
+    for v in graph.vars:
+        parts = v.scope.split("/") if v.scope else []
+        scopes.update("/".join(parts[: k + 1]) for k in range(len(parts)))
+    listed = f" (this graph's scopes: {short_list(sorted(scopes), 8)})" if scopes else ""
+    return SelectionError(
+        f"no var is in the scope {scope!r}{did_you_mean(scope, scopes)}"
+        f"{listed or ' (this graph has no scopes)'}"
+    )
 
 
 def tree(graph: Graph, selector: Any) -> tuple[Any, list[Var]]:
@@ -170,35 +266,38 @@ def _resolve_tree(graph: Graph, selector: Any) -> Any:
     if isinstance(selector, re.Pattern) or (
         isinstance(selector, str)
         and selector not in graph._names.lookup
-        and _GLOB_CHARS & set(selector)
         and graph._names.parse_fallback(selector) is None
+        and compile_glob(selector) is not None
     ):
         return tuple(graph.vars[i] for i in sorted(_many(graph, selector)))
     return one(graph, selector)
 
 
-def _many(graph: Graph, selector: Any) -> list[int]:
-    """Indices of every var a selector matches; a SelectionError if none."""
+def _many(graph: Graph, selector: Any) -> dict[int, str]:
+    """Every var a selector matches, with the name it matched; a SelectionError if none."""
     from ._graph import Var
 
     if isinstance(selector, (Var, int)) and not isinstance(selector, bool):
-        return [one(graph, selector).index]
+        v = one(graph, selector)
+        return {v.index: v.name}
     if isinstance(selector, str):
-        hits = graph._names.lookup.get(selector)
-        if hits is None:
-            hits = _fallback(graph, selector)
-        if hits is None and _GLOB_CHARS & set(selector):
-            hits = _glob(graph, selector)
+        hits, pattern = _string_hits(graph, selector)
         if not hits:
-            raise _no_match(graph, repr(selector), selector)
+            raise _no_match(graph, repr(selector), selector, pattern)
         return hits
     if isinstance(selector, re.Pattern):
         hits = _regex(graph, selector)
         if not hits:
-            raise _no_match(graph, f"re.compile({selector.pattern!r})", None)
+            raise _no_match(graph, f"re.compile({selector.pattern!r})", None, selector)
         return hits
-    if isinstance(selector, (Selection, list, tuple)):
-        return [i for s in selector for i in _many(graph, s)]
+    if isinstance(selector, Selection):
+        return {_own(graph, v).index: m for v, m in zip(selector, selector.matched)}
+    if isinstance(selector, (list, tuple)):
+        found: dict[int, str] = {}
+        for s in selector:
+            for i, name in _many(graph, s).items():
+                found.setdefault(i, name)
+        return found
     raise SelectionError(
         f"{selector!r} is not a selector: use an int, a name, a glob, a re.Pattern, a "
         "Var, a Selection, or a list of these"
@@ -213,11 +312,93 @@ def _own(graph: Graph, var: Var) -> Var:
     return var
 
 
-def _glob(graph: Graph, pattern: str) -> list[int]:
-    return _regex(graph, re.compile(fnmatch.translate(pattern)))
+def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Pattern | None]:
+    """``(hits, glob)``: an exact name or fallback first, else a glob (None if not one)."""
+    names = graph._names
+    idxs = names.lookup.get(selector)
+    if idxs is not None:
+        return dict.fromkeys(idxs, selector), None
+    i = names.parse_fallback(selector)
+    if i is not None:
+        return {i: selector}, None
+    pattern = compile_glob(selector)
+    return ({}, None) if pattern is None else (_regex(graph, pattern), pattern)
 
 
-def _regex(graph: Graph, pattern: re.Pattern) -> list[int]:
+# '*': a run within one level; a bracketed key (['mlp/~/linear_0']) may hold a '/'
+_LEVEL = r"(?:\[[^\]]*\]|[^/\[])*"
+
+
+@functools.lru_cache(maxsize=512)
+def compile_glob(pattern: str) -> re.Pattern | None:
+    """The regex of a path-aware glob (see the module docstring), or None if it has no
+    wildcard (then it is a plain name)."""
+    out: list[str] = []
+    wild = False
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i) and (i == 2 or pattern[i - 3] == "/"):
+                    out.append("(?:.*/)?")  # '**/' at a level start: any levels, or none
+                    i += 1
+                else:
+                    out.append(".*")
+            else:
+                out.append(_LEVEL)
+                i += 1
+            wild = True
+            continue
+        if c == "?":
+            out.append("[^/]")
+            wild = True
+            i += 1
+            continue
+        if c == "[":
+            end, regex, is_wild = _bracket(pattern, i)
+            if end > i:
+                out.append(regex)
+                wild = wild or is_wild
+                i = end
+                continue
+        out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL) if wild else None
+
+
+def _bracket(pattern: str, i: int) -> tuple[int, str, bool]:
+    """``(end, regex, wild)`` of the bracket at ``pattern[i]``; end == i if unclosed."""
+    quote = pattern[i + 1 : i + 2]
+    if quote in ("'", '"'):
+        close = pattern.find(quote + "]", i + 2)
+        end = -1 if close < 0 else close + 2
+    else:
+        close = pattern.find("]", i + 1)
+        end = -1 if close < 0 else close + 1
+    if end < 0:
+        return i, "", False
+    content = pattern[i + 1 : end - 1]
+    if not content:
+        return end, re.escape("[]"), False
+    if "'" in content or '"' in content or all(ch in "0123456789*?" for ch in content):
+        if content.isdigit():  # [12]: the key [12], or one of the characters 1, 2
+            return end, f"(?:{re.escape('[' + content + ']')}|[{content}])", True
+        key = "".join(
+            "[^\\]]*" if ch == "*" else "[^\\]]" if ch == "?" else re.escape(ch) for ch in content
+        )
+        return end, f"\\[{key}\\]", "*" in content or "?" in content
+    negate = content[0] == "!"
+    body = content[1:] if negate else content
+    body = body.replace("\\", "\\\\")
+    if body[:1] in ("^", "["):
+        body = "\\" + body
+    return end, f"[^/{body}]" if negate else f"[{body}]", True
+
+
+def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
+    """Every var with a name ``pattern`` fully matches, and the first such name."""
     names = graph._names
     hits: set[int] = set()
     for name, idxs in names.lookup.items():
@@ -226,24 +407,35 @@ def _regex(graph: Graph, pattern: re.Pattern) -> list[int]:
     for i in range(len(names.canonical)):
         if any(pattern.fullmatch(n) for n in names.fallbacks(i)):
             hits.add(i)
-    return sorted(hits)
+    return {i: _matched_name(names, i, pattern) for i in sorted(hits)}
 
 
-def _fallback(graph: Graph, name: str) -> list[int] | None:
-    i = graph._names.parse_fallback(name)
-    return None if i is None else [i]
+def _matched_name(names: Any, i: int, pattern: re.Pattern) -> str:
+    """The var's first name (canonical first, then its aliases) that ``pattern`` matches."""
+    if pattern.fullmatch(names.canonical[i]):
+        return names.canonical[i]
+    return next((n for n in names.aliases_of(i) if pattern.fullmatch(n)), names.canonical[i])
 
 
-def _exactly_one(graph: Graph, label: str, hits: list[int] | None, word: str | None) -> Var:
+def _exactly_one(
+    graph: Graph, label: str, hits: dict[int, str], word: str | None, pattern: Any
+) -> Var:
     if not hits:
-        raise _no_match(graph, label, word)
-    if len(set(hits)) > 1:
-        names = [graph.vars[i].name for i in sorted(set(hits))]
-        raise SelectionError(f"{label} is ambiguous: it matches {short_list(names)}; pick one")
-    return graph.vars[hits[0]]
+        raise _no_match(graph, label, word, pattern)
+    if len(hits) > 1:
+        shown = [
+            graph.vars[i].name
+            if pattern is None or m == graph.vars[i].name
+            else f"{graph.vars[i].name} (as {m})"
+            for i, m in sorted(hits.items())
+        ]
+        raise SelectionError(f"{label} is ambiguous: it matches {short_list(shown)}; pick one")
+    return graph.vars[next(iter(hits))]
 
 
-def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
+def _no_match(
+    graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
+) -> SelectionError:
     if word is not None and "@" in word and graph._program.opaque_loops:
         raise SliceError(
             f"{label} names a value inside a loop iteration, but the graph's while_loop "
@@ -251,6 +443,8 @@ def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
             "traced with abstract arguments (jax.ShapeDtypeStruct); trace with concrete "
             "arrays, or use lax.fori_loop/lax.scan with a static trip count"
         )
+    if pattern is not None:
+        return _no_pattern_match(graph, label, word, pattern)
     if word is not None and "@" not in word:
         iterations = sorted(
             (
@@ -274,3 +468,30 @@ def _no_match(graph: Graph, label: str, word: str | None) -> SelectionError:
         )
         hint = did_you_mean(word, candidates)
     return SelectionError(f"no var named {label}{hint} (g.names() lists all)")
+
+
+def _no_pattern_match(
+    graph: Graph, label: str, word: str | None, pattern: re.Pattern
+) -> SelectionError:
+    """No var matches a glob or regex: suggest ``**`` when ``*`` stopped at a ``/``,
+    else names close to the pattern's literal text."""
+    hint = ""
+    if word is not None and "*" in word:
+        deeper = re.sub(r"\*+", "**", word)
+        found = _regex(graph, compile_glob(deeper)) if deeper != word else {}
+        if found:
+            hint = (
+                f"; '*' stops at '/' (one level of a path): did you mean {deeper!r}, "
+                f"which matches {len(found)} var{'s' if len(found) != 1 else ''}?"
+            )
+    if not hint:
+        if word is not None:
+            literal = re.sub(r"[*?]", "", word)
+        else:
+            literal = re.sub(r"\\.|[\[\](){}*+?|^$.]", "", pattern.pattern)
+        names = [n for n in graph._names.lookup if not is_generated(n)]
+        close = close_matches(literal, names) if literal else []
+        if close:
+            hint = f"; names close to it: {short_list(repr(n) for n in close)}"
+    kind = "the pattern" if word is not None else "the regex"
+    return SelectionError(f"no var matches {kind} {label}{hint} (g.names() lists all)")

@@ -157,6 +157,7 @@ def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[in
         if not missing:
             window.eqn_set.difference_update(dead)
             return result, context, notes, cut
+        window.grow(missing)
 
 
 def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int]):

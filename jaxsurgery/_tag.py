@@ -7,6 +7,8 @@ from typing import TypeVar
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from ._errors import TraceError
+
 T = TypeVar("T")
 
 
@@ -22,9 +24,22 @@ def tag(x: T, name: str) -> T:
         >>> g = js.trace(lambda x: js.tag(jnp.sin(x), "s") * 2, jnp.ones(3))
         >>> g["s"].primitive
         'sin'
+
+    A name that is not a non-empty ``str``, or a leaf that is not an array, is a
+    :class:`~jaxsurgery.TraceError` (a ``TypeError``).
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"js.tag needs a non-empty string name, got {name!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise TraceError(
+            f"js.tag needs a non-empty string name, got {type(name).__name__}: {name!r}; "
+            "call it as js.tag(value, 'name')"
+        )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
+    for path, leaf in leaves:
+        if not (hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex))):
+            where = f" at {jax.tree_util.keystr(path)}" if path else ""
+            raise TraceError(
+                f"js.tag({name!r}) can only name arrays, got {type(leaf).__name__}{where}: "
+                f"{repr(leaf)[:60]}; tag the array values (or pass non-arrays around the tag)"
+            )
     tagged = [checkpoint_name(leaf, name + jax.tree_util.keystr(path)) for path, leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, tagged)

@@ -215,3 +215,21 @@ def test_calls_through_super_and_computed_subscripts_are_named_at_run_time():
     g = js.trace(f, jnp.ones(2))
     assert g["m/__call__/base_out"].primitive == "tanh"  # super().__call__ -> its name
     assert g["helper/h"].primitive == "mul"  # fns[i] -> the function's own name
+
+
+def test_a_folded_call_computes_its_operands_that_depend_on_the_inputs():
+    @jax.jit
+    def pair(p, q):
+        return p * 2.0, q * 3.0
+
+    def f(x):
+        a, b = pair(jnp.sin(x), jnp.cos(x))
+        return a + b
+
+    x = jnp.array([0.3, -0.7])
+    g = js.trace(f, x)
+    # the jit stays one equation, so the window grows to compute cos(x), which it reads
+    s = g.slice("x", "a")
+    names = [e.primitive.name for e in s.jaxpr.eqns]
+    assert names in (["sin", "cos", "jit"], ["sin", "cos", "pjit"])  # jax 0.12 / 0.10
+    check_slice(s, (x,), lambda x: jnp.sin(x) * 2.0)

@@ -36,6 +36,12 @@ def repeated(x):
     return h
 
 
+def rebound(x):
+    for _ in range(3):
+        x = jnp.sin(x)
+    return x
+
+
 @pytest.fixture(scope="module")
 def g():
     return js.trace(mlp_12782, *mlp_12782_args())
@@ -72,6 +78,12 @@ CATALOG = [
         r"'h' is ambiguous: it matches x, h#1, h#2, h#3; pick one",
     ),
     (
+        "ambiguous name, one binding the parameter",
+        lambda g, a: js.trace(rebound, jnp.ones(2))["x"],
+        js.SelectionError,
+        r"'x' is ambiguous: it matches x#0, x#1, x#2, x#3; pick one",
+    ),
+    (
         "index out of range",
         lambda g, a: g[100],
         js.SelectionError,
@@ -81,7 +93,7 @@ CATALOG = [
         "glob matching nothing",
         lambda g, a: g.select("w*"),
         js.SelectionError,
-        r"no var named 'w\*'",
+        r"no var matches the pattern 'w\*' \(g\.names\(\) lists all\)",
     ),
     (
         "selector of the wrong type",
@@ -226,6 +238,74 @@ CATALOG = [
         lambda g, a: g.rewrite(jnp.cos, jnp.sin, jnp.ones(4)),
         js.SliceError,
         r"matches nothing in this graph; check it with g\.match",
+    ),
+    (
+        "primitive filter of the wrong type",
+        lambda g, a: g.select(primitive=5),
+        js.SelectionError,
+        r"primitive=5 is not a primitive name: pass a str such as 'tanh' or a list of them",
+    ),
+    (
+        "primitive not in the graph",
+        lambda g, a: g.select(primitive="tahn"),
+        js.SelectionError,
+        r"no var is made by the primitive 'tahn'; did you mean 'tanh'\? \(this graph's "
+        r"primitives: .*dot_general.*tanh\)",
+    ),
+    (
+        "scope filter of the wrong type",
+        lambda g, a: g.select(scope=3),
+        js.SelectionError,
+        r"scope=3 is not a scope path: pass a str such as 'MLP/Dense_0'",
+    ),
+    (
+        "scope not in the graph",
+        lambda g, a: g.select(scope="MLP/Dense_0"),
+        js.SelectionError,
+        r"no var is in the scope 'MLP/Dense_0' \(this graph has no scopes\)",
+    ),
+    (
+        "where filter that is not a function",
+        lambda g, a: g.select("z?", where=2),
+        js.SelectionError,
+        r"where=2 is not a function: pass a predicate such as lambda v: v\.ndim == 2",
+    ),
+    (
+        "tag name that is not a string",
+        lambda g, a: js.tag(jnp.ones(2), 3),
+        js.TraceError,
+        r"js\.tag needs a non-empty string name, got int: 3; call it as js\.tag\(value, 'name'\)",
+    ),
+    (
+        "tag of a non-array",
+        lambda g, a: js.tag({"a": jnp.ones(2), "b": "text"}, "pair"),
+        js.TraceError,
+        r"js\.tag\('pair'\) can only name arrays, got str at \['b'\]",
+    ),
+    (
+        "jvp tangent of the wrong shape",
+        lambda g, a: g.jvp("z1", "z2", jnp.ones(5)),
+        js.SliceError,
+        r"the tangent for input 'z1' must be float32\[4\], got float32\[5\]; pass a tangent "
+        r"shaped like g\.value\('z1'\)",
+    ),
+    (
+        "jvp tangents of the wrong structure",
+        lambda g, a: g.jvp(("z1", "x"), "z2", (jnp.ones(4),)),
+        js.SliceError,
+        r"the tangents must be structured like the inputs \(z1, x\)",
+    ),
+    (
+        "vjp cotangent of the wrong dtype",
+        lambda g, a: g.vjp("z1", "z2", jnp.ones(5, jnp.int32)),
+        js.SliceError,
+        r"the cotangent for output 'z2' must be float32\[5\], got int32\[5\]",
+    ),
+    (
+        "jvp on an abstract trace",
+        lambda g, a: a.jvp("z1", "z2", jnp.ones(4)),
+        js.SliceError,
+        r"g\.jvp needs values, but this graph was traced with abstract arguments",
     ),
     (
         "abstract while_loop iteration",

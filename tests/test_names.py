@@ -96,10 +96,13 @@ def test_parameter_rebinding_counts_parameter_as_binding_zero():
         return x
 
     g = js.trace(f, jnp.ones(2))
-    assert names_of(g) == ["x", "x#1", "x#2"]
-    assert g["x"] is g.inputs[0]  # the canonical name wins over the alias
+    # the parameter is binding #0 like any rebound name: the bare name is ambiguous
+    assert names_of(g) == ["x#0", "x#1", "x#2"]
     assert g["x#0"] is g.inputs[0]
-    assert g.select("x").names == ("x", "x#1", "x#2")
+    with pytest.raises(js.SelectionError, match=r"'x' is ambiguous: it matches x#0, x#1, x#2"):
+        g["x"]
+    assert g.select("x").names == ("x#0", "x#1", "x#2")
+    assert g.select("x").matched == ("x", "x", "x")
 
 
 def test_pytree_values_assigned_to_a_name():

@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -45,7 +46,9 @@ def test_filters(g):
     assert g.select(primitive=("tanh", "sin")).names == ("z1", "z2", "z3")
     assert g.select(where=lambda v: v.ndim == 2)[-1].name == "out_mat"
     assert g.select("z?", where=lambda v: v.primitive == "sin").one().name == "z3"
-    assert g.select(primitive="conv") == ()
+    assert g.select("z1", primitive="sin") == ()  # a primitive of the graph: filters to none
+    with pytest.raises(js.SelectionError, match="no var is made by the primitive 'conv'"):
+        g.select(primitive="conv")  # not in the graph at all: a typo, not an empty result
 
 
 def test_selection_is_an_immutable_tuple_with_loud_helpers(g):
@@ -69,7 +72,7 @@ def test_misses_suggest_close_names(g):
         g["z4"]
     with pytest.raises(js.SelectionError, match="no var named 'nothing_like_it' \\(g.names"):
         g.select("nothing_like_it")
-    with pytest.raises(js.SelectionError, match="no var named 'q\\*'"):
+    with pytest.raises(js.SelectionError, match="no var matches the pattern 'q\\*'"):
         g.select("q*")
 
 
@@ -115,8 +118,139 @@ def test_var_attributes(g):
     assert v.shape == (3,) and v.ndim == 1 and v.size == 3
     assert str(v.dtype) == "float32"
     assert v.primitive == "tanh" and v.scope == ""
-    assert v.source.endswith("test_select.py:13")
+    assert v.source.endswith("test_select.py:14")
     assert v.producers[0].primitive == "mul"
     assert v.users == (g["z3"],)
     assert g["x"].primitive == "input" and g["x"].source is None
     assert {v} == {g["z2"]} and v != g["z1"]
+
+
+def inner(h):
+    a = jnp.sin(h)
+    return a * 2.0
+
+
+def outer(h):
+    b = inner(h)
+    return jnp.cos(b)
+
+
+def nested(x, params_2, params):
+    y = outer(x * params_2[0] + params_2[1])
+    k = y @ params["dense"]["kernel"] + params["dense"]["bias"]
+    return k.sum()
+
+
+@pytest.fixture
+def n():
+    params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    return js.trace(nested, jnp.ones(3), [jnp.ones(3), jnp.ones(3)], params)
+
+
+def test_star_stays_within_one_level_and_double_star_crosses(n):
+    one_level = n.select("outer/*")
+    assert n["outer/b"] in one_level and n["outer/h"] in one_level
+    assert n["outer/inner/a"] not in one_level  # '*' does not cross the '/'
+    assert not any(m.count("/") > 1 for m in one_level.matched)
+    assert n["outer/inner/a"] in n.select("outer/**")
+    assert n.select("**/a").names == ("outer/inner/a",)
+    with pytest.raises(
+        js.SelectionError,
+        match=r"no var matches the pattern 'o\*/a'; '\*' stops at '/' \(one level of a "
+        r"path\): did you mean 'o\*\*/a', which matches 1 var\?",
+    ):
+        n.select("o*/a")
+
+
+def test_pytree_key_brackets_are_literal_in_globs(n):
+    assert n.select("params_2[*]").names == ("params_2[0]", "params_2[1]")
+    assert n.select("params_2[?]").names == ("params_2[0]", "params_2[1]")
+    assert set(n.select("params['dense']*").names) == {
+        "params['dense']['bias']",
+        "params['dense']['kernel']",
+    }
+    assert n.select("params['dense']['k*']").names == ("params['dense']['kernel']",)
+    assert n.select("params['d*']['bias']").names == ("params['dense']['bias']",)
+    assert set(n.select("params['dense']*").names) < set(n.select("params*").names)
+    # a bracket of digits only is either the key or a character class
+    assert n.select("params_2[1]*").names == ("params_2[1]",)
+    with pytest.raises(js.SelectionError, match=r"no var matches the pattern 'params_2\[5\]'"):
+        n.select("params_2[5]")
+
+
+def test_character_classes_still_work(g):
+    assert g.select("z[23]").names == ("z2", "z3")
+    assert g.select("z[!1]").names == ("z2", "z3")
+    assert g.select("z[1-2]").names == ("z1", "z2")
+
+
+def scoped(x):
+    for _ in range(2):
+        with jax.named_scope("block"):
+            h = jnp.sin(x) * 2.0
+        x = h + 1.0
+    return x
+
+
+def test_a_glob_reports_the_alias_it_matched():
+    g = js.trace(scoped, jnp.ones(2))
+    sel = g.select("block#*")  # the scope instances' outputs, not what is inside them
+    assert sel.matched == ("block#0", "block#1")
+    assert sel.names == ("h#0", "h#1")  # canonical names do not match the glob
+    assert len(g.select("block#*/*")) > len(sel)
+    assert sel.where(lambda v: v.name == "h#1").matched == ("block#1",)
+    with pytest.raises(
+        js.SelectionError,
+        match=r"'block#\*' is ambiguous: it matches h#0 \(as block#0\), h#1 \(as block#1\)",
+    ):
+        g["block#*"]
+    assert g.select("h#0", "block#*").matched == ("h#0", "block#1")  # first selector wins
+    assert g.select(re.compile("block#1")).matched == ("block#1",)
+
+
+def test_glob_misses_suggest_names(g):
+    with pytest.raises(
+        js.SelectionError,
+        match=r"no var matches the pattern 'out_mta\*'; names close to it: 'out_mat'",
+    ):
+        g.select("out_mta*")
+    with pytest.raises(js.SelectionError, match=r"no var matches the regex re\.compile\('q\+'\)"):
+        g.select(re.compile("q+"))
+
+
+def rebinds(x):
+    for _ in range(3):
+        x = jnp.sin(x)
+    return x
+
+
+def test_a_rebound_parameter_is_binding_zero_and_the_bare_name_is_ambiguous():
+    g = js.trace(rebinds, jnp.ones(2))
+    assert [v.name for v in g.inputs] == ["x#0"]
+    assert g["x#0"] is g.inputs[0]
+    with pytest.raises(
+        js.SelectionError, match=r"'x' is ambiguous: it matches x#0, x#1, x#2, x#3; pick one"
+    ):
+        g["x"]
+    assert g.select("x").names == ("x#0", "x#1", "x#2", "x#3")
+    assert g.select("x").matched == ("x",) * 4
+    with pytest.raises(js.SelectionError, match="ambiguous"):
+        g.slice("x", "out")  # a single-var leaf
+    assert g.slice("x#0", "out")(jnp.zeros(2)).shape == (2,)
+
+
+def test_filters_reject_what_cannot_match(g):
+    with pytest.raises(js.SelectionError, match=r"did you mean 'tanh'\?"):
+        g.select(primitive="tahn")
+    with pytest.raises(js.SelectionError, match=r"no var is made by the primitive 'conv'"):
+        g.select(primitive=("tanh", "conv"))
+    with pytest.raises(js.SelectionError, match="is not a primitive name"):
+        g.select(primitive=["tanh", 3])
+    with pytest.raises(js.SelectionError, match="is not a scope path"):
+        g.select(scope=3)
+    s = js.trace(scoped, jnp.ones(2))
+    assert len(s.select(scope="block")) > 0
+    with pytest.raises(
+        js.SelectionError, match=r"no var is in the scope 'blok'; did you mean 'block'\?"
+    ):
+        s.select(scope="blok")

@@ -1,0 +1,215 @@
+"""Effects kept in slices (also after the last output), unbound slices of abstract
+traces that need no arguments, and tracebacks without jaxsurgery's frames."""
+
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import check_slice
+
+import jaxsurgery as js
+
+PACKAGE = os.path.dirname(js.__file__) + os.sep
+
+# -- effects --------------------------------------------------------------------------
+
+LOG: list = []
+
+
+def record(label):
+    return lambda *values: LOG.append((label, *(np.asarray(v).tolist() for v in values)))
+
+
+def printing(x):
+    z1 = jnp.sin(x)
+    jax.debug.callback(record("z1"), z1, ordered=True)
+    z2 = jnp.cos(z1) * 2.0
+    jax.debug.callback(record("z2"), z2, ordered=True)  # reads the output, after it
+    later = z2 + 1.0
+    jax.debug.callback(record("z2 and later"), z2, later, ordered=True)
+    jax.debug.callback(record("x"), x, ordered=True)
+    return later.sum()
+
+
+@pytest.fixture
+def log():
+    LOG.clear()
+    yield LOG
+    LOG.clear()
+
+
+def test_effects_reading_the_output_are_kept_in_order(log):
+    g = js.trace(printing, jnp.ones(2))
+    log.clear()
+    s = g.slice("z1", "z2")
+    z1 = jnp.array([0.0, 1.0])
+    out = s(z1)
+    np.testing.assert_allclose(out, jnp.cos(z1) * 2.0)
+    z2 = (jnp.cos(z1) * 2.0).tolist()
+    # the effects reading the window's values (the input too), in program order;
+    # not the one reading only x, a value outside the window
+    assert [entry[0] for entry in log] == ["z1", "z2", "z2 and later"]
+    assert log[1][1] == pytest.approx(z2)
+    # 'later' depends on the input, so it is computed from it, not held at the trace
+    assert log[2][2] == pytest.approx([v + 1.0 for v in z2])
+    assert len(s.jaxpr.eqns) == 6  # callback, cos, mul, callback, add, callback
+
+
+def test_effects_reading_an_input_or_a_side_value_are_kept(log):
+    g = js.trace(printing, jnp.ones(2))
+    s = g.slice("x", "z2")
+    log.clear()
+    s(jnp.zeros(2))
+    assert [entry[0] for entry in log] == ["z1", "z2", "z2 and later", "x"]
+    log.clear()
+    jax.block_until_ready(jax.jit(s)(jnp.zeros(2)))  # under jit too
+    jax.effects_barrier()
+    assert [entry[0] for entry in log] == ["z1", "z2", "z2 and later", "x"]
+
+
+def test_no_effect_of_other_values_joins_the_slice(log):
+    g = js.trace(printing, jnp.ones(2))
+    s = g.slice("later", "out")
+    log.clear()
+    s(jnp.ones(2))
+    assert [entry[0] for entry in log] == ["z2 and later"]  # reads 'later' itself
+
+
+def test_debug_print_of_a_slice_output(capfd):
+    def f(x):
+        h = jnp.tanh(x)
+        out = h * 3.0
+        jax.debug.print("out is {}", out)
+        return out
+
+    g = js.trace(f, jnp.ones(2))
+    capfd.readouterr()
+    s = g.slice("h", "out")
+    s(jnp.zeros(2))
+    jax.block_until_ready(jax.jit(s)(jnp.zeros(2)))
+    printed = capfd.readouterr().out
+    assert printed.count("out is [0. 0.]") == 2, printed
+    check_slice(s, (jnp.full(2, 0.5),), lambda h: h * 3.0)
+
+
+# -- abstract traces ------------------------------------------------------------------
+
+
+def chain(x, w):
+    z1 = jnp.tanh(x * w)
+    z2 = jnp.sin(z1) * 2.0
+    z3 = z2 * jnp.array([1.0, -1.0])  # a constant of the program
+    return (z3 * w).sum()
+
+
+@pytest.fixture
+def abstract():
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    return js.trace(chain, spec, spec)
+
+
+def test_a_slice_without_context_runs_unbound(abstract):
+    s = abstract.slice("z1", "z2")
+    assert s.context_vars == ()
+    z1 = jnp.array([0.1, 0.2])
+    np.testing.assert_allclose(s(z1), jnp.sin(z1) * 2.0, rtol=1e-6)
+    check_slice(s, (z1,), lambda z: jnp.sin(z) * 2.0, eqns=2)
+    assert s.context == {}
+    assert s.export().call(z1).shape == (2,)
+
+
+def test_a_slice_whose_context_is_constants_runs_unbound(abstract):
+    s = abstract.slice("z2", "z3")
+    assert [v.primitive for v in s.context_vars] == ["const"]
+    np.testing.assert_allclose(s(jnp.ones(2)), jnp.array([1.0, -1.0]))
+
+
+def test_a_slice_needing_arguments_still_asks_for_bind(abstract):
+    s = abstract.slice("z1", "out")  # reads w
+    with pytest.raises(js.SliceError, match=r"is unbound.*call s\.bind"):
+        s(jnp.ones(2))
+    assert s.bind(jnp.ones(2), jnp.ones(2))(jnp.ones(2)).shape == ()
+    with pytest.raises(js.SliceError, match=r"so its input has no values; call s\.bind"):
+        abstract.slice("z1", "z2").input_values()
+
+
+# -- tracebacks -----------------------------------------------------------------------
+
+
+def internal_frames(e):
+    return [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(PACKAGE)]
+
+
+def raised(action):
+    with pytest.raises(Exception) as info:
+        action()
+    return info.value
+
+
+def small():
+    def f(x):
+        z1 = jnp.sin(x)
+        return jnp.cos(z1)
+
+    return js.trace(f, jnp.ones(3))
+
+
+ACTIONS = {
+    "g[...]": lambda g: g["nope"],
+    "g.select": lambda g: g.select("nope*"),
+    "g.slice": lambda g: g.slice("z1", "x"),
+    "slice call": lambda g: g.slice("z1", "out")(jnp.ones(4)),
+    "slice under jit": lambda g: jax.jit(g.slice("z1", "out"))(jnp.ones(4)),
+    "g.jvp": lambda g: g.jvp("z1", "out", jnp.ones(4)),
+    "bind": lambda g: g.slice("z1", "out").bind(jnp.ones(4)),
+    "js.trace": lambda g: js.trace(42),
+    "js.tag": lambda g: js.tag(jnp.ones(2), ""),
+    "Selection.one": lambda g: g.select().one(),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIONS))
+def test_errors_show_the_users_line_not_jaxsurgerys_frames(name):
+    g = small()
+    e = raised(lambda: ACTIONS[name](g))
+    assert isinstance(e, js.SurgeryError)
+    assert len(internal_frames(e)) <= 1, traceback.format_tb(e.__traceback__)
+    frames = traceback.extract_tb(e.__traceback__)
+    assert any(f.filename == __file__ for f in frames)  # the user's call is there
+
+
+@pytest.mark.parametrize("name", ["g[...]", "g.slice", "g.jvp", "slice call"])
+def test_filtering_changes_neither_type_nor_message_and_can_be_turned_off(name, monkeypatch):
+    g = small()
+    filtered = raised(lambda: ACTIONS[name](g))
+    monkeypatch.setenv("JAXSURGERY_TRACEBACK_FILTERING", "off")
+    full = raised(lambda: ACTIONS[name](g))
+    assert type(full) is type(filtered) and str(full) == str(filtered)
+    assert len(internal_frames(full)) > 1
+    assert not getattr(filtered, "__notes__", None)  # a SurgeryError gets no note
+
+
+def test_user_errors_keep_the_users_frames():
+    def f(x):
+        return broken(x)
+
+    def broken(x):
+        raise RuntimeError("the user's own bug")
+
+    e = raised(lambda: js.trace(f, jnp.ones(2)))
+    assert isinstance(e, RuntimeError) and str(e) == "the user's own bug"
+    names = [fr.name for fr in traceback.extract_tb(e.__traceback__)]
+    assert "broken" in names
+    assert len(internal_frames(e)) <= 1
+    assert any("JAXSURGERY_TRACEBACK_FILTERING=off" in n for n in e.__notes__)
+
+
+def test_boundaries_keep_signatures_and_docs():
+    import inspect
+
+    assert "selectors" in inspect.signature(js.Graph.select).parameters
+    assert js.Graph.select.__doc__.startswith("Vars matching")
+    assert js.trace.__wrapped__.__module__ == "jaxsurgery._trace"
