@@ -8,13 +8,11 @@ bench_trace does, so both sides trace the layer once.
 
 from __future__ import annotations
 
-import gc
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from common import interleaved_times
 
 import jaxsurgery as js
 
@@ -44,29 +42,12 @@ def jit_layer_args(depth: int) -> tuple:
     return jnp.ones((4, 16)), [p] * depth
 
 
-def collected_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median wall time of each function, round-robin, collecting garbage untimed after
-    each call (js.trace pauses the cyclic collector, so the garbage of one run would
-    otherwise be collected inside the next one's timing)."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    gc.collect()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-            gc.collect()
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def run(quick: bool = False) -> list[dict]:
     rows = []
     for depth in DEPTHS[: 2 if quick else 3]:
         args = jit_layer_args(depth)
         n = len(jax.make_jaxpr(jit_layer_mlp(depth))(*args).jaxpr.eqns)
-        times = collected_times(
+        times = interleaved_times(
             {
                 # a fresh model and layer each run (JAX caches traces per function
                 # object); the arguments are made once, outside the timing

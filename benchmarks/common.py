@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -24,15 +25,19 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) -> dict[str, float]:
     """Median wall time of each function, measured round-robin so that drifts in machine
-    speed (other processes, clocks) fall on all of them alike."""
+    speed (other processes, clocks) fall on all of them alike. Garbage is collected,
+    untimed, after each call: js.trace pauses the cyclic collector, so the garbage of one
+    run would otherwise be collected inside the next one's timing."""
     for fn in fns.values():
         jax.block_until_ready(fn())
+    gc.collect()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
+            gc.collect()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
