@@ -9,6 +9,7 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,10 +81,29 @@ def _trace(
         out = run(*call.args, **call.kwargs)
         out_leaves, out_info["tree"] = jax.tree_util.tree_flatten_with_path(out)
         out_info["paths"] = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
+        for path, (_, x) in zip(out_info["paths"], out_leaves):
+            if not isinstance(x, (jax.Array, *_ARRAYS[1:], int, float, complex)):
+                raise TraceError(
+                    f"{_name(target)} returned {type(x).__name__} at {path!r}; js.trace "
+                    "needs a function returning arrays (a pytree of them)"
+                )
         return [x for _, x in out_leaves]
 
-    with recorder:
-        closed = C.make_jaxpr(flat_fn, *leaves)
+    if inspect.isgeneratorfunction(target):
+        raise TraceError(
+            f"{_name(target)} is a generator function; js.trace needs a function that "
+            "returns arrays (collect what it yields and return it)"
+        )
+    try:
+        with recorder:
+            closed = C.make_jaxpr(flat_fn, *leaves)
+    except _TRACER_ERRORS as e:
+        first = str(e).strip().splitlines()[0]
+        raise TraceError(
+            f"tracing {_name(target)} failed: {type(e).__name__}: {first} — a traced "
+            "argument is used where Python needs a concrete value; pass it with "
+            "static_argnums/static_argnames (or as a non-array leaf, held static)"
+        ) from e
     program = Program(closed, leaves if concrete else None)
     bindings = recorder.qualified(program)
     names = assign_names(
@@ -109,6 +129,18 @@ def _trace(
     )
 
 
+_TRACER_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The Python function behind a ``jax.jit``-ed one (same semantics, readable source)."""
     while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
@@ -118,10 +150,51 @@ def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+_ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def _is_array_leaf(x: Any) -> bool:
-    return isinstance(
-        x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, bool, int, float, complex)
-    )
+    """Whether a leaf is traced: arrays and Python numbers; a Python ``bool`` is a flag
+    (``inference=True``), held static."""
+    return isinstance(x, (*_ARRAYS, int, float, complex)) and not isinstance(x, bool)
+
+
+def _is_module(x: Any) -> bool:
+    """Whether ``x`` is an Equinox module (whose non-array leaves are held static)."""
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(x, eqx.Module)
+
+
+def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
+    """``[(key path, leaf, traced?)]`` of an argument, and what rebuilds it.
+
+    Inside an Equinox module only arrays are traced, as ``equinox.filter_jit`` does
+    (its Python numbers are hyperparameters: ``num_heads``, a dropout ``p``).
+    """
+    top, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_module)
+    out, parts = [], []
+    for path, x in top:
+        if _is_module(x):
+            inner, inner_def = jax.tree_util.tree_flatten_with_path(x)
+            out += [(path + p, leaf, isinstance(leaf, _ARRAYS)) for p, leaf in inner]
+            parts.append((inner_def, len(inner)))
+        else:
+            out.append((path, x, _is_array_leaf(x)))
+            parts.append((None, 1))
+    return out, (treedef, parts)
+
+
+def _unflat(how: Any, leaves: list[Any]) -> Any:
+    """The inverse of :func:`_flat` for a list of leaves."""
+    treedef, parts = how
+    it = iter(leaves)
+    top = [
+        next(it)
+        if inner is None
+        else jax.tree_util.tree_unflatten(inner, [next(it) for _ in range(n)])
+        for inner, n in parts
+    ]
+    return jax.tree_util.tree_unflatten(treedef, top)
 
 
 _ANY_SIGNATURE = inspect.Signature(
@@ -174,8 +247,8 @@ class _ArgBinder:
         leaves: list[Any] = []
         names: list[str] = []
         for name, value in items:
-            for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-                if _is_array_leaf(leaf):
+            for path, leaf, traced in _flat(value)[0]:
+                if traced:
                     leaves.append(leaf)
                     names.append(name + jax.tree_util.keystr(path))
         return (bound_obj, items), leaves, names
@@ -186,9 +259,8 @@ class _ArgBinder:
         it = iter(flat)
         new_values = {}
         for name, value in items:
-            old, treedef = jax.tree_util.tree_flatten(value)
-            new = [next(it) if _is_array_leaf(x) else x for x in old]
-            new_values[name] = jax.tree_util.tree_unflatten(treedef, new)
+            old, how = _flat(value)
+            new_values[name] = _unflat(how, [next(it) if t else x for _, x, t in old])
         rebuilt = inspect.BoundArguments(bound_obj.signature, dict(bound_obj.arguments))
         rebuilt.arguments.update(new_values)
         return rebuilt

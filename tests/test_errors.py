@@ -63,8 +63,41 @@ def int_graph():
     return js.trace(f, jnp.ones(3), jnp.arange(3))
 
 
+def generator(x):
+    yield x
+
+
+def returns_text(x):
+    return "done"
+
+
+def python_branch(x):
+    if x.sum() > 0:
+        return x
+    return -x
+
+
 CATALOG = [
     # (case, action on (g, abstract graph), exception, message pattern)
+    (
+        "trace of a generator function",
+        lambda g, a: js.trace(generator, jnp.ones(2)),
+        js.TraceError,
+        r"generator is a generator function; js\.trace needs a function that returns arrays",
+    ),
+    (
+        "trace of a function returning a non-array",
+        lambda g, a: js.trace(returns_text, jnp.ones(2)),
+        js.TraceError,
+        r"returns_text returned str at 'out'; js\.trace needs a function returning arrays",
+    ),
+    (
+        "Python control flow on a traced argument",
+        lambda g, a: js.trace(python_branch, jnp.ones(2)),
+        js.TraceError,
+        r"tracing python_branch failed: TracerBoolConversionError: .* pass it with "
+        r"static_argnums/static_argnames",
+    ),
     (
         "unknown name",
         lambda g, a: g["z9"],

@@ -178,6 +178,31 @@ def test_equinox_mlp_layers_by_scope(key):
     check_slice(s, (g.value(names[1]),), rest)
 
 
+def test_equinox_modules_as_given_hold_their_flags_and_hyperparameters_static(key):
+    # eqx.nn.MultiheadAttention holds eqx.nn.Dropout(inference=True) and Python ints:
+    # traced, `if inference` would fail; as equinox.filter_jit, only arrays are traced
+    mha = eqx.nn.MultiheadAttention(
+        num_heads=2, query_size=8, key=key, dropout_p=0.1, inference=True
+    )
+
+    def forward(model, x):
+        h = model(x, x, x)
+        out = jnp.tanh(h).sum()
+        return out
+
+    x = jax.random.normal(key, (5, 8))
+    g = js.trace(forward, mha, x)
+    assert [v.name for v in g.inputs] == [
+        "model.query_proj.weight",
+        "model.key_proj.weight",
+        "model.value_proj.weight",
+        "model.output_proj.weight",
+        "x",
+    ]
+    allclose(g.as_function()(mha, 2 * x), forward(mha, 2 * x))
+    check_slice(g.slice("h", "out"), (g.value("h"),), lambda h: jnp.tanh(h).sum())
+
+
 # -- Haiku: hk.nets.MLP ----------------------------------------------------------------------------
 def test_haiku_mlp_layers_by_module_name(key):
     forward = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x))
