@@ -32,6 +32,7 @@ from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
 from ._structured import Edit, Site, Structured, check_hits
+from ._traceback import boundary
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -431,7 +432,7 @@ class Graph:
             return jax.tree_util.tree_unflatten(self._out_tree, outs)
 
         function.__name__ = self._title.split("(")[0]
-        return function
+        return boundary(function)
 
     # -- views ----------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:
