@@ -22,10 +22,18 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError
-from ._structured import Edit, Extra, Site, check_hits
+from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
     from ._graph import Graph
+
+
+def _loop_value(site: Site) -> tuple | None:
+    """What the iterations of one loop value have in common (None: not in a loop)."""
+    if not site.steps or site.steps[-1].iteration is None:
+        return None
+    last = site.steps[-1]
+    return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars
 
 
 @functools.lru_cache(maxsize=256)
@@ -59,9 +67,19 @@ class GradsFunction:
                 )
         self.keys = keys
         sites = [graph._site_of(v) for v in wrt_vars]
+        # one perturbation input per value; the iterations of one loop value share one
+        # stacked input (its rows), so the scan takes it whole as xs
+        inputs: dict[Any, list[int]] = {}
+        for j, site in enumerate(sites):
+            inputs.setdefault(_loop_value(site) or j, []).append(j)
+        self._inputs = list(inputs.values())
+        reads: list[Any] = [None] * len(sites)
+        for k, members in enumerate(self._inputs):
+            for row, j in enumerate(members):
+                reads[j] = Extra(k, row if len(members) > 1 else None)
         edits = [
-            Edit(site, "apply", _add_jaxpr(v.shape, v.dtype), (site.vars[0], Extra(k)))
-            for k, (v, site) in enumerate(zip(wrt_vars, sites))
+            Edit(site, "apply", _add_jaxpr(v.shape, v.dtype), (site.vars[0], reads[j]))
+            for j, (v, site) in enumerate(zip(wrt_vars, sites))
         ]
         guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
         self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
@@ -83,7 +101,13 @@ class GradsFunction:
             loss = sum(jnp.sum(exposed[e]) for e in self._outs)
             return loss, [exposed[h] for h in self._guards]
 
-        zeros = [jnp.zeros(a.shape, a.dtype) for a in self._avals]
+        zeros = [
+            jnp.zeros(
+                (len(m), *self._avals[m[0]].shape) if len(m) > 1 else self._avals[m[0]].shape,
+                self._avals[m[0]].dtype,
+            )
+            for m in self._inputs
+        ]
         try:
             grads, hits = jax.grad(total, has_aux=True)(zeros)
         except ValueError as e:
@@ -95,4 +119,8 @@ class GradsFunction:
                 "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
             ) from None
         check_hits([(h, True, self._message) for h in hits])
-        return dict(zip(self.keys, grads))
+        found: list[Any] = [None] * len(self.keys)
+        for members, grad in zip(self._inputs, grads):
+            for row, j in enumerate(members):
+                found[j] = grad[row] if len(members) > 1 else grad
+        return dict(zip(self.keys, found))

@@ -75,9 +75,39 @@ class Site:
 
 @dataclass(frozen=True)
 class Extra:
-    """The k-th extra input of an edited program (appended after the arguments)."""
+    """The k-th extra input of an edited program (appended after the arguments), or
+    its ``row`` (edits at many iterations of one value read the rows of one input)."""
 
     k: int
+    row: int | None = None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """Row ``row`` of an extra input, taken only where needed: a loop that merges the
+    edits reading rows 0..n-1 of one input in order stacks that input itself."""
+
+    array: Any
+    row: int
+
+    def value(self) -> Any:
+        return self.array[self.row]
+
+
+def _value(x: Any) -> Any:
+    return x.value() if isinstance(x, _Row) else x
+
+
+def _stack(vals: Sequence[Any]) -> Any:
+    """``jnp.stack(vals)``; the input itself when ``vals`` are all its rows, in order."""
+    first = vals[0]
+    if (
+        isinstance(first, _Row)
+        and all(isinstance(v, _Row) and v.array is first.array for v in vals)
+        and [v.row for v in vals] == list(range(first.array.shape[0]))
+    ):
+        return first.array
+    return jnp.stack([_value(v) for v in vals])
 
 
 @dataclass(eq=False)
@@ -139,7 +169,15 @@ class Structured:
         """
         exposed: dict[Any, Any] = {}
         pending = [
-            _Pending(e.site.steps, e, [extras[r.k] for r in e.reads if isinstance(r, Extra)])
+            _Pending(
+                e.site.steps,
+                e,
+                [
+                    extras[r.k] if r.row is None else _Row(extras[r.k], r.row)
+                    for r in e.reads
+                    if isinstance(r, Extra)
+                ],
+            )
             for e in self.edits
         ]
         notes: list[str] = []
@@ -254,7 +292,9 @@ class _Interpreter:
                 exposed[p.key] = env[edit.site.vars[0]]
             else:
                 extras = iter(p.extras)
-                args = [next(extras) if isinstance(r, Extra) else env[r] for r in edit.reads]
+                args = [
+                    _value(next(extras)) if isinstance(r, Extra) else env[r] for r in edit.reads
+                ]
                 new = C.jaxpr_as_fun(edit.fn)(*args)[0]
                 if p.active is not None:
                     new = jnp.where(p.active, new, env[edit.site.vars[0]])
@@ -314,12 +354,7 @@ class _Interpreter:
         for its, members in groups:
             masks.append(np.isin(np.arange(length), its))
             stacked.append(
-                [
-                    jnp.zeros((length, *jnp.shape(vals[0])), jnp.result_type(vals[0]))
-                    .at[np.asarray(its)]
-                    .set(jnp.stack(vals))
-                    for vals in zip(*(m.extras for m in members))
-                ]
+                [_scatter(length, its, _stack(vals)) for vals in zip(*(m.extras for m in members))]
             )
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
 
@@ -360,7 +395,7 @@ class _Interpreter:
         groups = _merge(pending)
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
-            [jnp.stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
+            [_stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
         ]
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
         slots = [
@@ -436,6 +471,14 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
         its.append(t)
         members.append(p)
     return list(groups.values())
+
+
+def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:
+    """A ``(length, ...)`` array with ``rows`` at iterations ``its``, zeros elsewhere."""
+    if list(its) == list(range(length)):
+        return rows
+    zeros = jnp.zeros((length, *rows.shape[1:]), rows.dtype)
+    return zeros.at[np.asarray(its)].set(rows)
 
 
 def _and(a: Any, b: Any) -> Any:

@@ -91,3 +91,45 @@ def test_grads_need_float_vars():
     g = js.trace(f, jnp.ones(3), jnp.arange(3))
     with pytest.raises(js.SliceError, match=r"cannot differentiate 'm' \(int32\)"):
         g.grads("out", wrt=["m"])
+
+
+def _rnn(w, h0, xs):
+    def step(h, x):
+        h = jnp.tanh(w @ h + x)
+        return h, h
+
+    h_last, hs = jax.lax.scan(step, h0, xs)
+    return jnp.sum(hs**2) + jnp.sum(h_last)
+
+
+def _stacked_eps_trick(eps, w, h0, xs):
+    def step(h, inp):
+        x, e = inp
+        h = jnp.tanh(w @ h + x) + e
+        return h, h
+
+    h_last, hs = jax.lax.scan(step, h0, (xs, eps))
+    return jnp.sum(hs**2) + jnp.sum(h_last)
+
+
+def _tanh_ops(fn, *args):
+    """tanh instructions in the optimized HLO: one per loop body, T if unrolled."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sum(1 for line in text.splitlines() if " tanh(" in line)
+
+
+def test_grads_over_every_step_of_a_scan_are_one_scan_with_stacked_perturbations():
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    ops = []
+    for T in (5, 40):
+        args = (w, jnp.zeros(4), jnp.linspace(-1, 1, T * 4).reshape(T, 4))
+        g = js.trace(_rnn, *args)
+        names = [f"step/h#1@{t}" for t in range(T)]
+        fn = g.grads_fn("out", names)
+        new = (2 * w, jnp.ones(4) * 0.1, args[2] * 0.5)  # new arguments, jitted
+        got = jax.jit(fn)(*new)
+        reference = jax.grad(_stacked_eps_trick)(jnp.zeros((T, 4)), *new)
+        allclose(jnp.stack([got[n] for n in names]), reference)
+        ops.append(_tanh_ops(fn, *new))
+    # the loop stays a loop (forward and backward scans), not T unrolled steps
+    assert ops[0] == ops[1] <= 3, ops
