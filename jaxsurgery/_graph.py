@@ -503,10 +503,7 @@ class Graph:
             (before if v.index in self._unpatched else exposures).append(e)
             if site.path_bound:
                 guards.append(Edit(Site(site.steps, ()), "hit"))
-        base = self._structure
-        structured = Structured(
-            base.closed, (*before, *base.edits, *edits, *exposures, *guards), base.notes
-        )
+        structured = self._structure.with_edits(*edits, *exposures, *guards, before=before)
         return structured, [*before, *exposures], guards
 
     def _values_at(

@@ -155,9 +155,11 @@ class Structured:
     #: traced trip count of each unrolled while_loop, by its steps (iteration None)
     while_trips: dict = field(default_factory=dict)
 
-    def with_edits(self, *edits: Edit) -> Structured:
-        """The same program with more edits (after these)."""
-        return Structured(self.closed, (*self.edits, *edits), self.notes, self.while_trips)
+    def with_edits(self, *edits: Edit, before: Sequence[Edit] = ()) -> Structured:
+        """The same program with more edits after these (and ``before`` them)."""
+        return Structured(
+            self.closed, (*before, *self.edits, *edits), list(self.notes), self.while_trips
+        )
 
     def run(
         self, flat_args: Sequence[Any], extras: Sequence[Any] = (), outputs: bool = True
