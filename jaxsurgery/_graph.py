@@ -493,18 +493,20 @@ class Graph:
     def _exposing(self, vars_: Sequence[Var], edits: Sequence[Edit] = ()) -> tuple:
         """The structured program exposing ``vars_`` (after ``edits``), and its guards.
 
-        Returns ``(structured, value edits, guard edits)``; a guard is a hit edit
-        that must be reached (the var's cond branch or while trip exists).
+        Returns ``(structured, value edits in the order of vars_, guard edits)``; a
+        guard is a hit edit that must be reached (the var's cond branch or while trip
+        exists). A var holding a value from before a patch is exposed before the edits.
         """
-        exposures, before, guards = [], [], []
+        exposures, guards = [], []
         for v in vars_:
             site = self._site_of(v)
-            e = Edit(site, "expose")
-            (before if v.index in self._unpatched else exposures).append(e)
+            exposures.append(Edit(site, "expose"))
             if site.path_bound:
                 guards.append(Edit(Site(site.steps, ()), "hit"))
-        structured = self._structure.with_edits(*edits, *exposures, *guards, before=before)
-        return structured, [*before, *exposures], guards
+        before = [e for v, e in zip(vars_, exposures) if v.index in self._unpatched]
+        after = [e for v, e in zip(vars_, exposures) if v.index not in self._unpatched]
+        structured = self._structure.with_edits(*edits, *after, *guards, before=before)
+        return structured, exposures, guards
 
     def _values_at(
         self,
@@ -519,21 +521,14 @@ class Graph:
         path (a cond branch, a while trip) the arguments do not take, or if a ``path``
         hit is not as expected (``what`` names the vars that need that path).
         """
-        order = sorted(range(len(vars_)), key=lambda k: vars_[k].index not in self._unpatched)
-        structured, exposures, guards = self._exposing(
-            [vars_[k] for k in order], [e for e, _ in path]
-        )
+        structured, exposures, guards = self._exposing(vars_, [e for e, _ in path])
         _, exposed = structured.run(flat_args, outputs=False)
         message = self._path_message([*vars_, *what])
         check_hits(
             [(exposed[h], True, message) for h in guards]
             + [(exposed[e], expected, message) for e, expected in path]
         )
-        values = [exposed[e] for e in exposures]
-        result: list[Any] = [None] * len(vars_)
-        for k, x in zip(order, values):
-            result[k] = x
-        return result
+        return [exposed[e] for e in exposures]
 
     def _with_other_iterations(self, looped: list[int]) -> list[int]:
         """``looped`` and the other iterations of the same body values, not yet cached.

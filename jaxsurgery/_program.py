@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _compat as C
 from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES, ControlFlow, deciding_operands
-from ._structured import Site, Step, locate
+from ._structured import Site, Step, eval_equations, locate
 
 
 class Program:
@@ -372,17 +372,8 @@ class _Inliner(ControlFlow):
             needed.add(k)
             stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
         if needed:
-            eqns = [self.eqns[k] for k in sorted(needed)]
-            inside = {v for e in eqns for v in e.outvars}
-            ins = list(
-                dict.fromkeys(
-                    a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside
-                )
-            )
-            outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
             with jax.ensure_compile_time_eval():
-                values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, eqns), [], *(env[a] for a in ins))
-            env.update(zip(outs, values))
+                eval_equations([self.eqns[k] for k in sorted(needed)], env)
         return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
 
     def _alias(self, v: C.Var, atom: Any, env: dict) -> None:

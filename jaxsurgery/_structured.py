@@ -250,21 +250,9 @@ class _Interpreter:
         batch: list[Any] = []
 
         def flush() -> None:
-            if not batch:
-                return
-            inside = {v for e in batch for v in e.outvars}
-            ins = list(
-                dict.fromkeys(
-                    a
-                    for e in batch
-                    for a in e.invars
-                    if not isinstance(a, C.Literal) and a not in inside
-                )
-            )
-            outs = [v for e in batch for v in e.outvars if not isinstance(v, C.DropVar)]
-            values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(batch)), [], *map(read, ins))
-            env.update(zip(outs, values))
-            batch.clear()
+            if batch:
+                eval_equations(batch, env)
+                batch.clear()
 
         self._apply(triggers.get(-1, ()), env, exposed)
         for i, eqn in enumerate(jaxpr.eqns):
@@ -440,6 +428,18 @@ class _Interpreter:
             for j, m in enumerate(members):
                 exposed[m.key] = values[j]
         return carry
+
+
+def eval_equations(eqns: Sequence[Any], env: dict) -> None:
+    """Evaluate straight-line equations (traceable): read what they need from ``env``,
+    write what they make into it. One jaxpr for all of them, evaluated by JAX."""
+    inside = {v for e in eqns for v in e.outvars}
+    ins = list(
+        dict.fromkeys(a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside)
+    )
+    outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
+    values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *(env[a] for a in ins))
+    env.update(zip(outs, values))
 
 
 def _live(jaxpr: Any, roots: set[Any], edited: set[int]) -> list[bool]:
