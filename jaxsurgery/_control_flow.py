@@ -28,16 +28,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
-from ._structured import Step
+from ._structured import Site, Step, locate
 
-#: Loops larger than this many unrolled equations stay one equation.
+if TYPE_CHECKING:
+    from ._program import Program
+
+#: Scans larger than this many unrolled equations stay one equation in the index; their
+#: body values are indexed lazily (:class:`Folded`).
+EAGER_LIMIT = 2_000
+#: A while_loop larger than this many unrolled equations stays one equation.
 UNROLL_LIMIT = 200_000
 #: A while_loop running more trips than this stays one equation.
 MAX_TRIPS = 10_000
@@ -58,10 +65,44 @@ def _stack_jaxpr(shape: tuple[int, ...], dtype: Any, n: int) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda *a: jnp.stack(a), *([spec] * n))
 
 
+@dataclass(eq=False)
+class Folded:
+    """A scan the flat index keeps as one equation (see :mod:`jaxsurgery._loop_index`).
+
+    ``steps`` lead to the jaxpr holding it, ``pos`` is its place there, and
+    ``iterations`` are those of the unrolled loops around it.
+    """
+
+    eqn: C.JaxprEqn
+    steps: tuple[Step, ...]
+    pos: int
+    iterations: tuple[int, ...]
+    _template: Program | None = field(default=None, repr=False)
+
+    @property
+    def length(self) -> int:
+        return int(self.eqn.params["length"])
+
+    @property
+    def template(self) -> Program:
+        """The body as a flat program of its own (made once)."""
+        if self._template is None:
+            from ._program import Program
+
+            self._template = Program(self.eqn.params["jaxpr"], None)
+        return self._template
+
+    def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site:
+        """The site of template var ``ti`` at iteration ``t`` in the whole program."""
+        tsteps, nested = self.template.found(ti)
+        steps = (*self.steps, Step(self.pos, iteration=t), *tsteps)
+        return locate(closed, steps, nested, while_trips)
+
+
 class ControlFlow:
     """The control-flow part of the inliner (mixed into ``_program._Inliner``).
 
-    Uses from its host: ``eqns``, ``regions``, ``notes``, ``opaque_loops``,
+    Uses from its host: ``fold``, ``folded``, ``eqns``, ``regions``, ``notes``, ``opaque_loops``,
     ``iteration`` (the stack of enclosing iteration numbers), ``path`` and
     ``while_trips`` (see ``_Inliner``), ``position`` (the
     equation's index in its jaxpr), ``_inline(closed, atoms, source_info, step)`` and
@@ -99,11 +140,16 @@ class ControlFlow:
         p = eqn.params
         body, length = p["jaxpr"], p["length"]
         n_consts, n_carry = C.scan_layout(eqn)
-        if length * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT or length == 0:
+        if length == 0:
+            return None
+        if length * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT and not self.fold:
             self.notes.append(
                 f"a scan of length {length} stays one equation (unrolled it would pass "
                 f"{UNROLL_LIMIT} equations); its body values are not listed"
             )
+            return None
+        if self.fold and length * max(1, len(body.jaxpr.eqns)) > EAGER_LIMIT:
+            self._fold(eqn, pos)
             return None
         consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]
         xs = invars[n_consts + n_carry :]
@@ -124,6 +170,10 @@ class ControlFlow:
             for i, v in enumerate(eqn.outvars[n_carry:])
         ]
         return [*carry, *stacked]
+
+    def _fold(self, eqn: C.JaxprEqn, pos: int) -> None:
+        """Keep a long scan as one equation; its body is indexed on demand."""
+        self.folded.append(Folded(eqn, tuple(self.path), pos, tuple(self.iteration)))
 
     def _while(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int

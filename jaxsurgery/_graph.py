@@ -31,7 +31,7 @@ from . import _select
 from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
-from ._structured import Edit, Site, Structured, check_hits
+from ._structured import Edit, Site, Structured, check_hits, row_value
 from ._traceback import boundary
 
 if TYPE_CHECKING:
@@ -159,7 +159,10 @@ class Graph:
         structure: Structured | None = None,
         site: Callable[[int], Site | None] | None = None,
         unpatched: frozenset[int] = frozenset(),
+        templates: dict[str, Any] | None = None,
     ):
+        from ._loop_index import LoopIndex
+
         self._program = program
         #: what runs for new arguments: the nested program with this graph's edits
         self._structure = (
@@ -167,7 +170,11 @@ class Graph:
             if structure is None
             else structure
         )
-        self._site = program.site if site is None else site
+        self._flat_site = program.site if site is None else site
+        #: body values of loops the index keeps folded (see _loop_index)
+        self._loop_index = LoopIndex(self, templates or {})
+        #: ``fold=False`` -> this graph with every loop unrolled (set by js.trace)
+        self._rebuild: Callable[..., Graph] | None = None
         self._unpatched = unpatched  # vars holding a value from before a patch
         self._names = names
         self._flatten_args = flatten_args
@@ -175,7 +182,8 @@ class Graph:
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
-        self.notes: tuple[str, ...] = tuple(notes)
+        note = self._loop_index.note()
+        self.notes: tuple[str, ...] = (*notes, *([note] if note else []))
         self._out_tree = out_tree
 
     # -- vars ---------------------------------------------------------------------------
@@ -258,6 +266,9 @@ class Graph:
         """
         from ._slice import Slice
 
+        twin = self._loop_index.for_twin(inputs, outputs)
+        if twin is not None:  # a body value of a folded loop: cut on the unrolled index
+            return twin[0].slice(*twin[1:], allow_unconnected=allow_unconnected)
         return Slice._build(self, inputs, outputs, allow_unconnected=allow_unconnected)
 
     def value(self, selector: Selector) -> Any:
@@ -274,10 +285,13 @@ class Graph:
             with jax.ensure_compile_time_eval():
                 if rest:
                     self._values.update(zip(rest, self._program.evaluate(rest, args)))
-                if looped:
-                    found = self._values_at([self._vars[i] for i in looped], args)
+                if looped:  # a loop's values stay rows of one stacked result until read
+                    found = self._values_at([self._var(i) for i in looped], args, rows=True)
                     self._values.update(zip(looped, found))
-        return _select.unflatten(structure, [self._values[v.index] for v in flat])
+        values = self._values
+        for v in flat:
+            values[v.index] = row_value(values[v.index])
+        return _select.unflatten(structure, [values[v.index] for v in flat])
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
         """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``.
@@ -387,6 +401,9 @@ class Graph:
         """
         from ._patch_graph import replace
 
+        twin = self._loop_index.for_twin(selector)
+        if twin is not None:  # a body value of a folded loop: patch the unrolled index
+            return twin[0].replace(twin[1], value_or_fn)
         return replace(self, selector, value_or_fn)
 
     def match(self, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
@@ -479,6 +496,14 @@ class Graph:
         return var_table_html(list(self.vars), graph_title(self), "; ".join(self.notes))
 
     # -- internals ------------------------------------------------------------------------
+    def _site(self, i: int) -> Site | None:
+        """Where var ``i`` (a virtual one too) lives in the nested program."""
+        n = len(self._program.vars)
+        return self._flat_site(i) if i < n else self._loop_index.vars[i - n].site()
+
+    def _virtual(self, i: int) -> bool:
+        return i >= len(self._program.vars)
+
     def _site_of(self, var: Var) -> Site:
         """The var's place in the nested program, or a SliceError."""
         site = self._site(var.index)
@@ -514,12 +539,15 @@ class Graph:
         flat_args: Sequence[Any],
         path: Sequence[tuple[Edit, bool]] = (),
         what: Sequence[Var] = (),
+        rows: bool = False,
     ) -> list[Any]:
         """Values of ``vars_`` for new function arguments, from the structured program.
 
         Traceable. Raises a SliceError (under ``jit``: when run) if a var lives on a
         path (a cond branch, a while trip) the arguments do not take, or if a ``path``
         hit is not as expected (``what`` names the vars that need that path).
+        ``rows=True`` leaves a loop's values as rows of its stacked result (see
+        ``_structured.row_value``).
         """
         structured, exposures, guards = self._exposing(vars_, [e for e, _ in path])
         _, exposed = structured.run(flat_args, outputs=False)
@@ -528,7 +556,7 @@ class Graph:
             [(exposed[h], True, message) for h in guards]
             + [(exposed[e], expected, message) for e, expected in path]
         )
-        return [exposed[e] for e in exposures]
+        return [exposed.raw(e) if rows else exposed[e] for e in exposures]
 
     def _with_other_iterations(self, looped: list[int]) -> list[int]:
         """``looped`` and the other iterations of the same body values, not yet cached.
@@ -541,6 +569,10 @@ class Graph:
             return looped
         more = dict.fromkeys(looped)
         for i in looped:
+            if self._virtual(i):
+                virtual = self._loop_index.vars[i - len(program.vars)]
+                more.update((v.index, None) for v in self._loop_index.other_iterations(virtual))
+                continue
             found = program.locations.get(program.vars[i])
             if found is not None:
                 more.update((j, None) for j, _ in program.locate(found[1]))
@@ -555,6 +587,11 @@ class Graph:
             "arguments that take the same branch / trip count, or cut outside the "
             "cond / loop"
         )
+
+    def _var(self, i: int) -> Var:
+        """Var ``i``, a virtual one too."""
+        n = len(self._vars)
+        return self._vars[i] if i < n else self._loop_index.vars[i - n]
 
     def _eqn_of(self, i: int) -> C.JaxprEqn | None:
         e = self._program.producer[i]

@@ -183,8 +183,9 @@ class Recorder:
             self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns]
         self.bindings += [(frame + f, name, atom) for f, name, atom in rec.bindings]
 
-    def qualified(self, program: Any) -> list[tuple[str, int]]:
-        """``(name, var index)`` pairs for the flat ``program``, in naming priority order.
+    def qualified(self, program: Any) -> tuple[list[tuple[str, int]], list[tuple[str, Any]]]:
+        """``(name, var index)`` pairs for the flat ``program``, in naming priority order,
+        and ``(name, Template)`` pairs for values of its folded loops.
 
         Names bound in the traced function come first, then what calls returned
         (outer calls first), then names bound inside calls (outer first). A value in a
@@ -239,11 +240,36 @@ class Recorder:
         )
         named += [(n, found) for _, n, found in returns]
         named += [(n, found) for _, n, found in inner]
-        return [
+        flat = [
             (name + "".join(f"@{t}" for t in its) if its else name, i)
             for name, found in named
             for i, its in found
         ]
+        return flat, self._templates(program, paths, own, back)
+
+    def _templates(
+        self, program: Any, paths: list[str], own: list, back: list
+    ) -> list[tuple[str, Any]]:
+        """``(base name, Template)`` of values in the bodies of folded loops (names
+        without the iteration: see :mod:`jaxsurgery._loop_index`)."""
+        if not program.folded:
+            return []
+        from ._loop_index import Template
+
+        found: list[tuple[str, Any]] = []
+        records = [
+            *(
+                (f, f"{paths[f]}/{n}" if f >= 0 else n, a, hit)
+                for (f, n, a), hit in zip(self.bindings, own)
+            ),
+            *((f, paths[f] + p, a, hit) for (f, p, a), hit in zip(self.returns, back) if f >= 0),
+        ]
+        for _, name, atom, hit in records:
+            if hit:
+                continue
+            for k, ti, its in program.template_locate(atom):
+                found.append((name, Template(k, ti, its)))
+        return found
 
     def leave(self, frame: int, value: Any) -> None:
         self._stack.pop()

@@ -19,7 +19,13 @@ import jax
 import numpy as np
 
 from . import _compat as C
-from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES, ControlFlow, deciding_operands
+from ._control_flow import (
+    BRANCH_PRIMITIVES,
+    LOOP_PRIMITIVES,
+    ControlFlow,
+    Folded,
+    deciding_operands,
+)
 from ._structured import Site, Step, eval_equations, locate
 
 
@@ -35,13 +41,16 @@ class Program:
         primitives: per var, its producing primitive, ``"input"`` or ``"const"``.
         eqn_in / eqn_out: per equation, the var indices it reads / writes.
         outputs: var indices of the program outputs.
-        tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order.
+        tags: ``(var index, name)`` of ``js.tag``/``checkpoint_name`` in program order
+            (``name@t`` in iteration ``t`` of a loop).
         regions: the inlined calls (``jit``, ``custom_jvp``, ``remat``, ...) as
             :class:`Region` s, outermost first.
     """
 
-    def __init__(self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None):
-        inliner = _Inliner(flat_args)
+    def __init__(
+        self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None, fold: bool = True
+    ):
+        inliner = _Inliner(flat_args, fold)
         self.closed = closed
         self._index(inliner, *inliner.run(closed))
         self._top: set[C.Var] | None = None
@@ -51,6 +60,11 @@ class Program:
 
         See :mod:`jaxsurgery._structured`.
         """
+        found = self.found(i)
+        return None if found is None else locate(self.closed, *found, self.while_trips)
+
+    def found(self, i: int) -> tuple[tuple[Step, ...], C.Var] | None:
+        """``(steps, nested var)`` of var ``i`` before lifting (None: made by the inliner)."""
         v = self.vars[i]
         found = self.locations.get(v)
         if found is None:
@@ -61,7 +75,11 @@ class Program:
             if v not in self._top:
                 return None
             found = ((), v)
-        return locate(self.closed, *found, self.while_trips)
+        return found
+
+    def template_locate(self, var: Any) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Where a var of a folded loop's body lies: ``[(loop, template var, iterations)]``."""
+        return [(k, i, its) for k, f in enumerate(self.folded) for i, its in f.template.locate(var)]
 
     def _index(self, inliner: _Inliner, jaxpr: C.Jaxpr, consts: list[Any]) -> None:
         """Build the integer tables of a flat jaxpr the inliner produced."""
@@ -90,13 +108,16 @@ class Program:
         self.index = index
         self._users: list[list[int]] | None = None
         self.outputs = [index[v] for v in jaxpr.outvars]
-        self.tags = [(index[v], name) for v, name in inliner.tags]
+        self.tags = [(index[v], _at(name, its)) for v, name, its in inliner.tags]
+        #: the same, the name without the iterations of the loops around the tag
+        self.tag_iterations = [(index[v], name, its) for v, name, its in inliner.tags]
         self._origin: dict[int, list[tuple[int, tuple[int, ...]]]] = {
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
         self.locations, self.while_trips = inliner.locations, inliner.while_trips
         self.opaque_loops = inliner.opaque_loops
+        self.folded = inliner.folded  # long scans kept as one equation (_loop_index)
         # calls that produced equations, outermost first (by start, then by size)
         self.regions = sorted(
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
@@ -187,6 +208,11 @@ class Program:
         return C.eval_jaxpr(jaxpr, self.consts, *flat_args)
 
 
+def _at(name: str, iterations: tuple[int, ...]) -> str:
+    """``name@t`` for a value in iteration ``t`` of a loop (``@t@u`` nested)."""
+    return name + "".join(f"@{t}" for t in iterations)
+
+
 def _inlinable(eqn: C.JaxprEqn) -> bool:
     """Whether a call's body can be inlined and folded back without losing its rule.
 
@@ -260,8 +286,10 @@ _SPECIAL = frozenset({*C.CALL_PRIMITIVES, *LOOP_PRIMITIVES, *BRANCH_PRIMITIVES, 
 class _Inliner(ControlFlow):
     """Copies a closed jaxpr into one flat jaxpr, inlining calls and control flow."""
 
-    def __init__(self, flat_args: Sequence[Any] | None = None) -> None:
+    def __init__(self, flat_args: Sequence[Any] | None = None, fold: bool = True) -> None:
         self.flat_args = flat_args
+        self.fold = fold  # keep long scans as one equation (see _loop_index)
+        self.folded: list[Folded] = []
         self.notes: list[str] = []
         self.iteration: list[int] = []
         #: whether a top-level var was mapped to another atom (then a top-level
@@ -271,7 +299,7 @@ class _Inliner(ControlFlow):
         self.eqns: list[C.JaxprEqn] = []
         self.constvars: list[C.Var] = []
         self.consts: list[Any] = []
-        self.tags: list[tuple[C.Var, str]] = []
+        self.tags: list[tuple[C.Var, str, tuple[int, ...]]] = []
         self.origin: dict[int, list[tuple[C.Var, tuple[int, ...]]]] = {}
         self.regions: list[Region] = []
         #: where each copied flat var lives in the nested program: ``(steps, nested
@@ -443,7 +471,7 @@ class _Inliner(ControlFlow):
         if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
             self.rewired = self.rewired or outer is None
             self._alias(eqn.outvars[0], invars[0], env)
-            self.tags.append((invars[0], C.tag_name(eqn)))
+            self.tags.append((invars[0], C.tag_name(eqn), tuple(self.iteration)))
             return
         self.rewired = self.rewired or outer is None
         outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]

@@ -183,7 +183,7 @@ def select(
             for i, name in _many(graph, sel).items():
                 found.setdefault(i, name)
         order = sorted(found)
-        vars_ = [graph.vars[i] for i in order]
+        vars_ = [graph._var(i) for i in order]
         matched = [found[i] for i in order]
     else:
         vars_ = list(graph.vars)
@@ -269,7 +269,7 @@ def _resolve_tree(graph: Graph, selector: Any) -> Any:
         and graph._names.parse_fallback(selector) is None
         and compile_glob(selector) is not None
     ):
-        return tuple(graph.vars[i] for i in sorted(_many(graph, selector)))
+        return tuple(graph._var(i) for i in sorted(_many(graph, selector)))
     return one(graph, selector)
 
 
@@ -322,7 +322,9 @@ def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Patter
     if i is not None:
         return {i: selector}, None
     pattern = compile_glob(selector)
-    return ({}, None) if pattern is None else (_regex(graph, pattern), pattern)
+    if pattern is None:  # a body value of a loop the index keeps folded (_loop_index)
+        return {v.index: selector for v in graph._loop_index.lookup(selector)}, None
+    return _regex(graph, pattern), pattern
 
 
 # '*': a run within one level; a bracketed key (['mlp/~/linear_0']) may hold a '/'
@@ -407,7 +409,9 @@ def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
     for i in range(len(names.canonical)):
         if any(pattern.fullmatch(n) for n in names.fallbacks(i)):
             hits.add(i)
-    return {i: _matched_name(names, i, pattern) for i in sorted(hits)}
+    found = {i: _matched_name(names, i, pattern) for i in sorted(hits)}
+    found.update((v.index, name) for v, name in graph._loop_index.matching(pattern))
+    return found
 
 
 def _matched_name(names: Any, i: int, pattern: re.Pattern) -> str:
@@ -424,13 +428,13 @@ def _exactly_one(
         raise _no_match(graph, label, word, pattern)
     if len(hits) > 1:
         shown = [
-            graph.vars[i].name
-            if pattern is None or m == graph.vars[i].name
-            else f"{graph.vars[i].name} (as {m})"
+            graph._var(i).name
+            if pattern is None or m == graph._var(i).name
+            else f"{graph._var(i).name} (as {m})"
             for i, m in sorted(hits.items())
         ]
         raise SelectionError(f"{label} is ambiguous: it matches {short_list(shown)}; pick one")
-    return graph.vars[next(iter(hits))]
+    return graph._var(next(iter(hits)))
 
 
 def _no_match(
@@ -445,6 +449,14 @@ def _no_match(
         )
     if pattern is not None:
         return _no_pattern_match(graph, label, word, pattern)
+    if word is not None and "@" in word:
+        base = word.partition("@")[0]
+        for tmpl in graph._loop_index.names.get(base, ())[:1]:
+            n = graph._program.folded[tmpl.loop].length
+            return SelectionError(
+                f"no var named {label}: {base!r} is inside a loop of {n} iterations, "
+                f"0 .. {n - 1} ({tmpl.name(base, 0)!r} .. {tmpl.name(base, n - 1)!r})"
+            )
     if word is not None and "@" not in word:
         iterations = sorted(
             (
@@ -454,6 +466,9 @@ def _no_match(
             ),
             key=lambda n: int(n[len(word) + 1 :]),
         )
+        for tmpl in graph._loop_index.names.get(word, ())[:1]:
+            n = graph._program.folded[tmpl.loop].length
+            iterations = [tmpl.name(word, 0), tmpl.name(word, n - 1)]
         if iterations:
             return SelectionError(
                 f"{label} is inside a loop: add the iteration, {iterations[0]!r} .. "

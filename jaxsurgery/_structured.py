@@ -98,6 +98,23 @@ def _value(x: Any) -> Any:
     return x.value() if isinstance(x, _Row) else x
 
 
+class _Exposed(dict):
+    """Exposed values by edit; a loop's exposures are rows of one stacked result,
+    taken when read (asking for one of 10 000 iterations takes one row)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return _value(super().__getitem__(key))
+
+    def raw(self, key: Any) -> Any:
+        """The value, or the row of a stacked result that holds it (see row_value)."""
+        return super().__getitem__(key)
+
+
+def row_value(x: Any) -> Any:
+    """A value from :meth:`_Exposed.raw`: the row taken, or the value as it is."""
+    return _value(x)
+
+
 def _stack(vals: Sequence[Any]) -> Any:
     """``jnp.stack(vals)``; the input itself when ``vals`` are all its rows, in order."""
     first = vals[0]
@@ -169,7 +186,7 @@ class Structured:
         With ``outputs=False`` only the exposed values are computed: top-level
         equations that none of them needs do not run (and no outputs are returned).
         """
-        exposed: dict[Any, Any] = {}
+        exposed: dict[Any, Any] = _Exposed()
         pending = [
             _Pending(
                 e.site.steps,
@@ -324,7 +341,9 @@ class _Interpreter:
             def fn(*ops: Any) -> Any:
                 sub: dict[Any, Any] = {}
                 outs = self.run(closed.jaxpr, closed.consts, ops, by_branch.get(k, []), sub)
-                return outs, [sub[key] if key in sub else _zeros(aval) for key, aval in keys]
+                return outs, [
+                    _value(sub[key]) if key in sub else _zeros(aval) for key, aval in keys
+                ]
 
             return fn
 
@@ -362,7 +381,7 @@ class _Interpreter:
                 for i, (_, members) in enumerate(groups)
             ]
             outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], inner, sub)
-            return outs[:n_carry], (outs[n_carry:], [sub[i] for i, _ in exposing])
+            return outs[:n_carry], (outs[n_carry:], [_value(sub[i]) for i, _ in exposing])
 
         carry, (ys, found) = jax.lax.scan(
             step,
@@ -373,7 +392,7 @@ class _Interpreter:
         )
         for (_, (its, members)), values in zip(exposing, found):
             for t, m in zip(its, members):
-                exposed[m.key] = values[t]
+                exposed[m.key] = _Row(values, t)  # taken when read
         return [*carry, *ys]
 
     def _while(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
@@ -418,7 +437,7 @@ class _Interpreter:
                 )
             carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
             found = [
-                jnp.where(_expand(hits[i], slot.ndim), sub[i][None], slot)
+                jnp.where(_expand(hits[i], slot.ndim), _value(sub[i])[None], slot)
                 for (i, _), slot in zip(exposing, found)
             ]
             return counter + 1, carry, found
@@ -426,7 +445,7 @@ class _Interpreter:
         _, carry, found = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0), list(init), slots))
         for (_, (_, members)), values in zip(exposing, found):
             for j, m in enumerate(members):
-                exposed[m.key] = values[j]
+                exposed[m.key] = _Row(values, j)
         return carry
 
 

@@ -21,6 +21,7 @@ from ._errors import TraceError
 from ._gc import gc_paused
 from ._graph import Graph
 from ._instrument import Recorder, rewritten
+from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
 from ._scopes import scope_names
@@ -104,29 +105,36 @@ def _trace(
             "argument is used where Python needs a concrete value; pass it with "
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
-    program = Program(closed, leaves if concrete else None)
-    bindings = recorder.qualified(program)
-    names = assign_names(
-        len(program.vars),
-        program.primitives,
-        in_names,
-        list(zip(program.outputs, out_info["paths"])),
-        program.tags,
-        bindings,
-        *scope_names(program),
-    )
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
-    notes += program.notes
     title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"
-    return Graph(
-        program,
-        names,
-        lambda *a, **k: binder.bind(a, k)[1],
-        leaves if concrete else None,
-        title,
-        notes,
-        out_info["tree"],
-    )
+
+    def build(fold: bool = True) -> Graph:
+        """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
+        program = Program(closed, leaves if concrete else None, fold)
+        bindings, templates = recorder.qualified(program)
+        names = assign_names(
+            len(program.vars),
+            program.primitives,
+            in_names,
+            list(zip(program.outputs, out_info["paths"])),
+            program.tags,
+            bindings,
+            *scope_names(program),
+        )
+        graph = Graph(
+            program,
+            names,
+            lambda *a, **k: binder.bind(a, k)[1],
+            leaves if concrete else None,
+            title,
+            [*notes, *program.notes],
+            out_info["tree"],
+            templates=template_names([*index_templates(program), *templates]),
+        )
+        graph._rebuild = build
+        return graph
+
+    return build()
 
 
 _TRACER_ERRORS = (

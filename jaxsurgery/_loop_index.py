@@ -1,0 +1,352 @@
+"""Long loops in the index: a scan kept as one equation, its body values found on demand.
+
+Unrolling a scan into the flat index costs time and memory per iteration: a
+10 000-step RNN is 100 000 equations before anything is asked. So a scan whose
+unrolled size passes :data:`jaxsurgery._control_flow.EAGER_LIMIT` equations stays one
+equation in the flat program (slices, values and gradients around it treat it as a
+loop), and its body is indexed once, as a *template*: a flat program of the body
+alone, named like any body (``step/h``). A name with an iteration, ``step/h@990``,
+then resolves to a :class:`VirtualVar` without unrolling anything:
+
+* its value comes from one run of the nested program, which exposes that body value
+  at every iteration as one stacked result (later iterations are lookups);
+* ``g.grads`` / ``g.grads_fn`` perturb it in the running loop (a stacked ``eps`` when
+  many iterations are asked);
+* a slice, ``jvp``/``vjp``/``jacobian`` or ``replace`` at it needs the flat index of
+  its iterations: those are built on the graph's *unrolled twin*, traced from the same
+  jaxpr with every loop unrolled (made once, when first needed, at the cost of
+  unrolling), and the returned object belongs to that twin graph.
+
+Virtual vars are not listed in ``g.vars`` (nor in tables or drawings); ``g.notes``
+says which loops are indexed this way and how to name their values.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def rnn(h, xs):
+    ...     def step(h, x):
+    ...         h = js.tag(jnp.tanh(h + x), "state")
+    ...         return h, h
+    ...     return jax.lax.scan(step, h, xs)[0]
+    >>> g = js.trace(rnn, jnp.zeros(2), jnp.ones((3000, 2)))
+    >>> v = g["state@2990"]
+    >>> v.name, v.shape, type(v).__name__
+    ('state@2990', (2,), 'VirtualVar')
+    >>> bool(jnp.allclose(g.value(v), g.value("out")))  # a fixed point by then
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _compat as C
+from ._control_flow import Folded
+from ._graph import Var
+from ._structured import Site
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+    from ._program import Program
+
+
+@dataclass(frozen=True)
+class Template:
+    """One name of a body value of a folded loop: ``base@t`` for ``t`` in the loop."""
+
+    loop: int  # index into Program.folded
+    var: int  # index into that loop's template program
+    inner: tuple[int, ...]  # iterations of loops unrolled inside the body
+
+    def name(self, base: str, t: int) -> str:
+        return base + f"@{t}" + "".join(f"@{u}" for u in self.inner)
+
+
+def template_names(bindings: list[tuple[str, Template]]) -> dict[str, list[Template]]:
+    """Per base name, the template vars it names (``h#k`` forms when several)."""
+    by_name: dict[str, dict[Template, None]] = {}
+    for name, tmpl in bindings:
+        by_name.setdefault(name, {})[tmpl] = None
+    names: dict[str, list[Template]] = {}
+    for name, found in by_name.items():
+        if len(found) == 1:
+            names.setdefault(name, []).extend(found)
+            continue
+        for k, tmpl in enumerate(found):
+            names.setdefault(f"{name}#{k}", []).append(tmpl)
+            names.setdefault(name, []).append(tmpl)
+    return names
+
+
+def index_templates(program: Program) -> list[tuple[str, Template]]:
+    """``(name, Template)`` of folded loop bodies from the index itself: the
+    ``js.tag``/``checkpoint_name`` tags, then the outputs of scopes (Flax, Haiku,
+    Equinox modules called in the body)."""
+    from ._scopes import scope_names
+
+    found = []
+    for k, loop in enumerate(program.folded):
+        template = loop.template
+        found += [(name, Template(k, ti, its)) for ti, name, its in template.tag_iterations]
+        found += [(name, Template(k, ti, ())) for ti, name in scope_names(template)[0]]
+    return found
+
+
+_ITERATION = re.compile(r"^(.*?)((?:@\d+)+)$")
+
+
+class LoopIndex:
+    """The virtual vars of a graph's folded loops (see the module docstring)."""
+
+    def __init__(self, graph: Graph, names: dict[str, list[Template]]):
+        self.graph = graph
+        self.names = names
+        self.vars: list[VirtualVar] = []
+        self._by_key: dict[tuple[Template, int], VirtualVar] = {}
+        self._twin: Graph | None = None
+
+    def note(self) -> str | None:
+        """What ``g.notes`` says of the folded loops."""
+        program = self.graph._program
+        if not program.folded:
+            return None
+        lengths = ", ".join(str(f.length) for f in program.folded[:3])
+        shown = [n for n, ts in self.names.items() if len(ts) == 1][:3]
+        named = (
+            f"; name one iteration, e.g. {shown[0] + '@0'!r}, or all with "
+            f"{shown[0] + '@*'!r} (names: {', '.join(shown)}{', ...' if len(self.names) > 3 else ''})"
+            if shown
+            else ""
+        )
+        return (
+            f"scans of length {lengths} stay one equation in the index: their body values "
+            f"are not listed in g.vars but answer to name@iteration{named}"
+        )
+
+    def lookup(self, name: str) -> list[VirtualVar]:
+        """The virtual vars an exact ``base@t`` name selects (empty if none)."""
+        m = _ITERATION.match(name)
+        if m is None or not self.names:
+            return []
+        base, suffix = m.group(1), [int(t) for t in m.group(2)[1:].split("@")]
+        found = []
+        for tmpl in self.names.get(base, ()):
+            t, inner = suffix[0], tuple(suffix[1:])
+            loop = self.graph._program.folded[tmpl.loop]
+            if inner == tmpl.inner and 0 <= t < loop.length:
+                found.append(self.var(tmpl, t, base))
+        return found
+
+    def matching(self, pattern: re.Pattern) -> list[tuple[VirtualVar, str]]:
+        """Virtual vars with a name ``pattern`` fully matches (every iteration tried)."""
+        found = []
+        for base, tmpls in self.names.items():
+            for tmpl in tmpls:
+                loop = self.graph._program.folded[tmpl.loop]
+                for t in range(loop.length):
+                    name = tmpl.name(base, t)
+                    if pattern.fullmatch(name):
+                        found.append((self.var(tmpl, t, base), name))
+        return found
+
+    def bases(self) -> list[str]:
+        return list(self.names)
+
+    def var(self, tmpl: Template, t: int, base: str | None = None) -> Var:
+        """The var holding template var ``tmpl`` at iteration ``t``.
+
+        One value, one var, as in an unrolled index: the carry entering iteration
+        ``t`` is the one iteration ``t - 1`` returned (``step/h@5`` is
+        ``step/h_new@4``), and the carry the last iteration returns is the loop's
+        result, a var of the flat index.
+        """
+        found = self._by_key.get((tmpl, t))
+        if found is None:
+            found = self._carried(tmpl, t)
+            if found is None:
+                graph = self.graph
+                virtual = VirtualVar(graph, len(graph._program.vars) + len(self.vars), tmpl, t)
+                found = self._flat(virtual)
+                if found is None:
+                    self.vars.append(virtual)
+                    found = virtual
+            self._by_key[tmpl, t] = found
+        return found
+
+    def _carried(self, tmpl: Template, t: int) -> Var | None:
+        """The var a carry input at iteration ``t`` is: the previous iteration's output."""
+        loop = self.graph._program.folded[tmpl.loop]
+        n_consts, n_carry = C.scan_layout(loop.eqn)
+        if tmpl.inner or not n_consts <= tmpl.var < n_consts + n_carry:
+            return None  # template inputs are the body's, in order
+        previous = t + 1 if loop.eqn.params["reverse"] else t - 1
+        if not 0 <= previous < loop.length:
+            return None
+        out = loop.template.outputs[tmpl.var - n_consts]
+        return self.var(Template(tmpl.loop, out, ()), previous)
+
+    def _flat(self, v: VirtualVar) -> Var | None:
+        """The flat var holding the same value (a loop result), or None."""
+        site = v.site()
+        program = self.graph._program
+        if len(site.steps) > len(v._loop.steps):
+            return None  # still inside the loop
+        found = [j for j, _ in program.locate(site.vars[0]) if program.site(j) == site]
+        return self.graph.vars[found[0]] if len(found) == 1 else None
+
+    def carried_in(self, v: VirtualVar) -> list[str]:
+        """Names of the carry inputs holding ``v`` (``step/h@5`` for ``step/h_new@4``)."""
+        loop = v._loop
+        n_consts, n_carry = C.scan_layout(loop.eqn)
+        following = v.iteration - 1 if loop.eqn.params["reverse"] else v.iteration + 1
+        if v.template.inner or not 0 <= following < loop.length:
+            return []
+        outputs = loop.template.outputs[:n_carry]
+        return [
+            Template(v.template.loop, n_consts + c, ()).name(base, following)
+            for c, out in enumerate(outputs)
+            if out == v.template.var
+            for base in self.base_names(Template(v.template.loop, n_consts + c, ()))
+        ]
+
+    def other_iterations(self, v: VirtualVar) -> list[Var]:
+        """``v`` at every iteration of its loop (one run of the loop exposes them all)."""
+        loop = self.graph._program.folded[v.template.loop]
+        return [self.var(v.template, t) for t in range(loop.length)]
+
+    def base_names(self, tmpl: Template) -> list[str]:
+        """The base names of a template var, plain names first."""
+        found = [n for n, ts in self.names.items() if tmpl in ts]
+        return sorted(found, key=lambda n: ("#" not in n and len(self.names[n]) > 1, "#" in n))
+
+    # -- the unrolled twin ---------------------------------------------------------------
+    def twin(self) -> Graph:
+        """The same traced function indexed with every loop unrolled (made once)."""
+        if self._twin is None:
+            self._twin = self.graph._rebuild(fold=False)
+        return self._twin
+
+    def for_twin(self, *selectors: Any) -> tuple[Any, ...] | None:
+        """``(twin, *selectors)`` as the twin's vars if any selects a virtual var, else None.
+
+        Each selector keeps its structure (a list stays a list, a dict a dict).
+        """
+        if not self.graph._program.folded:
+            return None
+        from . import _select
+
+        resolved = [_select.tree(self.graph, s) for s in selectors]
+        if not any(isinstance(v, VirtualVar) for _, flat in resolved for v in flat):
+            return None
+        mapped = [
+            _select.unflatten(tree, [self.in_twin(v) for v in flat]) for tree, flat in resolved
+        ]
+        return (self.twin(), *mapped)
+
+    def in_twin(self, v: Any) -> Any:
+        """The twin's var holding the same value as ``v`` (a var of this graph)."""
+        from ._errors import SliceError
+
+        twin = self.twin()
+        program = twin._program
+        if isinstance(v, VirtualVar):  # the twin's copy of its body var at its iteration
+            loop = v._loop
+            nested = loop.template.found(v.template.var)[1]
+            want = (*loop.iterations, v.iteration, *v.template.inner)
+            copies = [j for j, its in program.locate(nested) if its == want]
+            if len(copies) == 1:
+                return twin.vars[copies[0]]
+        found = None if isinstance(v, VirtualVar) else self.graph._program.found(v.index)
+        if found is not None:  # the twin's copy of the same var at the same iterations
+            its = tuple(s.iteration for s in found[0] if s.iteration is not None)
+            copies = [j for j, c in program.locate(found[1]) if c == its]
+            if len(copies) > 1:
+                copies = [j for j in copies if program.found(j) == found]
+            if len(copies) == 1:
+                return twin.vars[copies[0]]
+        site = self.graph._site_of(v)
+        for nested in site.vars:
+            for j, _ in program.locate(nested):
+                if twin._site(j) == site:
+                    return twin.vars[j]
+        raise SliceError(
+            f"{v.name!r} has no place in the unrolled index of this graph; select the "
+            "value it was made from"
+        )
+
+
+class VirtualVar(Var):
+    """A body value of a folded loop at one iteration (see the module docstring).
+
+    A :class:`~jaxsurgery.Var` for names, shapes, values and gradients; slices at it
+    are built on the graph's unrolled twin.
+    """
+
+    __slots__ = ("template", "iteration", "_cached_site")
+
+    def __init__(self, graph: Graph, index: int, template: Template, iteration: int):
+        super().__init__(graph, index)
+        self.template = template
+        self.iteration = iteration
+        self._cached_site: Site | None = None
+
+    @property
+    def _loop(self) -> Folded:
+        return self._graph._program.folded[self.template.loop]
+
+    @property
+    def _tvar(self) -> Any:
+        return self._loop.template.vars[self.template.var]
+
+    @property
+    def name(self) -> str:
+        bases = self._graph._loop_index.base_names(self.template)
+        return self.template.name(bases[0], self.iteration)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        index = self._graph._loop_index
+        bases = index.base_names(self.template)
+        own = [self.template.name(b, self.iteration) for b in bases[1:]]
+        return (*own, *index.carried_in(self))
+
+    @property
+    def aval(self) -> Any:
+        return self._tvar.aval
+
+    @property
+    def primitive(self) -> str:
+        return self._loop.template.primitives[self.template.var]
+
+    @property
+    def scope(self) -> str:
+        eqn = self._eqn()
+        return "" if eqn is None else C.scope_of(eqn.source_info)
+
+    @property
+    def source(self) -> str | None:
+        eqn = self._eqn()
+        frame = None if eqn is None else C.user_frame(eqn.source_info)
+        return None if frame is None else f"{frame[0]}:{frame[1]}"
+
+    @property
+    def producers(self) -> tuple[Any, ...]:
+        return self._graph._loop_index.in_twin(self).producers
+
+    @property
+    def users(self) -> tuple[Any, ...]:
+        return self._graph._loop_index.in_twin(self).users
+
+    def site(self) -> Site:
+        if self._cached_site is None:
+            program = self._graph._program
+            self._cached_site = self._loop.site(
+                self.template.var, self.iteration, program.closed, program.while_trips
+            )
+        return self._cached_site
+
+    def _eqn(self) -> C.JaxprEqn | None:
+        template = self._loop.template
+        e = template.producer[self.template.var]
+        return None if e < 0 else template.jaxpr.eqns[e]

@@ -1,0 +1,180 @@
+"""Long scans stay one equation in the index; their body values answer to ``name@t``.
+
+References are hand-written: the recurrence run for t steps by ``lax.scan`` over a
+prefix of the inputs, and the zero-perturbation trick written by hand.
+"""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, check_slice
+
+import jaxsurgery as js
+from jaxsurgery._control_flow import EAGER_LIMIT
+from jaxsurgery._loop_index import VirtualVar
+
+T = 1500  # x ~3 body equations: past EAGER_LIMIT, so the scan stays folded
+
+
+def rnn(h, xs, w):
+    def step(h, x):
+        a = h @ w + x
+        h_new = jnp.tanh(a)
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h, xs)
+    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+
+def state_after(h0, xs, w, t):
+    """The state after steps 0..t (hand-written: a scan over the prefix)."""
+    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
+
+
+@pytest.fixture
+def setup():
+    h0 = jax.random.normal(jax.random.key(1), (4,))
+    xs = jax.random.normal(jax.random.key(2), (T, 4))
+    w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
+    return h0, xs, w
+
+
+def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
+    h0, xs, w = setup
+    assert T * 3 > EAGER_LIMIT
+    g = js.trace(rnn, h0, xs, w)
+    assert len(g.vars) < 20  # nothing unrolled
+    assert "scan" in [v.primitive for v in g.vars]
+    assert any("name@iteration" in n for n in g.notes)
+    v = g["step/h_new@700"]
+    assert isinstance(v, VirtualVar) and v not in g.vars
+    assert v.shape == (4,) and v.primitive == "tanh" and v.source.startswith(__file__)
+    allclose(g.value(v), state_after(h0, xs, w, 700), rtol=1e-4)
+    allclose(g.value("step/a@3"), state_after(h0, xs, w, 2) @ w + xs[3], rtol=1e-5)
+    # one value, one var: the carry entering step t is what step t-1 returned
+    assert g["step/h@701"] is v and "step/h@701" in v.aliases
+    assert g["step/h@0"] is not None and allclose(g.value("step/h@0"), h0) is None
+    # the last step's carry holds the loop's result (here also a row of hs, so an edit
+    # there is not an edit of h_last alone: they stay two vars)
+    allclose(g.value("step/h_new@1499"), g.value("h_last"))
+    assert len(g.select("step/h_new@*")) == T
+    assert len(g.select("step/h_new@1?")) == 10
+
+
+def test_names_out_of_range_and_without_iteration_say_what_to_do(setup):
+    g = js.trace(rnn, *setup)
+    with pytest.raises(js.SelectionError, match=r"step/h_new@0'? \.\. '?step/h_new@1499"):
+        g["step/h_new"]
+    with pytest.raises(js.SelectionError, match="0 .. 1499"):
+        g["step/h_new@1500"]
+
+
+def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    names = [f"step/h_new@{t}" for t in range(T)]
+    fn = jax.jit(g.grads_fn("out", names))
+
+    def perturbed(eps, h0, xs, w):  # the trick by hand: h_t + eps_t in every step
+        def step(h, x_e):
+            x, e = x_e
+            h_new = jnp.tanh(h @ w + x) + e
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h0, (xs, eps))
+        return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+    for args in (setup, (0.5 * h0, xs[::-1], w.T)):
+        got = fn(*args)
+        ref = jax.grad(perturbed)(jnp.zeros((T, 4)), *args)
+        allclose(jnp.stack([got[n] for n in names]), ref, rtol=1e-4, atol=1e-6)
+    one = g.grads("out", wrt=["step/h_new@1200"])
+    allclose(one["step/h_new@1200"], jax.grad(perturbed)(jnp.zeros((T, 4)), h0, xs, w)[1200])
+
+
+def test_slices_and_patches_at_loop_values_use_the_unrolled_twin(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    s = g.slice("step/h_new@1495", "h_last")
+    assert s.graph is not g and s.graph is g._loop_index.twin()  # made once
+
+    def rest(h):  # steps 1496..1499 by hand
+        for t in range(1496, T):
+            h = jnp.tanh(h @ w + xs[t])
+        return h
+
+    h = g.value("step/h_new@1495")
+    check_slice(s, (h,), rest)
+    tangent = jnp.ones(4)
+    allclose(g.jvp("step/h_new@1495", "h_last", tangent)[1], jax.jvp(rest, (h,), (tangent,))[1])
+    # a patch at one iteration: the rest of the loop sees it
+    patched = g.replace("step/h_new@10", lambda v: v * 0.0)
+
+    def by_hand(h0, xs, w):
+        def step(h, x_t):
+            x, t = x_t
+            h_new = jnp.tanh(h @ w + x)
+            h_new = jnp.where(t == 10, 0.0, h_new)
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h0, (xs, jnp.arange(T)))
+        return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+    allclose(patched.as_function()(h0, xs, w), by_hand(h0, xs, w), rtol=1e-5)
+
+
+def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
+    model = nn.RNN(nn.OptimizedLSTMCell(8))
+    xs = jax.random.normal(jax.random.key(4), (1, 400, 3))
+    params = model.init(key, xs)
+    g = js.trace(model.apply, params, xs)
+    assert len(g.vars) < 200 and g._program.folded
+    # library code has no Python names: the body's scope outputs name it
+    names = [n for n in g._loop_index.names if n.startswith("cell.scan_fn#")]
+    values = [g.value(f"{n}@250") for n in names]
+    # the reference: the same model over the first 251 steps, returning its carry
+    carry, _ = nn.RNN(nn.OptimizedLSTMCell(8), return_carry=True).apply(params, xs[:, :251])
+    for ref in carry:  # (c, h) after step 250: each is one of the body's scope outputs
+        assert any(jnp.allclose(v, ref, rtol=1e-4, atol=1e-5) for v in values)
+
+
+def test_a_gru_rnn_in_equinox_with_a_folded_loop_inside_a_jit_call(key):
+    cell = eqx.nn.GRUCell(3, 5, key=key)
+    xs = jax.random.normal(jax.random.key(5), (600, 3))
+
+    @jax.jit
+    def encode(h, xs):
+        def step(h, x):
+            h_new = cell(x, h)
+            return h_new, None
+
+        return jax.lax.scan(step, h, xs)[0]
+
+    def f(h, xs):
+        return jnp.sum(encode(h, xs) ** 2)
+
+    h0 = jnp.zeros(5)
+    g = js.trace(f, h0, xs)
+    v = g["encode/step/h_new@321"]
+    ref = jax.lax.scan(lambda h, x: (cell(x, h), None), h0, xs[:322])[0]
+    allclose(g.value(v), ref, rtol=1e-4, atol=1e-6)
+    grads = g.grads("out", wrt=["encode/step/h_new@598"])
+    allclose(
+        grads["encode/step/h_new@598"],
+        jax.grad(lambda h: jnp.sum(cell(xs[599], h) ** 2))(
+            g.value(v.graph["encode/step/h_new@598"])
+        ),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_an_abstract_trace_resolves_names_and_asks_for_values():
+    spec = jax.ShapeDtypeStruct
+    g = js.trace(rnn, spec((4,), jnp.float32), spec((T, 4), jnp.float32), spec((4, 4), jnp.float32))
+    v = g["step/a@9"]
+    assert v.shape == (4,)
+    with pytest.raises(js.SliceError, match="abstract"):
+        g.value(v)
