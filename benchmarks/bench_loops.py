@@ -4,17 +4,18 @@
 * ``jit(g.grads_fn)`` over ``h@t`` for every step vs one ``jax.grad`` of the hand-written
   stacked-eps trick (a perturbation ``eps[t]`` added to ``h`` in the scan body): run
   time, compile time and compiled op count;
-* an uncached ``g.value("step/h@{T-10}")`` vs the trace time of its graph.
+* an uncached ``g.value("step/h@{T-10}")`` vs the trace time of its graph;
+* the slice ``step/h@0 -> out`` (every later step) vs the same computation written by
+  hand as a scan: compiled op count and run time.
 """
 
 from __future__ import annotations
 
-import gc
 import time
 
 import jax
 import jax.numpy as jnp
-from common import interleaved_times
+from common import interleaved_times, timed_once
 
 import jaxsurgery as js
 
@@ -47,12 +48,15 @@ def trick(eps, w, h0, xs):
     return jnp.sum(hs**2) + jnp.sum(h_last)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    t = time.perf_counter() - t0
-    gc.collect()
-    return t
+def rest_by_hand(h0, w, xs):
+    """The loss given the state after step 0, written by hand (a scan over steps 1..)."""
+
+    def step(h, x):
+        h = jnp.tanh(w @ h + x)
+        return h, h
+
+    h_last, hs = jax.lax.scan(step, h0, xs[1:])
+    return jnp.sum(h0**2) + jnp.sum(hs**2) + jnp.sum(h_last)
 
 
 def _ops(compiled) -> int:
@@ -67,10 +71,9 @@ def run(quick: bool = False) -> list[dict]:
 def _one(T: int, quick: bool) -> dict:
     w = jax.random.normal(jax.random.key(0), (WIDTH, WIDTH)) / WIDTH**0.5
     args = (w, jnp.zeros(WIDTH), jnp.ones((T, WIDTH)) * 0.1)
-    t_js = min(_timed(lambda: js.trace(rnn_fn(), *args)) for _ in range(2 if quick else 3))
-    t_mj = min(_timed(lambda: jax.make_jaxpr(rnn_fn())(*args)) for _ in range(3))
+    t_js = min(timed_once(lambda: js.trace(rnn_fn(), *args)) for _ in range(2 if quick else 3))
+    t_mj = min(timed_once(lambda: jax.make_jaxpr(rnn_fn())(*args)) for _ in range(3))
     g = js.trace(rnn_fn(), *args)
-    gc.collect()
     name = f"step/h#1@{T - 10}" if T > 10 else "step/h#1@5"
     t0 = time.perf_counter()
     g.value(name)
@@ -90,9 +93,24 @@ def _one(T: int, quick: bool) -> dict:
     times = interleaved_times(
         {"ours": lambda: ours(*args), "hand": lambda: hand(*args)}, repeat=5 if quick else 20
     )
+    t0 = time.perf_counter()
+    s = g.slice("step/h#1@0", "out")
+    t_slice = time.perf_counter() - t0
+    h_first = g.value("step/h#1@0")
+    s_ours = jax.jit(s)
+    s_hand = jax.jit(lambda h: rest_by_hand(h, args[0], args[2]))
+    s_ops = (_ops(s_ours.lower(h_first).compile()), _ops(s_hand.lower(h_first).compile()))
+    s_same = bool(jnp.allclose(s_ours(h_first), s_hand(h_first), rtol=1e-5))
+    s_times = interleaved_times(
+        {"ours": lambda: s_ours(h_first), "hand": lambda: s_hand(h_first)},
+        repeat=5 if quick else 20,
+    )
     row = {
         "T": T,
+        "make_jaxpr ms": t_mj * 1e3,
+        "js.trace ms": t_js * 1e3,
         "trace ratio": t_js / t_mj,
+        "value ms": t_value * 1e3,
         "value / trace": t_value / t_js,
         "grads run ratio": times["ours"] / times["hand"],
         "grads compile s": t_c_ours,
@@ -100,6 +118,11 @@ def _one(T: int, quick: bool) -> dict:
         "ops": _ops(c_ours),
         "hand ops": _ops(c_hand),
         "equal": same,
+        "slice build ms": t_slice * 1e3,
+        "slice ops": s_ops[0],
+        "slice hand ops": s_ops[1],
+        "slice run ratio": s_times["ours"] / s_times["hand"],
+        "slice equal": s_same,
     }
     print(
         f"  scan RNN T={T}: js.trace {t_js * 1e3:.0f} ms = {row['trace ratio']:.0f}x "
@@ -107,10 +130,11 @@ def _one(T: int, quick: bool) -> dict:
         f"({row['value / trace']:.2f}x trace); jit(grads_fn) over {T} steps "
         f"{row['grads run ratio']:.2f}x the stacked-eps trick, compile "
         f"{t_c_ours:.2f} s vs {t_c_hand:.2f} s, {row['ops']} vs {row['hand ops']} ops, "
-        f"equal: {same}",
+        f"equal: {same}; slice step/h@0 -> out built in {t_slice * 1e3:.0f} ms, "
+        f"{s_ops[0]} vs {s_ops[1]} ops, runs {row['slice run ratio']:.2f}x the hand scan, "
+        f"equal: {s_same}",
         flush=True,
     )
-    gc.collect()
     return row
 
 

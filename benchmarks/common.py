@@ -90,3 +90,13 @@ def unrolled_loop(steps: int) -> tuple[Callable, tuple]:
 
 def count_eqns(fn: Callable, args: tuple) -> int:
     return len(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+
+
+def timed_once(fn: Callable[[], object]) -> float:
+    """Seconds for one call; then the cyclic GC runs untimed, so that its cleanup of this
+    call (js.trace pauses it) does not land on the next one timed."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    t = time.perf_counter() - t0
+    gc.collect()
+    return t

@@ -213,3 +213,48 @@ def jax_traceback_filtering_off() -> bool:
         import os
 
         return os.environ.get("JAX_TRACEBACK_FILTERING", "").lower() == "off"
+
+
+def split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[Any], Jaxpr, int]:
+    """JAX's partial evaluation: ``(known, known_consts, unknown, residuals)``.
+
+    ``known(*known_consts, *known inputs)`` computes the residuals;
+    ``unknown(*residuals, *unknown inputs)`` computes every output. Loops, conds and
+    calls are split by their own rules (a scan stays one scan). jax 0.10 takes and
+    returns ``ClosedJaxpr`` s, newer JAX plain ``Jaxpr`` s with constants as inputs.
+    """
+    jaxpr = _pe.convert_constvars_jaxpr(closed.jaxpr)
+    flags = [False] * len(closed.consts) + list(unknowns)
+    try:
+        known, unknown, _, residuals = _pe.partial_eval_jaxpr_nounits(
+            ClosedJaxpr(jaxpr, ()), flags, True
+        )
+    except (AttributeError, TypeError):  # newer JAX: an open Jaxpr
+        known, unknown, _, residuals = _pe.partial_eval_jaxpr_nounits(jaxpr, flags, True)
+    known_consts = list(closed.consts)
+    if isinstance(known, ClosedJaxpr):
+        if known.consts:
+            known_consts = [*known.consts, *known_consts]
+            known = _pe.convert_constvars_jaxpr(known.jaxpr)
+        else:
+            known = known.jaxpr
+    if isinstance(unknown, ClosedJaxpr):
+        assert not unknown.consts, "partial evaluation left constants in the unknown part"
+        unknown = unknown.jaxpr
+    return known, known_consts, unknown, len(residuals)
+
+
+def dce(jaxpr: Jaxpr) -> Jaxpr:
+    """The jaxpr without equations no output needs (inputs kept)."""
+    return _pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)[0]
+
+
+def inner_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
+    """The jaxprs an equation holds in its params (bodies, branches, rules)."""
+    found = []
+    for p in eqn.params.values():
+        for sub in p if isinstance(p, tuple) else (p,):
+            inner = getattr(sub, "jaxpr", sub)
+            if isinstance(inner, Jaxpr):
+                found.append(inner)
+    return found

@@ -46,8 +46,17 @@ if TYPE_CHECKING:
 EAGER_LIMIT = 2_000
 #: A while_loop larger than this many unrolled equations stays one equation.
 UNROLL_LIMIT = 200_000
+#: A while_loop whose body (calls, loops and branches inside counted) passes this many
+#: equations stays one equation in the index without counting its trips (counting runs
+#: the body op by op at trace time: a diffrax solve); its body is indexed lazily.
+WHILE_FOLD_LIMIT = 200
 #: A while_loop running more trips than this stays one equation.
 MAX_TRIPS = 10_000
+
+_AFTER_LOOP = (
+    "{what} stays one equation: what decides it comes out of a loop the index keeps "
+    "whole, which tracing does not run; values inside it are not listed"
+)
 
 LOOP_PRIMITIVES = frozenset({"scan", "while"})
 BRANCH_PRIMITIVES = frozenset({"cond"})
@@ -67,21 +76,35 @@ def _stack_jaxpr(shape: tuple[int, ...], dtype: Any, n: int) -> C.ClosedJaxpr:
 
 @dataclass(eq=False)
 class Folded:
-    """A scan the flat index keeps as one equation (see :mod:`jaxsurgery._loop_index`).
+    """A loop the flat index keeps as one equation (see :mod:`jaxsurgery._loop_index`).
 
     ``steps`` lead to the jaxpr holding it, ``pos`` is its place there, and
-    ``iterations`` are those of the unrolled loops around it.
+    ``iterations`` are those of the unrolled loops around it. ``operands`` are the
+    flat atoms it reads (a ``while_loop``'s trip count is found from their values).
     """
 
     eqn: C.JaxprEqn
     steps: tuple[Step, ...]
     pos: int
     iterations: tuple[int, ...]
+    operands: list[Any] = field(default_factory=list, repr=False)
     _template: Program | None = field(default=None, repr=False)
+    #: a while_loop's traced trip count, once found (see ``LoopIndex.length``)
+    trips: int | None = None
 
     @property
-    def length(self) -> int:
-        return int(self.eqn.params["length"])
+    def is_scan(self) -> bool:
+        return self.eqn.primitive.name == "scan"
+
+    @property
+    def body(self) -> C.ClosedJaxpr:
+        return self.eqn.params["jaxpr" if self.is_scan else "body_jaxpr"]
+
+    def carry_layout(self) -> tuple[int, int]:
+        """``(body inputs before the carry, carry count)``; the carry outputs come first."""
+        if self.is_scan:
+            return C.scan_layout(self.eqn)
+        return self.eqn.params["body_nconsts"], len(self.eqn.outvars)
 
     @property
     def template(self) -> Program:
@@ -89,7 +112,7 @@ class Folded:
         if self._template is None:
             from ._program import Program
 
-            self._template = Program(self.eqn.params["jaxpr"], None)
+            self._template = Program(self.body, None)
         return self._template
 
     def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site:
@@ -106,7 +129,8 @@ class ControlFlow:
     ``iteration`` (the stack of enclosing iteration numbers), ``path`` and
     ``while_trips`` (see ``_Inliner``), ``position`` (the
     equation's index in its jaxpr), ``_inline(closed, atoms, source_info, step)`` and
-    ``_values(atoms)`` (concrete values, or None when the trace is abstract).
+    ``_values(atoms)`` (concrete values, or None when the trace is abstract or they
+    come out of a folded loop: then ``after_loop`` is set).
     """
 
     def _control_flow(
@@ -149,7 +173,7 @@ class ControlFlow:
             )
             return None
         if self.fold and length * max(1, len(body.jaxpr.eqns)) > EAGER_LIMIT:
-            self._fold(eqn, pos)
+            self._fold(eqn, pos, invars)
             return None
         consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]
         xs = invars[n_consts + n_carry :]
@@ -171,9 +195,9 @@ class ControlFlow:
         ]
         return [*carry, *stacked]
 
-    def _fold(self, eqn: C.JaxprEqn, pos: int) -> None:
-        """Keep a long scan as one equation; its body is indexed on demand."""
-        self.folded.append(Folded(eqn, tuple(self.path), pos, tuple(self.iteration)))
+    def _fold(self, eqn: C.JaxprEqn, pos: int, invars: list[Any]) -> None:
+        """Keep a long loop as one equation; its body is indexed on demand."""
+        self.folded.append(Folded(eqn, tuple(self.path), pos, tuple(self.iteration), invars))
 
     def _while(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int
@@ -183,7 +207,13 @@ class ControlFlow:
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts = invars[:n_cond], invars[n_cond : n_cond + n_body]
         carry = invars[n_cond + n_body :]
+        if self.fold and _size(body.jaxpr) > WHILE_FOLD_LIMIT:
+            self._fold(eqn, pos, invars)  # not run op by op to count its trips
+            return None
         values = self._values([*cond_consts, *body_consts, *carry])
+        if values is None and self.after_loop:
+            self.notes.append(_AFTER_LOOP.format(what="a while_loop"))
+            return None
         if values is None:
             self.notes.append(
                 "a while_loop stays one equation: its trip count depends on values, and "
@@ -216,6 +246,8 @@ class ControlFlow:
         branches = eqn.params["branches"]
         values = self._values(invars[:1])
         if values is None:
+            if self.after_loop:
+                self.notes.append(_AFTER_LOOP.format(what="a cond"))
             return None
         taken = int(np.clip(np.asarray(values[0]), 0, len(branches) - 1))
         region = self.regions[-1]
@@ -236,6 +268,11 @@ class ControlFlow:
         return self._inline(_stack_jaxpr(shape, aval.dtype, len(atoms)), list(atoms), source_info)[
             0
         ]
+
+
+def _size(jaxpr: C.Jaxpr) -> int:
+    """Equations of a jaxpr, those of the jaxprs its equations hold included."""
+    return len(jaxpr.eqns) + sum(_size(j) for e in jaxpr.eqns for j in C.inner_jaxprs(e))
 
 
 def _count_trips(

@@ -126,6 +126,15 @@ class Var:
         return f"Var({self.name}: {short_type(self.aval)} = {self.primitive}, index {self.index})"
 
 
+def _holds_loop(jaxpr: C.Jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            return True
+        if any(_holds_loop(inner) for inner in C.inner_jaxprs(eqn)):
+            return True
+    return False
+
+
 def _in_loop(site: Site | None) -> bool:
     return site is not None and any(s.iteration is not None for s in site.steps)
 
@@ -182,6 +191,7 @@ class Graph:
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
+        self._loops: bool | None = None  # see _has_loops
         note = self._loop_index.note()
         self.notes: tuple[str, ...] = (*notes, *([note] if note else []))
         self._out_tree = out_tree
@@ -266,9 +276,6 @@ class Graph:
         """
         from ._slice import Slice
 
-        twin = self._loop_index.for_twin(inputs, outputs)
-        if twin is not None:  # a body value of a folded loop: cut on the unrolled index
-            return twin[0].slice(*twin[1:], allow_unconnected=allow_unconnected)
         return Slice._build(self, inputs, outputs, allow_unconnected=allow_unconnected)
 
     def value(self, selector: Selector) -> Any:
@@ -278,8 +285,14 @@ class Graph:
         if missing:
             args = self._require_args("g.value")
             # values inside loops: the loop runs once as a loop, exposing them (the
-            # flat index would replay every unrolled iteration before them, op by op)
-            looped = [i for i in missing if _in_loop(self._site(i))]
+            # flat index would replay every unrolled iteration before them, op by op);
+            # so do values after an unrolled loop
+            after_loop = self._has_loops()
+            looped = [
+                i
+                for i in missing
+                if (site := self._site(i)) is not None and (after_loop or _in_loop(site))
+            ]
             rest = [i for i in missing if i not in set(looped)]
             looped = self._with_other_iterations(looped)
             with jax.ensure_compile_time_eval():
@@ -576,7 +589,10 @@ class Graph:
             found = program.locations.get(program.vars[i])
             if found is not None:
                 more.update((j, None) for j, _ in program.locate(found[1]))
-        return [j for j in more if j not in self._values and _in_loop(self._site(j))]
+        asked = set(looped)
+        return [
+            j for j in more if j in asked or (j not in self._values and _in_loop(self._site(j)))
+        ]
 
     @staticmethod
     def _path_message(vars_: Sequence[Var]) -> str:
@@ -587,6 +603,12 @@ class Graph:
             "arguments that take the same branch / trip count, or cut outside the "
             "cond / loop"
         )
+
+    def _has_loops(self) -> bool:
+        """Whether the nested program holds a scan or while_loop (anywhere)."""
+        if self._loops is None:
+            self._loops = _holds_loop(self._structure.closed.jaxpr)
+        return self._loops
 
     def _var(self, i: int) -> Var:
         """Var ``i``, a virtual one too."""

@@ -1,21 +1,30 @@
-"""Long loops in the index: a scan kept as one equation, its body values found on demand.
+"""Long loops in the index: a loop kept as one equation, its body values found on demand.
 
-Unrolling a scan into the flat index costs time and memory per iteration: a
-10 000-step RNN is 100 000 equations before anything is asked. So a scan whose
-unrolled size passes :data:`jaxsurgery._control_flow.EAGER_LIMIT` equations stays one
-equation in the flat program (slices, values and gradients around it treat it as a
-loop), and its body is indexed once, as a *template*: a flat program of the body
-alone, named like any body (``step/h``). A name with an iteration, ``step/h@990``,
-then resolves to a :class:`VirtualVar` without unrolling anything:
+Unrolling a loop into the flat index costs time and memory per iteration: a
+10 000-step RNN is 100 000 equations before anything is asked, and a ``while_loop``'s
+trip count is only known by running its body op by op (a diffrax solve). So a scan
+whose unrolled size passes :data:`jaxsurgery._control_flow.EAGER_LIMIT` equations,
+and a ``while_loop`` whose body passes
+:data:`~jaxsurgery._control_flow.WHILE_FOLD_LIMIT`, stay one equation in the flat
+program (slices, values and gradients around them treat them as loops), and the body
+is indexed once, as a *template*: a flat program of the body alone, named like any
+body (``step/h``). A name with an iteration, ``step/h@990``, then resolves to a
+:class:`VirtualVar` without unrolling anything:
 
 * its value comes from one run of the nested program, which exposes that body value
   at every iteration as one stacked result (later iterations are lookups);
 * ``g.grads`` / ``g.grads_fn`` perturb it in the running loop (a stacked ``eps`` when
   many iterations are asked);
-* a slice, ``jvp``/``vjp``/``jacobian`` or ``replace`` at it needs the flat index of
-  its iterations: those are built on the graph's *unrolled twin*, traced from the same
+* a slice (and ``g.jvp``/``g.vjp``/``g.jacobian``) at it is cut from the running
+  program (:mod:`jaxsurgery._loop_slice`);
+* ``g.replace`` at it is made on the graph's *unrolled twin*, traced from the same
   jaxpr with every loop unrolled (made once, when first needed, at the cost of
-  unrolling), and the returned object belongs to that twin graph.
+  unrolling); the returned graph is derived from that twin.
+
+A ``while_loop``'s trip count is found when first needed (a glob over its trips, a
+name out of range); a value in a trip the arguments do not reach is a SliceError.
+A ``cond`` or small ``while_loop`` decided by a folded loop's results stays one
+equation too (tracing would have to run the loop to pick its branch).
 
 Virtual vars are not listed in ``g.vars`` (nor in tables or drawings); ``g.notes``
 says which loops are indexed this way and how to name their values.
@@ -43,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _compat as C
 from ._control_flow import Folded
+from ._errors import SelectionError
 from ._graph import Var
 from ._structured import Site
 
@@ -93,6 +103,10 @@ def index_templates(program: Program) -> list[tuple[str, Template]]:
     return found
 
 
+def _reverse(loop: Folded) -> bool:
+    return loop.is_scan and loop.eqn.params["reverse"]
+
+
 _ITERATION = re.compile(r"^(.*?)((?:@\d+)+)$")
 
 
@@ -111,7 +125,10 @@ class LoopIndex:
         program = self.graph._program
         if not program.folded:
             return None
-        lengths = ", ".join(str(f.length) for f in program.folded[:3])
+        kinds = [
+            f"a scan of length {f.eqn.params['length']}" if f.is_scan else "a while_loop"
+            for f in program.folded[:3]
+        ]
         shown = [n for n, ts in self.names.items() if len(ts) == 1][:3]
         named = (
             f"; name one iteration, e.g. {shown[0] + '@0'!r}, or all with "
@@ -120,9 +137,43 @@ class LoopIndex:
             else ""
         )
         return (
-            f"scans of length {lengths} stay one equation in the index: their body values "
-            f"are not listed in g.vars but answer to name@iteration{named}"
+            f"{', '.join(kinds)}{', ...' if len(program.folded) > 3 else ''} "
+            f"stay{'s' if len(program.folded) == 1 else ''} one equation in the index: "
+            f"body values are not listed in g.vars but answer to name@iteration{named}"
         )
+
+    def length(self, loop: Folded, need: bool = False) -> int | None:
+        """Iterations of a folded loop: a scan's length; a while_loop's traced trip
+        count, found when first needed (None if unknown: abstract arguments)."""
+        if loop.is_scan:
+            return int(loop.eqn.params["length"])
+        if loop.trips is None and need:
+            loop.trips = self._count_trips(loop)
+        return loop.trips
+
+    def _count_trips(self, loop: Folded) -> int | None:
+        from ._control_flow import _count_trips
+
+        graph, program = self.graph, self.graph._program
+        if graph._flat_args is None or loop.steps:
+            return None  # abstract, or a loop inside a call or loop: not counted
+        values = [
+            a.val if isinstance(a, C.Literal) else graph.value(graph.vars[program.index[a]])
+            for a in loop.operands
+        ]
+        p = loop.eqn.params
+        n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+        return _count_trips(
+            p["cond_jaxpr"],
+            p["body_jaxpr"],
+            values[:n_cond],
+            values[n_cond : n_cond + n_body],
+            values[n_cond + n_body :],
+        )
+
+    def _within(self, loop: Folded, t: int) -> bool:
+        n = self.length(loop)
+        return 0 <= t and (n is None or t < n)
 
     def lookup(self, name: str) -> list[VirtualVar]:
         """The virtual vars an exact ``base@t`` name selects (empty if none)."""
@@ -134,7 +185,7 @@ class LoopIndex:
         for tmpl in self.names.get(base, ()):
             t, inner = suffix[0], tuple(suffix[1:])
             loop = self.graph._program.folded[tmpl.loop]
-            if inner == tmpl.inner and 0 <= t < loop.length:
+            if inner == tmpl.inner and self._within(loop, t):
                 found.append(self.var(tmpl, t, base))
         return found
 
@@ -144,7 +195,14 @@ class LoopIndex:
         for base, tmpls in self.names.items():
             for tmpl in tmpls:
                 loop = self.graph._program.folded[tmpl.loop]
-                for t in range(loop.length):
+                n = self.length(loop, need=True)
+                if n is None:
+                    raise SelectionError(
+                        f"{pattern.pattern!r} would match every iteration of a while_loop "
+                        "whose trip count is not known (abstract arguments); name one "
+                        f"iteration, e.g. {tmpl.name(base, 0)!r}"
+                    )
+                for t in range(n):
                     name = tmpl.name(base, t)
                     if pattern.fullmatch(name):
                         found.append((self.var(tmpl, t, base), name))
@@ -177,11 +235,11 @@ class LoopIndex:
     def _carried(self, tmpl: Template, t: int) -> Var | None:
         """The var a carry input at iteration ``t`` is: the previous iteration's output."""
         loop = self.graph._program.folded[tmpl.loop]
-        n_consts, n_carry = C.scan_layout(loop.eqn)
+        n_consts, n_carry = loop.carry_layout()
         if tmpl.inner or not n_consts <= tmpl.var < n_consts + n_carry:
             return None  # template inputs are the body's, in order
-        previous = t + 1 if loop.eqn.params["reverse"] else t - 1
-        if not 0 <= previous < loop.length:
+        previous = t + 1 if _reverse(loop) else t - 1
+        if not self._within(loop, previous):
             return None
         out = loop.template.outputs[tmpl.var - n_consts]
         return self.var(Template(tmpl.loop, out, ()), previous)
@@ -198,9 +256,9 @@ class LoopIndex:
     def carried_in(self, v: VirtualVar) -> list[str]:
         """Names of the carry inputs holding ``v`` (``step/h@5`` for ``step/h_new@4``)."""
         loop = v._loop
-        n_consts, n_carry = C.scan_layout(loop.eqn)
-        following = v.iteration - 1 if loop.eqn.params["reverse"] else v.iteration + 1
-        if v.template.inner or not 0 <= following < loop.length:
+        n_consts, n_carry = loop.carry_layout()
+        following = v.iteration - 1 if _reverse(loop) else v.iteration + 1
+        if v.template.inner or not self._within(loop, following):
             return []
         outputs = loop.template.outputs[:n_carry]
         return [
@@ -213,7 +271,9 @@ class LoopIndex:
     def other_iterations(self, v: VirtualVar) -> list[Var]:
         """``v`` at every iteration of its loop (one run of the loop exposes them all)."""
         loop = self.graph._program.folded[v.template.loop]
-        return [self.var(v.template, t) for t in range(loop.length)]
+        if not loop.is_scan:
+            return [v]  # a while_loop: only the asked trips exist for sure
+        return [self.var(v.template, t) for t in range(self.length(loop))]
 
     def base_names(self, tmpl: Template) -> list[str]:
         """The base names of a template var, plain names first."""

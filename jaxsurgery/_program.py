@@ -312,6 +312,8 @@ class _Inliner(ControlFlow):
         self._concrete: dict[C.Var, Any] = {}
         self._made: dict[C.Var, int] = {}
         self._made_upto = 0
+        #: whether the last _values call gave up because a folded loop decides it
+        self.after_loop = False
         #: traced trip count of each unrolled while_loop, by its steps (iteration None)
         self.while_trips: dict[tuple[Step, ...], int] = {}
 
@@ -379,7 +381,10 @@ class _Inliner(ControlFlow):
 
         Each equation is evaluated at most once over the whole inlining (values are
         kept for later conds and loops), and only where a requested value needs it.
+        Values that need a loop the index keeps whole are not computed (None): running
+        it would cost what folding it saved.
         """
+        self.after_loop = False
         if self.flat_args is None:
             return None
         env = self._concrete
@@ -399,6 +404,9 @@ class _Inliner(ControlFlow):
                 continue
             needed.add(k)
             stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
+        if any(self.eqns[k].primitive.name in LOOP_PRIMITIVES for k in needed):
+            self.after_loop = True  # a loop kept whole (folded): not run at trace time
+            return None
         if needed:
             with jax.ensure_compile_time_eval():
                 eval_equations([self.eqns[k] for k in sorted(needed)], env)

@@ -452,7 +452,7 @@ def _no_match(
     if word is not None and "@" in word:
         base = word.partition("@")[0]
         for tmpl in graph._loop_index.names.get(base, ())[:1]:
-            n = graph._program.folded[tmpl.loop].length
+            n = graph._loop_index.length(graph._program.folded[tmpl.loop], need=True) or 0
             return SelectionError(
                 f"no var named {label}: {base!r} is inside a loop of {n} iterations, "
                 f"0 .. {n - 1} ({tmpl.name(base, 0)!r} .. {tmpl.name(base, n - 1)!r})"
@@ -467,7 +467,8 @@ def _no_match(
             key=lambda n: int(n[len(word) + 1 :]),
         )
         for tmpl in graph._loop_index.names.get(word, ())[:1]:
-            n = graph._program.folded[tmpl.loop].length
+            index = graph._loop_index
+            n = index.length(graph._program.folded[tmpl.loop], need=True) or 1
             iterations = [tmpl.name(word, 0), tmpl.name(word, n - 1)]
         if iterations:
             return SelectionError(

@@ -268,6 +268,10 @@ class Slice:
         dup = [v.name for v in in_vars if in_vars.count(v) > 1]
         if dup:
             raise SliceError(f"{dup[0]!r} is selected twice as an input; select each input once")
+        if any(graph._virtual(v.index) for v in (*in_vars, *out_vars)):
+            from ._loop_slice import LoopSlice  # a value inside a folded loop
+
+            return LoopSlice._cut(graph, in_tree, in_vars, out_tree, out_vars, allow_unconnected)
         program = graph._program
         ins = [v.index for v in in_vars]
         outs = [v.index for v in out_vars]

@@ -4,6 +4,8 @@ References are hand-written: the recurrence run for t steps by ``lax.scan`` over
 prefix of the inputs, and the zero-perturbation trick written by hand.
 """
 
+import functools
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -94,13 +96,13 @@ def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
     allclose(one["step/h_new@1200"], jax.grad(perturbed)(jnp.zeros((T, 4)), h0, xs, w)[1200])
 
 
-def test_slices_and_patches_at_loop_values_use_the_unrolled_twin(setup):
+def test_slices_at_loop_values_are_cut_from_the_running_loop(setup):
     h0, xs, w = setup
     g = js.trace(rnn, h0, xs, w)
     s = g.slice("step/h_new@1495", "h_last")
-    assert s.graph is not g and s.graph is g._loop_index.twin()  # made once
+    assert s.graph is g and [e.primitive.name for e in s.jaxpr.eqns].count("scan") == 1
 
-    def rest(h):  # steps 1496..1499 by hand
+    def rest(h, xs=xs, w=w):  # steps 1496..1499 by hand
         for t in range(1496, T):
             h = jnp.tanh(h @ w + xs[t])
         return h
@@ -109,8 +111,44 @@ def test_slices_and_patches_at_loop_values_use_the_unrolled_twin(setup):
     check_slice(s, (h,), rest)
     tangent = jnp.ones(4)
     allclose(g.jvp("step/h_new@1495", "h_last", tangent)[1], jax.jvp(rest, (h,), (tangent,))[1])
-    # a patch at one iteration: the rest of the loop sees it
+    # bound to new arguments: the context is recomputed, the input still cut in
+    xs2, w2 = xs[::-1], w.T
+    allclose(s.bind(h0, xs2, w2)(h), rest(h, xs2, w2), rtol=1e-5)
+
+    def between(h3):  # steps 4..7 by hand
+        for t in range(4, 8):
+            h3 = jnp.tanh(h3 @ w + xs[t])
+        return h3
+
+    check_slice(g.slice("step/h_new@3", "step/h_new@7"), (g.value("step/h_new@3"),), between)
+
+
+def test_a_slice_across_every_step_is_one_scan_whatever_the_length(setup):
+    h0, xs, w = setup
+
+    def whole(h, xs=xs):  # the loss from step 1 on, given the state after step 0
+        def step(h, x):
+            h_new = jnp.tanh(h @ w + x)
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h, xs[1:])
+        hs = jnp.concatenate([h[None], hs])
+        return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+    sizes = []
+    for xs_t in (xs, jnp.concatenate([xs, xs])):
+        g = js.trace(rnn, h0, xs_t, w)
+        s = g.slice("step/h_new@0", "out")
+        check_slice(s, (g.value("step/h_new@0"),), functools.partial(whole, xs=xs_t))
+        sizes.append(len(s.jaxpr.eqns))
+    assert sizes[0] == sizes[1]
+
+
+def test_patches_at_loop_values_use_the_unrolled_twin(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
     patched = g.replace("step/h_new@10", lambda v: v * 0.0)
+    assert patched is not g and g._loop_index.twin() is g._loop_index.twin()  # made once
 
     def by_hand(h0, xs, w):
         def step(h, x_t):
@@ -123,6 +161,7 @@ def test_slices_and_patches_at_loop_values_use_the_unrolled_twin(setup):
         return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
 
     allclose(patched.as_function()(h0, xs, w), by_hand(h0, xs, w), rtol=1e-5)
+    allclose(patched.value("out"), by_hand(h0, xs, w), rtol=1e-5)
 
 
 def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
@@ -178,3 +217,53 @@ def test_an_abstract_trace_resolves_names_and_asks_for_values():
     assert v.shape == (4,)
     with pytest.raises(js.SliceError, match="abstract"):
         g.value(v)
+
+
+# -- a while_loop with a large body: folded without running it op by op -----------------
+def refine(x, tol):
+    def cond(c):
+        h, k = c
+        return (jnp.max(jnp.abs(h)) > tol) & (k < 50)
+
+    def body(c):
+        h, k = c
+        for _ in range(120):  # a large body: past WHILE_FOLD_LIMIT equations
+            h = jnp.sin(h) * 0.99
+        h_new = h * 0.5
+        return h_new, k + 1
+
+    h, k = jax.lax.while_loop(cond, body, (x, 0))
+    return jnp.sum(h**2)
+
+
+def refine_by_hand(x, trips):
+    for _ in range(trips):
+        for _ in range(120):
+            x = jnp.sin(x) * 0.99
+        x = x * 0.5
+    return x
+
+
+def test_a_while_loop_with_a_large_body_is_folded_and_its_trips_resolve():
+    x = jnp.array([2.0, -1.0, 0.5])
+    g = js.trace(refine, x, 1e-4)
+    assert g._program.folded and not g._program.folded[0].is_scan
+    assert len(g.vars) < 30 and any("a while_loop" in n for n in g.notes)
+    allclose(g.value("body/h_new@2"), refine_by_hand(x, 3), rtol=1e-5)
+    trips = g._loop_index.length(g._program.folded[0], need=True)
+    assert trips == len(g.select("body/h_new@*")) and 2 < trips < 50
+    with pytest.raises(js.SelectionError, match=f"0 .. {trips - 1}"):
+        g[f"body/h_new@{trips}"]
+    # a slice from one trip to the output: a while_loop with the input spliced in
+    s = g.slice("body/h_new@1", "out")
+
+    def rest(h, trips=trips):  # the remaining trips by hand, then the loss
+        return jnp.sum(refine_by_hand(h, trips - 2) ** 2)
+
+    h1 = g.value("body/h_new@1")
+    allclose(s(h1), rest(h1), rtol=1e-5)
+    tangent = jnp.array([1.0, 0.5, -1.0])
+    allclose(jax.jvp(s, (h1,), (tangent,))[1], jax.jvp(rest, (h1,), (tangent,))[1], rtol=1e-4)
+    # arguments for which the loop stops before trip 1: an error, not a wrong number
+    with pytest.raises(js.SliceError, match="stop before"):
+        s.bind(x * 1e-5, 1e-4)(h1)

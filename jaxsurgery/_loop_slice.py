@@ -1,0 +1,161 @@
+"""Slices at body values of long loops: the running program, split by JAX itself.
+
+A slice whose inputs or outputs include a value inside a loop the index keeps folded
+(a :class:`~jaxsurgery._loop_index.VirtualVar`, ``step/h@t``) is cut from the nested
+program, not from a flat copy:
+
+1. the structured program (:mod:`jaxsurgery._structured`) is edited so that each
+   input's value is replaced by a new argument at its site (at iteration ``t`` of the
+   running scan) and each output is exposed;
+2. that program, as a function of the traced function's arguments and the new ones,
+   is split by JAX's partial evaluation (``partial_eval_jaxpr_nounits``): the part
+   that does not depend on the slice's inputs is the *context* (its results are the
+   residuals, computed once from the traced arguments or ``bind``), the rest is the
+   slice's ``jaxpr``.
+
+So a slice from ``step/h@0`` to the end of a 10 000-step RNN is one scan over the
+sequence (its op count does not grow with the length), and a slice between two
+iterations is the loop with the input spliced in at its iteration. The context is
+made of residuals, named ``residual[k]`` in :attr:`Slice.context`.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def rnn(h, xs):
+    ...     def step(h, x):
+    ...         h = js.tag(jnp.tanh(h + x), "state")
+    ...         return h, h
+    ...     return jax.lax.scan(step, h, xs)[0]
+    >>> g = js.trace(rnn, jnp.zeros(2), jnp.ones((3000, 2)))
+    >>> s = g.slice("state@0", "out")
+    >>> [e.primitive.name for e in s.jaxpr.eqns].count("scan")
+    1
+    >>> bool(jnp.allclose(s(g.value("state@0")), g.value("out")))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _compat as C
+from ._slice import Slice, _check_connected, _coerce
+from ._structured import Edit, Extra, Site
+
+if TYPE_CHECKING:
+    from ._graph import Graph, Var
+
+
+@functools.lru_cache(maxsize=256)
+def _given(shape: tuple[int, ...], dtype: Any) -> C.ClosedJaxpr:
+    """``lambda new: new``: the edit that puts a slice input in place of a value."""
+    return C.make_jaxpr(lambda new: new, jax.ShapeDtypeStruct(shape, dtype))
+
+
+class LoopSlice(Slice):
+    """A :class:`~jaxsurgery.Slice` cut from the running program (module docstring)."""
+
+    _known: C.Jaxpr
+    _known_consts: list[Any]
+
+    @classmethod
+    def _cut(
+        cls,
+        graph: Graph,
+        in_tree: Any,
+        in_vars: list[Var],
+        out_tree: Any,
+        out_vars: list[Var],
+        allow_unconnected: bool,
+    ) -> LoopSlice:
+        sites = [graph._site_of(v) for v in in_vars]
+        edits = [
+            Edit(site, "apply", _given(v.shape, v.dtype), (Extra(k),))
+            for k, (v, site) in enumerate(zip(in_vars, sites))
+        ]
+        # an input or output in a while_loop trip exists only when the loop gets there:
+        # whether it did is an extra result, checked on every call
+        edits += [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
+        structured, exposures, guards = graph._exposing(out_vars, edits)
+        guards = [*(e for e in edits if e.kind == "hit"), *guards]
+        n_args = len(graph.inputs)
+
+        def program(*flat: Any) -> list[Any]:
+            _, exposed = structured.run(flat[:n_args], flat[n_args:], outputs=False)
+            hits = [jnp.asarray(exposed[h], jnp.int32) for h in guards]
+            return [*(exposed[e] for e in exposures), *hits]
+
+        specs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*graph.inputs, *in_vars)]
+        closed = C.make_jaxpr(program, *specs)
+        known, known_consts, unknown, n_res = C.split_known(
+            closed, [False] * n_args + [True] * len(in_vars)
+        )
+        unknown = C.dce(unknown)
+        residuals, ins = unknown.invars[:n_res], unknown.invars[n_res:]
+        read = {a for e in unknown.eqns for a in e.invars if isinstance(a, C.Var)}
+        read.update(a for a in unknown.outvars if isinstance(a, C.Var))
+        given = set(residuals)  # an output that needs no input is a residual passed on
+        unconnected = [
+            v for v, o in zip(out_vars, unknown.outvars) if not isinstance(o, C.Var) or o in given
+        ]  # (the hits follow the outputs)
+        unused = [v for v, x in zip(in_vars, ins) if x not in read]
+        if not allow_unconnected:
+            _check_connected(graph, unconnected, unused, in_vars, out_vars)
+        jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")
+        s = cls(
+            graph,
+            in_tree,
+            tuple(in_vars),
+            out_tree,
+            tuple(out_vars),
+            jaxpr,
+            (),
+            graph._flat_args,
+            structured.notes and tuple(dict.fromkeys(structured.notes)) or (),
+        )
+        s._known, s._known_consts = known, known_consts
+        s._decisions = ((2, 1),) * len(guards)  # each hit must be 1 (see Slice.__call__)
+        return s
+
+    def _path_message(self, taken: int) -> str:
+        return (
+            f"{self!r} cuts inside a while_loop trip, and these arguments make the loop "
+            "stop before it; use arguments for which the loop runs that many trips, or "
+            "cut outside the loop"
+        )
+
+    # -- context: the residuals of the split ------------------------------------------
+    @property
+    def context(self) -> dict[str, Any]:
+        """Context values (the residuals of the split), ``residual[k]``."""
+        return {f"residual[{k}]": x for k, x in enumerate(self._context())}
+
+    def _context(self) -> list[Any]:
+        if self._context_values is None:
+            self._context_values = self._residuals(self._require_args())
+        return self._context_values
+
+    def _residuals(self, flat_args: Any) -> list[Any]:
+        return C.eval_jaxpr(self._known, (), *self._known_consts, *flat_args)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Slice:
+        """The same slice with its context recomputed for new arguments (traceable)."""
+        flat = self.graph._flatten_args(*args, **kwargs)
+        flat = [_coerce(x, v) for x, v in zip(flat, self.graph.inputs, strict=True)]
+        bound = copy.copy(self)
+        bound._flat_args, bound._context_values = flat, self._residuals(flat)
+        return bound
+
+    def __repr__(self) -> str:
+        ins = ", ".join(v.name for v in self.in_vars)
+        outs = ", ".join(v.name for v in self.out_vars)
+        n = len(self.jaxpr.eqns)
+        k = len(self.jaxpr.constvars)
+        return (
+            f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, "
+            f"context: {k} residual{'s' if k != 1 else ''})"
+        )
