@@ -1,9 +1,9 @@
 """Loops at scale: a scan RNN of T steps, against JAX and hand-written equivalents.
 
 * ``js.trace`` vs ``jax.make_jaxpr`` (fresh functions, GC collected untimed between);
-* ``jit(g.grads_fn)`` over ``h@t`` for every step vs one ``jax.grad`` of the hand-written
-  stacked-eps trick (a perturbation ``eps[t]`` added to ``h`` in the scan body): run
-  time, compile time and compiled op count;
+* ``jit(g.grads_fn("out", {"h": "step/h@*"}))`` (every step, stacked) vs one
+  ``jax.grad`` of the hand-written stacked-eps trick (a perturbation ``eps[t]`` added to
+  ``h`` in the scan body): run time, compile time and compiled op count;
 * an uncached ``g.value("step/h@{T-10}")`` vs the trace time of its graph;
 * the slice ``step/h@0 -> out`` (every later step) vs the same computation written by
   hand as a scan: compiled op count and run time.
@@ -79,9 +79,8 @@ def _one(T: int, quick: bool) -> dict:
     g.value(name)
     t_value = time.perf_counter() - t0
 
-    names = [f"step/h#1@{t}" for t in range(T)]
-    fn = g.grads_fn("out", names)
-    ours = jax.jit(lambda *a: jnp.stack([v for v in fn(*a).values()]))
+    fn = g.grads_fn("out", {"h": "step/h#1@*"})  # every step, stacked
+    ours = jax.jit(lambda *a: fn(*a)["h"])
     hand = jax.jit(lambda *a: jax.grad(trick)(jnp.zeros((T, WIDTH)), *a))
     t0 = time.perf_counter()
     c_ours = ours.lower(*args).compile()

@@ -129,6 +129,13 @@ def verdicts(results: dict) -> list[dict]:
             len(ops) == 1,
         ),
         (
+            "grads over every step: compile time independent of T (max/min ≤ 1.5)",
+            ", ".join(f"{r['grads compile s']:.2f} s" for r in loops)
+            + f" at T = {[r['T'] for r in loops]}",
+            max(r["grads compile s"] for r in loops) / min(r["grads compile s"] for r in loops)
+            <= 1.5,
+        ),
+        (
             "jit(grads_fn) over every step ≤ 1.1× the stacked-eps trick",
             f"worst {max(r['grads run ratio'] for r in loops):.2f}×",
             max(r["grads run ratio"] for r in loops) <= 1.1,

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError
-from ._structured import Edit, Extra, Site, Step, check_hits
+from ._errors import SliceError, type_of
+from ._structured import Edit, Extra, Site, Step, _Row, check_hits, row_value
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -48,17 +48,35 @@ class GradsFunction:
     def __init__(self, graph: Graph, out: Any, wrt: Any):
         self.graph = graph
         _, out_vars = _select.tree(graph, out)
+        # per key, the positions in wrt_vars of the vars whose gradients it holds, and
+        # whether they are stacked (a dict entry selecting several vars)
+        groups: list[list[int]] = []
+        stacked: list[bool] = []
+        keys, wrt_vars = [], []
         if isinstance(wrt, dict):
-            keys = list(wrt)
-            wrt_vars = [_select.one(graph, wrt[k]) for k in keys]
+            for key, item in wrt.items():
+                tree, found = _select.tree(graph, item)
+                many = not (len(found) == 1 and _select.is_leaf(tree))
+                if many and len({(v.shape, v.dtype) for v in found}) > 1:
+                    raise SliceError(
+                        f"wrt[{key!r}] selects vars of different types "
+                        f"({', '.join(sorted({type_of(v) for v in found}))}); their "
+                        "gradients cannot be stacked: give each its own key"
+                    )
+                keys.append(key)
+                groups.append(list(range(len(wrt_vars), len(wrt_vars) + len(found))))
+                stacked.append(many)
+                wrt_vars += found
         else:
-            keys, wrt_vars = [], []
             for item in wrt if isinstance(wrt, (list, tuple)) else [wrt]:
                 _, found = _select.tree(graph, item)
                 # keyed as the caller wrote it; a pattern by the names it matched
                 named = isinstance(item, str) and len(found) == 1
                 keys += [item] if named else [v.name for v in found]
+                groups += [[j] for j in range(len(wrt_vars), len(wrt_vars) + len(found))]
+                stacked += [False] * len(found)
                 wrt_vars += found
+        self._groups, self._stacked = groups, stacked
         for v in [*out_vars, *wrt_vars]:
             if not jnp.issubdtype(v.dtype, jnp.inexact):
                 raise SliceError(
@@ -119,8 +137,17 @@ class GradsFunction:
                 "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
             ) from None
         check_hits([(h, True, self._message) for h in hits])
-        found: list[Any] = [None] * len(self.keys)
+        whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
+        found: list[Any] = [None] * len(self._avals)
         for members, grad in zip(self._inputs, grads):
             for row, j in enumerate(members):
-                found[j] = grad[row] if len(members) > 1 else grad
-        return dict(zip(self.keys, found))
+                found[j] = _Row(grad, row) if len(members) > 1 else grad
+        out = {}
+        for key, group, many in zip(self.keys, self._groups, self._stacked):
+            if not many:
+                out[key] = row_value(found[group[0]])
+            elif tuple(group) in whole:  # every iteration of one loop value, in order:
+                out[key] = whole[tuple(group)]  # the scan's own stacked gradient
+            else:
+                out[key] = jnp.stack([row_value(found[j]) for j in group])
+        return out

@@ -514,6 +514,15 @@ class Graph:
         n = len(self._program.vars)
         return self._flat_site(i) if i < n else self._loop_index.vars[i - n].site()
 
+    def _order(self, i: int) -> tuple[int, ...]:
+        """Program order of var ``i``: a folded loop's values after the flat vars, by
+        loop, iteration, then body position (not by when they were first asked for)."""
+        n = len(self._program.vars)
+        if i < n:
+            return (i,)
+        v = self._loop_index.vars[i - n]
+        return (n, v.template.loop, v.iteration, *v.template.inner, v.template.var)
+
     def _virtual(self, i: int) -> bool:
         return i >= len(self._program.vars)
 

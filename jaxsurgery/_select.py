@@ -182,7 +182,7 @@ def select(
         for sel in selectors:
             for i, name in _many(graph, sel).items():
                 found.setdefault(i, name)
-        order = sorted(found)
+        order = sorted(found, key=graph._order)
         vars_ = [graph._var(i) for i in order]
         matched = [found[i] for i in order]
     else:
@@ -252,6 +252,11 @@ def tree(graph: Graph, selector: Any) -> tuple[Any, list[Var]]:
     return treedef, flat
 
 
+def is_leaf(treedef: Any) -> bool:
+    """Whether a :func:`tree` structure is one var (not a tuple, list or dict of them)."""
+    return jax.tree_util.treedef_is_leaf(treedef)
+
+
 def unflatten(treedef: Any, values: Sequence[Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, list(values))
 
@@ -269,7 +274,7 @@ def _resolve_tree(graph: Graph, selector: Any) -> Any:
         and graph._names.parse_fallback(selector) is None
         and compile_glob(selector) is not None
     ):
-        return tuple(graph._var(i) for i in sorted(_many(graph, selector)))
+        return tuple(graph._var(i) for i in sorted(_many(graph, selector), key=graph._order))
     return one(graph, selector)
 
 

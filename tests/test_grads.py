@@ -133,3 +133,24 @@ def test_grads_over_every_step_of_a_scan_are_one_scan_with_stacked_perturbations
         ops.append(_tanh_ops(fn, *new))
     # the loop stays a loop (forward and backward scans), not T unrolled steps
     assert ops[0] == ops[1] <= 3, ops
+
+
+def test_a_dict_entry_selecting_many_vars_stacks_their_gradients(key):
+    params = make_params(key)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    y = jnp.zeros((4, 8))
+    g = js.trace(deep_mlp, params, x, y)
+    grads = g.grads("loss", wrt={"hidden": "h#*", "x": "x"})
+    names = [v.name for v in g.select("h#*")]
+    singles = g.grads("loss", wrt=names)
+    assert grads["hidden"].shape == (len(names), 4, 8) and grads["x"].shape == (4, 8)
+    allclose(grads["hidden"], jnp.stack([singles[n] for n in names]), rtol=1e-6)
+    with pytest.raises(js.SliceError, match=r"wrt\['mixed'\] selects vars of different types"):
+        g.grads("loss", wrt={"mixed": ["x", "params[0][1]"]})
+
+    # every iteration of a (short, unrolled) loop value: the scan's stacked gradient
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    args = (w, jnp.zeros(4), jnp.linspace(-1, 1, 24).reshape(6, 4))
+    g = js.trace(_rnn, *args)
+    got = jax.jit(g.grads_fn("out", {"h": "step/h#1@*"}))(*args)["h"]
+    allclose(got, jax.grad(_stacked_eps_trick)(jnp.zeros((6, 4)), *args))

@@ -92,6 +92,11 @@ def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
         got = fn(*args)
         ref = jax.grad(perturbed)(jnp.zeros((T, 4)), *args)
         allclose(jnp.stack([got[n] for n in names]), ref, rtol=1e-4, atol=1e-6)
+    # a dict entry selecting every iteration: one stacked array, the scan's own gradient
+    stacked = jax.jit(g.grads_fn("out", {"h": "step/h_new@*", "w": "w"}))(*setup)
+    ref = jax.grad(perturbed)(jnp.zeros((T, 4)), *setup)
+    assert stacked["h"].shape == (T, 4) and stacked["w"].shape == (4, 4)
+    allclose(stacked["h"], ref, rtol=1e-4, atol=1e-6)
     one = g.grads("out", wrt=["step/h_new@800"])
     allclose(one["step/h_new@800"], jax.grad(perturbed)(jnp.zeros((T, 4)), h0, xs, w)[800])
 
