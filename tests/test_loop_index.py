@@ -76,8 +76,8 @@ def test_names_out_of_range_and_without_iteration_say_what_to_do(setup):
 def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
     h0, xs, w = setup
     g = js.trace(rnn, h0, xs, w)
-    names = [f"step/h_new@{t}" for t in range(T)]
-    fn = jax.jit(g.grads_fn("out", names))
+    # a dict entry selecting every iteration: one stacked array, the scan's own gradient
+    fn = jax.jit(g.grads_fn("out", {"h": "step/h_new@*", "w": "w"}))
 
     def perturbed(eps, h0, xs, w):  # the trick by hand: h_t + eps_t in every step
         def step(h, x_e):
@@ -88,17 +88,16 @@ def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
         h_last, hs = jax.lax.scan(step, h0, (xs, eps))
         return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
 
-    for args in (setup, (0.5 * h0, xs[::-1], w.T)):
+    for args in (setup, (0.5 * h0, xs[::-1], w.T)):  # traced and new arguments
         got = fn(*args)
         ref = jax.grad(perturbed)(jnp.zeros((T, 4)), *args)
-        allclose(jnp.stack([got[n] for n in names]), ref, rtol=1e-4, atol=1e-6)
-    # a dict entry selecting every iteration: one stacked array, the scan's own gradient
-    stacked = jax.jit(g.grads_fn("out", {"h": "step/h_new@*", "w": "w"}))(*setup)
-    ref = jax.grad(perturbed)(jnp.zeros((T, 4)), *setup)
-    assert stacked["h"].shape == (T, 4) and stacked["w"].shape == (4, 4)
-    allclose(stacked["h"], ref, rtol=1e-4, atol=1e-6)
-    one = g.grads("out", wrt=["step/h_new@800"])
-    allclose(one["step/h_new@800"], jax.grad(perturbed)(jnp.zeros((T, 4)), h0, xs, w)[800])
+        assert got["h"].shape == (T, 4) and got["w"].shape == (4, 4)
+        allclose(got["h"], ref, rtol=1e-4, atol=1e-6)
+    # iterations by name, one key each
+    ref = jax.grad(perturbed)(jnp.zeros((T, 4)), h0, xs, w)
+    some = g.grads("out", wrt=["step/h_new@800", "step/h_new@3", "step/h_new@999"])
+    for t in (800, 3, 999):
+        allclose(some[f"step/h_new@{t}"], ref[t], rtol=1e-4, atol=1e-6)
 
 
 def test_slices_at_loop_values_are_cut_from_the_running_loop(setup):
