@@ -775,11 +775,11 @@ class _MarkAssignments(ast.NodeTransformer):
         return node
 
     def visit_Call(self, node: ast.Call) -> ast.Call:
+        label = _call_label(node.func)  # before the callee's own calls are wrapped
         self.generic_visit(node)
         func = node.func
         if isinstance(func, ast.Name) and func.id in _FRAME_SENSITIVE | {MARK, CALL}:
             return node
-        label = _call_label(func)
         wrapper = ast.Call(
             func=ast.Name(id=CALL, ctx=ast.Load()),
             args=[ast.Constant(value=label), func],
@@ -789,13 +789,37 @@ class _MarkAssignments(ast.NodeTransformer):
         return node
 
 
+#: Transforms that return the same function, batched, rematerialised or compiled: a
+#: call of ``jax.vmap(self.ln1)`` is named after what it wraps (``ln1``).
+_SAME_FUNCTION = frozenset(
+    {
+        "vmap",
+        "pmap",
+        "checkpoint",
+        "remat",
+        "jit",
+        "named_call",
+        "filter_vmap",
+        "filter_pmap",
+        "filter_checkpoint",
+        "filter_jit",
+    }
+)
+
+
 def _call_label(func: ast.expr) -> str | None:
     """The call's name from its callee expression (``self.`` dropped), or None.
 
     Only plain paths name a call: names, attributes, and subscripts by constants
-    (``self.layers[2]``). Anything else (``super().f``, ``self.layers[i]``) is named at
-    run time, by submodule path or the function's own name.
+    (``self.layers[2]``), also wrapped by a transform that keeps the function
+    (``jax.vmap(self.ln1)`` is ``ln1``; not ``jax.grad``, which makes another one).
+    Anything else (``super().f``, ``self.layers[i]``) is named at run time, by
+    submodule path or the function's own name.
     """
+    if isinstance(func, ast.Call) and func.args:
+        callee = func.func
+        name = callee.attr if isinstance(callee, ast.Attribute) else getattr(callee, "id", None)
+        return _call_label(func.args[0]) if name in _SAME_FUNCTION else None
     node = func
     while isinstance(node, (ast.Attribute, ast.Subscript)):
         if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):

@@ -225,7 +225,11 @@ class LoopIndex:
             if found is None:
                 graph = self.graph
                 virtual = VirtualVar(graph, len(graph._program.vars) + len(self.vars), tmpl, t)
-                found = self._flat(virtual)
+                loop = graph._program.folded[tmpl.loop]
+                last = (
+                    t == (0 if _reverse(loop) else self.length(loop) - 1) if loop.is_scan else False
+                )
+                found = self._flat(virtual) if last else None  # only a last carry leaves the loop
                 if found is None:
                     self.vars.append(virtual)
                     found = virtual

@@ -480,15 +480,18 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
     """Edits at several iterations of one loop that do the same thing, grouped:
     ``[(iterations, members)]``, one iteration per member."""
     groups: dict[Any, tuple[list[int], list[_Pending]]] = {}
+    seen: dict[Any, set[int]] = {}
     for p in pending:
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
         key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), reads, id(p.active))
         its, members = groups.setdefault(key, ([], []))
+        done = seen.setdefault(key, set())
         t = p.steps[0].iteration
-        if t in its:  # the same iteration twice: a group of its own
+        if t in done:  # the same iteration twice: a group of its own
             groups[(key, id(p))] = ([t], [p])
             continue
+        done.add(t)
         its.append(t)
         members.append(p)
     return list(groups.values())

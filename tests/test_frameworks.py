@@ -261,3 +261,35 @@ def test_stax_resnet_slice_across_a_residual_block(key):
         (g.value("h1"),),
         lambda h: apply_out(p_out, apply_block(p_block, jnp.tanh(h))),
     )
+
+
+class _PreNormBlock(eqx.Module):
+    """A user module calling library layers through jax.vmap, as Equinox users do."""
+
+    ln1: eqx.nn.LayerNorm
+    mlp: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.ln1 = eqx.nn.LayerNorm(4)
+        self.mlp = eqx.nn.Linear(4, 4, key=key)
+
+    def __call__(self, x):
+        h = jax.vmap(self.ln1)(x)
+        return x + jax.vmap(self.mlp)(jnp.tanh(h))
+
+
+def test_calls_through_jax_vmap_are_named_after_the_wrapped_layer(key):
+    block = _PreNormBlock(key)
+    x = jax.random.normal(jax.random.key(3), (3, 4))
+    g = js.trace(lambda_free_forward, block, x)
+    assert g["block/ln1"] is g["block/h"] and g["block/ln1"].shape == (3, 4)
+    assert g["block/mlp"].shape == (3, 4)
+    # the reference: the library's own layers, batched by hand
+    normed = jnp.stack([block.ln1(row) for row in x])
+    allclose(g.value("block/ln1"), normed, rtol=1e-5)
+    rest = lambda h: x + jnp.stack([block.mlp(row) for row in jnp.tanh(h)])  # noqa: E731
+    check_slice(g.slice("block/ln1", "block"), (normed,), rest)
+
+
+def lambda_free_forward(block, x):
+    return block(x)
