@@ -71,8 +71,11 @@ def run(quick: bool = False) -> list[dict]:
 def _one(T: int, quick: bool) -> dict:
     w = jax.random.normal(jax.random.key(0), (WIDTH, WIDTH)) / WIDTH**0.5
     args = (w, jnp.zeros(WIDTH), jnp.ones((T, WIDTH)) * 0.1)
-    t_js = min(timed_once(lambda: js.trace(rnn_fn(), *args)) for _ in range(2 if quick else 3))
-    t_mj = min(timed_once(lambda: jax.make_jaxpr(rnn_fn())(*args)) for _ in range(3))
+    # a few ms each: the best of several alternating runs (fresh functions each time)
+    t_js, t_mj = float("inf"), float("inf")
+    for _ in range(3 if quick else 9):
+        t_js = min(t_js, timed_once(lambda: js.trace(rnn_fn(), *args)))
+        t_mj = min(t_mj, timed_once(lambda: jax.make_jaxpr(rnn_fn())(*args)))
     g = js.trace(rnn_fn(), *args)
     name = f"step/h#1@{T - 10}" if T > 10 else "step/h#1@5"
     t0 = time.perf_counter()
