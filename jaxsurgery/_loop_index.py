@@ -208,9 +208,6 @@ class LoopIndex:
                         found.append((self.var(tmpl, t, base), name))
         return found
 
-    def bases(self) -> list[str]:
-        return list(self.names)
-
     def var(self, tmpl: Template, t: int, base: str | None = None) -> Var:
         """The var holding template var ``tmpl`` at iteration ``t``.
 

@@ -115,7 +115,7 @@ class LoopSlice(Slice):
             jaxpr,
             (),
             graph._flat_args,
-            structured.notes and tuple(dict.fromkeys(structured.notes)) or (),
+            tuple(dict.fromkeys(structured.notes)),
         )
         s._known, s._known_consts = known, known_consts
         s._decisions = ((2, 1),) * len(guards)  # each hit must be 1 (see Slice.__call__)
