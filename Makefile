@@ -51,10 +51,10 @@ test-latest: $(STAMP_LATEST)
 	@$(PY_LATEST) $(VERSIONS)
 	$(PY_LATEST) -m pytest -q
 
-# both ends of the JAX range (CI runs this); the second runs even when the first fails,
-# and test-all fails when either does
+# both ends of the JAX range (CI runs this), side by side on two cores, each run's output
+# printed whole when it ends; both run even when one fails, and test-all fails when either does
 test-all:
-	$(MAKE) --keep-going test test-latest
+	$(MAKE) --keep-going --jobs=2 --output-sync=target test test-latest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxsurgery tests examples benchmarks notebooks
