@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
+from ._control_flow import LOOP_PRIMITIVES
 from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
@@ -128,7 +129,7 @@ class Var:
 
 def _holds_loop(jaxpr: C.Jaxpr) -> bool:
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("scan", "while"):
+        if eqn.primitive.name in LOOP_PRIMITIVES:
             return True
         if any(_holds_loop(inner) for inner in C.inner_jaxprs(eqn)):
             return True
