@@ -41,9 +41,6 @@ from ._structured import Site, Step, locate
 if TYPE_CHECKING:
     from ._program import Program
 
-#: Scans larger than this many unrolled equations stay one equation in the index; their
-#: body values are indexed lazily (:class:`Folded`).
-EAGER_LIMIT = 2_000
 #: A while_loop larger than this many unrolled equations stays one equation.
 UNROLL_LIMIT = 200_000
 #: A while_loop whose body (calls, loops and branches inside counted) passes this many
@@ -172,7 +169,7 @@ class ControlFlow:
                 f"{UNROLL_LIMIT} equations); its body values are not listed"
             )
             return None
-        if self.fold and length * max(1, len(body.jaxpr.eqns)) > EAGER_LIMIT:
+        if self.fold:  # every scan: its body values are indexed lazily (Folded)
             self._fold(eqn, pos, invars)
             return None
         consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]

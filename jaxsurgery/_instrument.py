@@ -203,8 +203,14 @@ class Recorder:
             select(atom, scope[p] if (p := frames[f][1]) >= 0 else None)
             for f, _, atom in self.returns
         ]
+        own_t, back_t = self._in_templates(program)
         live = [False] * len(frames)
-        for records, found_per in ((self.bindings, own), (self.returns, back)):
+        for records, found_per in (
+            (self.bindings, own),
+            (self.returns, back),
+            (self.bindings, own_t),
+            (self.returns, back_t),
+        ):
             for (frame, _, _), found in zip(records, found_per):
                 while frame >= 0 and found and not live[frame]:
                     live[frame] = True
@@ -245,31 +251,48 @@ class Recorder:
             for name, found in named
             for i, its in found
         ]
-        return flat, self._templates(program, paths, own, back)
-
-    def _templates(
-        self, program: Any, paths: list[str], own: list, back: list
-    ) -> list[tuple[str, Any]]:
-        """``(base name, Template)`` of values in the bodies of folded loops (names
-        without the iteration: see :mod:`jaxsurgery._loop_index`)."""
-        if not program.folded:
-            return []
         from ._loop_index import Template
 
-        found: list[tuple[str, Any]] = []
-        records = [
+        templates = [
             *(
-                (f, f"{paths[f]}/{n}" if f >= 0 else n, a, hit)
-                for (f, n, a), hit in zip(self.bindings, own)
+                (f"{paths[f]}/{n}" if f >= 0 else n, Template(*at))
+                for (f, n, _), hit, inside in zip(self.bindings, own, own_t)
+                if not hit
+                for at in inside
             ),
-            *((f, paths[f] + p, a, hit) for (f, p, a), hit in zip(self.returns, back) if f >= 0),
+            *(
+                (paths[f] + p, Template(*at))
+                for (f, p, _), hit, inside in zip(self.returns, back, back_t)
+                if f >= 0 and not hit
+                for at in inside
+            ),
         ]
-        for _, name, atom, hit in records:
-            if hit:
-                continue
-            for k, ti, its in program.template_locate(atom):
-                found.append((name, Template(k, ti, its)))
-        return found
+        return flat, templates
+
+    def _in_templates(self, program: Any) -> tuple[list, list]:
+        """Per binding and per return: ``[(loop, template var, iterations)]``, where
+        the value lies in the bodies of folded loops (see :mod:`jaxsurgery._loop_index`).
+
+        Each body is a flat program of its own: a ``jit`` call in it is scoped to
+        its copies there, as in the whole program.
+        """
+        own: list[list] = [[] for _ in self.bindings]
+        back: list[list] = [[] for _ in self.returns]
+        frames = self.frames
+        for k, loop in enumerate(program.folded):
+            calls = _CallSites(loop.template, self)
+            scope = calls.scopes(body=True)
+            for found, records, frame_of in (
+                (own, self.bindings, lambda f: f),
+                (back, self.returns, lambda f: frames[f][1]),
+            ):
+                for i, (f, _, atom) in enumerate(records):
+                    at = frame_of(f)
+                    found[i] += [
+                        (k, ti, its)
+                        for ti, its in calls.select(atom, scope[at] if at >= 0 else None)
+                    ]
+        return own, back
 
     def leave(self, frame: int, value: Any) -> None:
         self._stack.pop()
@@ -339,8 +362,12 @@ class _CallSites:
         self._starts: dict[int, list[int]] = {}
         self._own: dict[int, tuple[set[int], dict[int, int]]] = {}
 
-    def scopes(self) -> list[_Scope | None]:
-        """Per frame: where its values live, or None (anywhere: not in a ``jit`` call)."""
+    def scopes(self, body: bool = False) -> list[_Scope | None]:
+        """Per frame: where its values live, or None (anywhere: not in a ``jit`` call).
+
+        For the ``body`` of a folded loop, a call that is not in it (one around the
+        loop) leaves its frames unscoped.
+        """
         recorder = self.recorder
         if all(s is None for s in recorder.sites):
             return [None] * len(recorder.frames)
@@ -352,12 +379,17 @@ class _CallSites:
                 scope.append(outer)
                 continue
             regions = next((self.by_result[id(v)] for v in site if id(v) in self.by_result), [])
+            if not regions and body and outer is None:
+                scope.append(None)  # a call around the loop: its body is in scope
+                continue
             if outer is not None:
                 regions = self._within(regions, outer.regions)
             scope.append(_Scope(regions, self))
         return scope
 
     def _index(self) -> None:
+        if self.rank or not self.program.regions:
+            return  # indexed already (or nothing to index)
         for r in self.program.regions:
             if r.primitive not in C.CALL_PRIMITIVES:
                 continue

@@ -1,4 +1,4 @@
-"""Slices at body values of long loops: the running program, split by JAX itself.
+"""Slices at body values of folded loops: the running program, split by JAX itself.
 
 A slice whose inputs or outputs include a value inside a loop the index keeps folded
 (a :class:`~jaxsurgery._loop_index.VirtualVar`, ``step/h@t``) is cut from the nested
@@ -15,7 +15,10 @@ program, not from a flat copy:
 
 So a slice from ``step/h@0`` to the end of a 10 000-step RNN is one scan over the
 sequence (its op count does not grow with the length), and a slice between two
-iterations is the loop with the input spliced in at its iteration. The context is
+iterations runs those only: the interpreter splits an edited scan into the iterations
+before the first edit (plain, left in the context), the edited span (masked) and the
+rest (plain). An input that is only the carry an iteration returns is spliced in where
+the next iteration takes it (:func:`~jaxsurgery._structured.carry_entry`). The context is
 made of residuals, named ``residual[k]`` in :attr:`Slice.context`.
 
 Example:
@@ -44,7 +47,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from ._slice import Slice, _check_connected, _coerce
-from ._structured import Edit, Extra, Site
+from ._structured import Edit, Extra, Site, carry_entry
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -72,7 +75,8 @@ class LoopSlice(Slice):
         out_vars: list[Var],
         allow_unconnected: bool,
     ) -> LoopSlice:
-        sites = [graph._site_of(v) for v in in_vars]
+        nested = graph._program.closed
+        sites = [carry_entry(nested, graph._site_of(v)) for v in in_vars]
         edits = [
             Edit(site, "apply", _given(v.shape, v.dtype), (Extra(k),))
             for k, (v, site) in enumerate(zip(in_vars, sites))

@@ -353,15 +353,59 @@ class _Interpreter:
         return outs
 
     def _scan(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+        """A scan holding edits: the iterations before the first edited one and after
+        the last run as plain scans (the context and the rest of a slice); only the
+        edited span runs masked."""
         params = eqn.params
-        length, body = params["length"], params["jaxpr"]
+        length = params["length"]
         n_consts, n_carry = C.scan_layout(eqn)
         consts = invals[:n_consts]
-        init, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+        carry, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+        its = [p.steps[0].iteration for p in pending]
+        lo, hi = min(its), max(its) + 1
+        spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
+        ys: dict[int, list[Any]] = {}
+        for a, b, edits in reversed(spans) if params["reverse"] else spans:
+            if a == b:
+                continue
+            part = [x[a:b] for x in xs] if (a, b) != (0, length) else xs
+            if edits is None:
+                outs = eqn.primitive.bind(*consts, *carry, *part, **{**params, "length": b - a})
+            elif b - a == 1:  # one edited iteration: its body, as it is
+                body = params["jaxpr"]
+                inner = [_descend(p) for p in edits]
+                x_t = [x[a] for x in xs]
+                outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], inner, exposed)
+                outs = [*outs[:n_carry], *(y[None] for y in outs[n_carry:])]
+            else:
+                shifted = [_shift(p, -a) for p in edits]
+                outs = self._masked_scan(params, b - a, consts, carry, part, shifted, exposed)
+            carry, ys[a] = list(outs[:n_carry]), list(outs[n_carry:])
+        parts = [ys[a] for a in sorted(ys)]
+        stacked = (
+            [p[0] if len(parts) == 1 else jnp.concatenate(p) for p in zip(*parts)]
+            if parts and parts[0]
+            else []
+        )
+        return [*carry, *stacked]
+
+    def _masked_scan(
+        self,
+        params: dict,
+        length: int,
+        consts: list[Any],
+        init: list[Any],
+        xs: list[Any],
+        pending: list[_Pending],
+        exposed: dict,
+    ) -> list[Any]:
+        body = params["jaxpr"]
+        n_carry = len(init)
         groups = _merge(pending)
         masks, stacked = [], []
         for its, members in groups:
-            masks.append(np.isin(np.arange(length), its))
+            everywhere = sorted(its) == list(range(length))
+            masks.append(None if everywhere else np.isin(np.arange(length), its))
             stacked.append(
                 [_scatter(length, its, _stack(vals)) for vals in zip(*(m.extras for m in members))]
             )
@@ -375,7 +419,7 @@ class _Interpreter:
                     members[0].steps[1:],
                     members[0].edit,
                     list(extras_t[i]),
-                    _and(mask_t[i], members[0].active),
+                    members[0].active if mask_t[i] is None else _and(mask_t[i], members[0].active),
                     key=i,
                 )
                 for i, (_, members) in enumerate(groups)
@@ -386,7 +430,7 @@ class _Interpreter:
         carry, (ys, found) = jax.lax.scan(
             step,
             list(init),
-            (list(xs), [jnp.asarray(m) for m in masks], stacked),
+            (list(xs), [None if m is None else jnp.asarray(m) for m in masks], stacked),
             length=length,
             reverse=params["reverse"],
         )
@@ -476,6 +520,13 @@ def _descend(p: _Pending) -> _Pending:
     return _Pending(p.steps[1:], p.edit, p.extras, p.active, p.key)
 
 
+def _shift(p: _Pending, by: int) -> _Pending:
+    """``p`` with its loop iteration moved by ``by`` (a span of the loop runs alone)."""
+    first = p.steps[0]
+    step = Step(first.eqn, first.branch, first.iteration + by)
+    return _Pending((step, *p.steps[1:]), p.edit, p.extras, p.active, p.key)
+
+
 def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]]:
     """Edits at several iterations of one loop that do the same thing, grouped:
     ``[(iterations, members)]``, one iteration per member."""
@@ -537,8 +588,11 @@ def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | N
         at = [k for k, o in enumerate(inner.outvars) if o in held]
         last = _last_iteration(eqn, steps, while_trips or {})
         if last is not None:  # a loop: its result if this is the last iteration's carry
+            # (a ys of the last iteration is not the result; one nothing reads is moot)
+            read = _read_vars(levels[-2])
+            at = [k for k in at if k < last[1] or eqn.outvars[k] in read]
             carried = steps[-1].iteration == last[0] and all(k < last[1] for k in at)
-            at = at if carried else []  # a ys of the last iteration is not the result
+            at = at if carried else []
         elif eqn.primitive.name not in C.CALL_PRIMITIVES and eqn.primitive.name != "cond":
             break
         outer = tuple(eqn.outvars[k] for k in at if not isinstance(eqn.outvars[k], C.DropVar))
@@ -553,6 +607,48 @@ def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | N
         if s.branch is not None or (s.iteration is not None and e.primitive.name == "while")
     )
     return Site(steps, held, bound)
+
+
+_READ: dict[int, tuple[Any, set[Any]]] = {}
+
+
+def _read_vars(jaxpr: Any) -> set[Any]:
+    """The vars a jaxpr's equations read or it returns (kept per jaxpr)."""
+    found = _READ.get(id(jaxpr))
+    if found is None or found[0] is not jaxpr:
+        read = {a for e in jaxpr.eqns for a in e.invars if not isinstance(a, C.Literal)}
+        read.update(a for a in jaxpr.outvars if not isinstance(a, C.Literal))
+        if len(_READ) > 256:
+            _READ.clear()
+        found = _READ[id(jaxpr)] = (jaxpr, read)
+    return found[1]
+
+
+def carry_entry(closed: Any, site: Site) -> Site:
+    """``site``, or the carry entering the next iteration of its scan when the value is
+    only a carry its iteration returns (no equation of the body reads it, no ``ys``
+    holds it): the same value, and an edit there leaves its iteration out of a slice."""
+    steps = site.steps
+    if not steps or steps[-1].iteration is None:
+        return site
+    jaxpr = closed.jaxpr
+    for s in steps[:-1]:
+        jaxpr = sub_jaxpr(jaxpr.eqns[s.eqn], s).jaxpr
+    eqn = jaxpr.eqns[steps[-1].eqn]
+    if eqn.primitive.name != "scan":
+        return site
+    body = eqn.params["jaxpr"].jaxpr
+    n_consts, n_carry = C.scan_layout(eqn)
+    at = [k for k, o in enumerate(body.outvars) if o in site.vars]
+    if not at or any(k >= n_carry for k in at):
+        return site
+    if any(a in site.vars for e in body.eqns for a in e.invars):
+        return site
+    t = steps[-1].iteration + (-1 if eqn.params["reverse"] else 1)
+    if not 0 <= t < eqn.params["length"]:
+        return site
+    entry = Step(steps[-1].eqn, iteration=t)
+    return Site((*steps[:-1], entry), tuple(body.invars[n_consts + k] for k in at), site.path_bound)
 
 
 def _last_iteration(eqn: Any, steps: tuple[Step, ...], trips: dict) -> tuple[int, int] | None:

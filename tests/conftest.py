@@ -64,3 +64,22 @@ def check_slice(s, args, reference=None, *, eqns=None):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def work(jaxpr, primitive):
+    """How many times ``primitive`` runs in ``jaxpr``: equations inside a scan count once
+    per iteration, those inside calls once per call (branches: the most of any)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            total += 1
+        if eqn.primitive.name == "cond":
+            total += max(work(b.jaxpr, primitive) for b in eqn.params["branches"])
+            continue
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += times * work(inner, primitive)
+    return total
