@@ -31,6 +31,7 @@ import bench_memory  # noqa: E402
 import bench_runtime  # noqa: E402
 import bench_slice  # noqa: E402
 import bench_trace  # noqa: E402
+import bench_values  # noqa: E402
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
 
@@ -51,6 +52,7 @@ SECTIONS = [
     ("Trace of a @jax.jit layer called D times vs jax.make_jaxpr", bench_jit_layers),
     ("Loops at scale: a scan RNN of T steps (16 wide)", bench_loops),
     ("Trace of a diffrax solve (a while_loop of adaptive steps) vs jax.make_jaxpr", bench_diffrax),
+    ("g.value on a 100k-equation chain (deep MLP)", bench_values),
 ]
 
 
@@ -67,13 +69,16 @@ EXPLAINED = """\
   trick (same work, same ops). The K separate VJPs are shown for scale: on a chain of K
   equal layers each runs the whole forward pass and the backward pass down to its layer,
   so the one pass can beat them by at most (3K + 1)/4 = 9.25x for K = 12.
-* Loops: a scan longer than 2 000 unrolled equations stays one equation in the index
-  (its body values answer to `name@t` lazily), so `js.trace` does not grow with T; a
-  shorter one is unrolled (T = 10 here). What runs is the structured program: gradients
-  over every step are one scan with a stacked perturbation input; the slice from
-  `step/h@0` to the output is that scan with the input spliced in at step 0, split from
-  its context by JAX's partial evaluation; `g.value` of a loop value runs the loop once
-  (that includes compiling it, so the ratio to a ~ms trace is large)."""
+* Loops: every scan stays one equation in the index (its body values answer to
+  `name@t` lazily), so `js.trace` does not grow with T. What runs is the structured
+  program: gradients over every step are one scan with a stacked perturbation input;
+  the slice from `step/h@0` to the output is step 0 with the input spliced in and a
+  scan over the rest, split from its context by JAX's partial evaluation.
+* Values: the first `g.value` computes its prefix at all, so it is compared with a first
+  call of the function as well as with the trace. In a loop it runs (and compiles) the
+  loop once, keeping every iteration; on a chain it runs the prefix op by op (JAX's
+  `eval_jaxpr`) and keeps checkpoints, so a later value re-runs about √n equations.
+  The 0.05× trace target holds for later values; a first value costs its prefix."""
 
 
 def verdicts(results: dict) -> list[dict]:
@@ -163,9 +168,28 @@ def verdicts(results: dict) -> list[dict]:
         ("a diffrax solve traces ≤ 2× make_jaxpr", f"{solve['ratio']:.2f}×", solve["ratio"] <= 2)
     )
     if value is not None:
+        first = max(r["value / first call"] for r in loops if r["T"] >= 1000)
         rows.append(
-            ("uncached g.value of step/h@T-10 ≤ 0.05× trace", f"{value:.3f}×", value <= 0.05)
+            (
+                "uncached g.value of step/h@T-10 ≤ 0.05× trace",
+                f"{value:.3f}× ({first:.2f}× a first call of the function)",
+                value <= 0.05,
+            )
         )
+    chain = {r["request"]: r for r in results["bench_values"]}
+    rows += [
+        (
+            "uncached g.value on a 100k-equation chain ≤ 0.05× trace",
+            f"{chain['first value']['value / trace']:.3f}× "
+            f"({chain['first value']['value / eager call']:.2f}× an eager call)",
+            chain["first value"]["value / trace"] <= 0.05,
+        ),
+        (
+            "a later g.value there (checkpoints) ≤ 0.05× trace",
+            f"{chain['a later value']['value / trace']:.4f}×",
+            chain["a later value"]["value / trace"] <= 0.05,
+        ),
+    ]
 
     return [{"target": t, "measured": m, "verdict": "met" if ok else "missed"} for t, m, ok in rows]
 

@@ -88,6 +88,8 @@ class Folded:
     _template: Program | None = field(default=None, repr=False)
     #: a while_loop's traced trip count, once found (see ``LoopIndex.length``)
     trips: int | None = None
+    #: a located site per template var, copied for other iterations (see ``site``)
+    _sites: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_scan(self) -> bool:
@@ -113,10 +115,30 @@ class Folded:
         return self._template
 
     def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site:
-        """The site of template var ``ti`` at iteration ``t`` in the whole program."""
+        """The site of template var ``ti`` at iteration ``t`` in the whole program.
+
+        Sites of one body value differ only in the iteration, except at the last one
+        (where a carry is the loop's result): one is located, the others are copies.
+        """
+        depth = len(self.steps)
+        known = self._sites.get(ti)
+        if known is not None and t != known[1] and not self._last(t, while_trips):
+            site = known[0]
+            steps = (*site.steps[:depth], Step(self.pos, iteration=t), *site.steps[depth + 1 :])
+            return Site(steps, site.vars, site.path_bound)
         tsteps, nested = self.template.found(ti)
         steps = (*self.steps, Step(self.pos, iteration=t), *tsteps)
-        return locate(closed, steps, nested, while_trips)
+        site = locate(closed, steps, nested, while_trips)
+        inside = len(site.steps) > depth and site.steps[depth] == steps[depth]
+        if inside and not self._last(t, while_trips):
+            self._sites[ti] = (site, t)
+        return site
+
+    def _last(self, t: int, while_trips: dict) -> bool:
+        """Whether ``t`` may be the loop's last iteration (its carry: the result)."""
+        if not self.is_scan:
+            return True  # trips not known here: never copied
+        return t == (0 if self.eqn.params["reverse"] else self.eqn.params["length"] - 1)
 
 
 class ControlFlow:

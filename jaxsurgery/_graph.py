@@ -298,7 +298,7 @@ class Graph:
             looped = self._with_other_iterations(looped)
             with jax.ensure_compile_time_eval():
                 if rest:
-                    self._values.update(zip(rest, self._program.evaluate(rest, args)))
+                    self._values.update(self._program.evaluate(rest, args, self._values))
                 if looped:  # a loop's values stay rows of one stacked result until read
                     found = self._values_at([self._var(i) for i in looped], args, rows=True)
                     self._values.update(zip(looped, found))

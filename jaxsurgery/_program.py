@@ -12,6 +12,7 @@ The jaxpr is the source of truth; the integer tables are derived from it once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from ._control_flow import (
     Folded,
     deciding_operands,
 )
-from ._structured import Site, Step, eval_equations, locate
+from ._structured import Site, Step, eval_equations, locate, row_value
 
 
 class Program:
@@ -197,15 +198,34 @@ class Program:
             [self.jaxpr.eqns[e] for e in eqns],
         )
 
-    def evaluate(self, targets: Sequence[int], flat_args: Sequence[Any]) -> list[Any]:
-        """Values of ``targets`` for the given flat inputs, computing only ancestors.
+    def evaluate(
+        self, targets: Sequence[int], flat_args: Sequence[Any], known: dict[int, Any]
+    ) -> dict[int, Any]:
+        """Values of ``targets`` for the given flat inputs, computing only ancestors and
+        starting from the ``known`` values of vars (earlier requests).
 
-        Traceable: ``flat_args`` may be tracers.
+        Also returns checkpoints: the values of about every √n-th of the n equations
+        run, so that a later request re-runs at most about √n equations of this prefix
+        (memory: √n values more).
         """
+        needed = sorted(self.ancestor_eqns(targets, through=lambda i: i not in known))
         inputs = range(self.num_inputs)
         consts = range(self.num_inputs, self.num_inputs + self.num_consts)
-        jaxpr = self.sub_jaxpr(sorted(self.ancestor_eqns(targets)), inputs, targets, consts)
-        return C.eval_jaxpr(jaxpr, self.consts, *flat_args)
+        made = {i for e in needed for i in self.eqn_out[e]}
+        given = list(
+            dict.fromkeys(
+                i
+                for e in needed
+                for i in self.eqn_in[e]
+                if i in known and i not in made and i >= self.num_inputs + self.num_consts
+            )
+        )
+        every = max(1, math.isqrt(len(needed)))
+        checkpoints = [self.eqn_out[e][0] for e in needed[every - 1 :: every] if self.eqn_out[e]]
+        outs = list(dict.fromkeys([*targets, *checkpoints]))
+        jaxpr = self.sub_jaxpr(needed, [*inputs, *given], outs, consts)
+        values = C.eval_jaxpr(jaxpr, self.consts, *flat_args, *(row_value(known[i]) for i in given))
+        return dict(zip(outs, values))
 
 
 def _at(name: str, iterations: tuple[int, ...]) -> str:
