@@ -12,6 +12,7 @@ The jaxpr is the source of truth; the integer tables are derived from it once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -224,8 +225,41 @@ class Program:
         checkpoints = [self.eqn_out[e][0] for e in needed[every - 1 :: every] if self.eqn_out[e]]
         outs = list(dict.fromkeys([*targets, *checkpoints]))
         jaxpr = self.sub_jaxpr(needed, [*inputs, *given], outs, consts)
-        values = C.eval_jaxpr(jaxpr, self.consts, *flat_args, *(row_value(known[i]) for i in given))
+        values = run_concrete(
+            jaxpr, self.consts, [*flat_args, *(row_value(known[i]) for i in given)]
+        )
         return dict(zip(outs, values))
+
+
+_OPS: dict[Any, Any] = {}
+
+
+def run_concrete(jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """``eval_jaxpr`` for concrete values, about 3× faster on long programs: each
+    equation runs through a compiled function kept per primitive and parameters (JAX's
+    own dispatch of a bound primitive costs several times an eager ``jnp`` call)."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        ins = [a.val if type(a) is C.Literal else env[a] for a in eqn.invars]
+        op = None
+        if not eqn.effects:
+            try:
+                key = (eqn.primitive, tuple(eqn.params.items()))
+                op = _OPS.get(key)
+                if op is None:
+                    if len(_OPS) > 4096:
+                        _OPS.clear()
+                    op = _OPS[key] = jax.jit(functools.partial(_bind, eqn.primitive, eqn.params))
+            except TypeError:  # parameters that do not hash: JAX's own dispatch
+                op = None
+        out = eqn.primitive.bind(*ins, **eqn.params) if op is None else op(*ins)
+        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else (out,)))
+    return [a.val if type(a) is C.Literal else env[a] for a in jaxpr.outvars]
+
+
+def _bind(primitive: Any, params: dict, *args: Any) -> Any:
+    return primitive.bind(*args, **params)
 
 
 def _at(name: str, iterations: tuple[int, ...]) -> str:
