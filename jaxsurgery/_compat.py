@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
+from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
+from jax._src.interpreters import batching as _batching  # vmap tracers: their batch
 from jax._src.interpreters import partial_eval as _pe  # the tracer type of make_jaxpr
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
@@ -47,10 +49,20 @@ TAG_PRIMITIVE = "name"
 
 
 def tracer_atom(x: Any) -> Any:
-    """The jaxpr atom a ``make_jaxpr`` tracer stands for, or None for anything else."""
-    if isinstance(x, _pe.DynamicJaxprTracer):
-        return x.val
-    return None
+    """The jaxpr atom a ``make_jaxpr`` tracer stands for, or None for anything else.
+
+    Inside ``jax.vmap`` a value is the batched array it carries, and inside a JVP
+    (``jax.grad``'s forward pass) its primal: a name given there names that value.
+    """
+    while True:
+        if isinstance(x, _pe.DynamicJaxprTracer):
+            return x.val
+        if isinstance(x, _batching.BatchTracer):
+            x = x.val
+        elif isinstance(x, _ad.JVPTracer):
+            x = x.primal
+        else:
+            return None
 
 
 def made_by_jit(x: Any) -> tuple[ClosedJaxpr, tuple[Var, ...]] | None:
@@ -161,6 +173,11 @@ def user_frame(source_info: SourceInfo | None) -> tuple[str, int, str] | None:
 def has_scope(source_info: SourceInfo | None) -> bool:
     """Whether an equation was made inside any name scope (cheaper than scope_of)."""
     return source_info is not None and bool(source_info.name_stack.stack)
+
+
+def current_scope() -> str:
+    """The name stack being traced now (``"CNN/Dense_0"`` inside a Flax module)."""
+    return str(_source_info_util.current_name_stack())
 
 
 def scope_of(source_info: SourceInfo | None) -> str:

@@ -5,11 +5,24 @@ Flax linen, Haiku and Equinox name their values through ``jax.named_scope``
 submodule is named by its attribute path in the calling module: in
 ``for layer in self.layers: x = layer(x)`` the calls are ``layers[0]``, ``layers[1]``...
 rather than ``layer#0``, ``layer#1``.
+
+Values libraries name themselves become names too: NumPyro sample and deterministic
+sites (``"w"``, ``"obs"``), and what Flax linen modules ``sow`` (``"CNN/Dense_0/act"``:
+the module's scope and the sown name); see :func:`library_names`.
+
+Library containers call their items in library code, which is never rewritten: while
+``js.trace`` runs, ``eqx.nn.Sequential``, ``nnx.Sequential`` and penzai's groups call
+each item in a frame of its own, named by its place (``layers[k]``, ``sublayers[k]``)
+or, for a penzai ``NamedGroup``, its name (:func:`library_calls`). Penzai parameters
+are named by their labels (:func:`parameter_labels`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -39,3 +52,193 @@ def format_path(path: tuple[Any, ...]) -> str:
         else:
             text += f".{key}" if text else str(key)
     return text
+
+
+def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int, Any], str]]]:
+    """``(container class, attribute of its items, whether an item must stay as it is,
+    an item's label)`` for the containers of the imported libraries."""
+    found = []
+    by_place = lambda attr: lambda k, item: f"{attr}[{k}]"  # noqa: E731
+    never = lambda item: False  # noqa: E731
+    eqx = sys.modules.get("equinox")
+    if eqx is not None:
+        stateful = eqx.nn.StatefulLayer  # Sequential passes these a state: keep their type
+        found.append(
+            (eqx.nn.Sequential, "layers", lambda i: isinstance(i, stateful), by_place("layers"))
+        )
+    nnx = _nnx()
+    if nnx is not None:
+        found.append((nnx.Sequential, "layers", never, by_place("layers")))
+    grouping = sys.modules.get("penzai.nn.grouping")
+    if grouping is not None:  # a NamedGroup item is named by its name
+
+        def penzai_label(k: int, item: Any) -> str:
+            name = getattr(item, "name", None)
+            return name if isinstance(name, str) and name else f"sublayers[{k}]"
+
+        for cls_name in ("Sequential", "NamedGroup", "CheckedSequential"):
+            cls = getattr(grouping, cls_name, None)
+            if isinstance(cls, type) and "__call__" in vars(cls):
+                found.append((cls, "sublayers", never, penzai_label))
+    return found
+
+
+@contextlib.contextmanager
+def library_calls(call: Callable[[str, Any], Any]) -> Iterator[None]:
+    """While tracing: library containers call each item as ``call("layers[k]", item)``
+    returns it (a function that runs the item in a named frame), and Equinox layers
+    that inherit their base's scope (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``) get
+    their own (``eqx.nn.Conv2d``).
+
+    A container's ``layers`` are swapped for named items during its own call and put
+    back after it (the container object is otherwise untouched); the classes are
+    restored when tracing ends.
+    """
+    patched = [
+        (cls, _itemized(cls.__call__, call, attr, keep, label))
+        for cls, attr, keep, label in _containers()
+    ]
+    patched += _own_scopes()
+    saved = [(cls, cls.__dict__.get("__call__")) for cls, _ in patched]
+    for cls, method in patched:
+        cls.__call__ = method
+    try:
+        yield
+    finally:
+        for cls, original in saved:
+            if original is None:
+                del cls.__call__
+            else:
+                cls.__call__ = original
+
+
+def _own_scopes() -> list[tuple[type, Callable]]:
+    """``(class, __call__ in a scope named after the class)`` for the Equinox layers
+    whose ``__call__`` is their base's, scoped with the base's name."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return []
+    import jax
+
+    found = []
+    for name, cls in vars(eqx.nn).items():
+        if not (isinstance(cls, type) and issubclass(cls, eqx.Module)) or "__call__" in vars(cls):
+            continue
+        inner = getattr(cls.__call__, "__wrapped__", None)  # under the base's named_scope
+        if inner is not None:
+            found.append((cls, jax.named_scope(f"eqx.nn.{name}")(inner)))
+    return found
+
+
+def _itemized(
+    original: Callable,
+    call: Callable[[str, Any], Any],
+    attr: str,
+    keep: Callable[[Any], bool],
+    label: Callable[[int, Any], str],
+) -> Callable:
+    @functools.wraps(original)
+    def container_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        items = getattr(self, attr)
+        named = [
+            item if keep(item) else _Item(call, label(k, item), item)
+            for k, item in enumerate(items)
+        ]
+        object.__setattr__(self, attr, tuple(named) if isinstance(items, tuple) else named)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            object.__setattr__(self, attr, items)
+
+    return container_call
+
+
+class _Item:
+    """An item of a container, called in a frame named by its place."""
+
+    __slots__ = ("call", "label", "item")
+
+    def __init__(self, call: Callable[[str, Any], Any], label: str, item: Any):
+        self.call, self.label, self.item = call, label, item
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(self.label, self.item)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def library_names(record: Callable[[str, Any], None]) -> Iterator[None]:
+    """While tracing, ``record(name, value)`` for values libraries name: NumPyro sites
+    (a handler at the bottom of NumPyro's stack: it sees the value each site ends with)
+    and Flax linen ``sow`` calls."""
+    with contextlib.ExitStack() as stack:
+        numpyro = sys.modules.get("numpyro")
+        if numpyro is not None:
+            stack.enter_context(_site_recorder(numpyro, record))
+        linen = sys.modules.get("flax.linen")
+        if linen is not None:
+            stack.enter_context(_sow_recorder(linen.Module, record))
+        yield
+
+
+def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> Any:
+    class SiteNames(numpyro.primitives.Messenger):
+        def postprocess_message(self, msg: dict) -> None:
+            if msg.get("type") in ("sample", "deterministic", "param") and msg.get("name"):
+                record(msg["name"], msg.get("value"))
+
+    return SiteNames()
+
+
+@contextlib.contextmanager
+def _sow_recorder(module: type, record: Callable[[str, Any], None]) -> Iterator[None]:
+    from . import _compat as C
+
+    original = module.sow
+
+    @functools.wraps(original)
+    def sow(self: Any, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        scope = C.current_scope()
+        record(f"{scope}/{name}" if scope else name, value)
+        return original(self, col, name, value, *args, **kwargs)
+
+    module.sow = sow
+    try:
+        yield
+    finally:
+        module.sow = original
+
+
+def parameter_labels(value: Any) -> dict[str, str]:
+    """``{key path of a parameter's value: its label}`` for penzai parameter values
+    (``params[0].value`` -> ``"mlp/Affine_0/Linear.weights"``) in an argument."""
+    variables = sys.modules.get("penzai.core.variables")
+    if variables is None:
+        return {}
+    import jax
+
+    kinds = tuple(
+        k
+        for k in (
+            getattr(variables, "ParameterValue", None),
+            getattr(variables, "StateVariableValue", None),
+        )
+        if isinstance(k, type)
+    )
+    if not kinds:
+        return {}
+    nodes, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, kinds))
+    return {
+        jax.tree_util.keystr(path) + ".value": node.label
+        for path, node in nodes
+        if isinstance(node, kinds) and isinstance(getattr(node, "label", None), str)
+    }
+
+
+def named_array_data(value: Any) -> Any:
+    """A penzai ``NamedArray``'s array (names of values it holds need no
+    ``.data_array``); anything else as it is."""
+    named_axes = sys.modules.get("penzai.core.named_axes")
+    kind = getattr(named_axes, "NamedArray", None)
+    if isinstance(kind, type) and isinstance(value, kind):
+        return value.data_array
+    return value

@@ -72,7 +72,12 @@ class GradsFunction:
                 _, found = _select.tree(graph, item)
                 # keyed as the caller wrote it; a pattern by the names it matched
                 named = isinstance(item, str) and len(found) == 1
-                keys += [item] if named else [v.name for v in found]
+                if named:
+                    keys.append(item)
+                elif isinstance(item, str):  # a glob: the name each var matched by
+                    keys += graph.select(item).matched
+                else:
+                    keys += [v.name for v in found]
                 groups += [[j] for j in range(len(wrt_vars), len(wrt_vars) + len(found))]
                 stacked += [False] * len(found)
                 wrt_vars += found

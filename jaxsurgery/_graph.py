@@ -32,6 +32,7 @@ from ._control_flow import LOOP_PRIMITIVES
 from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
+from ._scopes import scope_path
 from ._structured import Edit, Site, Structured, check_hits, row_value
 from ._traceback import boundary
 
@@ -100,7 +101,7 @@ class Var:
     def scope(self) -> str:
         """Name-stack path of the producing equation (``"MLP/Dense_0"``), or ``""``."""
         eqn = self._graph._eqn_of(self.index)
-        return "" if eqn is None else C.scope_of(eqn.source_info)
+        return "" if eqn is None else scope_path(C.scope_of(eqn.source_info))
 
     @property
     def source(self) -> str | None:

@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 import jax
 
 from . import _compat as C
-from ._frameworks import submodule_paths
+from ._frameworks import named_array_data, submodule_paths
 
 MARK = "__js_mark__"
 CALL = "__js_call__"
@@ -452,6 +452,7 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
         return [("", atom)]
     if isinstance(value, (int, float, complex, bool, str, type(None))):
         return []
+    value = named_array_data(value)  # a penzai NamedArray is its array
     leaves, _ = jax.tree_util.tree_flatten_with_path(value)
     out = []
     for path, leaf in leaves:
@@ -500,6 +501,31 @@ def _call(label: str | None, fn: Any) -> Any:
         return out
 
     return run
+
+
+def record(name: str, value: Any) -> None:
+    """Name ``value`` in the frame being traced (a name a library gives it)."""
+    _mark(name, value)
+
+
+def call_in_frame(label: str, fn: Any) -> Any:
+    """:func:`_call`, with a frame named ``label`` also for JAX functions and builtins
+    (an item of a library container, ``nnx.relu``, is named by its place too)."""
+    run = _call(label, fn)
+    recorder = _current()
+    if run is not fn or recorder is None:
+        return run
+
+    def framed(*args: Any, **kwargs: Any) -> Any:
+        frame = recorder.enter(label, fn)
+        out = None
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            recorder.leave(frame, out)
+        return out
+
+    return framed
 
 
 _CONTROL_FLOW = object()

@@ -53,6 +53,7 @@ from . import _compat as C
 from ._control_flow import Folded
 from ._errors import SelectionError
 from ._graph import Var
+from ._scopes import scope_path
 from ._structured import Site
 
 if TYPE_CHECKING:
@@ -382,7 +383,7 @@ class VirtualVar(Var):
     @property
     def scope(self) -> str:
         eqn = self._eqn()
-        return "" if eqn is None else C.scope_of(eqn.source_info)
+        return "" if eqn is None else scope_path(C.scope_of(eqn.source_info))
 
     @property
     def source(self) -> str | None:

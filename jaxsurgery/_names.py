@@ -126,6 +126,7 @@ def assign_names(
     bindings: Sequence[tuple[str, int]],
     scopes: Sequence[tuple[int, str]] = (),
     extra_aliases: Sequence[tuple[int, str]] = (),
+    input_labels: Sequence[tuple[int, str]] = (),
 ) -> Names:
     """Names for ``num_vars`` vars, the first ``len(inputs)`` being the inputs.
 
@@ -138,10 +139,14 @@ def assign_names(
             priority order.
         scopes: ``(var, name)`` of scope outputs (never ``#k``).
         extra_aliases: ``(var, name)`` that are never canonical (``scope/%i``).
+        input_labels: ``(input, label)`` a library gives an input (a penzai
+            parameter's label), canonical before its argument path.
     """
     candidates: list[list[str]] = [[] for _ in range(num_vars)]
     for i, name in enumerate(inputs):
         candidates[i].append(name)
+    for i, label in input_labels:
+        candidates[i].insert(0, label)
     for var, names in _group(((n, v) for v, n in tags), {}).items():
         candidates[var].extend(names)
     rebound = {name: i for i, name in enumerate(inputs)}
@@ -155,7 +160,7 @@ def assign_names(
     extras: list[list[str]] = [[] for _ in range(num_vars)]
     for var, name in extra_aliases:
         extras[var].append(name)
-    return finalize(candidates, extras, primitives, set(inputs))
+    return finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
 
 
 def finalize(

@@ -238,8 +238,10 @@ def run_concrete(jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> 
     """``eval_jaxpr`` for concrete values, about 3× faster on long programs: each
     equation runs through a compiled function kept per primitive and parameters (JAX's
     own dispatch of a bound primitive costs several times an eager ``jnp`` call)."""
-    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    if len(jaxpr.constvars) != len(consts):  # newer JAX lists constvars first among invars
+        consts, args = [], [*consts, *args]
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         ins = [a.val if type(a) is C.Literal else env[a] for a in eqn.invars]
         op = None

@@ -42,8 +42,7 @@ def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, st
         if not stack and not C.has_scope(eqn.source_info):
             chains.append(())  # the common case outside any scope
             continue
-        path = C.scope_of(eqn.source_info)
-        parts = [p for p in path.split("/") if p and not _is_transform(p)]
+        parts = scope_parts(C.scope_of(eqn.source_info))
         keep = 0
         while keep < min(len(stack), len(parts)) and stack[keep][0] == parts[keep]:
             keep += 1
@@ -74,10 +73,46 @@ def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, st
     return names, inside
 
 
-def _is_transform(part: str) -> bool:
-    """``jvp()``, ``vmap()``, ``transpose(jvp())``: marks JAX adds, not user scopes."""
-    head, paren, _ = part.partition("(")
-    return bool(paren) and part.endswith(")") and head.isidentifier()
+def scope_parts(path: str) -> list[str]:
+    """The scope labels of a name stack, without JAX's transformation marks.
+
+    ``jvp()``, ``vmap()`` alone are not scopes; a transform around a scope keeps the
+    scope (``jvp(MLP)`` is ``MLP``), and the backward pass of ``jax.grad`` is marked:
+    ``transpose(jvp(MLP))/Dense_0`` is ``grad(MLP)/Dense_0``, so the backward instance
+    of a layer reads apart from its forward one (``MLP/Dense_0``).
+    """
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(path + "/"):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "/" and depth == 0:
+            label = _label(path[start:i])
+            if label:
+                parts.append(label)
+            start = i + 1
+    return parts
+
+
+def _label(part: str) -> str:
+    """A name-stack component as a scope label ('' for a bare transformation mark)."""
+    backward = False
+    while True:
+        head, paren, inner = part.partition("(")
+        if not (paren and part.endswith(")") and head.isidentifier()):
+            break
+        backward = backward or head == "transpose"
+        part = inner[:-1]
+    if not part:
+        return ""
+    scope = "/".join(scope_parts(part)) if "/" in part else part
+    return f"grad({scope})" if backward and scope else scope
+
+
+def scope_path(path: str) -> str:
+    """A name stack as the scope path of a var (``Var.scope``)."""
+    return "/".join(scope_parts(path))
 
 
 def _instance_paths(parents: list[int], labels: list[str]) -> list[str]:

@@ -18,9 +18,10 @@ import numpy as np
 
 from . import _compat as C
 from ._errors import TraceError
+from ._frameworks import library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
-from ._instrument import Recorder, rewritten
+from ._instrument import Recorder, call_in_frame, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
@@ -70,7 +71,7 @@ def _trace(
     """The work of :func:`trace`."""
     target = _unwrap(fn)
     binder = _ArgBinder(target, static_argnums, static_argnames)
-    bound, leaves, in_names = binder.bind(args, kwargs)
+    bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
     run, reason = rewritten(target)
@@ -96,7 +97,7 @@ def _trace(
             "returns arrays (collect what it yields and return it)"
         )
     try:
-        with recorder:
+        with recorder, library_calls(call_in_frame), library_names(record):
             closed = C.make_jaxpr(flat_fn, *leaves)
     except _TRACER_ERRORS as e:
         first = str(e).strip().splitlines()[0]
@@ -120,6 +121,7 @@ def _trace(
             program.tags,
             bindings,
             *scope_names(program),
+            input_labels=in_labels,
         )
         graph = Graph(
             program,
@@ -143,6 +145,22 @@ _TRACER_ERRORS = (
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+
+
+def _label(key: str, labelled: dict[str, str]) -> str | None:
+    """The label of the leaf at ``key`` (``[0].value.data_array``) if it lies in a
+    labelled value (``[0].value``): the label, and the rest of the path if any."""
+    if not labelled:
+        return None
+    i = key.find(".value")
+    while i >= 0:
+        end = i + len(".value")
+        label = labelled.get(key[:end])
+        rest = key[end:]
+        if label is not None and (not rest or rest[0] in ".["):
+            return label if rest in ("", ".data_array") else label + rest
+        i = key.find(".value", i + 1)
+    return None
 
 
 def _name(fn: Any) -> str:
@@ -238,8 +256,11 @@ class _ArgBinder:
     def signature_text(self) -> str:
         return str(self.signature)
 
-    def bind(self, args: tuple, kwargs: dict) -> tuple[Any, list[Any], list[str]]:
-        """``(bound arguments, flat dynamic leaves, leaf names)``."""
+    def bind(
+        self, args: tuple, kwargs: dict
+    ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]]]:
+        """``(bound arguments, flat dynamic leaves, leaf names, (leaf, label) of leaves
+        a library labels: penzai parameters)``."""
         try:
             bound_obj = self.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -254,12 +275,18 @@ class _ArgBinder:
         ]
         leaves: list[Any] = []
         names: list[str] = []
+        labels: list[tuple[int, str]] = []
         for name, value in items:
+            labelled = parameter_labels(value)
             for path, leaf, traced in _flat(value)[0]:
                 if traced:
+                    key = jax.tree_util.keystr(path)
+                    label = _label(key, labelled)
+                    if label:
+                        labels.append((len(leaves), label))
                     leaves.append(leaf)
-                    names.append(name + jax.tree_util.keystr(path))
-        return (bound_obj, items), leaves, names
+                    names.append(name + key)
+        return (bound_obj, items), leaves, names, labels
 
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
         """The bound arguments with the array leaves replaced by ``flat``."""

@@ -1,0 +1,298 @@
+"""Names that libraries give, read as jaxsurgery names: items of library containers
+(``eqx.nn.Sequential``, ``nnx.Sequential``, penzai groups), Equinox layers that share
+their base's scope, penzai parameter labels, NumPyro sites, Flax ``sow``, and the
+backward pass of ``jax.grad`` marked apart from the forward one. References are
+computed by hand, layer by layer, without jaxsurgery."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import optax
+from conftest import allclose, check_slice
+from flax import nnx
+from numpyro.infer.util import log_density
+from penzai import pz
+from penzai.models import simple_mlp
+
+import jaxsurgery as js
+
+
+def forward(model, x):
+    return model(x)
+
+
+# -- containers -----------------------------------------------------------------------------
+def test_equinox_sequential_items_are_named_by_their_place(key):
+    k1, k2 = jax.random.split(key)
+    seq = eqx.nn.Sequential(
+        [eqx.nn.Linear(4, 5, key=k1), eqx.nn.Lambda(jax.nn.relu), eqx.nn.Linear(5, 2, key=k2)]
+    )
+    x = jax.random.normal(jax.random.key(3), (4,))
+    g = js.trace(forward, seq, x)
+    h0 = seq.layers[0](x)  # by hand, item by item
+    h1 = jax.nn.relu(h0)
+    allclose(g.value("model/layers[0]"), h0)
+    allclose(g.value("model/layers[1]"), h1)
+    allclose(g.value("model/layers[2]"), seq.layers[2](h1))
+    assert g["model/layers[2]"] is g["out"]
+    check_slice(
+        g.slice("model/layers[0]", "model/layers[2]"),
+        (h0,),
+        lambda h: seq.layers[2](jax.nn.relu(h)),
+    )
+    # the library is as it was: its classes and the model untouched
+    assert eqx.nn.Sequential.__call__.__qualname__ == "Sequential.__call__"
+    assert isinstance(seq.layers, tuple) and seq.layers[1].fn is jax.nn.relu
+
+
+def test_a_stateful_item_keeps_its_type_and_its_scope(key):
+    seq = eqx.nn.Sequential(
+        [eqx.nn.Linear(3, 3, key=key), eqx.nn.BatchNorm(3, "batch", mode="batch")]
+    )
+    model, state = eqx.nn.make_with_state(lambda: seq)()
+
+    def f(model, state, x):
+        return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)[
+            0
+        ]
+
+    x = jax.random.normal(jax.random.key(1), (6, 3))
+    g = js.trace(f, model, state, x)
+    allclose(g.value("out"), f(model, state, x))
+    # inside jax.vmap a name holds the whole batch
+    allclose(g.value("model/layers[0]"), jax.vmap(model.layers[0])(x))
+    assert "model/layers[1]" not in g.names()  # BatchNorm keeps its type (and its scope)
+    assert g.select(scope="eqx.nn.Sequential/eqx.nn.BatchNorm")
+
+
+def test_nnx_sequential_items_are_named_by_their_place():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.seq = nnx.Sequential(
+                nnx.Linear(4, 6, rngs=rngs), nnx.relu, nnx.Linear(6, 2, rngs=rngs)
+            )
+
+        def __call__(self, x):
+            return self.seq(x)
+
+    model = Model(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def f(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.normal(jax.random.key(2), (3, 4))
+    g = js.trace(f, state, x)
+    h0 = model.seq.layers[0](x)
+    allclose(g.value("Model/seq/layers[0]"), h0)
+    allclose(g.value("Model/seq/layers[1]"), jax.nn.relu(h0))  # a JAX function, named too
+    allclose(g.value("Model/seq/layers[2]"), model(x))
+    check_slice(
+        g.slice("Model/seq/layers[1]", "out"), (jax.nn.relu(h0),), lambda h: model.seq.layers[2](h)
+    )
+
+
+def test_an_equinox_conv2d_has_its_own_scope(key):
+    conv = eqx.nn.Conv2d(3, 4, 3, key=key)
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8))
+    g = js.trace(forward, conv, x)
+    assert "eqx.nn.Conv2d" in g.names() and "eqx.nn.Conv" not in g.names()
+    allclose(g.value("eqx.nn.Conv2d"), conv(x))
+    assert g.select(scope="eqx.nn.Conv2d")
+    assert "__call__" not in vars(eqx.nn.Conv2d)  # restored after tracing
+
+
+# -- penzai ---------------------------------------------------------------------------------
+def test_penzai_parameters_by_label_and_layers_by_place():
+    mlp = simple_mlp.MLP.from_config(
+        name="mlp", init_base_rng=jax.random.key(0), feature_sizes=[8, 16, 4]
+    )
+    unbound, params = pz.unbind_params(mlp, freeze=True)
+
+    def f(params, x):
+        model = pz.bind_variables(unbound, params)
+        return model(pz.nx.wrap(x, "features")).unwrap("features")
+
+    x = jax.random.normal(jax.random.key(1), (8,))
+    g = js.trace(f, params, x)
+    w0 = g["mlp/Affine_0/Linear.weights"]
+    assert w0 is g["params[0].value.data_array"] and w0.name == "mlp/Affine_0/Linear.weights"
+    allclose(g.value(w0), params[0].value.unwrap("features", "features_out"))
+    # by hand: affine, relu, affine
+    weights = [p.value.unwrap("features", "features_out") for p in params[0::2]]
+    biases = [p.value.unwrap("features") for p in params[1::2]]
+    h = x @ weights[0] + biases[0]
+    allclose(g.value("model/sublayers[0]"), h, rtol=1e-5)
+    allclose(g.value("model/sublayers[1]"), jax.nn.relu(h), rtol=1e-5)
+    check_slice(
+        g.slice("model/sublayers[1]", "out"),
+        (jax.nn.relu(h),),
+        lambda a: a @ weights[1] + biases[1],
+    )
+
+
+# -- NumPyro sites ----------------------------------------------------------------------------
+def model(x, y=None):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([3]))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    mu = numpyro.deterministic("mu", x @ w + b)
+    numpyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_numpyro_sites_are_named():
+    def log_joint(params, x, y):
+        return log_density(model, (x, y), {}, params)[0]
+
+    params = {"w": jnp.asarray([0.5, -1.0, 2.0]), "b": jnp.asarray(0.3)}
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    y = jax.random.normal(jax.random.key(1), (5,))
+    g = js.trace(log_joint, params, x, y)
+    assert g["log_density/w"] is g["params['w']"]  # the site holds the substituted value
+    mu = x @ params["w"] + params["b"]
+    allclose(g.value("log_density/mu"), mu)
+
+    def by_hand(mu):  # log p(obs | mu) + the priors, written out
+        normal = lambda v, m: -0.5 * (v - m) ** 2 - 0.5 * jnp.log(2 * jnp.pi)  # noqa: E731
+        return normal(y, mu).sum() + normal(params["w"], 0.0).sum() + normal(params["b"], 0.0)
+
+    check_slice(g.slice("log_density/mu", "out"), (mu,), by_hand)
+
+
+# -- Flax sow and the backward pass ------------------------------------------------------------
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x)
+        self.sow("intermediates", "pre_act", h)
+        return nn.relu(h)
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = Block()(x)
+        return Block()(h).sum()
+
+
+def test_flax_sow_names_what_is_sown():
+    net = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    variables = net.init(jax.random.key(1), x)
+    g = js.trace(lambda v, x: net.apply(v, x), variables, x)
+    _, sown = net.apply(variables, x, mutable=["intermediates"])
+    inter = sown["intermediates"]
+    allclose(g.value("Net/Block_0/pre_act"), inter["Block_0"]["pre_act"][0])
+    allclose(g.value("Net/Block_1/pre_act"), inter["Block_1"]["pre_act"][0])
+    p1 = variables["params"]["Block_1"]["Dense_0"]
+    check_slice(
+        g.slice("Net/Block_0/pre_act", "out"),
+        (inter["Block_0"]["pre_act"][0],),
+        lambda h: jax.nn.relu(jax.nn.relu(h) @ p1["kernel"] + p1["bias"]).sum(),
+    )
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8)(x))
+        return nn.Dense(1)(h)
+
+
+def test_a_training_step_marks_the_backward_pass():
+    mlp = MLP()
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    y = jax.random.normal(jax.random.key(1), (4, 1))
+    params = mlp.init(jax.random.key(2), x)
+    opt = optax.adam(1e-2)
+
+    def step(params, state, x, y):
+        def loss(p):
+            return jnp.mean((mlp.apply(p, x) - y) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    g = js.trace(step, params, opt.init(params), x, y)
+    names = g.names()
+    assert {"MLP/Dense_0", "MLP/Dense_1", "grad(MLP)/Dense_0", "grad(MLP)/Dense_1"} <= set(names)
+    assert not any(n.startswith("Dense_0#") for n in names)  # no bare #0/#1 forms
+    d0 = params["params"]["Dense_0"]
+    allclose(g.value("MLP/Dense_0"), x @ d0["kernel"] + d0["bias"], rtol=1e-5)
+    # the backward instance computes the gradient of the loss w.r.t. the layer input side
+    backward = g.select(scope="grad(MLP)")
+    assert backward and all(v.scope.startswith("grad(MLP)") for v in backward)
+    assert not set(backward) & set(g.select(scope="MLP"))
+
+
+# -- jraph and blackjax: results named by their fields ---------------------------------------
+def test_a_jraph_graph_network_slices_from_node_features():
+    import jraph
+
+    senders, receivers = jnp.array([0, 1, 2, 3]), jnp.array([1, 2, 3, 0])
+    graph = jraph.GraphsTuple(
+        nodes=jax.random.normal(jax.random.key(0), (4, 3)),
+        edges=None,
+        senders=senders,
+        receivers=receivers,
+        n_node=jnp.array([4]),
+        n_edge=jnp.array([4]),
+        globals=None,
+    )
+    w = jax.random.normal(jax.random.key(1), (3, 3))
+
+    def gcn(w, graph):
+        net = jraph.GraphConvolution(update_node_fn=lambda n: jnp.tanh(n @ w), add_self_edges=True)
+        return net(graph).nodes.sum()
+
+    g = js.trace(gcn, w, graph)
+
+    def by_hand(nodes):  # self edges, symmetric degree normalisation, sum aggregation
+        s = jnp.concatenate([senders, jnp.arange(4)])
+        r = jnp.concatenate([receivers, jnp.arange(4)])
+        h = jnp.tanh(nodes @ w)
+        deg_s = jax.ops.segment_sum(jnp.ones_like(s), s, 4)
+        deg_r = jax.ops.segment_sum(jnp.ones_like(r), r, 4)
+        msg = h[s] * jax.lax.rsqrt(jnp.maximum(deg_s, 1.0))[s][:, None]
+        agg = jax.ops.segment_sum(msg, r, 4)
+        return (agg * jax.lax.rsqrt(jnp.maximum(deg_r, 1.0))[:, None]).sum()
+
+    allclose(g.value("out"), by_hand(graph.nodes), rtol=1e-5)
+    check_slice(g.slice("graph.nodes", "out"), (graph.nodes,), by_hand)
+
+
+def test_a_blackjax_hmc_step_slices_from_the_position_to_the_proposal():
+    import blackjax
+
+    eps, steps = 0.1, 5
+    hmc = blackjax.hmc(
+        lambda x: -0.5 * jnp.sum(x**2),
+        step_size=eps,
+        inverse_mass_matrix=jnp.ones(2),
+        num_integration_steps=steps,
+    )
+    state = hmc.init(jnp.asarray([1.0, -0.5]))
+
+    def step(state, key):
+        return hmc.step(key, state)
+
+    g = js.trace(step, state, jax.random.key(0))
+    momentum = g.value("hmc.step[1].momentum")
+    grad0 = state.logdensity_grad  # an input of the step: context for a slice from position
+
+    def leapfrog(x):  # velocity Verlet by hand: grad log p(x) = -x
+        p, grad = momentum, grad0
+        for _ in range(steps):
+            p = p + 0.5 * eps * grad
+            x = x + eps * p
+            grad = -x
+            p = p + 0.5 * eps * grad
+        return x
+
+    allclose(g.value("hmc.step[1].proposal.position"), leapfrog(state.position), rtol=1e-5)
+    check_slice(
+        g.slice("state.position", "hmc.step[1].proposal.position"), (state.position,), leapfrog
+    )
