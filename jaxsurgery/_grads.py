@@ -68,19 +68,9 @@ class GradsFunction:
                 stacked.append(many)
                 wrt_vars += found
         else:
-            for item in wrt if isinstance(wrt, (list, tuple)) else [wrt]:
-                _, found = _select.tree(graph, item)
-                # keyed as the caller wrote it; a pattern by the names it matched
-                named = isinstance(item, str) and len(found) == 1
-                if named:
-                    keys.append(item)
-                elif isinstance(item, str):  # a glob: the name each var matched by
-                    keys += graph.select(item).matched
-                else:
-                    keys += [v.name for v in found]
-                groups += [[j] for j in range(len(wrt_vars), len(wrt_vars) + len(found))]
-                stacked += [False] * len(found)
-                wrt_vars += found
+            keys, wrt_vars = _select.keyed(graph, wrt)
+            groups = [[j] for j in range(len(wrt_vars))]
+            stacked = [False] * len(wrt_vars)
         self._groups, self._stacked = groups, stacked
         for v in [*out_vars, *wrt_vars]:
             if not jnp.issubdtype(v.dtype, jnp.inexact):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import networkx as nx
 
     from ._draw import Drawing
+    from ._experiments import AttributionFunction, PatchFunction, ValuesFunction
     from ._grads import GradsFunction
     from ._match import Match
     from ._select import Selection
@@ -396,6 +397,71 @@ class Graph:
         from ._grads import GradsFunction
 
         return GradsFunction(self, out, wrt)
+
+    # -- experiments (see _experiments) ----------------------------------------------
+    def values_fn(self, selector: Selector) -> ValuesFunction:
+        """``f(*args, **kwargs) -> {key: value}``: the selected intermediates for new
+        arguments of the traced function.
+
+        Keys are the selector strings passed (a glob or regex: the names it matched).
+        Only the ancestors of the selected values run (nothing after the last one);
+        ``jax.jit``, ``jax.vmap`` and ``jax.grad`` run on it.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     h = jnp.sin(x)
+            ...     return jnp.exp(h).sum()
+            >>> g = js.trace(f, jnp.zeros(2))
+            >>> jax.jit(g.values_fn(["h"]))(jnp.zeros(2))
+            {'h': Array([0., 0.], dtype=float32)}
+        """
+        from ._experiments import ValuesFunction
+
+        return ValuesFunction(self, selector)
+
+    def patch_fn(self, selector: Selector) -> PatchFunction:
+        """``p(patches, *args, **kwargs) -> outputs``: the function with the selected
+        vars replaced by ``patches[key]`` (keys as in :meth:`values_fn`; a key left out
+        is not patched).
+
+        The patches are arguments: ``jax.vmap`` over them runs a sweep as one
+        compiled call, and gradients flow to patches and arguments alike.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     h = jnp.sin(x)
+            ...     return (2 * h).sum()
+            >>> p = js.trace(f, jnp.zeros(2)).patch_fn("h")
+            >>> jax.vmap(lambda v: p({"h": v}, jnp.zeros(2)))(jnp.eye(2)).tolist()
+            [2.0, 2.0]
+        """
+        from ._experiments import PatchFunction
+
+        return PatchFunction(self, selector)
+
+    def attribution_fn(self, out: Selector, wrt: Selector) -> AttributionFunction:
+        """``a(clean_args, corrupt_args) -> {key: (a_clean − a_corrupt) · ∂sum(out)/∂a}``,
+        the gradient taken at the corrupted run: attribution patching, the linear
+        estimate of what patching ``a`` from the clean run into the corrupted one
+        changes, for every ``wrt`` var from one backward pass.
+
+        ``clean_args`` and ``corrupt_args`` are tuples of the traced function's
+        arguments. Keys as in :meth:`values_fn`.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxsurgery as js
+            >>> def f(x):
+            ...     h = 3 * x
+            ...     return (h ** 2).sum()
+            >>> a = js.trace(f, jnp.ones(2)).attribution_fn("out", "h")
+            >>> a((jnp.ones(2),), (jnp.zeros(2),))["h"].tolist()  # (3 - 0) * 2 * 0
+            [0.0, 0.0]
+        """
+        from ._experiments import AttributionFunction
+
+        return AttributionFunction(self, out, wrt)
 
     def replace(self, selector: Selector, value_or_fn: Any) -> Graph:
         """A new Graph whose program uses ``value`` (or ``fn(old)``) at the selected var(s).

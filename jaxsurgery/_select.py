@@ -155,6 +155,39 @@ def one(graph: Graph, selector: Any) -> Var:
     )
 
 
+def keyed(graph: Graph, selector: Any) -> tuple[list[str], list[Var]]:
+    """``(keys, vars)`` for results keyed by the selectors the caller wrote.
+
+    A string naming one var is its own key; a glob or regex is keyed by the names it
+    matched; a ``Var`` (or an int) by the var's name; a list or tuple is each of its
+    items in order. Vars selected twice are kept once.
+    """
+    items = (
+        selector
+        if isinstance(selector, (list, tuple)) and not isinstance(selector, Selection)
+        else [selector]
+    )
+    keys: list[str] = []
+    vars_: list[Var] = []
+    for item in items:
+        if isinstance(item, (str, re.Pattern)):
+            found = select(graph, [item])
+            if isinstance(item, str) and len(found) == 1 and item in found.matched:
+                pairs = [(item, found[0])]
+            elif len(set(found.matched)) == len(found):
+                pairs = list(zip(found.matched, found))
+            else:  # a bare name several vars share: each by its own name
+                pairs = [(v.name, v) for v in found]
+        else:
+            _, flat = tree(graph, item)
+            pairs = [(v.name, v) for v in flat]
+        for key, v in pairs:
+            if key not in keys:
+                keys.append(key)
+                vars_.append(v)
+    return keys, vars_
+
+
 def select(
     graph: Graph,
     selectors: Sequence[Any],

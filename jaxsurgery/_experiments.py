@@ -1,0 +1,140 @@
+"""Experiments at scale: capture, patching and attribution as functions of new arguments.
+
+Each function here is built once from a graph and is traceable: ``jax.jit``,
+``jax.vmap`` and ``jax.grad`` run on it, with new arguments of the traced function
+every call. What runs is the structured program (the traced, nested jaxpr) with
+edits where the selected values are read or replaced:
+
+* :func:`values_fn` exposes the selected values and runs only what they need;
+* :func:`patch_fn` puts given values in place of the selected ones; the values are
+  arguments, so ``jax.vmap`` over them runs a whole sweep as one compiled call;
+* :func:`attribution_fn` is attribution patching: ``(a_clean − a_corrupt) ·
+  ∂sum(out)/∂a`` at the corrupted run, for many ``a`` from one backward pass.
+
+Results are keyed by the selector strings passed (a glob or regex: by the names it
+matched; a ``Var``: its name).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x, w):
+    ...     h = jnp.tanh(x @ w)
+    ...     return (h ** 2).sum()
+    >>> g = js.trace(f, jnp.ones(3), jnp.eye(3))
+    >>> capture = jax.jit(g.values_fn("h"))
+    >>> capture(jnp.zeros(3), jnp.eye(3))["h"]
+    Array([0., 0., 0.], dtype=float32)
+    >>> patched = g.patch_fn("h")
+    >>> float(patched({"h": jnp.ones(3)}, jnp.zeros(3), jnp.eye(3)))
+    3.0
+    >>> sweep = jax.vmap(lambda v: patched({"h": v}, jnp.zeros(3), jnp.eye(3)))
+    >>> sweep(jnp.eye(3)).tolist()
+    [1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _select
+from ._errors import SelectionError, SliceError
+from ._structured import Edit, Extra, Site, check_hits
+
+if TYPE_CHECKING:
+    from ._graph import Graph, Var
+    from ._select import Selector
+
+
+class ValuesFunction:
+    """``f(*args, **kwargs) -> {key: value}``: see :meth:`Graph.values_fn`."""
+
+    def __init__(self, graph: Graph, selector: Selector):
+        self.graph = graph
+        self.keys, self.vars = _select.keyed(graph, selector)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        flat = self.graph._flatten_args(*args, **kwargs)
+        return dict(zip(self.keys, self.graph._values_at(self.vars, flat)))
+
+
+class PatchFunction:
+    """``p(patches, *args, **kwargs) -> outputs``: see :meth:`Graph.patch_fn`."""
+
+    def __init__(self, graph: Graph, selector: Selector):
+        from ._loop_slice import _given
+
+        self.graph = graph
+        self.keys, self.vars = _select.keyed(graph, selector)
+        self._sites = [graph._site_of(v) for v in self.vars]
+        self._fns = [_given(v.shape, v.dtype) for v in self.vars]
+
+    def __call__(self, patches: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        graph = self.graph
+        if not isinstance(patches, dict):
+            raise SliceError(
+                f"patches must be a dict {{selector: value}}, got {type(patches).__name__}; "
+                f"keys: {', '.join(map(repr, self.keys))}"
+            )
+        unknown = [k for k in patches if k not in self.keys]
+        if unknown:
+            raise SelectionError(
+                f"cannot patch {unknown[0]!r}: this patch function patches "
+                f"{', '.join(map(repr, self.keys))}; select it in g.patch_fn(...)"
+            )
+        used = [j for j, k in enumerate(self.keys) if k in patches]
+        values = [_patch_value(patches[self.keys[j]], self.keys[j], self.vars[j]) for j in used]
+        edits = [
+            Edit(self._sites[j], "apply", self._fns[j], (Extra(n),)) for n, j in enumerate(used)
+        ]
+        guards = [
+            Edit(Site(self._sites[j].steps, ()), "hit") for j in used if self._sites[j].path_bound
+        ]
+        flat = graph._flatten_args(*args, **kwargs)
+        outs, exposed = graph._structure.with_edits(*edits, *guards).run(flat, values)
+        check_hits(
+            [(exposed[h], True, graph._path_message([self.vars[j] for j in used])) for h in guards]
+        )
+        return jax.tree_util.tree_unflatten(graph._out_tree, outs)
+
+
+class AttributionFunction:
+    """``a(clean_args, corrupt_args) -> {key: attribution}``: see
+    :meth:`Graph.attribution_fn`."""
+
+    def __init__(self, graph: Graph, out: Selector, wrt: Selector):
+        self.values = ValuesFunction(graph, wrt)
+        self.grads = graph.grads_fn(out, list(self.values.vars))
+        self.keys = self.values.keys
+
+    def __call__(self, clean_args: tuple, corrupt_args: tuple) -> dict[str, Any]:
+        for what, given in (("clean_args", clean_args), ("corrupt_args", corrupt_args)):
+            if not isinstance(given, tuple):
+                raise SliceError(
+                    f"{what} must be a tuple of the traced function's arguments, got "
+                    f"{type(given).__name__}; write ({what[:-5]}_x,) for one argument"
+                )
+        clean = self.values(*clean_args)
+        corrupt = self.values(*corrupt_args)
+        grads = self.grads(*corrupt_args)
+        names = [v.name for v in self.values.vars]
+        return {
+            key: (clean[key] - corrupt[key]) * grads[name] for key, name in zip(self.keys, names)
+        }
+
+
+def _patch_value(x: Any, key: str, v: Var) -> Any:
+    """``x`` as a value of var ``v``: its shape, its dtype (a float patch of an integer
+    var, or a complex one of a real var, is an error rather than a silent cast)."""
+    x = jnp.asarray(x)
+    if x.shape != v.shape:
+        raise SliceError(
+            f"the patch for {key!r} has shape {x.shape}, the var has shape {v.shape}; "
+            "give a value of the var's shape (vmap over patches to sweep many)"
+        )
+    if x.dtype != v.dtype and not jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
+        raise SliceError(
+            f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; cast the patch"
+        )
+    return x.astype(v.dtype)

@@ -1,0 +1,152 @@
+"""Experiments as compiled functions: ``values_fn`` (capture), ``patch_fn`` (patches as
+arguments, so a sweep is one ``vmap``) and ``attribution_fn`` (attribution patching),
+on an Equinox MLP, checked against the same computations written by hand."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, work
+
+import jaxsurgery as js
+
+WIDTH, DEPTH = 8, 3
+
+
+@pytest.fixture
+def mlp():
+    return eqx.nn.MLP(4, 2, WIDTH, DEPTH, activation=jnp.tanh, key=jax.random.key(0))
+
+
+def forward(model, x):
+    return model(x)
+
+
+def layers_by_hand(model, x):
+    """The output of each Linear layer (before its activation), by hand."""
+    outs, h = [], x
+    for k, layer in enumerate(model.layers):
+        h = layer.weight @ h + layer.bias
+        outs.append(h)
+        if k < len(model.layers) - 1:
+            h = jnp.tanh(h)
+    return outs
+
+
+def layer_name(k):
+    return f"eqx.nn.MLP/eqx.nn.Linear#{k}"
+
+
+def new_args(mlp, seed):
+    """Arguments other than the traced ones: new weights and a new input."""
+    model = jax.tree_util.tree_map(
+        lambda w: (
+            w + 0.1 * jax.random.normal(jax.random.key(seed), w.shape) if eqx.is_array(w) else w
+        ),
+        mlp,
+    )
+    return model, jax.random.normal(jax.random.key(seed + 1), (4,))
+
+
+# -- values_fn ------------------------------------------------------------------------------------
+def test_values_fn_returns_intermediates_for_new_arguments(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    f = g.values_fn([layer_name(0), layer_name(2)])
+    for seed in (1, 5):
+        model, x = new_args(mlp, seed)
+        ref = layers_by_hand(model, x)
+        got = f(model, x)
+        assert list(got) == [layer_name(0), layer_name(2)]  # keyed by the selectors passed
+        allclose(got[layer_name(0)], ref[0], rtol=1e-5)
+        allclose(got[layer_name(2)], ref[2], rtol=1e-5)
+        allclose(eqx.filter_jit(f)(model, x), got)
+
+
+def test_values_fn_keys_a_glob_by_the_names_it_matched(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    model, x = new_args(mlp, 2)
+    got = g.values_fn("eqx.nn.MLP/eqx.nn.Linear#*")(model, x)
+    assert list(got) == [layer_name(k) for k in range(DEPTH + 1)]
+    for k, ref in enumerate(layers_by_hand(model, x)):
+        allclose(got[layer_name(k)], ref, rtol=1e-5)
+
+
+def test_values_fn_stops_after_the_last_selected_value(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    f = g.values_fn(layer_name(0))
+    jaxpr = jax.make_jaxpr(lambda x: f(mlp, x))(jnp.ones(4)).jaxpr
+    # the first layer's matmul only: nothing of layers 1..3 runs
+    assert work(jaxpr, "dot_general") == 1 and work(jaxpr, "tanh") == 0
+    whole = jax.make_jaxpr(lambda x: mlp(x))(jnp.ones(4)).jaxpr
+    assert work(whole, "dot_general") == DEPTH + 1  # (the check can fail)
+
+
+def test_values_fn_under_vmap_and_grad(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    f = g.values_fn(layer_name(1))
+    xs = jax.random.normal(jax.random.key(3), (5, 4))
+    got = jax.vmap(lambda x: f(mlp, x)[layer_name(1)])(xs)
+    allclose(got, jax.vmap(lambda x: layers_by_hand(mlp, x)[1])(xs), rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(f(mlp, x)[layer_name(1)] ** 2))(xs[0])
+    ref = jax.grad(lambda x: jnp.sum(layers_by_hand(mlp, x)[1] ** 2))(xs[0])
+    allclose(grad, ref, rtol=1e-5)
+
+
+# -- patch_fn -------------------------------------------------------------------------------------
+def patched_by_hand(model, x, k, value):
+    """The model with layer k's output replaced by ``value``, by hand."""
+    h = x
+    for j, layer in enumerate(model.layers):
+        h = value if j == k else layer.weight @ h + layer.bias
+        if j < len(model.layers) - 1:
+            h = jnp.tanh(h)
+    return h
+
+
+def test_patch_fn_runs_the_model_with_patched_values(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    p = g.patch_fn(layer_name(1))
+    clean, corrupt = jnp.ones(4), -jnp.ones(4)
+    a_clean = layers_by_hand(mlp, clean)[1]
+    got = p({layer_name(1): a_clean}, mlp, corrupt)  # clean -> corrupt
+    allclose(got, patched_by_hand(mlp, corrupt, 1, a_clean), rtol=1e-5)
+    allclose(got, mlp(clean), rtol=1e-5)  # everything downstream is the clean run's
+    allclose(p({}, mlp, corrupt), mlp(corrupt), rtol=1e-5)  # nothing patched
+    with pytest.raises(js.SelectionError, match="nope"):
+        p({"nope": a_clean}, mlp, corrupt)
+    with pytest.raises(js.SliceError, match="shape"):
+        p({layer_name(1): jnp.ones(3)}, mlp, corrupt)
+
+
+def test_a_patch_sweep_is_one_vmap_and_differentiable(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    p = eqx.filter_jit(g.patch_fn(layer_name(1)))
+    x = jax.random.normal(jax.random.key(4), (4,))
+    patches = jax.random.normal(jax.random.key(5), (64, WIDTH))
+    sweep = jax.vmap(lambda v: p({layer_name(1): v}, mlp, x))(patches)
+    one_by_one = jnp.stack([patched_by_hand(mlp, x, 1, v) for v in patches])
+    allclose(sweep, one_by_one, rtol=1e-5)
+    grad = jax.grad(lambda v: jnp.sum(p({layer_name(1): v}, mlp, x)))(patches[0])
+    ref = jax.grad(lambda v: jnp.sum(patched_by_hand(mlp, x, 1, v)))(patches[0])
+    allclose(grad, ref, rtol=1e-5)
+    grad_x = jax.grad(lambda x: jnp.sum(p({layer_name(2): patches[0][:WIDTH]}, mlp, x)))
+    with pytest.raises(js.SelectionError):
+        grad_x(x)  # only the selected vars can be patched
+
+
+# -- attribution_fn -------------------------------------------------------------------------------
+def test_attribution_fn_equals_attribution_patching_by_hand(mlp):
+    g = js.trace(forward, mlp, jnp.ones(4))
+    wrt = [layer_name(0), layer_name(1), layer_name(2)]
+    a = eqx.filter_jit(g.attribution_fn("out", wrt))
+    clean, corrupt = (mlp, jnp.ones(4)), (mlp, jnp.linspace(-1.0, 1.0, 4))
+    got = a(clean, corrupt)
+    assert list(got) == wrt
+    a_clean, a_corrupt = layers_by_hand(*clean), layers_by_hand(*corrupt)
+    for k in range(3):
+
+        def out_from(v, k=k):
+            return jnp.sum(patched_by_hand(mlp, corrupt[1], k, v))
+
+        grad = jax.grad(out_from)(a_corrupt[k])  # ∂sum(out)/∂a_k at the corrupt run
+        allclose(got[layer_name(k)], (a_clean[k] - a_corrupt[k]) * grad, rtol=1e-4, atol=1e-6)
