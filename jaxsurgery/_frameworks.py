@@ -12,8 +12,10 @@ the module's scope and the sown name); see :func:`library_names`.
 
 Library containers call their items in library code, which is never rewritten: while
 ``js.trace`` runs, ``eqx.nn.Sequential``, ``nnx.Sequential`` and penzai's groups call
-each item in a frame of its own, named by its place (``layers[k]``, ``sublayers[k]``)
-or, for a penzai ``NamedGroup``, its name (:func:`library_calls`). Penzai parameters
+each item in a frame of its own, named by its path in the module whose call is running
+(an NNX attribute path; for penzai, the layer's path as treescope shows it,
+``body.sublayers[1]``), else by its place (``layers[k]``, ``sublayers[k]``) or, for a
+penzai ``NamedGroup``, its name (:func:`library_calls`). Penzai parameters
 are named by their labels (:func:`parameter_labels`).
 """
 
@@ -31,15 +33,40 @@ def _nnx() -> Any:
 
 
 def submodule_paths(parent: Any) -> dict[int, str] | None:
-    """``id(submodule) -> "layers[2]"`` for an NNX module, or None for anything else."""
+    """``id(submodule) -> "layers[2]"`` for an NNX module or a penzai layer (its
+    sublayers at any depth: ``"body.sublayers[1]"``), or None for anything else."""
     nnx = _nnx()
     parent = getattr(parent, "__self__", parent)  # a bound method: its module
+    penzai = sys.modules.get("penzai.nn.layer")
+    layer = getattr(penzai, "Layer", None)
+    if isinstance(layer, type) and isinstance(parent, layer):
+        return _pytree_paths(parent, layer)
     if nnx is None or not isinstance(parent, nnx.Module):
         return None
     paths: dict[int, str] = {}
     for path, node in nnx.iter_graph(parent):
         if path and isinstance(node, nnx.Module) and id(node) not in paths:
             paths[id(node)] = format_path(path)
+    return paths
+
+
+def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
+    """``id(node) -> key path`` of the ``kind`` nodes inside a pytree, at any depth."""
+    import jax
+
+    paths: dict[int, str] = {}
+    stack = [(parent, "")]
+    while stack:
+        node, prefix = stack.pop()
+        found, _ = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x, node=node: x is not node and isinstance(x, (kind, _Item))
+        )
+        for path, child in found:
+            child = child.item if isinstance(child, _Item) else child  # a container running
+            if isinstance(child, kind) and id(child) not in paths:
+                text = prefix + jax.tree_util.keystr(path)
+                paths[id(child)] = text.lstrip(".")
+                stack.append((child, text))
     return paths
 
 

@@ -125,14 +125,16 @@ class Recorder:
         """A call's name: its call-site label, or a submodule path, or its own name."""
         if label is not None and not label.isidentifier():
             return label  # an attribute or subscript: already a path
-        if self._stack:
-            parent = self.callees[self._stack[-1]]
-            if id(parent) not in self._paths:
-                self._paths[id(parent)] = submodule_paths(parent)
-            path = (self._paths[id(parent)] or {}).get(id(fn))
-            if path:
-                return path
-        return label or _callable_name(fn)
+        return self.place(fn) or label or _callable_name(fn)
+
+    def place(self, fn: Any) -> str | None:
+        """``fn``'s path in the module whose call is running (``layers[2]``), if any."""
+        if not self._stack:
+            return None
+        parent = self.callees[self._stack[-1]]
+        if id(parent) not in self._paths:
+            self._paths[id(parent)] = submodule_paths(parent)
+        return (self._paths[id(parent)] or {}).get(id(fn))
 
     def enter(self, label: str, fn: Any = None) -> int:
         self.callees.append(fn)
@@ -511,8 +513,10 @@ def record(name: str, value: Any) -> None:
 def call_in_frame(label: str, fn: Any) -> Any:
     """:func:`_call`, with a frame named ``label`` also for JAX functions and builtins
     (an item of a library container, ``nnx.relu``, is named by its place too)."""
-    run = _call(label, fn)
     recorder = _current()
+    if recorder is not None:
+        label = recorder.place(fn) or label  # its path in the running module, if known
+    run = _call(label, fn)
     if run is not fn or recorder is None:
         return run
 

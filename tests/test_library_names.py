@@ -296,3 +296,44 @@ def test_a_blackjax_hmc_step_slices_from_the_position_to_the_proposal():
     check_slice(
         g.slice("state.position", "hmc.step[1].proposal.position"), (state.position,), leapfrog
     )
+
+
+def test_a_penzai_transformer_is_named_by_labels_and_paths():
+    from penzai.models.transformer.variants import llamalike_common as llama
+
+    config = llama.LlamalikeTransformerConfig(
+        num_kv_heads=2,
+        query_head_multiplier=1,
+        embedding_dim=16,
+        projection_dim=8,
+        mlp_hidden_dim=32,
+        num_decoder_blocks=2,
+        vocab_size=50,
+        mlp_variant="geglu_approx",
+        tie_embedder_and_logits=False,
+    )
+    unbound, params = pz.unbind_params(
+        llama.build_llamalike_transformer(config, init_base_rng=jax.random.key(0)), freeze=True
+    )
+
+    def logits(params, tokens):
+        model = pz.bind_variables(unbound, params)
+        positions = pz.nx.wrap(jnp.arange(tokens.shape[1])[None], "batch", "seq")
+        out = model(pz.nx.wrap(tokens, "batch", "seq"), token_positions=positions)
+        return out.unwrap("batch", "seq", "vocabulary")
+
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+    g = js.trace(logits, params, tokens)
+    table = g["transformer/embedder.embeddings"]
+    embeddings = params[0].value.unwrap("vocabulary", "embedding")
+    allclose(g.value(table), embeddings)
+    # the blocks by their paths in the model (treescope's), the embedding by hand
+    found, ref = g.value("model/body.sublayers[0]"), embeddings[tokens]
+    # a NamedArray's data is laid out as penzai chose: match the axes by their sizes
+    allclose(found.transpose([found.shape.index(d) for d in ref.shape]), ref)
+    blocks = [n for n in g.names() if n.startswith("model/body.sublayers[") and "/" not in n[6:]]
+    assert blocks == [f"model/body.sublayers[{k}]" for k in range(5)]
+    query = "model/body.sublayers[1]/sublayers[0]/delta.sublayers[1]/input_to_query.sublayers[0]"
+    assert query in g.names()  # attention's projections, not sublayers[0]#k
+    assert not any("#" in n for n in g.names() if n.startswith("model/"))
+    allclose(g.value("out"), logits(params, tokens), rtol=1e-5)
