@@ -475,8 +475,9 @@ def _mark(name: str, value: Any) -> None:
         recorder.record(name, value)
 
 
-def _call(label: str | None, fn: Any) -> Any:
-    """``fn``, or a wrapper that runs it (rewritten if user code) inside a frame."""
+def _call(label: str | None, fn: Any, always: bool = False) -> Any:
+    """``fn``, or a wrapper that runs it (rewritten if user code) inside a frame;
+    ``always``: JAX functions and builtins get a frame too (run as they are)."""
     recorder = _current()
     if recorder is None:
         return fn
@@ -484,8 +485,9 @@ def _call(label: str | None, fn: Any) -> Any:
     if known is None or known[0] is not fn:
         known = recorder.targets[id(fn)] = (fn, *_call_target(fn))
     _, target, jitted = known
-    if target is None:  # JAX itself, numpy or a builtin: no frame
+    if target is None and not always:  # JAX itself, numpy or a builtin: no frame
         return fn
+    target = fn if target is None else target
     if target is _CONTROL_FLOW:
         return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
     name = recorder.label(label, fn)
@@ -516,20 +518,7 @@ def call_in_frame(label: str, fn: Any) -> Any:
     recorder = _current()
     if recorder is not None:
         label = recorder.place(fn) or label  # its path in the running module, if known
-    run = _call(label, fn)
-    if run is not fn or recorder is None:
-        return run
-
-    def framed(*args: Any, **kwargs: Any) -> Any:
-        frame = recorder.enter(label, fn)
-        out = None
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            recorder.leave(frame, out)
-        return out
-
-    return framed
+    return _call(label, fn, always=True)
 
 
 _CONTROL_FLOW = object()
