@@ -1,6 +1,7 @@
 """Write the tutorial notebooks and execute them so they are committed with outputs.
 
-Run from the repository root: ``.venv/bin/python notebooks/build.py``. The test suite
+Run from the repository root: ``.venv/bin/python notebooks/build.py [03 ...]`` (all notebooks, or
+those whose names start with the given prefixes). The test suite
 executes every notebook again (tests/test_notebooks.py), so they cannot rot.
 """
 
@@ -258,7 +259,17 @@ def build(name, cells):
     print("wrote", name)
 
 
+NOTEBOOKS = {
+    "01_issue_12782.ipynb": WALKTHROUGH,
+    "02_monitoring_training.ipynb": MONITORING,
+    "03_transformer_surgery.ipynb": TRANSFORMER,
+}
+
 if __name__ == "__main__":
-    build("01_issue_12782.ipynb", WALKTHROUGH)
-    build("02_monitoring_training.ipynb", MONITORING)
-    build("03_transformer_surgery.ipynb", TRANSFORMER)
+    import sys
+
+    # `build.py` rebuilds every notebook; `build.py 03` only those whose name starts so
+    wanted = sys.argv[1:]
+    for name, cells in NOTEBOOKS.items():
+        if not wanted or any(name.startswith(w) for w in wanted):
+            build(name, cells)
