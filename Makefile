@@ -16,7 +16,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: demo test test-latest test-all lint bench fuzz clean
+.PHONY: demo test test-latest test-all lint bench fuzz clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,11 +43,22 @@ VERSIONS = -c 'import platform, jax, jaxlib; print(f"== Python {platform.python_
 demo: $(STAMP)
 	$(PY) examples/issue_12782.py
 
-test: $(STAMP)
+# the real-browser tests of the HTML views (tests/browser.py) drive Debian's chromium: installed
+# here when missing (apt-get, with sudo when not root); without it those tests fail, never skip
+chromium:
+	@test -x "$$JAXSURGERY_CHROMIUM" || command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium is missing (the browser tests of the views need it): apt-get install chromium" >&2; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  command -v chromium >/dev/null 2>&1 || { \
+	    echo "error: could not install chromium. Install it (apt-get install chromium) or name one:" >&2; \
+	    echo "JAXSURGERY_CHROMIUM=/path/to/chromium make ..." >&2; exit 1; }; }
+
+test: $(STAMP) chromium
 	@$(PY) $(VERSIONS)
 	$(PY) -m pytest -q
 
-test-latest: $(STAMP_LATEST)
+test-latest: $(STAMP_LATEST) chromium
 	@$(PY_LATEST) $(VERSIONS)
 	$(PY_LATEST) -m pytest -q
 

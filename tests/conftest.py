@@ -83,3 +83,7 @@ def work(jaxpr, primitive):
                 if hasattr(inner, "eqns"):
                     total += times * work(inner, primitive)
     return total
+
+
+# real-browser fixtures for the HTML views (headless Chromium via Playwright): tests/browser.py
+from browser import browser, open_page  # noqa: E402, F401
