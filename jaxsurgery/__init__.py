@@ -12,6 +12,7 @@
 """
 
 from . import _traceback
+from ._collect import collect as collect
 from ._errors import SelectionError as SelectionError
 from ._errors import SliceError as SliceError
 from ._errors import SurgeryError as SurgeryError
@@ -28,6 +29,7 @@ from ._trace import trace as trace
 _traceback.install(Graph, Slice, Selection, _GradsFunction)
 trace = _traceback.boundary(trace)  # noqa: F811
 tag = _traceback.boundary(tag)  # noqa: F811
+collect = _traceback.boundary(collect)  # noqa: F811
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,7 @@ __all__ = [
     "SurgeryError",
     "TraceError",
     "Var",
+    "collect",
     "tag",
     "trace",
 ]

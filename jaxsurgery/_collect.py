@@ -1,0 +1,250 @@
+"""Collecting activations over a dataset into a Zarr store, resumable and sharded.
+
+``js.collect(path, fn, batches)`` runs ``fn`` (typically a :meth:`Graph.values_fn`
+with the parameters bound) on every batch and appends each output along its first
+axis to one array per key in a Zarr group at ``path``::
+
+    values = g.values_fn("Block_*/out")
+    store = js.collect("acts.zarr", lambda x: values(params, x), dataset)
+    store["Block_0/out"][:1000]      # a zarr array: read any rows, no full load
+
+Why Zarr: the arrays are chunked along the example axis and stored chunk by chunk, so
+appending a batch writes new chunks and never rewrites the file; an interrupted run
+leaves complete chunks behind (HDF5 keeps one file whose metadata an interrupted
+writer can corrupt, and ``.npy`` cannot grow); and xarray, dask, tensorstore and
+numpy-like readers open it in many languages. Zarr is the ``collect`` extra
+(``pip install jaxsurgery[collect]``); it is imported only here.
+
+What you can rely on:
+
+* **Bounded memory.** Batches are pulled from the iterable one at a time. The next
+  batch is dispatched to the devices before the previous one is copied to the host
+  and written, so at most two batches of outputs are alive: the collection of a
+  dataset much larger than memory runs in the memory of a few batches.
+* **Resumable.** After every batch the group records how many batches and rows are
+  complete (``store.attrs["jaxsurgery"]``). Called again on the same path, ``collect``
+  skips that many batches of the iterable (it must yield the same batches in the
+  same order), drops rows a batch interrupted while writing left behind, and goes on.
+  ``resume=False`` starts over.
+* **Sharded.** Each batch is placed over the devices (``devices=``, default all of
+  them) with ``NamedSharding(Mesh(devices, ("batch",)), P("batch"))`` on every
+  leaf, and ``fn`` runs under ``jax.jit``, so XLA splits the work data-parallel.
+  A batch whose size does not divide the number of devices is padded by repeating
+  its last example; the padding rows are dropped before writing.
+* Every output must be computed per example (leading axis = batch size). Dtypes
+  Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32`` and the
+  original dtype is recorded in the array's attributes.
+
+A progress bar (on stderr, past about two seconds) counts batches and examples;
+``progress=False`` silences it.
+
+Example:
+    >>> import tempfile, jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x):
+    ...     h = jnp.tanh(x)
+    ...     return jnp.sin(h).sum()
+    >>> g = js.trace(f, jnp.ones((4, 3)))
+    >>> values = g.values_fn("h")
+    >>> batches = (jnp.full((4, 3), float(i)) for i in range(5))
+    >>> path = tempfile.mkdtemp() + "/acts.zarr"
+    >>> store = js.collect(path, values, batches, progress=False)
+    >>> store["h"].shape
+    (20, 3)
+    >>> bool((store["h"][4:8] == jnp.tanh(1.0)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._errors import SelectionError
+
+_STATE = "jaxsurgery"  # the group attribute that records what is complete
+
+
+def collect(
+    path: str | os.PathLike,
+    fn: Callable[[Any], Mapping[str, Any]],
+    batches: Iterable[Any],
+    *,
+    resume: bool = True,
+    devices: list[Any] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Append ``fn(batch)`` for every batch to a Zarr group at ``path``; return the group.
+
+    Args:
+        path: a directory for the Zarr store (created when missing).
+        fn: ``batch -> {key: array}``, each array with the batch size as its first
+            axis; run under ``jax.jit``. Usually a ``values_fn`` with parameters
+            bound: ``lambda x: values(params, x)``.
+        batches: an iterable of batches, each a pytree of arrays whose leaves share
+            the leading batch axis. Read lazily, one batch at a time.
+        resume: go on from the batches a previous call recorded as complete (the
+            iterable must yield the same batches); ``False`` starts over.
+        devices: the devices to shard each batch over (default: ``jax.devices()``).
+        progress: show a progress bar on stderr for long collections.
+
+    Returns:
+        The ``zarr.Group``: ``group[key]`` is a Zarr array of all rows so far.
+    """
+    zarr = _import_zarr()
+    writer = _Writer(zarr, path, resume)
+    run = jax.jit(fn)
+    place = _Placement(devices or jax.devices())
+    total = _length(batches)
+    bar = _Bar(total, enabled=progress)
+    pending: tuple[Any, int, int] | None = None
+    for i, batch in enumerate(batches):
+        if i < writer.batches_done:
+            continue  # done by an earlier call
+        args, size, rows = place(batch)
+        outs = run(args)  # dispatched: runs while the previous batch is written
+        if pending is not None:
+            writer.write(*pending)
+            bar.show(writer.batches_done, writer.rows)
+        pending = (outs, size, rows)
+    if pending is not None:
+        writer.write(*pending)
+    bar.show(writer.batches_done, writer.rows, last=True)
+    return writer.group
+
+
+def _import_zarr() -> Any:
+    try:
+        import zarr
+    except ImportError:  # pragma: no cover - zarr is a dev dependency
+        raise ImportError(
+            "js.collect writes Zarr stores: `pip install jaxsurgery[collect]` (or `zarr>=3`)"
+        ) from None
+    return zarr
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _Placement:
+    """Puts a batch on the devices, split along its first axis."""
+
+    def __init__(self, devices: list[Any]):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        self.count = len(devices)
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self.split = NamedSharding(mesh, PartitionSpec("batch"))
+        self.whole = NamedSharding(mesh, PartitionSpec())
+
+    def __call__(self, batch: Any) -> tuple[Any, int, int]:
+        """The placed batch, its size, and its size padded to a multiple of the devices."""
+        leaves = [x for x in jax.tree_util.tree_leaves(batch) if np.ndim(x) > 0]
+        sizes = {np.shape(x)[0] for x in leaves}
+        if len(sizes) != 1:
+            raise SelectionError(
+                f"a batch's arrays disagree on the batch size (leading axes {sorted(sizes)}): "
+                "every leaf of a batch needs the examples on its first axis"
+            )
+        (size,) = sizes
+        pad = -size % self.count
+
+        def put(x: Any) -> Any:
+            if np.ndim(x) == 0:
+                return jax.device_put(x, self.whole)
+            if pad:  # repeat the last example so that every device gets a share
+                x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], pad, 0)])
+            return jax.device_put(x, self.split)
+
+        return jax.tree_util.tree_map(put, batch), size, size + pad
+
+
+class _Writer:
+    """The Zarr group, one growing array per key, and the record of completed batches."""
+
+    def __init__(self, zarr: Any, path: str | os.PathLike, resume: bool):
+        self.group = zarr.open_group(str(path), mode="a" if resume else "w")
+        state = dict(self.group.attrs.get(_STATE, {})) if resume else {}
+        self.batches_done = int(state.get("batches", 0))
+        self.rows = int(state.get("rows", 0))
+        self.keys: list[str] | None = state.get("keys")
+        for key in self.keys or []:  # drop rows an interrupted batch left behind
+            array = self.group[key]
+            if array.shape[0] != self.rows:
+                array.resize((self.rows, *array.shape[1:]))
+
+    def write(self, outs: Mapping[str, Any], size: int, rows: int) -> None:
+        host = {key: _host(key, value, size, rows) for key, value in outs.items()}
+        if self.keys is None:
+            self.keys = list(host)
+            for key, value in host.items():
+                self._create(key, value, outs[key].dtype)
+        elif sorted(host) != sorted(self.keys):
+            raise SelectionError(
+                f"this batch's outputs {sorted(host)} are not the keys the store at "
+                f"{self.group.store} holds ({sorted(self.keys)}): collect to a new path, "
+                "or pass resume=False to start over"
+            )
+        for key, value in host.items():
+            self.group[key].append(value)
+        self.rows += size
+        self.batches_done += 1
+        self.group.attrs[_STATE] = {
+            "batches": self.batches_done,
+            "rows": self.rows,
+            "keys": self.keys,
+        }
+
+    def _create(self, key: str, value: np.ndarray, dtype: Any) -> None:
+        array = self.group.create_array(
+            key,
+            shape=(0, *value.shape[1:]),
+            chunks=(max(len(value), 1), *value.shape[1:]),
+            dtype=value.dtype,
+            overwrite=True,
+        )
+        array.attrs["dtype"] = str(np.dtype(dtype))  # the computed dtype, when stored wider
+
+
+def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
+    """The first ``size`` of an output's ``rows`` on the host, in a dtype Zarr stores."""
+    dtype = np.dtype(value.dtype)
+    if np.ndim(value) == 0 or np.shape(value)[0] != rows:
+        raise SelectionError(
+            f"`{key}` has shape {np.shape(value)}, with no batch axis of size {size}: "
+            "collect values computed per example (a batch-wide value, such as a "
+            "parameter or a mean over the batch, is one array: use g.value for it)"
+        )
+    value = np.asarray(value[:size])
+    if dtype.kind == "V" or dtype.name.startswith(("bfloat", "float8", "float4")):
+        value = value.astype(np.float32)  # Zarr has no bfloat16 / float8
+    return value
+
+
+class _Bar:
+    """``collect: 12/40 batches, 6 144 examples`` on stderr, redrawn in place."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        import sys
+        import time
+
+        self.total, self.stream, self.clock = total, sys.stderr, time.monotonic
+        self.start = self.clock()
+        self.enabled = enabled and os.environ.get("JAXSURGERY_PROGRESS", "1") != "0"
+        self.shown = False
+
+    def show(self, batches: int, rows: int, last: bool = False) -> None:
+        if not self.enabled or (not self.shown and self.clock() - self.start < 2.0):
+            return
+        of = f"/{self.total}" if self.total is not None else ""
+        end = "\n" if last else ""
+        self.stream.write(f"\rcollect: {batches}{of} batches, {rows} examples{end}")
+        self.stream.flush()
+        self.shown = True

@@ -1,0 +1,50 @@
+"""``js.collect`` over 8 simulated CPU devices (run by test_collect in a fresh process).
+
+Each batch is split over the devices along its first axis, a batch of a size the devices
+do not divide is padded and trimmed, and the store equals an unsharded run.
+"""
+
+import os
+
+if __name__ == "__main__":  # only in its own process: pytest imports this file for doctests
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxsurgery as js  # noqa: E402
+
+
+def model(w, xs):
+    h = jnp.tanh(xs @ w)
+    return jnp.sin(h) @ w
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    w = jax.random.normal(jax.random.key(0), (6, 6))
+    g = js.trace(model, w, jnp.ones((16, 6)))
+    values = g.values_fn("h")
+    seen = []
+
+    def run(xs):
+        jax.debug.inspect_array_sharding(xs, callback=seen.append)
+        return values(w, xs)
+
+    sizes = [16, 16, 12]  # 12 is padded to 16 for 8 devices, and trimmed back
+    batches = [jax.random.normal(jax.random.key(i), (n, 6)) for i, n in enumerate(sizes)]
+    path = tempfile.mkdtemp() + "/acts.zarr"
+    store = js.collect(path, run, batches, progress=False)
+    assert store["h"].shape == (sum(sizes), 6), store["h"].shape
+    expected = np.concatenate([np.tanh(np.asarray(b) @ np.asarray(w)) for b in batches])
+    np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
+    assert seen and all(len(s.device_set) == 8 for s in seen), seen
+    assert all(not s.is_fully_replicated for s in seen), seen
+    print("sharded collection ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""``js.collect``: activations of 10k examples streamed to a Zarr store, read back equal to
+``values_fn`` per batch, in bounded memory, resumable, and sharded over 8 devices."""
+
+import pathlib
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import zarr
+from conftest import allclose
+
+import jaxsurgery as js
+
+BATCH, EXAMPLES, WIDTH = 500, 10_000, 256
+LAYERS = "eqx.nn.MLP/eqx.nn.Linear#*"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = eqx.nn.MLP(16, 4, WIDTH, 2, activation=jax.nn.relu, key=jax.random.key(0))
+    g = js.trace(lambda m, xs: jax.vmap(m)(xs), model, jnp.ones((BATCH, 16)))
+    values = g.values_fn(LAYERS)
+    return model, values
+
+
+def batch(i):
+    return jax.random.normal(jax.random.key(i), (BATCH, 16))
+
+
+def dataset(live=None):
+    """The batches, made lazily; ``live`` records the bytes of JAX arrays alive at each."""
+    for i in range(EXAMPLES // BATCH):
+        if live is not None:
+            live.append(sum(a.nbytes for a in jax.live_arrays()))
+        yield batch(i)
+
+
+def by_hand(model, xs):
+    """Each Linear layer's output (before its activation), written out."""
+    outs, h = [], xs
+    for k, layer in enumerate(model.layers):
+        h = h @ layer.weight.T + layer.bias
+        outs.append(h)
+        if k < len(model.layers) - 1:
+            h = jax.nn.relu(h)
+    return outs
+
+
+def test_collection_reads_back_equal_per_batch_in_bounded_memory(setup, tmp_path):
+    model, values = setup
+    live: list[int] = []
+    store = js.collect(tmp_path / "acts.zarr", lambda xs: values(model, xs), dataset(live))
+    keys = list(values(model, batch(0)))
+    assert len(keys) == 3
+    for key in keys:
+        assert store[key].shape[0] == EXAMPLES
+    for i in (0, 7, EXAMPLES // BATCH - 1):
+        rows = slice(i * BATCH, (i + 1) * BATCH)
+        expected = values(model, batch(i))
+        for k, key in enumerate(keys):
+            allclose(store[key][rows], expected[key], rtol=1e-5, atol=1e-5)
+            allclose(store[key][rows], by_hand(model, batch(i))[k], rtol=1e-4, atol=1e-4)
+    # bounded memory: the outputs of all batches are 10k x (256 + 256 + 4) floats (~20 MB);
+    # what is alive while batches are pulled stays within a few batches' worth
+    one_batch = BATCH * (2 * WIDTH + 4) * 4
+    assert EXAMPLES // BATCH * one_batch > 15 * one_batch
+    assert max(live) - live[0] < 4 * one_batch, (max(live) - live[0]) / one_batch
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_collection_resumes_after_an_interruption(setup, tmp_path):
+    model, values = setup
+    run = lambda xs: values(model, xs)  # noqa: E731
+    path = tmp_path / "acts.zarr"
+
+    def interrupted():
+        for i in range(EXAMPLES // BATCH):
+            if i == 7:
+                raise Interrupted
+            yield batch(i)
+
+    with pytest.raises(Interrupted):
+        js.collect(path, run, interrupted(), progress=False)
+    done = zarr.open_group(str(path), mode="r").attrs["jaxsurgery"]
+    assert 0 < done["batches"] < 7 and done["rows"] == done["batches"] * BATCH
+    # a batch interrupted while writing leaves rows in some arrays only
+    key = done["keys"][0]
+    zarr.open_group(str(path), mode="a")[key].append(np.zeros((3, WIDTH), np.float32))
+
+    def resumed():  # the batches already written are skipped, not computed: None stands in
+        for i in range(EXAMPLES // BATCH):
+            yield None if i < done["batches"] else batch(i)
+
+    store = js.collect(path, run, resumed(), progress=False)
+    assert store.attrs["jaxsurgery"]["batches"] == EXAMPLES // BATCH
+    fresh = js.collect(tmp_path / "fresh.zarr", run, dataset(), progress=False)
+    for key in done["keys"]:
+        assert store[key].shape == fresh[key].shape == (EXAMPLES, *store[key].shape[1:])
+        np.testing.assert_array_equal(store[key][:], fresh[key][:])
+
+
+def test_collection_errors_name_the_culprit(setup, tmp_path):
+    model, values = setup
+    with pytest.raises(js.SelectionError, match="no batch axis"):
+        js.collect(tmp_path / "a.zarr", lambda xs: {"mean": xs.mean()}, [batch(0)])
+    js.collect(tmp_path / "b.zarr", lambda xs: {"x": xs}, [batch(0)])
+    with pytest.raises(js.SelectionError, match="not the keys the store"):
+        js.collect(tmp_path / "b.zarr", lambda xs: {"y": xs}, [batch(0), batch(1)])
+    with pytest.raises(js.SelectionError, match="disagree on the batch size"):
+        js.collect(tmp_path / "c.zarr", lambda b: {"x": b[0]}, [(batch(0), jnp.ones(3))])
+
+
+def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_path):
+    xs = jnp.arange(12.0).reshape(4, 3).astype(jnp.bfloat16)
+    store = js.collect(tmp_path / "bf.zarr", lambda b: {"x": b * 2}, [xs, xs], progress=False)
+    assert store["x"].dtype == np.float32 and store["x"].attrs["dtype"] == "bfloat16"
+    allclose(store["x"][:4], np.asarray(xs, np.float32) * 2)
+
+
+def test_collection_is_sharded_over_8_devices():
+    script = pathlib.Path(__file__).with_name("sharded_collect.py")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded collection ok" in result.stdout
