@@ -508,13 +508,10 @@ class Slice:
         return self.graph.draw(highlight=self, engine=engine)
 
     def _repr_html_(self) -> str:
-        from ._table import var_table_html
+        from ._table import slice_roles, var_table_html
 
-        shown = dict.fromkeys([*self.in_vars, *self.window_vars, *self.out_vars])
-        note = f"context: {', '.join(v.name for v in self.context_vars) or 'none'}"
-        if self.notes:
-            note += "; " + "; ".join(self.notes)
-        return var_table_html(list(shown), repr(self), note)
+        roles = slice_roles(self)
+        return var_table_html(list(roles), repr(self), "; ".join(self.notes), roles)
 
     def __repr__(self) -> str:
         ins = ", ".join(v.name for v in self.in_vars)

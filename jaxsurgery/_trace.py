@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from . import _compat as C
-from ._errors import TraceError
+from ._errors import SliceError, TraceError
 from ._frameworks import library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
@@ -107,7 +107,7 @@ def _trace(
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
-    title = f"{getattr(target, '__qualname__', type(target).__name__)}{binder.signature_text()}"
+    title = f"{_title_name(target)}{binder.signature_text()}"
 
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
@@ -126,7 +126,7 @@ def _trace(
         graph = Graph(
             program,
             names,
-            lambda *a, **k: binder.bind(a, k)[1],
+            lambda *a, **k: same_avals(binder.bind(a, k)[1], leaves, in_names),
             leaves if concrete else None,
             title,
             [*notes, *program.notes],
@@ -137,6 +137,30 @@ def _trace(
         return graph
 
     return build()
+
+
+def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list[Any]:
+    """``flat``, checked against the shapes and dtypes the graph was traced with.
+
+    A graph runs the program it traced, whose shapes are fixed: new arguments must
+    have the traced shapes and dtypes (under ``jax.vmap``, per example).
+    """
+    for name, new, old in zip(names, flat, traced):
+        shape, dtype = np.shape(new), _dtype(new)
+        if shape != np.shape(old) or (dtype is not None and dtype != _dtype(old)):
+            was = f"{_dtype(old) or ''}{list(np.shape(old))}"
+            raise SliceError(
+                f"argument `{name}` is {dtype or ''}{list(shape)}, but the graph was traced "
+                f"with {was}: a graph runs the program it traced, for arguments of the traced "
+                "shapes and dtypes. Trace with these (js.trace(f, *new_args)), or trace one "
+                "example and jax.vmap the function you build from it"
+            )
+    return flat
+
+
+def _dtype(x: Any) -> Any:
+    dtype = getattr(x, "dtype", None)
+    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
 
 
 _TRACER_ERRORS = (
@@ -165,6 +189,13 @@ def _label(key: str, labelled: dict[str, str]) -> str | None:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _title_name(fn: Any) -> str:
+    """``CNN.apply`` for a bound method (its class, not ``Module.apply``), else ``_name``."""
+    if inspect.ismethod(fn) and not isinstance(fn.__self__, type):
+        return f"{type(fn.__self__).__name__}.{fn.__name__}"
+    return _name(fn)
 
 
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:

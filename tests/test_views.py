@@ -1,5 +1,6 @@
 """Views: text and HTML tables, DOT and SVG pictures, the command line."""
 
+import html.parser
 import pathlib
 import subprocess
 import sys
@@ -7,8 +8,10 @@ import xml.etree.ElementTree as ET
 
 import jax
 import jax.numpy as jnp
+import nbformat
 import pytest
 from models import mlp_12782, mlp_12782_args
+from nbclient import NotebookClient
 
 import jaxsurgery as js
 from jaxsurgery.__main__ import main
@@ -21,24 +24,80 @@ def g():
     return js.trace(mlp_12782, *mlp_12782_args())
 
 
+class _Cells(html.parser.HTMLParser):
+    """The rows of an HTML table as lists of cell texts (header row first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.tables, self.inputs, self._cell = [], 0, 0, None
+
+    def handle_starttag(self, tag, attrs):
+        self.tables += tag == "table"
+        self.inputs += tag == "input" and ("type", "search") in attrs
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1].append(self._cell)
+            self._cell = None
+
+
+def cells(markup):
+    parser = _Cells()
+    parser.feed(markup)
+    return parser
+
+
 def test_html_tables(g):
-    html = g._repr_html_()
-    assert html.count("<tr>") == len(g.vars) + 1
-    assert "params_2[0]" in html and "dot_general" in html
+    table = cells(g._repr_html_())
+    assert table.tables == 1 and table.inputs == 1
+    header, *rows = table.rows
+    assert header[:2] == ["index", "name"] and len(rows) == len(g.vars)
+    assert [r[1] for r in rows] == [v.name for v in g.vars]
+    assert {"params_2[0]", "z1", "z3"} <= {r[1] for r in rows}
+    assert cells(g.select("z?")._repr_html_()).rows[1:] == [
+        r for r in rows if r[1] in {"z1", "z2", "z3"}
+    ]
+
+
+def test_slice_table_has_roles(g):
     s = g.slice("z1", "z2")
-    assert "context: params_2[0], params_2[1]" in s._repr_html_()
-    assert g.select("z?")._repr_html_().count("<tr>") == 4
+    header, *rows = cells(s._repr_html_()).rows
+    assert header[:3] == ["index", "role", "name"]
+    roles = {r[2]: r[1] for r in rows}
+    expected = {"z1": "input", "z2": "output", "params_2[0]": "context", "params_2[1]": "context"}
+    window = {n for n, r in roles.items() if r == "window"}
+    assert {n: r for n, r in roles.items() if r != "window"} == expected
+    # z2 = tanh(params_2[0] @ z1 + params_2[1]): the dot and the add make the window
+    assert sorted(g[n].primitive for n in window) == ["add", "dot_general"]
+    assert len(window) == len(s.jaxpr.eqns) - 1
+    assert [int(r[0]) for r in rows] == sorted(int(r[0]) for r in rows)
+    both = cells(g.slice("z1", ["z1", "z2"])._repr_html_()).rows
+    assert {r[2]: r[1] for r in both[1:]}["z1"] == "input, output"
 
 
-def test_long_html_table_is_collapsed_and_filterable():
+def test_long_html_table_is_one_filterable_table():
     def deep(x):
         for _ in range(500):
             x = jnp.sin(x)
         return x
 
     g = js.trace(deep, jnp.ones(2))
-    html = g._repr_html_()
-    assert "<details>" in html and "oninput" in html and "461 more rows" in html
+    markup = g._repr_html_()
+    table = cells(markup)
+    assert table.tables == 1 and table.inputs == 1 and "<summary" not in markup
+    header, *rows = table.rows
+    assert len(rows) == len(g.vars) + 1  # every var, and the fold row
+    assert "461 more rows" in rows[30][0] and f">{len(g.vars)} rows<" in markup
+    assert all(len(r) == len(header) for r in rows if r is not rows[30])
+    assert "#fff" not in markup.lower() and "#f6f8fa" not in markup  # no light-theme colours
 
     def deeper(x):
         for _ in range(3000):
@@ -47,6 +106,41 @@ def test_long_html_table_is_collapsed_and_filterable():
 
     big = js.trace(deeper, jnp.ones(2))._repr_html_()
     assert big.count("<tr>") < 50 and "select them with g.select" in big
+
+
+def test_graph_title_is_short_for_flax():
+    import flax.linen as nn
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.relu(nn.Dense(3)(x))
+
+    model = CNN()
+    variables = model.init(jax.random.key(0), jnp.ones(2))
+    g = js.trace(model.apply, variables, jnp.ones(2))
+    title = str(g).splitlines()[0]
+    assert (
+        title == f"Graph CNN.apply: {len(g.vars)} vars, {len(g.jaxpr.eqns)} equations, outputs CNN"
+    )
+    assert f"<b>{title}</b>" in g._repr_html_()
+
+
+def test_sources_name_notebook_cells_as_ipython_does():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import jax.numpy as jnp, jaxsurgery as js"),
+        nbformat.v4.new_code_cell("def f(x):\n    h = jnp.sin(x)\n    return h * 2\n"),
+        nbformat.v4.new_code_cell("g = js.trace(f, jnp.ones(2))\nprint(g['h'].source)\nprint(g)"),
+    ]
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    out = nb.cells[2].outputs[0]["text"]
+    assert "ipykernel_" in out.splitlines()[0]  # the var's source is the cell's temp file
+    table = out.split("\n", 1)[1]
+    assert "Cell In[2], line 2" in table and "Cell In[2], line 3" in table
+    assert "ipykernel_" not in table
+    assert js._table.source_label("/tmp/ipykernel_9/123.py:4") == "cell, line 4"  # other kernel
+    assert js._table.source_label("/home/me/model.py:12") == "model.py:12"
 
 
 def test_dot_marks_the_slice(g):
