@@ -1,14 +1,19 @@
-"""Pictures of a graph or a slice: Graphviz DOT text, and SVG for notebooks.
+"""Static pictures of a graph or a slice: Graphviz DOT text, and SVG for notebooks.
 
-``g.to_dot(highlight=s)`` writes DOT; ``g.draw(highlight=s)`` renders SVG, with
+``g.to_dot(highlight=...)`` writes DOT; ``g.draw(highlight=...)`` renders SVG, with
 Graphviz's ``dot`` program when it is on the PATH (the best layout) and otherwise with a
 small built-in layered layout, so pictures work on a bare ``pip install`` (Graphviz is
-a system program that pip cannot install). Highlighting a slice colours its inputs
-(green), outputs (orange), window (blue) and context (grey, dashed); other vars fade.
+a system program that pip cannot install).
 
-Graphs with more than ``max_nodes`` vars are collapsed: the vars of each top-level
-scope or call (``MLP``, ``layer#3``) become one box, so a 10k-var model draws as its
-blocks.
+``highlight`` is a :class:`~jaxsurgery.Slice` (its inputs green, outputs orange, window
+blue, context grey and dashed; other vars fade) or anything ``g.select`` accepts (a
+name, a glob, an index, a Var, a Selection: those vars purple). A legend says so.
+
+Graphs with more than ``max_nodes`` vars are drawn collapsed, along the group tree of
+:mod:`jaxsurgery._hierarchy`: each group at ``depth`` is one box (``depth=None``: the
+first level with several groups, ``Block_0`` … ``Block_5`` of a transformer), parameters
+inside the box that reads them. A highlighted group takes the strongest role of its
+vars; ``expand=True`` opens the groups holding the highlight's inputs and outputs.
 
 Example:
     >>> import jax.numpy as jnp, jaxsurgery as js
@@ -19,7 +24,7 @@ Example:
     >>> g = js.trace(f, jnp.ones(3))
     >>> print(g.to_dot(highlight=g.slice("z1", "z2")).splitlines()[0])
     digraph jaxsurgery {
-    >>> g.draw().svg.startswith("<svg")
+    >>> g.draw(highlight="z*").svg.startswith("<svg")
     True
 """
 
@@ -29,23 +34,45 @@ import html
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import _compat as C
-from ._table import clip
+from ._errors import SelectionError
+from ._hierarchy import (
+    Group,
+    acyclic,
+    clip_left,
+    default_depth,
+    expanded_to,
+    hierarchy,
+    touching,
+    visible,
+)
 
 if TYPE_CHECKING:
     from ._graph import Graph
-    from ._slice import Slice
 
 STYLES = {  # role -> (fill, stroke, dashed)
     "input": ("#d7f5dd", "#1e8e3e", False),
     "output": ("#fde2c8", "#e8710a", False),
     "window": ("#d2e3fc", "#1a73e8", False),
     "context": ("#f1f3f4", "#80868b", True),
+    "selected": ("#f3e8fd", "#9334e6", False),
     "plain": ("#ffffff", "#bdc1c6", False),
     "faded": ("#ffffff", "#e0e0e0", False),
 }
+#: What each role means, for legends (in this order: the strongest role first).
+ROLES = {
+    "input": "slice input",
+    "output": "slice output",
+    "window": "computed by the slice",
+    "context": "context (fixed values)",
+    "selected": "selected",
+    "plain": "other",
+    "faded": "not highlighted",
+}
+_ORDER = list(ROLES)
+#: Characters of a box's label (clipped from the left: the tail of a path says most).
+LABEL_WIDTH = 26
 
 
 @dataclass
@@ -54,93 +81,121 @@ class Node:
     label: str
     detail: str
     role: str
+    title: str = ""
+    group: bool = False
 
 
-def _roles(graph: Graph, highlight: Slice | None) -> dict[int, str]:
+def roles(graph: Graph, highlight: Any) -> dict[int, str]:
+    """Per var index, its role in ``highlight`` (a Slice, or a selector: ``selected``)."""
+    from ._slice import Slice
+
     if highlight is None:
         return {}
-    roles: dict[int, str] = {}
-    for v in highlight.window_vars:
-        roles[v.index] = "window"
-    for v in highlight.context_vars:
-        roles[v.index] = "context"
-    for v in highlight.in_vars:
-        roles[v.index] = "input"
-    for v in highlight.out_vars:
-        roles[v.index] = "output"
-    return roles
+    if isinstance(highlight, Slice):
+        if highlight.graph is not graph:
+            raise SelectionError(
+                f"highlight={highlight!r} is a slice of another graph; cut it from this "
+                "graph (g.slice(...)) or draw it with s.draw()"
+            )
+        out: dict[int, str] = {}
+        for role, vars_ in (
+            ("window", highlight.window_vars),
+            ("context", highlight.context_vars),
+            ("input", highlight.in_vars),
+            ("output", highlight.out_vars),
+        ):
+            out.update((v.index, role) for v in vars_)
+        return out
+    try:
+        selection = graph.select(highlight)
+    except SelectionError as e:
+        raise SelectionError(
+            f"highlight={highlight!r}: {e.args[0]}; highlight takes a Slice or anything "
+            "g.select accepts"
+        ) from None
+    return {v.index: "selected" for v in selection}
 
 
-def _groups(graph: Graph) -> dict[int, str]:
-    """Per var, the box it goes in when collapsed: its outermost call, top scope, or itself."""
-    program = graph._program
-    call_of: dict[int, str] = {}  # equation -> label of its outermost call
-    end = -1
-    for region in program.regions:
-        if region.start < end:
-            continue  # nested in the call already labelled
-        end = region.end
-        outs = [program.index[a] for a in region.outs if isinstance(a, C.Var)]
-        label = graph.vars[outs[0]].name if outs else region.name
-        for e in range(region.start, region.end):
-            call_of[e] = label
-    groups = {}
-    for v in graph.vars:
-        e = program.producer[v.index]
-        if e in call_of:
-            groups[v.index] = call_of[e]
-        elif v.scope:
-            groups[v.index] = v.scope.split("/")[0]
-        else:
-            head, sep, _ = v.name.partition("/")
-            groups[v.index] = head if sep else v.name
-    return groups
+def _strongest(a: str, b: str) -> str:
+    return a if _ORDER.index(a) <= _ORDER.index(b) else b
 
 
 def layout_graph(
-    graph: Graph, highlight: Slice | None = None, max_nodes: int = 150
+    graph: Graph,
+    highlight: Any = None,
+    max_nodes: int = 150,
+    depth: int | None = None,
+    expand: bool = False,
 ) -> tuple[list[Node], list[tuple[str, str]]]:
-    """Nodes and edges to draw (collapsed by scope past ``max_nodes`` vars)."""
-    roles = _roles(graph, highlight)
+    """Nodes and edges to draw: every var, or the groups of the tree collapsed."""
+    from ._graph import short_type
+
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise SelectionError(f"depth={depth!r} is not a depth: pass an int >= 1, or None")
+    role_of = roles(graph, highlight)
+    base = "faded" if role_of else "plain"
     program = graph._program
-    collapse = len(graph.vars) > max_nodes
-    groups = _groups(graph) if collapse else {}
-    group_key: dict[str, str] = {}
-    key_of: dict[int, str] = {}
+    edges_v = [
+        (i, o) for ins, outs in zip(program.eqn_in, program.eqn_out) for i in ins for o in outs
+    ]
+    groups: dict[str, Group] = {}
+    if depth is None and len(graph.vars) <= max_nodes:
+        node_of = {v.index: f"v{v.index}" for v in graph.vars}
+    else:
+        root = hierarchy(graph)
+        groups = {g.key: g for g in root.walk()}
+        if depth is None:
+            depth = default_depth(root)
+            while (
+                depth > 1 and len(set(visible(root, expanded_to(root, depth)).values())) > max_nodes
+            ):
+                depth -= 1
+        opened = expanded_to(root, depth)
+        if expand and role_of:
+            ends = {i for i, r in role_of.items() if r in ("input", "output", "selected")}
+            opened |= touching(root, ends)
+        _, node_of = acyclic(root, opened, edges_v)
     nodes: dict[str, Node] = {}
-    order = ["input", "output", "window", "context", "plain", "faded"]
     for v in graph.vars:
-        role = roles.get(v.index, "faded" if highlight is not None else "plain")
-        if collapse:
-            key = group_key.setdefault(groups[v.index], f"g{len(group_key)}")
-            node = nodes.get(key)
-            if node is None:
-                nodes[key] = Node(key, groups[v.index], "1 var", role)
-            else:
-                count = int(node.detail.split()[0]) + 1
-                node.detail = f"{count} vars"
-                if order.index(role) < order.index(node.role):
-                    node.role = role
+        key = node_of[v.index]
+        role = role_of.get(v.index, base)
+        node = nodes.get(key)
+        if node is not None:
+            node.role = _strongest(role, node.role)
+        elif key in groups:
+            g = groups[key]
+            title = g.path + (f" (also {', '.join(g.also)})" if g.also else "")
+            label = g.label if g.kind != "inputs" else f"{g.label} (inputs)"
+            detail = f"{g.size} var{'s' if g.size != 1 else ''}"
+            nodes[key] = Node(key, label, detail, role, title or g.label, group=True)
         else:
-            key = f"v{v.index}"
-            from ._graph import short_type
-
-            nodes[key] = Node(key, v.name, f"{short_type(v.aval)} {v.primitive}", role)
-        key_of[v.index] = key
-    edges = []
-    seen = set()
-    for ins, outs in zip(program.eqn_in, program.eqn_out):
-        for i in ins:
-            for o in outs:
-                edge = (key_of[i], key_of[o])
-                if edge[0] != edge[1] and edge not in seen:
-                    seen.add(edge)
-                    edges.append(edge)
-    return list(nodes.values()), edges
+            detail = f"{short_type(v.aval)} {v.primitive}"
+            nodes[key] = Node(key, v.name, detail, role, v.name)
+    edges: dict[tuple[str, str], None] = {}
+    for a, b in edges_v:
+        edge = (node_of[a], node_of[b])
+        if edge[0] != edge[1]:
+            edges[edge] = None
+    return list(nodes.values()), list(edges)
 
 
-def to_dot(graph: Graph, highlight: Slice | None = None, max_nodes: int = 150) -> str:
-    nodes, edges = layout_graph(graph, highlight, max_nodes)
+def _legend(nodes: list[Node]) -> list[str]:
+    """The roles shown, strongest first (none when nothing is highlighted)."""
+    present = {n.role for n in nodes}
+    if present <= {"plain"}:
+        return []
+    return [r for r in _ORDER if r in present]
+
+
+def to_dot(
+    graph: Graph,
+    highlight: Any = None,
+    max_nodes: int = 150,
+    depth: int | None = None,
+    expand: bool = False,
+) -> str:
+    """Graphviz DOT text (see the module docstring)."""
+    nodes, edges = layout_graph(graph, highlight, max_nodes, depth, expand)
     lines = [
         "digraph jaxsurgery {",
         '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
@@ -148,18 +203,33 @@ def to_dot(graph: Graph, highlight: Slice | None = None, max_nodes: int = 150) -
     for n in nodes:
         fill, stroke, dashed = STYLES[n.role]
         style = '"rounded,filled,dashed"' if dashed else '"rounded,filled"'
-        label = _dot_escape(f"{n.label}\\n{n.detail}")
+        label = f"{_dot_escape(clip_left(n.label, LABEL_WIDTH))}\\n{_dot_escape(n.detail)}"
+        extra = ", penwidth=2, peripheries=2" if n.group else ""
         lines.append(
-            f'  {n.key} [label="{label}", fillcolor="{fill}", color="{stroke}", style={style}];'
+            f'  {n.key} [label="{label}", tooltip="{_dot_escape(n.title)}", '
+            f'fillcolor="{fill}", color="{stroke}", style={style}{extra}];'
         )
     for a, b in edges:
         lines.append(f"  {a} -> {b};")
+    legend = _legend(nodes)
+    if legend:
+        lines.append(
+            '  subgraph cluster_legend { label="legend"; fontname="Helvetica"; fontsize=10;'
+        )
+        for r in legend:
+            fill, stroke, dashed = STYLES[r]
+            style = '"rounded,filled,dashed"' if dashed else '"rounded,filled"'
+            lines.append(
+                f'    legend_{r} [label="{ROLES[r]}", fillcolor="{fill}", color="{stroke}", '
+                f"style={style}];"
+            )
+        lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def _dot_escape(text: str) -> str:
-    return text.replace('"', '\\"')
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class Drawing:
@@ -178,9 +248,11 @@ class Drawing:
 
 def draw(
     graph: Graph,
-    highlight: Slice | None = None,
+    highlight: Any = None,
     max_nodes: int = 150,
     engine: str = "auto",
+    depth: int | None = None,
+    expand: bool = False,
 ) -> Drawing:
     """Render SVG with Graphviz (``engine="dot"``), the built-in layout, or the best present."""
     if engine not in ("auto", "dot", "builtin"):
@@ -191,13 +263,13 @@ def draw(
     if dot is not None and engine != "builtin":
         out = subprocess.run(
             [dot, "-Tsvg"],
-            input=to_dot(graph, highlight, max_nodes),
+            input=to_dot(graph, highlight, max_nodes, depth, expand),
             capture_output=True,
             text=True,
             check=True,
         )
         return Drawing(out.stdout[out.stdout.index("<svg") :])
-    return Drawing(_builtin_svg(*layout_graph(graph, highlight, max_nodes)))
+    return Drawing(_builtin_svg(*layout_graph(graph, highlight, max_nodes, depth, expand)))
 
 
 def _layers(nodes: list[Node], edges: list[tuple[str, str]]) -> dict[str, int]:
@@ -243,42 +315,55 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
     for n in nodes:
         rows.setdefault(layer[n.key], []).append(n)
     _order(rows, edges)
+    legend = _legend(nodes)
     box_w, box_h, gap_x, gap_y, pad = 150, 38, 24, 34, 16
+    top = pad + (22 if legend else 0)
     width = pad * 2 + max(len(r) for r in rows.values()) * (box_w + gap_x) - gap_x
-    height = pad * 2 + (max(rows) + 1) * (box_h + gap_y) - gap_y
+    width = max(width, pad * 2 + 150 * len(legend))
+    height = top + pad + (max(rows) + 1) * (box_h + gap_y) - gap_y
     pos: dict[str, tuple[float, float]] = {}
     for depth, row in rows.items():
         row_w = len(row) * (box_w + gap_x) - gap_x
         x0 = (width - row_w) / 2
         for k, n in enumerate(row):
-            pos[n.key] = (x0 + k * (box_w + gap_x), pad + depth * (box_h + gap_y))
+            pos[n.key] = (x0 + k * (box_w + gap_x), top + depth * (box_h + gap_y))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
         'markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#9aa0a6"/></marker></defs>',
     ]
+    for k, r in enumerate(legend):
+        fill, stroke, dashed = STYLES[r]
+        dash = ' stroke-dasharray="4,3"' if dashed else ""
+        x = pad + 150 * k
+        parts.append(
+            f'<g class="legend"><rect x="{x}" y="{pad - 4}" width="14" height="14" rx="3" '
+            f'fill="{fill}" stroke="{stroke}"{dash}/><text x="{x + 19}" y="{pad + 7}" '
+            f'font-size="11" fill="#5f6368">{html.escape(ROLES[r])}</text></g>'
+        )
     for a, b in edges:
         (xa, ya), (xb, yb) = pos[a], pos[b]
         x1, y1, x2, y2 = xa + box_w / 2, ya + box_h, xb + box_w / 2, yb
         mid = (y1 + y2) / 2
         parts.append(
-            f'<path d="M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}" '
-            'fill="none" stroke="#9aa0a6" stroke-width="1" marker-end="url(#arrow)"/>'
+            f'<path d="M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}" '
+            'fill="none" stroke="#9aa0a6" marker-end="url(#arrow)"/>'
         )
     for n in nodes:
         x, y = pos[n.key]
         fill, stroke, dashed = STYLES[n.role]
         dash = ' stroke-dasharray="4,3"' if dashed else ""
+        width_px = 3 if n.group else 1.5
         text_color = "#bdc1c6" if n.role == "faded" else "#202124"
         parts.append(
-            f"<g><title>{html.escape(n.label)}: {html.escape(n.detail)}</title>"
+            f"<g><title>{html.escape(n.title)}: {html.escape(n.detail)}</title>"
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="6" '
-            f'fill="{fill}" stroke="{stroke}" stroke-width="1.5"{dash}/>'
+            f'fill="{fill}" stroke="{stroke}" stroke-width="{width_px}"{dash}/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 16:.1f}" font-size="12" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(clip(n.label, 22))}</text>'
+            f'fill="{text_color}">{html.escape(clip_left(n.label, 22))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 30:.1f}" font-size="10" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(clip(n.detail, 26))}</text></g>'
+            f'fill="{text_color}">{html.escape(clip_left(n.detail, 26))}</text></g>'
         )
     parts.append("</svg>")
     return "\n".join(parts)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ._draw import Drawing
     from ._experiments import AttributionFunction, PatchFunction, ValuesFunction
     from ._grads import GradsFunction
+    from ._interactive import View
     from ._match import Match
     from ._select import Selection
     from ._slice import Slice
@@ -552,19 +553,45 @@ class Graph:
             graph.add_edges_from(((i, o) for i in ins for o in outs), eqn=e, primitive=primitive)
         return graph
 
-    def to_dot(self, highlight: Slice | None = None, max_nodes: int = 150) -> str:
-        """Graphviz DOT text of the graph, a slice highlighted (see :mod:`jaxsurgery._draw`)."""
+    def to_dot(
+        self,
+        highlight: Slice | Selector | None = None,
+        max_nodes: int = 150,
+        *,
+        depth: int | None = None,
+        expand: bool = False,
+    ) -> str:
+        """Graphviz DOT text of the graph; ``highlight`` a Slice or any selector.
+
+        Past ``max_nodes`` vars (or with ``depth=``) groups are boxes (see
+        :mod:`jaxsurgery._draw`); ``expand=True`` opens the groups the highlight ends in.
+        """
         from ._draw import to_dot
 
-        return to_dot(self, highlight, max_nodes)
+        return to_dot(self, highlight, max_nodes, depth, expand)
 
     def draw(
-        self, highlight: Slice | None = None, max_nodes: int = 150, engine: str = "auto"
+        self,
+        highlight: Slice | Selector | None = None,
+        max_nodes: int = 150,
+        engine: str = "auto",
+        *,
+        depth: int | None = None,
+        expand: bool = False,
     ) -> Drawing:
-        """An SVG picture (shown inline in notebooks), a slice highlighted."""
+        """An SVG picture (shown inline in notebooks); arguments as for :meth:`to_dot`."""
         from ._draw import draw
 
-        return draw(self, highlight, max_nodes, engine)
+        return draw(self, highlight, max_nodes, engine, depth, expand)
+
+    def view(
+        self, highlight: Slice | Selector | None = None, *, depth: int | None = None
+    ) -> View:
+        """An interactive picture for notebooks (pan, zoom, open groups, search), or a
+        standalone page with ``.save("g.html")`` (see :mod:`jaxsurgery._interactive`)."""
+        from ._interactive import View
+
+        return View(self, highlight, depth)
 
     def __repr__(self) -> str:
         from ._table import graph_table

@@ -172,7 +172,10 @@ def test_svg_is_well_formed_and_large_graphs_collapse_by_scope():
     g = js.trace(many, jnp.ones(2))
     assert len(g.vars) > 150
     collapsed = ET.fromstring(g.draw().svg)
-    assert len(collapsed.findall(".//{http://www.w3.org/2000/svg}rect")) == 81  # x + 80 calls
+    # x + 80 calls: past 40 boxes, runs of 3 consecutive calls fold into one segment
+    assert len(collapsed.findall(".//{http://www.w3.org/2000/svg}rect")) == 27
+    texts = [t.text for t in collapsed.iter("{http://www.w3.org/2000/svg}text")]
+    assert "x#0 … block#1" in texts and "block#77 … block#79" in texts
 
 
 def test_readme_picture_is_what_the_code_draws():
