@@ -229,22 +229,27 @@ def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
 
 
 class _Bar:
-    """``collect: 12/40 batches, 6 144 examples`` on stderr, redrawn in place."""
+    """``collect: 12/40 batches, 6144 examples`` on stderr once the work passes two seconds:
+    redrawn in place on a terminal, a line every ten seconds elsewhere (notebooks, logs)."""
 
     def __init__(self, total: int | None, enabled: bool):
         import sys
         import time
 
         self.total, self.stream, self.clock = total, sys.stderr, time.monotonic
-        self.start = self.clock()
+        self.start = self.last = self.clock()
         self.enabled = enabled and os.environ.get("JAXSURGERY_PROGRESS", "1") != "0"
+        self.redraw = getattr(self.stream, "isatty", lambda: False)()
         self.shown = False
 
     def show(self, batches: int, rows: int, last: bool = False) -> None:
-        if not self.enabled or (not self.shown and self.clock() - self.start < 2.0):
+        now = self.clock()
+        if not self.enabled or now - self.start < 2.0:
+            return
+        if not (last or self.redraw or not self.shown or now - self.last >= 10.0):
             return
         of = f"/{self.total}" if self.total is not None else ""
-        end = "\n" if last else ""
-        self.stream.write(f"\rcollect: {batches}{of} batches, {rows} examples{end}")
+        text = f"collect: {batches}{of} batches, {rows} examples"
+        self.stream.write(f"\r{text}" + ("\n" if last else "") if self.redraw else text + "\n")
         self.stream.flush()
-        self.shown = True
+        self.shown, self.last = True, now

@@ -25,6 +25,7 @@ from ._instrument import Recorder, call_in_frame, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
+from ._progress import phase, progress, reported
 from ._scopes import scope_names
 
 
@@ -57,7 +58,8 @@ def trace(
         >>> g["h"].shape
         (2, 4)
     """
-    return _trace(fn, args, kwargs, static_argnums, static_argnames)
+    with progress(f"tracing {_name(fn)}"):
+        return _trace(fn, args, kwargs, static_argnums, static_argnames)
 
 
 @gc_paused  # saves about a third of the time on 10k-equation programs
@@ -96,6 +98,7 @@ def _trace(
             f"{_name(target)} is a generator function; js.trace needs a function that "
             "returns arrays (collect what it yields and return it)"
         )
+    phase("running the function", lambda: len(recorder.bindings), "values named")
     try:
         with recorder, library_calls(call_in_frame), library_names(record):
             closed = C.make_jaxpr(flat_fn, *leaves)
@@ -111,7 +114,9 @@ def _trace(
 
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
+        phase(f"indexing {len(closed.jaxpr.eqns)} equations")
         program = Program(closed, leaves if concrete else None, fold)
+        phase("naming the values")
         bindings, templates = recorder.qualified(program)
         names = assign_names(
             len(program.vars),
@@ -133,7 +138,7 @@ def _trace(
             out_info["tree"],
             templates=template_names([*index_templates(program), *templates]),
         )
-        graph._rebuild = build
+        graph._rebuild = reported(build, f"unrolling the loops of {_name(target)}")
         return graph
 
     return build()
