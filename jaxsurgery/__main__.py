@@ -1,19 +1,39 @@
 """Command line view: ``python -m jaxsurgery show path/to/file.py:fn --arg f32[4,3] ...``.
 
 Traces ``fn`` from the file with abstract arguments and prints the var table; ``--dot
-FILE`` also writes the graph as Graphviz DOT and ``--svg FILE`` as SVG. An argument is
-``dtype[shape]`` (``f32[4,3]``, ``i32[]``, ``bf16[8]``) or a tuple of them in
-parentheses (``"(f32[4,3], f32[4])"``) for a parameter that is a pair of arrays.
+FILE`` also writes the graph as Graphviz DOT and ``--svg FILE`` as SVG, and ``--slice IN
+OUT`` highlights the slice ``g.slice(IN, OUT)`` in them (and prints it).
+
+Arguments, in order (each one positional argument of ``fn``):
+
+* ``--arg SPEC``: an abstract array ``dtype[shape]``, written as you would write it:
+  ``f32[4,3]``, ``float32[4,3]``, ``jnp.float32[3]``, ``i32[]`` (a scalar), ``bf16[2,2]``,
+  ``bool[5]`` (short names ``f16 bf16 f32 f64 c64 c128 i8 i16 i32 i64 u8 u32``, or any
+  NumPy dtype name); nested in tuples ``"(f32[4,3], f32[4])"``, lists ``"[i32[], f32[2]]"``
+  and dicts ``"{'params': {'w': f32[4,3], 'b': f32[4]}}"``; ``None``, numbers and strings
+  are passed as they are.
+* ``--args-from FILE.py:fn`` (or ``module:fn``, or ``:fn`` in the target's file): ``fn()``
+  returns real arguments, a tuple of them (any other value is one argument). A Flax or
+  Haiku model's parameters come from its ``init`` this way. They come before ``--arg``\\ s.
+
+``fn`` may be an attribute path (``model.py:model.apply``). Every error is one line (a
+missing function says what is close; ``--traceback`` shows the whole traceback).
 
 Example (the README's example file)::
 
     python -m jaxsurgery show examples/issue_12782.py:f --arg f32[3] \\
-        --arg "(f32[4,3],f32[4])" --arg "(f32[5,4],f32[5])" --arg "(f32[2,5],f32[2])"
+        --arg "(f32[4,3],f32[4])" --arg "(f32[5,4],f32[5])" --arg "(f32[2,5],f32[2])" \\
+        --slice z1 z2 --svg f.svg
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import functools
+import importlib
+import os
 import re
 import runpy
 import sys
@@ -31,46 +51,160 @@ DTYPES = {
     "i32": "int32",
     "i64": "int64",
     "u8": "uint8",
+    "u16": "uint16",
     "u32": "uint32",
+    "u64": "uint64",
     "bool": "bool",
 }
-_SPEC = re.compile(r"\s*([a-z]+[0-9]*)\[([0-9,\s]*)\]\s*")
+_SPELLING = (
+    "write dtype[shape] like f32[4,3], float32[3] or i32[], nested in tuples "
+    "'(f32[4,3], f32[4])', lists or dicts \"{'w': f32[4,3]}\""
+)
+
+
+_MISSING = object()
 
 
 class UsageError(Exception):
     """A bad command line; printed as one line."""
 
 
+def parse_dtype(name: str) -> Any:
+    """The NumPy dtype of ``f32``, ``float32``, ``jnp.float32``, ``np.int8``, ``bfloat16``."""
+    import jax.numpy as jnp
+
+    short = name.rsplit(".", 1)[-1]
+    try:
+        return jnp.dtype(DTYPES.get(short, short))
+    except TypeError:
+        known = [*DTYPES, *DTYPES.values()]
+        close = difflib.get_close_matches(short, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown dtype {name!r}: {hint}(e.g. {', '.join(DTYPES)})") from None
+
+
 def parse_arg(text: str) -> Any:
-    """``"f32[4,3]"`` -> ``ShapeDtypeStruct``; ``"(a, b)"`` -> a tuple of them."""
+    """An argument spec as a pytree of ``jax.ShapeDtypeStruct``.
+
+    Example:
+        >>> parse_arg("{'w': f32[4,3], 'b': (float32[4], i32[])}")
+        {'w': ShapeDtypeStruct(shape=(4, 3), dtype=float32), 'b': (ShapeDtypeStruct(shape=(4,), dtype=float32), ShapeDtypeStruct(shape=(), dtype=int32))}
+    """
+    source = re.sub(r"\[\s*\]", "[()]", text.strip())  # i32[]: a scalar
+    try:
+        tree = ast.parse(source, mode="eval").body
+        return _spec(tree)
+    except (SyntaxError, ValueError) as e:
+        reason = e.msg if isinstance(e, SyntaxError) else e
+        raise UsageError(f"bad --arg {text!r}: {reason}; {_SPELLING}") from None
+    except UsageError as e:
+        raise UsageError(f"bad --arg {text!r}: {e}") from None
+
+
+def _spec(node: ast.expr) -> Any:
     import jax
 
-    text = text.strip()
-    if text.startswith("(") and text.endswith(")"):
-        inner = text[1:-1]
-        parts = [p for p in re.split(r",\s*(?![^\[]*\])", inner) if p.strip()]
-        return tuple(parse_arg(p) for p in parts)
-    m = _SPEC.fullmatch(text)
-    if m is None or m.group(1) not in DTYPES:
-        raise UsageError(
-            f"bad --arg {text!r}: write dtype[shape] like f32[4,3] or i32[] "
-            f"(dtypes: {', '.join(DTYPES)}), or a tuple like '(f32[4,3],f32[4])'"
-        )
-    shape = tuple(int(d) for d in m.group(2).split(",") if d.strip())
-    return jax.ShapeDtypeStruct(shape, DTYPES[m.group(1)])
+    if isinstance(node, ast.Tuple | ast.List):
+        items = [_spec(e) for e in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("no ** in a dict")
+        return {ast.literal_eval(k): _spec(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Subscript):
+        dtype = parse_dtype(ast.unparse(node.value))
+        dims = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if not all(isinstance(d, ast.Constant) and type(d.value) is int for d in dims):
+            raise ValueError(f"a shape is whole numbers, not {ast.unparse(node.slice)!r}")
+        return jax.ShapeDtypeStruct(tuple(d.value for d in dims), dtype)
+    if isinstance(node, ast.Name | ast.Attribute):  # a bare dtype: a scalar
+        return jax.ShapeDtypeStruct((), parse_dtype(ast.unparse(node)))
+    raise ValueError(f"cannot read {ast.unparse(node)!r}")
 
 
-def load_function(target: str) -> Any:
-    path, sep, name = target.rpartition(":")
-    if not sep or not path or not name:
-        raise UsageError(f"bad target {target!r}: write path/to/file.py:function")
+@functools.cache
+def _namespace(path: str) -> dict[str, Any]:
+    """The globals of a file (run once, so a target and its arguments share classes) or
+    of an importable module."""
     try:
-        namespace = runpy.run_path(path, run_name="__jaxsurgery_show__")
-    except (OSError, SyntaxError) as e:
-        raise UsageError(f"cannot load {path!r}: {e}") from None
-    if name not in namespace or not callable(namespace[name]):
-        raise UsageError(f"{path!r} has no function {name!r}")
-    return namespace[name]
+        if path.endswith(".py") or os.sep in path or "/" in path:
+            return runpy.run_path(path, run_name="__jaxsurgery_show__")
+        return vars(importlib.import_module(path))
+    except Exception as e:  # the file itself failed: say how, in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"cannot load {path!r}: {type(e).__name__}: {first}") from None
+
+
+def load(ref: str, what: str, default_path: str | None = None) -> Any:
+    """The object ``path:name`` names (``name`` may be a dotted attribute path)."""
+    path, sep, name = ref.rpartition(":")
+    path = path or default_path or ""
+    if not sep or not path or not name:
+        raise UsageError(f"bad {what} {ref!r}: write path/to/file.py:function")
+    obj: Any = _namespace(path)
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        found = obj.get(part, _MISSING) if isinstance(obj, dict) else getattr(obj, part, _MISSING)
+        if found is _MISSING:
+            options = [k for k in (obj if isinstance(obj, dict) else dir(obj)) if k[:1] != "_"]
+            close = difflib.get_close_matches(part, options, n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise UsageError(f"{'.'.join(parts[:i]) or path!r} has no {part!r}{hint}")
+        obj = found
+    if not callable(obj):
+        raise UsageError(f"{what} {ref!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or os.path.isdir(path):
+        raise UsageError(f"cannot write {flag} {path!r}: no folder {folder!r}")
+
+
+def _write(path: str, flag: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def run(args: argparse.Namespace) -> None:
+    """``show``: trace, print, write the pictures; raises UsageError or SurgeryError."""
+    import jaxsurgery as js
+
+    _check_writable(args.dot, "--dot")
+    _check_writable(args.svg, "--svg")
+    fn = load(args.target, "target")
+    given: list[Any] = []
+    if args.args_from:
+        made = load(args.args_from, "--args-from", args.target.rpartition(":")[0])()
+        given = list(made) if isinstance(made, tuple) else [made]
+    given += [parse_arg(a) for a in args.arg]
+    try:
+        graph = js.trace(fn, *given)
+    except js.SurgeryError:
+        raise
+    except Exception as e:  # the user's function failed to trace with these arguments
+        raise UsageError(f"tracing {args.target} failed: {_first_line(e)}") from e
+    highlight = graph.slice(*args.slice) if args.slice else None
+    print(graph)
+    if highlight is not None:
+        print(repr(highlight))
+    if args.dot:
+        _write(args.dot, "--dot", graph.to_dot(highlight=highlight))
+    if args.svg:
+        _write(args.svg, "--svg", graph.draw(highlight=highlight).svg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,30 +213,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print the var table of a function")
-    show.add_argument("target", help="path/to/file.py:function")
-    show.add_argument("--arg", action="append", default=[], help="an argument's dtype[shape]")
+    show.add_argument("target", help="path/to/file.py:function (or module:function)")
+    show.add_argument(
+        "--arg", action="append", default=[], help="an argument: f32[4,3], '(f32[3], i32[])', ..."
+    )
+    show.add_argument("--args-from", help="file.py:fn (or :fn): fn() returns the arguments")
+    show.add_argument("--slice", nargs=2, metavar=("IN", "OUT"), help="highlight g.slice(IN, OUT)")
     show.add_argument("--dot", help="also write the graph as Graphviz DOT to this file")
     show.add_argument("--svg", help="also write the graph as SVG to this file")
+    show.add_argument("--traceback", action="store_true", help="show errors' tracebacks")
     args = parser.parse_args(argv)
     import jaxsurgery as js
 
     try:
-        fn = load_function(args.target)
-        specs = [parse_arg(a) for a in args.arg]
-        graph = js.trace(fn, *specs)
+        run(args)
     except (UsageError, js.SurgeryError) as e:
-        print(f"jaxsurgery show: error: {e}", file=sys.stderr)
+        if args.traceback:
+            raise
+        message = str(e).strip().replace("\n", " ")
+        print(f"jaxsurgery show: error: {message}", file=sys.stderr)
         return 2
-    except Exception as e:  # the user's function failed to trace with these arguments
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"jaxsurgery show: error: tracing {args.target} failed: {first}", file=sys.stderr)
-        return 2
-    print(graph)
-    if args.dot:
-        with open(args.dot, "w", encoding="utf-8") as f:
-            f.write(graph.to_dot())
-    if args.svg:
-        graph.draw().save(args.svg)
+    except Exception as e:  # drawing or writing failed: one line, unless asked for more
+        if args.traceback:
+            raise
+        print(f"jaxsurgery show: error: {_first_line(e)} (--traceback for more)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,7 @@
-"""Views: text and HTML tables, DOT and SVG pictures, the command line."""
+"""Views: text and HTML tables, DOT and SVG pictures (the command line: test_cli.py)."""
 
 import html.parser
 import pathlib
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
@@ -14,7 +13,6 @@ from models import mlp_12782, mlp_12782_args
 from nbclient import NotebookClient
 
 import jaxsurgery as js
-from jaxsurgery.__main__ import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -186,38 +184,3 @@ def test_readme_picture_is_what_the_code_draws():
         sys.path.pop(0)
     assert PICTURE.read_text() == picture()
     assert "docs/issue_12782_slice.svg" in (ROOT / "README.md").read_text()
-
-
-def test_command_line_show(capsys, tmp_path):
-    args = ["--arg", "f32[3]", "--arg", "(f32[4,3],f32[4])", "--arg", "(f32[5,4],f32[5])"]
-    args += ["--arg", "(f32[2,5],f32[2])", "--dot", str(tmp_path / "g.dot")]
-    assert main(["show", str(ROOT / "examples" / "issue_12782.py:f"), *args]) == 0
-    out = capsys.readouterr().out
-    assert "z1" in out and "params_3[1]" in out
-    assert (tmp_path / "g.dot").read_text().startswith("digraph")
-
-
-def test_command_line_bad_argument_is_one_line():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxsurgery",
-            "show",
-            "examples/issue_12782.py:f",
-            "--arg",
-            "f32[3x]",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "bad --arg 'f32[3x]'" in result.stderr
-    missing = subprocess.run(
-        [sys.executable, "-m", "jaxsurgery", "show", "examples/nope.py:f"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1

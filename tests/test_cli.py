@@ -1,0 +1,160 @@
+"""The command line (``python -m jaxsurgery show``): argument specs, real arguments from a
+function, a highlighted slice, one-line errors."""
+
+from __future__ import annotations
+
+import doctest
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+import jaxsurgery.__main__ as cli
+from jaxsurgery.__main__ import main, parse_arg
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "examples" / "issue_12782.py")
+MLP_ARGS = ["--arg", "f32[3]", "--arg", "(f32[4,3],f32[4])"]
+MLP_ARGS += ["--arg", "(f32[5,4],f32[5])", "--arg", "(f32[2,5],f32[2])"]
+S = jax.ShapeDtypeStruct
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(cli).failed == 0
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("f32[3]", S((3,), jnp.float32)),
+        ("float32[3]", S((3,), jnp.float32)),
+        ("jnp.float32[4, 3]", S((4, 3), jnp.float32)),
+        ("int32[]", S((), jnp.int32)),
+        ("np.uint8[2,]", S((2,), jnp.uint8)),
+        ("bfloat16[2,2]", S((2, 2), jnp.bfloat16)),
+        ("bool", S((), jnp.bool_)),
+        (
+            "{'params': {'w': f32[4,3], 'b': f32[4]}}",
+            {"params": {"w": S((4, 3), jnp.float32), "b": S((4,), jnp.float32)}},
+        ),
+        (
+            "[(f32[2], (i32[], bf16[1])), None, 3]",
+            [(S((2,), jnp.float32), (S((), jnp.int32), S((1,), jnp.bfloat16))), None, 3],
+        ),
+    ],
+)
+def test_argument_specs(spec, expected):
+    assert parse_arg(spec) == expected
+
+
+def test_show_prints_the_table_and_writes_dot(capsys, tmp_path):
+    assert main(["show", f"{EXAMPLE}:f", *MLP_ARGS, "--dot", str(tmp_path / "g.dot")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == str(js.trace(mlp_12782, *mlp_12782_args())).strip()
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+def test_slice_is_highlighted_as_the_api_does(capsys, tmp_path):
+    dot, svg = tmp_path / "g.dot", tmp_path / "g.svg"
+    argv = ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z1", "z2"]
+    assert main([*argv, "--dot", str(dot), "--svg", str(svg)]) == 0
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    s = g.slice("z1", "z2")
+    assert repr(s) in capsys.readouterr().out
+    assert dot.read_text() == g.to_dot(highlight=s)
+    assert dot.read_text() != g.to_dot()
+    assert svg.read_text() == g.draw(highlight=s).svg
+
+
+FLAX_MODEL = """
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
+
+
+model = MLP()
+
+
+def forward(params, x):
+    return model.apply({"params": params}, x)
+
+
+def example():
+    x = jnp.ones(3)
+    return model.init(jax.random.key(0), x)["params"], x
+"""
+
+
+def test_flax_model_from_real_and_spelled_arguments(capsys, tmp_path):
+    path = tmp_path / "flax_model.py"
+    path.write_text(FLAX_MODEL)
+    assert main(["show", f"{path}:forward", "--args-from", ":example"]) == 0
+    real = capsys.readouterr().out
+    # Dense(2) is made first: Dense_0 (4 -> 2), then Dense(4): Dense_1 (3 -> 4)
+    spec = "{'Dense_0': {'kernel': f32[4,2], 'bias': bfloat16[2]}, "
+    spec += "'Dense_1': {'kernel': f32[3,4], 'bias': f32[4]}}"
+    assert main(["show", f"{path}:forward", "--arg", spec, "--arg", "float32[3]"]) == 0
+    spelled = capsys.readouterr().out
+    for name in ("params['Dense_0']['kernel']", "params['Dense_1']['bias']", "MLP/Dense_0"):
+        assert name in real and name in spelled
+    assert "bf16[2]" in spelled and "bf16[2]" not in real  # the bias dtype was read
+    same = spec.replace("bfloat16", "f32")  # the shapes and dtypes of the real arguments
+    assert main(["show", f"{path}:forward", "--arg", same, "--arg", "jnp.float32[3]"]) == 0
+    assert capsys.readouterr().out == real
+    # the attribute path of a bound method is a target too
+    argv = ["show", f"{path}:model.apply", "--arg", "{'params': " + spec + "}", "--arg", "f32[3]"]
+    assert main(argv) == 0
+    assert "variables['params']['Dense_1']['kernel']" in capsys.readouterr().out
+
+
+def one_error(capsys, argv, code=2):
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+def test_errors_are_one_line(capsys, tmp_path):
+    err = one_error(capsys, ["show", f"{EXAMPLE}:ff", *MLP_ARGS])
+    assert "has no 'ff'; did you mean 'f'?" in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--svg", "/no/such/dir/f.svg"])
+    assert "cannot write --svg '/no/such/dir/f.svg'" in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z9", "z2"])
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    with pytest.raises(js.SelectionError) as raised:
+        g.slice("z9", "z2")
+    assert str(raised.value).splitlines()[0] in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", "--arg", "flot32[3]"])
+    assert "did you mean 'float32'?" in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", "--args-from", ":nothing"])
+    assert "has no 'nothing'" in err
+    bad = tmp_path / "bad.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    err = one_error(capsys, ["show", f"{bad}:f"])
+    assert "ModuleNotFoundError" in err
+
+
+def test_a_bad_argument_is_one_line_without_a_traceback():
+    argv = [sys.executable, "-m", "jaxsurgery", "show", "examples/issue_12782.py:f"]
+    result = subprocess.run(
+        [*argv, "--arg", "f32[3x]", "--svg", "/no/such/dir/f.svg"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and "--svg" in result.stderr
+    result = subprocess.run([*argv, "--arg", "f32[3x]"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "bad --arg 'f32[3x]'" in result.stderr
