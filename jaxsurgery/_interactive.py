@@ -1,0 +1,186 @@
+"""The interactive view: a graph you can pan, zoom, open group by group and search.
+
+``g.view()`` returns a :class:`View`; a notebook shows it (``_repr_html_``), and
+``view.save("g.html")`` writes a standalone page. Groups are those of
+:mod:`jaxsurgery._hierarchy`, opened to the same default depth as ``g.draw()``: click a
+box to open it, the header of an open group to close it; hover or click a var for a card
+with its full name, aliases, type, scope, ``file:line`` and a selector to copy; the
+search box (case-insensitive words, over names, aliases, scopes and primitives) counts
+the matches, marks them, and opens the groups of the first ones.
+
+The layout runs in the browser with dagre (``jaxsurgery/static/dagre.min.js``, MIT,
+vendored): the page inlines it and the data, so it works offline and in CI.
+
+Example:
+    >>> import jax.numpy as jnp, jaxsurgery as js
+    >>> def f(x):
+    ...     h = jnp.tanh(x)
+    ...     return jnp.sin(h)
+    >>> view = js.trace(f, jnp.ones(3)).view(highlight="h")
+    >>> [v["role"] for v in view.data()["vars"]]
+    ['faded', 'selected', 'faded']
+    >>> "dagre" in view._repr_html_()
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import itertools
+import json
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ._draw import STYLES, roles
+from ._hierarchy import acyclic, default_depth, expanded_to, hierarchy
+from ._names import is_generated
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+
+_ids = itertools.count()
+
+
+@functools.cache
+def _static(name: str) -> str:
+    return resources.files("jaxsurgery").joinpath("static", name).read_text(encoding="utf-8")
+
+
+class View:
+    """An interactive picture of a graph (see the module docstring).
+
+    Args:
+        graph: the graph.
+        highlight: a Slice, or anything ``graph.select`` accepts (shown as in ``g.draw``).
+        depth: groups open above this depth (None: as ``g.draw()``).
+    """
+
+    def __init__(self, graph: Graph, highlight: Any = None, depth: int | None = None):
+        self.graph = graph
+        self._roles = roles(graph, highlight)
+        self._depth = depth
+
+    def data(self) -> dict[str, Any]:
+        """What the page draws: groups, vars (with roles), var-level edges, open groups."""
+        from ._graph import short_type
+
+        graph = self.graph
+        root = hierarchy(graph)
+        program = graph._program
+        edges = [
+            (i, o) for ins, outs in zip(program.eqn_in, program.eqn_out) for i in ins for o in outs
+        ]
+        depth = self._depth or default_depth(root)
+        opened, _ = acyclic(root, expanded_to(root, depth), edges)
+        owner: dict[int, str] = {}
+        group_rows = []
+        for g in root.walk():
+            for c in g.children:
+                owner.setdefault(id(c), g.key)
+            glob = f"{g.path}/**" if g.kind in ("scope", "call") and g.path else ""
+            group_rows.append(
+                {
+                    "key": g.key,
+                    "label": g.label,
+                    "path": g.path,
+                    "kind": g.kind,
+                    "also": g.also,
+                    "size": g.size,
+                    "depth": g.depth,
+                    "parent": owner.get(id(g)),
+                    "glob": glob,
+                }
+            )
+            for i in g.vars:
+                owner[-1 - i] = g.key
+        base = "faded" if self._roles else "plain"
+        var_rows = []
+        for v in graph.vars:
+            var_rows.append(
+                {
+                    "index": v.index,
+                    "name": v.name,
+                    "aliases": [a for a in v.aliases if not is_generated(a)],
+                    "type": short_type(v.aval),
+                    "primitive": v.primitive,
+                    "scope": v.scope,
+                    "source": v.source or "",
+                    "group": owner[-1 - v.index],
+                    "role": self._roles.get(v.index, base),
+                }
+            )
+        return {
+            "groups": group_rows,
+            "vars": var_rows,
+            "edges": sorted(set(edges)),
+            "expanded": sorted(opened - {root.key}),
+        }
+
+    def html(self, standalone: bool = False) -> str:
+        """The view as HTML: a fragment for notebooks, or a whole page."""
+        box = f"jsv-{next(_ids)}"
+        payload = json.dumps(self.data(), separators=(",", ":")).replace("</", "<\\/")
+        fragment = (
+            f'<div class="jsv" id="{box}"><style>{_css(box)}</style>'
+            '<div class="jsv-bar"><input class="jsv-search" type="search" '
+            'placeholder="search names, scopes, primitives" aria-label="search">'
+            '<span class="jsv-count"></span><button class="jsv-fit">fit</button>'
+            '<button class="jsv-collapse">reset</button>'
+            f'<span class="jsv-title">{html.escape(self.graph._title.split("(")[0])}: '
+            f"{len(self.graph.vars)} vars; click a box to open it</span></div>"
+            '<div class="jsv-body"><svg class="jsv-canvas" xmlns="http://www.w3.org/2000/svg">'
+            f'<defs><marker id="{box}-arrow" viewBox="0 0 10 10" refX="10" refY="5" '
+            'markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" '
+            'fill="#9aa0a6"/></marker></defs><g class="jsv-scene"></g></svg>'
+            '<div class="jsv-card">hover a box for its details</div></div>'
+            f"<script>{_static('dagre.min.js')}\n{_static('view.js')}\n"
+            f"jaxsurgeryView(document.getElementById({box!r}), {payload});</script></div>"
+        )
+        if not standalone:
+            return fragment
+        return (
+            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>jaxsurgery view</title>'
+            f"</head><body>{fragment}</body></html>"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+    def save(self, path: str) -> None:
+        """Write a standalone HTML page (no network needed to open it)."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.html(standalone=True))
+
+    def __repr__(self) -> str:
+        return f"View({self.graph._title.split('(')[0]}: {len(self.graph.vars)} vars)"
+
+
+def _css(box: str) -> str:
+    rules = [
+        f"#{box}{{font-family:Helvetica,Arial,sans-serif;font-size:12px;color:inherit}}",
+        f"#{box} .jsv-bar{{display:flex;gap:8px;align-items:center;margin:4px 0}}",
+        f"#{box} .jsv-title{{opacity:.7}}",
+        f"#{box} .jsv-body{{display:flex;gap:8px}}",
+        f"#{box} .jsv-canvas{{flex:1;height:520px;border:1px solid rgba(128,128,128,.4);"
+        "border-radius:6px;cursor:grab;background:transparent}",
+        f"#{box} .jsv-card{{width:280px;max-height:520px;overflow:auto;word-break:break-all;"
+        "border:1px solid rgba(128,128,128,.4);border-radius:6px;padding:6px}",
+        f"#{box} .jsv-row{{margin:2px 0}}",
+        f"#{box} .jsv-edge{{fill:none;stroke:#9aa0a6;stroke-width:1}}",
+        f"#{box} .jsv-node{{cursor:pointer}}",
+        f"#{box} .jsv-node text{{text-anchor:middle;fill:#202124}}",
+        f"#{box} .jsv-label{{font-size:12px}} #{box} .jsv-detail{{font-size:10px}}",
+        f"#{box} .jsv-cluster rect{{fill:rgba(128,128,128,.06);stroke:rgba(128,128,128,.5);"
+        "stroke-dasharray:4,3}",
+        f"#{box} .jsv-cluster text{{font-size:11px;fill:#5f6368;cursor:pointer}}",
+    ]
+    for role, (fill, stroke, dashed) in STYLES.items():
+        dash = ";stroke-dasharray:4,3" if dashed else ""
+        rules.append(
+            f"#{box} .jsv-{role} rect{{fill:{fill};stroke:{stroke};stroke-width:1.5{dash}}}"
+        )
+    rules.append(f"#{box} .jsv-faded text{{fill:#bdc1c6}}")
+    rules.append(f"#{box} .jsv-group rect{{stroke-width:3}}")
+    rules.append(f"#{box} .jsv-hit rect{{stroke:#d93025;stroke-width:3}}")
+    return "".join(rules)
