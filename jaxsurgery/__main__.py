@@ -23,7 +23,7 @@ Example (the README's example file)::
 
     python -m jaxsurgery show examples/issue_12782.py:f --arg f32[3] \\
         --arg "(f32[4,3],f32[4])" --arg "(f32[5,4],f32[5])" --arg "(f32[2,5],f32[2])" \\
-        --slice z1 z2 --svg f.svg
+        --slice z1 z2 --dot f.dot
 """
 
 from __future__ import annotations
