@@ -223,6 +223,7 @@ def _style(uid: str) -> str:
         f"background:transparent;color:inherit}}"
         f"{s} th{{border-bottom:1px solid {grey.format(0.6)}}}"
         f"{s} tbody tr:nth-child(even){{background:{grey.format(0.12)}}}"
+        f"{s}.jst-filtering tbody tr:nth-child(even){{background:transparent}}"
         f"{s} tbody tr:hover{{background:{grey.format(0.25)}}}"
         f"{s} td:first-child{{text-align:right;font-variant-numeric:tabular-nums}}"
         f"{s} input.jst-q{{width:22em;color:inherit;background:transparent;"
