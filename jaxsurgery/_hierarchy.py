@@ -131,8 +131,9 @@ def default_depth(root: Group) -> int:
 
 
 def expanded_to(root: Group, depth: int) -> set[str]:
-    """Keys of the groups above ``depth`` (shown open)."""
-    return {g.key for g in root.walk() if g.depth < depth}
+    """Keys of the groups above ``depth`` (shown open); a group of unread inputs stays
+    closed (open it by name: it is a list of leaves)."""
+    return {g.key for g in root.walk() if g.depth < depth and g.kind != "inputs"}
 
 
 def visible(root: Group, expanded: set[str]) -> dict[int, str]:

@@ -1,0 +1,172 @@
+"""Pictures of real models (Haiku ResNet50, Flax linen, Equinox, Flax NNX, penzai) and of
+long chains: they draw, have no cycle, show the model's blocks as boxes, stay small;
+``highlight`` takes a Slice or any selector. Checks read the DOT text and the SVG."""
+
+import re
+import xml.etree.ElementTree as ET
+
+import networkx as nx
+import pytest
+from draw_models import BLOCKS, MODELS, chain, equinox_transformer, flax_transformer
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+from jaxsurgery._hierarchy import MAX_CHILDREN, hierarchy
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def dot_graph(dot: str) -> tuple[dict[str, str], nx.DiGraph]:
+    """Labels (first line) per node, and the edges, read back from DOT text."""
+    labels = dict(re.findall(r'^  (\w+) \[label="((?:[^"\\]|\\.)*?)\\n', dot, re.M))
+    edges = re.findall(r"^  (\w+) -> (\w+);", dot, re.M)
+    graph = nx.DiGraph(edges)
+    graph.add_nodes_from(labels)
+    return labels, graph
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_real_models_draw_without_cycles_at_every_depth(name):
+    g = MODELS[name]()
+    svg = ET.fromstring(g.draw(engine="builtin").svg)
+    assert svg.tag == f"{SVG}svg" and svg.findall(f".//{SVG}rect")
+    tree_depth = max(group.depth for group in hierarchy(g).walk())
+    for depth in range(1, tree_depth + 2):
+        labels, graph = dot_graph(g.to_dot(depth=depth))
+        assert nx.is_directed_acyclic_graph(graph), (name, depth)
+        assert len(labels) <= len(g.vars)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_group_is_a_run_of_program_order(name):
+    """What makes every collapsed picture acyclic: a group holds exactly the equations
+    between its first and last (and inputs, which only feed it)."""
+    g = MODELS[name]()
+    producer = g._program.producer
+    for group in hierarchy(g).walk():
+        eqns = {producer[i] for i in group.all_vars()} - {-1}
+        if eqns and group.kind != "root":
+            made = {producer[v.index] for v in g.vars} - {-1}
+            assert eqns == set(range(min(eqns), max(eqns) + 1)) & made, group
+
+
+@pytest.mark.parametrize(
+    "name, boxes",
+    [
+        ("flax", [f"Block_{k}" for k in range(BLOCKS)] + ["Dense_0", "args[0]"]),
+        ("equinox", [f"block#{k}" for k in range(BLOCKS)] + ["x"]),
+        ("penzai", [f"body.sublayers[{k}]" for k in range(4)]),
+        (
+            "haiku_resnet50",
+            ["initial_conv", "initial_batchnorm", "logits", "x", "state (inputs)"]
+            + [f"block_group_{k}" for k in range(4)],
+        ),
+    ],
+)
+def test_the_default_picture_shows_the_blocks(name, boxes):
+    labels, _ = dot_graph(MODELS[name]().to_dot())
+    assert set(boxes) <= set(labels.values()), labels.values()
+    assert len(labels) <= len(boxes) + 4  # and a few loose values (ResNet's pooling)
+
+
+def test_inside_a_block_and_an_nnx_model_by_depth():
+    labels, _ = dot_graph(flax_transformer().to_dot(depth=3))
+    for part in ("LayerNorm_0", "Attention_0", "LayerNorm_1", "Dense_0", "Dense_1"):
+        assert sum(label.endswith(part) for label in labels.values()) == BLOCKS, part
+    labels, _ = dot_graph(MODELS["nnx"]().to_dot(depth=2))
+    assert {"l1", *(f"layers[{k}]" for k in range(BLOCKS))} <= set(labels.values())
+    # Equinox: a layer's call and the scope it makes are one box, named by the call
+    labels, _ = dot_graph(equinox_transformer().to_dot(depth=3))
+    assert {"ln1", "attention", "ln2", "mlp"} <= set(labels.values())
+
+
+def test_long_labels_keep_their_tail_and_pytree_keys_stay_whole():
+    g = MODELS["haiku_resnet50"]()
+    dot = g.to_dot(depth=4)
+    assert "\\n" in dot and "['res_net50\\n" not in dot
+    labels, _ = dot_graph(dot)
+    clipped = [label for label in labels.values() if label.startswith("…")]
+    assert clipped  # the long names: their tails are kept
+    names = set(g.names()) | {group.label for group in hierarchy(g).walk()}
+    for label in clipped:
+        assert any(n.endswith(label[1:]) for n in names), label
+
+
+def test_a_long_chain_draws_small():
+    g = chain(10_000)  # 20 001 vars; the 100k one: see README "Seeing the graph"
+    svg = g.draw(engine="builtin").svg
+    assert len(svg) < 200_000
+    boxes = ET.fromstring(svg).findall(f".//{SVG}rect")
+    assert 2 <= len(boxes) <= MAX_CHILDREN
+    labels, graph = dot_graph(g.to_dot())
+    assert nx.is_directed_acyclic_graph(graph) and nx.is_weakly_connected(graph)
+    assert next(iter(labels.values())).startswith("x#0 … ")
+    assert any(label.endswith(" … x#10000") for label in labels.values())
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return js.trace(mlp_12782, *mlp_12782_args())
+
+
+def node_colours(dot: str) -> dict[str, str]:
+    return dict(re.findall(r'^  (\w+) \[.*?, color="(#\w+)"', dot, re.M))
+
+
+@pytest.mark.parametrize("selector", ["z1", "z?", 4, ["z1", "z3"]])
+def test_highlight_takes_any_selector(mlp, selector):
+    chosen = {f"v{v.index}" for v in mlp.select(selector)}
+    colours = node_colours(mlp.to_dot(highlight=selector))
+    assert {k for k, c in colours.items() if c == "#9334e6"} == chosen  # purple
+    assert ET.fromstring(mlp.draw(highlight=selector, engine="builtin").svg).findall(
+        f".//{SVG}g[@class='legend']"
+    )
+
+
+def test_highlight_takes_a_selection_and_a_slice(mlp):
+    selection = mlp.select("z*")
+    colours = node_colours(mlp.to_dot(highlight=selection))
+    assert sum(c == "#9334e6" for c in colours.values()) == len(selection)
+    s = mlp.slice("z1", "z2")
+    colours = node_colours(mlp.to_dot(highlight=s))
+    assert (
+        colours[f"v{mlp['z1'].index}"] == "#1e8e3e" and colours[f"v{mlp['z2'].index}"] == "#e8710a"
+    )
+    assert s.draw().svg == mlp.draw(highlight=s).svg
+
+
+@pytest.mark.parametrize(
+    "highlight, words",
+    [
+        ("z9", ["'z9'", "did you mean"]),
+        ("nothing*", ["'nothing*'", "matches"]),
+        (3.5, ["3.5", "not a selector"]),
+    ],
+)
+def test_a_bad_highlight_is_a_selection_error(mlp, highlight, words):
+    for call in (mlp.draw, mlp.to_dot):
+        with pytest.raises(js.SelectionError) as e:
+            call(highlight=highlight)
+        assert all(w in str(e.value) for w in words) and "highlight" in str(e.value)
+
+
+def test_a_slice_of_another_graph_or_a_bad_depth_is_an_error(mlp):
+    other = js.trace(mlp_12782, *mlp_12782_args()).slice("z1", "z2")
+    with pytest.raises(js.SelectionError, match="another graph"):
+        mlp.draw(highlight=other)
+    with pytest.raises(js.SelectionError, match="depth=0"):
+        mlp.to_dot(depth=0)
+
+
+def test_a_slice_marks_the_blocks_it_touches_and_can_open_them():
+    g = flax_transformer()
+    s = g.slice("Transformer/Block_2", "Transformer/Block_3")  # Block_3 is the window
+    labels, _ = dot_graph(g.to_dot(highlight=s))
+    colours = node_colours(g.to_dot(highlight=s))
+    by_label = {label: colours[key] for key, label in labels.items()}
+    assert by_label["Block_2"] == "#1e8e3e"  # holds the input
+    assert by_label["Block_3"] == "#e8710a"  # holds the output
+    assert by_label["Block_0"] == by_label["Block_5"] == "#e0e0e0"  # faded
+    opened, _ = dot_graph(g.to_dot(highlight=s, expand=True))
+    assert "Block_2" not in opened.values() and "Block_3" not in opened.values()
+    assert "Block_1" in opened.values() and "Transformer/Block_3" in opened.values()
