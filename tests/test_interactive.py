@@ -1,0 +1,60 @@
+"""The interactive view's data and page (the browser side: test_browser_view.py)."""
+
+import json
+import re
+
+import pytest
+from draw_models import BLOCKS, flax_transformer
+from models import mlp_12782, mlp_12782_args
+
+import jaxsurgery as js
+from jaxsurgery._hierarchy import hierarchy
+
+
+def test_the_data_holds_every_var_once_in_its_group():
+    g = flax_transformer()
+    data = g.view().data()
+    assert [v["index"] for v in data["vars"]] == [v.index for v in g.vars]
+    groups = {row["key"]: row for row in data["groups"]}
+    for group in hierarchy(g).walk():  # each var's group is the tree's
+        for i in group.vars:
+            assert data["vars"][i]["group"] == group.key
+    # edges are the program's dataflow
+    program = g._program
+    want = {(i, o) for ins, outs in zip(program.eqn_in, program.eqn_out) for i in ins for o in outs}
+    assert {tuple(e) for e in data["edges"]} == want
+    # open at first: the root's one child (Transformer), so the blocks show as boxes
+    assert [groups[k]["label"] for k in data["expanded"]] == ["Transformer"]
+    blocks = [r["label"] for r in data["groups"] if r["parent"] == data["expanded"][0]]
+    assert blocks[:BLOCKS] == [f"Block_{k}" for k in range(BLOCKS)]
+    card = data["vars"][g["Transformer/Block_0/Dense_1"].index]
+    assert card["scope"] == "Transformer/Block_0/Dense_1" and card["type"] == "f32[1,6,8]"
+    assert card["source"].endswith(".py:" + card["source"].rsplit(":", 1)[1])
+
+
+def test_the_page_is_offline_and_standalone(tmp_path):
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    view = g.view(highlight=g.slice("z1", "z2"))
+    path = tmp_path / "g.html"
+    view.save(str(path))
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "dagre" in page
+    assert not re.search(r"""(src|href)=["']?https?:""", page)  # nothing fetched
+    call = r"jaxsurgeryView\(document.getElementById\('jsv-\d+'\), (\{.*\})\);</script>"
+    payload = json.loads(re.search(call, page, re.S)[1])
+    roles = {v["name"]: v["role"] for v in payload["vars"]}
+    assert roles["z1"] == "input" and roles["z2"] == "output" and roles["x"] == "faded"
+    assert "</script>" not in json.dumps(payload)  # names cannot close the script
+    fragment = view._repr_html_()
+    assert "<!DOCTYPE" not in fragment and fragment.count('class="jsv"') == 1
+    ids = re.findall(r'class="jsv" id="(jsv-\d+)"', fragment + g.view()._repr_html_())
+    assert len(set(ids)) == 2  # two views in one notebook do not share ids
+
+
+def test_the_view_takes_what_draw_takes(tmp_path):
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    roles = {v["name"]: v["role"] for v in g.view(highlight="z?").data()["vars"]}
+    assert {n for n, r in roles.items() if r == "selected"} == {"z1", "z2", "z3"}
+    with pytest.raises(js.SelectionError, match="'z9'"):
+        g.view(highlight="z9")
+    assert g.view(depth=2).data()["expanded"] == []  # no groups in a 16-var MLP's tree
