@@ -222,7 +222,16 @@ print(attn, out0, sep="\\n")
 s = g.slice(attn, out0)     # attention output -> block output; the residual x is context
 print(s)
 """),
-    code("g.draw(max_nodes=60)   # a large graph draws collapsed, one box per top-level module"),
+    md(
+        "A large graph draws collapsed along the model: one box per block (the first level "
+        "with several groups; parameters sit in the box that reads them)."
+    ),
+    code("g.draw()"),
+    md(
+        "`depth=3` opens the blocks; a highlighted slice colours the boxes it touches "
+        "(`g.view()` gives an interactive picture: click a box to open it, search, hover)."
+    ),
+    code("g.draw(highlight=s, depth=3)"),
     md(
         "Structural patterns find every softmax-attention weight computation, whatever it is called:"
     ),
