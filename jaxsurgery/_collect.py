@@ -35,8 +35,8 @@ What you can rely on:
   Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32`` and the
   original dtype is recorded in the array's attributes.
 
-A progress bar (on stderr, past about two seconds) counts batches and examples;
-``progress=False`` silences it.
+A progress line (on stderr, past about two seconds: :mod:`jaxsurgery._progress`)
+counts examples and batches; ``progress=False`` silences it.
 
 Example:
     >>> import tempfile, jax.numpy as jnp, jaxsurgery as js
@@ -63,6 +63,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _progress
 from ._errors import SelectionError
 
 _STATE = "jaxsurgery"  # the group attribute that records what is complete
@@ -89,7 +90,7 @@ def collect(
         resume: go on from the batches a previous call recorded as complete (the
             iterable must yield the same batches); ``False`` starts over.
         devices: the devices to shard each batch over (default: ``jax.devices()``).
-        progress: show a progress bar on stderr for long collections.
+        progress: show a progress line on stderr for long collections.
 
     Returns:
         The ``zarr.Group``: ``group[key]`` is a Zarr array of all rows so far.
@@ -99,20 +100,20 @@ def collect(
     run = jax.jit(fn)
     place = _Placement(devices or jax.devices())
     total = _length(batches)
-    bar = _Bar(total, enabled=progress)
     pending: tuple[Any, int, int] | None = None
-    for i, batch in enumerate(batches):
-        if i < writer.batches_done:
-            continue  # done by an earlier call
-        args, size, rows = place(batch)
-        outs = run(args)  # dispatched: runs while the previous batch is written
+    shown = None if progress else False
+    with _progress.progress(f"collecting into {path}", total, enabled=shown) as bar:
+        for i, batch in enumerate(batches):
+            if i < writer.batches_done:
+                continue  # done by an earlier call
+            args, size, rows = place(batch)
+            outs = run(args)  # dispatched: runs while the previous batch is written
+            if pending is not None:
+                writer.write(*pending)
+                bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")
+            pending = (outs, size, rows)
         if pending is not None:
             writer.write(*pending)
-            bar.show(writer.batches_done, writer.rows)
-        pending = (outs, size, rows)
-    if pending is not None:
-        writer.write(*pending)
-    bar.show(writer.batches_done, writer.rows, last=True)
     return writer.group
 
 
@@ -227,29 +228,3 @@ def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
         value = value.astype(np.float32)  # Zarr has no bfloat16 / float8
     return value
 
-
-class _Bar:
-    """``collect: 12/40 batches, 6144 examples`` on stderr once the work passes two seconds:
-    redrawn in place on a terminal, a line every ten seconds elsewhere (notebooks, logs)."""
-
-    def __init__(self, total: int | None, enabled: bool):
-        import sys
-        import time
-
-        self.total, self.stream, self.clock = total, sys.stderr, time.monotonic
-        self.start = self.last = self.clock()
-        self.enabled = enabled and os.environ.get("JAXSURGERY_PROGRESS", "1") != "0"
-        self.redraw = getattr(self.stream, "isatty", lambda: False)()
-        self.shown = False
-
-    def show(self, batches: int, rows: int, last: bool = False) -> None:
-        now = self.clock()
-        if not self.enabled or now - self.start < 2.0:
-            return
-        if not (last or self.redraw or not self.shown or now - self.last >= 10.0):
-            return
-        of = f"/{self.total}" if self.total is not None else ""
-        text = f"collect: {batches}{of} batches, {rows} examples"
-        self.stream.write(f"\r{text}" + ("\n" if last else "") if self.redraw else text + "\n")
-        self.stream.flush()
-        self.shown, self.last = True, now

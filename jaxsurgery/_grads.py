@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, type_of
-from ._structured import Edit, Extra, Site, Step, _Row, check_hits, row_value
+from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -36,9 +36,24 @@ def _loop_value(site: Site) -> tuple | None:
     return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars
 
 
+def _ranged(sites: Sequence[Site]) -> Site | None:
+    """One site for the iterations ``t, t+1, ...`` of one loop value, in order (so that
+    the edit's cost does not grow with their number), or None."""
+    if len(sites) < 2 or any(s.path_bound for s in sites):
+        return None
+    first = sites[0].steps[-1]
+    if not isinstance(first.iteration, int):
+        return None
+    its = [s.steps[-1].iteration for s in sites]
+    if its != list(range(first.iteration, first.iteration + len(sites))):
+        return None
+    step = Step(first.eqn, first.branch, range(its[0], its[-1] + 1))
+    return Site((*sites[0].steps[:-1], step), sites[0].vars)
+
+
 @functools.lru_cache(maxsize=256)
-def _add_jaxpr(shape: tuple[int, ...], dtype: Any) -> C.ClosedJaxpr:
-    spec = jax.ShapeDtypeStruct(shape, dtype)
+def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
+    spec = jax.ShapeDtypeStruct(*aval)
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
@@ -86,19 +101,26 @@ class GradsFunction:
         for j, site in enumerate(sites):
             inputs.setdefault(_loop_value(site) or j, []).append(j)
         self._inputs = list(inputs.values())
-        reads: list[Any] = [None] * len(sites)
+        edits = []
         for k, members in enumerate(self._inputs):
+            add = _add_jaxpr(self._avals_of(wrt_vars, members))
+            ranged = _ranged([sites[j] for j in members])
+            if ranged is not None:  # consecutive iterations: one edit, the input whole
+                edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(k))))
+                continue
             for row, j in enumerate(members):
-                reads[j] = Extra(k, row if len(members) > 1 else None)
-        edits = [
-            Edit(site, "apply", _add_jaxpr(v.shape, v.dtype), (site.vars[0], reads[j]))
-            for j, (v, site) in enumerate(zip(wrt_vars, sites))
-        ]
+                read = Extra(k, row if len(members) > 1 else None)
+                edits.append(Edit(sites[j], "apply", add, (sites[j].vars[0], read)))
         guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
         self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
         self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
+
+    @staticmethod
+    def _avals_of(vars_: Sequence[Any], members: Sequence[int]) -> tuple:
+        v = vars_[members[0]]
+        return (tuple(v.shape), v.dtype)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.at_flat(self.graph._flatten_args(*args, **kwargs))
@@ -133,16 +155,26 @@ class GradsFunction:
             ) from None
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
-        found: list[Any] = [None] * len(self._avals)
-        for members, grad in zip(self._inputs, grads):
-            for row, j in enumerate(members):
-                found[j] = _Row(grad, row) if len(members) > 1 else grad
+        where = (
+            {
+                j: (grad, row, len(m) > 1)
+                for m, grad in zip(self._inputs, grads)
+                for row, j in enumerate(m)
+            }
+            if len(whole) < len(self._groups)
+            else {}
+        )
+
+        def found(j: int) -> Any:
+            grad, row, stacked = where[j]
+            return grad[row] if stacked else grad
+
         out = {}
         for key, group, many in zip(self.keys, self._groups, self._stacked):
-            if not many:
-                out[key] = row_value(found[group[0]])
-            elif tuple(group) in whole:  # every iteration of one loop value, in order:
+            if tuple(group) in whole:  # every iteration of one loop value, in order:
                 out[key] = whole[tuple(group)]  # the scan's own stacked gradient
+            elif not many:
+                out[key] = found(group[0])
             else:
-                out[key] = jnp.stack([row_value(found[j]) for j in group])
+                out[key] = jnp.stack([found(j) for j in group])
         return out

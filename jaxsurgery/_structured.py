@@ -55,11 +55,16 @@ from ._errors import SliceError
 @dataclass(frozen=True)
 class Step:
     """One level down the nested program: equation ``eqn`` of the current jaxpr, into
-    its body (a call), its ``iteration``-th trip (a loop) or its ``branch`` (a cond)."""
+    its body (a call), its ``iteration``-th trip (a loop) or its ``branch`` (a cond).
+
+    ``iteration`` may be a ``range`` for an ``"apply"`` edit: the same edit at each of
+    those iterations of a scan, its extra inputs stacked by iteration (one edit for
+    every step of a 10k-step loop, rather than 10k edits merged again).
+    """
 
     eqn: int
     branch: int | None = None
-    iteration: int | None = None
+    iteration: int | range | None = None
 
 
 @dataclass(frozen=True)
@@ -116,14 +121,18 @@ def row_value(x: Any) -> Any:
 
 
 def _stack(vals: Sequence[Any]) -> Any:
-    """``jnp.stack(vals)``; the input itself when ``vals`` are all its rows, in order."""
+    """``jnp.stack(vals)``; the input itself, or one slice of it, when ``vals`` are its
+    rows ``r, r+1, ...`` in order (one op whatever their number: stacking the rows of
+    a 10k-step input one by one is what made compile time grow with T)."""
     first = vals[0]
     if (
         isinstance(first, _Row)
         and all(isinstance(v, _Row) and v.array is first.array for v in vals)
-        and [v.row for v in vals] == list(range(first.array.shape[0]))
+        and [v.row for v in vals] == list(range(first.row, first.row + len(vals)))
     ):
-        return first.array
+        if len(vals) == first.array.shape[0]:
+            return first.array
+        return jax.lax.slice_in_dim(first.array, first.row, first.row + len(vals))
     return jnp.stack([_value(v) for v in vals])
 
 
@@ -361,8 +370,8 @@ class _Interpreter:
         n_consts, n_carry = C.scan_layout(eqn)
         consts = invals[:n_consts]
         carry, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-        its = [p.steps[0].iteration for p in pending]
-        lo, hi = min(its), max(its) + 1
+        spans = [_span(p) for p in pending]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
         spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
         ys: dict[int, list[Any]] = {}
         for a, b, edits in reversed(spans) if params["reverse"] else spans:
@@ -406,9 +415,12 @@ class _Interpreter:
         for its, members in groups:
             everywhere = sorted(its) == list(range(length))
             masks.append(None if everywhere else np.isin(np.arange(length), its))
-            stacked.append(
-                [_scatter(length, its, _stack(vals)) for vals in zip(*(m.extras for m in members))]
+            rows = (
+                members[0].extras  # a ranged edit's inputs: already stacked by iteration
+                if isinstance(members[0].steps[0].iteration, range)
+                else [_stack(vals) for vals in zip(*(m.extras for m in members))]
             )
+            stacked.append([_scatter(length, its, x) for x in rows])
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
 
         def step(carry: list, x: tuple) -> tuple:
@@ -445,7 +457,7 @@ class _Interpreter:
         n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
         cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
         init = invals[n_cond + n_body :]
-        groups = _merge(pending)
+        groups = _merge([q for p in pending for q in _each_iteration(p)])
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
             [_stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
@@ -523,8 +535,33 @@ def _descend(p: _Pending) -> _Pending:
 def _shift(p: _Pending, by: int) -> _Pending:
     """``p`` with its loop iteration moved by ``by`` (a span of the loop runs alone)."""
     first = p.steps[0]
-    step = Step(first.eqn, first.branch, first.iteration + by)
+    t = first.iteration
+    moved = range(t.start + by, t.stop + by) if isinstance(t, range) else t + by
+    step = Step(first.eqn, first.branch, moved)
     return _Pending((step, *p.steps[1:]), p.edit, p.extras, p.active, p.key)
+
+
+def _span(p: _Pending) -> tuple[int, int]:
+    """The iterations ``[a, b)`` of its loop that a pending edit touches."""
+    t = p.steps[0].iteration
+    return (t.start, t.stop) if isinstance(t, range) else (t, t + 1)
+
+
+def _each_iteration(p: _Pending) -> list[_Pending]:
+    """A ranged edit as one edit per iteration (reading its rows of the stacked inputs)."""
+    first = p.steps[0]
+    if not isinstance(first.iteration, range):
+        return [p]
+    return [
+        _Pending(
+            (Step(first.eqn, first.branch, t), *p.steps[1:]),
+            p.edit,
+            [_Row(x, row) for x in p.extras],
+            p.active,
+            p.key,
+        )
+        for row, t in enumerate(first.iteration)
+    ]
 
 
 def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]]:
@@ -536,9 +573,12 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
         key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), reads, id(p.active))
+        t = p.steps[0].iteration
+        if isinstance(t, range):  # already one group
+            groups[(key, id(p))] = (list(t), [p])
+            continue
         its, members = groups.setdefault(key, ([], []))
         done = seen.setdefault(key, set())
-        t = p.steps[0].iteration
         if t in done:  # the same iteration twice: a group of its own
             groups[(key, id(p))] = ([t], [p])
             continue

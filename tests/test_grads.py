@@ -154,3 +154,33 @@ def test_a_dict_entry_selecting_many_vars_stacks_their_gradients(key):
     g = js.trace(_rnn, *args)
     got = jax.jit(g.grads_fn("out", {"h": "step/h#1@*"}))(*args)["h"]
     allclose(got, jax.grad(_stacked_eps_trick)(jnp.zeros((6, 4)), *args))
+
+
+@pytest.mark.parametrize("T", [12, 200])
+def test_gradients_at_a_run_of_iterations_are_one_edit(T):
+    """Consecutive iterations ``t..u`` of one loop value: one edit over the range (its
+    work independent of how many), equal to the stacked-eps trick on those rows."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jnp.linspace(-1, 1, T * 4).reshape(T, 4)
+    args = (w, jnp.zeros(4), xs)
+    new = (2 * w, jnp.ones(4) * 0.1, xs * 0.5)
+    run = range(3, T - 2)
+    fn = js.trace(_rnn, *args).grads_fn("out", {"mid": [f"step/h#1@{t}" for t in run]})
+    got = jax.jit(fn)(*new)["mid"]
+    allclose(got, jax.grad(_stacked_eps_trick)(jnp.zeros((T, 4)), *new)[3 : T - 2], rtol=1e-5)
+    # the program that runs does not grow with the number of iterations
+    eqns = len(jax.make_jaxpr(lambda *a: fn(*a)["mid"])(*new).jaxpr.eqns)
+    assert eqns < 40, eqns
+
+    # in a while_loop (a fori_loop with a traced bound) the same edit is refused as
+    # jax.grad refuses the function: no reverse mode through while
+    def fori_rnn(w, h0, xs, n):
+        def body(t, h):
+            return jnp.tanh(w @ h + xs[t])
+
+        return jnp.sum(jax.lax.fori_loop(0, n, body, h0) ** 2)
+
+    g = js.trace(fori_rnn, *args, 6)
+    picked = [v.name for v in g.select("body/*@*") if v.shape == (4,)][1:4]
+    with pytest.raises(js.SliceError, match="cross a while_loop"):
+        g.grads_fn("out", {"h": picked})(*new, 6)
