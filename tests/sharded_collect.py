@@ -1,4 +1,5 @@
-"""``js.collect`` over 8 simulated CPU devices (run by test_collect in a fresh process).
+"""``js.collect``, ``patch_fn`` and ``attribution_fn`` over 8 simulated CPU devices (run by
+test_collect in a fresh process).
 
 Each batch is split over the devices along its first axis, a batch of a size the devices
 do not divide is padded and trimmed, and the store equals an unsharded run.
@@ -43,6 +44,17 @@ def main():
     np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
     assert seen and all(len(s.device_set) == 8 for s in seen), seen
     assert all(not s.is_fully_replicated for s in seen), seen
+    # patch_fn and attribution_fn on arguments sharded over the 8 devices
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    split = NamedSharding(jax.make_mesh((8,), ("batch",)), PartitionSpec("batch"))
+    xs, h = (jax.device_put(a, split) for a in (batches[0], jnp.ones((16, 6))))
+    patched = jax.jit(g.patch_fn("h"))({"h": h}, w, xs)
+    np.testing.assert_allclose(patched, np.sin(np.ones((16, 6))) @ np.asarray(w), rtol=1e-5)
+    attribution = jax.jit(g.attribution_fn("out", "h"))((w, xs), (w, xs * 0))["h"]
+    # by hand: (h_clean - h_corrupt) * d sum(sin(h) @ w)/dh at h_corrupt = tanh(0) = 0
+    h_clean = np.tanh(np.asarray(batches[0]) @ np.asarray(w))
+    np.testing.assert_allclose(attribution, h_clean * np.asarray(w).sum(1), rtol=1e-5, atol=1e-6)
     print("sharded collection ok")
 
 
