@@ -154,7 +154,9 @@ def test_attribution_fn_equals_attribution_patching_by_hand(mlp):
 
 def test_new_arguments_of_other_shapes_are_a_slice_error_naming_the_argument(mlp):
     g = js.trace(forward, mlp, jnp.ones(4))
-    with pytest.raises(js.SliceError, match=r"argument `x` is float32\[5\].*traced with float32\[4\]"):
+    with pytest.raises(
+        js.SliceError, match=r"argument `x` is float32\[5\].*traced with float32\[4\]"
+    ):
         g.values_fn(layer_name(0))(mlp, jnp.ones(5))
     with pytest.raises(js.SliceError, match="argument `x` is int32"):
         g.patch_fn(layer_name(0))({layer_name(0): jnp.ones(WIDTH)}, mlp, jnp.ones(4, jnp.int32))

@@ -31,6 +31,8 @@ def test_notebook_runs(path):
     ]
     assert not errors
     if path.stem == "04_activation_patching":  # attribution tracks real patching
-        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        text = "".join(
+            o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        )
         correlation = float(re.search(r"and real patching: ([-0-9.]+)", text).group(1))
         assert correlation > 0.8, text
