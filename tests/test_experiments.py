@@ -160,3 +160,26 @@ def test_new_arguments_of_other_shapes_are_a_slice_error_naming_the_argument(mlp
         g.values_fn(layer_name(0))(mlp, jnp.ones(5))
     with pytest.raises(js.SliceError, match="argument `x` is int32"):
         g.patch_fn(layer_name(0))({layer_name(0): jnp.ones(WIDTH)}, mlp, jnp.ones(4, jnp.int32))
+
+
+# -- a model a library ships: haiku.nets.MLP -----------------------------------------------------
+def test_values_and_patches_of_a_haiku_mlp_for_new_parameters():
+    import haiku as hk
+
+    mlp = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x)))
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    g = js.trace(mlp.apply, mlp.init(jax.random.key(1), x), x)
+    params = mlp.init(jax.random.key(2), x)  # new parameters and inputs
+    x = jax.random.normal(jax.random.key(3), (3, 4))
+    w = [params[f"mlp/~/linear_{k}"] for k in range(3)]
+    h0 = x @ w[0]["w"] + w[0]["b"]
+    h1 = jax.nn.relu(h0) @ w[1]["w"] + w[1]["b"]
+    got = jax.jit(g.values_fn(["mlp/linear_0", "mlp/linear_1"]))(params, x)
+    allclose(got["mlp/linear_0"], h0, rtol=1e-5)
+    allclose(got["mlp/linear_1"], h1, rtol=1e-5)
+
+    patched = g.patch_fn("mlp/linear_1")
+    patches = jax.random.normal(jax.random.key(4), (16, 3, 8))
+    sweep = jax.jit(jax.vmap(lambda v: patched({"mlp/linear_1": v}, params, x)))(patches)
+    by_hand = jax.nn.relu(patches) @ w[2]["w"] + w[2]["b"]
+    allclose(sweep, by_hand, rtol=1e-5)
