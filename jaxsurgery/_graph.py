@@ -584,9 +584,7 @@ class Graph:
 
         return draw(self, highlight, max_nodes, engine, depth, expand)
 
-    def view(
-        self, highlight: Slice | Selector | None = None, *, depth: int | None = None
-    ) -> View:
+    def view(self, highlight: Slice | Selector | None = None, *, depth: int | None = None) -> View:
         """An interactive picture for notebooks (pan, zoom, open groups, search), or a
         standalone page with ``.save("g.html")`` (see :mod:`jaxsurgery._interactive`)."""
         from ._interactive import View

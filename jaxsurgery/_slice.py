@@ -503,9 +503,7 @@ class Slice:
         self._context()  # concrete context (or an unbound-slice error) before tracing
         return jax.export.export(jax.jit(self), platforms=platforms)(*self._as_args(specs))
 
-    def draw(
-        self, engine: str = "auto", *, depth: int | None = None, expand: bool = False
-    ) -> Any:
+    def draw(self, engine: str = "auto", *, depth: int | None = None, expand: bool = False) -> Any:
         """An SVG picture of the slice's graph with the slice highlighted (``depth`` and
         ``expand`` as for ``Graph.draw``)."""
         return self.graph.draw(highlight=self, engine=engine, depth=depth, expand=expand)
