@@ -227,4 +227,3 @@ def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
     if dtype.kind == "V" or dtype.name.startswith(("bfloat", "float8", "float4")):
         value = value.astype(np.float32)  # Zarr has no bfloat16 / float8
     return value
-

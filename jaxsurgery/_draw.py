@@ -47,6 +47,7 @@ from ._hierarchy import (
     touching,
     visible,
 )
+from ._progress import progress
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -257,6 +258,13 @@ def draw(
     """Render SVG with Graphviz (``engine="dot"``), the built-in layout, or the best present."""
     if engine not in ("auto", "dot", "builtin"):
         raise ValueError(f"unknown engine {engine!r}; use 'auto', 'dot' or 'builtin'")
+    with progress(f"drawing {len(graph.vars)} vars"):
+        return _draw(graph, highlight, max_nodes, engine, depth, expand)
+
+
+def _draw(
+    graph: Graph, highlight: Any, max_nodes: int, engine: str, depth: int | None, expand: bool
+) -> Drawing:
     dot = shutil.which("dot")
     if engine == "dot" and dot is None:
         raise FileNotFoundError("Graphviz's `dot` is not on the PATH; use engine='builtin'")

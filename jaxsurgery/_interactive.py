@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from ._draw import STYLES, roles
 from ._hierarchy import acyclic, default_depth, expanded_to, hierarchy
 from ._names import is_generated
+from ._progress import progress
+from ._table import source_label
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -105,7 +107,7 @@ class View:
                     "type": short_type(v.aval),
                     "primitive": v.primitive,
                     "scope": v.scope,
-                    "source": v.source or "",
+                    "source": source_label(v.source),
                     "group": owner[-1 - v.index],
                     "role": self._roles.get(v.index, base),
                 }
@@ -120,7 +122,8 @@ class View:
     def html(self, standalone: bool = False) -> str:
         """The view as HTML: a fragment for notebooks, or a whole page."""
         box = f"jsv-{next(_ids)}"
-        payload = json.dumps(self.data(), separators=(",", ":")).replace("</", "<\\/")
+        with progress(f"building the view of {len(self.graph.vars)} vars"):
+            payload = json.dumps(self.data(), separators=(",", ":")).replace("</", "<\\/")
         fragment = (
             f'<div class="jsv" id="{box}"><style>{_css(box)}</style>'
             '<div class="jsv-bar"><input class="jsv-search" type="search" '
