@@ -705,7 +705,7 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
     if not isinstance(fn, types.FunctionType):
         return fn, f"{type(fn).__name__} objects have no Python source to read names from"
     try:
-        code = _instrumented_code(fn.__code__)
+        code = _instrumented_code(fn.__code__, fn.__code__.co_filename, fn.__code__.co_firstlineno)
         cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
         cells[MARK] = types.CellType(_mark)
         cells[CALL] = types.CellType(_call)
@@ -720,8 +720,10 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
 
 
 @functools.lru_cache(maxsize=256)
-def _instrumented_code(code: types.CodeType) -> types.CodeType:
-    """The code object of the rewritten function (cached per original code object)."""
+def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.CodeType:
+    """The code object of the rewritten function, cached per original code object and
+    place: code objects compare equal without their file and line, so the same function
+    in two notebook cells would otherwise show the first cell as its source."""
     if code.co_name == "<lambda>":
         raise ValueError("a lambda has no assignments to name")
     lines, start = inspect.findsource(code)

@@ -293,6 +293,8 @@ class Transformer(nn.Module):
 
 def sample(key, n):
     return jax.random.randint(key, (n, LENGTH), 0, VOCAB)
+
+print(sample(jax.random.key(0), 2))   # two sequences of the task
 """),
     md("""
 The task: at the last position, predict the *first* token. With a causal mask the answer

@@ -228,7 +228,7 @@ CATALOG = [
         "bind with wrong shapes",
         lambda g, a: g.slice("z1", "z2").bind(jnp.ones(7), *mlp_12782_args()[1:]),
         js.SliceError,
-        r"input 'x' expects float32\[3\], got float32\[7\]",
+        r"argument `x` is float32\[7\], but the graph was traced with float32\[3\]",
     ),
     (
         "bind with missing arguments",
