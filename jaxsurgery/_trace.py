@@ -58,11 +58,17 @@ def trace(
         >>> g["h"].shape
         (2, 4)
     """
-    with progress(f"tracing {_name(fn)}"):
-        return _trace(fn, args, kwargs, static_argnums, static_argnames)
+    return _reported_trace(fn, args, kwargs, static_argnums, static_argnames)
 
 
 @gc_paused  # saves about a third of the time on 10k-equation programs
+def _reported_trace(fn: Callable[..., Any], *rest: Any) -> Graph:
+    """:func:`_trace` with its progress line, the collector paused for both (the line's
+    end allocates: a collection it set off would land in the trace)."""
+    with progress(f"tracing {_name(fn)}"):
+        return _trace(fn, *rest)
+
+
 def _trace(
     fn: Callable[..., Any],
     args: tuple,
