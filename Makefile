@@ -56,11 +56,11 @@ chromium:
 
 test: $(STAMP) chromium
 	@$(PY) $(VERSIONS)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 test-latest: $(STAMP_LATEST) chromium
 	@$(PY_LATEST) $(VERSIONS)
-	$(PY_LATEST) -m pytest -q
+	$(PY_LATEST) -m pytest -q --durations=12
 
 # both ends of the JAX range (CI runs this), side by side on two cores, each run's output
 # printed whole when it ends; both run even when one fails, and test-all fails when either does
