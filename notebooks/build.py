@@ -316,7 +316,7 @@ def train_step(variables, state, key):
     updates, state = optimizer.update(grads, state)
     return optax.apply_updates(variables, updates), state, value
 
-for key in jax.random.split(jax.random.key(2), 300):
+for key in jax.random.split(jax.random.key(2), 200):
     variables, state, value = train_step(variables, state, key)
 test = sample(jax.random.key(3), 1000)
 accuracy = (model.apply(variables, test)[:, -1].argmax(-1) == test[:, 0]).mean()
@@ -400,21 +400,21 @@ linear estimate does.
 
 **Collecting a dataset's activations.** `js.collect` streams a function's outputs over
 batches to a Zarr store: bounded memory, resumable after an interruption, batches sharded
-over the devices. Here the residual stream of 4096 sequences, then a linear probe per
+over the devices. Here the residual stream of 2048 sequences, then a linear probe per
 layer reading the first token from the last position.
 """),
     code("""
 def residuals(tokens):
     return values(variables, tokens, tokens[:, 0], tokens[:, 0])
 
-batches = [sample(k, 32) for k in jax.random.split(jax.random.key(6), 128)]  # the traced shape
+batches = [sample(k, 32) for k in jax.random.split(jax.random.key(6), 64)]  # the traced shape
 store = js.collect(tempfile.mkdtemp() + "/residuals.zarr", residuals, batches)
 tokens = np.concatenate(batches)
 for name in layers:
-    last = store[name][:, -1]                     # [4096, WIDTH] read back from disk
+    last = store[name][:, -1]                     # [2048, WIDTH] read back from disk
     features = np.c_[last, np.ones(len(last))]
-    weights = np.linalg.lstsq(features[:3072], np.eye(VOCAB)[tokens[:3072, 0]], rcond=None)[0]
-    probe = (features[3072:] @ weights).argmax(-1) == tokens[3072:, 0]
+    weights = np.linalg.lstsq(features[:1536], np.eye(VOCAB)[tokens[:1536, 0]], rcond=None)[0]
+    probe = (features[1536:] @ weights).argmax(-1) == tokens[1536:, 0]
     print(f"{name:22s} {store[name].shape}  probe accuracy at the last position: {probe.mean():.0%}")
 """),
 ]
