@@ -119,11 +119,48 @@ class View:
             "expanded": sorted(opened - {root.key}),
         }
 
+    def packed(self) -> dict[str, Any]:
+        """:meth:`data` as the page gets it: vars and groups as columns of indices into
+        one table of strings (scopes, sources, types, group keys repeat) and the edges as
+        one flat list: less than half the size (a 100k-var chain: 11 MB, not 25 MB)."""
+        data = self.data()
+        strings: dict[str, int] = {}
+
+        def ref(text: str) -> int:
+            return strings.setdefault(text, len(strings))
+
+        rows = data["vars"]
+        assert [v["index"] for v in rows] == list(range(len(rows)))  # unpacked by position
+        columns: dict[str, Any] = {
+            key: [ref(v[key]) for v in rows]
+            for key in ("name", "type", "primitive", "scope", "source", "group", "role")
+        }
+        columns["aliases"] = {
+            k: [ref(a) for a in v["aliases"]] for k, v in enumerate(rows) if v["aliases"]
+        }
+        groups = data["groups"]
+        group_columns: dict[str, Any] = {
+            key: [ref(g[key]) for g in groups] for key in ("key", "label", "path", "kind", "glob")
+        }
+        group_columns["parent"] = [-1 if g["parent"] is None else ref(g["parent"]) for g in groups]
+        group_columns["size"] = [g["size"] for g in groups]
+        group_columns["depth"] = [g["depth"] for g in groups]
+        group_columns["also"] = {
+            k: [ref(a) for a in g["also"]] for k, g in enumerate(groups) if g["also"]
+        }
+        return {
+            "groups": group_columns,
+            "columns": columns,
+            "strings": list(strings),
+            "edges": [i for edge in data["edges"] for i in edge],
+            "expanded": data["expanded"],
+        }
+
     def html(self, standalone: bool = False) -> str:
         """The view as HTML: a fragment for notebooks, or a whole page."""
         box = f"jsv-{next(_ids)}"
         with progress(f"building the view of {len(self.graph.vars)} vars"):
-            payload = json.dumps(self.data(), separators=(",", ":")).replace("</", "<\\/")
+            payload = json.dumps(self.packed(), separators=(",", ":")).replace("</", "<\\/")
         fragment = (
             f'<div class="jsv" id="{box}"><style>{_css(box)}</style>'
             '<div class="jsv-bar"><input class="jsv-search" type="search" '

@@ -43,3 +43,18 @@ def test_the_view_opens_groups_searches_and_draws(open_page, tmp_path):
 
     shot = shot_summary(page.locator(".jsv-canvas").screenshot())
     assert shot.ink > 0.01 and shot.contrast > 3  # boxes and text, not a blank canvas
+
+
+def test_the_page_unpacks_the_data_it_ships(open_page, tmp_path):
+    """The page gets the data packed (columns of string-table indices); unpacked in the
+    browser it is View.data() again, with aliases and group parents."""
+    import json
+
+    g = flax_transformer()
+    view = g.view()
+    page = open_page(view.html(standalone=True))
+    page.wait_for_selector(".jsv-node")
+    packed = json.dumps(view.packed())
+    unpacked = page.evaluate(f"JSON.stringify(unpackView({packed}))")
+    assert json.loads(unpacked) == json.loads(json.dumps(view.data()))
+    assert any(v["aliases"] for v in view.data()["vars"])  # the sparse column is exercised

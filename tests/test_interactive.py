@@ -42,7 +42,9 @@ def test_the_page_is_offline_and_standalone(tmp_path):
     assert not re.search(r"""(src|href)=["']?https?:""", page)  # nothing fetched
     call = r"jaxsurgeryView\(document.getElementById\('jsv-\d+'\), (\{.*\})\);</script>"
     payload = json.loads(re.search(call, page, re.S)[1])
-    roles = {v["name"]: v["role"] for v in payload["vars"]}
+    assert payload == json.loads(json.dumps(view.packed()))  # the packed data, whole
+    strings, columns = payload["strings"], payload["columns"]
+    roles = {strings[n]: strings[r] for n, r in zip(columns["name"], columns["role"])}
     assert roles["z1"] == "input" and roles["z2"] == "output" and roles["x"] == "faded"
     assert "</script>" not in json.dumps(payload)  # names cannot close the script
     fragment = view._repr_html_()

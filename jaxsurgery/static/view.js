@@ -1,7 +1,31 @@
 // jaxsurgery's interactive graph view (see jaxsurgery/_interactive.py). Needs dagre.
-// jaxsurgeryView(root, data): root is the view's container, data what View.data() gives.
-function jaxsurgeryView(root, data) {
+// jaxsurgeryView(root, packed): root is the view's container, packed what View.packed()
+// gives: View.data() with the vars as columns of string-table indices (see unpackView).
+function unpackView(p) {
+  const s = p.strings, c = p.columns, n = c.name.length, vars = new Array(n);
+  for (let k = 0; k < n; k++) {
+    vars[k] = {
+      index: k, name: s[c.name[k]], aliases: (c.aliases[k] || []).map((i) => s[i]),
+      type: s[c.type[k]], primitive: s[c.primitive[k]], scope: s[c.scope[k]],
+      source: s[c.source[k]], group: s[c.group[k]], role: s[c.role[k]],
+    };
+  }
+  const edges = [];
+  for (let k = 0; k < p.edges.length; k += 2) edges.push([p.edges[k], p.edges[k + 1]]);
+  const g = p.groups, groups = new Array(g.key.length);
+  for (let k = 0; k < groups.length; k++) {
+    groups[k] = {
+      key: s[g.key[k]], label: s[g.label[k]], path: s[g.path[k]], kind: s[g.kind[k]],
+      glob: s[g.glob[k]], parent: g.parent[k] < 0 ? null : s[g.parent[k]],
+      size: g.size[k], depth: g.depth[k], also: (g.also[k] || []).map((i) => s[i]),
+    };
+  }
+  return { groups, vars, edges, expanded: p.expanded };
+}
+
+function jaxsurgeryView(root, packed) {
   "use strict";
+  const data = unpackView(packed);
   const SVGNS = "http://www.w3.org/2000/svg";
   const groups = {};
   data.groups.forEach((g) => { groups[g.key] = g; });
