@@ -33,7 +33,7 @@ from ._errors import SliceError, check_like
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
-from ._structured import Edit, Site, Structured, check_hits, row_value
+from ._structured import Edit, Site, Step, Structured, _Row, check_hits, row_value
 from ._traceback import boundary
 
 if TYPE_CHECKING:
@@ -195,6 +195,8 @@ class Graph:
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
+        #: per template var of a folded scan that ran whole: its stacked values
+        self._loop_rows: dict[Any, Any] = {}
         self._loops: bool | None = None  # see _has_loops
         note = self._loop_index.note()
         self.notes: tuple[str, ...] = (*notes, *([note] if note else []))
@@ -285,6 +287,10 @@ class Graph:
     def value(self, selector: Selector) -> Any:
         """The traced value of the selected var(s), mirroring the selector's structure."""
         structure, flat = _select.tree(self, selector)
+        for v in flat:  # a body value of a loop already run: a row of its stacked values
+            rows = self._loop_rows.get(getattr(v, "template", None))
+            if rows is not None and v.index not in self._values:
+                self._values[v.index] = _Row(rows, v.iteration)
         missing = list(dict.fromkeys(v.index for v in flat if v.index not in self._values))
         if missing:
             args = self._require_args("g.value")
@@ -298,8 +304,11 @@ class Graph:
                 if (site := self._site(i)) is not None and (after_loop or _in_loop(site))
             ]
             rest = [i for i in missing if i not in set(looped)]
-            looped = self._with_other_iterations(looped)
+            whole = [i for i in looped if self._whole_loop_site(i) is not None]
+            looped = self._with_other_iterations([i for i in looped if i not in set(whole)])
             with jax.ensure_compile_time_eval():
+                if whole:
+                    self._run_loop_rows(whole, args)
                 if rest:
                     self._values.update(self._program.evaluate(rest, args, self._values))
                 if looped:  # a loop's values stay rows of one stacked result until read
@@ -672,6 +681,51 @@ class Graph:
             + [(exposed[e], expected, message) for e, expected in path]
         )
         return [exposed.raw(e) if rows else exposed[e] for e in exposures]
+
+    def _whole_loop_site(self, i: int) -> Site | None:
+        """For a body value of a folded scan (a virtual var), its site at every iteration
+        at once (a range; see ``_structured.Step``), or None where that is not how it is
+        computed (a while_loop, a cond or loop around it, a patched graph)."""
+        if not self._virtual(i) or self._structure.edits:
+            return None
+        v = self._loop_index.vars[i - len(self._program.vars)]
+        loop = v._loop
+        length = self._loop_index.length(loop)
+        if not loop.is_scan or v.template.inner or length is None or length < 2:
+            return None
+        site, depth = v.site(), len(loop.steps)
+        if (
+            site.path_bound
+            or len(site.steps) <= depth
+            or site.steps[depth].iteration != v.iteration
+        ):
+            return None
+        if any(s.iteration is not None for s in (*site.steps[:depth], *site.steps[depth + 1 :])):
+            return None  # loops around it or inside it
+        at = site.steps[depth]
+        steps = (
+            *site.steps[:depth],
+            Step(at.eqn, at.branch, range(length)),
+            *site.steps[depth + 1 :],
+        )
+        return Site(steps, site.vars)
+
+    def _run_loop_rows(self, indices: list[int], flat_args: Sequence[Any]) -> None:
+        """Values of body values of folded scans: each template's values at every
+        iteration from one run of the loop, kept stacked (a later ``name@t`` is a row),
+        with no var made per iteration."""
+        n = len(self._program.vars)
+        edits: dict[Any, Edit] = {}
+        for i in indices:
+            v = self._loop_index.vars[i - n]
+            if v.template not in edits:
+                edits[v.template] = Edit(self._whole_loop_site(i), "expose")
+        _, exposed = self._structure.with_edits(*edits.values()).run(flat_args, outputs=False)
+        for template, edit in edits.items():
+            self._loop_rows[template] = exposed.raw(edit)
+        for i in indices:
+            v = self._loop_index.vars[i - n]
+            self._values[i] = _Row(self._loop_rows[v.template], v.iteration)
 
     def _with_other_iterations(self, looped: list[int]) -> list[int]:
         """``looped`` and the other iterations of the same body values, not yet cached.

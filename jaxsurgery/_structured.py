@@ -57,9 +57,11 @@ class Step:
     """One level down the nested program: equation ``eqn`` of the current jaxpr, into
     its body (a call), its ``iteration``-th trip (a loop) or its ``branch`` (a cond).
 
-    ``iteration`` may be a ``range`` for an ``"apply"`` edit: the same edit at each of
-    those iterations of a scan, its extra inputs stacked by iteration (one edit for
-    every step of a 10k-step loop, rather than 10k edits merged again).
+    ``iteration`` may be a ``range`` of a scan's iterations: the same edit at each of
+    them, one edit for every step of a 10k-step loop rather than 10k edits merged
+    again. An ``"apply"`` edit then reads its extra inputs stacked by iteration; an
+    ``"expose"`` edit gives the stacked values (a ``while_loop`` takes ``"apply"``
+    ranges only).
     """
 
     eqn: int
@@ -447,6 +449,12 @@ class _Interpreter:
             reverse=params["reverse"],
         )
         for (_, (its, members)), values in zip(exposing, found):
+            if isinstance(members[0].steps[0].iteration, range):  # the rows themselves
+                whole = len(its) == length
+                exposed[members[0].key] = (
+                    values if whole else jax.lax.slice_in_dim(values, its[0], its[-1] + 1)
+                )
+                continue
             for t, m in zip(its, members):
                 exposed[m.key] = _Row(values, t)  # taken when read
         return [*carry, *ys]

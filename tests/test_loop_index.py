@@ -269,3 +269,37 @@ def test_a_while_loop_with_a_large_body_is_folded_and_its_trips_resolve():
     # arguments for which the loop stops before trip 1: an error, not a wrong number
     with pytest.raises(js.SliceError, match="stop before"):
         s.bind(x * 1e-5, 1e-4)(h1)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
+    """``g.value("step/...@t")`` runs the scan once and keeps each body value's rows: any
+    other iteration is then a row, with no var made per iteration; values equal a
+    hand-written loop (forward and reverse, the value inside a call in the body)."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(1), (300, 4))
+
+    def cell(h, x):
+        pre = w @ h + x
+        return jnp.tanh(pre)
+
+    def rnn(h0, xs):
+        def step(h, x):
+            h_new = cell(h, x)
+            return h_new, h_new * 2
+
+        return jax.lax.scan(step, h0, xs, reverse=reverse)
+
+    hs, h = [], jnp.zeros(4)  # by hand
+    for t in range(300)[::-1] if reverse else range(300):
+        h = jnp.tanh(w @ h + xs[t])
+        hs.append((t, h, w @ (hs[-1][1] if hs else jnp.zeros(4)) + xs[t]))
+    by_t = {t: (h, pre) for t, h, pre in hs}
+
+    g = js.trace(rnn, jnp.zeros(4), xs)
+    allclose(g.value("step/h_new@7"), by_t[7][0], rtol=1e-5)
+    made = len(g._loop_index.vars)
+    for t in (0, 150, 298):
+        allclose(g.value(f"step/h_new@{t}"), by_t[t][0], rtol=1e-5)
+        allclose(g.value(f"step/cell/pre@{t}"), by_t[t][1], rtol=1e-5)
+    assert len(g._loop_index.vars) - made <= 6  # the vars asked for, not one per iteration
