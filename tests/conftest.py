@@ -87,3 +87,18 @@ def work(jaxpr, primitive):
 
 # real-browser fixtures for the HTML views (headless Chromium via Playwright): tests/browser.py
 from browser import browser, open_page  # noqa: E402, F401
+
+
+def run_script(name: str, marker: str) -> None:
+    """Run ``tests/<name>`` in a fresh Python process (a device count is fixed when JAX
+    starts) and check that it succeeded and printed ``marker``."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name(name)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker in result.stdout

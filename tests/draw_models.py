@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from models import nnx_mlp_module, penzai_llama_config
 
 import jaxsurgery as js
 
@@ -114,19 +115,7 @@ def nnx_mlp() -> js.Graph:
     """A Flax NNX model: a list of Linear layers with relu."""
     from flax import nnx
 
-    class Model(nnx.Module):
-        def __init__(self, rngs):
-            self.l1 = nnx.Linear(3, 8, rngs=rngs)
-            self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(BLOCKS)])
-            self.head = nnx.Linear(8, 2, rngs=rngs)
-
-        def __call__(self, x):
-            x = nnx.relu(self.l1(x))
-            for layer in self.layers:
-                x = nnx.relu(layer(x))
-            return self.head(x)
-
-    graphdef, state = nnx.split(Model(nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx_mlp_module(BLOCKS))
 
     def forward(state, x):
         return nnx.merge(graphdef, state)(x)
@@ -140,17 +129,7 @@ def penzai_transformer() -> js.Graph:
     from penzai import pz
     from penzai.models.transformer.variants import llamalike_common as llama
 
-    config = llama.LlamalikeTransformerConfig(
-        num_kv_heads=2,
-        query_head_multiplier=1,
-        embedding_dim=16,
-        projection_dim=8,
-        mlp_hidden_dim=32,
-        num_decoder_blocks=2,
-        vocab_size=50,
-        mlp_variant="geglu_approx",
-        tie_embedder_and_logits=False,
-    )
+    config = penzai_llama_config()
     unbound, params = random_like(
         jax.eval_shape(
             lambda: pz.unbind_params(

@@ -18,3 +18,39 @@ f1, f2, f3, chain = demo.f1, demo.f2, demo.f3, demo.g
 
 def mlp_12782_args(key=None):
     return demo.make_params(jax.random.key(0) if key is None else key)
+
+
+def nnx_mlp_module(layers: int = 3):
+    """A Flax NNX MLP holding its hidden layers in an ``nnx.List`` (named ``layers[k]``)."""
+    from flax import nnx
+
+    class NNXMLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 8, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(layers)])
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.l1(x))
+            for layer in self.layers:
+                x = nnx.relu(layer(x))
+            return self.head(x)
+
+    return NNXMLP(nnx.Rngs(0))
+
+
+def penzai_llama_config():
+    """A small penzai llama-like transformer configuration (2 decoder blocks)."""
+    from penzai.models.transformer.variants import llamalike_common as llama
+
+    return llama.LlamalikeTransformerConfig(
+        num_kv_heads=2,
+        query_head_multiplier=1,
+        embedding_dim=16,
+        projection_dim=8,
+        mlp_hidden_dim=32,
+        num_decoder_blocks=2,
+        vocab_size=50,
+        mlp_variant="geglu_approx",
+        tie_embedder_and_logits=False,
+    )

@@ -1,17 +1,13 @@
 """``js.collect``: activations of 10k examples streamed to a Zarr store, read back equal to
 ``values_fn`` per batch, in bounded memory, resumable, and sharded over 8 devices."""
 
-import pathlib
-import subprocess
-import sys
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import zarr
-from conftest import allclose
+from conftest import allclose, run_script
 
 import jaxsurgery as js
 
@@ -125,9 +121,4 @@ def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_pat
 
 
 def test_collection_is_sharded_over_8_devices():
-    script = pathlib.Path(__file__).with_name("sharded_collect.py")
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sharded collection ok" in result.stdout
+    run_script("sharded_collect.py", "sharded collection ok")

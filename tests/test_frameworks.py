@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from conftest import allclose, check_slice
 from flax import nnx
 from jax.example_libraries import stax
+from models import nnx_mlp_module
 
 import jaxsurgery as js
 
@@ -119,21 +120,8 @@ def test_flax_linen_transformer_block_from_attention_to_block_output(key):
 
 
 # -- Flax NNX: an MLP with a list of layers -----------------------------------------------------
-class NNXMLP(nnx.Module):
-    def __init__(self, rngs):
-        self.l1 = nnx.Linear(3, 8, rngs=rngs)
-        self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(3)])
-        self.head = nnx.Linear(8, 2, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.l1(x))
-        for layer in self.layers:
-            x = nnx.relu(layer(x))
-        return self.head(x)
-
-
 def test_flax_nnx_layers_are_named_by_attribute_path(key):
-    model = NNXMLP(nnx.Rngs(0))
+    model = nnx_mlp_module(3)
     graphdef, state = nnx.split(model)
 
     def forward(state, x):

@@ -13,6 +13,7 @@ import numpyro.distributions as dist
 import optax
 from conftest import allclose, check_slice
 from flax import nnx
+from models import penzai_llama_config
 from numpyro.infer.util import log_density
 from penzai import pz
 from penzai.models import simple_mlp
@@ -301,17 +302,7 @@ def test_a_blackjax_hmc_step_slices_from_the_position_to_the_proposal():
 def test_a_penzai_transformer_is_named_by_labels_and_paths():
     from penzai.models.transformer.variants import llamalike_common as llama
 
-    config = llama.LlamalikeTransformerConfig(
-        num_kv_heads=2,
-        query_head_multiplier=1,
-        embedding_dim=16,
-        projection_dim=8,
-        mlp_hidden_dim=32,
-        num_decoder_blocks=2,
-        vocab_size=50,
-        mlp_variant="geglu_approx",
-        tie_embedder_and_logits=False,
-    )
+    config = penzai_llama_config()
     unbound, params = pz.unbind_params(
         llama.build_llamalike_transformer(config, init_base_rng=jax.random.key(0)), freeze=True
     )
