@@ -103,7 +103,8 @@ class GradsFunction:
         self._inputs = list(inputs.values())
         edits = []
         for k, members in enumerate(self._inputs):
-            add = _add_jaxpr(self._avals_of(wrt_vars, members))
+            v = wrt_vars[members[0]]
+            add = _add_jaxpr((tuple(v.shape), v.dtype))
             ranged = _ranged([sites[j] for j in members])
             if ranged is not None:  # consecutive iterations: one edit, the input whole
                 edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(k))))
@@ -116,11 +117,6 @@ class GradsFunction:
         self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
-
-    @staticmethod
-    def _avals_of(vars_: Sequence[Any], members: Sequence[int]) -> tuple:
-        v = vars_[members[0]]
-        return (tuple(v.shape), v.dtype)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.at_flat(self.graph._flatten_args(*args, **kwargs))

@@ -304,8 +304,8 @@ class Graph:
                 if (site := self._site(i)) is not None and (after_loop or _in_loop(site))
             ]
             rest = [i for i in missing if i not in set(looped)]
-            whole = [i for i in looped if self._whole_loop_site(i) is not None]
-            looped = self._with_other_iterations([i for i in looped if i not in set(whole)])
+            whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
+            looped = self._with_other_iterations([i for i in looped if i not in whole])
             with jax.ensure_compile_time_eval():
                 if whole:
                     self._run_loop_rows(whole, args)
@@ -710,20 +710,20 @@ class Graph:
         )
         return Site(steps, site.vars)
 
-    def _run_loop_rows(self, indices: list[int], flat_args: Sequence[Any]) -> None:
-        """Values of body values of folded scans: each template's values at every
-        iteration from one run of the loop, kept stacked (a later ``name@t`` is a row),
-        with no var made per iteration."""
+    def _run_loop_rows(self, sites: dict[int, Site], flat_args: Sequence[Any]) -> None:
+        """Values of body values of folded scans (by index, with their whole-loop sites):
+        each template's values at every iteration from one run of the loop, kept stacked
+        (a later ``name@t`` is a row), with no var made per iteration."""
         n = len(self._program.vars)
         edits: dict[Any, Edit] = {}
-        for i in indices:
+        for i, site in sites.items():
             v = self._loop_index.vars[i - n]
             if v.template not in edits:
-                edits[v.template] = Edit(self._whole_loop_site(i), "expose")
+                edits[v.template] = Edit(site, "expose")
         _, exposed = self._structure.with_edits(*edits.values()).run(flat_args, outputs=False)
         for template, edit in edits.items():
             self._loop_rows[template] = exposed.raw(edit)
-        for i in indices:
+        for i in sites:
             v = self._loop_index.vars[i - n]
             self._values[i] = _Row(self._loop_rows[v.template], v.iteration)
 
