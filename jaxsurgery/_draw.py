@@ -48,6 +48,7 @@ from ._hierarchy import (
     visible,
 )
 from ._progress import progress
+from ._table import slice_roles
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -98,15 +99,13 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
                 f"highlight={highlight!r} is a slice of another graph; cut it from this "
                 "graph (g.slice(...)) or draw it with s.draw()"
             )
-        out: dict[int, str] = {}
-        for role, vars_ in (
-            ("window", highlight.window_vars),
-            ("context", highlight.context_vars),
-            ("input", highlight.in_vars),
-            ("output", highlight.out_vars),
-        ):
-            out.update((v.index, role) for v in vars_)
-        return out
+        # one colour a box: an output that is also an input (an identity slice) is drawn
+        # as an output
+        precedence = ("output", "input", "context", "window")
+        return {
+            v.index: next(r for r in precedence if r in listed.split(", "))
+            for v, listed in slice_roles(highlight).items()
+        }
     try:
         selection = graph.select(highlight)
     except SelectionError as e:
@@ -135,10 +134,7 @@ def layout_graph(
         raise SelectionError(f"depth={depth!r} is not a depth: pass an int >= 1, or None")
     role_of = roles(graph, highlight)
     base = "faded" if role_of else "plain"
-    program = graph._program
-    edges_v = [
-        (i, o) for ins, outs in zip(program.eqn_in, program.eqn_out) for i in ins for o in outs
-    ]
+    edges_v = graph._program.var_edges()
     groups: dict[str, Group] = {}
     if depth is None and len(graph.vars) <= max_nodes:
         node_of = {v.index: f"v{v.index}" for v in graph.vars}

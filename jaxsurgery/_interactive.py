@@ -69,10 +69,7 @@ class View:
 
         graph = self.graph
         root = hierarchy(graph)
-        program = graph._program
-        edges = [
-            (i, o) for ins, outs in zip(program.eqn_in, program.eqn_out) for i in ins for o in outs
-        ]
+        edges = graph._program.var_edges()
         depth = self._depth or default_depth(root)
         opened, _ = acyclic(root, expanded_to(root, depth), edges)
         owner: dict[int, str] = {}

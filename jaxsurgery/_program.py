@@ -143,6 +143,10 @@ class Program:
             self._users = users
         return self._users
 
+    def var_edges(self) -> list[tuple[int, int]]:
+        """Dataflow between vars: ``(read, made)`` for every equation, in program order."""
+        return [(i, o) for ins, outs in zip(self.eqn_in, self.eqn_out) for i in ins for o in outs]
+
     def locate(self, var: Any) -> list[tuple[int, tuple[int, ...]]]:
         """Where a var of the traced (nested) jaxpr ended up: ``[(index, iterations)]``.
 
