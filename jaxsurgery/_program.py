@@ -503,10 +503,12 @@ class _Inliner(ControlFlow):
 
     def _copy_eqn(self, eqn: C.JaxprEqn, env: dict, outer: C.SourceInfo | None) -> None:
         """Copy one equation, inlining it when it is a call, loop or conditional."""
+        name = eqn.primitive.name
+        special = name in _SPECIAL
         if (
             outer is None
             and not self.iteration
-            and eqn.primitive.name not in _SPECIAL
+            and not special
             and (
                 not self.rewired
                 or all(env.get(a, a) is a for a in eqn.invars if type(a) is not C.Literal)
@@ -519,30 +521,28 @@ class _Inliner(ControlFlow):
         source_info = (
             eqn.source_info if outer is None else C.nest_source_info(outer, eqn.source_info)
         )
-        invars = [self._read(a, env) for a in eqn.invars]
-        name = eqn.primitive.name
-        outs = None
-        if name in C.CALL_PRIMITIVES and _inlinable(eqn):
-            region = Region(len(self.eqns), eqn, invars, source_info)
-            self.regions.append(region)
-            step = Step(self.position)
-            outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
-            region.end = len(self.eqns)
-        elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
-            outs = self._control_flow(eqn, invars, source_info)
-        if outs is not None:
-            self.rewired = self.rewired or outer is None
-            for out, a in zip(eqn.outvars, outs):
-                if not isinstance(out, C.DropVar):
-                    self._alias(out, a, env)
-            return
-        if name == C.TAG_PRIMITIVE and isinstance(invars[0], C.Var):
-            self.rewired = self.rewired or outer is None
-            self._alias(eqn.outvars[0], invars[0], env)
-            self.tags.append((invars[0], C.tag_name(eqn), tuple(self.iteration)))
-            return
+        Literal = C.Literal
+        invars = [a if type(a) is Literal else env[a] for a in eqn.invars]
         self.rewired = self.rewired or outer is None
-        outvars = [v if isinstance(v, C.DropVar) else self._fresh(v, env) for v in eqn.outvars]
-        self.eqns.append(
-            C.new_jaxpr_eqn(invars, outvars, eqn.primitive, eqn.params, eqn.effects, source_info)
-        )
+        if special:
+            outs = None
+            if name in C.CALL_PRIMITIVES and _inlinable(eqn):
+                region = Region(len(self.eqns), eqn, invars, source_info)
+                self.regions.append(region)
+                step = Step(self.position)
+                outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
+                region.end = len(self.eqns)
+            elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
+                outs = self._control_flow(eqn, invars, source_info)
+            elif name == C.TAG_PRIMITIVE and type(invars[0]) is not Literal:
+                self._alias(eqn.outvars[0], invars[0], env)
+                self.tags.append((invars[0], C.tag_name(eqn), tuple(self.iteration)))
+                return
+            if outs is not None:
+                for out, a in zip(eqn.outvars, outs):
+                    if type(out) is not C.DropVar:
+                        self._alias(out, a, env)
+                return
+        DropVar = C.DropVar
+        outvars = [v if type(v) is DropVar else self._fresh(v, env) for v in eqn.outvars]
+        self.eqns.append(C.copy_eqn(eqn, invars, outvars, source_info))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import threading
@@ -48,6 +49,8 @@ DELAY = 2.0
 REDRAW = 0.25
 #: Seconds between lines in a log (a stream that cannot redraw a line).
 LOG_EVERY = 10.0
+#: Seconds the drawing thread keeps waking by itself after work was last watched.
+IDLE = 60.0
 ENV = "JAXSURGERY_PROGRESS"
 
 _active = threading.local()
@@ -158,10 +161,14 @@ class _Shown:
     """A top-level piece of work being watched: its state, where and when to draw it."""
 
     def __init__(self, state: Progress, out: IO[str], delay: float) -> None:
-        self.state, self.out, self.redraw = state, out, _redraws(out)
+        self.state, self.out = state, out
         self.start = time.monotonic()
         self.due = self.start + delay  # when to draw next
         self.width = -1  # of the last line drawn; -1: none yet
+
+    @functools.cached_property
+    def redraw(self) -> bool:  # asked when first drawing (most work ends before)
+        return _redraws(self.out)
 
     def write(self, text: str, last: bool = False) -> None:
         if self.redraw:
@@ -174,13 +181,21 @@ class _Shown:
 
 
 class _Watcher:
-    """One daemon thread for the process, drawing the work that is due; it sleeps while
-    nothing is watched, so starting and ending work costs a lock, not a thread."""
+    """One daemon thread for the process, drawing the work that is due.
+
+    Starting and ending work costs a lock, not a thread, and usually not a wake-up
+    either: the thread wakes every :data:`DELAY` seconds for :data:`IDLE` seconds after
+    work was last watched, so work started in that time is seen in time without being
+    signalled (a trace in a loop does not pay a thread switch); after that it sleeps
+    until signalled.
+    """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.watched: list[_Shown] = []
         self.thread: threading.Thread | None = None
+        self.wakes = math.inf  # when the thread wakes next by itself
+        self.last = 0.0  # when work was last watched
 
     def add(self, shown: _Shown) -> None:
         with self.cond:
@@ -189,13 +204,14 @@ class _Watcher:
                 self.thread = threading.Thread(target=self._run, name="jaxsurgery-progress")
                 self.thread.daemon = True
                 self.thread.start()
-            self.cond.notify()
+            if shown.due < self.wakes:
+                self.cond.notify()
 
     def remove(self, shown: _Shown) -> None:
         """Stop watching; the last line, if anything was drawn or the delay passed."""
         with self.cond:
             self.watched.remove(shown)
-            now = time.monotonic()
+            now = self.last = time.monotonic()
             if shown.width >= 0 or now >= shown.due:
                 state = shown.state
                 with contextlib.suppress(Exception):
@@ -206,16 +222,19 @@ class _Watcher:
     def _run(self) -> None:
         with self.cond:
             while True:
-                if not self.watched:
-                    self.cond.wait()
-                    continue
                 now = time.monotonic()
+                if not self.watched:
+                    self.wakes = now + DELAY if now < self.last + IDLE else math.inf
+                    self.cond.wait(None if self.wakes == math.inf else DELAY)
+                    continue
+                self.last = now
                 for shown in self.watched:
                     if now >= shown.due:
                         with contextlib.suppress(Exception):  # a closed stream, a bad count
                             shown.write(shown.state.text(now - shown.start))
                         shown.due = now + (REDRAW if shown.redraw else LOG_EVERY)
-                self.cond.wait(max(0.01, min(w.due for w in self.watched) - now))
+                self.wakes = max(now + 0.01, min(w.due for w in self.watched))
+                self.cond.wait(self.wakes - now)
 
 
 _watcher = _Watcher()

@@ -227,10 +227,14 @@ def _is_array_leaf(x: Any) -> bool:
     return isinstance(x, (*_ARRAYS, int, float, complex)) and not isinstance(x, bool)
 
 
-def _is_module(x: Any) -> bool:
-    """Whether ``x`` is an Equinox module (whose non-array leaves are held static)."""
+def _module_test() -> Callable[[Any], bool] | None:
+    """What tells an Equinox module (whose non-array leaves are held static), or None
+    when Equinox is not imported (then no value is one)."""
     eqx = sys.modules.get("equinox")
-    return eqx is not None and isinstance(x, eqx.Module)
+    if eqx is None:
+        return None
+    module = eqx.Module
+    return lambda x: isinstance(x, module)
 
 
 def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
@@ -239,10 +243,13 @@ def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
     Inside an Equinox module only arrays are traced, as ``equinox.filter_jit`` does
     (its Python numbers are hyperparameters: ``num_heads``, a dropout ``p``).
     """
-    top, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_module)
+    is_module = _module_test()
+    top, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_module)
+    if is_module is None:
+        return [(path, x, _is_array_leaf(x)) for path, x in top], (treedef, None)
     out, parts = [], []
     for path, x in top:
-        if _is_module(x):
+        if is_module(x):
             inner, inner_def = jax.tree_util.tree_flatten_with_path(x)
             out += [(path + p, leaf, isinstance(leaf, _ARRAYS)) for p, leaf in inner]
             parts.append((inner_def, len(inner)))
@@ -255,6 +262,8 @@ def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
 def _unflat(how: Any, leaves: list[Any]) -> Any:
     """The inverse of :func:`_flat` for a list of leaves."""
     treedef, parts = how
+    if parts is None:
+        return jax.tree_util.tree_unflatten(treedef, leaves)
     it = iter(leaves)
     top = [
         next(it)
@@ -311,16 +320,16 @@ class _ArgBinder:
                 f"{self.signature}: {e}; pass the arguments you would pass to the function"
             ) from None
         items = [
-            (name, value)
+            (name, value, _flat(value))
             for name, value in bound_obj.arguments.items()
             if name not in self.static_names
         ]
         leaves: list[Any] = []
         names: list[str] = []
         labels: list[tuple[int, str]] = []
-        for name, value in items:
+        for name, value, (flat, _) in items:
             labelled = parameter_labels(value)
-            for path, leaf, traced in _flat(value)[0]:
+            for path, leaf, traced in flat:
                 if traced:
                     key = jax.tree_util.keystr(path)
                     label = _label(key, labelled)
@@ -335,8 +344,7 @@ class _ArgBinder:
         bound_obj, items = bound
         it = iter(flat)
         new_values = {}
-        for name, value in items:
-            old, how = _flat(value)
+        for name, _, (old, how) in items:
             new_values[name] = _unflat(how, [next(it) if t else x for _, x, t in old])
         rebuilt = inspect.BoundArguments(bound_obj.signature, dict(bound_obj.arguments))
         rebuilt.arguments.update(new_values)
