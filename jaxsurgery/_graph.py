@@ -130,11 +130,22 @@ class Var:
         return f"Var({self.name}: {short_type(self.aval)} = {self.primitive}, index {self.index})"
 
 
+#: primitives seen holding no jaxpr in their parameters (a primitive's parameters
+#: are of fixed kinds): _holds_loop skips them without reading their parameters
+_FIRST_ORDER: set[Any] = set()
+
+
 def _holds_loop(jaxpr: C.Jaxpr) -> bool:
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in LOOP_PRIMITIVES:
+        primitive = eqn.primitive
+        if primitive.name in LOOP_PRIMITIVES:
             return True
-        if any(_holds_loop(inner) for inner in C.inner_jaxprs(eqn)):
+        if primitive in _FIRST_ORDER:
+            continue
+        inner = C.inner_jaxprs(eqn)
+        if not inner:
+            _FIRST_ORDER.add(primitive)
+        elif any(_holds_loop(j) for j in inner):
             return True
     return False
 
