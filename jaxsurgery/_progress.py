@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
@@ -58,12 +58,25 @@ _active = threading.local()
 
 def enabled_by_default() -> bool:
     """``JAXSURGERY_PROGRESS`` says (``0``/``1``); unset: on, except under pytest."""
-    value = os.environ.get(ENV, "").strip().lower()
+    value = (_environment(ENV) or "").strip().lower()
     if value in ("0", "false", "off", "no"):
         return False
     if value in ("1", "true", "on", "yes"):
         return True
-    return "PYTEST_CURRENT_TEST" not in os.environ
+    return _environment("PYTEST_CURRENT_TEST") is None
+
+
+def _environment(name: str) -> str | None:
+    """``os.environ.get(name)`` without the ``KeyError`` it raises and catches inside
+    when ``name`` is unset (asked at the start of every trace; cold, that costs more
+    than the rest of starting to watch the work). CPython's ``os.environ`` keeps its
+    encoded items in ``_data``; elsewhere, ``get``."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if not isinstance(data, dict):
+        return environ.get(name)
+    raw = data.get(environ.encodekey(name))
+    return None if raw is None else environ.decodevalue(raw)
 
 
 def _redraws(stream: IO[str]) -> bool:
@@ -165,6 +178,7 @@ class _Shown:
         self.start = time.monotonic()
         self.due = self.start + delay  # when to draw next
         self.width = -1  # of the last line drawn; -1: none yet
+        self.closed = False  # the work ended
 
     @functools.cached_property
     def redraw(self) -> bool:  # asked when first drawing (most work ends before)
@@ -183,64 +197,77 @@ class _Shown:
 class _Watcher:
     """One daemon thread for the process, drawing the work that is due.
 
-    Starting and ending work costs a lock, not a thread, and usually not a wake-up
-    either: the thread wakes every :data:`DELAY` seconds for :data:`IDLE` seconds after
-    work was last watched, so work started in that time is seen in time without being
-    signalled (a trace in a loop does not pay a thread switch); after that it sleeps
-    until signalled.
+    Starting and ending work that stays short (most of it) costs no lock and no
+    thread switch: the list of watched work changes atomically under the GIL, and
+    the thread wakes by itself every :data:`DELAY` seconds for :data:`IDLE` seconds
+    after work was last watched, so work started in that time is seen in time
+    without a signal (a trace in a loop does not wake it). Work due before the
+    thread wakes next (or while it sleeps until signalled) signals it.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.watched: list[_Shown] = []
+        self.added = 0  # counts additions (the thread looks again if it changed)
         self.thread: threading.Thread | None = None
         self.wakes = math.inf  # when the thread wakes next by itself
         self.last = 0.0  # when work was last watched
 
     def add(self, shown: _Shown) -> None:
-        with self.cond:
-            self.watched.append(shown)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="jaxsurgery-progress")
-                self.thread.daemon = True
-                self.thread.start()
-            if shown.due < self.wakes:
+        self.watched.append(shown)
+        self.added += 1
+        if shown.due < self.wakes:  # the thread would wake too late, or is not there
+            with self.cond:
+                if self.thread is None or not self.thread.is_alive():
+                    self.thread = threading.Thread(target=self._run, name="jaxsurgery-progress")
+                    self.thread.daemon = True
+                    self.thread.start()
                 self.cond.notify()
 
     def remove(self, shown: _Shown) -> None:
         """Stop watching; the last line, if anything was drawn or the delay passed."""
+        shown.closed = True  # before reading the clock: the thread draws only what is due
+        self.watched.remove(shown)
+        now = self.last = time.monotonic()
+        if shown.width < 0 and now < shown.due:
+            return  # never drawn, and now never will be
         with self.cond:
-            self.watched.remove(shown)
-            now = self.last = time.monotonic()
-            if shown.width >= 0 or now >= shown.due:
-                state = shown.state
-                with contextlib.suppress(Exception):
-                    shown.write(
-                        f"jaxsurgery: {state.what}: done in {now - shown.start:.1f} s", True
-                    )
+            state = shown.state
+            with contextlib.suppress(Exception):
+                shown.write(f"jaxsurgery: {state.what}: done in {now - shown.start:.1f} s", True)
 
     def _run(self) -> None:
         with self.cond:
             while True:
-                now = time.monotonic()
-                if not self.watched:
-                    self.wakes = now + DELAY if now < self.last + IDLE else math.inf
-                    self.cond.wait(None if self.wakes == math.inf else DELAY)
-                    continue
-                self.last = now
-                for shown in self.watched:
-                    if now >= shown.due:
-                        with contextlib.suppress(Exception):  # a closed stream, a bad count
-                            shown.write(shown.state.text(now - shown.start))
-                        shown.due = now + (REDRAW if shown.redraw else LOG_EVERY)
-                self.wakes = max(now + 0.01, min(w.due for w in self.watched))
-                self.cond.wait(self.wakes - now)
+                seen, now = self.added, time.monotonic()
+                watched = [w for w in list(self.watched) if not w.closed]
+                if watched:
+                    self.last = now
+                    for shown in watched:
+                        if now >= shown.due and not shown.closed:
+                            with contextlib.suppress(Exception):  # a closed stream, a bad count
+                                shown.write(shown.state.text(now - shown.start))
+                            shown.due = now + (REDRAW if shown.redraw else LOG_EVERY)
+                    wakes = max(now + 0.01, min(w.due for w in watched))
+                else:
+                    poll = max(DELAY, 0.1)
+                    wakes = now + poll if now < self.last + IDLE else math.inf
+                self.wakes = wakes
+                if self.added != seen:
+                    continue  # work added meanwhile may not have signalled: look again
+                self.cond.wait(None if wakes == math.inf else wakes - now)
+
+    def forget_thread(self) -> None:
+        """In a forked child: the thread is not there (the next work starts one)."""
+        self.cond = threading.Condition()
+        self.watched, self.thread, self.wakes = [], None, math.inf
 
 
 _watcher = _Watcher()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_watcher.forget_thread)
 
 
-@contextlib.contextmanager
 def progress(
     what: str,
     total: int | None = None,
@@ -250,7 +277,7 @@ def progress(
     enabled: bool | None = None,
     delay: float | None = None,
     stream: IO[str] | None = None,
-) -> Iterator[Progress | _Phase]:
+) -> _Work:
     """Show progress of the work in the ``with`` block once it passes ``delay`` seconds.
 
     Args:
@@ -261,28 +288,41 @@ def progress(
         delay: seconds before the first line (default :data:`DELAY`).
         stream: where to write (default ``sys.stderr`` at the time of the call).
 
-    Yields:
-        An object with ``update(done, total=None, phase=None)`` and a ``phase`` attribute.
+    Returns:
+        A context manager giving an object with ``update(done, total=None,
+        phase=None)`` and a ``phase`` attribute.
     """
-    outer = getattr(_active, "progress", None)
-    if outer is not None:  # a phase of the work already shown
-        nested = _Phase(outer, what, total)
-        try:
-            yield nested
-        finally:
-            nested.restore()
-        return
-    state = Progress(what, total, count=count, count_label=count_label)
-    if not (enabled_by_default() if enabled is None else enabled):
-        yield state
-        return
-    shown = _Shown(
-        state, sys.stderr if stream is None else stream, DELAY if delay is None else delay
-    )
-    _active.progress = state
-    _watcher.add(shown)
-    try:
-        yield state
-    finally:
-        _active.progress = None
-        _watcher.remove(shown)
+    return _Work(what, total, count, count_label, enabled, delay, stream)
+
+
+class _Work:
+    """The context manager :func:`progress` returns (a class, not a generator: every
+    trace enters one, and cold, a generator's machinery costs more)."""
+
+    def __init__(self, what: str, total: int | None, *options: Any) -> None:
+        self.what, self.total, self.options = what, total, options
+        self.phase: _Phase | None = None
+        self.shown: _Shown | None = None
+
+    def __enter__(self) -> Progress | _Phase:
+        outer = getattr(_active, "progress", None)
+        if outer is not None:  # a phase of the work already shown
+            self.phase = _Phase(outer, self.what, self.total)
+            return self.phase
+        count, count_label, enabled, delay, stream = self.options
+        state = Progress(self.what, self.total, count=count, count_label=count_label)
+        if not (enabled_by_default() if enabled is None else enabled):
+            return state
+        self.shown = _Shown(
+            state, sys.stderr if stream is None else stream, DELAY if delay is None else delay
+        )
+        _active.progress = state
+        _watcher.add(self.shown)
+        return state
+
+    def __exit__(self, *exc: object) -> None:
+        if self.phase is not None:
+            self.phase.restore()
+        elif self.shown is not None:
+            _active.progress = None
+            _watcher.remove(self.shown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -282,13 +283,54 @@ _ANY_SIGNATURE = inspect.Signature(
 )
 
 
+_SIGNATURES: dict[types.CodeType, tuple[tuple, inspect.Signature]] = {}
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, kept per code object for plain functions.
+
+    A model function is often made afresh for each trace (a closure over its config);
+    the signature is the same as long as its code, defaults and annotations are, and
+    working it out again costs, cold, as much as the rest of a small trace's own work.
+    """
+    if type(fn) is not types.FunctionType or {"__signature__", "__wrapped__"} & fn.__dict__.keys():
+        return inspect.signature(fn)
+    parts = (
+        fn.__defaults__ or (),
+        tuple((fn.__kwdefaults__ or {}).items()),
+        tuple(fn.__annotations__.items()),
+    )
+    known = _SIGNATURES.get(fn.__code__)
+    if known is not None and _same_objects(known[0], parts):
+        return known[1]
+    if len(_SIGNATURES) > 256:
+        _SIGNATURES.clear()
+    signature = inspect.signature(fn)
+    _SIGNATURES[fn.__code__] = (parts, signature)  # holds the parts: ids stay theirs
+    return signature
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    """Whether two ``(defaults, kwdefaults items, annotation items)`` hold the same
+    objects (``is``) under the same names."""
+    (da, ka, aa), (db, kb, ab) = a, b
+    return (
+        len(da) == len(db)
+        and all(x is y for x, y in zip(da, db))
+        and all(
+            len(x) == len(y) and all(p[0] == q[0] and p[1] is q[1] for p, q in zip(x, y))
+            for x, y in ((ka, kb), (aa, ab))
+        )
+    )
+
+
 class _ArgBinder:
     """Maps the function's arguments to named flat leaves and back."""
 
     def __init__(self, fn: Callable[..., Any], static_argnums: Any, static_argnames: Any):
         self.fn = fn
         try:
-            self.signature = inspect.signature(fn)
+            self.signature = _signature(fn)
         except (TypeError, ValueError):  # a builtin or C function: name leaves args[i]
             self.signature = _ANY_SIGNATURE
         nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
