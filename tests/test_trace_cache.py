@@ -288,3 +288,23 @@ def test_a_jit_inlined_when_traced_still_names_its_calls():
         h = jnp.sin(h) + 1.0
         allclose(g.value(f"shift#{k}"), h)
         assert g[f"shift#{k}"] is g[f"x#{k + 1}"]
+
+
+def test_fresh_closures_keep_their_own_signature():
+    """Signatures are kept per code object (a model function made afresh per trace),
+    but a closure with other defaults or annotations binds and reads as its own."""
+
+    def make(scale, note):
+        def f(x: note, k=scale):
+            return x * k
+
+        return f
+
+    g1 = js.trace(make(2.0, "a"), jnp.ones(3))
+    g2 = js.trace(make(2.0, "a"), jnp.ones(3))
+    g3 = js.trace(make(3.0, "b"), jnp.ones(3))
+    assert g1._title == g2._title and g1._title.endswith(".f(x: 'a', k=2.0)")
+    assert g3._title.endswith(".f(x: 'b', k=3.0)")
+    allclose(g3.value("out"), 3.0 * jnp.ones(3))
+    with pytest.raises(js.TraceError, match="do not fit"):
+        js.trace(make(2.0, "a"), jnp.ones(3), 1.0, 2.0)
