@@ -28,6 +28,7 @@ from ._control_flow import (
     Folded,
     deciding_operands,
 )
+from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value
 
 
@@ -204,6 +205,7 @@ class Program:
             [self.jaxpr.eqns[e] for e in eqns],
         )
 
+    @gc_paused  # it allocates per equation run: collections would rescan the whole graph
     def evaluate(
         self, targets: Sequence[int], flat_args: Sequence[Any], known: dict[int, Any]
     ) -> dict[int, Any]:
@@ -229,7 +231,8 @@ class Program:
         for e in needed:
             if e not in ops:
                 ops[e] = _op(self.jaxpr.eqns[e])
-        _run([self.jaxpr.eqns[e] for e in needed], [ops[e] for e in needed], env)
+        eqns = [self.jaxpr.eqns[e] for e in needed]
+        _run(eqns, [ops[e] for e in needed], env, _last_uses(eqns, {vars_[i] for i in outs}))
         return {i: env[vars_[i]] for i in outs}
 
 
@@ -254,18 +257,40 @@ def _op(eqn: C.JaxprEqn) -> Any:
     return op
 
 
-def _run(eqns: Sequence[C.JaxprEqn], ops: Sequence[Any], env: dict) -> None:
+def _last_uses(eqns: Sequence[C.JaxprEqn], keep: set[Any]) -> list[list[Any]]:
+    """Per equation, the vars made by ``eqns`` that it is the last to read (and that
+    are not kept)."""
+    made = {v for eqn in eqns for v in eqn.outvars}
+    last: dict[Any, int] = {}
+    Literal = C.Literal
+    for k, eqn in enumerate(eqns):
+        for a in eqn.invars:
+            if type(a) is not Literal:
+                last[a] = k
+    frees: list[list[Any]] = [[] for _ in eqns]
+    for v, k in last.items():
+        if v in made and v not in keep:
+            frees[k].append(v)
+    return frees
+
+
+def _run(
+    eqns: Sequence[C.JaxprEqn], ops: Sequence[Any], env: dict, frees: Sequence[list[Any]]
+) -> None:
     """Run equations on concrete values op by op (``eval_jaxpr`` with each one's
     compiled function from :func:`_op`, about 4× faster on long programs), reading
-    and writing ``env``."""
+    and writing ``env``. A value is dropped after its last read (``frees``), as an
+    eager run drops it: holding 100k live arrays slows every later op."""
     Literal = C.Literal
-    for eqn, op in zip(eqns, ops):
+    for eqn, op, dead in zip(eqns, ops, frees):
         ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
         out = eqn.primitive.bind(*ins, **eqn.params) if op is None else op(*ins)
         if eqn.primitive.multiple_results:
             env.update(zip(eqn.outvars, out))
         else:
             env[eqn.outvars[0]] = out
+        for v in dead:
+            del env[v]
 
 
 def _bind(primitive: Any, params: dict, *args: Any) -> Any:
