@@ -171,8 +171,10 @@ def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list
 
 
 def _dtype(x: Any) -> Any:
+    """``x``'s dtype as JAX computes with it (None for a Python number); a typed PRNG
+    key's dtype (``key<fry>``) as it is."""
     dtype = getattr(x, "dtype", None)
-    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype, True)
 
 
 _TRACER_ERRORS = (

@@ -114,3 +114,28 @@ def test_prng_key_arrays():
     assert [v.name for v in s_ctx.context_vars] == ["key"]
     allclose(s_ctx(jnp.asarray(3)), h.value("draw"))
     allclose(s_ctx(jnp.asarray(4)), step(key, jnp.asarray(4)))
+
+
+def test_a_typed_key_argument_runs_every_whole_function():
+    """A function of a typed key (``jax.random.key``, as blackjax steps take) runs
+    through every function built from its graph for another key; a legacy uint32 key
+    in its place is a SliceError naming the argument."""
+
+    def f(x, key):
+        y = jnp.tanh(x + jax.random.normal(key, (2,)))
+        return (y * 2).sum()
+
+    x, key, other = jnp.ones(2), jax.random.key(0), jax.random.key(1)
+    g = js.trace(f, x, key)
+    y_other = jnp.tanh(x + jax.random.normal(other, (2,)))
+    allclose(g.as_function()(x, other), f(x, other))
+    allclose(jax.jit(g.as_function())(x, other), f(x, other))
+    allclose(jax.grad(g.as_function())(x, other), jax.grad(f)(x, other))
+    allclose(g.values_fn("y")(x, other)["y"], y_other)
+    allclose(g.grads_fn("out", ["y"])(x, other)["y"], 2 * jnp.ones(2))
+    allclose(g.slice("x", "out").bind(x, other)(x), f(x, other))
+    allclose(g.patch_fn("y")({"y": y_other * 0}, x, other), 0.0)
+    attribution = g.attribution_fn("out", "y")((x, key), (x, other))["y"]
+    allclose(attribution, (g.value("y") - y_other) * 2)
+    with pytest.raises(js.SliceError, match="argument `key` is uint32"):
+        g.as_function()(x, jax.random.PRNGKey(1))
