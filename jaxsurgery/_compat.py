@@ -8,6 +8,7 @@ this file alone. Tested with jax 0.10 and the newest release (0.12): see the REA
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -165,9 +166,24 @@ def user_frame(source_info: SourceInfo | None) -> tuple[str, int, str] | None:
     if source_info is None or source_info.traceback is None:
         return None
     frame = _source_info_util.user_frame(source_info.traceback)
+    if frame is not None and frame.file_name.startswith(_OWN_FILES):
+        # made while one of jaxsurgery's wrappers ran (a loop called with named
+        # bodies): the user's frame is the next one out
+        frame = next(
+            (
+                f
+                for f in _source_info_util.user_frames(source_info.traceback)
+                if not f.file_name.startswith(_OWN_FILES)
+            ),
+            None,
+        )
     if frame is None:
         return None
     return frame.file_name, frame.start_line, frame.function_name
+
+
+#: where jaxsurgery's own files are (never the user's frame)
+_OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def has_scope(source_info: SourceInfo | None) -> bool:

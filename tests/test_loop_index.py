@@ -51,6 +51,8 @@ def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
     v = g["step/h_new@700"]
     assert isinstance(v, VirtualVar) and v not in g.vars
     assert v.shape == (4,) and v.primitive == "tanh" and v.source.startswith(__file__)
+    # the scan's results come from the user's line that called it, not a wrapper's
+    assert g["h_last"].source == g["hs"].source == f"{__file__}:28"
     allclose(g.value(v), state_after(h0, xs, w, 700), rtol=1e-4)
     allclose(g.value("step/a@3"), state_after(h0, xs, w, 2) @ w + xs[3], rtol=1e-5)
     # one value, one var: the carry entering step t is what step t-1 returned
