@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.core import check_jaxpr
 from models import mlp_12782, mlp_12782_args
 
@@ -27,6 +28,46 @@ def test_values_match_eager_evaluation():
     pair = g.value(("z1", "x"))
     assert isinstance(pair, tuple)
     np.testing.assert_array_equal(pair[1], x)
+
+
+def _many_ops(x, w):
+    """A short program of many distinct ops (a real model's first value compiles them)."""
+    a = jnp.sin(x) @ w
+    b = jnp.cos(a) * jnp.exp(-(a**2))
+    c = jnp.log1p(jnp.abs(b)) + jnp.tanh(b).T @ jnp.ones((4, 4))
+    d = jnp.sqrt(jnp.maximum(c, 0.1)) / (1.0 + jnp.arctan(c))
+    e = jnp.cumsum(d, axis=0) - jnp.max(d, axis=1, keepdims=True)
+    return jnp.sort(e, axis=1).sum() + jnp.linalg.norm(e) + jnp.sinh(a).mean()
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["compiled whole", "op by op"])
+def test_first_values_compiled_whole_or_op_by_op(whole, monkeypatch):
+    """A first value of a short prefix of many ops not run before is one compiled
+    function; otherwise (or past ``COMPILE_WHOLE`` equations) the prefix runs op by op
+    with values dropped after their last read. Both give the function's values, and
+    later values start from the checkpoints of the first."""
+    from jaxsurgery import _program
+
+    monkeypatch.setattr(_program, "_RAN", set())
+    if not whole:
+        monkeypatch.setattr(_program, "COMPILE_WHOLE", 0)
+    ran, real_run = [], _program._run
+
+    def run(*args):
+        ran.append(1)
+        return real_run(*args)
+
+    monkeypatch.setattr(_program, "_run", run)
+    x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+    w = jnp.arange(12.0).reshape(3, 4) / 10
+    g = js.trace(_many_ops, x, w)
+    a = jnp.sin(x) @ w
+    b = jnp.cos(a) * jnp.exp(-(a**2))
+    c = jnp.log1p(jnp.abs(b)) + jnp.tanh(b).T @ jnp.ones((4, 4))
+    np.testing.assert_allclose(g.value("out"), _many_ops(x, w), rtol=1e-5)
+    assert bool(ran) is not whole
+    np.testing.assert_allclose(g.value("c"), c, rtol=1e-5)
+    np.testing.assert_allclose(g.value("b"), b, rtol=1e-5)
 
 
 def test_values_are_concrete_inside_jit():
