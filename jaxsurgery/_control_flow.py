@@ -307,6 +307,28 @@ def _count_trips(
     return None
 
 
+def count_trips_compiled(
+    cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list
+) -> int | None:
+    """:func:`_count_trips` as one compiled loop (for a large body: run op by op, a
+    diffrax step costs about a second a trip)."""
+    cond_fn, body_fn = C.jaxpr_as_fun(cond), C.jaxpr_as_fun(body)
+
+    def count(cond_consts: list, body_consts: list, carry: list) -> Any:
+        def more(state: tuple) -> Any:
+            n, carry = state
+            return (n <= MAX_TRIPS) & cond_fn(*cond_consts, *carry)[0]
+
+        def step(state: tuple) -> tuple:
+            n, carry = state
+            return n + 1, list(body_fn(*body_consts, *carry))
+
+        return jax.lax.while_loop(more, step, (0, list(carry)))[0]
+
+    trips = int(jax.jit(count)(cond_consts, body_consts, carry))
+    return None if trips > MAX_TRIPS else trips
+
+
 def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
     """Positions of the operands that decide which way a ``cond``/``while`` goes.
 

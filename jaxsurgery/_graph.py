@@ -29,7 +29,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SliceError, check_like
+from ._errors import SelectionError, SliceError, check_like
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -323,7 +323,11 @@ class Graph:
                 if rest:
                     self._values.update(self._program.evaluate(rest, args, self._values))
                 if looped:  # a loop's values stay rows of one stacked result until read
-                    found = self._values_at([self._var(i) for i in looped], args, rows=True)
+                    vars_ = [self._var(i) for i in looped]
+                    try:
+                        found = self._values_at(vars_, args, rows=True)
+                    except SliceError:  # not made on the traced path: say which, and why
+                        raise self._unreached(vars_) from None
                     self._values.update(zip(looped, found))
         values = self._values
         for v in flat:
@@ -760,6 +764,26 @@ class Graph:
         return [
             j for j in more if j in asked or (j not in self._values and _in_loop(self._site(j)))
         ]
+
+    def _unreached(self, vars_: Sequence[Var]) -> Exception:
+        """The error for values the traced arguments do not make (a folded while_loop's
+        iteration past its trip count, or a value on a path they do not take)."""
+        for v in vars_:
+            loop = getattr(v, "_loop", None)
+            if loop is None or loop.is_scan:
+                continue
+            n = self._loop_index.length(loop, need=True)
+            if n is not None and v.iteration >= n:
+                last = f"; its iterations are @0 to @{n - 1}" if n else ""
+                return SelectionError(
+                    f"{v.name!r} is never made: its while_loop runs {n} time"
+                    f"{'s' if n != 1 else ''} for the traced arguments{last}"
+                )
+        names = ", ".join(v.name for v in vars_[:4]) + (", ..." if len(vars_) > 4 else "")
+        return SliceError(
+            f"{names}: not made for the traced arguments (they take another branch of a "
+            "cond, or fewer trips of a while_loop, than the one that makes it)"
+        )
 
     @staticmethod
     def _path_message(vars_: Sequence[Var]) -> str:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _compat as C
-from ._control_flow import Folded
+from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var
 from ._scopes import scope_path
@@ -152,18 +152,20 @@ class LoopIndex:
         return loop.trips
 
     def _count_trips(self, loop: Folded) -> int | None:
-        from ._control_flow import _count_trips
+        from ._control_flow import count_trips_compiled
 
         graph, program = self.graph, self.graph._program
-        if graph._flat_args is None or loop.steps:
-            return None  # abstract, or a loop inside a call or loop: not counted
+        if graph._flat_args is None or any(
+            isinstance(a, C.Var) and a not in program.index for a in loop.operands
+        ):
+            return None  # abstract, or operands the flat index does not hold
         values = [
             a.val if isinstance(a, C.Literal) else graph.value(graph.vars[program.index[a]])
             for a in loop.operands
         ]
         p = loop.eqn.params
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
-        return _count_trips(
+        return count_trips_compiled(
             p["cond_jaxpr"],
             p["body_jaxpr"],
             values[:n_cond],
@@ -197,10 +199,16 @@ class LoopIndex:
                 loop = self.graph._program.folded[tmpl.loop]
                 n = self.length(loop, need=True)
                 if n is None:
+                    why = (
+                        "the graph was traced with abstract arguments"
+                        if self.graph._flat_args is None
+                        else f"it runs more than {MAX_TRIPS} times or reads values the "
+                        "index does not hold"
+                    )
                     raise SelectionError(
-                        f"{pattern.pattern!r} would match every iteration of a while_loop "
-                        "whose trip count is not known (abstract arguments); name one "
-                        f"iteration, e.g. {tmpl.name(base, 0)!r}"
+                        f"the selector would match every iteration of the while_loop "
+                        f"holding {base!r}, whose trip count is not known ({why}); name "
+                        f"one iteration, e.g. {tmpl.name(base, 0)!r}"
                     )
                 for t in range(n):
                     name = tmpl.name(base, t)

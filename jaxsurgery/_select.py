@@ -301,12 +301,14 @@ def _resolve_tree(graph: Graph, selector: Any) -> Any:
         return {k: _resolve_tree(graph, v) for k, v in selector.items()}
     if isinstance(selector, (list, tuple)):
         return type(selector)(_resolve_tree(graph, s) for s in selector)
-    if isinstance(selector, re.Pattern) or (
-        isinstance(selector, str)
-        and selector not in graph._names.lookup
-        and graph._names.parse_fallback(selector) is None
-        and compile_glob(selector) is not None
-    ):
+    if isinstance(selector, str):
+        hits, pattern = _string_hits(graph, selector)
+        if pattern is None:
+            return one(graph, selector)
+        if not hits:
+            raise _no_match(graph, repr(selector), selector, pattern)
+        return tuple(graph._var(i) for i in sorted(hits, key=graph._order))
+    if isinstance(selector, re.Pattern):
         return tuple(graph._var(i) for i in sorted(_many(graph, selector), key=graph._order))
     return one(graph, selector)
 
@@ -359,9 +361,14 @@ def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Patter
     i = names.parse_fallback(selector)
     if i is not None:
         return {i: selector}, None
+    # a body value of a loop the index keeps folded (_loop_index), by its exact name
+    # (``body[1]@5`` too, before its brackets make it a glob)
+    virtual = graph._loop_index.lookup(selector)
+    if virtual:
+        return {v.index: selector for v in virtual}, None
     pattern = compile_glob(selector)
-    if pattern is None:  # a body value of a loop the index keeps folded (_loop_index)
-        return {v.index: selector for v in graph._loop_index.lookup(selector)}, None
+    if pattern is None:
+        return {}, None
     return _regex(graph, pattern), pattern
 
 

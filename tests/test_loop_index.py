@@ -305,3 +305,40 @@ def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
         allclose(g.value(f"step/h_new@{t}"), by_t[t][0], rtol=1e-5)
         allclose(g.value(f"step/cell/pre@{t}"), by_t[t][1], rtol=1e-5)
     assert len(g._loop_index.vars) - made <= 6  # the vars asked for, not one per iteration
+
+
+def _long_body_loop(x, n):
+    """A while_loop whose body is too long to unroll at trace time (folded), inside a
+    ``jax.jit`` helper (as diffrax's solver loop sits inside its calls)."""
+
+    @jax.jit
+    def solve(x, n):
+        def body(state):
+            i, y = state
+            for _ in range(70):  # 210 equations
+                y = jnp.sin(y) * 0.9 + 0.01
+            return i + 1, y
+
+        return jax.lax.while_loop(lambda s: s[0] < n, body, (0, x))[1]
+
+    return solve(x, n)
+
+
+def test_a_folded_while_loop_inside_a_call_counts_its_trips():
+    """Its trip count is found when first needed, though the loop sits inside a call:
+    a glob over its iterations selects one var per trip; an iteration it never runs is a
+    SelectionError saying how many times it runs (not a wrong-path error); values agree
+    with the loop run by hand."""
+    x, n = jnp.linspace(0.1, 0.5, 3), jnp.asarray(3)
+    g = js.trace(_long_body_loop, x, n)
+    assert any(v.primitive == "while" for v in g.vars)
+    base = "solve/body[1]"  # what the body returns: y after its trip
+    with pytest.raises(js.SelectionError, match=r"runs 3 times for the traced arguments"):
+        g.value(f"{base}@5")
+
+    y = x
+    for _ in range(70 * 3):
+        y = jnp.sin(y) * 0.9 + 0.01
+    allclose(g.value(f"{base}@2"), y, rtol=1e-5)
+    h = js.trace(_long_body_loop, x, n)
+    assert len(h.select(f"{base}@*")) == 3
