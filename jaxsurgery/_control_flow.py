@@ -90,6 +90,9 @@ class Folded:
     trips: int | None = None
     #: a located site per template var, copied for other iterations (see ``site``)
     _sites: dict = field(default_factory=dict, repr=False)
+    #: the name scope it runs in (``Net``: a Flax ``nn.scan`` inside module ``Net``);
+    #: its body's scopes are relative to it
+    scope: str = ""
 
     @property
     def is_scan(self) -> bool:
@@ -192,7 +195,7 @@ class ControlFlow:
             )
             return None
         if self.fold:  # every scan: its body values are indexed lazily (Folded)
-            self._fold(eqn, pos, invars)
+            self._fold(eqn, pos, invars, source_info)
             return None
         consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]
         xs = invars[n_consts + n_carry :]
@@ -214,9 +217,12 @@ class ControlFlow:
         ]
         return [*carry, *stacked]
 
-    def _fold(self, eqn: C.JaxprEqn, pos: int, invars: list[Any]) -> None:
+    def _fold(self, eqn: C.JaxprEqn, pos: int, invars: list[Any], source_info: Any) -> None:
         """Keep a long loop as one equation; its body is indexed on demand."""
-        self.folded.append(Folded(eqn, tuple(self.path), pos, tuple(self.iteration), invars))
+        scope = C.scope_of(source_info)
+        self.folded.append(
+            Folded(eqn, tuple(self.path), pos, tuple(self.iteration), invars, scope=scope)
+        )
 
     def _while(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int
@@ -227,7 +233,7 @@ class ControlFlow:
         cond_consts, body_consts = invars[:n_cond], invars[n_cond : n_cond + n_body]
         carry = invars[n_cond + n_body :]
         if self.fold and _size(body.jaxpr) > WHILE_FOLD_LIMIT:
-            self._fold(eqn, pos, invars)  # not run op by op to count its trips
+            self._fold(eqn, pos, invars, source_info)  # not run op by op to count its trips
             return None
         values = self._values([*cond_consts, *body_consts, *carry])
         if values is None and self.after_loop:

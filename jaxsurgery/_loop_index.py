@@ -99,7 +99,12 @@ def index_templates(program: Program) -> list[tuple[str, Template]]:
     for k, loop in enumerate(program.folded):
         template = loop.template
         found += [(name, Template(k, ti, its)) for ti, name, its in template.tag_iterations]
-        found += [(name, Template(k, ti, ())) for ti, name in scope_names(template)[0]]
+        # a scope inside the body is named by its whole path, the loop's scope first
+        # (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body
+        prefix = f"{loop.scope}/" if loop.scope else ""
+        for ti, name in scope_names(template)[0]:
+            found += [(prefix + name, Template(k, ti, ()))]
+            found += [(name, Template(k, ti, ()))] if prefix else []
     return found
 
 
@@ -390,8 +395,11 @@ class VirtualVar(Var):
 
     @property
     def scope(self) -> str:
+        """Its scope path, the loop's scope first (as :func:`index_templates` names it)."""
         eqn = self._eqn()
-        return "" if eqn is None else scope_path(C.scope_of(eqn.source_info))
+        inner = "" if eqn is None else C.scope_of(eqn.source_info)
+        outer = self._loop.scope
+        return scope_path(f"{outer}/{inner}" if outer and inner else outer or inner)
 
     @property
     def source(self) -> str | None:

@@ -281,3 +281,37 @@ def test_calls_through_jax_vmap_are_named_after_the_wrapped_layer(key):
 
 def lambda_free_forward(block, x):
     return block(x)
+
+
+class _ScanCell(nn.Module):
+    @nn.compact
+    def __call__(self, h, x):
+        h = jnp.tanh(nn.Dense(2)(h) + x)
+        return h, h
+
+
+class _ScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+        scan = nn.scan(_ScanCell, variable_broadcast="params", split_rngs={"params": False})
+        h, _ = scan()(jnp.zeros(2), xs)
+        return nn.Dense(1)(h)
+
+
+def test_flax_nn_scan_body_modules_are_named_by_their_whole_path(key):
+    """A module inside a Flax ``nn.scan`` is named by its whole path, the scanning
+    module's first (``Net/ScanCell_0/Dense_0@1``, as ``Net/Dense_0`` outside the loop),
+    and still by its path in the body; its value at each step is the cell's."""
+    xs = jax.random.normal(key, (3, 2))
+    variables = _ScanNet().init(jax.random.key(0), xs)
+    g = js.trace(_ScanNet().apply, variables, xs)
+    v = g["_ScanNet/Scan_ScanCell_0/Dense_0@1"]
+    assert v is g["Scan_ScanCell_0/Dense_0@1"] and v.scope == "_ScanNet/Scan_ScanCell_0/Dense_0"
+    assert v.name == "_ScanNet/Scan_ScanCell_0/Dense_0@1"
+    p = variables["params"]["Scan_ScanCell_0"]["Dense_0"]
+    h = jnp.zeros(2)
+    for t in range(2):
+        pre = h @ p["kernel"] + p["bias"]
+        h = jnp.tanh(pre + xs[t])
+    allclose(g.value(v), pre, rtol=1e-5)
+    assert len(g.select("_ScanNet/Scan_ScanCell_0/Dense_0@*")) == 3
