@@ -84,7 +84,13 @@ def splice(
     inl = _Inliner(flat_args if not extra_avals else None)
     inl.rewired = True  # edits map vars to new values
     env: dict[Any, Any] = {}
-    invars = inl.keep_top_level(program.jaxpr, program.consts, env)
+    top = program.num_inputs + program.num_consts
+    invars = inl.keep_top_level(
+        program.vars[: program.num_inputs],
+        program.vars[program.num_inputs : top],
+        program.consts,
+        env,
+    )
     extra = [C.Var(aval) for aval in extra_avals]
     invars += extra
 

@@ -452,7 +452,7 @@ class _Inliner(ControlFlow):
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
         env: dict[Any, Any] = {}
-        invars = self.keep_top_level(jaxpr, closed.consts, env)
+        invars = self.keep_top_level(jaxpr.invars, jaxpr.constvars, closed.consts, env)
         self._copy(jaxpr, env, None)
         outvars = []
         for a in jaxpr.outvars:
@@ -476,15 +476,21 @@ class _Inliner(ControlFlow):
         elif flat not in self.locations:
             self.locations[flat] = (tuple(self.path), nested)
 
-    def keep_top_level(self, jaxpr: C.Jaxpr, consts: Sequence[Any], env: dict) -> list[C.Var]:
-        """Take a jaxpr's inputs and constants as they are (they need no copy)."""
-        for v in jaxpr.invars:
+    def keep_top_level(
+        self, invars: Sequence[C.Var], constvars: Sequence[C.Var], consts: Sequence[Any], env: dict
+    ) -> list[C.Var]:
+        """Take a program's inputs and constants as they are (they need no copy).
+
+        Given as lists, not read from a jaxpr: newer JAX lists a jaxpr's constvars
+        among its invars once it is built (a flat program's jaxpr, spliced again).
+        """
+        for v in invars:
             env[v] = v
-        for v, value in zip(jaxpr.constvars, consts):
+        for v, value in zip(constvars, consts, strict=True):
             self.constvars.append(v)
             self.consts.append(value)
             env[v] = v
-        self._invars = list(jaxpr.invars)
+        self._invars = list(invars)
         return self._invars
 
     def _inline(

@@ -81,3 +81,28 @@ def test_bad_replacements_are_slice_errors():
         g.replace(1, lambda h: h[:2])
     with pytest.raises(js.SelectionError, match="no var named 'nope'"):
         g.replace("nope", 0.0)
+
+
+def test_replace_in_a_program_with_captured_constants_and_a_cond():
+    """A program holding captured constants (arrays a closure reads) and a cond
+    decided by values made before the patch: the patched graph runs, for the traced and
+    for new arguments (newer JAX lists a built jaxpr's constants among its inputs)."""
+    table = jnp.arange(1.0, 5.0)
+
+    def f(x):
+        h = jnp.sin(x) * table
+        y = jax.lax.cond(h.sum() > 0, jnp.cos, jnp.sin, h)
+        return (y * table).sum()
+
+    x, other = jnp.linspace(0.1, 0.4, 4), -jnp.linspace(0.1, 0.4, 4)
+    g = js.trace(f, x)
+    assert g._program.num_consts > 0
+    patched = g.replace("h", lambda old: old * 0.5)
+
+    def by_hand(x):
+        h = jnp.sin(x) * table * 0.5
+        return (jax.lax.cond(h.sum() > 0, jnp.cos, jnp.sin, h) * table).sum()
+
+    allclose(patched.value("out"), by_hand(x))
+    allclose(patched.as_function()(other), by_hand(other))
+    allclose(jax.jit(patched.as_function())(other), by_hand(other))
