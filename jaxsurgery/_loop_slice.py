@@ -158,7 +158,7 @@ class LoopSlice(Slice):
         ins = ", ".join(v.name for v in self.in_vars)
         outs = ", ".join(v.name for v in self.out_vars)
         n = len(self.jaxpr.eqns)
-        k = len(self.jaxpr.constvars)
+        k = len(self._known.outvars)  # the residuals (newer JAX lists them as invars)
         return (
             f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, "
             f"context: {k} residual{'s' if k != 1 else ''})"
