@@ -54,3 +54,29 @@ def penzai_llama_config():
         mlp_variant="geglu_approx",
         tie_embedder_and_logits=False,
     )
+
+
+def ode_field(t, y, theta):
+    """dy/dt = -θ·y + sin(t)·y[::-1]: the ODE the diffrax tests solve."""
+    return -theta * y + jax.numpy.sin(t) * y[::-1]
+
+
+def diffrax_solution(y0, theta, ts, **options):
+    """An adaptive diffrax Tsit5 solve of :func:`ode_field` from t = 0 to 1 saved at
+    ``ts``: a while_loop whose trip count depends on the state and the parameter.
+    ``options`` go to ``diffeqsolve`` (an ``adjoint``)."""
+    import diffrax
+
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(ode_field),
+        diffrax.Tsit5(),
+        t0=0.0,
+        t1=1.0,
+        dt0=0.1,
+        y0=y0,
+        args=theta,
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
+        max_steps=64,
+        **options,
+    )

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import allclose
+from models import diffrax_solution
 
 import jaxsurgery as js
 from jaxsurgery._compat import check_jaxpr
@@ -18,24 +19,9 @@ Y0 = jnp.array([1.0, -0.5])
 THETA = jnp.array(0.7)
 
 
-def vector_field(t, y, theta):
-    return -theta * y + jnp.sin(t) * y[::-1]
-
-
 def solve(y0, theta):
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field),
-        diffrax.Tsit5(),
-        t0=0.0,
-        t1=1.0,
-        dt0=0.1,
-        y0=y0,
-        args=theta,
-        saveat=diffrax.SaveAt(ts=TS),
-        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
-        adjoint=diffrax.ForwardMode(),  # forward-mode differentiable, for jax.jvp
-        max_steps=64,
-    )
+    # forward-mode differentiable, for jax.jvp
+    sol = diffrax_solution(y0, theta, TS, adjoint=diffrax.ForwardMode())
     ys = sol.ys
     return ys
 

@@ -13,7 +13,6 @@ Tsit5 solve saved at given times; a NumPyro model's potential energy; a jraph
 """
 
 import blackjax
-import diffrax
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -25,7 +24,7 @@ import numpyro.distributions as dist
 import optax
 from conftest import allclose
 from flax import nnx
-from models import penzai_llama_config
+from models import diffrax_solution, penzai_llama_config
 from numpyro.infer.util import potential_energy
 from penzai import pz
 
@@ -607,23 +606,8 @@ def test_penzai_transformer_at_new_params_and_tokens():
 DTS = jnp.array([0.0, 0.3, 0.7, 1.0])
 
 
-def ode_field(t, y, theta):
-    return -theta * y + jnp.sin(t) * y[::-1]
-
-
 def ode_ys(y0, theta):
-    return diffrax.diffeqsolve(
-        diffrax.ODETerm(ode_field),
-        diffrax.Tsit5(),
-        t0=0.0,
-        t1=1.0,
-        dt0=0.1,
-        y0=y0,
-        args=theta,
-        saveat=diffrax.SaveAt(ts=DTS),
-        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-6),
-        max_steps=64,
-    ).ys
+    return diffrax_solution(y0, theta, DTS).ys
 
 
 def ode_loss(y0, theta):
