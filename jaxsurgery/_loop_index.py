@@ -21,7 +21,9 @@ body (``step/h``). A name with an iteration, ``step/h@990``, then resolves to a
   unrolling); the returned graph is derived from that twin.
 
 A ``while_loop``'s trip count is found when first needed (a glob over its trips, a
-name out of range); a value in a trip the arguments do not reach is a SliceError.
+value in a trip it may not reach), as one compiled run of the loop, also for a loop
+inside calls (diffrax's solver loop); a trip the traced arguments do not reach is a
+SelectionError saying how many times the loop runs.
 A ``cond`` or small ``while_loop`` decided by a folded loop's results stays one
 equation too (tracing would have to run the loop to pick its branch).
 
