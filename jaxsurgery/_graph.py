@@ -209,9 +209,18 @@ class Graph:
         #: per template var of a folded scan that ran whole: its stacked values
         self._loop_rows: dict[Any, Any] = {}
         self._loops: bool | None = None  # see _has_loops
-        note = self._loop_index.note()
-        self.notes: tuple[str, ...] = (*notes, *([note] if note else []))
+        self._given_notes = tuple(notes)
+        self._notes: tuple[str, ...] | None = None
         self._out_tree = out_tree
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know of this graph: functions run without names, loops
+        kept as one equation in the index (and how to name their values), ..."""
+        if self._notes is None:
+            note = self._loop_index.note()
+            self._notes = (*self._given_notes, *([note] if note else []))
+        return self._notes
 
     # -- vars ---------------------------------------------------------------------------
     @property

@@ -55,7 +55,7 @@ from . import _compat as C
 from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var
-from ._scopes import scope_path
+from ._scopes import scope_names, scope_path
 from ._structured import Site
 
 if TYPE_CHECKING:
@@ -95,8 +95,6 @@ def index_templates(program: Program) -> list[tuple[str, Template]]:
     """``(name, Template)`` of folded loop bodies from the index itself: the
     ``js.tag``/``checkpoint_name`` tags, then the outputs of scopes (Flax, Haiku,
     Equinox modules called in the body)."""
-    from ._scopes import scope_names
-
     found = []
     for k, loop in enumerate(program.folded):
         template = loop.template
