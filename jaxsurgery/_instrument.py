@@ -319,14 +319,14 @@ def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
     A result that is one of the call's operands (forwarded) says nothing of the call.
     """
     given = None
-    for x in [out] if C.tracer_atom(out) is not None else jax.tree_util.tree_leaves(out):
+    atom = C.tracer_atom
+    for x in [out] if atom(out) is not None else jax.tree_util.tree_leaves(out):
         site = C.made_by_jit(x)
         if site is None:
             continue
-        if given is None:
-            leaves = jax.tree_util.tree_leaves(inputs)
-            given = {id(a) for a in map(C.tracer_atom, leaves) if a is not None}
-        if id(C.tracer_atom(x)) not in given:
+        if given is None:  # the operands' atoms (None for a non-tracer: never a result's)
+            given = set(map(atom, jax.tree_util.tree_leaves(inputs)))
+        if atom(x) not in given:
             return site
     return None
 
@@ -455,13 +455,27 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, (int, float, complex, bool, str, type(None))):
         return []
     value = named_array_data(value)  # a penzai NamedArray is its array
-    leaves, _ = jax.tree_util.tree_flatten_with_path(value)
+    leaves, tree = jax.tree_util.tree_flatten(value)
+    try:
+        paths = _PATHS.get(tree)
+    except (TypeError, ValueError):  # node data that cannot be hashed or compared
+        paths, tree = None, None
+    if paths is None:
+        with_path = jax.tree_util.tree_flatten_with_path(value)[0]
+        paths = [jax.tree_util.keystr(path) for path, _ in with_path]
+        if tree is not None and len(_PATHS) < 4096:
+            _PATHS[tree] = paths
     out = []
-    for path, leaf in leaves:
+    for path, leaf in zip(paths, leaves):
         atom = C.tracer_atom(leaf)
         if atom is not None:
-            out.append((jax.tree_util.keystr(path), atom))
+            out.append((path, atom))
     return out
+
+
+#: key paths of a tree's leaves (``['w']``), by its structure: a layer's parameters
+#: are the same tree at every call, and spelling the paths costs more than flattening
+_PATHS: dict[Any, list[str]] = {}
 
 
 def _current() -> Recorder | None:

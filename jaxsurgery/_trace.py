@@ -12,7 +12,7 @@ import inspect
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -246,6 +246,8 @@ def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
     Inside an Equinox module only arrays are traced, as ``equinox.filter_jit`` does
     (its Python numbers are hyperparameters: ``num_heads``, a dropout ``p``).
     """
+    if isinstance(value, _ARRAYS[:3]):  # the common case: an array argument
+        return [((), value, True)], (_LEAF, None)
     is_module = _module_test()
     top, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_module)
     if is_module is None:
@@ -260,6 +262,9 @@ def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
             out.append((path, x, _is_array_leaf(x)))
             parts.append((None, 1))
     return out, (treedef, parts)
+
+
+_LEAF = jax.tree_util.tree_structure(0)
 
 
 def _unflat(how: Any, leaves: list[Any]) -> Any:
@@ -326,6 +331,40 @@ def _same_objects(a: tuple, b: tuple) -> bool:
     )
 
 
+class _Parameters(NamedTuple):
+    """What binding arguments needs of a signature, worked out once per signature."""
+
+    positional: list[str]  # the names of the positional parameters
+    #: the parameter names when every one is a plain positional one without a default
+    #: (then positional arguments bind by position alone), else None
+    plain: tuple[str, ...] | None
+    text: str  # ``(x, params)``, for the graph's title
+
+
+_PARAMETERS: dict[int, tuple[inspect.Signature, _Parameters]] = {}
+
+
+def _parameters(signature: inspect.Signature) -> _Parameters:
+    """:class:`_Parameters` of a signature (kept while :func:`_signature` keeps it)."""
+    known = _PARAMETERS.get(id(signature))
+    if known is not None and known[0] is signature:
+        return known[1]
+    params = signature.parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    plain = all(
+        p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params
+    )
+    found = _Parameters(
+        [p.name for p in params if p.kind in kinds],
+        tuple(signature.parameters) if plain else None,
+        str(signature),
+    )
+    if len(_PARAMETERS) > 256:
+        _PARAMETERS.clear()
+    _PARAMETERS[id(signature)] = (signature, found)
+    return found
+
+
 class _ArgBinder:
     """Maps the function's arguments to named flat leaves and back."""
 
@@ -335,11 +374,11 @@ class _ArgBinder:
             self.signature = _signature(fn)
         except (TypeError, ValueError):  # a builtin or C function: name leaves args[i]
             self.signature = _ANY_SIGNATURE
+        self.parameters = _parameters(self.signature)
         nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self.static_names = set(names)
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        positional = [p.name for p in self.signature.parameters.values() if p.kind in kinds]
+        positional = self.parameters.positional
         for n in nums:
             if not -len(positional) <= n < len(positional):
                 raise TraceError(
@@ -349,15 +388,19 @@ class _ArgBinder:
             self.static_names.add(positional[n])
 
     def signature_text(self) -> str:
-        return str(self.signature)
+        return self.parameters.text
 
     def bind(
         self, args: tuple, kwargs: dict
     ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]]]:
         """``(bound arguments, flat dynamic leaves, leaf names, (leaf, label) of leaves
         a library labels: penzai parameters)``."""
+        plain = self.parameters.plain
         try:
-            bound_obj = self.signature.bind(*args, **kwargs)
+            if plain is not None and not kwargs and len(args) == len(plain):
+                bound_obj = inspect.BoundArguments(self.signature, dict(zip(plain, args)))
+            else:
+                bound_obj = self.signature.bind(*args, **kwargs)
         except TypeError as e:
             raise TraceError(
                 f"the arguments do not fit {getattr(self.fn, '__name__', 'fn')}"
@@ -375,7 +418,7 @@ class _ArgBinder:
             labelled = parameter_labels(value)
             for path, leaf, traced in flat:
                 if traced:
-                    key = jax.tree_util.keystr(path)
+                    key = jax.tree_util.keystr(path) if path else ""
                     label = _label(key, labelled)
                     if label:
                         labels.append((len(leaves), label))
