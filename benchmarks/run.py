@@ -109,6 +109,11 @@ def verdicts(results: dict) -> list[dict]:
             ours["HLO ops"] == hand["HLO ops"],
         ),
         (
+            "same optimized HLO (value names and source metadata aside)",
+            "identical" if ours["same HLO"] else "different",
+            ours["same HLO"],
+        ),
+        (
             "jit(g.grads_fn) ≤ 1.05× one grad of the hand-written trick (K=12)",
             f"{vs_trick:.3f}×",
             vs_trick <= 1.05,
@@ -225,7 +230,9 @@ HEADER = """\
 supported JAX range: `.venv` (the oldest supported jax, 0.10.x) and `.venv-latest` (Python
 3.12 with the newest jax/jaxlib). Each section below is one run, headed by the jax, jaxlib
 and Python versions that measured its figures. Ratios compare against a baseline run in
-the same process; times are medians.
+the same process. Times compared with each other are the best of interleaved runs (the
+run least disturbed by the rest of the machine; `benchmarks/common.py` says why), the
+whole-program totals of the slicing table are medians.
 """
 
 PART = re.compile(r"<!-- part (\S+) -->\n.*?<!-- end of part \1 -->\n", re.S)
