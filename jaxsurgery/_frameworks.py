@@ -110,8 +110,7 @@ def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int,
     return found
 
 
-@contextlib.contextmanager
-def library_calls(call: Callable[[str, Any], Any]) -> Iterator[None]:
+def library_calls(call: Callable[[str, Any], Any]) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
     returns it (a function that runs the item in a named frame), and Equinox layers
     that inherit their base's scope (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``) get
@@ -126,6 +125,12 @@ def library_calls(call: Callable[[str, Any], Any]) -> Iterator[None]:
         for cls, attr, keep, label in _containers()
     ]
     patched += _own_scopes()
+    return _patched(patched) if patched else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _patched(patched: list[tuple[type, Callable]]) -> Iterator[None]:
+    """The classes' ``__call__`` replaced while the context lasts."""
     saved = [(cls, cls.__dict__.get("__call__")) for cls, _ in patched]
     for cls, method in patched:
         cls.__call__ = method
@@ -143,8 +148,12 @@ def _own_scopes() -> list[tuple[type, Callable]]:
     """``(class, __call__ in a scope named after the class)`` for the Equinox layers
     whose ``__call__`` is their base's, scoped with the base's name."""
     eqx = sys.modules.get("equinox")
-    if eqx is None:
-        return []
+    return [] if eqx is None else list(_eqx_own_scopes(eqx))
+
+
+@functools.cache
+def _eqx_own_scopes(eqx: Any) -> tuple[tuple[type, Callable], ...]:
+    """:func:`_own_scopes` of one Equinox module (its classes do not change)."""
     import jax
 
     found = []
@@ -154,7 +163,7 @@ def _own_scopes() -> list[tuple[type, Callable]]:
         inner = getattr(cls.__call__, "__wrapped__", None)  # under the base's named_scope
         if inner is not None:
             found.append((cls, jax.named_scope(f"eqx.nn.{name}")(inner)))
-    return found
+    return tuple(found)
 
 
 def _itemized(
@@ -192,16 +201,23 @@ class _Item:
         return self.call(self.label, self.item)(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def library_names(record: Callable[[str, Any], None]) -> Iterator[None]:
+def library_names(record: Callable[[str, Any], None]) -> contextlib.AbstractContextManager:
     """While tracing, ``record(name, value)`` for values libraries name: NumPyro sites
     (a handler at the bottom of NumPyro's stack: it sees the value each site ends with)
     and Flax linen ``sow`` calls."""
+    numpyro, linen = sys.modules.get("numpyro"), sys.modules.get("flax.linen")
+    if numpyro is None and linen is None:
+        return contextlib.nullcontext()
+    return _recording_names(numpyro, linen, record)
+
+
+@contextlib.contextmanager
+def _recording_names(
+    numpyro: Any, linen: Any, record: Callable[[str, Any], None]
+) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        numpyro = sys.modules.get("numpyro")
         if numpyro is not None:
             stack.enter_context(_site_recorder(numpyro, record))
-        linen = sys.modules.get("flax.linen")
         if linen is not None:
             stack.enter_context(_sow_recorder(linen.Module, record))
         yield
