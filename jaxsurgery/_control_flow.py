@@ -93,6 +93,8 @@ class Folded:
     #: the name scope it runs in (``Net``: a Flax ``nn.scan`` inside module ``Net``);
     #: its body's scopes are relative to it
     scope: str = ""
+    #: its equation's index in the flat program (whose copy has the flat results)
+    flat_eqn: int = -1
 
     @property
     def is_scan(self) -> bool:
@@ -221,7 +223,15 @@ class ControlFlow:
         """Keep a long loop as one equation; its body is indexed on demand."""
         scope = C.scope_of(source_info)
         self.folded.append(
-            Folded(eqn, tuple(self.path), pos, tuple(self.iteration), invars, scope=scope)
+            Folded(
+                eqn,
+                tuple(self.path),
+                pos,
+                tuple(self.iteration),
+                invars,
+                scope=scope,
+                flat_eqn=len(self.eqns),  # the copy of ``eqn`` comes next
+            )
         )
 
     def _while(

@@ -28,7 +28,12 @@ A ``cond`` or small ``while_loop`` decided by a folded loop's results stays one
 equation too (tracing would have to run the loop to pick its branch).
 
 Virtual vars are not listed in ``g.vars`` (nor in tables or drawings); ``g.notes``
-says which loops are indexed this way and how to name their values.
+says which loops are indexed this way and how to name their values. What one reads and
+what reads it (``v.producers``, ``v.users``, the ``reads`` column of a table of them)
+come from the body: values of the same iteration, the loop's operands, the next
+iteration for a carry, the loop's results. A body value nothing names is
+``loop<k>%<i>@t`` (value ``i`` of the body of folded loop ``k``), as an unnamed var of
+the flat index is ``%<i>``.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -113,6 +118,13 @@ def _reverse(loop: Folded) -> bool:
 
 
 _ITERATION = re.compile(r"^(.*?)((?:@\d+)+)$")
+_UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
+
+
+def _inner(template: Program, ti: int) -> tuple[int, ...]:
+    """The iterations of the loops unrolled inside a body that template var ``ti`` is in."""
+    found = template.found(ti)
+    return () if found is None else tuple(s.iteration for s in found[0] if s.iteration is not None)
 
 
 class LoopIndex:
@@ -164,10 +176,9 @@ class LoopIndex:
             isinstance(a, C.Var) and a not in program.index for a in loop.operands
         ):
             return None  # abstract, or operands the flat index does not hold
-        values = [
-            a.val if isinstance(a, C.Literal) else graph.value(graph.vars[program.index[a]])
-            for a in loop.operands
-        ]
+        held = [graph.vars[program.index[a]] for a in loop.operands if isinstance(a, C.Var)]
+        found = iter(graph.value(held))  # one run for all of them, not one run each
+        values = [a.val if isinstance(a, C.Literal) else next(found) for a in loop.operands]
         p = loop.eqn.params
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
         return count_trips_compiled(
@@ -185,11 +196,11 @@ class LoopIndex:
     def lookup(self, name: str) -> list[VirtualVar]:
         """The virtual vars an exact ``base@t`` name selects (empty if none)."""
         m = _ITERATION.match(name)
-        if m is None or not self.names:
+        if m is None or not self.graph._program.folded:
             return []
         base, suffix = m.group(1), [int(t) for t in m.group(2)[1:].split("@")]
         found = []
-        for tmpl in self.names.get(base, ()):
+        for tmpl in self.names.get(base) or self._unnamed(base):
             t, inner = suffix[0], tuple(suffix[1:])
             loop = self.graph._program.folded[tmpl.loop]
             if inner == tmpl.inner and self._within(loop, t):
@@ -290,9 +301,101 @@ class LoopIndex:
         return [self.var(v.template, t) for t in range(self.length(loop))]
 
     def base_names(self, tmpl: Template) -> list[str]:
-        """The base names of a template var, plain names first."""
+        """The base names of a template var, plain names first; a body value nothing
+        names is ``loop<k>%<i>`` (template var ``i`` of folded loop ``k``), as an
+        unnamed var of the flat index is ``%<i>``."""
         found = [n for n, ts in self.names.items() if tmpl in ts]
+        if not found:
+            return [f"loop{tmpl.loop}%{tmpl.var}"]
         return sorted(found, key=lambda n: ("#" not in n and len(self.names[n]) > 1, "#" in n))
+
+    def _unnamed(self, base: str) -> list[Template]:
+        """The template var a ``loop<k>%<i>`` base names (see :meth:`base_names`)."""
+        m = _UNNAMED.match(base)
+        folded = self.graph._program.folded
+        if m is None or int(m.group(1)) >= len(folded):
+            return []
+        k, ti = int(m.group(1)), int(m.group(2))
+        template = folded[k].template
+        if ti >= len(template.vars):
+            return []
+        return [Template(k, ti, _inner(template, ti))]
+
+    # -- dataflow around a body value, read from the template ----------------------------
+    def producers(self, v: VirtualVar) -> tuple[Var, ...]:
+        """The vars the equation making ``v`` reads: body values at its iteration, and
+        what the loop reads from outside (its operands). Nothing is unrolled.
+
+        A body input is made outside the body: ``x@t`` of a scan's ``xs`` reads ``xs``;
+        an operand the body reads as it is, that operand's producers. The body's own
+        constants are not vars of the graph and are left out.
+        """
+        loop, template, j = v._loop, v._loop.template, v.template.var
+        e = template.producer[j]
+        if e >= 0:
+            found = [self._holding(v, i, v.iteration) for i in template.eqn_in[e]]
+            return tuple(dict.fromkeys(f for f in found if f is not None))
+        outer = self._operand(loop, j, v.iteration)
+        if outer is not None:  # the body reads the operand itself: it is that value
+            return outer.producers
+        n_consts, n_carry = loop.carry_layout()
+        if loop.is_scan and j >= n_consts + n_carry:  # x@t: a row of xs
+            xs = self._operand(loop, j, None)
+            return () if xs is None else (xs,)
+        return ()
+
+    def users(self, v: VirtualVar) -> tuple[Var, ...]:
+        """The vars made by equations that read ``v``: in its iteration, in the next
+        one (a carry), and the loop's stacked result (a ``ys`` row of a scan)."""
+        loop, template, j, t = v._loop, v._loop.template, v.template.var, v.iteration
+        found = self._made_by_users(v, j, t)
+        n_consts, n_carry = loop.carry_layout()
+        following = t - 1 if _reverse(loop) else t + 1
+        for c, out in enumerate(template.outputs):
+            if out != j:
+                continue
+            if c < n_carry and self._within(loop, following):
+                found += self._made_by_users(v, n_consts + c, following)
+            else:  # the loop's result: the last carry, or a scan's ys stacking every row
+                result = self._flat_atom(self.graph._program.jaxpr.eqns[loop.flat_eqn].outvars[c])
+                found += [] if result is None else [result]
+        return tuple(dict.fromkeys(found))
+
+    def _made_by_users(self, v: VirtualVar, j: int, t: int) -> list[Var]:
+        """What the template equations reading template var ``j`` make, at iteration ``t``."""
+        template = v._loop.template
+        made = (self._holding(v, o, t) for e in template.users[j] for o in template.eqn_out[e])
+        return [m for m in made if m is not None]
+
+    def _holding(self, v: VirtualVar, j: int, t: int) -> Var | None:
+        """The var holding template var ``j`` of ``v``'s loop at iteration ``t`` (None
+        for the body's own constants, which the graph does not hold)."""
+        loop, template = v._loop, v._loop.template
+        if template.num_inputs <= j < template.num_inputs + template.num_consts:
+            return None
+        if j < template.num_inputs:
+            outer = self._operand(loop, j, t)
+            if outer is not None:
+                return outer
+            return self.var(Template(v.template.loop, j, ()), t)
+        return self.var(Template(v.template.loop, j, _inner(template, j)), t)
+
+    def _operand(self, loop: Folded, j: int, t: int | None) -> Var | None:
+        """The graph var body input ``j`` is at iteration ``t``, when it is an operand of
+        the loop as it is: a constant the body reads, or the carry's initial value at the
+        first iteration (``t`` None: any input, a scan's ``xs`` included)."""
+        n_consts, n_carry = loop.carry_layout()
+        first = (self.length(loop) - 1 if _reverse(loop) else 0) if loop.is_scan else 0
+        if t is not None and not (j < n_consts or (j < n_consts + n_carry and t == first)):
+            return None
+        offset = 0 if loop.is_scan else loop.eqn.params["cond_nconsts"]
+        return self._flat_atom(loop.operands[offset + j])
+
+    def _flat_atom(self, atom: Any) -> Var | None:
+        """The graph var of a flat atom (None for a literal or one the index lacks)."""
+        program = self.graph._program
+        i = program.index.get(atom) if isinstance(atom, C.Var) else None
+        return None if i is None else self.graph.vars[i]
 
     # -- the unrolled twin ---------------------------------------------------------------
     def twin(self) -> Graph:
@@ -409,11 +512,11 @@ class VirtualVar(Var):
 
     @property
     def producers(self) -> tuple[Any, ...]:
-        return self._graph._loop_index.in_twin(self).producers
+        return self._graph._loop_index.producers(self)
 
     @property
     def users(self) -> tuple[Any, ...]:
-        return self._graph._loop_index.in_twin(self).users
+        return self._graph._loop_index.users(self)
 
     def site(self) -> Site:
         if self._cached_site is None:

@@ -65,6 +65,35 @@ def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
     assert len(g.select("step/h_new@1?")) == 10
 
 
+def test_reads_and_users_of_body_values_come_from_the_body_not_an_unrolled_copy(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    a, h_new, x = g["step/a@5"], g["step/h_new@5"], g["step/x@5"]
+    # a = h @ w + x: the add reads the product (unnamed: loop0%i@5) and x@5
+    dot, *rest = a.producers
+    assert rest == [x] and dot.name.startswith("loop0%") and dot.name.endswith("@5")
+    assert g[dot.name] is dot and dot.primitive == "dot_general"
+    assert set(dot.producers) == {g["step/h@5"], g["w"]}  # the carry in, the operand w
+    assert x.producers == (g["xs"],) and h_new.producers == (a,)
+    # h_new@5 is read by step 6 (the carry) and stacked into hs
+    assert set(h_new.users) == {g["step/a@6"].producers[0], g["hs"]}
+    # the last step's carry makes the loop's result
+    assert g["h_last"] in g["step/h_new@999"].users
+    # the unrolled twin holds each of these as a var of its own: it agrees, var by var
+    twin = g._loop_index.twin()
+    for v in (a, h_new, dot, g["step/a@0"]):
+        mine = {g._loop_index.in_twin(p).index for p in v.producers}
+        assert mine == {p.index for p in g._loop_index.in_twin(v).producers}
+    assert twin.vars  # (made above, for the check only)
+
+
+def test_a_table_of_every_step_is_drawn_without_unrolling(setup):
+    g = js.trace(rnn, *setup)
+    text = repr(g.select("step/a@*"))
+    assert g._loop_index._twin is None  # 1000 steps were not unrolled to draw 20 rows
+    assert "step/a@0" in text and "loop0%" in text and "step/x@0" in text
+
+
 def test_names_out_of_range_and_without_iteration_say_what_to_do(setup):
     g = js.trace(rnn, *setup)
     with pytest.raises(js.SelectionError, match=r"step/h_new@0'? \.\. '?step/h_new@999"):
