@@ -49,6 +49,11 @@ UNROLL_LIMIT = 200_000
 WHILE_FOLD_LIMIT = 200
 #: A while_loop running more trips than this stays one equation.
 MAX_TRIPS = 10_000
+#: Inside the body of a folded loop, a scan unrolled into at most this many equations is
+#: unrolled in the body's template, so that its values are named too: ``outer/h@2@3`` is
+#: ``h`` at iteration 3 of the inner scan in iteration 2 of the outer one. A longer one
+#: stays one equation of the template (its values are not named).
+INNER_UNROLL_LIMIT = 2_000
 
 _AFTER_LOOP = (
     "{what} stays one equation: what decides it comes out of a loop the index keeps "
@@ -116,7 +121,7 @@ class Folded:
         if self._template is None:
             from ._program import Program
 
-            self._template = Program(self.body, None)
+            self._template = Program(self.body, None, fold=INNER_UNROLL_LIMIT)
         return self._template
 
     def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site:
@@ -190,14 +195,17 @@ class ControlFlow:
         n_consts, n_carry = C.scan_layout(eqn)
         if length == 0:
             return None
-        if length * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT and not self.fold:
+        unrolled = length * max(1, len(body.jaxpr.eqns))
+        if self.fold is True or (self.fold is not False and unrolled > self.fold):
+            # every scan (in a loop's template: a long one): its body values are
+            # indexed lazily (Folded)
+            self._fold(eqn, pos, invars, source_info)
+            return None
+        if unrolled > UNROLL_LIMIT:
             self.notes.append(
                 f"a scan of length {length} stays one equation (unrolled it would pass "
                 f"{UNROLL_LIMIT} equations); its body values are not listed"
             )
-            return None
-        if self.fold:  # every scan: its body values are indexed lazily (Folded)
-            self._fold(eqn, pos, invars, source_info)
             return None
         consts, carry = invars[:n_consts], invars[n_consts : n_consts + n_carry]
         xs = invars[n_consts + n_carry :]

@@ -185,9 +185,10 @@ class Recorder:
             self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns]
         self.bindings += [(frame + f, name, atom) for f, name, atom in rec.bindings]
 
-    def qualified(self, program: Any) -> tuple[list[tuple[str, int]], list[tuple[str, Any]]]:
+    def qualified(self, program: Any) -> tuple[list[tuple[str, int]], list[tuple[str, Any, Any]]]:
         """``(name, var index)`` pairs for the flat ``program``, in naming priority order,
-        and ``(name, Template)`` pairs for values of its folded loops.
+        and ``(name, Template, value)`` triples for values of its folded loops (see
+        ``_loop_index.template_names``).
 
         Names bound in the traced function come first, then what calls returned
         (outer calls first), then names bound inside calls (outer first). A value in a
@@ -255,16 +256,17 @@ class Recorder:
         ]
         from ._loop_index import Template
 
+        # (name, template var, the value it is: a nested var, per loop)
         templates = [
             *(
-                (f"{paths[f]}/{n}" if f >= 0 else n, Template(*at))
-                for (f, n, _), hit, inside in zip(self.bindings, own, own_t)
+                (f"{paths[f]}/{n}" if f >= 0 else n, Template(*at), (at[0], atom))
+                for (f, n, atom), hit, inside in zip(self.bindings, own, own_t)
                 if not hit
                 for at in inside
             ),
             *(
-                (paths[f] + p, Template(*at))
-                for (f, p, _), hit, inside in zip(self.returns, back, back_t)
+                (paths[f] + p, Template(*at), (at[0], atom))
+                for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
                 if f >= 0 and not hit
                 for at in inside
             ),

@@ -80,36 +80,55 @@ class Template:
         return base + f"@{t}" + "".join(f"@{u}" for u in self.inner)
 
 
-def template_names(bindings: list[tuple[str, Template]]) -> dict[str, list[Template]]:
-    """Per base name, the template vars it names (``h#k`` forms when several)."""
-    by_name: dict[str, dict[Template, None]] = {}
-    for name, tmpl in bindings:
-        by_name.setdefault(name, {})[tmpl] = None
+def template_names(bindings: list[tuple[str, Template, Any]]) -> dict[str, list[Template]]:
+    """Per base name, the template vars it names: ``(name, Template, value)`` triples,
+    ``value`` saying which value of the body a template var is a copy of (the copies
+    of one value in the iterations of a loop unrolled inside the body are one value,
+    told apart by the iteration). A name of several values takes ``#k`` forms:
+    ``h#1@2@3`` is the second value named ``h``, at iteration 3 of the inner loop in
+    iteration 2 of the folded one."""
+    by_name: dict[str, dict[Any, dict[Template, None]]] = {}
+    for name, tmpl, value in bindings:
+        by_name.setdefault(name, {}).setdefault(value, {})[tmpl] = None
     names: dict[str, list[Template]] = {}
-    for name, found in by_name.items():
-        if len(found) == 1:
-            names.setdefault(name, []).extend(found)
+    for name, values in by_name.items():
+        if len(values) == 1:
+            names.setdefault(name, []).extend(*values.values())
             continue
-        for k, tmpl in enumerate(found):
-            names.setdefault(f"{name}#{k}", []).append(tmpl)
-            names.setdefault(name, []).append(tmpl)
+        for k, tmpls in enumerate(values.values()):
+            names.setdefault(f"{name}#{k}", []).extend(tmpls)
+            names.setdefault(name, []).extend(tmpls)
     return names
 
 
-def index_templates(program: Program) -> list[tuple[str, Template]]:
-    """``(name, Template)`` of folded loop bodies from the index itself: the
-    ``js.tag``/``checkpoint_name`` tags, then the outputs of scopes (Flax, Haiku,
-    Equinox modules called in the body)."""
+def body_value(template: Program, k: int, ti: int) -> Any:
+    """Which value of folded loop ``k``'s body template var ``ti`` is a copy of: the
+    nested var and where it is, iterations aside (see :func:`template_names`)."""
+    found = template.found(ti)
+    if found is None:
+        return (k, ti)  # made by the inliner: a value of its own
+    steps, nested = found
+    return (k, tuple((s.eqn, s.branch) for s in steps), nested)
+
+
+def index_templates(program: Program) -> list[tuple[str, Template, Any]]:
+    """``(name, Template, value)`` of folded loop bodies from the index itself (see
+    :func:`template_names`): the ``js.tag``/``checkpoint_name`` tags, then the outputs
+    of scopes (Flax, Haiku, Equinox modules called in the body)."""
     found = []
     for k, loop in enumerate(program.folded):
         template = loop.template
-        found += [(name, Template(k, ti, its)) for ti, name, its in template.tag_iterations]
+        found += [
+            (name, Template(k, ti, its), body_value(template, k, ti))
+            for ti, name, its in template.tag_iterations
+        ]
         # a scope inside the body is named by its whole path, the loop's scope first
         # (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body
         prefix = f"{loop.scope}/" if loop.scope else ""
         for ti, name in scope_names(template)[0]:
-            found += [(prefix + name, Template(k, ti, ()))]
-            found += [(name, Template(k, ti, ()))] if prefix else []
+            at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
+            found += [(prefix + name, *at)]
+            found += [(name, *at)] if prefix else []
     return found
 
 
@@ -135,6 +154,8 @@ class LoopIndex:
         self.names = names
         self.vars: list[VirtualVar] = []
         self._by_key: dict[tuple[Template, int], VirtualVar] = {}
+        #: per (loop, template var): the templates naming it (see _same_value)
+        self._by_var: dict[tuple[int, int], dict[Template, None]] | None = None
         self._twin: Graph | None = None
 
     def note(self) -> str | None:
@@ -240,6 +261,7 @@ class LoopIndex:
         ``step/h_new@4``), and the carry the last iteration returns is the loop's
         result, a var of the flat index.
         """
+        tmpl = self._canonical(tmpl)
         found = self._by_key.get((tmpl, t))
         if found is None:
             found = self._carried(tmpl, t)
@@ -300,14 +322,44 @@ class LoopIndex:
             return [v]  # a while_loop: only the asked trips exist for sure
         return [self.var(v.template, t) for t in range(self.length(loop))]
 
+    def _canonical(self, tmpl: Template) -> Template:
+        """``tmpl`` with the iterations of the inner loops where its value is made.
+
+        A value named inside a loop unrolled in the body may be one made in an earlier
+        iteration of that loop (the inner carry: ``h#0@2@3``, the parameter at step 3,
+        is ``h#1@2@2``): one value, one var.
+        """
+        inner = _inner(self.graph._program.folded[tmpl.loop].template, tmpl.var)
+        return tmpl if inner == tmpl.inner else Template(tmpl.loop, tmpl.var, inner)
+
+    def full_names(self, v: VirtualVar) -> list[str]:
+        """Every name of ``v`` at its iteration, its canonical name first (names of
+        its own template var first, plain names before ``#k`` forms)."""
+        found = []
+        for tmpl in self._same_value(v.template):
+            found += [tmpl.name(base, v.iteration) for base in self._bases(tmpl)]
+        return found or [v.template.name(f"loop{v.template.loop}%{v.template.var}", v.iteration)]
+
+    def _same_value(self, tmpl: Template) -> list[Template]:
+        """The templates naming the template var of ``tmpl`` (a canonical one), it first."""
+        if self._by_var is None:
+            self._by_var = {}
+            for ts in self.names.values():
+                for t in ts:
+                    self._by_var.setdefault((t.loop, t.var), {})[t] = None
+        others = self._by_var.get((tmpl.loop, tmpl.var), {})
+        return [tmpl, *(t for t in others if t != tmpl)]
+
+    def _bases(self, tmpl: Template) -> list[str]:
+        """The base names naming ``tmpl`` exactly, plain names first."""
+        found = [n for n, ts in self.names.items() if tmpl in ts]
+        return sorted(found, key=lambda n: ("#" not in n and len(self.names[n]) > 1, "#" in n))
+
     def base_names(self, tmpl: Template) -> list[str]:
         """The base names of a template var, plain names first; a body value nothing
         names is ``loop<k>%<i>`` (template var ``i`` of folded loop ``k``), as an
         unnamed var of the flat index is ``%<i>``."""
-        found = [n for n, ts in self.names.items() if tmpl in ts]
-        if not found:
-            return [f"loop{tmpl.loop}%{tmpl.var}"]
-        return sorted(found, key=lambda n: ("#" not in n and len(self.names[n]) > 1, "#" in n))
+        return self._bases(tmpl) or [f"loop{tmpl.loop}%{tmpl.var}"]
 
     def _unnamed(self, base: str) -> list[Template]:
         """The template var a ``loop<k>%<i>`` base names (see :meth:`base_names`)."""
@@ -478,15 +530,12 @@ class VirtualVar(Var):
 
     @property
     def name(self) -> str:
-        bases = self._graph._loop_index.base_names(self.template)
-        return self.template.name(bases[0], self.iteration)
+        return self._graph._loop_index.full_names(self)[0]
 
     @property
     def aliases(self) -> tuple[str, ...]:
         index = self._graph._loop_index
-        bases = index.base_names(self.template)
-        own = [self.template.name(b, self.iteration) for b in bases[1:]]
-        return (*own, *index.carried_in(self))
+        return (*index.full_names(self)[1:], *index.carried_in(self))
 
     @property
     def aval(self) -> Any:

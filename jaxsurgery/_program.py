@@ -51,8 +51,13 @@ class Program:
     """
 
     def __init__(
-        self, closed: C.ClosedJaxpr, flat_args: Sequence[Any] | None = None, fold: bool = True
+        self,
+        closed: C.ClosedJaxpr,
+        flat_args: Sequence[Any] | None = None,
+        fold: bool | int = True,
     ):
+        """``fold``: keep every scan one equation (True), unroll every loop (False), or
+        keep those that would unroll past that many equations (an int)."""
         inliner = _Inliner(flat_args, fold)
         self.closed = closed
         self._index(inliner, *inliner.run(closed))
@@ -418,9 +423,9 @@ _SPECIAL = frozenset({*C.CALL_PRIMITIVES, *LOOP_PRIMITIVES, *BRANCH_PRIMITIVES, 
 class _Inliner(ControlFlow):
     """Copies a closed jaxpr into one flat jaxpr, inlining calls and control flow."""
 
-    def __init__(self, flat_args: Sequence[Any] | None = None, fold: bool = True) -> None:
+    def __init__(self, flat_args: Sequence[Any] | None = None, fold: bool | int = True) -> None:
         self.flat_args = flat_args
-        self.fold = fold  # keep long scans as one equation (see _loop_index)
+        self.fold = fold  # keep scans as one equation (see Program and _loop_index)
         self.folded: list[Folded] = []
         self.notes: list[str] = []
         self.iteration: list[int] = []

@@ -371,3 +371,69 @@ def test_a_folded_while_loop_inside_a_call_counts_its_trips():
     allclose(g.value(f"{base}@2"), y, rtol=1e-5)
     h = js.trace(_long_body_loop, x, n)
     assert len(h.select(f"{base}@*")) == 3
+
+
+def layers_of_scans(w, xs):
+    """A scan over blocks whose body runs a scan over a sequence (layers × time)."""
+
+    def block(c, x):
+        def cell(h, y):
+            h = jnp.tanh(h * w + y)
+            return h, h
+
+        c, hs = jax.lax.scan(cell, c, x)
+        c2 = c * 2.0
+        return c2, hs.sum()
+
+    c, s = jax.lax.scan(block, jnp.zeros(3), xs)
+    return c.sum() + s.sum()
+
+
+def layers_of_scans_by_hand(w, xs, at=None, h_at=None):
+    """The same by hand; ``h_at`` replaces the cell state at ``at = (block, step)``."""
+    c, total = jnp.zeros(3), 0.0
+    for t in range(xs.shape[0]):
+        h = c
+        for u in range(xs.shape[1]):
+            h = h_at if (t, u) == at else jnp.tanh(h * w + xs[t, u])
+            total = total + h.sum()
+        c = h * 2.0
+    return c.sum() + total
+
+
+def test_a_short_scan_inside_a_folded_loop_is_unrolled_in_its_template_and_named():
+    w, xs = jnp.array([0.5, -0.3, 0.8]), jax.random.normal(jax.random.key(4), (4, 6, 3)) * 0.3
+    g = js.trace(layers_of_scans, w, xs)
+    # the outer loop stays one equation; inner values are name@block@step
+    assert len(g._program.folded) == 1 and len(g.vars) < 20
+    h = g["block/cell/h#1@2@3"]
+    assert isinstance(h, VirtualVar) and h.name == "block/cell/h#1@2@3"
+    c, state = jnp.zeros(3), None  # the cell state at block 2, step 3, by hand
+    for t in range(3):
+        state = c
+        for u in range(6 if t < 2 else 4):
+            state = jnp.tanh(state * w + xs[t, u])
+        c = state * 2.0
+    allclose(g.value(h), state, rtol=1e-5)
+    # one value, one var: the parameter h at step 4 is what step 3 made
+    assert g["block/cell/h#0@2@4"] is h and "block/cell/h#0@2@4" in h.aliases
+    # the name without #k names two values: the parameter at step 3 (step 2's result)
+    # and the result of step 3
+    with pytest.raises(js.SelectionError, match=r"h#1@2@3, block/cell/h#1@2@2"):
+        g["block/cell/h@2@3"]
+    assert len(g.select("block/cell/h#1@2@*")) == 6
+    # a slice from that inner value to the output, and gradients at it, against the hand
+    rest = functools.partial(layers_of_scans_by_hand, w, xs, (2, 3))
+    check_slice(g.slice(h, "out"), (g.value(h),), rest)
+    allclose(g.grads("out", [h.name])[h.name], jax.grad(rest)(g.value(h)), rtol=1e-5)
+    # it reads a value of the same step, which resolves by the name it shows
+    (read,) = h.producers
+    assert read.name.endswith("@2@3") and g[read.name] is read
+
+
+def test_a_long_scan_inside_a_folded_loop_stays_one_equation_of_the_template():
+    w, xs = jnp.ones(3) * 0.5, jnp.ones((3, 1000, 3)) * 0.1  # 1000 steps: not unrolled
+    g = js.trace(layers_of_scans, w, xs)
+    assert g["block/c2@1"].shape == (3,)
+    with pytest.raises(js.SelectionError, match="block/cell/h"):
+        g["block/cell/h#1@1@3"]
