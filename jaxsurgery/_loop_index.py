@@ -33,7 +33,9 @@ what reads it (``v.producers``, ``v.users``, the ``reads`` column of a table of 
 come from the body: values of the same iteration, the loop's operands, the next
 iteration for a carry, the loop's results. A body value nothing names is
 ``loop<k>%<i>@t`` (value ``i`` of the body of folded loop ``k``), as an unnamed var of
-the flat index is ``%<i>``.
+the flat index is ``%<i>``. A short scan inside the body
+(:data:`~jaxsurgery._control_flow.INNER_UNROLL_LIMIT`) is unrolled in the template, and
+its values take one more iteration: ``block/cell/h@2@3``.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
