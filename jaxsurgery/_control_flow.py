@@ -52,8 +52,9 @@ MAX_TRIPS = 10_000
 #: Inside the body of a folded loop, a scan unrolled into at most this many equations is
 #: unrolled in the body's template, so that its values are named too: ``outer/h@2@3`` is
 #: ``h`` at iteration 3 of the inner scan in iteration 2 of the outer one. A longer one
-#: stays one equation of the template (its values are not named).
-INNER_UNROLL_LIMIT = 2_000
+#: stays one equation of the template (its values are not named). Tracing indexes and
+#: names the template, about 7 µs an equation: this bounds what it adds per loop (1.4 ms).
+INNER_UNROLL_LIMIT = 200
 
 _AFTER_LOOP = (
     "{what} stays one equation: what decides it comes out of a loop the index keeps "
