@@ -157,8 +157,8 @@ class GradsFunction:
                 for m, grad in zip(self._inputs, grads)
                 for row, j in enumerate(m)
             }
-            if len(whole) < len(self._groups)
-            else {}
+            if any(tuple(group) not in whole for group in self._groups)
+            else {}  # every group is one stacked input: nothing to pick rows from
         )
 
         def found(j: int) -> Any:

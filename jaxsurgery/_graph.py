@@ -641,13 +641,15 @@ class Graph:
         return self._flat_site(i) if i < n else self._loop_index.vars[i - n].site()
 
     def _order(self, i: int) -> tuple[int, ...]:
-        """Program order of var ``i``: a folded loop's values after the flat vars, by
-        loop, iteration, then body position (not by when they were first asked for)."""
+        """Program order of var ``i``: a folded loop's values just before its results, by
+        iteration, then body position (not by when they were first asked for); a result
+        that is the last iteration's carry sorts as that iteration's value, so that
+        ``step/h@*`` comes in iteration order, also for a reverse scan."""
         n = len(self._program.vars)
         if i < n:
-            return (i,)
+            return self._loop_index.result_order(i) or (i, 0)
         v = self._loop_index.vars[i - n]
-        return (n, v.template.loop, v.iteration, *v.template.inner, v.template.var)
+        return self._loop_index.order(v.template, v.iteration)
 
     def _virtual(self, i: int) -> bool:
         return i >= len(self._program.vars)

@@ -158,6 +158,8 @@ class LoopIndex:
         self._by_key: dict[tuple[Template, int], VirtualVar] = {}
         #: per (loop, template var): the templates naming it (see _same_value)
         self._by_var: dict[tuple[int, int], dict[Template, None]] | None = None
+        #: per flat var that is a folded loop's last carry: its order (result_order)
+        self._results: dict[int, tuple[int, ...]] | None = None
         self._twin: Graph | None = None
 
     def note(self) -> str | None:
@@ -323,6 +325,35 @@ class LoopIndex:
         if not loop.is_scan:
             return [v]  # a while_loop: only the asked trips exist for sure
         return [self.var(v.template, t) for t in range(self.length(loop))]
+
+    def order(self, tmpl: Template, t: int) -> tuple[int, ...]:
+        """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see
+        ``Graph._order``): before its loop's first result, by iteration."""
+        program = self.graph._program
+        loop = program.folded[tmpl.loop]
+        outs = program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ()
+        first = outs[0] if outs else len(program.vars)
+        return (first, -1, tmpl.loop, t, *tmpl.inner, tmpl.var)
+
+    def result_order(self, i: int) -> tuple[int, ...] | None:
+        """:meth:`order` of flat var ``i`` if it is a folded loop's last carry (a known
+        last iteration), else None."""
+        if self._results is None:
+            self._results = {}
+            program = self.graph._program
+            for k, loop in enumerate(program.folded):
+                n = self.length(loop)
+                if loop.flat_eqn < 0 or not n:
+                    continue
+                last = 0 if _reverse(loop) else n - 1
+                n_carry = loop.carry_layout()[1]
+                outvars = program.jaxpr.eqns[loop.flat_eqn].outvars[:n_carry]
+                for c, out in enumerate(outvars):
+                    j = program.index.get(out) if isinstance(out, C.Var) else None
+                    if j is not None:
+                        tmpl = Template(k, loop.template.outputs[c], ())
+                        self._results[j] = self.order(tmpl, last)
+        return self._results.get(i)
 
     def _canonical(self, tmpl: Template) -> Template:
         """``tmpl`` with the iterations of the inner loops where its value is made.

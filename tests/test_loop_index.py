@@ -437,3 +437,32 @@ def test_a_long_scan_inside_a_folded_loop_stays_one_equation_of_the_template():
     assert g["block/c2@1"].shape == (3,)
     with pytest.raises(js.SelectionError, match="block/cell/h"):
         g["block/cell/h#1@1@3"]
+
+
+def test_stacked_gradients_of_a_carry_whose_last_step_is_the_loop_result():
+    w = jax.random.normal(jax.random.key(5), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(6), (20, 4))
+
+    def rnn_last(w, xs):  # only the last carry leaves the loop: h_new@19 is h_last
+        def step(h, x):
+            h_new = jnp.tanh(w @ h + x)
+            return h_new, None
+
+        h_last, _ = jax.lax.scan(step, jnp.zeros(4), xs)
+        return jnp.sum(h_last**2)
+
+    def trick(eps, w, xs):  # eps[t] added to h_new at step t, by hand
+        def step(h, inp):
+            x, e = inp
+            h_new = jnp.tanh(w @ h + x) + e
+            return h_new, None
+
+        h_last, _ = jax.lax.scan(step, jnp.zeros(4), (xs, eps))
+        return jnp.sum(h_last**2)
+
+    g = js.trace(rnn_last, w, xs)
+    assert g["step/h_new@19"] is g["h_last"]
+    expected = jax.grad(trick)(jnp.zeros((20, 4)), w, xs)
+    allclose(g.grads("out", {"h": "step/h_new@*"})["h"], expected, rtol=1e-5)
+    fn = jax.jit(g.grads_fn("out", {"h": "step/h_new@*"}))
+    allclose(fn(w * 0.5, xs)["h"], jax.grad(trick)(jnp.zeros((20, 4)), w * 0.5, xs), rtol=1e-5)
