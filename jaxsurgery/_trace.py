@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
@@ -159,8 +160,10 @@ def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list
     """
     for name, new, old in zip(names, flat, traced):
         shape, dtype = np.shape(new), _dtype(new)
-        if shape != np.shape(old) or (dtype is not None and dtype != _dtype(old)):
-            was = f"{_dtype(old) or ''}{list(np.shape(old))}"
+        # a Python number was traced as the array JAX makes of it (10: int32[])
+        traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
+        if shape != np.shape(old) or (dtype is not None and dtype != traced_dtype):
+            was = f"{traced_dtype}{list(np.shape(old))}"
             raise SliceError(
                 f"argument `{name}` is {dtype or ''}{list(shape)}, but the graph was traced "
                 f"with {was}: a graph runs the program it traced, for arguments of the traced "

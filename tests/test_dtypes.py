@@ -139,3 +139,22 @@ def test_a_typed_key_argument_runs_every_whole_function():
     allclose(attribution, (g.value("y") - y_other) * 2)
     with pytest.raises(js.SliceError, match="argument `key` is uint32"):
         g.as_function()(x, jax.random.PRNGKey(1))
+
+
+def test_python_number_arguments_take_arrays_of_their_dtype_also_under_jit():
+    def f(x0, n, s):
+        def body(i, h):
+            return jnp.sin(h * s) + 0.01 * i
+
+        return jax.lax.fori_loop(0, n, body, x0).sum()
+
+    x = jnp.array([0.3, -0.2, 1.0])
+    g = js.trace(f, x, 10, 2.0)  # n and s traced as the arrays JAX makes of them
+    fn = g.as_function()
+    assert jnp.allclose(jax.jit(fn)(x, 5, 1.5), f(x, 5, 1.5))
+    assert jnp.allclose(fn(x, jnp.int32(3), jnp.float32(0.5)), f(x, 3, 0.5))
+    assert jnp.allclose(jax.jit(g.values_fn("out"))(x, 7, 2.0)["out"], f(x, 7, 2.0))
+    with pytest.raises(
+        js.SliceError, match=r"argument `n` is float32\[\], but the graph was traced with int32\[\]"
+    ):
+        fn(x, jnp.float32(5.0), 2.0)
