@@ -651,6 +651,15 @@ class Graph:
         v = self._loop_index.vars[i - n]
         return self._loop_index.order(v.template, v.iteration)
 
+    def _run_order(self, i: int) -> tuple[int, ...]:
+        """When var ``i`` is computed: a value that runs later cannot depend on it (a
+        folded loop's iterations in the order they run: a reverse scan's backwards)."""
+        n = len(self._program.vars)
+        if i < n:
+            return (i, 0)
+        v = self._loop_index.vars[i - n]
+        return self._loop_index.order(v.template, v.iteration, run=True)
+
     def _virtual(self, i: int) -> bool:
         return i >= len(self._program.vars)
 

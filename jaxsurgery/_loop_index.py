@@ -326,13 +326,18 @@ class LoopIndex:
             return [v]  # a while_loop: only the asked trips exist for sure
         return [self.var(v.template, t) for t in range(self.length(loop))]
 
-    def order(self, tmpl: Template, t: int) -> tuple[int, ...]:
+    def order(self, tmpl: Template, t: int, run: bool = False) -> tuple[int, ...]:
         """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see
-        ``Graph._order``): before its loop's first result, by iteration."""
+        ``Graph._order``): before its loop's first result, by iteration; ``run``: by
+        when it is computed (see ``Graph._run_order``; the template's own order holds
+        the iterations of loops unrolled inside the body)."""
         program = self.graph._program
         loop = program.folded[tmpl.loop]
         outs = program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ()
         first = outs[0] if outs else len(program.vars)
+        if run:
+            n = self.length(loop)
+            return (first, -1, tmpl.loop, n - 1 - t if _reverse(loop) and n else t, tmpl.var)
         return (first, -1, tmpl.loop, t, *tmpl.inner, tmpl.var)
 
     def result_order(self, i: int) -> tuple[int, ...] | None:

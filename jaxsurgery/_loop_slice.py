@@ -107,6 +107,19 @@ class LoopSlice(Slice):
             v for v, o in zip(out_vars, unknown.outvars) if not isinstance(o, C.Var) or o in given
         ]  # (the hits follow the outputs)
         unused = [v for v, x in zip(in_vars, ins) if x not in read]
+        # the split keeps a whole loop unknown once any iteration reads an input: what
+        # runs before every input (an earlier iteration) cannot depend on it either way
+        run = graph._run_order
+        unconnected += [
+            o
+            for o in out_vars
+            if o not in unconnected and all(run(i.index) > run(o.index) for i in in_vars)
+        ]
+        unused += [
+            i
+            for i in in_vars
+            if i not in unused and all(run(i.index) > run(o.index) for o in out_vars)
+        ]
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")

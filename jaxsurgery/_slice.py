@@ -609,13 +609,8 @@ def _check_connected(
         )
     if unused:
         v = unused[0]
-        program = graph._program
-        last_out = max(program.producer[o.index] for o in out_vars)
-        where = (
-            "is computed after every output"
-            if program.producer[v.index] > last_out
-            else "does not reach any output"
-        )
+        after = all(graph._run_order(v.index) > graph._run_order(o.index) for o in out_vars)
+        where = "is computed after every output" if after else "does not reach any output"
         outs = short_list(o.name for o in out_vars)
         raise SliceError(
             f"input {v.name!r} {where} ({outs}); pick an input upstream of the outputs, "

@@ -466,3 +466,27 @@ def test_stacked_gradients_of_a_carry_whose_last_step_is_the_loop_result():
     allclose(g.grads("out", {"h": "step/h_new@*"})["h"], expected, rtol=1e-5)
     fn = jax.jit(g.grads_fn("out", {"h": "step/h_new@*"}))
     allclose(fn(w * 0.5, xs)["h"], jax.grad(trick)(jnp.zeros((20, 4)), w * 0.5, xs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_slice_to_an_iteration_that_runs_before_its_input_is_refused(reverse):
+    w = jax.random.normal(jax.random.key(7), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(8), (20, 4))
+
+    def rnn(w, xs):
+        def step(h, x):
+            a = w @ h + x
+            return jnp.tanh(a), a
+
+        return jax.lax.scan(step, jnp.zeros(4), xs, reverse=reverse)[0].sum()
+
+    g = js.trace(rnn, w, xs)
+    early, late = ("step/a@3", "step/a@10") if not reverse else ("step/a@10", "step/a@3")
+    # the split keeps the loop whole, so only the order of iterations tells this
+    with pytest.raises(js.SliceError, match=f"output '{early}' does not depend on any input"):
+        g.slice(late, early)
+    with pytest.raises(js.SliceError, match=f"input '{late}' is computed after every output"):
+        g.slice((early, late), g["step/a@" + ("5" if not reverse else "8")])
+    s = g.slice(early, late)  # the other way round is a slice
+    check_slice(s, (g.value(early),))
+    assert float(jnp.abs(jax.jvp(s, (g.value(early),), (jnp.ones(4),))[1]).sum()) > 0
