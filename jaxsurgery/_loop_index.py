@@ -113,14 +113,15 @@ def body_value(template: Program, k: int, ti: int) -> Any:
     return (k, tuple((s.eqn, s.branch) for s in steps), nested)
 
 
-def index_templates(program: Program) -> list[tuple[str, Template, Any]]:
+def index_templates(program: Program) -> tuple[list, list]:
     """``(name, Template, value)`` of folded loop bodies from the index itself (see
-    :func:`template_names`): the ``js.tag``/``checkpoint_name`` tags, then the outputs
-    of scopes (Flax, Haiku, Equinox modules called in the body)."""
-    found = []
+    :func:`template_names`): the ``js.tag``/``checkpoint_name`` tags, and the outputs
+    of scopes (Flax, Haiku, Equinox modules called in the body), as two lists: names
+    rank as in the flat index, tags first, then Python names, then scopes."""
+    tags, scopes = [], []
     for k, loop in enumerate(program.folded):
         template = loop.template
-        found += [
+        tags += [
             (name, Template(k, ti, its), body_value(template, k, ti))
             for ti, name, its in template.tag_iterations
         ]
@@ -129,9 +130,9 @@ def index_templates(program: Program) -> list[tuple[str, Template, Any]]:
         prefix = f"{loop.scope}/" if loop.scope else ""
         for ti, name in scope_names(template)[0]:
             at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
-            found += [(prefix + name, *at)]
-            found += [(name, *at)] if prefix else []
-    return found
+            scopes += [(prefix + name, *at)]
+            scopes += [(name, *at)] if prefix else []
+    return tags, scopes
 
 
 def _reverse(loop: Folded) -> bool:

@@ -250,6 +250,7 @@ def _primitives(graph: Graph, primitive: Any) -> set[str]:
             "or a list of them (v.primitive gives a var's)"
         )
     present = set(graph._program.primitives)
+    present.update(p for loop in graph._program.folded for p in loop.template.primitives)
     for p in wanted:
         if p not in present:
             raise SelectionError(

@@ -136,6 +136,7 @@ def _trace(
             *scope_names(program),
             input_labels=in_labels,
         )
+        tags, scopes = index_templates(program)
         graph = Graph(
             program,
             names,
@@ -144,7 +145,7 @@ def _trace(
             title,
             [*notes, *program.notes],
             out_info["tree"],
-            templates=template_names([*index_templates(program), *templates]),
+            templates=template_names([*tags, *templates, *scopes]),
         )
         graph._rebuild = reported(build, f"unrolling the loops of {_name(target)}")
         return graph

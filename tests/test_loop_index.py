@@ -490,3 +490,21 @@ def test_a_slice_to_an_iteration_that_runs_before_its_input_is_refused(reverse):
     s = g.slice(early, late)  # the other way round is a slice
     check_slice(s, (g.value(early),))
     assert float(jnp.abs(jax.jvp(s, (g.value(early),), (jnp.ones(4),))[1]).sum()) > 0
+
+
+def test_loop_values_rank_names_as_the_flat_index_and_filter_by_their_primitives():
+    def rnn(h0, xs):
+        def step(h, x):
+            with jax.named_scope("blk"):
+                h_new = jnp.tanh(h + x)
+            return h_new, None
+
+        return jax.lax.scan(step, h0, xs)[0].sum()
+
+    g = js.trace(rnn, jnp.zeros(3), jnp.ones((50, 3)))
+    v = g["blk@7"]
+    # the Python name first, then what the body returned, then the scope, as for flat vars
+    assert v.name == "step/h_new@7" and v.aliases[:2] == ("step[0]@7", "blk@7")
+    # a primitive only the loop body has is a filter, not "no var is made by 'tanh'"
+    # (step/h@3, the carry into step 3, is step/h_new@2)
+    assert g.select("step/*@3", primitive="tanh").names == ("step/h_new@2", "step/h_new@3")
