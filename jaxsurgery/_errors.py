@@ -34,6 +34,19 @@ class SliceError(SurgeryError, ValueError):
     """A slice cannot be built or called as asked."""
 
 
+#: reverse mode through a ``while_loop``: what jaxsurgery says instead of JAX's error
+NO_REVERSE_THROUGH_WHILE = (
+    "the gradients cross a while_loop, and JAX has no reverse mode for it "
+    "(jax.grad of your function fails the same way); use g.jvp / "
+    "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
+)
+
+
+def reverse_through_while(error: Exception) -> bool:
+    """Whether ``error`` is JAX refusing reverse mode through a ``while_loop``."""
+    return isinstance(error, ValueError) and "while_loop" in str(error)
+
+
 class TraceError(SurgeryError, TypeError):
     """``js.trace`` was given something it cannot trace (a non-array argument, ...),
     or ``js.tag`` a name that is not a non-empty string or a value that is not arrays."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError, type_of
+from ._errors import NO_REVERSE_THROUGH_WHILE, SliceError, reverse_through_while, type_of
 from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
@@ -142,13 +142,9 @@ class GradsFunction:
         try:
             grads, hits = jax.grad(total, has_aux=True)(zeros)
         except ValueError as e:
-            if "while_loop" not in str(e):
+            if not reverse_through_while(e):
                 raise
-            raise SliceError(
-                "the gradients cross a while_loop, and JAX has no reverse mode for it "
-                "(jax.grad of your function fails the same way); use g.jvp / "
-                "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
-            ) from None
+            raise SliceError(NO_REVERSE_THROUGH_WHILE) from None
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
         where = (

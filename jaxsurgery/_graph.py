@@ -29,7 +29,13 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SelectionError, SliceError, check_like
+from ._errors import (
+    NO_REVERSE_THROUGH_WHILE,
+    SelectionError,
+    SliceError,
+    check_like,
+    reverse_through_while,
+)
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -148,6 +154,14 @@ def _holds_loop(jaxpr: C.Jaxpr) -> bool:
         elif any(_holds_loop(j) for j in inner):
             return True
     return False
+
+
+def _holds_while(jaxpr: C.Jaxpr) -> bool:
+    """Whether a jaxpr runs a ``while_loop`` (anywhere inside)."""
+    return any(
+        eqn.primitive.name == "while" or any(_holds_while(j) for j in C.inner_jaxprs(eqn))
+        for eqn in jaxpr.eqns
+    )
 
 
 def _in_loop(site: Site | None) -> bool:
@@ -365,8 +379,13 @@ class Graph:
         self._require_args("g.vjp")
         s = self.slice(inputs, outputs)
         flat = check_like(cotangents, s._out_tree, s.out_vars, "cotangent", "output")
-        out, pullback = jax.vjp(s, *s.input_values())
-        return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
+        try:
+            out, pullback = jax.vjp(s, *s.input_values())
+            return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
+        except ValueError as e:
+            if not reverse_through_while(e):
+                raise
+            raise SliceError(NO_REVERSE_THROUGH_WHILE) from None
 
     def jacobian(
         self, inputs: Selector, outputs: Selector, mode: Literal["auto", "fwd", "rev"] = "auto"
@@ -374,21 +393,27 @@ class Graph:
         """``∂outputs/∂inputs`` at the traced values.
 
         ``mode="auto"`` uses forward mode when the inputs have no more elements than the
-        outputs, reverse mode otherwise. The result is structured as ``jax.jacfwd``'s
-        with ``argnums`` over the slice's positional inputs.
+        outputs, or when the slice runs a ``while_loop`` (JAX has no reverse mode for
+        it), reverse mode otherwise. The result is structured as ``jax.jacfwd``'s with
+        ``argnums`` over the slice's positional inputs.
         """
         self._require_args("g.jacobian")
         s = self.slice(inputs, outputs)
         if mode == "auto":
             n_in = sum(v.size for v in s.in_vars)
             n_out = sum(v.size for v in s.out_vars)
-            mode = "fwd" if n_in <= n_out else "rev"
+            mode = "fwd" if n_in <= n_out or _holds_while(s.jaxpr) else "rev"
         if mode not in ("fwd", "rev"):
             raise SliceError(f"unknown jacobian mode {mode!r}; use 'auto', 'fwd' or 'rev'")
         jac = jax.jacfwd if mode == "fwd" else jax.jacrev
         args = s.input_values()
         argnums = tuple(range(len(args)))
-        result = jac(s, argnums=argnums)(*args)
+        try:
+            result = jac(s, argnums=argnums)(*args)
+        except ValueError as e:
+            if not reverse_through_while(e):
+                raise
+            raise SliceError(f"{NO_REVERSE_THROUGH_WHILE}, or mode='fwd'") from None
         return s._from_args_tree(result)
 
     # -- surgery ------------------------------------------------------------------------------
@@ -710,7 +735,8 @@ class Graph:
         """
         structured, exposures, guards = self._exposing(vars_, [e for e, _ in path])
         _, exposed = structured.run(flat_args, outputs=False)
-        message = self._path_message([*vars_, *what])
+        # the vars that need the path (a slice's own) first: the context only follows
+        message = self._path_message(list(dict.fromkeys([*what, *vars_])))
         check_hits(
             [(exposed[h], True, message) for h in guards]
             + [(exposed[e], expected, message) for e, expected in path]

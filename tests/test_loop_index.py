@@ -508,3 +508,19 @@ def test_loop_values_rank_names_as_the_flat_index_and_filter_by_their_primitives
     # a primitive only the loop body has is a filter, not "no var is made by 'tanh'"
     # (step/h@3, the carry into step 3, is step/h_new@2)
     assert g.select("step/*@3", primitive="tanh").names == ("step/h_new@2", "step/h_new@3")
+
+
+def test_reverse_mode_through_a_folded_while_loop_is_a_slice_error_and_auto_goes_forward():
+    x = jnp.array([2.0, -1.0, 0.5])
+    g = js.trace(refine, x, 1e-4)
+    with pytest.raises(js.SliceError, match="no reverse mode"):
+        g.vjp("body/h_new@1", "out", 1.0)
+    with pytest.raises(js.SliceError, match="mode='fwd'"):
+        g.jacobian("body/h_new@1", "out", mode="rev")
+    trips = g._loop_index.length(g._program.folded[0], need=True)
+
+    def rest(h):  # the remaining trips by hand, then the loss
+        return jnp.sum(refine_by_hand(h, trips - 2) ** 2)
+
+    h1 = g.value("body/h_new@1")  # 3 inputs, 1 output: auto would pick reverse mode
+    allclose(g.jacobian("body/h_new@1", "out"), jax.jacfwd(rest)(h1), rtol=1e-4)
