@@ -528,8 +528,14 @@ def _no_match(
         candidates = (
             names.all_names() if fallback else [n for n in names.lookup if not is_generated(n)]
         )
+        if "@" in word:  # a body value of a folded loop: its names with the same iterations
+            suffix = word[word.index("@") :]
+            candidates += [n + suffix for n in graph._loop_index.names if not is_generated(n)]
         hint = did_you_mean(word, candidates)
-    return SelectionError(f"no var named {label}{hint} (g.names() lists all)")
+    listed = "g.names() lists all"
+    if graph._program.folded:
+        listed += "; g.notes says how to name values inside loops"
+    return SelectionError(f"no var named {label}{hint} ({listed})")
 
 
 def _no_pattern_match(

@@ -524,3 +524,9 @@ def test_reverse_mode_through_a_folded_while_loop_is_a_slice_error_and_auto_goes
 
     h1 = g.value("body/h_new@1")  # 3 inputs, 1 output: auto would pick reverse mode
     allclose(g.jacobian("body/h_new@1", "out"), jax.jacfwd(rest)(h1), rtol=1e-4)
+
+
+def test_a_misspelt_loop_value_name_suggests_the_body_names(setup):
+    g = js.trace(rnn, *setup)
+    with pytest.raises(js.SelectionError, match=r"did you mean 'step/h_new@3'.*g\.notes"):
+        g["step/h_neu@3"]
