@@ -52,11 +52,17 @@ class ValuesFunction:
 
     def __init__(self, graph: Graph, selector: Selector):
         self.graph = graph
-        self.keys, self.vars = _select.keyed(graph, selector)
+        self.keys, self.vars, self._groups, self._stacked = _select.grouped(
+            graph, selector, "selector"
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
-        return dict(zip(self.keys, self.graph._values_at(self.vars, flat)))
+        values = self.graph._values_at(self.vars, flat)
+        return {
+            key: jnp.stack([values[j] for j in group]) if many else values[group[0]]
+            for key, group, many in zip(self.keys, self._groups, self._stacked)
+        }
 
 
 class PatchFunction:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import NO_REVERSE_THROUGH_WHILE, SliceError, reverse_through_while, type_of
+from ._errors import NO_REVERSE_THROUGH_WHILE, SliceError, reverse_through_while
 from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
@@ -65,27 +65,7 @@ class GradsFunction:
         _, out_vars = _select.tree(graph, out)
         # per key, the positions in wrt_vars of the vars whose gradients it holds, and
         # whether they are stacked (a dict entry selecting several vars)
-        groups: list[list[int]] = []
-        stacked: list[bool] = []
-        keys, wrt_vars = [], []
-        if isinstance(wrt, dict):
-            for key, item in wrt.items():
-                tree, found = _select.tree(graph, item)
-                many = not (len(found) == 1 and _select.is_leaf(tree))
-                if many and len({(v.shape, v.dtype) for v in found}) > 1:
-                    raise SliceError(
-                        f"wrt[{key!r}] selects vars of different types "
-                        f"({', '.join(sorted({type_of(v) for v in found}))}); their "
-                        "gradients cannot be stacked: give each its own key"
-                    )
-                keys.append(key)
-                groups.append(list(range(len(wrt_vars), len(wrt_vars) + len(found))))
-                stacked.append(many)
-                wrt_vars += found
-        else:
-            keys, wrt_vars = _select.keyed(graph, wrt)
-            groups = [[j] for j in range(len(wrt_vars))]
-            stacked = [False] * len(wrt_vars)
+        keys, wrt_vars, groups, stacked = _select.grouped(graph, wrt, "wrt")
         self._groups, self._stacked = groups, stacked
         for v in [*out_vars, *wrt_vars]:
             if not jnp.issubdtype(v.dtype, jnp.inexact):

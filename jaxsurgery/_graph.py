@@ -462,7 +462,9 @@ class Graph:
         """``f(*args, **kwargs) -> {key: value}``: the selected intermediates for new
         arguments of the traced function.
 
-        Keys are the selector strings passed (a glob or regex: the names it matched).
+        Keys are the selector strings passed (a glob or regex: the names it matched);
+        a dict ``{key: selector}`` keys by its own keys, stacking what a selector
+        selects on a new leading axis (``{"h": "step/h@*"}``: one row per iteration).
         Only the ancestors of the selected values run (nothing after the last one);
         ``jax.jit``, ``jax.vmap`` and ``jax.grad`` run on it.
 

@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ._errors import SelectionError, SliceError, close_matches, did_you_mean, short_list
+from ._errors import (
+    SelectionError,
+    SliceError,
+    close_matches,
+    did_you_mean,
+    short_list,
+    type_of,
+)
 from ._names import is_generated
 
 if TYPE_CHECKING:
@@ -153,6 +160,33 @@ def one(graph: Graph, selector: Any) -> Var:
         f"{selector!r} is not a selector of one var: use an int, a name, a glob, a "
         "re.Pattern or a Var (g.select(...) takes several)"
     )
+
+
+def grouped(
+    graph: Graph, selector: Any, what: str
+) -> tuple[list[str], list[Var], list[list[int]], list[bool]]:
+    """``(keys, vars, groups, stacked)``: as :func:`keyed`, or for a dict ``{key:
+    selector}`` one key per entry, its vars (positions in ``vars``, program order)
+    stacked on a new leading axis when the selector selects several (``"step/h@*"``:
+    one row per iteration). ``what`` names the argument in errors (``wrt``)."""
+    if not isinstance(selector, dict):
+        keys, vars_ = keyed(graph, selector)
+        return keys, vars_, [[j] for j in range(len(vars_))], [False] * len(vars_)
+    keys, vars_, groups, stacked = [], [], [], []
+    for key, item in selector.items():
+        structure, found = tree(graph, item)
+        many = not (len(found) == 1 and is_leaf(structure))
+        if many and len({(v.shape, v.dtype) for v in found}) > 1:
+            raise SliceError(
+                f"{what}[{key!r}] selects vars of different types "
+                f"({', '.join(sorted({type_of(v) for v in found}))}); their values "
+                "cannot be stacked: give each its own key"
+            )
+        keys.append(key)
+        groups.append(list(range(len(vars_), len(vars_) + len(found))))
+        stacked.append(many)
+        vars_ += found
+    return keys, vars_, groups, stacked
 
 
 def keyed(graph: Graph, selector: Any) -> tuple[list[str], list[Var]]:

@@ -530,3 +530,13 @@ def test_a_misspelt_loop_value_name_suggests_the_body_names(setup):
     g = js.trace(rnn, *setup)
     with pytest.raises(js.SelectionError, match=r"did you mean 'step/h_new@3'.*g\.notes"):
         g["step/h_neu@3"]
+
+
+def test_values_fn_keyed_by_a_dict_stacks_every_iteration(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    capture = jax.jit(g.values_fn({"h": "step/h_new@*", "few": ["step/a@1", "step/a@2"]}))
+    got = capture(h0 * 0.5, xs, w)
+    assert set(got) == {"h", "few"} and got["h"].shape == (T, 4) and got["few"].shape == (2, 4)
+    allclose(got["h"][700], state_after(h0 * 0.5, xs, w, 700), rtol=1e-4)
+    allclose(got["few"][1], state_after(h0 * 0.5, xs, w, 1) @ w + xs[2], rtol=1e-5)
