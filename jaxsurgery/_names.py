@@ -58,7 +58,8 @@ class Names:
         """Every name that selects something, canonical names first."""
         rest = [n for n in self.lookup if n not in self.by_canonical]
         fallbacks = [n for i in range(len(self.canonical)) for n in self.fallbacks(i)]
-        return [*self.canonical, *rest, *(n for n in fallbacks if n not in self.by_canonical)]
+        # an unnamed var's canonical name is its fallback %i: listed once
+        return list(dict.fromkeys([*self.canonical, *rest, *fallbacks]))
 
     def fallbacks(self, i: int) -> tuple[str, str]:
         """``("%12", "tanh:12")``: names every var answers to, made when asked for."""

@@ -251,3 +251,9 @@ def test_named_scopes_name_outputs_and_transform_marks_are_not_scopes():
     assert g["block"] is g["h"]
     assert {v.scope for v in g.select("block/*")} == {"block"}
     assert not [n for n in g.names() if n.startswith(("jvp()", "transpose("))]
+
+
+def test_names_lists_each_name_once_unnamed_vars_included():
+    g = js.trace(lambda x: jnp.sin(jnp.cos(x)).sum(), jnp.ones(3))  # no Python names
+    names = g.names()
+    assert len(names) == len(set(names)) and "%1" in names and "cos:1" in names
