@@ -88,7 +88,23 @@ class Node:
 
 
 def roles(graph: Graph, highlight: Any) -> dict[int, str]:
-    """Per var index, its role in ``highlight`` (a Slice, or a selector: ``selected``)."""
+    """Per var index, its role in ``highlight`` (a Slice, or a selector: ``selected``).
+
+    A value inside a folded loop (``step/h@5``) is drawn on its loop: the loop's
+    results take its role.
+    """
+    found = _flat_roles(graph, highlight)
+    n = len(graph._program.vars)
+    for i in [i for i in found if i >= n]:
+        role = found.pop(i)
+        loop = graph._loop_index.vars[i - n]._loop
+        for j in graph._program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ():
+            found[j] = _strongest(found[j], role) if j in found else role
+    return found
+
+
+def _flat_roles(graph: Graph, highlight: Any) -> dict[int, str]:
+    """:func:`roles`, virtual vars (folded loop values) still among them."""
     from ._slice import Slice
 
     if highlight is None:

@@ -540,3 +540,15 @@ def test_values_fn_keyed_by_a_dict_stacks_every_iteration(setup):
     assert set(got) == {"h", "few"} and got["h"].shape == (T, 4) and got["few"].shape == (2, 4)
     allclose(got["h"][700], state_after(h0 * 0.5, xs, w, 700), rtol=1e-4)
     allclose(got["few"][1], state_after(h0 * 0.5, xs, w, 1) @ w + xs[2], rtol=1e-5)
+
+
+def test_a_drawing_highlights_the_loop_that_holds_a_loop_value(setup):
+    from jaxsurgery._draw import roles
+
+    g = js.trace(rnn, *setup)
+    on_loop = {g["h_last"].index, g["hs"].index}
+    assert set(roles(g, "step/a@5")) == on_loop
+    assert set(roles(g, "step/a@5").values()) == {"selected"}
+    cut = roles(g, g.slice("step/a@3", "out"))
+    assert {i for i, r in cut.items() if r == "input"} == on_loop
+    assert cut[g["out"].index] == "output"
