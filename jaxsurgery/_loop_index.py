@@ -128,7 +128,7 @@ def index_templates(program: Program) -> tuple[list, list]:
         # a scope inside the body is named by its whole path, the loop's scope first
         # (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body
         prefix = f"{loop.scope}/" if loop.scope else ""
-        for ti, name in scope_names(template)[0]:
+        for ti, name in scope_names(template, iterations=False)[0]:
             at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
             scopes += [(prefix + name, *at)]
             scopes += [(name, *at)] if prefix else []

@@ -31,30 +31,46 @@ from typing import Any
 from . import _compat as C
 
 
-def scope_names(program: Any) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """``(var index, name)`` pairs: outputs of scope instances, and their insides."""
+def scope_names(
+    program: Any, iterations: bool = True
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """``(var index, name)`` pairs: outputs of scope instances, and their insides.
+
+    A scope entered once per iteration of an unrolled loop is named by the iteration,
+    as a Python name is (``cell/wh@8``), not numbered; ``iterations=False`` leaves the
+    suffix off (a folded loop's template: its names take the iterations later).
+    """
     eqns = program.jaxpr.eqns
     parents: list[int] = []  # per instance: its parent instance, or -1
     labels: list[str] = []
+    its: list[tuple[int, ...]] = []  # per instance: the loop iterations it runs in
     chains: list[tuple[int, ...]] = []  # per equation: its instances, outermost first
     stack: list[tuple[str, int]] = []  # (component, instance)
-    for eqn in eqns:
+    for e, eqn in enumerate(eqns):
         if not stack and not C.has_scope(eqn.source_info):
             chains.append(())  # the common case outside any scope
             continue
         parts = scope_parts(C.scope_of(eqn.source_info))
+        at = _iterations(program, e)
         keep = 0
-        while keep < min(len(stack), len(parts)) and stack[keep][0] == parts[keep]:
+        while (
+            keep < min(len(stack), len(parts))
+            and stack[keep][0] == parts[keep]
+            and its[stack[keep][1]] == at[: len(its[stack[keep][1]])]
+        ):
             keep += 1
         del stack[keep:]
         for part in parts[keep:]:
             parents.append(stack[-1][1] if stack else -1)
             labels.append(part)
+            its.append(at)
             stack.append((part, len(labels) - 1))
         chains.append(tuple(inst for _, inst in stack))
     if not labels:
         return [], []
-    paths = _instance_paths(parents, labels)
+    paths = _instance_paths(parents, labels, its)
+    if iterations:
+        paths = [p + "".join(f"@{t}" for t in at) for p, at in zip(paths, its)]
 
     names: list[tuple[int, str]] = []
     inside: list[tuple[int, str]] = []
@@ -115,15 +131,27 @@ def scope_path(path: str) -> str:
     return "/".join(scope_parts(path))
 
 
-def _instance_paths(parents: list[int], labels: list[str]) -> list[str]:
-    """Full paths with ``#k`` where a scope repeats under the same parent."""
-    counts: dict[tuple[int, str], int] = {}
-    for parent, label in zip(parents, labels):
-        counts[parent, label] = counts.get((parent, label), 0) + 1
-    seen: dict[tuple[int, str], int] = {}
+def _instance_paths(parents: list[int], labels: list[str], its: list[tuple[int, ...]]) -> list[str]:
+    """Full paths with ``#k`` where a scope repeats under the same parent in the same
+    loop iterations (once per iteration is one scope, told apart by the iteration)."""
+    counts: dict[tuple, int] = {}
+    for parent, label, at in zip(parents, labels, its):
+        counts[parent, label, at] = counts.get((parent, label, at), 0) + 1
+    repeated = {(p, label) for (p, label, _), n in counts.items() if n > 1}
+    seen: dict[tuple, int] = {}
     paths: list[str] = []
-    for parent, label in zip(parents, labels):
-        k = seen[parent, label] = seen.get((parent, label), -1) + 1
-        own = label if counts[parent, label] == 1 else f"{label}#{k}"
+    for parent, label, at in zip(parents, labels, its):
+        k = seen[parent, label, at] = seen.get((parent, label, at), -1) + 1
+        own = f"{label}#{k}" if (parent, label) in repeated else label
+        # a parent's path holds no iterations: they follow the whole name
         paths.append(own if parent < 0 else f"{paths[parent]}/{own}")
     return paths
+
+
+def _iterations(program: Any, e: int) -> tuple[int, ...]:
+    """The iterations of the unrolled loops equation ``e`` runs in (none: top level)."""
+    for v in program.eqn_out[e]:
+        found = program.locations.get(program.vars[v])  # top-level vars have none
+        if found is not None:
+            return tuple(s.iteration for s in found[0] if s.iteration is not None)
+    return ()

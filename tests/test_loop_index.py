@@ -552,3 +552,25 @@ def test_a_drawing_highlights_the_loop_that_holds_a_loop_value(setup):
     cut = roles(g, g.slice("step/a@3", "out"))
     assert {i for i, r in cut.items() if r == "input"} == on_loop
     assert cut[g["out"].index] == "output"
+
+
+def test_scopes_in_unrolled_iterations_are_named_by_the_iteration_also_after_replace():
+    def rnn(h0, xs):
+        def step(h, x):
+            with jax.named_scope("blk"):
+                h_new = jnp.tanh(h + x)
+            return h_new, None
+
+        return jax.lax.scan(step, h0, xs)[0].sum()
+
+    h0, xs = jnp.zeros(3), jnp.linspace(0, 1, 30).reshape(10, 3)
+    g = js.trace(rnn, h0, xs)
+    # a patch at a loop value is made on the unrolled index, whose scopes are per
+    # iteration: blk@5 still names the value, and blk@5.unpatched the old one
+    g2 = g.replace("blk@5", lambda h: h * 0)
+    assert g2["blk@5"].index != g2["blk@5.unpatched"].index
+    allclose(g2.value("blk@5"), jnp.zeros(3))
+    allclose(g2.value("blk@5.unpatched"), g.value("blk@5"))
+    assert g2["blk@6"] is g2["step/h_new@6"]
+    with pytest.raises(js.SelectionError):
+        g2["blk#5"]  # no longer numbered as if each iteration were another scope
