@@ -56,6 +56,12 @@ MAX_TRIPS = 10_000
 #: names the template, about 7 µs an equation: this bounds what it adds per loop (1.4 ms).
 INNER_UNROLL_LIMIT = 200
 
+_UNDECIDED = (
+    "a cond stays one equation: the index has no value to decide it by (inside a "
+    "folded loop's body, or traced with abstract arguments), so the values inside its "
+    "branches are not named; tag the value you need outside the cond (js.tag), or trace "
+    "with concrete arrays"
+)
 _AFTER_LOOP = (
     "{what} stays one equation: what decides it comes out of a loop the index keeps "
     "whole, which tracing does not run; values inside it are not listed"
@@ -292,6 +298,8 @@ class ControlFlow:
         if values is None:
             if self.after_loop:
                 self.notes.append(_AFTER_LOOP.format(what="a cond"))
+            else:  # abstract values: a loop body's template, or an abstract trace
+                self.notes.append(_UNDECIDED)
             return None
         taken = int(np.clip(np.asarray(values[0]), 0, len(branches) - 1))
         region = self.regions[-1]

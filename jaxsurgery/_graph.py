@@ -233,7 +233,10 @@ class Graph:
         kept as one equation in the index (and how to name their values), ..."""
         if self._notes is None:
             note = self._loop_index.note()
-            self._notes = (*self._given_notes, *([note] if note else []))
+            # what the bodies of folded loops keep whole (a cond there), once each
+            bodies = [n for loop in self._program.folded for n in loop.template.notes]
+            found = [*self._given_notes, *([note] if note else []), *bodies]
+            self._notes = tuple(dict.fromkeys(found))
         return self._notes
 
     # -- vars ---------------------------------------------------------------------------

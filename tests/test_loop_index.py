@@ -574,3 +574,16 @@ def test_scopes_in_unrolled_iterations_are_named_by_the_iteration_also_after_rep
     assert g2["blk@6"] is g2["step/h_new@6"]
     with pytest.raises(js.SelectionError):
         g2["blk#5"]  # no longer numbered as if each iteration were another scope
+
+
+def test_a_cond_in_a_folded_loop_body_is_kept_whole_and_the_notes_say_so():
+    def rnn(xs):
+        def step(h, x):
+            h_new = jax.lax.cond(x[0] > 0, jnp.tanh, jnp.sin, h + x)
+            return h_new, None
+
+        return jax.lax.scan(step, jnp.zeros(2), xs)[0].sum()
+
+    g = js.trace(rnn, jnp.linspace(-1, 1, 40).reshape(20, 2))
+    assert any("a cond stays one equation" in n and "js.tag" in n for n in g.notes)
+    assert g["step/h_new@3"].primitive == "cond"
