@@ -492,16 +492,19 @@ def test_a_slice_to_an_iteration_that_runs_before_its_input_is_refused(reverse):
     assert float(jnp.abs(jax.jvp(s, (g.value(early),), (jnp.ones(4),))[1]).sum()) > 0
 
 
+def scoped_rnn(h0, xs):
+    """A scan whose body runs in a ``jax.named_scope``: ``blk@t`` and ``step/h_new@t``."""
+
+    def step(h, x):
+        with jax.named_scope("blk"):
+            h_new = jnp.tanh(h + x)
+        return h_new, None
+
+    return jax.lax.scan(step, h0, xs)[0].sum()
+
+
 def test_loop_values_rank_names_as_the_flat_index_and_filter_by_their_primitives():
-    def rnn(h0, xs):
-        def step(h, x):
-            with jax.named_scope("blk"):
-                h_new = jnp.tanh(h + x)
-            return h_new, None
-
-        return jax.lax.scan(step, h0, xs)[0].sum()
-
-    g = js.trace(rnn, jnp.zeros(3), jnp.ones((50, 3)))
+    g = js.trace(scoped_rnn, jnp.zeros(3), jnp.ones((50, 3)))
     v = g["blk@7"]
     # the Python name first, then what the body returned, then the scope, as for flat vars
     assert v.name == "step/h_new@7" and v.aliases[:2] == ("step[0]@7", "blk@7")
@@ -555,16 +558,8 @@ def test_a_drawing_highlights_the_loop_that_holds_a_loop_value(setup):
 
 
 def test_scopes_in_unrolled_iterations_are_named_by_the_iteration_also_after_replace():
-    def rnn(h0, xs):
-        def step(h, x):
-            with jax.named_scope("blk"):
-                h_new = jnp.tanh(h + x)
-            return h_new, None
-
-        return jax.lax.scan(step, h0, xs)[0].sum()
-
     h0, xs = jnp.zeros(3), jnp.linspace(0, 1, 30).reshape(10, 3)
-    g = js.trace(rnn, h0, xs)
+    g = js.trace(scoped_rnn, h0, xs)
     # a patch at a loop value is made on the unrolled index, whose scopes are per
     # iteration: blk@5 still names the value, and blk@5.unpatched the old one
     g2 = g.replace("blk@5", lambda h: h * 0)
