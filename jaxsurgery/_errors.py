@@ -5,8 +5,9 @@ Every message names the culprit, says what was expected and ends with a fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 
 class SurgeryError(Exception):
@@ -34,17 +35,20 @@ class SliceError(SurgeryError, ValueError):
     """A slice cannot be built or called as asked."""
 
 
-#: reverse mode through a ``while_loop``: what jaxsurgery says instead of JAX's error
-NO_REVERSE_THROUGH_WHILE = (
-    "the gradients cross a while_loop, and JAX has no reverse mode for it "
-    "(jax.grad of your function fails the same way); use g.jvp / "
-    "jax.jvp of a slice, or a fori_loop with static bounds (a scan)"
-)
-
-
-def reverse_through_while(error: Exception) -> bool:
-    """Whether ``error`` is JAX refusing reverse mode through a ``while_loop``."""
-    return isinstance(error, ValueError) and "while_loop" in str(error)
+@contextlib.contextmanager
+def no_reverse_through_while(fix: str = "") -> Iterator[None]:
+    """JAX refusing reverse mode through a ``while_loop`` inside, as a SliceError
+    saying what to do (``fix``: one more way out)."""
+    try:
+        yield
+    except ValueError as e:
+        if "while_loop" not in str(e):
+            raise
+        raise SliceError(
+            "the gradients cross a while_loop, and JAX has no reverse mode for it "
+            "(jax.grad of your function fails the same way); use g.jvp / "
+            f"jax.jvp of a slice, or a fori_loop with static bounds (a scan){fix}"
+        ) from None
 
 
 class TraceError(SurgeryError, TypeError):

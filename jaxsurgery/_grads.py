@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import NO_REVERSE_THROUGH_WHILE, SliceError, reverse_through_while
+from ._errors import SliceError, no_reverse_through_while
 from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
@@ -119,12 +119,8 @@ class GradsFunction:
             )
             for m in self._inputs
         ]
-        try:
+        with no_reverse_through_while():
             grads, hits = jax.grad(total, has_aux=True)(zeros)
-        except ValueError as e:
-            if not reverse_through_while(e):
-                raise
-            raise SliceError(NO_REVERSE_THROUGH_WHILE) from None
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
         where = (

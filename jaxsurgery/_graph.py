@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import jax
@@ -29,13 +29,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import (
-    NO_REVERSE_THROUGH_WHILE,
-    SelectionError,
-    SliceError,
-    check_like,
-    reverse_through_while,
-)
+from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -141,27 +135,20 @@ class Var:
 _FIRST_ORDER: set[Any] = set()
 
 
-def _holds_loop(jaxpr: C.Jaxpr) -> bool:
+def _holds_loop(jaxpr: C.Jaxpr, loops: Collection[str] = LOOP_PRIMITIVES) -> bool:
+    """Whether a jaxpr runs one of ``loops`` (a scan or while_loop) anywhere inside."""
     for eqn in jaxpr.eqns:
         primitive = eqn.primitive
-        if primitive.name in LOOP_PRIMITIVES:
+        if primitive.name in loops:
             return True
         if primitive in _FIRST_ORDER:
             continue
         inner = C.inner_jaxprs(eqn)
         if not inner:
             _FIRST_ORDER.add(primitive)
-        elif any(_holds_loop(j) for j in inner):
+        elif any(_holds_loop(j, loops) for j in inner):
             return True
     return False
-
-
-def _holds_while(jaxpr: C.Jaxpr) -> bool:
-    """Whether a jaxpr runs a ``while_loop`` (anywhere inside)."""
-    return any(
-        eqn.primitive.name == "while" or any(_holds_while(j) for j in C.inner_jaxprs(eqn))
-        for eqn in jaxpr.eqns
-    )
 
 
 def _in_loop(site: Site | None) -> bool:
@@ -382,13 +369,9 @@ class Graph:
         self._require_args("g.vjp")
         s = self.slice(inputs, outputs)
         flat = check_like(cotangents, s._out_tree, s.out_vars, "cotangent", "output")
-        try:
+        with no_reverse_through_while():
             out, pullback = jax.vjp(s, *s.input_values())
             return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
-        except ValueError as e:
-            if not reverse_through_while(e):
-                raise
-            raise SliceError(NO_REVERSE_THROUGH_WHILE) from None
 
     def jacobian(
         self, inputs: Selector, outputs: Selector, mode: Literal["auto", "fwd", "rev"] = "auto"
@@ -405,18 +388,14 @@ class Graph:
         if mode == "auto":
             n_in = sum(v.size for v in s.in_vars)
             n_out = sum(v.size for v in s.out_vars)
-            mode = "fwd" if n_in <= n_out or _holds_while(s.jaxpr) else "rev"
+            mode = "fwd" if n_in <= n_out or _holds_loop(s.jaxpr, ("while",)) else "rev"
         if mode not in ("fwd", "rev"):
             raise SliceError(f"unknown jacobian mode {mode!r}; use 'auto', 'fwd' or 'rev'")
         jac = jax.jacfwd if mode == "fwd" else jax.jacrev
         args = s.input_values()
         argnums = tuple(range(len(args)))
-        try:
+        with no_reverse_through_while(fix=", or mode='fwd'"):
             result = jac(s, argnums=argnums)(*args)
-        except ValueError as e:
-            if not reverse_through_while(e):
-                raise
-            raise SliceError(f"{NO_REVERSE_THROUGH_WHILE}, or mode='fwd'") from None
         return s._from_args_tree(result)
 
     # -- surgery ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var
 from ._scopes import scope_names, scope_path
-from ._structured import Site
+from ._structured import Site, iterations
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -146,7 +146,7 @@ _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
 def _inner(template: Program, ti: int) -> tuple[int, ...]:
     """The iterations of the loops unrolled inside a body that template var ``ti`` is in."""
     found = template.found(ti)
-    return () if found is None else tuple(s.iteration for s in found[0] if s.iteration is not None)
+    return () if found is None else iterations(found[0])
 
 
 class LoopIndex:
@@ -352,13 +352,11 @@ class LoopIndex:
                 if loop.flat_eqn < 0 or not n:
                     continue
                 last = 0 if _reverse(loop) else n - 1
-                n_carry = loop.carry_layout()[1]
-                outvars = program.jaxpr.eqns[loop.flat_eqn].outvars[:n_carry]
-                for c, out in enumerate(outvars):
-                    j = program.index.get(out) if isinstance(out, C.Var) else None
-                    if j is not None:
+                for c in range(loop.carry_layout()[1]):
+                    result = self._result(loop, c)
+                    if result is not None:
                         tmpl = Template(k, loop.template.outputs[c], ())
-                        self._results[j] = self.order(tmpl, last)
+                        self._results[result.index] = self.order(tmpl, last)
         return self._results.get(i)
 
     def _canonical(self, tmpl: Template) -> Template:
@@ -377,7 +375,7 @@ class LoopIndex:
         found = []
         for tmpl in self._same_value(v.template):
             found += [tmpl.name(base, v.iteration) for base in self._bases(tmpl)]
-        return found or [v.template.name(f"loop{v.template.loop}%{v.template.var}", v.iteration)]
+        return found or [v.template.name(self.base_names(v.template)[0], v.iteration)]
 
     def _same_value(self, tmpl: Template) -> list[Template]:
         """The templates naming the template var of ``tmpl`` (a canonical one), it first."""
@@ -448,7 +446,7 @@ class LoopIndex:
             if c < n_carry and self._within(loop, following):
                 found += self._made_by_users(v, n_consts + c, following)
             else:  # the loop's result: the last carry, or a scan's ys stacking every row
-                result = self._flat_atom(self.graph._program.jaxpr.eqns[loop.flat_eqn].outvars[c])
+                result = self._result(loop, c)
                 found += [] if result is None else [result]
         return tuple(dict.fromkeys(found))
 
@@ -481,6 +479,12 @@ class LoopIndex:
             return None
         offset = 0 if loop.is_scan else loop.eqn.params["cond_nconsts"]
         return self._flat_atom(loop.operands[offset + j])
+
+    def _result(self, loop: Folded, c: int) -> Var | None:
+        """The graph var of a folded loop's ``c``-th result (None: dropped)."""
+        if loop.flat_eqn < 0:
+            return None
+        return self._flat_atom(self.graph._program.jaxpr.eqns[loop.flat_eqn].outvars[c])
 
     def _flat_atom(self, atom: Any) -> Var | None:
         """The graph var of a flat atom (None for a literal or one the index lacks)."""
@@ -527,7 +531,7 @@ class LoopIndex:
                 return twin.vars[copies[0]]
         found = None if isinstance(v, VirtualVar) else self.graph._program.found(v.index)
         if found is not None:  # the twin's copy of the same var at the same iterations
-            its = tuple(s.iteration for s in found[0] if s.iteration is not None)
+            its = iterations(found[0])
             copies = [j for j, c in program.locate(found[1]) if c == its]
             if len(copies) > 1:
                 copies = [j for j in copies if program.found(j) == found]

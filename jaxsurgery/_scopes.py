@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _compat as C
+from ._structured import iterations
 
 
 def scope_names(
@@ -153,5 +154,5 @@ def _iterations(program: Any, e: int) -> tuple[int, ...]:
     for v in program.eqn_out[e]:
         found = program.locations.get(program.vars[v])  # top-level vars have none
         if found is not None:
-            return tuple(s.iteration for s in found[0] if s.iteration is not None)
+            return iterations(found[0])
     return ()

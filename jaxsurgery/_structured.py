@@ -616,6 +616,11 @@ def _expand(mask: Any, ndim: int) -> Any:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
+def iterations(steps: Sequence[Step]) -> tuple[int, ...]:
+    """The loop iterations along a path of steps (``Step.iteration`` of each loop)."""
+    return tuple(s.iteration for s in steps if s.iteration is not None)
+
+
 def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | None = None) -> Site:
     """The site of a nested var reached by ``steps``, lifted out of calls and conds.
 
