@@ -82,6 +82,9 @@ def _one(T: int, quick: bool) -> dict:
     t0 = time.perf_counter()
     g.value(name)
     t_value = time.perf_counter() - t0
+    t0 = time.perf_counter()  # a patch at a late step keeps the index folded
+    g.replace(name, lambda h: h * 0.5)
+    t_replace = time.perf_counter() - t0
     t0 = time.perf_counter()  # the baseline: computing the function at all, first call
     jax.block_until_ready(rnn_fn()(*args))
     t_call = time.perf_counter() - t0
@@ -119,6 +122,8 @@ def _one(T: int, quick: bool) -> dict:
         "value ms": t_value * 1e3,
         "value / trace": t_value / t_js,
         "value / first call": t_value / t_call,
+        "replace ms": t_replace * 1e3,
+        "replace / trace": t_replace / t_js,
         "grads run ratio": times["ours"] / times["hand"],
         "grads compile s": t_c_ours,
         "hand compile s": t_c_hand,
@@ -134,7 +139,8 @@ def _one(T: int, quick: bool) -> dict:
     print(
         f"  scan RNN T={T}: js.trace {t_js * 1e3:.0f} ms = {row['trace ratio']:.0f}x "
         f"make_jaxpr; g.value({name!r}) {t_value * 1e3:.0f} ms "
-        f"({row['value / trace']:.2f}x trace); jit(grads_fn) over {T} steps "
+        f"({row['value / trace']:.2f}x trace); replace there {t_replace * 1e3:.1f} ms; "
+        f"jit(grads_fn) over {T} steps "
         f"{row['grads run ratio']:.2f}x the stacked-eps trick, compile "
         f"{t_c_ours:.2f} s vs {t_c_hand:.2f} s, {row['ops']} vs {row['hand ops']} ops, "
         f"equal: {same}; slice step/h@0 -> out built in {t_slice * 1e3:.0f} ms, "

@@ -91,14 +91,22 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
     """Per var index, its role in ``highlight`` (a Slice, or a selector: ``selected``).
 
     A value inside a folded loop (``step/h@5``) is drawn on its loop: the loop's
-    results take its role.
+    results take its role; a value before a patch (``h.unpatched``), where the patched
+    one is.
     """
+    from ._patch_graph import Unpatched
+
     found = _flat_roles(graph, highlight)
     n = len(graph._program.vars)
     for i in [i for i in found if i >= n]:
         role = found.pop(i)
-        loop = graph._loop_index.vars[i - n]._loop
-        for j in graph._program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ():
+        v = graph._var(i)
+        v = v.of if isinstance(v, Unpatched) else v
+        at = (v.index,) if v.index < n else ()
+        if not at:
+            loop = v._loop
+            at = graph._program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ()
+        for j in at:
             found[j] = _strongest(found[j], role) if j in found else role
     return found
 

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -185,6 +186,7 @@ class Graph:
         site: Callable[[int], Site | None] | None = None,
         unpatched: frozenset[int] = frozenset(),
         templates: dict[str, Any] | None = None,
+        patched_sites: frozenset[Site] = frozenset(),
     ):
         from ._loop_index import LoopIndex
 
@@ -201,6 +203,9 @@ class Graph:
         #: ``fold=False`` -> this graph with every loop unrolled (set by js.trace)
         self._rebuild: Callable[..., Graph] | None = None
         self._unpatched = unpatched  # vars holding a value from before a patch
+        #: sites patched in the structured program only (a graph with folded loops:
+        #: its index is its parent's, see _patch_graph.derive)
+        self._patched_sites = patched_sites
         self._names = names
         self._flatten_args = flatten_args
         self._flat_args = None if flat_args is None else tuple(flat_args)
@@ -320,12 +325,14 @@ class Graph:
             args = self._require_args("g.value")
             # values inside loops: the loop runs once as a loop, exposing them (the
             # flat index would replay every unrolled iteration before them, op by op);
-            # so do values after an unrolled loop
+            # so do values after an unrolled loop, and all values of a graph patched in
+            # its running program only (its flat index is unpatched)
             after_loop = self._has_loops()
             looped = [
                 i
                 for i in missing
-                if (site := self._site(i)) is not None and (after_loop or _in_loop(site))
+                if self._patched_sites
+                or ((site := self._site(i)) is not None and (after_loop or _in_loop(site)))
             ]
             rest = [i for i in missing if i not in set(looped)]
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
@@ -511,7 +518,10 @@ class Graph:
 
         Activation patching: every equation after the var, and the outputs, see the new
         value. The patched var keeps the var's names; the old value stays available as
-        ``<name>.unpatched``. Compose with :meth:`as_function` and ``jax.grad``.
+        ``<name>.unpatched`` (a gradient or slice there goes through the patch).
+        Compose with :meth:`as_function` and ``jax.grad``. A value inside a loop
+        (``step/h@t``) is patched at that iteration of the running loop; a graph with
+        loops kept folded keeps its index (nothing is unrolled).
 
         Example:
             >>> import jax.numpy as jnp, jaxsurgery as js
@@ -525,9 +535,6 @@ class Graph:
         """
         from ._patch_graph import replace
 
-        twin = self._loop_index.for_twin(selector)
-        if twin is not None:  # a body value of a folded loop: patch the unrolled index
-            return twin[0].replace(twin[1], value_or_fn)
         return replace(self, selector, value_or_fn)
 
     def match(self, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
@@ -647,7 +654,12 @@ class Graph:
     def _site(self, i: int) -> Site | None:
         """Where var ``i`` (a virtual one too) lives in the nested program."""
         n = len(self._program.vars)
-        return self._flat_site(i) if i < n else self._loop_index.vars[i - n].site()
+        if i >= n:
+            return self._loop_index.vars[i - n].site()
+        site = self._flat_site(i)
+        if site is not None and i in self._unpatched:  # the value before the patch there
+            site = dataclasses.replace(site, unpatched=True)
+        return site
 
     def _order(self, i: int) -> tuple[int, ...]:
         """Program order of var ``i``: a folded loop's values just before its results, by
@@ -657,8 +669,7 @@ class Graph:
         n = len(self._program.vars)
         if i < n:
             return self._loop_index.result_order(i) or (i, 0)
-        v = self._loop_index.vars[i - n]
-        return self._loop_index.order(v.template, v.iteration)
+        return self._loop_index.vars[i - n].order()
 
     def _run_order(self, i: int) -> tuple[int, ...]:
         """When var ``i`` is computed: a value that runs later cannot depend on it (a
@@ -666,8 +677,7 @@ class Graph:
         n = len(self._program.vars)
         if i < n:
             return (i, 0)
-        v = self._loop_index.vars[i - n]
-        return self._loop_index.order(v.template, v.iteration, run=True)
+        return self._loop_index.vars[i - n].order(run=True)
 
     def _virtual(self, i: int) -> bool:
         return i >= len(self._program.vars)
@@ -688,7 +698,8 @@ class Graph:
 
         Returns ``(structured, value edits in the order of vars_, guard edits)``; a
         guard is a hit edit that must be reached (the var's cond branch or while trip
-        exists). A var holding a value from before a patch is exposed before the edits.
+        exists). A var holding a value from before a patch has an unpatched site,
+        exposed before the patch (see ``Site.unpatched``).
         """
         exposures, guards = [], []
         for v in vars_:
@@ -696,9 +707,7 @@ class Graph:
             exposures.append(Edit(site, "expose"))
             if site.path_bound:
                 guards.append(Edit(Site(site.steps, ()), "hit"))
-        before = [e for v, e in zip(vars_, exposures) if v.index in self._unpatched]
-        after = [e for v, e in zip(vars_, exposures) if v.index not in self._unpatched]
-        structured = self._structure.with_edits(*edits, *after, *guards, before=before)
+        structured = self._structure.with_edits(*edits, *exposures, *guards)
         return structured, exposures, guards
 
     def _values_at(

@@ -16,9 +16,8 @@ body (``step/h``). A name with an iteration, ``step/h@990``, then resolves to a
   many iterations are asked);
 * a slice (and ``g.jvp``/``g.vjp``/``g.jacobian``) at it is cut from the running
   program (:mod:`jaxsurgery._loop_slice`);
-* ``g.replace`` at it is made on the graph's *unrolled twin*, traced from the same
-  jaxpr with every loop unrolled (made once, when first needed, at the cost of
-  unrolling); the returned graph is derived from that twin.
+* ``g.replace`` at it (or anywhere in such a graph) edits the running program and
+  keeps this index as it is (:mod:`jaxsurgery._patch_graph`): nothing is unrolled.
 
 A ``while_loop``'s trip count is found when first needed (a glob over its trips, a
 value in a trip it may not reach), as one compiled run of the loop, also for a loop
@@ -155,13 +154,15 @@ class LoopIndex:
     def __init__(self, graph: Graph, names: dict[str, list[Template]]):
         self.graph = graph
         self.names = names
-        self.vars: list[VirtualVar] = []
+        self.vars: list[Var] = []  # virtual vars, then extra ones, by index
         self._by_key: dict[tuple[Template, int], VirtualVar] = {}
         #: per (loop, template var): the templates naming it (see _same_value)
         self._by_var: dict[tuple[int, int], dict[Template, None]] | None = None
         #: per flat var that is a folded loop's last carry: its order (result_order)
         self._results: dict[int, tuple[int, ...]] | None = None
         self._twin: Graph | None = None
+        #: other vars outside the flat index, by what they stand for (see extra)
+        self._extras: dict[Any, Var] = {}
 
     def note(self) -> str | None:
         """What ``g.notes`` says of the folded loops."""
@@ -492,29 +493,23 @@ class LoopIndex:
         i = program.index.get(atom) if isinstance(atom, C.Var) else None
         return None if i is None else self.graph.vars[i]
 
+    def extra(self, key: Any, make: Any) -> Var:
+        """A var outside the flat index that is not a body value (the value before a
+        patch: ``_patch_graph.Unpatched``), made once per ``key`` as ``make(index)``;
+        like virtual vars, its index follows the flat ones."""
+        found = self._extras.get(key)
+        if found is None:
+            found = self._extras[key] = make(len(self.graph._program.vars) + len(self.vars))
+            self.vars.append(found)
+        return found
+
     # -- the unrolled twin ---------------------------------------------------------------
     def twin(self) -> Graph:
-        """The same traced function indexed with every loop unrolled (made once)."""
+        """The same traced function indexed with every loop unrolled (made once): the
+        reference the folded index is checked against (tests/test_loop_index.py)."""
         if self._twin is None:
             self._twin = self.graph._rebuild(fold=False)
         return self._twin
-
-    def for_twin(self, *selectors: Any) -> tuple[Any, ...] | None:
-        """``(twin, *selectors)`` as the twin's vars if any selects a virtual var, else None.
-
-        Each selector keeps its structure (a list stays a list, a dict a dict).
-        """
-        if not self.graph._program.folded:
-            return None
-        from . import _select
-
-        resolved = [_select.tree(self.graph, s) for s in selectors]
-        if not any(isinstance(v, VirtualVar) for _, flat in resolved for v in flat):
-            return None
-        mapped = [
-            _select.unflatten(tree, [self.in_twin(v) for v in flat]) for tree, flat in resolved
-        ]
-        return (self.twin(), *mapped)
 
     def in_twin(self, v: Any) -> Any:
         """The twin's var holding the same value as ``v`` (a var of this graph)."""
@@ -551,8 +546,8 @@ class LoopIndex:
 class VirtualVar(Var):
     """A body value of a folded loop at one iteration (see the module docstring).
 
-    A :class:`~jaxsurgery.Var` for names, shapes, values and gradients; slices at it
-    are built on the graph's unrolled twin.
+    A :class:`~jaxsurgery.Var` for names, shapes, values, gradients, slices (cut from
+    the running program) and patches.
     """
 
     __slots__ = ("template", "iteration", "_cached_site")
@@ -617,6 +612,10 @@ class VirtualVar(Var):
                 self.template.var, self.iteration, program.closed, program.while_trips
             )
         return self._cached_site
+
+    def order(self, run: bool = False) -> tuple[int, ...]:
+        """Where it sorts in program order (see ``Graph._order``, ``Graph._run_order``)."""
+        return self._graph._loop_index.order(self.template, self.iteration, run)
 
     def _eqn(self) -> C.JaxprEqn | None:
         template = self._loop.template

@@ -4,16 +4,26 @@ A derived graph carries the names of its parent: each old var keeps its names, a
 patched var's names move to its new value, and the old value answers to
 ``<name>.unpatched``.
 
-Two programs carry the edits: the flat index is spliced (:mod:`jaxsurgery._patch`),
-so that names, values and slices at the traced arguments see the patch; and the
-edits are added to the structured program (:mod:`jaxsurgery._structured`), which is
-what ``as_function`` and ``grads_fn`` run for any arguments: a patch inside a cond
-branch edits that branch and the cond decides again; a patch at ``h@t`` applies at
-iteration ``t`` of a loop that stays a loop.
+The edits always go to the structured program (:mod:`jaxsurgery._structured`), which
+is what ``as_function``, ``grads_fn`` and values run for any arguments: a patch inside
+a cond branch edits that branch and the cond decides again; a patch at ``h@t``
+applies at iteration ``t`` of a loop that stays a loop. The index follows one of two
+ways:
+
+* a graph without folded loops has its flat index spliced (:mod:`jaxsurgery._patch`):
+  the patched value is a var of its own, after the old one, so slices are cut from
+  the spliced program as from any other;
+* a graph whose index keeps loops folded (:mod:`jaxsurgery._loop_index`) keeps its
+  parent's index as it is, unrolling nothing (a patch at ``step/h@9000`` costs what a
+  patch at ``h`` does): the patched sites are recorded, values come from the edited
+  running program, and every slice is cut from it (:mod:`jaxsurgery._loop_slice`).
+  A patched var keeps its var; ``<name>.unpatched`` is an :class:`Unpatched` var, made
+  when first named, whose edits run before the patch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +31,18 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError
+from ._errors import SelectionError, SliceError
+from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
+from ._structured import Site
 
 if TYPE_CHECKING:
-    from ._graph import Graph, Var
+    from ._graph import Graph
+
+UNPATCHED = ".unpatched"
 
 
 def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
@@ -39,10 +53,25 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 
 
 def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
-    """The graph with ``edits`` spliced in, names carried over."""
+    """The graph with ``edits`` applied, names carried over (module docstring)."""
     from ._graph import Graph
 
     structured = graph._structure.with_edits(*(_structured_edit(graph, e) for e in edits))
+    if graph._program.folded:  # the index stays as it is; the running program is edited
+        return Graph(
+            graph._program,
+            graph._names,
+            graph._flatten_args,
+            graph._flat_args,
+            f"{graph._title}.{what}",
+            graph._given_notes,
+            graph._out_tree,
+            structured,
+            graph._flat_site,
+            graph._unpatched,
+            graph._loop_index.names,
+            graph._patched_sites | {graph._site_of(graph._var(e.target)) for e in edits},
+        )
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
     origin.update({j: i for i, j in patched.items()})
@@ -75,14 +104,14 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
 
 def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
     """A flat edit as an edit of the structured program (reads at the target's level)."""
-    target = graph.vars[edit.target]
+    target = graph._var(edit.target)
     site = graph._site_of(target)
     reads = []
     for r in edit.reads:
-        read = graph._site_of(graph.vars[r])
+        read = graph._site_of(graph._var(r))
         if read.steps != site.steps:
             raise SliceError(
-                f"the replacement for {target.name!r} reads {graph.vars[r].name!r}, which "
+                f"the replacement for {target.name!r} reads {graph._var(r).name!r}, which "
                 "lives in another call, loop iteration or branch; patch values of one "
                 "level together"
             )
@@ -98,3 +127,69 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         value = value_or_fn
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
+
+
+def unpatched(graph: Graph, name: str) -> Var | None:
+    """The var ``name`` (``<name>.unpatched``) selects in a graph patched in its running
+    program only: the value before the patch of the var its stem names, or None."""
+    if not graph._patched_sites or not name.endswith(UNPATCHED):
+        return None
+    try:
+        var = _select.one(graph, name[: -len(UNPATCHED)])
+    except SelectionError:
+        return None
+    if graph._site(var.index) not in graph._patched_sites:
+        return None
+    return graph._loop_index.extra(var.index, lambda index: Unpatched(graph, index, var))
+
+
+class Unpatched(Var):
+    """The value a patched var held before the patch (``<name>.unpatched``) in a graph
+    patched in its running program only (module docstring): a :class:`~jaxsurgery.Var`
+    for values, slices, gradients and experiments, whose edits run before the patch."""
+
+    __slots__ = ("of",)
+
+    def __init__(self, graph: Graph, index: int, of: Var):
+        super().__init__(graph, index)
+        self.of = of
+
+    @property
+    def name(self) -> str:
+        return self.of.name + UNPATCHED
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(a + UNPATCHED for a in self.of.aliases)
+
+    @property
+    def aval(self) -> Any:
+        return self.of.aval
+
+    @property
+    def primitive(self) -> str:
+        return self.of.primitive
+
+    @property
+    def scope(self) -> str:
+        return self.of.scope
+
+    @property
+    def source(self) -> str | None:
+        return self.of.source
+
+    @property
+    def producers(self) -> tuple[Var, ...]:
+        return self.of.producers
+
+    @property
+    def users(self) -> tuple[Var, ...]:
+        return ()  # the patch reads it; nothing of the program does
+
+    def site(self) -> Site:
+        return dataclasses.replace(self._graph._site_of(self.of), unpatched=True)
+
+    def order(self, run: bool = False) -> tuple[int, ...]:
+        """Sorts where the patched value does (see ``Graph._order``)."""
+        graph = self._graph
+        return graph._run_order(self.of.index) if run else graph._order(self.of.index)

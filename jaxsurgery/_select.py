@@ -401,6 +401,11 @@ def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Patter
     virtual = graph._loop_index.lookup(selector)
     if virtual:
         return {v.index: selector for v in virtual}, None
+    from ._patch_graph import unpatched  # (a graph patched in its running program)
+
+    before = unpatched(graph, selector)
+    if before is not None:
+        return {before.index: selector}, None
     pattern = compile_glob(selector)
     if pattern is None:
         return {}, None

@@ -78,6 +78,9 @@ class Site:
     vars: tuple[Any, ...]
     #: steps into a cond branch or a while_loop trip: the value exists on that path only
     path_bound: tuple[int, ...] = ()
+    #: the value as it was before the program's patches there (``<name>.unpatched``):
+    #: edits here run before the patches of the same site
+    unpatched: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,11 +186,10 @@ class Structured:
     #: traced trip count of each unrolled while_loop, by its steps (iteration None)
     while_trips: dict = field(default_factory=dict)
 
-    def with_edits(self, *edits: Edit, before: Sequence[Edit] = ()) -> Structured:
-        """The same program with more edits after these (and ``before`` them)."""
-        return Structured(
-            self.closed, (*before, *self.edits, *edits), list(self.notes), self.while_trips
-        )
+    def with_edits(self, *edits: Edit) -> Structured:
+        """The same program with more edits after these (edits at an unpatched site
+        run before every other edit at that site: see :attr:`Site.unpatched`)."""
+        return Structured(self.closed, (*self.edits, *edits), list(self.notes), self.while_trips)
 
     def run(
         self, flat_args: Sequence[Any], extras: Sequence[Any] = (), outputs: bool = True
@@ -198,6 +200,8 @@ class Structured:
         equations that none of them needs do not run (and no outputs are returned).
         """
         exposed: dict[Any, Any] = _Exposed()
+        # edits of the same site apply in order: the value before the patches first
+        ordered = sorted(self.edits, key=lambda e: not e.site.unpatched)
         pending = [
             _Pending(
                 e.site.steps,
@@ -208,7 +212,7 @@ class Structured:
                     if isinstance(r, Extra)
                 ],
             )
-            for e in self.edits
+            for e in ordered
         ]
         notes: list[str] = []
         outs = _Interpreter(notes).run(
@@ -580,7 +584,7 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
     for p in pending:
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
-        key = (p.steps[1:], e.site.vars, e.kind, id(e.fn), reads, id(p.active))
+        key = (p.steps[1:], e.site.vars, e.site.unpatched, e.kind, id(e.fn), reads, id(p.active))
         t = p.steps[0].iteration
         if isinstance(t, range):  # already one group
             groups[(key, id(p))] = (list(t), [p])
@@ -682,8 +686,8 @@ def carry_entry(closed: Any, site: Site) -> Site:
     only a carry its iteration returns (no equation of the body reads it, no ``ys``
     holds it): the same value, and an edit there leaves its iteration out of a slice."""
     steps = site.steps
-    if not steps or steps[-1].iteration is None:
-        return site
+    if not steps or steps[-1].iteration is None or site.unpatched:
+        return site  # (the value before a patch there is not the carry passed on)
     jaxpr = closed.jaxpr
     for s in steps[:-1]:
         jaxpr = sub_jaxpr(jaxpr.eqns[s.eqn], s).jaxpr

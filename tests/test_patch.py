@@ -61,6 +61,22 @@ def test_replace_with_a_value_and_names_of_the_old_value():
         p.slice("x", "y")
 
 
+def test_gradients_and_slices_at_the_old_value_go_through_the_patch():
+    def f(x):
+        h = jnp.tanh(x)
+        return (h * 2.0).sum()
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    p = js.trace(f, x).replace("h", lambda h: h * 3.0)
+    # out = sum(2 * 3 * h_old): d/dh_old = 6, d/dh (the new value) = 2
+    grads = p.grads("out", ["h.unpatched", "h"])
+    allclose(grads["h.unpatched"], jnp.full(3, 6.0))
+    allclose(grads["h"], jnp.full(3, 2.0))
+    allclose(p.grads_fn("out", ["h.unpatched"])(x * 2.0)["h.unpatched"], jnp.full(3, 6.0))
+    s = p.slice("h.unpatched", "out")
+    allclose(jax.grad(s)(p.value("h.unpatched")), jnp.full(3, 6.0))
+
+
 def test_a_patch_keeps_calls_it_does_not_touch():
     def f(x):
         a = x * 2.0

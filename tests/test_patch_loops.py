@@ -1,0 +1,245 @@
+"""Patching a graph whose index keeps loops folded: the running program is edited, the
+index stays as it is (nothing unrolled), and every view of the patched graph (values,
+slices, gradients, experiments, the whole function for new arguments) sees the patch.
+
+References are hand-written scans with the patch at its iteration (``jnp.where`` on
+the step number), and the zero-perturbation trick written by hand; for library models,
+the same patch made on the graph's unrolled twin (the flat index, spliced).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, check_slice
+
+import jaxsurgery as js
+from jaxsurgery._loop_index import VirtualVar
+
+T = 1000  # every scan stays folded in the index
+
+
+def rnn(h, xs, w):
+    def step(h, x):
+        a = h @ w + x
+        h_new = jnp.tanh(a)
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h, xs)
+    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+
+def patched_by_hand(h0, xs, w, at, fn, eps_before=None, eps_after=None):
+    """``rnn`` with ``h_new@at`` replaced by ``fn(h_new)``; ``eps_before``/``eps_after``
+    (one row per step) are added to ``h_new`` before / after the patch."""
+    zeros = jnp.zeros((len(xs), h0.shape[0]))
+    before = zeros if eps_before is None else eps_before
+    after = zeros if eps_after is None else eps_after
+
+    def step(h, inputs):
+        x, t, e_before, e_after = inputs
+        h_new = jnp.tanh(h @ w + x) + e_before
+        h_new = jnp.where(t == at, fn(h_new), h_new) + e_after
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h0, (xs, jnp.arange(len(xs)), before, after))
+    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+
+@pytest.fixture
+def setup():
+    h0 = jax.random.normal(jax.random.key(1), (4,))
+    xs = jax.random.normal(jax.random.key(2), (T, 4))
+    w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
+    return h0, xs, w
+
+
+def halve(h):
+    return h * 0.5
+
+
+def test_a_patch_at_a_loop_value_keeps_the_index_folded(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    patched = g.replace("step/h_new@10", lambda v: v * 0.0)
+    # the same index: nothing unrolled, the patched value keeps its name
+    assert patched._program is g._program and len(patched.vars) == len(g.vars)
+    assert g._loop_index._twin is None
+    v = patched["step/h_new@10"]
+    assert isinstance(v, VirtualVar) and v.name == "step/h_new@10"
+    assert patched["step/h@11"] is v
+    zero = lambda h: h * 0.0  # noqa: E731
+    allclose(patched.value("out"), patched_by_hand(h0, xs, w, 10, zero), rtol=1e-5)
+    allclose(patched.value("step/h_new@10"), jnp.zeros(4))
+    allclose(patched.value("step/a@11"), xs[11])  # 0 @ w + x
+    allclose(patched.value("step/h_new@9"), g.value("step/h_new@9"))
+    # the old value, by its old name
+    before = patched["step/h_new@10.unpatched"]
+    assert before.name == "step/h_new@10.unpatched" and before.shape == (4,)
+    allclose(patched.value(before), g.value("step/h_new@10"))
+    # new arguments: the loop runs with the patch at step 10
+    new = (h0 * 0.5, xs[::-1], w.T)
+    allclose(patched.as_function()(*new), patched_by_hand(*new, 10, zero), rtol=1e-5)
+    # the original graph is untouched
+    allclose(g.value("out"), rnn(h0, xs, w), rtol=1e-5)
+    allclose(g.value("step/h_new@10"), patched.value(before))
+
+
+def test_slices_and_gradients_of_a_patched_loop_graph_see_the_patch(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    patched = g.replace("step/h_new@10", halve)
+
+    # a slice from inside the loop, across the patch, to the output (by hand: h_new@5
+    # moved to the input, the zero-perturbation trick)
+    traced = g.value("step/h_new@5")
+
+    def from_h5(h5):
+        moved = jnp.zeros((T, 4)).at[5].set(h5 - traced)
+        return patched_by_hand(h0, xs, w, 10, halve, eps_after=moved)
+
+    check_slice(patched.slice("step/h_new@5", "out"), (patched.value("step/h_new@5"),), from_h5)
+
+    # a slice between values of the flat index, through the patched loop
+    def from_w(w):
+        return patched_by_hand(h0, xs, w, 10, halve)
+
+    s = patched.slice("w", "out")
+    check_slice(s, (w,), from_w)
+    # for new arguments too (the context is recomputed with the patch)
+    allclose(s.bind(h0 * 2.0, xs, w)(w), patched_by_hand(h0 * 2.0, xs, w, 10, halve))
+
+    # gradients at the patched value, before it, and at an argument, in one pass
+    grads = patched.grads("out", ["step/h_new@10", "step/h_new@10.unpatched", "w"])
+    at = jnp.zeros((T, 4))
+    eps_grad = jax.grad(
+        lambda after, before: patched_by_hand(h0, xs, w, 10, halve, before, after), (0, 1)
+    )(at, at)
+    allclose(grads["step/h_new@10"], eps_grad[0][10], rtol=1e-5)
+    allclose(grads["step/h_new@10.unpatched"], eps_grad[1][10], rtol=1e-5)
+    allclose(grads["step/h_new@10.unpatched"], 0.5 * grads["step/h_new@10"], rtol=1e-5)
+    allclose(grads["w"], jax.grad(from_w)(w), rtol=1e-5)
+    # the same under jit, for new arguments
+    fn = jax.jit(patched.grads_fn("out", ["w"]))
+    new = (h0 * 0.5, xs * 2.0, w)
+    allclose(
+        fn(*new)["w"],
+        jax.grad(lambda w: patched_by_hand(new[0], new[1], w, 10, halve))(w),
+        rtol=1e-5,
+    )
+    allclose(jax.grad(patched.as_function(), 2)(*new), fn(*new)["w"], rtol=1e-5)
+
+
+def test_a_value_cut_off_by_a_patch_has_no_effect_past_it(setup):
+    h0, xs, w = setup
+    patched = js.trace(rnn, h0, xs, w).replace("step/h_new@10", 0.0)
+    allclose(patched.value("step/h_new@10"), jnp.zeros(4))
+    # the loop stays one loop in the slice: the cut is in its running (a zero
+    # derivative), not in the index (no "does not depend" error, as for a flat cut)
+    s = patched.slice("step/h_new@3", "h_last")
+    h3 = patched.value("step/h_new@3")
+    out, tangent = jax.jvp(s, (h3,), (jnp.ones(4),))
+    allclose(out, patched.value("h_last"))
+    allclose(tangent, jnp.zeros(4))
+    allclose(s(h3 + 1.0), out)
+    # a value-patch experiment on the patched graph: both patches apply
+    again = patched.patch_fn("step/h_new@20")
+
+    def twice_by_hand(h0, xs, w, value):
+        def step(h, inputs):
+            x, t = inputs
+            h_new = jnp.tanh(h @ w + x)
+            h_new = jnp.where(t == 10, 0.0, jnp.where(t == 20, value, h_new))
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h0, (xs, jnp.arange(len(xs))))
+        return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+    value = jnp.linspace(-1.0, 1.0, 4)
+    allclose(again({"step/h_new@20": value}, h0, xs, w), twice_by_hand(h0, xs, w, value))
+
+
+def test_a_patch_outside_the_loop_keeps_the_loop_values_named(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    patched = g.replace("w", lambda w: w * 2.0)
+    assert patched._program is g._program
+    v = patched["step/h_new@700"]
+    assert isinstance(v, VirtualVar)
+    allclose(patched.value(v), g.value(v.name) * 0 + rnn_state(h0, xs, w * 2.0, 700), rtol=1e-4)
+    allclose(patched.value("w.unpatched"), w)
+    allclose(patched.value("w"), w * 2.0)
+    allclose(patched.value("out"), rnn(h0, xs, w * 2.0), rtol=1e-5)
+    # a second patch on the patched graph: both apply
+    twice = patched.replace("step/h_new@10", halve)
+    allclose(twice.value("out"), patched_by_hand(h0, xs, w * 2.0, 10, halve), rtol=1e-5)
+    allclose(twice.value("w.unpatched"), w)
+
+
+def rnn_state(h0, xs, w, t):
+    """The state after steps 0..t (a scan over the prefix)."""
+    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
+
+
+def gated_rnn(xs):
+    """A scan with a cond in its body (the branch per step decided by the input)."""
+
+    def step(h, x):
+        gate = jax.lax.cond(x.sum() > 0, jnp.tanh, jnp.sin, h + x)
+        h_new = gate * 0.9
+        return h_new, h_new
+
+    return jax.lax.scan(step, jnp.zeros(3), xs)[0].sum()
+
+
+def test_a_patch_in_a_loop_with_a_cond_in_its_body():
+    xs = jax.random.normal(jax.random.key(4), (400, 3))
+    g = js.trace(gated_rnn, xs)
+    patched = g.replace("step/h_new@200", lambda h: h + 1.0)
+
+    def by_hand(xs):
+        def step(h, inputs):
+            x, t = inputs
+            gate = jnp.where(x.sum() > 0, jnp.tanh(h + x), jnp.sin(h + x))
+            h_new = gate * 0.9
+            h_new = jnp.where(t == 200, h_new + 1.0, h_new)
+            return h_new, h_new
+
+        return jax.lax.scan(step, jnp.zeros(3), (xs, jnp.arange(len(xs))))[0].sum()
+
+    allclose(patched.value("out"), by_hand(xs), rtol=1e-5)
+    allclose(patched.as_function()(-xs), by_hand(-xs), rtol=1e-5)
+    allclose(jax.grad(patched.as_function())(xs), jax.grad(by_hand)(xs), rtol=1e-5)
+
+
+def test_a_flax_lstm_patched_at_a_step_agrees_with_the_unrolled_index(key):
+    """A model a library ships: the patch on the folded index against the same patch
+    spliced into the unrolled index (the graph's twin)."""
+    model = nn.RNN(nn.OptimizedLSTMCell(5))
+    x = jax.random.normal(key, (2, 40, 3))
+    variables = model.init(jax.random.key(1), x)
+
+    def f(variables, x):
+        return (model.apply(variables, x) ** 2).sum()
+
+    g = js.trace(f, variables, x)
+    cell = "RNN/cell.scan_fn/cell#1"  # the cell's second value: h = o * tanh(c)
+    at = f"{cell}@20"
+    assert g[at].shape == (2, 5) and g[at].primitive == "mul"
+    patched = g.replace(at, lambda h: -h)
+    assert patched._program is g._program
+    # the same values in the unrolled index (whose scopes are numbered per step)
+    twin_at, twin_early = (g._loop_index.in_twin(g[n]).name for n in (at, f"{cell}@5"))
+    reference = g._loop_index.twin().replace(twin_at, lambda h: -h)
+    allclose(patched.value("out"), reference.value("out"), rtol=1e-5)
+    allclose(patched.value(at), -g.value(at), rtol=1e-5)
+    allclose(patched.value(f"{at}.unpatched"), g.value(at), rtol=1e-5)
+    ours = patched.grads("out", [at, f"{at}.unpatched", f"{cell}@5"])
+    theirs = reference.grads("out", [twin_early])  # (before the patch: same index there)
+    allclose(ours[f"{cell}@5"], theirs[twin_early], rtol=1e-4, atol=1e-6)
+    # at the patched value: as putting a given value there (the experiments API)
+    given = g.patch_fn(at)
+    new_value = patched.value(at)
+    by_value = jax.grad(lambda value: given({at: value}, variables, x))(new_value)
+    allclose(ours[at], by_value, rtol=1e-4, atol=1e-6)
+    allclose(ours[f"{at}.unpatched"], -ours[at])  # through the patch h -> -h
