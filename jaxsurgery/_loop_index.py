@@ -138,7 +138,7 @@ def _reverse(loop: Folded) -> bool:
     return loop.is_scan and loop.eqn.params["reverse"]
 
 
-_ITERATION = re.compile(r"^(.*?)((?:@\d+)+)$")
+_ITERATION = re.compile(r"^(.*?)((?:@(?:0|[1-9]\d*))+)$")  # @7, not @07
 _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
 
 
@@ -264,8 +264,9 @@ class LoopIndex:
 
         One value, one var, as in an unrolled index: the carry entering iteration
         ``t`` is the one iteration ``t - 1`` returned (``step/h@5`` is
-        ``step/h_new@4``), and the carry the last iteration returns is the loop's
-        result, a var of the flat index.
+        ``step/h_new@4``; at the first iteration it is the loop's operand, ``h0``), and
+        the carry the last iteration returns is the loop's result, a var of the flat
+        index.
         """
         tmpl = self._canonical(tmpl)
         found = self._by_key.get((tmpl, t))
@@ -286,14 +287,16 @@ class LoopIndex:
         return found
 
     def _carried(self, tmpl: Template, t: int) -> Var | None:
-        """The var a carry input at iteration ``t`` is: the previous iteration's output."""
+        """The var a carry input at iteration ``t`` is: the previous iteration's output,
+        or at the first iteration the loop's operand (``step/h@0`` is ``h0``), when the
+        index holds it."""
         loop = self.graph._program.folded[tmpl.loop]
         n_consts, n_carry = loop.carry_layout()
         if tmpl.inner or not n_consts <= tmpl.var < n_consts + n_carry:
             return None  # template inputs are the body's, in order
         previous = t + 1 if _reverse(loop) else t - 1
         if not self._within(loop, previous):
-            return None
+            return self._operand(loop, tmpl.var, t)
         out = loop.template.outputs[tmpl.var - n_consts]
         return self.var(Template(tmpl.loop, out, ()), previous)
 

@@ -535,7 +535,13 @@ def _no_match(
     if pattern is not None:
         return _no_pattern_match(graph, label, word, pattern)
     if word is not None and "@" in word:
-        base = word.partition("@")[0]
+        base, _, iterations = word.partition("@")
+        spelt = "@".join(str(int(t)) if t.isdigit() else t for t in iterations.split("@"))
+        if spelt != iterations:
+            return SelectionError(
+                f"no var named {label}: iterations have no leading zeros, "
+                f"{base + '@' + spelt!r}"
+            )
         for tmpl in graph._loop_index.names.get(base, ())[:1]:
             n = graph._loop_index.length(graph._program.folded[tmpl.loop], need=True) or 0
             return SelectionError(

@@ -57,7 +57,8 @@ def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
     allclose(g.value("step/a@3"), state_after(h0, xs, w, 2) @ w + xs[3], rtol=1e-5)
     # one value, one var: the carry entering step t is what step t-1 returned
     assert g["step/h@701"] is v and "step/h@701" in v.aliases
-    assert g["step/h@0"] is not None and allclose(g.value("step/h@0"), h0) is None
+    # ... and the carry entering step 0 is the loop's operand, as unrolled
+    assert g["step/h@0"] is g["h"] and g["step/h@1"] is g["step/h_new@0"]
     # the last step's carry holds the loop's result (here also a row of hs, so an edit
     # there is not an edit of h_last alone: they stay two vars)
     allclose(g.value("step/h_new@999"), g.value("h_last"))
@@ -100,6 +101,8 @@ def test_names_out_of_range_and_without_iteration_say_what_to_do(setup):
         g["step/h_new"]
     with pytest.raises(js.SelectionError, match="0 .. 999"):
         g["step/h_new@1000"]
+    with pytest.raises(js.SelectionError, match="'step/h_new@3'"):
+        g["step/h_new@03"]  # one spelling per iteration
 
 
 def test_grads_over_every_step_equal_the_stacked_eps_trick(setup):
