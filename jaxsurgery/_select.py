@@ -539,8 +539,7 @@ def _no_match(
         spelt = "@".join(str(int(t)) if t.isdigit() else t for t in iterations.split("@"))
         if spelt != iterations:
             return SelectionError(
-                f"no var named {label}: iterations have no leading zeros, "
-                f"{base + '@' + spelt!r}"
+                f"no var named {label}: iterations have no leading zeros, {base + '@' + spelt!r}"
             )
         for tmpl in graph._loop_index.names.get(base, ())[:1]:
             n = graph._loop_index.length(graph._program.folded[tmpl.loop], need=True) or 0
