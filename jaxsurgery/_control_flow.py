@@ -266,9 +266,10 @@ class ControlFlow:
             return None
         if values is None:
             self.notes.append(
-                "a while_loop stays one equation: its trip count depends on values, and "
-                "the graph was traced with abstract arguments; trace with concrete "
-                "arrays to select values inside it"
+                "a while_loop stays one equation: its trip count depends on values the "
+                "index does not have (inside a folded loop's body, or traced with "
+                "abstract arguments), so the values inside it are not named; tag the "
+                "value you need outside the loop (js.tag), or trace with concrete arrays"
             )
             self.opaque_loops.append(eqn)
             return None

@@ -184,7 +184,7 @@ class Graph:
         out_tree: Any = None,
         structure: Structured | None = None,
         site: Callable[[int], Site | None] | None = None,
-        unpatched: frozenset[int] = frozenset(),
+        unpatched: dict[int, int] | None = None,
         templates: dict[str, Any] | None = None,
         patched_sites: frozenset[Site] = frozenset(),
     ):
@@ -202,7 +202,8 @@ class Graph:
         self._loop_index = LoopIndex(self, templates or {})
         #: ``fold=False`` -> this graph with every loop unrolled (set by js.trace)
         self._rebuild: Callable[..., Graph] | None = None
-        self._unpatched = unpatched  # vars holding a value from before a patch
+        #: vars holding a value from before a patch: before which (see Site.before)
+        self._unpatched = unpatched or {}
         #: sites patched in the structured program only (a graph with folded loops:
         #: its index is its parent's, see _patch_graph.derive)
         self._patched_sites = patched_sites
@@ -657,9 +658,13 @@ class Graph:
         if i >= n:
             return self._loop_index.vars[i - n].site()
         site = self._flat_site(i)
-        if site is not None and i in self._unpatched:  # the value before the patch there
-            site = dataclasses.replace(site, unpatched=True)
+        if site is not None and i in self._unpatched:  # a value before a patch there
+            site = dataclasses.replace(site, before=self._unpatched[i])
         return site
+
+    def _patches_at(self, site: Site | None) -> int:
+        """How many patches (``replace``, ``rewrite``) this graph made at ``site``."""
+        return sum(e.kind == "apply" and e.site == site for e in self._structure.edits)
 
     def _order(self, i: int) -> tuple[int, ...]:
         """Program order of var ``i``: a folded loop's values just before its results, by
@@ -698,8 +703,8 @@ class Graph:
 
         Returns ``(structured, value edits in the order of vars_, guard edits)``; a
         guard is a hit edit that must be reached (the var's cond branch or while trip
-        exists). A var holding a value from before a patch has an unpatched site,
-        exposed before the patch (see ``Site.unpatched``).
+        exists). A var holding a value from before a patch is exposed before that
+        patch (see ``Site.before``).
         """
         exposures, guards = [], []
         for v in vars_:
@@ -726,7 +731,11 @@ class Graph:
         ``rows=True`` leaves a loop's values as rows of its stacked result (see
         ``_structured.row_value``).
         """
-        structured, exposures, guards = self._exposing(vars_, [e for e, _ in path])
+        # a constant the index made (inside a patch: its `.at[1]` index, say) is the
+        # same for every argument: computed from the flat index
+        fixed = {v.index for v in vars_ if self._site(v.index) is None and self._constant(v)}
+        placed = [v for v in vars_ if v.index not in fixed]
+        structured, exposures, guards = self._exposing(placed, [e for e, _ in path])
         _, exposed = structured.run(flat_args, outputs=False)
         # the vars that need the path (a slice's own) first: the context only follows
         message = self._path_message(list(dict.fromkeys([*what, *vars_])))
@@ -734,7 +743,17 @@ class Graph:
             [(exposed[h], True, message) for h in guards]
             + [(exposed[e], expected, message) for e, expected in path]
         )
-        return [exposed.raw(e) if rows else exposed[e] for e in exposures]
+        found = iter([exposed.raw(e) if rows else exposed[e] for e in exposures])
+        constants = self._program.evaluate(sorted(fixed), flat_args, {}) if fixed else {}
+        return [constants[v.index] if v.index in fixed else next(found) for v in vars_]
+
+    def _constant(self, v: Var) -> bool:
+        """Whether a var of the flat index reads no argument of the function."""
+        p = self._program
+        if self._virtual(v.index) or v.index < p.num_inputs:
+            return False
+        eqns = p.ancestor_eqns([v.index])
+        return not any(i < p.num_inputs for e in eqns for i in p.eqn_in[e])
 
     def _whole_loop_site(self, i: int) -> Site | None:
         """For a body value of a folded scan (a virtual var), its site at every iteration

@@ -140,9 +140,10 @@ class LoopSlice(Slice):
 
     def _path_message(self, taken: int) -> str:
         return (
-            f"{self!r} cuts inside a while_loop trip, and these arguments make the loop "
-            "stop before it; use arguments for which the loop runs that many trips, or "
-            "cut outside the loop"
+            f"{self!r} cuts inside a while_loop trip or a cond branch that these "
+            "arguments do not reach (the loop stops before it, or the cond takes another "
+            "branch); use arguments that take the traced path there, or cut outside the "
+            "loop or cond"
         )
 
     # -- context: the residuals of the split ------------------------------------------

@@ -75,11 +75,16 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
     origin.update({j: i for i, j in patched.items()})
-    unpatched = frozenset(var_map[i] for i in patched) | {var_map[i] for i in graph._unpatched}
+    # the old values: of the targets, before this patch; earlier ones as they were
+    unpatched = {var_map[i]: before for i, before in graph._unpatched.items()}
+    unpatched.update((var_map[i], graph._patches_at(graph._site(i))) for i in patched)
+    sites = {graph._site(i) for i in patched}
     old = graph._names
     candidates: list[list[str]] = [[] for _ in program.vars]
     for i, j in enumerate(var_map):
         names = list(old.candidates[i])
+        if i in graph._unpatched and _latest(graph._site(i)) in sites:  # one patch older
+            names = [f"{n}{UNPATCHED}" for n in names]
         if i in patched:
             candidates[patched[i]].extend(names)
             names = [f"{n}.unpatched" for n in names] or [f"%{i}.unpatched"]
@@ -97,8 +102,8 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
         (*graph.notes, *program.notes[len(graph._program.notes) :]),
         graph._out_tree,
         structured,
-        lambda j: graph._site(origin[j]) if j in origin else None,
-        frozenset(unpatched),
+        lambda j: _latest(graph._site(origin[j])) if j in origin else None,
+        unpatched,
     )
 
 
@@ -106,6 +111,12 @@ def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
     """A flat edit as an edit of the structured program (reads at the target's level)."""
     target = graph._var(edit.target)
     site = graph._site_of(target)
+    if site.before is not None:
+        raise SliceError(
+            f"{target.name!r} is the value before a patch; patches apply to the value the "
+            "program reads: patch that one, or make this patch on the graph before "
+            "the other"
+        )
     reads = []
     for r in edit.reads:
         read = graph._site_of(graph._var(r))
@@ -129,18 +140,30 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
 
 
+def _latest(site: Site | None) -> Site | None:
+    return None if site is None else dataclasses.replace(site, before=None)
+
+
 def unpatched(graph: Graph, name: str) -> Var | None:
-    """The var ``name`` (``<name>.unpatched``) selects in a graph patched in its running
-    program only: the value before the patch of the var its stem names, or None."""
+    """The var ``name`` selects in a graph patched in its running program only, when it
+    is ``<stem>.unpatched`` (``.unpatched`` k times): the value of the var ``<stem>``
+    names before its last k patches, or None."""
     if not graph._patched_sites or not name.endswith(UNPATCHED):
         return None
+    stem, k = name, 0
+    while stem.endswith(UNPATCHED):
+        stem, k = stem[: -len(UNPATCHED)], k + 1
     try:
-        var = _select.one(graph, name[: -len(UNPATCHED)])
+        var = _select.one(graph, stem)
     except SelectionError:
         return None
-    if graph._site(var.index) not in graph._patched_sites:
+    site = graph._site(var.index)
+    n = graph._patches_at(site) if site in graph._patched_sites else 0
+    if k > n:
         return None
-    return graph._loop_index.extra(var.index, lambda index: Unpatched(graph, index, var))
+    return graph._loop_index.extra(
+        (var.index, n - k), lambda index: Unpatched(graph, index, var, n - k, k)
+    )
 
 
 class Unpatched(Var):
@@ -148,19 +171,21 @@ class Unpatched(Var):
     patched in its running program only (module docstring): a :class:`~jaxsurgery.Var`
     for values, slices, gradients and experiments, whose edits run before the patch."""
 
-    __slots__ = ("of",)
+    __slots__ = ("of", "before", "_suffix")
 
-    def __init__(self, graph: Graph, index: int, of: Var):
+    def __init__(self, graph: Graph, index: int, of: Var, before: int, older: int):
         super().__init__(graph, index)
         self.of = of
+        self.before = before  # its value: before the site's patches from this one on
+        self._suffix = UNPATCHED * older  # (the last ``older`` of them)
 
     @property
     def name(self) -> str:
-        return self.of.name + UNPATCHED
+        return self.of.name + self._suffix
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        return tuple(a + UNPATCHED for a in self.of.aliases)
+        return tuple(a + self._suffix for a in self.of.aliases)
 
     @property
     def aval(self) -> Any:
@@ -187,7 +212,7 @@ class Unpatched(Var):
         return ()  # the patch reads it; nothing of the program does
 
     def site(self) -> Site:
-        return dataclasses.replace(self._graph._site_of(self.of), unpatched=True)
+        return dataclasses.replace(self._graph._site_of(self.of), before=self.before)
 
     def order(self, run: bool = False) -> tuple[int, ...]:
         """Sorts where the patched value does (see ``Graph._order``)."""

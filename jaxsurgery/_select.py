@@ -534,6 +534,12 @@ def _no_match(
         )
     if pattern is not None:
         return _no_pattern_match(graph, label, word, pattern)
+    if word is not None and word.endswith(".unpatched"):
+        stem = word.removesuffix(".unpatched")
+        return SelectionError(
+            f"no var named {label}: '.unpatched' names a value before a patch (g.replace); "
+            f"{stem!r} names no var patched that many times in this graph"
+        )
     if word is not None and "@" in word:
         base, _, iterations = word.partition("@")
         spelt = "@".join(str(int(t)) if t.isdigit() else t for t in iterations.split("@"))

@@ -40,6 +40,7 @@ Sharp edges:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +79,10 @@ class Site:
     vars: tuple[Any, ...]
     #: steps into a cond branch or a while_loop trip: the value exists on that path only
     path_bound: tuple[int, ...] = ()
-    #: the value as it was before the program's patches there (``<name>.unpatched``):
-    #: edits here run before the patches of the same site
-    unpatched: bool = False
+    #: the value before the program's patches there from the ``before``-th on (0:
+    #: before every patch; ``<name>.unpatched``), None: after all of them. Edits here
+    #: run just before that patch (see ``_in_patch_order``)
+    before: int | None = None
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,8 @@ class Structured:
     while_trips: dict = field(default_factory=dict)
 
     def with_edits(self, *edits: Edit) -> Structured:
-        """The same program with more edits after these (edits at an unpatched site
-        run before every other edit at that site: see :attr:`Site.unpatched`)."""
+        """The same program with more edits after these (edits at a site's value
+        before a patch run before that patch: see :attr:`Site.before`)."""
         return Structured(self.closed, (*self.edits, *edits), list(self.notes), self.while_trips)
 
     def run(
@@ -200,8 +202,6 @@ class Structured:
         equations that none of them needs do not run (and no outputs are returned).
         """
         exposed: dict[Any, Any] = _Exposed()
-        # edits of the same site apply in order: the value before the patches first
-        ordered = sorted(self.edits, key=lambda e: not e.site.unpatched)
         pending = [
             _Pending(
                 e.site.steps,
@@ -212,7 +212,7 @@ class Structured:
                     if isinstance(r, Extra)
                 ],
             )
-            for e in ordered
+            for e in _in_patch_order(self.edits)
         ]
         notes: list[str] = []
         outs = _Interpreter(notes).run(
@@ -222,6 +222,32 @@ class Structured:
             if n not in self.notes:
                 self.notes.append(n)
         return outs, exposed
+
+
+def _in_patch_order(edits: Sequence[Edit]) -> list[Edit]:
+    """``edits`` in the order they apply: an edit at a value before the ``k``-th patch of
+    its site (``Site.before``) just before that ``"apply"`` edit of the same site. The
+    program's own patches come first in ``edits``, so they are the first applies of a
+    site; a later apply there (a slice input, a perturbation) reads the latest value."""
+    early = [e for e in edits if e.site.before is not None]
+    if not early:
+        return list(edits)
+    waiting: dict[tuple[Site, int], list[Edit]] = {}
+    for e in early:
+        waiting.setdefault((dataclasses.replace(e.site, before=None), e.site.before), []).append(e)
+    applies: dict[Site, int] = {}
+    ordered = []
+    for e in edits:
+        if e.site.before is not None:
+            continue
+        if e.kind == "apply":
+            k = applies.get(e.site, 0)
+            applies[e.site] = k + 1
+            ordered += waiting.pop((e.site, k), ())
+        ordered.append(e)
+    for rest in waiting.values():  # (a value past the last patch: the latest one)
+        ordered += rest
+    return ordered
 
 
 def check_hits(hits: Sequence[tuple[Any, bool, str]]) -> None:
@@ -584,7 +610,7 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
     for p in pending:
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
-        key = (p.steps[1:], e.site.vars, e.site.unpatched, e.kind, id(e.fn), reads, id(p.active))
+        key = (p.steps[1:], e.site.vars, e.site.before, e.kind, id(e.fn), reads, id(p.active))
         t = p.steps[0].iteration
         if isinstance(t, range):  # already one group
             groups[(key, id(p))] = (list(t), [p])
@@ -686,7 +712,7 @@ def carry_entry(closed: Any, site: Site) -> Site:
     only a carry its iteration returns (no equation of the body reads it, no ``ys``
     holds it): the same value, and an edit there leaves its iteration out of a slice."""
     steps = site.steps
-    if not steps or steps[-1].iteration is None or site.unpatched:
+    if not steps or steps[-1].iteration is None or site.before is not None:
         return site  # (the value before a patch there is not the carry passed on)
     jaxpr = closed.jaxpr
     for s in steps[:-1]:

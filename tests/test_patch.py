@@ -77,6 +77,53 @@ def test_gradients_and_slices_at_the_old_value_go_through_the_patch():
     allclose(jax.grad(s)(p.value("h.unpatched")), jnp.full(3, 6.0))
 
 
+def test_two_patches_of_one_value_keep_each_value_in_between():
+    f1 = lambda h: 2.0 * h + 0.3  # noqa: E731
+    f2 = lambda h: jnp.sin(h) - 0.1  # noqa: E731
+
+    def f(x):
+        h = jnp.tanh(x)
+        return jnp.sum(h**2)
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    twice = js.trace(f, x).replace("h", f1).replace("h", f2)
+    # h.unpatched is the value before the last patch, h.unpatched.unpatched the first
+    middle, first = f1(jnp.tanh(x)), jnp.tanh(x)
+    allclose(twice.value("h.unpatched"), middle)
+    allclose(twice.value("h.unpatched.unpatched"), first)
+    allclose(twice.values_fn(["h.unpatched"])(x)["h.unpatched"], middle)
+    after_middle = lambda m: jnp.sum(f2(m) ** 2)  # noqa: E731
+    grads = twice.grads("out", ["h.unpatched", "h.unpatched.unpatched"])
+    allclose(grads["h.unpatched"], jax.grad(after_middle)(middle))
+    allclose(grads["h.unpatched.unpatched"], jax.grad(lambda t: after_middle(f1(t)))(first))
+    given = twice.patch_fn(["h.unpatched"])({"h.unpatched": jnp.ones(4)}, x)
+    allclose(given, after_middle(jnp.ones(4)))
+    # a patch applies to the value the program reads, not to one before a patch
+    with pytest.raises(js.SliceError, match="'h.unpatched' is the value before a patch"):
+        js.trace(f, x).replace("h", f1).replace("h.unpatched", f2)
+    with pytest.raises(js.SelectionError, match="no var patched that many times"):
+        twice["h.unpatched.unpatched.unpatched"]
+
+
+def test_a_bound_slice_through_a_patch_with_constants():
+    def f(x):
+        h = jnp.tanh(x)
+        y = jnp.sin(h) * 2.0
+        return jnp.sum(y**2)
+
+    ablate = lambda h: h.at[1].set(0.0) * 2.0  # noqa: E731  (its index is a constant)
+    x = jnp.linspace(-1.0, 1.0, 3)
+    patched = js.trace(f, x).replace("h", ablate)
+
+    def by_hand(x):
+        return jnp.sum((jnp.sin(ablate(jnp.tanh(x))) * 2.0) ** 2)
+
+    s = patched.slice("x", "out")
+    allclose(s.bind(x * 0.5)(x * 0.5), by_hand(x * 0.5))
+    allclose(jax.jit(lambda a: s.bind(a)(a))(x * 0.5), by_hand(x * 0.5))
+    allclose(jax.grad(lambda a: s.bind(a)(a))(x * 0.5), jax.grad(by_hand)(x * 0.5))
+
+
 def test_a_patch_keeps_calls_it_does_not_touch():
     def f(x):
         a = x * 2.0

@@ -176,6 +176,27 @@ def test_a_patch_outside_the_loop_keeps_the_loop_values_named(setup):
     allclose(twice.value("w.unpatched"), w)
 
 
+def test_two_patches_at_one_loop_value(setup):
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    twice = g.replace("step/h_new@10", halve).replace("step/h_new@10", jnp.sin)
+    at = "step/h_new@10"
+    allclose(twice.value("out"), patched_by_hand(h0, xs, w, 10, lambda h: jnp.sin(h * 0.5)))
+    allclose(twice.value(at), jnp.sin(0.5 * g.value(at)))
+    allclose(twice.value(f"{at}.unpatched"), 0.5 * g.value(at))
+    allclose(twice.value(f"{at}.unpatched.unpatched"), g.value(at))
+    grads = twice.grads("out", [at, f"{at}.unpatched", f"{at}.unpatched.unpatched"])
+    both = lambda h: jnp.sin(h * 0.5)  # noqa: E731
+    eps_grad = jax.grad(lambda e: patched_by_hand(h0, xs, w, 10, both, eps_after=e))
+    allclose(grads[at], eps_grad(jnp.zeros((T, 4)))[10], rtol=1e-5)
+    # chain rule through sin, then through the halving
+    middle = 0.5 * g.value(at)
+    allclose(grads[f"{at}.unpatched"], grads[at] * jnp.cos(middle), rtol=1e-5)
+    allclose(grads[f"{at}.unpatched.unpatched"], 0.5 * grads[f"{at}.unpatched"], rtol=1e-5)
+    with pytest.raises(js.SelectionError, match="no var patched that many times"):
+        twice[f"{at}.unpatched.unpatched.unpatched"]
+
+
 def rnn_state(h0, xs, w, t):
     """The state after steps 0..t (a scan over the prefix)."""
     return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
