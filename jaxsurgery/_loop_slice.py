@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _compat as C
+from ._rules import dropped_derivatives
 from ._slice import Slice, _check_connected, _coerce
 from ._structured import Edit, Extra, Site, carry_entry
 
@@ -123,6 +124,7 @@ class LoopSlice(Slice):
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")
+        notes = (*structured.notes, *dropped_derivatives(jaxpr, ins))
         s = cls(
             graph,
             in_tree,
@@ -132,7 +134,7 @@ class LoopSlice(Slice):
             jaxpr,
             (),
             graph._flat_args,
-            tuple(dict.fromkeys(structured.notes)),
+            tuple(dict.fromkeys(notes)),
         )
         s._known, s._known_consts = known, known_consts
         s._decisions = ((2, 1),) * len(guards)  # each hit must be 1 (see Slice.__call__)

@@ -39,6 +39,7 @@ from . import _compat as C
 from . import _select
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
+from ._rules import dropped_derivatives
 from ._structured import check_hits
 
 if TYPE_CHECKING:
@@ -307,6 +308,7 @@ class Slice:
             eqns,
             "slice",
         )
+        notes += tuple(dropped_derivatives(jaxpr, jaxpr.invars))
         s = cls(
             graph,
             in_tree,

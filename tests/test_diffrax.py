@@ -49,3 +49,47 @@ def test_slices_of_a_diffrax_solve(graph, output):
             ref_primal, ref_jvp = jax.jvp(reference, (value,), (tangent,))
             allclose(primal, ref_primal, rtol=1e-5)
             allclose(jvp, ref_jvp, rtol=1e-4, atol=1e-6)
+
+
+def euler_solve(adjoint):
+    """Ten Euler steps of a tagged vector field, diffrax's loop unrolled in the index."""
+
+    def field(t, y, theta):
+        dy = js.tag(-theta * y + jnp.sin(t), "dy")
+        return dy
+
+    def solve(y0, theta):
+        term = diffrax.ODETerm(field)
+        sol = diffrax.diffeqsolve(
+            term, diffrax.Euler(), 0.0, 1.0, 0.1, y0, args=theta,
+            saveat=diffrax.SaveAt(t1=True), max_steps=16, adjoint=adjoint,
+        )  # fmt: skip
+        return jnp.sum(sol.ys**2)
+
+    return solve
+
+
+def euler_by_hand(eps):
+    """The same steps written out, ``eps`` added to the field's value at step 3."""
+    y, t = Y0, 0.0
+    for k in range(10):
+        dy = -THETA * y + jnp.sin(jnp.float32(t)) + (eps if k == 3 else 0.0)
+        y, t = y + 0.1 * dy, t + 0.1
+    return jnp.sum(y**2)
+
+
+def test_a_slice_inside_the_solver_loop_says_when_the_adjoint_drops_its_derivative():
+    # diffrax's default adjoint differentiates the loop again from its inputs, through
+    # a custom_jvp the slice keeps: a value inside the loop gets no derivative there
+    g = js.trace(euler_solve(diffrax.RecursiveCheckpointAdjoint()), Y0, THETA)
+    s = g.slice("dy@3", "out")
+    dy3 = g.value("dy@3")
+    allclose(s(dy3 + 1.0), euler_by_hand(jnp.ones(2)), rtol=1e-5)  # the values are right
+    assert any("diffrax.ForwardMode()" in n for n in s.notes), s.notes
+    # forward mode differentiates the loop itself: the derivative is the hand-written one
+    g = js.trace(euler_solve(diffrax.ForwardMode()), Y0, THETA)
+    s = g.slice("dy@3", "out")
+    assert not any("ignores the tangent" in n for n in s.notes), s.notes
+    tangent = jnp.array([1.0, -2.0])
+    ours = jax.jvp(s, (g.value("dy@3"),), (tangent,))
+    allclose(ours, jax.jvp(euler_by_hand, (jnp.zeros(2),), (tangent,)), rtol=1e-5)
