@@ -18,8 +18,10 @@ with *edits* applied only where the user cut or patched:
   decides again), and an equation with an edit inside is rebuilt around it: a call's
   body is run inline (a custom rule is then bypassed: :attr:`Structured.notes` says
   so), a ``scan`` gets per-iteration masks and stacked values as extra ``xs`` (edits at
-  many iterations of one value merge into one input), a ``while_loop`` carries an
-  iteration counter, a ``cond`` gets its branch rebuilt and stays a ``cond``.
+  many iterations of one value merge into one input), a ``while_loop`` runs the few
+  trips holding edits one by one between two plain loops (a slice inside a trip holds
+  no loop, so reverse mode works on it) or, for edits far apart, carries an iteration
+  counter, a ``cond`` gets its branch rebuilt and stays a ``cond``.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -51,6 +53,10 @@ import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError
+
+#: edits of a ``while_loop`` spanning fewer trips than this run those trips one by one
+#: (see ``_Interpreter._few_trips``); more run inside one loop that counts its trips
+FEW_TRIPS = 4
 
 
 @dataclass(frozen=True)
@@ -496,6 +502,11 @@ class _Interpreter:
         cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
         init = invals[n_cond + n_body :]
         groups = _merge([q for p in pending for q in _each_iteration(p)])
+        at = {t for its, _ in groups for t in its}
+        if max(at) - min(at) < FEW_TRIPS and not any(
+            isinstance(p.steps[0].iteration, range) for p in pending
+        ):
+            return self._few_trips(eqn, invals, groups, exposed)
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
             [_stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
@@ -541,6 +552,54 @@ class _Interpreter:
             for j, m in enumerate(members):
                 exposed[m.key] = _Row(values, j)
         return carry
+
+    def _few_trips(self, eqn: Any, invals: list[Any], groups: list, exposed: dict) -> list[Any]:
+        """A ``while_loop`` whose edits are all in trips ``a..b`` (a few): the loop for
+        up to ``a`` trips, each of trips ``a..b`` with its edits (a ``cond`` on whether
+        the loop gets there), then the rest of the loop. What runs before and after the
+        edited trips are plain loops, so a slice inside them holds no loop (JAX's
+        reverse mode, which no ``while_loop`` has, works on it), and a value there costs
+        ``a`` plain trips."""
+        params = eqn.params
+        cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
+        at = sorted({t for its, _ in groups for t in its})
+
+        def going(carry: Sequence[Any]) -> Any:
+            return C.jaxpr_as_fun(cond)(*cond_consts, *carry)[0]
+
+        def step(carry: Sequence[Any]) -> list[Any]:
+            return C.jaxpr_as_fun(body)(*body_consts, *carry)
+
+        trips, carry = jax.lax.while_loop(
+            lambda s: (s[0] < at[0]) & going(s[1]),
+            lambda s: (s[0] + 1, step(s[1])),
+            (jnp.asarray(0), list(invals[n_cond + n_body :])),
+        )
+        reached = trips == at[0]
+        for t in range(at[0], at[-1] + 1):
+            here = [m for its, members in groups for i, m in zip(its, members) if i == t]
+            shown = [m for m in here if m.edit.kind != "apply"]
+
+            def edited(carry: list[Any], here: list = here) -> tuple[list[Any], list[Any]]:
+                sub: dict[Any, Any] = {}
+                inner = [
+                    _Pending(m.steps[1:], m.edit, m.extras, m.active, key=n)
+                    for n, m in enumerate(here)
+                ]
+                out = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
+                found = [_value(sub[n]) for n, m in enumerate(here) if m.edit.kind != "apply"]
+                return list(out), found
+
+            def skipped(carry: list[Any], shown: list = shown) -> tuple[list[Any], list[Any]]:
+                return list(carry), [_zeros(m.edit.aval) for m in shown]  # never got there
+
+            reached = reached & going(carry)
+            carry, found = jax.lax.cond(reached, edited, skipped, list(carry))
+            for m, value in zip(shown, found):
+                exposed[m.key] = value
+        return jax.lax.while_loop(going, step, carry)
 
 
 def eval_equations(eqns: Sequence[Any], env: dict) -> None:

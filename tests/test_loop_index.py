@@ -512,6 +512,27 @@ def test_reverse_mode_through_a_folded_while_loop_is_a_slice_error_and_auto_goes
     allclose(g.jacobian("body/h_new@1", "out"), jax.jacfwd(rest)(h1), rtol=1e-4)
 
 
+def test_a_slice_inside_one_trip_of_a_folded_while_loop_holds_no_loop():
+    x = jnp.array([2.0, -1.0, 0.5])
+    g = js.trace(refine, x, 1e-4)
+    # the carry trip 1 passes on to the value trip 2 makes: trip 2's body alone
+    s = g.slice("body/h_new@1", "body/h_new@2")
+    assert not [e for e in s.jaxpr.eqns if e.primitive.name == "while"]
+    h = g.value("body/h_new@1")
+    allclose(s(h), refine_by_hand(h, 1), rtol=1e-5)
+    loss = lambda h: jnp.sum(s(h) ** 2)  # noqa: E731
+    by_hand = lambda h: jnp.sum(refine_by_hand(h, 1) ** 2)  # noqa: E731
+    allclose(jax.grad(loss)(h), jax.grad(by_hand)(h), rtol=1e-4)  # reverse mode works
+    _, pullback = jax.vjp(lambda h: refine_by_hand(h, 1), h)
+    allclose(g.vjp("body/h_new@1", "body/h_new@2", jnp.ones(3))[1], pullback(jnp.ones(3))[0])
+    # arguments for which the loop stops before trip 2: an error, not a wrong number
+    with pytest.raises(js.SliceError, match="the loop stops before it"):
+        s.bind(x * 1e-5, 1e-4)(h)
+    # the value of that trip for new arguments runs 2 plain trips, then the edited one
+    got = g.values_fn("body/h_new@2")(x * 2.0, 1e-4)["body/h_new@2"]
+    allclose(got, refine_by_hand(x * 2.0, 3), rtol=1e-5)
+
+
 def test_a_misspelt_loop_value_name_suggests_the_body_names(setup):
     g = js.trace(rnn, *setup)
     with pytest.raises(js.SelectionError, match=r"did you mean 'step/h_new@3'.*g\.notes"):
