@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 _path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "issue_12782.py"
 _spec = importlib.util.spec_from_file_location("issue_12782", _path)
@@ -80,3 +81,29 @@ def diffrax_solution(y0, theta, ts, **options):
         max_steps=64,
         **options,
     )
+
+
+# -- a scan RNN long enough that the index keeps it folded (test_loop_index, test_patch_loops)
+RNN_STEPS = 1000
+
+
+def rnn(h, xs, w):
+    def step(h, x):
+        a = h @ w + x
+        h_new = jnp.tanh(a)
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h, xs)
+    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+
+def rnn_state_after(h0, xs, w, t):
+    """The state after steps 0..t (hand-written: a scan over the prefix)."""
+    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
+
+
+def rnn_args():
+    h0 = jax.random.normal(jax.random.key(1), (4,))
+    xs = jax.random.normal(jax.random.key(2), (RNN_STEPS, 4))
+    w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
+    return h0, xs, w

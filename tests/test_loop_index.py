@@ -5,41 +5,26 @@ prefix of the inputs, and the zero-perturbation trick written by hand.
 """
 
 import functools
+import inspect
 
 import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import pytest
 from conftest import allclose, check_slice
+from models import RNN_STEPS, rnn, rnn_args, rnn_state_after
 
 import jaxsurgery as js
 from jaxsurgery._loop_index import VirtualVar
 
-T = 1000  # every scan stays folded in the index
-
-
-def rnn(h, xs, w):
-    def step(h, x):
-        a = h @ w + x
-        h_new = jnp.tanh(a)
-        return h_new, h_new
-
-    h_last, hs = jax.lax.scan(step, h, xs)
-    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
-
-
-def state_after(h0, xs, w, t):
-    """The state after steps 0..t (hand-written: a scan over the prefix)."""
-    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
+T = RNN_STEPS  # every scan stays folded in the index
 
 
 @pytest.fixture
 def setup():
-    h0 = jax.random.normal(jax.random.key(1), (4,))
-    xs = jax.random.normal(jax.random.key(2), (T, 4))
-    w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
-    return h0, xs, w
+    return rnn_args()
 
 
 def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
@@ -50,11 +35,18 @@ def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
     assert any("name@iteration" in n for n in g.notes)
     v = g["step/h_new@700"]
     assert isinstance(v, VirtualVar) and v not in g.vars
-    assert v.shape == (4,) and v.primitive == "tanh" and v.source.startswith(__file__)
+    assert v.shape == (4,) and v.primitive == "tanh" and v.source.startswith(models.__file__)
     # the scan's results come from the user's line that called it, not a wrapper's
-    assert g["h_last"].source == g["hs"].source == f"{__file__}:28"
-    allclose(g.value(v), state_after(h0, xs, w, 700), rtol=1e-4)
-    allclose(g.value("step/a@3"), state_after(h0, xs, w, 2) @ w + xs[3], rtol=1e-5)
+    scan_line = (
+        inspect.getsource(rnn).splitlines().index("    h_last, hs = jax.lax.scan(step, h, xs)")
+    )
+    assert (
+        g["h_last"].source
+        == g["hs"].source
+        == f"{models.__file__}:{rnn.__code__.co_firstlineno + scan_line}"
+    )
+    allclose(g.value(v), rnn_state_after(h0, xs, w, 700), rtol=1e-4)
+    allclose(g.value("step/a@3"), rnn_state_after(h0, xs, w, 2) @ w + xs[3], rtol=1e-5)
     # one value, one var: the carry entering step t is what step t-1 returned
     assert g["step/h@701"] is v and "step/h@701" in v.aliases
     # ... and the carry entering step 0 is the loop's operand, as unrolled
@@ -545,8 +537,8 @@ def test_values_fn_keyed_by_a_dict_stacks_every_iteration(setup):
     capture = jax.jit(g.values_fn({"h": "step/h_new@*", "few": ["step/a@1", "step/a@2"]}))
     got = capture(h0 * 0.5, xs, w)
     assert set(got) == {"h", "few"} and got["h"].shape == (T, 4) and got["few"].shape == (2, 4)
-    allclose(got["h"][700], state_after(h0 * 0.5, xs, w, 700), rtol=1e-4)
-    allclose(got["few"][1], state_after(h0 * 0.5, xs, w, 1) @ w + xs[2], rtol=1e-5)
+    allclose(got["h"][700], rnn_state_after(h0 * 0.5, xs, w, 700), rtol=1e-4)
+    allclose(got["few"][1], rnn_state_after(h0 * 0.5, xs, w, 1) @ w + xs[2], rtol=1e-5)
 
 
 def test_a_drawing_highlights_the_loop_that_holds_a_loop_value(setup):

@@ -12,21 +12,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import allclose, check_slice
+from models import RNN_STEPS, rnn, rnn_args, rnn_state_after
 
 import jaxsurgery as js
 from jaxsurgery._loop_index import VirtualVar
 
-T = 1000  # every scan stays folded in the index
-
-
-def rnn(h, xs, w):
-    def step(h, x):
-        a = h @ w + x
-        h_new = jnp.tanh(a)
-        return h_new, h_new
-
-    h_last, hs = jax.lax.scan(step, h, xs)
-    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+T = RNN_STEPS  # every scan stays folded in the index
 
 
 def patched_by_hand(h0, xs, w, at, fn, eps_before=None, eps_after=None):
@@ -48,10 +39,7 @@ def patched_by_hand(h0, xs, w, at, fn, eps_before=None, eps_after=None):
 
 @pytest.fixture
 def setup():
-    h0 = jax.random.normal(jax.random.key(1), (4,))
-    xs = jax.random.normal(jax.random.key(2), (T, 4))
-    w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
-    return h0, xs, w
+    return rnn_args()
 
 
 def halve(h):
@@ -166,7 +154,7 @@ def test_a_patch_outside_the_loop_keeps_the_loop_values_named(setup):
     assert patched._program is g._program
     v = patched["step/h_new@700"]
     assert isinstance(v, VirtualVar)
-    allclose(patched.value(v), g.value(v.name) * 0 + rnn_state(h0, xs, w * 2.0, 700), rtol=1e-4)
+    allclose(patched.value(v), rnn_state_after(h0, xs, w * 2.0, 700), rtol=1e-4)
     allclose(patched.value("w.unpatched"), w)
     allclose(patched.value("w"), w * 2.0)
     allclose(patched.value("out"), rnn(h0, xs, w * 2.0), rtol=1e-5)
@@ -195,11 +183,6 @@ def test_two_patches_at_one_loop_value(setup):
     allclose(grads[f"{at}.unpatched.unpatched"], 0.5 * grads[f"{at}.unpatched"], rtol=1e-5)
     with pytest.raises(js.SelectionError, match="no var patched that many times"):
         twice[f"{at}.unpatched.unpatched.unpatched"]
-
-
-def rnn_state(h0, xs, w, t):
-    """The state after steps 0..t (a scan over the prefix)."""
-    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ w + x),) * 2, h0, xs[: t + 1])[0]
 
 
 def gated_rnn(xs):
