@@ -106,21 +106,36 @@ class GradsFunction:
         """Remarks about the edited program (a custom rule bypassed, ...)."""
         return self._structured.notes
 
-    def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
+    def _total(self, flat_args: Sequence[Any]) -> Any:
+        """``eps -> (sum of out with eps added at each wrt value, path hits)``."""
+
         def total(eps: list[Any]) -> Any:
             _, exposed = self._structured.run(flat_args, eps, outputs=False)
             loss = sum(jnp.sum(exposed[e]) for e in self._outs)
             return loss, [exposed[h] for h in self._guards]
 
-        zeros = [
+        return total
+
+    def _zeros(self) -> list[Any]:
+        return [
             jnp.zeros(
                 (len(m), *self._avals[m[0]].shape) if len(m) > 1 else self._avals[m[0]].shape,
                 self._avals[m[0]].dtype,
             )
             for m in self._inputs
         ]
+
+    def dropped(self, flat_args: Sequence[Any]) -> list[str]:
+        """Notes for the ``custom_jvp`` calls whose rules drop the derivative of some
+        ``wrt`` value (see :mod:`jaxsurgery._rules`); traces the program once."""
+        from ._rules import dropped_derivatives
+
+        closed = C.make_jaxpr(self._total(flat_args), self._zeros())
+        return dropped_derivatives(closed.jaxpr, closed.jaxpr.invars)
+
+    def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
         with no_reverse_through_while():
-            grads, hits = jax.grad(total, has_aux=True)(zeros)
+            grads, hits = jax.grad(self._total(flat_args), has_aux=True)(self._zeros())
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
         where = (

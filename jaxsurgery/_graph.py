@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -425,7 +426,13 @@ class Graph:
             >>> sorted(g.grads("out", wrt=["z1", "w"]))
             ['w', 'z1']
         """
-        return self.grads_fn(out, wrt).at_flat(self._require_args("g.grads"))
+        fn = self.grads_fn(out, wrt)
+        args = self._require_args("g.grads")
+        found = fn.at_flat(args)
+        if any(not np.any(np.asarray(g)) for g in found.values()):  # a zero: say if a
+            for note in fn.dropped(args):  # custom rule dropped it (not what the math says)
+                warnings.warn(f"g.grads: {note}", stacklevel=2)
+        return found
 
     def grads_fn(self, out: Selector, wrt: Selector) -> GradsFunction:
         """A function of the traced function's arguments giving :meth:`grads`' dict.

@@ -9,7 +9,8 @@ inputs are values inside that loop reaches the call only through the passed-on r
 whose tangent the rule ignores: the slice's derivative is zero, though the values are
 right. A ``custom_jvp`` stop-gradient looks the same. Either way the user must know:
 :func:`dropped_derivatives` finds such calls (it traces the rule once, asking whether
-the passed-on operand's tangent reaches the result) and says so in the slice's notes.
+the passed-on operand's tangent reaches the result) and says so in the slice's notes;
+``g.grads`` warns when a gradient it returns is zero because of one.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js

@@ -3,6 +3,8 @@ state and the parameter), saved at given times. Slices from the initial state an
 the parameter to the saved states take the solve as a unit: they equal the solve for any
 input, and their JVP equals ``jax.jvp`` of a hand-written function calling diffeqsolve."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -93,3 +95,15 @@ def test_a_slice_inside_the_solver_loop_says_when_the_adjoint_drops_its_derivati
     tangent = jnp.array([1.0, -2.0])
     ours = jax.jvp(s, (g.value("dy@3"),), (tangent,))
     allclose(ours, jax.jvp(euler_by_hand, (jnp.zeros(2),), (tangent,)), rtol=1e-5)
+
+
+def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning():
+    g = js.trace(euler_solve(diffrax.RecursiveCheckpointAdjoint()), Y0, THETA)
+    with pytest.warns(UserWarning, match=r"diffrax\.ForwardMode\(\)"):
+        grads = g.grads("out", ["dy@3"])
+    allclose(grads["dy@3"], jnp.zeros(2))  # what the rule gives
+    # at the loop's inputs the rule is what differentiates: no warning there
+    solve = euler_solve(diffrax.RecursiveCheckpointAdjoint())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allclose(g.grads("out", ["y0"])["y0"], jax.grad(solve)(Y0, THETA), rtol=1e-5)
