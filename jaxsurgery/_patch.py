@@ -47,13 +47,28 @@ def replacement_jaxpr(
 
     ``what`` names the replacement in messages (``"the replacement for 'z1'"``).
     """
+    returned: list[Any] = []
+
+    def one_array(*args: Any) -> Any:
+        out = fn(*args)
+        returned.append(out)
+        return out
+
     try:
-        closed = C.make_jaxpr(fn, *[spec_of(v) for v in inputs])
+        closed = C.make_jaxpr(one_array, *[spec_of(v) for v in inputs])
     except (TypeError, ValueError) as e:
         raise SliceError(f"{what} ({type_of(target)}) failed to trace: {e}") from None
     out = closed.out_avals
-    if len(out) != 1 or tuple(out[0].shape) != target.shape or out[0].dtype != target.dtype:
+    # a list or dict of one array is not the value itself
+    container = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(returned[0]))
+    if (
+        container
+        or len(out) != 1
+        or tuple(out[0].shape) != target.shape
+        or out[0].dtype != target.dtype
+    ):
         got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
+        got = f"{type(returned[0]).__name__} of {got}" if container else got
         raise SliceError(
             f"{what} must give {type_of(target)}, got {got}; return a value shaped like "
             f"{target.name!r}"

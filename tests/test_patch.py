@@ -144,6 +144,11 @@ def test_bad_replacements_are_slice_errors():
         g.replace(1, lambda h: h[:2])
     with pytest.raises(js.SelectionError, match="no var named 'nope'"):
         g.replace("nope", 0.0)
+    # a container of the right array is not the array: said, not unwrapped silently
+    with pytest.raises(js.SliceError, match=r"got dict of float32\[3\]"):
+        g.replace(1, lambda h: {"h": h})
+    with pytest.raises(js.SliceError, match=r"got list of float32\[3\]"):
+        g.replace(1, lambda h: [h])
 
 
 def test_replace_in_a_program_with_captured_constants_and_a_cond():
