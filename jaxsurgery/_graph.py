@@ -187,7 +187,7 @@ class Graph:
         site: Callable[[int], Site | None] | None = None,
         unpatched: dict[int, int] | None = None,
         templates: dict[str, Any] | None = None,
-        patched_sites: frozenset[Site] = frozenset(),
+        patched_sites: dict[Site, str] | None = None,
     ):
         from ._loop_index import LoopIndex
 
@@ -206,8 +206,8 @@ class Graph:
         #: vars holding a value from before a patch: before which (see Site.before)
         self._unpatched = unpatched or {}
         #: sites patched in the structured program only (a graph with folded loops:
-        #: its index is its parent's, see _patch_graph.derive)
-        self._patched_sites = patched_sites
+        #: its index is its parent's, see _patch_graph.derive), with the patched names
+        self._patched_sites = patched_sites or {}
         self._names = names
         self._flatten_args = flatten_args
         self._flat_args = None if flat_args is None else tuple(flat_args)
@@ -269,7 +269,9 @@ class Graph:
 
     def names(self) -> list[str]:
         """Every name that selects a var, canonical names first."""
-        return self._names.all_names()
+        from ._patch_graph import unpatched_names
+
+        return [*self._names.all_names(), *unpatched_names(self)]
 
     def select(
         self,

@@ -70,7 +70,10 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
             graph._flat_site,
             graph._unpatched,
             graph._loop_index.names,
-            graph._patched_sites | {graph._site_of(graph._var(e.target)) for e in edits},
+            {
+                **{graph._site_of(graph._var(e.target)): graph._var(e.target).name for e in edits},
+                **graph._patched_sites,  # (a site patched before keeps its first name)
+            },
         )
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
@@ -142,6 +145,16 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
 
 def _latest(site: Site | None) -> Site | None:
     return None if site is None else dataclasses.replace(site, before=None)
+
+
+def unpatched_names(graph: Graph) -> list[str]:
+    """The ``.unpatched`` names of a graph patched in its running program only: per
+    patched var, one for each patch made there (see :func:`unpatched`)."""
+    return [
+        name + UNPATCHED * k
+        for site, name in graph._patched_sites.items()
+        for k in range(1, graph._patches_at(site) + 1)
+    ]
 
 
 def unpatched(graph: Graph, name: str) -> Var | None:

@@ -496,6 +496,11 @@ def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
             hits.add(i)
     found = {i: _matched_name(names, i, pattern) for i in sorted(hits)}
     found.update((v.index, name) for v, name in graph._loop_index.matching(pattern))
+    from ._patch_graph import unpatched, unpatched_names  # (patched in the running program)
+
+    for name in unpatched_names(graph):
+        if pattern.fullmatch(name):
+            found[unpatched(graph, name).index] = name
     return found
 
 

@@ -156,6 +156,7 @@ def test_a_patch_outside_the_loop_keeps_the_loop_values_named(setup):
     assert isinstance(v, VirtualVar)
     allclose(patched.value(v), rnn_state_after(h0, xs, w * 2.0, 700), rtol=1e-4)
     allclose(patched.value("w.unpatched"), w)
+    assert "w.unpatched" in patched.names() and patched.select("w*").names == ("w", "w.unpatched")
     allclose(patched.value("w"), w * 2.0)
     allclose(patched.value("out"), rnn(h0, xs, w * 2.0), rtol=1e-5)
     # a second patch on the patched graph: both apply
@@ -183,6 +184,11 @@ def test_two_patches_at_one_loop_value(setup):
     allclose(grads[f"{at}.unpatched.unpatched"], 0.5 * grads[f"{at}.unpatched"], rtol=1e-5)
     with pytest.raises(js.SelectionError, match="no var patched that many times"):
         twice[f"{at}.unpatched.unpatched.unpatched"]
+    # listed and matched by globs, as in a spliced index
+    old = [f"{at}.unpatched", f"{at}.unpatched.unpatched"]
+    assert [n for n in twice.names() if n.endswith(".unpatched")] == old
+    assert twice.select("step/*.unpatched").names == tuple(old)
+    assert twice.select("step/h_new@10*").names == (at, *old)
 
 
 def gated_rnn(xs):
