@@ -188,7 +188,7 @@ def test_two_patches_at_one_loop_value(setup):
     old = [f"{at}.unpatched", f"{at}.unpatched.unpatched"]
     assert [n for n in twice.names() if n.endswith(".unpatched")] == old
     assert twice.select("step/*.unpatched").names == tuple(old)
-    assert twice.select("step/h_new@10*").names == (at, *old)
+    assert twice.select("step/h_new@10.*").names == tuple(old)
 
 
 def gated_rnn(xs):
