@@ -90,7 +90,7 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
             names = [f"{n}{UNPATCHED}" for n in names]
         if i in patched:
             candidates[patched[i]].extend(names)
-            names = [f"{n}.unpatched" for n in names] or [f"%{i}.unpatched"]
+            names = [f"{n}{UNPATCHED}" for n in names] or [f"%{i}{UNPATCHED}"]
         candidates[j].extend(names)
     extras: list[list[str]] = [[] for _ in program.vars]
     for var, name in scope_names(program)[1]:

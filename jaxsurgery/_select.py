@@ -539,8 +539,10 @@ def _no_match(
         )
     if pattern is not None:
         return _no_pattern_match(graph, label, word, pattern)
-    if word is not None and word.endswith(".unpatched"):
-        stem = word.removesuffix(".unpatched")
+    from ._patch_graph import UNPATCHED
+
+    if word is not None and word.endswith(UNPATCHED):
+        stem = word.removesuffix(UNPATCHED)
         return SelectionError(
             f"no var named {label}: '.unpatched' names a value before a patch (g.replace); "
             f"{stem!r} names no var patched that many times in this graph"
