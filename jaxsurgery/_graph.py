@@ -20,12 +20,12 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
@@ -431,7 +431,7 @@ class Graph:
         fn = self.grads_fn(out, wrt)
         args = self._require_args("g.grads")
         found = fn.at_flat(args)
-        if any(not np.any(np.asarray(g)) for g in found.values()):  # a zero: say if a
+        if any(not jnp.any(g) for g in found.values()):  # a zero (one scalar each): say if a
             for note in fn.dropped(args):  # custom rule dropped it (not what the math says)
                 warnings.warn(f"g.grads: {note}", stacklevel=2)
         return found
@@ -668,7 +668,7 @@ class Graph:
             return self._loop_index.vars[i - n].site()
         site = self._flat_site(i)
         if site is not None and i in self._unpatched:  # a value before a patch there
-            site = dataclasses.replace(site, before=self._unpatched[i])
+            site = site.at(self._unpatched[i])
         return site
 
     def _patches_at(self, site: Site | None) -> int:

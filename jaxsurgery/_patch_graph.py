@@ -23,7 +23,6 @@ ways:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +143,7 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
 
 
 def _latest(site: Site | None) -> Site | None:
-    return None if site is None else dataclasses.replace(site, before=None)
+    return None if site is None else site.at(None)
 
 
 def unpatched_names(graph: Graph) -> list[str]:
@@ -225,7 +224,7 @@ class Unpatched(Var):
         return ()  # the patch reads it; nothing of the program does
 
     def site(self) -> Site:
-        return dataclasses.replace(self._graph._site_of(self.of), before=self.before)
+        return self._graph._site_of(self.of).at(self.before)
 
     def order(self, run: bool = False) -> tuple[int, ...]:
         """Sorts where the patched value does (see ``Graph._order``)."""

@@ -90,6 +90,11 @@ class Site:
     #: run just before that patch (see ``_in_patch_order``)
     before: int | None = None
 
+    def at(self, before: int | None) -> Site:
+        """The same place, holding its value before the ``before``-th patch there
+        (None: after every patch, the value the program reads)."""
+        return dataclasses.replace(self, before=before)
+
 
 @dataclass(frozen=True)
 class Extra:
@@ -240,7 +245,7 @@ def _in_patch_order(edits: Sequence[Edit]) -> list[Edit]:
         return list(edits)
     waiting: dict[tuple[Site, int], list[Edit]] = {}
     for e in early:
-        waiting.setdefault((dataclasses.replace(e.site, before=None), e.site.before), []).append(e)
+        waiting.setdefault((e.site.at(None), e.site.before), []).append(e)
     applies: dict[Site, int] = {}
     ordered = []
     for e in edits:
