@@ -8,12 +8,18 @@ depends on the data) and ``fori_loop``.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
 SHAPE = (3, 4)
+
+#: how many random programs ``test_fuzz`` draws (the other fuzz tests scale it): 300 in
+#: ``make test``, which keeps CI's two runs under its time budget; ``make fuzz`` runs 5000
+EXAMPLES = int(os.environ.get("JS_FUZZ_EXAMPLES", "300"))
 
 OPS = [
     "sin",

@@ -15,20 +15,16 @@ The run is deterministic (``derandomize``); ``make fuzz`` runs many more example
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from fuzz_programs import SHAPE, close, make_program, programs
+from fuzz_programs import EXAMPLES, SHAPE, close, make_program, programs
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jax.extend.core import DropVar, Literal, check_jaxpr
 
 import jaxsurgery as js
 from jaxsurgery._compat import new_jaxpr  # a plain Jaxpr constructor
-
-EXAMPLES = int(os.environ.get("JS_FUZZ_EXAMPLES", "500"))
 
 
 def oracle(graph, inputs, outputs, flat_args):

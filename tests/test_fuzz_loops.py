@@ -12,24 +12,23 @@ jaxsurgery):
 * ``g.grads("out", ["h_new@t"])`` is ``jax.grad`` of the loss with a perturbation added
   to ``h_t`` by hand.
 
-Deterministic (``derandomize``); ``JS_FUZZ_EXAMPLES`` scales it (1/100 of it: 5 by
+Deterministic (``derandomize``); ``JS_FUZZ_EXAMPLES`` scales it (1/100 of it, at least 4: 4 by
 default; each example compiles).
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from conftest import allclose
+from fuzz_programs import EXAMPLES as FUZZ_EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxsurgery as js
 from jaxsurgery._loop_index import VirtualVar
 
-EXAMPLES = max(4, int(os.environ.get("JS_FUZZ_EXAMPLES", "500")) // 100)
+EXAMPLES = max(4, FUZZ_EXAMPLES // 100)
 WIDTH = 3
 OPS = {
     "tanh": lambda h, x, w: jnp.tanh(h),

@@ -17,7 +17,7 @@ Python ``if``):
   shielding each other, conds in the window deciding again), with its JVP and VJP.
 
 The run is deterministic (``derandomize``); ``JS_FUZZ_EXAMPLES`` scales it as in
-``test_fuzz`` (here 4/25 of it: 80 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``; each
+``test_fuzz`` (here 4/25 of it: 48 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``; each
 example compiles). ``JS_FUZZ_SHRINK=1`` shrinks a failing example (minutes).
 """
 
@@ -28,13 +28,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fuzz_programs import EXAMPLES as FUZZ_EXAMPLES
 from fuzz_programs import OPS, SHAPE, make_named_program, run_values
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import jaxsurgery as js
 
-EXAMPLES = max(20, int(os.environ.get("JS_FUZZ_EXAMPLES", "500")) * 4 // 25)
+EXAMPLES = max(20, FUZZ_EXAMPLES * 4 // 25)
 # shrinking a failure here takes minutes (every step compiles); JS_FUZZ_SHRINK=1 turns it on
 PHASES = [Phase.explicit, Phase.generate] + (
     [Phase.shrink] if os.environ.get("JS_FUZZ_SHRINK") else []
