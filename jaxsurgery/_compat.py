@@ -49,6 +49,13 @@ CUSTOM_RULE_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call", "custo
 TAG_PRIMITIVE = "name"
 
 
+#: tracers of ``jax.jvp`` and of ``jax.grad``'s forward pass (``linearize``): a name
+#: given under them names the primal value
+_PRIMAL_TRACERS = tuple(
+    t for t in (_ad.JVPTracer, getattr(_ad, "LinearizeTracer", None)) if t is not None
+)
+
+
 def tracer_atom(x: Any) -> Any:
     """The jaxpr atom a ``make_jaxpr`` tracer stands for, or None for anything else.
 
@@ -60,7 +67,7 @@ def tracer_atom(x: Any) -> Any:
             return x.val
         if isinstance(x, _batching.BatchTracer):
             x = x.val
-        elif isinstance(x, _ad.JVPTracer):
+        elif isinstance(x, _PRIMAL_TRACERS):
             x = x.primal
         else:
             return None

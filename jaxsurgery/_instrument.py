@@ -18,6 +18,13 @@ functions (rebuilt around the rewritten body with the same rules). Library code
 (Flax, Haiku, Equinox internals) runs untouched inside its frame; its values are
 named by scopes instead.
 
+A JAX transform applied where it is called (``jax.vmap(model)(x)``,
+``jax.value_and_grad(loss)(w, x)``, ``jax.checkpoint``, ``jax.jvp``, Equinox's
+``filter_vmap``/``filter_value_and_grad``...) transforms the rewritten copy of a user
+function, so the names inside are recorded: a name holds the batch under ``vmap`` and
+the forward value under a derivative (:func:`jaxsurgery._compat.tracer_atom`). The call
+of a derivative names what the function binds, not what the call returns.
+
 A ``jax.jit``-ed user function gets one rewritten twin per function object, so JAX's
 trace cache serves its repeated calls as it would the original's: a layer called 24
 times is traced once. A call served from the cache does not run the body, so the
@@ -57,6 +64,7 @@ import bisect
 import functools
 import inspect
 import os
+import sys
 import sysconfig
 import textwrap
 import threading
@@ -506,7 +514,10 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     target = fn if target is None else target
     if target is _CONTROL_FLOW:
         return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
+    if target is _TRANSFORM:
+        return _with_rewritten_function(fn, *_transform(fn))
     name = recorder.label(label, fn)
+    named = not (_DERIVATIVES and _is_derivative(fn))  # a gradient is not the function's
 
     def run(*args: Any, **kwargs: Any) -> Any:
         frame = recorder.enter(name, fn)
@@ -517,7 +528,7 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
             if jitted is not None:
                 recorder.jit_called(frame, start, jitted, (args, kwargs), out)
         finally:
-            recorder.leave(frame, out)
+            recorder.leave(frame, out if named else None)
         return out
 
     return run
@@ -538,6 +549,7 @@ def call_in_frame(label: str, fn: Any) -> Any:
 
 
 _CONTROL_FLOW = object()
+_TRANSFORM = object()
 
 
 def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
@@ -546,6 +558,8 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     ``_CONTROL_FLOW`` for a ``lax`` loop or conditional."""
     if id(fn) in _control_flow_bodies():
         return _CONTROL_FLOW, None
+    if _transform(fn) is not None:
+        return _TRANSFORM, None
     if _is_jax_or_builtin(fn):
         return None, None
     jitted = _jitted(fn)
@@ -566,6 +580,90 @@ def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
         id(lax.cond): ((1, "true_fun"), (2, "false_fun")),
         id(lax.switch): ((1, "branches"),),
     }
+
+
+#: JAX and Equinox transforms of a function, by what they return: the same function,
+#: batched or rematerialised (its value is the function's); a derivative (its value is
+#: not); or the transform runs the function at once (``jax.jvp(f, primals, tangents)``)
+_SAME, _DERIVATIVE, _RUNS = "same", "derivative", "runs"
+_TRANSFORM_KINDS = {
+    _SAME: ("vmap", "checkpoint", "remat", "named_call", "filter_vmap", "filter_checkpoint"),
+    _DERIVATIVE: (
+        *("grad", "value_and_grad", "jacfwd", "jacrev", "hessian"),
+        *("filter_grad", "filter_value_and_grad", "filter_jacfwd", "filter_jacrev"),
+        "filter_hessian",
+    ),
+    _RUNS: ("jvp", "vjp", "linearize", "filter_jvp", "filter_vjp"),
+}
+
+
+@functools.cache
+def _transforms(with_equinox: bool) -> dict[int, tuple[str, str]]:
+    """``id(transform) -> (kind, its name)`` for the transforms of
+    :data:`_TRANSFORM_KINDS` (Equinox's too once it is imported)."""
+    modules = [jax, sys.modules["equinox"]] if with_equinox else [jax]
+    return {
+        id(t): (kind, name)
+        for kind, names in _TRANSFORM_KINDS.items()
+        for module in modules
+        for name in names
+        if (t := getattr(module, name, None)) is not None
+    }
+
+
+def _transform(fn: Any) -> tuple[str, str] | None:
+    """``(kind, name)`` if ``fn`` is a transform of :data:`_TRANSFORM_KINDS`."""
+    return _transforms("equinox" in sys.modules).get(id(fn))
+
+
+#: functions a derivative transform returned: their call's frame names what the
+#: function's body binds, not what the call returns (a gradient, not the function)
+_DERIVATIVES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _derivative(fn: Any, of: Any) -> Any:
+    """``fn``, a derivative of ``of``, as a plain function its call is named after
+    (``jax.grad(loss)(w)`` is the call ``loss``) that :data:`_DERIVATIVES` holds."""
+
+    def derivative(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    derivative.__wrapped__ = of  # type: ignore[attr-defined]
+    derivative.__name__ = _callable_name(of)
+    _DERIVATIVES.add(derivative)
+    return derivative
+
+
+def _is_derivative(fn: Any) -> bool:
+    try:
+        return fn in _DERIVATIVES
+    except TypeError:  # not weakly referenceable
+        return False
+
+
+def _with_rewritten_function(transform: Any, kind: str, name: str) -> Any:
+    """``transform`` (``jax.vmap``, ``jax.grad``...) applied to the rewritten copy of its
+    function when that is user code, so that the names inside are recorded.
+
+    The call of what it returns opens the frame (``jax.vmap(f)(x)`` is the call ``f``,
+    whose values are batches); a transform that runs the function at once
+    (``jax.jvp``) runs it in a frame of its own, as a loop runs its body. Equinox's
+    transforms rewrite plain functions only (a module is a pytree to them).
+    """
+    if kind == _RUNS:  # the function's parameter: filter_jvp(fn, ...), jvp(fun, ...)
+        return _with_named_bodies(transform, ((0, "fn" if name == "filter_jvp" else "fun"),))
+    is_equinox = transform.__module__.startswith("equinox")
+
+    def run(fun: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if fun is None or (is_equinox and not isinstance(fun, types.FunctionType)):
+            return transform(*args, **kwargs) if fun is None else transform(fun, *args, **kwargs)
+        inner, reason = rewritten(fun)
+        out = transform(fun if reason else inner, *args, **kwargs)
+        if kind == _DERIVATIVE and callable(out):
+            out = _derivative(out, fun)
+        return out
+
+    return run
 
 
 def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...]) -> Any:

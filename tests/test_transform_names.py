@@ -1,0 +1,145 @@
+"""Names inside JAX transforms of user functions: ``jax.vmap(model)(x)``,
+``jax.value_and_grad(loss)(params, ...)``, ``jax.checkpoint(f)``, ``jax.jvp(f, ...)``
+and Equinox's ``filter_*`` twins run the rewritten function, so what it binds is named
+(``loss/model/hidden``): under ``vmap`` a name holds the batch, under a derivative the
+forward pass's value. A derivative's call does not name what it returns after the
+function (``jax.grad(loss)(w)`` is a gradient, not ``loss``).
+
+References: the same computations written by hand.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from conftest import allclose, check_slice
+
+import jaxsurgery as js
+
+
+def mlp(x, w):
+    h = jnp.tanh(x @ w)
+    z = h * 2.0
+    return jnp.sum(z**2)
+
+
+def batched(x, w):
+    return jax.vmap(mlp, (0, None))(x, w).sum()
+
+
+@pytest.fixture
+def data():
+    x = jax.random.normal(jax.random.key(0), (5, 3, 4))
+    w = 0.5 * jax.random.normal(jax.random.key(1), (4, 4))
+    return x, w
+
+
+def test_a_name_inside_jax_vmap_holds_the_batch(data):
+    x, w = data
+    g = js.trace(batched, x, w)
+    assert g["mlp/h"].shape == (5, 3, 4)
+    allclose(g.value("mlp/h"), jnp.tanh(x @ w))
+    allclose(g.value("mlp"), jax.vmap(mlp, (0, None))(x, w))  # the call's batched result
+    check_slice(g.slice("mlp/h", "out"), (g.value("mlp/h"),), lambda h: jnp.sum((2.0 * h) ** 2))
+
+
+class MLP(eqx.Module):
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.l1 = eqx.nn.Linear(3, 8, key=k1)
+        self.l2 = eqx.nn.Linear(8, 1, key=k2)
+
+    def __call__(self, x):
+        hidden = jax.nn.relu(self.l1(x))
+        return self.l2(hidden)[0]
+
+
+def loss(model, x, y):
+    pred = jax.vmap(model)(x)
+    return jnp.mean((pred - y) ** 2)
+
+
+OPTIMIZER = optax.adam(1e-2)
+
+
+def train_step(model, state, x, y):
+    value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
+    updates, state = OPTIMIZER.update(grads, state, model)
+    return eqx.apply_updates(model, updates), state, value
+
+
+def test_an_equinox_training_step_names_the_forward_pass_inside_the_gradient():
+    model = MLP(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    y = jnp.linspace(-1.0, 1.0, 5)
+    state = OPTIMIZER.init(eqx.filter(model, eqx.is_array))
+    g = js.trace(train_step, model, state, x, y)
+
+    hidden = jax.nn.relu(x @ model.l1.weight.T + model.l1.bias)
+    pred = jax.vmap(model)(x)
+    allclose(g.value("loss/model/hidden"), hidden)
+    allclose(g.value("loss/pred"), pred)
+    assert g["loss/model"] is g["loss/pred"]
+    assert "loss" not in g.names()  # the call returned (value, grads), not loss's value
+    check_slice(g.slice("loss/pred", "value"), (pred,), lambda p: jnp.mean((p - y) ** 2))
+    # the forward value feeds the backward pass: d(mean((p - y)^2))/d(l2.bias), by hand
+    check_slice(
+        g.slice("loss/pred", "grads.l2.bias"), (pred,), lambda p: 2.0 * jnp.mean(p - y)[None]
+    )
+    check_slice(
+        g.slice("loss/model/hidden", "value"),
+        (hidden,),
+        lambda h: jnp.mean((h @ model.l2.weight[0] + model.l2.bias[0] - y) ** 2),
+    )
+
+
+def through_grad(x, w):
+    return jax.grad(mlp, 1)(x, w)
+
+
+def through_value_and_grad(x, w):
+    value, grads = jax.value_and_grad(mlp, 1)(x, w)
+    return value + grads.sum()
+
+
+def through_checkpoint(x, w):
+    return jax.checkpoint(mlp)(x, w)
+
+
+def through_jvp(x, w):
+    primal, tangent = jax.jvp(mlp, (x, w), (jnp.ones_like(x), jnp.zeros_like(w)))
+    return primal + tangent
+
+
+def through_jacfwd(x, w):
+    return jax.jacfwd(mlp)(x, w)
+
+
+@pytest.mark.parametrize(
+    "fn, returns",
+    [
+        (through_grad, False),
+        (through_value_and_grad, False),
+        (through_jacfwd, False),
+        (through_checkpoint, True),
+        (through_jvp, True),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_names_inside_a_transformed_function(fn, returns, data):
+    x, w = data[0][0], data[1]
+    g = js.trace(fn, x, w)
+    allclose(g.value("mlp/h"), jnp.tanh(x @ w))
+    allclose(g.value("mlp/z"), 2.0 * jnp.tanh(x @ w))
+    allclose(g.value("out"), fn(x, w), rtol=1e-5)
+    # what the call returned is named after the function only when it is its value
+    assert ("mlp" in g.names()) == returns
+    if returns:
+        allclose(g.value("mlp"), mlp(x, w), rtol=1e-5)
+    # the whole function still equals the original's, for new arguments
+    new = (x[::-1], w.T)
+    allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
