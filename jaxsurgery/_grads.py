@@ -13,6 +13,7 @@ that take another path raise a SliceError.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -97,14 +98,21 @@ class GradsFunction:
         self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
+        self._warned = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.at_flat(self.graph._flatten_args(*args, **kwargs))
+        flat = self.graph._flatten_args(*args, **kwargs)
+        if not self._warned:  # once, at the first call (under jit: when it traces)
+            self._warned = True
+            for note in self.dropped:
+                warnings.warn(f"grads_fn: {note}", stacklevel=2)
+        return self.at_flat(flat)
 
     @property
     def notes(self) -> list[str]:
-        """Remarks about the edited program (a custom rule bypassed, ...)."""
-        return self._structured.notes
+        """Remarks about the edited program (a custom rule bypassed, a derivative a
+        custom rule drops, ...)."""
+        return [*self._structured.notes, *self.dropped]
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
         """``eps -> (sum of out with eps added at each wrt value, path hits)``."""
@@ -125,13 +133,20 @@ class GradsFunction:
             for m in self._inputs
         ]
 
-    def dropped(self, flat_args: Sequence[Any]) -> list[str]:
+    @functools.cached_property
+    def dropped(self) -> list[str]:
         """Notes for the ``custom_jvp`` calls whose rules drop the derivative of some
-        ``wrt`` value (see :mod:`jaxsurgery._rules`); traces the program once."""
+        ``wrt`` value (see :mod:`jaxsurgery._rules`): the same for every argument, found
+        by tracing the program once, abstractly."""
         from ._rules import dropped_derivatives
 
-        closed = C.make_jaxpr(self._total(flat_args), self._zeros())
-        return dropped_derivatives(closed.jaxpr, closed.jaxpr.invars)
+        program = self.graph._program
+        specs = [
+            jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
+            for v in program.vars[: program.num_inputs]
+        ]
+        closed = C.make_jaxpr(lambda args, eps: self._total(args)(eps), specs, self._zeros())
+        return dropped_derivatives(closed.jaxpr, closed.jaxpr.invars[len(specs) :])
 
     def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
         with no_reverse_through_while():

@@ -432,7 +432,7 @@ class Graph:
         args = self._require_args("g.grads")
         found = fn.at_flat(args)
         if any(not jnp.any(g) for g in found.values()):  # a zero (one scalar each): say if a
-            for note in fn.dropped(args):  # custom rule dropped it (not what the math says)
+            for note in fn.dropped:  # custom rule dropped it (not what the math says)
                 warnings.warn(f"g.grads: {note}", stacklevel=2)
         return found
 

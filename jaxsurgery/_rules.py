@@ -41,28 +41,94 @@ from . import _compat as C
 def dropped_derivatives(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> list[str]:
     """Notes for the ``custom_jvp`` calls of ``jaxpr`` (top level, and inside calls)
     whose rule ignores the tangent of an operand they return as it is, when that
-    operand is computed from ``inputs``."""
+    operand is computed from ``inputs``, the result reaches the outputs, and some
+    output's derivative with respect to some input is zero for every argument (JAX's
+    linearization of the jaxpr never reads that input's tangent there)."""
     notes: list[str] = []
-    _walk(jaxpr, set(inputs), notes)
+    _walk(jaxpr, set(inputs), _live(jaxpr, jaxpr.outvars), notes)
+    if notes and not _zero_somewhere(jaxpr, inputs):
+        return []  # the rule differentiates these inputs some other way
     return list(dict.fromkeys(notes))
 
 
-def _walk(jaxpr: C.Jaxpr, dependent: set[Any], notes: list[str]) -> None:
+def _live(jaxpr: C.Jaxpr, outs: Sequence[Any]) -> set[Any]:
+    """The vars of ``jaxpr`` that ``outs`` are computed from (and ``outs``)."""
+    live = {v for v in outs if isinstance(v, C.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(a for a in eqn.invars if isinstance(a, C.Var))
+    return live
+
+
+def _walk(jaxpr: C.Jaxpr, dependent: set[Any], live: set[Any], notes: list[str]) -> None:
     for eqn in jaxpr.eqns:
         reads = [isinstance(a, C.Var) and a in dependent for a in eqn.invars]
-        if not any(reads):
+        if not any(reads) or not any(v in live for v in eqn.outvars):
             continue
         name = eqn.primitive.name
         if name == "custom_jvp_call":
             body = C.called_jaxpr(eqn).jaxpr
             for j, out in enumerate(body.outvars):
                 k = _forwarded(body, out)
-                if k is not None and reads[k] and _ignores(eqn, k, j):
+                if k is not None and reads[k] and eqn.outvars[j] in live and _ignores(eqn, k, j):
                     notes.append(_note(eqn))
         elif name in C.CALL_PRIMITIVES and name not in C.CUSTOM_RULE_PRIMITIVES:
             body = C.called_jaxpr(eqn).jaxpr
-            _walk(body, {v for v, r in zip(body.invars, reads) if r}, notes)
+            wanted = [o for o, v in zip(body.outvars, eqn.outvars) if v in live]
+            _walk(body, {v for v, r in zip(body.invars, reads) if r}, _live(body, wanted), notes)
         dependent.update(v for v in eqn.outvars if not isinstance(v, C.DropVar))
+
+
+def _zero_somewhere(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> bool:
+    """Whether some float output computed from a float input has a derivative with
+    respect to it that is zero for every argument: JAX's linearization of the jaxpr
+    (traced once, abstractly) computes that output's tangent without reading the
+    input's. A jaxpr that cannot be linearized counts as zero (the notes stand)."""
+    ins = [v for v in dict.fromkeys(inputs) if _inexact(v)]
+    outs = [k for k, o in enumerate(jaxpr.outvars) if isinstance(o, C.Var) and _inexact(o)]
+    if not ins or not outs:
+        return False
+    reached = {v: _reached(jaxpr, v) for v in ins}
+    every = [*jaxpr.constvars, *jaxpr.invars]
+    at = [every.index(v) for v in ins]
+    n_consts = len(jaxpr.constvars)
+
+    def linear(*args: Any) -> Any:
+        primals, tangents = list(args[: len(every)]), args[len(every) :]
+
+        def run(*xs: Any) -> Any:
+            values = list(primals)
+            for i, x in zip(at, xs):
+                values[i] = x
+            return jax.core.eval_jaxpr(jaxpr, values[:n_consts], *values[n_consts:])
+
+        return jax.linearize(run, *[primals[i] for i in at])[1](*tangents)
+
+    specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in every]
+    try:
+        traced = C.make_jaxpr(linear, *specs, *[specs[i] for i in at])
+    except Exception:  # noqa: BLE001  (not linearizable: the notes stand)
+        return True
+    tangents = traced.jaxpr.invars[len(every) :]
+    for k in outs:
+        read = _live(traced.jaxpr, [traced.jaxpr.outvars[k]])
+        out = jaxpr.outvars[k]
+        if any(out in reached[v] and t not in read for v, t in zip(ins, tangents)):
+            return True
+    return False
+
+
+def _inexact(v: Any) -> bool:
+    return np.issubdtype(v.aval.dtype, np.inexact)
+
+
+def _reached(jaxpr: C.Jaxpr, source: Any) -> set[Any]:
+    """The vars of ``jaxpr`` computed from ``source`` (and ``source``)."""
+    reached = {source}
+    for eqn in jaxpr.eqns:
+        if any(isinstance(a, C.Var) and a in reached for a in eqn.invars):
+            reached.update(eqn.outvars)
+    return reached
 
 
 def _forwarded(body: C.Jaxpr, out: Any) -> int | None:
@@ -104,13 +170,7 @@ def _ignores(eqn: C.JaxprEqn, k: int, j: int) -> bool:
 def _reads(jaxpr: C.Jaxpr, source: Any, target: Any) -> bool:
     """Whether ``target`` depends on ``source`` in ``jaxpr`` (an equation's results all
     depend on any of its operands)."""
-    if not isinstance(target, C.Var):
-        return False
-    reached = {source}
-    for eqn in jaxpr.eqns:
-        if any(isinstance(a, C.Var) and a in reached for a in eqn.invars):
-            reached.update(eqn.outvars)
-    return target in reached
+    return isinstance(target, C.Var) and target in _reached(jaxpr, source)
 
 
 def _note(eqn: C.JaxprEqn) -> str:

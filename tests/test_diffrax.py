@@ -88,6 +88,8 @@ def test_a_slice_inside_the_solver_loop_says_when_the_adjoint_drops_its_derivati
     dy3 = g.value("dy@3")
     allclose(s(dy3 + 1.0), euler_by_hand(jnp.ones(2)), rtol=1e-5)  # the values are right
     assert any("diffrax.ForwardMode()" in n for n in s.notes), s.notes
+    # from the loop's inputs the rule is what differentiates, rightly: no such note
+    assert not any("ignores the tangent" in n for n in g.slice("y0", "out").notes)
     # forward mode differentiates the loop itself: the derivative is the hand-written one
     g = js.trace(euler_solve(diffrax.ForwardMode()), Y0, THETA)
     s = g.slice("dy@3", "out")
@@ -107,3 +109,15 @@ def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         allclose(g.grads("out", ["y0"])["y0"], jax.grad(solve)(Y0, THETA), rtol=1e-5)
+        at_inputs = jax.jit(g.grads_fn("out", ["y0"]))
+        allclose(at_inputs(Y0, THETA)["y0"], jax.grad(solve)(Y0, THETA), rtol=1e-5)
+    # grads_fn, being traceable, cannot look at its values: it warns once, when first
+    # called (under jit: when traced), whatever the arguments, and lists the note
+    fn = g.grads_fn("out", ["dy@3"])
+    assert any("diffrax.ForwardMode()" in n for n in fn.notes), fn.notes
+    monitor = jax.jit(fn)
+    with pytest.warns(UserWarning, match=r"grads_fn: .*diffrax\.ForwardMode\(\)"):
+        allclose(monitor(Y0 * 2.0, THETA)["dy@3"], jnp.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor(Y0, THETA * 0.5)  # warned already
