@@ -18,10 +18,10 @@ functions (rebuilt around the rewritten body with the same rules). Library code
 (Flax, Haiku, Equinox internals) runs untouched inside its frame; its values are
 named by scopes instead.
 
-A JAX transform applied where it is called (``jax.vmap(model)(x)``,
+A JAX transform applied inside the traced function (``jax.vmap(model)(x)``,
 ``jax.value_and_grad(loss)(w, x)``, ``jax.checkpoint``, ``jax.jvp``, Equinox's
-``filter_vmap``/``filter_value_and_grad``...) transforms the rewritten copy of a user
-function, so the names inside are recorded: a name holds the batch under ``vmap`` and
+``filter_vmap``/``filter_value_and_grad``, NNX's ``nnx.value_and_grad``...) transforms
+the rewritten copy of a user function, so the names inside are recorded: a name holds the batch under ``vmap`` and
 the forward value under a derivative (:func:`jaxsurgery._compat.tracer_atom`). The call
 of a derivative names what the function binds, not what the call returns.
 
@@ -582,7 +582,8 @@ def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
     }
 
 
-#: JAX and Equinox transforms of a function, by what they return: the same function,
+#: Transforms of a function in JAX (and in Equinox and Flax NNX, by the same names), by
+#: what they return: the same function,
 #: batched or rematerialised (its value is the function's); a derivative (its value is
 #: not); or the transform runs the function at once (``jax.jvp(f, primals, tangents)``)
 _SAME, _DERIVATIVE, _RUNS = "same", "derivative", "runs"
@@ -597,23 +598,33 @@ _TRANSFORM_KINDS = {
 }
 
 
+#: libraries with transforms of their own, once imported (they rewrite plain functions)
+_TRANSFORM_LIBRARIES = ("equinox", "flax.nnx")
+
+
 @functools.cache
-def _transforms(with_equinox: bool) -> dict[int, tuple[str, str]]:
-    """``id(transform) -> (kind, its name)`` for the transforms of
-    :data:`_TRANSFORM_KINDS` (Equinox's too once it is imported)."""
-    modules = [jax, sys.modules["equinox"]] if with_equinox else [jax]
-    return {
-        id(t): (kind, name)
-        for kind, names in _TRANSFORM_KINDS.items()
-        for module in modules
-        for name in names
-        if (t := getattr(module, name, None)) is not None
-    }
+def _transforms(libraries: tuple[str, ...]) -> dict[int, tuple[str, str]]:
+    """``id(transform) -> (kind, its function parameter)`` for the transforms of
+    :data:`_TRANSFORM_KINDS` in JAX and the imported ``libraries``."""
+    modules = [jax, *(sys.modules[name] for name in libraries)]
+    found = {}
+    for kind, names in _TRANSFORM_KINDS.items():
+        for module in modules:
+            for name in names:
+                t = getattr(module, name, None)
+                if t is not None and id(t) not in found:
+                    try:
+                        param = next(iter(inspect.signature(t).parameters))
+                    except (TypeError, ValueError, StopIteration):
+                        param = "fun"
+                    found[id(t)] = (kind, param)
+    return found
 
 
 def _transform(fn: Any) -> tuple[str, str] | None:
-    """``(kind, name)`` if ``fn`` is a transform of :data:`_TRANSFORM_KINDS`."""
-    return _transforms("equinox" in sys.modules).get(id(fn))
+    """``(kind, function parameter)`` if ``fn`` is a transform of :data:`_TRANSFORM_KINDS`."""
+    loaded = tuple(name for name in _TRANSFORM_LIBRARIES if name in sys.modules)
+    return _transforms(loaded).get(id(fn))
 
 
 #: functions a derivative transform returned: their call's frame names what the
@@ -641,21 +652,21 @@ def _is_derivative(fn: Any) -> bool:
         return False
 
 
-def _with_rewritten_function(transform: Any, kind: str, name: str) -> Any:
+def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
     """``transform`` (``jax.vmap``, ``jax.grad``...) applied to the rewritten copy of its
     function when that is user code, so that the names inside are recorded.
 
     The call of what it returns opens the frame (``jax.vmap(f)(x)`` is the call ``f``,
     whose values are batches); a transform that runs the function at once
-    (``jax.jvp``) runs it in a frame of its own, as a loop runs its body. Equinox's
-    transforms rewrite plain functions only (a module is a pytree to them).
+    (``jax.jvp``) runs it in a frame of its own, as a loop runs its body. Equinox's and
+    NNX's transforms rewrite plain functions only (a module is a pytree to them).
     """
-    if kind == _RUNS:  # the function's parameter: filter_jvp(fn, ...), jvp(fun, ...)
-        return _with_named_bodies(transform, ((0, "fn" if name == "filter_jvp" else "fun"),))
-    is_equinox = transform.__module__.startswith("equinox")
+    if kind == _RUNS:
+        return _with_named_bodies(transform, ((0, param),))
+    from_jax = transform.__module__.split(".", 1)[0] == "jax"
 
     def run(fun: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if fun is None or (is_equinox and not isinstance(fun, types.FunctionType)):
+        if fun is None or not (from_jax or isinstance(fun, types.FunctionType)):
             return transform(*args, **kwargs) if fun is None else transform(fun, *args, **kwargs)
         inner, reason = rewritten(fun)
         out = transform(fun if reason else inner, *args, **kwargs)

@@ -1,6 +1,7 @@
 """Names inside JAX transforms of user functions: ``jax.vmap(model)(x)``,
-``jax.value_and_grad(loss)(params, ...)``, ``jax.checkpoint(f)``, ``jax.jvp(f, ...)``
-and Equinox's ``filter_*`` twins run the rewritten function, so what it binds is named
+``jax.value_and_grad(loss)(params, ...)``, ``jax.checkpoint(f)``, ``jax.jvp(f, ...)``,
+Equinox's ``filter_*`` and Flax NNX's twins, applied inside the traced function (called
+at once or later), run the rewritten function, so what it binds is named
 (``loss/model/hidden``): under ``vmap`` a name holds the batch, under a derivative the
 forward pass's value. A derivative's call does not name what it returns after the
 function (``jax.grad(loss)(w)`` is a gradient, not ``loss``).
@@ -9,11 +10,13 @@ References: the same computations written by hand.
 """
 
 import equinox as eqx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from conftest import allclose, check_slice
+from flax import nnx
 
 import jaxsurgery as js
 
@@ -143,3 +146,79 @@ def test_names_inside_a_transformed_function(fn, returns, data):
     # the whole function still equals the original's, for new arguments
     new = (x[::-1], w.T)
     allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(3, 8, rngs=rngs)
+        self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+        hidden = nnx.relu(self.l1(x))
+        return self.l2(hidden)
+
+
+def nnx_loss(model, x, y):
+    pred = model(x)[:, 0]
+    return jnp.mean((pred - y) ** 2)
+
+
+def test_an_nnx_gradient_made_before_its_call_names_the_forward_pass():
+    model = NNXMLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def step(state, x, y):
+        model = nnx.merge(graphdef, state)
+        grad_fn = nnx.value_and_grad(nnx_loss)  # transformed here, called below
+        loss, grads = grad_fn(model, x, y)
+        return loss, grads
+
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    y = jnp.linspace(-1.0, 1.0, 5)
+    g = js.trace(step, state, x, y)
+    hidden = jax.nn.relu(x @ model.l1.kernel[...] + model.l1.bias[...])
+    pred = model(x)[:, 0]
+    allclose(g.value("grad_fn/model/hidden"), hidden)
+    allclose(g.value("grad_fn/pred"), pred)
+    assert not any(n.startswith("grad_fn[") for n in g.names())  # not the gradient's name
+    check_slice(g.slice("grad_fn/pred", "loss"), (pred,), lambda p: jnp.mean((p - y) ** 2))
+    check_slice(
+        g.slice("grad_fn/pred", "grads['l2']['bias'].value"),
+        (pred,),
+        lambda p: 2.0 * jnp.mean(p - y)[None],
+    )
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8)(x))
+        return nn.Dense(1)(h)[:, 0]
+
+
+def test_a_flax_linen_optax_step_names_what_its_loss_binds():
+    model = LinenMLP()
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    y = jnp.linspace(-1.0, 1.0, 5)
+    params = model.init(jax.random.key(0), x)
+    opt_state = OPTIMIZER.init(params)
+
+    def loss_fn(params, x, y):
+        pred = model.apply(params, x)
+        return jnp.mean((pred - y) ** 2)
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    g = js.trace(step, params, opt_state, x, y)
+    pred = model.apply(params, x)
+    allclose(g.value("loss_fn/pred"), pred)
+    allclose(g.value("LinenMLP/Dense_0"), x @ params["params"]["Dense_0"]["kernel"]
+             + params["params"]["Dense_0"]["bias"])  # fmt: skip
+    check_slice(g.slice("loss_fn/pred", "loss"), (pred,), lambda p: jnp.mean((p - y) ** 2))
+    # the whole step for new arguments still equals the original
+    new = (params, opt_state, x * 2.0, y[::-1])
+    for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), jax.tree.leaves(step(*new))):
+        allclose(ours, theirs, rtol=1e-5)
