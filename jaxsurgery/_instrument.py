@@ -505,6 +505,8 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     recorder = _current()
     if recorder is None:
         return fn
+    if type(fn) is _Framed:  # a transformed user function: its frame, named at the call
+        return functools.partial(fn.call, label)
     known = recorder.targets.get(id(fn))
     if known is None or known[0] is not fn:
         known = recorder.targets[id(fn)] = (fn, *_call_target(fn))
@@ -517,7 +519,6 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     if target is _TRANSFORM:
         return _with_rewritten_function(fn, *_transform(fn))
     name = recorder.label(label, fn)
-    named = not (_DERIVATIVES and _is_derivative(fn))  # a gradient is not the function's
 
     def run(*args: Any, **kwargs: Any) -> Any:
         frame = recorder.enter(name, fn)
@@ -528,7 +529,7 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
             if jitted is not None:
                 recorder.jit_called(frame, start, jitted, (args, kwargs), out)
         finally:
-            recorder.leave(frame, out if named else None)
+            recorder.leave(frame, out)
         return out
 
     return run
@@ -627,52 +628,67 @@ def _transform(fn: Any) -> tuple[str, str] | None:
     return _transforms(loaded).get(id(fn))
 
 
-#: functions a derivative transform returned: their call's frame names what the
-#: function's body binds, not what the call returns (a gradient, not the function)
-_DERIVATIVES: weakref.WeakSet[Any] = weakref.WeakSet()
+class _Framed:
+    """A transform of a rewritten user function (``jax.vmap(model)``), which runs in a
+    frame of its own: named at its call (``pred = jax.vmap(model)(x)`` is the call
+    ``model``, ``grad_fn(w)`` the call ``grad_fn``), else after the function. ``named``:
+    what the call returns is the function's value (a batch of it), not a derivative."""
 
+    __slots__ = ("fn", "of", "named", "__weakref__")  # jax.jit refers to it weakly
 
-def _derivative(fn: Any, of: Any) -> Any:
-    """``fn``, a derivative of ``of``, as a plain function its call is named after
-    (``jax.grad(loss)(w)`` is the call ``loss``) that :data:`_DERIVATIVES` holds."""
+    def __init__(self, fn: Any, of: Any, named: bool) -> None:
+        self.fn, self.of, self.named = fn, of, named
 
-    def derivative(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(None, *args, **kwargs)
 
-    derivative.__wrapped__ = of  # type: ignore[attr-defined]
-    derivative.__name__ = _callable_name(of)
-    _DERIVATIVES.add(derivative)
-    return derivative
-
-
-def _is_derivative(fn: Any) -> bool:
-    try:
-        return fn in _DERIVATIVES
-    except TypeError:  # not weakly referenceable
-        return False
+    def call(self, label: str | None, *args: Any, **kwargs: Any) -> Any:
+        recorder = _current()
+        if recorder is None:
+            return self.fn(*args, **kwargs)
+        frame = recorder.enter(recorder.label(label, self.of), self.of)
+        out = None
+        try:
+            out = self.fn(*args, **kwargs)
+        finally:
+            recorder.leave(frame, out if self.named else None)
+        return out
 
 
 def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
     """``transform`` (``jax.vmap``, ``jax.grad``...) applied to the rewritten copy of its
-    function when that is user code, so that the names inside are recorded.
+    function when that is user code (a function, method, callable object or
+    ``functools.partial`` of one), so that the names inside are recorded, in the frame
+    of the transformed function's call (:class:`_Framed`).
 
-    The call of what it returns opens the frame (``jax.vmap(f)(x)`` is the call ``f``,
-    whose values are batches); a transform that runs the function at once
-    (``jax.jvp``) runs it in a frame of its own, as a loop runs its body. Equinox's and
-    NNX's transforms rewrite plain functions only (a module is a pytree to them).
+    A transform that runs the function at once (``jax.jvp``) runs it in a frame of its
+    own, as a loop runs its body. Equinox's and NNX's transforms rewrite plain
+    functions only (a module is a pytree to them). A decorator factory
+    (``eqx.filter_grad(has_aux=True)``) gives a decorator that does the same.
     """
     if kind == _RUNS:
         return _with_named_bodies(transform, ((0, param),))
     from_jax = transform.__module__.split(".", 1)[0] == "jax"
 
-    def run(fun: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if fun is None or not (from_jax or isinstance(fun, types.FunctionType)):
-            return transform(*args, **kwargs) if fun is None else transform(fun, *args, **kwargs)
-        inner, reason = rewritten(fun)
-        out = transform(fun if reason else inner, *args, **kwargs)
-        if kind == _DERIVATIVE and callable(out):
-            out = _derivative(out, fun)
-        return out
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            fun, args = args[0], args[1:]
+        else:
+            fun = kwargs.pop(param, None)
+        if fun is None or isinstance(fun, type) or not callable(fun):  # a factory
+            if fun is not None:  # a sentinel for "no function" (flax's Missing)
+                args = (fun, *args)
+            return lambda f: run(f, *args, **kwargs)
+        plain = isinstance(fun, types.FunctionType) or (
+            isinstance(fun, functools.partial) and isinstance(fun.func, types.FunctionType)
+        )
+        inner, reason = rewritten(fun) if from_jax or plain else (fun, "library")
+        if reason:
+            return transform(fun, *args, **kwargs)
+        of = fun
+        while isinstance(of, functools.partial):
+            of = of.func
+        return _Framed(transform(inner, *args, **kwargs), of, named=kind == _SAME)
 
     return run
 
@@ -731,6 +747,7 @@ def _is_user_function(fn: Any) -> bool:
         isinstance(fn, types.FunctionType)
         and not hasattr(fn, "__wrapped__")
         and _is_user_file(fn.__code__.co_filename)
+        and (fn.__module__ or "").split(".", 1)[0] != "jaxsurgery"  # ours, also uninstalled
     )
 
 

@@ -9,6 +9,8 @@ function (``jax.grad(loss)(w)`` is a gradient, not ``loss``).
 References: the same computations written by hand.
 """
 
+import functools
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -222,3 +224,71 @@ def test_a_flax_linen_optax_step_names_what_its_loss_binds():
     new = (params, opt_state, x * 2.0, y[::-1])
     for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), jax.tree.leaves(step(*new))):
         allclose(ours, theirs, rtol=1e-5)
+
+
+def loss_wx(w, x):
+    h = jnp.tanh(x @ w)
+    return jnp.sum(h**2)
+
+
+class Loss:
+    def __call__(self, w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(h**2)
+
+
+# each binds an `h` of its own (2 * xs) and transforms something that is not a plain
+# function: a partial, a callable object, another transform; or uses a factory form
+def grad_of_partial(w, xs):
+    h = xs * 2.0
+    return jax.grad(functools.partial(loss_wx, x=h))(w)
+
+
+def vmap_of_partial(w, xs):
+    h = xs * 2.0
+    return jax.vmap(functools.partial(loss_wx, w))(h)
+
+
+def grad_of_object(w, xs):
+    h = xs * 2.0
+    return jax.grad(Loss())(w, h)
+
+
+def vmap_of_grad(w, xs):
+    h = xs * 2.0
+    return jax.vmap(jax.grad(loss_wx), (None, 0))(w, h).sum(0)
+
+
+def grad_factory(w, xs):
+    h = xs * 2.0
+    return eqx.filter_grad(has_aux=False)(loss_wx)(w, h)
+
+
+def jit_of_grad(w, xs):
+    h = xs * 2.0
+    return jax.jit(jax.grad(loss_wx))(w, h)
+
+
+@pytest.mark.parametrize(
+    "fn, inner",
+    [
+        (grad_of_partial, "loss_wx"),
+        (vmap_of_partial, "loss_wx"),
+        (grad_of_object, "Loss"),
+        (vmap_of_grad, "loss_wx"),
+        (grad_factory, "loss_wx"),
+        (jit_of_grad, "loss_wx"),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_the_transformed_function_has_a_frame_of_its_own(fn, inner, data):
+    xs, w = data
+    g = js.trace(fn, w, xs)
+    allclose(g.value("h"), 2.0 * xs)  # the caller's own h, unambiguous
+    allclose(g.value(f"{inner}/h"), jnp.tanh(2.0 * xs @ w))
+    if fn is vmap_of_partial:  # what the call returns is the function's value, batched
+        allclose(g.value(inner), jax.vmap(functools.partial(loss_wx, w))(2.0 * xs))
+    else:  # a gradient, not the function's value
+        assert not any(n == inner or n.startswith(f"{inner}[") for n in g.names())
+    allclose(g.value("out"), fn(w, xs), rtol=1e-5)
+    allclose(g.as_function()(w.T, xs[::-1]), fn(w.T, xs[::-1]), rtol=1e-5)
