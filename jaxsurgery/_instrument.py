@@ -747,8 +747,12 @@ def _is_user_function(fn: Any) -> bool:
         isinstance(fn, types.FunctionType)
         and not hasattr(fn, "__wrapped__")
         and _is_user_file(fn.__code__.co_filename)
-        and (fn.__module__ or "").split(".", 1)[0] != "jaxsurgery"  # ours, also uninstalled
+        and not fn.__code__.co_filename.startswith(_OWN_FILES)  # ours, also uninstalled
     )
+
+
+#: where jaxsurgery's own functions are (a doctest's functions, though in its modules, are not)
+_OWN_FILES = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def rewritten(fn: Any) -> tuple[Any, str | None]:
