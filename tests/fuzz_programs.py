@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 SHAPE = (3, 4)
 
-#: how many random programs ``test_fuzz`` draws (the other fuzz tests scale it): 300 in
+#: how many random programs ``test_fuzz`` draws (the other fuzz tests scale it): 200 in
 #: ``make test``, which keeps CI's two runs under its time budget; ``make fuzz`` runs 5000
-EXAMPLES = int(os.environ.get("JS_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("JS_FUZZ_EXAMPLES", "200"))
 
 OPS = [
     "sin",

@@ -17,7 +17,7 @@ Python ``if``):
   shielding each other, conds in the window deciding again), with its JVP and VJP.
 
 The run is deterministic (``derandomize``); ``JS_FUZZ_EXAMPLES`` scales it as in
-``test_fuzz`` (here 4/25 of it: 48 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``; each
+``test_fuzz`` (here 4/25 of it: 32 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``; each
 example compiles). ``JS_FUZZ_SHRINK=1`` shrinks a failing example (minutes).
 """
 
