@@ -767,6 +767,10 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         isinstance(fn, types.MethodType) and _is_user_function(fn.__func__)
     ):
         return instrument(fn)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and _is_user_function(getattr(fn, "__func__", None)):
+        # a bound method of another kind (Equinox's, a pytree of its module): rebound
+        return instrument(types.MethodType(fn.__func__, owner))
     jitted = _jitted(fn)
     if jitted is not None:  # a jax.jit-ed user function
         return jitted.jit, jitted.reason

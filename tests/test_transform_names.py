@@ -292,3 +292,35 @@ def test_the_transformed_function_has_a_frame_of_its_own(fn, inner, data):
         assert not any(n == inner or n.startswith(f"{inner}[") for n in g.names())
     allclose(g.value("out"), fn(w, xs), rtol=1e-5)
     allclose(g.as_function()(w.T, xs[::-1]), fn(w.T, xs[::-1]), rtol=1e-5)
+
+
+class Encoder(eqx.Module):
+    l1: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.l1 = eqx.nn.Linear(3, 8, key=key)
+
+    def encode(self, x):
+        enc = jnp.tanh(self.l1(x))
+        return enc
+
+    def __call__(self, xs):
+        e = jax.vmap(self.encode)(xs)  # an Equinox bound method (a pytree) through vmap
+        return e.sum()
+
+
+def test_an_equinox_method_is_rewritten_directly_and_through_vmap():
+    model = Encoder(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (5, 3))
+    enc = jnp.tanh(xs @ model.l1.weight.T + model.l1.bias)
+
+    def direct(model, x):
+        return model.encode(x)
+
+    def batched(model, xs):
+        return model(xs)
+
+    allclose(js.trace(direct, model, xs[0]).value("model.encode/enc"), enc[0])
+    g = js.trace(batched, model, xs)
+    allclose(g.value("model/encode/enc"), enc)
+    check_slice(g.slice("model/encode/enc", "out"), (enc,), jnp.sum)
