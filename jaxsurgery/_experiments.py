@@ -71,8 +71,11 @@ class PatchFunction:
     def __init__(self, graph: Graph, selector: Selector):
         from ._loop_slice import _given
 
+        from ._patch_graph import warn_if_differentiated
+
         self.graph = graph
         self.keys, self.vars = _select.keyed(graph, selector)
+        warn_if_differentiated(graph, self.vars, "g.patch_fn")
         self._sites = [graph._site_of(v) for v in self.vars]
         self._fns = [_given(v.shape, v.dtype) for v in self.vars]
 

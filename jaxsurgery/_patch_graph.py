@@ -23,6 +23,7 @@ ways:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +45,55 @@ if TYPE_CHECKING:
 UNPATCHED = ".unpatched"
 
 
+#: the name-stack marks of JAX's derivative transforms (jax.grad's forward pass is
+#: ``jvp``, its backward pass ``transpose(jvp)``)
+_DERIVATIVE_TRANSFORMS = frozenset({"jvp", "transpose", "linearize"})
+
+
+def differentiated(graph: Graph, var: Var) -> bool:
+    """Whether JAX differentiates ``var`` inside the traced function: the equation that
+    makes it (or, in a folded loop, the loop's) is marked by a derivative transform
+    (``jax.grad``, ``jax.jvp``, ``jacfwd``...)."""
+    program = graph._program
+    if graph._virtual(var.index):
+        site = graph._site(var.index)
+        if site is None or not site.steps:
+            return False
+        eqn = program.closed.jaxpr.eqns[site.steps[0].eqn]
+    else:
+        e = program.producer[var.index]
+        if e < 0:
+            return False
+        eqn = program.jaxpr.eqns[e]
+    return any(
+        type(s).__name__ == "Transform" and getattr(s, "name", None) in _DERIVATIVE_TRANSFORMS
+        for s in eqn.source_info.name_stack.stack
+    )
+
+
+def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> None:
+    """Warn that a patch of a value JAX differentiates inside the traced function is
+    not differentiated: the derivatives traced with it read the new value as they read
+    the old, so the patched function's gradients are not those of the function with
+    the patch (a patch made where the function is written would be)."""
+    found = [v.name for v in targets if differentiated(graph, v)]
+    if found:
+        warnings.warn(
+            f"{what}: {found[0]!r} is a value JAX differentiates inside the traced function "
+            "(under jax.grad, value_and_grad, jvp, ...). The derivatives it traced read the "
+            "patched value as they read the old one but do not differentiate the patch, so "
+            "the gradients this patched function computes are not those of the function "
+            "with the patch. To differentiate through a patch, trace the function before "
+            "its derivative (the loss), patch that, and differentiate it: "
+            "jax.grad(g.replace(...).as_function())",
+            stacklevel=5,  # the user's call (through Graph's method and its boundary)
+        )
+
+
 def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     """See :meth:`Graph.replace`."""
     _, targets = _select.tree(graph, selector)
+    warn_if_differentiated(graph, targets, "g.replace")
     edits = [Edit(v.index, _patch_jaxpr(v, value_or_fn), (v.index,)) for v in targets]
     return derive(graph, edits, f"replace({', '.join(v.name for v in targets)})")
 

@@ -10,6 +10,7 @@ References: the same computations written by hand.
 """
 
 import functools
+import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -324,3 +325,31 @@ def test_an_equinox_method_is_rewritten_directly_and_through_vmap():
     g = js.trace(batched, model, xs)
     allclose(g.value("model/encode/enc"), enc)
     check_slice(g.slice("model/encode/enc", "out"), (enc,), jnp.sum)
+
+
+def test_a_patch_of_a_value_jax_differentiates_says_its_gradients_miss_the_patch(data):
+    x, w = data[0][0], data[1]
+
+    def double(h):
+        return 2.0 * h
+
+    def step(w, x):
+        return jax.value_and_grad(loss_wx)(w, x)
+
+    def patched_by_hand(w, x):  # the patch where the function is written
+        return jnp.sum(double(jnp.tanh(x @ w)) ** 2)
+
+    g = js.trace(step, w, x)
+    with pytest.warns(UserWarning, match="do not differentiate the patch"):
+        patched = g.replace("loss_wx/h", double)
+    value, _ = patched.as_function()(w, x)
+    allclose(value, patched_by_hand(w, x), rtol=1e-5)  # the values see the patch
+    with pytest.warns(UserWarning, match="jax.grad\\(g.replace"):
+        g.patch_fn("loss_wx/h")
+    # the way the warning gives: trace the loss, patch it, differentiate that
+    loss_graph = js.trace(loss_wx, w, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing differentiated there, and under vmap
+        through = jax.grad(loss_graph.replace("h", double).as_function())(w, x)
+        js.trace(batched, data[0], w).replace("mlp/h", double)
+    allclose(through, jax.grad(patched_by_hand)(w, x), rtol=1e-5)
