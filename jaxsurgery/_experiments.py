@@ -70,7 +70,6 @@ class PatchFunction:
 
     def __init__(self, graph: Graph, selector: Selector):
         from ._loop_slice import _given
-
         from ._patch_graph import warn_if_differentiated
 
         self.graph = graph
