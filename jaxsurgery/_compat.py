@@ -73,6 +73,20 @@ def tracer_atom(x: Any) -> Any:
             return None
 
 
+#: the name-stack marks of JAX's derivative transforms (``jax.grad``'s forward pass is
+#: ``jvp``, its backward pass ``transpose(jvp)``)
+_DERIVATIVE_TRANSFORMS = frozenset({"jvp", "transpose", "linearize"})
+
+
+def under_derivative(eqn: JaxprEqn) -> bool:
+    """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...) made
+    ``eqn``: its name stack holds the transform's mark."""
+    return any(
+        type(s).__name__ == "Transform" and getattr(s, "name", None) in _DERIVATIVE_TRANSFORMS
+        for s in eqn.source_info.name_stack.stack
+    )
+
+
 def made_by_jit(x: Any) -> tuple[ClosedJaxpr, tuple[Var, ...]] | None:
     """``(called jaxpr, results)`` of the ``jit`` equation that made tracer ``x``, or None.
 

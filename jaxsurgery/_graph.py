@@ -571,7 +571,7 @@ class Graph:
     ) -> Graph:
         """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
         from ._match import match, rewrite_edits
-        from ._patch_graph import derive
+        from ._patch_graph import derive, warn_if_differentiated
 
         matches = match(self, pattern_fn, *args)
         if not matches:
@@ -579,6 +579,8 @@ class Graph:
                 f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
                 "nothing in this graph; check it with g.match(...) first"
             )
+        outputs = [v for m in matches for v in m.outputs]
+        warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
         return derive(self, rewrite_edits(self, matches, replacement_fn), "rewrite")
 
     def as_function(self) -> Callable[..., Any]:

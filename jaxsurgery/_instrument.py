@@ -21,9 +21,10 @@ named by scopes instead.
 A JAX transform applied inside the traced function (``jax.vmap(model)(x)``,
 ``jax.value_and_grad(loss)(w, x)``, ``jax.checkpoint``, ``jax.jvp``, Equinox's
 ``filter_vmap``/``filter_value_and_grad``, NNX's ``nnx.value_and_grad``...) transforms
-the rewritten copy of a user function, so the names inside are recorded: a name holds the batch under ``vmap`` and
-the forward value under a derivative (:func:`jaxsurgery._compat.tracer_atom`). The call
-of a derivative names what the function binds, not what the call returns.
+the rewritten copy of a user function, so the names inside are recorded: a name holds
+the batch under ``vmap`` and the forward value under a derivative
+(:func:`jaxsurgery._compat.tracer_atom`). The call of a derivative names what the
+function binds, not what the call returns.
 
 A ``jax.jit``-ed user function gets one rewritten twin per function object, so JAX's
 trace cache serves its repeated calls as it would the original's: a layer called 24
@@ -584,9 +585,9 @@ def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
 
 
 #: Transforms of a function in JAX (and in Equinox and Flax NNX, by the same names), by
-#: what they return: the same function,
-#: batched or rematerialised (its value is the function's); a derivative (its value is
-#: not); or the transform runs the function at once (``jax.jvp(f, primals, tangents)``)
+#: what they return: the same function, batched or rematerialised (its value is the
+#: function's); a derivative (its value is not); or the transform runs the function at
+#: once (``jax.jvp(f, primals, tangents)``)
 _SAME, _DERIVATIVE, _RUNS = "same", "derivative", "runs"
 _TRANSFORM_KINDS = {
     _SAME: ("vmap", "checkpoint", "remat", "named_call", "filter_vmap", "filter_checkpoint"),

@@ -45,11 +45,6 @@ if TYPE_CHECKING:
 UNPATCHED = ".unpatched"
 
 
-#: the name-stack marks of JAX's derivative transforms (jax.grad's forward pass is
-#: ``jvp``, its backward pass ``transpose(jvp)``)
-_DERIVATIVE_TRANSFORMS = frozenset({"jvp", "transpose", "linearize"})
-
-
 def differentiated(graph: Graph, var: Var) -> bool:
     """Whether JAX differentiates ``var`` inside the traced function: the equation that
     makes it (or, in a folded loop, the loop's) is marked by a derivative transform
@@ -65,13 +60,12 @@ def differentiated(graph: Graph, var: Var) -> bool:
         if e < 0:
             return False
         eqn = program.jaxpr.eqns[e]
-    return any(
-        type(s).__name__ == "Transform" and getattr(s, "name", None) in _DERIVATIVE_TRANSFORMS
-        for s in eqn.source_info.name_stack.stack
-    )
+    return C.under_derivative(eqn)
 
 
-def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> None:
+def warn_if_differentiated(
+    graph: Graph, targets: Sequence[Var], what: str, stacklevel: int = 5
+) -> None:
     """Warn that a patch of a value JAX differentiates inside the traced function is
     not differentiated: the derivatives traced with it read the new value as they read
     the old, so the patched function's gradients are not those of the function with
@@ -86,7 +80,7 @@ def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> N
             "with the patch. To differentiate through a patch, trace the function before "
             "its derivative (the loss), patch that, and differentiate it: "
             "jax.grad(g.replace(...).as_function())",
-            stacklevel=5,  # the user's call (through Graph's method and its boundary)
+            stacklevel=stacklevel,  # the user's call (through Graph's method, its boundary)
         )
 
 

@@ -346,6 +346,8 @@ def test_a_patch_of_a_value_jax_differentiates_says_its_gradients_miss_the_patch
     allclose(value, patched_by_hand(w, x), rtol=1e-5)  # the values see the patch
     with pytest.warns(UserWarning, match="jax.grad\\(g.replace"):
         g.patch_fn("loss_wx/h")
+    with pytest.warns(UserWarning, match="g.rewrite: .* do not differentiate the patch"):
+        g.rewrite(jnp.tanh, jax.nn.gelu, jnp.ones((3, 4)))  # its backward pass is tanh's
     # the way the warning gives: trace the loss, patch it, differentiate that
     loss_graph = js.trace(loss_wx, w, x)
     with warnings.catch_warnings():
