@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-import jax
+import os
+
+# XLA's CPU backend optimisations off for the tests (unless XLA_FLAGS says otherwise):
+# compiling dominates the suite, and this saves about a fifth of its CPU time. Results
+# are compared with references computed in the same process, HLO equality is checked
+# before the backend, and the benchmarks run with XLA's defaults. Notebook kernels
+# inherit it.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+
+import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp
 import numpy as np
 import pytest
