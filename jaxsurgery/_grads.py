@@ -137,10 +137,12 @@ class GradsFunction:
     def dropped(self) -> list[str]:
         """Notes for the ``custom_jvp`` calls whose rules drop the derivative of some
         ``wrt`` value (see :mod:`jaxsurgery._rules`): the same for every argument, found
-        by tracing the program once, abstractly."""
-        from ._rules import dropped_derivatives
+        by tracing the program once, abstractly (only if it has such a call at all)."""
+        from ._rules import dropped_derivatives, may_drop
 
         program = self.graph._program
+        if not may_drop(program.closed.jaxpr):
+            return []
         specs = [
             jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
             for v in program.vars[: program.num_inputs]

@@ -51,6 +51,20 @@ def dropped_derivatives(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+def may_drop(jaxpr: C.Jaxpr) -> bool:
+    """Whether ``jaxpr`` holds, anywhere inside, a ``custom_jvp`` call that returns one
+    of its operands as it is: the only calls :func:`dropped_derivatives` looks at
+    (``jax.nn.relu``'s, say, does not), found without tracing anything."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_jvp_call":
+            body = C.called_jaxpr(eqn).jaxpr
+            if any(_forwarded(body, out) is not None for out in body.outvars):
+                return True
+        if any(may_drop(inner) for inner in C.inner_jaxprs(eqn)):
+            return True
+    return False
+
+
 def _live(jaxpr: C.Jaxpr, outs: Sequence[Any]) -> set[Any]:
     """The vars of ``jaxpr`` that ``outs`` are computed from (and ``outs``)."""
     live = {v for v in outs if isinstance(v, C.Var)}
