@@ -140,9 +140,11 @@ class GradsFunction:
         by tracing the program once, abstractly (only if it has such a call at all)."""
         from ._rules import dropped_derivatives, may_drop
 
-        program = self.graph._program
-        if not may_drop(program.closed.jaxpr):
+        structured = self._structured  # what runs: the nested program and its edits
+        jaxprs = [structured.closed.jaxpr, *(e.fn.jaxpr for e in structured.edits if e.fn)]
+        if not any(may_drop(j) for j in jaxprs):
             return []
+        program = self.graph._program
         specs = [
             jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
             for v in program.vars[: program.num_inputs]

@@ -54,7 +54,7 @@ def differentiated(graph: Graph, var: Var) -> bool:
         site = graph._site(var.index)
         if site is None or not site.steps:
             return False
-        eqn = program.closed.jaxpr.eqns[site.steps[0].eqn]
+        eqn = graph._structure.closed.jaxpr.eqns[site.steps[0].eqn]  # the loop's, say
     else:
         e = program.producer[var.index]
         if e < 0:
