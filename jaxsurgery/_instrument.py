@@ -518,6 +518,9 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     if target is _CONTROL_FLOW:
         return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
     if target is _TRANSFORM:
+        if isinstance(fn, functools.partial):  # functools.partial(jax.grad, has_aux=True)
+            transform = _with_rewritten_function(fn.func, *_transform(fn.func))
+            return functools.partial(transform, *fn.args, **fn.keywords)
         return _with_rewritten_function(fn, *_transform(fn))
     name = recorder.label(label, fn)
 
@@ -560,7 +563,7 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     ``_CONTROL_FLOW`` for a ``lax`` loop or conditional."""
     if id(fn) in _control_flow_bodies():
         return _CONTROL_FLOW, None
-    if _transform(fn) is not None:
+    if _transform(fn.func if isinstance(fn, functools.partial) else fn):
         return _TRANSFORM, None
     if _is_jax_or_builtin(fn):
         return None, None

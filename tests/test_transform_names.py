@@ -270,6 +270,11 @@ def jit_of_grad(w, xs):
     return jax.jit(jax.grad(loss_wx))(w, h)
 
 
+def partial_of_grad(w, xs):
+    h = xs * 2.0
+    return functools.partial(jax.grad, argnums=0)(loss_wx)(w, h)
+
+
 @pytest.mark.parametrize(
     "fn, inner",
     [
@@ -279,6 +284,7 @@ def jit_of_grad(w, xs):
         (vmap_of_grad, "loss_wx"),
         (grad_factory, "loss_wx"),
         (jit_of_grad, "loss_wx"),
+        (partial_of_grad, "loss_wx"),
     ],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
