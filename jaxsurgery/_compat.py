@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+from jax._src import core as _core  # the running trace (trace_ctx)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
 from jax._src.interpreters import batching as _batching  # vmap tracers: their batch
@@ -71,6 +72,26 @@ def tracer_atom(x: Any) -> Any:
             x = x.primal
         else:
             return None
+
+
+def tracer_jaxpr_trace(x: Any) -> Any:
+    """The ``make_jaxpr`` trace (a jaxpr being built) whose var :func:`tracer_atom`
+    gives, or None: a value under ``vmap`` or a JVP belongs to the trace of the value
+    it carries."""
+    while True:
+        if isinstance(x, _pe.DynamicJaxprTracer):
+            return x._trace
+        if isinstance(x, _batching.BatchTracer):
+            x = x.val
+        elif isinstance(x, _PRIMAL_TRACERS):
+            x = x.primal
+        else:
+            return None
+
+
+def current_trace() -> Any:
+    """The trace running now (the jaxpr being built, or a transform's trace)."""
+    return _core.trace_ctx.trace
 
 
 #: the name-stack marks of JAX's derivative transforms (``jax.grad``'s forward pass is

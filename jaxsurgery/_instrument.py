@@ -1,12 +1,12 @@
 """Python names: rewrite the traced function so assignments and calls report themselves.
 
 ``js.trace`` runs a copy of the user's function whose assignments are followed by a
-call ``__js_mark__("z1", z1)``, and whose calls ``f2(x)`` become
+mark ``z1 = __js_mark__("z1", z1)``, and whose calls ``f2(x)`` become
 ``__js_call__("f2", f2)(x)``. A mark records which traced value a name holds; a call
 wrapper opens a *frame* (so names inside are qualified, ``f2/h``), runs a rewritten
 copy of the callee when it is user code, and records what the call returned. Neither
-adds an **equation** to the program, so tracing costs the same as ``jax.make_jaxpr``
-plus a few Python calls per statement.
+adds an **equation** to the program (but under a transform, below), so tracing costs the
+same as ``jax.make_jaxpr`` plus a few Python calls per statement.
 
 Which calls open a frame: calls of anything that is not JAX itself, numpy or a
 builtin: user functions, methods (``self.l1(x)`` is the call ``l1``), callable
@@ -24,7 +24,11 @@ A JAX transform applied inside the traced function (``jax.vmap(model)(x)``,
 the rewritten copy of a user function, so the names inside are recorded: a name holds
 the batch under ``vmap`` and the forward value under a derivative
 (:func:`jaxsurgery._compat.tracer_atom`). The call of a derivative names what the
-function binds, not what the call returns.
+function binds, not what the call returns. Such a transform remakes whole the
+sub-programs traced inside it (a ``jit`` call, a loop body, a ``cond`` branch): there a
+mark returns its value tagged with a token (:meth:`Recorder._named`), which the remade
+program keeps and :class:`~jaxsurgery._program.Program` finds (marks are assignments,
+``h = __js_mark__("h", h)``, so the tagged value is the one the code goes on with).
 
 A ``jax.jit``-ed user function gets one rewritten twin per function object, so JAX's
 trace cache serves its repeated calls as it would the original's: a layer called 24
@@ -62,8 +66,10 @@ from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import functools
 import inspect
+import itertools
 import os
 import sys
 import sysconfig
@@ -71,13 +77,15 @@ import textwrap
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
 from ._frameworks import named_array_data, submodule_paths
+from ._tag import MARK_PREFIX
 
 MARK = "__js_mark__"
 CALL = "__js_call__"
@@ -87,6 +95,9 @@ _FRAME_SENSITIVE = frozenset(
 )
 
 _state = threading.local()
+#: numbers of the tokens that name values under transforms (unique in the process: a
+#: jaxpr JAX keeps in its cache keeps its tokens)
+_TOKENS = itertools.count()
 
 
 class Recorder:
@@ -110,6 +121,9 @@ class Recorder:
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
         self._stack: list[int] = []
+        #: the traces running when the transforms now running were called, outermost
+        #: first: values of the first one's jaxpr stay in the program (see _named)
+        self._transforms: list[Any] = []
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -125,10 +139,56 @@ class Recorder:
     def frame(self) -> int:
         return self._stack[-1] if self._stack else -1
 
-    def record(self, name: str, value: Any) -> None:
+    def record(self, name: str, value: Any) -> Any:
+        """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`)."""
         frame = self.frame
-        for path, atom in _atoms(value):
+        if self._transforms:
+            value, atoms = self._named(value)
+        else:
+            atoms = _atoms(value)
+        for path, atom in atoms:
             self.bindings.append((frame, name + path, atom))
+        return value
+
+    @contextlib.contextmanager
+    def transformed(self) -> Iterator[None]:
+        """While a JAX transform that remakes the jaxprs it is given (``vmap``, a
+        derivative) runs a user function."""
+        self._transforms.append(C.current_trace())
+        try:
+            yield
+        finally:
+            self._transforms.pop()
+
+    def _named(self, value: Any) -> tuple[Any, list[tuple[str, Any]]]:
+        """``(value, [(key path, atom)])`` for a value named under a transform.
+
+        A transform remakes whole the sub-programs traced inside it (a ``jit`` call, a
+        loop body, a ``cond`` branch, a ``checkpoint``): their vars are not in the
+        program. Such a value is returned tagged (``checkpoint_name``) with a token
+        name of its own, which the transform keeps in the program it makes, and the
+        token (a ``str`` atom) stands for it; :class:`~jaxsurgery._program.Program`
+        finds its copies. Tuples of values are tagged item by item; other containers
+        (a module, a list) are left as they are (what they hold keeps its atoms).
+        """
+        keep = self._transforms[0]
+        atoms: list[tuple[str, Any]] = []
+
+        def named(x: Any, path: str) -> Any:
+            atom = C.tracer_atom(x)
+            if atom is not None:
+                if C.tracer_jaxpr_trace(x) is not keep:
+                    atom = f"{MARK_PREFIX}{next(_TOKENS)}"
+                    x = checkpoint_name(x, atom)
+                atoms.append((path, atom))
+                return x
+            if type(x) is tuple:
+                items = tuple(named(item, f"{path}[{i}]") for i, item in enumerate(x))
+                return x if all(a is b for a, b in zip(items, x)) else items
+            atoms.extend((path + p, a) for p, a in _atoms(x))
+            return x
+
+        return named(value, ""), atoms
 
     def label(self, label: str | None, fn: Any) -> str:
         """A call's name: its call-site label, or a submodule path, or its own name."""
@@ -163,7 +223,9 @@ class Recorder:
         ``start``): note its equation; remember what its body reported, or, when JAX
         served the call from its cache and the body did not run, replay that."""
         site = _jit_site(inputs, out)
-        if site is None:  # not traced by make_jaxpr (under vmap, say), or all forwarded
+        if site is None:  # under a transform (vmap, grad), or all results forwarded
+            if self._transforms:
+                self._jit_called_transformed(frame, start, jitted, inputs)
             return
         closed, self.sites[frame] = site
         ran = self.size() != start
@@ -174,6 +236,21 @@ class Recorder:
             jitted.remember(closed, self._subtree(frame, start))
         elif not ran and known is not None and len(self.frames) == frame + 1:
             self._replay(frame, known[1])
+
+    def _jit_called_transformed(
+        self, frame: int, start: tuple[int, int, int], jitted: _Jitted, inputs: Any
+    ) -> None:
+        """:meth:`jit_called` under a transform, which leaves no equation of the call's
+        own to know its jaxpr by: what the body reported is kept by the types of the
+        arguments (JAX's cache key, static arguments aside), and replayed by calls it
+        serves. A replay whose tokens the program lacks names nothing."""
+        key = _types_key(inputs)
+        if key is None:
+            return
+        if self.size() != start:
+            jitted.remember_types(key, self._subtree(frame, start))
+        elif len(self.frames) == frame + 1 and key in jitted.by_types:
+            self._replay(frame, jitted.by_types[key])
 
     def _subtree(self, frame: int, start: tuple[int, int, int]) -> _Recording:
         """What ``frame`` and the frames inside it reported, frames relative to it."""
@@ -216,6 +293,10 @@ class Recorder:
             for f, _, atom in self.returns
         ]
         own_t, back_t = self._in_templates(program)
+        for records, found_per in ((self.bindings, own), (self.returns, back)):
+            _share_tokens(records, found_per)
+        for records, found_per in ((self.bindings, own_t), (self.returns, back_t)):
+            _share_tokens(records, found_per)
         live = [False] * len(frames)
         for records, found_per in (
             (self.bindings, own),
@@ -307,10 +388,39 @@ class Recorder:
                     ]
         return own, back
 
-    def leave(self, frame: int, value: Any) -> None:
+    def leave(self, frame: int, value: Any) -> Any:
+        """Close ``frame``, which returned ``value``; returns the value to return (see
+        :meth:`_named`)."""
         self._stack.pop()
-        for path, atom in _atoms(value):
+        if self._transforms:
+            value, atoms = self._named(value)
+        else:
+            atoms = _atoms(value)
+        for path, atom in atoms:
             self.returns.append((frame, path, atom))
+        return value
+
+
+def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]]) -> None:
+    """Give each of the frames that report one token its own copies of the value.
+
+    A ``jit`` body that ran under a transform reports tokens (:meth:`Recorder._named`),
+    and its calls served from JAX's cache replay them: k frames report a token whose
+    value has k runs of copies in the program, in call order. The k-th frame takes
+    the k-th run (in place, in ``found_per``).
+    """
+    claims: dict[str, list[int]] = {}
+    for i, (_, _, atom) in enumerate(records):
+        if type(atom) is str:
+            claims.setdefault(atom, []).append(i)
+    for who in claims.values():
+        found = found_per[who[0]]
+        k = len(who)
+        if k < 2 or not found or len(found) % k or any(found_per[i] != found for i in who):
+            continue
+        n = len(found) // k
+        for j, i in enumerate(who):
+            found_per[i] = found[j * n : (j + 1) * n]
 
 
 class _Recording(NamedTuple):
@@ -322,6 +432,17 @@ class _Recording(NamedTuple):
     sites: tuple[tuple[Any, ...] | None, ...]
     bindings: tuple[tuple[int, str, Any], ...]
     returns: tuple[tuple[int, str, Any], ...]
+
+
+def _types_key(inputs: Any) -> Any:
+    """The structure and types of a call's arguments (None when one does not hash)."""
+    leaves, tree = jax.tree_util.tree_flatten(inputs)
+    key = (tree, tuple(getattr(x, "aval", x) for x in leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
@@ -494,10 +615,9 @@ def _current() -> Recorder | None:
     return stack[-1] if stack else None
 
 
-def _mark(name: str, value: Any) -> None:
+def _mark(name: str, value: Any) -> Any:
     recorder = _current()
-    if recorder is not None:
-        recorder.record(name, value)
+    return value if recorder is None else recorder.record(name, value)
 
 
 def _call(label: str | None, fn: Any, always: bool = False) -> Any:
@@ -529,11 +649,14 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
         start = recorder.size()
         out = None
         try:
-            out = target(*args, **kwargs)
+            if jitted is not None and recorder._transforms:
+                out = jitted.transformed(*args, **kwargs)  # its cache holds tagged bodies
+            else:
+                out = target(*args, **kwargs)
             if jitted is not None:
                 recorder.jit_called(frame, start, jitted, (args, kwargs), out)
         finally:
-            recorder.leave(frame, out)
+            out = recorder.leave(frame, out)
         return out
 
     return run
@@ -603,6 +726,10 @@ _TRANSFORM_KINDS = {
 }
 
 
+#: transforms that stage the jaxprs traced inside them as they are (the program inlines
+#: them, so their values keep their vars)
+_STAGE_AS_THEY_ARE = frozenset({"checkpoint", "remat", "named_call", "filter_checkpoint"})
+
 #: libraries with transforms of their own, once imported (they rewrite plain functions)
 _TRANSFORM_LIBRARIES = ("equinox", "flax.nnx")
 
@@ -638,10 +765,13 @@ class _Framed:
     ``model``, ``grad_fn(w)`` the call ``grad_fn``), else after the function. ``named``:
     what the call returns is the function's value (a batch of it), not a derivative."""
 
-    __slots__ = ("fn", "of", "named", "__weakref__")  # jax.jit refers to it weakly
+    __slots__ = ("fn", "of", "named", "remakes", "__weakref__")  # jit refers to it weakly
 
-    def __init__(self, fn: Any, of: Any, named: bool) -> None:
+    def __init__(self, fn: Any, of: Any, named: bool, remakes: bool) -> None:
         self.fn, self.of, self.named = fn, of, named
+        #: the transform remakes the jaxprs traced inside it (vmap, a derivative; not
+        #: checkpoint, which stages them as they are): see Recorder._named
+        self.remakes = remakes
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(None, *args, **kwargs)
@@ -653,7 +783,8 @@ class _Framed:
         frame = recorder.enter(recorder.label(label, self.of), self.of)
         out = None
         try:
-            out = self.fn(*args, **kwargs)
+            with recorder.transformed() if self.remakes else contextlib.nullcontext():
+                out = self.fn(*args, **kwargs)
         finally:
             recorder.leave(frame, out if self.named else None)
         return out
@@ -671,7 +802,7 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
     (``eqx.filter_grad(has_aux=True)``) gives a decorator that does the same.
     """
     if kind == _RUNS:
-        return _with_named_bodies(transform, ((0, param),))
+        return _transforming(_with_named_bodies(transform, ((0, param),)))
     from_jax = transform.__module__.split(".", 1)[0] == "jax"
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -692,7 +823,22 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         of = fun
         while isinstance(of, functools.partial):
             of = of.func
-        return _Framed(transform(inner, *args, **kwargs), of, named=kind == _SAME)
+        remakes = kind != _SAME or getattr(transform, "__name__", "") not in _STAGE_AS_THEY_ARE
+        return _Framed(transform(inner, *args, **kwargs), of, kind == _SAME, remakes)
+
+    return run
+
+
+def _transforming(fn: Any) -> Any:
+    """``fn`` (a transform that runs the function at once) run as a transform that
+    remakes the jaxprs traced inside it (see :meth:`Recorder._named`)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        recorder = _current()
+        if recorder is None:
+            return fn(*args, **kwargs)
+        with recorder.transformed():
+            return fn(*args, **kwargs)
 
     return run
 
@@ -795,9 +941,13 @@ class _Jitted:
     Being one jit object, it hits JAX's trace cache as the original does: a second call
     with the same argument types reuses the jaxpr without running the body. ``bodies``
     keeps, per jaxpr, what the body reported the time it ran, for such calls to replay.
+
+    Calls under a transform run a second twin, ``transformed``: there the body tags
+    the values it names (``Recorder._named``), so a jaxpr cached from a call outside
+    a transform, which has no tags, must not serve them (nor the other way round).
     """
 
-    __slots__ = ("jit", "reason", "bodies", "cached")
+    __slots__ = ("jit", "reason", "bodies", "by_types", "cached", "_fn", "_transformed")
 
     #: jaxprs remembered per function (the oldest is forgotten first)
     MAX_BODIES = 64
@@ -806,12 +956,28 @@ class _Jitted:
         body, self.reason = instrument(fn.__wrapped__)
         self.jit = C.rejit(fn, body)
         self.bodies: dict[int, tuple[Any, _Recording]] = {}
+        #: what the body reported, by argument types, for calls of ``transformed``
+        self.by_types: dict[Any, _Recording] = {}
         self.cached = cached  # False: a twin for one call, whose body runs
+        self._fn, self._transformed = fn, None
+
+    @property
+    def transformed(self) -> Any:
+        """The twin that calls under a transform run (made when first needed, around a
+        body of its own: JAX keeps one trace cache per function, not per jit)."""
+        if self._transformed is None:
+            self._transformed = C.rejit(self._fn, instrument(self._fn.__wrapped__)[0])
+        return self._transformed
 
     def remember(self, closed: Any, recording: _Recording) -> None:
         if len(self.bodies) >= self.MAX_BODIES:
             del self.bodies[next(iter(self.bodies))]
         self.bodies[id(closed)] = (closed, recording)
+
+    def remember_types(self, key: Any, recording: _Recording) -> None:
+        if len(self.by_types) >= self.MAX_BODIES:
+            del self.by_types[next(iter(self.by_types))]
+        self.by_types[key] = recording
 
 
 _JITTED: weakref.WeakKeyDictionary[Any, _Jitted] = weakref.WeakKeyDictionary()
@@ -936,6 +1102,8 @@ def _target_names(target: ast.expr) -> list[str]:
 
 
 def _marks(names: list[str], where: ast.AST) -> list[ast.stmt]:
+    """``name = __js_mark__("name", name)`` per name: the mark returns the value itself,
+    or under a transform a tagged twin (:meth:`Recorder._named`)."""
     stmts = []
     for name in dict.fromkeys(names):
         call = ast.Call(
@@ -943,7 +1111,8 @@ def _marks(names: list[str], where: ast.AST) -> list[ast.stmt]:
             args=[ast.Constant(value=name), ast.Name(id=name, ctx=ast.Load())],
             keywords=[],
         )
-        stmts.append(ast.copy_location(ast.Expr(value=call), where))
+        assign = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=call)
+        stmts.append(ast.copy_location(assign, where))
     return stmts
 
 

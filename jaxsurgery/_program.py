@@ -30,6 +30,7 @@ from ._control_flow import (
 )
 from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value
+from ._tag import MARK_PREFIX
 
 
 class Program:
@@ -117,9 +118,18 @@ class Program:
         self._users: list[list[int]] | None = None
         self._ops: dict[int, Any] = {}  # per equation run by evaluate: its compiled op
         self.outputs = [index[v] for v in jaxpr.outvars]
-        self.tags = [(index[v], _at(name, its)) for v, name, its in inliner.tags]
-        #: the same, the name without the iterations of the loops around the tag
-        self.tag_iterations = [(index[v], name, its) for v, name, its in inliner.tags]
+        tags = [(index[v], name, its) for v, name, its in inliner.tags]
+        #: the copies of each value a mark named under a transform, by its token, in
+        #: program order (see ``_instrument.Recorder._named``)
+        self.marked: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+        for i, name, its in tags:
+            if name.startswith(MARK_PREFIX):
+                self.marked.setdefault(name, []).append((i, its))
+        if self.marked:
+            tags = [t for t in tags if not t[1].startswith(MARK_PREFIX)]
+        #: ``(var index, name without the iterations of the loops around it, iterations)``
+        self.tag_iterations = tags
+        self.tags = [(i, _at(name, its)) for i, name, its in tags]
         self._origin: dict[int, list[tuple[int, tuple[int, ...]]]] = {
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
@@ -159,8 +169,11 @@ class Program:
 
         A var of a loop body has one entry per iteration, with the iteration numbers of
         the enclosing unrolled loops; a var of a call traced once and called k times
-        has k entries; a top-level var kept as it is, one entry.
+        has k entries; a top-level var kept as it is, one entry. A mark's token (a
+        ``str``) lists the copies of the value it tagged.
         """
+        if type(var) is str:
+            return self.marked.get(var, [])
         found = self._origin.get(id(var))
         if found is not None:
             return found

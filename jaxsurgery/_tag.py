@@ -11,6 +11,10 @@ from ._errors import TraceError
 
 T = TypeVar("T")
 
+#: The start of the names jaxsurgery's marks give values under a transform (see
+#: ``_instrument.Recorder._named``): tokens, not names, kept apart from the tags.
+MARK_PREFIX = "__js_mark_"
+
 
 def tag(x: T, name: str) -> T:
     """Name ``x`` (an array or a pytree of arrays) in the graph; returns ``x`` unchanged.

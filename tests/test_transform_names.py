@@ -361,3 +361,183 @@ def test_a_patch_of_a_value_jax_differentiates_says_its_gradients_miss_the_patch
         through = jax.grad(loss_graph.replace("h", double).as_function())(w, x)
         js.trace(batched, data[0], w).replace("mlp/h", double)
     allclose(through, jax.grad(patched_by_hand)(w, x), rtol=1e-5)
+
+
+# Inside a transformed function, JAX remakes whole the sub-programs it traced on their
+# own (a jit call, a scan body, a checkpoint): their values are named through tags the
+# transform keeps. A module-level jitted layer: its twin is cached across traces, with
+# and without a transform around its calls.
+@jax.jit
+def dense(w, h):
+    pre = h @ w
+    return jnp.tanh(pre)
+
+
+def block(c):
+    inner = jnp.cos(c) * 2.0
+    return inner + c
+
+
+def deep_loss(w, x):
+    h1 = dense(w, x)
+    h2 = dense(w, h1)
+
+    def step(carry, _):
+        nxt = jnp.sin(carry) * 0.5 + carry
+        return nxt, nxt
+
+    c, _ = jax.lax.scan(step, h2, None, length=4)
+    blocked = jax.checkpoint(block)(c)
+    return jnp.sum(blocked**2)
+
+
+def deep_values(w, x):
+    """The values deep_loss names, by hand: pre of both dense calls, nxt per step, inner."""
+    pre0 = x @ w
+    pre1 = jnp.tanh(pre0) @ w
+    c, nxt = jnp.tanh(pre1), []
+    for _ in range(4):
+        c = jnp.sin(c) * 0.5 + c
+        nxt.append(c)
+    return pre0, pre1, nxt, jnp.cos(c) * 2.0
+
+
+def _steps(c, n):
+    for _ in range(n):
+        c = jnp.sin(c) * 0.5 + c
+    return c
+
+
+def deep_rest(w, pre1):
+    """deep_loss as a function of the second layer's pre-activation."""
+    c = _steps(jnp.tanh(pre1), 4)
+    return jnp.sum((jnp.cos(c) * 2.0 + c) ** 2)
+
+
+def deep_train(w, x):
+    return jax.value_and_grad(deep_loss)(w, x)
+
+
+def deep_batched(w, xs):
+    return jax.vmap(deep_loss, (None, 0))(w, xs)
+
+
+@pytest.mark.parametrize("first_untransformed", [False, True])
+@pytest.mark.parametrize("fn", [deep_train, deep_batched], ids=lambda f: f.__name__)
+def test_names_inside_jit_calls_loops_and_checkpoints_under_a_transform(fn, first_untransformed):
+    w = 0.5 * jax.random.normal(jax.random.key(0), (3, 3))
+    x = jax.random.normal(jax.random.key(1), (2, 3))
+    args = (w, x) if fn is deep_train else (w, jnp.stack([x, -2.0 * x]))
+    if first_untransformed:  # the layer's jaxpr is in JAX's cache, traced without tags
+        js.trace(deep_loss, w, x)
+    for _ in range(2):  # the second time, JAX's cache serves every jit call
+        g = js.trace(fn, *args)
+        want = deep_values(w, x)
+        if fn is deep_batched:  # the batch: x, then -2x
+            other = deep_values(w, -2.0 * x)
+            want = jax.tree.map(lambda a, b: jnp.stack([a, b]), want, other)
+        pre0, pre1, nxt, inner = want
+        allclose(g.value("deep_loss/dense#0/pre"), pre0)
+        allclose(g.value("deep_loss/dense#1/pre"), pre1)
+        for t in (0, 3):
+            allclose(g.value(f"deep_loss/step/nxt@{t}"), nxt[t])
+        allclose(g.value("deep_loss/block/inner"), inner)
+    # no token is a name, and the tags change no number of the whole function
+    assert not any("__js" in n for n in g.names())
+    new = (w.T, args[1][::-1])
+    allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
+    if fn is deep_train:
+        check_slice(g.slice("deep_loss/dense#1/pre", "out[0]"), (pre1,), lambda p: deep_rest(w, p))
+        s = g.slice("deep_loss/step/nxt@1", "deep_loss/block/inner")
+        check_slice(s, (nxt[1],), lambda c: jnp.cos(_steps(c, 2)) * 2.0)
+
+
+class GRURNN(eqx.Module):
+    cell: eqx.nn.GRUCell
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.cell = eqx.nn.GRUCell(2, 6, key=k1)
+        self.out = eqx.nn.Linear(6, 1, key=k2)
+
+    def __call__(self, xs):
+        def step(state, x):
+            state = self.cell(x, state)
+            return state, state
+
+        last, _ = jax.lax.scan(step, jnp.zeros(6), xs)
+        return self.out(last)[0]
+
+
+def gru_loss(model, xs, y):
+    pred = jax.vmap(model)(xs)
+    return jnp.mean((pred - y) ** 2)
+
+
+def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
+    model = GRURNN(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (4, 7, 2))
+    y = jnp.arange(4.0)
+
+    def step(model, xs, y):
+        return eqx.filter_value_and_grad(gru_loss)(model, xs, y)
+
+    g = js.trace(step, model, xs, y)
+    states, state = [], jnp.zeros((4, 6))
+    for t in range(7):  # by hand: the cell over the batch, step by step
+        state = jax.vmap(model.cell)(xs[:, t], state)
+        states.append(state)
+    for t in (0, 3, 6):
+        allclose(g.value(f"gru_loss/model/step/state#1@{t}"), states[t])
+    pred = jax.vmap(model)(xs)
+    check_slice(
+        g.slice("gru_loss/model/step/state#1@6", "out[0]"),
+        (states[6],),
+        lambda s: jnp.mean((s @ model.out.weight[0] + model.out.bias[0] - y) ** 2),
+    )
+    allclose(g.value("out[0]"), jnp.mean((pred - y) ** 2))
+
+
+def branchy(w, x):
+    def pos(v):
+        up = jnp.sin(v) * 3.0
+        return up
+
+    def neg(v):
+        down = jnp.cos(v) * 3.0
+        return down
+
+    y = jax.lax.cond(x.sum() > 0, pos, neg, x @ w)
+
+    def body(carry):
+        i, v = carry
+        shrunk = v * 0.9
+        return i + 1, shrunk
+
+    _, z = jax.lax.while_loop(lambda carry: carry[0] < 3, body, (0, y))
+    return jnp.sum(z**2)
+
+
+def branchy_jvp(w, x):
+    return jax.jvp(branchy, (w, x), (jnp.ones_like(w), jnp.zeros_like(x)))
+
+
+def branchy_vmap(w, xs):
+    return jax.vmap(branchy, (None, 0))(w, xs)
+
+
+@pytest.mark.parametrize("fn", [branchy_jvp, branchy_vmap], ids=lambda f: f.__name__)
+def test_names_inside_cond_branches_and_while_bodies_under_a_transform(fn):
+    w = 0.3 * jax.random.normal(jax.random.key(0), (3, 3))
+    x = jnp.abs(jax.random.normal(jax.random.key(1), (3,)))  # sum > 0: the `pos` branch
+    batch = fn is branchy_vmap
+    g = js.trace(fn, w, jnp.stack([x, 2.0 * x]) if batch else x)
+    up = jnp.sin(x @ w) * 3.0
+    allclose(
+        g.value("branchy/pos/up"), jnp.stack([up, jnp.sin(2.0 * x @ w) * 3.0]) if batch else up
+    )
+    allclose(g.value("branchy/body/shrunk@1")[0] if batch else g.value("branchy/body/shrunk@1"),
+             up * 0.9**2)  # fmt: skip
+    new = (w.T, jnp.stack([x, -x]) if batch else -x)  # the other branch too
+    allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
