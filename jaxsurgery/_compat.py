@@ -252,6 +252,11 @@ def nest_source_info(outer: SourceInfo, inner: SourceInfo) -> SourceInfo:
     return inner.replace(name_stack=outer.name_stack + inner.name_stack)
 
 
+def identity_eqn(atom: Any, var: Var, source_info: SourceInfo) -> JaxprEqn:
+    """``var = copy atom``: an equation that writes ``atom``'s value as a var of its own."""
+    return new_jaxpr_eqn([atom], [var], jax.lax.copy_p, {}, frozenset(), source_info)
+
+
 def copy_eqn(eqn: JaxprEqn, invars: Any, outvars: Any, source_info: SourceInfo) -> JaxprEqn:
     """``eqn`` reading ``invars`` and writing ``outvars``, with its own context.
 

@@ -191,8 +191,32 @@ class ControlFlow:
         if outs is None:
             self.regions.pop()
             return None
+        if name != "scan":
+            outs = self._written(outs, region.start, source_info)
         region.outs, region.end = outs, len(self.eqns)
         return outs
+
+    def _written(self, outs: list[Any], start: int, source_info: Any) -> list[Any]:
+        """The results of a ``cond`` or ``while_loop`` region, each written inside it.
+
+        A result that is an operand, a constant or another result (a branch that
+        passes its input on, as a Metropolis accept/reject does; a loop that runs no
+        trip) gets an identity equation in the region. Without it the index takes the
+        operand for the result, whatever the predicate: no control dependency, and a
+        slice or ``values_fn`` would keep the traced branch for arguments that take
+        the other.
+        """
+        made = {v for eqn in self.eqns[start:] for v in eqn.outvars}
+        written: list[Any] = []
+        for a in outs:
+            if isinstance(a, C.Var) and a in made and a not in written:
+                written.append(a)
+                continue
+            copy = C.Var(a.aval)
+            self.eqns.append(C.identity_eqn(a, copy, source_info))
+            self._made_by_helper.add(copy)  # located where the result lies (_alias)
+            written.append(copy)
+        return written
 
     def _scan(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int

@@ -201,6 +201,21 @@ class _Item:
         return self.call(self.label, self.item)(*args, **kwargs)
 
 
+def library_rejit(fn: Any) -> Callable[[Any], Any] | None:
+    """For a library's jit of a user function (Equinox's ``filter_jit``, which holds
+    non-array arguments static where ``jax.jit`` would trace them), what jits another
+    function the same way; None for anything else (``jax.jit`` itself)."""
+    eqx = sys.modules.get("equinox")
+    jit_wrapper = getattr(getattr(eqx, "_jit", None), "_JitWrapper", None)
+    if jit_wrapper is None or not isinstance(fn, jit_wrapper):
+        return None
+    donate = {(True, True): "all", (False, True): "all-except-first"}
+    how = donate.get((bool(fn.donate_first), bool(fn.donate_rest)), "none")
+    if how != "none" and fn.filter_warning:
+        how = "warn" if how == "all" else "warn-except-first"
+    return functools.partial(eqx.filter_jit, donate=how)
+
+
 def library_names(record: Callable[[str, Any], None]) -> contextlib.AbstractContextManager:
     """While tracing, ``record(name, value)`` for values libraries name: NumPyro sites
     (a handler at the bottom of NumPyro's stack: it sees the value each site ends with)

@@ -84,7 +84,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
-from ._frameworks import named_array_data, submodule_paths
+from ._frameworks import library_rejit, named_array_data, submodule_paths
 from ._tag import MARK_PREFIX
 
 MARK = "__js_mark__"
@@ -954,7 +954,7 @@ class _Jitted:
 
     def __init__(self, fn: Any, cached: bool = True) -> None:
         body, self.reason = instrument(fn.__wrapped__)
-        self.jit = C.rejit(fn, body)
+        self.jit = _rejit(fn, body)
         self.bodies: dict[int, tuple[Any, _Recording]] = {}
         #: what the body reported, by argument types, for calls of ``transformed``
         self.by_types: dict[Any, _Recording] = {}
@@ -966,7 +966,7 @@ class _Jitted:
         """The twin that calls under a transform run (made when first needed, around a
         body of its own: JAX keeps one trace cache per function, not per jit)."""
         if self._transformed is None:
-            self._transformed = C.rejit(self._fn, instrument(self._fn.__wrapped__)[0])
+            self._transformed = _rejit(self._fn, instrument(self._fn.__wrapped__)[0])
         return self._transformed
 
     def remember(self, closed: Any, recording: _Recording) -> None:
@@ -978,6 +978,13 @@ class _Jitted:
         if len(self.by_types) >= self.MAX_BODIES:
             del self.by_types[next(iter(self.by_types))]
         self.by_types[key] = recording
+
+
+def _rejit(fn: Any, body: Any) -> Any:
+    """``body`` jitted as ``fn`` is: by ``jax.jit`` with its options, or by the library
+    whose jit made ``fn`` (Equinox's ``filter_jit``)."""
+    library = library_rejit(fn)
+    return C.rejit(fn, body) if library is None else library(body)
 
 
 _JITTED: weakref.WeakKeyDictionary[Any, _Jitted] = weakref.WeakKeyDictionary()

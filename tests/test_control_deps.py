@@ -275,3 +275,68 @@ def test_a_cut_inside_the_branch_checks_the_branch_its_inputs_decide():
     whole = g.slice("x", "y")  # the cond as a unit recomputes its predicate
     assert primitives(whole)[-1] == "cond" and "reduce_sum" in primitives(whole)
     check_slice(whole, (-X,), lambda x: jnp.cos(x * 3.0))
+
+
+# A branch that passes its input on (a Metropolis accept/reject: `new = cond(accept,
+# proposal, current)`), or a loop that runs no trip, writes no equation of its own: its
+# result still depends on the decision, for slices, values_fn and grads_fn alike.
+def accept_reject(x, u):
+    proposal = x * 2.0 + 1.0
+    accept = jnp.log(u) < -jnp.sum(proposal**2)
+    new = jax.lax.cond(accept, lambda p, c: p, lambda p, c: c, proposal, x)
+    return new * 3.0
+
+
+def pick(x, i):
+    h = jnp.sin(x)
+    new = jax.lax.switch(i, [lambda h: h * 3.0, lambda h: h, lambda h: (-h, h)[0]], h)
+    return new * 2.0
+
+
+def swap(x, y, u):
+    a, b = jax.lax.cond(u > 0, lambda p, q: (p, q), lambda p, q: (q, p), x, y)
+    return a * 2.0 + b
+
+
+def doubled_sin(x, n):
+    h = jnp.sin(x)
+    _, z = jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] * 2.0), (0, h))
+    return z + 1.0
+
+
+X2 = jnp.array([0.1, 0.2])
+
+
+@pytest.mark.parametrize(
+    "fn, traced, other, start",
+    [
+        (accept_reject, (X2, 0.9), (X2, 1e-3), "x"),  # traced rejecting, run accepting
+        (accept_reject, (X2, 1e-3), (X2, 0.9), "x"),
+        (pick, (X2, 1), (X2, 0), "h"),  # traced through the branch that passes h on
+        (pick, (X2, 0), (X2, 1), "h"),
+        (swap, (X2, 2.0 * X2, 1.0), (X2, 2.0 * X2, -1.0), "x"),
+        (doubled_sin, (X2, 0), (X2, 2), "h"),  # traced with no trip
+        (doubled_sin, (X2, 2), (X2, 0), "h"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_a_result_a_branch_passes_on_still_depends_on_the_decision(fn, traced, other, start):
+    g = js.trace(fn, *traced)
+    want = fn(*other)
+    allclose(g.as_function()(*other), want)
+    allclose(g.values_fn(["out"])(*other)["out"], want)
+    at = g.values_fn([start])(*other)[start]  # the start value at the new arguments
+
+    def rest(v):  # by hand: the function from the start value on, at the new arguments
+        if fn is accept_reject:
+            p = v * 2.0 + 1.0
+            return 3.0 * jnp.where(jnp.log(other[1]) < -jnp.sum(p**2), p, v)
+        if fn is pick:
+            return 2.0 * (v * 3.0 if other[1] == 0 else v)
+        if fn is swap:
+            return 2.0 * v + other[1] if other[2] > 0 else 2.0 * other[1] + v
+        return v * 2.0 ** other[1] + 1.0
+
+    allclose(g.slice(start, "out").bind(*other)(at), rest(at))
+    if fn is not doubled_sin:  # no reverse mode through a while_loop
+        allclose(g.grads_fn("out", [start])(*other)[start], jax.grad(lambda v: rest(v).sum())(at))

@@ -315,3 +315,38 @@ def test_flax_nn_scan_body_modules_are_named_by_their_whole_path(key):
         h = jnp.tanh(pre + xs[t])
     allclose(g.value(v), pre, rtol=1e-5)
     assert len(g.select("_ScanNet/Scan_ScanCell_0/Dense_0@*")) == 3
+
+
+# An Equinox `filter_jit` function holds a module's non-array leaves (an MLP's
+# activation) static: its rewritten twin is made by `filter_jit` too, cached per function.
+@eqx.filter_jit
+def jitted_head(model, x):
+    hidden = model(x)
+    return jnp.tanh(hidden)
+
+
+def two_heads(model, x):
+    first = jitted_head(model, x)
+    return jitted_head(model, first[:3]).sum()
+
+
+def test_an_equinox_filter_jit_function_is_rewritten_by_filter_jit():
+    model = eqx.nn.MLP(3, 3, 8, 2, key=jax.random.key(0))
+    x = jnp.array([0.5, -1.0, 2.0])
+    first = jnp.tanh(model(x))
+
+    def train(model, x):
+        return eqx.filter_value_and_grad(two_heads)(model, x)
+
+    for fn, prefix in ((two_heads, ""), (train, "two_heads/")):
+        g = js.trace(fn, model, x)  # the second call of each is served by JAX's cache
+        allclose(g.value(f"{prefix}jitted_head#0/hidden"), model(x))
+        allclose(g.value(f"{prefix}jitted_head#1/hidden"), model(first))
+        check_slice(
+            g.slice(f"{prefix}jitted_head#1/hidden", f"{prefix}jitted_head#1"),
+            (model(first),),
+            jnp.tanh,
+        )
+        new = (model, -x)
+        for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), jax.tree.leaves(fn(*new))):
+            allclose(ours, theirs, rtol=1e-5)

@@ -933,6 +933,33 @@ def test_blackjax_hmc_step_at_a_new_state_and_key():
     )
 
 
+def test_blackjax_mala_step_bound_to_a_key_that_takes_the_other_decision():
+    """A blackjax MALA step ends in an accept/reject ``cond`` whose branches pass their
+    input on (the proposal or the current state). Traced at a key that accepts, the slice
+    from the position to the new position, bound to a key that rejects, returns the
+    position unchanged, and the other way round; ``values_fn`` and ``grads_fn`` follow
+    the decision too (the reference: ``jax.grad`` of the step w.r.t. the position
+    alone, the state's other fields held, as ``grads_fn`` perturbs one value)."""
+    mala = blackjax.mala(logdensity, step_size=0.08)
+
+    def step(state, key):
+        new_state, info = mala.step(key, state)
+        return new_state.position, info.is_accepted
+
+    s0 = mala.init(jnp.array([1.0, -0.5]))
+    accepted = {bool(step(s0, jax.random.key(i))[1]): jax.random.key(i) for i in range(40)}
+    for traced, other in ((True, False), (False, True)):
+        g = js.trace(step, s0, accepted[traced])
+        key = accepted[other]
+        want = step(s0, key)[0]
+        allclose(g.slice("state.position", "out[0]").bind(s0, key)(s0.position), want)
+        allclose(g.values_fn(["out[0]"])(s0, key)["out[0]"], want)
+        if not other:
+            allclose(want, s0.position)  # rejected: the position as it was
+        by_hand = jax.grad(lambda p, k=key: step(s0._replace(position=p), k)[0].sum())(s0.position)
+        allclose(g.grads_fn("out[0]", ["state.position"])(s0, key)["state.position"], by_hand)
+
+
 def test_blackjax_nuts_step_at_a_new_state_and_key():
     """A blackjax NUTS step (a ``while_loop`` tree building): ``as_function`` at another
     state and key equals the step (other trajectory), also jitted, and its forward-mode
