@@ -201,19 +201,34 @@ class _Item:
         return self.call(self.label, self.item)(*args, **kwargs)
 
 
-def library_rejit(fn: Any) -> Callable[[Any], Any] | None:
-    """For a library's jit of a user function (Equinox's ``filter_jit``, which holds
-    non-array arguments static where ``jax.jit`` would trace them), what jits another
-    function the same way; None for anything else (``jax.jit`` itself)."""
+def library_rejit(fn: Any) -> Callable[[Any], Any] | bool | None:
+    """For a library's jit of a user function, what jits another function the same way:
+    Equinox's ``filter_jit`` holds non-array arguments static where ``jax.jit`` would
+    trace them; Flax's ``nnx.jit`` carries a module's state updates out of the call,
+    which ``jax.jit`` would drop. None for anything else (``jax.jit`` itself); False
+    when it cannot be done (an ``nnx.jit`` with shardings: the function runs as it is).
+    """
     eqx = sys.modules.get("equinox")
     jit_wrapper = getattr(getattr(eqx, "_jit", None), "_JitWrapper", None)
-    if jit_wrapper is None or not isinstance(fn, jit_wrapper):
-        return None
-    donate = {(True, True): "all", (False, True): "all-except-first"}
-    how = donate.get((bool(fn.donate_first), bool(fn.donate_rest)), "none")
-    if how != "none" and fn.filter_warning:
-        how = "warn" if how == "all" else "warn-except-first"
-    return functools.partial(eqx.filter_jit, donate=how)
+    if jit_wrapper is not None and isinstance(fn, jit_wrapper):
+        donate = {(True, True): "all", (False, True): "all-except-first"}
+        how = donate.get((bool(fn.donate_first), bool(fn.donate_rest)), "none")
+        if how != "none" and fn.filter_warning:
+            how = "warn" if how == "all" else "warn-except-first"
+        return functools.partial(eqx.filter_jit, donate=how)
+    nnx = sys.modules.get("flax.nnx")
+    nnx_jit = getattr(getattr(nnx, "transforms", None), "compilation", None)
+    if nnx_jit is not None and isinstance(fn, nnx_jit.JitWrapped):
+        info = getattr(fn.jitted_fn, "_jit_info", None)
+        if info is None or fn.in_shardings is not None or fn.out_shardings is not None:
+            return False
+        return functools.partial(
+            nnx.jit,
+            static_argnums=info.static_argnums,
+            static_argnames=info.static_argnames,
+            keep_unused=info.keep_unused,
+        )
+    return None
 
 
 def library_names(record: Callable[[str, Any], None]) -> contextlib.AbstractContextManager:

@@ -654,7 +654,9 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
             else:
                 out = target(*args, **kwargs)
             if jitted is not None:
-                recorder.jit_called(frame, start, jitted, (args, kwargs), out)
+                owner = getattr(jitted, "owner", None)  # a jitted __call__: its object first
+                inputs = (args if owner is None else (owner, *args), kwargs)
+                recorder.jit_called(frame, start, jitted, inputs, out)
         finally:
             out = recorder.leave(frame, out)
         return out
@@ -690,10 +692,20 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return _TRANSFORM, None
     if _is_jax_or_builtin(fn):
         return None, None
-    jitted = _jitted(fn)
+    jitted = _jitted(fn) or _jitted_call(fn)
     if jitted is None:
         return rewritten(fn)[0], None
     return jitted.jit, jitted if jitted.cached else None
+
+
+def _jitted_call(fn: Any) -> _BoundJitted | None:
+    """For an object whose class's ``__call__`` is a jitted user function (``@jax.jit``,
+    ``@eqx.filter_jit`` or ``@nnx.jit`` on a module's ``__call__``), its twin bound to
+    the object; None for anything else."""
+    if isinstance(fn, (types.FunctionType, types.MethodType, functools.partial)):
+        return None
+    jitted = _jitted(getattr(type(fn), "__call__", None))  # noqa: B004 (the class attribute)
+    return None if jitted is None else _BoundJitted(jitted, fn)
 
 
 @functools.cache
@@ -982,9 +994,30 @@ class _Jitted:
 
 def _rejit(fn: Any, body: Any) -> Any:
     """``body`` jitted as ``fn`` is: by ``jax.jit`` with its options, or by the library
-    whose jit made ``fn`` (Equinox's ``filter_jit``)."""
+    whose jit made ``fn`` (Equinox's ``filter_jit``, Flax's ``nnx.jit``)."""
     library = library_rejit(fn)
     return C.rejit(fn, body) if library is None else library(body)
+
+
+class _BoundJitted:
+    """The twin of a jitted ``__call__`` bound to one object: its ``jit`` and
+    ``transformed`` take the object first; the rest is the twin's (``bodies``...)."""
+
+    __slots__ = ("of", "owner")
+
+    def __init__(self, of: _Jitted, owner: Any) -> None:
+        self.of, self.owner = of, owner
+
+    @property
+    def jit(self) -> Any:
+        return functools.partial(self.of.jit, self.owner)
+
+    @property
+    def transformed(self) -> Any:
+        return functools.partial(self.of.transformed, self.owner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.of, name)
 
 
 _JITTED: weakref.WeakKeyDictionary[Any, _Jitted] = weakref.WeakKeyDictionary()
@@ -997,6 +1030,8 @@ def _jitted(fn: Any) -> _Jitted | None:
     gets a new twin per call, whose body runs each time.
     """
     if not (hasattr(fn, "lower") and _is_user_function(getattr(fn, "__wrapped__", None))):
+        return None
+    if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None
     if C.inlined_when_traced(fn):
         return _Jitted(fn, cached=False)

@@ -140,7 +140,7 @@ def _trace(
         graph = Graph(
             program,
             names,
-            lambda *a, **k: same_avals(binder.bind(a, k)[1], leaves, in_names),
+            lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k),
             leaves if concrete else None,
             title,
             [*notes, *program.notes],
@@ -265,6 +265,8 @@ def _flat(value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
         else:
             out.append((path, x, _is_array_leaf(x)))
             parts.append((None, 1))
+    if all(inner is None for inner, _ in parts):  # no module: as without Equinox
+        return out, (treedef, None)
     return out, (treedef, parts)
 
 
@@ -430,6 +432,48 @@ class _ArgBinder:
                     names.append(name + key)
         return (bound_obj, items), leaves, names, labels
 
+    def same_call(
+        self, traced: Any, leaves: list[Any], names: Sequence[str], args: tuple, kwargs: dict
+    ) -> list[Any]:
+        """The flat dynamic leaves of new arguments, checked against the traced call
+        (``traced``: what :meth:`bind` gave for it, ``leaves`` and ``names`` its leaves).
+
+        The program was traced for one call: the same arguments, each of the same
+        structure, its held-static parts (static arguments, Python bools, an Equinox
+        module's non-array fields, its activation say) the same, and its array leaves
+        of the same shapes and dtypes (:func:`same_avals`). Anything else is a
+        :class:`SliceError`, not a run of the traced program on other inputs.
+        """
+        bound = self.bind(args, kwargs)
+        (old_obj, old_items), (new_obj, new_items) = traced, bound[0]
+        for name in sorted(self.static_names):
+            old, new = old_obj.arguments.get(name), new_obj.arguments.get(name)
+            if not _same_static(old, new):
+                raise SliceError(
+                    f"static argument `{name}` is {_short(new)}, but the graph was traced with "
+                    f"{_short(old)}: {_FIXED}"
+                )
+        old_names, new_names = [i[0] for i in old_items], [i[0] for i in new_items]
+        if old_names != new_names:
+            raise SliceError(
+                f"the arguments bind {', '.join(new_names) or 'nothing'}, but the graph was "
+                f"traced with {', '.join(old_names) or 'none'}: {_FIXED}"
+            )
+        for (name, _, (old, old_how)), (_, _, (new, new_how)) in zip(old_items, new_items):
+            if old_how != new_how or [t for *_, t in old] != [t for *_, t in new]:
+                raise SliceError(
+                    f"argument `{name}` is a tree of another structure than the one traced "
+                    f"({_tree_difference(old, new)}): {_FIXED}"
+                )
+            for (path, x, traced_leaf), (_, y, _) in zip(old, new):
+                if not traced_leaf and not _same_static(x, y):
+                    where = name + (jax.tree_util.keystr(path) if path else "")
+                    raise SliceError(
+                        f"`{where}` is {_short(y)}, but the graph was traced with {_short(x)} "
+                        f"(a part of an argument that is not an array is held static): {_FIXED}"
+                    )
+        return same_avals(bound[1], leaves, names)
+
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
         """The bound arguments with the array leaves replaced by ``flat``."""
         bound_obj, items = bound
@@ -440,3 +484,38 @@ class _ArgBinder:
         rebuilt = inspect.BoundArguments(bound_obj.signature, dict(bound_obj.arguments))
         rebuilt.arguments.update(new_values)
         return rebuilt
+
+
+#: why new arguments must fit the traced call, and what to do instead
+_FIXED = (
+    "a graph runs the program it traced, which fixed the structure of the arguments and "
+    "their parts that are not arrays; trace with these (js.trace(f, *new_args))"
+)
+
+
+def _same_static(old: Any, new: Any) -> bool:
+    """Whether a held-static value is the one traced (the same object, or equal)."""
+    if old is new:
+        return True
+    try:
+        return bool(old == new)
+    except Exception:  # an object whose == is not a truth value (an array): not equal
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _tree_difference(old: list[tuple[Any, Any, bool]], new: list[tuple[Any, Any, bool]]) -> str:
+    """What tells two flattened trees apart: a leaf one has and the other lacks."""
+    old_keys = [jax.tree_util.keystr(p) for p, *_ in old]
+    new_keys = [jax.tree_util.keystr(p) for p, *_ in new]
+    missing = [k for k in old_keys if k not in new_keys]
+    extra = [k for k in new_keys if k not in old_keys]
+    if missing or extra:
+        parts = [f"no {missing[0] or 'leaf'}"] if missing else []
+        parts += [f"an extra {extra[0] or 'leaf'}"] if extra else []
+        return ", ".join(parts)
+    return f"{len(new_keys)} leaves, of other node types or static fields"

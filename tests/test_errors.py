@@ -77,8 +77,62 @@ def python_branch(x):
     return -x
 
 
+def keyed(p, x):
+    return jnp.tanh(p["w"] * x) + p["b"]
+
+
+def keyed_graph():
+    return js.trace(keyed, {"b": jnp.ones(3), "w": jnp.ones(3)}, jnp.ones(3))
+
+
+def flagged(x, train):
+    return x * 2.0 if train else x
+
+
+def mlp_graph(activation):
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(3, 2, 4, 1, activation=activation, key=jax.random.key(0))
+    return mlp, js.trace(lambda m, x: m(x), mlp, jnp.ones(3))
+
+
+def with_activation(activation):
+    import equinox as eqx
+
+    mlp, g = mlp_graph(jax.nn.relu)
+    return g.as_function()(eqx.tree_at(lambda m: m.activation, mlp, activation), jnp.ones(3))
+
+
 CATALOG = [
     # (case, action on (g, abstract graph), exception, message pattern)
+    (
+        "new arguments of another tree structure (other keys)",
+        lambda g, a: keyed_graph().as_function()({"a": jnp.ones(3), "b": jnp.ones(3)}, 1.0),
+        js.SliceError,
+        r"argument `p` is a tree of another structure than the one traced \(no \['w'\], an "
+        r"extra \['a'\]\): a graph runs the program it traced",
+    ),
+    (
+        "new arguments with fewer leaves",
+        lambda g, a: keyed_graph().values_fn(["out"])({"w": jnp.ones(3)}, jnp.ones(3)),
+        js.SliceError,
+        r"argument `p` is a tree of another structure than the one traced \(no \['b'\]\)",
+    ),
+    (
+        "another value of a static argument",
+        lambda g, a: js.trace(flagged, jnp.ones(2), True, static_argnums=1).as_function()(
+            jnp.ones(2), False
+        ),
+        js.SliceError,
+        r"static argument `train` is False, but the graph was traced with True",
+    ),
+    (
+        "another non-array part of an argument (an Equinox MLP's activation)",
+        lambda g, a: with_activation(jnp.tanh),
+        js.SliceError,
+        r"`m\.activation` is .*tanh.*, but the graph was traced with .*\(a part of an "
+        r"argument that is not an array is held static\)",
+    ),
     (
         "trace of a generator function",
         lambda g, a: js.trace(generator, jnp.ones(2)),

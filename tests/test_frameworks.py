@@ -10,6 +10,7 @@ import flax.linen as nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import allclose, check_slice
 from flax import nnx
 from jax.example_libraries import stax
@@ -350,3 +351,74 @@ def test_an_equinox_filter_jit_function_is_rewritten_by_filter_jit():
         new = (model, -x)
         for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), jax.tree.leaves(fn(*new))):
             allclose(ours, theirs, rtol=1e-5)
+
+
+# A module whose `__call__` is jitted (`jax.jit`, `eqx.filter_jit`, `nnx.jit`) is
+# rewritten through its jit. An `nnx.jit` twin is an `nnx.jit`: it carries the module's
+# state updates (BatchNorm statistics) out of the call, as the original does.
+class JaxJitBlock(eqx.Module):
+    l1: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.l1 = eqx.nn.Linear(3, 3, key=key)
+
+    @jax.jit
+    def __call__(self, x):
+        h1 = jnp.tanh(self.l1(x))
+        return h1 * 2.0
+
+
+class FilterJitBlock(JaxJitBlock):
+    @eqx.filter_jit
+    def __call__(self, x):
+        h1 = jnp.tanh(self.l1(x))
+        return h1 * 2.0
+
+
+def call_block(model, x):
+    out = model(x)
+    return out
+
+
+@pytest.mark.parametrize("block", [JaxJitBlock, FilterJitBlock], ids=lambda b: b.__name__)
+def test_a_module_with_a_jitted_call_is_rewritten_through_its_jit(block):
+    model = block(jax.random.key(0))
+    x = jnp.array([0.5, -1.0, 2.0])
+    g = js.trace(call_block, model, x)
+    h1 = jnp.tanh(model.l1.weight @ x + model.l1.bias)
+    allclose(g.value("model/h1"), h1)
+    check_slice(g.slice("model/h1", "out"), (h1,), lambda h: h * 2.0)
+
+
+class NNXBatchNormBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(3, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+    @nnx.jit
+    def __call__(self, x):
+        h1 = self.bn(self.l1(x))
+        return jnp.tanh(h1)
+
+
+@nnx.jit
+def nnx_run(model, x):
+    y = model.bn(x)
+    return y
+
+
+@pytest.mark.parametrize("through", ["jitted __call__", "jitted function"])
+def test_an_nnx_jit_twin_keeps_the_module_state_updates(through):
+    model = NNXBatchNormBlock(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def step(state, x):
+        model = nnx.merge(graphdef, state)
+        y = model(x) if through == "jitted __call__" else nnx_run(model, x)
+        return y, nnx.state(model)
+
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    g = js.trace(step, state, x)
+    assert ("model/h1" if through == "jitted __call__" else "nnx_run/y") in g.names()
+    for args in ((state, x), (state, 2.0 * x)):  # the statistics move: the update is kept
+        allclose(g.as_function()(*args), step(*args), atol=1e-5)
