@@ -45,8 +45,10 @@ misses plain aliases (``a = h`` makes no equation). A marked assignment sees bot
 What is marked: the parameters (binding ``#0`` of their names; ``self`` and ``cls``
 excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
 augmented assignments, and ``for`` loop targets. Attribute and subscript targets
-(``self.h = ...``, ``d["k"] = ...``) and walrus expressions are not. Functions defined
-inside the traced function are not rewritten. When the source cannot be found or
+(``self.h = ...``, ``d["k"] = ...``) and walrus expressions are not. A function defined
+inside the traced function is rewritten when it is called (a call of anything is), not
+with its definer; a transform decorating it (``@jax.vmap``) applies to the rewritten
+copy, as a call of the transform does. When the source cannot be found or
 rewritten (a builtin, a lambda made by ``exec``, a changed file), the function runs
 as it is and the graph has no Python variable names: ``Graph.notes`` says why.
 
@@ -708,11 +710,16 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
     return None if jitted is None else _BoundJitted(jitted, fn)
 
 
-@functools.cache
 def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
-    """``lax`` control-flow functions and their function arguments (position, name)."""
+    """``lax`` control-flow functions (and Flax NNX's loops, once imported) and their
+    function arguments (position, name)."""
+    return _bodies_of("flax.nnx" in sys.modules)
+
+
+@functools.cache
+def _bodies_of(nnx_loaded: bool) -> dict[int, tuple[tuple[int, str], ...]]:
     lax = jax.lax
-    return {
+    bodies = {
         id(lax.scan): ((0, "f"),),
         id(lax.map): ((0, "f"),),
         id(lax.fori_loop): ((2, "body_fun"),),
@@ -720,6 +727,11 @@ def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
         id(lax.cond): ((1, "true_fun"), (2, "false_fun")),
         id(lax.switch): ((1, "branches"),),
     }
+    if nnx_loaded:
+        nnx = sys.modules["flax.nnx"]
+        bodies[id(nnx.fori_loop)] = bodies[id(lax.fori_loop)]
+        bodies[id(nnx.while_loop)] = bodies[id(lax.while_loop)]
+    return bodies
 
 
 #: Transforms of a function in JAX (and in Equinox and Flax NNX, by the same names), by
@@ -728,7 +740,10 @@ def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
 #: once (``jax.jvp(f, primals, tangents)``)
 _SAME, _DERIVATIVE, _RUNS = "same", "derivative", "runs"
 _TRANSFORM_KINDS = {
-    _SAME: ("vmap", "checkpoint", "remat", "named_call", "filter_vmap", "filter_checkpoint"),
+    _SAME: (
+        *("vmap", "checkpoint", "remat", "named_call", "filter_vmap", "filter_checkpoint"),
+        "scan",  # NNX's (jax.lax.scan is control flow: its body runs in a frame)
+    ),
     _DERIVATIVE: (
         *("grad", "value_and_grad", "jacfwd", "jacrev", "hessian"),
         *("filter_grad", "filter_value_and_grad", "filter_jacfwd", "filter_jacrev"),
@@ -738,9 +753,12 @@ _TRANSFORM_KINDS = {
 }
 
 
+#: the names of those transforms (a decorator that mentions one is applied by ``_call``)
+_TRANSFORM_NAMES = frozenset(n for names in _TRANSFORM_KINDS.values() for n in names)
+
 #: transforms that stage the jaxprs traced inside them as they are (the program inlines
 #: them, so their values keep their vars)
-_STAGE_AS_THEY_ARE = frozenset({"checkpoint", "remat", "named_call", "filter_checkpoint"})
+_STAGE_AS_THEY_ARE = frozenset({"checkpoint", "remat", "named_call", "filter_checkpoint", "scan"})
 
 #: libraries with transforms of their own, once imported (they rewrite plain functions)
 _TRANSFORM_LIBRARIES = ("equinox", "flax.nnx")
@@ -1168,11 +1186,34 @@ class _MarkAssignments(ast.NodeTransformer):
             out.extend(new if isinstance(new, list) else [new])
         return out
 
-    # Nested scopes keep their own names (the issue on calls names them).
-    def visit_FunctionDef(self, node: ast.AST) -> ast.AST:
+    # Nested scopes keep their own names (their calls rewrite them: ``_call``).
+    def visit_ClassDef(self, node: ast.AST) -> ast.AST:
         return node
 
-    visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = visit_FunctionDef
+    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
+        """A nested function keeps its body; a transform decorating it (``@jax.vmap``,
+        ``@functools.partial(jax.vmap, in_axes=0)``, ``@nnx.vmap(in_axes=0)``,
+        ``@jax.grad``) is applied as a call of it would be, to the rewritten function."""
+        node.decorator_list = [self._decorator(d) for d in node.decorator_list]
+        return node
+
+    def _decorator(self, decorator: ast.expr) -> ast.expr:
+        words = {
+            n.attr if isinstance(n, ast.Attribute) else n.id
+            for n in ast.walk(decorator)
+            if isinstance(n, (ast.Attribute, ast.Name))
+        }
+        if not words & _TRANSFORM_NAMES:
+            return decorator
+        decorator = self.visit(decorator)  # a factory's call: nnx.vmap(in_axes=0)
+        wrapper = ast.Call(
+            func=ast.Name(id=CALL, ctx=ast.Load()),
+            args=[ast.Constant(value=None), decorator],
+            keywords=[],
+        )
+        return ast.copy_location(wrapper, decorator)
 
     def visit_Assign(self, node: ast.Assign) -> list[ast.stmt]:
         self.generic_visit(node)

@@ -422,3 +422,69 @@ def test_an_nnx_jit_twin_keeps_the_module_state_updates(through):
     assert ("model/h1" if through == "jitted __call__" else "nnx_run/y") in g.names()
     for args in ((state, x), (state, 2.0 * x)):  # the statistics move: the update is kept
         allclose(g.as_function()(*args), step(*args), atol=1e-5)
+
+
+# Flax NNX's loops: `nnx.scan` over stacked layers and `nnx.fori_loop` run their body in
+# a frame, as `jax.lax.scan` does: its values answer to `name@t`.
+class NNXTanhBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        pre = self.lin(x)
+        return jnp.tanh(pre)
+
+
+@nnx.split_rngs(splits=3)
+@nnx.vmap(in_axes=(0,), out_axes=0)
+def stacked_blocks(rngs):
+    return NNXTanhBlock(rngs)
+
+
+class NNXScanned(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = stacked_blocks(rngs)
+
+    def __call__(self, x):
+        def body(h, block):
+            h = block(h)
+            return h
+
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+
+class NNXLooped(nnx.Module):
+    def __init__(self, rngs):
+        self.block = NNXTanhBlock(rngs)
+
+    def __call__(self, x):
+        def body(i, carry):
+            block, h = carry
+            h = block(h)
+            return block, h
+
+        return nnx.fori_loop(0, 3, body, (self.block, x))[1]
+
+
+@pytest.mark.parametrize("model_type", [NNXScanned, NNXLooped], ids=lambda m: m.__name__)
+def test_nnx_scan_and_fori_loop_bodies_are_named_per_iteration(model_type):
+    model = model_type(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        model = nnx.merge(graphdef, state)
+        return model(x)
+
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    g = js.trace(forward, state, x)
+    if model_type is NNXScanned:  # layer t's parameters: stacked, or one layer thrice
+        kernels, biases = model.blocks.lin.kernel[...], model.blocks.lin.bias[...]
+    else:
+        kernels, biases = [model.block.lin.kernel[...]] * 3, [model.block.lin.bias[...]] * 3
+    h, pres = x, []  # by hand: layer t's pre-activation
+    for kernel, bias in zip(kernels, biases):
+        pres.append(h @ kernel + bias)
+        h = jnp.tanh(pres[-1])
+    for t in range(3):
+        allclose(g.value(f"model/body/block/pre@{t}"), pres[t], atol=1e-6)
+    check_slice(g.slice("model/body/block/pre@2", "out"), (pres[2],), jnp.tanh)

@@ -541,3 +541,48 @@ def test_names_inside_cond_branches_and_while_bodies_under_a_transform(fn):
              up * 0.9**2)  # fmt: skip
     new = (w.T, jnp.stack([x, -x]) if batch else -x)  # the other branch too
     allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
+
+
+# A transform decorating a function defined in the traced one applies to its rewritten
+# copy, as a call of the transform does.
+def decorated(kind, w, xs):
+    if kind == "vmap":
+
+        @jax.vmap
+        def run(x):
+            h = jnp.tanh(x @ w)
+            return h * 2.0
+
+    elif kind == "partial":
+
+        @functools.partial(jax.vmap, in_axes=0)
+        def run(x):
+            h = jnp.tanh(x @ w)
+            return h * 2.0
+
+    elif kind == "nnx factory":
+
+        @nnx.vmap(in_axes=0)
+        def run(x):
+            h = jnp.tanh(x @ w)
+            return h * 2.0
+
+    else:
+
+        @jax.grad
+        def run(x):
+            h = jnp.tanh(x @ w)
+            return jnp.sum(h * 2.0)
+
+    out = run(xs)
+    return out.sum()
+
+
+@pytest.mark.parametrize("kind", ["vmap", "partial", "nnx factory", "grad"])
+def test_a_transform_decorating_a_nested_function_names_inside_it(kind, data):
+    xs, w = data[0][0], data[1]
+    g = js.trace(functools.partial(decorated, kind), w, xs)
+    allclose(g.value("run/h"), jnp.tanh(xs @ w))
+    # a derivative's call is not named after the function (it returns a gradient)
+    assert ("run" in g.names()) == (kind != "grad")
+    allclose(g.as_function()(w.T, xs[::-1]), decorated(kind, w.T, xs[::-1]), rtol=1e-5)
