@@ -11,8 +11,8 @@ edits where the selected values are read or replaced:
 * :func:`attribution_fn` is attribution patching: ``(a_clean − a_corrupt) ·
   ∂sum(out)/∂a`` at the corrupted run, for many ``a`` from one backward pass.
 
-Results are keyed by the selector strings passed (a glob or regex: by the names it
-matched; a ``Var``: its name).
+Results are keyed by the selector strings passed (one that selects several vars, a
+glob, a regex or a scope: by the names it matched; a ``Var``: its name).
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
