@@ -307,12 +307,16 @@ class ControlFlow:
             )
             return None
         self.while_trips[(*self.path, Step(pos))] = trips
+        region = self.regions[-1]  # before the body's calls add theirs
         for t in range(trips):
             self.iteration.append(t)
             step = Step(pos, iteration=t)
             carry = self._inline(body, [*body_consts, *carry], source_info, step)
             self.iteration.pop()
-        self.regions[-1].cut_note = f"it runs the loop's {trips} traced trips whatever the values"
+        region.cut_note = (
+            f"it holds for the loop's {trips} traced trips (arguments that give another "
+            "count are a SliceError)"
+        )
         return carry
 
     def _cond(
@@ -332,7 +336,8 @@ class ControlFlow:
         step = Step(pos, branch=taken)
         outs = self._inline(branches[taken], invars[1:], source_info, step)
         region.cut_note = (
-            f"it computes branch {taken} (the one taken when traced) whatever the predicate"
+            f"it holds for branch {taken}, the one taken when traced (arguments or inputs "
+            "that take another are a SliceError)"
         )
         return outs
 

@@ -60,6 +60,14 @@ def _given(shape: tuple[int, ...], dtype: Any) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda new: new, jax.ShapeDtypeStruct(shape, dtype))
 
 
+#: the note of a slice that holds only where the traced arguments went
+_ON_PATH = (
+    "the slice cuts inside a while_loop trip or a cond branch: it holds for arguments that "
+    "reach it there; for arguments whose loop stops before that trip, or whose cond takes "
+    "another branch, a call raises a SliceError"
+)
+
+
 class LoopSlice(Slice):
     """A :class:`~jaxsurgery.Slice` cut from the running program (module docstring)."""
 
@@ -125,6 +133,8 @@ class LoopSlice(Slice):
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")
         notes = (*structured.notes, *dropped_derivatives(jaxpr, ins))
+        if guards:
+            notes += (_ON_PATH,)
         s = cls(
             graph,
             in_tree,

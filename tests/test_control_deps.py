@@ -340,3 +340,45 @@ def test_a_result_a_branch_passes_on_still_depends_on_the_decision(fn, traced, o
     allclose(g.slice(start, "out").bind(*other)(at), rest(at))
     if fn is not doubled_sin:  # no reverse mode through a while_loop
         allclose(g.grads_fn("out", [start])(*other)[start], jax.grad(lambda v: rest(v).sum())(at))
+
+
+def test_a_cut_inside_a_while_loop_of_calls_says_so_in_its_notes():
+    """The loop's region, not the last call inside its body, carries the note."""
+
+    @jax.jit
+    def halve(v):
+        return v * 0.5
+
+    def f(x):
+        def body(c):
+            i, v = c
+            v2 = halve(v) + 1.0
+            return i + 1, v2
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    g = js.trace(f, X)
+    s = g.slice("body/v2@1", "out")
+    assert any("the slice cuts inside a while" in n and "3 traced trips" in n for n in s.notes)
+    allclose(s(g.value("body/v2@1")), g.value("out"))
+
+
+def test_a_cut_inside_a_folded_while_loop_trip_says_so_in_its_notes():
+    """A while_loop whose body passes WHILE_FOLD_LIMIT stays folded; a slice from one of
+    its trips is cut from the running program and its notes say where it holds."""
+    from jaxsurgery._control_flow import WHILE_FOLD_LIMIT
+
+    def f(x):
+        def body(c):
+            i, v = c
+            for _ in range(WHILE_FOLD_LIMIT):
+                v = jnp.sin(v)
+            v2 = v * 0.9
+            return i + 1, v2
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    g = js.trace(f, X)
+    s = g.slice("body/v2@1", "out")
+    assert any("cuts inside a while_loop trip" in n for n in s.notes), s.notes
+    allclose(s(g.value("body/v2@1")), g.value("out"))
