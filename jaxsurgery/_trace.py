@@ -460,7 +460,7 @@ class _ArgBinder:
                 f"traced with {', '.join(old_names) or 'none'}: {_FIXED}"
             )
         for (name, _, (old, old_how)), (_, _, (new, new_how)) in zip(old_items, new_items):
-            if old_how != new_how or [t for *_, t in old] != [t for *_, t in new]:
+            if not _same_static(old_how, new_how) or [t for *_, t in old] != [t for *_, t in new]:
                 raise SliceError(
                     f"argument `{name}` is a tree of another structure than the one traced "
                     f"({_tree_difference(old, new)}): {_FIXED}"
@@ -518,4 +518,4 @@ def _tree_difference(old: list[tuple[Any, Any, bool]], new: list[tuple[Any, Any,
         parts = [f"no {missing[0] or 'leaf'}"] if missing else []
         parts += [f"an extra {extra[0] or 'leaf'}"] if extra else []
         return ", ".join(parts)
-    return f"{len(new_keys)} leaves, of other node types or static fields"
+    return "the same leaves, in nodes of other types or with other static fields"
