@@ -63,24 +63,23 @@ def tracer_atom(x: Any) -> Any:
     Inside ``jax.vmap`` a value is the batched array it carries, and inside a JVP
     (``jax.grad``'s forward pass) its primal: a name given there names that value.
     """
-    while True:
-        if isinstance(x, _pe.DynamicJaxprTracer):
-            return x.val
-        if isinstance(x, _batching.BatchTracer):
-            x = x.val
-        elif isinstance(x, _PRIMAL_TRACERS):
-            x = x.primal
-        else:
-            return None
+    carried = _jaxpr_tracer(x)
+    return None if carried is None else carried.val
 
 
 def tracer_jaxpr_trace(x: Any) -> Any:
     """The ``make_jaxpr`` trace (a jaxpr being built) whose var :func:`tracer_atom`
-    gives, or None: a value under ``vmap`` or a JVP belongs to the trace of the value
-    it carries."""
+    gives, or None."""
+    carried = _jaxpr_tracer(x)
+    return None if carried is None else carried._trace
+
+
+def _jaxpr_tracer(x: Any) -> Any:
+    """The ``make_jaxpr`` tracer ``x`` is or carries (under ``vmap``, its batch; under a
+    JVP, its primal), or None."""
     while True:
         if isinstance(x, _pe.DynamicJaxprTracer):
-            return x._trace
+            return x
         if isinstance(x, _batching.BatchTracer):
             x = x.val
         elif isinstance(x, _PRIMAL_TRACERS):
