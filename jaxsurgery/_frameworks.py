@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
+
 
 def _nnx() -> Any:
     return sys.modules.get("flax.nnx")  # never import a framework the user did not
@@ -229,6 +231,23 @@ def library_rejit(fn: Any) -> Callable[[Any], Any] | bool | None:
             keep_unused=info.keep_unused,
         )
     return None
+
+
+def in_place_objects(arguments: dict[str, Any]) -> list[str]:
+    """The arguments that hold Flax NNX objects (modules, optimizers, ``Rngs``), which a
+    function may update in place."""
+    pytreelib = sys.modules.get("flax.nnx.pytreelib")
+    base = getattr(pytreelib, "Pytree", None)
+    if base is None:
+        return []
+    return [
+        name
+        for name, value in arguments.items()
+        if any(
+            isinstance(x, base)
+            for x in jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, base))
+        )
+    ]
 
 
 def library_names(record: Callable[[str, Any], None]) -> contextlib.AbstractContextManager:

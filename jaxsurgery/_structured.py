@@ -232,7 +232,9 @@ class Structured:
         for n in notes:
             if n not in self.notes:
                 self.notes.append(n)
-        return outs, exposed
+        # a constant output (a Literal) comes out as the Python or numpy value it holds;
+        # the function (and jax.jit of it) returns an array
+        return [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in outs], exposed
 
 
 def _in_patch_order(edits: Sequence[Edit]) -> list[Edit]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError, TraceError
-from ._frameworks import library_calls, library_names, parameter_labels
+from ._frameworks import in_place_objects, library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
 from ._instrument import Recorder, call_in_frame, record, rewritten
@@ -118,6 +118,15 @@ def _trace(
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    in_place = in_place_objects(bound[0].arguments)
+    if in_place:
+        notes.append(
+            f"{', '.join(in_place)} hold Flax NNX objects, which the function may update in "
+            "place (an optimizer step, BatchNorm statistics, Rngs counts): the functions "
+            "this graph returns are pure and do not update the objects passed to them; "
+            "return what changes (nnx.state(model)), or trace a function of nnx.split "
+            "states that merges them"
+        )
     title = f"{_title_name(target)}{binder.signature_text()}"
 
     def build(fold: bool = True) -> Graph:
@@ -157,21 +166,44 @@ def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list
     """``flat``, checked against the shapes and dtypes the graph was traced with.
 
     A graph runs the program it traced, whose shapes are fixed: new arguments must
-    have the traced shapes and dtypes (under ``jax.vmap``, per example).
+    have the traced shapes and dtypes (under ``jax.vmap``, per example). A Python
+    number or bool, or a weakly typed array (what JAX makes of one), of a kind the
+    traced dtype holds (an ``int`` where a float was traced) is converted to it, as
+    ``jax.jit`` would take it; a ``float`` where an ``int`` was traced is not.
     """
+    out = []
     for name, new, old in zip(names, flat, traced):
         shape, dtype = np.shape(new), _dtype(new)
         # a Python number was traced as the array JAX makes of it (10: int32[])
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
-        if shape != np.shape(old) or (dtype is not None and dtype != traced_dtype):
+        weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
+        if weak and dtype != traced_dtype and _holds(traced_dtype, new):
+            new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
+        if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"
+            given = type(new).__name__ if dtype is None else f"{dtype}{list(shape)}"
             raise SliceError(
-                f"argument `{name}` is {dtype or ''}{list(shape)}, but the graph was traced "
-                f"with {was}: a graph runs the program it traced, for arguments of the traced "
-                "shapes and dtypes. Trace with these (js.trace(f, *new_args)), or trace one "
-                "example and jax.vmap the function you build from it"
+                f"argument `{name}` is {given}, but the graph was traced with {was}: a graph "
+                "runs the program it traced, for arguments of the traced shapes and dtypes. "
+                "Trace with these (js.trace(f, *new_args)), or trace one example and jax.vmap "
+                "the function you build from it"
             )
-    return flat
+        out.append(new)
+    return out
+
+
+def _holds(dtype: Any, value: Any) -> bool:
+    """Whether ``dtype`` holds a Python number, bool or weakly typed array of this kind
+    (bool < int < float < complex, as JAX promotes them)."""
+    kinds = "biufc"
+    given = (
+        np.asarray(value).dtype.kind
+        if isinstance(value, (bool, int, float, complex))
+        else (getattr(value, "dtype", np.dtype(object)).kind)
+    )
+    want = np.dtype(dtype).kind if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else "V"
+    order = {"b": 0, "i": 1, "u": 1, "f": 2, "c": 3}
+    return given in kinds and want in order and order[given] <= order[want]
 
 
 def _dtype(x: Any) -> Any:
@@ -401,17 +433,7 @@ class _ArgBinder:
     ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]]]:
         """``(bound arguments, flat dynamic leaves, leaf names, (leaf, label) of leaves
         a library labels: penzai parameters)``."""
-        plain = self.parameters.plain
-        try:
-            if plain is not None and not kwargs and len(args) == len(plain):
-                bound_obj = inspect.BoundArguments(self.signature, dict(zip(plain, args)))
-            else:
-                bound_obj = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise TraceError(
-                f"the arguments do not fit {getattr(self.fn, '__name__', 'fn')}"
-                f"{self.signature}: {e}; pass the arguments you would pass to the function"
-            ) from None
+        bound_obj = self._arguments(args, kwargs)
         items = [
             (name, value, _flat(value))
             for name, value in bound_obj.arguments.items()
@@ -432,6 +454,30 @@ class _ArgBinder:
                     names.append(name + key)
         return (bound_obj, items), leaves, names, labels
 
+    def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        plain = self.parameters.plain
+        try:
+            if plain is not None and not kwargs and len(args) == len(plain):
+                return inspect.BoundArguments(self.signature, dict(zip(plain, args)))
+            return self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TraceError(
+                f"the arguments do not fit {getattr(self.fn, '__name__', 'fn')}"
+                f"{self.signature}: {e}; pass the arguments you would pass to the function"
+            ) from None
+
+    def _defaults(self) -> dict[str, Any]:
+        """What each parameter is when a call leaves it out."""
+        found: dict[str, Any] = {}
+        for p in self.signature.parameters.values():
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                found[p.name] = ()
+            elif p.kind is inspect.Parameter.VAR_KEYWORD:
+                found[p.name] = {}
+            elif p.default is not inspect.Parameter.empty:
+                found[p.name] = p.default
+        return found
+
     def same_call(
         self, traced: Any, leaves: list[Any], names: Sequence[str], args: tuple, kwargs: dict
     ) -> list[Any]:
@@ -444,35 +490,36 @@ class _ArgBinder:
         of the same shapes and dtypes (:func:`same_avals`). Anything else is a
         :class:`SliceError`, not a run of the traced program on other inputs.
         """
-        bound = self.bind(args, kwargs)
-        (old_obj, old_items), (new_obj, new_items) = traced, bound[0]
+        old_obj, old_items = traced
+        new_obj = self._arguments(args, kwargs)
+        defaults = self._defaults()
+        given = new_obj.arguments
+
+        def traced_value(name: str) -> Any:
+            return old_obj.arguments.get(name, defaults.get(name, _MISSING))
+
+        # an argument left to its default in one call and passed in the other is the
+        # same call when the value passed is the default
+        for name, value in given.items():
+            if name not in old_obj.arguments and not _same_static(traced_value(name), value):
+                raise SliceError(
+                    f"argument `{name}` is {_short(value)}, but the graph was traced with it "
+                    f"left to its default ({_short(traced_value(name))}): {_FIXED}"
+                )
         for name in sorted(self.static_names):
-            old, new = old_obj.arguments.get(name), new_obj.arguments.get(name)
+            old, new = traced_value(name), given.get(name, defaults.get(name, _MISSING))
             if not _same_static(old, new):
                 raise SliceError(
                     f"static argument `{name}` is {_short(new)}, but the graph was traced with "
-                    f"{_short(old)}: {_FIXED}"
+                    f"{_short(old)}: {_FIXED}{_UNDER_JIT if _is_tracer(new) else ''}"
                 )
-        old_names, new_names = [i[0] for i in old_items], [i[0] for i in new_items]
-        if old_names != new_names:
-            raise SliceError(
-                f"the arguments bind {', '.join(new_names) or 'nothing'}, but the graph was "
-                f"traced with {', '.join(old_names) or 'none'}: {_FIXED}"
-            )
-        for (name, _, (old, old_how)), (_, _, (new, new_how)) in zip(old_items, new_items):
-            if not _same_static(old_how, new_how) or [t for *_, t in old] != [t for *_, t in new]:
-                raise SliceError(
-                    f"argument `{name}` is a tree of another structure than the one traced "
-                    f"({_tree_difference(old, new)}): {_FIXED}"
-                )
-            for (path, x, traced_leaf), (_, y, _) in zip(old, new):
-                if not traced_leaf and not _same_static(x, y):
-                    where = name + (jax.tree_util.keystr(path) if path else "")
-                    raise SliceError(
-                        f"`{where}` is {_short(y)}, but the graph was traced with {_short(x)} "
-                        f"(a part of an argument that is not an array is held static): {_FIXED}"
-                    )
-        return same_avals(bound[1], leaves, names)
+        flat: list[Any] = []
+        for name, _, (old, old_how) in old_items:
+            if name not in given and name not in defaults:
+                raise SliceError(f"argument `{name}` is missing: {_FIXED}")
+            new, new_how = _flat(given[name] if name in given else defaults[name])
+            flat += _same_tree(name, old, old_how, new, new_how)
+        return same_avals(flat, leaves, names)
 
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
         """The bound arguments with the array leaves replaced by ``flat``."""
@@ -493,6 +540,41 @@ _FIXED = (
 )
 
 
+_MISSING = object()
+_UNDER_JIT = (
+    "; under jax.jit, pass it as a static argument of the jit (static_argnums) or close over it"
+)
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _same_tree(
+    name: str, old: list[tuple[Any, Any, bool]], old_how: Any, new: list[tuple], new_how: Any
+) -> list[Any]:
+    """The new leaves of argument ``name`` the traced call traced, checked: the same
+    structure, and its held-static leaves the same. Where the traced call had an array
+    a Python number or bool is that array's value (JAX takes it so)."""
+    if len(old) != len(new) or not _same_static(old_how, new_how):
+        raise SliceError(
+            f"argument `{name}` is a tree of another structure than the one traced "
+            f"({_tree_difference(old, new, old_how, new_how)}): {_FIXED}"
+        )
+    leaves = []
+    for (path, x, traced), (_, y, _) in zip(old, new):
+        if traced:
+            leaves.append(y)
+        elif not _same_static(x, y):
+            where = name + (jax.tree_util.keystr(path) if path else "")
+            raise SliceError(
+                f"`{where}` is {_short(y)}, but the graph was traced with {_short(x)} (a part "
+                f"of an argument that is not an array is held static): {_FIXED}"
+                f"{_UNDER_JIT if _is_tracer(y) else ''}"
+            )
+    return leaves
+
+
 def _same_static(old: Any, new: Any) -> bool:
     """Whether a held-static value is the one traced (the same object, or equal)."""
     if old is new:
@@ -508,8 +590,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _tree_difference(old: list[tuple[Any, Any, bool]], new: list[tuple[Any, Any, bool]]) -> str:
-    """What tells two flattened trees apart: a leaf one has and the other lacks."""
+def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: Any) -> str:
+    """What tells two flattened trees apart: a leaf one has and the other lacks, else
+    where their structures first differ."""
     old_keys = [jax.tree_util.keystr(p) for p, *_ in old]
     new_keys = [jax.tree_util.keystr(p) for p, *_ in new]
     missing = [k for k in old_keys if k not in new_keys]
@@ -518,4 +601,12 @@ def _tree_difference(old: list[tuple[Any, Any, bool]], new: list[tuple[Any, Any,
         parts = [f"no {missing[0] or 'leaf'}"] if missing else []
         parts += [f"an extra {extra[0] or 'leaf'}"] if extra else []
         return ", ".join(parts)
-    return "the same leaves, in nodes of other types or with other static fields"
+    a, b = str(old_how[0]), str(new_how[0])
+    if a == b:
+        a, b = str(old_how), str(new_how)
+    k = next((i for i, (c, d) in enumerate(zip(a, b)) if c != d), min(len(a), len(b)))
+    start = max(0, k - 30)
+    return (
+        f"the same leaves in other nodes: traced ...{a[start : k + 40]}..., "
+        f"given ...{b[start : k + 40]}..."
+    )

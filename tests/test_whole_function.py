@@ -425,3 +425,50 @@ def right_or_slice_error(run, expected):
     except js.SliceError:
         return
     allclose(result, expected)
+
+
+# The traced call's form: what JAX itself accepts for it, jaxsurgery does too.
+def clipped(x, t, train=True, scale=2.0):
+    out = jnp.where(x < t, x, t) * scale
+    return (out if train else -out), 1.0, True  # two constant outputs
+
+
+def test_new_arguments_of_the_traced_form_are_taken_as_jax_takes_them():
+    x = jnp.arange(4.0)
+    g = js.trace(clipped, x, 1.5)
+    fn = g.as_function()
+    # an int where a float was traced is that float (not its bits), also under jit
+    for run in (fn, jax.jit(fn)):
+        allclose(run(x, 2)[0], clipped(x, 2.0)[0])
+    # a default passed explicitly is the call traced; another value is not
+    allclose(fn(x, 1.5, train=True, scale=2.0)[0], clipped(x, 1.5)[0])
+    with pytest.raises(js.SliceError, match=r"argument `scale` is 3\.0, but the graph was traced"):
+        fn(x, 1.5, scale=3.0)
+    # a float where an int was traced is not
+    h = js.trace(lambda x, n: x * n, x, 2).as_function()
+    with pytest.raises(js.SliceError, match=r"argument `n` is float, but the graph was traced"):
+        h(x, 2.5)
+    # constant outputs are arrays, as jax.jit(clipped) returns them
+    outs = fn(x, 1.5)
+    assert all(isinstance(o, jax.Array) for o in outs)
+    allclose(outs, jax.jit(clipped)(x, 1.5))
+
+
+def test_a_python_bool_where_a_bool_array_was_traced_is_that_array():
+    def step(x, done):
+        return jnp.where(done, x, x * 0.5), jnp.logical_not(done)
+
+    g = js.trace(step, jnp.ones(2), jnp.array(False))
+    allclose(g.as_function()(jnp.ones(2), True), step(jnp.ones(2), True))
+
+
+def test_arguments_holding_nnx_objects_say_that_in_place_updates_are_not_made():
+    from flax import nnx
+
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+
+    def forward(model, x):
+        return model(x)
+
+    g = js.trace(forward, model, jnp.ones(2))
+    assert any("model hold Flax NNX objects" in n and "pure" in n for n in g.notes)
