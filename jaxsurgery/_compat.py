@@ -98,6 +98,30 @@ def current_trace() -> Any:
 _DERIVATIVE_TRANSFORMS = frozenset({"jvp", "transpose", "linearize"})
 
 
+def policy_saves_names(policy: Any) -> bool:
+    """Whether a ``jax.checkpoint`` policy saves a value for being named (as
+    ``save_any_names_but_these`` does): then a tag would change what it saves."""
+    if policy is None:
+        return False
+    from jax._src import ad_checkpoint
+
+    try:
+        saved = policy(ad_checkpoint.name_p, _core.ShapedArray((), "float32"), name="probe")
+    except Exception:  # a policy that does not take a name: assume it may
+        return True
+    return saved if isinstance(saved, bool) else type(saved).__name__ != "RecomputeType"
+
+
+def in_backward_pass(source_info: SourceInfo) -> bool:
+    """Whether an equation with this context belongs to a derivative's backward pass
+    (``transpose`` in its name stack: a ``checkpoint`` recomputes its forward values
+    there)."""
+    return any(
+        type(s).__name__ == "Transform" and getattr(s, "name", None) == "transpose"
+        for s in source_info.name_stack.stack
+    )
+
+
 def under_derivative(eqn: JaxprEqn) -> bool:
     """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...) made
     ``eqn``: its name stack holds the transform's mark."""
@@ -107,16 +131,21 @@ def under_derivative(eqn: JaxprEqn) -> bool:
     )
 
 
-def made_by_jit(x: Any) -> tuple[ClosedJaxpr, tuple[Var, ...]] | None:
-    """``(called jaxpr, results)`` of the ``jit`` equation that made tracer ``x``, or None.
+def made_by_call(x: Any) -> tuple[Any, tuple[Var, ...]] | None:
+    """``(called jaxpr, results)`` of the ``jit`` or ``checkpoint`` equation that made
+    tracer ``x``, or None.
 
     While ``make_jaxpr`` traces, a tracer keeps the equation that made it (its
-    ``parent``); a ``jit`` call traced from JAX's cache reuses the jaxpr of the first.
+    ``parent``); a call traced from JAX's cache reuses the jaxpr of the first.
     """
     eqn = getattr(x, "parent", None) if isinstance(x, _pe.DynamicJaxprTracer) else None
-    if eqn is None or getattr(eqn.primitive, "name", None) not in ("jit", "pjit"):
+    if eqn is None or getattr(eqn.primitive, "name", None) not in _CACHED_CALLS:
         return None
     return eqn.params["jaxpr"], tuple(eqn.outvars)
+
+
+#: calls whose jaxpr JAX traces once per function and argument types
+_CACHED_CALLS = frozenset({"jit", "pjit", "checkpoint", "remat2"})
 
 
 def called_jaxpr(eqn: JaxprEqn) -> ClosedJaxpr:

@@ -126,6 +126,8 @@ class Recorder:
         #: the traces running when the transforms now running were called, outermost
         #: first: values of the first one's jaxpr stay in the program (see _named)
         self._transforms: list[Any] = []
+        #: inside checkpoints whose policy saves named values, which a tag would change
+        self._untagged = 0
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -144,13 +146,23 @@ class Recorder:
     def record(self, name: str, value: Any) -> Any:
         """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`)."""
         frame = self.frame
-        if self._transforms:
+        if self._transforms and not self._untagged:
             value, atoms = self._named(value)
         else:
             atoms = _atoms(value)
         for path, atom in atoms:
             self.bindings.append((frame, name + path, atom))
         return value
+
+    @contextlib.contextmanager
+    def untagged(self) -> Iterator[None]:
+        """While a checkpoint whose policy saves named values runs (no mark tags there:
+        its values under a transform keep no names)."""
+        self._untagged += 1
+        try:
+            yield
+        finally:
+            self._untagged -= 1
 
     @contextlib.contextmanager
     def transformed(self) -> Iterator[None]:
@@ -394,7 +406,7 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if self._transforms:
+        if self._transforms and not self._untagged:
             value, atoms = self._named(value)
         else:
             atoms = _atoms(value)
@@ -455,7 +467,7 @@ def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
     given = None
     atom = C.tracer_atom
     for x in [out] if atom(out) is not None else jax.tree_util.tree_leaves(out):
-        site = C.made_by_jit(x)
+        site = C.made_by_call(x)
         if site is None:
             continue
         if given is None:  # the operands' atoms (None for a non-tracer: never a result's)
@@ -795,13 +807,15 @@ class _Framed:
     ``model``, ``grad_fn(w)`` the call ``grad_fn``), else after the function. ``named``:
     what the call returns is the function's value (a batch of it), not a derivative."""
 
-    __slots__ = ("fn", "of", "named", "remakes", "__weakref__")  # jit refers to it weakly
+    __slots__ = ("fn", "of", "named", "remakes", "memory", "untagged", "__weakref__")
 
-    def __init__(self, fn: Any, of: Any, named: bool, remakes: bool) -> None:
-        self.fn, self.of, self.named = fn, of, named
+    def __init__(self, fn: Any, of: Any, named: bool, remakes: bool, untagged: bool) -> None:
+        self.fn, self.of, self.named, self.untagged = fn, of, named, untagged
         #: the transform remakes the jaxprs traced inside it (vmap, a derivative; not
         #: checkpoint, which stages them as they are): see Recorder._named
         self.remakes = remakes
+        #: a checkpoint's calls are served from JAX's cache as a jit's are
+        self.memory = None if remakes else _Memory()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(None, *args, **kwargs)
@@ -811,10 +825,20 @@ class _Framed:
         if recorder is None:
             return self.fn(*args, **kwargs)
         frame = recorder.enter(recorder.label(label, self.of), self.of)
+        start = recorder.size()
         out = None
         try:
-            with recorder.transformed() if self.remakes else contextlib.nullcontext():
+            context = (
+                recorder.transformed()
+                if self.remakes
+                else recorder.untagged()
+                if self.untagged
+                else contextlib.nullcontext()
+            )
+            with context:
                 out = self.fn(*args, **kwargs)
+            if self.memory is not None:
+                recorder.jit_called(frame, start, self.memory, (args, kwargs), out)
         finally:
             recorder.leave(frame, out if self.named else None)
         return out
@@ -854,7 +878,8 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         while isinstance(of, functools.partial):
             of = of.func
         remakes = kind != _SAME or getattr(transform, "__name__", "") not in _STAGE_AS_THEY_ARE
-        return _Framed(transform(inner, *args, **kwargs), of, kind == _SAME, remakes)
+        untagged = C.policy_saves_names(kwargs.get("policy"))
+        return _Framed(transform(inner, *args, **kwargs), of, kind == _SAME, remakes, untagged)
 
     return run
 
@@ -964,7 +989,32 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
 
 
-class _Jitted:
+class _Memory:
+    """What the body of a call JAX caches (a ``jit``, a ``checkpoint``) reported when it
+    ran, for the calls JAX serves from its cache to replay (:meth:`Recorder.jit_called`):
+    ``bodies`` per traced jaxpr, ``by_types`` per argument types (under a transform)."""
+
+    __slots__ = ("bodies", "by_types")
+
+    #: jaxprs remembered per function (the oldest is forgotten first)
+    MAX_BODIES = 64
+
+    def __init__(self) -> None:
+        self.bodies: dict[int, tuple[Any, _Recording]] = {}
+        self.by_types: dict[Any, _Recording] = {}
+
+    def remember(self, closed: Any, recording: _Recording) -> None:
+        if len(self.bodies) >= self.MAX_BODIES:
+            del self.bodies[next(iter(self.bodies))]
+        self.bodies[id(closed)] = (closed, recording)
+
+    def remember_types(self, key: Any, recording: _Recording) -> None:
+        if len(self.by_types) >= self.MAX_BODIES:
+            del self.by_types[next(iter(self.by_types))]
+        self.by_types[key] = recording
+
+
+class _Jitted(_Memory):
     """A ``jax.jit``-ed user function's rewritten twin: the rewritten body jitted with the
     same options, made once per function object (:func:`_jitted`).
 
@@ -977,17 +1027,12 @@ class _Jitted:
     a transform, which has no tags, must not serve them (nor the other way round).
     """
 
-    __slots__ = ("jit", "reason", "bodies", "by_types", "cached", "_fn", "_transformed")
-
-    #: jaxprs remembered per function (the oldest is forgotten first)
-    MAX_BODIES = 64
+    __slots__ = ("jit", "reason", "cached", "_fn", "_transformed")
 
     def __init__(self, fn: Any, cached: bool = True) -> None:
+        super().__init__()
         body, self.reason = instrument(fn.__wrapped__)
         self.jit = _rejit(fn, body)
-        self.bodies: dict[int, tuple[Any, _Recording]] = {}
-        #: what the body reported, by argument types, for calls of ``transformed``
-        self.by_types: dict[Any, _Recording] = {}
         self.cached = cached  # False: a twin for one call, whose body runs
         self._fn, self._transformed = fn, None
 
@@ -998,16 +1043,6 @@ class _Jitted:
         if self._transformed is None:
             self._transformed = _rejit(self._fn, instrument(self._fn.__wrapped__)[0])
         return self._transformed
-
-    def remember(self, closed: Any, recording: _Recording) -> None:
-        if len(self.bodies) >= self.MAX_BODIES:
-            del self.bodies[next(iter(self.bodies))]
-        self.bodies[id(closed)] = (closed, recording)
-
-    def remember_types(self, key: Any, recording: _Recording) -> None:
-        if len(self.by_types) >= self.MAX_BODIES:
-            del self.by_types[next(iter(self.by_types))]
-        self.by_types[key] = recording
 
 
 def _rejit(fn: Any, body: Any) -> Any:

@@ -632,7 +632,11 @@ class _Inliner(ControlFlow):
                 outs = self._control_flow(eqn, invars, source_info)
             elif name == C.TAG_PRIMITIVE and type(invars[0]) is not Literal:
                 self._alias(eqn.outvars[0], invars[0], env)
-                self.tags.append((invars[0], C.tag_name(eqn), tuple(self.iteration)))
+                tag = C.tag_name(eqn)
+                # a mark's token names the forward value, not the copy a checkpoint
+                # recomputes in the backward pass
+                if not (tag.startswith(MARK_PREFIX) and C.in_backward_pass(source_info)):
+                    self.tags.append((invars[0], tag, tuple(self.iteration)))
                 return
             if outs is not None:
                 for out, a in zip(eqn.outvars, outs):

@@ -586,3 +586,60 @@ def test_a_transform_decorating_a_nested_function_names_inside_it(kind, data):
     # a derivative's call is not named after the function (it returns a gradient)
     assert ("run" in g.names()) == (kind != "grad")
     allclose(g.as_function()(w.T, xs[::-1]), decorated(kind, w.T, xs[::-1]), rtol=1e-5)
+
+
+# A checkpointed function called twice: JAX traces its body once and serves the second
+# call from its cache; each call names its own values, also under a derivative, where
+# the backward pass's recomputed copies are not named again.
+def ckpt_block(w, h):
+    pre = h @ w
+    return jnp.sin(pre) * 2.0
+
+
+def ckpt_loss(w, x):
+    f = jax.checkpoint(ckpt_block)
+    h1 = f(w, x)
+    h2 = f(w, h1)
+    return jnp.sum(h2**2)
+
+
+def ckpt_train(w, x):
+    return jax.value_and_grad(ckpt_loss)(w, x)
+
+
+@pytest.mark.parametrize("fn, prefix", [(ckpt_loss, ""), (ckpt_train, "ckpt_loss/")])
+def test_each_call_of_a_checkpointed_function_names_its_own_values(fn, prefix, data):
+    w, x = data[1][:3, :3], data[0][0, 0, :3]
+    pre1 = x @ w
+    pre2 = (jnp.sin(pre1) * 2.0) @ w
+    g = js.trace(fn, w, x)
+    allclose(g.value(f"{prefix}f#0/pre"), pre1)
+    allclose(g.value(f"{prefix}f#1/pre"), pre2)
+    check_slice(
+        g.slice(f"{prefix}f#1/pre", "out" if fn is ckpt_loss else "out[0]"),
+        (pre2,),
+        lambda p: jnp.sum((jnp.sin(p) * 2.0) ** 2),
+    )
+
+
+def test_a_checkpoint_policy_that_saves_named_values_keeps_what_it_saves(data):
+    """Inside such a checkpoint marks add no tags (a tag would be a named value the
+    policy saves): the program that runs saves what the function's does."""
+    policy = jax.checkpoint_policies.save_any_names_but_these("pre")
+
+    def loss(w, x):
+        f = jax.checkpoint(ckpt_block, policy=policy)
+        return jnp.sum(f(w, x) ** 2)
+
+    def train(w, x):
+        return jax.value_and_grad(loss)(w, x)
+
+    w, x = data[1][:3, :3], data[0][0, 0, :3]
+    g = js.trace(train, w, x)
+
+    def saved(fn):
+        jaxpr = jax.make_jaxpr(fn)(w, x).jaxpr
+        return [len(e.invars) for e in jaxpr.eqns if e.primitive.name in ("checkpoint", "remat2")]
+
+    assert saved(g.as_function()) == saved(train)
+    allclose(g.as_function()(w, x), train(w, x))
