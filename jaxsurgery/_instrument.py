@@ -237,6 +237,8 @@ class Recorder:
         ``start``): note its equation; remember what its body reported, or, when JAX
         served the call from its cache and the body did not run, replay that."""
         site = _jit_site(inputs, out)
+        if site is not None and self._transforms and not self._kept(out):
+            site = None  # an equation in a sub-program the transform remakes
         if site is None:  # under a transform (vmap, grad), or all results forwarded
             if self._transforms:
                 self._jit_called_transformed(frame, start, jitted, inputs)
@@ -250,6 +252,12 @@ class Recorder:
             jitted.remember(closed, self._subtree(frame, start))
         elif not ran and known is not None and len(self.frames) == frame + 1:
             self._replay(frame, known[1])
+
+    def _kept(self, out: Any) -> bool:
+        """Whether a call's results belong to the jaxpr the transforms keep (not to a
+        sub-program one remakes: a jit body traced inside it)."""
+        traces = map(C.tracer_jaxpr_trace, jax.tree_util.tree_leaves(out))
+        return next((t for t in traces if t is not None), None) is self._transforms[0]
 
     def _jit_called_transformed(
         self, frame: int, start: tuple[int, int, int], jitted: _Jitted, inputs: Any
@@ -713,9 +721,22 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
 
 
 def _jitted_call(fn: Any) -> _BoundJitted | None:
-    """For an object whose class's ``__call__`` is a jitted user function (``@jax.jit``,
+    """For a method that is a jitted user function (``@eqx.filter_jit`` on an Equinox
+    module's method), or an object whose class's ``__call__`` is one (``@jax.jit``,
     ``@eqx.filter_jit`` or ``@nnx.jit`` on a module's ``__call__``), its twin bound to
     the object; None for anything else."""
+    func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
+    args = getattr(fn, "args", None)
+    if (
+        func is None
+        and isinstance(args, tuple)
+        and len(args) == 1
+        and not getattr(fn, "keywords", 1)
+    ):
+        func, owner = getattr(fn, "func", None), args[0]  # Equinox's bound method: a Partial
+    if func is not None and owner is not None and not isinstance(func, types.FunctionType):
+        jitted = _jitted(func)
+        return None if jitted is None else _BoundJitted(jitted, owner)
     if isinstance(fn, (types.FunctionType, types.MethodType, functools.partial)):
         return None
     jitted = _jitted(getattr(type(fn), "__call__", None))  # noqa: B004 (the class attribute)

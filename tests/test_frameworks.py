@@ -375,19 +375,29 @@ class FilterJitBlock(JaxJitBlock):
         return h1 * 2.0
 
 
+class FilterJitMethodBlock(JaxJitBlock):
+    @eqx.filter_jit
+    def step(self, x):
+        h1 = jnp.tanh(self.l1(x))
+        return h1 * 2.0
+
+
 def call_block(model, x):
-    out = model(x)
+    out = model.step(x) if isinstance(model, FilterJitMethodBlock) else model(x)
     return out
 
 
-@pytest.mark.parametrize("block", [JaxJitBlock, FilterJitBlock], ids=lambda b: b.__name__)
+@pytest.mark.parametrize(
+    "block", [JaxJitBlock, FilterJitBlock, FilterJitMethodBlock], ids=lambda b: b.__name__
+)
 def test_a_module_with_a_jitted_call_is_rewritten_through_its_jit(block):
     model = block(jax.random.key(0))
     x = jnp.array([0.5, -1.0, 2.0])
     g = js.trace(call_block, model, x)
     h1 = jnp.tanh(model.l1.weight @ x + model.l1.bias)
-    allclose(g.value("model/h1"), h1)
-    check_slice(g.slice("model/h1", "out"), (h1,), lambda h: h * 2.0)
+    name = "model.step/h1" if block is FilterJitMethodBlock else "model/h1"
+    allclose(g.value(name), h1)
+    check_slice(g.slice(name, "out"), (h1,), lambda h: h * 2.0)
 
 
 class NNXBatchNormBlock(nnx.Module):

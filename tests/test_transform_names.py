@@ -643,3 +643,38 @@ def test_a_checkpoint_policy_that_saves_named_values_keeps_what_it_saves(data):
 
     assert saved(g.as_function()) == saved(train)
     allclose(g.as_function()(w, x), train(w, x))
+
+
+# A jit inside a jit, under a transform: the inner call's equation is in a sub-program
+# the transform remakes, so its values are found by their tags too.
+@jax.jit
+def inner_layer(w, h):
+    pre_i = h @ w
+    return jnp.tanh(pre_i)
+
+
+@jax.jit
+def outer_layer(w, h):
+    a = inner_layer(w, h)
+    return a * 0.5
+
+
+def nested_loss(w, x):
+    return jnp.sum(outer_layer(w, x) ** 2)
+
+
+def nested_train(w, x):
+    return jax.value_and_grad(nested_loss)(w, x)
+
+
+def nested_batched(w, xs):
+    return jax.vmap(nested_loss, (None, 0))(w, xs)
+
+
+@pytest.mark.parametrize("fn", [nested_train, nested_batched], ids=lambda f: f.__name__)
+def test_names_inside_a_jit_inside_a_jit_under_a_transform(fn, data):
+    w, x = data[1][:3, :3], data[0][0, 0, :3]
+    xs = jnp.stack([x, 2.0 * x])
+    g = js.trace(fn, w, x if fn is nested_train else xs)
+    want = x @ w if fn is nested_train else xs @ w
+    allclose(g.value("nested_loss/outer_layer/inner_layer/pre_i"), want)
