@@ -399,6 +399,9 @@ class Region:
 
     @property
     def name(self) -> str:
+        """The called function's name; a ``cond`` or ``while`` region is its primitive's."""
+        if self.primitive not in C.CALL_PRIMITIVES:
+            return self.primitive
         return C.call_name(self.eqn)
 
     @property

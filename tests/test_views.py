@@ -184,3 +184,22 @@ def test_readme_picture_is_what_the_code_draws():
         sys.path.pop(0)
     assert PICTURE.read_text() == picture()
     assert "docs/issue_12782_slice.svg" in (ROOT / "README.md").read_text()
+
+
+def test_a_collapsed_picture_groups_conds_and_while_loops():
+    """A cond's taken branch and an unrolled while_loop are regions of the index: the
+    collapsed picture shows each as a group, named after the branch function or the
+    primitive (it raised a KeyError asking them for a called function's name)."""
+
+    def f(p, y):
+        def big(y):
+            h = jnp.sin(y)
+            return h * 2
+
+        z = jax.lax.cond(p > 0, big, jnp.cos, y)
+        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5), (0, z))[1]
+
+    g = js.trace(f, 1.0, 0.5)
+    dot = g.to_dot(depth=1)  # the branch is grouped under its function's name
+    assert 'label="big\\n' in dot and 'label="while\\n' in dot
+    ET.fromstring(g.draw(depth=1).svg)
