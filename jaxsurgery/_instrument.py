@@ -712,9 +712,10 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return _CONTROL_FLOW, None
     if _transform(fn.func if isinstance(fn, functools.partial) else fn):
         return _TRANSFORM, None
-    if _is_jax_or_builtin(fn):
+    jitted = _jitted_call(fn) if isinstance(fn, functools.partial) else None  # an nnx.jit method
+    if jitted is None and _is_jax_or_builtin(fn):
         return None, None
-    jitted = _jitted(fn) or _jitted_call(fn)
+    jitted = jitted or _jitted(fn) or _jitted_call(fn)
     if jitted is None:
         return rewritten(fn)[0], None
     return jitted.jit, jitted if jitted.cached else None
@@ -733,7 +734,7 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
         and len(args) == 1
         and not getattr(fn, "keywords", 1)
     ):
-        func, owner = getattr(fn, "func", None), args[0]  # Equinox's bound method: a Partial
+        func, owner = getattr(fn, "func", None), args[0]  # a bound Equinox or NNX jit method
     if func is not None and owner is not None and not isinstance(func, types.FunctionType):
         jitted = _jitted(func)
         return None if jitted is None else _BoundJitted(jitted, owner)

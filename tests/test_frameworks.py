@@ -410,6 +410,11 @@ class NNXBatchNormBlock(nnx.Module):
         h1 = self.bn(self.l1(x))
         return jnp.tanh(h1)
 
+    @nnx.jit
+    def forward(self, x):
+        h1 = self.bn(self.l1(x))
+        return jnp.tanh(h1)
+
 
 @nnx.jit
 def nnx_run(model, x):
@@ -417,19 +422,25 @@ def nnx_run(model, x):
     return y
 
 
-@pytest.mark.parametrize("through", ["jitted __call__", "jitted function"])
+@pytest.mark.parametrize("through", ["jitted __call__", "jitted method", "jitted function"])
 def test_an_nnx_jit_twin_keeps_the_module_state_updates(through):
     model = NNXBatchNormBlock(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     def step(state, x):
         model = nnx.merge(graphdef, state)
-        y = model(x) if through == "jitted __call__" else nnx_run(model, x)
+        if through == "jitted __call__":
+            y = model(x)
+        elif through == "jitted method":
+            y = model.forward(x)
+        else:
+            y = nnx_run(model, x)
         return y, nnx.state(model)
 
     x = jax.random.normal(jax.random.key(1), (5, 3))
     g = js.trace(step, state, x)
-    assert ("model/h1" if through == "jitted __call__" else "nnx_run/y") in g.names()
+    name = {"jitted __call__": "model/h1", "jitted method": "model.forward/h1"}
+    assert name.get(through, "nnx_run/y") in g.names()
     for args in ((state, x), (state, 2.0 * x)):  # the statistics move: the update is kept
         allclose(g.as_function()(*args), step(*args), atol=1e-5)
 
