@@ -8,6 +8,7 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -466,6 +467,7 @@ class _ArgBinder:
                 f"{self.signature}: {e}; pass the arguments you would pass to the function"
             ) from None
 
+    @functools.cached_property
     def _defaults(self) -> dict[str, Any]:
         """What each parameter is when a call leaves it out."""
         found: dict[str, Any] = {}
@@ -492,7 +494,7 @@ class _ArgBinder:
         """
         old_obj, old_items = traced
         new_obj = self._arguments(args, kwargs)
-        defaults = self._defaults()
+        defaults = self._defaults
         given = new_obj.arguments
 
         def traced_value(name: str) -> Any:

@@ -127,6 +127,15 @@ CATALOG = [
         r"static argument `train` is False, but the graph was traced with True",
     ),
     (
+        "a static argument traced under jax.jit",
+        lambda g, a: jax.jit(js.trace(flagged, jnp.ones(2), True, static_argnums=1).as_function())(
+            jnp.ones(2), True
+        ),
+        js.SliceError,
+        r"static argument `train` is .*Tracer.*, but the graph was traced with True: .*; under "
+        r"jax\.jit, pass it as a static argument of the jit \(static_argnums\)",
+    ),
+    (
         "another non-array part of an argument (an Equinox MLP's activation)",
         lambda g, a: with_activation(jnp.tanh),
         js.SliceError,
