@@ -575,9 +575,14 @@ class Graph:
 
         matches = match(self, pattern_fn, *args)
         if not matches:
+            folded = (
+                "; the bodies of loops the index keeps folded are not searched (g.notes)"
+                if self._program.folded
+                else ""
+            )
             raise SliceError(
                 f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
-                "nothing in this graph; check it with g.match(...) first"
+                f"nothing in this graph; check it with g.match(...) first{folded}"
             )
         outputs = [v for m in matches for v in m.outputs]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)

@@ -127,6 +127,13 @@ CATALOG = [
         r"static argument `train` is False, but the graph was traced with True",
     ),
     (
+        "rewrite of a pattern that is only inside a folded scan",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((3, 2))).rewrite(jnp.tanh, jnp.sin, 1.0),
+        js.SliceError,
+        r"matches nothing in this graph; check it with g\.match\(\.\.\.\) first; the "
+        r"bodies of loops the index keeps folded are not searched \(g\.notes\)",
+    ),
+    (
         "a static argument traced under jax.jit",
         lambda g, a: jax.jit(js.trace(flagged, jnp.ones(2), True, static_argnums=1).as_function())(
             jnp.ones(2), True
