@@ -116,19 +116,22 @@ def in_backward_pass(source_info: SourceInfo) -> bool:
     """Whether an equation with this context belongs to a derivative's backward pass
     (``transpose`` in its name stack: a ``checkpoint`` recomputes its forward values
     there)."""
-    return any(
-        type(s).__name__ == "Transform" and getattr(s, "name", None) == "transpose"
-        for s in source_info.name_stack.stack
-    )
+    return "transpose" in _transform_marks(source_info)
 
 
 def under_derivative(eqn: JaxprEqn) -> bool:
     """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...) made
     ``eqn``: its name stack holds the transform's mark."""
-    return any(
-        type(s).__name__ == "Transform" and getattr(s, "name", None) in _DERIVATIVE_TRANSFORMS
-        for s in eqn.source_info.name_stack.stack
-    )
+    return not _DERIVATIVE_TRANSFORMS.isdisjoint(_transform_marks(eqn.source_info))
+
+
+def _transform_marks(source_info: SourceInfo) -> set[str]:
+    """The transforms an equation's name stack says made it (``jvp``, ``transpose``...)."""
+    return {
+        getattr(s, "name", None)
+        for s in source_info.name_stack.stack
+        if type(s).__name__ == "Transform"
+    }
 
 
 def made_by_call(x: Any) -> tuple[Any, tuple[Var, ...]] | None:

@@ -146,10 +146,7 @@ class Recorder:
     def record(self, name: str, value: Any) -> Any:
         """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`)."""
         frame = self.frame
-        if self._transforms and not self._untagged:
-            value, atoms = self._named(value)
-        else:
-            atoms = _atoms(value)
+        value, atoms = self._named(value)
         for path, atom in atoms:
             self.bindings.append((frame, name + path, atom))
         return value
@@ -175,7 +172,8 @@ class Recorder:
             self._transforms.pop()
 
     def _named(self, value: Any) -> tuple[Any, list[tuple[str, Any]]]:
-        """``(value, [(key path, atom)])`` for a value named under a transform.
+        """``(value, [(key path, atom)])`` for a value named: as it is outside a
+        transform (or inside a checkpoint whose policy saves named values), else:
 
         A transform remakes whole the sub-programs traced inside it (a ``jit`` call, a
         loop body, a ``cond`` branch, a ``checkpoint``): their vars are not in the
@@ -185,6 +183,8 @@ class Recorder:
         finds its copies. Tuples of values are tagged item by item; other containers
         (a module, a list) are left as they are (what they hold keeps its atoms).
         """
+        if not self._transforms or self._untagged:
+            return value, _atoms(value)
         keep = self._transforms[0]
         atoms: list[tuple[str, Any]] = []
 
@@ -414,10 +414,7 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if self._transforms and not self._untagged:
-            value, atoms = self._named(value)
-        else:
-            atoms = _atoms(value)
+        value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
         return value
