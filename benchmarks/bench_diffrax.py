@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from common import timed_once
+from common import interleaved_times
 
 import jaxsurgery as js
 
@@ -40,15 +40,21 @@ def run(quick: bool = False) -> list[dict]:
     args = (jnp.array([1.0, -0.5]), jnp.array(0.7))
     js.trace(solve_fn(), *args)  # warm JAX's own caches (primitive compiles) once
     n = 2 if quick else 5
-    t_js = min(timed_once(lambda: js.trace(solve_fn(), *args)) for _ in range(n))
-    t_mj = min(timed_once(lambda: jax.make_jaxpr(solve_fn())(*args)) for _ in range(n))
+    times = interleaved_times(
+        {
+            "js.trace": lambda: js.trace(solve_fn(), *args),
+            "make_jaxpr": lambda: jax.make_jaxpr(solve_fn())(*args),
+        },
+        repeat=n,
+    )
+    t_js, t_mj = times["js.trace"], times["make_jaxpr"]
     print(f"  diffrax solve: js.trace {t_js:.3f} s, make_jaxpr {t_mj:.3f} s", flush=True)
     return [
         {
             "program": "diffrax Tsit5 solve",
             "make_jaxpr s": t_mj,
             "js.trace s": t_js,
-            "ratio": t_js / t_mj,
+            "ratio": times.ratio("js.trace", "make_jaxpr"),
             "target": "≤ 2",
         }
     ]

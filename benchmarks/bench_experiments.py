@@ -101,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
             "function": what,
             "ms": times[ours] * 1e3,
             "hand-written ms": times[hand] * 1e3,
-            "ratio": times[ours] / times[hand],
+            "ratio": times.ratio(ours, hand),
             "target": target,
             "equal": same,
         }

@@ -15,7 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from common import interleaved_times, timed_once
+from common import interleaved_times
 
 import jaxsurgery as js
 
@@ -71,12 +71,15 @@ def run(quick: bool = False) -> list[dict]:
 def _one(T: int, quick: bool) -> dict:
     w = jax.random.normal(jax.random.key(0), (WIDTH, WIDTH)) / WIDTH**0.5
     args = (w, jnp.zeros(WIDTH), jnp.ones((T, WIDTH)) * 0.1)
-    # a few ms each: the best of many alternating runs (fresh functions each time); the
-    # best of 9 still moved the ratio by ±0.05 from one run to the next
-    t_js, t_mj = float("inf"), float("inf")
-    for _ in range(3 if quick else 30):
-        t_js = min(t_js, timed_once(lambda: js.trace(rnn_fn(), *args)))
-        t_mj = min(t_mj, timed_once(lambda: jax.make_jaxpr(rnn_fn())(*args)))
+    # a few ms each: many alternating rounds (fresh functions each time)
+    trace_times = interleaved_times(
+        {
+            "js.trace": lambda: js.trace(rnn_fn(), *args),
+            "make_jaxpr": lambda: jax.make_jaxpr(rnn_fn())(*args),
+        },
+        repeat=3 if quick else 30,
+    )
+    t_js, t_mj = trace_times["js.trace"], trace_times["make_jaxpr"]
     g = js.trace(rnn_fn(), *args)
     name = f"step/h#1@{T - 10}" if T > 10 else "step/h#1@5"
     t0 = time.perf_counter()
@@ -118,13 +121,13 @@ def _one(T: int, quick: bool) -> dict:
         "T": T,
         "make_jaxpr ms": t_mj * 1e3,
         "js.trace ms": t_js * 1e3,
-        "trace ratio": t_js / t_mj,
+        "trace ratio": trace_times.ratio("js.trace", "make_jaxpr"),
         "value ms": t_value * 1e3,
         "value / trace": t_value / t_js,
         "value / first call": t_value / t_call,
         "replace ms": t_replace * 1e3,
         "replace / trace": t_replace / t_js,
-        "grads run ratio": times["ours"] / times["hand"],
+        "grads run ratio": times.ratio("ours", "hand"),
         "grads compile s": t_c_ours,
         "hand compile s": t_c_hand,
         "ops": _ops(c_ours),
@@ -133,7 +136,7 @@ def _one(T: int, quick: bool) -> dict:
         "slice build ms": t_slice * 1e3,
         "slice ops": s_ops[0],
         "slice hand ops": s_ops[1],
-        "slice run ratio": s_times["ours"] / s_times["hand"],
+        "slice run ratio": s_times.ratio("ours", "hand"),
         "slice equal": s_same,
     }
     print(

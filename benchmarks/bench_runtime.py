@@ -75,12 +75,12 @@ def run(quick: bool = False) -> list[dict]:
                 "ms": times[name] * 1e3,
                 "HLO ops": ops,
                 "same HLO": instructions == reference,
-                "vs hand-written": times[name] / times["hand-written"],
+                "vs hand-written": times.ratio(name, "hand-written"),
             }
         )
         print(
             f"  runtime {name:20s} {times[name] * 1e3:8.3f} ms, {ops} HLO ops, "
-            f"{times[name] / times['hand-written']:.3f}x hand-written",
+            f"{times.ratio(name, 'hand-written'):.3f}x hand-written",
             flush=True,
         )
     allclose = all(

@@ -23,30 +23,48 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) -> dict[str, float]:
-    """Best wall time of each function over ``repeat`` rounds, measured round-robin so
+class Times(dict):
+    """The best time of each function (seconds), and every round behind it (``runs``)."""
+
+    def __init__(self, runs: dict[str, list[float]]):
+        super().__init__({name: min(ts) for name, ts in runs.items()})
+        self.runs = runs
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """``name``'s time over ``baseline``'s: the median, over rounds, of the two
+        measured in the same round.
+
+        Two runs of one round are seconds apart, so a burst of load or a slower clock
+        falls on both; the best runs of each, taken apart, may come from different
+        moments. On the 2-core machine, two compiled programs with identical optimized
+        HLO read 0.86×–1.16× as a ratio of best runs over four measurements under load,
+        and 1.02×–1.06× as this median."""
+        return statistics.median(a / b for a, b in zip(self.runs[name], self.runs[baseline]))
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) -> Times:
+    """Wall times of each function over ``repeat`` rounds, measured round-robin so
     that drifts in machine speed (other processes, clocks) fall on all of them alike;
     every other round runs them in reverse order, so that none always runs first (right
     after the collection) or last. Garbage is collected, untimed, after each call:
     js.trace pauses the cyclic collector, so the garbage of one run would otherwise be
     collected inside the next one's timing.
 
-    The best run, not the median: it is the run least disturbed by the rest of the
-    machine. On the 2-core machine the benchmarks run on, the medians of two compiled
-    programs with identical optimized HLO differ by up to 15% from one measurement to
-    the next; their best runs, by about 1%."""
+    Times are the best run (the run least disturbed by the rest of the machine);
+    compare two functions with :meth:`Times.ratio`, which pairs their runs round by
+    round."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     gc.collect()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    runs: dict[str, list[float]] = {name: [] for name in fns}
     items = list(fns.items())
     for r in range(repeat):
         for name, fn in items if r % 2 == 0 else items[::-1]:
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
+            runs[name].append(time.perf_counter() - t0)
             gc.collect()
-    return {name: min(ts) for name, ts in times.items()}
+    return Times(runs)
 
 
 def deep_mlp(depth: int) -> tuple[Callable, tuple]:
@@ -98,13 +116,3 @@ def unrolled_loop(steps: int) -> tuple[Callable, tuple]:
 
 def count_eqns(fn: Callable, args: tuple) -> int:
     return len(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
-
-
-def timed_once(fn: Callable[[], object]) -> float:
-    """Seconds for one call; then the cyclic GC runs untimed, so that its cleanup of this
-    call (js.trace pauses it) does not land on the next one timed."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    t = time.perf_counter() - t0
-    gc.collect()
-    return t

@@ -230,9 +230,10 @@ HEADER = """\
 supported JAX range: `.venv` (the oldest supported jax, 0.10.x) and `.venv-latest` (Python
 3.12 with the newest jax/jaxlib). Each section below is one run, headed by the jax, jaxlib
 and Python versions that measured its figures. Ratios compare against a baseline run in
-the same process. Times compared with each other are the best of interleaved runs (the
-run least disturbed by the rest of the machine; `benchmarks/common.py` says why), the
-whole-program totals of the slicing table are medians.
+the same process. Contenders run in interleaved rounds: the times shown are each one's
+best run (the run least disturbed by the rest of the machine), a ratio is the median over
+rounds of the two times measured in the same round (`benchmarks/common.py` says why), and
+the whole-program totals of the slicing table are medians.
 """
 
 PART = re.compile(r"<!-- part (\S+) -->\n.*?<!-- end of part \1 -->\n", re.S)
