@@ -76,18 +76,47 @@ def scope_names(
     names: list[tuple[int, str]] = []
     inside: list[tuple[int, str]] = []
     outputs = set(program.outputs)
+    backward = _Backward(eqns)
+    residuals: dict[int, list[int]] = {}  # per instance: values only the backward pass reads
+    named: set[int] = set()  # instances with an output
     for e, chain in enumerate(chains):
         if not chain:
             continue
+        forward = not backward[e]
         for v in program.eqn_out[e]:
             leaving = set(chain) if v in outputs else set()
+            saved: set[int] = set()
             for u in program.users[v]:
-                leaving.update(set(chain) - set(chains[u]))
+                left = set(chain) - set(chains[u])
+                (saved if forward and backward[u] else leaving).update(left)
             for inst in chain:
                 if inst in leaving:
                     names.append((v, paths[inst]))
+                    named.add(inst)
+                elif inst in saved:
+                    residuals.setdefault(inst, []).append(v)
                 inside.append((v, f"{paths[inst]}/%{v}"))
+    names.extend((v, paths[i]) for i, vs in residuals.items() if i not in named for v in vs)
     return names, inside
+
+
+class _Backward:
+    """Whether equation ``e`` is in a derivative's backward pass, computed once each.
+
+    A forward scope instance's value that only the backward pass reads (a residual:
+    the mask of a ``relu``, kept for its derivative) is not an output of the instance,
+    unless nothing else leaves it: under ``jax.grad``, ``"MLP/Block_1"`` is the block's
+    value, not also its ``relu`` mask.
+    """
+
+    def __init__(self, eqns: list) -> None:
+        self.eqns, self.known = eqns, {}
+
+    def __getitem__(self, e: int) -> bool:
+        found = self.known.get(e)
+        if found is None:
+            found = self.known[e] = C.in_backward_pass(self.eqns[e].source_info)
+        return found
 
 
 def scope_parts(path: str) -> list[str]:

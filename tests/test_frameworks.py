@@ -75,6 +75,49 @@ def test_flax_linen_cnn_module_outputs_and_slices(key):
     assert g["CNN/Conv_0"] in inside and {v.scope for v in inside} == {"CNN/Conv_0"}
 
 
+# -- Flax linen: blocks ending in relu, traced inside a training step -----------------------------
+class ReluBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(8)(x))
+
+
+class ReluMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = ReluBlock()(x)
+        h = ReluBlock()(h)
+        return nn.Dense(1)(h)
+
+
+def test_a_linen_block_under_grad_is_its_value_not_also_its_relu_mask(key):
+    """Under jax.grad, a block ending in relu has a second value read outside it: relu's
+    mask (x > 0), which the backward pass keeps. The block's name is its value alone."""
+    model, x = ReluMLP(), jax.random.normal(key, (4, 3))
+    params = model.init(jax.random.key(1), x)
+
+    def step(params, x):
+        return jax.value_and_grad(lambda p: (model.apply(p, x) ** 2).mean())(params)
+
+    g = js.trace(step, params, x)
+    block0 = params["params"]["ReluBlock_0"]
+    h0 = ReluBlock().apply({"params": block0}, x)
+    h1 = ReluBlock().apply({"params": params["params"]["ReluBlock_1"]}, h0)
+    allclose(g.value("ReluMLP/ReluBlock_0"), h0)
+    allclose(g.value("ReluMLP/ReluBlock_1"), h1)
+    assert g["ReluMLP/ReluBlock_1"].dtype == jnp.float32  # not the bool mask
+    # the backward instance keeps its own outputs
+    assert g.select("grad(ReluMLP)/ReluBlock_1")
+
+    def rest(h):  # block 1 and the head, by hand
+        head = params["params"]["Dense_0"]
+        h = ReluBlock().apply({"params": params["params"]["ReluBlock_1"]}, h)
+        return nn.Dense(1).apply({"params": head}, h)
+
+    s = g.slice("ReluMLP/ReluBlock_0", "ReluMLP/Dense_0")
+    check_slice(s, (h0,), rest)
+
+
 # -- Flax linen: a pre-norm transformer block ------------------------------------------------------
 class TransformerBlock(nn.Module):
     heads: int = 2
