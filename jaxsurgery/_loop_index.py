@@ -61,7 +61,7 @@ from . import _compat as C
 from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var
-from ._scopes import scope_names, scope_path
+from ._scopes import backward_prefix, scope_names, scope_path
 from ._structured import Site, iterations
 
 if TYPE_CHECKING:
@@ -126,12 +126,32 @@ def index_templates(program: Program) -> tuple[list, list]:
         ]
         # a scope inside the body is named by its whole path, the loop's scope first
         # (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body
-        prefix = f"{loop.scope}/" if loop.scope else ""
-        for ti, name in scope_names(template, iterations=False)[0]:
+        # (a loop jax.grad transposed runs the backward pass of its body's scopes)
+        prefix, backward = backward_prefix(loop.scope)
+        for ti, name in scope_names(template, False, _residuals(program, loop))[0]:
             at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
-            scopes += [(prefix + name, *at)]
+            if backward:
+                head, slash, rest = name.partition("/")
+                name = f"grad({head}){slash}{rest}"
+            scopes += [(f"{prefix}/{name}" if prefix else name, *at)]
             scopes += [(name, *at)] if prefix else []
     return tags, scopes
+
+
+def _residuals(program: Program, loop: Folded) -> frozenset[int]:
+    """The template outputs of a folded scan that only a backward pass reads (what the
+    forward scan of ``jax.grad`` stacks for the transposed one)."""
+    if not loop.is_scan or loop.flat_eqn < 0:
+        return frozenset()
+    template, n_carry = loop.template, C.scan_layout(loop.eqn)[1]
+    outvars = program.jaxpr.eqns[loop.flat_eqn].outvars
+    found = []
+    for ti, out in zip(template.outputs[n_carry:], outvars[n_carry:]):
+        i = program.index.get(out)
+        users = () if i is None else program.users[i]
+        if users and all(C.in_backward_pass(program.jaxpr.eqns[u].source_info) for u in users):
+            found.append(ti)
+    return frozenset(found)
 
 
 def _reverse(loop: Folded) -> bool:

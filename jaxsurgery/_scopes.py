@@ -33,13 +33,15 @@ from ._structured import iterations
 
 
 def scope_names(
-    program: Any, iterations: bool = True
+    program: Any, iterations: bool = True, saved: frozenset[int] = frozenset()
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """``(var index, name)`` pairs: outputs of scope instances, and their insides.
 
     A scope entered once per iteration of an unrolled loop is named by the iteration,
     as a Python name is (``cell/wh@8``), not numbered; ``iterations=False`` leaves the
     suffix off (a folded loop's template: its names take the iterations later).
+    ``saved``: outputs of the program that only a backward pass reads (a folded loop's
+    residuals, see :class:`_Backward`).
     """
     eqns = program.jaxpr.eqns
     parents: list[int] = []  # per instance: its parent instance, or -1
@@ -84,16 +86,16 @@ def scope_names(
             continue
         forward = not backward[e]
         for v in program.eqn_out[e]:
-            leaving = set(chain) if v in outputs else set()
-            saved: set[int] = set()
+            leaving = set(chain) if v in outputs and v not in saved else set()
+            kept = set(chain) if v in saved else set()
             for u in program.users[v]:
                 left = set(chain) - set(chains[u])
-                (saved if forward and backward[u] else leaving).update(left)
+                (kept if forward and backward[u] else leaving).update(left)
             for inst in chain:
                 if inst in leaving:
                     names.append((v, paths[inst]))
                     named.add(inst)
-                elif inst in saved:
+                elif inst in kept:
                     residuals.setdefault(inst, []).append(v)
                 inside.append((v, f"{paths[inst]}/%{v}"))
     names.extend((v, paths[i]) for i, vs in residuals.items() if i not in named for v in vs)
@@ -127,22 +129,37 @@ def scope_parts(path: str) -> list[str]:
     ``transpose(jvp(MLP))/Dense_0`` is ``grad(MLP)/Dense_0``, so the backward instance
     of a layer reads apart from its forward one (``MLP/Dense_0``).
     """
-    parts, depth, start = [], 0, 0
+    return _parts(path)[0]
+
+
+def backward_prefix(path: str) -> tuple[str, bool]:
+    """The scope path of a name stack, and whether it ends in a bare backward-pass mark
+    (``transpose(jvp())``, the name stack of a loop that ``jax.grad`` transposed): the
+    scopes of such a loop's body are the backward pass's, ``grad(cell)``."""
+    parts, backward = _parts(path)
+    return "/".join(parts), backward
+
+
+def _parts(path: str) -> tuple[list[str], bool]:
+    parts, depth, start, backward = [], 0, 0, False
     for i, ch in enumerate(path + "/"):
         if ch == "(":
             depth += 1
         elif ch == ")":
             depth -= 1
         elif ch == "/" and depth == 0:
-            label = _label(path[start:i])
+            label, marked = _label(path[start:i])
+            backward = backward or marked
             if label:
-                parts.append(label)
+                parts.append(f"grad({label})" if backward and not marked else label)
+                backward = False
             start = i + 1
-    return parts
+    return parts, backward
 
 
-def _label(part: str) -> str:
-    """A name-stack component as a scope label ('' for a bare transformation mark)."""
+def _label(part: str) -> tuple[str, bool]:
+    """A name-stack component as a scope label ('' for a bare transformation mark), and
+    whether a backward-pass mark (``transpose``) wraps it."""
     backward = False
     while True:
         head, paren, inner = part.partition("(")
@@ -151,9 +168,9 @@ def _label(part: str) -> str:
         backward = backward or head == "transpose"
         part = inner[:-1]
     if not part:
-        return ""
+        return "", backward
     scope = "/".join(scope_parts(part)) if "/" in part else part
-    return f"grad({scope})" if backward and scope else scope
+    return (f"grad({scope})" if backward and scope else scope), backward
 
 
 def scope_path(path: str) -> str:

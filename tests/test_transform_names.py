@@ -490,6 +490,11 @@ def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
         states.append(state)
     for t in (0, 3, 6):
         allclose(g.value(f"gru_loss/model/step/state#1@{t}"), states[t])
+    # the cell's scope in the forward scan is its state (not also the residuals the
+    # backward scan reads); the transposed scan's scopes are the backward pass's
+    allclose(g.value("eqx.nn.GRUCell@3"), states[3])
+    scoped = {v.name for v in g.select("**GRUCell*@3")} - {"gru_loss/model/step/cell@3"}
+    assert scoped and all(n.startswith("grad(eqx.nn.GRUCell)") for n in scoped), scoped
     pred = jax.vmap(model)(xs)
     check_slice(
         g.slice("gru_loss/model/step/state#1@6", "out[0]"),
@@ -497,6 +502,44 @@ def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
         lambda s: jnp.mean((s @ model.out.weight[0] + model.out.bias[0] - y) ** 2),
     )
     allclose(g.value("out[0]"), jnp.mean((pred - y) ** 2))
+
+
+def scoped_rnn(w, xs):
+    def step(h, x):
+        with jax.named_scope("cell"):
+            a = jnp.tanh(h @ w + x)
+            h = a * 2.0 + jnp.sin(a)
+        return h, h
+
+    _, hs = jax.lax.scan(step, jnp.zeros(4), xs)
+    return jnp.sum(hs**2)
+
+
+def test_a_scope_in_a_scan_body_under_a_gradient_is_its_forward_value():
+    """The forward scan of jax.grad also stacks what the backward one reads (tanh's and
+    sin's derivatives): those are not the scope's values; the transposed scan's scope
+    is ``grad(cell)``, and no transform's mark (``jvp()``) enters a name."""
+    w = jnp.eye(4) * 0.5 + 0.1
+    xs = jax.random.normal(jax.random.key(0), (6, 4))
+    g = js.trace(lambda w, xs: jax.value_and_grad(scoped_rnn)(w, xs), w, xs)
+    h, states = jnp.zeros(4), []
+    for t in range(6):
+        a = jnp.tanh(h @ w + xs[t])
+        h = a * 2.0 + jnp.sin(a)
+        states.append(h)
+    allclose(g.value("cell@2"), states[2])
+    names = {v.name for v in g.select("**cell*@2")}
+    assert "cell@2" in names and all(n == "cell@2" or n.startswith("grad(cell)") for n in names)
+    check_slice(
+        g.slice("cell@4", "out[0]"),
+        (states[4],),
+        lambda h4: sum(s @ s for s in states[:4]) + _rest(h4, w, xs),
+    )
+
+
+def _rest(h, w, xs):  # the loss from the state after step 4, by hand
+    a = jnp.tanh(h @ w + xs[5])
+    return jnp.sum((a * 2.0 + jnp.sin(a)) ** 2) + h @ h
 
 
 def branchy(w, x):
