@@ -145,7 +145,7 @@ class Folded:
             return Site(steps, site.vars, site.path_bound)
         tsteps, nested = self.template.found(ti)
         steps = (*self.steps, Step(self.pos, iteration=t), *tsteps)
-        site = locate(closed, steps, nested, while_trips)
+        site = locate(closed, steps, nested)
         inside = len(site.steps) > depth and site.steps[depth] == steps[depth]
         if inside and not self._last(t, while_trips):
             self._sites[ti] = (site, t)
@@ -197,21 +197,19 @@ class ControlFlow:
         return outs
 
     def _written(self, outs: list[Any], start: int, source_info: Any) -> list[Any]:
-        """The results of a ``cond`` or ``while_loop`` region, each written inside it.
+        """The results of a ``cond`` or ``while_loop`` region, each a var of its own,
+        written by an identity equation at the region's end.
 
-        A result that is an operand, a constant or another result (a branch that
+        The traced branch's value (or the last trip's) is not the result: at arguments
+        that take another branch or trip count, ``s1/w1`` or ``body/nv@3`` is not (or
+        no longer) what the region returns, and a value, patch or slice of it must not
+        act on the result. A result that is an operand or a constant (a branch that
         passes its input on, as a Metropolis accept/reject does; a loop that runs no
-        trip) gets an identity equation in the region. Without it the index takes the
-        operand for the result, whatever the predicate: no control dependency, and a
-        slice or ``values_fn`` would keep the traced branch for arguments that take
-        the other.
+        trip) would otherwise be that operand in the index, whatever the predicate: no
+        control dependency.
         """
-        made = {v for eqn in self.eqns[start:] for v in eqn.outvars}
         written: list[Any] = []
         for a in outs:
-            if isinstance(a, C.Var) and a in made and a not in written:
-                written.append(a)
-                continue
             copy = C.Var(a.aval)
             self.eqns.append(C.identity_eqn(a, copy, source_info))
             self._made_by_helper.add(copy)  # located where the result lies (_alias)

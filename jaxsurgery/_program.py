@@ -70,7 +70,7 @@ class Program:
         See :mod:`jaxsurgery._structured`.
         """
         found = self.found(i)
-        return None if found is None else locate(self.closed, *found, self.while_trips)
+        return None if found is None else locate(self.closed, *found)
 
     def found(self, i: int) -> tuple[tuple[Step, ...], C.Var] | None:
         """``(steps, nested var)`` of var ``i`` before lifting (None: made by the inliner)."""

@@ -717,14 +717,17 @@ def iterations(steps: Sequence[Step]) -> tuple[int, ...]:
     return tuple(s.iteration for s in steps if s.iteration is not None)
 
 
-def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | None = None) -> Site:
-    """The site of a nested var reached by ``steps``, lifted out of calls and conds.
+def locate(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
+    """The site of a nested var reached by ``steps``, lifted out of calls.
 
-    A value that a call (or a cond branch) returns and does not read itself is the
-    same value as the call's result: its site is the outer one, so an edit there
-    leaves the call whole (its custom rule kept) and a cond deciding again. Likewise
-    the carry a loop's last traced iteration returns is the loop's result (the
-    ``y`` of ``y = while_loop(...)``), whatever the trip count of new arguments.
+    A value that a call returns and does not read itself is the same value as the
+    call's result: its site is the outer one, so an edit there leaves the call whole
+    (its custom rule kept). Likewise the carry a scan's last iteration returns is the
+    scan's result. Not so for a ``cond`` branch or a ``while_loop`` trip: at arguments
+    that take another branch or trip count, the value the traced branch (or the last
+    traced trip) returns is not the result, so it keeps its site inside (bound to the
+    traced path); the region's result has a var and a site of its own (see
+    ``ControlFlow._written``).
     """
     levels, eqns = [closed.jaxpr], []
     for s in steps:
@@ -735,14 +738,14 @@ def locate(closed: Any, steps: tuple[Step, ...], var: Any, while_trips: dict | N
     while steps:
         eqn, inner = eqns[-1], levels[-1]
         at = [k for k, o in enumerate(inner.outvars) if o in held]
-        last = _last_iteration(eqn, steps, while_trips or {})
+        last = _last_iteration(eqn)
         if last is not None:  # a loop: its result if this is the last iteration's carry
             # (a ys of the last iteration is not the result; one nothing reads is moot)
             read = _read_vars(levels[-2])
             at = [k for k in at if k < last[1] or eqn.outvars[k] in read]
             carried = steps[-1].iteration == last[0] and all(k < last[1] for k in at)
             at = at if carried else []
-        elif eqn.primitive.name not in C.CALL_PRIMITIVES and eqn.primitive.name != "cond":
+        elif eqn.primitive.name not in C.CALL_PRIMITIVES:
             break
         outer = tuple(eqn.outvars[k] for k in at if not isinstance(eqn.outvars[k], C.DropVar))
         if not outer or any(a in held for e in inner.eqns for a in e.invars):
@@ -800,15 +803,11 @@ def carry_entry(closed: Any, site: Site) -> Site:
     return Site((*steps[:-1], entry), tuple(body.invars[n_consts + k] for k in at), site.path_bound)
 
 
-def _last_iteration(eqn: Any, steps: tuple[Step, ...], trips: dict) -> tuple[int, int] | None:
-    """``(last traced iteration, number of carry results)`` of a loop step, or None."""
-    name = eqn.primitive.name
-    if name == "scan":
+def _last_iteration(eqn: Any) -> tuple[int, int] | None:
+    """``(last iteration, number of carry results)`` of a scan step, or None."""
+    if eqn.primitive.name == "scan":
         length = eqn.params["length"]
         return (0 if eqn.params["reverse"] else length - 1), C.scan_layout(eqn)[1]
-    if name == "while":
-        n = trips.get((*steps[:-1], Step(steps[-1].eqn)))
-        return None if n is None else (n - 1, len(eqn.outvars))
     return None
 
 

@@ -382,3 +382,55 @@ def test_a_cut_inside_a_folded_while_loop_trip_says_so_in_its_notes():
     s = g.slice("body/v2@1", "out")
     assert any("cuts inside a while_loop trip" in n for n in s.notes), s.notes
     allclose(s(g.value("body/v2@1")), g.value("out"))
+
+
+def doubling_once(x):
+    def body(v):
+        nv = v * 2.0
+        return nv
+
+    r = jax.lax.while_loop(lambda v: v < 10.0, body, x)
+    return r * 3.0
+
+
+def branches(x, i):
+    def s0(a):
+        w0 = a * 2.0
+        return w0
+
+    def s1(a):
+        t1 = jnp.sin(a)
+        w1 = t1 + 1.0
+        return w1
+
+    return jnp.sum(jax.lax.switch(i, [s0, s1], x))
+
+
+def test_the_last_trip_value_is_not_the_loop_result_at_other_trip_counts():
+    """Traced at 1.0 the loop runs 4 trips, so ``body/nv@3`` is what the loop returns
+    there; at 0.1 (7 trips) it is 1.6 and the loop returns 12.8, at 3.0 (2 trips) it does
+    not exist."""
+    g = js.trace(doubling_once, 1.0)
+    assert g["body/nv@3"] is not g["r"]
+    allclose(g.values_fn(["body/nv@3"])(0.1)["body/nv@3"], 1.6)
+    allclose(g.values_fn(["r"])(0.1)["r"], 12.8)
+    # a patch at trip 3: 1.6 * 100 ends the loop at once
+    allclose(g.replace("body/nv@3", lambda v: v * 100).as_function()(0.1), 160.0 * 3)
+    allclose(g.replace("r", lambda v: v * 100).as_function()(0.1), 12.8 * 300)
+    with pytest.raises(js.SliceError, match="another path"):
+        g.values_fn(["body/nv@3"])(3.0)
+    with pytest.raises(js.SliceError, match="another path"):
+        g.slice("body/nv@3", "out").bind(0.1)
+
+
+def test_the_traced_branch_value_is_not_the_switch_result_for_another_branch():
+    """``s1/w1`` is branch 1's value: for an index that takes branch 0 it does not exist
+    (a SliceError, as for ``s1/t1``), and a patch of it leaves branch 0 alone."""
+    x = jnp.array([0.1, 0.2])
+    g = js.trace(branches, x, 1)
+    allclose(g.values_fn(["s1/w1"])(x, 1)["s1/w1"], jnp.sin(x) + 1.0)
+    with pytest.raises(js.SliceError, match="another path"):
+        g.values_fn(["s1/w1"])(x, 0)
+    patched = g.replace("s1/w1", lambda w: w * 10).as_function()
+    allclose(patched(x, 0), branches(x, 0))
+    allclose(patched(x, 1), 10 * branches(x, 1))
