@@ -148,6 +148,13 @@ class Program:
             if deciders:
                 for e in range(r.start, r.end):
                     self.eqn_in[e] += deciders
+            if r.primitive in BRANCH_PRIMITIVES or r.primitive == "while":
+                # and its results (the identity equations at its end, see
+                # ControlFlow._written) read every operand: another branch, or trips the
+                # traced arguments did not run, may read what the traced path does not
+                operands = tuple(index[a] for a in r.ins if type(a) is not Literal and a in index)
+                for e in range(r.end - len(r.outs), r.end):
+                    self.eqn_in[e] += operands
 
     @property
     def users(self) -> list[list[int]]:

@@ -434,3 +434,47 @@ def test_the_traced_branch_value_is_not_the_switch_result_for_another_branch():
     patched = g.replace("s1/w1", lambda w: w * 10).as_function()
     allclose(patched(x, 0), branches(x, 0))
     allclose(patched(x, 1), 10 * branches(x, 1))
+
+
+def switch_reads_b_in_branch_1(i, x, b):
+    a = jnp.sin(x)
+    c = jax.lax.switch(i, [lambda a, b: a * 2, lambda a, b: b * 2], a, b)
+    return jnp.sum(c) + jnp.sum(b)
+
+
+def loop_reads_w(n, w, x):
+    r = jax.lax.fori_loop(0, n, lambda i, v: jnp.sin(v * w), x)
+    return jnp.sum(r**2)
+
+
+def accept_or_keep(p, prop, cur):
+    new = jax.lax.cond(p > 0, lambda a, b: a, lambda a, b: b, prop, cur)
+    return jnp.sum(new**2) + jnp.sum(cur)
+
+
+@pytest.mark.parametrize(
+    "fn, traced, bound, start",
+    [
+        (switch_reads_b_in_branch_1, (0, X, X + 1), (1, X, X + 1), 2),
+        (loop_reads_w, (0, X, X * 0.5), (3, X, X * 0.5), 1),
+        (accept_or_keep, (1.0, X, X * 2), (-1.0, X, X * 2), 2),
+    ],
+    ids=["switch", "fori_loop", "cond"],
+)
+def test_a_bound_slice_follows_a_path_the_trace_did_not_take(fn, traced, bound, start):
+    """The slice's input is an operand of a cond or loop that the traced path does not
+    read (branch 0 reads only ``a``; a loop traced with no trip): bound to arguments that
+    take another branch or trip count, the conditional or loop reads it, as in the
+    function."""
+    g = js.trace(fn, *traced)
+    s = g.slice(start, "out").bind(*bound)  # from the argument at position ``start``
+
+    def reference(v):
+        args = list(bound)
+        args[start] = v
+        return fn(*args)
+
+    v = bound[start] * 0.7 + 0.1
+    allclose(s(v), reference(v))
+    allclose(jax.jit(s)(v), reference(v))
+    allclose(jax.jvp(s, (v,), (X,))[1], jax.jvp(reference, (v,), (X,))[1])
