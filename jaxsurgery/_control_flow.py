@@ -306,14 +306,16 @@ class ControlFlow:
             return None
         self.while_trips[(*self.path, Step(pos))] = trips
         region = self.regions[-1]  # before the body's calls add theirs
+        region.boundaries = [carry]
         for t in range(trips):
             self.iteration.append(t)
             step = Step(pos, iteration=t)
             carry = self._inline(body, [*body_consts, *carry], source_info, step)
+            region.boundaries.append(carry)
             self.iteration.pop()
         region.cut_note = (
-            f"it holds for the loop's {trips} traced trips (arguments that give another "
-            "count are a SliceError)"
+            f"it holds for the loop's {trips} traced trips (arguments or inputs that give "
+            "another count are a SliceError)"
         )
         return carry
 
@@ -405,14 +407,14 @@ def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
         return []
     p = eqn.params
     n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
-    reads = _reads(p["cond_jaxpr"].jaxpr, range(1))
+    reads = input_reads(p["cond_jaxpr"].jaxpr, range(1))
     cond_consts = {i for i in reads if i < n_cond}
     carry = {i - n_cond for i in reads if i >= n_cond}
     body_consts: set[int] = set()
     body = p["body_jaxpr"].jaxpr
     todo = set(carry)
     while todo:  # the carry those depend on through the body, to a fixed point
-        found = _reads(body, todo)
+        found = input_reads(body, todo)
         body_consts.update(i for i in found if i < n_body)
         todo = {i - n_body for i in found if i >= n_body} - carry
         carry |= todo
@@ -421,7 +423,7 @@ def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
     )
 
 
-def _reads(jaxpr: C.Jaxpr, outs: Iterable[int]) -> set[int]:
+def input_reads(jaxpr: C.Jaxpr, outs: Iterable[int]) -> set[int]:
     """Positions of the inputs that the outputs at ``outs`` depend on (a liveness walk)."""
     live = {jaxpr.outvars[i] for i in outs}
     live = {v for v in live if isinstance(v, C.Var)}

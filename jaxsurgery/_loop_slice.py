@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from ._rules import dropped_derivatives
-from ._slice import Slice, _check_connected, _coerce
+from ._slice import Decision, Slice, _check_connected, _coerce, _takes
 from ._structured import Edit, Extra, Site, carry_entry
 
 if TYPE_CHECKING:
@@ -147,10 +147,11 @@ class LoopSlice(Slice):
             tuple(dict.fromkeys(notes)),
         )
         s._known, s._known_consts = known, known_consts
-        s._decisions = ((2, 1),) * len(guards)  # each hit must be 1 (see Slice.__call__)
+        hit = Decision(1, functools.partial(_takes, 2, 1), "a trip or branch")  # hits are 1
+        s._decisions = (hit,) * len(guards)
         return s
 
-    def _path_message(self, taken: int) -> str:
+    def _path_message(self, what: str) -> str:
         return (
             f"{self!r} cuts inside a while_loop trip or a cond branch that these "
             "arguments do not reach (the loop stops before it, or the cond takes another "

@@ -391,7 +391,10 @@ class Region:
     the original call equation (its params still hold the body and any custom rule).
     """
 
-    __slots__ = ("start", "end", "eqn", "ins", "outs", "source_info", "cut_note", "taken")
+    __slots__ = (
+        *("start", "end", "eqn", "ins", "outs", "source_info", "cut_note", "taken"),
+        "boundaries",
+    )
 
     def __init__(self, start: int, eqn: C.JaxprEqn, ins: list[Any], source_info: Any):
         self.start, self.end, self.eqn, self.ins = start, start, eqn, ins
@@ -399,6 +402,9 @@ class Region:
         self.source_info = source_info
         self.cut_note: str | None = None  # what a slice cutting inside must be told
         self.taken: int | None = None  # a cond: the branch inlined (the traced one)
+        #: an unrolled while: its carry (flat atoms) entering each traced trip, then after
+        #: the last one (what its condition was asked about)
+        self.boundaries: list[list[Any]] = []
 
     @property
     def primitive(self) -> str:

@@ -28,7 +28,9 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -37,6 +39,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
+from ._control_flow import input_reads
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._rules import dropped_derivatives
@@ -229,9 +232,9 @@ class Slice:
     """
 
     window_vars: tuple[Var, ...] = ()
-    #: ``(number of branches, traced branch)`` of each cond decided by the inputs
-    #: whose branch the window keeps; its decision is an extra result of ``jaxpr``
-    _decisions: tuple[tuple[int, int], ...] = ()
+    #: the checks of the path the window keeps, where the inputs decide it (a cond's
+    #: branch, a while's trips); what they read are extra results of ``jaxpr``
+    _decisions: tuple[Decision, ...] = ()
 
     def __init__(
         self,
@@ -288,10 +291,14 @@ class Slice:
         # a cond whose traced branch the window keeps, decided by the inputs: the
         # decision becomes an extra result, checked on every call (see __call__)
         decisions = _decisions(program, window, cut)
+        extra = [i for vars_, _ in decisions for i in vars_]
         if decisions:
-            window.grow([i for i, _, _ in decisions])
-            extra = [i for i, _, _ in decisions]
+            window.grow(extra)
             eqns, context, cut_notes, _ = assemble(program, window, ins, [*outs, *extra])
+            # what a check reads that the inputs do not reach (a carry the loop passes
+            # on from before the cut) is context
+            made = {*ins, *context, *(program.index[o] for e in eqns for o in e.outvars)}
+            context += [i for i in dict.fromkeys(extra) if i not in made]
         notes = tuple(
             f"input {v.name!r} reaches the outputs only through other inputs: its "
             "derivative is zero"
@@ -304,7 +311,7 @@ class Slice:
         jaxpr = C.new_jaxpr(
             [program.vars[i] for i in context],
             [program.vars[i] for i in ins],
-            [program.vars[i] for i in (*outs, *(i for i, _, _ in decisions))],
+            [program.vars[i] for i in (*outs, *extra)],
             eqns,
             "slice",
         )
@@ -321,7 +328,7 @@ class Slice:
             notes,
         )
         s.window_vars = tuple(graph.vars[o] for e in window.eqns for o in program.eqn_out[e])
-        s._decisions = tuple((n, taken) for _, n, taken in decisions)
+        s._decisions = tuple(d for _, d in decisions)
         return s
 
     # -- structure ----------------------------------------------------------------------
@@ -472,19 +479,18 @@ class Slice:
         out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
         if self._decisions:
             out, decided = out[: len(self.out_vars)], out[len(self.out_vars) :]
-            check_hits(
-                [
-                    (jnp.clip(d, 0, n - 1) == taken, True, self._path_message(taken))
-                    for d, (n, taken) in zip(decided, self._decisions)
-                ]
-            )
+            hits = []
+            for d in self._decisions:
+                hits.append((d.holds(decided[: d.count]), True, self._path_message(d.what)))
+                decided = decided[d.count :]
+            check_hits(hits)
         return _select.unflatten(self._out_tree, out)
 
-    def _path_message(self, taken: int) -> str:
+    def _path_message(self, what: str) -> str:
         return (
-            f"{self!r} keeps branch {taken} of a cond (the traced branch), but these inputs "
-            "take another branch; call it with inputs that take the traced branch, or "
-            "slice to or from values outside the cond"
+            f"{self!r} keeps {what}, but these inputs take another path; call it with "
+            "inputs that take the traced one, or slice to or from values outside the "
+            "cond or loop"
         )
 
     def export(self, *, platforms: Sequence[str] | None = None) -> Any:
@@ -525,18 +531,79 @@ class Slice:
         return f"Slice({ins} ↦ {outs}: {n} equation{'s' if n != 1 else ''}, context: {ctx})"
 
 
-def _decisions(program: Any, window: Window, cut: Sequence[Any]) -> list[tuple[int, int, int]]:
-    """``(decider var, number of branches, traced branch)`` of each cut cond that the
-    slice inputs decide (its branch index depends on them)."""
+@dataclass(frozen=True)
+class Decision:
+    """A check a slice makes on every call, where its own inputs decide the path that
+    its window keeps: ``holds`` of the ``count`` extra results of its jaxpr is True when
+    they take the traced path (``what``, for the message)."""
+
+    count: int
+    holds: Callable[[Sequence[Any]], Any]
+    what: str
+
+
+def _decisions(
+    program: Any, window: Window, cut: Sequence[Any]
+) -> list[tuple[list[int], Decision]]:
+    """``(extra results, Decision)`` for each cut ``cond`` whose branch index, and each
+    cut ``while`` whose condition at a traced trip, depends on the slice inputs."""
     found = []
     for region in cut:
-        if region.primitive != "cond" or region.taken is None:
-            continue
-        for a in region.deciders:
-            i = program.index.get(a)
-            if i is not None and i in window.reached:
-                found.append((i, len(region.eqn.params["branches"]), region.taken))
+        if region.primitive == "cond" and region.taken is not None:
+            n, taken = len(region.eqn.params["branches"]), region.taken
+            what = f"branch {taken} of a cond (the traced branch)"
+            for a in region.deciders:
+                i = program.index.get(a)
+                if i is not None and i in window.reached:
+                    found.append(([i], Decision(1, functools.partial(_takes, n, taken), what)))
+        elif region.primitive == "while" and region.boundaries:
+            found += _trip_decisions(program, window, region)
     return found
+
+
+def _takes(n: int, taken: int, values: Sequence[Any]) -> Any:
+    return jnp.clip(values[0], 0, n - 1) == taken
+
+
+def _trip_decisions(program: Any, window: Window, region: Any) -> list[tuple[list[int], Decision]]:
+    """A cut while's condition, asked again of the carry at each traced trip that the
+    inputs reach: it must go on before each traced trip and stop after the last."""
+    p = region.eqn.params
+    cond = p["cond_jaxpr"]
+    used = input_reads(cond.jaxpr, range(1))
+    consts = region.ins[: p["cond_nconsts"]]
+    trips = len(region.boundaries) - 1
+    what = f"the {trips} traced trips of a while_loop"
+    found = []
+    for t, carry in enumerate(region.boundaries):
+        atoms = [*consts, *carry]
+        at = [
+            program.index.get(a) if k in used and type(a) is not C.Literal else None
+            for k, a in enumerate(atoms)
+        ]
+        if not any(i is not None and i in window.reached for i in at):
+            continue  # the traced arguments decide it: the same as traced
+        extra = [i for i in at if i is not None]
+        holds = functools.partial(_goes_on, cond, atoms, at, t < trips)
+        found.append((extra, Decision(len(extra), holds, what)))
+    return found
+
+
+def _goes_on(
+    cond: Any, atoms: list[Any], at: list[Any], expected: bool, values: Sequence[Any]
+) -> Any:
+    """Whether a while's condition, of the carry ``values`` (at the positions ``at``
+    names; the others are literals or unread), says ``expected``."""
+    given = iter(values)
+    args = [
+        next(given)
+        if i is not None
+        else a.val
+        if type(a) is C.Literal
+        else jnp.zeros(a.aval.shape, a.aval.dtype)
+        for a, i in zip(atoms, at)
+    ]
+    return C.eval_jaxpr(cond.jaxpr, cond.consts, *args)[0] == expected
 
 
 def _evaluate_vars(

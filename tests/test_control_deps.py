@@ -277,6 +277,27 @@ def test_a_cut_inside_the_branch_checks_the_branch_its_inputs_decide():
     check_slice(whole, (-X,), lambda x: jnp.cos(x * 3.0))
 
 
+def test_a_cut_inside_a_while_checks_the_trips_its_inputs_decide():
+    """Traced at 1.0 the loop runs 4 trips (2, 4, 8, 16); a slice from ``nv@1`` (4.0)
+    runs trips 2 and 3 as traced. Its input decides whether the loop would go on or stop
+    there: from 3.0 it stops after them too (3, 6, 12), from 2.0 or 100.0 it would not,
+    and the slice says so on each call (eagerly, under jit, per example under vmap)."""
+    g = js.trace(doubling_once, 1.0)
+    s = g.slice("body/nv@1", "out")
+    for v in (4.0, 3.0, 4.9):
+        allclose(s(v), v * 4 * 3.0)
+        allclose(jax.jit(s)(v), v * 4 * 3.0)
+        allclose(jax.grad(s)(v), 12.0)
+    allclose(jax.vmap(s)(jnp.array([3.0, 4.0])), jnp.array([36.0, 48.0]))
+    for v in (2.0, 100.0):
+        with pytest.raises(js.SliceError, match="keeps the 4 traced trips of a while_loop"):
+            s(v)
+    with pytest.raises(Exception, match="keeps the 4 traced trips of a while_loop"):
+        jax.block_until_ready(jax.jit(s)(2.0))
+    with pytest.raises(js.SliceError):
+        jax.vmap(s)(jnp.array([3.0, 100.0]))
+
+
 # A branch that passes its input on (a Metropolis accept/reject: `new = cond(accept,
 # proposal, current)`), or a loop that runs no trip, writes no equation of its own: its
 # result still depends on the decision, for slices, values_fn and grads_fn alike.

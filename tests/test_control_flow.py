@@ -148,7 +148,16 @@ def test_while_loop_fixed_point_slice():
             x = jnp.cos(a * x)
         return x
 
-    check_slice(s, (g.value("improve/x_new@2"),), reference)
+    # its input decides the trip count: near the traced value the loop runs as traced,
+    # from elsewhere it would converge in another number of trips (a SliceError)
+    x2 = g.value("improve/x_new@2")
+    for x in (x2, x2 + 1e-7):
+        allclose(s(x), reference(x))
+        allclose(jax.jit(s)(x), reference(x))
+        allclose(jax.jvp(s, (x,), (1.0,))[1], jax.jvp(reference, (x,), (1.0,))[1])
+        allclose(jax.grad(s)(x), jax.grad(reference)(x))
+    with pytest.raises(js.SliceError, match="traced trips of a while_loop"):
+        s(x2 + 0.5)
     whole = g.slice("a", "x_star")  # the whole loop: still a while_loop, any trip count
     assert [e.primitive.name for e in whole.jaxpr.eqns][-1] == "while"
     allclose(whole(jnp.array(0.3)), fixed_point(jnp.array(0.3)))
