@@ -73,7 +73,9 @@ class PatchFunction:
         from ._patch_graph import warn_if_differentiated
 
         self.graph = graph
-        self.keys, self.vars = _select.keyed(graph, selector)
+        self.keys, self.vars, self._groups, self._stacked = _select.grouped(
+            graph, selector, "patch_fn's selector"
+        )
         warn_if_differentiated(graph, self.vars, "g.patch_fn")
         self._sites = [graph._site_of(v) for v in self.vars]
         self._fns = [_given(v.shape, v.dtype) for v in self.vars]
@@ -91,8 +93,22 @@ class PatchFunction:
                 f"cannot patch {unknown[0]!r}: this patch function patches "
                 f"{', '.join(map(repr, self.keys))}; select it in g.patch_fn(...)"
             )
-        used = [j for j, k in enumerate(self.keys) if k in patches]
-        values = [_patch_value(patches[self.keys[j]], self.keys[j], self.vars[j]) for j in used]
+        used, values = [], []
+        for key, group, many in zip(self.keys, self._groups, self._stacked):
+            if key not in patches:
+                continue
+            given = patches[key]
+            if many:  # one row per var the key selects, as values_fn stacks them
+                given = jnp.asarray(given)
+                if given.shape[:1] != (len(group),):
+                    raise SliceError(
+                        f"the patch for {key!r} is stacked over the {len(group)} vars it "
+                        f"selects: give an array of leading axis {len(group)}, got shape "
+                        f"{given.shape}"
+                    )
+            for k, j in enumerate(group):
+                used.append(j)
+                values.append(_patch_value(given[k] if many else given, key, self.vars[j]))
         edits = [
             Edit(self._sites[j], "apply", self._fns[j], (Extra(n),)) for n, j in enumerate(used)
         ]
@@ -113,8 +129,7 @@ class AttributionFunction:
 
     def __init__(self, graph: Graph, out: Selector, wrt: Selector):
         self.values = ValuesFunction(graph, wrt)
-        self.grads = graph.grads_fn(out, list(self.values.vars))
-        self.keys = self.values.keys
+        self.grads = graph.grads_fn(out, wrt)  # keyed (and stacked) as the values are
 
     def __call__(self, clean_args: tuple, corrupt_args: tuple) -> dict[str, Any]:
         for what, given in (("clean_args", clean_args), ("corrupt_args", corrupt_args)):
@@ -126,10 +141,7 @@ class AttributionFunction:
         clean = self.values(*clean_args)
         corrupt = self.values(*corrupt_args)
         grads = self.grads(*corrupt_args)
-        names = [v.name for v in self.values.vars]
-        return {
-            key: (clean[key] - corrupt[key]) * grads[name] for key, name in zip(self.keys, names)
-        }
+        return {key: (clean[key] - corrupt[key]) * grads[key] for key in clean}
 
 
 def _patch_value(x: Any, key: str, v: Var) -> Any:

@@ -152,6 +152,27 @@ def test_attribution_fn_equals_attribution_patching_by_hand(mlp):
         allclose(got[layer_name(k)], (a_clean[k] - a_corrupt[k]) * grad, rtol=1e-4, atol=1e-6)
 
 
+def test_experiments_keyed_by_a_dict_stack_what_a_key_selects(mlp):
+    """A dict key of several vars (``"eqx.nn.MLP/eqx.nn.Linear#*"``) is one stacked
+    result, row k its k-th var: each row's attribution uses its own var's gradient, and a
+    patch of that key is stacked the same way; a key of one var is that var's."""
+    g = js.trace(forward, mlp, jnp.ones(4))
+    inner = [layer_name(k) for k in range(DEPTH)]  # the hidden layers, all WIDTH wide
+    clean, corrupt = (mlp, jnp.ones(4)), (mlp, jnp.linspace(-1.0, 1.0, 4))
+    stacked = g.attribution_fn("out", {"hidden": inner})(clean, corrupt)["hidden"]
+    one_by_one = g.attribution_fn("out", inner)(clean, corrupt)
+    assert stacked.shape == (DEPTH, WIDTH)
+    for k, name in enumerate(inner):
+        allclose(stacked[k], one_by_one[name], rtol=1e-6)
+
+    p = g.patch_fn({"act": layer_name(1), "hidden": inner[:2]})
+    a = layers_by_hand(mlp, clean[1])
+    allclose(p({"act": a[1]}, *corrupt), patched_by_hand(mlp, corrupt[1], 1, a[1]), rtol=1e-5)
+    allclose(p({"hidden": jnp.stack(a[:2])}, *corrupt), mlp(clean[1]), rtol=1e-5)
+    with pytest.raises(js.SliceError, match="leading axis 2"):
+        p({"hidden": a[0]}, *corrupt)
+
+
 def test_new_arguments_of_other_shapes_are_a_slice_error_naming_the_argument(mlp):
     g = js.trace(forward, mlp, jnp.ones(4))
     with pytest.raises(
