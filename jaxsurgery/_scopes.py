@@ -180,15 +180,23 @@ def scope_path(path: str) -> str:
 
 def _instance_paths(parents: list[int], labels: list[str], its: list[tuple[int, ...]]) -> list[str]:
     """Full paths with ``#k`` where a scope repeats under the same parent in the same
-    loop iterations (once per iteration is one scope, told apart by the iteration)."""
+    loop iterations (once per iteration is one scope, told apart by the iteration).
+
+    In a backward pass (``grad(MLP)/...``) the instances run in reverse: they are
+    numbered from the last, so that ``grad(eqx.nn.MLP)/eqx.nn.Linear#0`` is the
+    backward pass of ``eqx.nn.MLP/eqx.nn.Linear#0``."""
     counts: dict[tuple, int] = {}
     for parent, label, at in zip(parents, labels, its):
         counts[parent, label, at] = counts.get((parent, label, at), 0) + 1
     repeated = {(p, label) for (p, label, _), n in counts.items() if n > 1}
     seen: dict[tuple, int] = {}
     paths: list[str] = []
+    backward: list[bool] = []
     for parent, label, at in zip(parents, labels, its):
         k = seen[parent, label, at] = seen.get((parent, label, at), -1) + 1
+        backward.append(label.startswith("grad(") or (parent >= 0 and backward[parent]))
+        if backward[-1]:
+            k = counts[parent, label, at] - 1 - k
         own = f"{label}#{k}" if (parent, label) in repeated else label
         # a parent's path holds no iterations: they follow the whole name
         paths.append(own if parent < 0 else f"{paths[parent]}/{own}")

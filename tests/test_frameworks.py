@@ -210,6 +210,23 @@ def test_equinox_mlp_layers_by_scope(key):
     check_slice(s, (g.value(names[1]),), rest)
 
 
+def test_equinox_backward_layers_are_numbered_as_the_forward_ones(key):
+    """The backward pass runs the layers last to first; ``grad(eqx.nn.MLP)/eqx.nn.Linear#k``
+    is still layer k's (its weight gradient among its outputs)."""
+    mlp = eqx.nn.MLP(in_size=3, out_size=2, width_size=4, depth=2, key=key)
+    x = jnp.array([0.5, -1.0, 2.0])
+
+    def loss(model, x):
+        return jnp.sum(model(x) ** 2)
+
+    g = js.trace(lambda m, x: eqx.filter_grad(loss)(m, x), mlp, x)
+    grads = eqx.filter_grad(loss)(mlp, x)
+    for k, layer in enumerate(grads.layers):
+        outs = g.select(f"grad(eqx.nn.MLP)/eqx.nn.Linear#{k}")
+        (weight,) = [v for v in outs if v.shape == layer.weight.shape]
+        allclose(g.value(weight), layer.weight, rtol=1e-5)
+
+
 def test_equinox_modules_as_given_hold_their_flags_and_hyperparameters_static(key):
     # eqx.nn.MultiheadAttention holds eqx.nn.Dropout(inference=True) and Python ints:
     # traced, `if inference` would fail; as equinox.filter_jit, only arrays are traced
