@@ -99,12 +99,15 @@ class GradsFunction:
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
         self._warned = False
+        from ._patch_graph import read_by_derivative
+
+        self._read_by_derivative = read_by_derivative(graph, wrt_vars, out_vars)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
         if not self._warned:  # once, at the first call (under jit: when it traces)
             self._warned = True
-            for note in self.dropped:
+            for note in [*self._read_by_derivative, *self.dropped]:
                 warnings.warn(f"grads_fn: {note}", stacklevel=2)
         return self.at_flat(flat)
 
@@ -112,7 +115,7 @@ class GradsFunction:
     def notes(self) -> list[str]:
         """Remarks about the edited program (a custom rule bypassed, a derivative a
         custom rule drops, ...)."""
-        return [*self._structured.notes, *self.dropped]
+        return [*self._structured.notes, *self._read_by_derivative, *self.dropped]
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
         """``eps -> (sum of out with eps added at each wrt value, path hits)``."""

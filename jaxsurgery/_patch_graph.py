@@ -63,6 +63,31 @@ def differentiated(graph: Graph, var: Var) -> bool:
     return C.under_derivative(eqn)
 
 
+def read_by_derivative(graph: Graph, wrt: Sequence[Var], outs: Sequence[Var]) -> list[str]:
+    """A note when a value JAX differentiates inside the traced function is perturbed
+    (a ``grads`` target, a slice input) for outputs a backward pass computes (gradients,
+    parameters updated with them): the derivative's own equations read that value too,
+    so its perturbation is not the zero perturbation added in the function's code."""
+    found = [v for v in wrt if differentiated(graph, v)]
+    if not found:
+        return []
+    program = graph._program
+    roots = [v.index for v in outs if not graph._virtual(v.index)]
+    eqns = program.jaxpr.eqns
+    if not any(C.in_backward_pass(eqns[e].source_info) for e in program.ancestor_eqns(roots)):
+        return []  # forward values (the loss): only the forward pass reads it
+    return [
+        f"{found[0].name!r} is a value JAX differentiates inside the traced function, and "
+        "these outputs come from its backward pass, whose equations read the value as "
+        "they were traced: a derivative rule that reads its primitive's result (tanh, "
+        "exp, sigmoid) reads the perturbed value, and a checkpoint's recomputation does "
+        "not see it. So these are derivatives of the traced program, not of the "
+        "function with a perturbation added where the value is written; for those, trace "
+        "the function before its derivative (the loss) and differentiate what you build "
+        "from it"
+    ]
+
+
 def warn_if_differentiated(
     graph: Graph, targets: Sequence[Var], what: str, stacklevel: int = 5
 ) -> None:

@@ -263,6 +263,8 @@ class Slice:
     @classmethod
     @gc_paused
     def _build(cls, graph: Graph, inputs: Any, outputs: Any, *, allow_unconnected: bool) -> Slice:
+        from ._patch_graph import read_by_derivative
+
         in_tree, in_vars = _select.tree(graph, inputs)
         out_tree, out_vars = _select.tree(graph, outputs)
         if not in_vars:
@@ -316,6 +318,7 @@ class Slice:
             "slice",
         )
         notes += tuple(dropped_derivatives(jaxpr, jaxpr.invars))
+        notes += tuple(read_by_derivative(graph, in_vars, out_vars))
         s = cls(
             graph,
             in_tree,

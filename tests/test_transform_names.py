@@ -504,6 +504,31 @@ def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
     allclose(g.value("out[0]"), jnp.mean((pred - y) ** 2))
 
 
+def test_a_gradient_of_a_backward_pass_output_wrt_a_differentiated_value_says_what_it_is():
+    """Under jax.grad, tanh's derivative reads tanh's result: perturbing ``loss/h`` in the
+    traced program moves the gradient, where a zero perturbation added in ``loss`` would
+    not. The loss itself (forward) is the hand-written trick's; its gradient says so."""
+    w, x = jnp.array([0.3, -0.5]), jnp.array([1.0, 2.0])
+
+    def step(w, x):
+        def loss(w):
+            h = jnp.tanh(x * w)
+            return jnp.sum(h * 2.0)
+
+        return jax.value_and_grad(loss)(w)
+
+    g = js.trace(step, w, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note for the forward value
+        allclose(g.grads("out[0]", wrt=["loss/h"])["loss/h"], jnp.full(2, 2.0))
+        assert not g.slice("loss/h", "out[0]").notes
+    with pytest.warns(UserWarning, match="backward pass, whose equations read the value"):
+        g.grads("out[1]", wrt=["loss/h"])
+    fn = g.grads_fn("out[1]", ["loss/h"])
+    assert any("backward pass" in n for n in fn.notes)
+    assert any("backward pass" in n for n in g.slice("loss/h", "out[1]").notes)
+
+
 def scoped_rnn(w, xs):
     def step(h, x):
         with jax.named_scope("cell"):
