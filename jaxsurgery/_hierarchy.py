@@ -305,7 +305,7 @@ class _Builder:
                     prefix = "/".join(parts[:k])
                     if prefix in scopes:
                         break
-                    if k < len(parts) or "/" in name or prefix in known:
+                    if len(parts) > 1 or prefix in known:  # a call and what it returned
                         note(prefix, e)
             for a in aliases[i]:
                 if a in known:  # what a call returned

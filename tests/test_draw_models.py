@@ -92,6 +92,25 @@ def test_long_labels_keep_their_tail_and_pytree_keys_stay_whole():
         assert any(n.endswith(label[1:]) for n in names), label
 
 
+def test_a_slash_inside_a_pytree_key_is_not_a_call():
+    """A Haiku training step returns gradients keyed ``'mlp/~/linear_2'``: those output
+    names are not calls, and the forward and backward passes are the boxes."""
+    import haiku as hk
+    import jax
+    import jax.numpy as jnp
+
+    f = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x))
+    x = jnp.ones((4, 3))
+    params = f.init(jax.random.key(1), x)
+
+    def step(params, x):
+        return jax.grad(lambda q: f.apply(q, None, x).sum())(params)
+
+    g = js.trace(step, params, x)
+    groups = re.findall(r'label="((?:[^"\\]|\\.)*?)\\n\d+ vars"', g.to_dot(depth=1))
+    assert sorted(groups) == ["grad(mlp)", "mlp"], groups
+
+
 def test_a_100k_var_chain_draws_under_a_megabyte():
     g = chain(50_000)  # 100 001 vars
     assert len(g.vars) == 100_001
