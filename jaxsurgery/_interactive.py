@@ -78,6 +78,8 @@ class View:
             for c in g.children:
                 owner.setdefault(id(c), g.key)
             glob = f"{g.path}/**" if g.kind in ("scope", "call") and g.path else ""
+            if glob and g.kind == "call" and not _names_under(graph, g):
+                glob = ""  # nothing inside it has a name under its path: the glob is empty
             group_rows.append(
                 {
                     "key": g.key,
@@ -221,3 +223,15 @@ def _css(box: str) -> str:
     rules.append(f"#{box} .jsv-group rect{{stroke-width:3}}")
     rules.append(f"#{box} .jsv-hit rect{{stroke:#d93025;stroke-width:3}}")
     return "".join(rules)
+
+
+def _names_under(graph: Graph, group: Any) -> bool:
+    """Whether a value of a call's group has a name under the call's path, so that its
+    card's ``g.select("<path>/**")`` selects something (the named values inside it; a
+    scope's glob also selects the unnamed ones, which have ``<scope>/%k`` aliases)."""
+    prefix = group.path + "/"
+    return any(
+        n.startswith(prefix)
+        for i in group.all_vars()
+        for n in (graph.vars[i].name, *graph.vars[i].aliases)
+    )

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from draw_models import BLOCKS, flax_transformer
+from draw_models import BLOCKS, MODELS, flax_transformer
 from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
@@ -30,6 +30,18 @@ def test_the_data_holds_every_var_once_in_its_group():
     card = data["vars"][g["Transformer/Block_0/Dense_1"].index]
     assert card["scope"] == "Transformer/Block_0/Dense_1" and card["type"] == "f32[1,6,8]"
     assert card["source"].endswith(".py:" + card["source"].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("name", ["penzai", "nnx", "equinox"])
+def test_a_group_card_selector_selects_inside_its_group(name):
+    """A call group's card offers ``g.select("<path>/**")`` only where it selects values
+    of the group (the named ones), never a selector that fails."""
+    g = MODELS[name]()
+    groups = {group.key: set(group.all_vars()) for group in hierarchy(g).walk()}
+    for row in g.view().data()["groups"]:
+        if row["glob"]:
+            selected = {v.index for v in g.select(row["glob"])}  # no SelectionError
+            assert selected & groups[row["key"]], row["glob"]
 
 
 def test_the_page_is_offline_and_standalone(tmp_path):
