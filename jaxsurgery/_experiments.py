@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 
 from . import _select
@@ -120,7 +119,7 @@ class PatchFunction:
         check_hits(
             [(exposed[h], True, graph._path_message([self.vars[j] for j in used])) for h in guards]
         )
-        return jax.tree_util.tree_unflatten(graph._out_tree, outs)
+        return _select.unflatten(graph._out_tree, outs)
 
 
 class AttributionFunction:

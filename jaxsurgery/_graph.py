@@ -596,7 +596,7 @@ class Graph:
         def function(*args: Any, **kwargs: Any) -> Any:
             flat = self._flatten_args(*args, **kwargs)
             outs, _ = self._structure.run(flat)
-            return jax.tree_util.tree_unflatten(self._out_tree, outs)
+            return _select.unflatten(self._out_tree, outs)
 
         function.__name__ = self._title.split("(")[0]
         return boundary(function)

@@ -326,7 +326,24 @@ def is_leaf(treedef: Any) -> bool:
 
 
 def unflatten(treedef: Any, values: Sequence[Any]) -> Any:
+    if isinstance(treedef, OutputTree):
+        return treedef.unflatten(values)
     return jax.tree_util.tree_unflatten(treedef, list(values))
+
+
+class OutputTree:
+    """A traced function's output structure whose leaves are not all arrays: the others
+    (an Equinox module's activation function, returned with the updated model) are held
+    static, at their places among the array leaves."""
+
+    def __init__(self, treedef: Any, statics: dict[int, Any]):
+        self.treedef, self.statics = treedef, statics
+
+    def unflatten(self, arrays: Sequence[Any]) -> Any:
+        leaves = list(arrays)
+        for k in sorted(self.statics):
+            leaves.insert(k, self.statics[k])
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
 def _resolve_tree(graph: Graph, selector: Any) -> Any:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
-from ._errors import SliceError, TraceError
+from . import _select
+from ._errors import SliceError, TraceError, short_list
 from ._frameworks import in_place_objects, library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
@@ -92,15 +93,32 @@ def _trace(
     def flat_fn(*flat: Any) -> list[Any]:
         call = binder.rebuild(bound, flat)
         out = run(*call.args, **call.kwargs)
-        out_leaves, out_info["tree"] = jax.tree_util.tree_flatten_with_path(out)
-        out_info["paths"] = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
-        for path, (_, x) in zip(out_info["paths"], out_leaves):
-            if not isinstance(x, (jax.Array, *_ARRAYS[1:], int, float, complex)):
+        out_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
+        paths = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
+        arrays, statics = [], {}
+        for k, (path, (_, x)) in enumerate(zip(paths, out_leaves)):
+            if isinstance(x, (jax.Array, *_ARRAYS[1:], int, float, complex)):
+                arrays.append((path, x))
+                continue
+            try:  # another leaf is held static, as in arguments (an Equinox activation)
+                hash(x)
+            except TypeError:
                 raise TraceError(
-                    f"{_name(target)} returned {type(x).__name__} at {path!r}; js.trace "
+                    f"{_name(target)} returned {type(x).__name__} at {path!r}, which is "
+                    "neither an array nor a hashable value to return as it is; js.trace "
                     "needs a function returning arrays (a pytree of them)"
-                )
-        return [x for _, x in out_leaves]
+                ) from None
+            statics[k] = x
+        if statics and not arrays:
+            k, x = next(iter(statics.items()))
+            raise TraceError(
+                f"{_name(target)} returned {type(x).__name__} at {paths[k]!r} and no array; "
+                "js.trace needs a function returning arrays (a pytree of them)"
+            )
+        out_info["tree"] = _select.OutputTree(tree, statics) if statics else tree
+        out_info["paths"] = [path for path, _ in arrays]
+        out_info["statics"] = [paths[k] for k in statics]
+        return [x for _, x in arrays]
 
     if inspect.isgeneratorfunction(target):
         raise TraceError(
@@ -119,6 +137,11 @@ def _trace(
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    if out_info["statics"]:
+        notes.append(
+            f"{short_list(out_info['statics'])} of the outputs are not arrays: they are held "
+            "static, and the functions this graph returns give them back as traced"
+        )
     in_place = in_place_objects(bound[0].arguments)
     if in_place:
         notes.append(

@@ -71,6 +71,10 @@ def returns_text(x):
     return "done"
 
 
+def returns_a_set(x):
+    return x * 2, {1, 2}
+
+
 def python_branch(x):
     if x.sum() > 0:
         return x
@@ -159,7 +163,15 @@ CATALOG = [
         "trace of a function returning a non-array",
         lambda g, a: js.trace(returns_text, jnp.ones(2)),
         js.TraceError,
-        r"returns_text returned str at 'out'; js\.trace needs a function returning arrays",
+        r"returns_text returned str at 'out' and no array; js\.trace needs a function "
+        r"returning arrays",
+    ),
+    (
+        "trace of a function returning an unhashable non-array",
+        lambda g, a: js.trace(returns_a_set, jnp.ones(2)),
+        js.TraceError,
+        r"returns_a_set returned set at 'out\[1\]', which is neither an array nor a hashable "
+        r"value to return as it is",
     ),
     (
         "Python control flow on a traced argument",

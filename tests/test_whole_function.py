@@ -472,3 +472,36 @@ def test_arguments_holding_nnx_objects_say_that_in_place_updates_are_not_made():
 
     g = js.trace(forward, model, jnp.ones(2))
     assert any("model hold Flax NNX objects" in n and "pure" in n for n in g.notes)
+
+
+def test_an_equinox_step_returning_the_updated_model_runs_as_a_function():
+    """``eqx.apply_updates(model, updates)`` returns the model with its activation
+    functions: those output leaves are held static (as in arguments), the arrays are
+    the outputs, and ``as_function`` gives back a model, step after step."""
+    import equinox as eqx
+    import optax
+
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
+    opt = optax.adam(1e-2)
+    x, y = jax.random.normal(jax.random.key(1), (5, 3)), jnp.zeros((5, 2))
+
+    def step(model, opt_state, x, y):
+        def loss(m):
+            return jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+        value, grads = eqx.filter_value_and_grad(loss)(model)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    state = opt.init(eqx.filter(mlp, eqx.is_array))
+    g = js.trace(step, mlp, state, x, y)
+    assert any("out[0].activation" in n for n in g.notes)
+    ours = eqx.filter_jit(g.as_function())
+    model, ref_model, ref_state = mlp, mlp, state
+    for _ in range(3):  # feed the outputs back in
+        model, state, value = ours(model, state, x, y)
+        ref_model, ref_state, ref_value = step(ref_model, ref_state, x, y)
+        assert model.activation is mlp.activation
+        allclose(value, ref_value)
+        allclose(eqx.filter(model, eqx.is_array), eqx.filter(ref_model, eqx.is_array))
+        allclose(state, ref_state)
