@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from . import _compat as C
 from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
-from ._graph import Var
+from ._graph import Var, short_type
 from ._scopes import backward_prefix, scope_names, scope_path
 from ._structured import Site, iterations
 
@@ -592,6 +592,11 @@ class VirtualVar(Var):
     @property
     def name(self) -> str:
         return self._graph._loop_index.full_names(self)[0]
+
+    def __repr__(self) -> str:
+        # no index: it is given in the order values are asked for, and g[i] takes the
+        # flat index's
+        return f"Var({self.name}: {short_type(self.aval)} = {self.primitive}, in a folded loop)"
 
     @property
     def aliases(self) -> tuple[str, ...]:

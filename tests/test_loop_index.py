@@ -35,6 +35,7 @@ def test_a_long_scan_is_not_unrolled_and_its_values_resolve(setup):
     assert any("name@iteration" in n for n in g.notes)
     v = g["step/h_new@700"]
     assert isinstance(v, VirtualVar) and v not in g.vars
+    assert repr(v) == "Var(step/h_new@700: f32[4] = tanh, in a folded loop)"  # no index
     assert v.shape == (4,) and v.primitive == "tanh" and v.source.startswith(models.__file__)
     # the scan's results come from the user's line that called it, not a wrapper's
     scan_line = (
