@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 
 from . import _select
@@ -152,8 +153,12 @@ def _patch_value(x: Any, key: str, v: Var) -> Any:
             f"the patch for {key!r} has shape {x.shape}, the var has shape {v.shape}; "
             "give a value of the var's shape (vmap over patches to sweep many)"
         )
-    if x.dtype != v.dtype and not jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
+    if x.dtype == v.dtype:
+        return x  # also a typed PRNG key, which has no astype
+    keys = [jax.dtypes.issubdtype(d, jax.dtypes.prng_key) for d in (x.dtype, v.dtype)]
+    if any(keys) or not jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
         raise SliceError(
-            f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; cast the patch"
+            f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; "
+            + ("give a key of the var's kind" if any(keys) else "cast the patch")
         )
     return x.astype(v.dtype)

@@ -204,3 +204,17 @@ def test_values_and_patches_of_a_haiku_mlp_for_new_parameters():
     sweep = jax.jit(jax.vmap(lambda v: patched({"mlp/linear_1": v}, params, x)))(patches)
     by_hand = jax.nn.relu(patches) @ w[2]["w"] + w[2]["b"]
     allclose(sweep, by_hand, rtol=1e-5)
+
+
+def test_a_typed_key_is_patched_with_a_key():
+    def noisy(key, x):
+        k1, _ = jax.random.split(key)
+        noise = jax.random.normal(k1, x.shape)
+        return jnp.sum(x + noise)
+
+    key, x = jax.random.key(0), jnp.ones(3)
+    p = js.trace(noisy, key, x).patch_fn("k1")
+    new = jax.random.key(5)
+    allclose(p({"k1": new}, key, x), jnp.sum(x + jax.random.normal(new, x.shape)))
+    with pytest.raises(js.SliceError, match="give a key of the var's kind"):
+        p({"k1": jnp.zeros((), jnp.uint32)}, key, x)
