@@ -74,6 +74,13 @@ class GradsFunction:
                     f"cannot differentiate {v.name!r} ({v.dtype}): gradients need "
                     "floating-point vars; pick a float var or cast it in your function"
                 )
+        for v in out_vars:
+            if jnp.issubdtype(v.dtype, jnp.complexfloating):
+                raise SliceError(
+                    f"cannot take the gradient of {v.name!r} ({v.dtype}): the sum of a "
+                    "complex output is not a real loss; return its real part, abs or "
+                    "squared magnitude in your function and take the gradient of that"
+                )
         self.keys = keys
         sites = [graph._site_of(v) for v in wrt_vars]
         # one perturbation input per value; the iterations of one loop value share one

@@ -396,6 +396,14 @@ class Graph:
         """
         self._require_args("g.jacobian")
         s = self.slice(inputs, outputs)
+        for v in (*s.in_vars, *s.out_vars):
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                raise SliceError(
+                    f"g.jacobian differentiates real floating-point values; {v.name!r} is "
+                    f"{v.dtype}. For a complex, holomorphic slice take "
+                    "jax.jacfwd(s, holomorphic=True) of s = g.slice(...); for an integer "
+                    "value there is no derivative (cast it to float in your function)"
+                )
         if mode == "auto":
             n_in = sum(v.size for v in s.in_vars)
             n_out = sum(v.size for v in s.out_vars)

@@ -63,6 +63,15 @@ def int_graph():
     return js.trace(f, jnp.ones(3), jnp.arange(3))
 
 
+def complex_graph():
+    def f(x):
+        z = x * (1 + 2j)
+        w = jnp.sin(z)
+        return jnp.real(w).sum(), w
+
+    return js.trace(f, jnp.ones(3, jnp.complex64))
+
+
 def generator(x):
     yield x
 
@@ -429,6 +438,26 @@ CATALOG = [
         ),
         js.SliceError,
         r"names a value inside a loop iteration, but the graph's while_loop could not be unrolled",
+    ),
+    (
+        "jacobian of complex values",
+        lambda g, a: complex_graph().jacobian("z", "w"),
+        js.SliceError,
+        r"g\.jacobian differentiates real floating-point values; 'z' is complex64\. For a "
+        r"complex, holomorphic slice take jax\.jacfwd\(s, holomorphic=True\)",
+    ),
+    (
+        "jacobian of an integer value",
+        lambda g, a: int_graph().jacobian("n", "m"),
+        js.SliceError,
+        r"'n' is int32.*for an integer value there is no derivative",
+    ),
+    (
+        "gradient of a complex output",
+        lambda g, a: complex_graph().grads("out[1]", ["z"]),
+        js.SliceError,
+        r"cannot take the gradient of 'w' \(complex64\): the sum of a complex output "
+        r"is not a real loss",
     ),
 ]
 
