@@ -24,10 +24,15 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
 
 
 class Times(dict):
-    """The best time of each function (seconds), and every round behind it (``runs``)."""
+    """The median time of each function (seconds), and every round behind it (``runs``).
+
+    Medians, as the ratios are: a best run is one moment, and the best runs of two
+    functions taken apart may come from moments of different load (two compiled
+    programs with identical HLO once read 4.0 ms and 2.9 ms as best runs, a ratio of
+    1.36, where their paired ratio read 0.96)."""
 
     def __init__(self, runs: dict[str, list[float]]):
-        super().__init__({name: min(ts) for name, ts in runs.items()})
+        super().__init__({name: statistics.median(ts) for name, ts in runs.items()})
         self.runs = runs
 
     def ratio(self, name: str, baseline: str) -> float:
@@ -50,8 +55,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) ->
     js.trace pauses the cyclic collector, so the garbage of one run would otherwise be
     collected inside the next one's timing.
 
-    Times are the best run (the run least disturbed by the rest of the machine);
-    compare two functions with :meth:`Times.ratio`, which pairs their runs round by
+    Compare two functions with :meth:`Times.ratio`, which pairs their runs round by
     round."""
     for fn in fns.values():
         jax.block_until_ready(fn())

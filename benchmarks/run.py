@@ -93,7 +93,7 @@ def verdicts(results: dict) -> list[dict]:
         next(r for r in results["bench_grads"] if key in r["method"])
         for key in ("one pass", "perturbation trick")
     )
-    vs_trick = one["ms"] / trick["ms"]
+    vs_trick = 1 / trick["speed-up"]  # paired rounds (benchmarks/common.py)
     memory = results["bench_memory"][-1]["peak GB"]
     rows = [
         ("js.trace ≤ 1.3× make_jaxpr", f"worst {worst:.2f}×", worst <= 1.3),
@@ -230,10 +230,10 @@ HEADER = """\
 supported JAX range: `.venv` (the oldest supported jax, 0.10.x) and `.venv-latest` (Python
 3.12 with the newest jax/jaxlib). Each section below is one run, headed by the jax, jaxlib
 and Python versions that measured its figures. Ratios compare against a baseline run in
-the same process. Contenders run in interleaved rounds: the times shown are each one's
-best run (the run least disturbed by the rest of the machine), a ratio is the median over
-rounds of the two times measured in the same round (`benchmarks/common.py` says why), and
-the whole-program totals of the slicing table are medians.
+the same process. Contenders run in interleaved rounds: the times shown are medians over
+the rounds, and a ratio is the median over rounds of the two times measured in the same
+round (`benchmarks/common.py` says why); the whole-program totals of the slicing table are
+medians too.
 """
 
 PART = re.compile(r"<!-- part (\S+) -->\n.*?<!-- end of part \1 -->\n", re.S)
