@@ -24,27 +24,35 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
 
 
 class Times(dict):
-    """The median time of each function (seconds), and every round behind it (``runs``).
+    """The median time of each function (seconds), every round behind it (``runs``),
+    and the best run (``best``).
 
-    Medians, as the ratios are: a best run is one moment, and the best runs of two
-    functions taken apart may come from moments of different load (two compiled
-    programs with identical HLO once read 4.0 ms and 2.9 ms as best runs, a ratio of
-    1.36, where their paired ratio read 0.96)."""
+    Two ways to compare, for two kinds of work (both measured on the 2-core machine):
+
+    * compiled programs (XLA runs them on both cores, so a run is fast or slow with the
+      rest of the machine): :meth:`ratio`, the median over rounds of the two runs of one
+      round. Two programs with identical optimized HLO read 0.86×–1.16× as a ratio of
+      best runs over four measurements under load, and 1.02×–1.06× paired; their best
+      runs once read 4.0 and 2.9 ms (1.36×) where the paired ratio read 0.96×;
+    * tracing (one core of Python work, which other processes and the collector only
+      slow down): :meth:`best_ratio`, of the best runs. Its medians spread widely (one
+      10k-equation trace read 0.93×–1.58× make_jaxpr over nine rounds), its best runs do
+      not."""
 
     def __init__(self, runs: dict[str, list[float]]):
         super().__init__({name: statistics.median(ts) for name, ts in runs.items()})
         self.runs = runs
+        self.best = {name: min(ts) for name, ts in runs.items()}
 
     def ratio(self, name: str, baseline: str) -> float:
-        """``name``'s time over ``baseline``'s: the median, over rounds, of the two
-        measured in the same round.
-
-        Two runs of one round are seconds apart, so a burst of load or a slower clock
-        falls on both; the best runs of each, taken apart, may come from different
-        moments. On the 2-core machine, two compiled programs with identical optimized
-        HLO read 0.86×–1.16× as a ratio of best runs over four measurements under load,
-        and 1.02×–1.06× as this median."""
+        """``name``'s time over ``baseline``'s: the median over rounds of the two measured
+        in the same round (seconds apart, so a burst of load falls on both)."""
         return statistics.median(a / b for a, b in zip(self.runs[name], self.runs[baseline]))
+
+    def best_ratio(self, name: str, baseline: str) -> float:
+        """``name``'s best run over ``baseline``'s: the runs least disturbed by the rest
+        of the machine."""
+        return self.best[name] / self.best[baseline]
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 30) -> Times:

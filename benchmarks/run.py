@@ -230,10 +230,11 @@ HEADER = """\
 supported JAX range: `.venv` (the oldest supported jax, 0.10.x) and `.venv-latest` (Python
 3.12 with the newest jax/jaxlib). Each section below is one run, headed by the jax, jaxlib
 and Python versions that measured its figures. Ratios compare against a baseline run in
-the same process. Contenders run in interleaved rounds: the times shown are medians over
-the rounds, and a ratio is the median over rounds of the two times measured in the same
-round (`benchmarks/common.py` says why); the whole-program totals of the slicing table are
-medians too.
+the same process. Contenders run in interleaved rounds. Tracing (Python work on one core)
+is compared by best runs, the runs least disturbed by the rest of the machine; compiled
+programs (XLA on both cores) by medians, a ratio being the median over rounds of the two
+times measured in the same round (`benchmarks/common.py` says why). The whole-program
+totals of the slicing table are medians.
 """
 
 PART = re.compile(r"<!-- part (\S+) -->\n.*?<!-- end of part \1 -->\n", re.S)
