@@ -290,8 +290,8 @@ class Slice:
             if v.index not in window.used_inputs and v.index not in window.shielded
         ]
         eqns, context, cut_notes, cut = assemble(program, window, ins, outs)
-        # a cond whose traced branch the window keeps, decided by the inputs: the
-        # decision becomes an extra result, checked on every call (see __call__)
+        # a cond's branch or a while's trips the window keeps, decided by the inputs:
+        # what decides it becomes extra results, checked on every call (see __call__)
         decisions = _decisions(program, window, cut)
         extra = [i for vars_, _ in decisions for i in vars_]
         if decisions:
@@ -299,7 +299,7 @@ class Slice:
             eqns, context, cut_notes, _ = assemble(program, window, ins, [*outs, *extra])
             # what a check reads that the inputs do not reach (a carry the loop passes
             # on from before the cut) is context
-            made = {*ins, *context, *(program.index[o] for e in eqns for o in e.outvars)}
+            made = {*ins, *context, *(program.index.get(o) for e in eqns for o in e.outvars)}
             context += [i for i in dict.fromkeys(extra) if i not in made]
         notes = tuple(
             f"input {v.name!r} reaches the outputs only through other inputs: its "
