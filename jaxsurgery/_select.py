@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from . import _compat as C
 from ._errors import (
     SelectionError,
     SliceError,
@@ -49,6 +50,7 @@ from ._errors import (
     type_of,
 )
 from ._names import is_generated
+from ._scopes import scope_path
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -304,6 +306,17 @@ def _no_scope(graph: Graph, scope: str) -> SelectionError:
         parts = v.scope.split("/") if v.scope else []
         scopes.update("/".join(parts[: k + 1]) for k in range(len(parts)))
     listed = f" (this graph's scopes: {short_list(sorted(scopes), 8)})" if scopes else ""
+    for loop in graph._program.folded:  # a scope inside a loop the index keeps folded
+        found = {
+            scope_path(f"{loop.scope}/{C.scope_of(e.source_info)}")
+            for e in loop.template.jaxpr.eqns
+        }
+        if any(p == scope or p.startswith(scope + "/") for p in found):
+            return SelectionError(
+                f"the scope {scope!r} is inside a loop the index keeps folded, whose values "
+                f"are per iteration: select its outputs with g.select({scope + '@*'!r}), or "
+                f"at one iteration, g[{scope + '@3'!r}]"
+            )
     return SelectionError(
         f"no var is in the scope {scope!r}{did_you_mean(scope, scopes)}"
         f"{listed or ' (this graph has no scopes)'}"

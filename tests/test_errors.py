@@ -21,6 +21,16 @@ def rnn(h0, xs):
     return h_last
 
 
+def scoped_rnn(h0, xs):
+    def step(h, x):
+        with jax.named_scope("cell"):
+            h_new = jnp.tanh(h + x)
+        return h_new, h_new
+
+    h_last, _ = jax.lax.scan(step, h0, xs)
+    return h_last
+
+
 def fixed_point(a):
     def body(x):
         x_new = jnp.cos(a * x)
@@ -438,6 +448,13 @@ CATALOG = [
         ),
         js.SliceError,
         r"names a value inside a loop iteration, but the graph's while_loop could not be unrolled",
+    ),
+    (
+        "a scope only inside a folded scan",
+        lambda g, a: js.trace(scoped_rnn, jnp.zeros(2), jnp.ones((50, 2))).select(scope="cell"),
+        js.SelectionError,
+        r"the scope 'cell' is inside a loop the index keeps folded, whose values are per "
+        r"iteration: select its outputs with g\.select\('cell@\*'\)",
     ),
     (
         "jacobian of complex values",
