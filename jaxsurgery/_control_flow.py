@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
+from ._scopes import scope_path
 from ._structured import Site, Step, locate
 
 if TYPE_CHECKING:
@@ -107,6 +108,12 @@ class Folded:
     scope: str = ""
     #: its equation's index in the flat program (whose copy has the flat results)
     flat_eqn: int = -1
+
+    def body_scope(self, eqn: C.JaxprEqn | None) -> str:
+        """The scope path of an equation of its body template, the loop's scope first."""
+        inner = "" if eqn is None else C.scope_of(eqn.source_info)
+        outer = self.scope
+        return scope_path(f"{outer}/{inner}" if outer and inner else outer or inner)
 
     @property
     def is_scan(self) -> bool:

@@ -61,7 +61,7 @@ from . import _compat as C
 from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var, short_type
-from ._scopes import backward_prefix, scope_names, scope_path
+from ._scopes import backward_prefix, scope_names
 from ._structured import Site, iterations
 
 if TYPE_CHECKING:
@@ -614,10 +614,7 @@ class VirtualVar(Var):
     @property
     def scope(self) -> str:
         """Its scope path, the loop's scope first (as :func:`index_templates` names it)."""
-        eqn = self._eqn()
-        inner = "" if eqn is None else C.scope_of(eqn.source_info)
-        outer = self._loop.scope
-        return scope_path(f"{outer}/{inner}" if outer and inner else outer or inner)
+        return self._loop.body_scope(self._eqn())
 
     @property
     def source(self) -> str | None:

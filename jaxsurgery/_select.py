@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from . import _compat as C
 from ._errors import (
     SelectionError,
     SliceError,
@@ -50,7 +49,6 @@ from ._errors import (
     type_of,
 )
 from ._names import is_generated
-from ._scopes import scope_path
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -307,10 +305,7 @@ def _no_scope(graph: Graph, scope: str) -> SelectionError:
         scopes.update("/".join(parts[: k + 1]) for k in range(len(parts)))
     listed = f" (this graph's scopes: {short_list(sorted(scopes), 8)})" if scopes else ""
     for loop in graph._program.folded:  # a scope inside a loop the index keeps folded
-        found = {
-            scope_path(f"{loop.scope}/{C.scope_of(e.source_info)}")
-            for e in loop.template.jaxpr.eqns
-        }
+        found = {loop.body_scope(e) for e in loop.template.jaxpr.eqns}
         if any(p == scope or p.startswith(scope + "/") for p in found):
             return SelectionError(
                 f"the scope {scope!r} is inside a loop the index keeps folded, whose values "
