@@ -8,7 +8,9 @@ rather than ``layer#0``, ``layer#1``.
 
 Values libraries name themselves become names too: NumPyro sample and deterministic
 sites (``"w"``, ``"obs"``), and what Flax linen modules ``sow`` (``"CNN/Dense_0/act"``:
-the module's scope and the sown name); see :func:`library_names`.
+the module's scope and the sown name); see :func:`library_names`. What libraries store
+as module state (BatchNorm statistics) is noted, so that a module's scope names its
+value, not also the state it returns (:mod:`jaxsurgery._scopes`).
 
 Library containers call their items in library code, which is never rewritten: while
 ``js.trace`` runs, ``eqx.nn.Sequential``, ``nnx.Sequential`` and penzai's groups call
@@ -250,26 +252,68 @@ def in_place_objects(arguments: dict[str, Any]) -> list[str]:
     ]
 
 
-def library_names(record: Callable[[str, Any], None]) -> contextlib.AbstractContextManager:
+def library_names(
+    record: Callable[..., None], note_state: Callable[[Any], Any]
+) -> contextlib.AbstractContextManager:
     """While tracing, ``record(name, value)`` for values libraries name: NumPyro sites
     (a handler at the bottom of NumPyro's stack: it sees the value each site ends with)
-    and Flax linen ``sow`` calls."""
-    numpyro, linen = sys.modules.get("numpyro"), sys.modules.get("flax.linen")
-    if numpyro is None and linen is None:
+    and Flax linen ``sow`` calls; and ``note_state(value)`` (which returns the value to
+    store) for what a library stores as module state: Flax linen variable writes
+    (BatchNorm statistics, sown values), ``hk.set_state``, Equinox ``State.set``."""
+    modules = [sys.modules.get(m) for m in ("numpyro", "flax.linen", "haiku", "equinox")]
+    if not any(modules):
         return contextlib.nullcontext()
-    return _recording_names(numpyro, linen, record)
+    return _recording_names(*modules, record, note_state)
 
 
 @contextlib.contextmanager
 def _recording_names(
-    numpyro: Any, linen: Any, record: Callable[[str, Any], None]
+    numpyro: Any,
+    linen: Any,
+    haiku: Any,
+    equinox: Any,
+    record: Callable[..., None],
+    note_state: Callable[[Any], Any],
 ) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if numpyro is not None:
             stack.enter_context(_site_recorder(numpyro, record))
         if linen is not None:
             stack.enter_context(_sow_recorder(linen.Module, record))
+            scope = sys.modules["flax.core.scope"].Scope
+            stack.enter_context(_wrapped_store(scope, "put_variable", 3, note_state))
+        if equinox is not None:
+            stack.enter_context(_wrapped_store(equinox.nn.State, "set", 2, note_state))
+        if haiku is not None:
+            setters = getattr(sys.modules.get("haiku._src.base"), "state_setter_stack", None)
+            if setters is not None:  # hk.custom_setter's stack, which needs no transform
+
+                def noted(next_setter: Callable, value: Any, context: Any) -> Any:
+                    return note_state(next_setter(value))
+
+                stack.enter_context(setters(noted))
         yield
+
+
+@contextlib.contextmanager
+def _wrapped_store(
+    owner: type, method: str, position: int, note_state: Callable[[Any], Any]
+) -> Iterator[None]:
+    """``owner.method`` noting its argument at ``position`` (counting ``self``) as
+    state, while tracing."""
+    original = getattr(owner, method)
+
+    @functools.wraps(original)
+    def store(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > position:
+            args = (*args[:position], note_state(args[position]), *args[position + 1 :])
+        return original(*args, **kwargs)
+
+    setattr(owner, method, store)
+    try:
+        yield
+    finally:
+        setattr(owner, method, original)
 
 
 def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> Any:
@@ -282,15 +326,14 @@ def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> Any:
 
 
 @contextlib.contextmanager
-def _sow_recorder(module: type, record: Callable[[str, Any], None]) -> Iterator[None]:
+def _sow_recorder(module: type, record: Callable[..., None]) -> Iterator[None]:
     from . import _compat as C
 
     original = module.sow
 
     @functools.wraps(original)
     def sow(self: Any, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-        scope = C.current_scope()
-        record(f"{scope}/{name}" if scope else name, value)
+        record(name, value, C.current_scope())
         return original(self, col, name, value, *args, **kwargs)
 
     module.sow = sow

@@ -87,6 +87,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
 from ._frameworks import library_rejit, named_array_data, submodule_paths
+from ._scopes import backward_prefix, scope_parts, scope_path
 from ._tag import MARK_PREFIX
 
 MARK = "__js_mark__"
@@ -110,6 +111,8 @@ class Recorder:
         bindings: ``(frame, name, atom)`` per assignment, in the order they ran
             (frame -1 is the traced function itself).
         returns: ``(frame, key path, atom)`` per traced value a call returned.
+        state: atoms of values a library stored as module state (BatchNorm
+            statistics; see :meth:`note_state`).
     """
 
     def __init__(self) -> None:
@@ -122,6 +125,9 @@ class Recorder:
         self.targets: dict[int, tuple[Any, Any, _Jitted | None]] = {}
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
+        self.state: list[Any] = []
+        #: per binding given in a name stack: (the name stack, the name), see record
+        self.scoped: dict[int, tuple[str, str]] = {}
         self._stack: list[int] = []
         #: the traces running when the transforms now running were called, outermost
         #: first: values of the first one's jaxpr stay in the program (see _named)
@@ -143,13 +149,49 @@ class Recorder:
     def frame(self) -> int:
         return self._stack[-1] if self._stack else -1
 
-    def record(self, name: str, value: Any) -> Any:
-        """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`)."""
+    def record(self, name: str, value: Any, scope: str = "") -> Any:
+        """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`).
+
+        ``scope``: a name stack the name is given in (a Flax module's, for what it
+        ``sow``s), which starts again inside a lifted transform (``nn.remat``): the
+        name becomes ``scope/name`` with the scope completed from the value's own
+        scope when names are assigned (see :meth:`_anchored`).
+        """
         frame = self.frame
         value, atoms = self._named(value)
+        scope = scope_path(scope)  # no transform marks: vmap(Block_0) is Block_0
+        if scope:
+            self.scoped.update((len(self.bindings) + k, (scope, name)) for k in range(len(atoms)))
+            name = f"{scope}/{name}"
         for path, atom in atoms:
             self.bindings.append((frame, name + path, atom))
         return value
+
+    def _anchored(self, binding: int, name: str, full: str) -> str:
+        """``name`` of a binding given in a name stack (:meth:`record`), with the scope
+        completed from ``full``, the scope its value was made in: a name stack inside
+        ``nn.remat`` starts at ``CheckpointBlock_0``, while the value's scope is
+        ``Net/CheckpointBlock_0/Dense_0``; the name is ``Net/CheckpointBlock_0/...``."""
+        scope, own = self.scoped[binding]
+        parts, rel = scope_parts(full), scope_parts(scope)
+        starts = [k for k in range(len(parts) - len(rel) + 1) if parts[k : k + len(rel)] == rel]
+        if not starts or starts[-1] == 0:
+            return name
+        k = name.rfind(f"{scope}/{own}")
+        anchored = "/".join(parts[: starts[-1] + len(rel)])
+        return f"{name[:k]}{anchored}{name[k + len(scope) :]}"
+
+    def note_state(self, value: Any) -> Any:
+        """Note that a library stores ``value`` as module state (a Flax linen variable
+        write, ``hk.set_state``, an Equinox ``State.set``); returns the value to store
+        (see :meth:`_named`)."""
+        value, atoms = self._named(value)
+        self.state.extend(atom for _, atom in atoms)
+        return value
+
+    def state_vars(self, program: Any) -> frozenset[int]:
+        """Indices of the flat ``program``'s vars that a library stored as state."""
+        return frozenset(i for atom in self.state for i, _ in program.locate(atom))
 
     @contextlib.contextmanager
     def untagged(self) -> Iterator[None]:
@@ -342,10 +384,12 @@ class Recorder:
             own_label = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
             paths.append(own_label if parent < 0 else f"{paths[parent]}/{own_label}")
             depths.append(0 if parent < 0 else depths[parent] + 1)
-        named = [(n, found) for (f, n, _), found in zip(self.bindings, own) if f < 0]
+        named = [
+            (n, found, b) for b, ((f, n, _), found) in enumerate(zip(self.bindings, own)) if f < 0
+        ]
         returns = sorted(
             (
-                (depths[f], paths[f] + path, found)
+                (depths[f], paths[f] + path, found, -1)
                 for (f, path, _), found in zip(self.returns, back)
                 if found
             ),
@@ -353,26 +397,43 @@ class Recorder:
         )
         inner = sorted(
             (
-                (depths[f], f"{paths[f]}/{n}", found)
-                for (f, n, _), found in zip(self.bindings, own)
+                (depths[f], f"{paths[f]}/{n}", found, b)
+                for b, ((f, n, _), found) in enumerate(zip(self.bindings, own))
                 if f >= 0 and found
             ),
             key=lambda t: t[0],
         )
-        named += [(n, found) for _, n, found in returns]
-        named += [(n, found) for _, n, found in inner]
+        named += [(n, found, b) for _, n, found, b in returns]
+        named += [(n, found, b) for _, n, found, b in inner]
+        scoped, anchored = self.scoped, self._anchored
         flat = [
-            (name + "".join(f"@{t}" for t in its) if its else name, i)
-            for name, found in named
+            (
+                (anchored(b, name, _made_in(program, i)) if b in scoped else name)
+                + "".join(f"@{t}" for t in its),
+                i,
+            )
+            for name, found, b in named
             for i, its in found
         ]
         from ._loop_index import Template
 
         # (name, template var, the value it is: a nested var, per loop)
+        def in_body(b: int, name: str, k: int, ti: int) -> str:  # see _anchored
+            if b not in scoped:
+                return name
+            loop = program.folded[k]
+            made_in = _made_in(loop.template, ti)
+            prefix = backward_prefix(loop.scope)[0]
+            return anchored(b, name, f"{prefix}/{made_in}" if prefix else made_in)
+
         templates = [
             *(
-                (f"{paths[f]}/{n}" if f >= 0 else n, Template(*at), (at[0], atom))
-                for (f, n, atom), hit, inside in zip(self.bindings, own, own_t)
+                (
+                    in_body(b, f"{paths[f]}/{n}" if f >= 0 else n, *at[:2]),
+                    Template(*at),
+                    (at[0], atom),
+                )
+                for b, ((f, n, atom), hit, inside) in enumerate(zip(self.bindings, own, own_t))
                 if not hit
                 for at in inside
             ),
@@ -598,6 +659,12 @@ class _CallSites:
         return found
 
 
+def _made_in(program: Any, index: int) -> str:
+    """The scope path var ``index`` of a flat ``program`` was made in ('' for an input)."""
+    e = program.producer[index]
+    return "" if e < 0 else C.scope_of(program.jaxpr.eqns[e].source_info)
+
+
 def _atoms(value: Any) -> list[tuple[str, Any]]:
     """``(key path, jaxpr atom)`` of each traced leaf of ``value``."""
     atom = C.tracer_atom(value)
@@ -683,9 +750,18 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     return run
 
 
-def record(name: str, value: Any) -> None:
-    """Name ``value`` in the frame being traced (a name a library gives it)."""
-    _mark(name, value)
+def record(name: str, value: Any, scope: str = "") -> None:
+    """Name ``value`` in the frame being traced (a name a library gives it, in the name
+    stack ``scope``: see :meth:`Recorder.record`)."""
+    recorder = _current()
+    if recorder is not None:
+        recorder.record(name, value, scope)
+
+
+def note_state(value: Any) -> Any:
+    """Note that a library stores ``value`` as module state; the value to store."""
+    recorder = _current()
+    return value if recorder is None else recorder.note_state(value)
 
 
 def call_in_frame(label: str, fn: Any) -> Any:

@@ -33,7 +33,10 @@ from ._structured import iterations
 
 
 def scope_names(
-    program: Any, iterations: bool = True, saved: frozenset[int] = frozenset()
+    program: Any,
+    iterations: bool = True,
+    saved: frozenset[int] = frozenset(),
+    state: frozenset[int] = frozenset(),
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """``(var index, name)`` pairs: outputs of scope instances, and their insides.
 
@@ -41,7 +44,11 @@ def scope_names(
     as a Python name is (``cell/wh@8``), not numbered; ``iterations=False`` leaves the
     suffix off (a folded loop's template: its names take the iterations later).
     ``saved``: outputs of the program that only a backward pass reads (a folded loop's
-    residuals, see :class:`_Backward`).
+    residuals, see :class:`_Backward`). ``state``: values a library stored as module
+    state (BatchNorm statistics, ``hk.set_state``): returning them does not make them
+    an instance's outputs, unless nothing else leaves it, so that under
+    ``mutable=["batch_stats"]`` (or ``transform_with_state``) ``"Net/Block_0"`` is the
+    block's value, not also its statistics.
     """
     eqns = program.jaxpr.eqns
     parents: list[int] = []  # per instance: its parent instance, or -1
@@ -86,8 +93,9 @@ def scope_names(
             continue
         forward = not backward[e]
         for v in program.eqn_out[e]:
-            leaving = set(chain) if v in outputs and v not in saved else set()
-            kept = set(chain) if v in saved else set()
+            stored = v in saved or v in state
+            leaving = set(chain) if v in outputs and not stored else set()
+            kept = set(chain) if stored else set()
             for u in program.users[v]:
                 left = set(chain) - set(chains[u])
                 (kept if forward and backward[u] else leaving).update(left)

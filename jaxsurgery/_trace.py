@@ -25,7 +25,7 @@ from ._errors import SliceError, TraceError, short_list
 from ._frameworks import in_place_objects, library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
-from ._instrument import Recorder, call_in_frame, record, rewritten
+from ._instrument import Recorder, call_in_frame, note_state, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
@@ -127,7 +127,7 @@ def _trace(
         )
     phase("running the function", lambda: len(recorder.bindings), "values named")
     try:
-        with recorder, library_calls(call_in_frame), library_names(record):
+        with recorder, library_calls(call_in_frame), library_names(record, note_state):
             closed = C.make_jaxpr(flat_fn, *leaves)
     except _TRACER_ERRORS as e:
         first = str(e).strip().splitlines()[0]
@@ -166,7 +166,7 @@ def _trace(
             list(zip(program.outputs, out_info["paths"])),
             program.tags,
             bindings,
-            *scope_names(program),
+            *scope_names(program, state=recorder.state_vars(program)),
             input_labels=in_labels,
         )
         tags, scopes = index_templates(program)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import allclose, check_slice
 from flax import nnx
+from flax.core import scope as flax_scope
+from haiku._src import base as hk_base
 from jax.example_libraries import stax
 from models import nnx_mlp_module
 
@@ -267,6 +269,139 @@ def test_haiku_mlp_layers_by_module_name(key):
 
     s = g.slice("mlp/linear_1", "mlp/linear_2")
     check_slice(s, (g.value("mlp/linear_1"),), rest)
+
+
+# -- training mode: modules that return their statistics ------------------------------------------
+class BNBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.relu(h)
+
+
+class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+        h = BNBlock()(x, train)
+        h = BNBlock()(h, train)
+        return nn.Dense(1)(h)
+
+
+def _linen_bn(x):
+    model = BNNet()
+    v = model.init(jax.random.key(1), x, train=False)
+
+    def f(v, x):
+        out, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return out.sum(), updates
+
+    def block(k, h):
+        sub = {c: v[c][f"BNBlock_{k}"] for c in ("params", "batch_stats")}
+        return BNBlock().apply(sub, h, True, mutable=["batch_stats"])[0]
+
+    def rest(h):  # block 1 and the head: block 1 normalizes with its own batch statistics
+        head = nn.Dense(1).apply({"params": v["params"]["Dense_0"]}, block(1, h))
+        return head.sum()
+
+    first = block(0, x)
+    scopes = ("BNNet/BNBlock_0", "BNNet/BNBlock_1/BatchNorm_0", "BNNet")
+    return (
+        f,
+        (v, x),
+        first,
+        scopes,
+        rest,
+        "out[1]['batch_stats']['BNBlock_0']['BatchNorm_0']['mean']",
+    )
+
+
+def _haiku_bn(x):
+    def net(x):
+        h = hk.BatchNorm(True, True, 0.9)(hk.Linear(8)(x), is_training=True)
+        return hk.Linear(1)(jax.nn.relu(h))
+
+    t = hk.transform_with_state(net)
+    params, state = t.init(jax.random.key(1), x)
+
+    def f(params, state, x):
+        return t.apply(params, state, None, x)
+
+    def normed(h):  # the first layers, by hand: batch statistics, scale 1, offset 0
+        mean, var = h.mean(0), h.var(0)
+        return (h - mean) * jax.lax.rsqrt(var + 1e-5)
+
+    lin = params["linear"]
+    head = params["linear_1"]
+    first = normed(x @ lin["w"] + lin["b"])
+    scopes = ("batch_norm", "linear")
+    return (
+        f,
+        (params, state, x),
+        first,
+        scopes,
+        (lambda h: jax.nn.relu(h) @ head["w"] + head["b"]),
+        "out[1]['batch_norm/~/mean_ema']['average']",
+    )
+
+
+def _equinox_bn(x):
+    class Net(eqx.Module):
+        l1: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+        l2: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.l1 = eqx.nn.Linear(3, 8, key=k1)
+            self.bn = eqx.nn.BatchNorm(8, "batch", mode="batch")
+            self.l2 = eqx.nn.Linear(8, 1, key=k2)
+
+        def __call__(self, x, state):
+            h, state = self.bn(self.l1(x), state)
+            return self.l2(jax.nn.relu(h)), state
+
+    model, state = eqx.nn.make_with_state(Net)(jax.random.key(1))
+
+    def f(model, state, x):
+        batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        out, state = batched(x, state)
+        return out.sum(), state
+
+    h = jax.vmap(model.l1)(x)
+    first = (h - h.mean(0)) * jax.lax.rsqrt(h.var(0) + 1e-5)
+    return (
+        f,
+        (model, state, x),
+        first,
+        ("eqx.nn.BatchNorm",),
+        (lambda h: jax.vmap(model.l2)(jax.nn.relu(h)).sum()),
+        None,
+    )
+
+
+@pytest.mark.parametrize("make", [_linen_bn, _haiku_bn, _equinox_bn], ids=lambda m: m.__name__)
+def test_a_module_returning_its_statistics_is_named_by_its_value(key, make):
+    """In training mode BatchNorm returns its updated statistics (linen's
+    ``mutable=["batch_stats"]``, Haiku's ``transform_with_state``, Equinox's ``State``):
+    the module's scope names its value, and the statistics keep their output names."""
+    x = jax.random.normal(key, (6, 3))
+    f, args, first, scopes, rest, stat = make(x)
+    put_variable, state_set = flax_scope.Scope.put_variable, eqx.nn.State.set
+    g = js.trace(f, *args)
+    for scope in scopes:  # a block, a BatchNorm inside it, the model: one value each
+        assert g[scope].dtype == jnp.float32 and g[scope] not in g.outputs[1:]
+    allclose(g.value(scopes[0]), first, rtol=2e-4, atol=1e-5)
+    allclose(g.as_function()(*args), f(*args), rtol=2e-4, atol=1e-5)
+    if stat is not None:
+        assert g[stat] in g.outputs  # the statistics keep their output names
+    check_slice(
+        g.slice(scopes[0], "out[0]" if "linear" not in scopes else "linear_1"),
+        (g.value(scopes[0]),),
+        rest,
+    )
+    # the libraries are as they were
+    assert (flax_scope.Scope.put_variable, eqx.nn.State.set) == (put_variable, state_set)
+    assert not hk_base.state_setter_stack
 
 
 # -- stax: a ResNet-style network with FanOut / FanInSum --------------------------------------------

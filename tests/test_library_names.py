@@ -195,6 +195,48 @@ def test_flax_sow_names_what_is_sown():
     )
 
 
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, c, x):
+        h = nn.Dense(4)(c) + x
+        self.sow("intermediates", "pre_act", h)
+        return jnp.tanh(h), h
+
+
+class LiftedNet(nn.Module):
+    """Blocks under Flax's lifted transforms, whose name stack starts again inside."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(Block)()(x)
+        axes = {"variable_axes": {"params": None, "intermediates": 0}}
+        x = nn.vmap(Block, **axes, split_rngs={"params": False})()(x)
+        x = nn.jit(Block)()(x)
+        scan = nn.scan(
+            ScanBlock,
+            variable_broadcast="params",
+            variable_axes={"intermediates": 0},
+            split_rngs={"params": False},
+        )
+        c, _ = scan()(x, jnp.ones((5, 2, 4)))
+        return c.sum()
+
+
+def test_flax_sow_under_lifted_transforms_names_the_whole_module_path():
+    net = LiftedNet()
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    variables = net.init(jax.random.key(1), x)
+    g = js.trace(lambda v, x: net.apply(v, x), variables, x)
+    _, sown = net.apply(variables, x, mutable=["intermediates"])
+    inter = sown["intermediates"]
+    for module in ("CheckpointBlock_0", "VmapBlock_0", "JitBlock_0"):
+        allclose(g.value(f"LiftedNet/{module}/pre_act"), inter[module]["pre_act"][0])
+        assert f"{module}/pre_act" not in g.names()  # not a path that starts inside
+    stacked = inter["ScanScanBlock_0"]["pre_act"][0]
+    allclose(g.value("LiftedNet/ScanScanBlock_0/pre_act@3"), stacked[3])
+    allclose(jnp.stack(g.value("LiftedNet/ScanScanBlock_0/pre_act@*")), stacked)
+
+
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
