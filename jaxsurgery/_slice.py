@@ -42,6 +42,7 @@ from . import _select
 from ._control_flow import input_reads
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
+from ._promotion import holds
 from ._rules import dropped_derivatives
 from ._structured import check_hits
 
@@ -634,7 +635,12 @@ def _evaluate_vars(
 def _coerce(x: Any, var: Var) -> Any:
     """``x`` as an array of ``var``'s type, or a SliceError naming the mismatch."""
     if isinstance(x, (bool, int, float, complex)):
-        return jnp.asarray(x, dtype=var.dtype)
+        if var.shape == () and holds(var.dtype, x):
+            return jnp.asarray(x, dtype=var.dtype)
+        raise SliceError(
+            f"input {var.name!r} expects {type_of(var)}, got a Python {type(x).__name__}; "
+            f"pass a value shaped like g.value({var.name!r})"
+        )
     if not hasattr(x, "dtype"):
         if isinstance(x, (list, tuple)) or not hasattr(x, "__array__"):
             raise SliceError(

@@ -356,9 +356,14 @@ class _Interpreter:
                 args = [
                     _value(next(extras)) if isinstance(r, Extra) else env[r] for r in edit.reads
                 ]
-                new = C.jaxpr_as_fun(edit.fn)(*args)[0]
-                if p.active is not None:
-                    new = jnp.where(p.active, new, env[edit.site.vars[0]])
+                fn = C.jaxpr_as_fun(edit.fn)
+                if p.active is None:
+                    new = fn(*args)[0]
+                else:  # a masked iteration: the patch runs only where it is active (a
+                    # where would differentiate it everywhere: sqrt at a negative value
+                    # makes a NaN gradient, even times the zero cotangent)
+                    old = env[edit.site.vars[0]]
+                    new = jax.lax.cond(p.active, lambda a: fn(*a)[0], lambda a: old, args)
                 for v in edit.site.vars:
                     env[v] = new
 

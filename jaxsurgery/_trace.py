@@ -29,6 +29,7 @@ from ._instrument import Recorder, call_in_frame, note_state, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
+from ._promotion import holds, weak_type_decides
 from ._progress import phase, progress, reported
 from ._scopes import scope_names
 
@@ -153,6 +154,10 @@ def _trace(
         )
     title = f"{_title_name(target)}{binder.signature_text()}"
 
+    @functools.cache
+    def decides() -> dict[int, str]:  # looked at when a graph is first called
+        return weak_type_decides(closed)
+
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
@@ -173,7 +178,7 @@ def _trace(
         graph = Graph(
             program,
             names,
-            lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k),
+            lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
             leaves if concrete else None,
             title,
             [*notes, *program.notes],
@@ -186,22 +191,33 @@ def _trace(
     return build()
 
 
-def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list[Any]:
+def same_avals(
+    flat: list[Any],
+    traced: list[Any],
+    names: Sequence[str],
+    decides: Callable[[], dict[int, str]] = dict,
+) -> list[Any]:
     """``flat``, checked against the shapes and dtypes the graph was traced with.
 
     A graph runs the program it traced, whose shapes are fixed: new arguments must
     have the traced shapes and dtypes (under ``jax.vmap``, per example). A Python
     number or bool, or a weakly typed array (what JAX makes of one), of a kind the
-    traced dtype holds (an ``int`` where a float was traced) is converted to it, as
-    ``jax.jit`` would take it; a ``float`` where an ``int`` was traced is not.
+    traced dtype holds (an ``int`` where a float was traced) is converted to it; a
+    ``float`` where an ``int`` was traced is not. Where the traced argument's weak
+    type decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`),
+    an argument of the other kind (an array where a Python number was traced, or
+    the other way round) is refused: ``jax.jit`` would trace another program.
     """
     out = []
-    for name, new, old in zip(names, flat, traced):
+    for k, (name, new, old) in enumerate(zip(names, flat, traced)):
         shape, dtype = np.shape(new), _dtype(new)
         # a Python number was traced as the array JAX makes of it (10: int32[])
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
-        if weak and dtype != traced_dtype and _holds(traced_dtype, new):
+        was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
+        if weak != was_weak and k in decides():
+            raise SliceError(_promotion_message(name, was_weak, traced_dtype, decides()[k]))
+        if weak and dtype != traced_dtype and holds(traced_dtype, new):
             new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
         if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"
@@ -216,18 +232,20 @@ def same_avals(flat: list[Any], traced: list[Any], names: Sequence[str]) -> list
     return out
 
 
-def _holds(dtype: Any, value: Any) -> bool:
-    """Whether ``dtype`` holds a Python number, bool or weakly typed array of this kind
-    (bool < int < float < complex, as JAX promotes them)."""
-    kinds = "biufc"
-    given = (
-        np.asarray(value).dtype.kind
-        if isinstance(value, (bool, int, float, complex))
-        else (getattr(value, "dtype", np.dtype(object)).kind)
+def _promotion_message(name: str, was_weak: bool, dtype: Any, promoted: str) -> str:
+    if was_weak:
+        return (
+            f"argument `{name}` was traced as a Python number (weakly typed {dtype}), which "
+            f"the traced program computes with as {promoted}; an array of {dtype} would make "
+            f"the function compute in {dtype} instead. Pass a Python number (or a weakly "
+            "typed array), or trace with an array to call it with arrays"
+        )
+    return (
+        f"argument `{name}` was traced as a {dtype} array, with which the traced program "
+        f"computes in {promoted}; a Python number would make the function keep the other "
+        "operand's narrower dtype. Pass an array (jnp.asarray(value, dtype)), or trace with a "
+        "Python number to call it with numbers"
     )
-    want = np.dtype(dtype).kind if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else "V"
-    order = {"b": 0, "i": 1, "u": 1, "f": 2, "c": 3}
-    return given in kinds and want in order and order[given] <= order[want]
 
 
 def _dtype(x: Any) -> Any:
@@ -504,7 +522,13 @@ class _ArgBinder:
         return found
 
     def same_call(
-        self, traced: Any, leaves: list[Any], names: Sequence[str], args: tuple, kwargs: dict
+        self,
+        traced: Any,
+        leaves: list[Any],
+        names: Sequence[str],
+        args: tuple,
+        kwargs: dict,
+        decides: Callable[[], dict[int, str]] = dict,
     ) -> list[Any]:
         """The flat dynamic leaves of new arguments, checked against the traced call
         (``traced``: what :meth:`bind` gave for it, ``leaves`` and ``names`` its leaves).
@@ -544,7 +568,7 @@ class _ArgBinder:
                 raise SliceError(f"argument `{name}` is missing: {_FIXED}")
             new, new_how = _flat(given[name] if name in given else defaults[name])
             flat += _same_tree(name, old, old_how, new, new_how)
-        return same_avals(flat, leaves, names)
+        return same_avals(flat, leaves, names, decides)
 
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
         """The bound arguments with the array leaves replaced by ``flat``."""

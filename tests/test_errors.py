@@ -126,8 +126,47 @@ def with_activation(activation):
     return g.as_function()(eqx.tree_at(lambda m: m.activation, mlp, activation), jnp.ones(3))
 
 
+def scaled(x, s):
+    return x * s
+
+
 CATALOG = [
     # (case, action on (g, abstract graph), exception, message pattern)
+    (
+        "an array where a Python number decided a promotion",
+        lambda g, a: js.trace(scaled, jnp.ones(2, jnp.bfloat16), 2.5).as_function()(
+            jnp.ones(2, jnp.bfloat16), jnp.float32(3.1)
+        ),
+        js.SliceError,
+        r"argument `s` was traced as a Python number \(weakly typed float32\), which the "
+        r"traced program computes with as bfloat16; an array of float32 would make the function "
+        r"compute in float32 instead",
+    ),
+    (
+        "a Python number for a slice input that is not a scalar",
+        lambda g, a: js.trace(lambda x: jnp.sin(x) * 2.0, jnp.ones(3)).slice("%1", "out")(2.0),
+        js.SliceError,
+        r"input '%1' expects float32\[3\], got a Python float; pass a value shaped like "
+        r"g\.value\('%1'\)",
+    ),
+    (
+        "a Python float for an integer slice input",
+        lambda g, a: js.trace(lambda n, x: n * 3 + x, jnp.int32(2), 1.0).slice("n", "out")(2.7),
+        js.SliceError,
+        r"input 'n' expects int32\[\], got a Python float",
+    ),
+    (
+        "a Python number where an array decided a promotion",
+        lambda g, a: (
+            js.trace(scaled, jnp.ones(2, jnp.bfloat16), jnp.float32(2.5))
+            .slice("x", "out")
+            .bind(jnp.ones(2, jnp.bfloat16), 3.1)
+        ),
+        js.SliceError,
+        r"argument `s` was traced as a float32 array, with which the traced program computes "
+        r"in float32; a Python number would make the function keep the other operand's "
+        r"narrower dtype",
+    ),
     (
         "new arguments of another tree structure (other keys)",
         lambda g, a: keyed_graph().as_function()({"a": jnp.ones(3), "b": jnp.ones(3)}, 1.0),

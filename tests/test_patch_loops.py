@@ -253,3 +253,48 @@ def test_a_flax_lstm_patched_at_a_step_agrees_with_the_unrolled_index(key):
     by_value = jax.grad(lambda value: given({at: value}, variables, x))(new_value)
     allclose(ours[at], by_value, rtol=1e-4, atol=1e-6)
     allclose(ours[f"{at}.unpatched"], -ours[at])  # through the patch h -> -h
+
+
+def test_a_patch_is_not_differentiated_at_iterations_it_does_not_touch():
+    """Two patched iterations (or a patch and a gradient at another one) run the span
+    between them as one masked scan; a patch that is not differentiable at the other
+    iterations' values (sqrt of a negative) must not make the gradient NaN there."""
+
+    def rnn6(w, h0, xs):
+        def step(h, x):
+            h_new = jnp.tanh(w * h + x)
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h0, xs)
+        return (h_last**2).sum() + hs.sum()
+
+    def by_hand(w, h0, xs, at, fn, eps_at=None, eps=0.0):  # the same patch, a Python loop
+        h, total = h0, 0.0
+        for t in range(len(xs)):
+            h = jnp.tanh(w * h + xs[t])
+            h = fn(h) if t in at else h
+            h = h + eps if t == eps_at else h
+            total = total + h.sum()
+        return (h**2).sum() + total
+
+    w, h0 = jnp.float32(0.5), jnp.zeros(2)
+    # h_new > 0 at iterations 0-2 and 4-5, < 0 at 3
+    xs = jnp.array([[1.0, 1.0], [1.0, 1.0], [0.9, 0.8], [-3.0, -3.0], [2.0, 2.0], [1.0, 1.0]])
+    g = js.trace(rnn6, w, h0, xs)
+    two = g.replace(["step/h_new@2", "step/h_new@4"], jnp.sqrt)
+    reference = jax.grad(by_hand)(w, h0, xs, (2, 4), jnp.sqrt)
+    allclose(jax.grad(two.as_function())(w, h0, xs), reference)
+    allclose(jax.jit(two.grads_fn("out", "w"))(w, h0, xs)["w"], reference)
+
+    def negated(h):
+        return jnp.sqrt(-h)
+
+    one = g.replace("step/h_new@3", negated)
+    at1 = jax.grad(lambda e: by_hand(w, h0, xs, (3,), negated, 1, e))(jnp.zeros(2))
+    allclose(one.grads("out", "step/h_new@1")["step/h_new@1"], at1)
+    h1 = one.value("step/h_new@1")
+    check_slice(
+        one.slice("step/h_new@1", "out"),
+        (h1,),
+        lambda h: by_hand(w, h0, xs, (3,), negated, 1, h - h1),
+    )

@@ -462,6 +462,31 @@ def test_a_python_bool_where_a_bool_array_was_traced_is_that_array():
     allclose(g.as_function()(jnp.ones(2), True), step(jnp.ones(2), True))
 
 
+def test_a_python_number_and_an_array_are_the_same_call_unless_that_changes_a_promotion():
+    """JAX types a Python number weakly: ``x_bf16 * 2.5`` is bfloat16, ``x_bf16 *
+    jnp.float32(2.5)`` float32. Where that decided a promotion the graph refuses the
+    other kind (jax.jit would trace again); elsewhere it takes either."""
+
+    def f(x, s, n):
+        return x * s + n
+
+    bf16, f32 = jnp.ones(3, jnp.bfloat16) * 1.7, jnp.ones(3) * 1.7
+    loose = js.trace(f, bf16, 2.5, 3).as_function()
+    with pytest.raises(js.SliceError, match=r"argument `s` was traced as a Python number"):
+        loose(bf16, jnp.float32(3.1), 3)
+    out = loose(bf16, 3.1, jnp.int32(4))  # n: an int32 array or an int, bfloat16 either way
+    assert out.dtype == f(bf16, 3.1, jnp.int32(4)).dtype == jnp.bfloat16
+    allclose(out.astype(jnp.float32), f(bf16, 3.1, jnp.int32(4)).astype(jnp.float32))
+    strict = js.trace(f, bf16, jnp.float32(2.5), 3)
+    with pytest.raises(js.SliceError, match=r"argument `s` was traced as a float32 array"):
+        strict.slice("x", "out").bind(bf16, 3.1, 3)
+    allclose(strict.as_function()(bf16, jnp.float32(3.1), 3), f(bf16, jnp.float32(3.1), 3))
+    # in float32 the kind changes nothing: both are taken, as the function computes them
+    same = js.trace(f, f32, 2.5, 3).as_function()
+    for s, n in ((jnp.float32(3.1), jnp.int32(4)), (3.1, 4)):
+        allclose(jax.jit(same)(f32, s, n), f(f32, s, n))
+
+
 def test_arguments_holding_nnx_objects_say_that_in_place_updates_are_not_made():
     from flax import nnx
 
