@@ -363,7 +363,9 @@ class _Interpreter:
                     # where would differentiate it everywhere: sqrt at a negative value
                     # makes a NaN gradient, even times the zero cotangent)
                     old = env[edit.site.vars[0]]
-                    new = jax.lax.cond(p.active, lambda a: fn(*a)[0], lambda a: old, args)
+                    new = jax.lax.cond(
+                        p.active, lambda a, fn=fn: fn(*a)[0], lambda a, old=old: old, args
+                    )
                 for v in edit.site.vars:
                     env[v] = new
 

@@ -29,8 +29,8 @@ from ._instrument import Recorder, call_in_frame, note_state, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
-from ._promotion import holds, weak_type_decides
 from ._progress import phase, progress, reported
+from ._promotion import holds, weak_type_decides
 from ._scopes import scope_names
 
 
