@@ -505,8 +505,10 @@ class _Inliner(ControlFlow):
 
     def _locate(self, flat: C.Var, nested: C.Var) -> None:
         """Record where a flat var lives in the nested program (the first place wins)."""
-        if self.path and self.path[-1] is None:
-            self._made_by_helper.add(flat)  # located when a body input or result aliases it
+        if self.path and None in self.path:
+            # made by a helper of the inliner's own (or a call inside one: a patch's
+            # replacement calling jnp.clip): located when a body input or result aliases it
+            self._made_by_helper.add(flat)
         elif flat not in self.locations:
             self.locations[flat] = (tuple(self.path), nested)
 
@@ -588,7 +590,9 @@ class _Inliner(ControlFlow):
         env[v] = atom
         if isinstance(atom, C.Var):
             self.origin.setdefault(id(v), []).append((atom, tuple(self.iteration)))
-            if atom in self._made_by_helper:  # xs[t] is a body input; stacked ys, results
+            # xs[t] is a body input; stacked ys, results (not a call's result inside a
+            # helper: a patch's replacement calling jnp.clip)
+            if atom in self._made_by_helper and None not in self.path:
                 self._made_by_helper.discard(atom)
                 self.locations[atom] = (tuple(self.path), v)
 

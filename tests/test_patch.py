@@ -44,6 +44,33 @@ def test_zero_ablating_one_hidden_unit_of_a_flax_model(key):
     allclose(g.as_function()(variables, x), model.apply(variables, x))
 
 
+@pytest.mark.parametrize(
+    "patch",
+    [jax.nn.relu, lambda h: jnp.clip(h, -0.5, 0.5), lambda h: h / jnp.linalg.norm(h)],
+    ids=["relu", "clip", "norm"],
+)
+def test_a_replacement_holding_calls_in_a_scoped_model(key, patch):
+    """A replacement whose own program holds calls (jax.nn.relu's custom_jvp, jnp.clip's
+    jit), at a value inside a scope (a Flax module)."""
+    model = MLP()
+    x = jax.random.normal(key, (5, 4))
+    variables = model.init(jax.random.key(1), x)
+    g = js.trace(model.apply, variables, x)
+    patched = g.replace("MLP/Dense_1", patch)
+
+    def by_hand(variables, x):
+        return patch(model.apply(variables, x))
+
+    allclose(patched.as_function()(variables, 2 * x), by_hand(variables, 2 * x))
+    loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)  # noqa: E731
+    allclose(
+        jax.grad(loss(patched.as_function()))(variables, x),
+        jax.grad(loss(by_hand))(variables, x),
+    )
+    # the value before the patch keeps its name
+    allclose(patched.value("MLP/Dense_1.unpatched"), model.apply(variables, x))
+
+
 def test_replace_with_a_value_and_names_of_the_old_value():
     def f(x):
         h = jnp.sin(x)
