@@ -34,7 +34,8 @@ def _loop_value(site: Site) -> tuple | None:
     if not site.steps or site.steps[-1].iteration is None:
         return None
     last = site.steps[-1]
-    return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars
+    # the value before a patch there (``name@t.unpatched``) is another value
+    return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars, site.before
 
 
 def _ranged(sites: Sequence[Site]) -> Site | None:
@@ -49,7 +50,7 @@ def _ranged(sites: Sequence[Site]) -> Site | None:
     if its != list(range(first.iteration, first.iteration + len(sites))):
         return None
     step = Step(first.eqn, first.branch, range(its[0], its[-1] + 1))
-    return Site((*sites[0].steps[:-1], step), sites[0].vars)
+    return Site((*sites[0].steps[:-1], step), sites[0].vars, before=sites[0].before)
 
 
 @functools.lru_cache(maxsize=256)

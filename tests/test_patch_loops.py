@@ -298,3 +298,43 @@ def test_a_patch_is_not_differentiated_at_iterations_it_does_not_touch():
         (h1,),
         lambda h: by_hand(w, h0, xs, (3,), negated, 1, h - h1),
     )
+
+
+def test_the_gradient_at_an_unpatched_iteration_beside_others_is_before_the_patch():
+    """``step/pre@3.unpatched`` asked for with ``step/pre@2``: consecutive iterations of
+    one value share one stacked perturbation, but the value before a patch is another
+    value (it was perturbed after the patch)."""
+
+    def rnn5(w, h0, xs):
+        def step(h, x):
+            pre = w @ h + x
+            return jnp.tanh(pre), None
+
+        return jax.lax.scan(step, h0, xs)[0].sum()
+
+    w = jax.random.normal(jax.random.key(0), (3, 3)) / 2
+    h0, xs = jnp.array([0.1, 0.5, -0.3]), jax.random.normal(jax.random.key(1), (5, 3))
+
+    def square(p):
+        return p * p
+
+    def by_hand(e2, e3_before, e3):  # the patched RNN with zero perturbations
+        h = h0
+        for t in range(5):
+            pre = w @ h + xs[t]
+            pre = pre + e2 if t == 2 else pre
+            pre = square(pre + e3_before) + e3 if t == 3 else pre
+            h = jnp.tanh(pre)
+        return h.sum()
+
+    z = jnp.zeros(3)
+    at2, before3, at3 = jax.grad(by_hand, (0, 1, 2))(z, z, z)
+    patched = js.trace(rnn5, w, h0, xs).replace("step/pre@3", square)
+    wrt = ["step/pre@2", "step/pre@3.unpatched", "step/pre@3"]
+    expected = {"step/pre@2": at2, "step/pre@3.unpatched": before3, "step/pre@3": at3}
+    allclose(patched.grads("out", wrt), expected, rtol=1e-4)
+    allclose(
+        jax.jit(patched.grads_fn("out", wrt[:2]))(w, h0, xs),
+        {k: expected[k] for k in wrt[:2]},
+        rtol=1e-4,
+    )
