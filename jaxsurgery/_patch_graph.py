@@ -42,7 +42,7 @@ from ._structured import Site
 if TYPE_CHECKING:
     from ._graph import Graph
 
-UNPATCHED = ".unpatched"
+UNPATCHED = _select.UNPATCHED
 
 
 def differentiated(graph: Graph, var: Var) -> bool:

@@ -13,6 +13,11 @@ Globs know that names are paths (``block#2/attn/q``, ``params['dense']['kernel']
 * ``*`` matches within one level of a path: any run of characters except ``/``
   (a ``/`` inside a bracketed key such as ``['mlp/~/linear_0']`` does not end a
   level); ``**`` matches across levels, and ``**/`` also matches no level at all;
+* ``@*`` matches loop iterations (``h@*``: ``h@0``, ``h@1``, ...; of nested loops,
+  ``h@1@0``), one var per iteration, not the value before a patch there
+  (``h@3.unpatched``; ``h@*.unpatched`` selects those); a glob that matches a
+  patched value's name (``w*``: ``w``) does not also select the value before the
+  patch (``w.unpatched``);
 * ``?`` matches one character other than ``/``;
 * brackets are pytree keys, matched literally, when they hold a quote
   (``['params']``, ``['Block_*']``: ``*`` and ``?`` inside still match within the
@@ -439,6 +444,11 @@ def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Patter
 
 # '*': a run within one level; a bracketed key (['mlp/~/linear_0']) may hold a '/'
 _LEVEL = r"(?:\[[^\]]*\]|[^/\[])*"
+#: the suffix naming a value before a patch (g.replace)
+UNPATCHED = ".unpatched"
+# '@*': an iteration number, or several of nested loops (7, 7@2), so that 'h@*' stacks
+# one row per iteration: not 'h@7.unpatched' ('h@*.unpatched' selects those)
+_ITERATIONS = r"(?:0|[1-9][0-9]*)(?:@(?:0|[1-9][0-9]*))*"
 
 
 @functools.lru_cache(maxsize=512)
@@ -458,8 +468,8 @@ def compile_glob(pattern: str) -> re.Pattern | None:
                     i += 1
                 else:
                     out.append(".*")
-            else:
-                out.append(_LEVEL)
+            else:  # '@*': every iteration (not the value before a patch there)
+                out.append(_ITERATIONS if i and pattern[i - 1] == "@" else _LEVEL)
                 i += 1
             wild = True
             continue
@@ -510,11 +520,16 @@ def _bracket(pattern: str, i: int) -> tuple[int, str, bool]:
 
 
 def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
-    """Every var with a name ``pattern`` fully matches, and the first such name."""
+    """Every var with a name ``pattern`` fully matches, and the first such name.
+
+    A value before a patch (``h#2.unpatched``) is matched only by a pattern that does
+    not match the patched value's own name (``h#*.unpatched``, ``h#2.*``): ``h#*`` is
+    the values the program reads, one per binding.
+    """
     names = graph._names
     hits: set[int] = set()
     for name, idxs in names.lookup.items():
-        if pattern.fullmatch(name):
+        if pattern.fullmatch(name) and not _stem_matches(pattern, name):
             hits.update(idxs)
     for i in range(len(names.canonical)):
         if any(pattern.fullmatch(n) for n in names.fallbacks(i)):
@@ -524,9 +539,19 @@ def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
     from ._patch_graph import unpatched, unpatched_names  # (patched in the running program)
 
     for name in unpatched_names(graph):
-        if pattern.fullmatch(name):
+        if pattern.fullmatch(name) and not _stem_matches(pattern, name):
             found[unpatched(graph, name).index] = name
     return found
+
+
+def _stem_matches(pattern: re.Pattern, name: str) -> bool:
+    """Whether ``name`` names a value before a patch (``h#2.unpatched``) whose patched
+    value's name (``h#2``) ``pattern`` matches too."""
+    if not name.endswith(UNPATCHED):
+        return False
+    while name.endswith(UNPATCHED):
+        name = name[: -len(UNPATCHED)]
+    return pattern.fullmatch(name) is not None
 
 
 def _matched_name(names: Any, i: int, pattern: re.Pattern) -> str:

@@ -156,7 +156,8 @@ def test_a_patch_outside_the_loop_keeps_the_loop_values_named(setup):
     assert isinstance(v, VirtualVar)
     allclose(patched.value(v), rnn_state_after(h0, xs, w * 2.0, 700), rtol=1e-4)
     allclose(patched.value("w.unpatched"), w)
-    assert "w.unpatched" in patched.names() and patched.select("w*").names == ("w", "w.unpatched")
+    assert "w.unpatched" in patched.names() and patched.select("w*").names == ("w",)
+    assert patched.select("w*.unpatched").names == ("w.unpatched",)
     allclose(patched.value("w"), w * 2.0)
     allclose(patched.value("out"), rnn(h0, xs, w * 2.0), rtol=1e-5)
     # a second patch on the patched graph: both apply
@@ -338,3 +339,26 @@ def test_the_gradient_at_an_unpatched_iteration_beside_others_is_before_the_patc
         {k: expected[k] for k in wrt[:2]},
         rtol=1e-4,
     )
+
+
+def test_a_glob_over_iterations_of_a_patched_graph_is_one_value_per_iteration(setup):
+    """``step/h_new@*`` stacks one row per iteration, also after a patch at one of them
+    (its value before the patch, ``@10.unpatched``, answers to globs that say so)."""
+    h0, xs, w = setup
+    patched = js.trace(rnn, h0, xs, w).replace("step/h_new@10", halve)
+    rows = patched.values_fn({"h": "step/h_new@*"})(h0, xs, w)["h"]
+    assert rows.shape == (T, h0.shape[0])
+    allclose(rows[10], patched.value("step/h_new@10"))
+    allclose(rows[11], patched.value("step/h_new@11"))
+    assert patched.select("step/h_new@*.unpatched").names == ("step/h_new@10.unpatched",)
+
+    # in an unrolled index too: h#* is the values the program reads, one per binding
+    def chain(x):
+        h = jnp.sin(x)
+        h = jnp.sin(h)
+        h = jnp.sin(h)
+        return h
+
+    flat = js.trace(chain, jnp.ones(2)).replace("h#1", halve)
+    assert flat.select("h#*").names == ("h#0", "h#1", "h#2")
+    assert flat.select("h#*.unpatched").names == ("h#1.unpatched",)
