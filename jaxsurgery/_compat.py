@@ -120,9 +120,16 @@ def in_backward_pass(source_info: SourceInfo) -> bool:
 
 
 def under_derivative(eqn: JaxprEqn) -> bool:
-    """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...) made
-    ``eqn``: its name stack holds the transform's mark."""
-    return not _DERIVATIVE_TRANSFORMS.isdisjoint(_transform_marks(eqn.source_info))
+    """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...)
+    differentiates what ``eqn`` makes: the outermost derivative mark of its name stack
+    is a forward one (``jvp``). A backward pass's equation (``transpose`` outermost: a
+    gradient ``jax.grad`` returns) is made by one but not differentiated, unless a
+    derivative around it is (``jvp(transpose(...))``, a Hessian)."""
+    for s in eqn.source_info.name_stack.stack:
+        name = getattr(s, "name", None) if type(s).__name__ == "Transform" else None
+        if name in _DERIVATIVE_TRANSFORMS:
+            return name != "transpose"
+    return False
 
 
 def _transform_marks(source_info: SourceInfo) -> set[str]:

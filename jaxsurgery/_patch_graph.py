@@ -31,10 +31,11 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError
+from ._errors import SelectionError, SliceError, type_of
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
+from ._promotion import holds
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site
@@ -204,6 +205,13 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         fn = value_or_fn
     else:
         value = value_or_fn
+        if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
+            kind = getattr(value, "dtype", type(value).__name__)
+            raise SliceError(
+                f"the replacement for {var.name!r} ({type_of(var)}) is a {kind} value, which "
+                f"{var.dtype} does not hold: it would be truncated; give a value of its kind "
+                "(cast it yourself if a cast is what you mean)"
+            )
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
 

@@ -156,6 +156,13 @@ CATALOG = [
         r"input 'n' expects int32\[\], got a Python float",
     ),
     (
+        "a float constant replacing an integer value",
+        lambda g, a: js.trace(lambda x, n: x * (n * 2), jnp.ones(2), 3).replace("%2", 2.7),
+        js.SliceError,
+        r"the replacement for '%2' \(int32\[\]\) is a float value, which int32 does not "
+        r"hold: it would be truncated",
+    ),
+    (
         "a Python number where an array decided a promotion",
         lambda g, a: (
             js.trace(scaled, jnp.ones(2, jnp.bfloat16), jnp.float32(2.5))

@@ -363,6 +363,40 @@ def test_a_patch_of_a_value_jax_differentiates_says_its_gradients_miss_the_patch
     allclose(through, jax.grad(patched_by_hand)(w, x), rtol=1e-5)
 
 
+def test_a_patch_of_a_gradient_the_step_computes_is_not_a_differentiated_value(data):
+    """Clipping the gradient a training step computes: the gradient is made by the
+    backward pass, which nothing differentiates, so the patched step is the step with
+    the patch and no warning says otherwise."""
+    x, w = data[0][0], data[1]
+
+    def clip(gw):
+        return jnp.clip(gw, -0.01, 0.01)
+
+    def step(w, x):
+        gw = jax.grad(loss_wx)(w, x)
+        return w - 0.1 * gw
+
+    def clipped_by_hand(w, x):
+        return w - 0.1 * clip(jax.grad(loss_wx)(w, x))
+
+    g = js.trace(step, w, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patched = g.replace("gw", clip)
+    allclose(patched.as_function()(w, x), clipped_by_hand(w, x), rtol=1e-5)
+
+    # a gradient penalty differentiates its gradient: that patch still warns
+    def penalty_grad(w, x):
+        def penalty(w):
+            gw = jax.grad(loss_wx)(w, x)
+            return jnp.sum(gw**2)
+
+        return jax.grad(penalty)(w)
+
+    with pytest.warns(UserWarning, match="do not differentiate the patch"):
+        js.trace(penalty_grad, w, x).replace("penalty/gw", clip)
+
+
 # Inside a transformed function, JAX remakes whole the sub-programs it traced on their
 # own (a jit call, a scan body, a checkpoint): their values are named through tags the
 # transform keeps. A module-level jitted layer: its twin is cached across traces, with
