@@ -596,7 +596,7 @@ class Graph:
             )
         outputs = [v for m in matches for v in m.outputs]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
-        return derive(self, rewrite_edits(self, matches, replacement_fn), "rewrite")
+        return derive(self, rewrite_edits(self, matches, replacement_fn), "rewrite", 4)
 
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""

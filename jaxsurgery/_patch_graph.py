@@ -38,7 +38,7 @@ from ._patch import Edit, replacement_jaxpr, splice
 from ._promotion import holds
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
-from ._structured import Site
+from ._structured import Site, rules_entered, sub_jaxpr
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -118,19 +118,45 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     return derive(graph, edits, f"replace({', '.join(v.name for v in targets)})")
 
 
-def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
-    """The graph with ``edits`` applied, names carried over (module docstring)."""
+def _bypassed_rules(
+    graph: Graph, edits: Sequence[Edit], moved: Sequence[Any], stacklevel: int
+) -> list[str]:
+    """Notes (also warned) for patches inside ``custom_jvp``/``custom_vjp`` calls: the
+    patched function runs such a call's primal body, whose derivatives replace the
+    rule's (an identity patch inside ``safe_norm`` makes its gradient at 0 NaN)."""
+    notes = []
+    for edit, structured in zip(edits, moved):
+        for call in rules_entered(graph._structure.closed, structured.site.steps):
+            notes.append(
+                f"the patch of {graph._var(edit.target).name!r} is inside the call "
+                f"{call!r}, which has a custom derivative rule (custom_jvp/custom_vjp): the "
+                "patched function runs the call's body, so its derivatives there are the "
+                "body's, not the rule's; patch the call's result to keep the rule"
+            )
+    for note in dict.fromkeys(notes):
+        warnings.warn(note, stacklevel=stacklevel)
+    return list(dict.fromkeys(notes))
+
+
+def derive(graph: Graph, edits: Sequence[Edit], what: str, stacklevel: int = 5) -> Graph:
+    """The graph with ``edits`` applied, names carried over (module docstring);
+    ``stacklevel`` of the user's call for warnings (through Graph's method)."""
     from ._graph import Graph
 
-    structured = graph._structure.with_edits(*(_structured_edit(graph, e) for e in edits))
-    if graph._program.folded:  # the index stays as it is; the running program is edited
+    moved = [_structured_edit(graph, e) for e in edits]
+    structured = graph._structure.with_edits(*moved)
+    bypassed = _bypassed_rules(graph, edits, moved, stacklevel + 1)
+    # the index stays as it is and the running program is edited where the index keeps
+    # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
+    # index would lose the region, and with it the decision for other arguments)
+    if graph._program.folded or any(m.site.path_bound for m in moved):
         return Graph(
             graph._program,
             graph._names,
             graph._flatten_args,
             graph._flat_args,
             f"{graph._title}.{what}",
-            graph._given_notes,
+            (*graph._given_notes, *bypassed),
             graph._out_tree,
             structured,
             graph._flat_site,
@@ -168,7 +194,7 @@ def derive(graph: Graph, edits: Sequence[Edit], what: str) -> Graph:
         graph._flatten_args,
         graph._flat_args,
         f"{graph._title}.{what}",
-        (*graph.notes, *program.notes[len(graph._program.notes) :]),
+        (*graph.notes, *program.notes[len(graph._program.notes) :], *bypassed),
         graph._out_tree,
         structured,
         lambda j: _latest(graph._site(origin[j])) if j in origin else None,
@@ -189,6 +215,10 @@ def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
     reads = []
     for r in edit.reads:
         read = graph._site_of(graph._var(r))
+        inner = _passed_in(graph._structure.closed, read, site.steps)
+        if inner is not None:  # an argument of the call the target is in
+            reads.append(inner)
+            continue
         if read.steps != site.steps:
             raise SliceError(
                 f"the replacement for {target.name!r} reads {graph._var(r).name!r}, which "
@@ -197,6 +227,31 @@ def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
             )
         reads.append(read.vars[0])
     return StructuredEdit(site, "apply", edit.closed, tuple(reads))
+
+
+def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:
+    """The var of the jaxpr at ``steps`` that is ``read``'s value passed into the calls
+    (``jit``, ``checkpoint``...) that lead there from ``read``'s level, or None."""
+    if (
+        read.before is not None
+        or len(read.steps) >= len(steps)
+        or read.steps != steps[: len(read.steps)]
+    ):
+        return None
+    jaxpr = closed.jaxpr
+    for step in read.steps:
+        jaxpr = sub_jaxpr(jaxpr.eqns[step.eqn], step).jaxpr
+    var = read.vars[0]
+    for step in steps[len(read.steps) :]:
+        eqn = jaxpr.eqns[step.eqn]
+        if eqn.primitive.name not in C.CALL_PRIMITIVES:
+            return None  # a loop or branch: its operands are not its body's inputs one to one
+        at = next((k for k, a in enumerate(eqn.invars) if a is var), None)
+        if at is None:
+            return None
+        jaxpr = sub_jaxpr(eqn, step).jaxpr
+        var = jaxpr.invars[at]
+    return var
 
 
 def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:

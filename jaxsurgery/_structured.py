@@ -818,6 +818,18 @@ def _last_iteration(eqn: Any) -> tuple[int, int] | None:
     return None
 
 
+def rules_entered(closed: Any, steps: Sequence[Step]) -> list[str]:
+    """Names of the ``custom_jvp``/``custom_vjp`` calls a path of steps enters (an edit
+    there runs the call's primal body in place of its rule: see ``_rebuild``)."""
+    found, jaxpr = [], closed.jaxpr
+    for step in steps:
+        eqn = jaxpr.eqns[step.eqn]
+        if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
+            found.append(C.call_name(eqn))
+        jaxpr = sub_jaxpr(eqn, step).jaxpr
+    return found
+
+
 def sub_jaxpr(eqn: Any, step: Step) -> Any:
     """The closed jaxpr a step enters."""
     name = eqn.primitive.name

@@ -1,10 +1,12 @@
 """g.replace and g.as_function: activation patching, composed with jit and grad."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import allclose
+from conftest import allclose, check_slice
 
 import jaxsurgery as js
 
@@ -201,3 +203,99 @@ def test_replace_in_a_program_with_captured_constants_and_a_cond():
     allclose(patched.value("out"), by_hand(x))
     allclose(patched.as_function()(other), by_hand(other))
     allclose(jax.jit(patched.as_function())(other), by_hand(other))
+
+
+@jax.custom_jvp
+def safe_norm(x):
+    sq = jnp.sum(x**2)
+    return jnp.sqrt(sq)
+
+
+@safe_norm.defjvp
+def _safe_norm_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    n = safe_norm(x)
+    return n, jnp.where(n > 0, jnp.dot(x, t) / jnp.where(n > 0, n, 1.0), 0.0)
+
+
+def test_a_patch_inside_a_call_with_a_custom_rule_says_the_rule_is_bypassed():
+    """Inside a custom_jvp call a patch runs the call's body, whose derivative replaces
+    the rule's: even an identity patch of ``safe_norm``'s ``sq`` makes its gradient at
+    0 NaN. The patched graph says so (a warning and a note); a patch of the call's
+    result keeps the rule."""
+
+    def f(x):
+        n = safe_norm(x)
+        return n * 2.0
+
+    x = jnp.zeros(3)
+    g = js.trace(f, x)
+    with pytest.warns(UserWarning, match=r"inside the call 'safe_norm', which has a custom"):
+        inside = g.replace("safe_norm/sq", lambda s: s)
+    assert any("patch the call's result to keep the rule" in n for n in inside.notes)
+    assert bool(jnp.isnan(jax.grad(inside.as_function())(x)).all())  # the body's sqrt at 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outside = g.replace("n", lambda n: n)
+    allclose(jax.grad(outside.as_function())(x), jax.grad(f)(x))  # the rule's 0
+    assert not any("custom derivative rule" in n for n in outside.notes)
+
+
+def test_a_patched_graph_follows_other_branches_in_slices_that_take_the_cond_whole():
+    """A patch inside a cond branch (or a while trip) edits the running program and
+    keeps the index as it is: a slice that takes the cond whole decides again for
+    bound arguments that take the other branch, with the patch in its branch."""
+
+    def f(p, y):
+        def big(y):
+            h = jnp.sin(y)
+            return h * 2
+
+        def small(y):
+            return jnp.cos(y) * 3
+
+        r = jax.lax.cond(p > 0, big, small, y)
+        return r + 1
+
+    def patched_by_hand(p, y):
+        return jax.lax.cond(p > 0, lambda y: (jnp.sin(y) + 10) * 2, lambda y: jnp.cos(y) * 3, y) + 1
+
+    g = js.trace(f, 1.0, 0.5)
+    patched = g.replace("big/h", lambda h: h + 10)
+    for p in (-1.0, 1.0):
+        s = patched.slice("y", "out").bind(p, 0.5)
+        check_slice(s, (jnp.float32(0.7),), lambda y, p=p: patched_by_hand(p, y))
+    allclose(patched.value("big/h.unpatched"), jnp.sin(0.5))
+    allclose(patched.as_function()(-1.0, 0.7), patched_by_hand(-1.0, 0.7))
+
+
+def test_a_rewrite_inside_a_jitted_layer_reads_the_layer_arguments():
+    """A pattern inside a ``@jax.jit`` layer whose inputs are the layer's arguments:
+    those are the call's operands outside it, the same values as its body's inputs."""
+
+    def make(jit):
+        def layer(w, h):
+            return jnp.tanh(h @ w) + h
+
+        layer = jax.jit(layer) if jit else layer
+
+        def net(ws, x):
+            h = x
+            for w in ws:
+                h = layer(w, h)
+            return (h**2).sum()
+
+        return net
+
+    ws, x = [jnp.eye(4) * 0.5] * 3, jnp.ones((2, 4))
+
+    def by_hand(ws, x):
+        h = x
+        for w in ws:
+            h = jnp.sin(h @ w) + h
+        return (h**2).sum()
+
+    g = js.trace(make(True), ws, x)
+    rewritten = g.rewrite(lambda a, w: jnp.tanh(a @ w), lambda a, w: jnp.sin(a @ w), x, ws[0])
+    allclose(rewritten.as_function()(ws, 0.5 * x), by_hand(ws, 0.5 * x))
+    allclose(jax.grad(rewritten.as_function())(ws, x), jax.grad(by_hand)(ws, x))
