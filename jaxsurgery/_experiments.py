@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from . import _select
 from ._errors import SelectionError, SliceError
-from ._structured import Edit, Extra, Site, check_hits
+from ._structured import Edit, Extra
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -109,17 +109,13 @@ class PatchFunction:
             for k, j in enumerate(group):
                 used.append(j)
                 values.append(_patch_value(given[k] if many else given, key, self.vars[j]))
+        # a patch inside a cond branch or a while trip applies when that path runs, as
+        # g.replace's does (arguments that take another path leave its value unused)
         edits = [
             Edit(self._sites[j], "apply", self._fns[j], (Extra(n),)) for n, j in enumerate(used)
         ]
-        guards = [
-            Edit(Site(self._sites[j].steps, ()), "hit") for j in used if self._sites[j].path_bound
-        ]
         flat = graph._flatten_args(*args, **kwargs)
-        outs, exposed = graph._structure.with_edits(*edits, *guards).run(flat, values)
-        check_hits(
-            [(exposed[h], True, graph._path_message([self.vars[j] for j in used])) for h in guards]
-        )
+        outs, _ = graph._structure.with_edits(*edits).run(flat, values)
         return _select.unflatten(graph._out_tree, outs)
 
 

@@ -757,10 +757,14 @@ class Graph:
         ``rows=True`` leaves a loop's values as rows of its stacked result (see
         ``_structured.row_value``).
         """
-        # a constant the index made (inside a patch: its `.at[1]` index, say) is the
-        # same for every argument: computed from the flat index
-        fixed = {v.index for v in vars_ if self._site(v.index) is None and self._constant(v)}
-        placed = [v for v in vars_ if v.index not in fixed]
+        # a value the index made inside a patch (the broadcast of a bias a rewrite's
+        # replacement adds, its `.at[1]` index) has no place in the nested program: it
+        # is computed from the flat index, from the values with a place it reads (none
+        # for a constant, the same for every argument)
+        made_up = {v.index for v in vars_ if self._site(v.index) is None}
+        frontier = self._placed_ancestors(made_up)
+        placed = [v for v in vars_ if v.index not in made_up]
+        placed += [self._var(i) for i in frontier if i not in {v.index for v in placed}]
         structured, exposures, guards = self._exposing(placed, [e for e, _ in path])
         _, exposed = structured.run(flat_args, outputs=False)
         # the vars that need the path (a slice's own) first: the context only follows
@@ -769,17 +773,29 @@ class Graph:
             [(exposed[h], True, message) for h in guards]
             + [(exposed[e], expected, message) for e, expected in path]
         )
-        found = iter([exposed.raw(e) if rows else exposed[e] for e in exposures])
-        constants = self._program.evaluate(sorted(fixed), flat_args, {}) if fixed else {}
-        return [constants[v.index] if v.index in fixed else next(found) for v in vars_]
+        found = {v.index: exposed.raw(e) if rows else exposed[e] for v, e in zip(placed, exposures)}
+        if made_up:
+            known = {i: found[i] for i in frontier}
+            found.update(self._program.evaluate(sorted(made_up), flat_args, known))
+        return [found[v.index] for v in vars_]
 
-    def _constant(self, v: Var) -> bool:
-        """Whether a var of the flat index reads no argument of the function."""
+    def _placed_ancestors(self, made_up: set[int]) -> list[int]:
+        """The nearest ancestors with a place in the nested program of flat vars that
+        have none (the values a patch's replacement reads), program inputs aside."""
         p = self._program
-        if self._virtual(v.index) or v.index < p.num_inputs:
-            return False
-        eqns = p.ancestor_eqns([v.index])
-        return not any(i < p.num_inputs for e in eqns for i in p.eqn_in[e])
+        found: dict[int, None] = {}
+        stack, seen = list(made_up), set(made_up)
+        while stack:
+            e = p.producer[stack.pop()]
+            for i in p.eqn_in[e] if e >= 0 else ():
+                if i in seen or i < p.num_inputs + p.num_consts:
+                    continue
+                seen.add(i)
+                if self._site(i) is None:
+                    stack.append(i)
+                else:
+                    found[i] = None
+        return list(found)
 
     def _whole_loop_site(self, i: int) -> Site | None:
         """For a body value of a folded scan (a virtual var), its site at every iteration

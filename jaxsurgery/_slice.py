@@ -236,6 +236,8 @@ class Slice:
     #: the checks of the path the window keeps, where the inputs decide it (a cond's
     #: branch, a while's trips); what they read are extra results of ``jaxpr``
     _decisions: tuple[Decision, ...] = ()
+    #: an exported copy's: its decisions are not checked (see :meth:`export`)
+    _unchecked: bool = False
 
     def __init__(
         self,
@@ -481,8 +483,8 @@ class Slice:
             )
         flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
         out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
-        if self._decisions:
-            out, decided = out[: len(self.out_vars)], out[len(self.out_vars) :]
+        out, decided = out[: len(self.out_vars)], out[len(self.out_vars) :]
+        if self._decisions and not self._unchecked:
             hits = []
             for d in self._decisions:
                 hits.append((d.holds(decided[: d.count]), True, self._path_message(d.what)))
@@ -497,8 +499,14 @@ class Slice:
             "cond or loop"
         )
 
-    def export(self, *, platforms: Sequence[str] | None = None) -> Any:
+    def export(self, *, platforms: Sequence[str] | None = None, check: bool = True) -> Any:
         """The slice as a ``jax.export.Exported`` (serialized StableHLO), context baked in.
+
+        A slice that checks on every call that its inputs take the path it keeps (cut
+        inside a ``cond`` branch or a ``while_loop`` trip) checks with a host callback,
+        which ``jax.export`` cannot serialize: that is a SliceError, unless
+        ``check=False`` exports it without the check (inputs that take another path
+        then get the kept path's result).
 
         Example:
             >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -514,7 +522,18 @@ class Slice:
             self._in_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in self.in_vars]
         )
         self._context()  # concrete context (or an unbound-slice error) before tracing
-        return jax.export.export(jax.jit(self), platforms=platforms)(*self._as_args(specs))
+        run = self
+        if self._decisions:
+            if check:
+                raise SliceError(
+                    f"{self!r} checks on every call that its inputs take the path it keeps "
+                    f"({self._decisions[0].what}); the check is a host callback, which "
+                    "jax.export cannot serialize: slice to or from values outside the cond "
+                    "or loop, or export(check=False) to export it without the check"
+                )
+            run = copy.copy(self)
+            run._unchecked = True
+        return jax.export.export(jax.jit(run), platforms=platforms)(*self._as_args(specs))
 
     def draw(self, engine: str = "auto", *, depth: int | None = None, expand: bool = False) -> Any:
         """An SVG picture of the slice's graph with the slice highlighted (``depth`` and

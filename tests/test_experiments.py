@@ -218,3 +218,30 @@ def test_a_typed_key_is_patched_with_a_key():
     allclose(p({"k1": new}, key, x), jnp.sum(x + jax.random.normal(new, x.shape)))
     with pytest.raises(js.SliceError, match="give a key of the var's kind"):
         p({"k1": jnp.zeros((), jnp.uint32)}, key, x)
+
+
+def test_a_patch_sweep_inside_a_branch_applies_where_the_branch_runs():
+    """patch_fn at a value of a cond branch, as g.replace: the patch applies when the
+    branch runs; arguments that take the other branch leave it unused (also under
+    jax.vmap over predicates that take both)."""
+
+    def f(p, y):
+        def big(y):
+            h = jnp.sin(y)
+            return h * 2
+
+        def small(y):
+            return jnp.cos(y) * 3
+
+        return (jax.lax.cond(p > 0, big, small, y) ** 2).sum()
+
+    def by_hand(h, p, y):
+        return (jax.lax.cond(p > 0, lambda y: h * 2, lambda y: jnp.cos(y) * 3, y) ** 2).sum()
+
+    y, h = jnp.array([0.3, 0.4]), jnp.ones(2)
+    g = js.trace(f, 1.0, y)
+    sweep = g.patch_fn("big/h")
+    ps = jnp.array([1.0, -1.0, 2.0])
+    got = jax.vmap(lambda p: sweep({"big/h": h}, p, y))(ps)
+    allclose(got, jnp.stack([by_hand(h, p, y) for p in ps]))
+    allclose(sweep({"big/h": h}, -1.0, y), g.replace("big/h", h).as_function()(-1.0, y))

@@ -32,3 +32,25 @@ def test_exporting_an_unbound_slice_is_an_error():
         jax.export.deserialize(s.bind(*mlp_12782_args()).export().serialize()).call(jnp.ones(4)),
         s.bind(*mlp_12782_args())(jnp.ones(4)),
     )
+
+
+def test_a_slice_that_checks_its_path_exports_only_without_the_check():
+    """A slice cut inside a cond branch checks on every call that its inputs take that
+    branch, with a host callback jax.export cannot serialize: a SliceError, unless
+    ``check=False`` exports it without the check."""
+
+    def f(a):
+        def br0(a):
+            u = jnp.sin(a)
+            return u * 2
+
+        return jax.lax.cond(a.sum() > 0, br0, jnp.cos, a)
+
+    a = jnp.array([0.3, 0.2])
+    s = js.trace(f, a).slice("a", "br0/u")
+    with pytest.raises(js.SliceError, match=r"jax\.export cannot serialize.*check=False"):
+        s.export()
+    restored = jax.export.deserialize(s.export(check=False).serialize())
+    allclose(restored.call(2 * a), jnp.sin(2 * a))
+    with pytest.raises(js.SliceError, match="these inputs take another path"):
+        s(-a)  # the slice itself still checks

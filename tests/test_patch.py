@@ -299,3 +299,38 @@ def test_a_rewrite_inside_a_jitted_layer_reads_the_layer_arguments():
     rewritten = g.rewrite(lambda a, w: jnp.tanh(a @ w), lambda a, w: jnp.sin(a @ w), x, ws[0])
     allclose(rewritten.as_function()(ws, 0.5 * x), by_hand(ws, 0.5 * x))
     allclose(jax.grad(rewritten.as_function())(ws, x), jax.grad(by_hand)(ws, x))
+
+
+def test_a_bound_slice_of_a_rewritten_graph_recomputes_what_the_replacements_made():
+    """Context values made inside a rewrite's replacement (the broadcast of a bias)
+    have no place in the nested program: under ``bind`` they are computed from the
+    values they read, for the new arguments."""
+
+    def loss(params, x):
+        h = x
+        for w, b in params:
+            h = jnp.tanh(h @ w + b)
+        return (h**2).sum()
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    params = [(jax.random.normal(k, (4, 4)) / 2, jnp.ones(4) * 0.1) for k in ks]
+    x = jax.random.normal(ks[0], (2, 4))
+    g = js.trace(loss, params, x)
+    relu = g.rewrite(
+        lambda a, w, b: jnp.tanh(a @ w + b),
+        lambda a, w, b: jax.nn.relu(a @ w + b),
+        x,
+        *params[0],
+    )
+    new = [(w * 1.5, b - 0.3) for w, b in params]
+
+    def rest(params):  # layers 2 and 3 rewritten to relu, by hand
+        def f(h):
+            for w, b in params[1:]:
+                h = jax.nn.relu(h @ w + b)
+            return (h**2).sum()
+
+        return f
+
+    h1 = relu.value("h#1")
+    check_slice(relu.slice("h#1", "out").bind(new, x), (h1,), rest(new))
