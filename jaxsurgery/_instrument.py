@@ -720,6 +720,8 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     _, target, jitted = known
     if target is None and not always:  # JAX itself, numpy or a builtin: no frame
         return fn
+    if type(target) is _Framed:  # a function jax.checkpoint made: its frame, named here
+        return functools.partial(target.call, label)
     target = fn if target is None else target
     if target is _CONTROL_FLOW:
         return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
@@ -785,6 +787,12 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return _CONTROL_FLOW, None
     if _transform(fn.func if isinstance(fn, functools.partial) else fn):
         return _TRANSFORM, None
+    remat = _checkpointed(fn)
+    if remat is not None:  # a function @jax.checkpoint made elsewhere: made again, rewritten
+        user_fn, options = remat
+        return _with_rewritten_function(jax.checkpoint, *_transform(jax.checkpoint))(
+            user_fn, **options
+        ), None
     jitted = _jitted_call(fn) if isinstance(fn, functools.partial) else None  # an nnx.jit method
     if jitted is None and _is_jax_or_builtin(fn):
         return None, None
@@ -792,6 +800,28 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     if jitted is None:
         return rewritten(fn)[0], None
     return jitted.jit, jitted if jitted.cached else None
+
+
+def _checkpointed(fn: Any) -> tuple[Any, dict[str, Any]] | None:
+    """``(the user function, jax.checkpoint's options)`` of a function that
+    ``jax.checkpoint`` returned (``@jax.checkpoint`` on a module-level function), read
+    from its closure (JAX's ``fun_remat`` behind its traceback filter); None for
+    anything else."""
+    f = fn
+    for _ in range(3):
+        code, closure = getattr(f, "__code__", None), getattr(f, "__closure__", None)
+        if code is None or not closure or not isinstance(f, types.FunctionType):
+            return None
+        try:
+            cells = dict(zip(code.co_freevars, (c.cell_contents for c in closure)))
+        except ValueError:  # an empty cell
+            return None
+        if code.co_name == "fun_remat" and code.co_filename.endswith("ad_checkpoint.py"):
+            known = inspect.signature(jax.checkpoint).parameters
+            options = {k: v for k, v in cells.items() if k in known and k != "fun"}
+            return (cells["fun"], options) if callable(cells.get("fun")) else None
+        f = cells.get("fun")
+    return None
 
 
 def _jitted_call(fn: Any) -> _BoundJitted | None:

@@ -185,6 +185,7 @@ def test_static_jit_and_remat_user_functions_are_calls():
     g = js.trace(f, x)
     assert g["power/y#2"] is g["a"] and g["power/y#0"] is g["x"]
     assert g["block"] is g["b"]  # remat'd: named as a call, run as it is
+    allclose(g.value("block/inner"), jnp.sin(x**3))  # made by jax.checkpoint elsewhere
     s = g.slice("a", "b")
     assert [e.primitive.name for e in s.jaxpr.eqns] == ["remat2"]
     check_slice(s, (g.value("a"),), lambda a: jnp.sin(a) * 2.0, eqns=1)
@@ -233,3 +234,32 @@ def test_a_folded_call_computes_its_operands_that_depend_on_the_inputs():
     names = [e.primitive.name for e in s.jaxpr.eqns]
     assert names in (["sin", "cos", "jit"], ["sin", "cos", "pjit"])  # jax 0.12 / 0.10
     check_slice(s, (x,), lambda x: jnp.sin(x) * 2.0)
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+def remat_block(h):
+    u = jnp.sin(h)
+    return u * h
+
+
+def test_a_module_level_checkpointed_function_is_a_call_with_its_policy():
+    """``@jax.checkpoint`` applied where the function is defined (not inside the traced
+    one): made again around the rewritten function, with its options, so its values
+    are named per call and the policy is the one given."""
+
+    def f(x):
+        a = remat_block(x)
+        b = remat_block(a)
+        return b.sum()
+
+    x = jnp.array([0.5, 1.0, 2.0])
+    g = js.trace(f, x)
+    a = jnp.sin(x) * x
+    allclose(g.value("remat_block#0/u"), jnp.sin(x))
+    allclose(g.value("remat_block#1/u"), jnp.sin(a))
+    remats = [e for e in g._structure.closed.jaxpr.eqns if e.primitive.name.startswith("remat")]
+    assert [e.params["policy"] for e in remats] == [jax.checkpoint_policies.nothing_saveable] * 2
+    allclose(jax.grad(g.as_function())(x), jax.grad(f)(x))
+    check_slice(
+        g.slice("remat_block#0/u", "out"), (jnp.sin(x),), lambda u: (jnp.sin(u * x) * u * x).sum()
+    )
