@@ -604,8 +604,21 @@ def _no_match(
             return SelectionError(
                 f"no var named {label}: iterations have no leading zeros, {base + '@' + spelt!r}"
             )
-        for tmpl in graph._loop_index.names.get(base, ())[:1]:
+        tmpls = graph._loop_index.names.get(base, ())
+        for tmpl in tmpls[:1]:
             n = graph._loop_index.length(graph._program.folded[tmpl.loop], need=True) or 0
+            given = iterations.split("@")
+            inner = sorted({t.inner for t in tmpls if t.loop == tmpl.loop})
+            if given[0].isdigit() and int(given[0]) < n and len(inner) > 1:
+                # the folded loop's iteration is fine: those of the loops inside it are not
+                first, last = (
+                    f"{base}@{given[0]}" + "".join(f"@{u}" for u in its)
+                    for its in (inner[0], inner[-1])
+                )
+                return SelectionError(
+                    f"no var named {label}: in iteration {given[0]} of its folded loop, "
+                    f"{base!r} is {first!r} .. {last!r} (the loops inside it)"
+                )
             return SelectionError(
                 f"no var named {label}: {base!r} is inside a loop of {n} iterations, "
                 f"0 .. {n - 1} ({tmpl.name(base, 0)!r} .. {tmpl.name(base, n - 1)!r})"

@@ -130,6 +130,18 @@ def scaled(x, s):
     return x * s
 
 
+def nested_scans(W, x):
+    def outer(h, w):
+        def inner(c, _):
+            c2 = jnp.tanh(w @ c)
+            return c2, None
+
+        hh, _ = jax.lax.scan(inner, h, None, length=3)
+        return hh + 1.0, None
+
+    return jax.lax.scan(outer, x, W)[0]
+
+
 CATALOG = [
     # (case, action on (g, abstract graph), exception, message pattern)
     (
@@ -154,6 +166,13 @@ CATALOG = [
         lambda g, a: js.trace(lambda n, x: n * 3 + x, jnp.int32(2), 1.0).slice("n", "out")(2.7),
         js.SliceError,
         r"input 'n' expects int32\[\], got a Python float",
+    ),
+    (
+        "an inner iteration past the inner loop's end",
+        lambda g, a: js.trace(nested_scans, jnp.ones((4, 3, 3)), jnp.ones(3))["outer/inner/c2@2@3"],
+        js.SelectionError,
+        r"no var named 'outer/inner/c2@2@3': in iteration 2 of its folded loop, "
+        r"'outer/inner/c2' is 'outer/inner/c2@2@0' \.\. 'outer/inner/c2@2@2'",
     ),
     (
         "a float constant replacing an integer value",
