@@ -138,6 +138,12 @@ def _trace(
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    shadowing = [n for n in in_names if n == "out" or n.startswith(("out[", "out."))]
+    if shadowing:  # inputs come first: "out" then selects the argument
+        notes.append(
+            f"the argument {shadowing[0]!r} shadows the outputs' alias: 'out' selects the "
+            "argument; select the outputs by their other names or as g.outputs"
+        )
     if out_info["statics"]:
         notes.append(
             f"{short_list(out_info['statics'])} of the outputs are not arrays: they are held "

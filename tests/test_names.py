@@ -5,6 +5,7 @@ import linecache
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import allclose
 from jax.ad_checkpoint import checkpoint_name
 
 import jaxsurgery as js
@@ -257,3 +258,14 @@ def test_names_lists_each_name_once_unnamed_vars_included():
     g = js.trace(lambda x: jnp.sin(jnp.cos(x)).sum(), jnp.ones(3))  # no Python names
     names = g.names()
     assert len(names) == len(set(names)) and "%1" in names and "cos:1" in names
+
+
+def test_an_argument_named_out_says_it_shadows_the_outputs_alias():
+    def f(x, out):
+        y = x + out
+        return y * 2
+
+    g = js.trace(f, jnp.ones(2), jnp.ones(2))
+    assert g["out"] is g.inputs[1]
+    assert any("the argument 'out' shadows the outputs' alias" in n for n in g.notes)
+    allclose(g.grads(g.outputs[0], "x")["x"], jnp.full(2, 2.0))
