@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _compat as C
 from ._scopes import scope_path
-from ._structured import Site, Step, locate
+from ._structured import Site, Step, goes_on, locate
 
 if TYPE_CHECKING:
     from ._program import Program
@@ -368,10 +368,10 @@ def _count_trips(
     cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list
 ) -> int | None:
     """How many times a while_loop runs from concrete values (None past MAX_TRIPS)."""
-    cond_fn, body_fn = C.jaxpr_as_fun(cond), C.jaxpr_as_fun(body)
+    body_fn = C.jaxpr_as_fun(body)
     with jax.ensure_compile_time_eval():
         for trips in range(MAX_TRIPS + 1):
-            if not bool(cond_fn(*cond_consts, *carry)[0]):
+            if not bool(goes_on(cond, cond_consts, carry)):
                 return trips
             carry = body_fn(*body_consts, *carry)
     return None
@@ -382,12 +382,12 @@ def count_trips_compiled(
 ) -> int | None:
     """:func:`_count_trips` as one compiled loop (for a large body: run op by op, a
     diffrax step costs about a second a trip)."""
-    cond_fn, body_fn = C.jaxpr_as_fun(cond), C.jaxpr_as_fun(body)
+    body_fn = C.jaxpr_as_fun(body)
 
     def count(cond_consts: list, body_consts: list, carry: list) -> Any:
         def more(state: tuple) -> Any:
             n, carry = state
-            return (n <= MAX_TRIPS) & cond_fn(*cond_consts, *carry)[0]
+            return (n <= MAX_TRIPS) & goes_on(cond, cond_consts, carry)
 
         def step(state: tuple) -> tuple:
             n, carry = state

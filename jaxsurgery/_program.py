@@ -352,7 +352,7 @@ def _run(
         _RAN.update(_signature(eqn) for eqn in eqns)
     for eqn, op, dead in zip(eqns, ops, frees):
         ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
-        out = eqn.primitive.bind(*ins, **eqn.params) if op is None else op(*ins)
+        out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
         if eqn.primitive.multiple_results:
             env.update(zip(eqn.outvars, out))
         else:
@@ -362,7 +362,9 @@ def _run(
 
 
 def _bind(primitive: Any, params: dict, *args: Any) -> Any:
-    return primitive.bind(*args, **params)
+    """``primitive`` applied to ``args`` as an equation holds it (a call's body and
+    rule are its parameters, which it binds as functions: ``get_bind_params``)."""
+    return primitive.bind(*args, **primitive.get_bind_params(params))
 
 
 def _at(name: str, iterations: tuple[int, ...]) -> str:
@@ -379,9 +381,32 @@ def _inlinable(eqn: C.JaxprEqn) -> bool:
     if eqn.primitive.name not in C.CUSTOM_RULE_PRIMITIVES:
         return True
     body = C.called_jaxpr(eqn).jaxpr
-    made = {v for e in body.eqns for v in e.outvars}
-    outs = [v for v in body.outvars]
-    return all(isinstance(v, C.Var) and v in made for v in outs) and len(set(outs)) == len(outs)
+    outs = list(body.outvars)
+    return len(set(outs)) == len(outs) and not any(_passes_on(body, v) for v in outs)
+
+
+def _passes_on(jaxpr: C.Jaxpr, atom: Any) -> bool:
+    """Whether ``atom`` of ``jaxpr`` is one of its inputs or a constant, also through
+    tags (``js.tag``, a name mark under ``jax.vmap``) and calls that return one of
+    theirs (``jax.jit(lambda v: v)``), which the inliner folds into their operands."""
+    if not isinstance(atom, C.Var):
+        return True
+    for e in reversed(jaxpr.eqns):
+        if atom not in e.outvars:
+            continue
+        if e.primitive.name == C.TAG_PRIMITIVE:
+            return _passes_on(jaxpr, e.invars[0])
+        if (
+            e.primitive.name in C.CALL_PRIMITIVES
+            and e.primitive.name not in C.CUSTOM_RULE_PRIMITIVES
+        ):
+            body = C.called_jaxpr(e).jaxpr
+            inner = body.outvars[e.outvars.index(atom)]
+            if inner in body.invars:
+                return _passes_on(jaxpr, e.invars[body.invars.index(inner)])
+            return _passes_on(body, inner) and inner not in body.invars
+        return False
+    return True  # an input or a constant of the jaxpr
 
 
 class Region:

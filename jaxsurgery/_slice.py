@@ -44,7 +44,7 @@ from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._promotion import holds
 from ._rules import dropped_derivatives
-from ._structured import check_hits
+from ._structured import check_hits, goes_on
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -626,7 +626,7 @@ def _goes_on(
         else jnp.zeros(a.aval.shape, a.aval.dtype)
         for a, i in zip(atoms, at)
     ]
-    return C.eval_jaxpr(cond.jaxpr, cond.consts, *args)[0] == expected
+    return goes_on(cond, (), args) == expected  # args: its consts, then the carry
 
 
 def _evaluate_vars(

@@ -533,7 +533,7 @@ class _Interpreter:
 
         def cond_fn(state: tuple) -> Any:
             _, carry, _ = state
-            return C.jaxpr_as_fun(cond)(*cond_consts, *carry)[0]
+            return goes_on(cond, cond_consts, carry)
 
         def body_fn(state: tuple) -> tuple:
             counter, carry, found = state
@@ -581,7 +581,7 @@ class _Interpreter:
         at = sorted({t for its, _ in groups for t in its})
 
         def going(carry: Sequence[Any]) -> Any:
-            return C.jaxpr_as_fun(cond)(*cond_consts, *carry)[0]
+            return goes_on(cond, cond_consts, carry)
 
         def step(carry: Sequence[Any]) -> list[Any]:
             return C.jaxpr_as_fun(body)(*body_consts, *carry)
@@ -614,6 +614,14 @@ class _Interpreter:
             for m, value in zip(shown, found):
                 exposed[m.key] = value
         return jax.lax.while_loop(going, step, carry)
+
+
+def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
+    """Whether a ``while_loop`` runs another trip: its condition of the carry, a scalar.
+    A vmapped loop's condition is per lane (``bool[n]`` in jax 0.10): it runs while any
+    lane goes on (its body leaves the finished lanes as they are)."""
+    pred = C.jaxpr_as_fun(cond)(*consts, *carry)[0]
+    return pred if jnp.ndim(pred) == 0 else jnp.any(pred)
 
 
 def eval_equations(eqns: Sequence[Any], env: dict) -> None:

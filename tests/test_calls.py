@@ -80,6 +80,74 @@ def test_custom_vjp_rule_survives():
     allclose(pullback(jnp.ones(2))[0], 0.1 * jnp.ones(2))  # the rule clipped 10 to 0.1
 
 
+@jax.custom_vjp
+def clipped_tagged(x):
+    return js.tag(x, "clipped")  # an identity, through a tag
+
+
+clipped_tagged.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+
+@jax.custom_vjp
+def clipped_jitted(x):
+    return jax.jit(lambda v: v)(x)  # an identity, through a call
+
+
+clipped_jitted.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+
+@pytest.mark.parametrize(
+    "clip, batched",
+    [(clipped_identity, True), (clipped_tagged, False), (clipped_jitted, False)],
+    ids=["identity-under-vmap", "tag", "jit"],
+)
+def test_a_custom_rule_whose_body_passes_its_input_on_is_kept(clip, batched):
+    """A custom rule call whose body returns its input through a tag (a name mark, as
+    jaxsurgery adds under jax.vmap) or a call stays one equation: inlined, its result
+    would be its operand and the rule would be gone from slices, jvp and vjp."""
+
+    def per_row(r):
+        h = jnp.sin(r) * 2
+        c = clip(h)
+        return jnp.sum(c**2)
+
+    def f(x):
+        v = jax.vmap(per_row)(x) if batched else per_row(x)
+        out = jnp.sum(v)
+        return out
+
+    x = jnp.array([[0.1, 0.5, 2.0], [1.0, -1.0, 0.3]])
+    x = x if batched else x[0]
+    g = js.trace(f, x)
+    s = g.slice("x", "out")
+    allclose(jax.grad(s)(x), jax.grad(f)(x))
+    allclose(g.vjp("x", "out", jnp.asarray(1.0))[1], jax.grad(f)(x))
+    allclose(jax.jit(jax.grad(s))(2 * x), jax.grad(f)(2 * x))
+    assert "custom_vjp_call" in {e.primitive.name for e in s.jaxpr.eqns}
+
+
+def test_values_after_an_opaque_custom_rule_call():
+    """A custom_jvp whose body is the identity (lineax's _asarray) stays one equation;
+    values after it are computed op by op, binding the call as JAX's eval does."""
+
+    @jax.custom_jvp
+    def ident(x):
+        return x
+
+    ident.defjvp(lambda p, t: (p[0], 2.0 * t[0]))
+
+    def f(x):
+        y = ident(x)
+        z = jnp.sin(y)
+        return z
+
+    x = jnp.ones(3)
+    g = js.trace(f, x)
+    allclose(g.value("z"), jnp.sin(x))
+    allclose(g.value("y"), x)
+    allclose(g.jvp("x", "z", jnp.ones(3))[1], 2.0 * jnp.cos(x))
+
+
 def test_library_jit_and_remat_calls_are_kept_whole_when_not_cut():
     def f(x):
         a = x + 1.0

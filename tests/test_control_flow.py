@@ -206,3 +206,34 @@ def test_cond_taken_branch_is_selectable_and_sliced():
     allclose(whole(-jnp.ones(2)), jnp.cos(-jnp.ones(2) - 1.0))
     h = js.trace(branchy, -x)
     assert h["negative/shifted"].primitive == "sub"
+
+
+@pytest.mark.parametrize("padding", [0, 120], ids=["unrolled", "folded"])
+def test_a_vmapped_while_loop_runs_while_any_lane_goes_on(padding):
+    """Under jax.vmap a while_loop's condition is per lane (bool[n] in jax 0.10): the
+    loop runs while any lane goes on, its body leaving finished lanes as they are. A
+    body of a few hundred equations stays folded in the index."""
+
+    def newton_sqrt(a):
+        def body(x):
+            for _ in range(padding):
+                x = x * 1.0 + 0.0
+            nx = 0.5 * (x + a / x)
+            return nx
+
+        return jax.lax.while_loop(lambda x: jnp.abs(x * x - a) > 1e-4, body, jnp.ones_like(a))
+
+    def f(a):
+        r = jax.vmap(newton_sqrt)(a)
+        return jnp.sum(r)
+
+    a = jnp.array([2.0, 100.0])
+    g = js.trace(f, a)
+    allclose(g.as_function()(a), f(a))
+    allclose(g.as_function()(jnp.array([9.0, 400.0])), f(jnp.array([9.0, 400.0])))
+    x = jnp.ones(2)  # trip 2 by hand: both lanes still go on
+    for _ in range(3):
+        x = 0.5 * (x + a / x)
+    allclose(g.value("newton_sqrt/body/nx@2"), x)
+    s = g.slice("a", "out")
+    allclose(jax.jvp(s, (a,), (jnp.ones(2),))[1], jax.jvp(f, (a,), (jnp.ones(2),))[1], rtol=1e-4)
