@@ -367,7 +367,8 @@ class LoopIndex:
 
     def result_order(self, i: int) -> tuple[int, ...] | None:
         """:meth:`order` of flat var ``i`` if it is a folded loop's last carry (a known
-        last iteration), else None."""
+        last iteration), or a reverse scan's initial carry (the input of its last
+        iteration, which runs first: after the iterations), else None."""
         if self._results is None:
             self._results = {}
             program = self.graph._program
@@ -376,11 +377,18 @@ class LoopIndex:
                 if loop.flat_eqn < 0 or not n:
                     continue
                 last = 0 if _reverse(loop) else n - 1
-                for c in range(loop.carry_layout()[1]):
+                before, carries = loop.carry_layout()
+                for c in range(carries):
                     result = self._result(loop, c)
                     if result is not None:
                         tmpl = Template(k, loop.template.outputs[c], ())
                         self._results[result.index] = self.order(tmpl, last)
+                    if _reverse(loop):
+                        # the initial carry is the input of the last iteration, which
+                        # sorts as iteration t + 1's result is the input of iteration t
+                        init = self._flat_atom(program.jaxpr.eqns[loop.flat_eqn].invars[before + c])
+                        if init is not None and init.index not in self._results:
+                            self._results[init.index] = self.order(Template(k, -1, ()), n)
         return self._results.get(i)
 
     def _canonical(self, tmpl: Template) -> Template:

@@ -579,3 +579,34 @@ def test_a_cond_in_a_folded_loop_body_is_kept_whole_and_the_notes_say_so():
     g = js.trace(rnn, jnp.linspace(-1, 1, 40).reshape(20, 2))
     assert any("a cond stays one equation" in n and "js.tag" in n for n in g.notes)
     assert g["step/h_new@3"].primitive == "cond"
+
+
+def test_a_reverse_scan_stacks_its_carry_in_iteration_order():
+    """In a reverse scan the carry entering iteration t is iteration t + 1's result,
+    and the one entering the last iteration (which runs first) is the initial carry:
+    ``step/h@*`` stacks them by iteration, as for a forward scan."""
+
+    def f(h0, xs):
+        def step(h, x):
+            a = jnp.sin(h) + x
+            return a, None
+
+        return jax.lax.scan(step, h0, xs, reverse=True)[0]
+
+    h0, xs = jnp.float32(0.0), jnp.arange(1.0, 5.0)
+    entering = [None] * 4  # by hand: the carry entering each iteration
+    h = h0
+    for t in reversed(range(4)):
+        entering[t] = h
+        h = jnp.sin(h) + xs[t]
+    g = js.trace(f, h0, xs)
+    assert g.select("step/h@*").matched == tuple(f"step/h@{t}" for t in range(4))
+    allclose(g.values_fn({"h": "step/h@*"})(h0, xs)["h"], jnp.stack(entering))
+
+    def perturbed(eps):  # the zero-perturbation trick at every carry
+        h = h0
+        for t in reversed(range(4)):
+            h = jnp.sin(h + eps[t]) + xs[t]
+        return h
+
+    allclose(g.grads("out", {"h": "step/h@*"})["h"], jax.grad(perturbed)(jnp.zeros(4)))
