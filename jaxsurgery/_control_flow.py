@@ -247,14 +247,15 @@ class ControlFlow:
         xs = invars[n_consts + n_carry :]
         ys: list[list[Any]] = []
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
-        for t in order:
-            x_t = [self._index(x, t, source_info) for x in xs]
-            self.iteration.append(t)
-            step = Step(pos, iteration=t)
-            outs = self._inline(body, [*consts, *carry, *x_t], source_info, step)
-            self.iteration.pop()
-            carry, y = outs[:n_carry], outs[n_carry:]
-            ys.append(y)
+        with self.loop_constants(consts):
+            for t in order:
+                x_t = [self._index(x, t, source_info) for x in xs]
+                self.iteration.append(t)
+                step = Step(pos, iteration=t)
+                outs = self._inline(body, [*consts, *carry, *x_t], source_info, step)
+                self.iteration.pop()
+                carry, y = outs[:n_carry], outs[n_carry:]
+                ys.append(y)
         if p["reverse"]:
             ys.reverse()
         stacked = [
@@ -314,12 +315,13 @@ class ControlFlow:
         self.while_trips[(*self.path, Step(pos))] = trips
         region = self.regions[-1]  # before the body's calls add theirs
         region.boundaries = [carry]
-        for t in range(trips):
-            self.iteration.append(t)
-            step = Step(pos, iteration=t)
-            carry = self._inline(body, [*body_consts, *carry], source_info, step)
-            region.boundaries.append(carry)
-            self.iteration.pop()
+        with self.loop_constants(body_consts):
+            for t in range(trips):
+                self.iteration.append(t)
+                step = Step(pos, iteration=t)
+                carry = self._inline(body, [*body_consts, *carry], source_info, step)
+                region.boundaries.append(carry)
+                self.iteration.pop()
         region.cut_note = (
             f"it holds for the loop's {trips} traced trips (arguments or inputs that give "
             "another count are a SliceError)"

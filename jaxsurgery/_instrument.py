@@ -126,6 +126,10 @@ class Recorder:
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
         self.state: list[Any] = []
+        #: ids of nested vars that are loop constants (see _in_templates), and the
+        #: names bound to them, which name no iteration (see qualified)
+        self.invariant: set[int] = set()
+        self.invariant_names: list[str] = []
         #: per binding given in a name stack: (the name stack, the name), see record
         self.scoped: dict[int, tuple[str, str]] = {}
         self._stack: list[int] = []
@@ -385,6 +389,12 @@ class Recorder:
             own_label = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
             paths.append(own_label if parent < 0 else f"{paths[parent]}/{own_label}")
             depths.append(0 if parent < 0 else depths[parent] + 1)
+        invariant = self.invariant | program.invariant_ids
+        self.invariant_names = [
+            (f"{paths[f]}/{n}" if f >= 0 else n)
+            for (f, n, atom), found, inside in zip(self.bindings, own, own_t)
+            if not found and not inside and id(atom) in invariant
+        ]
         named = [
             (n, found, b) for b, ((f, n, _), found) in enumerate(zip(self.bindings, own)) if f < 0
         ]
@@ -457,19 +467,24 @@ class Recorder:
         own: list[list] = [[] for _ in self.bindings]
         back: list[list] = [[] for _ in self.returns]
         frames = self.frames
+        self.invariant = set()
         for k, loop in enumerate(program.folded):
             calls = _CallSites(loop.template, self)
             scope = calls.scopes(body=True)
+            # the body's constant inputs (a carry JAX found passed on unchanged is one)
+            # are one value for every iteration: no name per iteration
+            constant = loop.carry_layout()[0]
             for found, records, frame_of in (
                 (own, self.bindings, lambda f: f),
                 (back, self.returns, lambda f: frames[f][1]),
             ):
                 for i, (f, _, atom) in enumerate(records):
                     at = frame_of(f)
-                    found[i] += [
-                        (k, ti, its)
-                        for ti, its in calls.select(atom, scope[at] if at >= 0 else None)
-                    ]
+                    for ti, its in calls.select(atom, scope[at] if at >= 0 else None):
+                        if ti < constant:
+                            self.invariant.add(id(atom))
+                        else:
+                            found[i].append((k, ti, its))
         return own, back
 
     def leave(self, frame: int, value: Any) -> Any:

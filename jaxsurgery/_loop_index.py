@@ -277,6 +277,17 @@ class LoopIndex:
                     name = tmpl.name(base, t)
                     if pattern.fullmatch(name):
                         found.append((self.var(tmpl, t, base), name))
+        if pattern.pattern.startswith("loop"):  # body values by place, loop<k>%<i>
+            for k, loop in enumerate(self.graph._program.folded):
+                n = self.length(loop) or 0
+                template = loop.template
+                for ti in range(len(template.vars)):
+                    base = f"loop{k}%{ti}"
+                    tmpl = Template(k, ti, _inner(template, ti))
+                    for t in range(n):
+                        name = tmpl.name(base, t)
+                        if pattern.fullmatch(name):
+                            found.append((self.var(tmpl, t, base), name))
         return found
 
     def var(self, tmpl: Template, t: int, base: str | None = None) -> Var:

@@ -12,9 +12,10 @@ The jaxpr is the source of truth; the integer tables are derived from it once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -135,7 +136,7 @@ class Program:
         }
         self.notes = inliner.notes
         self.locations, self.while_trips = inliner.locations, inliner.while_trips
-        self.opaque_loops = inliner.opaque_loops
+        self.opaque_loops, self.invariant_ids = inliner.opaque_loops, inliner.invariant_ids
         self.folded = inliner.folded  # long scans kept as one equation (_loop_index)
         # calls that produced equations, outermost first (by start, then by size)
         self.regions = sorted(
@@ -499,6 +500,12 @@ class _Inliner(ControlFlow):
         self.path: list[Step | None] = []  # None: inside a helper jaxpr (xs[t], stack)
         self.position = 0  # the index of the equation being copied in its jaxpr
         self._made_by_helper: set[C.Var] = set()
+        #: flat atoms that the unrolled loops being inlined take as constants (a carry
+        #: JAX found passed on unchanged is one): the same value in every iteration,
+        #: so a name inside the body names no iteration of it (see _alias)
+        self.invariant: dict[C.Var, int] = {}
+        #: ids of nested vars that stand for such a constant (their names are dropped)
+        self.invariant_ids: set[int] = set()
         # concrete values found so far (for conds and while_loops), see _values
         self._concrete: dict[C.Var, Any] = {}
         self._made: dict[C.Var, int] = {}
@@ -553,6 +560,20 @@ class _Inliner(ControlFlow):
             env[v] = v
         self._invars = list(invars)
         return self._invars
+
+    @contextlib.contextmanager
+    def loop_constants(self, atoms: Sequence[Any]) -> Iterator[None]:
+        """While an unrolled loop's iterations are inlined: its constant operands."""
+        added = [a for a in atoms if isinstance(a, C.Var)]
+        for a in added:
+            self.invariant[a] = self.invariant.get(a, 0) + 1
+        try:
+            yield
+        finally:
+            for a in added:
+                self.invariant[a] -= 1
+                if not self.invariant[a]:
+                    del self.invariant[a]
 
     def _inline(
         self,
@@ -614,6 +635,9 @@ class _Inliner(ControlFlow):
     def _alias(self, v: C.Var, atom: Any, env: dict) -> None:
         env[v] = atom
         if isinstance(atom, C.Var):
+            if atom in self.invariant:  # a loop constant: no value per iteration
+                self.invariant_ids.add(id(v))
+                return
             self.origin.setdefault(id(v), []).append((atom, tuple(self.iteration)))
             # xs[t] is a body input; stacked ys, results (not a call's result inside a
             # helper: a patch's replacement calling jnp.clip)

@@ -181,13 +181,23 @@ def _trace(
             input_labels=in_labels,
         )
         tags, scopes = index_templates(program)
+        invariant = recorder.invariant_names
+        loop_notes = (
+            [
+                f"{short_list(invariant)} name a value a loop passes on unchanged (JAX makes "
+                "it a constant of the loop): it is one value for every iteration, so it has "
+                "no name per iteration; select it where it is made, outside the loop"
+            ]
+            if invariant
+            else []
+        )
         graph = Graph(
             program,
             names,
             lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
             leaves if concrete else None,
             title,
-            [*notes, *program.notes],
+            [*notes, *program.notes, *loop_notes],
             out_info["tree"],
             templates=template_names([*tags, *templates, *scopes]),
         )

@@ -107,3 +107,16 @@ def rnn_args():
     xs = jax.random.normal(jax.random.key(2), (RNN_STEPS, 4))
     w = 0.6 * jax.random.normal(jax.random.key(3), (4, 4))
     return h0, xs, w
+
+
+def big_or_small(p, y):
+    """``cond(p > 0, ...)`` whose first branch names ``h``: ``2 sin(y)`` or ``3 cos(y)``."""
+
+    def big(y):
+        h = jnp.sin(y)
+        return h * 2
+
+    def small(y):
+        return jnp.cos(y) * 3
+
+    return jax.lax.cond(p > 0, big, small, y)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import allclose, work
+from models import big_or_small
 
 import jaxsurgery as js
 
@@ -226,22 +227,18 @@ def test_a_patch_sweep_inside_a_branch_applies_where_the_branch_runs():
     jax.vmap over predicates that take both)."""
 
     def f(p, y):
-        def big(y):
-            h = jnp.sin(y)
-            return h * 2
-
-        def small(y):
-            return jnp.cos(y) * 3
-
-        return (jax.lax.cond(p > 0, big, small, y) ** 2).sum()
+        return (big_or_small(p, y) ** 2).sum()
 
     def by_hand(h, p, y):
         return (jax.lax.cond(p > 0, lambda y: h * 2, lambda y: jnp.cos(y) * 3, y) ** 2).sum()
 
     y, h = jnp.array([0.3, 0.4]), jnp.ones(2)
     g = js.trace(f, 1.0, y)
-    sweep = g.patch_fn("big/h")
+    sweep = g.patch_fn("big_or_small/big/h")
     ps = jnp.array([1.0, -1.0, 2.0])
-    got = jax.vmap(lambda p: sweep({"big/h": h}, p, y))(ps)
+    got = jax.vmap(lambda p: sweep({"big_or_small/big/h": h}, p, y))(ps)
     allclose(got, jnp.stack([by_hand(h, p, y) for p in ps]))
-    allclose(sweep({"big/h": h}, -1.0, y), g.replace("big/h", h).as_function()(-1.0, y))
+    allclose(
+        sweep({"big_or_small/big/h": h}, -1.0, y),
+        g.replace("big_or_small/big/h", h).as_function()(-1.0, y),
+    )

@@ -178,13 +178,17 @@ class Net(nn.Module):
         return Block()(h).sum()
 
 
-def test_flax_sow_names_what_is_sown():
-    net = Net()
+def traced_with_what_is_sown(net):
+    """``(graph of net.apply, the intermediates it sows, its variables, x)``."""
     x = jax.random.normal(jax.random.key(0), (2, 4))
     variables = net.init(jax.random.key(1), x)
     g = js.trace(lambda v, x: net.apply(v, x), variables, x)
     _, sown = net.apply(variables, x, mutable=["intermediates"])
-    inter = sown["intermediates"]
+    return g, sown["intermediates"], variables
+
+
+def test_flax_sow_names_what_is_sown():
+    g, inter, variables = traced_with_what_is_sown(Net())
     allclose(g.value("Net/Block_0/pre_act"), inter["Block_0"]["pre_act"][0])
     allclose(g.value("Net/Block_1/pre_act"), inter["Block_1"]["pre_act"][0])
     p1 = variables["params"]["Block_1"]["Dense_0"]
@@ -223,12 +227,7 @@ class LiftedNet(nn.Module):
 
 
 def test_flax_sow_under_lifted_transforms_names_the_whole_module_path():
-    net = LiftedNet()
-    x = jax.random.normal(jax.random.key(0), (2, 4))
-    variables = net.init(jax.random.key(1), x)
-    g = js.trace(lambda v, x: net.apply(v, x), variables, x)
-    _, sown = net.apply(variables, x, mutable=["intermediates"])
-    inter = sown["intermediates"]
+    g, inter, _ = traced_with_what_is_sown(LiftedNet())
     for module in ("CheckpointBlock_0", "VmapBlock_0", "JitBlock_0"):
         allclose(g.value(f"LiftedNet/{module}/pre_act"), inter[module]["pre_act"][0])
         assert f"{module}/pre_act" not in g.names()  # not a path that starts inside

@@ -610,3 +610,59 @@ def test_a_reverse_scan_stacks_its_carry_in_iteration_order():
         return h
 
     allclose(g.grads("out", {"h": "step/h@*"})["h"], jax.grad(perturbed)(jnp.zeros(4)))
+
+
+@pytest.mark.parametrize("loop", ["scan", "fori_loop"])
+def test_a_carry_the_loop_passes_on_unchanged_has_no_value_per_iteration(loop):
+    """JAX makes a carry the body returns unchanged a constant of the loop: one value
+    for every iteration. Edits "at iteration t" of it would be edits of that constant
+    in one iteration only (or before the loop), not of the carry the user wrote, so
+    it has no name per iteration, and the graph says why."""
+
+    def f(c0, xs, n):
+        def step(carry, x):
+            h, c = carry
+            h_new = h + jnp.sin(c * x)
+            return (h_new, c), None
+
+        def body(i, carry):
+            return step(carry, xs[i])[0]
+
+        init = (jnp.zeros(()), c0)
+        if loop == "scan":
+            (h, c), _ = jax.lax.scan(step, init, xs)
+        else:  # a traced trip count: a while_loop, unrolled in the index
+            (h, c) = jax.lax.fori_loop(0, n, body, init)
+        return h + 10.0 * c
+
+    c0, xs = jnp.float32(0.7), jnp.arange(1.0, 5.0)
+    g = js.trace(f, c0, xs, 4)
+    name = "step/c@2" if loop == "scan" else "body/step/c@2"
+    with pytest.raises(js.SelectionError, match=f"no var named '{name}'"):
+        g[name]
+    assert any("step/c" in n and "passes on unchanged" in n for n in g.notes)
+    allclose(g.as_function()(c0, xs, 4), f(c0, xs, 4))
+    # the carry that changes keeps its names, per iteration
+    h2 = sum(jnp.sin(c0 * x) for x in xs[:3])
+    allclose(g.value(name.replace("/c@", "/h_new@")), h2)
+
+
+def test_globs_match_body_values_by_place():
+    """``loop<k>%<i>@t`` names a body value nothing names (as ``%<i>`` in the flat
+    index); globs over it stack its iterations."""
+
+    def f(h0, xs):
+        def step(h, x):
+            return jnp.sin(h) * 2.0 + x, None
+
+        h, _ = jax.lax.scan(step, h0, xs)
+        return h
+
+    h0, xs = jnp.float32(0.0), jnp.arange(1.0, 5.0)
+    g = js.trace(f, h0, xs)
+    unnamed = [n for n in g.select("loop0%*@2").names if n.startswith("loop0%")]
+    assert unnamed, g.select("loop0%*@2").names
+    base = unnamed[0].removesuffix("@2")
+    rows = g.values_fn({"v": f"{base}@*"})(h0, xs)["v"]
+    assert rows.shape == (4,)
+    allclose(rows[2], g.value(f"{base}@2"))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import allclose, check_slice
+from models import big_or_small
 
 import jaxsurgery as js
 
@@ -247,25 +248,18 @@ def test_a_patched_graph_follows_other_branches_in_slices_that_take_the_cond_who
     bound arguments that take the other branch, with the patch in its branch."""
 
     def f(p, y):
-        def big(y):
-            h = jnp.sin(y)
-            return h * 2
-
-        def small(y):
-            return jnp.cos(y) * 3
-
-        r = jax.lax.cond(p > 0, big, small, y)
+        r = big_or_small(p, y)
         return r + 1
 
     def patched_by_hand(p, y):
         return jax.lax.cond(p > 0, lambda y: (jnp.sin(y) + 10) * 2, lambda y: jnp.cos(y) * 3, y) + 1
 
     g = js.trace(f, 1.0, 0.5)
-    patched = g.replace("big/h", lambda h: h + 10)
+    patched = g.replace("big_or_small/big/h", lambda h: h + 10)
     for p in (-1.0, 1.0):
         s = patched.slice("y", "out").bind(p, 0.5)
         check_slice(s, (jnp.float32(0.7),), lambda y, p=p: patched_by_hand(p, y))
-    allclose(patched.value("big/h.unpatched"), jnp.sin(0.5))
+    allclose(patched.value("big_or_small/big/h.unpatched"), jnp.sin(0.5))
     allclose(patched.as_function()(-1.0, 0.7), patched_by_hand(-1.0, 0.7))
 
 
