@@ -390,24 +390,30 @@ def _passes_on(jaxpr: C.Jaxpr, atom: Any) -> bool:
     """Whether ``atom`` of ``jaxpr`` is one of its inputs or a constant, also through
     tags (``js.tag``, a name mark under ``jax.vmap``) and calls that return one of
     theirs (``jax.jit(lambda v: v)``), which the inliner folds into their operands."""
+    return _source(jaxpr, atom) is not None
+
+
+def _source(jaxpr: C.Jaxpr, atom: Any) -> int | None:
+    """The input position ``atom`` of ``jaxpr`` passes on (through tags and calls that
+    pass theirs on), -1 for a literal or constant, None for a value it computes."""
     if not isinstance(atom, C.Var):
-        return True
+        return -1
+    if atom in jaxpr.invars:
+        return jaxpr.invars.index(atom)
     for e in reversed(jaxpr.eqns):
         if atom not in e.outvars:
             continue
-        if e.primitive.name == C.TAG_PRIMITIVE:
-            return _passes_on(jaxpr, e.invars[0])
-        if (
-            e.primitive.name in C.CALL_PRIMITIVES
-            and e.primitive.name not in C.CUSTOM_RULE_PRIMITIVES
-        ):
+        name = e.primitive.name
+        if name == C.TAG_PRIMITIVE:
+            return _source(jaxpr, e.invars[0])
+        if name in C.CALL_PRIMITIVES and name not in C.CUSTOM_RULE_PRIMITIVES:
             body = C.called_jaxpr(e).jaxpr
-            inner = body.outvars[e.outvars.index(atom)]
-            if inner in body.invars:
-                return _passes_on(jaxpr, e.invars[body.invars.index(inner)])
-            return _passes_on(body, inner) and inner not in body.invars
-        return False
-    return True  # an input or a constant of the jaxpr
+            inner = _source(body, body.outvars[e.outvars.index(atom)])
+            if inner is None or inner < 0:
+                return inner
+            return _source(jaxpr, e.invars[inner])
+        return None
+    return -1  # a constant of the jaxpr
 
 
 class Region:
