@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _compat as C
 from ._scopes import scope_path
-from ._structured import Site, Step, goes_on, locate
+from ._structured import Site, Step, goes_on, locate, per_lane
 
 if TYPE_CHECKING:
     from ._program import Program
@@ -287,6 +287,15 @@ class ControlFlow:
         n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts = invars[:n_cond], invars[n_cond : n_cond + n_body]
         carry = invars[n_cond + n_body :]
+        if per_lane(eqn):
+            self.notes.append(
+                "a while_loop under jax.vmap whose condition is per lane stays one equation "
+                "(its lanes stop at different trips), so the values inside it are not named; "
+                "tag the value you need outside the loop (js.tag), or trace one example and "
+                "jax.vmap what you build from it"
+            )
+            self.opaque_loops.append(eqn)
+            return None
         if self.fold and _size(body.jaxpr) > WHILE_FOLD_LIMIT:
             self._fold(eqn, pos, invars, source_info)  # not run op by op to count its trips
             return None

@@ -581,6 +581,15 @@ def _no_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
 ) -> SelectionError:
     if word is not None and "@" in word and graph._program.opaque_loops:
+        from ._structured import per_lane
+
+        if all(per_lane(e) for e in graph._program.opaque_loops):
+            raise SliceError(
+                f"{label} names a value inside a loop iteration, but the graph's while_loop "
+                "runs under jax.vmap with a condition per lane (its lanes stop at different "
+                "trips), so it stays one equation; tag the value you need outside the loop "
+                "(js.tag), or trace one example and jax.vmap what you build from it"
+            )
         raise SliceError(
             f"{label} names a value inside a loop iteration, but the graph's while_loop "
             "could not be unrolled: its trip count depends on values and the graph was "

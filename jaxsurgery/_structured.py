@@ -617,11 +617,18 @@ class _Interpreter:
 
 
 def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
-    """Whether a ``while_loop`` runs another trip: its condition of the carry, a scalar.
-    A vmapped loop's condition is per lane (``bool[n]`` in jax 0.10): it runs while any
-    lane goes on (its body leaves the finished lanes as they are)."""
-    pred = C.jaxpr_as_fun(cond)(*consts, *carry)[0]
-    return pred if jnp.ndim(pred) == 0 else jnp.any(pred)
+    """Whether a ``while_loop`` runs another trip: its condition of the carry (a
+    scalar; a loop whose condition is per lane stays whole, see ``per_lane``)."""
+    return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
+
+
+def per_lane(eqn: Any) -> bool:
+    """Whether a ``while`` equation's condition is per lane (``bool[n]``: a
+    ``while_loop`` under ``jax.vmap`` whose condition reads batched values). Its lanes
+    stop at different trips, and its body computes every lane at every trip: JAX
+    keeps a finished lane's carry only when it lowers the loop. Such a loop runs as
+    one equation; nothing inside it is unrolled, folded or edited."""
+    return bool(eqn.params["cond_jaxpr"].out_avals[0].shape)
 
 
 def eval_equations(eqns: Sequence[Any], env: dict) -> None:
