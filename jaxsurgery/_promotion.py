@@ -4,14 +4,17 @@ Python numbers a dtype takes.
 JAX types a Python number as a *weakly typed* array: ``x_bf16 * 2.5`` computes in
 bfloat16, while ``x_bf16 * jnp.float32(2.5)`` computes in float32. ``jax.jit`` keys its
 cache on weak types and traces again; a graph runs the one program it traced. So an
-argument traced as a Python number and given as an array of the same dtype (or the
-other way round) runs another program than the function would, wherever its weak type
-decided a promotion. :func:`weak_type_decides` finds those arguments, so that
+argument traced as a Python number and given as an array of its dtype runs another
+program than the function would, wherever its weak type decided a promotion (also
+through values computed from it, ``s * 2.0``, weakly typed too).
+:func:`weak_type_decides` finds those arguments, so that
 :func:`jaxsurgery._trace.same_avals` refuses such a call (a :class:`SliceError`) and
 takes any other: ``x_f32 * n`` with ``n`` traced as a Python ``int`` computes in
-float32 either way. :func:`holds` says which Python numbers an argument or a slice
-input of a dtype takes (an ``int`` where a float was traced, not a ``float`` where an
-``int`` was).
+float32 either way. The other way round (a Python number where an array was traced) is
+taken, as an array of the traced dtype: the jaxpr cannot tell a promotion the array
+caused from the user's own cast (``x.astype(jnp.float32) * s``), so the graph computes
+as traced. :func:`holds` says which Python numbers an argument or a slice input of a
+dtype takes (an ``int`` where a float was traced, not a ``float`` where an ``int`` was).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -34,54 +37,42 @@ import numpy as np
 from . import _compat as C
 
 _CONVERT = "convert_element_type"
-#: a Python number of each dtype kind (bool, int, unsigned, float, complex)
-_WEAK = {"b": False, "i": 0, "u": 0, "f": 0.0, "c": 0j}
 
 
 def weak_type_decides(closed: Any) -> dict[int, str]:
-    """``{position of a program input: the dtype it was promoted with}`` for inputs
-    whose weak type decided a promotion (see the module docstring):
-
-    * a weakly typed input converted to a dtype that a strongly typed one of its
-      dtype would not be converted to (``2.5`` with a bfloat16 value: bfloat16);
-    * a strongly typed input with which another operand was converted to its dtype,
-      where a weakly typed one would not have been (``jnp.float32(2.5)`` with a
-      bfloat16 value: float32).
-    """
+    """``{position of a program input: the dtype it was promoted with}`` for weakly
+    typed inputs (Python numbers) converted, or a weakly typed value computed from
+    them converted, to a dtype a strongly typed one of their dtype would not be
+    converted to (``2.5`` with a bfloat16 value: bfloat16)."""
     found: dict[int, str] = {}
     jaxpr = closed.jaxpr
-    _walk(jaxpr, {v: k for k, v in enumerate(jaxpr.invars)}, found)
+    weak = {v: k for k, v in enumerate(jaxpr.invars) if getattr(v.aval, "weak_type", False)}
+    _walk(jaxpr, weak, found)
     return found
 
 
 def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, str]) -> None:
-    converted: dict[Any, Any] = {}  # var made by a conversion: the dtype converted from
+    """``watched``: weakly typed vars of ``jaxpr``, by the input they come from."""
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == _CONVERT:
-            converted[eqn.outvars[0]] = eqn.invars[0].aval.dtype
-        reads = [(a, watched[a]) for a in eqn.invars if type(a) is not C.Literal and a in watched]
-        for a, k in reads:
-            aval = a.aval
-            if getattr(aval, "weak_type", False):
-                new = eqn.params.get("new_dtype") if name == _CONVERT else None
-                if new is not None and jnp.promote_types(aval.dtype, new) != new:
-                    found.setdefault(k, str(new))
-            elif aval.dtype.kind in _WEAK:
-                weak = _WEAK[aval.dtype.kind]
-                for b in eqn.invars:
-                    was = converted.get(b) if type(b) is not C.Literal else None
-                    if was is not None and jnp.result_type(weak, was) != aval.dtype:
-                        found.setdefault(k, str(aval.dtype))
-        if reads:
-            for sub, operands in _sub_jaxprs(eqn):
-                inner = {
-                    v: watched[a]
-                    for v, a in zip(sub.invars, operands)
-                    if type(a) is not C.Literal and a in watched
-                }
-                if inner:
-                    _walk(sub, inner, found)
+        reads = [watched[a] for a in eqn.invars if type(a) is not C.Literal and a in watched]
+        if not reads:
+            continue
+        if eqn.primitive.name == _CONVERT:
+            a = eqn.invars[0]
+            new = eqn.params.get("new_dtype")
+            if a in watched and new is not None and jnp.promote_types(a.aval.dtype, new) != new:
+                found.setdefault(watched[a], str(new))
+        for v in eqn.outvars:  # a weakly typed result: computed from the number alone
+            if getattr(v.aval, "weak_type", False):
+                watched[v] = reads[0]
+        for sub, operands in _sub_jaxprs(eqn):
+            inner = {
+                v: watched[a]
+                for v, a in zip(sub.invars, operands)
+                if type(a) is not C.Literal and a in watched
+            }
+            if inner:
+                _walk(sub, inner, found)
 
 
 def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:

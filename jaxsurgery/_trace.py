@@ -219,10 +219,9 @@ def same_avals(
     have the traced shapes and dtypes (under ``jax.vmap``, per example). A Python
     number or bool, or a weakly typed array (what JAX makes of one), of a kind the
     traced dtype holds (an ``int`` where a float was traced) is converted to it; a
-    ``float`` where an ``int`` was traced is not. Where the traced argument's weak
-    type decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`),
-    an argument of the other kind (an array where a Python number was traced, or
-    the other way round) is refused: ``jax.jit`` would trace another program.
+    ``float`` where an ``int`` was traced is not. Where a Python number traced
+    decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`), an
+    array given for it is refused: ``jax.jit`` would trace another program.
     """
     out = []
     for k, (name, new, old) in enumerate(zip(names, flat, traced)):
@@ -231,8 +230,14 @@ def same_avals(
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
-        if weak != was_weak and k in decides():
-            raise SliceError(_promotion_message(name, was_weak, traced_dtype, decides()[k]))
+        if was_weak and not weak and k in decides():
+            raise SliceError(
+                f"argument `{name}` was traced as a Python number (weakly typed "
+                f"{traced_dtype}), which the traced program computes with as {decides()[k]}; "
+                f"an array of {traced_dtype} would make the function compute in "
+                f"{traced_dtype} instead. Pass a Python number (or a weakly typed array), "
+                "or trace with an array to call it with arrays"
+            )
         if weak and dtype != traced_dtype and holds(traced_dtype, new):
             new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
         if shape != np.shape(old) or dtype != traced_dtype:
@@ -246,22 +251,6 @@ def same_avals(
             )
         out.append(new)
     return out
-
-
-def _promotion_message(name: str, was_weak: bool, dtype: Any, promoted: str) -> str:
-    if was_weak:
-        return (
-            f"argument `{name}` was traced as a Python number (weakly typed {dtype}), which "
-            f"the traced program computes with as {promoted}; an array of {dtype} would make "
-            f"the function compute in {dtype} instead. Pass a Python number (or a weakly "
-            "typed array), or trace with an array to call it with arrays"
-        )
-    return (
-        f"argument `{name}` was traced as a {dtype} array, with which the traced program "
-        f"computes in {promoted}; a Python number would make the function keep the other "
-        "operand's narrower dtype. Pass an array (jnp.asarray(value, dtype)), or trace with a "
-        "Python number to call it with numbers"
-    )
 
 
 def _dtype(x: Any) -> Any:

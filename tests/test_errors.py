@@ -182,18 +182,6 @@ CATALOG = [
         r"hold: it would be truncated",
     ),
     (
-        "a Python number where an array decided a promotion",
-        lambda g, a: (
-            js.trace(scaled, jnp.ones(2, jnp.bfloat16), jnp.float32(2.5))
-            .slice("x", "out")
-            .bind(jnp.ones(2, jnp.bfloat16), 3.1)
-        ),
-        js.SliceError,
-        r"argument `s` was traced as a float32 array, with which the traced program computes "
-        r"in float32; a Python number would make the function keep the other operand's "
-        r"narrower dtype",
-    ),
-    (
         "new arguments of another tree structure (other keys)",
         lambda g, a: keyed_graph().as_function()({"a": jnp.ones(3), "b": jnp.ones(3)}, 1.0),
         js.SliceError,

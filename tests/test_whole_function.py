@@ -464,11 +464,17 @@ def test_a_python_bool_where_a_bool_array_was_traced_is_that_array():
 
 def test_a_python_number_and_an_array_are_the_same_call_unless_that_changes_a_promotion():
     """JAX types a Python number weakly: ``x_bf16 * 2.5`` is bfloat16, ``x_bf16 *
-    jnp.float32(2.5)`` float32. Where that decided a promotion the graph refuses the
-    other kind (jax.jit would trace again); elsewhere it takes either."""
+    jnp.float32(2.5)`` float32. Where a Python number traced decided a promotion (also
+    through a value computed from it) the graph refuses an array for it (jax.jit would
+    trace again); elsewhere it takes either, and a Python number where an array was
+    traced runs as that array (the program traced)."""
 
     def f(x, s, n):
         return x * s + n
+
+    def derived(x, s):
+        t = s * 2.0
+        return x * t
 
     bf16, f32 = jnp.ones(3, jnp.bfloat16) * 1.7, jnp.ones(3) * 1.7
     loose = js.trace(f, bf16, 2.5, 3).as_function()
@@ -477,10 +483,15 @@ def test_a_python_number_and_an_array_are_the_same_call_unless_that_changes_a_pr
     out = loose(bf16, 3.1, jnp.int32(4))  # n: an int32 array or an int, bfloat16 either way
     assert out.dtype == f(bf16, 3.1, jnp.int32(4)).dtype == jnp.bfloat16
     allclose(out.astype(jnp.float32), f(bf16, 3.1, jnp.int32(4)).astype(jnp.float32))
+    with pytest.raises(js.SliceError, match=r"argument `s` was traced as a Python number"):
+        js.trace(derived, bf16, 2.7).as_function()(bf16, jnp.float32(2.7))
     strict = js.trace(f, bf16, jnp.float32(2.5), 3)
-    with pytest.raises(js.SliceError, match=r"argument `s` was traced as a float32 array"):
-        strict.slice("x", "out").bind(bf16, 3.1, 3)
+    bound = strict.slice("x", "out").bind(bf16, 3.1, 3)
+    allclose(bound(bf16), f(bf16, jnp.float32(3.1), 3))
     allclose(strict.as_function()(bf16, jnp.float32(3.1), 3), f(bf16, jnp.float32(3.1), 3))
+    # an explicit cast: an f32 array or a number computes in float32 either way
+    cast = js.trace(lambda x, s: x.astype(jnp.float32) * s, bf16, jnp.float32(2.5))
+    allclose(cast.as_function()(bf16, 2.5), bf16.astype(jnp.float32) * 2.5)
     # in float32 the kind changes nothing: both are taken, as the function computes them
     same = js.trace(f, f32, 2.5, 3).as_function()
     for s, n in ((jnp.float32(3.1), jnp.int32(4)), (3.1, 4)):
