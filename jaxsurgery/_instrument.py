@@ -132,6 +132,7 @@ class Recorder:
         self.invariant_names: list[str] = []
         #: per binding given in a name stack: (the name stack, the name), see record
         self.scoped: dict[int, tuple[str, str]] = {}
+        self._scope_cache: tuple[Any, set[tuple[str, ...]]] | None = None
         self._stack: list[int] = []
         #: the traces running when the transforms now running were called, outermost
         #: first: values of the first one's jaxpr stay in the program (see _named)
@@ -172,19 +173,42 @@ class Recorder:
             self.bindings.append((frame, name + path, atom))
         return value
 
-    def _anchored(self, binding: int, name: str, full: str) -> str:
+    def _anchored(self, binding: int, name: str, full: str, program: Any) -> str:
         """``name`` of a binding given in a name stack (:meth:`record`), with the scope
         completed from ``full``, the scope its value was made in: a name stack inside
         ``nn.remat`` starts at ``CheckpointBlock_0``, while the value's scope is
-        ``Net/CheckpointBlock_0/Dense_0``; the name is ``Net/CheckpointBlock_0/...``."""
+        ``Net/CheckpointBlock_0/Dense_0``; the name is ``Net/CheckpointBlock_0/...``.
+        A value made outside the module (what it was called with) takes the one path
+        of ``program`` holding that name stack, if there is one."""
         scope, own = self.scoped[binding]
         parts, rel = scope_parts(full), scope_parts(scope)
         starts = [k for k in range(len(parts) - len(rel) + 1) if parts[k : k + len(rel)] == rel]
-        if not starts or starts[-1] == 0:
+        if starts:
+            prefix = parts[: starts[-1]]
+        else:  # made outside the module (its input): the one place the program has it
+            found = {
+                tuple(p[:k])
+                for p in self._scopes(program)
+                for k in range(len(p) - len(rel) + 1)
+                if list(p[k : k + len(rel)]) == rel
+            }
+            prefix = list(next(iter(found))) if len(found) == 1 else []
+        if not prefix:
             return name
         k = name.rfind(f"{scope}/{own}")
-        anchored = "/".join(parts[: starts[-1] + len(rel)])
+        anchored = "/".join([*prefix, *rel])
         return f"{name[:k]}{anchored}{name[k + len(scope) :]}"
+
+    def _scopes(self, program: Any) -> set[tuple[str, ...]]:
+        """The scope paths of ``program``'s equations (computed once per program)."""
+        if self._scope_cache is None or self._scope_cache[0] is not program:
+            paths = {
+                tuple(scope_parts(C.scope_of(e.source_info)))
+                for e in program.jaxpr.eqns
+                if C.has_scope(e.source_info)
+            }
+            self._scope_cache = (program, paths)
+        return self._scope_cache[1]
 
     def note_state(self, value: Any) -> Any:
         """Note that a library stores ``value`` as module state (a Flax linen variable
@@ -419,7 +443,7 @@ class Recorder:
         scoped, anchored = self.scoped, self._anchored
         flat = [
             (
-                (anchored(b, name, _made_in(program, i)) if b in scoped else name)
+                (anchored(b, name, _made_in(program, i), program) if b in scoped else name)
                 + "".join(f"@{t}" for t in its),
                 i,
             )
@@ -435,7 +459,7 @@ class Recorder:
             loop = program.folded[k]
             made_in = _made_in(loop.template, ti)
             prefix = backward_prefix(loop.scope)[0]
-            return anchored(b, name, f"{prefix}/{made_in}" if prefix else made_in)
+            return anchored(b, name, f"{prefix}/{made_in}" if prefix else made_in, program)
 
         templates = [
             *(

@@ -207,11 +207,19 @@ class ScanBlock(nn.Module):
         return jnp.tanh(h), h
 
 
+class SowsItsInput(nn.Module):
+    @nn.compact
+    def __call__(self, x, given):
+        self.sow("intermediates", "given", given)  # made by the caller
+        return x + given
+
+
 class LiftedNet(nn.Module):
     """Blocks under Flax's lifted transforms, whose name stack starts again inside."""
 
     @nn.compact
     def __call__(self, x):
+        x = nn.remat(SowsItsInput)()(x, jnp.sin(x) * 0.5)
         x = nn.remat(Block)()(x)
         axes = {"variable_axes": {"params": None, "intermediates": 0}}
         x = nn.vmap(Block, **axes, split_rngs={"params": False})()(x)
@@ -228,6 +236,8 @@ class LiftedNet(nn.Module):
 
 def test_flax_sow_under_lifted_transforms_names_the_whole_module_path():
     g, inter, _ = traced_with_what_is_sown(LiftedNet())
+    given = inter["CheckpointSowsItsInput_0"]["given"][0]
+    allclose(g.value("LiftedNet/CheckpointSowsItsInput_0/given"), given)
     for module in ("CheckpointBlock_0", "VmapBlock_0", "JitBlock_0"):
         allclose(g.value(f"LiftedNet/{module}/pre_act"), inter[module]["pre_act"][0])
         assert f"{module}/pre_act" not in g.names()  # not a path that starts inside
