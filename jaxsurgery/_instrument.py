@@ -164,8 +164,7 @@ class Recorder:
         """
         frame = self.frame
         value, atoms = self._named(value)
-        if scope:
-            scope = scope_path(scope)  # no transform marks: vmap(Block_0) is Block_0
+        scope = scope_path(scope) if scope else ""  # no transform marks: vmap(Block_0)
         if scope:
             self.scoped.update((len(self.bindings) + k, (scope, name)) for k in range(len(atoms)))
             name = f"{scope}/{name}"
