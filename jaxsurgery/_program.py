@@ -543,7 +543,7 @@ class _Inliner(ControlFlow):
 
     def _locate(self, flat: C.Var, nested: C.Var) -> None:
         """Record where a flat var lives in the nested program (the first place wins)."""
-        if self.path and None in self.path:
+        if None in self.path:
             # made by a helper of the inliner's own (or a call inside one: a patch's
             # replacement calling jnp.clip): located when a body input or result aliases it
             self._made_by_helper.add(flat)
