@@ -126,9 +126,7 @@ class Recorder:
         self.bindings: list[tuple[int, str, Any]] = []
         self.returns: list[tuple[int, str, Any]] = []
         self.state: list[Any] = []
-        #: ids of nested vars that are loop constants (see _in_templates), and the
-        #: names bound to them, which name no iteration (see qualified)
-        self.invariant: set[int] = set()
+        #: names bound to loop constants, which name no iteration (see qualified)
         self.invariant_names: list[str] = []
         #: per binding given in a name stack: (the name stack, the name), see record
         self.scoped: dict[int, tuple[str, str]] = {}
@@ -384,7 +382,7 @@ class Recorder:
             select(atom, scope[p] if (p := frames[f][1]) >= 0 else None)
             for f, _, atom in self.returns
         ]
-        own_t, back_t = self._in_templates(program)
+        own_t, back_t, constants = self._in_templates(program)
         for records, found_per in ((self.bindings, own), (self.returns, back)):
             _share_tokens(records, found_per)
         for records, found_per in ((self.bindings, own_t), (self.returns, back_t)):
@@ -412,7 +410,7 @@ class Recorder:
             own_label = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
             paths.append(own_label if parent < 0 else f"{paths[parent]}/{own_label}")
             depths.append(0 if parent < 0 else depths[parent] + 1)
-        invariant = self.invariant | program.invariant_ids
+        invariant = constants | program.invariant_ids
         self.invariant_names = [
             (f"{paths[f]}/{n}" if f >= 0 else n)
             for (f, n, atom), found, inside in zip(self.bindings, own, own_t)
@@ -480,17 +478,18 @@ class Recorder:
         ]
         return flat, templates
 
-    def _in_templates(self, program: Any) -> tuple[list, list]:
+    def _in_templates(self, program: Any) -> tuple[list, list, set[int]]:
         """Per binding and per return: ``[(loop, template var, iterations)]``, where
         the value lies in the bodies of folded loops (see :mod:`jaxsurgery._loop_index`).
 
         Each body is a flat program of its own: a ``jit`` call in it is scoped to
-        its copies there, as in the whole program.
+        its copies there, as in the whole program. Also returns the ids of atoms that
+        are a body's constant inputs (one value for every iteration: no copies).
         """
         own: list[list] = [[] for _ in self.bindings]
         back: list[list] = [[] for _ in self.returns]
         frames = self.frames
-        self.invariant = set()
+        constants: set[int] = set()  # ids of atoms that are a body's constant input
         for k, loop in enumerate(program.folded):
             calls = _CallSites(loop.template, self)
             scope = calls.scopes(body=True)
@@ -505,10 +504,10 @@ class Recorder:
                     at = frame_of(f)
                     for ti, its in calls.select(atom, scope[at] if at >= 0 else None):
                         if ti < constant:
-                            self.invariant.add(id(atom))
+                            constants.add(id(atom))
                         else:
                             found[i].append((k, ti, its))
-        return own, back
+        return own, back, constants
 
     def leave(self, frame: int, value: Any) -> Any:
         """Close ``frame``, which returned ``value``; returns the value to return (see
