@@ -133,9 +133,10 @@ def _bypassed_rules(
                 "patched function runs the call's body, so its derivatives there are the "
                 "body's, not the rule's; patch the call's result to keep the rule"
             )
-    for note in dict.fromkeys(notes):
+    notes = list(dict.fromkeys(notes))
+    for note in notes:
         warnings.warn(note, stacklevel=stacklevel)
-    return list(dict.fromkeys(notes))
+    return notes
 
 
 def derive(graph: Graph, edits: Sequence[Edit], what: str, stacklevel: int = 5) -> Graph:
@@ -289,11 +290,9 @@ def unpatched(graph: Graph, name: str) -> Var | None:
     """The var ``name`` selects in a graph patched in its running program only, when it
     is ``<stem>.unpatched`` (``.unpatched`` k times): the value of the var ``<stem>``
     names before its last k patches, or None."""
-    if not graph._patched_sites or not name.endswith(UNPATCHED):
+    stem, k = _select.unpatched_stem(name)
+    if not graph._patched_sites or not k:
         return None
-    stem, k = name, 0
-    while stem.endswith(UNPATCHED):
-        stem, k = stem[: -len(UNPATCHED)], k + 1
     try:
         var = _select.one(graph, stem)
     except SelectionError:

@@ -547,11 +547,16 @@ def _regex(graph: Graph, pattern: re.Pattern) -> dict[int, str]:
 def _stem_matches(pattern: re.Pattern, name: str) -> bool:
     """Whether ``name`` names a value before a patch (``h#2.unpatched``) whose patched
     value's name (``h#2``) ``pattern`` matches too."""
-    if not name.endswith(UNPATCHED):
-        return False
+    stem, k = unpatched_stem(name)
+    return k > 0 and pattern.fullmatch(stem) is not None
+
+
+def unpatched_stem(name: str) -> tuple[str, int]:
+    """``(stem, k)`` of ``<stem>.unpatched`` (the suffix k times; k = 0: not one)."""
+    k = 0
     while name.endswith(UNPATCHED):
-        name = name[: -len(UNPATCHED)]
-    return pattern.fullmatch(name) is not None
+        name, k = name[: -len(UNPATCHED)], k + 1
+    return name, k
 
 
 def _matched_name(names: Any, i: int, pattern: re.Pattern) -> str:
