@@ -825,12 +825,9 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return _CONTROL_FLOW, None
     if _transform(fn.func if isinstance(fn, functools.partial) else fn):
         return _TRANSFORM, None
-    remat = _checkpointed(fn)
-    if remat is not None:  # a function @jax.checkpoint made elsewhere: made again, rewritten
-        user_fn, options = remat
-        return _with_rewritten_function(jax.checkpoint, *_transform(jax.checkpoint))(
-            user_fn, **options
-        ), None
+    framed = _transformed(fn)
+    if framed is not None:  # jax.vmap(f) or @jax.checkpoint elsewhere: made again, rewritten
+        return framed, None
     jitted = _jitted_call(fn) if isinstance(fn, functools.partial) else None  # an nnx.jit method
     if jitted is None and _is_jax_or_builtin(fn):
         return None, None
@@ -840,26 +837,75 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     return jitted.jit, jitted if jitted.cached else None
 
 
-def _checkpointed(fn: Any) -> tuple[Any, dict[str, Any]] | None:
-    """``(the user function, jax.checkpoint's options)`` of a function that
-    ``jax.checkpoint`` returned (``@jax.checkpoint`` on a module-level function), read
-    from its closure (JAX's ``fun_remat`` behind its traceback filter); None for
-    anything else."""
-    f = fn
-    for _ in range(3):
-        code, closure = getattr(f, "__code__", None), getattr(f, "__closure__", None)
-        if code is None or not closure or not isinstance(f, types.FunctionType):
+#: JAX's functions that its transforms return, by code name: ``(named, remakes)``,
+#: whether the call's value is the function's (not a derivative's) and whether the
+#: transform remakes the jaxprs traced inside it (see :class:`_Framed`)
+_MADE_BY_TRANSFORM = {
+    "vmap_f": (True, True),
+    "fun_remat": (True, False),
+    "value_and_grad_f": (False, True),
+    "grad_f": (False, True),
+    "grad_f_aux": (False, True),
+    "jacfun": (False, True),
+}
+#: the closure cells through which those functions reach the function they transform
+_TRANSFORMED_CELLS = ("fun", "value_and_grad_f")
+
+
+def _transformed(fn: Any) -> _Framed | None:
+    """For a function a JAX transform made of user code elsewhere (``batched =
+    jax.vmap(f)`` at module level, ``js.trace(jax.grad(loss), w)``, ``@jax.checkpoint``
+    on a module-level function), the same transform of the rewritten user function;
+    None for anything else.
+
+    JAX's transforms return closures holding the function and the options (JAX's
+    traceback filter around them); the same chain of closures is made again around the
+    rewritten function, every option as it was, and ``fn`` itself is left unchanged.
+    """
+    chain, f, kinds = [], fn, []
+    while isinstance(f, types.FunctionType) and "/jax/_src/" in f.__code__.co_filename.replace(
+        os.sep, "/"
+    ):
+        code = f.__code__
+        if code.co_name in _MADE_BY_TRANSFORM:
+            kinds.append(_MADE_BY_TRANSFORM[code.co_name])
+        elif code.co_name != "reraise_with_filtered_traceback" or len(chain) > 8:
             return None
         try:
-            cells = dict(zip(code.co_freevars, (c.cell_contents for c in closure)))
+            cells = {n: c.cell_contents for n, c in zip(code.co_freevars, f.__closure__ or ())}
         except ValueError:  # an empty cell
             return None
-        if code.co_name == "fun_remat" and code.co_filename.endswith("ad_checkpoint.py"):
-            known = inspect.signature(jax.checkpoint).parameters
-            options = {k: v for k, v in cells.items() if k in known and k != "fun"}
-            return (cells["fun"], options) if callable(cells.get("fun")) else None
-        f = cells.get("fun")
-    return None
+        key = next((k for k in _TRANSFORMED_CELLS if callable(cells.get(k))), None)
+        if key is None:
+            return None
+        chain.append((f, key, cells))
+        f = cells[key]
+    if not kinds:
+        return None
+    inner, reason = rewritten(f)
+    if reason:
+        return None
+    remade = inner
+    for made, key, _ in reversed(chain):
+        closure = tuple(
+            types.CellType(remade) if name == key else cell
+            for name, cell in zip(made.__code__.co_freevars, made.__closure__)
+        )
+        remade = functools.update_wrapper(
+            types.FunctionType(
+                made.__code__, made.__globals__, made.__name__, made.__defaults__, closure
+            ),
+            made,
+            assigned=("__module__", "__qualname__", "__doc__", "__kwdefaults__"),
+        )
+    untagged = any(
+        C.policy_saves_names(cells.get("policy"))
+        for made, _, cells in chain
+        if made.__code__.co_name == "fun_remat"
+    )
+    named = all(n for n, _ in kinds)
+    remakes = any(r for _, r in kinds)
+    return _Framed(remade, f, named, remakes, untagged)
 
 
 def _jitted_call(fn: Any) -> _BoundJitted | None:
@@ -991,20 +1037,27 @@ class _Framed:
         start = recorder.size()
         out = None
         try:
-            context = (
-                recorder.transformed()
-                if self.remakes
-                else recorder.untagged()
-                if self.untagged
-                else contextlib.nullcontext()
-            )
-            with context:
+            with self._context(recorder):
                 out = self.fn(*args, **kwargs)
             if self.memory is not None:
                 recorder.jit_called(frame, start, self.memory, (args, kwargs), out)
         finally:
             recorder.leave(frame, out if self.named else None)
         return out
+
+    def unframed(self, *args: Any, **kwargs: Any) -> Any:
+        """Run in the caller's frame: the function traced is this transform
+        (``js.trace(jax.vmap(f), xs)`` names ``f``'s values as ``js.trace(f, x)`` does)."""
+        recorder = _current()
+        if recorder is None:
+            return self.fn(*args, **kwargs)
+        with self._context(recorder):
+            return self.fn(*args, **kwargs)
+
+    def _context(self, recorder: Recorder) -> Any:
+        if self.remakes:
+            return recorder.transformed()
+        return recorder.untagged() if self.untagged else contextlib.nullcontext()
 
 
 def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
@@ -1149,6 +1202,9 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     if not isinstance(fn, (types.FunctionType, types.MethodType)) and _is_user_function(call):
         body, reason = instrument(call)
         return types.MethodType(body, fn), reason
+    framed = _transformed(fn)
+    if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
+        return framed.unframed, None
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
 
 

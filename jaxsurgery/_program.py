@@ -638,6 +638,15 @@ class _Inliner(ControlFlow):
                 eval_equations([self.eqns[k] for k in sorted(needed)], env)
         return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
 
+    def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:
+        """Note concrete values of flat atoms found another way (an unrolled while's
+        carries, found when counting its trips): a cond inside a later trip then runs
+        its trip's ops only, not every trip before it again."""
+        if self.flat_args is not None:
+            for a, x in zip(atoms, values, strict=True):
+                if isinstance(a, C.Var):
+                    self._concrete.setdefault(a, x)
+
     def _alias(self, v: C.Var, atom: Any, env: dict) -> None:
         env[v] = atom
         if isinstance(atom, C.Var):

@@ -780,3 +780,65 @@ def test_names_inside_a_jit_inside_a_jit_under_a_transform(fn, data):
     g = js.trace(fn, w, x if fn is nested_train else xs)
     want = x @ w if fn is nested_train else xs @ w
     allclose(g.value("nested_loss/outer_layer/inner_layer/pre_i"), want)
+
+
+# -- functions a transform made elsewhere: js.trace(jax.vmap(f), xs), module-level twins ------
+
+#: made once, at module level: JAX's closures around ``mlp``, as a user would keep them
+BATCHED_MLP = jax.vmap(mlp, (0, None))
+GRAD_MLP = jax.grad(mlp, argnums=1)
+
+
+@pytest.mark.parametrize(
+    "made, batch",
+    [
+        (jax.vmap(mlp, (0, None)), True),
+        (jax.jit(jax.vmap(mlp, (0, None))), True),
+        (jax.checkpoint(mlp, policy=jax.checkpoint_policies.dots_saveable), False),
+        (jax.grad(mlp, argnums=1), False),
+        (jax.value_and_grad(mlp), False),
+        (jax.jacrev(mlp, argnums=1), False),
+        (jax.vmap(jax.grad(mlp, argnums=1), (0, None)), True),
+    ],
+    ids=["vmap", "jit-vmap", "checkpoint", "grad", "value_and_grad", "jacrev", "vmap-grad"],
+)
+def test_tracing_a_transformed_function_names_the_function_inside(made, batch, data):
+    """``js.trace(jax.vmap(f), xs)`` names ``f``'s values as ``js.trace(f, x)`` does
+    (under vmap the batch, under a derivative the forward pass), and the graph runs the
+    transform: at new arguments its function equals the transformed function."""
+    x, w = data
+    x = x if batch else x[0]
+    closure = getattr(made, "__closure__", None) or ()
+    before = [c.cell_contents for c in closure]
+    g = js.trace(made, x, w)
+    assert {"h", "z"} <= set(g.names()), g.names()
+    allclose(g.value("h"), jnp.tanh(x @ w))
+    allclose(g.value("z"), 2.0 * jnp.tanh(x @ w))
+    x2, w2 = x + 0.3, 0.7 * w
+    allclose(g.as_function()(x2, w2), made(x2, w2))
+    assert [c.cell_contents for c in closure] == before  # what the user passed is unchanged
+    assert not any("not user code" in n for n in g.notes), g.notes
+
+
+def test_a_module_level_transformed_function_called_inside_is_a_call_with_names(data):
+    """``BATCHED_MLP = jax.vmap(mlp)`` made at import, called in the traced function:
+    a call named at its call site, its values named inside (they ran as they were)."""
+    x, w = data
+
+    def loss(x, w):
+        per_example = BATCHED_MLP(x, w)
+        dw = GRAD_MLP(x[0], w)
+        return per_example.sum() + jnp.sum(dw**2)
+
+    g = js.trace(loss, x, w)
+    allclose(g.value("BATCHED_MLP/h"), jnp.tanh(x @ w))
+    allclose(g.value("per_example"), jax.vmap(mlp, (0, None))(x, w))
+    allclose(g.value("GRAD_MLP/h"), jnp.tanh(x[0] @ w))  # the forward pass
+    allclose(g.value("dw"), jax.grad(mlp, argnums=1)(x[0], w))
+    check_slice(
+        g.slice("BATCHED_MLP/z", "out"),
+        (g.value("BATCHED_MLP/z"),),
+        lambda z: jnp.sum(z**2) + jnp.sum(jax.grad(mlp, argnums=1)(x[0], w) ** 2),
+    )
+    grads = g.grads("out", ["BATCHED_MLP/h"])
+    allclose(grads["BATCHED_MLP/h"], 4.0 * 2.0 * jnp.tanh(x @ w))
