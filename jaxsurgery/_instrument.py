@@ -1359,14 +1359,17 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
     place: code objects compare equal without their file and line, so the same function
     in two notebook cells would otherwise show the first cell as its source."""
     if code.co_name == "<lambda>":
-        raise ValueError("a lambda has no assignments to name")
-    lines, start = inspect.findsource(code)
-    block = inspect.getblock(lines[code.co_firstlineno - 1 :])
-    tree = ast.parse(textwrap.dedent("".join(block)))
-    ast.increment_lineno(tree, code.co_firstlineno - 1)
-    funcdef = tree.body[0]
-    if not isinstance(funcdef, ast.FunctionDef) or funcdef.name != code.co_name:
-        raise ValueError(f"the source at line {code.co_firstlineno} is not `def {code.co_name}`")
+        funcdef = _lambda_def(code)
+    else:
+        lines, start = inspect.findsource(code)
+        block = inspect.getblock(lines[code.co_firstlineno - 1 :])
+        tree = ast.parse(textwrap.dedent("".join(block)))
+        ast.increment_lineno(tree, code.co_firstlineno - 1)
+        funcdef = tree.body[0]
+        if not isinstance(funcdef, ast.FunctionDef) or funcdef.name != code.co_name:
+            raise ValueError(
+                f"the source at line {code.co_firstlineno} is not `def {code.co_name}`"
+            )
     funcdef.decorator_list = []
     args = funcdef.args
     params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
@@ -1391,7 +1394,68 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
     module = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
     compiled = compile(module, code.co_filename, "exec")
     factory_code = _const_code(compiled, "__js_factory__")
-    return _const_code(factory_code, code.co_name)
+    return _const_code(factory_code, funcdef.name).replace(co_name=code.co_name)
+
+
+_LAMBDA = "__js_lambda__"
+
+
+def _lambda_def(code: types.CodeType) -> ast.FunctionDef:
+    """A lambda as ``def __js_lambda__(args): return body`` (its calls are then
+    rewritten, so ``js.trace(lambda x: model(params, x), x)`` names ``model``'s values),
+    found in its file's syntax tree by line, parameters and column."""
+    lines, _ = inspect.findsource(code)
+    tree = ast.parse("".join(lines))
+    params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    params += code.co_varnames[len(params) : len(params) + _star_args(code)]
+    found = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Lambda)
+        and node.lineno == code.co_firstlineno
+        and tuple(
+            a.arg
+            for a in (
+                *node.args.posonlyargs,
+                *node.args.args,
+                *node.args.kwonlyargs,
+                *filter(None, (node.args.vararg, node.args.kwarg)),
+            )
+        )
+        == params
+    ]
+    if len(found) > 1:  # several alike on one line: the one reading the same names, constants
+        found = [n for n in found if _mentions(n.body) == _mentions(code)]
+    if len({ast.dump(n) for n in found}) > 1 or not found:  # a copy is as good as the original
+        raise ValueError(f"{len(found)} lambdas like it at line {code.co_firstlineno}")
+    node = found[0]
+    funcdef = ast.FunctionDef(
+        name=_LAMBDA,
+        args=node.args,
+        body=[ast.copy_location(ast.Return(value=node.body), node.body)],
+        decorator_list=[],
+        returns=None,
+    )
+    return ast.copy_location(funcdef, node)
+
+
+def _mentions(what: ast.AST | types.CodeType) -> tuple[frozenset, frozenset]:
+    """The names and constants an expression or a code object reads (what tells
+    lambdas on one line apart: columns shift when a nested function is rewritten)."""
+    if isinstance(what, types.CodeType):
+        names = {*what.co_names, *what.co_varnames, *what.co_freevars, *what.co_cellvars}
+        consts = {repr(c) for c in what.co_consts if c is not None and not inspect.iscode(c)}
+        return frozenset(names), frozenset(consts)
+    nodes = list(ast.walk(what))
+    names = {n.id for n in nodes if isinstance(n, ast.Name)}
+    names |= {n.attr for n in nodes if isinstance(n, ast.Attribute)}
+    consts = {repr(n.value) for n in nodes if isinstance(n, ast.Constant) and n.value is not None}
+    return frozenset(names), frozenset(consts)
+
+
+def _star_args(code: types.CodeType) -> int:
+    """How many of ``*args``, ``**kwargs`` a code object takes."""
+    return bool(code.co_flags & inspect.CO_VARARGS) + bool(code.co_flags & inspect.CO_VARKEYWORDS)
 
 
 def _is_docstring(stmt: ast.stmt) -> bool:

@@ -269,3 +269,42 @@ def test_an_argument_named_out_says_it_shadows_the_outputs_alias():
     assert g["out"] is g.inputs[1]
     assert any("the argument 'out' shadows the outputs' alias" in n for n in g.notes)
     allclose(g.grads(g.outputs[0], "x")["x"], jnp.full(2, 2.0))
+
+
+def layer(x, w):
+    pre = x @ w
+    act = jnp.tanh(pre)
+    return act
+
+
+def test_a_lambda_is_rewritten_so_the_functions_it_calls_name_their_values():
+    """``js.trace(lambda x: layer(x, w), x)``, the usual way to close over parameters,
+    names what ``layer`` binds (it named nothing); so does a lambda called inside,
+    through a variable or as a loop body (a frame named ``<lambda>``, as Python names
+    it); two lambdas on one line are told apart."""
+    x, w = jnp.arange(6.0).reshape(2, 3) / 6, jnp.ones((3, 3)) * 0.5
+    g = js.trace(lambda x: layer(x, w) * 2.0, x)
+    assert not g.notes, g.notes
+    allclose(g.value("layer/pre"), x @ w)
+    allclose(g.value("layer/act"), jnp.tanh(x @ w))
+    allclose(g.as_function()(x + 1.0), jnp.tanh((x + 1.0) @ w) * 2.0)
+
+    def model(x, w):
+        first, second = (lambda h: layer(h, w)), (lambda h: layer(h, 2.0 * w))  # noqa: E731
+        h = first(x)
+        _, hs = jax.lax.scan(lambda c, _: (second(c), c), h, None, length=2)
+        return hs.sum()
+
+    g = js.trace(model, x, w)
+    allclose(g.value("first/layer/act"), jnp.tanh(x @ w))
+    h1 = jnp.tanh(jnp.tanh(x @ w) @ (2.0 * w))
+    allclose(g.value("<lambda>/second/layer/act@1"), jnp.tanh(h1 @ (2.0 * w)))
+    allclose(g.value("<lambda>/second/layer/pre@0"), jnp.tanh(x @ w) @ (2.0 * w))
+
+
+def test_a_lambda_without_source_runs_as_it_is_and_says_so():
+    namespace = {"layer": layer}
+    exec("f = lambda x, w: layer(x, w)\n", namespace)
+    g = js.trace(namespace["f"], jnp.ones(3), jnp.ones((3, 3)))
+    assert g.notes and "could not be rewritten" in g.notes[0]
+    allclose(g.value("out"), jnp.tanh(jnp.ones(3) @ jnp.ones((3, 3))))
