@@ -32,8 +32,9 @@ What you can rely on:
   A batch whose size does not divide the number of devices is padded by repeating
   its last example; the padding rows are dropped before writing.
 * Every output must be computed per example (leading axis = batch size). Dtypes
-  Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32`` and the
-  original dtype is recorded in the array's attributes.
+  Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32``, and PRNG
+  keys as their key data (``jax.random.key_data``: ``jax.random.wrap_key_data`` makes
+  keys of it again); the original dtype is recorded in the array's attributes.
 
 A progress line (on stderr, past about two seconds: :mod:`jaxsurgery._progress`)
 counts examples and batches; ``progress=False`` silences it.
@@ -211,11 +212,13 @@ class _Writer:
             dtype=value.dtype,
             overwrite=True,
         )
-        array.attrs["dtype"] = str(np.dtype(dtype))  # the computed dtype, when stored wider
+        array.attrs["dtype"] = str(dtype)  # the computed dtype, when stored otherwise
 
 
 def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
     """The first ``size`` of an output's ``rows`` on the host, in a dtype Zarr stores."""
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended):  # keys: their data
+        value = jax.random.key_data(value)
     dtype = np.dtype(value.dtype)
     if np.ndim(value) == 0 or np.shape(value)[0] != rows:
         raise SelectionError(

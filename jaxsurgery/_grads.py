@@ -65,6 +65,11 @@ class GradsFunction:
     def __init__(self, graph: Graph, out: Any, wrt: Any):
         self.graph = graph
         _, out_vars = _select.tree(graph, out)
+        if not out_vars:
+            raise SliceError(
+                f"no output to differentiate: {out!r} selected no var; name the value "
+                "whose sum the gradients are of (\"out\", a loss)"
+            )
         # per key, the positions in wrt_vars of the vars whose gradients it holds, and
         # whether they are stacked (a dict entry selecting several vars)
         keys, wrt_vars, groups, stacked = _select.grouped(graph, wrt, "wrt")

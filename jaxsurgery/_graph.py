@@ -716,6 +716,13 @@ class Graph:
     def _site_of(self, var: Var) -> Site:
         """The var's place in the nested program, or a SliceError."""
         site = self._site(var.index)
+        if site is None and var.primitive == "const":
+            raise SliceError(
+                f"{var.name!r} is a constant ({var.aval.str_short()}: a Python number the "
+                "function returns as it is), not a value the program computes: there is no "
+                "computation to patch there, and its gradient is zero; patch or "
+                "differentiate a value the program computes"
+            )
         if site is None:
             raise SliceError(
                 f"{var.name!r} is a value jaxsurgery's index made up (a loop input or "

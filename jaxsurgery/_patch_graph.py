@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 
 from . import _compat as C
@@ -261,6 +262,15 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         fn = value_or_fn
     else:
         value = value_or_fn
+        if jax.dtypes.issubdtype(var.dtype, jax.dtypes.extended):  # a PRNG key
+            if getattr(value, "dtype", None) != var.dtype:
+                raise SliceError(
+                    f"the replacement for {var.name!r} ({type_of(var)}) is "
+                    f"{getattr(value, 'dtype', type(value).__name__)}; give a key of its "
+                    f"kind ({var.dtype}: jax.random.key(...), or wrap_key_data of its data)"
+                )
+            fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731
+            return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
         if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
             kind = getattr(value, "dtype", type(value).__name__)
             raise SliceError(

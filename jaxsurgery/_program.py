@@ -530,7 +530,7 @@ class _Inliner(ControlFlow):
         for a in jaxpr.outvars:
             a = self._read(a, env)
             if isinstance(a, C.Literal):  # a constant output becomes a constant var
-                a = self._new_const(np.asarray(a.val), a.aval)
+                a = self._new_const(np.asarray(a.val, a.aval.dtype), a.aval)
             outvars.append(a)
         return C.new_jaxpr(self.constvars, invars, outvars, self.eqns, "program"), self.consts
 

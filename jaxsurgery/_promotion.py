@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _compat as C
 
@@ -100,14 +99,21 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:
 
 
 def holds(dtype: Any, value: Any) -> bool:
-    """Whether ``dtype`` holds a Python number, bool or weakly typed array of this kind
-    (bool < int < float < complex, as JAX promotes them)."""
-    kinds = "biufc"
-    given = (
-        np.asarray(value).dtype.kind
-        if isinstance(value, (bool, int, float, complex))
-        else (getattr(value, "dtype", np.dtype(object)).kind)
-    )
-    want = np.dtype(dtype).kind if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else "V"
-    order = {"b": 0, "i": 1, "u": 1, "f": 2, "c": 3}
-    return given in kinds and want in order and order[given] <= order[want]
+    """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
+    float < complex, as JAX promotes them; bfloat16 and float8 are floats too)."""
+    given = _PYTHON_KINDS.get(type(value))
+    if given is None:
+        given = _kind(getattr(value, "dtype", None))
+    want = _kind(dtype)
+    return given is not None and want is not None and given <= want
+
+
+_PYTHON_KINDS = {bool: 0, int: 1, float: 2, complex: 3}
+_KINDS = ((jnp.bool_, 0), (jnp.integer, 1), (jnp.floating, 2), (jnp.complexfloating, 3))
+
+
+def _kind(dtype: Any) -> int | None:
+    """0 bool, 1 integer, 2 floating, 3 complex; None for anything else (a key)."""
+    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return None
+    return next((k for t, k in _KINDS if jnp.issubdtype(dtype, t)), None)

@@ -644,11 +644,15 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
 
 
 def _live(jaxpr: Any, roots: set[Any], edited: set[int]) -> list[bool]:
-    """Which equations compute ``roots``, hold an edit, or have effects (liveness)."""
+    """Which equations compute ``roots``, hold an edit, or have effects other than
+    callbacks (liveness): values are computed from their ancestors only, so a
+    ``jax.debug.print`` or ``io_callback`` that none of them reads does not run (state
+    effects do: a write to a ref changes what a later read gives)."""
     needed, live = set(roots), [False] * len(jaxpr.eqns)
     for i in range(len(jaxpr.eqns) - 1, -1, -1):
         eqn = jaxpr.eqns[i]
-        if i in edited or eqn.effects or any(v in needed for v in eqn.outvars):
+        effects = eqn.effects and not C.callbacks_only(eqn.effects)
+        if i in edited or effects or any(v in needed for v in eqn.outvars):
             live[i] = True
             needed.update(a for a in eqn.invars if not isinstance(a, C.Literal))
     return live

@@ -120,5 +120,30 @@ def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_pat
     allclose(store["x"][:4], np.asarray(xs, np.float32) * 2)
 
 
+def test_keys_are_stored_as_their_key_data_with_their_dtype_recorded(tmp_path):
+    """A batch of PRNG keys (per-example keys a sampler splits) is stored as its key
+    data, from which ``wrap_key_data`` makes the same keys (it raised TypeError)."""
+
+    def per_example(key, xs):
+        keys = jax.random.split(key, xs.shape[0])
+        return {"keys": keys, "noise": jax.vmap(lambda k: jax.random.normal(k, (2,)))(keys)}
+
+    batches = [jnp.ones(4) * i for i in range(2)]
+    store = js.collect(
+        tmp_path / "keys.zarr",
+        lambda xs: per_example(jax.random.key(1), xs),
+        batches,
+        progress=False,
+    )
+    assert store["keys"].attrs["dtype"] == str(jax.random.key(0).dtype)
+    keys = jax.random.wrap_key_data(jnp.asarray(store["keys"][:4]))
+    assert bool(
+        jnp.all(
+            jax.random.key_data(keys) == jax.random.key_data(jax.random.split(jax.random.key(1), 4))
+        )
+    )
+    allclose(store["noise"][4:], per_example(jax.random.key(1), batches[1])["noise"])
+
+
 def test_collection_is_sharded_over_8_devices():
     run_script("sharded_collect.py", "sharded collection ok")

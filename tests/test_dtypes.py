@@ -158,3 +158,54 @@ def test_python_number_arguments_take_arrays_of_their_dtype_also_under_jit():
         js.SliceError, match=r"argument `n` is float32\[\], but the graph was traced with int32\[\]"
     ):
         fn(x, jnp.float32(5.0), 2.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn], ids=["bf16", "f8"])
+def test_bfloat16_and_float8_values_take_python_numbers_and_arrays_of_their_kind(dtype):
+    """bfloat16 and float8 are floats (NumPy calls their kind 'V'): a Python float or
+    a float array replaces such a value, feeds a slice and calls the whole function
+    as for float16 (they were refused: 'which bfloat16 does not hold')."""
+
+    def f(x, s):
+        h = jnp.sin(x) * s
+        c = h.sum()
+        return c.astype(jnp.float32)
+
+    x = jnp.ones(3, dtype)
+    g = js.trace(f, x, dtype(2.0))
+    replaced = g.replace("h", 0.5).as_function()(x, dtype(2.0))
+    allclose(replaced, jnp.full(3, 0.5, dtype).sum().astype(jnp.float32))
+    array = g.replace("h", jnp.arange(3.0)).as_function()(x, dtype(2.0))  # float32 -> dtype
+    allclose(array, jnp.arange(3.0).astype(dtype).sum().astype(jnp.float32))
+    allclose(g.slice("c", "out")(0.5), 0.5)
+    allclose(g.as_function()(x, 3.0), jax.jit(f)(x, 3.0))
+    with pytest.raises(js.SliceError, match="does not hold"):
+        g.replace("h", 1 + 2j)
+
+
+def test_a_key_is_replaced_by_a_key():
+    """``g.replace(key_var, jax.random.key(5))`` is the callable replacement's number (it
+    raised AttributeError); a value of another kind is a SliceError naming the key."""
+
+    def f(key, x):
+        k1, k2 = jax.random.split(key)
+        y = jax.random.normal(k1, (3,)) * x
+        return y.sum()
+
+    args = (jax.random.key(0), jnp.ones(3))
+    g = js.trace(f, *args)
+    by_value = g.replace("k1", jax.random.key(5)).as_function()(*args)
+    allclose(by_value, jax.random.normal(jax.random.key(5), (3,)).sum())
+    allclose(by_value, g.replace("k1", lambda k: jax.random.key(5)).as_function()(*args))
+    for wrong in (jnp.zeros(2, jnp.uint32), 3):
+        with pytest.raises(js.SliceError, match="key"):
+            g.replace("k1", wrong)
+
+
+def test_a_python_number_returned_is_a_value_of_its_traced_dtype():
+    """``return a, 3.0``: its value is float32, as the function returns it (g.value and
+    values_fn gave NumPy float64)."""
+    g = js.trace(lambda x: (jnp.sin(x), 3.0), jnp.ones(2))
+    assert g.value("out[1]").dtype == jnp.float32
+    assert g.values_fn("out[1]")(jnp.ones(2))["out[1]"].dtype == jnp.float32
+    assert g.as_function()(jnp.ones(2))[1].dtype == jnp.float32

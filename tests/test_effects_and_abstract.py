@@ -78,6 +78,33 @@ def test_no_effect_of_other_values_joins_the_slice(log):
     assert [entry[0] for entry in log] == ["z2 and later"]  # reads 'later' itself
 
 
+def looped(x):
+    def step(h, t):
+        jax.debug.callback(record("step"), h, ordered=True)
+        return jnp.tanh(h + t), None
+
+    first = jnp.sin(x)
+    h, _ = jax.lax.scan(step, first, jnp.arange(3.0))
+    jax.debug.callback(record("after"), h, ordered=True)
+    return h.sum()
+
+
+def test_values_run_their_ancestors_only_not_the_callbacks_after_them(log):
+    """A value before a loop (also a first value of a graph with loops, computed by the
+    structured program) runs no callback of the loop or after it, nor does
+    ``values_fn`` (they ran: the loop's three, at every request)."""
+    x = jnp.array([0.5, -1.0])
+    g = js.trace(looped, x)
+    log.clear()
+    np.testing.assert_allclose(g.value("first"), jnp.sin(x), rtol=1e-6)
+    np.testing.assert_allclose(g.values_fn("first")(x)["first"], jnp.sin(x), rtol=1e-6)
+    jax.effects_barrier()
+    assert log == []
+    g.as_function()(x)  # the whole function runs them all, in order
+    jax.effects_barrier()
+    assert [entry[0] for entry in log] == ["step", "step", "step", "after"]
+
+
 def test_debug_print_of_a_slice_output(capfd):
     def f(x):
         h = jnp.tanh(x)

@@ -145,6 +145,28 @@ def nested_scans(W, x):
 CATALOG = [
     # (case, action on (g, abstract graph), exception, message pattern)
     (
+        "gradients of no output",
+        lambda g, a: g.grads([], wrt=["z1"]),
+        js.SliceError,
+        r"no output to differentiate: \[\] selected no var; name the value whose sum the "
+        r"gradients are of",
+    ),
+    (
+        "a patch of a Python number the function returns",
+        lambda g, a: js.trace(lambda x: (jnp.sin(x), 3.0), jnp.ones(2)).replace("out[1]", 5.0),
+        js.SliceError,
+        r"'out\[1\]' is a constant \(float32\[\]: a Python number the function "
+        r"returns as it is\), not a value the program computes",
+    ),
+    (
+        "a key replaced by its data",
+        lambda g, a: js.trace(jax.random.split, jax.random.key(0)).replace(
+            "out", jnp.zeros((2, 2), jnp.uint32)
+        ),
+        js.SliceError,
+        r"the replacement for 'out' \(key<fry>\[2\]\) is uint32; give a key of its kind",
+    ),
+    (
         "an array where a Python number decided a promotion",
         lambda g, a: js.trace(scaled, jnp.ones(2, jnp.bfloat16), 2.5).as_function()(
             jnp.ones(2, jnp.bfloat16), jnp.float32(3.1)
