@@ -68,7 +68,7 @@ class GradsFunction:
         if not out_vars:
             raise SliceError(
                 f"no output to differentiate: {out!r} selected no var; name the value "
-                "whose sum the gradients are of (\"out\", a loss)"
+                'whose sum the gradients are of ("out", a loss)'
             )
         # per key, the positions in wrt_vars of the vars whose gradients it holds, and
         # whether they are stacked (a dict entry selecting several vars)
