@@ -667,6 +667,9 @@ def _coerce(x: Any, var: Var) -> Any:
             )
         x = np.asarray(x)
     shape = tuple(jnp.shape(x))
+    weak = getattr(getattr(x, "aval", None), "weak_type", False)  # a Python number under jit
+    if weak and shape == var.shape and x.dtype != var.dtype and holds(var.dtype, x):
+        return jnp.asarray(x, var.dtype)
     if shape != var.shape or not _same_dtype(x.dtype, var.dtype):
         got = f"{jnp.dtype(x.dtype).name if _is_numpy_dtype(x.dtype) else x.dtype}{list(shape)}"
         raise SliceError(

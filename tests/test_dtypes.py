@@ -209,3 +209,15 @@ def test_a_python_number_returned_is_a_value_of_its_traced_dtype():
     assert g.value("out[1]").dtype == jnp.float32
     assert g.values_fn("out[1]")(jnp.ones(2))["out[1]"].dtype == jnp.float32
     assert g.as_function()(jnp.ones(2))[1].dtype == jnp.float32
+
+
+def test_a_slice_under_jit_takes_a_python_number_as_it_does_eagerly():
+    """``jax.jit(s)(3)`` for a float32 input: JAX traces the 3 as a weakly typed int32,
+    which the slice takes as the Python number it is (it raised 'expects float32[],
+    got int32[]', where ``s(3)`` worked); an int32 array is still refused."""
+    g = js.trace(lambda x: jnp.sin(x) * 2.0, jnp.float32(1.5))
+    s = g.slice("%1", "out")
+    allclose(jax.jit(s)(3), s(3))
+    allclose(jax.jit(s)(3), 6.0)
+    with pytest.raises(js.SliceError, match="expects float32"):
+        s(jnp.int32(3))
