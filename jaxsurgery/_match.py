@@ -5,7 +5,8 @@ the same dataflow and primitives, names aside (in the manner of torch.fx's
 ``subgraph_rewriter``): each pattern equation maps to a graph equation with the same
 primitive and structural params, operands map to operands (either order for
 commutative primitives such as ``add`` and ``mul``), each pattern input binds one graph
-value, and pattern literals equal graph literals.
+value (not a literal: ``max(a, b)`` does not match relu's ``max(x, 0.0)``), and pattern
+literals and captured arrays equal the graph's literals and constants.
 
 Matches are found from the pattern's output backwards, tried at graph equations in
 program order, and kept greedily when they share no equation with an earlier match,
@@ -77,6 +78,8 @@ def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Mat
         state = _Matcher(pattern, target).run(e)
         if state is None or used & set(state.eqn_map.values()):
             continue
+        if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
+            continue  # an input bound to a literal (relu's max(x, 0.0) for max(a, b))
         used.update(state.eqn_map.values())
         found.append(_as_match(graph, pattern, state))
     return tuple(found)
@@ -137,7 +140,9 @@ class _Matcher:
         """Unify pattern var ``pv`` with target atom ``tv`` (a var index or Literal)."""
         p, t = self.p, self.t
         pe = p.producer[pv]
-        if pe < 0:  # a pattern input (or constant): binds any one target value
+        if pe < 0 and pv >= p.num_inputs:  # a pattern constant (a captured array)
+            return state if _same_constant(p.consts[pv - p.num_inputs], t, tv) else None
+        if pe < 0:  # a pattern input: binds any one target value
             key = tv if not isinstance(tv, C.Literal) else ("literal", id(tv))
             if pv in state.binding:
                 return state if state.binding[pv] == key else None
@@ -208,6 +213,18 @@ def _same_params(a: dict, b: dict) -> bool:
         return all(np.array_equal(np.asarray(a.get(k)), np.asarray(b.get(k))) for k in keys)
 
 
+def _same_constant(value: Any, target: Program, atom: Any) -> bool:
+    """Whether a target atom is a literal or constant equal to a pattern's constant."""
+    if isinstance(atom, C.Literal):
+        other = atom.val
+    elif target.num_inputs <= atom < target.num_inputs + target.num_consts:
+        other = target.consts[atom - target.num_inputs]
+    else:
+        return False
+    a, b = np.asarray(value), np.asarray(other)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
 def _same_literal(a: C.Literal, b: C.Literal) -> bool:
     return np.asarray(a.val).dtype == np.asarray(b.val).dtype and np.array_equal(a.val, b.val)
 
@@ -217,10 +234,10 @@ def _as_match(graph: Graph, pattern: Program, state: _State) -> Match:
     inputs = []
     for pv in range(pattern.num_inputs):
         bound = state.binding.get(pv)
-        if bound is None or isinstance(bound, tuple):
+        if bound is None:
             raise SliceError(
-                f"pattern input {pv} is not used by the pattern's outputs, or matched a "
-                "literal; every pattern input must feed the pattern's result"
+                f"pattern input {pv} is not used by the pattern's outputs; every pattern "
+                "input must feed the pattern's result"
             )
         inputs.append(graph.vars[bound])
     outputs = []

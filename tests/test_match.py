@@ -90,3 +90,39 @@ def test_rewrite_that_matches_nothing_says_so():
     g = js.trace(mlp_12782, *mlp_12782_args())
     with pytest.raises(js.SliceError, match="matches nothing"):
         g.rewrite(jnp.sin, jnp.cos, jnp.ones(3))
+
+
+K = jnp.array([1.0, 2.0, 3.0])
+
+
+def shifted(x):
+    p = x + K
+    q = x + jnp.sin(x)
+    return (p * q).sum()
+
+
+def test_a_captured_array_in_a_pattern_matches_only_an_equal_constant():
+    """``lambda a: a + K`` matches ``x + K``, not ``x + sin(x)`` nor ``x + 5`` (an array
+    constant bound any value: the rewrite changed q too, silently)."""
+    x = jnp.array([0.3, -1.0, 2.0])
+    g = js.trace(shifted, x)
+    assert [m.outputs[0].name for m in g.match(lambda a: a + K, x)] == ["p"]
+    assert g.match(lambda a: a + jnp.array([5.0, 5.0, 5.0]), x) == ()
+    rewritten = g.rewrite(lambda a: a + K, lambda a: a - K, x)
+    allclose(rewritten.as_function()(x), ((x - K) * (x + jnp.sin(x))).sum())
+
+
+def test_a_candidate_binding_an_input_to_a_literal_is_skipped():
+    """``a * b`` in ``sin(x * w) + cos(x * 2.0)`` is the ``x * w`` product; the
+    ``x * 2.0`` candidate binds ``b`` to a literal and is skipped (the whole match
+    raised 'pattern input 1 is not used')."""
+
+    def f(x, w):
+        return (jnp.sin(x * w) + jnp.cos(x * 2.0)).sum()
+
+    x, w = jnp.ones(3), jnp.arange(3.0)
+    g = js.trace(f, x, w)
+    (found,) = g.match(lambda a, b: a * b, x, w)
+    assert {v.name for v in found.inputs} == {"x", "w"}
+    with pytest.raises(js.SliceError, match="pattern input 1 is not used"):
+        g.match(lambda a, b: jnp.sin(a), x, w)
