@@ -185,6 +185,7 @@ class _Writer:
     def write(self, outs: Mapping[str, Any], size: int, rows: int) -> None:
         host = {key: _host(key, value, size, rows) for key, value in outs.items()}
         if self.keys is None:
+            _check_paths(list(host))
             self.keys = list(host)
             for key, value in host.items():
                 self._create(key, value, outs[key].dtype)
@@ -213,6 +214,21 @@ class _Writer:
             overwrite=True,
         )
         array.attrs["dtype"] = str(dtype)  # the computed dtype, when stored otherwise
+
+
+def _check_paths(keys: list[str]) -> None:
+    """Zarr stores ``a/b`` as array ``b`` in group ``a``: no key may be a path prefix of
+    another (a scope's output ``mlp`` and a value inside it, ``mlp/linear_0``)."""
+    for key in keys:
+        parts = key.split("/")
+        inside = next((k for k in keys if k.split("/")[: len(parts)] == parts and k != key), None)
+        if inside is not None:
+            raise SelectionError(
+                f"outputs {key!r} and {inside!r}: Zarr stores a key with '/' as a path, so "
+                f"{key!r} cannot be both an array and the group holding {inside!r}; give "
+                "them other keys, e.g. g.values_fn({'mlp_out': 'mlp', 'linear_0': "
+                "'mlp/linear_0'})"
+            )
 
 
 def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:

@@ -145,5 +145,29 @@ def test_keys_are_stored_as_their_key_data_with_their_dtype_recorded(tmp_path):
     allclose(store["noise"][4:], per_example(jax.random.key(1), batches[1])["noise"])
 
 
+def test_a_key_that_is_a_path_prefix_of_another_is_refused_before_writing(tmp_path):
+    """Keys are Zarr paths: a scope's output and a value inside it cannot both be
+    stored under their names (a raw Zarr ValueError); with keys of one's own they can."""
+    xs = jnp.arange(12.0).reshape(4, 3)
+
+    def f(x):
+        h = jnp.sin(x)
+        return (h * 2).sum(-1)
+
+    g = js.trace(f, xs)
+    clash = g.values_fn(["out", "h"])
+    with pytest.raises(js.SelectionError, match="'a' cannot be both an array and the group"):
+        js.collect(
+            tmp_path / "c.zarr",
+            lambda b: {"a": clash(b)["out"], "a/h": clash(b)["h"]},
+            [xs],
+            progress=False,
+        )
+    keyed = g.values_fn({"total": "out", "h": "h"})
+    store = js.collect(tmp_path / "k.zarr", keyed, [xs, xs + 1.0], progress=False)
+    allclose(store["total"][4:], f(xs + 1.0))
+    allclose(store["h"][:4], jnp.sin(xs))
+
+
 def test_collection_is_sharded_over_8_devices():
     run_script("sharded_collect.py", "sharded collection ok")
