@@ -263,6 +263,8 @@ def select(
     keep = [True] * len(vars_)
     if wanted is not None:
         keep = [k and v.primitive in wanted for k, v in zip(keep, vars_)]
+        if not selectors and not any(keep):  # made only inside folded loop bodies
+            raise _only_in_loops(graph, wanted)
     if scope is not None:
         scope = scope.strip("/")
         keep = [k and _in_scope(v.scope, scope) for k, v in zip(keep, vars_)]
@@ -297,6 +299,30 @@ def _primitives(graph: Graph, primitive: Any) -> set[str]:
                 f"(this graph's primitives: {short_list(sorted(present), 12)})"
             )
     return set(wanted)
+
+
+def _only_in_loops(graph: Graph, wanted: set[str]) -> SelectionError:
+    """No var of ``g.vars`` is made by these primitives: body values of folded loops
+    are (``_primitives`` found them), which answer to names per iteration."""
+    folded = graph._program.folded
+    names = [
+        name
+        for name, templates in graph._loop_index.names.items()
+        if any(folded[t.loop].template.primitives[t.var] in wanted for t in templates)
+    ]
+    if not names:
+        names = [
+            f"loop{k}%{ti}"
+            for k, loop in enumerate(folded)
+            for ti, p in enumerate(loop.template.primitives)
+            if p in wanted
+        ]
+    shown = short_list([n + "@*" for n in names], 4)
+    return SelectionError(
+        f"no var of g.vars is made by {short_list(sorted(wanted), 4)}: only values inside a "
+        f"loop the index keeps folded are, which are per iteration; select them with their "
+        f"names, {shown}"
+    )
 
 
 def _in_scope(var_scope: str, scope: str) -> bool:

@@ -254,3 +254,24 @@ def test_filters_reject_what_cannot_match(g):
         js.SelectionError, match=r"no var is in the scope 'blok'; did you mean 'block'\?"
     ):
         s.select(scope="blok")
+
+
+def test_a_primitive_only_inside_a_folded_loop_says_which_names_it_makes():
+    """``g.select(primitive="tanh")`` where tanh runs only in a scan's body: a
+    SelectionError naming the per-iteration names, which select those values (it was
+    an empty selection, silently)."""
+
+    def rnn(h0, xs):
+        def step(h, x):
+            y = jnp.tanh(h + x)
+            return y, jax.nn.sigmoid(y)
+
+        return jax.lax.scan(step, h0, xs)[1].sum()
+
+    g = js.trace(rnn, jnp.zeros(3), jnp.ones((5, 3)))
+    with pytest.raises(js.SelectionError, match=r"made by tanh: .* names, step/y@\*"):
+        g.select(primitive="tanh")
+    with pytest.raises(js.SelectionError, match=r"made by logistic: .* names, step\[1\]@\*"):
+        g.select(primitive="logistic")
+    assert len(g.select("step/y@*", primitive="tanh")) == 5
+    assert len(g.select("step[1]@*", primitive="logistic")) == 5
