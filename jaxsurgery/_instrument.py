@@ -276,7 +276,8 @@ class Recorder:
         """A call's name: its call-site label, or a submodule path, or its own name."""
         if label is not None and not label.isidentifier():
             return label  # an attribute or subscript: already a path
-        return self.place(fn) or label or _callable_name(fn)
+        found = self.place(fn) or label or _callable_name(fn)
+        return "" if found == "<lambda>" else found  # an anonymous frame: see qualified
 
     def place(self, fn: Any) -> str | None:
         """``fn``'s path in the module whose call is running (``layers[2]``), if any."""
@@ -407,13 +408,27 @@ class Recorder:
         depths: list[int] = []
         for (label, parent), ok in zip(frames, live):
             k = seen[parent, label] = seen.get((parent, label), -1) + ok
-            own_label = label if counts.get((parent, label), 0) <= 1 else f"{label}#{k}"
-            paths.append(own_label if parent < 0 else f"{paths[parent]}/{own_label}")
+            own_label = (
+                label if counts.get((parent, label), 0) <= 1 or not label else f"{label}#{k}"
+            )
+            # an anonymous frame (a lambda given to a transform or loop, called by no
+            # name) adds nothing: what it calls is named as if called where it is
+            paths.append(
+                "/".join(p for p in (paths[parent] if parent >= 0 else "", own_label) if p)
+            )
             depths.append(0 if parent < 0 else depths[parent] + 1)
+        scoped, anchored = self.scoped, self._anchored
+
+        def path(b: int, f: int, n: str) -> str:
+            """A binding's name in its frame; a name given in a module's name stack
+            (what a Flax module sows) is a path of modules, as the module's own name
+            is, whichever Python call it was made in (``net.apply``)."""
+            return n if f < 0 or b in scoped or not paths[f] else f"{paths[f]}/{n}"
+
         invariant = constants | program.invariant_ids
         self.invariant_names = [
-            (f"{paths[f]}/{n}" if f >= 0 else n)
-            for (f, n, atom), found, inside in zip(self.bindings, own, own_t)
+            path(b, f, n)
+            for b, ((f, n, atom), found, inside) in enumerate(zip(self.bindings, own, own_t))
             if not found and not inside and id(atom) in invariant
         ]
         named = [
@@ -423,13 +438,13 @@ class Recorder:
             (
                 (depths[f], paths[f] + path, found, -1)
                 for (f, path, _), found in zip(self.returns, back)
-                if found
+                if found and paths[f]  # an anonymous frame's result has its caller's name
             ),
             key=lambda t: t[0],
         )
         inner = sorted(
             (
-                (depths[f], f"{paths[f]}/{n}", found, b)
+                (depths[f], path(b, f, n), found, b)
                 for b, ((f, n, _), found) in enumerate(zip(self.bindings, own))
                 if f >= 0 and found
             ),
@@ -437,7 +452,6 @@ class Recorder:
         )
         named += [(n, found, b) for _, n, found, b in returns]
         named += [(n, found, b) for _, n, found, b in inner]
-        scoped, anchored = self.scoped, self._anchored
         flat = [
             (
                 (anchored(b, name, _made_in(program, i), program) if b in scoped else name)
@@ -461,7 +475,7 @@ class Recorder:
         templates = [
             *(
                 (
-                    in_body(b, f"{paths[f]}/{n}" if f >= 0 else n, *at[:2]),
+                    in_body(b, path(b, f, n), *at[:2]),
                     Template(*at),
                     (at[0], atom),
                 )
@@ -472,7 +486,7 @@ class Recorder:
             *(
                 (paths[f] + p, Template(*at), (at[0], atom))
                 for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
-                if f >= 0 and not hit
+                if f >= 0 and not hit and paths[f]
                 for at in inside
             ),
         ]

@@ -81,13 +81,17 @@ class Template:
         return base + f"@{t}" + "".join(f"@{u}" for u in self.inner)
 
 
-def template_names(bindings: list[tuple[str, Template, Any]]) -> dict[str, list[Template]]:
+def template_names(
+    bindings: list[tuple[str, Template, Any]], scopes: list[tuple[str, Template, Any]] = ()
+) -> dict[str, list[Template]]:
     """Per base name, the template vars it names: ``(name, Template, value)`` triples,
     ``value`` saying which value of the body a template var is a copy of (the copies
     of one value in the iterations of a loop unrolled inside the body are one value,
     told apart by the iteration). A name of several values takes ``#k`` forms:
     ``h#1@2@3`` is the second value named ``h``, at iteration 3 of the inner loop in
-    iteration 2 of the folded one."""
+    iteration 2 of the folded one. A scope's name (``scopes``) is numbered by instance
+    already (``blk#1``, as in the flat index), and one of several outputs names them
+    all: ``blk@2`` selects both of ``blk``'s outputs at iteration 2."""
     by_name: dict[str, dict[Any, dict[Template, None]]] = {}
     for name, tmpl, value in bindings:
         by_name.setdefault(name, {}).setdefault(value, {})[tmpl] = None
@@ -99,6 +103,9 @@ def template_names(bindings: list[tuple[str, Template, Any]]) -> dict[str, list[
         for k, tmpls in enumerate(values.values()):
             names.setdefault(f"{name}#{k}", []).extend(tmpls)
             names.setdefault(name, []).extend(tmpls)
+    for name, tmpl, _ in scopes:  # ranked after the others, as in the flat index
+        if name not in by_name:
+            names.setdefault(name, []).append(tmpl)
     return names
 
 

@@ -199,7 +199,7 @@ def _trace(
             title,
             [*notes, *program.notes, *loop_notes],
             out_info["tree"],
-            templates=template_names([*tags, *templates, *scopes]),
+            templates=template_names([*tags, *templates], scopes),
         )
         graph._rebuild = reported(build, f"unrolling the loops of {_name(target)}")
         return graph

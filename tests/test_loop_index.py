@@ -179,9 +179,11 @@ def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     params = model.init(key, xs)
     g = js.trace(model.apply, params, xs)
     assert len(g.vars) < 200 and g._program.folded
-    # library code has no Python names: the body's scope outputs name it
-    names = [n for n in g._loop_index.names if n.startswith("cell.scan_fn#")]
-    values = [g.value(f"{n}@250") for n in names]
+    # library code has no Python names: the body's scope outputs name it, one name for
+    # all of them, as outside a loop (``#k`` numbers instances of the scope only)
+    assert not [n for n in g._loop_index.names if n.startswith("cell.scan_fn#")]
+    values = [g.value(v) for v in g.select("cell.scan_fn@250")]
+    assert len(values) >= 2
     # the reference: the same model over the first 251 steps, returning its carry
     carry, _ = nn.RNN(nn.OptimizedLSTMCell(8), return_carry=True).apply(params, xs[:, :251])
     for ref in carry:  # (c, h) after step 250: each is one of the body's scope outputs
@@ -666,3 +668,40 @@ def test_globs_match_body_values_by_place():
     rows = g.values_fn({"v": f"{base}@*"})(h0, xs)["v"]
     assert rows.shape == (4,)
     allclose(rows[2], g.value(f"{base}@2"))
+
+
+def test_a_scope_of_several_outputs_in_a_loop_body_is_one_name_as_outside_loops():
+    """``blk`` with two outputs in a scan body: ``blk@t`` selects both, as ``blk`` does
+    outside loops, and ``#k`` numbers instances of the scope only (``blk#1@t`` was the
+    second output, or the second instance once the body entered ``blk`` twice)."""
+
+    def body(h, _):
+        with jax.named_scope("blk"):
+            a = jnp.sin(h)
+            b = jnp.cos(h)
+        m = a * b
+        with jax.named_scope("blk"):
+            c = jnp.sin(m)
+        return c, None
+
+    def once(h0):
+        def step(h, _):
+            with jax.named_scope("blk"):
+                a = jnp.sin(h)
+                b = jnp.cos(h)
+            return a * b, None
+
+        return jax.lax.scan(step, h0, None, length=4)[0]
+
+    x = jnp.array([0.3, 0.7])
+    g = js.trace(once, x)
+    assert g.select("blk@1").names == ("step/a@1", "step/b@1")
+    with pytest.raises(js.SelectionError):
+        g["blk#1@1"]
+    twice = js.trace(lambda h0: jax.lax.scan(body, h0, None, length=4)[0], x)
+    assert twice.select("blk#0@1").names == ("body/a@1", "body/b@1")
+    assert twice["blk#1@1"].name == "body/c@1"
+    h = x
+    for _ in range(2):
+        h = jnp.sin(jnp.sin(h) * jnp.cos(h))
+    allclose(twice.value("blk#1@1"), h)

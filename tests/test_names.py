@@ -280,8 +280,9 @@ def layer(x, w):
 def test_a_lambda_is_rewritten_so_the_functions_it_calls_name_their_values():
     """``js.trace(lambda x: layer(x, w), x)``, the usual way to close over parameters,
     names what ``layer`` binds (it named nothing); so does a lambda called inside,
-    through a variable or as a loop body (a frame named ``<lambda>``, as Python names
-    it); two lambdas on one line are told apart."""
+    through a variable (a call named by it) or as a loop body (no name of its own: what
+    it calls is named as if called in the loop); two lambdas on one line are told
+    apart."""
     x, w = jnp.arange(6.0).reshape(2, 3) / 6, jnp.ones((3, 3)) * 0.5
     g = js.trace(lambda x: layer(x, w) * 2.0, x)
     assert not g.notes, g.notes
@@ -298,8 +299,8 @@ def test_a_lambda_is_rewritten_so_the_functions_it_calls_name_their_values():
     g = js.trace(model, x, w)
     allclose(g.value("first/layer/act"), jnp.tanh(x @ w))
     h1 = jnp.tanh(jnp.tanh(x @ w) @ (2.0 * w))
-    allclose(g.value("<lambda>/second/layer/act@1"), jnp.tanh(h1 @ (2.0 * w)))
-    allclose(g.value("<lambda>/second/layer/pre@0"), jnp.tanh(x @ w) @ (2.0 * w))
+    allclose(g.value("second/layer/act@1"), jnp.tanh(h1 @ (2.0 * w)))
+    allclose(g.value("second/layer/pre@0"), jnp.tanh(x @ w) @ (2.0 * w))
 
 
 def test_a_lambda_without_source_runs_as_it_is_and_says_so():
