@@ -185,6 +185,7 @@ class LoopIndex:
         self._by_key: dict[tuple[Template, int], VirtualVar] = {}
         #: per (loop, template var): the templates naming it (see _same_value)
         self._by_var: dict[tuple[int, int], dict[Template, None]] | None = None
+        self._shared_names: set[str] | None = None
         #: per flat var that is a folded loop's last carry: its order (result_order)
         self._results: dict[int, tuple[int, ...]] | None = None
         self._twin: Graph | None = None
@@ -422,10 +423,25 @@ class LoopIndex:
     def full_names(self, v: VirtualVar) -> list[str]:
         """Every name of ``v`` at its iteration, its canonical name first (names of
         its own template var first, plain names before ``#k`` forms)."""
-        found = []
+        found, shared = [], []
         for tmpl in self._same_value(v.template):
-            found += [tmpl.name(base, v.iteration) for base in self._bases(tmpl)]
-        return found or [v.template.name(self.base_names(v.template)[0], v.iteration)]
+            for base in self._bases(tmpl):
+                (shared if base in self._shared() else found).append(tmpl.name(base, v.iteration))
+        # a name of several values (a scope's outputs) selects them all, and is never
+        # canonical (as in the flat index): then the var's own ``loop<k>%<i>`` is
+        fallback = v.template.name(f"loop{v.template.loop}%{v.template.var}", v.iteration)
+        return [*found, *shared] if found else [fallback, *shared]
+
+    def _shared(self) -> set[str]:
+        """Base names of several body values (a scope's outputs: one name for all)."""
+        if self._shared_names is None:
+            folded = self.graph._program.folded
+            self._shared_names = {
+                name
+                for name, ts in self.names.items()
+                if len({body_value(folded[t.loop].template, t.loop, t.var) for t in ts}) > 1
+            }
+        return self._shared_names
 
     def _same_value(self, tmpl: Template) -> list[Template]:
         """The templates naming the template var of ``tmpl`` (a canonical one), it first."""

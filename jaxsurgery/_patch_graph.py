@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _compat as C
 from . import _select
@@ -269,8 +270,10 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
                     f"{getattr(value, 'dtype', type(value).__name__)}; give a key of its "
                     f"kind ({var.dtype}: jax.random.key(...), or wrap_key_data of its data)"
                 )
+            _check_shape(var, value)
             fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731
             return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
+        _check_shape(var, value)
         if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
             kind = getattr(value, "dtype", type(value).__name__)
             raise SliceError(
@@ -280,6 +283,18 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             )
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
+
+
+def _check_shape(var: Var, value: Any) -> None:
+    """A constant replacing a var is a scalar (one value for every element) or of its shape."""
+    shape = tuple(np.shape(value))
+    if shape not in ((), tuple(var.shape)):  # broadcasting (3,) to (2, 3) hides mistakes
+        raise SliceError(
+            f"the replacement for {var.name!r} ({type_of(var)}) has shape {shape}; give "
+            f"one value for every element (a scalar) or an array of shape "
+            f"{tuple(var.shape)} (jnp.broadcast_to(value, {tuple(var.shape)}) if "
+            "broadcasting is what you mean)"
+        )
 
 
 def _latest(site: Site | None) -> Site | None:

@@ -159,6 +159,15 @@ CATALOG = [
         r"returns as it is\), not a value the program computes",
     ),
     (
+        "a replacement of another shape (broadcast silently before)",
+        lambda g, a: js.trace(lambda x: jnp.sin(x).sum(), jnp.ones((2, 3))).replace(
+            "%1", jnp.zeros(3)
+        ),
+        js.SliceError,
+        r"the replacement for '%1' \(float32\[2, 3\]\) has shape \(3,\); give one value for "
+        r"every element \(a scalar\) or an array of shape \(2, 3\)",
+    ),
+    (
         "a key replaced by its data",
         lambda g, a: js.trace(jax.random.split, jax.random.key(0)).replace(
             "out", jnp.zeros((2, 2), jnp.uint32)

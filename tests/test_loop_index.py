@@ -182,8 +182,12 @@ def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     # library code has no Python names: the body's scope outputs name it, one name for
     # all of them, as outside a loop (``#k`` numbers instances of the scope only)
     assert not [n for n in g._loop_index.names if n.startswith("cell.scan_fn#")]
-    values = [g.value(v) for v in g.select("cell.scan_fn@250")]
+    outputs = g.select("cell.scan_fn@250")
+    values = [g.value(v) for v in outputs]
     assert len(values) >= 2
+    # each has a name of its own (loop<k>%<i>@t), which selects it
+    assert len({v.name for v in outputs}) == len(outputs)
+    assert all(g[v.name].name == v.name and v.name.startswith("loop") for v in outputs)
     # the reference: the same model over the first 251 steps, returning its carry
     carry, _ = nn.RNN(nn.OptimizedLSTMCell(8), return_carry=True).apply(params, xs[:, :251])
     for ref in carry:  # (c, h) after step 250: each is one of the body's scope outputs

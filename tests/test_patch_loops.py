@@ -234,20 +234,20 @@ def test_a_flax_lstm_patched_at_a_step_agrees_with_the_unrolled_index(key):
         return (model.apply(variables, x) ** 2).sum()
 
     g = js.trace(f, variables, x)
-    cell = "RNN/cell.scan_fn/cell#1"  # the cell's second value: h = o * tanh(c)
-    at = f"{cell}@20"
+    # the cell's second output, h = o * tanh(c) (its scope's name selects both)
+    at, early = (g.select(f"RNN/cell.scan_fn/cell@{t}")[1].name for t in (20, 5))
     assert g[at].shape == (2, 5) and g[at].primitive == "mul"
     patched = g.replace(at, lambda h: -h)
     assert patched._program is g._program
     # the same values in the unrolled index (whose scopes are numbered per step)
-    twin_at, twin_early = (g._loop_index.in_twin(g[n]).name for n in (at, f"{cell}@5"))
+    twin_at, twin_early = (g._loop_index.in_twin(g[n]).name for n in (at, early))
     reference = g._loop_index.twin().replace(twin_at, lambda h: -h)
     allclose(patched.value("out"), reference.value("out"), rtol=1e-5)
     allclose(patched.value(at), -g.value(at), rtol=1e-5)
     allclose(patched.value(f"{at}.unpatched"), g.value(at), rtol=1e-5)
-    ours = patched.grads("out", [at, f"{at}.unpatched", f"{cell}@5"])
+    ours = patched.grads("out", [at, f"{at}.unpatched", early])
     theirs = reference.grads("out", [twin_early])  # (before the patch: same index there)
-    allclose(ours[f"{cell}@5"], theirs[twin_early], rtol=1e-4, atol=1e-6)
+    allclose(ours[early], theirs[twin_early], rtol=1e-4, atol=1e-6)
     # at the patched value: as putting a given value there (the experiments API)
     given = g.patch_fn(at)
     new_value = patched.value(at)
