@@ -93,7 +93,7 @@ class PatchFunction:
                 f"cannot patch {unknown[0]!r}: this patch function patches "
                 f"{', '.join(map(repr, self.keys))}; select it in g.patch_fn(...)"
             )
-        used, values = [], []
+        used, values, keyed_by = [], [], {}
         for key, group, many in zip(self.keys, self._groups, self._stacked):
             if key not in patches:
                 continue
@@ -107,6 +107,12 @@ class PatchFunction:
                         f"{given.shape}"
                     )
             for k, j in enumerate(group):
+                other = keyed_by.setdefault(self.vars[j].index, key)
+                if other != key:  # keys may overlap; a call patches a value once
+                    raise SelectionError(
+                        f"the patches for {other!r} and {key!r} both patch "
+                        f"{self.vars[j].name!r}: a value is patched once, give one of them"
+                    )
                 used.append(j)
                 values.append(_patch_value(given[k] if many else given, key, self.vars[j]))
         # a patch inside a cond branch or a while trip applies when that path runs, as

@@ -168,6 +168,14 @@ CATALOG = [
         r"every element \(a scalar\) or an array of shape \(2, 3\)",
     ),
     (
+        "a value under two keys of a patch function",
+        lambda g, a: g.patch_fn({"first": "z1", "again": "z1"})(
+            {"first": g.value("z1"), "again": g.value("z1")}, *mlp_12782_args()
+        ),
+        js.SelectionError,
+        r"the patches for 'first' and 'again' both patch 'z1': a value is patched once",
+    ),
+    (
         "a key replaced by its data",
         lambda g, a: js.trace(jax.random.split, jax.random.key(0)).replace(
             "out", jnp.zeros((2, 2), jnp.uint32)
