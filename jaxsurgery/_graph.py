@@ -773,7 +773,7 @@ class Graph:
         placed = [v for v in vars_ if v.index not in made_up]
         placed += [self._var(i) for i in frontier if i not in {v.index for v in placed}]
         structured, exposures, guards = self._exposing(placed, [e for e, _ in path])
-        _, exposed = structured.run(flat_args, outputs=False)
+        _, exposed = structured.run(flat_args, outputs=False, callbacks=False)
         # the vars that need the path (a slice's own) first: the context only follows
         message = self._path_message(list(dict.fromkeys([*what, *vars_])))
         check_hits(
@@ -842,7 +842,8 @@ class Graph:
             v = self._loop_index.vars[i - n]
             if v.template not in edits:
                 edits[v.template] = Edit(site, "expose")
-        _, exposed = self._structure.with_edits(*edits.values()).run(flat_args, outputs=False)
+        structured = self._structure.with_edits(*edits.values())
+        _, exposed = structured.run(flat_args, outputs=False, callbacks=False)
         for template, edit in edits.items():
             self._loop_rows[template] = exposed.raw(edit)
         for i in sites:

@@ -67,6 +67,7 @@ Sharp edges:
 from __future__ import annotations
 
 import ast
+import dis
 import bisect
 import contextlib
 import functools
@@ -399,23 +400,23 @@ class Recorder:
                 while frame >= 0 and found and not live[frame]:
                     live[frame] = True
                     frame = frames[frame][1]
+        # an anonymous frame (a lambda given to a transform or loop, called by no name)
+        # adds nothing: what it calls is named, and numbered, as if called where it is
+        named_parent: list[int] = []  # the nearest frame above with a name (or -1)
+        for label, parent in frames:
+            anonymous = parent >= 0 and not frames[parent][0]
+            named_parent.append(named_parent[parent] if anonymous else parent)
         counts: dict[tuple[int, str], int] = {}
-        for (label, parent), ok in zip(frames, live):
-            if ok:
+        for (label, _), parent, ok in zip(frames, named_parent, live):
+            if ok and label:
                 counts[parent, label] = counts.get((parent, label), 0) + 1
         seen: dict[tuple[int, str], int] = {}
         paths: list[str] = []
         depths: list[int] = []
-        for (label, parent), ok in zip(frames, live):
-            k = seen[parent, label] = seen.get((parent, label), -1) + ok
-            own_label = (
-                label if counts.get((parent, label), 0) <= 1 or not label else f"{label}#{k}"
-            )
-            # an anonymous frame (a lambda given to a transform or loop, called by no
-            # name) adds nothing: what it calls is named as if called where it is
-            paths.append(
-                "/".join(p for p in (paths[parent] if parent >= 0 else "", own_label) if p)
-            )
+        for (label, parent), above, ok in zip(frames, named_parent, live):
+            k = seen[above, label] = seen.get((above, label), -1) + ok
+            own_label = label if counts.get((above, label), 0) <= 1 else f"{label}#{k}"
+            paths.append("/".join(p for p in (paths[above] if above >= 0 else "", own_label) if p))
             depths.append(0 if parent < 0 else depths[parent] + 1)
         scoped, anchored = self.scoped, self._anchored
 
@@ -438,7 +439,7 @@ class Recorder:
             (
                 (depths[f], paths[f] + path, found, -1)
                 for (f, path, _), found in zip(self.returns, back)
-                if found and paths[f]  # an anonymous frame's result has its caller's name
+                if found and frames[f][0]  # an anonymous frame's result is its caller's
             ),
             key=lambda t: t[0],
         )
@@ -486,7 +487,7 @@ class Recorder:
             *(
                 (paths[f] + p, Template(*at), (at[0], atom))
                 for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
-                if f >= 0 and not hit and paths[f]
+                if f >= 0 and not hit and frames[f][0]
                 for at in inside
             ),
         ]
@@ -1388,6 +1389,8 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
     args = funcdef.args
     params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
     params = [p for p in params if p not in ("self", "cls")]
+    if funcdef.name == _LAMBDA:  # a lambda's parameters name nothing in its caller
+        params = []
     body = _MarkAssignments().visit_body(funcdef.body)
     docstring = body[:1] if body and _is_docstring(body[0]) else []
     funcdef.body = docstring + _marks(params, funcdef) + body[len(docstring) :]
@@ -1405,10 +1408,40 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
         returns=None,
     )
     ast.copy_location(factory, funcdef)
-    module = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
-    compiled = compile(module, code.co_filename, "exec")
+    compiled = _compiled_in_class(factory, code)
     factory_code = _const_code(compiled, "__js_factory__")
     return _const_code(factory_code, funcdef.name).replace(co_name=code.co_name)
+
+
+def _compiled_in_class(node: ast.stmt, code: types.CodeType) -> types.CodeType:
+    """``node`` compiled as a module, inside a class of the name of the one ``code`` is
+    defined in when it reads private names (``self.__w``), which Python mangles by
+    that name (``self._Scaler__w``); the code object holding ``node``'s."""
+    cls = _enclosing_class(code)
+    private = cls is not None and any(
+        n.startswith("__") and not n.endswith("__")
+        for n in (
+            getattr(x, "id", None) or getattr(x, "attr", None) or getattr(x, "arg", None) or ""
+            for x in ast.walk(node)
+        )
+    )
+    if private:
+        node = ast.copy_location(
+            ast.ClassDef(name=cls, bases=[], keywords=[], body=[node], decorator_list=[]), node
+        )
+    module = ast.fix_missing_locations(ast.Module(body=[node], type_ignores=[]))
+    compiled = compile(module, code.co_filename, "exec")
+    return _const_code(compiled, cls) if private else compiled
+
+
+def _enclosing_class(code: types.CodeType) -> str | None:
+    """The class a function is defined in, from its qualified name
+    (``Scaler.__init__.<locals>.<lambda>``: ``Scaler``), or None."""
+    parts = getattr(code, "co_qualname", code.co_name).split(".")
+    classes = [
+        p for k, p in enumerate(parts[:-1]) if p != "<locals>" and parts[k + 1] != "<locals>"
+    ]
+    return classes[-1] if classes else None
 
 
 _LAMBDA = "__js_lambda__"
@@ -1438,9 +1471,10 @@ def _lambda_def(code: types.CodeType) -> ast.FunctionDef:
         )
         == params
     ]
-    if len(found) > 1:  # several alike on one line: the one reading the same names, constants
-        found = [n for n in found if _mentions(n.body) == _mentions(code)]
-    if len({ast.dump(n) for n in found}) > 1 or not found:  # a copy is as good as the original
+    if len(found) > 1:  # several alike on one line: the one compiling to the same code
+        want = _signature(code)
+        found = [n for n in found if _signature(_lambda_code(n, code)) == want]
+    if len({ast.dump(n) for n in found}) != 1:  # a copy is as good as the original
         raise ValueError(f"{len(found)} lambdas like it at line {code.co_firstlineno}")
     node = found[0]
     funcdef = ast.FunctionDef(
@@ -1453,18 +1487,40 @@ def _lambda_def(code: types.CodeType) -> ast.FunctionDef:
     return ast.copy_location(funcdef, node)
 
 
-def _mentions(what: ast.AST | types.CodeType) -> tuple[frozenset, frozenset]:
-    """The names and constants an expression or a code object reads (what tells
-    lambdas on one line apart: columns shift when a nested function is rewritten)."""
-    if isinstance(what, types.CodeType):
-        names = {*what.co_names, *what.co_varnames, *what.co_freevars, *what.co_cellvars}
-        consts = {repr(c) for c in what.co_consts if c is not None and not inspect.iscode(c)}
-        return frozenset(names), frozenset(consts)
-    nodes = list(ast.walk(what))
-    names = {n.id for n in nodes if isinstance(n, ast.Name)}
-    names |= {n.attr for n in nodes if isinstance(n, ast.Attribute)}
-    consts = {repr(n.value) for n in nodes if isinstance(n, ast.Constant) and n.value is not None}
-    return frozenset(names), frozenset(consts)
+def _lambda_code(node: ast.Lambda, code: types.CodeType) -> types.CodeType:
+    """The code object a lambda of the syntax tree compiles to (where ``code``'s was)."""
+    holder = ast.copy_location(
+        ast.Assign(targets=[ast.Name(id=_LAMBDA, ctx=ast.Store())], value=node), node
+    )
+    compiled = _compiled_in_class(holder, code)
+    return next(c for c in compiled.co_consts if inspect.iscode(c) and c.co_name == "<lambda>")
+
+
+#: instructions that differ between a lambda compiled where it is and alone: how a
+#: name is reached (a local, a closure cell, a global) and the frame's set-up
+_SCOPING = frozenset({"RESUME", "COPY_FREE_VARS", "MAKE_CELL", "NOP", "CACHE", "PUSH_NULL"})
+_LOADS = frozenset(
+    {"LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_CLOSURE", "LOAD_FAST_CHECK"}
+)
+_JUMPS = frozenset({*dis.hasjrel, *dis.hasjabs})
+
+
+def _signature(code: types.CodeType) -> tuple:
+    """What a code object computes, its names' scopes aside: its instructions and their
+    arguments (nested code objects by their own signature)."""
+    out = []
+    for ins in dis.get_instructions(code):
+        if ins.opname in _SCOPING:
+            continue
+        arg = ins.argval
+        if ins.opcode in _JUMPS:  # offsets shift with the set-up
+            arg = None
+        elif inspect.iscode(arg):
+            arg = _signature(arg)
+        elif not isinstance(arg, (str, int, float, complex, bytes, tuple, frozenset, type(None))):
+            arg = repr(arg)
+        out.append(("LOAD" if ins.opname in _LOADS else ins.opname, arg))
+    return tuple(out)
 
 
 def _star_args(code: types.CodeType) -> int:

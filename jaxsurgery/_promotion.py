@@ -101,14 +101,14 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:
 def holds(dtype: Any, value: Any) -> bool:
     """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
     float < complex, as JAX promotes them; bfloat16 and float8 are floats too)."""
-    given = _PYTHON_KINDS.get(type(value))
-    if given is None:
+    given = next((k for t, k in _PYTHON_KINDS if isinstance(value, t)), None)  # IntEnum too
+    if given is None or hasattr(value, "dtype"):  # NumPy scalars: by their dtype
         given = _kind(getattr(value, "dtype", None))
     want = _kind(dtype)
     return given is not None and want is not None and given <= want
 
 
-_PYTHON_KINDS = {bool: 0, int: 1, float: 2, complex: 3}
+_PYTHON_KINDS = ((bool, 0), (int, 1), (float, 2), (complex, 3))  # bool before int
 _KINDS = ((jnp.bool_, 0), (jnp.integer, 1), (jnp.floating, 2), (jnp.complexfloating, 3))
 
 

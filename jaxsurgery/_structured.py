@@ -205,12 +205,18 @@ class Structured:
         return Structured(self.closed, (*self.edits, *edits), list(self.notes), self.while_trips)
 
     def run(
-        self, flat_args: Sequence[Any], extras: Sequence[Any] = (), outputs: bool = True
+        self,
+        flat_args: Sequence[Any],
+        extras: Sequence[Any] = (),
+        outputs: bool = True,
+        callbacks: bool = True,
     ) -> tuple[list, dict]:
         """Outputs of the (edited) program and the exposed values by edit.
 
         With ``outputs=False`` only the exposed values are computed: top-level
-        equations that none of them needs do not run (and no outputs are returned).
+        equations that none of them needs do not run (and no outputs are returned),
+        except effects: with ``callbacks=False`` (values asked for, as ``g.value``)
+        also host callbacks none of them reads do not run.
         """
         exposed: dict[Any, Any] = _Exposed()
         pending = [
@@ -226,7 +232,7 @@ class Structured:
             for e in _in_patch_order(self.edits)
         ]
         notes: list[str] = []
-        outs = _Interpreter(notes).run(
+        outs = _Interpreter(notes, callbacks).run(
             self.closed.jaxpr, self.closed.consts, flat_args, pending, exposed, outputs
         )
         for n in notes:
@@ -284,8 +290,9 @@ def _raise_unless(value: Any, expected: bool, message: str) -> None:
 class _Interpreter:
     """Runs a nested jaxpr with pending edits, rebuilding what holds an edit."""
 
-    def __init__(self, notes: list[str]):
+    def __init__(self, notes: list[str], callbacks: bool = True):
         self.notes = notes
+        self.callbacks = callbacks  # whether host callbacks no exposed value reads run
 
     def run(
         self,
@@ -313,7 +320,7 @@ class _Interpreter:
             deps = [*p.edit.site.vars, *(r for r in p.edit.reads if not isinstance(r, Extra))]
             roots.update(deps)
             triggers.setdefault(max((made.get(v, -1) for v in deps), default=-1), []).append(p)
-        live = _live(jaxpr, roots, set(below)) if not outputs else None
+        live = _live(jaxpr, roots, set(below), self.callbacks) if not outputs else None
 
         def read(a: Any) -> Any:
             return a.val if isinstance(a, C.Literal) else env[a]
@@ -643,15 +650,17 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     env.update(zip(outs, values))
 
 
-def _live(jaxpr: Any, roots: set[Any], edited: set[int]) -> list[bool]:
-    """Which equations compute ``roots``, hold an edit, or have effects other than
-    callbacks (liveness): values are computed from their ancestors only, so a
-    ``jax.debug.print`` or ``io_callback`` that none of them reads does not run (state
-    effects do: a write to a ref changes what a later read gives)."""
+def _live(jaxpr: Any, roots: set[Any], edited: set[int], callbacks: bool) -> list[bool]:
+    """Which equations compute ``roots``, hold an edit, or have effects (liveness).
+
+    Without ``callbacks`` (values asked for: computed from their ancestors only) a
+    ``jax.debug.print`` or ``io_callback`` that none of them reads does not run; other
+    effects do (a write to a ref changes what a later read gives).
+    """
     needed, live = set(roots), [False] * len(jaxpr.eqns)
     for i in range(len(jaxpr.eqns) - 1, -1, -1):
         eqn = jaxpr.eqns[i]
-        effects = eqn.effects and not C.callbacks_only(eqn.effects)
+        effects = eqn.effects and (callbacks or not C.callbacks_only(eqn.effects))
         if i in edited or effects or any(v in needed for v in eqn.outvars):
             live[i] = True
             needed.update(a for a in eqn.invars if not isinstance(a, C.Literal))

@@ -221,3 +221,14 @@ def test_a_slice_under_jit_takes_a_python_number_as_it_does_eagerly():
     allclose(jax.jit(s)(3), 6.0)
     with pytest.raises(js.SliceError, match="expects float32"):
         s(jnp.int32(3))
+
+
+def test_an_int_enum_replaces_an_integer_value():
+    """An ``IntEnum`` member is an int (it was refused: 'int32 does not hold a Mode')."""
+    import enum
+
+    class Mode(enum.IntEnum):
+        TRIPLE = 3
+
+    g = js.trace(lambda x, m: x * m, jnp.ones(2), 2)
+    allclose(g.replace("m", Mode.TRIPLE).as_function()(jnp.ones(2), 2), 3.0 * jnp.ones(2))

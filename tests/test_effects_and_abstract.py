@@ -103,6 +103,14 @@ def test_values_run_their_ancestors_only_not_the_callbacks_after_them(log):
     g.as_function()(x)  # the whole function runs them all, in order
     jax.effects_barrier()
     assert [entry[0] for entry in log] == ["step", "step", "step", "after"]
+    for run in (  # so do gradients and a slice through the loop (they ran none)
+        lambda: g.grads_fn("out", ["first"])(x),
+        lambda: g.slice("step/h@1", "out")(g.value("step/h@1")),
+    ):
+        log.clear()
+        run()
+        jax.effects_barrier()
+        assert [entry[0] for entry in log][-1] == "after", log
 
 
 def test_debug_print_of_a_slice_output(capfd):

@@ -309,3 +309,87 @@ def test_a_lambda_without_source_runs_as_it_is_and_says_so():
     g = js.trace(namespace["f"], jnp.ones(3), jnp.ones((3, 3)))
     assert g.notes and "could not be rewritten" in g.notes[0]
     allclose(g.value("out"), jnp.tanh(jnp.ones(3) @ jnp.ones((3, 3))))
+
+
+def test_lambdas_alike_on_one_line_each_run_their_own_body():
+    """Two branches on one line, one ignoring a parameter: each runs its own body
+    (the other one's ran, silently: [6, 6, 6] for [1, 1, 1])."""
+
+    def f(p, x, y):
+        return jax.lax.cond(p > 0, lambda x, y: x, lambda x, y: x + y, x, y)
+
+    def g2(a, b):
+        scale, mix = lambda a, b: a * 2, lambda a, b: a * b * 2  # noqa: E731
+        return scale(a, b) + 10 * mix(a, b)
+
+    x, y = jnp.ones(3), 5 * jnp.ones(3)
+    g = js.trace(f, 1.0, x, y)
+    allclose(g.value("out"), x)
+    allclose(g.as_function()(-1.0, x, y), x + y)
+    allclose(js.trace(g2, 1.0, 5.0).value("out"), 2.0 + 10 * 10.0)
+
+
+def test_a_lambdas_parameters_name_nothing_in_its_caller():
+    """``cond(p, lambda x: ..., lambda x: ..., y)`` in ``f(x)``: ``x`` stays the input
+    and ``y`` the caller's value (they became ``x#0`` and ``x#1``)."""
+
+    def f(x):
+        y = jnp.cos(x)
+        z = jax.lax.cond(y.sum() > 0, lambda x: jnp.sin(x) * 2, lambda x: -x, y)
+        return z
+
+    g = js.trace(f, jnp.ones(3))
+    assert [v.name for v in g.inputs] == ["x"] and g["y"].name == "y"
+    allclose(g.value("z"), jnp.sin(jnp.cos(jnp.ones(3))) * 2)
+
+
+def cell(x):
+    h = jnp.sin(x)
+    return h
+
+
+def test_calls_inside_anonymous_lambdas_are_numbered_and_named_where_they_are():
+    """A lambda given to a transform adds no name: the calls inside it are numbered
+    among their caller's (``cell#0`` is the first call, it was ``cell``, and
+    ``cell#0`` the second), and its result is not named after the caller."""
+
+    def model(x):
+        a = jax.checkpoint(lambda y: cell(y))(x)
+        bc = jax.checkpoint(lambda y: cell(y * 3) + cell(y * 5))(x)
+        return a + bc
+
+    def f(x):
+        out1 = model(x)
+        return out1 * 3
+
+    x = jnp.full(2, 0.1)
+    g = js.trace(f, x)
+    for k, scale in enumerate((1, 3, 5)):
+        allclose(g.value(f"model/cell#{k}/h"), jnp.sin(x * scale))
+    allclose(g.value("model"), jnp.sin(x) + jnp.sin(3 * x) + jnp.sin(5 * x))
+    assert g["model"].name == "out1"
+
+
+class Scaler:
+    """Reads a private attribute (Python mangles ``self.__w`` by the class's name)."""
+
+    def __init__(self):
+        self.__w = 3.0
+        self.apply = lambda y: y * self.__w
+
+    def __call__(self, x):
+        scaled = x * self.__w
+        return scaled
+
+
+def test_private_attributes_read_in_a_class_are_mangled_as_python_does():
+    """A lambda and a method reading ``self.__w`` are rewritten in their class's name
+    (both raised AttributeError: '__w')."""
+    s = Scaler()
+
+    def f(x):
+        return s.apply(x) + s(x)
+
+    g = js.trace(f, jnp.ones(3))
+    allclose(g.value("out"), 6.0 * jnp.ones(3))
+    allclose(g.value("s/scaled"), 3.0 * jnp.ones(3))
