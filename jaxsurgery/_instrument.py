@@ -67,9 +67,9 @@ Sharp edges:
 from __future__ import annotations
 
 import ast
-import dis
 import bisect
 import contextlib
+import dis
 import functools
 import inspect
 import itertools
@@ -403,7 +403,7 @@ class Recorder:
         # an anonymous frame (a lambda given to a transform or loop, called by no name)
         # adds nothing: what it calls is named, and numbered, as if called where it is
         named_parent: list[int] = []  # the nearest frame above with a name (or -1)
-        for label, parent in frames:
+        for _, parent in frames:
             anonymous = parent >= 0 and not frames[parent][0]
             named_parent.append(named_parent[parent] if anonymous else parent)
         counts: dict[tuple[int, str], int] = {}
