@@ -130,7 +130,11 @@ def _namespace(path: str) -> dict[str, Any]:
     of an importable module."""
     try:
         if path.endswith(".py") or os.sep in path or "/" in path:
-            return runpy.run_path(path, run_name="__jaxsurgery_show__")
+            argv, sys.argv = sys.argv, [path]  # as `python path` would run it
+            try:
+                return runpy.run_path(path, run_name="__jaxsurgery_show__")
+            finally:
+                sys.argv = argv
         return vars(importlib.import_module(path))
     except Exception as e:  # the file itself failed: say how, in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -162,7 +166,11 @@ def _check_writable(path: str | None, flag: str) -> None:
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or os.path.isdir(path):
+    if not path.strip():
+        raise UsageError(f"{flag} needs a file name")
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {flag} {path!r}: it is a folder; name a file in it")
+    if not os.path.isdir(folder):
         raise UsageError(f"cannot write {flag} {path!r}: no folder {folder!r}")
 
 
@@ -188,7 +196,11 @@ def run(args: argparse.Namespace) -> None:
     fn = load(args.target, "target")
     given: list[Any] = []
     if args.args_from:
-        made = load(args.args_from, "--args-from", args.target.rpartition(":")[0])()
+        make = load(args.args_from, "--args-from", args.target.rpartition(":")[0])
+        try:
+            made = make()
+        except Exception as e:  # the user's function: say which, in one line
+            raise UsageError(f"--args-from {args.args_from} failed: {_first_line(e)}") from e
         given = list(made) if isinstance(made, tuple) else [made]
     given += [parse_arg(a) for a in args.arg]
     try:
@@ -201,9 +213,9 @@ def run(args: argparse.Namespace) -> None:
     print(graph)
     if highlight is not None:
         print(repr(highlight))
-    if args.dot:
+    if args.dot is not None:
         _write(args.dot, "--dot", graph.to_dot(highlight=highlight))
-    if args.svg:
+    if args.svg is not None:
         _write(args.svg, "--svg", graph.draw(highlight=highlight).svg)
 
 

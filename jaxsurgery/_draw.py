@@ -120,7 +120,7 @@ def _flat_roles(graph: Graph, highlight: Any) -> dict[int, str]:
     if isinstance(highlight, Slice):
         if highlight.graph is not graph:
             raise SelectionError(
-                f"highlight={highlight!r} is a slice of another graph; cut it from this "
+                f"highlight={_short(highlight)} is a slice of another graph; cut it from this "
                 "graph (g.slice(...)) or draw it with s.draw()"
             )
         # one colour a box: an output that is also an input (an identity slice) is drawn
@@ -134,10 +134,18 @@ def _flat_roles(graph: Graph, highlight: Any) -> dict[int, str]:
         selection = graph.select(highlight)
     except SelectionError as e:
         raise SelectionError(
-            f"highlight={highlight!r}: {e.args[0]}; highlight takes a Slice or anything "
+            f"highlight={_short(highlight)}: {e.args[0]}; highlight takes a Slice or anything "
             "g.select accepts"
         ) from None
     return {v.index: "selected" for v in selection}
+
+
+def _short(highlight: Any) -> str:
+    """A highlight as an error message shows it: one line (a Selection's repr is a
+    table of its vars)."""
+    text = repr(highlight)
+    line = text.splitlines()[0] if text else text
+    return line if len(line) <= 80 and "\n" not in text else f"{line[:77]}..."
 
 
 def _strongest(a: str, b: str) -> str:

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,7 +86,12 @@ def is_generated(name: str) -> bool:
 
     Tables do not list such aliases, and suggestions for a user's word skip them.
     """
-    return "%" in name or (":" in name and name.rsplit(":", 1)[1].isdigit())
+    return _GENERATED.search(name) is not None or (":" in name and name.rsplit(":", 1)[1].isdigit())
+
+
+#: ``%12`` or ``scope/%12`` (a fallback name), ``loop0%4`` (a folded loop's body value),
+#: at an iteration or not: a ``%`` a user wrote (``out['acc%']``) is not one
+_GENERATED = re.compile(r"(?:^|/)(?:loop\d+)?%\d+(?:@\d+)*$")
 
 
 def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[int, list[str]]:

@@ -158,3 +158,30 @@ def test_a_bad_argument_is_one_line_without_a_traceback():
     result = subprocess.run([*argv, "--arg", "f32[3x]"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "bad --arg 'f32[3x]'" in result.stderr
+
+
+def test_output_paths_an_args_from_failure_and_a_script_reading_argv(capsys, tmp_path):
+    """A folder for --dot, an empty --svg, an --args-from function that raises: each a
+    usage error saying so (a folder read 'no folder /tmp'; '' wrote nothing, silently;
+    the raise was a crash, exit 1). A target file parsing its own command line at import
+    sees its own path, not jaxsurgery's options."""
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--dot", str(tmp_path)])
+    assert f"cannot write --dot {str(tmp_path)!r}: it is a folder" in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--svg", ""])
+    assert "--svg needs a file name" in err
+    script = tmp_path / "model.py"
+    script.write_text(
+        "import argparse, sys\n"
+        "import jax.numpy as jnp\n"
+        "OPTIONS = argparse.ArgumentParser().parse_args()\n"
+        "ARGV = list(sys.argv)\n"
+        "def f(x):\n"
+        "    h = jnp.sin(x)\n"
+        "    return h\n"
+        "def boom():\n"
+        "    raise RuntimeError('no data here')\n"
+    )
+    assert main(["show", f"{script}:f", "--arg", "f32[2]"]) == 0
+    assert " h " in capsys.readouterr().out
+    err = one_error(capsys, ["show", f"{script}:f", "--args-from", ":boom"])
+    assert "--args-from :boom failed: RuntimeError: no data here" in err

@@ -176,6 +176,13 @@ CATALOG = [
         r"the patches for 'first' and 'again' both patch 'z1': a value is patched once",
     ),
     (
+        "a highlight selected from another graph (one line, not its table)",
+        lambda g, a: g.draw(highlight=js.trace(mlp_12782, *mlp_12782_args()).select("z*")),
+        js.SelectionError,
+        r"^highlight=Selection of 3 vars\.\.\.: Var\(z1: .* belongs to another graph; "
+        r"select it from this graph by name: g\['z1'\]; highlight takes a Slice",
+    ),
+    (
         "a key replaced by its data",
         lambda g, a: js.trace(jax.random.split, jax.random.key(0)).replace(
             "out", jnp.zeros((2, 2), jnp.uint32)

@@ -393,3 +393,20 @@ def test_private_attributes_read_in_a_class_are_mangled_as_python_does():
     g = js.trace(f, jnp.ones(3))
     allclose(g.value("out"), 6.0 * jnp.ones(3))
     allclose(g.value("s/scaled"), 3.0 * jnp.ones(3))
+
+
+def test_a_percent_sign_a_user_wrote_is_not_a_generated_name():
+    """``out['acc%']`` and a scope ``top5%`` are the user's names: the table and the
+    view list them (any name with a '%' was hidden as a made-up ``%12``)."""
+
+    def f(x):
+        loss = jnp.sum(x**2)
+        with jax.named_scope("top5%"):
+            acc = jnp.mean(x > 0)
+        return {"loss": loss, "acc%": acc}
+
+    g = js.trace(f, jnp.ones(3))
+    row = next(line for line in repr(g).splitlines() if " acc " in line)
+    assert "out['acc%']" in row and "top5%" in row
+    card = next(r for r in g.view().data()["vars"] if r["index"] == g["acc"].index)
+    assert card["aliases"] == ["top5%", "out['acc%']"]
