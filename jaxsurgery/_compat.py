@@ -398,10 +398,10 @@ def inner_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
 
 #: the modules of the effects of host callbacks (``jax.debug.print``/``callback``,
 #: ``io_callback``), the same in every supported JAX version
-_CALLBACK_EFFECT_MODULES = ("jax._src.debugging", "jax._src.callback")
+CALLBACK_EFFECT_MODULES = ("jax._src.debugging", "jax._src.callback")
 
 
 def callbacks_only(effects: Any) -> bool:
     """Whether every effect of an equation is a host callback's (printing, logging):
     one that no value of the program reads."""
-    return all(type(e).__module__ in _CALLBACK_EFFECT_MODULES for e in effects)
+    return all(type(e).__module__ in CALLBACK_EFFECT_MODULES for e in effects)

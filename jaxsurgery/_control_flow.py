@@ -296,8 +296,11 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
-        if self.fold and _size(body.jaxpr) > WHILE_FOLD_LIMIT:
-            self._fold(eqn, pos, invars, source_info)  # not run op by op to count its trips
+        if self.fold and (
+            _size(body.jaxpr) > WHILE_FOLD_LIMIT
+            or any(type(e).__module__ in C.CALLBACK_EFFECT_MODULES for e in eqn.effects)
+        ):  # not run op by op to count its trips (nor its callbacks run while tracing)
+            self._fold(eqn, pos, invars, source_info)
             return None
         values = self._values([*cond_consts, *body_consts, *carry])
         if values is None and self.after_loop:

@@ -248,3 +248,32 @@ def test_boundaries_keep_signatures_and_docs():
     assert "selectors" in inspect.signature(js.Graph.select).parameters
     assert js.Graph.select.__doc__.startswith("Vars matching")
     assert js.trace.__wrapped__.__module__ == "jaxsurgery._trace"
+
+
+def growing(x):
+    def more(carry):
+        return carry[1].sum() < 10.0
+
+    def body(carry):
+        i, h = carry
+        a = jnp.exp(h) + 0.1
+        jax.debug.callback(record("trip"), a, ordered=True)
+        return i + 1, a * 2.0
+
+    return jax.lax.while_loop(more, body, (0, x))[1].sum()
+
+
+def test_tracing_runs_no_callback_of_a_while_loop(log):
+    """A while_loop whose body calls back to the host stays one equation: its trips
+    are not counted by running it while tracing (that ran the user's callbacks, a
+    logger's writes, at trace time); its values still answer per trip."""
+    x = jnp.full(2, 0.1)
+    log.clear()
+    g = js.trace(growing, x)
+    jax.effects_barrier()
+    assert log == []
+    a0 = jnp.exp(x) + 0.1
+    np.testing.assert_allclose(g.value("body/a@1"), jnp.exp(2 * a0) + 0.1, rtol=1e-6)
+    np.testing.assert_allclose(g.as_function()(x), growing(x), rtol=1e-6)
+    s = g.slice("body/a@1", "out")  # the loop goes on from there as the condition says
+    np.testing.assert_allclose(s(jnp.full(2, 20.0)), 80.0)
