@@ -70,6 +70,15 @@ def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Mat
         raise SliceError("the pattern computes nothing: it has no equations to match")
     target = graph._program
     anchor = pattern.producer[pattern.outputs[0]]
+    first = pattern.ancestor_eqns([pattern.outputs[0]])
+    apart = [k for k, o in enumerate(pattern.outputs) if pattern.producer[o] not in first]
+    if apart:  # matches grow back from the first output: the others must be on the way
+        raise SliceError(
+            f"the pattern's output {apart[0]} is not computed on the way to its output 0; "
+            "a pattern is matched from its first output back, so every other output must "
+            "be one of the values it computes; match independent parts (q = x @ wq, "
+            "k = x @ wk) with one pattern each"
+        )
     found: list[Match] = []
     used: set[int] = set()
     for e, eqn in enumerate(target.jaxpr.eqns):

@@ -183,6 +183,12 @@ CATALOG = [
         r"select it from this graph by name: g\['z1'\]; highlight takes a Slice",
     ),
     (
+        "a pattern whose outputs are independent",
+        lambda g, a: g.match(lambda x, wq, wk: (x @ wq, x @ wk), *(jnp.ones((2, 2)),) * 3),
+        js.SliceError,
+        r"the pattern's output 1 is not computed on the way to its output 0",
+    ),
+    (
         "a key replaced by its data",
         lambda g, a: js.trace(jax.random.split, jax.random.key(0)).replace(
             "out", jnp.zeros((2, 2), jnp.uint32)
