@@ -52,7 +52,7 @@ SECTIONS = [
     ("Peak memory for a 100k-equation program", bench_memory),
     ("Trace of a @jax.jit layer called D times vs jax.make_jaxpr", bench_jit_layers),
     ("Loops at scale: a scan RNN of T steps (16 wide)", bench_loops),
-    ("Trace of a diffrax solve (a while_loop of adaptive steps) vs jax.make_jaxpr", bench_diffrax),
+    ("Trace of solver loops (while_loops) vs jax.make_jaxpr", bench_diffrax),
     ("g.value on a 100k-equation chain (deep MLP)", bench_values),
     ("Experiments vs hand-written (12-layer MLP, 512 wide, batch 128)", bench_experiments),
 ]
