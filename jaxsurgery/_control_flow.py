@@ -48,6 +48,10 @@ UNROLL_LIMIT = 200_000
 #: equations stays one equation in the index without counting its trips (counting runs
 #: the body op by op at trace time: a diffrax solve); its body is indexed lazily.
 WHILE_FOLD_LIMIT = 200
+#: A while_loop whose trips would unroll past this many equations stays folded (its
+#: trips counted by one compiled loop when first needed): unrolling runs the body op by
+#: op at trace time, an optimistix BFGS solve's 80 trips of 180 equations 0.5 s.
+EAGER_UNROLL = 2_000
 #: A while_loop running more trips than this stays one equation.
 MAX_TRIPS = 10_000
 #: Inside the body of a folded loop, a scan unrolled into at most this many equations is
@@ -315,9 +319,18 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
+        size = max(1, _size(body.jaxpr))
         carries = _trip_carries(
-            cond, body, values[:n_cond], values[n_cond : n_cond + n_body], values[n_cond + n_body :]
+            cond,
+            body,
+            values[:n_cond],
+            values[n_cond : n_cond + n_body],
+            values[n_cond + n_body :],
+            max(1, EAGER_UNROLL // size) if self.fold else MAX_TRIPS,
         )
+        if carries is None and self.fold:  # many trips: folded, its trips counted compiled
+            self._fold(eqn, pos, invars, source_info)
+            return None
         trips = None if carries is None else len(carries) - 1
         if trips is None or trips * max(1, len(body.jaxpr.eqns)) > UNROLL_LIMIT:
             self.notes.append(
@@ -381,17 +394,16 @@ def _size(jaxpr: C.Jaxpr) -> int:
 
 
 def _trip_carries(
-    cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list
+    cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list, most: int
 ) -> list[list[Any]] | None:
     """The carries a while_loop enters each trip with, then its results, from concrete
-    values (one more than the trips it runs; None past MAX_TRIPS). The loop runs op by
-    op: a body compiled for it costs more (an optimistix BFGS solve's 80 trips of 180
-    ops: 0.35 s op by op, 0.6 s compiled: a fresh body compiles at every trace).
+    values (one more than the trips it runs; None past ``most`` trips). The loop runs
+    op by op: a body compiled for it costs more (a fresh body compiles at every trace).
     """
     body_fn = C.jaxpr_as_fun(body)
     carries = [carry]
     with jax.ensure_compile_time_eval():
-        for _ in range(MAX_TRIPS + 1):
+        for _ in range(most + 1):
             if not bool(goes_on(cond, cond_consts, carry)):
                 return carries
             carry = body_fn(*body_consts, *carry)
