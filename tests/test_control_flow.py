@@ -239,3 +239,28 @@ def test_a_vmapped_while_loop_with_a_condition_per_lane_stays_whole(padding):
     allclose(jax.jvp(s, (a,), (jnp.ones(3),))[1], jax.jvp(f, (a,), (jnp.ones(3),))[1], rtol=1e-4)
     with pytest.raises(js.SliceError, match="condition per lane"):
         g.value("newton_sqrt/body/nx@2")
+
+
+def many_trips(a):
+    def body(c):
+        i, x = c
+        x_new = jnp.cos(a * x) + 0.01 * i
+        return i + 1, x_new
+
+    return jax.lax.while_loop(lambda c: c[0] < 400, body, (0, a))[1]
+
+
+def test_a_while_loop_of_many_trips_stays_folded_and_answers_per_trip():
+    """400 trips of a small body pass what is unrolled at trace time (EAGER_UNROLL):
+    the loop stays one equation (its trips were all run op by op while tracing), and
+    its values still answer per trip, sliced from any trip on."""
+    a = jnp.float32(0.5)
+    g = js.trace(many_trips, a)
+    assert g._program.folded and len(g.vars) < 20
+    x = a
+    for i in range(301):
+        x = jnp.cos(0.5 * x) + 0.01 * i
+    allclose(g.value("body/x_new@300"), x)
+    s = g.slice("body/x_new@300", "out")
+    allclose(s(x), many_trips(a))
+    allclose(g.as_function()(jnp.float32(0.7)), many_trips(jnp.float32(0.7)))
