@@ -65,18 +65,20 @@ Sharp edges:
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import bisect
 import contextlib
+import copy
 import dis
 import functools
 import inspect
 import itertools
+import operator
 import os
 import sys
 import sysconfig
-import textwrap
 import threading
 import types
 import weakref
@@ -1041,10 +1043,15 @@ class _Framed:
         #: a checkpoint's calls are served from JAX's cache as a jit's are
         self.memory = None if remakes else _Memory()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self.call(None, *args, **kwargs)
 
-    def call(self, label: str | None, *args: Any, **kwargs: Any) -> Any:
+    def __getattr__(self, name: str) -> Any:  # __name__, __wrapped__...: the transform's
+        if name in _Framed.__slots__:  # not set yet
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def call(self, label: str | None, /, *args: Any, **kwargs: Any) -> Any:
         recorder = _current()
         if recorder is None:
             return self.fn(*args, **kwargs)
@@ -1060,7 +1067,7 @@ class _Framed:
             recorder.leave(frame, out if self.named else None)
         return out
 
-    def unframed(self, *args: Any, **kwargs: Any) -> Any:
+    def unframed(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run in the caller's frame: the function traced is this transform
         (``js.trace(jax.vmap(f), xs)`` names ``f``'s values as ``js.trace(f, x)`` does)."""
         recorder = _current()
@@ -1372,33 +1379,62 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
 def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.CodeType:
     """The code object of the rewritten function, cached per original code object and
     place: code objects compare equal without their file and line, so the same function
-    in two notebook cells would otherwise show the first cell as its source."""
-    if code.co_name == "<lambda>":
-        funcdef = _lambda_def(code)
-    else:
-        lines, start = inspect.findsource(code)
-        block = inspect.getblock(lines[code.co_firstlineno - 1 :])
-        tree = ast.parse(textwrap.dedent("".join(block)))
-        ast.increment_lineno(tree, code.co_firstlineno - 1)
-        funcdef = tree.body[0]
-        if not isinstance(funcdef, ast.FunctionDef) or funcdef.name != code.co_name:
-            raise ValueError(
-                f"the source at line {code.co_firstlineno} is not `def {code.co_name}`"
-            )
+    in two notebook cells would otherwise show the first cell as its source.
+
+    The source is checked against the code object first: a file edited since it was
+    imported (a notebook's module not reloaded) would otherwise run its new text.
+    """
+    funcdef = _lambda_def(code) if code.co_name == "<lambda>" else _def_of(code)
     funcdef.decorator_list = []
+    funcdef.name = _FUNCTION  # a call of itself (recursion) reads the name as it did
+    if _signature(_factory_code(copy.deepcopy(funcdef), code)) != _signature(code):
+        raise ValueError("its source is not the code that runs (edited since it was loaded?)")
     args = funcdef.args
     params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
     params = [p for p in params if p not in ("self", "cls")]
-    if funcdef.name == _LAMBDA:  # a lambda's parameters name nothing in its caller
+    if code.co_name == "<lambda>":  # a lambda's parameters name nothing in its caller
         params = []
     body = _MarkAssignments().visit_body(funcdef.body)
     docstring = body[:1] if body and _is_docstring(body[0]) else []
     funcdef.body = docstring + _marks(params, funcdef) + body[len(docstring) :]
+    names = {"co_name": code.co_name}
+    if hasattr(code, "co_qualname"):
+        names["co_qualname"] = code.co_qualname
+    return _factory_code(funcdef, code, (MARK, CALL)).replace(**names)
+
+
+_FUNCTION = "__js_function__"
+#: the compiler flags of ``from __future__`` imports (a rewritten function keeps its own)
+_FUTURE_FLAGS = functools.reduce(
+    operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names)
+)
+
+
+def _def_of(code: types.CodeType) -> ast.FunctionDef:
+    """The ``def`` of a function's code object, from its file, at its place (an
+    indented one parsed where it is, so that no string literal in it changes)."""
+    lines, _ = inspect.findsource(code)
+    text = "".join(inspect.getblock(lines[code.co_firstlineno - 1 :]))
+    indented = text[:1].isspace()
+    tree = ast.parse(f"if 1:\n{text}" if indented else text)
+    ast.increment_lineno(tree, code.co_firstlineno - 1 - indented)
+    funcdef = tree.body[0].body[0] if indented else tree.body[0]
+    if not isinstance(funcdef, ast.FunctionDef) or funcdef.name != code.co_name:
+        raise ValueError(f"the source at line {code.co_firstlineno} is not `def {code.co_name}`")
+    return funcdef
+
+
+def _factory_code(
+    funcdef: ast.FunctionDef, code: types.CodeType, extra: tuple[str, ...] = ()
+) -> types.CodeType:
+    """The code object of ``funcdef`` compiled as the original was: inside a factory
+    taking ``extra`` names and the original's free variables (whose cells it is given),
+    with the original's ``from __future__`` flags."""
     factory = ast.FunctionDef(
         name="__js_factory__",
         args=ast.arguments(
             posonlyargs=[],
-            args=[ast.arg(arg=a) for a in (MARK, CALL, *code.co_freevars)],
+            args=[ast.arg(arg=a) for a in (*extra, *code.co_freevars)],
             kwonlyargs=[],
             kw_defaults=[],
             defaults=[],
@@ -1409,20 +1445,23 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
     )
     ast.copy_location(factory, funcdef)
     compiled = _compiled_in_class(factory, code)
-    factory_code = _const_code(compiled, "__js_factory__")
-    return _const_code(factory_code, funcdef.name).replace(co_name=code.co_name)
+    return _const_code(_const_code(compiled, "__js_factory__"), funcdef.name)
 
 
 def _compiled_in_class(node: ast.stmt, code: types.CodeType) -> types.CodeType:
     """``node`` compiled as a module, inside a class of the name of the one ``code`` is
     defined in when it reads private names (``self.__w``), which Python mangles by
-    that name (``self._Scaler__w``); the code object holding ``node``'s."""
+    that name (``self._Scaler__w``), or calls ``super()``; the code object holding
+    ``node``'s."""
     cls = _enclosing_class(code)
-    private = cls is not None and any(
-        n.startswith("__") and not n.endswith("__")
-        for n in (
-            getattr(x, "id", None) or getattr(x, "attr", None) or getattr(x, "arg", None) or ""
-            for x in ast.walk(node)
+    private = cls is not None and (
+        "__class__" in code.co_freevars
+        or any(
+            n.startswith("__") and not n.endswith("__")
+            for n in (
+                getattr(x, "id", None) or getattr(x, "attr", None) or getattr(x, "arg", None) or ""
+                for x in ast.walk(node)
+            )
         )
     )
     if private:
@@ -1430,7 +1469,8 @@ def _compiled_in_class(node: ast.stmt, code: types.CodeType) -> types.CodeType:
             ast.ClassDef(name=cls, bases=[], keywords=[], body=[node], decorator_list=[]), node
         )
     module = ast.fix_missing_locations(ast.Module(body=[node], type_ignores=[]))
-    compiled = compile(module, code.co_filename, "exec")
+    flags = code.co_flags & _FUTURE_FLAGS
+    compiled = compile(module, code.co_filename, "exec", flags=flags, dont_inherit=True)
     return _const_code(compiled, cls) if private else compiled
 
 
@@ -1498,11 +1538,19 @@ def _lambda_code(node: ast.Lambda, code: types.CodeType) -> types.CodeType:
 
 #: instructions that differ between a lambda compiled where it is and alone: how a
 #: name is reached (a local, a closure cell, a global) and the frame's set-up
-_SCOPING = frozenset({"RESUME", "COPY_FREE_VARS", "MAKE_CELL", "NOP", "CACHE", "PUSH_NULL"})
+_SCOPING = frozenset(
+    {"RESUME", "COPY_FREE_VARS", "MAKE_CELL", "NOP", "CACHE", "PUSH_NULL", "EXTENDED_ARG"}
+)
 _LOADS = frozenset(
-    {"LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_CLOSURE", "LOAD_FAST_CHECK"}
+    {
+        *("LOAD_FAST", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_CLOSURE"),
+        *("LOAD_FAST_CHECK", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"),
+    }
 )
 _JUMPS = frozenset({*dis.hasjrel, *dis.hasjabs})
+#: instructions the compiler picks by context for one operation (3.11: an attribute
+#: call's LOAD_METHOD, or LOAD_ATTR where the line was compiled before)
+_SAME_OP = {"LOAD_METHOD": "LOAD_ATTR"}
 
 
 def _signature(code: types.CodeType) -> tuple:
@@ -1517,9 +1565,12 @@ def _signature(code: types.CodeType) -> tuple:
             arg = None
         elif inspect.iscode(arg):
             arg = _signature(arg)
+        elif isinstance(arg, str) and "<locals>." in arg:  # a class's qualified name
+            arg = arg.rsplit("<locals>.", 1)[1]
         elif not isinstance(arg, (str, int, float, complex, bytes, tuple, frozenset, type(None))):
             arg = repr(arg)
-        out.append(("LOAD" if ins.opname in _LOADS else ins.opname, arg))
+        op = "LOAD" if ins.opname in _LOADS else _SAME_OP.get(ins.opname, ins.opname)
+        out.append((op, arg))
     return tuple(out)
 
 
