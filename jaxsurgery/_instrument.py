@@ -728,7 +728,10 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, (int, float, complex, bool, str, type(None))):
         return []
     value = named_array_data(value)  # a penzai NamedArray is its array
-    leaves, tree = jax.tree_util.tree_flatten(value)
+    try:
+        leaves, tree = jax.tree_util.tree_flatten(value)
+    except Exception:  # not a pytree JAX can flatten (a dict keyed by functions): unnamed
+        return []
     try:
         paths = _PATHS.get(tree)
     except (TypeError, ValueError):  # node data that cannot be hashed or compared
@@ -771,7 +774,11 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
         return functools.partial(fn.call, label)
     known = recorder.targets.get(id(fn))
     if known is None or known[0] is not fn:
-        known = recorder.targets[id(fn)] = (fn, *_call_target(fn))
+        try:
+            target_of = _call_target(fn)
+        except Exception:  # an object whose attributes raise (a __getattr__ of its own)
+            target_of = (None, None)  # runs as it is
+        known = recorder.targets[id(fn)] = (fn, *target_of)
     _, target, jitted = known
     if target is None and not always:  # JAX itself, numpy or a builtin: no frame
         return fn
@@ -1102,6 +1109,8 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
             fun, args = args[0], args[1:]
         else:
             fun = kwargs.pop(param, None)
+        if isinstance(fun, type) and from_jax:  # jax.vmap(MyNamedTuple): a class, as it is
+            return transform(fun, *args, **kwargs)
         if fun is None or isinstance(fun, type) or not callable(fun):  # a factory
             if fun is not None:  # a sentinel for "no function" (flax's Missing)
                 args = (fun, *args)
@@ -1203,7 +1212,7 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
 
     Returns ``(callable, None)``, or ``(fn, reason)`` when nothing was rewritten.
     """
-    if isinstance(fn, functools.partial):
+    if type(fn) is functools.partial:  # a subclass's own __call__ runs (below)
         inner, reason = rewritten(fn.func)
         return functools.partial(inner, *fn.args, **fn.keywords), reason
     if _is_user_function(fn) or (
@@ -1223,7 +1232,10 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     call = getattr(type(fn), "__call__", None)  # noqa: B004 (the class attribute)
     if not isinstance(fn, (types.FunctionType, types.MethodType)) and _is_user_function(call):
         body, reason = instrument(call)
-        return types.MethodType(body, fn), reason
+        kind = inspect.getattr_static(type(fn), "__call__", None)
+        if isinstance(kind, staticmethod):
+            return body, reason
+        return types.MethodType(body, type(fn) if isinstance(kind, classmethod) else fn), reason
     framed = _transformed(fn)
     if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
         return framed.unframed, None
@@ -1323,7 +1335,7 @@ def _jitted(fn: Any) -> _Jitted | None:
     A jit inlined when traced leaves no call equation to tell its calls apart by, so it
     gets a new twin per call, whose body runs each time.
     """
-    if not (hasattr(fn, "lower") and _is_user_function(getattr(fn, "__wrapped__", None))):
+    if not (is_jit(fn) and _is_user_function(getattr(fn, "__wrapped__", None))):
         return None
     if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None
@@ -1336,6 +1348,18 @@ def _jitted(fn: Any) -> _Jitted | None:
     except TypeError:  # not weakly referenceable
         return _Jitted(fn, cached=False)
     return found
+
+
+#: the packages whose jit wrappers (``jax.jit``'s, ``eqx.filter_jit``'s, ``nnx.jit``'s)
+#: are remade around the rewritten function
+_JIT_PACKAGES = frozenset({"jax", "jaxlib", "equinox", "flax"})
+
+
+def is_jit(fn: Any) -> bool:
+    """Whether ``fn`` is a jitted function of JAX, Equinox or Flax (a user's own object
+    with ``lower`` and ``__wrapped__``, a wrapper casting around a jit, is not: its
+    ``__call__`` runs)."""
+    return hasattr(fn, "lower") and type(fn).__module__.split(".")[0] in _JIT_PACKAGES
 
 
 def _callable_name(fn: Any) -> str:
@@ -1355,7 +1379,7 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
     if isinstance(fn, types.MethodType):
         inner, reason = instrument(fn.__func__)
         return types.MethodType(inner, fn.__self__), reason
-    if isinstance(fn, functools.partial):
+    if type(fn) is functools.partial:
         inner, reason = instrument(fn.func)
         return functools.partial(inner, *fn.args, **fn.keywords), reason
     if not isinstance(fn, types.FunctionType):

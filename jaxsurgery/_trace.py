@@ -25,7 +25,7 @@ from ._errors import SliceError, TraceError, short_list
 from ._frameworks import in_place_objects, library_calls, library_names, parameter_labels
 from ._gc import gc_paused
 from ._graph import Graph
-from ._instrument import Recorder, call_in_frame, note_state, record, rewritten
+from ._instrument import Recorder, call_in_frame, is_jit, note_state, record, rewritten
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
@@ -297,7 +297,7 @@ def _title_name(fn: Any) -> str:
 
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The Python function behind a ``jax.jit``-ed one (same semantics, readable source)."""
-    while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
+    while is_jit(fn) and hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
     if not callable(fn):
         raise TraceError(f"js.trace needs a function, got {type(fn).__name__}: {fn!r}")

@@ -2,9 +2,11 @@
 the function with its assignments marked and its calls framed, compiled from its source.
 References: the function called directly."""
 
+import functools
 import importlib
 import sys
 import textwrap
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,3 +132,75 @@ def test_source_in_a_notebook_cell_with_an_indented_block():
     exec(compile(source, filename, "exec"), namespace)
     g = same_as_direct(namespace["cell_fn"], jnp.ones(2))
     assert g["hidden"].primitive == "tanh"
+
+
+def test_values_jax_cannot_flatten_are_left_unnamed():
+    """A dict keyed by functions assigned to a name (keys JAX cannot sort) runs as it
+    does; it raised ValueError from the name's pytree flattening."""
+
+    def f(x):
+        acts = {jnp.tanh: 1.0, jax.nn.relu: 2.0}
+        mixed = {0: x, "a": x}
+        return sum(fn(x) * w for fn, w in acts.items()) + mixed[0]
+
+    same_as_direct(f, jnp.ones(2))
+
+
+class Pair(NamedTuple):
+    """A class a transform maps (jax.vmap(Pair)(a, b))."""
+
+    a: jax.Array
+    b: jax.Array
+
+
+class StaticCall:
+    @staticmethod
+    def __call__(x):
+        doubled = x * 2.0
+        return doubled
+
+
+class Half:
+    """A user's wrapper around a jit, forwarding ``lower`` and ``__wrapped__``: its own
+    ``__call__`` runs (it was taken for the jit it wraps)."""
+
+    def __init__(self, fn):
+        self.inner = jax.jit(fn)
+        self.__wrapped__ = fn
+        self.lower = self.inner.lower
+
+    def __call__(self, x):
+        return self.inner(x.astype(jnp.bfloat16)).astype(jnp.float32)
+
+
+class Doubled(functools.partial):
+    def __call__(self, *args, **kwargs):
+        return 2.0 * super().__call__(*args, **kwargs)
+
+
+class Strict:
+    """Attributes it does not hold raise KeyError, not AttributeError."""
+
+    def __init__(self):
+        self._d = {}
+
+    def __call__(self, x):
+        return x * 2.0
+
+    def __getattr__(self, name):
+        return self._d[name]
+
+
+def test_callables_of_every_kind_run_as_they_do():
+    """A class under jax.vmap, a static ``__call__``, a user's wrapper of a jit, a
+    functools.partial subclass with its own ``__call__``, an object whose attribute
+    lookups raise KeyError: each ran otherwise, or crashed."""
+    half, static, strict = Half(lambda x: x + 0.001), StaticCall(), Strict()
+    doubled = Doubled(lambda x, w: x * w, w=3.0)
+
+    def f(x):
+        a, b = jax.vmap(Pair)(x, x)
+        return static(a) + half(b) + doubled(x) + strict(x)
+
+    g = same_as_direct(f, jnp.ones(2))
+    allclose(g.value("static/doubled"), 2.0 * jnp.ones(2))
