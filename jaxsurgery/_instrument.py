@@ -1182,8 +1182,10 @@ def _module_of(fn: Any) -> str:
 def _is_jax_or_builtin(fn: Any) -> bool:
     if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
         return True  # constructing an object, or a C function: no frame
-    module = _module_of(fn)
-    return module.split(".", 1)[0] in _SKIP_MODULES
+    top = _module_of(fn).split(".", 1)[0]
+    # the standard library runs as it is, with no frame of ours in between: a
+    # warnings.warn(stacklevel=2), a logging record or inspect.stack() sees the caller
+    return top in _SKIP_MODULES or top in sys.stdlib_module_names
 
 
 @functools.lru_cache(maxsize=1024)

@@ -204,3 +204,22 @@ def test_callables_of_every_kind_run_as_they_do():
 
     g = same_as_direct(f, jnp.ones(2))
     allclose(g.value("static/doubled"), 2.0 * jnp.ones(2))
+
+
+def test_the_standard_library_sees_the_callers_frame():
+    """A warning raised by the traced function itself (``warnings.warn``, a standard
+    library call) points at the user's line (it pointed at jaxsurgery's call wrapper,
+    so module filters stopped matching), and ``inspect.currentframe`` is the user's."""
+    import inspect
+    import warnings
+
+    def f(x):
+        warnings.warn("careful", UserWarning, stacklevel=1)
+        frame = inspect.currentframe()
+        return x * (1.0 if frame.f_code.co_name == "f" else 5.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = same_as_direct(f, jnp.ones(2))
+    assert {w.filename for w in caught} == {__file__}
+    allclose(g.value("out"), jnp.ones(2))
