@@ -69,6 +69,7 @@ import __future__
 
 import ast
 import bisect
+import builtins
 import contextlib
 import copy
 import dis
@@ -814,6 +815,13 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     return run
 
 
+# The rewritten code reaches the marker and the call wrapper as builtins, not as
+# closure cells: a function's free variables are locals to locals(), vars() and dir()
+# (``combine(**locals())`` got ``__js_call__``)
+setattr(builtins, MARK, _mark)
+setattr(builtins, CALL, _call)
+
+
 def record(name: str, value: Any, scope: str = "") -> None:
     """Name ``value`` in the frame being traced (a name a library gives it, in the name
     stack ``scope``: see :meth:`Recorder.record`)."""
@@ -1389,8 +1397,6 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
     try:
         code = _instrumented_code(fn.__code__, fn.__code__.co_filename, fn.__code__.co_firstlineno)
         cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
-        cells[MARK] = types.CellType(_mark)
-        cells[CALL] = types.CellType(_call)
         closure = tuple(cells[name] for name in code.co_freevars)
     except (OSError, TypeError, SyntaxError, LookupError, ValueError) as e:
         return fn, f"the source of {fn.__qualname__} could not be rewritten ({e})"
@@ -1426,7 +1432,7 @@ def _instrumented_code(code: types.CodeType, filename: str, line: int) -> types.
     names = {"co_name": code.co_name}
     if hasattr(code, "co_qualname"):
         names["co_qualname"] = code.co_qualname
-    return _factory_code(funcdef, code, (MARK, CALL)).replace(**names)
+    return _factory_code(funcdef, code).replace(**names)
 
 
 _FUNCTION = "__js_function__"
@@ -1450,17 +1456,15 @@ def _def_of(code: types.CodeType) -> ast.FunctionDef:
     return funcdef
 
 
-def _factory_code(
-    funcdef: ast.FunctionDef, code: types.CodeType, extra: tuple[str, ...] = ()
-) -> types.CodeType:
+def _factory_code(funcdef: ast.FunctionDef, code: types.CodeType) -> types.CodeType:
     """The code object of ``funcdef`` compiled as the original was: inside a factory
-    taking ``extra`` names and the original's free variables (whose cells it is given),
-    with the original's ``from __future__`` flags."""
+    taking the original's free variables (whose cells it is given), with the
+    original's ``from __future__`` flags."""
     factory = ast.FunctionDef(
         name="__js_factory__",
         args=ast.arguments(
             posonlyargs=[],
-            args=[ast.arg(arg=a) for a in (*extra, *code.co_freevars)],
+            args=[ast.arg(arg=a) for a in code.co_freevars],
             kwonlyargs=[],
             kw_defaults=[],
             defaults=[],

@@ -223,3 +223,18 @@ def test_the_standard_library_sees_the_callers_frame():
         g = same_as_direct(f, jnp.ones(2))
     assert {w.filename for w in caught} == {__file__}
     allclose(g.value("out"), jnp.ones(2))
+
+
+def combine(x, w):
+    return x * w
+
+
+def test_locals_hold_only_the_functions_own_variables():
+    """``locals()`` in a rewritten function is the original's (it held jaxsurgery's
+    marker and call wrapper: ``combine(**locals())`` got ``__js_call__``)."""
+
+    def f(x, w):
+        together = combine(**locals())
+        return together * len(locals())
+
+    allclose(same_as_direct(f, jnp.ones(2), 2.0).value("out"), 6.0 * jnp.ones(2))
