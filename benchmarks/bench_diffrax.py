@@ -1,11 +1,11 @@
 """Tracing solver loops: ``js.trace`` vs ``jax.make_jaxpr``.
 
-An adaptive diffrax solve is a ``while_loop`` whose trip count depends on values: the
-index keeps its large body folded instead of running it op by op at trace time. An
-optimistix BFGS minimisation is a ``while_loop`` with a small body (180 equations, line
-search conds inside), which the index unrolls to name every trip: its trips are
-counted, and its conds decided, by running the body op by op on the traced values
-(reported, no target: the cost of per-trip names in the flat index).
+An adaptive diffrax solve and an optimistix BFGS minimisation (80 trips of a body of
+180 equations, line-search conds inside) are ``while_loop``s whose trip counts depend on
+values: the index keeps their bodies folded instead of running them op by op at trace
+time. The BFGS body (over ``SMALL_BODY``) is run op by op for its first trips, until they
+pass ``EAGER_UNROLL`` equations, then folded: reported, no target (it traced in 15×
+``make_jaxpr`` when its 80 trips were all unrolled).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def bfgs_fn():
 
 PROGRAMS = {
     "diffrax Tsit5 solve": (solve_fn, (jnp.array([1.0, -0.5]), jnp.array(0.7)), "≤ 2"),
-    "optimistix BFGS (unrolled)": (bfgs_fn, (jnp.zeros(4),), ""),
+    "optimistix BFGS": (bfgs_fn, (jnp.zeros(4),), ""),
 }
 
 

@@ -48,10 +48,13 @@ UNROLL_LIMIT = 200_000
 #: equations stays one equation in the index without counting its trips (counting runs
 #: the body op by op at trace time: a diffrax solve); its body is indexed lazily.
 WHILE_FOLD_LIMIT = 200
-#: A while_loop whose trips would unroll past this many equations stays folded (its
-#: trips counted by one compiled loop when first needed): unrolling runs the body op by
-#: op at trace time, an optimistix BFGS solve's 80 trips of 180 equations 0.5 s.
+#: A while_loop whose body passes SMALL_BODY equations stays folded too once its trips
+#: pass EAGER_UNROLL unrolled equations (its trips then counted by one compiled loop when
+#: first needed): an optimistix BFGS solve's 80 trips of 180 equations took 0.5 s to count
+#: op by op. A small body costs little a trip and is unrolled (up to UNROLL_LIMIT):
+#: slices across its trips are plain code, which reverse mode takes.
 EAGER_UNROLL = 2_000
+SMALL_BODY = 50
 #: A while_loop running more trips than this stays one equation.
 MAX_TRIPS = 10_000
 #: Inside the body of a folded loop, a scan unrolled into at most this many equations is
@@ -319,16 +322,16 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
-        size = max(1, _size(body.jaxpr))
+        size = _size(body.jaxpr)
         carries = _trip_carries(
             cond,
             body,
             values[:n_cond],
             values[n_cond : n_cond + n_body],
             values[n_cond + n_body :],
-            max(1, EAGER_UNROLL // size) if self.fold else MAX_TRIPS,
+            max(1, EAGER_UNROLL // size) if self.fold and size > SMALL_BODY else MAX_TRIPS,
         )
-        if carries is None and self.fold:  # many trips: folded, its trips counted compiled
+        if carries is None and self.fold and size > SMALL_BODY:  # folded: counted compiled
             self._fold(eqn, pos, invars, source_info)
             return None
         trips = None if carries is None else len(carries) - 1

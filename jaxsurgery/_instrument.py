@@ -1190,10 +1190,13 @@ def _module_of(fn: Any) -> str:
 def _is_jax_or_builtin(fn: Any) -> bool:
     if isinstance(fn, (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
         return True  # constructing an object, or a C function: no frame
-    top = _module_of(fn).split(".", 1)[0]
+    if _module_of(fn).split(".", 1)[0] in _SKIP_MODULES:
+        return True
     # the standard library runs as it is, with no frame of ours in between: a
     # warnings.warn(stacklevel=2), a logging record or inspect.stack() sees the caller
-    return top in _SKIP_MODULES or top in sys.stdlib_module_names
+    # (told by where its code is: a user's package may be named `trace` or `copy`)
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is not None and _is_stdlib_file(code.co_filename)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1204,12 +1207,27 @@ def _is_user_file(filename: str) -> bool:
     return not any(filename.startswith(p + os.sep) for p in library)
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_stdlib_file(filename: str) -> bool:
+    paths = sysconfig.get_paths()
+    stdlib = {paths[k] + os.sep for k in ("stdlib", "platstdlib")}
+    installed = {paths[k] + os.sep for k in ("purelib", "platlib")}
+    return filename.startswith(tuple(stdlib)) and not filename.startswith(tuple(installed))
+
+
 def _is_user_function(fn: Any) -> bool:
     return (
         isinstance(fn, types.FunctionType)
         and not hasattr(fn, "__wrapped__")
         and _is_user_file(fn.__code__.co_filename)
         and not fn.__code__.co_filename.startswith(_OWN_FILES)  # ours, also uninstalled
+    )
+
+
+def _plain_partial(fn: Any) -> bool:
+    """A ``functools.partial`` (or a subclass) that calls its function as partial does."""
+    return isinstance(fn, functools.partial) and (
+        type(fn).__call__ is functools.partial.__call__  # noqa: B004 (the class attribute)
     )
 
 
@@ -1222,7 +1240,7 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
 
     Returns ``(callable, None)``, or ``(fn, reason)`` when nothing was rewritten.
     """
-    if type(fn) is functools.partial:  # a subclass's own __call__ runs (below)
+    if _plain_partial(fn):  # a subclass's own __call__ runs (below)
         inner, reason = rewritten(fn.func)
         return functools.partial(inner, *fn.args, **fn.keywords), reason
     if _is_user_function(fn) or (
@@ -1389,7 +1407,7 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
     if isinstance(fn, types.MethodType):
         inner, reason = instrument(fn.__func__)
         return types.MethodType(inner, fn.__self__), reason
-    if type(fn) is functools.partial:
+    if _plain_partial(fn):
         inner, reason = instrument(fn.func)
         return functools.partial(inner, *fn.args, **fn.keywords), reason
     if not isinstance(fn, types.FunctionType):

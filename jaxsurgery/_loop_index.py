@@ -4,8 +4,9 @@ Unrolling a loop into the flat index costs time and memory per iteration: a
 10 000-step RNN is 100 000 equations before anything is asked, and a ``while_loop``'s
 trip count is only known by running its body op by op (a diffrax solve). So every
 scan, and a ``while_loop`` whose body passes
-:data:`~jaxsurgery._control_flow.WHILE_FOLD_LIMIT` equations or whose trips pass
-:data:`~jaxsurgery._control_flow.EAGER_UNROLL`, stay one equation in the flat
+:data:`~jaxsurgery._control_flow.WHILE_FOLD_LIMIT` equations (or
+:data:`~jaxsurgery._control_flow.SMALL_BODY` equations, with trips that would unroll past
+:data:`~jaxsurgery._control_flow.EAGER_UNROLL`), stay one equation in the flat
 program (slices, values and gradients around them treat them as loops), and the body
 is indexed once, as a *template*: a flat program of the body alone, named like any
 body (``step/h``). A name with an iteration, ``step/h@990``, then resolves to a

@@ -238,3 +238,47 @@ def test_locals_hold_only_the_functions_own_variables():
         return together * len(locals())
 
     allclose(same_as_direct(f, jnp.ones(2), 2.0).value("out"), 6.0 * jnp.ones(2))
+
+
+def test_a_users_package_named_like_a_standard_module_is_user_code(tmp_path, monkeypatch):
+    """A project's own package ``trace`` (a standard-library name too) is rewritten: the
+    standard library is told by where its files are, not by module names."""
+    package = tmp_path / "trace"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text(
+        "import jax.numpy as jnp\ndef block(x):\n    inner = jnp.sin(x) * 2\n    return inner\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {k: sys.modules.pop(k) for k in ("trace", "trace.helpers") if k in sys.modules}
+    try:
+        helpers = importlib.import_module("trace.helpers")
+
+        def f(x):
+            y = helpers.block(x)
+            return y
+
+        g = same_as_direct(f, jnp.ones(2))
+        allclose(g.value("helpers.block/inner"), 2 * jnp.sin(jnp.ones(2)))
+    finally:
+        for k in ("trace", "trace.helpers"):
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+
+
+def layer(x, k):
+    hid = x * k
+    return hid
+
+
+class Bound(functools.partial):
+    """A partial subclass that adds nothing to calling."""
+
+
+def test_a_partial_subclass_calling_as_partial_does_names_its_function():
+    def f(x):
+        p = Bound(layer, k=2.0)
+        y = p(x)
+        return y
+
+    allclose(same_as_direct(f, jnp.ones(2)).value("p/hid"), 2.0 * jnp.ones(2))
