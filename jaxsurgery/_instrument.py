@@ -1538,7 +1538,8 @@ _LAMBDA = "__js_lambda__"
 def _lambda_def(code: types.CodeType) -> ast.FunctionDef:
     """A lambda as ``def __js_lambda__(args): return body`` (its calls are then
     rewritten, so ``js.trace(lambda x: model(params, x), x)`` names ``model``'s values),
-    found in its file's syntax tree by line, parameters and column."""
+    found in its file's syntax tree by line and parameters, and among several alike on
+    one line by the code it compiles to (columns shift where a function is rewritten)."""
     lines, _ = inspect.findsource(code)
     tree = ast.parse("".join(lines))
     params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
@@ -1584,8 +1585,8 @@ def _lambda_code(node: ast.Lambda, code: types.CodeType) -> types.CodeType:
     return next(c for c in compiled.co_consts if inspect.iscode(c) and c.co_name == "<lambda>")
 
 
-#: instructions that differ between a lambda compiled where it is and alone: how a
-#: name is reached (a local, a closure cell, a global) and the frame's set-up
+#: instructions that differ between code compiled where it is and in a factory (or
+#: alone): how a name is reached (a local, a closure cell, a global), the frame's set-up
 _SCOPING = frozenset(
     {"RESUME", "COPY_FREE_VARS", "MAKE_CELL", "NOP", "CACHE", "PUSH_NULL", "EXTENDED_ARG"}
 )
