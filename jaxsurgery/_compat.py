@@ -398,10 +398,19 @@ def inner_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
 
 #: the modules of the effects of host callbacks (``jax.debug.print``/``callback``,
 #: ``io_callback``), the same in every supported JAX version
-CALLBACK_EFFECT_MODULES = ("jax._src.debugging", "jax._src.callback")
+_CALLBACK_EFFECT_MODULES = ("jax._src.debugging", "jax._src.callback")
+
+
+def _is_callback(effect: Any) -> bool:
+    return type(effect).__module__ in _CALLBACK_EFFECT_MODULES
 
 
 def callbacks_only(effects: Any) -> bool:
     """Whether every effect of an equation is a host callback's (printing, logging):
     one that no value of the program reads."""
-    return all(type(e).__module__ in CALLBACK_EFFECT_MODULES for e in effects)
+    return all(map(_is_callback, effects))
+
+
+def calls_back(effects: Any) -> bool:
+    """Whether an equation (a loop, with what its body does) calls back to the host."""
+    return any(map(_is_callback, effects))

@@ -303,10 +303,9 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
-        if self.fold and (
-            _size(body.jaxpr) > WHILE_FOLD_LIMIT
-            or any(type(e).__module__ in C.CALLBACK_EFFECT_MODULES for e in eqn.effects)
-        ):  # not run op by op to count its trips (nor its callbacks run while tracing)
+        size = _size(body.jaxpr)
+        if self.fold and (size > WHILE_FOLD_LIMIT or C.calls_back(eqn.effects)):
+            # not run op by op to count its trips (nor its callbacks run while tracing)
             self._fold(eqn, pos, invars, source_info)
             return None
         values = self._values([*cond_consts, *body_consts, *carry])
@@ -322,7 +321,6 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
-        size = _size(body.jaxpr)
         carries = _trip_carries(
             cond,
             body,
