@@ -171,6 +171,12 @@ _ITERATION = re.compile(r"^(.*?)((?:@(?:0|[1-9]\d*))+)$")  # @7, not @07
 _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
 
 
+def unnamed_base(loop: int, var: int) -> str:
+    """The base name of template var ``var`` of folded loop ``loop`` that nothing names
+    (``loop<k>%<i>``, as an unnamed var of the flat index is ``%<i>``)."""
+    return f"loop{loop}%{var}"
+
+
 def _inner(template: Program, ti: int) -> tuple[int, ...]:
     """The iterations of the loops unrolled inside a body that template var ``ti`` is in."""
     found = template.found(ti)
@@ -292,7 +298,7 @@ class LoopIndex:
                 n = self.length(loop) or 0
                 template = loop.template
                 for ti in range(len(template.vars)):
-                    base = f"loop{k}%{ti}"
+                    base = unnamed_base(k, ti)
                     tmpl = Template(k, ti, _inner(template, ti))
                     for t in range(n):
                         name = tmpl.name(base, t)
@@ -431,7 +437,7 @@ class LoopIndex:
                 (shared if base in self._shared() else found).append(tmpl.name(base, v.iteration))
         # a name of several values (a scope's outputs) selects them all, and is never
         # canonical (as in the flat index): then the var's own ``loop<k>%<i>`` is
-        fallback = v.template.name(f"loop{v.template.loop}%{v.template.var}", v.iteration)
+        fallback = v.template.name(unnamed_base(v.template.loop, v.template.var), v.iteration)
         return [*found, *shared] if found else [fallback, *shared]
 
     def _shared(self) -> set[str]:
@@ -464,7 +470,7 @@ class LoopIndex:
         """The base names of a template var, plain names first; a body value nothing
         names is ``loop<k>%<i>`` (template var ``i`` of folded loop ``k``), as an
         unnamed var of the flat index is ``%<i>``."""
-        return self._bases(tmpl) or [f"loop{tmpl.loop}%{tmpl.var}"]
+        return self._bases(tmpl) or [unnamed_base(tmpl.loop, tmpl.var)]
 
     def _unnamed(self, base: str) -> list[Template]:
         """The template var a ``loop<k>%<i>`` base names (see :meth:`base_names`)."""

@@ -304,6 +304,8 @@ def _primitives(graph: Graph, primitive: Any) -> set[str]:
 def _only_in_loops(graph: Graph, wanted: set[str]) -> SelectionError:
     """No var of ``g.vars`` is made by these primitives: body values of folded loops
     are (``_primitives`` found them), which answer to names per iteration."""
+    from ._loop_index import unnamed_base
+
     folded = graph._program.folded
     names = [
         name
@@ -312,7 +314,7 @@ def _only_in_loops(graph: Graph, wanted: set[str]) -> SelectionError:
     ]
     if not names:
         names = [
-            f"loop{k}%{ti}"
+            unnamed_base(k, ti)
             for k, loop in enumerate(folded)
             for ti, p in enumerate(loop.template.primitives)
             if p in wanted
