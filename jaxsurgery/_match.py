@@ -230,12 +230,17 @@ def _same_constant(value: Any, target: Program, atom: Any) -> bool:
         other = target.consts[atom - target.num_inputs]
     else:
         return False
-    a, b = np.asarray(value), np.asarray(other)
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    return _equal(value, other)
 
 
 def _same_literal(a: C.Literal, b: C.Literal) -> bool:
-    return np.asarray(a.val).dtype == np.asarray(b.val).dtype and np.array_equal(a.val, b.val)
+    return _equal(a.val, b.val)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two constants are the same value: dtype, shape and elements."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and np.array_equal(a, b)
 
 
 def _as_match(graph: Graph, pattern: Program, state: _State) -> Match:
