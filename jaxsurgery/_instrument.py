@@ -459,7 +459,7 @@ class Recorder:
         flat = [
             (
                 (anchored(b, name, _made_in(program, i), program) if b in scoped else name)
-                + "".join(f"@{t}" for t in its),
+                + ("".join(f"@{t}" for t in its) if its else ""),
                 i,
             )
             for name, found, b in named

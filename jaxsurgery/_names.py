@@ -113,8 +113,14 @@ def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[i
             if name not in first:
                 names.setdefault(vs[0], []).append(name)
             continue
+        base, at, iterations = name.partition("@")  # _numbered, inlined: every binding
         for k, var in enumerate(vs):
-            names.setdefault(var, []).extend((_numbered(name, k), name))
+            numbered = f"{base}#{k}{at}{iterations}"
+            got = names.get(var)
+            if got is None:
+                names[var] = [numbered, name]
+            else:
+                got += (numbered, name)
     return names
 
 
@@ -189,33 +195,41 @@ def finalize(
     canonical: list[str] = []
     aliases: list[tuple[str, ...]] = []
     lookup: dict[str, list[int]] = {}
+    by_canonical: dict[str, int] = {}
+    # one pass over every var, written for speed (it names every value of a program)
     for i, cands in enumerate(candidates):
-        if not cands and not extras[i]:  # most vars: nothing but the fallback
+        extra = extras[i]
+        if not cands and not extra:  # most vars: nothing but the fallback
             canonical.append(f"%{i}")
             aliases.append(())
             continue
-        chosen = next(
-            (
-                c
-                for c in cands
-                if c not in taken
-                and (c not in multi or (c in protected and _numbered(c, 0) not in cands))
-            ),
-            None,
-        )
+        chosen = None
+        for c in cands:
+            if c in taken or (c in multi and (c not in protected or _numbered(c, 0) in cands)):
+                continue
+            chosen = c
+            break
+        unique = dict.fromkeys(cands)
+        for n in unique:
+            found = lookup.get(n)
+            if found is None:
+                lookup[n] = [i]
+            else:
+                found.append(i)
+        for n in extra:
+            lookup.setdefault(n, []).append(i)
         if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
             canonical.append(f"%{i}")
-            aliases.append((*dict.fromkeys(cands), *extras[i]) if cands or extras[i] else ())
-            for n in aliases[-1]:
-                lookup.setdefault(n, []).append(i)
-            continue
-        taken.add(chosen)
-        canonical.append(chosen)
-        rest = (*(c for c in dict.fromkeys(cands) if c != chosen), *extras[i])
-        aliases.append(rest)
-        for n in (chosen, *rest):
-            lookup.setdefault(n, []).append(i)
-    by_canonical = {n: i for i, n in enumerate(canonical) if n in lookup}
+        else:
+            taken.add(chosen)
+            canonical.append(chosen)
+            by_canonical[chosen] = i
+            del unique[chosen]
+        aliases.append((*unique, *extra) if extra else tuple(unique))
+    for n in lookup.keys() - by_canonical.keys():  # a fallback some var also answers to
+        k = n[1:]
+        if n[:1] == "%" and k.isdigit() and int(k) < len(canonical) and canonical[int(k)] == n:
+            by_canonical[n] = int(k)
     names = Names(canonical, aliases, lookup, by_canonical)
     names.candidates, names.extras, names.protected = candidates, extras, protected
     names.primitives = primitives
