@@ -1633,9 +1633,14 @@ def _is_docstring(stmt: ast.stmt) -> bool:
 
 
 def _const_code(code: types.CodeType, name: str) -> types.CodeType:
+    """The code object of the function or class ``name`` that ``code`` defines (a
+    generic one, ``def f[T]``, inside the scope of its type parameters)."""
     for const in code.co_consts:
-        if isinstance(const, types.CodeType) and const.co_name == name:
-            return const
+        if isinstance(const, types.CodeType):
+            if const.co_name == name:
+                return const
+            if const.co_name == f"<generic parameters of {name}>":
+                return _const_code(const, name)
     raise LookupError(f"no code object {name!r}")
 
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import allclose
 
 import jaxsurgery as js
@@ -282,3 +283,37 @@ def test_a_partial_subclass_calling_as_partial_does_names_its_function():
         return y
 
     allclose(same_as_direct(f, jnp.ones(2)).value("p/hid"), 2.0 * jnp.ones(2))
+
+
+GENERIC = """
+import jax.numpy as jnp
+
+def scaled[T](x, kind: type[T] = float):
+    h = jnp.sin(x)
+    factor = 2.0 if kind is float else 3.0
+    return h * factor
+
+class Layer:
+    def __call__[T](self, x: T) -> T:
+        pre = jnp.cos(x)
+        return pre + 1.0
+"""
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="def f[T] is Python 3.12 syntax (run by make test-all)"
+)
+def test_a_generic_function_is_rewritten(tmp_path, monkeypatch):
+    """Python 3.12's ``def f[T]`` compiles inside a scope of its type parameters: the
+    rewritten function is found there (it was run unnamed)."""
+    (tmp_path / "generic_model.py").write_text(GENERIC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("generic_model")
+    x = jnp.linspace(0.0, 1.0, 3)
+    g = same_as_direct(module.scaled, x)
+    assert not g.notes and g["h"].shape == (3,)
+    allclose(g.value("h"), jnp.sin(x))
+    layer = module.Layer()
+    g = same_as_direct(lambda x: layer(x), x)
+    allclose(g.value("layer/pre"), jnp.cos(x))
+    del sys.modules["generic_model"]
