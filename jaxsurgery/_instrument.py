@@ -851,8 +851,8 @@ _TRANSFORM = object()
 
 def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     """``(what to run, the cached jit twin or None)`` for a call of ``fn``; what to run
-    is None for JAX itself, numpy, a builtin or a ``functools.partial`` (no frame), and
-    ``_CONTROL_FLOW`` for a ``lax`` loop or conditional."""
+    is None for JAX itself, numpy, a builtin or a ``functools.partial`` of one (no
+    frame), and ``_CONTROL_FLOW`` for a ``lax`` loop or conditional."""
     if id(fn) in _control_flow_bodies():
         return _CONTROL_FLOW, None
     if _transform(fn.func if isinstance(fn, functools.partial) else fn):
@@ -861,6 +861,13 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
     if framed is not None:  # jax.vmap(f) or @jax.checkpoint elsewhere: made again, rewritten
         return framed, None
     jitted = _jitted_call(fn) if isinstance(fn, functools.partial) else None  # an nnx.jit method
+    if jitted is None and _plain_partial(fn):
+        # functools.partial(layer, p): the user function it calls, rewritten, in a frame
+        # (a partial of a jitted, transformed or library function runs as it is)
+        inner, inner_jitted = _call_target(fn.func)
+        if inner is None or inner_jitted is not None or not _is_user_function(fn.func):
+            return None, None
+        return functools.partial(inner, *fn.args, **fn.keywords), None
     if jitted is None and _is_jax_or_builtin(fn):
         return None, None
     jitted = jitted or _jitted(fn) or _jitted_call(fn)
@@ -1747,6 +1754,7 @@ _SAME_FUNCTION = frozenset(
     {
         "vmap",
         "pmap",
+        "partial",
         "checkpoint",
         "remat",
         "jit",

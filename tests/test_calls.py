@@ -231,6 +231,31 @@ def test_call_qualified_names_compose():
     check_slice(s, (g.value("block/a"),), lambda a: jnp.sin(a) * 3.0, eqns=2)
 
 
+def partial_layer(scale, x):
+    pre = jnp.tanh(x * scale)
+    return pre + 1.0
+
+
+def test_a_functools_partial_of_a_user_function_is_a_named_call():
+    """``f = functools.partial(layer, p); f(x)`` calls ``layer``: its values are named
+    under the call's name (they were unnamed), also for a partial made in the call."""
+
+    def f(x):
+        first = functools.partial(partial_layer, 2.0)
+        h = first(x)
+        return functools.partial(partial_layer, 3.0)(x=h)
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x)
+    assert g["first"] is g["h"]
+    allclose(g.value("first/pre"), jnp.tanh(2.0 * x))
+    h = jnp.tanh(2.0 * x) + 1.0
+    allclose(g.value("partial_layer/pre"), jnp.tanh(3.0 * h))
+    check_slice(
+        g.slice("first/pre", "out"), (jnp.tanh(2.0 * x),), lambda p: partial_layer(3.0, p + 1.0)
+    )
+
+
 def test_static_jit_and_remat_user_functions_are_calls():
     @functools.partial(jax.jit, static_argnums=1)
     def power(x, n):
