@@ -116,7 +116,16 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     """See :meth:`Graph.replace`."""
     _, targets = _select.tree(graph, selector)
     warn_if_differentiated(graph, targets, "g.replace")
-    edits = [Edit(v.index, _patch_jaxpr(v, value_or_fn), (v.index,)) for v in targets]
+    # one replacement per type of var: the vars of a loop value at every iteration
+    # (``step/h@*``) then share it, and the running loop applies it as one masked edit
+    # (one traced copy per iteration made a body of T copies: minutes of compiling)
+    by_type: dict[Any, C.ClosedJaxpr] = {}
+    edits = []
+    for v in targets:
+        kind = (v.aval.shape, v.aval.dtype, getattr(v.aval, "weak_type", False))
+        if kind not in by_type:
+            by_type[kind] = _patch_jaxpr(v, value_or_fn)
+        edits.append(Edit(v.index, by_type[kind], (v.index,)))
     return derive(graph, edits, f"replace({', '.join(v.name for v in targets)})")
 
 

@@ -362,3 +362,36 @@ def test_a_glob_over_iterations_of_a_patched_graph_is_one_value_per_iteration(se
     flat = js.trace(chain, jnp.ones(2)).replace("h#1", halve)
     assert flat.select("h#*").names == ("h#0", "h#1", "h#2")
     assert flat.select("h#*.unpatched").names == ("h#1.unpatched",)
+
+
+def _scan_body_size(fn, *args):
+    """Equations in the body of the one scan ``fn`` runs."""
+    (scan,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "scan"]
+    return len(scan.params["jaxpr"].jaxpr.eqns)
+
+
+def test_a_patch_at_every_iteration_is_one_edit_of_the_body(setup):
+    """``replace("step/h_new@*", fn)`` patches every iteration with one traced copy of
+    ``fn``: the running scan's body grows by that copy, whatever the length (a copy per
+    iteration made a body of T copies and T masks: minutes of compiling at T = 5000)."""
+    h0, xs, w = setup
+    g = js.trace(rnn, h0, xs, w)
+    patched = g.replace("step/h_new@*", halve)
+    allclose(patched.as_function()(h0, xs, w), _every(h0, xs, w))
+    plain = _scan_body_size(g.as_function(), h0, xs, w)
+    assert _scan_body_size(patched.as_function(), h0, xs, w) <= plain + 2
+    # a value for every iteration too
+    zeroed = g.replace("step/h_new@*", 0.0)
+    allclose(zeroed.as_function()(h0, xs, w), 0.0)
+    assert _scan_body_size(zeroed.as_function(), h0, xs, w) <= plain + 2
+
+
+def _every(h0, xs, w):
+    """``rnn`` with ``halve`` applied to ``h_new`` at every step, by hand."""
+
+    def step(h, x):
+        h_new = halve(jnp.tanh(h @ w + x))
+        return h_new, h_new
+
+    h_last, hs = jax.lax.scan(step, h0, xs)
+    return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
