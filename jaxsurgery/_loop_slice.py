@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _compat as C
+from ._patch_graph import read_by_derivative
 from ._rules import dropped_derivatives
 from ._slice import Decision, Slice, _check_connected, _coerce, _takes
 from ._structured import Edit, Extra, Site, carry_entry
@@ -132,7 +133,11 @@ class LoopSlice(Slice):
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")
-        notes = (*structured.notes, *dropped_derivatives(jaxpr, ins))
+        notes = (
+            *structured.notes,
+            *dropped_derivatives(jaxpr, ins),
+            *read_by_derivative(graph, in_vars, out_vars),
+        )
         if guards:
             notes += (_ON_PATH,)
         s = cls(

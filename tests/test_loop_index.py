@@ -536,6 +536,15 @@ def test_a_misspelt_loop_value_name_suggests_the_body_names(setup):
     g = js.trace(rnn, *setup)
     with pytest.raises(js.SelectionError, match=r"did you mean 'step/h_new@3'.*g\.notes"):
         g["step/h_neu@3"]
+    # past the loop's end, or with iterations of loops the value is not in: names at
+    # an iteration it has (the suggestions were 'step/h_new@5000', 'step/h_new@3@0')
+    last = f"step/h_new@{len(setup[1]) - 1}"
+    with pytest.raises(js.SelectionError, match=f"did you mean '{last}'"):
+        g["step/h_neu@5000"]
+    with pytest.raises(js.SelectionError, match="did you mean 'step/h_new@3'"):
+        g["step/h_neu@3@0"]
+    for suggested in (last, "step/h_new@3"):
+        assert g[suggested].shape == setup[0].shape
 
 
 def test_values_fn_keyed_by_a_dict_stacks_every_iteration(setup):

@@ -851,3 +851,38 @@ def test_a_module_level_transformed_function_called_inside_is_a_call_with_names(
     )
     grads = g.grads("out", ["BATCHED_MLP/h"])
     allclose(grads["BATCHED_MLP/h"], 4.0 * 2.0 * jnp.tanh(x @ w))
+
+
+def test_a_slice_from_a_differentiated_loop_value_says_so_as_an_unrolled_one_does():
+    """The note of the test above for a value inside a scan the index keeps folded
+    (``loss/step/h_new@2``): the slice's Jacobian equals the Python loop's, and so do the
+    notes saying what it is (the loop's slice had none)."""
+    w = jax.random.normal(jax.random.key(0), (3, 3)) / 2
+    xs = jax.random.normal(jax.random.key(1), (5, 3))
+    h0 = jax.random.normal(jax.random.key(2), (3,))
+
+    def unrolled(w, h0, xs):
+        def loss(w):
+            h = h0
+            for t in range(5):
+                h = jnp.tanh(w @ h + xs[t])
+            return (h**2).sum()
+
+        return w - 0.1 * jax.grad(loss)(w)
+
+    def scanned(w, h0, xs):
+        def loss(w):
+            def step(h, x):
+                h_new = jnp.tanh(w @ h + x)
+                return h_new, None
+
+            return (jax.lax.scan(step, h0, xs)[0] ** 2).sum()
+
+        return w - 0.1 * jax.grad(loss)(w)
+
+    flat = js.trace(unrolled, w, h0, xs).slice("loss/h#3", "out")
+    loop = js.trace(scanned, w, h0, xs).slice("loss/step/h_new@2", "out")
+    at = flat.input_values()
+    allclose(jax.jacfwd(loop)(*at), jax.jacfwd(flat)(*at), atol=1e-6)
+    for s in (flat, loop):
+        assert any("backward pass" in n for n in s.notes), s.notes
