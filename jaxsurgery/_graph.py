@@ -583,16 +583,11 @@ class Graph:
         from ._match import match, rewrite_edits
         from ._patch_graph import derive, warn_if_differentiated
 
-        matches = match(self, pattern_fn, *args)
+        matches = match(self, pattern_fn, *args, rewriting=True)
         if not matches:
-            folded = (
-                "; the bodies of loops the index keeps folded are not searched (g.notes)"
-                if self._program.folded
-                else ""
-            )
             raise SliceError(
                 f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
-                f"nothing in this graph; check it with g.match(...) first{folded}"
+                "nothing in this graph; check it with g.match(...) first"
             )
         outputs = [v for m in matches for v in m.outputs]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)

@@ -19,6 +19,7 @@ Sharp edge: params that carry shapes (``broadcast_in_dim``'s ``shape``, ``reshap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _compat as C
-from ._errors import SliceError
+from ._errors import SliceError, short_list
 from ._patch import Edit, replacement_jaxpr
 
 if TYPE_CHECKING:
@@ -61,15 +62,39 @@ class Match:
         return f"Match({ins} ↦ {outs}: {len(self.vars)} vars)"
 
 
-def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
-    """See :meth:`Graph.match`."""
+def match(
+    graph: Graph, pattern_fn: Callable[..., Any], *args: Any, rewriting: bool = False
+) -> tuple[Match, ...]:
+    """See :meth:`Graph.match`. Occurrences inside the bodies of loops the index keeps
+    folded are not matches (their values are per iteration): a warning names them, or
+    with no match outside, the error of :meth:`Graph.rewrite`."""
+    pattern = traced_pattern(pattern_fn, *args)
+    found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
+    inside = in_folded_bodies(graph, pattern)
+    if inside:
+        where = (
+            f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} occurs inside loops "
+            f"the index keeps folded, at {short_list(inside, 4)}, whose values are per "
+            "iteration: g.match does not list them and g.rewrite does not change them (they "
+            "run as they are); a value there is patched with g.replace(name, fn), fn of its "
+            "old value (one edit of the loop's body)"
+        )
+        if not found and rewriting:  # nothing g.rewrite would change
+            raise SliceError(where)
+        outside = "1 occurrence" if len(found) == 1 else f"{len(found)} occurrences"
+        # the user's call, through Graph.match/rewrite and its traceback filter
+        warnings.warn(f"{where}; {outside} outside them matched", stacklevel=4)
+    return found
+
+
+def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
+    """The pattern's flat program, checked to be one a match can grow back from its
+    first output."""
     from ._trace import trace
 
     pattern = trace(pattern_fn, *args)._program
     if not pattern.jaxpr.eqns:
         raise SliceError("the pattern computes nothing: it has no equations to match")
-    target = graph._program
-    anchor = pattern.producer[pattern.outputs[0]]
     first = pattern.ancestor_eqns([pattern.outputs[0]])
     apart = [k for k, o in enumerate(pattern.outputs) if pattern.producer[o] not in first]
     if apart:  # matches grow back from the first output: the others must be on the way
@@ -79,10 +104,16 @@ def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Mat
             "be one of the values it computes; match independent parts (q = x @ wq, "
             "k = x @ wk) with one pattern each"
         )
-    found: list[Match] = []
+    return pattern
+
+
+def _find(pattern: Program, target: Program) -> list[_State]:
+    """The pattern's non-overlapping occurrences in a flat program, in program order."""
+    anchor = pattern.jaxpr.eqns[pattern.producer[pattern.outputs[0]]].primitive
+    found: list[_State] = []
     used: set[int] = set()
     for e, eqn in enumerate(target.jaxpr.eqns):
-        if eqn.primitive != pattern.jaxpr.eqns[anchor].primitive:
+        if eqn.primitive != anchor:
             continue
         state = _Matcher(pattern, target).run(e)
         if state is None or used & set(state.eqn_map.values()):
@@ -90,8 +121,31 @@ def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Mat
         if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
             continue  # an input bound to a literal (relu's max(x, 0.0) for max(a, b))
         used.update(state.eqn_map.values())
-        found.append(_as_match(graph, pattern, state))
-    return tuple(found)
+        found.append(state)
+    return found
+
+
+def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:
+    """The names (``step/h@*``) of the values where the pattern's first output occurs
+    inside the bodies of loops the index keeps folded."""
+    from ._loop_index import unnamed_base
+
+    folded = graph._program.folded
+    if not folded:
+        return []
+    named: dict[tuple[int, int], str] = {}  # the first name of each body value
+    for base, ts in graph._loop_index.names.items():
+        for t in ts:
+            named.setdefault((t.loop, t.var), base)
+    out0 = pattern.outputs[0]
+    places = []
+    for k, loop in enumerate(folded):
+        body = loop.template
+        for state in _find(pattern, body):
+            pe = pattern.producer[out0]
+            ti = body.eqn_out[state.eqn_map[pe]][pattern.eqn_out[pe].index(out0)]
+            places.append(named.get((k, ti), unnamed_base(k, ti)) + "@*")
+    return list(dict.fromkeys(places))
 
 
 def rewrite_edits(

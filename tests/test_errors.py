@@ -258,8 +258,10 @@ CATALOG = [
         "rewrite of a pattern that is only inside a folded scan",
         lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((3, 2))).rewrite(jnp.tanh, jnp.sin, 1.0),
         js.SliceError,
-        r"matches nothing in this graph; check it with g\.match\(\.\.\.\) first; the "
-        r"bodies of loops the index keeps folded are not searched \(g\.notes\)",
+        r"the pattern 'tanh' occurs inside loops the index keeps folded, at step/h_new@\*, "
+        r"whose values are per iteration: g\.match does not list them and g\.rewrite does "
+        r"not change them \(they run as they are\); a value there is patched with "
+        r"g\.replace\(name, fn\)",
     ),
     (
         "a static argument traced under jax.jit",

@@ -126,3 +126,40 @@ def test_a_candidate_binding_an_input_to_a_literal_is_skipped():
     assert {v.name for v in found.inputs} == {"x", "w"}
     with pytest.raises(js.SliceError, match="pattern input 1 is not used"):
         g.match(lambda a, b: jnp.sin(a), x, w)
+
+
+def test_occurrences_inside_a_folded_loop_are_named_not_silently_left_out():
+    """``tanh(2a)`` outside a long scan and inside its body: the match and the rewrite
+    reach the one outside only, and say so, naming the body value (the rewrite used to
+    leave the body as it was without a word). ``g.replace`` patches that value at every
+    iteration, as a hand-edited scan computes."""
+
+    def f(x, xs):
+        y = jnp.tanh(x * 2.0)
+
+        def step(h, xt):
+            pre = jnp.tanh(h * 2.0)
+            return pre + xt, None
+
+        return jax.lax.scan(step, y, xs)[0].sum()
+
+    x, xs = jnp.linspace(-1.0, 1.0, 3), jnp.full((3000, 3), 0.01)
+    g = js.trace(f, x, xs)
+    pattern = lambda a: jnp.tanh(a * 2.0)  # noqa: E731
+    with pytest.warns(
+        UserWarning, match=r"occurs inside loops .* at step/pre@\*.*1 occurrence outside"
+    ):
+        (m,) = g.match(pattern, x)
+    assert m.inputs[0] is g["x"]
+    with pytest.warns(UserWarning, match=r"g\.rewrite does not change them"):
+        rewritten = g.rewrite(pattern, jnp.sin, x)
+
+    def by_hand(x, xs):  # the rewrite outside, the body as it was
+        return jax.lax.scan(lambda h, xt: (jnp.tanh(h * 2.0) + xt, None), jnp.sin(x), xs)[0].sum()
+
+    allclose(rewritten.as_function()(x, xs), by_hand(x, xs))
+    inside = rewritten.replace("step/pre@*", lambda pre: pre * 0.5)
+    everywhere = lambda x, xs: jax.lax.scan(  # noqa: E731
+        lambda h, xt: (0.5 * jnp.tanh(h * 2.0) + xt, None), jnp.sin(x), xs
+    )[0].sum()
+    allclose(inside.as_function()(x, xs), everywhere(x, xs))
