@@ -580,18 +580,22 @@ class Graph:
         self, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
     ) -> Graph:
         """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
-        from ._match import match, rewrite_edits
+        from ._match import find, rewrite_edits
         from ._patch_graph import derive, warn_if_differentiated
 
-        matches = match(self, pattern_fn, *args, rewriting=True)
+        matches, unreached = find(self, pattern_fn, *args)
         if not matches:
             raise SliceError(
-                f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
+                unreached
+                or f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
                 "nothing in this graph; check it with g.match(...) first"
             )
+        if unreached:  # also in the rewritten graph's notes
+            warnings.warn(unreached, stacklevel=3)
         outputs = [v for m in matches for v in m.outputs]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
-        return derive(self, rewrite_edits(self, matches, replacement_fn), "rewrite", 4)
+        edits = rewrite_edits(self, matches, replacement_fn)
+        return derive(self, edits, "rewrite", 4, notes=[unreached] if unreached else [])
 
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""

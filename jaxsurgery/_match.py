@@ -19,6 +19,7 @@ Sharp edge: params that carry shapes (``broadcast_in_dim``'s ``shape``, ``reshap
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,28 +63,51 @@ class Match:
         return f"Match({ins} ↦ {outs}: {len(self.vars)} vars)"
 
 
-def match(
-    graph: Graph, pattern_fn: Callable[..., Any], *args: Any, rewriting: bool = False
-) -> tuple[Match, ...]:
-    """See :meth:`Graph.match`. Occurrences inside the bodies of loops the index keeps
-    folded are not matches (their values are per iteration): a warning names them, or
-    with no match outside, the error of :meth:`Graph.rewrite`."""
+def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
+    """See :meth:`Graph.match`; warns of occurrences where the index lists no value
+    (:func:`find`)."""
+    found, unreached = find(graph, pattern_fn, *args)
+    if unreached:  # the user's call, through Graph.match and its traceback filter
+        warnings.warn(unreached, stacklevel=4)
+    return found
+
+
+def find(
+    graph: Graph, pattern_fn: Callable[..., Any], *args: Any
+) -> tuple[tuple[Match, ...], str | None]:
+    """The pattern's matches, and what is said of occurrences the index lists no value
+    of (None if there are none): inside loops it keeps folded (per iteration) and in
+    ``cond`` branches the traced arguments do not take. Those are not matches."""
     pattern = traced_pattern(pattern_fn, *args)
     found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
-    inside = in_folded_bodies(graph, pattern)
-    if inside:
-        where = (
-            f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} occurs inside loops "
-            f"the index keeps folded, at {short_list(inside, 4)}, whose values are per "
-            "iteration: g.match does not list them and g.rewrite does not change them (they "
-            "run as they are); a value there is patched with g.replace(name, fn), fn of its "
-            "old value (one edit of the loop's body)"
-        )
-        if not found and rewriting:  # nothing g.rewrite would change
-            raise SliceError(where)
-        outside = "1 occurrence" if len(found) == 1 else f"{len(found)} occurrences"
-        # the user's call, through Graph.match/rewrite and its traceback filter
-        warnings.warn(f"{where}; {outside} outside them matched", stacklevel=4)
+    inside = [*in_folded_bodies(graph, pattern), *in_other_branches(graph, pattern)]
+    if not inside:
+        return found, None
+    outside = "1 occurrence" if len(found) == 1 else f"{len(found)} occurrences"
+    return found, (
+        f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} occurs where the index "
+        f"lists no value, at {short_list(inside, 4)}: g.match does not list these and "
+        "g.rewrite does not change them (they run as they are; "
+        f"{outside} elsewhere matched); a value inside a folded loop (per iteration, name@*) "
+        "is patched with g.replace(name, fn), fn of its old value (one edit of the loop's body)"
+    )
+
+
+def _find(pattern: Program, target: Program) -> list[_State]:
+    """The pattern's non-overlapping occurrences in a flat program, in program order."""
+    anchor = pattern.jaxpr.eqns[pattern.producer[pattern.outputs[0]]].primitive
+    found: list[_State] = []
+    used: set[int] = set()
+    for e, eqn in enumerate(target.jaxpr.eqns):
+        if eqn.primitive != anchor:
+            continue
+        state = _Matcher(pattern, target).run(e)
+        if state is None or used & set(state.eqn_map.values()):
+            continue
+        if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
+            continue  # an input bound to a literal (relu's max(x, 0.0) for max(a, b))
+        used.update(state.eqn_map.values())
+        found.append(state)
     return found
 
 
@@ -107,22 +131,24 @@ def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
     return pattern
 
 
-def _find(pattern: Program, target: Program) -> list[_State]:
-    """The pattern's non-overlapping occurrences in a flat program, in program order."""
-    anchor = pattern.jaxpr.eqns[pattern.producer[pattern.outputs[0]]].primitive
-    found: list[_State] = []
-    used: set[int] = set()
-    for e, eqn in enumerate(target.jaxpr.eqns):
-        if eqn.primitive != anchor:
-            continue
-        state = _Matcher(pattern, target).run(e)
-        if state is None or used & set(state.eqn_map.values()):
-            continue
-        if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
-            continue  # an input bound to a literal (relu's max(x, 0.0) for max(a, b))
-        used.update(state.eqn_map.values())
-        found.append(state)
-    return found
+def in_other_branches(graph: Graph, pattern: Program) -> list[str]:
+    """Where the pattern occurs in ``cond``/``switch`` branches the traced arguments
+    do not take (their values are not in the index): ``"branch 1 of the cond at
+    model.py:12"``."""
+    from ._control_flow import BRANCH_PRIMITIVES
+    from ._program import Program
+
+    program = graph._program
+    conds = [(r.eqn, r.taken) for r in program.regions if r.primitive in BRANCH_PRIMITIVES]
+    conds += [(e, None) for e in program.jaxpr.eqns if e.primitive.name in BRANCH_PRIMITIVES]
+    places = []
+    for eqn, taken in conds:
+        for k, branch in enumerate(eqn.params["branches"]):
+            if k != taken and _find(pattern, Program(branch, None)):
+                frame = C.user_frame(eqn.source_info)
+                at = f" at {os.path.basename(frame[0])}:{frame[1]}" if frame else ""
+                places.append(f"branch {k} of the {eqn.primitive.name}{at}")
+    return places
 
 
 def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:

@@ -150,14 +150,17 @@ def _bypassed_rules(
     return notes
 
 
-def derive(graph: Graph, edits: Sequence[Edit], what: str, stacklevel: int = 5) -> Graph:
+def derive(
+    graph: Graph, edits: Sequence[Edit], what: str, stacklevel: int = 5, notes: Sequence[str] = ()
+) -> Graph:
     """The graph with ``edits`` applied, names carried over (module docstring);
-    ``stacklevel`` of the user's call for warnings (through Graph's method)."""
+    ``stacklevel`` of the user's call for warnings (through Graph's method); ``notes``
+    the new graph adds to its own."""
     from ._graph import Graph
 
     moved = [_structured_edit(graph, e) for e in edits]
     structured = graph._structure.with_edits(*moved)
-    bypassed = _bypassed_rules(graph, edits, moved, stacklevel + 1)
+    bypassed = [*_bypassed_rules(graph, edits, moved, stacklevel + 1), *notes]
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
     # index would lose the region, and with it the decision for other arguments)

@@ -258,10 +258,10 @@ CATALOG = [
         "rewrite of a pattern that is only inside a folded scan",
         lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((3, 2))).rewrite(jnp.tanh, jnp.sin, 1.0),
         js.SliceError,
-        r"the pattern 'tanh' occurs inside loops the index keeps folded, at step/h_new@\*, "
-        r"whose values are per iteration: g\.match does not list them and g\.rewrite does "
-        r"not change them \(they run as they are\); a value there is patched with "
-        r"g\.replace\(name, fn\)",
+        r"the pattern 'tanh' occurs where the index lists no value, at step/h_new@\*: "
+        r"g\.match does not list these and g\.rewrite does not change them \(they run as "
+        r"they are; 0 occurrences elsewhere matched\); a value inside a folded loop \(per "
+        r"iteration, name@\*\) is patched with g\.replace\(name, fn\)",
     ),
     (
         "a static argument traced under jax.jit",

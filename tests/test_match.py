@@ -146,9 +146,7 @@ def test_occurrences_inside_a_folded_loop_are_named_not_silently_left_out():
     x, xs = jnp.linspace(-1.0, 1.0, 3), jnp.full((3000, 3), 0.01)
     g = js.trace(f, x, xs)
     pattern = lambda a: jnp.tanh(a * 2.0)  # noqa: E731
-    with pytest.warns(
-        UserWarning, match=r"occurs inside loops .* at step/pre@\*.*1 occurrence outside"
-    ):
+    with pytest.warns(UserWarning, match=r"lists no value, at step/pre@\*.*1 occurrence elsewhere"):
         (m,) = g.match(pattern, x)
     assert m.inputs[0] is g["x"]
     with pytest.warns(UserWarning, match=r"g\.rewrite does not change them"):
@@ -163,3 +161,21 @@ def test_occurrences_inside_a_folded_loop_are_named_not_silently_left_out():
         lambda h, xt: (0.5 * jnp.tanh(h * 2.0) + xt, None), jnp.sin(x), xs
     )[0].sum()
     allclose(inside.as_function()(x, xs), everywhere(x, xs))
+
+
+def test_occurrences_in_a_branch_not_taken_are_named_not_silently_left_out():
+    """A ``tanh`` in the branch the traced arguments do not take is not in the index:
+    the rewrite changes the one outside, and its notes name the branch (arguments that
+    take the branch run it unchanged, as a hand-edited function shows)."""
+
+    def f(x, p):
+        y = jnp.tanh(x)
+        return jax.lax.cond(p > 0, lambda y: y * 2.0, lambda y: jnp.tanh(y) * 3.0, y)
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x, 1.0)
+    with pytest.warns(UserWarning, match=r"at branch 0 of the cond at test_match\.py:\d+"):
+        rewritten = g.rewrite(jnp.tanh, jnp.sin, x)
+    assert any("branch 0 of the cond" in n for n in rewritten.notes)
+    allclose(rewritten.as_function()(x, 1.0), jnp.sin(x) * 2.0)
+    allclose(rewritten.as_function()(x, -1.0), jnp.tanh(jnp.sin(x)) * 3.0)
