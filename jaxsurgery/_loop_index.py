@@ -253,7 +253,9 @@ class LoopIndex:
         )
 
     def _within(self, loop: Folded, t: int) -> bool:
-        n = self.length(loop)
+        # a while_loop's trips are counted now (one compiled run of the loop): a name
+        # past them selects nothing, before a value is asked for as after
+        n = self.length(loop, need=True)
         return 0 <= t and (n is None or t < n)
 
     def lookup(self, name: str) -> list[VirtualVar]:

@@ -629,8 +629,9 @@ def _no_match(
             "traced with abstract arguments (jax.ShapeDtypeStruct); trace with concrete "
             "arrays, or use lax.fori_loop/lax.scan with a static trip count"
         )
-    if pattern is not None:
+    if pattern is not None and (word is None or "*" in word or "?" in word):
         return _no_pattern_match(graph, label, word, pattern)
+    # (a name with brackets, "solve/body[1]@5", is tried as a glob too: told as a name)
     from ._patch_graph import UNPATCHED
 
     if word is not None and word.endswith(UNPATCHED):

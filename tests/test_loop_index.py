@@ -284,6 +284,23 @@ def test_a_while_loop_with_a_large_body_is_folded_and_its_trips_resolve():
         s.bind(x * 1e-5, 1e-4)(h1)
 
 
+def test_a_trip_past_a_folded_while_loops_end_is_refused_before_any_value_is_asked():
+    """In a fresh graph, a name past the loop's traced trips selects nothing, as after
+    the trips are counted (it selected a var, whose values_fn said the arguments take
+    another path: the traced ones)."""
+    x = jnp.array([2.0, -1.0, 0.5])
+    trips = 3
+    while jnp.max(jnp.abs(refine_by_hand(x, trips))) > 1e-4:
+        trips += 1
+    g = js.trace(refine, x, 1e-4)
+    with pytest.raises(js.SelectionError, match=f"0 .. {trips - 1}"):
+        g[f"body/h_new@{trips + 2}"]
+    g = js.trace(refine, x, 1e-4)
+    with pytest.raises(js.SelectionError, match=f"0 .. {trips - 1}"):
+        g.slice(f"body/h_new@{trips}", "out")
+    allclose(g.value(f"body/h_new@{trips - 1}"), refine_by_hand(x, trips), rtol=1e-5)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
     """``g.value("step/...@t")`` runs the scan once and keeps each body value's rows: any
@@ -338,13 +355,14 @@ def _long_body_loop(x, n):
 def test_a_folded_while_loop_inside_a_call_counts_its_trips():
     """Its trip count is found when first needed, though the loop sits inside a call:
     a glob over its iterations selects one var per trip; an iteration it never runs is a
-    SelectionError saying how many times it runs (not a wrong-path error); values agree
+    SelectionError saying how many times it runs (not a wrong-path error), though its
+    name has brackets (tried as a glob too); values agree
     with the loop run by hand."""
     x, n = jnp.linspace(0.1, 0.5, 3), jnp.asarray(3)
     g = js.trace(_long_body_loop, x, n)
     assert any(v.primitive == "while" for v in g.vars)
     base = "solve/body[1]"  # what the body returns: y after its trip
-    with pytest.raises(js.SelectionError, match=r"runs 3 times for the traced arguments"):
+    with pytest.raises(js.SelectionError, match=r"inside a loop of 3 iterations, 0 \.\. 2"):
         g.value(f"{base}@5")
 
     y = x
