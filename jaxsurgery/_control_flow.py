@@ -106,8 +106,6 @@ class Folded:
     iterations: tuple[int, ...]
     operands: list[Any] = field(default_factory=list, repr=False)
     _template: Program | None = field(default=None, repr=False)
-    #: a while_loop's traced trip count, once found (see ``LoopIndex.length``)
-    trips: int | None = None
     #: a located site per template var, copied for other iterations (see ``site``)
     _sites: dict = field(default_factory=dict, repr=False)
     #: the name scope it runs in (``Net``: a Flax ``nn.scan`` inside module ``Net``);

@@ -1339,7 +1339,10 @@ def is_jit(fn: Any) -> bool:
 
 
 def _callable_name(fn: Any) -> str:
-    """The function's name, or the class name of a callable object (``Dense``)."""
+    """The function's name (a ``functools.partial``'s function's), or the class name of
+    a callable object (``Dense``)."""
+    while _plain_partial(fn):
+        fn = fn.func
     if isinstance(fn, (types.FunctionType, types.MethodType)) or hasattr(fn, "__wrapped__"):
         name = getattr(getattr(fn, "__func__", fn), "__name__", None)
         if isinstance(name, str):

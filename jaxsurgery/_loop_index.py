@@ -199,6 +199,8 @@ class LoopIndex:
         self._twin: Graph | None = None
         #: other vars outside the flat index, by what they stand for (see extra)
         self._extras: dict[Any, Var] = {}
+        #: a while_loop's trip count for this graph's arguments, once found (see length)
+        self._trips: dict[int, int | None] = {}
 
     def note(self) -> str | None:
         """What ``g.notes`` says of the folded loops."""
@@ -227,9 +229,10 @@ class LoopIndex:
         count, found when first needed (None if unknown: abstract arguments)."""
         if loop.is_scan:
             return int(loop.eqn.params["length"])
-        if loop.trips is None and need:
-            loop.trips = self._count_trips(loop)
-        return loop.trips
+        # kept per graph: a patched graph shares the loop, not its trips (g.replace("n", 5))
+        if self._trips.get(id(loop)) is None and need:
+            self._trips[id(loop)] = self._count_trips(loop)
+        return self._trips.get(id(loop))
 
     def _count_trips(self, loop: Folded) -> int | None:
         from ._control_flow import count_trips_compiled

@@ -80,7 +80,7 @@ def find(
     ``cond`` branches the traced arguments do not take. Those are not matches."""
     pattern = traced_pattern(pattern_fn, *args)
     found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
-    inside = [*in_folded_bodies(graph, pattern), *in_other_branches(graph, pattern)]
+    inside = unlisted(graph, pattern)
     if not inside:
         return found, None
     outside = "1 occurrence" if len(found) == 1 else f"{len(found)} occurrences"
@@ -131,24 +131,61 @@ def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
     return pattern
 
 
-def in_other_branches(graph: Graph, pattern: Program) -> list[str]:
-    """Where the pattern occurs in ``cond``/``switch`` branches the traced arguments
-    do not take (their values are not in the index): ``"branch 1 of the cond at
-    model.py:12"``."""
-    from ._control_flow import BRANCH_PRIMITIVES
+def unlisted(graph: Graph, pattern: Program) -> list[str]:
+    """Where else the pattern occurs with no value in the index: ``step/h@*`` in the
+    body of a loop it keeps folded (:func:`in_folded_bodies`), ``branch 1 of the cond
+    at model.py:12`` (a branch the traced arguments do not take, or a cond inside a
+    folded body), ``the body of the while_loop at model.py:8`` (a loop kept whole)."""
+    program = graph._program
+    return [*in_folded_bodies(graph, pattern), *_hidden(pattern, program, top=True)]
+
+
+def _hidden(pattern: Program, program: Program, top: bool = False) -> list[str]:
+    """Occurrences in what ``program`` holds as whole equations (conds, loops, at any
+    depth) and in the branches its inlined conds did not take; ``top``: the graph's own
+    program, whose folded loops' bodies :func:`in_folded_bodies` names."""
+    from ._control_flow import BRANCH_PRIMITIVES, LOOP_PRIMITIVES
     from ._program import Program
 
-    program = graph._program
-    conds = [(r.eqn, r.taken) for r in program.regions if r.primitive in BRANCH_PRIMITIVES]
-    conds += [(e, None) for e in program.jaxpr.eqns if e.primitive.name in BRANCH_PRIMITIVES]
+    folded = {f.flat_eqn: f for f in program.folded}
     places = []
-    for eqn, taken in conds:
+
+    def search(closed_or_program: Any) -> tuple[bool, list[str]]:
+        body = closed_or_program
+        if not isinstance(body, Program):
+            body = Program(body, None)
+        return bool(_find(pattern, body)), _hidden(pattern, body)
+
+    others = [(r.eqn, r.taken) for r in program.regions if r.primitive in BRANCH_PRIMITIVES]
+    for e, eqn in enumerate(program.jaxpr.eqns):
+        name = eqn.primitive.name
+        if name in BRANCH_PRIMITIVES:
+            others.append((eqn, None))
+        elif name in LOOP_PRIMITIVES:
+            loop = folded.get(e)
+            body = loop.template if loop is not None else eqn.params[_BODY[name]]
+            direct, deeper = search(body)
+            if direct and not (top and loop is not None):
+                places.append(f"the body of the {_LOOP_NAMES[name]}{_at(eqn)}")
+            places += deeper
+    for eqn, taken in others:
         for k, branch in enumerate(eqn.params["branches"]):
-            if k != taken and _find(pattern, Program(branch, None)):
-                frame = C.user_frame(eqn.source_info)
-                at = f" at {os.path.basename(frame[0])}:{frame[1]}" if frame else ""
-                places.append(f"branch {k} of the {eqn.primitive.name}{at}")
+            if k != taken:
+                direct, deeper = search(branch)
+                if direct:
+                    places.append(f"branch {k} of the {eqn.primitive.name}{_at(eqn)}")
+                places += deeper
     return places
+
+
+_BODY = {"scan": "jaxpr", "while": "body_jaxpr"}
+_LOOP_NAMES = {"scan": "scan", "while": "while_loop"}
+
+
+def _at(eqn: C.JaxprEqn) -> str:
+    """`` at model.py:12``, where the user's code made ``eqn`` (or nothing)."""
+    frame = C.user_frame(eqn.source_info)
+    return f" at {os.path.basename(frame[0])}:{frame[1]}" if frame else ""
 
 
 def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:
@@ -159,10 +196,10 @@ def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:
     folded = graph._program.folded
     if not folded:
         return []
-    named: dict[tuple[int, int], str] = {}  # the first name of each body value
+    named: dict[tuple[int, int], str] = {}  # a name selecting the body value alone
     for base, ts in graph._loop_index.names.items():
-        for t in ts:
-            named.setdefault((t.loop, t.var), base)
+        if len({(t.loop, t.var) for t in ts}) == 1:  # not a bare `c` of c#0 and c#1
+            named.setdefault((ts[0].loop, ts[0].var), base)
     out0 = pattern.outputs[0]
     places = []
     for k, loop in enumerate(folded):

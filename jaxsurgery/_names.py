@@ -196,6 +196,7 @@ def finalize(
     aliases: list[tuple[str, ...]] = []
     lookup: dict[str, list[int]] = {}
     by_canonical: dict[str, int] = {}
+    made_up: list[str] = []
     # one pass over every var, written for speed (it names every value of a program)
     for i, cands in enumerate(candidates):
         extra = extras[i]
@@ -210,6 +211,16 @@ def finalize(
             chosen = c
             break
         unique = dict.fromkeys(cands)
+        if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
+            canonical.append(f"%{i}")
+        else:
+            taken.add(chosen)
+            canonical.append(chosen)
+            by_canonical[chosen] = i
+            del unique[chosen]
+            lookup.setdefault(chosen, []).append(i)  # listed first
+            if chosen[:1] == "%":  # a name made up like a fallback: see below
+                made_up.append(chosen)
         for n in unique:
             found = lookup.get(n)
             if found is None:
@@ -218,18 +229,13 @@ def finalize(
                 found.append(i)
         for n in extra:
             lookup.setdefault(n, []).append(i)
-        if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
-            canonical.append(f"%{i}")
-        else:
-            taken.add(chosen)
-            canonical.append(chosen)
-            by_canonical[chosen] = i
-            del unique[chosen]
         aliases.append((*unique, *extra) if extra else tuple(unique))
-    for n in lookup.keys() - by_canonical.keys():  # a fallback some var also answers to
+    # a fallback ``%k`` some var answers to selects var k, also where an earlier var
+    # took ``%k`` as its canonical name (a tag named "%3")
+    for n in [*made_up, *(lookup.keys() - by_canonical.keys())]:
         k = n[1:]
         if n[:1] == "%" and k.isdigit() and int(k) < len(canonical) and canonical[int(k)] == n:
-            by_canonical[n] = int(k)
+            by_canonical[n] = max(int(k), by_canonical.get(n, -1))
     names = Names(canonical, aliases, lookup, by_canonical)
     names.candidates, names.extras, names.protected = candidates, extras, protected
     names.primitives = primitives

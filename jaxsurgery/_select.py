@@ -691,10 +691,10 @@ def _no_match(
         candidates = (
             names.all_names() if fallback else [n for n in names.lookup if not is_generated(n)]
         )
-        if "@" in word:  # a body value of a folded loop: its names at the iteration
+        if "@" in word:  # a body value of a folded loop: its names at the iterations
             # asked for (the last one past the loop's end), each a name that selects
-            at = word[word.index("@") + 1 :].split("@")[0]
-            candidates += _iteration_names(graph, int(at) if at.isdigit() else 0)
+            its = [int(t) if t.isdigit() else 0 for t in word[word.index("@") + 1 :].split("@")]
+            candidates += _iteration_names(graph, its[0], tuple(its[1:]))
         hint = did_you_mean(word, candidates)
     listed = "g.names() lists all"
     if graph._program.folded:
@@ -702,16 +702,18 @@ def _no_match(
     return SelectionError(f"no var named {label}{hint} ({listed})")
 
 
-def _iteration_names(graph: Graph, t: int) -> list[str]:
+def _iteration_names(graph: Graph, t: int, inner: tuple[int, ...]) -> list[str]:
     """The names of folded loops' body values at iteration ``t`` (of the loop's last one
-    where it has fewer), for suggestions: each one selects a value."""
+    where it has fewer), and ``inner`` of the loops inside the body where the value is
+    in such loops, for suggestions: each one selects a value."""
     index, folded = graph._loop_index, graph._program.folded
     found = []
     for base, tmpls in index.names.items():
         if is_generated(base):
             continue
-        n = index.length(folded[tmpls[0].loop])
-        name = tmpls[0].name(base, t if n is None else min(t, n - 1))
+        tmpl = next((u for u in tmpls if u.inner == inner), tmpls[0])
+        n = index.length(folded[tmpl.loop])
+        name = tmpl.name(base, t if n is None else min(t, n - 1))
         if index.lookup(name):
             found.append(name)
     return found

@@ -356,3 +356,23 @@ def test_a_module_level_checkpointed_function_is_a_call_with_its_policy():
     check_slice(
         g.slice("remat_block#0/u", "out"), (jnp.sin(x),), lambda u: (jnp.sin(u * x) * u * x).sum()
     )
+
+
+def test_a_partial_given_to_a_loop_or_cond_is_named_after_its_function():
+    """A partial called by ``lax.scan``/``lax.cond`` has no call-site name: its frame is
+    named after its function (it was named ``partial``, its type)."""
+
+    def body(c, a, q):
+        c2 = c * q + a
+        return c2, c2 * 2
+
+    def f(p, x):
+        c, ys = jax.lax.scan(functools.partial(body, q=p), x, jnp.stack([x, x, x]))
+        return c + ys.sum(0)
+
+    def g_cond(p, x):
+        return jax.lax.cond(x[0] < 0, functools.partial(partial_layer, p), lambda x: x * 2.0, x)
+
+    p, x = jnp.arange(3.0) + 0.5, jnp.linspace(-1.0, 1.0, 3)
+    allclose(js.trace(f, p, x).value("body/c2@1"), (x * p + x) * p + x)
+    allclose(js.trace(g_cond, p, x).value("partial_layer/pre"), jnp.tanh(x * p))

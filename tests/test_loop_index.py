@@ -736,3 +736,44 @@ def test_a_scope_of_several_outputs_in_a_loop_body_is_one_name_as_outside_loops(
     for _ in range(2):
         h = jnp.sin(jnp.sin(h) * jnp.cos(h))
     allclose(twice.value("blk#1@1"), h)
+
+
+def test_a_patched_graph_counts_its_own_trips():
+    """``g.replace("n", 5)`` makes a loop of 5 trips that shares the folded loop with
+    ``g`` (100 trips): naming a trip in one does not fix the count of the other."""
+
+    def f(x, n):
+        def body(c):
+            i, h = c
+            for _ in range(60):  # folded
+                h = jnp.sin(h) * 0.9 + 0.01
+            h2 = h + 0.5 * i
+            return i + 1, h2
+
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x, jnp.int32(100))
+    fewer, more = g.replace("n", jnp.int32(5)), g.replace("n", jnp.int32(200))
+    assert fewer["body/h2@3"].shape == more["body/h2@150"].shape == (3,)
+    with pytest.raises(js.SelectionError, match=r"0 \.\. 4"):
+        fewer["body/h2@50"]
+    with pytest.raises(js.SelectionError, match=r"0 \.\. 99"):
+        g["body/h2@150"]
+    allclose(g.value("body/h2@50"), f(x, jnp.int32(51)), rtol=1e-5)
+
+
+def test_a_suggestion_for_a_value_of_nested_loops_keeps_the_inner_iteration():
+    def f(x):
+        def outer(c, _):
+            def inner(d, _):
+                hid = jnp.sin(d) + 0.5
+                return hid, None
+
+            return jax.lax.scan(inner, c, None, length=3)[0] * 0.9, None
+
+        return jax.lax.scan(outer, x, None, length=4)[0]
+
+    g = js.trace(f, jnp.ones(3))
+    with pytest.raises(js.SelectionError, match="did you mean 'outer/inner/hid@1@2'"):
+        g["outer/inner/hdi@1@2"]

@@ -179,3 +179,54 @@ def test_occurrences_in_a_branch_not_taken_are_named_not_silently_left_out():
     assert any("branch 0 of the cond" in n for n in rewritten.notes)
     allclose(rewritten.as_function()(x, 1.0), jnp.sin(x) * 2.0)
     allclose(rewritten.as_function()(x, -1.0), jnp.tanh(jnp.sin(x)) * 3.0)
+
+
+def sin_times(a, b):
+    return jnp.sin(a) * b
+
+
+def test_a_body_value_the_warning_names_selects_that_value_alone():
+    """The pattern's output is binding ``c#1`` of a rebound name: the warning names
+    ``step/c#1@*``, not the bare ``step/c@*`` (which selects ``c#0``, the loop's input,
+    too), so patching what it names is what a hand-edited loop computes."""
+
+    def f(x):
+        def step(c, i):
+            w = c * 2.0
+            c = jnp.sin(w) * w
+            return c, None
+
+        return jax.lax.scan(step, x, jnp.arange(4))[0]
+
+    x, z = jnp.linspace(-1.0, 1.0, 3), jnp.ones(3)
+    g = js.trace(f, x)
+    with pytest.warns(UserWarning, match=r"at step/c#1@\*:") as caught:
+        g.match(sin_times, z, z)
+    name = str(caught[0].message).split(" at ")[1].split(":")[0]
+
+    def by_hand(x):
+        def step(c, i):
+            w = c * 2.0
+            return jnp.sin(w) * w + 1.0, None
+
+        return jax.lax.scan(step, x, jnp.arange(4))[0]
+
+    allclose(g.replace(name, lambda old: old + 1.0).as_function()(x), by_hand(x))
+
+
+def test_an_occurrence_in_a_cond_inside_a_folded_loop_is_named():
+    """The body's template keeps a cond whole: its branches are searched too, so the
+    rewrite says what it leaves (it changed the occurrence outside only, silently)."""
+    pattern = lambda v: (lambda w: jnp.sin(w) * w)(v * 2.0)  # noqa: E731
+
+    def f(x):
+        def step(c, i):
+            return jax.lax.cond(i % 2 == 0, pattern, lambda v: v * 0.5, c), None
+
+        return jax.lax.scan(step, x, jnp.arange(4))[0]
+
+    x, z = jnp.linspace(-1.0, 1.0, 3), jnp.ones(3)
+    with pytest.raises(js.SliceError, match=r"at branch 1 of the cond at test_match\.py:\d+"):
+        js.trace(f, x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)
+    with pytest.warns(UserWarning, match="branch 1 of the cond"):
+        js.trace(lambda x: f(pattern(x)), x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)

@@ -410,3 +410,15 @@ def test_a_percent_sign_a_user_wrote_is_not_a_generated_name():
     assert "out['acc%']" in row and "top5%" in row
     card = next(r for r in g.view().data()["vars"] if r["index"] == g["acc"].index)
     assert card["aliases"] == ["top5%", "out['acc%']"]
+
+
+def test_a_tag_named_like_a_fallback_does_not_take_the_fallbacks_var():
+    """``%3`` selects var 3 (SPEC §4.6), also where a tag is named "%3" and var 3 has no
+    name: both are canonically ``%3``; the index wins, as ``g[3]`` does."""
+
+    def f(x):
+        a = js.tag(jnp.sin(x), "%3")
+        return jnp.exp(jnp.cos(jnp.tan(a)))
+
+    g = js.trace(f, jnp.ones(2))
+    assert g["%3"] is g[3] and g[3].primitive == "cos"
