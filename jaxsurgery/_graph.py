@@ -31,7 +31,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while
+from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while, short_list
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -580,22 +580,33 @@ class Graph:
         self, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
     ) -> Graph:
         """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
-        from ._match import find, rewrite_edits
+        from ._match import find, in_unrolled_trips, rewrite_edits, scan_edits
         from ._patch_graph import derive, warn_if_differentiated
 
-        matches, unreached = find(self, pattern_fn, *args)
-        if not matches:
+        found = find(self, pattern_fn, *args)
+        in_scans, left = scan_edits(self, found, replacement_fn)
+        found.elsewhere += left
+        unchanged = found.unchanged()
+        if not found.matches and not in_scans:
             raise SliceError(
-                unreached
-                or f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} matches "
-                "nothing in this graph; check it with g.match(...) first"
+                unchanged
+                or f"the pattern {found.label!r} matches nothing in this graph; check it "
+                "with g.match(...) first"
             )
-        if unreached:  # also in the rewritten graph's notes
-            warnings.warn(unreached, stacklevel=3)
-        outputs = [v for m in matches for v in m.outputs]
+        trips = in_unrolled_trips(self, found.matches)
+        if trips:
+            unchanged = (f"{unchanged}; " if unchanged else "") + (
+                f"{short_list(trips, 4)} are in the trips of a while_loop the index unrolls "
+                "for the traced arguments: g.rewrite changes those trips, and arguments "
+                "that run more trips run the others as they are"
+            )
+        if unchanged:  # also in the rewritten graph's notes
+            warnings.warn(unchanged, stacklevel=3)
+        outputs = [v for m in found.matches for v in m.outputs]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
-        edits = rewrite_edits(self, matches, replacement_fn)
-        return derive(self, edits, "rewrite", 4, notes=[unreached] if unreached else [])
+        edits = rewrite_edits(self, found.matches, replacement_fn)
+        notes = [unchanged] if unchanged else []
+        return derive(self, edits, "rewrite", 4, notes, in_scans)
 
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from ._patch import Edit, replacement_jaxpr
 if TYPE_CHECKING:
     from ._graph import Graph, Var
     from ._program import Program
+    from ._structured import Edit as StructuredEdit
 
 #: Primitives whose two operands may be swapped.
 COMMUTATIVE = frozenset({"add", "add_any", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
@@ -64,33 +65,88 @@ class Match:
 
 
 def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:
-    """See :meth:`Graph.match`; warns of occurrences where the index lists no value
-    (:func:`find`)."""
-    found, unreached = find(graph, pattern_fn, *args)
-    if unreached:  # the user's call, through Graph.match and its traceback filter
-        warnings.warn(unreached, stacklevel=4)
-    return found
+    """See :meth:`Graph.match`; warns of occurrences it does not list (:func:`find`)."""
+    found = find(graph, pattern_fn, *args)
+    said = found.unlisted()
+    if said:  # the user's call, through Graph.match and its traceback filter
+        warnings.warn(said, stacklevel=4)
+    return found.matches
 
 
-def find(
-    graph: Graph, pattern_fn: Callable[..., Any], *args: Any
-) -> tuple[tuple[Match, ...], str | None]:
-    """The pattern's matches, and what is said of occurrences the index lists no value
-    of (None if there are none): inside loops it keeps folded (per iteration) and in
-    ``cond`` branches the traced arguments do not take. Those are not matches."""
+@dataclass
+class Found:
+    """What :func:`find` found of a pattern in a graph."""
+
+    #: the occurrences the index lists values of
+    matches: tuple[Match, ...]
+    pattern: Program
+    label: str  # the pattern's name, for messages
+    #: occurrences in the bodies of scans the index keeps folded, one value per
+    #: iteration: ``(loop, state, name@*)``; g.rewrite rewrites them at every iteration
+    in_scans: list[tuple[int, _State, str]]
+    #: where else it occurs, with no value in the index (not rewritten)
+    elsewhere: list[str]
+
+    def unlisted(self) -> str | None:
+        """What g.match says of the occurrences it does not list (None: there are none)."""
+        said = []
+        if self.in_scans:
+            names = short_list(dict.fromkeys(n for _, _, n in self.in_scans), 4)
+            said.append(
+                f"the pattern {self.label!r} occurs in the body of a scan the index keeps "
+                f"folded, at {names}: one value per iteration, so g.match does not list them "
+                "(g.rewrite rewrites them at every iteration)"
+            )
+        if self.elsewhere:
+            said.append(self.unchanged())
+        return "; ".join(said) or None
+
+    def unchanged(self) -> str | None:
+        """What g.rewrite says of the occurrences it does not change (None: none)."""
+        if not self.elsewhere:
+            return None
+        outside = len(self.matches) + len(self.in_scans)
+        return (
+            f"the pattern {self.label!r} occurs where the index lists no value, at "
+            f"{short_list(self.elsewhere, 4)}: g.match does not list these and g.rewrite "
+            f"does not change them (they run as they are; {outside} other occurrence"
+            f"{'s' if outside != 1 else ''} found); a value inside a folded loop (per "
+            "iteration, name@*) is patched with g.replace(name, fn), fn of its old value "
+            "(one edit of the loop's body)"
+        )
+
+
+def in_unrolled_trips(graph: Graph, matches: Sequence[Match]) -> list[str]:
+    """Names of the matches' outputs made inside the trips of a ``while_loop`` the
+    index unrolls: the traced arguments' trips, which other arguments may outrun."""
+    program = graph._program
+    loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
+    if not loops:
+        return []
+    return [
+        v.name
+        for m in matches
+        for v in m.outputs
+        if any(a <= program.producer[v.index] < b for a, b in loops)
+    ]
+
+
+def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
+    """The pattern's occurrences: matches in the index, in the bodies of folded scans,
+    and where the index lists no value (a folded ``while_loop``'s body, whose trips may
+    differ for other arguments; ``cond`` branches the traced arguments do not take, or
+    inside a folded body)."""
     pattern = traced_pattern(pattern_fn, *args)
     found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
-    inside = unlisted(graph, pattern)
-    if not inside:
-        return found, None
-    outside = "1 occurrence" if len(found) == 1 else f"{len(found)} occurrences"
-    return found, (
-        f"the pattern {getattr(pattern_fn, '__name__', pattern_fn)!r} occurs where the index "
-        f"lists no value, at {short_list(inside, 4)}: g.match does not list these and "
-        "g.rewrite does not change them (they run as they are; "
-        f"{outside} elsewhere matched); a value inside a folded loop (per iteration, name@*) "
-        "is patched with g.replace(name, fn), fn of its old value (one edit of the loop's body)"
-    )
+    in_scans, elsewhere = [], []
+    for k, state, name in in_folded_bodies(graph, pattern):
+        if graph._program.folded[k].is_scan:
+            in_scans.append((k, state, name))
+        else:
+            elsewhere.append(name)
+    elsewhere += _hidden(pattern, graph._program, top=True)
+    label = getattr(pattern_fn, "__name__", repr(pattern_fn))
+    return Found(found, pattern, label, in_scans, list(dict.fromkeys(elsewhere)))
 
 
 def _find(pattern: Program, target: Program) -> list[_State]:
@@ -129,15 +185,6 @@ def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
             "k = x @ wk) with one pattern each"
         )
     return pattern
-
-
-def unlisted(graph: Graph, pattern: Program) -> list[str]:
-    """Where else the pattern occurs with no value in the index: ``step/h@*`` in the
-    body of a loop it keeps folded (:func:`in_folded_bodies`), ``branch 1 of the cond
-    at model.py:12`` (a branch the traced arguments do not take, or a cond inside a
-    folded body), ``the body of the while_loop at model.py:8`` (a loop kept whole)."""
-    program = graph._program
-    return [*in_folded_bodies(graph, pattern), *_hidden(pattern, program, top=True)]
 
 
 def _hidden(pattern: Program, program: Program, top: bool = False) -> list[str]:
@@ -188,9 +235,9 @@ def _at(eqn: C.JaxprEqn) -> str:
     return f" at {os.path.basename(frame[0])}:{frame[1]}" if frame else ""
 
 
-def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:
-    """The names (``step/h@*``) of the values where the pattern's first output occurs
-    inside the bodies of loops the index keeps folded."""
+def in_folded_bodies(graph: Graph, pattern: Program) -> list[tuple[int, _State, str]]:
+    """The occurrences inside the bodies of loops the index keeps folded: ``(loop,
+    state, name)``, the name (``step/h@*``) of the value the first output is."""
     from ._loop_index import unnamed_base
 
     folded = graph._program.folded
@@ -200,15 +247,19 @@ def in_folded_bodies(graph: Graph, pattern: Program) -> list[str]:
     for base, ts in graph._loop_index.names.items():
         if len({(t.loop, t.var) for t in ts}) == 1:  # not a bare `c` of c#0 and c#1
             named.setdefault((ts[0].loop, ts[0].var), base)
-    out0 = pattern.outputs[0]
     places = []
     for k, loop in enumerate(folded):
-        body = loop.template
-        for state in _find(pattern, body):
-            pe = pattern.producer[out0]
-            ti = body.eqn_out[state.eqn_map[pe]][pattern.eqn_out[pe].index(out0)]
-            places.append(named.get((k, ti), unnamed_base(k, ti)) + "@*")
-    return list(dict.fromkeys(places))
+        for state in _find(pattern, loop.template):
+            ti = _output(pattern, loop.template, state)
+            places.append((k, state, named.get((k, ti), unnamed_base(k, ti)) + "@*"))
+    return places
+
+
+def _output(pattern: Program, target: Program, state: _State) -> int:
+    """The target var a match's first output is."""
+    out0 = pattern.outputs[0]
+    pe = pattern.producer[out0]
+    return target.eqn_out[state.eqn_map[pe]][pattern.eqn_out[pe].index(out0)]
 
 
 def rewrite_edits(
@@ -228,6 +279,54 @@ def rewrite_edits(
         )
         edits.append(Edit(want.index, closed, tuple(v.index for v in m.inputs)))
     return edits
+
+
+def scan_edits(
+    graph: Graph, found: Found, replacement_fn: Callable[..., Any]
+) -> tuple[list[tuple[str, StructuredEdit]], list[str]]:
+    """Edits rewriting the occurrences in folded scans' bodies at every iteration: one
+    edit of the running scan's body each (an iteration range covering the scan), named
+    ``step/h@*``; and the names of those it cannot rewrite (its inputs are not values of
+    the body's level: a value passed into a call it is not passed into)."""
+    from ._loop_index import Template, _inner
+    from ._patch_graph import _passed_in
+    from ._structured import Edit as StructuredEdit
+    from ._structured import Site, Step
+
+    program, index = graph._program, graph._loop_index
+    closed, trips = program.closed, program.while_trips
+    edits, left = [], []
+    for k, state, name in found.in_scans:
+        loop, pattern = program.folded[k], found.pattern
+        template = loop.template
+        n = int(loop.eqn.params["length"])
+        t0 = n - 1 if loop.eqn.params["reverse"] else 0  # the first iteration to run
+        out = _output(pattern, template, state)
+        ins = [state.binding[pv] for pv in range(pattern.num_inputs)]
+        site = loop.site(out, t0, closed, trips)
+        depth = len(loop.steps)
+        reads = []
+        for i in ins:
+            read = loop.site(i, t0, closed, trips)
+            reads.append(
+                read.vars[0] if read.steps == site.steps else _passed_in(closed, read, site.steps)
+            )
+        inside = len(site.steps) > depth and site.steps[depth].iteration == t0
+        if not inside or site.before is not None or any(r is None for r in reads):
+            left.append(name)
+            continue
+        replacement = replacement_jaxpr(
+            replacement_fn,
+            [index.var(Template(k, i, _inner(template, i)), t0) for i in ins],
+            index.var(Template(k, out, _inner(template, out)), t0),
+            f"the replacement of the pattern's output {name!r}",
+        )
+        step = site.steps[depth]
+        every = Step(step.eqn, step.branch, range(n))
+        steps = (*site.steps[:depth], every, *site.steps[depth + 1 :])
+        ranged = Site(steps, site.vars, site.path_bound)
+        edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
+    return edits, left
 
 
 class _State:

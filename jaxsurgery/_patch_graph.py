@@ -130,16 +130,17 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 
 
 def _bypassed_rules(
-    graph: Graph, edits: Sequence[Edit], moved: Sequence[Any], stacklevel: int
+    graph: Graph, patched: Sequence[tuple[str, StructuredEdit]], stacklevel: int
 ) -> list[str]:
     """Notes (also warned) for patches inside ``custom_jvp``/``custom_vjp`` calls: the
     patched function runs such a call's primal body, whose derivatives replace the
-    rule's (an identity patch inside ``safe_norm`` makes its gradient at 0 NaN)."""
+    rule's (an identity patch inside ``safe_norm`` makes its gradient at 0 NaN).
+    ``patched``: ``(name, edit)`` of each patch."""
     notes = []
-    for edit, structured in zip(edits, moved):
+    for name, structured in patched:
         for call in rules_entered(graph._structure.closed, structured.site.steps):
             notes.append(
-                f"the patch of {graph._var(edit.target).name!r} is inside the call "
+                f"the patch of {name!r} is inside the call "
                 f"{call!r}, which has a custom derivative rule (custom_jvp/custom_vjp): the "
                 "patched function runs the call's body, so its derivatives there are the "
                 "body's, not the rule's; patch the call's result to keep the rule"
@@ -151,16 +152,23 @@ def _bypassed_rules(
 
 
 def derive(
-    graph: Graph, edits: Sequence[Edit], what: str, stacklevel: int = 5, notes: Sequence[str] = ()
+    graph: Graph,
+    edits: Sequence[Edit],
+    what: str,
+    stacklevel: int = 5,
+    notes: Sequence[str] = (),
+    in_bodies: Sequence[tuple[str, StructuredEdit]] = (),
 ) -> Graph:
     """The graph with ``edits`` applied, names carried over (module docstring);
     ``stacklevel`` of the user's call for warnings (through Graph's method); ``notes``
-    the new graph adds to its own."""
+    the new graph adds to its own; ``in_bodies``: ``(name, edit)`` of edits of the
+    running program at every iteration of a folded loop's body value (``step/h@*``)."""
     from ._graph import Graph
 
     moved = [_structured_edit(graph, e) for e in edits]
-    structured = graph._structure.with_edits(*moved)
-    bypassed = [*_bypassed_rules(graph, edits, moved, stacklevel + 1), *notes]
+    structured = graph._structure.with_edits(*moved, *(e for _, e in in_bodies))
+    named = [(graph._var(e.target).name, m) for e, m in zip(edits, moved)]
+    bypassed = [*_bypassed_rules(graph, [*named, *in_bodies], stacklevel + 1), *notes]
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
     # index would lose the region, and with it the decision for other arguments)

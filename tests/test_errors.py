@@ -255,13 +255,15 @@ CATALOG = [
         r"static argument `train` is False, but the graph was traced with True",
     ),
     (
-        "rewrite of a pattern that is only inside a folded scan",
-        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((3, 2))).rewrite(jnp.tanh, jnp.sin, 1.0),
+        "rewrite of a pattern that is only in a cond branch the traced arguments do not take",
+        lambda g, a: js.trace(
+            lambda x, p: jax.lax.cond(p > 0, jnp.cos, jnp.tanh, x), jnp.ones(2), 1.0
+        ).rewrite(jnp.tanh, jnp.sin, jnp.ones(2)),
         js.SliceError,
-        r"the pattern 'tanh' occurs where the index lists no value, at step/h_new@\*: "
-        r"g\.match does not list these and g\.rewrite does not change them \(they run as "
-        r"they are; 0 occurrences elsewhere matched\); a value inside a folded loop \(per "
-        r"iteration, name@\*\) is patched with g\.replace\(name, fn\)",
+        r"the pattern 'tanh' occurs where the index lists no value, at branch 0 of the cond at "
+        r"test_errors\.py:\d+: g\.match does not list these and g\.rewrite does not change "
+        r"them \(they run as they are; 0 other occurrences found\); a value inside a folded "
+        r"loop \(per iteration, name@\*\) is patched with g\.replace\(name, fn\)",
     ),
     (
         "a static argument traced under jax.jit",

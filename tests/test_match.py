@@ -1,5 +1,8 @@
 """g.match and g.rewrite: structural patterns on the issue-12782 MLP and more."""
 
+import re
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -128,39 +131,87 @@ def test_a_candidate_binding_an_input_to_a_literal_is_skipped():
         g.match(lambda a, b: jnp.sin(a), x, w)
 
 
-def test_occurrences_inside_a_folded_loop_are_named_not_silently_left_out():
-    """``tanh(2a)`` outside a long scan and inside its body: the match and the rewrite
-    reach the one outside only, and say so, naming the body value (the rewrite used to
-    leave the body as it was without a word). ``g.replace`` patches that value at every
-    iteration, as a hand-edited scan computes."""
+def test_a_rewrite_reaches_into_a_folded_scan_at_every_iteration():
+    """``tanh(2a)`` outside a long scan and inside its body: the match lists the one
+    outside and names the body value it does not list (one per iteration); the rewrite
+    changes both, the body with one edit of the running scan (its size does not grow
+    with the length), as a hand-edited function computes, derivatives too. (The rewrite
+    left the body as it was, without a word.)"""
 
-    def f(x, xs):
+    def f(x, xs, w):
         y = jnp.tanh(x * 2.0)
 
         def step(h, xt):
-            pre = jnp.tanh(h * 2.0)
-            return pre + xt, None
+            pre = jnp.tanh((h @ w) * 2.0)
+            return pre + xt, pre
 
-        return jax.lax.scan(step, y, xs)[0].sum()
+        h, pres = jax.lax.scan(step, y, xs)
+        return h.sum() + 0.1 * pres.sum()
 
-    x, xs = jnp.linspace(-1.0, 1.0, 3), jnp.full((3000, 3), 0.01)
-    g = js.trace(f, x, xs)
+    def by_hand(x, xs, w):
+        def step(h, xt):
+            pre = jnp.sin(h @ w)
+            return pre + xt, pre
+
+        h, pres = jax.lax.scan(step, jnp.sin(x), xs)
+        return h.sum() + 0.1 * pres.sum()
+
+    x, xs, w = jnp.linspace(-1.0, 1.0, 3), jnp.full((3000, 3), 0.01), jnp.eye(3) * 0.7
+    g = js.trace(f, x, xs, w)
     pattern = lambda a: jnp.tanh(a * 2.0)  # noqa: E731
-    with pytest.warns(UserWarning, match=r"lists no value, at step/pre@\*.*1 occurrence elsewhere"):
+    with pytest.warns(UserWarning, match=r"body of a scan .* at step/pre@\*: one value per"):
         (m,) = g.match(pattern, x)
     assert m.inputs[0] is g["x"]
-    with pytest.warns(UserWarning, match=r"g\.rewrite does not change them"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unchanged: no warning
         rewritten = g.rewrite(pattern, jnp.sin, x)
+    got = rewritten.as_function()
+    allclose(got(x, xs, w), by_hand(x, xs, w))
+    for k in range(3):
+        allclose(jax.grad(got, k)(x, xs, w), jax.grad(by_hand, k)(x, xs, w), rtol=1e-4)
+    h = jnp.sin(x)  # the body value at an iteration, by hand
+    for t in range(8):
+        pre = jnp.sin(h @ w)
+        h = pre + xs[t]
+    allclose(rewritten.value("step/pre@7"), pre)
+    (scan,) = [e for e in jax.make_jaxpr(got)(x, xs, w).jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scan.params["jaxpr"].jaxpr.eqns) < 15
 
-    def by_hand(x, xs):  # the rewrite outside, the body as it was
-        return jax.lax.scan(lambda h, xt: (jnp.tanh(h * 2.0) + xt, None), jnp.sin(x), xs)[0].sum()
 
-    allclose(rewritten.as_function()(x, xs), by_hand(x, xs))
-    inside = rewritten.replace("step/pre@*", lambda pre: pre * 0.5)
-    everywhere = lambda x, xs: jax.lax.scan(  # noqa: E731
-        lambda h, xt: (0.5 * jnp.tanh(h * 2.0) + xt, None), jnp.sin(x), xs
-    )[0].sum()
-    allclose(inside.as_function()(x, xs), everywhere(x, xs))
+@pytest.mark.parametrize("size", [5, 120])
+def test_a_while_loops_body_is_rewritten_for_the_traced_trips_only_and_says_so(size):
+    """A ``while_loop``'s trips may differ for other arguments. Kept folded (a large
+    body), its body is not rewritten, the occurrences outside are, and the rewrite says
+    so; unrolled (a small body), its traced trips are rewritten, and the rewrite says
+    that arguments running more trips run the others as they are."""
+
+    def f(x, n):
+        def body(c):
+            i, h = c
+            for _ in range(size):
+                h = jnp.sin(h) * 0.9
+            return i + 1, jnp.tanh(h)
+
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, jnp.tanh(x)))[1]
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x, 4)
+    said = r"at body\[1\]@\*: g\.match does not list" if size > 100 else r"unrolls for the traced"
+    with pytest.warns(UserWarning, match=said):
+        rewritten = g.rewrite(jnp.tanh, jnp.sin, x)
+    assert any(re.search(said, n) for n in rewritten.notes)
+    allclose(rewritten.as_function()(x, 4), _while_by_hand(x, 4, size, inside=size < 100))
+
+
+def _while_by_hand(x, n, size, inside):
+    """The while loop of the test above with its tanh outside rewritten to sin, and
+    (``inside``) those in its body too."""
+    h = jnp.sin(x)
+    for _ in range(n):
+        for _ in range(size):
+            h = jnp.sin(h) * 0.9
+        h = jnp.sin(h) if inside else jnp.tanh(h)
+    return h
 
 
 def test_occurrences_in_a_branch_not_taken_are_named_not_silently_left_out():
