@@ -100,11 +100,15 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:
 
 def holds(dtype: Any, value: Any) -> bool:
     """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
-    float < complex, as JAX promotes them; bfloat16 and float8 are floats too)."""
+    float < complex, as JAX promotes them; bfloat16 and float8 are floats too), and a
+    Python int for an integer dtype within its range."""
     given = next((k for t, k in _PYTHON_KINDS if isinstance(value, t)), None)  # IntEnum too
     if given is None or hasattr(value, "dtype"):  # NumPy scalars: by their dtype
         given = _kind(getattr(value, "dtype", None))
     want = _kind(dtype)
+    if given == 1 == want and isinstance(value, int) and not hasattr(value, "dtype"):
+        info = jnp.iinfo(dtype)  # a Python int: also its range (300 is no uint8)
+        return bool(info.min <= value <= info.max)
     return given is not None and want is not None and given <= want
 
 
@@ -117,3 +121,13 @@ def _kind(dtype: Any) -> int | None:
     if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
         return None
     return next((k for t, k in _KINDS if jnp.issubdtype(dtype, t)), None)
+
+
+def out_of_range(dtype: Any, value: Any) -> str:
+    """``"300 is outside uint8's range, 0 .. 255"`` for a Python int an integer dtype
+    does not hold, else ``""``."""
+    if isinstance(value, int) and not isinstance(value, bool) and _kind(dtype) == 1:
+        info = jnp.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            return f"{value} is outside {jnp.dtype(dtype).name}'s range, {info.min} .. {info.max}"
+    return ""

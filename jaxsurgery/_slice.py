@@ -42,7 +42,7 @@ from . import _select
 from ._control_flow import input_reads
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
-from ._promotion import holds
+from ._promotion import holds, out_of_range
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
 
@@ -657,8 +657,9 @@ def _coerce(x: Any, var: Var) -> Any:
         if var.shape == () and holds(var.dtype, x):
             return jnp.asarray(x, dtype=var.dtype)
         raise SliceError(
-            f"input {var.name!r} expects {type_of(var)}, got a Python {type(x).__name__}; "
-            f"pass a value shaped like g.value({var.name!r})"
+            f"input {var.name!r} expects {type_of(var)}, got a Python {type(x).__name__}"
+            f"{''.join('; ' + r for r in [out_of_range(var.dtype, x)] if r)}; pass a value "
+            f"shaped like g.value({var.name!r})"
         )
     if not hasattr(x, "dtype"):
         if isinstance(x, (list, tuple)) or not hasattr(x, "__array__"):

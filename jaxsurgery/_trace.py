@@ -30,7 +30,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
 from ._progress import phase, progress, reported
-from ._promotion import holds, weak_type_decides
+from ._promotion import holds, out_of_range, weak_type_decides
 from ._scopes import scope_names
 
 
@@ -243,6 +243,8 @@ def same_avals(
         if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"
             given = type(new).__name__ if dtype is None else f"{dtype}{list(shape)}"
+            outside = out_of_range(traced_dtype, new)
+            given += f" ({outside})" if outside else ""
             raise SliceError(
                 f"argument `{name}` is {given}, but the graph was traced with {was}: a graph "
                 "runs the program it traced, for arguments of the traced shapes and dtypes. "

@@ -232,3 +232,24 @@ def test_an_int_enum_replaces_an_integer_value():
 
     g = js.trace(lambda x, m: x * m, jnp.ones(2), 2)
     allclose(g.replace("m", Mode.TRIPLE).as_function()(jnp.ones(2), 2), 3.0 * jnp.ones(2))
+
+
+def test_a_python_int_outside_a_small_int_dtype_is_refused_by_name():
+    """300 for a uint8 input: a SliceError naming the input and the range (JAX's raw
+    OverflowError came through); an int within the range is converted, as before."""
+
+    def f(u, x):
+        a = u * 2
+        return x * a.astype(jnp.float32)
+
+    g = js.trace(f, jnp.uint8(100), jnp.float32(1.5))
+    s = g.slice("u", "out")
+    for bad in (300, -1):
+        with pytest.raises(js.SliceError, match=rf"input 'u'.*{bad} is outside uint8's range"):
+            s(bad)
+    with pytest.raises(js.SliceError, match=r"argument `u` is int \(300 is outside uint8's"):
+        g.as_function()(300, 1.5)
+    with pytest.raises(js.SliceError, match=r"argument `u` is int \(300 is outside uint8's"):
+        g.values_fn("a")(300, 1.5)
+    allclose(s(200), f(jnp.uint8(200), jnp.float32(1.5)))  # 400 wraps as uint8 does
+    allclose(g.as_function()(7, 1.5), 21.0)
