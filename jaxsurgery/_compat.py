@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax._src import core as _core  # the running trace (trace_ctx)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
@@ -414,3 +415,16 @@ def callbacks_only(effects: Any) -> bool:
 def calls_back(effects: Any) -> bool:
     """Whether an equation (a loop, with what its body does) calls back to the host."""
     return any(map(_is_callback, effects))
+
+
+def zeros_of(aval: Any, stacked: int | None = None) -> Any:
+    """Zeros of ``aval``'s shape and dtype (``stacked`` of them on a new leading axis),
+    with its sharding where it has one of an Explicit mesh (the type of a value there)."""
+    shape = aval.shape if stacked is None else (stacked, *aval.shape)
+    sharding = getattr(aval, "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or getattr(mesh, "empty", True) or all(s is None for s in spec):
+        return jnp.zeros(shape, aval.dtype)
+    if stacked is not None:
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+    return jnp.zeros(shape, aval.dtype, out_sharding=sharding)

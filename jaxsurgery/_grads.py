@@ -141,13 +141,9 @@ class GradsFunction:
         return total
 
     def _zeros(self) -> list[Any]:
-        return [
-            jnp.zeros(
-                (len(m), *self._avals[m[0]].shape) if len(m) > 1 else self._avals[m[0]].shape,
-                self._avals[m[0]].dtype,
-            )
-            for m in self._inputs
-        ]
+        """The zero perturbations, typed as the values they perturb (shardings too: under
+        an Explicit mesh they decide the gradients' types)."""
+        return [C.zeros_of(self._avals[m[0]], len(m) if len(m) > 1 else None) for m in self._inputs]
 
     @functools.cached_property
     def dropped(self) -> list[str]:

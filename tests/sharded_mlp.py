@@ -85,7 +85,43 @@ def main():
     assert [e.primitive.name for e in s2.jaxpr.eqns] == ["shard_map", "mul"], s2.jaxpr
     out3 = jax.jit(s2)(x)
     np.testing.assert_allclose(np.asarray(out3), 2 * np.tanh(x_np @ w1_np), rtol=1e-5, atol=1e-5)
+    explicit_grads(x_np, w1_np, w2_np)
     print("sharded slices ok:", kept, out.sharding.spec)
+
+
+def explicit_grads(x_np, w1_np, w2_np):
+    """Under an Explicit mesh a value's sharding is part of its type: g.grads keeps the
+    gradients' shardings as jax.grad and the zero-perturbation trick do (they came back
+    replicated: the zero perturbations were)."""
+    mesh = jax.make_mesh((2, 4), ("d", "m"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    def f(x, w1, w2):
+        h = jnp.tanh(x @ w1)
+        return jnp.sum((jax.sharding.reshard(h, P("d", None)) @ w2) ** 2)
+
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x_np, P("d", None))
+        w1 = jax.device_put(w1_np, P(None, "m"))
+        w2 = jax.device_put(w2_np, P(None, None))
+        g = js.trace(f, x, w1, w2)
+
+        def trick(eps):
+            h = jnp.tanh(x @ w1) + eps
+            return jnp.sum((jax.sharding.reshard(h, P("d", None)) @ w2) ** 2)
+
+        want = {
+            "w1": jax.grad(f, argnums=1)(x, w1, w2),
+            "h": jax.grad(trick)(jnp.zeros((8, 32), out_sharding=P("d", "m"))),
+        }
+        for got in (
+            g.grads("out", ["w1", "h"]),
+            jax.jit(g.grads_fn("out", ["w1", "h"]))(x, w1, w2),
+        ):
+            for k, ref in want.items():
+                assert got[k].sharding.spec == ref.sharding.spec, (k, got[k].sharding, ref.sharding)
+                np.testing.assert_allclose(
+                    np.asarray(got[k]), np.asarray(ref), rtol=1e-5, atol=1e-5
+                )
 
 
 if __name__ == "__main__":
