@@ -30,7 +30,9 @@ What you can rely on:
   them) with ``NamedSharding(Mesh(devices, ("batch",)), P("batch"))`` on every
   leaf, and ``fn`` runs under ``jax.jit``, so XLA splits the work data-parallel.
   A batch whose size does not divide the number of devices is padded by repeating
-  its last example; the padding rows are dropped before writing.
+  its last example; the padding rows are dropped before writing. A function that
+  takes only the batch size it was traced for (a graph's ``values_fn``: the padded
+  batch is a ``SliceError``) gets such batches whole, on every device, unpadded.
 * Every output must be computed per example (leading axis = batch size). Dtypes
   Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32``, and PRNG
   keys as their key data (``jax.random.key_data``: ``jax.random.wrap_key_data`` makes
@@ -65,7 +67,7 @@ import jax
 import numpy as np
 
 from . import _progress
-from ._errors import SelectionError
+from ._errors import SelectionError, SliceError
 
 _STATE = "jaxsurgery"  # the group attribute that records what is complete
 
@@ -108,7 +110,16 @@ def collect(
             if i < writer.batches_done:
                 continue  # done by an earlier call
             args, size, rows = place(batch)
-            outs = run(args)  # dispatched: runs while the previous batch is written
+            try:
+                outs = run(args)  # dispatched: runs while the previous batch is written
+            except SliceError:
+                if rows == size or not place.padding:
+                    raise
+                # a function of the batch size it was traced for (a graph's values_fn):
+                # such batches run whole on every device from now on, unpadded
+                place.padding = False
+                args, size, rows = place(batch)
+                outs = run(args)
             if pending is not None:
                 writer.write(*pending)
                 bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")
@@ -145,6 +156,8 @@ class _Placement:
         mesh = Mesh(np.asarray(devices), ("batch",))
         self.split = NamedSharding(mesh, PartitionSpec("batch"))
         self.whole = NamedSharding(mesh, PartitionSpec())
+        #: pad a batch the devices do not divide (else it runs whole on every device)
+        self.padding = True
 
     def __call__(self, batch: Any) -> tuple[Any, int, int]:
         """The placed batch, its size, and its size padded to a multiple of the devices."""
@@ -156,10 +169,11 @@ class _Placement:
                 "every leaf of a batch needs the examples on its first axis"
             )
         (size,) = sizes
-        pad = -size % self.count
+        pad = -size % self.count if self.padding else 0
+        split = not size % self.count or self.padding
 
         def put(x: Any) -> Any:
-            if np.ndim(x) == 0:
+            if np.ndim(x) == 0 or not split:
                 return jax.device_put(x, self.whole)
             if pad:  # repeat the last example so that every device gets a share
                 x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], pad, 0)])

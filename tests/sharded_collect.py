@@ -2,7 +2,8 @@
 test_collect in a fresh process).
 
 Each batch is split over the devices along its first axis, a batch of a size the devices
-do not divide is padded and trimmed, and the store equals an unsharded run.
+do not divide is padded and trimmed (or run whole, by a function of one batch size), and the
+store equals an unsharded run.
 """
 
 import os
@@ -44,6 +45,15 @@ def main():
     np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
     assert seen and all(len(s.device_set) == 8 for s in seen), seen
     assert all(not s.is_fully_replicated for s in seen), seen
+    # a values_fn traced with the batch size collected, which the devices do not divide:
+    # the padded batch is not its shape, so such batches run whole (padding failed)
+    twelve = js.trace(model, w, jnp.ones((12, 6))).values_fn("h")
+    odd = [jax.random.normal(jax.random.key(i), (12, 6)) for i in range(3)]
+    store = js.collect(
+        tempfile.mkdtemp() + "/odd.zarr", lambda x: twelve(w, x), odd, progress=False
+    )
+    expected = np.concatenate([np.tanh(np.asarray(b) @ np.asarray(w)) for b in odd])
+    np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
     # patch_fn and attribution_fn on arguments sharded over the 8 devices
     from jax.sharding import NamedSharding, PartitionSpec
 
