@@ -580,33 +580,35 @@ class Graph:
         self, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
     ) -> Graph:
         """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
-        from ._match import find, in_unrolled_trips, rewrite_edits, scan_edits
+        from ._match import body_edits, every_trip, find, rewrite_edits
         from ._patch_graph import derive, warn_if_differentiated
 
         found = find(self, pattern_fn, *args)
-        in_scans, left = scan_edits(self, found, replacement_fn)
+        in_bodies, left = body_edits(self, found, replacement_fn)
         found.elsewhere += left
-        unchanged = found.unchanged()
-        if not found.matches and not in_scans:
+        if not found.matches and not in_bodies:
             raise SliceError(
-                unchanged
+                found.unchanged()
                 or f"the pattern {found.label!r} matches nothing in this graph; check it "
                 "with g.match(...) first"
             )
-        trips = in_unrolled_trips(self, found.matches)
-        if trips:
+        outputs = [v for m in found.matches for v in m.outputs]
+        warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
+        edits, in_trips, per_trip = every_trip(
+            self, rewrite_edits(self, found.matches, replacement_fn)
+        )
+        unchanged = found.unchanged()
+        if per_trip:
             unchanged = (f"{unchanged}; " if unchanged else "") + (
-                f"{short_list(trips, 4)} are in the trips of a while_loop the index unrolls "
-                "for the traced arguments: g.rewrite changes those trips, and arguments "
-                "that run more trips run the others as they are"
+                f"{short_list(per_trip, 4)} are in the trips of a while_loop the index "
+                "unrolls for the traced arguments and read another trip's values: g.rewrite "
+                "changes those trips, and arguments that run more trips run the others as "
+                "they are"
             )
         if unchanged:  # also in the rewritten graph's notes
             warnings.warn(unchanged, stacklevel=3)
-        outputs = [v for m in found.matches for v in m.outputs]
-        warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
-        edits = rewrite_edits(self, found.matches, replacement_fn)
         notes = [unchanged] if unchanged else []
-        return derive(self, edits, "rewrite", 4, notes, in_scans)
+        return derive(self, edits, "rewrite", 4, notes, [*in_bodies, *in_trips])
 
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""

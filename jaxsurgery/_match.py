@@ -81,19 +81,19 @@ class Found:
     matches: tuple[Match, ...]
     pattern: Program
     label: str  # the pattern's name, for messages
-    #: occurrences in the bodies of scans the index keeps folded, one value per
+    #: occurrences in the bodies of loops the index keeps folded, one value per
     #: iteration: ``(loop, state, name@*)``; g.rewrite rewrites them at every iteration
-    in_scans: list[tuple[int, _State, str]]
+    in_bodies: list[tuple[int, _State, str]]
     #: where else it occurs, with no value in the index (not rewritten)
     elsewhere: list[str]
 
     def unlisted(self) -> str | None:
         """What g.match says of the occurrences it does not list (None: there are none)."""
         said = []
-        if self.in_scans:
-            names = short_list(dict.fromkeys(n for _, _, n in self.in_scans), 4)
+        if self.in_bodies:
+            names = short_list(dict.fromkeys(n for _, _, n in self.in_bodies), 4)
             said.append(
-                f"the pattern {self.label!r} occurs in the body of a scan the index keeps "
+                f"the pattern {self.label!r} occurs in the body of a loop the index keeps "
                 f"folded, at {names}: one value per iteration, so g.match does not list them "
                 "(g.rewrite rewrites them at every iteration)"
             )
@@ -105,7 +105,7 @@ class Found:
         """What g.rewrite says of the occurrences it does not change (None: none)."""
         if not self.elsewhere:
             return None
-        outside = len(self.matches) + len(self.in_scans)
+        outside = len(self.matches) + len(self.in_bodies)
         return (
             f"the pattern {self.label!r} occurs where the index lists no value, at "
             f"{short_list(self.elsewhere, 4)}: g.match does not list these and g.rewrite "
@@ -116,37 +116,54 @@ class Found:
         )
 
 
-def in_unrolled_trips(graph: Graph, matches: Sequence[Match]) -> list[str]:
-    """Names of the matches' outputs made inside the trips of a ``while_loop`` the
-    index unrolls: the traced arguments' trips, which other arguments may outrun."""
+def every_trip(
+    graph: Graph, edits: Sequence[Edit]
+) -> tuple[list[Edit], list[tuple[str, StructuredEdit]], list[str]]:
+    """Rewrite edits in the trips of ``while_loop`` s the index unrolls, made edits of
+    every trip: one edit of the loop's body, which applies in each trip the loop runs
+    for any arguments (an edit per traced trip left the trips more arguments run
+    unchanged). Returns the other edits, those made, and the names of edits in such
+    trips that could not be made so (warned: they change the traced trips only)."""
+    from ._patch_graph import _structured_edit
+    from ._structured import Edit as StructuredEdit
+    from ._structured import Site, Step
+
     program = graph._program
     loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
-    if not loops:
-        return []
-    return [
-        v.name
-        for m in matches
-        for v in m.outputs
-        if any(a <= program.producer[v.index] < b for a, b in loops)
-    ]
+    kept, made, left = [], {}, []
+    for edit in edits:
+        if not any(a <= program.producer[edit.target] < b for a, b in loops):
+            kept.append(edit)
+            continue
+        name = graph._var(edit.target).name
+        try:
+            site = _structured_edit(graph, edit)
+        except SliceError:  # reads another trip's value: per traced trip, as it is
+            kept.append(edit)
+            left.append(name)
+            continue
+        trips = {j for j in site.site.path_bound if site.site.steps[j].iteration is not None}
+        steps = tuple(
+            Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.site.steps)
+        )
+        bound = tuple(j for j in site.site.path_bound if j not in trips)
+        key = (steps, site.site.vars, site.reads)
+        if key not in made:
+            every = Site(steps, site.site.vars, bound)
+            made[key] = (name, StructuredEdit(every, "apply", site.fn, site.reads))
+    return kept, list(made.values()), left
 
 
 def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
-    """The pattern's occurrences: matches in the index, in the bodies of folded scans,
-    and where the index lists no value (a folded ``while_loop``'s body, whose trips may
-    differ for other arguments; ``cond`` branches the traced arguments do not take, or
-    inside a folded body)."""
+    """The pattern's occurrences: matches in the index, in the bodies of folded loops,
+    and where the index lists no value (``cond`` branches the traced arguments do not
+    take; a loop or cond inside a folded body)."""
     pattern = traced_pattern(pattern_fn, *args)
     found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
-    in_scans, elsewhere = [], []
-    for k, state, name in in_folded_bodies(graph, pattern):
-        if graph._program.folded[k].is_scan:
-            in_scans.append((k, state, name))
-        else:
-            elsewhere.append(name)
-    elsewhere += _hidden(pattern, graph._program, top=True)
+    in_bodies = in_folded_bodies(graph, pattern)
+    elsewhere = _hidden(pattern, graph._program, top=True)
     label = getattr(pattern_fn, "__name__", repr(pattern_fn))
-    return Found(found, pattern, label, in_scans, list(dict.fromkeys(elsewhere)))
+    return Found(found, pattern, label, in_bodies, list(dict.fromkeys(elsewhere)))
 
 
 def _find(pattern: Program, target: Program) -> list[_State]:
@@ -281,13 +298,14 @@ def rewrite_edits(
     return edits
 
 
-def scan_edits(
+def body_edits(
     graph: Graph, found: Found, replacement_fn: Callable[..., Any]
 ) -> tuple[list[tuple[str, StructuredEdit]], list[str]]:
-    """Edits rewriting the occurrences in folded scans' bodies at every iteration: one
-    edit of the running scan's body each (an iteration range covering the scan), named
-    ``step/h@*``; and the names of those it cannot rewrite (its inputs are not values of
-    the body's level: a value passed into a call it is not passed into)."""
+    """Edits rewriting the occurrences in folded loops' bodies at every iteration: one
+    edit of the running loop's body each (a scan's: an iteration range covering it; a
+    ``while_loop``'s: a step naming no trip, every trip it runs), named ``step/h@*``;
+    and the names of those it cannot rewrite (its inputs are not values of the body's
+    level: a value passed into a call it is not passed into)."""
     from ._loop_index import Template, _inner
     from ._patch_graph import _passed_in
     from ._structured import Edit as StructuredEdit
@@ -296,11 +314,11 @@ def scan_edits(
     program, index = graph._program, graph._loop_index
     closed, trips = program.closed, program.while_trips
     edits, left = [], []
-    for k, state, name in found.in_scans:
+    for k, state, name in found.in_bodies:
         loop, pattern = program.folded[k], found.pattern
         template = loop.template
-        n = int(loop.eqn.params["length"])
-        t0 = n - 1 if loop.eqn.params["reverse"] else 0  # the first iteration to run
+        n = int(loop.eqn.params["length"]) if loop.is_scan else None
+        t0 = n - 1 if loop.is_scan and loop.eqn.params["reverse"] else 0  # the first to run
         out = _output(pattern, template, state)
         ins = [state.binding[pv] for pv in range(pattern.num_inputs)]
         site = loop.site(out, t0, closed, trips)
@@ -322,9 +340,9 @@ def scan_edits(
             f"the replacement of the pattern's output {name!r}",
         )
         step = site.steps[depth]
-        every = Step(step.eqn, step.branch, range(n))
+        every = Step(step.eqn, step.branch, None if n is None else range(n))
         steps = (*site.steps[:depth], every, *site.steps[depth + 1 :])
-        ranged = Site(steps, site.vars, site.path_bound)
+        ranged = Site(steps, site.vars, tuple(j for j in site.path_bound if j != depth))
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
     return edits, left
 

@@ -66,7 +66,8 @@ class Step:
 
     ``iteration`` may be a ``range`` of a scan's iterations: the same edit at each of
     them, one edit for every step of a 10k-step loop rather than 10k edits merged
-    again. An ``"apply"`` edit then reads its extra inputs stacked by iteration; an
+    again. Into a ``while_loop``, ``None`` is every trip it runs (``g.rewrite`` of its
+    body), however many the arguments make. An ``"apply"`` edit then reads its extra inputs stacked by iteration; an
     ``"expose"`` edit gives the stacked values (a ``while_loop`` takes ``"apply"``
     ranges only).
     """
@@ -522,10 +523,16 @@ class _Interpreter:
         n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
         cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
         init = invals[n_cond + n_body :]
+        # an edit of every trip (its step names no trip: g.rewrite in the body) applies
+        # in each trip the loop runs, however many the arguments make
+        every = [_descend(p) for p in pending if p.steps[0].iteration is None]
+        pending = [p for p in pending if p.steps[0].iteration is not None]
         groups = _merge([q for p in pending for q in _each_iteration(p)])
         at = {t for its, _ in groups for t in its}
-        if max(at) - min(at) < FEW_TRIPS and not any(
-            isinstance(p.steps[0].iteration, range) for p in pending
+        if (
+            not every
+            and max(at) - min(at) < FEW_TRIPS
+            and not any(isinstance(p.steps[0].iteration, range) for p in pending)
         ):
             return self._few_trips(eqn, invals, groups, exposed)
         trips = [np.asarray(its) for its, _ in groups]
@@ -561,6 +568,7 @@ class _Interpreter:
                         key=i,
                     )
                 )
+            inner = [*every, *inner]  # the program's edits before what a request exposes
             carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
             found = [
                 jnp.where(_expand(hits[i], slot.ndim), _value(sub[i])[None], slot)
