@@ -417,11 +417,12 @@ def calls_back(effects: Any) -> bool:
     return any(map(_is_callback, effects))
 
 
-def zeros_of(aval: Any, stacked: int | None = None) -> Any:
+def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any:
     """Zeros of ``aval``'s shape and dtype (``stacked`` of them on a new leading axis),
-    with its sharding where it has one of an Explicit mesh (the type of a value there)."""
+    with its sharding where it has one of an Explicit mesh (the type of a value there)
+    unless not ``sharded``."""
     shape = aval.shape if stacked is None else (stacked, *aval.shape)
-    sharding = getattr(aval, "sharding", None)
+    sharding = getattr(aval, "sharding", None) if sharded else None
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
     if spec is None or getattr(mesh, "empty", True) or all(s is None for s in spec):
         return jnp.zeros(shape, aval.dtype)

@@ -143,7 +143,26 @@ class GradsFunction:
     def _zeros(self) -> list[Any]:
         """The zero perturbations, typed as the values they perturb (shardings too: under
         an Explicit mesh they decide the gradients' types)."""
-        return [C.zeros_of(self._avals[m[0]], len(m) if len(m) > 1 else None) for m in self._inputs]
+
+        # values of several shardings stacked in one result (a value and its reshard)
+        # take plain zeros: their gradients, of one type, stack
+        def sharding(i: int) -> str:
+            return str(getattr(self._avals[i], "sharding", None))
+
+        plain = {
+            i
+            for group, many in zip(self._groups, self._stacked)
+            if many and len({sharding(j) for j in group}) > 1
+            for i in group
+        }
+        return [
+            C.zeros_of(
+                self._avals[m[0]],
+                len(m) if len(m) > 1 else None,
+                sharded=not plain.intersection(m) and len({sharding(i) for i in m}) == 1,
+            )
+            for m in self._inputs
+        ]
 
     @functools.cached_property
     def dropped(self) -> list[str]:

@@ -188,6 +188,7 @@ class Graph:
         unpatched: dict[int, int] | None = None,
         templates: dict[str, Any] | None = None,
         patched_sites: dict[Site, str] | None = None,
+        edited_apart: bool = False,
     ):
         from ._loop_index import LoopIndex
 
@@ -208,6 +209,9 @@ class Graph:
         #: sites patched in the structured program only (a graph with folded loops:
         #: its index is its parent's, see _patch_graph.derive), with the patched names
         self._patched_sites = patched_sites or {}
+        #: the running program holds edits its index lacks (patched or rewritten in the
+        #: running program only): values and slices come from the running program
+        self._edited_apart = edited_apart or bool(self._patched_sites)
         self._names = names
         self._flatten_args = flatten_args
         self._flat_args = None if flat_args is None else tuple(flat_args)
@@ -335,7 +339,7 @@ class Graph:
             looped = [
                 i
                 for i in missing
-                if self._patched_sites
+                if self._edited_apart
                 or ((site := self._site(i)) is not None and (after_loop or _in_loop(site)))
             ]
             rest = [i for i in missing if i not in set(looped)]
@@ -584,15 +588,16 @@ class Graph:
         from ._patch_graph import derive, warn_if_differentiated
 
         found = find(self, pattern_fn, *args)
-        in_bodies, left = body_edits(self, found, replacement_fn)
+        in_bodies, left, in_body_targets = body_edits(self, found, replacement_fn)
         found.elsewhere += left
+        found.in_bodies = [b for b in found.in_bodies if b[2] not in left]
         if not found.matches and not in_bodies:
             raise SliceError(
                 found.unchanged()
                 or f"the pattern {found.label!r} matches nothing in this graph; check it "
                 "with g.match(...) first"
             )
-        outputs = [v for m in found.matches for v in m.outputs]
+        outputs = [*(v for m in found.matches for v in m.outputs), *in_body_targets]
         warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
         edits, in_trips, per_trip = every_trip(
             self, rewrite_edits(self, found.matches, replacement_fn)

@@ -300,20 +300,21 @@ def rewrite_edits(
 
 def body_edits(
     graph: Graph, found: Found, replacement_fn: Callable[..., Any]
-) -> tuple[list[tuple[str, StructuredEdit]], list[str]]:
+) -> tuple[list[tuple[str, StructuredEdit]], list[str], list[Var]]:
     """Edits rewriting the occurrences in folded loops' bodies at every iteration: one
     edit of the running loop's body each (a scan's: an iteration range covering it; a
     ``while_loop``'s: a step naming no trip, every trip it runs), named ``step/h@*``;
-    and the names of those it cannot rewrite (its inputs are not values of the body's
-    level: a value passed into a call it is not passed into)."""
+    the names of those it cannot rewrite (its inputs are not values of the body's
+    level: a value passed into a call it is not passed into); and the value each edit
+    rewrites, at one iteration (for the warnings a patch there gets)."""
     from ._loop_index import Template, _inner
     from ._patch_graph import _passed_in
     from ._structured import Edit as StructuredEdit
     from ._structured import Site, Step
 
     program, index = graph._program, graph._loop_index
-    closed, trips = program.closed, program.while_trips
-    edits, left = [], []
+    closed = graph._structure.closed
+    edits, left, targets = [], [], []
     for k, state, name in found.in_bodies:
         loop, pattern = program.folded[k], found.pattern
         template = loop.template
@@ -321,30 +322,44 @@ def body_edits(
         t0 = n - 1 if loop.is_scan and loop.eqn.params["reverse"] else 0  # the first to run
         out = _output(pattern, template, state)
         ins = [state.binding[pv] for pv in range(pattern.num_inputs)]
-        site = loop.site(out, t0, closed, trips)
-        depth = len(loop.steps)
+
+        def at(ti: int, loop: Any = loop, t0: int = t0) -> Site | None:
+            """Where template var ``ti`` is in the body at iteration t0, as it is there
+            (not lifted out: a carry of the last iteration, or of the last step of a
+            loop unrolled in the body, is a value of the body too)."""
+            found = loop.template.found(ti)
+            if found is None:
+                return None
+            steps = (*loop.steps, Step(loop.pos, iteration=t0), *found[0])
+            return Site(steps, (found[1],))
+
+        site = at(out)
         reads = []
-        for i in ins:
-            read = loop.site(i, t0, closed, trips)
-            reads.append(
-                read.vars[0] if read.steps == site.steps else _passed_in(closed, read, site.steps)
-            )
-        inside = len(site.steps) > depth and site.steps[depth].iteration == t0
-        if not inside or site.before is not None or any(r is None for r in reads):
+        for read in map(at, ins):
+            if read is None or site is None:
+                reads.append(None)
+            elif read.steps == site.steps:
+                reads.append(read.vars[0])
+            else:
+                reads.append(_passed_in(closed, read, site.steps))
+        if site is None or any(r is None for r in reads):
             left.append(name)
             continue
+        depth = len(loop.steps)
+        target = index.var(Template(k, out, _inner(template, out)), t0)
         replacement = replacement_jaxpr(
             replacement_fn,
             [index.var(Template(k, i, _inner(template, i)), t0) for i in ins],
-            index.var(Template(k, out, _inner(template, out)), t0),
+            target,
             f"the replacement of the pattern's output {name!r}",
         )
+        targets.append(target)
         step = site.steps[depth]
         every = Step(step.eqn, step.branch, None if n is None else range(n))
         steps = (*site.steps[:depth], every, *site.steps[depth + 1 :])
         ranged = Site(steps, site.vars, tuple(j for j in site.path_bound if j != depth))
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
-    return edits, left
+    return edits, left, targets
 
 
 class _State:

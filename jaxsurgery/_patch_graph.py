@@ -37,7 +37,7 @@ from ._errors import SelectionError, SliceError, type_of
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._promotion import holds
+from ._promotion import holds, out_of_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site, rules_entered, sub_jaxpr
@@ -166,13 +166,18 @@ def derive(
     from ._graph import Graph
 
     moved = [_structured_edit(graph, e) for e in edits]
-    structured = graph._structure.with_edits(*moved, *(e for _, e in in_bodies))
+    structured = graph._structure.with_edits(*moved, under=[e for _, e in in_bodies])
     named = [(graph._var(e.target).name, m) for e, m in zip(edits, moved)]
     bypassed = [*_bypassed_rules(graph, [*named, *in_bodies], stacklevel + 1), *notes]
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
     # index would lose the region, and with it the decision for other arguments)
-    if graph._program.folded or any(m.site.path_bound for m in moved):
+    if (
+        graph._program.folded
+        or in_bodies
+        or graph._edited_apart
+        or any(m.site.path_bound for m in moved)
+    ):
         return Graph(
             graph._program,
             graph._names,
@@ -189,6 +194,7 @@ def derive(
                 **{graph._site_of(graph._var(e.target)): graph._var(e.target).name for e in edits},
                 **graph._patched_sites,  # (a site patched before keeps its first name)
             },
+            edited_apart=True,
         )
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
@@ -294,6 +300,13 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731
             return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
         _check_shape(var, value)
+        outside = _outside(var, value)
+        if outside:  # 300 for a uint8 var would run as 44
+            raise SliceError(
+                f"the replacement for {var.name!r} ({type_of(var)}): {outside}, where it would "
+                "wrap around; give a value in the range (cast it yourself if wrapping is "
+                "what you mean)"
+            )
         if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
             kind = getattr(value, "dtype", type(value).__name__)
             raise SliceError(
@@ -303,6 +316,20 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             )
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
+
+
+def _outside(var: Var, value: Any) -> str:
+    """What of an integer constant lies outside an integer var's range ("" if nothing)."""
+    if not jnp.issubdtype(var.dtype, jnp.integer) or isinstance(value, jax.core.Tracer):
+        return ""
+    values = np.asarray(value)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return ""
+    for end in (int(values.min()), int(values.max())):
+        said = out_of_range(var.dtype, end)
+        if said:
+            return said
+    return ""
 
 
 def _check_shape(var: Var, value: Any) -> None:

@@ -277,7 +277,7 @@ class Slice:
         dup = [v.name for v in in_vars if in_vars.count(v) > 1]
         if dup:
             raise SliceError(f"{dup[0]!r} is selected twice as an input; select each input once")
-        if graph._patched_sites or any(graph._virtual(v.index) for v in (*in_vars, *out_vars)):
+        if graph._edited_apart or any(graph._virtual(v.index) for v in (*in_vars, *out_vars)):
             # a value inside a folded loop, or a graph patched in its running program only
             from ._loop_slice import LoopSlice
 

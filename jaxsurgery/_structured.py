@@ -200,10 +200,27 @@ class Structured:
     #: traced trip count of each unrolled while_loop, by its steps (iteration None)
     while_trips: dict = field(default_factory=dict)
 
-    def with_edits(self, *edits: Edit) -> Structured:
+    def with_edits(self, *edits: Edit, under: Sequence[Edit] = ()) -> Structured:
         """The same program with more edits after these (edits at a site's value
-        before a patch run before that patch: see :attr:`Site.before`)."""
-        return Structured(self.closed, (*self.edits, *edits), list(self.notes), self.while_trips)
+        before a patch run before that patch: see :attr:`Site.before`). Each of
+        ``under`` (a rewrite of a loop's body value at every iteration, which
+        recomputes it) goes before the first patch of that value at any iteration, so
+        the patch stays on top, as it does on a value the index lists."""
+        placed = list(self.edits)
+        for e in under:
+            at = next(
+                (
+                    i
+                    for i, x in enumerate(placed)
+                    if x.kind == "apply"
+                    and x.site.vars == e.site.vars
+                    and [(s.eqn, s.branch) for s in x.site.steps]
+                    == [(s.eqn, s.branch) for s in e.site.steps]
+                ),
+                len(placed),
+            )
+            placed.insert(at, e)
+        return Structured(self.closed, (*placed, *edits), list(self.notes), self.while_trips)
 
     def run(
         self,

@@ -122,6 +122,14 @@ def explicit_grads(x_np, w1_np, w2_np):
                 np.testing.assert_allclose(
                     np.asarray(got[k]), np.asarray(ref), rtol=1e-5, atol=1e-5
                 )
+        # values of two shardings stacked in one result: their gradients stack (a raw
+        # ShardingTypeError came through once the zeros were typed)
+        a = jax.device_put(x_np[:, :4], P("d", None))
+        b = jax.device_put(x_np[:, :4], P(None, "m"))
+        pair = js.trace(lambda a, b: jnp.sum(jnp.sin(a) * 3) + jnp.sum(jnp.sin(b) ** 2), a, b)
+        stacked = pair.grads("out", {"ab": ["a", "b"]})["ab"]
+        expected = np.stack([3 * np.cos(x_np[:, :4]), np.sin(2 * x_np[:, :4])])
+        np.testing.assert_allclose(np.asarray(stacked), expected, rtol=1e-5, atol=1e-5)
 
 
 if __name__ == "__main__":

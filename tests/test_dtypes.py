@@ -253,3 +253,18 @@ def test_a_python_int_outside_a_small_int_dtype_is_refused_by_name():
         g.values_fn("a")(300, 1.5)
     allclose(s(200), f(jnp.uint8(200), jnp.float32(1.5)))  # 400 wraps as uint8 does
     allclose(g.as_function()(7, 1.5), 21.0)
+
+
+def test_an_integer_constant_outside_the_vars_range_is_refused():
+    """``replace`` of a uint8 value by 300 (a Python int, a NumPy int64 or an int32
+    array): it would wrap to 44, silently (NumPy values did)."""
+
+    def f(x):
+        y = x * 2
+        return y.astype(jnp.float32)
+
+    g = js.trace(f, jnp.array([1, 2, 3], jnp.uint8))
+    for value in (300, np.int64(300), np.full(3, 300, np.int32)):
+        with pytest.raises(js.SliceError, match=r"300 is outside uint8's range, 0 \.\. 255"):
+            g.replace("y", value)
+    allclose(g.replace("y", np.int64(200)).as_function()(jnp.array([1, 2, 3], jnp.uint8)), 200.0)

@@ -279,3 +279,68 @@ def test_an_occurrence_in_a_cond_inside_a_folded_loop_is_named():
         js.trace(f, x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)
     with pytest.warns(UserWarning, match="branch 1 of the cond"):
         js.trace(lambda x: f(pattern(x)), x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)
+
+
+def _rnn(act):
+    def f(w, h0, xs):
+        def step(h, x):
+            h_new = act(w @ h + x)
+            return h_new, h_new
+
+        return jax.lax.scan(step, h0, xs)[0]
+
+    return f
+
+
+def test_a_rewritten_scan_runs_rewritten_in_slices_after_patches_and_at_length_one():
+    """Slices of a graph rewritten in a folded body run the rewrite (they ran the
+    original scan); a patch made before the rewrite stays on top (it was undone); a
+    length-1 scan, whose one iteration is also its last, is rewritten (it was refused);
+    a rewrite under jax.grad warns as a patch there does."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    h0, xs = jnp.ones(4) * 0.3, jax.random.normal(jax.random.key(1), (5, 4))
+    g = js.trace(_rnn(jnp.tanh), w, h0, xs)
+    gelu = _rnn(jax.nn.gelu)
+    rewritten = g.rewrite(jnp.tanh, jax.nn.gelu, h0)
+    check_slice(rewritten.slice("h0", "out"), (h0,), lambda h: gelu(w, h, xs))
+    check_slice(rewritten.slice("w", "out"), (w,), lambda w: gelu(w, h0, xs))
+    v = jnp.full(4, 0.7)
+    patched = g.replace("step/h_new@3", v).rewrite(jnp.tanh, jax.nn.gelu, h0)
+    allclose(patched.as_function()(w, h0, xs), gelu(w, v, xs[4:]))
+    one = js.trace(_rnn(jnp.tanh), w, h0, xs[:1]).rewrite(jnp.tanh, jax.nn.gelu, h0)
+    allclose(one.as_function()(w, h0, xs[:1]), gelu(w, h0, xs[:1]))
+
+    def trained(w, h0, xs):
+        return jax.grad(lambda w: jnp.sum(_rnn(jnp.tanh)(w, h0, xs) ** 2))(w)
+
+    with pytest.warns(UserWarning, match="is a value JAX differentiates"):
+        js.trace(trained, w, h0, xs).rewrite(jnp.tanh, jax.nn.gelu, h0)
+
+
+def test_a_short_scan_unrolled_in_a_folded_body_is_rewritten_at_every_step():
+    """The inner scan's last step's value is a value of the outer body too: it is
+    rewritten with the others (it was left as it was, silently)."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    h0, xss = jnp.ones(4) * 0.3, jax.random.normal(jax.random.key(2), (4, 3, 4))
+
+    def f(w, h0, xss, act=jnp.tanh):
+        def outer(h, xs):
+            h2 = _rnn(act)(w, h, xs)
+            return h2 * 0.5, h2
+
+        return jax.lax.scan(outer, h0, xss)[0]
+
+    rewritten = js.trace(f, w, h0, xss).rewrite(jnp.tanh, jax.nn.gelu, h0)
+    allclose(rewritten.as_function()(w, h0, xss), f(w, h0, xss, jax.nn.gelu))
+
+
+def test_rewrites_and_patches_compose_on_a_graph_without_loops():
+    def f(x):
+        h = jnp.sin(x)
+        return jnp.tanh(h) * 2
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x)
+    allclose(g.replace("h", x * 0).rewrite(jnp.tanh, jax.nn.gelu, x).as_function()(x), 0.0 * x)
+    twice = g.rewrite(jnp.tanh, jax.nn.gelu, x).rewrite(jnp.sin, jnp.cos, x)
+    allclose(twice.as_function()(x), jax.nn.gelu(jnp.cos(x)) * 2)
