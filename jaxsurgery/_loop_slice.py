@@ -85,7 +85,7 @@ class LoopSlice(Slice):
         out_vars: list[Var],
         allow_unconnected: bool,
     ) -> LoopSlice:
-        nested = graph._program.closed
+        nested = graph._structure.closed
         sites = [carry_entry(nested, graph._site_of(v)) for v in in_vars]
         edits = [
             Edit(site, "apply", _given(v.shape, v.dtype), (Extra(k),))

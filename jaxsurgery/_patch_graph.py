@@ -322,6 +322,8 @@ def _outside(var: Var, value: Any) -> str:
     """What of an integer constant lies outside an integer var's range ("" if nothing)."""
     if not jnp.issubdtype(var.dtype, jnp.integer) or isinstance(value, jax.core.Tracer):
         return ""
+    if isinstance(value, int) and not isinstance(value, bool):  # 2**70 too (no int64)
+        return out_of_range(var.dtype, value)
     values = np.asarray(value)
     if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
         return ""

@@ -208,17 +208,7 @@ class Structured:
         the patch stays on top, as it does on a value the index lists."""
         placed = list(self.edits)
         for e in under:
-            at = next(
-                (
-                    i
-                    for i, x in enumerate(placed)
-                    if x.kind == "apply"
-                    and x.site.vars == e.site.vars
-                    and [(s.eqn, s.branch) for s in x.site.steps]
-                    == [(s.eqn, s.branch) for s in e.site.steps]
-                ),
-                len(placed),
-            )
+            at = next((i for i, x in enumerate(placed) if _patch_of(x, e)), len(placed))
             placed.insert(at, e)
         return Structured(self.closed, (*placed, *edits), list(self.notes), self.while_trips)
 
@@ -646,6 +636,19 @@ class _Interpreter:
             for m, value in zip(shown, found):
                 exposed[m.key] = value
         return jax.lax.while_loop(going, step, carry)
+
+
+def _patch_of(x: Edit, body: Edit) -> bool:
+    """Whether ``x`` patches the value a loop-body edit ``body`` (every iteration) edits,
+    at some iterations: an earlier edit of every iteration (a rewrite) is not one."""
+    if x.kind != "apply" or x.site.vars != body.site.vars:
+        return False
+    steps, ours = x.site.steps, body.site.steps
+    return (
+        len(steps) == len(ours)
+        and all((s.eqn, s.branch) == (o.eqn, o.branch) for s, o in zip(steps, ours))
+        and any(s.iteration != o.iteration for s, o in zip(steps, ours))
+    )
 
 
 def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:

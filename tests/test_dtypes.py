@@ -267,4 +267,6 @@ def test_an_integer_constant_outside_the_vars_range_is_refused():
     for value in (300, np.int64(300), np.full(3, 300, np.int32)):
         with pytest.raises(js.SliceError, match=r"300 is outside uint8's range, 0 \.\. 255"):
             g.replace("y", value)
+    with pytest.raises(js.SliceError, match=r"outside uint8's range"):
+        g.replace("y", 2**70)  # past int64 too: the range, not "not of its kind"
     allclose(g.replace("y", np.int64(200)).as_function()(jnp.array([1, 2, 3], jnp.uint8)), 200.0)

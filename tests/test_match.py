@@ -1,5 +1,6 @@
 """g.match and g.rewrite: structural patterns on the issue-12782 MLP and more."""
 
+import functools
 import warnings
 
 import jax
@@ -344,3 +345,36 @@ def test_rewrites_and_patches_compose_on_a_graph_without_loops():
     allclose(g.replace("h", x * 0).rewrite(jnp.tanh, jax.nn.gelu, x).as_function()(x), 0.0 * x)
     twice = g.rewrite(jnp.tanh, jax.nn.gelu, x).rewrite(jnp.sin, jnp.cos, x)
     allclose(twice.as_function()(x), jax.nn.gelu(jnp.cos(x)) * 2)
+
+
+def test_a_second_rewrite_of_a_loop_body_value_applies_and_slices_run_after_a_flat_one():
+    """Rewriting the same body value twice: the second rewrite applies (it went under
+    the first and was ignored). A flat rewrite, then one in an unrolled while_loop's
+    body: slices of the result run (a raw AttributeError came through)."""
+    x0 = jnp.array([0.3, 0.5])
+
+    def scanned(x, act=jnp.sin):
+        def step(h, _):
+            s = act(h * 2.0)
+            return s * 0.5, None
+
+        return jax.lax.scan(step, x, None, length=6)[0]
+
+    twice = js.trace(scanned, x0).rewrite(jnp.sin, jnp.cos, x0).rewrite(jnp.sin, jnp.tanh, x0)
+    allclose(twice.as_function()(x0), scanned(x0, jnp.tanh))
+
+    def f(x, n, outer=jnp.sin, inner=jnp.tanh):
+        y = outer(x) * 3.0
+
+        def body(c):
+            i, h = c
+            return i + 1, inner(h * 3.0) * 0.5
+
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, y))[1]
+
+    rewritten = js.trace(f, x0, 3).rewrite(jnp.sin, jnp.cos, x0).rewrite(jnp.tanh, jnp.arctan, x0)
+    by_hand = functools.partial(f, outer=jnp.cos, inner=jnp.arctan)
+    s, t = rewritten.slice("x", "out"), jnp.array([1.0, -0.5])  # forward mode: a while_loop
+    allclose(s(x0), by_hand(x0, 3))
+    allclose(jax.jvp(s, (x0,), (t,))[1], jax.jvp(lambda x: by_hand(x, 3), (x0,), (t,))[1])
+    allclose(rewritten.as_function()(x0, 5), by_hand(x0, 5))
