@@ -227,9 +227,12 @@ def _hidden(pattern: Program, program: Program, top: bool = False) -> list[str]:
             others.append((eqn, None))
         elif name in LOOP_PRIMITIVES:
             loop = folded.get(e)
+            if top and loop is not None:  # its body's own: in_folded_bodies
+                places += _hidden(pattern, loop.template)
+                continue
             body = loop.template if loop is not None else eqn.params[_BODY[name]]
             direct, deeper = search(body)
-            if direct and not (top and loop is not None):
+            if direct:
                 places.append(f"the body of the {_LOOP_NAMES[name]}{_at(eqn)}")
             places += deeper
     for eqn, taken in others:
@@ -357,7 +360,7 @@ def body_edits(
         step = site.steps[depth]
         every = Step(step.eqn, step.branch, None if n is None else range(n))
         steps = (*site.steps[:depth], every, *site.steps[depth + 1 :])
-        ranged = Site(steps, site.vars, tuple(j for j in site.path_bound if j != depth))
+        ranged = Site(steps, site.vars)  # every iteration: bound to no path
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
     return edits, left, targets
 
