@@ -31,7 +31,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while, short_list
+from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -584,36 +584,9 @@ class Graph:
         self, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
     ) -> Graph:
         """A new Graph where each match's output is ``replacement_fn(*match.inputs)``."""
-        from ._match import body_edits, every_trip, find, rewrite_edits
-        from ._patch_graph import derive, warn_if_differentiated
+        from ._match import rewrite
 
-        found = find(self, pattern_fn, *args)
-        in_bodies, left, in_body_targets = body_edits(self, found, replacement_fn)
-        found.elsewhere += left
-        found.in_bodies = [b for b in found.in_bodies if b[2] not in left]
-        if not found.matches and not in_bodies:
-            raise SliceError(
-                found.unchanged()
-                or f"the pattern {found.label!r} matches nothing in this graph; check it "
-                "with g.match(...) first"
-            )
-        outputs = [*(v for m in found.matches for v in m.outputs), *in_body_targets]
-        warn_if_differentiated(self, outputs, "g.rewrite", stacklevel=4)
-        edits, in_trips, per_trip = every_trip(
-            self, rewrite_edits(self, found.matches, replacement_fn)
-        )
-        unchanged = found.unchanged()
-        if per_trip:
-            unchanged = (f"{unchanged}; " if unchanged else "") + (
-                f"{short_list(per_trip, 4)} are in the trips of a while_loop the index "
-                "unrolls for the traced arguments and read another trip's values: g.rewrite "
-                "changes those trips, and arguments that run more trips run the others as "
-                "they are"
-            )
-        if unchanged:  # also in the rewritten graph's notes
-            warnings.warn(unchanged, stacklevel=3)
-        notes = [unchanged] if unchanged else []
-        return derive(self, edits, "rewrite", 4, notes, [*in_bodies, *in_trips])
+        return rewrite(self, pattern_fn, replacement_fn, *args)
 
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""

@@ -282,6 +282,43 @@ def _output(pattern: Program, target: Program, state: _State) -> int:
     return target.eqn_out[state.eqn_map[pe]][pattern.eqn_out[pe].index(out0)]
 
 
+def rewrite(
+    graph: Graph, pattern_fn: Callable[..., Any], replacement_fn: Callable[..., Any], *args: Any
+) -> Graph:
+    """See :meth:`Graph.rewrite`: matches in the index, in folded loops' bodies (every
+    iteration) and in the trips of unrolled while_loops (every trip) rewritten; what it
+    leaves unchanged warned and noted."""
+    from ._patch_graph import derive, warn_if_differentiated
+
+    found = find(graph, pattern_fn, *args)
+    in_bodies, left, in_body_targets = body_edits(graph, found, replacement_fn)
+    found.elsewhere += left
+    found.in_bodies = [b for b in found.in_bodies if b[2] not in left]
+    if not found.matches and not in_bodies:
+        raise SliceError(
+            found.unchanged()
+            or f"the pattern {found.label!r} matches nothing in this graph; check it "
+            "with g.match(...) first"
+        )
+    outputs = [*(v for m in found.matches for v in m.outputs), *in_body_targets]
+    warn_if_differentiated(graph, outputs, "g.rewrite", stacklevel=5)
+    edits, in_trips, per_trip = every_trip(
+        graph, rewrite_edits(graph, found.matches, replacement_fn)
+    )
+    unchanged = found.unchanged()
+    if per_trip:
+        unchanged = (f"{unchanged}; " if unchanged else "") + (
+            f"{short_list(per_trip, 4)} are in the trips of a while_loop the index "
+            "unrolls for the traced arguments and read another trip's values: g.rewrite "
+            "changes those trips, and arguments that run more trips run the others as "
+            "they are"
+        )
+    if unchanged:  # also in the rewritten graph's notes
+        warnings.warn(unchanged, stacklevel=4)
+    notes = [unchanged] if unchanged else []
+    return derive(graph, edits, "rewrite", 5, notes, [*in_bodies, *in_trips])
+
+
 def rewrite_edits(
     graph: Graph, matches: tuple[Match, ...], replacement_fn: Callable[..., Any]
 ) -> list[Edit]:
