@@ -159,7 +159,7 @@ class GradsFunction:
             C.zeros_of(
                 self._avals[m[0]],
                 len(m) if len(m) > 1 else None,
-                sharded=not plain.intersection(m) and len({sharding(i) for i in m}) == 1,
+                sharded=not plain.intersection(m),  # (m: one value, at several iterations)
             )
             for m in self._inputs
         ]

@@ -107,8 +107,7 @@ def holds(dtype: Any, value: Any) -> bool:
         given = _kind(getattr(value, "dtype", None))
     want = _kind(dtype)
     if given == 1 == want and isinstance(value, int) and not hasattr(value, "dtype"):
-        info = jnp.iinfo(dtype)  # a Python int: also its range (300 is no uint8)
-        return bool(info.min <= value <= info.max)
+        return not out_of_range(dtype, value)  # a Python int: also its range (300: no uint8)
     return given is not None and want is not None and given <= want
 
 

@@ -656,10 +656,11 @@ def _coerce(x: Any, var: Var) -> Any:
     if isinstance(x, (bool, int, float, complex)):
         if var.shape == () and holds(var.dtype, x):
             return jnp.asarray(x, dtype=var.dtype)
+        outside = out_of_range(var.dtype, x)
         raise SliceError(
             f"input {var.name!r} expects {type_of(var)}, got a Python {type(x).__name__}"
-            f"{''.join('; ' + r for r in [out_of_range(var.dtype, x)] if r)}; pass a value "
-            f"shaped like g.value({var.name!r})"
+            f"{'; ' + outside if outside else ''}; pass a value shaped like "
+            f"g.value({var.name!r})"
         )
     if not hasattr(x, "dtype"):
         if isinstance(x, (list, tuple)) or not hasattr(x, "__array__"):

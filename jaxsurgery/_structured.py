@@ -66,10 +66,10 @@ class Step:
 
     ``iteration`` may be a ``range`` of a scan's iterations: the same edit at each of
     them, one edit for every step of a 10k-step loop rather than 10k edits merged
-    again. Into a ``while_loop``, ``None`` is every trip it runs (``g.rewrite`` of its
-    body), however many the arguments make. An ``"apply"`` edit then reads its extra inputs stacked by iteration; an
+    again. An ``"apply"`` edit then reads its extra inputs stacked by iteration; an
     ``"expose"`` edit gives the stacked values (a ``while_loop`` takes ``"apply"``
-    ranges only).
+    ranges only). Into a ``while_loop``, ``None`` is every trip it runs (``g.rewrite``
+    of its body), however many the arguments make.
     """
 
     eqn: int
