@@ -114,22 +114,115 @@ def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int,
     return found
 
 
-def library_calls(call: Callable[[str, Any], Any]) -> contextlib.AbstractContextManager:
+def library_calls(
+    call: Callable[[str, Any], Any], method: Callable[[Any, Any, tuple, dict], Any]
+) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
-    returns it (a function that runs the item in a named frame), and Equinox layers
+    returns it (a function that runs the item in a named frame), Equinox layers
     that inherit their base's scope (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``) get
-    their own (``eqx.nn.Conv2d``).
+    their own (``eqx.nn.Conv2d``), and Flax linen runs its modules' methods as
+    ``method(function, module, args, kwargs)`` (through ``nn.intercept_methods``),
+    and so does Haiku (``hk.intercept_methods``).
 
     A container's ``layers`` are swapped for named items during its own call and put
     back after it (the container object is otherwise untouched); the classes are
-    restored when tracing ends.
+    restored and the interceptor removed when tracing ends.
     """
     patched = [
         (cls, _itemized(cls.__call__, call, attr, keep, label))
         for cls, attr, keep, label in _containers()
     ]
     patched += _own_scopes()
-    return _patched(patched) if patched else contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    if patched:
+        stack.enter_context(_patched(patched))
+    linen = sys.modules.get("flax.linen")
+    if linen is not None:
+        stack.enter_context(linen.intercept_methods(functools.partial(_linen_method, method)))
+    haiku = sys.modules.get("haiku._src.module")
+    if haiku is not None:
+        stack.enter_context(haiku.intercept_methods(functools.partial(_haiku_method, method)))
+    return stack
+
+
+def _haiku_method(
+    method: Callable[[Any, Any, tuple, dict], Any],
+    next_fun: Callable,
+    args: tuple,
+    kwargs: dict,
+    context: Any,
+) -> Any:
+    """A Haiku method interceptor, as :func:`_linen_method` (ours is the first added:
+    with a user's interceptor inside, the method runs as it is)."""
+    own = context.orig_method  # functools.partial(the function, the module)
+    stack = sys.modules["haiku._src.module"].interceptor_stack
+    if len(stack) != 1 or not isinstance(own, functools.partial) or len(own.args) != 1:
+        return next_fun(*args, **kwargs)
+    return method(own.func, own.args[0], args, kwargs)
+
+
+def haiku_function_cell(fn: Any) -> Any:
+    """For the ``apply`` (or ``init``) of a Haiku transformed function: the closure
+    cell holding the user's function it runs (found through the transforms wrapping
+    it, ``hk.transform``'s, ``hk.without_apply_rng``'s); None for anything else."""
+    original = getattr(fn, "_original_fn", None)
+    if original is None or "haiku" not in sys.modules:
+        return None
+    todo, seen = [fn], 0
+    while todo and seen < 8:
+        f, seen = todo.pop(), seen + 1
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                item = cell.cell_contents
+            except ValueError:  # a cell not yet filled
+                continue
+            if item is original:
+                return cell
+            if isinstance(item, tuple):  # a Transformed the function wraps
+                todo += [
+                    inner
+                    for inner in (getattr(item, "apply", None), getattr(item, "init", None))
+                    if getattr(inner, "_original_fn", None) is original
+                ]
+    return None
+
+
+@contextlib.contextmanager
+def swapped(cell: Any, value: Any) -> Iterator[None]:
+    """A closure cell holding ``value`` while the context lasts."""
+    original = cell.cell_contents
+    cell.cell_contents = value
+    try:
+        yield
+    finally:
+        cell.cell_contents = original
+
+
+def scoped_module(fn: Any) -> bool:
+    """Whether ``fn`` is a Flax linen or Haiku module, or a method bound to one: the
+    library runs it, its scopes name its values, and its own methods run through
+    the interceptors (:func:`_linen_method`, :func:`_haiku_method`)."""
+    owner = getattr(fn, "__self__", fn)
+    for name in ("flax.linen", "haiku"):
+        module = getattr(sys.modules.get(name), "Module", None)
+        if isinstance(module, type) and isinstance(owner, module):
+            return True
+    return False
+
+
+def _linen_method(
+    method: Callable[[Any, Any, tuple, dict], Any],
+    next_fun: Callable,
+    args: tuple,
+    kwargs: dict,
+    context: Any,
+) -> Any:
+    """A Flax linen method interceptor: the module's own method runs as ``method``
+    runs it; under a user's interceptor (added inside the traced function), as it is."""
+    own = context.orig_method  # functools.partial(the function, the module)
+    if next_fun is not own or not isinstance(own, functools.partial) or len(own.args) != 1:
+        return next_fun(*args, **kwargs)
+    return method(own.func, own.args[0], args, kwargs)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
-from ._frameworks import library_rejit, named_array_data, submodule_paths
+from ._frameworks import library_rejit, named_array_data, scoped_module, submodule_paths
 from ._rewrite import _RUNS, _SAME, _TRANSFORM_KINDS, CALL, MARK, _plain_partial, instrument
 from ._scopes import backward_prefix, scope_parts, scope_path
 from ._tag import MARK_PREFIX
@@ -105,12 +105,16 @@ class Recorder:
         #: per binding given in a name stack: (the name stack, the name), see record
         self.scoped: dict[int, tuple[str, str]] = {}
         self._scope_cache: tuple[Any, set[tuple[str, ...]]] | None = None
+        #: the program and every start of its scope paths (see _whole_scope)
+        self._starts: tuple[Any, set[tuple[str, ...]]] | None = None
         self._stack: list[int] = []
         #: the traces running when the transforms now running were called, outermost
         #: first: values of the first one's jaxpr stay in the program (see _named)
         self._transforms: list[Any] = []
         #: inside checkpoints whose policy saves named values, which a tag would change
         self._untagged = 0
+        #: frames of library module methods (Flax linen), whose names are scoped
+        self._scoped_frames: set[int] = set()
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -136,6 +140,8 @@ class Recorder:
         """
         frame = self.frame
         value, atoms = self._named(value)
+        if not scope and frame in self._scoped_frames:  # a name in a linen method
+            scope = C.current_scope()
         scope = scope_path(scope) if scope else ""  # no transform marks: vmap(Block_0)
         if scope:
             self.scoped.update((len(self.bindings) + k, (scope, name)) for k in range(len(atoms)))
@@ -157,27 +163,53 @@ class Recorder:
         if starts:
             prefix = parts[: starts[-1]]
         else:  # made outside the module (its input): the one place the program has it
-            found = {
-                tuple(p[:k])
-                for p in self._scopes(program)
-                for k in range(len(p) - len(rel) + 1)
-                if list(p[k : k + len(rel)]) == rel
-            }
-            prefix = list(next(iter(found))) if len(found) == 1 else []
+            prefix = self._only_prefix(rel, program)
         if not prefix:
             return name
         k = name.rfind(f"{scope}/{own}")
         anchored = "/".join([*prefix, *rel])
         return f"{name[:k]}{anchored}{name[k + len(scope) :]}"
 
+    def _whole_scope(self, scope: str, program: Any) -> str:
+        """``scope``, a name stack seen while tracing, completed as the one path of
+        ``program`` it ends (inside ``nn.remat`` the stack starts again at
+        ``CheckpointBlock_0``: the path is ``Net/CheckpointBlock_0``); as it is when
+        the program starts with it or has no single such path."""
+        rel = scope_parts(scope)
+        if self._starts is None or self._starts[0] is not program:
+            paths = self._scopes(program)
+            self._starts = (program, {p[:k] for p in paths for k in range(1, len(p) + 1)})
+        if not rel or tuple(rel) in self._starts[1]:  # the common case: whole already
+            return scope
+        prefix = self._only_prefix(rel, program)
+        return "/".join([*prefix, *rel]) if prefix else scope
+
+    def _only_prefix(self, rel: list[str], program: Any) -> list[str]:
+        """The scope parts before ``rel`` in the one place ``program``'s scope paths
+        hold it, or ``[]`` (none, several, or at the start)."""
+        found = {
+            tuple(p[:k])
+            for p in self._scopes(program)
+            for k in range(len(p) - len(rel) + 1)
+            if list(p[k : k + len(rel)]) == rel
+        }
+        return list(next(iter(found))) if len(found) == 1 else []
+
     def _scopes(self, program: Any) -> set[tuple[str, ...]]:
-        """The scope paths of ``program``'s equations (computed once per program)."""
+        """The scope paths of ``program``'s equations, also in its folded loop bodies
+        (computed once per program)."""
         if self._scope_cache is None or self._scope_cache[0] is not program:
             paths = {
                 tuple(scope_parts(C.scope_of(e.source_info)))
                 for e in program.jaxpr.eqns
                 if C.has_scope(e.source_info)
             }
+            paths.update(  # and those of folded loop bodies (a linen nn.scan's cell)
+                tuple(scope_parts(f.body_scope(e)))
+                for f in program.folded
+                for e in f.body.jaxpr.eqns
+                if C.has_scope(e.source_info)
+            )
             self._scope_cache = (program, paths)
         return self._scope_cache[1]
 
@@ -375,6 +407,10 @@ class Recorder:
                     frame = frames[frame][1]
         # an anonymous frame (a lambda given to a transform or loop, called by no name)
         # adds nothing: what it calls is named, and numbered, as if called where it is
+        if self._scoped_frames:  # linen methods' frames, named by their whole scope path
+            frames = list(frames)
+            for f in self._scoped_frames:
+                frames[f] = (self._whole_scope(frames[f][0], program), frames[f][1])
         named_parent: list[int] = []  # the nearest frame above with a name (or -1)
         for _, parent in frames:
             anonymous = parent >= 0 and not frames[parent][0]
@@ -386,10 +422,12 @@ class Recorder:
         seen: dict[tuple[int, str], int] = {}
         paths: list[str] = []
         depths: list[int] = []
-        for (label, parent), above, ok in zip(frames, named_parent, live):
+        absolute = self._scoped_frames  # a linen method's frame: its module's path
+        for f, ((label, parent), above, ok) in enumerate(zip(frames, named_parent, live)):
             k = seen[above, label] = seen.get((above, label), -1) + ok
             own_label = label if counts.get((above, label), 0) <= 1 else f"{label}#{k}"
-            paths.append("/".join(p for p in (paths[above] if above >= 0 else "", own_label) if p))
+            outer = paths[above] if above >= 0 and f not in absolute else ""
+            paths.append("/".join(p for p in (outer, own_label) if p))
             depths.append(0 if parent < 0 else depths[parent] + 1)
         scoped, anchored = self.scoped, self._anchored
 
@@ -501,6 +539,8 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
+        if frame in self._scoped_frames:  # a linen method's: its module's scope names it
+            return value
         value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
@@ -815,6 +855,28 @@ def call_in_frame(label: str, fn: Any) -> Any:
     return _call(label, fn, always=True)
 
 
+def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
+    """Run ``method(module, *args, **kwargs)``, a method of a library module that a
+    library calls (a Flax linen module's ``__call__``, run by ``apply``): when it is
+    user code, rewritten, in a frame named by the module's name stack whatever calls
+    it: ``h`` in ``Block_0.__call__`` is ``Net/Block_0/h`` (completed as ``sow``
+    names are, see :meth:`Recorder.record`), ``y`` in a function it calls
+    ``Net/Block_0/helper/y``; the frame's results are named by the module's scope,
+    not by it. Library code, and every method while nothing is traced, runs as it is."""
+    recorder = _current()
+    if recorder is None or not _is_user_function(method):
+        return method(module, *args, **kwargs)
+    run, _ = rewritten(method)
+    frame = recorder.enter(scope_path(C.current_scope()), method)
+    recorder._scoped_frames.add(frame)
+    out = None
+    try:
+        out = run(module, *args, **kwargs)
+    finally:
+        out = recorder.leave(frame, out)
+    return out
+
+
 _CONTROL_FLOW = object()
 _TRANSFORM = object()
 
@@ -838,8 +900,8 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         if inner is None or inner_jitted is not None or not _is_user_function(fn.func):
             return None, None
         return functools.partial(inner, *fn.args, **fn.keywords), None
-    if jitted is None and _is_jax_or_builtin(fn):
-        return None, None
+    if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
+        return None, None  # a linen module's own methods run as call_method runs them
     jitted = jitted or _jitted(fn) or _jitted_call(fn)
     if jitted is None:
         return rewritten(fn)[0], None

@@ -8,6 +8,7 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -22,10 +23,26 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, TraceError, short_list
-from ._frameworks import in_place_objects, library_calls, library_names, parameter_labels
+from ._frameworks import (
+    haiku_function_cell,
+    in_place_objects,
+    library_calls,
+    library_names,
+    parameter_labels,
+    scoped_module,
+    swapped,
+)
 from ._gc import gc_paused
 from ._graph import Graph
-from ._instrument import Recorder, call_in_frame, is_jit, note_state, record, rewritten
+from ._instrument import (
+    Recorder,
+    call_in_frame,
+    call_method,
+    is_jit,
+    note_state,
+    record,
+    rewritten,
+)
 from ._loop_index import index_templates, template_names
 from ._names import assign_names
 from ._program import Program
@@ -88,6 +105,12 @@ def _trace(
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
     run, reason = rewritten(target)
+    haiku = haiku_function_cell(target) if reason else None
+    if haiku is not None:  # hk.transform(f).apply: f runs rewritten, as the traced function
+        inner, reason = rewritten(haiku.cell_contents)
+        haiku_run = swapped(haiku, inner)
+    else:
+        haiku_run = contextlib.nullcontext()
     recorder = Recorder()
     out_info: dict[str, Any] = {}
 
@@ -128,7 +151,12 @@ def _trace(
         )
     phase("running the function", lambda: len(recorder.bindings), "values named")
     try:
-        with recorder, library_calls(call_in_frame), library_names(record, note_state):
+        with (
+            recorder,
+            haiku_run,
+            library_calls(call_in_frame, call_method),
+            library_names(record, note_state),
+        ):
             closed = C.make_jaxpr(flat_fn, *leaves)
     except _TRACER_ERRORS as e:
         first = str(e).strip().splitlines()[0]
@@ -137,6 +165,8 @@ def _trace(
             "argument is used where Python needs a concrete value; pass it with "
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
+    if reason and scoped_module(target) and recorder.bindings:
+        reason = None  # a linen module's apply: its modules' methods named what they bind
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
     shadowing = [n for n in in_names if n == "out" or n.startswith(("out[", "out."))]
     if shadowing:  # inputs come first: "out" then selects the argument

@@ -1,0 +1,168 @@
+"""Python names inside Flax linen and Haiku modules: the library runs a module's
+methods itself (``model.apply``), so js.trace runs the user's methods rewritten
+through the library's method interceptors, naming what they bind in the module's
+scope; the function ``hk.transform`` was given runs rewritten too."""
+
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose, check_slice
+from flax.linen import module as linen_module
+from haiku._src import module as hk_module_state
+
+import jaxsurgery as js
+
+
+def squash(z):  # a user helper a module method calls
+    inner = z * 1.5
+    return jnp.tanh(inner)
+
+
+class Encoder(nn.Module):
+    def setup(self):
+        self.dense = nn.Dense(8)
+
+    def encode(self, x):
+        code = self.dense(x)
+        return squash(code)
+
+    def __call__(self, x):
+        e = self.encode(x)
+        return e * 2.0
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        pre = nn.Dense(8)(x)
+        act = nn.relu(pre)
+        return act + x
+
+
+class Cell(nn.Module):
+    @nn.compact
+    def __call__(self, c, x):
+        new = jnp.tanh(nn.Dense(4)(x) + c)
+        return new, new
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = Block()(x)
+        h2 = Block()(h)
+        y = Encoder()(h2)
+        r = nn.remat(Encoder)()(y)
+        scan = nn.scan(Cell, variable_broadcast="params", split_rngs={"params": False}, length=5)
+        c, ys = scan()(jnp.zeros((4,)), r[:, :3].sum(0) * jnp.ones((5, 3)))
+        return ys.sum() + c.sum()
+
+
+@pytest.fixture(scope="module")
+def traced():
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    variables = Net().init(jax.random.key(1), x)
+    return js.trace(Net().apply, variables, x), variables, x
+
+
+def test_a_linen_method_names_what_it_binds_in_its_module_scope(traced):
+    g, variables, x = traced
+    p = variables["params"]
+    dense = lambda q, v: v @ q["kernel"] + q["bias"]  # noqa: E731
+    pre = dense(p["Block_0"]["Dense_0"], x)
+    h = jax.nn.relu(pre) + x
+    # names from the methods' source, in the module's scope; scope names stay aliases
+    allclose(g.value("Net/Block_0/pre"), pre)
+    allclose(g.value("Net/Block_0/act"), jax.nn.relu(pre))
+    assert g["Net/h"] is g["Net/Block_0"]
+    h2 = g.value("Net/h2")
+    allclose(h2, jax.nn.relu(dense(p["Block_1"]["Dense_0"], h)) + h)
+    # a method another method calls (in its own linen scope), and a helper it calls
+    code = g.value("Net/Encoder_0/Encoder_0.encode/code")
+    allclose(code, dense(p["Encoder_0"]["dense"], h2))
+    allclose(g.value("Net/Encoder_0/Encoder_0.encode/squash/inner"), code * 1.5)
+    assert g["Net/y"] is g["Net/Encoder_0"]
+    # under nn.remat, whose name stack starts again inside: the whole path
+    assert g["Net/CheckpointEncoder_0/CheckpointEncoder_0.encode/squash/inner"].scope.startswith(
+        "Net/CheckpointEncoder_0"
+    )
+    # in an nn.scan body, per iteration
+    r = g.value("Net/r")
+    carry, q = jnp.zeros(4), p["ScanCell_0"]["Dense_0"]
+    for _ in range(3):
+        carry = jnp.tanh(dense(q, r[:, :3].sum(0)) + carry)
+    allclose(g.value("Net/ScanCell_0/new@2"), carry)
+    assert g["Net/ScanCell_0/c@0"].shape == (4,)  # the cell's parameter, in the whole path
+    assert not any("no Python variable names" in n for n in g.notes)
+    assert not linen_module._global_interceptor_stack  # the interceptor is gone
+
+
+def test_slices_between_names_inside_linen_methods_equal_the_zero_perturbation_trick(traced):
+    g, variables, x = traced
+    s = g.slice("Net/Block_0/act", "Net/Encoder_0/Encoder_0.encode/code")
+
+    def rest(act, eps):  # the model by hand, with a zero perturbation at Block_0's act
+        p = variables["params"]
+        h = act + eps + x
+        pre = h @ p["Block_1"]["Dense_0"]["kernel"] + p["Block_1"]["Dense_0"]["bias"]
+        h2 = jax.nn.relu(pre) + h
+        return h2 @ p["Encoder_0"]["dense"]["kernel"] + p["Encoder_0"]["dense"]["bias"]
+
+    act = g.value("Net/Block_0/act")
+    check_slice(s, (act,), lambda a: rest(a, 0.0))
+    v = jax.random.normal(jax.random.key(3), act.shape)
+    trick = jax.jvp(lambda e: rest(act, e), (jnp.zeros_like(act),), (v,))[1]
+    allclose(jax.jit(lambda a, t: jax.jvp(s, (a,), (t,))[1])(act, v), trick)
+    # the whole function and its gradient are the model's
+    f = g.as_function()
+    allclose(f(variables, x), Net().apply(variables, x))
+    allclose(jax.grad(f)(variables, x), jax.grad(lambda v: Net().apply(v, x))(variables), rtol=1e-4)
+
+
+class HkBlock(hk.Module):
+    def __call__(self, x):
+        pre = hk.Linear(8)(x)
+        act = jax.nn.relu(pre)
+        return act + x
+
+
+def hk_forward(x):
+    h = HkBlock()(x)
+    h2 = HkBlock()(h)
+    logits = hk.nets.MLP([8, 4])(h2)
+    return logits.sum()
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_haiku_forward_and_module_methods_name_what_they_bind(stateful):
+    transform = hk.transform_with_state if stateful else hk.transform
+    forward = hk.without_apply_rng(transform(hk_forward))
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    made = forward.init(jax.random.key(1), x)
+    p, args = (made[0], (*made, x)) if stateful else (made, (made, x))
+    g = js.trace(forward.apply, *args)
+    dense = lambda q, v: v @ q["w"] + q["b"]  # noqa: E731
+    pre = dense(p["hk_block/linear"], x)
+    h = jax.nn.relu(pre) + x
+    # the forward function's names, unqualified as the traced function's; the methods'
+    # names in their module's scope, which still names the module's output
+    allclose(g.value("hk_block/pre"), pre)
+    allclose(g.value("h"), h)
+    assert g["h"] is g["hk_block"] and g["h2"] is g["hk_block_1"]
+    assert g["logits"] is g["mlp"]
+    s = g.slice("hk_block/act", "logits")
+
+    def rest(act):  # by hand, from the first block's act
+        h = act + x
+        h2 = jax.nn.relu(dense(p["hk_block_1/linear"], h)) + h
+        hidden = jax.nn.relu(dense(p["mlp/~/linear_0"], h2))
+        return dense(p["mlp/~/linear_1"], hidden)
+
+    check_slice(s, (g.value("hk_block/act"),), rest)
+    assert not any("no Python variable names" in n for n in g.notes)
+    # the interceptor is gone and the transformed function runs the original forward
+    assert not hk_module_state.interceptor_stack
+    out = forward.apply(*args)
+    allclose(out[0] if stateful else out, g.value("out[0]" if stateful else "out"))
