@@ -117,13 +117,15 @@ class Found:
 
 
 def every_trip(
-    graph: Graph, edits: Sequence[Edit]
+    graph: Graph, edits: Sequence[Edit], targets: set[int] | None = None
 ) -> tuple[list[Edit], list[tuple[str, StructuredEdit]], list[str]]:
-    """Rewrite edits in the trips of ``while_loop`` s the index unrolls, made edits of
-    every trip: one edit of the loop's body, which applies in each trip the loop runs
-    for any arguments (an edit per traced trip left the trips more arguments run
-    unchanged). Returns the other edits, those made, and the names of edits in such
-    trips that could not be made so (warned: they change the traced trips only)."""
+    """Rewrite edits in the trips of ``while_loop`` s the index unrolls (or, given
+    ``targets``, the edits of those vars, in any ``while_loop`` trip: ``g.replace`` of
+    ``body/h@*``), made edits of every trip: one edit of the loop's body, which
+    applies in each trip the loop runs for any arguments (an edit per traced trip left
+    the trips more arguments run unchanged). Returns the other edits, those made, and
+    the names of edits in such trips that could not be made so (warned: they change
+    the traced trips only)."""
     from ._patch_graph import _structured_edit
     from ._structured import Edit as StructuredEdit
     from ._structured import Site, Step
@@ -132,7 +134,11 @@ def every_trip(
     loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
     kept, made, left = [], {}, []
     for edit in edits:
-        if not any(a <= program.producer[edit.target] < b for a, b in loops):
+        if targets is not None:
+            inside = edit.target in targets
+        else:
+            inside = any(a <= program.producer[edit.target] < b for a, b in loops)
+        if not inside:
             kept.append(edit)
             continue
         name = graph._var(edit.target).name

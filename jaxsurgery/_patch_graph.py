@@ -33,14 +33,14 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError, type_of
+from ._errors import SelectionError, SliceError, short_list, type_of
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
 from ._promotion import holds, out_of_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
-from ._structured import Site, rules_entered, sub_jaxpr
+from ._structured import Site, at_some_iterations, patch_of, rules_entered, sub_jaxpr
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -126,7 +126,44 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
         if kind not in by_type:
             by_type[kind] = _patch_jaxpr(v, value_or_fn)
         edits.append(Edit(v.index, by_type[kind], (v.index,)))
-    return derive(graph, edits, f"replace({', '.join(v.name for v in targets)})")
+    from ._match import every_trip
+
+    flat, in_trips, _ = every_trip(graph, edits, _every_trip(graph, selector))
+    patched = [e for e in graph._structure.edits if e.kind == "apply"]
+    if any(patch_of(x, e) for _, e in in_trips for x in patched):
+        # a trip patched before: an edit of every trip runs before the trip's own
+        # patches, so the traced trips keep their edits in order, and only they change
+        warnings.warn(
+            f"{short_list([n.rsplit('@', 1)[0] + '@*' for n, _ in in_trips], 4)} are "
+            "patched at some trips already: this patch applies at the traced trips only "
+            "(arguments that run more trips run the others unpatched); patch every trip "
+            "first to patch them all",
+            stacklevel=3,
+        )
+        flat, in_trips = edits, []
+    what = f"replace({', '.join(v.name for v in targets)})"
+    return derive(graph, flat, what, patches=in_trips)
+
+
+def _every_trip(graph: Graph, selector: Any) -> set[int]:
+    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips: the value
+    at every trip the loop runs, for any arguments, not only the trips traced (a patch
+    of ``body/h@*`` patches the trips a larger trip count adds too)."""
+    from ._loop_index import VirtualVar
+
+    program = graph._program
+    loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
+    every = set()
+    for leaf in jax.tree_util.tree_leaves(selector):
+        if not (isinstance(leaf, str) and leaf.endswith("@*")):
+            continue
+        for v in graph.select(leaf):
+            if isinstance(v, VirtualVar):
+                if not v._loop.is_scan:
+                    every.add(v.index)
+            elif any(a <= program.producer[v.index] < b for a, b in loops):
+                every.add(v.index)
+    return every
 
 
 def _bypassed_rules(
@@ -158,16 +195,22 @@ def derive(
     stacklevel: int = 5,
     notes: Sequence[str] = (),
     in_bodies: Sequence[tuple[str, StructuredEdit]] = (),
+    patches: Sequence[tuple[str, StructuredEdit]] = (),
 ) -> Graph:
     """The graph with ``edits`` applied, names carried over (module docstring);
     ``stacklevel`` of the user's call for warnings (through Graph's method); ``notes``
     the new graph adds to its own; ``in_bodies``: ``(name, edit)`` of edits of the
-    running program at every iteration of a folded loop's body value (``step/h@*``)."""
+    running program at every iteration of a folded loop's body value (``step/h@*``),
+    which go under the patches there (a rewrite); ``patches``: such edits that go on
+    top, as patches (``g.replace`` at every trip of a ``while_loop``)."""
     from ._graph import Graph
 
     moved = [_structured_edit(graph, e) for e in edits]
-    structured = graph._structure.with_edits(*moved, under=[e for _, e in in_bodies])
+    structured = graph._structure.with_edits(
+        *moved, *(e for _, e in patches), under=[e for _, e in in_bodies]
+    )
     named = [(graph._var(e.target).name, m) for e, m in zip(edits, moved)]
+    in_bodies = [*in_bodies, *patches]
     bypassed = [*_bypassed_rules(graph, [*named, *in_bodies], stacklevel + 1), *notes]
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
@@ -365,7 +408,7 @@ def unpatched(graph: Graph, name: str) -> Var | None:
     is ``<stem>.unpatched`` (``.unpatched`` k times): the value of the var ``<stem>``
     names before its last k patches, or None."""
     stem, k = _select.unpatched_stem(name)
-    if not graph._patched_sites or not k:
+    if not graph._edited_apart or not k:
         return None
     try:
         var = _select.one(graph, stem)
@@ -374,6 +417,16 @@ def unpatched(graph: Graph, name: str) -> Var | None:
     site = graph._site(var.index)
     n = graph._patches_at(site) if site in graph._patched_sites else 0
     if k > n:
+        edits = graph._structure.edits
+        if site is not None and any(
+            e.kind == "apply" and at_some_iterations(site, e.site) for e in edits
+        ):
+            raise SelectionError(
+                f"{stem!r} is patched at every trip of its while_loop (a name ending in "
+                "'@*'), and the value before such a patch is not kept: select it in the "
+                "graph the patch was made from, or patch the traced trips by name, one by "
+                "one, to keep their '.unpatched' values"
+            )
         return None
     return graph._loop_index.extra(
         (var.index, n - k), lambda index: Unpatched(graph, index, var, n - k, k)

@@ -208,7 +208,7 @@ class Structured:
         the patch stays on top, as it does on a value the index lists."""
         placed = list(self.edits)
         for e in under:
-            at = next((i for i, x in enumerate(placed) if _patch_of(x, e)), len(placed))
+            at = next((i for i, x in enumerate(placed) if patch_of(x, e)), len(placed))
             placed.insert(at, e)
         return Structured(self.closed, (*placed, *edits), list(self.notes), self.while_trips)
 
@@ -638,12 +638,18 @@ class _Interpreter:
         return jax.lax.while_loop(going, step, carry)
 
 
-def _patch_of(x: Edit, body: Edit) -> bool:
+def patch_of(x: Edit, body: Edit) -> bool:
     """Whether ``x`` patches the value a loop-body edit ``body`` (every iteration) edits,
     at some iterations: an earlier edit of every iteration (a rewrite) is not one."""
-    if x.kind != "apply" or x.site.vars != body.site.vars:
+    return x.kind == "apply" and at_some_iterations(x.site, body.site)
+
+
+def at_some_iterations(site: Site, every: Site) -> bool:
+    """Whether ``site`` is the value at ``every`` (a site at every iteration of a loop)
+    at some iterations only."""
+    if site.vars != every.vars:
         return False
-    steps, ours = x.site.steps, body.site.steps
+    steps, ours = site.steps, every.steps
     return (
         len(steps) == len(ours)
         and all((s.eqn, s.branch) == (o.eqn, o.branch) for s, o in zip(steps, ours))

@@ -395,3 +395,54 @@ def _every(h0, xs, w):
 
     h_last, hs = jax.lax.scan(step, h0, xs)
     return jnp.sum(h_last**2) + 0.1 * jnp.sum(hs[::100] ** 2)
+
+
+def _while_rnn(x, n, wide=False):
+    """A while_loop running ``n`` trips; ``wide`` adds work to its body, so that the
+    index keeps the loop folded rather than unrolling its trips."""
+
+    def body(c):
+        i, y = c
+        h = jnp.sin(y) + 1.0
+        z = h
+        for _ in range(110 if wide else 0):
+            z = jnp.cos(z) * 0.5
+        return i + 1, h + 0.0 * z
+
+    return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+
+def _halved(x, n):  # by hand: the loop with h halved at every trip
+    def body(c):
+        i, y = c
+        return i + 1, (jnp.sin(y) + 1.0) * 0.5
+
+    return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["unrolled", "folded"])
+def test_a_patch_at_every_trip_of_a_while_loop_patches_the_trips_more_arguments_run(wide):
+    g = js.trace(lambda x, n: _while_rnn(x, n, wide), jnp.float32(0.3), 3)
+    H = "_while_rnn/body/h@*"  # h at every trip
+    assert bool(g._program.folded) == wide
+    p = g.replace(H, lambda h: h * 0.5)
+    f = p.as_function()
+    for n in (1, 3, 6):  # fewer, as many and more trips than traced
+        x = jnp.float32(0.3)
+        allclose(f(x, n), _halved(x, n))
+        tangent = jax.jvp(lambda x, n=n: f(x, n), (x,), (jnp.float32(1.0),))[1]
+        allclose(tangent, jax.jvp(lambda x, n=n: _halved(x, n), (x,), (jnp.float32(1.0),))[1])
+    name = g.select(H).names[1]
+    allclose(p.value(name), (jnp.sin(_halved(0.3, 1)) + 1.0) * 0.5)
+    allclose(p.slice("x", "out")(jnp.float32(0.3)), _halved(0.3, 3))
+    with pytest.raises(js.SelectionError, match="every trip"):
+        p[f"{name}.unpatched"]
+    # a patch at one trip, then at every trip: in order at the traced trips (warned)
+    with pytest.warns(UserWarning, match="traced trips only"):
+        q = g.replace(name, 5.0).replace(H, lambda h: h * 0.5)
+    allclose(q.value(name), 2.5)
+    # at every trip, then at one: the later patch on top, every trip patched
+    r = g.replace(H, lambda h: h * 0.5).replace(name, 5.0)
+    allclose(r.value(name), 5.0)
+    later = g.select(H).names[2]
+    allclose(r.value(later), (jnp.sin(5.0) + 1.0) * 0.5)
