@@ -482,15 +482,41 @@ class Slice:
                 f"{self!r} expects its inputs structured as {self._in_tree}, got {treedef}"
             )
         flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
-        out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
+        checks = bool(self._decisions) and not self._unchecked
+        try:
+            out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
+        except Exception:
+            # a library's own check in the window (optimistix's "maximum number of
+            # steps") may fail first on inputs that take another path: that is the error
+            if checks:
+                self._check_path(self._decided(flat))
+            raise
         out, decided = out[: len(self.out_vars)], out[len(self.out_vars) :]
-        if self._decisions and not self._unchecked:
-            hits = []
-            for d in self._decisions:
-                hits.append((d.holds(decided[: d.count]), True, self._path_message(d.what)))
-                decided = decided[d.count :]
-            check_hits(hits)
+        if checks:
+            self._check_path(decided)
         return _select.unflatten(self._out_tree, out)
+
+    def _check_path(self, decided: Sequence[Any]) -> None:
+        """SliceError (under ``jit``, at run time) unless the decisions' values
+        ``decided`` take the path the slice keeps."""
+        hits = []
+        for d in self._decisions:
+            hits.append((d.holds(decided[: d.count]), True, self._path_message(d.what)))
+            decided = decided[d.count :]
+        check_hits(hits)
+
+    def _decided(self, flat: Sequence[Any]) -> list[Any]:
+        """The decisions' values for inputs ``flat``, from only the equations they need
+        (not a library's error check elsewhere in the window)."""
+        jaxpr, n = self.jaxpr, len(self.out_vars)
+        need = {v for v in jaxpr.outvars[n:] if isinstance(v, C.Var)}
+        kept = []
+        for e in reversed(jaxpr.eqns):
+            if any(o in need for o in e.outvars):
+                kept.append(e)
+                need.update(v for v in e.invars if isinstance(v, C.Var))
+        only = C.new_jaxpr(jaxpr.constvars, jaxpr.invars, jaxpr.outvars[n:], kept[::-1])
+        return C.eval_jaxpr(only, self._context(), *flat)
 
     def _path_message(self, what: str) -> str:
         return (

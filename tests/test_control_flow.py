@@ -291,3 +291,25 @@ def test_a_while_loop_of_many_trips_of_a_small_body_is_unrolled_for_reverse_mode
     )
     allclose(jax.grad(s)(x390), jax.grad(rest)(x390))
     allclose(g.vjp("body/x_new@390", "out", jnp.float32(1.0))[1], jax.grad(rest)(x390))
+
+
+def test_a_library_check_after_a_cut_loop_does_not_hide_the_path_error():
+    """A slice cut inside a while_loop's trip, called with inputs that need more trips:
+    the cut loop's result fails a library's own check in the window (optimistix's
+    'maximum number of steps'); the error is still the SliceError saying the inputs take
+    another path."""
+
+    def halve_until_small(x):
+        def body(c):
+            i, y = c
+            h = y * 0.5
+            return i + 1, h
+
+        _, y = jax.lax.while_loop(lambda c: c[1] > 0.1, body, (0, x))
+        return eqx.error_if(y, y > 0.1, "not converged")  # the library's check
+
+    g = js.trace(halve_until_small, jnp.float32(1.0))  # 4 trips
+    s = g.slice("body/h@1", "out")
+    allclose(s(jnp.float32(0.25)), 0.0625)
+    with pytest.raises(js.SliceError, match="another path"):
+        s(jnp.float32(100.0))
