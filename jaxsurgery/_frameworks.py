@@ -426,7 +426,7 @@ def _sow_recorder(module: type, record: Callable[..., None]) -> Iterator[None]:
 
     @functools.wraps(original)
     def sow(self: Any, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-        record(name, value, C.current_scope())
+        record(name, value, _sown_in(self, C.current_scope()))
         return original(self, col, name, value, *args, **kwargs)
 
     module.sow = sow
@@ -434,6 +434,17 @@ def _sow_recorder(module: type, record: Callable[..., None]) -> Iterator[None]:
         yield
     finally:
         module.sow = original
+
+
+def _sown_in(module: Any, scope: str) -> str:
+    """The scope of a value ``module`` sows while ``scope`` is the name stack: ``scope``,
+    or, when the module's own scope has been left (what ``capture_intermediates`` sows
+    after a method returns), ``scope`` with the module's name after it."""
+    own = module.name or type(module).__name__  # linen's scope name for it
+    last = scope.rsplit("/", 1)[-1]
+    if last == own or last.startswith(f"{own}."):  # in it (or in one of its methods)
+        return scope
+    return f"{scope}/{own}" if scope else own
 
 
 def parameter_labels(value: Any) -> dict[str, str]:

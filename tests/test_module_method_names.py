@@ -166,3 +166,30 @@ def test_haiku_forward_and_module_methods_name_what_they_bind(stateful):
     assert not hk_module_state.interceptor_stack
     out = forward.apply(*args)
     allclose(out[0] if stateful else out, g.value("out[0]" if stateful else "out"))
+
+
+def test_values_linen_captures_after_a_method_returns_are_named_by_their_own_module():
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(4)(x))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = Inner()(x)
+            return nn.Dense(3)(jnp.sin(h))
+
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    variables = Outer().init(jax.random.key(1), x)
+
+    def f(v, x):
+        return Outer().apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+
+    g = js.trace(f, variables, x)
+    p = variables["params"]
+    dense = p["Inner_0"]["Dense_0"]
+    pre = x @ dense["kernel"] + dense["bias"]
+    allclose(g.value("Outer/Inner_0/Dense_0/__call__"), pre)  # flax's path of each capture
+    allclose(g.value("Outer/Inner_0/__call__"), jnp.tanh(pre))
+    assert g["Outer/Dense_0/__call__"] is g["Outer/__call__"] is g.outputs[0]
