@@ -883,8 +883,11 @@ class Graph:
             "cond, or fewer trips of a while_loop, than the one that makes it)"
         )
 
-    @staticmethod
-    def _path_message(vars_: Sequence[Var]) -> str:
+    def _path_message(self, vars_: Sequence[Var]) -> str:
+        """The error for arguments that leave the path ``vars_`` (some made on it)
+        were traced on, naming those made on it only (not inputs, made on every path)."""
+        bound = [v for v in vars_ if getattr(self._site(v.index), "path_bound", ())]
+        vars_ = bound or vars_
         names = ", ".join(v.name for v in vars_[:4]) + (", ..." if len(vars_) > 4 else "")
         return (
             f"the arguments take another path through a cond or while_loop than the "

@@ -313,3 +313,22 @@ def test_a_library_check_after_a_cut_loop_does_not_hide_the_path_error():
     allclose(s(jnp.float32(0.25)), 0.0625)
     with pytest.raises(js.SliceError, match="another path"):
         s(jnp.float32(100.0))
+
+
+def test_the_path_error_of_a_bound_slice_names_values_of_the_branch_not_inputs():
+    def f(x, w, p):
+        def taken(x):
+            a = jnp.tanh(x * w)
+            return a
+
+        h = jax.lax.cond(p > 0, taken, jnp.sin, x)
+        return (h * w).sum()
+
+    x, w = jnp.ones(3), jnp.full(3, 0.5)
+    g = js.trace(f, x, w, 1.0)
+    s = g.slice("taken/a", "out")
+    allclose(s.bind(x, w, 2.0)(jnp.ones(3)), 1.5)
+    with pytest.raises(js.SliceError, match="another path") as info:
+        s.bind(x, w, -1.0)
+    message = str(info.value)
+    assert f"some of {g['taken/a'].name} exist" in message, message  # not the input w
