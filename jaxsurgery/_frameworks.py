@@ -198,6 +198,21 @@ def swapped(cell: Any, value: Any) -> Iterator[None]:
         cell.cell_contents = original
 
 
+def as_pytree_call(module: Any, rewritten: Callable[[Any], tuple[Any, str | None]]) -> Any:
+    """An Equinox module whose ``__call__`` is user code, as a pytree of the same
+    leaves that runs the rewritten ``__call__`` (``eqx.Partial``): Equinox's transforms
+    (``eqx.filter_vmap(model)``) take a module's arrays as they would the module's;
+    None for anything else."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None or not isinstance(module, eqx.Module):
+        return None
+    bound, reason = rewritten(module)
+    body = getattr(bound, "__func__", None)
+    if reason or body is None or getattr(bound, "__self__", None) is not module:
+        return None
+    return eqx.Partial(body, module)
+
+
 def scoped_module(fn: Any) -> bool:
     """Whether ``fn`` is a Flax linen or Haiku module, or a method bound to one: the
     library runs it, its scopes name its values, and its own methods run through

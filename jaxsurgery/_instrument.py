@@ -66,7 +66,13 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
-from ._frameworks import library_rejit, named_array_data, scoped_module, submodule_paths
+from ._frameworks import (
+    as_pytree_call,
+    library_rejit,
+    named_array_data,
+    scoped_module,
+    submodule_paths,
+)
 from ._rewrite import _RUNS, _SAME, _TRANSFORM_KINDS, CALL, MARK, _plain_partial, instrument
 from ._scopes import backward_prefix, scope_parts, scope_path
 from ._tag import MARK_PREFIX
@@ -1122,7 +1128,9 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
 
     A transform that runs the function at once (``jax.jvp``) runs it in a frame of its
     own, as a loop runs its body. Equinox's and NNX's transforms rewrite plain
-    functions only (a module is a pytree to them). A decorator factory
+    functions, and Equinox modules as pytrees of the same leaves that run their
+    rewritten ``__call__`` (a module is a pytree to them; see ``as_pytree_call``); other
+    objects run as they are. A decorator factory
     (``eqx.filter_grad(has_aux=True)``) gives a decorator that does the same.
     """
     if kind == _RUNS:
@@ -1143,7 +1151,12 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         plain = isinstance(fun, types.FunctionType) or (
             isinstance(fun, functools.partial) and isinstance(fun.func, types.FunctionType)
         )
-        inner, reason = rewritten(fun) if from_jax or plain else (fun, "library")
+        if from_jax or plain:
+            inner, reason = rewritten(fun)
+        else:  # an Equinox module, given to filter_vmap: still a pytree of its arrays
+            inner, reason = as_pytree_call(fun, rewritten), None
+            if inner is None:
+                inner, reason = fun, "library"
         if reason:
             return transform(fun, *args, **kwargs)
         of = fun

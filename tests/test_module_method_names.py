@@ -3,6 +3,7 @@ methods itself (``model.apply``), so js.trace runs the user's methods rewritten
 through the library's method interceptors, naming what they bind in the module's
 scope; the function ``hk.transform`` was given runs rewritten too."""
 
+import equinox as eqx
 import flax.linen as nn
 import haiku as hk
 import jax
@@ -193,3 +194,30 @@ def test_values_linen_captures_after_a_method_returns_are_named_by_their_own_mod
     allclose(g.value("Outer/Inner_0/Dense_0/__call__"), pre)  # flax's path of each capture
     allclose(g.value("Outer/Inner_0/__call__"), jnp.tanh(pre))
     assert g["Outer/Dense_0/__call__"] is g["Outer/__call__"] is g.outputs[0]
+
+
+class EqxNet(eqx.Module):
+    lin: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.lin = eqx.nn.Linear(3, 2, key=key)
+
+    def __call__(self, x):
+        pre = self.lin(x)
+        act = jnp.tanh(pre)
+        return act
+
+
+def test_a_module_given_to_equinox_filter_vmap_names_what_its_call_binds():
+    def forward(model, x):
+        y = eqx.filter_vmap(model)(x)
+        return (y**2).sum()
+
+    model, x = EqxNet(jax.random.key(0)), jax.random.normal(jax.random.key(1), (4, 3))
+    g = js.trace(forward, model, x)
+    pre = x @ model.lin.weight.T + model.lin.bias
+    allclose(g.value("model/pre"), pre)  # the batch, as under jax.vmap
+    allclose(g.value("model/act"), jnp.tanh(pre))
+    allclose(g.as_function()(model, x), forward(model, x))
+    grads = g.grads(g.outputs[0], "model/pre")["model/pre"]
+    allclose(grads, 2 * jnp.tanh(pre) * (1 - jnp.tanh(pre) ** 2), rtol=1e-5)
