@@ -56,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,8 @@ from . import _compat as C
 from ._control_flow import MAX_TRIPS, Folded
 from ._errors import SelectionError
 from ._graph import Var, short_type
-from ._scopes import backward_prefix, scope_names
+from ._names import is_generated
+from ._scopes import backward_prefix, scope_names, scope_parts
 from ._structured import Site, iterations
 
 if TYPE_CHECKING:
@@ -121,11 +123,21 @@ def body_value(template: Program, k: int, ti: int) -> Any:
     return (k, tuple((s.eqn, s.branch) for s in steps), nested)
 
 
-def index_templates(program: Program) -> tuple[list, list]:
+def index_templates(
+    program: Program, state: Callable[[Program], frozenset[int]] = lambda template: frozenset()
+) -> tuple[list, list]:
     """``(name, Template, value)`` of folded loop bodies from the index itself (see
-    :func:`template_names`): the ``js.tag``/``checkpoint_name`` tags, and the outputs
-    of scopes (Flax, Haiku, Equinox modules called in the body), as two lists: names
-    rank as in the flat index, tags first, then Python names, then scopes."""
+    :func:`template_names`): the ``js.tag``/``checkpoint_name`` tags, and the scopes
+    of the body (Flax, Haiku, Equinox modules called in it), as two lists: names rank
+    as in the flat index, tags first, then Python names, then scopes.
+
+    A scope names its outputs (``blk``) and, as in the flat index, everything made
+    inside it (``blk/loop0%12``: ``"blk/*@3"`` selects what ``blk`` holds in
+    iteration 3); the scopes the loop runs in hold every value its body makes.
+    ``state(template)``: the template vars a library stored as module state
+    (``Recorder.state_vars``), which are not outputs of their scopes (see
+    :func:`~jaxsurgery._scopes.scope_names`).
+    """
     tags, scopes = [], []
     for k, loop in enumerate(program.folded):
         template = loop.template
@@ -133,18 +145,51 @@ def index_templates(program: Program) -> tuple[list, list]:
             (name, Template(k, ti, its), body_value(template, k, ti))
             for ti, name, its in template.tag_iterations
         ]
-        # a scope inside the body is named by its whole path, the loop's scope first
-        # (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body
-        # (a loop jax.grad transposed runs the backward pass of its body's scopes)
-        prefix, backward = backward_prefix(loop.scope)
-        for ti, name in scope_names(template, False, _residuals(program, loop))[0]:
+        outputs, inside = scope_names(template, False, _residuals(program, loop), state(template))
+        named = [
+            *outputs,
+            *((ti, f"{name.rpartition('/%')[0]}/{unnamed_base(k, ti)}") for ti, name in inside),
+        ]
+        for ti, name in named:
             at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
-            if backward:
-                head, slash, rest = name.partition("/")
-                name = f"grad({head}){slash}{rest}"
-            scopes += [(f"{prefix}/{name}" if prefix else name, *at)]
-            scopes += [(name, *at)] if prefix else []
+            scopes += [(full, *at) for full in _in_body(name, loop)]
+        scopes += _inside_loop_scopes(k, loop)
     return tags, scopes
+
+
+def _in_body(name: str, loop: Folded) -> list[str]:
+    """The names of a scope of a loop's body (a scope's path in the body, ``blk``, or
+    a value inside it, ``blk/loop0%12``): by its whole path, the loop's scope first
+    (``Net/ScanCell_0/Dense_0``, as outside the loop), and by its path in the body. A
+    loop ``jax.grad`` transposed runs the backward pass of its body's scopes
+    (``grad(cell)``)."""
+    prefix, backward = backward_prefix(loop.scope)
+    if backward:
+        head, slash, rest = name.partition("/")
+        name = f"grad({head}){slash}{rest}"
+    return [f"{prefix}/{name}", name] if prefix else [name]
+
+
+def _inside_loop_scopes(k: int, loop: Folded) -> list[tuple[str, Template, Any]]:
+    """``(name, Template, value)`` putting every value the body of folded loop ``k``
+    makes inside the scopes the loop runs in: ``Net/ScanCell_0/loop0%12`` (so that
+    ``"Net/ScanCell_0/*@3"`` selects the cell's values in iteration 3, as in an
+    unrolled loop)."""
+    parts = scope_parts(loop.scope)
+    if not parts:
+        return []
+    template = loop.template
+    return [
+        (
+            f"{'/'.join(parts[: d + 1])}/{unnamed_base(k, ti)}",
+            Template(k, ti, _inner(template, ti)),
+            value,
+        )
+        for outs in template.eqn_out
+        for ti in outs
+        for value in (body_value(template, k, ti),)
+        for d in range(len(parts))
+    ]
 
 
 def _residuals(program: Program, loop: Folded) -> frozenset[int]:
@@ -169,6 +214,71 @@ def _reverse(loop: Folded) -> bool:
 
 _ITERATION = re.compile(r"^(.*?)((?:@(?:0|[1-9]\d*))+)$")  # @7, not @07
 _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
+
+
+def _literal_prefix(pattern: re.Pattern) -> str:
+    """The text every string ``pattern`` fully matches starts with (``"blk/"`` for the
+    glob ``blk/*@3``; ``""`` when it cannot tell): a cheap test before a match."""
+    text = pattern.pattern
+    if _alternates(text) or pattern.flags & (re.IGNORECASE | re.VERBOSE):
+        return ""
+    out, i = [], 0
+    while i < len(text):
+        escaped = text[i] == "\\" and i + 1 < len(text) and not text[i + 1].isalnum()
+        if not escaped and text[i] in _REGEX_SPECIAL:
+            break
+        step = 2 if escaped else 1
+        if text[i + step : i + step + 1] in ("*", "?", "{"):
+            break  # a repeat that may leave it out
+        out.append(text[i + step - 1])
+        i += step
+    return "".join(out)
+
+
+def _alternates(text: str) -> bool:
+    """Whether a regex has an alternation outside its groups (``a|b@3``), which a
+    literal start or end of it does not bind."""
+    depth, i, klass = 0, 0, -1  # klass: where the open character class began
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if klass >= 0:  # a ']' right after '[' or '[^' is a literal one
+            klass = -1 if c == "]" and i > klass + 1 + (text[klass + 1] == "^") else klass
+        elif c == "[":
+            klass = i
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+        elif c == "|" and depth == 0:
+            return True
+        i += 1
+    return False
+
+
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]|()\\")
+_ASKED = re.compile(r"(?:@(?:0|[1-9]\d*))+$")
+
+
+def _asked_iterations(pattern: re.Pattern) -> tuple[int, ...] | None:
+    """The iterations a pattern ends with (``blk/*@3``: ``(3,)``), which end every
+    name it matches; None when it does not say (``h@*``, an alternation)."""
+    m = _ASKED.search(pattern.pattern)
+    if m is None or _alternates(pattern.pattern) or pattern.flags & re.VERBOSE:
+        return None
+    return tuple(int(t) for t in m.group()[1:].split("@"))
+
+
+def _candidates(tmpl: Template, n: int, asked: tuple[int, ...] | None) -> range | tuple[int, ...]:
+    """The iterations of a loop of ``n`` at which ``tmpl``'s names can end with the
+    iterations ``asked`` (see :func:`_asked_iterations`; None: every iteration)."""
+    inner, k = tmpl.inner, len(tmpl.inner)
+    if asked is None:
+        return range(n)
+    if len(asked) <= k:  # only the inner loops' iterations are asked
+        return range(n) if inner[k - len(asked) :] == asked else ()
+    t = asked[len(asked) - k - 1]
+    return (t,) if asked[len(asked) - k :] == inner and t < n else ()
 
 
 def unnamed_base(loop: int, var: int) -> str:
@@ -211,7 +321,7 @@ class LoopIndex:
             f"a scan of length {f.eqn.params['length']}" if f.is_scan else "a while_loop"
             for f in program.folded[:3]
         ]
-        shown = [n for n, ts in self.names.items() if len(ts) == 1][:3]
+        shown = [n for n, ts in self.names.items() if len(ts) == 1 and not is_generated(n)][:3]
         named = (
             f"; name one iteration, e.g. {shown[0] + '@0'!r}, or all with "
             f"{shown[0] + '@*'!r} (names: {', '.join(shown)}{', ...' if len(self.names) > 3 else ''})"
@@ -278,7 +388,10 @@ class LoopIndex:
     def matching(self, pattern: re.Pattern) -> list[tuple[VirtualVar, str]]:
         """Virtual vars with a name ``pattern`` fully matches (every iteration tried)."""
         found = []
+        prefix, asked = _literal_prefix(pattern), _asked_iterations(pattern)
         for base, tmpls in self.names.items():
+            if not (base + "@").startswith(prefix[: len(base) + 1]):
+                continue  # (cheap: a body value has a name per scope it is in)
             for tmpl in tmpls:
                 loop = self.graph._program.folded[tmpl.loop]
                 n = self.length(loop, need=True)
@@ -294,7 +407,7 @@ class LoopIndex:
                         f"holding {base!r}, whose trip count is not known ({why}); name "
                         f"one iteration, e.g. {tmpl.name(base, 0)!r}"
                     )
-                for t in range(n):
+                for t in _candidates(tmpl, n, asked):
                     name = tmpl.name(base, t)
                     if pattern.fullmatch(name):
                         found.append((self.var(tmpl, t, base), name))
@@ -439,9 +552,11 @@ class LoopIndex:
         found, shared = [], []
         for tmpl in self._same_value(v.template):
             for base in self._bases(tmpl):
-                (shared if base in self._shared() else found).append(tmpl.name(base, v.iteration))
+                never = base in self._shared() or is_generated(base)
+                (shared if never else found).append(tmpl.name(base, v.iteration))
         # a name of several values (a scope's outputs) selects them all, and is never
-        # canonical (as in the flat index): then the var's own ``loop<k>%<i>`` is
+        # canonical (as in the flat index), nor is a scope's inside one
+        # (``blk/loop0%12``): then the var's own ``loop<k>%<i>`` is
         fallback = v.template.name(unnamed_base(v.template.loop, v.template.var), v.iteration)
         return [*found, *shared] if found else [fallback, *shared]
 

@@ -9,7 +9,10 @@ Names given (SPEC §4.5):
     * ``"MLP/Dense_0"`` on each **output** of the instance: a value made inside and
       read outside it (or returned by the function);
     * ``"MLP/Dense_0/%<index>"`` on every value made inside, so the glob
-      ``"MLP/Dense_0/*"`` selects the instance's inside.
+      ``"MLP/Dense_0/*"`` selects the instance's inside; in a loop, with the
+      iterations last (``"blk/%12@3"``), so that ``"blk/*@3"`` selects what ``blk``
+      holds in iteration 3 (a folded loop's body values take ``"blk/loop0%12@3"``,
+      see :func:`jaxsurgery._loop_index.index_templates`).
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
@@ -55,13 +58,16 @@ def scope_names(
     labels: list[str] = []
     its: list[tuple[int, ...]] = []  # per instance: the loop iterations it runs in
     chains: list[tuple[int, ...]] = []  # per equation: its instances, outermost first
+    suffixes: list[str] = []  # per equation: the iterations it runs in, as a name's suffix
     stack: list[tuple[str, int]] = []  # (component, instance)
     for e, eqn in enumerate(eqns):
         if not stack and not C.has_scope(eqn.source_info):
             chains.append(())  # the common case outside any scope
+            suffixes.append("")
             continue
         parts = scope_parts(C.scope_of(eqn.source_info))
         at = _iterations(program, e)
+        suffixes.append("".join(f"@{t}" for t in at) if iterations else "")
         keep = 0
         while (
             keep < min(len(stack), len(parts))
@@ -78,9 +84,8 @@ def scope_names(
         chains.append(tuple(inst for _, inst in stack))
     if not labels:
         return [], []
-    paths = _instance_paths(parents, labels, its)
-    if iterations:
-        paths = [p + "".join(f"@{t}" for t in at) for p, at in zip(paths, its)]
+    plain = _instance_paths(parents, labels, its)
+    paths = [p + "".join(f"@{t}" for t in at) for p, at in zip(plain, its)] if iterations else plain
 
     names: list[tuple[int, str]] = []
     inside: list[tuple[int, str]] = []
@@ -105,7 +110,9 @@ def scope_names(
                     named.add(inst)
                 elif inst in kept:
                     residuals.setdefault(inst, []).append(v)
-                inside.append((v, f"{paths[inst]}/%{v}"))
+                # the iterations last, as in every name of a value per iteration:
+                # "blk/*@3" is what blk holds in iteration 3
+                inside.append((v, f"{plain[inst]}/%{v}{suffixes[e]}"))
     names.extend((v, paths[i]) for i, vs in residuals.items() if i not in named for v in vs)
     return names, inside
 
