@@ -455,8 +455,10 @@ def _sown_in(module: Any, scope: str) -> str:
     """The scope of a value ``module`` sows while ``scope`` is the name stack: ``scope``,
     or, when the module's own scope has been left (what ``capture_intermediates`` sows
     after a method returns), ``scope`` with the module's name after it."""
+    from ._scopes import scope_path
+
     own = module.name or type(module).__name__  # linen's scope name for it
-    last = scope.rsplit("/", 1)[-1]
+    last = scope_path(scope).rsplit("/", 1)[-1]  # (no transform marks: vmap(Block_0))
     if last == own or last.startswith(f"{own}."):  # in it (or in one of its methods)
         return scope
     return f"{scope}/{own}" if scope else own

@@ -176,6 +176,22 @@ def assign_names(
     return finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
 
 
+def shadowed_outputs(
+    outputs: Sequence[tuple[int, str]],
+    bindings: Sequence[tuple[str, int]],
+    tags: Sequence[tuple[int, str]],
+) -> list[str]:
+    """The output names (``out``, ``out[0]``) that a Python variable or a tag of the
+    traced function gives another value (``out = model(x); return out.sum()``): the
+    variable keeps its name, which then selects it, not the output."""
+    named: dict[str, set[int]] = {}
+    for name, var in bindings:
+        named.setdefault(name, set()).add(var)
+    for var, name in tags:
+        named.setdefault(name, set()).add(var)
+    return [name for var, name in outputs if name in named and var not in named[name]]
+
+
 def finalize(
     candidates: Sequence[Sequence[str]],
     extras: Sequence[Sequence[str]],

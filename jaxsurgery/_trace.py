@@ -44,7 +44,7 @@ from ._instrument import (
     rewritten,
 )
 from ._loop_index import index_templates, template_names
-from ._names import assign_names
+from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
 from ._promotion import holds, out_of_range, weak_type_decides
@@ -200,19 +200,21 @@ def _trace(
         program = Program(closed, leaves if concrete else None, fold)
         phase("naming the values")
         bindings, templates = recorder.qualified(program)
+        outputs = list(zip(program.outputs, out_info["paths"]))
+        shadowed = shadowed_outputs(outputs, bindings, program.tags)
         names = assign_names(
             len(program.vars),
             program.primitives,
             in_names,
-            list(zip(program.outputs, out_info["paths"])),
+            [(var, name) for var, name in outputs if name not in shadowed],
             program.tags,
             bindings,
             *scope_names(program, state=recorder.state_vars(program)),
             input_labels=in_labels,
         )
-        tags, scopes = index_templates(program)
+        tags, scopes = index_templates(program, recorder.state_vars)
         invariant = recorder.invariant_names
-        loop_notes = (
+        name_notes = (
             [
                 f"{short_list(invariant)} name a value a loop passes on unchanged (JAX makes "
                 "it a constant of the loop): it is one value for every iteration, so it has "
@@ -221,13 +223,22 @@ def _trace(
             if invariant
             else []
         )
+        if shadowed:
+            one = len(shadowed) == 1
+            name_notes.append(
+                f"{short_list([repr(n) for n in shadowed])} "
+                + ("names a value" if one else "name values")
+                + " of the traced function (a Python variable or a tag) other than the "
+                + ("output of that name, and selects it" if one else "outputs of those names")
+                + "; select the outputs as g.outputs"
+            )
         graph = Graph(
             program,
             names,
             lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
             leaves if concrete else None,
             title,
-            [*notes, *program.notes, *loop_notes],
+            [*notes, *program.notes, *name_notes],
             out_info["tree"],
             templates=template_names([*tags, *templates], scopes),
         )
@@ -676,6 +687,52 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _differing_node(
+    old_how: Any, new_how: Any, paths: list[tuple]
+) -> tuple[str, str, Any, Any] | None:
+    """``(key path, type name, its data, its other data)`` of the first node of two
+    flattened arguments (:func:`_flat`) of the same shape whose node data differ (an
+    Equinox module's static fields), or None. ``paths``: the first one's leaves' key
+    paths."""
+
+    def walk(a: Any, b: Any, start: int, depth: int) -> tuple[str, str, Any, Any] | None:
+        """In the nodes ``a``, ``b`` at ``depth`` (a key per level), holding the leaves
+        from ``start`` on."""
+        try:
+            da, db = a.node_data(), b.node_data()
+        except Exception:  # a structure JAX cannot take apart
+            return None
+        if da is None or db is None:  # leaves
+            return None
+        if da[0] is not db[0] or not _same_static(da[1], db[1]):
+            path = paths[start][:depth] if a.num_leaves else ()
+            return jax.tree_util.keystr(tuple(path)), da[0].__name__, da[1], db[1]
+        for ca, cb in zip(a.children(), b.children()):
+            found = walk(ca, cb, start, depth + 1)
+            if found is not None:
+                return found
+            start += ca.num_leaves
+        return None
+
+    def first_leaf_depth(tree: Any) -> int:
+        depth = 0
+        while tree.node_data() is not None and tree.children():
+            tree, depth = tree.children()[0], depth + 1
+        return depth
+
+    (a, a_parts), (b, b_parts) = old_how, new_how
+    if a_parts is None or b_parts is None:
+        return walk(a, b, 0, 0)
+    start = 0  # the modules inside, each flattened on its own below its place
+    for (inner_a, n), (inner_b, _) in zip(a_parts, b_parts):
+        if inner_a is not None and inner_b is not None and n:
+            found = walk(inner_a, inner_b, start, len(paths[start]) - first_leaf_depth(inner_a))
+            if found is not None:
+                return found
+        start += n
+    return walk(a, b, 0, 0)
+
+
 def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: Any) -> str:
     """What tells two flattened trees apart: a leaf one has and the other lacks, else
     where their structures first differ."""
@@ -687,6 +744,14 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
         parts = [f"no {missing[0] or 'leaf'}"] if missing else []
         parts += [f"an extra {extra[0] or 'leaf'}"] if extra else []
         return ", ".join(parts)
+    found = _differing_node(old_how, new_how, [p for p, *_ in old])
+    if found is not None:
+        path, kind, a, b = found
+        return (
+            f"the {kind}{' at ' + path if path else ''} holds other static data (its parts "
+            f"that are not arrays, such as an eqx.field(static=True)): traced {_short(a)}, "
+            f"given {_short(b)}"
+        )
     a, b = str(old_how[0]), str(new_how[0])
     if a == b:
         a, b = str(old_how), str(new_how)

@@ -3,6 +3,7 @@ that names the culprit and says what to do. Nothing the user passed is modified.
 
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,16 @@ import pytest
 from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
+
+
+class Scaled(eqx.Module):
+    """A module with a static field (an eqx.field(static=True) is node data, not a leaf)."""
+
+    w: jax.Array
+    n: int = eqx.field(static=True)
+
+    def __call__(self, x):
+        return (self.w * x[..., :3]).sum() * self.n
 
 
 def rnn(h0, xs):
@@ -245,6 +256,15 @@ CATALOG = [
         lambda g, a: keyed_graph().values_fn(["out"])({"w": jnp.ones(3)}, jnp.ones(3)),
         js.SliceError,
         r"argument `p` is a tree of another structure than the one traced \(no \['b'\]\)",
+    ),
+    (
+        "an Equinox module whose static field differs from the traced one",
+        lambda g, a: js.trace(
+            lambda p, x: p["block"](x), {"block": Scaled(jnp.ones(3), 1)}, jnp.ones(3)
+        ).as_function()({"block": Scaled(jnp.ones(3), 2)}, jnp.ones(3)),
+        js.SliceError,
+        r"argument `p` is a tree of another structure than the one traced \(the Scaled at "
+        r"\['block'\] holds other static data .*: traced .*1\), given .*2\)\)",
     ),
     (
         "another value of a static argument",

@@ -271,6 +271,29 @@ def test_an_argument_named_out_says_it_shadows_the_outputs_alias():
     allclose(g.grads(g.outputs[0], "x")["x"], jnp.full(2, 2.0))
 
 
+def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
+    def forward(x):
+        out = jnp.sin(x)  # common: out = model(x); return out.sum()
+        return (out * 3.0).sum()
+
+    x = jnp.arange(3.0)
+    g = js.trace(forward, x)
+    assert g["out"].name == "out" and g["out"].primitive == "sin"
+    allclose(g.value("out"), jnp.sin(x))
+    allclose(g.grads(g.outputs[0], "out")["out"], jnp.full(3, 3.0))
+    allclose(g.slice("out", g.outputs[0])(jnp.ones(3)), 9.0)
+    assert any("'out' names a value of the traced function" in n for n in g.notes)
+
+    # the same name for the output itself is no clash: no note
+    def returned(x):
+        out = jnp.sin(x).sum()
+        return out
+
+    g2 = js.trace(returned, x)
+    assert g2["out"] is g2.outputs[0]
+    assert not any("names a value of the traced function" in n for n in g2.notes)
+
+
 def layer(x, w):
     pre = x @ w
     act = jnp.tanh(pre)
