@@ -68,10 +68,12 @@ from jax.ad_checkpoint import checkpoint_name
 from . import _compat as C
 from ._frameworks import (
     as_pytree_call,
+    haiku_function_cell,
     library_rejit,
     named_array_data,
     scoped_module,
     submodule_paths,
+    swapped,
 )
 from ._rewrite import _RUNS, _SAME, _TRANSFORM_KINDS, CALL, MARK, _plain_partial, instrument
 from ._scopes import backward_prefix, scope_parts, scope_path
@@ -166,8 +168,9 @@ class Recorder:
         scope, own = self.scoped[binding]
         parts, rel = scope_parts(full), scope_parts(scope)
         starts = [k for k in range(len(parts) - len(rel) + 1) if parts[k : k + len(rel)] == rel]
-        if starts:
-            prefix = parts[: starts[-1]]
+        if starts:  # (a stack that starts the value's scope is whole: Haiku's
+            # block/act/block of method act holds block twice)
+            prefix = [] if starts[0] == 0 else parts[: starts[-1]]
         else:  # made outside the module (its input): the one place the program has it
             prefix = self._only_prefix(rel, program)
         if not prefix:
@@ -883,6 +886,12 @@ def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     return out
 
 
+def _run_swapped(cell: Any, inner: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with closure ``cell`` holding ``inner`` meanwhile."""
+    with swapped(cell, inner):
+        return fn(*args, **kwargs)
+
+
 _CONTROL_FLOW = object()
 _TRANSFORM = object()
 
@@ -908,6 +917,11 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return functools.partial(inner, *fn.args, **fn.keywords), None
     if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
         return None, None  # a linen module's own methods run as call_method runs them
+    cell = haiku_function_cell(fn) if jitted is None else None
+    if cell is not None:  # f.apply of hk.transform(f): f runs rewritten, in the call's frame
+        inner, reason = rewritten(cell.cell_contents)
+        if not reason:
+            return functools.partial(_run_swapped, cell, inner, fn), None
     jitted = jitted or _jitted(fn) or _jitted_call(fn)
     if jitted is None:
         return rewritten(fn)[0], None

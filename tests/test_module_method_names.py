@@ -167,6 +167,9 @@ def test_haiku_forward_and_module_methods_name_what_they_bind(stateful):
     assert not hk_module_state.interceptor_stack
     out = forward.apply(*args)
     allclose(out[0] if stateful else out, g.value("out[0]" if stateful else "out"))
+    # called from a function of your own: its names under the call
+    g2 = js.trace(lambda *a: forward.apply(*a), *args)
+    allclose(g2.value("forward.apply/h"), h)
 
 
 def test_values_linen_captures_after_a_method_returns_are_named_by_their_own_module():
@@ -221,3 +224,23 @@ def test_a_module_given_to_equinox_filter_vmap_names_what_its_call_binds():
     allclose(g.as_function()(model, x), forward(model, x))
     grads = g.grads(g.outputs[0], "model/pre")["model/pre"]
     allclose(grads, 2 * jnp.tanh(pre) * (1 - jnp.tanh(pre) ** 2), rtol=1e-5)
+
+
+class HkActBlock(hk.Module):
+    def act(self, z):
+        return jax.nn.gelu(z)
+
+    def __call__(self, x):
+        pre = hk.Linear(4)(x)
+        post = self.act(pre)  # Haiku's scope of act's values: hk_act_block/act/hk_act_block
+        return post * 2.0
+
+
+def test_a_name_bound_from_a_haiku_helper_method_is_in_its_modules_scope():
+    f = hk.without_apply_rng(hk.transform(lambda x: HkActBlock()(x)))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    params = f.init(jax.random.key(1), x)
+    g = js.trace(f.apply, params, x)
+    q = params["hk_act_block/linear"]
+    allclose(g.value("hk_act_block/post"), jax.nn.gelu(x @ q["w"] + q["b"]))
+    assert not any("hk_act_block/act/hk_act_block/post" in n for n in g.names())
