@@ -147,6 +147,8 @@ class Recorder:
         scope when names are assigned (see :meth:`_anchored`).
         """
         frame = self.frame
+        if not isinstance(value, jax.core.Tracer) and is_jit(value):
+            return value  # a jitted function bound (eqx.filter_jit(model)): not a value
         value, atoms = self._named(value)
         if not scope and frame in self._scoped_frames:  # a name in a linen method
             scope = C.current_scope()
@@ -548,8 +550,10 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if frame in self._scoped_frames:  # a linen method's: its module's scope names it
-            return value
+        if frame in self._scoped_frames or (
+            not isinstance(value, jax.core.Tracer) and is_jit(value)
+        ):
+            return value  # a linen method's (its module's scope names it), or a jit made
         value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))

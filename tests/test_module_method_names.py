@@ -244,3 +244,21 @@ def test_a_name_bound_from_a_haiku_helper_method_is_in_its_modules_scope():
     q = params["hk_act_block/linear"]
     allclose(g.value("hk_act_block/post"), jax.nn.gelu(x @ q["w"] + q["b"]))
     assert not any("hk_act_block/act/hk_act_block/post" in n for n in g.names())
+
+
+def test_a_jitted_module_bound_or_returned_names_none_of_the_modules_arrays():
+    """``f = eqx.filter_jit(model)`` holds the model's arrays in Equinox's wrapper: ``f``
+    is a function, not a value (the arrays keep their own names)."""
+
+    def forward(model, x):
+        f = eqx.filter_jit(model)
+        y1 = f(x)
+        y2 = f(x * 2.0)
+        return (y1 * y2).sum()
+
+    model, x = EqxNet(jax.random.key(0)), jax.random.normal(jax.random.key(1), (3,))
+    g = js.trace(forward, model, x)
+    assert not any("_dynamic_fun" in n for n in g.names())
+    assert g["model.lin.weight"].aliases == ("%0", "input:0")
+    allclose(g.value("f#1"), model(x * 2.0))
+    allclose(g.as_function()(model, x), forward(model, x))
