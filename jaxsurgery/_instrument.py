@@ -147,8 +147,6 @@ class Recorder:
         scope when names are assigned (see :meth:`_anchored`).
         """
         frame = self.frame
-        if not isinstance(value, jax.core.Tracer) and is_jit(value):
-            return value  # a jitted function bound (eqx.filter_jit(model)): not a value
         value, atoms = self._named(value)
         if not scope and frame in self._scoped_frames:  # a name in a linen method
             scope = C.current_scope()
@@ -550,10 +548,8 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if frame in self._scoped_frames or (
-            not isinstance(value, jax.core.Tracer) and is_jit(value)
-        ):
-            return value  # a linen method's (its module's scope names it), or a jit made
+        if frame in self._scoped_frames:  # a linen method's: its module's scope names it
+            return value
         value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
@@ -749,8 +745,8 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     atom = C.tracer_atom(value)
     if atom is not None:  # the common case: one array
         return [("", atom)]
-    if isinstance(value, (int, float, complex, bool, str, type(None))):
-        return []
+    if isinstance(value, (int, float, complex, bool, str, type(None))) or is_jit(value):
+        return []  # (a jitted function, eqx.filter_jit(model), holds arrays but is none)
     value = named_array_data(value)  # a penzai NamedArray is its array
     try:
         leaves, tree = jax.tree_util.tree_flatten(value)
