@@ -146,18 +146,26 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 
 
 def _every_trip(graph: Graph, selector: Any) -> set[int]:
-    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips: the value
-    at every trip the loop runs, for any arguments, not only the trips traced (a patch
-    of ``body/h@*`` patches the trips a larger trip count adds too)."""
+    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips (given as
+    it is, or through ``g.select``): the value at every trip the loop runs, for any
+    arguments, not only the trips traced (a patch of ``body/h@*`` patches the trips a
+    larger trip count adds too)."""
     from ._loop_index import VirtualVar
 
     program = graph._program
     loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
     every = set()
-    for leaf in jax.tree_util.tree_leaves(selector):
-        if not (isinstance(leaf, str) and leaf.endswith("@*")):
+    for leaf in jax.tree_util.tree_leaves(
+        selector, is_leaf=lambda x: isinstance(x, _select.Selection)
+    ):
+        if isinstance(leaf, _select.Selection):  # g.select("body/h@*"): the same
+            held = {v.index for v in leaf}
+            chosen = [v for name in leaf._every for v in graph.select(name) if v.index in held]
+        elif isinstance(leaf, str) and leaf.endswith("@*"):
+            chosen = graph.select(leaf)
+        else:
             continue
-        for v in graph.select(leaf):
+        for v in chosen:
             if isinstance(v, VirtualVar):
                 if not v._loop.is_scan:
                     every.add(v.index)

@@ -80,11 +80,16 @@ class Selection(tuple):
 
     # no __slots__: an instance keeps the names its vars were matched by
     _matched: tuple[str, ...] | None = None
+    #: the names ending in ``@*`` it was selected by (every iteration: a patch of a
+    #: ``while_loop`` value patches every trip, see ``_patch_graph``)
+    _every: tuple[str, ...] = ()
 
     @classmethod
-    def _of(cls, vars_: Iterable[Var], matched: Iterable[str]) -> Selection:
+    def _of(
+        cls, vars_: Iterable[Var], matched: Iterable[str], every: tuple[str, ...] = ()
+    ) -> Selection:
         sel = cls(vars_)
-        sel._matched = tuple(matched)
+        sel._matched, sel._every = tuple(matched), every
         return sel
 
     @property
@@ -115,7 +120,7 @@ class Selection(tuple):
                 "lambda v: v.ndim == 2"
             )
         kept = [(v, m) for v, m in zip(self, self.matched) if predicate(v)]
-        return Selection._of((v for v, _ in kept), (m for _, m in kept))
+        return Selection._of((v for v, _ in kept), (m for _, m in kept), self._every)
 
     def assert_count_is(self, n: int) -> Selection:
         """Self, after checking it holds ``n`` vars."""
@@ -272,8 +277,9 @@ def select(
             raise _no_scope(graph, scope)
     if where is not None:
         keep = [k and bool(where(v)) for k, v in zip(keep, vars_)]
+    every = tuple(s for s in selectors if isinstance(s, str) and s.endswith("@*"))
     return Selection._of(
-        (v for v, k in zip(vars_, keep) if k), (m for m, k in zip(matched, keep) if k)
+        (v for v, k in zip(vars_, keep) if k), (m for m, k in zip(matched, keep) if k), every
     )
 
 

@@ -427,9 +427,11 @@ def test_a_patch_at_every_trip_of_a_while_loop_patches_the_trips_more_arguments_
     assert bool(g._program.folded) == wide
     p = g.replace(H, lambda h: h * 0.5)
     f = p.as_function()
+    f_selected = g.replace(g.select(H), lambda h: h * 0.5).as_function()  # the same
     for n in (1, 3, 6):  # fewer, as many and more trips than traced
         x = jnp.float32(0.3)
         allclose(f(x, n), _halved(x, n))
+        allclose(f_selected(x, n), _halved(x, n))
         tangent = jax.jvp(lambda x, n=n: f(x, n), (x,), (jnp.float32(1.0),))[1]
         allclose(tangent, jax.jvp(lambda x, n=n: _halved(x, n), (x,), (jnp.float32(1.0),))[1])
     name = g.select(H).names[1]
