@@ -1023,13 +1023,13 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
 
 
 def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
-    """``lax`` control-flow functions (and Flax NNX's loops, once imported) and their
-    function arguments (position, name)."""
-    return _bodies_of("flax.nnx" in sys.modules)
+    """``lax`` control-flow functions (and Flax NNX's loops and Haiku's control flow,
+    once imported) and their function arguments (position, name)."""
+    return _bodies_of("flax.nnx" in sys.modules, "haiku" in sys.modules)
 
 
 @functools.cache
-def _bodies_of(nnx_loaded: bool) -> dict[int, tuple[tuple[int, str], ...]]:
+def _bodies_of(nnx_loaded: bool, haiku_loaded: bool) -> dict[int, tuple[tuple[int, str], ...]]:
     lax = jax.lax
     bodies = {
         id(lax.scan): ((0, "f"),),
@@ -1043,6 +1043,12 @@ def _bodies_of(nnx_loaded: bool) -> dict[int, tuple[tuple[int, str], ...]]:
         nnx = sys.modules["flax.nnx"]
         bodies[id(nnx.fori_loop)] = bodies[id(lax.fori_loop)]
         bodies[id(nnx.while_loop)] = bodies[id(lax.while_loop)]
+    if haiku_loaded:  # hk.scan(f, ...) and the rest take their functions where lax does
+        hk = sys.modules["haiku"]
+        for name in ("scan", "map", "fori_loop", "while_loop", "cond", "switch"):
+            found = getattr(hk, name, None)
+            if found is not None:
+                bodies[id(found)] = bodies[id(getattr(lax, name))]
     return bodies
 
 

@@ -262,3 +262,36 @@ def test_a_jitted_module_bound_or_returned_names_none_of_the_modules_arrays():
     assert g["model.lin.weight"].aliases == ("%0", "input:0")
     allclose(g.value("f#1"), model(x * 2.0))
     allclose(g.as_function()(model, x), forward(model, x))
+
+
+def test_the_body_given_to_haiku_scan_names_what_it_binds_per_iteration():
+    def forward(xs):
+        lin = hk.Linear(4)
+
+        def step(c, x):
+            pre = lin(x) + c
+            h = jnp.tanh(pre)
+            return h, h
+
+        _, ys = hk.scan(step, jnp.zeros(4), xs)
+        return ys.sum()
+
+    f = hk.without_apply_rng(hk.transform(forward))
+    xs = jax.random.normal(jax.random.key(0), (6, 3))
+    params = f.init(jax.random.key(1), xs)
+    g = js.trace(f.apply, params, xs)
+    q, c = params["linear"], jnp.zeros(4)
+    for t in range(3):
+        c = jnp.tanh(xs[t] @ q["w"] + q["b"] + c)
+        allclose(g.value(f"step/h@{t}"), c)
+    allclose(g.as_function()(params, xs), f.apply(params, xs))
+    before = g.value("step/h@0").sum() + g.value("step/h@1").sum()
+
+    def rest(h):  # by hand: the steps after 2, from h@2
+        total = before + h.sum()
+        for t in range(3, 6):
+            h = jnp.tanh(xs[t] @ q["w"] + q["b"] + h)
+            total = total + h.sum()
+        return total
+
+    check_slice(g.slice("step/h@2", "out"), (c,), rest)
