@@ -98,6 +98,7 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
 
     found = _flat_roles(graph, highlight)
     n = len(graph._program.vars)
+    own = {i for i in found if i < n}  # a flat var's own role stays (a slice's output)
     for i in [i for i in found if i >= n]:
         role = found.pop(i)
         v = graph._var(i)
@@ -107,7 +108,8 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
             loop = v._loop
             at = graph._program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ()
         for j in at:
-            found[j] = _strongest(found[j], role) if j in found else role
+            if j not in own:
+                found[j] = _strongest(found[j], role) if j in found else role
     return found
 
 

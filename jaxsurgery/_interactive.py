@@ -159,7 +159,11 @@ class View:
         """The view as HTML: a fragment for notebooks, or a whole page."""
         box = f"jsv-{next(_ids)}"
         with progress(f"building the view of {len(self.graph.vars)} vars"):
-            payload = json.dumps(self.packed(), separators=(",", ":")).replace("</", "<\\/")
+            payload = json.dumps(self.packed(), separators=(",", ":"))
+            # no "<", ">" or "&" in the script (a name holding "<!--<script" would
+            # change how HTML reads the rest of it): JSON escapes of the same text
+            for c, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+                payload = payload.replace(c, escaped)
         fragment = (
             f'<div class="jsv" id="{box}"><style>{_css(box)}</style>'
             '<div class="jsv-bar"><input class="jsv-search" type="search" '

@@ -5,6 +5,8 @@ long chains: they draw, have no cycle, show the model's blocks as boxes, stay sm
 import re
 import xml.etree.ElementTree as ET
 
+import jax
+import jax.numpy as jnp
 import networkx as nx
 import pytest
 from draw_models import BLOCKS, MODELS, chain, equinox_transformer, flax_transformer
@@ -191,3 +193,21 @@ def test_a_slice_marks_the_blocks_it_touches_and_can_open_them():
     assert "Block_2" not in opened.values() and "Block_3" not in opened.values()
     # Block_3's output, by its canonical name (the Python name `x` in Transformer.__call__)
     assert "Block_1" in opened.values() and g["Transformer/Block_3"].name in opened.values()
+
+
+def test_a_slice_from_inside_a_folded_loop_to_its_result_draws_the_result_as_output():
+    def rnn(w, h0, xs):
+        def step(h, x):
+            h_new = jnp.tanh(w @ h + x)
+            return h_new, h_new
+
+        h_last, _ = jax.lax.scan(step, h0, xs)
+        return h_last
+
+    g = js.trace(rnn, jnp.eye(4) / 2, jnp.zeros(4), jnp.ones((20, 4)))
+    s = g.slice("step/h_new@5", "h_last")
+    dot = g.to_dot(highlight=s)
+    labels, _ = dot_graph(dot)
+    key = next(k for k, label in labels.items() if label == "h_last")
+    assert node_colours(dot)[key] == "#e8710a"  # the slice's output, not its input
+    assert g.view(highlight=s).data()["vars"][g["h_last"].index]["role"] == "output"

@@ -3,6 +3,7 @@
 import json
 import re
 
+import jax.numpy as jnp
 import pytest
 from draw_models import BLOCKS, MODELS, flax_transformer
 from models import mlp_12782, mlp_12782_args
@@ -72,3 +73,13 @@ def test_the_view_takes_what_draw_takes(tmp_path):
     with pytest.raises(js.SelectionError, match="'z9'"):
         g.view(highlight="z9")
     assert g.view(depth=2).data()["expanded"] == []  # no groups in a 16-var MLP's tree
+
+
+def test_a_name_that_opens_an_html_comment_leaves_the_script_whole():
+    key = "<!--<script>&"  # raw, it would make HTML read the view's </script> as text
+    g = js.trace(lambda p: jnp.sin(p[key]) * 2, {key: jnp.ones(3)})
+    page = g.view().html(standalone=True)
+    call = r"jaxsurgeryView\(document.getElementById\('jsv-\d+'\), (\{.*?\})\);</script>"
+    script = re.search(call, page, re.S)[1]
+    assert not set("<>&") & set(script)  # the data as JSON escapes
+    assert f"p[{key!r}]" in json.loads(script)["strings"]  # the name, whole
