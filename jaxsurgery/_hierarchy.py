@@ -435,28 +435,36 @@ class _Builder:
 
     def _segments(self, items: list[Group | int], path: str) -> list[Group | int]:
         """At most MAX_CHILDREN items: runs of consecutive ones folded into segments
-        (themselves of at most MAX_CHILDREN items)."""
+        (themselves of at most MAX_CHILDREN items). Scopes and calls stay boxes of
+        their own where they leave room: the runs of loose values between them are
+        folded (an optimizer's updates around a model, which stays ``MLP``)."""
         if len(items) <= MAX_CHILDREN:
             return items
-        producer = self.program.producer
+        runs: list[list[Group | int]] = []
+        for it in items:
+            if isinstance(it, int) and runs and isinstance(runs[-1][-1], int):
+                runs[-1].append(it)
+            else:
+                runs.append([it])
+        if 1 < len(runs) <= MAX_CHILDREN:  # (groups among them: else it folds nothing)
+            return [run[0] if len(run) == 1 else self._segment(run, path) for run in runs]
         per = -(-len(items) // MAX_CHILDREN)
-        out: list[Group | int] = []
-        for k in range(0, len(items), per):
-            chunk = items[k : k + per]
-            if len(chunk) == 1:
-                out.append(chunk[0])
-                continue
-            first, last = chunk[0], chunk[-1]
-            start = producer[first] if isinstance(first, int) else first.start
-            end = producer[last] if isinstance(last, int) else last.end
-            label = f"{self._named(chunk)} … {self._named(chunk[::-1])}"
-            seg = self._new(label, path, "segment", start, end)
-            self.keys += 1
-            inner = self._segments(chunk, path)
-            seg.children = [it for it in inner if isinstance(it, Group)]
-            seg.vars = [it for it in inner if isinstance(it, int)]
-            out.append(seg)
-        return out
+        chunks = [items[k : k + per] for k in range(0, len(items), per)]
+        return [chunk[0] if len(chunk) == 1 else self._segment(chunk, path) for chunk in chunks]
+
+    def _segment(self, chunk: list[Group | int], path: str) -> Group:
+        """A segment holding ``chunk`` (consecutive items), its own split as needed."""
+        producer = self.program.producer
+        first, last = chunk[0], chunk[-1]
+        start = producer[first] if isinstance(first, int) else first.start
+        end = producer[last] if isinstance(last, int) else last.end
+        label = f"{self._named(chunk)} … {self._named(chunk[::-1])}"
+        seg = self._new(label, path, "segment", start, end)
+        self.keys += 1
+        inner = self._segments(chunk, path)
+        seg.children = [it for it in inner if isinstance(it, Group)]
+        seg.vars = [it for it in inner if isinstance(it, int)]
+        return seg
 
     def _named(self, items: list[Group | int]) -> str:
         """The label of the first item with a name of its own (else the first's)."""

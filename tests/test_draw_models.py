@@ -5,9 +5,11 @@ long chains: they draw, have no cycle, show the model's blocks as boxes, stay sm
 import re
 import xml.etree.ElementTree as ET
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import networkx as nx
+import optax
 import pytest
 from draw_models import BLOCKS, MODELS, chain, equinox_transformer, flax_transformer
 from models import mlp_12782, mlp_12782_args
@@ -211,3 +213,33 @@ def test_a_slice_from_inside_a_folded_loop_to_its_result_draws_the_result_as_out
     key = next(k for k, label in labels.items() if label == "h_last")
     assert node_colours(dot)[key] == "#e8710a"  # the slice's output, not its input
     assert g.view(highlight=s).data()["vars"][g["h_last"].index]["role"] == "output"
+
+
+def test_the_picture_of_a_training_step_keeps_the_model_and_its_backward_pass_as_boxes():
+    """An optimizer's many loose updates around the model are folded into segments, while
+    the forward scope and the backward one stay boxes of their own."""
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(4):
+                x = nn.relu(nn.Dense(8)(x))
+            return nn.Dense(2)(x)
+
+    model, x, y = MLP(), jnp.ones((4, 3)), jnp.ones((4, 2))
+    params = model.init(jax.random.key(0), x)
+    opt = optax.adam(1e-3)
+
+    def step(params, opt_state, x, y):
+        def loss_fn(p):
+            pred = model.apply(p, x)
+            return jnp.mean((pred - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    g = js.trace(step, params, opt.init(params), x, y)
+    labels, _ = dot_graph(g.to_dot())
+    assert {"MLP", "grad(MLP)"} <= set(labels.values()), sorted(labels.values())
+    assert len(labels) <= MAX_CHILDREN
