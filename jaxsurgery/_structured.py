@@ -739,25 +739,39 @@ def _each_iteration(p: _Pending) -> list[_Pending]:
 
 def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]]:
     """Edits at several iterations of one loop that do the same thing, grouped:
-    ``[(iterations, members)]``, one iteration per member."""
+    ``[(iterations, members)]``, one iteration per member, in the order they apply.
+
+    An edit joins the group of the edits like it only while no other group touched
+    its value since (the value before a patch at ``h@3``, read where a patch of
+    ``h@*`` applies, starts a new group for the patches from iteration 3 on)."""
     groups: dict[Any, tuple[list[int], list[_Pending]]] = {}
+    current: dict[Any, Any] = {}  # per kind of edit: the key of the group it joins
     seen: dict[Any, set[int]] = {}
+    last: dict[Any, Any] = {}  # per value edited: the group that touched it last
     for p in pending:
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
         key = (p.steps[1:], e.site.vars, e.site.before, e.kind, id(e.fn), reads, id(p.active))
+        target = (p.steps[1:], e.site.vars)
         t = p.steps[0].iteration
         if isinstance(t, range):  # already one group
             groups[(key, id(p))] = (list(t), [p])
+            last[target] = (key, id(p))
             continue
-        its, members = groups.setdefault(key, ([], []))
-        done = seen.setdefault(key, set())
+        at = current.get(key, key)
+        if at in groups and last.get(target, at) != at:  # another touched it since
+            at = (key, id(p))
+        current[key] = at
+        its, members = groups.setdefault(at, ([], []))
+        done = seen.setdefault(at, set())
         if t in done:  # the same iteration twice: a group of its own
             groups[(key, id(p))] = ([t], [p])
+            last[target] = (key, id(p))
             continue
         done.add(t)
         its.append(t)
         members.append(p)
+        last[target] = at
     return list(groups.values())
 
 

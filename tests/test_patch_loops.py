@@ -448,3 +448,28 @@ def test_a_patch_at_every_trip_of_a_while_loop_patches_the_trips_more_arguments_
     allclose(r.value(name), 5.0)
     later = g.select(H).names[2]
     allclose(r.value(later), (jnp.sin(5.0) + 1.0) * 0.5)
+
+
+def test_the_value_before_a_patch_at_every_iteration_of_a_scan_is_before_it():
+    """``h_new@3.unpatched`` after a patch of ``h_new@*``: the value the patch read at
+    iteration 3, whose gradient goes through the patch (fn' = 0.5)."""
+
+    def f(w, xs):
+        def step(h, xt):
+            pre = w @ h + xt
+            h_new = jnp.tanh(pre)
+            return h_new, h_new * 2
+
+        h_last, ys = jax.lax.scan(step, jnp.zeros(4), xs)
+        return (h_last**2).sum() + jnp.sin(ys).sum()
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) * 0.5
+    xs = jax.random.normal(jax.random.key(1), (6, 4))
+    g = js.trace(f, w, xs).replace("step/h_new@*", lambda h: h * 0.5 + 0.1)
+    before = jnp.tanh(g.value("step/pre@3"))
+    allclose(g.value("step/h_new@3.unpatched"), before)
+    allclose(g.value("step/h_new@3"), before * 0.5 + 0.1)
+    got = g.values_fn("step/h_new@3.unpatched")(w, xs)["step/h_new@3.unpatched"]
+    allclose(got, before)
+    grads = g.grads(g.outputs[0], ["step/h_new@3", "step/h_new@3.unpatched"])
+    allclose(grads["step/h_new@3.unpatched"], 0.5 * grads["step/h_new@3"])
