@@ -29,10 +29,10 @@ What you can rely on:
 * **Sharded.** Each batch is placed over the devices (``devices=``, default all of
   them) with ``NamedSharding(Mesh(devices, ("batch",)), P("batch"))`` on every
   leaf, and ``fn`` runs under ``jax.jit``, so XLA splits the work data-parallel.
-  A batch whose size does not divide the number of devices is padded by repeating
-  its last example; the padding rows are dropped before writing. A function that
-  takes only the batch size it was traced for (a graph's ``values_fn``: the padded
-  batch is a ``SliceError``) gets such batches whole, on every device, unpadded.
+  A batch whose size does not divide the number of devices runs whole, on every
+  device (not padded: copies of an example would change what a function of the
+  whole batch computes, and could meet the one batch size a ``values_fn`` was traced
+  for, which then raises its ``SliceError`` as it does on one device).
 * Every output must be computed per example (leading axis = batch size). Dtypes
   Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32``, and PRNG
   keys as their key data (``jax.random.key_data``: ``jax.random.wrap_key_data`` makes
@@ -67,7 +67,7 @@ import jax
 import numpy as np
 
 from . import _progress
-from ._errors import SelectionError, SliceError
+from ._errors import SelectionError
 
 _STATE = "jaxsurgery"  # the group attribute that records what is complete
 
@@ -103,27 +103,18 @@ def collect(
     run = jax.jit(fn)
     place = _Placement(devices or jax.devices())
     total = _length(batches)
-    pending: tuple[Any, int, int] | None = None
+    pending: tuple[Any, int] | None = None
     shown = None if progress else False
     with _progress.progress(f"collecting into {path}", total, enabled=shown) as bar:
         for i, batch in enumerate(batches):
             if i < writer.batches_done:
                 continue  # done by an earlier call
-            args, size, rows = place(batch)
-            try:
-                outs = run(args)  # dispatched: runs while the previous batch is written
-            except SliceError:
-                if rows == size or not place.padding:
-                    raise
-                # a function of the batch size it was traced for (a graph's values_fn):
-                # such batches run whole on every device from now on, unpadded
-                place.padding = False
-                args, size, rows = place(batch)
-                outs = run(args)
+            args, size = place(batch)
+            outs = run(args)  # dispatched: runs while the previous batch is written
             if pending is not None:
                 writer.write(*pending)
                 bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")
-            pending = (outs, size, rows)
+            pending = (outs, size)
         if pending is not None:
             writer.write(*pending)
     return writer.group
@@ -156,11 +147,12 @@ class _Placement:
         mesh = Mesh(np.asarray(devices), ("batch",))
         self.split = NamedSharding(mesh, PartitionSpec("batch"))
         self.whole = NamedSharding(mesh, PartitionSpec())
-        #: pad a batch the devices do not divide (else it runs whole on every device)
-        self.padding = True
 
-    def __call__(self, batch: Any) -> tuple[Any, int, int]:
-        """The placed batch, its size, and its size padded to a multiple of the devices."""
+    def __call__(self, batch: Any) -> tuple[Any, int]:
+        """The placed batch and its size. A batch the devices do not divide runs whole
+        on every device: padded with copies of an example, it would change what a
+        function of the whole batch computes (``h - h.mean(0)``), and could meet the
+        one batch size a ``values_fn`` was traced for."""
         leaves = [x for x in jax.tree_util.tree_leaves(batch) if np.ndim(x) > 0]
         sizes = {np.shape(x)[0] for x in leaves}
         if len(sizes) != 1:
@@ -169,17 +161,12 @@ class _Placement:
                 "every leaf of a batch needs the examples on its first axis"
             )
         (size,) = sizes
-        pad = -size % self.count if self.padding else 0
-        split = not size % self.count or self.padding
+        split = not size % self.count
 
         def put(x: Any) -> Any:
-            if np.ndim(x) == 0 or not split:
-                return jax.device_put(x, self.whole)
-            if pad:  # repeat the last example so that every device gets a share
-                x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], pad, 0)])
-            return jax.device_put(x, self.split)
+            return jax.device_put(x, self.split if split and np.ndim(x) else self.whole)
 
-        return jax.tree_util.tree_map(put, batch), size, size + pad
+        return jax.tree_util.tree_map(put, batch), size
 
 
 class _Writer:
@@ -196,8 +183,8 @@ class _Writer:
             if array.shape[0] != self.rows:
                 array.resize((self.rows, *array.shape[1:]))
 
-    def write(self, outs: Mapping[str, Any], size: int, rows: int) -> None:
-        host = {key: _host(key, value, size, rows) for key, value in outs.items()}
+    def write(self, outs: Mapping[str, Any], size: int) -> None:
+        host = {key: _host(key, value, size) for key, value in outs.items()}
         if self.keys is None:
             _check_paths(list(host))
             self.keys = list(host)
@@ -245,18 +232,18 @@ def _check_paths(keys: list[str]) -> None:
             )
 
 
-def _host(key: str, value: Any, size: int, rows: int) -> np.ndarray:
-    """The first ``size`` of an output's ``rows`` on the host, in a dtype Zarr stores."""
+def _host(key: str, value: Any, size: int) -> np.ndarray:
+    """An output of a batch of ``size`` examples on the host, in a dtype Zarr stores."""
     if jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended):  # keys: their data
         value = jax.random.key_data(value)
     dtype = np.dtype(value.dtype)
-    if np.ndim(value) == 0 or np.shape(value)[0] != rows:
+    if np.ndim(value) == 0 or np.shape(value)[0] != size:
         raise SelectionError(
             f"`{key}` has shape {np.shape(value)}, with no batch axis of size {size}: "
             "collect values computed per example (a batch-wide value, such as a "
             "parameter or a mean over the batch, is one array: use g.value for it)"
         )
-    value = np.asarray(value[:size])
+    value = np.asarray(value)
     if dtype.kind == "V" or dtype.name.startswith(("bfloat", "float8", "float4")):
         value = value.astype(np.float32)  # Zarr has no bfloat16 / float8
     return value

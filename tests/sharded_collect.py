@@ -2,8 +2,8 @@
 test_collect in a fresh process).
 
 Each batch is split over the devices along its first axis, a batch of a size the devices
-do not divide is padded and trimmed (or run whole, by a function of one batch size), and the
-store equals an unsharded run.
+do not divide runs whole (not padded: a value of the whole batch stays right), and the store
+equals an unsharded run.
 """
 
 import os
@@ -36,7 +36,7 @@ def main():
         jax.debug.inspect_array_sharding(xs, callback=seen.append)
         return values(w, xs)
 
-    sizes = [16, 16, 12]  # 12 is padded to 16 for 8 devices, and trimmed back
+    sizes = [16, 16]
     batches = [jax.random.normal(jax.random.key(i), (n, 6)) for i, n in enumerate(sizes)]
     path = tempfile.mkdtemp() + "/acts.zarr"
     store = js.collect(path, run, batches, progress=False)
@@ -46,7 +46,7 @@ def main():
     assert seen and all(len(s.device_set) == 8 for s in seen), seen
     assert all(not s.is_fully_replicated for s in seen), seen
     # a values_fn traced with the batch size collected, which the devices do not divide:
-    # the padded batch is not its shape, so such batches run whole (padding failed)
+    # such batches run whole, on every device
     twelve = js.trace(model, w, jnp.ones((12, 6))).values_fn("h")
     odd = [jax.random.normal(jax.random.key(i), (12, 6)) for i in range(3)]
     store = js.collect(
@@ -54,6 +54,17 @@ def main():
     )
     expected = np.concatenate([np.tanh(np.asarray(b) @ np.asarray(w)) for b in odd])
     np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
+    # a value of the whole batch, for a last batch the devices do not divide: not padded
+    # with copies of an example, which would change its mean
+    centred = [jax.random.normal(jax.random.key(i), (n, 6)) for i, n in enumerate((16, 12))]
+    store = js.collect(
+        tempfile.mkdtemp() + "/centred.zarr",
+        lambda x: {"c": x - x.mean(0)},
+        centred,
+        progress=False,
+    )
+    expected = np.concatenate([np.asarray(b - b.mean(0)) for b in centred])
+    np.testing.assert_allclose(store["c"][:], expected, rtol=1e-5, atol=1e-5)
     # patch_fn and attribution_fn on arguments sharded over the 8 devices
     from jax.sharding import NamedSharding, PartitionSpec
 
