@@ -99,7 +99,7 @@ class PatchFunction:
                 continue
             given = patches[key]
             if many:  # one row per var the key selects, as values_fn stacks them
-                given = jnp.asarray(given)
+                given = _array(given, key, f"leading axis {len(group)}, a row per var")
                 if given.shape[:1] != (len(group),):
                     raise SliceError(
                         f"the patch for {key!r} is stacked over the {len(group)} vars it "
@@ -146,10 +146,20 @@ class AttributionFunction:
         return {key: (clean[key] - corrupt[key]) * grads[key] for key in clean}
 
 
+def _array(x: Any, key: str, wanted: str) -> Any:
+    """The patch ``x`` for ``key`` as an array; a SliceError asking for ``wanted``."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):  # None, a string, an object JAX takes no array of
+        raise SliceError(
+            f"the patch for {key!r} is {type(x).__name__}, not an array: give one of {wanted}"
+        ) from None
+
+
 def _patch_value(x: Any, key: str, v: Var) -> Any:
     """``x`` as a value of var ``v``: its shape, its dtype (a float patch of an integer
     var, or a complex one of a real var, is an error rather than a silent cast)."""
-    x = jnp.asarray(x)
+    x = _array(x, key, f"the var's shape {v.shape} and dtype {v.dtype}")
     if x.shape != v.shape:
         raise SliceError(
             f"the patch for {key!r} has shape {x.shape}, the var has shape {v.shape}; "

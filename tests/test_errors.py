@@ -187,6 +187,12 @@ CATALOG = [
         r"the patches for 'first' and 'again' both patch 'z1': a value is patched once",
     ),
     (
+        "a patch that is not an array",
+        lambda g, a: g.patch_fn("z1")({"z1": None}, *mlp_12782_args()),
+        js.SliceError,
+        r"the patch for 'z1' is NoneType, not an array: give one of the var's shape",
+    ),
+    (
         "a highlight selected from another graph (one line, not its table)",
         lambda g, a: g.draw(highlight=js.trace(mlp_12782, *mlp_12782_args()).select("z*")),
         js.SelectionError,
