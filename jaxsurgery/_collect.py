@@ -111,6 +111,11 @@ def collect(
                 continue  # done by an earlier call
             args, size = place(batch)
             outs = run(args)  # dispatched: runs while the previous batch is written
+            if not isinstance(outs, Mapping):
+                raise SelectionError(
+                    f"fn returned {type(outs).__name__}; js.collect needs a dict {{key: "
+                    "array} per batch (a values_fn's result, or {'h': h} of your own)"
+                )
             if pending is not None:
                 writer.write(*pending)
                 bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")

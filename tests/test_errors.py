@@ -2,6 +2,7 @@
 that names the culprit and says what to do. Nothing the user passed is modified."""
 
 import re
+import tempfile
 
 import equinox as eqx
 import jax
@@ -185,6 +186,14 @@ CATALOG = [
         ),
         js.SelectionError,
         r"the patches for 'first' and 'again' both patch 'z1': a value is patched once",
+    ),
+    (
+        "js.collect of a function that returns an array, not a dict",
+        lambda g, a: js.collect(
+            tempfile.mkdtemp() + "/a.zarr", lambda x: x * 2, [jnp.ones((2, 3))], progress=False
+        ),
+        js.SelectionError,
+        r"fn returned \w*Array\w*; js.collect needs a dict \{key: array\} per batch",
     ),
     (
         "a patch that is not an array",
