@@ -40,8 +40,10 @@ def _loop_value(site: Site) -> tuple | None:
 
 def _ranged(sites: Sequence[Site]) -> Site | None:
     """One site for the iterations ``t, t+1, ...`` of one loop value, in order (so that
-    the edit's cost does not grow with their number), or None."""
-    if len(sites) < 2 or any(s.path_bound for s in sites):
+    the edit's cost does not grow with their number), or None. Values before patches
+    (``h@*.unpatched``) stay a site per iteration, each read before its iteration's
+    patch (the running loop still makes them one edit of its body)."""
+    if len(sites) < 2 or any(s.path_bound or s.before is not None for s in sites):
         return None
     first = sites[0].steps[-1]
     if not isinstance(first.iteration, int):

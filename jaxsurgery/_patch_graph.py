@@ -146,32 +146,47 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 
 
 def _every_trip(graph: Graph, selector: Any) -> set[int]:
-    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips (given as
-    it is, or through ``g.select``): the value at every trip the loop runs, for any
-    arguments, not only the trips traced (a patch of ``body/h@*`` patches the trips a
-    larger trip count adds too)."""
+    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips, when its
+    last iteration is the trip (given as it is, or as all that ``g.select`` of it
+    holds): the value at every trip the loop runs, for any arguments, not only the
+    trips traced (a patch of ``body/h@*`` patches the trips a larger trip count adds
+    too). A scan's ``@*`` inside a while trip is the scan's iterations, as it is."""
     from ._loop_index import VirtualVar
 
-    program = graph._program
-    loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
     every = set()
     for leaf in jax.tree_util.tree_leaves(
         selector, is_leaf=lambda x: isinstance(x, _select.Selection)
     ):
-        if isinstance(leaf, _select.Selection):  # g.select("body/h@*"): the same
+        if isinstance(leaf, _select.Selection):  # g.select("body/h@*"): the same, whole
             held = {v.index for v in leaf}
-            chosen = [v for name in leaf._every for v in graph.select(name) if v.index in held]
+            named = [graph.select(name) for name in leaf._every]
+            chosen = [sel for sel in named if all(v.index in held for v in sel)]
         elif isinstance(leaf, str) and leaf.endswith("@*"):
-            chosen = graph.select(leaf)
+            chosen = [graph.select(leaf)]
         else:
             continue
-        for v in chosen:
-            if isinstance(v, VirtualVar):
-                if not v._loop.is_scan:
+        for sel in chosen:
+            for v, name in zip(sel, sel.matched):
+                if isinstance(v, VirtualVar):
+                    if not v._loop.is_scan:
+                        every.add(v.index)
+                elif _a_trip_named(graph._site(v.index), name):
                     every.add(v.index)
-            elif any(a <= program.producer[v.index] < b for a, b in loops):
-                every.add(v.index)
     return every
+
+
+def _a_trip_named(site: Site | None, name: str) -> bool:
+    """Whether ``name`` (matched by a name ending in ``@*``) names the value at ``site``
+    by its ``while_loop`` trip: the innermost loop there is a trip (a step into one
+    is path-bound; a scan's iteration is not), the one its last ``@t`` counts (not a
+    scan's last carry, ``v@4``, made in trip 1)."""
+    if site is None:
+        return False
+    looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
+    if not looped or looped[-1] not in site.path_bound:
+        return False
+    last = name.rsplit("@", 1)[-1]
+    return last.isdigit() and int(last) == site.steps[looped[-1]].iteration
 
 
 def _bypassed_rules(

@@ -741,38 +741,41 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
     """Edits at several iterations of one loop that do the same thing, grouped:
     ``[(iterations, members)]``, one iteration per member, in the order they apply.
 
-    An edit joins the group of the edits like it only while no other group touched
-    its value since (the value before a patch at ``h@3``, read where a patch of
-    ``h@*`` applies, starts a new group for the patches from iteration 3 on)."""
-    groups: dict[Any, tuple[list[int], list[_Pending]]] = {}
-    current: dict[Any, Any] = {}  # per kind of edit: the key of the group it joins
-    seen: dict[Any, set[int]] = {}
-    last: dict[Any, Any] = {}  # per value edited: the group that touched it last
+    An edit joins the latest group of edits like it only when that group comes after
+    every group that edits its value at its iteration already: the value before a
+    patch at ``h@3`` is read before the patch of ``h@*`` there (a group of its own,
+    then the patches from iteration 3 on), and the values before it at every
+    iteration are one group before the patches' one."""
+    groups: list[tuple[list[int], list[_Pending]]] = []
+    latest: dict[Any, int] = {}  # per kind of edit: its latest group
+    seen: dict[int, set[int]] = {}  # per group: its iterations
+    last: dict[Any, int] = {}  # per value edited and iteration: the last group there
     for p in pending:
         e = p.edit
         reads = tuple(Extra if isinstance(r, Extra) else r for r in e.reads)
         key = (p.steps[1:], e.site.vars, e.site.before, e.kind, id(e.fn), reads, id(p.active))
         target = (p.steps[1:], e.site.vars)
         t = p.steps[0].iteration
-        if isinstance(t, range):  # already one group
-            groups[(key, id(p))] = (list(t), [p])
-            last[target] = (key, id(p))
-            continue
-        at = current.get(key, key)
-        if at in groups and last.get(target, at) != at:  # another touched it since
-            at = (key, id(p))
-        current[key] = at
-        its, members = groups.setdefault(at, ([], []))
-        done = seen.setdefault(at, set())
-        if t in done:  # the same iteration twice: a group of its own
-            groups[(key, id(p))] = ([t], [p])
-            last[target] = (key, id(p))
-            continue
-        done.add(t)
-        its.append(t)
-        members.append(p)
-        last[target] = at
-    return list(groups.values())
+        its = list(t) if isinstance(t, range) else [t]
+        at = latest.get(key, -1)
+        joins = (
+            not isinstance(t, range)  # (a ranged edit is a group already)
+            and at >= 0
+            and t not in seen[at]
+            and all(last.get((target, u), -1) < at for u in its)
+        )
+        if not joins:
+            at = len(groups)
+            groups.append(([], []))
+            seen[at] = set()
+            if not isinstance(t, range):
+                latest[key] = at
+        groups[at][0].extend(its)
+        groups[at][1].append(p)
+        seen[at].update(its)
+        for u in its:
+            last[(target, u)] = at
+    return groups
 
 
 def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:

@@ -473,3 +473,82 @@ def test_the_value_before_a_patch_at_every_iteration_of_a_scan_is_before_it():
     allclose(got, before)
     grads = g.grads(g.outputs[0], ["step/h_new@3", "step/h_new@3.unpatched"])
     allclose(grads["step/h_new@3.unpatched"], 0.5 * grads["step/h_new@3"])
+
+
+def _rnn_with(T):
+    def f(w, xs):
+        def step(h, x):
+            hn = jnp.tanh(w @ h + x)
+            return hn, hn
+
+        _, ys = jax.lax.scan(step, jnp.zeros(4), xs)
+        return ys.sum()
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) * 0.5
+    return f, w, jax.random.normal(jax.random.key(1), (T, 4))
+
+
+def test_values_before_a_patch_at_every_iteration_are_one_edit_and_go_through_it():
+    """``hn@*.unpatched`` after a patch of ``hn@*``: read before the patch at every
+    iteration by one edit of the body (its size does not grow with the length), and
+    their gradients go through the patch (fn' = 3)."""
+    sizes = []
+    for T in (8, 64):
+        f, w, xs = _rnn_with(T)
+        g = js.trace(f, w, xs).replace("step/hn@*", lambda h: h * 3 + 1)
+        values = g.values_fn({"a": "step/hn@*.unpatched"})
+        closed = jax.make_jaxpr(values)(w, xs)
+        sizes.append(
+            max(
+                len(e.params["jaxpr"].jaxpr.eqns)
+                for e in closed.jaxpr.eqns
+                if e.primitive.name == "scan"
+            )
+        )
+    assert sizes[0] == sizes[1], sizes
+    h, before = jnp.zeros(4), []  # by hand, at T = 64
+    for t in range(64):
+        before.append(jnp.tanh(w @ h + xs[t]))
+        h = before[-1] * 3 + 1
+    allclose(jnp.stack(values(w, xs)["a"]), jnp.stack(before), rtol=1e-5)
+    grads = g.grads(g.outputs[0], {"a": "step/hn@*.unpatched", "b": "step/hn@*"})
+    allclose(grads["a"], 3 * grads["b"], rtol=1e-5)
+
+
+def test_a_where_that_keeps_one_trip_of_a_while_loop_value_patches_that_trip():
+    g = js.trace(lambda x, n: _while_rnn(x, n), jnp.float32(0.3), 3)
+    every = g.select("_while_rnn/body/h@*")
+    one = every.where(lambda v: v.name == every.names[1])  # trip 1 only
+    p = g.replace(one, lambda h: h * 0.5).as_function()
+    for n in (3, 6):
+        y = jnp.float32(0.3)  # by hand: h halved in trip 1 only
+        for trip in range(n):
+            y = (jnp.sin(y) + 1.0) * (0.5 if trip == 1 else 1.0)
+        allclose(p(jnp.float32(0.3), n), y)
+
+
+def test_a_scan_inside_a_while_trip_patched_at_every_iteration_is_that_trips_scan():
+    def scan_in_while(w, h0, xs):
+        def body(s):
+            i, h = s
+
+            def cell(c, x):
+                v = jnp.sin(w @ c + x)
+                return v, None
+
+            h2, _ = jax.lax.scan(cell, h, xs)
+            return i + 1, h2
+
+        return jax.lax.while_loop(lambda s: s[0] < 3, body, (0, h0))[1]
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    h0, xs = jnp.linspace(-1, 1, 4), jax.random.normal(jax.random.key(3), (5, 4))
+    g = js.trace(scan_in_while, w, h0, xs)
+    names = g.select("body/cell/v#1@*").names
+    h = h0  # by hand: the scan of the trip those names are in patched
+    for trip in range(3):
+        for t in range(5):
+            h = jnp.sin(w @ h + xs[t])
+            h = h * 3 + 1 if trip == 1 else h
+    allclose(g.replace("body/cell/v#1@*", lambda v: v * 3 + 1).as_function()(w, h0, xs), h)
+    assert len(names) == 5
