@@ -138,27 +138,13 @@ def library_calls(
         stack.enter_context(_patched(patched))
     linen = sys.modules.get("flax.linen")
     if linen is not None:
-        stack.enter_context(linen.intercept_methods(functools.partial(_linen_method, method)))
+        intercept = functools.partial(_module_method, _linen_alone, method)
+        stack.enter_context(linen.intercept_methods(intercept))
     haiku = sys.modules.get("haiku._src.module")
     if haiku is not None:
-        stack.enter_context(haiku.intercept_methods(functools.partial(_haiku_method, method)))
+        intercept = functools.partial(_module_method, _haiku_alone, method)
+        stack.enter_context(haiku.intercept_methods(intercept))
     return stack
-
-
-def _haiku_method(
-    method: Callable[[Any, Any, tuple, dict], Any],
-    next_fun: Callable,
-    args: tuple,
-    kwargs: dict,
-    context: Any,
-) -> Any:
-    """A Haiku method interceptor, as :func:`_linen_method` (ours is the first added:
-    with a user's interceptor inside, the method runs as it is)."""
-    own = context.orig_method  # functools.partial(the function, the module)
-    stack = sys.modules["haiku._src.module"].interceptor_stack
-    if len(stack) != 1 or not isinstance(own, functools.partial) or len(own.args) != 1:
-        return next_fun(*args, **kwargs)
-    return method(own.func, own.args[0], args, kwargs)
 
 
 def haiku_function_cell(fn: Any) -> Any:
@@ -216,7 +202,7 @@ def as_pytree_call(module: Any, rewritten: Callable[[Any], tuple[Any, str | None
 def scoped_module(fn: Any) -> bool:
     """Whether ``fn`` is a Flax linen or Haiku module, or a method bound to one: the
     library runs it, its scopes name its values, and its own methods run through
-    the interceptors (:func:`_linen_method`, :func:`_haiku_method`)."""
+    the interceptors (:func:`_module_method`)."""
     owner = getattr(fn, "__self__", fn)
     for name in ("flax.linen", "haiku"):
         module = getattr(sys.modules.get(name), "Module", None)
@@ -225,19 +211,29 @@ def scoped_module(fn: Any) -> bool:
     return False
 
 
-def _linen_method(
+def _module_method(
+    alone: Callable[[Any, Any], bool],
     method: Callable[[Any, Any, tuple, dict], Any],
     next_fun: Callable,
     args: tuple,
     kwargs: dict,
     context: Any,
 ) -> Any:
-    """A Flax linen method interceptor: the module's own method runs as ``method``
-    runs it; under a user's interceptor (added inside the traced function), as it is."""
+    """A Flax linen or Haiku method interceptor: the module's own method runs as
+    ``method`` runs it; under a user's interceptor (added inside the traced function:
+    ``alone(next_fun, own)`` is false), as it is."""
     own = context.orig_method  # functools.partial(the function, the module)
-    if next_fun is not own or not isinstance(own, functools.partial) or len(own.args) != 1:
+    if not alone(next_fun, own) or not isinstance(own, functools.partial) or len(own.args) != 1:
         return next_fun(*args, **kwargs)
     return method(own.func, own.args[0], args, kwargs)
+
+
+def _linen_alone(next_fun: Any, own: Any) -> bool:
+    return next_fun is own  # (linen wraps the user's interceptors inside ours)
+
+
+def _haiku_alone(next_fun: Any, own: Any) -> bool:
+    return len(sys.modules["haiku._src.module"].interceptor_stack) == 1  # (ours is first)
 
 
 @contextlib.contextmanager
