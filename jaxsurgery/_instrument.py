@@ -121,7 +121,7 @@ class Recorder:
         self._transforms: list[Any] = []
         #: inside checkpoints whose policy saves named values, which a tag would change
         self._untagged = 0
-        #: frames of library module methods (Flax linen), whose names are scoped
+        #: frames of library module methods (Flax linen, Haiku), whose names are scoped
         self._scoped_frames: set[int] = set()
 
     def __enter__(self) -> Recorder:
@@ -148,7 +148,7 @@ class Recorder:
         """
         frame = self.frame
         value, atoms = self._named(value)
-        if not scope and frame in self._scoped_frames:  # a name in a linen method
+        if not scope and frame in self._scoped_frames:  # a name in a linen/Haiku method
             scope = C.current_scope()
         scope = scope_path(scope) if scope else ""  # no transform marks: vmap(Block_0)
         if scope:
@@ -416,7 +416,7 @@ class Recorder:
                     frame = frames[frame][1]
         # an anonymous frame (a lambda given to a transform or loop, called by no name)
         # adds nothing: what it calls is named, and numbered, as if called where it is
-        if self._scoped_frames:  # linen methods' frames, named by their whole scope path
+        if self._scoped_frames:  # module methods' frames, named by their whole scope path
             frames = list(frames)
             for f in self._scoped_frames:
                 frames[f] = (self._whole_scope(frames[f][0], program), frames[f][1])
@@ -431,7 +431,7 @@ class Recorder:
         seen: dict[tuple[int, str], int] = {}
         paths: list[str] = []
         depths: list[int] = []
-        absolute = self._scoped_frames  # a linen method's frame: its module's path
+        absolute = self._scoped_frames  # a module method's frame: its module's path
         for f, ((label, parent), above, ok) in enumerate(zip(frames, named_parent, live)):
             k = seen[above, label] = seen.get((above, label), -1) + ok
             own_label = label if counts.get((above, label), 0) <= 1 else f"{label}#{k}"
@@ -548,7 +548,7 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if frame in self._scoped_frames:  # a linen method's: its module's scope names it
+        if frame in self._scoped_frames:  # a module method's: its module's scope names it
             return value
         value, atoms = self._named(value)
         for path, atom in atoms:
@@ -866,7 +866,7 @@ def call_in_frame(label: str, fn: Any) -> Any:
 
 def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     """Run ``method(module, *args, **kwargs)``, a method of a library module that a
-    library calls (a Flax linen module's ``__call__``, run by ``apply``): when it is
+    library calls (a Flax linen or Haiku module's ``__call__``, run by ``apply``): when it is
     user code, rewritten, in a frame named by the module's name stack whatever calls
     it: ``h`` in ``Block_0.__call__`` is ``Net/Block_0/h`` (completed as ``sow``
     names are, see :meth:`Recorder.record`), ``y`` in a function it calls
@@ -916,7 +916,7 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
             return None, None
         return functools.partial(inner, *fn.args, **fn.keywords), None
     if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
-        return None, None  # a linen module's own methods run as call_method runs them
+        return None, None  # a linen/Haiku module's own methods run as call_method runs them
     cell = haiku_function_cell(fn) if jitted is None else None
     if cell is not None:  # f.apply of hk.transform(f): f runs rewritten, in the call's frame
         inner, reason = rewritten(cell.cell_contents)
