@@ -440,10 +440,7 @@ def unpatched(graph: Graph, name: str) -> Var | None:
     site = graph._site(var.index)
     n = graph._patches_at(site) if site in graph._patched_sites else 0
     if k > n:
-        edits = graph._structure.edits
-        if site is not None and any(
-            e.kind == "apply" and at_some_iterations(site, e.site) for e in edits
-        ):
+        if site is not None and any(_every_trip_patch(site, e) for e in graph._structure.edits):
             raise SelectionError(
                 f"{stem!r} is patched at every trip of its while_loop (a name ending in "
                 "'@*'), and the value before such a patch is not kept: select it in the "
@@ -453,6 +450,20 @@ def unpatched(graph: Graph, name: str) -> Var | None:
         return None
     return graph._loop_index.extra(
         (var.index, n - k), lambda index: Unpatched(graph, index, var, n - k, k)
+    )
+
+
+def _every_trip_patch(site: Site, edit: StructuredEdit) -> bool:
+    """Whether ``edit`` patches the value at ``site`` at every trip of a ``while_loop``
+    (a step naming no trip where ``site`` names one; not a scan body's rewrite, whose
+    steps name a range of iterations)."""
+    return (
+        edit.kind == "apply"
+        and at_some_iterations(site, edit.site)
+        and any(
+            o.iteration is None and s.iteration is not None
+            for s, o in zip(site.steps, edit.site.steps)
+        )
     )
 
 

@@ -378,3 +378,18 @@ def test_a_second_rewrite_of_a_loop_body_value_applies_and_slices_run_after_a_fl
     allclose(s(x0), by_hand(x0, 3))
     allclose(jax.jvp(s, (x0,), (t,))[1], jax.jvp(lambda x: by_hand(x, 3), (x0,), (t,))[1])
     allclose(rewritten.as_function()(x0, 5), by_hand(x0, 5))
+
+
+def test_the_value_before_a_scan_body_rewrite_is_not_called_a_while_loop_patch():
+    def f(w, xs):
+        def step(h, x):
+            hn = jnp.tanh(w @ h + x)
+            return hn, hn
+
+        return jax.lax.scan(step, jnp.zeros(4), xs)[1].sum()
+
+    g = js.trace(f, jnp.eye(4), jnp.ones((50, 4)))
+    r = g.rewrite(jnp.tanh, jax.nn.sigmoid, jnp.ones(4))
+    with pytest.raises(js.SelectionError) as info:
+        r["step/hn@3.unpatched"]
+    assert "while_loop" not in str(info.value), str(info.value)
