@@ -606,14 +606,22 @@ def _exactly_one(
     if not hits:
         raise _no_match(graph, label, word, pattern)
     if len(hits) > 1:
-        shown = [
-            graph._var(i).name
-            if pattern is None or m == graph._var(i).name
-            else f"{graph._var(i).name} (as {m})"
-            for i, m in sorted(hits.items())
-        ]
+        shown = [_as_matched(graph, i, label, m, pattern) for i, m in sorted(hits.items())]
         raise SelectionError(f"{label} is ambiguous: it matches {short_list(shown)}; pick one")
     return graph._var(next(iter(hits)))
+
+
+def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) -> str:
+    """Var ``i`` in an ambiguity message: its canonical name, with the name that matched
+    where that differs (``x`` answers to ``h`` as ``h#0``, a parameter rebound as ``h``)."""
+    name = graph._var(i).name
+    if pattern is not None:
+        return name if matched == name else f"{name} (as {matched})"
+    stem = label.strip("'\"")
+    if name == stem or name.startswith((f"{stem}#", f"{stem}@")):
+        return name
+    numbered = next((a for a in graph._var(i).aliases if a.startswith(f"{stem}#")), None)
+    return name if numbered is None else f"{numbered} (= {name})"
 
 
 def _no_match(

@@ -353,7 +353,7 @@ CATALOG = [
         "ambiguous name",
         lambda g, a: js.trace(repeated, jnp.ones(2))["h"],
         js.SelectionError,
-        r"'h' is ambiguous: it matches x, h#1, h#2, h#3; pick one",
+        r"'h' is ambiguous: it matches h#0 \(= x\), h#1, h#2, h#3; pick one",
     ),
     (
         "ambiguous name, one binding the parameter",
