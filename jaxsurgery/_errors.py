@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 
@@ -33,6 +35,22 @@ class SelectionError(SurgeryError, LookupError):
 
 class SliceError(SurgeryError, ValueError):
     """A slice cannot be built or called as asked."""
+
+
+#: packages whose frames a warning skips to reach the user's line
+_INTERNAL = frozenset({"jaxsurgery", "jax", "jaxlib"})
+
+
+def warn(message: str) -> None:
+    """``warnings.warn(message)``, shown at the user's line: the first frame outside
+    jaxsurgery and JAX (a call through ``Graph``'s methods, their traceback filter, or
+    ``jax.jit`` tracing a function jaxsurgery returned).
+    A stack level counted by hand breaks as soon as a call goes through one more layer.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level if frame is not None else 2)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ that take another path raise a SliceError.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError, no_reverse_through_while
+from ._errors import SliceError, no_reverse_through_while, warn
 from ._structured import Edit, Extra, Site, Step, check_hits
 
 if TYPE_CHECKING:
@@ -123,7 +122,7 @@ class GradsFunction:
         if not self._warned:  # once, at the first call (under jit: when it traces)
             self._warned = True
             for note in [*self._read_by_derivative, *self.dropped]:
-                warnings.warn(f"grads_fn: {note}", stacklevel=2)
+                warn(f"grads_fn: {note}")
         return self.at_flat(flat)
 
     @property

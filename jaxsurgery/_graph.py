@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,7 +30,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while
+from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while, warn
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -444,10 +443,10 @@ class Graph:
         args = self._require_args("g.grads")
         found = fn.at_flat(args)
         for note in fn._read_by_derivative:
-            warnings.warn(f"g.grads: {note}", stacklevel=2)
+            warn(f"g.grads: {note}")
         if any(not jnp.any(g) for g in found.values()):  # a zero (one scalar each): say if a
             for note in fn.dropped:  # custom rule dropped it (not what the math says)
-                warnings.warn(f"g.grads: {note}", stacklevel=2)
+                warn(f"g.grads: {note}")
         return found
 
     def grads_fn(self, out: Selector, wrt: Selector) -> GradsFunction:

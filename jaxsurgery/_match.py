@@ -20,7 +20,6 @@ Sharp edge: params that carry shapes (``broadcast_in_dim``'s ``shape``, ``reshap
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _compat as C
-from ._errors import SliceError, short_list
+from ._errors import SliceError, short_list, warn
 from ._patch import Edit, replacement_jaxpr
 
 if TYPE_CHECKING:
@@ -69,7 +68,7 @@ def match(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Mat
     found = find(graph, pattern_fn, *args)
     said = found.unlisted()
     if said:  # the user's call, through Graph.match and its traceback filter
-        warnings.warn(said, stacklevel=4)
+        warn(said)
     return found.matches
 
 
@@ -307,7 +306,7 @@ def rewrite(
             "with g.match(...) first"
         )
     outputs = [*(v for m in found.matches for v in m.outputs), *in_body_targets]
-    warn_if_differentiated(graph, outputs, "g.rewrite", stacklevel=5)
+    warn_if_differentiated(graph, outputs, "g.rewrite")
     edits, in_trips, per_trip = every_trip(
         graph, rewrite_edits(graph, found.matches, replacement_fn)
     )
@@ -320,9 +319,9 @@ def rewrite(
             "they are"
         )
     if unchanged:  # also in the rewritten graph's notes
-        warnings.warn(unchanged, stacklevel=4)
+        warn(unchanged)
     notes = [unchanged] if unchanged else []
-    return derive(graph, edits, "rewrite", 5, notes, [*in_bodies, *in_trips])
+    return derive(graph, edits, "rewrite", notes, [*in_bodies, *in_trips])
 
 
 def rewrite_edits(

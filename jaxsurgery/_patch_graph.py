@@ -23,7 +23,6 @@ ways:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError, short_list, type_of
+from ._errors import SelectionError, SliceError, short_list, type_of, warn
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
@@ -91,24 +90,21 @@ def read_by_derivative(graph: Graph, wrt: Sequence[Var], outs: Sequence[Var]) ->
     ]
 
 
-def warn_if_differentiated(
-    graph: Graph, targets: Sequence[Var], what: str, stacklevel: int = 5
-) -> None:
+def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> None:
     """Warn that a patch of a value JAX differentiates inside the traced function is
     not differentiated: the derivatives traced with it read the new value as they read
     the old, so the patched function's gradients are not those of the function with
     the patch (a patch made where the function is written would be)."""
     found = [v.name for v in targets if differentiated(graph, v)]
     if found:
-        warnings.warn(
+        warn(
             f"{what}: {found[0]!r} is a value JAX differentiates inside the traced function "
             "(under jax.grad, value_and_grad, jvp, ...). The derivatives it traced read the "
             "patched value as they read the old one but do not differentiate the patch, so "
             "the gradients this patched function computes are not those of the function "
             "with the patch. To differentiate through a patch, trace the function before "
             "its derivative (the loss), patch that, and differentiate it: "
-            "jax.grad(g.replace(...).as_function())",
-            stacklevel=stacklevel,  # the user's call (through Graph's method, its boundary)
+            "jax.grad(g.replace(...).as_function())"
         )
 
 
@@ -133,12 +129,11 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     if any(patch_of(x, e) for _, e in in_trips for x in patched):
         # a trip patched before: an edit of every trip runs before the trip's own
         # patches, so the traced trips keep their edits in order, and only they change
-        warnings.warn(
+        warn(
             f"{short_list([n.rsplit('@', 1)[0] + '@*' for n, _ in in_trips], 4)} are "
             "patched at some trips already: this patch applies at the traced trips only "
             "(arguments that run more trips run the others unpatched); patch every trip "
-            "first to patch them all",
-            stacklevel=3,
+            "first to patch them all"
         )
         flat, in_trips = edits, []
     what = f"replace({', '.join(v.name for v in targets)})"
@@ -189,9 +184,7 @@ def _a_trip_named(site: Site | None, name: str) -> bool:
     return last.isdigit() and int(last) == site.steps[looped[-1]].iteration
 
 
-def _bypassed_rules(
-    graph: Graph, patched: Sequence[tuple[str, StructuredEdit]], stacklevel: int
-) -> list[str]:
+def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]]) -> list[str]:
     """Notes (also warned) for patches inside ``custom_jvp``/``custom_vjp`` calls: the
     patched function runs such a call's primal body, whose derivatives replace the
     rule's (an identity patch inside ``safe_norm`` makes its gradient at 0 NaN).
@@ -207,7 +200,7 @@ def _bypassed_rules(
             )
     notes = list(dict.fromkeys(notes))
     for note in notes:
-        warnings.warn(note, stacklevel=stacklevel)
+        warn(note)
     return notes
 
 
@@ -215,14 +208,12 @@ def derive(
     graph: Graph,
     edits: Sequence[Edit],
     what: str,
-    stacklevel: int = 5,
     notes: Sequence[str] = (),
     in_bodies: Sequence[tuple[str, StructuredEdit]] = (),
     patches: Sequence[tuple[str, StructuredEdit]] = (),
 ) -> Graph:
     """The graph with ``edits`` applied, names carried over (module docstring);
-    ``stacklevel`` of the user's call for warnings (through Graph's method); ``notes``
-    the new graph adds to its own; ``in_bodies``: ``(name, edit)`` of edits of the
+    ``notes`` the new graph adds to its own; ``in_bodies``: ``(name, edit)`` of edits of the
     running program at every iteration of a folded loop's body value (``step/h@*``),
     which go under the patches there (a rewrite); ``patches``: such edits that go on
     top, as patches (``g.replace`` at every trip of a ``while_loop``)."""
@@ -234,7 +225,7 @@ def derive(
     )
     named = [(graph._var(e.target).name, m) for e, m in zip(edits, moved)]
     in_bodies = [*in_bodies, *patches]
-    bypassed = [*_bypassed_rules(graph, [*named, *in_bodies], stacklevel + 1), *notes]
+    bypassed = [*_bypassed_rules(graph, [*named, *in_bodies]), *notes]
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
     # index would lose the region, and with it the decision for other arguments)

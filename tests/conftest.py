@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # XLA's CPU backend optimisations off for the tests (unless XLA_FLAGS says otherwise):
 # compiling dominates the suite, and this saves about a fifth of its CPU time. Results
@@ -38,6 +39,14 @@ def _random_like(key, args):
     return jax.tree_util.tree_unflatten(
         tree, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
     )
+
+
+def assert_at_callers_line(warned) -> None:
+    """Every warning jaxsurgery gave in ``pytest.warns(...) as warned`` points at the
+    test's own line (the user's call), not at jaxsurgery or JAX internals."""
+    here = sys._getframe(1).f_code.co_filename
+    places = [(w.filename, w.lineno) for w in warned]
+    assert places and all(f == here for f, _ in places), places
 
 
 def check_slice(s, args, reference=None, *, eqns=None):

@@ -8,7 +8,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import allclose
+from conftest import allclose, assert_at_callers_line
 from models import diffrax_solution
 
 import jaxsurgery as js
@@ -101,8 +101,9 @@ def test_a_slice_inside_the_solver_loop_says_when_the_adjoint_drops_its_derivati
 
 def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning():
     g = js.trace(euler_solve(diffrax.RecursiveCheckpointAdjoint()), Y0, THETA)
-    with pytest.warns(UserWarning, match=r"diffrax\.ForwardMode\(\)"):
+    with pytest.warns(UserWarning, match=r"diffrax\.ForwardMode\(\)") as warned:
         grads = g.grads("out", ["dy@3"])
+    assert_at_callers_line(warned)
     allclose(grads["dy@3"], jnp.zeros(2))  # what the rule gives
     # at the loop's inputs the rule is what differentiates: no warning there
     solve = euler_solve(diffrax.RecursiveCheckpointAdjoint())
@@ -116,8 +117,9 @@ def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning
     fn = g.grads_fn("out", ["dy@3"])
     assert any("diffrax.ForwardMode()" in n for n in fn.notes), fn.notes
     monitor = jax.jit(fn)
-    with pytest.warns(UserWarning, match=r"grads_fn: .*diffrax\.ForwardMode\(\)"):
+    with pytest.warns(UserWarning, match=r"grads_fn: .*diffrax\.ForwardMode\(\)") as warned:
         allclose(monitor(Y0 * 2.0, THETA)["dy@3"], jnp.zeros(2))
+    assert_at_callers_line(warned)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor(Y0, THETA * 0.5)  # warned already

@@ -6,7 +6,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import allclose, check_slice
+from conftest import allclose, assert_at_callers_line, check_slice
 from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
@@ -159,8 +159,11 @@ def test_a_rewrite_reaches_into_a_folded_scan_at_every_iteration():
     x, xs, w = jnp.linspace(-1.0, 1.0, 3), jnp.full((3000, 3), 0.01), jnp.eye(3) * 0.7
     g = js.trace(f, x, xs, w)
     pattern = lambda a: jnp.tanh(a * 2.0)  # noqa: E731
-    with pytest.warns(UserWarning, match=r"body of a loop .* at step/pre@\*: one value per"):
+    with pytest.warns(
+        UserWarning, match=r"body of a loop .* at step/pre@\*: one value per"
+    ) as warned:
         (m,) = g.match(pattern, x)
+    assert_at_callers_line(warned)
     assert m.inputs[0] is g["x"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left unchanged: no warning
@@ -224,8 +227,11 @@ def test_occurrences_in_a_branch_not_taken_are_named_not_silently_left_out():
 
     x = jnp.linspace(-1.0, 1.0, 3)
     g = js.trace(f, x, 1.0)
-    with pytest.warns(UserWarning, match=r"at branch 0 of the cond at test_match\.py:\d+"):
+    with pytest.warns(
+        UserWarning, match=r"at branch 0 of the cond at test_match\.py:\d+"
+    ) as warned:
         rewritten = g.rewrite(jnp.tanh, jnp.sin, x)
+    assert_at_callers_line(warned)
     assert any("branch 0 of the cond" in n for n in rewritten.notes)
     allclose(rewritten.as_function()(x, 1.0), jnp.sin(x) * 2.0)
     allclose(rewritten.as_function()(x, -1.0), jnp.tanh(jnp.sin(x)) * 3.0)
@@ -252,6 +258,7 @@ def test_a_body_value_the_warning_names_selects_that_value_alone():
     g = js.trace(f, x)
     with pytest.warns(UserWarning, match=r"at step/c#1@\*:") as caught:
         g.match(sin_times, z, z)
+    assert_at_callers_line(caught)
     name = str(caught[0].message).split(" at ")[1].split(":")[0]
 
     def by_hand(x):
@@ -278,8 +285,9 @@ def test_an_occurrence_in_a_cond_inside_a_folded_loop_is_named():
     x, z = jnp.linspace(-1.0, 1.0, 3), jnp.ones(3)
     with pytest.raises(js.SliceError, match=r"at branch 1 of the cond at test_match\.py:\d+"):
         js.trace(f, x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)
-    with pytest.warns(UserWarning, match="branch 1 of the cond"):
+    with pytest.warns(UserWarning, match="branch 1 of the cond") as warned:
         js.trace(lambda x: f(pattern(x)), x).rewrite(sin_times, lambda a, b: jnp.cos(a) + b, z, z)
+    assert_at_callers_line(warned)
 
 
 def _rnn(act):
@@ -314,8 +322,9 @@ def test_a_rewritten_scan_runs_rewritten_in_slices_after_patches_and_at_length_o
     def trained(w, h0, xs):
         return jax.grad(lambda w: jnp.sum(_rnn(jnp.tanh)(w, h0, xs) ** 2))(w)
 
-    with pytest.warns(UserWarning, match="is a value JAX differentiates"):
+    with pytest.warns(UserWarning, match="is a value JAX differentiates") as warned:
         js.trace(trained, w, h0, xs).rewrite(jnp.tanh, jax.nn.gelu, h0)
+    assert_at_callers_line(warned)
 
 
 def test_a_short_scan_unrolled_in_a_folded_body_is_rewritten_at_every_step():

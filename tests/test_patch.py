@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import allclose, check_slice
+from conftest import allclose, assert_at_callers_line, check_slice
 from models import big_or_small
 
 import jaxsurgery as js
@@ -231,8 +231,11 @@ def test_a_patch_inside_a_call_with_a_custom_rule_says_the_rule_is_bypassed():
 
     x = jnp.zeros(3)
     g = js.trace(f, x)
-    with pytest.warns(UserWarning, match=r"inside the call 'safe_norm', which has a custom"):
+    with pytest.warns(
+        UserWarning, match=r"inside the call 'safe_norm', which has a custom"
+    ) as warned:
         inside = g.replace("safe_norm/sq", lambda s: s)
+    assert_at_callers_line(warned)
     assert any("patch the call's result to keep the rule" in n for n in inside.notes)
     assert bool(jnp.isnan(jax.grad(inside.as_function())(x)).all())  # the body's sqrt at 0
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import allclose, check_slice
+from conftest import allclose, assert_at_callers_line, check_slice
 from models import RNN_STEPS, rnn, rnn_args, rnn_state_after
 
 import jaxsurgery as js
@@ -440,8 +440,9 @@ def test_a_patch_at_every_trip_of_a_while_loop_patches_the_trips_more_arguments_
     with pytest.raises(js.SelectionError, match="every trip"):
         p[f"{name}.unpatched"]
     # a patch at one trip, then at every trip: in order at the traced trips (warned)
-    with pytest.warns(UserWarning, match="traced trips only"):
+    with pytest.warns(UserWarning, match="traced trips only") as warned:
         q = g.replace(name, 5.0).replace(H, lambda h: h * 0.5)
+    assert_at_callers_line(warned)
     allclose(q.value(name), 2.5)
     # at every trip, then at one: the later patch on top, every trip patched
     r = g.replace(H, lambda h: h * 0.5).replace(name, 5.0)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import allclose, check_slice
+from conftest import allclose, assert_at_callers_line, check_slice
 from flax import nnx
 
 import jaxsurgery as js
@@ -346,14 +346,17 @@ def test_a_patch_of_a_value_jax_differentiates_says_its_gradients_miss_the_patch
         return jnp.sum(double(jnp.tanh(x @ w)) ** 2)
 
     g = js.trace(step, w, x)
-    with pytest.warns(UserWarning, match="do not differentiate the patch"):
+    with pytest.warns(UserWarning, match="do not differentiate the patch") as warned:
         patched = g.replace("loss_wx/h", double)
+    assert_at_callers_line(warned)
     value, _ = patched.as_function()(w, x)
     allclose(value, patched_by_hand(w, x), rtol=1e-5)  # the values see the patch
-    with pytest.warns(UserWarning, match="jax.grad\\(g.replace"):
+    with pytest.warns(UserWarning, match="jax.grad\\(g.replace") as warned:
         g.patch_fn("loss_wx/h")
-    with pytest.warns(UserWarning, match="g.rewrite: .* do not differentiate the patch"):
+    assert_at_callers_line(warned)
+    with pytest.warns(UserWarning, match="g.rewrite: .* do not differentiate the patch") as warned:
         g.rewrite(jnp.tanh, jax.nn.gelu, jnp.ones((3, 4)))  # its backward pass is tanh's
+    assert_at_callers_line(warned)
     # the way the warning gives: trace the loss, patch it, differentiate that
     loss_graph = js.trace(loss_wx, w, x)
     with warnings.catch_warnings():
@@ -393,8 +396,9 @@ def test_a_patch_of_a_gradient_the_step_computes_is_not_a_differentiated_value(d
 
         return jax.grad(penalty)(w)
 
-    with pytest.warns(UserWarning, match="do not differentiate the patch"):
+    with pytest.warns(UserWarning, match="do not differentiate the patch") as warned:
         js.trace(penalty_grad, w, x).replace("penalty/gw", clip)
+    assert_at_callers_line(warned)
 
 
 # Inside a transformed function, JAX remakes whole the sub-programs it traced on their
@@ -562,8 +566,9 @@ def test_a_gradient_of_a_backward_pass_output_wrt_a_differentiated_value_says_wh
         warnings.simplefilter("error")  # no note for the forward value
         allclose(g.grads("out[0]", wrt=["loss/h"])["loss/h"], jnp.full(2, 2.0))
         assert not g.slice("loss/h", "out[0]").notes
-    with pytest.warns(UserWarning, match="backward pass, whose equations read the value"):
+    with pytest.warns(UserWarning, match="backward pass, whose equations read the value") as warned:
         g.grads("out[1]", wrt=["loss/h"])
+    assert_at_callers_line(warned)
     fn = g.grads_fn("out[1]", ["loss/h"])
     assert any("backward pass" in n for n in fn.notes)
     assert any("backward pass" in n for n in g.slice("loss/h", "out[1]").notes)
