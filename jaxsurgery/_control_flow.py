@@ -27,7 +27,7 @@ Sharp edges:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -414,8 +414,13 @@ def count_trips_compiled(
     cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list
 ) -> int | None:
     """:func:`_trip_carries`, counted by one compiled loop (for a large body: run op by op, a
-    diffrax step costs about a second a trip)."""
-    body_fn = C.jaxpr_as_fun(body)
+    diffrax step costs about a second a trip). The loop computes only what its condition
+    reads: no host callback of the body runs (selecting a value in the loop printed
+    every trip of it), nor work the trip count does not need."""
+    n_body = len(body_consts)
+    deciding = sorted(_deciding(cond.jaxpr, body.jaxpr, len(cond_consts), n_body)[2])
+    pruned = _computing(body, deciding)
+    body_fn, at = (pruned, deciding) if pruned else (C.jaxpr_as_fun(body), range(len(carry)))
 
     def count(cond_consts: list, body_consts: list, carry: list) -> Any:
         def more(state: tuple) -> Any:
@@ -424,12 +429,53 @@ def count_trips_compiled(
 
         def step(state: tuple) -> tuple:
             n, carry = state
-            return n + 1, list(body_fn(*body_consts, *carry))
+            new = list(carry)
+            found = body_fn(*body_consts, *carry)
+            for i, x in zip(at, found):
+                new[i] = x
+            return n + 1, new
 
         return jax.lax.while_loop(more, step, (0, list(carry)))[0]
 
     trips = int(jax.jit(count)(cond_consts, body_consts, carry))
     return None if trips > MAX_TRIPS else trips
+
+
+def _computing(closed: Any, outs: Sequence[int]) -> Callable[..., Any] | None:
+    """A function of ``closed``'s inputs computing only its outputs at ``outs``, from the
+    equations they need (None where an equation they do not need has an effect other
+    than a host callback: a write a later read sees)."""
+    jaxpr = closed.jaxpr
+    live = {a for i in outs if isinstance(a := jaxpr.outvars[i], C.Var)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            kept.append(eqn)
+            live.update(a for a in eqn.invars if isinstance(a, C.Var))
+        elif eqn.effects and not C.callbacks_only(eqn.effects):
+            return None
+    pruned = C.new_jaxpr(
+        jaxpr.constvars, jaxpr.invars, [jaxpr.outvars[i] for i in outs], kept[::-1]
+    )
+    return C.jaxpr_as_fun(C.ClosedJaxpr(pruned, closed.consts))
+
+
+def _deciding(
+    cond: C.Jaxpr, body: C.Jaxpr, n_cond: int, n_body: int
+) -> tuple[set[int], set[int], set[int]]:
+    """The condition's constants, the body's constants and the carries (positions in
+    each) that a while_loop's trip count depends on (see :func:`deciding_operands`)."""
+    reads = input_reads(cond, range(1))
+    cond_consts = {i for i in reads if i < n_cond}
+    carry = {i - n_cond for i in reads if i >= n_cond}
+    body_consts: set[int] = set()
+    todo = set(carry)
+    while todo:  # the carry those depend on through the body, to a fixed point
+        found = input_reads(body, todo)
+        body_consts.update(i for i in found if i < n_body)
+        todo = {i - n_body for i in found if i >= n_body} - carry
+        carry |= todo
+    return cond_consts, body_consts, carry
 
 
 def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
@@ -447,17 +493,9 @@ def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
         return []
     p = eqn.params
     n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
-    reads = input_reads(p["cond_jaxpr"].jaxpr, range(1))
-    cond_consts = {i for i in reads if i < n_cond}
-    carry = {i - n_cond for i in reads if i >= n_cond}
-    body_consts: set[int] = set()
-    body = p["body_jaxpr"].jaxpr
-    todo = set(carry)
-    while todo:  # the carry those depend on through the body, to a fixed point
-        found = input_reads(body, todo)
-        body_consts.update(i for i in found if i < n_body)
-        todo = {i - n_body for i in found if i >= n_body} - carry
-        carry |= todo
+    cond_consts, body_consts, carry = _deciding(
+        p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr, n_cond, n_body
+    )
     return sorted(
         [*cond_consts, *(n_cond + i for i in body_consts), *(n_cond + n_body + i for i in carry)]
     )

@@ -328,7 +328,9 @@ class _Interpreter:
             deps = [*p.edit.site.vars, *(r for r in p.edit.reads if not isinstance(r, Extra))]
             roots.update(deps)
             triggers.setdefault(max((made.get(v, -1) for v in deps), default=-1), []).append(p)
-        live = _live(jaxpr, roots, set(below), self.callbacks) if not outputs else None
+        live, wanted = (
+            _live(jaxpr, roots, set(below), self.callbacks) if not outputs else (None, None)
+        )
 
         def read(a: Any) -> Any:
             return a.val if isinstance(a, C.Literal) else env[a]
@@ -346,7 +348,11 @@ class _Interpreter:
                 continue
             if i in below:
                 flush()
-                outs = self._rebuild(eqn, [read(a) for a in eqn.invars], below[i], exposed)
+                # values asked for (outputs=False): a loop whose results nothing needs
+                # stops after its last edited iteration (its callbacks, its cost)
+                tail = wanted is None or wanted[i] or _has_effects(eqn, self.callbacks)
+                invals = [read(a) for a in eqn.invars]
+                outs = self._rebuild(eqn, invals, below[i], exposed, tail)
                 for v, x in zip(eqn.outvars, outs):
                     if not isinstance(v, C.DropVar):
                         env[v] = x
@@ -386,8 +392,10 @@ class _Interpreter:
 
     # -- equations holding an edit --------------------------------------------------------
     def _rebuild(
-        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict
+        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict, tail: bool
     ) -> list[Any]:
+        """The results of ``eqn`` holding edits; ``tail=False``: only the exposed
+        values are needed (no results: what runs after the last edit is left out)."""
         name = eqn.primitive.name
         if name in C.CALL_PRIMITIVES:
             if name in C.CUSTOM_RULE_PRIMITIVES:
@@ -397,13 +405,13 @@ class _Interpreter:
                 )
             body = C.called_jaxpr(eqn)
             inner = [_descend(p) for p in pending]
-            return self.run(body.jaxpr, body.consts, invals, inner, exposed)
+            return self.run(body.jaxpr, body.consts, invals, inner, exposed, tail)
         if name == "cond":
             return self._cond(eqn, invals, pending, exposed)
         if name == "scan":
-            return self._scan(eqn, invals, pending, exposed)
+            return self._scan(eqn, invals, pending, exposed, tail)
         if name == "while":
-            return self._while(eqn, invals, pending, exposed)
+            return self._while(eqn, invals, pending, exposed, tail)
         raise SliceError(f"cannot edit inside a {name} equation")  # pragma: no cover
 
     def _cond(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
@@ -428,10 +436,12 @@ class _Interpreter:
         exposed.update({key: x for (key, _), x in zip(keys, found)})
         return outs
 
-    def _scan(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+    def _scan(
+        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict, tail: bool
+    ):
         """A scan holding edits: the iterations before the first edited one and after
         the last run as plain scans (the context and the rest of a slice); only the
-        edited span runs masked."""
+        edited span runs masked. Without ``tail``, the iterations after it do not run."""
         params = eqn.params
         length = params["length"]
         n_consts, n_carry = C.scan_layout(eqn)
@@ -440,8 +450,11 @@ class _Interpreter:
         spans = [_span(p) for p in pending]
         lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
         spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
+        spans = spans[::-1] if params["reverse"] else spans
+        if not tail:
+            spans.pop()
         ys: dict[int, list[Any]] = {}
-        for a, b, edits in reversed(spans) if params["reverse"] else spans:
+        for a, b, edits in spans:
             if a == b:
                 continue
             part = [x[a:b] for x in xs] if (a, b) != (0, length) else xs
@@ -463,7 +476,7 @@ class _Interpreter:
             if parts and parts[0]
             else []
         )
-        return [*carry, *stacked]
+        return [*carry, *stacked] if tail else []
 
     def _masked_scan(
         self,
@@ -524,7 +537,10 @@ class _Interpreter:
                 exposed[m.key] = _Row(values, t)  # taken when read
         return [*carry, *ys]
 
-    def _while(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
+    def _while(
+        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict, tail: bool
+    ):
+        """A while_loop holding edits (see :meth:`_scan` for ``tail``)."""
         params = eqn.params
         cond, body = params["cond_jaxpr"], params["body_jaxpr"]
         n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
@@ -536,12 +552,14 @@ class _Interpreter:
         pending = [p for p in pending if p.steps[0].iteration is not None]
         groups = _merge([q for p in pending for q in _each_iteration(p)])
         at = {t for its, _ in groups for t in its}
+        if not tail and not at:
+            return []  # edits of every trip, whose results nothing needs
         if (
             not every
             and max(at) - min(at) < FEW_TRIPS
             and not any(isinstance(p.steps[0].iteration, range) for p in pending)
         ):
-            return self._few_trips(eqn, invals, groups, exposed)
+            return self._few_trips(eqn, invals, groups, exposed, tail)
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
             [_stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
@@ -552,9 +570,12 @@ class _Interpreter:
             for _, (its, m) in exposing
         ]
 
+        last = max(at, default=0)  # read only without tail, where some trip is edited
+
         def cond_fn(state: tuple) -> Any:
-            _, carry, _ = state
-            return goes_on(cond, cond_consts, carry)
+            counter, carry, _ = state
+            going = goes_on(cond, cond_consts, carry)
+            return going if tail else going & (counter <= last)
 
         def body_fn(state: tuple) -> tuple:
             counter, carry, found = state
@@ -587,9 +608,11 @@ class _Interpreter:
         for (_, (_, members)), values in zip(exposing, found):
             for j, m in enumerate(members):
                 exposed[m.key] = _Row(values, j)
-        return carry
+        return carry if tail else []
 
-    def _few_trips(self, eqn: Any, invals: list[Any], groups: list, exposed: dict) -> list[Any]:
+    def _few_trips(
+        self, eqn: Any, invals: list[Any], groups: list, exposed: dict, tail: bool
+    ) -> list[Any]:
         """A ``while_loop`` whose edits are all in trips ``a..b`` (a few): the loop for
         up to ``a`` trips, each of trips ``a..b`` with its edits (a ``cond`` on whether
         the loop gets there), then the rest of the loop. What runs before and after the
@@ -635,7 +658,7 @@ class _Interpreter:
             carry, found = jax.lax.cond(reached, edited, skipped, list(carry))
             for m, value in zip(shown, found):
                 exposed[m.key] = value
-        return jax.lax.while_loop(going, step, carry)
+        return jax.lax.while_loop(going, step, carry) if tail else []
 
 
 def patch_of(x: Edit, body: Edit) -> bool:
@@ -684,21 +707,30 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     env.update(zip(outs, values))
 
 
-def _live(jaxpr: Any, roots: set[Any], edited: set[int], callbacks: bool) -> list[bool]:
-    """Which equations compute ``roots``, hold an edit, or have effects (liveness).
+def _live(
+    jaxpr: Any, roots: set[Any], edited: set[int], callbacks: bool
+) -> tuple[list[bool], list[bool]]:
+    """Which equations compute ``roots``, hold an edit, or have effects (liveness), and
+    which of them make a value a live one reads (the rest run for their edits alone).
 
     Without ``callbacks`` (values asked for: computed from their ancestors only) a
     ``jax.debug.print`` or ``io_callback`` that none of them reads does not run; other
     effects do (a write to a ref changes what a later read gives).
     """
     needed, live = set(roots), [False] * len(jaxpr.eqns)
+    wanted = [False] * len(jaxpr.eqns)
     for i in range(len(jaxpr.eqns) - 1, -1, -1):
         eqn = jaxpr.eqns[i]
-        effects = eqn.effects and (callbacks or not C.callbacks_only(eqn.effects))
-        if i in edited or effects or any(v in needed for v in eqn.outvars):
+        wanted[i] = any(v in needed for v in eqn.outvars)
+        if i in edited or wanted[i] or _has_effects(eqn, callbacks):
             live[i] = True
             needed.update(a for a in eqn.invars if not isinstance(a, C.Literal))
-    return live
+    return live, wanted
+
+
+def _has_effects(eqn: Any, callbacks: bool) -> bool:
+    """Whether ``eqn`` must run for its effects (host callbacks only with ``callbacks``)."""
+    return bool(eqn.effects) and (callbacks or not C.callbacks_only(eqn.effects))
 
 
 def _descend(p: _Pending) -> _Pending:

@@ -203,6 +203,9 @@ ACTIONS = {
     "js.trace": lambda g: js.trace(42),
     "js.tag": lambda g: js.tag(jnp.ones(2), ""),
     "Selection.one": lambda g: g.select().one(),
+    "values_fn call": lambda g: g.values_fn("z1")(jnp.ones(4)),
+    "patch_fn call": lambda g: g.patch_fn("z1")({"z1": jnp.ones(4)}, jnp.ones(3)),
+    "attribution_fn call": lambda g: g.attribution_fn("out", ["z1"])((jnp.ones(4),), (1.0,)),
 }
 
 
@@ -277,3 +280,59 @@ def test_tracing_runs_no_callback_of_a_while_loop(log):
     np.testing.assert_allclose(g.as_function()(x), growing(x), rtol=1e-6)
     s = g.slice("body/a@1", "out")  # the loop goes on from there as the condition says
     np.testing.assert_allclose(s(jnp.full(2, 20.0)), 80.0)
+
+
+def test_a_value_in_a_loop_runs_the_loop_up_to_it(log):
+    """A value at an iteration the program computes with edits (a patched graph, a
+    while_loop's trip) runs the loop up to that iteration: the trips after it ran,
+    with their callbacks, for a value that does not need them."""
+
+    def long_scan(x):
+        def step(h, t):
+            jax.debug.callback(record("step"), h, ordered=True)
+            h = jnp.tanh(h + t)
+            return h, None
+
+        h, _ = jax.lax.scan(step, x, jnp.arange(50.0) * 0.01)
+        return h.sum()
+
+    x = jnp.array([0.5, -1.0])
+    patched = js.trace(long_scan, x).replace("step/h#1@1", lambda h: h * 0.5)
+    log.clear()
+    h1 = jnp.tanh(jnp.tanh(x) + 0.01) * 0.5
+    np.testing.assert_allclose(patched.value("step/h#1@3"), jnp.tanh(jnp.tanh(h1 + 0.02) + 0.03))
+    jax.effects_barrier()
+    assert [entry[0] for entry in log] == ["step"] * 4
+    log.clear()
+    np.testing.assert_allclose(patched.as_function()(x), _patched_scan(x), rtol=1e-6)
+    jax.effects_barrier()
+    assert len(log) == 50  # the whole function runs every step
+
+    def counted(x):
+        def body(carry):
+            i, h = carry
+            jax.debug.callback(record("trip"), i, ordered=True)
+            h = jnp.sin(h) + 0.1
+            return i + 1, h
+
+        return jax.lax.while_loop(lambda c: c[0] < 20, body, (0, x))[1].sum()
+
+    x = jnp.full(2, 0.1)
+    g = js.trace(counted, x)
+    by_hand = jnp.sin(jnp.sin(jnp.sin(x) + 0.1) + 0.1) + 0.1
+    for graph in (g, g.replace("body/h#1@0", lambda h: h)):
+        log.clear()
+        # selecting it counts the trips without running the callbacks, the value
+        # runs trips 0..2
+        np.testing.assert_allclose(graph.value("body/h#1@2"), by_hand, rtol=1e-6)
+        jax.effects_barrier()
+        assert [entry[1] for entry in log][-3:] == [0, 1, 2], log
+        assert len(log) <= 4, log  # and the patch's trip for its input, in the patched graph
+
+
+def _patched_scan(x):
+    h = x
+    for t in range(50):
+        h = jnp.tanh(h + t * 0.01)
+        h = h * 0.5 if t == 1 else h
+    return h.sum()
