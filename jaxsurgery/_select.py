@@ -618,10 +618,12 @@ def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) ->
     if pattern is not None:
         return name if matched == name else f"{name} (as {matched})"
     stem = label.strip("'\"")
-    if name == stem or name.startswith((f"{stem}#", f"{stem}@")):
+    base, at, iterations = stem.partition("@")
+    numbered = re.compile(rf"{re.escape(base)}#\d+{re.escape(at + iterations)}")
+    if name == stem or numbered.fullmatch(name):
         return name
-    numbered = next((a for a in graph._var(i).aliases if a.startswith(f"{stem}#")), None)
-    return name if numbered is None else f"{numbered} (= {name})"
+    found = next((a for a in graph._var(i).aliases if numbered.fullmatch(a)), None)
+    return name if found is None else f"{found} (= {name})"
 
 
 def _no_match(
