@@ -17,6 +17,9 @@ from ._errors import SelectionError as SelectionError
 from ._errors import SliceError as SliceError
 from ._errors import SurgeryError as SurgeryError
 from ._errors import TraceError as TraceError
+from ._experiments import AttributionFunction as _AttributionFunction
+from ._experiments import PatchFunction as _PatchFunction
+from ._experiments import ValuesFunction as _ValuesFunction
 from ._grads import GradsFunction as _GradsFunction
 from ._graph import Graph as Graph
 from ._graph import Var as Var
@@ -26,7 +29,9 @@ from ._tag import tag as tag
 from ._trace import trace as trace
 
 # errors leave the public entry points without jaxsurgery's frames (see _traceback)
-_traceback.install(Graph, Slice, Selection, _GradsFunction)
+_traceback.install(
+    Graph, Slice, Selection, _GradsFunction, _ValuesFunction, _PatchFunction, _AttributionFunction
+)
 trace = _traceback.boundary(trace)  # noqa: F811
 tag = _traceback.boundary(tag)  # noqa: F811
 collect = _traceback.boundary(collect)  # noqa: F811

@@ -83,6 +83,10 @@ def parse_dtype(name: str) -> Any:
         raise UsageError(f"unknown dtype {name!r}: {hint}(e.g. {', '.join(DTYPES)})") from None
 
 
+#: a string literal (kept as it is), or the empty brackets right after a dtype's name
+_SCALAR = re.compile(r"""('[^']*'|"[^"]*")|(?<=[\w.])\[\s*\]""")
+
+
 def parse_arg(text: str) -> Any:
     """An argument spec as a pytree of ``jax.ShapeDtypeStruct``.
 
@@ -90,7 +94,8 @@ def parse_arg(text: str) -> Any:
         >>> parse_arg("{'w': f32[4,3], 'b': (float32[4], i32[])}")
         {'w': ShapeDtypeStruct(shape=(4, 3), dtype=float32), 'b': (ShapeDtypeStruct(shape=(4,), dtype=float32), ShapeDtypeStruct(shape=(), dtype=int32))}
     """
-    source = re.sub(r"\[\s*\]", "[()]", text.strip())  # i32[]: a scalar
+    # i32[]: a scalar (a dtype's empty brackets, not an empty list nor a string's)
+    source = _SCALAR.sub(lambda m: m.group(1) or "[()]", text.strip())
     try:
         tree = ast.parse(source, mode="eval").body
         return _spec(tree)
@@ -130,7 +135,12 @@ def _namespace(path: str) -> dict[str, Any]:
     of an importable module."""
     try:
         if path.endswith(".py") or os.sep in path or "/" in path:
-            argv, sys.argv = sys.argv, [path]  # as `python path` would run it
+            # as `python path` would run it: its folder first on the import path (kept:
+            # the traced function may import from there when it runs)
+            argv, sys.argv = sys.argv, [path]
+            folder = os.path.dirname(os.path.abspath(path))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             try:
                 return runpy.run_path(path, run_name="__jaxsurgery_show__")
             finally:

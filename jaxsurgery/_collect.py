@@ -116,6 +116,13 @@ def collect(
                     f"fn returned {type(outs).__name__}; js.collect needs a dict {{key: "
                     "array} per batch (a values_fn's result, or {'h': h} of your own)"
                 )
+            for key, value in outs.items():
+                if not isinstance(value, jax.Array):
+                    raise SelectionError(
+                        f"fn returned {type(value).__name__} at {key!r}; js.collect needs a "
+                        "flat dict {key: array} per batch (one array per stored key: name "
+                        "the leaves of a nested value, {'a/b': b})"
+                    )
             if pending is not None:
                 writer.write(*pending)
                 bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")

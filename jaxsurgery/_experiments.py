@@ -126,23 +126,23 @@ class PatchFunction:
 
 
 class AttributionFunction:
-    """``a(clean_args, corrupt_args) -> {key: attribution}``: see
+    """``a(clean_args, corrupt_args, **kwargs) -> {key: attribution}``: see
     :meth:`Graph.attribution_fn`."""
 
     def __init__(self, graph: Graph, out: Selector, wrt: Selector):
         self.values = ValuesFunction(graph, wrt)
         self.grads = graph.grads_fn(out, wrt)  # keyed (and stacked) as the values are
 
-    def __call__(self, clean_args: tuple, corrupt_args: tuple) -> dict[str, Any]:
+    def __call__(self, clean_args: tuple, corrupt_args: tuple, **kwargs: Any) -> dict[str, Any]:
         for what, given in (("clean_args", clean_args), ("corrupt_args", corrupt_args)):
             if not isinstance(given, tuple):
                 raise SliceError(
                     f"{what} must be a tuple of the traced function's arguments, got "
                     f"{type(given).__name__}; write ({what[:-5]}_x,) for one argument"
                 )
-        clean = self.values(*clean_args)
-        corrupt = self.values(*corrupt_args)
-        grads = self.grads(*corrupt_args)
+        clean = self.values(*clean_args, **kwargs)
+        corrupt = self.values(*corrupt_args, **kwargs)
+        grads = self.grads(*corrupt_args, **kwargs)
         return {key: (clean[key] - corrupt[key]) * grads[key] for key in clean}
 
 

@@ -108,9 +108,18 @@ class Var:
 
     @property
     def source(self) -> str | None:
-        """``"file.py:12"`` of the user code that made this var, or None."""
-        eqn = self._graph._eqn_of(self.index)
-        frame = None if eqn is None else C.user_frame(eqn.source_info)
+        """``"file.py:12"`` of the user code that made this var, or None. A value made
+        inside a library's jitted function (``jax.nn.relu``), whose traceback JAX cuts
+        at the jit, has its call's line."""
+        program = self._graph._program
+        e = program.producer[self.index]
+        if e < 0:
+            return None
+        frame = C.user_frame(program.jaxpr.eqns[e].source_info)
+        for region in program.enclosing(e) if frame is None else ():
+            frame = C.user_frame(region.source_info)
+            if frame is not None:
+                break
         return None if frame is None else f"{frame[0]}:{frame[1]}"
 
     @property
@@ -515,13 +524,14 @@ class Graph:
         return PatchFunction(self, selector)
 
     def attribution_fn(self, out: Selector, wrt: Selector) -> AttributionFunction:
-        """``a(clean_args, corrupt_args) -> {key: (a_clean − a_corrupt) · ∂sum(out)/∂a}``,
-        the gradient taken at the corrupted run: attribution patching, the linear
-        estimate of what patching ``a`` from the clean run into the corrupted one
-        changes, for every ``wrt`` var from one backward pass.
+        """``a(clean_args, corrupt_args, **kwargs) -> {key: (a_clean − a_corrupt) ·
+        ∂sum(out)/∂a}``, the gradient taken at the corrupted run: attribution patching,
+        the linear estimate of what patching ``a`` from the clean run into the
+        corrupted one changes, for every ``wrt`` var from one backward pass.
 
         ``clean_args`` and ``corrupt_args`` are tuples of the traced function's
-        arguments. Keys as in :meth:`values_fn`.
+        positional arguments; keyword arguments (a keyword-only parameter, parameters
+        passed by name) go to both runs alike. Keys as in :meth:`values_fn`.
 
         Example:
             >>> import jax.numpy as jnp, jaxsurgery as js

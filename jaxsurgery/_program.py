@@ -12,6 +12,7 @@ The jaxpr is the source of truth; the integer tables are derived from it once.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -142,6 +143,7 @@ class Program:
         self.regions = sorted(
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
         )
+        self._starts: list[int] | None = None  # the regions' starts (see enclosing)
         # control dependencies: what decides a cond or a while's trip count is read by
         # every equation inside it (for windows, context and connectivity)
         for r in self.regions:
@@ -156,6 +158,14 @@ class Program:
                 operands = tuple(index[a] for a in r.ins if type(a) is not Literal and a in index)
                 for e in range(r.end - len(r.outs), r.end):
                     self.eqn_in[e] += operands
+
+    def enclosing(self, e: int) -> Iterator[Region]:
+        """The inlined calls around equation ``e``, innermost first."""
+        if self._starts is None:
+            self._starts = [r.start for r in self.regions]
+        for k in range(bisect.bisect_right(self._starts, e) - 1, -1, -1):
+            if self.regions[k].end > e:  # regions come outermost first by start
+                yield self.regions[k]
 
     @property
     def users(self) -> list[list[int]]:

@@ -139,6 +139,12 @@ def _trace(
                 f"{_name(target)} returned {type(x).__name__} at {paths[k]!r} and no array; "
                 "js.trace needs a function returning arrays (a pytree of them)"
             )
+        if not arrays:  # None, {}, (): a graph of no outputs, no slice ends anywhere
+            raise TraceError(
+                f"{_name(target)} returned {_short(out)}, which holds no array; js.trace "
+                "needs a function returning arrays (a pytree of them): return the values "
+                "you want to look at"
+            )
         out_info["tree"] = _select.OutputTree(tree, statics) if statics else tree
         out_info["paths"] = [path for path, _ in arrays]
         out_info["statics"] = [paths[k] for k in statics]
@@ -689,13 +695,13 @@ def _short(value: Any) -> str:
 
 def _differing_node(
     old_how: Any, new_how: Any, paths: list[tuple]
-) -> tuple[str, str, Any, Any] | None:
-    """``(key path, type name, its data, its other data)`` of the first node of two
-    flattened arguments (:func:`_flat`) of the same shape whose node data differ (an
-    Equinox module's static fields), or None. ``paths``: the first one's leaves' key
-    paths."""
+) -> tuple[str, str, str, Any, Any] | None:
+    """``(key path, type name, the other's type name, its data, the other's data)`` of
+    the first node of two flattened arguments (:func:`_flat`) of the same shape whose
+    types (a list, a tuple) or node data differ (an Equinox module's static fields), or
+    None. ``paths``: the first one's leaves' key paths."""
 
-    def walk(a: Any, b: Any, start: int, depth: int) -> tuple[str, str, Any, Any] | None:
+    def walk(a: Any, b: Any, start: int, depth: int) -> tuple[str, str, str, Any, Any] | None:
         """In the nodes ``a``, ``b`` at ``depth`` (a key per level), holding the leaves
         from ``start`` on."""
         try:
@@ -706,7 +712,7 @@ def _differing_node(
             return None
         if da[0] is not db[0] or not _same_static(da[1], db[1]):
             path = paths[start][:depth] if a.num_leaves else ()
-            return jax.tree_util.keystr(tuple(path)), da[0].__name__, da[1], db[1]
+            return jax.tree_util.keystr(tuple(path)), da[0].__name__, db[0].__name__, da[1], db[1]
         for ca, cb in zip(a.children(), b.children()):
             found = walk(ca, cb, start, depth + 1)
             if found is not None:
@@ -746,9 +752,12 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
         return ", ".join(parts)
     found = _differing_node(old_how, new_how, [p for p, *_ in old])
     if found is not None:
-        path, kind, a, b = found
+        path, kind, other, a, b = found
+        at = f" at {path}" if path else ""
+        if kind != other:
+            return f"a {other}{at} where a {kind} was traced"
         return (
-            f"the {kind}{' at ' + path if path else ''} holds other static data (its parts "
+            f"the {kind}{at} holds other static data (its parts "
             f"that are not arrays, such as an eqx.field(static=True)): traced {_short(a)}, "
             f"given {_short(b)}"
         )

@@ -4,6 +4,7 @@ function, a highlighted slice, one-line errors."""
 from __future__ import annotations
 
 import doctest
+import os
 import pathlib
 import subprocess
 import sys
@@ -46,6 +47,11 @@ def test_docstring_examples_run():
             "[(f32[2], (i32[], bf16[1])), None, 3]",
             [(S((2,), jnp.float32), (S((), jnp.int32), S((1,), jnp.bfloat16))), None, 3],
         ),
+        # only a dtype's empty brackets are a scalar: an empty list stays one, and a
+        # string keeps its brackets
+        ("[]", []),
+        ("{'a': [], 'k[]': i32[ ]}", {"a": [], "k[]": S((), jnp.int32)}),
+        ("('ab[]', f32[])", ("ab[]", S((), jnp.float32))),
     ],
 )
 def test_argument_specs(spec, expected):
@@ -185,3 +191,18 @@ def test_output_paths_an_args_from_failure_and_a_script_reading_argv(capsys, tmp
     assert " h " in capsys.readouterr().out
     err = one_error(capsys, ["show", f"{script}:f", "--args-from", ":boom"])
     assert "--args-from :boom failed: RuntimeError: no data here" in err
+
+
+def test_a_file_importing_a_module_beside_it_loads_from_anywhere(capsys, tmp_path, monkeypatch):
+    """The target file runs as ``python path`` runs it: its folder is on the import path
+    (a model file importing its layers from the next file failed unless run there)."""
+    (tmp_path / "layers.py").write_text(
+        "import jax.numpy as jnp\n\ndef layer(x):\n    h = jnp.tanh(x)\n    return h * 2\n"
+    )
+    (tmp_path / "entry.py").write_text(
+        "from layers import layer\n\ndef f(x):\n    y = layer(x)\n    return y.sum()\n"
+    )
+    monkeypatch.chdir(os.path.dirname(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["show", f"{tmp_path / 'entry.py'}:f", "--arg", "f32[3]"]) == 0
+    assert "layer/h" in capsys.readouterr().out

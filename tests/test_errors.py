@@ -196,6 +196,17 @@ CATALOG = [
         r"fn returned \w*Array\w*; js.collect needs a dict \{key: array\} per batch",
     ),
     (
+        "js.collect of a function that returns a nested dict",
+        lambda g, a: js.collect(
+            tempfile.mkdtemp() + "/a.zarr",
+            lambda x: {"a": {"b": x}},
+            [jnp.ones((2, 3))],
+            progress=False,
+        ),
+        js.SelectionError,
+        r"fn returned dict at 'a'; js.collect needs a flat dict \{key: array\} per batch",
+    ),
+    (
         "a patch that is not an array",
         lambda g, a: g.patch_fn("z1")({"z1": None}, *mlp_12782_args()),
         js.SliceError,
@@ -282,6 +293,15 @@ CATALOG = [
         r"\['block'\] holds other static data .*: traced .*1\), given .*2\)\)",
     ),
     (
+        "a tuple where a list was traced",
+        lambda g, a: js.trace(
+            lambda ps, x: sum(jnp.tanh(x @ w) for w in ps).sum(), [jnp.eye(3)] * 2, jnp.ones(3)
+        ).as_function()((jnp.eye(3), jnp.eye(3)), jnp.ones(3)),
+        js.SliceError,
+        r"argument `ps` is a tree of another structure than the one traced \(a tuple where a "
+        r"list was traced\)",
+    ),
+    (
         "another value of a static argument",
         lambda g, a: js.trace(flagged, jnp.ones(2), True, static_argnums=1).as_function()(
             jnp.ones(2), False
@@ -328,6 +348,13 @@ CATALOG = [
         js.TraceError,
         r"returns_text returned str at 'out' and no array; js\.trace needs a function "
         r"returning arrays",
+    ),
+    (
+        "trace of a function returning nothing",
+        lambda g, a: js.trace(lambda x: {"none": None, "empty": ()}, jnp.ones(2)),
+        js.TraceError,
+        r"<lambda> returned \{'none': None, 'empty': \(\)\}, which holds no array; js\.trace "
+        r"needs a function returning arrays",
     ),
     (
         "trace of a function returning an unhashable non-array",

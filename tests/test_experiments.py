@@ -153,6 +153,20 @@ def test_attribution_fn_equals_attribution_patching_by_hand(mlp):
         allclose(got[layer_name(k)], (a_clean[k] - a_corrupt[k]) * grad, rtol=1e-4, atol=1e-6)
 
 
+def test_attribution_fn_passes_keyword_arguments_to_both_runs():
+    """A keyword-only parameter (or one passed by name) is given once, for both runs."""
+
+    def f(x, *, scale):
+        h = jnp.tanh(x * scale)
+        return (h**2).sum()
+
+    x_clean, x_corrupt, scale = jnp.ones(3), jnp.linspace(-1.0, 1.0, 3), jnp.float32(0.5)
+    a = jax.jit(js.trace(f, x_clean, scale=scale).attribution_fn("out", "h"))
+    got = a((x_clean,), (x_corrupt,), scale=scale)["h"]
+    h_clean, h_corrupt = jnp.tanh(x_clean * scale), jnp.tanh(x_corrupt * scale)
+    allclose(got, (h_clean - h_corrupt) * 2 * h_corrupt, rtol=1e-6)
+
+
 def test_experiments_keyed_by_a_dict_stack_what_a_key_selects(mlp):
     """A dict key of several vars (``"eqx.nn.MLP/eqx.nn.Linear#*"``) is one stacked
     result, row k its k-th var: each row's attribution uses its own var's gradient, and a

@@ -125,6 +125,24 @@ def test_var_attributes(g):
     assert {v} == {g["z2"]} and v != g["z1"]
 
 
+def test_a_value_made_inside_a_library_jit_has_its_calls_line():
+    """JAX cuts a jitted library function's traceback at the jit (jax.nn.relu,
+    jnp.linalg.norm): its values, and what they name, have the line of the call."""
+
+    def f(x):
+        a = jax.nn.relu(x)
+        b = jnp.linalg.norm(a)
+        return a * b
+
+    g = js.trace(f, jnp.ones(3))
+    line = f.__code__.co_firstlineno
+    assert g["a"].source.endswith(f"test_select.py:{line + 1}")
+    inside_norm = [v for v in g.vars if v.primitive == "reduce_sum"]
+    assert inside_norm and inside_norm[0].source.endswith(f"test_select.py:{line + 2}")
+    assert g["b"].source.endswith(f"test_select.py:{line + 2}")
+    assert f"test_select.py:{line + 2}" in str(g)
+
+
 def inner(h):
     a = jnp.sin(h)
     return a * 2.0
