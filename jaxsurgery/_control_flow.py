@@ -113,6 +113,9 @@ class Folded:
     scope: str = ""
     #: its equation's index in the flat program (whose copy has the flat results)
     flat_eqn: int = -1
+    #: whether it runs in a derivative's backward pass (a checkpointed body's
+    #: recomputation, whose values the forward loop's names name: not named again)
+    backward: bool = False
 
     def body_scope(self, eqn: C.JaxprEqn | None) -> str:
         """The scope path of an equation of its body template, the loop's scope first."""
@@ -281,6 +284,7 @@ class ControlFlow:
                 invars,
                 scope=scope,
                 flat_eqn=len(self.eqns),  # the copy of ``eqn`` comes next
+                backward=C.in_backward_pass(source_info),
             )
         )
 

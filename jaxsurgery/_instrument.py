@@ -213,10 +213,11 @@ class Recorder:
                 for e in program.jaxpr.eqns
                 if C.has_scope(e.source_info)
             }
-            paths.update(  # and those of folded loop bodies (a linen nn.scan's cell)
+            paths.update(  # and those of folded loop bodies (a linen nn.scan's cell),
+                # calls in them inlined (nn.scan(nn.remat(Cell)): a checkpoint's body)
                 tuple(scope_parts(f.body_scope(e)))
                 for f in program.folded
-                for e in f.body.jaxpr.eqns
+                for e in f.template.jaxpr.eqns
                 if C.has_scope(e.source_info)
             )
             self._scope_cache = (program, paths)
@@ -536,6 +537,8 @@ class Recorder:
                 (back, self.returns, lambda f: frames[f][1]),
             ):
                 for i, (f, _, atom) in enumerate(records):
+                    if loop.backward and type(atom) is str:
+                        continue  # a mark a checkpoint recomputes (as _program drops)
                     at = frame_of(f)
                     for ti, its in calls.select(atom, scope[at] if at >= 0 else None):
                         if ti < constant:

@@ -188,7 +188,8 @@ def _trace(
     in_place = in_place_objects(bound[0].arguments)
     if in_place:
         notes.append(
-            f"{', '.join(in_place)} hold Flax NNX objects, which the function may update in "
+            f"{', '.join(in_place)} {'holds' if len(in_place) == 1 else 'hold'} Flax NNX "
+            "objects, which the function may update in "
             "place (an optimizer step, BatchNorm statistics, Rngs counts): the functions "
             "this graph returns are pure and do not update the objects passed to them; "
             "return what changes (nnx.state(model)), or trace a function of nnx.split "

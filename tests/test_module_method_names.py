@@ -199,6 +199,35 @@ def test_values_linen_captures_after_a_method_returns_are_named_by_their_own_mod
     assert g["Outer/Dense_0/__call__"] is g["Outer/__call__"] is g.outputs[0]
 
 
+def test_a_rebound_parameter_of_a_cell_under_nn_scan_and_nn_remat_is_binding_zero():
+    """Inside ``nn.remat`` in ``nn.scan`` the cell's parameter (made outside its module)
+    is completed to the module's path like what the method binds: ``x#0`` is the
+    parameter and ``x#1`` the rebinding, as without the scan (the parameter was
+    ``cell/x@t``, so ``Net/cell/x@t`` picked the rebinding without a word)."""
+
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            x = x + jnp.sin(x)
+            return x * 2.0, None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y, _ = nn.scan(nn.remat(Cell), length=3)(name="cell")(x, None)
+            return y.sum()
+
+    x = jnp.linspace(-1.0, 1.0, 2)
+    g = js.trace(Net().apply, {}, x)
+    by_hand = [x]
+    for _ in range(3):
+        by_hand.append((by_hand[-1] + jnp.sin(by_hand[-1])) * 2.0)
+    allclose(g.value("Net/cell/x#0@1"), by_hand[1])
+    allclose(g.value("Net/cell/x#1@1"), by_hand[1] + jnp.sin(by_hand[1]))
+    with pytest.raises(js.SelectionError, match="ambiguous"):
+        g["Net/cell/x@1"]
+
+
 class EqxNet(eqx.Module):
     lin: eqx.nn.Linear
 

@@ -738,6 +738,46 @@ def test_each_call_of_a_checkpointed_function_names_its_own_values(fn, prefix, d
     )
 
 
+def test_a_checkpointed_scan_body_under_a_derivative_is_named_once(data):
+    """The backward pass's scan recomputes a checkpointed body: its copies are not named
+    again, so the parameter is ``h#0`` and the rebinding ``h#1`` at every step, as
+    without the derivative (the copies took ``#k`` forms: ``h#1@2`` was step 2's input
+    and ``pre@2`` was ambiguous)."""
+
+    def loss(w, x):
+        @jax.checkpoint
+        def body(h, wt):
+            pre = h @ wt
+            h = jnp.tanh(pre)
+            return h, None
+
+        h, _ = jax.lax.scan(body, x, w)
+        return jnp.sum(h**2)
+
+    def train(w, x):
+        return jax.value_and_grad(loss)(w, x)
+
+    w = jax.random.normal(jax.random.key(0), (40, 3, 3)) / 2  # folded (40 steps)
+    x = data[0][0, 0, :3]
+    hs, pres = [x], []
+    for t in range(40):
+        pres.append(hs[-1] @ w[t])
+        hs.append(jnp.tanh(pres[-1]))
+    for fn, prefix, out in ((loss, "", "out"), (train, "loss/", "out[0]")):
+        g = js.trace(fn, w, x)
+        allclose(g.value(f"{prefix}body/h#0@2"), hs[2])
+        allclose(g.value(f"{prefix}body/h#1@2"), hs[3])
+        allclose(g.value(f"{prefix}body/pre@2"), pres[2])
+
+        def rest(h3):
+            for t in range(3, 40):
+                h3 = jnp.tanh(h3 @ w[t])
+            return jnp.sum(h3**2)
+
+        grads = g.grads(out, wrt=[f"{prefix}body/h#1@2"])
+        allclose(grads[f"{prefix}body/h#1@2"], jax.grad(rest)(hs[3]), rtol=1e-5)
+
+
 def test_a_checkpoint_policy_that_saves_named_values_keeps_what_it_saves(data):
     """Inside such a checkpoint marks add no tags (a tag would be a named value the
     policy saves): the program that runs saves what the function's does."""

@@ -507,7 +507,7 @@ def test_arguments_holding_nnx_objects_say_that_in_place_updates_are_not_made():
         return model(x)
 
     g = js.trace(forward, model, jnp.ones(2))
-    assert any("model hold Flax NNX objects" in n and "pure" in n for n in g.notes)
+    assert any("model holds Flax NNX objects" in n and "pure" in n for n in g.notes)
 
 
 def test_an_equinox_step_returning_the_updated_model_runs_as_a_function():
