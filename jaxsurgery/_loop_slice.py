@@ -97,11 +97,18 @@ class LoopSlice(Slice):
         structured, exposures, guards = graph._exposing(out_vars, edits)
         guards = [*(e for e in edits if e.kind == "hit"), *guards]
         n_args = len(graph.inputs)
+        # an output that is an input is that input (the identity): exposed where it was
+        # made, a value only the carry passes on would be read before the input's edit,
+        # which is on the carry entering the next iteration
+        same = [in_vars.index(v) if v in in_vars else None for v in out_vars]
 
         def program(*flat: Any) -> list[Any]:
             _, exposed = structured.run(flat[:n_args], flat[n_args:], outputs=False)
             hits = [jnp.asarray(exposed[h], jnp.int32) for h in guards]
-            return [*(exposed[e] for e in exposures), *hits]
+            outs = [
+                exposed[e] if k is None else flat[n_args + k] for e, k in zip(exposures, same)
+            ]
+            return [*outs, *hits]
 
         specs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*graph.inputs, *in_vars)]
         closed = C.make_jaxpr(program, *specs)

@@ -494,6 +494,32 @@ def test_a_slice_to_an_iteration_that_runs_before_its_input_is_refused(reverse):
     assert float(jnp.abs(jax.jvp(s, (g.value(early),), (jnp.ones(4),))[1]).sum()) > 0
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_an_input_that_is_an_output_is_the_identity_also_for_a_value_only_the_carry_holds(
+    reverse,
+):
+    """A body value only the carry passes on is cut in on the carry entering the next
+    iteration: as an output too it is the input itself (it was the traced value, with a
+    zero derivative), and later outputs read the input."""
+
+    def f(h0, xs):
+        def step(h, x):
+            hn = jnp.tanh(h + x)
+            return hn, None
+
+        return jax.lax.scan(step, h0, xs, reverse=reverse)[0]
+
+    xs = jax.random.normal(jax.random.key(3), (40, 2))
+    g = js.trace(f, jnp.zeros(2), xs)
+    z = g.value("step/hn@20") + 1.0
+    same = g.slice("step/hn@20", "step/hn@20")
+    allclose(same(z), z)
+    allclose(jax.jacfwd(same)(z), jnp.eye(2))
+    after = 19 if reverse else 21
+    s = g.slice("step/hn@20", ("step/hn@20", f"step/hn@{after}"))
+    check_slice(s, (z,), lambda h: (h, jnp.tanh(h + xs[after])))
+
+
 def scoped_rnn(h0, xs):
     """A scan whose body runs in a ``jax.named_scope``: ``blk@t`` and ``step/h_new@t``."""
 
