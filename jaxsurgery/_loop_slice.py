@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from ._patch_graph import read_by_derivative
 from ._rules import dropped_derivatives
-from ._slice import Decision, Slice, _check_connected, _coerce, _takes
+from ._slice import Decision, Slice, _check_connected, _coerce, _takes, shielded_note
 from ._structured import Edit, Extra, Site, carry_entry
 
 if TYPE_CHECKING:
@@ -69,6 +69,48 @@ _ON_PATH = (
 )
 
 
+class _Split:
+    """The running program with ``in_vars`` cut in and ``out_vars`` exposed, split by
+    JAX into what the inputs do not change (``known``) and the rest (``unknown``, its
+    first ``n_res`` inputs the residuals); ``unused``: the inputs it does not read."""
+
+    def __init__(self, graph: Graph, in_vars: list[Var], out_vars: list[Var]):
+        nested = graph._structure.closed
+        sites = [carry_entry(nested, graph._site_of(v)) for v in in_vars]
+        edits = [
+            Edit(site, "apply", _given(v.shape, v.dtype), (Extra(k),))
+            for k, (v, site) in enumerate(zip(in_vars, sites))
+        ]
+        # an input or output in a while_loop trip exists only when the loop gets there:
+        # whether it did is an extra result, checked on every call
+        edits += [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
+        structured, exposures, guards = graph._exposing(out_vars, edits)
+        self.structured = structured
+        self.guards = guards = [*(e for e in edits if e.kind == "hit"), *guards]
+        n_args = len(graph.inputs)
+        # an output that is an input is that input (the identity): exposed where it was
+        # made, a value only the carry passes on would be read before the input's edit,
+        # which is on the carry entering the next iteration
+        same = [in_vars.index(v) if v in in_vars else None for v in out_vars]
+
+        def program(*flat: Any) -> list[Any]:
+            _, exposed = structured.run(flat[:n_args], flat[n_args:], outputs=False)
+            hits = [jnp.asarray(exposed[h], jnp.int32) for h in guards]
+            outs = [exposed[e] if k is None else flat[n_args + k] for e, k in zip(exposures, same)]
+            return [*outs, *hits]
+
+        specs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*graph.inputs, *in_vars)]
+        closed = C.make_jaxpr(program, *specs)
+        self.known, self.known_consts, unknown, self.n_res = C.split_known(
+            closed, [False] * n_args + [True] * len(in_vars)
+        )
+        self.unknown = unknown = C.dce(unknown)
+        read = {a for e in unknown.eqns for a in e.invars if isinstance(a, C.Var)}
+        read.update(a for a in unknown.outvars if isinstance(a, C.Var))
+        ins = unknown.invars[self.n_res :]
+        self.unused = [v for v, x in zip(in_vars, ins) if x not in read]
+
+
 class LoopSlice(Slice):
     """A :class:`~jaxsurgery.Slice` cut from the running program (module docstring)."""
 
@@ -85,45 +127,14 @@ class LoopSlice(Slice):
         out_vars: list[Var],
         allow_unconnected: bool,
     ) -> LoopSlice:
-        nested = graph._structure.closed
-        sites = [carry_entry(nested, graph._site_of(v)) for v in in_vars]
-        edits = [
-            Edit(site, "apply", _given(v.shape, v.dtype), (Extra(k),))
-            for k, (v, site) in enumerate(zip(in_vars, sites))
-        ]
-        # an input or output in a while_loop trip exists only when the loop gets there:
-        # whether it did is an extra result, checked on every call
-        edits += [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
-        structured, exposures, guards = graph._exposing(out_vars, edits)
-        guards = [*(e for e in edits if e.kind == "hit"), *guards]
-        n_args = len(graph.inputs)
-        # an output that is an input is that input (the identity): exposed where it was
-        # made, a value only the carry passes on would be read before the input's edit,
-        # which is on the carry entering the next iteration
-        same = [in_vars.index(v) if v in in_vars else None for v in out_vars]
-
-        def program(*flat: Any) -> list[Any]:
-            _, exposed = structured.run(flat[:n_args], flat[n_args:], outputs=False)
-            hits = [jnp.asarray(exposed[h], jnp.int32) for h in guards]
-            outs = [
-                exposed[e] if k is None else flat[n_args + k] for e, k in zip(exposures, same)
-            ]
-            return [*outs, *hits]
-
-        specs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*graph.inputs, *in_vars)]
-        closed = C.make_jaxpr(program, *specs)
-        known, known_consts, unknown, n_res = C.split_known(
-            closed, [False] * n_args + [True] * len(in_vars)
-        )
-        unknown = C.dce(unknown)
+        split = _Split(graph, in_vars, out_vars)
+        structured, guards, unused = split.structured, split.guards, split.unused
+        unknown, n_res = split.unknown, split.n_res
         residuals, ins = unknown.invars[:n_res], unknown.invars[n_res:]
-        read = {a for e in unknown.eqns for a in e.invars if isinstance(a, C.Var)}
-        read.update(a for a in unknown.outvars if isinstance(a, C.Var))
         given = set(residuals)  # an output that needs no input is a residual passed on
         unconnected = [
             v for v, o in zip(out_vars, unknown.outvars) if not isinstance(o, C.Var) or o in given
         ]  # (the hits follow the outputs)
-        unused = [v for v, x in zip(in_vars, ins) if x not in read]
         # the split keeps a whole loop unknown once any iteration reads an input: what
         # runs before every input (an earlier iteration) cannot depend on it either way
         run = graph._run_order
@@ -132,15 +143,20 @@ class LoopSlice(Slice):
             for o in out_vars
             if o not in unconnected and all(run(i.index) > run(o.index) for i in in_vars)
         ]
-        unused += [
-            i
-            for i in in_vars
-            if i not in unused and all(run(i.index) > run(o.index) for o in out_vars)
+        late = [i for i in in_vars if all(run(i.index) > run(o.index) for o in out_vars)]
+        # an input the others shield (reaching the outputs only through them) is used,
+        # with a derivative of zero, as in a flat slice
+        shielded = [
+            v
+            for v in unused
+            if v not in late and len(in_vars) > 1 and not _Split(graph, [v], out_vars).unused
         ]
+        unused = [v for v in dict.fromkeys([*unused, *late]) if v not in shielded]
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         jaxpr = C.new_jaxpr(residuals, ins, unknown.outvars, unknown.eqns, "slice")
         notes = (
+            *(shielded_note(v) for v in shielded),
             *structured.notes,
             *dropped_derivatives(jaxpr, ins),
             *read_by_derivative(graph, in_vars, out_vars),
@@ -158,7 +174,7 @@ class LoopSlice(Slice):
             graph._flat_args,
             tuple(dict.fromkeys(notes)),
         )
-        s._known, s._known_consts = known, known_consts
+        s._known, s._known_consts = split.known, split.known_consts
         hit = Decision(1, functools.partial(_takes, 2, 1), "a trip or branch")  # hits are 1
         s._decisions = (hit,) * len(guards)
         return s

@@ -520,6 +520,36 @@ def test_an_input_that_is_an_output_is_the_identity_also_for_a_value_only_the_ca
     check_slice(s, (z,), lambda h: (h, jnp.tanh(h + xs[after])))
 
 
+def test_an_input_another_input_shields_in_a_loop_slice_has_a_zero_derivative_and_a_note():
+    """``a@t`` reaches the output only through ``hn@t``, also an input: the slice is
+    made (it was a SliceError saying a@t does not reach any output), a@t's derivative
+    is zero and the notes say why, as for a flat slice."""
+
+    def f(h0, xs):
+        def step(h, x):
+            a = h + x
+            hn = jnp.tanh(a)
+            return hn, hn
+
+        return jax.lax.scan(step, h0, xs)[0]
+
+    xs = jax.random.normal(jax.random.key(4), (30, 3))
+    g = js.trace(f, jnp.ones(3), xs)
+    s = g.slice(("step/a@3", "step/hn@3"), "out")
+    assert s.notes[0] == (
+        "input 'step/a@3' reaches the outputs only through other inputs: its derivative is zero"
+    )
+    a, hn = g.value("step/a@3"), g.value("step/hn@3")
+    allclose(jax.jacfwd(s, argnums=0)(a, hn), jnp.zeros((3, 3)))
+
+    def rest(hn):
+        for t in range(4, 30):
+            hn = jnp.tanh(hn + xs[t])
+        return hn
+
+    check_slice(s, (a, hn), lambda a, hn: rest(hn))
+
+
 def scoped_rnn(h0, xs):
     """A scan whose body runs in a ``jax.named_scope``: ``blk@t`` and ``step/h_new@t``."""
 
