@@ -90,8 +90,12 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``"; did you mean 'a' or 'b'?"`` or ``""`` when nothing is close."""
-    matches = close_matches(word, candidates)
+    """``"; did you mean 'a' or 'b'?"`` or ``""`` when nothing is close; a candidate
+    that ends with ``/word`` (the path left out) is close."""
+    candidates = list(candidates)
+    matches = (
+        close_matches(word, candidates) or [c for c in candidates if c.endswith(f"/{word}")][:3]
+    )
     if not matches:
         return ""
     quoted = [repr(m) for m in matches]

@@ -629,7 +629,8 @@ def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) ->
 def _no_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
 ) -> SelectionError:
-    if word is not None and "@" in word and graph._program.opaque_loops:
+    outside = word is not None and graph._names.lookup.get(word.partition("@")[0])
+    if word is not None and "@" in word and graph._program.opaque_loops and not outside:
         from ._structured import per_lane
 
         if all(per_lane(e) for e in graph._program.opaque_loops):
@@ -678,9 +679,13 @@ def _no_match(
                     f"no var named {label}: in iteration {given[0]} of its folded loop, "
                     f"{base!r} is {first!r} .. {last!r} (the loops inside it)"
                 )
+            first, last = (
+                next(t for t in tmpls if t.loop == tmpl.loop and t.inner == its)
+                for its in (inner[0], inner[-1])
+            )
             return SelectionError(
                 f"no var named {label}: {base!r} is inside a loop of {n} iterations, "
-                f"0 .. {n - 1} ({tmpl.name(base, 0)!r} .. {tmpl.name(base, n - 1)!r})"
+                f"0 .. {n - 1} ({first.name(base, 0)!r} .. {last.name(base, n - 1)!r})"
             )
     if word is not None and "@" not in word:
         iterations = sorted(
@@ -756,6 +761,12 @@ def _no_pattern_match(
             literal = re.sub(r"\\.|[\[\](){}*+?|^$.]", "", pattern.pattern)
         names = [n for n in graph._names.lookup if not is_generated(n)]
         close = close_matches(literal, names) if literal else []
+        if word is not None and "@" in word and not close:  # values of folded loops
+            base, _, rest = word.partition("@")
+            bases = [b for b in graph._loop_index.names if not is_generated(b)]
+            stem = re.sub(r"[*?]", "", base)
+            found = close_matches(stem, bases) or [b for b in bases if b.endswith(f"/{stem}")]
+            close = [f"{b}@{rest}" for b in found]
         if close:
             hint = f"; names close to it: {short_list(repr(n) for n in close)}"
     kind = "the pattern" if word is not None else "the regex"

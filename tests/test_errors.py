@@ -621,6 +621,31 @@ CATALOG = [
         r"names a value inside a loop iteration, but the graph's while_loop could not be unrolled",
     ),
     (
+        "an iteration of a value outside the abstract while_loop",
+        lambda g, a: js.trace(fixed_point, jax.ShapeDtypeStruct((), jnp.float32))["a@2"],
+        js.SelectionError,
+        r"no var named 'a@2'; did you mean 'a'\?",
+    ),
+    (
+        "an outer iteration past the outer loop's end",
+        lambda g, a: js.trace(nested_scans, jnp.ones((4, 3, 3)), jnp.ones(3))["outer/inner/c2@4@1"],
+        js.SelectionError,
+        r"'outer/inner/c2' is inside a loop of 4 iterations, 0 \.\. 3 \('outer/inner/c2@0@0' "
+        r"\.\. 'outer/inner/c2@3@2'\)",
+    ),
+    (
+        "a loop value's name without its body's path",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2)))["h_new@3"],
+        js.SelectionError,
+        r"no var named 'h_new@3'; did you mean 'step/h_new@3'\?",
+    ),
+    (
+        "a glob over a misspelt loop value",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2))).select("step/h_nw@*"),
+        js.SelectionError,
+        r"no var matches the pattern 'step/h_nw@\*'; names close to it: 'step/h_new@\*'",
+    ),
+    (
         "a scope only inside a folded scan",
         lambda g, a: js.trace(scoped_rnn, jnp.zeros(2), jnp.ones((50, 2))).select(scope="cell"),
         js.SelectionError,
