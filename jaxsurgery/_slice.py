@@ -304,12 +304,8 @@ class Slice:
             # on from before the cut) is context
             made = {*ins, *context, *(program.index.get(o) for e in eqns for o in e.outvars)}
             context += [i for i in dict.fromkeys(extra) if i not in made]
-        notes = tuple(
-            f"input {v.name!r} reaches the outputs only through other inputs: its "
-            "derivative is zero"
-            for v in in_vars
-            if v.index in window.shielded
-        ) + tuple(cut_notes)
+        notes = tuple(shielded_note(v) for v in in_vars if v.index in window.shielded)
+        notes += tuple(cut_notes)
         if not allow_unconnected:
             _check_connected(graph, unconnected, unused, in_vars, out_vars)
         context += [v.index for v in unconnected if v.index not in context]
@@ -720,6 +716,11 @@ def _same_dtype(a: Any, b: Any) -> bool:
         return True
     # numpy float64 input while x64 is off: JAX would canonicalize it anyway
     return _is_numpy_dtype(a) and jax.dtypes.canonicalize_dtype(a) == b
+
+
+def shielded_note(v: Var) -> str:
+    """The note of a slice input that other inputs shield from every output."""
+    return f"input {v.name!r} reaches the outputs only through other inputs: its derivative is zero"
 
 
 def _check_connected(
