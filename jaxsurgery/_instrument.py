@@ -474,15 +474,23 @@ class Recorder:
         )
         named += [(n, found, b) for _, n, found, b in returns]
         named += [(n, found, b) for _, n, found, b in inner]
-        flat = [
-            (
-                (anchored(b, name, _made_in(program, i), program) if b in scoped else name)
-                + ("".join(f"@{t}" for t in its) if its else ""),
-                i,
-            )
-            for name, found, b in named
-            for i, its in found
-        ]
+        depth_of = {id(found): d for d, _, found, _ in (*returns, *inner)}
+        flat, looped = [], []
+        for k, (name, found, b) in enumerate(named):
+            for i, its in found:
+                scoped_name = (
+                    anchored(b, name, _made_in(program, i), program) if b in scoped else name
+                )
+                if not its:
+                    flat.append((scoped_name, i))
+                    continue
+                # a copy in an iteration of an unrolled loop: named as a folded loop's
+                # template names it (what the body binds before what a call in it
+                # returns), and where it is made (step t's `nv`) before where the next
+                # iteration takes it (step t+1's parameter `c[1]`)
+                key = (its, b < 0, depth_of.get(id(found), 0), k)
+                looped.append((key, scoped_name + "".join(f"@{t}" for t in its), i))
+        flat += [(name, i) for _, name, i in sorted(looped, key=lambda t: t[0])]
         from ._loop_index import Template
 
         # (name, template var, the value it is: a nested var, per loop)

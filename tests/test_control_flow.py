@@ -332,3 +332,33 @@ def test_the_path_error_of_a_bound_slice_names_values_of_the_branch_not_inputs()
         s.bind(x, w, -1.0)
     message = str(info.value)
     assert f"some of {g['taken/a'].name} exist" in message, message  # not the input w
+
+
+def _growing(k):
+    """A while_loop whose body has ``k`` sines: small, it is unrolled in the index;
+    large, it stays one equation."""
+
+    def f(x, thr):
+        def body(c):
+            i, h = c
+            z = h
+            for _ in range(k):
+                z = jnp.sin(z) * 0.9
+            nv = h + 0.3 * jnp.abs(z) + 0.1
+            return i + 1, nv
+
+        return jax.lax.while_loop(lambda c: jnp.sum(c[1]) < thr, body, (0, x))[1]
+
+    return f
+
+
+@pytest.mark.parametrize("k", [2, 70], ids=["unrolled", "folded"])
+def test_a_while_loop_body_value_has_the_same_name_unrolled_or_folded(k):
+    """What a trip binds names its value in every trip, whether the index unrolls the
+    loop or keeps it whole: ``body/nv@1``, not the body's return ``body[1]@1`` (nor the
+    next trip's parameter ``body/c[1]@2``), which stay aliases."""
+    g = js.trace(_growing(k), jnp.array([0.1, 0.2]), 12.0)
+    v = g["body/nv@1"]
+    assert v.name == "body/nv@1", v.aliases
+    assert {"body[1]@1", "body/c[1]@2", "body/h@2"} <= set(v.aliases)
+    assert g["body/nv@2"].name == "body/nv@2"
