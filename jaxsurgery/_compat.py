@@ -357,9 +357,18 @@ def split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[
 
     ``known(*known_consts, *known inputs)`` computes the residuals;
     ``unknown(*residuals, *unknown inputs)`` computes every output. Loops, conds and
-    calls are split by their own rules (a scan stays one scan). jax 0.10 takes and
-    returns ``ClosedJaxpr`` s, newer JAX plain ``Jaxpr`` s with constants as inputs.
+    calls are split by their own rules (a scan stays one scan); a ``custom_jvp`` call
+    is one unit, kept with its rule (jax 0.10 inlined the body of one reading an
+    unknown input, dropping the rule: see :func:`_hold`). jax 0.10 takes and returns
+    ``ClosedJaxpr`` s, newer JAX plain ``Jaxpr`` s with constants as inputs.
     """
+    known, known_consts, unknown, n = _split_known(
+        ClosedJaxpr(_hold(closed.jaxpr), closed.consts), unknowns
+    )
+    return _unhold(known), known_consts, _unhold(unknown), n
+
+
+def _split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[Any], Jaxpr, int]:
     jaxpr = _pe.convert_constvars_jaxpr(closed.jaxpr)
     flags = [False] * len(closed.consts) + list(unknowns)
     try:
@@ -379,6 +388,96 @@ def split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[
         assert not unknown.consts, "partial evaluation left constants in the unknown part"
         unknown = unknown.jaxpr
     return known, known_consts, unknown, len(residuals)
+
+
+class _Held:
+    """An equation :func:`_hold` keeps whole (a primitive's parameter: by identity)."""
+
+    __slots__ = ("eqn",)
+
+    def __init__(self, eqn: JaxprEqn):
+        self.eqn = eqn
+
+
+#: a stand-in for an equation through partial evaluation: staged whole when an input
+#: is unknown, run as it is when all are known
+_held_p = jex_core.Primitive("jaxsurgery_held")
+_held_p.multiple_results = True
+
+
+def _held_impl(*args: Any, held: _Held) -> list[Any]:
+    eqn = held.eqn
+    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+    out = eqn.primitive.bind(*subfuns, *args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+_held_p.def_impl(_held_impl)
+_held_p.def_abstract_eval(lambda *avals, held: [v.aval for v in held.eqn.outvars])
+
+#: the primitives whose bodies :func:`_hold` goes into (their partial evaluation
+#: splits the bodies with the same rules)
+_HOLD_INSIDE = frozenset({"pjit", "jit", "closed_call", "core_call", "scan", "while", "cond"})
+
+
+def _hold(jaxpr: Jaxpr) -> Jaxpr:
+    """``jaxpr`` with each ``custom_jvp_call`` (without effects) a stand-in that holds
+    it, also in the bodies of calls, loops and conds: partial evaluation stages it
+    whole, rule and all (jax 0.10's inlines the body of a call reading an unknown
+    input, assuming the split only builds linear functions: a slice from a loop value
+    lost the rules after it)."""
+    return _map_eqns(jaxpr, _hold_eqn)
+
+
+def _hold_eqn(eqn: JaxprEqn) -> JaxprEqn:
+    if eqn.primitive.name == "custom_jvp_call" and not eqn.effects:
+        params = {"held": _Held(eqn)}
+        return new_jaxpr_eqn(eqn.invars, eqn.outvars, _held_p, params, frozenset(), eqn.source_info)
+    return _map_bodies(eqn, _hold)
+
+
+def _unhold(jaxpr: Jaxpr) -> Jaxpr:
+    """The equations :func:`_hold` held, back in place (reading and writing the
+    stand-in's vars: partial evaluation made new ones)."""
+    return _map_eqns(jaxpr, _unhold_eqn)
+
+
+def _unhold_eqn(eqn: JaxprEqn) -> JaxprEqn:
+    if eqn.primitive is _held_p:
+        held = eqn.params["held"].eqn
+        return new_jaxpr_eqn(
+            eqn.invars, eqn.outvars, held.primitive, held.params, held.effects, eqn.source_info
+        )
+    return _map_bodies(eqn, _unhold)
+
+
+def _map_eqns(jaxpr: Jaxpr, fn: Any) -> Jaxpr:
+    eqns = [fn(e) for e in jaxpr.eqns]
+    if all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+        return jaxpr
+    return jaxpr.replace(eqns=eqns)
+
+
+def _map_bodies(eqn: JaxprEqn, fn: Any) -> JaxprEqn:
+    """``eqn`` with ``fn`` applied to the jaxprs of its bodies (see _HOLD_INSIDE)."""
+    if eqn.primitive.name not in _HOLD_INSIDE:
+        return eqn
+
+    def one(p: Any) -> Any:
+        if isinstance(p, ClosedJaxpr):
+            inner = fn(p.jaxpr)
+            return p if inner is p.jaxpr else ClosedJaxpr(inner, p.consts)
+        if isinstance(p, Jaxpr):
+            return fn(p)
+        return p
+
+    params = {
+        k: tuple(one(x) for x in v) if isinstance(v, tuple) else one(v)
+        for k, v in eqn.params.items()
+    }
+    if all(params[k] is v for k, v in eqn.params.items()):
+        return eqn
+    return eqn.replace(params=params)
 
 
 def dce(jaxpr: Jaxpr) -> Jaxpr:

@@ -134,6 +134,53 @@ def test_a_slice_that_does_not_cut_the_custom_calls_keeps_their_rules():
     allclose(jax.grad(s.bind(X_NEW, W_NEW))(X_NEW * W_NEW), jax.grad(net_from_a)(X_NEW * W_NEW))
 
 
+@jax.custom_jvp
+def leaky_rule_relu(x):
+    return jnp.maximum(x, 0.0)
+
+
+# a rule unlike the body's derivative anywhere: 3 above 0, 0.5 at or below
+leaky_rule_relu.defjvps(lambda t, ans, x: jnp.where(x > 0, 3.0, 0.5) * t)
+
+
+def looped_relus(x):
+    def step(h, xi):
+        h2 = jnp.sin(h) - 2.0 + xi
+        h3 = leaky_rule_relu(h2)
+        return h3, h3
+
+    hl, _ = jax.lax.scan(step, x, jnp.zeros(30))
+    a = hl * 1.0
+    return leaky_rule_relu(a - 1.0).sum()
+
+
+def test_a_slice_from_a_loop_value_keeps_the_custom_jvp_rules_after_it():
+    """A slice cut from the running loop is split by JAX's partial evaluation, which
+    (in jax 0.10) inlined the body of a custom_jvp call reading the input: its rule was
+    lost, in the loop and after it (the slice's gradient was 0 where the rule gives
+    0.5 per step)."""
+    x = jnp.array([1.0, -2.0])
+    g = js.trace(looped_relus, x)
+    h2 = g.value("step/h2@2")
+
+    def rest(h2):  # the function from step 2's h2 on, by hand
+        h = leaky_rule_relu(h2)
+        for _ in range(3, 30):
+            h = leaky_rule_relu(jnp.sin(h) - 2.0)
+        return leaky_rule_relu(h - 1.0).sum()
+
+    s = g.slice("step/h2@2", "out")
+    allclose(jax.grad(s)(h2), jax.grad(rest)(h2))
+    assert float(jnp.abs(jax.grad(rest)(h2)).sum()) > 0
+    allclose(g.jvp("step/h2@2", "out", jnp.ones(2))[1], jax.jvp(rest, (h2,), (jnp.ones(2),))[1])
+    patched = g.replace("step/h2@0", lambda v: v)  # the running program, edited
+    a = patched.value("a")
+    allclose(
+        jax.grad(patched.slice("a", "out"))(a),
+        jax.grad(lambda a: leaky_rule_relu(a - 1.0).sum())(a),
+    )
+
+
 # -- cond and switch decide again ---------------------------------------------------------
 
 
