@@ -105,11 +105,16 @@ class Found:
         if not self.elsewhere:
             return None
         outside = len(self.matches) + len(self.in_bodies)
+        listed = (
+            "the index lists no occurrence to change"
+            if not outside
+            else f"the {outside} occurrence{'s' if outside != 1 else ''} the index lists "
+            f"{'are' if outside != 1 else 'is'} changed"
+        )
         return (
             f"the pattern {self.label!r} occurs where the index lists no value, at "
             f"{short_list(self.elsewhere, 4)}: g.match does not list these and g.rewrite "
-            f"does not change them (they run as they are; {outside} other occurrence"
-            f"{'s' if outside != 1 else ''} found); a value inside a folded loop (per "
+            f"does not change them (they run as they are; {listed}); a value inside a folded loop (per "
             "iteration, name@*) is patched with g.replace(name, fn), fn of its old value "
             "(one edit of the loop's body)"
         )

@@ -317,7 +317,8 @@ CATALOG = [
         js.SliceError,
         r"the pattern 'tanh' occurs where the index lists no value, at branch 0 of the cond at "
         r"test_errors\.py:\d+: g\.match does not list these and g\.rewrite does not change "
-        r"them \(they run as they are; 0 other occurrences found\); a value inside a folded "
+        r"them \(they run as they are; the index lists no occurrence to change\); a value "
+        r"inside a folded "
         r"loop \(per iteration, name@\*\) is patched with g\.replace\(name, fn\)",
     ),
     (
