@@ -144,6 +144,7 @@ class Program:
             (r for r in inliner.regions if r.end > r.start), key=lambda r: (r.start, -r.end)
         )
         self._starts: list[int] | None = None  # the regions' starts (see enclosing)
+        self._parents: list[int] = []  # per region, the one around it (or -1)
         # control dependencies: what decides a cond or a while's trip count is read by
         # every equation inside it (for windows, context and connectivity)
         for r in self.regions:
@@ -161,11 +162,19 @@ class Program:
 
     def enclosing(self, e: int) -> Iterator[Region]:
         """The inlined calls around equation ``e``, innermost first."""
-        if self._starts is None:
-            self._starts = [r.start for r in self.regions]
-        for k in range(bisect.bisect_right(self._starts, e) - 1, -1, -1):
-            if self.regions[k].end > e:  # regions come outermost first by start
+        if self._starts is None:  # regions come outermost first by start: a stack
+            self._starts, self._parents, open_ = [], [], []
+            for k, r in enumerate(self.regions):
+                while open_ and self.regions[open_[-1]].end < r.end:
+                    open_.pop()
+                self._starts.append(r.start)
+                self._parents.append(open_[-1] if open_ else -1)
+                open_.append(k)
+        k = bisect.bisect_right(self._starts, e) - 1
+        while k >= 0:  # the last region starting before e, then the regions around it
+            if self.regions[k].end > e:
                 yield self.regions[k]
+            k = self._parents[k]
 
     @property
     def users(self) -> list[list[int]]:
