@@ -117,6 +117,12 @@ class Folded:
     #: recomputation, whose values the forward loop's names name: not named again)
     backward: bool = False
 
+    @property
+    def key(self) -> tuple:
+        """The loop's place in the nested program, iterations aside: the copies of one
+        loop in the iterations of an unrolled loop around it share it."""
+        return (tuple((s.eqn, s.branch) for s in self.steps), self.pos)
+
     def body_scope(self, eqn: C.JaxprEqn | None) -> str:
         """The scope path of an equation of its body template, the loop's scope first."""
         inner = "" if eqn is None else C.scope_of(eqn.source_info)

@@ -453,8 +453,10 @@ class Recorder:
             for b, ((f, n, atom), found, inside) in enumerate(zip(self.bindings, own, own_t))
             if not found and not inside and id(atom) in invariant
         ]
-        named = [
-            (n, found, b) for b, ((f, n, _), found) in enumerate(zip(self.bindings, own)) if f < 0
+        named = [  # (name, copies, binding or -1 for a return, the frame's depth)
+            (n, found, b, -1)
+            for b, ((f, n, _), found) in enumerate(zip(self.bindings, own))
+            if f < 0
         ]
         returns = sorted(
             (
@@ -472,11 +474,10 @@ class Recorder:
             ),
             key=lambda t: t[0],
         )
-        named += [(n, found, b) for _, n, found, b in returns]
-        named += [(n, found, b) for _, n, found, b in inner]
-        depth_of = {id(found): d for d, _, found, _ in (*returns, *inner)}
+        named += [(n, found, b, d) for d, n, found, b in returns]
+        named += [(n, found, b, d) for d, n, found, b in inner]
         flat, looped = [], []
-        for k, (name, found, b) in enumerate(named):
+        for k, (name, found, b, depth) in enumerate(named):
             for i, its in found:
                 scoped_name = (
                     anchored(b, name, _made_in(program, i), program) if b in scoped else name
@@ -488,7 +489,7 @@ class Recorder:
                 # template names it (what the body binds before what a call in it
                 # returns), and where it is made (step t's `nv`) before where the next
                 # iteration takes it (step t+1's parameter `c[1]`)
-                key = (its, b < 0, depth_of.get(id(found), 0), k)
+                key = (its, b < 0, depth, k)
                 looped.append((key, scoped_name + "".join(f"@{t}" for t in its), i))
         flat += [(name, i) for _, name, i in sorted(looped, key=lambda t: t[0])]
         from ._loop_index import Template
@@ -506,15 +507,19 @@ class Recorder:
             *(
                 (
                     in_body(b, path(b, f, n), *at[:2]),
-                    Template(*at),
-                    (at[0], atom),
+                    Template(*at, program.folded[at[0]].iterations),
+                    (program.folded[at[0]].key, atom),
                 )
                 for b, ((f, n, atom), hit, inside) in enumerate(zip(self.bindings, own, own_t))
                 if not hit
                 for at in inside
             ),
             *(
-                (paths[f] + p, Template(*at), (at[0], atom))
+                (
+                    paths[f] + p,
+                    Template(*at, program.folded[at[0]].iterations),
+                    (program.folded[at[0]].key, atom),
+                )
                 for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
                 if f >= 0 and not hit and frames[f][0]
                 for at in inside

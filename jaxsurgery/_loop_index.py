@@ -80,9 +80,14 @@ class Template:
     loop: int  # index into Program.folded
     var: int  # index into that loop's template program
     inner: tuple[int, ...]  # iterations of loops unrolled inside the body
+    #: iterations of the loops unrolled around the folded loop (a scan in a trip of an
+    #: unrolled while_loop: ``body/step/h@2@5`` is step 5 of trip 2's scan)
+    outer: tuple[int, ...] = ()
 
     def name(self, base: str, t: int) -> str:
-        return base + f"@{t}" + "".join(f"@{u}" for u in self.inner)
+        return "".join(
+            (base, *(f"@{u}" for u in self.outer), f"@{t}", *(f"@{u}" for u in self.inner))
+        )
 
 
 def template_names(
@@ -113,14 +118,15 @@ def template_names(
     return names
 
 
-def body_value(template: Program, k: int, ti: int) -> Any:
+def body_value(loop: Folded, k: int, ti: int) -> Any:
     """Which value of folded loop ``k``'s body template var ``ti`` is a copy of: the
-    nested var and where it is, iterations aside (see :func:`template_names`)."""
-    found = template.found(ti)
+    nested var and where it is, iterations aside (see :func:`template_names`), also
+    those of unrolled loops around the loop (its copy in each of their iterations)."""
+    found = loop.template.found(ti)
     if found is None:
         return (k, ti)  # made by the inliner: a value of its own
     steps, nested = found
-    return (k, tuple((s.eqn, s.branch) for s in steps), nested)
+    return (loop.key, tuple((s.eqn, s.branch) for s in steps), nested)
 
 
 def index_templates(
@@ -142,7 +148,7 @@ def index_templates(
     for k, loop in enumerate(program.folded):
         template = loop.template
         tags += [
-            (name, Template(k, ti, its), body_value(template, k, ti))
+            (name, Template(k, ti, its, loop.iterations), body_value(loop, k, ti))
             for ti, name, its in template.tag_iterations
         ]
         outputs, inside = scope_names(template, False, _residuals(program, loop), state(template))
@@ -151,7 +157,10 @@ def index_templates(
             *((ti, f"{name.rpartition('/%')[0]}/{unnamed_base(k, ti)}") for ti, name in inside),
         ]
         for ti, name in named:
-            at = (Template(k, ti, _inner(template, ti)), body_value(template, k, ti))
+            at = (
+                Template(k, ti, _inner(template, ti), loop.iterations),
+                body_value(loop, k, ti),
+            )
             scopes += [(full, *at) for full in _in_body(name, loop)]
         scopes += _inside_loop_scopes(k, loop)
     return tags, scopes
@@ -182,12 +191,12 @@ def _inside_loop_scopes(k: int, loop: Folded) -> list[tuple[str, Template, Any]]
     return [
         (
             f"{'/'.join(parts[: d + 1])}/{unnamed_base(k, ti)}",
-            Template(k, ti, _inner(template, ti)),
+            Template(k, ti, _inner(template, ti), loop.iterations),
             value,
         )
         for outs in template.eqn_out
         for ti in outs
-        for value in (body_value(template, k, ti),)
+        for value in (body_value(loop, k, ti),)
         for d in range(len(parts))
     ]
 
@@ -277,7 +286,9 @@ def _candidates(tmpl: Template, n: int, asked: tuple[int, ...] | None) -> range 
         return range(n)
     if len(asked) <= k:  # only the inner loops' iterations are asked
         return range(n) if inner[k - len(asked) :] == asked else ()
-    t = asked[len(asked) - k - 1]
+    t, around = asked[len(asked) - k - 1], asked[: len(asked) - k - 1]
+    if around and tmpl.outer[len(tmpl.outer) - len(around) :] != around:
+        return ()  # (also where more are asked than there are loops around)
     return (t,) if asked[len(asked) - k :] == inner and t < n else ()
 
 
@@ -321,9 +332,13 @@ class LoopIndex:
             f"a scan of length {f.eqn.params['length']}" if f.is_scan else "a while_loop"
             for f in program.folded[:3]
         ]
-        shown = [n for n, ts in self.names.items() if len(ts) == 1 and not is_generated(n)][:3]
+        shown = [  # names of one value (in every iteration of the loops around it)
+            n
+            for n, ts in self.names.items()
+            if len({(t.var, t.inner) for t in ts}) == 1 and not is_generated(n)
+        ][:3]
         named = (
-            f"; name one iteration, e.g. {shown[0] + '@0'!r}, or all with "
+            f"; name one iteration, e.g. {self.names[shown[0]][0].name(shown[0], 0)!r}, or all with "
             f"{shown[0] + '@*'!r} (names: {', '.join(shown)}{', ...' if len(self.names) > 3 else ''})"
             if shown
             else ""
@@ -379,7 +394,10 @@ class LoopIndex:
         base, suffix = m.group(1), [int(t) for t in m.group(2)[1:].split("@")]
         found = []
         for tmpl in self.names.get(base) or self._unnamed(base):
-            t, inner = suffix[0], tuple(suffix[1:])
+            o = len(tmpl.outer)
+            if len(suffix) <= o or tuple(suffix[:o]) != tmpl.outer:
+                continue
+            t, inner = suffix[o], tuple(suffix[o + 1 :])
             loop = self.graph._program.folded[tmpl.loop]
             if inner == tmpl.inner and self._within(loop, t):
                 found.append(self.var(tmpl, t, base))
@@ -417,7 +435,7 @@ class LoopIndex:
                 template = loop.template
                 for ti in range(len(template.vars)):
                     base = unnamed_base(k, ti)
-                    tmpl = Template(k, ti, _inner(template, ti))
+                    tmpl = Template(k, ti, _inner(template, ti), loop.iterations)
                     for t in range(n):
                         name = tmpl.name(base, t)
                         if pattern.fullmatch(name):
@@ -463,7 +481,7 @@ class LoopIndex:
         if not self._within(loop, previous):
             return self._operand(loop, tmpl.var, t)
         out = loop.template.outputs[tmpl.var - n_consts]
-        return self.var(Template(tmpl.loop, out, ()), previous)
+        return self.var(Template(tmpl.loop, out, (), tmpl.outer), previous)
 
     def _flat(self, v: VirtualVar) -> Var | None:
         """The flat var holding the same value (a loop result), or None."""
@@ -482,11 +500,12 @@ class LoopIndex:
         if v.template.inner or not self._within(loop, following):
             return []
         outputs = loop.template.outputs[:n_carry]
+        outer = v.template.outer
         return [
-            Template(v.template.loop, n_consts + c, ()).name(base, following)
+            Template(v.template.loop, n_consts + c, (), outer).name(base, following)
             for c, out in enumerate(outputs)
             if out == v.template.var
-            for base in self.base_names(Template(v.template.loop, n_consts + c, ()))
+            for base in self.base_names(Template(v.template.loop, n_consts + c, (), outer))
         ]
 
     def other_iterations(self, v: VirtualVar) -> list[Var]:
@@ -526,14 +545,16 @@ class LoopIndex:
                 for c in range(carries):
                     result = self._result(loop, c)
                     if result is not None:
-                        tmpl = Template(k, loop.template.outputs[c], ())
+                        tmpl = Template(k, loop.template.outputs[c], (), loop.iterations)
                         self._results[result.index] = self.order(tmpl, last)
                     if _reverse(loop):
                         # the initial carry is the input of the last iteration, which
                         # sorts as iteration t + 1's result is the input of iteration t
                         init = self._flat_atom(program.jaxpr.eqns[loop.flat_eqn].invars[before + c])
                         if init is not None and init.index not in self._results:
-                            self._results[init.index] = self.order(Template(k, -1, ()), n)
+                            self._results[init.index] = self.order(
+                                Template(k, -1, (), loop.iterations), n
+                            )
         return self._results.get(i)
 
     def _canonical(self, tmpl: Template) -> Template:
@@ -544,7 +565,7 @@ class LoopIndex:
         is ``h#1@2@2``): one value, one var.
         """
         inner = _inner(self.graph._program.folded[tmpl.loop].template, tmpl.var)
-        return tmpl if inner == tmpl.inner else Template(tmpl.loop, tmpl.var, inner)
+        return tmpl if inner == tmpl.inner else Template(tmpl.loop, tmpl.var, inner, tmpl.outer)
 
     def full_names(self, v: VirtualVar) -> list[str]:
         """Every name of ``v`` at its iteration, its canonical name first (names of
@@ -567,7 +588,7 @@ class LoopIndex:
             self._shared_names = {
                 name
                 for name, ts in self.names.items()
-                if len({body_value(folded[t.loop].template, t.loop, t.var) for t in ts}) > 1
+                if len({body_value(folded[t.loop], t.loop, t.var) for t in ts}) > 1
             }
         return self._shared_names
 
@@ -602,7 +623,7 @@ class LoopIndex:
         template = folded[k].template
         if ti >= len(template.vars):
             return []
-        return [Template(k, ti, _inner(template, ti))]
+        return [Template(k, ti, _inner(template, ti), folded[k].iterations)]
 
     # -- dataflow around a body value, read from the template ----------------------------
     def producers(self, v: VirtualVar) -> tuple[Var, ...]:
@@ -660,8 +681,8 @@ class LoopIndex:
             outer = self._operand(loop, j, t)
             if outer is not None:
                 return outer
-            return self.var(Template(v.template.loop, j, ()), t)
-        return self.var(Template(v.template.loop, j, _inner(template, j)), t)
+            return self.var(Template(v.template.loop, j, (), v.template.outer), t)
+        return self.var(Template(v.template.loop, j, _inner(template, j), v.template.outer), t)
 
     def _operand(self, loop: Folded, j: int, t: int | None) -> Var | None:
         """The graph var body input ``j`` is at iteration ``t``, when it is an operand of

@@ -396,10 +396,11 @@ def body_edits(
             left.append(name)
             continue
         depth = len(loop.steps)
-        target = index.var(Template(k, out, _inner(template, out)), t0)
+        around = loop.iterations
+        target = index.var(Template(k, out, _inner(template, out), around), t0)
         replacement = replacement_jaxpr(
             replacement_fn,
-            [index.var(Template(k, i, _inner(template, i)), t0) for i in ins],
+            [index.var(Template(k, i, _inner(template, i), around), t0) for i in ins],
             target,
             f"the replacement of the pattern's output {name!r}",
         )

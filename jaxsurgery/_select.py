@@ -679,13 +679,11 @@ def _no_match(
                     f"no var named {label}: in iteration {given[0]} of its folded loop, "
                     f"{base!r} is {first!r} .. {last!r} (the loops inside it)"
                 )
-            first, last = (
-                next(t for t in tmpls if t.loop == tmpl.loop and t.inner == its)
-                for its in (inner[0], inner[-1])
-            )
+            first, last = _name_range(graph, base, tmpls)
+            around = " in each iteration of the loops around it" if tmpl.outer else ""
             return SelectionError(
-                f"no var named {label}: {base!r} is inside a loop of {n} iterations, "
-                f"0 .. {n - 1} ({first.name(base, 0)!r} .. {last.name(base, n - 1)!r})"
+                f"no var named {label}: {base!r} is inside a loop of {n} iterations"
+                f"{around}, 0 .. {n - 1} ({first!r} .. {last!r})"
             )
     if word is not None and "@" not in word:
         iterations = sorted(
@@ -696,10 +694,9 @@ def _no_match(
             ),
             key=lambda n: int(n[len(word) + 1 :]),
         )
-        for tmpl in graph._loop_index.names.get(word, ())[:1]:
-            index = graph._loop_index
-            n = index.length(graph._program.folded[tmpl.loop], need=True) or 1
-            iterations = [tmpl.name(word, 0), tmpl.name(word, n - 1)]
+        tmpls = graph._loop_index.names.get(word, ())
+        if tmpls:
+            iterations = list(_name_range(graph, word, tmpls))
         if iterations:
             return SelectionError(
                 f"{label} is inside a loop: add the iteration, {iterations[0]!r} .. "
@@ -715,7 +712,7 @@ def _no_match(
         if "@" in word:  # a body value of a folded loop: its names at the iterations
             # asked for (the last one past the loop's end), each a name that selects
             its = [int(t) if t.isdigit() else 0 for t in word[word.index("@") + 1 :].split("@")]
-            candidates += _iteration_names(graph, its[0], tuple(its[1:]))
+            candidates += _iteration_names(graph, tuple(its))
         hint = did_you_mean(word, candidates)
     listed = "g.names() lists all"
     if graph._program.folded:
@@ -723,16 +720,32 @@ def _no_match(
     return SelectionError(f"no var named {label}{hint} ({listed})")
 
 
-def _iteration_names(graph: Graph, t: int, inner: tuple[int, ...]) -> list[str]:
-    """The names of folded loops' body values at iteration ``t`` (of the loop's last one
-    where it has fewer), and ``inner`` of the loops inside the body where the value is
-    in such loops, for suggestions: each one selects a value."""
+def _name_range(graph: Graph, base: str, tmpls: Sequence[Any]) -> tuple[str, str]:
+    """The first and the last name of a folded loop's body value (``base``, named by
+    ``tmpls``), over its iterations and those of the loops around and inside it."""
+    index, folded = graph._loop_index, graph._program.folded
+    first = min(tmpls, key=lambda t: (t.outer, t.inner))
+    last = max(tmpls, key=lambda t: (t.outer, t.inner))
+    n = index.length(folded[last.loop], need=True) or 1
+    return first.name(base, 0), last.name(base, n - 1)
+
+
+def _iteration_names(graph: Graph, asked: tuple[int, ...]) -> list[str]:
+    """The names of folded loops' body values at the iterations ``asked`` (those of the
+    loops around the loop, the loop's own, capped at its last, then those of the loops
+    inside the body), for suggestions: each one selects a value."""
     index, folded = graph._loop_index, graph._program.folded
     found = []
     for base, tmpls in index.names.items():
         if is_generated(base):
             continue
-        tmpl = next((u for u in tmpls if u.inner == inner), tmpls[0])
+
+        def fits(u: Any) -> bool:  # the iterations asked are those around, one, inside
+            o = len(u.outer)
+            return asked[:o] == u.outer and asked[o + 1 :] == u.inner
+
+        tmpl = next((u for u in tmpls if fits(u)), tmpls[0])
+        t = asked[len(tmpl.outer)] if len(asked) > len(tmpl.outer) else 0
         n = index.length(folded[tmpl.loop])
         name = tmpl.name(base, t if n is None else min(t, n - 1))
         if index.lookup(name):

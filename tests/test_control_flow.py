@@ -362,3 +362,33 @@ def test_a_while_loop_body_value_has_the_same_name_unrolled_or_folded(k):
     assert v.name == "body/nv@1", v.aliases
     assert {"body[1]@1", "body/c[1]@2", "body/h@2"} <= set(v.aliases)
     assert g["body/nv@2"].name == "body/nv@2"
+
+
+def _doubled_sine(h):
+    return jnp.sin(h) * 2.0
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["unrolled", "folded"])
+def test_a_parameter_a_trip_rebinds_through_a_helper_is_binding_zero(big):
+    """``h = helper(h)`` in a while_loop's body: ``h#0@t`` is the parameter (the helper's
+    own ``h`` too), ``h#1@t`` the helper's result, unrolled or folded (the helper's
+    parameter once took the body's parameter's place in the order: #0 and #1 swapped)."""
+
+    def f(x):
+        def body(c):
+            i, h = c
+            h = _doubled_sine(h)
+            for _ in range(80 if big else 0):  # a body over the unrolling limit
+                h = h * 1.0
+            return i + 1, h
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    x = jnp.array([0.1, 0.2])
+    g = js.trace(f, x)
+    h = x
+    for t in range(3):
+        allclose(g.value(f"body/h#0@{t}"), h)
+        allclose(g.value(f"body/_doubled_sine/h@{t}"), h)
+        h = _doubled_sine(h)
+        allclose(g.value(f"body/h#1@{t}"), h)

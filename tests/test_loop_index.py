@@ -550,6 +550,47 @@ def test_an_input_another_input_shields_in_a_loop_slice_has_a_zero_derivative_an
     check_slice(s, (a, hn), lambda a, hn: rest(hn))
 
 
+def test_a_scan_in_an_unrolled_while_loops_trips_is_named_trip_then_step():
+    """The index unrolls the while_loop and keeps the scan in each trip folded: a value
+    of the scan's body is ``name@trip@step``, as nested loops are (it was ``#trip``)."""
+
+    def f(h0, xs):
+        def body(c):
+            k, v = c
+
+            def step(h, x):
+                hh = jnp.tanh(h + x)
+                return hh, None
+
+            vv, _ = jax.lax.scan(step, v, xs)
+            return k + 1, vv * 0.5
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, h0))[1]
+
+    h0, xs = jnp.array([0.1, 0.2]), jax.random.normal(jax.random.key(5), (4, 2))
+    g = js.trace(f, h0, xs)
+    by_hand, v = {}, h0
+    for trip in range(3):
+        h = v
+        for step in range(4):
+            h = by_hand[trip, step] = jnp.tanh(h + xs[step])
+        v = h * 0.5
+    for (trip, step), value in by_hand.items():
+        allclose(g.value(f"body/step/hh@{trip}@{step}"), value)
+    assert len(g.select("body/step/hh@*@1")) == 3  # step 1 of every trip
+    assert len(g.select("body/step/hh@2@*")) == 4  # every step of trip 2
+    check_slice(g.slice("body/step/hh@1@2", "body/step/hh@2@0"), (by_hand[1, 2],))
+    with pytest.raises(
+        js.SelectionError,
+        match=r"'body/step/hh' is inside a loop of 4 iterations in each iteration of the "
+        r"loops around it, 0 \.\. 3 \('body/step/hh@0@0' \.\. 'body/step/hh@2@3'\)",
+    ):
+        g["body/step/hh@3@0"]
+    with pytest.raises(js.SelectionError, match=r"did you mean 'body/step/hh@1@2'"):
+        g["body/step/hhh@1@2"]
+    assert "e.g. 'body/step/h@0@0'" in " ".join(g.notes)
+
+
 def scoped_rnn(h0, xs):
     """A scan whose body runs in a ``jax.named_scope``: ``blk@t`` and ``step/h_new@t``."""
 

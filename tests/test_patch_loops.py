@@ -545,11 +545,19 @@ def test_a_scan_inside_a_while_trip_patched_at_every_iteration_is_that_trips_sca
     w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
     h0, xs = jnp.linspace(-1, 1, 4), jax.random.normal(jax.random.key(3), (5, 4))
     g = js.trace(scan_in_while, w, h0, xs)
-    names = g.select("body/cell/v#1@*").names
+    # a folded scan in a trip of the unrolled while_loop: trip, then step
+    names = g.select("body/cell/v@1@*").names
     h = h0  # by hand: the scan of the trip those names are in patched
     for trip in range(3):
         for t in range(5):
             h = jnp.sin(w @ h + xs[t])
             h = h * 3 + 1 if trip == 1 else h
-    allclose(g.replace("body/cell/v#1@*", lambda v: v * 3 + 1).as_function()(w, h0, xs), h)
+    allclose(g.replace("body/cell/v@1@*", lambda v: v * 3 + 1).as_function()(w, h0, xs), h)
+    v = g.value("body/cell/v@2@3")  # step 3 of trip 2's scan
+    h = h0
+    for trip in range(3):
+        for t in range(5):
+            h = jnp.sin(w @ h + xs[t])
+            if (trip, t) == (2, 3):
+                allclose(v, h)
     assert len(names) == 5
