@@ -217,6 +217,7 @@ class Recorder:
                 # calls in them inlined (nn.scan(nn.remat(Cell)): a checkpoint's body)
                 tuple(scope_parts(f.body_scope(e)))
                 for f in program.folded
+                if not f.backward  # (its recomputation, in rematted_computation)
                 for e in f.template.jaxpr.eqns
                 if C.has_scope(e.source_info)
             )
