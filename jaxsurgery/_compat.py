@@ -413,7 +413,9 @@ def _held_impl(*args: Any, held: _Held) -> list[Any]:
 
 
 _held_p.def_impl(_held_impl)
-_held_p.def_abstract_eval(lambda *avals, held: [v.aval for v in held.eqn.outvars])
+_held_p.def_effectful_abstract_eval(
+    lambda *avals, held: ([v.aval for v in held.eqn.outvars], held.eqn.effects)
+)
 
 #: the primitives whose bodies :func:`_hold` goes into (their partial evaluation
 #: splits the bodies with the same rules)
@@ -421,7 +423,7 @@ _HOLD_INSIDE = frozenset({"pjit", "jit", "closed_call", "core_call", "scan", "wh
 
 
 def _hold(jaxpr: Jaxpr) -> Jaxpr:
-    """``jaxpr`` with each ``custom_jvp_call`` (without effects) a stand-in that holds
+    """``jaxpr`` with each ``custom_jvp_call`` (effects and all) a stand-in that holds
     it, also in the bodies of calls, loops and conds: partial evaluation stages it
     whole, rule and all (jax 0.10's inlines the body of a call reading an unknown
     input, assuming the split only builds linear functions: a slice from a loop value
@@ -430,9 +432,9 @@ def _hold(jaxpr: Jaxpr) -> Jaxpr:
 
 
 def _hold_eqn(eqn: JaxprEqn) -> JaxprEqn:
-    if eqn.primitive.name == "custom_jvp_call" and not eqn.effects:
+    if eqn.primitive.name == "custom_jvp_call":
         params = {"held": _Held(eqn)}
-        return new_jaxpr_eqn(eqn.invars, eqn.outvars, _held_p, params, frozenset(), eqn.source_info)
+        return new_jaxpr_eqn(eqn.invars, eqn.outvars, _held_p, params, eqn.effects, eqn.source_info)
     return _map_bodies(eqn, _hold)
 
 

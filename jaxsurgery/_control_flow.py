@@ -513,8 +513,7 @@ def deciding_operands(eqn: C.JaxprEqn) -> list[int]:
 
 def input_reads(jaxpr: C.Jaxpr, outs: Iterable[int]) -> set[int]:
     """Positions of the inputs that the outputs at ``outs`` depend on (a liveness walk)."""
-    live = {jaxpr.outvars[i] for i in outs}
-    live = {v for v in live if isinstance(v, C.Var)}
+    live = {v for i in outs if isinstance(v := jaxpr.outvars[i], C.Var)}  # not a Literal
     for eqn in reversed(jaxpr.eqns):
         if any(v in live for v in eqn.outvars if not isinstance(v, C.DropVar)):
             live.update(a for a in eqn.invars if isinstance(a, C.Var))

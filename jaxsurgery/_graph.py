@@ -108,19 +108,9 @@ class Var:
 
     @property
     def source(self) -> str | None:
-        """``"file.py:12"`` of the user code that made this var, or None. A value made
-        inside a library's jitted function (``jax.nn.relu``), whose traceback JAX cuts
-        at the jit, has its call's line."""
-        program = self._graph._program
-        e = program.producer[self.index]
-        if e < 0:
-            return None
-        frame = C.user_frame(program.jaxpr.eqns[e].source_info)
-        for region in program.enclosing(e) if frame is None else ():
-            frame = C.user_frame(region.source_info)
-            if frame is not None:
-                break
-        return None if frame is None else f"{frame[0]}:{frame[1]}"
+        """``"file.py:12"`` of the user code that made this var, or None (see
+        ``Program.source``)."""
+        return self._graph._program.source(self.index)
 
     @property
     def producers(self) -> tuple[Var, ...]:

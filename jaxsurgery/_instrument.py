@@ -400,7 +400,7 @@ class Recorder:
             select(atom, scope[p] if (p := frames[f][1]) >= 0 else None)
             for f, _, atom in self.returns
         ]
-        own_t, back_t, constants = self._in_templates(program)
+        own_t, back_t, constants = self._in_templates(program, scope)
         for records, found_per in ((self.bindings, own), (self.returns, back)):
             _share_tokens(records, found_per)
         for records, found_per in ((self.bindings, own_t), (self.returns, back_t)):
@@ -528,7 +528,9 @@ class Recorder:
         ]
         return flat, templates
 
-    def _in_templates(self, program: Any) -> tuple[list, list, set[int]]:
+    def _in_templates(
+        self, program: Any, outer: list[_Scope | None]
+    ) -> tuple[list, list, set[int]]:
         """Per binding and per return: ``[(loop, template var, iterations)]``, where
         the value lies in the bodies of folded loops (see :mod:`jaxsurgery._loop_index`).
 
@@ -554,6 +556,8 @@ class Recorder:
                     if loop.backward and type(atom) is str:
                         continue  # a mark a checkpoint recomputes (as _program drops)
                     at = frame_of(f)
+                    if not _holds_loop(outer[at] if at >= 0 else None, loop):
+                        continue  # a jit call's frame: not another call's loop
                     for ti, its in calls.select(atom, scope[at] if at >= 0 else None):
                         if ti < constant:
                             constants.add(id(atom))
@@ -633,6 +637,15 @@ def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
         if atom(x) not in given:
             return site
     return None
+
+
+def _holds_loop(scope: _Scope | None, loop: Any) -> bool:
+    """Whether a frame scoped to ``scope`` (its ``jit`` call's inlined copies; None:
+    anywhere) holds folded ``loop``: a loop in a jitted function called twice is one
+    loop per call, each named by its own call's frames."""
+    if scope is None or loop.flat_eqn < 0 or not scope.regions:
+        return True  # (no regions: a call inside a loop body, which the template scopes)
+    return any(r.start <= loop.flat_eqn < r.end for r in scope.regions)
 
 
 class _Scope:

@@ -809,9 +809,7 @@ class VirtualVar(Var):
 
     @property
     def source(self) -> str | None:
-        eqn = self._eqn()
-        frame = None if eqn is None else C.user_frame(eqn.source_info)
-        return None if frame is None else f"{frame[0]}:{frame[1]}"
+        return self._loop.template.source(self.template.var)
 
     @property
     def producers(self) -> tuple[Any, ...]:

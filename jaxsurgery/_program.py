@@ -160,6 +160,20 @@ class Program:
                 for e in range(r.end - len(r.outs), r.end):
                     self.eqn_in[e] += operands
 
+    def source(self, i: int) -> str | None:
+        """``"file.py:12"`` of the user code that made var ``i``, or None. A value made
+        inside a library's jitted function (``jax.nn.relu``), whose traceback JAX cuts
+        at the jit, has its call's line."""
+        e = self.producer[i]
+        if e < 0:
+            return None
+        frame = C.user_frame(self.jaxpr.eqns[e].source_info)
+        for region in self.enclosing(e) if frame is None else ():
+            frame = C.user_frame(region.source_info)
+            if frame is not None:
+                break
+        return None if frame is None else f"{frame[0]}:{frame[1]}"
+
     def enclosing(self, e: int) -> Iterator[Region]:
         """The inlined calls around equation ``e``, innermost first."""
         if self._starts is None:  # regions come outermost first by start: a stack

@@ -392,3 +392,28 @@ def test_a_parameter_a_trip_rebinds_through_a_helper_is_binding_zero(big):
         allclose(g.value(f"body/_doubled_sine/h@{t}"), h)
         h = _doubled_sine(h)
         allclose(g.value(f"body/h#1@{t}"), h)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["unrolled", "folded"])
+def test_a_while_loop_whose_body_sets_what_its_condition_reads_to_a_constant(big):
+    """A do-while (the body returns ``False`` for the flag its condition reads): its
+    trip count is found and its values are named (a constant among the results it
+    reads made a TypeError, tracing it unrolled and naming a value folded)."""
+
+    def f(x):
+        def body(c):
+            go, h = c
+            h = jnp.sin(h)
+            for _ in range(80 if big else 0):
+                h = h * 1.0
+            hh = h
+            return False, hh
+
+        return jax.lax.while_loop(lambda c: c[0], body, (True, x))[1].sum()
+
+    x = jnp.array([0.5, 1.0])
+    g = js.trace(f, x)
+    allclose(g.value("body/hh@0"), jnp.sin(x))
+    with pytest.raises(js.SelectionError):
+        g["body/hh@1"]  # one trip
+    allclose(g.as_function()(x * 2.0), jnp.sin(x * 2.0).sum())

@@ -591,6 +591,33 @@ def test_a_scan_in_an_unrolled_while_loops_trips_is_named_trip_then_step():
     assert "e.g. 'body/step/h@0@0'" in " ".join(g.notes)
 
 
+@jax.jit
+def _solve(x):
+    def body(h, _):
+        nv = jnp.sin(h) + 0.5
+        return nv, None
+
+    return jax.lax.scan(body, x, None, length=3)[0]
+
+
+def test_a_loop_in_a_jitted_function_called_twice_is_named_by_each_call():
+    """JAX traces the jitted function once; each call's frames name its own loop (they
+    named both, so a name had #k forms and solve#1's #0 was the first call's value)."""
+
+    def f(x):
+        a = _solve(x)
+        b = _solve(a * 2.0)
+        return b
+
+    x = jnp.array([0.1, 0.2])
+    g = js.trace(f, x)
+    for call, h in enumerate((x, _solve(x) * 2.0)):
+        for t in range(3):
+            h = jnp.sin(h) + 0.5
+            allclose(g.value(f"_solve#{call}/body/nv@{t}"), h)
+    assert g["_solve#1/body/nv@2"] is g["b"]
+
+
 def scoped_rnn(h0, xs):
     """A scan whose body runs in a ``jax.named_scope``: ``blk@t`` and ``step/h_new@t``."""
 

@@ -142,6 +142,19 @@ def test_a_value_made_inside_a_library_jit_has_its_calls_line():
     assert g["b"].source.endswith(f"test_select.py:{line + 2}")
     assert f"test_select.py:{line + 2}" in str(g)
 
+    def looped(x, xs):  # the same in a folded scan's body
+        def step(h, xt):
+            r = jax.nn.relu(h + xt)
+            n = jnp.linalg.norm(r)
+            return r / n, None
+
+        return jax.lax.scan(step, x, xs)[0].sum()
+
+    g = js.trace(looped, jnp.ones(3), jnp.ones((4, 3)))
+    line = looped.__code__.co_firstlineno
+    assert g["step/r@1"].source.endswith(f"test_select.py:{line + 2}")
+    assert g["step/n@1"].source.endswith(f"test_select.py:{line + 3}")
+
 
 def inner(h):
     a = jnp.sin(h)

@@ -181,6 +181,28 @@ def test_a_slice_from_a_loop_value_keeps_the_custom_jvp_rules_after_it():
     )
 
 
+@jax.custom_jvp
+def printed_identity(x):
+    jax.debug.print("{}", x[0])
+    return x * 1.0
+
+
+printed_identity.defjvp(lambda p, t: (printed_identity(p[0]), 2.0 * t[0]))
+
+
+def test_a_slice_from_a_loop_value_keeps_the_rule_of_a_custom_jvp_with_effects():
+    def f(h0, xs):
+        def step(h, x):
+            a = h + x
+            return printed_identity(a), None
+
+        return jax.lax.scan(step, h0, xs)[0].sum()
+
+    g = js.trace(f, jnp.ones(3), jnp.ones((4, 3)))
+    s = g.slice("step/a@1", "out")
+    allclose(jax.grad(s)(g.value("step/a@1")), jnp.full(3, 8.0))  # three rules, 2 each
+
+
 # -- cond and switch decide again ---------------------------------------------------------
 
 
