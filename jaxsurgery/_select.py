@@ -779,7 +779,9 @@ def _no_pattern_match(
             bases = [b for b in graph._loop_index.names if not is_generated(b)]
             stem = re.sub(r"[*?]", "", base)
             found = close_matches(stem, bases) or [b for b in bases if b.endswith(f"/{stem}")]
-            close = [f"{b}@{rest}" for b in found]
+            close = [  # each one a pattern that selects something
+                n for b in found if (n := f"{b}@{rest}") != word and _regex(graph, compile_glob(n))
+            ]
         if close:
             hint = f"; names close to it: {short_list(repr(n) for n in close)}"
     kind = "the pattern" if word is not None else "the regex"

@@ -647,6 +647,12 @@ CATALOG = [
         r"no var matches the pattern 'step/h_nw@\*'; names close to it: 'step/h_new@\*'",
     ),
     (
+        "a glob of more iterations than the loops have",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2))).select("step/h_new@*@*"),
+        js.SelectionError,
+        r"^no var matches the pattern 'step/h_new@\*@\*' \(g.names\(\) lists all\)$",
+    ),
+    (
         "a scope only inside a folded scan",
         lambda g, a: js.trace(scoped_rnn, jnp.zeros(2), jnp.ones((50, 2))).select(scope="cell"),
         js.SelectionError,
