@@ -504,9 +504,15 @@ class Recorder:
             prefix = backward_prefix(loop.scope)[0]
             return anchored(b, name, f"{prefix}/{made_in}" if prefix else made_in, program)
 
-        templates = [
-            *(
+        def depth(f: int) -> int:
+            return depths[f] if f >= 0 else -1
+
+        # ranked as in an unrolled loop's iterations: what the body binds, outer frames
+        # first, then what calls in it return
+        bound = sorted(
+            (
                 (
+                    depth(f),
                     in_body(b, path(b, f, n), *at[:2]),
                     Template(*at, program.folded[at[0]].iterations),
                     (program.folded[at[0]].key, atom),
@@ -515,8 +521,12 @@ class Recorder:
                 if not hit
                 for at in inside
             ),
-            *(
+            key=lambda t: t[0],
+        )
+        returned = sorted(
+            (
                 (
+                    depth(f),
                     paths[f] + p,
                     Template(*at, program.folded[at[0]].iterations),
                     (program.folded[at[0]].key, atom),
@@ -525,8 +535,9 @@ class Recorder:
                 if f >= 0 and not hit and frames[f][0]
                 for at in inside
             ),
-        ]
-        return flat, templates
+            key=lambda t: t[0],
+        )
+        return flat, [t[1:] for t in (*bound, *returned)]
 
     def _in_templates(
         self, program: Any, outer: list[_Scope | None]

@@ -603,9 +603,11 @@ class LoopIndex:
         return [tmpl, *(t for t in others if t != tmpl)]
 
     def _bases(self, tmpl: Template) -> list[str]:
-        """The base names naming ``tmpl`` exactly, plain names first."""
+        """The base names naming ``tmpl`` exactly, in ranking order (what the body binds,
+        ``#k`` forms included, before what calls return, as in an unrolled loop), a
+        name of several values last."""
         found = [n for n, ts in self.names.items() if tmpl in ts]
-        return sorted(found, key=lambda n: ("#" not in n and len(self.names[n]) > 1, "#" in n))
+        return sorted(found, key=lambda n: "#" not in n and len(self.names[n]) > 1)
 
     def base_names(self, tmpl: Template) -> list[str]:
         """The base names of a template var, plain names first; a body value nothing

@@ -417,3 +417,44 @@ def test_a_while_loop_whose_body_sets_what_its_condition_reads_to_a_constant(big
     with pytest.raises(js.SelectionError):
         g["body/hh@1"]  # one trip
     allclose(g.as_function()(x * 2.0), jnp.sin(x * 2.0).sum())
+
+
+@jax.jit
+def _jitted_cos(h):
+    return jnp.cos(h)
+
+
+def _two(h):
+    a = jnp.cos(h)
+    return a, a + 1.0
+
+
+def _helper(h):
+    return jnp.sin(h) * 0.5
+
+
+def test_canonical_names_in_a_while_loops_trips_are_the_same_unrolled_or_folded(monkeypatch):
+    """The index unrolls a small body and folds a large one: a value has the same
+    canonical name either way (the folded index ranked a call's own names and what a
+    call returns before the body's: body/two/a@1, body[2]@1, body/_jitted_cos@1)."""
+
+    def f(x):
+        def body(c):
+            i, h, k = c
+            a, b = _two(h)
+            k = k + a
+            h = _jitted_cos(h)
+            return i + 1, _helper(b * 0.5 + h), k
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x, x))[2]
+
+    x = jnp.array([0.1, 0.2])
+    unrolled = js.trace(f, x)
+    monkeypatch.setattr(js._control_flow, "WHILE_FOLD_LIMIT", -1)  # as a body past it
+    folded = js.trace(f, x)
+    assert folded._program.folded and not unrolled._program.folded
+    names = [v.name for v in unrolled.select("body/**@1") if "%" not in v.name]
+    assert {"body/a@1", "body/k#1@1", "body/h#1@1"} <= set(names)
+    for name in names:
+        assert folded[name].name == name, (name, folded[name].name)
+        allclose(folded.value(name), unrolled.value(name))
