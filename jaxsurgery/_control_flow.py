@@ -317,6 +317,11 @@ class ControlFlow:
             self._fold(eqn, pos, invars, source_info)
             return None
         values = self._values([*cond_consts, *body_consts, *carry])
+        if values is None and self.after_loop and self.fold:
+            # what it reads comes out of a folded loop, which tracing does not run: it
+            # is folded too, its trips counted when a value inside is first asked for
+            self._fold(eqn, pos, invars, source_info)
+            return None
         if values is None and self.after_loop:
             self.notes.append(_AFTER_LOOP.format(what="a while_loop"))
             return None

@@ -458,3 +458,45 @@ def test_canonical_names_in_a_while_loops_trips_are_the_same_unrolled_or_folded(
     for name in names:
         assert folded[name].name == name, (name, folded[name].name)
         allclose(folded.value(name), unrolled.value(name))
+
+
+def test_a_while_loop_after_a_folded_scan_is_folded_and_named_per_trip():
+    """What the while_loop reads comes out of a scan the index keeps whole (tracing
+    does not run it): the while_loop is folded too, its values named per trip and its
+    trips counted when first asked for (it stayed one equation with nothing named)."""
+
+    def f(x, xs):
+        def step(h, xt):
+            r = jnp.tanh(h + xt)
+            return r, r
+
+        hl, _ = jax.lax.scan(step, x, xs)
+
+        def body(cc):
+            i, h = cc
+            hn = jax.nn.relu(h - 0.1) + 0.05
+            return i + 1, hn
+
+        return jax.lax.while_loop(lambda cc: cc[0] < 3, body, (0, hl))[1].sum()
+
+    x, xs = jnp.array([1.0, -2.0, 3.0]), jnp.ones((4, 3)) * 0.5
+    g = js.trace(f, x, xs)
+    h = x
+    for t in range(4):
+        h = jnp.tanh(h + xs[t])
+    first = jax.nn.relu(h - 0.1) + 0.05
+    for t in range(3):
+        h = jax.nn.relu(h - 0.1) + 0.05
+        allclose(g.value(f"body/hn@{t}"), h)
+    with pytest.raises(js.SelectionError, match=r"inside a loop of 3 iterations"):
+        g["body/hn@3"]
+
+    def rest(hn):
+        for _ in range(2):
+            hn = jax.nn.relu(hn - 0.1) + 0.05
+        return hn.sum()
+
+    s = g.slice("body/hn@0", "out")
+    allclose(s(first), rest(first))
+    allclose(jax.jvp(s, (first,), (jnp.ones(3),))[1], jax.jvp(rest, (first,), (jnp.ones(3),))[1])
+    allclose(g.as_function()(x * 0.5, xs), f(x * 0.5, xs))
