@@ -117,7 +117,7 @@ class Folded:
     #: recomputation, whose values the forward loop's names name: not named again)
     backward: bool = False
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
         """The loop's place in the nested program, iterations aside: the copies of one
         loop in the iterations of an unrolled loop around it share it."""

@@ -507,16 +507,17 @@ class Recorder:
         def depth(f: int) -> int:
             return depths[f] if f >= 0 else -1
 
+        def placed(at: tuple, atom: Any) -> tuple[Template, tuple]:
+            """A hit ``(loop, template var, inner iterations)``: its template, and the
+            value it is (the loop's place in the nested program, the traced atom)."""
+            loop = program.folded[at[0]]
+            return Template(*at, loop.iterations), (loop.key, atom)
+
         # ranked as in an unrolled loop's iterations: what the body binds, outer frames
         # first, then what calls in it return
         bound = sorted(
             (
-                (
-                    depth(f),
-                    in_body(b, path(b, f, n), *at[:2]),
-                    Template(*at, program.folded[at[0]].iterations),
-                    (program.folded[at[0]].key, atom),
-                )
+                (depth(f), in_body(b, path(b, f, n), *at[:2]), *placed(at, atom))
                 for b, ((f, n, atom), hit, inside) in enumerate(zip(self.bindings, own, own_t))
                 if not hit
                 for at in inside
@@ -525,12 +526,7 @@ class Recorder:
         )
         returned = sorted(
             (
-                (
-                    depth(f),
-                    paths[f] + p,
-                    Template(*at, program.folded[at[0]].iterations),
-                    (program.folded[at[0]].key, atom),
-                )
+                (depth(f), paths[f] + p, *placed(at, atom))
                 for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
                 if f >= 0 and not hit and frames[f][0]
                 for at in inside
