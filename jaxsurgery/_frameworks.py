@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -147,30 +148,48 @@ def library_calls(
     return stack
 
 
-def haiku_function_cell(fn: Any) -> Any:
-    """For the ``apply`` (or ``init``) of a Haiku transformed function: the closure
-    cell holding the user's function it runs (found through the transforms wrapping
-    it, ``hk.transform``'s, ``hk.without_apply_rng``'s); None for anything else."""
-    original = getattr(fn, "_original_fn", None)
-    if original is None or "haiku" not in sys.modules:
+def haiku_rewritten(
+    fn: Any, rewritten: Callable[[Any], tuple[Any, str | None]]
+) -> tuple[Any, Any, str | None] | None:
+    """For the ``apply`` (or ``init``) of a Haiku transformed function: ``(cell, inner,
+    reason)``, the closure cell holding the user's function it runs (found through
+    Haiku's functions wrapping it: ``hk.transform``'s, ``hk.without_apply_rng``'s) and
+    what to put there while it runs, the function ``rewritten``. For
+    ``hk.multi_transform(f)``, the cell holds the factory ``f``, and ``inner`` is the
+    rewritten factory that rewrites the functions it returns (Haiku calls them, not
+    user code). None for anything else."""
+    if "haiku" not in sys.modules or not _haiku_function(fn):
         return None
     todo, seen = [fn], 0
     while todo and seen < 8:
-        f, seen = todo.pop(), seen + 1
-        for cell in getattr(f, "__closure__", None) or ():
+        holder, seen = todo.pop(), seen + 1
+        for cell in getattr(holder, "__closure__", None) or ():
             try:
                 item = cell.cell_contents
             except ValueError:  # a cell not yet filled
                 continue
-            if item is original:
-                return cell
             if isinstance(item, tuple):  # a Transformed the function wraps
                 todo += [
-                    inner
-                    for inner in (getattr(item, "apply", None), getattr(item, "init", None))
-                    if getattr(inner, "_original_fn", None) is original
+                    i for i in (getattr(item, "apply", None), getattr(item, "init", None)) if i
                 ]
+            elif _haiku_function(item):
+                todo.append(item)
+            elif isinstance(item, types.FunctionType):  # the first function of the user's
+                inner, reason = rewritten(item)
+                if holder.__qualname__.startswith("multi_transform"):
+                    inner = functools.partial(_rewritten_factory, inner, rewritten)
+                return cell, inner, reason
     return None
+
+
+def _rewritten_factory(factory: Callable, rewritten: Callable) -> Any:
+    """What a rewritten ``hk.multi_transform`` factory returns, its functions rewritten."""
+    init, functions = factory()
+    return jax.tree_util.tree_map(lambda f: rewritten(f)[0], (init, functions))
+
+
+def _haiku_function(fn: Any) -> bool:
+    return isinstance(fn, types.FunctionType) and (fn.__module__ or "").startswith("haiku.")
 
 
 @contextlib.contextmanager

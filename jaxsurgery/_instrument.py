@@ -68,7 +68,7 @@ from jax.ad_checkpoint import checkpoint_name
 from . import _compat as C
 from ._frameworks import (
     as_pytree_call,
-    haiku_function_cell,
+    haiku_rewritten,
     library_rejit,
     named_array_data,
     scoped_module,
@@ -123,6 +123,8 @@ class Recorder:
         self._untagged = 0
         #: frames of library module methods (Flax linen, Haiku), whose names are scoped
         self._scoped_frames: set[int] = set()
+        #: why user functions called while tracing could not be rewritten (no source)
+        self.unrewritten: list[str] = []
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -910,7 +912,8 @@ def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     ``Net/Block_0/helper/y``; the frame's results are named by the module's scope,
     not by it. Library code, and every method while nothing is traced, runs as it is."""
     recorder = _current()
-    if recorder is None or not _is_user_function(method):
+    user = _is_user_function(method) or _wrapped_user_function(method) is not None
+    if recorder is None or not user:
         return method(module, *args, **kwargs)
     run, _ = rewritten(method)
     frame = recorder.enter(scope_path(C.current_scope()), method)
@@ -954,9 +957,9 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return functools.partial(inner, *fn.args, **fn.keywords), None
     if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
         return None, None  # a linen/Haiku module's own methods run as call_method runs them
-    cell = haiku_function_cell(fn) if jitted is None else None
-    if cell is not None:  # f.apply of hk.transform(f): f runs rewritten, in the call's frame
-        inner, reason = rewritten(cell.cell_contents)
+    haiku = haiku_rewritten(fn, rewritten) if jitted is None else None
+    if haiku is not None:  # f.apply of hk.transform(f): f runs rewritten, in the call's frame
+        cell, inner, reason = haiku
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
     jitted = jitted or _jitted(fn) or _jitted_call(fn)
@@ -1326,7 +1329,11 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     if _is_user_function(fn) or (
         isinstance(fn, types.MethodType) and _is_user_function(fn.__func__)
     ):
-        return instrument(fn)
+        run, reason = instrument(fn)
+        recorder = _current()
+        if reason and recorder is not None:
+            recorder.unrewritten.append(reason)
+        return run, reason
     owner = getattr(fn, "__self__", None)
     if owner is not None and _is_user_function(getattr(fn, "__func__", None)):
         # a bound method of another kind (Equinox's, a pytree of its module): rebound
@@ -1347,7 +1354,33 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     framed = _transformed(fn)
     if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
         return framed.unframed, None
+    wrapped = _wrapped_user_function(fn)
+    if wrapped is not None:  # a decorator's wrapper runs as it is, the function rewritten
+        cell, user = wrapped
+        inner, reason = instrument(user)
+        if not reason:
+            return functools.partial(_run_swapped, cell, inner, fn), None
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
+
+
+def _wrapped_user_function(fn: Any) -> tuple[Any, Any] | None:
+    """For a function a decorator wrapped (``functools.wraps``: ``__wrapped__``), also
+    a bound method of one: ``(cell, user function)``, the closure cell of the innermost
+    wrapper that holds the user's function it wraps; None if there is none. Swapping
+    the cell runs the decorator's code as it is around the rewritten function."""
+    wrapper = getattr(fn, "__func__", fn)
+    for _ in range(8):
+        inner = getattr(wrapper, "__wrapped__", None)
+        if not isinstance(wrapper, types.FunctionType) or inner is None:
+            return None
+        if _is_user_function(inner):
+            for cell in wrapper.__closure__ or ():
+                with contextlib.suppress(ValueError):  # a cell not yet filled
+                    if cell.cell_contents is inner:
+                        return cell, inner
+            return None
+        wrapper = inner
+    return None
 
 
 class _Memory:

@@ -24,7 +24,7 @@ from . import _compat as C
 from . import _select
 from ._errors import SliceError, TraceError, short_list
 from ._frameworks import (
-    haiku_function_cell,
+    haiku_rewritten,
     in_place_objects,
     library_calls,
     library_names,
@@ -105,10 +105,10 @@ def _trace(
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
     run, reason = rewritten(target)
-    haiku = haiku_function_cell(target) if reason else None
+    haiku = haiku_rewritten(target, rewritten) if reason else None
     if haiku is not None:  # hk.transform(f).apply: f runs rewritten, as the traced function
-        inner, reason = rewritten(haiku.cell_contents)
-        haiku_run = swapped(haiku, inner)
+        cell, inner, reason = haiku
+        haiku_run = swapped(cell, inner)
     else:
         haiku_run = contextlib.nullcontext()
     recorder = Recorder()
@@ -171,9 +171,14 @@ def _trace(
             "argument is used where Python needs a concrete value; pass it with "
             "static_argnums/static_argnames (or as a non-array leaf, held static)"
         ) from e
-    if reason and scoped_module(target) and recorder.bindings:
+    if reason and scoped_module(target) and (recorder.bindings or recorder.unrewritten):
         reason = None  # a linen module's apply: its modules' methods named what they bind
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    notes += [
+        f"no Python variable names in a function it calls: {why}"
+        for why in dict.fromkeys(recorder.unrewritten)
+        if why != reason
+    ]
     shadowing = [n for n in in_names if n == "out" or n.startswith(("out[", "out."))]
     if shadowing:  # inputs come first: "out" then selects the argument
         notes.append(

@@ -376,3 +376,48 @@ def test_a_partial_given_to_a_loop_or_cond_is_named_after_its_function():
     p, x = jnp.arange(3.0) + 0.5, jnp.linspace(-1.0, 1.0, 3)
     allclose(js.trace(f, p, x).value("body/c2@1"), (x * p + x) * p + x)
     allclose(js.trace(g_cond, p, x).value("partial_layer/pre"), jnp.tanh(x * p))
+
+
+def counted(fn):
+    """A user's decorator (``functools.wraps``): counts the calls, then runs ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        COUNTED.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+COUNTED: list[str] = []
+
+
+@counted
+def counted_block(x, w):
+    pre = x @ w
+    return jnp.tanh(pre)
+
+
+def test_a_function_a_decorator_wrapped_is_named_and_its_wrapper_still_runs():
+    """A decorator's wrapper runs as it is around the rewritten function (the cell that
+    holds the function is swapped while it runs): what the function binds is named,
+    called or traced itself, and the decorator's code runs (it counted the calls)."""
+
+    def net(x, w):
+        h = counted_block(x, w)
+        return counted_block(h, w).sum()
+
+    x, w = jnp.ones((2, 3)), jnp.eye(3) * 0.5
+    COUNTED.clear()
+    g = js.trace(net, x, w)
+    assert COUNTED == ["counted_block", "counted_block"] and not g.notes
+    pre0 = x @ w
+    allclose(g.value("counted_block#0/pre"), pre0)
+    check_slice(
+        g.slice("counted_block#0/pre", "counted_block#1/pre"),
+        (pre0,),
+        lambda p: jnp.tanh(p) @ w,
+    )
+    g2 = js.trace(counted_block, x, w)
+    allclose(g2.value("pre"), pre0)
+    assert counted_block.__closure__[0].cell_contents is counted_block.__wrapped__  # put back

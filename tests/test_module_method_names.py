@@ -3,6 +3,8 @@ methods itself (``model.apply``), so js.trace runs the user's methods rewritten
 through the library's method interceptors, naming what they bind in the module's
 scope; the function ``hk.transform`` was given runs rewritten too."""
 
+import functools
+
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -328,3 +330,95 @@ def test_the_body_given_to_haiku_scan_names_what_it_binds_per_iteration():
         return total
 
     check_slice(g.slice("step/h@2", "out"), (c,), rest)
+
+
+def hk_autoencoder():
+    """An ``hk.multi_transform`` factory: a template and the functions to apply."""
+    enc, dec = hk.Linear(4, name="enc"), hk.Linear(3, name="dec")
+
+    def encode(x):
+        code = jnp.tanh(enc(x))
+        return code
+
+    def decode(z):
+        recon = jax.nn.relu(dec(z))
+        return recon
+
+    def template(x):
+        return decode(encode(x))
+
+    return template, (encode, decode)
+
+
+def test_the_functions_an_haiku_multi_transform_factory_returns_name_what_they_bind():
+    """``hk.multi_transform(f).apply`` runs a function ``f`` returns (Haiku calls it,
+    not user code): the factory runs rewritten and so do the functions it returns."""
+    auto = hk.multi_transform(hk_autoencoder)
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    p = auto.init(jax.random.key(1), x)
+    encode, decode = auto.apply
+    g = js.trace(encode, p, None, x)
+    code = jnp.tanh(x @ p["enc"]["w"] + p["enc"]["b"])
+    allclose(g.value("code"), code)
+    assert not g.notes
+    g2 = js.trace(decode, p, None, code)
+    s = g2.slice("z", "recon")
+    check_slice(s, (code,), lambda z: jax.nn.relu(z @ p["dec"]["w"] + p["dec"]["b"]))
+    g3 = js.trace(auto.init, jax.random.key(1), x)  # the template, through init
+    allclose(g3.value("encode/code"), code)
+    # the factory's cell holds the factory again
+    allclose(encode(p, None, x), code)
+
+
+def logged_method(method):
+    """A user's decorator on a module method."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedBlock(nn.Module):
+    @logged_method
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.Dense(4)(x)
+        act = jnp.tanh(hidden)
+        return act
+
+
+def test_a_linen_method_wrapped_by_a_users_decorator_names_what_it_binds():
+    x = jnp.ones((2, 3))
+    model = DecoratedBlock()
+    variables = model.init(jax.random.key(0), x)
+    g = js.trace(model.apply, variables, x)
+    dense = variables["params"]["Dense_0"]
+    hidden = x @ dense["kernel"] + dense["bias"]
+    allclose(g.value("DecoratedBlock/hidden"), hidden)
+    check_slice(g.slice("DecoratedBlock/hidden", "DecoratedBlock/act"), (hidden,), jnp.tanh)
+
+
+def test_a_module_whose_source_cannot_be_read_says_so_in_the_notes():
+    """A class made by ``exec`` of a string has no source to read names from: its
+    scopes still name its modules, and the notes say why there are no Python names."""
+    namespace = {"nn": nn, "jnp": jnp}
+    exec(  # noqa: S102
+        "class Exec(nn.Module):\n"
+        "    @nn.compact\n"
+        "    def __call__(self, x):\n"
+        "        hidden = nn.Dense(4)(x)\n"
+        "        return jnp.tanh(hidden)\n",
+        namespace,
+    )
+    model = namespace["Exec"]()
+    x = jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x)
+    g = js.trace(model.apply, variables, x)
+    assert g.notes == (
+        "no Python variable names in a function it calls: the source of Exec.__call__ "
+        "could not be rewritten (could not get source code)",
+    )
+    dense = variables["params"]["Dense_0"]
+    allclose(g.value("Exec/Dense_0"), x @ dense["kernel"] + dense["bias"])
