@@ -115,7 +115,11 @@ def _spec(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
             raise ValueError("no ** in a dict")
-        return {ast.literal_eval(k): _spec(v) for k, v in zip(node.keys, node.values)}
+        bare = next((k for k in node.keys if not isinstance(k, ast.Constant)), None)
+        if bare is not None:
+            text = ast.unparse(bare)
+            raise ValueError(f"a dict key must be quoted: {text!r}, not {text}")
+        return {k.value: _spec(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Subscript):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError, type_of
@@ -67,7 +68,7 @@ def replacement_jaxpr(
         or tuple(out[0].shape) != target.shape
         or out[0].dtype != target.dtype
     ):
-        got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out)
+        got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out) or "nothing (no array)"
         got = f"{type(returned[0]).__name__} of {got}" if container else got
         raise SliceError(
             f"{what} must give {type_of(target)}, got {got}; return a value shaped like "
@@ -123,7 +124,10 @@ def splice(
             ]
             eqn = program.jaxpr.eqns[pos] if pos >= 0 else None
             source_info = None if eqn is None else eqn.source_info
-            new_values[edit.target] = inl._inline(edit.closed, atoms, source_info)[0]
+            new = inl._inline(edit.closed, atoms, source_info)[0]
+            if isinstance(new, C.Literal):  # a constant (``0.0``): a constant var, as outputs
+                new = inl._new_const(np.asarray(new.val, new.aval.dtype), new.aval)
+            new_values[edit.target] = new
             env[program.vars[edit.target]] = new_values[edit.target]
 
     starts = {r.start: [] for r in program.regions}

@@ -407,6 +407,19 @@ class _MarkAssignments(ast.NodeTransformer):
         self.generic_visit(node)
         return [node, *_marks(_target_names(node.target), node)]
 
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> ast.NamedExpr:
+        """``(b := value)`` marks ``value`` as ``b`` where it is bound."""
+        self.generic_visit(node)
+        node.value = ast.copy_location(
+            ast.Call(
+                func=ast.Name(id=MARK, ctx=ast.Load()),
+                args=[ast.Constant(value=node.target.id), node.value],
+                keywords=[],
+            ),
+            node.value,
+        )
+        return node
+
     def visit_For(self, node: ast.For) -> ast.For:
         self.generic_visit(node)
         node.body = _marks(_target_names(node.target), node) + node.body

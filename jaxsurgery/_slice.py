@@ -464,7 +464,13 @@ class Slice:
         return [(Edit(Site(steps, ()), "hit"), ok) for steps, ok in hits.items()], what
 
     # -- calling ------------------------------------------------------------------------
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise SliceError(
+                f"{self!r} takes its inputs by position, got keyword "
+                f"{short_list(kwargs)}; pass them in the order "
+                f"({short_list(v.name for v in self.in_vars)})"
+            )
         expected = len(self.inputs) if self._positional else 1
         if len(args) != expected:
             raise SliceError(
@@ -475,7 +481,8 @@ class Slice:
         leaves, treedef = jax.tree_util.tree_flatten(structured)
         if treedef != self._in_tree:
             raise SliceError(
-                f"{self!r} expects its inputs structured as {self._in_tree}, got {treedef}"
+                f"{self!r} expects its inputs structured as {_tree_text(self._in_tree)}, "
+                f"got {_tree_text(treedef)} (* is an array)"
             )
         flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
         checks = bool(self._decisions) and not self._unchecked
@@ -746,3 +753,9 @@ def _check_connected(
             f"input {v.name!r} {where} ({outs}); pick an input upstream of the outputs, "
             "or pass allow_unconnected=True to ignore it"
         )
+
+
+def _tree_text(treedef: Any) -> str:
+    """``(*, {'b': *})`` for a ``PyTreeDef((*, {'b': *}))``."""
+    text = str(treedef)
+    return text[len("PyTreeDef(") : -1] if text.startswith("PyTreeDef(") else text

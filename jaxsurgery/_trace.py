@@ -100,6 +100,7 @@ def _trace(
 ) -> Graph:
     """The work of :func:`trace`."""
     target = _unwrap(fn)
+    static_argnums, static_argnames = _jit_statics(fn, static_argnums, static_argnames)
     binder = _ArgBinder(target, static_argnums, static_argnames)
     bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
@@ -155,6 +156,8 @@ def _trace(
             f"{_name(target)} is a generator function; js.trace needs a function that "
             "returns arrays (collect what it yields and return it)"
         )
+    for name, leaf in zip(in_names, leaves):
+        _check_leaf(name, leaf)
     phase("running the function", lambda: len(recorder.bindings), "values named")
     try:
         with (
@@ -350,6 +353,34 @@ def _title_name(fn: Any) -> str:
     return _name(fn)
 
 
+def _check_leaf(name: str, leaf: Any) -> None:
+    """A TraceError naming the argument when JAX cannot take ``leaf`` as an array (an
+    integer past int32/int64, an object array)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return
+    try:
+        jax.typeof(leaf) if hasattr(jax, "typeof") else jax.core.get_aval(leaf)
+    except (TypeError, OverflowError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise TraceError(
+            f"argument {name} is not an array JAX can trace ({type(e).__name__}: {first}); "
+            "pass an array of a JAX dtype, or hold it static (static_argnums/static_argnames)"
+        ) from None
+
+
+def _jit_statics(fn: Any, nums: int | Sequence[int], names: str | Sequence[str]) -> tuple:
+    """``(static_argnums, static_argnames)``: those given, and those of the ``jax.jit``
+    (or jits) ``fn`` was made with (``@partial(jax.jit, static_argnums=1)``)."""
+    nums = [nums] if isinstance(nums, int) else list(nums)
+    names = [names] if isinstance(names, str) else list(names)
+    while is_jit(fn) and hasattr(fn, "__wrapped__"):
+        info = getattr(fn, "_jit_info", None)
+        nums += [n for n in getattr(info, "static_argnums", ()) if n not in nums]
+        names += [n for n in getattr(info, "static_argnames", ()) if n not in names]
+        fn = fn.__wrapped__
+    return tuple(nums), tuple(names)
+
+
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The Python function behind a ``jax.jit``-ed one (same semantics, readable source)."""
     while is_jit(fn) and hasattr(fn, "__wrapped__"):
@@ -518,6 +549,14 @@ class _ArgBinder:
         nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self.static_names = set(names)
+        kinds = {p.kind for p in self.signature.parameters.values()}
+        unknown = [n for n in names if n not in self.signature.parameters]
+        if unknown and inspect.Parameter.VAR_KEYWORD not in kinds:
+            raise TraceError(
+                f"static_argnames={unknown[0]!r} names no parameter of "
+                f"{getattr(fn, '__name__', 'fn')}{self.signature}; "
+                f"name one of {list(self.signature.parameters)}"
+            )
         positional = self.parameters.positional
         for n in nums:
             if not -len(positional) <= n < len(positional):
@@ -762,6 +801,12 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
         at = f" at {path}" if path else ""
         if kind != other:
             return f"a {other}{at} where a {kind} was traced"
+        missing = [k for k in a if k not in b] if kind in ("dict", "OrderedDict") else []
+        extra = [k for k in b if k not in a] if kind in ("dict", "OrderedDict") else []
+        if missing or extra:  # keys holding no array (None), so not told apart above
+            parts = [f"no {path}[{missing[0]!r}]"] if missing else []
+            parts += [f"an extra {path}[{extra[0]!r}]"] if extra else []
+            return ", ".join(parts) + " (a key without arrays: None, or static data)"
         return (
             f"the {kind}{at} holds other static data (its parts "
             f"that are not arrays, such as an eqx.field(static=True)): traced {_short(a)}, "

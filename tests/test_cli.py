@@ -16,7 +16,7 @@ from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 import jaxsurgery.__main__ as cli
-from jaxsurgery.__main__ import main, parse_arg
+from jaxsurgery.__main__ import UsageError, main, parse_arg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = str(ROOT / "examples" / "issue_12782.py")
@@ -56,6 +56,11 @@ def test_docstring_examples_run():
 )
 def test_argument_specs(spec, expected):
     assert parse_arg(spec) == expected
+
+
+def test_an_unquoted_dict_key_in_a_spec_says_to_quote_it():
+    with pytest.raises(UsageError, match=r"a dict key must be quoted: 'w', not w; write"):
+        parse_arg("{w: f32[3,2]}")
 
 
 def test_show_prints_the_table_and_writes_dot(capsys, tmp_path):

@@ -284,6 +284,22 @@ CATALOG = [
         r"argument `p` is a tree of another structure than the one traced \(no \['b'\]\)",
     ),
     (
+        "an integer argument past int32",
+        lambda g, a: js.trace(lambda a, b: a * b, 2**40, 2.0),
+        js.TraceError,
+        r"argument a is not an array JAX can trace \(OverflowError: .*\); pass an array "
+        r"of a JAX dtype, or hold it static",
+    ),
+    (
+        "a dict key holding None left out",
+        lambda g, a: js.trace(
+            lambda x, o: x * o["scale"], jnp.ones(2), {"scale": jnp.ones(2), "mask": None}
+        ).as_function()(jnp.ones(2), {"scale": jnp.ones(2)}),
+        js.SliceError,
+        r"argument `o` is a tree of another structure than the one traced \(no \['mask'\] "
+        r"\(a key without arrays: None, or static data\)\)",
+    ),
+    (
         "an Equinox module whose static field differs from the traced one",
         lambda g, a: js.trace(
             lambda p, x: p["block"](x), {"block": Scaled(jnp.ones(3), 1)}, jnp.ones(3)
@@ -477,7 +493,13 @@ CATALOG = [
         "wrong argument structure",
         lambda g, a: g.slice({"h": "z1"}, "z2")([jnp.ones(4)]),
         js.SliceError,
-        r"expects its inputs structured as",
+        r"expects its inputs structured as \{'h': \*\}, got \[\*\] \(\* is an array\)$",
+    ),
+    (
+        "a slice called with keywords",
+        lambda g, a: g.slice("z1", "z2")(z1=jnp.ones(4)),
+        js.SliceError,
+        r"takes its inputs by position, got keyword z1; pass them in the order \(z1\)",
     ),
     (
         "non-array argument to a slice",
@@ -522,6 +544,13 @@ CATALOG = [
         r"static_argnums=7 is out of range for f",
     ),
     (
+        "static_argnames naming no parameter",
+        lambda g, a: js.trace(flagged, jnp.ones(2), train=True, static_argnames="trian"),
+        js.TraceError,
+        r"static_argnames='trian' names no parameter of flagged\(x, train\); "
+        r"name one of \['x', 'train'\]",
+    ),
+    (
         "unknown jacobian mode",
         lambda g, a: g.jacobian("z1", "z2", mode="sideways"),
         js.SliceError,
@@ -538,6 +567,12 @@ CATALOG = [
         lambda g, a: g.replace("z1", lambda z: z[:2]),
         js.SliceError,
         r"the replacement for 'z1' must give float32\[4\], got float32\[2\]",
+    ),
+    (
+        "a replacement returning None",
+        lambda g, a: g.replace("z1", lambda z: None),
+        js.SliceError,
+        r"the replacement for 'z1' must give float32\[4\], got nothing \(no array\)",
     ),
     (
         "rewrite matching nothing",

@@ -1,5 +1,6 @@
 """Names (SPEC §4 rules 1, 2, 3, 6): inputs, outputs, tags, Python variables, fallback."""
 
+import functools
 import linecache
 
 import jax
@@ -197,6 +198,37 @@ def test_static_arguments_are_not_inputs():
     g = js.trace(f, jnp.ones(2), 2, static_argnums=1, mode="cos", static_argnames="mode")
     assert [v.name for v in g.inputs] == ["x"]
     assert [g[f"y#{k}"].primitive for k in (1, 2)] == ["cos", "cos"]
+
+
+def test_a_walrus_target_is_named():
+    def f(x):
+        y = (b := jnp.sin(x)) * 2  # noqa: F841 (b is named)
+        total = sum(t := jnp.tanh(v) for v in (y, x))
+        return total + t
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(f, x)
+    allclose(g.value("b"), jnp.sin(x))
+    allclose(g.value("t#0"), jnp.tanh(2 * jnp.sin(x)))
+    allclose(g.value("t#1"), jnp.tanh(x))
+    assert g["b"].primitive == "sin"
+
+
+def test_a_jitted_functions_static_arguments_stay_static():
+    """``@partial(jax.jit, static_argnums=1)``: js.trace takes the jit's static
+    arguments as its own (they were traced, so the loop's bound failed)."""
+
+    @functools.partial(jax.jit, static_argnums=1, static_argnames="mode")
+    def f(x, n, mode="sin"):
+        y = x
+        for _ in range(n):
+            y = jnp.sin(y) if mode == "sin" else jnp.cos(y)
+        return y
+
+    g = js.trace(f, jnp.ones(2), 2, mode="cos")
+    assert [v.name for v in g.inputs] == ["x"]
+    assert [g[f"y#{k}"].primitive for k in (1, 2)] == ["cos", "cos"]
+    allclose(g.as_function()(jnp.zeros(2), 2, mode="cos"), jnp.cos(jnp.cos(jnp.zeros(2))))
 
 
 def test_methods_are_traced_with_names():

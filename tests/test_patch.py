@@ -5,6 +5,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import allclose, assert_at_callers_line, check_slice
 from models import big_or_small
@@ -331,3 +332,23 @@ def test_a_bound_slice_of_a_rewritten_graph_recomputes_what_the_replacements_mad
 
     h1 = relu.value("h#1")
     check_slice(relu.slice("h#1", "out").bind(new, x), (h1,), rest(new))
+
+
+@pytest.mark.parametrize(
+    "patch", [0.0, np.float32(2.0), lambda v: 2.0, lambda v: jnp.float32(2.0)], ids=repr
+)
+def test_an_output_replaced_by_a_constant(patch):
+    """A constant patch becomes a jaxpr Literal; as an output it is a constant var (it
+    was an unhashable Literal in the program's outputs)."""
+
+    def f(x):
+        h = jnp.sin(x)
+        return h.sum()
+
+    x = jnp.ones(3)
+    g = js.trace(f, x).replace("out", patch)
+    want = 0.0 if patch == 0.0 else 2.0
+    allclose(g.as_function()(x), want)
+    allclose(g.value("out"), want)
+    allclose(jax.grad(g.as_function())(x), jnp.zeros(3))
+    allclose(g.value("h"), jnp.sin(x))
