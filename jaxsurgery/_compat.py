@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as _config  # eager_constant_folding (see staged_normally)
 from jax._src import core as _core  # the running trace (trace_ctx)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
@@ -530,3 +531,10 @@ def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any
     if stacked is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
     return jnp.zeros(shape, aval.dtype, out_sharding=sharding)
+
+
+def staged_normally() -> Any:
+    """A context in which JAX stages what it traces as it does by default, also inside
+    ``jax.ensure_compile_time_eval`` (whose eager constant folding runs a ``pvary`` of a
+    constant in a ``shard_map`` body outside the ``shard_map``, which fails)."""
+    return _config.eager_constant_folding(False)

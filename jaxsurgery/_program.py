@@ -351,7 +351,16 @@ def _op(eqn: C.JaxprEqn) -> Any:
     if op is None:
         if len(_OPS) > 4096:
             _OPS.clear()
-        op = _OPS[key] = jax.jit(functools.partial(_bind, eqn.primitive, eqn.params))
+        if any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values()):
+            # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
+            # as JAX stages it by default, also in ensure_compile_time_eval (see C)
+            ins = [C.Var(a.aval) if isinstance(a, C.Literal) else a for a in eqn.invars]
+            eqn = eqn.replace(invars=ins)  # (run gives a literal's value as an argument)
+            one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
+            op = jax.jit(functools.partial(_staged, one))
+        else:
+            op = jax.jit(functools.partial(_bind, eqn.primitive, eqn.params))
+        _OPS[key] = op
     return op
 
 
@@ -393,6 +402,13 @@ def _run(
             env[eqn.outvars[0]] = out
         for v in dead:
             del env[v]
+
+
+def _staged(jaxpr: C.Jaxpr, *args: Any) -> Any:
+    """``jaxpr``'s one equation run on ``args``, staged normally (see :func:`_op`)."""
+    with C.staged_normally():
+        out = C.eval_jaxpr(jaxpr, [], *args)
+    return out if jaxpr.eqns[0].primitive.multiple_results else out[0]
 
 
 def _bind(primitive: Any, params: dict, *args: Any) -> Any:

@@ -68,7 +68,7 @@ def main():
     mesh = spec().mesh
 
     def local(h, w):
-        return jnp.tanh(h @ w)
+        return jnp.tanh(h @ w) * 0.5  # a constant times a varying value: a pvary in it
 
     def with_shard_map(x, w1):
         a = jax.shard_map(
@@ -78,13 +78,20 @@ def main():
             out_specs=P("data", "model"),
         )(x, w1)
         b = a * 2.0
-        return b
+        u = jnp.cos(x).sum()
+        return b * u
 
     g2 = js.trace(with_shard_map, x, w1)
     s2 = g2.slice("x", "b")
     assert [e.primitive.name for e in s2.jaxpr.eqns] == ["shard_map", "mul"], s2.jaxpr
     out3 = jax.jit(s2)(x)
-    np.testing.assert_allclose(np.asarray(out3), 2 * np.tanh(x_np @ w1_np), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out3), np.tanh(x_np @ w1_np), rtol=1e-5, atol=1e-5)
+    # values and a slice whose context is the shard_map's result run it concretely (a
+    # pvary of a constant failed under ensure_compile_time_eval)
+    a_np = 0.5 * np.tanh(x_np @ w1_np)
+    np.testing.assert_allclose(np.asarray(g2.value("a")), a_np, rtol=1e-5, atol=1e-5)
+    s3 = g2.slice("u", "out")
+    np.testing.assert_allclose(np.asarray(s3(3.0)), 6.0 * a_np, rtol=1e-5, atol=1e-5)
     explicit_grads(x_np, w1_np, w2_np)
     print("sharded slices ok:", kept, out.sharding.spec)
 
