@@ -1211,7 +1211,9 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         plain = isinstance(fun, types.FunctionType) or (
             isinstance(fun, functools.partial) and isinstance(fun.func, types.FunctionType)
         )
-        if from_jax or plain:
+        if isinstance(fun, _Framed):  # jax.grad(jax.checkpoint(loss)): made here, rewritten
+            inner, reason = fun.unframed, None
+        elif from_jax or plain:
             inner, reason = rewritten(fun)
         else:  # an Equinox module, given to filter_vmap: still a pytree of its arrays
             inner, reason = as_pytree_call(fun, rewritten), None
@@ -1219,7 +1221,7 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
                 inner, reason = fun, "library"
         if reason:
             return transform(fun, *args, **kwargs)
-        of = fun
+        of = fun.of if isinstance(fun, _Framed) else fun
         while isinstance(of, functools.partial):
             of = of.func
         remakes = kind != _SAME or getattr(transform, "__name__", "") not in _STAGE_AS_THEY_ARE

@@ -738,6 +738,29 @@ def test_each_call_of_a_checkpointed_function_names_its_own_values(fn, prefix, d
     )
 
 
+@pytest.mark.parametrize(
+    "outer",
+    [
+        jax.grad,
+        lambda f: jax.vmap(f, in_axes=(0, None)),
+        lambda f: jax.value_and_grad(f, argnums=1),
+    ],
+    ids=["grad", "vmap", "value_and_grad"],
+)
+def test_a_transform_of_a_checkpoint_made_at_the_call_names_inside(outer, data):
+    """``jax.grad(jax.checkpoint(mlp))(x, w)``: both transforms made where they are
+    called; what ``mlp`` binds is named (the outer transform ran the checkpoint as it
+    was, so nothing inside was)."""
+    x, w = data
+
+    def step(x, w):
+        return outer(jax.checkpoint(mlp))(x, w)
+
+    g = js.trace(step, x[0], w)
+    allclose(g.value("mlp/h"), jnp.tanh(x[0] @ w))
+    allclose(g.as_function()(x[1], w), step(x[1], w))
+
+
 def test_a_checkpointed_scan_body_under_a_derivative_is_named_once(data):
     """The backward pass's scan recomputes a checkpointed body: its copies are not named
     again, so the parameter is ``h#0`` and the rebinding ``h#1`` at every step, as
