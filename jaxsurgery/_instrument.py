@@ -1226,7 +1226,8 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
             of = of.func
         remakes = kind != _SAME or getattr(transform, "__name__", "") not in _STAGE_AS_THEY_ARE
         untagged = C.policy_saves_names(kwargs.get("policy"))
-        return _Framed(transform(inner, *args, **kwargs), of, kind == _SAME, remakes, untagged)
+        named = kind == _SAME and (fun.named if isinstance(fun, _Framed) else True)
+        return _Framed(transform(inner, *args, **kwargs), of, named, remakes, untagged)
 
     return run
 
