@@ -766,9 +766,9 @@ class _Inliner(ControlFlow):
             elif name == C.TAG_PRIMITIVE and type(invars[0]) is not Literal:
                 self._alias(eqn.outvars[0], invars[0], env)
                 tag = C.tag_name(eqn)
-                # a mark's token names the forward value, not the copy a checkpoint
-                # recomputes in the backward pass
-                if not (tag.startswith(MARK_PREFIX) and C.in_backward_pass(source_info)):
+                # a tag (a mark's token, js.tag, checkpoint_name) names the forward
+                # value, not the copy a checkpoint recomputes in the backward pass
+                if not C.in_backward_pass(source_info):
                     self.tags.append((invars[0], tag, tuple(self.iteration)))
                 return
             if outs is not None:

@@ -20,6 +20,7 @@ import optax
 import pytest
 from conftest import allclose, assert_at_callers_line, check_slice
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import jaxsurgery as js
 
@@ -759,6 +760,33 @@ def test_a_transform_of_a_checkpoint_made_at_the_call_names_inside(outer, data):
     g = js.trace(step, x[0], w)
     allclose(g.value("mlp/h"), jnp.tanh(x[0] @ w))
     allclose(g.as_function()(x[1], w), step(x[1], w))
+
+
+def tagged_block(w, x):
+    pre = checkpoint_name(x @ w, "p")
+    q = js.tag(jnp.tanh(pre), "q")
+    return jnp.sin(q)
+
+
+def tagged_blocks(ws, x):
+    h = x
+    for w in ws:
+        h = jax.checkpoint(tagged_block)(w, h)
+    return jnp.sum(h**2)
+
+
+def test_tags_in_a_checkpoint_are_not_named_again_in_its_recomputation():
+    """``js.trace(jax.grad(f))``: a checkpoint's body runs again in the backward pass;
+    the tags there (``checkpoint_name``, ``js.tag``) named those copies ``q#3``..."""
+    ws = [jnp.eye(3) * (i + 1) / 3 for i in range(3)]
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    g = js.trace(jax.grad(tagged_blocks), ws, x)
+    assert len(g.select("q")) == len(g.select("p")) == 3
+    h = x
+    for k, w in enumerate(ws):
+        allclose(g.value(f"p#{k}"), h @ w)
+        allclose(g.value(f"q#{k}"), jnp.tanh(h @ w))
+        h = jnp.sin(jnp.tanh(h @ w))
 
 
 def test_a_checkpointed_scan_body_under_a_derivative_is_named_once(data):
