@@ -791,8 +791,15 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     atom = C.tracer_atom(value)
     if atom is not None:  # the common case: one array
         return [("", atom)]
-    if isinstance(value, (int, float, complex, bool, str, type(None))) or is_jit(value):
-        return []  # (a jitted function, eqx.filter_jit(model), holds arrays but is none)
+    if (
+        isinstance(value, (int, float, complex, bool, str, type(None)))
+        or is_jit(value)
+        or type(value).__name__ in ("Partial", "VJP")
+        and type(value).__module__.startswith("jax")
+    ):
+        # (a jitted function, eqx.filter_jit(model), holds arrays but is none; the
+        # function jax.vjp or jax.linearize returns holds their residuals)
+        return []
     value = named_array_data(value)  # a penzai NamedArray is its array
     try:
         leaves, tree = jax.tree_util.tree_flatten(value)
