@@ -357,6 +357,7 @@ class ControlFlow:
         region.boundaries = [carry]
         with self.loop_constants(body_consts):
             for t in range(trips):
+                region.trip_starts.append(len(self.eqns))
                 self.iteration.append(t)
                 step = Step(pos, iteration=t)
                 carry = self._inline(body, [*body_consts, *carry], source_info, step)

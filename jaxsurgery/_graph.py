@@ -356,8 +356,9 @@ class Graph:
                         raise self._unreached(vars_) from None
                     self._values.update(zip(looped, found))
         values = self._values
-        for v in flat:
-            values[v.index] = row_value(values[v.index])
+        with jax.ensure_compile_time_eval():  # a row taken eagerly, also under a jit trace
+            for v in flat:
+                values[v.index] = row_value(values[v.index])
         return _select.unflatten(structure, [values[v.index] for v in flat])
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:

@@ -29,6 +29,7 @@ from ._control_flow import (
     ControlFlow,
     Folded,
     deciding_operands,
+    input_reads,
 )
 from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value
@@ -152,6 +153,8 @@ class Program:
             if deciders:
                 for e in range(r.start, r.end):
                     self.eqn_in[e] += deciders
+            if r.trip_starts:  # an unrolled while: each trip is decided by the carry
+                self._trip_dependencies(r)
             if r.primitive in BRANCH_PRIMITIVES or r.primitive == "while":
                 # and its results (the identity equations at its end, see
                 # ControlFlow._written) read every operand: another branch, or trips the
@@ -159,6 +162,28 @@ class Program:
                 operands = tuple(index[a] for a in r.ins if type(a) is not Literal and a in index)
                 for e in range(r.end - len(r.outs), r.end):
                     self.eqn_in[e] += operands
+
+    def _trip_dependencies(self, r: Region) -> None:
+        """Control dependencies of an unrolled while's trips: what its condition reads
+        of the carry entering trip ``t`` is read by trip t's equations, and what it
+        reads after the last trip by the loop's results (a value in trip 2 decides
+        whether trip 3 runs, so the trip count's dependents depend on it)."""
+        p = r.eqn.params
+        used = input_reads(p["cond_jaxpr"].jaxpr, range(1))
+        consts = r.ins[: p["cond_nconsts"]]
+        index, Literal = self.index, C.Literal
+        ends = [*r.trip_starts[1:], r.end - len(r.outs)]
+        deciders: tuple[int, ...] = ()
+        for t, carry in enumerate(r.boundaries):
+            found = tuple(
+                index[a]
+                for k, a in enumerate([*consts, *carry])
+                if k in used and type(a) is not Literal and a in index
+            )
+            deciders = found or deciders  # a literal flag: decided where it was set
+            span = range(r.trip_starts[t], ends[t]) if t < len(r.trip_starts) else ()
+            for e in span or range(r.end - len(r.outs), r.end):
+                self.eqn_in[e] += deciders
 
     def source(self, i: int) -> str | None:
         """``"file.py:12"`` of the user code that made var ``i``, or None. A value made
@@ -474,7 +499,7 @@ class Region:
 
     __slots__ = (
         *("start", "end", "eqn", "ins", "outs", "source_info", "cut_note", "taken"),
-        "boundaries",
+        *("boundaries", "trip_starts"),
     )
 
     def __init__(self, start: int, eqn: C.JaxprEqn, ins: list[Any], source_info: Any):
@@ -486,6 +511,7 @@ class Region:
         #: an unrolled while: its carry (flat atoms) entering each traced trip, then after
         #: the last one (what its condition was asked about)
         self.boundaries: list[list[Any]] = []
+        self.trip_starts: list[int] = []  # and the equation each trip starts at
 
     @property
     def primitive(self) -> str:

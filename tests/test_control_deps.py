@@ -363,6 +363,32 @@ def test_a_result_a_branch_passes_on_still_depends_on_the_decision(fn, traced, o
         allclose(g.grads_fn("out", [start])(*other)[start], jax.grad(lambda v: rest(v).sum())(at))
 
 
+def counted_growth(x):
+    def body(c):
+        v, n = c
+        v2 = v * 1.5 + 0.1
+        return v2, n + 1.0
+
+    r, n = jax.lax.while_loop(lambda c: c[0] < 10.0, body, (x, 0.0))
+    return r, n
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_trip_count_depends_on_a_value_inside_a_trip(jit):
+    """``n`` (the trip count) depends on ``v2@2``: whether trip 3 runs is decided by
+    it. The slice was "unconnected", and with allow_unconnected gave the traced count
+    (6) for a v2@2 that stops the loop after 4 trips."""
+    g = js.trace(counted_growth, 1.0)
+    s = g.slice("body/v2@2", "out[1]")
+    run = jax.jit(s) if jit else s
+    v = g.value("body/v2@2")
+    allclose(run(v + 0.01), 6.0)  # still 6 trips
+    allclose(jax.jvp(s, (v,), (1.0,))[1], 0.0)
+    with pytest.raises((js.SliceError, RuntimeError), match="traced trips of a while_loop"):
+        jax.block_until_ready(run(7.7))
+    assert counted_growth(7.7)[1] != 6.0  # (the loop from there: 4 trips)
+
+
 def test_a_cut_inside_a_while_loop_of_calls_says_so_in_its_notes():
     """The loop's region, not the last call inside its body, carries the note."""
 
