@@ -203,6 +203,20 @@ class GradsFunction:
             grad, row, stacked = where[j]
             return grad[row] if stacked else grad
 
+        def stacked(group: list[int]) -> Any:
+            """The group's gradients stacked, each run of consecutive rows of one input
+            taken as one slice (``step/h@*`` whose last iteration is the loop's result:
+            the scan's stacked rows, then that one; T row picks made T ops)."""
+            runs: list[list[Any]] = []  # [input's gradient, first row, end, stacked]
+            for j in group:
+                grad, row, many = where[j]
+                if runs and many and runs[-1][0] is grad and runs[-1][2] == row:
+                    runs[-1][2] += 1
+                else:
+                    runs.append([grad, row, row + 1, many])
+            parts = [g[a:b] if many else g[None] for g, a, b, many in runs]
+            return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
         out = {}
         for key, group, many in zip(self.keys, self._groups, self._stacked):
             if tuple(group) in whole:  # every iteration of one loop value, in order:
@@ -210,5 +224,5 @@ class GradsFunction:
             elif not many:
                 out[key] = found(group[0])
             else:
-                out[key] = jnp.stack([found(j) for j in group])
+                out[key] = stacked(group)
         return out

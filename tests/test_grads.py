@@ -156,6 +156,42 @@ def test_a_dict_entry_selecting_many_vars_stacks_their_gradients(key):
     allclose(got, jax.grad(_stacked_eps_trick)(jnp.zeros((6, 4)), *args))
 
 
+def _last_only_rnn(w, h0, xs):  # the README's rnn: the last carry is the result
+    def step(h, x):
+        h_new = jnp.tanh(w @ h + x)
+        return h_new, h_new
+
+    h_last, _ = jax.lax.scan(step, h0, xs)
+    return jnp.sum(h_last**2)
+
+
+def _last_only_trick(eps, w, h0, xs):
+    def step(h, inp):
+        x, e = inp
+        h_new = jnp.tanh(w @ h + x) + e
+        return h_new, h_new
+
+    h_last, _ = jax.lax.scan(step, h0, (xs, eps))
+    return jnp.sum(h_last**2)
+
+
+@pytest.mark.parametrize("T", [12, 300])
+def test_gradients_at_every_step_when_the_last_is_the_loops_result(T):
+    """``step/h_new@{T-1}`` is the scan's result (a flat var), the others rows of the
+    folded loop: the gradients are the scan's stacked rows and that one (they were T
+    row picks stacked: a program, and a compile, growing with T)."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jnp.linspace(-1, 1, T * 4).reshape(T, 4)
+    args = (w, jnp.zeros(4), xs)
+    g = js.trace(_last_only_rnn, *args)
+    assert g[f"step/h_new@{T - 1}"].primitive == "scan"  # the result itself
+    fn = g.grads_fn("out", {"h": "step/h_new@*"})
+    new = (2 * w, jnp.ones(4) * 0.1, xs * 0.5)
+    allclose(jax.jit(fn)(*new)["h"], jax.grad(_last_only_trick)(jnp.zeros((T, 4)), *new))
+    eqns = len(jax.make_jaxpr(lambda *a: fn(*a)["h"])(*new).jaxpr.eqns)
+    assert eqns < 40, eqns
+
+
 @pytest.mark.parametrize("T", [12, 200])
 def test_gradients_at_a_run_of_iterations_are_one_edit(T):
     """Consecutive iterations ``t..u`` of one loop value: one edit over the range (its
