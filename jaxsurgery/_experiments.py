@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from . import _select
 from ._errors import SelectionError, SliceError
-from ._structured import Edit, Extra
+from ._structured import Edit, Extra, row_value, stack_rows
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -58,9 +58,11 @@ class ValuesFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
-        values = self.graph._values_at(self.vars, flat)
+        # a loop's values stay rows of its stacked result: every iteration in order is
+        # that result, not T row picks stacked again (a program growing with T)
+        values = self.graph._values_at(self.vars, flat, rows=True)
         return {
-            key: jnp.stack([values[j] for j in group]) if many else values[group[0]]
+            key: stack_rows([values[j] for j in group]) if many else row_value(values[group[0]])
             for key, group, many in zip(self.keys, self._groups, self._stacked)
         }
 

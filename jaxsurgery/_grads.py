@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, no_reverse_through_while, warn
-from ._structured import Edit, Extra, Site, Step, check_hits
+from ._structured import Edit, Extra, Row, Site, Step, check_hits, stack_rows
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -204,18 +204,11 @@ class GradsFunction:
             return grad[row] if stacked else grad
 
         def stacked(group: list[int]) -> Any:
-            """The group's gradients stacked, each run of consecutive rows of one input
-            taken as one slice (``step/h@*`` whose last iteration is the loop's result:
-            the scan's stacked rows, then that one; T row picks made T ops)."""
-            runs: list[list[Any]] = []  # [input's gradient, first row, end, stacked]
-            for j in group:
-                grad, row, many = where[j]
-                if runs and many and runs[-1][0] is grad and runs[-1][2] == row:
-                    runs[-1][2] += 1
-                else:
-                    runs.append([grad, row, row + 1, many])
-            parts = [g[a:b] if many else g[None] for g, a, b, many in runs]
-            return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+            """The group's gradients stacked, a run of rows of one input as one slice
+            (``step/h@*`` whose last iteration is the loop's result: the scan's
+            stacked rows, then that one; T row picks made a program growing with T)."""
+            picks = [where[j] for j in group]
+            return stack_rows([Row(grad, row) if many else grad for grad, row, many in picks])
 
         out = {}
         for key, group, many in zip(self.keys, self._groups, self._stacked):

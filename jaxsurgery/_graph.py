@@ -34,7 +34,7 @@ from ._errors import SelectionError, SliceError, check_like, no_reverse_through_
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
-from ._structured import Edit, Site, Step, Structured, _Row, check_hits, row_value
+from ._structured import Edit, Row, Site, Step, Structured, check_hits, row_value
 from ._traceback import boundary
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ class Graph:
         for v in flat:  # a body value of a loop already run: a row of its stacked values
             rows = self._loop_rows.get(getattr(v, "template", None))
             if rows is not None and v.index not in self._values:
-                self._values[v.index] = _Row(rows, v.iteration)
+                self._values[v.index] = Row(rows, v.iteration)
         missing = list(dict.fromkeys(v.index for v in flat if v.index not in self._values))
         if missing:
             args = self._require_args("g.value")
@@ -838,7 +838,7 @@ class Graph:
             self._loop_rows[template] = exposed.raw(edit)
         for i in sites:
             v = self._loop_index.vars[i - n]
-            self._values[i] = _Row(self._loop_rows[v.template], v.iteration)
+            self._values[i] = Row(self._loop_rows[v.template], v.iteration)
 
     def _with_other_iterations(self, looped: list[int]) -> list[int]:
         """``looped`` and the other iterations of the same body values, not yet cached.

@@ -107,7 +107,7 @@ class Extra:
 
 
 @dataclass(frozen=True)
-class _Row:
+class Row:
     """Row ``row`` of an extra input, taken only where needed: a loop that merges the
     edits reading rows 0..n-1 of one input in order stacks that input itself."""
 
@@ -119,7 +119,7 @@ class _Row:
 
 
 def _value(x: Any) -> Any:
-    return x.value() if isinstance(x, _Row) else x
+    return x.value() if isinstance(x, Row) else x
 
 
 class _Exposed(dict):
@@ -139,20 +139,25 @@ def row_value(x: Any) -> Any:
     return _value(x)
 
 
-def _stack(vals: Sequence[Any]) -> Any:
-    """``jnp.stack(vals)``; the input itself, or one slice of it, when ``vals`` are its
-    rows ``r, r+1, ...`` in order (one op whatever their number: stacking the rows of
-    a 10k-step input one by one is what made compile time grow with T)."""
-    first = vals[0]
-    if (
-        isinstance(first, _Row)
-        and all(isinstance(v, _Row) and v.array is first.array for v in vals)
-        and [v.row for v in vals] == list(range(first.row, first.row + len(vals)))
-    ):
-        if len(vals) == first.array.shape[0]:
-            return first.array
-        return jax.lax.slice_in_dim(first.array, first.row, first.row + len(vals))
-    return jnp.stack([_value(v) for v in vals])
+def stack_rows(vals: Sequence[Any]) -> Any:
+    """``jnp.stack(vals)``, each run of rows ``r, r+1, ...`` of one input taken as one
+    slice of it (the input itself when it is all of it): one op per run whatever its
+    length (stacking the rows of a 10k-step input one by one is what made compile time
+    grow with T; a loop's last value can be its result, not a row)."""
+    runs: list[list[Any]] = []  # [input, first row, end] or [value, None, None]
+    for v in vals:
+        last = runs[-1] if runs else None
+        if isinstance(v, Row) and last and last[0] is v.array and last[2] == v.row:
+            last[2] += 1
+        else:
+            runs.append([v.array, v.row, v.row + 1] if isinstance(v, Row) else [v, None, None])
+    parts = [
+        v[None] if a is None else v if (a, b) == (0, v.shape[0]) else jax.lax.slice_in_dim(v, a, b)
+        for v, a, b in runs
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.concatenate(parts)
 
 
 @dataclass(eq=False)
@@ -232,7 +237,7 @@ class Structured:
                 e.site.steps,
                 e,
                 [
-                    extras[r.k] if r.row is None else _Row(extras[r.k], r.row)
+                    extras[r.k] if r.row is None else Row(extras[r.k], r.row)
                     for r in e.reads
                     if isinstance(r, Extra)
                 ],
@@ -498,7 +503,7 @@ class _Interpreter:
             rows = (
                 members[0].extras  # a ranged edit's inputs: already stacked by iteration
                 if isinstance(members[0].steps[0].iteration, range)
-                else [_stack(vals) for vals in zip(*(m.extras for m in members))]
+                else [stack_rows(vals) for vals in zip(*(m.extras for m in members))]
             )
             stacked.append([_scatter(length, its, x) for x in rows])
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
@@ -534,7 +539,7 @@ class _Interpreter:
                 )
                 continue
             for t, m in zip(its, members):
-                exposed[m.key] = _Row(values, t)  # taken when read
+                exposed[m.key] = Row(values, t)  # taken when read
         return [*carry, *ys]
 
     def _while(
@@ -562,7 +567,8 @@ class _Interpreter:
             return self._few_trips(eqn, invals, groups, exposed, tail)
         trips = [np.asarray(its) for its, _ in groups]
         stacked = [
-            [_stack(vals) for vals in zip(*(m.extras for m in members))] for _, members in groups
+            [stack_rows(vals) for vals in zip(*(m.extras for m in members))]
+            for _, members in groups
         ]
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
         slots = [
@@ -607,7 +613,7 @@ class _Interpreter:
         _, carry, found = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0), list(init), slots))
         for (_, (_, members)), values in zip(exposing, found):
             for j, m in enumerate(members):
-                exposed[m.key] = _Row(values, j)
+                exposed[m.key] = Row(values, j)
         return carry if tail else []
 
     def _few_trips(
@@ -761,7 +767,7 @@ def _each_iteration(p: _Pending) -> list[_Pending]:
         _Pending(
             (Step(first.eqn, first.branch, t), *p.steps[1:]),
             p.edit,
-            [_Row(x, row) for x in p.extras],
+            [Row(x, row) for x in p.extras],
             p.active,
             p.key,
         )
