@@ -1078,7 +1078,9 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
 
 def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
     """``lax`` control-flow functions (and Flax NNX's loops and Haiku's control flow,
-    once imported) and their function arguments (position, name)."""
+    once imported), and the higher-order functions that call what they are given
+    (``jax.tree.map``, ``map``, ``functools.reduce``), with their function arguments
+    (position, name): each function given runs in a frame, rewritten if user code."""
     return _bodies_of("flax.nnx" in sys.modules, "haiku" in sys.modules)
 
 
@@ -1092,7 +1094,15 @@ def _bodies_of(nnx_loaded: bool, haiku_loaded: bool) -> dict[int, tuple[tuple[in
         id(lax.while_loop): ((0, "cond_fun"), (1, "body_fun")),
         id(lax.cond): ((1, "true_fun"), (2, "false_fun")),
         id(lax.switch): ((1, "branches"),),
+        id(jax.tree_util.tree_map): ((0, "f"),),
+        id(jax.tree_util.tree_map_with_path): ((0, "f"),),
+        id(map): ((0, "func"),),
+        id(functools.reduce): ((0, "function"),),
     }
+    for name in ("map", "map_with_path"):  # jax.tree.map: its own function in some versions
+        found = getattr(getattr(jax, "tree", None), name, None)
+        if found is not None:
+            bodies.setdefault(id(found), ((0, "f"),))
     if nnx_loaded:
         nnx = sys.modules["flax.nnx"]
         bodies[id(nnx.fori_loop)] = bodies[id(lax.fori_loop)]

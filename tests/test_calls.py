@@ -446,3 +446,26 @@ def test_a_name_a_call_binds_comes_before_the_calls_it_makes_at_any_depth():
     assert g["squashed_loss/y"].name == "squashed_loss/y"
     assert "squashed_loss/squash_model" in g["squashed_loss/y"].aliases
     assert g["total"].name == "total"
+
+
+def test_a_function_given_to_tree_map_map_or_reduce_names_what_it_binds():
+    """Higher-order functions that call what they are given (``jax.tree.map``,
+    ``map``, ``functools.reduce``) run each function given in a frame, rewritten: the
+    values inside were unnamed (``%3``)."""
+
+    def f(x):
+        def inner(v):
+            hidden = jnp.sin(v)
+            return hidden * 2
+
+        a = jax.tree.map(inner, {"p": x})
+        b = functools.reduce(lambda acc, _: inner(acc), range(2), x)
+        (c,) = map(inner, [x])
+        return a["p"] + b + c
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x)
+    allclose(g.value("inner#0/hidden"), jnp.sin(x))
+    allclose(g.value("inner#2/hidden"), jnp.sin(2 * jnp.sin(x)))
+    allclose(g.value("inner#3/hidden"), jnp.sin(x))
+    check_slice(g.slice("inner#1/hidden", "b"), (jnp.sin(x),), lambda h: 2 * jnp.sin(2 * h))
