@@ -361,7 +361,8 @@ class ControlFlow:
                 self.iteration.append(t)
                 step = Step(pos, iteration=t)
                 carry = self._inline(body, [*body_consts, *carry], source_info, step)
-                self.known(carry, carries[t + 1])
+                if carries[t + 1] is not None:
+                    self.known(carry, carries[t + 1])
                 region.boundaries.append(carry)
                 self.iteration.pop()
         region.cut_note = (
@@ -410,11 +411,22 @@ def _size(jaxpr: C.Jaxpr) -> int:
 
 def _trip_carries(
     cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list, most: int
-) -> list[list[Any]] | None:
+) -> list[list[Any] | None] | None:
     """The carries a while_loop enters each trip with, then its results, from concrete
-    values (one more than the trips it runs; None past ``most`` trips). The loop runs
-    op by op: a body compiled for it costs more (a fresh body compiles at every trace).
+    values (one more than the trips it runs; None past ``most`` trips).
+
+    A loop without effects runs compiled, cached by the text of its condition and body
+    (a fresh trace of the same model makes equal jaxprs): only its trip count and
+    results come back, the carries between are None (a cond inside a trip computes
+    what it needs). Op by op, each new primitive and shape compiled once per process,
+    a NumPyro HMC step took seconds to trace the first time and an optimistix Newton
+    solve 24× make_jaxpr every time. With effects (a callback in the body), op by op.
     """
+    if not (cond.jaxpr.effects or body.jaxpr.effects):
+        counted = _counted(cond, body, cond_consts, body_consts, carry, most)
+        if counted is not None:
+            trips, last = counted
+            return None if trips > most else [carry, *[None] * (trips - 1), last][: trips + 1]
     body_fn = C.jaxpr_as_fun(body)
     carries = [carry]
     with jax.ensure_compile_time_eval():
@@ -424,6 +436,62 @@ def _trip_carries(
             carry = body_fn(*body_consts, *carry)
             carries.append(carry)
     return None
+
+
+def _counted(
+    cond: Any, body: Any, cond_consts: list, body_consts: list, carry: list, most: int
+) -> tuple[int, list[Any]] | None:
+    """``(trips, results)`` of a while_loop run by one compiled loop that stops after
+    ``most + 1`` trips (None if it cannot compile)."""
+    args = (cond.consts, body.consts, cond_consts, body_consts, carry)
+    try:
+        key = (str(cond.jaxpr), str(body.jaxpr), most, _types(args))
+        run = _COUNTED.get(key)
+        if run is None:
+            if len(_COUNTED) > 256:
+                _COUNTED.clear()
+            run = _COUNTED[key] = jax.jit(
+                functools.partial(_count_and_run, cond.jaxpr, body.jaxpr, most)
+            )
+        trips, last = run(*args)
+        return int(trips), list(last)
+    except Exception:  # noqa: BLE001 (op by op says what fails, as it did before)
+        return None
+
+
+#: compiled trip counters, by the text of the loop's jaxprs and its argument types
+_COUNTED: dict[tuple, Any] = {}
+
+
+def _types(args: Any) -> tuple:
+    """Shape, dtype and weak type of each leaf (what a compiled function is made for)."""
+    return tuple(
+        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), type(x).__name__)
+        if hasattr(x, "dtype")
+        else (type(x).__name__, x)  # a Python scalar: compiled in (as a jaxpr literal)
+        for x in jax.tree_util.tree_leaves(args)
+    )
+
+
+def _count_and_run(
+    cond: C.Jaxpr,
+    body: C.Jaxpr,
+    most: int,
+    cond_closed: list,
+    body_closed: list,
+    cond_consts: list,
+    body_consts: list,
+    carry: list,
+) -> tuple[Any, list[Any]]:
+    def more(state: tuple) -> Any:
+        n, carry = state
+        return (n <= most) & C.eval_jaxpr(cond, cond_closed, *cond_consts, *carry)[0]
+
+    def step(state: tuple) -> tuple:
+        n, carry = state
+        return n + 1, C.eval_jaxpr(body, body_closed, *body_consts, *carry)
+
+    return jax.lax.while_loop(more, step, (0, list(carry)))
 
 
 def count_trips_compiled(

@@ -500,3 +500,28 @@ def test_a_while_loop_after_a_folded_scan_is_folded_and_named_per_trip():
     allclose(s(first), rest(first))
     allclose(jax.jvp(s, (first,), (jnp.ones(3),))[1], jax.jvp(rest, (first,), (jnp.ones(3),))[1])
     allclose(g.as_function()(x * 0.5, xs), f(x * 0.5, xs))
+
+
+def test_a_small_while_loop_is_counted_by_one_compiled_loop_kept_per_structure():
+    """A while_loop unrolled at trace time is counted by one compiled loop, kept by the
+    text of its jaxprs: a fresh trace of the same model compiles nothing new (op by op,
+    every trip's ops ran again at every trace, and compiled once per process)."""
+    from jaxsurgery import _control_flow
+
+    def solve(a, b):
+        def body(c):
+            y, k = c
+            y_new = y - (jnp.tanh(y) + a * y - b) / (1 - jnp.tanh(y) ** 2 + a)
+            return y_new, k + 1
+
+        y, k = jax.lax.while_loop(lambda c: c[1] < 5, body, (jnp.zeros(3), 0))
+        return y
+
+    a, b = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.3, -1.0, 2.0])
+    g = js.trace(solve, a, b)
+    known = len(_control_flow._COUNTED)
+    again = js.trace(solve, a * 2, b)
+    assert len(_control_flow._COUNTED) == known
+    for graph, (x, y) in ((g, (a, b)), (again, (a * 2, b))):
+        allclose(graph.value("out"), solve(x, y))
+        allclose(graph.value("body/y_new@4"), solve(x, y))
