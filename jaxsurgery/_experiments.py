@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from . import _select
 from ._errors import SelectionError, SliceError
-from ._structured import Edit, Extra, row_value, stack_rows
+from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -95,7 +95,8 @@ class PatchFunction:
                 f"cannot patch {unknown[0]!r}: this patch function patches "
                 f"{', '.join(map(repr, self.keys))}; select it in g.patch_fn(...)"
             )
-        used, values, keyed_by = [], [], {}
+        values, keyed_by = [], {}
+        edits = []
         for key, group, many in zip(self.keys, self._groups, self._stacked):
             if key not in patches:
                 continue
@@ -108,20 +109,25 @@ class PatchFunction:
                         f"selects: give an array of leading axis {len(group)}, got shape "
                         f"{given.shape}"
                     )
-            for k, j in enumerate(group):
+            for j in group:
                 other = keyed_by.setdefault(self.vars[j].index, key)
                 if other != key:  # keys may overlap; a call patches a value once
                     raise SelectionError(
                         f"the patches for {other!r} and {key!r} both patch "
                         f"{self.vars[j].name!r}: a value is patched once, give one of them"
                     )
-                used.append(j)
+            ranged = iteration_run([self._sites[j] for j in group]) if many else None
+            if ranged is not None:  # iterations t..u of one loop value: one edit, the
+                # patch whole as the loop's rows (an edit per iteration grew with T)
+                v = self.vars[group[0]]
+                edits.append(Edit(ranged, "apply", self._fns[group[0]], (Extra(len(values)),)))
+                values.append(_patch_value(given, key, v, rows=len(group)))
+                continue
+            for k, j in enumerate(group):
+                # a patch inside a cond branch or a while trip applies when that path
+                # runs, as g.replace's does (arguments that take another leave it unused)
+                edits.append(Edit(self._sites[j], "apply", self._fns[j], (Extra(len(values)),)))
                 values.append(_patch_value(given[k] if many else given, key, self.vars[j]))
-        # a patch inside a cond branch or a while trip applies when that path runs, as
-        # g.replace's does (arguments that take another path leave its value unused)
-        edits = [
-            Edit(self._sites[j], "apply", self._fns[j], (Extra(n),)) for n, j in enumerate(used)
-        ]
         flat = graph._flatten_args(*args, **kwargs)
         outs, _ = graph._structure.with_edits(*edits).run(flat, values)
         return _select.unflatten(graph._out_tree, outs)
@@ -158,14 +164,16 @@ def _array(x: Any, key: str, wanted: str) -> Any:
         ) from None
 
 
-def _patch_value(x: Any, key: str, v: Var) -> Any:
-    """``x`` as a value of var ``v``: its shape, its dtype (a float patch of an integer
-    var, or a complex one of a real var, is an error rather than a silent cast)."""
+def _patch_value(x: Any, key: str, v: Var, rows: int = 0) -> Any:
+    """``x`` as a value of var ``v`` (``rows`` values of it stacked): its shape, its
+    dtype (a float patch of an integer var, or a complex one of a real var, is an error
+    rather than a silent cast)."""
     x = _array(x, key, f"the var's shape {v.shape} and dtype {v.dtype}")
-    if x.shape != v.shape:
+    if x.shape != ((rows,) if rows else ()) + v.shape:
+        wanted = f"a row per var, shape {(rows, *v.shape)}" if rows else "the var's shape"
         raise SliceError(
             f"the patch for {key!r} has shape {x.shape}, the var has shape {v.shape}; "
-            "give a value of the var's shape (vmap over patches to sweep many)"
+            f"give a value of {wanted} (vmap over patches to sweep many)"
         )
     if x.dtype == v.dtype:
         return x  # also a typed PRNG key, which has no astype

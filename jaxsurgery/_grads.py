@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, no_reverse_through_while, warn
-from ._structured import Edit, Extra, Row, Site, Step, check_hits, stack_rows
+from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -35,23 +35,6 @@ def _loop_value(site: Site) -> tuple | None:
     last = site.steps[-1]
     # the value before a patch there (``name@t.unpatched``) is another value
     return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars, site.before
-
-
-def _ranged(sites: Sequence[Site]) -> Site | None:
-    """One site for the iterations ``t, t+1, ...`` of one loop value, in order (so that
-    the edit's cost does not grow with their number), or None. Values before patches
-    (``h@*.unpatched``) stay a site per iteration, each read before its iteration's
-    patch (the running loop still makes them one edit of its body)."""
-    if len(sites) < 2 or any(s.path_bound or s.before is not None for s in sites):
-        return None
-    first = sites[0].steps[-1]
-    if not isinstance(first.iteration, int):
-        return None
-    its = [s.steps[-1].iteration for s in sites]
-    if its != list(range(first.iteration, first.iteration + len(sites))):
-        return None
-    step = Step(first.eqn, first.branch, range(its[0], its[-1] + 1))
-    return Site((*sites[0].steps[:-1], step), sites[0].vars, before=sites[0].before)
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,7 +83,7 @@ class GradsFunction:
         for k, members in enumerate(self._inputs):
             v = wrt_vars[members[0]]
             add = _add_jaxpr((tuple(v.shape), v.dtype))
-            ranged = _ranged([sites[j] for j in members])
+            ranged = iteration_run([sites[j] for j in members])
             if ranged is not None:  # consecutive iterations: one edit, the input whole
                 edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(k))))
                 continue

@@ -139,6 +139,30 @@ def row_value(x: Any) -> Any:
     return _value(x)
 
 
+def iteration_run(sites: Sequence[Site]) -> Site | None:
+    """One site for the iterations ``t, t+1, ...`` of one loop value, in order (so that
+    the edit's cost does not grow with their number), or None. Values before patches
+    (``h@*.unpatched``) stay a site per iteration, each read before its iteration's
+    patch (the running loop still makes them one edit of its body)."""
+    if len(sites) < 2 or any(
+        s is None or not s.steps or s.path_bound or s.before is not None for s in sites
+    ):
+        return None
+    first = sites[0].steps[-1]
+    if not isinstance(first.iteration, int) or any(
+        s.steps[:-1] != sites[0].steps[:-1]
+        or (s.steps[-1].eqn, s.steps[-1].branch) != (first.eqn, first.branch)
+        or s.vars != sites[0].vars
+        for s in sites
+    ):
+        return None  # not the iterations of one loop value
+    its = [s.steps[-1].iteration for s in sites]
+    if its != list(range(first.iteration, first.iteration + len(sites))):
+        return None
+    step = Step(first.eqn, first.branch, range(its[0], its[-1] + 1))
+    return Site((*sites[0].steps[:-1], step), sites[0].vars, before=sites[0].before)
+
+
 def stack_rows(vals: Sequence[Any]) -> Any:
     """``jnp.stack(vals)``, each run of rows ``r, r+1, ...`` of one input taken as one
     slice of it (the input itself when it is all of it): one op per run whatever its

@@ -286,3 +286,43 @@ def test_a_patch_sweep_inside_a_branch_applies_where_the_branch_runs():
         sweep({"big_or_small/big/h": h}, -1.0, y),
         g.replace("big_or_small/big/h", h).as_function()(-1.0, y),
     )
+
+
+def test_patch_fn_of_a_run_of_steps_is_one_edit_of_the_scan():
+    """``{"h": "step/h_new@*"}`` (or steps 5..9): the stacked patch is the scan's rows,
+    one edit (an edit per step made a program growing with T), equal to a scan that
+    writes the patch at those steps."""
+
+    def rnn(w, h0, xs):
+        def step(h, x):
+            h_new = jnp.tanh(w @ h + x)
+            return h_new, h_new
+
+        _, hs = jax.lax.scan(step, h0, xs)
+        return jnp.sum(hs**2)
+
+    def patched_by_hand(w, h0, xs, start, rows):
+        def step(c, x):
+            h, t = c
+            h_new = jnp.tanh(w @ h + x)
+            inside = (t >= start) & (t < start + rows.shape[0])
+            h_new = jnp.where(inside, rows[jnp.clip(t - start, 0, rows.shape[0] - 1)], h_new)
+            return (h_new, t + 1), h_new
+
+        _, hs = jax.lax.scan(step, (h0, 0), xs)
+        return jnp.sum(hs**2)
+
+    T = 200
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    args = (w, jnp.zeros(4), jnp.linspace(-1, 1, T * 4).reshape(T, 4))
+    g = js.trace(rnn, *args)
+    for selector, start, n in (
+        ("step/h_new@*", 0, T),
+        ([f"step/h_new@{t}" for t in range(5, 10)], 5, 5),
+    ):
+        p = g.patch_fn({"h": selector})
+        rows = jax.random.normal(jax.random.key(2), (n, 4))
+        allclose(jax.jit(p)({"h": rows}, *args), patched_by_hand(*args, start, rows), rtol=1e-5)
+        assert len(jax.make_jaxpr(lambda r, p=p: p({"h": r}, *args))(rows).jaxpr.eqns) < 20
+    with pytest.raises(js.SliceError, match=r"give a value of a row per var, shape \(200, 4\)"):
+        g.patch_fn({"h": "step/h_new@*"})({"h": jnp.ones((T, 3))}, *args)
