@@ -386,8 +386,8 @@ class Recorder:
         and ``(name, Template, value)`` triples for values of its folded loops (see
         ``_loop_index.template_names``).
 
-        Names bound in the traced function come first, then, frame by frame from the
-        outermost, what a frame binds before what the calls it makes return. A value in a
+        Names bound in the traced function come first, then what calls returned
+        (outer calls first), then names bound inside calls (outer first). A value in a
         loop body names each iteration's copy, ``name@t``. A call made more than once
         under the same parent is ``label#k``, k in call order, counting only calls that
         left a value in the program: a body JAX traced twice, or a call that returned no
@@ -477,15 +477,8 @@ class Recorder:
             ),
             key=lambda t: t[0],
         )
-        # a name in an outer frame first; in one frame, what it binds before what the
-        # calls it makes return (``y = model(x)`` in ``loss``: ``loss/y``, not
-        # ``loss/model``); a return's name is its caller's, one frame up
-        ranked = sorted(
-            [(d - 1, 1, n, found, b, d) for d, n, found, b in returns]
-            + [(d, 0, n, found, b, d) for d, n, found, b in inner],
-            key=lambda t: t[:2],
-        )
-        named += [(n, found, b, d) for _, _, n, found, b, d in ranked]
+        named += [(n, found, b, d) for d, n, found, b in returns]
+        named += [(n, found, b, d) for d, n, found, b in inner]
         flat, looped = [], []
         for k, (name, found, b, depth) in enumerate(named):
             for i, its in found:

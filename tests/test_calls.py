@@ -423,31 +423,6 @@ def test_a_function_a_decorator_wrapped_is_named_and_its_wrapper_still_runs():
     assert counted_block.__closure__[0].cell_contents is counted_block.__wrapped__  # put back
 
 
-def squash_model(x):
-    return jnp.tanh(x)
-
-
-def squashed_loss(x):
-    y = squash_model(x)
-    return jnp.sum(y)
-
-
-def test_a_name_a_call_binds_comes_before_the_calls_it_makes_at_any_depth():
-    """``y = model(x)`` in ``loss``: ``y`` at the top level, ``loss/y`` one call down
-    (it was ``loss/model``, the inner call's name, with ``loss/y`` an alias)."""
-    x = jnp.linspace(-1.0, 1.0, 3)
-    assert js.trace(squashed_loss, x)["y"].name == "y"
-
-    def outer(x):
-        total = squashed_loss(x)
-        return total
-
-    g = js.trace(outer, x)
-    assert g["squashed_loss/y"].name == "squashed_loss/y"
-    assert "squashed_loss/squash_model" in g["squashed_loss/y"].aliases
-    assert g["total"].name == "total"
-
-
 def test_a_function_given_to_tree_map_map_or_reduce_names_what_it_binds():
     """Higher-order functions that call what they are given (``jax.tree.map``,
     ``map``, ``functools.reduce``) run each function given in a frame, rewritten: the
