@@ -76,17 +76,7 @@ def read_by_derivative(graph: Graph, wrt: Sequence[Var], outs: Sequence[Var]) ->
     program = graph._program
     roots = [v.index for v in outs if not graph._virtual(v.index)]
     eqns = program.jaxpr.eqns
-    backward = [e for e in program.ancestor_eqns(roots) if C.in_backward_pass(eqns[e].source_info)]
-    # the backward pass reads the value itself, or recomputes it (a checkpoint): else it
-    # reads only what the perturbed value makes, as with the perturbation in the code
-    # (the value value_and_grad returns, a jvp's tangent)
-    read = {i for e in backward for i in program.eqn_in[e]}
-    recomputed = any(
-        r.eqn.primitive.name in ("checkpoint", "remat2") and C.in_backward_pass(r.source_info)
-        for r in program.regions
-    )
-    found = [v for v in found if recomputed or v.index in read]
-    if not backward or not found:
+    if not any(C.in_backward_pass(eqns[e].source_info) for e in program.ancestor_eqns(roots)):
         return []  # forward values (the loss): only the forward pass reads it
     return [
         f"{found[0].name!r} is a value JAX differentiates inside the traced function, and "

@@ -575,24 +575,6 @@ def test_a_gradient_of_a_backward_pass_output_wrt_a_differentiated_value_says_wh
     assert any("backward pass" in n for n in g.slice("loss/h", "out[1]").notes)
 
 
-def test_a_value_the_backward_pass_does_not_read_gets_no_backward_pass_note():
-    """A gradient penalty: ``val`` (what value_and_grad returns) is under a derivative,
-    and the output reads the backward pass, but no backward equation reads ``val``: its
-    gradient is the hand-written trick's, with no note saying otherwise."""
-
-    def loss(w, x):
-        val, gx = jax.value_and_grad(lambda x: jnp.sum(jnp.tanh(x @ w)), argnums=0)(x)
-        total = val + 10.0 * jnp.sum(gx**2)
-        return total
-
-    w, x = jnp.array([[0.3, -0.5], [0.2, 0.1]]), jnp.array([1.0, 2.0])
-    g = js.trace(loss, w, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        allclose(g.grads("out", wrt=["val"])["val"], 1.0)
-        assert not g.slice("val", "out").notes
-
-
 def test_the_functions_vjp_and_linearize_return_name_none_of_their_residuals(data):
     """``o, pullback = jax.vjp(...)``: the pullback holds residuals; they named the
     program's values (``pullback[<flat index 1>][1]`` was the canonical name of
