@@ -121,6 +121,12 @@ def in_backward_pass(source_info: SourceInfo) -> bool:
     return "transpose" in _transform_marks(source_info)
 
 
+def recomputed(source_info: SourceInfo) -> bool:
+    """Whether an equation is a checkpoint's recomputation (``rematted_computation`` in
+    its name stack: the forward values a backward pass computes again)."""
+    return "rematted_computation" in str(source_info.name_stack)
+
+
 def under_derivative(eqn: JaxprEqn) -> bool:
     """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...)
     differentiates what ``eqn`` makes: the outermost derivative mark of its name stack

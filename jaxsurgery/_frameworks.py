@@ -160,6 +160,8 @@ def haiku_rewritten(
     user code). None for anything else."""
     if "haiku" not in sys.modules or not _haiku_function(fn):
         return None
+    original = getattr(fn, "_original_fn", None)  # what hk.transform was given (a
+    # function, a functools.partial, a callable object)
     todo, seen = [fn], 0
     while todo and seen < 8:
         holder, seen = todo.pop(), seen + 1
@@ -168,6 +170,8 @@ def haiku_rewritten(
                 item = cell.cell_contents
             except ValueError:  # a cell not yet filled
                 continue
+            if original is not None and item is original and not _haiku_function(item):
+                return (cell, *rewritten(item))
             if isinstance(item, tuple):  # a Transformed the function wraps
                 todo += [
                     i for i in (getattr(item, "apply", None), getattr(item, "init", None)) if i
@@ -185,7 +189,10 @@ def haiku_rewritten(
 def _rewritten_factory(factory: Callable, rewritten: Callable) -> Any:
     """What a rewritten ``hk.multi_transform`` factory returns, its functions rewritten."""
     init, functions = factory()
-    return jax.tree_util.tree_map(lambda f: rewritten(f)[0], (init, functions))
+    # a module's methods run through Haiku's interceptor, which runs them rewritten
+    return jax.tree_util.tree_map(
+        lambda f: f if scoped_module(f) else rewritten(f)[0], (init, functions)
+    )
 
 
 def _haiku_function(fn: Any) -> bool:

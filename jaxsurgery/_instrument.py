@@ -1375,6 +1375,8 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
         return framed.unframed, None
     wrapped = _wrapped_user_function(fn)
+    if wrapped is None and not isinstance(fn, (types.FunctionType, types.MethodType)):
+        wrapped = _wrapped_user_function(getattr(type(fn), "__call__", None))  # noqa: B004
     if wrapped is not None:  # a decorator's wrapper runs as it is, the function rewritten
         cell, user = wrapped
         inner, reason = instrument(user)

@@ -793,8 +793,12 @@ class _Inliner(ControlFlow):
                 self._alias(eqn.outvars[0], invars[0], env)
                 tag = C.tag_name(eqn)
                 # a tag (a mark's token, js.tag, checkpoint_name) names the forward
-                # value, not the copy a checkpoint recomputes in the backward pass
-                if not C.in_backward_pass(source_info):
+                # value, not the copy a checkpoint recomputes in the backward pass (a
+                # tag in a custom_vjp's backward rule names what the rule computes)
+                if not (
+                    C.in_backward_pass(source_info)
+                    and (tag.startswith(MARK_PREFIX) or C.recomputed(source_info))
+                ):
                     self.tags.append((invars[0], tag, tuple(self.iteration)))
                 return
             if outs is not None:

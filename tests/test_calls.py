@@ -444,3 +444,27 @@ def test_a_function_given_to_tree_map_map_or_reduce_names_what_it_binds():
     allclose(g.value("inner#2/hidden"), jnp.sin(2 * jnp.sin(x)))
     allclose(g.value("inner#3/hidden"), jnp.sin(x))
     check_slice(g.slice("inner#1/hidden", "b"), (jnp.sin(x),), lambda h: 2 * jnp.sin(2 * h))
+
+
+class CountedLayer:
+    """A callable object whose ``__call__`` a user's decorator wrapped."""
+
+    def __init__(self, w):
+        self.w = w
+
+    @counted
+    def __call__(self, x):
+        pre = x @ self.w
+        return jnp.tanh(pre)
+
+
+def test_a_callable_objects_decorated_call_names_what_it_binds():
+    layer = CountedLayer(jnp.eye(3) * 0.5)
+    x = jnp.linspace(-1.0, 1.0, 3)
+
+    def loss(x):
+        out = layer(x)
+        return out.sum()
+
+    allclose(js.trace(loss, x).value("layer/pre"), 0.5 * x)
+    allclose(js.trace(layer, x).value("pre"), 0.5 * x)

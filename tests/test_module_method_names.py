@@ -422,3 +422,38 @@ def test_a_module_whose_source_cannot_be_read_says_so_in_the_notes():
     )
     dense = variables["params"]["Dense_0"]
     allclose(g.value("Exec/Dense_0"), x @ dense["kernel"] + dense["bias"])
+
+
+def hk_scaled(x, n=1):
+    hf = hk.Linear(3)(x) * n
+    return jnp.tanh(hf)
+
+
+class HkEncoder(hk.Module):
+    def encode(self, x):
+        z = jnp.tanh(hk.Linear(3)(x))
+        return z
+
+
+def test_haiku_transforms_of_a_partial_and_of_module_methods_name_what_they_bind():
+    """``hk.transform(functools.partial(f, n=2))`` runs the partial's function
+    rewritten; ``hk.multi_transform`` returning a module's method runs it through
+    Haiku's interceptor, without a note that it could not be rewritten."""
+    x = jnp.ones((2, 4))
+    t = hk.transform(functools.partial(hk_scaled, n=2))
+    p = t.init(jax.random.key(0), x)
+    g = js.trace(t.apply, p, None, x)
+    lin = p["linear"]
+    allclose(g.value("hf"), 2 * (x @ lin["w"] + lin["b"]))
+    assert not g.notes
+
+    def factory():
+        enc = HkEncoder()
+        return enc.encode, (enc.encode,)
+
+    mt = hk.multi_transform(factory)
+    p = mt.init(jax.random.key(0), x)
+    g = js.trace(mt.apply[0], p, None, x)
+    assert not g.notes
+    lin = p["hk_encoder/~encode/linear"]
+    allclose(g.value("encode/hk_encoder/z"), jnp.tanh(x @ lin["w"] + lin["b"]))

@@ -807,6 +807,17 @@ def test_tags_in_a_checkpoint_are_not_named_again_in_its_recomputation():
         h = jnp.sin(jnp.tanh(h @ w))
 
 
+def test_a_tag_in_a_custom_vjp_backward_rule_is_named():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, g: (js.tag(c * g, "bwd"),))
+    w = jnp.array([0.3, 0.5])
+    g = js.trace(jax.grad(lambda w: f(w).sum()), w)
+    allclose(g.value("bwd"), jnp.cos(w))
+
+
 def test_a_checkpointed_scan_body_under_a_derivative_is_named_once(data):
     """The backward pass's scan recomputes a checkpointed body: its copies are not named
     again, so the parameter is ``h#0`` and the rebinding ``h#1`` at every step, as
