@@ -1236,6 +1236,8 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
             inner, reason = as_pytree_call(fun, rewritten), None
             if inner is None:
                 inner, reason = fun, "library"
+        if reason and scoped_module(fun):  # jax.grad(net.apply): linen runs its methods,
+            inner, reason = fun, None  # rewritten through its interceptors, under the grad
         if reason:
             return transform(fun, *args, **kwargs)
         of = fun.of if isinstance(fun, _Framed) else fun

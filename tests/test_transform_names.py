@@ -1011,3 +1011,34 @@ def test_a_slice_from_a_differentiated_loop_value_says_so_as_an_unrolled_one_doe
     allclose(jax.jacfwd(loop)(*at), jax.jacfwd(flat)(*at), atol=1e-6)
     for s in (flat, loop):
         assert any("backward pass" in n for n in s.notes), s.notes
+
+
+class ScanCell(nn.Module):
+    @nn.compact
+    def __call__(self, h, x):
+        pre = nn.Dense(4)(h) + x
+        h_new = jnp.tanh(pre)
+        return h_new, h_new
+
+
+class ScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+        scan = nn.scan(ScanCell, variable_broadcast="params", split_rngs={"params": False})
+        _, ys = scan()(jnp.zeros(4), xs)
+        return jnp.sum(ys**2)
+
+
+def test_a_derivative_of_a_linen_modules_apply_names_what_its_methods_bind():
+    """``jax.value_and_grad(net.apply)(v, xs)``: linen runs the methods (rewritten
+    through its interceptors) under the derivative, which remakes what they traced:
+    they were run untagged, so nothing inside was named (the closure form was)."""
+    net, xs = ScanNet(), jnp.linspace(-1.0, 1.0, 20).reshape(5, 4)
+    v = net.init(jax.random.key(0), xs)
+    g = js.trace(lambda v, xs: jax.value_and_grad(net.apply)(v, xs), v, xs)
+    dense = v["params"]["ScanScanCell_0"]["Dense_0"]
+    h = jnp.zeros(4)
+    for t in range(3):
+        pre = h @ dense["kernel"] + dense["bias"] + xs[t]
+        h = jnp.tanh(pre)
+    allclose(g.value("ScanNet/ScanScanCell_0/pre@2"), pre)
