@@ -445,7 +445,8 @@ def _counted(
     ``most + 1`` trips (None if it cannot compile)."""
     args = (cond.consts, body.consts, cond_consts, body_consts, carry)
     try:
-        key = (str(cond.jaxpr), str(body.jaxpr), most, _types(args))
+        hidden = (*_unprinted(cond.jaxpr), *_unprinted(body.jaxpr))
+        key = (str(cond.jaxpr), str(body.jaxpr), hidden, most, _types(args))
         run = _COUNTED.get(key)
         if run is None:
             if len(_COUNTED) > 256:
@@ -461,6 +462,30 @@ def _counted(
 
 #: compiled trip counters, by the text of the loop's jaxprs and its argument types
 _COUNTED: dict[tuple, Any] = {}
+
+
+def _unprinted(jaxpr: C.Jaxpr) -> list[int]:
+    """Identities of what a jaxpr's text does not show but its values depend on: the
+    constants of the closed jaxprs its equations hold (a jitted helper closing over an
+    array) and the functions they call (a pure_callback's, printed by address). The
+    compiled loop keeps the jaxpr and so these objects alive: an identity is not
+    reused while it is a key. A custom rule's own functions change no value."""
+    found = []
+    for eqn in jaxpr.eqns:
+        params = eqn.params
+        if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
+            params = {k: v for k, v in params.items() if isinstance(v, (C.Jaxpr, C.ClosedJaxpr))}
+        for value in params.values():
+            for x in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(x, C.ClosedJaxpr):
+                    if x.consts:
+                        found.append(id(x))
+                    found += _unprinted(x.jaxpr)
+                elif isinstance(x, C.Jaxpr):
+                    found += _unprinted(x)
+                elif callable(x) and not isinstance(x, type):
+                    found.append(id(x))
+    return found
 
 
 def _types(args: Any) -> tuple:

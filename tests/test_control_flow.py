@@ -6,6 +6,7 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import allclose, check_slice, work
 
@@ -525,3 +526,49 @@ def test_a_small_while_loop_is_counted_by_one_compiled_loop_kept_per_structure()
     for graph, (x, y) in ((g, (a, b)), (again, (a * 2, b))):
         allclose(graph.value("out"), solve(x, y))
         allclose(graph.value("body/y_new@4"), solve(x, y))
+
+
+def _stepping_loop(step):
+    """A while_loop whose body calls a jitted helper closing over an array: the loop's
+    text is the same for every ``step``, its trip count is not."""
+    c = jnp.full((3,), step)
+    inner = jax.jit(lambda s: s + c)
+
+    def f(x):
+        def body(s):
+            h = inner(s)
+            return h
+
+        return jax.lax.while_loop(lambda s: s[0] < 10.0, body, x)
+
+    return f
+
+
+def _calling_loop(scale):
+    """The same with a pure_callback (printed by address in the loop's text)."""
+
+    def host(s):
+        return np.asarray(s) + scale
+
+    def f(x):
+        def body(s):
+            h = jax.pure_callback(host, jax.ShapeDtypeStruct((3,), jnp.float32), s)
+            return h
+
+        return jax.lax.while_loop(lambda s: s[0] < 10.0, body, x)
+
+    return f
+
+
+@pytest.mark.parametrize("make", [_stepping_loop, _calling_loop])
+def test_loops_of_the_same_text_with_other_constants_or_callbacks_count_their_own_trips(make):
+    """The compiled counter is kept by the loop's text and what the text does not show
+    (a nested jaxpr's constants, a callback): the second loop got the first's count (10
+    for 4), and every value inside it said it was not made for the traced arguments."""
+    x = jnp.zeros(3)
+    for step, trips in ((1.0, 10), (3.0, 4), (1.0, 10)):
+        f = make(step)
+        g = js.trace(f, x)
+        assert list(g._program.while_trips.values()) == [trips]
+        allclose(g.value("body/h@2"), jnp.full(3, 3 * step))
+        allclose(g.value("out"), f(x))
