@@ -48,6 +48,7 @@ from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
 from ._promotion import holds, out_of_range, weak_type_decides
+from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
 
@@ -100,7 +101,7 @@ def _trace(
 ) -> Graph:
     """The work of :func:`trace`."""
     target = _unwrap(fn)
-    static_argnums, static_argnames = _jit_statics(fn, static_argnums, static_argnames)
+    static_argnums, static_argnames = _jit_statics(fn, target, static_argnums, static_argnames)
     binder = _ArgBinder(target, static_argnums, static_argnames)
     bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
@@ -368,16 +369,35 @@ def _check_leaf(name: str, leaf: Any) -> None:
         ) from None
 
 
-def _jit_statics(fn: Any, nums: int | Sequence[int], names: str | Sequence[str]) -> tuple:
+def _jit_statics(
+    fn: Any, target: Any, nums: int | Sequence[int], names: str | Sequence[str]
+) -> tuple:
     """``(static_argnums, static_argnames)``: those given, and those of the ``jax.jit``
-    (or jits) ``fn`` was made with (``@partial(jax.jit, static_argnums=1)``)."""
+    (or jits) ``fn`` was made with (``@partial(jax.jit, static_argnums=1)``), also
+    through a ``functools.partial`` or a bound method, for ``target``'s parameters."""
     nums = [nums] if isinstance(nums, int) else list(nums)
     names = [names] if isinstance(names, str) else list(names)
-    while is_jit(fn) and hasattr(fn, "__wrapped__"):
-        info = getattr(fn, "_jit_info", None)
-        nums += [n for n in getattr(info, "static_argnums", ()) if n not in nums]
-        names += [n for n in getattr(info, "static_argnames", ()) if n not in names]
-        fn = fn.__wrapped__
+    try:
+        parameters = _signature(target).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    shift = 0  # positions the partials and bound methods on the way take
+    for _ in range(16):
+        if _plain_partial(fn):  # functools.partial(jitted, ...): its arguments come first
+            shift += len(fn.args)
+            fn = fn.func
+        elif isinstance(fn, types.MethodType):  # a jitted method, bound: self comes first
+            shift += 1
+            fn = fn.__func__
+        elif is_jit(fn) and hasattr(fn, "__wrapped__"):
+            info = getattr(fn, "_jit_info", None)
+            found = [n - shift for n in getattr(info, "static_argnums", ()) if n >= shift]
+            nums += [n for n in found if n not in nums]
+            found = getattr(info, "static_argnames", ())
+            names += [n for n in found if n not in names and n in parameters]  # not self
+            fn = fn.__wrapped__
+        else:
+            break
     return tuple(nums), tuple(names)
 
 

@@ -231,6 +231,34 @@ def test_a_jitted_functions_static_arguments_stay_static():
     allclose(g.as_function()(jnp.zeros(2), 2, mode="cos"), jnp.cos(jnp.cos(jnp.zeros(2))))
 
 
+class _JittedMethods:
+    k = 2.0
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def scaled(self, x, n):
+        h = x * self.k * n
+        return h
+
+
+def test_a_jitted_function_through_a_partial_or_a_bound_method_keeps_its_statics():
+    """``functools.partial(jitted, mode=...)`` and ``obj.jitted_method``: the jit's
+    static arguments, shifted past what the partial or the method binds (they were
+    traced: JAX's raw "Non-hashable static arguments"), and the method's names."""
+
+    def f(x, n, mode="a"):
+        h = x * n
+        return jnp.sin(h) if mode == "a" else jnp.cos(h)
+
+    jf = jax.jit(f, static_argnums=1, static_argnames="mode")
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(functools.partial(jf, mode="b"), x, 3)
+    allclose(g.value("h"), 3 * x)
+    allclose(g.value("out"), jnp.cos(3 * x))
+    g = js.trace(_JittedMethods().scaled, x, 3)
+    allclose(g.value("h"), 6 * x)
+    assert [v.name for v in g.inputs] == ["x"]
+
+
 def test_methods_are_traced_with_names():
     class Model:
         def __init__(self):
