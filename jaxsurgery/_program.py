@@ -796,8 +796,8 @@ class _Inliner(ControlFlow):
                 # value, not the copy a checkpoint recomputes in the backward pass (a
                 # tag in a custom_vjp's backward rule names what the rule computes)
                 if not (
-                    C.in_backward_pass(source_info)
-                    and (tag.startswith(MARK_PREFIX) or C.recomputed(source_info))
+                    (C.in_backward_pass(source_info) and tag.startswith(MARK_PREFIX))
+                    or C.recomputed(source_info)  # also in a backward scan's body
                 ):
                     self.tags.append((invars[0], tag, tuple(self.iteration)))
                 return

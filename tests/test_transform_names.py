@@ -807,6 +807,24 @@ def test_tags_in_a_checkpoint_are_not_named_again_in_its_recomputation():
         h = jnp.sin(jnp.tanh(h @ w))
 
 
+def test_a_tag_in_a_checkpointed_scan_body_under_a_gradient_names_the_forward_value():
+    """The backward scan recomputes the checkpointed body: its tag was ``pre#1@t``, and
+    ``pre@0`` was ambiguous."""
+
+    def cell(c, xi):
+        pre = js.tag(c * xi + 1.0, "pre")
+        return jnp.tanh(pre), None
+
+    def loss(w, xs):
+        fin, _ = jax.lax.scan(jax.checkpoint(cell), w, xs)
+        return fin.sum()
+
+    w, xs = jnp.array([0.3, 0.5]), jnp.ones((3, 2))
+    g = js.trace(jax.grad(loss), w, xs)
+    allclose(g.value("pre@0"), w + 1.0)
+    allclose(g.value("pre@1"), jnp.tanh(w + 1.0) + 1.0)
+
+
 def test_a_tag_in_a_custom_vjp_backward_rule_is_named():
     @jax.custom_vjp
     def f(x):
