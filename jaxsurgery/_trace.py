@@ -62,7 +62,8 @@ def trace(
     """Trace ``fn(*args, **kwargs)`` into a :class:`Graph` of named intermediates.
 
     Args:
-        fn: any function JAX can trace (a ``jax.jit``-ed function is traced through).
+        fn: any function JAX can trace (a ``jax.jit``-ed function is traced through,
+            its static arguments static).
         *args, **kwargs: pytrees of arrays, Python scalars, or ``jax.ShapeDtypeStruct``
             (then the graph is abstract: slices must be bound before use). Other
             leaves (strings, functions, an Equinox module's activation) are held
