@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _compat as C
 from ._scopes import scope_path
-from ._structured import Site, Step, goes_on, locate, per_lane
+from ._structured import Site, Step, argument_types, goes_on, locate, per_lane, unprinted
 
 if TYPE_CHECKING:
     from ._program import Program
@@ -445,8 +445,8 @@ def _counted(
     ``most + 1`` trips (None if it cannot compile)."""
     args = (cond.consts, body.consts, cond_consts, body_consts, carry)
     try:
-        hidden = (*_unprinted(cond.jaxpr), *_unprinted(body.jaxpr))
-        key = (str(cond.jaxpr), str(body.jaxpr), hidden, most, _types(args))
+        hidden = (*unprinted(cond.jaxpr), *unprinted(body.jaxpr))
+        key = (str(cond.jaxpr), str(body.jaxpr), hidden, most, argument_types(args))
         run = _COUNTED.get(key)
         if run is None:
             if len(_COUNTED) > 256:
@@ -462,40 +462,6 @@ def _counted(
 
 #: compiled trip counters, by the text of the loop's jaxprs and its argument types
 _COUNTED: dict[tuple, Any] = {}
-
-
-def _unprinted(jaxpr: C.Jaxpr) -> list[int]:
-    """Identities of what a jaxpr's text does not show but its values depend on: the
-    constants of the closed jaxprs its equations hold (a jitted helper closing over an
-    array) and the functions they call (a pure_callback's, printed by address). The
-    compiled loop keeps the jaxpr and so these objects alive: an identity is not
-    reused while it is a key. A custom rule's own functions change no value."""
-    found = []
-    for eqn in jaxpr.eqns:
-        params = eqn.params
-        if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
-            params = {k: v for k, v in params.items() if isinstance(v, (C.Jaxpr, C.ClosedJaxpr))}
-        for value in params.values():
-            for x in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(x, C.ClosedJaxpr):
-                    if x.consts:
-                        found.append(id(x))
-                    found += _unprinted(x.jaxpr)
-                elif isinstance(x, C.Jaxpr):
-                    found += _unprinted(x)
-                elif callable(x) and not isinstance(x, type):
-                    found.append(id(x))
-    return found
-
-
-def _types(args: Any) -> tuple:
-    """Shape, dtype and weak type of each leaf (what a compiled function is made for)."""
-    return tuple(
-        (np.shape(x), str(x.dtype), bool(getattr(x, "weak_type", False)), type(x).__name__)
-        if hasattr(x, "dtype")
-        else (type(x).__name__, x)  # a Python scalar: compiled in (as a jaxpr literal)
-        for x in jax.tree_util.tree_leaves(args)
-    )
 
 
 def _count_and_run(

@@ -572,3 +572,26 @@ def test_loops_of_the_same_text_with_other_constants_or_callbacks_count_their_ow
         assert list(g._program.while_trips.values()) == [trips]
         allclose(g.value("body/h@2"), jnp.full(3, 3 * step))
         allclose(g.value("out"), f(x))
+
+
+def test_a_branch_decided_by_a_long_prefix_is_evaluated_by_one_compiled_jaxpr_kept():
+    """The values a cond's index needs run as one compiled jaxpr, kept by its text: a
+    fresh trace of the same function compiles nothing new (op by op, each new
+    primitive compiled once per process: seconds for a NumPyro HMC step)."""
+    from jaxsurgery import _structured
+
+    def f(x):
+        p = x
+        for _ in range(6):
+            p = jnp.sin(p) * 1.1 + 0.1
+        score = p.sum()
+        return jax.lax.cond(score > 0, lambda v: v * 2.0, lambda v: v - 1.0, x)
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    g = js.trace(f, x)
+    known = len(_structured._EVALUATED)
+    for arg in (x, -3 * x, x + 0.5):
+        g = js.trace(f, arg)
+        allclose(g.value("out"), f(arg))
+        allclose(g.as_function()(-arg), f(-arg))
+    assert len(_structured._EVALUATED) == known
