@@ -1363,9 +1363,6 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     jitted = _jitted(fn)
     if jitted is not None:  # a jax.jit-ed user function
         return jitted.jit, jitted.reason
-    jitted = _jitted(fn.__func__) if isinstance(fn, types.MethodType) else None
-    if jitted is not None:  # a jax.jit-ed method, bound (static self)
-        return types.MethodType(jitted.jit, fn.__self__), jitted.reason
     if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
         body, reason = instrument(fn.fun)
         return C.rebuild_custom_rule(fn, body), reason

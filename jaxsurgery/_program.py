@@ -710,7 +710,7 @@ class _Inliner(ControlFlow):
             return None
         if needed:
             with jax.ensure_compile_time_eval():
-                eval_equations([self.eqns[k] for k in sorted(needed)], env, compiled=True)
+                eval_equations([self.eqns[k] for k in sorted(needed)], env)
         return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
 
     def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:

@@ -43,7 +43,6 @@ Sharp edges:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -729,11 +728,14 @@ def per_lane(eqn: Any) -> bool:
 def unprinted(jaxpr: C.Jaxpr) -> list[int]:
     """Identities of what a jaxpr's text does not show but its values depend on: the
     constants of the closed jaxprs its equations hold (a jitted helper closing over an
-    array) and the functions they call (a pure_callback's, printed by address). The
+    array), array literals, and the functions they call (a pure_callback's, printed by
+    address). The
     compiled loop keeps the jaxpr and so these objects alive: an identity is not
     reused while it is a key. A custom rule's own functions change no value."""
     found = []
     for eqn in jaxpr.eqns:
+        # an array literal prints as [...] (jax_use_simplified_jaxpr_constants)
+        found += [id(a) for a in eqn.invars if isinstance(a, C.Literal) and np.ndim(a.val)]
         params = eqn.params
         if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
             params = {k: v for k, v in params.items() if isinstance(v, (C.Jaxpr, C.ClosedJaxpr))}
@@ -760,43 +762,21 @@ def argument_types(args: Any) -> tuple:
     )
 
 
-def eval_equations(eqns: Sequence[Any], env: dict, compiled: bool = False) -> None:
+def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     """Evaluate straight-line equations (traceable): read what they need from ``env``,
     write what they make into it. One jaxpr for all of them, evaluated by JAX.
 
-    ``compiled`` (concrete values only): the jaxpr runs compiled, the compiled function
-    kept by its text and what the text does not show (see :func:`unprinted`), so that
-    a fresh trace of the same model compiles nothing new. Op by op, each primitive and
-    shape compiles once per process: the branch decision of a NumPyro HMC step took
-    two seconds of a first trace in 54 compiles.
+    Op by op, as an eager call of the function runs them: compiled whole, XLA rewrites
+    ``a / exp(b)`` as ``a * exp(-b)``, and a cond decided at its threshold took another
+    branch than the function and the graph's own values.
     """
     inside = {v for e in eqns for v in e.outvars}
     ins = list(
         dict.fromkeys(a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside)
     )
     outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
-    jaxpr = C.new_jaxpr([], ins, outs, list(eqns))
-    args = [env[a] for a in ins]
-    if compiled and COMPILED_AT_LEAST <= len(eqns) <= COMPILED_AT_MOST:
-        try:
-            key = (str(jaxpr), tuple(unprinted(jaxpr)), argument_types(args))
-            run = _EVALUATED.get(key)
-            if run is None:
-                if len(_EVALUATED) > 256:
-                    _EVALUATED.clear()
-                run = _EVALUATED[key] = jax.jit(functools.partial(C.eval_jaxpr, jaxpr, []))
-            env.update(zip(outs, run(*args)))
-            return
-        except Exception:  # noqa: BLE001 (op by op says what fails)
-            pass
-    env.update(zip(outs, C.eval_jaxpr(jaxpr, [], *args)))
-
-
-#: how many equations are worth one compile (fewer: op by op, each compiled op kept by
-#: JAX; more: compiling them whole costs more than running them)
-COMPILED_AT_LEAST, COMPILED_AT_MOST = 8, 2_000
-#: compiled evaluations, by the text of their jaxpr and the types of their arguments
-_EVALUATED: dict[tuple, Any] = {}
+    values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *(env[a] for a in ins))
+    env.update(zip(outs, values))
 
 
 def _live(

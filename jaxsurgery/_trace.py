@@ -382,6 +382,10 @@ def _jit_statics(
         parameters = _signature(target).parameters
     except (TypeError, ValueError):
         parameters = {}
+    # the target's positional parameters: a jit's static position the partial binds by
+    # keyword (partial(jitted, n=2)) is no position of the target's
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in parameters.values() if p.kind in kinds]
     shift = 0  # positions the partials and bound methods on the way take
     for _ in range(16):
         if _plain_partial(fn):  # functools.partial(jitted, ...): its arguments come first
@@ -392,7 +396,11 @@ def _jit_statics(
             fn = fn.__func__
         elif is_jit(fn) and hasattr(fn, "__wrapped__"):
             info = getattr(fn, "_jit_info", None)
-            found = [n - shift for n in getattr(info, "static_argnums", ()) if n >= shift]
+            found = [  # (a negative number counts from the end, which nothing binds)
+                n if n < 0 else n - shift
+                for n in getattr(info, "static_argnums", ())
+                if n < 0 or n - shift in range(len(positional))
+            ]
             nums += [n for n in found if n not in nums]
             found = getattr(info, "static_argnames", ())
             names += [n for n in found if n not in names and n in parameters]  # not self
@@ -403,9 +411,14 @@ def _jit_statics(
 
 
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The Python function behind a ``jax.jit``-ed one (same semantics, readable source)."""
+    """The Python function behind a ``jax.jit``-ed one (same semantics, readable source),
+    also bound as a method (``obj.jitted_method``: its function, bound)."""
+    method = isinstance(fn, types.MethodType) and is_jit(fn.__func__)
+    owner, fn = (fn.__self__, fn.__func__) if method else (None, fn)
     while is_jit(fn) and hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
+    if method:
+        fn = types.MethodType(fn, owner)
     if not callable(fn):
         raise TraceError(f"js.trace needs a function, got {type(fn).__name__}: {fn!r}")
     return fn

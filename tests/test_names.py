@@ -254,9 +254,15 @@ def test_a_jitted_function_through_a_partial_or_a_bound_method_keeps_its_statics
     g = js.trace(functools.partial(jf, mode="b"), x, 3)
     allclose(g.value("h"), 3 * x)
     allclose(g.value("out"), jnp.cos(3 * x))
-    g = js.trace(_JittedMethods().scaled, x, 3)
-    allclose(g.value("h"), 6 * x)
-    assert [v.name for v in g.inputs] == ["x"]
+    for _ in range(2):  # the second trace too (JAX's trace cache ran no body there)
+        g = js.trace(_JittedMethods().scaled, x, 3)
+        allclose(g.value("h"), 6 * x)
+        assert [v.name for v in g.inputs] == ["x"]
+    # a static argument the partial binds by keyword, a negative static position
+    g = js.trace(functools.partial(jax.jit(f, static_argnums=1), n=2), x)
+    allclose(g.value("h"), 2 * x)
+    g = js.trace(jax.jit(f, static_argnums=-1), x, 3, "b")
+    allclose(g.value("out"), jnp.cos(3 * x))
 
 
 def test_methods_are_traced_with_names():
