@@ -787,8 +787,7 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     if (
         isinstance(value, (int, float, complex, bool, str, type(None)))
         or is_jit(value)
-        or type(value).__name__ in ("Partial", "VJP")
-        and type(value).__module__.startswith("jax")
+        or (type(value).__name__ in ("Partial", "VJP") and type(value).__module__.startswith("jax"))
     ):
         # (a jitted function, eqx.filter_jit(model), holds arrays but is none; the
         # function jax.vjp or jax.linearize returns holds their residuals)

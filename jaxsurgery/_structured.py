@@ -729,9 +729,9 @@ def unprinted(jaxpr: C.Jaxpr) -> list[int]:
     """Identities of what a jaxpr's text does not show but its values depend on: the
     constants of the closed jaxprs its equations hold (a jitted helper closing over an
     array), array literals, and the functions they call (a pure_callback's, printed by
-    address). The
-    compiled loop keeps the jaxpr and so these objects alive: an identity is not
-    reused while it is a key. A custom rule's own functions change no value."""
+    address). A compiled function kept by them keeps the jaxpr, so these objects stay
+    alive and no identity is reused while it is a key. A custom rule's own functions
+    change no value."""
     found = []
     for eqn in jaxpr.eqns:
         # an array literal prints as [...] (jax_use_simplified_jaxpr_constants)
