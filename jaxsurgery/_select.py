@@ -767,6 +767,12 @@ def _no_pattern_match(
                 f"; '*' stops at '/' (one level of a path): did you mean {deeper!r}, "
                 f"which matches {len(found)} var{'s' if len(found) != 1 else ''}?"
             )
+    if not hint and word is not None and "/" in word:  # params/* for params[*]
+        head, _, rest = word.rpartition("/")
+        for alt in (f"{head}[{rest}]", f"{head}[{rest!r}]", f"{head}.{rest}"):
+            if _regex(graph, compile_glob(alt)):
+                hint = f"; a pytree key is not a call or scope: did you mean {alt!r}?"
+                break
     if not hint:
         if word is not None:
             literal = re.sub(r"[*?]", "", word)

@@ -412,6 +412,13 @@ CATALOG = [
         r"index 100 is out of range: the graph has 16 vars \(0\.\.15, or -16\.\.-1 from the end\)",
     ),
     (
+        "a pytree key globbed as a path",
+        lambda g, a: keyed_graph().select("p/*"),
+        js.SelectionError,
+        r"no var matches the pattern 'p/\*'; a pytree key is not a call or scope: did you "
+        r"mean 'p\[\*\]'\?",
+    ),
+    (
         "glob matching nothing",
         lambda g, a: g.select("w*"),
         js.SelectionError,
