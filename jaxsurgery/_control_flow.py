@@ -418,15 +418,17 @@ def _trip_carries(
     A loop without effects runs compiled, cached by the text of its condition and body
     (a fresh trace of the same model makes equal jaxprs): only its trip count and
     results come back, the carries between are None (a cond inside a trip computes
-    what it needs). Op by op, each new primitive and shape compiled once per process,
-    a NumPyro HMC step took seconds to trace the first time and an optimistix Newton
-    solve 24× make_jaxpr every time. With effects (a callback in the body), op by op.
+    what it needs). Op by op, every trip's ops ran again at every trace: an optimistix
+    Newton solve traced in 24× make_jaxpr. With effects (a callback in the body), op
+    by op.
     """
     if not (cond.jaxpr.effects or body.jaxpr.effects):
         counted = _counted(cond, body, cond_consts, body_consts, carry, most)
         if counted is not None:
             trips, last = counted
-            return None if trips > most else [carry, *[None] * (trips - 1), last][: trips + 1]
+            if trips > most:
+                return None
+            return [carry] if trips == 0 else [carry, *[None] * (trips - 1), last]
     body_fn = C.jaxpr_as_fun(body)
     carries = [carry]
     with jax.ensure_compile_time_eval():
@@ -474,15 +476,29 @@ def _count_and_run(
     body_consts: list,
     carry: list,
 ) -> tuple[Any, list[Any]]:
+    return _counting_loop(
+        lambda c: C.eval_jaxpr(cond, cond_closed, *cond_consts, *c)[0],
+        lambda c: C.eval_jaxpr(body, body_closed, *body_consts, *c),
+        carry,
+        most,
+    )
+
+
+def _counting_loop(
+    goes_on: Callable[[list], Any], step: Callable[[list], list], carry: list, most: int
+) -> tuple[Any, list[Any]]:
+    """``(trips, results)`` of a ``while_loop`` of ``goes_on`` and ``step`` that stops
+    after ``most + 1`` trips (traceable: compiled by its caller)."""
+
     def more(state: tuple) -> Any:
         n, carry = state
-        return (n <= most) & C.eval_jaxpr(cond, cond_closed, *cond_consts, *carry)[0]
+        return (n <= most) & goes_on(carry)
 
-    def step(state: tuple) -> tuple:
+    def next_trip(state: tuple) -> tuple:
         n, carry = state
-        return n + 1, C.eval_jaxpr(body, body_closed, *body_consts, *carry)
+        return n + 1, step(carry)
 
-    return jax.lax.while_loop(more, step, (0, list(carry)))
+    return jax.lax.while_loop(more, next_trip, (0, list(carry)))
 
 
 def count_trips_compiled(
@@ -498,19 +514,13 @@ def count_trips_compiled(
     body_fn, at = (pruned, deciding) if pruned else (C.jaxpr_as_fun(body), range(len(carry)))
 
     def count(cond_consts: list, body_consts: list, carry: list) -> Any:
-        def more(state: tuple) -> Any:
-            n, carry = state
-            return (n <= MAX_TRIPS) & goes_on(cond, cond_consts, carry)
-
-        def step(state: tuple) -> tuple:
-            n, carry = state
+        def step(carry: list) -> list:
             new = list(carry)
-            found = body_fn(*body_consts, *carry)
-            for i, x in zip(at, found):
+            for i, x in zip(at, body_fn(*body_consts, *carry)):
                 new[i] = x
-            return n + 1, new
+            return new
 
-        return jax.lax.while_loop(more, step, (0, list(carry)))[0]
+        return _counting_loop(lambda c: goes_on(cond, cond_consts, c), step, carry, MAX_TRIPS)[0]
 
     trips = int(jax.jit(count)(cond_consts, body_consts, carry))
     return None if trips > MAX_TRIPS else trips

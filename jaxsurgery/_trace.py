@@ -361,7 +361,7 @@ def _check_leaf(name: str, leaf: Any) -> None:
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return
     try:
-        jax.typeof(leaf) if hasattr(jax, "typeof") else jax.core.get_aval(leaf)
+        jax.typeof(leaf)
     except (TypeError, OverflowError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise TraceError(
