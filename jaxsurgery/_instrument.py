@@ -968,10 +968,34 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         cell, inner, reason = haiku
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
-    jitted = jitted or _jitted(fn) or _jitted_call(fn)
+    jitted = jitted or _jitted(fn) or _jitted_call(fn) or _decorated_twin(fn)
     if jitted is None:
         return rewritten(fn)[0], None
     return jitted.jit, jitted if jitted.cached else None
+
+
+def _decorated_twin(fn: Any) -> _DecoratedTwin | None:
+    """For a decorator's wrapper around a jitted or checkpointed user function
+    (``@deco @jax.jit``), what runs the wrapper around the jit's rewritten twin (the
+    checkpoint of the rewritten function), which JAX caches as it does the original."""
+    wrapped = _wrapped_user_function(fn) if isinstance(fn, types.FunctionType) else None
+    if wrapped is None or _is_user_function(wrapped[1]):
+        return None
+    cell, inner = wrapped
+    twin = _jitted(inner)
+    if twin is not None:
+        return _DecoratedTwin(cell, fn, twin.jit, twin.transformed_twin, twin, twin.cached)
+    framed = _transformed(inner)
+    if framed is None or framed.memory is None:  # jax.vmap, jax.grad: traced at each call
+        return None
+    twin = _posing(framed.unframed, inner)
+    return _DecoratedTwin(cell, fn, twin, lambda: twin, framed.memory, True)
+
+
+def _posing(run: Any, original: Any) -> Any:
+    """``run`` with ``original``'s name and docstring: a decorator may read them from the
+    function its cell holds (``fn.__name__``) while the cell holds ``run``."""
+    return functools.update_wrapper(functools.partial(run), original)
 
 
 #: JAX's functions that its transforms return, by code name: ``(named, remakes)``,
@@ -1380,7 +1404,12 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         wrapped = _wrapped_user_function(getattr(type(fn), "__call__", None))  # noqa: B004
     if wrapped is not None:  # a decorator's wrapper runs as it is, the function rewritten
         cell, user = wrapped
-        inner, reason = instrument(user)
+        framed = None if _is_user_function(user) else _transformed(user)
+        if framed is not None:  # @deco over @jax.checkpoint (or jax.vmap...): f's values
+            return functools.partial(_run_swapped, cell, _posing(framed.unframed, user), fn), None
+        # @deco over @jax.jit: the jitted function, traced, is its function (as _unwrap
+        # takes a jit js.trace is given; a call inside runs the jit's twin, _call_target)
+        inner, reason = instrument(getattr(user, "__wrapped__", user))
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
@@ -1388,15 +1417,21 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
 
 def _wrapped_user_function(fn: Any) -> tuple[Any, Any] | None:
     """For a function a decorator wrapped (``functools.wraps``: ``__wrapped__``), also
-    a bound method of one: ``(cell, user function)``, the closure cell of the innermost
-    wrapper that holds the user's function it wraps; None if there is none. Swapping
-    the cell runs the decorator's code as it is around the rewritten function."""
+    a bound method of one: ``(cell, wrapped)``, the closure cell of the innermost
+    wrapper that holds what it wraps, when that is the user's function, a ``jax.jit``
+    of it (``@deco @jax.jit``) or a JAX transform of it (``@deco @jax.checkpoint``);
+    None if there is none. Swapping the cell runs the decorator's code as it is around
+    the rewritten function (or its jit, its transform)."""
     wrapper = getattr(fn, "__func__", fn)
     for _ in range(8):
         inner = getattr(wrapper, "__wrapped__", None)
         if not isinstance(wrapper, types.FunctionType) or inner is None:
             return None
-        if _is_user_function(inner):
+        if (
+            _is_user_function(inner)
+            or (is_jit(inner) and _is_user_function(getattr(inner, "__wrapped__", None)))
+            or _transformed(inner) is not None
+        ):
             for cell in wrapper.__closure__ or ():
                 with contextlib.suppress(ValueError):  # a cell not yet filled
                     if cell.cell_contents is inner:
@@ -1448,7 +1483,7 @@ class _Jitted(_Memory):
 
     def __init__(self, fn: Any, cached: bool = True) -> None:
         super().__init__()
-        body, self.reason = instrument(fn.__wrapped__)
+        body, self.reason = _jit_body(fn.__wrapped__)
         self.jit = _rejit(fn, body)
         self.cached = cached  # False: a twin for one call, whose body runs
         self._fn, self._transformed = fn, None
@@ -1458,8 +1493,17 @@ class _Jitted(_Memory):
         """The twin that calls under a transform run (made when first needed, around a
         body of its own: JAX keeps one trace cache per function, not per jit)."""
         if self._transformed is None:
-            self._transformed = _rejit(self._fn, instrument(self._fn.__wrapped__)[0])
+            self._transformed = _rejit(self._fn, _jit_body(self._fn.__wrapped__)[0])
         return self._transformed
+
+    def transformed_twin(self) -> Any:
+        return self.transformed
+
+
+def _jit_body(fn: Any) -> tuple[Any, str | None]:
+    """What a jit's twin runs in place of the function it jits: the rewritten function,
+    or a decorator's wrapper around it (``@jax.jit @deco``)."""
+    return instrument(fn) if _is_user_function(fn) else rewritten(fn)
 
 
 def _rejit(fn: Any, body: Any) -> Any:
@@ -1467,6 +1511,32 @@ def _rejit(fn: Any, body: Any) -> Any:
     whose jit made ``fn`` (Equinox's ``filter_jit``, Flax's ``nnx.jit``)."""
     library = library_rejit(fn)
     return C.rejit(fn, body) if library is None else library(body)
+
+
+class _DecoratedTwin:
+    """A decorator's wrapper (``fn``) around a jitted or checkpointed user function, run
+    with its closure ``cell`` holding the twin: ``jit`` runs it around the twin,
+    ``transformed`` around the twin that calls under a transform run; the rest
+    (``bodies``...) is ``memory``'s."""
+
+    __slots__ = ("cell", "fn", "twin", "transformed_twin", "memory", "cached")
+
+    def __init__(
+        self, cell: Any, fn: Any, twin: Any, transformed_twin: Any, memory: Any, cached: bool
+    ) -> None:
+        self.cell, self.fn, self.twin, self.memory, self.cached = cell, fn, twin, memory, cached
+        self.transformed_twin = transformed_twin
+
+    @property
+    def jit(self) -> Any:
+        return functools.partial(_run_swapped, self.cell, self.twin, self.fn)
+
+    @property
+    def transformed(self) -> Any:
+        return functools.partial(_run_swapped, self.cell, self.transformed_twin(), self.fn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.memory, name)
 
 
 class _BoundJitted:
@@ -1499,7 +1569,8 @@ def _jitted(fn: Any) -> _Jitted | None:
     A jit inlined when traced leaves no call equation to tell its calls apart by, so it
     gets a new twin per call, whose body runs each time.
     """
-    if not (is_jit(fn) and _is_user_function(getattr(fn, "__wrapped__", None))):
+    inner = getattr(fn, "__wrapped__", None)
+    if not (is_jit(fn) and (_is_user_function(inner) or _wrapped_user_function(inner))):
         return None
     if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None

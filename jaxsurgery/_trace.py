@@ -375,7 +375,8 @@ def _jit_statics(
 ) -> tuple:
     """``(static_argnums, static_argnames)``: those given, and those of the ``jax.jit``
     (or jits) ``fn`` was made with (``@partial(jax.jit, static_argnums=1)``), also
-    through a ``functools.partial`` or a bound method, for ``target``'s parameters."""
+    through a ``functools.partial``, a bound method or a decorator's wrapper, for
+    ``target``'s parameters."""
     nums = [nums] if isinstance(nums, int) else list(nums)
     names = [names] if isinstance(names, str) else list(names)
     try:
@@ -405,6 +406,8 @@ def _jit_statics(
             found = getattr(info, "static_argnames", ())
             names += [n for n in found if n not in names and n in parameters]  # not self
             fn = fn.__wrapped__
+        elif isinstance(fn, types.FunctionType) and hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__  # a decorator's wrapper (functools.wraps) around a jit
         else:
             break
     return tuple(nums), tuple(names)

@@ -468,3 +468,84 @@ def test_a_callable_objects_decorated_call_names_what_it_binds():
 
     allclose(js.trace(loss, x).value("layer/pre"), 0.5 * x)
     allclose(js.trace(layer, x).value("pre"), 0.5 * x)
+
+
+@counted
+@jax.jit
+def counted_jit_block(x, w):
+    pre = x @ w
+    return jnp.tanh(pre)
+
+
+@jax.jit
+@counted
+def jit_counted_block(x, w):
+    pre = x @ w
+    return jnp.tanh(pre)
+
+
+@counted
+@jax.checkpoint
+def counted_remat_block(x, w):
+    pre = x @ w
+    return jnp.tanh(pre)
+
+
+@counted
+@functools.partial(jax.jit, static_argnums=2)
+def counted_static_block(x, w, n):
+    pre = x @ w * n
+    return jnp.tanh(pre)
+
+
+@pytest.mark.parametrize(
+    "block", [counted_jit_block, jit_counted_block, counted_remat_block], ids=lambda b: b.__name__
+)
+def test_a_decorator_combined_with_jit_or_checkpoint_names_what_the_function_binds(block):
+    """``@deco @jax.jit``, ``@jax.jit @deco`` and ``@deco @jax.checkpoint``: the
+    decorator's wrapper runs around the jit's (the checkpoint's) rewritten twin, so
+    each call is still one call equation JAX serves from its cache, and its values are
+    named in every call (they were all unnamed), also under a transform."""
+    name = block.__name__
+
+    def net(x, w):
+        h = block(x, w)
+        h = block(h, w)
+        return block(h, w).sum()
+
+    x, w = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), jnp.eye(3) * 0.5 + 0.1
+    COUNTED.clear()
+    g = js.trace(net, x, w)
+    # (a decorator inside the jit runs when JAX traces the jit: once, as it does for JAX)
+    assert COUNTED == [name] * (1 if block is jit_counted_block else 3) and not g.notes
+    calls = [e.primitive.name for e in jax.make_jaxpr(net)(x, w).jaxpr.eqns]
+    assert [e for e in calls if e in ("pjit", "jit", "remat2", "checkpoint")] == [calls[0]] * 3
+    h0 = jnp.tanh(x @ w)
+    h1 = jnp.tanh(h0 @ w)
+    allclose(g.value("block#0/pre"), x @ w)
+    allclose(g.value("block#2/pre"), h1 @ w)  # a call JAX served from its cache
+    check_slice(
+        g.slice("block#0/pre", "block#2/pre"), (x @ w,), lambda p: jnp.tanh(jnp.tanh(p) @ w) @ w
+    )
+    rest = jax.grad(lambda p: jnp.tanh(jnp.tanh(p) @ w).sum())
+    allclose(g.grads("out", wrt=["block#1/pre"])["block#1/pre"], rest(h0 @ w), atol=1e-6)
+
+    def loss(w):  # under a transform
+        return jax.vmap(lambda r: net(r[None], w))(x).sum()
+
+    gl = js.trace(jax.grad(loss), w)
+    assert "block#2/pre" in gl.names() or any(n.endswith("block#2/pre") for n in gl.names())
+    allclose(gl.value("out"), jax.grad(loss)(w))
+    allclose(js.trace(block, x, w).value("pre"), x @ w)
+
+
+def test_a_decorated_jit_keeps_its_static_arguments_static():
+    x, w = jnp.ones((2, 3)), jnp.eye(3)
+    g = js.trace(counted_static_block, x, w, 2)
+    assert [v.name for v in g.inputs] == ["x", "w"]  # n is static, as for the jit
+    allclose(g.value("pre"), 2 * x)
+
+    def net(x, w):
+        return counted_static_block(x, w, 3).sum()
+
+    allclose(js.trace(net, x, w).value("counted_static_block/pre"), 3 * x)
