@@ -387,6 +387,7 @@ def _jit_statics(
     # keyword (partial(jitted, n=2)) is no position of the target's
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p for p in parameters.values() if p.kind in kinds]
+    star = any(p.kind is p.VAR_POSITIONAL for p in parameters.values())  # jit's *args
     shift = 0  # positions the partials and bound methods on the way take
     for _ in range(16):
         if _plain_partial(fn):  # functools.partial(jitted, ...): its arguments come first
@@ -400,7 +401,7 @@ def _jit_statics(
             found = [  # (a negative number counts from the end, which nothing binds)
                 n if n < 0 else n - shift
                 for n in getattr(info, "static_argnums", ())
-                if n < 0 or n - shift in range(len(positional))
+                if n < 0 or n - shift in range(len(positional)) or (star and n >= shift)
             ]
             nums += [n for n in found if n not in nums]
             found = getattr(info, "static_argnames", ())
@@ -595,7 +596,14 @@ class _ArgBinder:
                 f"name one of {list(self.signature.parameters)}"
             )
         positional = self.parameters.positional
+        star = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
+        #: the var-positional parameter (``*args``), and its items held static (a static
+        #: position past the named ones, as jax.jit takes it)
+        self.star, self.static_star = (star[0] if star else None), set()
         for n in nums:
+            if self.star is not None and n >= len(positional):
+                self.static_star.add(n - len(positional))
+                continue
             if not -len(positional) <= n < len(positional):
                 raise TraceError(
                     f"static_argnums={n} is out of range for {getattr(fn, '__name__', 'fn')}"
@@ -613,7 +621,7 @@ class _ArgBinder:
         a library labels: penzai parameters)``."""
         bound_obj = self._arguments(args, kwargs)
         items = [
-            (name, value, _flat(value))
+            (name, value, self._flat(name, value))
             for name, value in bound_obj.arguments.items()
             if name not in self.static_names
         ]
@@ -631,6 +639,13 @@ class _ArgBinder:
                     leaves.append(leaf)
                     names.append(name + key)
         return (bound_obj, items), leaves, names, labels
+
+    def _flat(self, name: str, value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
+        """:func:`_flat` of an argument, the static items of ``*args`` held static."""
+        flat, how = _flat(value)
+        if name == self.star and self.static_star:
+            flat = [(p, x, t and p[0].idx not in self.static_star) for p, x, t in flat]
+        return flat, how
 
     def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         plain = self.parameters.plain
@@ -698,11 +713,19 @@ class _ArgBinder:
                     f"static argument `{name}` is {_short(new)}, but the graph was traced with "
                     f"{_short(old)}: {_FIXED}{_UNDER_JIT if _is_tracer(new) else ''}"
                 )
+        star = (traced_value(self.star), given.get(self.star, ())) if self.static_star else ((), ())
+        for k in sorted(self.static_star):
+            if k < min(map(len, star)) and not _same_static(star[0][k], star[1][k]):
+                raise SliceError(
+                    f"static argument `{self.star}[{k}]` is {_short(star[1][k])}, but the graph "
+                    f"was traced with {_short(star[0][k])}: {_FIXED}"
+                    f"{_UNDER_JIT if _is_tracer(star[1][k]) else ''}"
+                )
         flat: list[Any] = []
         for name, _, (old, old_how) in old_items:
             if name not in given and name not in defaults:
                 raise SliceError(f"argument `{name}` is missing: {_FIXED}")
-            new, new_how = _flat(given[name] if name in given else defaults[name])
+            new, new_how = self._flat(name, given[name] if name in given else defaults[name])
             flat += _same_tree(name, old, old_how, new, new_how)
         return same_avals(flat, leaves, names, decides)
 

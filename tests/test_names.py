@@ -231,6 +231,31 @@ def test_a_jitted_functions_static_arguments_stay_static():
     allclose(g.as_function()(jnp.zeros(2), 2, mode="cos"), jnp.cos(jnp.cos(jnp.zeros(2))))
 
 
+def test_a_static_position_past_the_named_parameters_is_an_item_of_args():
+    """``static_argnums=2`` of ``f(x, *a)`` is ``a[1]``, as jax.jit takes it (it was
+    refused as out of range): held static, a new value for it a SliceError."""
+
+    def f(x, *a):
+        y = x * a[1]
+        for _ in range(a[1]):  # a Python loop: a[1] must be static
+            y = jnp.sin(y)
+        return y.sum() + a[0]
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    for g in (
+        js.trace(f, x, 1.0, 2, static_argnums=2),
+        js.trace(jax.jit(f, static_argnums=2), x, 1.0, 2),
+    ):
+        assert [v.name for v in g.inputs] == ["x", "a[0]"]
+        allclose(g.value("y#0"), 2 * x)
+        run = g.as_function()
+        allclose(run(x, 3.0, 2), f(x, 3.0, 2))
+        with pytest.raises(js.SliceError, match=r"static argument `a\[1\]` is 3, but .* 2"):
+            run(x, 1.0, 3)
+    with pytest.raises(js.TraceError, match="static_argnums=1 is out of range"):
+        js.trace(lambda x: x, x, static_argnums=1)
+
+
 class _JittedMethods:
     k = 2.0
 
