@@ -127,6 +127,15 @@ def recomputed(source_info: SourceInfo) -> bool:
     return "rematted_computation" in str(source_info.name_stack)
 
 
+def recomputes(eqn: JaxprEqn) -> bool:
+    """Whether ``eqn`` is a checkpoint that a derivative's partial evaluation split off
+    (``differentiated=True``: ``jax.linearize``'s linear function, a backward pass): the
+    forward values inside it are computed again, their first copy outside it."""
+    return eqn.primitive.name in ("remat2", "checkpoint") and bool(
+        eqn.params.get("differentiated", False)
+    )
+
+
 def under_derivative(eqn: JaxprEqn) -> bool:
     """Whether a derivative transform (``jax.grad``, ``jax.jvp``, ``jacfwd``...)
     differentiates what ``eqn`` makes: the outermost derivative mark of its name stack

@@ -595,6 +595,8 @@ class _Inliner(ControlFlow):
         self.after_loop = False
         #: traced trip count of each unrolled while_loop, by its steps (iteration None)
         self.while_trips: dict[tuple[Step, ...], int] = {}
+        #: how many checkpoints that recompute forward values are being inlined
+        self.recomputing = 0
 
     def run(self, closed: C.ClosedJaxpr) -> tuple[C.Jaxpr, list[Any]]:
         jaxpr = closed.jaxpr
@@ -785,7 +787,10 @@ class _Inliner(ControlFlow):
                 region = Region(len(self.eqns), eqn, invars, source_info)
                 self.regions.append(region)
                 step = Step(self.position)
+                again = C.recomputes(eqn)
+                self.recomputing += again
                 outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
+                self.recomputing -= again
                 region.end = len(self.eqns)
             elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:
                 outs = self._control_flow(eqn, invars, source_info)
@@ -798,6 +803,7 @@ class _Inliner(ControlFlow):
                 if not (
                     (C.in_backward_pass(source_info) and tag.startswith(MARK_PREFIX))
                     or C.recomputed(source_info)  # also in a backward scan's body
+                    or self.recomputing  # jax.linearize's linear function recomputes
                 ):
                     self.tags.append((invars[0], tag, tuple(self.iteration)))
                 return

@@ -807,6 +807,37 @@ def test_tags_in_a_checkpoint_are_not_named_again_in_its_recomputation():
         h = jnp.sin(jnp.tanh(h @ w))
 
 
+def test_names_under_linearize_of_a_checkpoint_name_the_forward_values_once():
+    """``jax.linearize(jax.checkpoint(f))``: its linear function recomputes the
+    checkpointed forward values (a checkpoint with ``differentiated=True``); what
+    ``f`` binds and the tags inside were named twice (``f/q#0``, ``f/q#1``)."""
+
+    def f(x):
+        q = jnp.sin(x) * 2
+        return jnp.tanh(q).sum()
+
+    def lin(x):
+        y, f_jvp = jax.linearize(jax.checkpoint(f), x)
+        return y + f_jvp(jnp.ones_like(x))
+
+    def lin_blocks(ws, x):
+        y, f_jvp = jax.linearize(lambda x: tagged_blocks(ws, x), x)
+        return y + f_jvp(jnp.ones_like(x))
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(lin, x)
+    assert [n for n in g.names() if n.startswith("f/q")] == ["f/q"]
+    allclose(g.value("f/q"), 2 * jnp.sin(x))
+    allclose(g.as_function()(x + 1), lin(x + 1))
+    ws = [jnp.eye(3) * (i + 1) / 3 for i in range(3)]
+    xs = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    g = js.trace(lin_blocks, ws, xs)
+    assert len(g.select("q")) == len(g.select("p")) == 3
+    allclose(
+        g.value("q#2"), jnp.tanh(jnp.sin(jnp.tanh(jnp.sin(jnp.tanh(xs @ ws[0])) @ ws[1])) @ ws[2])
+    )
+
+
 def test_a_tag_in_a_checkpointed_scan_body_under_a_gradient_names_the_forward_value():
     """The backward scan recomputes the checkpointed body: its tag was ``pre#1@t``, and
     ``pre@0`` was ambiguous."""
