@@ -76,8 +76,13 @@ def read_by_derivative(graph: Graph, wrt: Sequence[Var], outs: Sequence[Var]) ->
     program = graph._program
     roots = [v.index for v in outs if not graph._virtual(v.index)]
     eqns = program.jaxpr.eqns
-    if not any(C.in_backward_pass(eqns[e].source_info) for e in program.ancestor_eqns(roots)):
-        return []  # forward values (the loss): only the forward pass reads it
+    between = program.ancestor_eqns(roots)
+    if not any(graph._virtual(v.index) for v in found):  # (a loop's value: the loop whole)
+        between = _downstream(program, [v.index for v in found], between)
+    if not any(C.in_backward_pass(eqns[e].source_info) for e in between):
+        # forward values (the loss), or outputs the value reaches through forward
+        # equations only (value_and_grad's value): a perturbation there is the trick's
+        return []
     return [
         f"{found[0].name!r} is a value JAX differentiates inside the traced function, and "
         "these outputs come from its backward pass, whose equations read the value as "
@@ -88,6 +93,18 @@ def read_by_derivative(graph: Graph, wrt: Sequence[Var], outs: Sequence[Var]) ->
         "the function before its derivative (the loss) and differentiate what you build "
         "from it"
     ]
+
+
+def _downstream(program: Any, starts: Sequence[int], within: set[int]) -> set[int]:
+    """The equations of ``within`` that read the vars ``starts``, or what they make."""
+    found: set[int] = set()
+    stack, users, eqn_out = list(starts), program.users, program.eqn_out
+    while stack:
+        for e in users[stack.pop()]:
+            if e in within and e not in found:
+                found.add(e)
+                stack.extend(eqn_out[e])
+    return found
 
 
 def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> None:

@@ -575,6 +575,35 @@ def test_a_gradient_of_a_backward_pass_output_wrt_a_differentiated_value_says_wh
     assert any("backward pass" in n for n in g.slice("loss/h", "out[1]").notes)
 
 
+def test_no_backward_pass_note_where_the_value_reaches_the_outputs_through_forward_equations():
+    """The note is for a backward pass that reads the value (or what it makes); a
+    value no backward equation depends on (``h = x * w`` under a linear loss, whose
+    gradient is ``3 x``) got it too, though its gradients are the hand-written trick's."""
+    w, x = jnp.array([0.3, -0.5]), jnp.array([1.0, 2.0])
+
+    def step(w, x):
+        def loss(w):
+            h = x * w
+            return jnp.sum(h * 3.0) + jnp.sum(jnp.tanh(w))
+
+        return jax.value_and_grad(loss)(w)
+
+    g = js.trace(step, w, x)
+
+    def trick(eps):  # the zero perturbation at h, added in the function's code
+        def loss(w):
+            return jnp.sum((x * w + eps) * 3.0) + jnp.sum(jnp.tanh(w))
+
+        val, grad = jax.value_and_grad(loss)(w)
+        return val + grad.sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = g.grads(["out[0]", "out[1]"], wrt=["loss/h"])["loss/h"]
+        assert not g.grads_fn(["out[0]", "out[1]"], ["loss/h"]).notes
+    allclose(got, jax.grad(trick)(jnp.zeros(2)))
+
+
 def test_the_functions_vjp_and_linearize_return_name_none_of_their_residuals(data):
     """``o, pullback = jax.vjp(...)``: the pullback holds residuals; they named the
     program's values (``pullback[<flat index 1>][1]`` was the canonical name of
