@@ -486,6 +486,18 @@ _ITERATIONS = r"(?:0|[1-9][0-9]*)(?:@(?:0|[1-9][0-9]*))*"
 
 
 @functools.lru_cache(maxsize=512)
+def _selects(graph: Graph, word: str) -> bool:
+    """Whether a glob, or a name (a glob without a wildcard), selects a var."""
+    pattern = compile_glob(word)
+    if pattern is not None:
+        return bool(_regex(graph, pattern))
+    try:
+        graph[word]
+    except SelectionError:
+        return False
+    return True
+
+
 def compile_glob(pattern: str) -> re.Pattern | None:
     """The regex of a path-aware glob (see the module docstring), or None if it has no
     wildcard (then it is a plain name)."""
@@ -785,8 +797,8 @@ def _no_pattern_match(
             bases = [b for b in graph._loop_index.names if not is_generated(b)]
             stem = re.sub(r"[*?]", "", base)
             found = close_matches(stem, bases) or [b for b in bases if b.endswith(f"/{stem}")]
-            close = [  # each one a pattern that selects something
-                n for b in found if (n := f"{b}@{rest}") != word and _regex(graph, compile_glob(n))
+            close = [  # each one a pattern (or a name: stpe/*@3) that selects something
+                n for b in found if (n := f"{b}@{rest}") != word and _selects(graph, n)
             ]
         if close:
             hint = f"; names close to it: {short_list(repr(n) for n in close)}"

@@ -689,6 +689,12 @@ CATALOG = [
         r"no var matches the pattern 'step/h_nw@\*'; names close to it: 'step/h_new@\*'",
     ),
     (
+        "a glob whose only wildcard is before the iteration, in a misspelt loop body",
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2))).select("stpe/*@3"),
+        js.SelectionError,
+        r"no var matches the pattern 'stpe/\*@3'; names close to it: 'step/",
+    ),
+    (
         "a glob of more iterations than the loops have",
         lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2))).select("step/h_new@*@*"),
         js.SelectionError,
