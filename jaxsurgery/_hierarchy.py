@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -372,13 +373,10 @@ class _Builder:
         """Leaves of a larger argument go where they are read; whole arguments stay."""
         program, names = self.program, self.names
         leaves = range(program.num_inputs + program.num_consts)
-        arguments = [
-            {_argument(n) for n in (names.canonical[i], *names.aliases[i])} for i in leaves
-        ]
-        count: dict[str, int] = {}
-        for keys in arguments:
-            for key in keys:
-                count[key] = count.get(key, 0) + 1
+        # by canonical names (an input's is its argument path): an alias a binding gives
+        # it (``pair[0]`` of ``pair = (x, y)``) is no argument of the function
+        arguments = [_argument(names.canonical[i]) for i in leaves]
+        count = collections.Counter(arguments)
         parent: dict[int, Group | None] = {id(root): None}
         for g in root.walk():
             for c in g.children:
@@ -387,7 +385,7 @@ class _Builder:
         unread: dict[str, list[int]] = {}  # per argument: its leaves no group reads
         for i in leaves:
             readers = users[i]
-            if i < program.num_inputs and all(count[key] == 1 for key in arguments[i]):
+            if i < program.num_inputs and count[arguments[i]] == 1:
                 root.vars.append(i)  # a whole argument: an input box of its own
             elif not readers:
                 unread.setdefault(_argument(names.canonical[i]), []).append(i)

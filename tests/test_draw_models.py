@@ -96,6 +96,21 @@ def test_long_labels_keep_their_tail_and_pytree_keys_stay_whole():
         assert any(n.endswith(label[1:]) for n in names), label
 
 
+def test_an_argument_a_binding_also_names_stays_a_box_of_its_own():
+    """``pair = (x, y)`` gives ``x`` the alias ``pair[0]``: ``x`` and ``y`` were taken
+    for leaves of one argument ``pair`` and hidden in the box that reads them."""
+
+    def f(x, y):
+        pair = (x, y)
+        with jax.named_scope("blk"):
+            h = jnp.sin(pair[0]) * pair[1]
+            h = jnp.tanh(h) + 1.0
+        return h * 2.0
+
+    labels, _ = dot_graph(js.trace(f, jnp.ones(3), jnp.ones(3)).to_dot(depth=1))
+    assert sorted(labels.values()) == ["blk", "out", "x", "y"]
+
+
 def test_a_slash_inside_a_pytree_key_is_not_a_call():
     """A Haiku training step returns gradients keyed ``'mlp/~/linear_2'``: those output
     names are not calls, and the forward and backward passes are the boxes."""
