@@ -77,9 +77,11 @@ class View:
         for g in root.walk():
             for c in g.children:
                 owner.setdefault(id(c), g.key)
-            glob = f"{g.path}/**" if g.kind in ("scope", "call") and g.path else ""
+            glob: str | list[str] = f"{g.path}/**" if g.kind in ("scope", "call") and g.path else ""
             if glob and g.kind == "call" and not _names_under(graph, g):
                 glob = ""  # nothing inside it has a name under its path: the glob is empty
+            elif glob and g.kind == "call" and g.path in graph._names.lookup:
+                glob = [g.path, glob]  # its result too (a name outside its path)
             group_rows.append(
                 {
                     "key": g.key,

@@ -35,14 +35,21 @@ def test_the_data_holds_every_var_once_in_its_group():
 
 @pytest.mark.parametrize("name", ["penzai", "nnx", "equinox"])
 def test_a_group_card_selector_selects_inside_its_group(name):
-    """A call group's card offers ``g.select("<path>/**")`` only where it selects values
-    of the group (the named ones), never a selector that fails."""
+    """A call group's card offers ``g.select(["<path>", "<path>/**"])`` only where it
+    selects values of the group, never a selector that fails: its result (which the
+    glob alone missed) and the values named inside it."""
     g = MODELS[name]()
-    groups = {group.key: set(group.all_vars()) for group in hierarchy(g).walk()}
+    groups = {group.key: group for group in hierarchy(g).walk()}
+    calls = 0
     for row in g.view().data()["groups"]:
         if row["glob"]:
             selected = {v.index for v in g.select(row["glob"])}  # no SelectionError
-            assert selected & groups[row["key"]], row["glob"]
+            group = groups[row["key"]]
+            assert selected & set(group.all_vars()), row["glob"]
+            if row["kind"] == "call" and group.path in g.names():
+                calls += 1
+                assert g[group.path].index in selected, row["glob"]
+    assert calls
 
 
 def test_the_page_is_offline_and_standalone(tmp_path):

@@ -180,8 +180,8 @@ function jaxsurgeryView(root, packed) {
       `<div class="jsv-row"><b>selector</b> <code class="jsv-selector"></code></div>` +
       `<div class="jsv-hint">click to ${expanded.has(grp.key) ? "close" : "open"}</div>`;
     card.querySelector(".jsv-selector").textContent =
-      grp.scope ? `g.select(scope=${JSON.stringify(grp.scope)})` :
-      (grp.glob ? `g.select(${JSON.stringify(grp.glob)})` + (grp.kind === "call" ? "  # its named values" : "") : "");
+      grp.glob ? `g.select(${JSON.stringify(grp.glob).replace(/","/g, '", "')})` +
+        (grp.kind === "call" ? "  # its result, the values named inside it, its arguments" : "") : "";
   }
 
   function search(text) {
