@@ -40,6 +40,7 @@ from ._errors import SelectionError
 from ._hierarchy import (
     Group,
     acyclic,
+    clip_keys,
     clip_left,
     default_depth,
     expanded_to,
@@ -234,7 +235,7 @@ def to_dot(
     for n in nodes:
         fill, stroke, dashed = STYLES[n.role]
         style = '"rounded,filled,dashed"' if dashed else '"rounded,filled"'
-        label = f"{_dot_escape(clip_left(n.label, LABEL_WIDTH))}\\n{_dot_escape(n.detail)}"
+        label = f"{_dot_escape(clip_keys(n.label, LABEL_WIDTH))}\\n{_dot_escape(n.detail)}"
         extra = ", penwidth=2, peripheries=2" if n.group else ""
         lines.append(
             f'  {n.key} [label="{label}", tooltip="{_dot_escape(n.title)}", '
@@ -399,7 +400,7 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="6" '
             f'fill="{fill}" stroke="{stroke}" stroke-width="{width_px}"{dash}/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 16:.1f}" font-size="12" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(clip_left(n.label, 22))}</text>'
+            f'fill="{text_color}">{html.escape(clip_keys(n.label, 22))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 30:.1f}" font-size="10" text-anchor="middle" '
             f'fill="{text_color}">{html.escape(clip_left(n.detail, 26))}</text></g>'
         )

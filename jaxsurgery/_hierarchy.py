@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -209,6 +210,40 @@ def split_path(name: str) -> list[str]:
             start = i + 1
     parts.append(name[start:])
     return [p for p in parts if p]
+
+
+def clip_keys(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters in its middle, between whole keys and path
+    parts, the last and the first first (``params['block_0']…['bias']``: the index that
+    tells siblings apart is near the head, the leaf at the tail); :func:`clip_left`
+    when there are not three parts to cut between.
+
+    Example:
+        >>> clip_keys("params['block_2']['attention']['query']['bias']", 26)
+        "params['block_2']…['bias']"
+    """
+    if len(text) <= width:
+        return text
+    parts = _KEYS.findall(text)
+    if len(parts) < 3 or "".join(parts) != text or len(parts[0]) + len(parts[-1]) >= width:
+        return clip_left(text, width)
+    head, tail = 1, len(parts) - 1  # parts[:head] and parts[tail:] are kept
+    room = width - 1 - len(parts[0]) - len(parts[-1])
+    grow_tail = False
+    while head < tail:
+        k = tail - 1 if grow_tail else head
+        if len(parts[k]) > room:
+            break
+        room -= len(parts[k])
+        tail, head = (tail - 1, head) if grow_tail else (tail, head + 1)
+        grow_tail = not grow_tail
+    if head == 1 and tail == len(parts) - 1:  # nothing between fits: the tail says more
+        return clip_left(text, width)
+    return "".join(parts[:head]) + "…" + "".join(parts[tail:])
+
+
+#: the parts of a name: a head, pytree keys (``['w']``, ``[0]``, ``.attr``), ``/part``
+_KEYS = re.compile(r"\[(?:'[^']*'|\"[^\"]*\"|[^\]]*)\]|\.[^./\[]+|/[^/\[]+|^[^./\[]+")
 
 
 def clip_left(text: str, width: int) -> str:
@@ -373,9 +408,10 @@ class _Builder:
         """Leaves of a larger argument go where they are read; whole arguments stay."""
         program, names = self.program, self.names
         leaves = range(program.num_inputs + program.num_consts)
-        # by canonical names (an input's is its argument path): an alias a binding gives
-        # it (``pair[0]`` of ``pair = (x, y)``) is no argument of the function
-        arguments = [_argument(names.canonical[i]) for i in leaves]
+        # by argument paths: an alias a binding gives an input (``pair[0]`` of ``pair =
+        # (x, y)``) is no argument of the function, nor a label a library gives it
+        paths = names.arguments or names.canonical
+        arguments = [_argument(paths[i] if i < len(paths) else names.canonical[i]) for i in leaves]
         count = collections.Counter(arguments)
         parent: dict[int, Group | None] = {id(root): None}
         for g in root.walk():

@@ -54,6 +54,9 @@ class Names:
     protected: set[str] = field(default_factory=set)
 
     primitives: Sequence[str] = ()
+    #: the argument path of each input (``params['w']``; its canonical name may be a
+    #: label a library gives it), where known
+    arguments: Sequence[str] = ()
 
     def all_names(self) -> list[str]:
         """Every name that selects something, canonical names first."""
@@ -173,7 +176,9 @@ def assign_names(
     extras: list[list[str]] = [[] for _ in range(num_vars)]
     for var, name in extra_aliases:
         extras[var].append(name)
-    return finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
+    names = finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
+    names.arguments = list(inputs)
+    return names
 
 
 def shadowed_outputs(

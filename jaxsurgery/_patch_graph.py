@@ -291,6 +291,7 @@ def derive(
     for var, name in scope_names(program)[1]:
         extras[var].append(name)
     names = finalize(candidates, extras, program.primitives, old.protected)
+    names.arguments = old.arguments  # the same inputs, first
     return Graph(
         program,
         names,

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ._errors import short_list
+from ._hierarchy import clip_keys
 from ._names import is_generated
 
 if TYPE_CHECKING:
@@ -138,9 +139,16 @@ def var_table(vars_: Sequence[Var], title: str) -> str:
     widths = {c: min(40, max(len(r[c]) for r in rows)) for c in keep}
     lines = [title]
     for r in rows:
-        cells = [clip(r[c], widths[c]).ljust(widths[c]) for c in keep]
+        cells = [(_clip_name if c == 1 else clip)(r[c], widths[c]).ljust(widths[c]) for c in keep]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _clip_name(text: str, width: int) -> str:
+    """A name cell (``name (aliases)``) cut to ``width``: the aliases first; a long name
+    in its middle (its block and its leaf tell rows apart)."""
+    name = text.split(" (", 1)[0]
+    return clip_keys(name, width) if len(name) > width - 4 else clip(text, width)
 
 
 def clip(text: str, width: int) -> str:

@@ -81,6 +81,26 @@ def test_slice_table_has_roles(g):
     assert {r[2]: r[1] for r in both[1:]}["z1"] == "input, output"
 
 
+def test_long_names_are_cut_between_keys_so_that_rows_and_boxes_stay_apart():
+    """Deep parameter names were cut from the right in ``print(g)`` (the leaf lost: six
+    rows alike) and from the left in pictures (the block lost: boxes alike)."""
+
+    def f(params, x):
+        for k in range(3):
+            p = params[f"block_{k}"]["attention"]["query"]
+            x = jnp.tanh(x @ p["kernel"] + p["bias"])
+        return x
+
+    leaf = {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}
+    params = {f"block_{k}": {"attention": {"query": leaf}} for k in range(3)}
+    g = js.trace(f, params, jnp.ones(4))
+    names = [line.split()[1] for line in repr(g).splitlines()[2:8]]
+    assert len(set(names)) == 6 and names[0] == "params['block_0']…['query']['bias']"
+    dot = g.to_dot(depth=1)
+    labels = [label for k in range(3) for label in (f"params['block_{k}']…['bias']",)]
+    assert all(label in dot for label in labels), dot
+
+
 def test_long_html_table_is_one_filterable_table():
     def deep(x):
         for _ in range(500):
