@@ -12,6 +12,7 @@ that take another path raise a SliceError.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,17 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, no_reverse_through_while, warn
-from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
+from ._structured import (
+    Edit,
+    Extra,
+    Row,
+    Site,
+    Step,
+    check_hits,
+    iteration_run,
+    rules_entered,
+    stack_rows,
+)
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -41,6 +52,17 @@ def _loop_value(site: Site) -> tuple | None:
 def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     spec = jax.ShapeDtypeStruct(*aval)
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
+
+
+@dataclasses.dataclass
+class _Part:
+    """The program perturbed at some of the inputs: its runs, the positions of its
+    inputs among all, its exposed outputs and its path guards."""
+
+    structured: Any
+    inputs: list[int]
+    outs: list[Edit]
+    guards: list[Edit]
 
 
 class GradsFunction:
@@ -79,26 +101,46 @@ class GradsFunction:
         for j, site in enumerate(sites):
             inputs.setdefault(_loop_value(site) or j, []).append(j)
         self._inputs = list(inputs.values())
-        edits = []
-        for k, members in enumerate(self._inputs):
-            v = wrt_vars[members[0]]
-            add = _add_jaxpr((tuple(v.shape), v.dtype))
-            ranged = iteration_run([sites[j] for j in members])
-            if ranged is not None:  # consecutive iterations: one edit, the input whole
-                edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(k))))
-                continue
-            for row, j in enumerate(members):
-                read = Extra(k, row if len(members) > 1 else None)
-                edits.append(Edit(sites[j], "apply", add, (sites[j].vars[0], read)))
-        guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
-        self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
-        self._guards = [*guards, *out_guards]
-        self._message = graph._path_message([*wrt_vars, *out_vars])
         self._avals = [v.aval for v in wrt_vars]
+        # a perturbation inside a custom_jvp/custom_vjp call runs the call's body in place
+        # of its rule (nothing else can take it in); the perturbations that enter other
+        # calls (or none) run apart, so that their gradients keep those rules
+        closed = graph._structure.closed
+        parts: dict[tuple, list[int]] = {}
+        for k, members in enumerate(self._inputs):
+            entered = tuple(steps for _, steps in rules_entered(closed, sites[members[0]].steps))
+            parts.setdefault(entered, []).append(k)
+        self._parts = [
+            self._part(graph, out_vars, [sites[j] for j in wrt_vars_of], inputs_of)
+            for inputs_of in parts.values()
+            for wrt_vars_of in ([j for k in inputs_of for j in self._inputs[k]],)
+        ]
+        self._message = graph._path_message([*wrt_vars, *out_vars])
         self._warned = False
         from ._patch_graph import read_by_derivative
 
         self._read_by_derivative = read_by_derivative(graph, wrt_vars, out_vars)
+
+    def _part(
+        self, graph: Graph, out_vars: Sequence[Any], sites: Sequence[Site], inputs: list[int]
+    ) -> _Part:
+        """The program perturbed at the inputs ``inputs`` (their ``sites``, in order)."""
+        edits, at = [], iter(sites)
+        for local, k in enumerate(inputs):
+            members = self._inputs[k]
+            own = [next(at) for _ in members]
+            v = self._avals[members[0]]
+            add = _add_jaxpr((tuple(v.shape), v.dtype))
+            ranged = iteration_run(own)
+            if ranged is not None:  # consecutive iterations: one edit, the input whole
+                edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(local))))
+                continue
+            for row, site in enumerate(own):
+                read = Extra(local, row if len(members) > 1 else None)
+                edits.append(Edit(site, "apply", add, (site.vars[0], read)))
+        guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
+        structured, outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
+        return _Part(structured, inputs, outs, [*guards, *out_guards])
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
@@ -112,15 +154,26 @@ class GradsFunction:
     def notes(self) -> list[str]:
         """Remarks about the edited program (a custom rule bypassed, a derivative a
         custom rule drops, ...)."""
-        return [*self._structured.notes, *self._read_by_derivative, *self.dropped]
+        return [*self.bypassed, *self._read_by_derivative, *self.dropped]
+
+    @property
+    def bypassed(self) -> list[str]:
+        """The custom rules the perturbations inside custom calls bypass (known once
+        the function ran)."""
+        return list(dict.fromkeys(n for part in self._parts for n in part.structured.notes))
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
-        """``eps -> (sum of out with eps added at each wrt value, path hits)``."""
+        """``eps -> (sum of out with eps added at each wrt value, path hits)``: one run
+        per part, each with its own perturbations (each ``eps`` is read by one)."""
 
         def total(eps: list[Any]) -> Any:
-            _, exposed = self._structured.run(flat_args, eps, outputs=False)
-            loss = sum(jnp.sum(exposed[e]) for e in self._outs)
-            return loss, [exposed[h] for h in self._guards]
+            loss, hits = 0.0, []
+            for part in self._parts:
+                mine = [eps[k] for k in part.inputs]
+                _, exposed = part.structured.run(flat_args, mine, outputs=False)
+                loss = loss + sum(jnp.sum(exposed[e]) for e in part.outs)
+                hits += [exposed[h] for h in part.guards]
+            return loss, hits
 
         return total
 
@@ -155,8 +208,10 @@ class GradsFunction:
         by tracing the program once, abstractly (only if it has such a call at all)."""
         from ._rules import dropped_derivatives, may_drop
 
-        structured = self._structured  # what runs: the nested program and its edits
-        jaxprs = [structured.closed.jaxpr, *(e.fn.jaxpr for e in structured.edits if e.fn)]
+        jaxprs = [  # what runs: the nested program and its edits
+            self._parts[0].structured.closed.jaxpr,
+            *(e.fn.jaxpr for part in self._parts for e in part.structured.edits if e.fn),
+        ]
         if not any(may_drop(j) for j in jaxprs):
             return []
         program = self.graph._program

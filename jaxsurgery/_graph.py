@@ -442,7 +442,7 @@ class Graph:
         fn = self.grads_fn(out, wrt)
         args = self._require_args("g.grads")
         found = fn.at_flat(args)
-        for note in fn._read_by_derivative:
+        for note in [*fn.bypassed, *fn._read_by_derivative]:
             warn(f"g.grads: {note}")
         if any(not jnp.any(g) for g in found.values()):  # a zero (one scalar each): say if a
             for note in fn.dropped:  # custom rule dropped it (not what the math says)

@@ -208,7 +208,7 @@ def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]])
     ``patched``: ``(name, edit)`` of each patch."""
     notes = []
     for name, structured in patched:
-        for call in rules_entered(graph._structure.closed, structured.site.steps):
+        for call, _ in rules_entered(graph._structure.closed, structured.site.steps):
             notes.append(
                 f"the patch of {name!r} is inside the call "
                 f"{call!r}, which has a custom derivative rule (custom_jvp/custom_vjp): the "

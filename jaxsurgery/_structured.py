@@ -1001,14 +1001,15 @@ def _last_iteration(eqn: Any) -> tuple[int, int] | None:
     return None
 
 
-def rules_entered(closed: Any, steps: Sequence[Step]) -> list[str]:
-    """Names of the ``custom_jvp``/``custom_vjp`` calls a path of steps enters (an edit
-    there runs the call's primal body in place of its rule: see ``_rebuild``)."""
+def rules_entered(closed: Any, steps: Sequence[Step]) -> list[tuple[str, tuple[Step, ...]]]:
+    """The ``custom_jvp``/``custom_vjp`` calls a path of steps enters (an edit there runs
+    the call's primal body in place of its rule: see ``_rebuild``): each one's name and
+    the steps to it."""
     found, jaxpr = [], closed.jaxpr
-    for step in steps:
+    for k, step in enumerate(steps):
         eqn = jaxpr.eqns[step.eqn]
         if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
-            found.append(C.call_name(eqn))
+            found.append((C.call_name(eqn), tuple(steps[: k + 1])))
         jaxpr = sub_jaxpr(eqn, step).jaxpr
     return found
 

@@ -82,6 +82,44 @@ def test_grads_keep_custom_rules():
     allclose(grads["w"], dw)
 
 
+@jax.custom_vjp
+def clip_body(h):
+    inner = h * 3.0
+    return jnp.sin(inner)
+
+
+clip_body.defvjp(lambda h: (clip_body(h), None), lambda _, ct: (jnp.clip(ct, -0.5, 0.5),))
+
+
+def two_clips(x):
+    a = jnp.sin(x)
+    c = clip_body(clip_body(a))
+    return jnp.sum(c**2)
+
+
+def test_grads_inside_a_custom_call_leave_the_rules_of_the_others():
+    """A perturbation inside a custom_vjp call runs that call's body (nothing else takes
+    it in), and it ran every perturbation of the request there: ``a``'s gradient lost
+    both clips, with no warning. Each perturbation now runs with the calls it is
+    inside, the other rules kept, and the bypass is said."""
+    g = js.trace(two_clips, X)
+    wrt = ["a", "clip_body#0/inner", "clip_body#1/inner"]
+    with pytest.warns(UserWarning, match="bypasses its custom derivative rule"):
+        traced = g.grads("out", wrt=wrt)
+    fn = g.grads_fn("out", wrt)
+    x_new = X_NEW + 2.0
+    for x, got in [(X, traced), (X, fn(X)), (x_new, jax.jit(fn)(x_new))]:
+        a = jnp.sin(x)
+        inner0 = a * 3.0
+        inner1 = jnp.sin(inner0) * 3.0
+        allclose(got["a"], jax.grad(lambda a: jnp.sum(clip_body(clip_body(a)) ** 2))(a))
+        # inside the first call its body runs, the second call keeps its rule
+        rest = jax.grad(lambda i: jnp.sum(clip_body(jnp.sin(i)) ** 2))
+        allclose(got["clip_body#0/inner"], rest(inner0))
+        allclose(got["clip_body#1/inner"], 2 * jnp.sin(inner1) * jnp.cos(inner1))
+    assert any("bypasses" in n for n in fn.notes)
+
+
 @pytest.mark.parametrize("args", [(X, W), (X_NEW, W_NEW)], ids=["traced", "new"])
 def test_jitted_grads_fn_keeps_custom_rules(args):
     g = js.trace(net, X, W)
