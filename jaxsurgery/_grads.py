@@ -7,7 +7,11 @@ pass: the zero-perturbation trick, applied to all vars at once. Since the nested
 program runs, calls keep their custom rules, conds decide again and loops stay
 loops (a perturbation at ``h@t`` for many ``t`` is one stacked input of the scan).
 A var inside a cond branch or a while trip exists only on that path: arguments
-that take another path raise a SliceError.
+that take another path raise a SliceError. A var inside a ``custom_jvp``/``custom_vjp``
+call is perturbed in the call's body, which then runs in place of its rule (the
+notes and ``g.grads`` say so); the perturbations that enter no such call, or other
+ones, run apart (a forward run each, still one ``jax.grad``), so their gradients keep
+the rules.
 """
 
 from __future__ import annotations
