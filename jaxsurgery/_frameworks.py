@@ -219,8 +219,14 @@ def as_pytree_call(module: Any, rewritten: Callable[[Any], tuple[Any, str | None
     if eqx is None or not isinstance(module, eqx.Module):
         return None
     bound, reason = rewritten(module)
+    if reason:
+        return None
+    if isinstance(bound, functools.partial) and bound.args and bound.args[-1] is module:
+        # a decorated __call__: the decorator's wrapper, run with the module last
+        run = functools.partial(bound.func, *bound.args[:-1], **bound.keywords)
+        return eqx.Partial(run, module)
     body = getattr(bound, "__func__", None)
-    if reason or body is None or getattr(bound, "__self__", None) is not module:
+    if body is None or getattr(bound, "__self__", None) is not module:
         return None
     return eqx.Partial(body, module)
 

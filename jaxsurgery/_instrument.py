@@ -950,7 +950,7 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return _CONTROL_FLOW, None
     if _transform(fn.func if isinstance(fn, functools.partial) else fn):
         return _TRANSFORM, None
-    framed = _transformed(fn)
+    framed = _transformed(fn) or _transformed_method(fn)
     if framed is not None:  # jax.vmap(f) or @jax.checkpoint elsewhere: made again, rewritten
         return framed, None
     jitted = _jitted_call(fn) if isinstance(fn, functools.partial) else None  # an nnx.jit method
@@ -1067,6 +1067,22 @@ def _transformed(fn: Any) -> _Framed | None:
     named = all(n for n, _ in kinds)
     remakes = any(r for _, r in kinds)
     return _Framed(remade, f, named, remakes, untagged)
+
+
+def _transformed_method(fn: Any) -> _Framed | None:
+    """:func:`_transformed` of a method a JAX transform decorated (``@jax.checkpoint``
+    on a module's ``__call__``, ``@partial(jax.vmap, in_axes=(None, 0))`` on a method),
+    bound to its object: ``obj.method`` or ``obj`` itself; None for anything else."""
+    if isinstance(fn, (types.FunctionType, type, functools.partial)):
+        return None
+    func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
+    if func is None or owner is None:  # an object: its class's __call__
+        func, owner = getattr(type(fn), "__call__", None), fn  # noqa: B004
+    framed = _transformed(func) if isinstance(func, types.FunctionType) else None
+    if framed is None:
+        return None
+    bound = functools.partial(framed.fn, owner)
+    return _Framed(bound, framed.of, framed.named, framed.remakes, framed.untagged)
 
 
 def _jitted_call(fn: Any) -> _BoundJitted | None:
@@ -1396,7 +1412,7 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         if isinstance(kind, staticmethod):
             return body, reason
         return types.MethodType(body, type(fn) if isinstance(kind, classmethod) else fn), reason
-    framed = _transformed(fn)
+    framed = _transformed(fn) or _transformed_method(fn)
     if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
         return framed.unframed, None
     wrapped = _wrapped_user_function(fn)

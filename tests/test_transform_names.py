@@ -16,6 +16,7 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import optax
 import pytest
 from conftest import allclose, assert_at_callers_line, check_slice
@@ -1120,3 +1121,78 @@ def test_a_derivative_of_a_linen_modules_apply_names_what_its_methods_bind():
         pre = h @ dense["kernel"] + dense["bias"] + xs[t]
         h = jnp.tanh(pre)
     allclose(g.value("ScanNet/ScanScanCell_0/pre@2"), pre)
+
+
+class TransformedMethods(eqx.Module):
+    """Methods a JAX transform decorates: a checkpointed ``__call__``, a vmapped method."""
+
+    w: jax.Array
+
+    @jax.checkpoint
+    def __call__(self, x):
+        h = jnp.sin(x @ self.w)
+        return h * 2
+
+    @functools.partial(jax.vmap, in_axes=(None, 0))
+    def batched(self, x):
+        hv = jnp.cos(x @ self.w)
+        return hv
+
+
+def test_a_method_a_jax_transform_decorates_names_what_it_binds():
+    """``@jax.checkpoint`` on a module's ``__call__`` and ``@partial(jax.vmap, ...)`` on a
+    method: the transform is made again around the rewritten method, bound to its
+    object (nothing inside was named, and no note said so)."""
+    blk, xs = TransformedMethods(jnp.eye(3) * 0.5), jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+
+    def fwd(blk, xs):
+        a = blk(xs[0])
+        b = blk.batched(xs)
+        return a + b.sum(0)
+
+    g = js.trace(fwd, blk, xs)
+    allclose(g.value("blk/h"), jnp.sin(xs[0] @ blk.w))
+    allclose(g.value("blk.batched/hv"), jnp.cos(xs @ blk.w))
+    check_slice(
+        g.slice("blk/h", "out"),
+        (jnp.sin(xs[0] @ blk.w),),
+        lambda h: h * 2 + jnp.cos(xs @ blk.w).sum(0),
+    )
+    allclose(
+        jax.grad(lambda w: g.as_function()(TransformedMethods(w), xs).sum())(blk.w),
+        jax.grad(lambda w: fwd(TransformedMethods(w), xs).sum())(blk.w),
+    )
+    allclose(js.trace(blk, xs[0]).value("h"), jnp.sin(xs[0] @ blk.w))
+    allclose(js.trace(blk.batched, xs).value("hv"), jnp.cos(xs @ blk.w))
+
+
+Vector = jaxtyping.Float[jax.Array, "d"]
+
+
+class TypecheckedModule(eqx.Module):
+    """A module whose ``__call__`` jaxtyping decorates (``functools.wraps``)."""
+
+    w: jax.Array
+
+    @jaxtyping.jaxtyped(typechecker=None)
+    def __call__(self, x: Vector) -> Vector:
+        h = jnp.sin(x @ self.w)
+        y = h * 2
+        return y
+
+
+def test_equinox_transforms_of_a_module_whose_call_is_decorated_name_inside_it():
+    """``eqx.filter_vmap(m)(xs)`` of a module with a decorated ``__call__`` (jaxtyping's
+    ``jaxtyped``) ran it as it was: nothing inside named (``jax.vmap(m)`` was)."""
+    m, xs = TypecheckedModule(jnp.eye(3) * 0.5), jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+
+    def by_jax(m, xs):
+        return jax.vmap(m)(xs)
+
+    def by_equinox(m, xs):
+        return eqx.filter_vmap(m)(xs)
+
+    for fwd in (by_jax, by_equinox):
+        g = js.trace(fwd, m, xs)
+        allclose(g.value("m/h"), jnp.sin(xs @ m.w))
+        check_slice(g.slice("m/h", "out"), (jnp.sin(xs @ m.w),), lambda h: h * 2)
