@@ -1264,8 +1264,10 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
             if fun is not None:  # a sentinel for "no function" (flax's Missing)
                 args = (fun, *args)
             return lambda f: run(f, *args, **kwargs)
-        plain = isinstance(fun, types.FunctionType) or (
-            isinstance(fun, functools.partial) and isinstance(fun.func, types.FunctionType)
+        plain = (
+            isinstance(fun, types.FunctionType)
+            or (isinstance(fun, functools.partial) and isinstance(fun.func, types.FunctionType))
+            or _jitted(fun) is not None  # eqx.filter_grad(jitted loss): its rewritten twin
         )
         if isinstance(fun, _Framed):  # jax.grad(jax.checkpoint(loss)): made here, rewritten
             inner, reason = fun.unframed, None
@@ -1277,8 +1279,11 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
                 inner, reason = fun, "library"
         if reason and scoped_module(fun):  # jax.grad(net.apply): linen runs its methods,
             inner, reason = fun, None  # rewritten through its interceptors, under the grad
-        if reason:
+        if reason and kind == _SAME:
             return transform(fun, *args, **kwargs)
+        if reason:  # run as it is, but a derivative's call is not named after `fun`
+            inner, remade = fun, transform(fun, *args, **kwargs)
+            return _Framed(remade, fun, False, True, C.policy_saves_names(kwargs.get("policy")))
         of = fun.of if isinstance(fun, _Framed) else fun
         while isinstance(of, functools.partial):
             of = of.func
@@ -1400,7 +1405,11 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         # a bound method of another kind (Equinox's, a pytree of its module): rebound
         return instrument(types.MethodType(fn.__func__, owner))
     jitted = _jitted(fn)
-    if jitted is not None:  # a jax.jit-ed user function
+    if jitted is not None:  # a jax.jit-ed user function, given to a transform (jax.grad):
+        # a twin of its own, whose body runs (JAX would serve a cached twin's jaxpr, and
+        # nothing replays the names of a call a transform makes)
+        if jitted.cached:
+            jitted = _Jitted(fn, cached=False)
         return jitted.jit, jitted.reason
     if _is_user_function(getattr(fn, "fun", None)):  # a user custom_jvp / custom_vjp
         body, reason = instrument(fn.fun)

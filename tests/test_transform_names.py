@@ -1196,3 +1196,35 @@ def test_equinox_transforms_of_a_module_whose_call_is_decorated_name_inside_it()
         g = js.trace(fwd, m, xs)
         allclose(g.value("m/h"), jnp.sin(xs @ m.w))
         check_slice(g.slice("m/h", "out"), (jnp.sin(xs @ m.w),), lambda h: h * 2)
+
+
+@eqx.filter_jit
+def filter_jitted_loss(w, x):
+    hid = jnp.tanh(w * x)
+    return jnp.sum(hid**2)
+
+
+@jax.jit
+def jitted_loss(w, x):
+    hid = jnp.tanh(w * x)
+    return jnp.sum(hid**2)
+
+
+@pytest.mark.parametrize("transform", [jax.grad, eqx.filter_grad], ids=["jax", "equinox"])
+@pytest.mark.parametrize("loss", [filter_jitted_loss, jitted_loss], ids=["filter_jit", "jit"])
+def test_a_derivative_of_a_jitted_loss_names_inside_it_at_every_trace(transform, loss):
+    """``eqx.filter_grad(jitted loss)`` ran the loss as it was (nothing inside named)
+    and its call named the gradient after the loss; ``jax.grad(jitted loss)`` named
+    inside it at the first trace only (the second one JAX served from the twin's cache)."""
+
+    def step(w, x):
+        gr = transform(loss)(w, x)
+        return gr
+
+    w, x = jnp.ones(3) * 0.5, jnp.arange(3.0)
+    name = "jitted_loss" if loss is jitted_loss else "filter_jitted_loss"
+    for _ in range(2):
+        g = js.trace(step, w, x)
+        allclose(g.value(f"{name}/hid"), jnp.tanh(w * x))
+        assert name not in g["gr"].aliases
+        allclose(g.value("gr"), jax.grad(loss)(w, x))
