@@ -122,9 +122,16 @@ def _trace(
         out = run(*call.args, **call.kwargs)
         out_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
         paths = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
+        in_module = _module_leaves(out)
         arrays, statics = [], {}
         for k, (path, (_, x)) in enumerate(zip(paths, out_leaves)):
-            if isinstance(x, (jax.Array, *_ARRAYS[1:], int, float, complex)):
+            if isinstance(x, (jax.Array, *_ARRAYS[1:])) or (
+                # a Python number is traced as arguments take one: not a bool (a flag),
+                # nor an Equinox module's field (its dropout p), which stay as they are
+                isinstance(x, (int, float, complex))
+                and not isinstance(x, bool)
+                and k not in in_module
+            ):
                 arrays.append((path, x))
                 continue
             try:  # another leaf is held static, as in arguments (an Equinox activation)
@@ -435,6 +442,20 @@ def _is_array_leaf(x: Any) -> bool:
     """Whether a leaf is traced: arrays and Python numbers; a Python ``bool`` is a flag
     (``inference=True``), held static."""
     return isinstance(x, (*_ARRAYS, int, float, complex)) and not isinstance(x, bool)
+
+
+def _module_leaves(tree: Any) -> set[int]:
+    """Positions among ``tree``'s leaves of those inside an Equinox module."""
+    is_module = _module_test()
+    if is_module is None:
+        return set()
+    found, at = set(), 0
+    for top in jax.tree_util.tree_leaves(tree, is_leaf=is_module):
+        n = len(jax.tree_util.tree_leaves(top)) if is_module(top) else 1
+        if is_module(top):
+            found.update(range(at, at + n))
+        at += n
+    return found
 
 
 def _module_test() -> Callable[[Any], bool] | None:

@@ -254,6 +254,27 @@ def test_equinox_modules_as_given_hold_their_flags_and_hyperparameters_static(ke
     check_slice(g.slice("h", "out"), (g.value("h"),), lambda h: jnp.tanh(h).sum())
 
 
+def test_an_equinox_module_returned_keeps_its_python_fields(key):
+    """A training step returning the updated model: its Python fields (a dropout's
+    ``p`` and ``inference``) came back from ``as_function`` as arrays, and the next
+    jitted step failed on ``if inference`` (a TracerBoolConversionError)."""
+    model = eqx.nn.Sequential([eqx.nn.Linear(3, 3, key=key), eqx.nn.Dropout(0.1)])
+
+    def step(model, x):
+        loss = lambda m: jnp.sum(m(x, key=jax.random.key(1)) ** 2)  # noqa: E731
+        grads = eqx.filter_grad(loss)(model)
+        return eqx.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads))
+
+    x = jnp.ones(3)
+    g = js.trace(step, model, x)
+    new = g.as_function()(model, x)
+    dropout = new.layers[1]
+    assert type(dropout.p) is float and dropout.p == 0.1 and dropout.inference is False
+    again = eqx.filter_jit(step)(new, x)  # the next step, jitted
+    ref = step(step(model, x), x)
+    allclose(again.layers[0].weight, ref.layers[0].weight, atol=1e-6)
+
+
 # -- Haiku: hk.nets.MLP ----------------------------------------------------------------------------
 def test_haiku_mlp_layers_by_module_name(key):
     forward = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x))
