@@ -103,7 +103,9 @@ def scope_names(
             kept = set(chain) if stored else set()
             for u in program.users[v]:
                 left = set(chain) - set(chains[u])
-                (kept if forward and backward[u] else leaving).update(left)
+                # module state read outside (hk.scan threads the whole state through
+                # its loop) is still state
+                (kept if (forward and backward[u]) or v in state else leaving).update(left)
             for inst in chain:
                 if inst in leaving:
                     names.append((v, paths[inst]))

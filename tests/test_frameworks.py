@@ -336,9 +336,18 @@ def _linen_bn(x):
     )
 
 
-def _haiku_bn(x):
+def _haiku_bn_scan(x):
+    """The state threads through an ``hk.scan`` (as through ``hk.dynamic_unroll``): the
+    loop reads the statistics, and they were the BatchNorm's outputs too."""
+    return _haiku_bn(x, scan=True)
+
+
+def _haiku_bn(x, scan=False):
     def net(x):
         h = hk.BatchNorm(True, True, 0.9)(hk.Linear(8)(x), is_training=True)
+        if scan:
+            ones = jnp.ones((3, *h.shape))
+            h = h + hk.scan(lambda c, xi: (c + xi, c), jnp.zeros_like(h), ones)[0]
         return hk.Linear(1)(jax.nn.relu(h))
 
     t = hk.transform_with_state(net)
@@ -360,7 +369,7 @@ def _haiku_bn(x):
         (params, state, x),
         first,
         scopes,
-        (lambda h: jax.nn.relu(h) @ head["w"] + head["b"]),
+        (lambda h: jax.nn.relu(h + (3.0 if scan else 0.0)) @ head["w"] + head["b"]),
         "out[1]['batch_norm/~/mean_ema']['average']",
     )
 
@@ -400,7 +409,9 @@ def _equinox_bn(x):
     )
 
 
-@pytest.mark.parametrize("make", [_linen_bn, _haiku_bn, _equinox_bn], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "make", [_linen_bn, _haiku_bn, _haiku_bn_scan, _equinox_bn], ids=lambda m: m.__name__
+)
 def test_a_module_returning_its_statistics_is_named_by_its_value(key, make):
     """In training mode BatchNorm returns its updated statistics (linen's
     ``mutable=["batch_stats"]``, Haiku's ``transform_with_state``, Equinox's ``State``):
