@@ -804,6 +804,20 @@ def _same_tree(
     return leaves
 
 
+def _first_difference(a: Any, b: Any) -> tuple[Any, Any]:
+    """The first parts in which two static data differ (in tuples, lists and dicts of
+    the same shape, the first unequal items): what a message shows of them."""
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        for x, y in zip(a, b):
+            if not _same_static(x, y):
+                return _first_difference(x, y)
+    if isinstance(a, dict) and isinstance(b, dict) and list(a) == list(b):
+        for k in a:
+            if not _same_static(a[k], b[k]):
+                return _first_difference(a[k], b[k])
+    return a, b
+
+
 def _same_static(old: Any, new: Any) -> bool:
     """Whether a held-static value is the one traced (the same object, or equal)."""
     if old is new:
@@ -888,10 +902,11 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
             parts = [f"no {path}[{missing[0]!r}]"] if missing else []
             parts += [f"an extra {path}[{extra[0]!r}]"] if extra else []
             return ", ".join(parts) + " (a key without arrays: None, or static data)"
+        a, b = _first_difference(a, b)
         return (
-            f"the {kind}{at} holds other static data (its parts "
-            f"that are not arrays, such as an eqx.field(static=True)): traced {_short(a)}, "
-            f"given {_short(b)}"
+            f"the {kind}{at} holds other static data (its parts that are not arrays: an "
+            f"eqx.field(static=True), an NNX object's attributes, a function it holds): "
+            f"traced {_short(a)}, given {_short(b)}"
         )
     a, b = str(old_how[0]), str(new_how[0])
     if a == b:

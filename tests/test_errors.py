@@ -24,6 +24,26 @@ class Scaled(eqx.Module):
         return (self.w * x[..., :3]).sum() * self.n
 
 
+def _nnx_step_args():
+    """A model and an nnx.Optimizer, each call with a new optax transform."""
+    import optax
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param), jnp.ones((4, 3))
+
+
+def _nnx_step_graph():
+    from flax import nnx
+
+    def step(model, opt, x):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        opt.update(model, grads)
+        return loss
+
+    return js.trace(step, *_nnx_step_args())
+
+
 def rnn(h0, xs):
     def step(h, x):
         h_new = jnp.tanh(h + x)
@@ -306,7 +326,14 @@ CATALOG = [
         ).as_function()({"block": Scaled(jnp.ones(3), 2)}, jnp.ones(3)),
         js.SliceError,
         r"argument `p` is a tree of another structure than the one traced \(the Scaled at "
-        r"\['block'\] holds other static data .*: traced .*1\), given .*2\)\)",
+        r"\['block'\] holds other static data .*: traced 1, given 2\)",
+    ),
+    (
+        "an NNX optimizer of another optax transform than the traced one",
+        lambda g, a: _nnx_step_graph().as_function()(*_nnx_step_args()),
+        js.SliceError,
+        r"the Optimizer holds other static data .*: traced <function chain.<locals>.init_fn "
+        r".*, given <function chain.<locals>.init_fn",
     ),
     (
         "a tuple where a list was traced",
