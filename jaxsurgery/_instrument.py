@@ -63,6 +63,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from . import _compat as C
@@ -125,6 +126,9 @@ class Recorder:
         self._scoped_frames: set[int] = set()
         #: why user functions called while tracing could not be rewritten (no source)
         self.unrewritten: list[str] = []
+        #: ``(frame, name, array)`` of names bound to concrete arrays (a global weight,
+        #: a numpy mask): named where the traced jaxpr holds them as constants
+        self.constants: list[tuple[int, str, Any]] = []
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -158,7 +162,27 @@ class Recorder:
             name = f"{scope}/{name}"
         for path, atom in atoms:
             self.bindings.append((frame, name + path, atom))
+        if not atoms and isinstance(value, (jax.Array, np.ndarray)) and not scope:
+            self.constants.append((frame, name, value))
         return value
+
+    def name_constants(self, closed: Any) -> None:
+        """Bind the names :meth:`record` gave concrete arrays to the constants of the
+        traced jaxpr that hold them (``w = W`` of a global ``W``, ``mask = np.tril(...)``,
+        which JAX takes as a view)."""
+        if not self.constants:
+            return
+        held: dict[int, Any] = {}
+        for value, var in zip(closed.consts, closed.jaxpr.constvars):
+            held.setdefault(id(value), var)
+            base = getattr(value, "base", None)
+            if isinstance(base, np.ndarray):
+                held.setdefault(id(base), var)
+        for frame, name, value in self.constants:
+            var = held.get(id(value))
+            if var is not None:
+                self.bindings.append((frame, name, var))
+        self.constants.clear()
 
     def _anchored(self, binding: int, name: str, full: str, program: Any) -> str:
         """``name`` of a binding given in a name stack (:meth:`record`), with the scope

@@ -176,6 +176,7 @@ def _trace(
             library_names(record, note_state),
         ):
             closed = C.make_jaxpr(flat_fn, *leaves)
+        recorder.name_constants(closed)
     except _TRACER_ERRORS as e:
         first = str(e).strip().splitlines()[0]
         raise TraceError(

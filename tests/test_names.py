@@ -5,8 +5,9 @@ import linecache
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from conftest import allclose
+from conftest import allclose, check_slice
 from jax.ad_checkpoint import checkpoint_name
 
 import jaxsurgery as js
@@ -537,3 +538,30 @@ def test_a_tag_named_like_a_fallback_does_not_take_the_fallbacks_var():
 
     g = js.trace(f, jnp.ones(2))
     assert g["%3"] is g[3] and g[3].primitive == "cos"
+
+
+GLOBAL_W = jnp.eye(3) * 2.0
+CAUSAL = np.tril(np.ones((3, 3), np.float32))
+
+
+def test_names_bound_to_captured_arrays_name_their_constants():
+    """``wc = GLOBAL_W`` (a global jax array) and ``mask = CAUSAL`` (numpy) name the
+    constants the traced jaxpr holds them as (they kept ``%1``, ``%2``), also in a
+    function it calls."""
+
+    def layer(x):
+        wl = GLOBAL_W
+        return jnp.tanh(x @ wl)
+
+    def f(x):
+        wc = GLOBAL_W
+        mask = CAUSAL
+        z = layer(x @ wc)
+        return (z * mask).sum()
+
+    x = jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)
+    g = js.trace(f, x)
+    assert g["wc"].primitive == g["mask"].primitive == "const"
+    assert g["layer/wl"] is g["wc"]
+    allclose(g.value("mask"), CAUSAL)
+    check_slice(g.slice("wc", "out"), (GLOBAL_W,), lambda w: (jnp.tanh(x @ w @ w) * CAUSAL).sum())
