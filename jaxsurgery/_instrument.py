@@ -1150,6 +1150,7 @@ def _bodies_of(nnx_loaded: bool, haiku_loaded: bool) -> dict[int, tuple[tuple[in
         id(lax.while_loop): ((0, "cond_fun"), (1, "body_fun")),
         id(lax.cond): ((1, "true_fun"), (2, "false_fun")),
         id(lax.switch): ((1, "branches"),),
+        id(lax.associative_scan): ((0, "fn"),),
         id(jax.tree_util.tree_map): ((0, "f"),),
         id(jax.tree_util.tree_map_with_path): ((0, "f"),),
         id(map): ((0, "func"),),

@@ -446,6 +446,20 @@ def test_a_function_given_to_tree_map_map_or_reduce_names_what_it_binds():
     check_slice(g.slice("inner#1/hidden", "b"), (jnp.sin(x),), lambda h: 2 * jnp.sin(2 * h))
 
 
+def test_the_function_given_to_associative_scan_names_what_it_binds():
+    def f(x):
+        def combine(a, b):
+            cmb = a * b + a
+            return cmb * 1.0
+
+        return jax.lax.associative_scan(combine, x).sum()
+
+    x = jnp.linspace(0.1, 1.0, 8)
+    g = js.trace(f, x)
+    allclose(g.value("combine#0/cmb"), x[0::2] * x[1::2] + x[0::2])  # the first level
+    allclose(g.value("out"), f(x))
+
+
 class CountedLayer:
     """A callable object whose ``__call__`` a user's decorator wrapped."""
 
