@@ -209,6 +209,15 @@ class _Writer:
                 "or pass resume=False to start over"
             )
         for key, value in host.items():
+            stored = self.group[key].shape[1:]
+            if value.shape[1:] != stored:
+                raise SelectionError(
+                    f"`{key}` has shape {value.shape[1:]} per example in this batch, and "
+                    f"{stored} in the store at {self.group.store}: every batch must give "
+                    "each key the same shape per example (pad, or collect to a new path; "
+                    "resume=False starts over)"
+                )
+        for key, value in host.items():
             self.group[key].append(value)
         self.rows += size
         self.batches_done += 1

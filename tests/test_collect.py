@@ -111,6 +111,9 @@ def test_collection_errors_name_the_culprit(setup, tmp_path):
         js.collect(tmp_path / "b.zarr", lambda xs: {"y": xs}, [batch(0), batch(1)])
     with pytest.raises(js.SelectionError, match="disagree on the batch size"):
         js.collect(tmp_path / "c.zarr", lambda b: {"x": b[0]}, [(batch(0), jnp.ones(3))])
+    shapes = [jnp.ones((4, 2)), jnp.ones((4, 3))]  # (a raw Zarr ValueError before)
+    with pytest.raises(js.SelectionError, match=r"`a` has shape \(3,\) per example .* \(2,\)"):
+        js.collect(tmp_path / "d.zarr", lambda x: {"a": x}, shapes, progress=False)
 
 
 def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_path):
