@@ -224,6 +224,10 @@ def clip_keys(text: str, width: int) -> str:
     """
     if len(text) <= width:
         return text
+    if " … " in text:  # a segment's label: both ends, each cut
+        head, tail = text.split(" … ", 1)
+        half = (width - 3) // 2
+        return f"{clip_keys(head, half)} … {clip_keys(tail, width - 3 - half)}"
     parts = _KEYS.findall(text)
     if len(parts) < 3 or "".join(parts) != text or len(parts[0]) + len(parts[-1]) >= width:
         return clip_left(text, width)
@@ -482,7 +486,8 @@ class _Builder:
                 runs.append([it])
         if 1 < len(runs) <= MAX_CHILDREN:  # (groups among them: else it folds nothing)
             return [run[0] if len(run) == 1 else self._segment(run, path) for run in runs]
-        per = -(-len(items) // MAX_CHILDREN)
+        # (three at least: a segment of two is hardly fewer boxes, and a label as long)
+        per = max(-(-len(items) // MAX_CHILDREN), 3)
         chunks = [items[k : k + per] for k in range(0, len(items), per)]
         return [chunk[0] if len(chunk) == 1 else self._segment(chunk, path) for chunk in chunks]
 
@@ -492,7 +497,9 @@ class _Builder:
         first, last = chunk[0], chunk[-1]
         start = producer[first] if isinstance(first, int) else first.start
         end = producer[last] if isinstance(last, int) else last.end
-        label = f"{self._named(chunk)} … {self._named(chunk[::-1])}"
+        head = self._named(chunk)
+        tail = self._named(chunk[::-1], other_than=head) or self._item_label(last)
+        label = f"{head} … {tail}" if tail != head else f"{head} …"
         seg = self._new(label, path, "segment", start, end)
         self.keys += 1
         inner = self._segments(chunk, path)
@@ -500,9 +507,12 @@ class _Builder:
         seg.vars = [it for it in inner if isinstance(it, int)]
         return seg
 
-    def _named(self, items: list[Group | int]) -> str:
-        """The label of the first item with a name of its own (else the first's)."""
+    def _named(self, items: list[Group | int], other_than: str | None = None) -> str:
+        """The label of the first item with a name of its own (else the first's);
+        ``other_than``: of the first such item labelled otherwise (else '')."""
         labels = (self._item_label(it) for it in items)
+        if other_than is not None:
+            return next((b for b in labels if not is_generated(b) and b != other_than), "")
         first = self._item_label(items[0])
         return next((lab for lab in labels if not is_generated(lab)), first)
 

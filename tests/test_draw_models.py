@@ -111,6 +111,24 @@ def test_an_argument_a_binding_also_names_stays_a_box_of_its_own():
     assert sorted(labels.values()) == ["blk", "out", "x", "y"]
 
 
+def test_segment_labels_name_two_different_ends_and_keep_both_when_cut():
+    """A segment whose one named value is its first was labelled ``y#3 … y#3``; a long
+    label cut from the left lost its first end (``… … state[0].mu['b']#0``)."""
+
+    def f(x):
+        y = x
+        for _ in range(60):
+            y = jnp.sin(y) * 2.0 + 1.0
+        long_name_of_a_value_at_the_end = y * 3.0
+        return long_name_of_a_value_at_the_end
+
+    g = js.trace(f, jnp.ones(2))
+    labels, _ = dot_graph(g.to_dot())
+    segments = [label.split(" … ") for label in labels.values() if " … " in label]
+    assert segments and all(head != tail for head, tail in segments), segments
+    assert all(head and not head.startswith("…") for head, _ in segments), segments
+
+
 def test_a_slash_inside_a_pytree_key_is_not_a_call():
     """A Haiku training step returns gradients keyed ``'mlp/~/linear_2'``: those output
     names are not calls, and the forward and backward passes are the boxes."""
