@@ -100,6 +100,7 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
     found = _flat_roles(graph, highlight)
     n = len(graph._program.vars)
     own = {i for i in found if i < n}  # a flat var's own role stays (a slice's output)
+    pushed: dict[int, str] = {}
     for i in [i for i in found if i >= n]:
         role = found.pop(i)
         v = graph._var(i)
@@ -108,10 +109,17 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
         if not at:
             loop = v._loop
             at = graph._program.eqn_out[loop.flat_eqn] if loop.flat_eqn >= 0 else ()
+            if own.intersection(at):  # the loop is drawn by a result of a role of its own
+                continue  # (a slice from inside it to its result): the rest stay faded
         for j in at:
-            if j not in own:
-                found[j] = _strongest(found[j], role) if j in found else role
+            if j not in own:  # a loop holding a slice's input and output: its output
+                pushed[j] = min(role, pushed.get(j, role), key=_PUSHED.index)
+    found.update(pushed)
     return found
+
+
+#: the role a loop's results take when it holds values of several (one colour a box)
+_PUSHED = ("output", "input", "context", "window", "selected")
 
 
 def _flat_roles(graph: Graph, highlight: Any) -> dict[int, str]:

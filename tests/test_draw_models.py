@@ -15,6 +15,7 @@ from draw_models import BLOCKS, MODELS, chain, equinox_transformer, flax_transfo
 from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
+from jaxsurgery._draw import roles
 from jaxsurgery._hierarchy import MAX_CHILDREN, hierarchy
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -246,6 +247,11 @@ def test_a_slice_from_inside_a_folded_loop_to_its_result_draws_the_result_as_out
     key = next(k for k, label in labels.items() if label == "h_last")
     assert node_colours(dot)[key] == "#e8710a"  # the slice's output, not its input
     assert g.view(highlight=s).data()["vars"][g["h_last"].index]["role"] == "output"
+    # the loop's other result (the stacked ys) is no part of the slice: not its input
+    assert roles(g, s) == {g["h_last"].index: "output"}
+    # a slice inside the loop: its results hold the output (they were both "input")
+    inside = roles(g, g.slice("step/h_new@5", "step/h_new@9"))
+    assert set(inside.values()) == {"output"}
 
 
 def test_the_picture_of_a_training_step_keeps_the_model_and_its_backward_pass_as_boxes():
