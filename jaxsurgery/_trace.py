@@ -126,11 +126,9 @@ def _trace(
         arrays, statics = [], {}
         for k, (path, (_, x)) in enumerate(zip(paths, out_leaves)):
             if isinstance(x, (jax.Array, *_ARRAYS[1:])) or (
-                # a Python number is traced as arguments take one: not a bool (a flag),
-                # nor an Equinox module's field (its dropout p), which stay as they are
-                isinstance(x, (int, float, complex))
-                and not isinstance(x, bool)
-                and k not in in_module
+                # a Python number is an array, as jax.jit returns it, but not an Equinox
+                # module's field (its dropout p), which stays as it is (as filter_jit)
+                isinstance(x, (int, float, complex)) and k not in in_module
             ):
                 arrays.append((path, x))
                 continue
