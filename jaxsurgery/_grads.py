@@ -8,15 +8,13 @@ program runs, calls keep their custom rules, conds decide again and loops stay
 loops (a perturbation at ``h@t`` for many ``t`` is one stacked input of the scan).
 A var inside a cond branch or a while trip exists only on that path: arguments
 that take another path raise a SliceError. A var inside a ``custom_jvp``/``custom_vjp``
-call is perturbed in the call's body, which then runs in place of its rule (the
-notes and ``g.grads`` say so); the perturbations that enter no such call, or other
-ones, run apart (a forward run each, still one ``jax.grad``), so their gradients keep
-the rules.
+call is perturbed in the call's body, which gives its gradient, while the call keeps
+its rule for everything else (see ``_structured``'s perturbed calls); an output
+inside one runs the call's body in its place (the notes and ``g.grads`` say so).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,7 +33,6 @@ from ._structured import (
     Step,
     check_hits,
     iteration_run,
-    rules_entered,
     stack_rows,
 )
 
@@ -56,17 +53,6 @@ def _loop_value(site: Site) -> tuple | None:
 def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     spec = jax.ShapeDtypeStruct(*aval)
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
-
-
-@dataclasses.dataclass
-class _Part:
-    """The program perturbed at some of the inputs: its runs, the positions of its
-    inputs among all, its exposed outputs and its path guards."""
-
-    structured: Any
-    inputs: list[int]
-    outs: list[Edit]
-    guards: list[Edit]
 
 
 class GradsFunction:
@@ -106,45 +92,30 @@ class GradsFunction:
             inputs.setdefault(_loop_value(site) or j, []).append(j)
         self._inputs = list(inputs.values())
         self._avals = [v.aval for v in wrt_vars]
-        # a perturbation inside a custom_jvp/custom_vjp call runs the call's body in place
-        # of its rule (nothing else can take it in); the perturbations that enter other
-        # calls (or none) run apart, so that their gradients keep those rules
-        closed = graph._structure.closed
-        parts: dict[tuple, list[int]] = {}
+        edits = []
         for k, members in enumerate(self._inputs):
-            entered = tuple(steps for _, steps in rules_entered(closed, sites[members[0]].steps))
-            parts.setdefault(entered, []).append(k)
-        self._parts = [
-            self._part(graph, out_vars, [sites[j] for j in wrt_vars_of], inputs_of)
-            for inputs_of in parts.values()
-            for wrt_vars_of in ([j for k in inputs_of for j in self._inputs[k]],)
-        ]
+            v = wrt_vars[members[0]]
+            add = _add_jaxpr((tuple(v.shape), v.dtype))
+            ranged = iteration_run([sites[j] for j in members])
+            # (a perturbation: inside a custom_jvp/custom_vjp call, the call keeps its
+            # rule, and the body gives the perturbation's own gradient)
+            if ranged is not None:  # consecutive iterations: one edit, the input whole
+                reads = (ranged.vars[0], Extra(k))
+                edits.append(Edit(ranged, "apply", add, reads, perturbation=True))
+                continue
+            for row, j in enumerate(members):
+                read = Extra(k, row if len(members) > 1 else None)
+                edits.append(
+                    Edit(sites[j], "apply", add, (sites[j].vars[0], read), perturbation=True)
+                )
+        guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
+        self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
+        self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._warned = False
         from ._patch_graph import read_by_derivative
 
         self._read_by_derivative = read_by_derivative(graph, wrt_vars, out_vars)
-
-    def _part(
-        self, graph: Graph, out_vars: Sequence[Any], sites: Sequence[Site], inputs: list[int]
-    ) -> _Part:
-        """The program perturbed at the inputs ``inputs`` (their ``sites``, in order)."""
-        edits, at = [], iter(sites)
-        for local, k in enumerate(inputs):
-            members = self._inputs[k]
-            own = [next(at) for _ in members]
-            v = self._avals[members[0]]
-            add = _add_jaxpr((tuple(v.shape), v.dtype))
-            ranged = iteration_run(own)
-            if ranged is not None:  # consecutive iterations: one edit, the input whole
-                edits.append(Edit(ranged, "apply", add, (ranged.vars[0], Extra(local))))
-                continue
-            for row, site in enumerate(own):
-                read = Extra(local, row if len(members) > 1 else None)
-                edits.append(Edit(site, "apply", add, (site.vars[0], read)))
-        guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
-        structured, outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
-        return _Part(structured, inputs, outs, [*guards, *out_guards])
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
@@ -162,22 +133,17 @@ class GradsFunction:
 
     @property
     def bypassed(self) -> list[str]:
-        """The custom rules the perturbations inside custom calls bypass (known once
-        the function ran)."""
-        return list(dict.fromkeys(n for part in self._parts for n in part.structured.notes))
+        """The custom rules an output inside a custom call bypasses (known once the
+        function ran)."""
+        return list(self._structured.notes)
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
-        """``eps -> (sum of out with eps added at each wrt value, path hits)``: one run
-        per part, each with its own perturbations (each ``eps`` is read by one)."""
+        """``eps -> (sum of out with eps added at each wrt value, path hits)``."""
 
         def total(eps: list[Any]) -> Any:
-            loss, hits = 0.0, []
-            for part in self._parts:
-                mine = [eps[k] for k in part.inputs]
-                _, exposed = part.structured.run(flat_args, mine, outputs=False)
-                loss = loss + sum(jnp.sum(exposed[e]) for e in part.outs)
-                hits += [exposed[h] for h in part.guards]
-            return loss, hits
+            _, exposed = self._structured.run(flat_args, eps, outputs=False)
+            loss = sum(jnp.sum(exposed[e]) for e in self._outs)
+            return loss, [exposed[h] for h in self._guards]
 
         return total
 
@@ -212,10 +178,8 @@ class GradsFunction:
         by tracing the program once, abstractly (only if it has such a call at all)."""
         from ._rules import dropped_derivatives, may_drop
 
-        jaxprs = [  # what runs: the nested program and its edits
-            self._parts[0].structured.closed.jaxpr,
-            *(e.fn.jaxpr for part in self._parts for e in part.structured.edits if e.fn),
-        ]
+        structured = self._structured  # what runs: the nested program and its edits
+        jaxprs = [structured.closed.jaxpr, *(e.fn.jaxpr for e in structured.edits if e.fn)]
         if not any(may_drop(j) for j in jaxprs):
             return []
         program = self.graph._program

@@ -196,6 +196,9 @@ class Edit:
     fn: Any = None  # a closed jaxpr, for "apply"
     reads: tuple[Any, ...] = ()
     aval: Any = None  # of the exposed value
+    #: an "apply" that changes no value where it is differentiated (``v + eps`` at
+    #: ``eps = 0``): inside a custom_jvp/custom_vjp call the call keeps its rule
+    perturbation: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "hit":
@@ -427,6 +430,10 @@ class _Interpreter:
         values are needed (no results: what runs after the last edit is left out)."""
         name = eqn.primitive.name
         if name in C.CALL_PRIMITIVES:
+            if name in C.CUSTOM_RULE_PRIMITIVES and all(
+                p.edit.perturbation for p in pending if p.edit.kind == "apply"
+            ):
+                return self._perturbed_call(eqn, invals, pending, exposed)
             if name in C.CUSTOM_RULE_PRIMITIVES:
                 self.notes.append(
                     f"an edit inside the {name} call {C.call_name(eqn)!r} bypasses its "
@@ -442,6 +449,37 @@ class _Interpreter:
         if name == "while":
             return self._while(eqn, invals, pending, exposed, tail)
         raise SliceError(f"cannot edit inside a {name} equation")  # pragma: no cover
+
+    def _perturbed_call(
+        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict
+    ) -> list[Any]:
+        """A custom_jvp/custom_vjp call holding perturbations (``v + eps``, which change
+        no value at ``eps = 0``) and values read out of it, but no patch: its results
+        are the call's, with its rule, plus what the perturbed body adds,
+        ``b - stop_gradient(b)`` (zero), whose derivative in the ``eps`` is the body's.
+        So ``eps``'s gradient is what the body gives, and everything else keeps the
+        rule (a value before the call is differentiated through the rule, a value
+        after it through later rules). A value read out of the call (an ``out`` of
+        ``g.grads`` inside it) comes from the body run on the call's operands: its
+        derivative is the body's, the only one it has."""
+        env = {a: x for a, x in zip(eqn.invars, invals) if isinstance(a, C.Var)}
+        eval_equations([eqn], env)
+        body = C.called_jaxpr(eqn)
+        applies = [_descend(p) for p in pending if p.edit.kind == "apply"]
+        if len(applies) < len(pending):  # values read out: the body, differentiated
+            inner = [_descend(p) for p in pending]
+            self.run(body.jaxpr, body.consts, invals, inner, exposed, outputs=False)
+        out = [env[v] if not isinstance(v, C.DropVar) else None for v in eqn.outvars]
+        if not applies:
+            return out
+        fixed = [jax.lax.stop_gradient(x) for x in invals]
+        moved = self.run(body.jaxpr, body.consts, fixed, applies, {})
+        for k, b in enumerate(moved):
+            if out[k] is None:
+                out[k] = b
+            elif jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+                out[k] = out[k] + (b - jax.lax.stop_gradient(b))
+        return out
 
     def _cond(self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict):
         branches = eqn.params["branches"]

@@ -106,8 +106,6 @@ def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning
     assert_at_callers_line(warned)
     said = [str(w.message) for w in warned]
     assert any("diffrax.ForwardMode()" in m for m in said), said
-    # (dy@3 is inside diffrax's custom_vjp call: perturbed there, its body runs)
-    assert any("bypasses its custom derivative rule" in m for m in said), said
     allclose(grads["dy@3"], jnp.zeros(2))  # what the rule gives
     # at the loop's inputs the rule is what differentiates: no warning there
     solve = euler_solve(diffrax.RecursiveCheckpointAdjoint())

@@ -11,6 +11,8 @@ iteration), arguments that leave that path are a ``SliceError``, never a wrong n
 Every reference here is written by hand, in plain JAX, without jaxsurgery.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,13 +100,14 @@ def two_clips(x):
 
 
 def test_grads_inside_a_custom_call_leave_the_rules_of_the_others():
-    """A perturbation inside a custom_vjp call runs that call's body (nothing else takes
-    it in), and it ran every perturbation of the request there: ``a``'s gradient lost
-    both clips, with no warning. Each perturbation now runs with the calls it is
-    inside, the other rules kept, and the bypass is said."""
+    """A perturbation inside a custom_vjp call ran that call's body in place of its rule
+    for every perturbation of the request: ``a``'s gradient lost both clips, with no
+    warning. The call now keeps its rule; what the perturbed body adds is zero, and
+    its derivative in the perturbation is the body's."""
     g = js.trace(two_clips, X)
     wrt = ["a", "clip_body#0/inner", "clip_body#1/inner"]
-    with pytest.warns(UserWarning, match="bypasses its custom derivative rule"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing bypassed, nothing to say
         traced = g.grads("out", wrt=wrt)
     fn = g.grads_fn("out", wrt)
     x_new = X_NEW + 2.0
@@ -117,7 +120,7 @@ def test_grads_inside_a_custom_call_leave_the_rules_of_the_others():
         rest = jax.grad(lambda i: jnp.sum(clip_body(jnp.sin(i)) ** 2))
         allclose(got["clip_body#0/inner"], rest(inner0))
         allclose(got["clip_body#1/inner"], 2 * jnp.sin(inner1) * jnp.cos(inner1))
-    assert any("bypasses" in n for n in fn.notes)
+    assert not fn.notes
 
 
 @pytest.mark.parametrize("args", [(X, W), (X_NEW, W_NEW)], ids=["traced", "new"])
