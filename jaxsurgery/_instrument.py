@@ -172,16 +172,19 @@ class Recorder:
         which JAX takes as a view)."""
         if not self.constants:
             return
-        held: dict[int, Any] = {}
+        held: dict[int, list[Any]] = {}
         for value, var in zip(closed.consts, closed.jaxpr.constvars):
-            held.setdefault(id(value), var)
+            held.setdefault(id(value), []).append(var)
             base = getattr(value, "base", None)
-            if isinstance(base, np.ndarray):
-                held.setdefault(id(base), var)
+            if isinstance(base, np.ndarray) and base is not value:
+                held.setdefault(id(base), []).append(var)
         for frame, name, value in self.constants:
-            var = held.get(id(value))
-            if var is not None:
-                self.bindings.append((frame, name, var))
+            found = held.get(id(value), [])
+            # one constant holding it: every use reads that one (an alias's semantics);
+            # several, or a copy of it (a jitted function's own, its backward pass's),
+            # and which one the name is cannot be told: unnamed rather than misplaced
+            if len(found) == 1 and not _copied(value, found[0], closed):
+                self.bindings.append((frame, name, found[0]))
         self.constants.clear()
 
     def _anchored(self, binding: int, name: str, full: str, program: Any) -> str:
@@ -795,6 +798,29 @@ class _CallSites:
             own.update(id(v) for e in body.eqns for v in e.outvars)
             found = self._own[id(body)] = (own, {id(v): i for i, v in enumerate(body.invars)})
         return found
+
+
+def _copied(value: Any, var: Any, closed: Any) -> bool:
+    """Whether a constant of ``closed`` other than ``var``, also of a jaxpr inside it (a
+    jitted function's), holds an array equal to ``value`` (a copy of it)."""
+    others = [c for c, v in zip(closed.consts, closed.jaxpr.constvars) if v is not var]
+    stack = [closed.jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, C.ClosedJaxpr):
+                        others += sub.consts
+                        stack.append(sub.jaxpr)
+                    elif isinstance(sub, C.Jaxpr):
+                        stack.append(sub)
+    shape, dtype = np.shape(value), getattr(value, "dtype", None)
+    return any(
+        np.shape(c) == shape
+        and getattr(c, "dtype", None) == dtype
+        and (c is value or np.array_equal(np.asarray(c), np.asarray(value)))
+        for c in others
+    )
 
 
 def _made_in(program: Any, index: int) -> str:

@@ -565,3 +565,28 @@ def test_names_bound_to_captured_arrays_name_their_constants():
     assert g["layer/wl"] is g["wc"]
     allclose(g.value("mask"), CAUSAL)
     check_slice(g.slice("wc", "out"), (GLOBAL_W,), lambda w: (jnp.tanh(x @ w @ w) * CAUSAL).sum())
+
+
+@jax.jit
+def _layer_reading_global_w(x):
+    w = GLOBAL_W
+    return jnp.tanh(w @ x)
+
+
+def test_a_captured_array_held_as_several_constants_is_not_named_on_the_wrong_one():
+    """Under ``jax.grad`` a jitted function's copy of a global array is a constant of
+    its own: ``f/layer/w`` named the helper's constant, and a slice from it perturbed
+    the wrong uses (wrong Jacobians). Such a name is left off."""
+
+    def helper(x):
+        u = GLOBAL_W
+        return jnp.sin(u @ x)
+
+    def f(x):
+        layer = _layer_reading_global_w
+        return layer(helper(x)).sum()
+
+    x = jnp.array([0.3, -0.2, 0.5])
+    g = js.trace(jax.grad(f), x)
+    assert not [n for n in g.names() if n.endswith(("/w", "/u"))]
+    allclose(g.value("out"), jax.grad(f)(x))
