@@ -1018,28 +1018,24 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         cell, inner, reason = haiku
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
-    jitted = jitted or _jitted(fn) or _jitted_call(fn) or _decorated_twin(fn)
+    jitted = jitted or _jitted(fn) or _jitted_call(fn)
     if jitted is None:
         return rewritten(fn)[0], None
     return jitted.jit, jitted if jitted.cached else None
 
 
-def _decorated_twin(fn: Any) -> _DecoratedTwin | None:
-    """For a decorator's wrapper around a jitted or checkpointed user function
-    (``@deco @jax.jit``), what runs the wrapper around the jit's rewritten twin (the
-    checkpoint of the rewritten function), which JAX caches as it does the original."""
-    wrapped = _wrapped_user_function(fn) if isinstance(fn, types.FunctionType) else None
-    if wrapped is None or _is_user_function(wrapped[1]):
-        return None
-    cell, inner = wrapped
-    twin = _jitted(inner)
-    if twin is not None:
-        return _DecoratedTwin(cell, fn, twin.jit, twin.transformed_twin, twin, twin.cached)
-    framed = _transformed(inner)
-    if framed is None or framed.memory is None:  # jax.vmap, jax.grad: traced at each call
-        return None
-    twin = _posing(framed.unframed, inner)
-    return _DecoratedTwin(cell, fn, twin, lambda: twin, framed.memory, True)
+def _run_fresh(wrapped: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``wrapped``, a ``jax.jit`` or a JAX transform of user code that a decorator
+    holds (``@deco @jax.jit``), made again around the rewritten function at each call:
+    its body runs every time, in the decorator's frame (JAX's cache would serve a call
+    the body does not run in, and a call the decorator makes of it, its result
+    changed or called twice, is no call equation whose names a replay could place)."""
+    framed = _transformed(wrapped)
+    if framed is not None:
+        return framed.unframed(*args, **kwargs)
+    if library_rejit(wrapped) is False:  # a library's jit that cannot be remade
+        return wrapped(*args, **kwargs)
+    return _Jitted(wrapped, cached=False).jit(*args, **kwargs)
 
 
 def _posing(run: Any, original: Any) -> Any:
@@ -1480,12 +1476,10 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         wrapped = _wrapped_user_function(getattr(type(fn), "__call__", None))  # noqa: B004
     if wrapped is not None:  # a decorator's wrapper runs as it is, the function rewritten
         cell, user = wrapped
-        framed = None if _is_user_function(user) else _transformed(user)
-        if framed is not None:  # @deco over @jax.checkpoint (or jax.vmap...): f's values
-            return functools.partial(_run_swapped, cell, _posing(framed.unframed, user), fn), None
-        # @deco over @jax.jit: the jitted function, traced, is its function (as _unwrap
-        # takes a jit js.trace is given; a call inside runs the jit's twin, _call_target)
-        inner, reason = instrument(getattr(user, "__wrapped__", user))
+        if not _is_user_function(user):  # @deco over @jax.jit or @jax.checkpoint
+            inner = _posing(functools.partial(_run_fresh, user), user)
+            return functools.partial(_run_swapped, cell, inner, fn), None
+        inner, reason = instrument(user)
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
@@ -1572,9 +1566,6 @@ class _Jitted(_Memory):
             self._transformed = _rejit(self._fn, _jit_body(self._fn.__wrapped__)[0])
         return self._transformed
 
-    def transformed_twin(self) -> Any:
-        return self.transformed
-
 
 def _jit_body(fn: Any) -> tuple[Any, str | None]:
     """What a jit's twin runs in place of the function it jits: the rewritten function,
@@ -1587,32 +1578,6 @@ def _rejit(fn: Any, body: Any) -> Any:
     whose jit made ``fn`` (Equinox's ``filter_jit``, Flax's ``nnx.jit``)."""
     library = library_rejit(fn)
     return C.rejit(fn, body) if library is None else library(body)
-
-
-class _DecoratedTwin:
-    """A decorator's wrapper (``fn``) around a jitted or checkpointed user function, run
-    with its closure ``cell`` holding the twin: ``jit`` runs it around the twin,
-    ``transformed`` around the twin that calls under a transform run; the rest
-    (``bodies``...) is ``memory``'s."""
-
-    __slots__ = ("cell", "fn", "twin", "transformed_twin", "memory", "cached")
-
-    def __init__(
-        self, cell: Any, fn: Any, twin: Any, transformed_twin: Any, memory: Any, cached: bool
-    ) -> None:
-        self.cell, self.fn, self.twin, self.memory, self.cached = cell, fn, twin, memory, cached
-        self.transformed_twin = transformed_twin
-
-    @property
-    def jit(self) -> Any:
-        return functools.partial(_run_swapped, self.cell, self.twin, self.fn)
-
-    @property
-    def transformed(self) -> Any:
-        return functools.partial(_run_swapped, self.cell, self.transformed_twin(), self.fn)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.memory, name)
 
 
 class _BoundJitted:

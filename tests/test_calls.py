@@ -563,3 +563,54 @@ def test_a_decorated_jit_keeps_its_static_arguments_static():
         return counted_static_block(x, w, 3).sum()
 
     allclose(js.trace(net, x, w).value("counted_static_block/pre"), 3 * x)
+
+
+def plus_one(fn):
+    """A decorator that changes what the function returns."""
+
+    @functools.wraps(fn)
+    def wrapper(x):
+        return fn(x) + 1.0
+
+    return wrapper
+
+
+def twice(fn):
+    """A decorator that calls the function twice."""
+
+    @functools.wraps(fn)
+    def wrapper(x):
+        return fn(fn(x))
+
+    return wrapper
+
+
+@pytest.mark.parametrize("deco", [plus_one, twice])
+@pytest.mark.parametrize("transform", [jax.jit, jax.checkpoint], ids=["jit", "checkpoint"])
+def test_a_decorator_changing_results_around_a_jit_names_every_call(deco, transform):
+    """A wrapper adding to the jit's result (or calling it twice) left the call with no
+    call equation of its own: the names went to the first call (``layer#0/pa#1``), and
+    a second trace, served from JAX's cache, named nothing."""
+
+    @deco
+    @transform
+    def layer(x):
+        pa = jnp.sin(x)
+        return pa * 3
+
+    def f(x):
+        a = layer(x)
+        return layer(a)
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    inner = [x]
+    for _ in range(2 if deco is plus_one else 4):
+        inner.append(jnp.sin(inner[-1]) * 3 + (1.0 if deco is plus_one else 0.0))
+    for _ in range(2):  # the second trace too
+        g = js.trace(f, x)
+        if deco is plus_one:
+            allclose(g.value("layer#0/pa"), jnp.sin(inner[0]))
+            allclose(g.value("layer#1/pa"), jnp.sin(inner[1]))
+        else:  # two calls of the jit in each call of the wrapper
+            allclose(g.value("layer#1/pa#1"), jnp.sin(inner[3]))
+        allclose(g.value("out"), f(x))
