@@ -620,9 +620,13 @@ class _ArgBinder:
         #: the var-positional parameter (``*args``), and its items held static (a static
         #: position past the named ones, as jax.jit takes it)
         self.star, self.static_star = (star[0] if star else None), set()
+        #: negative positions, counted from the end of the arguments of the call (as
+        #: jax.jit counts them) when ``*args`` makes that end unknown until then
+        self.from_end = [n for n in nums if n < 0] if self.star is not None else []
         for n in nums:
-            if self.star is not None and n >= len(positional):
-                self.static_star.add(n - len(positional))
+            if self.star is not None and (n >= len(positional) or n < 0):
+                if n >= 0:
+                    self.static_star.add(n - len(positional))
                 continue
             if not -len(positional) <= n < len(positional):
                 raise TraceError(
@@ -639,6 +643,17 @@ class _ArgBinder:
     ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]]]:
         """``(bound arguments, flat dynamic leaves, leaf names, (leaf, label) of leaves
         a library labels: penzai parameters)``."""
+        for n in self.from_end:  # the arguments' end is known now
+            at = len(args) + n
+            if 0 <= at < len(self.parameters.positional):
+                self.static_names.add(self.parameters.positional[at])
+            elif at >= 0:
+                self.static_star.add(at - len(self.parameters.positional))
+            else:
+                raise TraceError(
+                    f"static_argnums={n} is out of range for the {len(args)} positional "
+                    f"arguments given to {getattr(self.fn, '__name__', 'fn')}{self.signature}"
+                )
         bound_obj = self._arguments(args, kwargs)
         items = [
             (name, value, self._flat(name, value))

@@ -246,6 +246,8 @@ def test_a_static_position_past_the_named_parameters_is_an_item_of_args():
     for g in (
         js.trace(f, x, 1.0, 2, static_argnums=2),
         js.trace(jax.jit(f, static_argnums=2), x, 1.0, 2),
+        # a negative position counts from the end of the arguments given, as jax.jit's
+        js.trace(jax.jit(f, static_argnums=-1), x, 1.0, 2),
     ):
         assert [v.name for v in g.inputs] == ["x", "a[0]"]
         allclose(g.value("y#0"), 2 * x)
