@@ -209,13 +209,14 @@ class _Writer:
                 "or pass resume=False to start over"
             )
         for key, value in host.items():
-            stored = self.group[key].shape[1:]
-            if value.shape[1:] != stored:
+            array = self.group[key]
+            if value.shape[1:] != array.shape[1:] or value.dtype != array.dtype:
                 raise SelectionError(
-                    f"`{key}` has shape {value.shape[1:]} per example in this batch, and "
-                    f"{stored} in the store at {self.group.store}: every batch must give "
-                    "each key the same shape per example (pad, or collect to a new path; "
-                    "resume=False starts over)"
+                    f"`{key}` is {value.dtype}{list(value.shape[1:])} per example in this "
+                    f"batch, and {array.dtype}{list(array.shape[1:])} in the store at "
+                    f"{self.group.store}: every batch must give each key the same shape "
+                    "and dtype per example (Zarr would cast it; pad or cast it yourself, "
+                    "or collect to a new path; resume=False starts over)"
                 )
         for key, value in host.items():
             self.group[key].append(value)

@@ -112,8 +112,12 @@ def test_collection_errors_name_the_culprit(setup, tmp_path):
     with pytest.raises(js.SelectionError, match="disagree on the batch size"):
         js.collect(tmp_path / "c.zarr", lambda b: {"x": b[0]}, [(batch(0), jnp.ones(3))])
     shapes = [jnp.ones((4, 2)), jnp.ones((4, 3))]  # (a raw Zarr ValueError before)
-    with pytest.raises(js.SelectionError, match=r"`a` has shape \(3,\) per example .* \(2,\)"):
+    with pytest.raises(js.SelectionError, match=r"`a` is float32\[3\] per example .* float32\[2\]"):
         js.collect(tmp_path / "d.zarr", lambda x: {"a": x}, shapes, progress=False)
+    # another dtype: Zarr cast it silently (2.7 stored as 2 in an int array)
+    dtypes = [jnp.arange(4, dtype=jnp.int32).reshape(4, 1), jnp.full((4, 1), 2.7)]
+    with pytest.raises(js.SelectionError, match=r"`a` is float32\[1\] .* int32\[1\]"):
+        js.collect(tmp_path / "e.zarr", lambda x: {"a": x * 1}, dtypes, progress=False)
 
 
 def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_path):
