@@ -363,10 +363,19 @@ class Recorder:
         known = jitted.bodies.get(id(closed))
         if known is not None and known[0] is not closed:
             known = None  # a jaxpr that died, its id reused
+        # under a transform its names are tokens, which a call the transform batches
+        # (or differentiates) keeps in its copy: such calls replay it by types too
+        key = _types_key(inputs) if self._transforms else None
         if ran and known is None:
-            jitted.remember(closed, self._subtree(frame, start))
-        elif not ran and known is not None and len(self.frames) == frame + 1:
-            self._replay(frame, known[1])
+            recording = self._subtree(frame, start)
+            jitted.remember(closed, recording)
+            if key is not None:
+                jitted.remember_types(key, recording)
+        elif not ran and len(self.frames) == frame + 1:
+            if known is not None:
+                self._replay(frame, known[1])
+            elif key is not None and key in jitted.by_types:  # first called transformed
+                self._replay(frame, jitted.by_types[key])
 
     def _kept(self, out: Any) -> bool:
         """Whether a call's results belong to the jaxpr the transforms keep (not to a
@@ -626,6 +635,18 @@ def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]
         if type(atom) is str:
             claims.setdefault(atom, []).append(i)
     for who in claims.values():
+        # a frame placed in its call's equation (a call the transform kept as it is)
+        # holds its copies alone; the frames of calls the transform remade (a batched
+        # call: no equation of its own to place them by) share the rest
+        every = set().union(*(found_per[i] for i in who))
+        placed = {c for i in who if set(found_per[i]) < every for c in found_per[i]}
+        if placed:
+            for i in who:
+                if set(found_per[i]) == every:
+                    found_per[i] = [c for c in found_per[i] if c not in placed]
+            who = [i for i in who if not set(found_per[i]) <= placed or not found_per[i]]
+        if not who:
+            continue
         found = found_per[who[0]]
         k = len(who)
         if k < 2 or not found or len(found) % k or any(found_per[i] != found for i in who):

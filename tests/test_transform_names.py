@@ -1228,3 +1228,31 @@ def test_a_derivative_of_a_jitted_loss_names_inside_it_at_every_trace(transform,
         allclose(g.value(f"{name}/hid"), jnp.tanh(w * x))
         assert name not in g["gr"].aliases
         allclose(g.value("gr"), jax.grad(loss)(w, x))
+
+
+@jax.jit
+def shared_layer(x):
+    pre = jnp.cos(x) * 2
+    return jnp.tanh(pre)
+
+
+def test_a_jitted_layer_called_batched_and_not_under_vmap_names_both_calls():
+    """Under ``jax.vmap`` a call on unbatched values stays the jit's own equation, and a
+    call on batched ones batches the jaxpr JAX cached from it (the body does not run
+    again): the second call's values were unnamed, also in a later trace of another
+    transform of the same function (``jax.grad`` first, then ``jax.vmap``)."""
+
+    def f(w, x):
+        a = shared_layer(w)  # not batched
+        b = shared_layer(x)  # batched
+        return (a * b).sum()
+
+    w = jnp.linspace(0.1, 0.9, 3)
+    xs = jnp.stack([w * 2, w * 3])
+    grad_step = jax.grad(f, argnums=1)
+    js.trace(grad_step, w, xs[0])  # (fills the jit's cache first)
+    g = js.trace(lambda w, xs: jax.vmap(f, in_axes=(None, 0))(w, xs), w, xs)
+    allclose(g.value("f/shared_layer#0/pre"), jnp.cos(w) * 2)
+    allclose(g.value("f/shared_layer#1/pre"), jnp.cos(xs) * 2)
+    g = js.trace(grad_step, w, xs[0])  # (f's values, named as in js.trace(f))
+    allclose(g.value("shared_layer#1/pre"), jnp.cos(xs[0]) * 2)
