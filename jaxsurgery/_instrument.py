@@ -1136,10 +1136,12 @@ def _transformed(fn: Any) -> _Framed | None:
     return _Framed(remade, f, named, remakes, untagged)
 
 
-def _transformed_method(fn: Any) -> _Framed | None:
+def _transformed_method(fn: Any, bound: bool = True) -> Any:
     """:func:`_transformed` of a method a JAX transform decorated (``@jax.checkpoint``
     on a module's ``__call__``, ``@partial(jax.vmap, in_axes=(None, 0))`` on a method),
-    bound to its object: ``obj.method`` or ``obj`` itself; None for anything else."""
+    bound to its object: ``obj.method`` or ``obj`` itself; None for anything else.
+    ``bound=False``: the method, run in the caller's frame, bound to the object (as
+    ``rewritten`` gives a method: Equinox's transforms take its object as a pytree)."""
     if isinstance(fn, (types.FunctionType, type, functools.partial)):
         return None
     func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
@@ -1148,8 +1150,10 @@ def _transformed_method(fn: Any) -> _Framed | None:
     framed = _transformed(func) if isinstance(func, types.FunctionType) else None
     if framed is None:
         return None
-    bound = functools.partial(framed.fn, owner)
-    return _Framed(bound, framed.of, framed.named, framed.remakes, framed.untagged)
+    if not bound:
+        return types.MethodType(framed.unframed, owner)
+    run = functools.partial(framed.fn, owner)
+    return _Framed(run, framed.of, framed.named, framed.remakes, framed.untagged)
 
 
 def _jitted_call(fn: Any) -> _BoundJitted | None:
@@ -1483,15 +1487,25 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         body, reason = instrument(fn.fun)
         return C.rebuild_custom_rule(fn, body), reason
     call = getattr(type(fn), "__call__", None)  # noqa: B004 (the class attribute)
+    if (
+        not isinstance(fn, (types.FunctionType, types.MethodType))
+        and is_jit(call)
+        and (_is_user_function(call.__wrapped__) or _wrapped_user_function(call.__wrapped__))
+    ):  # a jitted __call__, traced (or transformed) itself: its function, as _unwrap's
+        body, reason = rewritten(call.__wrapped__)
+        return types.MethodType(body, fn), reason
     if not isinstance(fn, (types.FunctionType, types.MethodType)) and _is_user_function(call):
         body, reason = instrument(call)
         kind = inspect.getattr_static(type(fn), "__call__", None)
         if isinstance(kind, staticmethod):
             return body, reason
         return types.MethodType(body, type(fn) if isinstance(kind, classmethod) else fn), reason
-    framed = _transformed(fn) or _transformed_method(fn)
+    framed = _transformed(fn)
     if framed is not None:  # js.trace(jax.vmap(f), xs): f's values, batched
         return framed.unframed, None
+    method = _transformed_method(fn, bound=False)
+    if method is not None:  # js.trace(obj) of a checkpointed __call__
+        return method, None
     wrapped = _wrapped_user_function(fn)
     if wrapped is None and not isinstance(fn, (types.FunctionType, types.MethodType)):
         wrapped = _wrapped_user_function(getattr(type(fn), "__call__", None))  # noqa: B004

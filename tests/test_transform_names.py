@@ -1256,3 +1256,50 @@ def test_a_jitted_layer_called_batched_and_not_under_vmap_names_both_calls():
     allclose(g.value("f/shared_layer#1/pre"), jnp.cos(xs) * 2)
     g = js.trace(grad_step, w, xs[0])  # (f's values, named as in js.trace(f))
     allclose(g.value("shared_layer#1/pre"), jnp.cos(xs[0]) * 2)
+
+
+def _passing(fn):
+    """A user's decorator (``functools.wraps``) that calls the function as it is."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _module_calling(decorator):
+    class Decorated(eqx.Module):
+        w: jax.Array
+
+        @decorator
+        def __call__(self, x):
+            hid = jnp.tanh(self.w @ x)
+            return hid * 2
+
+    return Decorated(jnp.eye(3) * 0.5)
+
+
+def _by_jax(m, xs):
+    return jax.vmap(m)(xs)
+
+
+def _by_equinox(m, xs):
+    return eqx.filter_vmap(m)(xs)
+
+
+@pytest.mark.parametrize(
+    "decorator",
+    [eqx.filter_jit, jax.jit, lambda f: jax.jit(_passing(f)), jax.checkpoint],
+    ids=["filter_jit", "jit", "jit-over-decorator", "checkpoint"],
+)
+@pytest.mark.parametrize("batched", [_by_jax, _by_equinox], ids=["jax.vmap", "eqx.filter_vmap"])
+def test_a_module_with_a_jitted_or_checkpointed_call_under_vmap_names_inside_it(decorator, batched):
+    """``jax.vmap(m)`` / ``eqx.filter_vmap(m)`` of an Equinox module whose ``__call__``
+    is jitted (or checkpointed): the jit's function runs rewritten, as for ``m(x)``
+    (nothing inside was named)."""
+    m, xs = _module_calling(decorator), jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    g = js.trace(batched, m, xs)
+    hid = g.value("m/hid")  # (the whole batch, its axis where JAX's batching put it)
+    allclose(hid if hid.shape == xs.shape else hid.T, jnp.tanh(xs @ m.w.T))
+    allclose(js.trace(m, xs[0]).value("hid"), jnp.tanh(m.w @ xs[0]))
