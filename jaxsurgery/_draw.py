@@ -45,6 +45,7 @@ from ._hierarchy import (
     default_depth,
     expanded_to,
     hierarchy,
+    min_width_apart,
     touching,
     visible,
 )
@@ -240,10 +241,12 @@ def to_dot(
         "digraph jaxsurgery {",
         '  rankdir=TB; node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
     ]
+    # labels cut alike where two would read the same (a block index lost)
+    width = min_width_apart([n.label for n in nodes], LABEL_WIDTH)
     for n in nodes:
         fill, stroke, dashed = STYLES[n.role]
         style = '"rounded,filled,dashed"' if dashed else '"rounded,filled"'
-        label = f"{_dot_escape(clip_keys(n.label, LABEL_WIDTH))}\\n{_dot_escape(n.detail)}"
+        label = f"{_dot_escape(clip_keys(n.label, width))}\\n{_dot_escape(n.detail)}"
         extra = ", penwidth=2, peripheries=2" if n.group else ""
         lines.append(
             f'  {n.key} [label="{label}", tooltip="{_dot_escape(n.title)}", '

@@ -50,7 +50,7 @@ from __future__ import annotations
 import collections
 import re
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -248,6 +248,33 @@ def clip_keys(text: str, width: int) -> str:
 
 #: the parts of a name: a head, pytree keys (``['w']``, ``[0]``, ``.attr``), ``/part``
 _KEYS = re.compile(r"\[(?:'[^']*'|\"[^\"]*\"|[^\]]*)\]|\.[^./\[]+|/[^/\[]+|^[^./\[]+")
+
+
+def min_width_apart(
+    texts: Sequence[str],
+    width: int,
+    cut: Callable[[str, int], str] = lambda text, width: clip_keys(text, width),
+    key: Callable[[str], str] = lambda text: text,
+) -> int:
+    """The least width from ``width`` up at which texts that differ (by ``key``) stay
+    apart once ``cut`` (``params['block_0']…['bias']`` and ``…['block_1']…`` alike
+    would need more than that): at most the longest text, which nothing cuts.
+
+    Example:
+        >>> names = ["params['block_0']['attn']['query']['b']", "params['block_0']['mlp']['query']['b']"]
+        >>> [clip_keys(n, 26) for n in names]  # alike
+        ["params['block_0']…['b']", "params['block_0']…['b']"]
+        >>> width = min_width_apart(names, 26)
+        >>> [clip_keys(n, width) for n in names]  # apart
+        ["params['block_0']…['query']['b']", "params['block_0']['mlp']['query']['b']"]
+    """
+    longest = max((len(t) for t in texts), default=width)
+    while width < longest:
+        seen: dict[str, str] = {}
+        if all(seen.setdefault(cut(t, width), key(t)) == key(t) for t in texts):
+            break
+        width = min(width + 4, longest)
+    return width
 
 
 def clip_left(text: str, width: int) -> str:

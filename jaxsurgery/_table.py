@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ._errors import short_list
-from ._hierarchy import clip_keys
+from ._hierarchy import clip_keys, min_width_apart
 from ._names import is_generated
 
 if TYPE_CHECKING:
@@ -137,11 +137,21 @@ def var_table(vars_: Sequence[Var], title: str) -> str:
     ]
     keep = [c for c in range(len(COLUMNS)) if any(r[c] for r in rows[1:])] or [0]
     widths = {c: min(40, max(len(r[c]) for r in rows)) for c in keep}
+    if 1 in widths:  # wider where two names cut would read the same
+        names = [r[1] for r in rows[1:]]
+        widths[1] = min_width_apart(
+            names, widths[1], lambda t, w: _clip_name(t, w).split(" (", 1)[0], _head
+        )
     lines = [title]
     for r in rows:
         cells = [(_clip_name if c == 1 else clip)(r[c], widths[c]).ljust(widths[c]) for c in keep]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _head(text: str) -> str:
+    """The name of a name cell (``name (aliases)``)."""
+    return text.split(" (", 1)[0]
 
 
 def _clip_name(text: str, width: int) -> str:

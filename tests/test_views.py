@@ -2,6 +2,7 @@
 
 import html.parser
 import pathlib
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -99,6 +100,8 @@ def test_long_names_are_cut_between_keys_so_that_rows_and_boxes_stay_apart():
     dot = g.to_dot(depth=1)
     labels = [label for k in range(3) for label in (f"params['block_{k}']…['bias']",)]
     assert all(label in dot for label in labels), dot
+    boxes = [b for b in re.findall(r'label="([^"\\]*)', dot) if "params" in b or "…" in b]
+    assert len(boxes) == len(set(boxes)) == 6, boxes  # the kernels apart too
 
 
 def test_long_html_table_is_one_filterable_table():
