@@ -23,7 +23,6 @@ import jax
 import numpy as np
 
 from . import _compat as C
-from . import _decide
 from ._control_flow import (
     BRANCH_PRIMITIVES,
     LOOP_PRIMITIVES,
@@ -712,10 +711,8 @@ class _Inliner(ControlFlow):
             self.after_loop = True  # a loop kept whole (folded): not run at trace time
             return None
         if needed:
-            eqns = [self.eqns[k] for k in sorted(needed)]
             with jax.ensure_compile_time_eval():
-                if not _decide.evaluate(eqns, env):  # compiled where it decides alike
-                    eval_equations(eqns, env)
+                eval_equations([self.eqns[k] for k in sorted(needed)], env)
         return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
 
     def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:

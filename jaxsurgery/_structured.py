@@ -806,8 +806,7 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
 
     Op by op, as an eager call of the function runs them: compiled whole, XLA rewrites
     ``a / exp(b)`` as ``a * exp(-b)``, and a cond decided at its threshold took another
-    branch than the function and the graph's own values (see :mod:`jaxsurgery._decide`
-    for where compiled decides as op by op would).
+    branch than the function and the graph's own values.
     """
     inside = {v for e in eqns for v in e.outvars}
     ins = list(
