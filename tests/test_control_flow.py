@@ -606,3 +606,26 @@ def test_a_cond_at_its_threshold_takes_the_branch_an_eager_call_takes():
     g = js.trace(f, *args)
     allclose(g.value("out"), f(*args))
     allclose(g.as_function()(*args), f(*args))
+
+
+def test_a_second_cond_one_ulp_from_its_threshold_takes_the_eager_branch():
+    """A compiled evaluation of what decided a first cond (reverted) kept its values,
+    and a second cond one ulp from its threshold read them: the graph inlined the
+    other branch than an eager call takes (XLA's tanh differs by an ulp)."""
+
+    def act(x):
+        return jnp.tanh(x * 3.3 + 0.1)
+
+    def f(x, t):
+        y = act(x)
+        a = jax.lax.cond(jnp.sum(y) > -1e3, lambda v: v * 2.0, lambda v: v * 3.0, y)
+        return jax.lax.cond(y[0] > t, lambda a: a + 100.0, lambda a: a - 100.0, a)
+
+    xs = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, 4000), jnp.float32)
+    eager, compiled = np.asarray(act(xs)), np.asarray(jax.jit(act)(xs))
+    apart = np.where(compiled > eager)[0]  # compiled says above, eager not
+    i = int(apart[0]) if len(apart) else 0  # (where they agree everywhere, any point)
+    x, t = xs[i : i + 4], jnp.float32(eager[i])
+    g = js.trace(f, x, t)
+    allclose(g.value("out"), f(x, t))
+    allclose(g.as_function()(x, t), f(x, t))
