@@ -651,3 +651,33 @@ def test_an_equinox_step_returning_the_updated_model_runs_as_a_function():
         allclose(value, ref_value)
         allclose(eqx.filter(model, eqx.is_array), eqx.filter(ref_model, eqx.is_array))
         allclose(state, ref_state)
+
+
+@jax.custom_jvp
+def loud(x):
+    w = jnp.sin(x)
+    jax.debug.print("loud body")
+    return w * 2.0
+
+
+@loud.defjvp
+def _loud_jvp(primals, tangents):
+    return loud(primals[0]), 4.0 * tangents[0]
+
+
+def test_a_perturbation_inside_a_custom_call_with_effects_runs_them_once(capsys):
+    """A perturbed custom call runs its rule and its body apart; a body with effects
+    (a debug print, a callback) printed two or three times: it runs once, inline (its
+    rule bypassed, as the warning says)."""
+
+    def f(x):
+        return jnp.sum(loud(x) ** 2)
+
+    x = jnp.array([0.3, -0.7, 1.1])
+    g = js.trace(f, x)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="bypasses"):
+        grads = g.grads("out", ["loud/w"])
+    jax.effects_barrier()
+    assert capsys.readouterr().out.count("loud body") == 1
+    allclose(grads["loud/w"], 8.0 * jnp.sin(x))
