@@ -126,6 +126,8 @@ class Recorder:
         self._scoped_frames: set[int] = set()
         #: why user functions called while tracing could not be rewritten (no source)
         self.unrewritten: list[str] = []
+        #: frames a loop's body runs in (a scan's, a while_loop's)
+        self.loop_frames: set[int] = set()
         #: ``(frame, name, array)`` of names bound to concrete arrays (a global weight,
         #: a numpy mask): named where the traced jaxpr holds them as constants
         self.constants: list[tuple[int, str, Any]] = []
@@ -439,6 +441,9 @@ class Recorder:
             for f, _, atom in self.returns
         ]
         own_t, back_t, constants = self._in_templates(program, scope)
+        in_loop = self._in_loop_frames()
+        for records, flat, looped in ((self.bindings, own, own_t), (self.returns, back, back_t)):
+            _split_by_loops(records, flat, looped, in_loop)
         for records, found_per in ((self.bindings, own), (self.returns, back)):
             _share_tokens(records, found_per)
         for records, found_per in ((self.bindings, own_t), (self.returns, back_t)):
@@ -573,6 +578,13 @@ class Recorder:
         )
         return flat, [t[1:] for t in (*bound, *returned)]
 
+    def _in_loop_frames(self) -> list[bool]:
+        """Per frame, whether it runs inside a loop's body (its own or a frame above)."""
+        inside: list[bool] = []
+        for f, (_, parent) in enumerate(self.frames):
+            inside.append(f in self.loop_frames or (parent >= 0 and inside[parent]))
+        return inside
+
     def _in_templates(
         self, program: Any, outer: list[_Scope | None]
     ) -> tuple[list, list, set[int]]:
@@ -620,6 +632,32 @@ class Recorder:
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
         return value
+
+
+def _split_by_loops(
+    records: list[tuple[int, str, Any]],
+    flat: list[list[Any]],
+    looped: list[list[Any]],
+    in_loop: list[bool],
+) -> None:
+    """A token reported both by frames inside a folded loop's body and by frames
+    outside (a jitted layer called in a scan's body and after it, under a transform):
+    the frames inside take its copies in the loop's body, the others those outside
+    (in place). Each frame found both, and an outside call's name went to the body's
+    value (and the other way round)."""
+    claims: dict[str, list[int]] = {}
+    for i, (_, _, atom) in enumerate(records):
+        if type(atom) is str:
+            claims.setdefault(atom, []).append(i)
+    for who in claims.values():
+        sides = {in_loop[records[i][0]] for i in who if records[i][0] >= 0}
+        if len(sides) < 2 or not any(looped[i] for i in who) or not any(flat[i] for i in who):
+            continue
+        for i in who:
+            if records[i][0] >= 0 and in_loop[records[i][0]]:
+                flat[i] = []
+            else:
+                looped[i] = []
 
 
 def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]]) -> None:
@@ -922,7 +960,7 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
         return functools.partial(target.call, label)
     target = fn if target is None else target
     if target is _CONTROL_FLOW:
-        return _with_named_bodies(fn, _control_flow_bodies()[id(fn)])
+        return _with_named_bodies(fn, _control_flow_bodies()[id(fn)], id(fn) in _loops())
     if target is _TRANSFORM:
         if isinstance(fn, functools.partial):  # functools.partial(jax.grad, has_aux=True)
             transform = _with_rewritten_function(fn.func, *_transform(fn.func))
@@ -1381,13 +1419,17 @@ def _transforming(fn: Any) -> Any:
     return run
 
 
-def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...]) -> Any:
-    """``fn`` (a lax loop or conditional) with its function arguments run in frames."""
+def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: bool = False) -> Any:
+    """``fn`` (a lax loop or conditional) with its function arguments run in frames;
+    ``loop``: the frames are a loop's body (:attr:`Recorder.loop_frames`)."""
 
     def frame(body: Any) -> Any:
         if isinstance(body, (list, tuple)):  # switch's branches
             return type(body)(frame(b) for b in body)
-        return _call(None, body) if callable(body) else body
+        if not callable(body):
+            return body
+        framed = _call(None, body)
+        return _in_loop(framed) if loop else framed
 
     def run(*args: Any, **kwargs: Any) -> Any:
         args = list(args)
@@ -1399,6 +1441,33 @@ def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...]) -> Any:
         return fn(*args, **kwargs)
 
     return run
+
+
+def _in_loop(body: Any) -> Any:
+    """``body``, a loop's, noting the frame it runs in as a loop body's."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        recorder = _current()
+        first = len(recorder.frames) if recorder is not None else 0
+        out = body(*args, **kwargs)
+        if recorder is not None and len(recorder.frames) > first:
+            recorder.loop_frames.add(first)
+        return out
+
+    return run
+
+
+@functools.cache
+def _loops() -> frozenset[int]:
+    """ids of the loop functions among :func:`_control_flow_bodies`' (lax's, Haiku's,
+    Flax NNX's ``scan``, ``map``, ``fori_loop``, ``while_loop``)."""
+    found = {id(getattr(jax.lax, n)) for n in ("scan", "map", "fori_loop", "while_loop")}
+    for module in ("haiku", "flax.nnx"):
+        lib = sys.modules.get(module)
+        for n in ("scan", "map", "fori_loop", "while_loop"):
+            if getattr(lib, n, None) is not None:
+                found.add(id(getattr(lib, n)))
+    return frozenset(found)
 
 
 _SKIP_MODULES = ("jax", "jaxlib", "numpy", "jaxsurgery", "builtins", "functools", "operator")

@@ -1303,3 +1303,31 @@ def test_a_module_with_a_jitted_or_checkpointed_call_under_vmap_names_inside_it(
     hid = g.value("m/hid")  # (the whole batch, its axis where JAX's batching put it)
     allclose(hid if hid.shape == xs.shape else hid.T, jnp.tanh(xs @ m.w.T))
     allclose(js.trace(m, xs[0]).value("hid"), jnp.tanh(m.w @ xs[0]))
+
+
+def test_a_jitted_layer_called_in_a_scan_and_after_it_under_vmap_names_each_call():
+    """Under a transform a jitted layer's names are tokens in its jaxpr, which the
+    scan's body and the call after the scan both hold: the scan's ``pre@t`` named the
+    call after it (``model/step/layer/pre`` was ``model/layer/pre``)."""
+
+    def model(xb, w):
+        def step(h, t):
+            v = shared_layer(h @ w + t)
+            return v, v
+
+        h, _ = jax.lax.scan(step, xb, jnp.arange(3.0))
+        return shared_layer(h * 10.0)
+
+    w = jnp.eye(3) * 0.7 + 0.1
+    xbs = jnp.array([[0.5, -0.1, 0.2], [0.3, 0.3, -0.9]])
+    for transformed in (
+        lambda xbs, w: jax.vmap(model, in_axes=(0, None))(xbs, w),
+        lambda xbs, w: jax.grad(lambda w: model(xbs[0], w).sum())(w),
+    ):
+        g = js.trace(transformed, xbs, w)
+        h = xbs if g["model/shared_layer/pre"].ndim == 2 else xbs[0]
+        for t in range(3):
+            pre = h @ w + t
+            allclose(g.value(f"model/step/shared_layer/pre@{t}"), jnp.cos(pre) * 2)
+            h = jnp.tanh(jnp.cos(pre) * 2)
+        allclose(g.value("model/shared_layer/pre"), jnp.cos(h * 10.0) * 2)
