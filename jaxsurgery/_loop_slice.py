@@ -179,6 +179,45 @@ class LoopSlice(Slice):
         s._decisions = (hit,) * len(guards)
         return s
 
+    def shown_roles(self) -> tuple[tuple[Var, ...], tuple[Var, ...]]:
+        """``(window, context)`` vars of the flat index a picture or table shows: the
+        equations between the inputs and the outputs, a folded loop counted as one
+        equation (its results are not the window where the loop holds an output), and
+        what they read besides. Its own program has no flat equations to name them."""
+        graph, program = self.graph, self.graph._program
+        n = len(program.vars)
+
+        def loop_eqn(v: Var) -> int | None:
+            return None if v.index < n else v._loop.flat_eqn if v._loop.flat_eqn >= 0 else None
+
+        starts = [v.index for v in self.in_vars if v.index < n]
+        ends = [v.index for v in self.out_vars if v.index < n]
+        out_loops = {e for v in self.out_vars if (e := loop_eqn(v)) is not None}
+        in_loops = {e for v in self.in_vars if (e := loop_eqn(v)) is not None}
+        for e in in_loops:
+            starts += program.eqn_out[e]
+        for e in out_loops:
+            ends += program.eqn_in[e]
+        below = program.ancestor_eqns(ends) | out_loops
+        window, stack = set(in_loops & below), list(starts)
+        seen = set(stack)
+        while stack:
+            for e in program.users[stack.pop()]:
+                if e in below and e not in window:
+                    window.add(e)
+                    for o in program.eqn_out[e]:
+                        if o not in seen:
+                            seen.add(o)
+                            stack.append(o)
+        ends_at = {v.index for v in (*self.in_vars, *self.out_vars)}
+        made = {o for e in window - out_loops for o in program.eqn_out[e]}
+        read = {i for e in window for i in program.eqn_in[e]}
+        as_var = graph._var
+        return (
+            tuple(as_var(i) for i in sorted(made - ends_at)),
+            tuple(as_var(i) for i in sorted(read - made - ends_at - set(starts))),
+        )
+
     def _path_message(self, what: str) -> str:
         return (
             f"{self!r} cuts inside a while_loop trip or a cond branch that these "

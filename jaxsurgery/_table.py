@@ -183,12 +183,9 @@ def slice_roles(s: object) -> dict[Var, str]:
     """Each var of slice ``s`` (inputs, window, outputs, context) with its role(s), in
     index order: ``"input"``, ``"window"``, ``"output"``, ``"context"`` or several
     (``"input, output"`` for an identity slice)."""
-    groups = {
-        "input": s.in_vars,
-        "window": s.window_vars,
-        "output": s.out_vars,
-        "context": s.context_vars,
-    }
+    shown = getattr(s, "shown_roles", None)  # a slice cut from a running loop
+    window, context = shown() if shown is not None else (s.window_vars, s.context_vars)
+    groups = {"input": s.in_vars, "window": window, "output": s.out_vars, "context": context}
     found: dict[Var, list[str]] = {}
     for role in ROLES:
         for v in groups[role]:

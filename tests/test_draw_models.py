@@ -282,3 +282,28 @@ def test_the_picture_of_a_training_step_keeps_the_model_and_its_backward_pass_as
     labels, _ = dot_graph(g.to_dot())
     assert {"MLP", "grad(MLP)"} <= set(labels.values()), sorted(labels.values())
     assert len(labels) <= MAX_CHILDREN
+
+
+def test_a_slice_cut_from_a_running_loop_shows_its_window_and_context():
+    """A slice to or from a folded loop's value is cut from the running program: its
+    picture showed its two ends only, every value it computes or reads faded."""
+
+    def f(x, w):
+        a = jnp.sin(x) @ w
+        grown = a * 2.0
+
+        def step(c, _):
+            c2 = jnp.tanh(c @ w) + 0.1
+            return c2, c2 * 2
+
+        c, ys = jax.lax.scan(step, grown, None, length=5)
+        e = ys.sum(0) + c * 3.0
+        return e.sum()
+
+    g = js.trace(f, jnp.ones((2, 3)), jnp.eye(3) * 0.5)
+    into = {g[i].name: r for i, r in roles(g, g.slice("x", "step/c2@4")).items()}
+    assert into["a"] == into["grown"] == "window" and into["w"] == "context"
+    assert into["c"] == into["ys"] == "output"  # the loop holds the output
+    out_of = {g[i].name: r for i, r in roles(g, g.slice("step/c2@1", "e")).items()}
+    assert out_of["c"] == out_of["ys"] == "window" and out_of["e"] == "output"
+    assert "x" not in out_of and out_of["w"] == "context"
