@@ -100,7 +100,9 @@ def roles(graph: Graph, highlight: Any) -> dict[int, str]:
 
     found = _flat_roles(graph, highlight)
     n = len(graph._program.vars)
-    own = {i for i in found if i < n}  # a flat var's own role stays (a slice's output)
+    # a flat var's own role stays (a slice's output), the window's aside: a loop holding
+    # the input is drawn as it, though the slice computes its results
+    own = {i for i, r in found.items() if i < n and r != "window"}
     pushed: dict[int, str] = {}
     for i in [i for i in found if i >= n]:
         role = found.pop(i)

@@ -210,7 +210,12 @@ class LoopSlice(Slice):
                             seen.add(o)
                             stack.append(o)
         ends_at = {v.index for v in (*self.in_vars, *self.out_vars)}
-        made = {o for e in window - out_loops for o in program.eqn_out[e]}
+        made = {  # (a loop's result no window equation reads is none of the slice's)
+            o
+            for e in window - out_loops
+            for o in program.eqn_out[e]
+            if e not in in_loops or o in ends_at or window.intersection(program.users[o])
+        }
         read = {i for e in window for i in program.eqn_in[e]}
         as_var = graph._var
         return (
