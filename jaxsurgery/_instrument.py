@@ -178,8 +178,9 @@ class Recorder:
         for value, var in zip(closed.consts, closed.jaxpr.constvars):
             held.setdefault(id(value), []).append(var)
             base = getattr(value, "base", None)
-            if isinstance(base, np.ndarray) and base is not value:
+            while isinstance(base, np.ndarray):  # a view's constant holds what it views
                 held.setdefault(id(base), []).append(var)
+                base = base.base
         for frame, name, value in self.constants:
             found = held.get(id(value), [])
             # one constant holding it: every use reads that one (an alias's semantics);
@@ -673,6 +674,9 @@ def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]
         if type(atom) is str:
             claims.setdefault(atom, []).append(i)
     for who in claims.values():
+        who = [i for i in who if found_per[i]]  # (none here: a loop's, _split_by_loops)
+        if len(who) < 2:
+            continue
         # a frame placed in its call's equation (a call the transform kept as it is)
         # holds its copies alone; the frames of calls the transform remade (a batched
         # call: no equation of its own to place them by) share the rest
@@ -1457,16 +1461,22 @@ def _in_loop(body: Any) -> Any:
     return run
 
 
-@functools.cache
 def _loops() -> frozenset[int]:
     """ids of the loop functions among :func:`_control_flow_bodies`' (lax's, Haiku's,
     Flax NNX's ``scan``, ``map``, ``fori_loop``, ``while_loop``)."""
-    found = {id(getattr(jax.lax, n)) for n in ("scan", "map", "fori_loop", "while_loop")}
-    for module in ("haiku", "flax.nnx"):
-        lib = sys.modules.get(module)
-        for n in ("scan", "map", "fori_loop", "while_loop"):
-            if getattr(lib, n, None) is not None:
-                found.add(id(getattr(lib, n)))
+    return _loops_of(*(name in sys.modules for name in _LOOP_LIBRARIES))
+
+
+_LOOP_LIBRARIES = ("haiku", "flax.nnx")
+
+
+@functools.cache
+def _loops_of(*loaded: bool) -> frozenset[int]:
+    names = ("scan", "map", "fori_loop", "while_loop")
+    found = {id(getattr(jax.lax, n)) for n in names}
+    for module, here in zip(_LOOP_LIBRARIES, loaded):
+        lib = sys.modules.get(module) if here else None
+        found.update(id(getattr(lib, n)) for n in names if getattr(lib, n, None) is not None)
     return frozenset(found)
 
 

@@ -430,11 +430,15 @@ class _Interpreter:
         values are needed (no results: what runs after the last edit is left out)."""
         name = eqn.primitive.name
         if name in C.CALL_PRIMITIVES:
-            if (
-                name in C.CUSTOM_RULE_PRIMITIVES
-                and not eqn.effects  # (it runs twice or three times: a print would too)
-                and all(p.edit.perturbation for p in pending if p.edit.kind == "apply")
+            if name in C.CUSTOM_RULE_PRIMITIVES and all(
+                p.edit.perturbation for p in pending if p.edit.kind == "apply"
             ):
+                if eqn.effects:  # (inline, the rule would go for every gradient)
+                    self.notes.append(
+                        f"the {name} call {C.call_name(eqn)!r} has effects (a print, a "
+                        "callback) and runs more than once here: once with its rule, "
+                        "once for what is perturbed or read inside it"
+                    )
                 return self._perturbed_call(eqn, invals, pending, exposed)
             if name in C.CUSTOM_RULE_PRIMITIVES:
                 self.notes.append(

@@ -415,6 +415,11 @@ def _jit_statics(
             fn = fn.__wrapped__
         elif isinstance(fn, types.FunctionType) and hasattr(fn, "__wrapped__"):
             fn = fn.__wrapped__  # a decorator's wrapper (functools.wraps) around a jit
+        elif not isinstance(fn, (type, types.FunctionType)) and is_jit(
+            getattr(type(fn), "__call__", None)  # noqa: B004
+        ):  # an object whose __call__ is jitted: as its bound method (self first)
+            shift += 1
+            fn = type(fn).__call__  # noqa: B004
         else:
             break
     return tuple(nums), tuple(names)

@@ -592,3 +592,22 @@ def test_a_captured_array_held_as_several_constants_is_not_named_on_the_wrong_on
     g = js.trace(jax.grad(f), x)
     assert not [n for n in g.names() if n.endswith(("/w", "/u"))]
     allclose(g.value("out"), jax.grad(f)(x))
+
+
+MASK = np.array([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]], np.float32)
+
+
+def test_a_name_on_a_numpy_array_whose_view_is_another_constant_is_left_off():
+    """``m = MASK`` then ``m[0]``: the view is a constant of its own, and the name went
+    to another use's constant (the slice from ``m`` differentiated the wrong use)."""
+
+    def helper(y):
+        return jnp.sin(MASK @ y)
+
+    def f(x):
+        m = MASK
+        y = x * m[0]
+        return helper(y).sum()
+
+    g = js.trace(f, jnp.array([0.3, -0.2, 0.5]))
+    assert "m" not in g.names()

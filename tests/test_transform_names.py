@@ -1331,3 +1331,47 @@ def test_a_jitted_layer_called_in_a_scan_and_after_it_under_vmap_names_each_call
             allclose(g.value(f"model/step/shared_layer/pre@{t}"), jnp.cos(pre) * 2)
             h = jnp.tanh(jnp.cos(pre) * 2)
         allclose(g.value("model/shared_layer/pre"), jnp.cos(h * 10.0) * 2)
+
+
+def test_a_jitted_layer_before_in_and_after_a_scan_under_vmap_names_each_call():
+    """The two calls outside the loop both took both copies of the token (ambiguous
+    names, and lay#0/pre#1 was the last call's value)."""
+
+    def model(x):
+        h0 = shared_layer(x * 0.5)
+
+        def step(h, t):
+            v = shared_layer(h + t)
+            return v, v
+
+        h, _ = jax.lax.scan(step, h0, jnp.arange(3.0))
+        return shared_layer(h * 10.0)
+
+    xs = jnp.array([[0.5, -0.1, 0.2], [0.3, 0.3, -0.9]])
+    g = js.trace(jax.vmap(model), xs)
+    allclose(g.value("shared_layer#0/pre"), jnp.cos(xs * 0.5) * 2)
+    h = jnp.tanh(jnp.cos(xs * 0.5) * 2)
+    for t in range(3):
+        allclose(g.value(f"step/shared_layer/pre@{t}"), jnp.cos(h + t) * 2)
+        h = jnp.tanh(jnp.cos(h + t) * 2)
+    allclose(g.value("shared_layer#1/pre"), jnp.cos(h * 10.0) * 2)
+
+
+class _StaticCall:
+    def __init__(self, w):
+        self.w = w
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def __call__(self, x, n):
+        h = x
+        for _ in range(n):
+            h = jnp.tanh(self.w @ h)
+        return h
+
+
+def test_an_object_with_a_jitted_call_traced_itself_keeps_its_static_arguments():
+    p, x = _StaticCall(jnp.eye(3) * 0.5), jnp.ones(3)
+    g = js.trace(p, x, 3)
+    assert [v.name for v in g.inputs] == ["x"]
+    allclose(g.value("h#1"), jnp.tanh(0.5 * x))
+    allclose(g.value("out"), p(x, 3))
