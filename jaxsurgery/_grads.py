@@ -9,8 +9,9 @@ loops (a perturbation at ``h@t`` for many ``t`` is one stacked input of the scan
 A var inside a cond branch or a while trip exists only on that path: arguments
 that take another path raise a SliceError. A var inside a ``custom_jvp``/``custom_vjp``
 call is perturbed in the call's body, which gives its gradient, while the call keeps
-its rule for everything else (see ``_structured``'s perturbed calls); an output
-inside one runs the call's body in its place (the notes and ``g.grads`` say so).
+its rule for everything else, also for an output read inside it (see
+``_structured``'s perturbed calls; a call with effects then runs twice, as the notes
+and ``g.grads`` say).
 """
 
 from __future__ import annotations
@@ -25,16 +26,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, no_reverse_through_while, warn
-from ._structured import (
-    Edit,
-    Extra,
-    Row,
-    Site,
-    Step,
-    check_hits,
-    iteration_run,
-    stack_rows,
-)
+from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -133,8 +125,8 @@ class GradsFunction:
 
     @property
     def bypassed(self) -> list[str]:
-        """The custom rules an output inside a custom call bypasses (known once the
-        function ran)."""
+        """What the run says of the custom calls it edits (one with effects running
+        twice), known once the function ran."""
         return list(self._structured.notes)
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
