@@ -1396,7 +1396,7 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         if reason and kind == _SAME:
             return transform(fun, *args, **kwargs)
         if reason:  # run as it is, but a derivative's call is not named after `fun`
-            inner, remade = fun, transform(fun, *args, **kwargs)
+            remade = transform(fun, *args, **kwargs)
             return _Framed(remade, fun, False, True, C.policy_saves_names(kwargs.get("policy")))
         of = fun.of if isinstance(fun, _Framed) else fun
         while isinstance(of, functools.partial):
