@@ -126,8 +126,10 @@ class Recorder:
         self._scoped_frames: set[int] = set()
         #: why user functions called while tracing could not be rewritten (no source)
         self.unrewritten: list[str] = []
-        #: frames a loop's body runs in (a scan's, a while_loop's)
-        self.loop_frames: set[int] = set()
+        #: frames a loop's body runs in, and whether the index keeps that loop whole
+        #: (a scan's: its values in the loop's template) or may unroll it (a
+        #: while_loop's: its values in the flat program, each trip's copy)
+        self.loop_frames: dict[int, bool] = {}
         #: ``(frame, name, array)`` of names bound to concrete arrays (a global weight,
         #: a numpy mask): named where the traced jaxpr holds them as constants
         self.constants: list[tuple[int, str, Any]] = []
@@ -409,11 +411,13 @@ class Recorder:
             tuple(self.sites[f0:]),
             tuple((f - frame, name, atom) for f, name, atom in self.bindings[b0:]),
             tuple((f - frame, path, atom) for f, path, atom in self.returns[r0:]),
+            tuple(sorted((f - f0, kept) for f, kept in self.loop_frames.items() if f >= f0)),
         )
 
     def _replay(self, frame: int, rec: _Recording) -> None:
         """Report again, for ``frame``, what another call of the same jaxpr reported."""
         if rec.frames:
+            self.loop_frames.update((len(self.frames) + k, kept) for k, kept in rec.loops)
             self.frames += [(label, frame + parent) for label, parent in rec.frames]
             self.callees += [None] * len(rec.frames)  # only a running frame's is read
             self.sites += rec.sites
@@ -579,11 +583,14 @@ class Recorder:
         )
         return flat, [t[1:] for t in (*bound, *returned)]
 
-    def _in_loop_frames(self) -> list[bool]:
-        """Per frame, whether it runs inside a loop's body (its own or a frame above)."""
-        inside: list[bool] = []
+    def _in_loop_frames(self) -> list[bool | None]:
+        """Per frame, whether it runs inside a loop's body (its own or a frame above):
+        True in a loop the index keeps whole, False in one it may unroll, None
+        outside loops (the innermost loop decides)."""
+        inside: list[bool | None] = []
         for f, (_, parent) in enumerate(self.frames):
-            inside.append(f in self.loop_frames or (parent >= 0 and inside[parent]))
+            kept = self.loop_frames.get(f)
+            inside.append(kept if kept is not None else inside[parent] if parent >= 0 else None)
         return inside
 
     def _in_templates(
@@ -639,26 +646,31 @@ def _split_by_loops(
     records: list[tuple[int, str, Any]],
     flat: list[list[Any]],
     looped: list[list[Any]],
-    in_loop: list[bool],
+    in_loop: list[bool | None],
 ) -> None:
-    """A token reported both by frames inside a folded loop's body and by frames
-    outside (a jitted layer called in a scan's body and after it, under a transform):
-    the frames inside take its copies in the loop's body, the others those outside
-    (in place). Each frame found both, and an outside call's name went to the body's
-    value (and the other way round)."""
+    """A token reported by frames inside loops' bodies and by frames outside (a jitted
+    layer called in a scan's body and after it, under a transform): each frame keeps
+    the copies of its kind, in place. The body of a loop the index keeps whole takes
+    the copies in loops' bodies (templates); the body of one it may unroll (a
+    while_loop), the flat copies of an iteration; a frame outside loops, the flat
+    copies of none. Each frame found all, and an outside call's name went to the
+    body's value (and the other way round)."""
     claims: dict[str, list[int]] = {}
     for i, (_, _, atom) in enumerate(records):
         if type(atom) is str:
             claims.setdefault(atom, []).append(i)
     for who in claims.values():
-        sides = {in_loop[records[i][0]] for i in who if records[i][0] >= 0}
-        if len(sides) < 2 or not any(looped[i] for i in who) or not any(flat[i] for i in who):
+        kinds = {in_loop[records[i][0]] if records[i][0] >= 0 else None for i in who}
+        if len(kinds) < 2:
             continue
         for i in who:
-            if records[i][0] >= 0 and in_loop[records[i][0]]:
+            kind = in_loop[records[i][0]] if records[i][0] >= 0 else None
+            if kind is True:
                 flat[i] = []
             else:
-                looped[i] = []
+                flat[i] = [c for c in flat[i] if bool(c[1]) == (kind is False)]
+                if kind is None:
+                    looped[i] = []
 
 
 def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]]) -> None:
@@ -681,21 +693,23 @@ def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]
         # holds its copies alone; the frames of calls the transform remade (a batched
         # call: no equation of its own to place them by) share the rest
         every = set().union(*(found_per[i] for i in who))
-        placed = {c for i in who if set(found_per[i]) < every for c in found_per[i]}
-        if placed:
+        if any(set(found_per[i]) == every for i in who):
+            placed = {c for i in who if set(found_per[i]) < every for c in found_per[i]}
             for i in who:
                 if set(found_per[i]) == every:
                     found_per[i] = [c for c in found_per[i] if c not in placed]
-            who = [i for i in who if not set(found_per[i]) <= placed or not found_per[i]]
-        if not who:
-            continue
-        found = found_per[who[0]]
-        k = len(who)
-        if k < 2 or not found or len(found) % k or any(found_per[i] != found for i in who):
-            continue
-        n = len(found) // k
-        for j, i in enumerate(who):
-            found_per[i] = found[j * n : (j + 1) * n]
+        # the frames that found the same copies (the calls of one kind: outside loops,
+        # in one loop's body...) share them, the k-th taking the k-th run
+        groups: dict[tuple, list[int]] = {}
+        for i in who:
+            groups.setdefault(tuple(found_per[i]), []).append(i)
+        for found, members in groups.items():
+            k = len(members)
+            if k < 2 or not found or len(found) % k:
+                continue
+            n = len(found) // k
+            for j, i in enumerate(members):
+                found_per[i] = list(found[j * n : (j + 1) * n])
 
 
 class _Recording(NamedTuple):
@@ -707,6 +721,9 @@ class _Recording(NamedTuple):
     sites: tuple[tuple[Any, ...] | None, ...]
     bindings: tuple[tuple[int, str, Any], ...]
     returns: tuple[tuple[int, str, Any], ...]
+    #: which of its frames are a loop's body (positions in ``frames``), each with
+    #: whether the index keeps that loop whole (see ``Recorder.loop_frames``)
+    loops: tuple[tuple[int, bool], ...] = ()
 
 
 def _types_key(inputs: Any) -> Any:
@@ -964,7 +981,7 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
         return functools.partial(target.call, label)
     target = fn if target is None else target
     if target is _CONTROL_FLOW:
-        return _with_named_bodies(fn, _control_flow_bodies()[id(fn)], id(fn) in _loops())
+        return _with_named_bodies(fn, _control_flow_bodies()[id(fn)], _loops().get(id(fn), ""))
     if target is _TRANSFORM:
         if isinstance(fn, functools.partial):  # functools.partial(jax.grad, has_aux=True)
             transform = _with_rewritten_function(fn.func, *_transform(fn.func))
@@ -1423,9 +1440,10 @@ def _transforming(fn: Any) -> Any:
     return run
 
 
-def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: bool = False) -> Any:
+def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: str = "") -> Any:
     """``fn`` (a lax loop or conditional) with its function arguments run in frames;
-    ``loop``: the frames are a loop's body (:attr:`Recorder.loop_frames`)."""
+    ``loop`` (``"scan"``, ``"fori_loop"``, ``"while_loop"``): the frames are a loop's
+    body, noted (:attr:`Recorder.loop_frames`) with whether the index keeps it whole."""
 
     def frame(body: Any) -> Any:
         if isinstance(body, (list, tuple)):  # switch's branches
@@ -1433,9 +1451,15 @@ def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: bool 
         if not callable(body):
             return body
         framed = _call(None, body)
-        return _in_loop(framed) if loop else framed
+        return _in_loop(framed, folded) if loop else framed
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal folded
+        # (a loop the index keeps whole: a scan, also a fori_loop of static bounds; a
+        # while_loop may be unrolled, its values then in the flat program)
+        folded = loop == "scan" or (
+            loop == "fori_loop" and all(isinstance(a, int) for a in args[:2])
+        )
         args = list(args)
         for pos, name in bodies:
             if pos < len(args):
@@ -1444,40 +1468,45 @@ def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: bool 
                 kwargs[name] = frame(kwargs[name])
         return fn(*args, **kwargs)
 
+    folded = False
+
     return run
 
 
-def _in_loop(body: Any) -> Any:
-    """``body``, a loop's, noting the frame it runs in as a loop body's."""
+def _in_loop(body: Any, kept: bool) -> Any:
+    """``body``, a loop's, noting the frame it runs in as a loop body's (``kept``: of a
+    loop the index keeps whole)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         recorder = _current()
         first = len(recorder.frames) if recorder is not None else 0
         out = body(*args, **kwargs)
         if recorder is not None and len(recorder.frames) > first:
-            recorder.loop_frames.add(first)
+            recorder.loop_frames[first] = kept
         return out
 
     return run
 
 
-def _loops() -> frozenset[int]:
-    """ids of the loop functions among :func:`_control_flow_bodies`' (lax's, Haiku's,
-    Flax NNX's ``scan``, ``map``, ``fori_loop``, ``while_loop``)."""
+def _loops() -> dict[int, str]:
+    """The loop functions among :func:`_control_flow_bodies`' (lax's, Haiku's, Flax
+    NNX's), by id: ``"scan"`` (``scan``, ``map``), ``"fori_loop"``, ``"while_loop"``."""
     return _loops_of(*(name in sys.modules for name in _LOOP_LIBRARIES))
 
 
 _LOOP_LIBRARIES = ("haiku", "flax.nnx")
+_LOOP_KINDS = {"scan": "scan", "map": "scan", "fori_loop": "fori_loop", "while_loop": "while_loop"}
 
 
 @functools.cache
-def _loops_of(*loaded: bool) -> frozenset[int]:
-    names = ("scan", "map", "fori_loop", "while_loop")
-    found = {id(getattr(jax.lax, n)) for n in names}
-    for module, here in zip(_LOOP_LIBRARIES, loaded):
-        lib = sys.modules.get(module) if here else None
-        found.update(id(getattr(lib, n)) for n in names if getattr(lib, n, None) is not None)
-    return frozenset(found)
+def _loops_of(*loaded: bool) -> dict[int, str]:
+    libs = [sys.modules.get(m) if here else None for m, here in zip(_LOOP_LIBRARIES, loaded)]
+    return {
+        id(getattr(lib, name)): kind
+        for lib in (jax.lax, *libs)
+        for name, kind in _LOOP_KINDS.items()
+        if getattr(lib, name, None) is not None
+    }
 
 
 _SKIP_MODULES = ("jax", "jaxlib", "numpy", "jaxsurgery", "builtins", "functools", "operator")

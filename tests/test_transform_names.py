@@ -1375,3 +1375,72 @@ def test_an_object_with_a_jitted_call_traced_itself_keeps_its_static_arguments()
     assert [v.name for v in g.inputs] == ["x"]
     allclose(g.value("h#1"), jnp.tanh(0.5 * x))
     allclose(g.value("out"), p(x, 3))
+
+
+def test_a_jitted_layer_in_an_unrolled_while_a_scan_and_around_them_under_vmap():
+    """A while_loop the index unrolls holds its trips' copies in the flat program, a
+    scan its body's in a template: body/lay/pre@0 named the scan's value, and the calls
+    outside took the while's trips."""
+
+    def model(x):
+        a = shared_layer(x)
+
+        def body(c):
+            i, h = c
+            return i + 1, shared_layer(h + 1.0)
+
+        _, h = jax.lax.while_loop(lambda c: c[0] < 2, body, (0, a))
+
+        def step(h, t):
+            return shared_layer(h * t), None
+
+        h, _ = jax.lax.scan(step, h, jnp.arange(1.0, 3.0))
+        return shared_layer(h - 1.0)
+
+    def by_hand(x):
+        pre = {"shared_layer#0/pre": jnp.cos(x) * 2}
+        h = jnp.tanh(pre["shared_layer#0/pre"])
+        for t in range(2):
+            pre[f"body/shared_layer/pre@{t}"] = jnp.cos(h + 1.0) * 2
+            h = jnp.tanh(pre[f"body/shared_layer/pre@{t}"])
+        for t in range(2):
+            pre[f"step/shared_layer/pre@{t}"] = jnp.cos(h * (t + 1.0)) * 2
+            h = jnp.tanh(pre[f"step/shared_layer/pre@{t}"])
+        pre["shared_layer#1/pre"] = jnp.cos(h - 1.0) * 2
+        return pre
+
+    xs = jnp.array([[0.5, -0.1, 0.2], [0.3, 0.3, -0.9]])
+    g = js.trace(jax.vmap(model), xs)
+    for name, value in jax.vmap(by_hand)(xs).items():
+        allclose(g.value(name), value)
+
+
+@jax.jit
+def _block_with_a_scan(x):
+    def st(h, t):
+        q = shared_layer(h + t)
+        return q, None
+
+    return jax.lax.scan(st, x, jnp.arange(2.0))[0]
+
+
+def test_a_jitted_block_holding_a_scan_served_from_the_cache_keeps_its_loop_names():
+    """A jit body's loop frames were not kept with its recording: once JAX served the
+    block from its cache, its scan's names and the calls around it were ambiguous."""
+
+    def model(x):
+        a = shared_layer(x)
+        return shared_layer(_block_with_a_scan(a))
+
+    def other(x):
+        return _block_with_a_scan(_block_with_a_scan(x) * 2.0)
+
+    xs = jnp.array([[0.5, -0.1, 0.2], [0.3, 0.3, -0.9]])
+    js.trace(jax.vmap(other), xs)  # (the block in JAX's cache)
+    g = js.trace(jax.vmap(model), xs)
+    allclose(g.value("shared_layer#0/pre"), jnp.cos(xs) * 2)
+    h = jnp.tanh(jnp.cos(xs) * 2)
+    for t in range(2):
+        allclose(g.value(f"_block_with_a_scan/st/shared_layer/pre@{t}"), jnp.cos(h + t) * 2)
+        h = jnp.tanh(jnp.cos(h + t) * 2)
+    allclose(g.value("shared_layer#1/pre"), jnp.cos(h) * 2)
