@@ -628,7 +628,33 @@ class Recorder:
                             constants.add(id(atom))
                         else:
                             found[i].append((k, ti, its))
+        self._in_own_loops(own, back)
         return own, back, constants
+
+    def _in_own_loops(self, own: list[list], back: list[list]) -> None:
+        """Keep a frame inside a kept loop's body to the copies in that loop's body
+        (in place): a jitted layer called in two scans' bodies has one jaxpr, a copy
+        in each body, and each call's frame found both (``s1/lay/pre#1@0`` was
+        s2's value). A body's loop is told by where the body's own values are."""
+        frames, kept = self.frames, self.loop_frames
+        home: dict[int, set[int]] = {}
+        for (f, _, atom), found in zip(self.bindings, own):
+            if kept.get(f) and type(atom) is not str:  # (a token is any call's)
+                home.setdefault(f, set()).update(k for k, _, _ in found)
+        if not home:
+            return
+        nearest: list[int] = []  # per frame: the innermost kept loop body holding it
+        for f, (_, parent) in enumerate(frames):
+            nearest.append(f if f in home else nearest[parent] if parent >= 0 else -1)
+        for records, found_per, frame_of in (
+            (self.bindings, own, lambda f: f),
+            (self.returns, back, lambda f: frames[f][1]),
+        ):
+            for i, (f, _, _) in enumerate(records):
+                at = frame_of(f)
+                loop = nearest[at] if at >= 0 else -1
+                if loop >= 0 and home[loop]:
+                    found_per[i] = [c for c in found_per[i] if c[0] in home[loop]]
 
     def leave(self, frame: int, value: Any) -> Any:
         """Close ``frame``, which returned ``value``; returns the value to return (see

@@ -903,3 +903,37 @@ def test_a_suggestion_for_a_value_of_nested_loops_keeps_the_inner_iteration():
     g = js.trace(f, jnp.ones(3))
     with pytest.raises(js.SelectionError, match="did you mean 'outer/inner/hid@1@2'"):
         g["outer/inner/hdi@1@2"]
+
+
+@jax.jit
+def _jitted_layer(x):
+    pre = jnp.cos(x) * 2
+    return jnp.tanh(pre)
+
+
+def test_a_jitted_layer_in_the_bodies_of_two_scans_names_each_scans_value():
+    """One jaxpr for the layer, a copy in each scan's body: each call's frame found
+    both (``s1/lay/pre#1@0`` was the second scan's value)."""
+
+    def model(x):
+        def s1(h, t):
+            v = _jitted_layer(h + t)
+            return v, v
+
+        def s2(h, t):
+            u = _jitted_layer(h * t)
+            return u, u
+
+        h, _ = jax.lax.scan(s1, x, jnp.arange(3.0))
+        h, _ = jax.lax.scan(s2, h, jnp.arange(1.0, 3.0))
+        return h
+
+    x = jnp.array([0.5, -0.1, 0.2])
+    g = js.trace(model, x)
+    h = x
+    for t in range(3):
+        allclose(g.value(f"s1/_jitted_layer/pre@{t}"), jnp.cos(h + t) * 2)
+        h = jnp.tanh(jnp.cos(h + t) * 2)
+    for t in range(2):
+        allclose(g.value(f"s2/_jitted_layer/pre@{t}"), jnp.cos(h * (t + 1.0)) * 2)
+        h = jnp.tanh(jnp.cos(h * (t + 1.0)) * 2)
