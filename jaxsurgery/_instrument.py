@@ -637,15 +637,19 @@ class Recorder:
         in each body, and each call's frame found both (``s1/lay/pre#1@0`` was
         s2's value). A body's loop is told by where the body's own values are."""
         frames, kept = self.frames, self.loop_frames
-        home: dict[int, set[int]] = {}
+        home: dict[int, set[int]] = {}  # the loops a body's own values are in
+        depth: dict[int, set[int]] = {}  # and how many inner iterations their copies have
         for (f, _, atom), found in zip(self.bindings, own):
             if kept.get(f) and type(atom) is not str:  # (a token is any call's)
                 home.setdefault(f, set()).update(k for k, _, _ in found)
+                depth.setdefault(f, set()).update(len(its) for _, _, its in found)
         if not home:
             return
         nearest: list[int] = []  # per frame: the innermost kept loop body holding it
+        innermost: list[int] = []  # and the innermost loop body of any kind
         for f, (_, parent) in enumerate(frames):
             nearest.append(f if f in home else nearest[parent] if parent >= 0 else -1)
+            innermost.append(f if f in kept else innermost[parent] if parent >= 0 else -1)
         for records, found_per, frame_of in (
             (self.bindings, own, lambda f: f),
             (self.returns, back, lambda f: frames[f][1]),
@@ -653,8 +657,18 @@ class Recorder:
             for i, (f, _, _) in enumerate(records):
                 at = frame_of(f)
                 loop = nearest[at] if at >= 0 else -1
-                if loop >= 0 and home[loop]:
-                    found_per[i] = [c for c in found_per[i] if c[0] in home[loop]]
+                if loop < 0 or not home[loop]:
+                    continue
+                # in that body itself: copies as deep in inner iterations as its own; in
+                # a loop inside it (unrolled in the body; kept whole there: no copies),
+                # deeper ones
+                levels, inner = depth[loop], innermost[at] != loop
+                found_per[i] = [
+                    c
+                    for c in found_per[i]
+                    if c[0] in home[loop]
+                    and (len(c[2]) > max(levels) if inner else len(c[2]) in levels)
+                ]
 
     def leave(self, frame: int, value: Any) -> Any:
         """Close ``frame``, which returned ``value``; returns the value to return (see

@@ -937,3 +937,28 @@ def test_a_jitted_layer_in_the_bodies_of_two_scans_names_each_scans_value():
     for t in range(2):
         allclose(g.value(f"s2/_jitted_layer/pre@{t}"), jnp.cos(h * (t + 1.0)) * 2)
         h = jnp.tanh(jnp.cos(h * (t + 1.0)) * 2)
+
+
+def test_a_layer_in_a_while_loop_kept_whole_in_a_scans_body_is_not_named_by_a_later_call():
+    """The while_loop is one equation in the scan's body (its values unnamed, as the
+    notes say): its frame took the copy of the call after it (step/body/lay/pre@0 was
+    step/lay/pre@0's value)."""
+
+    def model(x):
+        def step(h, t):
+            def body(c):
+                i, q = c
+                return i + 1, _jitted_layer(q + t)
+
+            _, q = jax.lax.while_loop(lambda c: c[0] < 2, body, (0, h))
+            return _jitted_layer(q * 0.5), None
+
+        return jax.lax.scan(step, x, jnp.arange(1.0, 3.0))[0]
+
+    g = js.trace(model, jnp.array([0.5, -0.1, 0.2]))
+    with pytest.raises(js.SelectionError):
+        g["step/body/_jitted_layer/pre@0"]
+    q = jnp.array([0.5, -0.1, 0.2])
+    for _ in range(2):
+        q = jnp.tanh(jnp.cos(q + 1.0) * 2)
+    allclose(g.value("step/_jitted_layer/pre@0"), jnp.cos(q * 0.5) * 2)
