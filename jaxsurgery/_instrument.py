@@ -1641,6 +1641,8 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         and (_is_user_function(call.__wrapped__) or _wrapped_user_function(call.__wrapped__))
     ):  # a jitted __call__, traced (or transformed) itself: its function, as _unwrap's
         body, reason = rewritten(call.__wrapped__)
+        if isinstance(inspect.getattr_static(type(fn), "__call__"), staticmethod):
+            return body, reason
         return types.MethodType(body, fn), reason
     if not isinstance(fn, (types.FunctionType, types.MethodType)) and _is_user_function(call):
         body, reason = instrument(call)

@@ -418,7 +418,8 @@ def _jit_statics(
         elif not isinstance(fn, (type, types.FunctionType)) and is_jit(
             getattr(type(fn), "__call__", None)  # noqa: B004
         ):  # an object whose __call__ is jitted: as its bound method (self first)
-            shift += 1
+            static = isinstance(inspect.getattr_static(type(fn), "__call__"), staticmethod)
+            shift += 0 if static else 1
             fn = type(fn).__call__  # noqa: B004
         else:
             break
@@ -534,6 +535,10 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
     the signature is the same as long as its code, defaults and annotations are, and
     working it out again costs, cold, as much as the rest of a small trace's own work.
     """
+    if not isinstance(fn, (type, types.FunctionType, types.MethodType, functools.partial)):
+        call = inspect.getattr_static(type(fn), "__call__", None)
+        if isinstance(call, staticmethod):  # (inspect drops its first parameter as self's)
+            return inspect.signature(call.__func__)
     if type(fn) is not types.FunctionType or {"__signature__", "__wrapped__"} & fn.__dict__.keys():
         return inspect.signature(fn)
     parts = (

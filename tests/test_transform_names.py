@@ -1444,3 +1444,24 @@ def test_a_jitted_block_holding_a_scan_served_from_the_cache_keeps_its_loop_name
         allclose(g.value(f"_block_with_a_scan/st/shared_layer/pre@{t}"), jnp.cos(h + t) * 2)
         h = jnp.tanh(jnp.cos(h + t) * 2)
     allclose(g.value("shared_layer#1/pre"), jnp.cos(h) * 2)
+
+
+def _halving(x, n):
+    h = x
+    for _ in range(n):
+        h = jnp.tanh(h * 0.5)
+    return h
+
+
+class _StaticMethodCall:
+    __call__ = staticmethod(jax.jit(_halving, static_argnums=1))
+
+
+def test_an_object_whose_call_is_a_jitted_staticmethod_traces_with_its_statics():
+    """inspect takes an object's ``__call__`` as bound, so a staticmethod lost its first
+    parameter: "the arguments do not fit fn(n)"."""
+    obj, x = _StaticMethodCall(), jnp.ones(3)
+    g = js.trace(obj, x, 3)
+    assert [v.name for v in g.inputs] == ["x"]
+    allclose(g.value("h#1"), jnp.tanh(x * 0.5))
+    allclose(g.value("out"), obj(x, 3))
