@@ -183,12 +183,14 @@ class Recorder:
             while isinstance(base, np.ndarray):  # a view's constant holds what it views
                 held.setdefault(id(base), []).append(var)
                 base = base.base
+        inner = _inner_constants(closed.jaxpr)
         for frame, name, value in self.constants:
             found = held.get(id(value), [])
             # one constant holding it: every use reads that one (an alias's semantics);
             # several, or a copy of it (a jitted function's own, its backward pass's),
             # and which one the name is cannot be told: unnamed rather than misplaced
-            if len(found) == 1 and not _copied(value, found[0], closed):
+            others = [c for c, v in zip(closed.consts, closed.jaxpr.constvars) if v not in found]
+            if len(found) == 1 and not _holds_equal(value, [*others, *inner]):
                 self.bindings.append((frame, name, found[0]))
         self.constants.clear()
 
@@ -920,26 +922,29 @@ class _CallSites:
         return found
 
 
-def _copied(value: Any, var: Any, closed: Any) -> bool:
-    """Whether a constant of ``closed`` other than ``var``, also of a jaxpr inside it (a
-    jitted function's), holds an array equal to ``value`` (a copy of it)."""
-    others = [c for c, v in zip(closed.consts, closed.jaxpr.constvars) if v is not var]
-    stack = [closed.jaxpr]
+def _inner_constants(jaxpr: Any) -> list[Any]:
+    """The constants of the closed jaxprs inside ``jaxpr`` (a jitted function's)."""
+    found, stack = [], [jaxpr]
     while stack:
         for eqn in stack.pop().eqns:
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (tuple, list)) else (param,):
                     if isinstance(sub, C.ClosedJaxpr):
-                        others += sub.consts
+                        found += sub.consts
                         stack.append(sub.jaxpr)
                     elif isinstance(sub, C.Jaxpr):
                         stack.append(sub)
+    return found
+
+
+def _holds_equal(value: Any, constants: list[Any]) -> bool:
+    """Whether one of ``constants`` is an array equal to ``value`` (a copy of it)."""
     shape, dtype = np.shape(value), getattr(value, "dtype", None)
     return any(
         np.shape(c) == shape
         and getattr(c, "dtype", None) == dtype
         and (c is value or np.array_equal(np.asarray(c), np.asarray(value)))
-        for c in others
+        for c in constants
     )
 
 
