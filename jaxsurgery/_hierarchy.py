@@ -253,7 +253,7 @@ _KEYS = re.compile(r"\[(?:'[^']*'|\"[^\"]*\"|[^\]]*)\]|\.[^./\[]+|/[^/\[]+|^[^./
 def min_width_apart(
     texts: Sequence[str],
     width: int,
-    cut: Callable[[str, int], str] = lambda text, width: clip_keys(text, width),
+    cut: Callable[[str, int], str] = clip_keys,
     key: Callable[[str], str] = lambda text: text,
 ) -> int:
     """The least width from ``width`` up at which texts that differ (by ``key``) stay

@@ -684,6 +684,15 @@ class Recorder:
         return value
 
 
+def _claims(records: list[tuple[int, str, Any]]) -> list[list[int]]:
+    """The records reporting each token (a transform's name for a value), by token."""
+    claims: dict[str, list[int]] = {}
+    for i, (_, _, atom) in enumerate(records):
+        if type(atom) is str:
+            claims.setdefault(atom, []).append(i)
+    return list(claims.values())
+
+
 def _split_by_loops(
     records: list[tuple[int, str, Any]],
     flat: list[list[Any]],
@@ -697,11 +706,7 @@ def _split_by_loops(
     while_loop), the flat copies of an iteration; a frame outside loops, the flat
     copies of none. Each frame found all, and an outside call's name went to the
     body's value (and the other way round)."""
-    claims: dict[str, list[int]] = {}
-    for i, (_, _, atom) in enumerate(records):
-        if type(atom) is str:
-            claims.setdefault(atom, []).append(i)
-    for who in claims.values():
+    for who in _claims(records):
         kinds = {in_loop[records[i][0]] if records[i][0] >= 0 else None for i in who}
         if len(kinds) < 2:
             continue
@@ -723,11 +728,7 @@ def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]
     value has k runs of copies in the program, in call order. The k-th frame takes
     the k-th run (in place, in ``found_per``).
     """
-    claims: dict[str, list[int]] = {}
-    for i, (_, _, atom) in enumerate(records):
-        if type(atom) is str:
-            claims.setdefault(atom, []).append(i)
-    for who in claims.values():
+    for who in _claims(records):
         who = [i for i in who if found_per[i]]  # (none here: a loop's, _split_by_loops)
         if len(who) < 2:
             continue

@@ -139,9 +139,7 @@ def var_table(vars_: Sequence[Var], title: str) -> str:
     widths = {c: min(40, max(len(r[c]) for r in rows)) for c in keep}
     if 1 in widths:  # wider where two names cut would read the same
         names = [r[1] for r in rows[1:]]
-        widths[1] = min_width_apart(
-            names, widths[1], lambda t, w: _clip_name(t, w).split(" (", 1)[0], _head
-        )
+        widths[1] = min_width_apart(names, widths[1], lambda t, w: _head(_clip_name(t, w)), _head)
     lines = [title]
     for r in rows:
         cells = [(_clip_name if c == 1 else clip)(r[c], widths[c]).ljust(widths[c]) for c in keep]
@@ -157,7 +155,7 @@ def _head(text: str) -> str:
 def _clip_name(text: str, width: int) -> str:
     """A name cell (``name (aliases)``) cut to ``width``: the aliases first; a long name
     in its middle (its block and its leaf tell rows apart)."""
-    name = text.split(" (", 1)[0]
+    name = _head(text)
     return clip_keys(name, width) if len(name) > width - 4 else clip(text, width)
 
 
