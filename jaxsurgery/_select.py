@@ -2,7 +2,8 @@
 
 A selector is an ``int`` (negative counts from the end), a ``str`` (an exact name
 first; only when nothing has that exact name and it has a wildcard, a glob over
-every name and alias), a compiled ``re.Pattern`` (``fullmatch`` against every name
+every name and alias; a name or glob that matches nothing as written matches with
+call and scope numbers at any level, ``layer/h`` every ``layer#k/h``), a compiled ``re.Pattern`` (``fullmatch`` against every name
 and alias), a :class:`Var`, a :class:`Selection`, or a list/tuple/dict of these.
 Where one var is needed (``g[...]``, a leaf of a slice's inputs), a name or pattern
 matching several vars is an error; a glob, regex or Selection leaf stands for the
@@ -471,9 +472,11 @@ def _string_hits(graph: Graph, selector: str) -> tuple[dict[int, str], re.Patter
     if before is not None:
         return {before.index: selector}, None
     pattern = compile_glob(selector)
-    if pattern is None:
-        return {}, None
-    return _regex(graph, pattern), pattern
+    hits = {} if pattern is None else _regex(graph, pattern)
+    if not hits:  # a path without (some of) its call numbers (``layer/h``, ``qk``):
+        # every numbered call or scope instance, as a bare name selects every binding
+        hits = _regex(graph, _any_instance(selector))
+    return hits, pattern
 
 
 # '*': a run within one level; a bracketed key (['mlp/~/linear_0']) may hold a '/'
@@ -496,6 +499,34 @@ def _selects(graph: Graph, word: str) -> bool:
     except SelectionError:
         return False
     return True
+
+
+#: where a path level ends, in a name given to :func:`_any_instance` (a character no
+#: name holds, kept literally by :func:`compile_glob`)
+_LEVEL_END = "\x00"
+
+
+def _any_instance(word: str) -> re.Pattern | None:
+    """The regex of ``word``, a name or glob, whose every level may also carry a call or
+    scope number: ``layer/h`` matches ``layer#0/h`` and ``layer#1/h``, ``qk`` every
+    ``qk#k``, ``block/attn/*`` the insides of every ``block#i/attn#j``."""
+    marked, depth, at = [], 0, len(word)
+    for i, c in enumerate(word):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and c == "@":  # the iterations end the whole name
+            at = i
+            break
+        elif depth == 0 and c == "/":
+            marked.append(_LEVEL_END)
+        marked.append(c)
+    marked.append(_LEVEL_END)
+    text = "".join(marked) + word[at:]
+    regex = compile_glob(text)
+    source = re.escape(text) if regex is None else regex.pattern
+    return re.compile(source.replace(re.escape(_LEVEL_END), r"(?:#\d+)?"), re.DOTALL)
 
 
 def compile_glob(pattern: str) -> re.Pattern | None:

@@ -309,3 +309,59 @@ def test_a_primitive_only_inside_a_folded_loop_says_which_names_it_makes():
         g.select(primitive="logistic")
     assert len(g.select("step/y@*", primitive="tanh")) == 5
     assert len(g.select("step[1]@*", primitive="logistic")) == 5
+
+
+def _layer(x, w):
+    h = jnp.tanh(x @ w)
+    return h * 2.0
+
+
+def _block(x, w, eps=(0.0, 0.0)):
+    with jax.named_scope("qk"):
+        a = jnp.sin(x)
+    y = _layer(a, w) + eps[0]  # (the reference adds eps at each layer's h * 2.0)
+    return _layer(y, w) + eps[1]
+
+
+def _blocks(x, w):
+    u = _block(x, w)
+    return _block(u, w).sum()
+
+
+def test_a_path_without_call_numbers_selects_every_numbered_instance():
+    x, w = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), jnp.eye(3) * 0.7
+    g = js.trace(_blocks, x, w)
+    every = tuple(f"_block#{i}/_layer#{j}/h" for i in (0, 1) for j in (0, 1))
+    assert g.select("_block/_layer/h").names == every
+    assert g.select("_block#1/_layer/h").names == every[2:]
+    assert len(g.select("_block/_layer")) == 4  # what each call returned
+    assert len(g.select("qk")) == 2  # a scope entered once in each block
+    # the insides of every instance, by a glob that matches nothing as written
+    assert set(every) <= set(g.select("_block/_layer/*").names)
+    # values: the layers' own, computed by hand
+    h, hs = x, []
+    for _ in range(2):
+        a = jnp.sin(h)
+        for _ in range(2):
+            hs.append(jnp.tanh(a @ w))
+            a = hs[-1] * 2.0
+        h = a
+    for name, want in zip(every, hs):
+        assert jnp.allclose(g.value(name), want)
+    # where one var is needed, it is ambiguous like a bare name several bindings share
+    with pytest.raises(js.SelectionError, match=r"'_block/_layer/h' is ambiguous: it matches"):
+        g["_block/_layer/h"]
+    assert g["_block#1/_layer#0/h"] is g.select("_block/_layer/h")[2]
+    # keyed by the names they matched: one gradient per instance, as one key each
+    grads = g.grads("out", wrt="_block/_layer")
+    assert list(grads) == [f"_block#{i}/_layer#{j}" for i in (0, 1) for j in (0, 1)]
+
+    def perturbed(eps):
+        u = _block(x, w, eps[:2])
+        return _block(u, w, eps[2:]).sum()
+
+    zeros = [jnp.zeros_like(x)] * 4
+    for got, want in zip(grads.values(), jax.grad(perturbed)(zeros)):
+        assert jnp.allclose(got, want, atol=1e-6)
+    with pytest.raises(js.SelectionError, match=r"no var named '_block/_layr/h'"):
+        g.select("_block/_layr/h")
