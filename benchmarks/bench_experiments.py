@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from bench_grads import BATCH, WIDTH, K, loss
+from bench_runtime import hlo_instructions
 from common import interleaved_times
 
 import jaxsurgery as js
@@ -94,8 +95,16 @@ def run(quick: bool = False) -> list[dict]:
             "sweep": lambda: sweep(patches, ws, x, y),
             "sweep_hand": lambda: sweep_hand(patches, ws, x, y),
         },
-        repeat=5 if quick else 20,
+        repeat=5 if quick else 40,
     )
+    # whether the compiled programs are the same: then a ratio away from 1 is the machine
+    same_hlo = {
+        "values": hlo_instructions(values, ws, x, y) == hlo_instructions(values_hand, ws, x, y),
+        "attr": hlo_instructions(attribution, (ws, x, y), (ws, x_corrupt, y))
+        == hlo_instructions(attribution_hand, ws, x, x_corrupt, y),
+        "sweep": hlo_instructions(sweep, patches, ws, x, y)
+        == hlo_instructions(sweep_hand, patches, ws, x, y),
+    }
     rows = [
         {
             "function": what,
@@ -104,6 +113,7 @@ def run(quick: bool = False) -> list[dict]:
             "ratio": times.ratio(ours, hand),
             "target": target,
             "equal": same,
+            "same HLO": same_hlo[ours],
         }
         for what, ours, hand, target in (
             ("jit(g.values_fn) of layers 3 and 6", "values", "values_hand", "≤ 1.05"),
@@ -113,7 +123,8 @@ def run(quick: bool = False) -> list[dict]:
     ]
     for r in rows:
         print(
-            f"  {r['function']}: {r['ms']:.2f} ms, {r['ratio']:.3f}x by hand, equal: {same}",
+            f"  {r['function']}: {r['ms']:.2f} ms, {r['ratio']:.3f}x by hand, equal: {same},"
+            f" same HLO: {r['same HLO']}",
             flush=True,
         )
     return rows

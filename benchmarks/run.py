@@ -210,7 +210,7 @@ def verdicts(results: dict) -> list[dict]:
         rows.append(
             (
                 f"{r['function']} {key}× hand-written",
-                f"{r['ratio']:.3f}× (equal: {r['equal']})",
+                f"{r['ratio']:.3f}× (equal: {r['equal']}, same optimized HLO: {r['same HLO']})",
                 r["ratio"] <= float(key.split()[1]) and r["equal"],
             )
         )

@@ -364,6 +364,8 @@ class Recorder:
         if site is None:  # under a transform (vmap, grad), or all results forwarded
             if self._transforms:
                 self._jit_called_transformed(frame, start, jitted, inputs)
+            elif self.size() != start:
+                self._jit_called_elsewhere(frame, start, jitted, inputs)
             return
         closed, self.sites[frame] = site
         ran = self.size() != start
@@ -381,8 +383,25 @@ class Recorder:
         elif not ran and len(self.frames) == frame + 1:
             if known is not None:
                 self._replay(frame, known[1])
-            elif key is not None and key in jitted.by_types:  # first called transformed
+            elif (key := key or _types_key(inputs)) is not None and key in jitted.by_types:
+                # first called transformed, or in a trace that left no equation
                 self._replay(frame, jitted.by_types[key])
+
+    def _jit_called_elsewhere(
+        self, frame: int, start: tuple[int, int, int], jitted: _Jitted, inputs: Any
+    ) -> None:
+        """:meth:`jit_called` for a call whose body ran in a trace that leaves no ``jit``
+        equation in the program (a Flax ``nn.scan`` traces its cell once to find what it
+        broadcasts, on jax 0.10 by partial evaluation; every result forwarded): the
+        calls JAX then serves from its cache replay what the body reported, by the
+        arguments' types, and this call names nothing. Its names are vars of the cached
+        body, which every call of it shares: kept, they named another call's copies
+        (the call after the scan's ``pre`` was ``Net/cell/lay/pre``)."""
+        key = _types_key(inputs)
+        if key is not None:
+            jitted.remember_types(key, self._subtree(frame, start))
+        _, b0, r0 = start
+        del self.bindings[b0:], self.returns[r0:]
 
     def _kept(self, out: Any) -> bool:
         """Whether a call's results belong to the jaxpr the transforms keep (not to a

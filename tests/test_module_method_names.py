@@ -234,6 +234,51 @@ def test_a_rebound_parameter_of_a_cell_under_nn_scan_and_nn_remat_is_binding_zer
             g["Net/cell/x@1"]
 
 
+@jax.jit
+def _jitted_helper(x):
+    pre = jnp.cos(x) * 2.0
+    return jnp.tanh(pre)
+
+
+def test_a_jitted_helper_in_an_nn_scan_cell_and_after_the_scan_names_each_call():
+    """A ``jax.jit`` helper called in an ``nn.scan`` cell and after the scan: the cell's
+    first trace (the one Flax makes to find what it broadcasts, on jax 0.10 by partial
+    evaluation) leaves no equation, so it names nothing; the calls JAX serves from its
+    cache afterwards take what its body reported (the call after the scan's ``pre`` was
+    ``Net/cell#0/lay/pre``, and the scan's iterations had no ``pre@t``)."""
+
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, h, t):
+            d = nn.Dense(3, use_bias=False)(h)
+            v = _jitted_helper(d + t)
+            return v, v
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            cell = nn.scan(
+                Cell, variable_broadcast="params", split_rngs={"params": False}, length=3
+            )
+            h, _ = cell(name="cell")(x, jnp.arange(3.0))
+            return _jitted_helper(h * 10.0)
+
+    x = jnp.array([0.5, -0.1, 0.2])
+    variables = Net().init(jax.random.key(0), x)
+    g = js.trace(Net().apply, variables, x)
+    kernel = variables["params"]["cell"]["Dense_0"]["kernel"]
+    h, pres = x, []
+    for t in range(3):
+        pres.append(jnp.cos(h @ kernel + t) * 2.0)
+        h = jnp.tanh(pres[-1])
+    allclose(g.value("Net/_jitted_helper/pre"), jnp.cos(h * 10.0) * 2.0)
+    # (jax 0.12 numbers the cell's frame: its first trace is a call of its own there)
+    inside = g.select("Net/cell/_jitted_helper/pre@*")
+    assert len(inside) == 3
+    for name, want in zip(inside.names, pres):
+        allclose(g.value(name), want)
+
+
 class EqxNet(eqx.Module):
     lin: eqx.nn.Linear
 
