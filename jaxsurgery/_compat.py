@@ -8,8 +8,10 @@ this file alone. Tested with jax 0.10 and the newest release (0.12): see the REA
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -532,6 +534,27 @@ def callbacks_only(effects: Any) -> bool:
 def calls_back(effects: Any) -> bool:
     """Whether an equation (a loop, with what its body does) calls back to the host."""
     return any(map(_is_callback, effects))
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def cached_per_mesh(maxsize: int) -> Callable[[_F], _F]:
+    """``functools.lru_cache`` of a function that traces a small jaxpr from shapes and
+    dtypes, keyed also by the mesh in context: what is traced under ``jax.set_mesh``
+    holds that mesh in its types, and reused under another mesh (or none) it fails
+    (an add of two gradients: "context mesh ... should match the aval mesh")."""
+
+    def wrap(fn: _F) -> _F:
+        cached = functools.lru_cache(maxsize)(lambda mesh, *args: fn(*args))
+
+        @functools.wraps(fn)
+        def per_mesh(*args: Any) -> Any:
+            return cached(jax.sharding.get_abstract_mesh(), *args)
+
+        return per_mesh  # type: ignore[return-value]
+
+    return wrap
 
 
 def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any:

@@ -74,18 +74,23 @@ _AFTER_LOOP = (
     "{what} stays one equation: what decides it comes out of a loop the index keeps "
     "whole, which tracing does not run; values inside it are not listed"
 )
+_AFTER_EFFECT = (
+    "{what} stays one equation: what decides it comes out of {effect}, whose effect "
+    "tracing does not run (the host would see an extra call); values inside it are not "
+    "listed"
+)
 
 LOOP_PRIMITIVES = frozenset({"scan", "while"})
 BRANCH_PRIMITIVES = frozenset({"cond"})
 
 
-@functools.lru_cache(maxsize=4096)
+@C.cached_per_mesh(4096)
 def _index_jaxpr(shape: tuple[int, ...], dtype: Any, t: int) -> C.ClosedJaxpr:
     spec = jax.ShapeDtypeStruct(shape, dtype)
     return C.make_jaxpr(lambda a: jax.lax.index_in_dim(a, t, 0, keepdims=False), spec)
 
 
-@functools.lru_cache(maxsize=1024)
+@C.cached_per_mesh(1024)
 def _stack_jaxpr(shape: tuple[int, ...], dtype: Any, n: int) -> C.ClosedJaxpr:
     spec = jax.ShapeDtypeStruct(shape, dtype)
     return C.make_jaxpr(lambda *a: jnp.stack(a), *([spec] * n))
@@ -317,13 +322,14 @@ class ControlFlow:
             self._fold(eqn, pos, invars, source_info)
             return None
         values = self._values([*cond_consts, *body_consts, *carry])
-        if values is None and self.after_loop and self.fold:
-            # what it reads comes out of a folded loop, which tracing does not run: it
-            # is folded too, its trips counted when a value inside is first asked for
+        if values is None and (self.after_loop or self.after_effect) and self.fold:
+            # what it reads comes out of a folded loop (or an io_callback), which tracing
+            # does not run: it is folded too, its trips counted when a value inside is
+            # first asked for
             self._fold(eqn, pos, invars, source_info)
             return None
-        if values is None and self.after_loop:
-            self.notes.append(_AFTER_LOOP.format(what="a while_loop"))
+        if values is None and (self.after_loop or self.after_effect):
+            self.notes.append(self._undecided("a while_loop"))
             return None
         if values is None:
             self.notes.append(
@@ -377,8 +383,8 @@ class ControlFlow:
         branches = eqn.params["branches"]
         values = self._values(invars[:1])
         if values is None:
-            if self.after_loop:
-                self.notes.append(_AFTER_LOOP.format(what="a cond"))
+            if self.after_loop or self.after_effect:
+                self.notes.append(self._undecided("a cond"))
             else:  # abstract values: a loop body's template, or an abstract trace
                 self.notes.append(_UNDECIDED)
             return None
@@ -392,6 +398,13 @@ class ControlFlow:
             "that take another are a SliceError)"
         )
         return outs
+
+    def _undecided(self, what: str) -> str:
+        """The note for ``what`` kept whole because what decides it comes out of a folded
+        loop or an effect (see ``_values``)."""
+        if self.after_effect:
+            return _AFTER_EFFECT.format(what=what, effect=f"an {self.after_effect}")
+        return _AFTER_LOOP.format(what=what)
 
     def _index(self, x: Any, t: int, source_info: Any) -> Any:
         shape = tuple(x.aval.shape)
@@ -506,12 +519,14 @@ def count_trips_compiled(
 ) -> int | None:
     """:func:`_trip_carries`, counted by one compiled loop (for a large body: run op by op, a
     diffrax step costs about a second a trip). The loop computes only what its condition
-    reads: no host callback of the body runs (selecting a value in the loop printed
-    every trip of it), nor work the trip count does not need."""
+    reads: no host callback of the body or of the condition runs (selecting a value in
+    the loop printed every trip of it; a print in the condition showed the counter it
+    does not read as 0 at every trip), nor work the trip count does not need."""
     n_body = len(body_consts)
     deciding = sorted(_deciding(cond.jaxpr, body.jaxpr, len(cond_consts), n_body)[2])
     pruned = _computing(body, deciding)
     body_fn, at = (pruned, deciding) if pruned else (C.jaxpr_as_fun(body), range(len(carry)))
+    test = _computing(cond, [0]) or C.jaxpr_as_fun(cond)
 
     def count(cond_consts: list, body_consts: list, carry: list) -> Any:
         def step(carry: list) -> list:
@@ -520,7 +535,7 @@ def count_trips_compiled(
                 new[i] = x
             return new
 
-        return _counting_loop(lambda c: goes_on(cond, cond_consts, c), step, carry, MAX_TRIPS)[0]
+        return _counting_loop(lambda c: test(*cond_consts, *c)[0], step, carry, MAX_TRIPS)[0]
 
     trips = int(jax.jit(count)(cond_consts, body_consts, carry))
     return None if trips > MAX_TRIPS else trips

@@ -41,7 +41,7 @@ def _loop_value(site: Site) -> tuple | None:
     return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars, site.before
 
 
-@functools.lru_cache(maxsize=256)
+@C.cached_per_mesh(256)
 def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     spec = jax.ShapeDtypeStruct(*aval)
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from ._graph import Graph, Var
 
 
-@functools.lru_cache(maxsize=256)
+@C.cached_per_mesh(256)
 def _given(shape: tuple[int, ...], dtype: Any) -> C.ClosedJaxpr:
     """``lambda new: new``: the edit that puts a slice input in place of a value."""
     return C.make_jaxpr(lambda new: new, jax.ShapeDtypeStruct(shape, dtype))

@@ -137,6 +137,8 @@ class Program:
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
+        if "shard_map" in self.primitives:  # (a scan of a C list: the common case)
+            self.notes += _shard_map_tags(jaxpr)
         self.locations, self.while_trips = inliner.locations, inliner.while_trips
         self.opaque_loops, self.invariant_ids = inliner.opaque_loops, inliner.invariant_ids
         self.folded = inliner.folded  # long scans kept as one equation (_loop_index)
@@ -447,6 +449,34 @@ def _at(name: str, iterations: tuple[int, ...]) -> str:
     return name + "".join(f"@{t}" for t in iterations)
 
 
+def _shard_map_tags(jaxpr: C.Jaxpr) -> list[str]:
+    """The note for ``js.tag`` s inside ``shard_map`` bodies, which the index does not
+    enter: a value there is one per shard, and the tag names no value of the graph."""
+    found: dict[str, None] = {}
+
+    def tags(j: C.Jaxpr) -> None:
+        for eqn in j.eqns:
+            if eqn.primitive.name == C.TAG_PRIMITIVE and not C.tag_name(eqn).startswith(
+                MARK_PREFIX
+            ):
+                found[C.tag_name(eqn)] = None
+            for inner in C.inner_jaxprs(eqn):
+                tags(inner)
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            for inner in C.inner_jaxprs(eqn):
+                tags(inner)
+    if not found:
+        return []
+    names = ", ".join(repr(n) for n in found)
+    return [
+        f"{names} {'tags a value' if len(found) == 1 else 'tag values'} inside a shard_map, "
+        "which the graph keeps as one equation (its body runs once per shard): no var has "
+        "that name; tag what the shard_map returns, or trace the body on one shard's arrays"
+    ]
+
+
 def _inlinable(eqn: C.JaxprEqn) -> bool:
     """Whether a call's body can be inlined and folded back without losing its rule.
 
@@ -593,6 +623,8 @@ class _Inliner(ControlFlow):
         self._made_upto = 0
         #: whether the last _values call gave up because a folded loop decides it
         self.after_loop = False
+        #: the effectful primitive (an io_callback) the last _values call gave up at
+        self.after_effect = ""
         #: traced trip count of each unrolled while_loop, by its steps (iteration None)
         self.while_trips: dict[tuple[Step, ...], int] = {}
         #: how many checkpoints that recompute forward values are being inlined
@@ -687,7 +719,7 @@ class _Inliner(ControlFlow):
         Values that need a loop the index keeps whole are not computed (None): running
         it would cost what folding it saved.
         """
-        self.after_loop = False
+        self.after_loop, self.after_effect = False, ""
         if self.flat_args is None:
             return None
         env = self._concrete
@@ -709,6 +741,10 @@ class _Inliner(ControlFlow):
             stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
         if any(self.eqns[k].primitive.name in LOOP_PRIMITIVES for k in needed):
             self.after_loop = True  # a loop kept whole (folded): not run at trace time
+            return None
+        effectful = next((self.eqns[k] for k in sorted(needed) if self.eqns[k].effects), None)
+        if effectful is not None:  # an io_callback: tracing runs none of the host's effects
+            self.after_effect = effectful.primitive.name
             return None
         if needed:
             with jax.ensure_compile_time_eval():

@@ -648,11 +648,7 @@ def _goes_on(
     names; the others are literals or unread), says ``expected``."""
     given = iter(values)
     args = [
-        next(given)
-        if i is not None
-        else a.val
-        if type(a) is C.Literal
-        else jnp.zeros(a.aval.shape, a.aval.dtype)
+        next(given) if i is not None else a.val if type(a) is C.Literal else C.zeros_of(a.aval)
         for a, i in zip(atoms, at)
     ]
     return goes_on(cond, (), args) == expected  # args: its consts, then the carry

@@ -42,6 +42,7 @@ Sharp edges:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -360,8 +361,11 @@ class _Interpreter:
             deps = [*p.edit.site.vars, *(r for r in p.edit.reads if not isinstance(r, Extra))]
             roots.update(deps)
             triggers.setdefault(max((made.get(v, -1) for v in deps), default=-1), []).append(p)
+        # an equation holding only patches (no value to expose, no path to check) runs
+        # only where something asked for reads what it makes
+        exposing = {i for i, ps in below.items() if any(p.edit.kind != "apply" for p in ps)}
         live, wanted = (
-            _live(jaxpr, roots, set(below), self.callbacks) if not outputs else (None, None)
+            _live(jaxpr, roots, exposing, self.callbacks) if not outputs else (None, None)
         )
 
         def read(a: Any) -> Any:
@@ -639,10 +643,7 @@ class _Interpreter:
             for _, members in groups
         ]
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
-        slots = [
-            _zeros(jax.ShapeDtypeStruct((len(its), *m[0].edit.aval.shape), m[0].edit.aval.dtype))
-            for _, (its, m) in exposing
-        ]
+        slots = [C.zeros_of(m[0].edit.aval, stacked=len(its)) for _, (its, m) in exposing]
 
         last = max(at, default=0)  # read only without tail, where some trip is edited
 
@@ -702,11 +703,18 @@ class _Interpreter:
         def going(carry: Sequence[Any]) -> Any:
             return goes_on(cond, cond_consts, carry)
 
+        def going_if(flag: Any, carry: Sequence[Any]) -> Any:
+            """``flag & going(carry)``; with callbacks in the condition (a print), the
+            condition runs only where ``flag`` holds, once per trip as in the loop."""
+            if not cond.jaxpr.effects:
+                return flag & going(carry)
+            return jax.lax.cond(flag, going, lambda c: jnp.asarray(False), list(carry))
+
         def step(carry: Sequence[Any]) -> list[Any]:
             return C.jaxpr_as_fun(body)(*body_consts, *carry)
 
         trips, carry = jax.lax.while_loop(
-            lambda s: (s[0] < at[0]) & going(s[1]),
+            lambda s: going_if(s[0] < at[0], s[1]),
             lambda s: (s[0] + 1, step(s[1])),
             (jnp.asarray(0), list(invals[n_cond + n_body :])),
         )
@@ -728,7 +736,7 @@ class _Interpreter:
             def skipped(carry: list[Any], shown: list = shown) -> tuple[list[Any], list[Any]]:
                 return list(carry), [_zeros(m.edit.aval) for m in shown]  # never got there
 
-            reached = reached & going(carry)
+            reached = going_if(reached, carry)
             carry, found = jax.lax.cond(reached, edited, skipped, list(carry))
             for m, value in zip(shown, found):
                 exposed[m.key] = value
@@ -819,15 +827,20 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
         dict.fromkeys(a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside)
     )
     outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
-    values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *(env[a] for a in ins))
+    # a shard_map's body is traced again when it runs: staged as JAX stages it, also
+    # under ensure_compile_time_eval (see C.staged_normally: a scan in it failed)
+    mapped = any(e.primitive.name == "shard_map" for e in eqns)
+    with C.staged_normally() if mapped else contextlib.nullcontext():
+        values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *(env[a] for a in ins))
     env.update(zip(outs, values))
 
 
 def _live(
     jaxpr: Any, roots: set[Any], edited: set[int], callbacks: bool
 ) -> tuple[list[bool], list[bool]]:
-    """Which equations compute ``roots``, hold an edit, or have effects (liveness), and
-    which of them make a value a live one reads (the rest run for their edits alone).
+    """Which equations compute ``roots``, hold an ``edited`` edit (a value exposed, a
+    path checked), or have effects (liveness), and which of them make a value a live
+    one reads (the rest run for their edits alone).
 
     Without ``callbacks`` (values asked for: computed from their ancestors only) a
     ``jax.debug.print`` or ``io_callback`` that none of them reads does not run; other
@@ -930,8 +943,13 @@ def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:
     """A ``(length, ...)`` array with ``rows`` at iterations ``its``, zeros elsewhere."""
     if list(its) == list(range(length)):
         return rows
-    zeros = jnp.zeros((length, *rows.shape[1:]), rows.dtype)
-    return zeros.at[np.asarray(its)].set(rows)
+    # (of the rows' own type: on an Explicit mesh their sharding is part of it, which
+    # the scatter is told: it cannot tell it from its operands)
+    zeros = jnp.repeat(jnp.zeros_like(rows[:1]), length, axis=0)
+    sharding = getattr(jax.typeof(zeros), "sharding", None)
+    explicit = sharding is not None and not getattr(sharding.mesh, "empty", True)
+    at = zeros.at[np.asarray(its)]
+    return at.set(rows, out_sharding=sharding) if explicit else at.set(rows)
 
 
 def _and(a: Any, b: Any) -> Any:
@@ -939,7 +957,9 @@ def _and(a: Any, b: Any) -> Any:
 
 
 def _zeros(aval: Any) -> Any:
-    return jnp.zeros(aval.shape, aval.dtype)
+    """Zeros of ``aval`` (of its sharding on an Explicit mesh, which is part of its type:
+    a cond's other branch, a trip not run, must give the same types)."""
+    return C.zeros_of(aval)
 
 
 def _expand(mask: Any, ndim: int) -> Any:

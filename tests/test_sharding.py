@@ -9,3 +9,7 @@ from conftest import run_script
 
 def test_sharded_mlp_slices_keep_constraints_and_match_unsharded():
     run_script("sharded_mlp.py", "sharded slices ok")
+
+
+def test_explicit_meshes_and_shard_maps_holding_loops():
+    run_script("sharded_meshes.py", "meshes ok")
