@@ -368,7 +368,7 @@ class Graph:
         SliceError names the input that is not).
         """
         self._require_args("g.jvp")
-        s = self.slice(inputs, outputs)
+        s = self._differentiable_slice(inputs, outputs)
         if s._positional and isinstance(tangents, list):
             tangents = tuple(tangents)
         flat = check_like(tangents, s._in_tree, s.in_vars, "tangent", "input")
@@ -381,11 +381,21 @@ class Graph:
         ``cotangents`` are structured like ``outputs``, each shaped like its output.
         """
         self._require_args("g.vjp")
-        s = self.slice(inputs, outputs)
+        s = self._differentiable_slice(inputs, outputs)
         flat = check_like(cotangents, s._out_tree, s.out_vars, "cotangent", "output")
         with no_reverse_through_while():
             out, pullback = jax.vjp(s, *s.input_values())
             return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
+
+    def _differentiable_slice(self, inputs: Selector, outputs: Selector) -> Slice:
+        """``self.slice(inputs, outputs)`` for a derivative: a SliceError where it keeps an
+        io_callback, which JAX does not differentiate (its error named no value)."""
+        from ._slice import IO_CALLBACK_NOTE
+
+        s = self.slice(inputs, outputs)
+        if IO_CALLBACK_NOTE in s.notes:
+            raise SliceError(f"no derivative of {s!r}: {IO_CALLBACK_NOTE}")
+        return s
 
     def jacobian(
         self, inputs: Selector, outputs: Selector, mode: Literal["auto", "fwd", "rev"] = "auto"
@@ -398,7 +408,7 @@ class Graph:
         ``argnums`` over the slice's positional inputs.
         """
         self._require_args("g.jacobian")
-        s = self.slice(inputs, outputs)
+        s = self._differentiable_slice(inputs, outputs)
         for v in (*s.in_vars, *s.out_vars):
             if not jnp.issubdtype(v.dtype, jnp.floating):
                 raise SliceError(

@@ -50,6 +50,15 @@ if TYPE_CHECKING:
     from ._graph import Graph, Var
 
 
+#: the note of a slice that keeps an io_callback (it reads a window value)
+IO_CALLBACK_NOTE = (
+    "the slice keeps an io_callback that reads its values (effects that read the window "
+    "run with it, in order), and JAX differentiates no io_callback: jax.jvp, jax.grad "
+    "and g.jvp of this slice fail; log with jax.debug.callback (which derivatives pass "
+    "through), or slice where no io_callback reads what the slice computes"
+)
+
+
 class Window:
     """The equations and context of a slice, found by liveness walks (integers only).
 
@@ -318,6 +327,8 @@ class Slice:
         )
         notes += tuple(dropped_derivatives(jaxpr, jaxpr.invars))
         notes += tuple(read_by_derivative(graph, in_vars, out_vars))
+        if any(e.primitive.name == "io_callback" for e in eqns):
+            notes += (IO_CALLBACK_NOTE,)
         s = cls(
             graph,
             in_tree,

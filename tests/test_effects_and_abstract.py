@@ -396,3 +396,31 @@ def test_tracing_runs_no_io_callback_that_decides_a_cond_or_a_loop(log):
     np.testing.assert_allclose(g.as_function()(x), jnp.sin(x) * 2, rtol=1e-6)
     jax.effects_barrier()
     assert len(log) == 1
+
+
+def test_a_slice_keeping_an_io_callback_says_it_has_no_derivative(log):
+    """An io_callback that reads a slice's output (host logging) is kept with it, and
+    JAX differentiates no io_callback: the slice says so, and g.jvp/g.vjp/g.jacobian
+    refuse it with a SliceError (they raised JAX's error, naming no value)."""
+    from jax.experimental import io_callback
+
+    def logged(x):
+        h = jnp.tanh(x)
+        z = jnp.sin(h)
+        io_callback(lambda v: log.append(np.asarray(v).tolist()), None, z, ordered=True)
+        return jnp.sum(z**2)
+
+    x = jnp.array([0.3, -0.2, 0.5])
+    g = js.trace(logged, x)
+    s = g.slice("h", "z")
+    assert any("keeps an io_callback" in n for n in s.notes), s.notes
+    np.testing.assert_allclose(s(jnp.tanh(x)), jnp.sin(jnp.tanh(x)), rtol=1e-6)
+    for ask in (
+        lambda: g.jvp("h", "z", jnp.ones(3)),
+        lambda: g.vjp("h", "z", jnp.ones(3)),
+        lambda: g.jacobian("h", "z"),
+    ):
+        with pytest.raises(js.SliceError, match="no derivative of .*keeps an io_callback"):
+            ask()
+    # a slice the callback reads nothing of differentiates as usual
+    np.testing.assert_allclose(g.jvp("x", "h", jnp.ones(3))[1], 1 - jnp.tanh(x) ** 2, rtol=1e-6)
