@@ -174,6 +174,12 @@ def _parts(path: str) -> tuple[list[str], bool]:
     return parts, backward
 
 
+#: the name JAX gives a checkpoint's recomputation in a backward pass: a mark of the
+#: transform, not a scope of the user's (it grouped a backward pass's values as
+#: ``grad(rematted_computation)#1/%15``)
+_RECOMPUTED = "rematted_computation"
+
+
 def _label(part: str) -> tuple[str, bool]:
     """A name-stack component as a scope label ('' for a bare transformation mark), and
     whether a backward-pass mark (``transpose``) wraps it."""
@@ -184,6 +190,8 @@ def _label(part: str) -> tuple[str, bool]:
             break
         backward = backward or head == "transpose"
         part = inner[:-1]
+    if part == _RECOMPUTED:  # (what follows is not the backward pass's own scope)
+        return "", False
     if not part:
         return "", backward
     scope = "/".join(scope_parts(part)) if "/" in part else part

@@ -1465,3 +1465,42 @@ def test_an_object_whose_call_is_a_jitted_staticmethod_traces_with_its_statics()
     assert [v.name for v in g.inputs] == ["x"]
     allclose(g.value("h#1"), jnp.tanh(x * 0.5))
     allclose(g.value("out"), obj(x, 3))
+
+
+class _RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(3)(x))
+
+
+class _RematNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(_RematBlock)()(x)
+        return nn.remat(_RematBlock)()(x).sum()
+
+
+def _remat_block(p, v):
+    pre = p @ v
+    return jnp.sin(jnp.tanh(pre) * 3)
+
+
+def _remat_loss(p, x):
+    blk = jax.checkpoint(_remat_block)(p, x)
+    return jnp.sum(jax.checkpoint(_remat_block)(p, blk) ** 2)
+
+
+def test_a_checkpoints_recomputation_in_a_backward_pass_is_no_scope():
+    """JAX marks a checkpoint's recomputation in the backward pass with the name
+    ``rematted_computation``, a mark of the transform like ``jvp()``: it grouped the
+    backward pass's values as ``grad(rematted_computation)#1/%15`` (and a linen
+    ``nn.remat`` block's as ``grad(Net)/Net/rematted_computation#0/...``)."""
+    x, p = jnp.array([0.3, -0.2, 0.5]), jnp.eye(3) * 0.7 + 0.1
+    net = _RematNet()
+    variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
+    for g in (
+        js.trace(jax.grad(_remat_loss), p, x),
+        js.trace(jax.grad(lambda v, x: net.apply(v, x)), variables, jnp.ones((2, 3))),
+    ):
+        assert not [n for n in g.names() if "rematted" in n]
+        assert not [v.scope for v in g.vars if "rematted" in v.scope]
