@@ -1199,9 +1199,10 @@ _MADE_BY_TRANSFORM = {
     "grad_f": (False, True),
     "grad_f_aux": (False, True),
     "jacfun": (False, True),
+    "checked_fun": (False, True),  # checkify's: (error, result)
 }
 #: the closure cells through which those functions reach the function they transform
-_TRANSFORMED_CELLS = ("fun", "value_and_grad_f")
+_TRANSFORMED_CELLS = ("fun", "value_and_grad_f", "f")
 
 
 def _transformed(fn: Any) -> _Framed | None:
@@ -1349,7 +1350,7 @@ def _bodies_of(nnx_loaded: bool, haiku_loaded: bool) -> dict[int, tuple[tuple[in
 _STAGE_AS_THEY_ARE = frozenset({"checkpoint", "remat", "named_call", "filter_checkpoint", "scan"})
 
 #: libraries with transforms of their own, once imported (they rewrite plain functions)
-_TRANSFORM_LIBRARIES = ("equinox", "flax.nnx")
+_TRANSFORM_LIBRARIES = ("equinox", "flax.nnx", "jax.experimental.checkify")
 
 
 @functools.cache

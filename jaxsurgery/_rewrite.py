@@ -69,6 +69,7 @@ _TRANSFORM_KINDS = {
         *("grad", "value_and_grad", "jacfwd", "jacrev", "hessian"),
         *("filter_grad", "filter_value_and_grad", "filter_jacfwd", "filter_jacrev"),
         "filter_hessian",
+        "checkify",  # (not a derivative, but neither is its result the function's value)
     ),
     _RUNS: ("jvp", "vjp", "linearize", "filter_jvp", "filter_vjp"),
 }

@@ -22,6 +22,7 @@ import pytest
 from conftest import allclose, assert_at_callers_line, check_slice
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import checkify
 
 import jaxsurgery as js
 
@@ -1504,3 +1505,31 @@ def test_a_checkpoints_recomputation_in_a_backward_pass_is_no_scope():
     ):
         assert not [n for n in g.names() if "rematted" in n]
         assert not [v.scope for v in g.vars if "rematted" in v.scope]
+
+
+def _checked_part(h):
+    a = jnp.log(h + 1.0)
+    checkify.check(jnp.all(a > -1), "a small")
+    b = a * 2
+    return b
+
+
+def _with_checked_part(x):
+    h = jnp.tanh(x)
+    err, y = checkify.checkify(_checked_part)(h)
+    return jnp.sum(jnp.sin(y)), err
+
+
+def test_names_inside_checkify():
+    """``checkify.checkify(f)`` remakes the jaxpr it traces, as ``jax.vmap`` does: the
+    values inside ``f`` were unnamed, called there or traced at the top
+    (``checked_fun is not user code``)."""
+    x = jnp.array([0.3, -0.2, 0.5])
+    a = jnp.log(jnp.tanh(x) + 1.0)
+    g = js.trace(_with_checked_part, x)
+    allclose(g.value("_checked_part/a"), a)
+    allclose(g.value("_checked_part/b"), a * 2)
+    g = js.trace(checkify.checkify(_checked_part), jnp.tanh(x))
+    assert not g.notes
+    allclose(g.value("b"), a * 2)
+    check_slice(g.slice("a", "b"), (a,), lambda a: a * 2)
