@@ -174,6 +174,17 @@ def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[in
         window.grow(missing)
 
 
+def _towards(program: Any, eqns: set[int], outs: Sequence[int]) -> set[int]:
+    """Those of ``eqns`` that the outputs are computed from (not only effects)."""
+    found, stack = set(), [program.producer[o] for o in outs]
+    while stack:
+        e = stack.pop()
+        if e in eqns and e not in found:
+            found.add(e)
+            stack.extend(program.producer[i] for i in program.eqn_in[e])
+    return found
+
+
 def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int]):
     chosen = set(eqns)
     boundary = set(ins) | set(outs)
@@ -181,6 +192,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     notes: list[str] = []
     cut: list[Any] = []
     skip_until = -1
+    towards = _towards(program, chosen, outs)
     for region in program.regions:
         if region.start < skip_until:
             continue  # inside a call already folded
@@ -190,7 +202,9 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
         region_outs = {i for i in region.made_outs(program) if i is not None}
         inside = {o for e in range(region.start, region.end) for o in program.eqn_out[e]}
         if (inside - region_outs) & boundary or (region_outs & set(ins)):
-            if region.primitive in C.CUSTOM_RULE_PRIMITIVES:
+            if region.primitive in C.CUSTOM_RULE_PRIMITIVES and any(
+                e in towards for e in window
+            ):  # (only a print in the body, of what the call returns: no rule bypassed)
                 notes.append(
                     f"the slice cuts inside the {region.primitive} call {region.name!r}: its "
                     "custom derivative rule is bypassed and its primal body is differentiated"

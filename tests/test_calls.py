@@ -58,6 +58,32 @@ def test_cutting_inside_a_custom_jvp_bypasses_the_rule_and_says_so():
     allclose(jax.jvp(s, (e,), (jnp.ones(3),))[1], 1.0 / (1.0 + e))
 
 
+@jax.custom_jvp
+def printed_tanh(v):
+    inner = jnp.tanh(v)
+    jax.debug.print("inner {a}", a=inner[0])
+    return inner
+
+
+printed_tanh.defjvp(lambda p, t: (printed_tanh(p[0]), 10.0 * t[0]))
+
+
+def test_a_slice_from_what_a_custom_jvp_call_returns_bypasses_no_rule(capfd):
+    """The call's result is its body's last value: a slice from it keeps the body's
+    print of it (an effect reading an input), and said that it bypassed the call's
+    rule, which nothing it differentiates goes through."""
+
+    def f(x):
+        act = printed_tanh(x)
+        return jnp.sin(act * 3.0)
+
+    x = jnp.array([0.3, -0.2, 0.5])
+    g = js.trace(f, x)
+    s = g.slice("printed_tanh", "out")
+    assert s.notes == ()
+    check_slice(s, (jnp.tanh(x),), lambda a: jnp.sin(a * 3.0))
+
+
 @jax.custom_vjp
 def clipped_identity(x):
     return x
