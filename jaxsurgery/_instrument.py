@@ -364,7 +364,8 @@ class Recorder:
         if site is None:  # under a transform (vmap, grad), or all results forwarded
             if self._transforms:
                 self._jit_called_transformed(frame, start, jitted, inputs)
-            elif self.size() != start:
+            elif self.size() != start and isinstance(jitted, _Jitted):
+                # (a transform JAX caches, nnx.scan: its results come from no jit)
                 self._jit_called_elsewhere(frame, start, jitted, inputs)
             return
         closed, self.sites[frame] = site
