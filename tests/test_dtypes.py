@@ -270,3 +270,25 @@ def test_an_integer_constant_outside_the_vars_range_is_refused():
     with pytest.raises(js.SliceError, match=r"outside uint8's range"):
         g.replace("y", 2**70)  # past int64 too: the range, not "not of its kind"
     allclose(g.replace("y", np.int64(200)).as_function()(jnp.array([1, 2, 3], jnp.uint8)), 200.0)
+
+
+def test_a_python_complex_tangent_for_a_real_var_is_refused_by_name():
+    """``g.jvp("x", "y", 1j)`` for a float32 ``x``: a SliceError naming the input, as
+    ``s(1j)`` says (NumPy's TypeError 'float() argument must be ...' came through);
+    a Python number the dtype holds is still a tangent."""
+
+    def f(x):
+        y = jnp.sin(x) * 2
+        return y
+
+    g = js.trace(f, jnp.float32(0.5))
+    with pytest.raises(
+        js.SliceError, match=r"tangent for input 'x' must be float32\[\], got a Python complex"
+    ):
+        g.jvp("x", "y", 1j)
+    with pytest.raises(
+        js.SliceError, match=r"cotangent for output 'y' must be float32\[\], got a Python complex"
+    ):
+        g.vjp("x", "y", 1j)
+    allclose(g.jvp("x", "y", 1)[1], 2 * jnp.cos(0.5))
+    allclose(g.vjp("x", "y", 1.0)[1], 2 * jnp.cos(0.5))
