@@ -292,3 +292,29 @@ def test_a_python_complex_tangent_for_a_real_var_is_refused_by_name():
         g.vjp("x", "y", 1j)
     allclose(g.jvp("x", "y", 1)[1], 2 * jnp.cos(0.5))
     allclose(g.vjp("x", "y", 1.0)[1], 2 * jnp.cos(0.5))
+
+
+def test_a_value_is_not_replaced_by_a_key():
+    """``g.replace`` of a raw uint32 key (``jax.random.PRNGKey``) or a float value by a
+    typed key: a SliceError asking for a value of the var's dtype (a raw key took
+    NumPy's TypeError 'JAX array with PRNGKey dtype cannot be converted', a float
+    value 'float32 does not hold: it would be truncated')."""
+
+    def f(key, x):
+        k1, k2 = jax.random.split(key)
+        h = jax.random.normal(k1, (3,)) * x
+        return h.sum()
+
+    args = (jax.random.PRNGKey(0), jnp.ones(3))
+    g = js.trace(f, *args)
+    with pytest.raises(
+        js.SliceError,
+        match=r"'k1' \(uint32\[2\]\) is key<fry>; give a uint32 value, not a key \(jax\.random\.key_data",
+    ):
+        g.replace("k1", jax.random.key(5))
+    with pytest.raises(
+        js.SliceError, match=r"'h' \(float32\[3\]\) is key<fry>; give a float32 value, not a key$"
+    ):
+        g.replace("h", jax.random.key(5))
+    data = jax.random.key_data(jax.random.key(5))
+    allclose(g.replace("k1", data).as_function()(*args), jax.random.normal(data, (3,)).sum())
