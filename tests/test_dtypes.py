@@ -318,3 +318,26 @@ def test_a_value_is_not_replaced_by_a_key():
         g.replace("h", jax.random.key(5))
     data = jax.random.key_data(jax.random.key(5))
     allclose(g.replace("k1", data).as_function()(*args), jax.random.normal(data, (3,)).sum())
+
+
+def test_a_replacement_function_returning_a_python_number_is_taken_as_the_value_is():
+    """``g.replace("c", lambda c: 0)`` for a float32 var: the 0 is taken for every
+    element, as ``g.replace("c", 0)`` takes it (it was refused: 'must give float32[],
+    got int32[]'); a number the dtype does not hold is refused by its Python type."""
+
+    def f(x):
+        c = jnp.sum(x) * 2.0
+        n = x.astype(jnp.uint8) * 2
+        return c + n.sum()
+
+    x = jnp.ones(3)
+    g = js.trace(f, x)
+    allclose(g.replace("c", lambda c: 0).as_function()(x), g.replace("c", 0).as_function()(x))
+    allclose(g.replace("c", lambda c: 0).as_function()(x), 6.0)
+    allclose(g.replace("n", lambda n: 7).as_function()(x), 27.0)
+    with pytest.raises(
+        js.SliceError, match=r"'n' must give uint8\[3\], got a Python float \(which"
+    ):
+        g.replace("n", lambda n: 2.5)
+    with pytest.raises(js.SliceError, match=r"got a Python int \(300 is outside uint8's range"):
+        g.replace("n", lambda n: 300)
