@@ -341,3 +341,21 @@ def test_a_replacement_function_returning_a_python_number_is_taken_as_the_value_
         g.replace("n", lambda n: 2.5)
     with pytest.raises(js.SliceError, match=r"got a Python int \(300 is outside uint8's range"):
         g.replace("n", lambda n: 300)
+
+
+def test_the_value_of_an_input_is_what_the_function_saw():
+    """NumPy float64 and int64 arguments and a Python float (x64 off): the inputs'
+    values are float32 and int32 arrays, as the function saw them, from g.value and
+    values_fn, eagerly as under jax.jit (they were the arguments as passed)."""
+
+    def h(x, n, a):
+        return jnp.sin(x) * n * a
+
+    args = (np.ones(3), np.int64(3), 2.5)
+    g = js.trace(h, *args)
+    want = {"x": jnp.float32, "n": jnp.int32, "a": jnp.float32}
+    assert {v.name: v.dtype for v in g.inputs} == want
+    assert {k: g.value(k).dtype for k in want} == want
+    for values_fn in (g.values_fn(list(want)), jax.jit(g.values_fn(list(want)))):
+        assert {k: v.dtype for k, v in values_fn(*args).items()} == want
+    allclose(g.value("x"), np.ones(3))
