@@ -98,6 +98,16 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:
     return out
 
 
+def promoted(given: Any, decided: str) -> str | None:
+    """The dtype a strongly typed array of dtype ``given`` computes with where a Python
+    number was promoted to ``decided`` (``float32`` with bfloat16: float32, where the
+    traced program computes in bfloat16); None where JAX promotes none (a float8, a key)."""
+    try:
+        return jnp.dtype(jnp.promote_types(given, decided)).name
+    except (TypeError, ValueError):  # TypePromotionError is a ValueError
+        return None
+
+
 def holds(dtype: Any, value: Any) -> bool:
     """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
     float < complex, as JAX promotes them; bfloat16 and float8 are floats too), and a

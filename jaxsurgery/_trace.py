@@ -47,7 +47,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
-from ._promotion import holds, out_of_range, weak_type_decides
+from ._promotion import holds, out_of_range, promoted, weak_type_decides
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -288,7 +288,10 @@ def same_avals(
     traced dtype holds (an ``int`` where a float was traced) is converted to it; a
     ``float`` where an ``int`` was traced is not. Where a Python number traced
     decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`), an
-    array given for it is refused: ``jax.jit`` would trace another program.
+    array given for it is refused where ``jax.jit`` would trace another program: where
+    its dtype promotes to another than the one decided (a float32 array where
+    ``x_bf16 * 2.5`` computed in bfloat16); one that promotes to it (a bfloat16
+    array) computes what the number did, and is converted to the traced dtype exactly.
     """
     out = []
     for k, (name, new, old) in enumerate(zip(names, flat, traced)):
@@ -297,15 +300,22 @@ def same_avals(
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
-        if was_weak and not weak and k in decides():
+        decided = decides().get(k) if was_weak and not weak else None
+        computes = None if decided is None else promoted(dtype, decided)
+        if decided is not None and computes != decided:
+            would = (
+                f"make the function compute in {computes} instead"
+                if computes
+                else f"not be promoted with {decided} (jax.jit(f) refuses it)"
+            )
             raise SliceError(
                 f"argument `{name}` was traced as a Python number (weakly typed "
-                f"{traced_dtype}), which the traced program computes with as {decides()[k]}; "
-                f"an array of {traced_dtype} would make the function compute in "
-                f"{traced_dtype} instead. Pass a Python number (or a weakly typed array), "
-                "or trace with an array to call it with arrays"
+                f"{traced_dtype}), which the traced program computes with as {decided}; "
+                f"an array of {dtype} would {would}. Pass a Python number (or a weakly "
+                "typed array), or trace with an array to call it with arrays"
             )
-        if weak and dtype != traced_dtype and holds(traced_dtype, new):
+        exact = decided is not None and jnp.can_cast(dtype, traced_dtype, casting="safe")
+        if dtype != traced_dtype and (exact or (weak and holds(traced_dtype, new))):
             new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
         if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"

@@ -359,3 +359,25 @@ def test_the_value_of_an_input_is_what_the_function_saw():
     for values_fn in (g.values_fn(list(want)), jax.jit(g.values_fn(list(want)))):
         assert {k: v.dtype for k, v in values_fn(*args).items()} == want
     allclose(g.value("x"), np.ones(3))
+
+
+def test_an_array_that_promotes_as_the_python_number_did_is_taken():
+    """``f(x_bf16, 2.5)`` computes ``x * s`` in bfloat16: a bfloat16 array for ``s``
+    computes the same program under jax.jit, and the whole function takes it (it was
+    refused, in a message naming float32); an array that promotes otherwise is
+    refused by its own dtype."""
+
+    def f(x, s):
+        return jnp.sin(x * s)
+
+    x = jnp.ones(3, jnp.bfloat16)
+    g = js.trace(f, x, 2.5)
+    got = g.as_function()(x, jnp.bfloat16(1.5))
+    assert got.dtype == jnp.bfloat16
+    allclose(got.astype(jnp.float32), jax.jit(f)(x, jnp.bfloat16(1.5)).astype(jnp.float32))
+    with pytest.raises(
+        js.SliceError, match=r"an array of float16 would make the function compute in float32"
+    ):
+        g.as_function()(x, jnp.float16(1.5))
+    with pytest.raises(js.SliceError, match=r"an array of float8_e4m3fn would not be promoted"):
+        g.as_function()(x, jnp.float8_e4m3fn(1.5))
