@@ -116,12 +116,15 @@ def check_like(values: object, treedef: object, vars_: Sequence, what: str, role
 
     ``values`` must have the structure ``treedef`` and each leaf the var's shape and
     tangent dtype (the var's own for floats, ``float0`` for integers and bools);
-    Python scalars and NumPy arrays of a dtype JAX canonicalizes to it are converted.
+    Python scalars the dtype holds (``_promotion.holds``: not ``1j`` for float32) and
+    NumPy arrays of a dtype JAX canonicalizes to it are converted.
     A mismatch is a SliceError naming the ``role`` var (``input 'z1'``).
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    from ._promotion import holds
 
     leaves, tree = jax.tree_util.tree_flatten(values)
     names = short_list(v.name for v in vars_)
@@ -135,7 +138,8 @@ def check_like(values: object, treedef: object, vars_: Sequence, what: str, role
         is_float = jnp.issubdtype(v.dtype, jnp.inexact)
         want = v.dtype if is_float else jax.dtypes.float0
         dtype = getattr(x, "dtype", None)
-        if dtype is None and isinstance(x, (bool, int, float, complex)) and is_float:
+        number = isinstance(x, (bool, int, float, complex))
+        if dtype is None and number and is_float and holds(want, x):
             x, dtype = jnp.asarray(x, want), want
         shape = tuple(np.shape(x)) if dtype is not None else None
         same = dtype == want
@@ -151,7 +155,10 @@ def check_like(values: object, treedef: object, vars_: Sequence, what: str, role
             def name(d: object) -> str:
                 return "float0" if d == jax.dtypes.float0 else np.dtype(d).name
 
-            got = type(x).__name__ if dtype is None else f"{name(dtype)}{list(shape)}"
+            if dtype is not None:
+                got = f"{name(dtype)}{list(shape)}"
+            else:
+                got = f"a Python {type(x).__name__}" if number else type(x).__name__
             expected = f"{name(want)}{list(v.shape)}"
             fix = (
                 f"pass a {what} shaped like g.value({v.name!r})"

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 
 from . import _select
 from ._errors import SelectionError, SliceError
+from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
 if TYPE_CHECKING:
@@ -177,10 +177,10 @@ def _patch_value(x: Any, key: str, v: Var, rows: int = 0) -> Any:
         )
     if x.dtype == v.dtype:
         return x  # also a typed PRNG key, which has no astype
-    keys = [jax.dtypes.issubdtype(d, jax.dtypes.prng_key) for d in (x.dtype, v.dtype)]
-    if any(keys) or not jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
-        raise SliceError(
-            f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; "
-            + ("give a key of the var's kind" if any(keys) else "cast the patch")
-        )
-    return x.astype(v.dtype)
+    if is_key(v.dtype) or is_key(x.dtype):  # no cast makes a key of a value, or back
+        fix = "give a key of the var's kind" if is_key(v.dtype) else not_a_key(v.dtype)
+    elif jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
+        return x.astype(v.dtype)
+    else:
+        fix = "cast the patch"
+    raise SliceError(f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; {fix}")

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError, type_of
 from ._gc import gc_paused
 from ._program import Program, Region, _Inliner
+from ._promotion import holds, out_of_range
 
 if TYPE_CHECKING:
     from ._graph import Var
@@ -46,18 +48,35 @@ def replacement_jaxpr(
 ) -> C.ClosedJaxpr:
     """``fn`` traced on the inputs' types, checked to give one value of the target's type.
 
+    A Python number ``fn`` returns is taken as ``g.replace(var, 0)`` takes it: when the
+    target's dtype holds it (``_promotion.holds``: ``0`` for a float32 var, not ``2.5``
+    for an int32 one), as that value for every element (JAX traces it as a weakly
+    typed int32 or float32, which the check of the target's type refused).
     ``what`` names the replacement in messages (``"the replacement for 'z1'"``).
     """
     returned: list[Any] = []
 
+    def refused(got: str, fix: str = f"return a value shaped like {target.name!r}") -> SliceError:
+        return SliceError(f"{what} must give {type_of(target)}, got {got}; {fix}")
+
     def one_array(*args: Any) -> Any:
         out = fn(*args)
         returned.append(out)
+        if isinstance(out, (bool, int, float, complex)) and not hasattr(out, "dtype"):
+            if not holds(target.dtype, out):  # 2.5 for an int var would run as 2
+                said = out_of_range(target.dtype, out) or f"which {target.dtype} does not hold"
+                raise refused(
+                    f"a Python {type(out).__name__} ({said})",
+                    "return a value of its kind (cast it yourself if a cast is what you mean)",
+                )
+            return jnp.full(target.shape, out, target.dtype)
         return out
 
     try:
         closed = C.make_jaxpr(one_array, *[spec_of(v) for v in inputs])
     except (TypeError, ValueError) as e:
+        if returned and isinstance(e, SliceError):
+            raise  # one_array's, for the Python number fn returned
         raise SliceError(f"{what} ({type_of(target)}) failed to trace: {e}") from None
     out = closed.out_avals
     # a list or dict of one array is not the value itself
@@ -70,10 +89,7 @@ def replacement_jaxpr(
     ):
         got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out) or "nothing (no array)"
         got = f"{type(returned[0]).__name__} of {got}" if container else got
-        raise SliceError(
-            f"{what} must give {type_of(target)}, got {got}; return a value shaped like "
-            f"{target.name!r}"
-        )
+        raise refused(got)
     return closed
 
 

@@ -36,7 +36,7 @@ from ._errors import SelectionError, SliceError, short_list, type_of, warn
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._promotion import holds, out_of_range
+from ._promotion import holds, is_key, not_a_key, out_of_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site, at_some_iterations, patch_of, rules_entered, sub_jaxpr
@@ -364,12 +364,18 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         fn = value_or_fn
     else:
         value = value_or_fn
-        if jax.dtypes.issubdtype(var.dtype, jax.dtypes.extended):  # a PRNG key
-            if getattr(value, "dtype", None) != var.dtype:
+        given = getattr(value, "dtype", None)
+        if is_key(var.dtype) or is_key(given):  # a PRNG key on either side: no NumPy value
+            if given != var.dtype:
+                fix = (
+                    f"give a key of its kind ({var.dtype}: jax.random.key(...), or "
+                    "wrap_key_data of its data)"
+                    if is_key(var.dtype)
+                    else not_a_key(var.dtype)
+                )
                 raise SliceError(
                     f"the replacement for {var.name!r} ({type_of(var)}) is "
-                    f"{getattr(value, 'dtype', type(value).__name__)}; give a key of its "
-                    f"kind ({var.dtype}: jax.random.key(...), or wrap_key_data of its data)"
+                    f"{type(value).__name__ if given is None else given}; {fix}"
                 )
             _check_shape(var, value)
             fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731

@@ -98,6 +98,16 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:
     return out
 
 
+def promoted(given: Any, decided: str) -> str | None:
+    """The dtype a strongly typed array of dtype ``given`` computes with where a Python
+    number was promoted to ``decided`` (``float32`` with bfloat16: float32, where the
+    traced program computes in bfloat16); None where JAX promotes none (a float8, a key)."""
+    try:
+        return jnp.dtype(jnp.promote_types(given, decided)).name
+    except (TypeError, ValueError):  # TypePromotionError is a ValueError
+        return None
+
+
 def holds(dtype: Any, value: Any) -> bool:
     """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
     float < complex, as JAX promotes them; bfloat16 and float8 are floats too), and a
@@ -115,9 +125,23 @@ _PYTHON_KINDS = ((bool, 0), (int, 1), (float, 2), (complex, 3))  # bool before i
 _KINDS = ((jnp.bool_, 0), (jnp.integer, 1), (jnp.floating, 2), (jnp.complexfloating, 3))
 
 
+def is_key(dtype: Any) -> bool:
+    """Whether ``dtype`` is a typed PRNG key's (``jax.random.key``); None, a Python
+    number's, is not."""
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+
+
+def not_a_key(dtype: Any) -> str:
+    """The fix a message gives for a typed key where a value of ``dtype`` was traced: a
+    raw key (``jax.random.PRNGKey``) is integer data, which ``jax.random.key_data``
+    gives of a typed key."""
+    data = " (jax.random.key_data(key) is a key's data)" if _kind(dtype) == 1 else ""
+    return f"give a {jnp.dtype(dtype).name} value, not a key{data}"
+
+
 def _kind(dtype: Any) -> int | None:
     """0 bool, 1 integer, 2 floating, 3 complex; None for anything else (a key)."""
-    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if dtype is None or is_key(dtype):
         return None
     return next((k for t, k in _KINDS if jnp.issubdtype(dtype, t)), None)
 

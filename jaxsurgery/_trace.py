@@ -47,7 +47,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
-from ._promotion import holds, out_of_range, weak_type_decides
+from ._promotion import holds, out_of_range, promoted, weak_type_decides
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -217,10 +217,13 @@ def _trace(
     def decides() -> dict[int, str]:  # looked at when a graph is first called
         return weak_type_decides(closed)
 
+    # the arguments as the function saw them, for the values of the inputs
+    seen = [_as_traced(x, a.dtype) for x, a in zip(leaves, closed.in_avals)] if concrete else None
+
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
-        program = Program(closed, leaves if concrete else None, fold)
+        program = Program(closed, seen, fold)
         phase("naming the values")
         bindings, templates = recorder.qualified(program)
         outputs = list(zip(program.outputs, out_info["paths"]))
@@ -259,7 +262,7 @@ def _trace(
             program,
             names,
             lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
-            leaves if concrete else None,
+            seen,
             title,
             [*notes, *program.notes, *name_notes],
             out_info["tree"],
@@ -285,7 +288,10 @@ def same_avals(
     traced dtype holds (an ``int`` where a float was traced) is converted to it; a
     ``float`` where an ``int`` was traced is not. Where a Python number traced
     decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`), an
-    array given for it is refused: ``jax.jit`` would trace another program.
+    array given for it is refused where ``jax.jit`` would trace another program: where
+    its dtype promotes to another than the one decided (a float32 array where
+    ``x_bf16 * 2.5`` computed in bfloat16); one that promotes to it (a bfloat16
+    array) computes what the number did, and is converted to the traced dtype exactly.
     """
     out = []
     for k, (name, new, old) in enumerate(zip(names, flat, traced)):
@@ -294,15 +300,22 @@ def same_avals(
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
-        if was_weak and not weak and k in decides():
+        decided = decides().get(k) if was_weak and not weak else None
+        computes = None if decided is None else promoted(dtype, decided)
+        if decided is not None and computes != decided:
+            would = (
+                f"make the function compute in {computes} instead"
+                if computes
+                else f"not be promoted with {decided} (jax.jit(f) refuses it)"
+            )
             raise SliceError(
                 f"argument `{name}` was traced as a Python number (weakly typed "
-                f"{traced_dtype}), which the traced program computes with as {decides()[k]}; "
-                f"an array of {traced_dtype} would make the function compute in "
-                f"{traced_dtype} instead. Pass a Python number (or a weakly typed array), "
-                "or trace with an array to call it with arrays"
+                f"{traced_dtype}), which the traced program computes with as {decided}; "
+                f"an array of {dtype} would {would}. Pass a Python number (or a weakly "
+                "typed array), or trace with an array to call it with arrays"
             )
-        if weak and dtype != traced_dtype and holds(traced_dtype, new):
+        exact = decided is not None and jnp.can_cast(dtype, traced_dtype, casting="safe")
+        if dtype != traced_dtype and (exact or (weak and holds(traced_dtype, new))):
             new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
         if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"
@@ -315,8 +328,16 @@ def same_avals(
                 "Trace with these (js.trace(f, *new_args)), or trace one example and jax.vmap "
                 "the function you build from it"
             )
-        out.append(new)
+        out.append(_as_traced(new, traced_dtype))
     return out
+
+
+def _as_traced(x: Any, dtype: Any) -> Any:
+    """``x`` as the traced program takes it: of ``dtype``, the dtype JAX made of it. A
+    NumPy float64 array or int64 is float32 or int32 to JAX without x64, and a Python
+    number an array: the values of the inputs (``g.value``, ``values_fn``) are what
+    the function saw, as under ``jax.jit``, not what the caller passed."""
+    return x if getattr(x, "dtype", None) == dtype else jnp.asarray(x, dtype)
 
 
 def _dtype(x: Any) -> Any:

@@ -270,3 +270,114 @@ def test_an_integer_constant_outside_the_vars_range_is_refused():
     with pytest.raises(js.SliceError, match=r"outside uint8's range"):
         g.replace("y", 2**70)  # past int64 too: the range, not "not of its kind"
     allclose(g.replace("y", np.int64(200)).as_function()(jnp.array([1, 2, 3], jnp.uint8)), 200.0)
+
+
+def test_a_python_complex_tangent_for_a_real_var_is_refused_by_name():
+    """``g.jvp("x", "y", 1j)`` for a float32 ``x``: a SliceError naming the input, as
+    ``s(1j)`` says (NumPy's TypeError 'float() argument must be ...' came through);
+    a Python number the dtype holds is still a tangent."""
+
+    def f(x):
+        y = jnp.sin(x) * 2
+        return y
+
+    g = js.trace(f, jnp.float32(0.5))
+    with pytest.raises(
+        js.SliceError, match=r"tangent for input 'x' must be float32\[\], got a Python complex"
+    ):
+        g.jvp("x", "y", 1j)
+    with pytest.raises(
+        js.SliceError, match=r"cotangent for output 'y' must be float32\[\], got a Python complex"
+    ):
+        g.vjp("x", "y", 1j)
+    allclose(g.jvp("x", "y", 1)[1], 2 * jnp.cos(0.5))
+    allclose(g.vjp("x", "y", 1.0)[1], 2 * jnp.cos(0.5))
+
+
+def test_a_value_is_not_replaced_by_a_key():
+    """``g.replace`` of a raw uint32 key (``jax.random.PRNGKey``) or a float value by a
+    typed key: a SliceError asking for a value of the var's dtype (a raw key took
+    NumPy's TypeError 'JAX array with PRNGKey dtype cannot be converted', a float
+    value 'float32 does not hold: it would be truncated')."""
+
+    def f(key, x):
+        k1, k2 = jax.random.split(key)
+        h = jax.random.normal(k1, (3,)) * x
+        return h.sum()
+
+    args = (jax.random.PRNGKey(0), jnp.ones(3))
+    g = js.trace(f, *args)
+    with pytest.raises(
+        js.SliceError,
+        match=r"'k1' \(uint32\[2\]\) is key<fry>; give a uint32 value, not a key \(jax\.random\.key_data",
+    ):
+        g.replace("k1", jax.random.key(5))
+    with pytest.raises(
+        js.SliceError, match=r"'h' \(float32\[3\]\) is key<fry>; give a float32 value, not a key$"
+    ):
+        g.replace("h", jax.random.key(5))
+    data = jax.random.key_data(jax.random.key(5))
+    allclose(g.replace("k1", data).as_function()(*args), jax.random.normal(data, (3,)).sum())
+
+
+def test_a_replacement_function_returning_a_python_number_is_taken_as_the_value_is():
+    """``g.replace("c", lambda c: 0)`` for a float32 var: the 0 is taken for every
+    element, as ``g.replace("c", 0)`` takes it (it was refused: 'must give float32[],
+    got int32[]'); a number the dtype does not hold is refused by its Python type."""
+
+    def f(x):
+        c = jnp.sum(x) * 2.0
+        n = x.astype(jnp.uint8) * 2
+        return c + n.sum()
+
+    x = jnp.ones(3)
+    g = js.trace(f, x)
+    allclose(g.replace("c", lambda c: 0).as_function()(x), g.replace("c", 0).as_function()(x))
+    allclose(g.replace("c", lambda c: 0).as_function()(x), 6.0)
+    allclose(g.replace("n", lambda n: 7).as_function()(x), 27.0)
+    with pytest.raises(
+        js.SliceError, match=r"'n' must give uint8\[3\], got a Python float \(which"
+    ):
+        g.replace("n", lambda n: 2.5)
+    with pytest.raises(js.SliceError, match=r"got a Python int \(300 is outside uint8's range"):
+        g.replace("n", lambda n: 300)
+
+
+def test_the_value_of_an_input_is_what_the_function_saw():
+    """NumPy float64 and int64 arguments and a Python float (x64 off): the inputs'
+    values are float32 and int32 arrays, as the function saw them, from g.value and
+    values_fn, eagerly as under jax.jit (they were the arguments as passed)."""
+
+    def h(x, n, a):
+        return jnp.sin(x) * n * a
+
+    args = (np.ones(3), np.int64(3), 2.5)
+    g = js.trace(h, *args)
+    want = {"x": jnp.float32, "n": jnp.int32, "a": jnp.float32}
+    assert {v.name: v.dtype for v in g.inputs} == want
+    assert {k: g.value(k).dtype for k in want} == want
+    for values_fn in (g.values_fn(list(want)), jax.jit(g.values_fn(list(want)))):
+        assert {k: v.dtype for k, v in values_fn(*args).items()} == want
+    allclose(g.value("x"), np.ones(3))
+
+
+def test_an_array_that_promotes_as_the_python_number_did_is_taken():
+    """``f(x_bf16, 2.5)`` computes ``x * s`` in bfloat16: a bfloat16 array for ``s``
+    computes the same program under jax.jit, and the whole function takes it (it was
+    refused, in a message naming float32); an array that promotes otherwise is
+    refused by its own dtype."""
+
+    def f(x, s):
+        return jnp.sin(x * s)
+
+    x = jnp.ones(3, jnp.bfloat16)
+    g = js.trace(f, x, 2.5)
+    got = g.as_function()(x, jnp.bfloat16(1.5))
+    assert got.dtype == jnp.bfloat16
+    allclose(got.astype(jnp.float32), jax.jit(f)(x, jnp.bfloat16(1.5)).astype(jnp.float32))
+    with pytest.raises(
+        js.SliceError, match=r"an array of float16 would make the function compute in float32"
+    ):
+        g.as_function()(x, jnp.float16(1.5))
+    with pytest.raises(js.SliceError, match=r"an array of float8_e4m3fn would not be promoted"):
+        g.as_function()(x, jnp.float8_e4m3fn(1.5))

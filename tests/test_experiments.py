@@ -265,6 +265,16 @@ def test_a_typed_key_is_patched_with_a_key():
         p({"k1": jnp.zeros((), jnp.uint32)}, key, x)
 
 
+def test_a_value_is_not_patched_with_a_key():
+    """A typed key for a float value: the SliceError asks for a float32 value (it said
+    'give a key of the var's kind', of a float32 var)."""
+    p = js.trace(lambda x: jnp.sin(x).sum(), jnp.ones(3)).patch_fn("%1")
+    with pytest.raises(
+        js.SliceError, match=r"is key<fry>, the var is float32; give a float32 value"
+    ):
+        p({"%1": jax.random.split(jax.random.key(0), 3)}, jnp.ones(3))
+
+
 def test_a_patch_sweep_inside_a_branch_applies_where_the_branch_runs():
     """patch_fn at a value of a cond branch, as g.replace: the patch applies when the
     branch runs; arguments that take the other branch leave it unused (also under

@@ -575,8 +575,8 @@ def test_a_python_bool_where_a_bool_array_was_traced_is_that_array():
 def test_a_python_number_and_an_array_are_the_same_call_unless_that_changes_a_promotion():
     """JAX types a Python number weakly: ``x_bf16 * 2.5`` is bfloat16, ``x_bf16 *
     jnp.float32(2.5)`` float32. Where a Python number traced decided a promotion (also
-    through a value computed from it) the graph refuses an array for it (jax.jit would
-    trace again); elsewhere it takes either, and a Python number where an array was
+    through a value computed from it) the graph refuses an array for it that promotes
+    otherwise (jax.jit would trace again); elsewhere it takes either, and a Python number where an array was
     traced runs as that array (the program traced)."""
 
     def f(x, s, n):
