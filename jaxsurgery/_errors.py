@@ -54,12 +54,21 @@ def warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def no_reverse_through_while(fix: str = "") -> Iterator[None]:
-    """JAX refusing reverse mode through a ``while_loop`` inside, as a SliceError
-    saying what to do (``fix``: one more way out)."""
+def jax_derivative_refusals(fix: str = "") -> Iterator[None]:
+    """JAX refusing a derivative of what runs inside, as a SliceError saying what to
+    do: reverse mode through a ``while_loop`` (``fix``: one more way out), or any
+    derivative through an ``io_callback`` (inside a jitted call or a loop, where a
+    slice's own check does not look)."""
     try:
         yield
     except ValueError as e:
+        if "IO callbacks do not support" in str(e):
+            raise SliceError(
+                "the derivative reaches an io_callback that reads a value it perturbs, "
+                "and JAX differentiates no io_callback (jax.grad of your function fails "
+                "the same way); log with jax.debug.callback, which derivatives pass "
+                "through, or ask for values the io_callback does not read"
+            ) from None
         if "while_loop" not in str(e):
             raise
         raise SliceError(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError, no_reverse_through_while, warn
+from ._errors import SliceError, jax_derivative_refusals, warn
 from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class GradsFunction:
         return dropped_derivatives(closed.jaxpr, closed.jaxpr.invars[len(specs) :])
 
     def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
-        with no_reverse_through_while():
+        with jax_derivative_refusals():
             grads, hits = jax.grad(self._total(flat_args), has_aux=True)(self._zeros())
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}

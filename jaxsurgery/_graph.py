@@ -30,7 +30,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
-from ._errors import SelectionError, SliceError, check_like, no_reverse_through_while, warn
+from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
 from ._names import Names
 from ._program import Program
 from ._scopes import scope_path
@@ -373,7 +373,8 @@ class Graph:
             tangents = tuple(tangents)
         flat = check_like(tangents, s._in_tree, s.in_vars, "tangent", "input")
         primals = s.input_values()
-        return jax.jvp(s, primals, s._as_args(_select.unflatten(s._in_tree, flat)))
+        with jax_derivative_refusals():
+            return jax.jvp(s, primals, s._as_args(_select.unflatten(s._in_tree, flat)))
 
     def vjp(self, inputs: Selector, outputs: Selector, cotangents: Any) -> tuple[Any, Any]:
         """``(outputs, cotangentsᵀ·∂outputs/∂inputs)`` at the traced values.
@@ -383,7 +384,7 @@ class Graph:
         self._require_args("g.vjp")
         s = self._differentiable_slice(inputs, outputs)
         flat = check_like(cotangents, s._out_tree, s.out_vars, "cotangent", "output")
-        with no_reverse_through_while():
+        with jax_derivative_refusals():
             out, pullback = jax.vjp(s, *s.input_values())
             return out, s._from_args(pullback(_select.unflatten(s._out_tree, flat)))
 
@@ -426,7 +427,7 @@ class Graph:
         jac = jax.jacfwd if mode == "fwd" else jax.jacrev
         args = s.input_values()
         argnums = tuple(range(len(args)))
-        with no_reverse_through_while(fix=", or mode='fwd'"):
+        with jax_derivative_refusals(fix=", or mode='fwd'"):
             result = jac(s, argnums=argnums)(*args)
         return s._from_args_tree(result)
 

@@ -519,10 +519,11 @@ def _any_instance(word: str) -> re.Pattern | None:
         elif depth == 0 and c == "@":  # the iterations end the whole name
             at = i
             break
-        elif depth == 0 and c == "/":
-            marked.append(_LEVEL_END)
+        elif depth == 0 and c == "/" and marked[-1:] != ["*"]:  # ('*' takes '#k' already,
+            marked.append(_LEVEL_END)  # and '**/' stays a glob's any levels or none)
         marked.append(c)
-    marked.append(_LEVEL_END)
+    if marked[-1:] != ["*"]:
+        marked.append(_LEVEL_END)
     text = "".join(marked) + word[at:]
     regex = compile_glob(text)
     source = re.escape(text) if regex is None else regex.pattern
@@ -661,8 +662,7 @@ def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) ->
     if pattern is not None:
         return name if matched == name else f"{name} (as {matched})"
     stem = label.strip("'\"")
-    base, at, iterations = stem.partition("@")
-    numbered = re.compile(rf"{re.escape(base)}#\d+{re.escape(at + iterations)}")
+    numbered = _any_instance(stem)  # h#k; layer#i/h#k for a path without its numbers
     if name == stem or numbered.fullmatch(name):
         return name
     found = next((a for a in graph._var(i).aliases if numbered.fullmatch(a)), None)

@@ -341,6 +341,8 @@ class Slice:
         )
         notes += tuple(dropped_derivatives(jaxpr, jaxpr.invars))
         notes += tuple(read_by_derivative(graph, in_vars, out_vars))
+        # (one at the top reads a perturbed value: the window keeps it for that; one
+        # inside a call kept whole may not, and JAX refuses only those that do)
         if any(e.primitive.name == "io_callback" for e in eqns):
             notes += (IO_CALLBACK_NOTE,)
         s = cls(

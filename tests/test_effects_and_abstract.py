@@ -424,3 +424,17 @@ def test_a_slice_keeping_an_io_callback_says_it_has_no_derivative(log):
             ask()
     # a slice the callback reads nothing of differentiates as usual
     np.testing.assert_allclose(g.jvp("x", "h", jnp.ones(3))[1], 1 - jnp.tanh(x) ** 2, rtol=1e-6)
+
+    @jax.jit
+    def logged_sin(h):  # inside a call the slice keeps whole: JAX's refusal, as a SliceError
+        io_callback(lambda v: log.append(np.asarray(v).tolist()), None, h, ordered=True)
+        return jnp.sin(h)
+
+    g = js.trace(lambda x: jnp.sum(logged_sin(jnp.tanh(x)) * 3), x)
+    h = g.select(primitive="tanh").one()
+    for ask in (
+        lambda: g.jvp(h, "out", jnp.ones(3)),
+        lambda: g.grads("out", wrt=h),
+    ):
+        with pytest.raises(js.SliceError, match="reaches an io_callback that reads a value"):
+            ask()

@@ -338,6 +338,8 @@ def test_a_path_without_call_numbers_selects_every_numbered_instance():
     assert len(g.select("qk")) == 2  # a scope entered once in each block
     # the insides of every instance, by a glob that matches nothing as written
     assert set(every) <= set(g.select("_block/_layer/*").names)
+    assert g.select("_block/**/_layer/h").names == every  # "**/": any levels, or none
+    assert g.select("**/_layer/h").names == every
     # values: the layers' own, computed by hand
     h, hs = x, []
     for _ in range(2):
@@ -349,7 +351,10 @@ def test_a_path_without_call_numbers_selects_every_numbered_instance():
     for name, want in zip(every, hs):
         assert jnp.allclose(g.value(name), want)
     # where one var is needed, it is ambiguous like a bare name several bindings share
-    with pytest.raises(js.SelectionError, match=r"'_block/_layer/h' is ambiguous: it matches"):
+    with pytest.raises(
+        js.SelectionError,
+        match=r"'_block/_layer/h' is ambiguous: it matches _block#0/_layer#0/h, _block#0/_layer#1/h",
+    ):
         g["_block/_layer/h"]
     assert g["_block#1/_layer#0/h"] is g.select("_block/_layer/h")[2]
     # keyed by the names they matched: one gradient per instance, as one key each
