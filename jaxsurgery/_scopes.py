@@ -174,9 +174,10 @@ def _parts(path: str) -> tuple[list[str], bool]:
     return parts, backward
 
 
-#: the name JAX gives a checkpoint's recomputation in a backward pass: a mark of the
-#: transform, not a scope of the user's (it grouped a backward pass's values as
-#: ``grad(rematted_computation)#1/%15``)
+#: the name JAX gives a checkpoint's recomputation in a backward pass, named
+#: ``recomputed`` (``recomputed#1/%15``: the forward values a checkpoint computes again
+#: there; they were ``grad(rematted_computation)#1/%15``, JAX's word, and not a
+#: backward pass's values)
 _RECOMPUTED = "rematted_computation"
 
 
@@ -190,8 +191,8 @@ def _label(part: str) -> tuple[str, bool]:
             break
         backward = backward or head == "transpose"
         part = inner[:-1]
-    if part == _RECOMPUTED:  # (what follows is not the backward pass's own scope)
-        return "", False
+    if part == _RECOMPUTED:  # forward values, recomputed: not the backward pass's own
+        return "recomputed", True  # (marked: no grad() around it)
     if not part:
         return "", backward
     scope = "/".join(scope_parts(part)) if "/" in part else part

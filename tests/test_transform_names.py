@@ -1491,20 +1491,26 @@ def _remat_loss(p, x):
     return jnp.sum(jax.checkpoint(_remat_block)(p, blk) ** 2)
 
 
-def test_a_checkpoints_recomputation_in_a_backward_pass_is_no_scope():
+def test_a_checkpoints_recomputation_in_a_backward_pass_is_named_recomputed():
     """JAX marks a checkpoint's recomputation in the backward pass with the name
-    ``rematted_computation``, a mark of the transform like ``jvp()``: it grouped the
-    backward pass's values as ``grad(rematted_computation)#1/%15`` (and a linen
-    ``nn.remat`` block's as ``grad(Net)/Net/rematted_computation#0/...``)."""
+    ``rematted_computation``: the forward values computed again there are
+    ``recomputed``, not a backward pass's scope (they were
+    ``grad(rematted_computation)#1/%15``, JAX's word), and apart from the backward
+    pass's own instances (a linen ``nn.remat`` block's ``Dense_0`` is one instance
+    there, not ``#0`` and ``#1``)."""
     x, p = jnp.array([0.3, -0.2, 0.5]), jnp.eye(3) * 0.7 + 0.1
     net = _RematNet()
     variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
-    for g in (
-        js.trace(jax.grad(_remat_loss), p, x),
-        js.trace(jax.grad(lambda v, x: net.apply(v, x)), variables, jnp.ones((2, 3))),
-    ):
-        assert not [n for n in g.names() if "rematted" in n]
-        assert not [v.scope for v in g.vars if "rematted" in v.scope]
+    g = js.trace(jax.grad(_remat_loss), p, x)
+    assert {v.scope for v in g.vars} == {"", "recomputed"}
+    # the second checkpoint's recomputed `pre` (its backward pass runs first)
+    allclose(g.value("recomputed#0/%15"), p @ jnp.sin(jnp.tanh(p @ x) * 3))
+    g = js.trace(jax.grad(lambda v, x: net.apply(v, x)), variables, jnp.ones((2, 3)))
+    scopes = {v.scope for v in g.vars}
+    # (the backward pass's scopes hold the module's own path again: JAX's name stack)
+    assert "grad(_RematNet)/_RematNet/recomputed/Checkpoint_RematBlock_1/Dense_0" in scopes
+    assert "grad(_RematNet)/_RematNet/Checkpoint_RematBlock_1/Dense_0" in scopes
+    assert not [n for n in g.names() if "rematted" in n or "Dense_0#" in n]
 
 
 def _checked_part(h):
