@@ -557,15 +557,48 @@ def cached_per_mesh(maxsize: int) -> Callable[[_F], _F]:
     return wrap
 
 
+def _explicit_sharding(aval: Any) -> Any:
+    """``aval``'s sharding where it has one of an Explicit mesh (part of the type of a
+    value there), else None."""
+    sharding = getattr(aval, "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or getattr(mesh, "empty", True) or all(s is None for s in spec):
+        return None
+    return sharding
+
+
+def spec_of(aval: Any) -> jax.ShapeDtypeStruct:
+    """A ``ShapeDtypeStruct`` of ``aval`` to trace with: its shape and dtype, and its
+    sharding where that is part of its type (an Explicit mesh's)."""
+    sharding = _explicit_sharding(aval)
+    if sharding is None:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+
+
+def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:
+    """``x``, a value given for one of type ``aval`` (a patch), with ``aval``'s sharding
+    where that is part of its type (an Explicit mesh's; ``stacked``: rows of such values
+    on a new leading axis): a replicated patch of a sharded value made a ``cond``'s
+    branches differ in type."""
+    sharding = _explicit_sharding(aval)
+    if sharding is None:
+        return x
+    spec = jax.sharding.PartitionSpec(None, *sharding.spec) if stacked else sharding.spec
+    if getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) == spec:
+        return x
+    return jax.sharding.reshard(x, spec)
+
+
 def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any:
     """Zeros of ``aval``'s shape and dtype (``stacked`` of them on a new leading axis),
     with its sharding where it has one of an Explicit mesh (the type of a value there)
     unless not ``sharded``."""
     shape = aval.shape if stacked is None else (stacked, *aval.shape)
-    sharding = getattr(aval, "sharding", None) if sharded else None
-    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or getattr(mesh, "empty", True) or all(s is None for s in spec):
+    sharding = _explicit_sharding(aval) if sharded else None
+    if sharding is None:
         return jnp.zeros(shape, aval.dtype)
+    spec, mesh = sharding.spec, sharding.mesh
     if stacked is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
     return jnp.zeros(shape, aval.dtype, out_sharding=sharding)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
+from . import _compat as C
 from . import _select
 from ._errors import SelectionError, SliceError
 from ._promotion import is_key, not_a_key
@@ -175,12 +176,12 @@ def _patch_value(x: Any, key: str, v: Var, rows: int = 0) -> Any:
             f"the patch for {key!r} has shape {x.shape}, the var has shape {v.shape}; "
             f"give a value of {wanted} (vmap over patches to sweep many)"
         )
-    if x.dtype == v.dtype:
-        return x  # also a typed PRNG key, which has no astype
+    if x.dtype == v.dtype:  # (also a typed PRNG key, which has no astype)
+        return C.resharded_like(x, v.aval, stacked=bool(rows))
     if is_key(v.dtype) or is_key(x.dtype):  # no cast makes a key of a value, or back
         fix = "give a key of the var's kind" if is_key(v.dtype) else not_a_key(v.dtype)
     elif jnp.can_cast(x.dtype, v.dtype, casting="same_kind"):
-        return x.astype(v.dtype)
+        return C.resharded_like(x.astype(v.dtype), v.aval, stacked=bool(rows))
     else:
         fix = "cast the patch"
     raise SliceError(f"the patch for {key!r} is {x.dtype}, the var is {v.dtype}; {fix}")

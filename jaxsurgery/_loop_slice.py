@@ -99,7 +99,7 @@ class _Split:
             outs = [exposed[e] if k is None else flat[n_args + k] for e, k in zip(exposures, same)]
             return [*outs, *hits]
 
-        specs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*graph.inputs, *in_vars)]
+        specs = [C.spec_of(v.aval) for v in (*graph.inputs, *in_vars)]
         closed = C.make_jaxpr(program, *specs)
         self.known, self.known_consts, unknown, self.n_res = C.split_known(
             closed, [False] * n_args + [True] * len(in_vars)

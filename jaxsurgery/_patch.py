@@ -40,7 +40,7 @@ class Extra:
 
 
 def spec_of(var: Var) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(var.shape, var.dtype)
+    return C.spec_of(var.aval)
 
 
 def replacement_jaxpr(
@@ -70,6 +70,8 @@ def replacement_jaxpr(
                     "return a value of its kind (cast it yourself if a cast is what you mean)",
                 )
             return jnp.full(target.shape, out, target.dtype)
+        if getattr(out, "shape", None) == target.shape:  # (of the target's sharding type)
+            return C.resharded_like(out, target.aval)
         return out
 
     try:

@@ -118,7 +118,7 @@ def _zero_somewhere(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> bool:
 
         return jax.linearize(run, *[primals[i] for i in at])[1](*tangents)
 
-    specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in every]
+    specs = [C.spec_of(v.aval) for v in every]
     try:
         traced = C.make_jaxpr(linear, *specs, *[specs[i] for i in at])
     except Exception:  # noqa: BLE001  (not linearizable: the notes stand)
@@ -171,7 +171,7 @@ def _ignores(eqn: C.JaxprEqn, k: int, j: int) -> bool:
 
         return jax.jvp(only_k, (ops[position],), (t,))[1]
 
-    specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in unique]
+    specs = [C.spec_of(v.aval) for v in unique]
     if not np.issubdtype(specs[position].dtype, np.inexact):
         return False
     try:

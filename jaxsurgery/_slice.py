@@ -574,9 +574,7 @@ class Slice:
             >>> jax.export.deserialize(blob).call(jnp.ones(3))
             Array([2., 2., 2.], dtype=float32)
         """
-        specs = _select.unflatten(
-            self._in_tree, [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in self.in_vars]
-        )
+        specs = _select.unflatten(self._in_tree, [C.spec_of(v.aval) for v in self.in_vars])
         self._context()  # concrete context (or an unbound-slice error) before tracing
         run = self
         if self._decisions:

@@ -53,6 +53,15 @@ def scanned(a):
     return c.sum()
 
 
+def with_inputs(a, xs):
+    def step(c, x):
+        u = jnp.sin(c) + x
+        return u, u * 2
+
+    c, ys = jax.lax.scan(step, a, xs)
+    return c.sum() + ys.sum()
+
+
 def check_explicit_mesh():
     """Zeros made for a trip not run, another branch or the iterations not asked for
     have the type of the values they stand for (on an Explicit mesh their sharding is
@@ -77,6 +86,29 @@ def check_explicit_mesh():
         zeros = jnp.zeros_like(a)
         want = jax.grad(perturbed, argnums=(0, 1))(zeros, zeros)
         np.testing.assert_allclose(grads, jnp.stack(want), rtol=1e-6)
+        # a slice from an iteration: its step and the scan after it have the
+        # iteration's sharding (the step's spec had none, and the parts differed)
+        xs = jax.device_put(np.full((10, 8, 32), 0.01, np.float32), P(None, "d", "m"))
+        g = js.trace(with_inputs, a, xs)
+        u3 = g.value("step/u@3")
+
+        def rest(u):  # step 3's output and steps 4.. by hand; steps 0..2's are context
+            c = u
+            total = sum(2 * g.value(f"step/u@{t}").sum() for t in range(3)) + 2 * u.sum()
+            for _ in range(4, 10):
+                c = jnp.sin(c) + 0.01
+                total = total + 2 * c.sum()
+            return c.sum() + total
+
+        np.testing.assert_allclose(g.slice("step/u@3", "out")(u3), rest(u3), rtol=1e-5)
+        # a replicated patch of a sharded value inside a cond branch takes its sharding
+        # (the branches' types differed)
+        patched = js.trace(branching, a).replace("yes/inner", jnp.zeros((8, 32)))
+        np.testing.assert_allclose(patched.value("out"), 256.0)
+        patch = js.trace(branching, a).patch_fn("yes/inner")
+        np.testing.assert_allclose(patch({"yes/inner": jnp.zeros((8, 32))}, a), 256.0)
+        swept = jax.vmap(lambda z: patch({"yes/inner": z}, a))(jnp.zeros((2, 8, 32)))
+        np.testing.assert_allclose(swept, [256.0, 256.0])
         # the gradient of an add traced under this mesh is kept per mesh
         g = js.trace(total_sin, a)
         np.testing.assert_allclose(g.grads("out", ["x"])["x"], jnp.cos(a), rtol=1e-6)
