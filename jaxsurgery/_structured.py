@@ -627,6 +627,9 @@ class _Interpreter:
         # in each trip the loop runs, however many the arguments make
         every = [_descend(p) for p in pending if p.steps[0].iteration is None]
         pending = [p for p in pending if p.steps[0].iteration is not None]
+        if not tail:  # a patch after the last trip a value is asked at changes none of them
+            last = max((_span(p)[1] for p in pending if p.edit.kind != "apply"), default=0)
+            pending = [p for p in pending if p.edit.kind != "apply" or _span(p)[0] < last]
         groups = _merge([q for p in pending for q in _each_iteration(p)])
         at = {t for its, _ in groups for t in its}
         if not tail and not at:

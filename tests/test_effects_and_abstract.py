@@ -365,6 +365,12 @@ def test_a_callback_in_a_while_condition_runs_once_a_trip_with_its_carry(log):
     jax.effects_barrier()
     assert [entry[1] for entry in log] == [0, 1], log
     np.testing.assert_allclose([entry[2] for entry in log], [0.6, 0.3], rtol=1e-6)
+    # a patch at a later trip changes nothing before it: the loop stops where asked
+    patched = g.replace("body/nv@2", lambda v: v * 0.1)
+    log.clear()
+    np.testing.assert_allclose(patched.value("body/nv@0"), 0.3, rtol=1e-6)
+    jax.effects_barrier()
+    assert [entry[1] for entry in log] == [0], log
 
 
 def test_tracing_runs_no_io_callback_that_decides_a_cond_or_a_loop(log):
