@@ -8,6 +8,7 @@ this file alone. Tested with jax 0.10 and the newest release (0.12): see the REA
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -602,6 +603,17 @@ def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any
     if stacked is not None:
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
     return jnp.zeros(shape, aval.dtype, out_sharding=sharding)
+
+
+def concretely(values: Any) -> Any:
+    """A context computing on ``values`` eagerly, also inside a ``jax.jit`` trace (JAX's
+    eval context: a loop runs, which ``jax.ensure_compile_time_eval`` stages there), so
+    that what a graph keeps (a value, a slice's context) is never a tracer of a trace
+    that ends; none where ``values`` hold tracers (a graph traced inside a transform, a
+    slice bound to traced arguments), whose computation is staged."""
+    if any(isinstance(x, _core.Tracer) for x in jax.tree_util.tree_leaves(values)):
+        return contextlib.nullcontext()
+    return _core.eval_context()
 
 
 def staged_normally() -> Any:

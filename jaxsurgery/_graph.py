@@ -343,7 +343,7 @@ class Graph:
             rest = [i for i in missing if i not in set(looped)]
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
             looped = self._with_other_iterations([i for i in looped if i not in whole])
-            with jax.ensure_compile_time_eval():
+            with C.concretely(args):  # kept: no tracer of a jit trace it is asked in
                 if whole:
                     self._run_loop_rows(whole, args)
                 if rest:
@@ -356,7 +356,7 @@ class Graph:
                         raise self._unreached(vars_) from None
                     self._values.update(zip(looped, found))
         values = self._values
-        with jax.ensure_compile_time_eval():  # a row taken eagerly, also under a jit trace
+        with C.concretely(self._flat_args):  # a row taken eagerly, also under a jit trace
             for v in flat:
                 values[v.index] = row_value(values[v.index])
         return _select.unflatten(structure, [values[v.index] for v in flat])
@@ -455,9 +455,10 @@ class Graph:
         found = fn.at_flat(args)
         for note in [*fn.bypassed, *fn._read_by_derivative]:
             warn(f"g.grads: {note}")
-        if any(not jnp.any(g) for g in found.values()):  # a zero (one scalar each): say if a
-            for note in fn.dropped:  # custom rule dropped it (not what the math says)
-                warn(f"g.grads: {note}")
+        concrete = not any(isinstance(g, jax.core.Tracer) for g in found.values())
+        if fn.dropped and concrete and any(not jnp.any(g) for g in found.values()):
+            for note in fn.dropped:  # a zero (one scalar each): say if a custom rule
+                warn(f"g.grads: {note}")  # dropped it (not what the math says)
         return found
 
     def grads_fn(self, out: Selector, wrt: Selector) -> GradsFunction:

@@ -1157,6 +1157,8 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         if inner is None or inner_jitted is not None or not _is_user_function(fn.func):
             return None, None
         return functools.partial(inner, *fn.args, **fn.keywords), None
+    if jitted is None and is_jit(fn):  # (a jit of a partial has functools' __module__)
+        jitted = _jitted(fn)
     if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
         return None, None  # a linen/Haiku module's own methods run as call_method runs them
     haiku = haiku_rewritten(fn, rewritten) if jitted is None else None
@@ -1768,21 +1770,48 @@ class _Jitted(_Memory):
         body, self.reason = _jit_body(fn.__wrapped__)
         self.jit = _rejit(fn, body)
         self.cached = cached  # False: a twin for one call, whose body runs
-        self._fn, self._transformed = fn, None
+        # (weakly: _JITTED keys twins by their functions, which they must not keep alive
+        # with what they close over; a function that died is called no more)
+        self._fn, self._transformed = weakref.ref(fn), None
 
     @property
     def transformed(self) -> Any:
         """The twin that calls under a transform run (made when first needed, around a
         body of its own: JAX keeps one trace cache per function, not per jit)."""
         if self._transformed is None:
-            self._transformed = _rejit(self._fn, _jit_body(self._fn.__wrapped__)[0])
+            fn = self._fn()
+            self._transformed = _rejit(fn, _jit_body(fn.__wrapped__)[0])
         return self._transformed
 
 
+def _user_callable(fn: Any) -> bool:
+    """Whether ``fn`` is a user function, a method of one bound to an object
+    (``jax.jit(self._layer)``) or a ``functools.partial`` of one."""
+    if isinstance(fn, types.MethodType):
+        return _is_user_function(fn.__func__)
+    return _is_user_function(fn.func if _plain_partial(fn) else fn)
+
+
 def _jit_body(fn: Any) -> tuple[Any, str | None]:
-    """What a jit's twin runs in place of the function it jits: the rewritten function,
-    or a decorator's wrapper around it (``@jax.jit @deco``)."""
-    return instrument(fn) if _is_user_function(fn) else rewritten(fn)
+    """What a jit's twin runs in place of the function it jits: the rewritten function
+    (bound to the same object, which the twin holds weakly where it can: the object
+    holding the jit would keep its twin's cache entry alive for good), or a decorator's
+    wrapper around it (``@jax.jit @deco``)."""
+    if not _user_callable(fn):
+        return rewritten(fn)
+    if not isinstance(fn, types.MethodType):
+        return instrument(fn)
+    func, reason = instrument(fn.__func__)
+    try:
+        owner = weakref.ref(fn.__self__)
+    except TypeError:  # not weakly referenceable: held
+        return types.MethodType(func, fn.__self__), reason
+
+    @functools.wraps(fn.__func__)
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return func(owner(), *args, **kwargs)
+
+    return bound, reason
 
 
 def _rejit(fn: Any, body: Any) -> Any:
@@ -1823,7 +1852,7 @@ def _jitted(fn: Any) -> _Jitted | None:
     gets a new twin per call, whose body runs each time.
     """
     inner = getattr(fn, "__wrapped__", None)
-    if not (is_jit(fn) and (_is_user_function(inner) or _wrapped_user_function(inner))):
+    if not (is_jit(fn) and (_user_callable(inner) or _wrapped_user_function(inner))):
         return None
     if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None

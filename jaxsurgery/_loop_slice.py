@@ -239,7 +239,9 @@ class LoopSlice(Slice):
 
     def _context(self) -> list[Any]:
         if self._context_values is None:
-            self._context_values = self._residuals(self._require_args())
+            args = self._require_args()
+            with C.concretely(args):  # (asked under jax.jit first, it kept tracers)
+                self._context_values = self._residuals(args)
         return self._context_values
 
     def _residuals(self, flat_args: Any) -> list[Any]:

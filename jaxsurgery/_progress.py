@@ -240,22 +240,26 @@ class _Watcher:
         with self.cond:
             while True:
                 seen, now = self.added, time.monotonic()
-                watched = [w for w in list(self.watched) if not w.closed]
-                if watched:
-                    self.last = now
-                    for shown in watched:
-                        if now >= shown.due and not shown.closed:
-                            with contextlib.suppress(Exception):  # a closed stream, a bad count
-                                shown.write(shown.state.text(now - shown.start))
-                            shown.due = now + (REDRAW if shown.redraw else LOG_EVERY)
-                    wakes = max(now + 0.01, min(w.due for w in watched))
-                else:
-                    poll = max(DELAY, 0.1)
-                    wakes = now + poll if now < self.last + IDLE else math.inf
-                self.wakes = wakes
+                self.wakes = wakes = self._draw(now)
                 if self.added != seen:
                     continue  # work added meanwhile may not have signalled: look again
                 self.cond.wait(None if wakes == math.inf else wakes - now)
+
+    def _draw(self, now: float) -> float:
+        """Draw the work that is due; when to wake next. (A method, so that the thread
+        keeps no work it looked at while it sleeps: a finished trace's progress holds a
+        count of the trace's recorder, which holds what the traced function called.)"""
+        watched = [w for w in list(self.watched) if not w.closed]
+        if not watched:
+            poll = max(DELAY, 0.1)
+            return now + poll if now < self.last + IDLE else math.inf
+        self.last = now
+        for shown in watched:
+            if now >= shown.due and not shown.closed:
+                with contextlib.suppress(Exception):  # a closed stream, a bad count
+                    shown.write(shown.state.text(now - shown.start))
+                shown.due = now + (REDRAW if shown.redraw else LOG_EVERY)
+        return max(now + 0.01, min(w.due for w in watched))
 
     def forget_thread(self) -> None:
         """In a forked child: the thread is not there (the next work starts one)."""

@@ -408,11 +408,11 @@ class Slice:
     def _context(self) -> list[Any]:
         if self._context_values is None:
             known = self._argument_free_context()
-            self._context_values = (
-                known
-                if known is not None
-                else _evaluate_vars(self.graph, self.context_vars, self._require_args())
-            )
+            if known is None:
+                args = self._require_args()
+                with C.concretely(args):  # (asked under jax.jit first, it kept tracers)
+                    known = _evaluate_vars(self.graph, self.context_vars, args)
+            self._context_values = known
         return self._context_values
 
     def _argument_free_context(self) -> list[Any] | None:

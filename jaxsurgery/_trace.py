@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import sys
+import threading
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -85,11 +86,17 @@ def trace(
     return _reported_trace(fn, args, kwargs, static_argnums, static_argnames)
 
 
+#: one trace at a time in the process: while tracing, library classes are patched
+#: (see _frameworks.library_calls) and put back after; two traces in threads that
+#: overlapped put back each other's patches as the originals, for good
+_TRACING = threading.RLock()  # (reentrant: js.trace inside a traced function)
+
+
 @gc_paused  # saves about a third of the time on 10k-equation programs
 def _reported_trace(fn: Callable[..., Any], *rest: Any) -> Graph:
     """:func:`_trace` with its progress line, the collector paused for both (the line's
     end allocates: a collection it set off would land in the trace)."""
-    with progress(f"tracing {_name(fn)}"):
+    with _TRACING, progress(f"tracing {_name(fn)}"):
         return _trace(fn, *rest)
 
 
@@ -106,6 +113,9 @@ def _trace(
     binder = _ArgBinder(target, static_argnums, static_argnames)
     bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
     concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    # traced inside a transform (js.trace under jax.jit): the values are the
+    # transform's tracers, which decide no cond or loop while tracing
+    deciding = concrete and not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
     run, reason = rewritten(target)
     haiku = haiku_rewritten(target, rewritten) if reason else None
@@ -223,7 +233,7 @@ def _trace(
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
-        program = Program(closed, seen, fold)
+        program = Program(closed, seen if deciding else None, fold)
         phase("naming the values")
         bindings, templates = recorder.qualified(program)
         outputs = list(zip(program.outputs, out_info["paths"]))
@@ -570,11 +580,22 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
     known = _SIGNATURES.get(fn.__code__)
     if known is not None and _same_objects(known[0], parts):
         return known[1]
+    signature = inspect.signature(fn)
+    if not _plain(parts):  # kept, a default (a jitted layer, an array) would stay alive
+        return signature
     if len(_SIGNATURES) > 256:
         _SIGNATURES.clear()
-    signature = inspect.signature(fn)
     _SIGNATURES[fn.__code__] = (parts, signature)  # holds the parts: ids stay theirs
     return signature
+
+
+def _plain(parts: tuple) -> bool:
+    """Whether a function's defaults (of ``(defaults, kwdefaults items, annotation
+    items)``) are only small immutable values (numbers, strings, None, types), which a
+    cache may keep (annotations are types: kept too)."""
+    defaults, kwdefaults, _ = parts
+    values = [*defaults, *(v for _, v in kwdefaults)]
+    return all(v is None or isinstance(v, (bool, int, float, complex, str, type)) for v in values)
 
 
 def _same_objects(a: tuple, b: tuple) -> bool:
@@ -619,6 +640,8 @@ def _parameters(signature: inspect.Signature) -> _Parameters:
         tuple(signature.parameters) if plain else None,
         str(signature),
     )
+    if not all(_plain(((p.default,), (), ())) for p in params if p.default is not p.empty):
+        return found  # (see _signature: what a default holds is not kept)
     if len(_PARAMETERS) > 256:
         _PARAMETERS.clear()
     _PARAMETERS[id(signature)] = (signature, found)

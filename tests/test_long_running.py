@@ -1,0 +1,163 @@
+"""Graphs in long-running programs: what they keep alive, slices jitted before any
+other use, traces from threads, and js.trace inside a jitted function."""
+
+import concurrent.futures
+import functools
+import gc
+import weakref
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import allclose
+
+import jaxsurgery as js
+
+
+def _scanned(x):
+    a = jnp.sin(x)
+
+    def body(h, xi):
+        h2 = jnp.cos(h + xi) * a
+        return h2, h2
+
+    h, _ = jax.lax.scan(body, x, jnp.ones((3, 4)))
+    return h.sum()
+
+
+def _chain(x, w):
+    a = jnp.sin(x)
+    b = jnp.tanh(w @ x)
+    c = jnp.cos(b) * a
+    return c.sum()
+
+
+def test_a_slice_jitted_before_any_other_use_keeps_no_tracer():
+    """A slice's context was first computed under ``jax.jit`` and kept as that trace's
+    tracers: every later eager call or retrace raised UnexpectedTracerError (a slice of
+    a folded loop, and every slice of a patched graph)."""
+    x = jnp.arange(4.0) / 4
+    g = js.trace(_scanned, x)
+    s, z = g.slice("body/h2@1", "h"), g.value("body/h2@1")
+    want = jnp.cos(z + 1.0) * jnp.sin(x)
+    allclose(jax.jit(s)(z), want)
+    allclose(s(z), want)
+    allclose(jax.jit(jax.vmap(s))(jnp.stack([z, z]))[1], want)
+    w = jnp.eye(4) * 0.5
+    patched = js.trace(_chain, x, w).replace("a", lambda a: a * 2.0)
+    s, b = patched.slice("b", "c"), patched.value("b")
+    allclose(jax.jit(s)(b), jnp.cos(b) * jnp.sin(x) * 2.0)
+    allclose(s(b), jnp.cos(b) * jnp.sin(x) * 2.0)
+    allclose(patched.value("a"), jnp.sin(x) * 2.0)
+
+
+def test_a_jitted_function_a_trace_met_is_released_with_what_it_holds(monkeypatch):
+    """Each ``@jax.jit`` function a trace meets gets a rewritten twin, cached per
+    function: the twin held its function, so the cache never let go of it, nor of the
+    arrays it closed over (4 MB a step in a loop making layers); and the progress
+    thread kept the last trace's recorder, which holds what the traced function called."""
+    monkeypatch.setenv("JAXSURGERY_PROGRESS", "1")
+    x, released = jnp.ones(8), []
+    for i in range(3):
+        big = jnp.full((64, 8), float(i))
+
+        @jax.jit
+        def layer(h, big=big):
+            return jnp.tanh(h + big[0])
+
+        def f(x, layer=layer):
+            h = layer(x)
+            return h.sum()
+
+        g = js.trace(f, x)
+        allclose(g.value("layer"), jnp.tanh(x + i))
+        released.append((weakref.ref(layer), weakref.ref(big)))
+        del g, f, layer, big
+    gc.collect()
+    assert [(a(), b()) for a, b in released] == [(None, None)] * 3
+
+
+class _Model:
+    def __init__(self, w):
+        self.w = w
+        self.layer = jax.jit(self._layer)  # a jitted bound method, as in plain-JAX code
+        self.scaled = jax.jit(functools.partial(_scaled_layer, w))  # a jitted partial
+
+    def _layer(self, h):
+        pre = self.w @ h
+        return jnp.tanh(pre)
+
+    def __call__(self, x):
+        h1 = self.layer(x)
+        return self.scaled(h1).sum()
+
+
+def _scaled_layer(w, h):
+    inner = w @ h * 2.0
+    return jnp.sin(inner)
+
+
+def test_names_inside_a_jitted_bound_method_and_a_jitted_partial():
+    """``jax.jit(self._layer)`` and ``jax.jit(functools.partial(f, w))`` hid their
+    values (and the partial's call name) with no note; the bound method's twin holds
+    the object weakly, so the model is released with its jit."""
+    w, x = jnp.eye(4) * 0.5, jnp.linspace(-1.0, 1.0, 4)
+    m = _Model(w)
+    g = js.trace(lambda m, x: m(x), m, x)  # (a static argument: not a pytree)
+    h1 = jnp.tanh(w @ x)
+    allclose(g.value("m/layer/pre"), w @ x)
+    allclose(g.value("m/scaled/inner"), w @ h1 * 2.0)
+    assert not g.notes
+    dead = weakref.ref(m)
+    del g, m
+    gc.collect()
+    assert dead() is None
+
+
+def _two_layers(x):
+    a = jnp.tanh(x)
+    return a.sum()
+
+
+def test_traces_from_threads_run_one_at_a_time_and_put_libraries_back():
+    """While tracing, library classes are patched (an Equinox Sequential names its
+    items); two traces overlapping in threads put back each other's patches as the
+    originals, for good: later traces nested the items' names 20 deep."""
+    call = eqx.nn.Sequential.__dict__["__call__"]
+
+    def work(n):
+        for _ in range(n):
+            assert "a" in js.trace(_two_layers, jnp.ones(4)).names()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, [40, 40]))
+    assert eqx.nn.Sequential.__dict__["__call__"] is call
+    seq = eqx.nn.Sequential([eqx.nn.Linear(3, 3, key=jax.random.key(0)), eqx.nn.Lambda(jnp.tanh)])
+    names = js.trace(lambda m, x: m(x), seq, jnp.ones(3)).names()
+    assert "m/layers[0]" in names and not [n for n in names if "layers[0]/layers[0]" in n]
+
+
+def _branching(x):
+    a = jnp.sin(x)
+    b = jax.lax.cond(a.sum() > 0, lambda t: t * 2.0, lambda t: t - 5.0, a)
+    _, c = jax.lax.while_loop(lambda s: s[0] < 3, lambda s: (s[0] + 1, s[1] * 0.5), (0, b))
+    return c.sum()
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_js_trace_inside_a_transform_keeps_conds_and_loops_whole(transform):
+    """Traced inside ``jax.jit`` (or ``vmap``), the arguments are the transform's
+    tracers, which decide no cond or loop while tracing (converting them to decide
+    raised JAX's tracer errors); the graph's values and gradients are staged."""
+
+    def step(x):
+        g = js.trace(_branching, x)
+        return g.value("out"), g.grads("b", wrt=["a"])["a"]  # (no reverse mode of a while)
+
+    x = jnp.array([0.5, 0.2, -0.1])
+    run = jax.jit(step) if transform == "jit" else (lambda x: jax.vmap(step)(x[None]))
+    value, grad = run(x)
+    a = jnp.sin(x)
+    allclose(jnp.squeeze(value), _branching(x))
+    allclose(jnp.squeeze(grad), jnp.full_like(a, 2.0))  # the cond's branch: a * 2
