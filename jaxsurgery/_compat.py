@@ -8,7 +8,6 @@ this file alone. Tested with jax 0.10 and the newest release (0.12): see the REA
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -605,15 +604,13 @@ def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any
     return jnp.zeros(shape, aval.dtype, out_sharding=sharding)
 
 
-def concretely(values: Any) -> Any:
-    """A context computing on ``values`` eagerly, also inside a ``jax.jit`` trace (JAX's
-    eval context: a loop runs, which ``jax.ensure_compile_time_eval`` stages there), so
-    that what a graph keeps (a value, a slice's context) is never a tracer of a trace
-    that ends; none where ``values`` hold tracers (a graph traced inside a transform, a
-    slice bound to traced arguments), whose computation is staged."""
-    if any(isinstance(x, _core.Tracer) for x in jax.tree_util.tree_leaves(values)):
-        return contextlib.nullcontext()
-    return _core.eval_context()
+def holds_tracer(values: Any) -> bool:
+    """Whether ``values`` (a pytree; a loop's ``Row`` counts by its array) hold a tracer:
+    a value computed under a transform (``g.value`` inside ``jax.jit``, or from a
+    tracer the function closes over), which belongs to that trace and is not kept."""
+    return any(
+        isinstance(getattr(x, "array", x), _core.Tracer) for x in jax.tree_util.tree_leaves(values)
+    )
 
 
 def staged_normally() -> Any:

@@ -33,6 +33,7 @@ from ._control_flow import LOOP_PRIMITIVES
 from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
 from ._names import Names
 from ._program import Program
+from ._promotion import as_traced
 from ._scopes import scope_path
 from ._structured import Edit, Row, Site, Step, Structured, check_hits, row_value
 from ._traceback import boundary
@@ -212,7 +213,8 @@ class Graph:
         self._edited_apart = edited_apart or bool(self._patched_sites)
         self._names = names
         self._flatten_args = flatten_args
-        self._flat_args = None if flat_args is None else tuple(flat_args)
+        self._given_args = None if flat_args is None else tuple(flat_args)
+        self._converted_args: tuple | None = None
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
@@ -343,7 +345,7 @@ class Graph:
             rest = [i for i in missing if i not in set(looped)]
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
             looped = self._with_other_iterations([i for i in looped if i not in whole])
-            with C.concretely(args):  # kept: no tracer of a jit trace it is asked in
+            with jax.ensure_compile_time_eval():
                 if whole:
                     self._run_loop_rows(whole, args)
                 if rest:
@@ -356,10 +358,30 @@ class Graph:
                         raise self._unreached(vars_) from None
                     self._values.update(zip(looped, found))
         values = self._values
-        with C.concretely(self._flat_args):  # a row taken eagerly, also under a jit trace
+        with jax.ensure_compile_time_eval():  # a row taken eagerly, also under a jit trace
             for v in flat:
                 values[v.index] = row_value(values[v.index])
-        return _select.unflatten(structure, [values[v.index] for v in flat])
+        found = [values[v.index] for v in flat]
+        self._forget_traced()
+        return _select.unflatten(structure, found)
+
+    @property
+    def _flat_args(self) -> tuple | None:
+        """The traced arguments as the function saw them (:func:`as_traced`), converted
+        when first needed: a large float64 NumPy weight is not copied by js.trace."""
+        if self._converted_args is None and self._given_args is not None:
+            self._converted_args = tuple(
+                as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs)
+            )
+        return self._converted_args
+
+    def _forget_traced(self) -> None:
+        """Drop the kept values that are a transform's tracers (computed inside
+        ``jax.jit``, or from a tracer the function closes over): kept, a later call
+        outside that trace raised UnexpectedTracerError."""
+        for cache in (self._values, self._loop_rows):
+            for k in [k for k, x in cache.items() if C.holds_tracer(x)]:
+                del cache[k]
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
         """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``.

@@ -238,11 +238,13 @@ class LoopSlice(Slice):
         return {f"residual[{k}]": x for k, x in enumerate(self._context())}
 
     def _context(self) -> list[Any]:
-        if self._context_values is None:
-            args = self._require_args()
-            with C.concretely(args):  # (asked under jax.jit first, it kept tracers)
-                self._context_values = self._residuals(args)
-        return self._context_values
+        if self._context_values is not None:
+            return self._context_values
+        with jax.ensure_compile_time_eval():
+            found = self._residuals(self._require_args())
+        if not C.holds_tracer(found):  # (computed under jax.jit: that trace's, not kept)
+            self._context_values = found
+        return found
 
     def _residuals(self, flat_args: Any) -> list[Any]:
         return C.eval_jaxpr(self._known, (), *self._known_consts, *flat_args)

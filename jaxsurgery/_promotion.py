@@ -108,6 +108,21 @@ def promoted(given: Any, decided: str) -> str | None:
         return None
 
 
+def as_traced(x: Any, dtype: Any) -> Any:
+    """``x``, an argument, as the traced program takes it: of ``dtype``, the dtype JAX
+    made of it (a NumPy float64 array or an int64 is float32 or int32 to JAX without
+    x64), a Python number weakly typed as ``jax.jit`` takes it (``s * v_bf16`` stays
+    bfloat16): the values of the inputs are what the function saw, not what the caller
+    passed."""
+    if getattr(x, "dtype", None) == dtype:
+        return x
+    if isinstance(x, (bool, int, float, complex)):
+        weak = jnp.asarray(x)
+        if weak.dtype == dtype:
+            return weak
+    return jnp.asarray(x, dtype)
+
+
 def holds(dtype: Any, value: Any) -> bool:
     """Whether ``dtype`` holds a Python number, bool or array of this kind (bool < int <
     float < complex, as JAX promotes them; bfloat16 and float8 are floats too), and a

@@ -406,14 +406,14 @@ class Slice:
         return self._flat_args
 
     def _context(self) -> list[Any]:
-        if self._context_values is None:
-            known = self._argument_free_context()
-            if known is None:
-                args = self._require_args()
-                with C.concretely(args):  # (asked under jax.jit first, it kept tracers)
-                    known = _evaluate_vars(self.graph, self.context_vars, args)
-            self._context_values = known
-        return self._context_values
+        if self._context_values is not None:
+            return self._context_values
+        found = self._argument_free_context()
+        if found is None:
+            found = _evaluate_vars(self.graph, self.context_vars, self._require_args())
+        if not C.holds_tracer(found):  # (computed under jax.jit: that trace's, not kept)
+            self._context_values = found
+        return found
 
     def _argument_free_context(self) -> list[Any] | None:
         """The context when it needs no arguments (none, or only the program's constants),

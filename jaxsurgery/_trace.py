@@ -48,7 +48,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
-from ._promotion import holds, out_of_range, promoted, weak_type_decides
+from ._promotion import as_traced, holds, out_of_range, promoted, weak_type_decides
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -227,13 +227,10 @@ def _trace(
     def decides() -> dict[int, str]:  # looked at when a graph is first called
         return weak_type_decides(closed)
 
-    # the arguments as the function saw them, for the values of the inputs
-    seen = [_as_traced(x, a.dtype) for x, a in zip(leaves, closed.in_avals)] if concrete else None
-
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
-        program = Program(closed, seen if deciding else None, fold)
+        program = Program(closed, leaves if deciding else None, fold)
         phase("naming the values")
         bindings, templates = recorder.qualified(program)
         outputs = list(zip(program.outputs, out_info["paths"]))
@@ -272,7 +269,7 @@ def _trace(
             program,
             names,
             lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
-            seen,
+            leaves if concrete else None,
             title,
             [*notes, *program.notes, *name_notes],
             out_info["tree"],
@@ -338,16 +335,8 @@ def same_avals(
                 "Trace with these (js.trace(f, *new_args)), or trace one example and jax.vmap "
                 "the function you build from it"
             )
-        out.append(_as_traced(new, traced_dtype))
+        out.append(as_traced(new, traced_dtype))
     return out
-
-
-def _as_traced(x: Any, dtype: Any) -> Any:
-    """``x`` as the traced program takes it: of ``dtype``, the dtype JAX made of it. A
-    NumPy float64 array or int64 is float32 or int32 to JAX without x64, and a Python
-    number an array: the values of the inputs (``g.value``, ``values_fn``) are what
-    the function saw, as under ``jax.jit``, not what the caller passed."""
-    return x if getattr(x, "dtype", None) == dtype else jnp.asarray(x, dtype)
 
 
 def _dtype(x: Any) -> Any:

@@ -377,3 +377,22 @@ def test_an_array_that_promotes_as_the_python_number_did_is_taken():
         g.as_function()(x, jnp.float16(1.5))
     with pytest.raises(js.SliceError, match=r"an array of float8_e4m3fn would not be promoted"):
         g.as_function()(x, jnp.float8_e4m3fn(1.5))
+
+
+def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
+    """The values of the inputs are converted as ``jax.jit`` takes them: a Python
+    number weakly typed, so what is computed from it with a bfloat16 array stays
+    bfloat16 (``g.value`` gave a strong float32 array, and float32 results)."""
+
+    def f(s, v):
+        y = s * 2
+        z = y * v
+        return z.sum()
+
+    v = jnp.ones(3, jnp.bfloat16)
+    g = js.trace(f, 0.5, v)
+    y = g.value("y")
+    want = jax.jit(lambda s: s * 2)(0.5)
+    assert y.dtype == want.dtype and y.weak_type == want.weak_type
+    assert (y * v).dtype == jnp.bfloat16
+    assert g.value("s").weak_type

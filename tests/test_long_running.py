@@ -161,3 +161,39 @@ def test_js_trace_inside_a_transform_keeps_conds_and_loops_whole(transform):
     a = jnp.sin(x)
     allclose(jnp.squeeze(value), _branching(x))
     allclose(jnp.squeeze(grad), jnp.full_like(a, 2.0))  # the cond's branch: a * 2
+
+
+def _scaled_scan(x, scale):
+    a = jnp.sin(x) * scale
+
+    def body(h, _):
+        h2 = jnp.cos(h) * scale
+        return h2, None
+
+    h, _ = jax.lax.scan(body, a, None, length=3)
+    return jnp.tanh(h).sum()
+
+
+def test_a_graph_traced_inside_a_jitted_step_over_a_traced_closure():
+    """A training step traces ``lambda x: model(x, params)`` at a fixed ``x`` inside
+    ``jax.jit``: the function closes over the step's tracers, so its values are that
+    trace's (staged, and not kept: computing them eagerly raised UnexpectedTracerError),
+    and so is a replacement that closes over one."""
+    x0 = jnp.arange(3.0) / 3
+
+    def step(scale):
+        g = js.trace(lambda x: _scaled_scan(x, scale), x0)
+        h1 = g.value("_scaled_scan/body/h2@1")
+        s = g.slice("_scaled_scan/body/h2@0", "out")
+        replaced = g.replace("_scaled_scan/a", lambda a: a * 0 + scale).value("out")
+        return g.value("_scaled_scan/a"), h1, s(g.value("_scaled_scan/body/h2@0")), replaced
+
+    a, h1, out, replaced = jax.jit(step)(jnp.float32(2.0))
+    allclose(a, jnp.sin(x0) * 2.0)
+    allclose(h1, jnp.cos(jnp.cos(jnp.sin(x0) * 2.0) * 2.0) * 2.0)
+    allclose(out, _scaled_scan(x0, 2.0))
+    h = jnp.full(3, 2.0)
+    for _ in range(3):
+        h = jnp.cos(h) * 2.0
+    allclose(replaced, jnp.tanh(h).sum())
+    allclose(jax.grad(lambda s: step(s)[0].sum())(2.0), jnp.sin(x0).sum())
