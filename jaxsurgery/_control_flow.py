@@ -66,9 +66,9 @@ INNER_UNROLL_LIMIT = 200
 
 _UNDECIDED = (
     "a cond stays one equation: the index has no value to decide it by (inside a "
-    "folded loop's body, or traced with abstract arguments), so the values inside its "
-    "branches are not named; tag the value you need outside the cond (js.tag), or trace "
-    "with concrete arrays"
+    "folded loop's body, traced with abstract arguments, or inside a transform: js.trace "
+    "under jax.jit), so the values inside its branches are not named; tag the value you "
+    "need outside the cond (js.tag), or trace with concrete arrays outside transforms"
 )
 _AFTER_LOOP = (
     "{what} stays one equation: what decides it comes out of a loop the index keeps "
@@ -334,9 +334,10 @@ class ControlFlow:
         if values is None:
             self.notes.append(
                 "a while_loop stays one equation: its trip count depends on values the "
-                "index does not have (inside a folded loop's body, or traced with "
-                "abstract arguments), so the values inside it are not named; tag the "
-                "value you need outside the loop (js.tag), or trace with concrete arrays"
+                "index does not have (inside a folded loop's body, traced with abstract "
+                "arguments, or inside a transform: js.trace under jax.jit), so the values "
+                "inside it are not named; tag the value you need outside the loop (js.tag), "
+                "or trace with concrete arrays outside transforms"
             )
             self.opaque_loops.append(eqn)
             return None
@@ -537,7 +538,10 @@ def count_trips_compiled(
 
         return _counting_loop(lambda c: test(*cond_consts, *c)[0], step, carry, MAX_TRIPS)[0]
 
-    trips = int(jax.jit(count)(cond_consts, body_consts, carry))
+    if C.holds_tracer((cond_consts, body_consts, carry)):
+        return None  # values of a transform's trace (a closed-over tracer): not counted
+    with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
+        trips = int(jax.jit(count)(cond_consts, body_consts, carry))
     return None if trips > MAX_TRIPS else trips
 
 

@@ -178,7 +178,7 @@ def _parts(path: str) -> tuple[list[str], bool]:
 #: ``recomputed`` (``recomputed#1/%15``: the forward values a checkpoint computes again
 #: there; they were ``grad(rematted_computation)#1/%15``, JAX's word, and not a
 #: backward pass's values)
-_RECOMPUTED = "rematted_computation"
+_RECOMPUTED, _RECOMPUTED_LABEL = "rematted_computation", "recomputed"
 
 
 def _label(part: str) -> tuple[str, bool]:
@@ -192,7 +192,7 @@ def _label(part: str) -> tuple[str, bool]:
         backward = backward or head == "transpose"
         part = inner[:-1]
     if part == _RECOMPUTED:  # forward values, recomputed: not the backward pass's own
-        return "recomputed", True  # (marked: no grad() around it)
+        return _RECOMPUTED_LABEL, True  # (marked: no grad() around it)
     if not part:
         return "", backward
     scope = "/".join(scope_parts(part)) if "/" in part else part
@@ -208,9 +208,10 @@ def _instance_paths(parents: list[int], labels: list[str], its: list[tuple[int, 
     """Full paths with ``#k`` where a scope repeats under the same parent in the same
     loop iterations (once per iteration is one scope, told apart by the iteration).
 
-    In a backward pass (``grad(MLP)/...``) the instances run in reverse: they are
-    numbered from the last, so that ``grad(eqx.nn.MLP)/eqx.nn.Linear#0`` is the
-    backward pass of ``eqx.nn.MLP/eqx.nn.Linear#0``."""
+    In a backward pass (``grad(MLP)/...``, and a checkpoint's ``recomputed`` values
+    there) the instances run in reverse: they are numbered from the last, so that
+    ``grad(eqx.nn.MLP)/eqx.nn.Linear#0`` is the backward pass of
+    ``eqx.nn.MLP/eqx.nn.Linear#0``."""
     counts: dict[tuple, int] = {}
     for parent, label, at in zip(parents, labels, its):
         counts[parent, label, at] = counts.get((parent, label, at), 0) + 1
@@ -220,7 +221,12 @@ def _instance_paths(parents: list[int], labels: list[str], its: list[tuple[int, 
     backward: list[bool] = []
     for parent, label, at in zip(parents, labels, its):
         k = seen[parent, label, at] = seen.get((parent, label, at), -1) + 1
-        backward.append(label.startswith("grad(") or (parent >= 0 and backward[parent]))
+        # (a checkpoint's recomputation runs in the backward pass, in its order too)
+        backward.append(
+            label.startswith("grad(")
+            or label == _RECOMPUTED_LABEL
+            or (parent >= 0 and backward[parent])
+        )
         if backward[-1]:
             k = counts[parent, label, at] - 1 - k
         own = f"{label}#{k}" if (parent, label) in repeated else label

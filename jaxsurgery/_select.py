@@ -686,8 +686,9 @@ def _no_match(
         raise SliceError(
             f"{label} names a value inside a loop iteration, but the graph's while_loop "
             "could not be unrolled: its trip count depends on values and the graph was "
-            "traced with abstract arguments (jax.ShapeDtypeStruct); trace with concrete "
-            "arrays, or use lax.fori_loop/lax.scan with a static trip count"
+            "traced with abstract arguments (jax.ShapeDtypeStruct, or a transform's tracers: "
+            "js.trace under jax.jit); trace with concrete arrays outside transforms, or use "
+            "lax.fori_loop/lax.scan with a static trip count"
         )
     if pattern is not None and (word is None or "*" in word or "?" in word):
         return _no_pattern_match(graph, label, word, pattern)

@@ -197,3 +197,27 @@ def test_a_graph_traced_inside_a_jitted_step_over_a_traced_closure():
         h = jnp.cos(h) * 2.0
     allclose(replaced, jnp.tanh(h).sum())
     allclose(jax.grad(lambda s: step(s)[0].sum())(2.0), jnp.sin(x0).sum())
+
+
+def _long_while(x):
+    def body(s):
+        i, h = s
+        for _ in range(60):  # a body too large to unroll 300 trips of: folded
+            h = jnp.cos(h) * 0.9 + 0.01
+        hb = h
+        return i + 1, hb
+
+    _, h = jax.lax.while_loop(lambda s: s[0] < 300, body, (0, x))
+    return h.sum()
+
+
+def test_a_folded_while_loops_iteration_first_named_inside_jax_jit():
+    """Naming an iteration of a folded while_loop counts its trips; first asked inside
+    ``jax.jit``, the count was that trace's, and ``int()`` of it raised JAX's
+    ConcretizationTypeError."""
+    x0 = jnp.array([0.5, 0.2, -0.1])
+    want = js.trace(_long_while, x0).value("body/hb@5")
+    g = js.trace(_long_while, x0)
+    allclose(jax.jit(lambda z: g.value("body/hb@5") + z)(0.0), want)
+    g = js.trace(_long_while, x0)
+    allclose(jax.jit(lambda h: g.slice("body/hb@5", "h")(h))(want), g.value("h"))

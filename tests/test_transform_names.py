@@ -1503,8 +1503,9 @@ def test_a_checkpoints_recomputation_in_a_backward_pass_is_named_recomputed():
     variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
     g = js.trace(jax.grad(_remat_loss), p, x)
     assert {v.scope for v in g.vars} == {"", "recomputed"}
-    # the second checkpoint's recomputed `pre` (its backward pass runs first)
-    allclose(g.value("recomputed#0/%15"), p @ jnp.sin(jnp.tanh(p @ x) * 3))
+    # the second checkpoint's recomputed `pre`: numbered as the forward calls are,
+    # though its backward pass runs first
+    allclose(g.value("recomputed#1/%15"), p @ jnp.sin(jnp.tanh(p @ x) * 3))
     g = js.trace(jax.grad(lambda v, x: net.apply(v, x)), variables, jnp.ones((2, 3)))
     scopes = {v.scope for v in g.vars}
     # (the backward pass's scopes hold the module's own path again: JAX's name stack)
