@@ -36,7 +36,7 @@ from ._errors import SelectionError, SliceError, short_list, type_of, warn
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._promotion import holds, is_key, not_a_key, out_of_range
+from ._promotion import a_or_an, holds, is_key, not_a_key, out_of_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site, at_some_iterations, patch_of, rules_entered, sub_jaxpr
@@ -391,7 +391,7 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
             kind = getattr(value, "dtype", type(value).__name__)
             raise SliceError(
-                f"the replacement for {var.name!r} ({type_of(var)}) is a {kind} value, which "
+                f"the replacement for {var.name!r} ({type_of(var)}) is {a_or_an(str(kind))} value, which "
                 f"{var.dtype} does not hold: it would be truncated; give a value of its kind "
                 "(cast it yourself if a cast is what you mean)"
             )

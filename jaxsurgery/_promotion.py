@@ -140,6 +140,11 @@ _PYTHON_KINDS = ((bool, 0), (int, 1), (float, 2), (complex, 3))  # bool before i
 _KINDS = ((jnp.bool_, 0), (jnp.integer, 1), (jnp.floating, 2), (jnp.complexfloating, 3))
 
 
+def a_or_an(word: str) -> str:
+    """``word`` with its article: ``a float32``, ``an int32``, ``a uint8``."""
+    return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"
+
+
 def is_key(dtype: Any) -> bool:
     """Whether ``dtype`` is a typed PRNG key's (``jax.random.key``); None, a Python
     number's, is not."""
@@ -151,7 +156,7 @@ def not_a_key(dtype: Any) -> str:
     raw key (``jax.random.PRNGKey``) is integer data, which ``jax.random.key_data``
     gives of a typed key."""
     data = " (jax.random.key_data(key) is a key's data)" if _kind(dtype) == 1 else ""
-    return f"give a {jnp.dtype(dtype).name} value, not a key{data}"
+    return f"give {a_or_an(jnp.dtype(dtype).name)} value, not a key{data}"
 
 
 def _kind(dtype: Any) -> int | None:

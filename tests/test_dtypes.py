@@ -396,3 +396,15 @@ def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
     assert y.dtype == want.dtype and y.weak_type == want.weak_type
     assert (y * v).dtype == jnp.bfloat16
     assert g.value("s").weak_type
+
+
+def test_a_message_names_an_int_value_with_its_article():
+    """(It said 'give a int32 value'.)"""
+
+    def f(i, x):
+        j = i * 2
+        return x * j
+
+    g = js.trace(f, jnp.int32(3), jnp.ones(2))
+    with pytest.raises(js.SliceError, match=r"give an int32 value, not a key$"):
+        g.replace("j", jax.random.key(1))
