@@ -112,10 +112,11 @@ def _trace(
     static_argnums, static_argnames = _jit_statics(fn, target, static_argnums, static_argnames)
     binder = _ArgBinder(target, static_argnums, static_argnames)
     bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
-    concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-    # traced inside a transform (js.trace under jax.jit): the values are the
-    # transform's tracers, which decide no cond or loop while tracing
-    deciding = concrete and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+    # abstract (a ShapeDtypeStruct), or traced inside a transform (js.trace under
+    # jax.jit: the values are the transform's tracers, which decide no cond or loop)
+    kinds = {type(x) for x in leaves}
+    concrete = not any(issubclass(t, jax.ShapeDtypeStruct) for t in kinds)
+    deciding = concrete and not any(issubclass(t, jax.core.Tracer) for t in kinds)
 
     run, reason = rewritten(target)
     haiku = haiku_rewritten(target, rewritten) if reason else None
@@ -384,8 +385,8 @@ def _title_name(fn: Any) -> str:
 def _check_leaf(name: str, leaf: Any) -> None:
     """A TraceError naming the argument when JAX cannot take ``leaf`` as an array (an
     integer past int32/int64, an object array)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return
+    if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
+        return  # (a jax.Array is one: the common case, checked first)
     try:
         jax.typeof(leaf)
     except (TypeError, OverflowError, ValueError) as e:
