@@ -557,7 +557,7 @@ def cached_per_mesh(maxsize: int) -> Callable[[_F], _F]:
     return wrap
 
 
-def _explicit_sharding(aval: Any) -> Any:
+def explicit_sharding(aval: Any) -> Any:
     """``aval``'s sharding where it has one of an Explicit mesh (part of the type of a
     value there), else None."""
     sharding = getattr(aval, "sharding", None)
@@ -570,7 +570,7 @@ def _explicit_sharding(aval: Any) -> Any:
 def spec_of(aval: Any) -> jax.ShapeDtypeStruct:
     """A ``ShapeDtypeStruct`` of ``aval`` to trace with: its shape and dtype, and its
     sharding where that is part of its type (an Explicit mesh's)."""
-    sharding = _explicit_sharding(aval)
+    sharding = explicit_sharding(aval)
     if sharding is None:
         return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
@@ -581,7 +581,7 @@ def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:
     where that is part of its type (an Explicit mesh's; ``stacked``: rows of such values
     on a new leading axis): a replicated patch of a sharded value made a ``cond``'s
     branches differ in type."""
-    sharding = _explicit_sharding(aval)
+    sharding = explicit_sharding(aval)
     if sharding is None:
         return x
     spec = jax.sharding.PartitionSpec(None, *sharding.spec) if stacked else sharding.spec
@@ -595,7 +595,7 @@ def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any
     with its sharding where it has one of an Explicit mesh (the type of a value there)
     unless not ``sharded``."""
     shape = aval.shape if stacked is None else (stacked, *aval.shape)
-    sharding = _explicit_sharding(aval) if sharded else None
+    sharding = explicit_sharding(aval) if sharded else None
     if sharding is None:
         return jnp.zeros(shape, aval.dtype)
     spec, mesh = sharding.spec, sharding.mesh

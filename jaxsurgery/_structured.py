@@ -949,10 +949,9 @@ def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:
     # (of the rows' own type: on an Explicit mesh their sharding is part of it, which
     # the scatter is told: it cannot tell it from its operands)
     zeros = jnp.repeat(jnp.zeros_like(rows[:1]), length, axis=0)
-    sharding = getattr(jax.typeof(zeros), "sharding", None)
-    explicit = sharding is not None and not getattr(sharding.mesh, "empty", True)
+    sharding = C.explicit_sharding(jax.typeof(zeros))
     at = zeros.at[np.asarray(its)]
-    return at.set(rows, out_sharding=sharding) if explicit else at.set(rows)
+    return at.set(rows) if sharding is None else at.set(rows, out_sharding=sharding)
 
 
 def _and(a: Any, b: Any) -> Any:
