@@ -369,11 +369,13 @@ class Graph:
     def _flat_args(self) -> tuple | None:
         """The traced arguments as the function saw them (:func:`as_traced`), converted
         when first needed: a large float64 NumPy weight is not copied by js.trace."""
-        if self._converted_args is None and self._given_args is not None:
-            self._converted_args = tuple(
-                as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs)
-            )
-        return self._converted_args
+        if self._converted_args is not None or self._given_args is None:
+            return self._converted_args
+        with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
+            found = tuple(as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs))
+        if not C.holds_tracer(found):  # (a transform's tracers, as traced: not kept)
+            self._converted_args = found
+        return found
 
     def _forget_traced(self) -> None:
         """Drop the kept values that are a transform's tracers (computed inside

@@ -749,7 +749,10 @@ class _Inliner(ControlFlow):
         if needed:
             with jax.ensure_compile_time_eval():
                 eval_equations([self.eqns[k] for k in sorted(needed)], env)
-        return [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
+        found = [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
+        # (from a tracer the function closes over, traced inside a transform: its values
+        # decide nothing while tracing, as an abstract trace's)
+        return None if C.holds_tracer(found) else found
 
     def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:
         """Note concrete values of flat atoms found another way (an unrolled while's

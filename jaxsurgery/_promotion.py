@@ -114,7 +114,7 @@ def as_traced(x: Any, dtype: Any) -> Any:
     x64), a Python number weakly typed as ``jax.jit`` takes it (``s * v_bf16`` stays
     bfloat16): the values of the inputs are what the function saw, not what the caller
     passed."""
-    if getattr(x, "dtype", None) == dtype:
+    if hasattr(x, "dtype") and x.dtype == dtype:  # (np.dtype(None) is float64)
         return x
     if isinstance(x, (bool, int, float, complex)):
         weak = jnp.asarray(x)

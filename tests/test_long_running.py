@@ -9,6 +9,7 @@ import weakref
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import allclose
 
@@ -221,3 +222,48 @@ def test_a_folded_while_loops_iteration_first_named_inside_jax_jit():
     allclose(jax.jit(lambda z: g.value("body/hb@5") + z)(0.0), want)
     g = js.trace(_long_while, x0)
     allclose(jax.jit(lambda h: g.slice("body/hb@5", "h")(h))(want), g.value("h"))
+
+
+def _sine(x):
+    h = jnp.sin(x)
+    return h * 2
+
+
+def test_a_numpy_argument_converted_when_first_needed_under_jax_jit():
+    """A float64 NumPy argument is converted to float32 (what the function saw) when
+    first needed: first needed under ``jax.jit``, the conversion was that trace's and
+    was kept, and every later value raised UnexpectedTracerError."""
+    x = np.linspace(0.0, 1.0, 4)  # float64
+    g = js.trace(_sine, x)
+    want = jnp.sin(jnp.asarray(x, jnp.float32))
+    allclose(jax.jit(lambda: g.value("h"))(), want)
+    allclose(jax.jit(lambda z: g.value("h") + z)(0.0), want)
+    allclose(g.value("h"), want)
+    assert g.value("x").dtype == jnp.float32
+
+
+def test_a_closed_over_tracer_deciding_a_loop_or_cond_traced_inside_jax_jit():
+    """Traced inside ``jax.jit`` at concrete arguments, a cond or while_loop decided by
+    a tracer the function closes over raised JAX's tracer errors: it stays whole."""
+    v0 = jnp.array([1.0, 2.0, 3.0])
+
+    def looped(v, thr):
+        def body(st):
+            i, v = st
+            return i + 1, v * 0.9 + 0.01
+
+        i, v = jax.lax.while_loop(lambda st: st[1].sum() > thr, body, (0, v))
+        return v.sum() * i
+
+    def branched(v, thr):
+        return jax.lax.cond(thr > 0, jnp.sin, jnp.cos, v).sum()
+
+    for fn, other in ((looped, 2.5), (branched, -1.0)):  # another trip count, branch
+
+        @jax.jit
+        def step(thr, fn=fn):
+            g = js.trace(lambda v: fn(v, thr), v0)
+            return g.value(g.outputs[0])
+
+        allclose(step(1.0), fn(v0, 1.0))
+        allclose(step(other), fn(v0, other))
