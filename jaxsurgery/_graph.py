@@ -479,7 +479,7 @@ class Graph:
         found = fn.at_flat(args)
         for note in [*fn.bypassed, *fn._read_by_derivative]:
             warn(f"g.grads: {note}")
-        concrete = not any(isinstance(g, jax.core.Tracer) for g in found.values())
+        concrete = not C.holds_tracer(found)
         if fn.dropped and concrete and any(not jnp.any(g) for g in found.values()):
             for note in fn.dropped:  # a zero (one scalar each): say if a custom rule
                 warn(f"g.grads: {note}")  # dropped it (not what the math says)

@@ -237,14 +237,9 @@ class LoopSlice(Slice):
         """Context values (the residuals of the split), ``residual[k]``."""
         return {f"residual[{k}]": x for k, x in enumerate(self._context())}
 
-    def _context(self) -> list[Any]:
-        if self._context_values is not None:
-            return self._context_values
+    def _computed_context(self) -> list[Any]:
         with jax.ensure_compile_time_eval():
-            found = self._residuals(self._require_args())
-        if not C.holds_tracer(found):  # (computed under jax.jit: that trace's, not kept)
-            self._context_values = found
-        return found
+            return self._residuals(self._require_args())
 
     def _residuals(self, flat_args: Any) -> list[Any]:
         return C.eval_jaxpr(self._known, (), *self._known_consts, *flat_args)

@@ -406,13 +406,19 @@ class Slice:
         return self._flat_args
 
     def _context(self) -> list[Any]:
+        """The context values, computed once (not kept when computed under a transform,
+        from its tracers: they are that trace's)."""
         if self._context_values is not None:
             return self._context_values
+        found = self._computed_context()
+        if not C.holds_tracer(found):
+            self._context_values = found
+        return found
+
+    def _computed_context(self) -> list[Any]:
         found = self._argument_free_context()
         if found is None:
             found = _evaluate_vars(self.graph, self.context_vars, self._require_args())
-        if not C.holds_tracer(found):  # (computed under jax.jit: that trace's, not kept)
-            self._context_values = found
         return found
 
     def _argument_free_context(self) -> list[Any] | None:
