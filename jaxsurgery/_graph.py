@@ -362,7 +362,8 @@ class Graph:
             for v in flat:
                 values[v.index] = row_value(values[v.index])
         found = [values[v.index] for v in flat]
-        self._forget_traced()
+        if missing and C.holds_tracer(found):  # (only what was computed now can be one)
+            self._forget_traced()
         return _select.unflatten(structure, found)
 
     @property
