@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
+from ._copying import Shared
 from ._errors import SelectionError, SliceError
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from ._select import Selector
 
 
-class ValuesFunction:
+class ValuesFunction(Shared):
     """``f(*args, **kwargs) -> {key: value}``: see :meth:`Graph.values_fn`."""
 
     def __init__(self, graph: Graph, selector: Selector):
@@ -68,7 +69,7 @@ class ValuesFunction:
         }
 
 
-class PatchFunction:
+class PatchFunction(Shared):
     """``p(patches, *args, **kwargs) -> outputs``: see :meth:`Graph.patch_fn`."""
 
     def __init__(self, graph: Graph, selector: Selector):
@@ -134,7 +135,7 @@ class PatchFunction:
         return _select.unflatten(graph._out_tree, outs)
 
 
-class AttributionFunction:
+class AttributionFunction(Shared):
     """``a(clean_args, corrupt_args, **kwargs) -> {key: attribution}``: see
     :meth:`Graph.attribution_fn`."""
 

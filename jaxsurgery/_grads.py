@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
+from ._copying import Shared
 from ._errors import SliceError, jax_derivative_refusals, warn
 from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
@@ -47,7 +48,7 @@ def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
-class GradsFunction:
+class GradsFunction(Shared):
     """``fn(*args, **kwargs) -> {name: d(sum of out)/d(var)}``, traceable and jittable."""
 
     def __init__(self, graph: Graph, out: Any, wrt: Any):

@@ -30,6 +30,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
+from ._copying import Identical
 from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
 from ._names import Names
 from ._program import Program
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from ._slice import Slice
 
 
-class Var:
+class Var(Identical):
     """One value of the program: an input, a constant, or an equation output.
 
     Vars are hashable and compare by identity; a Var belongs to one Graph.
@@ -167,7 +168,7 @@ def short_type(aval: Any) -> str:
 Selector = Any  # int | str | re.Pattern | Var | Selection | a list/tuple/dict of these
 
 
-class Graph:
+class Graph(Identical):
     """The traced program of a function, with named, selectable vars.
 
     Made by :func:`jaxsurgery.trace`; never mutated.

@@ -32,6 +32,7 @@ import json
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ._copying import Shared
 from ._draw import STYLES, roles
 from ._hierarchy import acyclic, default_depth, expanded_to, hierarchy
 from ._names import is_generated
@@ -49,7 +50,7 @@ def _static(name: str) -> str:
     return resources.files("jaxsurgery").joinpath("static", name).read_text(encoding="utf-8")
 
 
-class View:
+class View(Shared):
     """An interactive picture of a graph (see the module docstring).
 
     Args:

@@ -40,6 +40,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import input_reads
+from ._copying import Shared
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._promotion import holds, out_of_range
@@ -238,7 +239,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     return result, context, notes, dead, cut
 
 
-class Slice:
+class Slice(Shared):
     """A JAX function ``inputs ↦ outputs`` cut out of a :class:`Graph`.
 
     Call it with the input values (a tuple selector means positional arguments; any

@@ -119,3 +119,41 @@ def test_text_table():
 
     big = repr(js.trace(deep, jnp.ones(2)))
     assert "(61 more)" in big and len(big.splitlines()) < 50
+
+
+def test_copies_share_the_traced_program_and_pickling_says_what_to_save():
+    """copy/deepcopy (a dataclass of experiment state, a config copied whole) give
+    working objects; pickle is a TypeError naming the object and what to save."""
+    import copy
+    import pickle
+
+    import equinox as eqx
+
+    model = eqx.nn.MLP(3, 2, width_size=8, depth=2, key=jax.random.key(0))
+    x = jnp.linspace(-1.0, 1.0, 3)
+
+    def loss(model, x):
+        y = model(x)
+        return jnp.sum(y**2)
+
+    g = js.trace(loss, model, x)
+    h = g["eqx.nn.MLP/eqx.nn.Linear#1"]  # the second layer's output, before its relu
+    s = g.slice(h, "out")
+    state = {"graph": g, "var": h, "slice": s, "grads": g.grads_fn("out", wrt=[h])}
+    state["values"] = g.values_fn([h])
+    kept = copy.deepcopy(state)
+    assert kept["graph"] is g and kept["var"] is h and copy.copy(h) is h
+    assert kept["graph"][h.name] is h
+    model2 = eqx.nn.MLP(3, 2, width_size=8, depth=2, key=jax.random.key(1))
+    np.testing.assert_allclose(kept["slice"](g.value(h)), loss(model, x), rtol=1e-6)
+    grads = eqx.filter_jit(kept["grads"])(model2, x)[h.name]
+    ref = jax.grad(lambda e: jnp.sum(model2.layers[2](jax.nn.relu(e)) ** 2))(
+        model2.layers[1](jax.nn.relu(model2.layers[0](x)))
+    )
+    np.testing.assert_allclose(grads, ref, rtol=1e-5)
+    shallow = copy.copy(s)
+    assert shallow is not s and float(shallow(g.value(h))) == float(s(g.value(h)))
+    for obj in (g, h, s, state["grads"], state["values"], g.select("out")):
+        with pytest.raises(TypeError, match=r"cannot pickle a jaxsurgery \w+: .*serialize\(\)"):
+            pickle.dumps(obj)
+    assert jax.export.deserialize(s.export().serialize()).call(g.value(h)) == s(g.value(h))
