@@ -122,6 +122,13 @@ def _spec(node: ast.expr) -> Any:
         return {k.value: _spec(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Constant):
         return node.value
+    if (  # a negative number: -0.5 is unary minus around 0.5
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub | ast.UAdd)
+        and isinstance(node.operand, ast.Constant)
+        and type(node.operand.value) in (int, float, complex)
+    ):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
     if isinstance(node, ast.Subscript):
         dtype = parse_dtype(ast.unparse(node.value))
         dims = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]

@@ -166,6 +166,12 @@ def _strongest(a: str, b: str) -> str:
     return a if _ORDER.index(a) <= _ORDER.index(b) else b
 
 
+def check_depth(depth: Any) -> None:
+    """A SelectionError unless ``depth`` is None or an int >= 1 (``g.draw``, ``g.view``)."""
+    if depth is not None and (type(depth) is not int or depth < 1):
+        raise SelectionError(f"depth={depth!r} is not a depth: pass an int >= 1, or None")
+
+
 def layout_graph(
     graph: Graph,
     highlight: Any = None,
@@ -176,8 +182,7 @@ def layout_graph(
     """Nodes and edges to draw: every var, or the groups of the tree collapsed."""
     from ._graph import short_type
 
-    if depth is not None and (not isinstance(depth, int) or depth < 1):
-        raise SelectionError(f"depth={depth!r} is not a depth: pass an int >= 1, or None")
+    check_depth(depth)
     role_of = roles(graph, highlight)
     base = "faded" if role_of else "plain"
     edges_v = graph._program.var_edges()
@@ -368,7 +373,10 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
         rows.setdefault(layer[n.key], []).append(n)
     _order(rows, edges)
     legend = _legend(nodes)
-    box_w, box_h, gap_x, gap_y, pad = 150, 38, 24, 34, 16
+    # labels cut to at least 22 characters, more where that would make two read alike
+    # (params['enc']…['kernel'] and params['dec']…['kernel']); boxes as wide as they need
+    chars = min_width_apart([n.label for n in nodes], 22)
+    box_w, box_h, gap_x, gap_y, pad = max(150, round(chars * 6.8)), 38, 24, 34, 16
     top = pad + (22 if legend else 0)
     width = pad * 2 + max(len(r) for r in rows.values()) * (box_w + gap_x) - gap_x
     width = max(width, pad * 2 + 150 * len(legend))
@@ -413,7 +421,7 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="6" '
             f'fill="{fill}" stroke="{stroke}" stroke-width="{width_px}"{dash}/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 16:.1f}" font-size="12" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(clip_keys(n.label, 22))}</text>'
+            f'fill="{text_color}">{html.escape(clip_keys(n.label, chars))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 30:.1f}" font-size="10" text-anchor="middle" '
             f'fill="{text_color}">{html.escape(clip_left(n.detail, 26))}</text></g>'
         )

@@ -27,22 +27,19 @@ from __future__ import annotations
 
 import functools
 import html
-import itertools
 import json
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ._copying import Shared
-from ._draw import STYLES, roles
+from ._draw import STYLES, check_depth, roles
 from ._hierarchy import acyclic, default_depth, expanded_to, hierarchy
 from ._names import is_generated
 from ._progress import progress
-from ._table import source_label
+from ._table import html_id, source_label
 
 if TYPE_CHECKING:
     from ._graph import Graph
-
-_ids = itertools.count()
 
 
 @functools.cache
@@ -60,6 +57,7 @@ class View(Shared):
     """
 
     def __init__(self, graph: Graph, highlight: Any = None, depth: int | None = None):
+        check_depth(depth)
         self.graph = graph
         self._roles = roles(graph, highlight)
         self._depth = depth
@@ -142,8 +140,13 @@ class View(Shared):
         }
         groups = data["groups"]
         group_columns: dict[str, Any] = {
-            key: [ref(g[key]) for g in groups] for key in ("key", "label", "path", "kind", "glob")
+            key: [ref(g[key]) for g in groups] for key in ("key", "label", "path", "kind")
         }
+        # a call's selector is a list (its result and the glob inside it): a list of refs
+        group_columns["glob"] = [
+            [ref(x) for x in g["glob"]] if isinstance(g["glob"], list) else ref(g["glob"])
+            for g in groups
+        ]
         group_columns["parent"] = [-1 if g["parent"] is None else ref(g["parent"]) for g in groups]
         group_columns["size"] = [g["size"] for g in groups]
         group_columns["depth"] = [g["depth"] for g in groups]
@@ -160,7 +163,7 @@ class View(Shared):
 
     def html(self, standalone: bool = False) -> str:
         """The view as HTML: a fragment for notebooks, or a whole page."""
-        box = f"jsv-{next(_ids)}"
+        box = html_id("jsv-")
         with progress(f"building the view of {len(self.graph.vars)} vars"):
             payload = json.dumps(self.packed(), separators=(",", ":"))
             # no "<", ">" or "&" in the script (a name holding "<!--<script" would

@@ -39,6 +39,7 @@ from __future__ import annotations
 import html
 import itertools
 import re
+import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -66,6 +67,16 @@ ROLE_COLOURS = {
     "context": "128,128,128",
 }
 _ids = itertools.count()
+#: this process's part of every HTML id: outputs of two kernels (a notebook re-run in
+#: part after a restart, two notebooks in one JupyterLab page) share one document
+_SESSION = secrets.token_hex(4)
+
+
+def html_id(prefix: str) -> str:
+    """An id for an HTML output that no other output in the page has: ``js3f9a0c1b-0``."""
+    return f"{prefix}{_SESSION}-{next(_ids)}"
+
+
 # /tmp/ipykernel_1234/2851436257.py: how ipykernel names the file of a cell
 _KERNEL_FILE = re.compile(r"ipykernel_\d+[/\\]\d+\.py$")
 
@@ -260,7 +271,7 @@ def var_table_html(
 ) -> str:
     """One HTML table of vars for notebooks, with a filter box above it; long tables fold
     their middle rows. ``roles`` adds a role column (a slice's table)."""
-    uid = f"js{next(_ids)}"
+    uid = html_id("js")
     columns = list(HTML_COLUMNS)
     if roles is not None:
         columns.insert(1, "role")

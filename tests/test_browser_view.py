@@ -58,3 +58,59 @@ def test_the_page_unpacks_the_data_it_ships(open_page, tmp_path):
     unpacked = page.evaluate(f"JSON.stringify(unpackView({packed}))")
     assert json.loads(unpacked) == json.loads(json.dumps(view.data()))
     assert any(v["aliases"] for v in view.data()["vars"])  # the sparse column is exercised
+
+
+def test_a_call_groups_card_offers_its_result_and_insides(open_page):
+    """A call whose result has a name (``y = layer(x)``: most plain-Python models) ships
+    its selector as a list; the page unpacks it and the card shows the g.select call."""
+    import json
+
+    import jax.numpy as jnp
+
+    import jaxsurgery as js
+
+    def layer(x, w):
+        h = jnp.tanh(x @ w)
+        return h * 2
+
+    def f(x, w):
+        y = layer(x, w)
+        z = layer(y, w)
+        return (y + z).sum()
+
+    g = js.trace(f, jnp.ones((2, 3)), jnp.ones((3, 3)))
+    view = g.view(depth=1)
+    rows = {r["path"]: r for r in view.data()["groups"]}
+    assert rows["layer#0"]["glob"] == ["layer#0", "layer#0/**"]
+    page = open_page(view._repr_html_())
+    page.wait_for_selector(".jsv-node")
+    unpacked = page.evaluate(f"JSON.stringify(unpackView({json.dumps(view.packed())}))")
+    assert json.loads(unpacked) == json.loads(json.dumps(view.data()))
+    page.hover(".jsv-group:has-text('layer#1')")
+    card = page.inner_text(".jsv-card")
+    assert 'g.select(["layer#1", "layer#1/**"])' in card
+    selected = g.select(["layer#1", "layer#1/**"])
+    assert g["layer#1/h"] in selected and g["z"] in selected  # z is the call's result
+
+
+def test_the_view_keeps_labels_that_end_alike_apart(open_page):
+    """Two parameters whose paths end alike read apart in the view's boxes (clipped at
+    22 characters from the left, both read …['Dense_0']['kernel'])."""
+    import jax.numpy as jnp
+
+    import jaxsurgery as js
+
+    def model(params, x):
+        h = x @ params["encoder"]["Dense_0"]["kernel"]
+        return h @ params["decoder"]["Dense_0"]["kernel"]
+
+    w = jnp.ones((3, 3))
+    params = {"encoder": {"Dense_0": {"kernel": w}}, "decoder": {"Dense_0": {"kernel": w}}}
+    page = open_page(js.trace(model, params, jnp.ones(3)).view()._repr_html_())
+    page.wait_for_selector(".jsv-node")
+    kernels = [s for s in labels(page) if "kernel" in s]
+    assert len(kernels) == 2 and len(set(kernels)) == 2, kernels
+    widths = page.eval_on_selector_all(
+        ".jsv-node rect", "els => els.map(e => e.getAttribute('width'))"
+    )
+    assert len(set(widths)) == 1 and float(widths[0]) > 160  # boxes widened to hold them

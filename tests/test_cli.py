@@ -52,6 +52,9 @@ def test_docstring_examples_run():
         ("[]", []),
         ("{'a': [], 'k[]': i32[ ]}", {"a": [], "k[]": S((), jnp.int32)}),
         ("('ab[]', f32[])", ("ab[]", S((), jnp.float32))),
+        # numbers as they are, negative ones too (a unary minus in Python's grammar)
+        ("-0.5", -0.5),
+        ("[-1, +2, -1j]", [-1, 2, -1j]),
     ],
 )
 def test_argument_specs(spec, expected):

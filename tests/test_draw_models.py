@@ -310,3 +310,24 @@ def test_a_slice_cut_from_a_running_loop_shows_its_window_and_context():
     assert out_of["c"] == out_of["ys"] == "input" and out_of["e"] == "output"
     assert "window" in out_of.values()  # ys.sum(0), c * 3.0
     assert "x" not in out_of and out_of["w"] == "context"
+
+
+def test_builtin_picture_labels_stay_apart_as_dots_do():
+    """Without Graphviz (a plain pip install) the built-in layout draws: two Flax-style
+    parameter paths that end alike must not read the same (they did at 22 characters)."""
+    from flax.core import freeze
+
+    def model(params, x):
+        h = x @ params["encoder"]["Dense_0"]["kernel"]
+        return h @ params["decoder"]["Dense_0"]["kernel"]
+
+    w = jnp.ones((3, 3))
+    params = freeze({"encoder": {"Dense_0": {"kernel": w}}, "decoder": {"Dense_0": {"kernel": w}}})
+    g = js.trace(model, params, jnp.ones(3))
+    svg = ET.fromstring(g.draw(engine="builtin").svg)
+    labels = [t.text for t in svg.iter(f"{SVG}text") if t.get("font-size") == "12"]
+    kernels = [label for label in labels if "kernel" in label]
+    assert len(kernels) == 2 and len(set(kernels)) == 2, kernels
+    assert set(kernels) == set(dot_graph(g.to_dot())[0].values()) & set(kernels)
+    widths = {float(r.get("width")) for r in svg.iter(f"{SVG}rect") if r.get("rx") == "6"}
+    assert len(widths) == 1 and widths.pop() >= 150  # boxes widened to hold them

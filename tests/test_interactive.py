@@ -60,7 +60,7 @@ def test_the_page_is_offline_and_standalone(tmp_path):
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "dagre" in page
     assert not re.search(r"""(src|href)=["']?https?:""", page)  # nothing fetched
-    call = r"jaxsurgeryView\(document.getElementById\('jsv-\d+'\), (\{.*\})\);</script>"
+    call = r"jaxsurgeryView\(document.getElementById\('jsv-[0-9a-f]+-\d+'\), (\{.*\})\);</script>"
     payload = json.loads(re.search(call, page, re.S)[1])
     assert payload == json.loads(json.dumps(view.packed()))  # the packed data, whole
     strings, columns = payload["strings"], payload["columns"]
@@ -69,7 +69,7 @@ def test_the_page_is_offline_and_standalone(tmp_path):
     assert "</script>" not in json.dumps(payload)  # names cannot close the script
     fragment = view._repr_html_()
     assert "<!DOCTYPE" not in fragment and fragment.count('class="jsv"') == 1
-    ids = re.findall(r'class="jsv" id="(jsv-\d+)"', fragment + g.view()._repr_html_())
+    ids = re.findall(r'class="jsv" id="(jsv-[0-9a-f]+-\d+)"', fragment + g.view()._repr_html_())
     assert len(set(ids)) == 2  # two views in one notebook do not share ids
 
 
@@ -80,13 +80,37 @@ def test_the_view_takes_what_draw_takes(tmp_path):
     with pytest.raises(js.SelectionError, match="'z9'"):
         g.view(highlight="z9")
     assert g.view(depth=2).data()["expanded"] == []  # no groups in a 16-var MLP's tree
+    for bad in (0, -1, 1.5, "2", True):  # as g.draw says (0 drew the default before)
+        for make in (g.draw, g.view):
+            with pytest.raises(js.SelectionError, match=f"depth={bad!r} is not a depth"):
+                make(depth=bad)
 
 
 def test_a_name_that_opens_an_html_comment_leaves_the_script_whole():
     key = "<!--<script>&"  # raw, it would make HTML read the view's </script> as text
     g = js.trace(lambda p: jnp.sin(p[key]) * 2, {key: jnp.ones(3)})
     page = g.view().html(standalone=True)
-    call = r"jaxsurgeryView\(document.getElementById\('jsv-\d+'\), (\{.*?\})\);</script>"
+    call = r"jaxsurgeryView\(document.getElementById\('jsv-[0-9a-f]+-\d+'\), (\{.*?\})\);</script>"
     script = re.search(call, page, re.S)[1]
     assert not set("<>&") & set(script)  # the data as JSON escapes
     assert f"p[{key!r}]" in json.loads(script)["strings"]  # the name, whole
+
+
+def test_html_ids_differ_between_processes():
+    """Outputs of two kernels share one document (a notebook re-run in part after a
+    restart, two notebooks in one JupyterLab page): their ids must differ, or a new
+    view draws into an old output and a table's fold opens another table's rows."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax.numpy as jnp, jaxsurgery as js\n"
+        "g = js.trace(lambda x: jnp.sin(x) * 2, jnp.ones(3))\n"
+        "print(g.view()._repr_html_()); print(g._repr_html_())\n"
+    )
+    ids = re.compile(r'\bid="((?:jsv-|js)[0-9a-f]+-\d+)"')
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    g = js.trace(lambda x: jnp.sin(x) * 2, jnp.ones(3))
+    here = set(ids.findall(g.view()._repr_html_() + g._repr_html_()))
+    there = set(ids.findall(other.stdout))
+    assert len(here) == 2 and len(there) == 2 and not here & there

@@ -16,7 +16,7 @@ function unpackView(p) {
   for (let k = 0; k < groups.length; k++) {
     groups[k] = {
       key: s[g.key[k]], label: s[g.label[k]], path: s[g.path[k]], kind: s[g.kind[k]],
-      glob: s[g.glob[k]], parent: g.parent[k] < 0 ? null : s[g.parent[k]],
+      glob: Array.isArray(g.glob[k]) ? g.glob[k].map((i) => s[i]) : s[g.glob[k]], parent: g.parent[k] < 0 ? null : s[g.parent[k]],
       size: g.size[k], depth: g.depth[k], also: (g.also[k] || []).map((i) => s[i]),
     };
   }
@@ -48,6 +48,17 @@ function jaxsurgeryView(root, packed) {
   function clipLeft(text, width) {
     return text.length <= width ? text : "\u2026" + text.slice(text.length - width + 1);
   }
+  // the least width from `width` up at which different labels stay apart once clipped
+  // (…['Dense_0']['bias'] of two modules), as min_width_apart in _hierarchy.py
+  function widthApart(labels, width) {
+    const longest = Math.max(width, ...labels.map((t) => t.length));
+    for (; width < longest; width = Math.min(width + 4, longest)) {
+      const seen = new Map();
+      if (labels.every((t) => (seen.has(clipLeft(t, width)) ? seen.get(clipLeft(t, width)) === t
+        : (seen.set(clipLeft(t, width), t), true)))) break;
+    }
+    return width;
+  }
   function el(tag, attrs, parent) {
     const e = document.createElementNS(SVGNS, tag);
     for (const [k, val] of Object.entries(attrs)) e.setAttribute(k, val);
@@ -78,10 +89,12 @@ function jaxsurgeryView(root, packed) {
       }
       if (marked.has(v.index)) n.hit = true;
     });
+    const chars = widthApart(Object.values(nodes).map((n) => n.label), 22);
+    const boxWidth = Math.max(160, Math.round(chars * 7.2));
     // clusters: the open groups around what they hold
     const clusters = new Set();
     Object.values(nodes).forEach((n) => {
-      g.setNode(n.key, { width: 160, height: 40 });
+      g.setNode(n.key, { width: boxWidth, height: 40 });
       let parent = n.group ? n.group.parent : n.v.group;
       if (parent && groups[parent].depth > 0 && expanded.has(parent)) {
         g.setParent(n.key, "c" + parent);
@@ -121,9 +134,9 @@ function jaxsurgeryView(root, packed) {
     Object.values(nodes).forEach((n) => {
       const p = g.node(n.key);
       const box = el("g", { class: "jsv-node jsv-" + n.role + (n.group ? " jsv-group" : "") + (n.hit ? " jsv-hit" : ""), "data-key": n.key }, scene);
-      el("rect", { x: p.x - 80, y: p.y - 20, width: 160, height: 40, rx: 6 }, box);
+      el("rect", { x: p.x - boxWidth / 2, y: p.y - 20, width: boxWidth, height: 40, rx: 6 }, box);
       const t1 = el("text", { x: p.x, y: p.y - 3, class: "jsv-label" }, box);
-      t1.textContent = (n.group ? "\u25b8 " : "") + clipLeft(n.label, 22);
+      t1.textContent = (n.group ? "\u25b8 " : "") + clipLeft(n.label, chars);
       const t2 = el("text", { x: p.x, y: p.y + 12, class: "jsv-detail" }, box);
       t2.textContent = clipLeft(n.detail, 26);
       if (n.group) {
