@@ -73,7 +73,9 @@ def jax_derivative_refusals(fix: str = "") -> Iterator[None]:
             raise
         raise SliceError(
             "the gradients cross a while_loop, and JAX has no reverse mode for it "
-            "(jax.grad of your function fails the same way); use g.jvp / "
+            "(jax.grad of your function fails the same way, unless a custom_vjp rule "
+            "around the loop stands in for it: a value inside that call is differentiated "
+            "through the call's body, loop included); use g.jvp / "
             f"jax.jvp of a slice, or a fori_loop with static bounds (a scan){fix}"
         ) from None
 

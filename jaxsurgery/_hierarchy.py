@@ -333,7 +333,7 @@ class _Builder:
             e = producer[i]
             if e < 0:
                 continue
-            tail = f"/%{i}"
+            tail = f"/%{self.names.number(i)}"
             for a in self.names.aliases[i]:
                 if a.endswith(tail):
                     span = spans.setdefault(a[: -len(tail)], [e, e])

@@ -57,6 +57,14 @@ class Names:
     #: the argument path of each input (``params['w']``; its canonical name may be a
     #: label a library gives it), where known
     arguments: Sequence[str] = ()
+    #: the number in each var's fallback names (``%7``, ``tanh:7``) where it is not the
+    #: var's index: a graph ``g.replace`` spliced keeps the numbers of the graph it was
+    #: made from (its ``%7`` is g's ``%7``), and its new values take numbers after them
+    numbers: Sequence[int] | None = None
+
+    def number(self, i: int) -> int:
+        """The number in var ``i``'s fallback names."""
+        return i if self.numbers is None else self.numbers[i]
 
     def all_names(self) -> list[str]:
         """Every name that selects something, canonical names first."""
@@ -67,7 +75,8 @@ class Names:
 
     def fallbacks(self, i: int) -> tuple[str, str]:
         """``("%12", "tanh:12")``: names every var answers to, made when asked for."""
-        return f"%{i}", f"{self.primitives[i]}:{i}"
+        k = self.number(i)
+        return f"%{k}", f"{self.primitives[i]}:{k}"
 
     def aliases_of(self, i: int) -> tuple[str, ...]:
         chosen = self.canonical[i]
@@ -78,10 +87,29 @@ class Names:
         head, sep, digits = name.rpartition(":") if ":" in name else ("", "%", name[1:])
         if not digits.isdigit() or (sep == "%" and not name.startswith("%")):
             return None
-        i = int(digits)
-        if i >= len(self.canonical) or (sep == ":" and self.primitives[i] != head):
+        i = self._by_number().get(int(digits))
+        if i is None or (sep == ":" and self.primitives[i] != head):
             return None
         return i
+
+    def _by_number(self) -> dict[int, int] | _Indices:
+        """Var index by fallback number (a range: every number is its var's index)."""
+        if self.numbers is None:
+            return _Indices(len(self.canonical))
+        found = self.__dict__.get("_numbered")
+        if found is None:
+            found = self.__dict__["_numbered"] = {k: i for i, k in enumerate(self.numbers)}
+        return found
+
+
+class _Indices:
+    """``{i: i for i in range(n)}`` without building it."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def get(self, k: int) -> int | None:
+        return k if 0 <= k < self.n else None
 
 
 def is_generated(name: str) -> bool:
@@ -202,6 +230,7 @@ def finalize(
     extras: Sequence[Sequence[str]],
     primitives: Sequence[str],
     protected: set[str],
+    numbers: Sequence[int] | None = None,
 ) -> Names:
     """Choose canonical names from each var's candidates, in order.
 
@@ -209,7 +238,8 @@ def finalize(
     answer to it (``protected`` names, the inputs', are canonical even then, unless
     the input is binding ``#0`` of that name: a parameter the body rebinds is
     ``x#0``, so the bare ``x`` is ambiguous like any name bound several times).
-    ``extras`` are aliases that are never canonical.
+    ``extras`` are aliases that are never canonical; ``numbers``: see
+    :attr:`Names.numbers`.
     """
     multi = _multi_names(candidates)
     taken: set[str] = set()
@@ -222,7 +252,7 @@ def finalize(
     for i, cands in enumerate(candidates):
         extra = extras[i]
         if not cands and not extra:  # most vars: nothing but the fallback
-            canonical.append(f"%{i}")
+            canonical.append(f"%{i if numbers is None else numbers[i]}")
             aliases.append(())
             continue
         chosen = None
@@ -233,7 +263,7 @@ def finalize(
             break
         unique = dict.fromkeys(cands)
         if chosen is None:  # the fallback %i: derived on demand, not stored in the tables
-            canonical.append(f"%{i}")
+            canonical.append(f"%{i if numbers is None else numbers[i]}")
         else:
             taken.add(chosen)
             canonical.append(chosen)
@@ -253,11 +283,11 @@ def finalize(
         aliases.append((*unique, *extra) if extra else tuple(unique))
     # a fallback ``%k`` some var answers to selects var k, also where an earlier var
     # took ``%k`` as its canonical name (a tag named "%3")
+    names = Names(canonical, aliases, lookup, by_canonical, numbers=numbers)
     for n in [*made_up, *(lookup.keys() - by_canonical.keys())]:
-        k = n[1:]
-        if n[:1] == "%" and k.isdigit() and int(k) < len(canonical) and canonical[int(k)] == n:
-            by_canonical[n] = max(int(k), by_canonical.get(n, -1))
-    names = Names(canonical, aliases, lookup, by_canonical)
+        k = names.parse_fallback(n) if n[:1] == "%" else None
+        if k is not None and canonical[k] == n:
+            by_canonical[n] = max(k, by_canonical.get(n, -1))
     names.candidates, names.extras, names.protected = candidates, extras, protected
     names.primitives = primitives
     return names

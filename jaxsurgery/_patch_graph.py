@@ -23,6 +23,7 @@ ways:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -279,18 +280,27 @@ def derive(
     sites = {graph._site(i) for i in patched}
     old = graph._names
     candidates: list[list[str]] = [[] for _ in program.vars]
+    # the fallback numbers (%k) of g's values stay theirs, the patched value's too (p's
+    # "%7" is g's "%7", patched); new values (a patch's constants and ops, the value
+    # before the patch) take numbers after every number g has
+    numbers: list[int | None] = [None] * len(program.vars)
     for i, j in enumerate(var_map):
         names = list(old.candidates[i])
         if i in graph._unpatched and _latest(graph._site(i)) in sites:  # one patch older
             names = [f"{n}{UNPATCHED}" for n in names]
         if i in patched:
             candidates[patched[i]].extend(names)
-            names = [f"{n}{UNPATCHED}" for n in names] or [f"%{i}{UNPATCHED}"]
+            numbers[patched[i]] = old.number(i)
+            names = [f"{n}{UNPATCHED}" for n in names] or [f"%{old.number(i)}{UNPATCHED}"]
+        else:
+            numbers[j] = old.number(i)
         candidates[j].extend(names)
+    fresh = itertools.count(max((old.number(i) for i in range(len(var_map))), default=-1) + 1)
+    numbered = [next(fresh) if k is None else k for k in numbers]
     extras: list[list[str]] = [[] for _ in program.vars]
-    for var, name in scope_names(program)[1]:
+    for var, name in scope_names(program, numbers=numbered)[1]:
         extras[var].append(name)
-    names = finalize(candidates, extras, program.primitives, old.protected)
+    names = finalize(candidates, extras, program.primitives, old.protected, numbered)
     names.arguments = old.arguments  # the same inputs, first
     return Graph(
         program,

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from . import _compat as C
@@ -40,6 +41,7 @@ def scope_names(
     iterations: bool = True,
     saved: frozenset[int] = frozenset(),
     state: frozenset[int] = frozenset(),
+    numbers: Sequence[int] | None = None,
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """``(var index, name)`` pairs: outputs of scope instances, and their insides.
 
@@ -51,7 +53,8 @@ def scope_names(
     state (BatchNorm statistics, ``hk.set_state``): returning them does not make them
     an instance's outputs, unless nothing else leaves it, so that under
     ``mutable=["batch_stats"]`` (or ``transform_with_state``) ``"Net/Block_0"`` is the
-    block's value, not also its statistics.
+    block's value, not also its statistics. ``numbers``: the number of each var's
+    ``scope/%k`` name where it is not the var's index (see ``Names.numbers``).
     """
     eqns = program.jaxpr.eqns
     parents: list[int] = []  # per instance: its parent instance, or -1
@@ -114,7 +117,8 @@ def scope_names(
                     residuals.setdefault(inst, []).append(v)
                 # the iterations last, as in every name of a value per iteration:
                 # "blk/*@3" is what blk holds in iteration 3
-                inside.append((v, f"{plain[inst]}/%{v}{suffixes[e]}"))
+                k = v if numbers is None else numbers[v]
+                inside.append((v, f"{plain[inst]}/%{k}{suffixes[e]}"))
     names.extend((v, paths[i]) for i, vs in residuals.items() if i not in named for v in vs)
     return names, inside
 

@@ -217,7 +217,13 @@ def keyed(graph: Graph, selector: Any) -> tuple[list[str], list[Var]]:
     for item in items:
         if isinstance(item, (str, re.Pattern)):
             found = select(graph, [item])
-            if isinstance(item, str) and len(found) == 1 and item in found.matched:
+            if (
+                isinstance(item, str)
+                and len(found) == 1
+                # a name, or a path whose one numbered instance it selects ("row/h@1" is
+                # "row#0/h@1"): keyed as written
+                and (item in found.matched or compile_glob(item) is None)
+            ):
                 pairs = [(item, found[0])]
             elif len(set(found.matched)) == len(found):
                 pairs = list(zip(found.matched, found))

@@ -72,6 +72,29 @@ def test_values_fn_keys_a_glob_by_the_names_it_matched(mlp):
         allclose(got[layer_name(k)], ref, rtol=1e-5)
 
 
+def test_a_path_naming_one_numbered_instance_is_keyed_as_written():
+    """``lax.map(row, xs, batch_size=3)`` calls ``row`` twice (the batches' scan, then
+    the remainder): "row/h@1" is "row#0/h@1", and the results say "row/h@1"."""
+
+    def f(w, xs):
+        def row(r):
+            h = jnp.tanh(r @ w)
+            return h * 2
+
+        ys = jax.lax.map(row, xs, batch_size=3)
+        return jnp.sum(ys**2)
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(1), (7, 4))
+    g = js.trace(f, w, xs)
+    got = jax.jit(g.values_fn(["row/h@1", "row/h@0"]))(w, -xs)
+    assert set(got) == {"row/h@1", "row/h@0"}
+    allclose(got["row/h@1"], jnp.tanh(-xs[3:6] @ w), rtol=1e-5)
+    grads = g.grads("out", ["row/h@1"])
+    assert list(grads) == ["row/h@1"]
+    allclose(grads["row/h@1"], 8 * jnp.tanh(xs[3:6] @ w), rtol=1e-5)  # d(sum (2h)^2)/dh
+
+
 def test_values_fn_stops_after_the_last_selected_value(mlp):
     g = js.trace(forward, mlp, jnp.ones(4))
     f = g.values_fn(layer_name(0))

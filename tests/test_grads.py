@@ -220,3 +220,32 @@ def test_gradients_at_a_run_of_iterations_are_one_edit(T):
     picked = [v.name for v in g.select("body/*@*") if v.shape == (4,)][1:4]
     with pytest.raises(js.SliceError, match="cross a while_loop"):
         g.grads_fn("out", {"h": picked})(*new, 6)
+
+
+def test_grads_inside_a_custom_vjp_around_a_while_loop_say_why_the_rule_does_not_help():
+    """jax.grad of the function takes the rule; a gradient at a value inside the call
+    differentiates its body, loop included, which JAX refuses: the message must not
+    claim that jax.grad of the function fails too, without a word on the rule."""
+
+    @jax.custom_vjp
+    def sqrt_newton(a):
+        def body(c):
+            x, i = c
+            x_new = 0.5 * (x + a / x)
+            return x_new, i + 1
+
+        x, _ = jax.lax.while_loop(lambda c: c[1] < 4, body, (a, 0))
+        return x
+
+    sqrt_newton.defvjp(lambda a: (sqrt_newton(a), sqrt_newton(a)), lambda r, ct: (ct * 0.5 / r,))
+
+    def f(a):
+        r = sqrt_newton(a)
+        return jnp.sum(r * 2.0)
+
+    a = jnp.array([2.0, 9.0])
+    g = js.trace(f, a)
+    allclose(g.grads("out", ["r"])["r"], jnp.full(2, 2.0))  # outside the call: fine
+    with pytest.raises(js.SliceError, match="unless a custom_vjp rule around the loop"):
+        g.grads("out", ["sqrt_newton/body/x_new@1"])
+    allclose(jax.grad(f)(a), 1 / jnp.sqrt(a), rtol=1e-3)  # the rule answers for the loop

@@ -352,3 +352,42 @@ def test_an_output_replaced_by_a_constant(patch):
     allclose(g.value("out"), want)
     allclose(jax.grad(g.as_function())(x), jnp.zeros(3))
     allclose(g.value("h"), jnp.sin(x))
+
+
+def test_unnamed_values_keep_their_numbers_in_a_patched_graph():
+    """Values inside library code have no Python name: ``%k`` is how one reaches them.
+    A patched (spliced) graph keeps g's numbers, the patched value's too, so p["%k"] is
+    g["%k"] (patched); the patch's own values take numbers after g's (its captured
+    constant shifted every later %k, and p.grads("out", ["%2"]) read sin(x))."""
+    import equinox as eqx
+
+    def f(x):
+        return jnp.sum(jnp.cos(jnp.sin(x) * 2.0))  # %1 sin, %2 mul, %3 cos
+
+    x = jnp.array([0.3, -1.2, 0.5])
+    g = js.trace(f, x)
+    mask = jnp.array([1.0, 0.0, 1.0])
+    p = g.replace("%2", lambda h: h * mask)
+    assert [p[f"%{k}"].primitive for k in range(4)] == ["input", "sin", "mul", "cos"]
+    allclose(p.value("%2"), jnp.sin(x) * 2.0 * mask)
+    allclose(p.value("%2.unpatched"), jnp.sin(x) * 2.0)
+    allclose(p.grads("out", ["%2"])["%2"], -jnp.sin(jnp.sin(x) * 2.0 * mask))
+    allclose(jax.jit(p.values_fn(["%3"]))(-x)["%3"], jnp.cos(jnp.sin(-x) * 2.0 * mask))
+    news = {v.name for v in p.vars} - {v.name for v in g.vars}
+    assert news == {"%2.unpatched", "%5"}  # the mask, numbered after g's values
+
+    # an Equinox attention: patch the softmax's exp inside jax.nn.softmax; every value
+    # of g answers to its name in p, with its primitive, and those before it its value
+    attn = eqx.nn.MultiheadAttention(2, 8, key=jax.random.key(0))
+    q = jax.random.normal(jax.random.key(1), (3, 8))
+    ga = js.trace(lambda q: attn(q, q, q).sum(), q)
+    target = next(v for v in ga.vars if v.primitive == "exp" and v.name.startswith("%"))
+    pa = ga.replace(target, lambda e: e * 0.5)
+    for v in ga.vars:
+        w = pa[v.name]
+        same = "mul" if v is target else v.primitive  # the patched value: what it computes
+        assert w.primitive == same and w.aval == v.aval, v.name
+        if v.index < target.index:
+            allclose(pa.value(w), ga.value(v))
+    allclose(pa.value(target.name), ga.value(target) * 0.5)
+    assert pa[f"{target.name}.unpatched"].primitive == "exp"
