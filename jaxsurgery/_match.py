@@ -189,9 +189,31 @@ def _find(pattern: Program, target: Program) -> list[_State]:
             continue
         if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
             continue  # an input bound to a literal (relu's max(x, 0.0) for max(a, b))
+        if not _rules_kept(pattern, target, state):
+            continue
         used.update(state.eqn_map.values())
         found.append(state)
     return found
+
+
+def _rules_kept(pattern: Program, target: Program, state: _State) -> bool:
+    """Whether each call with a custom rule in the pattern (``jax.nn.relu``'s
+    ``custom_jvp``) matched a whole call of the same kind: a pattern of ``nn.relu`` is
+    the activation, not every ``max(x, 0.0)`` (LayerNorm's clamp of its variance)."""
+    for region in pattern.regions:
+        if region.primitive not in C.CUSTOM_RULE_PRIMITIVES:
+            continue
+        mapped = {state.eqn_map[e] for e in range(region.start, region.end) if e in state.eqn_map}
+        if not mapped:
+            continue
+        if not any(
+            r.primitive == region.primitive
+            and r.end - r.start == region.end - region.start
+            and all(r.start <= e < r.end for e in mapped)
+            for r in target.regions
+        ):
+            return False
+    return True
 
 
 def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
@@ -358,7 +380,7 @@ def body_edits(
     level: a value passed into a call it is not passed into); and the value each edit
     rewrites, at one iteration (for the warnings a patch there gets)."""
     from ._loop_index import Template, _inner
-    from ._patch_graph import _passed_in
+    from ._patch_graph import _common_level
     from ._structured import Edit as StructuredEdit
     from ._structured import Site, Step
 
@@ -383,18 +405,15 @@ def body_edits(
             steps = (*loop.steps, Step(loop.pos, iteration=t0), *found[0])
             return Site(steps, (found[1],))
 
-        site = at(out)
-        reads = []
-        for read in map(at, ins):
-            if read is None or site is None:
-                reads.append(None)
-            elif read.steps == site.steps:
-                reads.append(read.vars[0])
-            else:
-                reads.append(_passed_in(closed, read, site.steps))
-        if site is None or any(r is None for r in reads):
+        # the deepest level where the output and every input have a var: the output's
+        # call, or out of the jitted calls returning it and the inputs (a pattern over
+        # the results of two calls of a jitted layer in a scan's body)
+        deep = [at(out), *map(at, ins)]
+        common = None if None in deep else _common_level(closed, deep[0], deep[1:])
+        if common is None:
             left.append(name)
             continue
+        site, reads = common
         depth = len(loop.steps)
         around = loop.iterations
         target = index.var(Template(k, out, _inner(template, out), around), t0)

@@ -326,21 +326,90 @@ def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
             "program reads: patch that one, or make this patch on the graph before "
             "the other"
         )
-    reads = []
-    for r in edit.reads:
-        read = graph._site_of(graph._var(r))
-        inner = _passed_in(graph._structure.closed, read, site.steps)
-        if inner is not None:  # an argument of the call the target is in
-            reads.append(inner)
-            continue
-        if read.steps != site.steps:
+    closed = graph._structure.closed
+    reads = [graph._site_of(graph._var(r)) for r in edit.reads]
+    found = [_read_at(closed, [read], site.steps) for read in reads]
+    if any(r is None for r in found):
+        # a rewrite's pattern inside a call that returns its output (tanh ending a jitted
+        # layer): the edit goes inside the call, where the pattern's inputs are
+        deep = [_deep(graph, r) for r in (edit.target, *edit.reads)]
+        common = None if None in deep else _common_level(closed, deep[0], deep[1:])
+        if common is not None:
+            site, found = common
+    for r, var in zip(edit.reads, found):
+        if var is None:
             raise SliceError(
                 f"the replacement for {target.name!r} reads {graph._var(r).name!r}, which "
                 "lives in another call, loop iteration or branch; patch values of one "
                 "level together"
             )
-        reads.append(read.vars[0])
-    return StructuredEdit(site, "apply", edit.closed, tuple(reads))
+    return StructuredEdit(site, "apply", edit.closed, tuple(found))
+
+
+def _deep(graph: Graph, i: int) -> Site | None:
+    """Var ``i``'s site where its equation is, not lifted out of the calls returning it."""
+    found = graph._program.found(i) if i < len(graph._program.vars) else None
+    if found is None:
+        return None
+    steps, jaxpr, bound = found[0], graph._structure.closed.jaxpr, []
+    for d, step in enumerate(steps):  # (as _structured.locate: a branch, a while trip)
+        eqn = jaxpr.eqns[step.eqn]
+        if step.branch is not None or (
+            step.iteration is not None and eqn.primitive.name == "while"
+        ):
+            bound.append(d)
+        jaxpr = sub_jaxpr(eqn, step).jaxpr
+    return Site(steps, (found[1],), tuple(bound))
+
+
+def _common_level(
+    closed: Any, target: Site, reads: Sequence[Site]
+) -> tuple[Site, list[Any]] | None:
+    """The outermost place of ``target`` (out of the calls that return it and do not
+    read it, else as deep as its equation) where every read has a var, and those vars:
+    a pattern that is a whole call (``nn.relu``, a ``custom_jvp``) replaces its result
+    and keeps the call's rule, one ending a jitted layer edits inside the layer."""
+    for site in reversed(_lifted(closed, target, reading=False)):
+        found = [_read_at(closed, _lifted(closed, r, reading=True), site.steps) for r in reads]
+        if all(f is not None for f in found):
+            return site, found
+    return None
+
+
+def _lifted(closed: Any, site: Site, reading: bool) -> list[Site]:
+    """``site``, then the same value out of each call returning it (``jit``,
+    ``checkpoint``...), outermost last; ``reading=False``: only out of calls that do not
+    read it themselves (a patch there leaves their readers inside as they were)."""
+    levels = [closed.jaxpr]
+    for step in site.steps:
+        levels.append(sub_jaxpr(levels[-1].eqns[step.eqn], step).jaxpr)
+    out, steps, var = [site], site.steps, site.vars[0]
+    while steps:
+        eqn, inner = levels[-2].eqns[steps[-1].eqn], levels[-1]
+        at = next((k for k, o in enumerate(inner.outvars) if o is var), None)
+        if (
+            eqn.primitive.name not in C.CALL_PRIMITIVES
+            or at is None
+            or isinstance(eqn.outvars[at], C.DropVar)
+            or (not reading and any(a is var for e in inner.eqns for a in e.invars))
+        ):
+            break
+        steps, var = steps[:-1], eqn.outvars[at]
+        levels.pop()
+        out.append(Site(steps, (var,), tuple(d for d in site.path_bound if d < len(steps))))
+    return out
+
+
+def _read_at(closed: Any, sites: Sequence[Site], steps: tuple) -> Any:
+    """The var at ``steps`` holding the value of the first of ``sites`` (one value at
+    several levels) that is there or is passed into the calls leading there, or None."""
+    for site in sites:
+        if site.steps == steps:
+            return site.vars[0]
+        inner = _passed_in(closed, site, steps)
+        if inner is not None:
+            return inner
+    return None
 
 
 def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:

@@ -229,6 +229,12 @@ def keyed(graph: Graph, selector: Any) -> tuple[list[str], list[Var]]:
                 pairs = list(zip(found.matched, found))
             else:  # a bare name several vars share: each by its own name
                 pairs = [(v.name, v) for v in found]
+        elif isinstance(item, dict):  # its keys would be lost: keyed by var names
+            raise SelectionError(
+                f"a dict inside a list of selectors ({short_list([repr(k) for k in item], 3)}"
+                "): results are keyed by a dict's keys only when it is the whole selector; "
+                "pass one dict, {key: selector, ...}, with every entry in it"
+            )
         else:
             _, flat = tree(graph, item)
             pairs = [(v.name, v) for v in flat]

@@ -28,6 +28,15 @@ def test_the_view_opens_groups_searches_and_draws(open_page, tmp_path):
     assert int(page.get_attribute(".jsv", "data-nodes")) > before
     clusters = page.eval_on_selector_all(".jsv-cluster text", "els => els.map(e => e.textContent)")
     assert clusters == ["▾ Transformer", "▾ Block_2"]
+    # the opened block's boxes are in sight: the picture is fitted again when they would
+    # fall outside the canvas
+    inside = """() => {
+        const canvas = document.querySelector('.jsv-canvas').getBoundingClientRect();
+        const scene = document.querySelector('.jsv-scene').getBoundingClientRect();
+        return scene.left >= canvas.left - 1 && scene.right <= canvas.right + 1 &&
+            scene.top >= canvas.top - 1 && scene.bottom <= canvas.bottom + 1;
+    }"""
+    assert page.evaluate(inside)
     # hovering a var shows its card with a selector to copy
     page.hover(".jsv-node:not(.jsv-group)")
     assert "selector" in page.inner_text(".jsv-card") and "g[" in page.inner_text(".jsv-card")

@@ -239,6 +239,10 @@ def test_experiments_keyed_by_a_dict_stack_what_a_key_selects(mlp):
     allclose(p({"hidden": jnp.stack(a[:2])}, *corrupt), mlp(clean[1]), rtol=1e-5)
     with pytest.raises(js.SliceError, match="leading axis 2"):
         p({"hidden": a[0]}, *corrupt)
+    # a dict inside a list would lose its keys (each var keyed by its name): refused
+    for make in (g.values_fn, g.patch_fn, lambda s: g.grads_fn("out", s)):
+        with pytest.raises(js.SelectionError, match="a dict inside a list of selectors"):
+            make([layer_name(0), {"hidden": inner}])
 
 
 def test_new_arguments_of_other_shapes_are_a_slice_error_naming_the_argument(mlp):

@@ -402,3 +402,137 @@ def test_the_value_before_a_scan_body_rewrite_is_not_called_a_while_loop_patch()
     with pytest.raises(js.SelectionError) as info:
         r["step/hn@3.unpatched"]
     assert "while_loop" not in str(info.value), str(info.value)
+
+
+def test_a_pattern_ending_a_jitted_layer_is_rewritten_inside_the_layer():
+    """``tanh`` is the last op of a ``@jax.jit`` dense layer: the call returns it, but its
+    input is the layer's own ``h @ w + b``; the rewrite edits every call's body (it was a
+    SliceError saying the replacement reads a value of another call)."""
+
+    @jax.jit
+    def dense(w, b, h):
+        return jnp.tanh(h @ w + b)
+
+    def loss(params, x, y):
+        h = x
+        for w, b in params:
+            h = dense(w, b, h)
+        return jnp.mean((h - y) ** 2)
+
+    def loss_gelu(params, x, y):
+        h = x
+        for w, b in params:
+            h = jax.nn.gelu(h @ w + b)
+        return jnp.mean((h - y) ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    params = [(jax.random.normal(k, (8, 8)) / 3, jnp.zeros(8) + 0.1) for k in keys[:4]]
+    x, y = jnp.ones((16, 8)), jnp.zeros((16, 8))
+    g = js.trace(loss, params, x, y)
+    gelu_net = g.rewrite(jnp.tanh, jax.nn.gelu, jnp.ones((16, 8)))
+    x2 = jax.random.normal(keys[4], (16, 8))
+    allclose(jax.jit(gelu_net.as_function())(params, x2, y), loss_gelu(params, x2, y), rtol=1e-5)
+    allclose(
+        jax.grad(gelu_net.as_function())(params, x2, y)[2][0],
+        jax.grad(loss_gelu)(params, x2, y)[2][0],
+        rtol=1e-4,
+    )
+
+
+def test_a_pattern_over_two_calls_of_a_jitted_layer_in_a_scan_is_rewritten_at_both():
+    """In a scan's body, ``v = layer(w, u)`` reads ``u``, the result of the first call:
+    both occurrences of ``tanh(w @ a)`` are rewritten (the second was left, with a
+    warning that the index lists no value there, and the function gave other numbers);
+    also a jitted ``sin`` feeding ``max(0, .)`` in the body."""
+
+    @jax.jit
+    def layer(w, h):
+        act = jnp.tanh(w @ h)
+        return act
+
+    def net(W, x):
+        def step(h, w):
+            u = layer(w, h)
+            v = layer(w, u) + h
+            return v, None
+
+        return jnp.sum(jax.lax.scan(step, x, W)[0])
+
+    def net_gelu(W, x):
+        h = x
+        for w in W:
+            h = jax.nn.gelu(w @ jax.nn.gelu(w @ h)) + h
+        return jnp.sum(h)
+
+    W = jax.random.normal(jax.random.key(0), (5, 3, 3)) / 2
+    x = jax.random.normal(jax.random.key(1), (3,))
+    g = js.trace(net, W, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no occurrence left out
+        rw = g.rewrite(lambda w, a: jnp.tanh(w @ a), lambda w, a: jax.nn.gelu(w @ a), W[0], x)
+    allclose(rw.as_function()(W * 0.7, -x), net_gelu(W * 0.7, -x), rtol=1e-5)
+
+    def h(xs):
+        def step(c, x):
+            v = jax.jit(jnp.sin)(x)
+            a = jnp.maximum(0.0, v)
+            return c + a, None
+
+        return jax.lax.scan(step, jnp.zeros(8), xs)[0]
+
+    xs = jax.random.normal(jax.random.key(2), (3, 8))
+    rw = js.trace(h, xs).rewrite(lambda a: jnp.maximum(0.0, a), jnp.abs, jnp.ones(8))
+    allclose(rw.as_function()(-xs), jnp.abs(jnp.sin(-xs)).sum(0), rtol=1e-6)
+
+
+def test_a_pattern_with_a_custom_rule_matches_whole_calls_of_it_only():
+    """``nn.relu`` is a custom_jvp call of ``max(x, 0.0)``: it matches the activation, not
+    LayerNorm's clamp of its variance (rewritten to gelu too, silently, before), and in
+    a scanned block it replaces the call's result, keeping no bypassed-rule warning."""
+    import flax.linen as nn
+
+    def mlp(act):
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                y = nn.LayerNorm()(x)
+                h = act(nn.Dense(16)(y))
+                return nn.Dense(1)(h).sum()
+
+        return MLP()
+
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    variables = mlp(nn.relu).init(jax.random.key(0), x)
+    g = js.trace(mlp(nn.relu).apply, variables, x)
+    assert len(g.match(nn.relu, jnp.ones((4, 16)))) == 1
+    # a plain max(a, 0.0) is structural: the clamp and the max inside relu
+    assert len(g.match(lambda a: jnp.maximum(a, 0.0), jnp.ones((4, 16)))) == 2
+    rw = g.rewrite(nn.relu, nn.gelu, jnp.ones((4, 16)))
+    x2 = jax.random.normal(jax.random.key(2), (4, 8))
+    allclose(rw.as_function()(variables, x2), mlp(nn.gelu).apply(variables, x2), rtol=1e-5)
+
+    class Block(nn.Module):
+        act: object
+
+        @nn.compact
+        def __call__(self, x, _):
+            h = self.act(nn.Dense(8)(nn.LayerNorm()(x)))
+            return x + h, None
+
+    def net(act):
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                stack = nn.scan(
+                    Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+                )
+                return stack(act)(x, None)[0].sum()
+
+        return Net()
+
+    variables = net(nn.relu).init(jax.random.key(0), x)
+    g = js.trace(net(nn.relu).apply, variables, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the call is replaced whole: its rule is not bypassed
+        rw = g.rewrite(nn.relu, nn.gelu, jnp.ones((4, 8)))
+    allclose(rw.as_function()(variables, x2), net(nn.gelu).apply(variables, x2), rtol=1e-5)

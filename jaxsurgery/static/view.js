@@ -123,7 +123,12 @@ function jaxsurgeryView(root, packed) {
       el("rect", { x: c.x - c.width / 2, y: c.y - c.height / 2, width: c.width, height: c.height, rx: 8 }, box);
       const t = el("text", { x: c.x - c.width / 2 + 8, y: c.y - c.height / 2 + 13 }, box);
       t.textContent = "\u25be " + clipLeft(groups[p].label, 40);
-      box.addEventListener("click", (e) => { e.stopPropagation(); expanded.delete(p); render(); });
+      box.addEventListener("click", (e) => {
+        e.stopPropagation();
+        expanded.delete(p);
+        render.clicked = true;
+        render();
+      });
       box.addEventListener("mouseenter", () => showGroup(groups[p]));
     });
     g.edges().forEach((e) => {
@@ -140,7 +145,7 @@ function jaxsurgeryView(root, packed) {
       const t2 = el("text", { x: p.x, y: p.y + 12, class: "jsv-detail" }, box);
       t2.textContent = clipLeft(n.detail, 26);
       if (n.group) {
-        box.addEventListener("click", () => { expanded.add(n.key); render(); });
+        box.addEventListener("click", () => { expanded.add(n.key); render.clicked = true; render(); });
         box.addEventListener("mouseenter", () => showGroup(n.group));
       } else {
         box.addEventListener("click", () => showVar(n.v, true));
@@ -150,7 +155,17 @@ function jaxsurgeryView(root, packed) {
     const info = g.graph();
     root.dataset.nodes = Object.keys(nodes).length;
     root.dataset.width = info.width;
-    if (!render.done) { fit(info.width, info.height); render.done = true; }
+    // first drawn, asked to, or a group opened or closed so that boxes fall outside
+    if (!render.done || (render.clicked && outside(info.width, info.height))) {
+      fit(info.width, info.height);
+      render.done = true;
+    }
+    render.clicked = false;
+  }
+  function outside(w, h) {
+    const box = svg.getBoundingClientRect();
+    return view.x < 0 || view.y < 0 || view.x + w * view.k > (box.width || 800) ||
+      view.y + h * view.k > (box.height || 500);
   }
 
   function fit(w, h) {
