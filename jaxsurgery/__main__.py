@@ -71,16 +71,23 @@ class UsageError(Exception):
 
 def parse_dtype(name: str) -> Any:
     """The NumPy dtype of ``f32``, ``float32``, ``jnp.float32``, ``np.int8``, ``bfloat16``."""
+    import jax
     import jax.numpy as jnp
 
     short = name.rsplit(".", 1)[-1]
     try:
-        return jnp.dtype(DTYPES.get(short, short))
+        dtype = jnp.dtype(DTYPES.get(short, short))
     except TypeError:
         known = [*DTYPES, *DTYPES.values()]
         close = difflib.get_close_matches(short, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UsageError(f"unknown dtype {name!r}: {hint}(e.g. {', '.join(DTYPES)})") from None
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # JAX would trace another silently
+        raise UsageError(
+            f"{name} needs JAX's 64-bit mode, which is off (JAX would trace it as "
+            f"{jax.dtypes.canonicalize_dtype(dtype)}): run with JAX_ENABLE_X64=1"
+        )
+    return dtype
 
 
 #: a string literal (kept as it is), or the empty brackets right after a dtype's name

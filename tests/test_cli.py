@@ -61,6 +61,14 @@ def test_argument_specs(spec, expected):
     assert parse_arg(spec) == expected
 
 
+def test_a_64_bit_dtype_without_x64_says_how_to_get_it():
+    """Without JAX_ENABLE_X64 JAX would trace f64[3] as float32, silently."""
+    with pytest.raises(UsageError, match=r"f64\[3\]'.*\(JAX would trace it as float32\).*X64=1"):
+        parse_arg("f64[3]")
+    with pytest.raises(UsageError, match="i64 needs JAX's 64-bit mode"):
+        parse_arg("i64")
+
+
 def test_an_unquoted_dict_key_in_a_spec_says_to_quote_it():
     with pytest.raises(UsageError, match=r"a dict key must be quoted: 'w', not w; write"):
         parse_arg("{w: f32[3,2]}")
