@@ -247,6 +247,18 @@ def run(args: argparse.Namespace) -> None:
         _write(args.svg, "--svg", graph.draw(highlight=highlight).svg)
 
 
+def _attached(argv: list[str]) -> list[str]:
+    """``--arg -1e-3`` as ``--arg=-1e-3``: argparse takes a value starting with "-" for
+    an option unless it looks like ``-1`` or ``-0.5`` (not ``-1e-3``, ``-1j``, ``-inf``)."""
+    out: list[str] = []
+    for word in argv:
+        if out and out[-1] == "--arg" and word[:1] == "-" and word[:2] != "--":
+            out[-1] = f"--arg={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxsurgery", description=__doc__.split("\n")[0]
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--dot", help="also write the graph as Graphviz DOT to this file")
     show.add_argument("--svg", help="also write the graph as SVG to this file")
     show.add_argument("--traceback", action="store_true", help="show errors' tracebacks")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attached(sys.argv[1:] if argv is None else argv))
     import jaxsurgery as js
 
     try:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import html
+import operator
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -166,10 +167,23 @@ def _strongest(a: str, b: str) -> str:
     return a if _ORDER.index(a) <= _ORDER.index(b) else b
 
 
-def check_depth(depth: Any) -> None:
-    """A SelectionError unless ``depth`` is None or an int >= 1 (``g.draw``, ``g.view``)."""
-    if depth is not None and (type(depth) is not int or depth < 1):
+#: the most characters a box's label widens to (names alike up to their last few
+#: characters stay alike beyond it: the tooltip has the whole name)
+MAX_LABEL = 40
+
+
+def check_depth(depth: Any) -> int | None:
+    """``depth`` as an int, or None; a SelectionError unless it is None or a whole
+    number >= 1 (a NumPy integer too, not a bool) (``g.draw``, ``g.view``)."""
+    if depth is None:
+        return None
+    try:
+        whole = operator.index(depth)
+    except TypeError:
+        whole = 0
+    if isinstance(depth, bool) or whole < 1:
         raise SelectionError(f"depth={depth!r} is not a depth: pass an int >= 1, or None")
+    return whole
 
 
 def layout_graph(
@@ -182,7 +196,7 @@ def layout_graph(
     """Nodes and edges to draw: every var, or the groups of the tree collapsed."""
     from ._graph import short_type
 
-    check_depth(depth)
+    depth = check_depth(depth)
     role_of = roles(graph, highlight)
     base = "faded" if role_of else "plain"
     edges_v = graph._program.var_edges()
@@ -375,7 +389,7 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
     legend = _legend(nodes)
     # labels cut to at least 22 characters, more where that would make two read alike
     # (params['enc']…['kernel'] and params['dec']…['kernel']); boxes as wide as they need
-    chars = min_width_apart([n.label for n in nodes], 22)
+    chars = min(min_width_apart([n.label for n in nodes], 22), MAX_LABEL)
     box_w, box_h, gap_x, gap_y, pad = max(150, round(chars * 6.8)), 38, 24, 34, 16
     top = pad + (22 if legend else 0)
     width = pad * 2 + max(len(r) for r in rows.values()) * (box_w + gap_x) - gap_x

@@ -744,7 +744,7 @@ class Graph(Identical):
     def _site_of(self, var: Var) -> Site:
         """The var's place in the nested program, or a SliceError."""
         site = self._site(var.index)
-        if site is None and var.primitive == "const":
+        if site is None and var.primitive == "const" and var.index in self._program.outputs:
             raise SliceError(
                 f"{var.name!r} is a constant ({var.aval.str_short()}: a Python number the "
                 "function returns as it is), not a value the program computes: there is no "

@@ -57,10 +57,9 @@ class View(Shared):
     """
 
     def __init__(self, graph: Graph, highlight: Any = None, depth: int | None = None):
-        check_depth(depth)
         self.graph = graph
         self._roles = roles(graph, highlight)
-        self._depth = depth
+        self._depth = check_depth(depth)
 
     def data(self) -> dict[str, Any]:
         """What the page draws: groups, vars (with roles), var-level edges, open groups."""

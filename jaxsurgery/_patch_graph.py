@@ -284,22 +284,31 @@ def derive(
     # "%7" is g's "%7", patched); new values (a patch's constants and ops, the value
     # before the patch) take numbers after every number g has
     numbers: list[int | None] = [None] * len(program.vars)
+    extras: list[list[str]] = [[] for _ in program.vars]
+    for i, j in enumerate(var_map):
+        if i not in patched:
+            numbers[j] = old.number(i)
     for i, j in enumerate(var_map):
         names = list(old.candidates[i])
         if i in graph._unpatched and _latest(graph._site(i)) in sites:  # one patch older
             names = [f"{n}{UNPATCHED}" for n in names]
         if i in patched:
-            candidates[patched[i]].extend(names)
-            numbers[patched[i]] = old.number(i)
+            now = patched[i]
+            candidates[now].extend(names)
+            if numbers[now] is None:
+                numbers[now] = old.number(i)
+            else:  # a replacement returning a value of g (an identity rewrite): it keeps
+                extras[now].append(f"%{old.number(i)}")  # its number, and answers to this
+            if now == j and not names:  # an unnamed value patched to itself: still %k
+                extras[j].append(f"%{old.number(i)}{UNPATCHED}")
+                continue
             names = [f"{n}{UNPATCHED}" for n in names] or [f"%{old.number(i)}{UNPATCHED}"]
-        else:
-            numbers[j] = old.number(i)
         candidates[j].extend(names)
     fresh = itertools.count(max((old.number(i) for i in range(len(var_map))), default=-1) + 1)
     numbered = [next(fresh) if k is None else k for k in numbers]
-    extras: list[list[str]] = [[] for _ in program.vars]
     for var, name in scope_names(program, numbers=numbered)[1]:
-        extras[var].append(name)
+        if var in origin:  # not the patch's own values: a scope's glob selects g's values
+            extras[var].append(name)
     names = finalize(candidates, extras, program.primitives, old.protected, numbered)
     names.arguments = old.arguments  # the same inputs, first
     return Graph(

@@ -61,6 +61,17 @@ def test_argument_specs(spec, expected):
     assert parse_arg(spec) == expected
 
 
+def test_negative_numbers_follow_arg_as_they_are():
+    """argparse reads ``-1e-3``, ``-1j``, ``-inf`` after --arg as options of their own."""
+    from jaxsurgery.__main__ import _attached
+
+    argv = ["show", "m.py:f", "--arg", "f32[3]", "--arg", "-1e-3", "--arg", "-1j", "--dot", "x"]
+    assert _attached(argv) == [
+        *["show", "m.py:f", "--arg", "f32[3]", "--arg=-1e-3", "--arg=-1j", "--dot", "x"]
+    ]
+    assert parse_arg("-1e-3") == -1e-3 and parse_arg("-1j") == -1j
+
+
 def test_a_64_bit_dtype_without_x64_says_how_to_get_it():
     """Without JAX_ENABLE_X64 JAX would trace f64[3] as float32, silently."""
     with pytest.raises(UsageError, match=r"f64\[3\]'.*\(JAX would trace it as float32\).*X64=1"):

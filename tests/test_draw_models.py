@@ -331,3 +331,10 @@ def test_builtin_picture_labels_stay_apart_as_dots_do():
     assert set(kernels) == set(dot_graph(g.to_dot())[0].values()) & set(kernels)
     widths = {float(r.get("width")) for r in svg.iter(f"{SVG}rect") if r.get("rx") == "6"}
     assert len(widths) == 1 and widths.pop() >= 150  # boxes widened to hold them
+
+    # names alike but for a few characters deep inside: boxes widen only so far
+    layers = {f"{k:03d}_layer" + "x" * 60: jnp.ones(3) for k in range(30)}
+    g = js.trace(lambda p: sum(jnp.sin(v) for v in p.values()), layers)
+    svg = ET.fromstring(g.draw(engine="builtin").svg)
+    widths = {float(r.get("width")) for r in svg.iter(f"{SVG}rect") if r.get("rx") == "6"}
+    assert max(widths) <= 7 * 40

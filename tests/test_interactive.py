@@ -84,6 +84,9 @@ def test_the_view_takes_what_draw_takes(tmp_path):
         for make in (g.draw, g.view):
             with pytest.raises(js.SelectionError, match=f"depth={bad!r} is not a depth"):
                 make(depth=bad)
+    import numpy as np
+
+    assert g.view(depth=np.int64(2)).data() == g.view(depth=2).data()  # a NumPy int is one
 
 
 def test_a_name_that_opens_an_html_comment_leaves_the_script_whole():

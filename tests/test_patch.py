@@ -391,3 +391,43 @@ def test_unnamed_values_keep_their_numbers_in_a_patched_graph():
             allclose(pa.value(w), ga.value(v))
     allclose(pa.value(target.name), ga.value(target) * 0.5)
     assert pa[f"{target.name}.unpatched"].primitive == "exp"
+
+
+def test_identity_patches_and_scope_globs_of_a_patched_graph():
+    """An identity rewrite (ablating relu) makes the patched value g's own ``%2``: it
+    keeps its number and answers to the rewritten one's too; an unnamed value patched to
+    itself stays ``%2``; a scope's glob selects g's values, not the patch's own (grads
+    of "blk/*" failed on them); the patch's captured constant is not called a Python
+    number the function returns."""
+    import numpy as np
+
+    def f(x):
+        a = jnp.sin(x)
+        with jax.named_scope("blk"):
+            r = jax.nn.relu(a * 2.0)
+        return jnp.exp(r).sum()
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = js.trace(f, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (relu's rule is replaced: said, not tested here)
+        p = g.rewrite(jax.nn.relu, lambda t: t, jnp.ones(3))
+    for name in ("%2", "blk/%2", "mul:2", g["r"].name):
+        assert p[name] is p["%2"], name
+    allclose(p.grads("out", ["%2"])["%2"], jnp.exp(jnp.sin(x) * 2.0))
+
+    q = g.replace("%2", lambda v: v)
+    assert q["%2"].name == "%2" and q["%2.unpatched"] is q["%2"]
+
+    C = np.array([0.5, -0.3, 0.2], np.float32)
+    p = g.replace("blk/%2", lambda v: jnp.cos(v) * C + 1.0)
+    inside = p.select("blk/*")
+    # g's values: the patched %2 (the replacement's add), %2.unpatched (mul), relu's max
+    assert sorted(v.primitive for v in inside) == ["add", "max", "mul"]
+    assert p["%2.unpatched"] in inside and p["%2"] in inside
+    mul = jnp.cos(jnp.sin(x) * 2.0) * C + 1.0
+    ref = jax.grad(lambda m: jnp.exp(jax.nn.relu(m)).sum())(mul)
+    allclose(p.grads("out", "blk/*")["blk/%2"], ref)
+    const = next(v for v in p.vars if v.primitive == "const")
+    with pytest.raises(js.SliceError, match="a value inside a patch"):
+        p.grads("out", [const])

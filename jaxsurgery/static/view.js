@@ -89,7 +89,8 @@ function jaxsurgeryView(root, packed) {
       }
       if (marked.has(v.index)) n.hit = true;
     });
-    const chars = widthApart(Object.values(nodes).map((n) => n.label), 22);
+    // (at most 40 characters: names alike up to their last few stay alike, the card has them)
+    const chars = Math.min(widthApart(Object.values(nodes).map((n) => n.label), 22), 40);
     const boxWidth = Math.max(160, Math.round(chars * 7.2));
     // clusters: the open groups around what they hold
     const clusters = new Set();
