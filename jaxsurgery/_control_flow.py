@@ -192,7 +192,8 @@ class ControlFlow:
     ``while_trips`` (see ``_Inliner``), ``position`` (the
     equation's index in its jaxpr), ``_inline(closed, atoms, source_info, step)`` and
     ``_values(atoms)`` (concrete values, or None when the trace is abstract or they
-    come out of a folded loop: then ``after_loop`` is set).
+    come out of a folded loop: then ``after_loop`` is set) and ``constant_values(atoms)``
+    (those that constants alone compute).
     """
 
     def _control_flow(
@@ -331,6 +332,9 @@ class ControlFlow:
         if values is None and (self.after_loop or self.after_effect):
             self.notes.append(self._undecided("a while_loop"))
             return None
+        static = None if values is not None else self._static_trips(eqn, invars, size)
+        if static is not None:  # its count is decided by constants (a stage counter)
+            values, carries = [], [None] * (static + 1)
         if values is None:
             self.notes.append(
                 "a while_loop stays one equation: its trip count depends on values the "
@@ -341,14 +345,15 @@ class ControlFlow:
             )
             self.opaque_loops.append(eqn)
             return None
-        carries = _trip_carries(
-            cond,
-            body,
-            values[:n_cond],
-            values[n_cond : n_cond + n_body],
-            values[n_cond + n_body :],
-            max(1, EAGER_UNROLL // size) if self.fold and size > SMALL_BODY else MAX_TRIPS,
-        )
+        if static is None:
+            carries = _trip_carries(
+                cond,
+                body,
+                values[:n_cond],
+                values[n_cond : n_cond + n_body],
+                values[n_cond + n_body :],
+                max(1, EAGER_UNROLL // size) if self.fold and size > SMALL_BODY else MAX_TRIPS,
+            )
         if carries is None and self.fold and size > SMALL_BODY:  # folded: counted compiled
             self._fold(eqn, pos, invars, source_info)
             return None
@@ -377,6 +382,40 @@ class ControlFlow:
             "another count are a SliceError)"
         )
         return carry
+
+    def _static_trips(self, eqn: C.JaxprEqn, invars: list[Any], size: int) -> int | None:
+        """The trip count of a while_loop whose count constants decide (what its
+        condition reads, and what the body computes that from: a counter starting at
+        a literal, as the stages of a diffrax Runge-Kutta step inside the solver's loop),
+        when it unrolls to at most :data:`EAGER_UNROLL` equations; else None."""
+        deciding = deciding_operands(eqn)
+        known = self.constant_values([invars[k] for k in deciding])
+        if known is None:
+            return None
+        p = eqn.params
+        n_cond, n_body = p["cond_nconsts"], p["body_nconsts"]
+        operands: list[Any] = [None] * len(invars)
+        for k, x in zip(deciding, known):
+            operands[k] = x
+        carried = [k - n_cond - n_body for k in deciding if k >= n_cond + n_body]
+        goes = _computing(p["cond_jaxpr"], [0])
+        step = _computing(p["body_jaxpr"], carried)
+        if goes is None or step is None:
+            return None
+        cond_consts = operands[:n_cond]
+        body_consts = operands[n_cond : n_cond + n_body]
+        carry = operands[n_cond + n_body :]
+        most = EAGER_UNROLL // max(1, size)
+        try:
+            with jax.ensure_compile_time_eval():
+                for trips in range(most + 1):
+                    if not bool(goes(*cond_consts, *carry)[0]):
+                        return trips
+                    for k, x in zip(carried, step(*body_consts, *carry)):
+                        carry[k] = x
+        except Exception:  # noqa: BLE001 (it reads what it was not given: not static)
+            return None
+        return None
 
     def _cond(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int

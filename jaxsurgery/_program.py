@@ -726,11 +726,7 @@ class _Inliner(ControlFlow):
         if not env:
             env.update(zip(self._invars, self.flat_args))
         env.update((v, x) for v, x in zip(self.constvars, self.consts) if v not in env)
-        made = self._made
-        for k in range(self._made_upto, len(self.eqns)):
-            for v in self.eqns[k].outvars:
-                made[v] = k
-        self._made_upto = len(self.eqns)
+        made = self._made_so_far()
         needed: set[int] = set()
         stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
         while stack:
@@ -752,6 +748,41 @@ class _Inliner(ControlFlow):
         found = [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
         # (from a tracer the function closes over, traced inside a transform: its values
         # decide nothing while tracing, as an abstract trace's)
+        return None if C.holds_tracer(found) else found
+
+    def _made_so_far(self) -> dict[C.Var, int]:
+        """The equation writing each flat var copied so far (kept up to date as it grows)."""
+        made = self._made
+        for k in range(self._made_upto, len(self.eqns)):
+            for v in self.eqns[k].outvars:
+                made[v] = k
+        self._made_upto = len(self.eqns)
+        return made
+
+    def constant_values(self, atoms: Sequence[Any]) -> list[Any] | None:
+        """Values of flat atoms that literals and constants alone compute (no input, no
+        loop, no effect: a stage counter starting at 0 in a loop's body), or None."""
+        env = {v: x for v, x in zip(self.constvars, self.consts)}
+        made = self._made_so_far()
+        needed: set[int] = set()
+        stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
+        while stack:
+            k = made.get(stack.pop())
+            if k is None:  # an input (in a loop's template: what the loop passes in)
+                return None
+            if k in needed:
+                continue
+            eqn = self.eqns[k]
+            if eqn.effects or eqn.primitive.name in LOOP_PRIMITIVES or len(needed) > 64:
+                return None
+            needed.add(k)
+            stack.extend(a for a in eqn.invars if isinstance(a, C.Var) and a not in env)
+        try:
+            with jax.ensure_compile_time_eval():
+                eval_equations([self.eqns[k] for k in sorted(needed)], env)
+        except Exception:  # noqa: BLE001 (nothing to decide by: the loop stays whole)
+            return None
+        found = [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
         return None if C.holds_tracer(found) else found
 
     def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:

@@ -39,6 +39,7 @@ no var is in, is a typo, not an empty selection.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from . import _compat as C
 from ._errors import (
     SelectionError,
     SliceError,
@@ -681,6 +683,26 @@ def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) ->
     return name if found is None else f"{found} (= {name})"
 
 
+def _tagged_in_whole_loop(graph: Graph, name: str) -> str | None:
+    """The ``js.tag`` that ``name`` (its last level, a glob too) names, where it is inside
+    a loop that a folded loop's body keeps whole (its values have no names), or None."""
+    last = name.rsplit("/", 1)[-1]
+    stack = [
+        jaxpr
+        for loop in graph._program.folded
+        for eqn in loop.template.opaque_loops
+        for jaxpr in C.inner_jaxprs(eqn)
+    ]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name == C.TAG_PRIMITIVE:
+                tag = C.tag_name(eqn)
+                if fnmatch.fnmatchcase(tag.rsplit("/", 1)[-1], last):
+                    return tag
+            stack.extend(C.inner_jaxprs(eqn))
+    return None
+
+
 def _no_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
 ) -> SelectionError:
@@ -701,6 +723,20 @@ def _no_match(
             "traced with abstract arguments (jax.ShapeDtypeStruct, or a transform's tracers: "
             "js.trace under jax.jit); trace with concrete arrays outside transforms, or use "
             "lax.fori_loop/lax.scan with a static trip count"
+        )
+    hidden = (
+        None
+        if word is None or "@" not in word
+        else _tagged_in_whole_loop(graph, word.partition("@")[0])
+    )
+    if hidden is not None:
+        return SelectionError(
+            f"{label} names a value per iteration of the tag {hidden!r}, which "
+            "is inside a while_loop kept whole in a folded loop's body: its trip count "
+            "depends on the loop's values (a Runge-Kutta step whose first stage is reused "
+            "after an accepted step, as diffrax's Tsit5 and Dopri5 do, runs 6 or 7 stages), "
+            "so the values inside it are not named; tag the value where it leaves that "
+            "loop, or use a solver with a fixed number of stages (diffrax.Heun, Midpoint)"
         )
     if pattern is not None and (word is None or "*" in word or "?" in word):
         return _no_pattern_match(graph, label, word, pattern)

@@ -125,3 +125,59 @@ def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor(Y0, THETA * 0.5)  # warned already
+
+
+def test_values_at_each_stage_of_a_runge_kutta_step_are_named():
+    """A Runge-Kutta step runs its stages in a while_loop inside the solver's loop: with
+    a fixed number of stages (Heun's 2, counted from a literal) they are named
+    ``dy@step@stage``; where the stage count depends on the step (Tsit5 reuses its first
+    stage after an accepted step) selecting one says why it has no name."""
+    import diffrax
+
+    def field(t, y, args):
+        dy = js.tag(jnp.tanh(args @ y) - 0.5 * y, "dy")
+        return dy
+
+    def f(t, y, w):
+        return jnp.tanh(w @ y) - 0.5 * y
+
+    def solve_with(solver):
+        def solve(w, y0):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(field), solver, 0.0, 1.0, 0.1, y0, args=w,
+                saveat=diffrax.SaveAt(t1=True), max_steps=16, adjoint=diffrax.ForwardMode(),
+            )  # fmt: skip
+            return sol.ys
+
+        return solve
+
+    def heun_by_hand(w, y0, at=None, k=None):
+        y, h = y0, 0.1
+        for step in range(10):
+            k0 = f(step * h, y, w)
+            k1 = f(step * h + h, y + h * k0, w)
+            k1 = k if step == at else k1
+            y = y + h / 2 * (k0 + k1)
+        return y[None]
+
+    w, y0 = jnp.eye(4) * 0.5 + 0.1, jnp.linspace(-1.0, 1.0, 4)
+    g = js.trace(solve_with(diffrax.Heun()), w, y0)
+    assert len(g.select("dy@*@*")) == 20
+    y, h = y0, 0.1
+    for step in range(10):
+        k0, k1 = f(step * h, y, w), f(step * h + h, y + h * f(step * h, y, w), w)
+        allclose(g.value(f"dy@{step}@0"), k0, rtol=1e-5, atol=1e-6)
+        allclose(g.value(f"dy@{step}@1"), k1, rtol=1e-5, atol=1e-6)
+        y = y + h / 2 * (k0 + k1)
+    s = g.slice("dy@3@1", "out")
+    k = g.value("dy@3@1")
+    tangent = jnp.ones(4)
+    allclose(jax.jit(s)(2 * k), heun_by_hand(w, y0, 3, 2 * k), rtol=1e-5)
+    got = jax.jvp(s, (k,), (tangent,))[1]
+    allclose(got, jax.jvp(lambda k: heun_by_hand(w, y0, 3, k), (k,), (tangent,))[1], rtol=1e-4)
+    p = g.replace("dy@3@1", lambda k: k * 0)
+    allclose(p.as_function()(w, y0), heun_by_hand(w, y0, 3, k * 0), rtol=1e-5)
+
+    g = js.trace(solve_with(diffrax.Tsit5()), w, y0)
+    with pytest.raises(js.SelectionError, match="the tag 'dy', which is inside a while_loop kept"):
+        g.select("dy@3@1")
