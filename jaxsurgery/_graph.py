@@ -189,6 +189,7 @@ class Graph(Identical):
         templates: dict[str, Any] | None = None,
         patched_sites: dict[Site, str] | None = None,
         edited_apart: bool = False,
+        unlifted_site: Callable[[int], Site | None] | None = None,
     ):
         from ._loop_index import LoopIndex
 
@@ -200,6 +201,8 @@ class Graph(Identical):
             else structure
         )
         self._flat_site = program.site if site is None else site
+        #: a flat var's site as deep as its equation (see Program.unlifted_site)
+        self._unlifted_site = program.unlifted_site if unlifted_site is None else unlifted_site
         #: body values of loops the index keeps folded (see _loop_index)
         self._loop_index = LoopIndex(self, templates or {})
         #: ``fold=False`` -> this graph with every loop unrolled (set by js.trace)

@@ -306,7 +306,12 @@ def derive(
         candidates[j].extend(names)
     fresh = itertools.count(max((old.number(i) for i in range(len(var_map))), default=-1) + 1)
     numbered = [next(fresh) if k is None else k for k in numbers]
-    for var, name in scope_names(program, numbers=numbered)[1]:
+
+    def steps(j: int) -> tuple | None:  # where g's values are (the patch's: nowhere)
+        site = _deep(graph, origin[j]) if j in origin else None
+        return None if site is None else site.steps
+
+    for var, name in scope_names(program, numbers=numbered, steps=steps)[1]:
         if var in origin:  # not the patch's own values: a scope's glob selects g's values
             extras[var].append(name)
     names = finalize(candidates, extras, program.primitives, old.protected, numbered)
@@ -322,6 +327,7 @@ def derive(
         structured,
         lambda j: _latest(graph._site(origin[j])) if j in origin else None,
         unpatched,
+        unlifted_site=lambda j: _latest(_deep(graph, origin[j])) if j in origin else None,
     )
 
 
@@ -357,18 +363,7 @@ def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:
 
 def _deep(graph: Graph, i: int) -> Site | None:
     """Var ``i``'s site where its equation is, not lifted out of the calls returning it."""
-    found = graph._program.found(i) if i < len(graph._program.vars) else None
-    if found is None:
-        return None
-    steps, jaxpr, bound = found[0], graph._structure.closed.jaxpr, []
-    for d, step in enumerate(steps):  # (as _structured.locate: a branch, a while trip)
-        eqn = jaxpr.eqns[step.eqn]
-        if step.branch is not None or (
-            step.iteration is not None and eqn.primitive.name == "while"
-        ):
-            bound.append(d)
-        jaxpr = sub_jaxpr(eqn, step).jaxpr
-    return Site(steps, (found[1],), tuple(bound))
+    return graph._unlifted_site(i) if i < len(graph._program.vars) else None
 
 
 def _common_level(

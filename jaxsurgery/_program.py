@@ -32,7 +32,7 @@ from ._control_flow import (
     input_reads,
 )
 from ._gc import gc_paused
-from ._structured import Site, Step, eval_equations, locate, row_value
+from ._structured import Site, Step, eval_equations, locate, row_value, unlifted
 from ._tag import MARK_PREFIX
 
 
@@ -74,6 +74,12 @@ class Program:
         """
         found = self.found(i)
         return None if found is None else locate(self.closed, *found)
+
+    def unlifted_site(self, i: int) -> Site | None:
+        """Where var ``i``'s equation is in the nested program, not lifted out of the
+        calls returning it (None: made by the inliner)."""
+        found = self.found(i)
+        return None if found is None else unlifted(self.closed, *found)
 
     def found(self, i: int) -> tuple[tuple[Step, ...], C.Var] | None:
         """``(steps, nested var)`` of var ``i`` before lifting (None: made by the inliner)."""

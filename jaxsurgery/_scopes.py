@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _compat as C
@@ -42,6 +42,7 @@ def scope_names(
     saved: frozenset[int] = frozenset(),
     state: frozenset[int] = frozenset(),
     numbers: Sequence[int] | None = None,
+    steps: Callable[[int], tuple | None] | None = None,
 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """``(var index, name)`` pairs: outputs of scope instances, and their insides.
 
@@ -54,7 +55,9 @@ def scope_names(
     an instance's outputs, unless nothing else leaves it, so that under
     ``mutable=["batch_stats"]`` (or ``transform_with_state``) ``"Net/Block_0"`` is the
     block's value, not also its statistics. ``numbers``: the number of each var's
-    ``scope/%k`` name where it is not the var's index (see ``Names.numbers``).
+    ``scope/%k`` name where it is not the var's index (see ``Names.numbers``);
+    ``steps``: where var ``v`` is in the nested program (a patched graph's program
+    knows it from the graph it was made from), else ``program.locations``.
     """
     eqns = program.jaxpr.eqns
     parents: list[int] = []  # per instance: its parent instance, or -1
@@ -69,7 +72,7 @@ def scope_names(
             suffixes.append("")
             continue
         parts = scope_parts(C.scope_of(eqn.source_info))
-        at = _iterations(program, e)
+        at = _iterations(program, e, steps)
         suffixes.append("".join(f"@{t}" for t in at) if iterations else "")
         keep = 0
         while (
@@ -239,9 +242,16 @@ def _instance_paths(parents: list[int], labels: list[str], its: list[tuple[int, 
     return paths
 
 
-def _iterations(program: Any, e: int) -> tuple[int, ...]:
+def _iterations(
+    program: Any, e: int, steps: Callable[[int], tuple | None] | None = None
+) -> tuple[int, ...]:
     """The iterations of the unrolled loops equation ``e`` runs in (none: top level)."""
     for v in program.eqn_out[e]:
+        if steps is not None:
+            found = steps(v)
+            if found is not None:
+                return iterations(found)
+            continue
         found = program.locations.get(program.vars[v])  # top-level vars have none
         if found is not None:
             return iterations(found[0])

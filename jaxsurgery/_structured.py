@@ -973,6 +973,20 @@ def iterations(steps: Sequence[Step]) -> tuple[int, ...]:
     return tuple(s.iteration for s in steps if s.iteration is not None)
 
 
+def unlifted(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
+    """The site of a nested var reached by ``steps``, where its equation is (not lifted
+    out of the calls returning it, as :func:`locate` does)."""
+    jaxpr, bound = closed.jaxpr, []
+    for d, step in enumerate(steps):
+        eqn = jaxpr.eqns[step.eqn]
+        if step.branch is not None or (
+            step.iteration is not None and eqn.primitive.name == "while"
+        ):
+            bound.append(d)
+        jaxpr = sub_jaxpr(eqn, step).jaxpr
+    return Site(steps, (var,), tuple(bound))
+
+
 def locate(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
     """The site of a nested var reached by ``steps``, lifted out of calls.
 

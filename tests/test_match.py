@@ -437,6 +437,9 @@ def test_a_pattern_ending_a_jitted_layer_is_rewritten_inside_the_layer():
         jax.grad(loss_gelu)(params, x2, y)[2][0],
         rtol=1e-4,
     )
+    # the same on a graph patched before (its index spliced: its sites come from g's)
+    doubled = g.replace("out", lambda o: o * 2.0).rewrite(jnp.tanh, jax.nn.gelu, x)
+    allclose(doubled.as_function()(params, x2, y), 2 * loss_gelu(params, x2, y), rtol=1e-5)
 
 
 def test_a_pattern_over_two_calls_of_a_jitted_layer_in_a_scan_is_rewritten_at_both():

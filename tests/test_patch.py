@@ -431,3 +431,19 @@ def test_identity_patches_and_scope_globs_of_a_patched_graph():
     const = next(v for v in p.vars if v.primitive == "const")
     with pytest.raises(js.SliceError, match="a value inside a patch"):
         p.grads("out", [const])
+
+    # a scope inside an unrolled while_loop keeps its iterations in a patched graph
+    def looped(x):
+        def body(c):
+            i, v = c
+            with jax.named_scope("blk"):
+                v = jnp.tanh(v * 1.1) + 0.1
+            return i + 1, v
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1].sum()
+
+    g = js.trace(looped, x)
+    p = g.replace("out", lambda o: o * 2.0)
+    assert p.select("blk/*@1").matched == g.select("blk/*@1").matched
+    last = g.select("blk/*@1").matched[-1]
+    allclose(p.values_fn("blk/*@1")(x)[last], g.value(last))
