@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _attached(argv: list[str]) -> list[str]:
     """``--arg -1e-3`` as ``--arg=-1e-3``: argparse takes a value starting with "-" for
-    an option unless it looks like ``-1`` or ``-0.5`` (not ``-1e-3``, ``-1j``, ``-inf``)."""
+    an option unless it looks like ``-1`` or ``-0.5`` (not ``-1e-3`` nor ``-1j``)."""
     out: list[str] = []
     for word in argv:
         if out and out[-1] == "--arg" and word[:1] == "-" and word[:2] != "--":

@@ -333,6 +333,14 @@ class ControlFlow:
             self.notes.append(self._undecided("a while_loop"))
             return None
         static = None if values is not None else self._static_trips(eqn, invars, size)
+        if static == -1:
+            self.notes.append(
+                "a while_loop stays one equation: constants decide its trip count, but it "
+                f"would unroll past {EAGER_UNROLL} equations, so the values inside it are "
+                "not named; tag the value you need outside the loop (js.tag)"
+            )
+            self.opaque_loops.append(eqn)
+            return None
         if static is not None:  # its count is decided by constants (a stage counter)
             values, carries = [], [None] * (static + 1)
         if values is None:
@@ -387,7 +395,8 @@ class ControlFlow:
         """The trip count of a while_loop whose count constants decide (what its
         condition reads, and what the body computes that from: a counter starting at
         a literal, as the stages of a diffrax Runge-Kutta step inside the solver's loop),
-        when it unrolls to at most :data:`EAGER_UNROLL` equations; else None."""
+        when it unrolls to at most :data:`EAGER_UNROLL` equations (-1 when it would unroll
+        past them); else None."""
         deciding = deciding_operands(eqn)
         known = self.constant_values([invars[k] for k in deciding])
         if known is None:
@@ -415,7 +424,7 @@ class ControlFlow:
                         carry[k] = x
         except Exception:  # noqa: BLE001 (it reads what it was not given: not static)
             return None
-        return None
+        return -1
 
     def _cond(
         self, eqn: C.JaxprEqn, invars: list[Any], source_info: Any, pos: int

@@ -387,20 +387,25 @@ def _lifted(closed: Any, site: Site, reading: bool) -> list[Site]:
     levels = [closed.jaxpr]
     for step in site.steps:
         levels.append(sub_jaxpr(levels[-1].eqns[step.eqn], step).jaxpr)
-    out, steps, var = [site], site.steps, site.vars[0]
+    out, steps, held = [site], site.steps, site.vars
     while steps:
         eqn, inner = levels[-2].eqns[steps[-1].eqn], levels[-1]
-        at = next((k for k, o in enumerate(inner.outvars) if o is var), None)
+        # every result the call returns the value as (a cell returning (h, h)), as
+        # _structured.locate keeps them: an edit there edits each
+        outer = tuple(
+            eqn.outvars[k]
+            for k, o in enumerate(inner.outvars)
+            if o in held and not isinstance(eqn.outvars[k], C.DropVar)
+        )
         if (
             eqn.primitive.name not in C.CALL_PRIMITIVES
-            or at is None
-            or isinstance(eqn.outvars[at], C.DropVar)
-            or (not reading and any(a is var for e in inner.eqns for a in e.invars))
+            or not outer
+            or (not reading and any(a in held for e in inner.eqns for a in e.invars))
         ):
             break
-        steps, var = steps[:-1], eqn.outvars[at]
+        steps, held = steps[:-1], outer
         levels.pop()
-        out.append(Site(steps, (var,), tuple(d for d in site.path_bound if d < len(steps))))
+        out.append(Site(steps, held, tuple(d for d in site.path_bound if d < len(steps))))
     return out
 
 
@@ -431,14 +436,30 @@ def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:
     var = read.vars[0]
     for step in steps[len(read.steps) :]:
         eqn = jaxpr.eqns[step.eqn]
-        if eqn.primitive.name not in C.CALL_PRIMITIVES:
-            return None  # a loop or branch: its operands are not its body's inputs one to one
         at = next((k for k, a in enumerate(eqn.invars) if a is var), None)
+        if at is None:
+            return None
+        at = _body_input(eqn, at)
         if at is None:
             return None
         jaxpr = sub_jaxpr(eqn, step).jaxpr
         var = jaxpr.invars[at]
     return var
+
+
+def _body_input(eqn: Any, at: int) -> int | None:
+    """The input of the body an operand is in every iteration or call: a call's operand,
+    or a loop's constant (weights a while_loop's or a scan's body closes over); None for
+    a carry (another value each trip) or a branch's operand."""
+    name = eqn.primitive.name
+    if name in C.CALL_PRIMITIVES:
+        return at
+    if name == "while":
+        n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        return at - n_cond if n_cond <= at < n_cond + n_body else None
+    if name == "scan":
+        return at if at < eqn.params["num_consts"] else None
+    return None
 
 
 def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:

@@ -732,11 +732,12 @@ def _no_match(
     if hidden is not None:
         return SelectionError(
             f"{label} names a value per iteration of the tag {hidden!r}, which "
-            "is inside a while_loop kept whole in a folded loop's body: its trip count "
-            "depends on the loop's values (a Runge-Kutta step whose first stage is reused "
-            "after an accepted step, as diffrax's Tsit5 and Dopri5 do, runs 6 or 7 stages), "
-            "so the values inside it are not named; tag the value where it leaves that "
-            "loop, or use a solver with a fixed number of stages (diffrax.Heun, Midpoint)"
+            "is inside a while_loop kept whole in a folded loop's body (g.notes says why: "
+            "a trip count that depends on the loop's values, as the stages of diffrax's "
+            "Tsit5 and Dopri5, which reuse their first stage after an accepted step; or "
+            "too many trips to unroll), so the values inside it are not named; tag the "
+            "value where it leaves that loop (with diffrax, a solver with a fixed number "
+            "of stages, Heun or Midpoint, names them)"
         )
     if pattern is not None and (word is None or "*" in word or "?" in word):
         return _no_pattern_match(graph, label, word, pattern)

@@ -629,3 +629,37 @@ def test_a_second_cond_one_ulp_from_its_threshold_takes_the_eager_branch():
     g = js.trace(f, x, t)
     allclose(g.value("out"), f(x, t))
     allclose(g.as_function()(x, t), f(x, t))
+
+
+def test_a_counted_while_loop_in_a_scan_body_is_named_per_trip_unless_too_long():
+    """A while_loop counted from a literal inside a scan's body: its trips are named
+    (``kn@t@s``), values equal the loop by hand; past 2 000 unrolled equations it stays
+    whole and the note says so (not that values decide its count)."""
+
+    def model(trips):
+        def f(w, xs):
+            def step(h, x):
+                def stage(c):
+                    j, k = c
+                    kn = jnp.tanh(w @ k + x)
+                    return j + 1, kn
+
+                hh = jax.lax.while_loop(lambda c: c[0] < trips, stage, (0, h))[1]
+                return hh, hh
+
+            return jax.lax.scan(step, jnp.zeros(3), xs)[1].sum()
+
+        return f
+
+    w = jax.random.normal(jax.random.key(0), (3, 3)) / 2
+    xs = jax.random.normal(jax.random.key(1), (5, 3))
+    g = js.trace(model(3), w, xs)
+    h = jnp.zeros(3)
+    for t in range(5):
+        k = h
+        for s in range(3):
+            k = jnp.tanh(w @ k + xs[t])
+            allclose(g.value(f"step/stage/kn@{t}@{s}"), k, rtol=1e-5)
+        h = k
+    g = js.trace(model(1000), w, xs)
+    assert any("constants decide its trip count, but it would unroll past" in n for n in g.notes)

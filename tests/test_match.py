@@ -539,3 +539,51 @@ def test_a_pattern_with_a_custom_rule_matches_whole_calls_of_it_only():
         warnings.simplefilter("error")  # the call is replaced whole: its rule is not bypassed
         rw = g.rewrite(nn.relu, nn.gelu, jnp.ones((4, 8)))
     allclose(rw.as_function()(variables, x2), net(nn.gelu).apply(variables, x2), rtol=1e-5)
+
+
+def test_a_rewrite_edits_every_result_a_call_returns_the_value_as():
+    """A jitted RNN cell returns ``(h_new, h_new)``: the rewrite lifted to the cell's
+    result edits the carry and the stacked ys (the ys kept tanh: other numbers); a while
+    loop's body reading the weights it closes over is rewritten in every trip."""
+
+    @jax.jit
+    def cell(w, h, x):
+        h_new = jnp.tanh(w @ h + x)
+        return h_new, h_new
+
+    def rnn(w, h0, xs):
+        return jax.lax.scan(lambda h, x: cell(w, h, x), h0, xs)
+
+    def rnn_gelu(w, h0, xs):
+        def step(h, x):
+            h_new = jax.nn.gelu(w @ h + x)
+            return h_new, h_new
+
+        return jax.lax.scan(step, h0, xs)
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    h0, xs = jnp.zeros(4), jax.random.normal(jax.random.key(1), (6, 4))
+    g = js.trace(rnn, w, h0, xs)
+    rw = g.rewrite(
+        lambda w, h, x: jnp.tanh(w @ h + x), lambda w, h, x: jax.nn.gelu(w @ h + x), w, h0, xs[0]
+    )
+    for got, want in zip(rw.as_function()(w, -h0 + 0.3, xs), rnn_gelu(w, -h0 + 0.3, xs)):
+        allclose(got, want, rtol=1e-5)
+
+    def looped(w, x, n):
+        def body(c):
+            i, h = c
+            v = jnp.tanh(w @ (h * 2.0))  # w: a constant of the loop
+            return i + 1, v
+
+        return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+    def looped_gelu(w, x, n):
+        for _ in range(n):
+            x = jax.nn.gelu(w @ (x * 2.0))
+        return x
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    g = js.trace(looped, w, x, 3)
+    rw = g.rewrite(lambda w, a: jnp.tanh(w @ a), lambda w, a: jax.nn.gelu(w @ a), w, x)
+    allclose(rw.as_function()(w, x, 5), looped_gelu(w, x, 5), rtol=1e-5)
