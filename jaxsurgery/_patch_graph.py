@@ -276,7 +276,11 @@ def derive(
     origin.update({j: i for i, j in patched.items()})
     # the old values: of the targets, before this patch; earlier ones as they were
     unpatched = {var_map[i]: before for i, before in graph._unpatched.items()}
-    unpatched.update((var_map[i], graph._patches_at(graph._site(i))) for i in patched)
+    unpatched.update(
+        (var_map[i], graph._patches_at(graph._site(i)))
+        for i in patched
+        if var_map[i] != patched[i]  # (patched to itself: the value after the patch too)
+    )
     sites = {graph._site(i) for i in patched}
     old = graph._names
     candidates: list[list[str]] = [[] for _ in program.vars]

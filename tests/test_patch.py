@@ -418,6 +418,8 @@ def test_identity_patches_and_scope_globs_of_a_patched_graph():
 
     q = g.replace("%2", lambda v: v)
     assert q["%2"].name == "%2" and q["%2.unpatched"] is q["%2"]
+    twice = q.replace("%2", lambda v: v * 3.0)  # (it was "the value before a patch")
+    allclose(twice.as_function()(x), jnp.exp(jax.nn.relu(jnp.sin(x) * 6.0)).sum())
 
     C = np.array([0.5, -0.3, 0.2], np.float32)
     p = g.replace("blk/%2", lambda v: jnp.cos(v) * C + 1.0)
