@@ -524,11 +524,17 @@ class _Matcher:
             for o in p.outputs
         }
         graph_outputs = set(t.outputs)
+
+        def dead(u: int) -> bool:  # what nothing reads (logsumexp's `_ = sign s`)
+            return not t.jaxpr.eqns[u].effects and not any(
+                t.users[o] or o in graph_outputs for o in t.eqn_out[u]
+            )
+
         for te in matched:
             for v in t.eqn_out[te]:
                 if v in outputs:
                     continue
-                if v in graph_outputs or any(u not in matched for u in t.users[v]):
+                if v in graph_outputs or any(u not in matched and not dead(u) for u in t.users[v]):
                     return False
         return True
 

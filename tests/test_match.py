@@ -587,3 +587,24 @@ def test_a_rewrite_edits_every_result_a_call_returns_the_value_as():
     g = js.trace(looped, w, x, 3)
     rw = g.rewrite(lambda w, a: jnp.tanh(w @ a), lambda w, a: jax.nn.gelu(w @ a), w, x)
     allclose(rw.as_function()(w, x, 5), looped_gelu(w, x, 5), rtol=1e-5)
+
+
+def test_a_pattern_with_an_equation_nothing_reads_matches():
+    """``jax.nn.logsumexp`` computes a sign it drops (``_ = sign s``): that dead read of
+    an inner value does not make the occurrence read outside the match (0 matches)."""
+
+    def loss(logits, labels):
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.mean(lse - jnp.sum(logits * labels, axis=-1))
+
+    logits = jax.random.normal(jax.random.key(0), (4, 5))
+    labels = jax.nn.one_hot(jnp.arange(4), 5)
+    g = js.trace(loss, logits, labels)
+    lse = lambda a: jax.nn.logsumexp(a, axis=-1)  # noqa: E731
+    assert len(g.match(lse, logits)) == 1
+    hard = g.rewrite(lse, lambda a: jnp.max(a, axis=-1), logits)  # a hard max instead
+
+    def hard_loss(logits, labels):
+        return jnp.mean(jnp.max(logits, axis=-1) - jnp.sum(logits * labels, axis=-1))
+
+    allclose(hard.as_function()(2 * logits, labels), hard_loss(2 * logits, labels), rtol=1e-5)
