@@ -287,7 +287,9 @@ def select(
             raise _only_in_loops(graph, wanted)
     if scope is not None:
         scope = scope.strip("/")
-        keep = [k and _in_scope(v.scope, scope) for k, v in zip(keep, vars_)]
+        keep = [
+            k and _in_scope(v.scope, scope) and not _made_up(graph, v) for k, v in zip(keep, vars_)
+        ]
         if not any(keep) and scope and not any(_in_scope(v.scope, scope) for v in graph.vars):
             raise _no_scope(graph, scope)
     if where is not None:
@@ -346,6 +348,12 @@ def _only_in_loops(graph: Graph, wanted: set[str]) -> SelectionError:
         f"loop the index keeps folded are, which are per iteration; select them with their "
         f"names, {shown}"
     )
+
+
+def _made_up(graph: Graph, v: Var) -> bool:
+    """Whether a var is a value jaxsurgery made, not one of the program's: inside a
+    patch (its equations carry the patched value's scope) or a helper of the index."""
+    return v.primitive not in ("input", "const") and graph._site(v.index) is None
 
 
 def _in_scope(var_scope: str, scope: str) -> bool:

@@ -427,6 +427,7 @@ def test_identity_patches_and_scope_globs_of_a_patched_graph():
     # g's values: the patched %2 (the replacement's add), %2.unpatched (mul), relu's max
     assert sorted(v.primitive for v in inside) == ["add", "max", "mul"]
     assert p["%2.unpatched"] in inside and p["%2"] in inside
+    assert set(p.select(scope="blk")) == set(inside)  # the scope filter too
     mul = jnp.cos(jnp.sin(x) * 2.0) * C + 1.0
     ref = jax.grad(lambda m: jnp.exp(jax.nn.relu(m)).sum())(mul)
     allclose(p.grads("out", "blk/*")["blk/%2"], ref)
