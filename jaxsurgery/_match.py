@@ -387,6 +387,7 @@ def body_edits(
     program, index = graph._program, graph._loop_index
     closed = graph._structure.closed
     edits, left, targets = [], [], []
+    seen: set[tuple] = set()
     for k, state, name in found.in_bodies:
         loop, pattern = program.folded[k], found.pattern
         template = loop.template
@@ -426,10 +427,29 @@ def body_edits(
         targets.append(target)
         step = site.steps[depth]
         every = Step(step.eqn, step.branch, None if n is None else range(n))
-        steps = (*site.steps[:depth], every, *site.steps[depth + 1 :])
+        steps = (*_every_trip(closed, site.steps[:depth]), every, *site.steps[depth + 1 :])
+        key = (steps, site.vars, tuple(reads))
+        if key in seen:  # the same scan in another trip of a while_loop: one edit for all
+            continue
+        seen.add(key)
         ranged = Site(steps, site.vars)  # every iteration: bound to no path
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
     return edits, left, targets
+
+
+def _every_trip(closed: Any, steps: Sequence[Any]) -> tuple:
+    """``steps`` with each step into a while_loop's trip naming no trip: an edit of a
+    scan the index folds in every trip applies in every trip the loop runs (arguments
+    that run more trips than were traced get it too)."""
+    from ._structured import Step, sub_jaxpr
+
+    out, jaxpr = [], closed.jaxpr
+    for s in steps:
+        eqn = jaxpr.eqns[s.eqn]
+        loose = eqn.primitive.name == "while" and s.iteration is not None
+        out.append(Step(s.eqn, s.branch, None) if loose else s)
+        jaxpr = sub_jaxpr(eqn, s).jaxpr
+    return tuple(out)
 
 
 class _State:

@@ -440,10 +440,7 @@ def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:
     var = read.vars[0]
     for step in steps[len(read.steps) :]:
         eqn = jaxpr.eqns[step.eqn]
-        at = next((k for k, a in enumerate(eqn.invars) if a is var), None)
-        if at is None:
-            return None
-        at = _body_input(eqn, at)
+        at = _body_input(eqn, [k for k, a in enumerate(eqn.invars) if a is var])
         if at is None:
             return None
         jaxpr = sub_jaxpr(eqn, step).jaxpr
@@ -451,18 +448,25 @@ def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:
     return var
 
 
-def _body_input(eqn: Any, at: int) -> int | None:
-    """The input of the body an operand is in every iteration or call: a call's operand,
-    or a loop's constant (weights a while_loop's or a scan's body closes over); None for
-    a carry (another value each trip) or a branch's operand."""
+def _body_input(eqn: Any, positions: Sequence[int]) -> int | None:
+    """The input of the body that operands at ``positions`` (one value) are in every
+    iteration or call: a call's operand, or a loop's constant (weights a while_loop's or
+    a scan's body closes over); None for a carry (another value each trip: also where the
+    constant is the carry's start, the same var in the first trip) or a branch operand."""
     name = eqn.primitive.name
+    if not positions:
+        return None
     if name in C.CALL_PRIMITIVES:
-        return at
+        return positions[0]
     if name == "while":
         n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-        return at - n_cond if n_cond <= at < n_cond + n_body else None
+        if any(k >= n_cond + n_body for k in positions):
+            return None
+        consts = [k - n_cond for k in positions if k >= n_cond]
+        return consts[0] if consts else None
     if name == "scan":
-        return at if at < eqn.params["num_consts"] else None
+        n_consts = C.scan_layout(eqn)[0]
+        return positions[0] if all(k < n_consts for k in positions) else None
     return None
 
 

@@ -608,3 +608,64 @@ def test_a_pattern_with_an_equation_nothing_reads_matches():
         return jnp.mean(jnp.max(logits, axis=-1) - jnp.sum(logits * labels, axis=-1))
 
     allclose(hard.as_function()(2 * logits, labels), hard_loss(2 * logits, labels), rtol=1e-5)
+
+
+def test_rewrites_reading_loop_constants_in_every_trip_and_nothing_else():
+    """A loop's constant read by the pattern is passed into every trip (also when the
+    loop's condition reads it too, and for a scan's constants on every JAX version); a
+    carry that starts as the same value is not a constant (rewritten with the start
+    value in every trip before: refused now); a scan folded in each trip of a while_loop
+    is rewritten in trips the traced arguments did not run too."""
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    x = jnp.linspace(-1.0, 1.0, 4)
+    xs = jax.random.normal(jax.random.key(1), (3, 4))
+    dense = (lambda w, a: jnp.tanh(w @ a), lambda w, a: jax.nn.gelu(w @ a))
+
+    def guarded(act):
+        def f(w, x, n):
+            def body(c):
+                return c[0] + 1, act(w @ (c[1] * 2.0))
+
+            return jax.lax.while_loop(lambda c: (c[0] < n) & (jnp.sum(w) > -100.0), body, (0, x))[1]
+
+        return f
+
+    rw = js.trace(guarded(jnp.tanh), w, x, 3).rewrite(*dense, w, x)
+    allclose(rw.as_function()(w, x, 5), guarded(jax.nn.gelu)(w, x, 5), rtol=1e-5)
+
+    def stacked(act):
+        def f(ws, h0, xs):
+            def layer(seq, w):  # w: the inner scan's constant
+                def step(h, x):
+                    hn = act(w @ (h * 2.0)) + x
+                    return hn, hn
+
+                return jax.lax.scan(step, h0, seq)[1], None
+
+            return jax.lax.scan(layer, xs, ws)[0].sum()
+
+        return f
+
+    ws = jnp.stack([w, -w, w / 2])
+    rw = js.trace(stacked(jnp.tanh), ws, x * 0, xs).rewrite(*dense, w, x)
+    allclose(rw.as_function()(ws, x, xs), stacked(jax.nn.gelu)(ws, x, xs), rtol=1e-5)
+
+    def carried(x, lo, hi):  # the body closes over x, also the carry's start
+        return jax.lax.fori_loop(lo, hi, lambda i, h: jnp.sin(h) + x, x)
+
+    with warnings.catch_warnings(), pytest.raises(js.SliceError, match="reads 'x', which lives"):
+        warnings.simplefilter("ignore")  # (it reads another trip's value, also said)
+        js.trace(carried, x, 0, 1).rewrite(jnp.sin, jnp.cos, x)
+
+    def scanned(act):
+        def f(w, x, xs, n):
+            def body(c):
+                step = lambda hh, xx: (act(w @ (hh * 2.0)) + xx, None)  # noqa: E731
+                return c[0] + 1, jax.lax.scan(step, c[1], xs)[0]
+
+            return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+        return f
+
+    rw = js.trace(scanned(jnp.tanh), w, x, xs, 2).rewrite(*dense, w, x)
+    allclose(rw.as_function()(w, x, xs, 3), scanned(jax.nn.gelu)(w, x, xs, 3), rtol=1e-5)
