@@ -502,3 +502,68 @@ def test_haiku_transforms_of_a_partial_and_of_module_methods_name_what_they_bind
     assert not g.notes
     lin = p["hk_encoder/~encode/linear"]
     allclose(g.value("encode/hk_encoder/z"), jnp.tanh(x @ lin["w"] + lin["b"]))
+
+
+def test_values_computed_in_property_getters_are_named_by_the_property():
+    """``self.kernel`` of a ``@property``, in an Equinox module, a base class of a plain
+    one and a Flax NNX module: its result is named ``<object>/kernel`` and what the
+    getter binds ``<object>/kernel/k`` (unnamed before); the classes get their own
+    properties back after the trace, and gradients there equal the hand-written ones."""
+    import equinox as eqx
+    from flax import nnx
+
+    class Scaled(eqx.Module):
+        w: jax.Array
+        s: float = 0.5
+
+        @property
+        def kernel(self):
+            k = self.w * self.s
+            return k
+
+        def __call__(self, x):
+            return jnp.tanh(x @ self.kernel)
+
+    class Base:
+        @property
+        def bias(self):
+            b = jnp.ones(3) * 0.1
+            return b
+
+    class Child(Base):
+        def __call__(self, x):
+            return x + self.bias
+
+    kernel, bias = Scaled.__dict__["kernel"], Base.__dict__["bias"]
+    m, c = Scaled(jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)), Child()
+
+    def f(m, x):
+        y = m(x)
+        u = c(y)
+        return (u**2).sum()
+
+    x = jnp.linspace(0.5, 1.0, 3)
+    g = js.trace(f, m, x)
+    assert g["m/kernel"] is g["m/kernel/k"] and g["m/kernel"].primitive == "mul"
+    assert g["c/bias"] is g["c/bias/b"]
+    assert Scaled.__dict__["kernel"] is kernel and Base.__dict__["bias"] is bias
+    k = m.w * 0.5
+    ref = jax.grad(lambda k: ((jnp.tanh(x @ k) + 0.1) ** 2).sum())(k)
+    allclose(g.grads("out", ["m/kernel"])["m/kernel"], ref, rtol=1e-5)
+    assert js.trace(m, x)["kernel/k"].primitive == "mul"  # the traced object's own too
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 3, rngs=rngs)
+
+        @property
+        def scale(self):
+            sc = jnp.sum(self.lin.kernel[...]) * 0.1
+            return sc
+
+        def __call__(self, x):
+            return self.lin(x) * self.scale
+
+    net = Net(nnx.Rngs(0))
+    g = js.trace(lambda net, x: net(x).sum(), net, x)
+    allclose(g.value("net/scale/sc"), jnp.sum(net.lin.kernel[...]) * 0.1, rtol=1e-6)
