@@ -253,6 +253,14 @@ def _hidden(pattern: Program, program: Program, top: bool = False) -> list[str]:
         return bool(_find(pattern, body)), _hidden(pattern, body)
 
     others = [(r.eqn, r.taken) for r in program.regions if r.primitive in BRANCH_PRIMITIVES]
+    # a while_loop's condition runs in no trip's equations, unrolled or not
+    whiles = [r.eqn for r in program.regions if r.primitive == "while"]
+    whiles += [eqn for eqn in program.jaxpr.eqns if eqn.primitive.name == "while"]
+    for eqn in whiles:
+        direct, deeper = search(eqn.params["cond_jaxpr"])
+        if direct:
+            places.append(f"the condition of the while_loop{_at(eqn)}")
+        places += deeper
     for e, eqn in enumerate(program.jaxpr.eqns):
         name = eqn.primitive.name
         if name in BRANCH_PRIMITIVES:

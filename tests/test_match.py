@@ -669,3 +669,22 @@ def test_rewrites_reading_loop_constants_in_every_trip_and_nothing_else():
 
     rw = js.trace(scanned(jnp.tanh), w, x, xs, 2).rewrite(*dense, w, x)
     allclose(rw.as_function()(w, x, xs, 3), scanned(jax.nn.gelu)(w, x, xs, 3), rtol=1e-5)
+
+
+def test_an_occurrence_in_a_while_loops_condition_is_named_not_silently_left_out():
+    """A condition runs in no trip's equations: its occurrence is not matched, and the
+    warning (and the rewrite's error, when nothing else matches) says where it is."""
+    x = jnp.linspace(0.1, 0.5, 3)
+
+    def f(x):
+        def cond(c):
+            return (jnp.tanh(c[1]).sum() < 2.5) & (c[0] < 50)
+
+        return jax.lax.while_loop(cond, lambda c: (c[0] + 1, c[1] * 1.3), (0, x))[1].sum()
+
+    g = js.trace(f, x)
+    with pytest.warns(UserWarning, match="at the condition of the while_loop at test_match.py"):
+        assert len(g.match(jnp.tanh, x)) == 0
+    with warnings.catch_warnings(), pytest.raises(js.SliceError, match="condition of the while"):
+        warnings.simplefilter("ignore")
+        g.rewrite(jnp.tanh, jnp.sin, x)
