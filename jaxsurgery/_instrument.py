@@ -133,10 +133,6 @@ class Recorder:
         #: ``(frame, name, array)`` of names bound to concrete arrays (a global weight,
         #: a numpy mask): named where the traced jaxpr holds them as constants
         self.constants: list[tuple[int, str, Any]] = []
-        #: ``(class, name, property)`` of user properties whose getters run in frames
-        #: while tracing (see :meth:`frame_properties`), put back at the end
-        self._properties: list[tuple[type, str, property]] = []
-        self._property_classes: set[type] = set()
 
     def __enter__(self) -> Recorder:
         stack = getattr(_state, "stack", None)
@@ -147,30 +143,6 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         _state.stack.pop()
-        for cls, name, original in reversed(self._properties):
-            type.__setattr__(cls, name, original)
-        self._properties.clear()
-
-    def frame_properties(self, obj: Any) -> None:
-        """Run the getters of ``obj``'s user-code properties (``@property def kernel``)
-        in frames of their names while tracing, so that what they compute is named
-        (``layer/kernel``, ``layer/kernel/k``) as a method's values are."""
-        cls = type(obj)
-        if cls in self._property_classes or cls.__module__ in _BUILTIN_MODULES:
-            return
-        self._property_classes.add(cls)
-        for klass in cls.__mro__:
-            for name, attr in list(vars(klass).items()):
-                if type(attr) is not property or not _is_user_function(attr.fget):
-                    continue
-                framed = property(
-                    _framed_getter(name, attr.fget), attr.fset, attr.fdel, attr.__doc__
-                )
-                try:
-                    type.__setattr__(klass, name, framed)
-                except (TypeError, AttributeError):  # a class that refuses new attributes
-                    continue
-                self._properties.append((klass, name, attr))
 
     @property
     def frame(self) -> int:
@@ -1084,9 +1056,6 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     name = recorder.label(label, fn)
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        owner = fn.__self__ if type(fn) is types.MethodType else fn
-        if not isinstance(owner, types.FunctionType):  # a method's object, a callable one
-            recorder.frame_properties(owner)
         frame = recorder.enter(name, fn)
         start = recorder.size()
         out = None
@@ -1111,19 +1080,6 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
 # (``combine(**locals())`` got ``__js_call__``)
 setattr(builtins, MARK, _mark)
 setattr(builtins, CALL, _call)
-
-
-#: modules of classes whose properties are never user code
-_BUILTIN_MODULES = frozenset({"builtins", "functools", "types"})
-
-
-def _framed_getter(name: str, fget: Any) -> Any:
-    """A property getter that runs ``fget`` in a frame named ``name`` while tracing."""
-
-    def get(obj: Any) -> Any:
-        return _call(name, fget)(obj)
-
-    return get
 
 
 def record(name: str, value: Any, scope: str = "") -> None:

@@ -128,12 +128,8 @@ def _trace(
     recorder = Recorder()
     out_info: dict[str, Any] = {}
 
-    owner = target.__self__ if isinstance(target, types.MethodType) else target
-
     def flat_fn(*flat: Any) -> list[Any]:
         call = binder.rebuild(bound, flat)
-        if not isinstance(owner, types.FunctionType):  # js.trace(model, x): its properties
-            recorder.frame_properties(owner)
         out = run(*call.args, **call.kwargs)
         out_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
         paths = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
