@@ -40,7 +40,7 @@ from ._patch import Edit, replacement_jaxpr, splice
 from ._promotion import a_or_an, holds, is_key, not_a_key, out_of_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
-from ._structured import Site, at_some_iterations, patch_of, rules_entered, sub_jaxpr
+from ._structured import Site, Step, at_some_iterations, patch_of, rules_entered, sub_jaxpr
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -420,8 +420,39 @@ def _read_at(closed: Any, sites: Sequence[Site], steps: tuple) -> Any:
         if site.steps == steps:
             return site.vars[0]
         inner = _passed_in(closed, site, steps)
+        if inner is None:
+            inner = _carried_in(closed, site, steps)
         if inner is not None:
             return inner
+    return None
+
+
+def _carried_in(closed: Any, read: Site, steps: tuple) -> Any:
+    """The var at ``steps``, inside trip t of a while_loop, holding ``read``'s value when
+    that is a carry entering trip t: what trip t - 1 returns, or for trip 0 the loop's
+    operand (not also one of its constants). It is the body's carry input, the same var
+    in every trip (a rewrite of ``sin(h)``, h the carry, edits every trip). None else."""
+    jaxpr = closed.jaxpr
+    for d, step in enumerate(steps):
+        eqn = jaxpr.eqns[step.eqn]
+        if read.steps[:d] != steps[:d]:
+            return None
+        if eqn.primitive.name == "while" and step.iteration is not None:
+            n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+            body = sub_jaxpr(eqn, step).jaxpr
+            var, t = read.vars[0], step.iteration
+            if len(read.steps) == d + 1 and t > 0 and read.steps[d] == Step(step.eqn, None, t - 1):
+                at = [k for k, o in enumerate(body.outvars) if o is var]
+            elif len(read.steps) == d and t == 0:
+                where = [k for k, a in enumerate(eqn.invars) if a is var]
+                at = [k - n_cond - n_body for k in where if k >= n_cond + n_body]
+                at = at if len(at) == len(where) else []  # also a constant: not only a carry
+            else:
+                at = []
+            if at:
+                inner = Site((*steps[: d + 1],), (body.invars[n_body + at[0]],))
+                return inner.vars[0] if len(steps) == d + 1 else _passed_in(closed, inner, steps)
+        jaxpr = sub_jaxpr(eqn, step).jaxpr
     return None
 
 

@@ -688,3 +688,38 @@ def test_an_occurrence_in_a_while_loops_condition_is_named_not_silently_left_out
     with warnings.catch_warnings(), pytest.raises(js.SliceError, match="condition of the while"):
         warnings.simplefilter("ignore")
         g.rewrite(jnp.tanh, jnp.sin, x)
+
+
+def test_a_pattern_reading_a_while_loops_carry_is_rewritten_in_every_trip():
+    """``sin(h)``, h the carry entering each trip (the loop's operand in trip 0, what
+    the trip before returned after): the rewrite reads the body's carry input, in every
+    trip, also those the traced arguments did not run, and inside a jitted call of the
+    body (a SliceError before)."""
+
+    @jax.jit
+    def cell(h):
+        return jnp.sin(h) * 2.0
+
+    def looped(act, jitted):
+        def f(x, n):
+            def body(c):
+                i, h = c
+                return i + 1, (cell(h) if jitted else act(h) * 2.0)
+
+            return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+        return f
+
+    def by_hand(x, n):
+        for _ in range(n):
+            x = jnp.cos(x) * 2.0
+        return x
+
+    x = jnp.linspace(-1.0, 1.0, 3)
+    for jitted in (False, True):
+        g = js.trace(looped(jnp.sin, jitted), x, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every trip: no trip left as it was
+            rw = g.rewrite(jnp.sin, jnp.cos, x)
+        for n in (0, 2, 4, 6):
+            allclose(rw.as_function()(x * 0.5, n), by_hand(x * 0.5, n), rtol=1e-5)
