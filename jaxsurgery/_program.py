@@ -732,15 +732,8 @@ class _Inliner(ControlFlow):
         if not env:
             env.update(zip(self._invars, self.flat_args))
         env.update((v, x) for v, x in zip(self.constvars, self.consts) if v not in env)
-        made = self._made_so_far()
-        needed: set[int] = set()
-        stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
-        while stack:
-            k = made[stack.pop()]
-            if k in needed:
-                continue
-            needed.add(k)
-            stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
+        needed = self._ancestors(atoms, env)
+        assert needed is not None  # (every input is in env)
         if any(self.eqns[k].primitive.name in LOOP_PRIMITIVES for k in needed):
             self.after_loop = True  # a loop kept whole (folded): not run at trace time
             return None
@@ -748,12 +741,34 @@ class _Inliner(ControlFlow):
         if effectful is not None:  # an io_callback: tracing runs none of the host's effects
             self.after_effect = effectful.primitive.name
             return None
+        return self._computed(atoms, env, needed)
+
+    def _ancestors(
+        self, atoms: Sequence[Any], env: dict, most: int | None = None
+    ) -> set[int] | None:
+        """The copied equations that compute ``atoms`` from what ``env`` holds (None
+        where one reads a var no equation writes and env lacks, or past ``most``)."""
+        made = self._made_so_far()
+        needed: set[int] = set()
+        stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
+        while stack:
+            k = made.get(stack.pop())
+            if k is None or (most is not None and len(needed) > most):
+                return None
+            if k in needed:
+                continue
+            needed.add(k)
+            stack.extend(a for a in self.eqns[k].invars if isinstance(a, C.Var) and a not in env)
+        return needed
+
+    def _computed(self, atoms: Sequence[Any], env: dict, needed: set[int]) -> list[Any] | None:
+        """The values of ``atoms``, running the ``needed`` equations into ``env`` (None
+        where one holds a tracer: from a tracer the function closes over, traced inside a
+        transform, whose values decide nothing while tracing, as an abstract trace's)."""
         if needed:
             with jax.ensure_compile_time_eval():
                 eval_equations([self.eqns[k] for k in sorted(needed)], env)
         found = [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
-        # (from a tracer the function closes over, traced inside a transform: its values
-        # decide nothing while tracing, as an abstract trace's)
         return None if C.holds_tracer(found) else found
 
     def _made_so_far(self) -> dict[C.Var, int]:
@@ -769,27 +784,15 @@ class _Inliner(ControlFlow):
         """Values of flat atoms that literals and constants alone compute (no input, no
         loop, no effect: a stage counter starting at 0 in a loop's body), or None."""
         env = {v: x for v, x in zip(self.constvars, self.consts)}
-        made = self._made_so_far()
-        needed: set[int] = set()
-        stack = [a for a in atoms if isinstance(a, C.Var) and a not in env]
-        while stack:
-            k = made.get(stack.pop())
-            if k is None:  # an input (in a loop's template: what the loop passes in)
-                return None
-            if k in needed:
-                continue
-            eqn = self.eqns[k]
-            if eqn.effects or eqn.primitive.name in LOOP_PRIMITIVES or len(needed) > 64:
-                return None
-            needed.add(k)
-            stack.extend(a for a in eqn.invars if isinstance(a, C.Var) and a not in env)
+        needed = self._ancestors(atoms, env, most=64)  # (None: an input, what a loop passes in)
+        if needed is None or any(
+            self.eqns[k].effects or self.eqns[k].primitive.name in LOOP_PRIMITIVES for k in needed
+        ):
+            return None
         try:
-            with jax.ensure_compile_time_eval():
-                eval_equations([self.eqns[k] for k in sorted(needed)], env)
+            return self._computed(atoms, env, needed)
         except Exception:  # noqa: BLE001 (nothing to decide by: the loop stays whole)
             return None
-        found = [a.val if isinstance(a, C.Literal) else env[a] for a in atoms]
-        return None if C.holds_tracer(found) else found
 
     def known(self, atoms: Sequence[Any], values: Sequence[Any]) -> None:
         """Note concrete values of flat atoms found another way (an unrolled while's

@@ -976,15 +976,20 @@ def iterations(steps: Sequence[Step]) -> tuple[int, ...]:
 def unlifted(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
     """The site of a nested var reached by ``steps``, where its equation is (not lifted
     out of the calls returning it, as :func:`locate` does)."""
-    jaxpr, bound = closed.jaxpr, []
-    for d, step in enumerate(steps):
-        eqn = jaxpr.eqns[step.eqn]
-        if step.branch is not None or (
-            step.iteration is not None and eqn.primitive.name == "while"
-        ):
-            bound.append(d)
-        jaxpr = sub_jaxpr(eqn, step).jaxpr
-    return Site(steps, (var,), tuple(bound))
+    jaxpr, eqns = closed.jaxpr, []
+    for step in steps:
+        eqns.append(jaxpr.eqns[step.eqn])
+        jaxpr = sub_jaxpr(eqns[-1], step).jaxpr
+    return Site(steps, (var,), _path_bound(steps, eqns))
+
+
+def _path_bound(steps: Sequence[Step], eqns: Sequence[Any]) -> tuple[int, ...]:
+    """The depths of ``steps`` into a cond branch or a while_loop trip (``Site.path_bound``)."""
+    return tuple(
+        d
+        for d, (s, e) in enumerate(zip(steps, eqns))
+        if s.branch is not None or (s.iteration is not None and e.primitive.name == "while")
+    )
 
 
 def locate(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
@@ -1023,12 +1028,7 @@ def locate(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
         held, steps = outer, steps[:-1]
         eqns.pop()
         levels.pop()
-    bound = tuple(
-        d
-        for d, (s, e) in enumerate(zip(steps, eqns))
-        if s.branch is not None or (s.iteration is not None and e.primitive.name == "while")
-    )
-    return Site(steps, held, bound)
+    return Site(steps, held, _path_bound(steps, eqns))
 
 
 _READ: dict[int, tuple[Any, set[Any]]] = {}
