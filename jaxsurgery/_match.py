@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._graph import Graph, Var
     from ._program import Program
     from ._structured import Edit as StructuredEdit
+    from ._structured import Site
 
 #: Primitives whose two operands may be swapped.
 COMMUTATIVE = frozenset({"add", "add_any", "mul", "max", "min", "and", "or", "xor", "eq", "ne"})
@@ -132,7 +133,7 @@ def every_trip(
     the traced trips only)."""
     from ._patch_graph import _structured_edit
     from ._structured import Edit as StructuredEdit
-    from ._structured import Site, Step
+    from ._structured import Site
 
     program = graph._program
     loops = [(r.start, r.end) for r in program.regions if r.primitive == "while"]
@@ -152,11 +153,7 @@ def every_trip(
             kept.append(edit)
             left.append(name)
             continue
-        trips = {j for j in site.site.path_bound if site.site.steps[j].iteration is not None}
-        steps = tuple(
-            Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.site.steps)
-        )
-        bound = tuple(j for j in site.site.path_bound if j not in trips)
+        steps, bound = _every_trip(site.site)
         key = (steps, site.site.vars, site.reads)
         if key not in made:
             every = Site(steps, site.site.vars, bound)
@@ -390,7 +387,7 @@ def body_edits(
     from ._loop_index import Template, _inner
     from ._patch_graph import _common_level
     from ._structured import Edit as StructuredEdit
-    from ._structured import Site, Step
+    from ._structured import Site, Step, unlifted
 
     program, index = graph._program, graph._loop_index
     closed = graph._structure.closed
@@ -412,7 +409,7 @@ def body_edits(
             if found is None:
                 return None
             steps = (*loop.steps, Step(loop.pos, iteration=t0), *found[0])
-            return Site(steps, (found[1],))
+            return unlifted(closed, steps, found[1])
 
         # the deepest level where the output and every input have a var: the output's
         # call, or out of the jitted calls returning it and the inputs (a pattern over
@@ -435,7 +432,8 @@ def body_edits(
         targets.append(target)
         step = site.steps[depth]
         every = Step(step.eqn, step.branch, None if n is None else range(n))
-        steps = (*_every_trip(closed, site.steps[:depth]), every, *site.steps[depth + 1 :])
+        steps = _every_trip(site)[0]
+        steps = (*steps[:depth], every, *steps[depth + 1 :])
         key = (steps, site.vars, tuple(reads))
         if key in seen:  # the same scan in another trip of a while_loop: one edit for all
             continue
@@ -445,19 +443,17 @@ def body_edits(
     return edits, left, targets
 
 
-def _every_trip(closed: Any, steps: Sequence[Any]) -> tuple:
-    """``steps`` with each step into a while_loop's trip naming no trip: an edit of a
-    scan the index folds in every trip applies in every trip the loop runs (arguments
-    that run more trips than were traced get it too)."""
-    from ._structured import Step, sub_jaxpr
+def _every_trip(site: Site) -> tuple[tuple, tuple[int, ...]]:
+    """``(steps, path_bound)`` of ``site`` with each step into a while_loop's trip naming
+    no trip: an edit there applies in every trip the loop runs (arguments that run more
+    trips than were traced get it too); still bound to the cond branches it is in."""
+    from ._structured import Step
 
-    out, jaxpr = [], closed.jaxpr
-    for s in steps:
-        eqn = jaxpr.eqns[s.eqn]
-        loose = eqn.primitive.name == "while" and s.iteration is not None
-        out.append(Step(s.eqn, s.branch, None) if loose else s)
-        jaxpr = sub_jaxpr(eqn, s).jaxpr
-    return tuple(out)
+    trips = {j for j in site.path_bound if site.steps[j].iteration is not None}
+    steps = tuple(
+        Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.steps)
+    )
+    return steps, tuple(j for j in site.path_bound if j not in trips)
 
 
 class _State:
