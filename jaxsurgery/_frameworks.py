@@ -116,14 +116,19 @@ def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int,
 
 
 def library_calls(
-    call: Callable[[str, Any], Any], method: Callable[[Any, Any, tuple, dict], Any]
+    call: Callable[[str, Any], Any],
+    method: Callable[[Any, Any, tuple, dict], Any],
+    framed: Callable[[Any], Callable | None],
 ) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
     returns it (a function that runs the item in a named frame), Equinox layers
     that inherit their base's scope (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``) get
-    their own (``eqx.nn.Conv2d``), and Flax linen runs its modules' methods as
+    their own (``eqx.nn.Conv2d``), Flax linen runs its modules' methods as
     ``method(function, module, args, kwargs)`` (through ``nn.intercept_methods``),
-    and so does Haiku (``hk.intercept_methods``).
+    and so does Haiku (``hk.intercept_methods``), and a Flax NNX module of the
+    library that another module of the library calls (``nnx.MultiHeadAttention``'s
+    ``self.query``) runs as ``framed(module)`` returns it, in a frame named by its
+    attribute path, when there is one (see :func:`_nnx_framed`).
 
     A container's ``layers`` are swapped for named items during its own call and put
     back after it (the container object is otherwise untouched); the classes are
@@ -134,6 +139,14 @@ def library_calls(
         for cls, attr, keep, label in _containers()
     ]
     patched += _own_scopes()
+    nnx = _nnx()
+    if nnx is not None:
+        containers = {cls for cls, *_ in patched}
+        patched += [
+            (cls, _nnx_framed(cls.__call__, framed))
+            for cls in _nnx_library_modules(nnx)
+            if cls not in containers
+        ]
     stack = contextlib.ExitStack()
     if patched:
         stack.enter_context(_patched(patched))
@@ -304,6 +317,33 @@ def _eqx_own_scopes(eqx: Any) -> tuple[tuple[type, Callable], ...]:
         if inner is not None:
             found.append((cls, jax.named_scope(f"eqx.nn.{name}")(inner)))
     return tuple(found)
+
+
+@functools.cache
+def _nnx_library_modules(nnx: Any) -> tuple[type, ...]:
+    """The Flax NNX module classes of the library with a ``__call__`` of their own
+    (``nnx.Linear``, ``nnx.MultiHeadAttention``, ``nnx.LSTMCell``...)."""
+    found, todo = [], [nnx.Module]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("flax.nnx") and "__call__" in vars(cls):
+            found.append(cls)
+    return tuple(dict.fromkeys(found))
+
+
+def _nnx_framed(original: Callable, framed: Callable[[Any], Callable | None]) -> Callable:
+    """``original``, an NNX module's ``__call__``, run as ``framed(module)`` returns it
+    (a function running the module in a frame named by its attribute path in the module
+    running: ``query`` in ``nnx.MultiHeadAttention``) or, when that is None (no such
+    path, or the frame is already open: user code called it), as it is."""
+
+    @functools.wraps(original)
+    def library_module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        run = framed(self)
+        return original(self, *args, **kwargs) if run is None else run(*args, **kwargs)
+
+    return library_module_call
 
 
 def _itemized(

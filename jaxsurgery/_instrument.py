@@ -1105,6 +1105,20 @@ def call_in_frame(label: str, fn: Any) -> Any:
     return _call(label, fn, always=True)
 
 
+def framed_module(module: Any) -> Any:
+    """For a module of a library that library code calls (``self.query`` in Flax NNX's
+    attention): a function running it in a frame named by its path in the module
+    running (``query``), or None where it is not one of that module's (a module the user
+    passed in), or its frame is open (user code called it: its frame runs it)."""
+    recorder = _current()
+    if recorder is None or not recorder._stack:
+        return None
+    if recorder.callees[recorder._stack[-1]] is module:
+        return None
+    label = recorder.place(module)
+    return None if label is None else _call(label, module, always=True)
+
+
 def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     """Run ``method(module, *args, **kwargs)``, a method of a library module that a
     library calls (a Flax linen or Haiku module's ``__call__``, run by ``apply``): when it is

@@ -39,6 +39,7 @@ from ._instrument import (
     Recorder,
     call_in_frame,
     call_method,
+    framed_module,
     is_jit,
     note_state,
     record,
@@ -181,7 +182,7 @@ def _trace(
         with (
             recorder,
             haiku_run,
-            library_calls(call_in_frame, call_method),
+            library_calls(call_in_frame, call_method, framed_module),
             library_names(record, note_state),
         ):
             closed = C.make_jaxpr(flat_fn, *leaves)

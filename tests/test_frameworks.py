@@ -190,6 +190,49 @@ def test_flax_nnx_layers_are_named_by_attribute_path(key):
     check_slice(s, (h,), rest)
 
 
+# -- Flax NNX: the library's own modules, called by another of them -------------------------------
+class NNXAttentionBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.attn(x)
+        return self.lin(h) + x
+
+
+class NNXAttentionNet(nnx.Module):
+    def __init__(self, rngs):
+        self.b1, self.b2 = NNXAttentionBlock(rngs), NNXAttentionBlock(rngs)
+
+    def __call__(self, x):
+        return self.b2(self.b1(x)).sum()
+
+
+def test_nnx_library_modules_inside_library_modules_are_named_by_attribute_path(key):
+    # nnx.MultiHeadAttention calls its projections (self.query...): library code, which
+    # is not rewritten; they run in frames named by their paths, `m/b2/attn/query`
+    m = NNXAttentionNet(nnx.Rngs(0))
+    x = jax.random.normal(key, (1, 5, 8))
+    g = js.trace(lambda m, x: m(x), m, x)
+    h1 = m.b1(x)
+    for block, inp in (("b1", x), ("b2", h1)):
+        attn = getattr(m, block).attn
+        for proj in ("query", "key", "value"):
+            allclose(g.value(f"m/{block}/attn/{proj}"), getattr(attn, proj)(inp), rtol=RTOL)
+        assert g[f"m/{block}/attn/out"] is g[f"m/{block}/attn"]
+    assert "m/b1/attn/query/query" not in g.names()
+    attn = m.b2.attn
+    q, k = attn.query(h1), attn.key(h1)
+
+    def rest(v):  # the value projection of b2 -> the attention's output, q and k held
+        return attn.out(nnx.dot_product_attention(q, k, v))
+
+    v = g.value("m/b2/attn/value")
+    allclose(rest(v), g.value("m/b2/attn"), rtol=RTOL)
+    check_slice(g.slice("m/b2/attn/value", "m/b2/attn"), (v,), rest)
+
+
 # -- Equinox: eqx.nn.MLP ------------------------------------------------------------------------------
 def test_equinox_mlp_layers_by_scope(key):
     mlp = eqx.nn.MLP(in_size=3, out_size=2, width_size=8, depth=3, key=key)
