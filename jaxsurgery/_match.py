@@ -112,12 +112,16 @@ class Found:
             else f"the {outside} occurrence{'s' if outside != 1 else ''} the index lists "
             f"{'are' if outside != 1 else 'is'} changed"
         )
+        loops = any(" scan" in p or "while_loop" in p for p in self.elsewhere)
         return (
             f"the pattern {self.label!r} occurs where the index lists no value, at "
             f"{short_list(self.elsewhere, 4)}: g.match does not list these and g.rewrite "
-            f"does not change them (they run as they are; {listed}); a value inside a folded loop (per "
-            "iteration, name@*) is patched with g.replace(name, fn), fn of its old value "
-            "(one edit of the loop's body)"
+            f"does not change them (they run as they are; {listed})"
+        ) + (
+            "; a value inside a folded loop (per iteration, name@*) is patched with "
+            "g.replace(name, fn), fn of its old value (one edit of the loop's body)"
+            if loops
+            else ""
         )
 
 
@@ -272,6 +276,14 @@ def _hidden(pattern: Program, program: Program, top: bool = False) -> list[str]:
             if direct:
                 places.append(f"the body of the {_LOOP_NAMES[name]}{_at(eqn)}")
             places += deeper
+        else:  # a call kept as one equation: a shard_map (its body runs once per shard)
+            for inner in C.inner_jaxprs(eqn):  # or a custom-rule call kept whole
+                if inner.constvars:
+                    continue  # (no such body in JAX's calls: their constants are operands)
+                direct, deeper = search(C.ClosedJaxpr(inner, ()))
+                if direct:
+                    places.append(f"the body of the {name}{_at(eqn)}")
+                places += deeper
     for eqn, taken in others:
         for k, branch in enumerate(eqn.params["branches"]):
             if k != taken:

@@ -144,10 +144,47 @@ def check_shard_map_with_a_scan():
     assert any("'last_step' tags a value inside a shard_map" in n for n in g.notes), g.notes
 
 
+def check_rewrite_names_occurrences_in_a_shard_map():
+    """g.rewrite changes what the index lists; an occurrence inside a shard_map body (which
+    the graph keeps as one equation) runs as it is and is named in a warning and the
+    notes, as in an untaken cond branch (it was left out without a word)."""
+    import warnings
+
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = dict(mesh=mesh, in_specs=(P("b", None), P()), out_specs=P("b", None))
+    mapped = SHARD_MAP(lambda h, w: jnp.tanh(h @ w), **spec)
+
+    def f(x, w):
+        return jnp.sum(mapped(jnp.tanh(x @ w), w))
+
+    def outer_only(x, w):  # what the rewrite promises: the mapped body's tanh as it was
+        return jnp.sum(mapped(jax.nn.gelu(x @ w), w))
+
+    x, w = jnp.linspace(-1, 1, 128).reshape(16, 8), jnp.eye(8) / 2
+    g = js.trace(f, x, w)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = g.rewrite(jnp.tanh, jax.nn.gelu, jnp.ones((16, 8)))
+    assert any("the body of the shard_map" in str(m.message) for m in caught), caught
+    assert any("the body of the shard_map" in n for n in r.notes), r.notes
+    np.testing.assert_allclose(r.value("out"), outer_only(x, w), rtol=1e-6)
+
+    def only_inside(x, w):
+        return jnp.sum(mapped(jnp.sin(x), w))
+
+    try:
+        js.trace(only_inside, x, w).rewrite(jnp.tanh, jax.nn.gelu, jnp.ones((2, 8)))
+    except js.SliceError as e:
+        assert "the body of the shard_map" in str(e), e
+    else:
+        raise AssertionError("a rewrite with every occurrence in a shard_map body passed")
+
+
 def main():
     assert len(jax.devices()) == 8
     check_explicit_mesh()
     check_shard_map_with_a_scan()
+    check_rewrite_names_occurrences_in_a_shard_map()
     print("meshes ok")
 
 
