@@ -8,6 +8,7 @@ this file alone. Tested with jax 0.10 and the newest release (0.12): see the REA
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -618,3 +619,56 @@ def staged_normally() -> Any:
     ``jax.ensure_compile_time_eval`` (whose eager constant folding runs a ``pvary`` of a
     constant in a ``shard_map`` body outside the ``shard_map``, which fails)."""
     return _config.eager_constant_folding(False)
+
+
+#: calls whose bodies JAX traces again when it runs or lowers them, which eager constant
+#: folding breaks: a ``shard_map`` (see :func:`staged_normally`), a Pallas kernel in
+#: interpret mode (``pl.program_id`` has no eager rule)
+RETRACED_PRIMITIVES = frozenset({"shard_map", "pallas_call"})
+
+
+def retraced(eqns: Any) -> bool:
+    """Whether one of ``eqns``, or an equation in their bodies, is one of
+    :data:`RETRACED_PRIMITIVES`."""
+    todo = list(eqns)
+    bodied = _HOLDS_BODIES
+    while todo:
+        eqn = todo.pop()
+        primitive = eqn.primitive
+        if primitive.name in RETRACED_PRIMITIVES:
+            return True
+        holds = bodied.get(primitive)
+        if holds is None:  # a primitive's params are of one kind: those of a body or not
+            holds = bodied[primitive] = bool(inner_jaxprs(eqn))
+        if holds:
+            for inner in inner_jaxprs(eqn):
+                todo += inner.eqns
+    return False
+
+
+#: per primitive, whether its equations hold jaxprs (what :func:`retraced` walks into)
+_HOLDS_BODIES: dict[Any, bool] = {}
+
+
+def compile_time_eval(values: Any, retraced_eqns: bool) -> Any:
+    """``jax.ensure_compile_time_eval()`` to compute ``values``' consequences eagerly,
+    also when asked under a ``jax.jit`` trace; for a program holding
+    :func:`retraced` equations (``retraced_eqns``), :func:`evaluated_staged` instead
+    where ``values`` are concrete (a scan whose body holds a Pallas kernel is lowered
+    when it runs: under the folding, the kernel's ``program_id`` failed)."""
+    if retraced_eqns and not holds_tracer(values):
+        return evaluated_staged(values)
+    return jax.ensure_compile_time_eval()
+
+
+@contextlib.contextmanager
+def evaluated_staged(values: Any) -> Any:
+    """Inside ``jax.ensure_compile_time_eval``, a context to run :func:`retraced`
+    equations on concrete ``values`` in: staged normally, evaluated (not staged into a
+    ``jax.jit`` the value is asked under). On tracers, staged normally only."""
+    with staged_normally():
+        if holds_tracer(values):
+            yield
+        else:
+            with _core.eval_context():
+                yield

@@ -415,8 +415,9 @@ class ControlFlow:
         body_consts = operands[n_cond : n_cond + n_body]
         carry = operands[n_cond + n_body :]
         most = EAGER_UNROLL // max(1, size)
+        bodies = [*p["cond_jaxpr"].jaxpr.eqns, *p["body_jaxpr"].jaxpr.eqns]
         try:
-            with jax.ensure_compile_time_eval():
+            with C.compile_time_eval(operands, C.retraced(bodies)):
                 for trips in range(most + 1):
                     if not bool(goes(*cond_consts, *carry)[0]):
                         return trips
@@ -493,7 +494,8 @@ def _trip_carries(
             return [carry] if trips == 0 else [carry, *[None] * (trips - 1), last]
     body_fn = C.jaxpr_as_fun(body)
     carries = [carry]
-    with jax.ensure_compile_time_eval():
+    values, bodies = (cond_consts, body_consts, carry), [*cond.jaxpr.eqns, *body.jaxpr.eqns]
+    with C.compile_time_eval(values, C.retraced(bodies)):
         for _ in range(most + 1):
             if not bool(goes_on(cond, cond_consts, carry)):
                 return carries
@@ -588,7 +590,9 @@ def count_trips_compiled(
 
     if C.holds_tracer((cond_consts, body_consts, carry)):
         return None  # values of a transform's trace (a closed-over tracer): not counted
-    with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
+    bodies = [*cond.jaxpr.eqns, *body.jaxpr.eqns]
+    # (also when first asked under jax.jit)
+    with C.compile_time_eval((cond_consts, body_consts, carry), C.retraced(bodies)):
         trips = int(jax.jit(count)(cond_consts, body_consts, carry))
     return None if trips > MAX_TRIPS else trips
 

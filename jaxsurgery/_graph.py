@@ -349,7 +349,7 @@ class Graph(Identical):
             rest = [i for i in missing if i not in set(looped)]
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
             looped = self._with_other_iterations([i for i in looped if i not in whole])
-            with jax.ensure_compile_time_eval():
+            with C.compile_time_eval(args, self._program.retraced):
                 if whole:
                     self._run_loop_rows(whole, args)
                 if rest:

@@ -238,8 +238,9 @@ class LoopSlice(Slice):
         return {f"residual[{k}]": x for k, x in enumerate(self._context())}
 
     def _computed_context(self) -> list[Any]:
-        with jax.ensure_compile_time_eval():
-            return self._residuals(self._require_args())
+        args = self._require_args()
+        with C.compile_time_eval(args, C.retraced(self._known.eqns)):
+            return self._residuals(args)
 
     def _residuals(self, flat_args: Any) -> list[Any]:
         return C.eval_jaxpr(self._known, (), *self._known_consts, *flat_args)

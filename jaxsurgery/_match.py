@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
@@ -599,9 +600,28 @@ def _same_literal(a: C.Literal, b: C.Literal) -> bool:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """Whether two constants are the same value: dtype, shape and elements."""
+    """Whether two constants are the same value: shape, kind of dtype and elements.
+
+    As a pattern's inputs match values of any dtype (a pattern traced in float32 matches
+    a bfloat16 program), its constants match one of another width: ``n * 2 + 1`` traced
+    with a strongly typed int32 ``n`` (its 2 an int32) matches it for a Python int (a
+    weakly typed one, whose 2 JAX holds as an int64), ``x * 0.1`` in float32 matches
+    bfloat16's 0.1 (compared in the narrower dtype). A float never matches an int."""
     a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and np.array_equal(a, b)
+    if a.shape != b.shape or _kind(a.dtype) != _kind(b.dtype):
+        return False
+    if a.dtype != b.dtype:
+        narrow = min(a.dtype, b.dtype, key=lambda d: d.itemsize)
+        a, b = a.astype(narrow), b.astype(narrow)
+    return bool(np.array_equal(a, b))
+
+
+def _kind(dtype: np.dtype) -> Any:
+    """bool, integer, floating or complex (bfloat16 a floating), or the dtype itself."""
+    for kind in (np.bool_, np.integer, np.floating, np.complexfloating):
+        if jnp.issubdtype(dtype, kind):
+            return kind
+    return dtype
 
 
 def _as_match(graph: Graph, pattern: Program, state: _State) -> Match:

@@ -223,6 +223,12 @@ class Program:
                 yield self.regions[k]
             k = self._parents[k]
 
+    @functools.cached_property
+    def retraced(self) -> bool:
+        """Whether an equation, or one in a body, is a ``shard_map`` or a Pallas kernel,
+        which JAX traces again when it runs them (see ``C.compile_time_eval``)."""
+        return C.retraced(self.jaxpr.eqns)
+
     @property
     def users(self) -> list[list[int]]:
         """Per var, the equations that read it, in program order (built when first used)."""
@@ -330,7 +336,9 @@ class Program:
             consts = range(self.num_inputs, top)
             jaxpr = self.sub_jaxpr(needed, [*range(self.num_inputs), *given], outs, consts)
             run = jax.jit(functools.partial(C.eval_jaxpr, jaxpr))
-            return dict(zip(outs, run(self.consts, *flat_args, *given_values)))
+            args = (self.consts, *flat_args, *given_values)
+            with C.evaluated_staged(args) if C.retraced(eqns) else contextlib.nullcontext():
+                return dict(zip(outs, run(*args)))
         env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
         env.update(zip((vars_[i] for i in given), given_values))
         ops = self._ops
@@ -391,6 +399,8 @@ def _op(eqn: C.JaxprEqn) -> Any:
             eqn = eqn.replace(invars=ins)  # (run gives a literal's value as an argument)
             one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
             op = jax.jit(functools.partial(_staged, one))
+            if C.retraced([eqn]):  # lowered (a Pallas kernel run) outside the folding too
+                op = functools.partial(_evaluated_staged, op)
         else:
             op = jax.jit(functools.partial(_bind, eqn.primitive, eqn.params))
         _OPS[key] = op
@@ -442,6 +452,12 @@ def _staged(jaxpr: C.Jaxpr, *args: Any) -> Any:
     with C.staged_normally():
         out = C.eval_jaxpr(jaxpr, [], *args)
     return out if jaxpr.eqns[0].primitive.multiple_results else out[0]
+
+
+def _evaluated_staged(op: Any, *args: Any) -> Any:
+    """``op(*args)`` in :func:`C.evaluated_staged`."""
+    with C.evaluated_staged(args):
+        return op(*args)
 
 
 def _bind(primitive: Any, params: dict, *args: Any) -> Any:

@@ -703,7 +703,7 @@ def _evaluate_vars(
     if concrete and flat_args is graph._flat_args:
         return list(graph.value(list(vars_)))
     if concrete:
-        with jax.ensure_compile_time_eval():
+        with C.compile_time_eval(flat_args, graph._program.retraced):
             return graph._values_at(vars_, flat_args, path, what)
     return graph._values_at(vars_, flat_args, path, what)
 

@@ -830,11 +830,11 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
         dict.fromkeys(a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside)
     )
     outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
-    # a shard_map's body is traced again when it runs: staged as JAX stages it, also
-    # under ensure_compile_time_eval (see C.staged_normally: a scan in it failed)
-    mapped = any(e.primitive.name == "shard_map" for e in eqns)
-    with C.staged_normally() if mapped else contextlib.nullcontext():
-        values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *(env[a] for a in ins))
+    # a shard_map's or Pallas kernel's body is traced again when it runs: staged as JAX
+    # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
+    args = [env[a] for a in ins]
+    with C.evaluated_staged(args) if C.retraced(eqns) else contextlib.nullcontext():
+        values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args)
     env.update(zip(outs, values))
 
 

@@ -723,3 +723,30 @@ def test_a_pattern_reading_a_while_loops_carry_is_rewritten_in_every_trip():
             rw = g.rewrite(jnp.sin, jnp.cos, x)
         for n in (0, 2, 4, 6):
             allclose(rw.as_function()(x * 0.5, n), by_hand(x * 0.5, n), rtol=1e-5)
+
+
+def test_constants_match_across_weak_types_and_widths_as_inputs_do():
+    # a pattern traced with a Python int holds its 2 as JAX's weakly typed int64, a program
+    # computing with an int32 array holds an int32 2: the same constant (both matched
+    # nothing); a float32 pattern's 0.5 matches a bfloat16 program's, as its inputs do
+    def f(x, table):
+        i = jnp.argmax(x) * 2 + 1
+        return table[i]
+
+    x, table = jnp.array([0.0, 3.0, 1.0, 2.0]), jnp.arange(10.0)
+    g = js.trace(f, x, table)
+    for example in (0, jnp.asarray(0), jnp.int32(0)):
+        assert len(g.match(lambda n: n * 2 + 1, example)) == 1
+    r = g.rewrite(lambda n: n * 2 + 1, lambda n: n * 3, 0)
+    assert float(r.value("out")) == float(table[jnp.argmax(x) * 3]) == 3.0
+    weak = js.trace(lambda n, t: t[n * 2 + 1], 1, table)
+    assert len(weak.match(lambda n: n * 2 + 1, jnp.int32(0))) == 1
+
+    def half(h):
+        return jnp.tanh(h * 0.5 + 1.0)
+
+    xb = jnp.linspace(-1, 1, 4).astype(jnp.bfloat16)
+    gb = js.trace(lambda x: half(jnp.sin(x)).sum(), xb)
+    assert len(gb.match(half, jnp.ones(4))) == 1
+    assert len(gb.match(lambda h: jnp.tanh(h * 0.25 + 1.0), jnp.ones(4))) == 0
+    assert len(g.match(lambda n: n * 2.0 + 1.0, 0.0)) == 0  # a float is not an int
