@@ -34,7 +34,7 @@ from ._copying import Identical
 from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
 from ._names import Names
 from ._program import Program
-from ._promotion import as_traced
+from ._promotion import alive, as_traced
 from ._scopes import scope_path
 from ._structured import Edit, Row, Site, Step, Structured, check_hits, row_value
 from ._traceback import boundary
@@ -263,7 +263,7 @@ class Graph(Identical):
     @property
     def is_concrete(self) -> bool:
         """True when traced with concrete arrays (values and bound slices available)."""
-        return self._flat_args is not None
+        return self._given_args is not None
 
     def __len__(self) -> int:
         return len(self._vars)
@@ -373,9 +373,13 @@ class Graph(Identical):
     @property
     def _flat_args(self) -> tuple | None:
         """The traced arguments as the function saw them (:func:`as_traced`), converted
-        when first needed: a large float64 NumPy weight is not copied by js.trace."""
-        if self._converted_args is not None or self._given_args is None:
-            return self._converted_args
+        when first needed (js.trace keeps a copy of a NumPy array: see ``held``); a
+        SliceError once they were deleted (donated to a jit: see ``alive``)."""
+        if self._given_args is None:
+            return None
+        if self._converted_args is not None:
+            return alive(self._converted_args, self.inputs)
+        alive(self._given_args, self.inputs)
         with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
             found = tuple(as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs))
         if not C.holds_tracer(found):  # (a transform's tracers, as traced: not kept)

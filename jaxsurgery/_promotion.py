@@ -28,12 +28,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _compat as C
+from ._errors import SliceError, short_list
 
 _CONVERT = "convert_element_type"
 
@@ -106,6 +109,33 @@ def promoted(given: Any, decided: str) -> str | None:
         return jnp.dtype(jnp.promote_types(given, decided)).name
     except (TypeError, ValueError):  # TypePromotionError is a ValueError
         return None
+
+
+def held(x: Any) -> Any:
+    """``x``, an argument a graph keeps to compute values from when they are first asked:
+    a NumPy array copied (the caller may write into it after tracing: a data loader
+    refilling one buffer, weights updated in place; JAX's arrays do not change)."""
+    return np.array(x) if isinstance(x, np.ndarray) else x
+
+
+def alive(args: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
+    """``args`` (arguments a graph or slice computes from, of the graph's ``inputs``), or a
+    SliceError naming those deleted: donated to a ``jax.jit`` (``donate_argnums``, as a
+    training step donates its parameters)."""
+    gone = [v.name for x, v in zip(args, inputs) if getattr(x, "is_deleted", _never)()]
+    if gone:
+        raise SliceError(
+            f"the argument{'s' if len(gone) > 1 else ''} {short_list([repr(n) for n in gone])} "
+            f"this computes from {'were' if len(gone) > 1 else 'was'} deleted (donated to a jax.jit with donate_argnums, as a training step "
+            "donates its parameters); trace with copies that stay (jax.tree.map(jnp.copy, "
+            "params)), or pass the new arguments: s.bind(...), g.grads_fn(...)(...), "
+            "g.as_function()(...)"
+        )
+    return args
+
+
+def _never() -> bool:
+    return False
 
 
 def as_traced(x: Any, dtype: Any) -> Any:

@@ -43,7 +43,7 @@ from ._control_flow import input_reads
 from ._copying import Shared
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
-from ._promotion import holds, out_of_range
+from ._promotion import alive, held, holds, out_of_range
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
 
@@ -404,7 +404,7 @@ class Slice(Shared):
                 f"{needing} has no values; call s.bind(*args, **kwargs) with the "
                 "function's arguments first"
             )
-        return self._flat_args
+        return alive(self._flat_args, self.graph.inputs)
 
     def _context(self) -> list[Any]:
         """The context values, computed once (not kept when computed under a transform,
@@ -451,7 +451,7 @@ class Slice(Shared):
             1.438...
         """
         flat = self.graph._flatten_args(*args, **kwargs)
-        flat = [_coerce(x, v) for x, v in zip(flat, self.graph.inputs, strict=True)]
+        flat = [held(_coerce(x, v)) for x, v in zip(flat, self.graph.inputs, strict=True)]
         values = None
         path, what = self._path_guards()
         if any(isinstance(x, jax.core.Tracer) for x in flat) or path:
@@ -700,7 +700,7 @@ def _evaluate_vars(
     ``path`` the slice's window is specialised to (see ``Slice._path_guards``).
     """
     concrete = not any(isinstance(x, jax.core.Tracer) for x in flat_args)
-    if concrete and flat_args is graph._flat_args:
+    if concrete and flat_args is graph._converted_args:  # (the traced ones, as _flat_args)
         return list(graph.value(list(vars_)))
     if concrete:
         with C.compile_time_eval(flat_args, graph._program.retraced):

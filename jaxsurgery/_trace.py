@@ -49,7 +49,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import Program
 from ._progress import phase, progress, reported
-from ._promotion import as_traced, holds, out_of_range, promoted, weak_type_decides
+from ._promotion import as_traced, held, holds, out_of_range, promoted, weak_type_decides
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -224,6 +224,7 @@ def _trace(
             "states that merges them"
         )
     title = f"{_title_name(target)}{binder.signature_text()}"
+    kept = [held(x) for x in leaves]  # (what values are computed from when first asked)
 
     @functools.cache
     def decides() -> dict[int, str]:  # looked at when a graph is first called
@@ -232,7 +233,7 @@ def _trace(
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
-        program = Program(closed, leaves if deciding else None, fold)
+        program = Program(closed, kept if deciding else None, fold)
         phase("naming the values")
         bindings, templates = recorder.qualified(program)
         outputs = list(zip(program.outputs, out_info["paths"]))
@@ -271,7 +272,7 @@ def _trace(
             program,
             names,
             lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
-            leaves if concrete else None,
+            kept if concrete else None,
             title,
             [*notes, *program.notes, *name_notes],
             out_info["tree"],

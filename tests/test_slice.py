@@ -286,6 +286,47 @@ def test_bind_recomputes_context_and_is_traceable():
     allclose(s(z1), jnp.tanh(jnp.dot(args[2][0], z1) + args[2][1]))  # the original is unchanged
 
 
+def test_numpy_arguments_written_after_tracing_or_binding_leave_values_as_traced():
+    # a data loader refilling one NumPy buffer, weights updated in place: the graph (and a
+    # bound slice) computes from what the function saw, not the buffer's new contents
+    def f(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(h**2)
+
+    w, buf = jnp.ones((3, 2)) * 0.1, np.ones((4, 3), np.float32)
+    g = js.trace(f, w, buf)
+    s = g.slice("w", "out")
+    b = g.slice("h", "out").bind(w, buf)
+    s_h = g.slice("w", "h")
+    traced = f(w, np.ones((4, 3), np.float32))
+    buf[:] = 5.0
+    allclose(g.value("out"), traced)
+    allclose(s(w), traced)
+    allclose(b(g.value("h")), traced)
+    bound = s_h.bind(w, buf)  # bound to 5s: written after, still 5s
+    buf[:] = -1.0
+    allclose(bound(w), jnp.tanh(jnp.full((4, 3), 5.0) @ w))
+
+
+def test_arguments_donated_after_tracing_are_a_clear_error_and_bind_still_works():
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(h**2)
+
+    w, x = jnp.ones((3, 2)) * 0.1, jnp.ones((4, 3))
+    g = js.trace(loss, w, x)
+    s = g.slice("h", "out")
+    step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x), donate_argnums=0)
+    w_new = step(w, x)
+    assert w.is_deleted()  # (the CPU backend donates, on jax 0.10 and 0.12)
+    for run in (lambda: g.value("h"), lambda: g.grads("out", ["h"]), lambda: s.context):
+        with pytest.raises(js.SliceError, match=r"argument 'w' .* was deleted .*donate_argnums"):
+            run()
+    h_new = jnp.tanh(x @ w_new)
+    allclose(s.bind(w_new, x)(h_new), loss(w_new, x))
+    allclose(g.grads_fn("out", ["h"])(w_new, x)["h"], 2 * h_new)
+
+
 def test_abstract_trace_needs_bind():
     specs = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args()
