@@ -153,7 +153,13 @@ class AttributionFunction(Shared):
         clean = self.values(*clean_args, **kwargs)
         corrupt = self.values(*corrupt_args, **kwargs)
         grads = self.grads(*corrupt_args, **kwargs)
-        return {key: (clean[key] - corrupt[key]) * grads[key] for key in clean}
+        # at a complex value, JAX's gradient (∂f/∂x − i·∂f/∂y) times a change is a
+        # first-order change of the real output in its real part only
+        return {key: _real((clean[key] - corrupt[key]) * grads[key]) for key in clean}
+
+
+def _real(x: Any) -> Any:
+    return jnp.real(x) if jnp.iscomplexobj(x) else x
 
 
 def _array(x: Any, key: str, wanted: str) -> Any:

@@ -563,7 +563,8 @@ class Graph(Identical):
         """``a(clean_args, corrupt_args, **kwargs) -> {key: (a_clean − a_corrupt) ·
         ∂sum(out)/∂a}``, the gradient taken at the corrupted run: attribution patching,
         the linear estimate of what patching ``a`` from the clean run into the
-        corrupted one changes, for every ``wrt`` var from one backward pass.
+        corrupted one changes, for every ``wrt`` var from one backward pass (at a complex
+        value, the real part of that product: the change of the real output).
 
         ``clean_args`` and ``corrupt_args`` are tuples of the traced function's
         positional arguments; keyword arguments (a keyword-only parameter, parameters

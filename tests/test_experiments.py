@@ -363,3 +363,28 @@ def test_patch_fn_of_a_run_of_steps_is_one_edit_of_the_scan():
         assert len(jax.make_jaxpr(lambda r, p=p: p({"h": r}, *args))(rows).jaxpr.eqns) < 20
     with pytest.raises(js.SliceError, match=r"give a value of a row per var, shape \(200, 4\)"):
         g.patch_fn({"h": "step/h_new@*"})({"h": jnp.ones((T, 3))}, *args)
+
+
+def test_attribution_at_a_complex_value_is_the_real_change_of_the_output():
+    # JAX's gradient at a complex value is ∂f/∂x − i·∂f/∂y: a change times it is a change
+    # of the (real) output in its real part; the imaginary part was returned too, as big
+    w = jnp.array([1 + 2j, -0.5 + 1j, 2 - 1j, 0.3 + 0.1j], jnp.complex64)
+
+    def f(x):
+        y = jnp.fft.fft(x) * w
+        return (jnp.real(y) ** 2).sum()
+
+    clean, corrupt = jnp.arange(4.0), jnp.arange(4.0) * 1.1
+    a = js.trace(f, corrupt).attribution_fn("out", "y")((clean,), (corrupt,))["y"]
+    y_clean, y_corrupt = jnp.fft.fft(clean) * w, jnp.fft.fft(corrupt) * w
+    d = y_clean - y_corrupt  # by hand: the derivative along d, element by element
+    per_element = [
+        jax.jvp(lambda t, k=k: f_of_y(y_corrupt.at[k].add(t * d[k])), (0.0,), (1.0,))[1]
+        for k in range(4)
+    ]
+    assert a.dtype == jnp.float32
+    allclose(a, jnp.array(per_element), rtol=1e-5)
+
+
+def f_of_y(y):
+    return (jnp.real(y) ** 2).sum()
