@@ -39,8 +39,8 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._copying import Shared
 from ._errors import SelectionError, SliceError
+from ._made import Made
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
@@ -49,8 +49,10 @@ if TYPE_CHECKING:
     from ._select import Selector
 
 
-class ValuesFunction(Shared):
+class ValuesFunction(Made):
     """``f(*args, **kwargs) -> {key: value}``: see :meth:`Graph.values_fn`."""
+
+    _kind = "values"
 
     def __init__(self, graph: Graph, selector: Selector):
         self.graph = graph
@@ -69,8 +71,10 @@ class ValuesFunction(Shared):
         }
 
 
-class PatchFunction(Shared):
+class PatchFunction(Made):
     """``p(patches, *args, **kwargs) -> outputs``: see :meth:`Graph.patch_fn`."""
+
+    _kind = "patched"
 
     def __init__(self, graph: Graph, selector: Selector):
         from ._loop_slice import _given
@@ -135,11 +139,14 @@ class PatchFunction(Shared):
         return _select.unflatten(graph._out_tree, outs)
 
 
-class AttributionFunction(Shared):
+class AttributionFunction(Made):
     """``a(clean_args, corrupt_args, **kwargs) -> {key: attribution}``: see
     :meth:`Graph.attribution_fn`."""
 
+    _kind = "attribution"
+
     def __init__(self, graph: Graph, out: Selector, wrt: Selector):
+        self.graph = graph
         self.values = ValuesFunction(graph, wrt)
         self.grads = graph.grads_fn(out, wrt)  # keyed (and stacked) as the values are
 

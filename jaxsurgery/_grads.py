@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._copying import Shared
 from ._errors import SliceError, jax_derivative_refusals, warn
+from ._made import Made
 from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
@@ -48,8 +48,10 @@ def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
-class GradsFunction(Shared):
+class GradsFunction(Made):
     """``fn(*args, **kwargs) -> {name: d(sum of out)/d(var)}``, traceable and jittable."""
+
+    _kind = "grads"
 
     def __init__(self, graph: Graph, out: Any, wrt: Any):
         self.graph = graph

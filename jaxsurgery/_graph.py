@@ -261,6 +261,12 @@ class Graph(Identical):
         return self._program.jaxpr
 
     @property
+    def _function_name(self) -> str:
+        """The traced function's name (``loss``, also for ``make.<locals>.loss``), which
+        the functions made from it take."""
+        return self._title.split("(")[0].rsplit(".", 1)[-1]
+
+    @property
     def is_concrete(self) -> bool:
         """True when traced with concrete arrays (values and bound slices available)."""
         return self._given_args is not None
@@ -642,7 +648,7 @@ class Graph(Identical):
             outs, _ = self._structure.run(flat)
             return _select.unflatten(self._out_tree, outs)
 
-        function.__name__ = self._title.split("(")[0]
+        function.__name__ = self._function_name
         return boundary(function)
 
     # -- views ----------------------------------------------------------------------------

@@ -40,9 +40,9 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import input_reads
-from ._copying import Shared
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
+from ._made import Made
 from ._promotion import alive, held, holds, out_of_range
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
@@ -239,7 +239,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     return result, context, notes, dead, cut
 
 
-class Slice(Shared):
+class Slice(Made):
     """A JAX function ``inputs ↦ outputs`` cut out of a :class:`Graph`.
 
     Call it with the input values (a tuple selector means positional arguments; any
@@ -256,6 +256,7 @@ class Slice(Shared):
         window_vars: the vars its equations compute (inside folded calls too).
     """
 
+    _kind = "slice"
     window_vars: tuple[Var, ...] = ()
     #: the checks of the path the window keeps, where the inputs decide it (a cond's
     #: branch, a while's trips); what they read are extra results of ``jaxpr``

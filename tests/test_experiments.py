@@ -388,3 +388,25 @@ def test_attribution_at_a_complex_value_is_the_real_change_of_the_output():
 
 def f_of_y(y):
     return (jnp.real(y) ** 2).sum()
+
+
+def test_the_functions_a_graph_makes_name_the_programs_jit_compiles():
+    # jax.jit names its program by the function's __name__: jit(<unnamed function>) was
+    # every compile log, profile and StableHLO module of them
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(h**2)
+
+    w, x = jnp.ones((3, 2)), jnp.ones((4, 3))
+    g = js.trace(loss, w, x)
+    made = {
+        "loss_grads": (g.grads_fn("out", ["h"]), (w, x)),
+        "loss_values": (g.values_fn(["h"]), (w, x)),
+        "loss_attribution": (g.attribution_fn("out", "h"), ((w, x), (w, x))),
+        "loss_slice": (g.slice("h", "out"), (jnp.ones((4, 2)),)),
+    }
+    for name, (fn, args) in made.items():
+        assert fn.__name__ == name
+        assert jax.jit(fn).lower(*args).as_text().startswith(f"module @jit_{name}")
+    assert repr(made["loss_grads"][0]).startswith("<loss_grads: GradsFunction of ")
+    assert repr(made["loss_grads"][0]).endswith("loss(w, x)>")
