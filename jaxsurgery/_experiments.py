@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SelectionError, SliceError
-from ._made import Made
+from ._made import Made, selection_key
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
@@ -59,6 +59,7 @@ class ValuesFunction(Made):
         self.keys, self.vars, self._groups, self._stacked = _select.grouped(
             graph, selector, "selector"
         )
+        self._key = selection_key(self.keys, self.vars, self._groups, self._stacked)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
@@ -84,6 +85,7 @@ class PatchFunction(Made):
         self.keys, self.vars, self._groups, self._stacked = _select.grouped(
             graph, selector, "patch_fn's selector"
         )
+        self._key = selection_key(self.keys, self.vars, self._groups, self._stacked)
         warn_if_differentiated(graph, self.vars, "g.patch_fn")
         self._sites = [graph._site_of(v) for v in self.vars]
         self._fns = [_given(v.shape, v.dtype) for v in self.vars]
@@ -149,6 +151,7 @@ class AttributionFunction(Made):
         self.graph = graph
         self.values = ValuesFunction(graph, wrt)
         self.grads = graph.grads_fn(out, wrt)  # keyed (and stacked) as the values are
+        self._key = (self.values._key, self.grads._key)
 
     def __call__(self, clean_args: tuple, corrupt_args: tuple, **kwargs: Any) -> dict[str, Any]:
         for what, given in (("clean_args", clean_args), ("corrupt_args", corrupt_args)):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, jax_derivative_refusals, warn
-from ._made import Made
+from ._made import Made, selection_key, var_keys
 from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class GradsFunction(Made):
                     "squared magnitude in your function and take the gradient of that"
                 )
         self.keys = keys
+        self._key = (var_keys(out_vars), selection_key(keys, wrt_vars, groups, stacked))
         sites = [graph._site_of(v) for v in wrt_vars]
         # one perturbation input per value; the iterations of one loop value share one
         # stacked input (its rows), so the scan takes it whole as xs

@@ -32,6 +32,7 @@ from . import _select
 from ._control_flow import LOOP_PRIMITIVES
 from ._copying import Identical
 from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
+from ._made import one
 from ._names import Names
 from ._program import Program
 from ._promotion import alive, as_traced
@@ -219,6 +220,8 @@ class Graph(Identical):
         self._flatten_args = flatten_args
         self._given_args = None if flat_args is None else tuple(flat_args)
         self._converted_args: tuple | None = None
+        #: the functions made from it, one per computation (see _made.one)
+        self._made: dict[Any, Any] = {}
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
         self._values: dict[int, Any] = {}
@@ -518,7 +521,7 @@ class Graph(Identical):
         """
         from ._grads import GradsFunction
 
-        return GradsFunction(self, out, wrt)
+        return one(GradsFunction(self, out, wrt))
 
     # -- experiments (see _experiments) ----------------------------------------------
     def values_fn(self, selector: Selector) -> ValuesFunction:
@@ -542,7 +545,7 @@ class Graph(Identical):
         """
         from ._experiments import ValuesFunction
 
-        return ValuesFunction(self, selector)
+        return one(ValuesFunction(self, selector))
 
     def patch_fn(self, selector: Selector) -> PatchFunction:
         """``p(patches, *args, **kwargs) -> outputs``: the function with the selected
@@ -563,7 +566,7 @@ class Graph(Identical):
         """
         from ._experiments import PatchFunction
 
-        return PatchFunction(self, selector)
+        return one(PatchFunction(self, selector))
 
     def attribution_fn(self, out: Selector, wrt: Selector) -> AttributionFunction:
         """``a(clean_args, corrupt_args, **kwargs) -> {key: (a_clean − a_corrupt) ·
@@ -587,7 +590,7 @@ class Graph(Identical):
         """
         from ._experiments import AttributionFunction
 
-        return AttributionFunction(self, out, wrt)
+        return one(AttributionFunction(self, out, wrt))
 
     def replace(self, selector: Selector, value_or_fn: Any) -> Graph:
         """A new Graph whose program uses ``value`` (or ``fn(old)``) at the selected var(s).

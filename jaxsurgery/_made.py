@@ -3,6 +3,11 @@
 ``jax.jit`` names the programs it compiles by a function's ``__name__`` (compile logs,
 profiles and StableHLO read ``jit(loss_grads)``, not ``jit(<unnamed function>)``).
 
+A graph makes one function per computation: ``g.grads_fn("out", ["h"])`` asked again
+(the same values, keys and outputs) is the same object, so that
+``jax.jit(g.grads_fn(...))`` in a training loop compiles once, as JAX caches compiled
+programs per function object (made anew, it compiled at every step).
+
 Example:
     >>> import jax, jax.numpy as jnp, jaxsurgery as js
     >>> def loss(w):
@@ -11,11 +16,14 @@ Example:
     >>> grads = js.trace(loss, jnp.ones(3)).grads_fn("out", ["h"])
     >>> grads.__name__, repr(grads)
     ('loss_grads', '<loss_grads: GradsFunction of loss(w)>')
+    >>> grads is js.trace(loss, jnp.ones(3)).grads_fn("out", ["h"])  # another graph
+    False
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._copying import Shared
 
@@ -28,6 +36,8 @@ class Made(Shared):
 
     graph: Graph
     _kind: str
+    #: what it computes, as a key (see :func:`one`)
+    _key: Any = None
 
     @property
     def __name__(self) -> str:  # type: ignore[override]
@@ -35,3 +45,25 @@ class Made(Shared):
 
     def __repr__(self) -> str:
         return f"<{self.__name__}: {type(self).__name__} of {self.graph._title}>"
+
+
+M = TypeVar("M", bound=Made)
+
+
+def one(made: M) -> M:
+    """``made``, or the function its graph made before for the same computation (the
+    same ``_key``): see the module docstring."""
+    return made.graph._made.setdefault((type(made), made._key), made)
+
+
+def var_keys(vars_: Sequence[Any]) -> tuple:
+    """The selected vars, as a key: a loop's value by its template and iteration (a
+    ``VirtualVar`` is made anew at each selection)."""
+    return tuple(
+        (v.index, getattr(v, "template", None), getattr(v, "iteration", None)) for v in vars_
+    )
+
+
+def selection_key(keys: Sequence[str], vars_: Sequence[Any], groups: Any, stacked: Any) -> tuple:
+    """What a grouped selection (``_select.grouped``) selects, as a key."""
+    return tuple(keys), var_keys(vars_), tuple(map(tuple, groups)), tuple(stacked)

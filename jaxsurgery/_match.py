@@ -599,21 +599,29 @@ def _same_literal(a: C.Literal, b: C.Literal) -> bool:
     return _equal(a.val, b.val)
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Whether two constants are the same value: shape, kind of dtype and elements.
+def _equal(pattern: Any, target: Any) -> bool:
+    """Whether a pattern's constant is the program's: shape, kind of dtype and value.
 
     As a pattern's inputs match values of any dtype (a pattern traced in float32 matches
     a bfloat16 program), its constants match one of another width: ``n * 2 + 1`` traced
     with a strongly typed int32 ``n`` (its 2 an int32) matches it for a Python int (a
-    weakly typed one, whose 2 JAX holds as an int64), ``x * 0.1`` in float32 matches
-    bfloat16's 0.1 (compared in the narrower dtype). A float never matches an int."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or _kind(a.dtype) != _kind(b.dtype):
+    weakly typed one, whose 2 JAX holds as an int64); integers by their values (256 is
+    not a uint8's 0, -1 not its 255); a pattern's float rounded to the program's dtype
+    (float32's 0.1 is bfloat16's 0.1; bfloat16's 0.1 is not float32's), never the
+    program's rounded to the pattern's. A float never matches an int."""
+    a, b = np.asarray(pattern), np.asarray(target)
+    kind = _kind(a.dtype)
+    if a.shape != b.shape or kind != _kind(b.dtype):
         return False
-    if a.dtype != b.dtype:
-        narrow = min(a.dtype, b.dtype, key=lambda d: d.itemsize)
-        a, b = a.astype(narrow), b.astype(narrow)
-    return bool(np.array_equal(a, b))
+    if a.dtype == b.dtype:
+        return bool(np.array_equal(a, b))
+    if kind is np.integer:  # exact values, past any width
+        return bool(np.array_equal(a.astype(object), b.astype(object)))
+    with np.errstate(over="ignore"):
+        cast = a.astype(b.dtype)
+    if np.any(np.isinf(cast) & ~np.isinf(a)):  # past the program's range: not its inf
+        return False
+    return bool(np.array_equal(cast, b))
 
 
 def _kind(dtype: np.dtype) -> Any:

@@ -111,18 +111,26 @@ def promoted(given: Any, decided: str) -> str | None:
         return None
 
 
-def held(x: Any) -> Any:
+def held(x: Any, dtype: Any) -> Any:
     """``x``, an argument a graph keeps to compute values from when they are first asked:
-    a NumPy array copied (the caller may write into it after tracing: a data loader
-    refilling one buffer, weights updated in place; JAX's arrays do not change)."""
-    return np.array(x) if isinstance(x, np.ndarray) else x
+    a NumPy array the caller may write into after tracing (a data loader refilling one
+    buffer, weights updated in place) copied, as the traced ``dtype`` (the function saw
+    a float64 array as float32 without x64: half the memory); a read-only one (a
+    memory map opened for reading) and JAX's arrays, which do not change, as they are."""
+    if isinstance(x, np.ndarray) and x.flags.writeable:
+        return np.array(x, dtype=dtype)
+    return x
 
 
 def alive(args: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
     """``args`` (arguments a graph or slice computes from, of the graph's ``inputs``), or a
     SliceError naming those deleted: donated to a ``jax.jit`` (``donate_argnums``, as a
     training step donates its parameters)."""
-    gone = [v.name for x, v in zip(args, inputs) if getattr(x, "is_deleted", _never)()]
+    gone = [
+        v.name
+        for x, v in zip(args, inputs)
+        if not isinstance(x, jax.core.Tracer) and getattr(x, "is_deleted", _never)()
+    ]
     if gone:
         raise SliceError(
             f"the argument{'s' if len(gone) > 1 else ''} {short_list([repr(n) for n in gone])} "

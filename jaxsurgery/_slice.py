@@ -410,8 +410,8 @@ class Slice(Made):
     def _context(self) -> list[Any]:
         """The context values, computed once (not kept when computed under a transform,
         from its tracers: they are that trace's)."""
-        if self._context_values is not None:
-            return self._context_values
+        if self._context_values is not None:  # (arguments among them may be donated since)
+            return alive(self._context_values, self.context_vars)
         found = self._computed_context()
         if not C.holds_tracer(found):
             self._context_values = found
@@ -452,7 +452,7 @@ class Slice(Made):
             1.438...
         """
         flat = self.graph._flatten_args(*args, **kwargs)
-        flat = [held(_coerce(x, v)) for x, v in zip(flat, self.graph.inputs, strict=True)]
+        flat = [held(_coerce(x, v), v.dtype) for x, v in zip(flat, self.graph.inputs, strict=True)]
         values = None
         path, what = self._path_guards()
         if any(isinstance(x, jax.core.Tracer) for x in flat) or path:

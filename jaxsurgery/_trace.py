@@ -224,7 +224,8 @@ def _trace(
             "states that merges them"
         )
     title = f"{_title_name(target)}{binder.signature_text()}"
-    kept = [held(x) for x in leaves]  # (what values are computed from when first asked)
+    # what values are computed from when first asked
+    kept = [held(x, aval.dtype) for x, aval in zip(leaves, closed.in_avals)]
 
     @functools.cache
     def decides() -> dict[int, str]:  # looked at when a graph is first called

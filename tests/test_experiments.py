@@ -410,3 +410,27 @@ def test_the_functions_a_graph_makes_name_the_programs_jit_compiles():
         assert jax.jit(fn).lower(*args).as_text().startswith(f"module @jit_{name}")
     assert repr(made["loss_grads"][0]).startswith("<loss_grads: GradsFunction of ")
     assert repr(made["loss_grads"][0]).endswith("loss(w, x)>")
+
+
+def test_jit_of_a_function_asked_again_compiles_once(caplog):
+    # a training loop calling jax.jit(g.grads_fn(...)) each step: the same computation asked
+    # again is the same function object, whose compiled program JAX keeps (it compiled at
+    # every step); another computation is another function
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(h**2)
+
+    w, x = jnp.ones((3, 2)), jnp.ones((4, 3))
+    g = js.trace(loss, w, x)
+    assert g.grads_fn("out", ["h"]) is g.grads_fn("out", ["h"])
+    assert g.grads_fn("out", {"hidden": "h"}) is not g.grads_fn("out", ["h"])  # other keys
+    assert g.values_fn(["h"]) is g.values_fn(["h"])
+    assert g.attribution_fn("out", "h") is g.attribution_fn("out", "h")
+    caplog.set_level("WARNING", logger="jax")
+    with jax.log_compiles():
+        for _ in range(3):
+            w = w - 0.1
+            got = jax.jit(g.grads_fn("out", ["h"]))(w, x)["h"]
+            allclose(got, 2 * jnp.tanh(x @ w))
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(loss_grads)")]
+    assert len(compiles) == 1, [r.getMessage()[:60] for r in compiles]

@@ -750,3 +750,12 @@ def test_constants_match_across_weak_types_and_widths_as_inputs_do():
     assert len(gb.match(half, jnp.ones(4))) == 1
     assert len(gb.match(lambda h: jnp.tanh(h * 0.25 + 1.0), jnp.ones(4))) == 0
     assert len(g.match(lambda n: n * 2.0 + 1.0, 0.0)) == 0  # a float is not an int
+    # never the program's constant rounded or wrapped to the pattern's dtype
+    f32 = js.trace(lambda x: jnp.sin(x * 0.1001) + jnp.log(x + 1e-8), jnp.linspace(0.5, 1, 4))
+    assert len(f32.match(lambda a: a * 0.1, jnp.ones(4, jnp.bfloat16))) == 0
+    assert len(f32.match(lambda a: a + 0.0, jnp.ones(4, jnp.float16))) == 0
+    xu = jnp.array([0, 1, 200], jnp.uint8)
+    u8 = js.trace(lambda x: jnp.where(x > 0, x, 7) + (x == 255), xu)
+    assert len(u8.match(lambda a: a > 256, jnp.int32(0))) == 0
+    assert len(u8.match(lambda a: a == -1, jnp.int8(0))) == 0
+    assert len(u8.match(lambda a: a > 0, jnp.int32(0))) == 1

@@ -316,10 +316,13 @@ def test_arguments_donated_after_tracing_are_a_clear_error_and_bind_still_works(
     w, x = jnp.ones((3, 2)) * 0.1, jnp.ones((4, 3))
     g = js.trace(loss, w, x)
     s = g.slice("h", "out")
+    s_w = g.slice("x", "h")  # its context is the argument w itself, once computed
+    s_w(x)
     step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x), donate_argnums=0)
     w_new = step(w, x)
     assert w.is_deleted()  # (the CPU backend donates, on jax 0.10 and 0.12)
-    for run in (lambda: g.value("h"), lambda: g.grads("out", ["h"]), lambda: s.context):
+    runs = (lambda: g.value("h"), lambda: g.grads("out", ["h"]), lambda: s.context, lambda: s_w(x))
+    for run in runs:
         with pytest.raises(js.SliceError, match=r"argument 'w' .* was deleted .*donate_argnums"):
             run()
     h_new = jnp.tanh(x @ w_new)
