@@ -87,10 +87,32 @@ class Found:
     in_bodies: list[tuple[int, _State, str]]
     #: where else it occurs, with no value in the index (not rewritten)
     elsewhere: list[str]
+    #: where it occurs nowhere: its deepest equation met with other parameters (see
+    #: ``_Matcher.near``), or None
+    near: tuple[int, str, dict] | None = None
+
+    def missed(self) -> str | None:
+        """Why a pattern occurring nowhere may have been expected to (None: no clue):
+        its equations are there, with parameters that depend on the example arguments
+        (a softmax's axes, traced with a matrix, in a model of rank-3 activations)."""
+        if self.near is None:
+            return None
+        _, primitive, diff = self.near
+        said = ", ".join(
+            f"{k}={_short_param(t)} where the pattern has {k}={_short_param(p)}"
+            for k, (p, t) in list(diff.items())[:2]
+        )
+        return (
+            f"the pattern {self.label!r} matches nothing in this graph, which has the "
+            f"pattern's {primitive} with other parameters ({said}): a pattern matches "
+            "parameters as traced (a broadcast, reshape or reduction holds shapes and "
+            "axes), so trace it with example arguments of the shapes of the values it "
+            "should match"
+        )
 
     def unlisted(self) -> str | None:
         """What g.match says of the occurrences it does not list (None: there are none)."""
-        said = []
+        said = [] if self.matches else [m for m in [self.missed()] if m]
         if self.in_bodies:
             names = short_list(dict.fromkeys(n for _, _, n in self.in_bodies), 4)
             said.append(
@@ -171,22 +193,27 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     and where the index lists no value (``cond`` branches the traced arguments do not
     take; a loop or cond inside a folded body)."""
     pattern = traced_pattern(pattern_fn, *args)
-    found = tuple(_as_match(graph, pattern, state) for state in _find(pattern, graph._program))
+    near: list = []
+    states = _find(pattern, graph._program, near)
+    found = tuple(_as_match(graph, pattern, state) for state in states)
     in_bodies = in_folded_bodies(graph, pattern)
     elsewhere = _hidden(pattern, graph._program, top=True)
     label = getattr(pattern_fn, "__name__", repr(pattern_fn))
-    return Found(found, pattern, label, in_bodies, list(dict.fromkeys(elsewhere)))
+    missed = near[0] if near and not in_bodies and not elsewhere else None
+    return Found(found, pattern, label, in_bodies, list(dict.fromkeys(elsewhere)), missed)
 
 
-def _find(pattern: Program, target: Program) -> list[_State]:
-    """The pattern's non-overlapping occurrences in a flat program, in program order."""
+def _find(pattern: Program, target: Program, near: list | None = None) -> list[_State]:
+    """The pattern's non-overlapping occurrences in a flat program, in program order;
+    ``near`` gets the deepest near miss (see ``_Matcher.near``) where there are none."""
     anchor = pattern.jaxpr.eqns[pattern.producer[pattern.outputs[0]]].primitive
     found: list[_State] = []
     used: set[int] = set()
+    matcher = _Matcher(pattern, target)
     for e, eqn in enumerate(target.jaxpr.eqns):
         if eqn.primitive != anchor:
             continue
-        state = _Matcher(pattern, target).run(e)
+        state = matcher.run(e)
         if state is None or used & set(state.eqn_map.values()):
             continue
         if any(isinstance(state.binding.get(pv), tuple) for pv in range(pattern.num_inputs)):
@@ -195,6 +222,8 @@ def _find(pattern: Program, target: Program) -> list[_State]:
             continue
         used.update(state.eqn_map.values())
         found.append(state)
+    if near is not None and not found and matcher.near is not None:
+        near.append(matcher.near)
     return found
 
 
@@ -347,6 +376,7 @@ def rewrite(
     if not found.matches and not in_bodies:
         raise SliceError(
             found.unchanged()
+            or found.missed()
             or f"the pattern {found.label!r} matches nothing in this graph; check it "
             "with g.match(...) first"
         )
@@ -482,6 +512,9 @@ class _State:
 class _Matcher:
     def __init__(self, pattern: Program, target: Program):
         self.p, self.t = pattern, target
+        #: the deepest equation the pattern met with other parameters: ``(equations
+        #: matched before it, its primitive, {param: (pattern's, target's)})``
+        self.near: tuple[int, str, dict] | None = None
 
     def run(self, anchor_eqn: int) -> _State | None:
         p, t = self.p, self.t
@@ -525,7 +558,13 @@ class _Matcher:
         if te in state.eqn_map.values():
             return None
         peqn, teqn = p.jaxpr.eqns[pe], t.jaxpr.eqns[te]
-        if peqn.primitive != teqn.primitive or not _same_params(peqn.params, teqn.params):
+        if peqn.primitive != teqn.primitive:
+            return None
+        if not _same_params(peqn.params, teqn.params):
+            depth = len(state.eqn_map)
+            if self.near is None or depth > self.near[0]:
+                diff = _param_diff(peqn.params, teqn.params)
+                self.near = (depth, peqn.primitive.name, diff)
             return None
         if len(peqn.invars) != len(teqn.invars):
             return None
@@ -574,6 +613,20 @@ class _Matcher:
                 if v in graph_outputs or any(u not in matched and not dead(u) for u in t.users[v]):
                     return False
         return True
+
+
+def _short_param(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _param_diff(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
+    """The parameters two equations hold differently: ``{name: (a's, b's)}``."""
+    diff = {}
+    for k in sorted((set(a) | set(b)) - INCIDENTAL_PARAMS):
+        if not _same_params({k: a.get(k)}, {k: b.get(k)}):
+            diff[k] = (a.get(k), b.get(k))
+    return diff
 
 
 def _same_params(a: dict, b: dict) -> bool:

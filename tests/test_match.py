@@ -759,3 +759,25 @@ def test_constants_match_across_weak_types_and_widths_as_inputs_do():
     assert len(u8.match(lambda a: a > 256, jnp.int32(0))) == 0
     assert len(u8.match(lambda a: a == -1, jnp.int8(0))) == 0
     assert len(u8.match(lambda a: a > 0, jnp.int32(0))) == 1
+
+
+def test_a_pattern_traced_with_other_shapes_says_so_when_it_matches_nothing():
+    # a softmax traced with a matrix in a model of rank-3 activations: its equations are
+    # there with other axes and shapes; g.match said nothing, g.rewrite "matches nothing"
+    def f(x):
+        return jax.nn.softmax(jnp.tanh(x), axis=-1).sum()
+
+    g = js.trace(f, jnp.ones((2, 6, 8)))
+
+    def softmax(a):
+        return jax.nn.softmax(a, axis=-1)
+
+    hint = r"with other parameters \(.*\): a pattern matches parameters as traced"
+    with pytest.warns(UserWarning, match=hint):
+        assert g.match(softmax, jnp.ones((2, 3))) == ()
+    with pytest.raises(js.SliceError, match=hint):
+        g.rewrite(softmax, jax.nn.relu, jnp.ones((2, 3)))
+    assert len(g.match(softmax, jnp.ones((2, 6, 8)))) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing like it at all: nothing to say
+        assert g.match(jnp.sin, jnp.ones(3)) == ()
