@@ -265,9 +265,9 @@ class Graph(Identical):
 
     @property
     def _function_name(self) -> str:
-        """The traced function's name (``loss``, also for ``make.<locals>.loss``), which
-        the functions made from it take."""
-        return self._title.split("(")[0].rsplit(".", 1)[-1]
+        """The traced function's name (``loss``, also for ``make.<locals>.loss``;
+        ``lambda`` for a lambda), which the functions made from it take."""
+        return self._title.split("(")[0].rsplit(".", 1)[-1].strip("<>") or "function"
 
     @property
     def is_concrete(self) -> bool:

@@ -611,3 +611,19 @@ def test_a_name_on_a_numpy_array_whose_view_is_another_constant_is_left_off():
 
     g = js.trace(f, jnp.array([0.3, -0.2, 0.5]))
     assert "m" not in g.names()
+
+
+def test_names_lists_only_names_that_select_one_var():
+    # the bare name of a variable bound twice is ambiguous (c#0, c#1: pick one), so
+    # g.names(), "every name that selects a var", does not list it
+    def f(x):
+        c = (jnp.sin(x), jnp.cos(x))
+        c = (c[0] * 2, c[1] * 3)
+        return c[0] + c[1]
+
+    g = js.trace(f, jnp.ones(3))
+    names = g.names()
+    assert {"c[0]#0", "c[0]#1", "c[1]#0", "c[1]#1"} <= set(names)
+    assert "c[0]" not in names and "c[1]" not in names
+    for name in names:
+        g[name]  # each selects one var
