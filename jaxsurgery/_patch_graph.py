@@ -481,14 +481,18 @@ def _passed_in(closed: Any, read: Site, steps: tuple) -> Any:
 
 def _body_input(eqn: Any, positions: Sequence[int]) -> int | None:
     """The input of the body that operands at ``positions`` (one value) are in every
-    iteration or call: a call's operand, or a loop's constant (weights a while_loop's or
-    a scan's body closes over); None for a carry (another value each trip: also where the
-    constant is the carry's start, the same var in the first trip) or a branch operand."""
+    iteration or call: a call's operand, a cond's operand in the branch it enters (where
+    the branch runs), or a loop's constant (weights a while_loop's or a scan's body closes
+    over); None for a carry (another value each trip: also where the constant is the
+    carry's start, the same var in the first trip) or only a cond's branch index."""
     name = eqn.primitive.name
     if not positions:
         return None
     if name in C.CALL_PRIMITIVES:
         return positions[0]
+    if name == "cond":  # operands after the index, the branches' inputs
+        operands = [k - 1 for k in positions if k >= 1]
+        return operands[0] if operands else None
     if name == "while":
         n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
         if any(k >= n_cond + n_body for k in positions):

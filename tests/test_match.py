@@ -781,3 +781,24 @@ def test_a_pattern_traced_with_other_shapes_says_so_when_it_matches_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing like it at all: nothing to say
         assert g.match(jnp.sin, jnp.ones(3)) == ()
+
+
+def test_a_pattern_in_a_taken_branch_reading_the_conds_operand_is_rewritten_in_the_branch():
+    # the pattern's input is the operand the cond passes its branch (a SliceError: "reads
+    # 'c', which lives in another call, loop iteration or branch"); the edit is in the
+    # branch, which runs for the arguments that take it
+    def f(x):
+        c = jax.checkpoint(lambda t: jnp.cos(t))(x)
+        return jax.lax.cond(c.sum() > 0, lambda t: jnp.sin(t) * 2.0, lambda t: t - 1.0, c)
+
+    def by_hand(x):
+        c = jnp.cos(x)
+        return jax.lax.cond(c.sum() > 0, lambda t: t * 3.0, lambda t: t - 1.0, c)
+
+    x = jnp.linspace(0, 1, 8)
+    r = js.trace(f, x).rewrite(lambda a: jnp.sin(a) * 2.0, lambda a: a * 3.0, x)
+    for arg in (x, x + 3.0):  # the taken branch, then the other
+        allclose(r.as_function()(arg), by_hand(arg))
+    allclose(
+        jax.grad(lambda x: r.as_function()(x).sum())(x), jax.grad(lambda x: by_hand(x).sum())(x)
+    )
