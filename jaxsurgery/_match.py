@@ -97,17 +97,21 @@ class Found:
         (a softmax's axes, traced with a matrix, in a model of rank-3 activations)."""
         if self.near is None:
             return None
-        _, primitive, diff = self.near
+        depth, primitive, diff = self.near
         said = ", ".join(
             f"{k}={_short_param(t)} where the pattern has {k}={_short_param(p)}"
             for k, (p, t) in list(diff.items())[:2]
         )
+        shapes = (
+            " (a broadcast, reshape or reduction holds shapes and axes), so trace it with "
+            "example arguments of the shapes of the values it should match"
+            if any(k in _SHAPE_PARAMS for k in diff)
+            else ""
+        )
         return (
             f"the pattern {self.label!r} matches nothing in this graph, which has the "
-            f"pattern's {primitive} with other parameters ({said}): a pattern matches "
-            "parameters as traced (a broadcast, reshape or reduction holds shapes and "
-            "axes), so trace it with example arguments of the shapes of the values it "
-            "should match"
+            f"pattern's {primitive} with other parameters ({said}), after {depth} of its "
+            f"equations matched: a pattern matches parameters as traced{shapes}"
         )
 
     def unlisted(self) -> str | None:
@@ -561,8 +565,8 @@ class _Matcher:
         if peqn.primitive != teqn.primitive:
             return None
         if not _same_params(peqn.params, teqn.params):
-            depth = len(state.eqn_map)
-            if self.near is None or depth > self.near[0]:
+            depth = len(state.eqn_map)  # (at 0, only the last primitive is shared: no clue)
+            if depth and (self.near is None or depth > self.near[0]):
                 diff = _param_diff(peqn.params, teqn.params)
                 self.near = (depth, peqn.primitive.name, diff)
             return None
@@ -613,6 +617,25 @@ class _Matcher:
                 if v in graph_outputs or any(u not in matched and not dead(u) for u in t.users[v]):
                     return False
         return True
+
+
+#: parameters that the shapes of a pattern's example arguments decide
+_SHAPE_PARAMS = frozenset(
+    {
+        "shape",
+        "axes",
+        "axis",
+        "dimensions",
+        "broadcast_dimensions",
+        "new_sizes",
+        "permutation",
+        "dimension_numbers",
+        "start_indices",
+        "limit_indices",
+        "slice_sizes",
+        "sizes",
+    }
+)
 
 
 def _short_param(value: Any) -> str:
@@ -666,15 +689,16 @@ def _equal(pattern: Any, target: Any) -> bool:
     kind = _kind(a.dtype)
     if a.shape != b.shape or kind != _kind(b.dtype):
         return False
+    nan = kind in (np.floating, np.complexfloating)  # (a NaN constant is the same NaN)
     if a.dtype == b.dtype:
-        return bool(np.array_equal(a, b))
+        return bool(np.array_equal(a, b, equal_nan=nan))
     if kind is np.integer:  # exact values, past any width
         return bool(np.array_equal(a.astype(object), b.astype(object)))
     with np.errstate(over="ignore"):
         cast = a.astype(b.dtype)
     if np.any(np.isinf(cast) & ~np.isinf(a)):  # past the program's range: not its inf
         return False
-    return bool(np.array_equal(cast, b))
+    return bool(np.array_equal(cast, b, equal_nan=True))
 
 
 def _kind(dtype: np.dtype) -> Any:

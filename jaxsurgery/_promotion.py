@@ -115,10 +115,15 @@ def held(x: Any, dtype: Any) -> Any:
     """``x``, an argument a graph keeps to compute values from when they are first asked:
     a NumPy array the caller may write into after tracing (a data loader refilling one
     buffer, weights updated in place) copied, as the traced ``dtype`` (the function saw
-    a float64 array as float32 without x64: half the memory); a read-only one (a
-    memory map opened for reading) and JAX's arrays, which do not change, as they are."""
-    if isinstance(x, np.ndarray) and x.flags.writeable:
-        return np.array(x, dtype=dtype)
+    a float64 array as float32 without x64: half the memory), also a read-only view of a
+    writeable array (``np.broadcast_to`` of a buffer); a read-only one on memory nothing
+    writes through NumPy (a memory map opened for reading) and JAX's arrays, which do not
+    change, as they are."""
+    base = x
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return np.array(x, dtype=dtype)
+        base = base.base
     return x
 
 

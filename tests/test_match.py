@@ -772,7 +772,10 @@ def test_a_pattern_traced_with_other_shapes_says_so_when_it_matches_nothing():
     def softmax(a):
         return jax.nn.softmax(a, axis=-1)
 
-    hint = r"with other parameters \(.*\): a pattern matches parameters as traced"
+    hint = (
+        r"with other parameters \(.*\), after \d+ of its equations matched: a pattern "
+        r"matches parameters as traced \(a broadcast, reshape or reduction holds shapes"
+    )
     with pytest.warns(UserWarning, match=hint):
         assert g.match(softmax, jnp.ones((2, 3))) == ()
     with pytest.raises(js.SliceError, match=hint):
@@ -781,6 +784,19 @@ def test_a_pattern_traced_with_other_shapes_says_so_when_it_matches_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing like it at all: nothing to say
         assert g.match(jnp.sin, jnp.ones(3)) == ()
+        # only its last primitive (a sum over other axes, of no sin): no clue either
+        assert g.match(lambda a: jnp.sum(jnp.sin(a), axis=0), jnp.ones((2, 6, 8))) == ()
+    squared = js.trace(lambda x: jnp.sin(jnp.tanh(x) ** 2), jnp.ones(3))
+    with pytest.warns(UserWarning, match=r"y=2 where the pattern has y=3\), .*as traced$"):
+        assert squared.match(lambda a: jnp.sin(a**3), jnp.ones(3)) == ()  # no shape advice
+
+
+def test_nan_constants_match():
+    def masked(a):
+        return jnp.where(a > 0.5, a, jnp.nan)
+
+    g = js.trace(lambda x: masked(jnp.sin(x)).sum(), jnp.ones(3))
+    assert len(g.match(masked, jnp.ones(3))) == 1
 
 
 def test_a_pattern_in_a_taken_branch_reading_the_conds_operand_is_rewritten_in_the_branch():

@@ -306,6 +306,11 @@ def test_numpy_arguments_written_after_tracing_or_binding_leave_values_as_traced
     bound = s_h.bind(w, buf)  # bound to 5s: written after, still 5s
     buf[:] = -1.0
     allclose(bound(w), jnp.tanh(jnp.full((4, 3), 5.0) @ w))
+    # a read-only view of a buffer written after (np.broadcast_to) is copied too
+    row = np.ones(3, np.float32)
+    g2 = js.trace(f, w, np.broadcast_to(row, (4, 3)))
+    row[:] = 5.0
+    allclose(g2.value("out"), traced)
 
 
 def test_arguments_donated_after_tracing_are_a_clear_error_and_bind_still_works():
