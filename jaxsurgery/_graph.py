@@ -285,7 +285,10 @@ class Graph(Identical):
         return _select.one(self, selector)
 
     def names(self) -> list[str]:
-        """Every name that selects a var, canonical names first."""
+        """Every name that selects something, canonical names first: ``g[name]`` one var,
+        or ``g.select(name)`` the several vars a name can have (the outputs of a scope
+        instance, ``grad(MLP)/Dense_0``; each binding of a variable bound several times,
+        ``c`` of ``c#0`` and ``c#1``, where ``g["c"]`` says it is ambiguous)."""
         from ._patch_graph import unpatched_names
 
         return [*self._names.all_names(), *unpatched_names(self)]

@@ -67,10 +67,8 @@ class Names:
         return i if self.numbers is None else self.numbers[i]
 
     def all_names(self) -> list[str]:
-        """Every name that selects a var, canonical names first (not the bare name of a
-        variable bound several times, ``c`` of ``c#0`` and ``c#1``: it is ambiguous)."""
-        lookup = self.lookup
-        rest = [n for n in lookup if n not in self.by_canonical and len(lookup[n]) == 1]
+        """Every name that selects something, canonical names first."""
+        rest = [n for n in self.lookup if n not in self.by_canonical]
         fallbacks = [n for i in range(len(self.canonical)) for n in self.fallbacks(i)]
         # an unnamed var's canonical name is its fallback %i: listed once
         return list(dict.fromkeys([*self.canonical, *rest, *fallbacks]))
