@@ -33,7 +33,11 @@ What you can rely on:
   device (not padded: copies of an example would change what a function of the
   whole batch computes, and could meet the one batch size a ``values_fn`` was traced
   for, which then raises its ``SliceError`` as it does on one device).
-* Every output must be computed per example (leading axis = batch size). Dtypes
+* Every output must be computed per example (leading axis = batch size). A
+  ``values_fn`` key that stacks a loop's iterations (``{"h": "step/h@*"}``) has them on
+  its first axis, the batch second: put the batch first (``jnp.moveaxis(v, 0, 1)`` in
+  ``fn``), or select the iterations as one key each (``"step/h@*"``); where the loop's
+  length equals the batch size nothing can tell the two apart. Dtypes
   Zarr cannot store (``bfloat16``, ``float8``) are written as ``float32``, and PRNG
   keys as their key data (``jax.random.key_data``: ``jax.random.wrap_key_data`` makes
   keys of it again); the original dtype is recorded in the array's attributes.
@@ -67,7 +71,7 @@ import jax
 import numpy as np
 
 from . import _progress
-from ._errors import SelectionError
+from ._errors import SelectionError, short_list, warn
 
 _STATE = "jaxsurgery"  # the group attribute that records what is complete
 
@@ -129,6 +133,14 @@ def collect(
             pending = (outs, size)
         if pending is not None:
             writer.write(*pending)
+        elif writer.batches_done:  # (another function's store: its keys were not checked)
+            n = writer.batches_done
+            warn(
+                f"js.collect computed nothing: the store at {path} records the "
+                f"{n} batch{'es' if n != 1 else ''} given as done by an earlier call (keys "
+                f"{short_list([repr(k) for k in writer.keys or []])}); to collect another "
+                "function or dataset, give a new path or resume=False"
+            )
     return writer.group
 
 
@@ -202,12 +214,8 @@ class _Writer:
             self.keys = list(host)
             for key, value in host.items():
                 self._create(key, value, outs[key].dtype)
-        elif sorted(host) != sorted(self.keys):
-            raise SelectionError(
-                f"this batch's outputs {sorted(host)} are not the keys the store at "
-                f"{self.group.store} holds ({sorted(self.keys)}): collect to a new path, "
-                "or pass resume=False to start over"
-            )
+        else:
+            self.check_keys(host)
         for key, value in host.items():
             array = self.group[key]
             if value.shape[1:] != array.shape[1:] or value.dtype != array.dtype:
@@ -228,6 +236,15 @@ class _Writer:
             "keys": self.keys,
         }
 
+    def check_keys(self, outs: Mapping[str, Any]) -> None:
+        """A SelectionError where a batch's outputs are not the keys the store holds."""
+        if sorted(outs) != sorted(self.keys or []):
+            raise SelectionError(
+                f"this batch's outputs {sorted(outs)} are not the keys the store at "
+                f"{self.group.store} holds ({sorted(self.keys)}): collect to a new path, "
+                "or pass resume=False to start over"
+            )
+
     def _create(self, key: str, value: np.ndarray, dtype: Any) -> None:
         array = self.group.create_array(
             key,
@@ -241,9 +258,15 @@ class _Writer:
 
 def _check_paths(keys: list[str]) -> None:
     """Zarr stores ``a/b`` as array ``b`` in group ``a``: no key may be a path prefix of
-    another (a scope's output ``mlp`` and a value inside it, ``mlp/linear_0``)."""
+    another (a scope's output ``mlp`` and a value inside it, ``mlp/linear_0``), nor have
+    an empty, ``.`` or ``..`` part (the group itself, or a path Zarr rewrites)."""
     for key in keys:
         parts = key.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise SelectionError(
+                f"output {key!r}: Zarr stores a key with '/' as a path, which has no empty, "
+                "'.' or '..' part; give it another key"
+            )
         inside = next((k for k in keys if k.split("/")[: len(parts)] == parts and k != key), None)
         if inside is not None:
             raise SelectionError(
@@ -263,7 +286,10 @@ def _host(key: str, value: Any, size: int) -> np.ndarray:
         raise SelectionError(
             f"`{key}` has shape {np.shape(value)}, with no batch axis of size {size}: "
             "collect values computed per example (a batch-wide value, such as a "
-            "parameter or a mean over the batch, is one array: use g.value for it)"
+            "parameter or a mean over the batch, is one array: use g.value for it; a "
+            'values_fn key stacking a loop\'s iterations, {"h": "step/h@*"}, has them '
+            "first: put the batch first, jnp.moveaxis(v, 0, 1), or select them as one "
+            'key each, "step/h@*")'
         )
     value = np.asarray(value)
     if dtype.kind == "V" or dtype.name.startswith(("bfloat", "float8", "float4")):

@@ -106,9 +106,18 @@ def test_collection_errors_name_the_culprit(setup, tmp_path):
     model, values = setup
     with pytest.raises(js.SelectionError, match="no batch axis"):
         js.collect(tmp_path / "a.zarr", lambda xs: {"mean": xs.mean()}, [batch(0)])
+    stacked = lambda xs: {"h": jnp.stack([xs, xs])}  # noqa: E731 (iterations first)
+    with pytest.raises(js.SelectionError, match=r"stacking a loop's iterations.*moveaxis"):
+        js.collect(tmp_path / "s.zarr", stacked, [batch(0)])
     js.collect(tmp_path / "b.zarr", lambda xs: {"x": xs}, [batch(0)])
     with pytest.raises(js.SelectionError, match="not the keys the store"):
         js.collect(tmp_path / "b.zarr", lambda xs: {"y": xs}, [batch(0), batch(1)])
+    # the batches recorded only: every one skipped, nothing written (without a word)
+    with pytest.warns(UserWarning, match=r"computed nothing: .* the 1 batch given as done .*'x'"):
+        js.collect(tmp_path / "b.zarr", lambda xs: {"y": xs}, [batch(0)])
+    for key in ("..", "", "a//b"):  # (Zarr's own ValueError, the group root, a rewritten path)
+        with pytest.raises(js.SelectionError, match="no empty, '.' or '..' part"):
+            js.collect(tmp_path / "p.zarr", lambda xs, k=key: {k: xs}, [batch(0)], resume=False)
     with pytest.raises(js.SelectionError, match="disagree on the batch size"):
         js.collect(tmp_path / "c.zarr", lambda b: {"x": b[0]}, [(batch(0), jnp.ones(3))])
     shapes = [jnp.ones((4, 2)), jnp.ones((4, 3))]  # (a raw Zarr ValueError before)
