@@ -659,7 +659,13 @@ class Graph(Identical):
 
     # -- views ----------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:
-        """A networkx view: nodes are var indices, edges dataflow labelled by equation."""
+        """A networkx view: nodes are var indices, edges dataflow labelled by equation.
+
+        An edge links each input of an equation to each of its outputs: a loop the index
+        keeps as one equation (a scan, a ``while_loop``) links every operand to every
+        result, also where one result reads only some operands (``a`` of a scan carrying
+        ``(sin(a), cos(b))`` has an edge from ``b``'s start): the dependence of each
+        result is not split inside it."""
         import networkx as nx
 
         p = self._program
