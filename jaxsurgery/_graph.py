@@ -386,11 +386,13 @@ class Graph(Identical):
     def _flat_args(self) -> tuple | None:
         """The traced arguments as the function saw them (:func:`as_traced`), converted
         when first needed (js.trace keeps a copy of a NumPy array: see ``held``); a
-        SliceError once they were deleted (donated to a jit: see ``alive``)."""
+        SliceError where they were deleted (donated to a jit: see ``alive``) before then;
+        :meth:`_require_args` checks for that at each computation (not here: a slice
+        built reads them, and checking each is per argument)."""
         if self._given_args is None:
             return None
         if self._converted_args is not None:
-            return alive(self._converted_args, self.inputs)
+            return self._converted_args
         alive(self._given_args, self.inputs)
         with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
             found = tuple(as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs))
@@ -982,4 +984,4 @@ class Graph(Identical):
                 "arguments (jax.ShapeDtypeStruct); trace with concrete arrays, or "
                 "bind a slice to arguments with s.bind(*args)"
             )
-        return self._flat_args
+        return alive(self._flat_args, self.inputs)
