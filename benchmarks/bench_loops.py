@@ -11,11 +11,9 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
-from common import interleaved_times
+from common import interleaved_times, once
 
 import jaxsurgery as js
 
@@ -82,32 +80,22 @@ def _one(T: int, quick: bool) -> dict:
     t_js, t_mj = trace_times.best["js.trace"], trace_times.best["make_jaxpr"]
     g = js.trace(rnn_fn(), *args)
     name = f"step/h#1@{T - 10}" if T > 10 else "step/h#1@5"
-    t0 = time.perf_counter()
-    g.value(name)
-    t_value = time.perf_counter() - t0
-    t0 = time.perf_counter()  # a patch at a late step keeps the index folded
-    g.replace(name, lambda h: h * 0.5)
-    t_replace = time.perf_counter() - t0
-    t0 = time.perf_counter()  # the baseline: computing the function at all, first call
-    jax.block_until_ready(rnn_fn()(*args))
-    t_call = time.perf_counter() - t0
+    _, t_value = once(lambda: g.value(name))
+    # a patch at a late step keeps the index folded
+    _, t_replace = once(lambda: g.replace(name, lambda h: h * 0.5))
+    # the baseline: computing the function at all, first call
+    _, t_call = once(lambda: rnn_fn()(*args))
 
     fn = g.grads_fn("out", {"h": "step/h#1@*"})  # every step, stacked
     ours = jax.jit(lambda *a: fn(*a)["h"])
     hand = jax.jit(lambda *a: jax.grad(trick)(jnp.zeros((T, WIDTH)), *a))
-    t0 = time.perf_counter()
-    c_ours = ours.lower(*args).compile()
-    t_c_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    c_hand = hand.lower(*args).compile()
-    t_c_hand = time.perf_counter() - t0
+    c_ours, t_c_ours = once(lambda: ours.lower(*args).compile())
+    c_hand, t_c_hand = once(lambda: hand.lower(*args).compile())
     same = bool(jnp.allclose(ours(*args), hand(*args), atol=1e-5))
     times = interleaved_times(
         {"ours": lambda: ours(*args), "hand": lambda: hand(*args)}, repeat=5 if quick else 20
     )
-    t0 = time.perf_counter()
-    s = g.slice("step/h#1@0", "out")
-    t_slice = time.perf_counter() - t0
+    s, t_slice = once(lambda: g.slice("step/h#1@0", "out"))
     h_first = g.value("step/h#1@0")
     s_ours = jax.jit(s)
     s_hand = jax.jit(lambda h: rest_by_hand(h, args[0], args[2]))

@@ -23,6 +23,16 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def once(fn: Callable[[], object]) -> tuple[object, float]:
+    """``fn()`` (blocked until ready) and its wall time in seconds, the garbage of what
+    ran before collected first, untimed (js.trace pauses the collector: its garbage
+    would be collected inside the next timing, a compile's or a value's)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
 class Times(dict):
     """The median time of each function (seconds), every round behind it (``runs``),
     and the best run (``best``).
