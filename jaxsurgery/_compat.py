@@ -650,6 +650,12 @@ def retraced(eqns: Any) -> bool:
 _HOLDS_BODIES: dict[Any, bool] = {}
 
 
+def staged_where_retraced(values: Any, eqns: Any) -> Any:
+    """Inside ``jax.ensure_compile_time_eval``, where ``eqns`` are :func:`retraced`, the
+    context to run them on ``values`` in (:func:`evaluated_staged`); else none."""
+    return evaluated_staged(values) if retraced(eqns) else contextlib.nullcontext()
+
+
 def compile_time_eval(values: Any, retraced_eqns: bool) -> Any:
     """``jax.ensure_compile_time_eval()`` to compute ``values``' consequences eagerly,
     also when asked under a ``jax.jit`` trace; for a program holding

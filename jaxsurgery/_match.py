@@ -24,12 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
 from ._errors import SliceError, short_list, warn
 from ._patch import Edit, replacement_jaxpr
+from ._promotion import dtype_kind
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -686,27 +686,20 @@ def _equal(pattern: Any, target: Any) -> bool:
     (float32's 0.1 is bfloat16's 0.1; bfloat16's 0.1 is not float32's), never the
     program's rounded to the pattern's. A float never matches an int."""
     a, b = np.asarray(pattern), np.asarray(target)
-    kind = _kind(a.dtype)
-    if a.shape != b.shape or kind != _kind(b.dtype):
+    kind = dtype_kind(a.dtype)  # 0 bool, 1 integer, 2 floating, 3 complex
+    if a.shape != b.shape or kind != dtype_kind(b.dtype):
         return False
-    nan = kind in (np.floating, np.complexfloating)  # (a NaN constant is the same NaN)
+    nan = kind in (2, 3)  # (a NaN constant is the same NaN)
     if a.dtype == b.dtype:
         return bool(np.array_equal(a, b, equal_nan=nan))
-    if kind is np.integer:  # exact values, past any width
+    if kind != 2 and kind != 3:  # exact values, past any width (integers; None: no cast)
+        return kind == 1 and bool(np.array_equal(a.astype(object), b.astype(object)))
         return bool(np.array_equal(a.astype(object), b.astype(object)))
     with np.errstate(over="ignore"):
         cast = a.astype(b.dtype)
     if np.any(np.isinf(cast) & ~np.isinf(a)):  # past the program's range: not its inf
         return False
     return bool(np.array_equal(cast, b, equal_nan=True))
-
-
-def _kind(dtype: np.dtype) -> Any:
-    """bool, integer, floating or complex (bfloat16 a floating), or the dtype itself."""
-    for kind in (np.bool_, np.integer, np.floating, np.complexfloating):
-        if jnp.issubdtype(dtype, kind):
-            return kind
-    return dtype
 
 
 def _as_match(graph: Graph, pattern: Program, state: _State) -> Match:

@@ -337,7 +337,7 @@ class Program:
             jaxpr = self.sub_jaxpr(needed, [*range(self.num_inputs), *given], outs, consts)
             run = jax.jit(functools.partial(C.eval_jaxpr, jaxpr))
             args = (self.consts, *flat_args, *given_values)
-            with C.evaluated_staged(args) if C.retraced(eqns) else contextlib.nullcontext():
+            with C.staged_where_retraced(args, eqns):
                 return dict(zip(outs, run(*args)))
         env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
         env.update(zip((vars_[i] for i in given), given_values))

@@ -172,8 +172,8 @@ def holds(dtype: Any, value: Any) -> bool:
     Python int for an integer dtype within its range."""
     given = next((k for t, k in _PYTHON_KINDS if isinstance(value, t)), None)  # IntEnum too
     if given is None or hasattr(value, "dtype"):  # NumPy scalars: by their dtype
-        given = _kind(getattr(value, "dtype", None))
-    want = _kind(dtype)
+        given = dtype_kind(getattr(value, "dtype", None))
+    want = dtype_kind(dtype)
     if given == 1 == want and isinstance(value, int) and not hasattr(value, "dtype"):
         return not out_of_range(dtype, value)  # a Python int: also its range (300: no uint8)
     return given is not None and want is not None and given <= want
@@ -198,11 +198,11 @@ def not_a_key(dtype: Any) -> str:
     """The fix a message gives for a typed key where a value of ``dtype`` was traced: a
     raw key (``jax.random.PRNGKey``) is integer data, which ``jax.random.key_data``
     gives of a typed key."""
-    data = " (jax.random.key_data(key) is a key's data)" if _kind(dtype) == 1 else ""
+    data = " (jax.random.key_data(key) is a key's data)" if dtype_kind(dtype) == 1 else ""
     return f"give {a_or_an(jnp.dtype(dtype).name)} value, not a key{data}"
 
 
-def _kind(dtype: Any) -> int | None:
+def dtype_kind(dtype: Any) -> int | None:
     """0 bool, 1 integer, 2 floating, 3 complex; None for anything else (a key)."""
     if dtype is None or is_key(dtype):
         return None
@@ -212,7 +212,7 @@ def _kind(dtype: Any) -> int | None:
 def out_of_range(dtype: Any, value: Any) -> str:
     """``"300 is outside uint8's range, 0 .. 255"`` for a Python int an integer dtype
     does not hold, else ``""``."""
-    if isinstance(value, int) and not isinstance(value, bool) and _kind(dtype) == 1:
+    if isinstance(value, int) and not isinstance(value, bool) and dtype_kind(dtype) == 1:
         info = jnp.iinfo(dtype)
         if not info.min <= value <= info.max:
             return f"{value} is outside {jnp.dtype(dtype).name}'s range, {info.min} .. {info.max}"

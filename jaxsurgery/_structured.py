@@ -42,7 +42,6 @@ Sharp edges:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -833,7 +832,7 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     # a shard_map's or Pallas kernel's body is traced again when it runs: staged as JAX
     # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
     args = [env[a] for a in ins]
-    with C.evaluated_staged(args) if C.retraced(eqns) else contextlib.nullcontext():
+    with C.staged_where_retraced(args, eqns):
         values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args)
     env.update(zip(outs, values))
 
