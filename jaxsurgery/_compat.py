@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+from jax._src import array as _array  # ArrayImpl, the type of a concrete jax.Array
 from jax._src import config as _config  # eager_constant_folding (see staged_normally)
 from jax._src import core as _core  # the running trace (trace_ctx)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
@@ -25,6 +26,8 @@ from jax._src.interpreters import partial_eval as _pe  # the tracer type of make
 from jax.extend import core as jex_core
 from jax.extend import source_info_util as jex_source_info
 
+#: the type of a concrete ``jax.Array`` (a check by type is faster than ``isinstance``)
+ArrayImpl = _array.ArrayImpl
 Var = jex_core.Var
 Literal = jex_core.Literal
 DropVar = jex_core.DropVar

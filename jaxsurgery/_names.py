@@ -61,6 +61,9 @@ class Names:
     #: var's index: a graph ``g.replace`` spliced keeps the numbers of the graph it was
     #: made from (its ``%7`` is g's ``%7``), and its new values take numbers after them
     numbers: Sequence[int] | None = None
+    #: names the traced function gives values the index has no var for (a js.tag inside
+    #: a shard_map's body), with why: what selecting one says
+    hidden: dict[str, str] = field(default_factory=dict)
 
     def number(self, i: int) -> int:
         """The number in var ``i``'s fallback names."""

@@ -320,6 +320,7 @@ def derive(
             extras[var].append(name)
     names = finalize(candidates, extras, program.primitives, old.protected, numbered)
     names.arguments = old.arguments  # the same inputs, first
+    names.hidden = old.hidden
     return Graph(
         program,
         names,

@@ -31,6 +31,7 @@ from ._control_flow import (
     deciding_operands,
     input_reads,
 )
+from ._errors import short_list
 from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value, unlifted
 from ._tag import MARK_PREFIX
@@ -99,6 +100,34 @@ class Program:
         """Where a var of a folded loop's body lies: ``[(loop, template var, iterations)]``."""
         return [(k, i, its) for k, f in enumerate(self.folded) for i, its in f.template.locate(var)]
 
+    def _shard_map_bodies(self, jaxpr: C.Jaxpr) -> None:
+        """Note the vars and the ``js.tag`` s of the ``shard_map`` bodies among the flat
+        program's equations, which the index does not enter (:attr:`sharded`)."""
+        stack = [
+            inner
+            for e in jaxpr.eqns
+            if e.primitive.name == "shard_map"
+            for inner in C.inner_jaxprs(e)
+        ]
+        tags: dict[str, None] = {}
+        while stack:
+            body = stack.pop()
+            self.sharded.update(body.invars)
+            for eqn in body.eqns:
+                self.sharded.update(eqn.outvars)
+                if eqn.primitive.name == C.TAG_PRIMITIVE and not C.tag_name(eqn).startswith(
+                    MARK_PREFIX
+                ):
+                    tags[C.tag_name(eqn)] = None
+                stack.extend(C.inner_jaxprs(eqn))
+        self.sharded_tags = list(tags)
+        if tags:
+            one = len(tags) == 1
+            self.notes.append(
+                f"{short_list([repr(n) for n in tags])} {'tags' if one else 'each tag'} "
+                + IN_SHARD_MAP
+            )
+
     def _index(self, inliner: _Inliner, jaxpr: C.Jaxpr, consts: list[Any]) -> None:
         """Build the integer tables of a flat jaxpr the inliner produced."""
         self.jaxpr, self.consts = jaxpr, consts
@@ -143,8 +172,12 @@ class Program:
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
+        #: the vars of shard_map bodies (per shard: no var of the index is one of them)
+        self.sharded: set[C.Var] = set()
+        #: the names of the js.tags in those bodies
+        self.sharded_tags: list[str] = []
         if "shard_map" in self.primitives:  # (a scan of a C list: the common case)
-            self.notes += _shard_map_tags(jaxpr)
+            self._shard_map_bodies(jaxpr)
         self.locations, self.while_trips = inliner.locations, inliner.while_trips
         self.opaque_loops, self.invariant_ids = inliner.opaque_loops, inliner.invariant_ids
         self.folded = inliner.folded  # long scans kept as one equation (_loop_index)
@@ -471,32 +504,12 @@ def _at(name: str, iterations: tuple[int, ...]) -> str:
     return name + "".join(f"@{t}" for t in iterations)
 
 
-def _shard_map_tags(jaxpr: C.Jaxpr) -> list[str]:
-    """The note for ``js.tag`` s inside ``shard_map`` bodies, which the index does not
-    enter: a value there is one per shard, and the tag names no value of the graph."""
-    found: dict[str, None] = {}
-
-    def tags(j: C.Jaxpr) -> None:
-        for eqn in j.eqns:
-            if eqn.primitive.name == C.TAG_PRIMITIVE and not C.tag_name(eqn).startswith(
-                MARK_PREFIX
-            ):
-                found[C.tag_name(eqn)] = None
-            for inner in C.inner_jaxprs(eqn):
-                tags(inner)
-
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "shard_map":
-            for inner in C.inner_jaxprs(eqn):
-                tags(inner)
-    if not found:
-        return []
-    names = ", ".join(repr(n) for n in found)
-    return [
-        f"{names} {'tags a value' if len(found) == 1 else 'tag values'} inside a shard_map, "
-        "which the graph keeps as one equation (its body runs once per shard): no var has "
-        "that name; tag what the shard_map returns, or trace the body on one shard's arrays"
-    ]
+#: why a name of a value inside a shard_map's body selects nothing (after "'h' names")
+IN_SHARD_MAP = (
+    "a value inside a shard_map, which the graph keeps as one equation (its body runs once "
+    "per shard): no var is that value; select what the shard_map returns, or trace the body "
+    "on one shard's arrays"
+)
 
 
 def _inlinable(eqn: C.JaxprEqn) -> bool:

@@ -131,10 +131,11 @@ def alive(args: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
     """``args`` (arguments a graph or slice computes from, of the graph's ``inputs``), or a
     SliceError naming those deleted: donated to a ``jax.jit`` (``donate_argnums``, as a
     training step donates its parameters)."""
+    array = C.ArrayImpl  # (the common case, checked by type: 50k arguments in 3 ms)
     gone = [
         v.name
         for x, v in zip(args, inputs)
-        if not isinstance(x, jax.core.Tracer) and getattr(x, "is_deleted", _never)()
+        if (x.is_deleted() if type(x) is array else _deleted(x))
     ]
     if gone:
         raise SliceError(
@@ -145,6 +146,11 @@ def alive(args: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
             "g.as_function()(...)"
         )
     return args
+
+
+def _deleted(x: Any) -> bool:
+    """Whether ``x``, an argument other than a concrete ``jax.Array``, was deleted."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_deleted", _never)()
 
 
 def _never() -> bool:

@@ -714,6 +714,9 @@ def _tagged_in_whole_loop(graph: Graph, name: str) -> str | None:
 def _no_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
 ) -> SelectionError:
+    hidden = graph._names.hidden.get(word) if word is not None else None
+    if hidden is not None:
+        return SelectionError(f"{label} names {hidden}")
     outside = word is not None and graph._names.lookup.get(word.partition("@")[0])
     if word is not None and "@" in word and graph._program.opaque_loops and not outside:
         from ._structured import per_lane
@@ -818,6 +821,11 @@ def _no_match(
     listed = "g.names() lists all"
     if graph._program.folded:
         listed += "; g.notes says how to name values inside loops"
+    if graph._program.sharded:
+        listed += (
+            "; the graph keeps each shard_map as one equation: the values inside its body "
+            "have no names, select what it returns"
+        )
     return SelectionError(f"no var named {label}{hint} ({listed})")
 
 

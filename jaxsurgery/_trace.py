@@ -47,7 +47,7 @@ from ._instrument import (
 )
 from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
-from ._program import Program
+from ._program import IN_SHARD_MAP, Program
 from ._progress import phase, progress, reported
 from ._promotion import as_traced, held, holds, out_of_range, promoted, weak_type_decides
 from ._rewrite import _plain_partial
@@ -249,6 +249,7 @@ def _trace(
             *scope_names(program, state=recorder.state_vars(program)),
             input_labels=in_labels,
         )
+        names.hidden = dict.fromkeys(program.sharded_tags, IN_SHARD_MAP)
         tags, scopes = index_templates(program, recorder.state_vars)
         invariant = recorder.invariant_names
         name_notes = (

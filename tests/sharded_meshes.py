@@ -13,6 +13,7 @@ if __name__ == "__main__":  # only in its own process: pytest imports this file 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxsurgery as js  # noqa: E402
@@ -142,6 +143,11 @@ def check_shard_map_with_a_scan():
     g = js.trace(f, x, w)
     np.testing.assert_allclose(g.value("out"), f(x, w), rtol=1e-6)
     assert any("'last_step' tags a value inside a shard_map" in n for n in g.notes), g.notes
+    # selecting them says why they select nothing (both were a bare "no var named")
+    with pytest.raises(js.SelectionError, match="'last_step' names a value inside a shard_map"):
+        g["last_step"]
+    with pytest.raises(js.SelectionError, match="keeps each shard_map as one equation"):
+        g["c2"]
 
 
 def check_rewrite_names_occurrences_in_a_shard_map():
