@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SelectionError, SliceError
-from ._made import Made, selection_key
+from ._made import Made, TakesArguments, selection_key
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ._select import Selector
 
 
-class ValuesFunction(Made):
+class ValuesFunction(TakesArguments):
     """``f(*args, **kwargs) -> {key: value}``: see :meth:`Graph.values_fn`."""
 
     _kind = "values"
@@ -72,10 +72,11 @@ class ValuesFunction(Made):
         }
 
 
-class PatchFunction(Made):
+class PatchFunction(TakesArguments):
     """``p(patches, *args, **kwargs) -> outputs``: see :meth:`Graph.patch_fn`."""
 
     _kind = "patched"
+    _patches_first = True
 
     def __init__(self, graph: Graph, selector: Selector):
         from ._loop_slice import _given

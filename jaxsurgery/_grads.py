@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, jax_derivative_refusals, warn
-from ._made import Made, selection_key, var_keys
+from ._made import TakesArguments, selection_key, var_keys
 from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
-class GradsFunction(Made):
+class GradsFunction(TakesArguments):
     """``fn(*args, **kwargs) -> {name: d(sum of out)/d(var)}``, traceable and jittable."""
 
     _kind = "grads"

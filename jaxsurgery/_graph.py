@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -268,6 +269,12 @@ class Graph(Identical):
         """The traced function's name (``loss``, also for ``make.<locals>.loss``;
         ``lambda`` for a lambda), which the functions made from it take."""
         return self._title.split("(")[0].rsplit(".", 1)[-1].strip("<>") or "function"
+
+    @property
+    def _signature(self) -> inspect.Signature | None:
+        """The traced function's signature (its bound method's, without ``self``), which
+        the functions made from it that take its arguments have; None if unknown."""
+        return getattr(self._flatten_args, "__signature__", None)
 
     @property
     def is_concrete(self) -> bool:
@@ -657,6 +664,7 @@ class Graph(Identical):
             return _select.unflatten(self._out_tree, outs)
 
         function.__name__ = self._function_name
+        function.__signature__ = self._signature  # type: ignore[attr-defined]
         return boundary(function)
 
     # -- views ----------------------------------------------------------------------------

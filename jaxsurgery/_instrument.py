@@ -981,7 +981,7 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     if atom is not None:  # the common case: one array
         return [("", atom)]
     if (
-        isinstance(value, (int, float, complex, bool, str, type(None)))
+        isinstance(value, (int, float, complex, bool, str, type(None), types.GeneratorType))
         or is_jit(value)
         or (type(value).__name__ in ("Partial", "VJP") and type(value).__module__.startswith("jax"))
     ):
@@ -1064,6 +1064,8 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
                 out = jitted.transformed(*args, **kwargs)  # its cache holds tagged bodies
             else:
                 out = target(*args, **kwargs)
+                if type(out) is types.GeneratorType:  # its body runs when iterated
+                    out = _in_frame(recorder, frame, out)
             if jitted is not None:
                 owner = getattr(jitted, "owner", None)  # a jitted __call__: its object first
                 inputs = (args if owner is None else (owner, *args), kwargs)
@@ -1286,7 +1288,7 @@ def _transformed_method(fn: Any, bound: bool = True) -> Any:
     ``rewritten`` gives a method: Equinox's transforms take its object as a pytree)."""
     if isinstance(fn, (types.FunctionType, type, functools.partial)):
         return None
-    func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
+    func, owner = _own_attr(fn, "__func__"), _own_attr(fn, "__self__")
     if func is None or owner is None:  # an object: its class's __call__
         func, owner = getattr(type(fn), "__call__", None), fn  # noqa: B004
     framed = _transformed(func) if isinstance(func, types.FunctionType) else None
@@ -1303,7 +1305,7 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
     module's method), or an object whose class's ``__call__`` is one (``@jax.jit``,
     ``@eqx.filter_jit`` or ``@nnx.jit`` on a module's ``__call__``), its twin bound to
     the object; None for anything else."""
-    func, owner = getattr(fn, "__func__", None), getattr(fn, "__self__", None)
+    func, owner = _own_attr(fn, "__func__"), _own_attr(fn, "__self__")
     args = getattr(fn, "args", None)
     if (
         func is None
@@ -1523,6 +1525,29 @@ def _transforming(fn: Any) -> Any:
     return run
 
 
+def _in_frame(recorder: Recorder, frame: int, gen: Any) -> Any:
+    """``gen``, a generator a user function returned, with each of its steps run in the
+    function's frame (what it binds is named there, not in the frame iterating it)."""
+    send: Any = None
+    throw: BaseException | None = None
+    while True:
+        recorder._stack.append(frame)
+        try:
+            item = gen.send(send) if throw is None else gen.throw(throw)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            recorder._stack.pop()
+        send, throw = None, None
+        try:
+            send = yield item
+        except GeneratorExit:
+            gen.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 (thrown into the generator, as yield from)
+            throw = e
+
+
 def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: str = "") -> Any:
     """``fn`` (a lax loop or conditional) with its function arguments run in frames;
     ``loop`` (``"scan"``, ``"fori_loop"``, ``"while_loop"``): the frames are a loop's
@@ -1595,14 +1620,26 @@ def _loops_of(*loaded: bool) -> dict[int, str]:
 _SKIP_MODULES = ("jax", "jaxlib", "numpy", "jaxsurgery", "builtins", "functools", "operator")
 
 
+def _own_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, but None where only a ``__getattr__`` of its class
+    gives it: a proxy forwarding attributes to a bound method it wraps (an EMA or
+    logging wrapper around ``model.apply``) is no bound method, its own ``__call__`` runs."""
+    try:
+        inspect.getattr_static(obj, name)
+    except AttributeError:
+        return None
+    return getattr(obj, name, None)
+
+
 def _module_of(fn: Any) -> str:
-    inner = getattr(fn, "__func__", fn)
+    inner = _own_attr(fn, "__func__") or fn
     for candidate in (getattr(inner, "fun", None), getattr(inner, "__wrapped__", None)):
         if candidate is not None and _is_user_function(candidate):
             return getattr(candidate, "__module__", "") or ""
     module = getattr(inner, "__module__", None)
     if module is None or not isinstance(module, str):
-        module = type(fn).__module__
+        # (a function exec'd in globals without __name__ has none: user code)
+        module = "" if isinstance(inner, types.FunctionType) else type(fn).__module__
     return module
 
 
@@ -1663,8 +1700,8 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         if reason and recorder is not None:
             recorder.unrewritten.append(reason)
         return run, reason
-    owner = getattr(fn, "__self__", None)
-    if owner is not None and _is_user_function(getattr(fn, "__func__", None)):
+    owner = _own_attr(fn, "__self__")
+    if owner is not None and _is_user_function(_own_attr(fn, "__func__")):
         # a bound method of another kind (Equinox's, a pytree of its module): rebound
         return instrument(types.MethodType(fn.__func__, owner))
     jitted = _jitted(fn)

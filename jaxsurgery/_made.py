@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,6 +43,32 @@ class Made(Shared):
     @property
     def __name__(self) -> str:  # type: ignore[override]
         return f"{self.graph._function_name}_{self._kind}"
+
+
+class _SignatureOf:
+    """``__signature__``: what ``_signature`` gives (the class itself has none)."""
+
+    def __get__(self, made: Any, owner: type | None = None) -> inspect.Signature | None:
+        return None if made is None else made._signature()
+
+
+class TakesArguments(Made):
+    """A function made from a graph called with the traced function's arguments (a
+    patch dict first where ``_patches_first``), with their signature: ``jax.jit(fn,
+    static_argnames="mode")`` finds ``mode`` by name, as for the traced function."""
+
+    __signature__ = _SignatureOf()
+    _patches_first = False
+
+    def _signature(self) -> inspect.Signature | None:
+        signature = self.graph._signature
+        if signature is None or not self._patches_first:
+            return signature
+        patches = inspect.Parameter("patches", inspect.Parameter.POSITIONAL_ONLY)
+        try:
+            return signature.replace(parameters=[patches, *signature.parameters.values()])
+        except ValueError:  # a parameter of the function's named `patches`
+            return None
 
     def __repr__(self) -> str:
         return f"<{self.__name__}: {type(self).__name__} of {self.graph._title}>"

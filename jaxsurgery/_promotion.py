@@ -62,7 +62,7 @@ def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, str]) -> None:
         if eqn.primitive.name == _CONVERT:
             a = eqn.invars[0]
             new = eqn.params.get("new_dtype")
-            if a in watched and new is not None and jnp.promote_types(a.aval.dtype, new) != new:
+            if a in watched and new is not None and _promotes(a.aval.dtype, new):
                 found.setdefault(watched[a], str(new))
         for v in eqn.outvars:  # a weakly typed result: computed from the number alone
             if getattr(v.aval, "weak_type", False):
@@ -75,6 +75,18 @@ def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, str]) -> None:
             }
             if inner:
                 _walk(sub, inner, found)
+
+
+def _promotes(old: Any, new: Any) -> bool:
+    """Whether converting a weakly typed ``old`` to ``new`` may be a promotion with a
+    value of dtype ``new`` that a strongly typed ``old`` would not make (``2.5`` with a
+    bfloat16 value). A conversion to a lower kind (a float cast to an integer or a
+    bool: ``jnp.asarray(p).astype(jnp.int32)``) is an explicit cast: JAX promotes a
+    Python number up to the other operand's kind, never down."""
+    if jnp.promote_types(old, new) == new:
+        return False
+    kinds = dtype_kind(old), dtype_kind(new)
+    return None in kinds or kinds[1] >= kinds[0]
 
 
 def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any]]]:

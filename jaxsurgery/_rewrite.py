@@ -109,6 +109,12 @@ def instrument(fn: Callable[..., Any]) -> tuple[Callable[..., Any], str | None]:
     new.__kwdefaults__ = fn.__kwdefaults__
     new.__qualname__ = fn.__qualname__
     new.__module__ = fn.__module__
+    # what a decorator reads of the function it wraps (its own attributes, a registry's
+    # `fn.scale = 3.0`; annotations; 3.12's type parameters); its identity differs
+    new.__dict__.update(fn.__dict__)
+    new.__annotations__ = fn.__annotations__
+    if hasattr(fn, "__type_params__"):
+        new.__type_params__ = fn.__type_params__
     return new, None
 
 

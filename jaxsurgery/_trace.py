@@ -187,6 +187,13 @@ def _trace(
         ):
             closed = C.make_jaxpr(flat_fn, *leaves)
         recorder.name_constants(closed)
+    except RecursionError as e:
+        raise TraceError(
+            f"tracing {_name(target)} failed: RecursionError: {e} — the rewritten calls of "
+            "user functions run in frames of jaxsurgery's (more Python frames for each "
+            "call), so a deep recursion reaches Python's limit sooner than a plain "
+            f"jax.make_jaxpr; raise it (sys.setrecursionlimit, now {sys.getrecursionlimit()})"
+        ) from None
     except _TRACER_ERRORS as e:
         first = str(e).strip().splitlines()[0]
         raise TraceError(
@@ -270,10 +277,17 @@ def _trace(
                 + ("output of that name, and selects it" if one else "outputs of those names")
                 + "; select the outputs as g.outputs"
             )
+
+        def flatten_args(*a: Any, **k: Any) -> list[Any]:
+            return binder.same_call(bound, leaves, in_names, a, k, decides)
+
+        # (the functions a graph makes take the traced function's parameters: jax.jit's
+        # static_argnames and donate_argnames find them by name)
+        flatten_args.__signature__ = binder.signature  # type: ignore[attr-defined]
         graph = Graph(
             program,
             names,
-            lambda *a, **k: binder.same_call(bound, leaves, in_names, a, k, decides),
+            flatten_args,
             kept if concrete else None,
             title,
             [*notes, *program.notes, *name_notes],
@@ -564,6 +578,10 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
         call = inspect.getattr_static(type(fn), "__call__", None)
         if isinstance(call, staticmethod):  # (inspect drops its first parameter as self's)
             return inspect.signature(call.__func__)
+        if isinstance(call, types.FunctionType) and hasattr(type(fn), "__getattr__"):
+            # a proxy forwarding attributes (to a bound method it wraps): inspect reads
+            # the wrapped function's __code__ through it, its __call__ is what runs
+            return inspect.signature(types.MethodType(call, fn))
     if type(fn) is not types.FunctionType or {"__signature__", "__wrapped__"} & fn.__dict__.keys():
         return inspect.signature(fn)
     parts = (

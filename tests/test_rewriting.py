@@ -317,3 +317,144 @@ def test_a_generic_function_is_rewritten(tmp_path, monkeypatch):
     g = same_as_direct(lambda x: layer(x), x)
     allclose(g.value("layer/pre"), jnp.cos(x))
     del sys.modules["generic_model"]
+
+
+class _Doubling:
+    """A proxy forwarding attributes to what it wraps (an EMA or logging wrapper)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __call__(self, *args):
+        return self.fn(*args) * 2
+
+
+class _Tripling:
+    def apply(self, v):
+        pre = v * 3.0
+        return pre
+
+
+def test_a_proxy_forwarding_attributes_to_a_bound_method_runs_its_own_call():
+    """Its forwarded __self__/__func__ made it a bound method: Model.apply ran in its
+    place (half the value, silently), and js.trace(proxy) bound apply's signature."""
+    p = _Doubling(_Tripling().apply)
+
+    def f(x):
+        y = p(x)
+        return y
+
+    x = jnp.arange(1.0, 5.0)
+    g = same_as_direct(f, x)
+    allclose(g.value("y"), 6.0 * x)
+    allclose(g.value("p/fn/pre"), 3.0 * x)
+    g = same_as_direct(p, x)
+    allclose(g.value("fn/pre"), 3.0 * x)
+
+
+def _yielding(v):
+    y = v * 2
+    yield y
+    z = y + v
+    yield z
+
+
+class _Layers:
+    def layers_of(self, x):
+        for k in range(2):
+            h = x * (k + 2.0)
+            yield h
+
+
+def test_what_a_generator_binds_is_named_in_its_own_frame():
+    """A generator's body runs when iterated: it was named in the caller's frame (gen's
+    `y` made the caller's `y` ambiguous, and its parameter `x` the input's name)."""
+
+    def f(x):
+        y = x + 1
+        a, b = list(_yielding(y))
+        total = sum(_Layers().layers_of(x))
+        return a + b + total
+
+    x = jnp.arange(1.0, 4.0)
+    g = same_as_direct(f, x)
+    allclose(g.value("y"), x + 1)
+    allclose(g.value("_yielding/y"), (x + 1) * 2)
+    allclose(g.value("_yielding/z"), (x + 1) * 3)
+    allclose(g.value("layers_of/h#1"), x * 3.0)
+    assert g.inputs[0].name == "x"
+
+    def one_step(x):  # resumed once, closed early: as it runs directly
+        gen = _yielding(x)
+        first = next(gen)
+        gen.close()
+        return first
+
+    allclose(same_as_direct(one_step, x).value("_yielding/y"), 2 * x)
+
+
+def _register(fn):
+    fn.scale = 3.0
+    return fn
+
+
+def _scaled(fn):
+    @functools.wraps(fn)
+    def wrapper(v):
+        assert fn.__annotations__, "the wrapper reads the function's annotations"
+        return fn(v) * fn.scale
+
+    return wrapper
+
+
+@_scaled
+@_register
+def _shifted(v: jax.Array) -> jax.Array:
+    pre = v + 1
+    return pre
+
+
+def test_a_decorator_reads_the_attributes_and_annotations_of_its_function():
+    """The rewritten copy lacked the function's attributes and annotations: a wrapper
+    reading them raised (AttributeError: 'scale') where the function runs."""
+
+    def f(x):
+        out = _shifted(x)
+        return out
+
+    x = jnp.arange(1.0, 4.0)
+    g = same_as_direct(f, x)
+    allclose(g.value("_shifted/pre"), x + 1)
+
+
+def test_a_function_exec_d_without_a_module_name_is_user_code():
+    """Globals without __name__ (exec(src, {"jnp": jnp})): taken for a builtin, called
+    with no frame and no note that it has no names."""
+    namespace = {"jnp": jnp}
+    exec("def shifted(v):\n    h = jnp.sin(v)\n    return h\n", namespace)  # noqa: S102
+    shifted = namespace["shifted"]
+
+    def f(x):
+        out = shifted(x) * 2
+        return out
+
+    g = same_as_direct(f, jnp.arange(3.0))
+    assert any("the source of shifted could not be rewritten" in n for n in g.notes), g.notes
+
+
+def _nested_sines(v, n):
+    if n == 0:
+        return v
+    h = jnp.sin(v)
+    return _nested_sines(h, n - 1)
+
+
+def test_a_recursion_past_pythons_limit_is_a_trace_error_saying_how_to_raise_it():
+    """A bare RecursionError (sooner than plain JAX's: the frames add Python frames)."""
+    with pytest.raises(js.TraceError, match=r"RecursionError.*sys\.setrecursionlimit"):
+        js.trace(lambda x: _nested_sines(x, 5000), jnp.ones(2))
+    g = same_as_direct(lambda x: _nested_sines(x, 50), jnp.ones(2))  # (a shallow one runs)
+    allclose(g.value("_nested_sines/_nested_sines/h"), jnp.sin(jnp.sin(jnp.ones(2))))

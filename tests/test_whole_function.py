@@ -11,6 +11,7 @@ iteration), arguments that leave that path are a ``SliceError``, never a wrong n
 Every reference here is written by hand, in plain JAX, without jaxsurgery.
 """
 
+import inspect
 import warnings
 
 import jax
@@ -602,6 +603,16 @@ def test_a_python_number_and_an_array_are_the_same_call_unless_that_changes_a_pr
     # an explicit cast: an f32 array or a number computes in float32 either way
     cast = js.trace(lambda x, s: x.astype(jnp.float32) * s, bf16, jnp.float32(2.5))
     allclose(cast.as_function()(bf16, 2.5), bf16.astype(jnp.float32) * 2.5)
+
+    # a Python number cast down a kind (float to int: an index) is no promotion: a
+    # float32 array for it is cast the same, and vmap over one runs (a SliceError was)
+    def switched(x, p):
+        idx = jnp.clip(jnp.asarray(p).astype(jnp.int32), 0, 2)
+        return jax.lax.switch(idx, [jnp.sin, jnp.cos, jnp.tanh], x).sum()
+
+    ps = jnp.array([0.5, 1.5, 2.5])
+    by_index = js.trace(switched, f32, 1.5).as_function()
+    allclose(jax.vmap(by_index, (None, 0))(f32, ps), jax.vmap(switched, (None, 0))(f32, ps))
     # in float32 the kind changes nothing: both are taken, as the function computes them
     same = js.trace(f, f32, 2.5, 3).as_function()
     for s, n in ((jnp.float32(3.1), jnp.int32(4)), (3.1, 4)):
@@ -683,3 +694,25 @@ def test_a_perturbation_inside_a_custom_call_with_effects_keeps_the_rule_and_say
     assert capsys.readouterr().out.count("loud body") == 2
     allclose(grads["a"], jax.grad(lambda a: jnp.sum(loud(a) ** 2))(x * 1.5))  # the rule's
     allclose(grads["loud/w"], 8.0 * jnp.sin(x * 1.5))
+
+
+def test_functions_a_graph_makes_take_the_traced_functions_parameters_by_name():
+    """as_function, grads_fn, values_fn and patch_fn had the signature (*args, **kwargs):
+    jax.jit(fn, static_argnames="mode") traced the string (JAX's TypeError)."""
+
+    def f(x, mode):
+        h = jnp.sin(x) ** 2 if mode == "sq" else jnp.exp(x)
+        return h.sum()
+
+    x = jnp.arange(3.0)
+    g = js.trace(f, x, "sq")
+    assert str(inspect.signature(g.as_function())) == "(x, mode)"
+    allclose(jax.jit(g.as_function(), static_argnames="mode")(x, "sq"), f(x, "sq"))
+    grads = jax.jit(g.grads_fn("out", ["h"]), static_argnames="mode")(x, "sq")
+    allclose(grads["h"], jnp.ones(3))
+    values = jax.jit(g.values_fn(["h"]), static_argnames="mode")(x, "sq")
+    allclose(values["h"], jnp.sin(x) ** 2)
+    patched = g.patch_fn(["h"])
+    assert str(inspect.signature(patched)) == "(patches, /, x, mode)"
+    out = jax.jit(patched, static_argnames="mode")({"h": jnp.ones(3)}, x, "sq")
+    allclose(out, 3.0)
