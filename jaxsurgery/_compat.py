@@ -599,6 +599,15 @@ def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any
     with its sharding where it has one of an Explicit mesh (the type of a value there)
     unless not ``sharded``."""
     shape = aval.shape if stacked is None else (stacked, *aval.shape)
+    if jax.dtypes.canonicalize_dtype(aval.dtype, True) != aval.dtype:
+        from ._errors import SliceError  # (a value of an x64 program, with x64 now off)
+
+        raise SliceError(
+            f"a value of this graph is {aval.dtype}, and jax_enable_x64 is off now: the "
+            "graph was traced with x64 on (its program computes in 64 bits), and JAX "
+            "makes no 64-bit zeros without it; switch it on again to differentiate the "
+            "graph (jax.config.update('jax_enable_x64', True), or `with jax.enable_x64():`)"
+        )
     sharding = explicit_sharding(aval) if sharded else None
     if sharding is None:
         return jnp.zeros(shape, aval.dtype)

@@ -658,6 +658,10 @@ class Graph(Identical):
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""
 
+        known = self._made.get("as_function")
+        if known is not None:  # (one function: jax.jit of it in a loop compiles once)
+            return known
+
         def function(*args: Any, **kwargs: Any) -> Any:
             flat = self._flatten_args(*args, **kwargs)
             outs, _ = self._structure.run(flat)
@@ -665,7 +669,7 @@ class Graph(Identical):
 
         function.__name__ = self._function_name
         function.__signature__ = self._signature  # type: ignore[attr-defined]
-        return boundary(function)
+        return self._made.setdefault("as_function", boundary(function))
 
     # -- views ----------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:

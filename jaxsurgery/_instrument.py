@@ -364,6 +364,8 @@ class Recorder:
         if site is None:  # under a transform (vmap, grad), or all results forwarded
             if self._transforms:
                 self._jit_called_transformed(frame, start, jitted, inputs)
+            elif jax.config.jax_disable_jit:  # its body ran in the program, op by op
+                return
             elif self.size() != start and isinstance(jitted, _Jitted):
                 # (a transform JAX caches, nnx.scan: its results come from no jit)
                 self._jit_called_elsewhere(frame, start, jitted, inputs)
@@ -1039,7 +1041,12 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
             target_of = _call_target(fn)
         except Exception:  # an object whose attributes raise (a __getattr__ of its own)
             target_of = (None, None)  # runs as it is
-        known = recorder.targets[id(fn)] = (fn, *target_of)
+        known = (fn, *target_of)
+        # (not a bound method: made anew at each attribute read, it is never found
+        # again, and kept it would keep its object alive: a tracer's `h.sum`, a leak
+        # to jax.checking_leaks)
+        if type(fn) is not types.MethodType:
+            recorder.targets[id(fn)] = known
     _, target, jitted = known
     if target is None and not always:  # JAX itself, numpy or a builtin: no frame
         return fn

@@ -4,7 +4,8 @@
 profiles and StableHLO read ``jit(loss_grads)``, not ``jit(<unnamed function>)``).
 
 A graph makes one function per computation: ``g.grads_fn("out", ["h"])`` asked again
-(the same values, keys and outputs) is the same object, so that
+(the same values, keys and outputs) is the same object (so are ``g.slice(a, b)`` and
+``g.as_function()``), so that
 ``jax.jit(g.grads_fn(...))`` in a training loop compiles once, as JAX caches compiled
 programs per function object (made anew, it compiled at every step).
 

@@ -222,6 +222,30 @@ def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]])
     return notes
 
 
+def _reaches_a_decision(program: Any, targets: Sequence[int]) -> bool:
+    """Whether values computed from ``targets`` decide a ``cond`` or ``while`` the flat
+    ``program`` inlined (its predicate, index or trip count)."""
+    deciders = {
+        program.index[a]
+        for region in program.regions
+        if region.primitive in ("cond", "while")
+        for a in region.deciders
+    }
+    if not deciders:
+        return False
+    seen, stack, users = set(targets), list(targets), program.users
+    while stack:
+        i = stack.pop()
+        if i in deciders:
+            return True
+        for e in users[i]:
+            for o in program.eqn_out[e]:
+                if o not in seen:
+                    seen.add(o)
+                    stack.append(o)
+    return False
+
+
 def derive(
     graph: Graph,
     edits: Sequence[Edit],
@@ -247,11 +271,14 @@ def derive(
     # the index stays as it is and the running program is edited where the index keeps
     # loops folded, or where a patch is inside a cond branch or a while trip (a spliced
     # index would lose the region, and with it the decision for other arguments)
+    # (also where a patch reaches what decides an inlined cond or an unrolled while:
+    # the index holds the traced branch and trips only, which the patch may change)
     if (
         graph._program.folded
         or in_bodies
         or graph._edited_apart
         or any(m.site.path_bound for m in moved)
+        or _reaches_a_decision(graph._program, [e.target for e in edits])
     ):
         return Graph(
             graph._program,

@@ -42,7 +42,7 @@ from . import _select
 from ._control_flow import input_reads
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
-from ._made import Made
+from ._made import Made, var_keys
 from ._promotion import alive, held, holds, out_of_range
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
@@ -302,11 +302,21 @@ class Slice(Made):
         dup = [v.name for v in in_vars if in_vars.count(v) > 1]
         if dup:
             raise SliceError(f"{dup[0]!r} is selected twice as an input; select each input once")
+        # the same slice asked again is the same object (see _made.one): jax.jit of it
+        # in a loop compiles once
+        key = ("slice", in_tree, var_keys(in_vars), out_tree, var_keys(out_vars), allow_unconnected)
+        try:
+            known = graph._made.get(key)
+        except TypeError:  # a structure that cannot be hashed
+            known, key = None, None
+        if known is not None:
+            return known
         if graph._edited_apart or any(graph._virtual(v.index) for v in (*in_vars, *out_vars)):
             # a value inside a folded loop, or a graph patched in its running program only
             from ._loop_slice import LoopSlice
 
-            return LoopSlice._cut(graph, in_tree, in_vars, out_tree, out_vars, allow_unconnected)
+            cut = LoopSlice._cut(graph, in_tree, in_vars, out_tree, out_vars, allow_unconnected)
+            return cut if key is None else graph._made.setdefault(key, cut)
         program = graph._program
         ins = [v.index for v in in_vars]
         outs = [v.index for v in out_vars]
@@ -360,7 +370,7 @@ class Slice(Made):
         )
         s.window_vars = tuple(graph.vars[o] for e in window.eqns for o in program.eqn_out[e])
         s._decisions = tuple(d for _, d in decisions)
-        return s
+        return s if key is None else graph._made.setdefault(key, s)
 
     # -- structure ----------------------------------------------------------------------
     @property

@@ -209,6 +209,12 @@ def _trace(
         for why in dict.fromkeys(recorder.unrewritten)
         if why != reason
     ]
+    if jax.config.jax_disable_jit:
+        notes.append(
+            "traced under jax.disable_jit(): JAX runs jit calls and loops op by op then (a "
+            "scan's steps are unrolled, named body#k/h where a scan kept whole names "
+            "body/h@k), so the graph holds none of them; trace outside it to keep them"
+        )
     shadowing = [n for n in in_names if n == "out" or n.startswith(("out[", "out."))]
     if shadowing:  # inputs come first: "out" then selects the argument
         notes.append(

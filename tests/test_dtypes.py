@@ -44,6 +44,25 @@ def test_float64_with_x64():
         np.testing.assert_allclose(np.diag(jac), 1 - np.tanh(np.asarray(a)) ** 2, rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # (JAX's, for the value)
+def test_gradients_of_an_x64_graph_with_x64_switched_off_say_to_switch_it_on():
+    """They raised JAX's TypeError (lax.add of float64 and float32: zeros made without
+    x64 are float32); values and slices of such a graph run in float64 as before."""
+
+    def f(x, w):
+        h = jnp.tanh(w @ x)
+        return jnp.sin(h).sum()
+
+    with jax.enable_x64(True):
+        x, w = jnp.linspace(0, 1, 3, dtype=jnp.float64), jnp.ones((4, 3), jnp.float64) * 0.3
+        g = js.trace(f, x, w)
+        inside = g.grads("out", ["h"])["h"]
+    allclose(inside, jnp.cos(jnp.tanh(w @ x)))
+    with pytest.raises(js.SliceError, match="traced with x64 on.*jax.enable_x64"):
+        g.grads("out", ["h"])
+    assert g.value("h").dtype == jnp.float64
+
+
 def test_complex64():
     def f(z):
         u = z * (1.0 + 2.0j)

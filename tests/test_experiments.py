@@ -426,11 +426,21 @@ def test_jit_of_a_function_asked_again_compiles_once(caplog):
     assert g.grads_fn("out", {"hidden": "h"}) is not g.grads_fn("out", ["h"])  # other keys
     assert g.values_fn(["h"]) is g.values_fn(["h"])
     assert g.attribution_fn("out", "h") is g.attribution_fn("out", "h")
+    # (slices and the whole function too: they were made anew at each call)
+    assert g.as_function() is g.as_function()
+    assert g.slice("h", "out") is g.slice("h", "out")
+    assert g.slice("h", "out") is not g.slice(["h"], "out")  # another structure
     caplog.set_level("WARNING", logger="jax")
+    h = jnp.ones((4, 2))
     with jax.log_compiles():
         for _ in range(3):
             w = w - 0.1
             got = jax.jit(g.grads_fn("out", ["h"]))(w, x)["h"]
             allclose(got, 2 * jnp.tanh(x @ w))
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(loss_grads)")]
-    assert len(compiles) == 1, [r.getMessage()[:60] for r in compiles]
+            allclose(jax.jit(g.as_function())(w, x), loss(w, x))
+            allclose(jax.jit(g.slice("h", "out"))(h), 8.0)
+    for name in ("loss_grads", "loss", "loss_slice"):
+        compiles = [
+            r for r in caplog.records if r.getMessage().startswith(f"Compiling jit({name})")
+        ]
+        assert len(compiles) == 1, [r.getMessage()[:60] for r in compiles]

@@ -267,3 +267,24 @@ def test_a_closed_over_tracer_deciding_a_loop_or_cond_traced_inside_jax_jit():
 
         allclose(step(1.0), fn(v0, 1.0))
         allclose(step(other), fn(v0, other))
+
+
+def test_a_trace_leaks_no_tracer_to_jax_checking_leaks():
+    """js.trace failed under jax.checking_leaks ("Leaked trace DynamicJaxprTrace"): its
+    call cache kept the bound methods of tracers (`h.sum`) it had looked at."""
+
+    @jax.jit
+    def layer(h):
+        return jnp.tanh(h) * 2
+
+    def f(x):
+        h = jnp.sin(x)
+        h = layer(h).reshape(-1)
+        q = jax.lax.cond(h[0] > 0, lambda a: a * 2.0, lambda a: a - 1.0, h)
+        c, _ = jax.lax.scan(lambda c, _: (c * 0.5, None), q, None, length=2)
+        return c.sum() + h.mean()
+
+    x = jnp.arange(3.0)
+    with jax.checking_leaks():
+        g = js.trace(f, x)
+    allclose(g.value("out"), f(x))

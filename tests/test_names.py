@@ -627,3 +627,35 @@ def test_every_listed_name_selects_and_the_bare_name_of_a_rebound_variable_its_b
         g["c[0]"]
     for name in names:
         assert len(g.select(name)) >= 1
+
+
+@jax.jit
+def _jit_tanh_layer(w, h):
+    pre = w * h
+    return jnp.tanh(pre)
+
+
+def test_names_inside_jitted_calls_traced_under_disable_jit():
+    """Under jax.disable_jit() a jit's body runs in the program op by op: its names were
+    dropped (taken for a body traced elsewhere); the notes say what disable_jit changes."""
+
+    def f(w, x):
+        a = _jit_tanh_layer(w, x)
+        b = _jit_tanh_layer(w, a)
+
+        def body(c, _):
+            h = jnp.sin(c)
+            return h, None
+
+        c, _ = jax.lax.scan(body, b, None, length=3)
+        return c
+
+    x = jnp.arange(3.0)
+    with jax.disable_jit():
+        g = js.trace(f, 2.0, x)
+    a = jnp.tanh(2.0 * x)
+    allclose(g.value("_jit_tanh_layer#0/pre"), 2.0 * x)
+    allclose(g.value("_jit_tanh_layer#1/pre"), 2.0 * a)
+    allclose(g.value("body#1/h"), jnp.sin(jnp.sin(jnp.tanh(2.0 * a))))
+    assert any("traced under jax.disable_jit()" in n for n in g.notes), g.notes
+    assert not any("disable_jit" in n for n in js.trace(f, 2.0, x).notes)

@@ -267,6 +267,37 @@ def test_a_patched_graph_follows_other_branches_in_slices_that_take_the_cond_who
     allclose(patched.as_function()(-1.0, 0.7), patched_by_hand(-1.0, 0.7))
 
 
+def test_a_patch_that_changes_a_conds_branch_gives_the_values_of_the_other_branch():
+    """A patch before a cond whose predicate it changes (a graph without loops): the
+    patched graph's values (g.value, a slice's context) came from its index, which holds
+    the branch traced before the patch (the other branch's numbers, silently)."""
+
+    def f(x):
+        hs = jnp.sin(x)
+        q = jax.lax.cond(hs[0] > 0.5, lambda a: a * 2.0, lambda a: a - 1.0, hs)
+        out = (q * hs).sum()
+        return out
+
+    def by_hand(x, patch):
+        hs = patch(jnp.sin(x))
+        q = jnp.where(hs[0] > 0.5, hs * 2.0, hs - 1.0)
+        return hs, q, (q * hs).sum()
+
+    x = jnp.arange(3.0)  # traced: sin(0) = 0, the false branch
+    g = js.trace(f, x)
+    for patched, patch in (
+        (g.replace("hs", lambda h: h + 1.0), lambda h: h + 1.0),  # hs[0] = 1: true branch
+        (g.rewrite(jnp.sin, jnp.cos, jnp.ones(3)), lambda h: jnp.cos(x)),
+    ):
+        hs, q, out = by_hand(x, patch)
+        allclose(patched.value("q"), q)
+        allclose(patched.value("out"), out)
+        allclose(patched.slice("q", "out")(q), out)  # its context: the patched hs
+        allclose(patched.as_function()(x), out)
+    unchanged = g.replace("q", lambda q: q * 3.0)  # after the cond: spliced as before
+    allclose(unchanged.value("out"), (3.0 * (jnp.sin(x) - 1.0) * jnp.sin(x)).sum())
+
+
 def test_a_rewrite_inside_a_jitted_layer_reads_the_layer_arguments():
     """A pattern inside a ``@jax.jit`` layer whose inputs are the layer's arguments:
     those are the call's operands outside it, the same values as its body's inputs."""
