@@ -492,6 +492,15 @@ class LoopIndex:
         found = [j for j, _ in program.locate(site.vars[0]) if program.site(j) == site]
         return self.graph.vars[found[0]] if len(found) == 1 else None
 
+    def names_of(self, v: VirtualVar) -> list[str]:
+        """Every name of ``v``, its canonical one first: a name of its own value, else one
+        of the carry input holding it at the next iteration (``step/i@3`` for the
+        ``i + 1`` iteration 2 returns, as an unrolled index names it), else
+        ``loop<k>%<i>@t``."""
+        own, carried = self.full_names(v), self.carried_in(v)
+        fallback = v.template.name(unnamed_base(v.template.loop, v.template.var), v.iteration)
+        return [*carried, *own] if carried and own[0] == fallback else [*own, *carried]
+
     def carried_in(self, v: VirtualVar) -> list[str]:
         """Names of the carry inputs holding ``v`` (``step/h@5`` for ``step/h_new@4``)."""
         loop = v._loop
@@ -784,7 +793,7 @@ class VirtualVar(Var):
 
     @property
     def name(self) -> str:
-        return self._graph._loop_index.full_names(self)[0]
+        return self._graph._loop_index.names_of(self)[0]
 
     def __repr__(self) -> str:
         # no index: it is given in the order values are asked for, and g[i] takes the
@@ -793,8 +802,7 @@ class VirtualVar(Var):
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        index = self._graph._loop_index
-        return (*index.full_names(self)[1:], *index.carried_in(self))
+        return tuple(self._graph._loop_index.names_of(self)[1:])
 
     @property
     def aval(self) -> Any:

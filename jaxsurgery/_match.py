@@ -200,10 +200,11 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     near: list = []
     states = _find(pattern, graph._program, near)
     found = tuple(_as_match(graph, pattern, state) for state in states)
-    in_bodies = in_folded_bodies(graph, pattern)
+    in_bodies = in_folded_bodies(graph, pattern, near)
     elsewhere = _hidden(pattern, graph._program, top=True)
     label = getattr(pattern_fn, "__name__", repr(pattern_fn))
-    missed = near[0] if near and not in_bodies and not elsewhere else None
+    # (the deepest near miss, of the index or of a folded loop's body)
+    missed = max(near, key=lambda n: n[0]) if near and not in_bodies and not elsewhere else None
     return Found(found, pattern, label, in_bodies, list(dict.fromkeys(elsewhere)), missed)
 
 
@@ -338,9 +339,12 @@ def _at(eqn: C.JaxprEqn) -> str:
     return f" at {os.path.basename(frame[0])}:{frame[1]}" if frame else ""
 
 
-def in_folded_bodies(graph: Graph, pattern: Program) -> list[tuple[int, _State, str]]:
+def in_folded_bodies(
+    graph: Graph, pattern: Program, near: list | None = None
+) -> list[tuple[int, _State, str]]:
     """The occurrences inside the bodies of loops the index keeps folded: ``(loop,
-    state, name)``, the name (``step/h@*``) of the value the first output is."""
+    state, name)``, the name (``step/h@*``) of the value the first output is; ``near``
+    gets each body's near miss where it has none (see ``_find``)."""
     from ._loop_index import unnamed_base
 
     folded = graph._program.folded
@@ -352,7 +356,7 @@ def in_folded_bodies(graph: Graph, pattern: Program) -> list[tuple[int, _State, 
             named.setdefault((ts[0].loop, ts[0].var), base)
     places = []
     for k, loop in enumerate(folded):
-        for state in _find(pattern, loop.template):
+        for state in _find(pattern, loop.template, near):
             ti = _output(pattern, loop.template, state)
             places.append((k, state, named.get((k, ti), unnamed_base(k, ti)) + "@*"))
     return places

@@ -962,3 +962,23 @@ def test_a_layer_in_a_while_loop_kept_whole_in_a_scans_body_is_not_named_by_a_la
     for _ in range(2):
         q = jnp.tanh(jnp.cos(q + 1.0) * 2)
     allclose(g.value("step/_jitted_layer/pre@0"), jnp.cos(q * 0.5) * 2)
+
+
+def test_an_unnamed_carry_is_named_by_the_parameter_that_takes_it_next():
+    """The value trip t returns unnamed (fori_loop's i + 1, a `return jnp.tanh(...)`)
+    is the body's parameter at trip t + 1: its canonical name is that parameter's
+    (`step/i@3`), as an unrolled index names it, not `loop0%2@2`."""
+
+    def f(x):
+        def step(i, x):
+            t = 9 - i
+            return x * 0.5 + t
+
+        return jax.lax.fori_loop(0, 10, step, x)
+
+    g = js.trace(f, jnp.ones(3))
+    v = g["step/i@3"]
+    assert v.name == "step/i@3" and any(a.startswith("loop0%") for a in v.aliases), v.aliases
+    assert g[v.aliases[0]] is v
+    allclose(g.value("step/t@3"), 6.0)
+    assert "step/i@3" in g.select("step/*@3").names

@@ -790,6 +790,19 @@ def test_a_pattern_traced_with_other_shapes_says_so_when_it_matches_nothing():
     with pytest.warns(UserWarning, match=r"y=2 where the pattern has y=3\), .*as traced$"):
         assert squared.match(lambda a: jnp.sin(a**3), jnp.ones(3)) == ()  # no shape advice
 
+    # in a scan's body (kept whole in the index) too: it said nothing there
+    def scanned(xs):
+        def body(c, x):
+            return c + f(x), None
+
+        return jax.lax.scan(body, 0.0, xs)[0]
+
+    looped = js.trace(scanned, jnp.ones((3, 2, 6, 8)))
+    with pytest.warns(UserWarning, match=hint):
+        assert looped.match(softmax, jnp.ones((2, 3))) == ()
+    with pytest.warns(UserWarning, match="occurs in the body of a loop"):
+        looped.match(softmax, jnp.ones((2, 6, 8)))  # (found there, listed by name)
+
 
 def test_nan_constants_match():
     def masked(a):
