@@ -329,14 +329,25 @@ class Recorder:
         """A call's name: its call-site label, or a submodule path, or its own name."""
         if label is not None and not label.isidentifier():
             return label  # an attribute or subscript: already a path
-        found = self.place(fn) or label or _callable_name(fn)
+        found = self.place(fn, label) or label or _callable_name(fn)
         return "" if found == "<lambda>" else found  # an anonymous frame: see qualified
 
-    def place(self, fn: Any) -> str | None:
-        """``fn``'s path in the module whose call is running (``layers[2]``), if any."""
+    def place(self, fn: Any, label: str | None = None) -> str | None:
+        """``fn``'s path in the module whose call is running (``layers[2]``), if any;
+        ``label``: the name it is called by (``self.attn(x)``: an attribute of that
+        module is its path, found without walking the module's submodules)."""
         if not self._stack:
             return None
         parent = self.callees[self._stack[-1]]
+        owner = getattr(parent, "__self__", parent)  # a bound method: its module
+        attributes = getattr(owner, "__dict__", None)
+        if isinstance(attributes, dict) and parent is not None:
+            if label is not None and attributes.get(label) is fn:
+                return label
+            if label is None:  # (a library module calling one of its own: self.query)
+                found = next((k for k, v in attributes.items() if v is fn), None)
+                if found is not None and found.isidentifier():
+                    return found
         if id(parent) not in self._paths:
             self._paths[id(parent)] = submodule_paths(parent)
         return (self._paths[id(parent)] or {}).get(id(fn))
@@ -1110,7 +1121,7 @@ def call_in_frame(label: str, fn: Any) -> Any:
     (an item of a library container, ``nnx.relu``, is named by its place too)."""
     recorder = _current()
     if recorder is not None:
-        label = recorder.place(fn) or label  # its path in the running module, if known
+        label = recorder.place(fn, label) or label  # its path in the running module
     return _call(label, fn, always=True)
 
 

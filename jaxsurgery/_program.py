@@ -336,6 +336,31 @@ class Program:
             [self.jaxpr.eqns[e] for e in eqns],
         )
 
+    def _window_key(self, eqns: Sequence[int], ins: Sequence[int], outs: Sequence[int]) -> Any:
+        """What ``sub_jaxpr(eqns, ins, outs)`` computes, up to the names of its vars: two
+        windows of one key are one function (the layers of a model); None where a
+        parameter or literal does not hash."""
+        place = {v: ("in", k) for k, v in enumerate(ins)}
+        parts: list[Any] = []
+        Literal = C.Literal
+        for k, e in enumerate(eqns):
+            eqn = self.jaxpr.eqns[e]
+            operands = tuple(
+                ("literal", a.val.item() if hasattr(a.val, "item") else a.val, a.aval)
+                if type(a) is Literal
+                else place[self.index[a]]
+                for a in eqn.invars
+            )
+            parts.append((_signature(eqn), operands))
+            for j, i in enumerate(self.eqn_out[e]):
+                place[i] = (k, j)
+        key = (tuple(parts), tuple(place[i] for i in outs))
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
     @gc_paused  # it allocates per equation run: collections would rescan the whole graph
     def evaluate(
         self, targets: Sequence[int], flat_args: Sequence[Any], known: dict[int, Any]
@@ -363,15 +388,35 @@ class Program:
         )
         given_values = [row_value(known[i]) for i in given]
         eqns = [self.jaxpr.eqns[e] for e in needed]
-        if len(eqns) <= COMPILE_WHOLE and _mostly_new(eqns):
+        if len(eqns) <= COMPILE_WHOLE:
             # a short prefix of ops not run before (a real model's first value): one
-            # compiled function costs less than compiling its ops one by one
-            consts = range(self.num_inputs, top)
-            jaxpr = self.sub_jaxpr(needed, [*range(self.num_inputs), *given], outs, consts)
-            run = jax.jit(functools.partial(C.eval_jaxpr, jaxpr))
-            args = (self.consts, *flat_args, *given_values)
-            with C.staged_where_retraced(args, eqns):
-                return dict(zip(outs, run(*args)))
+            # compiled function costs less than compiling its ops one by one; and a
+            # window like one compiled before (the next layer's) runs that function
+            # (its inputs in the order of first use: layer k's window reads h@k-1 and
+            # w_k as layer k+1's reads h@k and w_k+1)
+            reads = [i for e in needed for i in self.eqn_in[e] if i < top or i not in made]
+            ins = list(dict.fromkeys([*reads, *(i for i in outs if i not in made)]))
+            key = self._window_key(needed, ins, outs)
+            run = _WINDOWS.get(key) if key is not None else None
+            if run is not None or _mostly_new(eqns):
+                if run is None:
+                    jaxpr = self.sub_jaxpr(needed, ins, outs)
+                    run = jax.jit(functools.partial(C.eval_jaxpr, jaxpr, ()))
+                    if key is not None:
+                        if len(_WINDOWS) >= 64:
+                            _WINDOWS.clear()
+                        _WINDOWS[key] = run
+                values = {i: x for i, x in zip(given, given_values)}
+                args = [
+                    values[i]
+                    if i >= top
+                    else flat_args[i]
+                    if i < self.num_inputs
+                    else self.consts[i - self.num_inputs]
+                    for i in ins
+                ]
+                with C.staged_where_retraced(args, eqns):
+                    return dict(zip(outs, run(*args)))
         env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
         env.update(zip((vars_[i] for i in given), given_values))
         ops = self._ops
@@ -385,6 +430,8 @@ class Program:
 #: the longest prefix ``Program.evaluate`` may compile whole (XLA's compile time grows
 #: faster than the program: a 1000-equation chain compiles in 0.6 s, 10 000 in 100 s)
 COMPILE_WHOLE = 2000
+#: functions of short windows compiled whole, by what they compute (``_window_key``)
+_WINDOWS: dict[Any, Any] = {}
 #: ops run op by op so far in short runs, by primitive, parameters and operand types
 _RAN: set[Any] = set()
 
@@ -402,9 +449,11 @@ def _signature(eqn: C.JaxprEqn) -> Any:
 def _mostly_new(eqns: Sequence[C.JaxprEqn]) -> bool:
     """Whether running ``eqns`` op by op would compile many ops: at about 10 ms an op
     against about 1 ms an equation compiled whole (and 0.1 s at least), more than one
-    in ten of them and more than 16."""
+    in ten of them and more than 16. An op seen in a short run (:data:`_RAN`), or whose
+    compiled function a long run made (in :data:`_OPS`, by primitive and parameters: a
+    later layer's, of the same types), is not new."""
     keys = {_signature(eqn) for eqn in eqns}
-    new = sum(1 for k in keys if k is None or k not in _RAN)
+    new = sum(1 for k in keys if k is None or (k not in _RAN and k[:2] not in _OPS))
     return new > 16 and 10 * new > len(eqns)
 
 
@@ -465,7 +514,7 @@ def _run(
     and writing ``env``. A value is dropped after its last read (``frees``), as an
     eager run drops it: holding 100k live arrays slows every later op."""
     Literal = C.Literal
-    if len(eqns) <= COMPILE_WHOLE:  # what _mostly_new asks (not worth it on long runs)
+    if len(eqns) <= COMPILE_WHOLE:  # (a long run's ops are in _OPS: see _mostly_new)
         if len(_RAN) > 65536:
             _RAN.clear()
         _RAN.update(_signature(eqn) for eqn in eqns)

@@ -48,7 +48,8 @@ def test_first_values_compiled_whole_or_op_by_op(whole, monkeypatch):
     later values start from the checkpoints of the first."""
     from jaxsurgery import _program
 
-    monkeypatch.setattr(_program, "_RAN", set())
+    for cache in ("_RAN", "_OPS", "_WINDOWS"):  # (no op or window run before)
+        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
     if not whole:
         monkeypatch.setattr(_program, "COMPILE_WHOLE", 0)
     ran, real_run = [], _program._run
@@ -68,6 +69,54 @@ def test_first_values_compiled_whole_or_op_by_op(whole, monkeypatch):
     assert bool(ran) is not whole
     np.testing.assert_allclose(g.value("c"), c, rtol=1e-5)
     np.testing.assert_allclose(g.value("b"), b, rtol=1e-5)
+
+
+def _layer_of_many_ops(h, w):
+    a = jnp.tanh(h @ w)
+    b, c = jnp.sin(a), jnp.cos(a)
+    d = jnp.exp(-c * c)
+    e = jnp.sqrt(jnp.log1p(d) + 1.0)
+    f = jnp.minimum(jnp.maximum(jnp.abs(e - a), b), c)
+    o = f / (jnp.sum(f, -1, keepdims=True) + 1.0)
+    r = jax.nn.sigmoid(o - jnp.mean(o, -1, keepdims=True)) ** 2
+    return jnp.arctan(jnp.tan(0.1 * (r - jnp.max(r, -1, keepdims=True)))) + h
+
+
+def _walked(ws, x):
+    h = x
+    for w in ws:
+        h = _layer_of_many_ops(h, w)
+    return h
+
+
+def test_values_asked_layer_by_layer_compile_one_layer_once(monkeypatch, caplog):
+    """Each next layer's value compiled its window whole again (0.3 s a layer), and the
+    layer after a long first value too (its ops all compiled): a window like one compiled
+    before runs that function, and ops a long run compiled count as run."""
+    from jaxsurgery import _program
+
+    for cache in ("_RAN", "_OPS", "_WINDOWS"):
+        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
+    ws = [jax.random.normal(jax.random.key(k), (8, 8)) / 3 for k in range(6)]
+    x = jnp.ones((2, 8))
+    g = js.trace(_walked, ws, x)
+    h = x
+    caplog.set_level("WARNING", logger="jax")
+    for k, w in enumerate(ws):
+        h = _layer_of_many_ops(h, w)
+        caplog.clear()
+        with jax.log_compiles():
+            np.testing.assert_allclose(g.value(f"_layer_of_many_ops#{k}"), h, rtol=1e-5)
+        compiled = [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+        assert len(compiled) == (1 if k == 0 else 0), (k, [r.getMessage()[:50] for r in compiled])
+    # the layer after a long first value (run op by op): its ops are compiled
+    monkeypatch.setattr(_program, "COMPILE_WHOLE", 40)
+    g = js.trace(_walked, ws, x)
+    g.value("_layer_of_many_ops#4")  # (its prefix is longer: op by op)
+    caplog.clear()
+    with jax.log_compiles():
+        np.testing.assert_allclose(g.value("_layer_of_many_ops#5"), h, rtol=1e-5)
+    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
 
 
 def test_values_are_concrete_inside_jit():
