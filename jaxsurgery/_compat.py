@@ -351,6 +351,33 @@ def jaxpr_as_fun(closed: ClosedJaxpr) -> Any:
     return jex_core.jaxpr_as_fun(closed)
 
 
+def context_key(eqn: JaxprEqn) -> tuple:
+    """What of the context an equation was traced in changes what it computes (the
+    PRNG's ``threefry_partitionable``, a compute type, XLA metadata), as a key."""
+    ctx = getattr(eqn, "ctx", None)
+    if ctx is None:
+        return ()
+    metadata = getattr(ctx, "xla_metadata", None)
+    return (
+        getattr(ctx, "threefry_partitionable", None),
+        getattr(ctx, "compute_type", None),
+        None if metadata is None else repr(metadata),
+    )
+
+
+def traced_context(eqn: JaxprEqn, partitionable: bool) -> Any:
+    """The context ``eqn`` was traced in, to run it in, where it differs from the running
+    one (whose ``jax_threefry_partitionable`` is ``partitionable``); else None."""
+    ctx = getattr(eqn, "ctx", None)
+    if ctx is None or (
+        getattr(ctx, "threefry_partitionable", partitionable) == partitionable
+        and getattr(ctx, "compute_type", None) is None
+        and getattr(ctx, "xla_metadata", None) is None
+    ):
+        return None
+    return ctx.manager
+
+
 def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
     """Evaluate a jaxpr; traceable (works on tracers of any transformation)."""
     return jax.core.eval_jaxpr(jaxpr, consts, *args)

@@ -1642,10 +1642,11 @@ def _own_attr(obj: Any, name: str) -> Any:
     """``getattr(obj, name, None)``, but None where only a ``__getattr__`` of its class
     gives it: a proxy forwarding attributes to a bound method it wraps (an EMA or
     logging wrapper around ``model.apply``) is no bound method, its own ``__call__`` runs."""
-    try:
-        inspect.getattr_static(obj, name)
-    except AttributeError:
-        return None
+    if hasattr(type(obj), "__getattr__"):  # (else getattr finds only its own: fast)
+        try:
+            inspect.getattr_static(obj, name)
+        except AttributeError:
+            return None
     return getattr(obj, name, None)
 
 

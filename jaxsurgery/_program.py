@@ -346,10 +346,7 @@ class Program:
         for k, e in enumerate(eqns):
             eqn = self.jaxpr.eqns[e]
             operands = tuple(
-                ("literal", a.val.item() if hasattr(a.val, "item") else a.val, a.aval)
-                if type(a) is Literal
-                else place[self.index[a]]
-                for a in eqn.invars
+                _literal_key(a) if type(a) is Literal else place[self.index[a]] for a in eqn.invars
             )
             parts.append((_signature(eqn), operands))
             for j, i in enumerate(self.eqn_out[e]):
@@ -437,13 +434,27 @@ _RAN: set[Any] = set()
 
 
 def _signature(eqn: C.JaxprEqn) -> Any:
-    """What one compiled op of ``eqn`` is kept by (None: parameters that do not hash)."""
-    key = (eqn.primitive, tuple(eqn.params.items()), tuple(a.aval for a in eqn.invars))
+    """What one compiled op of ``eqn`` is kept by (None: parameters that do not hash):
+    its primitive, parameters and context (see :func:`_op`), and its operands' types."""
+    key = (*_op_key(eqn), tuple(a.aval for a in eqn.invars))
     try:
         hash(key)
     except TypeError:
         return None
     return key
+
+
+def _op_key(eqn: C.JaxprEqn) -> tuple:
+    """What :func:`_op` keeps a compiled op by (the context a ``random_bits`` was traced
+    in decides its bits: ``jax.threefry_partitionable``)."""
+    return eqn.primitive, tuple(eqn.params.items()), C.context_key(eqn)
+
+
+def _literal_key(a: Any) -> tuple:
+    """A literal, as a key: its dtype, shape and bytes (``-0.0`` is not ``0.0``, as
+    Python's ``==`` has it; an array literal has no Python value)."""
+    value = np.asarray(a.val)
+    return ("literal", str(value.dtype), value.shape, value.tobytes(), a.aval)
 
 
 def _mostly_new(eqns: Sequence[C.JaxprEqn]) -> bool:
@@ -453,7 +464,7 @@ def _mostly_new(eqns: Sequence[C.JaxprEqn]) -> bool:
     compiled function a long run made (in :data:`_OPS`, by primitive and parameters: a
     later layer's, of the same types), is not new."""
     keys = {_signature(eqn) for eqn in eqns}
-    new = sum(1 for k in keys if k is None or (k not in _RAN and k[:2] not in _OPS))
+    new = sum(1 for k in keys if k is None or (k not in _RAN and k[:3] not in _OPS))
     return new > 16 and 10 * new > len(eqns)
 
 
@@ -467,7 +478,7 @@ def _op(eqn: C.JaxprEqn) -> Any:
     if eqn.effects:
         return None
     try:
-        key = (eqn.primitive, tuple(eqn.params.items()))
+        key = _op_key(eqn)
         op = _OPS.get(key)
     except TypeError:  # parameters that do not hash: JAX's own dispatch
         return None
@@ -518,9 +529,15 @@ def _run(
         if len(_RAN) > 65536:
             _RAN.clear()
         _RAN.update(_signature(eqn) for eqn in eqns)
+    partitionable = jax.config.jax_threefry_partitionable
     for eqn, op, dead in zip(eqns, ops, frees):
         ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
-        out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
+        context = C.traced_context(eqn, partitionable)  # (as traced: a PRNG's bits)
+        if context is None:
+            out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
+        else:
+            with context:
+                out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
         if eqn.primitive.multiple_results:
             env.update(zip(eqn.outvars, out))
         else:

@@ -119,6 +119,49 @@ def test_values_asked_layer_by_layer_compile_one_layer_once(monkeypatch, caplog)
     assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
 
 
+def _over(c):
+    def f(x):
+        h = jnp.sin(x) * c
+        out = 1.0 / h
+        return out
+
+    return f
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["compiled whole", "op by op"])
+def test_values_compute_with_the_literals_and_the_context_traced(whole, monkeypatch):
+    """The compiled windows were kept by literals as Python compares them (-0.0 == 0.0:
+    one graph's -inf read +inf from another's window) and took none of an array literal
+    (a ValueError); and ops ran in the running context, not the traced one (a PRNG traced
+    under threefry_partitionable(False) gave other bits)."""
+    from jaxsurgery import _program
+
+    for cache in ("_RAN", "_OPS", "_WINDOWS"):
+        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
+    monkeypatch.setattr(_program, "_mostly_new", lambda eqns: whole)
+    x = jnp.ones(3)
+    for c in (0.0, -0.0):
+        np.testing.assert_array_equal(js.trace(_over(c), x).value("out"), _over(c)(x))
+    table = np.arange(3.0, dtype=np.float32) + 1
+    jax.config.update("jax_use_simplified_jaxpr_constants", True)
+    try:
+        np.testing.assert_allclose(js.trace(_over(table), x).value("out"), _over(table)(x))
+    finally:
+        jax.config.update("jax_use_simplified_jaxpr_constants", False)
+
+    def noise(key):
+        u = jax.random.uniform(key, (5,))
+        out = u * 2
+        return out
+
+    key = jax.random.key(0)
+    with jax.threefry_partitionable(False):
+        g = js.trace(noise, key)
+        traced = noise(key)
+    assert not np.allclose(traced, noise(key))  # (the two contexts differ here)
+    np.testing.assert_array_equal(g.value("out"), traced)
+
+
 def test_values_are_concrete_inside_jit():
     g = js.trace(mlp_12782, *mlp_12782_args())
 
