@@ -348,7 +348,10 @@ class Program:
             operands = tuple(
                 _literal_key(a) if type(a) is Literal else place[self.index[a]] for a in eqn.invars
             )
-            parts.append((_signature(eqn), operands))
+            signature = _signature(eqn)
+            if signature is None:  # (parameters that do not hash)
+                return None
+            parts.append((signature, operands))
             for j, i in enumerate(self.eqn_out[e]):
                 place[i] = (k, j)
         key = (tuple(parts), tuple(place[i] for i in outs))
