@@ -345,9 +345,13 @@ class Program:
         Literal = C.Literal
         for k, e in enumerate(eqns):
             eqn = self.jaxpr.eqns[e]
-            operands = tuple(
-                _literal_key(a) if type(a) is Literal else place[self.index[a]] for a in eqn.invars
-            )
+            try:
+                operands = tuple(
+                    _literal_key(a) if type(a) is Literal else place[self.index[a]]
+                    for a in eqn.invars
+                )
+            except (TypeError, ValueError):  # a literal NumPy cannot hold (a key's)
+                return None
             signature = _signature(eqn)
             if signature is None:  # (parameters that do not hash)
                 return None
