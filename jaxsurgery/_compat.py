@@ -96,6 +96,11 @@ def _jaxpr_tracer(x: Any) -> Any:
             return None
 
 
+def outside_transforms() -> bool:
+    """Whether no transform is tracing now (JAX evaluates eagerly)."""
+    return isinstance(_core.trace_ctx.trace, _core.EvalTrace)
+
+
 def current_trace() -> Any:
     """The trace running now (the jaxpr being built, or a transform's trace)."""
     return _core.trace_ctx.trace

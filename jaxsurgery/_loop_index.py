@@ -337,6 +337,11 @@ class LoopIndex:
             for n, ts in self.names.items()
             if len({(t.var, t.inner) for t in ts}) == 1 and not is_generated(n)
         ][:3]
+        symbolic = any(
+            f.is_scan and not isinstance(f.eqn.params["length"], int) for f in program.folded
+        )
+        if symbolic:
+            shown = []  # (no iteration has a name)
         named = (
             f"; name one iteration, e.g. {self.names[shown[0]][0].name(shown[0], 0)!r}, or all with "
             f"{shown[0] + '@*'!r} (names: {', '.join(shown)}{', ...' if len(self.names) > 3 else ''})"
@@ -347,13 +352,22 @@ class LoopIndex:
             f"{', '.join(kinds)}{', ...' if len(program.folded) > 3 else ''} "
             f"stay{'s' if len(program.folded) == 1 else ''} one equation in the index: "
             f"body values are not listed in g.vars but answer to name@iteration{named}"
+            + ("; a symbolic length's iterations have no names" if symbolic else "")
         )
 
     def length(self, loop: Folded, need: bool = False) -> int | None:
         """Iterations of a folded loop: a scan's length; a while_loop's traced trip
         count, found when first needed (None if unknown: abstract arguments)."""
         if loop.is_scan:
-            return int(loop.eqn.params["length"])
+            length = loop.eqn.params["length"]
+            if not isinstance(length, int):  # jax.export's symbolic "t"
+                raise SelectionError(
+                    f"a scan of the graph has the symbolic length {length} (traced with "
+                    "jax.export.symbolic_shape): its iterations are not known until it "
+                    "runs, so they have no names; select what the scan returns (its "
+                    "stacked results), or trace with a concrete length"
+                )
+            return length
         # kept per graph: a patched graph shares the loop, not its trips (g.replace("n", 5))
         if self._trips.get(id(loop)) is None and need:
             self._trips[id(loop)] = self._count_trips(loop)

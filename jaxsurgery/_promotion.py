@@ -149,6 +149,20 @@ def alive(args: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
         for x, v in zip(args, inputs)
         if (x.is_deleted() if type(x) is array else _deleted(x))
     ]
+    ended = [
+        v.name
+        for x, v in zip(args, inputs)
+        if type(x) is not array and isinstance(x, jax.core.Tracer)
+    ]
+    if ended and C.outside_transforms():
+        raise SliceError(
+            f"the argument{'s' if len(ended) > 1 else ''} "
+            f"{short_list([repr(n) for n in ended])} this computes from "
+            f"{'are tracers' if len(ended) > 1 else 'is a tracer'} of a transform that has "
+            "ended (js.trace ran inside jax.jit, jax.vmap or jax.eval_shape, and the graph "
+            "is used after it): its values are gone; pass arguments: "
+            "g.as_function()(...), g.grads_fn(...)(...), g.values_fn(...)(...), s.bind(...)"
+        )
     if gone:
         raise SliceError(
             f"the argument{'s' if len(gone) > 1 else ''} {short_list([repr(n) for n in gone])} "

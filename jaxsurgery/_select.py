@@ -821,6 +821,12 @@ def _no_match(
     listed = "g.names() lists all"
     if graph._program.folded:
         listed += "; g.notes says how to name values inside loops"
+    if "cond" in graph._program.primitives:
+        listed += (
+            "; the graph keeps a cond as one equation (nothing decided its branch while "
+            "tracing: abstract arguments, a transform's tracers, or a predicate a loop kept "
+            "whole computes): the values inside its branches have no names"
+        )
     if graph._program.sharded:
         listed += (
             "; the graph keeps each shard_map as one equation: the values inside its body "

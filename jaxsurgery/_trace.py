@@ -354,6 +354,18 @@ def same_avals(
             given = type(new).__name__ if dtype is None else f"{dtype}{list(shape)}"
             outside = out_of_range(traced_dtype, new)
             given += f" ({outside})" if outside else ""
+            if not all(isinstance(d, int) for d in np.shape(old)):  # jax.export's "b"
+                why = (
+                    "its symbolic dimensions are another scope's (each "
+                    "jax.export.symbolic_shape call makes new ones): pass the "
+                    "ShapeDtypeStructs the graph was traced with, or make both in one scope"
+                    if given == was  # (printed alike)
+                    else "a graph traced with symbolic dimensions runs where they are "
+                    "symbolic: under jax.export.export with the ShapeDtypeStructs traced"
+                )
+                raise SliceError(
+                    f"argument `{name}` is {given}, and the graph was traced with {was}: {why}"
+                )
             raise SliceError(
                 f"argument `{name}` is {given}, but the graph was traced with {was}: a graph "
                 "runs the program it traced, for arguments of the traced shapes and dtypes. "

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import check_slice
+from conftest import allclose, check_slice
 
 import jaxsurgery as js
 
@@ -444,3 +444,79 @@ def test_a_slice_keeping_an_io_callback_says_it_has_no_derivative(log):
     ):
         with pytest.raises(js.SliceError, match="reaches an io_callback that reads a value"):
             ask()
+
+
+def test_symbolic_shapes_say_what_runs_and_what_has_no_name():
+    """jax.export's symbolic dimensions: a scan of symbolic length raised JAX's
+    InconclusiveDimensionOperation when an iteration was selected; a symbolic shape of
+    another scope read "is float32[b, 16], but traced with float32[b, 16]"."""
+    from jax import export
+
+    def rnn(xs, h0):
+        def step(h, x):
+            hn = jnp.tanh(h + x)
+            return hn, hn
+
+        h_last, _ = jax.lax.scan(step, h0, xs)
+        return h_last
+
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("t, 3"), jnp.float32)
+    g = js.trace(rnn, spec, jax.ShapeDtypeStruct((3,), jnp.float32))
+    for selector in ("step/hn@2", "step/hn@*"):
+        with pytest.raises(js.SelectionError, match="symbolic length t"):
+            g.select(selector)
+    assert "symbolic length's iterations have no names" in g.notes[0]
+
+    def f(x, w):
+        h = jnp.tanh(x @ w)
+        return h.sum(0)
+
+    w = jax.ShapeDtypeStruct((16, 4), jnp.float32)
+    xs = jax.ShapeDtypeStruct(export.symbolic_shape("b, 16"), jnp.float32)
+    whole = js.trace(f, xs, w).as_function()
+    again = jax.ShapeDtypeStruct(export.symbolic_shape("b, 16"), jnp.float32)
+    with pytest.raises(js.SliceError, match="another scope's"):
+        export.export(jax.jit(whole))(again, w)
+    with pytest.raises(js.SliceError, match="runs where they are symbolic"):
+        whole(jnp.ones((3, 16)), jnp.ones((16, 4)))
+    exported = export.export(jax.jit(whole))(xs, w)
+    x, wv = jnp.arange(48.0).reshape(3, 16) / 48, jnp.ones((16, 4)) / 4
+    allclose(exported.call(x, wv), f(x, wv))
+
+
+def test_a_graph_used_after_the_transform_it_was_traced_in_says_so():
+    """Traced inside jax.jit and used after it: g.value and g.grads raised JAX's
+    UnexpectedTracerError; the functions taking arguments still run."""
+    saved = {}
+
+    def f(x, w):
+        h = jnp.tanh(x @ w)
+        out = jnp.sin(h @ w)
+        return out
+
+    @jax.jit
+    def step(x, w):
+        saved["g"] = js.trace(f, x, w)
+        return saved["g"].grads_fn("out", ["h"])(x, w)["h"]
+
+    x, w = jnp.ones((2, 4)), jnp.eye(4) / 2
+    step(x, w)
+    g = saved["g"]
+    for use in (lambda: g.value("h"), lambda: g.grads("out", ["h"])):
+        with pytest.raises(js.SliceError, match="tracers of a transform that has ended"):
+            use()
+    allclose(g.as_function()(x, w), f(x, w))
+
+
+def test_a_name_inside_a_cond_kept_whole_says_why_it_has_no_value():
+    def f(x, p):
+        def big(y):
+            h = jnp.sin(y)
+            return h * 2
+
+        c = jax.lax.cond(p > 0, big, jnp.cos, x)
+        return (c**2).sum()
+
+    g = js.trace(f, jax.ShapeDtypeStruct((3,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+    with pytest.raises(js.SelectionError, match="keeps a cond as one equation"):
+        g.slice("big/h", "out")
