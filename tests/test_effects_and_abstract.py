@@ -457,8 +457,7 @@ def test_symbolic_shapes_say_what_runs_and_what_has_no_name():
             hn = jnp.tanh(h + x)
             return hn, hn
 
-        h_last, _ = jax.lax.scan(step, h0, xs)
-        return h_last
+        return jax.lax.scan(step, h0, xs)[0]
 
     spec = jax.ShapeDtypeStruct(export.symbolic_shape("t, 3"), jnp.float32)
     g = js.trace(rnn, spec, jax.ShapeDtypeStruct((3,), jnp.float32))
