@@ -336,10 +336,13 @@ class Program:
             [self.jaxpr.eqns[e] for e in eqns],
         )
 
-    def _window_key(self, eqns: Sequence[int], ins: Sequence[int], outs: Sequence[int]) -> Any:
-        """What ``sub_jaxpr(eqns, ins, outs)`` computes, up to the names of its vars: two
-        windows of one key are one function (the layers of a model); None where a
-        parameter or literal does not hash."""
+    def _window_key(
+        self, eqns: Sequence[int], ins: Sequence[int], outs: Sequence[int], signatures: list
+    ) -> Any:
+        """What ``sub_jaxpr(eqns, ins, outs)`` computes, up to the names of its vars
+        (``signatures``: each equation's :func:`_signature`): two windows of one key are
+        one function (the layers of a model); None where a parameter or literal does not
+        hash."""
         place = {v: ("in", k) for k, v in enumerate(ins)}
         parts: list[Any] = []
         Literal = C.Literal
@@ -352,10 +355,9 @@ class Program:
                 )
             except (TypeError, ValueError):  # a literal NumPy cannot hold (a key's)
                 return None
-            signature = _signature(eqn)
-            if signature is None:  # (parameters that do not hash)
+            if signatures[k] is None:  # (parameters that do not hash)
                 return None
-            parts.append((signature, operands))
+            parts.append((signatures[k], operands))
             for j, i in enumerate(self.eqn_out[e]):
                 place[i] = (k, j)
         key = (tuple(parts), tuple(place[i] for i in outs))
@@ -400,9 +402,10 @@ class Program:
             # w_k as layer k+1's reads h@k and w_k+1)
             reads = [i for e in needed for i in self.eqn_in[e] if i < top or i not in made]
             ins = list(dict.fromkeys([*reads, *(i for i in outs if i not in made)]))
-            key = self._window_key(needed, ins, outs)
+            signatures = [_signature(eqn) for eqn in eqns]
+            key = self._window_key(needed, ins, outs, signatures)
             run = _WINDOWS.get(key) if key is not None else None
-            if run is not None or _mostly_new(eqns):
+            if run is not None or _mostly_new(signatures):
                 if run is None:
                     jaxpr = self.sub_jaxpr(needed, ins, outs)
                     run = jax.jit(functools.partial(C.eval_jaxpr, jaxpr, ()))
@@ -421,6 +424,9 @@ class Program:
                 ]
                 with C.staged_where_retraced(args, eqns):
                     return dict(zip(outs, run(*args)))
+            if len(_RAN) > 65536:  # (run op by op below; a long run's ops are in _OPS)
+                _RAN.clear()
+            _RAN.update(signatures)
         env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
         env.update(zip((vars_[i] for i in given), given_values))
         ops = self._ops
@@ -464,15 +470,15 @@ def _literal_key(a: Any) -> tuple:
     return ("literal", str(value.dtype), value.shape, value.tobytes(), a.aval)
 
 
-def _mostly_new(eqns: Sequence[C.JaxprEqn]) -> bool:
-    """Whether running ``eqns`` op by op would compile many ops: at about 10 ms an op
-    against about 1 ms an equation compiled whole (and 0.1 s at least), more than one
-    in ten of them and more than 16. An op seen in a short run (:data:`_RAN`), or whose
-    compiled function a long run made (in :data:`_OPS`, by primitive and parameters: a
-    later layer's, of the same types), is not new."""
-    keys = {_signature(eqn) for eqn in eqns}
-    new = sum(1 for k in keys if k is None or (k not in _RAN and k[:3] not in _OPS))
-    return new > 16 and 10 * new > len(eqns)
+def _mostly_new(signatures: Sequence[Any]) -> bool:
+    """Whether running equations of these :func:`_signature` s op by op would compile
+    many ops: at about 10 ms an op against about 1 ms an equation compiled whole (and
+    0.1 s at least), more than one in ten of them and more than 16. An op seen in a
+    short run (:data:`_RAN`), or whose compiled function a long run made (in
+    :data:`_OPS`, by primitive, parameters and context: a later layer's, of the same
+    types), is not new."""
+    new = sum(1 for k in set(signatures) if k is None or (k not in _RAN and k[:3] not in _OPS))
+    return new > 16 and 10 * new > len(signatures)
 
 
 _OPS: dict[Any, Any] = {}
@@ -532,10 +538,6 @@ def _run(
     and writing ``env``. A value is dropped after its last read (``frees``), as an
     eager run drops it: holding 100k live arrays slows every later op."""
     Literal = C.Literal
-    if len(eqns) <= COMPILE_WHOLE:  # (a long run's ops are in _OPS: see _mostly_new)
-        if len(_RAN) > 65536:
-            _RAN.clear()
-        _RAN.update(_signature(eqn) for eqn in eqns)
     partitionable = jax.config.jax_threefry_partitionable
     for eqn, op, dead in zip(eqns, ops, frees):
         ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
