@@ -101,8 +101,8 @@ class Program:
         return [(k, i, its) for k, f in enumerate(self.folded) for i, its in f.template.locate(var)]
 
     def _shard_map_bodies(self, jaxpr: C.Jaxpr) -> None:
-        """Note the vars and the ``js.tag`` s of the ``shard_map`` bodies among the flat
-        program's equations, which the index does not enter (:attr:`sharded`)."""
+        """Note the ``js.tag`` s of the ``shard_map`` bodies among the flat program's
+        equations, which the index does not enter (:attr:`sharded_tags`)."""
         stack = [
             inner
             for e in jaxpr.eqns
@@ -111,10 +111,7 @@ class Program:
         ]
         tags: dict[str, None] = {}
         while stack:
-            body = stack.pop()
-            self.sharded.update(body.invars)
-            for eqn in body.eqns:
-                self.sharded.update(eqn.outvars)
+            for eqn in stack.pop().eqns:
                 if eqn.primitive.name == C.TAG_PRIMITIVE and not C.tag_name(eqn).startswith(
                     MARK_PREFIX
                 ):
@@ -172,9 +169,7 @@ class Program:
             k: [(index[v], ts) for v, ts in vs if v in index] for k, vs in inliner.origin.items()
         }
         self.notes = inliner.notes
-        #: the vars of shard_map bodies (per shard: no var of the index is one of them)
-        self.sharded: set[C.Var] = set()
-        #: the names of the js.tags in those bodies
+        #: the names of the js.tags in shard_map bodies (per shard: no var has them)
         self.sharded_tags: list[str] = []
         if "shard_map" in self.primitives:  # (a scan of a C list: the common case)
             self._shard_map_bodies(jaxpr)

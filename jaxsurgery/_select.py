@@ -827,7 +827,7 @@ def _no_match(
             "tracing: abstract arguments, a transform's tracers, or a predicate a loop kept "
             "whole computes): the values inside its branches have no names"
         )
-    if graph._program.sharded:
+    if "shard_map" in graph._program.primitives:
         listed += (
             "; the graph keeps each shard_map as one equation: the values inside its body "
             "have no names, select what it returns"
