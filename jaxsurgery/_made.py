@@ -45,6 +45,9 @@ class Made(Shared):
     def __name__(self) -> str:  # type: ignore[override]
         return f"{self.graph._function_name}_{self._kind}"
 
+    def __repr__(self) -> str:
+        return f"<{self.__name__}: {type(self).__name__} of {self.graph._title}>"
+
 
 class _SignatureOf:
     """``__signature__``: what ``_signature`` gives (the class itself has none)."""
@@ -70,9 +73,6 @@ class TakesArguments(Made):
             return signature.replace(parameters=[patches, *signature.parameters.values()])
         except ValueError:  # a parameter of the function's named `patches`
             return None
-
-    def __repr__(self) -> str:
-        return f"<{self.__name__}: {type(self).__name__} of {self.graph._title}>"
 
 
 M = TypeVar("M", bound=Made)

@@ -410,6 +410,7 @@ def test_the_functions_a_graph_makes_name_the_programs_jit_compiles():
         assert jax.jit(fn).lower(*args).as_text().startswith(f"module @jit_{name}")
     assert repr(made["loss_grads"][0]).startswith("<loss_grads: GradsFunction of ")
     assert repr(made["loss_grads"][0]).endswith("loss(w, x)>")
+    assert repr(made["loss_attribution"][0]).startswith("<loss_attribution: AttributionFunction")
 
 
 def test_jit_of_a_function_asked_again_compiles_once(caplog):
