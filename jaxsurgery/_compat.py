@@ -373,14 +373,9 @@ def context_key(eqn: JaxprEqn) -> tuple:
 def traced_context(eqn: JaxprEqn, partitionable: bool) -> Any:
     """The context ``eqn`` was traced in, to run it in, where it differs from the running
     one (whose ``jax_threefry_partitionable`` is ``partitionable``); else None."""
-    ctx = getattr(eqn, "ctx", None)
-    if ctx is None or (
-        getattr(ctx, "threefry_partitionable", partitionable) == partitionable
-        and getattr(ctx, "compute_type", None) is None
-        and getattr(ctx, "xla_metadata", None) is None
-    ):
+    if context_key(eqn) in ((), (partitionable, None, None)):
         return None
-    return ctx.manager
+    return eqn.ctx.manager
 
 
 def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:
