@@ -1674,12 +1674,38 @@ def _is_jax_or_builtin(fn: Any) -> bool:
     return code is not None and _is_stdlib_file(code.co_filename)
 
 
+#: folders that hold installed packages wherever they are: this environment's, the
+#: system's beside a venv, the user site, Debian's and Colab's ``dist-packages``
+_INSTALLED_FOLDERS = frozenset({"site-packages", "dist-packages"})
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_user_file(filename: str) -> bool:
+    """Whether code in ``filename`` is the user's (rewritten, its names recorded), not a
+    library's: the standard library, a folder of installed packages, or a ``sys.path``
+    entry that pip installed into (``pip install --target``, a folder on PYTHONPATH:
+    it holds ``*.dist-info``). A user's editable install is the user's (its files are
+    in the project, its ``.dist-info`` in site-packages)."""
     if filename.startswith("<frozen") or not filename:
         return False
     library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    return not any(filename.startswith(p + os.sep) for p in library)
+    if any(filename.startswith(p + os.sep) for p in library):
+        return False
+    if not _INSTALLED_FOLDERS.isdisjoint(filename.split(os.sep)[:-1]):
+        return False
+    return not any(
+        filename.startswith(root + os.sep) and _holds_distributions(root)
+        for root in {os.path.abspath(entry) for entry in sys.path if entry}
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _holds_distributions(folder: str) -> bool:
+    """Whether pip installed packages into ``folder`` (it holds ``*.dist-info``)."""
+    try:
+        return any(name.endswith(".dist-info") for name in os.listdir(folder))
+    except OSError:
+        return False
 
 
 @functools.lru_cache(maxsize=1024)

@@ -43,6 +43,7 @@ Sharp edges:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,13 +314,33 @@ def check_hits(hits: Sequence[tuple[Any, bool, str]]) -> None:
     """Raise a SliceError when a hit is not as expected (``(value, expected, message)``).
 
     Concrete values are checked now; traced ones when the program runs (a
-    ``jax.debug.callback`` raising the same message).
+    ``jax.debug.callback`` raising the same message). JAX runs callbacks on a CPU
+    device: where the platforms in use leave the CPU out (``JAX_PLATFORMS=cuda``), a
+    traced check is a SliceError now, saying so (JAX's own error came at run time).
     """
     for value, expected, message in hits:
         if isinstance(value, jax.core.Tracer):
+            if not _callbacks_run():
+                raise SliceError(
+                    "this function keeps values made on the traced path of a cond or "
+                    "while_loop, and under a transform checks each call's path with a "
+                    "jax.debug.callback, which JAX runs on a CPU device; the platforms in "
+                    "use (JAX_PLATFORMS, jax_platforms) leave the CPU out: list it too "
+                    "(JAX_PLATFORMS=cuda,cpu), or call the function outside jit"
+                )
             jax.debug.callback(_raise_unless, value, expected, message)
         elif bool(np.asarray(value).all()) != expected:
             raise SliceError(message)
+
+
+@functools.cache
+def _callbacks_run() -> bool:
+    """Whether JAX has a CPU device to run host callbacks on."""
+    try:
+        jax.devices("cpu")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _raise_unless(value: Any, expected: bool, message: str) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from jax.extend.core import check_jaxpr
 
-jax.config.update("jax_platforms", "cpu")
+# CPU unless JAXSURGERY_TEST_PLATFORMS names another (the GPU check of benchmarks/GPU.md)
+jax.config.update("jax_platforms", os.environ.get("JAXSURGERY_TEST_PLATFORMS", "cpu"))
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -9,6 +9,7 @@ import os
 
 if __name__ == "__main__":  # only in its own process: pytest imports this file for doctests
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices, also where a GPU is
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -277,6 +277,33 @@ def test_a_cut_inside_the_branch_checks_the_branch_its_inputs_decide():
     check_slice(whole, (-X,), lambda x: jnp.cos(x * 3.0))
 
 
+def test_a_path_check_without_a_cpu_device_says_to_list_one(monkeypatch):
+    """Under jit, a slice cut inside a cond branch checks its path with a
+    jax.debug.callback, which JAX runs on a CPU device: with platforms that leave the CPU
+    out (JAX_PLATFORMS=cuda) that was JAX's RuntimeError at run time; now a SliceError
+    naming the fix when traced, and eager calls still work."""
+    from jaxsurgery import _structured
+
+    real = jax.devices
+
+    def no_cpu(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu. Available backends are ['cuda']")
+        return real(backend)
+
+    s = js.trace(self_gated, X).slice("x", "positive/doubled")
+    monkeypatch.setattr(jax, "devices", no_cpu)
+    _structured._callbacks_run.cache_clear()
+    try:
+        allclose(s(X), X * 6.0)
+        with pytest.raises(js.SliceError, match=r"JAX_PLATFORMS=cuda,cpu"):
+            jax.jit(s)(X)
+    finally:
+        monkeypatch.undo()
+        _structured._callbacks_run.cache_clear()
+    allclose(jax.jit(s)(X), X * 6.0)
+
+
 def test_a_cut_inside_a_while_checks_the_trips_its_inputs_decide():
     """Traced at 1.0 the loop runs 4 trips (2, 4, 8, 16); a slice from ``nv@1`` (4.0)
     runs trips 2 and 3 as traced. Its input decides whether the loop would go on or stop

@@ -197,7 +197,8 @@ def test_bfloat16_and_float8_values_take_python_numbers_and_arrays_of_their_kind
     array = g.replace("h", jnp.arange(3.0)).as_function()(x, dtype(2.0))  # float32 -> dtype
     allclose(array, jnp.arange(3.0).astype(dtype).sum().astype(jnp.float32))
     allclose(g.slice("c", "out")(0.5), 0.5)
-    allclose(g.as_function()(x, 3.0), jax.jit(f)(x, 3.0))
+    # (both jitted: a GPU fuses the jitted sum and rounds once, eager ops round each)
+    allclose(jax.jit(g.as_function())(x, 3.0), jax.jit(f)(x, 3.0))
     with pytest.raises(js.SliceError, match="does not hold"):
         g.replace("h", 1 + 2j)
 

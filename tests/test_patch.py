@@ -366,7 +366,9 @@ def test_a_bound_slice_of_a_rewritten_graph_recomputes_what_the_replacements_mad
 
 
 @pytest.mark.parametrize(
-    "patch", [0.0, np.float32(2.0), lambda v: 2.0, lambda v: jnp.float32(2.0)], ids=repr
+    "patch",
+    [0.0, np.float32(2.0), lambda v: 2.0, lambda v: jnp.float32(2.0)],
+    ids=["0.0", "np.float32(2.0)", "lambda v: 2.0", "lambda v: jnp.float32(2.0)"],
 )
 def test_an_output_replaced_by_a_constant(patch):
     """A constant patch becomes a jaxpr Literal; as an output it is a constant var (it

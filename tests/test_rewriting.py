@@ -267,6 +267,38 @@ def test_a_users_package_named_like_a_standard_module_is_user_code(tmp_path, mon
         sys.modules.update(saved)
 
 
+@pytest.mark.parametrize("layout", ["pip --target", "dist-packages", "a project folder"])
+def test_packages_installed_outside_this_environment_are_library_code(
+    layout, tmp_path, monkeypatch
+):
+    """Packages pip installed into a folder on PYTHONPATH (``pip install --target``: it
+    holds ``*.dist-info``) or into a ``dist-packages`` folder (Debian's, Colab's) are
+    library code, as in site-packages: not rewritten, their values unnamed (they were
+    rewritten, so a Haiku installed so named ``f.apply/h`` for ``h``); the same package
+    in a project folder is the user's."""
+    root = tmp_path / "lib" / "python3" / "dist-packages" if layout == "dist-packages" else tmp_path
+    name = "js_pkg_" + layout.split()[-1].replace("-", "_")
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(
+        "import jax.numpy as jnp\ndef block(x):\n    inner = jnp.sin(x) * 2\n    return inner\n"
+    )
+    if layout == "pip --target":
+        (root / f"{name}-1.0.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        module = importlib.import_module(name)
+
+        def f(x):
+            y = module.block(x)
+            return y
+
+        g = same_as_direct(f, jnp.ones(2))
+        allclose(g.value("y"), 2 * jnp.sin(jnp.ones(2)))
+        assert ("module.block/inner" in g.names()) == (layout == "a project folder"), g.names()
+    finally:
+        sys.modules.pop(name, None)
+
+
 def layer(x, k):
     hid = x * k
     return hid
