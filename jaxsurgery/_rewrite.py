@@ -14,8 +14,9 @@ or uses ``super()``.
 
 What is marked: the parameters (binding ``#0`` of their names; ``self`` and ``cls``
 excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
-augmented assignments, and ``for`` loop targets. Attribute and subscript targets
-(``self.h = ...``, ``d["k"] = ...``) and walrus expressions are not. A function defined
+augmented assignments, ``for`` loop, ``with ... as`` and walrus (``(b := ...)``)
+targets. Attribute and subscript targets (``self.h = ...``, ``d["k"] = ...``) are not.
+A function defined
 inside the traced function is rewritten when it is called (a call of anything is), not
 with its definer; a transform decorating it (``@jax.vmap``) applies to the rewritten
 copy, as a call of the transform does. When the source cannot be found or
@@ -431,6 +432,20 @@ class _MarkAssignments(ast.NodeTransformer):
         self.generic_visit(node)
         node.body = _marks(_target_names(node.target), node) + node.body
         return node
+
+    def visit_With(self, node: ast.With) -> ast.With:
+        """``with cm as v:`` marks ``v`` first thing in its body."""
+        self.generic_visit(node)
+        names = [
+            n
+            for item in node.items
+            if item.optional_vars
+            for n in _target_names(item.optional_vars)
+        ]
+        node.body = _marks(names, node) + node.body
+        return node
+
+    visit_AsyncWith = visit_With
 
     def visit_Call(self, node: ast.Call) -> ast.Call:
         label = _call_label(node.func)  # before the callee's own calls are wrapped

@@ -1,5 +1,6 @@
 """Names (SPEC §4 rules 1, 2, 3, 6): inputs, outputs, tags, Python variables, fallback."""
 
+import contextlib
 import functools
 import linecache
 
@@ -213,6 +214,27 @@ def test_a_walrus_target_is_named():
     allclose(g.value("t#0"), jnp.tanh(2 * jnp.sin(x)))
     allclose(g.value("t#1"), jnp.tanh(x))
     assert g["b"].primitive == "sin"
+
+
+@contextlib.contextmanager
+def exp_of(x):
+    yield jnp.exp(x), jnp.cos(x)
+
+
+def test_a_with_target_is_named():
+    """``with cm as (e, c):`` names what the context manager gives (it was unnamed, a
+    slice from it needed its ``%i``)."""
+
+    def f(x):
+        with exp_of(x) as (e, c):
+            h = e * c
+        return h
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(f, x)
+    allclose(g.value("e"), jnp.exp(x))
+    allclose(g.value("c"), jnp.cos(x))
+    check_slice(g.slice("e", "h"), (x,), lambda e: e * jnp.cos(x))
 
 
 def test_a_jitted_functions_static_arguments_stay_static():
