@@ -621,20 +621,39 @@ def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:
     return jax.sharding.reshard(x, spec)
 
 
+def narrowed(dtype: Any) -> bool:
+    """Whether ``dtype`` is 64-bit and JAX, with x64 off now, makes no arrays of it."""
+    return jax.dtypes.canonicalize_dtype(dtype, True) != dtype
+
+
+def x64_refusal(lead: str) -> Exception:
+    """The SliceError for a 64-bit value (``lead``: "input 'h' must be float64") met
+    with x64 off: a graph traced with x64 on (or inside ``jax.enable_x64``) computes in
+    64 bits there, and JAX would make 32-bit arrays of what is given for it."""
+    from ._errors import SliceError
+
+    return SliceError(
+        f"{lead}, and jax_enable_x64 is off now: the graph was traced with x64 on there "
+        "(its program computes in 64 bits), and JAX makes no 64-bit arrays without it; "
+        "switch it on again (jax.config.update('jax_enable_x64', True), or "
+        "`with jax.enable_x64():`)"
+    )
+
+
+def refuses_x64(x: Any, dtype: Any, what: str) -> None:
+    """Raise :func:`x64_refusal` unless ``x`` can be ``what`` (a value of ``dtype``) now:
+    any value while x64 is on or ``dtype`` is not 64-bit, else a JAX array of ``dtype``."""
+    if narrowed(dtype) and not (isinstance(x, jax.Array) and x.dtype == dtype):
+        raise x64_refusal(f"{what} must be {dtype}")
+
+
 def zeros_of(aval: Any, stacked: int | None = None, sharded: bool = True) -> Any:
     """Zeros of ``aval``'s shape and dtype (``stacked`` of them on a new leading axis),
     with its sharding where it has one of an Explicit mesh (the type of a value there)
     unless not ``sharded``."""
     shape = aval.shape if stacked is None else (stacked, *aval.shape)
-    if jax.dtypes.canonicalize_dtype(aval.dtype, True) != aval.dtype:
-        from ._errors import SliceError  # (a value of an x64 program, with x64 now off)
-
-        raise SliceError(
-            f"a value of this graph is {aval.dtype}, and jax_enable_x64 is off now: the "
-            "graph was traced with x64 on (its program computes in 64 bits), and JAX "
-            "makes no 64-bit zeros without it; switch it on again to differentiate the "
-            "graph (jax.config.update('jax_enable_x64', True), or `with jax.enable_x64():`)"
-        )
+    if narrowed(aval.dtype):
+        raise x64_refusal(f"a value of this graph is {aval.dtype}")
     sharding = explicit_sharding(aval) if sharded else None
     if sharding is None:
         return jnp.zeros(shape, aval.dtype)

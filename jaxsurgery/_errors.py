@@ -135,6 +135,7 @@ def check_like(values: object, treedef: object, vars_: Sequence, what: str, role
     import jax.numpy as jnp
     import numpy as np
 
+    from . import _compat as C
     from ._promotion import holds
 
     leaves, tree = jax.tree_util.tree_flatten(values)
@@ -146,6 +147,7 @@ def check_like(values: object, treedef: object, vars_: Sequence, what: str, role
         )
     checked = []
     for x, v in zip(leaves, vars_):
+        C.refuses_x64(x, v.dtype, f"the {what} for {role} {v.name!r}")
         is_float = jnp.issubdtype(v.dtype, jnp.inexact)
         want = v.dtype if is_float else jax.dtypes.float0
         dtype = getattr(x, "dtype", None)

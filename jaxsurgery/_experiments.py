@@ -187,6 +187,7 @@ def _patch_value(x: Any, key: str, v: Var, rows: int = 0) -> Any:
     """``x`` as a value of var ``v`` (``rows`` values of it stacked): its shape, its
     dtype (a float patch of an integer var, or a complex one of a real var, is an error
     rather than a silent cast)."""
+    C.refuses_x64(x, v.dtype, f"the patch for {key!r}")
     x = _array(x, key, f"the var's shape {v.shape} and dtype {v.dtype}")
     if x.shape != ((rows,) if rows else ()) + v.shape:
         wanted = f"a row per var, shape {(rows, *v.shape)}" if rows else "the var's shape"

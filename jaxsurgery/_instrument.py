@@ -1679,33 +1679,55 @@ def _is_jax_or_builtin(fn: Any) -> bool:
 _INSTALLED_FOLDERS = frozenset({"site-packages", "dist-packages"})
 
 
-@functools.lru_cache(maxsize=1024)
 def _is_user_file(filename: str) -> bool:
-    """Whether code in ``filename`` is the user's (rewritten, its names recorded), not a
-    library's: the standard library, a folder of installed packages, or a ``sys.path``
-    entry that pip installed into (``pip install --target``, a folder on PYTHONPATH:
-    it holds ``*.dist-info``). A user's editable install is the user's (its files are
-    in the project, its ``.dist-info`` in site-packages)."""
+    return _library_kind(filename) is None
+
+
+@functools.lru_cache(maxsize=1024)
+def _library_kind(filename: str) -> str | None:
+    """Why code in ``filename`` is a library's (never rewritten: no names inside), or
+    None where it is the user's: the standard library and this environment's
+    packages, a ``site-packages`` or ``dist-packages`` folder anywhere, and what pip
+    installed into a folder on ``sys.path`` (``pip install --target``, vendored
+    dependencies beside a project: the packages its ``*.dist-info`` list). A user's
+    editable install is the user's (its files are in the project)."""
     if filename.startswith("<frozen") or not filename:
-        return False
-    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    if any(filename.startswith(p + os.sep) for p in library):
-        return False
+        return "frozen"
+    if filename.startswith(_library_prefixes()):
+        return "it is in this environment's standard library or site-packages"
     if not _INSTALLED_FOLDERS.isdisjoint(filename.split(os.sep)[:-1]):
-        return False
-    return not any(
-        filename.startswith(root + os.sep) and _holds_distributions(root)
-        for root in {os.path.abspath(entry) for entry in sys.path if entry}
-    )
+        return "it is in a site-packages or dist-packages folder"
+    for entry in sys.path:
+        root = os.path.abspath(entry)  # ('' is the working directory)
+        if filename.startswith(root + os.sep):
+            top = filename[len(root) + 1 :].split(os.sep, 1)[0]
+            if top in _installed_names(root):
+                return f"pip installed {top} into {root} (a *.dist-info there lists it)"
+    return None
+
+
+@functools.cache
+def _library_prefixes() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({paths[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 @functools.lru_cache(maxsize=256)
-def _holds_distributions(folder: str) -> bool:
-    """Whether pip installed packages into ``folder`` (it holds ``*.dist-info``)."""
+def _installed_names(folder: str) -> frozenset[str]:
+    """The top-level packages and modules pip installed into ``folder``: what the
+    ``RECORD`` of each ``*.dist-info`` there lists (``haiku``, ``six.py``)."""
     try:
-        return any(name.endswith(".dist-info") for name in os.listdir(folder))
+        infos = [n for n in os.listdir(folder) if n.endswith(".dist-info")]
     except OSError:
-        return False
+        return frozenset()
+    names = set()
+    for info in infos:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(os.path.join(folder, info, "RECORD"), encoding="utf-8") as record:
+                names.update(line.split(",", 1)[0].split("/", 1)[0] for line in record)
+    return frozenset(
+        n for n in names if n not in ("", "..") and not n.endswith((".dist-info", ".data"))
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1792,6 +1814,10 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
         inner, reason = instrument(user)
         if not reason:
             return functools.partial(_run_swapped, cell, inner, fn), None
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    kind = None if code is None else _library_kind(code.co_filename)
+    if kind is not None and kind != "frozen":
+        return fn, f"{_callable_name(fn)} is library code ({kind}), so it runs as it is"
     return fn, f"{_callable_name(fn)} is not user code (or is wrapped), so it runs as it is"
 
 

@@ -54,6 +54,10 @@ def replacement_jaxpr(
     typed int32 or float32, which the check of the target's type refused).
     ``what`` names the replacement in messages (``"the replacement for 'z1'"``).
     """
+    for v in (target, *inputs):  # (fn would be traced, and give, in 32 bits)
+        if C.narrowed(v.dtype):
+            reads = f"reads {v.name!r}, {type_of(v)}"
+            raise C.x64_refusal(f"{what} {'must give ' + type_of(v) if v is target else reads}")
     returned: list[Any] = []
 
     def refused(got: str, fix: str = f"return a value shaped like {target.name!r}") -> SliceError:

@@ -721,6 +721,7 @@ def _evaluate_vars(
 
 def _coerce(x: Any, var: Var) -> Any:
     """``x`` as an array of ``var``'s type, or a SliceError naming the mismatch."""
+    C.refuses_x64(x, var.dtype, f"input {var.name!r}")
     if isinstance(x, (bool, int, float, complex)):
         if var.shape == () and holds(var.dtype, x):
             return jnp.asarray(x, dtype=var.dtype)

@@ -326,7 +326,7 @@ def check_hits(hits: Sequence[tuple[Any, bool, str]]) -> None:
                     "while_loop, and under a transform checks each call's path with a "
                     "jax.debug.callback, which JAX runs on a CPU device; the platforms in "
                     "use (JAX_PLATFORMS, jax_platforms) leave the CPU out: list it too "
-                    "(JAX_PLATFORMS=cuda,cpu), or call the function outside jit"
+                    "(JAX_PLATFORMS=cuda,cpu), or call the function outside jit and vmap"
                 )
             jax.debug.callback(_raise_unless, value, expected, message)
         elif bool(np.asarray(value).all()) != expected:

@@ -330,6 +330,10 @@ def same_avals(
         shape, dtype = np.shape(new), _dtype(new)
         # a Python number was traced as the array JAX makes of it (10: int32[])
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
+        # (what the program computes with: a JAX array's own dtype, float64 traced with
+        # x64 on; JAX canonicalized a NumPy array's)
+        wide = old.dtype if isinstance(old, jax.Array) else traced_dtype
+        C.refuses_x64(new, wide, f"argument `{name}`")
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
         decided = decides().get(k) if was_weak and not weak else None

@@ -63,6 +63,50 @@ def test_gradients_of_an_x64_graph_with_x64_switched_off_say_to_switch_it_on():
     assert g.value("h").dtype == jnp.float64
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # (JAX's)
+def test_values_given_for_64_bit_values_with_x64_off_say_to_switch_it_on():
+    """A model computing part of its work inside ``jax.enable_x64``, traced and used with
+    x64 off: what a user gives for a float64 value (an input, an argument, a patch, a
+    tangent, a cotangent, a replacement) would become float32, and JAX's TypeError
+    (lax.add of float32 and float64) came from deep inside; a SliceError says to switch
+    x64 on. A float64 JAX array, which JAX keeps, runs as before."""
+
+    def model(w, x):
+        h = jnp.tanh(x @ w)
+        with jax.enable_x64(True):
+            h64 = h.astype(jnp.float64)
+            acc = jnp.sum(h64**2)
+        return acc.astype(jnp.float32) * 2.0
+
+    w, x = jnp.ones((4, 3)) / 4, jnp.ones((5, 4))
+    g = js.trace(model, w, x)
+    s = g.slice("h64", "acc")
+    h64 = g.value("h64")
+    assert h64.dtype == jnp.float64
+    allclose(s(h64), jnp.sum(h64**2))
+    allclose(g.as_function()(w, x), model(w, x))
+    switch = "jax_enable_x64 is off now.*jax.enable_x64"
+    for attempt in (
+        lambda: s(np.ones((5, 3))),
+        lambda: g.jvp("h64", "acc", np.ones((5, 3))),
+        lambda: g.vjp("h64", "acc", 1.0),
+        lambda: g.patch_fn("h64")({"h64": jnp.ones((5, 3))}, w, x),
+        lambda: g.replace("acc", 3.0),
+        lambda: g.replace("h64", lambda v: v * 2),
+    ):
+        with pytest.raises(js.SliceError, match=switch):
+            attempt()
+    with jax.enable_x64(True):
+        allclose(s(np.ones((5, 3))), 15.0)
+        allclose(g.replace("acc", 3.0).as_function()(w, x), 6.0)
+
+    with jax.enable_x64(True):  # traced wholly with x64 on
+        g64 = js.trace(lambda v: (jnp.sin(v) * 2).sum(), jnp.ones(3, jnp.float64))
+    for made in (g64.as_function(), g64.values_fn("out")):
+        with pytest.raises(js.SliceError, match="argument `v` must be float64.*" + switch):
+            made(np.ones(3))
+
+
 def test_complex64():
     def f(z):
         u = z * (1.0 + 2.0j)

@@ -271,32 +271,43 @@ def test_a_users_package_named_like_a_standard_module_is_user_code(tmp_path, mon
 def test_packages_installed_outside_this_environment_are_library_code(
     layout, tmp_path, monkeypatch
 ):
-    """Packages pip installed into a folder on PYTHONPATH (``pip install --target``: it
-    holds ``*.dist-info``) or into a ``dist-packages`` folder (Debian's, Colab's) are
-    library code, as in site-packages: not rewritten, their values unnamed (they were
-    rewritten, so a Haiku installed so named ``f.apply/h`` for ``h``); the same package
-    in a project folder is the user's."""
+    """Packages pip installed into a folder on PYTHONPATH (``pip install --target``:
+    the ``RECORD`` of a ``*.dist-info`` there lists them) or into a ``dist-packages``
+    folder (Debian's, Colab's) are library code, as in site-packages: not rewritten,
+    their values unnamed (they were rewritten, so a Haiku installed so named
+    ``f.apply/h`` for ``h``); the same package in a project folder is the user's, and
+    so is the user's own code beside vendored packages (an AWS Lambda folder)."""
     root = tmp_path / "lib" / "python3" / "dist-packages" if layout == "dist-packages" else tmp_path
     name = "js_pkg_" + layout.split()[-1].replace("-", "_")
     (root / name).mkdir(parents=True)
     (root / name / "__init__.py").write_text(
         "import jax.numpy as jnp\ndef block(x):\n    inner = jnp.sin(x) * 2\n    return inner\n"
     )
+    own = f"{name}_own"  # the user's module in the same folder
+    (root / f"{own}.py").write_text("def twice(x):\n    doubled = x * 2\n    return doubled\n")
     if layout == "pip --target":
         (root / f"{name}-1.0.dist-info").mkdir()
+        (root / f"{name}-1.0.dist-info" / "RECORD").write_text(
+            f"{name}/__init__.py,sha256=abc,80\n{name}-1.0.dist-info/RECORD,,\n../../bin/x,,\n"
+        )
     monkeypatch.syspath_prepend(str(root))
     try:
-        module = importlib.import_module(name)
+        module, mine = importlib.import_module(name), importlib.import_module(own)
 
         def f(x):
             y = module.block(x)
-            return y
+            return mine.twice(y)
 
         g = same_as_direct(f, jnp.ones(2))
         allclose(g.value("y"), 2 * jnp.sin(jnp.ones(2)))
         assert ("module.block/inner" in g.names()) == (layout == "a project folder"), g.names()
+        if layout != "dist-packages":  # (there everything is installed)
+            allclose(g.value("mine.twice/doubled"), 4 * jnp.sin(jnp.ones(2)))
+        if layout == "pip --target":  # traced itself: the note says why it has no names
+            assert any(f"pip installed {name} into" in n for n in js.trace(module.block, 1.0).notes)
     finally:
         sys.modules.pop(name, None)
+        sys.modules.pop(own, None)
 
 
 def layer(x, k):
