@@ -17,10 +17,11 @@ excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated 
 augmented assignments, ``for`` loop, ``with ... as`` and walrus (``(b := ...)``)
 targets. Attribute and subscript targets (``self.h = ...``, ``d["k"] = ...``) are not.
 A function defined inside the traced function is rewritten when it is called (a call
-of anything is), not with its definer; a transform decorating it (``@jax.vmap``) applies to the rewritten
-copy, as a call of the transform does. When the source cannot be found or
-rewritten (a builtin, a lambda made by ``exec``, a changed file), the function runs
-as it is and the graph has no Python variable names: ``Graph.notes`` says why.
+of anything is), not with its definer; a transform decorating it (``@jax.vmap``)
+applies to the rewritten copy, as a call of the transform does. When the source cannot
+be found or rewritten (a builtin, a lambda made by ``exec``, a changed file), the
+function runs as it is and the graph has no Python variable names: ``Graph.notes``
+says why.
 
 Sharp edges:
     * The copy shares the original's globals, defaults and closure cells, so it sees
