@@ -621,9 +621,18 @@ def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:
     return jax.sharding.reshard(x, spec)
 
 
+def x64_enabled() -> bool:
+    """Whether ``jax_enable_x64`` is on now (also inside ``jax.enable_x64``)."""
+    return bool(jax.config.jax_enable_x64)
+
+
+#: the dtypes JAX makes no arrays of with x64 off
+_WIDE = frozenset(map(jnp.dtype, ("float64", "int64", "uint64", "complex128")))
+
+
 def narrowed(dtype: Any) -> bool:
     """Whether ``dtype`` is 64-bit and JAX, with x64 off now, makes no arrays of it."""
-    return jax.dtypes.canonicalize_dtype(dtype, True) != dtype
+    return dtype in _WIDE and not x64_enabled()
 
 
 def x64_refusal(lead: str) -> Exception:

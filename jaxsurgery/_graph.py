@@ -401,6 +401,8 @@ class Graph(Identical):
         if self._converted_args is not None:
             return self._converted_args
         alive(self._given_args, self.inputs)
+        for x, v in zip(self._given_args, self.inputs):  # (traced with x64 on, used off)
+            C.refuses_x64(x, v.dtype, f"traced argument {v.name!r}")
         with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
             found = tuple(as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs))
         if not C.holds_tracer(found):  # (a transform's tracers, as traced: not kept)

@@ -244,6 +244,10 @@ def _trace(
     def decides() -> dict[int, str]:  # looked at when a graph is first called
         return weak_type_decides(closed)
 
+    # traced with x64 on, the program takes its inputs' dtypes (float64) as they are:
+    # arguments are checked against them, not as JAX makes them when called
+    wide = [v.aval.dtype for v in closed.jaxpr.invars] if C.x64_enabled() else None
+
     def build(fold: bool = True) -> Graph:
         """The graph of the traced jaxpr; ``fold=False`` unrolls every loop in the index."""
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
@@ -285,7 +289,7 @@ def _trace(
             )
 
         def flatten_args(*a: Any, **k: Any) -> list[Any]:
-            return binder.same_call(bound, leaves, in_names, a, k, decides)
+            return binder.same_call(bound, leaves, in_names, a, k, decides, wide)
 
         # (the functions a graph makes take the traced function's parameters: jax.jit's
         # static_argnames and donate_argnames find them by name)
@@ -311,6 +315,7 @@ def same_avals(
     traced: list[Any],
     names: Sequence[str],
     decides: Callable[[], dict[int, str]] = dict,
+    wide: Sequence[Any] | None = None,
 ) -> list[Any]:
     """``flat``, checked against the shapes and dtypes the graph was traced with.
 
@@ -330,10 +335,10 @@ def same_avals(
         shape, dtype = np.shape(new), _dtype(new)
         # a Python number was traced as the array JAX makes of it (10: int32[])
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
-        # (what the program computes with: a JAX array's own dtype, float64 traced with
-        # x64 on; JAX canonicalized a NumPy array's)
-        wide = old.dtype if isinstance(old, jax.Array) else traced_dtype
-        C.refuses_x64(new, wide, f"argument `{name}`")
+        if wide is not None:  # traced with x64 on: its dtypes, whatever x64 is now
+            traced_dtype = wide[k]
+            C.refuses_x64(new, traced_dtype, f"argument `{name}`")
+            dtype = new.dtype if isinstance(new, jax.Array) else dtype
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
         decided = decides().get(k) if was_weak and not weak else None
@@ -803,9 +808,11 @@ class _ArgBinder:
         args: tuple,
         kwargs: dict,
         decides: Callable[[], dict[int, str]] = dict,
+        wide: Sequence[Any] | None = None,
     ) -> list[Any]:
         """The flat dynamic leaves of new arguments, checked against the traced call
-        (``traced``: what :meth:`bind` gave for it, ``leaves`` and ``names`` its leaves).
+        (``traced``: what :meth:`bind` gave for it, ``leaves`` and ``names`` its leaves;
+        ``wide``: the program's input dtypes, when traced with x64 on).
 
         The program was traced for one call: the same arguments, each of the same
         structure, its held-static parts (static arguments, Python bools, an Equinox
@@ -850,7 +857,7 @@ class _ArgBinder:
                 raise SliceError(f"argument `{name}` is missing: {_FIXED}")
             new, new_how = self._flat(name, given[name] if name in given else defaults[name])
             flat += _same_tree(name, old, old_how, new, new_how)
-        return same_avals(flat, leaves, names, decides)
+        return same_avals(flat, leaves, names, decides, wide)
 
     def rebuild(self, bound: Any, flat: Sequence[Any]) -> Any:
         """The bound arguments with the array leaves replaced by ``flat``."""

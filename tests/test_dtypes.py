@@ -107,6 +107,45 @@ def test_values_given_for_64_bit_values_with_x64_off_say_to_switch_it_on():
             made(np.ones(3))
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # (JAX's)
+def test_a_graph_traced_with_x64_on_takes_float64_arrays_with_x64_off():
+    """Traced with x64 on, used with x64 off: float64 JAX arrays (which JAX keeps) run the
+    float64 program as they are (they were made float32 on the way in, silently: 0.0
+    for 0.5 below); NumPy arrays and Python numbers, which JAX would make float32,
+    are a SliceError saying to switch x64 on (JAX's TypeError from deep inside). A
+    float64 array traced with x64 off (a program that computes in float32) still takes
+    float32 arrays."""
+
+    def f(x, y):
+        h = x + y
+        return h - y
+
+    with jax.enable_x64(True):
+        x, y = jnp.full(2, 0.5, jnp.float64), jnp.float64(1e8)
+        g = js.trace(f, x, y)
+        from_numpy = js.trace(f, np.full(2, 0.5), 1e8)
+    for result in (
+        g.as_function()(x, y),
+        g.values_fn("out")(x, y)["out"],
+        g.patch_fn("h")({}, x, y),
+        g.slice("x", "out").bind(x, y)(x),
+    ):
+        assert result.dtype == jnp.float64
+        np.testing.assert_array_equal(result, [0.5, 0.5])
+    for attempt in (
+        lambda: from_numpy.as_function()(np.full(2, 0.5), 1e8),
+        lambda: from_numpy.values_fn("h")(np.full(2, 0.5), 1e8),
+        lambda: from_numpy.value("h"),
+    ):
+        with pytest.raises(js.SliceError, match="must be float64, and jax_enable_x64 is off"):
+            attempt()
+
+    with jax.enable_x64(True):
+        wide = jnp.ones(3, jnp.float64)
+    narrow = js.trace(lambda v: (jnp.sin(v) * 2).sum(), wide)  # x64 off: float32 inside
+    allclose(narrow.as_function()(jnp.ones(3)), 2 * jnp.sin(jnp.ones(3)).sum())
+
+
 def test_complex64():
     def f(z):
         u = z * (1.0 + 2.0j)
