@@ -460,6 +460,7 @@ def _jit_statics(
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     positional = [p for p in parameters.values() if p.kind in kinds]
     star = any(p.kind is p.VAR_POSITIONAL for p in parameters.values())  # jit's *args
+    varkw = any(p.kind is p.VAR_KEYWORD for p in parameters.values())  # its **kwargs keys
     shift = 0  # positions the partials and bound methods on the way take
     for _ in range(16):
         if _plain_partial(fn):  # functools.partial(jitted, ...): its arguments come first
@@ -477,7 +478,7 @@ def _jit_statics(
             ]
             nums += [n for n in found if n not in nums]
             found = getattr(info, "static_argnames", ())
-            names += [n for n in found if n not in names and n in parameters]  # not self
+            names += [n for n in found if n not in names and (n in parameters or varkw)]
             fn = fn.__wrapped__
         elif isinstance(fn, types.FunctionType) and hasattr(fn, "__wrapped__"):
             fn = fn.__wrapped__  # a decorator's wrapper (functools.wraps) around a jit
@@ -709,6 +710,11 @@ class _ArgBinder:
                 f"name one of {list(self.signature.parameters)}"
             )
         positional = self.parameters.positional
+        varkw = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+        #: the var-keyword parameter (``**kwargs``), and its keys held static (names in
+        #: static_argnames that no parameter has, as jax.jit takes them)
+        self.varkw, self.static_keys = (varkw[0] if varkw else None), set(unknown)
+        self.static_names.difference_update(unknown)
         star = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
         #: the var-positional parameter (``*args``), and its items held static (a static
         #: position past the named ones, as jax.jit takes it)
@@ -773,6 +779,8 @@ class _ArgBinder:
         flat, how = _flat(value)
         if name == self.star and self.static_star:
             flat = [(p, x, t and p[0].idx not in self.static_star) for p, x, t in flat]
+        if name == self.varkw and self.static_keys:
+            flat = [(p, x, t and p[0].key not in self.static_keys) for p, x, t in flat]
         return flat, how
 
     def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -850,6 +858,19 @@ class _ArgBinder:
                     f"static argument `{self.star}[{k}]` is {_short(star[1][k])}, but the graph "
                     f"was traced with {_short(star[0][k])}: {_FIXED}"
                     f"{_UNDER_JIT if _is_tracer(star[1][k]) else ''}"
+                )
+        keys = (
+            (traced_value(self.varkw), given.get(self.varkw, {})) if self.static_keys else ({}, {})
+        )
+        for key in sorted(self.static_keys):
+            old, new = (k.get(key, _MISSING) for k in keys)
+            if not _same_static(old, new):
+                left = "left out"
+                raise SliceError(
+                    f"static argument `{key}` (of **{self.varkw}) is "
+                    f"{left if new is _MISSING else _short(new)}, but the graph was traced "
+                    f"with {left if old is _MISSING else _short(old)}: {_FIXED}"
+                    f"{_UNDER_JIT if _is_tracer(new) else ''}"
                 )
         flat: list[Any] = []
         for name, _, (old, old_how) in old_items:

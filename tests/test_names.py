@@ -237,6 +237,36 @@ def test_a_with_target_is_named():
     check_slice(g.slice("e", "h"), (x,), lambda e: e * jnp.cos(x))
 
 
+def test_static_argnames_naming_keys_of_kwargs_hold_them_static():
+    """``static_argnames`` naming a key of ``**kwargs`` holds that item static, as
+    ``jax.jit`` does (also a jit's own ``static_argnames``): it was accepted, then traced
+    (a TraceError where Python reads it: ``range(cfg["n"])``), and calls with another
+    value were not checked."""
+
+    @functools.partial(jax.jit, static_argnames=("n",))
+    def jitted(x, w, **cfg):
+        h = x @ w
+        for _ in range(cfg["n"]):
+            h = jnp.tanh(h)
+        return h.sum()
+
+    def scaled(x, w, **cfg):
+        return (jnp.tanh(x @ w) * cfg["scale"]).sum()
+
+    x, w = jnp.ones((2, 3)), jnp.full((3, 3), 0.1)
+    g = js.trace(jitted, x, w, n=2)
+    allclose(g.as_function()(x, 2 * w, n=2), jitted(x, 2 * w, n=2))
+    with pytest.raises(js.SliceError, match=r"static argument `n` \(of \*\*cfg\) is 3"):
+        g.as_function()(x, w, n=3)
+    g = js.trace(scaled, x, w, scale=2.0, static_argnames="scale")
+    assert [v.name for v in g.inputs] == ["x", "w"]
+    allclose(g.as_function()(x, w, scale=2.0), scaled(x, w, scale=2.0))
+    with pytest.raises(js.SliceError, match=r"`scale` \(of \*\*cfg\) is 3.0"):
+        g.as_function()(x, w, scale=3.0)
+    with pytest.raises(js.SliceError, match=r"`scale` \(of \*\*cfg\) is left out"):
+        g.as_function()(x, w)
+
+
 def test_a_jitted_functions_static_arguments_stay_static():
     """``@partial(jax.jit, static_argnums=1)``: js.trace takes the jit's static
     arguments as its own (they were traced, so the loop's bound failed)."""
