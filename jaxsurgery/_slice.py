@@ -43,7 +43,7 @@ from ._control_flow import input_reads
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._made import Made, var_keys
-from ._promotion import alive, held, holds, out_of_range
+from ._promotion import alive, as_traced, held, holds, out_of_range
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
 
@@ -723,8 +723,8 @@ def _coerce(x: Any, var: Var) -> Any:
     """``x`` as an array of ``var``'s type, or a SliceError naming the mismatch."""
     C.refuses_x64(x, var.dtype, f"input {var.name!r}")
     if isinstance(x, (bool, int, float, complex)):
-        if var.shape == () and holds(var.dtype, x):
-            return jnp.asarray(x, dtype=var.dtype)
+        if var.shape == () and holds(var.dtype, x):  # (weakly typed where the var is)
+            return as_traced(x, var.dtype) if var.aval.weak_type else jnp.asarray(x, var.dtype)
         outside = out_of_range(var.dtype, x)
         raise SliceError(
             f"input {var.name!r} expects {type_of(var)}, got a Python {type(x).__name__}"

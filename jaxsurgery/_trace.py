@@ -357,7 +357,9 @@ def same_avals(
             )
         exact = decided is not None and jnp.can_cast(dtype, traced_dtype, casting="safe")
         if dtype != traced_dtype and (exact or (weak and holds(traced_dtype, new))):
-            new, dtype = jnp.asarray(new, traced_dtype), traced_dtype
+            # (a Python number for one traced: weakly typed, as jax.jit takes it)
+            new = as_traced(new, traced_dtype) if was_weak else jnp.asarray(new, traced_dtype)
+            dtype = traced_dtype
         if shape != np.shape(old) or dtype != traced_dtype:
             was = f"{traced_dtype}{list(np.shape(old))}"
             given = type(new).__name__ if dtype is None else f"{dtype}{list(shape)}"

@@ -460,6 +460,28 @@ def test_the_value_of_an_input_is_what_the_function_saw():
     allclose(g.value("x"), np.ones(3))
 
 
+def test_eager_calls_keep_python_numbers_weakly_typed_as_jit_does():
+    """A Python number for an argument traced as one stays weakly typed in eager calls
+    of what a graph makes, as under ``jax.jit`` (it became a float32 array: ``t`` below
+    then promoted a bfloat16 value to float32 downstream, only when not jitted)."""
+
+    def f(x, s):
+        t = s * 2.0
+        return x * 2, t
+
+    x, bf16 = jnp.ones(3), jnp.ones(2, jnp.bfloat16)
+    g = js.trace(f, x, 2.0)
+    assert jax.jit(f)(x, 3.0)[1].weak_type
+    for t in (
+        g.as_function()(x, 3.0)[1],
+        g.values_fn("t")(x, 3.0)["t"],
+        g.slice("s", "t")(3.0),
+        jax.jit(g.as_function())(x, 3.0)[1],
+    ):
+        allclose(t, 6.0)
+        assert t.weak_type and (bf16 * t).dtype == jnp.bfloat16
+
+
 def test_an_array_that_promotes_as_the_python_number_did_is_taken():
     """``f(x_bf16, 2.5)`` computes ``x * s`` in bfloat16: a bfloat16 array for ``s``
     computes the same program under jax.jit, and the whole function takes it (it was
