@@ -930,7 +930,7 @@ def _same_tree(
             where = name + (jax.tree_util.keystr(path) if path else "")
             raise SliceError(
                 f"`{where}` is {_short(y)}, but the graph was traced with {_short(x)} (a part "
-                f"of an argument that is not an array is held static): {_FIXED}"
+                f"of an argument that is not an array is held static){_alike(x, y)}: {_FIXED}"
                 f"{_UNDER_JIT if _is_tracer(y) else ''}"
             )
     return leaves
@@ -1011,6 +1011,18 @@ def _differing_node(
     return walk(a, b, 0, 0)
 
 
+def _alike(a: Any, b: Any) -> str:
+    """A hint for two static parts that print alike but differ (a function or a partial
+    made again: compared by identity)."""
+    if _short(a) != _short(b):
+        return ""
+    return (
+        "; they print alike, but such objects are equal only to themselves (a function, "
+        "a functools.partial or an optimizer made again is another one): pass the object "
+        "traced with"
+    )
+
+
 def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: Any) -> str:
     """What tells two flattened trees apart: a leaf one has and the other lacks, else
     where their structures first differ."""
@@ -1018,10 +1030,20 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
     new_keys = [jax.tree_util.keystr(p) for p, *_ in new]
     missing = [k for k in old_keys if k not in new_keys]
     extra = [k for k in new_keys if k not in old_keys]
+    if not new_keys and old_keys:  # (None given)
+        return f"no array (traced with {'one' if len(old_keys) == 1 else len(old_keys)})"
     if missing or extra:
-        parts = [f"no {missing[0] or 'leaf'}"] if missing else []
-        parts += [f"an extra {extra[0] or 'leaf'}"] if extra else []
-        return ", ".join(parts)
+        parts = [f"no array{' at ' + missing[0] if missing[0] else ''}"] if missing else []
+        parts += [f"an array{' at ' + extra[0] if extra[0] else ''}"] if extra else []
+        if missing and extra:
+            return ", ".join(parts)
+        there = " there" if (missing or extra)[0] else ""
+        why = (
+            f"traced with one{there}"
+            if missing
+            else f"traced with none{there}: None, or static data"
+        )
+        return f"{parts[0]} ({why})"
     found = _differing_node(old_how, new_how, [p for p, *_ in old])
     if found is not None:
         path, kind, other, a, b = found
@@ -1038,7 +1060,7 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
         return (
             f"the {kind}{at} holds other static data (its parts that are not arrays: an "
             f"eqx.field(static=True), an NNX object's attributes, a function it holds): "
-            f"traced {_short(a)}, given {_short(b)}"
+            f"traced {_short(a)}, given {_short(b)}{_alike(a, b)}"
         )
     a, b = str(old_how[0]), str(new_how[0])
     if a == b:

@@ -1,6 +1,7 @@
 """The bad-input catalog: each mistake gets the right exception type and a message
 that names the culprit and says what to do. Nothing the user passed is modified."""
 
+import functools
 import re
 import tempfile
 
@@ -294,14 +295,40 @@ CATALOG = [
         "new arguments of another tree structure (other keys)",
         lambda g, a: keyed_graph().as_function()({"a": jnp.ones(3), "b": jnp.ones(3)}, 1.0),
         js.SliceError,
-        r"argument `p` is a tree of another structure than the one traced \(no \['w'\], an "
-        r"extra \['a'\]\): a graph runs the program it traced",
+        r"argument `p` is a tree of another structure than the one traced \(no array at "
+        r"\['w'\], an array at \['a'\]\): a graph runs the program it traced",
     ),
     (
         "new arguments with fewer leaves",
         lambda g, a: keyed_graph().values_fn(["out"])({"w": jnp.ones(3)}, jnp.ones(3)),
         js.SliceError,
-        r"argument `p` is a tree of another structure than the one traced \(no \['b'\]\)",
+        r"argument `p` is a tree of another structure than the one traced \(no array at "
+        r"\['b'\] \(traced with one there\)\)",
+    ),
+    (
+        "None where an array was traced",
+        lambda g, a: keyed_graph().as_function()(None, jnp.ones(3)),
+        js.SliceError,
+        r"argument `p` is a tree of another structure than the one traced \(no array \(traced "
+        r"with 2\)\)",
+    ),
+    (
+        "an array where None was traced",
+        lambda g, a: js.trace(
+            lambda x, o: x * o["scale"], jnp.ones(2), {"scale": jnp.ones(2), "mask": None}
+        ).as_function()(jnp.ones(2), {"scale": jnp.ones(2), "mask": jnp.ones(2)}),
+        js.SliceError,
+        r"argument `o` is a tree of another structure than the one traced \(an array at "
+        r"\['mask'\] \(traced with none there: None, or static data\)\)",
+    ),
+    (
+        "a function made again where one was traced",
+        lambda g, a: js.trace(
+            lambda x, fn: fn(x), jnp.ones(2), functools.partial(jnp.multiply, 2.0)
+        ).as_function()(jnp.ones(2), functools.partial(jnp.multiply, 2.0)),
+        js.SliceError,
+        r"they print alike, but such objects are equal only to themselves .*: pass the "
+        r"object traced with",
     ),
     (
         "an integer argument past int32",
