@@ -27,7 +27,17 @@ from . import _compat as C
 from . import _select
 from ._errors import SliceError, jax_derivative_refusals, warn
 from ._made import TakesArguments, selection_key, var_keys
-from ._structured import Edit, Extra, Row, Site, Step, check_hits, iteration_run, stack_rows
+from ._structured import (
+    Edit,
+    Extra,
+    Row,
+    Site,
+    Step,
+    check_hits,
+    iteration_run,
+    row_value,
+    stack_rows,
+)
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -53,7 +63,9 @@ class GradsFunction(TakesArguments):
 
     _kind = "grads"
 
-    def __init__(self, graph: Graph, out: Any, wrt: Any):
+    def __init__(self, graph: Graph, out: Any, wrt: Any, *, with_values: bool = False):
+        """``with_values``: the same run also gives the ``wrt`` values, keyed alike
+        (:meth:`values_and_grads`: one forward pass where attribution needs both)."""
         self.graph = graph
         _, out_vars = _select.tree(graph, out)
         if not out_vars:
@@ -105,7 +117,9 @@ class GradsFunction(TakesArguments):
                     Edit(sites[j], "apply", add, (sites[j].vars[0], read), perturbation=True)
                 )
         guards = [Edit(Site(site.steps, ()), "hit") for site in sites if site.path_bound]
-        self._structured, self._outs, out_guards = graph._exposing(out_vars, [*edits, *guards])
+        exposed = [*out_vars, *wrt_vars] if with_values else out_vars
+        self._structured, exposures, out_guards = graph._exposing(exposed, [*edits, *guards])
+        self._outs, self._wrt_exposures = exposures[: len(out_vars)], exposures[len(out_vars) :]
         self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._warned = False
@@ -115,11 +129,14 @@ class GradsFunction(TakesArguments):
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
+        self._warn_once()
+        return self.at_flat(flat)
+
+    def _warn_once(self) -> None:
         if not self._warned:  # once, at the first call (under jit: when it traces)
             self._warned = True
             for note in [*self._read_by_derivative, *self.dropped]:
                 warn(f"grads_fn: {note}")
-        return self.at_flat(flat)
 
     @property
     def notes(self) -> list[str]:
@@ -134,12 +151,19 @@ class GradsFunction(TakesArguments):
         return list(self._structured.notes)
 
     def _total(self, flat_args: Sequence[Any]) -> Any:
-        """``eps -> (sum of out with eps added at each wrt value, path hits)``."""
+        """``eps -> (sum of out with eps added at each wrt value, (path hits, the wrt
+        values by key where asked for)``)."""
 
         def total(eps: list[Any]) -> Any:
             _, exposed = self._structured.run(flat_args, eps, outputs=False)
             loss = sum(jnp.sum(exposed[e]) for e in self._outs)
-            return loss, [exposed[h] for h in self._guards]
+            raw = [exposed.raw(e) for e in self._wrt_exposures]
+            values = {
+                key: stack_rows([raw[j] for j in group]) if many else row_value(raw[group[0]])
+                for key, group, many in zip(self.keys, self._groups, self._stacked)
+                if raw
+            }
+            return loss, ([exposed[h] for h in self._guards], values)
 
         return total
 
@@ -187,8 +211,17 @@ class GradsFunction(TakesArguments):
         return dropped_derivatives(closed.jaxpr, closed.jaxpr.invars[len(specs) :])
 
     def at_flat(self, flat_args: Sequence[Any]) -> dict[str, Any]:
+        return self._values_and_grads(flat_args)[1]
+
+    def values_and_grads(self, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
+        """``({key: wrt value}, {key: gradient})`` from one run (``with_values``)."""
+        flat = self.graph._flatten_args(*args, **kwargs)
+        self._warn_once()
+        return self._values_and_grads(flat)
+
+    def _values_and_grads(self, flat_args: Sequence[Any]) -> tuple[dict, dict]:
         with jax_derivative_refusals():
-            grads, hits = jax.grad(self._total(flat_args), has_aux=True)(self._zeros())
+            grads, (hits, values) = jax.grad(self._total(flat_args), has_aux=True)(self._zeros())
         check_hits([(h, True, self._message) for h in hits])
         whole = {tuple(m): g for m, g in zip(self._inputs, grads) if len(m) > 1}
         where = (
@@ -220,4 +253,4 @@ class GradsFunction(TakesArguments):
                 out[key] = found(group[0])
             else:
                 out[key] = stacked(group)
-        return out
+        return values, out
