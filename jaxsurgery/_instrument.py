@@ -1974,7 +1974,13 @@ def _jitted(fn: Any) -> _Jitted | None:
     gets a new twin per call, whose body runs each time.
     """
     inner = getattr(fn, "__wrapped__", None)
-    if not (is_jit(fn) and (_user_callable(inner) or _wrapped_user_function(inner))):
+    if not is_jit(fn) or not (
+        _user_callable(inner)
+        or _wrapped_user_function(inner)
+        # a JAX transform or another jit of user code: jax.jit(jax.vmap(f))
+        or _transformed(inner) is not None
+        or _jitted(inner) is not None
+    ):
         return None
     if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None

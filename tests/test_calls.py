@@ -192,6 +192,40 @@ def test_library_jit_and_remat_calls_are_kept_whole_when_not_cut():
     assert cut.notes == ()
 
 
+def _block(x, w):
+    h = x @ w
+    act = jnp.tanh(h)
+    return act
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jax.jit(jax.vmap(_block, (0, None))),
+        lambda: jax.jit(jax.checkpoint(_block)),
+        lambda: jax.jit(jax.jit(_block)),
+    ],
+    ids=["jit(vmap)", "jit(checkpoint)", "jit(jit)"],
+)
+def test_a_jit_of_a_transform_or_of_a_jit_names_what_the_function_binds(make):
+    """``jax.jit(jax.vmap(f))`` (also of a checkpoint, of a jit) is a call like
+    ``jax.jit(f)``: its values are named per call (only the call's result was named)."""
+    b = make()
+
+    def model(x, w):
+        y = b(x, w)
+        z = b(y, w)
+        return z.sum()
+
+    x, w = jnp.linspace(0.1, 1.0, 6).reshape(2, 3), jnp.eye(3) * 0.7
+    g = js.trace(model, x, w)
+    allclose(g.value("b#0/act"), jnp.tanh(x @ w))
+    allclose(g.value("b#1/h"), jnp.tanh(x @ w) @ w)
+    patched = g.patch_fn("b#1/act")({"b#1/act": jnp.ones((2, 3))}, x, w)
+    allclose(patched, 6.0)
+    allclose(jax.jit(g.as_function())(x, 2 * w), model(x, 2 * w))
+
+
 def test_user_jit_functions_are_named_per_call():
     @jax.jit
     def layer(p, h):
