@@ -621,6 +621,14 @@ def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:
     return jax.sharding.reshard(x, spec)
 
 
+def weak_cast(x: Any, dtype: Any) -> Any:
+    """``x`` converted to ``dtype``, weakly typed (what ``jax.jit`` makes of a Python
+    number); ``astype`` and ``jnp.asarray`` make a strongly typed array."""
+    from jax._src.lax import lax as lax_internal
+
+    return lax_internal._convert_element_type(x, dtype, weak_type=True)
+
+
 def x64_enabled() -> bool:
     """Whether ``jax_enable_x64`` is on now (also inside ``jax.enable_x64``)."""
     return bool(jax.config.jax_enable_x64)

@@ -187,8 +187,10 @@ def as_traced(x: Any, dtype: Any) -> Any:
         return x
     if isinstance(x, (bool, int, float, complex)):
         weak = jnp.asarray(x)
-        if weak.dtype == dtype:
-            return weak
+        # (an int for a float traced: weakly typed too, as jax.jit takes it)
+        return weak if weak.dtype == dtype else C.weak_cast(weak, dtype)
+    if getattr(getattr(x, "aval", None), "weak_type", False):  # (one under jax.jit)
+        return C.weak_cast(x, dtype)
     return jnp.asarray(x, dtype)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import sys
 import threading
 import types
@@ -867,11 +868,11 @@ class _ArgBinder:
         for key in sorted(self.static_keys):
             old, new = (k.get(key, _MISSING) for k in keys)
             if not _same_static(old, new):
-                left = "left out"
                 raise SliceError(
                     f"static argument `{key}` (of **{self.varkw}) is "
-                    f"{left if new is _MISSING else _short(new)}, but the graph was traced "
-                    f"with {left if old is _MISSING else _short(old)}: {_FIXED}"
+                    f"{'left out' if new is _MISSING else _short(new)}, but the graph was "
+                    f"traced {'without it' if old is _MISSING else 'with ' + _short(old)}: "
+                    f"{_FIXED}"
                     f"{_UNDER_JIT if _is_tracer(new) else ''}"
                 )
         flat: list[Any] = []
@@ -1011,10 +1012,14 @@ def _differing_node(
     return walk(a, b, 0, 0)
 
 
+#: where an object's repr shows its address (which differs for an object made again)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _alike(a: Any, b: Any) -> str:
     """A hint for two static parts that print alike but differ (a function or a partial
     made again: compared by identity)."""
-    if _short(a) != _short(b):
+    if _ADDRESS.sub("", _short(a)) != _ADDRESS.sub("", _short(b)):
         return ""
     return (
         "; they print alike, but such objects are equal only to themselves (a function, "

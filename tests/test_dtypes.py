@@ -472,14 +472,15 @@ def test_eager_calls_keep_python_numbers_weakly_typed_as_jit_does():
     x, bf16 = jnp.ones(3), jnp.ones(2, jnp.bfloat16)
     g = js.trace(f, x, 2.0)
     assert jax.jit(f)(x, 3.0)[1].weak_type
-    for t in (
-        g.as_function()(x, 3.0)[1],
-        g.values_fn("t")(x, 3.0)["t"],
-        g.slice("s", "t")(3.0),
-        jax.jit(g.as_function())(x, 3.0)[1],
-    ):
-        allclose(t, 6.0)
-        assert t.weak_type and (bf16 * t).dtype == jnp.bfloat16
+    for s in (3.0, 3):  # (an int for the float traced too, as jax.jit takes it)
+        for t in (
+            g.as_function()(x, s)[1],
+            g.values_fn("t")(x, s)["t"],
+            g.slice("s", "t")(s),
+            jax.jit(g.as_function())(x, s)[1],
+        ):
+            allclose(t, 6.0)
+            assert t.weak_type and (bf16 * t).dtype == jnp.bfloat16
 
 
 def test_an_array_that_promotes_as_the_python_number_did_is_taken():

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from models import mlp_12782, mlp_12782_args
 
@@ -329,6 +330,14 @@ CATALOG = [
         js.SliceError,
         r"they print alike, but such objects are equal only to themselves .*: pass the "
         r"object traced with",
+    ),
+    (
+        "an optax optimizer made again where one was traced",
+        lambda g, a: js.trace(lambda x, opt: x.sum(), jnp.ones(2), optax.adam(1e-3)).as_function()(
+            jnp.ones(2), optax.adam(1e-3)
+        ),
+        js.SliceError,
+        r"`opt.init` is <function .*they print alike",
     ),
     (
         "an integer argument past int32",

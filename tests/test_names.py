@@ -265,6 +265,11 @@ def test_static_argnames_naming_keys_of_kwargs_hold_them_static():
         g.as_function()(x, w, scale=3.0)
     with pytest.raises(js.SliceError, match=r"`scale` \(of \*\*cfg\) is left out"):
         g.as_function()(x, w)
+    g = js.trace(scaled, x, w, scale=2.0, static_argnames=("scale", "mode"))
+    with pytest.raises(
+        js.SliceError, match=r"`mode` \(of \*\*cfg\) is 'a', but the graph was traced without it"
+    ):
+        g.as_function()(x, w, scale=2.0, mode="a")
 
 
 def test_a_jitted_functions_static_arguments_stay_static():
