@@ -142,6 +142,11 @@ def keyed_graph():
     return js.trace(keyed, {"b": jnp.ones(3), "w": jnp.ones(3)}, jnp.ones(3))
 
 
+def masked_graph():
+    """Traced with an options dict whose "mask" holds None."""
+    return js.trace(lambda x, o: x * o["scale"], jnp.ones(2), {"scale": jnp.ones(2), "mask": None})
+
+
 def flagged(x, train):
     return x * 2.0 if train else x
 
@@ -315,9 +320,9 @@ CATALOG = [
     ),
     (
         "an array where None was traced",
-        lambda g, a: js.trace(
-            lambda x, o: x * o["scale"], jnp.ones(2), {"scale": jnp.ones(2), "mask": None}
-        ).as_function()(jnp.ones(2), {"scale": jnp.ones(2), "mask": jnp.ones(2)}),
+        lambda g, a: masked_graph().as_function()(
+            jnp.ones(2), {"scale": jnp.ones(2), "mask": jnp.ones(2)}
+        ),
         js.SliceError,
         r"argument `o` is a tree of another structure than the one traced \(an array at "
         r"\['mask'\] \(traced with none there: None, or static data\)\)",
@@ -348,9 +353,7 @@ CATALOG = [
     ),
     (
         "a dict key holding None left out",
-        lambda g, a: js.trace(
-            lambda x, o: x * o["scale"], jnp.ones(2), {"scale": jnp.ones(2), "mask": None}
-        ).as_function()(jnp.ones(2), {"scale": jnp.ones(2)}),
+        lambda g, a: masked_graph().as_function()(jnp.ones(2), {"scale": jnp.ones(2)}),
         js.SliceError,
         r"argument `o` is a tree of another structure than the one traced \(no \['mask'\] "
         r"\(a key without arrays: None, or static data\)\)",
