@@ -1707,9 +1707,14 @@ def _library_kind(filename: str) -> str | None:
 
 
 @functools.cache
-def _library_prefixes() -> tuple[str, ...]:
+def _prefixes(*kinds: str) -> tuple[str, ...]:
+    """The folders of this environment's ``sysconfig`` paths of these kinds."""
     paths = sysconfig.get_paths()
-    return tuple({paths[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    return tuple({paths[k] + os.sep for k in kinds})
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    return _prefixes("stdlib", "platstdlib", "purelib", "platlib")
 
 
 @functools.lru_cache(maxsize=256)
@@ -1732,10 +1737,8 @@ def _installed_names(folder: str) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=1024)
 def _is_stdlib_file(filename: str) -> bool:
-    paths = sysconfig.get_paths()
-    stdlib = {paths[k] + os.sep for k in ("stdlib", "platstdlib")}
-    installed = {paths[k] + os.sep for k in ("purelib", "platlib")}
-    return filename.startswith(tuple(stdlib)) and not filename.startswith(tuple(installed))
+    stdlib, installed = _prefixes("stdlib", "platstdlib"), _prefixes("purelib", "platlib")
+    return filename.startswith(stdlib) and not filename.startswith(installed)
 
 
 def _is_user_function(fn: Any) -> bool:
