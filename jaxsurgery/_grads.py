@@ -158,11 +158,14 @@ class GradsFunction(TakesArguments):
             _, exposed = self._structured.run(flat_args, eps, outputs=False)
             loss = sum(jnp.sum(exposed[e]) for e in self._outs)
             raw = [exposed.raw(e) for e in self._wrt_exposures]
-            values = {
-                key: stack_rows([raw[j] for j in group]) if many else row_value(raw[group[0]])
-                for key, group, many in zip(self.keys, self._groups, self._stacked)
+            values = (
+                {
+                    key: stack_rows([raw[j] for j in group]) if many else row_value(raw[group[0]])
+                    for key, group, many in zip(self.keys, self._groups, self._stacked)
+                }
                 if raw
-            }
+                else {}
+            )
             return loss, ([exposed[h] for h in self._guards], values)
 
         return total

@@ -56,8 +56,8 @@ def replacement_jaxpr(
     """
     for v in (target, *inputs):  # (fn would be traced, and give, in 32 bits)
         if C.narrowed(v.dtype):
-            reads = f"reads {v.name!r}, {type_of(v)}"
-            raise C.x64_refusal(f"{what} {'must give ' + type_of(v) if v is target else reads}")
+            said = f"must give {type_of(v)}" if v is target else f"reads {v.name!r}, {type_of(v)}"
+            raise C.x64_refusal(f"{what} {said}")
     returned: list[Any] = []
 
     def refused(got: str, fix: str = f"return a value shaped like {target.name!r}") -> SliceError:
