@@ -672,23 +672,34 @@ def _exactly_one(
     if not hits:
         raise _no_match(graph, label, word, pattern)
     if len(hits) > 1:
-        shown = [_as_matched(graph, i, label, m, pattern) for i, m in sorted(hits.items())]
+        found = [_as_matched(graph, i, label, m, pattern) for i, m in sorted(hits.items())]
+        # a name two of them answer to alike (the outputs of one scope instance, "a#1"
+        # on y and z) tells nothing apart: their canonical names alone
+        other = [o for _, o in found if o is not None]
+        alike = len(set(other)) < len(other)
+        shown = [
+            n if o is None or alike else f"{n} (as {o})" if pattern is not None else f"{o} (= {n})"
+            for n, o in found
+        ]
         raise SelectionError(f"{label} is ambiguous: it matches {short_list(shown)}; pick one")
     return graph._var(next(iter(hits)))
 
 
-def _as_matched(graph: Graph, i: int, label: str, matched: str, pattern: Any) -> str:
-    """Var ``i`` in an ambiguity message: its canonical name, with the name that matched
-    where that differs (``x`` answers to ``h`` as ``h#0``, a parameter rebound as ``h``)."""
+def _as_matched(
+    graph: Graph, i: int, label: str, matched: str, pattern: Any
+) -> tuple[str, str | None]:
+    """Var ``i`` in an ambiguity message: its canonical name, and the name that matched
+    where that differs (``x`` answers to ``h`` as ``h#0``, a parameter rebound as
+    ``h``), else None."""
     name = graph._var(i).name
     if pattern is not None:
-        return name if matched == name else f"{name} (as {matched})"
+        return name, None if matched == name else matched
     stem = label.strip("'\"")
     numbered = _any_instance(stem)  # h#k; layer#i/h#k for a path without its numbers
     if name == stem or numbered.fullmatch(name):
-        return name
+        return name, None
     found = next((a for a in graph._var(i).aliases if numbered.fullmatch(a)), None)
-    return name if found is None else f"{found} (= {name})"
+    return name, found
 
 
 def _tagged_in_whole_loop(graph: Graph, name: str) -> str | None:

@@ -242,6 +242,27 @@ def test_a_glob_reports_the_alias_it_matched():
     assert g.select(re.compile("block#1")).matched == ("block#1",)
 
 
+def scopes_in_a_row(x):
+    with jax.named_scope("a"):
+        u = jnp.exp(x)
+    with jax.named_scope("b"):
+        v = jnp.tanh(u)
+    with jax.named_scope("a"):
+        y = jnp.sin(v)
+    with jax.named_scope("a"):  # right after the last: one instance with two outputs
+        z = jnp.cos(v)
+    return y * z
+
+
+def test_an_alias_two_values_share_is_ambiguous_by_their_canonical_names():
+    # (penzai: two sublayers of one name stack in a row, "2/0/1/0#2" on both)
+    g = js.trace(scopes_in_a_row, jnp.ones(3))
+    assert g.select("a#1").names == ("y", "z")
+    with pytest.raises(js.SelectionError, match=r"'a#1' is ambiguous: it matches y, z; pick one"):
+        g["a#1"]
+    assert g["a#0"] is g["u"]
+
+
 def test_glob_misses_suggest_names(g):
     with pytest.raises(
         js.SelectionError,
