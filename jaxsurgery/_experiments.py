@@ -88,7 +88,7 @@ class PatchFunction(TakesArguments):
         )
         self._key = selection_key(self.keys, self.vars, self._groups, self._stacked)
         warn_if_differentiated(graph, self.vars, "g.patch_fn")
-        self._sites = [graph._site_of(v) for v in self.vars]
+        self._sites = graph._sites_of(self.vars)
         self._fns = [_given(v.shape, v.dtype) for v in self.vars]
 
     def __call__(self, patches: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -32,24 +32,15 @@ from ._structured import (
     Extra,
     Row,
     Site,
-    Step,
     check_hits,
     iteration_run,
+    loop_value,
     row_value,
     stack_rows,
 )
 
 if TYPE_CHECKING:
     from ._graph import Graph
-
-
-def _loop_value(site: Site) -> tuple | None:
-    """What the iterations of one loop value have in common (None: not in a loop)."""
-    if not site.steps or site.steps[-1].iteration is None:
-        return None
-    last = site.steps[-1]
-    # the value before a patch there (``name@t.unpatched``) is another value
-    return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars, site.before
 
 
 @C.cached_per_mesh(256)
@@ -92,12 +83,12 @@ class GradsFunction(TakesArguments):
                 )
         self.keys = keys
         self._key = (var_keys(out_vars), selection_key(keys, wrt_vars, groups, stacked))
-        sites = [graph._site_of(v) for v in wrt_vars]
+        sites = graph._sites_of(wrt_vars)
         # one perturbation input per value; the iterations of one loop value share one
         # stacked input (its rows), so the scan takes it whole as xs
         inputs: dict[Any, list[int]] = {}
         for j, site in enumerate(sites):
-            inputs.setdefault(_loop_value(site) or j, []).append(j)
+            inputs.setdefault(loop_value(site) or j, []).append(j)
         self._inputs = list(inputs.values())
         self._avals = [v.aval for v in wrt_vars]
         edits = []

@@ -38,7 +38,17 @@ from ._names import Names
 from ._program import Program
 from ._promotion import alive, as_traced
 from ._scopes import scope_path
-from ._structured import Edit, Row, Site, Step, Structured, check_hits, row_value
+from ._structured import (
+    Edit,
+    Row,
+    Site,
+    Step,
+    Structured,
+    check_hits,
+    into_last_iteration,
+    loop_value,
+    row_value,
+)
 from ._traceback import boundary
 
 if TYPE_CHECKING:
@@ -801,6 +811,28 @@ class Graph(Identical):
             )
         return site
 
+    def _sites_of(self, vars_: Sequence[Var]) -> list[Site]:
+        """Each var's site (:meth:`_site_of`); a scan's result, the carry its last
+        iteration returns, asked with other iterations of that value (``step/h@*``),
+        where that iteration makes it (``_structured.into_last_iteration``), so the
+        loop runs once for them all. Not in a patched graph: a patch of the result
+        runs after the loop, and what is asked after it must stay there too."""
+        sites = [self._site_of(v) for v in vars_]
+        if self._structure.edits or len(sites) < 2:
+            return sites
+        closed = self._structure.closed
+        inside = {}
+        for j, site in enumerate(sites):
+            if not site.steps or site.steps[-1].iteration is None:
+                found = into_last_iteration(closed, site)
+                if found is not None:
+                    inside[j] = found
+        loops = {loop_value(s) for j, s in enumerate(sites) if j not in inside}
+        return [
+            inside[j] if j in inside and loop_value(inside[j]) in loops else site
+            for j, site in enumerate(sites)
+        ]
+
     def _exposing(self, vars_: Sequence[Var], edits: Sequence[Edit] = ()) -> tuple:
         """The structured program exposing ``vars_`` (after ``edits``), and its guards.
 
@@ -810,8 +842,7 @@ class Graph(Identical):
         patch (see ``Site.before``).
         """
         exposures, guards = [], []
-        for v in vars_:
-            site = self._site_of(v)
+        for site in self._sites_of(vars_):
             exposures.append(Edit(site, "expose"))
             if site.path_bound:
                 guards.append(Edit(Site(site.steps, ()), "hit"))

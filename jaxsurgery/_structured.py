@@ -164,6 +164,15 @@ def iteration_run(sites: Sequence[Site]) -> Site | None:
     return Site((*sites[0].steps[:-1], step), sites[0].vars, before=sites[0].before)
 
 
+def loop_value(site: Site) -> tuple | None:
+    """What the iterations of one loop value have in common (None: not in a loop)."""
+    if not site.steps or site.steps[-1].iteration is None:
+        return None
+    last = site.steps[-1]
+    # the value before a patch there (``name@t.unpatched``) is another value
+    return (*site.steps[:-1], Step(last.eqn, last.branch)), site.vars, site.before
+
+
 def stack_rows(vals: Sequence[Any]) -> Any:
     """``jnp.stack(vals)``, each run of rows ``r, r+1, ...`` of one input taken as one
     slice of it (the input itself when it is all of it): one op per run whatever its
@@ -1049,6 +1058,54 @@ def locate(closed: Any, steps: tuple[Step, ...], var: Any) -> Site:
         eqns.pop()
         levels.pop()
     return Site(steps, held, _path_bound(steps, eqns))
+
+
+def into_last_iteration(closed: Any, site: Site) -> Site | None:
+    """For a scan's result that :func:`locate` lifted out of the loop (the carry its last
+    iteration returns), where that iteration makes it: the same value, so an edit there
+    is the same edit, and with edits at the loop's other iterations the scan runs once
+    for all of them (a patch, perturbation or exposure of ``step/h@*`` split it before
+    its last iteration). None for any other site."""
+    if site.before is not None or len(site.vars) != 1:
+        return None
+    jaxpr = closed.jaxpr
+    for s in site.steps:
+        jaxpr = sub_jaxpr(jaxpr.eqns[s.eqn], s).jaxpr
+    e = _producers(jaxpr).get(site.vars[0])
+    if e is None or jaxpr.eqns[e].primitive.name != "scan":
+        return None
+    eqn = jaxpr.eqns[e]
+    _, n_carry = C.scan_layout(eqn)
+    k = eqn.outvars.index(site.vars[0])
+    body = eqn.params["jaxpr"].jaxpr
+    inner = body.outvars[k]
+    if k >= n_carry or not isinstance(inner, C.Var) or inner in body.invars:
+        return None
+    if any(inner in q.invars for q in body.eqns):  # read again in its iteration
+        return None
+    read = _read_vars(jaxpr)
+    if any(
+        o is inner and eqn.outvars[j] in read for j, o in enumerate(body.outvars) if j != k
+    ):  # also a ys row (or another carry) read after the loop: not the result alone
+        return None
+    last = _last_iteration(eqn)
+    assert last is not None
+    step = Step(e, iteration=last[0])
+    return Site((*site.steps, step), (inner,), site.path_bound)
+
+
+_PRODUCERS: dict[int, tuple[Any, dict[Any, int]]] = {}
+
+
+def _producers(jaxpr: Any) -> dict[Any, int]:
+    """The equation making each var of a jaxpr (kept per jaxpr)."""
+    found = _PRODUCERS.get(id(jaxpr))
+    if found is None or found[0] is not jaxpr:
+        made = {o: e for e, q in enumerate(jaxpr.eqns) for o in q.outvars}
+        if len(_PRODUCERS) > 64:
+            _PRODUCERS.clear()
+        found = _PRODUCERS[id(jaxpr)] = (jaxpr, made)
+    return found[1]
 
 
 _READ: dict[int, tuple[Any, set[Any]]] = {}
