@@ -76,10 +76,17 @@ class View(Shared):
             for c in g.children:
                 owner.setdefault(id(c), g.key)
             glob: str | list[str] = f"{g.path}/**" if g.kind in ("scope", "call") and g.path else ""
-            if glob and g.kind == "call" and not _names_under(graph, g):
-                glob = ""  # nothing inside it has a name under its path: the glob is empty
-            elif glob and g.kind == "call" and g.path in graph._names.lookup:
-                glob = [g.path, glob]  # its result too (a name outside its path)
+            if glob and g.kind == "call":
+                under, elsewhere = _named_inside(graph, g)
+                # its result (a name outside its path), the glob where something inside
+                # has a name under its path, and values named otherwise (by a scope a
+                # library opened: an einsum's, eqx.nn.Linear's), where few
+                glob = [
+                    *([g.path] if g.path in graph._names.lookup else []),
+                    *([glob] if under else []),
+                    *elsewhere,
+                ]
+                glob = glob[0] if len(glob) == 1 else glob if glob else ""
             group_rows.append(
                 {
                     "key": g.key,
@@ -234,13 +241,24 @@ def _css(box: str) -> str:
     return "".join(rules)
 
 
-def _names_under(graph: Graph, group: Any) -> bool:
-    """Whether a value of a call's group has a name under the call's path, so that its
-    card's ``g.select("<path>/**")`` selects something (the named values inside it; a
-    scope's glob also selects the unnamed ones, which have ``<scope>/%k`` aliases)."""
+#: the most values named otherwise than under a call's path that its card lists
+NAMED_ELSEWHERE = 8
+
+
+def _named_inside(graph: Graph, group: Any) -> tuple[bool, list[str]]:
+    """For a call's group: whether a value inside it has a name under the call's path,
+    so that its card's ``g.select("<path>/**")`` selects something (a scope's glob also
+    selects the unnamed ones, which have ``<scope>/%k`` aliases); and the canonical
+    names of the values inside named otherwise (a scope a library opened inside the
+    call, not under its path), up to :data:`NAMED_ELSEWHERE` (none where more)."""
     prefix = group.path + "/"
-    return any(
-        n.startswith(prefix)
-        for i in group.all_vars()
-        for n in (graph.vars[i].name, *graph.vars[i].aliases)
-    )
+    under, elsewhere = False, []
+    names = graph._names
+    for i in group.all_vars():
+        var = graph.vars[i]
+        if any(n.startswith(prefix) for n in (var.name, *var.aliases)):
+            under = True
+        elif var.name != group.path and names.parse_fallback(var.name) is None:
+            if var.primitive not in ("input", "const"):
+                elsewhere.append(var.name)
+    return under, elsewhere if len(elsewhere) <= NAMED_ELSEWHERE else []

@@ -10,6 +10,7 @@ from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 from jaxsurgery._hierarchy import hierarchy
+from jaxsurgery._interactive import NAMED_ELSEWHERE
 
 
 def test_the_data_holds_every_var_once_in_its_group():
@@ -37,11 +38,13 @@ def test_the_data_holds_every_var_once_in_its_group():
 def test_a_group_card_selector_selects_inside_its_group(name):
     """A call group's card offers ``g.select(["<path>", "<path>/**"])`` only where it
     selects values of the group, never a selector that fails: its result (which the
-    glob alone missed) and the values named inside it."""
+    glob alone missed) and the values named inside it, also those a library's scope
+    names (an NNX attention's einsums, Equinox's ``eqx.nn.Linear#0``), where few."""
     g = MODELS[name]()
     groups = {group.key: group for group in hierarchy(g).walk()}
     calls = 0
     for row in g.view().data()["groups"]:
+        selected = set()
         if row["glob"]:
             selected = {v.index for v in g.select(row["glob"])}  # no SelectionError
             group = groups[row["key"]]
@@ -49,6 +52,16 @@ def test_a_group_card_selector_selects_inside_its_group(name):
             if row["kind"] == "call" and group.path in g.names():
                 calls += 1
                 assert g[group.path].index in selected, row["glob"]
+        if row["kind"] == "call":  # every value named inside: also by a library's scope
+            named = [
+                v
+                for v in (g.vars[i] for i in groups[row["key"]].all_vars())
+                if not v.name.startswith("%") and v.primitive not in ("input", "const")
+            ]
+            elsewhere = [v for v in named if not v.name.startswith(row["path"] + "/")]
+            if len(elsewhere) <= NAMED_ELSEWHERE:
+                missed = [v.name for v in named if v.index not in selected]
+                assert not missed, (row["glob"], missed)
     assert calls
 
 
