@@ -186,6 +186,20 @@ def check_depth(depth: Any) -> int | None:
     return whole
 
 
+def check_max_nodes(max_nodes: Any) -> int:
+    """``max_nodes`` as an int; a SelectionError unless it is a whole number >= 1."""
+    try:
+        whole = operator.index(max_nodes)
+    except TypeError:
+        whole = 0
+    if isinstance(max_nodes, bool) or whole < 1:
+        raise SelectionError(
+            f"max_nodes={max_nodes!r} is not a number of nodes: pass an int >= 1 (past it, "
+            "groups are drawn as boxes)"
+        )
+    return whole
+
+
 def layout_graph(
     graph: Graph,
     highlight: Any = None,
@@ -196,7 +210,7 @@ def layout_graph(
     """Nodes and edges to draw: every var, or the groups of the tree collapsed."""
     from ._graph import short_type
 
-    depth = check_depth(depth)
+    depth, max_nodes = check_depth(depth), check_max_nodes(max_nodes)
     role_of = roles(graph, highlight)
     base = "faded" if role_of else "plain"
     edges_v = graph._program.var_edges()
@@ -320,7 +334,7 @@ def draw(
 ) -> Drawing:
     """Render SVG with Graphviz (``engine="dot"``), the built-in layout, or the best present."""
     if engine not in ("auto", "dot", "builtin"):
-        raise ValueError(f"unknown engine {engine!r}; use 'auto', 'dot' or 'builtin'")
+        raise SelectionError(f"unknown engine {engine!r}: use 'auto', 'dot' or 'builtin'")
     with progress(f"drawing {len(graph.vars)} vars"):
         return _draw(graph, highlight, max_nodes, engine, depth, expand)
 

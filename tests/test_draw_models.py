@@ -214,6 +214,12 @@ def test_a_slice_of_another_graph_or_a_bad_depth_is_an_error(mlp):
         mlp.draw(highlight=other)
     with pytest.raises(js.SelectionError, match="depth=0"):
         mlp.to_dot(depth=0)
+    for bad in ("x", 0, 2.5, True):  # (a str reached a raw TypeError in a comparison)
+        for call in (mlp.draw, mlp.to_dot):
+            with pytest.raises(js.SelectionError, match=f"max_nodes={bad!r} is not a number"):
+                call(max_nodes=bad)
+    with pytest.raises(js.SelectionError, match="unknown engine 'neato': use 'auto'"):
+        mlp.draw(engine="neato")
 
 
 def test_a_slice_marks_the_blocks_it_touches_and_can_open_them():
