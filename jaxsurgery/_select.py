@@ -374,9 +374,17 @@ def _no_scope(graph: Graph, scope: str) -> SelectionError:
                 f"are per iteration: select its outputs with g.select({scope + '@*'!r}), or "
                 f"at one iteration, g[{scope + '@3'!r}]"
             )
+    lookup = graph._names.lookup
+    call = (
+        f"; {scope!r} is a path of names, not a scope (a name stack entry): the values "
+        f"named under it are g.select({scope + '/**'!r})"
+        + (f", the value it names g[{scope!r}]" if scope in lookup else "")
+        if scope in lookup or any(n.startswith(scope + "/") for n in lookup)
+        else ""
+    )
     return SelectionError(
         f"no var is in the scope {scope!r}{did_you_mean(scope, scopes)}"
-        f"{listed or ' (this graph has no scopes)'}"
+        f"{listed or ' (this graph has no scopes)'}{call}"
     )
 
 

@@ -311,6 +311,30 @@ def test_filters_reject_what_cannot_match(g):
         s.select(scope="blok")
 
 
+def _inner(h):
+    a = jnp.cos(h)
+    return a * 2
+
+
+def test_a_call_path_given_as_a_scope_points_to_its_glob():
+    """A call's path (a box of the view) is no scope: the error says how to select it."""
+
+    def outer(x):
+        with jax.named_scope("s"):
+            h = jnp.sin(x)
+        return _inner(h)
+
+    g = js.trace(outer, jnp.ones(2))
+    with pytest.raises(
+        js.SelectionError,
+        match=r"scopes: s\); '_inner' is a path of names, not a scope \(a name stack entry\): "
+        r"the values named under it are g\.select\('_inner/\*\*'\), the value it names "
+        r"g\['_inner'\]",
+    ):
+        g.select(scope="_inner")
+    assert g.select("_inner/**").names == ("h", "_inner/a")  # its parameter, its value
+
+
 def test_a_primitive_only_inside_a_folded_loop_says_which_names_it_makes():
     """``g.select(primitive="tanh")`` where tanh runs only in a scan's body: a
     SelectionError naming the per-iteration names, which select those values (it was
