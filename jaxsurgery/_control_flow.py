@@ -157,8 +157,10 @@ class Folded:
             self._template = Program(self.body, None, fold=INNER_UNROLL_LIMIT)
         return self._template
 
-    def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site:
-        """The site of template var ``ti`` at iteration ``t`` in the whole program.
+    def site(self, ti: int, t: int, closed: Any, while_trips: dict) -> Site | None:
+        """The site of template var ``ti`` at iteration ``t`` in the whole program, or
+        None for a value the template's own index made (a row of an inner loop it
+        unrolls: no value of the nested program).
 
         Sites of one body value differ only in the iteration, except at the last one
         (where a carry is the loop's result): one is located, the others are copies.
@@ -169,7 +171,10 @@ class Folded:
             site = known[0]
             steps = (*site.steps[:depth], Step(self.pos, iteration=t), *site.steps[depth + 1 :])
             return Site(steps, site.vars, site.path_bound)
-        tsteps, nested = self.template.found(ti)
+        found = self.template.found(ti)
+        if found is None:
+            return None
+        tsteps, nested = found
         steps = (*self.steps, Step(self.pos, iteration=t), *tsteps)
         site = locate(closed, steps, nested)
         inside = len(site.steps) > depth and site.steps[depth] == steps[depth]

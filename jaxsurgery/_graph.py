@@ -918,7 +918,8 @@ class Graph(Identical):
             return None
         site, depth = v.site(), len(loop.steps)
         if (
-            site.path_bound
+            site is None
+            or site.path_bound
             or len(site.steps) <= depth
             or site.steps[depth].iteration != v.iteration
         ):

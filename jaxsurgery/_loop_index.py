@@ -501,8 +501,8 @@ class LoopIndex:
         """The flat var holding the same value (a loop result), or None."""
         site = v.site()
         program = self.graph._program
-        if len(site.steps) > len(v._loop.steps):
-            return None  # still inside the loop
+        if site is None or len(site.steps) > len(v._loop.steps):
+            return None  # still inside the loop (or made by the index)
         found = [j for j, _ in program.locate(site.vars[0]) if program.site(j) == site]
         return self.graph.vars[found[0]] if len(found) == 1 else None
 
@@ -843,7 +843,8 @@ class VirtualVar(Var):
     def users(self) -> tuple[Any, ...]:
         return self._graph._loop_index.users(self)
 
-    def site(self) -> Site:
+    def site(self) -> Site | None:
+        """Where it lives in the nested program (None: a value the index made)."""
         if self._cached_site is None:
             program = self._graph._program
             self._cached_site = self._loop.site(

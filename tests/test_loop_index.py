@@ -982,3 +982,50 @@ def test_an_unnamed_carry_is_named_by_the_parameter_that_takes_it_next():
     assert g[v.aliases[0]] is v
     allclose(g.value("step/t@3"), 6.0)
     assert "step/i@3" in g.select("step/*@3").names
+
+
+def _nested_scans(x, ws):  # ws: (outer, inner, 4, 4); the inner scan short: unrolled
+    def outer(h, w3):
+        def inner(h, w):
+            return jnp.sin(h @ w) + h, None
+
+        hn, _ = jax.lax.scan(inner, h, w3)
+        return hn, None
+
+    y, _ = jax.lax.scan(outer, x, ws)
+    return jnp.sum(y**2)
+
+
+class _Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        pre = nn.Dense(5)(x)
+        return jnp.sin(pre) + x
+
+
+class _RematScan(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.sum(nn.remat_scan(_Inner, lengths=(2, 3))()(x) ** 2)
+
+
+def test_values_an_unrolled_inner_loop_makes_list_and_differentiate_at_every_iteration():
+    """An inner scan the outer body's index unrolls makes its rows of ``xs`` itself
+    (``outer/inner/w@1@2``, no value of the nested program): the table, globs,
+    producers and users at outer iterations past the first crashed (TypeError)."""
+    x = jnp.ones(4)
+    ws = jax.random.normal(jax.random.key(0), (2, 3, 4, 4)) / 3
+    g = js.trace(_nested_scans, x, ws)
+    reference = jax.grad(_nested_scans, argnums=1)(x, ws)
+    for name, t in [("outer/inner/w@1@2", (1, 2)), ("outer/w3@1", 1)]:
+        v = g[name]
+        assert v.producers and v.users  # (no TypeError)
+        allclose(g.value(v), ws[t])
+        allclose(g.grads("out", wrt=[name])[name], reference[t], atol=1e-5)
+        allclose(jax.grad(g.slice(name, "out"))(ws[t]), reference[t], atol=1e-5)
+    assert "outer/inner/w@1@2" in str(g.select("**"))
+    # Flax's nn.remat_scan: a scan of scans (a glob crashed)
+    xs = jax.random.normal(jax.random.key(2), (2, 5))
+    model = _RematScan()
+    g = js.trace(model.apply, model.init(jax.random.key(1), xs), xs)
+    assert len(g.select("**@1")) > 0 and len(g.select("**@*")) > 0
