@@ -787,7 +787,8 @@ def _no_match(
             return SelectionError(
                 f"no var named {label}: iterations have no leading zeros, {base + '@' + spelt!r}"
             )
-        tmpls = graph._loop_index.names.get(base, ())
+        # (a body value nothing names answers to loop<k>%<i>@t)
+        tmpls = graph._loop_index.names.get(base, ()) or graph._loop_index._unnamed(base)
         for tmpl in tmpls[:1]:
             n = graph._loop_index.length(graph._program.folded[tmpl.loop], need=True) or 0
             given = iterations.split("@")

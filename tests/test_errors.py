@@ -741,6 +741,12 @@ CATALOG = [
         r"\.\. 'outer/inner/c2@3@2'\)",
     ),
     (
+        "an unnamed body value past the loop's end",  # (no range was said)
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2)))["loop0%0@70"],
+        js.SelectionError,
+        r"'loop0%0' is inside a loop of 50 iterations, 0 \.\. 49 \('loop0%0@0' \.\. 'loop0%0@49'\)",
+    ),
+    (
         "a loop value's name without its body's path",
         lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2)))["h_new@3"],
         js.SelectionError,
