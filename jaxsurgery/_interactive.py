@@ -256,9 +256,10 @@ def _named_inside(graph: Graph, group: Any) -> tuple[bool, list[str]]:
     names = graph._names
     for i in group.all_vars():
         var = graph.vars[i]
-        if any(n.startswith(prefix) for n in (var.name, *var.aliases)):
+        every = (var.name, *var.aliases)
+        if any(n.startswith(prefix) for n in every):
             under = True
-        elif var.name != group.path and names.parse_fallback(var.name) is None:
+        elif group.path not in every and names.parse_fallback(var.name) is None:
             if var.primitive not in ("input", "const"):
                 elsewhere.append(var.name)
     return under, elsewhere if len(elsewhere) <= NAMED_ELSEWHERE else []
