@@ -47,6 +47,7 @@ from ._hierarchy import (
     expanded_to,
     hierarchy,
     min_width_apart,
+    split_path,
     touching,
     visible,
 )
@@ -247,12 +248,33 @@ def layout_graph(
         else:
             detail = f"{short_type(v.aval)} {v.primitive}"
             nodes[key] = Node(key, v.name, detail, role, v.name)
+    _labels_apart([n for n in nodes.values() if n.group], groups)
     edges: dict[tuple[str, str], None] = {}
     for a, b in edges_v:
         edge = (node_of[a], node_of[b])
         if edge[0] != edge[1]:
             edges[edge] = None
     return list(nodes.values()), list(edges)
+
+
+def _labels_apart(boxes: list[Node], groups: dict[str, Group]) -> None:
+    """Boxes of groups whose labels read alike (``block_0`` under each of four block
+    groups, their parents not drawn) labelled by as much of their paths' tails as
+    tells them apart (``block_group_1/block_0``)."""
+    alike: dict[str, list[Node]] = {}
+    for n in boxes:
+        alike.setdefault(n.label, []).append(n)
+    for same in alike.values():
+        paths = [split_path(groups[n.key].path) for n in same]
+        if len(same) < 2 or any(not p for p in paths) or len({tuple(p) for p in paths}) < len(same):
+            continue
+        inputs = [n.label.endswith(" (inputs)") for n in same]
+        for k in range(2, max(len(p) for p in paths) + 1):
+            tails = ["/".join(p[-k:]) for p in paths]
+            if len(set(tails)) == len(tails):
+                break
+        for n, tail, marked in zip(same, tails, inputs):
+            n.label = f"{tail} (inputs)" if marked else tail
 
 
 def _legend(nodes: list[Node]) -> list[str]:
@@ -403,7 +425,13 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
     legend = _legend(nodes)
     # labels cut to at least 22 characters, more where that would make two read alike
     # (params['enc']…['kernel'] and params['dec']…['kernel']); boxes as wide as they need
-    chars = min(min_width_apart([n.label for n in nodes], 22), MAX_LABEL)
+    labels = [n.label for n in nodes]
+    chars = min(min_width_apart(labels, 22), MAX_LABEL)
+    # still alike at the cap (variables['batch_stats']…['mean'] for each block's), the
+    # tails, where they tell more apart (…['ResNetBlock_1']['BatchNorm_0']['mean'])
+    cut = min(
+        (clip_keys, clip_left), key=lambda c: len(labels) - len({c(t, chars) for t in labels})
+    )
     box_w, box_h, gap_x, gap_y, pad = max(150, round(chars * 6.8)), 38, 24, 34, 16
     top = pad + (22 if legend else 0)
     width = pad * 2 + max(len(r) for r in rows.values()) * (box_w + gap_x) - gap_x
@@ -449,7 +477,7 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="6" '
             f'fill="{fill}" stroke="{stroke}" stroke-width="{width_px}"{dash}/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 16:.1f}" font-size="12" text-anchor="middle" '
-            f'fill="{text_color}">{html.escape(clip_keys(n.label, chars))}</text>'
+            f'fill="{text_color}">{html.escape(cut(n.label, chars))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 30:.1f}" font-size="10" text-anchor="middle" '
             f'fill="{text_color}">{html.escape(clip_left(n.detail, 26))}</text></g>'
         )

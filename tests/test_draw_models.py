@@ -81,8 +81,11 @@ def test_inside_a_block_and_an_nnx_model_by_depth():
     labels, _ = dot_graph(MODELS["nnx"]().to_dot(depth=2))
     assert {"l1", *(f"layers[{k}]" for k in range(BLOCKS))} <= set(labels.values())
     # Equinox: a layer's call and the scope it makes are one box, named by the call
+    # (each block's, by its block: block#0/ln1)
     labels, _ = dot_graph(equinox_transformer().to_dot(depth=3))
-    assert {"ln1", "attention", "ln2", "mlp"} <= set(labels.values())
+    for part in ("ln1", "attention", "ln2", "mlp"):
+        boxes = [label for label in labels.values() if label.split("/")[-1] == part]
+        assert len(boxes) == len(set(boxes)) > 1 and all("block" in b for b in boxes), boxes
 
 
 def test_long_labels_keep_their_tail_and_pytree_keys_stay_whole():
@@ -344,3 +347,30 @@ def test_builtin_picture_labels_stay_apart_as_dots_do():
     svg = ET.fromstring(g.draw(engine="builtin").svg)
     widths = {float(r.get("width")) for r in svg.iter(f"{SVG}rect") if r.get("rx") == "6"}
     assert max(widths) <= 7 * 40
+
+
+def test_boxes_and_labels_alike_but_for_their_paths_read_apart():
+    """Groups of one label under different parents (Haiku's block_0 in every block
+    group) read by as much of their paths as tells them apart; a parameter path that a
+    cut at the built-in layout's widest label leaves alike but for its middle (each
+    block's BatchNorm statistics), by its tail."""
+
+    def blocks(x):
+        for b in range(2):
+            with jax.named_scope(f"group_{b}"):
+                for k in range(2):
+                    with jax.named_scope(f"block_{k}"):
+                        x = jnp.sin(x) * 2.0 + 1.0
+        return x
+
+    g = js.trace(blocks, jnp.ones(3))
+    labels = sorted(dot_graph(g.to_dot(depth=2))[0].values())
+    assert labels == [f"group_{b}/block_{k}" for b in range(2) for k in range(2)] + ["x#0"]
+
+    stats = {f"ResNetBlock_{k}": {"BatchNorm_0": {"mean": jnp.ones(3)}} for k in range(3)}
+    g = js.trace(
+        lambda v, x: sum(x * s["BatchNorm_0"]["mean"] for s in v.values()), stats, jnp.ones(3)
+    )
+    svg = ET.fromstring(g.draw(engine="builtin").svg)
+    means = [t.text for t in svg.iter(f"{SVG}text") if "mean" in (t.text or "")]
+    assert len(means) == 3 and len(set(means)) == 3, means
