@@ -1084,6 +1084,8 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
                 out = target(*args, **kwargs)
                 if type(out) is types.GeneratorType:  # its body runs when iterated
                     out = _in_frame(recorder, frame, out)
+                elif type(out) is _GENERATOR_CONTEXT and type(out.gen) is types.GeneratorType:
+                    out.gen = _in_frame(recorder, frame, out.gen)  # entered, then exited
             if jitted is not None:
                 owner = getattr(jitted, "owner", None)  # a jitted __call__: its object first
                 inputs = (args if owner is None else (owner, *args), kwargs)
@@ -1193,6 +1195,10 @@ def _call_target(fn: Any) -> tuple[Any, _Jitted | None]:
         return functools.partial(inner, *fn.args, **fn.keywords), None
     if jitted is None and is_jit(fn):  # (a jit of a partial has functools' __module__)
         jitted = _jitted(fn)
+    if jitted is None and _user_context_manager(fn):
+        # @contextlib.contextmanager on a user generator function: the context manager
+        # of its rewritten copy, whose steps run in the call's frame (see _call)
+        return contextlib.contextmanager(rewritten(fn.__wrapped__)[0]), None
     if jitted is None and (_is_jax_or_builtin(fn) or scoped_module(fn)):
         return None, None  # a linen/Haiku module's own methods run as call_method runs them
     haiku = haiku_rewritten(fn, rewritten) if jitted is None else None
@@ -1541,6 +1547,27 @@ def _transforming(fn: Any) -> Any:
             return fn(*args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def _context_helper() -> Iterator[None]:
+    yield
+
+
+#: what ``@contextlib.contextmanager`` makes of a generator function, and what that
+#: returns when called
+_CONTEXT_HELPER_CODE = _context_helper.__code__
+_GENERATOR_CONTEXT = type(_context_helper())
+
+
+def _user_context_manager(fn: Any) -> bool:
+    """Whether ``fn`` is ``@contextlib.contextmanager`` on a user generator function."""
+    return (
+        type(fn) is types.FunctionType
+        and fn.__code__ is _CONTEXT_HELPER_CODE
+        and _is_user_function(getattr(fn, "__wrapped__", None))
+        and inspect.isgeneratorfunction(fn.__wrapped__)
+    )
 
 
 def _in_frame(recorder: Recorder, frame: int, gen: Any) -> Any:

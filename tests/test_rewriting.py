@@ -2,6 +2,7 @@
 the function with its assignments marked and its calls framed, compiled from its source.
 References: the function called directly."""
 
+import contextlib
 import functools
 import importlib
 import sys
@@ -437,6 +438,48 @@ def test_what_a_generator_binds_is_named_in_its_own_frame():
         return first
 
     allclose(same_as_direct(one_step, x).value("_yielding/y"), 2 * x)
+
+
+@contextlib.contextmanager
+def _scaled_by(v):
+    s = jnp.exp(v)
+    yield s * 2
+    after = jnp.sin(s)  # noqa: F841 (runs when the block ends)
+
+
+@contextlib.contextmanager
+def _forgiving(v):
+    try:
+        yield v * 3
+    except ValueError:
+        pass
+
+
+def test_what_a_user_context_manager_binds_is_named_in_its_frame():
+    """``@contextlib.contextmanager`` on a user generator: its body ran unnamed (inside
+    contextlib, library code). An exception in the block reaches it as it runs directly."""
+
+    def f(x):
+        with _scaled_by(x) as y:
+            z = jnp.tanh(y)
+        with _forgiving(z) as w:
+            if w.shape == (3,):
+                raise ValueError("swallowed by the context manager")
+        return z + w
+
+    x = jnp.arange(1.0, 4.0)
+    g = same_as_direct(f, x)
+    allclose(g.value("_scaled_by/s"), jnp.exp(x))
+    allclose(g.value("y"), 2 * jnp.exp(x))
+    assert "_scaled_by/after" in g.names()
+
+    def raising(x):
+        with _scaled_by(x) as y:
+            raise KeyError("not caught")
+        return y
+
+    with pytest.raises(KeyError, match="not caught"):
+        js.trace(raising, x)
 
 
 def _register(fn):
