@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import html
+import numbers
 import operator
 import shutil
 import subprocess
@@ -187,18 +188,16 @@ def check_depth(depth: Any) -> int | None:
     return whole
 
 
-def check_max_nodes(max_nodes: Any) -> int:
-    """``max_nodes`` as an int; a SelectionError unless it is a whole number >= 1."""
-    try:
-        whole = operator.index(max_nodes)
-    except TypeError:
-        whole = 0
-    if isinstance(max_nodes, bool) or whole < 1:
+def check_max_nodes(max_nodes: Any) -> float:
+    """``max_nodes``; a SelectionError unless it is a number >= 1 (``float("inf")``:
+    never collapse)."""
+    number = not isinstance(max_nodes, bool) and isinstance(max_nodes, numbers.Real)
+    if not (number and max_nodes >= 1):  # (NaN too)
         raise SelectionError(
             f"max_nodes={max_nodes!r} is not a number of nodes: pass an int >= 1 (past it, "
-            "groups are drawn as boxes)"
+            "groups are drawn as boxes), or float('inf')"
         )
-    return whole
+    return max_nodes
 
 
 def layout_graph(

@@ -811,19 +811,22 @@ class Graph(Identical):
             )
         return site
 
-    def _sites_of(self, vars_: Sequence[Var]) -> list[Site]:
+    def _sites_of(self, vars_: Sequence[Var], edits: Sequence[Edit] = ()) -> list[Site]:
         """Each var's site (:meth:`_site_of`); a scan's result, the carry its last
         iteration returns, asked with other iterations of that value (``step/h@*``),
         where that iteration makes it (``_structured.into_last_iteration``), so the
-        loop runs once for them all. Not in a patched graph: a patch of the result
-        runs after the loop, and what is asked after it must stay there too."""
+        loop runs once for them all. Not where an edit is at the result after the loop
+        (of ``edits``, the run's others: a perturbation of the result alone), or in a
+        patched graph (a patch of the result runs there): what is read of it after
+        such an edit must stay after it."""
         sites = [self._site_of(v) for v in vars_]
         if self._structure.edits or len(sites) < 2:
             return sites
+        after = {e.site for e in edits}
         closed = self._structure.closed
         inside = {}
         for j, site in enumerate(sites):
-            if not site.steps or site.steps[-1].iteration is None:
+            if (not site.steps or site.steps[-1].iteration is None) and site not in after:
                 found = into_last_iteration(closed, site)
                 if found is not None:
                     inside[j] = found
@@ -842,7 +845,7 @@ class Graph(Identical):
         patch (see ``Site.before``).
         """
         exposures, guards = [], []
-        for site in self._sites_of(vars_):
+        for site in self._sites_of(vars_, edits):
             exposures.append(Edit(site, "expose"))
             if site.path_bound:
                 guards.append(Edit(Site(site.steps, ()), "hit"))

@@ -1083,10 +1083,11 @@ def into_last_iteration(closed: Any, site: Site) -> Site | None:
         return None
     if any(inner in q.invars for q in body.eqns):  # read again in its iteration
         return None
-    read = _read_vars(jaxpr)
     if any(
-        o is inner and eqn.outvars[j] in read for j, o in enumerate(body.outvars) if j != k
-    ):  # also a ys row (or another carry) read after the loop: not the result alone
+        o is inner and not isinstance(eqn.outvars[j], C.DropVar)
+        for j, o in enumerate(body.outvars)
+        if j != k
+    ):  # also a ys row or another carry (asked for, if not read): not the result alone
         return None
     last = _last_iteration(eqn)
     assert last is not None

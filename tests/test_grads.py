@@ -261,6 +261,45 @@ def test_every_step_of_a_carry_only_scan_is_one_loop():
     allclose(patched.grads_fn("out", every)(ws, x)["h"], jax.grad(patched_by_hand)(zeros))
 
 
+def test_the_result_asked_alone_or_twice_is_read_where_the_function_has_it():
+    """Regressions of reading a scan's result inside its last iteration: with the
+    result perturbed alone (after the loop), every step asked as the output read the
+    result before the perturbation (zero gradient); and where the last iteration's
+    value is also a ys row the function leaves unread but the call asks for, the
+    perturbation of the result reached that row."""
+    T = 4
+    ws = jax.random.normal(jax.random.key(0), (T, 3, 3)) / 2
+    x = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    g = js.trace(_carry_only, ws, x)
+    every = [v.name for v in g.select("step/h#1@*")]
+    assert every[-1] == "h"  # the result
+    allclose(g.grads(every, ["h"])["h"], jnp.ones((2, 3)))  # d(sum of every h)/d(h)
+    allclose(jax.jit(g.grads_fn(every, ["h"]))(ws, x)["h"], jnp.ones((2, 3)))
+
+    def also_ys(ws, x):  # hs unread by the function
+        def step(h, w):
+            h = jnp.tanh(h @ w)
+            return h, h
+
+        h, hs = jax.lax.scan(step, x, ws)
+        return jnp.sum(h**2)
+
+    g = js.trace(also_ys, ws, x)
+    every = [v.name for v in g.select("step/h#1@*")]
+    got = g.grads_fn("hs", {"h": every})(ws, x)["h"]
+
+    def hs_by_hand(eps):  # the result's perturbation (the last row) is after the loop
+        def step(h, inp):
+            h = jnp.tanh(h @ inp[0]) + inp[1]
+            return h, h
+
+        return jnp.sum(jax.lax.scan(step, x, (ws, eps.at[-1].set(0.0)))[1])
+
+    reference = jax.grad(hs_by_hand)(jnp.zeros((T, 2, 3)))
+    allclose(got, reference)
+    allclose(got[-1], jnp.zeros((2, 3)))  # hs does not hold the result's perturbation
+
+
 @pytest.mark.parametrize("T", [12, 200])
 def test_gradients_at_a_run_of_iterations_are_one_edit(T):
     """Consecutive iterations ``t..u`` of one loop value: one edit over the range (its
