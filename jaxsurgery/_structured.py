@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -1095,33 +1096,45 @@ def into_last_iteration(closed: Any, site: Site) -> Site | None:
     return Site((*site.steps, step), (inner,), site.path_bound)
 
 
-_PRODUCERS: dict[int, tuple[Any, dict[Any, int]]] = {}
-
-
 def _producers(jaxpr: Any) -> dict[Any, int]:
-    """The equation making each var of a jaxpr (kept per jaxpr)."""
-    found = _PRODUCERS.get(id(jaxpr))
-    if found is None or found[0] is not jaxpr:
-        made = {o: e for e, q in enumerate(jaxpr.eqns) for o in q.outvars}
-        if len(_PRODUCERS) > 64:
-            _PRODUCERS.clear()
-        found = _PRODUCERS[id(jaxpr)] = (jaxpr, made)
-    return found[1]
-
-
-_READ: dict[int, tuple[Any, set[Any]]] = {}
+    """The equation making each var of a jaxpr (kept per jaxpr, see :func:`_per_jaxpr`)."""
+    return _per_jaxpr(
+        _PRODUCERS, jaxpr, lambda: {o: e for e, q in enumerate(jaxpr.eqns) for o in q.outvars}
+    )
 
 
 def _read_vars(jaxpr: Any) -> set[Any]:
     """The vars a jaxpr's equations read or it returns (kept per jaxpr)."""
-    found = _READ.get(id(jaxpr))
-    if found is None or found[0] is not jaxpr:
-        read = {a for e in jaxpr.eqns for a in e.invars if not isinstance(a, C.Literal)}
-        read.update(a for a in jaxpr.outvars if not isinstance(a, C.Literal))
-        if len(_READ) > 256:
-            _READ.clear()
-        found = _READ[id(jaxpr)] = (jaxpr, read)
-    return found[1]
+
+    def read() -> set[Any]:
+        found = {a for e in jaxpr.eqns for a in e.invars if not isinstance(a, C.Literal)}
+        found.update(a for a in jaxpr.outvars if not isinstance(a, C.Literal))
+        return found
+
+    return _per_jaxpr(_READ, jaxpr, read)
+
+
+_READ: dict[int, tuple[Any, Any]] = {}
+_PRODUCERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _per_jaxpr(cache: dict[int, tuple[Any, Any]], jaxpr: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``cache`` for ``jaxpr`` while it lives (by a weak reference:
+    a graph's program, dropped, is not kept alive by this cache, and its entry goes)."""
+    key = id(jaxpr)
+    found = cache.get(key)
+    if found is not None and found[0]() is jaxpr:
+        return found[1]
+    if len(cache) > 256:
+        cache.clear()
+
+    def gone(ref: Any) -> None:
+        if cache.get(key, (None,))[0] is ref:
+            del cache[key]
+
+    value = make()
+    cache[key] = (weakref.ref(jaxpr, gone), value)
+    return value
 
 
 def carry_entry(closed: Any, site: Site) -> Site:
