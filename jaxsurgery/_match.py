@@ -20,7 +20,7 @@ Sharp edge: params that carry shapes (``broadcast_in_dim``'s ``shape``, ``reshap
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -531,73 +531,78 @@ class _Matcher:
         outs = t.eqn_out[anchor_eqn]
         if pos >= len(outs):
             return None
-        state = self._var(out0, outs[pos], _State({}, {}))
-        if state is None:
-            return None
-        for o in p.outputs[1:]:
-            pe = p.producer[o]
-            if pe not in state.eqn_map:
-                return None  # an output not computed along the first one's ancestry
-        if not self._closed(state):
-            return None
-        return state
+        # every way the pattern unifies, in turn (commutative operands in either order,
+        # undone where a later operand fails), until one is a match
+        for state in self._var(out0, outs[pos], _State({}, {})):
+            if all(p.producer[o] in state.eqn_map for o in p.outputs[1:]) and self._closed(
+                state
+            ):  # (an output not computed along the first one's ancestry: none)
+                return state
+        return None
 
-    def _var(self, pv: int, tv: Any, state: _State) -> _State | None:
-        """Unify pattern var ``pv`` with target atom ``tv`` (a var index or Literal)."""
+    def _var(self, pv: int, tv: Any, state: _State) -> Iterator[_State]:
+        """The ways pattern var ``pv`` unifies with target atom ``tv`` (a var index or
+        Literal) from ``state``: states extending it, which may be ``state`` itself
+        (changed) where there is one way; a state to try again is copied first."""
         p, t = self.p, self.t
         pe = p.producer[pv]
         if pe < 0 and pv >= p.num_inputs:  # a pattern constant (a captured array)
-            return state if _same_constant(p.consts[pv - p.num_inputs], t, tv) else None
+            if _same_constant(p.consts[pv - p.num_inputs], t, tv):
+                yield state
+            return
         if pe < 0:  # a pattern input: binds any one target value
             key = tv if not isinstance(tv, C.Literal) else ("literal", id(tv))
             if pv in state.binding:
-                return state if state.binding[pv] == key else None
+                if state.binding[pv] == key:
+                    yield state
+                return
             state.binding[pv] = key
-            return state
+            yield state
+            return
         if isinstance(tv, C.Literal):
-            return None
+            return
         te = t.producer[tv]
         if te < 0:
-            return None
+            return
         if p.eqn_out[pe].index(pv) != t.eqn_out[te].index(tv):
-            return None
+            return
         if pe in state.eqn_map:
-            return state if state.eqn_map[pe] == te else None
+            if state.eqn_map[pe] == te:
+                yield state
+            return
         if te in state.eqn_map.values():
-            return None
+            return
         peqn, teqn = p.jaxpr.eqns[pe], t.jaxpr.eqns[te]
         if peqn.primitive != teqn.primitive:
-            return None
+            return
         if not _same_params(peqn.params, teqn.params):
             depth = len(state.eqn_map)  # (at 0, only the last primitive is shared: no clue)
             if depth and (self.near is None or depth > self.near[0]):
                 diff = _param_diff(peqn.params, teqn.params)
                 self.near = (depth, peqn.primitive.name, diff)
-            return None
+            return
         if len(peqn.invars) != len(teqn.invars):
-            return None
+            return
         state.eqn_map[pe] = te
-        orders = [list(teqn.invars)]
-        if peqn.primitive.name in COMMUTATIVE and len(teqn.invars) == 2:
-            orders.append(list(reversed(teqn.invars)))
-        for order in orders:
-            trial = state.copy() if len(orders) > 1 else state
-            trial = self._operands(list(peqn.invars), order, trial)
-            if trial is not None:
-                return trial
-        return None
+        if peqn.primitive.name not in COMMUTATIVE or len(teqn.invars) != 2:
+            yield from self._operands(list(peqn.invars), list(teqn.invars), state)
+            return
+        base = state.copy()  # (before anything downstream changes it)
+        for order in (list(teqn.invars), list(reversed(teqn.invars))):
+            yield from self._operands(list(peqn.invars), order, base.copy())
 
-    def _operands(self, pattern_atoms: list, target_atoms: list, state: _State) -> _State | None:
-        for pa, ta in zip(pattern_atoms, target_atoms):
-            if isinstance(pa, C.Literal):
-                if not (isinstance(ta, C.Literal) and _same_literal(pa, ta)):
-                    return None
-                continue
-            target = ta if isinstance(ta, C.Literal) else self.t.index[ta]
-            state = self._var(self.p.index[pa], target, state)
-            if state is None:
-                return None
-        return state
+    def _operands(self, pattern_atoms: list, target_atoms: list, state: _State) -> Iterator[_State]:
+        if not pattern_atoms:
+            yield state
+            return
+        pa, ta = pattern_atoms[0], target_atoms[0]
+        if isinstance(pa, C.Literal):
+            if isinstance(ta, C.Literal) and _same_literal(pa, ta):
+                yield from self._operands(pattern_atoms[1:], target_atoms[1:], state)
+            return
+        target = ta if isinstance(ta, C.Literal) else self.t.index[ta]
+        for found in self._var(self.p.index[pa], target, state):
+            yield from self._operands(pattern_atoms[1:], target_atoms[1:], found)
 
     def _closed(self, state: _State) -> bool:
         """No internal value of the match is read outside it (or is a graph output)."""

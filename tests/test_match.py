@@ -47,6 +47,29 @@ def test_commutative_operands_and_no_false_matches():
     assert len(g.match(lambda x: jnp.tanh(x), jnp.ones(3))) == 3
 
 
+def test_an_operand_order_a_later_operand_refutes_is_undone():
+    """``gate * x + x`` for the pattern ``x * g + x``: the product's first order binds
+    the pattern's ``x`` to ``gate``, which the add's second operand refutes; the other
+    order matches (it silently matched nothing). A rewrite of it runs the replacement."""
+
+    def gated(x, g):
+        return x * g + x
+
+    def model(x, gate):
+        h = gate * x + x
+        d = x * gate - gate
+        return h, d
+
+    x, gate = jnp.arange(1.0, 4.0), jnp.arange(2.0, 5.0)
+    g = js.trace(model, x, gate)
+    (m,) = g.match(gated, x, gate)
+    assert [v.name for v in m.inputs] == ["x", "gate"] and m.outputs[0] is g["h"]
+    (m,) = g.match(lambda a, b: b * a - a, x, gate)  # a binds gate, b binds x
+    assert [v.name for v in m.inputs] == ["gate", "x"] and m.outputs[0] is g["d"]
+    r = g.rewrite(gated, lambda x, g: x * jnp.tanh(g) + x, x, gate)
+    allclose(r.value("h"), x * jnp.tanh(gate) + x)
+
+
 def test_matches_do_not_overlap_and_keep_program_order():
     def chain(x):
         for _ in range(5):
