@@ -144,6 +144,13 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         _state.stack.pop()
 
+    def let_go(self) -> None:
+        """Drop what the traced function called, once it returned: a module whose
+        leaves are the trace's tracers (an Equinox layer's bias, a linen scope's
+        variables) kept alive by the graph, a leak to ``jax.checking_leaks``."""
+        self.targets.clear()
+        self.callees = [None] * len(self.callees)
+
     @property
     def frame(self) -> int:
         return self._stack[-1] if self._stack else -1

@@ -132,7 +132,10 @@ def _trace(
 
     def flat_fn(*flat: Any) -> list[Any]:
         call = binder.rebuild(bound, flat)
-        out = run(*call.args, **call.kwargs)
+        try:
+            out = run(*call.args, **call.kwargs)
+        finally:
+            recorder.let_go()
         out_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
         paths = ["out" + jax.tree_util.keystr(p) for p, _ in out_leaves]
         in_module = _module_leaves(out)

@@ -288,3 +288,31 @@ def test_a_trace_leaks_no_tracer_to_jax_checking_leaks():
     with jax.checking_leaks():
         g = js.trace(f, x)
     allclose(g.value("out"), f(x))
+
+
+def test_tracing_modules_leaks_no_tracer_to_jax_checking_leaks():
+    """The graph kept what the traced function called, modules whose leaves were the
+    trace's tracers (an Equinox MLP under jax.vmap, a linen module's scope variables):
+    a leak to jax.checking_leaks (on jax 0.10, JAX's own report crashed)."""
+    import flax.linen as nn
+
+    mlp = eqx.nn.MLP(8, 1, 16, 2, key=jax.random.key(0))
+    x = jnp.ones((4, 8))
+
+    def f(m, x):
+        return jax.vmap(m)(x).sum()
+
+    with jax.checking_leaks():
+        g = js.trace(f, mlp, x)
+    allclose(g.value("out"), f(mlp, x))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(4)(x))).sum()
+
+    net = Net()
+    variables = net.init(jax.random.key(0), x)
+    with jax.checking_leaks():
+        g = js.trace(net.apply, variables, x)
+    allclose(g.value("out"), net.apply(variables, x))
