@@ -22,7 +22,9 @@ What you can rely on:
   and written, so at most two batches of outputs are alive: the collection of a
   dataset much larger than memory runs in the memory of a few batches.
 * **Resumable.** After every batch the group records how many batches and rows are
-  complete (``store.attrs["jaxsurgery"]``). Called again on the same path, ``collect``
+  complete (``store.attrs["jaxsurgery"]``); a call ended by an error or an interrupt
+  writes the batch computed before it first. A store js.collect did not write is
+  refused, not replaced. Called again on the same path, ``collect``
   skips that many batches of the iterable (it must yield the same batches in the
   same order), drops rows a batch interrupted while writing left behind, and goes on.
   ``resume=False`` starts over.
@@ -63,6 +65,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -110,30 +113,30 @@ def collect(
     pending: tuple[Any, int] | None = None
     shown = None if progress else False
     with _progress.progress(f"collecting into {path}", total, enabled=shown) as bar:
-        for i, batch in enumerate(batches):
-            if i < writer.batches_done:
-                continue  # done by an earlier call
-            args, size = place(batch)
-            outs = run(args)  # dispatched: runs while the previous batch is written
-            if not isinstance(outs, Mapping):
-                raise SelectionError(
-                    f"fn returned {type(outs).__name__}; js.collect needs a dict {{key: "
-                    "array} per batch (a values_fn's result, or {'h': h} of your own)"
-                )
-            for key, value in outs.items():
-                if not isinstance(value, jax.Array):
-                    raise SelectionError(
-                        f"fn returned {type(value).__name__} at {key!r}; js.collect needs a "
-                        "flat dict {key: array} per batch (one array per stored key: name "
-                        "the leaves of a nested value, {'a/b': b})"
-                    )
+        try:
+            for i, batch in enumerate(batches):
+                if i < writer.batches_done:
+                    continue  # done by an earlier call
+                args, size = place(batch)
+                outs = run(args)  # dispatched: runs while the previous batch is written
+                _check_outputs(outs)
+                if pending is not None:
+                    done, pending = pending, None
+                    writer.write(*done)
+                    bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")
+                pending = (outs, size)
             if pending is not None:
-                writer.write(*pending)
-                bar.update(writer.batches_done, phase=f"{writer.rows} examples, batch")
-            pending = (outs, size)
-        if pending is not None:
-            writer.write(*pending)
-        elif writer.batches_done:  # (another function's store: its keys were not checked)
+                done, pending = pending, None
+                writer.write(*done)
+        except BaseException:
+            # the next batch failed (its fn, the loader, an interrupt): the one computed
+            # before it is kept, as is the record of what is complete
+            with contextlib.suppress(Exception):
+                if pending is not None:
+                    writer.write(*pending)
+            raise
+        if writer.computed == 0 and writer.batches_done:
+            # (another function's store: its keys were not checked)
             n = writer.batches_done
             warn(
                 f"js.collect computed nothing: the store at {path} records the "
@@ -193,15 +196,38 @@ class _Placement:
         return jax.tree_util.tree_map(put, batch), size
 
 
+def _check_outputs(outs: Any) -> None:
+    """A SelectionError unless ``outs`` is a flat dict of arrays."""
+    if not isinstance(outs, Mapping):
+        raise SelectionError(
+            f"fn returned {type(outs).__name__}; js.collect needs a dict {{key: "
+            "array} per batch (a values_fn's result, or {'h': h} of your own)"
+        )
+    for key, value in outs.items():
+        if not isinstance(value, jax.Array):
+            raise SelectionError(
+                f"fn returned {type(value).__name__} at {key!r}; js.collect needs a "
+                "flat dict {key: array} per batch (one array per stored key: name "
+                "the leaves of a nested value, {'a/b': b})"
+            )
+
+
 class _Writer:
     """The Zarr group, one growing array per key, and the record of completed batches."""
 
     def __init__(self, zarr: Any, path: str | os.PathLike, resume: bool):
-        self.group = zarr.open_group(str(path), mode="a" if resume else "w")
+        try:
+            self.group = zarr.open_group(str(path), mode="a" if resume else "w")
+        except (OSError, ValueError) as e:
+            raise SelectionError(
+                f"js.collect cannot open a Zarr store at {str(path)!r} ({type(e).__name__}: "
+                f"{e}): give the path of a directory, made when missing with its parents"
+            ) from None
         state = dict(self.group.attrs.get(_STATE, {})) if resume else {}
         self.batches_done = int(state.get("batches", 0))
         self.rows = int(state.get("rows", 0))
         self.keys: list[str] | None = state.get("keys")
+        self.computed = 0  # batches written by this call
         for key in self.keys or []:  # drop rows an interrupted batch left behind
             array = self.group[key]
             if array.shape[0] != self.rows:
@@ -211,6 +237,13 @@ class _Writer:
         host = {key: _host(key, value, size) for key, value in outs.items()}
         if self.keys is None:
             _check_paths(list(host))
+            found = [key for key in host if key in self.group]
+            if found:  # (not a store of this function's: create_array would replace it)
+                raise SelectionError(
+                    f"the Zarr group at {self.group.store} holds {found[0]!r} already, and "
+                    "js.collect did not write it: collect to a new path (resume=False "
+                    "starts over, deleting what the group holds)"
+                )
             self.keys = list(host)
             for key, value in host.items():
                 self._create(key, value, outs[key].dtype)
@@ -230,6 +263,7 @@ class _Writer:
             self.group[key].append(value)
         self.rows += size
         self.batches_done += 1
+        self.computed += 1
         self.group.attrs[_STATE] = {
             "batches": self.batches_done,
             "rows": self.rows,

@@ -85,7 +85,8 @@ def test_collection_resumes_after_an_interruption(setup, tmp_path):
     with pytest.raises(Interrupted):
         js.collect(path, run, interrupted(), progress=False)
     done = zarr.open_group(str(path), mode="r").attrs["jaxsurgery"]
-    assert 0 < done["batches"] < 7 and done["rows"] == done["batches"] * BATCH
+    # every batch computed before the interruption, the last one too (it was dropped)
+    assert done["batches"] == 7 and done["rows"] == done["batches"] * BATCH
     # a batch interrupted while writing leaves rows in some arrays only
     key = done["keys"][0]
     zarr.open_group(str(path), mode="a")[key].append(np.zeros((3, WIDTH), np.float32))
@@ -127,6 +128,37 @@ def test_collection_errors_name_the_culprit(setup, tmp_path):
     dtypes = [jnp.arange(4, dtype=jnp.int32).reshape(4, 1), jnp.full((4, 1), 2.7)]
     with pytest.raises(js.SelectionError, match=r"`a` is float32\[1\] .* int32\[1\]"):
         js.collect(tmp_path / "e.zarr", lambda x: {"a": x * 1}, dtypes, progress=False)
+
+
+def test_a_store_it_did_not_write_is_refused_not_replaced(tmp_path):
+    """An array of the group js.collect did not make was replaced (create_array with
+    overwrite): the user's rows were gone, without a word."""
+    path = str(tmp_path / "mine.zarr")
+    mine = zarr.open_group(path, mode="w")
+    mine.create_array("h", shape=(3, 8), dtype="f4")[:] = np.arange(24.0).reshape(3, 8)
+    with pytest.raises(js.SelectionError, match="holds 'h' already, and js.collect did not"):
+        js.collect(path, lambda x: {"h": x * 2}, [jnp.ones((4, 8))] * 2, progress=False)
+    np.testing.assert_array_equal(
+        zarr.open_group(path, mode="r")["h"][:], np.arange(24.0).reshape(3, 8)
+    )
+    (tmp_path / "a_file").write_text("")
+    for bad in (tmp_path / "a_file", tmp_path / "a_file" / "below.zarr"):  # (raw OSErrors)
+        with pytest.raises(js.SelectionError, match="cannot open a Zarr store at"):
+            js.collect(bad, lambda x: {"h": x}, [jnp.ones((4, 8))], progress=False)
+
+
+def test_the_batch_before_a_failing_one_is_kept(tmp_path):
+    """A batch the function refuses (a last smaller batch for a values_fn traced at 16
+    rows) raises its error; the batch computed before it was dropped unwritten."""
+    g = js.trace(lambda x: jnp.tanh(x), jnp.ones((16, 8)))
+    values = g.values_fn(["out"])
+    batches = [jnp.full((16, 8), float(k)) for k in range(4)] + [jnp.ones((10, 8))]
+    path = tmp_path / "acts.zarr"
+    with pytest.raises(js.SliceError):
+        js.collect(path, values, batches, progress=False)
+    store = zarr.open_group(str(path), mode="r")
+    assert store.attrs["jaxsurgery"]["batches"] == 4 and store["out"].shape == (64, 8)
+    allclose(store["out"][:], jnp.tanh(jnp.concatenate(batches[:4])))
 
 
 def test_bfloat16_values_are_stored_as_float32_with_their_dtype_recorded(tmp_path):
