@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from . import _compat as C
+from . import _eager
 from ._control_flow import (
     BRANCH_PRIMITIVES,
     LOOP_PRIMITIVES,
@@ -31,6 +32,7 @@ from ._control_flow import (
     deciding_operands,
     input_reads,
 )
+from ._eager import compiled_op, last_uses, op_key, run_eqns
 from ._errors import short_list
 from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value, unlifted
@@ -419,7 +421,7 @@ class Program:
                 ]
                 with C.staged_where_retraced(args, eqns):
                     return dict(zip(outs, run(*args)))
-            if len(_RAN) > 65536:  # (run op by op below; a long run's ops are in _OPS)
+            if len(_RAN) > 65536:  # (run op by op below; a long run's ops are in _eager.OPS)
                 _RAN.clear()
             _RAN.update(signatures)
         env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
@@ -427,8 +429,8 @@ class Program:
         ops = self._ops
         for e in needed:
             if e not in ops:
-                ops[e] = _op(self.jaxpr.eqns[e])
-        _run(eqns, [ops[e] for e in needed], env, _last_uses(eqns, {vars_[i] for i in outs}))
+                ops[e] = compiled_op(self.jaxpr.eqns[e])
+        run_eqns(eqns, [ops[e] for e in needed], env, last_uses(eqns, {vars_[i] for i in outs}))
         return {i: env[vars_[i]] for i in outs}
 
 
@@ -443,19 +445,13 @@ _RAN: set[Any] = set()
 
 def _signature(eqn: C.JaxprEqn) -> Any:
     """What one compiled op of ``eqn`` is kept by (None: parameters that do not hash):
-    its primitive, parameters and context (see :func:`_op`), and its operands' types."""
-    key = (*_op_key(eqn), tuple(a.aval for a in eqn.invars))
+    its primitive, parameters and context (see :func:`_eager.compiled_op`), and its operands' types."""
+    key = (*op_key(eqn), tuple(a.aval for a in eqn.invars))
     try:
         hash(key)
     except TypeError:
         return None
     return key
-
-
-def _op_key(eqn: C.JaxprEqn) -> tuple:
-    """What :func:`_op` keeps a compiled op by (the context a ``random_bits`` was traced
-    in decides its bits: ``jax.threefry_partitionable``)."""
-    return eqn.primitive, tuple(eqn.params.items()), C.context_key(eqn)
 
 
 def _literal_key(a: Any) -> tuple:
@@ -470,103 +466,12 @@ def _mostly_new(signatures: Sequence[Any]) -> bool:
     many ops: at about 10 ms an op against about 1 ms an equation compiled whole (and
     0.1 s at least), more than one in ten of them and more than 16. An op seen in a
     short run (:data:`_RAN`), or whose compiled function a long run made (in
-    :data:`_OPS`, by primitive, parameters and context: a later layer's, of the same
+    :data:`_eager.OPS`, by primitive, parameters and context: a later layer's, of the same
     types), is not new."""
-    new = sum(1 for k in set(signatures) if k is None or (k not in _RAN and k[:3] not in _OPS))
+    new = sum(
+        1 for k in set(signatures) if k is None or (k not in _RAN and k[:3] not in _eager.OPS)
+    )
     return new > 16 and 10 * new > len(signatures)
-
-
-_OPS: dict[Any, Any] = {}
-
-
-def _op(eqn: C.JaxprEqn) -> Any:
-    """A compiled function running ``eqn``'s primitive with its parameters, kept per
-    primitive and parameters (JAX's own dispatch of a bound primitive costs several
-    times an eager ``jnp`` call); None for effects or parameters that do not hash."""
-    if eqn.effects:
-        return None
-    try:
-        key = _op_key(eqn)
-        op = _OPS.get(key)
-    except TypeError:  # parameters that do not hash: JAX's own dispatch
-        return None
-    if op is None:
-        if len(_OPS) > 4096:
-            _OPS.clear()
-        if any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values()):
-            # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
-            # as JAX stages it by default, also in ensure_compile_time_eval (see C)
-            ins = [C.Var(a.aval) if isinstance(a, C.Literal) else a for a in eqn.invars]
-            eqn = eqn.replace(invars=ins)  # (run gives a literal's value as an argument)
-            one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
-            op = jax.jit(functools.partial(_staged, one))
-            if C.retraced([eqn]):  # lowered (a Pallas kernel run) outside the folding too
-                op = functools.partial(_evaluated_staged, op)
-        else:
-            op = jax.jit(functools.partial(_bind, eqn.primitive, eqn.params))
-        _OPS[key] = op
-    return op
-
-
-def _last_uses(eqns: Sequence[C.JaxprEqn], keep: set[Any]) -> list[list[Any]]:
-    """Per equation, the vars made by ``eqns`` that it is the last to read (and that
-    are not kept)."""
-    made = {v for eqn in eqns for v in eqn.outvars}
-    last: dict[Any, int] = {}
-    Literal = C.Literal
-    for k, eqn in enumerate(eqns):
-        for a in eqn.invars:
-            if type(a) is not Literal:
-                last[a] = k
-    frees: list[list[Any]] = [[] for _ in eqns]
-    for v, k in last.items():
-        if v in made and v not in keep:
-            frees[k].append(v)
-    return frees
-
-
-def _run(
-    eqns: Sequence[C.JaxprEqn], ops: Sequence[Any], env: dict, frees: Sequence[list[Any]]
-) -> None:
-    """Run equations on concrete values op by op (``eval_jaxpr`` with each one's
-    compiled function from :func:`_op`, about 4× faster on long programs), reading
-    and writing ``env``. A value is dropped after its last read (``frees``), as an
-    eager run drops it: holding 100k live arrays slows every later op."""
-    Literal = C.Literal
-    partitionable = jax.config.jax_threefry_partitionable
-    for eqn, op, dead in zip(eqns, ops, frees):
-        ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
-        context = C.traced_context(eqn, partitionable)  # (as traced: a PRNG's bits)
-        if context is None:
-            out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
-        else:
-            with context:
-                out = _bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
-        if eqn.primitive.multiple_results:
-            env.update(zip(eqn.outvars, out))
-        else:
-            env[eqn.outvars[0]] = out
-        for v in dead:
-            del env[v]
-
-
-def _staged(jaxpr: C.Jaxpr, *args: Any) -> Any:
-    """``jaxpr``'s one equation run on ``args``, staged normally (see :func:`_op`)."""
-    with C.staged_normally():
-        out = C.eval_jaxpr(jaxpr, [], *args)
-    return out if jaxpr.eqns[0].primitive.multiple_results else out[0]
-
-
-def _evaluated_staged(op: Any, *args: Any) -> Any:
-    """``op(*args)`` in :func:`C.evaluated_staged`."""
-    with C.evaluated_staged(args):
-        return op(*args)
-
-
-def _bind(primitive: Any, params: dict, *args: Any) -> Any:
-    """``primitive`` applied to ``args`` as an equation holds it (a call's body and
-    rule are its parameters, which it binds as functions: ``get_bind_params``)."""
-    return primitive.bind(*args, **primitive.get_bind_params(params))
 
 
 def _at(name: str, iterations: tuple[int, ...]) -> str:

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
+from ._eager import eval_jaxpr
 from ._errors import SliceError
 
 #: edits of a ``while_loop`` spanning fewer trips than this run those trips one by one
@@ -186,13 +187,32 @@ def stack_rows(vals: Sequence[Any]) -> Any:
             last[2] += 1
         else:
             runs.append([v.array, v.row, v.row + 1] if isinstance(v, Row) else [v, None, None])
-    parts = [
-        v[None] if a is None else v if (a, b) == (0, v.shape[0]) else jax.lax.slice_in_dim(v, a, b)
-        for v, a, b in runs
-    ]
+    parts: list[Any] = []
+    singles: list[Any] = []  # values one after another: stacked as one op
+    for v, a, b in runs:
+        if a is None:
+            singles.append(v)
+            continue
+        if singles:
+            parts.append(_stacked(singles))
+            singles = []
+        parts.append(v if (a, b) == (0, v.shape[0]) else jax.lax.slice_in_dim(v, a, b))
+    if singles:
+        parts.append(_stacked(singles))
     if len(parts) == 1:
         return parts[0]
     return jnp.concatenate(parts)
+
+
+def _stacked(vals: list[Any]) -> Any:
+    """``jnp.stack(vals)``; on concrete arrays one compiled call (an eager ``jnp.stack``
+    dispatches an op per value: the values of 100 layers took 5x the function)."""
+    if any(isinstance(v, jax.core.Tracer) for v in vals):
+        return jnp.stack(vals)
+    return _STACK(vals)
+
+
+_STACK = jax.jit(jnp.stack)
 
 
 @dataclass(eq=False)
@@ -375,7 +395,7 @@ class _Interpreter:
         outputs: bool = True,
     ) -> list[Any]:
         if not pending:
-            return C.eval_jaxpr(jaxpr, consts, *args) if outputs else []
+            return eval_jaxpr(jaxpr, consts, *args) if outputs else []
         env: dict[Any, Any] = {}
         for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args]):
             env[v] = x
@@ -864,7 +884,7 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
     args = [env[a] for a in ins]
     with C.staged_where_retraced(args, eqns):
-        values = C.eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args)
+        values = eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args)
     env.update(zip(outs, values))
 
 

@@ -40,6 +40,14 @@ def _many_ops(x, w):
     return jnp.sort(e, axis=1).sum() + jnp.linalg.norm(e) + jnp.sinh(a).mean()
 
 
+def _fresh_caches(monkeypatch):
+    """No op or window compiled before (the caches of values and of eager calls)."""
+    from jaxsurgery import _eager, _program
+
+    for module, cache in ((_program, "_RAN"), (_eager, "OPS"), (_program, "_WINDOWS")):
+        monkeypatch.setattr(module, cache, type(getattr(module, cache))())
+
+
 @pytest.mark.parametrize("whole", [True, False], ids=["compiled whole", "op by op"])
 def test_first_values_compiled_whole_or_op_by_op(whole, monkeypatch):
     """A first value of a short prefix of many ops not run before is one compiled
@@ -48,17 +56,16 @@ def test_first_values_compiled_whole_or_op_by_op(whole, monkeypatch):
     later values start from the checkpoints of the first."""
     from jaxsurgery import _program
 
-    for cache in ("_RAN", "_OPS", "_WINDOWS"):  # (no op or window run before)
-        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
+    _fresh_caches(monkeypatch)  # (no op or window run before)
     if not whole:
         monkeypatch.setattr(_program, "COMPILE_WHOLE", 0)
-    ran, real_run = [], _program._run
+    ran, real_run = [], _program.run_eqns
 
     def run(*args):
         ran.append(1)
         return real_run(*args)
 
-    monkeypatch.setattr(_program, "_run", run)
+    monkeypatch.setattr(_program, "run_eqns", run)
     x = jnp.linspace(-1, 1, 12).reshape(4, 3)
     w = jnp.arange(12.0).reshape(3, 4) / 10
     g = js.trace(_many_ops, x, w)
@@ -95,8 +102,7 @@ def test_values_asked_layer_by_layer_compile_one_layer_once(monkeypatch, caplog)
     before runs that function, and ops a long run compiled count as run."""
     from jaxsurgery import _program
 
-    for cache in ("_RAN", "_OPS", "_WINDOWS"):
-        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
+    _fresh_caches(monkeypatch)
     ws = [jax.random.normal(jax.random.key(k), (8, 8)) / 3 for k in range(6)]
     x = jnp.ones((2, 8))
     g = js.trace(_walked, ws, x)
@@ -136,8 +142,7 @@ def test_values_compute_with_the_literals_and_the_context_traced(whole, monkeypa
     under threefry_partitionable(False) gave other bits)."""
     from jaxsurgery import _program
 
-    for cache in ("_RAN", "_OPS", "_WINDOWS"):
-        monkeypatch.setattr(_program, cache, type(getattr(_program, cache))())
+    _fresh_caches(monkeypatch)
     monkeypatch.setattr(_program, "_mostly_new", lambda eqns: whole)
     x = jnp.ones(3)
     for c in (0.0, -0.0):

@@ -1,0 +1,160 @@
+"""Running equations on concrete values, op by op, each with a compiled function.
+
+JAX dispatches a bound primitive (``jax.core.eval_jaxpr`` on arrays) through its
+Python path, several times an eager ``jnp`` call: on a model of many small ops an
+eager call of a function a graph made cost 4-7x the function itself. Each equation
+here runs a ``jax.jit`` of its primitive and parameters, kept per primitive,
+parameters and context (:func:`compiled_op`), which takes JAX's C++ fast path; the values are
+those of the function run eagerly (one op at a time: XLA rewrites nothing across
+ops). Used for the graph's values (``g.value``) and for eager calls of what a graph
+makes (:func:`eval_jaxpr`); under a transformation (``jax.jit``, ``jax.grad``)
+equations are bound as JAX binds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from . import _compat as C
+
+
+def op_key(eqn: C.JaxprEqn) -> tuple:
+    """What :func:`compiled_op` keeps a compiled op by (the context a ``random_bits`` was traced
+    in decides its bits: ``jax.threefry_partitionable``)."""
+    return eqn.primitive, tuple(eqn.params.items()), C.context_key(eqn)
+
+
+OPS: dict[Any, Any] = {}
+
+
+def compiled_op(eqn: C.JaxprEqn) -> Any:
+    """A compiled function running ``eqn``'s primitive with its parameters, kept per
+    primitive and parameters (JAX's own dispatch of a bound primitive costs several
+    times an eager ``jnp`` call); None for effects or parameters that do not hash."""
+    if eqn.effects:
+        return None
+    try:
+        key = op_key(eqn)
+        fn = OPS.get(key)
+    except TypeError:  # parameters that do not hash: JAX's own dispatch
+        return None
+    if fn is None:
+        if len(OPS) > 4096:
+            OPS.clear()
+        if any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values()):
+            # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
+            # as JAX stages it by default, also in ensure_compile_time_eval (see C)
+            ins = [C.Var(a.aval) if isinstance(a, C.Literal) else a for a in eqn.invars]
+            eqn = eqn.replace(invars=ins)  # (run gives a literal's value as an argument)
+            one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
+            fn = jax.jit(functools.partial(staged, one))
+            if C.retraced([eqn]):  # lowered (a Pallas kernel run) outside the folding too
+                fn = functools.partial(_evaluated_staged, fn)
+        else:
+            fn = jax.jit(functools.partial(bind, eqn.primitive, eqn.params))
+        OPS[key] = fn
+    return fn
+
+
+def last_uses(eqns: Sequence[C.JaxprEqn], keep: set[Any]) -> list[list[Any]]:
+    """Per equation, the vars made by ``eqns`` that it is the last to read (and that
+    are not kept)."""
+    made = {v for eqn in eqns for v in eqn.outvars}
+    last: dict[Any, int] = {}
+    Literal = C.Literal
+    for k, eqn in enumerate(eqns):
+        for a in eqn.invars:
+            if type(a) is not Literal:
+                last[a] = k
+    frees: list[list[Any]] = [[] for _ in eqns]
+    for v, k in last.items():
+        if v in made and v not in keep:
+            frees[k].append(v)
+    return frees
+
+
+def run_eqns(
+    eqns: Sequence[C.JaxprEqn], ops: Sequence[Any], env: dict, frees: Sequence[list[Any]]
+) -> None:
+    """Run equations on concrete values op by op (``eval_jaxpr`` with each one's
+    compiled function from :func:`compiled_op`, about 4× faster on long programs), reading
+    and writing ``env``. A value is dropped after its last read (``frees``), as an
+    eager run drops it: holding 100k live arrays slows every later op."""
+    Literal = C.Literal
+    partitionable = jax.config.jax_threefry_partitionable
+    for eqn, op, dead in zip(eqns, ops, frees):
+        ins = [a.val if type(a) is Literal else env[a] for a in eqn.invars]
+        context = C.traced_context(eqn, partitionable)  # (as traced: a PRNG's bits)
+        if context is None:
+            out = bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
+        else:
+            with context:
+                out = bind(eqn.primitive, eqn.params, *ins) if op is None else op(*ins)
+        if eqn.primitive.multiple_results:
+            env.update(zip(eqn.outvars, out))
+        else:
+            env[eqn.outvars[0]] = out
+        for v in dead:
+            del env[v]
+
+
+def staged(jaxpr: C.Jaxpr, *args: Any) -> Any:
+    """``jaxpr``'s one equation run on ``args``, staged normally (see :func:`compiled_op`)."""
+    with C.staged_normally():
+        out = C.eval_jaxpr(jaxpr, [], *args)
+    return out if jaxpr.eqns[0].primitive.multiple_results else out[0]
+
+
+def _evaluated_staged(op: Any, *args: Any) -> Any:
+    """``op(*args)`` in :func:`C.evaluated_staged`."""
+    with C.evaluated_staged(args):
+        return op(*args)
+
+
+def bind(primitive: Any, params: dict, *args: Any) -> Any:
+    """``primitive`` applied to ``args`` as an equation holds it (a call's body and
+    rule are its parameters, which it binds as functions: ``get_bind_params``)."""
+    return primitive.bind(*args, **primitive.get_bind_params(params))
+
+
+def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+    """``jax.core.eval_jaxpr``: on concrete arrays, op by op with compiled ops (see the
+    module); on tracers (under a transformation), as JAX evaluates it."""
+    Tracer = jax.core.Tracer
+    if any(isinstance(x, Tracer) for x in args) or any(isinstance(x, Tracer) for x in consts):
+        return C.eval_jaxpr(jaxpr, consts, *args)
+    if C.retraced(jaxpr.eqns):  # (a shard_map's or Pallas kernel's body: as JAX stages it)
+        return C.eval_jaxpr(jaxpr, consts, *args)
+    ops, frees = _plan(jaxpr)
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    run_eqns(jaxpr.eqns, ops, env, frees)
+    return [o.val if isinstance(o, C.Literal) else env[o] for o in jaxpr.outvars]
+
+
+_PLANS: dict[int, tuple[Any, Any]] = {}
+
+
+def _plan(jaxpr: C.Jaxpr) -> tuple[list[Any], list[list[Any]]]:
+    """Each equation's compiled op and the vars dead after it, kept per jaxpr while it
+    lives (a made function called in a loop works them out once)."""
+    found = _PLANS.get(id(jaxpr))
+    if found is not None and found[0]() is jaxpr:
+        return found[1]
+    if len(_PLANS) > 256:
+        _PLANS.clear()
+    key = id(jaxpr)
+
+    def gone(ref: Any) -> None:
+        if _PLANS.get(key, (None,))[0] is ref:
+            del _PLANS[key]
+
+    keep = {o for o in jaxpr.outvars if not isinstance(o, C.Literal)}
+    plan = ([compiled_op(e) for e in jaxpr.eqns], last_uses(jaxpr.eqns, keep))
+    _PLANS[key] = (weakref.ref(jaxpr, gone), plan)
+    return plan
