@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,6 +90,11 @@ class Found:
     #: where it occurs nowhere: its deepest equation met with other parameters (see
     #: ``_Matcher.near``), or None
     near: tuple[int, str, dict] | None = None
+    #: occurrences in folded loops' bodies this graph rewrote already (``name@*``): the
+    #: replacement runs there, which the index (the body as traced) does not show
+    rewritten: list[str] = field(default_factory=list)
+    #: whether the graph patched a folded loop's body (its index shows it as traced)
+    patched_bodies: bool = False
 
     def missed(self) -> str | None:
         """Why a pattern occurring nowhere may have been expected to (None: no clue):
@@ -114,9 +119,28 @@ class Found:
             f"equations matched: a pattern matches parameters as traced{shapes}"
         )
 
+    def patched(self) -> str | None:
+        """What a graph whose loop bodies hold patches says of them (None: none)."""
+        said = []
+        if self.rewritten:
+            said.append(
+                f"the pattern {self.label!r} occurred at {short_list(self.rewritten, 4)}, in "
+                "the body of a loop the index keeps folded, which this graph rewrote there "
+                "already: the replacement runs there, so it is not matched again"
+            )
+        if self.patched_bodies and not (self.matches or self.in_bodies or self.rewritten):
+            said.append(
+                "this graph patched the body of a loop the index keeps folded (g.rewrite, "
+                "g.replace of name@*), which the index lists as traced: what a patch "
+                "computes there is matched by no pattern"
+            )
+        return "; ".join(said) or None
+
     def unlisted(self) -> str | None:
         """What g.match says of the occurrences it does not list (None: there are none)."""
         said = [] if self.matches else [m for m in [self.missed()] if m]
+        if self.patched():
+            said.append(self.patched())
         if self.in_bodies:
             names = short_list(dict.fromkeys(n for _, _, n in self.in_bodies), 4)
             said.append(
@@ -205,7 +229,48 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     label = getattr(pattern_fn, "__name__", repr(pattern_fn))
     # (the deepest near miss, of the index or of a folded loop's body)
     missed = max(near, key=lambda n: n[0]) if near and not in_bodies and not elsewhere else None
-    return Found(found, pattern, label, in_bodies, list(dict.fromkeys(elsewhere)), missed)
+    # a folded loop's body a patch of this graph edits at every iteration: the index
+    # shows it as traced, the patch runs (a rewrite there again would replace it)
+    closed = graph._structure.closed
+    patched = {
+        e.site for e in graph._structure.edits if e.kind == "apply" and _in_body(closed, e.site)
+    }
+    rewritten, kept = [], []
+    for k, state, name in in_bodies:
+        place = body_place(graph, k, pattern, state)
+        if place is None:  # (g.rewrite cannot edit it: said as g.rewrite says it)
+            elsewhere.append(name)
+        elif place[0] in patched:
+            rewritten.append(name)
+        else:
+            kept.append((k, state, name))
+    in_bodies = kept
+    return Found(
+        found,
+        pattern,
+        label,
+        in_bodies,
+        list(dict.fromkeys(elsewhere)),
+        missed,
+        rewritten,
+        bool(patched),
+    )
+
+
+def _in_body(closed: Any, site: Site) -> bool:
+    """Whether an edit's site is in a loop's body at every iteration it runs (a range
+    of a scan's, or every trip of a ``while_loop``)."""
+    from ._structured import sub_jaxpr
+
+    jaxpr = closed.jaxpr
+    for s in site.steps:
+        eqn = jaxpr.eqns[s.eqn]
+        if isinstance(s.iteration, range) or (
+            s.iteration is None and eqn.primitive.name == "while"
+        ):
+            return True
+        jaxpr = sub_jaxpr(eqn, s).jaxpr
+    return False
 
 
 def _find(pattern: Program, target: Program, near: list | None = None) -> list[_State]:
@@ -384,6 +449,7 @@ def rewrite(
     if not found.matches and not in_bodies:
         raise SliceError(
             found.unchanged()
+            or found.patched()
             or found.missed()
             or f"the pattern {found.label!r} matches nothing in this graph; check it "
             "with g.match(...) first"
@@ -436,43 +502,19 @@ def body_edits(
     level: a value passed into a call it is not passed into); and the value each edit
     rewrites, at one iteration (for the warnings a patch there gets)."""
     from ._loop_index import Template, _inner
-    from ._patch_graph import _common_level
     from ._structured import Edit as StructuredEdit
-    from ._structured import Site, Step, unlifted
 
-    program, index = graph._program, graph._loop_index
-    closed = graph._structure.closed
+    index = graph._loop_index
     edits, left, targets = [], [], []
     seen: set[tuple] = set()
     for k, state, name in found.in_bodies:
-        loop, pattern = program.folded[k], found.pattern
-        template = loop.template
-        n = int(loop.eqn.params["length"]) if loop.is_scan else None
-        t0 = n - 1 if loop.is_scan and loop.eqn.params["reverse"] else 0  # the first to run
-        out = _output(pattern, template, state)
-        ins = [state.binding[pv] for pv in range(pattern.num_inputs)]
-
-        def at(ti: int, loop: Any = loop, t0: int = t0) -> Site | None:
-            """Where template var ``ti`` is in the body at iteration t0, as it is there
-            (not lifted out: a carry of the last iteration, or of the last step of a
-            loop unrolled in the body, is a value of the body too)."""
-            found = loop.template.found(ti)
-            if found is None:
-                return None
-            steps = (*loop.steps, Step(loop.pos, iteration=t0), *found[0])
-            return unlifted(closed, steps, found[1])
-
-        # the deepest level where the output and every input have a var: the output's
-        # call, or out of the jitted calls returning it and the inputs (a pattern over
-        # the results of two calls of a jitted layer in a scan's body)
-        deep = [at(out), *map(at, ins)]
-        common = None if None in deep else _common_level(closed, deep[0], deep[1:])
-        if common is None:
+        place = body_place(graph, k, found.pattern, state)
+        if place is None:
             left.append(name)
             continue
-        site, reads = common
-        depth = len(loop.steps)
-        around = loop.iterations
+        ranged, reads, t0, out, ins = place
+        loop = graph._program.folded[k]
+        template, around = loop.template, loop.iterations
         target = index.var(Template(k, out, _inner(template, out), around), t0)
         replacement = replacement_jaxpr(
             replacement_fn,
@@ -481,17 +523,54 @@ def body_edits(
             f"the replacement of the pattern's output {name!r}",
         )
         targets.append(target)
-        step = site.steps[depth]
-        every = Step(step.eqn, step.branch, None if n is None else range(n))
-        steps = _every_trip(site)[0]
-        steps = (*steps[:depth], every, *steps[depth + 1 :])
-        key = (steps, site.vars, tuple(reads))
+        key = (ranged.steps, ranged.vars, tuple(reads))
         if key in seen:  # the same scan in another trip of a while_loop: one edit for all
             continue
         seen.add(key)
-        ranged = Site(steps, site.vars)  # every iteration: bound to no path
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
     return edits, left, targets
+
+
+def body_place(graph: Graph, k: int, pattern: Program, state: _State) -> tuple | None:
+    """Where an occurrence in folded loop ``k``'s body is rewritten at every iteration:
+    ``(site, reads, t0, output template var, input template vars)``, the site an
+    iteration range (a scan's) or every trip (a ``while_loop``'s); None where its inputs
+    are not values of the body's level (a value passed into a call it is not passed
+    into)."""
+    from ._patch_graph import _common_level
+    from ._structured import Site, Step, unlifted
+
+    closed = graph._structure.closed
+    loop = graph._program.folded[k]
+    n = int(loop.eqn.params["length"]) if loop.is_scan else None
+    t0 = n - 1 if loop.is_scan and loop.eqn.params["reverse"] else 0  # the first to run
+    out = _output(pattern, loop.template, state)
+    ins = [state.binding[pv] for pv in range(pattern.num_inputs)]
+
+    def at(ti: int) -> Site | None:
+        """Where template var ``ti`` is in the body at iteration t0, as it is there
+        (not lifted out: a carry of the last iteration, or of the last step of a
+        loop unrolled in the body, is a value of the body too)."""
+        found = loop.template.found(ti)
+        if found is None:
+            return None
+        steps = (*loop.steps, Step(loop.pos, iteration=t0), *found[0])
+        return unlifted(closed, steps, found[1])
+
+    # the deepest level where the output and every input have a var: the output's
+    # call, or out of the jitted calls returning it and the inputs (a pattern over
+    # the results of two calls of a jitted layer in a scan's body)
+    deep = [at(out), *map(at, ins)]
+    common = None if None in deep else _common_level(closed, deep[0], deep[1:])
+    if common is None:
+        return None
+    site, reads = common
+    depth = len(loop.steps)
+    step = site.steps[depth]
+    every = Step(step.eqn, step.branch, None if n is None else range(n))
+    steps = _every_trip(site)[0]
+    steps = (*steps[:depth], every, *steps[depth + 1 :])
+    return Site(steps, site.vars), reads, t0, out, ins
 
 
 def _every_trip(site: Site) -> tuple[tuple, tuple[int, ...]]:

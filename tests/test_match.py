@@ -379,10 +379,11 @@ def test_rewrites_and_patches_compose_on_a_graph_without_loops():
     allclose(twice.as_function()(x), jax.nn.gelu(jnp.cos(x)) * 2)
 
 
-def test_a_second_rewrite_of_a_loop_body_value_applies_and_slices_run_after_a_flat_one():
-    """Rewriting the same body value twice: the second rewrite applies (it went under
-    the first and was ignored). A flat rewrite, then one in an unrolled while_loop's
-    body: slices of the result run (a raw AttributeError came through)."""
+def test_a_second_rewrite_of_a_loop_body_value_is_refused_and_slices_run_after_a_flat_one():
+    """Rewriting the same body value twice: the second rewrite was ignored (it went
+    under the first), then replaced the first; as in a flat graph, where the pattern is
+    gone, it is refused. A flat rewrite, then one in an unrolled while_loop's body:
+    slices of the result run (a raw AttributeError came through)."""
     x0 = jnp.array([0.3, 0.5])
 
     def scanned(x, act=jnp.sin):
@@ -392,8 +393,14 @@ def test_a_second_rewrite_of_a_loop_body_value_applies_and_slices_run_after_a_fl
 
         return jax.lax.scan(step, x, None, length=6)[0]
 
-    twice = js.trace(scanned, x0).rewrite(jnp.sin, jnp.cos, x0).rewrite(jnp.sin, jnp.tanh, x0)
-    allclose(twice.as_function()(x0), scanned(x0, jnp.tanh))
+    once = js.trace(scanned, x0).rewrite(jnp.sin, jnp.cos, x0)
+    allclose(once.as_function()(x0), scanned(x0, jnp.cos))
+    with pytest.raises(js.SliceError, match="step/s@.*rewrote there already"):
+        once.rewrite(jnp.sin, jnp.tanh, x0)
+    with pytest.raises(js.SliceError, match=r"is the value before a patch"):  # (flat)
+        js.trace(lambda x: jnp.sin(x) * 2, x0).rewrite(jnp.sin, jnp.cos, x0).rewrite(
+            jnp.sin, jnp.tanh, x0
+        )
 
     def f(x, n, outer=jnp.sin, inner=jnp.tanh):
         y = outer(x) * 3.0
@@ -854,3 +861,58 @@ def test_a_pattern_in_a_taken_branch_reading_the_conds_operand_is_rewritten_in_t
     allclose(
         jax.grad(lambda x: r.as_function()(x).sum())(x), jax.grad(lambda x: by_hand(x).sum())(x)
     )
+
+
+def _scanned_tanh(ws, x):
+    def step(h, w):
+        h = jnp.tanh(h @ w)
+        return h, h.sum()
+
+    return jax.lax.scan(step, x, ws)
+
+
+def test_a_rewritten_loop_body_is_not_matched_or_rewritten_again():
+    """The index shows a folded loop's body as traced: after a rewrite there, the old
+    pattern still matched (a second rewrite replaced the first, silently) and the new
+    one matched nothing without a word."""
+    ws, x = jax.random.normal(jax.random.key(0), (5, 4, 4)) / 2, jnp.ones((3, 4))
+    g = js.trace(_scanned_tanh, ws, x)
+    old, new = (lambda a, w: jnp.tanh(a @ w)), (lambda a, w: jnp.sin(a @ w))
+    r = g.rewrite(old, new, x, ws[0])
+    with pytest.warns(UserWarning, match=r"occurred at step/h#1@\*.*rewrote there already"):
+        assert r.match(old, x, ws[0]) == ()
+    with pytest.warns(UserWarning, match="what a patch computes there is matched by no pattern"):
+        assert r.match(new, x, ws[0]) == ()
+    with pytest.raises(js.SliceError, match="rewrote there already"):
+        r.rewrite(old, lambda a, w: jnp.cos(a @ w), x, ws[0])
+
+    def by_hand(ws, x):
+        return jax.lax.scan(lambda h, w: (jnp.sin(h @ w), jnp.sin(h @ w).sum()), x, ws)
+
+    allclose(r.as_function()(ws, x)[0], by_hand(ws, x)[0])
+
+
+def test_match_and_rewrite_agree_on_what_a_nested_loop_body_can_change():
+    """A weight an inner scan (unrolled in a folded outer body) closes over is no value
+    of the body's level: g.match said g.rewrite would rewrite it at every iteration,
+    g.rewrite then refused; both say it is not changed."""
+
+    def nested(x, w, xss):
+        def outer(h, xs):
+            def inner(h2, xt):
+                h2 = jnp.tanh(h2 @ w + xt)
+                return h2, None
+
+            h, _ = jax.lax.scan(inner, h, xs)
+            return h, h.sum()
+
+        return jax.lax.scan(outer, x, xss)
+
+    x, w = jnp.ones((2, 4)), jnp.eye(4) / 2
+    g = js.trace(nested, x, w, jax.random.normal(jax.random.key(2), (3, 5, 2, 4)))
+    pattern = lambda a, w, b: jnp.tanh(a @ w + b)  # noqa: E731
+    said = "occurs where the index lists no value.*g.rewrite does not change them"
+    with pytest.warns(UserWarning, match=said):
+        assert g.match(pattern, x, w, x) == ()
+    with pytest.raises(js.SliceError, match=said):
+        g.rewrite(pattern, lambda a, w, b: jax.nn.gelu(a @ w + b), x, w, x)
