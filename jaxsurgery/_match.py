@@ -327,6 +327,12 @@ def traced_pattern(pattern_fn: Callable[..., Any], *args: Any) -> Program:
         raise SliceError("the pattern computes nothing: it has no equations to match")
     first = pattern.ancestor_eqns([pattern.outputs[0]])
     apart = [k for k, o in enumerate(pattern.outputs) if pattern.producer[o] not in first]
+    inputs = [k for k, o in enumerate(pattern.outputs) if o < pattern.num_inputs]
+    if inputs:  # (said "output 0 is not computed on the way to its output 0")
+        raise SliceError(
+            f"the pattern's output {inputs[0]} is one of its arguments as it is: a pattern "
+            "returns values it computes (a match's inputs are its arguments already)"
+        )
     if apart:  # matches grow back from the first output: the others must be on the way
         raise SliceError(
             f"the pattern's output {apart[0]} is not computed on the way to its output 0; "

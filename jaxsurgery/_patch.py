@@ -95,6 +95,9 @@ def replacement_jaxpr(
     ):
         got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in out) or "nothing (no array)"
         got = f"{type(returned[0]).__name__} of {got}" if container else got
+        if not container and len(out) == 1 and tuple(out[0].shape) == target.shape:
+            # the shape is right, the dtype is not: say what to do of that
+            raise refused(got, f"cast it (.astype({str(target.dtype)!r})) in the replacement")
         raise refused(got)
     return closed
 

@@ -741,6 +741,22 @@ CATALOG = [
         r"\.\. 'outer/inner/c2@3@2'\)",
     ),
     (
+        "a pattern returning one of its arguments as it is",  # (said "output 0 ... output 0")
+        lambda g, a: js.trace(lambda x: jnp.tanh(x), jnp.ones(3)).match(
+            lambda x: (x, jnp.tanh(x)), jnp.ones(3)
+        ),
+        js.SliceError,
+        r"the pattern's output 0 is one of its arguments as it is",
+    ),
+    (
+        "a replacement of the right shape in another dtype",  # (said "shaped like")
+        lambda g, a: js.trace(lambda x: jnp.tanh(x), jnp.ones(3)).replace(
+            "out", lambda h: h.astype(jnp.float16)
+        ),
+        js.SliceError,
+        r"must give float32\[3\], got float16\[3\]; cast it \(\.astype\('float32'\)\)",
+    ),
+    (
         "an unnamed body value past the loop's end",  # (no range was said)
         lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((50, 2)))["loop0%0@70"],
         js.SelectionError,
