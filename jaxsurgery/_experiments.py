@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 
 from . import _compat as C
@@ -94,8 +95,13 @@ class PatchFunction(TakesArguments):
     def __call__(self, patches: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         graph = self.graph
         if not isinstance(patches, dict):
+            got = (
+                f"an array ({patches.aval.str_short()}, traced)"  # (under jit: a tracer's type)
+                if isinstance(patches, jax.core.Tracer)
+                else type(patches).__name__
+            )
             raise SliceError(
-                f"patches must be a dict {{selector: value}}, got {type(patches).__name__}; "
+                f"patches must be a dict {{selector: value}}, got {got}; "
                 f"keys: {', '.join(map(repr, self.keys))}"
             )
         unknown = [k for k in patches if k not in self.keys]

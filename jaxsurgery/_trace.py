@@ -849,6 +849,7 @@ class _ArgBinder:
                 raise SliceError(
                     f"argument `{name}` is {_short(value)}, but the graph was traced with it "
                     f"left to its default ({_short(traced_value(name))}): {_FIXED}"
+                    f"{_UNDER_JIT if _is_tracer(value) else ''}"
                 )
         for name in sorted(self.static_names):
             old, new = traced_value(name), given.get(name, defaults.get(name, _MISSING))
@@ -907,7 +908,8 @@ _FIXED = (
 
 _MISSING = object()
 _UNDER_JIT = (
-    "; under jax.jit, pass it as a static argument of the jit (static_argnums) or close over it"
+    "; under jax.jit, pass it as a static argument of the jit (static_argnums or "
+    "static_argnames) or close over it"
 )
 
 

@@ -408,7 +408,7 @@ CATALOG = [
         ),
         js.SliceError,
         r"static argument `train` is .*Tracer.*, but the graph was traced with True: .*; under "
-        r"jax\.jit, pass it as a static argument of the jit \(static_argnums\)",
+        r"jax\.jit, pass it as a static argument of the jit \(static_argnums or static_argnames\)",
     ),
     (
         "another non-array part of an argument (an Equinox MLP's activation)",
@@ -755,6 +755,23 @@ CATALOG = [
         ),
         js.SliceError,
         r"must give float32\[3\], got float16\[3\]; cast it \(\.astype\('float32'\)\)",
+    ),
+    (
+        "a flag left to its default when traced, given traced under jax.jit",
+        lambda g, a: jax.jit(
+            js.trace(lambda x, training=True: x * 2 if training else x, jnp.ones(2)).as_function()
+        )(jnp.ones(2), False),
+        js.SliceError,
+        r"left to its default \(True\).*under jax.jit, pass it as a static argument of the "
+        r"jit \(static_argnums or static_argnames\)",
+    ),
+    (
+        "an array for a patch function's dict, under jax.jit",  # (said DynamicJaxprTracer)
+        lambda g, a: jax.jit(js.trace(lambda x: jnp.tanh(x) * 2, jnp.ones(3)).patch_fn("%1"))(
+            jnp.ones(3), jnp.ones(3)
+        ),
+        js.SliceError,
+        r"patches must be a dict \{selector: value\}, got an array \(float32\[3\], traced\)",
     ),
     (
         "an unnamed body value past the loop's end",  # (no range was said)
