@@ -2,7 +2,8 @@
 
 Traces ``fn`` from the file with abstract arguments and prints the var table; ``--dot
 FILE`` also writes the graph as Graphviz DOT and ``--svg FILE`` as SVG, and ``--slice IN
-OUT`` highlights the slice ``g.slice(IN, OUT)`` in them (and prints it).
+OUT`` highlights the slice ``g.slice(IN, OUT)`` in them (and prints it;
+``--allow-unconnected`` passes ``allow_unconnected=True``).
 
 Arguments, in order (each one positional argument of ``fn``):
 
@@ -237,7 +238,15 @@ def run(args: argparse.Namespace) -> None:
         raise
     except Exception as e:  # the user's function failed to trace with these arguments
         raise UsageError(f"tracing {args.target} failed: {_first_line(e)}") from e
-    highlight = graph.slice(*args.slice) if args.slice else None
+    try:
+        highlight = (
+            graph.slice(*args.slice, allow_unconnected=args.allow_unconnected)
+            if args.slice
+            else None
+        )
+    except js.SliceError as e:  # its fix, as this command line spells it
+        said = str(e).replace("pass allow_unconnected=True", "pass --allow-unconnected")
+        raise js.SliceError(said) from None
     print(graph)
     if highlight is not None:
         print(repr(highlight))
@@ -271,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     show.add_argument("--args-from", help="file.py:fn (or :fn): fn() returns the arguments")
     show.add_argument("--slice", nargs=2, metavar=("IN", "OUT"), help="highlight g.slice(IN, OUT)")
+    show.add_argument(
+        "--allow-unconnected",
+        action="store_true",
+        help="with --slice: g.slice(IN, OUT, allow_unconnected=True)",
+    )
     show.add_argument("--dot", help="also write the graph as Graphviz DOT to this file")
     show.add_argument("--svg", help="also write the graph as SVG to this file")
     show.add_argument("--traceback", action="store_true", help="show errors' tracebacks")

@@ -102,6 +102,13 @@ def test_slice_is_highlighted_as_the_api_does(capsys, tmp_path):
     assert dot.read_text() == g.to_dot(highlight=s)
     assert dot.read_text() != g.to_dot()
     assert svg.read_text() == g.draw(highlight=s).svg
+    # an output upstream of the input: the fix the error gives is the command line's
+    assert main(["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z2", "z1"]) != 0
+    assert "pass --allow-unconnected to hold it constant" in capsys.readouterr().err
+    assert (
+        main(["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z2", "z1", "--allow-unconnected"]) == 0
+    )
+    assert repr(g.slice("z2", "z1", allow_unconnected=True)) in capsys.readouterr().out
 
 
 FLAX_MODEL = """
