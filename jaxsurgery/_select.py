@@ -888,6 +888,28 @@ def _iteration_names(graph: Graph, asked: tuple[int, ...]) -> list[str]:
     return found
 
 
+def _glob_part_fixed(graph: Graph, word: str) -> list[str]:
+    """Globs that select something, ``word`` with one literal part of its path (no
+    wildcard in it) spelt as a name's part close to it (``model/*/atn``: ``model/*/attn``)."""
+    parts = word.split("/")
+    found: list[str] = []
+    for k, part in enumerate(parts):
+        if not part or any(c in part for c in "*?["):
+            continue
+        head = "/".join([*parts[:k], "*"] if k else ["*"])
+        # the names' parts at this level, under a head the glob's parts before it match
+        seen = {
+            n.split("/")[k]
+            for n in graph._names.lookup
+            if n.count("/") >= k and fnmatch.fnmatchcase("/".join(n.split("/")[: k + 1]), head)
+        }
+        for close in close_matches(part, sorted(seen))[:3]:
+            alt = "/".join([*parts[:k], close, *parts[k + 1 :]])
+            if _regex(graph, compile_glob(alt)):
+                found.append(alt)
+    return found
+
+
 def _no_pattern_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern
 ) -> SelectionError:
@@ -904,10 +926,16 @@ def _no_pattern_match(
             )
     if not hint and word is not None and "/" in word:  # params/* for params[*]
         head, _, rest = word.rpartition("/")
-        for alt in (f"{head}[{rest}]", f"{head}[{rest!r}]", f"{head}.{rest}"):
+        # (unquoted, only an index is a key: [atn] is a glob's class of three letters)
+        keys = [f"{head}[{rest}]"] if re.fullmatch(r"[\d*?]+", rest) else []
+        for alt in (*keys, f"{head}[{rest!r}]", f"{head}.{rest}"):
             if _regex(graph, compile_glob(alt)):
                 hint = f"; a pytree key is not a call or scope: did you mean {alt!r}?"
                 break
+    if not hint and word is not None and "/" in word:  # one part misspelt: model/*/atn
+        fixed = _glob_part_fixed(graph, word)
+        if fixed:
+            hint = f"; did you mean {short_list(repr(f) for f in fixed)}?"
     if not hint:
         if word is not None:
             literal = re.sub(r"[*?]", "", word)

@@ -316,6 +316,28 @@ def _inner(h):
     return a * 2
 
 
+def _attn_block(x, w):
+    attn = jnp.tanh(x @ w)
+    mlp = jnp.sin(attn)
+    return mlp
+
+
+def test_a_glob_with_one_part_misspelt_suggests_the_glob_spelt_right():
+    """``*/atn`` suggested ``*[atn]`` (a class of three letters, matching any name ending
+    in a, t or n, as a pytree key); ``block#*/atn``, names sharing none of its parts."""
+
+    def model(x, ws):
+        for w in ws:
+            x = _attn_block(x, w)
+        return x.sum()
+
+    g = js.trace(model, jnp.ones(3), [jnp.eye(3)] * 2)
+    for typo, meant in [("*/atn", "*/attn"), ("_attn_block#*/mpl", "_attn_block#*/mlp")]:
+        with pytest.raises(js.SelectionError, match=re.escape(f"did you mean {meant!r}?")):
+            g.select(typo)
+        assert len(g.select(meant)) == 2
+
+
 def test_a_call_path_given_as_a_scope_points_to_its_glob():
     """A call's path (a box of the view) is no scope: the error says how to select it."""
 
