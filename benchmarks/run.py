@@ -24,6 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_diffrax  # noqa: E402
+import bench_eager  # noqa: E402
 import bench_experiments  # noqa: E402
 import bench_grads  # noqa: E402
 import bench_jit_layers  # noqa: E402
@@ -55,6 +56,7 @@ SECTIONS = [
     ("Trace of solver loops (while_loops) vs jax.make_jaxpr", bench_diffrax),
     ("g.value on a 100k-equation chain (deep MLP)", bench_values),
     ("Experiments vs hand-written (12-layer MLP, 512 wide, batch 128)", bench_experiments),
+    ("Eager calls of what a graph makes (100-layer MLP, 4 wide, batch 2)", bench_eager),
 ]
 
 
@@ -78,8 +80,9 @@ EXPLAINED = """\
   scan over the rest, split from its context by JAX's partial evaluation.
 * Values: the first `g.value` computes its prefix at all, so it is compared with a first
   call of the function as well as with the trace. In a loop it runs (and compiles) the
-  loop once, keeping every iteration; on a chain it runs the prefix op by op (JAX's
-  `eval_jaxpr`) and keeps checkpoints, so a later value re-runs about √n equations.
+  loop once, keeping every iteration; on a chain it runs the prefix op by op (each op
+  compiled once, `jaxsurgery/_eager.py`) and keeps checkpoints, so a later value re-runs
+  about √n equations.
   The 0.05× trace target holds for later values; a first value costs its prefix."""
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._control_flow import input_reads
+from ._eager import eval_jaxpr
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._made import Made, var_keys
@@ -532,7 +533,7 @@ class Slice(Made):
         flat = [_coerce(x, v) for x, v in zip(leaves, self.in_vars)]
         checks = bool(self._decisions) and not self._unchecked
         try:
-            out = C.eval_jaxpr(self.jaxpr, self._context(), *flat)
+            out = eval_jaxpr(self.jaxpr, self._context(), *flat)  # (eagerly: compiled ops)
         except Exception:
             # a library's own check in the window (optimistix's "maximum number of
             # steps") may fail first on inputs that take another path: that is the error
