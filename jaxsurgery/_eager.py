@@ -49,8 +49,11 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
         if any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values()):
             # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
             # as JAX stages it by default, also in ensure_compile_time_eval (see C)
-            ins = [C.Var(a.aval) if isinstance(a, C.Literal) else a for a in eqn.invars]
-            eqn = eqn.replace(invars=ins)  # (run gives a literal's value as an argument)
+            # a var of its own per operand: run gives a literal's value as an argument,
+            # and a call given one value twice (sub(x, x)) is kept for its body, which a
+            # later call (sub(x, y)) shares: read by position, not by the first's vars
+            ins = [C.Var(a.aval) for a in eqn.invars]
+            eqn = eqn.replace(invars=ins)
             one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
             fn = jax.jit(functools.partial(staged, one))
             if C.retraced([eqn]):  # lowered (a Pallas kernel run) outside the folding too
