@@ -247,6 +247,7 @@ class _Writer:
             self.keys = list(host)
             for key, value in host.items():
                 self._create(key, value, outs[key].dtype)
+            self._record()  # (the arrays are this store's: a run interrupted now resumes)
         else:
             self.check_keys(host)
         for key, value in host.items():
@@ -264,6 +265,10 @@ class _Writer:
         self.rows += size
         self.batches_done += 1
         self.computed += 1
+        self._record()
+
+    def _record(self) -> None:
+        """Record the batches complete (``store.attrs["jaxsurgery"]``)."""
         self.group.attrs[_STATE] = {
             "batches": self.batches_done,
             "rows": self.rows,

@@ -602,9 +602,14 @@ class _State:
         return _State(dict(self.binding), dict(self.eqn_map))
 
 
+#: the most other operand orders of commutative equations a match tries from one anchor
+BACKTRACKS = 64
+
+
 class _Matcher:
     def __init__(self, pattern: Program, target: Program):
         self.p, self.t = pattern, target
+        self._budget = BACKTRACKS
         #: the deepest equation the pattern met with other parameters: ``(equations
         #: matched before it, its primitive, {param: (pattern's, target's)})``
         self.near: tuple[int, str, dict] | None = None
@@ -617,7 +622,9 @@ class _Matcher:
         if pos >= len(outs):
             return None
         # every way the pattern unifies, in turn (commutative operands in either order,
-        # undone where a later operand fails), until one is a match
+        # undone where a later operand fails), until one is a match: at most
+        # BACKTRACKS other orders tried (a tree of adds failing late tried them all)
+        self._budget = BACKTRACKS
         for state in self._var(out0, outs[pos], _State({}, {})):
             if all(p.producer[o] in state.eqn_map for o in p.outputs[1:]) and self._closed(
                 state
@@ -673,8 +680,10 @@ class _Matcher:
             yield from self._operands(list(peqn.invars), list(teqn.invars), state)
             return
         base = state.copy()  # (before anything downstream changes it)
-        for order in (list(teqn.invars), list(reversed(teqn.invars))):
-            yield from self._operands(list(peqn.invars), order, base.copy())
+        yield from self._operands(list(peqn.invars), list(teqn.invars), base.copy())
+        if self._budget > 0:
+            self._budget -= 1
+            yield from self._operands(list(peqn.invars), list(reversed(teqn.invars)), base)
 
     def _operands(self, pattern_atoms: list, target_atoms: list, state: _State) -> Iterator[_State]:
         if not pattern_atoms:

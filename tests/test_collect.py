@@ -147,6 +147,27 @@ def test_a_store_it_did_not_write_is_refused_not_replaced(tmp_path):
             js.collect(bad, lambda x: {"h": x}, [jnp.ones((4, 8))], progress=False)
 
 
+def test_a_run_interrupted_in_its_first_write_resumes(tmp_path, monkeypatch):
+    """Interrupted while the first batch was appended (its arrays made, nothing recorded
+    yet), the store was refused as one js.collect did not write."""
+    path = str(tmp_path / "acts.zarr")
+    batches = [jnp.full((4, 3), float(i)) for i in range(3)]
+    fn = lambda x: {"a": x * 2, "b": x + 1}  # noqa: E731
+    append = zarr.Array.append
+
+    def interrupted(array, value, *args, **kwargs):
+        monkeypatch.setattr(zarr.Array, "append", append)  # once
+        append(array, value, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zarr.Array, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        js.collect(path, fn, batches, progress=False)
+    store = js.collect(path, fn, batches, progress=False)
+    np.testing.assert_array_equal(store["a"][:], np.concatenate([b * 2 for b in batches]))
+    np.testing.assert_array_equal(store["b"][:], np.concatenate([b + 1 for b in batches]))
+
+
 def test_the_batch_before_a_failing_one_is_kept(tmp_path):
     """A batch the function refuses (a last smaller batch for a values_fn traced at 16
     rows) raises its error; the batch computed before it was dropped unwritten."""

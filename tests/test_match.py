@@ -916,3 +916,43 @@ def test_match_and_rewrite_agree_on_what_a_nested_loop_body_can_change():
         assert g.match(pattern, x, w, x) == ()
     with pytest.raises(js.SliceError, match=said):
         g.rewrite(pattern, lambda a, w, b: jax.nn.gelu(a @ w + b), x, w, x)
+
+
+def _add_tree(*v):
+    v = list(v)
+    while len(v) > 1:
+        v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
+    return v[0]
+
+
+def test_a_match_failing_late_tries_a_bounded_number_of_operand_orders(monkeypatch):
+    """A tree of 31 adds whose occurrences fail only at the last check (an inner sum is
+    read outside): every combination of operand orders was tried (2^31; 15 adds took
+    1.6 s). At most BACKTRACKS other orders are tried from one anchor."""
+    from jaxsurgery import _match
+
+    def sums(xs):  # each tree's first inner sum read outside it: no match is closed
+        outs = []
+        for r in range(2):
+            v = [x * (r + 1) for x in xs]
+            while len(v) > 1:
+                v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
+                outs.append(jnp.sin(v[0]))
+            outs.append(v[0])
+        return outs
+
+    one = jnp.ones(3)
+    g = js.trace(sums, [one] * 32)
+    calls = []
+    real = _match._Matcher._operands
+
+    def counted(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(_match._Matcher, "_operands", counted)
+    assert g.match(_add_tree, *([one] * 32)) == ()
+    anchors = sum(1 for v in g.vars if v.primitive == "add")
+    assert len(calls) < anchors * 40 * (_match.BACKTRACKS + 2), len(calls)
+    # (the pattern as the function has it, unread inside, matches)
+    assert len(js.trace(lambda xs: _add_tree(*xs), [one] * 8).match(_add_tree, *([one] * 8))) == 1
