@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -146,18 +146,28 @@ _PLANS: dict[int, tuple[Any, Any]] = {}
 def _plan(jaxpr: C.Jaxpr) -> tuple[list[Any], list[list[Any]]]:
     """Each equation's compiled op and the vars dead after it, kept per jaxpr while it
     lives (a made function called in a loop works them out once)."""
-    found = _PLANS.get(id(jaxpr))
+
+    def plan() -> tuple[list[Any], list[list[Any]]]:
+        keep = {o for o in jaxpr.outvars if not isinstance(o, C.Literal)}
+        return [compiled_op(e) for e in jaxpr.eqns], last_uses(jaxpr.eqns, keep)
+
+    return per_jaxpr(_PLANS, jaxpr, plan)
+
+
+def per_jaxpr(cache: dict[int, tuple[Any, Any]], jaxpr: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``cache`` for ``jaxpr`` while it lives (by a weak reference:
+    a graph's program, dropped, is not kept alive by this cache, and its entry goes)."""
+    key = id(jaxpr)
+    found = cache.get(key)
     if found is not None and found[0]() is jaxpr:
         return found[1]
-    if len(_PLANS) > 256:
-        _PLANS.clear()
-    key = id(jaxpr)
+    if len(cache) > 256:
+        cache.clear()
 
     def gone(ref: Any) -> None:
-        if _PLANS.get(key, (None,))[0] is ref:
-            del _PLANS[key]
+        if cache.get(key, (None,))[0] is ref:
+            del cache[key]
 
-    keep = {o for o in jaxpr.outvars if not isinstance(o, C.Literal)}
-    plan = ([compiled_op(e) for e in jaxpr.eqns], last_uses(jaxpr.eqns, keep))
-    _PLANS[key] = (weakref.ref(jaxpr, gone), plan)
-    return plan
+    value = make()
+    cache[key] = (weakref.ref(jaxpr, gone), value)
+    return value

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
-from ._eager import eval_jaxpr
+from ._eager import eval_jaxpr, per_jaxpr
 from ._errors import SliceError
 
 #: edits of a ``while_loop`` spanning fewer trips than this run those trips one by one
@@ -1117,8 +1116,8 @@ def into_last_iteration(closed: Any, site: Site) -> Site | None:
 
 
 def _producers(jaxpr: Any) -> dict[Any, int]:
-    """The equation making each var of a jaxpr (kept per jaxpr, see :func:`_per_jaxpr`)."""
-    return _per_jaxpr(
+    """The equation making each var of a jaxpr (kept per jaxpr, see :func:`_eager.per_jaxpr`)."""
+    return per_jaxpr(
         _PRODUCERS, jaxpr, lambda: {o: e for e, q in enumerate(jaxpr.eqns) for o in q.outvars}
     )
 
@@ -1131,30 +1130,11 @@ def _read_vars(jaxpr: Any) -> set[Any]:
         found.update(a for a in jaxpr.outvars if not isinstance(a, C.Literal))
         return found
 
-    return _per_jaxpr(_READ, jaxpr, read)
+    return per_jaxpr(_READ, jaxpr, read)
 
 
 _READ: dict[int, tuple[Any, Any]] = {}
 _PRODUCERS: dict[int, tuple[Any, Any]] = {}
-
-
-def _per_jaxpr(cache: dict[int, tuple[Any, Any]], jaxpr: Any, make: Callable[[], Any]) -> Any:
-    """``make()``, kept in ``cache`` for ``jaxpr`` while it lives (by a weak reference:
-    a graph's program, dropped, is not kept alive by this cache, and its entry goes)."""
-    key = id(jaxpr)
-    found = cache.get(key)
-    if found is not None and found[0]() is jaxpr:
-        return found[1]
-    if len(cache) > 256:
-        cache.clear()
-
-    def gone(ref: Any) -> None:
-        if cache.get(key, (None,))[0] is ref:
-            del cache[key]
-
-    value = make()
-    cache[key] = (weakref.ref(jaxpr, gone), value)
-    return value
 
 
 def carry_entry(closed: Any, site: Site) -> Site:
