@@ -109,7 +109,10 @@ class Found:
         )
         shapes = (
             " (a broadcast, reshape or reduction holds shapes and axes), so trace it with "
-            "example arguments of the shapes of the values it should match"
+            "example arguments of the shapes of the values it should match; if they have "
+            "those shapes, the graph computes it otherwise than the pattern (a library "
+            "broadcasting a bias to the whole output, not as + does): write the pattern "
+            "as the library computes it, or with the library's own layer"
             if any(k in _SHAPE_PARAMS for k in diff)
             else ""
         )

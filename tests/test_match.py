@@ -956,3 +956,25 @@ def test_a_match_failing_late_tries_a_bounded_number_of_operand_orders(monkeypat
     assert len(calls) < anchors * 40 * (_match.BACKTRACKS + 2), len(calls)
     # (the pattern as the function has it, unread inside, matches)
     assert len(js.trace(lambda xs: _add_tree(*xs), [one] * 8).match(_add_tree, *([one] * 8))) == 1
+
+
+def test_a_pattern_broadcasting_otherwise_than_the_library_says_so():
+    """haiku.nets.MLP broadcasts a bias to the whole output (broadcast_to), + to (1, n):
+    traced with the target's shapes, the pattern was told to take the target's shapes."""
+    import haiku as hk
+
+    net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([8, 8, 3])(x)))
+    x = jnp.ones((5, 4))
+    g = js.trace(net.apply, net.init(jax.random.key(0), x), x)
+    with pytest.warns(UserWarning, match="if they have those shapes, the graph computes it"):
+        assert (
+            g.match(lambda a, w, b: jax.nn.relu(a @ w + b), x, jnp.ones((4, 8)), jnp.ones(8)) == ()
+        )
+    # written as the library computes it, it matches both hidden layers
+    found = g.match(
+        lambda a, w, b: jax.nn.relu(a @ w + jnp.broadcast_to(b, (5, 8))),
+        x,
+        jnp.ones((4, 8)),
+        jnp.ones(8),
+    )
+    assert len(found) == 2
