@@ -176,13 +176,19 @@ class GradsFunction(TakesArguments):
             if many and len({sharding(j) for j in group}) > 1
             for i in group
         }
-        return [
+        zeros = [
             C.zeros_of(
                 self._avals[m[0]],
                 len(m) if len(m) > 1 else None,
                 sharded=not plain.intersection(m),  # (m: one value, at several iterations)
             )
             for m in self._inputs
+        ]
+        # a weakly typed value (a Python number traced) has a weakly typed gradient, as
+        # jax.grad gives it (a step p - lr * g then keeps a bfloat16 p's dtype)
+        return [
+            C.weak_cast(z, z.dtype) if getattr(self._avals[m[0]], "weak_type", False) else z
+            for z, m in zip(zeros, self._inputs)
         ]
 
     @functools.cached_property

@@ -534,3 +534,21 @@ def test_a_message_names_an_int_value_with_its_article():
     g = js.trace(f, jnp.int32(3), jnp.ones(2))
     with pytest.raises(js.SliceError, match=r"give an int32 value, not a key \(jax"):
         g.replace("j", jax.random.key(1))
+
+
+def test_gradients_at_a_python_number_are_weakly_typed_as_jax_grads():
+    """jax.grad at a Python number gives a weakly typed gradient (a bfloat16 step
+    p - lr * g stays bfloat16); grads_fn and g.grads gave a float32 one."""
+
+    def f(x, s):
+        h = x * s
+        return jnp.sum(h)
+
+    x = jnp.arange(3.0)
+    g = js.trace(f, x, 2.5)
+    expected = jax.grad(f, argnums=1)(x, 2.5)
+    for got in (g.grads_fn("out", wrt=["s"])(x, 2.5)["s"], g.grads("out", wrt=["s"])["s"]):
+        assert got.dtype == expected.dtype and got.weak_type == expected.weak_type is True
+        allclose(got, expected)
+        assert (jnp.ones(2, jnp.bfloat16) - got).dtype == jnp.bfloat16
+    assert not g.grads("out", wrt=["x"])["x"].weak_type  # (an array: strongly typed)
