@@ -134,8 +134,11 @@ def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
     if C.retraced(jaxpr.eqns):  # (a shard_map's or Pallas kernel's body: as JAX stages it)
         return C.eval_jaxpr(jaxpr, consts, *args)
     ops, frees = _plan(jaxpr)
-    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    # (as eval_jaxpr takes them: the consts then the arguments, for the constvars then
+    # the invars; newer JAX's programs may have no constvars and take both as invars)
+    env: dict[Any, Any] = dict(
+        zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True)
+    )
     run_eqns(jaxpr.eqns, ops, env, frees)
     return [o.val if isinstance(o, C.Literal) else env[o] for o in jaxpr.outvars]
 
