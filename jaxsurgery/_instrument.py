@@ -120,6 +120,9 @@ class Recorder:
         #: the traces running when the transforms now running were called, outermost
         #: first: values of the first one's jaxpr stay in the program (see _named)
         self._transforms: list[Any] = []
+        #: how many of those are derivatives, under which JAX runs a custom_jvp's or
+        #: custom_vjp's rule, not its body
+        self._derivatives = 0
         #: inside checkpoints whose policy saves named values, which a tag would change
         self._untagged = 0
         #: frames of library module methods (Flax linen, Haiku), whose names are scoped
@@ -290,14 +293,16 @@ class Recorder:
             self._untagged -= 1
 
     @contextlib.contextmanager
-    def transformed(self) -> Iterator[None]:
+    def transformed(self, derivative: bool = False) -> Iterator[None]:
         """While a JAX transform that remakes the jaxprs it is given (``vmap``, a
         derivative) runs a user function."""
         self._transforms.append(C.current_trace())
+        self._derivatives += derivative
         try:
             yield
         finally:
             self._transforms.pop()
+            self._derivatives -= derivative
 
     def _named(self, value: Any) -> tuple[Any, list[tuple[str, Any]]]:
         """``(value, [(key path, atom)])`` for a value named: as it is outside a
@@ -454,17 +459,30 @@ class Recorder:
             tuple((f - frame, name, atom) for f, name, atom in self.bindings[b0:]),
             tuple((f - frame, path, atom) for f, path, atom in self.returns[r0:]),
             tuple(sorted((f - f0, kept) for f, kept in self.loop_frames.items() if f >= f0)),
+            tuple(
+                k
+                for k, callee in enumerate(self.callees[f0:])
+                if isinstance(callee, (jax.custom_jvp, jax.custom_vjp))
+            ),
         )
 
     def _replay(self, frame: int, rec: _Recording) -> None:
-        """Report again, for ``frame``, what another call of the same jaxpr reported."""
+        """Report again, for ``frame``, what another call of the same jaxpr reported;
+        under a derivative, not what a ``custom_jvp``'s or ``custom_vjp``'s body reported
+        (JAX runs the rule there: its values are not in the program, and names of them
+        took another call's copies: ``block#1/soft/x`` was block#0's)."""
         if rec.frames:
             self.loop_frames.update((len(self.frames) + k, kept) for k, kept in rec.loops)
             self.frames += [(label, frame + parent) for label, parent in rec.frames]
             self.callees += [None] * len(rec.frames)  # only a running frame's is read
             self.sites += rec.sites
-            self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns]
-        self.bindings += [(frame + f, name, atom) for f, name, atom in rec.bindings]
+        gone = _inside(rec, rec.rules) if self._derivatives and rec.rules else set()
+        # (what such a call returns is tagged outside it, where the rule's result is)
+        inner = gone - {k + 1 for k in rec.rules}
+        self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns if f not in inner]
+        self.bindings += [
+            (frame + f, name, atom) for f, name, atom in rec.bindings if f not in gone
+        ]
 
     def qualified(self, program: Any) -> tuple[list[tuple[str, int]], list[tuple[str, Any, Any]]]:
         """``(name, var index)`` pairs for the flat ``program``, in naming priority order,
@@ -807,6 +825,19 @@ class _Recording(NamedTuple):
     #: which of its frames are a loop's body (positions in ``frames``), each with
     #: whether the index keeps that loop whole (see ``Recorder.loop_frames``)
     loops: tuple[tuple[int, bool], ...] = ()
+    #: which of its frames (positions in ``frames``) ran a custom_jvp's or custom_vjp's body
+    rules: tuple[int, ...] = ()
+
+
+def _inside(rec: _Recording, roots: tuple[int, ...]) -> set[int]:
+    """The frames of a recording, as its bindings number them (the call's own 0, the
+    frame at position k of ``rec.frames`` k + 1), that are one of ``roots`` (positions)
+    or inside one (a frame's parent comes before it)."""
+    found = {k + 1 for k in roots}
+    for k, (_, parent) in enumerate(rec.frames):
+        if parent in found:
+            found.add(k + 1)
+    return found
 
 
 def _types_key(inputs: Any) -> Any:
@@ -1479,7 +1510,7 @@ class _Framed:
 
     def _context(self, recorder: Recorder) -> Any:
         if self.remakes:
-            return recorder.transformed()
+            return recorder.transformed(derivative=not self.named)
         return recorder.untagged() if self.untagged else contextlib.nullcontext()
 
 

@@ -1540,3 +1540,50 @@ def test_names_inside_checkify():
     assert not g.notes
     allclose(g.value("b"), a * 2)
     check_slice(g.slice("a", "b"), (a,), lambda a: a * 2)
+
+
+@jax.custom_jvp
+def _soft(x):
+    inner = jnp.log1p(jnp.exp(x))
+    return inner
+
+
+_soft.defjvp(lambda p, t: (_soft(p[0]), jax.nn.sigmoid(p[0]) * t[0]))
+
+
+@jax.checkpoint
+def _soft_block(w, h):
+    pre = h @ w
+    act = _soft(pre)
+    return act + h
+
+
+def test_a_custom_jvp_body_in_a_replayed_checkpoint_names_its_own_call():
+    """A checkpointed block called twice (JAX serves the second call from its cache, so
+    the names its body reported are replayed) calling a user custom_jvp, the caller
+    also differentiated: under the derivative JAX runs the rule, not the body, whose
+    replayed names then took the other calls' values: `block#1/_soft/x#0` selected
+    block#0's `pre`, silently."""
+
+    def per_example(w, xe):
+        a = _soft_block(w, xe)
+        b = _soft_block(w, a)
+        return jnp.sum(b)
+
+    def f(w, xs):
+        pe = jax.vmap(per_example, in_axes=(None, 0))
+        losses = pe(w, xs)
+        gw = jax.grad(lambda w: jnp.mean(pe(w, xs)))(w)
+        return losses, gw
+
+    w, xs = jnp.eye(3) * 0.5, jnp.arange(6.0).reshape(2, 3)
+    g = js.trace(f, w, xs)
+    a = xs @ w
+    h1 = jnp.log1p(jnp.exp(a)) + xs
+    for k, pre in enumerate([a, h1 @ w]):
+        assert g[f"pe#0/_soft_block#{k}/_soft/x"] is g[f"pe#0/_soft_block#{k}/pre"]
+        allclose(g.value(f"pe#0/_soft_block#{k}/_soft/x"), pre)
+        allclose(g.value(f"pe#0/_soft_block#{k}/_soft/inner"), jnp.log1p(jnp.exp(pre)))
+    assert not [
+        n for n in g.names() if "/_soft/x#" in n or n.startswith("pe#1/") and "/_soft/x" in n
+    ]
