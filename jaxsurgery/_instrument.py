@@ -76,7 +76,16 @@ from ._frameworks import (
     submodule_paths,
     swapped,
 )
-from ._rewrite import _RUNS, _SAME, _TRANSFORM_KINDS, CALL, MARK, _plain_partial, instrument
+from ._rewrite import (
+    _DERIVATIVE,
+    _RUNS,
+    _SAME,
+    _TRANSFORM_KINDS,
+    CALL,
+    MARK,
+    _plain_partial,
+    instrument,
+)
 from ._scopes import backward_prefix, scope_parts, scope_path
 from ._tag import MARK_PREFIX
 
@@ -123,6 +132,8 @@ class Recorder:
         #: how many of those are derivatives, under which JAX runs a custom_jvp's or
         #: custom_vjp's rule, not its body
         self._derivatives = 0
+        #: the open frames of custom_jvp / custom_vjp calls
+        self._rules: set[int] = set()
         #: inside checkpoints whose policy saves named values, which a tag would change
         self._untagged = 0
         #: frames of library module methods (Flax linen, Haiku), whose names are scoped
@@ -167,6 +178,8 @@ class Recorder:
         scope when names are assigned (see :meth:`_anchored`).
         """
         frame = self.frame
+        if self._unseen():
+            return value
         value, atoms = self._named(value)
         if not scope and frame in self._scoped_frames:  # a name in a linen/Haiku method
             scope = C.current_scope()
@@ -369,7 +382,15 @@ class Recorder:
         self.sites.append(None)
         self.frames.append((label, self.frame))
         self._stack.append(len(self.frames) - 1)
+        if isinstance(fn, (jax.custom_jvp, jax.custom_vjp)):
+            self._rules.add(self._stack[-1])
         return self._stack[-1]
+
+    def _unseen(self) -> bool:
+        """Whether what is named now is in a custom_jvp's or custom_vjp's body under a
+        derivative, where JAX runs the rule: the body's values are not in the program,
+        and names of them took other calls' copies of a value the body shares."""
+        return bool(self._derivatives and self._rules)
 
     def size(self) -> tuple[int, int, int]:
         """How much was recorded so far (to tell whether a call's body ran)."""
@@ -477,8 +498,9 @@ class Recorder:
             self.callees += [None] * len(rec.frames)  # only a running frame's is read
             self.sites += rec.sites
         gone = _inside(rec, rec.rules) if self._derivatives and rec.rules else set()
-        # (what such a call returns is tagged outside it, where the rule's result is)
-        inner = gone - {k + 1 for k in rec.rules}
+        # (what such a call returns is tagged outside it, where the rule's result is: not
+        # for one inside another's body)
+        inner = gone - {k + 1 for k in rec.rules if rec.frames[k][1] not in gone}
         self.returns += [(frame + f, path, atom) for f, path, atom in rec.returns if f not in inner]
         self.bindings += [
             (frame + f, name, atom) for f, name, atom in rec.bindings if f not in gone
@@ -734,8 +756,9 @@ class Recorder:
         """Close ``frame``, which returned ``value``; returns the value to return (see
         :meth:`_named`)."""
         self._stack.pop()
-        if frame in self._scoped_frames:  # a module method's: its module's scope names it
-            return value
+        self._rules.discard(frame)  # (a rule's result is tagged outside it: named)
+        if frame in self._scoped_frames or self._unseen():  # a module method's: its
+            return value  # module's scope names it
         value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
@@ -1339,7 +1362,11 @@ def _transformed(fn: Any) -> _Framed | None:
     )
     named = all(n for n, _ in kinds)
     remakes = any(r for _, r in kinds)
-    return _Framed(remade, f, named, remakes, untagged)
+    derivative = any(
+        not n and made.__code__.co_name != "checked_fun"
+        for (n, _), (made, _, _) in zip(kinds, chain)
+    )
+    return _Framed(remade, f, named, remakes, untagged, derivative)
 
 
 def _transformed_method(fn: Any, bound: bool = True) -> Any:
@@ -1465,10 +1492,21 @@ class _Framed:
     ``model``, ``grad_fn(w)`` the call ``grad_fn``), else after the function. ``named``:
     what the call returns is the function's value (a batch of it), not a derivative."""
 
-    __slots__ = ("fn", "of", "named", "remakes", "memory", "untagged", "__weakref__")
+    __slots__ = ("fn", "of", "named", "remakes", "memory", "untagged", "derivative", "__weakref__")
 
-    def __init__(self, fn: Any, of: Any, named: bool, remakes: bool, untagged: bool) -> None:
+    def __init__(
+        self,
+        fn: Any,
+        of: Any,
+        named: bool,
+        remakes: bool,
+        untagged: bool,
+        derivative: bool | None = None,
+    ) -> None:
         self.fn, self.of, self.named, self.untagged = fn, of, named, untagged
+        #: a derivative (under which JAX runs a custom_jvp's rule, not its body): what
+        #: is not named, but checkify's (it runs the bodies)
+        self.derivative = not named if derivative is None else derivative
         #: the transform remakes the jaxprs traced inside it (vmap, a derivative; not
         #: checkpoint, which stages them as they are): see Recorder._named
         self.remakes = remakes
@@ -1510,7 +1548,7 @@ class _Framed:
 
     def _context(self, recorder: Recorder) -> Any:
         if self.remakes:
-            return recorder.transformed(derivative=not self.named)
+            return recorder.transformed(derivative=self.derivative)
         return recorder.untagged() if self.untagged else contextlib.nullcontext()
 
 
@@ -1527,7 +1565,7 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
     objects run as they are. A decorator factory
     (``eqx.filter_grad(has_aux=True)``) gives a decorator that does the same.
     """
-    if kind == _RUNS:
+    if kind == _RUNS:  # (jvp, vjp, linearize: derivatives)
         return _transforming(_with_named_bodies(transform, ((0, param),)))
     from_jax = transform.__module__.split(".", 1)[0] == "jax"
 
@@ -1568,7 +1606,10 @@ def _with_rewritten_function(transform: Any, kind: str, param: str) -> Any:
         remakes = kind != _SAME or getattr(transform, "__name__", "") not in _STAGE_AS_THEY_ARE
         untagged = C.policy_saves_names(kwargs.get("policy"))
         named = kind == _SAME and (fun.named if isinstance(fun, _Framed) else True)
-        return _Framed(transform(inner, *args, **kwargs), of, named, remakes, untagged)
+        derivative = (
+            kind == _DERIVATIVE and "checkify" not in getattr(transform, "__name__", "")
+        ) or (isinstance(fun, _Framed) and fun.derivative)
+        return _Framed(transform(inner, *args, **kwargs), of, named, remakes, untagged, derivative)
 
     return run
 
@@ -1581,7 +1622,7 @@ def _transforming(fn: Any) -> Any:
         recorder = _current()
         if recorder is None:
             return fn(*args, **kwargs)
-        with recorder.transformed():
+        with recorder.transformed(derivative=True):
             return fn(*args, **kwargs)
 
     return run

@@ -1558,32 +1558,48 @@ def _soft_block(w, h):
     return act + h
 
 
-def test_a_custom_jvp_body_in_a_replayed_checkpoint_names_its_own_call():
+@pytest.mark.parametrize("derivative", ["grad", "jvp"])
+@pytest.mark.parametrize("first", ["plain", "derivative"])
+def test_a_custom_jvp_body_in_a_replayed_checkpoint_names_its_own_call(derivative, first):
     """A checkpointed block called twice (JAX serves the second call from its cache, so
     the names its body reported are replayed) calling a user custom_jvp, the caller
     also differentiated: under the derivative JAX runs the rule, not the body, whose
-    replayed names then took the other calls' values: `block#1/_soft/x#0` selected
-    block#0's `pre`, silently."""
+    names then took the other calls' values (`block#1/_soft/x#0` selected block#0's
+    `pre`, silently; also with the derivative first, and under jax.jvp). Names inside
+    the body are given only where the body ran outside a derivative."""
 
     def per_example(w, xe):
         a = _soft_block(w, xe)
         b = _soft_block(w, a)
         return jnp.sum(b)
 
+    pe = jax.vmap(per_example, in_axes=(None, 0))
+
+    def mean(w, xs):
+        return jnp.mean(pe(w, xs))
+
     def f(w, xs):
-        pe = jax.vmap(per_example, in_axes=(None, 0))
+        if derivative == "grad":
+            d = lambda: jax.grad(mean)(w, xs)  # noqa: E731
+        else:
+            d = lambda: jax.jvp(lambda v: mean(v, xs), (w,), (jnp.ones_like(w),))[1]  # noqa: E731
+        if first == "derivative":
+            dw = d()
+            return pe(w, xs), dw
         losses = pe(w, xs)
-        gw = jax.grad(lambda w: jnp.mean(pe(w, xs)))(w)
-        return losses, gw
+        return losses, d()
 
     w, xs = jnp.eye(3) * 0.5, jnp.arange(6.0).reshape(2, 3)
     g = js.trace(f, w, xs)
     a = xs @ w
-    h1 = jnp.log1p(jnp.exp(a)) + xs
-    for k, pre in enumerate([a, h1 @ w]):
-        assert g[f"pe#0/_soft_block#{k}/_soft/x"] is g[f"pe#0/_soft_block#{k}/pre"]
-        allclose(g.value(f"pe#0/_soft_block#{k}/_soft/x"), pre)
-        allclose(g.value(f"pe#0/_soft_block#{k}/_soft/inner"), jnp.log1p(jnp.exp(pre)))
-    assert not [
-        n for n in g.names() if "/_soft/x#" in n or n.startswith("pe#1/") and "/_soft/x" in n
-    ]
+    pres = [a, (jnp.log1p(jnp.exp(a)) + xs) @ w]
+    body = [n for n in g.names() if "/_soft/" in n]
+    for n in body:  # every name inside the body selects its own call's value
+        k = int(n.split("_soft_block#")[1][0])
+        expected = pres[k] if n.endswith("/x") else jnp.log1p(jnp.exp(pres[k]))
+        allclose(g.value(n).reshape(expected.shape), expected)
+    assert not [n for n in body if "#" in n.rsplit("/", 1)[1]]  # (no x#0, x#1 of one call)
+    if first == "plain" and derivative == "grad":
+        for k, pre in enumerate(pres):
+            assert g[f"pe/_soft_block#{k}/_soft/x"] is g[f"pe/_soft_block#{k}/pre"]
+            allclose(g.value(f"pe/_soft_block#{k}/_soft/inner"), jnp.log1p(jnp.exp(pre)))
