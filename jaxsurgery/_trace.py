@@ -335,7 +335,15 @@ def same_avals(
     array) computes what the number did, and is converted to the traced dtype exactly.
     """
     out = []
+    array = C.ArrayImpl
     for k, (name, new, old) in enumerate(zip(names, flat, traced)):
+        if wide is None and type(new) is array and type(old) is array:
+            # the common case, an array of the traced type: taken as it is (an eager
+            # call of a 200-leaf model checked each leaf at about 8 µs)
+            a, b = new.aval, old.aval
+            if a.shape == b.shape and a.dtype == b.dtype and a.weak_type == b.weak_type:
+                out.append(new)
+                continue
         shape, dtype = np.shape(new), _dtype(new)
         # a Python number was traced as the array JAX makes of it (10: int32[])
         traced_dtype = _dtype(old) or jax.dtypes.canonicalize_dtype(jnp.result_type(old))
