@@ -820,21 +820,18 @@ class Graph(Identical):
         patched graph (a patch of the result runs there): what is read of it after
         such an edit must stay after it."""
         sites = [self._site_of(v) for v in vars_]
-        if self._structure.edits or len(sites) < 2:
+        loops = {loop_value(s) for s in sites} - {None}
+        if self._structure.edits or not loops:  # (no other iteration asked: as they are)
             return sites
         after = {e.site for e in edits}
         closed = self._structure.closed
-        inside = {}
-        for j, site in enumerate(sites):
-            if (not site.steps or site.steps[-1].iteration is None) and site not in after:
+        moved = []
+        for site in sites:
+            found = None
+            if loop_value(site) is None and site not in after:
                 found = into_last_iteration(closed, site)
-                if found is not None:
-                    inside[j] = found
-        loops = {loop_value(s) for j, s in enumerate(sites) if j not in inside}
-        return [
-            inside[j] if j in inside and loop_value(inside[j]) in loops else site
-            for j, site in enumerate(sites)
-        ]
+            moved.append(found if found is not None and loop_value(found) in loops else site)
+        return moved
 
     def _exposing(self, vars_: Sequence[Var], edits: Sequence[Edit] = ()) -> tuple:
         """The structured program exposing ``vars_`` (after ``edits``), and its guards.

@@ -83,8 +83,9 @@ class Found:
     pattern: Program
     label: str  # the pattern's name, for messages
     #: occurrences in the bodies of loops the index keeps folded, one value per
-    #: iteration: ``(loop, state, name@*)``; g.rewrite rewrites them at every iteration
-    in_bodies: list[tuple[int, _State, str]]
+    #: iteration: ``(loop, state, name@*, place)`` (see :func:`body_place`); g.rewrite
+    #: rewrites them at every iteration
+    in_bodies: list[tuple[int, _State, str, tuple]]
     #: where else it occurs, with no value in the index (not rewritten)
     elsewhere: list[str]
     #: where it occurs nowhere: its deepest equation met with other parameters (see
@@ -145,7 +146,7 @@ class Found:
         if self.patched():
             said.append(self.patched())
         if self.in_bodies:
-            names = short_list(dict.fromkeys(n for _, _, n in self.in_bodies), 4)
+            names = short_list(dict.fromkeys(n for _, _, n, _ in self.in_bodies), 4)
             said.append(
                 f"the pattern {self.label!r} occurs in the body of a loop the index keeps "
                 f"folded, at {names}: one value per iteration, so g.match does not list them "
@@ -246,7 +247,7 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
         elif place[0] in patched:
             rewritten.append(name)
         else:
-            kept.append((k, state, name))
+            kept.append((k, state, name, place))
     in_bodies = kept
     return Found(
         found,
@@ -452,9 +453,7 @@ def rewrite(
     from ._patch_graph import derive, warn_if_differentiated
 
     found = find(graph, pattern_fn, *args)
-    in_bodies, left, in_body_targets = body_edits(graph, found, replacement_fn)
-    found.elsewhere += left
-    found.in_bodies = [b for b in found.in_bodies if b[2] not in left]
+    in_bodies, in_body_targets = body_edits(graph, found, replacement_fn)
     if not found.matches and not in_bodies:
         raise SliceError(
             found.unchanged()
@@ -503,25 +502,20 @@ def rewrite_edits(
 
 def body_edits(
     graph: Graph, found: Found, replacement_fn: Callable[..., Any]
-) -> tuple[list[tuple[str, StructuredEdit]], list[str], list[Var]]:
-    """Edits rewriting the occurrences in folded loops' bodies at every iteration: one
-    edit of the running loop's body each (a scan's: an iteration range covering it; a
-    ``while_loop``'s: a step naming no trip, every trip it runs), named ``step/h@*``;
-    the names of those it cannot rewrite (its inputs are not values of the body's
-    level: a value passed into a call it is not passed into); and the value each edit
-    rewrites, at one iteration (for the warnings a patch there gets)."""
+) -> tuple[list[tuple[str, StructuredEdit]], list[Var]]:
+    """Edits rewriting the occurrences in folded loops' bodies at every iteration, at
+    their places (:func:`body_place`; :func:`find` leaves out those it cannot place):
+    one edit of the running loop's body each (a scan's: an iteration range covering it;
+    a ``while_loop``'s: a step naming no trip, every trip it runs), named ``step/h@*``;
+    and the value each edit rewrites, at one iteration (for the warnings a patch there
+    gets)."""
     from ._loop_index import Template, _inner
     from ._structured import Edit as StructuredEdit
 
     index = graph._loop_index
-    edits, left, targets = [], [], []
+    edits, targets = [], []
     seen: set[tuple] = set()
-    for k, state, name in found.in_bodies:
-        place = body_place(graph, k, found.pattern, state)
-        if place is None:
-            left.append(name)
-            continue
-        ranged, reads, t0, out, ins = place
+    for k, _, name, (ranged, reads, t0, out, ins) in found.in_bodies:
         loop = graph._program.folded[k]
         template, around = loop.template, loop.iterations
         target = index.var(Template(k, out, _inner(template, out), around), t0)
@@ -537,7 +531,7 @@ def body_edits(
             continue
         seen.add(key)
         edits.append((name, StructuredEdit(ranged, "apply", replacement, tuple(reads))))
-    return edits, left, targets
+    return edits, targets
 
 
 def body_place(graph: Graph, k: int, pattern: Program, state: _State) -> tuple | None:
