@@ -268,6 +268,7 @@ def _labels_apart(boxes: list[Node], groups: dict[str, Group]) -> None:
         if len(same) < 2 or any(not p for p in paths) or len({tuple(p) for p in paths}) < len(same):
             continue
         inputs = [n.label.endswith(" (inputs)") for n in same]
+        tails = ["/".join(p) for p in paths]  # (whole, where no shorter tail will do)
         for k in range(2, max(len(p) for p in paths) + 1):
             tails = ["/".join(p[-k:]) for p in paths]
             if len(set(tails)) == len(tails):
