@@ -54,13 +54,17 @@ chromium:
 	    echo "error: could not install chromium. Install it (apt-get install chromium) or name one:" >&2; \
 	    echo "JAXSURGERY_CHROMIUM=/path/to/chromium make ..." >&2; exit 1; }; }
 
+# each run spreads its tests over TEST_WORKERS processes (pytest-xdist): two, so that on
+# CI's two cores the run of one JAX version takes both once the other has finished
+TEST_WORKERS ?= 2
+
 test: $(STAMP) chromium
 	@$(PY) $(VERSIONS)
-	$(PY) -m pytest -q --durations=12
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=12
 
 test-latest: $(STAMP_LATEST) chromium
 	@$(PY_LATEST) $(VERSIONS)
-	$(PY_LATEST) -m pytest -q --durations=12
+	$(PY_LATEST) -m pytest -q -n $(TEST_WORKERS) --durations=12
 
 # both ends of the JAX range (CI runs this), side by side on two cores, each run's output
 # printed whole when it ends; both run even when one fails, and test-all fails when either does

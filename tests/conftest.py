@@ -14,6 +14,20 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 
+# Compiled programs cached on disk for the run (JAX's persistent compilation cache, in a
+# fresh folder removed at exit, shared with the notebook kernels and scripts the tests
+# start): many tests compile the same program again (a slice and its hand-written
+# reference, the same model in several tests), which then costs a file read.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsurgery-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp
 import numpy as np
