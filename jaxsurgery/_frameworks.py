@@ -55,6 +55,24 @@ def submodule_paths(parent: Any) -> dict[int, str] | None:
     return paths
 
 
+def copied_path(parent: Any, module: Any) -> str | None:
+    """For a Flax NNX module that an NNX transform made from one of ``parent``'s
+    submodules (``nnx.RNN`` scans its ``cell``: the loop's body runs a copy merged from
+    the cell's state): that submodule's path, when exactly one submodule of ``parent``
+    has the copy's type and structure (``nnx.graphdef``); else None."""
+    nnx = _nnx()
+    parent = getattr(parent, "__self__", parent)
+    if nnx is None or not isinstance(module, nnx.Module) or not isinstance(parent, nnx.Module):
+        return None
+    structure = nnx.graphdef(module)
+    found = {
+        format_path(path)
+        for path, node in nnx.iter_graph(parent)
+        if path and type(node) is type(module) and nnx.graphdef(node) == structure
+    }
+    return found.pop() if len(found) == 1 else None
+
+
 def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
     """``id(node) -> key path`` of the ``kind`` nodes inside a pytree, at any depth."""
     import jax

@@ -69,6 +69,7 @@ from jax.ad_checkpoint import checkpoint_name
 from . import _compat as C
 from ._frameworks import (
     as_pytree_call,
+    copied_path,
     haiku_rewritten,
     library_rejit,
     named_array_data,
@@ -1192,13 +1193,16 @@ def framed_module(module: Any) -> Any:
     """For a module of a library that library code calls (``self.query`` in Flax NNX's
     attention): a function running it in a frame named by its path in the module
     running (``query``), or None where it is not one of that module's (a module the user
-    passed in), or its frame is open (user code called it: its frame runs it)."""
+    passed in), or its frame is open (user code called it: its frame runs it). A copy an
+    NNX transform made of one of its modules (the cell ``nnx.RNN`` scans) is named as
+    that module is (see :func:`copied_path`)."""
     recorder = _current()
     if recorder is None or not recorder._stack:
         return None
-    if recorder.callees[recorder._stack[-1]] is module:
+    running = recorder.callees[recorder._stack[-1]]
+    if running is module:
         return None
-    label = recorder.place(module)
+    label = recorder.place(module) or copied_path(running, module)
     return None if label is None else _call(label, module, always=True)
 
 

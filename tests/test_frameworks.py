@@ -779,3 +779,37 @@ def test_nnx_scan_and_fori_loop_bodies_are_named_per_iteration(model_type):
     for t in range(3):
         allclose(g.value(f"model/body/block/pre@{t}"), pres[t], atol=1e-6)
     check_slice(g.slice("model/body/block/pre@2", "out"), (pres[2],), jnp.tanh)
+
+
+def test_the_cell_nnx_rnn_scans_is_named_by_its_attribute_path_at_each_step():
+    """``nnx.RNN`` (library code) scans a copy of its cell merged inside the loop: its
+    values are the cell's, ``rnn/cell/ii@t``, not unnamed body values."""
+    cell = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx.RNN(cell))
+    zeros = (jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+
+    def f(state, xs):
+        rnn = nnx.merge(graphdef, state)
+        hs = rnn(xs, initial_carry=zeros)
+        return jnp.sum(hs**2)
+
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    g = js.trace(f, state, xs)
+    carries, hs = [zeros], []  # by hand: the cell, step by step
+    for t in range(5):
+        carry, h = cell(carries[-1], xs[:, t])
+        carries.append(carry)
+        hs.append(h)
+    for t in (0, 3):
+        allclose(g.value(f"rnn/cell/ii@{t}"), cell.ii(xs[:, t]), atol=1e-6)
+        allclose(g.value(f"rnn/cell/hf@{t}"), cell.hf(carries[t][1]), atol=1e-6)
+
+    def rest(carry2):  # the loss given the carry after step 2
+        carry, out = carry2, [*hs[:2], carry2[1]]
+        for t in (3, 4):
+            carry, h = cell(carry, xs[:, t])
+            out.append(h)
+        return sum(jnp.sum(h**2) for h in out)
+
+    s = g.slice(["rnn/cell[0][0]@2", "rnn/cell[0][1]@2"], "out")
+    check_slice(s, (list(carries[3]),), rest)
