@@ -201,20 +201,30 @@ class Recorder:
         if not self.constants:
             return
         held: dict[int, list[Any]] = {}
+        whole: set[tuple[int, Any]] = set()  # (array, constant) holding all of it as it is
         for value, var in zip(closed.consts, closed.jaxpr.constvars):
             held.setdefault(id(value), []).append(var)
+            whole.add((id(value), var))
             base = getattr(value, "base", None)
             while isinstance(base, np.ndarray):  # a view's constant holds what it views
                 held.setdefault(id(base), []).append(var)
+                if _whole_view(value, base):  # (all of it as it is: not m.T, nor m[0])
+                    whole.add((id(base), var))
                 base = base.base
         inner = _inner_constants(closed.jaxpr)
         for frame, name, value in self.constants:
             found = held.get(id(value), [])
-            # one constant holding it: every use reads that one (an alias's semantics);
-            # several, or a copy of it (a jitted function's own, its backward pass's),
-            # and which one the name is cannot be told: unnamed rather than misplaced
+            # one constant holding all of it: every use reads that one (an alias's
+            # semantics); several, a part or a transpose of it (``m.T``: naming it gave
+            # ``m`` the transpose's value), or a copy of it (a jitted function's own, its
+            # backward pass's), and which one the name is cannot be told: unnamed
+            # rather than misplaced
             others = [c for c, v in zip(closed.consts, closed.jaxpr.constvars) if v not in found]
-            if len(found) == 1 and not _holds_equal(value, [*others, *inner]):
+            if (
+                len(found) == 1
+                and (id(value), found[0]) in whole
+                and not _holds_equal(value, [*others, *inner])
+            ):
                 self.bindings.append((frame, name, found[0]))
         self.constants.clear()
 
@@ -1031,6 +1041,18 @@ def _inner_constants(jaxpr: Any) -> list[Any]:
                     elif isinstance(sub, C.Jaxpr):
                         stack.append(sub)
     return found
+
+
+def _whole_view(view: Any, base: np.ndarray) -> bool:
+    """Whether NumPy array ``view`` shows all of ``base`` as it is: same data, shape,
+    dtype and strides (JAX's constant for ``mask``; ``mask.T``'s is not ``mask``)."""
+    return (
+        isinstance(view, np.ndarray)
+        and view.shape == base.shape
+        and view.dtype == base.dtype
+        and view.strides == base.strides
+        and view.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+    )
 
 
 def _holds_equal(value: Any, constants: list[Any]) -> bool:

@@ -670,6 +670,22 @@ def test_a_name_on_a_numpy_array_whose_view_is_another_constant_is_left_off():
     assert "m" not in g.names()
 
 
+def test_a_name_on_a_numpy_array_whose_transpose_alone_is_a_constant_is_left_off():
+    """``m = np.tril(...)`` then ``m.T @ x``: JAX's constant is the view ``m.T``, whose
+    base is ``m``: ``m`` named it, and its value, and slices from it, were the
+    transpose (found by the syntax hunt)."""
+
+    def f(x):
+        m = np.tril(np.ones((3, 3), np.float32))
+        h = m.T @ x
+        return h
+
+    x = jnp.array([0.3, -0.2, 0.5])
+    g = js.trace(f, x)
+    assert "m" not in g.names()
+    allclose(g.value("h"), MASK.T @ x)
+
+
 def test_every_listed_name_selects_and_the_bare_name_of_a_rebound_variable_its_bindings():
     def f(x):
         c = (jnp.sin(x), jnp.cos(x))
