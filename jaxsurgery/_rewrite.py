@@ -447,6 +447,17 @@ class _MarkAssignments(ast.NodeTransformer):
 
     visit_AsyncWith = visit_With
 
+    def visit_match_case(self, node: ast.match_case) -> ast.match_case:
+        """``case [s, c]:`` marks what the pattern captures first thing in its body."""
+        self.generic_visit(node)
+        names = [
+            n.name if isinstance(n, (ast.MatchAs, ast.MatchStar)) else n.rest
+            for n in ast.walk(node.pattern)
+            if isinstance(n, (ast.MatchAs, ast.MatchStar, ast.MatchMapping))
+        ]
+        node.body = _marks([n for n in names if n], node.body[0]) + node.body
+        return node
+
     def visit_Call(self, node: ast.Call) -> ast.Call:
         label = _call_label(node.func)  # before the callee's own calls are wrapped
         self.generic_visit(node)

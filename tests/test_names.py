@@ -237,6 +237,33 @@ def test_a_with_target_is_named():
     check_slice(g.slice("e", "h"), (x,), lambda e: e * jnp.cos(x))
 
 
+def test_what_a_match_case_captures_is_named():
+    """``case [s, *rest]:``, ``case {"h": h, **others}:`` and ``case ... as whole``
+    name their captures (they were unnamed; the syntax hunt's find)."""
+
+    def f(x, d):
+        match (jnp.sin(x), jnp.cos(x), jnp.tanh(x)):
+            case [s, *rest]:
+                r = s * rest[1]
+        match d:
+            case {"h": h, **others}:
+                q = h + others["k"]
+        match r * 2:
+            case whole:
+                pass
+        return r + q + whole
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    d = {"h": x * 3, "k": x * 4}
+    g = js.trace(f, x, d)
+    allclose(g.value("s"), jnp.sin(x))
+    allclose(g.value("rest[1]"), jnp.tanh(x))
+    allclose(g.value("h"), 3 * x)
+    allclose(g.value("whole"), 2 * jnp.sin(x) * jnp.tanh(x))
+    check_slice(g.slice("s", "r"), (x,), lambda s: s * jnp.tanh(x))
+    allclose(g.as_function()(x, d), f(x, d))
+
+
 def test_static_argnames_naming_keys_of_kwargs_hold_them_static():
     """``static_argnames`` naming a key of ``**kwargs`` holds that item static, as
     ``jax.jit`` does (also a jit's own ``static_argnames``): it was accepted, then traced
