@@ -94,11 +94,15 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
 
 
 def format_path(path: tuple[Any, ...]) -> str:
-    """``("blocks", 0, "attn") -> "blocks[0].attn"``."""
+    """``("blocks", 0, "attn") -> "blocks[0].attn"``; a key that is no identifier is
+    subscripted, ``("heads", "enc/0") -> "heads['enc/0']"`` (a ``/`` would split the
+    name's path)."""
     text = ""
     for key in path:
         if isinstance(key, int):
             text += f"[{key}]"
+        elif not str(key).isidentifier():
+            text += f"[{str(key)!r}]"
         else:
             text += f".{key}" if text else str(key)
     return text

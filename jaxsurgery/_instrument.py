@@ -1439,7 +1439,7 @@ def _jitted_call(fn: Any) -> _BoundJitted | None:
 
 
 def _control_flow_bodies() -> dict[int, tuple[tuple[int, str], ...]]:
-    """``lax`` control-flow functions (and Flax NNX's loops and Haiku's control flow,
+    """``lax`` control-flow functions (and Flax NNX's and Haiku's control flow,
     once imported), and the higher-order functions that call what they are given
     (``jax.tree.map``, ``map``, ``functools.reduce``), with their function arguments
     (position, name): each function given runs in a frame, rewritten if user code."""
@@ -1468,8 +1468,8 @@ def _bodies_of(nnx_loaded: bool, haiku_loaded: bool) -> dict[int, tuple[tuple[in
             bodies.setdefault(id(found), ((0, "f"),))
     if nnx_loaded:
         nnx = sys.modules["flax.nnx"]
-        bodies[id(nnx.fori_loop)] = bodies[id(lax.fori_loop)]
-        bodies[id(nnx.while_loop)] = bodies[id(lax.while_loop)]
+        for name in ("fori_loop", "while_loop", "cond", "switch"):  # lax's parameters
+            bodies[id(getattr(nnx, name))] = bodies[id(getattr(lax, name))]
     if haiku_loaded:  # hk.scan(f, ...) and the rest take their functions where lax does
         hk = sys.modules["haiku"]
         for name in ("scan", "map", "fori_loop", "while_loop", "cond", "switch"):

@@ -813,3 +813,48 @@ def test_the_cell_nnx_rnn_scans_is_named_by_its_attribute_path_at_each_step():
 
     s = g.slice(["rnn/cell[0][0]@2", "rnn/cell[0][1]@2"], "out")
     check_slice(s, (list(carries[3]),), rest)
+
+
+class NNXBranches(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 3, rngs=rngs)
+        self.b = nnx.Linear(3, 3, rngs=rngs)
+        self.heads = nnx.Dict(
+            {"enc/0": nnx.Linear(3, 2, rngs=rngs), "1": nnx.Linear(3, 2, rngs=rngs)}
+        )
+
+    def __call__(self, x, flag, index):
+        def ta(m, x):
+            pre = m.a(x)
+            ha = jnp.sin(pre)
+            return ha
+
+        def tb(m, x):
+            hb = jnp.cos(m.b(x))
+            return hb
+
+        y = nnx.cond(flag > 0, ta, tb, self, x) + nnx.switch(index, [ta, tb], self, x)
+        return y.sum() + sum(self.heads[k](x).sum() for k in self.heads)
+
+
+def test_nnx_cond_and_switch_branches_and_nnx_dict_items_are_named():
+    """The branches of ``nnx.cond`` and ``nnx.switch`` are named as ``lax.cond``'s (they
+    were unnamed, ``%12``); an ``nnx.Dict`` key that is no identifier is subscripted
+    (``heads.enc/0`` was a path of two names, which ``heads*`` missed)."""
+    model = NNXBranches(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x, flag, index):
+        m = nnx.merge(graphdef, state)
+        return m(x, flag, index)
+
+    x = jax.random.normal(jax.random.key(1), (2, 3))
+    g = js.trace(forward, state, x, 1.0, 1)  # (the index shows the branches taken)
+    pre = model.a(x)
+    allclose(g.value("m/ta/pre"), pre, atol=1e-6)
+    allclose(g.value("m/tb/hb"), jnp.cos(model.b(x)), atol=1e-6)
+    check_slice(g.slice("m/ta/pre", "m/ta/ha"), (pre,), jnp.sin)
+    assert set(g.select("m/heads*").names) == {"m/heads['enc/0']", "m/heads['1']"}
+    allclose(g.value("m/heads['enc/0']"), model.heads["enc/0"](x), atol=1e-6)
+    for args in ((state, x, -1.0, 0), (state, 2 * x, 1.0, 1)):  # the other branches
+        allclose(g.as_function()(*args), forward(*args), atol=1e-5)
