@@ -49,6 +49,31 @@ def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
+def _no_gradient(
+    v: Any, wrt: Any, keys: list[str], groups: list[list[int]], wrt_vars: list[Any]
+) -> SliceError:
+    """The error for ``wrt`` selecting ``v``, a var that is no float: a PRNG key, an
+    integer or a boolean (JAX's gradient of one is ``float0``, no number)."""
+    if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+        fix = "a PRNG key has no gradient: leave it out of wrt"
+    else:
+        fix = (
+            "gradients are of floating-point values: pick a float var, or cast it in your function"
+        )
+    # a pattern that selected it among others: keep the float vars it selects
+    pattern = wrt if isinstance(wrt, str) and len(wrt_vars) > 1 else None
+    if isinstance(wrt, dict):
+        k = next(i for i, group in enumerate(groups) if any(wrt_vars[j] is v for j in group))
+        item = wrt[keys[k]]
+        pattern = item if isinstance(item, str) and len(groups[k]) > 1 else None
+    if pattern is not None:
+        fix += (
+            f"; {pattern!r} selects it with other vars: keep the float ones with "
+            f"g.select({pattern!r}).where(lambda v: jnp.issubdtype(v.dtype, jnp.floating))"
+        )
+    return SliceError(f"cannot differentiate with respect to {v.name!r} ({v.dtype}): {fix}")
+
+
 class GradsFunction(TakesArguments):
     """``fn(*args, **kwargs) -> {name: d(sum of out)/d(var)}``, traceable and jittable."""
 
@@ -68,12 +93,15 @@ class GradsFunction(TakesArguments):
         # whether they are stacked (a dict entry selecting several vars)
         keys, wrt_vars, groups, stacked = _select.grouped(graph, wrt, "wrt")
         self._groups, self._stacked = groups, stacked
-        for v in [*out_vars, *wrt_vars]:
+        for v in out_vars:
             if not jnp.issubdtype(v.dtype, jnp.inexact):
                 raise SliceError(
-                    f"cannot differentiate {v.name!r} ({v.dtype}): gradients need "
-                    "floating-point vars; pick a float var or cast it in your function"
+                    f"cannot take gradients of the output {v.name!r} ({v.dtype}): they are "
+                    "of the sum of floating-point outputs (a loss); name a float output"
                 )
+        for v in wrt_vars:
+            if not jnp.issubdtype(v.dtype, jnp.inexact):
+                raise _no_gradient(v, wrt, keys, groups, wrt_vars)
         for v in out_vars:
             if jnp.issubdtype(v.dtype, jnp.complexfloating):
                 raise SliceError(

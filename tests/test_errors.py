@@ -107,6 +107,15 @@ def int_graph():
     return js.trace(f, jnp.ones(3), jnp.arange(3))
 
 
+def key_and_index_graph():
+    def f(x, key):
+        c = (jnp.sin(x), jax.random.split(key)[0])
+        idx = jnp.argmax(c[0])
+        return (c[0] * jax.random.normal(c[1], (3,))).sum() + idx
+
+    return js.trace(f, jnp.ones(3), jax.random.key(0))
+
+
 def complex_graph():
     def f(x):
         z = x * (1 + 2j)
@@ -631,7 +640,24 @@ CATALOG = [
         "gradient of an integer var",
         lambda g, a: int_graph().grads("out", ["m"]),
         js.SliceError,
-        r"cannot differentiate 'm' \(int32\): gradients need floating-point vars",
+        r"cannot differentiate with respect to 'm' \(int32\): gradients are of "
+        r"floating-point values: pick a float var, or cast it in your function",
+    ),
+    (
+        "gradient at a PRNG key a glob selects",
+        lambda g, a: key_and_index_graph().grads("out", "c*"),
+        js.SliceError,
+        r"cannot differentiate with respect to 'c\[1\]' \(key<fry>\): a PRNG key has "
+        r"no gradient: leave it out of wrt; 'c\*' selects it with other vars: keep the "
+        r"float ones with g.select\('c\*'\).where\(lambda v: jnp.issubdtype\(v.dtype, "
+        r"jnp.floating\)\)",
+    ),
+    (
+        "gradient of an integer output",
+        lambda g, a: key_and_index_graph().grads("idx", "c[0]"),
+        js.SliceError,
+        r"cannot take gradients of the output 'idx' \(int32\): they are of the sum of "
+        r"floating-point outputs \(a loss\); name a float output",
     ),
     (
         "replacement of the wrong shape",
