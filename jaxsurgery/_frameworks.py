@@ -59,18 +59,34 @@ def copied_path(parent: Any, module: Any) -> str | None:
     """For a Flax NNX module that an NNX transform made from one of ``parent``'s
     submodules (``nnx.RNN`` scans its ``cell``: the loop's body runs a copy merged from
     the cell's state): that submodule's path, when exactly one submodule of ``parent``
-    has the copy's type and structure (``nnx.graphdef``); else None."""
+    has the copy's type and structure (``nnx.graphdef``) and state of another trace
+    than the copy's, which holds the transform's (a module passed in, whose state is of
+    the same trace as the submodule's or concrete, is not a copy); else None."""
     nnx = _nnx()
     parent = getattr(parent, "__self__", parent)
     if nnx is None or not isinstance(module, nnx.Module) or not isinstance(parent, nnx.Module):
+        return None
+    inside = _trace_of_state(nnx, module)
+    if inside is None:
         return None
     structure = nnx.graphdef(module)
     found = {
         format_path(path)
         for path, node in nnx.iter_graph(parent)
-        if path and type(node) is type(module) and nnx.graphdef(node) == structure
+        if path
+        and type(node) is type(module)
+        and nnx.graphdef(node) == structure
+        and _trace_of_state(nnx, node) is not inside
     }
     return found.pop() if len(found) == 1 else None
+
+
+def _trace_of_state(nnx: Any, module: Any) -> Any:
+    """The trace (a jaxpr being built) of an NNX module's traced state, or None."""
+    from ._compat import tracer_jaxpr_trace
+
+    traces = map(tracer_jaxpr_trace, jax.tree_util.tree_leaves(nnx.state(module)))
+    return next((t for t in traces if t is not None), None)
 
 
 def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:

@@ -5,6 +5,8 @@ compares slices between them with a hand-written reference made from the library
 own sub-modules (the zero-tangent semantics: everything else held fixed).
 """
 
+import sys
+
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -813,6 +815,42 @@ def test_the_cell_nnx_rnn_scans_is_named_by_its_attribute_path_at_each_step():
 
     s = g.slice(["rnn/cell[0][0]@2", "rnn/cell[0][1]@2"], "out")
     check_slice(s, (list(carries[3]),), rest)
+
+
+_LIBRARY_BLOCK = """
+from flax import nnx
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(3, 3, rngs=rngs)
+
+    def __call__(self, x, proj=None):
+        proj = self.proj if proj is None else proj
+        return proj(x) * 2.0
+"""
+
+
+def test_a_module_a_library_module_is_given_is_not_named_as_its_own(tmp_path, monkeypatch):
+    """A library's NNX module calling a module it is given, of its own submodule's type
+    and structure, is no copy an NNX transform made of that submodule: not named by its
+    path (``block/proj`` was the given module's output: the regression hunt's find)."""
+    root = tmp_path / "lib" / "python3" / "dist-packages"  # library code, as installed
+    root.mkdir(parents=True)
+    (root / "js_nnx_library_block.py").write_text(_LIBRARY_BLOCK)
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        from js_nnx_library_block import Block
+
+        rngs = nnx.Rngs(0)
+        block, given = Block(rngs), nnx.Linear(3, 3, rngs=rngs)
+        x = jax.random.normal(jax.random.key(1), (2, 3))
+        g = js.trace(lambda x: block(x, given), x)
+        assert "block/proj" not in g.names()
+        allclose(g.value("block"), 2 * given(x), atol=1e-6)
+        g = js.trace(lambda x: block(x), x)  # its own: named
+        allclose(g.value("block/proj"), block.proj(x), atol=1e-6)
+    finally:
+        sys.modules.pop("js_nnx_library_block", None)
 
 
 class NNXBranches(nnx.Module):
