@@ -1096,7 +1096,7 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
         paths, tree = None, None
     if paths is None:
         with_path = jax.tree_util.tree_flatten_with_path(value)[0]
-        paths = [jax.tree_util.keystr(path) for path, _ in with_path]
+        paths = [_key_path(path) for path, _ in with_path]
         if tree is not None and len(_PATHS) < 4096:
             _PATHS[tree] = paths
     out = []
@@ -1105,6 +1105,18 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
         if atom is not None:
             out.append((path, atom))
     return out
+
+
+def _key_path(path: tuple[Any, ...]) -> str:
+    """JAX's ``keystr`` of a leaf's key path, but an attribute that is no identifier
+    subscripted (an ``nnx.Dict`` key: ``heads['enc/0']``, whose ``/`` would split the
+    name's path), as :func:`~jaxsurgery._frameworks.format_path` writes it."""
+    return "".join(
+        f"[{k.name!r}]"
+        if isinstance(k, jax.tree_util.GetAttrKey) and not k.name.isidentifier()
+        else jax.tree_util.keystr((k,))
+        for k in path
+    )
 
 
 #: key paths of a tree's leaves (``['w']``), by its structure: a layer's parameters

@@ -893,6 +893,7 @@ def test_nnx_cond_and_switch_branches_and_nnx_dict_items_are_named():
     allclose(g.value("m/tb/hb"), jnp.cos(model.b(x)), atol=1e-6)
     check_slice(g.slice("m/ta/pre", "m/ta/ha"), (pre,), jnp.sin)
     assert set(g.select("m/heads*").names) == {"m/heads['enc/0']", "m/heads['1']"}
+    assert "m.heads['enc/0'].kernel.value" in g.names()  # (a parameter's alias: one name)
     allclose(g.value("m/heads['enc/0']"), model.heads["enc/0"](x), atol=1e-6)
     for args in ((state, x, -1.0, 0), (state, 2 * x, 1.0, 1)):  # the other branches
         allclose(g.as_function()(*args), forward(*args), atol=1e-5)
