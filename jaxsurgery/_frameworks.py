@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import keyword
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -55,19 +56,24 @@ def submodule_paths(parent: Any) -> dict[int, str] | None:
     return paths
 
 
-def copied_path(parent: Any, module: Any) -> str | None:
+def copied_path(parent: Any, module: Any, entered: Any) -> str | None:
     """For a Flax NNX module that an NNX transform made from one of ``parent``'s
     submodules (``nnx.RNN`` scans its ``cell``: the loop's body runs a copy merged from
     the cell's state): that submodule's path, when exactly one submodule of ``parent``
-    has the copy's type and structure (``nnx.graphdef``) and state of another trace
-    than the copy's, which holds the transform's (a module passed in, whose state is of
-    the same trace as the submodule's or concrete, is not a copy); else None."""
+    has the copy's type and structure (``nnx.graphdef``), and the copy's state is of a
+    trace begun inside ``parent``'s call (``entered``: the trace running when it began),
+    the transform's: a module passed in, whose state is concrete or of a trace running
+    before, is no copy; else None."""
     nnx = _nnx()
     parent = getattr(parent, "__self__", parent)
     if nnx is None or not isinstance(module, nnx.Module) or not isinstance(parent, nnx.Module):
         return None
     inside = _trace_of_state(nnx, module)
-    if inside is None:
+    if inside is None or entered is None:
+        return None
+    while entered is not None and entered is not inside:  # the traces running then
+        entered = getattr(entered, "parent_trace", None)
+    if entered is inside:
         return None
     structure = nnx.graphdef(module)
     found = {
@@ -117,7 +123,7 @@ def format_path(path: tuple[Any, ...]) -> str:
     for key in path:
         if isinstance(key, int):
             text += f"[{key}]"
-        elif not str(key).isidentifier():
+        elif not str(key).isidentifier() or keyword.iskeyword(key):
             text += f"[{str(key)!r}]"
         else:
             text += f".{key}" if text else str(key)

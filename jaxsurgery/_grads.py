@@ -49,9 +49,7 @@ def _add_jaxpr(aval: tuple[tuple[int, ...], Any]) -> C.ClosedJaxpr:
     return C.make_jaxpr(lambda v, eps: v + eps, spec, spec)
 
 
-def _no_gradient(
-    v: Any, wrt: Any, keys: list[str], groups: list[list[int]], wrt_vars: list[Any]
-) -> SliceError:
+def _no_gradient(v: Any, wrt: Any, wrt_vars: list[Any]) -> SliceError:
     """The error for ``wrt`` selecting ``v``, a var that is no float: a PRNG key, an
     integer or a boolean (JAX's gradient of one is ``float0``, no number)."""
     if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
@@ -60,16 +58,12 @@ def _no_gradient(
         fix = (
             "gradients are of floating-point values: pick a float var, or cast it in your function"
         )
-    # a pattern that selected it among others: keep the float vars it selects
-    pattern = wrt if isinstance(wrt, str) and len(wrt_vars) > 1 else None
-    if isinstance(wrt, dict):
-        k = next(i for i, group in enumerate(groups) if any(wrt_vars[j] is v for j in group))
-        item = wrt[keys[k]]
-        pattern = item if isinstance(item, str) and len(groups[k]) > 1 else None
-    if pattern is not None:
+    # a pattern that selected it among vars that have gradients: keep those (a dict
+    # entry selects vars of one type: no such pattern)
+    if isinstance(wrt, str) and any(jnp.issubdtype(u.dtype, jnp.inexact) for u in wrt_vars):
         fix += (
-            f"; {pattern!r} selects it with other vars: keep the float ones with "
-            f"g.select({pattern!r}).where(lambda v: jnp.issubdtype(v.dtype, jnp.floating))"
+            f"; {wrt!r} selects it with float vars: keep those with "
+            f"g.select({wrt!r}).where(lambda v: jnp.issubdtype(v.dtype, jnp.inexact))"
         )
     return SliceError(f"cannot differentiate with respect to {v.name!r} ({v.dtype}): {fix}")
 
@@ -101,7 +95,7 @@ class GradsFunction(TakesArguments):
                 )
         for v in wrt_vars:
             if not jnp.issubdtype(v.dtype, jnp.inexact):
-                raise _no_gradient(v, wrt, keys, groups, wrt_vars)
+                raise _no_gradient(v, wrt, wrt_vars)
         for v in out_vars:
             if jnp.issubdtype(v.dtype, jnp.complexfloating):
                 raise SliceError(

@@ -188,6 +188,8 @@ def grouped(
     keys, vars_, groups, stacked = [], [], [], []
     for key, item in selector.items():
         structure, found = tree(graph, item)
+        if not found:
+            raise SliceError(f"{what}[{key!r}] selects no var: give it a name or pattern that does")
         many = not (len(found) == 1 and is_leaf(structure))
         if many and len({(v.shape, v.dtype) for v in found}) > 1:
             raise SliceError(

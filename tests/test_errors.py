@@ -107,6 +107,10 @@ def int_graph():
     return js.trace(f, jnp.ones(3), jnp.arange(3))
 
 
+def bool_false(v):
+    return False
+
+
 def key_and_index_graph():
     def f(x, key):
         c = (jnp.sin(x), jax.random.split(key)[0])
@@ -648,9 +652,22 @@ CATALOG = [
         lambda g, a: key_and_index_graph().grads("out", "c*"),
         js.SliceError,
         r"cannot differentiate with respect to 'c\[1\]' \(key<fry>\): a PRNG key has "
-        r"no gradient: leave it out of wrt; 'c\*' selects it with other vars: keep the "
-        r"float ones with g.select\('c\*'\).where\(lambda v: jnp.issubdtype\(v.dtype, "
-        r"jnp.floating\)\)",
+        r"no gradient: leave it out of wrt; 'c\*' selects it with float vars: keep those "
+        r"with g.select\('c\*'\).where\(lambda v: jnp.issubdtype\(v.dtype, "
+        r"jnp.inexact\)\)",
+    ),
+    (
+        "gradient at PRNG keys alone a glob selects",
+        lambda g, a: key_and_index_graph().grads("out", "c[1]*"),
+        js.SliceError,
+        r"cannot differentiate with respect to 'c\[1\]' \(key<fry>\): a PRNG key has "
+        r"no gradient: leave it out of wrt$",
+    ),
+    (
+        "a dict entry of wrt selecting nothing",
+        lambda g, a: key_and_index_graph().grads("out", {"h": g.select("z*").where(bool_false)}),
+        js.SliceError,
+        r"wrt\['h'\] selects no var: give it a name or pattern that does",
     ),
     (
         "gradient of an integer output",

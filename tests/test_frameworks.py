@@ -847,6 +847,10 @@ def test_a_module_a_library_module_is_given_is_not_named_as_its_own(tmp_path, mo
         g = js.trace(lambda x: block(x, given), x)
         assert "block/proj" not in g.names()
         allclose(g.value("block"), 2 * given(x), atol=1e-6)
+        # given as a state the trace merges (its state traced, the block's concrete)
+        graphdef, state = nnx.split(given)
+        g = js.trace(lambda state, x: block(x, nnx.merge(graphdef, state)), state, x)
+        assert "block/proj" not in g.names()
         g = js.trace(lambda x: block(x), x)  # its own: named
         allclose(g.value("block/proj"), block.proj(x), atol=1e-6)
     finally:
@@ -857,9 +861,7 @@ class NNXBranches(nnx.Module):
     def __init__(self, rngs):
         self.a = nnx.Linear(3, 3, rngs=rngs)
         self.b = nnx.Linear(3, 3, rngs=rngs)
-        self.heads = nnx.Dict(
-            {"enc/0": nnx.Linear(3, 2, rngs=rngs), "1": nnx.Linear(3, 2, rngs=rngs)}
-        )
+        self.heads = nnx.Dict({k: nnx.Linear(3, 2, rngs=rngs) for k in ("enc/0", "1", "class")})
 
     def __call__(self, x, flag, index):
         def ta(m, x):
@@ -892,8 +894,13 @@ def test_nnx_cond_and_switch_branches_and_nnx_dict_items_are_named():
     allclose(g.value("m/ta/pre"), pre, atol=1e-6)
     allclose(g.value("m/tb/hb"), jnp.cos(model.b(x)), atol=1e-6)
     check_slice(g.slice("m/ta/pre", "m/ta/ha"), (pre,), jnp.sin)
-    assert set(g.select("m/heads*").names) == {"m/heads['enc/0']", "m/heads['1']"}
+    assert set(g.select("m/heads*").names) == {
+        "m/heads['enc/0']",
+        "m/heads['1']",
+        "m/heads['class']",  # (a keyword: no attribute either)
+    }
     assert "m.heads['enc/0'].kernel.value" in g.names()  # (a parameter's alias: one name)
+    assert "m.heads['class'].kernel.value" in g.names()
     allclose(g.value("m/heads['enc/0']"), model.heads["enc/0"](x), atol=1e-6)
     for args in ((state, x, -1.0, 0), (state, 2 * x, 1.0, 1)):  # the other branches
         allclose(g.as_function()(*args), forward(*args), atol=1e-5)

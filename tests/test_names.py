@@ -237,6 +237,37 @@ def test_a_with_target_is_named():
     check_slice(g.slice("e", "h"), (x,), lambda e: e * jnp.cos(x))
 
 
+def test_a_list_growing_as_it_is_bound_again_names_each_item_and_what_replaced_one():
+    """``hs += [h]`` and ``hs = hs + [h]`` in a loop name each item once (each trip
+    bound every item again: n² / 2 bindings, 2 000 trips 5 s); an item replaced in
+    place is named again when the list is bound again."""
+
+    def f(x):
+        hs, gs = [], ()
+        h = x
+        for _ in range(40):
+            h = jnp.sin(h)
+            hs += [h]
+            gs = gs + (2 * h,)
+        hs[0] = hs[0] * 3
+        hs += [jnp.cos(h)]
+        return hs[0] + hs[-1] + gs[39]
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(f, x)
+    h, want = x, []
+    for _ in range(40):
+        h = jnp.sin(h)
+        want.append(h)
+    for t in (0, 7, 39):
+        allclose(g.value(f"hs[{t}]#0" if t == 0 else f"hs[{t}]"), want[t])
+        allclose(g.value(f"gs[{t}]"), 2 * want[t])
+    allclose(g.value("hs[0]#1"), 3 * want[0])  # replaced in place, then bound again
+    allclose(g.value("hs[40]"), jnp.cos(want[-1]))
+    assert {"hs[0]#0", "hs[0]#1", *(f"hs[{t}]" for t in range(1, 41))} <= set(g.names())
+    assert not [n for n in g.names() if n.startswith("hs[") and n.endswith("#2")]
+
+
 def test_what_a_match_case_captures_is_named():
     """``case [s, *rest]:``, ``case {"h": h, **others}:`` and ``case ... as whole``
     name their captures (they were unnamed; the syntax hunt's find)."""
