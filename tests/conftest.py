@@ -15,15 +15,18 @@ os.environ.setdefault(
 )
 
 # Compiled programs cached on disk for the run (JAX's persistent compilation cache, in a
-# fresh folder removed at exit, shared with the notebook kernels and scripts the tests
-# start): many tests compile the same program again (a slice and its hand-written
-# reference, the same model in several tests), which then costs a file read.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# fresh folder per test process, removed at exit, which the notebook kernels and scripts
+# a test starts share): many tests compile the same program again (a slice and its
+# hand-written reference, the same model in several tests), which then costs a file
+# read. One folder per pytest-xdist worker: JAX read an entry another worker was
+# writing (a warning, "incomplete or truncated stream", that tests of warnings see).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("JAXSURGERY_TESTS_CACHE"):
     import atexit
     import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsurgery-tests-xla-")
+    os.environ["JAXSURGERY_TESTS_CACHE"] = "1"  # (a worker inherits it: makes its own)
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -36,6 +39,8 @@ from jax.extend.core import check_jaxpr
 
 # CPU unless JAXSURGERY_TEST_PLATFORMS names another (the GPU check of benchmarks/GPU.md)
 jax.config.update("jax_platforms", os.environ.get("JAXSURGERY_TEST_PLATFORMS", "cpu"))
+# (also where a plugin imported jax before this file set the variable)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 RTOL, ATOL = 1e-5, 1e-6
 
