@@ -216,22 +216,27 @@ class Recorder:
         return value
 
     def _grown(self, frame: int, name: str, value: Any) -> list[tuple[str, Any]] | None:
-        """The atoms of the items a list or tuple bound to ``name`` again adds at the end
-        of those it held when last bound (``hs += [h]`` or ``hs = hs + [h]`` in a loop):
-        the others are bound already. None where that is not so, or under a transform
-        (which tags every item). Without it, a loop of n trips took n² / 2 bindings
-        (2 000 trips: 2 million, 5 s)."""
-        if type(value) not in (list, tuple) or (self._transforms and not self._untagged):
-            return None
+        """The atoms of the items a list or tuple of arrays bound to ``name`` again adds
+        at the end of those it held when last bound (``hs += [h]`` or ``hs = hs + [h]``
+        in a loop): the others are bound already. None where that is not so: items a
+        function can change in place (a list, a dict, a module: what they hold is named
+        again), a tuple under a transform (which tags each item). Without it, a loop of
+        n trips took n² / 2 bindings (2 000 trips: 2 million, 5 s)."""
         key = (frame, name)
-        last, self._lists[key] = self._lists.get(key), list(value)
-        if last is None or len(value) < len(last) or not all(map(operator.is_, value, last)):
+        kind = type(value)
+        if kind is not list and (kind is not tuple or (self._transforms and not self._untagged)):
+            if self._lists:
+                self._lists.pop(key, None)
             return None
-        return [
-            (f"[{i}]{path}", atom)
-            for i in range(len(last), len(value))
-            for path, atom in _atoms(value[i])
-        ]
+        last, items = self._lists.pop(key, None), list(value)
+        if last is not None and len(items) >= len(last) and all(map(operator.is_, items, last)):
+            new = range(len(last), len(items))
+            if all(_unchanging(items[i]) for i in new):
+                self._lists[key] = items
+                return [(f"[{i}]{path}", atom) for i in new for path, atom in _atoms(items[i])]
+        elif all(map(_unchanging, items)):
+            self._lists[key] = items
+        return None
 
     def name_constants(self, closed: Any) -> None:
         """Bind the names :meth:`record` gave concrete arrays to the constants of the
@@ -1145,6 +1150,16 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
         if atom is not None:
             out.append((path, atom))
     return out
+
+
+def _unchanging(item: Any) -> bool:
+    """Whether an item of a list holds the same values for as long as it lives: an array
+    (a tracer), a number, or a tuple of them (not a list, dict or module)."""
+    return (
+        isinstance(item, (jax.Array, int, float, complex, str, type(None)))
+        or type(item) is tuple
+        and all(isinstance(i, (jax.Array, int, float, type(None))) for i in item)
+    )
 
 
 def _key_path(path: tuple[Any, ...]) -> str:

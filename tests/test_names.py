@@ -268,6 +268,34 @@ def test_a_list_growing_as_it_is_bound_again_names_each_item_and_what_replaced_o
     assert not [n for n in g.names() if n.startswith("hs[") and n.endswith("#2")]
 
 
+def test_what_items_of_a_list_bound_again_hold_after_changing_in_place_is_named():
+    """Items a function changes in place (an inner list, a dict) hold new values when
+    their list is bound again: named again (the regression hunt of the list speed-up
+    found them unnamed, and a dict item's name kept the value it replaced)."""
+
+    def f(x):
+        hist, h = [], x
+        for _ in range(2):
+            row = []
+            hist += [row]
+            for k in range(2):
+                h = jnp.sin(h) + k
+                row.append(h)
+        hs = [{"w": x}]
+        hs = hs + [{"w": 3 * x}]
+        hs[1]["w"] = 4 * x
+        hs = hs + [{"w": 5 * x}]
+        return h + hs[1]["w"]
+
+    x = jnp.linspace(0.1, 1.0, 3)
+    g = js.trace(f, x)
+    allclose(g.value("hist[0][1]"), jnp.sin(jnp.sin(x)) + 1)
+    assert "hist[1][0]" not in g.names()  # (appended after hist was last bound)
+    allclose(g.value("hs[1]['w']#1"), 4 * x)
+    with pytest.raises(js.SelectionError, match="ambiguous"):
+        g["hs[1]['w']"]
+
+
 def test_what_a_match_case_captures_is_named():
     """``case [s, *rest]:``, ``case {"h": h, **others}:`` and ``case ... as whole``
     name their captures (they were unnamed; the syntax hunt's find)."""
