@@ -89,7 +89,7 @@ def test_grads_need_float_vars():
         return (x * m).sum()
 
     g = js.trace(f, jnp.ones(3), jnp.arange(3))
-    with pytest.raises(js.SliceError, match=r"cannot differentiate 'm' \(int32\)"):
+    with pytest.raises(js.SliceError, match=r"cannot differentiate with respect to 'm' \(int32\)"):
         g.grads("out", wrt=["m"])
 
 
