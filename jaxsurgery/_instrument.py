@@ -122,7 +122,7 @@ class Recorder:
         #: per (frame, name): the atom its last binding bound, and the items of the
         #: list or tuple it was last bound to (see record, _grown)
         self._bound: dict[tuple[int, str], Any] = {}
-        self._lists: dict[tuple[int, str], list[Any]] = {}
+        self._lists: dict[tuple[int, str], tuple[list[Any], bool | None]] = {}
         #: per frame opened by a call: the JAX trace running when it was entered
         self._entered: dict[int, Any] = {}
         self.returns: list[tuple[int, str, Any]] = []
@@ -192,8 +192,9 @@ class Recorder:
         frame = self.frame
         if self._unseen():
             return value
-        scoped = scope or frame in self._scoped_frames  # (bound again, each counts)
-        atoms = None if scoped else self._grown(frame, name, value)
+        atoms = None
+        if type(value) in (list, tuple) and not scope and frame not in self._scoped_frames:
+            atoms = self._grown(frame, name, value)  # (scoped: bound again, each counts)
         if atoms is None:
             value, atoms = self._named(value)
         if not scope and frame in self._scoped_frames:  # a name in a linen/Haiku method
@@ -202,15 +203,17 @@ class Recorder:
         if scope:
             self.scoped.update((len(self.bindings) + k, (scope, name)) for k in range(len(atoms)))
             name = f"{scope}/{name}"
-        bound = self._bound
-        for path, atom in atoms:
-            # a name bound again to what it holds adds nothing (each binding costs
-            # naming work, as each value does)
-            if not scope and bound.get(key := (frame, name + path)) is atom:
-                continue
-            if not scope:
-                bound[key] = atom
-            self.bindings.append((frame, name + path, atom))
+        if len(atoms) > 1 and not scope:
+            # a container's items bound again to what they hold add nothing (each
+            # binding costs naming work, as each value does)
+            bound = self._bound
+            for path, atom in atoms:
+                if bound.get(key := (frame, name + path)) is not atom:
+                    bound[key] = atom
+                    self.bindings.append((frame, name + path, atom))
+        else:
+            for path, atom in atoms:  # (a loop: a comprehension costs a call)
+                self.bindings.append((frame, name + path, atom))
         if not atoms and isinstance(value, (jax.Array, np.ndarray)) and not scope:
             self.constants.append((frame, name, value))
         return value
@@ -222,20 +225,22 @@ class Recorder:
         function can change in place (a list, a dict, a module: what they hold is named
         again), a tuple under a transform (which tags each item). Without it, a loop of
         n trips took n² / 2 bindings (2 000 trips: 2 million, 5 s)."""
-        key = (frame, name)
-        kind = type(value)
-        if kind is not list and (kind is not tuple or (self._transforms and not self._untagged)):
-            if self._lists:
-                self._lists.pop(key, None)
+        if type(value) is tuple and self._transforms and not self._untagged:
             return None
+        key = (frame, name)
         last, items = self._lists.pop(key, None), list(value)
-        if last is not None and len(items) >= len(last) and all(map(operator.is_, items, last)):
+        if last is None:  # bound the first time (most lists): whether its items change
+            self._lists[key] = items, None  # in place is asked if it is bound again
+            return None
+        last, unchanging = last
+        if unchanging is None:
+            unchanging = all(map(_unchanging, last))
+        if unchanging and len(items) >= len(last) and all(map(operator.is_, items, last)):
             new = range(len(last), len(items))
             if all(_unchanging(items[i]) for i in new):
-                self._lists[key] = items
+                self._lists[key] = items, True
                 return [(f"[{i}]{path}", atom) for i in new for path, atom in _atoms(items[i])]
-        elif all(map(_unchanging, items)):
-            self._lists[key] = items
+        self._lists[key] = items, None
         return None
 
     def name_constants(self, closed: Any) -> None:
