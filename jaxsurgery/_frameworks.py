@@ -115,6 +115,12 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
     return paths
 
 
+def reads_as_attribute(key: str) -> bool:
+    """Whether ``key`` reads as an attribute in a path (``.w``; not ``.enc/0``, ``.1``,
+    ``.class``: those are subscripted, ``['enc/0']``)."""
+    return key.isidentifier() and not keyword.iskeyword(key)
+
+
 def format_path(path: tuple[Any, ...]) -> str:
     """``("blocks", 0, "attn") -> "blocks[0].attn"``; a key that is no identifier is
     subscripted, ``("heads", "enc/0") -> "heads['enc/0']"`` (a ``/`` would split the
@@ -123,7 +129,7 @@ def format_path(path: tuple[Any, ...]) -> str:
     for key in path:
         if isinstance(key, int):
             text += f"[{key}]"
-        elif not str(key).isidentifier() or keyword.iskeyword(key):
+        elif not reads_as_attribute(str(key)):
             text += f"[{str(key)!r}]"
         else:
             text += f".{key}" if text else str(key)

@@ -53,7 +53,6 @@ import contextlib
 import functools
 import inspect
 import itertools
-import keyword
 import operator
 import os
 import sys
@@ -75,6 +74,7 @@ from ._frameworks import (
     haiku_rewritten,
     library_rejit,
     named_array_data,
+    reads_as_attribute,
     scoped_module,
     submodule_paths,
     swapped,
@@ -1171,19 +1171,14 @@ def _key_path(path: tuple[Any, ...]) -> str:
     """JAX's ``keystr`` of a leaf's key path, but an attribute that is no identifier
     subscripted (an ``nnx.Dict`` key: ``heads['enc/0']``, whose ``/`` would split the
     name's path), as :func:`~jaxsurgery._frameworks.format_path` writes it."""
-    if all(type(k) is not jax.tree_util.GetAttrKey or _attribute_like(k.name) for k in path):
+    if all(type(k) is not jax.tree_util.GetAttrKey or reads_as_attribute(k.name) for k in path):
         return jax.tree_util.keystr(path)
     return "".join(
         f"[{k.name!r}]"
-        if isinstance(k, jax.tree_util.GetAttrKey) and not _attribute_like(k.name)
+        if isinstance(k, jax.tree_util.GetAttrKey) and not reads_as_attribute(k.name)
         else jax.tree_util.keystr((k,))
         for k in path
     )
-
-
-def _attribute_like(key: str) -> bool:
-    """Whether ``key`` reads as an attribute (``.w``; not ``.enc/0``, ``.1``, ``.class``)."""
-    return key.isidentifier() and not keyword.iskeyword(key)
 
 
 #: key paths of a tree's leaves (``['w']``), by its structure: a layer's parameters
