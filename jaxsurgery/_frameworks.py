@@ -33,6 +33,8 @@ from typing import Any
 
 import jax
 
+from ._compat import tracer_jaxpr_trace
+
 
 def _nnx() -> Any:
     return sys.modules.get("flax.nnx")  # never import a framework the user did not
@@ -89,8 +91,6 @@ def copied_path(parent: Any, module: Any, entered: Any) -> str | None:
 
 def _trace_of_state(nnx: Any, module: Any) -> Any:
     """The trace (a jaxpr being built) of an NNX module's traced state, or None."""
-    from ._compat import tracer_jaxpr_trace
-
     traces = map(tracer_jaxpr_trace, jax.tree_util.tree_leaves(nnx.state(module)))
     return next((t for t in traces if t is not None), None)
 

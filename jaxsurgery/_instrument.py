@@ -1157,13 +1157,15 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
     return out
 
 
+#: what holds the same values for as long as it lives
+_IMMUTABLE = (jax.Array, int, float, complex, str, type(None))
+
+
 def _unchanging(item: Any) -> bool:
     """Whether an item of a list holds the same values for as long as it lives: an array
     (a tracer), a number, or a tuple of them (not a list, dict or module)."""
-    return (
-        isinstance(item, (jax.Array, int, float, complex, str, type(None)))
-        or type(item) is tuple
-        and all(isinstance(i, (jax.Array, int, float, type(None))) for i in item)
+    return isinstance(item, _IMMUTABLE) or (
+        type(item) is tuple and all(isinstance(i, _IMMUTABLE) for i in item)
     )
 
 
