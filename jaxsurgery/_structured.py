@@ -437,7 +437,9 @@ class _Interpreter:
                 # stops after its last edited iteration (its callbacks, its cost)
                 tail = wanted is None or wanted[i] or _has_effects(eqn, self.callbacks)
                 invals = [read(a) for a in eqn.invars]
-                outs = self._rebuild(eqn, invals, below[i], exposed, tail)
+                # (a scan's rows that nothing reads: see _scan)
+                rows = eqn.primitive.name != "scan" or _rows_read(eqn, jaxpr)
+                outs = self._rebuild(eqn, invals, below[i], exposed, tail, rows)
                 for v, x in zip(eqn.outvars, outs):
                     if not isinstance(v, C.DropVar):
                         env[v] = x
@@ -465,6 +467,8 @@ class _Interpreter:
                 fn = C.jaxpr_as_fun(edit.fn)
                 if p.active is None:
                     new = fn(*args)[0]
+                elif _selectable(edit):  # (a select: no cond to run at every iteration)
+                    new = jnp.where(p.active, fn(*args)[0], env[edit.site.vars[0]])
                 else:  # a masked iteration: the patch runs only where it is active (a
                     # where would differentiate it everywhere: sqrt at a negative value
                     # makes a NaN gradient, even times the zero cotangent)
@@ -477,10 +481,17 @@ class _Interpreter:
 
     # -- equations holding an edit --------------------------------------------------------
     def _rebuild(
-        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict, tail: bool
+        self,
+        eqn: Any,
+        invals: list[Any],
+        pending: list[_Pending],
+        exposed: dict,
+        tail: bool,
+        rows: bool = True,
     ) -> list[Any]:
         """The results of ``eqn`` holding edits; ``tail=False``: only the exposed
-        values are needed (no results: what runs after the last edit is left out)."""
+        values are needed (no results: what runs after the last edit is left out);
+        ``rows=False``: a scan's stacked results are not read."""
         name = eqn.primitive.name
         if name in C.CALL_PRIMITIVES:
             if name in C.CUSTOM_RULE_PRIMITIVES and all(
@@ -504,7 +515,7 @@ class _Interpreter:
         if name == "cond":
             return self._cond(eqn, invals, pending, exposed)
         if name == "scan":
-            return self._scan(eqn, invals, pending, exposed, tail)
+            return self._scan(eqn, invals, pending, exposed, tail, rows)
         if name == "while":
             return self._while(eqn, invals, pending, exposed, tail)
         raise SliceError(f"cannot edit inside a {name} equation")  # pragma: no cover
@@ -563,11 +574,22 @@ class _Interpreter:
         return outs
 
     def _scan(
-        self, eqn: Any, invals: list[Any], pending: list[_Pending], exposed: dict, tail: bool
+        self,
+        eqn: Any,
+        invals: list[Any],
+        pending: list[_Pending],
+        exposed: dict,
+        tail: bool,
+        rows: bool,
     ):
         """A scan holding edits: the iterations before the first edited one and after
         the last run as plain scans (the context and the rest of a slice); only the
-        edited span runs masked. Without ``tail``, the iterations after it do not run."""
+        edited span runs masked. Without ``tail``, the iterations after it do not run.
+
+        Where only values are put in (a slice's inputs, perturbations) and its stacked
+        results are read (``rows``), the edited span and the rest run as one scan,
+        selecting the values at their iterations: run alone, the rest's rows would be
+        concatenated with the span's (a copy of every row), for one iteration more."""
         params = eqn.params
         length = params["length"]
         n_consts, n_carry = C.scan_layout(eqn)
@@ -575,10 +597,22 @@ class _Interpreter:
         carry, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
         spans = [_span(p) for p in pending]
         lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
-        spans = spans[::-1] if params["reverse"] else spans
-        if not tail:
-            spans.pop()
+        if (
+            tail
+            and rows
+            and (hi - lo > 1 or len(pending) == 1)
+            and all(_selectable(p.edit) and _one_iteration(p) for p in pending)
+        ):
+            # (several at one iteration run it as it is: one may shield another, which
+            # a select would read: see LoopSlice's notes)
+            spans = [(hi, length, None), (0, hi, pending)]
+            if not params["reverse"]:
+                spans = [(0, lo, None), (lo, length, pending)]
+        else:
+            spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
+            spans = spans[::-1] if params["reverse"] else spans
+            if not tail:
+                spans.pop()
         ys: dict[int, list[Any]] = {}
         for a, b, edits in spans:
             if a == b:
@@ -618,37 +652,45 @@ class _Interpreter:
         n_carry = len(init)
         groups = _merge(pending)
         masks, stacked = [], []
+        #: per group put in at one iteration: that iteration (its inputs are not
+        #: stacked: the step compares the iteration with it), else None
+        single: list[int | None] = []
         for its, members in groups:
             everywhere = sorted(its) == list(range(length))
-            masks.append(None if everywhere else np.isin(np.arange(length), its))
+            one = len(its) == 1 and _one_iteration(members[0])
+            single.append(its[0] if one else None)
+            masks.append(None if everywhere or one else np.isin(np.arange(length), its))
             rows = (
                 members[0].extras  # a ranged edit's inputs: already stacked by iteration
                 if isinstance(members[0].steps[0].iteration, range)
                 else [stack_rows(vals) for vals in zip(*(m.extras for m in members))]
             )
-            stacked.append([_scatter(length, its, x) for x in rows])
+            stacked.append([] if one else [_scatter(length, its, x) for x in rows])
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
+        counted = any(t is not None for t in single)
 
         def step(carry: list, x: tuple) -> tuple:
-            x_t, mask_t, extras_t = x
+            x_t, mask_t, extras_t, t = x
             sub: dict[Any, Any] = {}
-            inner = [
-                _Pending(
-                    members[0].steps[1:],
-                    members[0].edit,
-                    list(extras_t[i]),
-                    members[0].active if mask_t[i] is None else _and(mask_t[i], members[0].active),
-                    key=i,
-                )
-                for i, (_, members) in enumerate(groups)
-            ]
+            inner = []
+            for i, (_, members) in enumerate(groups):
+                first = members[0]
+                mask = mask_t[i] if single[i] is None else t == single[i]
+                extras = extras_t[i] if single[i] is None else first.extras
+                active = first.active if mask is None else _and(mask, first.active)
+                inner.append(_Pending(first.steps[1:], first.edit, list(extras), active, key=i))
             outs = self.run(body.jaxpr, body.consts, [*consts, *carry, *x_t], inner, sub)
             return outs[:n_carry], (outs[n_carry:], [_value(sub[i]) for i, _ in exposing])
 
         carry, (ys, found) = jax.lax.scan(
             step,
             list(init),
-            (list(xs), [None if m is None else jnp.asarray(m) for m in masks], stacked),
+            (
+                list(xs),
+                [None if m is None else jnp.asarray(m) for m in masks],
+                stacked,
+                jnp.arange(length, dtype=jnp.int32) if counted else None,
+            ),
             length=length,
             reverse=params["reverse"],
         )
@@ -912,6 +954,26 @@ def _live(
 def _has_effects(eqn: Any, callbacks: bool) -> bool:
     """Whether ``eqn`` must run for its effects (host callbacks only with ``callbacks``)."""
     return bool(eqn.effects) and (callbacks or not C.callbacks_only(eqn.effects))
+
+
+def _rows_read(eqn: Any, jaxpr: Any) -> bool:
+    """Whether a scan equation's stacked results are read in ``jaxpr`` (or returned)."""
+    n_carry = C.scan_layout(eqn)[1]
+    read = _read_vars(jaxpr)
+    return any(o in read for o in eqn.outvars[n_carry:] if not isinstance(o, C.DropVar))
+
+
+def _selectable(edit: Edit) -> bool:
+    """Whether a masked iteration may apply ``edit`` with a select (``where``): its new
+    value is one it reads (a slice's input) or the old one perturbed (``v + eps``), so
+    differentiating it where it is not active gives no NaN; other patches run in a
+    ``cond`` (sqrt at a negative value makes a NaN gradient, even times zero)."""
+    return edit.kind == "apply" and (edit.perturbation or not edit.fn.jaxpr.eqns)
+
+
+def _one_iteration(p: _Pending) -> bool:
+    """Whether a pending edit at a loop's iteration is at one iteration (not a range)."""
+    return not isinstance(p.steps[0].iteration, range)
 
 
 def _descend(p: _Pending) -> _Pending:

@@ -173,6 +173,48 @@ def test_a_slice_across_every_step_is_one_scan_whatever_the_length(setup):
     assert sizes[0] == sizes[1]
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_slice_from_a_step_whose_rows_are_read_is_one_scan_copying_no_row_after_it(reverse):
+    """The rows of a scan from its input's step on are one scan's: the input is
+    selected in at its iteration (no second scan whose rows would be concatenated with
+    the input's, a copy of every row; rows before it, made in the context, still are).
+    Also a gradient at one step."""
+    n = 40
+    xs = jax.random.normal(jax.random.key(7), (n, 3))
+    w = jax.random.normal(jax.random.key(8), (3, 3)) / 2
+
+    def f(h0, xs):
+        def step(h, x):
+            h_new = jnp.tanh(h @ w + x)
+            return h_new, h_new
+
+        h_last, hs = jax.lax.scan(step, h0, xs, reverse=reverse)
+        return jnp.sum(hs**2 * jnp.arange(1.0, n + 1)[:, None]) + jnp.sum(h_last)
+
+    h0 = jnp.ones(3) * 0.3
+    g = js.trace(f, h0, xs)
+    t = 0 if not reverse else n - 1  # the loop's first iteration
+    for at in (t, 17):
+        name = f"step/h_new@{at}"
+        s = g.slice(name, "out")
+        primitives = [e.primitive.name for e in s.jaxpr.eqns]
+        assert primitives.count("scan") == 1, s.jaxpr
+        assert ("concatenate" in primitives) == (at != t), s.jaxpr
+
+        def rest(h, at=at):  # the loss given the state after step `at`, by hand
+            order = range(n) if not reverse else range(n - 1, -1, -1)
+            rows, c = [None] * n, h0
+            for k in order:
+                c = h if k == at else jnp.tanh(c @ w + xs[k])
+                rows[k] = c
+            hs = jnp.stack(rows)
+            return jnp.sum(hs**2 * jnp.arange(1.0, n + 1)[:, None]) + jnp.sum(c)
+
+        h = g.value(name)
+        check_slice(s, (h,), rest)
+        allclose(g.grads("out", [name])[name], jax.grad(rest)(h), rtol=1e-5)
+
+
 def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     model = nn.RNN(nn.OptimizedLSTMCell(8))
     xs = jax.random.normal(jax.random.key(4), (1, 400, 3))
