@@ -1198,6 +1198,33 @@ def _mark(name: str, value: Any) -> Any:
     return value if recorder is None else recorder.record(name, value)
 
 
+#: the library and builtin functions found to run as they are (JAX's, NumPy's, the
+#: standard library's: no frame), by id, kept across traces (see _lasting)
+_AS_THEY_ARE: dict[int, Any] = {}
+
+
+def _lasting(fn: Any) -> Any:
+    """What decides how ``fn`` runs, where that lives as long as its module: ``fn``
+    for a function of no closure, a module's builtin or a JAX jit; a method's
+    function for a method of a JAX array (``h.sum``, made anew at each read); None
+    for anything else (a closure; a bound method of another object, which a cache
+    would keep alive with its object: ``hs.append`` of a list of tracers)."""
+    kind = type(fn)
+    if kind is types.FunctionType:
+        return fn if fn.__closure__ is None else None
+    if kind is types.MethodType:
+        return fn.__func__ if isinstance(fn.__self__, jax.Array) else None
+    if kind is types.BuiltinFunctionType:
+        return fn if isinstance(fn.__self__, types.ModuleType) else None
+    if kind is _PJIT_FUNCTION:  # (of a function of no closure: one made per call is not)
+        inner = getattr(fn, "__wrapped__", None)
+        return fn if type(inner) is types.FunctionType and inner.__closure__ is None else None
+    return None
+
+
+_PJIT_FUNCTION = type(jax.jit(abs))
+
+
 def _call(label: str | None, fn: Any, always: bool = False) -> Any:
     """``fn``, or a wrapper that runs it (rewritten if user code) inside a frame;
     ``always``: JAX functions and builtins get a frame too (run as they are)."""
@@ -1208,11 +1235,19 @@ def _call(label: str | None, fn: Any, always: bool = False) -> Any:
         return functools.partial(fn.call, label)
     known = recorder.targets.get(id(fn))
     if known is None or known[0] is not fn:
-        try:
-            target_of = _call_target(fn)
-        except Exception:  # an object whose attributes raise (a __getattr__ of its own)
-            target_of = (None, None)  # runs as it is
-        known = (fn, *target_of)
+        lasting = _lasting(fn)
+        if lasting is not None and _AS_THEY_ARE.get(id(lasting)) is lasting:
+            known = (fn, None, None)
+        else:
+            try:
+                target_of = _call_target(fn)
+            except Exception:  # an object whose attributes raise (a __getattr__ of its own)
+                target_of = (None, None)  # runs as it is
+            known = (fn, *target_of)
+            if lasting is not None and target_of == (None, None):
+                if len(_AS_THEY_ARE) > 4096:
+                    _AS_THEY_ARE.clear()
+                _AS_THEY_ARE[id(lasting)] = lasting
         # (not a bound method: made anew at each attribute read, it is never found
         # again, and kept it would keep its object alive: a tracer's `h.sum`, a leak
         # to jax.checking_leaks)

@@ -465,6 +465,8 @@ def _jit_statics(
     ``target``'s parameters."""
     nums = [nums] if isinstance(nums, int) else list(nums)
     names = [names] if isinstance(names, str) else list(names)
+    if type(fn) is types.FunctionType and "__wrapped__" not in fn.__dict__:
+        return tuple(nums), tuple(names)  # a plain function: no jit around it
     try:
         parameters = _signature(target).parameters
     except (TypeError, ValueError):

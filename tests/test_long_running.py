@@ -290,6 +290,29 @@ def test_a_trace_leaks_no_tracer_to_jax_checking_leaks():
     allclose(g.value("out"), f(x))
 
 
+def test_what_runs_as_it_is_is_kept_across_traces_without_keeping_what_it_is_bound_to():
+    """The functions found to run as they are (JAX's, builtins) are kept across traces;
+    a list's ``append`` bound to a list of tracers, a tracer's ``h.sum`` and a jit made
+    per call are not (kept, they would leak the trace to jax.checking_leaks), and each
+    still runs as it is, its results named."""
+
+    def f(x):
+        hs = []
+        h = jnp.sin(x)
+        hs.append(h)
+        h3 = jax.jit(lambda a: a * 3.0)(h)
+        hs.append(h3)
+        total = max(len(hs), 1) * sum(v.sum() for v in hs)
+        return total
+
+    x = jnp.arange(3.0)
+    for _ in range(2):  # (the second trace finds them kept)
+        with jax.checking_leaks():
+            g = js.trace(f, x)
+        allclose(g.value("out"), f(x))
+        allclose(g.value("h3"), jnp.sin(x) * 3.0)
+
+
 def test_tracing_modules_leaks_no_tracer_to_jax_checking_leaks():
     """The graph kept what the traced function called, modules whose leaves were the
     trace's tracers (an Equinox MLP under jax.vmap, a linen module's scope variables):
