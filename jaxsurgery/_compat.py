@@ -65,6 +65,10 @@ _PRIMAL_TRACERS = tuple(
 )
 
 
+#: the tracer type of ``make_jaxpr`` (its ``val`` is the jaxpr var it stands for)
+JAXPR_TRACER = _pe.DynamicJaxprTracer
+
+
 def tracer_atom(x: Any) -> Any:
     """The jaxpr atom a ``make_jaxpr`` tracer stands for, or None for anything else.
 

@@ -189,7 +189,15 @@ class Recorder:
         name becomes ``scope/name`` with the scope completed from the value's own
         scope when names are assigned (see :meth:`_anchored`).
         """
-        frame = self.frame
+        frame = self._stack[-1] if self._stack else -1
+        if (  # the common case, written for speed: one array, no transform, no scope
+            type(value) is C.JAXPR_TRACER
+            and not scope
+            and not self._transforms
+            and frame not in self._scoped_frames
+        ):
+            self.bindings.append((frame, name, value.val))
+            return value
         if self._unseen():
             return value
         atoms = None
