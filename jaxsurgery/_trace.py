@@ -626,15 +626,24 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
             # a proxy forwarding attributes (to a bound method it wraps): inspect reads
             # the wrapped function's __code__ through it, its __call__ is what runs
             return inspect.signature(types.MethodType(call, fn))
-    if type(fn) is not types.FunctionType or {"__signature__", "__wrapped__"} & fn.__dict__.keys():
+    if (
+        type(fn) is not types.FunctionType
+        or getattr(fn, "__signature__", None) is not None
+        or getattr(fn, "__wrapped__", None) is not None
+    ):  # (not fn.__dict__, which a function makes when first asked for it)
         return inspect.signature(fn)
+    annotations = fn.__annotations__
     parts = (
-        fn.__defaults__ or (),
-        tuple((fn.__kwdefaults__ or {}).items()),
-        tuple(fn.__annotations__.items()),
+        _NO_PARTS
+        if fn.__defaults__ is None and fn.__kwdefaults__ is None and not annotations
+        else (
+            fn.__defaults__ or (),
+            tuple((fn.__kwdefaults__ or {}).items()),
+            tuple(annotations.items()),
+        )
     )
     known = _SIGNATURES.get(fn.__code__)
-    if known is not None and _same_objects(known[0], parts):
+    if known is not None and (known[0] is parts or _same_objects(known[0], parts)):
         return known[1]
     signature = inspect.signature(fn)
     if not _plain(parts):  # kept, a default (a jitted layer, an array) would stay alive
@@ -643,6 +652,10 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
         _SIGNATURES.clear()
     _SIGNATURES[fn.__code__] = (parts, signature)  # holds the parts: ids stay theirs
     return signature
+
+
+#: the defaults, keyword defaults and annotations of a function that has none
+_NO_PARTS: tuple = ((), (), ())
 
 
 def _plain(parts: tuple) -> bool:
@@ -676,6 +689,8 @@ class _Parameters(NamedTuple):
     #: (then positional arguments bind by position alone), else None
     plain: tuple[str, ...] | None
     text: str  # ``(x, params)``, for the graph's title
+    star: str | None  # the var-positional parameter (``*args``), if any
+    varkw: str | None  # the var-keyword parameter (``**kwargs``), if any
 
 
 _PARAMETERS: dict[int, tuple[inspect.Signature, _Parameters]] = {}
@@ -695,6 +710,8 @@ def _parameters(signature: inspect.Signature) -> _Parameters:
         [p.name for p in params if p.kind in kinds],
         tuple(signature.parameters) if plain else None,
         str(signature),
+        next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None),
+        next((p.name for p in params if p.kind is p.VAR_KEYWORD), None),
     )
     if not all(_plain(((p.default,), (), ())) for p in params if p.default is not p.empty):
         return found  # (see _signature: what a default holds is not kept)
@@ -717,24 +734,21 @@ class _ArgBinder:
         nums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self.static_names = set(names)
-        kinds = {p.kind for p in self.signature.parameters.values()}
         unknown = [n for n in names if n not in self.signature.parameters]
-        if unknown and inspect.Parameter.VAR_KEYWORD not in kinds:
+        if unknown and self.parameters.varkw is None:
             raise TraceError(
                 f"static_argnames={unknown[0]!r} names no parameter of "
                 f"{getattr(fn, '__name__', 'fn')}{self.signature}; "
                 f"name one of {list(self.signature.parameters)}"
             )
         positional = self.parameters.positional
-        varkw = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD]
         #: the var-keyword parameter (``**kwargs``), and its keys held static (names in
         #: static_argnames that no parameter has, as jax.jit takes them)
-        self.varkw, self.static_keys = (varkw[0] if varkw else None), set(unknown)
+        self.varkw, self.static_keys = self.parameters.varkw, set(unknown)
         self.static_names.difference_update(unknown)
-        star = [p.name for p in self.signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
         #: the var-positional parameter (``*args``), and its items held static (a static
         #: position past the named ones, as jax.jit takes it)
-        self.star, self.static_star = (star[0] if star else None), set()
+        self.star, self.static_star = self.parameters.star, set()
         #: negative positions, counted from the end of the arguments of the call (as
         #: jax.jit counts them) when ``*args`` makes that end unknown until then
         self.from_end = [n for n in nums if n < 0] if self.star is not None else []
