@@ -169,6 +169,7 @@ def library_calls(
     call: Callable[[str, Any], Any],
     method: Callable[[Any, Any, tuple, dict], Any],
     framed: Callable[[Any], Callable | None],
+    user: Callable[[Any], bool],
 ) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
     returns it (a function that runs the item in a named frame), Equinox layers
@@ -178,7 +179,9 @@ def library_calls(
     and so does Haiku (``hk.intercept_methods``), and a Flax NNX module of the
     library that another module of the library calls (``nnx.MultiHeadAttention``'s
     ``self.query``) runs as ``framed(module)`` returns it, in a frame named by its
-    attribute path, when there is one (see :func:`_nnx_framed`).
+    attribute path, when there is one (see :func:`_nnx_framed`); while it runs, so does
+    a module of the user's (its ``__call__`` a ``user`` function) that it holds (the
+    cell ``nnx.RNN`` scans, a user's: see :func:`_user_modules_framed`).
 
     A container's ``layers`` are swapped for named items during its own call and put
     back after it (the container object is otherwise untouched); the classes are
@@ -193,7 +196,7 @@ def library_calls(
     if nnx is not None:
         containers = {cls for cls, *_ in patched}
         patched += [
-            (cls, _nnx_framed(cls.__call__, framed))
+            (cls, _nnx_framed(cls.__call__, framed, user))
             for cls in _nnx_library_modules(nnx)
             if cls not in containers
         ]
@@ -382,18 +385,60 @@ def _nnx_library_modules(nnx: Any) -> tuple[type, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _nnx_framed(original: Callable, framed: Callable[[Any], Callable | None]) -> Callable:
+def _nnx_framed(
+    original: Callable,
+    framed: Callable[[Any], Callable | None],
+    user: Callable[[Any], bool] | None = None,
+) -> Callable:
     """``original``, an NNX module's ``__call__``, run as ``framed(module)`` returns it
     (a function running the module in a frame named by its attribute path in the module
     running: ``query`` in ``nnx.MultiHeadAttention``) or, when that is None (no such
-    path, or the frame is already open: user code called it), as it is."""
+    path, or the frame is already open: user code called it), as it is. With ``user``
+    (a library module's), the user modules it holds are framed alike while it runs."""
 
     @functools.wraps(original)
     def library_module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         run = framed(self)
-        return original(self, *args, **kwargs) if run is None else run(*args, **kwargs)
+        if run is not None:
+            return run(*args, **kwargs)
+        if user is None:
+            return original(self, *args, **kwargs)
+        with _user_modules_framed(self, framed, user):
+            return original(self, *args, **kwargs)
 
     return library_module_call
+
+
+@contextlib.contextmanager
+def _user_modules_framed(
+    module: Any, framed: Callable[[Any], Callable | None], user: Callable[[Any], bool]
+) -> Iterator[None]:
+    """While a library NNX module runs: the classes of the user modules it holds
+    (``nnx.RNN``'s ``cell``, a user's), whose ``__call__`` (a ``user`` function) library
+    code calls, run them as :func:`_nnx_framed` does, in a frame named by their path
+    (also the copies an NNX transform makes of them: ``nnx.RNN`` scans a copy). The
+    frame runs the user's ``__call__`` rewritten (the wrapper is a decorator's, whose
+    wrapped function a frame swaps for its rewritten copy); the classes are put back
+    after the call."""
+    nnx = _nnx()
+    found: dict[type, tuple[Any, Callable]] = {}  # class: (its own __call__ or None, the one run)
+    for value in vars(module).values():
+        kind = type(value)
+        if kind in found or not isinstance(value, nnx.Module):
+            continue
+        call = getattr(kind, "__call__", None)  # noqa: B004 (the class attribute)
+        if isinstance(call, types.FunctionType) and user(call):
+            found[kind] = kind.__dict__.get("__call__"), call
+    for kind, (_, call) in found.items():
+        kind.__call__ = _nnx_framed(call, framed)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for kind, (own, _) in found.items():
+            if own is None:  # inherited: the base's again
+                del kind.__call__
+            else:
+                kind.__call__ = own  # type: ignore[method-assign]
 
 
 def _itemized(

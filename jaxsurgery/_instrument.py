@@ -1993,6 +1993,12 @@ def _is_stdlib_file(filename: str) -> bool:
     return filename.startswith(stdlib) and not filename.startswith(installed)
 
 
+def is_user_function(fn: Any) -> bool:
+    """Whether ``fn`` is a plain function of the user's (not a library's, not ours),
+    which tracing runs rewritten."""
+    return _is_user_function(fn)
+
+
 def _is_user_function(fn: Any) -> bool:
     return (
         isinstance(fn, types.FunctionType)

@@ -42,6 +42,7 @@ from ._instrument import (
     call_method,
     framed_module,
     is_jit,
+    is_user_function,
     note_state,
     record,
     rewritten,
@@ -186,7 +187,7 @@ def _trace(
         with (
             recorder,
             haiku_run,
-            library_calls(call_in_frame, call_method, framed_module),
+            library_calls(call_in_frame, call_method, framed_module, is_user_function),
             library_names(record, note_state),
         ):
             closed = C.make_jaxpr(flat_fn, *leaves)

@@ -817,6 +817,66 @@ def test_the_cell_nnx_rnn_scans_is_named_by_its_attribute_path_at_each_step():
     check_slice(s, (list(carries[3]),), rest)
 
 
+class UserCell(nnx.Module):
+    """A recurrent cell of the user's, which library code (``nnx.RNN``) calls."""
+
+    def __init__(self, rngs):
+        self.ih = nnx.Linear(3, 4, rngs=rngs)
+        self.hh = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, carry, x):
+        pre = self.ih(x) + self.hh(carry)
+        h = jnp.tanh(pre)
+        return h, h
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.zeros((*input_shape[:-1], 4))
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+class GatedUserCell(UserCell):  # (its __call__ inherited)
+    pass
+
+
+@pytest.mark.parametrize("cell_type", [UserCell, GatedUserCell])
+def test_a_user_cell_nnx_rnn_scans_is_rewritten_and_named_at_each_step(cell_type):
+    """``nnx.RNN`` (library code) calls a user's cell: its ``__call__`` runs rewritten
+    in a frame named by its path, ``rnn/cell/pre@t`` (it ran as it is, its values
+    unnamed), the library modules it calls under it (``rnn/cell/ih@t``, was
+    ``rnn/cell.ih@t``); the class is as it was after the trace."""
+    cell = cell_type(nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx.RNN(cell))
+
+    def f(state, xs):
+        rnn = nnx.merge(graphdef, state)
+        return jnp.sum(rnn(xs) ** 2)
+
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    g = js.trace(f, state, xs)
+    assert "__call__" not in vars(GatedUserCell) and vars(UserCell)["__call__"].__module__ == (
+        __name__
+    )
+    h, pres = jnp.zeros((2, 4)), []  # by hand: the cell, step by step
+    for t in range(5):
+        pres.append(cell.ih(xs[:, t]) + cell.hh(h))
+        h = jnp.tanh(pres[-1])
+    for t in (0, 3):
+        allclose(g.value(f"rnn/cell/pre@{t}"), pres[t], atol=1e-6)
+        allclose(g.value(f"rnn/cell/ih@{t}"), cell.ih(xs[:, t]), atol=1e-6)
+    allclose(g.value("out"), f(state, xs), atol=1e-5)
+
+    def rest(pre2):  # the loss given step 2's pre-activation
+        hs = [jnp.tanh(p) for p in pres[:2]] + [jnp.tanh(pre2)]
+        for t in (3, 4):
+            hs.append(jnp.tanh(cell.ih(xs[:, t]) + cell.hh(hs[-1])))
+        return sum(jnp.sum(h**2) for h in hs)
+
+    check_slice(g.slice("rnn/cell/pre@2", "out"), (pres[2],), rest)
+
+
 _LIBRARY_BLOCK = """
 from flax import nnx
 
