@@ -56,6 +56,11 @@ from . import _compat as C
 from ._eager import eval_jaxpr, per_jaxpr
 from ._errors import SliceError
 
+#: a scan's values put in at no more than this many iterations (a slice's inputs) run
+#: those iterations one by one, as they are, plain scans between them (masked, the value
+#: an input replaces would still be computed there: see _Interpreter._spans)
+_FEW_ITERATIONS = 8
+
 #: edits of a ``while_loop`` spanning fewer trips than this run those trips one by one
 #: (see ``_Interpreter._few_trips``); more run inside one loop that counts its trips
 FEW_TRIPS = 4
@@ -302,7 +307,9 @@ class Structured:
             for e in _in_patch_order(self.edits)
         ]
         notes: list[str] = []
-        outs = _Interpreter(notes, callbacks).run(
+        # (values put in, not computed from the values they replace: a slice's inputs)
+        lone = sum(_put_in(e) for e in self.edits) <= 1
+        outs = _Interpreter(notes, callbacks, lone).run(
             self.closed.jaxpr, self.closed.consts, flat_args, pending, exposed, outputs
         )
         for n in notes:
@@ -380,9 +387,12 @@ def _raise_unless(value: Any, expected: bool, message: str) -> None:
 class _Interpreter:
     """Runs a nested jaxpr with pending edits, rebuilding what holds an edit."""
 
-    def __init__(self, notes: list[str], callbacks: bool = True):
+    def __init__(self, notes: list[str], callbacks: bool = True, lone: bool = False):
         self.notes = notes
         self.callbacks = callbacks  # whether host callbacks no exposed value reads run
+        #: whether at most one value is put in (see _scan): then nothing a value put in
+        #: replaces is computed from another one
+        self.lone = lone
 
     def run(
         self,
@@ -595,24 +605,9 @@ class _Interpreter:
         n_consts, n_carry = C.scan_layout(eqn)
         consts = invals[:n_consts]
         carry, xs = invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-        spans = [_span(p) for p in pending]
-        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        if (
-            tail
-            and rows
-            and (hi - lo > 1 or len(pending) == 1)
-            and all(_selectable(p.edit) and _one_iteration(p) for p in pending)
-        ):
-            # (several at one iteration run it as it is: one may shield another, which
-            # a select would read: see LoopSlice's notes)
-            spans = [(hi, length, None), (0, hi, pending)]
-            if not params["reverse"]:
-                spans = [(0, lo, None), (lo, length, pending)]
-        else:
-            spans = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
-            spans = spans[::-1] if params["reverse"] else spans
-            if not tail:
-                spans.pop()
+        body = params["jaxpr"].jaxpr
+        entries = set(body.invars[n_consts : n_consts + n_carry])
+        spans = self._spans(length, params["reverse"], pending, tail, rows, entries)
         ys: dict[int, list[Any]] = {}
         for a, b, edits in spans:
             if a == b:
@@ -637,6 +632,59 @@ class _Interpreter:
             else []
         )
         return [*carry, *stacked] if tail else []
+
+    def _spans(
+        self,
+        length: int,
+        reverse: bool,
+        pending: list[_Pending],
+        tail: bool,
+        rows: bool,
+        entries: set[Any],
+    ) -> list[tuple[int, int, list[_Pending] | None]]:
+        """``[(first, end, edits or None)]``, the iterations of a scan holding edits in
+        the order they run: plain scans (None), an iteration run as it is (with its
+        edits), or a masked span (see :meth:`_scan`). ``entries``: the body's carry
+        parameters."""
+        spans = [_span(p) for p in pending]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        single = all(_one_iteration(p) for p in pending)
+        put_in = [p for p in pending if _put_in(p.edit)]
+        if (
+            tail
+            and rows
+            and single
+            and (hi - lo > 1 or len(pending) == 1)
+            and all(_selectable(p.edit) for p in pending)
+            and (self.lone or not put_in)
+        ):
+            # (several at one iteration run it as it is: one may shield another, which
+            # a select would read: see LoopSlice's notes. A value put in while another
+            # is too: the value it replaces, still computed at its iteration, may be
+            # computed from the other, and differentiated there with a zero cotangent:
+            # NaN where its derivative is infinite, sqrt(0); run as it is, it is not)
+            found = [(0, lo, None), (lo, length, pending)]
+            return [(hi, length, None), (0, hi, pending)] if reverse else found
+        at = {p.steps[0].iteration for p in pending} if single else set()
+        if single and len(put_in) == len(pending) and len(at) <= _FEW_ITERATIONS:
+            # values put in at a few iterations: each runs as it is, plain scans between;
+            # so does the iteration before one put in as the carry entering it (the
+            # value it replaces, that iteration's result, is then not computed)
+            before = {
+                p.steps[0].iteration + (1 if reverse else -1)
+                for p in pending
+                if len(p.steps) == 1 and all(v in entries for v in p.edit.site.vars)
+            }
+            found, start = [], 0
+            for t in sorted(at | {t for t in before if 0 <= t < length}):
+                here = [p for p in pending if _span(p)[0] == t]
+                found += [(start, t, None), (t, t + 1, here)]
+                start = t + 1
+            found.append((start, length, None))
+        else:
+            found = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
+        found = found[::-1] if reverse else found
+        return found if tail else found[:-1]
 
     def _masked_scan(
         self,
@@ -969,6 +1017,11 @@ def _selectable(edit: Edit) -> bool:
     differentiating it where it is not active gives no NaN; other patches run in a
     ``cond`` (sqrt at a negative value makes a NaN gradient, even times zero)."""
     return edit.kind == "apply" and (edit.perturbation or not edit.fn.jaxpr.eqns)
+
+
+def _put_in(edit: Edit) -> bool:
+    """Whether ``edit`` puts a value in (a slice's input: the new value is one it reads)."""
+    return edit.kind == "apply" and not edit.perturbation and not edit.fn.jaxpr.eqns
 
 
 def _one_iteration(p: _Pending) -> bool:

@@ -215,6 +215,59 @@ def test_a_slice_from_a_step_whose_rows_are_read_is_one_scan_copying_no_row_afte
         allclose(g.grads("out", [name])[name], jax.grad(rest)(h), rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [True, False])
+def test_values_put_in_where_the_function_is_singular_give_finite_gradients(rows):
+    """A slice's input replaces ``h = sqrt(a)`` at a step where ``a < 0`` (NaN in the
+    traced run) while another input is upstream of it: the value it replaces is not
+    computed from the other input and differentiated with a zero cotangent (0 * inf:
+    NaN gradients of every input upstream; with the rows read, a first version of the
+    one-scan slice did; masked spans, and the step before a carry put in, always had),
+    whether ``h`` is a row of the scan or only its carry."""
+    n, k = 1100, 700
+    xs = jnp.full((n,), 0.5).at[k].set(-100.0)
+
+    def step(c, x):
+        a = c + x
+        h = jnp.sqrt(a)
+        return h, (a, 2 * h) if rows else a
+
+    def f(h0, xs):
+        h_last, ys = jax.lax.scan(step, h0, xs)
+        return jnp.sum(ys[1][k + 1 :]) + jnp.sum(ys[0]) + h_last if rows else jnp.sum(ys) + h_last
+
+    def rest(h, xs, start, stop):  # steps start..stop-1 by hand, from carry h
+        h, ys = jax.lax.scan(step, h, xs[start:stop])
+        if rows:
+            return h, jnp.sum(ys[0]) + (jnp.sum(ys[1]) if start > k else 0.0)
+        return h, jnp.sum(ys)
+
+    def loss(h0, xs, puts):  # the loss with h at the steps of `puts` replaced
+        total, h, start = 0.0, h0, 0
+        for t, v in sorted(puts.items()):
+            h, part = rest(h, xs, start, t)
+            a = h + xs[t]
+            total += part + a + (2 * v if rows and t > k else 0.0)
+            h, start = v, t + 1
+        h, part = rest(h, xs, start, n)
+        return total + part + h
+
+    h0 = jnp.float32(1.0)
+    g = js.trace(f, h0, xs)
+    assert g._program.folded
+    v, v3 = jnp.float32(3.0), jnp.float32(2.0)
+    cases = {
+        ("h0", f"step/h@{k}"): ((h0, v), lambda a, b: loss(a, xs, {k: b})),
+        ("step/h@3", f"step/h@{k}"): ((v3, v), lambda a, b: loss(h0, xs, {3: a, k: b})),
+        ("xs", f"step/h@{k}"): ((xs, v), lambda a, b: loss(h0, a, {k: b})),
+    }
+    for names, (args, reference) in cases.items():
+        s = g.slice(names, "out")
+        allclose(s(*args), reference(*args), rtol=1e-5)
+        got, expected = jax.grad(s, (0, 1))(*args), jax.grad(reference, (0, 1))(*args)
+        assert all(bool(jnp.isfinite(x).all()) for x in got), (names, got)
+        allclose(got, expected, rtol=1e-5)
+
+
 def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     model = nn.RNN(nn.OptimizedLSTMCell(8))
     xs = jax.random.normal(jax.random.key(4), (1, 400, 3))
