@@ -1213,21 +1213,30 @@ _AS_THEY_ARE: dict[int, Any] = {}
 
 def _lasting(fn: Any) -> Any:
     """What decides how ``fn`` runs, where that lives as long as its module: ``fn``
-    for a function of no closure, a module's builtin or a JAX jit; a method's
-    function for a method of a JAX array (``h.sum``, made anew at each read); None
-    for anything else (a closure; a bound method of another object, which a cache
-    would keep alive with its object: ``hs.append`` of a list of tracers)."""
+    for a module's function (defined at its top level, of no closure, its defaults
+    plain values) or builtin; a method's function for a method of a JAX array
+    (``h.sum``, made anew at each read); the function of a JAX jit of such a function
+    (``jax.jit(jnp.einsum)`` made per call is not kept, its function is); None for
+    anything else (a function made per call, whose defaults may hold tracers; a bound
+    method of another object, which a cache would keep alive with its object:
+    ``hs.append`` of a list of tracers)."""
     kind = type(fn)
-    if kind is types.FunctionType:
-        return fn if fn.__closure__ is None else None
     if kind is types.MethodType:
         return fn.__func__ if isinstance(fn.__self__, jax.Array) else None
     if kind is types.BuiltinFunctionType:
         return fn if isinstance(fn.__self__, types.ModuleType) else None
-    if kind is _PJIT_FUNCTION:  # (of a function of no closure: one made per call is not)
-        inner = getattr(fn, "__wrapped__", None)
-        return fn if type(inner) is types.FunctionType and inner.__closure__ is None else None
-    return None
+    if kind is _PJIT_FUNCTION:
+        fn = getattr(fn, "__wrapped__", None)
+    if type(fn) is not types.FunctionType or fn.__closure__ is not None:
+        return None
+    if "<locals>" in fn.__code__.co_qualname:  # (its code's: functools.wraps leaves it)
+        return None
+    defaults = (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values())
+    return fn if all(type(d) in _PLAIN_TYPES for d in defaults) else None
+
+
+#: the types of default values a function kept across traces may have
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str})
 
 
 _PJIT_FUNCTION = type(jax.jit(abs))

@@ -14,6 +14,7 @@ import pytest
 from conftest import allclose
 
 import jaxsurgery as js
+from jaxsurgery import _instrument
 
 
 def _scanned(x):
@@ -302,7 +303,15 @@ def test_what_runs_as_it_is_is_kept_across_traces_without_keeping_what_it_is_bou
         hs.append(h)
         h3 = jax.jit(lambda a: a * 3.0)(h)
         hs.append(h3)
-        total = max(len(hs), 1) * sum(v.sum() for v in hs)
+
+        # made per call, posing as JAX's (no closure: the tracer is a default; the
+        # regression hunt's find: kept, it kept the trace alive)
+        @functools.wraps(jnp.tanh)
+        def shifted(y, h=h):
+            return y + h
+
+        e = jax.jit(jnp.einsum, static_argnums=0)("i,i->", x, x)  # a jit made per call
+        total = max(len(hs), 1) * sum(v.sum() for v in hs) + shifted(x).sum() + e
         return total
 
     x = jnp.arange(3.0)
@@ -311,6 +320,8 @@ def test_what_runs_as_it_is_is_kept_across_traces_without_keeping_what_it_is_bou
             g = js.trace(f, x)
         allclose(g.value("out"), f(x))
         allclose(g.value("h3"), jnp.sin(x) * 3.0)
+    kept = _instrument._AS_THEY_ARE.values()
+    assert not any(type(k).__name__ == "PjitFunction" for k in kept)  # (a jit's function is)
 
 
 def test_tracing_modules_leaks_no_tracer_to_jax_checking_leaks():
