@@ -464,8 +464,7 @@ def _jit_statics(
     (or jits) ``fn`` was made with (``@partial(jax.jit, static_argnums=1)``), also
     through a ``functools.partial``, a bound method or a decorator's wrapper, for
     ``target``'s parameters."""
-    nums = [nums] if isinstance(nums, int) else list(nums)
-    names = [names] if isinstance(names, str) else list(names)
+    nums, names = _statics(nums, names)
     if type(fn) is types.FunctionType and "__wrapped__" not in fn.__dict__:
         return tuple(nums), tuple(names)  # a plain function: no jit around it
     try:
@@ -508,6 +507,29 @@ def _jit_statics(
         else:
             break
     return tuple(nums), tuple(names)
+
+
+def _statics(nums: Any, names: Any) -> tuple[list[int], list[str]]:
+    """``static_argnums`` and ``static_argnames`` as lists (one given alone, as jax.jit
+    takes it), or a TraceError saying what they take."""
+    try:
+        found = (
+            [nums] if isinstance(nums, int) else list(nums),
+            [names] if isinstance(names, str) else list(names),
+        )
+    except TypeError:
+        found = None
+    if (
+        found is None
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in found[0])
+        or not all(isinstance(n, str) for n in found[1])
+    ):
+        raise TraceError(
+            "static_argnums takes an int or a sequence of ints (positions), static_argnames "
+            "a str or a sequence of strs (parameter names), as for jax.jit; got "
+            f"static_argnums={nums!r}, static_argnames={names!r}"
+        )
+    return found
 
 
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -635,6 +635,18 @@ CATALOG = [
         r"name one of \['x', 'train'\]",
     ),
     (
+        "static_argnums given as a string",
+        lambda g, a: js.trace(flagged, jnp.ones(2), True, static_argnums="1"),
+        js.TraceError,
+        r"static_argnums takes an int or a sequence of ints .* got static_argnums='1'",
+    ),
+    (
+        "static_argnames given as an int",
+        lambda g, a: js.trace(flagged, jnp.ones(2), True, static_argnames=1),
+        js.TraceError,
+        r"static_argnames a str or a sequence of strs .* static_argnames=1$",
+    ),
+    (
         "unknown jacobian mode",
         lambda g, a: g.jacobian("z1", "z2", mode="sideways"),
         js.SliceError,
