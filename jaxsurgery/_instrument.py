@@ -2003,9 +2003,9 @@ def _is_stdlib_file(filename: str) -> bool:
 
 
 def is_user_function(fn: Any) -> bool:
-    """Whether ``fn`` is a plain function of the user's (not a library's, not ours),
-    which tracing runs rewritten."""
-    return _is_user_function(fn)
+    """Whether ``fn`` is a function of the user's (not a library's, not ours), or a
+    decorator's wrapper around one (``functools.wraps``), which tracing runs rewritten."""
+    return _is_user_function(fn) or _wrapped_user_function(fn) is not None
 
 
 def _is_user_function(fn: Any) -> bool:

@@ -5,6 +5,7 @@ compares slices between them with a hand-written reference made from the library
 own sub-modules (the zero-tangent semantics: everything else held fixed).
 """
 
+import functools
 import sys
 
 import equinox as eqx
@@ -841,7 +842,19 @@ class GatedUserCell(UserCell):  # (its __call__ inherited)
     pass
 
 
-@pytest.mark.parametrize("cell_type", [UserCell, GatedUserCell])
+def _passing(fn):  # a user's decorator
+    @functools.wraps(fn)
+    def passed(self, *args):
+        return fn(self, *args)
+
+    return passed
+
+
+class DecoratedUserCell(UserCell):
+    __call__ = _passing(UserCell.__call__)
+
+
+@pytest.mark.parametrize("cell_type", [UserCell, GatedUserCell, DecoratedUserCell])
 def test_a_user_cell_nnx_rnn_scans_is_rewritten_and_named_at_each_step(cell_type):
     """``nnx.RNN`` (library code) calls a user's cell: its ``__call__`` runs rewritten
     in a frame named by its path, ``rnn/cell/pre@t`` (it ran as it is, its values
@@ -859,6 +872,8 @@ def test_a_user_cell_nnx_rnn_scans_is_rewritten_and_named_at_each_step(cell_type
     assert "__call__" not in vars(GatedUserCell) and vars(UserCell)["__call__"].__module__ == (
         __name__
     )
+    assert vars(DecoratedUserCell)["__call__"].__name__ == "__call__"  # (the decorator's)
+    assert vars(DecoratedUserCell)["__call__"].__code__ is _passing(None).__code__
     h, pres = jnp.zeros((2, 4)), []  # by hand: the cell, step by step
     for t in range(5):
         pres.append(cell.ih(xs[:, t]) + cell.hh(h))
