@@ -427,18 +427,25 @@ def _user_modules_framed(
         if kind in found or not isinstance(value, nnx.Module):
             continue
         call = getattr(kind, "__call__", None)  # noqa: B004 (the class attribute)
-        if isinstance(call, types.FunctionType) and user(call):
+        if isinstance(call, types.FunctionType) and call not in _FRAMING and user(call):
             found[kind] = kind.__dict__.get("__call__"), call
     for kind, (_, call) in found.items():
-        kind.__call__ = _nnx_framed(call, framed)  # type: ignore[method-assign]
+        framing = _nnx_framed(call, framed)
+        _FRAMING.add(framing)  # (a library module inside it holding one too: framed once)
+        kind.__call__ = framing  # type: ignore[method-assign]
     try:
         yield
     finally:
         for kind, (own, _) in found.items():
+            _FRAMING.discard(kind.__dict__["__call__"])
             if own is None:  # inherited: the base's again
                 del kind.__call__
             else:
                 kind.__call__ = own  # type: ignore[method-assign]
+
+
+#: the wrappers :func:`_user_modules_framed` put in place, while they are
+_FRAMING: set[Callable] = set()
 
 
 def _itemized(
