@@ -59,7 +59,7 @@ from ._errors import SliceError
 #: a scan's values put in at no more than this many iterations (a slice's inputs) run
 #: those iterations one by one, as they are, plain scans between them (masked, the value
 #: an input replaces would still be computed there: see _Interpreter._spans)
-_FEW_ITERATIONS = 8
+_FEW_ITERATIONS = 16
 
 #: edits of a ``while_loop`` spanning fewer trips than this run those trips one by one
 #: (see ``_Interpreter._few_trips``); more run inside one loop that counts its trips
@@ -665,26 +665,51 @@ class _Interpreter:
             # NaN where its derivative is infinite, sqrt(0); run as it is, it is not)
             found = [(0, lo, None), (lo, length, pending)]
             return [(hi, length, None), (0, hi, pending)] if reverse else found
-        at = {p.steps[0].iteration for p in pending} if single else set()
-        if single and len(put_in) == len(pending) and len(at) <= _FEW_ITERATIONS:
-            # values put in at a few iterations: each runs as it is, plain scans between;
-            # so does the iteration before one put in as the carry entering it (the
-            # value it replaces, that iteration's result, is then not computed)
-            before = {
-                p.steps[0].iteration + (1 if reverse else -1)
-                for p in pending
-                if len(p.steps) == 1 and all(v in entries for v in p.edit.site.vars)
-            }
-            found, start = [], 0
-            for t in sorted(at | {t for t in before if 0 <= t < length}):
-                here = [p for p in pending if _span(p)[0] == t]
-                found += [(start, t, None), (t, t + 1, here)]
-                start = t + 1
-            found.append((start, length, None))
-        else:
+        found = self._around_inputs(length, reverse, pending, entries) if put_in else None
+        if found is None:
             found = [(0, lo, None), (lo, hi, pending), (hi, length, None)]
         found = found[::-1] if reverse else found
         return found if tail else found[:-1]
+
+    @staticmethod
+    def _around_inputs(
+        length: int, reverse: bool, pending: list[_Pending], entries: set[Any]
+    ) -> list[tuple[int, int, list[_Pending] | None]] | None:
+        """Spans (in iteration order) running the iterations values are put in at as
+        they are, with their edits, and so the iteration before one put in as the carry
+        entering it: the value put in replaces is not computed (masked, it would be, from
+        what the iteration reads, maybe another input: a zero cotangent times an
+        infinite derivative there, sqrt(0), makes that input's gradient NaN). Between
+        them: plain scans, or the span of the other edits there, masked. None where
+        that cannot be: values put in at many iterations, or over a range of them, or
+        another edit spanning one of those iterations (every iteration's patch)."""
+        put_in = [p for p in pending if _put_in(p.edit)]
+        at = {p.steps[0].iteration for p in put_in}
+        if not all(map(_one_iteration, put_in)) or len(at) > _FEW_ITERATIONS:
+            return None
+        at |= {
+            t
+            for p in put_in
+            if len(p.steps) == 1 and all(v in entries for v in p.edit.site.vars)
+            for t in (p.steps[0].iteration + (1 if reverse else -1),)
+            if 0 <= t < length
+        }
+        found: list[tuple[int, int, list[_Pending] | None]] = []
+        placed, start = 0, 0
+        for t in [*sorted(at), length]:
+            between = [p for p in pending if start <= _span(p)[0] and _span(p)[1] <= t]
+            if between:
+                a, b = min(_span(p)[0] for p in between), max(_span(p)[1] for p in between)
+                found += [(start, a, None), (a, b, between), (b, t, None)]
+            else:
+                found.append((start, t, None))
+            if t < length:
+                here = [p for p in pending if _span(p) == (t, t + 1)]
+                found.append((t, t + 1, here))
+                placed += len(here)
+            placed += len(between)
+            start = t + 1
+        return found if placed == len(pending) else None
 
     def _masked_scan(
         self,

@@ -268,6 +268,40 @@ def test_values_put_in_where_the_function_is_singular_give_finite_gradients(rows
         allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [(1185,), tuple(range(1160, 1180, 2))])
+def test_inputs_shielding_a_singular_value_give_zero_gradients_also_in_a_patched_graph(steps):
+    """Inputs ``a@t`` and ``r@t = sqrt(a@t)`` at steps where ``a`` is given negative:
+    ``a@t`` reaches the output only through ``r@t`` (shielded: gradient 0), also with
+    a patch at another step of the loop and at ten steps (the hunt's finds: NaN, the
+    iterations run masked, computing ``sqrt`` of the input)."""
+    n, d = 1200, 3
+    w = jax.random.normal(jax.random.key(0), (d, d)) * 0.3
+    xs = jax.random.uniform(jax.random.key(1), (n, d), minval=1.0, maxval=2.0)
+
+    def f(h0, xs):
+        def step(h, x):
+            a = w @ h + x
+            r = jnp.sqrt(a)
+            h_new = jnp.tanh(r) * 0.5 + 0.4 * h
+            return h_new, None
+
+        return jnp.sum(jax.lax.scan(step, h0, xs)[0])
+
+    g = js.trace(f, jnp.full((d,), 0.2), xs)
+    patched = [g.replace(f"step/h_new@{t}", lambda v: v * 1.5) for t in (600, 1195)]
+    for graph in (g, *patched):
+        names = [f"step/{v}@{t}" for t in steps for v in ("a", "r")]
+        values = [-jnp.ones(d) if n.startswith("step/a") else graph.value(n) for n in names]
+        s = graph.slice(names, "out")
+        allclose(s(values), graph.value("out"))
+        gradients = jax.grad(s)(values)
+        for name, gradient in zip(names, gradients):
+            if name.startswith("step/a"):
+                allclose(gradient, jnp.zeros(d))
+            else:
+                assert bool(jnp.isfinite(gradient).all()) and bool(jnp.any(gradient != 0))
+
+
 def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     model = nn.RNN(nn.OptimizedLSTMCell(8))
     xs = jax.random.normal(jax.random.key(4), (1, 400, 3))
