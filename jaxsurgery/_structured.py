@@ -596,10 +596,12 @@ class _Interpreter:
         the last run as plain scans (the context and the rest of a slice); only the
         edited span runs masked. Without ``tail``, the iterations after it do not run.
 
-        Where only values are put in (a slice's inputs, perturbations) and its stacked
-        results are read (``rows``), the edited span and the rest run as one scan,
-        selecting the values at their iterations: run alone, the rest's rows would be
-        concatenated with the span's (a copy of every row), for one iteration more."""
+        Where one value is put in (a slice's input), or only perturbations, and its
+        stacked results are read (``rows``), the edited span and the rest run as one
+        scan, selecting the values at their iterations: run alone, the rest's rows would
+        be concatenated with the span's (a copy of every row), for one iteration more.
+        Values put in at a few iterations run those iterations as they are (see
+        :meth:`_spans`)."""
         params = eqn.params
         length = params["length"]
         n_consts, n_carry = C.scan_layout(eqn)
@@ -1038,10 +1040,10 @@ def _rows_read(eqn: Any, jaxpr: Any) -> bool:
 
 def _selectable(edit: Edit) -> bool:
     """Whether a masked iteration may apply ``edit`` with a select (``where``): its new
-    value is one it reads (a slice's input) or the old one perturbed (``v + eps``), so
-    differentiating it where it is not active gives no NaN; other patches run in a
-    ``cond`` (sqrt at a negative value makes a NaN gradient, even times zero)."""
-    return edit.kind == "apply" and (edit.perturbation or not edit.fn.jaxpr.eqns)
+    value is one it reads (a slice's input) or the old one perturbed (``v + eps``),
+    which computes nothing where it is not active; other patches run in a ``cond``,
+    only where active (sqrt at a negative value makes a NaN gradient, even times zero)."""
+    return edit.kind == "apply" and (edit.perturbation or _put_in(edit))
 
 
 def _put_in(edit: Edit) -> bool:

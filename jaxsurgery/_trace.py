@@ -465,7 +465,7 @@ def _jit_statics(
     through a ``functools.partial``, a bound method or a decorator's wrapper, for
     ``target``'s parameters."""
     nums, names = _statics(nums, names)
-    if type(fn) is types.FunctionType and "__wrapped__" not in fn.__dict__:
+    if type(fn) is types.FunctionType and getattr(fn, "__wrapped__", None) is None:
         return tuple(nums), tuple(names)  # a plain function: no jit around it
     try:
         parameters = _signature(target).parameters
