@@ -181,7 +181,7 @@ def library_calls(
     ``self.query``) runs as ``framed(module)`` returns it, in a frame named by its
     attribute path, when there is one (see :func:`_nnx_framed`); while it runs, so does
     a module of the user's (its ``__call__`` a ``user`` function) that it holds (the
-    cell ``nnx.RNN`` scans, a user's: see :func:`_user_modules_framed`).
+    cell ``nnx.RNN`` scans, a user's: see :func:`_framing`).
 
     A container's ``layers`` are swapped for named items during its own call and put
     back after it (the container object is otherwise untouched); the classes are
@@ -401,27 +401,21 @@ def _nnx_framed(
         run = framed(self)
         if run is not None:
             return run(*args, **kwargs)
-        if user is None:
+        held = _user_module_classes(self, user) if user is not None else None
+        if not held:
             return original(self, *args, **kwargs)
-        with _user_modules_framed(self, framed, user):
+        with _framing(held, framed):
             return original(self, *args, **kwargs)
 
     return library_module_call
 
 
-@contextlib.contextmanager
-def _user_modules_framed(
-    module: Any, framed: Callable[[Any], Callable | None], user: Callable[[Any], bool]
-) -> Iterator[None]:
-    """While a library NNX module runs: the classes of the user modules it holds
-    (``nnx.RNN``'s ``cell``, a user's), whose ``__call__`` (a ``user`` function) library
-    code calls, run them as :func:`_nnx_framed` does, in a frame named by their path
-    (also the copies an NNX transform makes of them: ``nnx.RNN`` scans a copy). The
-    frame runs the user's ``__call__`` rewritten (the wrapper is a decorator's, whose
-    wrapped function a frame swaps for its rewritten copy); the classes are put back
-    after the call."""
+def _user_module_classes(module: Any, user: Callable[[Any], bool]) -> dict[type, tuple]:
+    """The classes of the user modules a library NNX module holds (``nnx.RNN``'s
+    ``cell``, a user's), whose ``__call__`` is a ``user`` function that library code
+    calls: ``{class: (its own __call__ or None: inherited, the one it runs)}``."""
     nnx = _nnx()
-    found: dict[type, tuple[Any, Callable]] = {}  # class: (its own __call__ or None, the one run)
+    found: dict[type, tuple] = {}
     for value in vars(module).values():
         kind = type(value)
         if kind in found or not isinstance(value, nnx.Module):
@@ -429,22 +423,33 @@ def _user_modules_framed(
         call = getattr(kind, "__call__", None)  # noqa: B004 (the class attribute)
         if isinstance(call, types.FunctionType) and call not in _FRAMING and user(call):
             found[kind] = kind.__dict__.get("__call__"), call
-    for kind, (_, call) in found.items():
+    return found
+
+
+@contextlib.contextmanager
+def _framing(held: dict[type, tuple], framed: Callable[[Any], Callable | None]) -> Iterator[None]:
+    """While a library NNX module runs: the classes of the user modules it holds
+    (:func:`_user_module_classes`) run them as :func:`_nnx_framed` does, in a frame
+    named by their path (also the copies an NNX transform makes of them: ``nnx.RNN``
+    scans a copy). The frame runs the user's ``__call__`` rewritten (the wrapper is a
+    decorator's, whose wrapped function a frame swaps for its rewritten copy); the
+    classes are put back after the call."""
+    for kind, (_, call) in held.items():
         framing = _nnx_framed(call, framed)
         _FRAMING.add(framing)  # (a library module inside it holding one too: framed once)
         kind.__call__ = framing  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for kind, (own, _) in found.items():
-            _FRAMING.discard(kind.__dict__["__call__"])
+        for kind, (own, _) in held.items():
+            _FRAMING.discard(kind.__dict__.get("__call__"))
             if own is None:  # inherited: the base's again
                 del kind.__call__
             else:
                 kind.__call__ = own  # type: ignore[method-assign]
 
 
-#: the wrappers :func:`_user_modules_framed` put in place, while they are
+#: the wrappers :func:`_framing` put in place, while they are
 _FRAMING: set[Callable] = set()
 
 
