@@ -1366,7 +1366,7 @@ def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     ``Net/Block_0/helper/y``; the frame's results are named by the module's scope,
     not by it. Library code, and every method while nothing is traced, runs as it is."""
     recorder = _current()
-    user = _is_user_function(method) or _wrapped_user_function(method) is not None
+    user = is_user_function(method)
     if recorder is None or not user:
         return method(module, *args, **kwargs)
     run, _ = rewritten(method)
@@ -2055,7 +2055,7 @@ def rewritten(fn: Any) -> tuple[Any, str | None]:
     if (
         not isinstance(fn, (types.FunctionType, types.MethodType))
         and is_jit(call)
-        and (_is_user_function(call.__wrapped__) or _wrapped_user_function(call.__wrapped__))
+        and is_user_function(call.__wrapped__)
     ):  # a jitted __call__, traced (or transformed) itself: its function, as _unwrap's
         body, reason = rewritten(call.__wrapped__)
         if isinstance(inspect.getattr_static(type(fn), "__call__"), staticmethod):
