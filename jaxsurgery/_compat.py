@@ -244,7 +244,10 @@ def rejit(fn: Any, fun: Any) -> Any:
         "static_argnums": info.static_argnums,
         "static_argnames": info.static_argnames,
         "keep_unused": info.keep_unused,
-        "inline": info.inline,
+        # a jit inlined when traced (jax 0.10's inline=True) stays a call in the traced
+        # program, which the index inlines: its body's vars are the program's, and the
+        # copies of its calls are told apart (inlined by JAX, its names named nothing)
+        "inline": False if inlined_when_traced(fn) else info.inline,
     }
     for kind in ("in", "out"):
         leaves = getattr(info, f"{kind}_shardings_leaves")

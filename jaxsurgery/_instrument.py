@@ -2238,11 +2238,7 @@ _JITTED: weakref.WeakKeyDictionary[Any, _Jitted] = weakref.WeakKeyDictionary()
 
 
 def _jitted(fn: Any) -> _Jitted | None:
-    """The rewritten twin of a ``jax.jit``-ed user function (cached per function), or None.
-
-    A jit inlined when traced leaves no call equation to tell its calls apart by, so it
-    gets a new twin per call, whose body runs each time.
-    """
+    """The rewritten twin of a ``jax.jit``-ed user function (cached per function), or None."""
     inner = getattr(fn, "__wrapped__", None)
     if not is_jit(fn) or not (
         _user_callable(inner)
@@ -2254,8 +2250,6 @@ def _jitted(fn: Any) -> _Jitted | None:
         return None
     if library_rejit(fn) is False:  # a library's jit made so that it cannot be remade
         return None
-    if C.inlined_when_traced(fn):
-        return _Jitted(fn, cached=False)
     try:
         found = _JITTED.get(fn)
         if found is None:

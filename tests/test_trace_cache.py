@@ -288,6 +288,7 @@ def test_a_jit_inlined_when_traced_still_names_its_calls():
         h = jnp.sin(h) + 1.0
         allclose(g.value(f"shift#{k}"), h)
         assert g[f"shift#{k}"] is g[f"x#{k + 1}"]
+        assert g[f"shift#{k}/s"] is g[f"shift#{k}"]  # its body's names, per call
 
 
 def test_fresh_closures_keep_their_own_signature():
