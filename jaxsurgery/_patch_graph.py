@@ -214,7 +214,9 @@ def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]])
                 f"the patch of {name!r} is inside the call "
                 f"{call!r}, which has a custom derivative rule (custom_jvp/custom_vjp): the "
                 "patched function runs the call's body, so its derivatives there are the "
-                "body's, not the rule's; patch the call's result to keep the rule"
+                "body's, not the rule's (a while_loop there, as in diffrax's solver loop, "
+                "then has no reverse mode: jax.grad of it fails); patch the call's result "
+                "to keep the rule"
             )
     notes = list(dict.fromkeys(notes))
     for note in notes:

@@ -39,8 +39,8 @@ from . import _compat as C
 
 
 def dropped_derivatives(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> list[str]:
-    """Notes for the ``custom_jvp`` calls of ``jaxpr`` (top level, and inside calls)
-    whose rule ignores the tangent of an operand they return as it is, when that
+    """Notes for the ``custom_jvp`` calls of ``jaxpr`` (top level, and inside calls,
+    loop bodies and ``cond`` branches: a stage loop inside a solver loop) whose rule ignores the tangent of an operand they return as it is, when that
     operand is computed from ``inputs``, the result reaches the outputs, and some
     output's derivative with respect to some input is zero for every argument (JAX's
     linearization of the jaxpr never reads that input's tangent there)."""
@@ -90,7 +90,55 @@ def _walk(jaxpr: C.Jaxpr, dependent: set[Any], live: set[Any], notes: list[str])
             body = C.called_jaxpr(eqn).jaxpr
             wanted = [o for o, v in zip(body.outvars, eqn.outvars) if v in live]
             _walk(body, {v for v, r in zip(body.invars, reads) if r}, _live(body, wanted), notes)
+        else:
+            for body, ins, outs in _bodies(eqn, reads, [v in live for v in eqn.outvars]):
+                _walk(body, ins, _live(body, outs), notes)
         dependent.update(v for v in eqn.outvars if not isinstance(v, C.DropVar))
+
+
+def _bodies(
+    eqn: C.JaxprEqn, reads: list[bool], live: list[bool]
+) -> list[tuple[C.Jaxpr, set[Any], list[Any]]]:
+    """``(jaxpr, its vars computed from the inputs, its live results)`` of each body of
+    a ``scan`` or ``while`` equation and each branch of a ``cond``, from which of its
+    operands are computed from the inputs (``reads``) and which results are live. A
+    carry computed from the inputs in one iteration is in every later one, and a carry
+    a live result is computed from is live in every earlier one (both found by
+    iterating until nothing changes, at most once per carry)."""
+    name = eqn.primitive.name
+    if name == "cond":  # operands: the index, then every branch's
+        return [
+            (b.jaxpr, {v for v, r in zip(b.jaxpr.invars, reads[1:]) if r}, _picked(b.jaxpr, live))
+            for b in eqn.params["branches"]
+        ]
+    if name == "scan":  # operands: consts, carry, xs; results: carry, ys
+        body = eqn.params["jaxpr"].jaxpr
+        n_consts, n_carry = C.scan_layout(eqn)
+        dep, wanted = list(reads), list(live)
+    elif name == "while":  # operands: the test's consts, the body's consts, carry
+        body = eqn.params["body_jaxpr"].jaxpr
+        n_consts, n_carry = eqn.params["body_nconsts"], len(eqn.outvars)
+        dep = reads[eqn.params["cond_nconsts"] :]
+        wanted = list(live)
+    else:
+        return []
+    carry_in = body.invars[n_consts : n_consts + n_carry]
+    while True:
+        ins = {v for v, r in zip(body.invars, dep) if r}
+        reached = _reached_from(body, ins)
+        used = _live(body, _picked(body, wanted))
+        grown = [j for j in range(n_carry) if not dep[n_consts + j] and body.outvars[j] in reached]
+        needed = [j for j in range(n_carry) if not wanted[j] and carry_in[j] in used]
+        if not grown and not needed:
+            return [(body, ins, _picked(body, wanted))]
+        for j in grown:
+            dep[n_consts + j] = True
+        for j in needed:
+            wanted[j] = True
+
+
+def _picked(jaxpr: C.Jaxpr, live: list[bool]) -> list[Any]:
+    return [o for o, keep in zip(jaxpr.outvars, live) if keep]
 
 
 def _zero_somewhere(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> bool:
@@ -124,10 +172,11 @@ def _zero_somewhere(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> bool:
     except Exception:  # noqa: BLE001  (not linearizable: the notes stand)
         return True
     tangents = traced.jaxpr.invars[len(every) :]
+    made = [_reached_from(traced.jaxpr, {t}) for t in tangents]
     for k in outs:
-        read = _live(traced.jaxpr, [traced.jaxpr.outvars[k]])
-        out = jaxpr.outvars[k]
-        if any(out in reached[v] and t not in read for v, t in zip(ins, tangents)):
+        tangent, out = traced.jaxpr.outvars[k], jaxpr.outvars[k]
+        unread = [not isinstance(tangent, C.Var) or tangent not in m for m in made]
+        if any(out in reached[v] and u for v, u in zip(ins, unread)):
             return True
     return False
 
@@ -138,11 +187,59 @@ def _inexact(v: Any) -> bool:
 
 def _reached(jaxpr: C.Jaxpr, source: Any) -> set[Any]:
     """The vars of ``jaxpr`` computed from ``source`` (and ``source``)."""
-    reached = {source}
+    return _reached_from(jaxpr, {source})
+
+
+def _reached_from(jaxpr: C.Jaxpr, sources: set[Any]) -> set[Any]:
+    """The vars of ``jaxpr`` computed from any of ``sources`` (and ``sources``).
+
+    An equation's results are computed from all its operands, except those of calls,
+    loops and conditionals, whose bodies say which results (a loop's linearization
+    carries every tangent, zeros a rule made included, but reads only some)."""
+    reached = set(sources)
     for eqn in jaxpr.eqns:
-        if any(isinstance(a, C.Var) and a in reached for a in eqn.invars):
-            reached.update(eqn.outvars)
+        reads = [isinstance(a, C.Var) and a in reached for a in eqn.invars]
+        if any(reads):
+            outs = _results_reached(eqn, reads)
+            reached.update(v for v, r in zip(eqn.outvars, outs) if r)
     return reached
+
+
+def _results_reached(eqn: C.JaxprEqn, reads: list[bool]) -> list[bool]:
+    """Which results of ``eqn`` are computed from the operands ``reads`` marks."""
+    name = eqn.primitive.name
+    every = [True] * len(eqn.outvars)
+    if name in C.CALL_PRIMITIVES and name not in C.CUSTOM_RULE_PRIMITIVES:
+        body = C.called_jaxpr(eqn).jaxpr
+        reached = _reached_from(body, {v for v, r in zip(body.invars, reads) if r})
+        return [isinstance(o, C.Var) and o in reached for o in body.outvars]
+    if name == "cond":
+        if reads[0]:  # the index: every result
+            return every
+        found = [False] * len(eqn.outvars)
+        for b in eqn.params["branches"]:
+            reached = _reached_from(b.jaxpr, {v for v, r in zip(b.jaxpr.invars, reads[1:]) if r})
+            found = [
+                f or (isinstance(o, C.Var) and o in reached) for f, o in zip(found, b.jaxpr.outvars)
+            ]
+        return found
+    if name == "while" and any(reads[: eqn.params["cond_nconsts"]]):
+        return every  # what decides the trips
+    bodies = _bodies(eqn, reads, every)
+    if not bodies:
+        return every
+    body, ins, _ = bodies[0]
+    reached = _reached_from(body, ins)
+    found = [isinstance(o, C.Var) and o in reached for o in body.outvars]
+    if name == "while":  # what the test reads decides every result
+        test = eqn.params["cond_jaxpr"].jaxpr
+        n_test = eqn.params["cond_nconsts"]
+        decided = _reached_from(test, {v for v, r in zip(test.invars[n_test:], found) if r})
+        if any(isinstance(o, C.Var) and o in decided for o in test.outvars):
+            return every
+    # (a loop that runs no trip passes its carry on: judged as running at least one,
+    # where the value a slice or gradient is taken at exists)
+    return found
 
 
 def _forwarded(body: C.Jaxpr, out: Any) -> int | None:
@@ -193,6 +290,6 @@ def _note(eqn: C.JaxprEqn) -> str:
         "rule ignores the tangent of a value it passes on, which the slice computes from "
         "its inputs. A stop-gradient means that; a rule that differentiates a loop run "
         "before it (equinox's checkpointed while_loop: diffrax's default adjoint) does "
-        "not see values inside that loop: use diffrax.ForwardMode() or "
-        "diffrax.DirectAdjoint() there, or cut at the loop's inputs"
+        "not see values inside that loop: differentiate with diffrax.ForwardMode() "
+        "there, or cut at the loop's inputs"
     )

@@ -127,6 +127,48 @@ def test_a_zero_gradient_a_custom_rule_gives_inside_the_solver_loop_is_a_warning
         monitor(Y0, THETA * 0.5)  # warned already
 
 
+def test_a_stage_loop_inside_the_solver_loop_says_when_its_rule_drops_the_derivative():
+    """BacksolveAdjoint runs Heun's stages in equinox's checkpointed while_loop inside
+    the solver loop, whose custom_jvp rule differentiates the stage loop from its inputs:
+    a value inside it (stage 1 of step 3) gets a zero derivative. The slice's notes and
+    g.grads say so (the rule's call is inside the solver loop's body, which they did not
+    look into); forward mode differentiates the stages themselves."""
+
+    def solve_with(adjoint):
+        def solve(y0, theta):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, k: js.tag(-k * y + jnp.sin(t), "dy")),
+                diffrax.Heun(), 0.0, 1.0, 0.1, y0, args=theta,
+                saveat=diffrax.SaveAt(t1=True), max_steps=16, adjoint=adjoint,
+            )  # fmt: skip
+            return jnp.sum(sol.ys**2)
+
+        return solve
+
+    def by_hand(k1_at_3):  # Heun's steps written out, stage 1 of step 3 replaced
+        y = Y0
+        for step in range(10):
+            t = jnp.float32(step * 0.1)
+            k0 = -THETA * y + jnp.sin(t)
+            k1 = -THETA * (y + 0.1 * k0) + jnp.sin(t + jnp.float32(0.1))
+            y = y + 0.05 * (k0 + (k1_at_3 if step == 3 else k1))
+        return jnp.sum(y**2)
+
+    g = js.trace(solve_with(diffrax.BacksolveAdjoint()), Y0, THETA)
+    s = g.slice("dy@3@1", "out")
+    k1 = g.value("dy@3@1")
+    allclose(s(k1), by_hand(k1), rtol=1e-5)  # the values are right
+    assert any("ignores the tangent" in n for n in s.notes), s.notes
+    allclose(jax.jvp(s, (k1,), (jnp.ones(2),))[1], jnp.zeros(()))  # what the rule gives
+    with pytest.warns(UserWarning, match="ignores the tangent"):
+        allclose(g.grads("out", ["dy@3@1"])["dy@3@1"], jnp.zeros(2))
+    g = js.trace(solve_with(diffrax.ForwardMode()), Y0, THETA)
+    s = g.slice("dy@3@1", "out")
+    assert not any("ignores the tangent" in n for n in s.notes), s.notes
+    k1, tangent = g.value("dy@3@1"), jnp.array([1.0, -2.0])
+    allclose(jax.jvp(s, (k1,), (tangent,)), jax.jvp(by_hand, (k1,), (tangent,)), rtol=1e-5)
+
+
 def test_values_at_each_stage_of_a_runge_kutta_step_are_named():
     """A Runge-Kutta step runs its stages in a while_loop inside the solver's loop: with
     a fixed number of stages (Heun's 2, counted from a literal) they are named

@@ -1,5 +1,7 @@
 """g.grads: every layer's dL/dz in one backward pass, equal to separate VJPs."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -357,3 +359,78 @@ def test_grads_inside_a_custom_vjp_around_a_while_loop_say_why_the_rule_does_not
     with pytest.raises(js.SliceError, match="unless a custom_vjp rule around the loop"):
         g.grads("out", ["sqrt_newton/body/x_new@1"])
     allclose(jax.grad(f)(a), 1 / jnp.sqrt(a), rtol=1e-3)  # the rule answers for the loop
+
+
+@jax.custom_jvp
+def frozen(x):
+    """The identity, whose rule drops the derivative (a custom_jvp stop-gradient)."""
+    return x
+
+
+frozen.defjvp(lambda primals, tangents: (primals[0], jnp.zeros_like(primals[0])))
+
+
+@jax.custom_jvp
+def soft(x):
+    """softplus, whose rule differentiates it (drops nothing)."""
+    return jnp.logaddexp(x, 0.0)
+
+
+soft.defjvp(lambda primals, tangents: (soft(primals[0]), jax.nn.sigmoid(primals[0]) * tangents[0]))
+
+
+def looped(rule, kind):
+    """A loop of 8 steps whose body passes its value through ``rule``, as a scan or as
+    a while_loop (a fori_loop with a traced bound)."""
+
+    def step(c, x):
+        h = rule(jnp.sin(c + x))
+        o = h * 2.0
+        return o
+
+    def f(c0, xs, n):
+        if kind == "scan":
+            return jax.lax.scan(lambda c, x: (step(c, x), None), c0, xs)[0].sum()
+        return jax.lax.fori_loop(0, n, lambda t, c: step(c, xs[t]), c0).sum()
+
+    return f
+
+
+@pytest.mark.parametrize("kind", ["scan", "while"])
+def test_a_rule_dropping_a_derivative_in_a_later_iteration_is_said(kind):
+    """A slice input or a gradient at iteration 3 reaches the output through the later
+    iterations, where the body's custom_jvp rule drops the derivative: the derivative
+    is zero, as the rule says, and the slice's notes and g.grads say why (they looked
+    at the top level of the loop around the input only)."""
+    f = looped(frozen, kind)
+    c0, xs, n = jnp.ones(2), jnp.linspace(0.0, 1.0, 16).reshape(8, 2), 8
+    g = js.trace(f, c0, xs, n)
+    name = (
+        "step/o@3"
+        if kind == "scan"
+        else next(n for n in g.select("**/o@*").names if n.endswith("o@3"))
+    )
+    s = g.slice(name, "out")
+    assert any("'frozen' is zero" in note for note in s.notes), s.notes
+    o3 = g.value(name)
+    allclose(jax.jvp(s, (o3,), (jnp.ones(2),))[1], jnp.zeros(()))
+    if kind == "scan":  # (JAX has no reverse mode for a while_loop)
+        with pytest.warns(UserWarning, match="'frozen' is zero"):
+            allclose(g.grads("out", [name])[name], jnp.zeros(2))
+    # a rule that differentiates: no note, no warning, the derivative of the loop
+    g = js.trace(looped(soft, kind), c0, xs, n)
+    s = g.slice(name, "out")
+    assert not any("is zero" in note for note in s.notes), s.notes
+
+    def by_hand(o):  # iterations 4..7 written out
+        c = o
+        for t in range(4, 8):
+            c = soft(jnp.sin(c + xs[t])) * 2.0
+        return c.sum()
+
+    o3, tangent = g.value(name), jnp.array([1.0, -2.0])
+    allclose(jax.jvp(s, (o3,), (tangent,)), jax.jvp(by_hand, (o3,), (tangent,)), rtol=1e-5)
+    if kind == "scan":  # (JAX has no reverse mode for a while_loop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            allclose(g.grads("out", [name])[name], jax.grad(by_hand)(o3), rtol=1e-5)
