@@ -811,6 +811,21 @@ def _no_match(
                 f"no var named {label}: {base!r} is inside a loop of {n} iterations"
                 f"{around}, 0 .. {n - 1} ({first!r} .. {last!r})"
             )
+        # a loop the index unrolled (a short while_loop): the iterations it ran
+        outer, _, last_it = word.rpartition("@")
+        if last_it.isdigit():
+            present = sorted(
+                int(n[len(outer) + 1 :])
+                for n in graph._names.lookup
+                if n.startswith(outer + "@") and n[len(outer) + 1 :].isdigit()
+            )
+            if present and not present[0] <= int(last_it) <= present[-1]:
+                first, last = (f"{outer}@{t}" for t in (present[0], present[-1]))
+                return SelectionError(
+                    f"no var named {label}: {outer!r} is named at iterations "
+                    f"{present[0]} .. {present[-1]} of its loop, those it ran when traced "
+                    f"({first!r} .. {last!r})"
+                )
     if word is not None and "@" not in word:
         iterations = sorted(
             (

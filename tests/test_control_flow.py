@@ -292,6 +292,13 @@ def test_a_while_loop_of_many_trips_of_a_small_body_is_unrolled_for_reverse_mode
     )
     allclose(jax.grad(s)(x390), jax.grad(rest)(x390))
     allclose(g.vjp("body/x_new@390", "out", jnp.float32(1.0))[1], jax.grad(rest)(x390))
+    # past the trips it ran: the iterations it has, as for a loop the index keeps whole
+    with pytest.raises(
+        js.SelectionError,
+        match=r"'body/x_new' is named at iterations 0 \.\. 399 of its loop, those it ran "
+        r"when traced \('body/x_new@0' \.\. 'body/x_new@399'\)",
+    ):
+        g["body/x_new@400"]
 
 
 def test_a_library_check_after_a_cut_loop_does_not_hide_the_path_error():
