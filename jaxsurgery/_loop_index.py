@@ -421,40 +421,43 @@ class LoopIndex:
         """Virtual vars with a name ``pattern`` fully matches (every iteration tried)."""
         found = []
         prefix, asked = _literal_prefix(pattern), _asked_iterations(pattern)
+
+        def add(base: str, tmpl: Template) -> None:
+            n = self._known_length(tmpl, base)
+            for t in _candidates(tmpl, n, asked):
+                name = tmpl.name(base, t)
+                if pattern.fullmatch(name):
+                    found.append((self.var(tmpl, t, base), name))
+
         for base, tmpls in self.names.items():
-            if not (base + "@").startswith(prefix[: len(base) + 1]):
-                continue  # (cheap: a body value has a name per scope it is in)
-            for tmpl in tmpls:
-                loop = self.graph._program.folded[tmpl.loop]
-                n = self.length(loop, need=True)
-                if n is None:
-                    why = (
-                        "the graph was traced with abstract arguments"
-                        if self.graph._flat_args is None
-                        else f"it runs more than {MAX_TRIPS} times or reads values the "
-                        "index does not hold"
-                    )
-                    raise SelectionError(
-                        f"the selector would match every iteration of the while_loop "
-                        f"holding {base!r}, whose trip count is not known ({why}); name "
-                        f"one iteration, e.g. {tmpl.name(base, 0)!r}"
-                    )
-                for t in _candidates(tmpl, n, asked):
-                    name = tmpl.name(base, t)
-                    if pattern.fullmatch(name):
-                        found.append((self.var(tmpl, t, base), name))
+            if (base + "@").startswith(prefix[: len(base) + 1]):
+                for tmpl in tmpls:  # (cheap: a body value has a name per scope it is in)
+                    add(base, tmpl)
         if pattern.pattern.startswith("loop"):  # body values by place, loop<k>%<i>
             for k, loop in enumerate(self.graph._program.folded):
-                n = self.length(loop) or 0
                 template = loop.template
                 for ti in range(len(template.vars)):
                     base = unnamed_base(k, ti)
-                    tmpl = Template(k, ti, _inner(template, ti), loop.iterations)
-                    for t in range(n):
-                        name = tmpl.name(base, t)
-                        if pattern.fullmatch(name):
-                            found.append((self.var(tmpl, t, base), name))
+                    if (base + "@").startswith(prefix[: len(base) + 1]):
+                        add(base, Template(k, ti, _inner(template, ti), loop.iterations))
         return found
+
+    def _known_length(self, tmpl: Template, base: str) -> int:
+        """How many times the loop holding ``tmpl`` runs (a while_loop's trips found by
+        running it, the first time), or a SelectionError saying why that is not known."""
+        n = self.length(self.graph._program.folded[tmpl.loop], need=True)
+        if n is None:
+            why = (
+                "the graph was traced with abstract arguments"
+                if self.graph._flat_args is None
+                else f"it runs more than {MAX_TRIPS} times or reads values the index does not hold"
+            )
+            raise SelectionError(
+                f"the selector would match every iteration of the while_loop holding "
+                f"{base!r}, whose trip count is not known ({why}); name one iteration, e.g. "
+                f"{tmpl.name(base, 0)!r}"
+            )
+        return n
 
     def var(self, tmpl: Template, t: int, base: str | None = None) -> Var:
         """The var holding template var ``tmpl`` at iteration ``t``.

@@ -430,6 +430,20 @@ def test_a_trip_past_a_folded_while_loops_end_is_refused_before_any_value_is_ask
     allclose(g.value(f"body/h_new@{trips - 1}"), refine_by_hand(x, trips), rtol=1e-5)
 
 
+def test_a_glob_over_a_folded_while_loops_unnamed_values_counts_its_trips_first():
+    """A body value nothing names (a library's loop: NUTS's) answers to loop<k>%<i>@t;
+    a glob over its trips counts them, in a fresh graph too (it matched nothing until
+    an exact name had counted them)."""
+    x = jnp.array([2.0, -1.0, 0.5])
+    counted = js.trace(refine, x, 1e-4)
+    trips = len(counted.select("body/h_new@*"))
+    assert counted["loop0%2@1"].name == "loop0%2@1"  # sin(h), unnamed
+    g = js.trace(refine, x, 1e-4)  # fresh: the trips not counted yet
+    found = g.select("loop0%2@*")
+    assert found.names == tuple(f"loop0%2@{t}" for t in range(trips))
+    allclose(g.value(found[1]), jnp.sin(refine_by_hand(x, 1)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
     """``g.value("step/...@t")`` runs the scan once and keeps each body value's rows: any
