@@ -684,7 +684,12 @@ class _Interpreter:
         infinite derivative there, sqrt(0), makes that input's gradient NaN). Between
         them: plain scans, or the span of the other edits there, masked. None where
         that cannot be: values put in at many iterations, or over a range of them, or
-        another edit spanning one of those iterations (every iteration's patch)."""
+        another edit spanning one of those iterations (every iteration's patch).
+
+        The iterations of a few patches run as they are too: what a patch cuts off from
+        the inputs (a carry replaced by a constant) is then known after it, so a slice
+        to a value inside the loop after it says it depends on no input, as a flat cut
+        does (masked with the iterations after it, the loop carried the inputs on)."""
         put_in = [p for p in pending if _put_in(p.edit)]
         at = {p.steps[0].iteration for p in put_in}
         if not all(map(_one_iteration, put_in)) or len(at) > _FEW_ITERATIONS:
@@ -696,6 +701,13 @@ class _Interpreter:
             for t in (p.steps[0].iteration + (1 if reverse else -1),)
             if 0 <= t < length
         }
+        patched = {
+            p.steps[0].iteration
+            for p in pending
+            if p.edit.kind == "apply" and not _put_in(p.edit) and _one_iteration(p)
+        }
+        if len(at | patched) <= _FEW_ITERATIONS:
+            at |= patched
         found: list[tuple[int, int, list[_Pending] | None]] = []
         placed, start = 0, 0
         for t in [*sorted(at), length]:

@@ -132,6 +132,18 @@ def test_a_value_cut_off_by_a_patch_has_no_effect_past_it(setup):
     allclose(out, patched.value("h_last"))
     allclose(tangent, jnp.zeros(4))
     allclose(s(h3 + 1.0), out)
+    # so for values inside the loop after the patch (masked with the iterations after
+    # the input, the loop carried it on: a slice of zero derivative, no error)
+    for inside in ("step/h_new@500", "step/h@700", ["step/h_new@11", "h_last"]):
+        with pytest.raises(js.SliceError, match="does not depend on any input"):
+            patched.slice("step/h_new@3", inside)
+        s = patched.slice("step/h_new@3", inside, allow_unconnected=True)
+        out, tangent = jax.jvp(s, (h3,), (jnp.ones(4),))
+        allclose(out, patched.value(inside))
+        allclose(tangent, jax.tree.map(jnp.zeros_like, out))
+    # before the patch the output still depends on the input
+    s = patched.slice("step/h_new@3", "step/h_new@9")
+    assert float(jnp.abs(jax.jvp(s, (h3,), (jnp.ones(4),))[1]).sum()) > 0
     # a value-patch experiment on the patched graph: both patches apply
     again = patched.patch_fn("step/h_new@20")
 
