@@ -96,6 +96,9 @@ class Found:
     rewritten: list[str] = field(default_factory=list)
     #: whether the graph patched a folded loop's body (its index shows it as traced)
     patched_bodies: bool = False
+    #: occurrences whose output this graph patched (``h.unpatched``: g.rewrite or
+    #: g.replace there), which the program no longer reads: not matched
+    replaced: list[str] = field(default_factory=list)
 
     def missed(self) -> str | None:
         """Why a pattern occurring nowhere may have been expected to (None: no clue):
@@ -126,6 +129,12 @@ class Found:
     def patched(self) -> str | None:
         """What a graph whose loop bodies hold patches says of them (None: none)."""
         said = []
+        if self.replaced:
+            said.append(
+                f"the pattern {self.label!r} occurred at {short_list(self.replaced, 4)}, "
+                "the value before a patch of this graph (g.rewrite, g.replace): the program "
+                "reads what the patch computes, so it is not matched again"
+            )
         if self.rewritten:
             said.append(
                 f"the pattern {self.label!r} occurred at {short_list(self.rewritten, 4)}, in "
@@ -227,7 +236,10 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     pattern = traced_pattern(pattern_fn, *args)
     near: list = []
     states = _find(pattern, graph._program, near)
-    found = tuple(_as_match(graph, pattern, state) for state in states)
+    every = [_as_match(graph, pattern, state) for state in states]
+    # (an output the graph patched: the program reads the patch, the pattern is gone)
+    gone = [m for m in every if any(v.index in graph._unpatched for v in m.outputs)]
+    found = tuple(m for m in every if m not in gone)
     in_bodies = in_folded_bodies(graph, pattern, near)
     elsewhere = _hidden(pattern, graph._program, top=True)
     label = getattr(pattern_fn, "__name__", repr(pattern_fn))
@@ -258,6 +270,7 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
         missed,
         rewritten,
         bool(patched),
+        [v.name for m in gone for v in m.outputs],
     )
 
 
@@ -454,20 +467,28 @@ def rewrite(
 
     found = find(graph, pattern_fn, *args)
     in_bodies, in_body_targets = body_edits(graph, found, replacement_fn)
-    if not found.matches and not in_bodies:
+    # what an earlier patch computes (a replacement's own tanh) has no place to edit
+    inside = [m for m in found.matches if any(graph._site(v.index) is None for v in m.outputs)]
+    matches = tuple(m for m in found.matches if m not in inside)
+    in_patches = (
+        f"the pattern {found.label!r} occurs at "
+        f"{short_list([v.name for m in inside for v in m.outputs], 4)}, inside what a patch "
+        "of this graph computes (g.rewrite, g.replace), which g.rewrite does not change"
+        if inside
+        else None
+    )
+    if not matches and not in_bodies:
         raise SliceError(
-            found.unchanged()
-            or found.patched()
+            "; ".join(m for m in (found.patched(), in_patches) if m)
+            or found.unchanged()
             or found.missed()
             or f"the pattern {found.label!r} matches nothing in this graph; check it "
             "with g.match(...) first"
         )
-    outputs = [*(v for m in found.matches for v in m.outputs), *in_body_targets]
+    outputs = [*(v for m in matches for v in m.outputs), *in_body_targets]
     warn_if_differentiated(graph, outputs, "g.rewrite")
-    edits, in_trips, per_trip = every_trip(
-        graph, rewrite_edits(graph, found.matches, replacement_fn)
-    )
-    unchanged = found.unchanged()
+    edits, in_trips, per_trip = every_trip(graph, rewrite_edits(graph, matches, replacement_fn))
+    unchanged = "; ".join(m for m in (found.unchanged(), in_patches) if m) or None
     if per_trip:
         unchanged = (f"{unchanged}; " if unchanged else "") + (
             f"{short_list(per_trip, 4)} are in the trips of a while_loop the index "
