@@ -40,7 +40,8 @@ from . import _compat as C
 
 def dropped_derivatives(jaxpr: C.Jaxpr, inputs: Sequence[Any]) -> list[str]:
     """Notes for the ``custom_jvp`` calls of ``jaxpr`` (top level, and inside calls,
-    loop bodies and ``cond`` branches: a stage loop inside a solver loop) whose rule ignores the tangent of an operand they return as it is, when that
+    loop bodies and ``cond`` branches: a stage loop inside a solver loop) whose rule
+    ignores the tangent of an operand they return as it is, when that
     operand is computed from ``inputs``, the result reaches the outputs, and some
     output's derivative with respect to some input is zero for every argument (JAX's
     linearization of the jaxpr never reads that input's tangent there)."""
