@@ -244,9 +244,10 @@ def run(args: argparse.Namespace) -> None:
             if args.slice
             else None
         )
-    except js.SliceError as e:  # its fix, as this command line spells it
+    except (js.SliceError, js.SelectionError) as e:  # its fix, as this command line spells it
         said = str(e).replace("pass allow_unconnected=True", "pass --allow-unconnected")
-        raise js.SliceError(said) from None
+        said = said.replace("g.names() lists all", "the table, without --slice, lists all")
+        raise type(e)(said) from None
     print(graph)
     if highlight is not None:
         print(repr(highlight))

@@ -464,15 +464,15 @@ def _many(graph: Graph, selector: Any) -> dict[int, str]:
         return hits
     if isinstance(selector, Selection):
         return {_own(graph, v).index: m for v, m in zip(selector, selector.matched)}
-    if isinstance(selector, (list, tuple)):
+    if isinstance(selector, (list, tuple, dict)):  # (a dict: its values, as a slice's)
         found: dict[int, str] = {}
-        for s in selector:
+        for s in selector.values() if isinstance(selector, dict) else selector:
             for i, name in _many(graph, s).items():
                 found.setdefault(i, name)
         return found
     raise SelectionError(
         f"{selector!r} is not a selector: use an int, a name, a glob, a re.Pattern, a "
-        "Var, a Selection, or a list of these"
+        "Var, a Selection, or a list, tuple or dict of these"
     )
 
 

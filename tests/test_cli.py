@@ -109,6 +109,10 @@ def test_slice_is_highlighted_as_the_api_does(capsys, tmp_path):
         main(["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z2", "z1", "--allow-unconnected"]) == 0
     )
     assert repr(g.slice("z2", "z1", allow_unconnected=True)) in capsys.readouterr().out
+    # a name it does not have: where the command line lists them (it has no g)
+    assert main(["show", f"{EXAMPLE}:f", *MLP_ARGS, "--slice", "z1", "zz"]) != 0
+    said = capsys.readouterr().err
+    assert "no var named 'zz'" in said and "the table, without --slice, lists all" in said
 
 
 FLAX_MODEL = """
@@ -174,7 +178,8 @@ def test_errors_are_one_line(capsys, tmp_path):
     g = js.trace(mlp_12782, *mlp_12782_args())
     with pytest.raises(js.SelectionError) as raised:
         g.slice("z9", "z2")
-    assert str(raised.value).splitlines()[0] in err
+    said = str(raised.value).splitlines()[0]  # where the command line lists the names
+    assert said.replace("g.names() lists all", "the table, without --slice, lists all") in err
     err = one_error(capsys, ["show", f"{EXAMPLE}:f", "--arg", "flot32[3]"])
     assert "did you mean 'float32'?" in err
     err = one_error(capsys, ["show", f"{EXAMPLE}:f", "--args-from", ":nothing"])

@@ -39,6 +39,8 @@ def test_exact_name_glob_regex_var(g):
     assert g.select(g["z2"], "z1").names == ("z1", "z2")  # program order, no duplicates
     assert g[g["z3"]] is g["z3"]
     assert g["out_m*"].name == "out_mat"  # a glob matching one var works with g[...]
+    # a dict, as a slice takes it: the vars of its values (the README's selectors)
+    assert g.select({"a": "z3", "b": ["z1", g["z2"]]}).names == ("z1", "z2", "z3")
 
 
 def test_filters(g):
