@@ -29,7 +29,7 @@ import keyword
 import sys
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 
@@ -136,22 +136,28 @@ def format_path(path: tuple[Any, ...]) -> str:
     return text
 
 
-def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int, Any], str]]]:
+def _containers() -> tuple[tuple[type, str, Callable[[Any], bool], Callable[[int, Any], str]], ...]:
     """``(container class, attribute of its items, whether an item must stay as it is,
     an item's label)`` for the containers of the imported libraries."""
+    return _containers_of(sys.modules.get("equinox"), _nnx(), sys.modules.get("penzai.nn.grouping"))
+
+
+@functools.cache
+def _containers_of(
+    eqx: Any, nnx: Any, grouping: Any
+) -> tuple[tuple[type, str, Callable[[Any], bool], Callable[[int, Any], str]], ...]:
+    """:func:`_containers` of these modules (None: not imported), the same functions
+    every time (they key the wrappers :func:`_once` keeps)."""
     found = []
     by_place = lambda attr: lambda k, item: f"{attr}[{k}]"  # noqa: E731
     never = lambda item: False  # noqa: E731
-    eqx = sys.modules.get("equinox")
     if eqx is not None:
         stateful = eqx.nn.StatefulLayer  # Sequential passes these a state: keep their type
         found.append(
             (eqx.nn.Sequential, "layers", lambda i: isinstance(i, stateful), by_place("layers"))
         )
-    nnx = _nnx()
     if nnx is not None:
         found.append((nnx.Sequential, "layers", never, by_place("layers")))
-    grouping = sys.modules.get("penzai.nn.grouping")
     if grouping is not None:  # a NamedGroup item is named by its name
 
         def penzai_label(k: int, item: Any) -> str:
@@ -162,6 +168,24 @@ def _containers() -> list[tuple[type, str, Callable[[Any], bool], Callable[[int,
             cls = getattr(grouping, cls_name, None)
             if isinstance(cls, type) and "__call__" in vars(cls):
                 found.append((cls, "sublayers", never, penzai_label))
+    return tuple(found)
+
+
+T = TypeVar("T")
+
+#: what :func:`_once` made, by how it was made
+_MADE: dict[tuple, Any] = {}
+
+
+def _once(make: Callable[..., T], *args: Any) -> T:
+    """``make(*args)``, made the first time and kept: the wrappers (and a NumPyro
+    handler's class) that tracing patches in are the same at every trace, where
+    ``functools.wraps`` and a class statement cost more than the rest of patching
+    (70 us a trace with Flax, Equinox and Haiku imported, half a scan RNN's overhead)."""
+    key = (make, *args)
+    found = _MADE.get(key)
+    if found is None:
+        found = _MADE[key] = make(*args)
     return found
 
 
@@ -188,7 +212,7 @@ def library_calls(
     restored and the interceptor removed when tracing ends.
     """
     patched = [
-        (cls, _itemized(cls.__call__, call, attr, keep, label))
+        (cls, _once(_itemized, cls.__call__, call, attr, keep, label))
         for cls, attr, keep, label in _containers()
     ]
     patched += _own_scopes()
@@ -196,7 +220,7 @@ def library_calls(
     if nnx is not None:
         containers = {cls for cls, *_ in patched}
         patched += [
-            (cls, _nnx_framed(cls.__call__, framed, user))
+            (cls, _once(_nnx_framed, cls.__call__, framed, user))
             for cls in _nnx_library_modules(nnx)
             if cls not in containers
         ]
@@ -560,7 +584,7 @@ def _recording_names(
 ) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if numpyro is not None:
-            stack.enter_context(_site_recorder(numpyro, record))
+            stack.enter_context(_once(_site_recorder, numpyro, record)())
         if linen is not None:
             stack.enter_context(_sow_recorder(linen.Module, record))
             scope = sys.modules["flax.core.scope"].Scope
@@ -585,6 +609,15 @@ def _wrapped_store(
     """``owner.method`` noting its argument at ``position`` (counting ``self``) as
     state, while tracing."""
     original = getattr(owner, method)
+    setattr(owner, method, _once(_store, original, position, note_state))
+    try:
+        yield
+    finally:
+        setattr(owner, method, original)
+
+
+def _store(original: Callable, position: int, note_state: Callable[[Any], Any]) -> Callable:
+    """``original`` noting its argument at ``position`` as state."""
 
     @functools.wraps(original)
     def store(*args: Any, **kwargs: Any) -> Any:
@@ -592,38 +625,40 @@ def _wrapped_store(
             args = (*args[:position], note_state(args[position]), *args[position + 1 :])
         return original(*args, **kwargs)
 
-    setattr(owner, method, store)
-    try:
-        yield
-    finally:
-        setattr(owner, method, original)
+    return store
 
 
-def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> Any:
+def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> type:
+    """A NumPyro handler class recording the sites' values (one instance per trace)."""
+
     class SiteNames(numpyro.primitives.Messenger):
         def postprocess_message(self, msg: dict) -> None:
             if msg.get("type") in ("sample", "deterministic", "param") and msg.get("name"):
                 record(msg["name"], msg.get("value"))
 
-    return SiteNames()
+    return SiteNames
 
 
 @contextlib.contextmanager
 def _sow_recorder(module: type, record: Callable[..., None]) -> Iterator[None]:
-    from . import _compat as C
-
     original = module.sow
+    module.sow = _once(_sow, original, record)
+    try:
+        yield
+    finally:
+        module.sow = original
+
+
+def _sow(original: Callable, record: Callable[..., None]) -> Callable:
+    """linen's ``Module.sow`` recording what it sows."""
+    from . import _compat as C
 
     @functools.wraps(original)
     def sow(self: Any, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
         record(name, value, _sown_in(self, C.current_scope()))
         return original(self, col, name, value, *args, **kwargs)
 
-    module.sow = sow
-    try:
-        yield
-    finally:
-        module.sow = original
+    return sow
 
 
 def _sown_in(module: Any, scope: str) -> str:
