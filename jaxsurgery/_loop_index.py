@@ -422,8 +422,7 @@ class LoopIndex:
         found = []
         prefix, asked = _literal_prefix(pattern), _asked_iterations(pattern)
 
-        def add(base: str, tmpl: Template) -> None:
-            n = self._known_length(tmpl, base)
+        def add(base: str, tmpl: Template, n: int) -> None:
             for t in _candidates(tmpl, n, asked):
                 name = tmpl.name(base, t)
                 if pattern.fullmatch(name):
@@ -432,14 +431,19 @@ class LoopIndex:
         for base, tmpls in self.names.items():
             if (base + "@").startswith(prefix[: len(base) + 1]):
                 for tmpl in tmpls:  # (cheap: a body value has a name per scope it is in)
-                    add(base, tmpl)
+                    add(base, tmpl, self._known_length(tmpl, base))
         if pattern.pattern.startswith("loop"):  # body values by place, loop<k>%<i>
             for k, loop in enumerate(self.graph._program.folded):
+                # a while_loop's trips are counted (a run of it) for a glob naming the
+                # loop (loop0%3@*), not for one that may mean a tag (loop*, loop?)
+                named = prefix.startswith(f"loop{k}%")
+                n = self.length(loop, need=named)
                 template = loop.template
                 for ti in range(len(template.vars)):
                     base = unnamed_base(k, ti)
                     if (base + "@").startswith(prefix[: len(base) + 1]):
-                        add(base, Template(k, ti, _inner(template, ti), loop.iterations))
+                        tmpl = Template(k, ti, _inner(template, ti), loop.iterations)
+                        add(base, tmpl, self._known_length(tmpl, base) if named else n or 0)
         return found
 
     def _known_length(self, tmpl: Template, base: str) -> int:

@@ -132,8 +132,8 @@ class Found:
         if self.replaced:
             said.append(
                 f"the pattern {self.label!r} occurred at {short_list(self.replaced, 4)}, "
-                "the value before a patch of this graph (g.rewrite, g.replace): the program "
-                "reads what the patch computes, so it is not matched again"
+                "the value before a patch of this graph (g.rewrite, g.replace), which the "
+                "program no longer reads: it is not matched again"
             )
         if self.rewritten:
             said.append(
@@ -237,8 +237,19 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     near: list = []
     states = _find(pattern, graph._program, near)
     every = [_as_match(graph, pattern, state) for state in states]
-    # (an output the graph patched: the program reads the patch, the pattern is gone)
-    gone = [m for m in every if any(v.index in graph._unpatched for v in m.outputs)]
+    # an output a patch replaced that nothing reads any more (a constant's: the pattern
+    # is gone; a function's patch reads it, and a rewrite there is refused)
+    program = graph._program
+    gone = [
+        m
+        for m in every
+        if any(
+            v.index in graph._unpatched
+            and not program.users[v.index]
+            and v.index not in program.outputs
+            for v in m.outputs
+        )
+    ]
     found = tuple(m for m in every if m not in gone)
     in_bodies = in_folded_bodies(graph, pattern, near)
     elsewhere = _hidden(pattern, graph._program, top=True)

@@ -196,11 +196,13 @@ def _reached_from(jaxpr: C.Jaxpr, sources: set[Any]) -> set[Any]:
 
     An equation's results are computed from all its operands, except those of calls,
     loops and conditionals, whose bodies say which results (a loop's linearization
-    carries every tangent, zeros a rule made included, but reads only some)."""
+    carries every tangent, zeros a rule made included, but reads only some), and a
+    ``stop_gradient``'s: what only it passes on has no derivative to drop (a function
+    returning ``stop_gradient(h)`` beside its loss)."""
     reached = set(sources)
     for eqn in jaxpr.eqns:
         reads = [isinstance(a, C.Var) and a in reached for a in eqn.invars]
-        if any(reads):
+        if any(reads) and eqn.primitive.name != "stop_gradient":
             outs = _results_reached(eqn, reads)
             reached.update(v for v, r in zip(eqn.outvars, outs) if r)
     return reached
@@ -232,15 +234,21 @@ def _results_reached(eqn: C.JaxprEqn, reads: list[bool]) -> list[bool]:
     body, ins, _ = bodies[0]
     reached = _reached_from(body, ins)
     found = [isinstance(o, C.Var) and o in reached for o in body.outvars]
-    if name == "while":  # what the test reads decides every result
+    if name == "scan" and eqn.params["length"]:
+        return found
+    # a while_loop may run no trip (a scan of length 0 runs none): its carry passes on
+    if name == "while":
+        n_consts = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
         test = eqn.params["cond_jaxpr"].jaxpr
-        n_test = eqn.params["cond_nconsts"]
-        decided = _reached_from(test, {v for v, r in zip(test.invars[n_test:], found) if r})
+        carry = [f or r for f, r in zip(found, reads[n_consts:])]
+        decided = _reached_from(
+            test, {v for v, r in zip(test.invars[len(test.invars) - len(carry) :], carry) if r}
+        )
         if any(isinstance(o, C.Var) and o in decided for o in test.outvars):
-            return every
-    # (a loop that runs no trip passes its carry on: judged as running at least one,
-    # where the value a slice or gradient is taken at exists)
-    return found
+            return every  # what the test reads decides every result
+        return carry
+    n_consts, n_carry = C.scan_layout(eqn)
+    return [*reads[n_consts : n_consts + n_carry], *[False] * (len(eqn.outvars) - n_carry)]
 
 
 def _forwarded(body: C.Jaxpr, out: Any) -> int | None:

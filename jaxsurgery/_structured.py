@@ -686,10 +686,12 @@ class _Interpreter:
         that cannot be: values put in at many iterations, or over a range of them, or
         another edit spanning one of those iterations (every iteration's patch).
 
-        The iterations of a few patches run as they are too: what a patch cuts off from
-        the inputs (a carry replaced by a constant) is then known after it, so a slice
-        to a value inside the loop after it says it depends on no input, as a flat cut
-        does (masked with the iterations after it, the loop carried the inputs on)."""
+        The iterations of a few patches that compute their value without the old one
+        (a constant) run as they are too: what such a patch cuts off from the inputs (a
+        carry) is then known after it, so a slice to a value inside the loop after it
+        says it depends on no input, as a flat cut does (masked with the iterations after
+        it, the loop carried the inputs on). A patch of the old value (``v * 0.9``) cuts
+        nothing: it runs masked, and costs no copy of the body."""
         put_in = [p for p in pending if _put_in(p.edit)]
         at = {p.steps[0].iteration for p in put_in}
         if not all(map(_one_iteration, put_in)) or len(at) > _FEW_ITERATIONS:
@@ -704,7 +706,7 @@ class _Interpreter:
         patched = {
             p.steps[0].iteration
             for p in pending
-            if p.edit.kind == "apply" and not _put_in(p.edit) and _one_iteration(p)
+            if _one_iteration(p) and not _put_in(p.edit) and _replaces(p.edit)
         }
         if len(at | patched) <= _FEW_ITERATIONS:
             at |= patched
@@ -1061,6 +1063,18 @@ def _selectable(edit: Edit) -> bool:
 def _put_in(edit: Edit) -> bool:
     """Whether ``edit`` puts a value in (a slice's input: the new value is one it reads)."""
     return edit.kind == "apply" and not edit.perturbation and not edit.fn.jaxpr.eqns
+
+
+def _replaces(edit: Edit) -> bool:
+    """Whether ``edit`` is a patch computing its new value without the old one (a
+    constant, or a function of other values): what the old one was computed from
+    does not reach past it."""
+    if edit.kind != "apply" or edit.perturbation:
+        return False
+    jaxpr = edit.fn.jaxpr
+    read = {a for e in jaxpr.eqns for a in e.invars if isinstance(a, C.Var)}
+    read.update(a for a in jaxpr.outvars if isinstance(a, C.Var))
+    return not any(r in edit.site.vars and v in read for r, v in zip(edit.reads, jaxpr.invars))
 
 
 def _one_iteration(p: _Pending) -> bool:

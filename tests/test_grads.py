@@ -434,3 +434,39 @@ def test_a_rule_dropping_a_derivative_in_a_later_iteration_is_said(kind):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             allclose(g.grads("out", [name])[name], jax.grad(by_hand)(o3), rtol=1e-5)
+
+
+def test_no_note_where_the_derivative_is_not_zero_for_every_argument():
+    """A dropped-derivative note stands only where some output's derivative is zero for
+    every argument: not for a rule in a loop that runs no iteration (its carry passes
+    on: the identity), and not because of another output that is a stop_gradient (the
+    user's own zero, beside a rule that differentiates its loop again from its inputs,
+    as diffrax's adjoint does)."""
+    c0 = jnp.array([0.3, -0.5])
+
+    def empty_scan(c0):
+        def step(c, _):
+            return frozen(jnp.sin(c)) * 2.0, None
+
+        return jax.lax.scan(step, c0, None, length=0)[0] * 3.0
+
+    s = js.trace(empty_scan, c0).slice("c0", "out")
+    assert not any("is zero" in n for n in s.notes), s.notes
+    allclose(jax.jvp(s, (c0,), (jnp.ones(2),))[1], 3.0 * jnp.ones(2))
+
+    def loop(x):
+        return jnp.sin(x) * 2.0
+
+    @jax.custom_jvp
+    def rerun(x, y):  # y = loop(x), passed on; the rule differentiates loop(x) again
+        return y
+
+    rerun.defjvp(lambda p, t: (p[1], jax.jvp(loop, (p[0],), (t[0],))[1]))
+
+    def f(c0):
+        out = rerun(c0, loop(c0))
+        return out.sum(), jax.lax.stop_gradient(c0)
+
+    s = js.trace(f, c0).slice("c0", ("out[0]", "out[1]"))
+    assert not any("is zero" in n for n in s.notes), s.notes
+    allclose(jax.grad(lambda c: s(c)[0])(c0), jax.grad(lambda c: f(c)[0])(c0))

@@ -443,6 +443,17 @@ def test_a_glob_over_a_folded_while_loops_unnamed_values_counts_its_trips_first(
     assert found.names == tuple(f"loop0%2@{t}" for t in range(trips))
     allclose(g.value(found[1]), jnp.sin(refine_by_hand(x, 1)), rtol=1e-5)
 
+    # a glob that may mean a tag (loop?, loop*) counts no trips: in an abstract graph,
+    # whose trips are not known, it still finds the tag
+    def tagged(x, tol):
+        return js.tag(refine(x, tol), "loopy")
+
+    spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+    g = js.trace(tagged, spec, jax.ShapeDtypeStruct((), jnp.float32))
+    assert g.select("loop?").names == ("loopy",) == g.select("loop*").names
+    with pytest.raises(js.SelectionError, match="trip count is not known"):
+        g.select("loop0%2@*")
+
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):

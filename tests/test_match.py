@@ -408,6 +408,12 @@ def test_a_second_rewrite_of_a_loop_body_value_is_refused_and_slices_run_after_a
     inner = js.trace(lambda x: jnp.sin(x) * 2, x0).rewrite(jnp.sin, lambda a: jnp.sin(a) ** 2, x0)
     with pytest.raises(js.SliceError, match=r"inside what a patch of this graph computes"):
         inner.rewrite(jnp.sin, jnp.tanh, x0)
+    # a patch by a function of the old value still reads it: listed, and a rewrite
+    # there refused (not left out, which rewrote the other occurrences only)
+    halved = js.trace(lambda x: jnp.sin(jnp.sin(x) * 0.5), x0).replace("%1", lambda a: a * 0.5)
+    assert [m.outputs[0].name for m in halved.match(jnp.sin, x0)] == ["%1.unpatched", "out"]
+    with pytest.raises(js.SliceError, match=r"'%1\.unpatched' is the value before a patch"):
+        halved.rewrite(jnp.sin, jnp.tanh, x0)
 
     def f(x, n, outer=jnp.sin, inner=jnp.tanh):
         y = outer(x) * 3.0
