@@ -242,7 +242,7 @@ def _results_reached(eqn: C.JaxprEqn, reads: list[bool]) -> list[bool]:
         test = eqn.params["cond_jaxpr"].jaxpr
         carry = [f or r for f, r in zip(found, reads[n_consts:])]
         decided = _reached_from(
-            test, {v for v, r in zip(test.invars[len(test.invars) - len(carry) :], carry) if r}
+            test, {v for v, r in zip(test.invars[eqn.params["cond_nconsts"] :], carry) if r}
         )
         if any(isinstance(o, C.Var) and o in decided for o in test.outvars):
             return every  # what the test reads decides every result
