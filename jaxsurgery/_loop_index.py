@@ -434,10 +434,11 @@ class LoopIndex:
                     add(base, tmpl, self._known_length(tmpl, base))
         if pattern.pattern.startswith("loop"):  # body values by place, loop<k>%<i>
             for k, loop in enumerate(self.graph._program.folded):
-                # a while_loop's trips are counted (a run of it) for a glob naming the
-                # loop (loop0%3@*), not for one that may mean a tag (loop*, loop?)
+                # a while_loop's trips counted (a run of it); where they cannot be (an
+                # abstract graph), a glob naming the loop (loop0%3@*) says so, one that
+                # may mean a tag (loop?, loop*) matches none of its values
+                n = self.length(loop, need=True)
                 named = prefix.startswith(f"loop{k}%")
-                n = self.length(loop, need=named)
                 template = loop.template
                 for ti in range(len(template.vars)):
                     base = unnamed_base(k, ti)

@@ -234,20 +234,19 @@ def _results_reached(eqn: C.JaxprEqn, reads: list[bool]) -> list[bool]:
     body, ins, _ = bodies[0]
     reached = _reached_from(body, ins)
     found = [isinstance(o, C.Var) and o in reached for o in body.outvars]
-    if name == "scan" and eqn.params["length"]:
-        return found
-    # a while_loop may run no trip (a scan of length 0 runs none): its carry passes on
-    if name == "while":
-        n_consts = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
+    if name == "while":  # what the test reads decides every result
         test = eqn.params["cond_jaxpr"].jaxpr
-        carry = [f or r for f, r in zip(found, reads[n_consts:])]
-        decided = _reached_from(
-            test, {v for v, r in zip(test.invars[eqn.params["cond_nconsts"] :], carry) if r}
-        )
+        carry = test.invars[eqn.params["cond_nconsts"] :]
+        decided = _reached_from(test, {v for v, r in zip(carry, found) if r})
         if any(isinstance(o, C.Var) and o in decided for o in test.outvars):
-            return every  # what the test reads decides every result
-        return carry
-    n_consts, n_carry = C.scan_layout(eqn)
+            return every
+        # (judged as running at least one trip, where the value a slice or gradient is
+        # taken at exists: passing its carry on for no trip, a loop that always runs
+        # lost the note of a rule in it that drops every derivative)
+        return found
+    if eqn.params["length"]:
+        return found
+    n_consts, n_carry = C.scan_layout(eqn)  # a scan of no iteration passes its carry on
     return [*reads[n_consts : n_consts + n_carry], *[False] * (len(eqn.outvars) - n_carry)]
 
 

@@ -438,8 +438,8 @@ def test_a_rule_dropping_a_derivative_in_a_later_iteration_is_said(kind):
 
 def test_no_note_where_the_derivative_is_not_zero_for_every_argument():
     """A dropped-derivative note stands only where some output's derivative is zero for
-    every argument: not for a rule in a loop that runs no iteration (its carry passes
-    on: the identity), and not because of another output that is a stop_gradient (the
+    every argument: not for a rule in a scan of no iteration (its carry passes on: the
+    identity), and not because of another output that is a stop_gradient (the
     user's own zero, beside a rule that differentiates its loop again from its inputs,
     as diffrax's adjoint does)."""
     c0 = jnp.array([0.3, -0.5])
@@ -453,6 +453,17 @@ def test_no_note_where_the_derivative_is_not_zero_for_every_argument():
     s = js.trace(empty_scan, c0).slice("c0", "out")
     assert not any("is zero" in n for n in s.notes), s.notes
     allclose(jax.jvp(s, (c0,), (jnp.ones(2),))[1], 3.0 * jnp.ones(2))
+
+    def while_eight_trips(c0):  # a while_loop is judged as running a trip: noted
+        def body(state):
+            t, c = state
+            return t + 1, frozen(jnp.sin(c)) * 2.0
+
+        return jax.lax.while_loop(lambda state: state[0] < 8, body, (0, c0))[1].sum()
+
+    s = js.trace(while_eight_trips, c0).slice("c0", "out")
+    assert any("'frozen' is zero" in n for n in s.notes), s.notes
+    allclose(jax.jvp(s, (c0,), (jnp.ones(2),))[1], 0.0)
 
     def loop(x):
         return jnp.sin(x) * 2.0

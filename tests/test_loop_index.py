@@ -442,6 +442,8 @@ def test_a_glob_over_a_folded_while_loops_unnamed_values_counts_its_trips_first(
     found = g.select("loop0%2@*")
     assert found.names == tuple(f"loop0%2@{t}" for t in range(trips))
     allclose(g.value(found[1]), jnp.sin(refine_by_hand(x, 1)), rtol=1e-5)
+    fresh = js.trace(refine, x, 1e-4)  # a glob not spelling the loop's number counts too
+    assert fresh.select("loop?%2@*").names == found.names
 
     # a glob that may mean a tag (loop?, loop*) counts no trips: in an abstract graph,
     # whose trips are not known, it still finds the tag
