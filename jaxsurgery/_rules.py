@@ -92,15 +92,16 @@ def _walk(jaxpr: C.Jaxpr, dependent: set[Any], live: set[Any], notes: list[str])
             wanted = [o for o, v in zip(body.outvars, eqn.outvars) if v in live]
             _walk(body, {v for v, r in zip(body.invars, reads) if r}, _live(body, wanted), notes)
         else:
-            for body, ins, outs in _bodies(eqn, reads, [v in live for v in eqn.outvars]):
+            for body, ins, outs, _ in _bodies(eqn, reads, [v in live for v in eqn.outvars]):
                 _walk(body, ins, _live(body, outs), notes)
         dependent.update(v for v in eqn.outvars if not isinstance(v, C.DropVar))
 
 
 def _bodies(
     eqn: C.JaxprEqn, reads: list[bool], live: list[bool]
-) -> list[tuple[C.Jaxpr, set[Any], list[Any]]]:
-    """``(jaxpr, its vars computed from the inputs, its live results)`` of each body of
+) -> list[tuple[C.Jaxpr, set[Any], list[Any], set[Any] | None]]:
+    """``(jaxpr, its inputs computed from the inputs, its live results, the vars computed
+    from those: a loop's, found on the way; None for a branch)`` of each body of
     a ``scan`` or ``while`` equation and each branch of a ``cond``, from which of its
     operands are computed from the inputs (``reads``) and which results are live. A
     carry computed from the inputs in one iteration is in every later one, and a carry
@@ -109,7 +110,12 @@ def _bodies(
     name = eqn.primitive.name
     if name == "cond":  # operands: the index, then every branch's
         return [
-            (b.jaxpr, {v for v, r in zip(b.jaxpr.invars, reads[1:]) if r}, _picked(b.jaxpr, live))
+            (
+                b.jaxpr,
+                {v for v, r in zip(b.jaxpr.invars, reads[1:]) if r},
+                _picked(b.jaxpr, live),
+                None,
+            )
             for b in eqn.params["branches"]
         ]
     if name == "scan":  # operands: consts, carry, xs; results: carry, ys
@@ -131,7 +137,7 @@ def _bodies(
         grown = [j for j in range(n_carry) if not dep[n_consts + j] and body.outvars[j] in reached]
         needed = [j for j in range(n_carry) if not wanted[j] and carry_in[j] in used]
         if not grown and not needed:
-            return [(body, ins, _picked(body, wanted))]
+            return [(body, ins, _picked(body, wanted), reached)]
         for j in grown:
             dep[n_consts + j] = True
         for j in needed:
@@ -231,8 +237,7 @@ def _results_reached(eqn: C.JaxprEqn, reads: list[bool]) -> list[bool]:
     bodies = _bodies(eqn, reads, every)
     if not bodies:
         return every
-    body, ins, _ = bodies[0]
-    reached = _reached_from(body, ins)
+    body, _, _, reached = bodies[0]
     found = [isinstance(o, C.Var) and o in reached for o in body.outvars]
     if name == "while":  # what the test reads decides every result
         test = eqn.params["cond_jaxpr"].jaxpr
