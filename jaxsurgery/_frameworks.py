@@ -8,7 +8,8 @@ rather than ``layer#0``, ``layer#1``.
 
 Values libraries name themselves become names too: NumPyro sample and deterministic
 sites (``"w"``, ``"obs"``), and what Flax linen modules ``sow`` (``"CNN/Dense_0/act"``:
-the module's scope and the sown name); see :func:`library_names`. What libraries store
+the module's scope and the sown name), and NNX modules (``"model/attn/attention_weights"``:
+the module call's frame and the sown name); see :func:`library_names`. What libraries store
 as module state (BatchNorm statistics) is noted, so that a module's scope names its
 value, not also the state it returns (:mod:`jaxsurgery._scopes`).
 
@@ -564,10 +565,12 @@ def library_names(
 ) -> contextlib.AbstractContextManager:
     """While tracing, ``record(name, value)`` for values libraries name: NumPyro sites
     (a handler at the bottom of NumPyro's stack: it sees the value each site ends with)
-    and Flax linen ``sow`` calls; and ``note_state(value)`` (which returns the value to
+    and Flax linen and NNX ``sow`` calls; and ``note_state(value)`` (which returns the value to
     store) for what a library stores as module state: Flax linen variable writes
     (BatchNorm statistics, sown values), ``hk.set_state``, Equinox ``State.set``."""
-    modules = [sys.modules.get(m) for m in ("numpyro", "flax.linen", "haiku", "equinox")]
+    modules = [
+        sys.modules.get(m) for m in ("numpyro", "flax.linen", "haiku", "equinox", "flax.nnx")
+    ]
     if not any(modules):
         return contextlib.nullcontext()
     return _recording_names(*modules, record, note_state)
@@ -579,6 +582,7 @@ def _recording_names(
     linen: Any,
     haiku: Any,
     equinox: Any,
+    nnx: Any,
     record: Callable[..., None],
     note_state: Callable[[Any], Any],
 ) -> Iterator[None]:
@@ -591,6 +595,8 @@ def _recording_names(
             stack.enter_context(_wrapped_store(scope, "put_variable", 3, note_state))
         if equinox is not None:
             stack.enter_context(_wrapped_store(equinox.nn.State, "set", 2, note_state))
+        if nnx is not None and callable(getattr(nnx.Module, "sow", None)):
+            stack.enter_context(_sow_recorder(nnx.Module, record, _nnx_sow))
         if haiku is not None:
             setters = getattr(sys.modules.get("haiku._src.base"), "state_setter_stack", None)
             if setters is not None:  # hk.custom_setter's stack, which needs no transform
@@ -640,9 +646,16 @@ def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> type:
 
 
 @contextlib.contextmanager
-def _sow_recorder(module: type, record: Callable[..., None]) -> Iterator[None]:
-    original = module.sow
-    module.sow = _once(_sow, original, record)
+def _sow_recorder(
+    module: type, record: Callable[..., None], recording: Callable | None = None
+) -> Iterator[None]:
+    """``module.sow`` recording what it sows while tracing (``recording``: the
+    wrapper's maker, linen's :func:`_sow` by default)."""
+    original = module.__dict__.get("sow")
+    if original is None:  # (a version of the library that moved it)
+        yield
+        return
+    module.sow = _once(recording or _sow, original, record)
     try:
         yield
     finally:
@@ -657,6 +670,21 @@ def _sow(original: Callable, record: Callable[..., None]) -> Callable:
     def sow(self: Any, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
         record(name, value, _sown_in(self, C.current_scope()))
         return original(self, col, name, value, *args, **kwargs)
+
+    return sow
+
+
+def _nnx_sow(original: Callable, record: Callable[..., None]) -> Callable:
+    """NNX's ``Module.sow`` recording what it sows, named in the frame of the module's
+    call (NNX modules push no scope): ``self.sow(nnx.Intermediate, "feats", h)`` in
+    ``model``'s ``__call__`` names ``model/feats``, and ``nnx.MultiHeadAttention``'s
+    ``sow_weights=True`` its weights, ``model/attn/attention_weights``."""
+
+    @functools.wraps(original)
+    def sow(self: Any, variable_type: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(name, str) and name:
+            record(name, value, method=sow)  # (in the frame of the user's call of it)
+        return original(self, variable_type, name, value, *args, **kwargs)
 
     return sow
 

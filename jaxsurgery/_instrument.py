@@ -60,7 +60,7 @@ import sysconfig
 import threading
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -181,15 +181,21 @@ class Recorder:
     def frame(self) -> int:
         return self._stack[-1] if self._stack else -1
 
-    def record(self, name: str, value: Any, scope: str = "") -> Any:
+    def record(self, name: str, value: Any, scope: str = "", method: Callable | None = None) -> Any:
         """Note that ``name`` holds ``value``; returns the value to hold (see :meth:`_named`).
 
         ``scope``: a name stack the name is given in (a Flax module's, for what it
         ``sow``s), which starts again inside a lifted transform (``nn.remat``): the
         name becomes ``scope/name`` with the scope completed from the value's own
-        scope when names are assigned (see :meth:`_anchored`).
+        scope when names are assigned (see :meth:`_anchored`). ``method``: the library
+        method naming the value (NNX's ``sow``): called from user code, it runs in a
+        frame of its own, and the name is given in its caller's (``model/feats``, not
+        ``model/sow/feats``).
         """
         frame = self._stack[-1] if self._stack else -1
+        if method is not None and frame >= 0:
+            if getattr(self.callees[frame], "__func__", None) is method:
+                frame = self.frames[frame][1]
         if (  # the common case, written for speed: one array, no transform, no scope
             type(value) is C.JAXPR_TRACER
             and not scope
@@ -1316,12 +1322,12 @@ setattr(builtins, MARK, _mark)
 setattr(builtins, CALL, _call)
 
 
-def record(name: str, value: Any, scope: str = "") -> None:
+def record(name: str, value: Any, scope: str = "", method: Callable | None = None) -> None:
     """Name ``value`` in the frame being traced (a name a library gives it, in the name
-    stack ``scope``: see :meth:`Recorder.record`)."""
+    stack ``scope``, or by a ``method`` of a library's: see :meth:`Recorder.record`)."""
     recorder = _current()
     if recorder is not None:
-        recorder.record(name, value, scope)
+        recorder.record(name, value, scope, method)
 
 
 def note_state(value: Any) -> Any:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 import optax
+import pytest
 from conftest import allclose, check_slice
 from flax import nnx
 from models import penzai_llama_config
@@ -244,6 +245,42 @@ def test_flax_sow_under_lifted_transforms_names_the_whole_module_path():
     stacked = inter["ScanScanBlock_0"]["pre_act"][0]
     allclose(g.value("LiftedNet/ScanScanBlock_0/pre_act@3"), stacked[3])
     allclose(jnp.stack(g.value("LiftedNet/ScanScanBlock_0/pre_act@*")), stacked)
+
+
+class SowingBlock(nnx.Module):
+    """An NNX block sowing what it mixes, its attention sowing its weights."""
+
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+        )
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.attn(x, sow_weights=True)
+        self.sow(nnx.Intermediate, "mixed", x + y)
+        return jnp.tanh(self.lin(x + y)).sum()
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
+def test_nnx_sow_names_what_is_sown_in_the_module_calls_frame():
+    m = SowingBlock(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    g = js.trace(forward, m, x)
+    ran = nnx.clone(m)
+    ran(x)  # what NNX sows, eagerly
+    sown = nnx.state(ran, nnx.Intermediate)
+    weights = jax.tree_util.tree_leaves(sown["attn"]["attention_weights"])[0]
+    allclose(g.value("model/attn/attention_weights"), weights)
+    allclose(g.value("model/mixed"), jax.tree_util.tree_leaves(sown["mixed"])[0])
+    assert not any("sow/" in n for n in g.names())  # the user's self.sow call: no frame
+    v = m.attn.value(x)  # the rest of the block after the weights, by hand
+
+    def rest(w):
+        y = m.attn.out(jnp.einsum("...hqk,...khd->...qhd", w, v))
+        return jnp.tanh(m.lin(x + y)).sum()
+
+    check_slice(g.slice("model/attn/attention_weights", "out"), (weights,), rest)
 
 
 class MLP(nn.Module):
