@@ -728,6 +728,19 @@ def parameter_labels(value: Any) -> dict[str, str]:
     }
 
 
+def variable_paths(value: Any) -> set[str]:
+    """The key paths of the Flax NNX variables in an argument (``.lin.kernel``, whose
+    value's leaf is at ``.lin.kernel.value``)."""
+    nnx = _nnx()
+    kind = getattr(nnx, "Variable", None)
+    if not isinstance(kind, type):
+        return set()
+    import jax
+
+    nodes, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, kind))
+    return {jax.tree_util.keystr(path) for path, node in nodes if isinstance(node, kind)}
+
+
 def named_array_data(value: Any) -> Any:
     """A penzai ``NamedArray``'s array (names of values it holds need no
     ``.data_array``); anything else as it is."""

@@ -174,6 +174,7 @@ def assign_names(
     scopes: Sequence[tuple[int, str]] = (),
     extra_aliases: Sequence[tuple[int, str]] = (),
     input_labels: Sequence[tuple[int, str]] = (),
+    input_aliases: Sequence[tuple[int, str]] = (),
 ) -> Names:
     """Names for ``num_vars`` vars, the first ``len(inputs)`` being the inputs.
 
@@ -188,6 +189,8 @@ def assign_names(
         extra_aliases: ``(var, name)`` that are never canonical (``scope/%i``).
         input_labels: ``(input, label)`` a library gives an input (a penzai
             parameter's label), canonical before its argument path.
+        input_aliases: ``(input, alias)``, never canonical (a Flax NNX variable's
+            path without the ``.value`` of its tree path).
     """
     candidates: list[list[str]] = [[] for _ in range(num_vars)]
     for i, name in enumerate(inputs):
@@ -205,7 +208,7 @@ def assign_names(
         candidates[var].append(name)
 
     extras: list[list[str]] = [[] for _ in range(num_vars)]
-    for var, name in extra_aliases:
+    for var, name in (*extra_aliases, *input_aliases):
         extras[var].append(name)
     names = finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
     names.arguments = list(inputs)

@@ -31,6 +31,7 @@ from ._frameworks import (
     library_calls,
     library_names,
     parameter_labels,
+    variable_paths,
     scoped_module,
     swapped,
 )
@@ -114,7 +115,7 @@ def _trace(
     target = _unwrap(fn)
     static_argnums, static_argnames = _jit_statics(fn, target, static_argnums, static_argnames)
     binder = _ArgBinder(target, static_argnums, static_argnames)
-    bound, leaves, in_names, in_labels = binder.bind(args, kwargs)
+    bound, leaves, in_names, in_labels, in_aliases = binder.bind(args, kwargs)
     # abstract (a ShapeDtypeStruct), or traced inside a transform (js.trace under
     # jax.jit: the values are the transform's tracers, which decide no cond or loop)
     kinds = {type(x) for x in leaves}
@@ -270,6 +271,7 @@ def _trace(
             bindings,
             *scope_names(program, state=recorder.state_vars(program)),
             input_labels=in_labels,
+            input_aliases=in_aliases,
         )
         names.hidden = dict.fromkeys(program.sharded_tags, IN_SHARD_MAP)
         tags, scopes = index_templates(program, recorder.state_vars)
@@ -792,9 +794,10 @@ class _ArgBinder:
 
     def bind(
         self, args: tuple, kwargs: dict
-    ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]]]:
+    ) -> tuple[Any, list[Any], list[str], list[tuple[int, str]], list[tuple[int, str]]]:
         """``(bound arguments, flat dynamic leaves, leaf names, (leaf, label) of leaves
-        a library labels: penzai parameters)``."""
+        a library labels: penzai parameters, (leaf, alias) of Flax NNX variables' values:
+        ``m.lin.kernel`` for ``m.lin.kernel.value``)``."""
         for n in self.from_end:  # the arguments' end is known now
             at = len(args) + n
             if 0 <= at < len(self.parameters.positional):
@@ -815,17 +818,23 @@ class _ArgBinder:
         leaves: list[Any] = []
         names: list[str] = []
         labels: list[tuple[int, str]] = []
+        aliases: list[tuple[int, str]] = []
         for name, value, (flat, _) in items:
             labelled = parameter_labels(value)
+            variables: set[str] | None = None  # found when a key first ends in .value
             for path, leaf, traced in flat:
                 if traced:
                     key = jax.tree_util.keystr(path) if path else ""
                     label = _label(key, labelled)
                     if label:
                         labels.append((len(leaves), label))
+                    if key.endswith(".value"):
+                        variables = variable_paths(value) if variables is None else variables
+                        if key[: -len(".value")] in variables:
+                            aliases.append((len(leaves), name + key[: -len(".value")]))
                     leaves.append(leaf)
                     names.append(name + key)
-        return (bound_obj, items), leaves, names, labels
+        return (bound_obj, items), leaves, names, labels, aliases
 
     def _flat(self, name: str, value: Any) -> tuple[list[tuple[Any, Any, bool]], Any]:
         """:func:`_flat` of an argument, the static items of ``*args`` held static."""

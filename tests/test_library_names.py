@@ -4,6 +4,8 @@ their base's scope, penzai parameter labels, NumPyro sites, Flax ``sow``, and th
 backward pass of ``jax.grad`` marked apart from the forward one. References are
 computed by hand, layer by layer, without jaxsurgery."""
 
+from typing import NamedTuple
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -95,6 +97,27 @@ def test_nnx_sequential_items_are_named_by_their_place():
     check_slice(
         g.slice("Model/seq/layers[1]", "out"), (jax.nn.relu(h0),), lambda h: model.seq.layers[2](h)
     )
+
+
+def test_nnx_variables_are_selected_without_the_value_of_their_tree_path():
+    class Holder(NamedTuple):  # a pytree with a field `value`, not a variable: no alias
+        value: jax.Array
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def f(model, state, held, x):
+        return (model(x) * nnx.merge(graphdef, state)(x)).sum() + held.value.sum()
+
+    x = jnp.arange(3.0)
+    g = js.trace(f, model, state, Holder(jnp.ones(2)), x)
+    assert g["model.kernel"] is g["model.kernel.value"]  # the tree path stays canonical
+    assert g["state['kernel']"] is g["state['kernel'].value"]
+    assert g["model.kernel"].name == "model.kernel.value"
+    with pytest.raises(js.SelectionError):
+        g["held"]  # noqa: B018
+    by_hand = jax.grad(lambda k: (model(x) * (x @ k + model.bias[...])).sum())(model.kernel[...])
+    allclose(g.grads("out", wrt=["state['kernel']"])["state['kernel']"], by_hand)
 
 
 def test_an_equinox_conv2d_has_its_own_scope(key):
