@@ -31,9 +31,9 @@ from ._frameworks import (
     library_calls,
     library_names,
     parameter_labels,
-    variable_paths,
     scoped_module,
     swapped,
+    variable_paths,
 )
 from ._gc import gc_paused
 from ._graph import Graph
