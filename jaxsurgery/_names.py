@@ -197,9 +197,10 @@ def assign_names(
         candidates[i].append(name)
     for i, label in input_labels:
         candidates[i].insert(0, label)
-    for var, names in _group(((n, v) for v, n in tags), {}).items():
-        candidates[var].extend(names)
+    # a tag or a Python name given an input's name rebinds it: the input is #0 of it
     rebound = {name: i for i, name in enumerate(inputs)}
+    for var, names in _group(((n, v) for v, n in tags), rebound).items():
+        candidates[var].extend(names)
     for var, names in _group(bindings, rebound).items():
         candidates[var].extend(names)
     for var, name in scopes:

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SliceError, TraceError, short_list
+from ._errors import SliceError, TraceError, short_list, warn
 from ._frameworks import (
     haiku_rewritten,
     in_place_objects,
@@ -227,6 +227,7 @@ def _trace(
             f"the argument {shadowing[0]!r} shadows the outputs' alias: 'out' selects the "
             "argument; select the outputs by their other names or as g.outputs"
         )
+        out_info["shadowing"] = notes[-1]
     if out_info["statics"]:
         notes.append(
             f"{short_list(out_info['statics'])} of the outputs are not arrays: they are held "
@@ -294,6 +295,7 @@ def _trace(
                 + ("output of that name, and selects it" if one else "outputs of those names")
                 + "; select the outputs as g.outputs"
             )
+            out_info.setdefault("shadowing", name_notes[-1])  # (an argument's said first)
 
         def flatten_args(*a: Any, **k: Any) -> list[Any]:
             return binder.same_call(bound, leaves, in_names, a, k, decides, wide)
@@ -314,7 +316,10 @@ def _trace(
         graph._rebuild = reported(build, f"unrolling the loops of {_name(target)}")
         return graph
 
-    return build()
+    graph = build()
+    if "shadowing" in out_info:  # g.grads("out", ...) would take the value: said now
+        warn(out_info["shadowing"])
+    return graph
 
 
 def same_avals(
@@ -340,6 +345,12 @@ def same_avals(
     out = []
     array = C.ArrayImpl
     for k, (name, new, old) in enumerate(zip(names, flat, traced)):
+        if isinstance(new, jax.ShapeDtypeStruct):  # (an abstract graph's own inputs)
+            raise SliceError(
+                f"argument `{name}` is a jax.ShapeDtypeStruct, which holds no values: the "
+                "functions a graph returns, and bind, need arrays; for shapes alone, call "
+                "them under jax.eval_shape"
+            )
         if wide is None and type(new) is array and type(old) is array:
             # the common case, an array of the traced type: taken as it is (an eager
             # call of a 200-leaf model checked each leaf at about 8 µs)

@@ -171,6 +171,21 @@ def test_a_slice_needing_arguments_still_asks_for_bind(abstract):
         abstract.slice("z1", "z2").input_values()
 
 
+def test_binding_or_calling_with_shape_structs_asks_for_arrays(abstract):
+    """They were taken, and the call failed inside jaxsurgery with JAX's TypeError
+    about the context value w (an argument nobody passed to it)."""
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    for action in (
+        lambda: abstract.slice("z1", "out").bind(spec, spec),
+        lambda: abstract.as_function()(spec, spec),
+        lambda: abstract.grads_fn("out", ["z1"])(spec, spec),
+        lambda: abstract.values_fn("z2")(spec, spec),
+    ):
+        with pytest.raises(js.SliceError, match="`x` is a jax.ShapeDtypeStruct.*jax.eval_shape"):
+            action()
+    assert jax.eval_shape(abstract.as_function(), spec, spec).shape == ()
+
+
 # -- tracebacks -----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import linecache
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -503,10 +504,32 @@ def test_an_argument_named_out_says_it_shadows_the_outputs_alias():
         y = x + out
         return y * 2
 
-    g = js.trace(f, jnp.ones(2), jnp.ones(2))
+    with pytest.warns(UserWarning, match="the argument 'out' shadows the outputs' alias"):
+        g = js.trace(f, jnp.ones(2), jnp.ones(2))
     assert g["out"] is g.inputs[1]
     assert any("the argument 'out' shadows the outputs' alias" in n for n in g.notes)
     allclose(g.grads(g.outputs[0], "x")["x"], jnp.full(2, 2.0))
+
+
+def test_a_tag_given_an_arguments_name_rebinds_it_as_a_python_name_does():
+    def tagged(x):
+        y = js.tag(jnp.sin(x) * 2, "x")
+        return y.sum()
+
+    def rebound(x):
+        x = jnp.sin(x) * 2
+        return x.sum()
+
+    x = jnp.arange(3.0)
+    for f in (tagged, rebound):
+        g = js.trace(f, x)
+        with pytest.raises(js.SelectionError, match="'x' is ambiguous: it matches x#0, x#1"):
+            g["x"]  # noqa: B018  (the input answered, and g.select("x") took both)
+        assert g["x#0"] is g.inputs[0] and g["x#1"].primitive == "mul"
+        assert g.select("x").names == ("x#0", "x#1")
+        grads = g.grads("out", wrt=["x"])  # each binding, by its own name
+        allclose(grads["x#0"], jax.grad(f)(x))
+        allclose(grads["x#1"], jnp.ones(3))
 
 
 def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
@@ -515,7 +538,9 @@ def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
         return (out * 3.0).sum()
 
     x = jnp.arange(3.0)
-    g = js.trace(forward, x)
+    # a warning, not only a note: g.grads("out", ...) would differentiate the variable
+    with pytest.warns(UserWarning, match="'out' names a value of the traced function"):
+        g = js.trace(forward, x)
     assert g["out"].name == "out" and g["out"].primitive == "sin"
     allclose(g.value("out"), jnp.sin(x))
     allclose(g.grads(g.outputs[0], "out")["out"], jnp.full(3, 3.0))
@@ -527,7 +552,9 @@ def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
         out = jnp.sin(x).sum()
         return out
 
-    g2 = js.trace(returned, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g2 = js.trace(returned, x)
     assert g2["out"] is g2.outputs[0]
     assert not any("names a value of the traced function" in n for n in g2.notes)
 
