@@ -222,8 +222,11 @@ def run(args: argparse.Namespace) -> None:
 
     _check_writable(args.dot, "--dot")
     _check_writable(args.svg, "--svg")
+    if args.allow_unconnected and not args.slice:
+        raise UsageError("--allow-unconnected is an option of --slice IN OUT; give the slice")
     fn = load(args.target, "target")
     given: list[Any] = []
+    made = None
     if args.args_from:
         make = load(args.args_from, "--args-from", args.target.rpartition(":")[0])
         try:
@@ -232,12 +235,20 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError(f"--args-from {args.args_from} failed: {_first_line(e)}") from e
         given = list(made) if isinstance(made, tuple) else [made]
     given += [parse_arg(a) for a in args.arg]
+    hint = (
+        " (--args-from returned a list, which is one argument: return a tuple for several)"
+        if isinstance(made, list)
+        else ""
+    )
     try:
         graph = js.trace(fn, *given)
-    except js.SurgeryError:
+    except js.SurgeryError as e:
+        if hint and isinstance(e, TypeError):  # (the arguments do not fit the function)
+            raise type(e)(f"{str(e).strip().splitlines()[0]}{hint}") from None
         raise
     except Exception as e:  # the user's function failed to trace with these arguments
-        raise UsageError(f"tracing {args.target} failed: {_first_line(e)}") from e
+        hint = hint if isinstance(e, TypeError) else ""
+        raise UsageError(f"tracing {args.target} failed: {_first_line(e)}{hint}") from e
     try:
         highlight = (
             graph.slice(*args.slice, allow_unconnected=args.allow_unconnected)

@@ -102,17 +102,23 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """``"; did you mean 'a' or 'b'?"`` or ``""`` when nothing is close; a candidate
-    that ends with ``/word`` (the path left out) is close."""
+    that ends with ``/word`` (the path left out) or ``.word`` (``eqx.nn.Linear#1`` for
+    ``Linear#1``) is closest."""
     candidates = list(candidates)
-    matches = (
-        close_matches(word, candidates) or [c for c in candidates if c.endswith(f"/{word}")][:3]
-    )
+    suffixed = [c for c in candidates if c.endswith((f"/{word}", f".{word}"))]
+    matches = list(dict.fromkeys([*suffixed, *close_matches(word, candidates)]))[:3]
     if not matches:
         return ""
     quoted = [repr(m) for m in matches]
     if len(quoted) > 1:
         quoted = [", ".join(quoted[:-1]), quoted[-1]]
     return "; did you mean " + " or ".join(quoted) + "?"
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def short_list(items: Iterable[str], limit: int = 6) -> str:

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError
+from ._errors import SelectionError, SliceError, short_list
 from ._made import Made, TakesArguments, selection_key
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
@@ -106,9 +107,17 @@ class PatchFunction(TakesArguments):
             )
         unknown = [k for k in patches if k not in self.keys]
         if unknown:
+            key = unknown[0]
+            glob = isinstance(key, str) and any(fnmatch.fnmatchcase(k, key) for k in self.keys)
+            fix = (
+                f"a glob given alone keys each var it matches by its name; to patch them "
+                f"with one stacked value, key it in a dict: g.patch_fn({{'name': {key!r}}})"
+                if glob
+                else "select it in g.patch_fn(...)"
+            )
             raise SelectionError(
-                f"cannot patch {unknown[0]!r}: this patch function patches "
-                f"{', '.join(map(repr, self.keys))}; select it in g.patch_fn(...)"
+                f"cannot patch {key!r}: this patch function patches "
+                f"{short_list([repr(k) for k in self.keys])}; {fix}"
             )
         values, keyed_by = [], {}
         edits = []

@@ -32,7 +32,14 @@ from . import _compat as C
 from . import _select
 from ._control_flow import LOOP_PRIMITIVES
 from ._copying import Identical
-from ._errors import SelectionError, SliceError, check_like, jax_derivative_refusals, warn
+from ._errors import (
+    SelectionError,
+    SliceError,
+    check_like,
+    jax_derivative_refusals,
+    short_repr,
+    warn,
+)
 from ._made import one
 from ._names import Names
 from ._program import Program
@@ -61,6 +68,10 @@ if TYPE_CHECKING:
     from ._match import Match
     from ._select import Selection
     from ._slice import Slice
+
+
+#: what a missing argument is (None may be a value: g.replace's)
+_NOTHING = object()
 
 
 class Var(Identical):
@@ -352,7 +363,11 @@ class Graph(Identical):
         """
         from ._slice import Slice
 
-        return Slice._build(self, inputs, outputs, allow_unconnected=allow_unconnected)
+        if not isinstance(allow_unconnected, (bool, np.bool_)):  # ("no" is true)
+            raise SliceError(
+                f"allow_unconnected must be True or False, got {short_repr(allow_unconnected)}"
+            )
+        return Slice._build(self, inputs, outputs, allow_unconnected=bool(allow_unconnected))
 
     def value(self, selector: Selector) -> Any:
         """The traced value of the selected var(s), mirroring the selector's structure."""
@@ -616,7 +631,7 @@ class Graph(Identical):
 
         return one(AttributionFunction(self, out, wrt))
 
-    def replace(self, selector: Selector, value_or_fn: Any) -> Graph:
+    def replace(self, selector: Selector, value_or_fn: Any = _NOTHING) -> Graph:
         """A new Graph whose program uses ``value`` (or ``fn(old)``) at the selected var(s).
 
         Activation patching: every equation after the var, and the outputs, see the new
@@ -638,6 +653,12 @@ class Graph(Identical):
         """
         from ._patch_graph import replace
 
+        if value_or_fn is _NOTHING:  # g.replace({"z1": 0.0}), as patch_fn's patches are given
+            raise SliceError(
+                f"g.replace takes a selector and what to put there, g.replace('z1', 0.0), got "
+                f"{short_repr(selector)} alone; for several patches, chain the calls "
+                "(g.replace('z1', 0.0).replace('z2', fn)) or use g.patch_fn"
+            )
         return replace(self, selector, value_or_fn)
 
     def match(self, pattern_fn: Callable[..., Any], *args: Any) -> tuple[Match, ...]:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,7 @@ def one(graph: Graph, selector: Any) -> Var:
         return _own(graph, selector)
     if isinstance(selector, Selection):
         return selector.one() if not selector else _own(graph, selector.one())
+    selector = _plain_int(selector)
     if isinstance(selector, int) and not isinstance(selector, bool):
         n = len(graph.vars)
         if not -n <= selector < n:
@@ -449,6 +451,7 @@ def _many(graph: Graph, selector: Any) -> dict[int, str]:
     """Every var a selector matches, with the name it matched; a SelectionError if none."""
     from ._graph import Var
 
+    selector = _plain_int(selector)
     if isinstance(selector, (Var, int)) and not isinstance(selector, bool):
         v = one(graph, selector)
         return {v.index: v.name}
@@ -474,6 +477,13 @@ def _many(graph: Graph, selector: Any) -> dict[int, str]:
         f"{selector!r} is not a selector: use an int, a name, a glob, a re.Pattern, a "
         "Var, a Selection, or a list, tuple or dict of these"
     )
+
+
+def _plain_int(selector: Any) -> Any:
+    """A NumPy integer (``np.argmax``'s) as the index it is; anything else as it is."""
+    if isinstance(selector, numbers.Integral) and not isinstance(selector, (bool, int)):
+        return int(selector)
+    return selector
 
 
 def _own(graph: Graph, var: Var) -> Var:

@@ -29,7 +29,9 @@ def tag(x: T, name: str) -> T:
         >>> g["s"].primitive
         'sin'
 
-    A name that is not a non-empty ``str``, or a leaf that is not an array, is a
+    A name that is not a non-empty ``str``, holds a character that selectors read
+    (``@`` an iteration, ``#`` a numbered binding, ``*``/``?`` a glob) or starts with
+    ``%`` (an index's name), or a leaf that is not an array, is a
     :class:`~jaxsurgery.TraceError` (a ``TypeError``).
     """
     if not isinstance(name, str) or not name.strip():
@@ -37,7 +39,14 @@ def tag(x: T, name: str) -> T:
             f"js.tag needs a non-empty string name, got {type(name).__name__}: {name!r}; "
             "call it as js.tag(value, 'name')"
         )
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(x)
+    reserved = [c for c in "@#*?" if c in name] + (["%"] if name.startswith("%") else [])
+    if reserved:
+        raise TraceError(
+            f"js.tag name {name!r} holds {reserved[0]!r}, which selectors read ('@' an "
+            "iteration, '#' a numbered binding, '*' and '?' globs, a leading '%' an index): "
+            "pick a name without it"
+        )
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(x)  # (None, (): nothing to name)
     for path, leaf in leaves:
         if not (hasattr(leaf, "dtype") or isinstance(leaf, (bool, int, float, complex))):
             where = f" at {jax.tree_util.keystr(path)}" if path else ""

@@ -25,6 +25,7 @@ import numpy as np
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, TraceError, short_list, warn
+from ._errors import short_repr as _short
 from ._frameworks import (
     haiku_rewritten,
     in_place_objects,
@@ -915,7 +916,9 @@ class _ArgBinder:
             if name not in old_obj.arguments and not _same_static(traced_value(name), value):
                 raise SliceError(
                     f"argument `{name}` is {_short(value)}, but the graph was traced with it "
-                    f"left to its default ({_short(traced_value(name))}): {_FIXED}"
+                    f"left to its default ({_short(traced_value(name))}), which the program "
+                    "holds fixed (a default is not one of the graph's inputs); pass "
+                    f"`{name}` to js.trace to make it one"
                     f"{_UNDER_JIT if _is_tracer(value) else ''}"
                 )
         for name in sorted(self.static_names):
@@ -968,8 +971,9 @@ class _ArgBinder:
 
 #: why new arguments must fit the traced call, and what to do instead
 _FIXED = (
-    "a graph runs the program it traced, which fixed the structure of the arguments and "
-    "their parts that are not arrays; trace with these (js.trace(f, *new_args))"
+    "a graph runs the program it traced, which fixed the structure of the arguments, "
+    "the static ones and their parts that are not arrays; trace with these "
+    "(js.trace(f, *new_args))"
 )
 
 
@@ -1024,18 +1028,25 @@ def _first_difference(a: Any, b: Any) -> tuple[Any, Any]:
 
 
 def _same_static(old: Any, new: Any) -> bool:
-    """Whether a held-static value is the one traced (the same object, or equal)."""
+    """Whether a held-static value is the one traced (the same object, or equal; an
+    array held static, of the same shape, dtype and values)."""
     if old is new:
         return True
+    if isinstance(old, (np.ndarray, jax.Array)) or isinstance(new, (np.ndarray, jax.Array)):
+        if _is_tracer(old) or _is_tracer(new):
+            return False
+        try:
+            a, b = np.asarray(old), np.asarray(new)
+            same_dtype = jax.dtypes.canonicalize_dtype(a.dtype) == jax.dtypes.canonicalize_dtype(
+                b.dtype
+            )
+            return a.shape == b.shape and same_dtype and bool(np.array_equal(a, b))
+        except Exception:  # (an object numpy cannot read)
+            return False
     try:
         return bool(old == new)
     except Exception:  # an object whose == is not a truth value (an array): not equal
         return False
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _differing_node(

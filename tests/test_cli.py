@@ -232,6 +232,24 @@ def test_output_paths_an_args_from_failure_and_a_script_reading_argv(capsys, tmp
     assert "--args-from :boom failed: RuntimeError: no data here" in err
 
 
+def test_an_args_from_list_and_an_option_without_its_slice_say_so(capsys, tmp_path):
+    """A list from --args-from is one argument (said only as the function's missing
+    argument); --allow-unconnected without --slice was ignored."""
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import jax.numpy as jnp\n"
+        "def f(x, p):\n"
+        "    h = jnp.sin(x) * p\n"
+        "    return h\n"
+        "def args():\n"
+        "    return [jnp.ones(2), jnp.ones(2)]\n"
+    )
+    err = one_error(capsys, ["show", f"{script}:f", "--args-from", ":args"])
+    assert "(--args-from returned a list, which is one argument: return a tuple" in err
+    err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--allow-unconnected"])
+    assert "--allow-unconnected is an option of --slice IN OUT" in err
+
+
 def test_a_file_importing_a_module_beside_it_loads_from_anywhere(capsys, tmp_path, monkeypatch):
     """The target file runs as ``python path`` runs it: its folder is on the import path
     (a model file importing its layers from the next file failed unless run there)."""

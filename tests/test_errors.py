@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import allclose
 from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
@@ -180,6 +181,11 @@ def with_activation(activation):
 
 def scaled(x, s):
     return x * s
+
+
+def defaulted(x, b=jnp.ones(3)):  # noqa: B008  (an array default, held fixed)
+    y = x * b
+    return y
 
 
 def nested_scans(W, x):
@@ -879,6 +885,67 @@ CATALOG = [
         r"'n' is int32.*for an integer value there is no derivative",
     ),
     (
+        "an array default given another value",  # (said its parts "that are not arrays")
+        lambda g, a: js.trace(defaulted, jnp.ones(3)).as_function()(jnp.ones(3), jnp.zeros(3)),
+        js.SliceError,
+        r"left to its default \(Array\(\[1\., 1\., 1\.\].*\), which the program holds fixed "
+        r"\(a default is not one of the graph's inputs\); pass `b` to js.trace to make it one",
+    ),
+    (
+        "a static array given other values",
+        lambda g, a: js.trace(scaled, jnp.ones(3), np.ones(3), static_argnums=1).as_function()(
+            jnp.ones(3), np.zeros(3)
+        ),
+        js.SliceError,
+        r"static argument `s` is array\(\[0\., 0\., 0\.\]\), but the graph was traced with "
+        r"array\(\[1\., 1\., 1\.\]\)",
+    ),
+    (
+        "a patch keyed by the glob its patch function was made with",  # (said: select it)
+        lambda g, a: js.trace(rnn, jnp.zeros(2), jnp.ones((3, 2))).patch_fn("step/h_new@*")(
+            {"step/h_new@*": jnp.zeros((3, 2))}, jnp.zeros(2), jnp.ones((3, 2))
+        ),
+        js.SelectionError,
+        r"patches 'step/h_new@0', 'step/h_new@1', 'step/h_new@2'; a glob given alone keys "
+        r"each var it matches by its name; .*g\.patch_fn\(\{'name': 'step/h_new@\*'\}\)",
+    ),
+    (
+        "g.replace given patch_fn's dict",  # (Python's missing argument 'value_or_fn')
+        lambda g, a: g.replace({"z1": 0.0}),
+        js.SliceError,
+        r"g\.replace takes a selector and what to put there.*got \{'z1': 0\.0\} alone",
+    ),
+    (
+        "allow_unconnected given a string",  # ("no" is true: the slice was allowed)
+        lambda g, a: g.slice("z1", "z2", allow_unconnected="no"),
+        js.SliceError,
+        r"allow_unconnected must be True or False, got 'no'",
+    ),
+    (
+        "a tag name holding an iteration's @",
+        lambda g, a: js.trace(lambda x: js.tag(x * 2, "h@1").sum(), jnp.ones(2)),
+        js.TraceError,
+        r"js\.tag name 'h@1' holds '@', which selectors read",
+    ),
+    (
+        "a tag named like an index",  # (g["%1"] and g[1] were two vars)
+        lambda g, a: js.tag(jnp.ones(2), "%1"),
+        js.TraceError,
+        r"js\.tag name '%1' holds '%'",
+    ),
+    (
+        "an Equinox layer's name without its scope path",  # (suggested 'eqx.nn.MLP')
+        lambda g, a: mlp_graph(jax.nn.relu)[1]["eqx.nn.Linear#1"],
+        js.SelectionError,
+        r"no var named 'eqx\.nn\.Linear#1'; did you mean 'eqx\.nn\.MLP/eqx\.nn\.Linear#1'",
+    ),
+    (
+        "an Equinox layer's class name alone",  # (no suggestion)
+        lambda g, a: mlp_graph(jax.nn.relu)[1]["Linear#1"],
+        js.SelectionError,
+        r"no var named 'Linear#1'; did you mean 'eqx\.nn\.MLP/eqx\.nn\.Linear#1'\?",
+    ),
+    (
         "gradient of a complex output",
         lambda g, a: complex_graph().grads("out[1]", ["z"]),
         js.SliceError,
@@ -898,6 +965,21 @@ def test_bad_input(g, abstract, case, action, error, pattern):
 
 def test_catalog_size():
     assert len(CATALOG) >= 20
+
+
+def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
+    """A static array or an array default given again (another object of the same
+    values) ran; it was refused, the message printing two equal arrays. An index from
+    NumPy (np.argmax's) was refused: "use an int"."""
+    static = js.trace(scaled, jnp.ones(3), np.ones(3), static_argnums=1).as_function()
+    allclose(static(jnp.arange(3.0), np.ones(3)), jnp.arange(3.0))
+    allclose(
+        js.trace(defaulted, jnp.ones(3)).as_function()(jnp.arange(3.0), jnp.ones(3)),
+        jnp.arange(3.0),
+    )
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    assert g[np.int64(3)] is g[3] and g.select([np.int32(3)]).names == (g[3].name,)
+    assert g.slice(np.int64(3), "out").inputs is g[3]
 
 
 def test_no_internal_errors_escape_for_odd_selectors(g):
