@@ -33,10 +33,13 @@ from __future__ import annotations
 import html
 import numbers
 import operator
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ._errors import SelectionError
 from ._hierarchy import (
@@ -53,7 +56,7 @@ from ._hierarchy import (
     visible,
 )
 from ._progress import progress
-from ._table import slice_roles
+from ._table import html_id, slice_roles
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -211,6 +214,8 @@ def layout_graph(
     from ._graph import short_type
 
     depth, max_nodes = check_depth(depth), check_max_nodes(max_nodes)
+    if not isinstance(expand, (bool, np.bool_)):  # ("no" is true)
+        raise SelectionError(f"expand must be True or False, got {expand!r}")
     role_of = roles(graph, highlight)
     base = "faded" if role_of else "plain"
     edges_v = graph._program.var_edges()
@@ -338,6 +343,15 @@ class Drawing:
     def __init__(self, svg: str):
         self.svg = svg
 
+    def __repr__(self) -> str:  # (a terminal, and a notebook's plain-text output)
+        size = re.search(r'width="([\d.]+)" height="([\d.]+)"', self.svg)
+        shown = f"{size[1]} x {size[2]} px, " if size else ""
+        boxes = self.svg.count("<rect") + self.svg.count("<polygon")
+        return (
+            f"<Drawing: SVG, {shown}{len(self.svg) // 1024} KB, about {boxes} boxes; shows in "
+            "a notebook; .save('f.svg') writes it>"
+        )
+
     def _repr_svg_(self) -> str:
         return self.svg
 
@@ -443,10 +457,11 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
         x0 = (width - row_w) / 2
         for k, n in enumerate(row):
             pos[n.key] = (x0 + k * (box_w + gap_x), top + depth * (box_h + gap_y))
+    arrow = html_id("jsarrow")  # (one page holds every drawing of a notebook)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
+        f'<defs><marker id="{arrow}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" '
         'markerHeight="6" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#9aa0a6"/></marker></defs>',
     ]
     for k, r in enumerate(legend):
@@ -464,7 +479,7 @@ def _builtin_svg(nodes: list[Node], edges: list[tuple[str, str]]) -> str:
         mid = (y1 + y2) / 2
         parts.append(
             f'<path d="M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}" '
-            'fill="none" stroke="#9aa0a6" marker-end="url(#arrow)"/>'
+            f'fill="none" stroke="#9aa0a6" marker-end="url(#{arrow})"/>'
         )
     for n in nodes:
         x, y = pos[n.key]

@@ -526,6 +526,9 @@ class _Builder:
         end = producer[last] if isinstance(last, int) else last.end
         head = self._named(chunk)
         tail = self._named(chunk[::-1], other_than=head) or self._item_label(last)
+        if tail == head:  # calls of one function (diffrax's prevbefore): read apart by
+            # where they end, else every segment of them read "prevbefore …"
+            tail = self.names.canonical[self._last_var(last)]
         label = f"{head} … {tail}" if tail != head else f"{head} …"
         seg = self._new(label, path, "segment", start, end)
         self.keys += 1
@@ -542,6 +545,14 @@ class _Builder:
             return next((b for b in labels if not is_generated(b) and b != other_than), "")
         first = self._item_label(items[0])
         return next((lab for lab in labels if not is_generated(lab)), first)
+
+    def _last_var(self, item: Group | int) -> int:
+        """The var an item makes last (by the equation making it)."""
+        if isinstance(item, int):
+            return item
+        producer = self.program.producer
+        inner = [*item.vars, *(self._last_var(c) for c in item.children)]
+        return max(inner, key=lambda v: (producer[v], v))
 
     def _item_label(self, item: Group | int) -> str:
         if isinstance(item, Group):

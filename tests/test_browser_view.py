@@ -123,3 +123,58 @@ def test_the_view_keeps_labels_that_end_alike_apart(open_page):
         ".jsv-node rect", "els => els.map(e => e.getAttribute('width'))"
     )
     assert len(set(widths)) == 1 and float(widths[0]) > 160  # boxes widened to hold them
+
+
+def nested_scopes(x):
+    import jax
+    import jax.numpy as jnp
+
+    with jax.named_scope("outer"):
+        for k in range(2):
+            with jax.named_scope(f"inner_{k}"):
+                x = jnp.tanh(x) * 2.0 + 1.0
+    return x
+
+
+def test_a_click_on_an_inner_groups_header_closes_that_group(open_page):
+    """The outer group's frame was drawn over the inner group's header and took its
+    click: every group closed."""
+    import jax.numpy as jnp
+
+    import jaxsurgery as js
+
+    page = open_page(js.trace(nested_scopes, jnp.ones(3)).view(depth=1)._repr_html_())
+    page.wait_for_selector(".jsv-node")
+    page.click(".jsv-node.jsv-group")  # outer
+    page.click(".jsv-node.jsv-group")  # inner_0, inside it
+    headers = ".jsv-cluster text"
+    assert sorted(page.eval_on_selector_all(headers, "els => els.map(e => e.textContent)")) == [
+        "▾ inner_0",
+        "▾ outer",
+    ]
+    inner = page.locator(headers, has_text="inner_0").bounding_box()
+    page.mouse.click(inner["x"] + inner["width"] / 2, inner["y"] + inner["height"] / 2)
+    assert page.eval_on_selector_all(headers, "els => els.map(e => e.textContent)") == ["▾ outer"]
+
+
+def test_fit_keeps_a_tall_picture_inside_the_canvas(open_page):
+    """Scaled down below a half, the picture's bottom (its output) fell below the
+    canvas."""
+    import jax.numpy as jnp
+
+    import jaxsurgery as js
+
+    def chain(x):
+        for _ in range(60):
+            x = jnp.sin(x) * 1.1
+        return x
+
+    page = open_page(js.trace(chain, jnp.ones(3)).view()._repr_html_())
+    page.wait_for_selector(".jsv-node")
+    page.click(".jsv-fit")
+    canvas, scene = (page.locator(s).bounding_box() for s in (".jsv-canvas", ".jsv-scene"))
+    transform = page.get_attribute(".jsv-scene", "transform")
+    assert float(transform.rsplit("scale(", 1)[1].rstrip(")")) < 0.5  # scaled well down
+    assert (
+        scene["y"] >= canvas["y"] and scene["y"] + scene["height"] <= canvas["y"] + canvas["height"]
+    )

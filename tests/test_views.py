@@ -199,6 +199,38 @@ def test_svg_is_well_formed_and_large_graphs_collapse_by_scope():
     assert "x#0 … block#1" in texts and "block#77 … block#79" in texts
 
 
+def test_segments_of_one_functions_calls_read_apart():
+    """Calls of a library's jit that no frame numbers (diffrax's prevbefore) folded into
+    segments each labelled "softplus …": 20 boxes alike."""
+    step = jax.jit(jax.nn.softplus)
+
+    def chain(x):
+        for _ in range(100):
+            x = jax.tree_util.tree_map(step, x)  # called by JAX's code: no frame of ours
+        return x
+
+    labels = re.findall(r'label="([^"\\]*)', js.trace(chain, jnp.ones(3)).to_dot())
+    segments = [label for label in labels if label.startswith("softplus")]
+    assert len(segments) > 20 and len(set(segments)) == len(segments), segments
+    assert "softplus … x#100" in segments  # where the last one ends
+
+
+def test_drawings_in_one_page_keep_their_own_ids_and_say_what_they_are():
+    """Every drawing's arrowhead was id="arrow": in a notebook page, all but the first
+    pointed at the first one's."""
+    g = js.trace(mlp_12782, *mlp_12782_args())
+    drawings = [g.draw(engine="builtin"), g.draw(highlight=g.slice("z1", "z2"), engine="builtin")]
+    ids = [re.findall(r' id="([^"]+)"', d.svg) for d in drawings]
+    assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
+    for d, (own,) in zip(drawings, ids):
+        assert d.svg.count(f"url(#{own})") == d.svg.count("marker-end=")
+    assert re.fullmatch(
+        r"<Drawing: SVG, \d+ x \d+ px, \d+ KB, about \d+ boxes; .*>", repr(drawings[0])
+    )
+    with pytest.raises(js.SelectionError, match="expand must be True or False, got 'yes'"):
+        g.draw(expand="yes")
+
+
 def test_readme_picture_is_what_the_code_draws():
     sys.path.insert(0, str(ROOT / "examples"))
     try:

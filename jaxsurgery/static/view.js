@@ -118,7 +118,9 @@ function jaxsurgeryView(root, packed) {
     });
     dagre.layout(g);
     while (scene.firstChild) scene.removeChild(scene.firstChild);
-    clusters.forEach((p) => {
+    // outer clusters first: an inner one's header drawn over its parent's frame takes
+    // its own clicks (drawn before, the parent's frame closed the parent)
+    [...clusters].sort((a, b) => groups[a].depth - groups[b].depth).forEach((p) => {
       const c = g.node("c" + p);
       const box = el("g", { class: "jsv-cluster", "data-key": p }, scene);
       el("rect", { x: c.x - c.width / 2, y: c.y - c.height / 2, width: c.width, height: c.height, rx: 8 }, box);
@@ -171,7 +173,9 @@ function jaxsurgeryView(root, packed) {
 
   function fit(w, h) {
     const box = svg.getBoundingClientRect();
-    const k = Math.min(1, (box.width || 800) / (w + 20), (box.height || 500) / (h + 20));
+    // a margin of 10 above and below at any scale (h + 20 scaled lost the bottom
+    // margin's share, and the last box, on tall pictures)
+    const k = Math.min(1, (box.width || 800) / (w + 20), ((box.height || 500) - 20) / h);
     view = { x: ((box.width || 800) - w * k) / 2, y: 10, k };
     place();
   }
