@@ -700,16 +700,21 @@ def test_a_percent_sign_a_user_wrote_is_not_a_generated_name():
     assert card["aliases"] == ["top5%", "out['acc%']"]
 
 
-def test_a_tag_named_like_a_fallback_does_not_take_the_fallbacks_var():
-    """``%3`` selects var 3 (SPEC §4.6), also where a tag is named "%3" and var 3 has no
-    name: both are canonically ``%3``; the index wins, as ``g[3]`` does."""
+def test_a_tag_named_like_a_fallback_is_refused():
+    """``%3`` selects var 3 (SPEC §4.6): a tag named "%3" (which took it where var 3 had
+    no name, until the index was made to win) is refused, as are the other characters
+    selectors read."""
 
     def f(x):
         a = js.tag(jnp.sin(x), "%3")
         return jnp.exp(jnp.cos(jnp.tan(a)))
 
-    g = js.trace(f, jnp.ones(2))
-    assert g["%3"] is g[3] and g[3].primitive == "cos"
+    with pytest.raises(js.TraceError, match="js.tag name '%3' holds '%'"):
+        js.trace(f, jnp.ones(2))
+    for name in ("h@2", "h#1", "h*", "h?"):
+        with pytest.raises(js.TraceError, match="which selectors read"):
+            js.tag(jnp.ones(2), name)
+    assert js.tag(jnp.ones(2), "top5%").shape == (2,)  # (not leading: a name as any)
 
 
 GLOBAL_W = jnp.eye(3) * 2.0
