@@ -50,6 +50,9 @@ def submodule_paths(parent: Any) -> dict[int, str] | None:
     layer = getattr(penzai, "Layer", None)
     if isinstance(layer, type) and isinstance(parent, layer):
         return _pytree_paths(parent, layer)
+    eqx = sys.modules.get("equinox")
+    if eqx is not None and isinstance(parent, eqx.Module):
+        return _pytree_paths(parent, eqx.Module)
     if nnx is None or not isinstance(parent, nnx.Module):
         return None
     paths: dict[int, str] = {}
@@ -204,7 +207,8 @@ def library_calls(
     and so does Haiku (``hk.intercept_methods``), and a Flax NNX module of the
     library that another module of the library calls (``nnx.MultiHeadAttention``'s
     ``self.query``) runs as ``framed(module)`` returns it, in a frame named by its
-    attribute path, when there is one (see :func:`_nnx_framed`); while it runs, so does
+    attribute path, when there is one (see :func:`_framed_call`), and so does an
+    Equinox layer that another of the library calls; while an NNX one runs, so does
     a module of the user's (its ``__call__`` a ``user`` function) that it holds (the
     cell ``nnx.RNN`` scans, a user's: see :func:`_framing`).
 
@@ -216,12 +220,18 @@ def library_calls(
         (cls, _once(_itemized, cls.__call__, call, attr, keep, label))
         for cls, attr, keep, label in _containers()
     ]
-    patched += _own_scopes()
+    containers = {cls for cls, _ in patched}
+    eqx = sys.modules.get("equinox")
+    if eqx is not None:
+        patched += [
+            (cls, _once(_framed_call, run, framed))
+            for cls, run in _eqx_layers(eqx)
+            if cls not in containers
+        ]
     nnx = _nnx()
     if nnx is not None:
-        containers = {cls for cls, *_ in patched}
         patched += [
-            (cls, _once(_nnx_framed, cls.__call__, framed, user))
+            (cls, _once(_framed_call, cls.__call__, framed, user))
             for cls in _nnx_library_modules(nnx)
             if cls not in containers
         ]
@@ -375,21 +385,20 @@ def _patched(patched: list[tuple[type, Callable]]) -> Iterator[None]:
                 cls.__call__ = original
 
 
-def _own_scopes() -> list[tuple[type, Callable]]:
-    """``(class, __call__ in a scope named after the class)`` for the Equinox layers
-    whose ``__call__`` is their base's, scoped with the base's name."""
-    eqx = sys.modules.get("equinox")
-    return [] if eqx is None else list(_eqx_own_scopes(eqx))
-
-
 @functools.cache
-def _eqx_own_scopes(eqx: Any) -> tuple[tuple[type, Callable], ...]:
-    """:func:`_own_scopes` of one Equinox module (its classes do not change)."""
+def _eqx_layers(eqx: Any) -> tuple[tuple[type, Callable], ...]:
+    """``(class, the __call__ it runs)`` for the layers of one Equinox module (its
+    classes do not change): their own, or, for a layer whose ``__call__`` is its base's,
+    scoped with the base's name (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``), the base's
+    in a scope named after the layer (found at the first trace: the originals)."""
     import jax
 
     found = []
     for name, cls in vars(eqx.nn).items():
-        if not (isinstance(cls, type) and issubclass(cls, eqx.Module)) or "__call__" in vars(cls):
+        if not (isinstance(cls, type) and issubclass(cls, eqx.Module)):
+            continue
+        if "__call__" in vars(cls):
+            found.append((cls, vars(cls)["__call__"]))
             continue
         inner = getattr(cls.__call__, "__wrapped__", None)  # under the base's named_scope
         if inner is not None:
@@ -410,16 +419,18 @@ def _nnx_library_modules(nnx: Any) -> tuple[type, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _nnx_framed(
+def _framed_call(
     original: Callable,
     framed: Callable[[Any], Callable | None],
     user: Callable[[Any], bool] | None = None,
 ) -> Callable:
-    """``original``, an NNX module's ``__call__``, run as ``framed(module)`` returns it
-    (a function running the module in a frame named by its attribute path in the module
-    running: ``query`` in ``nnx.MultiHeadAttention``) or, when that is None (no such
-    path, or the frame is already open: user code called it), as it is. With ``user``
-    (a library module's), the user modules it holds are framed alike while it runs."""
+    """``original``, an NNX module's or Equinox layer's ``__call__``, run as
+    ``framed(module)`` returns it (a function running the module in a frame named by its
+    path in the module running: ``query`` in ``nnx.MultiHeadAttention``, ``query_proj``
+    in ``eqx.nn.MultiheadAttention``, ``layers[1]`` in ``eqx.nn.MLP``) or, when that is
+    None (no such path, or the frame is already open: user code called it), as it is.
+    With ``user`` (an NNX library module's), the user modules it holds are framed alike
+    while it runs."""
 
     @functools.wraps(original)
     def library_module_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -454,13 +465,13 @@ def _user_module_classes(module: Any, user: Callable[[Any], bool]) -> dict[type,
 @contextlib.contextmanager
 def _framing(held: dict[type, tuple], framed: Callable[[Any], Callable | None]) -> Iterator[None]:
     """While a library NNX module runs: the classes of the user modules it holds
-    (:func:`_user_module_classes`) run them as :func:`_nnx_framed` does, in a frame
+    (:func:`_user_module_classes`) run them as :func:`_framed_call` does, in a frame
     named by their path (also the copies an NNX transform makes of them: ``nnx.RNN``
     scans a copy). The frame runs the user's ``__call__`` rewritten (the wrapper is a
     decorator's, whose wrapped function a frame swaps for its rewritten copy); the
     classes are put back after the call."""
     for kind, (_, call) in held.items():
-        framing = _nnx_framed(call, framed)
+        framing = _framed_call(call, framed)
         _FRAMING.add(framing)  # (a library module inside it holding one too: framed once)
         kind.__call__ = framing  # type: ignore[method-assign]
     try:

@@ -130,6 +130,52 @@ def test_an_equinox_conv2d_has_its_own_scope(key):
     assert "__call__" not in vars(eqx.nn.Conv2d)  # restored after tracing
 
 
+class AttentionBlock(eqx.Module):
+    attn: eqx.nn.MultiheadAttention
+    norm: eqx.nn.LayerNorm
+
+    def __init__(self, key):
+        self.attn = eqx.nn.MultiheadAttention(2, 8, key=key)
+        self.norm = eqx.nn.LayerNorm(8)
+
+    def __call__(self, x):
+        h = jax.vmap(self.norm)(x)
+        return (x + self.attn(h, h, h)).sum()
+
+
+def test_equinox_layers_a_library_layer_calls_are_named_by_their_paths(key):
+    """Called by the library's code (eqx.nn.MultiheadAttention's projections, an
+    eqx.nn.MLP's layers), they were named by scopes alone (eqx.nn.Linear#0 .. #3);
+    the scopes stay aliases."""
+    m = AttentionBlock(key)
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    g = js.trace(forward, m, x)
+    h = jax.vmap(m.norm)(x)
+    for k, proj in enumerate(("query_proj", "key_proj", "value_proj")):
+        var = g[f"model/attn/{proj}"]
+        assert f"eqx.nn.MultiheadAttention/eqx.nn.Linear#{k}" in var.aliases
+        # (under the library's jax.vmap: the batch axis where JAX put it, last)
+        allclose(g.value(var), jax.vmap(getattr(m.attn, proj))(h).T)
+    k, v = jax.vmap(m.attn.key_proj)(h), jax.vmap(m.attn.value_proj)(h)
+
+    def rest(q_t):  # the block after the query projection, by hand
+        q = q_t.T
+        heads = lambda a: a.reshape(5, 2, 4)  # noqa: E731
+        logits = jnp.einsum("shd,Shd->hsS", heads(q), heads(k)) / 2.0
+        mixed = jnp.einsum("hsS,Shd->shd", jax.nn.softmax(logits, -1), heads(v))
+        return (x + jax.vmap(m.attn.output_proj)(mixed.reshape(5, 8))).sum()
+
+    q_t = jax.vmap(m.attn.query_proj)(h).T
+    allclose(rest(q_t), g.value("out"))
+    check_slice(g.slice("model/attn/query_proj", "out"), (q_t,), rest)
+
+    mlp = eqx.nn.MLP(3, 2, 4, 2, key=key)
+    g = js.trace(forward, mlp, jnp.ones(3))
+    assert g["model/layers[1]"] is g["eqx.nn.MLP/eqx.nn.Linear#1"]
+    h1 = jax.nn.relu(mlp.layers[0](jnp.ones(3)))
+    allclose(g.value("model/layers[1]"), mlp.layers[1](h1))
+
+
 # -- penzai ---------------------------------------------------------------------------------
 def test_penzai_parameters_by_label_and_layers_by_place():
     mlp = simple_mlp.MLP.from_config(
