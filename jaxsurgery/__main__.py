@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         graph = js.trace(fn, *given)
     except js.SurgeryError as e:
-        if hint and isinstance(e, TypeError):  # (the arguments do not fit the function)
+        if hint and str(e).startswith("the arguments do not fit"):
             raise type(e)(f"{str(e).strip().splitlines()[0]}{hint}") from None
         raise
     except Exception as e:  # the user's function failed to trace with these arguments

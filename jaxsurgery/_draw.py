@@ -344,20 +344,21 @@ class Drawing:
         self.svg = svg
 
     def __repr__(self) -> str:  # (a terminal, and a notebook's plain-text output)
-        size = re.search(r'width="([\d.]+)" height="([\d.]+)"', self.svg)
-        shown = f"{size[1]} x {size[2]} px, " if size else ""
-        boxes = self.svg.count("<rect") + self.svg.count("<polygon")
+        size = re.search(r'<svg[^>]* width="([\d.]+)(\w*)" height="([\d.]+)(\w*)"', self.svg)
+        shown = f"{size[1]} x {size[3]} {size[2] or 'px'}, " if size else ""
         return (
-            f"<Drawing: SVG, {shown}{len(self.svg) // 1024} KB, about {boxes} boxes; shows in "
-            "a notebook; .save('f.svg') writes it>"
+            f"<Drawing: SVG, {shown}{len(self.svg) // 1024} KB; shows in a notebook; "
+            ".save('f.svg') writes it>"
         )
 
     def _repr_svg_(self) -> str:
         return self.svg
 
     def save(self, path: str) -> None:
+        """Write the SVG to ``path``, its arrowhead's id fixed (``arrow``: unique in a
+        notebook page, it is random; a file of its own keeps one, the same every time)."""
         with open(path, "w", encoding="utf-8") as f:
-            f.write(self.svg)
+            f.write(re.sub(r"jsarrow[0-9a-f]+-\d+", "arrow", self.svg))
 
 
 def draw(

@@ -363,7 +363,7 @@ class Graph(Identical):
         """
         from ._slice import Slice
 
-        if not isinstance(allow_unconnected, (bool, np.bool_)):  # ("no" is true)
+        if not (isinstance(allow_unconnected, (bool, np.bool_)) or allow_unconnected in (0, 1)):
             raise SliceError(
                 f"allow_unconnected must be True or False, got {short_repr(allow_unconnected)}"
             )

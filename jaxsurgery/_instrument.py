@@ -194,7 +194,8 @@ class Recorder:
         """
         frame = self._stack[-1] if self._stack else -1
         if method is not None and frame >= 0:
-            if getattr(self.callees[frame], "__func__", None) is method:
+            callee = self.callees[frame]  # (a bound method, or the class's called unbound)
+            if getattr(callee, "__func__", callee) is method:
                 frame = self.frames[frame][1]
         if (  # the common case, written for speed: one array, no transform, no scope
             type(value) is C.JAXPR_TRACER

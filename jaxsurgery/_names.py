@@ -128,17 +128,19 @@ def is_generated(name: str) -> bool:
 _GENERATED = re.compile(r"(?:^|/)(?:loop\d+)?%\d+(?:@\d+)*$")
 
 
-def _group(bindings: Iterable[tuple[str, int]], first: dict[str, int]) -> dict[int, list[str]]:
+def _group(
+    bindings: Iterable[tuple[str, int]], first: dict[str, tuple[int, ...]]
+) -> dict[int, list[str]]:
     """Per var, the names a binding sequence gives it, ``#k`` forms where needed.
 
-    ``first`` gives vars that are binding ``#0`` of a name before the sequence starts
-    (parameters the body rebinds).
+    ``first`` gives vars that are bindings ``#0``, ``#1``... of a name before the
+    sequence starts (parameters the body rebinds, then tags of their names).
     """
     order: dict[str, dict[int, None]] = {}  # name -> its distinct vars, in binding order
     for name, var in bindings:
         vs = order.get(name)
         if vs is None:
-            vs = order[name] = {first[name]: None} if name in first else {}
+            vs = order[name] = dict.fromkeys(first[name]) if name in first else {}
         vs[var] = None
     names: dict[int, list[str]] = {}
     for name, var_set in order.items():
@@ -197,23 +199,46 @@ def assign_names(
         candidates[i].append(name)
     for i, label in input_labels:
         candidates[i].insert(0, label)
-    # a tag or a Python name given an input's name rebinds it: the input is #0 of it
-    rebound = {name: i for i, name in enumerate(inputs)}
-    for var, names in _group(((n, v) for v, n in tags), rebound).items():
+    # a tag or a Python name given an input's name rebinds it: the input is #0 of it,
+    # its tags next, then the Python names (one numbering: x#1 is one var)
+    rebound = {name: (i,) for i, name in enumerate(inputs)}
+    tagged = [(n, v) for v, n in tags]
+    for var, names in _group(tagged, rebound).items():
         candidates[var].extend(names)
-    for var, names in _group(bindings, rebound).items():
+    first = dict(rebound)
+    for name, var in tagged:
+        if name in rebound and var not in first[name]:
+            first[name] += (var,)
+    for var, names in _group(bindings, first).items():
         candidates[var].extend(names)
     for var, name in scopes:
         candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)
+    _outputs_take_their_names(candidates, outputs, bindings)
 
     extras: list[list[str]] = [[] for _ in range(num_vars)]
-    for var, name in (*extra_aliases, *input_aliases):
+    named = {n for n, _ in bindings} | {n for _, n in tags}  # (a tag "m.kernel" keeps it)
+    for var, name in (*extra_aliases, *(a for a in input_aliases if a[1] not in named)):
         extras[var].append(name)
     names = finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
     names.arguments = list(inputs)
     return names
+
+
+def _outputs_take_their_names(
+    candidates: list[list[str]],
+    outputs: Sequence[tuple[int, str]],
+    bindings: Sequence[tuple[str, int]],
+) -> None:
+    """An output whose name a Python variable bound several times (``out = layer(x);
+    out = out + x; return out``) takes the bare name (``out``): the other bindings keep
+    their ``out#k`` (in place). The outputs' names were ambiguous there."""
+    wanted = {name: var for var, name in outputs}
+    for name, other in bindings:
+        if wanted.get(name, other) != other and name in candidates[other]:
+            # (a shadowing variable, the output not among its bindings, was left out)
+            candidates[other] = [c for c in candidates[other] if c != name]
 
 
 def shadowed_outputs(

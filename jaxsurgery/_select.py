@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from . import _compat as C
 from ._errors import (
@@ -480,8 +481,16 @@ def _many(graph: Graph, selector: Any) -> dict[int, str]:
 
 
 def _plain_int(selector: Any) -> Any:
-    """A NumPy integer (``np.argmax``'s) as the index it is; anything else as it is."""
+    """A NumPy integer (``np.argmax``'s), or an integer array of no axis (``jnp.argmax``'s),
+    as the index it is; anything else as it is."""
     if isinstance(selector, numbers.Integral) and not isinstance(selector, (bool, int)):
+        return int(selector)
+    if (
+        isinstance(selector, (np.ndarray, jax.Array))
+        and selector.shape == ()
+        and np.issubdtype(selector.dtype, np.integer)
+        and not isinstance(selector, jax.core.Tracer)
+    ):
         return int(selector)
     return selector
 

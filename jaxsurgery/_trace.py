@@ -1032,7 +1032,10 @@ def _same_static(old: Any, new: Any) -> bool:
     array held static, of the same shape, dtype and values)."""
     if old is new:
         return True
-    if isinstance(old, (np.ndarray, jax.Array)) or isinstance(new, (np.ndarray, jax.Array)):
+    arrays = (np.ndarray, jax.Array)
+    if isinstance(old, arrays) or isinstance(new, arrays):  # both, or not the same
+        if not (isinstance(old, arrays) and isinstance(new, arrays)):
+            return False  # (a list for an array: a * 2 repeats it, no number doubles)
         if _is_tracer(old) or _is_tracer(new):
             return False
         try:
@@ -1040,9 +1043,15 @@ def _same_static(old: Any, new: Any) -> bool:
             same_dtype = jax.dtypes.canonicalize_dtype(a.dtype) == jax.dtypes.canonicalize_dtype(
                 b.dtype
             )
-            return a.shape == b.shape and same_dtype and bool(np.array_equal(a, b))
+            nan = a.dtype.kind in "fc"
+            return a.shape == b.shape and same_dtype and bool(np.array_equal(a, b, equal_nan=nan))
         except Exception:  # (an object numpy cannot read)
             return False
+    if type(old) is type(new) and isinstance(old, (dict, list, tuple)):  # arrays inside
+        old_leaves, old_tree = jax.tree_util.tree_flatten(old)
+        new_leaves, new_tree = jax.tree_util.tree_flatten(new)
+        if any(isinstance(x, arrays) for x in old_leaves):
+            return old_tree == new_tree and all(map(_same_static, old_leaves, new_leaves))
     try:
         return bool(old == new)
     except Exception:  # an object whose == is not a truth value (an array): not equal

@@ -169,8 +169,8 @@ MODELS = {
 
 
 def picture(svg: str) -> str:
-    """An SVG drawing with its page-unique ids (an arrowhead's) made alike, to compare
-    two drawings of the same picture."""
+    """An SVG drawing with its page-unique id (an arrowhead's) fixed as a saved file has
+    it, to compare two drawings of the same picture."""
     import re
 
-    return re.sub(r"jsarrow[0-9a-f]+-\d+", "jsarrow", svg)
+    return re.sub(r"jsarrow[0-9a-f]+-\d+", "arrow", svg)  # (as Drawing.save writes it)

@@ -244,9 +244,14 @@ def test_an_args_from_list_and_an_option_without_its_slice_say_so(capsys, tmp_pa
         "    return h\n"
         "def args():\n"
         "    return [jnp.ones(2), jnp.ones(2)]\n"
+        "def g(xs):\n"
+        "    return js.tag(xs[0] * 2, 'h#1')\n"
+        "import jaxsurgery as js\n"
     )
     err = one_error(capsys, ["show", f"{script}:f", "--args-from", ":args"])
     assert "(--args-from returned a list, which is one argument: return a tuple" in err
+    err = one_error(capsys, ["show", f"{script}:g", "--args-from", ":args"])  # a list it takes
+    assert "js.tag name 'h#1' holds '#'" in err and "--args-from returned" not in err
     err = one_error(capsys, ["show", f"{EXAMPLE}:f", *MLP_ARGS, "--allow-unconnected"])
     assert "--allow-unconnected is an option of --slice IN OUT" in err
 

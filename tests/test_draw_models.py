@@ -59,7 +59,8 @@ def test_every_group_is_a_run_of_program_order(name):
     "name, boxes",
     [
         ("flax", [f"Block_{k}" for k in range(BLOCKS)] + ["Dense_0", "args[0]"]),
-        ("equinox", [f"block#{k}" for k in range(BLOCKS)] + ["x"]),
+        # (their paths in the model, as NNX modules', also in `for block in self.blocks`)
+        ("equinox", [f"blocks[{k}]" for k in range(BLOCKS)] + ["x"]),
         ("penzai", [f"body.sublayers[{k}]" for k in range(4)]),
         (
             "haiku_resnet50",
@@ -81,7 +82,7 @@ def test_inside_a_block_and_an_nnx_model_by_depth():
     labels, _ = dot_graph(MODELS["nnx"]().to_dot(depth=2))
     assert {"l1", *(f"layers[{k}]" for k in range(BLOCKS))} <= set(labels.values())
     # Equinox: a layer's call and the scope it makes are one box, named by the call
-    # (each block's, by its block: block#0/ln1)
+    # (each block's, by its block: blocks[0]/ln1)
     labels, _ = dot_graph(equinox_transformer().to_dot(depth=3))
     for part in ("ln1", "attention", "ln2", "mlp"):
         boxes = [label for label in labels.values() if label.split("/")[-1] == part]

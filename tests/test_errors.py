@@ -977,9 +977,31 @@ def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
         js.trace(defaulted, jnp.ones(3)).as_function()(jnp.arange(3.0), jnp.ones(3)),
         jnp.arange(3.0),
     )
+    nan = np.array([1.0, np.nan])
+    allclose(
+        js.trace(scaled, jnp.ones(2), nan, static_argnums=1).as_function()(jnp.ones(2), nan.copy()),
+        nan,
+    )
+    held = js.trace(lambda x, d: x * d["m"], jnp.ones(2), {"m": np.ones(2)}, static_argnums=1)
+    allclose(held.as_function()(jnp.ones(2), {"m": np.ones(2)}), jnp.ones(2))
+
+    # a list is no array of its values (a * 2 repeats it): refused either way
+    def doubled(x, a):
+        b = a * 2
+        return x.sum() * b[1]
+
+    as_list = js.trace(doubled, jnp.ones(2), [1.0, 2.0, 3.0], static_argnums=1).as_function()
+    as_array = js.trace(doubled, jnp.ones(2), np.array([1.0, 2.0, 3.0]), static_argnums=1)
+    for function, other in (
+        (as_list, np.array([1.0, 2.0, 3.0])),
+        (as_array.as_function(), [1.0, 2.0, 3.0]),
+    ):
+        with pytest.raises(js.SliceError, match="static argument `a`"):
+            function(jnp.ones(2), other)
     g = js.trace(mlp_12782, *mlp_12782_args())
     assert g[np.int64(3)] is g[3] and g.select([np.int32(3)]).names == (g[3].name,)
     assert g.slice(np.int64(3), "out").inputs is g[3]
+    assert g[jnp.argmax(jnp.array([0, 0, 0, 1]))] is g[3]  # jnp's too
 
 
 def test_no_internal_errors_escape_for_odd_selectors(g):

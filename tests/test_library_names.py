@@ -119,6 +119,14 @@ def test_nnx_variables_are_selected_without_the_value_of_their_tree_path():
     by_hand = jax.grad(lambda k: (model(x) * (x @ k + model.bias[...])).sum())(model.kernel[...])
     allclose(g.grads("out", wrt=["state['kernel']"])["state['kernel']"], by_hand)
 
+    def tagged(model, x):  # a tag of the alias's name keeps it: no var answers twice
+        k = js.tag(model.kernel[...] * 2, "model.kernel")
+        return (x @ k).sum()
+
+    g = js.trace(tagged, model, x)
+    assert g.select("model.kernel").names == ("model.kernel",)
+    assert g["model.kernel"].primitive == "mul"
+
 
 def test_an_equinox_conv2d_has_its_own_scope(key):
     conv = eqx.nn.Conv2d(3, 4, 3, key=key)
@@ -328,6 +336,7 @@ class SowingBlock(nnx.Module):
     def __call__(self, x):
         y = self.attn(x, sow_weights=True)
         self.sow(nnx.Intermediate, "mixed", x + y)
+        nnx.Module.sow(self, nnx.Intermediate, "called", y)  # (the class's, unbound)
         return jnp.tanh(self.lin(x + y)).sum()
 
 
@@ -343,6 +352,7 @@ def test_nnx_sow_names_what_is_sown_in_the_module_calls_frame():
     allclose(g.value("model/attn/attention_weights"), weights)
     allclose(g.value("model/mixed"), jax.tree_util.tree_leaves(sown["mixed"])[0])
     assert not any("sow/" in n for n in g.names())  # the user's self.sow call: no frame
+    assert g["model/called"] is g["model/y"]
     v = m.attn.value(x)  # the rest of the block after the weights, by hand
 
     def rest(w):

@@ -531,6 +531,33 @@ def test_a_tag_given_an_arguments_name_rebinds_it_as_a_python_name_does():
         allclose(grads["x#0"], jax.grad(f)(x))
         allclose(grads["x#1"], jnp.ones(3))
 
+    def both(x):  # a tag and a Python name of the argument's name: one numbering
+        h = js.tag(x * 2, "x")
+        x = jnp.sin(x)
+        return (h + 3 * x).sum()
+
+    g = js.trace(both, x)
+    assert [g[f"x#{k}"].primitive for k in range(3)] == ["input", "mul", "sin"]
+    assert g.select("x").names == ("x#0", "x#1", "x#2")
+
+
+def test_an_output_rebound_under_its_name_takes_the_bare_name():
+    """``out = layer(x); out = out + x; return out``: 'out' was ambiguous (out#0,
+    out#1), the outputs' alias lost; the output takes it, no warning."""
+
+    def residual(x):
+        out = jnp.sin(x)
+        out = out + x
+        return out
+
+    x = jnp.arange(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = js.trace(residual, x)
+    assert g["out"] is g.outputs[0] is g["out#1"] and g["out#0"].primitive == "sin"
+    allclose(g.value("out"), residual(x))
+    assert g.select("out").names == (g.outputs[0].name,)
+
 
 def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
     def forward(x):
