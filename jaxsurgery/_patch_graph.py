@@ -24,6 +24,7 @@ ways:
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -542,6 +543,12 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
     else:
         value = value_or_fn
         given = getattr(value, "dtype", None)
+        if given is None and not isinstance(value, (numbers.Number, list, tuple, np.generic)):
+            raise SliceError(
+                f"the replacement for {var.name!r} ({type_of(var)}) is "
+                f"{a_or_an(type(value).__name__)}, neither a value nor a function; give an "
+                "array, a number, or a function of the old value (lambda h: ...)"
+            )
         if is_key(var.dtype) or is_key(given):  # a PRNG key on either side: no NumPy value
             if given != var.dtype:
                 fix = (

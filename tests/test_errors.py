@@ -916,6 +916,13 @@ CATALOG = [
         r"g\.replace takes a selector and what to put there.*got \{'z1': 0\.0\} alone",
     ),
     (
+        "g.replace given None",  # (said None "would be truncated")
+        lambda g, a: g.replace("z1", None),
+        js.SliceError,
+        r"the replacement for 'z1' \(float32\[4\]\) is a NoneType, neither a value nor a "
+        r"function",
+    ),
+    (
         "allow_unconnected given a string",  # ("no" is true: the slice was allowed)
         lambda g, a: g.slice("z1", "z2", allow_unconnected="no"),
         js.SliceError,
