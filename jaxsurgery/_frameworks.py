@@ -4,7 +4,9 @@ Flax linen, Haiku and Equinox name their values through ``jax.named_scope``
 (:mod:`jaxsurgery._scopes`). Flax NNX modules push no scope, so a call of an NNX
 submodule is named by its attribute path in the calling module: in
 ``for layer in self.layers: x = layer(x)`` the calls are ``layers[0]``, ``layers[1]``...
-rather than ``layer#0``, ``layer#1``.
+rather than ``layer#0``, ``layer#1``. Equinox modules are named so too (their scopes,
+``eqx.nn.MLP/eqx.nn.Linear#1``, stay aliases), also where the library's code calls them
+(``eqx.nn.MultiheadAttention``'s ``query_proj``).
 
 Values libraries name themselves become names too: NumPyro sample and deterministic
 sites (``"w"``, ``"obs"``), and what Flax linen modules ``sow`` (``"CNN/Dense_0/act"``:
