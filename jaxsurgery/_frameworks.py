@@ -31,6 +31,7 @@ import functools
 import keyword
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -41,6 +42,15 @@ from ._compat import tracer_jaxpr_trace
 
 def _nnx() -> Any:
     return sys.modules.get("flax.nnx")  # never import a framework the user did not
+
+
+def wraps_it(owner: Any, attribute: str) -> bool:
+    """Whether ``owner.attribute`` is what a transform's function wraps
+    (``jax.vmap(self.mlp)``'s ``__wrapped__``, ``eqx.filter_vmap(self.mlp)``'s ``_fun``):
+    no part of a path (the module it wraps is named where the transform is called)."""
+    return attribute == "__wrapped__" or (
+        attribute == "_fun" and type(owner).__module__.startswith("equinox")
+    )
 
 
 def submodule_paths(parent: Any) -> dict[int, str] | None:
@@ -106,6 +116,7 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
     import jax
 
     paths: dict[int, str] = {}
+    twice: set[int] = set()
     stack = [(parent, "")]
     while stack:
         node, prefix = stack.pop()
@@ -114,10 +125,16 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
         )
         for path, child in found:
             child = child.item if isinstance(child, _Item) else child  # a container running
-            if isinstance(child, kind) and id(child) not in paths:
-                text = prefix + jax.tree_util.keystr(path)
-                paths[id(child)] = text.lstrip(".")
-                stack.append((child, text))
+            if not isinstance(child, kind):
+                continue
+            if id(child) in paths:  # one layer at two places (tied): no path names it
+                twice.add(id(child))
+                continue
+            text = prefix + jax.tree_util.keystr(path)
+            paths[id(child)] = text.lstrip(".")
+            stack.append((child, text))
+    for k in twice:
+        del paths[k]
     return paths
 
 
@@ -387,25 +404,40 @@ def _patched(patched: list[tuple[type, Callable]]) -> Iterator[None]:
                 cls.__call__ = original
 
 
-@functools.cache
-def _eqx_layers(eqx: Any) -> tuple[tuple[type, Callable], ...]:
-    """``(class, the __call__ it runs)`` for the layers of one Equinox module (its
-    classes do not change): their own, or, for a layer whose ``__call__`` is its base's,
+def _eqx_layers(eqx: Any) -> list[tuple[type, Callable]]:
+    """``(class, the __call__ it runs)`` for the layers of Equinox: their own (as it is
+    now: one the user patched too), or, for a layer whose ``__call__`` is its base's,
     scoped with the base's name (``eqx.nn.Conv2d`` runs in ``eqx.nn.Conv``), the base's
-    in a scope named after the layer (found at the first trace: the originals)."""
-    import jax
-
+    in a scope named after the layer. None of a class a trace running has patched."""
     found = []
-    for name, cls in vars(eqx.nn).items():
-        if not (isinstance(cls, type) and issubclass(cls, eqx.Module)):
-            continue
-        if "__call__" in vars(cls):
-            found.append((cls, vars(cls)["__call__"]))
+    for name, cls in _eqx_classes(eqx):
+        own = vars(cls).get("__call__")
+        if own is not None:
+            if own not in _FRAMED:  # (js.trace inside a traced function: patched)
+                found.append((cls, own))
             continue
         inner = getattr(cls.__call__, "__wrapped__", None)  # under the base's named_scope
         if inner is not None:
-            found.append((cls, jax.named_scope(f"eqx.nn.{name}")(inner)))
-    return tuple(found)
+            found.append((cls, _scoped(name, inner)))
+    return found
+
+
+@functools.cache
+def _eqx_classes(eqx: Any) -> tuple[tuple[str, type], ...]:
+    """The layer classes of one Equinox module, by name (its classes do not change)."""
+    return tuple(
+        (name, cls)
+        for name, cls in vars(eqx.nn).items()
+        if isinstance(cls, type) and issubclass(cls, eqx.Module)
+    )
+
+
+@functools.cache
+def _scoped(name: str, call: Callable) -> Callable:
+    """``call`` in the scope ``eqx.nn.<name>`` (made once: the same function each trace)."""
+    import jax
+
+    return jax.named_scope(f"eqx.nn.{name}")(call)
 
 
 @functools.cache
@@ -445,7 +477,12 @@ def _framed_call(
         with _framing(held, framed):
             return original(self, *args, **kwargs)
 
+    _FRAMED.add(library_module_call)
     return library_module_call
+
+
+#: the wrappers :func:`_framed_call` made (while they live)
+_FRAMED: weakref.WeakSet[Callable] = weakref.WeakSet()
 
 
 def _user_module_classes(module: Any, user: Callable[[Any], bool]) -> dict[type, tuple]:
@@ -563,14 +600,15 @@ def in_place_objects(arguments: dict[str, Any]) -> list[str]:
     base = getattr(pytreelib, "Pytree", None)
     if base is None:
         return []
-    return [
-        name
-        for name, value in arguments.items()
-        if any(
-            isinstance(x, base)
-            for x in jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, base))
-        )
-    ]
+
+    def holds(value: Any) -> bool:
+        try:
+            leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, base))
+        except Exception:  # (a static dict of keys JAX cannot sort: {1: .., "a": ..})
+            return False
+        return any(isinstance(x, base) for x in leaves)
+
+    return [name for name, value in arguments.items() if holds(value)]
 
 
 def library_names(

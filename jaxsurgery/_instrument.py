@@ -78,6 +78,7 @@ from ._frameworks import (
     scoped_module,
     submodule_paths,
     swapped,
+    wraps_it,
 )
 from ._rewrite import (
     _DERIVATIVE,
@@ -446,6 +447,8 @@ class Recorder:
                 return label
             if label is None:  # (a library module calling one of its own: self.query)
                 found = next((k for k, v in attributes.items() if v is fn), None)
+                if found is not None and wraps_it(owner, found):
+                    return ""  # (jax.vmap(self.mlp) running: an anonymous frame, see label)
                 if found is not None and found.isidentifier():
                     return found
         if id(parent) not in self._paths:
@@ -1360,7 +1363,9 @@ def framed_module(module: Any) -> Any:
     running = recorder.callees[frame]
     if running is module:
         return None
-    label = recorder.place(module) or copied_path(running, module, recorder._entered.get(frame))
+    label = recorder.place(module)  # ("" for what a transform's function wraps)
+    if label is None:
+        label = copied_path(running, module, recorder._entered.get(frame))
     return None if label is None else _call(label, module, always=True)
 
 

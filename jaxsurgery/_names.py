@@ -199,16 +199,20 @@ def assign_names(
         candidates[i].append(name)
     for i, label in input_labels:
         candidates[i].insert(0, label)
-    # a tag or a Python name given an input's name rebinds it: the input is #0 of it,
-    # its tags next, then the Python names (one numbering: x#1 is one var)
-    rebound = {name: (i,) for i, name in enumerate(inputs)}
+    # a tag or a Python name given an input's name rebinds it (the input is #0 of it),
+    # and a name both tags and Python names give is one numbering (x#1 is one var):
+    # in program order there (a Python name alone, in binding order)
+    first = {name: (i,) for i, name in enumerate(inputs)}
     tagged = [(n, v) for v, n in tags]
-    for var, names in _group(tagged, rebound).items():
+    shared = {n for n, _ in tagged} & ({n for n, _ in bindings} | first.keys())
+    if shared:
+        order: dict[str, dict[int, None]] = {n: dict.fromkeys(first.get(n, ())) for n in shared}
+        for var, name in sorted((v, n) for n, v in (*tagged, *bindings) if n in shared):
+            order[name][var] = None
+        # (one var, `h = js.tag(y, "h")`: a name of its own, as any name bound once)
+        first.update((n, (*vs,)) for n, vs in order.items() if len(vs) > 1)
+    for var, names in _group(tagged, first).items():
         candidates[var].extend(names)
-    first = dict(rebound)
-    for name, var in tagged:
-        if name in rebound and var not in first[name]:
-            first[name] += (var,)
     for var, names in _group(bindings, first).items():
         candidates[var].extend(names)
     for var, name in scopes:

@@ -542,8 +542,12 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         fn = value_or_fn
     else:
         value = value_or_fn
+        if isinstance(value, (list, tuple)):  # [1.0, 2.0]: the array jnp makes of it
+            value = jnp.asarray(value)
+        elif hasattr(value, "__array__") and not hasattr(value, "dtype"):
+            value = np.asarray(value)  # (an object NumPy reads)
         given = getattr(value, "dtype", None)
-        if given is None and not isinstance(value, (numbers.Number, list, tuple, np.generic)):
+        if given is None and not isinstance(value, (numbers.Number, np.generic)):
             raise SliceError(
                 f"the replacement for {var.name!r} ({type_of(var)}) is "
                 f"{a_or_an(type(value).__name__)}, neither a value nor a function; give an "

@@ -488,6 +488,7 @@ def _plain_int(selector: Any) -> Any:
     if (
         isinstance(selector, (np.ndarray, jax.Array))
         and selector.shape == ()
+        and isinstance(selector.dtype, np.dtype)  # (not a PRNG key's)
         and np.issubdtype(selector.dtype, np.integer)
         and not isinstance(selector, jax.core.Tracer)
     ):

@@ -223,12 +223,6 @@ def _trace(
             "body/h@k), so the graph holds none of them; trace outside it to keep them"
         )
     shadowing = [n for n in in_names if n == "out" or n.startswith(("out[", "out."))]
-    if shadowing:  # inputs come first: "out" then selects the argument
-        notes.append(
-            f"the argument {shadowing[0]!r} shadows the outputs' alias: 'out' selects the "
-            "argument; select the outputs by their other names or as g.outputs"
-        )
-        out_info["shadowing"] = notes[-1]
     if out_info["statics"]:
         notes.append(
             f"{short_list(out_info['statics'])} of the outputs are not arrays: they are held "
@@ -278,7 +272,16 @@ def _trace(
         names.hidden = dict.fromkeys(program.sharded_tags, IN_SHARD_MAP)
         tags, scopes = index_templates(program, recorder.state_vars)
         invariant = recorder.invariant_names
-        name_notes = (
+        name_notes = []
+        if shadowing and _selected(names, "out") in range(len(in_names)):
+            # inputs come first: "out" selects the argument (unless the function
+            # rebinds it and returns that: then the output takes the name)
+            name_notes.append(
+                f"the argument {shadowing[0]!r} shadows the outputs' alias: 'out' selects "
+                "the argument; select the outputs by their other names or as g.outputs"
+            )
+            out_info.setdefault("shadowing", name_notes[-1])
+        name_notes += (
             [
                 f"{short_list(invariant)} name a value a loop passes on unchanged (JAX makes "
                 "it a constant of the loop): it is one value for every iteration, so it has "
@@ -321,6 +324,15 @@ def _trace(
     if "shadowing" in out_info:  # g.grads("out", ...) would take the value: said now
         warn(out_info["shadowing"])
     return graph
+
+
+def _selected(names: Any, name: str) -> int | None:
+    """The var ``g[name]`` is (None: no var, or several)."""
+    found = names.by_canonical.get(name)
+    if found is None:
+        hits = names.lookup.get(name, ())
+        found = hits[0] if len(hits) == 1 else None
+    return found
 
 
 def same_avals(
@@ -1029,33 +1041,41 @@ def _first_difference(a: Any, b: Any) -> tuple[Any, Any]:
 
 def _same_static(old: Any, new: Any) -> bool:
     """Whether a held-static value is the one traced (the same object, or equal; an
-    array held static, of the same shape, dtype and values)."""
+    array held static, of the same shape, dtype and values, NaN equal to NaN; a dict,
+    list or tuple holding arrays, item by item)."""
     if old is new:
         return True
     arrays = (np.ndarray, jax.Array)
     if isinstance(old, arrays) or isinstance(new, arrays):  # both, or not the same
         if not (isinstance(old, arrays) and isinstance(new, arrays)):
             return False  # (a list for an array: a * 2 repeats it, no number doubles)
-        if _is_tracer(old) or _is_tracer(new):
-            return False
-        try:
-            a, b = np.asarray(old), np.asarray(new)
-            same_dtype = jax.dtypes.canonicalize_dtype(a.dtype) == jax.dtypes.canonicalize_dtype(
-                b.dtype
-            )
-            nan = a.dtype.kind in "fc"
-            return a.shape == b.shape and same_dtype and bool(np.array_equal(a, b, equal_nan=nan))
-        except Exception:  # (an object numpy cannot read)
-            return False
-    if type(old) is type(new) and isinstance(old, (dict, list, tuple)):  # arrays inside
-        old_leaves, old_tree = jax.tree_util.tree_flatten(old)
-        new_leaves, new_tree = jax.tree_util.tree_flatten(new)
-        if any(isinstance(x, arrays) for x in old_leaves):
-            return old_tree == new_tree and all(map(_same_static, old_leaves, new_leaves))
+        return _same_array(old, new)
+    if type(old) is type(new) and type(old) in (dict, list, tuple):
+        if isinstance(old, dict):
+            return old.keys() == new.keys() and all(_same_static(old[k], new[k]) for k in old)
+        return len(old) == len(new) and all(map(_same_static, old, new))
     try:
         return bool(old == new)
     except Exception:  # an object whose == is not a truth value (an array): not equal
         return False
+
+
+def _same_array(old: Any, new: Any) -> bool:
+    """:func:`_same_static` of two arrays (PRNG keys by their data and kind)."""
+    if _is_tracer(old) or _is_tracer(new) or old.shape != new.shape:
+        return False
+    keys = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in (old, new)]
+    if any(keys):
+        if not all(keys) or old.dtype != new.dtype:
+            return False
+        old, new = jax.random.key_data(old), jax.random.key_data(new)
+    try:
+        a, b = np.asarray(old), np.asarray(new)
+    except Exception:  # (an object numpy cannot read)
+        return False
+    if jax.dtypes.canonicalize_dtype(a.dtype) != jax.dtypes.canonicalize_dtype(b.dtype):
+        return False
+    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
 
 
 def _differing_node(

@@ -183,6 +183,9 @@ def scaled(x, s):
     return x * s
 
 
+KEY = jax.random.key(0)
+
+
 def defaulted(x, b=jnp.ones(3)):  # noqa: B008  (an array default, held fixed)
     y = x * b
     return y
@@ -991,6 +994,20 @@ def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
     )
     held = js.trace(lambda x, d: x * d["m"], jnp.ones(2), {"m": np.ones(2)}, static_argnums=1)
     allclose(held.as_function()(jnp.ones(2), {"m": np.ones(2)}), jnp.ones(2))
+    # keys JAX cannot sort (it raised), and a PRNG key default (refused, two equal keys)
+    mixed = {1: np.ones(2), "a": 3.0}
+    held = js.trace(lambda x, d: x * d[1] + d["a"], jnp.ones(2), mixed, static_argnums=1)
+    allclose(held.as_function()(jnp.ones(2), {1: np.ones(2), "a": 3.0}), jnp.full(2, 4.0))
+
+    def noisy(x, key=KEY):
+        return x + jax.random.normal(key, x.shape)
+
+    allclose(
+        js.trace(noisy, jnp.ones(2)).as_function()(jnp.ones(2), jax.random.key(0)),
+        noisy(jnp.ones(2)),
+    )
+    with pytest.raises(js.SliceError, match="left to its default"):
+        js.trace(noisy, jnp.ones(2)).as_function()(jnp.ones(2), jax.random.key(1))
 
     # a list is no array of its values (a * 2 repeats it): refused either way
     def doubled(x, a):
@@ -1009,6 +1026,8 @@ def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
     assert g[np.int64(3)] is g[3] and g.select([np.int32(3)]).names == (g[3].name,)
     assert g.slice(np.int64(3), "out").inputs is g[3]
     assert g[jnp.argmax(jnp.array([0, 0, 0, 1]))] is g[3]  # jnp's too
+    with pytest.raises(js.SelectionError, match="is not a selector of one var"):
+        g[jax.random.key(0)]  # noqa: B018  (no index: it raised NumPy's TypeError)
 
 
 def test_no_internal_errors_escape_for_odd_selectors(g):

@@ -184,6 +184,49 @@ def test_equinox_layers_a_library_layer_calls_are_named_by_their_paths(key):
     allclose(g.value("model/layers[1]"), mlp.layers[1](h1))
 
 
+class Vmapped(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, x):
+        return jax.vmap(self.mlp)(x) + eqx.filter_vmap(self.mlp)(x)
+
+
+def test_equinox_layers_under_a_transform_and_tied_ones_are_named_as_called(key):
+    """Under jax.vmap / eqx.filter_vmap the transform's own attributes were in the path
+    (model/mlp#0/__wrapped__/layers[0], model/mlp#1/_fun/layers[0]); a layer held at two
+    places took its first path at both (layers[0]#0, layers[0]#1: layers[2] gone)."""
+    g = js.trace(forward, Vmapped(eqx.nn.MLP(3, 2, 4, 1, key=key)), jnp.ones((5, 3)))
+    for k in (0, 1):
+        assert {f"model/mlp#{k}/layers[0]", f"model/mlp#{k}/layers[1]"} <= set(g.names())
+    assert not any("__wrapped__" in n or "_fun" in n for n in g.names())
+    lin = eqx.nn.Linear(3, 3, key=key)
+    seq = eqx.nn.Sequential([lin, eqx.nn.Lambda(jnp.tanh), lin])
+    g = js.trace(forward, seq, jnp.ones(3))
+    allclose(g.value("model/layers[2]"), seq(jnp.ones(3)))
+    assert g["model/layers[0]"] is not g["model/layers[2]"]
+
+
+def test_a_patched_equinox_layer_runs_as_patched_in_every_trace(key):
+    """The layers' __call__ were kept from the first trace: a patch made after it was
+    ignored, and one active during it stayed after it ended (silent wrong values)."""
+    lin = eqx.nn.Linear(3, 3, key=key)
+    x = jnp.ones(3)
+
+    def f(x):
+        y = lin(x)
+        return y
+
+    js.trace(f, x)
+    original = vars(eqx.nn.Linear)["__call__"]
+    try:
+        eqx.nn.Linear.__call__ = lambda self, x, *, key=None: 2.0 * original(self, x)
+        allclose(js.trace(f, x).value("out"), 2.0 * original(lin, x))
+    finally:
+        eqx.nn.Linear.__call__ = original
+    allclose(js.trace(f, x).value("out"), lin(x))
+    assert vars(eqx.nn.Linear)["__call__"] is original
+
+
 # -- penzai ---------------------------------------------------------------------------------
 def test_penzai_parameters_by_label_and_layers_by_place():
     mlp = simple_mlp.MLP.from_config(

@@ -540,6 +540,28 @@ def test_a_tag_given_an_arguments_name_rebinds_it_as_a_python_name_does():
     assert [g[f"x#{k}"].primitive for k in range(3)] == ["input", "mul", "sin"]
     assert g.select("x").names == ("x#0", "x#1", "x#2")
 
+    def in_order(x):  # numbered as the code binds them (the tag was numbered first)
+        x = x * 2
+        x = js.tag(x + 1, "x")
+        return x * 3
+
+    g = js.trace(in_order, x)
+    assert [g[f"x#{k}"].primitive for k in range(3)] == ["input", "mul", "add"]
+
+    def local(x):  # a tag and a Python name of a name no argument has: numbered too
+        h = jnp.sin(x)
+        t = js.tag(h * 2, "h")
+        return t.sum()
+
+    g = js.trace(local, x)
+    assert g["h#0"].primitive == "sin" and g["h#1"] is g["t"]
+
+    def once(x):  # the same var: its name, no number
+        h = js.tag(jnp.sin(x), "h")
+        return h.sum()
+
+    assert js.trace(once, x)["h"].name == "h"
+
 
 def test_an_output_rebound_under_its_name_takes_the_bare_name():
     """``out = layer(x); out = out + x; return out``: 'out' was ambiguous (out#0,
@@ -557,6 +579,15 @@ def test_an_output_rebound_under_its_name_takes_the_bare_name():
     assert g["out"] is g.outputs[0] is g["out#1"] and g["out#0"].primitive == "sin"
     allclose(g.value("out"), residual(x))
     assert g.select("out").names == (g.outputs[0].name,)
+
+    def argument(x, out):  # an argument rebound and returned: no note that it shadows
+        out = out + x
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = js.trace(argument, x, x)
+    assert g["out"] is g.outputs[0] and not g.notes
 
 
 def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
