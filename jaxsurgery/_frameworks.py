@@ -116,10 +116,12 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
     import jax
 
     paths: dict[int, str] = {}
-    twice: set[int] = set()
+    tied: set[str] = set()  # the paths of layers found at two places
     stack = [(parent, "")]
     while stack:
         node, prefix = stack.pop()
+        while wraps_it(node, "_fun") and isinstance(getattr(node, "_fun", None), kind):
+            node = node._fun  # (eqx.filter_vmap(mlp): the layers of mlp, no `_fun.`)
         found, _ = jax.tree_util.tree_flatten_with_path(
             node, is_leaf=lambda x, node=node: x is not node and isinstance(x, (kind, _Item))
         )
@@ -128,14 +130,19 @@ def _pytree_paths(parent: Any, kind: type) -> dict[int, str]:
             if not isinstance(child, kind):
                 continue
             if id(child) in paths:  # one layer at two places (tied): no path names it
-                twice.add(id(child))
+                tied.add(paths[id(child)])
                 continue
             text = prefix + jax.tree_util.keystr(path)
             paths[id(child)] = text.lstrip(".")
             stack.append((child, text))
-    for k in twice:
-        del paths[k]
+    if tied:  # nor what it holds (its first place's path under it)
+        paths = {k: p for k, p in paths.items() if not any(_under(p, t) for t in tied)}
     return paths
+
+
+def _under(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or a path inside it (``top.layers[0]``, ``top[1]``)."""
+    return path == top or (path.startswith(top) and path[len(top)] in ".[")
 
 
 def reads_as_attribute(key: str) -> bool:

@@ -160,6 +160,30 @@ def _group(
     return names
 
 
+def _one_numbering(
+    shared: set[str],
+    first: dict[str, tuple[int, ...]],
+    tagged: Sequence[tuple[str, int]],
+    bindings: Sequence[tuple[str, int]],
+) -> dict[str, tuple[int, ...]]:
+    """For names both tags and Python names (or arguments) give: their vars in one
+    order, the bindings' (``h#1`` is what the code binds second, also where it binds an
+    older value, ``h = a``), a tag no Python name binds before the first binding of a
+    later value (tags are in program order). Names of one var are left out (``h =
+    js.tag(y, "h")``: a name of its own, as any name bound once)."""
+    order: dict[str, list[int]] = {n: list(first.get(n, ())) for n in shared}
+    for name, var in bindings:
+        if name in shared and var not in order[name]:
+            order[name].append(var)
+    skip = {n: len(first.get(n, ())) for n in shared}  # (an argument stays #0)
+    for name, var in tagged:
+        if name in shared and var not in order[name]:
+            vs = order[name]
+            at = next((k for k in range(skip[name], len(vs)) if vs[k] > var), len(vs))
+            vs.insert(at, var)
+    return {n: (*vs,) for n, vs in order.items() if len(vs) > 1}
+
+
 def _numbered(name: str, k: int) -> str:
     """``h#k``, with the ``#k`` before an iteration suffix: ``step/h#1@3``."""
     base, at, iterations = name.partition("@")
@@ -200,17 +224,12 @@ def assign_names(
     for i, label in input_labels:
         candidates[i].insert(0, label)
     # a tag or a Python name given an input's name rebinds it (the input is #0 of it),
-    # and a name both tags and Python names give is one numbering (x#1 is one var):
-    # in program order there (a Python name alone, in binding order)
+    # and a name both tags and Python names give is one numbering (x#1 is one var)
     first = {name: (i,) for i, name in enumerate(inputs)}
     tagged = [(n, v) for v, n in tags]
     shared = {n for n, _ in tagged} & ({n for n, _ in bindings} | first.keys())
     if shared:
-        order: dict[str, dict[int, None]] = {n: dict.fromkeys(first.get(n, ())) for n in shared}
-        for var, name in sorted((v, n) for n, v in (*tagged, *bindings) if n in shared):
-            order[name][var] = None
-        # (one var, `h = js.tag(y, "h")`: a name of its own, as any name bound once)
-        first.update((n, (*vs,)) for n, vs in order.items() if len(vs) > 1)
+        first.update(_one_numbering(shared, first, tagged, bindings))
     for var, names in _group(tagged, first).items():
         candidates[var].extend(names)
     for var, names in _group(bindings, first).items():
@@ -219,7 +238,7 @@ def assign_names(
         candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)
-    _outputs_take_their_names(candidates, outputs, bindings)
+    _outputs_take_their_names(candidates, outputs, bindings, tags)
 
     extras: list[list[str]] = [[] for _ in range(num_vars)]
     named = {n for n, _ in bindings} | {n for _, n in tags}  # (a tag "m.kernel" keeps it)
@@ -234,12 +253,13 @@ def _outputs_take_their_names(
     candidates: list[list[str]],
     outputs: Sequence[tuple[int, str]],
     bindings: Sequence[tuple[str, int]],
+    tags: Sequence[tuple[int, str]],
 ) -> None:
     """An output whose name a Python variable bound several times (``out = layer(x);
     out = out + x; return out``) takes the bare name (``out``): the other bindings keep
     their ``out#k`` (in place). The outputs' names were ambiguous there."""
     wanted = {name: var for var, name in outputs}
-    for name, other in bindings:
+    for name, other in (*bindings, *((n, v) for v, n in tags)):
         if wanted.get(name, other) != other and name in candidates[other]:
             # (a shadowing variable, the output not among its bindings, was left out)
             candidates[other] = [c for c in candidates[other] if c != name]

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError, short_list, type_of, warn
+from ._errors import SelectionError, SliceError, short_list, short_repr, type_of, warn
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
@@ -542,10 +542,10 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
         fn = value_or_fn
     else:
         value = value_or_fn
-        if isinstance(value, (list, tuple)):  # [1.0, 2.0]: the array jnp makes of it
-            value = jnp.asarray(value)
-        elif hasattr(value, "__array__") and not hasattr(value, "dtype"):
-            value = np.asarray(value)  # (an object NumPy reads)
+        if isinstance(value, (list, tuple)) or (
+            hasattr(value, "__array__") and not hasattr(value, "dtype")
+        ):  # [1.0, 2.0], an object NumPy reads: the array NumPy makes of it
+            value = _numbers(var, value)
         given = getattr(value, "dtype", None)
         if given is None and not isinstance(value, (numbers.Number, np.generic)):
             raise SliceError(
@@ -585,6 +585,26 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             )
         fn = lambda old: jnp.broadcast_to(jnp.asarray(value, old.dtype), old.shape)  # noqa: E731
     return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
+
+
+def _numbers(var: Var, value: Any) -> np.ndarray:
+    """A list (or an object NumPy reads) given to replace ``var``, as an array of numbers
+    (a SliceError for anything else: strings, None, ragged lists)."""
+    try:
+        array = np.asarray(value)
+    except Exception as e:  # (a ragged list)
+        raise SliceError(
+            f"the replacement for {var.name!r} ({type_of(var)}) is {short_repr(value)}, which "
+            f"is no array ({type(e).__name__}: {e}); give an array of its shape"
+        ) from None
+    if array.dtype.kind not in "biufc":
+        raise SliceError(
+            f"the replacement for {var.name!r} ({type_of(var)}) is {short_repr(value)}, which "
+            "holds no numbers; give an array of numbers, or a function of the old value"
+        )
+    if array.dtype == np.float64 and jnp.issubdtype(var.dtype, jnp.floating):
+        array = array.astype(var.dtype)  # (Python floats: as a float does, not a float64)
+    return array
 
 
 def _outside(var: Var, value: Any) -> str:

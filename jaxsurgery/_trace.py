@@ -292,11 +292,13 @@ def _trace(
         )
         if shadowed:
             one = len(shadowed) == 1
+            # (bound several times, by none the output: ambiguous, g["out"] says so)
+            takes = "selects it" if _selected(names, shadowed[0]) is not None else "is ambiguous"
             name_notes.append(
                 f"{short_list([repr(n) for n in shadowed])} "
                 + ("names a value" if one else "name values")
                 + " of the traced function (a Python variable or a tag) other than the "
-                + ("output of that name, and selects it" if one else "outputs of those names")
+                + (f"output of that name, and {takes}" if one else "outputs of those names")
                 + "; select the outputs as g.outputs"
             )
             out_info.setdefault("shadowing", name_notes[-1])  # (an argument's said first)
@@ -1050,7 +1052,7 @@ def _same_static(old: Any, new: Any) -> bool:
         if not (isinstance(old, arrays) and isinstance(new, arrays)):
             return False  # (a list for an array: a * 2 repeats it, no number doubles)
         return _same_array(old, new)
-    if type(old) is type(new) and type(old) in (dict, list, tuple):
+    if type(old) is type(new) and isinstance(old, (dict, list, tuple)):  # (a NamedTuple too)
         if isinstance(old, dict):
             return old.keys() == new.keys() and all(_same_static(old[k], new[k]) for k in old)
         return len(old) == len(new) and all(map(_same_static, old, new))
@@ -1075,7 +1077,7 @@ def _same_array(old: Any, new: Any) -> bool:
         return False
     if jax.dtypes.canonicalize_dtype(a.dtype) != jax.dtypes.canonicalize_dtype(b.dtype):
         return False
-    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    return bool(np.array_equal(a, b, equal_nan=jnp.issubdtype(a.dtype, jnp.inexact)))
 
 
 def _differing_node(

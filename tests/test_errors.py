@@ -4,6 +4,7 @@ that names the culprit and says what to do. Nothing the user passed is modified.
 import functools
 import re
 import tempfile
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -919,6 +920,19 @@ CATALOG = [
         r"g\.replace takes a selector and what to put there.*got \{'z1': 0\.0\} alone",
     ),
     (
+        "g.replace given a list of strings",  # (a TypeError from jnp.asarray)
+        lambda g, a: g.replace("z1", ["a", "b", "c", "d"]),
+        js.SliceError,
+        r"the replacement for 'z1' \(float32\[4\]\) is \['a', 'b', 'c', 'd'\], which holds "
+        r"no numbers",
+    ),
+    (
+        "g.replace given a ragged list",  # (NumPy's ValueError)
+        lambda g, a: g.replace("z1", [[1.0], [2.0, 3.0]]),
+        js.SliceError,
+        r"is \[\[1\.0\], \[2\.0, 3\.0\]\], which is no array",
+    ),
+    (
         "g.replace given None",  # (said None "would be truncated")
         lambda g, a: g.replace("z1", None),
         js.SliceError,
@@ -1008,6 +1022,19 @@ def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
     )
     with pytest.raises(js.SliceError, match="left to its default"):
         js.trace(noisy, jnp.ones(2)).as_function()(jnp.ones(2), jax.random.key(1))
+
+    class Config(NamedTuple):  # (a tuple's subclass: refused, two equal values printed)
+        scale: np.ndarray
+        shift: float
+
+    def configured(x, c):
+        return x * c.scale + c.shift
+
+    held = js.trace(configured, jnp.ones(2), Config(np.ones(2) * 2, 1.0), static_argnums=1)
+    allclose(held.as_function()(jnp.ones(2), Config(np.ones(2) * 2, 1.0)), jnp.full(2, 3.0))
+    half = np.array([1.0, np.nan], jnp.bfloat16)  # (NaN in a dtype NumPy has no kind for)
+    held = js.trace(scaled, jnp.ones(2), half, static_argnums=1).as_function()
+    assert held(jnp.ones(2), half.copy()).shape == (2,)
 
     # a list is no array of its values (a * 2 repeats it): refused either way
     def doubled(x, a):

@@ -205,6 +205,26 @@ def test_equinox_layers_under_a_transform_and_tied_ones_are_named_as_called(key)
     allclose(g.value("model/layers[2]"), seq(jnp.ones(3)))
     assert g["model/layers[0]"] is not g["model/layers[2]"]
 
+    class Twice(eqx.Module):  # vmapped twice: no `_fun._fun.` in the paths
+        mlp: eqx.nn.MLP
+
+        def __call__(self, x):
+            return eqx.filter_vmap(eqx.filter_vmap(self.mlp))(x)
+
+    g = js.trace(forward, Twice(eqx.nn.MLP(3, 2, 4, 1, key=key)), jnp.ones((2, 5, 3)))
+    assert "model/mlp/layers[0]" in g.names() and not any("_fun" in n for n in g.names())
+
+    inner = eqx.nn.Sequential([lin, eqx.nn.Lambda(jnp.tanh)])
+    outer = eqx.nn.Sequential([inner, eqx.nn.Lambda(jnp.cos), inner])
+
+    def closed_over(x):  # (a tied module's insides took its first place's path)
+        y = outer(x)
+        return y
+
+    g = js.trace(closed_over, jnp.ones(3) * 0.4)
+    assert not any("layers[0].layers" in n for n in g.names())
+    allclose(g.value("y"), outer(jnp.ones(3) * 0.4))
+
 
 def test_a_patched_equinox_layer_runs_as_patched_in_every_trace(key):
     """The layers' __call__ were kept from the first trace: a patch made after it was

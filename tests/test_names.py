@@ -562,6 +562,24 @@ def test_a_tag_given_an_arguments_name_rebinds_it_as_a_python_name_does():
 
     assert js.trace(once, x)["h"].name == "h"
 
+    def rebound(x):  # binding order, not the vars' (a constant's var comes first)
+        h = jnp.sin(x)
+        h = js.tag(h * 2, "h")
+        h = jnp.array([1.0, 2.0, 3.0])
+        return x + h
+
+    g = js.trace(rebound, x)
+    assert [g[f"h#{k}"].primitive for k in range(3)] == ["sin", "mul", "const"]
+
+    def older(x):  # rebound to an older value: the second binding
+        a = jnp.sin(x)
+        h = js.tag(jnp.cos(x) * 2, "h")
+        h = a
+        return h + 1
+
+    g = js.trace(older, x)
+    assert g["h#0"].primitive == "mul" and g["h#1"] is g["a"]
+
 
 def test_an_output_rebound_under_its_name_takes_the_bare_name():
     """``out = layer(x); out = out + x; return out``: 'out' was ambiguous (out#0,
@@ -588,6 +606,24 @@ def test_an_output_rebound_under_its_name_takes_the_bare_name():
         warnings.simplefilter("error")
         g = js.trace(argument, x, x)
     assert g["out"] is g.outputs[0] and not g.notes
+
+    def tagged(x):  # a tag of the name, then the output rebound: the output takes it
+        out = jnp.sin(x)
+        y = js.tag(out * 2, "out")
+        out = y + x
+        return out
+
+    g = js.trace(tagged, x)
+    assert g["out"] is g.outputs[0]
+
+    def ambiguous(x, out):  # rebound, the output another value: said ambiguous
+        out = out + x
+        return out * 2
+
+    with pytest.warns(UserWarning, match="other than the output of that name, and is ambiguous"):
+        g = js.trace(ambiguous, x, x)
+    with pytest.raises(js.SelectionError, match="'out' is ambiguous"):
+        g["out"]  # noqa: B018
 
 
 def test_a_local_variable_named_out_keeps_its_name_over_the_outputs_alias():
