@@ -8,6 +8,7 @@ nested calls (:mod:`jaxsurgery._program`) and name every var (:mod:`jaxsurgery._
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -1052,14 +1053,18 @@ def _same_static(old: Any, new: Any) -> bool:
         if not (isinstance(old, arrays) and isinstance(new, arrays)):
             return False  # (a list for an array: a * 2 repeats it, no number doubles)
         return _same_array(old, new)
-    if type(old) is type(new) and isinstance(old, (dict, list, tuple)):  # (a NamedTuple too)
-        if isinstance(old, dict):
-            return old.keys() == new.keys() and all(_same_static(old[k], new[k]) for k in old)
-        return len(old) == len(new) and all(map(_same_static, old, new))
-    try:
-        return bool(old == new)
-    except Exception:  # an object whose == is not a truth value (an array): not equal
-        return False
+    plain = type(old) in (dict, list, tuple, collections.OrderedDict) or (
+        type(old) is type(new) and isinstance(old, tuple) and hasattr(old, "_fields")
+    )  # (a NamedTuple: its fields; another subclass's == may read more than its items)
+    if not (plain and type(old) is type(new)):
+        try:
+            return bool(old == new)
+        except Exception:  # an == that is no truth value (arrays inside, another's)
+            if type(old) is not type(new) or not isinstance(old, (dict, list, tuple)):
+                return False
+    if isinstance(old, dict):  # (in order: code may read the order, d.values())
+        return list(old) == list(new) and all(_same_static(old[k], new[k]) for k in old)
+    return len(old) == len(new) and all(map(_same_static, old, new))
 
 
 def _same_array(old: Any, new: Any) -> bool:

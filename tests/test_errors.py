@@ -1032,6 +1032,28 @@ def test_arrays_held_static_are_compared_by_value_and_numpy_ints_select():
 
     held = js.trace(configured, jnp.ones(2), Config(np.ones(2) * 2, 1.0), static_argnums=1)
     allclose(held.as_function()(jnp.ones(2), Config(np.ones(2) * 2, 1.0)), jnp.full(2, 3.0))
+
+    class Scaled(dict):  # a subclass's own == (more than its items) decides
+        def __init__(self, *a, scale=1.0, **k):
+            super().__init__(*a, **k)
+            self.scale = scale
+
+        def __eq__(self, other):
+            return isinstance(other, Scaled) and self.scale == other.scale and super().__eq__(other)
+
+        __hash__ = None
+
+    held = js.trace(
+        lambda x, c: x * c.scale + c["b"], jnp.ones(2), Scaled(b=1.0, scale=2.0), static_argnums=1
+    ).as_function()
+    allclose(held(jnp.ones(2), Scaled(b=1.0, scale=2.0)), jnp.full(2, 3.0))
+    with pytest.raises(js.SliceError, match="static argument `c`"):
+        held(jnp.ones(2), Scaled(b=1.0, scale=5.0))  # (ran the traced 2.0: 3, not 6)
+    first = js.trace(
+        lambda x, d: x * list(d.values())[0], jnp.ones(2), {"a": 2.0, "b": 3.0}, static_argnums=1
+    ).as_function()
+    with pytest.raises(js.SliceError, match="static argument `d`"):
+        first(jnp.ones(2), {"b": 3.0, "a": 2.0})  # keys in another order: another value
     half = np.array([1.0, np.nan], jnp.bfloat16)  # (NaN in a dtype NumPy has no kind for)
     held = js.trace(scaled, jnp.ones(2), half, static_argnums=1).as_function()
     assert held(jnp.ones(2), half.copy()).shape == (2,)
