@@ -249,11 +249,7 @@ def library_calls(
     containers = {cls for cls, _ in patched}
     eqx = sys.modules.get("equinox")
     if eqx is not None:
-        patched += [
-            (cls, _once(_framed_call, run, framed))
-            for cls, run in _eqx_layers(eqx)
-            if cls not in containers
-        ]
+        patched += [(cls, run) for cls, run in _eqx_patches(eqx, framed) if cls not in containers]
     nnx = _nnx()
     if nnx is not None:
         patched += [
@@ -409,6 +405,25 @@ def _patched(patched: list[tuple[type, Callable]]) -> Iterator[None]:
                 del cls.__call__
             else:
                 cls.__call__ = original
+
+
+def _eqx_patches(eqx: Any, framed: Callable) -> list[tuple[type, Callable]]:
+    """``(class, its framed __call__)`` for the Equinox layers (see :func:`_eqx_layers`),
+    made again only when a class's ``__call__`` changed (every trace patches them: the
+    check costs a lookup a class)."""
+    key = (framed, *(vars(cls).get("__call__") for _, cls in _eqx_classes(eqx)))
+    found = _EQX_PATCHES.get(key)
+    if found is None:
+        if len(_EQX_PATCHES) > 16:
+            _EQX_PATCHES.clear()
+        found = _EQX_PATCHES[key] = [
+            (cls, _once(_framed_call, run, framed)) for cls, run in _eqx_layers(eqx)
+        ]
+    return found
+
+
+#: :func:`_eqx_patches` by the classes' ``__call__``
+_EQX_PATCHES: dict[tuple, list[tuple[type, Callable]]] = {}
 
 
 def _eqx_layers(eqx: Any) -> list[tuple[type, Callable]]:

@@ -227,7 +227,8 @@ def assign_names(
     # and a name both tags and Python names give is one numbering (x#1 is one var)
     first = {name: (i,) for i, name in enumerate(inputs)}
     tagged = [(n, v) for v, n in tags]
-    shared = {n for n, _ in tagged} & ({n for n, _ in bindings} | first.keys())
+    bound, tag_names = {n for n, _ in bindings}, {n for n, _ in tagged}
+    shared = tag_names & (bound | first.keys())
     if shared:
         first.update(_one_numbering(shared, first, tagged, bindings))
     for var, names in _group(tagged, first).items():
@@ -238,12 +239,15 @@ def assign_names(
         candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)
-    _outputs_take_their_names(candidates, outputs, bindings, tags)
+    if any(name in bound or name in tag_names for _, name in outputs):
+        _outputs_take_their_names(candidates, outputs, bindings, tags)
 
     extras: list[list[str]] = [[] for _ in range(num_vars)]
-    named = {n for n, _ in bindings} | {n for _, n in tags}  # (a tag "m.kernel" keeps it)
-    for var, name in (*extra_aliases, *(a for a in input_aliases if a[1] not in named)):
+    for var, name in extra_aliases:
         extras[var].append(name)
+    for var, name in input_aliases:
+        if name not in bound and name not in tag_names:  # (a tag "m.kernel" keeps it)
+            extras[var].append(name)
     names = finalize(candidates, extras, primitives, {*inputs, *(n for _, n in input_labels)})
     names.arguments = list(inputs)
     return names
