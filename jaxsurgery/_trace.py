@@ -1045,7 +1045,8 @@ def _first_difference(a: Any, b: Any) -> tuple[Any, Any]:
 def _same_static(old: Any, new: Any) -> bool:
     """Whether a held-static value is the one traced (the same object, or equal; an
     array held static, of the same shape, dtype and values, NaN equal to NaN; a dict,
-    list or tuple holding arrays, item by item)."""
+    list, tuple, OrderedDict or NamedTuple item by item, a dict's keys in order; an
+    object of another class by its own ``==``)."""
     if old is new:
         return True
     arrays = (np.ndarray, jax.Array)
@@ -1053,10 +1054,11 @@ def _same_static(old: Any, new: Any) -> bool:
         if not (isinstance(old, arrays) and isinstance(new, arrays)):
             return False  # (a list for an array: a * 2 repeats it, no number doubles)
         return _same_array(old, new)
-    plain = type(old) in (dict, list, tuple, collections.OrderedDict) or (
-        type(old) is type(new) and isinstance(old, tuple) and hasattr(old, "_fields")
+    plain = type(old) is type(new) and (
+        type(old) in (dict, list, tuple, collections.OrderedDict)
+        or (isinstance(old, tuple) and hasattr(old, "_fields"))
     )  # (a NamedTuple: its fields; another subclass's == may read more than its items)
-    if not (plain and type(old) is type(new)):
+    if not plain:
         try:
             return bool(old == new)
         except Exception:  # an == that is no truth value (arrays inside, another's)
