@@ -301,6 +301,41 @@ def test_a_while_loop_of_many_trips_of_a_small_body_is_unrolled_for_reverse_mode
         g["body/x_new@400"]
 
 
+def test_a_long_while_loop_of_a_small_body_stays_folded():
+    """A fori_loop of a traced bound (a while_loop) of a small body is unrolled only up
+    to SMALL_UNROLL equations: 2 000 trips of 7 equations were all indexed at trace
+    time (69x make_jaxpr, 470x at 10 000 trips, then 2x past them: a cliff). Its values
+    still answer per trip; a slice across its trips is a while_loop, which forward mode
+    takes, and reverse mode is refused as JAX refuses it."""
+
+    def f(x, n):
+        def body(i, h):
+            h_new = jnp.sin(h) * 0.9 + 0.1 * i
+            return h_new
+
+        return jax.lax.fori_loop(0, n, body, x).sum()
+
+    def by_hand(x, n, start=0):
+        for i in range(start, n):
+            x = jnp.sin(x) * 0.9 + 0.1 * i
+        return x
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    g = js.trace(f, x, jnp.int32(2000))
+    assert g._program.folded and len(g.vars) < 10
+    h = by_hand(x, 1991)
+    allclose(g.value("body/h_new@1990"), h, rtol=1e-4)
+    s = g.slice("body/h_new@1990", "out")
+    allclose(s(h), f(x, jnp.int32(2000)), rtol=1e-4)
+    tangent = jnp.array([1.0, 0.0, 0.0, 0.0])
+    want = jax.jvp(lambda h: by_hand(h, 2000, 1991).sum(), (h,), (tangent,))[1]
+    allclose(jax.jvp(s, (h,), (tangent,))[1], want, rtol=1e-4)
+    with pytest.raises(js.SliceError, match="while_loop"):
+        g.vjp("body/h_new@1990", "out", jnp.float32(1.0))
+    small = js.trace(f, x, jnp.int32(300))  # 2 100 equations: unrolled for reverse mode
+    assert not small._program.folded
+
+
 def test_a_library_check_after_a_cut_loop_does_not_hide_the_path_error():
     """A slice cut inside a while_loop's trip, called with inputs that need more trips:
     the cut loop's result fails a library's own check in the window (optimistix's
