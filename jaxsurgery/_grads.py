@@ -136,9 +136,14 @@ class GradsFunction(TakesArguments):
         self._guards = [*guards, *out_guards]
         self._message = graph._path_message([*wrt_vars, *out_vars])
         self._warned = False
-        from ._patch_graph import read_by_derivative
+        from ._patch_graph import read_by_derivative, rewritten_away_note
 
-        self._read_by_derivative = read_by_derivative(graph, wrt_vars, out_vars)
+        away = rewritten_away_note(graph, wrt_vars, "its gradient is zero")
+        #: what to say of the values selected (see the notes)
+        self._selection_notes = [
+            *read_by_derivative(graph, wrt_vars, out_vars),
+            *([away] if away else []),
+        ]
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         flat = self.graph._flatten_args(*args, **kwargs)
@@ -148,14 +153,14 @@ class GradsFunction(TakesArguments):
     def _warn_once(self) -> None:
         if not self._warned:  # once, at the first call (under jit: when it traces)
             self._warned = True
-            for note in [*self._read_by_derivative, *self.dropped]:
+            for note in [*self._selection_notes, *self.dropped]:
                 warn(f"grads_fn: {note}")
 
     @property
     def notes(self) -> list[str]:
         """Remarks about the edited program (a custom rule bypassed, a derivative a
         custom rule drops, ...)."""
-        return [*self.bypassed, *self._read_by_derivative, *self.dropped]
+        return [*self.bypassed, *self._selection_notes, *self.dropped]
 
     @property
     def bypassed(self) -> list[str]:

@@ -238,6 +238,9 @@ class Graph(Identical):
         #: the running program holds edits its index lacks (patched or rewritten in the
         #: running program only): values and slices come from the running program
         self._edited_apart = edited_apart or bool(self._patched_sites)
+        #: values inside the matches a g.rewrite replaced, which nothing reads now: by
+        #: name, the match's output (see _match.rewritten_away)
+        self._rewritten_away: dict[str, str] = {}
         self._names = names
         self._flatten_args = flatten_args
         self._given_args = None if flat_args is None else tuple(flat_args)
@@ -534,7 +537,7 @@ class Graph(Identical):
         fn = self.grads_fn(out, wrt)
         args = self._require_args("g.grads")
         found = fn.at_flat(args)
-        for note in [*fn.bypassed, *fn._read_by_derivative]:
+        for note in [*fn.bypassed, *fn._selection_notes]:
             warn(f"g.grads: {note}")
         concrete = not C.holds_tracer(found)
         if fn.dropped and concrete and any(not jnp.any(g) for g in found.values()):

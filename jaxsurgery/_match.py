@@ -510,7 +510,38 @@ def rewrite(
     if unchanged:  # also in the rewritten graph's notes
         warn(unchanged)
     notes = [unchanged] if unchanged else []
-    return derive(graph, edits, "rewrite", notes, [*in_bodies, *in_trips])
+    derived = derive(graph, edits, "rewrite", notes, [*in_bodies, *in_trips])
+    derived._rewritten_away.update(rewritten_away(graph, matches))
+    return derived
+
+
+def rewritten_away(graph: Graph, matches: Sequence[Match]) -> dict[str, str]:
+    """The values inside ``matches`` that only the match reads (its output computed
+    from them), by name, with the match's output: once the match is rewritten nothing
+    reads them (their gradient is zero, a patch of them changes nothing), though their
+    names stay (values_fn still computes them)."""
+    program = graph._program
+    users, outputs = program.users, set(program.outputs)
+    away: dict[str, str] = {}
+    for m in matches:
+        eqns = {program.producer[v.index] for v in m.vars}
+        result = {v.index for v in m.outputs}
+        dead = {v.index for v in m.vars} - result - outputs
+        changed = True
+        while changed:  # a value read outside the match, or by a value that is, is live
+            live = {
+                i
+                for i in dead
+                if any(
+                    e not in eqns
+                    or any(o not in dead and o not in result for o in program.eqn_out[e])
+                    for e in users[i]
+                )
+            }
+            dead -= live
+            changed = bool(live)
+        away.update((graph._vars[i].name, m.outputs[0].name) for i in sorted(dead))
+    return away
 
 
 def rewrite_edits(

@@ -127,10 +127,31 @@ def warn_if_differentiated(graph: Graph, targets: Sequence[Var], what: str) -> N
         )
 
 
+def rewritten_away_note(graph: Graph, targets: Sequence[Var], effect: str) -> str | None:
+    """What to say of ``targets`` that lie inside a match an earlier ``g.rewrite``
+    replaced: the replacement computes the match's output from its inputs, so nothing
+    reads them (``effect``: what that means for the caller: a zero gradient, a patch
+    that changes nothing), or None."""
+    away = graph._rewritten_away
+    found = [v.name for v in targets if v.name in away]
+    if not found:
+        return None
+    name = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return (
+        f"{name!r}{more} is inside a match g.rewrite replaced: {away[name]!r} is the "
+        f"replacement's value now, computed from the match's inputs, and nothing reads "
+        f"{name!r}, so {effect}; use the match's output or its inputs"
+    )
+
+
 def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     """See :meth:`Graph.replace`."""
     _, targets = _select.tree(graph, selector)
     warn_if_differentiated(graph, targets, "g.replace")
+    away = rewritten_away_note(graph, targets, "a patch of it changes no output")
+    if away:
+        warn(f"g.replace: {away}")
     # one replacement per type of var: the vars of a loop value at every iteration
     # (``step/h@*``) then share it, and the running loop applies it as one masked edit
     # (one traced copy per iteration made a body of T copies: minutes of compiling)
@@ -283,7 +304,7 @@ def derive(
         or any(m.site.path_bound for m in moved)
         or _reaches_a_decision(graph._program, [e.target for e in edits])
     ):
-        return Graph(
+        derived = Graph(
             graph._program,
             graph._names,
             graph._flatten_args,
@@ -301,6 +322,8 @@ def derive(
             },
             edited_apart=True,
         )
+        derived._rewritten_away = dict(graph._rewritten_away)
+        return derived
     program, var_map, patched = splice(graph._program, edits, (), graph._flat_args)
     origin = {j: i for i, j in enumerate(var_map)}
     origin.update({j: i for i, j in patched.items()})
@@ -351,7 +374,7 @@ def derive(
     names = finalize(candidates, extras, program.primitives, old.protected, numbered)
     names.arguments = old.arguments  # the same inputs, first
     names.hidden = old.hidden
-    return Graph(
+    derived = Graph(
         program,
         names,
         graph._flatten_args,
@@ -364,6 +387,8 @@ def derive(
         unpatched,
         unlifted_site=lambda j: _latest(_deep(graph, origin[j])) if j in origin else None,
     )
+    derived._rewritten_away = dict(graph._rewritten_away)
+    return derived
 
 
 def _structured_edit(graph: Graph, edit: Edit) -> StructuredEdit:

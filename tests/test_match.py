@@ -112,6 +112,51 @@ def test_rewrite_tanh_to_gelu_equals_the_hand_edited_function():
         r.slice("z1.unpatched", "out")
 
 
+def test_values_inside_a_rewritten_match_warn_that_nothing_reads_them():
+    """A linen Dense's output inside relu(a @ w + b) keeps its name once the match is
+    rewritten, but the replacement computes from the match's inputs: its gradient is a
+    silent zero and a patch of it changes nothing. Both say why; the match's output
+    differentiates as the hand-edited model does."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        edit: bool = False
+
+        @nn.compact
+        def __call__(self, x, e=0.0):
+            for i in range(3):
+                h = nn.Dense(6)(x)
+                x = jnp.tanh(h) * 1.5 if self.edit else nn.relu(h)
+                if i == 1:
+                    x = x + e
+            return nn.Dense(1)(x)
+
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    v = Net().init(jax.random.key(0), x)
+    g = js.trace(lambda v, x: jnp.mean(Net().apply(v, x) ** 2), v, x)
+    args = (jnp.ones((5, 6)), jnp.ones((6, 6)), jnp.ones(6))
+    pattern = lambda a, w, b: jax.nn.relu(a @ w + jnp.reshape(b, (1, -1)))  # noqa: E731
+    layer_1 = g.match(pattern, *args)[1].outputs[0].name  # relu(Dense_1), e added after
+    rw = g.rewrite(pattern, lambda a, w, b: jnp.tanh(a @ w + b) * 1.5, *args)
+    by_hand = jax.grad(lambda e: jnp.mean(Net(edit=True).apply(v, x, e) ** 2))(jnp.zeros((5, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allclose(rw.grads("out", [layer_1])[layer_1], by_hand, rtol=1e-5)
+    dense = rw["Net/Dense_1"].name  # (its canonical name: Net/h#1)
+    with pytest.warns(
+        UserWarning,
+        match=f"g.grads: '{dense}' is inside a match g.rewrite replaced: '{layer_1}' is the "
+        "replacement's value now.*gradient is zero",
+    ):
+        got = rw.grads("out", ["Net/Dense_1"])["Net/Dense_1"]
+    assert not jnp.any(got)  # (the rewritten program's derivative: zero, as said)
+    with pytest.warns(UserWarning, match="inside a match g.rewrite replaced.*changes no output"):
+        patched = rw.replace("Net/Dense_1", 0.0)
+    allclose(patched.as_function()(v, x), rw.as_function()(v, x))
+    with pytest.warns(UserWarning, match=f"g.patch_fn: '{dense}' is inside a match"):
+        rw.patch_fn("Net/Dense_1")
+
+
 def test_rewrite_that_matches_nothing_says_so():
     g = js.trace(mlp_12782, *mlp_12782_args())
     with pytest.raises(js.SliceError, match="matches nothing"):
