@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SelectionError, SliceError, short_list, warn
-from ._made import Made, TakesArguments, keyed, selection_key
+from ._made import Made, TakesArguments, selection_key
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
@@ -68,10 +68,10 @@ class ValuesFunction(TakesArguments):
         # a loop's values stay rows of its stacked result: every iteration in order is
         # that result, not T row picks stacked again (a program growing with T)
         values = self.graph._values_at(self.vars, flat, rows=True)
-        return keyed(
-            (key, stack_rows([values[j] for j in group]) if many else row_value(values[group[0]]))
+        return {
+            key: stack_rows([values[j] for j in group]) if many else row_value(values[group[0]])
             for key, group, many in zip(self.keys, self._groups, self._stacked)
-        )
+        }
 
 
 class PatchFunction(TakesArguments):
@@ -187,7 +187,7 @@ class AttributionFunction(Made):
         corrupt, grads = self.grads.values_and_grads(*corrupt_args, **kwargs)
         # at a complex value, JAX's gradient (∂f/∂x − i·∂f/∂y) times a change is a
         # first-order change of the real output in its real part only
-        return keyed((key, _real((clean[key] - corrupt[key]) * grads[key])) for key in clean)
+        return {key: _real((clean[key] - corrupt[key]) * grads[key]) for key in clean}
 
 
 def _real(x: Any) -> Any:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import _compat as C
 from . import _select
 from ._errors import SliceError, jax_derivative_refusals, warn
-from ._made import TakesArguments, keyed, selection_key, var_keys
+from ._made import TakesArguments, selection_key, var_keys
 from ._structured import (
     Edit,
     Extra,
@@ -176,9 +176,13 @@ class GradsFunction(TakesArguments):
             _, exposed = self._structured.run(flat_args, eps, outputs=False)
             loss = sum(jnp.sum(exposed[e]) for e in self._outs)
             raw = [exposed.raw(e) for e in self._wrt_exposures]
-            values = keyed(
-                (key, stack_rows([raw[j] for j in group]) if many else row_value(raw[group[0]]))
-                for key, group, many in (zip(self.keys, self._groups, self._stacked) if raw else ())
+            values = (
+                {
+                    key: stack_rows([raw[j] for j in group]) if many else row_value(raw[group[0]])
+                    for key, group, many in zip(self.keys, self._groups, self._stacked)
+                }
+                if raw
+                else {}
             )
             return loss, ([exposed[h] for h in self._guards], values)
 
@@ -268,7 +272,7 @@ class GradsFunction(TakesArguments):
             picks = [where[j] for j in group]
             return stack_rows([Row(grad, row) if many else grad for grad, row, many in picks])
 
-        out = keyed(())
+        out = {}
         for key, group, many in zip(self.keys, self._groups, self._stacked):
             if tuple(group) in whole:  # every iteration of one loop value, in order:
                 out[key] = whole[tuple(group)]  # the scan's own stacked gradient

@@ -24,28 +24,13 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._copying import Shared
 
 if TYPE_CHECKING:
     from ._graph import Graph
-
-
-def keyed(items: Iterable[tuple[str, Any]]) -> OrderedDict[str, Any]:
-    """The ``{key: value}`` a made function returns (values, gradients, scores), in
-    the order of its keys (program order, a loop value's iterations in order): an
-    ``OrderedDict``, whose order ``jax.jit`` keeps, where a plain dict comes back
-    sorted by key (a glob's ``step/h@0, @1, @10, @11, @2``: stacking its values mixed
-    the steps). It compares equal to a dict of the same items.
-
-    Example:
-        >>> list(keyed([("h@2", 2), ("h@10", 10)]))
-        ['h@2', 'h@10']
-    """
-    return OrderedDict(items)
 
 
 class Made(Shared):

@@ -284,9 +284,10 @@ def _trace(
             out_info.setdefault("shadowing", name_notes[-1])
         name_notes += (
             [
-                f"{short_list(invariant)} name a value a loop passes on unchanged (JAX makes "
-                "it a constant of the loop): it is one value for every iteration, so it has "
-                "no name per iteration; select it where it is made, outside the loop"
+                f"{short_list(invariant)} name a constant of a loop (what its body closes "
+                "over, or a carry it passes on unchanged, which JAX makes one): it is one "
+                "value for every iteration, so it has no name per iteration; select it "
+                "where it is made, outside the loop"
             ]
             if invariant
             else []

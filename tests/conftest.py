@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import sys
 
@@ -47,18 +46,11 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def allclose(a, b, rtol=RTOL, atol=ATOL):
-    # (the functions a graph makes return OrderedDicts, compared with a dict's items)
-    a, b = (_plain_dicts(x) for x in (a, b))
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
     assert ta == tb, f"structures differ: {ta} vs {tb}"
     for x, y in zip(la, lb):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def _plain_dicts(tree):
-    is_od = lambda x: isinstance(x, collections.OrderedDict)  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: dict(x) if is_od(x) else x, tree, is_leaf=is_od)
 
 
 def _random_like(key, args):

@@ -72,32 +72,6 @@ def test_values_fn_keys_a_glob_by_the_names_it_matched(mlp):
         allclose(got[layer_name(k)], ref, rtol=1e-5)
 
 
-def test_a_globs_keys_stay_in_program_order_under_jit():
-    """jax.jit rebuilds a plain dict sorted by key (step/h@0, @1, @10, @11, @2):
-    stacking the values of a glob over 12 steps mixed them. The functions return an
-    OrderedDict, whose order JAX keeps."""
-
-    def rnn(w, h0, xs):
-        def step(h, x):
-            h_new = jnp.tanh(w @ h + x)
-            return h_new, h_new
-
-        return jnp.sum(jax.lax.scan(step, h0, xs)[1] ** 2)
-
-    args = (jnp.eye(3) * 0.5, jnp.zeros(3), jnp.linspace(-1, 1, 36).reshape(12, 3))
-    g = js.trace(rnn, *args)
-    steps = [f"step/h_new@{t}" for t in range(12)]
-    hs = jax.lax.scan(lambda h, x: (jnp.tanh(args[0] @ h + x),) * 2, args[1], args[2])[1]
-    for fn, a in [
-        (g.values_fn("step/h_new@*"), args),
-        (g.grads_fn("out", "step/h_new@*"), args),
-        (g.attribution_fn("out", "step/h_new@*"), (args, args)),
-    ]:
-        for got in (fn(*a), jax.jit(fn)(*a)):
-            assert list(got) == steps
-    allclose(jnp.stack(list(jax.jit(g.values_fn("step/h_new@*"))(*args).values())), hs)
-
-
 def test_a_path_naming_one_numbered_instance_is_keyed_as_written():
     """``lax.map(row, xs, batch_size=3)`` calls ``row`` twice (the batches' scan, then
     the remainder): "row/h@1" is "row#0/h@1", and the results say "row/h@1"."""
