@@ -814,6 +814,49 @@ def variable_paths(value: Any) -> set[str]:
     return {jax.tree_util.keystr(path) for path, node in nodes if isinstance(node, kind)}
 
 
+def keyed_state_paths(value: Any, paths: list[tuple]) -> list[tuple]:
+    """``paths``, the key paths of ``value``'s leaves in order, with the items of an
+    Equinox ``eqx.nn.State`` keyed by their markers, where JAX's path says only their
+    position (``state['Net.bn.ema_state_index'][0]`` for ``state[<flat index 1>][0]``:
+    the State flattens without keys); the same list where there is none.
+
+    Example:
+        >>> import jax, equinox as eqx
+        >>> _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+        >>> paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+        >>> [jax.tree_util.keystr(p) for p in keyed_state_paths(state, paths)]
+        ["['BatchNorm.batch_counter']", "['BatchNorm.batch_state_index'][0]", "['BatchNorm.batch_state_index'][1]"]
+    """
+    eqx = sys.modules.get("equinox")
+    kind = getattr(getattr(eqx, "nn", None), "State", None)
+    if not isinstance(kind, type):
+        return paths
+    import jax
+
+    flat_index = jax.tree_util.FlattenedIndexKey
+    if not any(type(k) is flat_index for path in paths for k in path):
+        return paths
+    nodes, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, kind))
+    states = {
+        path: tuple(node._state)
+        for path, node in nodes
+        if isinstance(node, kind)
+        and isinstance(getattr(node, "_state", None), dict)
+        and all(isinstance(k, (str, int)) for k in node._state)
+    }
+    if not states:  # (markers of other kinds, object(), have no text to key by)
+        return paths
+    out = []
+    for path in paths:
+        for at, keys in states.items():
+            n = len(at)
+            if len(path) > n and path[:n] == at and type(path[n]) is flat_index:
+                path = (*at, jax.tree_util.DictKey(keys[path[n].key]), *path[n + 1 :])
+                break
+        out.append(path)
+    return out
+
+
 def named_array_data(value: Any) -> Any:
     """A penzai ``NamedArray``'s array (names of values it holds need no
     ``.data_array``); anything else as it is."""

@@ -321,6 +321,44 @@ def test_an_equinox_module_returned_keeps_its_python_fields(key):
     allclose(again.layers[0].weight, ref.layers[0].weight, atol=1e-6)
 
 
+def test_equinox_state_items_are_named_by_their_markers(key):
+    """An eqx.nn.State flattens without keys: its statistics were
+    state[<flat index 1>][0]. They are keyed by the State's markers, in the arguments,
+    the outputs and what the function binds; a slice from the running mean in to the
+    running mean out is BatchNorm's average, by hand."""
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+
+        def __init__(self, key):
+            self.lin = eqx.nn.Linear(3, 4, key=key)
+            self.bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="ema", momentum=0.9)
+
+        def __call__(self, x, state):
+            h = self.lin(x)
+            h, state = self.bn(h, state)
+            return h, state
+
+    model, state = eqx.nn.make_with_state(Net)(key)
+    state = state.set(model.bn.ema_first_time_index, jnp.array(False))  # (after a step)
+    xs = jax.random.normal(key, (5, 3))
+
+    def step(model, state, xs):
+        batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        ys, state = batched(xs, state)
+        return jnp.sum(ys**2), state
+
+    g = js.trace(step, model, state, xs)
+    mean = "state['Net.bn.ema_state_index'][0]#0"  # (the argument: step rebinds state)
+    assert g[mean].index == 5 and g[mean].shape == (4,)
+    assert not [n for n in g.names() if "<flat index" in n]
+    new_mean = "out[1]['Net.bn.ema_state_index'][0]"
+    allclose(g.value(new_mean), step(model, state, xs)[1].get(model.bn.ema_state_index)[0])
+    batch_mean = jnp.mean(jax.vmap(model.lin)(xs), axis=0)
+    check_slice(g.slice(mean, new_mean), (jnp.arange(4.0),), lambda m: 0.9 * m + 0.1 * batch_mean)
+
+
 # -- Haiku: hk.nets.MLP ----------------------------------------------------------------------------
 def test_haiku_mlp_layers_by_module_name(key):
     forward = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x))
