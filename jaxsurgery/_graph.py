@@ -239,8 +239,9 @@ class Graph(Identical):
         #: running program only): values and slices come from the running program
         self._edited_apart = edited_apart or bool(self._patched_sites)
         #: values inside the matches a g.rewrite replaced, which nothing reads now: by
-        #: name, the match's output (see _match.rewritten_away)
-        self._rewritten_away: dict[str, str] = {}
+        #: name (a folded loop's body value by (loop, template var)), the match's
+        #: output (see _match.rewritten_away)
+        self._rewritten_away: dict[Any, str] = {}
         self._names = names
         self._flatten_args = flatten_args
         self._given_args = None if flat_args is None else tuple(flat_args)

@@ -221,7 +221,9 @@ def every_trip(
             kept.append(edit)
             left.append(name)
             continue
-        steps, bound = _every_trip(site.site)
+        # (a replace of ``outer/body/h@1@*``: every trip of the loop its ``@*`` counts,
+        # in outer trip 1 only; a rewrite: every trip of every loop around it)
+        steps, bound = _every_trip(site.site, innermost=targets is not None)
         key = (steps, site.site.vars, site.reads)
         if key not in made:
             every = Site(steps, site.site.vars, bound)
@@ -511,37 +513,48 @@ def rewrite(
         warn(unchanged)
     notes = [unchanged] if unchanged else []
     derived = derive(graph, edits, "rewrite", notes, [*in_bodies, *in_trips])
-    derived._rewritten_away.update(rewritten_away(graph, matches))
+    derived._rewritten_away.update(rewritten_away(graph, matches, found))
     return derived
 
 
-def rewritten_away(graph: Graph, matches: Sequence[Match]) -> dict[str, str]:
-    """The values inside ``matches`` that only the match reads (its output computed
-    from them), by name, with the match's output: once the match is rewritten nothing
-    reads them (their gradient is zero, a patch of them changes nothing), though their
-    names stay (values_fn still computes them)."""
+def rewritten_away(graph: Graph, matches: Sequence[Match], found: Found) -> dict[Any, str]:
+    """The values inside the rewritten matches that only the match reads (its output
+    computed from them): once rewritten, nothing reads them (their gradient is zero, a patch of them changes nothing),
+    though their names stay (values_fn still computes them). Keyed by name in the
+    index, by ``(loop, template var)`` in a folded loop's body, with the output's name."""
+    away: dict[Any, str] = {}
     program = graph._program
-    users, outputs = program.users, set(program.outputs)
-    away: dict[str, str] = {}
     for m in matches:
-        eqns = {program.producer[v.index] for v in m.vars}
-        result = {v.index for v in m.outputs}
-        dead = {v.index for v in m.vars} - result - outputs
-        changed = True
-        while changed:  # a value read outside the match, or by a value that is, is live
-            live = {
-                i
-                for i in dead
-                if any(
-                    e not in eqns
-                    or any(o not in dead and o not in result for o in program.eqn_out[e])
-                    for e in users[i]
-                )
-            }
-            dead -= live
-            changed = bool(live)
+        dead = _read_by_the_match_only(
+            program, {v.index for v in m.vars}, {v.index for v in m.outputs}
+        )
         away.update((graph._vars[i].name, m.outputs[0].name) for i in sorted(dead))
+    for k, state, name, (_, _, _, out, _) in found.in_bodies:
+        template = program.folded[k].template
+        matched = {o for e in state.eqn_map.values() for o in template.eqn_out[e]}
+        for ti in _read_by_the_match_only(template, matched, {out}):
+            away[k, ti] = name
     return away
+
+
+def _read_by_the_match_only(program: Any, matched: set[int], result: set[int]) -> set[int]:
+    """The vars of ``matched`` (a match's, in ``program``) other than its ``result``
+    that nothing outside the match reads, directly or through another such var."""
+    users, outputs = program.users, set(program.outputs)
+    eqns = {program.producer[i] for i in matched}
+    dead = matched - result - outputs
+    while True:  # a value read outside the match, or by a value that is, is live
+        live = {
+            i
+            for i in dead
+            if any(
+                e not in eqns or any(o not in dead and o not in result for o in program.eqn_out[e])
+                for e in users[i]
+            )
+        }
+        if not live:
+            return dead
+        dead -= live
 
 
 def rewrite_edits(
@@ -639,13 +652,16 @@ def body_place(graph: Graph, k: int, pattern: Program, state: _State) -> tuple |
     return Site(steps, site.vars), reads, t0, out, ins
 
 
-def _every_trip(site: Site) -> tuple[tuple, tuple[int, ...]]:
+def _every_trip(site: Site, innermost: bool = False) -> tuple[tuple, tuple[int, ...]]:
     """``(steps, path_bound)`` of ``site`` with each step into a while_loop's trip naming
-    no trip: an edit there applies in every trip the loop runs (arguments that run more
-    trips than were traced get it too); still bound to the cond branches it is in."""
+    no trip (``innermost``: the innermost such step only, the others keeping theirs): an
+    edit there applies in every trip the loop runs (arguments that run more trips than
+    were traced get it too); still bound to the cond branches it is in."""
     from ._structured import Step
 
     trips = {j for j in site.path_bound if site.steps[j].iteration is not None}
+    if innermost and trips:
+        trips = {max(trips)}
     steps = tuple(
         Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.steps)
     )

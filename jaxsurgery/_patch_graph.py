@@ -132,14 +132,23 @@ def rewritten_away_note(graph: Graph, targets: Sequence[Var], effect: str) -> st
     replaced: the replacement computes the match's output from its inputs, so nothing
     reads them (``effect``: what that means for the caller: a zero gradient, a patch
     that changes nothing), or None."""
+    from ._loop_index import VirtualVar
+
     away = graph._rewritten_away
-    found = [v.name for v in targets if v.name in away]
+    if not away:
+        return None
+    found = [
+        (v.name, away[key])
+        for v in targets
+        if (key := (v.template.loop, v.template.var) if isinstance(v, VirtualVar) else v.name)
+        in away
+    ]
     if not found:
         return None
-    name = found[0]
+    name, output = found[0]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     return (
-        f"{name!r}{more} is inside a match g.rewrite replaced: {away[name]!r} is the "
+        f"{name!r}{more} is inside a match g.rewrite replaced: {output!r} is the "
         f"replacement's value now, computed from the match's inputs, and nothing reads "
         f"{name!r}, so {effect}; use the match's output or its inputs"
     )
@@ -203,7 +212,11 @@ def _every_trip(graph: Graph, selector: Any) -> set[int]:
         for sel in chosen:
             for v, name in zip(sel, sel.matched):
                 if isinstance(v, VirtualVar):
-                    if not v._loop.is_scan:
+                    # (the value made in the trip named: not the carry entering it,
+                    # ``body/h@t``, which is what trip t - 1 made: patched in every
+                    # trip, the last one's, the loop's result, was patched too)
+                    made_in = name.rsplit("@", 1)[-1] == str(v.iteration)
+                    if not v._loop.is_scan and not v.template.inner and made_in:
                         every.add(v.index)
                 elif _a_trip_named(graph._site(v.index), name):
                     every.add(v.index)

@@ -157,6 +157,33 @@ def test_values_inside_a_rewritten_match_warn_that_nothing_reads_them():
         rw.patch_fn("Net/Dense_1")
 
 
+def test_values_inside_a_match_rewritten_in_a_folded_body_warn_too():
+    """A match in a scan's body is rewritten at every iteration: the values inside it
+    are nothing's either (a silent zero gradient at ``step/z@2``)."""
+    w = jax.random.normal(jax.random.key(1), (4, 4)) * 0.5
+
+    def f(x, b):
+        def step(h, _):
+            z = h @ w
+            h_new = jax.nn.relu(z + b)
+            return h_new, None
+
+        return jax.lax.scan(step, x, None, length=30)[0].sum()
+
+    x, b = jax.random.normal(jax.random.key(0), (2, 4)), jnp.ones(4) * 0.1
+    g = js.trace(f, x, b)
+    pattern = lambda a, w, b: jax.nn.relu(a @ w + b)  # noqa: E731
+    args = (jnp.ones((2, 4)), jnp.ones((4, 4)), jnp.ones(4))
+    rw = g.rewrite(pattern, lambda a, w, b: jax.nn.gelu(a @ w + b), *args)
+    with pytest.warns(UserWarning, match="'step/z@2' is inside a match.*'step/h_new@\\*'"):
+        assert not jnp.any(rw.grads("out", ["step/z@2"])["step/z@2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jnp.any(rw.grads("out", ["step/h_new@2"])["step/h_new@2"])
+    with pytest.warns(UserWarning, match="'step/z@0' \\(and 29 more\\) is inside a match"):
+        rw.replace("step/z@*", 0.0)
+
+
 def test_rewrite_that_matches_nothing_says_so():
     g = js.trace(mlp_12782, *mlp_12782_args())
     with pytest.raises(js.SliceError, match="matches nothing"):

@@ -499,6 +499,62 @@ def test_a_patch_at_every_trip_of_a_while_loop_patches_the_trips_more_arguments_
     allclose(r.value(later), (jnp.sin(5.0) + 1.0) * 0.5)
 
 
+@pytest.mark.parametrize("trips", [700, 720], ids=["unrolled", "folded"])
+def test_a_patch_of_the_carry_entering_every_trip_leaves_the_loops_result(trips):
+    """``body/h@*`` is the carry entering each trip: ``body/h@t`` is what trip t - 1
+    made, the last trip's result is the loop's, which no ``body/h@t`` names. A folded
+    loop's (720 trips of 7 equations pass SMALL_UNROLL) patch at every trip replaced the
+    result too: ``r`` was the patch's value."""
+
+    def f(x, n):
+        def body(i, h):
+            h2 = jnp.sin(h) * 0.9 + 0.01 * i
+            return h2
+
+        r = jax.lax.fori_loop(0, n, body, x)
+        return r
+
+    x = jnp.array([0.3, -0.2])
+    g = js.trace(f, x, jnp.int32(trips))
+    assert bool(g._program.folded) == (trips == 720)
+    last = jnp.sin(1.0) * 0.9 + 0.01 * (trips - 1)  # the last trip, from h = 1
+    allclose(g.replace("body/h@*", lambda h: h * 0 + 1).value("r"), jnp.full(2, last))
+    allclose(g.replace("body/h@*", jnp.ones(2)).value("r"), jnp.full(2, last))
+
+
+def test_a_patch_at_every_trip_of_an_inner_loop_in_one_outer_trip_stays_there():
+    """``outer/body/h2@1@*``: every trip of the inner loop in outer trip 1, which the
+    patch's edit kept (every outer trip was patched)."""
+
+    def f(x, n, m):
+        def outer(j, h):
+            def body(i, h):
+                h2 = jnp.sin(h) * 0.9 + 0.001 * i
+                return h2
+
+            hh = jax.lax.fori_loop(0, n, body, h)
+            return hh * 1.1 + j
+
+        return jax.lax.fori_loop(0, m, outer, x)
+
+    def by_hand(x, zero_in):
+        for j in range(3):
+            x = (x * 0 if j == zero_in else _inner_by_hand(x)) * 1.1 + j
+        return x
+
+    x = jnp.array([0.3, -0.2])
+    g = js.trace(f, x, jnp.int32(20), jnp.int32(3))
+    p = g.replace("outer/body/h2@1@*", lambda v: v * 0)
+    allclose(p.value("outer/hh@0"), _inner_by_hand(x))
+    allclose(p.as_function()(x, jnp.int32(20), jnp.int32(3)), by_hand(x, 1), rtol=1e-5)
+
+
+def _inner_by_hand(h):
+    for i in range(20):
+        h = jnp.sin(h) * 0.9 + 0.001 * i
+    return h
+
+
 def test_the_value_before_a_patch_at_every_iteration_of_a_scan_is_before_it():
     """``h_new@3.unpatched`` after a patch of ``h_new@*``: the value the patch read at
     iteration 3, whose gradient goes through the patch (fn' = 0.5)."""
