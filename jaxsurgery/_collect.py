@@ -24,7 +24,9 @@ What you can rely on:
 * **Resumable.** After every batch the group records how many batches and rows are
   complete (``store.attrs["jaxsurgery"]``); a call ended by an error or an interrupt
   writes the batch computed before it first. A store js.collect did not write is
-  refused, not replaced. Called again on the same path, ``collect``
+  refused, not replaced, and so is a directory of other files (never cleared, nor
+  written among); a store goes into a new or empty directory. Called again on the
+  same path, ``collect``
   skips that many batches of the iterable (it must yield the same batches in the
   same order), drops rows a batch interrupted while writing left behind, and goes on.
   ``resume=False`` starts over.
@@ -212,10 +214,37 @@ def _check_outputs(outs: Any) -> None:
             )
 
 
+def _refuse_what_is_not_ours(zarr: Any, path: str, resume: bool) -> None:
+    """Refuse a directory of other files (Zarr's ``mode="w"`` of ``resume=False``
+    deleted them, and ``mode="a"`` wrote a store among them), and, for ``resume=False``,
+    a Zarr group js.collect did not write that holds something (deleted too)."""
+    if "://" in path or not os.path.isdir(path) or not os.listdir(path):
+        return  # a new or empty directory, a file (refused when opened), a remote store
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:  # noqa: BLE001 (no Zarr group there: a directory of other files)
+        group = None
+    if group is None:
+        listed = short_list(sorted(os.listdir(path)), 3)
+        raise SelectionError(
+            f"{path!r} is a directory of other files ({listed}), not a Zarr store: "
+            "js.collect writes its store into a new or empty directory (it would "
+            f"{'delete them' if not resume else 'write among them'}); give another path"
+        )
+    held = sorted(group.keys())
+    if not resume and _STATE not in group.attrs and (held or dict(group.attrs)):
+        raise SelectionError(
+            f"the Zarr group at {path!r} holds {short_list(held, 3) or 'attributes'} that "
+            "js.collect did not write, and resume=False would delete them: collect to a "
+            "new path"
+        )
+
+
 class _Writer:
     """The Zarr group, one growing array per key, and the record of completed batches."""
 
     def __init__(self, zarr: Any, path: str | os.PathLike, resume: bool):
+        _refuse_what_is_not_ours(zarr, str(path), resume)
         try:
             self.group = zarr.open_group(str(path), mode="a" if resume else "w")
         except (OSError, ValueError) as e:

@@ -147,6 +147,30 @@ def test_a_store_it_did_not_write_is_refused_not_replaced(tmp_path):
             js.collect(bad, lambda x: {"h": x}, [jnp.ones((4, 8))], progress=False)
 
 
+def test_a_directory_of_other_files_is_refused_not_cleared(tmp_path):
+    """resume=False opened the path with Zarr's mode "w", which deleted every file of a
+    directory that was no store (the user's data, without a word); resume=True wrote a
+    store among them. A Zarr group js.collect did not write is not cleared either."""
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep me")
+    for resume in (False, True):
+        with pytest.raises(js.SelectionError, match=r"directory of other files \(important"):
+            js.collect(mine, lambda x: {"h": x}, [jnp.ones((2, 3))], resume=resume)
+    assert sorted(p.name for p in mine.iterdir()) == ["important.txt"]
+    theirs = str(tmp_path / "theirs.zarr")
+    zarr.open_group(theirs, mode="w").create_array("w", shape=(2,), dtype="f4")[:] = 7.0
+    with pytest.raises(js.SelectionError, match="holds w that js.collect did not write"):
+        js.collect(theirs, lambda x: {"h": x}, [jnp.ones((2, 3))], resume=False)
+    np.testing.assert_array_equal(zarr.open_group(theirs, mode="r")["w"][:], [7.0, 7.0])
+    # its own store, an empty directory: started over, collected
+    ours, empty = tmp_path / "ours.zarr", tmp_path / "empty"
+    empty.mkdir()
+    for path in (ours, ours, empty):
+        store = js.collect(path, lambda x: {"h": x}, [jnp.ones((2, 3))], resume=False)
+        np.testing.assert_array_equal(store["h"][:], np.ones((2, 3)))
+
+
 def test_a_run_interrupted_in_its_first_write_resumes(tmp_path, monkeypatch):
     """Interrupted while the first batch was appended (its arrays made, nothing recorded
     yet), the store was refused as one js.collect did not write."""
