@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -165,6 +166,15 @@ def backward_prefix(path: str) -> tuple[str, bool]:
 
 
 def _parts(path: str) -> tuple[list[str], bool]:
+    parts, backward = _parsed(path)
+    return list(parts), backward
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(path: str) -> tuple[tuple[str, ...], bool]:
+    """:func:`_parts`, parsed once per name stack (every equation of a model's layer
+    has the same one: parsed a character at a time, 0.2 ms a trace of an Equinox
+    GRU cell's scan)."""
     parts, depth, start, backward = [], 0, 0, False
     for i, ch in enumerate(path + "/"):
         if ch == "(":
@@ -178,7 +188,7 @@ def _parts(path: str) -> tuple[list[str], bool]:
                 parts.append(f"grad({label})" if backward and not marked else label)
                 backward = False
             start = i + 1
-    return parts, backward
+    return tuple(parts), backward
 
 
 #: the name JAX gives a checkpoint's recomputation in a backward pass, named
