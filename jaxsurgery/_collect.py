@@ -218,8 +218,10 @@ def _refuse_what_is_not_ours(zarr: Any, path: str, resume: bool) -> None:
     """Refuse a directory of other files (Zarr's ``mode="w"`` of ``resume=False``
     deleted them, and ``mode="a"`` wrote a store among them), and, for ``resume=False``,
     a Zarr group js.collect did not write that holds something (deleted too)."""
-    if "://" in path or not os.path.isdir(path) or not os.listdir(path):
+    local = path.removeprefix("file://")  # (Zarr's mode "w" clears a file:// URL too)
+    if "://" in local or not os.path.isdir(local) or not os.listdir(local):
         return  # a new or empty directory, a file (refused when opened), a remote store
+    path = local
     try:
         group = zarr.open_group(path, mode="r")
     except Exception:  # noqa: BLE001 (no Zarr group there: a directory of other files)

@@ -190,11 +190,12 @@ class Found:
 
 
 def every_trip(
-    graph: Graph, edits: Sequence[Edit], targets: set[int] | None = None
+    graph: Graph, edits: Sequence[Edit], targets: dict[int, int] | None = None
 ) -> tuple[list[Edit], list[tuple[str, StructuredEdit]], list[str]]:
     """Rewrite edits in the trips of ``while_loop`` s the index unrolls (or, given
     ``targets``, the edits of those vars, in any ``while_loop`` trip: ``g.replace`` of
-    ``body/h@*``), made edits of every trip: one edit of the loop's body, which
+    ``body/h@*``, each with the number of loops, innermost first, whose every trip it
+    edits), made edits of every trip: one edit of the loop's body, which
     applies in each trip the loop runs for any arguments (an edit per traced trip left
     the trips more arguments run unchanged). Returns the other edits, those made, and
     the names of edits in such trips that could not be made so (warned: they change
@@ -223,7 +224,7 @@ def every_trip(
             continue
         # (a replace of ``outer/body/h@1@*``: every trip of the loop its ``@*`` counts,
         # in outer trip 1 only; a rewrite: every trip of every loop around it)
-        steps, bound = _every_trip(site.site, innermost=targets is not None)
+        steps, bound = _every_trip(site.site, None if targets is None else targets[edit.target])
         key = (steps, site.site.vars, site.reads)
         if key not in made:
             every = Site(steps, site.site.vars, bound)
@@ -652,16 +653,17 @@ def body_place(graph: Graph, k: int, pattern: Program, state: _State) -> tuple |
     return Site(steps, site.vars), reads, t0, out, ins
 
 
-def _every_trip(site: Site, innermost: bool = False) -> tuple[tuple, tuple[int, ...]]:
+def _every_trip(site: Site, levels: int | None = None) -> tuple[tuple, tuple[int, ...]]:
     """``(steps, path_bound)`` of ``site`` with each step into a while_loop's trip naming
-    no trip (``innermost``: the innermost such step only, the others keeping theirs): an
-    edit there applies in every trip the loop runs (arguments that run more trips than
-    were traced get it too); still bound to the cond branches it is in."""
+    no trip (``levels``: among the innermost that many loops only, the others keeping
+    their trip): an edit there applies in every trip the loop runs (arguments that run
+    more trips than were traced get it too); still bound to the cond branches it is in."""
     from ._structured import Step
 
     trips = {j for j in site.path_bound if site.steps[j].iteration is not None}
-    if innermost and trips:
-        trips = {max(trips)}
+    if levels is not None:
+        looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
+        trips &= set(looped[len(looped) - levels :] if levels else ())
     steps = tuple(
         Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.steps)
     )

@@ -189,52 +189,79 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     return derive(graph, flat, what, patches=in_trips)
 
 
-def _every_trip(graph: Graph, selector: Any) -> set[int]:
+def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
     """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips, when its
     last iteration is the trip (given as it is, or as all that ``g.select`` of it
     holds): the value at every trip the loop runs, for any arguments, not only the
     trips traced (a patch of ``body/h@*`` patches the trips a larger trip count adds
-    too). A scan's ``@*`` inside a while trip is the scan's iterations, as it is."""
+    too). A scan's ``@*`` inside a while trip is the scan's iterations, as it is. Each
+    with how many loops, innermost first, the name's ``@*`` span (``outer/body/h@*@*``:
+    every trip of both loops; ``outer/body/h@1@*``: of the inner one in outer trip 1)."""
     from ._loop_index import VirtualVar
 
-    every = set()
+    every: dict[int, int] = {}
+    carried: list[str] = []  # names of carries entering trips (see _carry_entering)
     for leaf in jax.tree_util.tree_leaves(
         selector, is_leaf=lambda x: isinstance(x, _select.Selection)
     ):
         if isinstance(leaf, _select.Selection):  # g.select("body/h@*"): the same, whole
             held = {v.index for v in leaf}
-            named = [graph.select(name) for name in leaf._every]
-            chosen = [sel for sel in named if all(v.index in held for v in sel)]
+            named = [(name, graph.select(name)) for name in leaf._every]
+            chosen = [(name, sel) for name, sel in named if all(v.index in held for v in sel)]
         elif isinstance(leaf, str) and leaf.endswith("@*"):
-            chosen = [graph.select(leaf)]
+            chosen = [(leaf, graph.select(leaf))]
         else:
             continue
-        for sel in chosen:
+        for given, sel in chosen:
+            levels = _trailing_stars(given)
             for v, name in zip(sel, sel.matched):
                 if isinstance(v, VirtualVar):
                     # (the value made in the trip named: not the carry entering it,
                     # ``body/h@t``, which is what trip t - 1 made: patched in every
                     # trip, the last one's, the loop's result, was patched too)
-                    made_in = name.rsplit("@", 1)[-1] == str(v.iteration)
-                    if not v._loop.is_scan and not v.template.inner and made_in:
-                        every.add(v.index)
+                    last = name.rsplit("@", 1)[-1]
+                    if v._loop.is_scan or v.template.inner:
+                        continue
+                    if last == str(v.iteration):
+                        every[v.index] = levels
+                    elif last == str(v.iteration + 1):
+                        carried.append(given)
                 elif _a_trip_named(graph._site(v.index), name):
-                    every.add(v.index)
+                    every[v.index] = levels
+                elif _a_trip_named(graph._site(v.index), name, entering=True):
+                    carried.append(given)
+    if carried:
+        warn(
+            f"g.replace: {carried[0]!r} names the carry entering each trip of a "
+            "while_loop (its @t is what trip t - 1 made): it is patched at the traced "
+            "trips only, and arguments that run another trip count get those patches "
+            "at other values (with fewer trips, the loop's result); patch the value the "
+            "body makes (its name at the trip it is made) to patch every trip"
+        )
     return every
 
 
-def _a_trip_named(site: Site | None, name: str) -> bool:
+def _trailing_stars(name: str) -> int:
+    """How many ``@*`` end ``name`` (``h@1@*``: 1, ``h@*@*``: 2)."""
+    n = 0
+    while name.endswith("@*"):
+        name, n = name[:-2], n + 1
+    return n
+
+
+def _a_trip_named(site: Site | None, name: str, entering: bool = False) -> bool:
     """Whether ``name`` (matched by a name ending in ``@*``) names the value at ``site``
     by its ``while_loop`` trip: the innermost loop there is a trip (a step into one
     is path-bound; a scan's iteration is not), the one its last ``@t`` counts (not a
-    scan's last carry, ``v@4``, made in trip 1)."""
+    scan's last carry, ``v@4``, made in trip 1); ``entering``: by the trip after it,
+    as the carry entering that trip."""
     if site is None:
         return False
     looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
     if not looped or looped[-1] not in site.path_bound:
         return False
     last = name.rsplit("@", 1)[-1]
-    return last.isdigit() and int(last) == site.steps[looped[-1]].iteration
+    return last.isdigit() and int(last) == site.steps[looped[-1]].iteration + entering
 
 
 def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]]) -> list[str]:

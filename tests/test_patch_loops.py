@@ -518,8 +518,11 @@ def test_a_patch_of_the_carry_entering_every_trip_leaves_the_loops_result(trips)
     g = js.trace(f, x, jnp.int32(trips))
     assert bool(g._program.folded) == (trips == 720)
     last = jnp.sin(1.0) * 0.9 + 0.01 * (trips - 1)  # the last trip, from h = 1
-    allclose(g.replace("body/h@*", lambda h: h * 0 + 1).value("r"), jnp.full(2, last))
-    allclose(g.replace("body/h@*", jnp.ones(2)).value("r"), jnp.full(2, last))
+    # (patched at the traced trips only, as it says: other trip counts shift them)
+    with pytest.warns(UserWarning, match="'body/h@\\*' names the carry entering each trip"):
+        allclose(g.replace("body/h@*", lambda h: h * 0 + 1).value("r"), jnp.full(2, last))
+    with pytest.warns(UserWarning, match="at the traced trips only"):
+        allclose(g.replace("body/h@*", jnp.ones(2)).value("r"), jnp.full(2, last))
 
 
 def test_a_patch_at_every_trip_of_an_inner_loop_in_one_outer_trip_stays_there():
@@ -547,6 +550,35 @@ def test_a_patch_at_every_trip_of_an_inner_loop_in_one_outer_trip_stays_there():
     p = g.replace("outer/body/h2@1@*", lambda v: v * 0)
     allclose(p.value("outer/hh@0"), _inner_by_hand(x))
     allclose(p.as_function()(x, jnp.int32(20), jnp.int32(3)), by_hand(x, 1), rtol=1e-5)
+
+
+def test_a_patch_at_every_trip_of_two_nested_loops_patches_the_trips_more_arguments_run():
+    """``obody/ibody/h2@*@*``: every inner trip of every outer trip, also those that
+    arguments running more outer trips add (the edit kept the outer trip when only the
+    innermost loop's trip was freed)."""
+
+    def make(hook):
+        def f(x, n, m):
+            def obody(c):
+                j, h = c
+
+                def ibody(d):
+                    i, hi = d
+                    h2 = jnp.sin(hi) * 0.9 + 0.01
+                    return i + 1, hook(h2)
+
+                _, hh = jax.lax.while_loop(lambda d: d[0] < n, ibody, (0, h))
+                return j + 1, hh * 1.1 + 0.1
+
+            return jax.lax.while_loop(lambda c: c[0] < m, obody, (0, x))[1]
+
+        return f
+
+    fn = lambda v: v * 0.5 - 0.2  # noqa: E731
+    x = jnp.array([0.3, -0.2])
+    patched = js.trace(make(lambda v: v), x, 4, 3).replace("obody/ibody/h2@*@*", fn)
+    for n, m in [(4, 3), (6, 3), (4, 5), (2, 1)]:
+        allclose(patched.as_function()(x, n, m), make(fn)(x, n, m))
 
 
 def _inner_by_hand(h):
