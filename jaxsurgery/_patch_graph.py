@@ -200,7 +200,8 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
     from ._loop_index import VirtualVar
 
     every: dict[int, int] = {}
-    carried: list[str] = []  # names of carries entering trips (see _carry_entering)
+    carried: list[str] = []  # names of carries entering trips: patched per traced trip
+    partial: list[str] = []  # names of other values patched per traced trip
     for leaf in jax.tree_util.tree_leaves(
         selector, is_leaf=lambda x: isinstance(x, _select.Selection)
     ):
@@ -221,15 +222,28 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
                     # trip, the last one's, the loop's result, was patched too)
                     last = name.rsplit("@", 1)[-1]
                     if v._loop.is_scan or v.template.inner:
-                        continue
-                    if last == str(v.iteration):
+                        # (every trip of a while named by a *: its trips around a folded
+                        # scan, or the folded while's own around a loop unrolled in it)
+                        outer = len(v.template.outer)
+                        trips = range(outer) if v._loop.is_scan else [outer]
+                        if any(_star_at(given, k) for k in trips):
+                            partial.append(given)
+                    elif last == str(v.iteration):
                         every[v.index] = levels
                     elif last == str(v.iteration + 1):
                         carried.append(given)
-                elif _a_trip_named(graph._site(v.index), name):
+                    continue
+                site = graph._site(v.index)
+                if _a_trip_named(site, name):
                     every[v.index] = levels
-                elif _a_trip_named(graph._site(v.index), name, entering=True):
+                elif _a_trip_named(site, name, entering=True):
                     carried.append(given)
+                elif site is not None:  # (a scan's value in a while's trip named by *)
+                    looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
+                    if any(
+                        _star_at(given, k) for k, j in enumerate(looped) if j in site.path_bound
+                    ):
+                        partial.append(given)
     if carried:
         warn(
             f"g.replace: {carried[0]!r} names the carry entering each trip of a "
@@ -238,7 +252,20 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
             "at other values (with fewer trips, the loop's result); patch the value the "
             "body makes (its name at the trip it is made) to patch every trip"
         )
+    elif partial:
+        warn(
+            f"g.replace: {partial[0]!r} selects values in every trip of a while_loop (a "
+            "scan's iterations in a trip, or a loop unrolled in a folded trip) that are "
+            "patched at the traced trips only: they hold for the traced trip count, and "
+            "arguments that run another leave trips unpatched or patch other values"
+        )
     return every
+
+
+def _star_at(name: str, k: int) -> bool:
+    """Whether iteration ``k`` of ``name`` (``h@1@*``: 0 is ``1``, 1 is ``*``) is ``*``."""
+    iterations = name.split("@")[1:]
+    return k < len(iterations) and iterations[k] == "*"
 
 
 def _trailing_stars(name: str) -> int:
@@ -260,7 +287,10 @@ def _a_trip_named(site: Site | None, name: str, entering: bool = False) -> bool:
     looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
     if not looped or looped[-1] not in site.path_bound:
         return False
-    last = name.rsplit("@", 1)[-1]
+    iterations = name.split("@")[1:]
+    if len(iterations) != len(looped):  # (a scan's result in a trip: h2@j@K-1, whose
+        return False  # last @ is the scan's iteration, not the trip)
+    last = iterations[-1]
     return last.isdigit() and int(last) == site.steps[looped[-1]].iteration + entering
 
 

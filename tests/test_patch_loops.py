@@ -7,6 +7,8 @@ the step number), and the zero-perturbation trick written by hand; for library m
 the same patch made on the graph's unrolled twin (the flat index, spliced).
 """
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -579,6 +581,50 @@ def test_a_patch_at_every_trip_of_two_nested_loops_patches_the_trips_more_argume
     patched = js.trace(make(lambda v: v), x, 4, 3).replace("obody/ibody/h2@*@*", fn)
     for n, m in [(4, 3), (6, 3), (4, 5), (2, 1)]:
         allclose(patched.as_function()(x, n, m), make(fn)(x, n, m))
+
+
+def test_a_scans_values_in_every_trip_of_a_while_are_patched_at_the_traced_trips():
+    """``obody/step/h2@*@*``: a scan's iterations in every trip of a while_loop. The
+    scan's result in trip j (``h2@j@2``) was taken for a value named by its trip where
+    the scan's last iteration equalled j, and patched in every trip, the loop's result
+    too (a wrong number at the traced arguments); the patch holds for the traced trips
+    and says so."""
+    fn = lambda v: v * 0.5 - 0.2  # noqa: E731
+
+    def make(hook):
+        def f(x, m):
+            def obody(c):
+                j, h = c
+
+                def step(h, t):
+                    h2 = jnp.sin(h) * 0.9 + 0.01 * t
+                    return hook(h2), None
+
+                return j + 1, jax.lax.scan(step, h, jnp.arange(3.0))[0]
+
+            return jax.lax.while_loop(lambda c: c[0] < m, obody, (0, x))[1]
+
+        return f
+
+    x = jnp.array([0.3, -0.2])
+    g = js.trace(make(lambda v: v), x, jnp.int32(3))
+    with pytest.warns(UserWarning, match="every trip of a while_loop .* at the traced trips"):
+        patched = g.replace("obody/step/h2@*@*", fn)
+    allclose(patched.as_function()(x, jnp.int32(3)), make(fn)(x, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (trip 1 named: as traced, nothing to say)
+        one = g.replace("obody/step/h2@1@*", fn)
+
+    def in_trip_1(x, m):
+        h = x
+        for j in range(m):
+            for t in range(3):
+                h2 = jnp.sin(h) * 0.9 + 0.01 * t
+                h = fn(h2) if j == 1 else h2
+        return h
+
+    allclose(one.as_function()(x, jnp.int32(3)), in_trip_1(x, 3))
+    allclose(one.as_function()(x, jnp.int32(4)), in_trip_1(x, 4))
 
 
 def _inner_by_hand(h):
