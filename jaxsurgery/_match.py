@@ -520,9 +520,10 @@ def rewrite(
 
 def rewritten_away(graph: Graph, matches: Sequence[Match], found: Found) -> dict[Any, str]:
     """The values inside the rewritten matches that only the match reads (its output
-    computed from them): once rewritten, nothing reads them (their gradient is zero, a patch of them changes nothing),
-    though their names stay (values_fn still computes them). Keyed by name in the
-    index, by ``(loop, template var)`` in a folded loop's body, with the output's name."""
+    computed from them): once rewritten, nothing reads them (their gradient is zero, a
+    patch of them changes nothing), though their names stay (values_fn still computes
+    them). Keyed by name in the index, by ``(loop, template var)`` in a folded loop's
+    body, with the output's name."""
     away: dict[Any, str] = {}
     program = graph._program
     for m in matches:
