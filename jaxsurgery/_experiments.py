@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from . import _compat as C
 from . import _select
-from ._errors import SelectionError, SliceError, short_list, warn
+from ._errors import SelectionError, SliceError, short_list
 from ._made import Made, TakesArguments, selection_key
 from ._promotion import is_key, not_a_key
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
@@ -82,7 +82,7 @@ class PatchFunction(TakesArguments):
 
     def __init__(self, graph: Graph, selector: Selector):
         from ._loop_slice import _given
-        from ._patch_graph import rewritten_away_note, warn_if_differentiated
+        from ._patch_graph import warn_if_differentiated, warn_if_patched_away
 
         self.graph = graph
         self.keys, self.vars, self._groups, self._stacked = _select.grouped(
@@ -90,9 +90,7 @@ class PatchFunction(TakesArguments):
         )
         self._key = selection_key(self.keys, self.vars, self._groups, self._stacked)
         warn_if_differentiated(graph, self.vars, "g.patch_fn")
-        away = rewritten_away_note(graph, self.vars, "a patch of it changes no output")
-        if away:
-            warn(f"g.patch_fn: {away}")
+        warn_if_patched_away(graph, self.vars, "g.patch_fn")
         self._sites = graph._sites_of(self.vars)
         self._fns = [_given(v.shape, v.dtype) for v in self.vars]
 

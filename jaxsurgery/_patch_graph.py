@@ -154,13 +154,20 @@ def rewritten_away_note(graph: Graph, targets: Sequence[Var], effect: str) -> st
     )
 
 
+def warn_if_patched_away(graph: Graph, targets: Sequence[Var], what: str) -> None:
+    """Warn, as :func:`warn_if_differentiated` does, that a patch of values inside a
+    match an earlier ``g.rewrite`` replaced changes nothing (see
+    :func:`rewritten_away_note`)."""
+    away = rewritten_away_note(graph, targets, "a patch of it changes no output")
+    if away:
+        warn(f"{what}: {away}")
+
+
 def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     """See :meth:`Graph.replace`."""
     _, targets = _select.tree(graph, selector)
     warn_if_differentiated(graph, targets, "g.replace")
-    away = rewritten_away_note(graph, targets, "a patch of it changes no output")
-    if away:
-        warn(f"g.replace: {away}")
+    warn_if_patched_away(graph, targets, "g.replace")
     # one replacement per type of var: the vars of a loop value at every iteration
     # (``step/h@*``) then share it, and the running loop applies it as one masked edit
     # (one traced copy per iteration made a body of T copies: minutes of compiling)
