@@ -23,6 +23,7 @@ from ._experiments import ValuesFunction as _ValuesFunction
 from ._grads import GradsFunction as _GradsFunction
 from ._graph import Graph as Graph
 from ._graph import Var as Var
+from ._graph import WholeFunction as _WholeFunction
 from ._select import Selection as Selection
 from ._slice import Slice as Slice
 from ._tag import tag as tag
@@ -30,7 +31,14 @@ from ._trace import trace as trace
 
 # errors leave the public entry points without jaxsurgery's frames (see _traceback)
 _traceback.install(
-    Graph, Slice, Selection, _GradsFunction, _ValuesFunction, _PatchFunction, _AttributionFunction
+    Graph,
+    Slice,
+    Selection,
+    _GradsFunction,
+    _ValuesFunction,
+    _PatchFunction,
+    _AttributionFunction,
+    _WholeFunction,
 )
 trace = _traceback.boundary(trace)  # noqa: F811
 tag = _traceback.boundary(tag)  # noqa: F811

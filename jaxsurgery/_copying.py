@@ -41,13 +41,7 @@ class Shared:
         return self  # never mutated: what it shares cannot change under the copy
 
     def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        kind = type(self).__name__
-        raise TypeError(
-            f"cannot pickle a jaxsurgery {kind}: it holds a traced JAX program (jaxprs), "
-            "which JAX does not pickle. Pickle the function and its arguments and call "
-            "js.trace again where you load them; to save a slice's computation, "
-            "s.export().serialize() gives bytes that jax.export.deserialize loads"
-        )
+        refuse_pickle(self)
 
 
 class Identical(Shared):
@@ -57,3 +51,13 @@ class Identical(Shared):
 
     def __copy__(self) -> Any:
         return self
+
+
+def refuse_pickle(obj: Any) -> NoReturn:
+    """The ``TypeError`` pickling ``obj`` (anything jaxsurgery returns) is."""
+    raise TypeError(
+        f"cannot pickle a jaxsurgery {type(obj).__name__}: it holds a traced JAX program "
+        "(jaxprs), which JAX does not pickle. Pickle the function and its arguments and "
+        "call js.trace again where you load them; to save a slice's computation, "
+        "s.export().serialize() gives bytes that jax.export.deserialize loads"
+    )

@@ -40,7 +40,7 @@ from ._errors import (
     short_repr,
     warn,
 )
-from ._made import one
+from ._made import TakesArguments, one
 from ._names import Names
 from ._program import Program
 from ._promotion import alive, as_traced
@@ -56,7 +56,6 @@ from ._structured import (
     loop_value,
     row_value,
 )
-from ._traceback import boundary
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -695,18 +694,7 @@ class Graph(Identical):
     def as_function(self) -> Callable[..., Any]:
         """The (patched) whole function, with the original signature; jittable."""
 
-        known = self._made.get("as_function")
-        if known is not None:  # (one function: jax.jit of it in a loop compiles once)
-            return known
-
-        def function(*args: Any, **kwargs: Any) -> Any:
-            flat = self._flatten_args(*args, **kwargs)
-            outs, _ = self._structure.run(flat)
-            return _select.unflatten(self._out_tree, outs)
-
-        function.__name__ = self._function_name
-        function.__signature__ = self._signature  # type: ignore[attr-defined]
-        return self._made.setdefault("as_function", boundary(function))
+        return one(WholeFunction(self))  # (one: jax.jit of it in a loop compiles once)
 
     # -- views ----------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:
@@ -1056,3 +1044,32 @@ class Graph(Identical):
                 "bind a slice to arguments with s.bind(*args)"
             )
         return alive(self._flat_args, self.inputs)
+
+
+class WholeFunction(TakesArguments):
+    """``g.as_function()``: the (patched) whole function, named and called as the traced
+    one (its ``__name__``, signature, arguments and output tree).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxsurgery as js
+        >>> def f(x):
+        ...     h = jnp.sin(x)
+        ...     return h * 2.0
+        >>> fn = js.trace(f, jnp.ones(2)).replace("h", 1.0).as_function()
+        >>> fn.__name__, jax.jit(fn)(jnp.zeros(2)).tolist()
+        ('f', [2.0, 2.0])
+    """
+
+    _kind = "function"
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return self.graph._function_name
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.graph._flatten_args(*args, **kwargs)
+        outs, _ = self.graph._structure.run(flat)
+        return _select.unflatten(self.graph._out_tree, outs)

@@ -44,12 +44,13 @@ import functools
 import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import numpy as np
 
 from . import _compat as C
+from ._copying import refuse_pickle
 from ._errors import (
     SelectionError,
     SliceError,
@@ -96,6 +97,15 @@ class Selection(tuple):
         sel = cls(vars_)
         sel._matched, sel._every = tuple(matched), every
         return sel
+
+    def __copy__(self) -> Selection:
+        return self  # (immutable, as its vars are)
+
+    def __deepcopy__(self, memo: dict) -> Selection:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        refuse_pickle(self)  # (not its first Var's error)
 
     @property
     def names(self) -> tuple[str, ...]:

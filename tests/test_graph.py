@@ -250,7 +250,12 @@ def test_copies_share_the_traced_program_and_pickling_says_what_to_save():
     np.testing.assert_allclose(grads, ref, rtol=1e-5)
     shallow = copy.copy(s)
     assert shallow is not s and float(shallow(g.value(h))) == float(s(g.value(h)))
-    for obj in (g, h, s, state["grads"], state["values"], g.select("out")):
-        with pytest.raises(TypeError, match=r"cannot pickle a jaxsurgery \w+: .*serialize\(\)"):
-            pickle.dumps(obj)
+    whole = g.as_function()
+    made = (g, h, s, state["grads"], state["values"], g.select("out"), whole)
+    kinds = ("Graph", "Var", "Slice", "GradsFunction", "ValuesFunction", "Selection")
+    for obj, kind in zip(made, (*kinds, "WholeFunction")):
+        with pytest.raises(TypeError, match=rf"cannot pickle a jaxsurgery {kind}: .*serialize\(\)"):
+            pickle.dumps(obj)  # (the whole function: was Python's AttributeError, a closure)
+    assert copy.deepcopy(g.select("out")) == g.select("out") and copy.deepcopy(whole) is whole
+    assert copy.deepcopy(whole)(model2, x) == loss(model2, x)
     assert jax.export.deserialize(s.export().serialize()).call(g.value(h)) == s(g.value(h))
