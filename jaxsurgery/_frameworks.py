@@ -814,47 +814,99 @@ def variable_paths(value: Any) -> set[str]:
     return {jax.tree_util.keystr(path) for path, node in nodes if isinstance(node, kind)}
 
 
-def keyed_state_paths(value: Any, paths: list[tuple]) -> list[tuple]:
-    """``paths``, the key paths of ``value``'s leaves in order, with the items of an
-    Equinox ``eqx.nn.State`` keyed by their markers, where JAX's path says only their
-    position (``state['Net.bn.ema_state_index'][0]`` for ``state[<flat index 1>][0]``:
-    the State flattens without keys); the same list where there is none.
+def keyed_paths(value: Any, paths: list[tuple]) -> list[tuple]:
+    """``paths``, the key paths of ``value``'s leaves in order, with the children of
+    nodes that flatten without keys (JAX's path says only their position, ``<flat
+    index 1>``) keyed where the node tells what they are: an Equinox ``eqx.nn.State``'s
+    items by their markers (``state['Net.bn.ema_state_index'][0]``), a NumPyro
+    distribution's or transform's by their fields (``d.base_dist.loc``: NumPyro orders
+    a distribution's fields by a set, so positions change with the hash seed, names do
+    not); the same list where there is none.
 
     Example:
         >>> import jax, equinox as eqx
         >>> _, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
         >>> paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-        >>> [jax.tree_util.keystr(p) for p in keyed_state_paths(state, paths)]
+        >>> [jax.tree_util.keystr(p) for p in keyed_paths(state, paths)]
         ["['BatchNorm.batch_counter']", "['BatchNorm.batch_state_index'][0]", "['BatchNorm.batch_state_index'][1]"]
     """
-    eqx = sys.modules.get("equinox")
-    kind = getattr(getattr(eqx, "nn", None), "State", None)
-    if not isinstance(kind, type):
-        return paths
     import jax
 
     flat_index = jax.tree_util.FlattenedIndexKey
     if not any(type(k) is flat_index for path in paths for k in path):
         return paths
-    nodes, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, kind))
-    states = {
-        path: tuple(node._state)
-        for path, node in nodes
-        if isinstance(node, kind)
-        and isinstance(getattr(node, "_state", None), dict)
-        and all(isinstance(k, (str, int)) for k in node._state)
-    }
-    if not states:  # (markers of other kinds, object(), have no text to key by)
+    kinds = _keyless_kinds()
+    if not kinds:
+        return paths
+    keyed: dict[tuple, tuple] = {}  # a node's path (JAX's) -> its children's keys
+    _find_keyed(value, (), kinds, keyed)
+    if not keyed:
         return paths
     out = []
     for path in paths:
-        for at, keys in states.items():
-            n = len(at)
-            if len(path) > n and path[:n] == at and type(path[n]) is flat_index:
-                path = (*at, jax.tree_util.DictKey(keys[path[n].key]), *path[n + 1 :])
-                break
-        out.append(path)
+        new = list(path)
+        for n, k in enumerate(path):
+            keys = keyed.get(path[:n]) if type(k) is flat_index else None
+            if keys is not None and k.key < len(keys):
+                new[n] = keys[k.key]
+        out.append(tuple(new))
     return out
+
+
+def _keyless_kinds() -> tuple[type, ...]:
+    """The imported node types whose children :func:`_child_keys` can key."""
+    eqx, numpyro = sys.modules.get("equinox"), sys.modules.get("numpyro.distributions")
+    kinds = (
+        getattr(getattr(eqx, "nn", None), "State", None),
+        getattr(numpyro, "Distribution", None),
+        getattr(getattr(numpyro, "transforms", None), "Transform", None),
+    )
+    return tuple(k for k in kinds if isinstance(k, type))
+
+
+def _find_keyed(value: Any, at: tuple, kinds: tuple[type, ...], keyed: dict) -> None:
+    """Note in ``keyed`` the keys of the children of each node of ``kinds`` in
+    ``value`` (``at`` its path), nodes inside such nodes too."""
+    import jax
+
+    nodes, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: isinstance(x, kinds))
+    for path, node in nodes:
+        if not isinstance(node, kinds):
+            continue
+        keys = _child_keys(node)
+        if keys is None:
+            continue
+        keyed[(*at, *path)] = keys
+        children, _ = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x, n=node: x is not n
+        )
+        for child_path, child in children:
+            _find_keyed(child, (*at, *path, *child_path), kinds, keyed)
+
+
+def _child_keys(node: Any) -> tuple | None:
+    """Keys for the children of ``node`` (an Equinox State, a NumPyro distribution or
+    transform), in its flattening's order; None where it has no text to key by."""
+    import jax
+
+    eqx = sys.modules.get("equinox")
+    state = getattr(node, "_state", None)
+    if isinstance(node, getattr(getattr(eqx, "nn", None), "State", ())) and isinstance(state, dict):
+        if all(isinstance(k, (str, int)) for k in state):  # (object() markers: none)
+            return tuple(map(jax.tree_util.DictKey, state))
+        return None
+    try:
+        children, aux = node.tree_flatten()
+        fields = getattr(type(node), "gather_pytree_data_fields", None)  # a distribution's
+        # (a transform's field names lead its flattening's aux data)
+        names = fields() if fields is not None else aux[0] if isinstance(aux, tuple) else None
+    except Exception:
+        return None
+    if not isinstance(names, tuple) or len(names) != len(children):
+        return None
+    if not all(isinstance(n, str) for n in names):
+        return None
+    return tuple(map(jax.tree_util.GetAttrKey, names))
 
 
 def named_array_data(value: Any) -> Any:

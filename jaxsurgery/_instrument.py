@@ -72,7 +72,7 @@ from ._frameworks import (
     as_pytree_call,
     copied_path,
     haiku_rewritten,
-    keyed_state_paths,
+    keyed_paths,
     library_rejit,
     named_array_data,
     reads_as_attribute,
@@ -1165,7 +1165,7 @@ def _atoms(value: Any) -> list[tuple[str, Any]]:
         paths, tree = None, None
     if paths is None:
         with_path = jax.tree_util.tree_flatten_with_path(value)[0]
-        paths = [_key_path(path) for path in keyed_state_paths(value, [p for p, _ in with_path])]
+        paths = [_key_path(path) for path in keyed_paths(value, [p for p, _ in with_path])]
         if tree is not None and len(_PATHS) < 4096:
             _PATHS[tree] = paths
     out = []

@@ -30,7 +30,7 @@ from ._errors import short_repr as _short
 from ._frameworks import (
     haiku_rewritten,
     in_place_objects,
-    keyed_state_paths,
+    keyed_paths,
     library_calls,
     library_names,
     parameter_labels,
@@ -142,7 +142,7 @@ def _trace(
         finally:
             recorder.let_go()
         out_leaves, tree = jax.tree_util.tree_flatten_with_path(out)
-        keyed = keyed_state_paths(out, [p for p, _ in out_leaves])
+        keyed = keyed_paths(out, [p for p, _ in out_leaves])
         paths = ["out" + jax.tree_util.keystr(p) for p in keyed]
         in_module = _module_leaves(out)
         arrays, statics = [], {}
@@ -852,7 +852,7 @@ class _ArgBinder:
         for name, value, (flat, _) in items:
             labelled = parameter_labels(value)
             variables: set[str] | None = None  # found when a key first ends in .value
-            paths = keyed_state_paths(value, [p for p, _, _ in flat])
+            paths = keyed_paths(value, [p for p, _, _ in flat])
             for path, (_, leaf, traced) in zip(paths, flat):
                 if traced:
                     key = jax.tree_util.keystr(path) if path else ""

@@ -303,6 +303,35 @@ def test_numpyro_sites_are_named():
     check_slice(g.slice("log_density/mu", "out"), (mu,), by_hand)
 
 
+def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
+    """A NumPyro distribution flattens without keys, its fields ordered by a set (the
+    order changes with the hash seed): its leaves are named by their fields, in
+    arguments and outputs, not by positions (``d[<flat index 1>][0][<flat index 0>]``
+    named another field in the next process)."""
+    base = dist.Normal(jnp.asarray([0.1, 0.2, 0.3]), jnp.asarray([1.0, 2.0, 0.5]))
+    shift = dist.transforms.AffineTransform(jnp.asarray(1.5), jnp.asarray(3.0))
+    d = dist.TransformedDistribution(base, [shift])
+
+    def f(d, x):
+        moved = dist.TransformedDistribution(d.base_dist, [dist.transforms.ExpTransform()])
+        return d.log_prob(x).sum(), moved
+
+    x = jnp.asarray([0.0, 1.0, 2.0])
+    g = js.trace(f, d, x)
+    arguments = {"d.base_dist.loc", "d.base_dist.scale", "d.transforms[0].loc"}
+    assert arguments | {"d.transforms[0].scale", "x"} <= set(g.names())
+    assert not [n for n in g.names() if "flat index" in n]
+    allclose(g.value("d.transforms[0].scale"), 3.0)
+    allclose(g.value("d.base_dist.scale"), base.scale)
+    assert g["out[1].base_dist.loc"] is g["d.base_dist.loc"]  # returned as it came in
+
+    def by_hand(scale):  # log N((x - 1.5) / scale; loc, base scale) - log |scale|, summed
+        z = (x - 1.5) / scale
+        return (dist.Normal(base.loc, base.scale).log_prob(z) - jnp.log(scale)).sum()
+
+    check_slice(g.slice("d.transforms[0].scale", "out[0]"), (jnp.asarray(3.0),), by_hand)
+
+
 # -- Flax sow and the backward pass ------------------------------------------------------------
 class Block(nn.Module):
     @nn.compact
