@@ -710,10 +710,17 @@ def _store(original: Callable, position: int, note_state: Callable[[Any], Any]) 
 def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> type:
     """A NumPyro handler class recording the sites' values (one instance per trace)."""
 
+    unit = getattr(numpyro.distributions, "Unit", None)
+
     class SiteNames(numpyro.primitives.Messenger):
         def postprocess_message(self, msg: dict) -> None:
             if msg.get("type") in ("sample", "deterministic", "param") and msg.get("name"):
-                record(msg["name"], msg.get("value"))
+                fn, value = msg.get("fn"), msg.get("value")
+                if isinstance(unit, type) and isinstance(fn, unit):
+                    # a factor (numpyro.factor, a transform's _w_log_det): its value is
+                    # an empty array, what it adds to the log density its log factor
+                    value = fn.log_factor
+                record(msg["name"], value)
 
     return SiteNames
 

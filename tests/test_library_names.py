@@ -17,7 +17,7 @@ import pytest
 from conftest import allclose, check_slice
 from flax import nnx
 from models import penzai_llama_config
-from numpyro.infer.util import log_density
+from numpyro.infer.util import log_density, potential_energy
 from penzai import pz
 from penzai.models import simple_mlp
 
@@ -301,6 +301,26 @@ def test_numpyro_sites_are_named():
         return normal(y, mu).sum() + normal(params["w"], 0.0).sum() + normal(params["b"], 0.0)
 
     check_slice(g.slice("log_density/mu", "out"), (mu,), by_hand)
+
+
+def test_numpyro_factors_are_named_by_what_they_add_to_the_log_density():
+    """A factor site's value is an empty array (NumPyro samples a ``Unit``): its name
+    is what it adds, ``numpyro.factor``'s log factor and a constrained site's log-det."""
+
+    def model():
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        numpyro.factor("penalty", -(s**2))
+
+    def pe(z):  # the unconstrained potential energy, as an HMC step takes it
+        return potential_energy(model, (), {}, z)
+
+    z = {"s": jnp.asarray(0.3)}
+    g = js.trace(pe, z)
+    assert g.value("potential_energy/penalty").shape == ()
+    allclose(g.value("potential_energy/penalty"), -(jnp.exp(0.3) ** 2))
+    allclose(g.value("potential_energy/_s_log_det"), 0.3)  # log |d exp(u)/du| at u
+    grads = g.grads("out", wrt=["potential_energy/penalty"])
+    allclose(grads["potential_energy/penalty"], -1.0)  # the energy is minus the density
 
 
 def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
