@@ -190,11 +190,11 @@ class Found:
 
 
 def every_trip(
-    graph: Graph, edits: Sequence[Edit], targets: dict[int, int] | None = None
+    graph: Graph, edits: Sequence[Edit], targets: dict[int, frozenset[int]] | None = None
 ) -> tuple[list[Edit], list[tuple[str, StructuredEdit]], list[str]]:
     """Rewrite edits in the trips of ``while_loop`` s the index unrolls (or, given
     ``targets``, the edits of those vars, in any ``while_loop`` trip: ``g.replace`` of
-    ``body/h@*``, each with the number of loops, innermost first, whose every trip it
+    ``body/h@*``, each with the loops, counted from the innermost, whose every trip it
     edits), made edits of every trip: one edit of the loop's body, which
     applies in each trip the loop runs for any arguments (an edit per traced trip left
     the trips more arguments run unchanged). Returns the other edits, those made, and
@@ -654,17 +654,18 @@ def body_place(graph: Graph, k: int, pattern: Program, state: _State) -> tuple |
     return Site(steps, site.vars), reads, t0, out, ins
 
 
-def _every_trip(site: Site, levels: int | None = None) -> tuple[tuple, tuple[int, ...]]:
+def _every_trip(site: Site, levels: frozenset[int] | None = None) -> tuple[tuple, tuple[int, ...]]:
     """``(steps, path_bound)`` of ``site`` with each step into a while_loop's trip naming
-    no trip (``levels``: among the innermost that many loops only, the others keeping
-    their trip): an edit there applies in every trip the loop runs (arguments that run
-    more trips than were traced get it too); still bound to the cond branches it is in."""
+    no trip (``levels``: of those loops only, counted from the innermost (0), the others
+    keeping their trip): an edit there applies in every trip the loop runs (arguments
+    that run more trips than were traced get it too); still bound to the cond branches
+    it is in."""
     from ._structured import Step
 
     trips = {j for j in site.path_bound if site.steps[j].iteration is not None}
     if levels is not None:
         looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
-        trips &= set(looped[len(looped) - levels :] if levels else ())
+        trips &= {looped[-1 - k] for k in levels if k < len(looped)}
     steps = tuple(
         Step(s.eqn, s.branch, None) if j in trips else s for j, s in enumerate(site.steps)
     )

@@ -196,17 +196,18 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     return derive(graph, flat, what, patches=in_trips)
 
 
-def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
-    """The vars a name ending in ``@*`` selects in a ``while_loop``'s trips, when its
+def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
+    """The vars a name with an ``@*`` selects in a ``while_loop``'s trips, when its
     last iteration is the trip (given as it is, or as all that ``g.select`` of it
     holds): the value at every trip the loop runs, for any arguments, not only the
     trips traced (a patch of ``body/h@*`` patches the trips a larger trip count adds
     too). A scan's ``@*`` inside a while trip is the scan's iterations, as it is. Each
-    with how many loops, innermost first, the name's ``@*`` span (``outer/body/h@*@*``:
-    every trip of both loops; ``outer/body/h@1@*``: of the inner one in outer trip 1)."""
+    with the loops, counted from the innermost (0), whose iterations the name's ``@*``
+    are (``outer/body/h@*@*``: every trip of both loops; ``outer/body/h@1@*``: of the
+    inner one in outer trip 1; ``outer/body/h@*@1``: inner trip 1 in every outer trip)."""
     from ._loop_index import VirtualVar
 
-    every: dict[int, int] = {}
+    every: dict[int, frozenset[int]] = {}
     carried: list[str] = []  # names of carries entering trips: patched per traced trip
     partial: list[str] = []  # names of other values patched per traced trip
     for leaf in jax.tree_util.tree_leaves(
@@ -216,12 +217,12 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, int]:
             held = {v.index for v in leaf}
             named = [(name, graph.select(name)) for name in leaf._every]
             chosen = [(name, sel) for name, sel in named if all(v.index in held for v in sel)]
-        elif isinstance(leaf, str) and leaf.endswith("@*"):
+        elif isinstance(leaf, str) and "@*" in leaf:
             chosen = [(leaf, graph.select(leaf))]
         else:
             continue
         for given, sel in chosen:
-            levels = _trailing_stars(given)
+            levels = _stars(given)
             for v, name in zip(sel, sel.matched):
                 if isinstance(v, VirtualVar):
                     # (the value made in the trip named: not the carry entering it,
@@ -275,12 +276,11 @@ def _star_at(name: str, k: int) -> bool:
     return k < len(iterations) and iterations[k] == "*"
 
 
-def _trailing_stars(name: str) -> int:
-    """How many ``@*`` end ``name`` (``h@1@*``: 1, ``h@*@*``: 2)."""
-    n = 0
-    while name.endswith("@*"):
-        name, n = name[:-2], n + 1
-    return n
+def _stars(name: str) -> frozenset[int]:
+    """The loops whose iterations ``name``'s ``@*`` are, counted from the innermost
+    (``h@1@*``: {0}, ``h@*@*``: {0, 1}, ``h@*@1``: {1})."""
+    iterations = name.split("@")[1:]
+    return frozenset(len(iterations) - 1 - k for k, it in enumerate(iterations) if it == "*")
 
 
 def _a_trip_named(site: Site | None, name: str, entering: bool = False) -> bool:

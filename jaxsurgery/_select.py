@@ -86,7 +86,7 @@ class Selection(tuple):
 
     # no __slots__: an instance keeps the names its vars were matched by
     _matched: tuple[str, ...] | None = None
-    #: the names ending in ``@*`` it was selected by (every iteration: a patch of a
+    #: the names with an ``@*`` it was selected by (every iteration: a patch of a
     #: ``while_loop`` value patches every trip, see ``_patch_graph``)
     _every: tuple[str, ...] = ()
 
@@ -309,7 +309,7 @@ def select(
             raise _no_scope(graph, scope)
     if where is not None:
         keep = [k and bool(where(v)) for k, v in zip(keep, vars_)]
-    every = tuple(s for s in selectors if isinstance(s, str) and s.endswith("@*"))
+    every = tuple(s for s in selectors if isinstance(s, str) and "@*" in s)
     return Selection._of(
         (v for v, k in zip(vars_, keep) if k), (m for m, k in zip(matched, keep) if k), every
     )

@@ -583,6 +583,46 @@ def test_a_patch_at_every_trip_of_two_nested_loops_patches_the_trips_more_argume
         allclose(patched.as_function()(x, n, m), make(fn)(x, n, m))
 
 
+@pytest.mark.parametrize("pattern", ["*@1@0", "*@*@1", "1@*@0", "*@0@*", "0@1@*", "*@*@*"])
+def test_a_star_before_a_trip_patches_that_trip_in_every_trip_of_the_loops_around(pattern):
+    """``ibody/h2@*@1@0``: inner trip 0 of middle trip 1 in every outer trip, also in
+    the trips arguments running more of them add (a ``*`` before a fixed trip was
+    patched per traced trip, silently: 10 of the 27 patterns of three nested loops
+    were wrong at other trip counts)."""
+
+    def make(hook):
+        def f(x, n, m, k):
+            def obody(i, h):
+                def mbody(j, h):
+                    def ibody(t, h):
+                        h2 = jnp.sin(h) + 0.1 * j + 0.01 * t + 0.3 * i
+                        return hook((i, j, t), h2)
+
+                    return jax.lax.fori_loop(0, k, ibody, h) * 0.9
+
+                return jax.lax.fori_loop(0, m, mbody, h) * 1.1
+
+            return jax.lax.fori_loop(0, n, obody, x)
+
+        return f
+
+    def at_pattern(trips, h2):  # the patch, where the pattern names the trip
+        hit = True
+        for trip, p in zip(trips, pattern.split("@")):
+            hit = hit if p == "*" else hit & (trip == int(p))
+        return jnp.where(hit, h2 + 1.0, h2)
+
+    x, n = jnp.array([0.3, 0.7]), jnp.int32
+    g = js.trace(make(lambda trips, h2: h2), x, n(2), n(2), n(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (every trip patched: nothing to say)
+        patched = jax.jit(
+            g.replace(f"obody/mbody/ibody/h2@{pattern}", lambda v: v + 1.0).as_function()
+        )
+    for trips in [(2, 2, 2), (3, 2, 2), (2, 3, 3), (1, 1, 3), (3, 3, 1)]:
+        allclose(patched(x, *map(n, trips)), make(at_pattern)(x, *trips), atol=1e-5)
+
+
 def test_a_scans_values_in_every_trip_of_a_while_are_patched_at_the_traced_trips():
     """``obody/step/h2@*@*``: a scan's iterations in every trip of a while_loop. The
     scan's result in trip j (``h2@j@2``) was taken for a value named by its trip where
