@@ -826,9 +826,10 @@ def keyed_paths(value: Any, paths: list[tuple]) -> list[tuple]:
     nodes that flatten without keys (JAX's path says only their position, ``<flat
     index 1>``) keyed where the node tells what they are: an Equinox ``eqx.nn.State``'s
     items by their markers (``state['Net.bn.ema_state_index'][0]``), a NumPyro
-    distribution's or transform's by their fields (``d.base_dist.loc``: NumPyro orders
-    a distribution's fields by a set, so positions change with the hash seed, names do
-    not); the same list where there is none.
+    distribution's, transform's or constraint's by their fields (``d.base_dist.loc``:
+    NumPyro orders a distribution's fields by a set, so positions change with the hash
+    seed, names do not), JAX's ``Partial`` and sparse ``BCOO``/``BCSR`` arrays by
+    theirs (``fn.args[0]``, ``m.data``); the same list where there is none.
 
     Example:
         >>> import jax, equinox as eqx
@@ -867,8 +868,22 @@ def _keyless_kinds() -> tuple[type, ...]:
         getattr(getattr(eqx, "nn", None), "State", None),
         getattr(numpyro, "Distribution", None),
         getattr(getattr(numpyro, "transforms", None), "Transform", None),
+        getattr(getattr(numpyro, "constraints", None), "Constraint", None),
+        *_fields_of_jax_nodes(),
     )
     return tuple(k for k in kinds if isinstance(k, type))
+
+
+def _fields_of_jax_nodes() -> dict[type, tuple[str, ...]]:
+    """JAX's own nodes flattening without keys, with their children's fields."""
+    import jax
+
+    fields: dict[type, tuple[str, ...]] = {jax.tree_util.Partial: ("args", "keywords")}
+    sparse = sys.modules.get("jax.experimental.sparse")
+    for kind, names in (("BCOO", ("data", "indices")), ("BCSR", ("data", "indices", "indptr"))):
+        if isinstance(getattr(sparse, kind, None), type):
+            fields[getattr(sparse, kind)] = names
+    return fields
 
 
 def _find_keyed(value: Any, at: tuple, kinds: tuple[type, ...], keyed: dict) -> None:
@@ -902,10 +917,13 @@ def _child_keys(node: Any) -> tuple | None:
         if all(isinstance(k, (str, int)) for k in state):  # (object() markers: none)
             return tuple(map(jax.tree_util.DictKey, state))
         return None
+    known = _fields_of_jax_nodes().get(type(node))
+    if known is not None:
+        return tuple(map(jax.tree_util.GetAttrKey, known))
     try:
         children, aux = node.tree_flatten()
         fields = getattr(type(node), "gather_pytree_data_fields", None)  # a distribution's
-        # (a transform's field names lead its flattening's aux data)
+        # (a transform's and a constraint's field names lead its flattening's aux data)
         names = fields() if fields is not None else aux[0] if isinstance(aux, tuple) else None
     except Exception:
         return None

@@ -350,6 +350,33 @@ def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
         return (dist.Normal(base.loc, base.scale).log_prob(z) - jnp.log(scale)).sum()
 
     check_slice(g.slice("d.transforms[0].scale", "out[0]"), (jnp.asarray(3.0),), by_hand)
+    # a constraint with array bounds (a Uniform's support) by its fields too
+    u = js.trace(lambda d, v: d.log_prob(v), dist.Uniform(jnp.asarray(-1.0), 2.0), 0.5)
+    assert {"d._support.lower_bound", "d._support.upper_bound"} <= set(u.names())
+    allclose(u.value("d._support.upper_bound"), 2.0)
+
+
+def test_jax_partials_and_sparse_arrays_are_named_by_their_fields():
+    """``jax.tree_util.Partial`` and ``jax.experimental.sparse`` arrays flatten without
+    keys too: ``fn.args[0]``, ``fn.keywords['b']``, ``m.data``, ``m.indices``."""
+    from jax.experimental import sparse
+
+    m = sparse.BCOO.fromdense(jnp.asarray([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
+    fn = jax.tree_util.Partial(lambda w, x, b: w * x + b, jnp.full(3, 2.0), b=jnp.ones(3))
+    g = js.trace(lambda fn, m, x: m @ fn(x), fn, m, jnp.arange(3.0))
+    assert [v.name for v in g.inputs] == [
+        "fn.args[0]",
+        "fn.keywords['b']",
+        "m.data",
+        "m.indices",
+        "x",
+    ]
+    allclose(g.value("m.data"), m.data)
+    check_slice(
+        g.slice("m.data", "out"),
+        (m.data,),
+        lambda data: sparse.BCOO((data, m.indices), shape=m.shape) @ (2.0 * jnp.arange(3.0) + 1),
+    )
 
 
 # -- Flax sow and the backward pass ------------------------------------------------------------
