@@ -1851,6 +1851,8 @@ def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: str =
         if not callable(body):
             return body
         framed = _call(None, body)
+        if rows is not None:
+            framed = _rows_returned_anew(framed, rows == "map")
         return _in_loop(framed, folded) if loop else framed
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -1869,6 +1871,43 @@ def _with_named_bodies(fn: Any, bodies: tuple[tuple[int, str], ...], loop: str =
         return fn(*args, **kwargs)
 
     folded = False
+    rows = _row_loops().get(id(fn))
+
+    return run
+
+
+def _row_loops() -> dict[int, str]:
+    """lax's and Haiku's ``scan`` and ``map`` by id (their bodies return rows of ``ys``):
+    ``"scan"`` (a body of ``(carry, x)``) or ``"map"`` (of ``x``)."""
+    found = {id(jax.lax.scan): "scan", id(jax.lax.map): "map"}
+    haiku = sys.modules.get("haiku")
+    for name in ("scan", "map"):
+        if getattr(haiku, name, None) is not None:
+            found[id(getattr(haiku, name))] = name
+    return found
+
+
+def _rows_returned_anew(body: Any, mapped: bool) -> Any:
+    """``body``, a scan's (``mapped``: a map's), returning a copy of a row of ``xs`` it
+    returns as it is in ``ys``: JAX takes such a ``ys`` from ``xs`` outside the loop,
+    so the row in the body (``step/x@3``) would reach no reader of ``ys``, and a
+    slice, gradient or patch from it missed them (``return c + sin(x), x``: the
+    derivative of ``sum(ys ** 2)``)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out = body(*args, **kwargs)
+        if kwargs or len(args) != (1 if mapped else 2):
+            return out
+        if not mapped and not (isinstance(out, tuple) and len(out) == 2):
+            return out
+        rows = {
+            id(x) for x in jax.tree_util.tree_leaves(args[-1]) if isinstance(x, jax.core.Tracer)
+        }
+        ys = out if mapped else out[1]
+        if not any(id(y) in rows for y in jax.tree_util.tree_leaves(ys)):
+            return out
+        ys = jax.tree_util.tree_map(lambda y: jax.lax.copy_p.bind(y) if id(y) in rows else y, ys)
+        return ys if mapped else (out[0], ys)
 
     return run
 

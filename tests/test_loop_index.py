@@ -962,6 +962,46 @@ def test_a_carry_the_loop_passes_on_unchanged_has_no_value_per_iteration(loop):
     allclose(g.value(name.replace("/c@", "/h_new@")), h2)
 
 
+@pytest.mark.parametrize("loop", ["scan", "map", "hk.scan"])
+def test_a_row_a_body_returns_as_it_is_reaches_what_reads_ys(loop):
+    """``return c + sin(x), x``: JAX takes such a ``ys`` from ``xs`` outside the loop,
+    so ``step/x@3`` reached none of the readers of ``ys``: its gradient missed the
+    ``sum(ys ** 2)`` term, a patch of it left ``ys`` as it was, and a slice from a row
+    read only through ``ys`` was refused ("does not depend"), all silently. The row is
+    returned anew (a copy), as the body says."""
+    import haiku as hk
+
+    def f(w, xs):
+        def step(c, x):
+            c_new = jnp.tanh(w * c + x[0])
+            return c_new, (x[1], c_new)  # the second row as it is
+
+        if loop == "map":
+            c, (ys, cs) = 0.0, jax.lax.map(lambda x: step(0.0, x)[1], xs)
+        elif loop == "hk.scan":
+            c, (ys, cs) = hk.scan(step, 0.0, xs)
+        else:
+            c, (ys, cs) = jax.lax.scan(step, 0.0, xs)
+        return jnp.sum(ys * cs) + jnp.sum(ys**2) + c
+
+    xs = (jnp.linspace(-1.0, 1.0, 6), jnp.linspace(0.5, 2.0, 6))
+    if loop == "hk.scan":  # (Haiku's loops run inside a transformed function)
+        apply = hk.without_apply_rng(hk.transform(f)).apply
+        g, call = js.trace(apply, {}, 0.7, xs), lambda *a: apply({}, *a)
+    else:
+        g, call = js.trace(f, 0.7, xs), f
+    row = g.select("**step/x[1]@2").one().name
+
+    def moved(e):  # f with that row of ys (and of xs: the same value) moved by e
+        return call(0.7, (xs[0], xs[1].at[2].add(e)))
+
+    args = ({}, 0.7, xs) if loop == "hk.scan" else (0.7, xs)
+    allclose(g.grads("out", wrt=[row])[row], jax.grad(moved)(0.0), rtol=1e-5)
+    allclose(jax.grad(g.slice(row, "out"))(g.value(row)), jax.grad(moved)(0.0), rtol=1e-5)
+    allclose(g.replace(row, lambda v: v + 1.0).as_function()(*args), moved(1.0), rtol=1e-5)
+    allclose(g.as_function()(*args), call(0.7, xs))
+
+
 def test_globs_match_body_values_by_place():
     """``loop<k>%<i>@t`` names a body value nothing names (as ``%<i>`` in the flat
     index); globs over it stack its iterations."""
