@@ -55,6 +55,7 @@ import inspect
 import itertools
 import operator
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -1212,9 +1213,27 @@ def _current() -> Recorder | None:
     return stack[-1] if stack else None
 
 
-def _mark(name: str, value: Any) -> Any:
+def _mark(name: str | tuple[str, Any], value: Any) -> Any:
     recorder = _current()
-    return value if recorder is None else recorder.record(name, value)
+    if recorder is None:
+        return value
+    if type(name) is tuple:  # an item target, (container, key): d['enc']
+        name = _item_name(*name)
+        if name is None:
+            return value
+    return recorder.record(name, value)
+
+
+#: what a string key of an item target may hold to name it (no selector characters)
+_ITEM_KEY = re.compile(r"[A-Za-z_][\w.\-]*")
+
+
+def _item_name(container: str, key: Any) -> str | None:
+    """The name of ``container[key]`` (``acts['enc']``, ``hs[3]``), None for a key of
+    another kind (a tuple, an object, a string holding a selector's characters)."""
+    if type(key) is int or (type(key) is str and _ITEM_KEY.fullmatch(key)):
+        return f"{container}[{key!r}]"
+    return None
 
 
 #: the library and builtin functions found to run as they are (JAX's, NumPy's, the

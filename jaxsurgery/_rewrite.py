@@ -15,7 +15,9 @@ or uses ``super()``.
 What is marked: the parameters (binding ``#0`` of their names; ``self`` and ``cls``
 excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
 augmented assignments, ``for`` loop, ``with ... as`` and walrus (``(b := ...)``)
-targets. Attribute and subscript targets (``self.h = ...``, ``d["k"] = ...``) are not.
+targets, and item targets of a name by a constant or a name (``acts[name] = h`` marks
+``h`` as ``acts['enc']``, by the key as it is then: a string key that reads as a name or
+path part, or an int). Attribute targets (``self.h = ...``) are not.
 A function defined inside the traced function is rewritten when it is called (a call
 of anything is), not with its definer; a transform decorating it (``@jax.vmap``)
 applies to the rewritten copy, as a call of the transform does. When the source cannot
@@ -348,6 +350,21 @@ def _target_names(target: ast.expr) -> list[str]:
     return []
 
 
+def _item_key(target: ast.Subscript) -> ast.expr | None:
+    """The key of an item target ``d[k]`` (``d`` a name, ``k`` a constant or a name,
+    read again without effect), as an expression; None for any other."""
+    if not isinstance(target.value, ast.Name):
+        return None
+    key = target.slice
+    if isinstance(key, ast.Constant) or isinstance(key, ast.Name):
+        return (
+            ast.copy_location(copy.copy(key), key)
+            if isinstance(key, ast.Constant)
+            else (ast.Name(id=key.id, ctx=ast.Load()))
+        )
+    return None
+
+
 def _marks(names: list[str], where: ast.AST) -> list[ast.stmt]:
     """``name = __js_mark__("name", name)`` per name: the mark returns the value itself,
     or under a transform a tagged twin (:meth:`Recorder._named`)."""
@@ -405,6 +422,18 @@ class _MarkAssignments(ast.NodeTransformer):
     def visit_Assign(self, node: ast.Assign) -> list[ast.stmt]:
         self.generic_visit(node)
         names = [n for t in node.targets for n in _target_names(t)]
+        item = node.targets[0] if len(node.targets) == 1 else None
+        if isinstance(item, ast.Subscript) and _item_key(item) is not None:
+            # ``d[k] = v``: ``v`` marked as ``d['k']`` (the key as the running code has it)
+            key = ast.Tuple(
+                elts=[ast.Constant(value=item.value.id), _item_key(item)], ctx=ast.Load()
+            )
+            node.value = ast.copy_location(
+                ast.Call(
+                    func=ast.Name(id=MARK, ctx=ast.Load()), args=[key, node.value], keywords=[]
+                ),
+                node.value,
+            )
         return [node, *_marks(names, node)]
 
     def visit_AnnAssign(self, node: ast.AnnAssign) -> list[ast.stmt]:

@@ -269,6 +269,39 @@ def test_a_list_growing_as_it_is_bound_again_names_each_item_and_what_replaced_o
     assert not [n for n in g.names() if n.startswith("hs[") and n.endswith("#2")]
 
 
+def test_item_targets_name_their_values_by_the_key_they_have_then():
+    """``acts[name] = layer(...)`` in a loop over blocks (a set's order changes with the
+    hash seed: only call numbers named these values, and they moved); ``hs[i] = h``;
+    a key that no name can hold (a slash, a tuple) names nothing."""
+    blocks = ("enc", "mid", "dec")
+
+    def layer(w, h):
+        z = w @ h
+        return jnp.tanh(z)
+
+    def f(params, x):
+        acts, hs, other, odd = {}, [None, None], {}, {}
+        for name in blocks:
+            acts[name] = layer(params[name], x)
+        for i in range(2):
+            hs[i] = jnp.sin(x) * (i + 1)
+        other["a/b"] = x * 3
+        odd[1, 2] = x * 4
+        acts["enc"] = acts["enc"] * 2  # bound again
+        return acts, hs, other["a/b"] + odd[1, 2]
+
+    params = {n: jnp.full((2, 2), k + 1.0) for k, n in enumerate(blocks)}
+    x = jnp.asarray([0.5, -1.0])
+    g = js.trace(f, params, x)
+    allclose(g.value("acts['mid']"), layer(params["mid"], x))
+    allclose(g.value("acts['enc']#0"), layer(params["enc"], x))
+    allclose(g.value("acts['enc']#1"), 2 * layer(params["enc"], x))
+    allclose(g.value("hs[1]"), 2 * jnp.sin(x))
+    assert not [n for n in g.names() if n.startswith(("other", "odd"))]
+    dec = g.grads("out[0]['dec']", wrt=["acts['dec']"])["acts['dec']"]
+    allclose(dec, jnp.ones(2))
+
+
 def test_what_items_of_a_list_bound_again_hold_after_changing_in_place_is_named():
     """Items a function changes in place (an inner list, a dict) hold new values when
     their list is bound again: named again (the regression hunt of the list speed-up
