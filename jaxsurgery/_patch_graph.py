@@ -166,6 +166,7 @@ def warn_if_patched_away(graph: Graph, targets: Sequence[Var], what: str) -> Non
 def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
     """See :meth:`Graph.replace`."""
     _, targets = _select.tree(graph, selector)
+    targets = _once_each(targets)  # (a value two names select is patched once)
     warn_if_differentiated(graph, targets, "g.replace")
     warn_if_patched_away(graph, targets, "g.replace")
     # one replacement per type of var: the vars of a loop value at every iteration
@@ -197,14 +198,17 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 
 
 def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
-    """The vars a name with an ``@*`` selects in a ``while_loop``'s trips, when its
-    last iteration is the trip (given as it is, or as all that ``g.select`` of it
-    holds): the value at every trip the loop runs, for any arguments, not only the
-    trips traced (a patch of ``body/h@*`` patches the trips a larger trip count adds
-    too). A scan's ``@*`` inside a while trip is the scan's iterations, as it is. Each
-    with the loops, counted from the innermost (0), whose iterations the name's ``@*``
-    are (``outer/body/h@*@*``: every trip of both loops; ``outer/body/h@1@*``: of the
-    inner one in outer trip 1; ``outer/body/h@*@1``: inner trip 1 in every outer trip)."""
+    """The vars a glob selects in a ``while_loop``'s trips by a wildcard for their
+    trip (``body/h@*``; given as it is, or as all that ``g.select`` of it holds), when
+    their last iteration is the trip: the value at every trip the loop runs, for any
+    arguments, not only the trips traced (a patch of ``body/h@*`` patches the trips a
+    larger trip count adds too). A scan's ``@*`` inside a while trip is the scan's
+    iterations, as it is. Each with the loops, counted from the innermost (0), whose
+    iterations the glob leaves free (``outer/body/h@*@*`` and ``outer/body/h@*``: every
+    trip of both loops; ``outer/body/h@1@*``: of the inner one in outer trip 1;
+    ``outer/body/h@*@1``: inner trip 1 in every outer trip). Names whose trips overlap
+    with other freed loops (``h@*@1`` and ``h@1@*`` both hold trip (1, 1)) are patched
+    at the traced trips, once each, and warned."""
     from ._loop_index import VirtualVar
 
     every: dict[int, frozenset[int]] = {}
@@ -217,13 +221,16 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
             held = {v.index for v in leaf}
             named = [(name, graph.select(name)) for name in leaf._every]
             chosen = [(name, sel) for name, sel in named if all(v.index in held for v in sel)]
-        elif isinstance(leaf, str) and "@*" in leaf:
+        elif isinstance(leaf, str) and _select.compile_glob(leaf) is not None:
             chosen = [(leaf, graph.select(leaf))]
         else:
             continue
         for given, sel in chosen:
-            levels = _stars(given)
             for v, name in zip(sel, sel.matched):
+                levels = _select.free_iterations(given, name)
+                if not levels:
+                    continue
+                n = name.count("@")
                 if isinstance(v, VirtualVar):
                     # (the value made in the trip named: not the carry entering it,
                     # ``body/h@t``, which is what trip t - 1 made: patched in every
@@ -234,7 +241,7 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
                         # scan, or the folded while's own around a loop unrolled in it)
                         outer = len(v.template.outer)
                         trips = range(outer) if v._loop.is_scan else [outer]
-                        if any(_star_at(given, k) for k in trips):
+                        if any(n - 1 - k in levels for k in trips):
                             partial.append(given)
                     elif last == str(v.iteration):
                         every[v.index] = levels
@@ -249,9 +256,10 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
                 elif site is not None:  # (a scan's value in a while's trip named by *)
                     looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
                     if any(
-                        _star_at(given, k) for k, j in enumerate(looped) if j in site.path_bound
+                        n - 1 - k in levels for k, j in enumerate(looped) if j in site.path_bound
                     ):
                         partial.append(given)
+    overlapping = _overlapping(graph, every)
     if carried:
         warn(
             f"g.replace: {carried[0]!r} names the carry entering each trip of a "
@@ -267,20 +275,53 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
             "patched at the traced trips only: they hold for the traced trip count, and "
             "arguments that run another leave trips unpatched or patch other values"
         )
-    return every
+    elif overlapping:
+        warn(
+            f"g.replace: {short_list([graph._var(i).name for i in overlapping], 3)} are "
+            "selected by names whose trips overlap (each frees other loops: h@*@1 and "
+            "h@1@*): they are patched at the traced trips only, once each; select every "
+            "trip of one value by one name to patch the trips other arguments run"
+        )
+    return {i: levels for i, levels in every.items() if i not in overlapping}
 
 
-def _star_at(name: str, k: int) -> bool:
-    """Whether iteration ``k`` of ``name`` (``h@1@*``: 0 is ``1``, 1 is ``*``) is ``*``."""
-    iterations = name.split("@")[1:]
-    return k < len(iterations) and iterations[k] == "*"
+def _once_each(targets: Sequence[Var]) -> list[Var]:
+    """``targets`` without repeats (a loop's value by its template and iteration: a
+    virtual var is made anew at each selection)."""
+    from ._loop_index import VirtualVar
+
+    return list(
+        {
+            (v.template, v.iteration) if isinstance(v, VirtualVar) else v.index: v for v in targets
+        }.values()
+    )
 
 
-def _stars(name: str) -> frozenset[int]:
-    """The loops whose iterations ``name``'s ``@*`` are, counted from the innermost
-    (``h@1@*``: {0}, ``h@*@*``: {0, 1}, ``h@*@1``: {1})."""
-    iterations = name.split("@")[1:]
-    return frozenset(len(iterations) - 1 - k for k, it in enumerate(iterations) if it == "*")
+def _overlapping(graph: Graph, every: dict[int, frozenset[int]]) -> set[int]:
+    """The vars of ``every`` whose edits of every trip would patch a trip twice: a
+    value of one body whose trips, the freed loops any trip, overlap another's."""
+    patterns: dict[tuple, dict[tuple, list[int]]] = {}  # body value -> trips -> vars
+    for i, levels in every.items():
+        site = graph._site(i)
+        if site is None:
+            continue
+        looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
+        trips = tuple(
+            None
+            if len(looped) - 1 - k in levels and j in site.path_bound
+            else site.steps[j].iteration
+            for k, j in enumerate(looped)
+        )
+        body = (tuple((s.eqn, s.branch) for s in site.steps), site.vars)
+        patterns.setdefault(body, {}).setdefault(trips, []).append(i)
+    found: set[int] = set()
+    for by_trips in patterns.values():
+        kinds = list(by_trips.items())
+        for a, (ta, va) in enumerate(kinds):
+            for tb, vb in kinds[a + 1 :]:
+                if all(x is None or y is None or x == y for x, y in zip(ta, tb)):
+                    found.update(va + vb)
+    return found
 
 
 def _a_trip_named(site: Site | None, name: str, entering: bool = False) -> bool:

@@ -86,7 +86,7 @@ class Selection(tuple):
 
     # no __slots__: an instance keeps the names its vars were matched by
     _matched: tuple[str, ...] | None = None
-    #: the names with an ``@*`` it was selected by (every iteration: a patch of a
+    #: the globs it was selected by (``@*``, every iteration: a patch of a
     #: ``while_loop`` value patches every trip, see ``_patch_graph``)
     _every: tuple[str, ...] = ()
 
@@ -309,7 +309,7 @@ def select(
             raise _no_scope(graph, scope)
     if where is not None:
         keep = [k and bool(where(v)) for k, v in zip(keep, vars_)]
-    every = tuple(s for s in selectors if isinstance(s, str) and "@*" in s)
+    every = tuple(s for s in selectors if isinstance(s, str) and compile_glob(s) is not None)
     return Selection._of(
         (v for v, k in zip(vars_, keep) if k), (m for m, k in zip(matched, keep) if k), every
     )
@@ -590,6 +590,45 @@ def _any_instance(word: str) -> re.Pattern | None:
     regex = compile_glob(text)
     source = re.escape(text) if regex is None else regex.pattern
     return re.compile(source.replace(re.escape(_LEVEL_END), r"(?:#\d+)?"), re.DOTALL)
+
+
+#: the iterations that end a name (``@3@0``)
+_SUFFIX = re.compile(r"(?:@(?:0|[1-9][0-9]*))+$")
+
+
+def free_iterations(selector: str, name: str) -> frozenset[int]:
+    """The iterations of ``name``, counted from the innermost (0), that ``selector``, a
+    glob matching it, leaves free: any other number there matches too (``h@*@1``
+    frees 1 of ``h@0@1``; ``h@*``, whose ``*`` spans nested loops, both of ``h@0@1``).
+
+    Example:
+        >>> sorted(free_iterations("body/h2@*@1", "body/h2@0@1"))
+        [1]
+        >>> sorted(free_iterations("**/h2@*", "obody/ibody/h2@2@0"))
+        [0, 1]
+    """
+    suffix = _SUFFIX.search(name)
+    pattern = compile_glob(selector)
+    if suffix is None or pattern is None:
+        return frozenset()
+    if not pattern.fullmatch(name):
+        pattern = _any_instance(selector)  # (a path without its call numbers)
+        if not pattern.fullmatch(name):
+            return frozenset()
+    stem, its = name[: suffix.start()], suffix.group().split("@")[1:]
+
+    def matches(k: int, other: str) -> bool:
+        return bool(
+            pattern.fullmatch(
+                stem + "".join(f"@{other if j == k else t}" for j, t in enumerate(its))
+            )
+        )
+
+    return frozenset(
+        len(its) - 1 - k
+        for k, t in enumerate(its)
+        if matches(k, str(int(t) + 1)) and matches(k, "987654321")
+    )
 
 
 def compile_glob(pattern: str) -> re.Pattern | None:

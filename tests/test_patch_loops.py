@@ -623,6 +623,52 @@ def test_a_star_before_a_trip_patches_that_trip_in_every_trip_of_the_loops_aroun
         allclose(patched(x, *map(n, trips)), make(at_pattern)(x, *trips), atol=1e-5)
 
 
+def _two_whiles(hook):
+    def f(x, n, m):
+        def obody(i, h):
+            def ibody(j, h1):
+                h2 = jnp.sin(h1) + 0.1 * j + 0.3 * i
+                return hook(i, j, h2)
+
+            return jax.lax.fori_loop(0, m, ibody, h) * 1.1
+
+        return jax.lax.fori_loop(0, n, obody, x)
+
+    return f
+
+
+def test_a_star_spanning_nested_loops_patches_every_trip_of_each():
+    """``obody/ibody/h2@*`` (a ``*`` spanning both loops' iterations, as it selects
+    ``h2@i@j``) and ``**/h2@*`` patch every trip of both loops, also the outer trips
+    more arguments run (the inner loop's alone were freed: outer trip 2 was left
+    unpatched at (3, 2), silently)."""
+    x, n = jnp.array([0.3, 0.7]), jnp.int32
+    g = js.trace(_two_whiles(lambda i, j, h2: h2), x, n(2), n(2))
+    everywhere = _two_whiles(lambda i, j, h2: h2 + 1.0)
+    for name in ("obody/ibody/h2@*", "**/h2@*"):
+        patched = g.replace(name, lambda v: v + 1.0).as_function()
+        for trips in [(2, 2), (3, 2), (1, 4)]:
+            allclose(patched(x, *map(n, trips)), everywhere(x, *trips), rtol=1e-5)
+
+
+def test_names_whose_trips_overlap_patch_each_traced_trip_once():
+    """``h2@*@1`` and ``h2@1@*`` together both hold trip (1, 1), which was patched twice
+    (each name's edit of every trip ran there), even at the traced trip counts: such
+    names are patched at the traced trips, once each, and warned; a value selected
+    twice is patched once."""
+    x, n = jnp.array([0.3, 0.7]), jnp.int32
+    g = js.trace(_two_whiles(lambda i, j, h2: h2), x, n(2), n(2))
+    once = _two_whiles(lambda i, j, h2: jnp.where((i == 1) | (j == 1), h2 + 1.0, h2))
+    both = ("obody/ibody/h2@*@1", "obody/ibody/h2@1@*")
+    for selector in (g.select(*both), dict(zip("ab", both))):
+        with pytest.warns(UserWarning, match="trips overlap"):
+            patched = g.replace(selector, lambda v: v + 1.0)
+        allclose(patched.as_function()(x, n(2), n(2)), once(x, 2, 2), rtol=1e-5)
+    twice = g.replace(["obody/ibody/h2@1@1", "obody/ibody/h2@1@1"], lambda v: v + 1.0)
+    at_11 = _two_whiles(lambda i, j, h2: jnp.where((i == 1) & (j == 1), h2 + 1.0, h2))
+    allclose(twice.as_function()(x, n(2), n(2)), at_11(x, 2, 2), rtol=1e-5)
+
+
 def test_a_scans_values_in_every_trip_of_a_while_are_patched_at_the_traced_trips():
     """``obody/step/h2@*@*``: a scan's iterations in every trip of a while_loop. The
     scan's result in trip j (``h2@j@2``) was taken for a value named by its trip where
