@@ -716,9 +716,13 @@ def _site_recorder(numpyro: Any, record: Callable[[str, Any], None]) -> type:
         def postprocess_message(self, msg: dict) -> None:
             if msg.get("type") in ("sample", "deterministic", "param") and msg.get("name"):
                 fn, value = msg.get("fn"), msg.get("value")
+                for _ in range(8):  # (a factor masked, or expanded by a plate)
+                    if not isinstance(unit, type) or isinstance(fn, unit):
+                        break
+                    fn = getattr(fn, "base_dist", None)
                 if isinstance(unit, type) and isinstance(fn, unit):
                     # a factor (numpyro.factor, a transform's _w_log_det): its value is
-                    # an empty array, what it adds to the log density its log factor
+                    # an empty array; its log factor is what was given to numpyro.factor
                     value = fn.log_factor
                 record(msg["name"], value)
 
@@ -929,9 +933,15 @@ def _child_keys(node: Any) -> tuple | None:
         return None
     if not isinstance(names, tuple) or len(names) != len(children):
         return None
-    if not all(isinstance(n, str) for n in names):
-        return None
+    if not all(isinstance(n, str) and _field(node, n) is c for n, c in zip(names, children)):
+        return None  # (a flattening of its own, in another order than the fields')
     return tuple(map(jax.tree_util.GetAttrKey, names))
+
+
+def _field(node: Any, name: str) -> Any:
+    """``node``'s attribute ``name`` as stored, None where none is (read without
+    running a property: a NumPyro lazy one would be computed and kept)."""
+    return getattr(node, "__dict__", {}).get(name)
 
 
 def named_array_data(value: Any) -> Any:

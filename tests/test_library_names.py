@@ -322,6 +322,24 @@ def test_numpyro_factors_are_named_by_what_they_add_to_the_log_density():
     grads = g.grads("out", wrt=["potential_energy/penalty"])
     allclose(grads["potential_energy/penalty"], -1.0)  # the energy is minus the density
 
+    def masked():  # a factor masked, and one a plate expands: the value given too
+        mask = jnp.asarray([True, False, True])
+        with numpyro.plate("n", 3), numpyro.handlers.mask(mask=mask):
+            s = numpyro.sample("s", dist.HalfNormal(1.0))
+            numpyro.factor("masked", -(s**2))
+        with numpyro.plate("k", 2):
+            numpyro.factor("spread", -s.sum())
+
+    z = {"s": jnp.asarray([0.1, 0.2, 0.3])}
+    g = js.trace(lambda z: potential_energy(masked, (), {}, z), z)
+    allclose(g.value("potential_energy/masked"), -(jnp.exp(z["s"]) ** 2))
+    allclose(g.value("potential_energy/spread"), -jnp.exp(z["s"]).sum())
+    allclose(g.value("potential_energy/_s_log_det"), z["s"])
+    allclose(
+        g.grads("out", wrt=["potential_energy/masked"])["potential_energy/masked"],
+        jnp.asarray([-1.0, 0.0, -1.0]),
+    )
+
 
 def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
     """A NumPyro distribution flattens without keys, its fields ordered by a set (the
@@ -354,6 +372,33 @@ def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
     u = js.trace(lambda d, v: d.log_prob(v), dist.Uniform(jnp.asarray(-1.0), 2.0), 0.5)
     assert {"d._support.lower_bound", "d._support.upper_bound"} <= set(u.names())
     allclose(u.value("d._support.upper_bound"), 2.0)
+
+    fields = "abcd"
+
+    class Shifted(dist.Distribution):  # a flattening of its own (NumPyro's older idiom)
+        arg_constraints = dict.fromkeys(fields, dist.constraints.real)
+
+        def __init__(self, a, b, c, d):
+            self.a, self.b, self.c, self.d = a, b, c, d
+            super().__init__(batch_shape=jnp.shape(a))
+
+        def log_prob(self, x):
+            return self.a * x + self.b + self.c + self.d
+
+        def tree_flatten(self):  # (its fields' order is a set's: another, mostly)
+            return (self.d, self.b, self.a, self.c), None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            d, b, a, c = children
+            return cls(a, b, c, d)
+
+    shifted = Shifted(*map(jnp.float32, (1.0, 2.0, 3.0, 4.0)))
+    s = js.trace(lambda d, x: d.log_prob(x), shifted, 0.5)
+    for v, value in zip(s.inputs, (4.0, 2.0, 1.0, 3.0)):  # named by position, or rightly
+        allclose(s.value(v), value)
+        if v.name.startswith("d."):
+            allclose(getattr(shifted, v.name[2:]), value)
 
 
 def test_jax_partials_and_sparse_arrays_are_named_by_their_fields():
