@@ -1046,9 +1046,10 @@ class Graph(Identical):
         return alive(self._flat_args, self.inputs)
 
 
-class WholeFunction(TakesArguments):
+class WholeFunction(Identical, TakesArguments):
     """``g.as_function()``: the (patched) whole function, named and called as the traced
-    one (its ``__name__``, signature, arguments and output tree).
+    one (its ``__name__``, signature, arguments and output tree); a copy is itself, as
+    a function's is (``jax.jit`` of a copy compiles nothing again).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxsurgery as js

@@ -1917,8 +1917,8 @@ def _rows_returned_anew(body: Any, mapped: bool) -> Any:
         out = body(*args, **kwargs)
         if kwargs or len(args) != (1 if mapped else 2):
             return out
-        if not mapped and not (isinstance(out, tuple) and len(out) == 2):
-            return out
+        if not mapped and not (isinstance(out, (tuple, list)) and len(out) == 2):
+            return out  # ((carry, y), or [carry, y]: JAX takes any pair)
         rows = {
             id(x) for x in jax.tree_util.tree_leaves(args[-1]) if isinstance(x, jax.core.Tracer)
         }
@@ -1926,7 +1926,7 @@ def _rows_returned_anew(body: Any, mapped: bool) -> Any:
         if not any(id(y) in rows for y in jax.tree_util.tree_leaves(ys)):
             return out
         ys = jax.tree_util.tree_map(lambda y: jax.lax.copy_p.bind(y) if id(y) in rows else y, ys)
-        return ys if mapped else (out[0], ys)
+        return ys if mapped else type(out)((out[0], ys))
 
     return run
 

@@ -257,5 +257,6 @@ def test_copies_share_the_traced_program_and_pickling_says_what_to_save():
         with pytest.raises(TypeError, match=rf"cannot pickle a jaxsurgery {kind}: .*serialize\(\)"):
             pickle.dumps(obj)  # (the whole function: was Python's AttributeError, a closure)
     assert copy.deepcopy(g.select("out")) == g.select("out") and copy.deepcopy(whole) is whole
+    assert copy.copy(whole) is whole  # (as a function's: jax.jit of it compiles nothing again)
     assert copy.deepcopy(whole)(model2, x) == loss(model2, x)
     assert jax.export.deserialize(s.export().serialize()).call(g.value(h)) == s(g.value(h))
