@@ -193,8 +193,15 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
             "first to patch them all"
         )
         flat, in_trips = edits, []
-    what = f"replace({', '.join(v.name for v in targets)})"
-    return derive(graph, flat, what, patches=in_trips)
+    return derive(graph, flat, f"replace({_names_of(targets)})", patches=in_trips)
+
+
+def _names_of(targets: Sequence[Var], limit: int = 3) -> str:
+    """The first names of ``targets`` (a graph's title: naming the 10 000 iterations of
+    ``step/h@*`` took a third of the patch's time)."""
+    return short_list([v.name for v in targets[: limit + 1]], limit) + (
+        f" (+{len(targets) - limit - 1} more)" if len(targets) > limit + 1 else ""
+    )
 
 
 def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
@@ -227,6 +234,8 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
             continue
         for given, sel in chosen:
             for v, name in zip(sel, sel.matched):
+                if isinstance(v, VirtualVar) and v._loop.is_scan and not v.template.outer:
+                    continue  # (a scan's iterations, in no while's trip: as they are)
                 levels = _select.free_iterations(given, name)
                 if not levels:
                     continue
@@ -342,14 +351,16 @@ def _a_trip_named(site: Site | None, name: str, entering: bool = False) -> bool:
     return last.isdigit() and int(last) == site.steps[looped[-1]].iteration + entering
 
 
-def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str, StructuredEdit]]) -> list[str]:
+def _bypassed_rules(graph: Graph, patched: Sequence[tuple[str | int, StructuredEdit]]) -> list[str]:
     """Notes (also warned) for patches inside ``custom_jvp``/``custom_vjp`` calls: the
     patched function runs such a call's primal body, whose derivatives replace the
     rule's (an identity patch inside ``safe_norm`` makes its gradient at 0 NaN).
-    ``patched``: ``(name, edit)`` of each patch."""
+    ``patched``: ``(name, edit)`` of each patch (a var's index for its name, named
+    only where it says so)."""
     notes = []
     for name, structured in patched:
         for call, _ in rules_entered(graph._structure.closed, structured.site.steps):
+            name = graph._var(name).name if isinstance(name, int) else name
             notes.append(
                 f"the patch of {name!r} is inside the call "
                 f"{call!r}, which has a custom derivative rule (custom_jvp/custom_vjp): the "
@@ -407,7 +418,7 @@ def derive(
     structured = graph._structure.with_edits(
         *moved, *(e for _, e in patches), under=[e for _, e in in_bodies]
     )
-    named = [(graph._var(e.target).name, m) for e, m in zip(edits, moved)]
+    named = [(e.target, m) for e, m in zip(edits, moved)]
     in_bodies = [*in_bodies, *patches]
     bypassed = [*_bypassed_rules(graph, [*named, *in_bodies]), *notes]
     # the index stays as it is and the running program is edited where the index keeps
@@ -435,7 +446,9 @@ def derive(
             graph._unpatched,
             graph._loop_index.names,
             {
-                **{graph._site_of(graph._var(e.target)): graph._var(e.target).name for e in edits},
+                # (a var, named when asked: naming 10 000 iterations took a third of
+                # g.replace("step/h@*"))
+                **{graph._site_of(v): v for v in map(graph._var, (e.target for e in edits))},
                 **graph._patched_sites,  # (a site patched before keeps its first name)
             },
             edited_apart=True,
@@ -785,9 +798,13 @@ def _latest(site: Site | None) -> Site | None:
 def unpatched_names(graph: Graph) -> list[str]:
     """The ``.unpatched`` names of a graph patched in its running program only: per
     patched var, one for each patch made there (see :func:`unpatched`)."""
+    sites = graph._patched_sites
+    for site, name in sites.items():  # (vars kept by derive: named once, now)
+        if not isinstance(name, str):
+            sites[site] = name.name
     return [
         name + UNPATCHED * k
-        for site, name in graph._patched_sites.items()
+        for site, name in sites.items()
         for k in range(1, graph._patches_at(site) + 1)
     ]
 

@@ -631,6 +631,7 @@ def free_iterations(selector: str, name: str) -> frozenset[int]:
     )
 
 
+@functools.lru_cache(maxsize=512)
 def compile_glob(pattern: str) -> re.Pattern | None:
     """The regex of a path-aware glob (see the module docstring), or None if it has no
     wildcard (then it is a plain name)."""
