@@ -325,11 +325,22 @@ def _overlapping(graph: Graph, every: dict[int, frozenset[int]]) -> set[int]:
         patterns.setdefault(body, {}).setdefault(trips, []).append(i)
     found: set[int] = set()
     for by_trips in patterns.values():
-        kinds = list(by_trips.items())
-        for a, (ta, va) in enumerate(kinds):
-            for tb, vb in kinds[a + 1 :]:
-                if all(x is None or y is None or x == y for x, y in zip(ta, tb)):
-                    found.update(va + vb)
+        # trips of one set of freed loops never overlap (they differ where fixed): pairs
+        # of sets meet where they agree on the loops both fix (per iteration of a scan
+        # around a while, thousands of trips of one set: not compared pairwise)
+        by_free: dict[tuple, list[tuple]] = {}
+        for trips in by_trips:
+            by_free.setdefault(tuple(t is None for t in trips), []).append(trips)
+        frees = list(by_free)
+        for a, free_a in enumerate(frees):
+            for free_b in frees[a + 1 :]:
+                both = [k for k, (x, y) in enumerate(zip(free_a, free_b)) if not x and not y]
+                seen: dict[tuple, list[tuple]] = {}
+                for trips in by_free[free_a]:
+                    seen.setdefault(tuple(trips[k] for k in both), []).append(trips)
+                for trips in by_free[free_b]:
+                    for met in seen.get(tuple(trips[k] for k in both), ()):
+                        found.update(by_trips[met] + by_trips[trips])
     return found
 
 
