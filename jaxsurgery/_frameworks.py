@@ -927,6 +927,8 @@ def _child_keys(node: Any) -> tuple | None:
     try:
         children, aux = node.tree_flatten()
         fields = getattr(type(node), "gather_pytree_data_fields", None)  # a distribution's
+        if fields is not None and not _numpyros_flattening(node):
+            return None  # (its own: in which order, nothing says)
         # (a transform's and a constraint's field names lead its flattening's aux data)
         names = fields() if fields is not None else aux[0] if isinstance(aux, tuple) else None
     except Exception:
@@ -936,6 +938,15 @@ def _child_keys(node: Any) -> tuple | None:
     if not all(isinstance(n, str) and _field(node, n) is c for n, c in zip(names, children)):
         return None  # (a flattening of its own, in another order than the fields')
     return tuple(map(jax.tree_util.GetAttrKey, names))
+
+
+def _numpyros_flattening(node: Any) -> bool:
+    """Whether a NumPyro distribution flattens as NumPyro's distributions do, its
+    fields in ``gather_pytree_data_fields`` order (NumPyro's ``Distribution``'s, or a
+    NumPyro class's changing some: ``MaskedDistribution``); a user's flattening of its
+    own may take them in another order, which matches that one for some hash seeds."""
+    flatten = getattr(type(node), "tree_flatten", None)
+    return getattr(flatten, "__module__", "").startswith("numpyro.")
 
 
 def _field(node: Any, name: str) -> Any:

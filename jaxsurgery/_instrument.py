@@ -115,6 +115,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.frames: list[tuple[str, int]] = []
+        #: the names of the traced function's arguments' leaves (``batch['x']``)
+        self.input_names: frozenset[str] = frozenset()
         self.callees: list[Any] = []  # per frame: what was called
         #: per frame: the results of the ``jit`` equation it made (None: not a jit call)
         self.sites: list[tuple[Any, ...] | None] = []
@@ -1218,7 +1220,7 @@ def _mark(name: str | tuple[str, Any], value: Any) -> Any:
     if recorder is None:
         return value
     if type(name) is tuple:  # an item target, (container, key): d['enc']
-        name = _item_name(*name)
+        name = _item_name(recorder, *name)
         if name is None:
             return value
     return recorder.record(name, value)
@@ -1228,12 +1230,20 @@ def _mark(name: str | tuple[str, Any], value: Any) -> Any:
 _ITEM_KEY = re.compile(r"[A-Za-z_][\w.\-]*")
 
 
-def _item_name(container: str, key: Any) -> str | None:
-    """The name of ``container[key]`` (``acts['enc']``, ``hs[3]``), None for a key of
-    another kind (a tuple, an object, a string holding a selector's characters)."""
-    if type(key) is int or (type(key) is str and _ITEM_KEY.fullmatch(key)):
-        return f"{container}[{key!r}]"
-    return None
+def _item_name(recorder: Recorder, container: str, key: Any) -> str | None:
+    """The name of ``container[key]`` (``acts['enc']``, ``hs[3]``; ``key`` a lambda
+    giving it, for a name), None for a key of another kind (a tuple, an object, a
+    negative int, a string holding a selector's characters) and for an argument's leaf
+    the traced function updates in place (``batch['x'] = batch['x'] / 255`` keeps
+    ``batch['x']`` the argument's name)."""
+    if type(key) is types.FunctionType:
+        key = key()
+    if not ((type(key) is int and key >= 0) or (type(key) is str and _ITEM_KEY.fullmatch(key))):
+        return None
+    name = f"{container}[{key!r}]"
+    if recorder.frame < 0 and name in recorder.input_names:
+        return None
+    return name
 
 
 #: the library and builtin functions found to run as they are (JAX's, NumPy's, the
@@ -1926,7 +1936,7 @@ def _rows_returned_anew(body: Any, mapped: bool) -> Any:
         if not any(id(y) in rows for y in jax.tree_util.tree_leaves(ys)):
             return out
         ys = jax.tree_util.tree_map(lambda y: jax.lax.copy_p.bind(y) if id(y) in rows else y, ys)
-        return ys if mapped else type(out)((out[0], ys))
+        return ys if mapped else [out[0], ys] if type(out) is list else (out[0], ys)
 
     return run
 

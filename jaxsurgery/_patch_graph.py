@@ -238,6 +238,8 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
                     continue  # (a scan's iterations, in no while's trip: as they are)
                 levels = _select.free_iterations(given, name)
                 if not levels:
+                    if _in_loose_trips(graph, v, given, name):
+                        partial.append(given)
                     continue
                 n = name.count("@")
                 if isinstance(v, VirtualVar):
@@ -279,10 +281,11 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
         )
     elif partial:
         warn(
-            f"g.replace: {partial[0]!r} selects values in every trip of a while_loop (a "
-            "scan's iterations in a trip, or a loop unrolled in a folded trip) that are "
-            "patched at the traced trips only: they hold for the traced trip count, and "
-            "arguments that run another leave trips unpatched or patch other values"
+            f"g.replace: {partial[0]!r} selects values in every trip (or a range of trips, "
+            "h@?) of a while_loop that are patched at the traced trips only (a scan's "
+            "iterations in a trip, a loop unrolled in a folded trip, a range of trips): "
+            "they hold for the traced trip count, and arguments that run another leave "
+            "trips unpatched or patch other values"
         )
     elif overlapping:
         warn(
@@ -292,6 +295,17 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
             "trip of one value by one name to patch the trips other arguments run"
         )
     return {i: levels for i, levels in every.items() if i not in overlapping}
+
+
+def _in_loose_trips(graph: Graph, var: Var, given: str, name: str) -> bool:
+    """Whether ``given``, a glob, selects ``var`` among some of the trips of a
+    ``while_loop`` (``h@?@1``: trips 0 to 9), patched at the traced trips only."""
+    loose = _select.loose_iterations(given, name)
+    site = graph._site(var.index) if loose else None
+    if site is None:
+        return False
+    looped = [j for j, step in enumerate(site.steps) if step.iteration is not None]
+    return any(len(looped) - 1 - k in loose for k, j in enumerate(looped) if j in site.path_bound)
 
 
 def _once_each(targets: Sequence[Var]) -> list[Var]:

@@ -352,16 +352,25 @@ def _target_names(target: ast.expr) -> list[str]:
 
 def _item_key(target: ast.Subscript) -> ast.expr | None:
     """The key of an item target ``d[k]`` (``d`` a name, ``k`` a constant or a name,
-    read again without effect), as an expression; None for any other."""
+    read again without effect), as an expression; None for any other. A name is read
+    by a lambda, which the mark calls after the value is computed, as Python reads the
+    target after the value (``d[k] = (k := 'z')`` stores under ``'z'``)."""
     if not isinstance(target.value, ast.Name):
         return None
     key = target.slice
-    if isinstance(key, ast.Constant) or isinstance(key, ast.Name):
-        return (
-            ast.copy_location(copy.copy(key), key)
-            if isinstance(key, ast.Constant)
-            else (ast.Name(id=key.id, ctx=ast.Load()))
+    if isinstance(key, ast.Constant):
+        return ast.copy_location(copy.copy(key), key)
+    if isinstance(key, ast.Name):
+        args = ast.arguments(
+            posonlyargs=[],
+            args=[],
+            vararg=None,
+            kwonlyargs=[],
+            kw_defaults=[],
+            kwarg=None,
+            defaults=[],
         )
+        return ast.Lambda(args=args, body=ast.Name(id=key.id, ctx=ast.Load()))
     return None
 
 

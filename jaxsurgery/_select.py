@@ -98,6 +98,15 @@ class Selection(tuple):
         sel._matched, sel._every = tuple(matched), every
         return sel
 
+    def __add__(self, other: Any) -> Any:
+        """Both selections, as one (``g.select("a@*") + g.select("b@*")``: what they
+        were selected by is kept, as ``g.select("a@*", "b@*")`` keeps it)."""
+        if not isinstance(other, Selection):
+            return tuple.__add__(self, other)
+        return Selection._of(
+            (*self, *other), (*self.matched, *other.matched), (*self._every, *other._every)
+        )
+
     def __copy__(self) -> Selection:
         return self  # (immutable, as its vars are)
 
@@ -607,28 +616,48 @@ def free_iterations(selector: str, name: str) -> frozenset[int]:
         >>> sorted(free_iterations("**/h2@*", "obody/ibody/h2@2@0"))
         [0, 1]
     """
+    return _iterations_matched(selector, name)[0]
+
+
+def loose_iterations(selector: str, name: str) -> frozenset[int]:
+    """The iterations of ``name`` (counted as :func:`free_iterations` does) where
+    ``selector`` matches some other numbers but not every one (``h@?@1``: the
+    iterations 0 to 9 of the outer loop).
+
+    Example:
+        >>> sorted(loose_iterations("body/h2@?@1", "body/h2@0@1"))
+        [1]
+    """
+    return _iterations_matched(selector, name)[1]
+
+
+def _iterations_matched(selector: str, name: str) -> tuple[frozenset[int], frozenset[int]]:
+    """``(free, loose)`` iterations of ``name`` under the glob ``selector``: see
+    :func:`free_iterations` and :func:`loose_iterations`."""
     suffix = _SUFFIX.search(name)
     pattern = compile_glob(selector)
     if suffix is None or pattern is None:
-        return frozenset()
+        return frozenset(), frozenset()
     if not pattern.fullmatch(name):
         pattern = _any_instance(selector)  # (a path without its call numbers)
         if not pattern.fullmatch(name):
-            return frozenset()
+            return frozenset(), frozenset()
     stem, its = name[: suffix.start()], suffix.group().split("@")[1:]
 
-    def matches(k: int, other: str) -> bool:
-        return bool(
-            pattern.fullmatch(
-                stem + "".join(f"@{other if j == k else t}" for j, t in enumerate(its))
-            )
-        )
+    def matches(k: int, other: int) -> bool:
+        at = "".join(f"@{other if j == k else t}" for j, t in enumerate(its))
+        return bool(pattern.fullmatch(stem + at))
 
-    return frozenset(
-        len(its) - 1 - k
-        for k, t in enumerate(its)
-        if matches(k, str(int(t) + 1)) and matches(k, "987654321")
-    )
+    free, loose = set(), set()
+    for k, t in enumerate(its):
+        n = int(t)
+        others = [n + 1, 987654321, *(o for o in (n - 1, 0, 1, 10) if o >= 0 and o != n)]
+        hits = [matches(k, o) for o in others]
+        if hits[0] and hits[1]:
+            free.add(len(its) - 1 - k)
+        elif any(hits):
+            loose.add(len(its) - 1 - k)
+    return frozenset(free), frozenset(loose)
 
 
 @functools.lru_cache(maxsize=512)

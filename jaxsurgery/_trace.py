@@ -133,6 +133,7 @@ def _trace(
     else:
         haiku_run = contextlib.nullcontext()
     recorder = Recorder()
+    recorder.input_names = frozenset(in_names)
     out_info: dict[str, Any] = {}
 
     def flat_fn(*flat: Any) -> list[Any]:

@@ -395,10 +395,9 @@ def test_numpyro_distributions_and_transforms_are_named_by_their_fields():
 
     shifted = Shifted(*map(jnp.float32, (1.0, 2.0, 3.0, 4.0)))
     s = js.trace(lambda d, x: d.log_prob(x), shifted, 0.5)
-    for v, value in zip(s.inputs, (4.0, 2.0, 1.0, 3.0)):  # named by position, or rightly
+    for v, value in zip(s.inputs, (4.0, 2.0, 1.0, 3.0)):  # by position: for any hash seed
         allclose(s.value(v), value)
-        if v.name.startswith("d."):
-            allclose(getattr(shifted, v.name[2:]), value)
+        assert "flat index" in v.name
 
 
 def test_jax_partials_and_sparse_arrays_are_named_by_their_fields():

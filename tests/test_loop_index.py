@@ -6,6 +6,7 @@ prefix of the inputs, and the zero-perturbation trick written by hand.
 
 import functools
 import inspect
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import flax.linen as nn
@@ -962,7 +963,12 @@ def test_a_carry_the_loop_passes_on_unchanged_has_no_value_per_iteration(loop):
     allclose(g.value(name.replace("/c@", "/h_new@")), h2)
 
 
-@pytest.mark.parametrize("loop", ["scan", "scan, a list", "map", "hk.scan"])
+class Pair(NamedTuple):
+    carry: Any
+    y: Any
+
+
+@pytest.mark.parametrize("loop", ["scan", "scan, a list", "scan, a namedtuple", "map", "hk.scan"])
 def test_a_row_a_body_returns_as_it_is_reaches_what_reads_ys(loop):
     """``return c + sin(x), x``: JAX takes such a ``ys`` from ``xs`` outside the loop,
     so ``step/x@3`` reached none of the readers of ``ys``: its gradient missed the
@@ -976,6 +982,8 @@ def test_a_row_a_body_returns_as_it_is_reaches_what_reads_ys(loop):
             c_new = jnp.tanh(w * c + x[0])
             if loop == "scan, a list":  # (JAX takes any pair)
                 return [c_new, (x[1], c_new)]
+            if loop == "scan, a namedtuple":
+                return Pair(c_new, (x[1], c_new))
             return c_new, (x[1], c_new)  # the second row as it is
 
         if loop == "map":

@@ -285,6 +285,10 @@ def test_item_targets_name_their_values_by_the_key_they_have_then():
             acts[name] = layer(params[name], x)
         for i in range(2):
             hs[i] = jnp.sin(x) * (i + 1)
+        i = -1
+        hs[i] = hs[i] * 1.0  # (a negative index names nothing: hs[-1] is no glob's)
+        for name in blocks:  # an argument's leaf updated in place keeps its name
+            params[name] = params[name] * 0.5
         other["a/b"] = x * 3
         odd[1, 2] = x * 4
         acts["enc"] = acts["enc"] * 2  # bound again
@@ -293,11 +297,24 @@ def test_item_targets_name_their_values_by_the_key_they_have_then():
     params = {n: jnp.full((2, 2), k + 1.0) for k, n in enumerate(blocks)}
     x = jnp.asarray([0.5, -1.0])
     g = js.trace(f, params, x)
+    assert [v.name for v in g.inputs][:3] == [f"params['{n}']" for n in sorted(blocks)]
     allclose(g.value("acts['mid']"), layer(params["mid"], x))
     allclose(g.value("acts['enc']#0"), layer(params["enc"], x))
     allclose(g.value("acts['enc']#1"), 2 * layer(params["enc"], x))
     allclose(g.value("hs[1]"), 2 * jnp.sin(x))
-    assert not [n for n in g.names() if n.startswith(("other", "odd"))]
+    assert not [n for n in g.names() if n.startswith(("other", "odd", "hs[-"))]
+    assert not [n for n in g.names() if n.startswith("params[") and "#" in n]
+    allclose(g.value("params['enc']"), params["enc"])
+
+    def keyed_by_the_value(x):  # the key as it is once the value is computed, as Python
+        d = {}
+        k = "a"
+        d[k] = jnp.sin(x) + len(k := "b")
+        return d
+
+    h = js.trace(keyed_by_the_value, x)
+    allclose(h.value("d['b']"), jnp.sin(x) + 1)
+    assert "d['a']" not in h.names()
     dec = g.grads("out[0]['dec']", wrt=["acts['dec']"])["acts['dec']"]
     allclose(dec, jnp.ones(2))
 

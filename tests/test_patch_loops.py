@@ -649,6 +649,10 @@ def test_a_star_spanning_nested_loops_patches_every_trip_of_each():
         patched = g.replace(name, lambda v: v + 1.0).as_function()
         for trips in [(2, 2), (3, 2), (1, 4)]:
             allclose(patched(x, *map(n, trips)), everywhere(x, *trips), rtol=1e-5)
+    ab = g.select("obody/ibody/h2@*@0") + g.select("obody/ibody/h2@*@1")  # (+ keeps the @*)
+    patched = g.replace(ab, lambda v: v + 1.0).as_function()
+    for trips in [(2, 2), (3, 2)]:  # (inner trips 0 and 1 of every outer trip)
+        allclose(patched(x, *map(n, trips)), everywhere(x, *trips), rtol=1e-5)
 
 
 def test_names_whose_trips_overlap_patch_each_traced_trip_once():
@@ -664,6 +668,11 @@ def test_names_whose_trips_overlap_patch_each_traced_trip_once():
         with pytest.warns(UserWarning, match="trips overlap"):
             patched = g.replace(selector, lambda v: v + 1.0)
         allclose(patched.as_function()(x, n(2), n(2)), once(x, 2, 2), rtol=1e-5)
+    both_ = g.select(both[0]) + g.select(both[1])  # (one selection: as g.select(*both))
+    with pytest.warns(UserWarning, match="trips overlap"):
+        allclose(g.replace(both_, lambda v: v + 1.0).as_function()(x, n(2), n(2)), once(x, 2, 2))
+    with pytest.warns(UserWarning, match="a range of trips"):  # (trips 0 to 9: traced ones)
+        g.replace("obody/ibody/h2@?@1", lambda v: v + 1.0)
     twice = g.replace(["obody/ibody/h2@1@1", "obody/ibody/h2@1@1"], lambda v: v + 1.0)
     at_11 = _two_whiles(lambda i, j, h2: jnp.where((i == 1) & (j == 1), h2 + 1.0, h2))
     allclose(twice.as_function()(x, n(2), n(2)), at_11(x, 2, 2), rtol=1e-5)
