@@ -1936,7 +1936,10 @@ def _rows_returned_anew(body: Any, mapped: bool) -> Any:
         if not any(id(y) in rows for y in jax.tree_util.tree_leaves(ys)):
             return out
         ys = jax.tree_util.tree_map(lambda y: jax.lax.copy_p.bind(y) if id(y) in rows else y, ys)
-        return ys if mapped else [out[0], ys] if type(out) is list else (out[0], ys)
+        if mapped:
+            return ys
+        kind = type(out)
+        return kind._make((out[0], ys)) if hasattr(kind, "_make") else kind((out[0], ys))
 
     return run
 

@@ -199,9 +199,8 @@ def replace(graph: Graph, selector: Any, value_or_fn: Any) -> Graph:
 def _names_of(targets: Sequence[Var], limit: int = 3) -> str:
     """The first names of ``targets`` (a graph's title: naming the 10 000 iterations of
     ``step/h@*`` took a third of the patch's time)."""
-    return short_list([v.name for v in targets[: limit + 1]], limit) + (
-        f" (+{len(targets) - limit - 1} more)" if len(targets) > limit + 1 else ""
-    )
+    head = ", ".join(v.name for v in targets[:limit])
+    return head + (f", ... (+{len(targets) - limit} more)" if len(targets) > limit else "")
 
 
 def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
@@ -237,9 +236,9 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
                 if isinstance(v, VirtualVar) and v._loop.is_scan and not v.template.outer:
                     continue  # (a scan's iterations, in no while's trip: as they are)
                 levels = _select.free_iterations(given, name)
+                if _in_loose_trips(graph, v, given, name):  # (h2@?@*: trips 0 to 9)
+                    partial.append(given)
                 if not levels:
-                    if _in_loose_trips(graph, v, given, name):
-                        partial.append(given)
                     continue
                 n = name.count("@")
                 if isinstance(v, VirtualVar):

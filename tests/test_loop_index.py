@@ -990,6 +990,9 @@ def test_a_row_a_body_returns_as_it_is_reaches_what_reads_ys(loop):
             c, (ys, cs) = 0.0, jax.lax.map(lambda x: step(0.0, x)[1], xs)
         elif loop == "hk.scan":
             c, (ys, cs) = hk.scan(step, 0.0, xs)
+        elif loop == "scan, a namedtuple":  # (its type kept: read by field)
+            out = jax.lax.scan(step, 0.0, xs)
+            c, (ys, cs) = out.carry, out.y
         else:
             c, (ys, cs) = jax.lax.scan(step, 0.0, xs)
         return jnp.sum(ys * cs) + jnp.sum(ys**2) + c
