@@ -290,6 +290,16 @@ class Program:
         i = self.index.get(var) if isinstance(var, C.Var) else None
         return [] if i is None else [(i, ())]
 
+    def inputs_read(self, targets: Iterable[int], through: Callable[[int], bool]) -> list[int]:
+        """The inputs (flat argument positions) computing ``targets`` reads, walking only
+        through vars for which ``through`` is true (see :meth:`ancestor_eqns`)."""
+        n = self.num_inputs
+        read = {i for t in targets if t < n for i in (t,)}
+        read.update(
+            i for e in self.ancestor_eqns(targets, through) for i in self.eqn_in[e] if i < n
+        )
+        return sorted(read)
+
     def ancestor_eqns(
         self,
         targets: Iterable[int],
@@ -424,7 +434,14 @@ class Program:
             if len(_RAN) > 65536:  # (run op by op below; a long run's ops are in _eager.OPS)
                 _RAN.clear()
             _RAN.update(signatures)
-        env: dict[Any, Any] = dict(zip(vars_[:top], [*flat_args, *self.consts], strict=True))
+        # (the inputs and constants these equations read: not all of a 4 000-layer
+        # model's at each request)
+        read = {i for e in needed for i in self.eqn_in[e] if i < top}
+        read.update(i for i in outs if i < top)
+        n = self.num_inputs
+        env: dict[Any, Any] = {
+            vars_[i]: flat_args[i] if i < n else self.consts[i - n] for i in sorted(read)
+        }
         env.update(zip((vars_[i] for i in given), given_values))
         ops = self._ops
         for e in needed:
