@@ -280,11 +280,11 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
         )
     elif partial:
         warn(
-            f"g.replace: {partial[0]!r} selects values in every trip (or a range of trips, "
-            "h@?) of a while_loop that are patched at the traced trips only (a scan's "
-            "iterations in a trip, a loop unrolled in a folded trip, a range of trips): "
-            "they hold for the traced trip count, and arguments that run another leave "
-            "trips unpatched or patch other values"
+            f"g.replace: {partial[0]!r} selects values in every trip of a while_loop (or "
+            "in a range of its trips, h@?) that are patched at the traced trips only (a "
+            "scan's iterations in a trip, a loop unrolled in a folded trip, a range of "
+            "trips): they hold for the traced trip count, and arguments that run another "
+            "leave trips unpatched or patch other values"
         )
     elif overlapping:
         warn(
