@@ -369,7 +369,9 @@ class LoopIndex:
                 )
             return length
         # kept per graph: a patched graph shares the loop, not its trips (g.replace("n", 5))
-        if self._trips.get(id(loop)) is None and need:
+        # (an unknown count is kept too: past MAX_TRIPS each name looked up counted the
+        # trips again, three compiled runs of the loop)
+        if id(loop) not in self._trips and need:
             self._trips[id(loop)] = self._count_trips(loop)
         return self._trips.get(id(loop))
 
