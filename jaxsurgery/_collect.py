@@ -259,8 +259,10 @@ class _Writer:
         self.rows = int(state.get("rows", 0))
         self.keys: list[str] | None = state.get("keys")
         self.computed = 0  # batches written by this call
+        #: the arrays, opened once (reopened per batch: 12 store reads a key a batch)
+        self.arrays: dict[str, Any] = {}
         for key in self.keys or []:  # drop rows an interrupted batch left behind
-            array = self.group[key]
+            array = self._array(key)
             if array.shape[0] != self.rows:
                 array.resize((self.rows, *array.shape[1:]))
 
@@ -282,7 +284,7 @@ class _Writer:
         else:
             self.check_keys(host)
         for key, value in host.items():
-            array = self.group[key]
+            array = self._array(key)
             if value.shape[1:] != array.shape[1:] or value.dtype != array.dtype:
                 raise SelectionError(
                     f"`{key}` is {value.dtype}{list(value.shape[1:])} per example in this "
@@ -292,7 +294,7 @@ class _Writer:
                     "or collect to a new path; resume=False starts over)"
                 )
         for key, value in host.items():
-            self.group[key].append(value)
+            self._array(key).append(value)
         self.rows += size
         self.batches_done += 1
         self.computed += 1
@@ -315,8 +317,13 @@ class _Writer:
                 "or pass resume=False to start over"
             )
 
+    def _array(self, key: str) -> Any:
+        if key not in self.arrays:
+            self.arrays[key] = self.group[key]
+        return self.arrays[key]
+
     def _create(self, key: str, value: np.ndarray, dtype: Any) -> None:
-        array = self.group.create_array(
+        array = self.arrays[key] = self.group.create_array(
             key,
             shape=(0, *value.shape[1:]),
             chunks=(max(len(value), 1), *value.shape[1:]),
