@@ -325,6 +325,12 @@ def nest_source_info(outer: SourceInfo, inner: SourceInfo) -> SourceInfo:
     return inner.replace(name_stack=outer.name_stack + inner.name_stack)
 
 
+def copied(x: Any) -> Any:
+    """``x`` as a value of its own in the program being traced (JAX's ``copy``, which
+    XLA elides): what JAX would otherwise pass on as ``x`` itself."""
+    return jax.lax.copy_p.bind(x)
+
+
 def identity_eqn(atom: Any, var: Var, source_info: SourceInfo) -> JaxprEqn:
     """``var = copy atom``: an equation that writes ``atom``'s value as a var of its own."""
     return new_jaxpr_eqn([atom], [var], jax.lax.copy_p, {}, frozenset(), source_info)

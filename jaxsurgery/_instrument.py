@@ -1935,7 +1935,7 @@ def _rows_returned_anew(body: Any, mapped: bool) -> Any:
         ys = out if mapped else out[1]
         if not any(id(y) in rows for y in jax.tree_util.tree_leaves(ys)):
             return out
-        ys = jax.tree_util.tree_map(lambda y: jax.lax.copy_p.bind(y) if id(y) in rows else y, ys)
+        ys = jax.tree_util.tree_map(lambda y: C.copied(y) if id(y) in rows else y, ys)
         if mapped:
             return ys
         kind = type(out)
