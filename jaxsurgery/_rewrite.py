@@ -16,8 +16,9 @@ What is marked: the parameters (binding ``#0`` of their names; ``self`` and ``cl
 excepted), ``name = ...``, tuple/list targets (``a, (b, *c) = ...``), annotated and
 augmented assignments, ``for`` loop, ``with ... as`` and walrus (``(b := ...)``)
 targets, and item targets of a name by a constant or a name (``acts[name] = h`` marks
-``h`` as ``acts['enc']``, by the key as it is then: a string key that reads as a name or
-path part, or an int). Attribute targets (``self.h = ...``) are not.
+``h`` as ``acts['enc']``, by the key as it is once the value is computed: a string key
+that reads as a name or path part, or a non-negative int; not an argument's leaf updated
+in place, which keeps the argument's name). Attribute targets (``self.h = ...``) are not.
 A function defined inside the traced function is rewritten when it is called (a call
 of anything is), not with its definer; a transform decorating it (``@jax.vmap``)
 applies to the rewritten copy, as a call of the transform does. When the source cannot
@@ -351,8 +352,8 @@ def _target_names(target: ast.expr) -> list[str]:
 
 
 def _item_key(target: ast.Subscript) -> ast.expr | None:
-    """The key of an item target ``d[k]`` (``d`` a name, ``k`` a constant or a name,
-    read again without effect), as an expression; None for any other. A name is read
+    """The key of an item target ``d[k]`` (``d`` a name, ``k`` a constant or a name),
+    as an expression; None for any other. A name is read
     by a lambda, which the mark calls after the value is computed, as Python reads the
     target after the value (``d[k] = (k := 'z')`` stores under ``'z'``)."""
     if not isinstance(target.value, ast.Name):
