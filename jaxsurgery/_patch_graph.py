@@ -235,8 +235,8 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
             for v, name in zip(sel, sel.matched):
                 if isinstance(v, VirtualVar) and v._loop.is_scan and not v.template.outer:
                     continue  # (a scan's iterations, in no while's trip: as they are)
-                levels = _select.free_iterations(given, name)
-                if _in_loose_trips(graph, v, given, name):  # (h2@?@*: trips 0 to 9)
+                levels, loose = _select.iterations_matched(given, name)
+                if _in_loose_trips(graph, v, loose):  # (h2@?@*: trips 0 to 9)
                     partial.append(given)
                 if not levels:
                     continue
@@ -296,10 +296,10 @@ def _every_trip(graph: Graph, selector: Any) -> dict[int, frozenset[int]]:
     return {i: levels for i, levels in every.items() if i not in overlapping}
 
 
-def _in_loose_trips(graph: Graph, var: Var, given: str, name: str) -> bool:
-    """Whether ``given``, a glob, selects ``var`` among some of the trips of a
-    ``while_loop`` (``h@?@1``: trips 0 to 9), patched at the traced trips only."""
-    loose = _select.loose_iterations(given, name)
+def _in_loose_trips(graph: Graph, var: Var, loose: frozenset[int]) -> bool:
+    """Whether a glob selects ``var`` among some of the trips of a ``while_loop``
+    (``h@?@1``: trips 0 to 9; ``loose``, see :func:`_select.loose_iterations`), patched
+    at the traced trips only."""
     site = graph._site(var.index) if loose else None
     if site is None:
         return False

@@ -294,7 +294,7 @@ class Program:
         """The inputs (flat argument positions) computing ``targets`` reads, walking only
         through vars for which ``through`` is true (see :meth:`ancestor_eqns`)."""
         n = self.num_inputs
-        read = {i for t in targets if t < n for i in (t,)}
+        read = {t for t in targets if t < n}
         read.update(
             i for e in self.ancestor_eqns(targets, through) for i in self.eqn_in[e] if i < n
         )

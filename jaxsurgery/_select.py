@@ -616,7 +616,7 @@ def free_iterations(selector: str, name: str) -> frozenset[int]:
         >>> sorted(free_iterations("**/h2@*", "obody/ibody/h2@2@0"))
         [0, 1]
     """
-    return _iterations_matched(selector, name)[0]
+    return iterations_matched(selector, name)[0]
 
 
 def loose_iterations(selector: str, name: str) -> frozenset[int]:
@@ -628,10 +628,10 @@ def loose_iterations(selector: str, name: str) -> frozenset[int]:
         >>> sorted(loose_iterations("body/h2@?@1", "body/h2@0@1"))
         [1]
     """
-    return _iterations_matched(selector, name)[1]
+    return iterations_matched(selector, name)[1]
 
 
-def _iterations_matched(selector: str, name: str) -> tuple[frozenset[int], frozenset[int]]:
+def iterations_matched(selector: str, name: str) -> tuple[frozenset[int], frozenset[int]]:
     """``(free, loose)`` iterations of ``name`` under the glob ``selector``: see
     :func:`free_iterations` and :func:`loose_iterations`."""
     suffix = _SUFFIX.search(name)
