@@ -53,6 +53,7 @@ from ._structured import (
     Step,
     Structured,
     check_hits,
+    gathered,
     into_last_iteration,
     loop_value,
     row_value,
@@ -905,7 +906,7 @@ class Graph(Identical):
         # the vars that need the path (a slice's own) first: the context only follows
         message = self._path_message(list(dict.fromkeys([*what, *vars_])))
         check_hits(
-            [(exposed[h], True, message) for h in guards]
+            [(h, True, message) for h in gathered([exposed.raw(h) for h in guards])]
             + [(exposed[e], expected, message) for e, expected in path]
         )
         found = {v.index: exposed.raw(e) if rows else exposed[e] for v, e in zip(placed, exposures)}
@@ -933,20 +934,21 @@ class Graph(Identical):
         return list(found)
 
     def _whole_loop_site(self, i: int) -> Site | None:
-        """For a body value of a folded scan (a virtual var), its site at every iteration
-        at once (a range; see ``_structured.Step``), or None where that is not how it is
-        computed (a while_loop, a cond or loop around it, a patched graph)."""
+        """For a body value of a folded loop (a virtual var), its site at every iteration
+        at once (a range; see ``_structured.Step``; a while_loop's traced trips, see
+        ``LoopIndex.kept_iterations``), or None where that is not how it is computed (a
+        cond or loop around it, a patched graph)."""
         if not self._virtual(i) or self._structure.edits:
             return None
         v = self._loop_index.vars[i - len(self._program.vars)]
         loop = v._loop
-        length = self._loop_index.length(loop)
-        if not loop.is_scan or v.template.inner or length is None or length < 2:
+        length = self._loop_index.kept_iterations(v)
+        if v.template.inner or length is None or length < 2:
             return None
         site, depth = v.site(), len(loop.steps)
         if (
             site is None
-            or site.path_bound
+            or site.path_bound not in ((), (depth,))  # (a while_loop's trips: all reached)
             or len(site.steps) <= depth
             or site.steps[depth].iteration != v.iteration
         ):

@@ -55,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,9 +218,20 @@ def _residuals(program: Program, loop: Folded) -> frozenset[int]:
     return frozenset(found)
 
 
+def _nbytes(aval: Any) -> float:
+    """Bytes of a value of ``aval`` (infinite for symbolic dimensions)."""
+    if not all(isinstance(d, int) for d in aval.shape):
+        return float("inf")
+    return math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 8)
+
+
 def _reverse(loop: Folded) -> bool:
     return loop.is_scan and loop.eqn.params["reverse"]
 
+
+#: the most bytes of a body value's values at every traced trip of a while_loop that
+#: one ``g.value`` keeps (see :meth:`LoopIndex.other_iterations`)
+KEPT_TRIPS_BYTES = 1 << 28
 
 _ITERATION = re.compile(r"^(.*?)((?:@(?:0|[1-9]\d*))+)$")  # @7, not @07
 _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
@@ -542,11 +554,27 @@ class LoopIndex:
         ]
 
     def other_iterations(self, v: VirtualVar) -> list[Var]:
-        """``v`` at every iteration of its loop (one run of the loop exposes them all)."""
-        loop = self.graph._program.folded[v.template.loop]
-        if not loop.is_scan:
-            return [v]  # a while_loop: only the asked trips exist for sure
-        return [self.var(v.template, t) for t in range(self.length(loop))]
+        """``v`` at every iteration of its loop (one run of the loop exposes them all;
+        see :meth:`kept_iterations`), or ``v`` alone."""
+        n = self.kept_iterations(v)
+        return [v] if n is None else [self.var(v.template, t) for t in range(n)]
+
+    def kept_iterations(self, v: VirtualVar) -> int | None:
+        """The iterations at which one run of ``v``'s loop exposes ``v`` for a value
+        asked at one of them: a scan's every iteration; a while_loop's traced trips
+        where they are counted, their values take no more than
+        :data:`KEPT_TRIPS_BYTES` and the loop has no effects; else None, ``v`` alone
+        (the loop runs up to it, its callbacks no further). Asked for one by one, each
+        trip's value of a while_loop of 4 000 trips ran the loop again (100 ms each)."""
+        loop = v._loop
+        n = self.length(loop)
+        if not loop.is_scan and (
+            n is None
+            or n * _nbytes(v.aval) > KEPT_TRIPS_BYTES
+            or any(loop.eqn.params[j].effects for j in ("cond_jaxpr", "body_jaxpr"))
+        ):
+            return None
+        return n
 
     def order(self, tmpl: Template, t: int, run: bool = False) -> tuple[int, ...]:
         """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see

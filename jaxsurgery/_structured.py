@@ -146,6 +146,18 @@ def row_value(x: Any) -> Any:
     return _value(x)
 
 
+def gathered(values: Sequence[Any]) -> list[Any]:
+    """Values from :meth:`_Exposed.raw`, the rows of one stacked result taken at once
+    (the trips checked reached of a while_loop's 4 000 values: one check, not 4 000)."""
+    out, rows = [], {}
+    for x in values:
+        if isinstance(x, Row):
+            rows.setdefault(id(x.array), (x.array, []))[1].append(x.row)
+        else:
+            out.append(x)
+    return out + [a[np.asarray(r)] for a, r in rows.values()]
+
+
 def iteration_run(sites: Sequence[Site]) -> Site | None:
     """One site for the iterations ``t, t+1, ...`` of one loop value, in order (so that
     the edit's cost does not grow with their number), or None. Values before patches
@@ -807,6 +819,7 @@ class _Interpreter:
         # in each trip the loop runs, however many the arguments make
         every = [_descend(p) for p in pending if p.steps[0].iteration is None]
         pending = [p for p in pending if p.steps[0].iteration is not None]
+        ranged = {p.key for p in pending if not _one_iteration(p)}
         if not tail:  # a patch after the last trip a value is asked at changes none of them
             last = max((_span(p)[1] for p in pending if p.edit.kind != "apply"), default=0)
             pending = [p for p in pending if p.edit.kind != "apply" or _span(p)[0] < last]
@@ -820,10 +833,14 @@ class _Interpreter:
             and not any(isinstance(p.steps[0].iteration, range) for p in pending)
         ):
             return self._few_trips(eqn, invals, groups, exposed, tail)
-        trips = [np.asarray(its) for its, _ in groups]
+        # each group's trips in order, its members' rows in that order (a trip's row is
+        # found by a search, written in place: writing every row each trip made a loop
+        # exposing all its 4 000 trips quadratic)
+        orders = [np.argsort(its, kind="stable") for its, _ in groups]
+        trips = [np.asarray(its)[order] for (its, _), order in zip(groups, orders)]
         stacked = [
-            [stack_rows(vals) for vals in zip(*(m.extras for m in members))]
-            for _, members in groups
+            [stack_rows([vals[j] for j in order]) for vals in zip(*(m.extras for m in members))]
+            for (_, members), order in zip(groups, orders)
         ]
         exposing = [(i, g) for i, g in enumerate(groups) if g[1][0].edit.kind != "apply"]
         slots = [C.zeros_of(m[0].edit.aval, stacked=len(its)) for _, (its, m) in exposing]
@@ -841,31 +858,37 @@ class _Interpreter:
             inner = []
             hits = []
             for i, (_, members) in enumerate(groups):
-                hit = counter == trips[i]
-                hits.append(hit)
-                k = jnp.argmax(hit)
+                k, hit = _row_of(trips[i], counter)
+                hits.append((k, hit))
                 extras = [s[k] for s in stacked[i]]
                 inner.append(
                     _Pending(
                         members[0].steps[1:],
                         members[0].edit,
                         extras,
-                        _and(jnp.any(hit), members[0].active),
+                        _and(hit, members[0].active),
                         key=i,
                     )
                 )
             inner = [*every, *inner]  # the program's edits before what a request exposes
             carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
             found = [
-                jnp.where(_expand(hits[i], slot.ndim), _value(sub[i])[None], slot)
+                jax.lax.dynamic_update_index_in_dim(
+                    slot, jnp.where(hits[i][1], _value(sub[i]), slot[hits[i][0]]), hits[i][0], 0
+                )
                 for (i, _), slot in zip(exposing, found)
             ]
             return counter + 1, carry, found
 
         _, carry, found = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0), list(init), slots))
-        for (_, (_, members)), values in zip(exposing, found):
-            for j, m in enumerate(members):
-                exposed[m.key] = Row(values, j)
+        for (i, (_, members)), values in zip(exposing, found):
+            if members[0].key in ranged:  # a value at every trip: the rows themselves
+                exposed[members[0].key] = values
+                continue
+            rows = np.empty(len(members), int)
+            rows[orders[i]] = np.arange(len(members))  # (member j's row: its trip's rank)
+            for m, row in zip(members, rows.tolist()):
+                exposed[m.key] = Row(values, row)
         return carry if tail else []
 
     def _few_trips(
@@ -1171,6 +1194,17 @@ def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:
     return at.set(rows) if sharding is None else at.set(rows, out_sharding=sharding)
 
 
+def _row_of(trips: np.ndarray, counter: Any) -> tuple[Any, Any]:
+    """``(k, hit)``: the row of trip ``counter`` among the sorted ``trips`` (a row in
+    range where it is none of them) and whether it is one of them."""
+    n = len(trips)
+    if trips[-1] - trips[0] == n - 1:  # consecutive trips (all of them: every trip's value)
+        k = jnp.clip(counter - int(trips[0]), 0, n - 1)
+    else:
+        k = jnp.clip(jnp.searchsorted(jnp.asarray(trips), counter), 0, n - 1)
+    return k, jnp.asarray(trips)[k] == counter
+
+
 def _and(a: Any, b: Any) -> Any:
     return a if b is None else jnp.logical_and(a, b)
 
@@ -1179,10 +1213,6 @@ def _zeros(aval: Any) -> Any:
     """Zeros of ``aval`` (of its sharding on an Explicit mesh, which is part of its type:
     a cond's other branch, a trip not run, must give the same types)."""
     return C.zeros_of(aval)
-
-
-def _expand(mask: Any, ndim: int) -> Any:
-    return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
 def iterations(steps: Sequence[Step]) -> tuple[int, ...]:

@@ -493,6 +493,77 @@ def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
     assert len(g._loop_index.vars) - made <= 6  # the vars asked for, not one per iteration
 
 
+def _halving_loop(x, n):
+    """A while_loop of a traced trip count ``n`` (a reference: :func:`_halving_by_hand`)."""
+
+    def body(c):
+        i, h = c
+        hn = jnp.tanh(h * 1.5 + 0.1)
+        return i + 1, hn
+
+    return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1].sum()
+
+
+def _halving_by_hand(x, n, patches=None):
+    """``hn`` at every trip of :func:`_halving_loop` (``patches``: trip → value put in)."""
+    found, h = [], x
+    for t in range(n):
+        h = jnp.tanh(h * 1.5 + 0.1)
+        h = (patches or {}).get(t, h)
+        found.append(h)
+    return found
+
+
+def test_values_of_a_while_loops_trips_come_from_one_run_as_rows(monkeypatch):
+    """``g.value("body/hn@t")`` of a folded while_loop runs the loop once for every
+    traced trip, keeping the rows as a scan's (one by one, each value ran the loop again:
+    100 ms each at 4 000 trips); a loop whose trips' values would take more than
+    KEPT_TRIPS_BYTES runs for the asked trips only, several asked at once (in any order,
+    far apart) from one run. Values equal the loop by hand."""
+    from jaxsurgery import _loop_index, _structured
+
+    runs = []
+    run = _structured.Structured.run
+    monkeypatch.setattr(
+        _structured.Structured, "run", lambda *a, **k: runs.append(1) or run(*a, **k)
+    )
+    x, n = jnp.linspace(-1.0, 1.0, 4), 2000
+    by_hand = _halving_by_hand(x, n)
+    g = js.trace(_halving_loop, x, jnp.asarray(n))
+    assert isinstance(g["body/hn@7"], VirtualVar)  # (folded: too long to unroll)
+    allclose(g.value("body/hn@7"), by_hand[7], rtol=1e-5)
+    made, ran = len(g._loop_index.vars), len(runs)
+    for t in (0, 1500, 1999):
+        allclose(g.value(f"body/hn@{t}"), by_hand[t], rtol=1e-5)
+    assert len(runs) == ran  # rows of the first run
+    assert len(g._loop_index.vars) - made <= 3  # the vars asked for, not one per trip
+
+    monkeypatch.setattr(_loop_index, "KEPT_TRIPS_BYTES", 4 * 4 * 10)
+    g = js.trace(_halving_loop, x, jnp.asarray(n))
+    found = g.value(["body/hn@40", "body/hn@3", "body/hn@17", "body/hn@1999"])
+    for t, value in zip((40, 3, 17, 1999), found):
+        allclose(value, by_hand[t], rtol=1e-5)
+    allclose(g.value("body/hn@150"), by_hand[150], rtol=1e-5)
+    assert len(g._loop_index.vars) <= 5
+
+
+def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
+    """Values put in at trips of a while_loop far apart (one loop counting its trips),
+    listed out of order, go to their own trips; the output equals the loop by hand."""
+    x, n = jnp.linspace(-1.0, 1.0, 4), 2000
+    patches = {40: jnp.full(4, 0.5), 3: jnp.full(4, -0.25), 17: jnp.arange(4.0) / 8}
+    g = js.trace(_halving_loop, x, jnp.asarray(n))
+    assert isinstance(g["body/hn@40"], VirtualVar)
+    p = g.patch_fn([f"body/hn@{t}" for t in patches])
+    out = p({f"body/hn@{t}": v for t, v in patches.items()}, x, jnp.asarray(n))
+    allclose(out, _halving_by_hand(x, n, patches)[-1].sum(), rtol=1e-5)
+    patched = g
+    for t, v in patches.items():
+        patched = patched.replace(f"body/hn@{t}", v)
+    allclose(patched.as_function()(x, jnp.asarray(n)), out, rtol=1e-6)
+    allclose(patched.value("body/hn@20"), _halving_by_hand(x, n, patches)[20], rtol=1e-5)
+
+
 def _long_body_loop(x, n):
     """A while_loop whose body is too long to unroll at trace time (folded), inside a
     ``jax.jit`` helper (as diffrax's solver loop sits inside its calls)."""
