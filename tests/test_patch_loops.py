@@ -839,3 +839,70 @@ def test_a_scan_inside_a_while_trip_patched_at_every_iteration_is_that_trips_sca
             if (trip, t) == (2, 3):
                 allclose(v, h)
     assert len(names) == 5
+
+
+def _two_value_rnn(reverse):
+    def f(w, xs):
+        def step(h, x):
+            a = w @ h + x
+            h_new = jnp.tanh(a)
+            return h_new, h_new * 2
+
+        h_last, ys = jax.lax.scan(step, jnp.zeros(4), xs, reverse=reverse)
+        return (h_last**2).sum() + jnp.sin(ys).sum()
+
+    return f
+
+
+def _two_values_by_hand(w, xs, reverse, patch):
+    """``{name: [value at t]}`` of ``a`` and ``h_new`` of :func:`_two_value_rnn`, with
+    ``h_new`` at step ``t`` replaced by ``patch(t, h_new)``."""
+    found = {"a": [None] * len(xs), "h_new": [None] * len(xs)}
+    h = jnp.zeros(4)
+    for t in range(len(xs))[::-1] if reverse else range(len(xs)):
+        a = w @ h + xs[t]
+        h = patch(t, jnp.tanh(a))
+        found["a"][t], found["h_new"][t] = a, h
+    return found
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_values_of_a_patched_scan_come_from_one_run_of_the_patched_loop(reverse, monkeypatch):
+    """``g.value("step/h_new@t")`` of a graph patched in the loop (at every step, at a
+    step, values put in at two steps) runs the patched loop once for every iteration
+    (each asked ran the loop up to it, compiled again: 200 ms a value at 1 000 steps),
+    values after the patches there; ``.unpatched`` is the value before its patch. Equal
+    to the loop by hand at every iteration."""
+    from jaxsurgery import _structured
+
+    w = jax.random.normal(jax.random.key(0), (4, 4)) * 0.5
+    xs = jax.random.normal(jax.random.key(1), (120, 4))
+    f = _two_value_rnn(reverse)
+    g = js.trace(f, w, xs)
+    put = {7: jnp.full(4, 0.25), 90: jnp.arange(4.0) / 10}
+    cases = [
+        (g.replace("step/h_new@*", lambda h: h * 0.5 + 0.1), lambda t, h: h * 0.5 + 0.1),
+        (g.replace("step/h_new@30", jnp.sin), lambda t, h: jnp.sin(h) if t == 30 else h),
+        (
+            g.replace("step/h_new@7", put[7]).replace("step/h_new@90", put[90]),
+            lambda t, h: put.get(t, h),
+        ),
+    ]
+    runs = []
+    run = _structured.Structured.run
+    monkeypatch.setattr(
+        _structured.Structured, "run", lambda *a, **k: runs.append(1) or run(*a, **k)
+    )
+    for patched, patch in cases:
+        by_hand = _two_values_by_hand(w, xs, reverse, patch)
+        allclose(patched.value("step/h_new@31"), by_hand["h_new"][31], rtol=1e-5)
+        ran = len(runs)
+        for t in (0, 7, 30, 90, 119):
+            allclose(patched.value(f"step/h_new@{t}"), by_hand["h_new"][t], rtol=1e-5)
+        assert len(runs) == ran  # rows of one run
+        for t in (8, 31, 91, 119):
+            allclose(patched.value(f"step/a@{t}"), by_hand["a"][t], rtol=1e-5)
+        allclose(jnp.stack(patched.value("step/h_new@*")), jnp.stack(by_hand["h_new"]), rtol=1e-5)
+    patched = cases[1][0]
+    unpatched = _two_values_by_hand(w, xs, reverse, lambda t, h: h)["h_new"][30]
+    allclose(patched.value("step/h_new@30.unpatched"), unpatched, rtol=1e-5)
