@@ -562,6 +562,15 @@ def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
         patched = patched.replace(f"body/hn@{t}", v)
     allclose(patched.as_function()(x, jnp.asarray(n)), out, rtol=1e-6)
     allclose(patched.value("body/hn@20"), _halving_by_hand(x, n, patches)[20], rtol=1e-5)
+    allclose(patched.value("body/hn@40"), patches[40])
+    # patched at every trip: its values, after the patch, from one run of the loop
+    halved = g.replace("body/hn@*", lambda h: h * 0.5)
+    by_hand, h = [], x
+    for _ in range(n):
+        h = jnp.tanh(h * 1.5 + 0.1) * 0.5
+        by_hand.append(h)
+    for t in (0, 999, 1999):
+        allclose(halved.value(f"body/hn@{t}"), by_hand[t], rtol=1e-5)
 
 
 def _long_body_loop(x, n):
