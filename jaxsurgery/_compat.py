@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -389,6 +389,22 @@ def traced_context(eqn: JaxprEqn, partitionable: bool) -> Any:
     if context_key(eqn) in ((), (partitionable, None, None)):
         return None
     return eqn.ctx.manager
+
+
+_EAGER_DERIVATIVE_TRACERS = tuple(
+    t for t in (getattr(_ad, "JVPTracer", None), getattr(_ad, "LinearizeTracer", None)) if t
+)
+
+
+def eager_derivative(values: Sequence[Any]) -> bool:
+    """Whether the tracers among ``values`` are all a derivative's (``jax.grad``,
+    ``jax.jvp``) of concrete arrays: the derivative runs eagerly, op by op."""
+    for x in values:
+        while isinstance(x, _EAGER_DERIVATIVE_TRACERS):
+            x = x.primal
+        if isinstance(x, jax.core.Tracer):
+            return False
+    return True
 
 
 def eval_jaxpr(jaxpr: Jaxpr, consts: Any, *args: Any) -> list[Any]:

@@ -486,7 +486,7 @@ class _Interpreter:
                 args = [
                     _value(next(extras)) if isinstance(r, Extra) else env[r] for r in edit.reads
                 ]
-                fn = C.jaxpr_as_fun(edit.fn)
+                fn = functools.partial(_closed_eval, edit.fn)
                 if p.active is None:
                     new = fn(*args)[0]
                 elif _selectable(edit):  # (a select: no cond to run at every iteration)
@@ -1018,6 +1018,12 @@ def argument_types(args: Any) -> tuple:
         else (type(x).__name__, x)  # a Python scalar: compiled in (as a jaxpr literal)
         for x in jax.tree_util.tree_leaves(args)
     )
+
+
+def _closed_eval(closed: Any, *args: Any) -> list[Any]:
+    """``jaxpr_as_fun(closed)(*args)``, op by op with compiled ops where it runs eagerly
+    (see ``_eager.eval_jaxpr``)."""
+    return eval_jaxpr(closed.jaxpr, closed.consts, *args)
 
 
 def eval_equations(eqns: Sequence[Any], env: dict) -> None:
