@@ -959,6 +959,13 @@ class Graph(Identical):
             return None
         if any(s.iteration is not None for s in (*site.steps[:depth], *site.steps[depth + 1 :])):
             return None  # loops around it or inside it
+        place = [(s.eqn, s.branch) for s in site.steps[: depth + 1]]
+        if not loop.is_scan and any(
+            [(s.eqn, s.branch) for s in e.site.steps[: depth + 1]] == place
+            for e in self._structure.edits
+        ):
+            return None  # a patch in a while_loop's body may change its trips (each asked
+            # is then checked reached): its traced count does not hold
         at = site.steps[depth]
         steps = (
             *site.steps[:depth],

@@ -178,19 +178,44 @@ def test_a_run_interrupted_in_its_first_write_resumes(tmp_path, monkeypatch):
     path = str(tmp_path / "acts.zarr")
     batches = [jnp.full((4, 3), float(i)) for i in range(3)]
     fn = lambda x: {"a": x * 2, "b": x + 1}  # noqa: E731
-    append = zarr.Array.append
+    write = zarr.Array.__setitem__
 
-    def interrupted(array, value, *args, **kwargs):
-        monkeypatch.setattr(zarr.Array, "append", append)  # once
-        append(array, value, *args, **kwargs)
+    def interrupted(array, at, value):
+        monkeypatch.setattr(zarr.Array, "__setitem__", write)  # once
+        write(array, at, value)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zarr.Array, "append", interrupted)
+    monkeypatch.setattr(zarr.Array, "__setitem__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         js.collect(path, fn, batches, progress=False)
     store = js.collect(path, fn, batches, progress=False)
     np.testing.assert_array_equal(store["a"][:], np.concatenate([b * 2 for b in batches]))
     np.testing.assert_array_equal(store["b"][:], np.concatenate([b + 1 for b in batches]))
+
+
+def test_a_killed_run_leaves_rows_past_the_record_that_resuming_drops(tmp_path, monkeypatch):
+    """Arrays grow ahead of the rows written (doubling) and are cut to them at the end; a
+    run killed outright (no cut) leaves rows past the record, which the next call drops
+    before it goes on: the store then equals one collected in one go."""
+    from jaxsurgery import _collect
+
+    path = str(tmp_path / "acts.zarr")
+    batches = [jnp.full((4, 3), float(i)) for i in range(7)]
+    fn = lambda x: {"a": x * 2}  # noqa: E731
+
+    def killed():
+        yield from batches[:5]
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_collect._Writer, "trim", lambda self: None)  # as if killed
+        with pytest.raises(KeyboardInterrupt):
+            js.collect(path, fn, killed(), progress=False)
+    left = zarr.open_group(path, mode="r")
+    assert left.attrs["jaxsurgery"]["rows"] == 20 and left["a"].shape[0] > 20
+    store = js.collect(path, fn, batches, progress=False)
+    assert store["a"].shape == (28, 3)
+    np.testing.assert_array_equal(store["a"][:], np.concatenate([b * 2 for b in batches]))
 
 
 def test_the_batch_before_a_failing_one_is_kept(tmp_path):

@@ -547,6 +547,36 @@ def test_values_of_a_while_loops_trips_come_from_one_run_as_rows(monkeypatch):
     assert len(g._loop_index.vars) <= 5
 
 
+def test_a_patch_that_ends_a_folded_while_loop_sooner_leaves_its_later_trips_unmade():
+    """A patch in a while_loop's body can change how many trips it runs: a value at a
+    trip the patched loop no longer reaches is a SliceError (its traced count's rows
+    held zeros there); values before it equal the loop by hand."""
+
+    def f(x):
+        def body(c):
+            i, h = c
+            hn = jnp.tanh(h * 1.01 + 0.1)
+            j = i + 1
+            return j, hn
+
+        return jax.lax.while_loop(lambda c: c[0] < 3000, body, (0, x))[1].sum()
+
+    x = jnp.linspace(-1.0, 1.0, 4)
+    g = js.trace(f, x)
+    assert isinstance(g["body/hn@2000"], VirtualVar)
+    for patched in (
+        g.replace("body/j@100", lambda j: j + 5000),  # stops after trip 100
+        g.replace("body/j@*", lambda j: j + 1),  # 1 500 trips
+    ):
+        for name in ("body/hn@2000", "body/j@2500"):
+            with pytest.raises(js.SliceError, match="not made for the traced arguments"):
+                patched.value(name)
+        h = x
+        for _ in range(51):
+            h = jnp.tanh(h * 1.01 + 0.1)
+        allclose(patched.value("body/hn@50"), h, rtol=1e-5)
+
+
 def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
     """Values put in at trips of a while_loop far apart (one loop counting its trips),
     listed out of order, go to their own trips; the output equals the loop by hand."""
