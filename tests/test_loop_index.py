@@ -493,6 +493,35 @@ def test_values_of_a_body_value_come_from_one_run_of_the_loop_as_rows(reverse):
     assert len(g._loop_index.vars) - made <= 6  # the vars asked for, not one per iteration
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_scans_values_too_large_to_keep_at_every_iteration_run_up_to_the_one_asked(
+    reverse, monkeypatch
+):
+    """Where a body value at every iteration would take more than KEPT_TRIPS_BYTES (a
+    scanned transformer's activations), a value runs the scan up to its iteration and
+    keeps no rows; values still equal the loop by hand, reverse scans too."""
+    from jaxsurgery import _loop_index
+
+    monkeypatch.setattr(_loop_index, "KEPT_TRIPS_BYTES", 100)
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(1), (300, 4))
+
+    def rnn(h0, xs):
+        def step(h, x):
+            h_new = jnp.tanh(w @ h + x)
+            return h_new, h_new
+
+        return jax.lax.scan(step, h0, xs, reverse=reverse)[0]
+
+    g = js.trace(rnn, jnp.zeros(4), xs)
+    by_t, state = {}, jnp.zeros(4)
+    for t in range(300)[::-1] if reverse else range(300):
+        state = by_t[t] = jnp.tanh(w @ state + xs[t])
+    for t in (7, 150, 299):
+        allclose(g.value(f"step/h_new@{t}"), by_t[t], rtol=1e-5)
+    assert not g._loop_rows
+
+
 def _halving_loop(x, n):
     """A while_loop of a traced trip count ``n`` (a reference: :func:`_halving_by_hand`)."""
 
