@@ -29,6 +29,7 @@ Sharp edges:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
+from ._eager import per_jaxpr
 from ._scopes import scope_path
 from ._structured import Site, Step, argument_types, goes_on, locate, per_lane, unprinted
 
@@ -585,10 +587,34 @@ def count_trips_compiled(
     reads: no host callback of the body or of the condition runs (selecting a value in
     the loop printed every trip of it; a print in the condition showed the counter it
     does not read as 0 at every trip), nor work the trip count does not need."""
-    n_body = len(body_consts)
-    deciding = sorted(_deciding(cond.jaxpr, body.jaxpr, len(cond_consts), n_body)[2])
+    if C.holds_tracer((cond_consts, body_consts, carry)):
+        return None  # values of a transform's trace (a closed-over tracer): not counted
+    count = _counter(cond, body, len(cond_consts), len(body_consts), len(carry))
+    bodies = [*cond.jaxpr.eqns, *body.jaxpr.eqns]
+    # (also when first asked under jax.jit)
+    with C.compile_time_eval((cond_consts, body_consts, carry), C.retraced(bodies)):
+        trips = int(count(cond_consts, body_consts, carry))
+    return None if trips > MAX_TRIPS else trips
+
+
+_COUNTERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _counter(cond: Any, body: Any, n_cond: int, n_body: int, n_carry: int) -> Any:
+    """The compiled trip counter of :func:`count_trips_compiled` for a loop's ``cond``
+    and ``body``, kept while the body lives: each graph a patch makes counts its loops'
+    trips again, and a counter made anew compiled again (100 ms a ``g.replace``)."""
+
+    def make() -> dict[int, tuple[Any, Any]]:
+        return {}
+
+    per_cond = per_jaxpr(_COUNTERS, body.jaxpr, make)
+    found = per_cond.get(id(cond))
+    if found is not None and found[0]() is cond.jaxpr:
+        return found[1]
+    deciding = sorted(_deciding(cond.jaxpr, body.jaxpr, n_cond, n_body)[2])
     pruned = _computing(body, deciding)
-    body_fn, at = (pruned, deciding) if pruned else (C.jaxpr_as_fun(body), range(len(carry)))
+    body_fn, at = (pruned, deciding) if pruned else (C.jaxpr_as_fun(body), range(n_carry))
     test = _computing(cond, [0]) or C.jaxpr_as_fun(cond)
 
     def count(cond_consts: list, body_consts: list, carry: list) -> Any:
@@ -600,13 +626,9 @@ def count_trips_compiled(
 
         return _counting_loop(lambda c: test(*cond_consts, *c)[0], step, carry, MAX_TRIPS)[0]
 
-    if C.holds_tracer((cond_consts, body_consts, carry)):
-        return None  # values of a transform's trace (a closed-over tracer): not counted
-    bodies = [*cond.jaxpr.eqns, *body.jaxpr.eqns]
-    # (also when first asked under jax.jit)
-    with C.compile_time_eval((cond_consts, body_consts, carry), C.retraced(bodies)):
-        trips = int(jax.jit(count)(cond_consts, body_consts, carry))
-    return None if trips > MAX_TRIPS else trips
+    counter = jax.jit(count)
+    per_cond[id(cond)] = (weakref.ref(cond.jaxpr), counter)
+    return counter
 
 
 def _computing(closed: Any, outs: Sequence[int]) -> Callable[..., Any] | None:

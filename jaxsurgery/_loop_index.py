@@ -562,20 +562,16 @@ class LoopIndex:
     def kept_iterations(self, v: VirtualVar) -> int | None:
         """The iterations at which one run of ``v``'s loop exposes ``v`` for a value
         asked at one of them: a scan's every iteration, a while_loop's traced trips
-        where they are counted and the loop has no effects, where their values take
-        no more than :data:`KEPT_TRIPS_BYTES`; else None, ``v`` alone (the loop runs
-        up to it, its callbacks no further; a scanned transformer's 48 layers of 256 MB
+        where they are counted, where their values take no more than
+        :data:`KEPT_TRIPS_BYTES` and the loop has no effects; else None, ``v`` alone
+        (the loop runs up to it, its callbacks no further; a scanned transformer's 48 layers of 256 MB
         activations are not all kept for one of them). Asked for one by one, each
         trip's value of a while_loop of 4 000 trips ran the loop again (100 ms each)."""
         loop = v._loop
         n = self.length(loop)
         if n is None or n * _nbytes(v.aval) > KEPT_TRIPS_BYTES:
             return None
-        if not loop.is_scan and any(
-            loop.eqn.params[j].effects for j in ("cond_jaxpr", "body_jaxpr")
-        ):
-            return None
-        return n
+        return None if loop.eqn.effects else n
 
     def order(self, tmpl: Template, t: int, run: bool = False) -> tuple[int, ...]:
         """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see
