@@ -606,6 +606,34 @@ def test_a_patch_that_ends_a_folded_while_loop_sooner_leaves_its_later_trips_unm
         allclose(patched.value("body/hn@50"), h, rtol=1e-5)
 
 
+def test_a_while_loops_trips_are_counted_by_one_compiled_counter_for_every_patched_graph(
+    monkeypatch,
+):
+    """Each graph g.replace makes counts its while_loops' trips again (a patch before
+    the loop can change them): the counter is compiled once per loop (made anew, each
+    replace compiled it again, 100 ms), and counts each graph's own trips."""
+    from jaxsurgery import _control_flow
+
+    traced = []
+    counting = _control_flow._counting_loop
+    monkeypatch.setattr(
+        _control_flow, "_counting_loop", lambda *a: traced.append(1) or counting(*a)
+    )
+    x, n = jnp.linspace(-1.0, 1.0, 4), 2000
+    g = js.trace(_halving_loop, x, jnp.asarray(n))
+    g["body/hn@1999"]  # (counts the trips)
+    made = len(traced)
+    patched = g
+    for t in (3, 5, 7):
+        patched = patched.replace(f"body/hn@{t}", lambda h: h * 0.5)
+        patched["body/hn@1999"]
+    assert len(traced) == made
+    shorter = g.replace("n", jnp.asarray(1500))  # another count, from the same counter
+    with pytest.raises(js.SelectionError, match="a loop of 1500 iterations"):
+        shorter["body/hn@1700"]
+    assert len(traced) == made
+
+
 def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
     """Values put in at trips of a while_loop far apart (one loop counting its trips),
     listed out of order, go to their own trips; the output equals the loop by hand."""
