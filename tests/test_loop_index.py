@@ -611,7 +611,7 @@ def test_a_while_loops_trips_are_counted_by_one_compiled_counter_for_every_patch
 ):
     """Each graph g.replace makes counts its while_loops' trips again (a patch before
     the loop can change them): the counter is compiled once per loop (made anew, each
-    replace compiled it again, 100 ms), and counts each graph's own trips."""
+    replace compiled it again, 100 ms); each graph counts its own trips."""
     from jaxsurgery import _control_flow
 
     traced = []
@@ -628,10 +628,9 @@ def test_a_while_loops_trips_are_counted_by_one_compiled_counter_for_every_patch
         patched = patched.replace(f"body/hn@{t}", lambda h: h * 0.5)
         patched["body/hn@1999"]
     assert len(traced) == made
-    shorter = g.replace("n", jnp.asarray(1500))  # another count, from the same counter
+    shorter = g.replace("n", jnp.asarray(1500))  # its own count
     with pytest.raises(js.SelectionError, match="a loop of 1500 iterations"):
         shorter["body/hn@1700"]
-    assert len(traced) == made
 
 
 def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
