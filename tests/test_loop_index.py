@@ -633,6 +633,33 @@ def test_a_while_loops_trips_are_counted_by_one_compiled_counter_for_every_patch
         shorter["body/hn@1700"]
 
 
+def test_patches_of_one_function_at_many_trips_are_one_edit_of_the_loop_body():
+    """``g.replace`` at 30 trips of a while_loop, each call with a function of its own
+    that computes the same: the loop body holds one patch for all of them (was one
+    branch per patch: 200 patches took 4 s to compile); the output equals the loop by
+    hand."""
+    x, n = jnp.linspace(-1.0, 1.0, 4), 2000
+    g = js.trace(_halving_loop, x, jnp.asarray(n))
+    patched = g
+    for t in range(10, 40):
+        patched = patched.replace(f"body/hn@{t}", lambda h: h * 0.5 + 0.1)
+    f = patched.as_function()
+    loops = [
+        e for e in jax.make_jaxpr(f)(x, jnp.asarray(n)).jaxpr.eqns if e.primitive.name == "while"
+    ]
+    (body,) = [loop.params["body_jaxpr"].jaxpr for loop in loops if "body_jaxpr" in loop.params][
+        -1:
+    ]
+    assert sum(e.primitive.name == "cond" for e in body.eqns) <= 1
+    by_hand = _halving_by_hand(x, n, {})
+    h = x
+    for t in range(n):
+        h = jnp.tanh(h * 1.5 + 0.1)
+        h = h * 0.5 + 0.1 if 10 <= t < 40 else h
+    allclose(f(x, jnp.asarray(n)), h.sum(), rtol=1e-5)
+    allclose(patched.value("body/hn@5"), by_hand[5], rtol=1e-5)
+
+
 def test_patches_at_far_apart_trips_of_a_while_loop_given_in_any_order():
     """Values put in at trips of a while_loop far apart (one loop counting its trips),
     listed out of order, go to their own trips; the output equals the loop by hand."""
