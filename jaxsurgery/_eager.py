@@ -8,11 +8,13 @@ parameters and context (:func:`compiled_op`), which takes JAX's C++ fast path; t
 those of the function run eagerly (one op at a time: XLA rewrites nothing across
 ops). Used for the graph's values (``g.value``) and for eager calls of what a graph
 makes (:func:`eval_jaxpr`), also under a derivative taken eagerly (``jax.grad`` of
-``g.as_function()``, ``g.grads``): there a compiled op is linearized by JAX's rule for
-``jit``, kept per op, where a bound primitive went through JAX's fallback (jvp and
-partial evaluation) at every equation, 2.5x the function's own ``jax.grad`` on a
-600-layer MLP. Under other transformations (``jax.jit``, ``jax.vmap``) equations are
-bound as JAX binds them.
+``g.as_function()``, ``g.grads``): there a primitive's compiled op is linearized by
+JAX's rule for ``jit``, kept per op, where a bound primitive went through JAX's
+fallback (jvp and partial evaluation) at every equation, 2.5x the function's own
+``jax.grad`` on a 600-layer MLP; its derivative rounds as under ``jax.jit`` (within an
+ulp or two of an eager ``jax.grad``). Equations holding a program (calls, loops) are
+bound there as JAX binds them, and so are all under other transformations
+(``jax.jit``, ``jax.vmap``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
     if fn is None:
         if len(OPS) > 4096:
             OPS.clear()
-        if any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values()):
+        if holds_body(eqn):
             # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
             # as JAX stages it by default, also in ensure_compile_time_eval (see C)
             # a var of its own per operand: run gives a literal's value as an argument,
@@ -66,6 +68,11 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
             fn = jax.jit(functools.partial(bind, eqn.primitive, eqn.params))
         OPS[key] = fn
     return fn
+
+
+def holds_body(eqn: C.JaxprEqn) -> bool:
+    """Whether ``eqn`` holds a program of its own (a call, loop, cond, custom rule)."""
+    return any(isinstance(p, (C.Jaxpr, C.ClosedJaxpr)) for p in eqn.params.values())
 
 
 def last_uses(eqns: Sequence[C.JaxprEqn], keep: set[Any]) -> list[list[Any]]:
@@ -133,12 +140,23 @@ def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
     """``jax.core.eval_jaxpr``: on concrete arrays, op by op with compiled ops (see the
     module); on tracers (under a transformation), as JAX evaluates it."""
     Tracer = jax.core.Tracer
+    derivative = False
     if any(isinstance(x, Tracer) for x in args) or any(isinstance(x, Tracer) for x in consts):
         if not C.eager_derivative([*consts, *args]):
             return C.eval_jaxpr(jaxpr, consts, *args)
+        derivative = True
     if C.retraced(jaxpr.eqns):  # (a shard_map's or Pallas kernel's body: as JAX stages it)
         return C.eval_jaxpr(jaxpr, consts, *args)
-    ops, frees = _plan(jaxpr)
+    plan = _plan(jaxpr)
+    frees, ops = plan[0], plan[1]
+    if not derivative:
+        if plan[2] is None:
+            plan[2] = [compiled_op(e) if op is None else op for e, op in zip(jaxpr.eqns, ops)]
+        ops = plan[2]
+    # (a derivative binds equations holding a program of their own as JAX binds them:
+    # linearized, a call's compiled op, kept in OPS, held its body's constants compiled
+    # in and ran them again; a jit closing over 16 MB made every trace's gradient keep
+    # 33 MB, and ran 2.5x slower)
     # (as eval_jaxpr takes them: the consts then the arguments, for the constvars then
     # the invars; newer JAX's programs may have no constvars and take both as invars)
     env: dict[Any, Any] = dict(
@@ -151,13 +169,16 @@ def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
 _PLANS: dict[int, tuple[Any, Any]] = {}
 
 
-def _plan(jaxpr: C.Jaxpr) -> tuple[list[Any], list[list[Any]]]:
-    """Each equation's compiled op and the vars dead after it, kept per jaxpr while it
-    lives (a made function called in a loop works them out once)."""
+def _plan(jaxpr: C.Jaxpr) -> list[Any]:
+    """``[frees, primitive ops, ops]``, kept per jaxpr while it lives (a made function
+    called in a loop works them out once): the vars dead after each equation, the
+    compiled ops of equations holding no program of their own (None for the others),
+    and every equation's compiled op, made when first needed (None until then)."""
 
-    def plan() -> tuple[list[Any], list[list[Any]]]:
+    def plan() -> list[Any]:
         keep = {o for o in jaxpr.outvars if not isinstance(o, C.Literal)}
-        return [compiled_op(e) for e in jaxpr.eqns], last_uses(jaxpr.eqns, keep)
+        primitive = [None if holds_body(e) else compiled_op(e) for e in jaxpr.eqns]
+        return [last_uses(jaxpr.eqns, keep), primitive, None]
 
     return per_jaxpr(_PLANS, jaxpr, plan)
 
