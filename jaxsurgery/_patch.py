@@ -99,7 +99,16 @@ def replacement_jaxpr(
             # the shape is right, the dtype is not: say what to do of that
             raise refused(got, f"cast it (.astype({str(target.dtype)!r})) in the replacement")
         raise refused(got)
+    if any(_writeable(c) for c in closed.consts):
+        # a NumPy array given (or closed over) is copied, as js.trace copies arguments: a
+        # buffer refilled afterwards (a data loader's) changed the patched graph
+        consts = [np.array(c) if _writeable(c) else c for c in closed.consts]
+        closed = C.ClosedJaxpr(closed.jaxpr, consts)
     return closed
+
+
+def _writeable(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.flags.writeable
 
 
 @dataclass(frozen=True)

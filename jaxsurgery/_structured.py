@@ -1194,12 +1194,37 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
 
 def _computes(fn: Any) -> Any:
     """What a patch's function (a closed jaxpr, or None) computes, as a key: its
-    program's text and its constants (by identity). Each ``g.replace`` traces its
-    function anew: patches of one function at 200 trips of a while_loop were 200
-    groups, 200 branches in its body (4 s to compile), where one group takes them all."""
+    program's text, the constants of it and of the programs inside it (by identity),
+    and its equations' parameters, by value where they hash (what the text leaves out:
+    a custom rule, a host callback; by identity where they do not). Each ``g.replace``
+    traces its function anew: patches of one function at 200 trips of a while_loop were
+    200 groups, 200 branches in its body (4 s to compile), where one group takes them
+    all; two jitted steering vectors, or two custom rules, printed alike (the regression
+    hunt: one patch's ran at both iterations)."""
     if fn is None:
         return None
-    return str(fn.jaxpr), tuple(map(id, fn.consts))
+    held: list[Any] = []
+    programs = [fn]
+    while programs:
+        program = programs.pop()
+        held += map(id, getattr(program, "consts", ()))
+        for eqn in getattr(program, "jaxpr", program).eqns:
+            for param in eqn.params.values():
+                for p in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(p, (C.Jaxpr, C.ClosedJaxpr)):
+                        programs.append(p)
+                    else:
+                        held.append(_by_value(p))
+    return str(fn.jaxpr), tuple(held)
+
+
+def _by_value(x: Any) -> Any:
+    """``x`` itself where it hashes (compared by value), else its identity."""
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return x
 
 
 def _scatter(length: int, its: Sequence[int], rows: Any) -> Any:

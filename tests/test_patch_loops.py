@@ -12,6 +12,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import allclose, assert_at_callers_line, check_slice
 from models import RNN_STEPS, rnn, rnn_args, rnn_state_after
@@ -906,3 +907,57 @@ def test_values_of_a_patched_scan_come_from_one_run_of_the_patched_loop(reverse,
     patched = cases[1][0]
     unpatched = _two_values_by_hand(w, xs, reverse, lambda t, h: h)["h_new"][30]
     allclose(patched.value("step/h_new@30.unpatched"), unpatched, rtol=1e-5)
+
+
+def test_patches_that_print_alike_but_compute_differently_stay_apart():
+    """Patches at two steps whose functions print alike (a jitted helper closing over
+    another steering vector, a custom_vjp of another backward rule) are not one edit of
+    the body: each step runs its own (the regression hunt: both ran the first's, in
+    values and gradients); a NumPy array given as a patch value is copied (refilling
+    the buffer changed the patched graph). Equal to the loop by hand."""
+
+    def f(x):
+        def step(c, _):
+            h = jnp.sin(c)
+            return h, h
+
+        return jax.lax.scan(step, x, None, length=10)[1]
+
+    def steer(v):
+        add = jax.jit(lambda h: h + v)
+        return lambda h: add(h)
+
+    def scaled_grad(c):  # the identity, its gradient scaled by c
+        @jax.custom_vjp
+        def ident(h):
+            return h
+
+        ident.defvjp(lambda h: (h, None), lambda _, g: (c * g,))
+        return ident
+
+    def by_hand(x, patches):
+        c, ys = x, []
+        for t in range(10):
+            c = patches.get(t, lambda h: h)(jnp.sin(c))
+            ys.append(c)
+        return jnp.stack(ys)
+
+    x = jnp.full(2, 0.5)
+    g = js.trace(f, x)
+    for patches in (
+        {3: steer(jnp.ones(2)), 7: steer(jnp.full(2, 100.0))},
+        {3: scaled_grad(2.0), 7: scaled_grad(-3.0)},
+    ):
+        patched = g
+        for t, fn in patches.items():
+            patched = patched.replace(f"step/h@{t}", fn)
+        f2 = patched.as_function()
+        allclose(f2(x), by_hand(x, patches), rtol=1e-6)
+        allclose(jax.jit(f2)(x), by_hand(x, patches), rtol=1e-6)
+        grad = jax.grad(lambda x, f2=f2: f2(x)[-1].sum())(x)
+        allclose(grad, jax.grad(lambda x, p=patches: by_hand(x, p)[-1].sum())(x), rtol=1e-5)
+        allclose(patched.value("step/h@7"), by_hand(x, patches)[7], rtol=1e-6)
+    buffer = np.zeros(2, np.float32)
+    patched = g.replace("step/h@3", buffer)
+    buffer[:] = 7.0
+    allclose(patched.as_function()(x), by_hand(x, {3: lambda h: jnp.zeros(2)}), rtol=1e-6)
