@@ -26,7 +26,7 @@ from . import _compat as C
 from ._errors import SliceError, type_of
 from ._gc import gc_paused
 from ._program import Program, Region, _Inliner
-from ._promotion import holds, out_of_range
+from ._promotion import held, holds, out_of_range
 
 if TYPE_CHECKING:
     from ._graph import Var
@@ -99,16 +99,14 @@ def replacement_jaxpr(
             # the shape is right, the dtype is not: say what to do of that
             raise refused(got, f"cast it (.astype({str(target.dtype)!r})) in the replacement")
         raise refused(got)
-    if any(_writeable(c) for c in closed.consts):
-        # a NumPy array given (or closed over) is copied, as js.trace copies arguments: a
-        # buffer refilled afterwards (a data loader's) changed the patched graph
-        consts = [np.array(c) if _writeable(c) else c for c in closed.consts]
+    consts = [held(c, c.dtype) if isinstance(c, np.ndarray) else c for c in closed.consts]
+    if any(a is not b for a, b in zip(consts, closed.consts)):
+        # a NumPy array given (or closed over) is copied, as js.trace copies arguments (a
+        # view of a writeable buffer too): a buffer refilled afterwards (a data loader's)
+        # changed the patched graph. (One a jitted helper in the patch closes over is in
+        # that call's program, not copied.)
         closed = C.ClosedJaxpr(closed.jaxpr, consts)
     return closed
-
-
-def _writeable(x: Any) -> bool:
-    return isinstance(x, np.ndarray) and x.flags.writeable
 
 
 @dataclass(frozen=True)

@@ -1207,8 +1207,10 @@ def _computes(fn: Any) -> Any:
     programs = [fn]
     while programs:
         program = programs.pop()
-        held += map(id, getattr(program, "consts", ()))
+        held += map(_const_key, getattr(program, "consts", ()))
         for eqn in getattr(program, "jaxpr", program).eqns:
+            # (a literal prints as its value: every NaN alike, whatever its sign or bits)
+            held += [_const_key(a.val) for a in eqn.invars if isinstance(a, C.Literal)]
             for param in eqn.params.values():
                 for p in param if isinstance(param, (tuple, list)) else (param,):
                     if isinstance(p, (C.Jaxpr, C.ClosedJaxpr)):
@@ -1216,6 +1218,16 @@ def _computes(fn: Any) -> Any:
                     else:
                         held.append(_by_value(p))
     return str(fn.jaxpr), tuple(held)
+
+
+def _const_key(x: Any) -> Any:
+    """A constant of a patch as a key: a NumPy array or scalar by its type and bytes (a
+    patch's copy, or a value in its program, which do not change: a NumPy steering
+    vector a patch closes over is copied at every trace), anything else by identity."""
+    if isinstance(x, (np.ndarray, np.generic, int, float, complex, bool)):
+        a = np.asarray(x)
+        return (a.dtype.str, a.shape, a.tobytes())
+    return ("id", id(x))
 
 
 def _by_value(x: Any) -> Any:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import models
+import numpy as np
 import pytest
 from conftest import allclose, check_slice
 from models import RNN_STEPS, rnn, rnn_args, rnn_state_after
@@ -635,14 +636,16 @@ def test_a_while_loops_trips_are_counted_by_one_compiled_counter_for_every_patch
 
 def test_patches_of_one_function_at_many_trips_are_one_edit_of_the_loop_body():
     """``g.replace`` at 30 trips of a while_loop, each call with a function of its own
-    that computes the same: the loop body holds one patch for all of them (was one
+    that computes the same (closing over a NumPy steering vector, which each trace
+    copies): the loop body holds one patch for all of them (was one
     branch per patch: 200 patches took 4 s to compile); the output equals the loop by
     hand."""
     x, n = jnp.linspace(-1.0, 1.0, 4), 2000
     g = js.trace(_halving_loop, x, jnp.asarray(n))
     patched = g
+    steer = np.full(4, 0.1, np.float32)  # (a NumPy array: copied at each trace)
     for t in range(10, 40):
-        patched = patched.replace(f"body/hn@{t}", lambda h: h * 0.5 + 0.1)
+        patched = patched.replace(f"body/hn@{t}", lambda h: h * 0.5 + steer)
     f = patched.as_function()
     loops = [
         e for e in jax.make_jaxpr(f)(x, jnp.asarray(n)).jaxpr.eqns if e.primitive.name == "while"

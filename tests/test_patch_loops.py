@@ -913,8 +913,9 @@ def test_patches_that_print_alike_but_compute_differently_stay_apart():
     """Patches at two steps whose functions print alike (a jitted helper closing over
     another steering vector, a custom_vjp of another backward rule) are not one edit of
     the body: each step runs its own (the regression hunt: both ran the first's, in
-    values and gradients); a NumPy array given as a patch value is copied (refilling
-    the buffer changed the patched graph). Equal to the loop by hand."""
+    values and gradients), nor are two NaNs of other signs; a NumPy array given as a
+    patch value is copied, a view of a writeable buffer too (refilling the buffer
+    changed the patched graph). Equal to the loop by hand."""
 
     def f(x):
         def step(c, _):
@@ -944,9 +945,14 @@ def test_patches_that_print_alike_but_compute_differently_stay_apart():
 
     x = jnp.full(2, 0.5)
     g = js.trace(f, x)
+
+    def signed(nan):  # |h| with the sign of a NaN (which prints alike, +nan or -nan)
+        return lambda h: jnp.abs(h) * jnp.copysign(1.0, nan)
+
     for patches in (
         {3: steer(jnp.ones(2)), 7: steer(jnp.full(2, 100.0))},
         {3: scaled_grad(2.0), 7: scaled_grad(-3.0)},
+        {3: signed(np.float32("nan")), 7: signed(-np.float32("nan"))},
     ):
         patched = g
         for t, fn in patches.items():
@@ -958,6 +964,7 @@ def test_patches_that_print_alike_but_compute_differently_stay_apart():
         allclose(grad, jax.grad(lambda x, p=patches: by_hand(x, p)[-1].sum())(x), rtol=1e-5)
         allclose(patched.value("step/h@7"), by_hand(x, patches)[7], rtol=1e-6)
     buffer = np.zeros(2, np.float32)
-    patched = g.replace("step/h@3", buffer)
-    buffer[:] = 7.0
-    allclose(patched.as_function()(x), by_hand(x, {3: lambda h: jnp.zeros(2)}), rtol=1e-6)
+    patched = g.replace("step/h@3", buffer).replace("step/h@5", np.broadcast_to(buffer, (2,)))
+    buffer[:] = 7.0  # (the view, read-only, is of a writeable buffer)
+    zero = lambda h: jnp.zeros(2)  # noqa: E731
+    allclose(patched.as_function()(x), by_hand(x, {3: zero, 5: zero}), rtol=1e-6)
