@@ -604,11 +604,7 @@ def _counter(cond: Any, body: Any, n_cond: int, n_body: int, n_carry: int) -> An
     """The compiled trip counter of :func:`count_trips_compiled` for a loop's ``cond``
     and ``body``, kept while the body lives: each graph a patch makes counts its loops'
     trips again, and a counter made anew compiled again (100 ms a ``g.replace``)."""
-
-    def make() -> dict[int, tuple[Any, Any]]:
-        return {}
-
-    per_cond = per_jaxpr(_COUNTERS, body.jaxpr, make)
+    per_cond = per_jaxpr(_COUNTERS, body.jaxpr, dict)
     found = per_cond.get(id(cond))
     if found is not None and found[0]() is cond.jaxpr:
         return found[1]

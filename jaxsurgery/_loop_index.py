@@ -564,9 +564,10 @@ class LoopIndex:
         asked at one of them: a scan's every iteration, a while_loop's traced trips
         where they are counted, where their values take no more than
         :data:`KEPT_TRIPS_BYTES` and the loop has no effects; else None, ``v`` alone
-        (the loop runs up to it, its callbacks no further; a scanned transformer's 48 layers of 256 MB
-        activations are not all kept for one of them). Asked for one by one, each
-        trip's value of a while_loop of 4 000 trips ran the loop again (100 ms each)."""
+        (the loop runs up to it, its callbacks no further; a scanned transformer's 48
+        layers of 256 MB activations are not all kept for one of them). Asked for one
+        by one, each trip's value of a 4 000-trip while_loop ran the loop again (100 ms
+        each)."""
         loop = v._loop
         n = self.length(loop)
         if n is None or n * _nbytes(v.aval) > KEPT_TRIPS_BYTES:
