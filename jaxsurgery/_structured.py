@@ -1194,9 +1194,10 @@ def _merge(pending: Sequence[_Pending]) -> list[tuple[list[int], list[_Pending]]
 
 def _computes(fn: Any) -> Any:
     """What a patch's function (a closed jaxpr, or None) computes, as a key: its
-    program's text, the constants of it and of the programs inside it (by identity),
-    and its equations' parameters, by value where they hash (what the text leaves out:
-    a custom rule, a host callback; by identity where they do not). Each ``g.replace``
+    program's text, the constants and literals of it and of the programs inside it
+    (see :func:`_const_key`), and its equations' parameters, by value where they hash
+    (what the text leaves out: a custom rule, a host callback; by identity where they
+    do not). Each ``g.replace``
     traces its function anew: patches of one function at 200 trips of a while_loop were
     200 groups, 200 branches in its body (4 s to compile), where one group takes them
     all; two jitted steering vectors, or two custom rules, printed alike (the regression
