@@ -41,8 +41,10 @@ OPS: dict[Any, Any] = {}
 def compiled_op(eqn: C.JaxprEqn) -> Any:
     """A compiled function running ``eqn``'s primitive with its parameters, kept per
     primitive and parameters (JAX's own dispatch of a bound primitive costs several
-    times an eager ``jnp`` call); None for effects or parameters that do not hash."""
-    if eqn.effects:
+    times an eager ``jnp`` call); None for effects or parameters that do not hash, and
+    for an equation holding a program (see :func:`body_op`), but a ``shard_map``'s or
+    Pallas kernel's, which JAX traces again where it runs."""
+    if eqn.effects or (holds_body(eqn) and not C.retraced([eqn])):
         return None
     try:
         key = op_key(eqn)
@@ -53,21 +55,39 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
         if len(OPS) > 4096:
             OPS.clear()
         if holds_body(eqn):
-            # a shard_map: bound as eval_jaxpr binds it (its body a function), staged
-            # as JAX stages it by default, also in ensure_compile_time_eval (see C)
-            # a var of its own per operand: run gives a literal's value as an argument,
-            # and a call given one value twice (sub(x, x)) is kept for its body, which a
-            # later call (sub(x, y)) shares: read by position, not by the first's vars
-            ins = [C.Var(a.aval) for a in eqn.invars]
-            eqn = eqn.replace(invars=ins)
-            one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
-            fn = jax.jit(functools.partial(staged, one))
-            if C.retraced([eqn]):  # lowered (a Pallas kernel run) outside the folding too
-                fn = functools.partial(_evaluated_staged, fn)
+            # (lowered, a Pallas kernel run, outside the folding too)
+            fn = functools.partial(_evaluated_staged, body_op(eqn))
         else:
             fn = jax.jit(functools.partial(bind, eqn.primitive, eqn.params))
         OPS[key] = fn
     return fn
+
+
+def body_op(eqn: C.JaxprEqn) -> Any:
+    """A compiled function running ``eqn``, which holds a program (a call, loop, cond,
+    custom rule or ``shard_map``), bound as ``eval_jaxpr`` binds it (its body a function)
+    and staged as JAX stages it by default, also in ``ensure_compile_time_eval``.
+
+    Not kept here: it holds the constants its body closes over, which a global cache
+    kept after the graph was gone (a ``jit`` closing over 16 MB kept 30 MB a trace); its
+    caller keeps it as long as the program holding ``eqn`` (:func:`_plan`,
+    ``Program.evaluate``). JAX's own dispatch of a call costs about 15 µs more.
+    """
+    # a var of its own per operand: run gives a literal's value as an argument, and a
+    # call given one value twice (sub(x, x)) is kept for its body, which a later call
+    # (sub(x, y)) shares: read by position, not by the first's vars
+    ins = [C.Var(a.aval) for a in eqn.invars]
+    eqn = eqn.replace(invars=ins)
+    one = C.new_jaxpr([], ins, list(eqn.outvars), [eqn], "op")
+    return jax.jit(functools.partial(staged, one))
+
+
+def lasting_op(eqn: C.JaxprEqn) -> Any:
+    """The compiled op of ``eqn`` for a program run again and again: :func:`compiled_op`,
+    or a :func:`body_op` of its own (None for effects)."""
+    if eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
+        return compiled_op(eqn)
+    return body_op(eqn)
 
 
 def holds_body(eqn: C.JaxprEqn) -> bool:
@@ -136,9 +156,11 @@ def bind(primitive: Any, params: dict, *args: Any) -> Any:
     return primitive.bind(*args, **primitive.get_bind_params(params))
 
 
-def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any, once: bool = False) -> list[Any]:
     """``jax.core.eval_jaxpr``: on concrete arrays, op by op with compiled ops (see the
-    module); on tracers (under a transformation), as JAX evaluates it."""
+    module); on tracers (under a transformation), as JAX evaluates it. ``once``: a
+    program made for this run only, whose equations holding a program are bound as JAX
+    binds them (compiled, they would compile again at every run)."""
     Tracer = jax.core.Tracer
     derivative = False
     if any(isinstance(x, Tracer) for x in args) or any(isinstance(x, Tracer) for x in consts):
@@ -149,9 +171,9 @@ def eval_jaxpr(jaxpr: C.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
         return C.eval_jaxpr(jaxpr, consts, *args)
     plan = _plan(jaxpr)
     frees, ops = plan[0], plan[1]
-    if not derivative:
+    if not derivative and not once:
         if plan[2] is None:
-            plan[2] = [compiled_op(e) if op is None else op for e, op in zip(jaxpr.eqns, ops)]
+            plan[2] = [lasting_op(e) if op is None else op for e, op in zip(jaxpr.eqns, ops)]
         ops = plan[2]
     # (a derivative binds equations holding a program of their own as JAX binds them:
     # linearized, a call's compiled op, kept in OPS, held its body's constants compiled

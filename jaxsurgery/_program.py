@@ -32,7 +32,7 @@ from ._control_flow import (
     deciding_operands,
     input_reads,
 )
-from ._eager import compiled_op, last_uses, op_key, run_eqns
+from ._eager import last_uses, lasting_op, op_key, run_eqns
 from ._errors import short_list
 from ._gc import gc_paused
 from ._structured import Site, Step, eval_equations, locate, row_value, unlifted
@@ -446,7 +446,7 @@ class Program:
         ops = self._ops
         for e in needed:
             if e not in ops:
-                ops[e] = compiled_op(self.jaxpr.eqns[e])
+                ops[e] = lasting_op(self.jaxpr.eqns[e])
         run_eqns(eqns, [ops[e] for e in needed], env, last_uses(eqns, {vars_[i] for i in outs}))
         return {i: env[vars_[i]] for i in outs}
 

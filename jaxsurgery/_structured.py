@@ -1043,7 +1043,7 @@ def eval_equations(eqns: Sequence[Any], env: dict) -> None:
     # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
     args = [env[a] for a in ins]
     with C.staged_where_retraced(args, eqns):
-        values = eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args)
+        values = eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args, once=True)
     env.update(zip(outs, values))
 
 

@@ -5,6 +5,7 @@ References: the function called directly."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import allclose
 
 import jaxsurgery as js
@@ -51,12 +52,38 @@ def test_eager_calls_give_the_functions_values_bit_for_bit():
         assert got.dtype == expected.dtype and got.weak_type == expected.weak_type
 
 
-def test_an_eager_gradient_keeps_no_constant_of_a_graph_gone():
-    """An eager derivative of what a graph makes runs its primitives with compiled ops
-    (JAX's jit rule linearizes them; 0.4-0.6x an eager jax.grad of the function on real
-    models) but binds a call's equation as JAX does: compiled and kept, the call's op held
-    the array its body closes over after the graph was gone (33 MB a trace of a jit
-    closing over 16 MB), and ran it 2.5x slower. The gradient equals the function's."""
+def _rows(inner, x):
+    """The rows ``scan(lambda c, _: (jnp.sin(c), c), inner(x), None, length=3)`` stacks,
+    by hand."""
+    h = inner(x)
+    return jnp.stack([h, jnp.sin(h), jnp.sin(jnp.sin(h))])
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda g, f, inner, x: allclose(
+            jax.grad(g.as_function())(x), jax.jit(jax.grad(f))(x), rtol=1e-5
+        ),
+        lambda g, f, inner, x: allclose(g.as_function()(x), jax.jit(f)(x)),
+        lambda g, f, inner, x: allclose(
+            g.replace("hs", lambda h: 2 * h).as_function()(x),
+            (inner(x) ** 2).sum() + 2 * _rows(inner, x).sum() + inner(jnp.cos(x)).sum(),
+        ),
+        lambda g, f, inner, x: allclose(g.value("hs"), _rows(inner, x)),
+    ],
+    ids=["jax.grad", "call", "replaced call", "value"],
+)
+def test_an_eager_run_keeps_no_constant_of_a_graph_gone(use):
+    """What a graph makes, run eagerly, runs its primitives with compiled ops (JAX's jit
+    rule linearizes them under a derivative; 0.4-0.6x an eager jax.grad of the function
+    on real models). An equation holding a program (a call, a loop) had its compiled op
+    kept globally, which held the array its body closes over after the graph was gone
+    (33 MB a trace of a jit closing over 16 MB; under a derivative it also ran 2.5x
+    slower): each is kept with the program that holds it now. The values equal the
+    function's, or its rows by hand. (The function is called jitted, and its loop body
+    does not close over ``w``: JAX's own eager ``scan`` keeps its body, and what that
+    closes over, in a cache of its own; so does the graph's.)"""
     import gc
     import weakref
 
@@ -67,13 +94,18 @@ def test_an_eager_gradient_keeps_no_constant_of_a_graph_gone():
         def inner(x):
             return jnp.tanh(x @ w) + w.mean()
 
-        return lambda x: (inner(x) ** 2).sum()
+        def f(x):
+            h = inner(x)
+            hs = jax.lax.scan(lambda c, _: (jnp.sin(c), c), h, None, length=3)[1]
+            return (h**2).sum() + hs.sum() + inner(jnp.cos(x)).sum()
+
+        return f, inner
 
     w = jax.random.normal(jax.random.key(0), (8, 8))
-    f = make(w)
+    f, inner = make(w)
     g = js.trace(f, x)
-    allclose(jax.grad(g.as_function())(x), jax.grad(f)(x), rtol=1e-5)
+    use(g, f, inner, x)
     gone = weakref.ref(w)
-    del g, f, w
+    del g, f, inner, w
     gc.collect()
     assert gone() is None
