@@ -68,10 +68,10 @@ def body_op(eqn: C.JaxprEqn) -> Any:
     custom rule or ``shard_map``), bound as ``eval_jaxpr`` binds it (its body a function)
     and staged as JAX stages it by default, also in ``ensure_compile_time_eval``.
 
-    Not kept here: it holds the constants its body closes over, which a global cache
-    kept after the graph was gone (a ``jit`` closing over 16 MB kept 30 MB a trace); its
-    caller keeps it as long as the program holding ``eqn`` (:func:`_plan`,
-    ``Program.evaluate``). JAX's own dispatch of a call costs about 15 µs more.
+    Not kept in :data:`OPS`: it holds the constants its body closes over, which a
+    global cache kept after the graph was gone (a ``jit`` closing over 16 MB kept 30 MB a
+    trace); see :func:`lasting_op`. (JAX's own dispatch of a call costs about 15 µs more
+    a call.)
     """
     # a var of its own per operand: run gives a literal's value as an argument, and a
     # call given one value twice (sub(x, x)) is kept for its body, which a later call
@@ -83,11 +83,27 @@ def body_op(eqn: C.JaxprEqn) -> Any:
 
 
 def lasting_op(eqn: C.JaxprEqn) -> Any:
-    """The compiled op of ``eqn`` for a program run again and again: :func:`compiled_op`,
-    or a :func:`body_op` of its own (None for effects)."""
+    """The compiled op of ``eqn`` for a program run again and again, which its caller
+    keeps as long as that program: :func:`compiled_op`, or for an equation holding a
+    program, its :func:`body_op`, shared by equal equations while one is kept (None for
+    effects). Shared: a layer jitted once and called 24 times is one op, compiled once
+    for every graph made while one holds it (made per equation, each graph's first eager
+    call compiled 24 of them, 1.2 s for 2 ms)."""
     if eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
         return compiled_op(eqn)
-    return body_op(eqn)
+    try:
+        key = op_key(eqn)
+        fn = _BODY_OPS.get(key)
+    except TypeError:  # parameters that do not hash
+        return body_op(eqn)
+    if fn is None:
+        fn = _BODY_OPS[key] = body_op(eqn)
+    return fn
+
+
+#: :func:`body_op` s by :func:`op_key`, while a program running them keeps them (weakly:
+#: an entry, and the body its key holds, goes with the last program that ran it)
+_BODY_OPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def holds_body(eqn: C.JaxprEqn) -> bool:

@@ -109,3 +109,34 @@ def test_an_eager_run_keeps_no_constant_of_a_graph_gone(use):
     del g, f, inner, w
     gc.collect()
     assert gone() is None
+
+
+def test_a_layer_called_many_times_compiles_once_for_every_graph_of_it(caplog):
+    """A jitted layer called 24 times is one compiled op, shared by every graph made
+    while one holds it: made per equation, each graph's first eager call compiled 24,
+    1.2 s for 2 ms (the regression hunt)."""
+    import logging
+
+    @jax.jit
+    def layer(h, w):
+        return jnp.tanh(h @ w) + h
+
+    ws = [jax.random.normal(jax.random.key(i), (8, 8)) / 4 for i in range(24)]
+
+    def model(x, ws):
+        for w in ws:
+            x = layer(x, w)
+        return x.sum()
+
+    x = jnp.ones((2, 8))
+    expected = jax.jit(model)(x, ws)
+    graphs = [js.trace(model, x, ws) for _ in range(2)]
+    compiles = []
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        for g in graphs:
+            caplog.clear()
+            allclose(g.as_function()(x, ws), expected)
+            compiles.append(
+                sum("Finished XLA compilation" in r.getMessage() for r in caplog.records)
+            )
+    assert compiles[0] <= 4 and compiles[1] == 0, compiles

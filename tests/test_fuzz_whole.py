@@ -17,8 +17,8 @@ Python ``if``):
   shielding each other, conds in the window deciding again), with its JVP and VJP.
 
 The run is deterministic (``derandomize``); ``JS_FUZZ_EXAMPLES`` scales it as in
-``test_fuzz`` (here 4/25 of it: 32 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``; each
-example compiles). ``JS_FUZZ_SHRINK=1`` shrinks a failing example (minutes).
+``test_fuzz`` (here 4/25 of it, at least 20: 20 by default, 800 for ``JS_FUZZ_EXAMPLES=5000``;
+each example compiles). ``JS_FUZZ_SHRINK=1`` shrinks a failing example (minutes).
 """
 
 from __future__ import annotations
