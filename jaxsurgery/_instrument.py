@@ -968,11 +968,17 @@ def _jit_site(inputs: Any, out: Any) -> tuple[Any, tuple[Any, ...]] | None:
         site = C.made_by_call(x)
         if site is None:
             continue
-        if given is None:  # the operands' atoms (None for a non-tracer: never a result's)
-            given = set(map(atom, jax.tree_util.tree_leaves(inputs)))
-        if atom(x) not in given:
+        if given is None:  # the operands' atoms (None for a non-tracer: never a result's;
+            # a literal, an operand JAX folded, jnp.float32(3): never one, nor hashable)
+            given = {a for a in map(atom, jax.tree_util.tree_leaves(inputs)) if _hashable(a)}
+        if not _hashable(found := atom(x)) or found not in given:
             return site
     return None
+
+
+def _hashable(atom: Any) -> bool:
+    """Whether a tracer's atom is a var (a literal does not hash)."""
+    return not isinstance(atom, C.Literal)
 
 
 def _holds_loop(scope: _Scope | None, loop: Any) -> bool:

@@ -679,3 +679,23 @@ def test_a_decorator_changing_results_around_a_jit_names_every_call(deco, transf
         else:  # two calls of the jit in each call of the wrapper
             allclose(g.value("layer#1/pa#1"), jnp.sin(inner[3]))
         allclose(g.value("out"), f(x))
+
+
+def test_a_jitted_call_given_a_scalar_made_inside_the_function_traces():
+    """``sub(x, jnp.float32(3))``: JAX folds the scalar into a literal operand, which
+    the call's results were checked against (a TypeError, unhashable Literal: the
+    regression hunt); make_jaxpr and jax.jit take it."""
+
+    @jax.jit
+    def sub(a, b):
+        return a - b
+
+    def f(x):
+        d = sub(x, jnp.float32(3))
+        return jnp.sin(d)
+
+    x = jnp.arange(4.0)
+    g = js.trace(f, x)
+    allclose(g.as_function()(x + 1), f(x + 1))
+    allclose(g.value("d"), x - 3)
+    check_slice(g.slice("d", "out"), (x - 3,), jnp.sin)
