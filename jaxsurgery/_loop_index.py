@@ -232,6 +232,9 @@ def _reverse(loop: Folded) -> bool:
 #: the most bytes of a body value's values at every iteration of a loop that one
 #: ``g.value`` keeps (see :meth:`LoopIndex.kept_iterations`)
 KEPT_TRIPS_BYTES = 1 << 28
+#: the most bytes of such values a graph keeps in all (three 114 MB values of a scanned
+#: model kept 342 MB beside what was asked)
+KEPT_ROWS_BYTES = 1 << 30
 
 _ITERATION = re.compile(r"^(.*?)((?:@(?:0|[1-9]\d*))+)$")  # @7, not @07
 _UNNAMED = re.compile(r"^loop(\d+)%(\d+)$")
@@ -334,6 +337,8 @@ class LoopIndex:
         self._extras: dict[Any, Var] = {}
         #: a while_loop's trip count for this graph's arguments, once found (see length)
         self._trips: dict[int, int | None] = {}
+        #: bytes of the values kept at every iteration, per template (kept_iterations)
+        self._kept: dict[Template, float] = {}
 
     def note(self) -> str | None:
         """What ``g.notes`` says of the folded loops."""
@@ -563,16 +568,22 @@ class LoopIndex:
         """The iterations at which one run of ``v``'s loop exposes ``v`` for a value
         asked at one of them: a scan's every iteration, a while_loop's traced trips
         where they are counted, where their values take no more than
-        :data:`KEPT_TRIPS_BYTES` and the loop has no effects; else None, ``v`` alone
+        :data:`KEPT_TRIPS_BYTES`, with those of the graph's other values kept so no more
+        than :data:`KEPT_ROWS_BYTES`, and the loop has no effects; else None, ``v`` alone
         (the loop runs up to it, its callbacks no further; a scanned transformer's 48
         layers of 256 MB activations are not all kept for one of them). Asked for one
         by one, each trip's value of a 4 000-trip while_loop ran the loop again (100 ms
         each)."""
         loop = v._loop
         n = self.length(loop)
-        if n is None or n * _nbytes(v.aval) > KEPT_TRIPS_BYTES:
+        if n is None or loop.eqn.effects:
             return None
-        return None if loop.eqn.effects else n
+        if v.template not in self._kept:  # (counted when first asked: kept from then on)
+            size = n * _nbytes(v.aval)
+            if size > KEPT_TRIPS_BYTES or sum(self._kept.values()) + size > KEPT_ROWS_BYTES:
+                return None
+            self._kept[v.template] = size
+        return n
 
     def order(self, tmpl: Template, t: int, run: bool = False) -> tuple[int, ...]:
         """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see

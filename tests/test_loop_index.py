@@ -523,6 +523,41 @@ def test_a_scans_values_too_large_to_keep_at_every_iteration_run_up_to_the_one_a
     assert not g._loop_rows
 
 
+def test_a_graph_keeps_values_at_every_iteration_up_to_its_budget(monkeypatch):
+    """Each body value asked keeps its values at every iteration (a later iteration is
+    a lookup), up to KEPT_ROWS_BYTES in all for the graph (three 114 MB values of a
+    scanned model kept 342 MB beside what was asked): a value past it runs the scan up
+    to its iteration, keeping no rows. Values equal the loop by hand."""
+    from jaxsurgery import _loop_index
+
+    monkeypatch.setattr(_loop_index, "KEPT_ROWS_BYTES", 50 * 4 * 4 * 3 // 2)
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(1), (50, 4))
+
+    def rnn(h0, xs):
+        def step(h, x):
+            a = w @ h + x
+            h_new = jnp.tanh(a)
+            return h_new, h_new
+
+        return jax.lax.scan(step, h0, xs)[0]
+
+    g = js.trace(rnn, jnp.zeros(4), xs)
+    by_t, state = {}, jnp.zeros(4)
+    for t in range(50):
+        a = w @ state + xs[t]
+        state = jnp.tanh(a)
+        by_t[t] = (a, state)
+    allclose(g.value("step/h_new@7"), by_t[7][1], rtol=1e-5)
+    assert len(g._loop_rows) == 1  # 800 bytes of 1 200
+    allclose(g.value("step/a@30"), by_t[30][0], rtol=1e-5)  # another 800: not kept
+    assert len(g._loop_rows) == 1
+    for t in (0, 49):
+        allclose(g.value(f"step/h_new@{t}"), by_t[t][1], rtol=1e-5)
+        allclose(g.value(f"step/a@{t}"), by_t[t][0], rtol=1e-5)
+    assert len(g._loop_rows) == 1
+
+
 def _halving_loop(x, n):
     """A while_loop of a traced trip count ``n`` (a reference: :func:`_halving_by_hand`)."""
 
