@@ -85,37 +85,37 @@ def body_op(eqn: C.JaxprEqn) -> Any:
 def lasting_op(eqn: C.JaxprEqn) -> Any:
     """The compiled op of ``eqn`` for a program run again and again, which its caller
     keeps as long as that program: :func:`compiled_op`, or for an equation holding a
-    program, its :func:`body_op`, shared by equal equations while one is kept (None for
-    effects). Shared: a layer jitted once and called 24 times is one op, compiled once
-    for every graph made while one holds it (made per equation, each graph's first eager
-    call compiled 24 of them, 1.2 s for 2 ms)."""
+    program, its op of :func:`_body_op_of` (None for effects)."""
     if eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
         return compiled_op(eqn)
+    return _body_op_of(eqn, make=True)
+
+
+def _once_op(eqn: C.JaxprEqn) -> Any:
+    """The op of ``eqn``, which holds a program, in a program made for one run (see
+    :func:`eval_jaxpr`): :func:`_body_op_of` without making one, else None (bound as
+    JAX binds it). (``values_fn`` after ``as_function`` bound the calls as JAX does: JAX
+    compiled them again.)"""
+    return None if eqn.effects else _body_op_of(eqn, make=False)
+
+
+def _body_op_of(eqn: C.JaxprEqn, make: bool) -> Any:
+    """The op of ``eqn``, which holds a program: a custom rule's body run op by op (see
+    :func:`_inlined`), or the :func:`body_op` equal equations share while a program
+    keeps one (``make``: made where none is; never a ``shard_map``'s or Pallas kernel's,
+    see :func:`lasting_op`). Shared: a layer jitted once and called 24 times is one op,
+    compiled once for every graph made while one holds it (made per equation, each
+    graph's first eager call compiled 24 of them, 1.2 s for 2 ms)."""
     if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
         return _inlined(eqn)
     try:
         key = op_key(eqn)
         fn = _BODY_OPS.get(key)
     except TypeError:  # parameters that do not hash
-        return body_op(eqn)
-    if fn is None:
+        return body_op(eqn) if make else None
+    if fn is None and make:
         fn = _BODY_OPS[key] = body_op(eqn)
     return fn
-
-
-def _once_op(eqn: C.JaxprEqn) -> Any:
-    """The op of ``eqn``, which holds a program, in a program made for one run (see
-    :func:`eval_jaxpr`): a custom rule's body run op by op, or the op a kept program
-    shares (``values_fn`` after ``as_function``: JAX's own, made anew, compiled the
-    calls again), else None (bound as JAX binds it)."""
-    if eqn.effects:
-        return None
-    if eqn.primitive.name in C.CUSTOM_RULE_PRIMITIVES:
-        return _inlined(eqn)
-    try:  # (never a shard_map's or Pallas kernel's: see lasting_op)
-        return _BODY_OPS.get(op_key(eqn))
-    except TypeError:
-        return None
 
 
 def _inlined(eqn: C.JaxprEqn) -> Any:
