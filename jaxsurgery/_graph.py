@@ -404,6 +404,7 @@ class Graph(Identical):
                 read = self._program.inputs_read(rest, lambda i: i not in self._values)
                 alive([args[i] for i in read], [self._var(i) for i in read])
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
+            whole = self._kept_within_budget(whole)
             looped = self._with_other_iterations([i for i in looped if i not in whole])
             with C.compile_time_eval(args, self._program.retraced):
                 if whole:
@@ -453,6 +454,8 @@ class Graph(Identical):
         for cache in (self._values, self._loop_rows):
             for k in [k for k, x in cache.items() if C.holds_tracer(x)]:
                 del cache[k]
+                if cache is self._loop_rows:
+                    self._loop_index.forget_kept(k)
 
     def jvp(self, inputs: Selector, outputs: Selector, tangents: Any) -> tuple[Any, Any]:
         """``(outputs, (∂outputs/∂inputs)·tangents)`` at the traced values, as ``jax.jvp``.
@@ -973,6 +976,17 @@ class Graph(Identical):
             *site.steps[depth + 1 :],
         )
         return Site(steps, site.vars)
+
+    def _kept_within_budget(self, whole: dict[int, Site]) -> dict[int, Site]:
+        """The values of ``whole`` (see :meth:`_whole_loop_site`) whose values at every
+        iteration the graph keeps now, counting them (``LoopIndex.kept_iterations``: a
+        value past the graph's budget runs the loop up to its iteration)."""
+        index, n = self._loop_index, len(self._program.vars)
+        return {
+            i: site
+            for i, site in whole.items()
+            if index.kept_iterations(index.vars[i - n], keep=True) is not None
+        }
 
     def _run_loop_rows(self, sites: dict[int, Site], flat_args: Sequence[Any]) -> None:
         """Values of body values of folded scans (by index, with their whole-loop sites):

@@ -561,10 +561,10 @@ class LoopIndex:
     def other_iterations(self, v: VirtualVar) -> list[Var]:
         """``v`` at every iteration of its loop (one run of the loop exposes them all;
         see :meth:`kept_iterations`), or ``v`` alone."""
-        n = self.kept_iterations(v)
+        n = self.kept_iterations(v, keep=True)
         return [v] if n is None else [self.var(v.template, t) for t in range(n)]
 
-    def kept_iterations(self, v: VirtualVar) -> int | None:
+    def kept_iterations(self, v: VirtualVar, keep: bool = False) -> int | None:
         """The iterations at which one run of ``v``'s loop exposes ``v`` for a value
         asked at one of them: a scan's every iteration, a while_loop's traced trips
         where they are counted, where their values take no more than
@@ -573,17 +573,23 @@ class LoopIndex:
         (the loop runs up to it, its callbacks no further; a scanned transformer's 48
         layers of 256 MB activations are not all kept for one of them). Asked for one
         by one, each trip's value of a 4 000-trip while_loop ran the loop again (100 ms
-        each)."""
+        each). ``keep``: they are kept now, counted from then on (not where asked whether
+        they would be: a value that then kept none took the budget of later ones)."""
         loop = v._loop
         n = self.length(loop)
         if n is None or loop.eqn.effects:
             return None
-        if v.template not in self._kept:  # (counted when first asked: kept from then on)
+        if v.template not in self._kept:
             size = n * _nbytes(v.aval)
             if size > KEPT_TRIPS_BYTES or sum(self._kept.values()) + size > KEPT_ROWS_BYTES:
                 return None
-            self._kept[v.template] = size
+            if keep:
+                self._kept[v.template] = size
         return n
+
+    def forget_kept(self, template: Template) -> None:
+        """``template``'s values, kept at every iteration, are dropped: uncount them."""
+        self._kept.pop(template, None)
 
     def order(self, tmpl: Template, t: int, run: bool = False) -> tuple[int, ...]:
         """Where template var ``tmpl`` at iteration ``t`` sorts in program order (see

@@ -558,6 +558,53 @@ def test_a_graph_keeps_values_at_every_iteration_up_to_its_budget(monkeypatch):
     assert len(g._loop_rows) == 1
 
 
+def test_values_that_keep_no_rows_leave_the_graphs_budget_to_others(monkeypatch):
+    """A value the graph keeps at one iteration only (here: in a while_loop holding a
+    patch, whose trips it may change) took its share of the budget when asked (the
+    regression hunt): a scan's values after it, which fit, ran the scan again for each
+    iteration. They are rows of one run; values equal the loops by hand."""
+    from jaxsurgery import _control_flow, _loop_index
+
+    monkeypatch.setattr(_loop_index, "KEPT_ROWS_BYTES", 1000)  # a 50 x 4 float32: 800
+    monkeypatch.setattr(_control_flow, "WHILE_FOLD_LIMIT", -1)  # (folded: a long body's)
+    w = jax.random.normal(jax.random.key(0), (4, 4)) / 2
+    xs = jax.random.normal(jax.random.key(1), (50, 4))
+
+    def f(h0, xs, n):
+        def body(c):
+            i, h = c
+            a = w @ h + 0.1 * i
+            hn = jnp.tanh(a)
+            return i + 1, hn
+
+        h = jax.lax.while_loop(lambda c: c[0] < n, body, (0, h0))[1]
+
+        def step(h, x):
+            s = w @ h + x
+            return jnp.tanh(s), s
+
+        return jax.lax.scan(step, h, xs)[0]
+
+    h0 = jnp.ones(4) * 0.3
+    g = js.trace(f, h0, xs, 40).replace("body/a@3", lambda a: a * 0.5)
+    assert isinstance(g["body/hn@10"], VirtualVar)
+    h, by_hand = h0, {}
+    for i in range(40):
+        a = w @ h + 0.1 * i
+        a = a * 0.5 if i == 3 else a
+        h = by_hand[i] = jnp.tanh(a)
+    for i in (10, 20, 30):
+        allclose(g.value(f"body/hn@{i}"), by_hand[i], rtol=1e-5)
+    s_by_t = {}
+    for t in range(50):
+        s_by_t[t] = w @ h + xs[t]
+        h = jnp.tanh(s_by_t[t])
+    allclose(g.value("step/s@10"), s_by_t[10], rtol=1e-5)
+    assert len(g._loop_rows) == 1  # the scan's s at every step
+    for t in (0, 25, 49):
+        allclose(g.value(f"step/s@{t}"), s_by_t[t], rtol=1e-5)
+
+
 def _halving_loop(x, n):
     """A while_loop of a traced trip count ``n`` (a reference: :func:`_halving_by_hand`)."""
 
