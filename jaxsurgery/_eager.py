@@ -86,6 +86,12 @@ def lasting_op(eqn: C.JaxprEqn) -> Any:
     """The compiled op of ``eqn`` for a program run again and again, which its caller
     keeps as long as that program: :func:`compiled_op`, or for an equation holding a
     program, its op of :func:`_body_op_of` (None for effects)."""
+    try:  # a primitive's op made before (most of a program's: no body to look for)
+        fn = OPS.get(op_key(eqn))
+    except TypeError:  # parameters that do not hash
+        fn = None
+    if fn is not None:
+        return fn
     if eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
         return compiled_op(eqn)
     return _body_op_of(eqn, make=True)
