@@ -61,7 +61,8 @@ Example:
     >>> g = js.trace(f, jnp.ones((4, 3)))
     >>> values = g.values_fn("h")
     >>> batches = (jnp.full((4, 3), float(i)) for i in range(5))
-    >>> path = tempfile.mkdtemp() + "/acts.zarr"
+    >>> folder = tempfile.TemporaryDirectory()  # (removed when it is dropped)
+    >>> path = folder.name + "/acts.zarr"
     >>> store = js.collect(path, values, batches, progress=False)
     >>> store["h"].shape
     (20, 3)

@@ -408,7 +408,8 @@ def residuals(tokens):
     return values(variables, tokens, tokens[:, 0], tokens[:, 0])
 
 batches = [sample(k, 32) for k in jax.random.split(jax.random.key(6), 64)]  # the traced shape
-store = js.collect(tempfile.mkdtemp() + "/residuals.zarr", residuals, batches)
+scratch = tempfile.TemporaryDirectory()  # (removed when the kernel exits)
+store = js.collect(scratch.name + "/residuals.zarr", residuals, batches)
 tokens = np.concatenate(batches)
 for name in layers:
     last = store[name][:, -1]                     # [2048, WIDTH] read back from disk

@@ -39,7 +39,8 @@ def main():
 
     sizes = [16, 16]
     batches = [jax.random.normal(jax.random.key(i), (n, 6)) for i, n in enumerate(sizes)]
-    path = tempfile.mkdtemp() + "/acts.zarr"
+    scratch = tempfile.TemporaryDirectory()  # (removed at exit)
+    path = scratch.name + "/acts.zarr"
     store = js.collect(path, run, batches, progress=False)
     assert store["h"].shape == (sum(sizes), 6), store["h"].shape
     expected = np.concatenate([np.tanh(np.asarray(b) @ np.asarray(w)) for b in batches])
@@ -50,16 +51,14 @@ def main():
     # such batches run whole, on every device
     twelve = js.trace(model, w, jnp.ones((12, 6))).values_fn("h")
     odd = [jax.random.normal(jax.random.key(i), (12, 6)) for i in range(3)]
-    store = js.collect(
-        tempfile.mkdtemp() + "/odd.zarr", lambda x: twelve(w, x), odd, progress=False
-    )
+    store = js.collect(scratch.name + "/odd.zarr", lambda x: twelve(w, x), odd, progress=False)
     expected = np.concatenate([np.tanh(np.asarray(b) @ np.asarray(w)) for b in odd])
     np.testing.assert_allclose(store["h"][:], expected, rtol=1e-5, atol=1e-5)
     # a value of the whole batch, for a last batch the devices do not divide: not padded
     # with copies of an example, which would change its mean
     centred = [jax.random.normal(jax.random.key(i), (n, 6)) for i, n in enumerate((16, 12))]
     store = js.collect(
-        tempfile.mkdtemp() + "/centred.zarr",
+        scratch.name + "/centred.zarr",
         lambda x: {"c": x - x.mean(0)},
         centred,
         progress=False,

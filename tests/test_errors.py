@@ -17,6 +17,9 @@ from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 
+#: where the js.collect cases write (removed at exit)
+_SCRATCH = tempfile.TemporaryDirectory()
+
 
 class Scaled(eqx.Module):
     """A module with a static field (an eqx.field(static=True) is node data, not a leaf)."""
@@ -240,7 +243,7 @@ CATALOG = [
     (
         "js.collect of a function that returns an array, not a dict",
         lambda g, a: js.collect(
-            tempfile.mkdtemp() + "/a.zarr", lambda x: x * 2, [jnp.ones((2, 3))], progress=False
+            _SCRATCH.name + "/a.zarr", lambda x: x * 2, [jnp.ones((2, 3))], progress=False
         ),
         js.SelectionError,
         r"fn returned \w*Array\w*; js.collect needs a dict \{key: array\} per batch",
@@ -248,7 +251,7 @@ CATALOG = [
     (
         "js.collect of a function that returns a nested dict",
         lambda g, a: js.collect(
-            tempfile.mkdtemp() + "/a.zarr",
+            _SCRATCH.name + "/a.zarr",
             lambda x: {"a": {"b": x}},
             [jnp.ones((2, 3))],
             progress=False,
