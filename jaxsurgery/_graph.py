@@ -397,12 +397,15 @@ class Graph(Identical):
                 or ((site := self._site(i)) is not None and (after_loop or _in_loop(site)))
             ]
             rest = [i for i in missing if i not in set(looped)]
-            if looped:  # (the running program reads every argument)
+            every = bool(looped)  # (the running program reads every argument)
+            if every:
                 alive(args, self.inputs)
-            elif rest:  # (the arguments the values are computed from: per request, not
-                # every leaf of a 4 000-layer model's each time, 1 ms a value)
-                read = self._program.inputs_read(rest, lambda i: i not in self._values)
-                alive([args[i] for i in read], [self._var(i) for i in read])
+
+            def read(inputs: list[int]) -> None:  # (those the other values are computed
+                # from: per request, not every leaf of a 4 000-layer model's each time)
+                if not every:
+                    alive([args[i] for i in inputs], [self._var(i) for i in inputs])
+
             whole = {i: site for i in looped if (site := self._whole_loop_site(i)) is not None}
             whole = self._kept_within_budget(whole)
             looped = self._with_other_iterations([i for i in looped if i not in whole])
@@ -410,7 +413,7 @@ class Graph(Identical):
                 if whole:
                     self._run_loop_rows(whole, args)
                 if rest:
-                    self._values.update(self._program.evaluate(rest, args, self._values))
+                    self._values.update(self._program.evaluate(rest, args, self._values, read))
                 if looped:  # a loop's values stay rows of one stacked result until read
                     vars_ = [self._var(i) for i in looped]
                     try:

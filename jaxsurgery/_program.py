@@ -290,16 +290,6 @@ class Program:
         i = self.index.get(var) if isinstance(var, C.Var) else None
         return [] if i is None else [(i, ())]
 
-    def inputs_read(self, targets: Iterable[int], through: Callable[[int], bool]) -> list[int]:
-        """The inputs (flat argument positions) computing ``targets`` reads, walking only
-        through vars for which ``through`` is true (see :meth:`ancestor_eqns`)."""
-        n = self.num_inputs
-        read = {t for t in targets if t < n}
-        read.update(
-            i for e in self.ancestor_eqns(targets, through) for i in self.eqn_in[e] if i < n
-        )
-        return sorted(read)
-
     def ancestor_eqns(
         self,
         targets: Iterable[int],
@@ -376,16 +366,26 @@ class Program:
 
     @gc_paused  # it allocates per equation run: collections would rescan the whole graph
     def evaluate(
-        self, targets: Sequence[int], flat_args: Sequence[Any], known: dict[int, Any]
+        self,
+        targets: Sequence[int],
+        flat_args: Sequence[Any],
+        known: dict[int, Any],
+        check: Callable[[list[int]], Any] | None = None,
     ) -> dict[int, Any]:
         """Values of ``targets`` for the given flat inputs, computing only ancestors and
-        starting from the ``known`` values of vars (earlier requests).
+        starting from the ``known`` values of vars (earlier requests); ``check`` is
+        given the inputs they read, before anything runs (the graph checks that those
+        arguments are alive).
 
         Also returns checkpoints: the values of about every √n-th of the n equations
         run, so that a later request re-runs at most about √n equations of this prefix
         (memory: √n values more).
         """
         needed = sorted(self.ancestor_eqns(targets, through=lambda i: i not in known))
+        if check is not None:
+            n = self.num_inputs
+            read = {i for e in needed for i in self.eqn_in[e] if i < n}
+            check(sorted(read.union(i for i in targets if i < n)))
         every = max(1, math.isqrt(len(needed)))
         checkpoints = [self.eqn_out[e][0] for e in needed[every - 1 :: every] if self.eqn_out[e]]
         outs = list(dict.fromkeys([*targets, *checkpoints]))
