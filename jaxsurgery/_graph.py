@@ -322,7 +322,11 @@ class Graph(Identical):
         """Every name that selects something, canonical names first: ``g[name]`` one var,
         or ``g.select(name)`` the several vars a name can have (the outputs of a scope
         instance, ``grad(MLP)/Dense_0``; each binding of a variable bound several times,
-        ``c`` of ``c#0`` and ``c#1``, where ``g["c"]`` says it is ambiguous)."""
+        ``c`` of ``c#0`` and ``c#1``, where ``g["c"]`` says it is ambiguous). Values of a
+        loop the index keeps whole (a scan, a ``while_loop``) have a name per iteration,
+        ``step/h@t``, which this list leaves out (a 10 000-step scan would list each
+        10 000 times): ``g.notes`` names their patterns, and ``g.select("step/h@*")``
+        selects them."""
         from ._patch_graph import unpatched_names
 
         return [*self._names.all_names(), *unpatched_names(self)]
@@ -719,7 +723,11 @@ class Graph(Identical):
         keeps as one equation (a scan, a ``while_loop``) links every operand to every
         result, also where one result reads only some operands (``a`` of a scan carrying
         ``(sin(a), cos(b))`` has an edge from ``b``'s start): the dependence of each
-        result is not split inside it."""
+        result is not split inside it. Edges the equation does not read are
+        ``control=True``: what decides an inlined ``cond`` or ``while_loop`` (its
+        predicate, index or carry) links to every equation inside it, and its operands
+        to its results (another branch or trip count may read them), as for windows and
+        connectivity; the others are ``control=False``."""
         import networkx as nx
 
         p = self._program
@@ -732,9 +740,15 @@ class Graph(Identical):
                 dtype=str(v.dtype),
                 primitive=v.primitive,
             )
+        Literal, index = C.Literal, p.index
         for e, (ins, outs) in enumerate(zip(p.eqn_in, p.eqn_out)):
-            primitive = p.jaxpr.eqns[e].primitive.name
-            graph.add_edges_from(((i, o) for i in ins for o in outs), eqn=e, primitive=primitive)
+            eqn = p.jaxpr.eqns[e]
+            reads = {index.get(a) for a in eqn.invars if type(a) is not Literal}
+            graph.add_edges_from(
+                (i, o, {"eqn": e, "primitive": eqn.primitive.name, "control": i not in reads})
+                for i in ins
+                for o in outs
+            )
         return graph
 
     def to_dot(

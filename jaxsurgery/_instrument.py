@@ -840,8 +840,14 @@ class Recorder:
         :meth:`_named`)."""
         self._stack.pop()
         self._rules.discard(frame)  # (a rule's result is tagged outside it: named)
-        if frame in self._scoped_frames or self._unseen():  # a module method's: its
-            return value  # module's scope names it
+        if self._unseen():
+            return value
+        if frame in self._scoped_frames:  # a module method's: its module's scope names
+            # it; a result of several arrays (an LSTM's output and state), which the
+            # scope names together, also by their paths: `lstm[1].cell`
+            if not self._transforms and len(atoms := _atoms(value)) > 1:
+                self.returns.extend((frame, path, atom) for path, atom in atoms)
+            return value
         value, atoms = self._named(value)
         for path, atom in atoms:
             self.returns.append((frame, path, atom))
@@ -1412,11 +1418,18 @@ def call_method(method: Any, module: Any, args: tuple, kwargs: dict) -> Any:
     it: ``h`` in ``Block_0.__call__`` is ``Net/Block_0/h`` (completed as ``sow``
     names are, see :meth:`Recorder.record`), ``y`` in a function it calls
     ``Net/Block_0/helper/y``; the frame's results are named by the module's scope,
-    not by it. Library code, and every method while nothing is traced, runs as it is."""
+    not by it. Library code runs as it is, in a frame opened after it (naming nothing
+    but its results where they are several arrays, see :meth:`Recorder.leave`: an
+    ``hk.LSTM``'s ``lstm[1].cell``); every method runs as it is while nothing is traced."""
     recorder = _current()
     user = is_user_function(method)
-    if recorder is None or not user:
+    if recorder is None:
         return method(module, *args, **kwargs)
+    if not user:  # its results by their paths where there are several (see leave)
+        out = method(module, *args, **kwargs)
+        frame = recorder.enter(scope_path(C.current_scope()), method)
+        recorder._scoped_frames.add(frame)
+        return recorder.leave(frame, out)
     run, _ = rewritten(method)
     frame = recorder.enter(scope_path(C.current_scope()), method)
     recorder._scoped_frames.add(frame)

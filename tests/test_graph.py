@@ -201,6 +201,27 @@ def test_networkx_view_is_an_index_of_the_jaxpr():
 
     assert nx.is_directed_acyclic_graph(nxg)
     assert nx.has_path(nxg, g["x"].index, g["z3"].index)
+    assert not any(control for _, _, control in nxg.edges(data="control"))
+
+
+def test_networkx_marks_the_edges_a_conditional_adds_as_control():
+    def f(p, x):
+        y = jax.lax.cond(p > 0, jnp.sin, jnp.cos, x)
+        return y * 2
+
+    g = js.trace(f, 1.0, jnp.ones(3))
+    nxg = g.to_networkx()
+    sin = g.select(primitive="sin")[0].index
+    (decider,) = g.select(primitive="convert_element_type")  # (the predicate as an index)
+    # the branch's sin reads x; the predicate decides it, which it does not read
+    assert nxg.edges[g["x"].index, sin]["control"] is False
+    assert nxg.edges[decider.index, sin]["control"] is True
+    # what the jaxpr reads is exactly the edges not marked control
+    for e, eqn in enumerate(g.jaxpr.eqns):
+        outs = {g._program.index[v] for v in eqn.outvars}
+        reads = {g._program.index[a] for a in eqn.invars if not hasattr(a, "val")}
+        found = {i for i, o, c in nxg.edges(data="control") if o in outs and not c}
+        assert found == reads, (e, eqn)
 
 
 def test_text_table():

@@ -120,6 +120,40 @@ def test_a_haiku_lstm_under_dynamic_unroll_holds_its_gates_at_each_step():
         allclose(g.value(v), flat.value(w), rtol=1e-5, atol=1e-6)
 
 
+def _lstm_python_loop(xs):
+    core = hk.LSTM(4)
+    state, outs = core.initial_state(2), []
+    for t in range(3):
+        out, state = core(xs[t], state)
+        outs.append(out)
+    return jnp.stack(outs)
+
+
+def test_a_library_module_returning_several_arrays_names_each_by_its_path():
+    """hk.LSTM returns (h, LSTMState(hidden, cell)): its scope `lstm` names both arrays
+    (so neither alone); each is also named by its place in what the module returned."""
+    xs = jax.random.normal(jax.random.key(2), (T, 2, 3))
+    unrolled = hk.transform(_lstm_steps)
+    params = unrolled.init(jax.random.key(1), xs)
+    g = js.trace(unrolled.apply, params, None, xs)
+    state = hk.LSTMState(jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+    for t in range(T):  # the reference: one step at a time
+        out, state = hk.transform(_lstm_step).apply(params, None, (xs[t], state))
+        allclose(g.value(f"lstm[1].cell@{t}"), state.cell, rtol=1e-5, atol=1e-6)
+        allclose(g.value(f"lstm[0]@{t}"), out, rtol=1e-5, atol=1e-6)
+        assert g[f"lstm[1].hidden@{t}"] is g[f"lstm[0]@{t}"]
+    assert len(g.select("lstm[1].cell@*")) == T
+    # called three times in a Python loop: numbered as its scope is
+    looped = hk.transform(_lstm_python_loop)
+    params = looped.init(jax.random.key(1), xs)
+    g = js.trace(looped.apply, params, None, xs)
+    state = hk.LSTMState(jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+    for t in range(3):
+        _, state = hk.transform(_lstm_step).apply(params, None, (xs[t], state))
+        allclose(g.value(f"lstm#{t}[1].cell"), state.cell, rtol=1e-5, atol=1e-6)
+        assert g[f"lstm#{t}[1].cell"].scope == "lstm"
+
+
 def _bn_scan(xs):
     bn = hk.BatchNorm(True, True, 0.9)
 
