@@ -99,11 +99,25 @@ class Found:
     #: occurrences whose output this graph patched (``h.unpatched``: g.rewrite or
     #: g.replace there), which the program no longer reads: not matched
     replaced: list[str] = field(default_factory=list)
+    #: where it occurs whole but one of its inner values is read outside it:
+    #: ``(its output, that value, what reads it)`` by name (see ``_Matcher.open``)
+    open: tuple[str, str, str] | None = None
 
     def missed(self) -> str | None:
         """Why a pattern occurring nowhere may have been expected to (None: no clue):
-        its equations are there, with parameters that depend on the example arguments
-        (a softmax's axes, traced with a matrix, in a model of rank-3 activations)."""
+        it occurs, but a value inside it is read outside it (a BatchNorm's batch mean,
+        which its moving average reads too); or its equations are there, with
+        parameters that depend on the example arguments (a softmax's axes, traced with
+        a matrix, in a model of rank-3 activations)."""
+        if self.open is not None:
+            out, inner, by = self.open
+            return (
+                f"the pattern {self.label!r} occurs at {out}, but its value {inner} is "
+                f"also read outside it ({by}), so it is no match there: a match's inner "
+                "values are read by the match only, so that it can be cut out or "
+                f"rewritten; make {inner} an output of the pattern too (return it as well)"
+                ", or end the pattern before it"
+            )
         if self.near is None:
             return None
         depth, primitive, diff = self.near
@@ -238,7 +252,8 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
     take; a loop or cond inside a folded body)."""
     pattern = traced_pattern(pattern_fn, *args)
     near: list = []
-    states = _find(pattern, graph._program, near)
+    opened: list = []
+    states = _find(pattern, graph._program, near, opened)
     every = [_as_match(graph, pattern, state) for state in states]
     # an output a patch replaced that nothing reads any more (a constant's: the pattern
     # is gone; a function's patch reads it, and a rewrite there is refused)
@@ -285,7 +300,16 @@ def find(graph: Graph, pattern_fn: Callable[..., Any], *args: Any) -> Found:
         rewritten,
         bool(patched),
         [v.name for m in gone for v in m.outputs],
+        _open_names(graph, opened[0]) if opened and not in_bodies and not elsewhere else None,
     )
+
+
+def _open_names(graph: Graph, found: tuple[int, int, int]) -> tuple[str, str, str]:
+    """:attr:`Found.open` of ``_Matcher.open``: the vars by name."""
+    out, inner, reader = found
+    name = lambda i: graph._var(i).name  # noqa: E731
+    by = {-1: "as an output of the graph", -2: "by an equation with effects"}
+    return name(out), name(inner), by.get(reader) or f"by {name(reader)}"
 
 
 def _in_body(closed: Any, site: Site) -> bool:
@@ -304,9 +328,12 @@ def _in_body(closed: Any, site: Site) -> bool:
     return False
 
 
-def _find(pattern: Program, target: Program, near: list | None = None) -> list[_State]:
+def _find(
+    pattern: Program, target: Program, near: list | None = None, opened: list | None = None
+) -> list[_State]:
     """The pattern's non-overlapping occurrences in a flat program, in program order;
-    ``near`` gets the deepest near miss (see ``_Matcher.near``) where there are none."""
+    ``near`` gets the deepest near miss (see ``_Matcher.near``) where there are none,
+    ``opened`` the first occurrence an outside read left open (``_Matcher.open``)."""
     anchor = pattern.jaxpr.eqns[pattern.producer[pattern.outputs[0]]].primitive
     found: list[_State] = []
     used: set[int] = set()
@@ -325,6 +352,8 @@ def _find(pattern: Program, target: Program, near: list | None = None) -> list[_
         found.append(state)
     if near is not None and not found and matcher.near is not None:
         near.append(matcher.near)
+    if opened is not None and not found and matcher.open is not None:
+        opened.append(matcher.open)
     return found
 
 
@@ -693,6 +722,9 @@ class _Matcher:
         #: the deepest equation the pattern met with other parameters: ``(equations
         #: matched before it, its primitive, {param: (pattern's, target's)})``
         self.near: tuple[int, str, dict] | None = None
+        #: the first occurrence that unified whole but is open: ``(its output, an inner
+        #: value read outside it, the var its reader writes or -1 for a graph output)``
+        self.open: tuple[int, int, int] | None = None
 
     def run(self, anchor_eqn: int) -> _State | None:
         p, t = self.p, self.t
@@ -706,10 +738,13 @@ class _Matcher:
         # BACKTRACKS other orders tried (a tree of adds failing late tried them all)
         self._budget = BACKTRACKS
         for state in self._var(out0, outs[pos], _State({}, {})):
-            if all(p.producer[o] in state.eqn_map for o in p.outputs[1:]) and self._closed(
-                state
-            ):  # (an output not computed along the first one's ancestry: none)
-                return state
+            # (an output not computed along the first one's ancestry: none)
+            if all(p.producer[o] in state.eqn_map for o in p.outputs[1:]):
+                escape = self._escape(state)
+                if escape is None:
+                    return state
+                if self.open is None:
+                    self.open = (outs[pos], *escape)
         return None
 
     def _var(self, pv: int, tv: Any, state: _State) -> Iterator[_State]:
@@ -778,8 +813,10 @@ class _Matcher:
         for found in self._var(self.p.index[pa], target, state):
             yield from self._operands(pattern_atoms[1:], target_atoms[1:], found)
 
-    def _closed(self, state: _State) -> bool:
-        """No internal value of the match is read outside it (or is a graph output)."""
+    def _escape(self, state: _State) -> tuple[int, int] | None:
+        """An internal value of the match read outside it, and the first var its reader
+        writes (-1: it is a graph output; -2: its reader writes none, a callback), or
+        None where there is none (the match is closed)."""
         t, p = self.t, self.p
         matched = set(state.eqn_map.values())
         outputs = {
@@ -793,13 +830,17 @@ class _Matcher:
                 t.users[o] or o in graph_outputs for o in t.eqn_out[u]
             )
 
-        for te in matched:
+        for te in sorted(matched):
             for v in t.eqn_out[te]:
                 if v in outputs:
                     continue
-                if v in graph_outputs or any(u not in matched and not dead(u) for u in t.users[v]):
-                    return False
-        return True
+                if v in graph_outputs:
+                    return v, -1
+                reader = next((u for u in t.users[v] if u not in matched and not dead(u)), None)
+                if reader is not None:
+                    outs = t.eqn_out[reader]
+                    return v, outs[0] if outs else -2
+        return None
 
 
 #: parameters that the shapes of a pattern's example arguments decide

@@ -1063,3 +1063,34 @@ def test_a_pattern_broadcasting_otherwise_than_the_library_says_so():
         jnp.ones(8),
     )
     assert len(found) == 2
+
+
+def test_a_pattern_whose_inner_value_is_read_outside_says_so_when_it_matches_nothing():
+    # a batch norm in training: the batch mean it normalises by also updates the moving
+    # average, so the pattern of the normalisation is no match (a match's inner values
+    # are its own, to cut out or rewrite); g.match said nothing (hunt F, hk.BatchNorm)
+    def step(x, ema):
+        mean = x.mean(0)
+        y = (x - mean) * 2.0
+        return y.sum(), 0.9 * ema + 0.1 * mean
+
+    g = js.trace(step, jnp.ones((4, 3)), jnp.zeros(3))
+
+    def norm(a):
+        return (a - a.mean(0)) * 2.0
+
+    hint = (
+        r"the pattern 'norm' occurs at y, but its value mean is also read outside it "
+        r"\(by %\d+\), so it is no match there: .* make mean an output of the pattern too"
+    )
+    with pytest.warns(UserWarning, match=hint):
+        assert g.match(norm, jnp.ones((4, 3))) == ()
+    with pytest.raises(js.SliceError, match=hint):
+        g.rewrite(norm, lambda a: a, jnp.ones((4, 3)))
+
+    def norm_and_mean(a):  # as the message says: the mean is an output of the pattern
+        m = a.mean(0)
+        return (a - m) * 2.0, m
+
+    (m,) = g.match(norm_and_mean, jnp.ones((4, 3)))
+    assert [v.name for v in m.outputs] == ["y", "mean"]
