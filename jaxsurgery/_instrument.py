@@ -568,6 +568,7 @@ class Recorder:
                 for k, callee in enumerate(self.callees[f0:])
                 if isinstance(callee, (jax.custom_jvp, jax.custom_vjp))
             ),
+            tuple(sorted(f - f0 for f in self._scoped_frames if f >= f0)),
         )
 
     def _replay(self, frame: int, rec: _Recording) -> None:
@@ -577,6 +578,7 @@ class Recorder:
         took another call's copies: ``block#1/soft/x`` was block#0's)."""
         if rec.frames:
             self.loop_frames.update((len(self.frames) + k, kept) for k, kept in rec.loops)
+            self._scoped_frames.update(len(self.frames) + k for k in rec.scoped)
             self.frames += [(label, frame + parent) for label, parent in rec.frames]
             self.callees += [None] * len(rec.frames)  # only a running frame's is read
             self.sites += rec.sites
@@ -589,10 +591,8 @@ class Recorder:
             (frame + f, name, atom) for f, name, atom in rec.bindings if f not in gone
         ]
 
-    def qualified(self, program: Any) -> tuple[list[tuple[str, int]], list[tuple[str, Any, Any]]]:
-        """``(name, var index)`` pairs for the flat ``program``, in naming priority order,
-        and ``(name, Template, value)`` triples for values of its folded loops (see
-        ``_loop_index.template_names``).
+    def qualified(self, program: Any) -> Qualified:
+        """The names of the flat ``program``'s values (see :class:`Qualified`).
 
         Names bound in the traced function come first, then what calls returned
         (outer calls first), then names bound inside calls (outer first). A value in a
@@ -672,13 +672,20 @@ class Recorder:
             for b, ((f, n, _), found) in enumerate(zip(self.bindings, own))
             if f < 0
         ]
-        returns = sorted(
-            (
-                (depths[f], paths[f] + path, found, -1)
-                for (f, path, _), found in zip(self.returns, back)
-                if found and frames[f][0]  # an anonymous frame's result is its caller's
-            ),
-            key=lambda t: t[0],
+        # (a module method's results, named by their paths where they are several
+        # arrays, rank as its scope does: after every Python name, see Recorder.leave)
+        modules = self._scoped_frames
+        returns, results = (
+            sorted(
+                (
+                    (depths[f], paths[f] + path, found, -1)
+                    for (f, path, _), found in zip(self.returns, back)
+                    # (an anonymous frame's result is its caller's)
+                    if found and frames[f][0] and (f in modules) is module
+                ),
+                key=lambda t: t[0],
+            )
+            for module in (False, True)
         )
         inner = sorted(
             (
@@ -690,22 +697,25 @@ class Recorder:
         )
         named += [(n, found, b, d) for d, n, found, b in returns]
         named += [(n, found, b, d) for d, n, found, b in inner]
-        flat, looped = [], []
-        for k, (name, found, b, depth) in enumerate(named):
-            for i, its in found:
-                scoped_name = (
-                    anchored(b, name, _made_in(program, i), program) if b in scoped else name
-                )
-                if not its:
-                    flat.append((scoped_name, i))
-                    continue
-                # a copy in an iteration of an unrolled loop: named as a folded loop's
-                # template names it (what the body binds before what a call in it
-                # returns), and where it is made (step t's `nv`) before where the next
-                # iteration takes it (step t+1's parameter `c[1]`)
-                key = (its, b < 0, depth, k)
-                looped.append((key, scoped_name + "".join(f"@{t}" for t in its), i))
-        flat += [(name, i) for _, name, i in sorted(looped, key=lambda t: t[0])]
+
+        def flat_names(named: list) -> list[tuple[str, int]]:
+            flat, looped = [], []
+            for k, (name, found, b, depth) in enumerate(named):
+                for i, its in found:
+                    scoped_name = (
+                        anchored(b, name, _made_in(program, i), program) if b in scoped else name
+                    )
+                    if not its:
+                        flat.append((scoped_name, i))
+                        continue
+                    # a copy in an iteration of an unrolled loop: named as a folded
+                    # loop's template names it (what the body binds before what a call
+                    # in it returns), and where it is made (step t's `nv`) before where
+                    # the next iteration takes it (step t+1's parameter `c[1]`)
+                    key = (its, b < 0, depth, k)
+                    looped.append((key, scoped_name + "".join(f"@{t}" for t in its), i))
+            return flat + [(name, i) for _, name, i in sorted(looped, key=lambda t: t[0])]
+
         from ._loop_index import Template
 
         # (name, template var, the value it is: a nested var, per loop)
@@ -737,16 +747,24 @@ class Recorder:
             ),
             key=lambda t: t[0],
         )
-        returned = sorted(
-            (
-                (depth(f), paths[f] + p, *placed(at, atom))
-                for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
-                if f >= 0 and not hit and frames[f][0]
-                for at in inside
-            ),
-            key=lambda t: t[0],
+        returned, module_results = (
+            sorted(
+                (
+                    (depth(f), paths[f] + p, *placed(at, atom))
+                    for (f, p, atom), hit, inside in zip(self.returns, back, back_t)
+                    if f >= 0 and not hit and frames[f][0] and (f in modules) is module
+                    for at in inside
+                ),
+                key=lambda t: t[0],
+            )
+            for module in (False, True)
         )
-        return flat, [t[1:] for t in (*bound, *returned)]
+        return Qualified(
+            flat_names(named),
+            [t[1:] for t in (*bound, *returned)],
+            [(i, n) for n, i in flat_names([(n, found, b, d) for d, n, found, b in results])],
+            [t[1:] for t in module_results],
+        )
 
     def _in_loop_frames(self) -> list[bool | None]:
         """Per frame, whether it runs inside a loop's body (its own or a frame above):
@@ -845,7 +863,8 @@ class Recorder:
         if frame in self._scoped_frames:  # a module method's: its module's scope names
             # it; a result of several arrays (an LSTM's output and state), which the
             # scope names together, also by their paths: `lstm[1].cell`
-            if not self._transforms and len(atoms := _atoms(value)) > 1:
+            atoms = _atoms(value) if not self._transforms else []
+            if len({id(atom) for _, atom in atoms}) > 1:  # (hk.GRU's (h, h): one)
                 self.returns.extend((frame, path, atom) for path, atom in atoms)
             return value
         value, atoms = self._named(value)
@@ -925,6 +944,20 @@ def _share_tokens(records: list[tuple[int, str, Any]], found_per: list[list[Any]
                 found_per[i] = list(found[j * n : (j + 1) * n])
 
 
+class Qualified(NamedTuple):
+    """What :meth:`Recorder.qualified` names, in naming priority order: ``flat``, ``(name,
+    var index)`` pairs of the flat program's values; ``templates``, ``(name, Template,
+    value)`` triples of values of its folded loops (see ``_loop_index.template_names``);
+    ``results`` and ``body_results``, the same of the results of modules' methods by
+    their paths (``lstm[1].cell``), which rank with the scopes (after them), as
+    ``(var index, name)`` pairs and triples."""
+
+    flat: list[tuple[str, int]]
+    templates: list[tuple[str, Any, Any]]
+    results: list[tuple[int, str]]
+    body_results: list[tuple[str, Any, Any]]
+
+
 class _Recording(NamedTuple):
     """What one run of a ``jit`` body reported: its frames (parents relative to the
     call's frame, 0) and their ``jit`` results, and bindings and returns by relative
@@ -939,6 +972,9 @@ class _Recording(NamedTuple):
     loops: tuple[tuple[int, bool], ...] = ()
     #: which of its frames (positions in ``frames``) ran a custom_jvp's or custom_vjp's body
     rules: tuple[int, ...] = ()
+    #: which of its frames (positions in ``frames``) ran a module's method (see
+    #: ``Recorder._scoped_frames``)
+    scoped: tuple[int, ...] = ()
 
 
 def _inside(rec: _Recording, roots: tuple[int, ...]) -> set[int]:

@@ -580,9 +580,12 @@ _LEVEL_END = "\x00"
 def _any_instance(word: str) -> re.Pattern | None:
     """The regex of ``word``, a name or glob, whose every level may also carry a call or
     scope number: ``layer/h`` matches ``layer#0/h`` and ``layer#1/h``, ``qk`` every
-    ``qk#k``, ``block/attn/*`` the insides of every ``block#i/attn#j``."""
+    ``qk#k``, ``block/attn/*`` the insides of every ``block#i/attn#j``; so may a call
+    before the path into what it returned: ``lstm[1].cell`` matches ``lstm#2[1].cell``."""
     marked, depth, at = [], 0, len(word)
     for i, c in enumerate(word):
+        if depth == 0 and c in "[." and marked[-1:] not in ([], ["/"], ["*"], [_LEVEL_END]):
+            marked.append(_LEVEL_END)  # (a number before a result's path)
         if c == "[":
             depth += 1
         elif c == "]":

@@ -259,8 +259,9 @@ def _trace(
         phase(f"indexing {len(closed.jaxpr.eqns)} equations")
         program = Program(closed, kept if deciding else None, fold)
         phase("naming the values")
-        bindings, templates = recorder.qualified(program)
+        bindings, templates, results, body_results = recorder.qualified(program)
         outputs = list(zip(program.outputs, out_info["paths"]))
+        scoped, inside = scope_names(program, state=recorder.state_vars(program))
         shadowed = shadowed_outputs(outputs, bindings, program.tags)
         names = assign_names(
             len(program.vars),
@@ -269,7 +270,8 @@ def _trace(
             [(var, name) for var, name in outputs if name not in shadowed],
             program.tags,
             bindings,
-            *scope_names(program, state=recorder.state_vars(program)),
+            [*scoped, *results],  # (a module's results by their paths: after its scope)
+            inside,
             input_labels=in_labels,
             input_aliases=in_aliases,
         )
@@ -322,7 +324,7 @@ def _trace(
             title,
             [*notes, *program.notes, *name_notes],
             out_info["tree"],
-            templates=template_names([*tags, *templates], scopes),
+            templates=template_names([*tags, *templates], [*scopes, *body_results]),
         )
         graph._rebuild = reported(build, f"unrolling the loops of {_name(target)}")
         return graph

@@ -315,15 +315,14 @@ def test_an_lstm_over_a_long_sequence_flax_nn_rnn(key):
     # all of them, as outside a loop (``#k`` numbers instances of the scope only)
     assert not [n for n in g._loop_index.names if n.startswith("cell.scan_fn#")]
     outputs = g.select("cell.scan_fn@250")
-    values = [g.value(v) for v in outputs]
-    assert len(values) >= 2
-    # each has a name of its own (loop<k>%<i>@t), which selects it
-    assert len({v.name for v in outputs}) == len(outputs)
-    assert all(g[v.name].name == v.name and v.name.startswith("loop") for v in outputs)
+    # each has a name of its own, its place in what the cell returned, ((c, h), h)
+    cell = "RNN/cell.scan_fn/cell"
+    assert [v.name for v in outputs] == [f"{cell}[0][0]@250", f"{cell}[0][1]@250"]
+    assert all(g[v.name] is v for v in outputs) and g[f"{cell}[1]@250"] is outputs[1]
     # the reference: the same model over the first 251 steps, returning its carry
     carry, _ = nn.RNN(nn.OptimizedLSTMCell(8), return_carry=True).apply(params, xs[:, :251])
-    for ref in carry:  # (c, h) after step 250: each is one of the body's scope outputs
-        assert any(jnp.allclose(v, ref, rtol=1e-4, atol=1e-5) for v in values)
+    for v, ref in zip(outputs, carry):  # (c, h) after step 250
+        allclose(g.value(v), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_a_gru_rnn_in_equinox_with_a_folded_loop_inside_a_jit_call(key):

@@ -143,15 +143,29 @@ def test_a_library_module_returning_several_arrays_names_each_by_its_path():
         allclose(g.value(f"lstm[0]@{t}"), out, rtol=1e-5, atol=1e-6)
         assert g[f"lstm[1].hidden@{t}"] is g[f"lstm[0]@{t}"]
     assert len(g.select("lstm[1].cell@*")) == T
-    # called three times in a Python loop: numbered as its scope is
+    # called three times in a Python loop: numbered as its scope is; the Python names
+    # stay canonical (they rank before scopes), and a path without the numbers selects
+    # every instance
     looped = hk.transform(_lstm_python_loop)
     params = looped.init(jax.random.key(1), xs)
     g = js.trace(looped.apply, params, None, xs)
     state = hk.LSTMState(jnp.zeros((2, 4)), jnp.zeros((2, 4)))
     for t in range(3):
         _, state = hk.transform(_lstm_step).apply(params, None, (xs[t], state))
-        allclose(g.value(f"lstm#{t}[1].cell"), state.cell, rtol=1e-5, atol=1e-6)
-        assert g[f"lstm#{t}[1].cell"].scope == "lstm"
+        v = g[f"lstm#{t}[1].cell"]
+        allclose(g.value(v), state.cell, rtol=1e-5, atol=1e-6)
+        assert v.scope == "lstm" and v.name == f"state.cell#{t + 1}"  # (#0: the first)
+    assert list(g.select("lstm[1].cell")) == [g[f"lstm#{t}[1].cell"] for t in range(3)]
+    # a module returning one array twice (hk.GRU's (h, h)) is named by its scope alone
+    gru = hk.transform(_gru_steps)
+    params = gru.init(jax.random.key(1), xs)
+    g = js.trace(gru.apply, params, None, xs)
+    assert g["gru@2"].name == "gru@2" and "gru[0]@2" not in g["gru@2"].aliases
+
+
+def _gru_steps(xs):
+    core = hk.GRU(4)
+    return hk.dynamic_unroll(core, xs, core.initial_state(2))[0]
 
 
 def _bn_scan(xs):
