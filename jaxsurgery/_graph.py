@@ -44,7 +44,7 @@ from ._errors import (
 from ._made import TakesArguments, one
 from ._names import Names
 from ._program import Program
-from ._promotion import alive, as_traced
+from ._promotion import alive, as_traced, deleted
 from ._scopes import scope_path
 from ._structured import (
     Edit,
@@ -437,19 +437,22 @@ class Graph(Identical):
     @property
     def _flat_args(self) -> tuple | None:
         """The traced arguments as the function saw them (:func:`as_traced`), converted
-        when first needed (js.trace keeps a copy of a NumPy array: see ``held``); a
-        SliceError where they were deleted (donated to a jit: see ``alive``) before then;
-        :meth:`_require_args` checks for that at each computation (not here: a slice
-        built reads them, and checking each is per argument)."""
+        when first needed (js.trace keeps a copy of a NumPy array: see ``held``); one
+        deleted before then (donated to a jit: see ``alive``) is left as it is:
+        :meth:`_require_args` and ``Program.evaluate`` check the arguments a computation
+        reads at each computation (not here: a slice built reads them, and a value that
+        reads none of the deleted ones is computed)."""
         if self._given_args is None:
             return None
         if self._converted_args is not None:
             return self._converted_args
-        alive(self._given_args, self.inputs)
         for x, v in zip(self._given_args, self.inputs):  # (traced with x64 on, used off)
             C.refuses_x64(x, v.dtype, f"traced argument {v.name!r}")
         with jax.ensure_compile_time_eval():  # (also when first asked under jax.jit)
-            found = tuple(as_traced(x, v.dtype) for x, v in zip(self._given_args, self.inputs))
+            found = tuple(
+                x if deleted(x) else as_traced(x, v.dtype)
+                for x, v in zip(self._given_args, self.inputs)
+            )
         if not C.holds_tracer(found):  # (a transform's tracers, as traced: not kept)
             self._converted_args = found
         return found

@@ -177,6 +177,13 @@ def _never() -> bool:
     return False
 
 
+def deleted(x: Any) -> bool:
+    """Whether ``x``, an argument, is an array deleted (donated to a ``jax.jit``)."""
+    if type(x) is C.ArrayImpl:
+        return x.is_deleted()
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_deleted", _never)()
+
+
 def as_traced(x: Any, dtype: Any) -> Any:
     """``x``, an argument, as the traced program takes it: of ``dtype``, the dtype JAX
     made of it (a NumPy float64 array or an int64 is float32 or int32 to JAX without

@@ -335,6 +335,20 @@ def test_arguments_donated_after_tracing_are_a_clear_error_and_bind_still_works(
     allclose(g.grads_fn("out", ["h"])(w_new, x)["h"], 2 * h_new)
 
 
+def test_a_value_reading_no_deleted_argument_is_computed_on_a_fresh_graph():
+    # the first value converted every argument and said one it does not read was deleted
+    def f(params, x):
+        return jnp.sin(x) * 2, params["w"] + 1
+
+    params, x = {"w": jnp.ones(3)}, jnp.ones(3)
+    g = js.trace(f, params, x)
+    jax.jit(lambda p: p, donate_argnums=0)(params)  # (a training step donating them)
+    assert params["w"].is_deleted()
+    allclose(g.value("out[0]"), 2 * jnp.sin(x))
+    with pytest.raises(js.SliceError, match=r"argument \"params\['w'\]\" .* was deleted"):
+        g.value("out[1]")
+
+
 def test_abstract_trace_needs_bind():
     specs = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args()
