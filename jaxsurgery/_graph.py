@@ -325,8 +325,7 @@ class Graph(Identical):
         ``c`` of ``c#0`` and ``c#1``, where ``g["c"]`` says it is ambiguous). Values of a
         loop the index keeps whole (a scan, a ``while_loop``) have a name per iteration,
         ``step/h@t``, which this list leaves out (a 10 000-step scan would list each
-        10 000 times): ``g.notes`` names their patterns, and ``g.select("step/h@*")``
-        selects them."""
+        10 000 times; ``g.notes`` says which loops): ``g.select("step/h@*")`` selects them."""
         from ._patch_graph import unpatched_names
 
         return [*self._names.all_names(), *unpatched_names(self)]
