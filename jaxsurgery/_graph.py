@@ -44,7 +44,7 @@ from ._errors import (
 from ._made import TakesArguments, one
 from ._names import Names
 from ._program import Program
-from ._promotion import alive, as_traced, deleted
+from ._promotion import alive, as_traced, deleted, returned
 from ._scopes import scope_path
 from ._structured import (
     Edit,
@@ -426,8 +426,8 @@ class Graph(Identical):
                     self._values.update(zip(looped, found))
         values = self._values
         with jax.ensure_compile_time_eval():  # a row taken eagerly, also under a jit trace
-            for v in flat:
-                values[v.index] = row_value(values[v.index])
+            for v in flat:  # (a JAX array of a NumPy constant or argument: see returned)
+                values[v.index] = returned(row_value(values[v.index]))
         found = [values[v.index] for v in flat]
         if missing and C.holds_tracer(found):  # (only what was computed now can be one)
             self._forget_traced()

@@ -38,7 +38,7 @@ from ._errors import SelectionError, SliceError, short_list, short_repr, type_of
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._promotion import a_or_an, holds, is_key, not_a_key, out_of_range
+from ._promotion import a_or_an, holds, is_key, not_a_key, outside_range
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site, Step, at_some_iterations, patch_of, rules_entered, sub_jaxpr
@@ -749,7 +749,7 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731
             return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
         _check_shape(var, value)
-        outside = _outside(var, value)
+        outside = outside_range(var.dtype, value)
         if outside:  # 300 for a uint8 var would run as 44
             raise SliceError(
                 f"the replacement for {var.name!r} ({type_of(var)}): {outside}, where it would "
@@ -785,22 +785,6 @@ def _numbers(var: Var, value: Any) -> np.ndarray:
     if array.dtype == np.float64 and jnp.issubdtype(var.dtype, jnp.floating):
         array = array.astype(var.dtype)  # (Python floats: as a float does, not a float64)
     return array
-
-
-def _outside(var: Var, value: Any) -> str:
-    """What of an integer constant lies outside an integer var's range ("" if nothing)."""
-    if not jnp.issubdtype(var.dtype, jnp.integer) or isinstance(value, jax.core.Tracer):
-        return ""
-    if isinstance(value, int) and not isinstance(value, bool):  # 2**70 too (no int64)
-        return out_of_range(var.dtype, value)
-    values = np.asarray(value)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
-        return ""
-    for end in (int(values.min()), int(values.max())):
-        said = out_of_range(var.dtype, end)
-        if said:
-            return said
-    return ""
 
 
 def _check_shape(var: Var, value: Any) -> None:

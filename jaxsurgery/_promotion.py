@@ -177,6 +177,32 @@ def _never() -> bool:
     return False
 
 
+def outside_range(dtype: Any, value: Any) -> str:
+    """What of an integer constant (a Python int, a NumPy or JAX array) lies outside an
+    integer ``dtype``'s range (``""`` if nothing): cast, it would wrap around."""
+    if dtype_kind(dtype) != 1 or isinstance(value, jax.core.Tracer):
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):  # 2**70 too (no int64)
+        return out_of_range(dtype, value)
+    values = np.asarray(value)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return ""
+    for end in (int(values.min()), int(values.max())):
+        said = out_of_range(dtype, end)
+        if said:
+            return said
+    return ""
+
+
+def returned(x: Any) -> Any:
+    """``x``, a value jaxsurgery hands out, as a JAX array where it is a NumPy array (a
+    constant the function closes over, an argument given as one): the graph's own, or
+    the caller's, would be written in place (``g.value("mask")[...] = 0`` changed what
+    the graph computed after, and the caller's global; a ``values_fn`` of an argument
+    gave back the caller's array)."""
+    return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
+
+
 def deleted(x: Any) -> bool:
     """Whether ``x``, an argument, is an array deleted (donated to a ``jax.jit``)."""
     if type(x) is C.ArrayImpl:

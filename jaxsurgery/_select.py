@@ -797,6 +797,14 @@ def _exactly_one(
     return graph._var(next(iter(hits)))
 
 
+def _leaves_under(graph: Graph, word: str) -> list[str]:
+    """The names of the leaves of a pytree named ``word`` (an argument ``params`` whose
+    leaves are ``params['w']`` ..., an output ``out[0]``), canonical first; [] if none."""
+    prefixes = (word + "[", word + ".")
+    found = [n for n in graph._names.lookup if n.startswith(prefixes) and not is_generated(n)]
+    return sorted(found, key=lambda n: graph[n].index if _selects(graph, n) else -1)[:50]
+
+
 def _as_matched(
     graph: Graph, i: int, label: str, matched: str, pattern: Any
 ) -> tuple[str, str | None]:
@@ -945,6 +953,15 @@ def _no_match(
                 f"{label} is inside a loop: add the iteration, {iterations[0]!r} .. "
                 f"{iterations[-1]!r}, or {word + '@*'!r} for all"
             )
+    leaves = [] if word is None else _leaves_under(graph, word)
+    if leaves:  # an argument or output that is a pytree: its leaves have the names
+        brackets = all(n.startswith(word + "[") for n in leaves)
+        glob = word + ("[*]*" if brackets else ".*" if "[" not in word else "*")
+        return SelectionError(
+            f"{label} is a pytree of several values, not one: its leaves are "
+            f"{short_list([repr(n) for n in leaves], 4)}; select them all with {glob!r} "
+            "(one value each), or one of them"
+        )
     hint = ""
     if word is not None:
         fallback = word.startswith("%") or ":" in word  # only suggest %i names for %i words

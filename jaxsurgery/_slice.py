@@ -44,7 +44,7 @@ from ._eager import eval_jaxpr
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._made import Made, var_keys
-from ._promotion import alive, as_traced, held, holds, out_of_range
+from ._promotion import alive, as_traced, held, holds, out_of_range, returned
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on
 
@@ -406,8 +406,9 @@ class Slice(Made):
     # -- context ------------------------------------------------------------------------
     @property
     def context(self) -> dict[str, Any]:
-        """Context values by var name."""
-        return {v.name: x for v, x in zip(self.context_vars, self._context())}
+        """Context values by var name (JAX arrays: see ``returned``)."""
+        with jax.ensure_compile_time_eval():
+            return {v.name: returned(x) for v, x in zip(self.context_vars, self._context())}
 
     def _require_args(self, needing: str = "its context") -> Sequence[Any]:
         if self._flat_args is None:

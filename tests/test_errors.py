@@ -979,7 +979,35 @@ CATALOG = [
         r"cannot take the gradient of 'w' \(complex64\): the sum of a complex output "
         r"is not a real loss",
     ),
+    (
+        "an argument that is a pytree, selected whole (no var named 'params_1' before)",
+        lambda g, a: g.grads("z3", wrt="params_1"),
+        js.SelectionError,
+        r"'params_1' is a pytree of several values, not one: its leaves are "
+        r"'params_1\[0\]', 'params_1\[1\]'; select them all with 'params_1\[\*\]\*'",
+    ),
+    (
+        "a patch of an int var outside its range (JAX's OverflowError before)",
+        lambda g, a: _int_graph().patch_fn("k")({"k": 2**40}, jnp.ones(3), 2),
+        js.SliceError,
+        r"the patch for 'k' \(int32\): 1099511627776 is outside int32's range, .* where "
+        r"it would wrap around",
+    ),
+    (
+        "a NumPy int patch outside the var's range (wrapped around silently before)",
+        lambda g, a: _int_graph().patch_fn("k")({"k": np.int64(2**32 + 5)}, jnp.ones(3), 2),
+        js.SliceError,
+        r"the patch for 'k' \(int32\): 4294967301 is outside int32's range",
+    ),
 ]
+
+
+def _int_graph():
+    def f(x, n):
+        k = n * 3
+        return x * k
+
+    return js.trace(f, jnp.ones(3), 2)
 
 
 @pytest.mark.parametrize("case, action, error, pattern", CATALOG, ids=[c[0] for c in CATALOG])

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import allclose
 from jax.extend.core import check_jaxpr
 from models import mlp_12782, mlp_12782_args
 
@@ -281,3 +282,27 @@ def test_copies_share_the_traced_program_and_pickling_says_what_to_save():
     assert copy.copy(whole) is whole  # (as a function's: jax.jit of it compiles nothing again)
     assert copy.deepcopy(whole)(model2, x) == loss(model2, x)
     assert jax.export.deserialize(s.export().serialize()).call(g.value(h)) == s(g.value(h))
+
+
+MASK = np.tril(np.ones((3, 3), np.float32))
+
+
+def test_values_handed_out_are_never_the_graphs_or_the_callers_numpy_arrays():
+    # g.value of a NumPy constant the function closes over, or of an argument given as
+    # NumPy, and s.context, handed out the graph's own writeable array (an edit in place
+    # changed every later result, and the caller's global); values_fn of an argument
+    # gave back the caller's own array
+    def f(w, x):
+        mask = MASK
+        h = jnp.tanh(x @ (w * mask))
+        return h.sum()
+
+    w, x = np.ones((3, 3), np.float32), np.ones((2, 3), np.float32)
+    g = js.trace(f, w, x)
+    expected = float(f(w, x))
+    for value in (g.value("mask"), g.value("w"), *g.slice("x", "out").context.values()):
+        assert isinstance(value, jax.Array)
+    acts = g.values_fn(["w", "h"])(w, x)
+    assert isinstance(acts["w"], jax.Array) and acts["w"] is not w
+    assert float(g.value("out")) == expected and MASK[0, 0] == 1.0
+    allclose(g.as_function()(w, x), expected)
