@@ -14,6 +14,7 @@ new program cannot fold it back).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,10 @@ class Extra:
 
 def spec_of(var: Var) -> jax.ShapeDtypeStruct:
     return C.spec_of(var.aval)
+
+
+#: how JAX names the function ``_compat.make_jaxpr`` traces, in its messages
+_WRAPPER = re.compile(r"function <lambda> at \S*_compat\.py:\d+")
 
 
 def replacement_jaxpr(
@@ -74,6 +79,8 @@ def replacement_jaxpr(
                     "return a value of its kind (cast it yourself if a cast is what you mean)",
                 )
             return jnp.full(target.shape, out, target.dtype)
+        if isinstance(out, jax.ShapeDtypeStruct):  # (its shape matched: taken as a value)
+            raise refused("a jax.ShapeDtypeStruct, a shape and dtype with no values")
         if getattr(out, "shape", None) == target.shape:  # (of the target's sharding type)
             return C.resharded_like(out, target.aval)
         return out
@@ -83,7 +90,9 @@ def replacement_jaxpr(
     except (TypeError, ValueError) as e:
         if returned and isinstance(e, SliceError):
             raise  # one_array's, for the Python number fn returned
-        raise SliceError(f"{what} ({type_of(target)}) failed to trace: {e}") from None
+        # (JAX names the function it traced: jaxsurgery's wrapper of yours)
+        said = _WRAPPER.sub(f"function {getattr(fn, '__name__', type(fn).__name__)}", str(e))
+        raise SliceError(f"{what} ({type_of(target)}) failed to trace: {said}") from None
     out = closed.out_avals
     # a list or dict of one array is not the value itself
     container = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(returned[0]))

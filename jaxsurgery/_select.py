@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 from . import _compat as C
+from ._control_flow import BRANCH_PRIMITIVES
 from ._copying import refuse_pickle
 from ._errors import (
     SelectionError,
@@ -982,6 +983,12 @@ def _no_match(
             "; the graph keeps a cond as one equation (nothing decided its branch while "
             "tracing: abstract arguments, a transform's tracers, or a predicate a loop kept "
             "whole computes): the values inside its branches have no names"
+        )
+    if any(r.primitive in BRANCH_PRIMITIVES for r in graph._program.regions):
+        listed += (
+            "; the graph holds the branch of each cond the traced arguments took: the "
+            "values of its other branches have no names (trace with arguments that take "
+            "the branch you want)"
         )
     if "shard_map" in graph._program.primitives:
         listed += (

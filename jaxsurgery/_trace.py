@@ -1165,6 +1165,12 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
     extra = [k for k in new_keys if k not in old_keys]
     if not new_keys and old_keys:  # (None given)
         return f"no array (traced with {'one' if len(old_keys) == 1 else len(old_keys)})"
+    if (new_keys == [""]) != (old_keys == [""]) and not any(
+        hasattr(x, "shape") for _, x, *_ in (*old, *new)
+    ):  # one side is one value, the other a tree of them, and no array: both as they
+        # are (mutable=False where ["batch_stats"] was traced, not "no array at [0]")
+        new_value = _unflat(new_how, [y for _, y, *_ in new])
+        return f"{_short(new_value)} where {_short(_unflat(old_how, [x for _, x, *_ in old]))} was traced"
     if missing or extra:
         parts = [f"no array{' at ' + missing[0] if missing[0] else ''}"] if missing else []
         parts += [f"an array{' at ' + extra[0] if extra[0] else ''}"] if extra else []

@@ -987,6 +987,36 @@ CATALOG = [
         r"'params_1\[0\]', 'params_1\[1\]'; select them all with 'params_1\[\*\]\*'",
     ),
     (
+        "a static argument given as one value where a list was traced (linen's mutable)",
+        lambda g, a: js.trace(_with_mutable, jnp.ones(3), mutable=["stats"]).as_function()(
+            jnp.ones(3)
+        ),
+        js.SliceError,
+        r"argument `mutable` is a tree of another structure than the one traced \(False where "
+        r"\['stats'\] was traced\)",
+    ),
+    (
+        "a value of the branch of a cond the traced arguments did not take",
+        lambda g, a: js.trace(_branchy, 1.0, 0.5)["small/k"],
+        js.SelectionError,
+        r"no var named 'small/k' .*the graph holds the branch of each cond the traced "
+        r"arguments took: the values of its other branches have no names",
+    ),
+    (
+        "a replacement function that fails to trace names it, not jaxsurgery's wrapper",
+        lambda g, a: g.replace("z1", lambda z: "not an array"),
+        js.SliceError,
+        r"the replacement for 'z1' \(float32\[\d+\]\) failed to trace: function <lambda> "
+        r"traced for jit",
+    ),
+    (
+        "a replacement function giving a ShapeDtypeStruct (taken as a value before)",
+        lambda g, a: g.replace("z1", lambda z: jax.ShapeDtypeStruct(z.shape, z.dtype)),
+        js.SliceError,
+        r"the replacement for 'z1' must give float32\[\d+\], got a jax.ShapeDtypeStruct, a "
+        r"shape and dtype with no values",
+    ),
+    (
         "a patch of an int var outside its range (JAX's OverflowError before)",
         lambda g, a: _int_graph().patch_fn("k")({"k": 2**40}, jnp.ones(3), 2),
         js.SliceError,
@@ -1000,6 +1030,22 @@ CATALOG = [
         r"the patch for 'k' \(int32\): 4294967301 is outside int32's range",
     ),
 ]
+
+
+def _branchy(p, y):
+    def big(y):
+        h = jnp.sin(y)
+        return h * 2
+
+    def small(y):
+        k = jnp.cos(y)
+        return k
+
+    return jax.lax.cond(p > 0, big, small, y)
+
+
+def _with_mutable(x, mutable=False):
+    return jnp.sin(x).sum() * (2.0 if mutable else 1.0)
 
 
 def _int_graph():
