@@ -801,9 +801,9 @@ def _exactly_one(
 def _leaves_under(graph: Graph, word: str) -> list[str]:
     """The names of the leaves of a pytree named ``word`` (an argument ``params`` whose
     leaves are ``params['w']`` ..., an output ``out[0]``), canonical first; [] if none."""
-    prefixes = (word + "[", word + ".")
-    found = [n for n in graph._names.lookup if n.startswith(prefixes) and not is_generated(n)]
-    return sorted(found, key=lambda n: graph[n].index if _selects(graph, n) else -1)[:50]
+    prefixes, lookup = (word + "[", word + "."), graph._names.lookup
+    found = [n for n in lookup if n.startswith(prefixes) and not is_generated(n)]
+    return sorted(found, key=lambda n: lookup[n][0])[:50]
 
 
 def _as_matched(
