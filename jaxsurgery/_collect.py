@@ -61,13 +61,14 @@ Example:
     >>> g = js.trace(f, jnp.ones((4, 3)))
     >>> values = g.values_fn("h")
     >>> batches = (jnp.full((4, 3), float(i)) for i in range(5))
-    >>> folder = tempfile.TemporaryDirectory()  # (removed when it is dropped)
+    >>> folder = tempfile.TemporaryDirectory()
     >>> path = folder.name + "/acts.zarr"
     >>> store = js.collect(path, values, batches, progress=False)
     >>> store["h"].shape
     (20, 3)
     >>> bool((store["h"][4:8] == jnp.tanh(1.0)).all())
     True
+    >>> folder.cleanup()
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("JAXSURGERY_T
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsurgery-tests-xla-")
     os.environ["JAXSURGERY_TESTS_CACHE"] = "1"  # (a worker inherits it: makes its own)
-    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    atexit.register(shutil.rmtree, _OWN_CACHE, True)  # (pytest-xdist's workers run no
+    # atexit handlers: also at the end of the session, see pytest_unconfigure)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -43,6 +45,16 @@ jax.config.update("jax_platforms", os.environ.get("JAXSURGERY_TEST_PLATFORMS", "
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 RTOL, ATOL = 1e-5, 1e-6
+
+
+def pytest_unconfigure(config):
+    """Remove this process's compile cache (a pytest-xdist worker exits without running
+    atexit handlers: each full run left its workers' folders in /tmp)."""
+    own = globals().get("_OWN_CACHE")
+    if own:
+        import shutil
+
+        shutil.rmtree(own, True)
 
 
 def allclose(a, b, rtol=RTOL, atol=ATOL):
