@@ -44,14 +44,14 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
     times an eager ``jnp`` call); None for effects or parameters that do not hash, and
     for an equation holding a program (see :func:`body_op`), but a ``shard_map``'s or
     Pallas kernel's, which JAX traces again where it runs."""
-    if eqn.effects or (holds_body(eqn) and not C.retraced([eqn])):
-        return None
-    try:
+    try:  # (an op made before: most of a program's, no body to look for)
         key = op_key(eqn)
         fn = OPS.get(key)
     except TypeError:  # parameters that do not hash: JAX's own dispatch
         return None
     if fn is None:
+        if eqn.effects or (holds_body(eqn) and not C.retraced([eqn])):
+            return None
         if len(OPS) > 4096:
             OPS.clear()
         if holds_body(eqn):
@@ -86,14 +86,9 @@ def lasting_op(eqn: C.JaxprEqn) -> Any:
     """The compiled op of ``eqn`` for a program run again and again, which its caller
     keeps as long as that program: :func:`compiled_op`, or for an equation holding a
     program, its op of :func:`_body_op_of` (None for effects)."""
-    try:  # a primitive's op made before (most of a program's: no body to look for)
-        fn = OPS.get(op_key(eqn))
-    except TypeError:  # parameters that do not hash
-        fn = None
-    if fn is not None:
+    fn = compiled_op(eqn)
+    if fn is not None or eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
         return fn
-    if eqn.effects or not holds_body(eqn) or C.retraced([eqn]):
-        return compiled_op(eqn)
     return _body_op_of(eqn, make=True)
 
 

@@ -43,7 +43,7 @@ from . import _compat as C
 from . import _select
 from ._errors import SelectionError, SliceError, short_list
 from ._made import Made, TakesArguments, selection_key
-from ._promotion import is_key, not_a_key, outside_range, returned
+from ._promotion import is_key, not_a_key, refuse_wrapping, returned
 from ._structured import Edit, Extra, iteration_run, row_value, stack_rows
 
 if TYPE_CHECKING:
@@ -209,12 +209,7 @@ def _patch_value(x: Any, key: str, v: Var, rows: int = 0) -> Any:
     dtype (a float patch of an integer var, or a complex one of a real var, is an error
     rather than a silent cast)."""
     C.refuses_x64(x, v.dtype, f"the patch for {key!r}")
-    outside = outside_range(v.dtype, x)
-    if outside:  # 2**40 for an int32 var: JAX's OverflowError; np.int64(2**40): 0
-        raise SliceError(
-            f"the patch for {key!r} ({v.dtype}): {outside}, where it would wrap around; "
-            "give a value in the range (cast it yourself if wrapping is what you mean)"
-        )
+    refuse_wrapping(f"the patch for {key!r} ({v.dtype})", v.dtype, x)
     x = _array(x, key, f"the var's shape {v.shape} and dtype {v.dtype}")
     if x.shape != ((rows,) if rows else ()) + v.shape:
         wanted = f"a row per var, shape {(rows, *v.shape)}" if rows else "the var's shape"

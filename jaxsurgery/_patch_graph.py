@@ -38,7 +38,7 @@ from ._errors import SelectionError, SliceError, short_list, short_repr, type_of
 from ._graph import Var
 from ._names import finalize
 from ._patch import Edit, replacement_jaxpr, splice
-from ._promotion import a_or_an, holds, is_key, not_a_key, outside_range
+from ._promotion import a_or_an, holds, is_key, not_a_key, refuse_wrapping
 from ._scopes import scope_names
 from ._structured import Edit as StructuredEdit
 from ._structured import Site, Step, at_some_iterations, patch_of, rules_entered, sub_jaxpr
@@ -749,13 +749,7 @@ def _patch_jaxpr(var: Var, value_or_fn: Any) -> C.ClosedJaxpr:
             fn = lambda old: jnp.broadcast_to(value, old.shape)  # noqa: E731
             return replacement_jaxpr(fn, [var], var, f"the replacement for {var.name!r}")
         _check_shape(var, value)
-        outside = outside_range(var.dtype, value)
-        if outside:  # 300 for a uint8 var would run as 44
-            raise SliceError(
-                f"the replacement for {var.name!r} ({type_of(var)}): {outside}, where it would "
-                "wrap around; give a value in the range (cast it yourself if wrapping is "
-                "what you mean)"
-            )
+        refuse_wrapping(f"the replacement for {var.name!r} ({type_of(var)})", var.dtype, value)
         if not holds(var.dtype, value):  # 2.7 for an int var would run as 2
             kind = getattr(value, "dtype", type(value).__name__)
             raise SliceError(

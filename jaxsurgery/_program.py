@@ -382,14 +382,16 @@ class Program:
         (memory: √n values more).
         """
         needed = sorted(self.ancestor_eqns(targets, through=lambda i: i not in known))
+        vars_, top, n = self.vars, self.num_inputs + self.num_consts, self.num_inputs
+        # (the inputs and constants these equations read: not all of a 4 000-layer
+        # model's at each request)
+        read = {i for e in needed for i in self.eqn_in[e] if i < top}
+        read.update(i for i in targets if i < top)
         if check is not None:
-            n = self.num_inputs
-            read = {i for e in needed for i in self.eqn_in[e] if i < n}
-            check(sorted(read.union(i for i in targets if i < n)))
+            check(sorted(i for i in read if i < n))
         every = max(1, math.isqrt(len(needed)))
         checkpoints = [self.eqn_out[e][0] for e in needed[every - 1 :: every] if self.eqn_out[e]]
         outs = list(dict.fromkeys([*targets, *checkpoints]))
-        vars_, top = self.vars, self.num_inputs + self.num_consts
         made = {i for e in needed for i in self.eqn_out[e]}
         given = list(
             dict.fromkeys(
@@ -434,11 +436,6 @@ class Program:
             if len(_RAN) > 65536:  # (run op by op below; a long run's ops are in _eager.OPS)
                 _RAN.clear()
             _RAN.update(signatures)
-        # (the inputs and constants these equations read: not all of a 4 000-layer
-        # model's at each request)
-        read = {i for e in needed for i in self.eqn_in[e] if i < top}
-        read.update(i for i in outs if i < top)
-        n = self.num_inputs
         env: dict[Any, Any] = {
             vars_[i]: flat_args[i] if i < n else self.consts[i - n] for i in sorted(read)
         }

@@ -177,6 +177,18 @@ def _never() -> bool:
     return False
 
 
+def refuse_wrapping(what: str, dtype: Any, value: Any) -> None:
+    """A SliceError where ``value``, ``what`` for a value of ``dtype`` (``"the patch for
+    'k' (int32)"``), is an integer constant outside its range: cast, it would wrap around
+    (300 for a uint8 var runs as 44; 2**40 for an int32 one is JAX's OverflowError)."""
+    outside = outside_range(dtype, value)
+    if outside:
+        raise SliceError(
+            f"{what}: {outside}, where it would wrap around; give a value in the range "
+            "(cast it yourself if wrapping is what you mean)"
+        )
+
+
 def outside_range(dtype: Any, value: Any) -> str:
     """What of an integer constant (a Python int, a NumPy or JAX array) lies outside an
     integer ``dtype``'s range (``""`` if nothing): cast, it would wrap around."""
