@@ -224,6 +224,7 @@ def library_calls(
     method: Callable[[Any, Any, tuple, dict], Any],
     framed: Callable[[Any], Callable | None],
     user: Callable[[Any], bool],
+    unnamed: Callable[[str], None] = lambda reason: None,
 ) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
     returns it (a function that runs the item in a named frame), Equinox layers
@@ -237,6 +238,8 @@ def library_calls(
     Equinox layer that another of the library calls; while an NNX one runs, so does
     a module of the user's (its ``__call__`` a ``user`` function) that it holds (the
     cell ``nnx.RNN`` scans, a user's: see :func:`_framing`).
+    A user's module method that runs under an interceptor of the traced function's own
+    (its ``nn.intercept_methods``) runs as it is, and ``unnamed(reason)`` says so.
 
     A container's ``layers`` are swapped for named items during its own call and put
     back after it (the container object is otherwise untouched); the classes are
@@ -260,13 +263,29 @@ def library_calls(
     stack = contextlib.ExitStack()
     if patched:
         stack.enter_context(_patched(patched))
+
+    def aside(kind: str) -> Callable[[Any], None]:
+        def note(fn: Any) -> None:
+            if user(fn):
+                unnamed(
+                    f"{getattr(fn, '__qualname__', fn)} runs under an interceptor of the "
+                    f"traced function's own ({kind}), as it is: the names it binds are not "
+                    "recorded (its module's scope still names its values)"
+                )
+
+        return note
+
     linen = sys.modules.get("flax.linen")
     if linen is not None:
-        intercept = functools.partial(_module_method, _linen_alone, method)
+        intercept = functools.partial(
+            _module_method, _linen_alone, method, aside("nn.intercept_methods")
+        )
         stack.enter_context(linen.intercept_methods(intercept))
     haiku = sys.modules.get("haiku._src.module")
     if haiku is not None:
-        intercept = functools.partial(_module_method, _haiku_alone, method)
+        intercept = functools.partial(
+            _module_method, _haiku_alone, method, aside("hk.intercept_methods")
+        )
         stack.enter_context(haiku.intercept_methods(intercept))
     return stack
 
@@ -369,6 +388,7 @@ def scoped_module(fn: Any) -> bool:
 def _module_method(
     alone: Callable[[Any, Any], bool],
     method: Callable[[Any, Any, tuple, dict], Any],
+    aside: Callable[[Any], None],
     next_fun: Callable,
     args: tuple,
     kwargs: dict,
@@ -376,9 +396,13 @@ def _module_method(
 ) -> Any:
     """A Flax linen or Haiku method interceptor: the module's own method runs as
     ``method`` runs it; under a user's interceptor (added inside the traced function:
-    ``alone(next_fun, own)`` is false), as it is."""
+    ``alone(next_fun, own)`` is false), as it is, and ``aside(function)`` is told (our
+    interceptor is the outer one: running the method rewritten would skip the user's)."""
     own = context.orig_method  # functools.partial(the function, the module)
-    if not alone(next_fun, own) or not isinstance(own, functools.partial) or len(own.args) != 1:
+    if not isinstance(own, functools.partial) or len(own.args) != 1:
+        return next_fun(*args, **kwargs)
+    if not alone(next_fun, own):
+        aside(own.func)
         return next_fun(*args, **kwargs)
     return method(own.func, own.args[0], args, kwargs)
 

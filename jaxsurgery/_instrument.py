@@ -1412,6 +1412,14 @@ def record(name: str, value: Any, scope: str = "", method: Callable | None = Non
         recorder.record(name, value, scope, method)
 
 
+def note_unnamed(reason: str) -> None:
+    """Say in the graph's notes that a user function ran as it is (``reason``), its names
+    not recorded."""
+    recorder = _current()
+    if recorder is not None:
+        recorder.unrewritten.append(reason)
+
+
 def note_state(value: Any) -> Any:
     """Note that a library stores ``value`` as module state; the value to store."""
     recorder = _current()

@@ -48,6 +48,7 @@ from ._instrument import (
     is_jit,
     is_user_function,
     note_state,
+    note_unnamed,
     record,
     rewritten,
 )
@@ -193,7 +194,9 @@ def _trace(
         with (
             recorder,
             haiku_run,
-            library_calls(call_in_frame, call_method, framed_module, is_user_function),
+            library_calls(
+                call_in_frame, call_method, framed_module, is_user_function, note_unnamed
+            ),
             library_names(record, note_state),
         ):
             closed = C.make_jaxpr(flat_fn, *leaves)

@@ -504,3 +504,52 @@ def test_haiku_transforms_of_a_partial_and_of_module_methods_name_what_they_bind
     assert not g.notes
     lin = p["hk_encoder/~encode/linear"]
     allclose(g.value("encode/hk_encoder/z"), jnp.tanh(x @ lin["w"] + lin["b"]))
+
+
+def test_methods_under_the_users_own_interceptor_run_as_they_are_and_a_note_says_so():
+    """A pass-through ``nn.intercept_methods`` / ``hk.intercept_methods`` of the user's
+    inside the traced function: jaxsurgery's interceptor is the outer one and stands
+    aside (the user's must run), so the methods bind no names, values equal the model's
+    and ``g.notes`` says why ``Net/Block_0/h`` is missing (it said nothing)."""
+
+    def passthrough(next_fun, args, kwargs, context):
+        return next_fun(*args, **kwargs)
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4)(x)
+            return x + jnp.tanh(h)
+
+    net = Inner()
+    x = jnp.ones((2, 4))
+    v = net.init(jax.random.key(0), x)
+
+    def plain(v, x):
+        return net.apply(v, x)
+
+    def intercepted(v, x):
+        with nn.intercept_methods(passthrough):
+            return net.apply(v, x)
+
+    assert "Inner/h" in js.trace(plain, v, x).names()
+    g = js.trace(intercepted, v, x)
+    assert "Inner/h" not in g.names() and "Inner/Dense_0" in g.names()
+    assert any("Inner.__call__" in n and "nn.intercept_methods" in n for n in g.notes), g.notes
+    allclose(g.value("out"), net.apply(v, x))
+
+    class HkBlock(hk.Module):
+        def __call__(self, x):
+            h = hk.Linear(4)(x)
+            return x + jnp.tanh(h)
+
+    def forward(x):
+        with hk.intercept_methods(passthrough):
+            return HkBlock()(x)
+
+    t = hk.transform(forward)
+    p = t.init(jax.random.key(0), x)
+    g = js.trace(t.apply, p, None, x)
+    assert "hk_block/h" not in g.names() and "hk_block/linear" in g.names()
+    assert any("HkBlock.__call__" in n and "hk.intercept_methods" in n for n in g.notes), g.notes
+    allclose(g.value("out"), t.apply(p, None, x))
