@@ -432,7 +432,8 @@ def same_avals(
                 f"argument `{name}` is {given}, but the graph was traced with {was}: a graph "
                 "runs the program it traced, for arguments of the traced shapes and dtypes. "
                 "Trace with these (js.trace(f, *new_args)), or trace one example and jax.vmap "
-                "the function you build from it"
+                "the function you build from it (where examples do not interact: not under a "
+                "BatchNorm in training mode, whose statistics are then each example's own)"
             )
         out.append(as_traced(new, traced_dtype))
     return out

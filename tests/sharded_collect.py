@@ -9,7 +9,10 @@ equals an unsharded run.
 import os
 
 if __name__ == "__main__":  # only in its own process: pytest imports this file for doctests
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    # (after the flags the tests run with: XLA_FLAGS set by conftest, inherited)
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices, also where a GPU is
 
 import tempfile  # noqa: E402
