@@ -843,6 +843,20 @@ def _tagged_in_whole_loop(graph: Graph, name: str) -> str | None:
     return None
 
 
+def _in_whole_loop(label: str, tag: str, what: str = "") -> SelectionError:
+    """``label`` names the ``tag`` (``what``: of which iteration) inside a while_loop that
+    a folded loop's body keeps whole."""
+    return SelectionError(
+        f"{label} names {what}the tag {tag!r}, which "
+        "is inside a while_loop kept whole in a folded loop's body (g.notes says why: "
+        "a trip count that depends on the loop's values, as the stages of diffrax's "
+        "Tsit5 and Dopri5, which reuse their first stage after an accepted step; or "
+        "too many trips to unroll), so the values inside it are not named; tag the "
+        "value where it leaves that loop (with diffrax, a solver with a fixed number "
+        "of stages, Heun or Midpoint, names them)"
+    )
+
+
 def _no_match(
     graph: Graph, label: str, word: str | None, pattern: re.Pattern | None = None
 ) -> SelectionError:
@@ -873,15 +887,7 @@ def _no_match(
         else _tagged_in_whole_loop(graph, word.partition("@")[0])
     )
     if hidden is not None:
-        return SelectionError(
-            f"{label} names a value per iteration of the tag {hidden!r}, which "
-            "is inside a while_loop kept whole in a folded loop's body (g.notes says why: "
-            "a trip count that depends on the loop's values, as the stages of diffrax's "
-            "Tsit5 and Dopri5, which reuse their first stage after an accepted step; or "
-            "too many trips to unroll), so the values inside it are not named; tag the "
-            "value where it leaves that loop (with diffrax, a solver with a fixed number "
-            "of stages, Heun or Midpoint, names them)"
-        )
+        return _in_whole_loop(label, hidden, "a value per iteration of ")
     if pattern is not None and (word is None or "*" in word or "?" in word):
         return _no_pattern_match(graph, label, word, pattern)
     # (a name with brackets, "solve/body[1]@5", is tried as a glob too: told as a name)
@@ -954,6 +960,9 @@ def _no_match(
                 f"{label} is inside a loop: add the iteration, {iterations[0]!r} .. "
                 f"{iterations[-1]!r}, or {word + '@*'!r} for all"
             )
+        hidden = _tagged_in_whole_loop(graph, word)
+        if hidden is not None:
+            return _in_whole_loop(label, hidden)
     leaves = [] if word is None else _leaves_under(graph, word)
     if leaves:  # an argument or output that is a pytree: its leaves have the names
         brackets = all(n.startswith(word + "[") for n in leaves)
