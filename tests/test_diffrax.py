@@ -223,3 +223,5 @@ def test_values_at_each_stage_of_a_runge_kutta_step_are_named():
     g = js.trace(solve_with(diffrax.Tsit5()), w, y0)
     with pytest.raises(js.SelectionError, match="the tag 'dy', which is inside a while_loop kept"):
         g.select("dy@3@1")
+    with pytest.raises(js.SelectionError, match="'dy' names the tag 'dy', which is inside"):
+        g["dy"]  # (the bare name said "no var named 'dy'; did you mean 'y0'?")

@@ -142,7 +142,7 @@ class TransformerBlock(nn.Module):
 def test_flax_linen_transformer_block_from_attention_to_block_output(key):
     model = TransformerBlock()
     x = jax.random.normal(key, (2, 5, 8))
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(jax.random.key(1), x)  # (jitted: faster than eagerly)
     p = variables["params"]
     g = js.trace(model.apply, variables, x)
     attn = g["TransformerBlock/MultiHeadDotProductAttention_0"]
@@ -160,6 +160,7 @@ def test_flax_linen_transformer_block_from_attention_to_block_output(key):
     s = g.slice(attn, out)
     assert "args[0]" in s.context  # model.apply(variables, *args): x is args[0]
     a = g.value(attn)
+    rest = jax.jit(rest)  # (the reference under jit: eagerly, each operation compiles)
     check_slice(s, (a,), rest)
     allclose(
         g.jvp(attn, out, jnp.ones_like(a))[1],
@@ -507,13 +508,14 @@ def test_a_module_returning_its_statistics_is_named_by_its_value(key, make):
     for scope in scopes:  # a block, a BatchNorm inside it, the model: one value each
         assert g[scope].dtype == jnp.float32 and g[scope] not in g.outputs[1:]
     allclose(g.value(scopes[0]), first, rtol=2e-4, atol=1e-5)
-    allclose(g.as_function()(*args), f(*args), rtol=2e-4, atol=1e-5)
+    # (the references under jit: run eagerly, each operation compiles on its own)
+    allclose(g.as_function()(*args), eqx.filter_jit(f)(*args), rtol=2e-4, atol=1e-5)
     if stat is not None:
         assert g[stat] in g.outputs  # the statistics keep their output names
     check_slice(
         g.slice(scopes[0], "out[0]" if "linear" not in scopes else "linear_1"),
         (g.value(scopes[0]),),
-        rest,
+        jax.jit(rest),
     )
     # the libraries are as they were
     assert (flax_scope.Scope.put_variable, eqx.nn.State.set) == (put_variable, state_set)

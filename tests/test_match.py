@@ -132,13 +132,15 @@ def test_values_inside_a_rewritten_match_warn_that_nothing_reads_them():
             return nn.Dense(1)(x)
 
     x = jax.random.normal(jax.random.key(1), (5, 4))
-    v = Net().init(jax.random.key(0), x)
+    v = jax.jit(Net().init)(jax.random.key(0), x)  # (jitted: faster than eagerly)
     g = js.trace(lambda v, x: jnp.mean(Net().apply(v, x) ** 2), v, x)
     args = (jnp.ones((5, 6)), jnp.ones((6, 6)), jnp.ones(6))
     pattern = lambda a, w, b: jax.nn.relu(a @ w + jnp.reshape(b, (1, -1)))  # noqa: E731
     layer_1 = g.match(pattern, *args)[1].outputs[0].name  # relu(Dense_1), e added after
     rw = g.rewrite(pattern, lambda a, w, b: jnp.tanh(a @ w + b) * 1.5, *args)
-    by_hand = jax.grad(lambda e: jnp.mean(Net(edit=True).apply(v, x, e) ** 2))(jnp.zeros((5, 6)))
+    by_hand = jax.jit(jax.grad(lambda e: jnp.mean(Net(edit=True).apply(v, x, e) ** 2)))(
+        jnp.zeros((5, 6))
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         allclose(rw.grads("out", [layer_1])[layer_1], by_hand, rtol=1e-5)

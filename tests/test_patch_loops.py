@@ -279,7 +279,7 @@ def test_a_flax_lstm_patched_at_a_step_agrees_with_the_unrolled_index(key):
     spliced into the unrolled index (the graph's twin)."""
     model = nn.RNN(nn.OptimizedLSTMCell(5))
     x = jax.random.normal(key, (2, 24, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = jax.jit(model.init)(jax.random.key(1), x)
 
     def f(variables, x):
         return (model.apply(variables, x) ** 2).sum()
@@ -302,7 +302,7 @@ def test_a_flax_lstm_patched_at_a_step_agrees_with_the_unrolled_index(key):
     # at the patched value: as putting a given value there (the experiments API)
     given = g.patch_fn(at)
     new_value = patched.value(at)
-    by_value = jax.grad(lambda value: given({at: value}, variables, x))(new_value)
+    by_value = jax.jit(jax.grad(lambda value: given({at: value}, variables, x)))(new_value)
     allclose(ours[at], by_value, rtol=1e-4, atol=1e-6)
     allclose(ours[f"{at}.unpatched"], -ours[at])  # through the patch h -> -h
 

@@ -82,7 +82,7 @@ def train_step(model, state, x, y):
 
 
 def test_an_equinox_training_step_names_the_forward_pass_inside_the_gradient():
-    model = MLP(jax.random.key(0))
+    model = eqx.filter_jit(MLP)(jax.random.key(0))  # (jitted: faster than eagerly)
     x = jax.random.normal(jax.random.key(1), (5, 3))
     y = jnp.linspace(-1.0, 1.0, 5)
     state = OPTIMIZER.init(eqx.filter(model, eqx.is_array))
@@ -94,15 +94,18 @@ def test_an_equinox_training_step_names_the_forward_pass_inside_the_gradient():
     allclose(g.value("loss/pred"), pred)
     assert g["loss/model"] is g["loss/pred"]
     assert "loss" not in g.names()  # the call returned (value, grads), not loss's value
-    check_slice(g.slice("loss/pred", "value"), (pred,), lambda p: jnp.mean((p - y) ** 2))
+    # (the references under jit: run eagerly, each operation compiles on its own)
+    check_slice(g.slice("loss/pred", "value"), (pred,), jax.jit(lambda p: jnp.mean((p - y) ** 2)))
     # the forward value feeds the backward pass: d(mean((p - y)^2))/d(l2.bias), by hand
     check_slice(
-        g.slice("loss/pred", "grads.l2.bias"), (pred,), lambda p: 2.0 * jnp.mean(p - y)[None]
+        g.slice("loss/pred", "grads.l2.bias"),
+        (pred,),
+        jax.jit(lambda p: 2.0 * jnp.mean(p - y)[None]),
     )
     check_slice(
         g.slice("loss/model/hidden", "value"),
         (hidden,),
-        lambda h: jnp.mean((h @ model.l2.weight[0] + model.l2.bias[0] - y) ** 2),
+        jax.jit(lambda h: jnp.mean((h @ model.l2.weight[0] + model.l2.bias[0] - y) ** 2)),
     )
 
 
@@ -206,7 +209,7 @@ def test_a_flax_linen_optax_step_names_what_its_loss_binds():
     model = LinenMLP()
     x = jax.random.normal(jax.random.key(1), (5, 3))
     y = jnp.linspace(-1.0, 1.0, 5)
-    params = model.init(jax.random.key(0), x)
+    params = jax.jit(model.init)(jax.random.key(0), x)  # (jitted: faster than eagerly)
     opt_state = OPTIMIZER.init(params)
 
     def loss_fn(params, x, y):
@@ -223,10 +226,12 @@ def test_a_flax_linen_optax_step_names_what_its_loss_binds():
     allclose(g.value("loss_fn/pred"), pred)
     allclose(g.value("LinenMLP/Dense_0"), x @ params["params"]["Dense_0"]["kernel"]
              + params["params"]["Dense_0"]["bias"])  # fmt: skip
-    check_slice(g.slice("loss_fn/pred", "loss"), (pred,), lambda p: jnp.mean((p - y) ** 2))
+    # (the references under jit: run eagerly, each operation compiles on its own)
+    check_slice(g.slice("loss_fn/pred", "loss"), (pred,), jax.jit(lambda p: jnp.mean((p - y) ** 2)))
     # the whole step for new arguments still equals the original
     new = (params, opt_state, x * 2.0, y[::-1])
-    for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), jax.tree.leaves(step(*new))):
+    theirs_all = jax.tree.leaves(jax.jit(step)(*new))
+    for ours, theirs in zip(jax.tree.leaves(g.as_function()(*new)), theirs_all):
         allclose(ours, theirs, rtol=1e-5)
 
 
@@ -486,11 +491,13 @@ def test_names_inside_jit_calls_loops_and_checkpoints_under_a_transform(fn, firs
     # no token is a name, and the tags change no number of the whole function
     assert not any("__js" in n for n in g.names())
     new = (w.T, args[1][::-1])
-    allclose(g.as_function()(*new), fn(*new), rtol=1e-5)
+    # (the references under jit: run eagerly, each operation compiles on its own)
+    allclose(g.as_function()(*new), jax.jit(fn)(*new), rtol=1e-5)
     if fn is deep_train:
-        check_slice(g.slice("deep_loss/dense#1/pre", "out[0]"), (pre1,), lambda p: deep_rest(w, p))
+        s = g.slice("deep_loss/dense#1/pre", "out[0]")
+        check_slice(s, (pre1,), jax.jit(lambda p: deep_rest(w, p)))
         s = g.slice("deep_loss/step/nxt@1", "deep_loss/block/inner")
-        check_slice(s, (nxt[1],), lambda c: jnp.cos(_steps(c, 2)) * 2.0)
+        check_slice(s, (nxt[1],), jax.jit(lambda c: jnp.cos(_steps(c, 2)) * 2.0))
 
 
 class GRURNN(eqx.Module):
@@ -517,7 +524,7 @@ def gru_loss(model, xs, y):
 
 
 def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
-    model = GRURNN(jax.random.key(0))
+    model = eqx.filter_jit(GRURNN)(jax.random.key(0))  # (jitted: faster than eagerly)
     xs = jax.random.normal(jax.random.key(1), (4, 7, 2))
     y = jnp.arange(4.0)
 
@@ -546,7 +553,7 @@ def test_an_equinox_gru_scanned_under_vmap_and_a_gradient_names_its_steps():
     check_slice(
         g.slice("gru_loss/model/step/state#1@6", "out[0]"),
         (states[6],),
-        lambda s: jnp.mean((s @ model.out.weight[0] + model.out.bias[0] - y) ** 2),
+        jax.jit(lambda s: jnp.mean((s @ model.out.weight[0] + model.out.bias[0] - y) ** 2)),
     )
     allclose(g.value("out[0]"), jnp.mean((pred - y) ** 2))
 
