@@ -179,30 +179,46 @@ def _never() -> bool:
 
 def refuse_wrapping(what: str, dtype: Any, value: Any) -> None:
     """A SliceError where ``value``, ``what`` for a value of ``dtype`` (``"the patch for
-    'k' (int32)"``), is an integer constant outside its range: cast, it would wrap around
-    (300 for a uint8 var runs as 44; 2**40 for an int32 one is JAX's OverflowError)."""
+    'k' (int32)"``), is a constant outside its range: cast, an integer would wrap around
+    (300 for a uint8 var runs as 44; 2**40 for an int32 one is JAX's OverflowError), a
+    finite float become inf (1e6 for a float16 var)."""
     outside = outside_range(dtype, value)
     if outside:
         raise SliceError(
-            f"{what}: {outside}, where it would wrap around; give a value in the range "
-            "(cast it yourself if wrapping is what you mean)"
+            f"{what}: {outside}; give a value in the range (cast it yourself if that is "
+            "what you mean)"
         )
 
 
 def outside_range(dtype: Any, value: Any) -> str:
-    """What of an integer constant (a Python int, a NumPy or JAX array) lies outside an
-    integer ``dtype``'s range (``""`` if nothing): cast, it would wrap around."""
-    if dtype_kind(dtype) != 1 or isinstance(value, jax.core.Tracer):
+    """What of a constant (a Python number, a NumPy or JAX array) lies outside an integer
+    or floating ``dtype``'s range and what casting it would do (``""`` if nothing): an
+    integer wraps around, a finite float becomes inf."""
+    kind = dtype_kind(dtype)
+    if kind not in (1, 2) or isinstance(value, jax.core.Tracer):
         return ""
-    if isinstance(value, int) and not isinstance(value, bool):  # 2**70 too (no int64)
-        return out_of_range(dtype, value)
+    if kind == 1 and isinstance(value, int) and not isinstance(value, bool):  # 2**70 too
+        said = out_of_range(dtype, value)
+        return said and f"{said}, where it would wrap around"
     values = np.asarray(value)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+    if values.size == 0:
+        return ""
+    if kind == 2 and jnp.issubdtype(values.dtype, jnp.floating):  # (bfloat16 too)
+        values = values.astype(np.float64)
+        big = float(np.max(np.abs(values), where=np.isfinite(values), initial=0.0))
+        top = float(jnp.finfo(dtype).max)
+        if big > top:
+            name = jnp.dtype(dtype).name
+            return (
+                f"{big:g} is outside {name}'s range, -{top:g} .. {top:g}, where it would become inf"
+            )
+        return ""
+    if kind != 1 or not np.issubdtype(values.dtype, np.integer):
         return ""
     for end in (int(values.min()), int(values.max())):
         said = out_of_range(dtype, end)
         if said:
-            return said
+            return f"{said}, where it would wrap around"
     return ""
 
 

@@ -1029,7 +1029,30 @@ CATALOG = [
         js.SliceError,
         r"the patch for 'k' \(int32\): 4294967301 is outside int32's range",
     ),
+    (
+        "a finite float patch a float16 var cannot hold (became inf silently before)",
+        lambda g, a: _half_graph().replace("h", jnp.full(3, 1e6)),
+        js.SliceError,
+        r"the replacement for 'h' \(float16\[3\]\): 1e\+06 is outside float16's range, "
+        r"-65504 .. 65504, where it would become inf",
+    ),
+    (
+        "the same, as a patch_fn patch (bfloat16's 999424)",
+        lambda g, a: _half_graph().patch_fn("h")(
+            {"h": jnp.full(3, 1e6, jnp.bfloat16)}, jnp.ones(3)
+        ),
+        js.SliceError,
+        r"the patch for 'h' \(float16\): 999424 is outside float16's range",
+    ),
 ]
+
+
+def _half_graph():
+    def f(x):
+        h = jnp.sin(x).astype(jnp.float16)
+        return (h * 2).astype(jnp.float32).sum()
+
+    return js.trace(f, jnp.ones(3))
 
 
 def _branchy(p, y):
