@@ -12,6 +12,8 @@ Tsit5 solve saved at given times; a NumPyro model's potential energy; a jraph
 ``GraphNetwork``; an optax Adam step; blackjax HMC and NUTS steps.
 """
 
+import functools
+
 import blackjax
 import equinox as eqx
 import flax.linen as nn
@@ -37,10 +39,17 @@ def keys(n, seed=0):
 
 # -- Haiku: hk.nets.MLP ------------------------------------------------------------------------
 haiku_mlp = hk.transform(lambda x: hk.nets.MLP([8, 8, 2])(x).sum())
-HX = jax.random.normal(jax.random.key(0), (4, 3))
-HP_A = haiku_mlp.init(jax.random.key(1), HX)
-HP_B = haiku_mlp.init(jax.random.key(2), HX)
-HX_B = jax.random.normal(jax.random.key(3), (4, 3))
+
+
+@functools.cache
+def haiku_case():
+    """``(x, params A, params B, x B)`` of ``haiku_mlp``, made when first asked: every
+    pytest-xdist worker imports every test module, and made at import they cost each a
+    second."""
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    params_a = haiku_mlp.init(jax.random.key(1), x)
+    params_b = haiku_mlp.init(jax.random.key(2), x)
+    return x, params_a, params_b, jax.random.normal(jax.random.key(3), (4, 3))
 
 
 def test_haiku_mlp_as_function_and_its_gradient_at_new_params():
@@ -48,6 +57,7 @@ def test_haiku_mlp_as_function_and_its_gradient_at_new_params():
     inputs, and so do its gradients (eager and jitted). With the first layer zeroed every
     pre-activation is exactly 0, where ``jax.nn.relu``'s custom_jvp rule says 0: the
     gradient w.r.t. the first bias is then 0 (an inlined ``max`` would give 0.5 per unit)."""
+    HX, HP_A, HP_B, HX_B = haiku_case()
     g = js.trace(haiku_mlp.apply, HP_A, None, HX)
     whole = g.as_function()
     zero_first = dict(
@@ -70,6 +80,7 @@ def test_haiku_mlp_grads_slices_values_and_replace():
     Haiku parameters; a slice between two layers equals the layer applied by hand, also
     bound to new parameters; ``values_fn`` under jit equals the layers by hand at B; a
     replaced layer output equals the MLP with that layer halved by hand."""
+    HX, HP_A, HP_B, HX_B = haiku_case()
     g = js.trace(haiku_mlp.apply, HP_A, None, HX)
 
     def by_hand(p, x, eps0=0.0, eps1=0.0, scale1=1.0):
@@ -212,22 +223,28 @@ def gru_perturbed(eps, cell, h0, xs, scale_at=None):
     return jnp.tanh(h).sum() + jnp.stack(hs).sum()
 
 
-GRU_A = (
-    eqx.nn.GRUCell(3, 4, key=jax.random.key(0)),
-    jnp.zeros(4),
-    jax.random.normal(jax.random.key(2), (T, 3)),
-)
-GRU_B = (
-    eqx.nn.GRUCell(3, 4, key=jax.random.key(1)),
-    jax.random.normal(jax.random.key(4), (4,)),
-    jax.random.normal(jax.random.key(3), (T, 3)),
-)
+@functools.cache
+def gru_cases():
+    """The arguments ``(cell, h0, xs)`` of ``gru_run`` at A and at B (made when first
+    asked, as :func:`haiku_case`)."""
+    a = (
+        eqx.nn.GRUCell(3, 4, key=jax.random.key(0)),
+        jnp.zeros(4),
+        jax.random.normal(jax.random.key(2), (T, 3)),
+    )
+    b = (
+        eqx.nn.GRUCell(3, 4, key=jax.random.key(1)),
+        jax.random.normal(jax.random.key(4), (4,)),
+        jax.random.normal(jax.random.key(3), (T, 3)),
+    )
+    return a, b
 
 
 def test_equinox_gru_scan_whole_function_and_per_step_grads():
     """A ``GRUCell`` run by ``lax.scan``: ``as_function`` and its gradient at another cell,
     state and sequence equal the scan's; ``g.grads`` / jitted ``grads_fn`` at every step's
     new state (``eqx.nn.GRUCell@*``) equal the trick unrolled by hand, at A and at B."""
+    GRU_A, GRU_B = gru_cases()
     g = js.trace(gru_run, *GRU_A)
     whole = g.as_function()
     # (the references under jit: run eagerly, each operation compiles on its own)
@@ -254,6 +271,7 @@ def test_equinox_gru_scan_slices_values_and_replace():
     stepped by hand, with JVPs and gradients, at A and bound to B (eager and jitted);
     ``values_fn`` at B equals the states by hand; a patched step (``@2`` halved) and its
     ``patch_fn`` equal the hand-unrolled loop with that state halved."""
+    GRU_A, GRU_B = gru_cases()
     g = js.trace(gru_run, *GRU_A)
     cell_a, _, xs_a = GRU_A
     cell_b, _, xs_b = GRU_B
