@@ -1177,7 +1177,10 @@ def _tree_difference(old: list[tuple], new: list[tuple], old_how: Any, new_how: 
         return f"{_short(new_value)} where {_short(_unflat(old_how, [x for _, x, *_ in old]))} was traced"
     if missing or extra:
         parts = [f"no array{' at ' + missing[0] if missing[0] else ''}"] if missing else []
-        parts += [f"an array{' at ' + extra[0] if extra[0] else ''}"] if extra else []
+        if extra:  # (what is there: an array, or static data, a string)
+            x = next(x for k, (_, x, *_) in zip(new_keys, new) if k == extra[0])
+            what = "an array" if hasattr(x, "shape") else _short(x)
+            parts.append(f"{what}{' at ' + extra[0] if extra[0] else ''}")
         if missing and extra:
             return ", ".join(parts)
         there = " there" if (missing or extra)[0] else ""

@@ -354,6 +354,13 @@ CATALOG = [
         r"\['mask'\] \(traced with none there: None, or static data\)\)",
     ),
     (
+        "a string where nothing was traced is not called an array",
+        lambda g, a: masked_graph().as_function()(jnp.ones(2), {"scale": jnp.ones(2), "mask": "x"}),
+        js.SliceError,
+        r"argument `o` is a tree of another structure than the one traced \('x' at "
+        r"\['mask'\] \(traced with none there",
+    ),
+    (
         "a function made again where one was traced",
         lambda g, a: js.trace(
             lambda x, fn: fn(x), jnp.ones(2), functools.partial(jnp.multiply, 2.0)
