@@ -203,7 +203,9 @@ def outside_range(dtype: Any, value: Any) -> str:
     values = np.asarray(value)
     if values.size == 0:
         return ""
-    if kind == 2 and jnp.issubdtype(values.dtype, jnp.floating):  # (bfloat16 too)
+    if kind == 2 and (
+        jnp.issubdtype(values.dtype, jnp.floating) or np.issubdtype(values.dtype, np.integer)
+    ):  # (bfloat16 too; an int 10**5 is inf as a float16)
         values = values.astype(np.float64)
         big = float(np.max(np.abs(values), where=np.isfinite(values), initial=0.0))
         top = float(jnp.finfo(dtype).max)
