@@ -197,6 +197,8 @@ def outside_range(dtype: Any, value: Any) -> str:
     kind = dtype_kind(dtype)
     if kind not in (1, 2) or isinstance(value, jax.core.Tracer):
         return ""
+    if is_key(getattr(value, "dtype", None)):  # (refused elsewhere: not a number)
+        return ""
     if kind == 1 and isinstance(value, int) and not isinstance(value, bool):  # 2**70 too
         said = out_of_range(dtype, value)
         return said and f"{said}, where it would wrap around"
