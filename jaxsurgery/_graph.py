@@ -71,6 +71,52 @@ if TYPE_CHECKING:
     from ._slice import Slice
 
 
+#: the most bytes of computed values a graph keeps (what ``g.value``, contexts and
+#: their checkpoints computed); past it, those asked longest ago go, computed again when
+#: asked (a notebook reading every value of a 1 GB-activation model kept them all)
+KEPT_VALUES_BYTES = 1 << 30
+
+
+class _Kept(dict):
+    """Computed values by var index, least recently asked first, counting their bytes
+    (a loop row's stacked values are counted by ``LoopIndex.kept_iterations``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        if key in self:
+            self.nbytes -= _nbytes(self[key])
+        super().__setitem__(key, value)
+        self.nbytes += _nbytes(value)
+
+    def __delitem__(self, key: int) -> None:
+        self.nbytes -= _nbytes(self[key])
+        super().__delitem__(key)
+
+    def update(self, items: Any = (), /) -> None:  # type: ignore[override]
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def asked(self, keys: Collection[int]) -> None:
+        """``keys`` were asked now: last to go; then the values asked longest ago go
+        until what is kept fits :data:`KEPT_VALUES_BYTES` (``keys`` stay)."""
+        for key in keys:
+            if key in self:  # (not a transform's tracer, dropped: see _forget_traced)
+                super().__setitem__(key, super().pop(key))
+        if self.nbytes <= KEPT_VALUES_BYTES:
+            return
+        for key in [k for k in self if k not in keys]:
+            del self[key]
+            if self.nbytes <= KEPT_VALUES_BYTES:
+                return
+
+
+def _nbytes(x: Any) -> int:
+    return 0 if isinstance(x, jax.core.Tracer) else int(getattr(x, "nbytes", 0) or 0)
+
+
 #: what a missing argument is (None may be a value: g.replace's)
 _NOTHING = object()
 
@@ -252,7 +298,7 @@ class Graph(Identical):
         self._made: dict[Any, Any] = {}
         self._title = title
         self._vars = tuple(Var(self, i) for i in range(len(program.vars)))
-        self._values: dict[int, Any] = {}
+        self._values = _Kept()  # (see KEPT_VALUES_BYTES)
         #: per template var of a folded scan that ran whole: its stacked values
         self._loop_rows: dict[Any, Any] = {}
         self._loops: bool | None = None  # see _has_loops
@@ -431,6 +477,7 @@ class Graph(Identical):
         found = [values[v.index] for v in flat]
         if missing and C.holds_tracer(found):  # (only what was computed now can be one)
             self._forget_traced()
+        values.asked({v.index for v in flat})
         return _select.unflatten(structure, found)
 
     @property

@@ -168,6 +168,35 @@ def test_values_compute_with_the_literals_and_the_context_traced(whole, monkeypa
     np.testing.assert_array_equal(g.value("out"), traced)
 
 
+def test_the_values_a_graph_keeps_stay_within_its_budget(monkeypatch):
+    """Reading every value of a model one by one kept them all (a 1 GB-activation model
+    kept 1 GB more, growing with batch and length): past ``KEPT_VALUES_BYTES`` the values
+    asked longest ago go, and asked again they are computed again, equal."""
+    import jaxsurgery._graph as graph_module
+
+    monkeypatch.setattr(graph_module, "KEPT_VALUES_BYTES", 4 * 64 * 256 * 4)  # 4 values
+
+    def chain(x):
+        h = x
+        for _ in range(30):
+            h = jnp.tanh(h * 1.01)
+        return h.sum()
+
+    x = jax.random.normal(jax.random.key(0), (64, 256))
+    g = js.trace(chain, x)
+    names = [v.name for v in g.vars if v.shape == (64, 256) and v.name != "x"]
+    expected, h = [], x
+    for _ in range(30):
+        expected += [h * 1.01, h := jnp.tanh(h * 1.01)]
+    assert len(names) == len(expected) == 60
+    for name, ref in zip(names, expected):
+        allclose(g.value(name), ref)
+        assert g._values.nbytes <= 4 * 64 * 256 * 4
+    assert len(g._values) <= 4
+    allclose(g.value(names[0]), expected[0])  # (gone: computed again)
+    allclose(g.value(names[-1]), expected[-1])
+
+
 def test_values_are_concrete_inside_jit():
     g = js.trace(mlp_12782, *mlp_12782_args())
 
