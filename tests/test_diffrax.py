@@ -205,6 +205,8 @@ def test_values_at_each_stage_of_a_runge_kutta_step_are_named():
     w, y0 = jnp.eye(4) * 0.5 + 0.1, jnp.linspace(-1.0, 1.0, 4)
     g = js.trace(solve_with(diffrax.Heun()), w, y0)
     assert len(g.select("dy@*@*")) == 20
+    # (the note showed no name where the value is in a loop inside the folded one)
+    assert any("name one iteration, e.g. 'dy@0@0'" in n for n in g.notes), g.notes
     y, h = y0, 0.1
     for step in range(10):
         k0, k1 = f(step * h, y, w), f(step * h + h, y + h * f(step * h, y, w), w)
