@@ -198,6 +198,11 @@ def _array(x: Any, key: str, wanted: str) -> Any:
     """The patch ``x`` for ``key`` as an array; a SliceError asking for ``wanted``."""
     try:
         return jnp.asarray(x)
+    except OverflowError:  # a Python int past int32 (x64 off): JAX's bare error
+        raise SliceError(
+            f"the patch for {key!r} is the Python int {x}, which JAX takes as an int32 "
+            f"and which that does not hold; give it as an array of {wanted}"
+        ) from None
     except (TypeError, ValueError):  # None, a string, an object JAX takes no array of
         raise SliceError(
             f"the patch for {key!r} is {type(x).__name__}, not an array: give one of {wanted}"

@@ -777,6 +777,8 @@ def _numbers(var: Var, value: Any) -> np.ndarray:
             "holds no numbers; give an array of numbers, or a function of the old value"
         )
     if array.dtype == np.float64 and jnp.issubdtype(var.dtype, jnp.floating):
+        # (checked first: the cast makes a float past the var's range inf)
+        refuse_wrapping(f"the replacement for {var.name!r} ({type_of(var)})", var.dtype, array)
         array = array.astype(var.dtype)  # (Python floats: as a float does, not a float64)
     return array
 

@@ -202,19 +202,22 @@ def outside_range(dtype: Any, value: Any) -> str:
     if kind == 1 and isinstance(value, int) and not isinstance(value, bool):  # 2**70 too
         said = out_of_range(dtype, value)
         return said and f"{said}, where it would wrap around"
+    if _within(getattr(value, "dtype", None), dtype):
+        return ""  # (nothing of the given dtype is outside: no pass over its values)
     values = np.asarray(value)
     if values.size == 0:
         return ""
     if kind == 2 and (
         jnp.issubdtype(values.dtype, jnp.floating) or np.issubdtype(values.dtype, np.integer)
     ):  # (bfloat16 too; an int 10**5 is inf as a float16)
-        values = values.astype(np.float64)
-        big = float(np.max(np.abs(values), where=np.isfinite(values), initial=0.0))
-        top = float(jnp.finfo(dtype).max)
-        if big > top:
+        with np.errstate(over="ignore"):
+            cast = values.astype(dtype)
+        over = np.isinf(cast.astype(np.float32)) & np.isfinite(values.astype(np.float64))
+        if over.any():  # (where the cast overflows: a value rounding to the largest is fine)
+            x, top = float(values[over].flat[0]), float(jnp.finfo(dtype).max)
             name = jnp.dtype(dtype).name
             return (
-                f"{big:g} is outside {name}'s range, -{top:g} .. {top:g}, where it would become inf"
+                f"{x!r} is outside {name}'s range, -{top!r} .. {top!r}, where it would become inf"
             )
         return ""
     if kind != 1 or not np.issubdtype(values.dtype, np.integer):
@@ -224,6 +227,20 @@ def outside_range(dtype: Any, value: Any) -> str:
         if said:
             return f"{said}, where it would wrap around"
     return ""
+
+
+def _within(given: Any, dtype: Any) -> bool:
+    """Whether every value of dtype ``given`` (None: not an array) is one ``dtype`` holds
+    without wrapping around or becoming inf (a float32 patch of a float32 var)."""
+    if given is None or is_key(given) or dtype_kind(given) not in (1, 2):
+        return False
+    if dtype_kind(dtype) == 1:
+        if dtype_kind(given) != 1:
+            return False
+        a, b = jnp.iinfo(given), jnp.iinfo(dtype)
+        return b.min <= a.min and a.max <= b.max
+    top = jnp.finfo(given).max if dtype_kind(given) == 2 else jnp.iinfo(given).max
+    return float(top) <= float(jnp.finfo(dtype).max)
 
 
 def returned(x: Any) -> Any:

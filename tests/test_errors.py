@@ -1040,8 +1040,21 @@ CATALOG = [
         "a finite float patch a float16 var cannot hold (became inf silently before)",
         lambda g, a: _half_graph().replace("h", jnp.full(3, 1e6)),
         js.SliceError,
-        r"the replacement for 'h' \(float16\[3\]\): 1e\+06 is outside float16's range, "
-        r"-65504 .. 65504, where it would become inf",
+        r"the replacement for 'h' \(float16\[3\]\): 1000000.0 is outside float16's range, "
+        r"-65504.0 .. 65504.0, where it would become inf",
+    ),
+    (
+        "the same as a list of Python floats (cast before the check: inf, silently)",
+        lambda g, a: _half_graph().replace("h", [7e4, 1.0, 1.0]),
+        js.SliceError,
+        r"the replacement for 'h' \(float16\[3\]\): 70000.0 is outside float16's range",
+    ),
+    (
+        "a Python int past int32 as a patch of a float var (JAX's OverflowError before)",
+        lambda g, a: g.patch_fn("z1")({"z1": 2**62}, *mlp_12782_args()),
+        js.SliceError,
+        r"the patch for 'z1' is the Python int 4611686018427387904, which JAX takes as an "
+        r"int32 and which that does not hold",
     ),
     (
         "the same, as a patch_fn patch (bfloat16's 999424)",
@@ -1049,7 +1062,7 @@ CATALOG = [
             {"h": jnp.full(3, 1e6, jnp.bfloat16)}, jnp.ones(3)
         ),
         js.SliceError,
-        r"the patch for 'h' \(float16\): 999424 is outside float16's range",
+        r"the patch for 'h' \(float16\): 999424.0 is outside float16's range",
     ),
 ]
 

@@ -483,3 +483,23 @@ def test_identity_patches_and_scope_globs_of_a_patched_graph():
     assert p.select("blk/*@1").matched == g.select("blk/*@1").matched
     last = g.select("blk/*@1").matched[-1]
     allclose(p.values_fn("blk/*@1")(x)[last], g.value(last))
+
+
+def test_constants_that_round_to_the_largest_finite_value_are_patched_in():
+    """The range check refuses what a cast makes inf, not what rounds to the dtype's
+    largest value: ``-3.4028235e+38`` (finfo(float32).min as printed, a mask fill) for a
+    float32 var, 65519.0 for a float16 one (65504.0); inf given on purpose stays."""
+
+    def f(x):
+        h = jnp.sin(x)
+        h16 = h.astype(jnp.float16)
+        return h, h16
+
+    x = jnp.ones(3)
+    g = js.trace(f, x)
+    out = g.replace("h", -3.4028235e38).as_function()(x)[0]
+    np.testing.assert_array_equal(out, np.full(3, np.finfo(np.float32).min))
+    out = g.patch_fn(["h16"])({"h16": np.full(3, 65519.0)}, x)[1]
+    np.testing.assert_array_equal(out, np.full(3, 65504.0, np.float16))
+    out = g.replace("h16", np.inf).as_function()(x)[1]
+    assert np.isinf(out).all()
