@@ -71,29 +71,56 @@ if TYPE_CHECKING:
     from ._slice import Slice
 
 
-#: the most bytes of computed values a graph keeps (what ``g.value``, contexts and
-#: their checkpoints computed); past it, those asked longest ago go, computed again when
-#: asked (a notebook reading every value of a 1 GB-activation model kept them all)
+#: the most bytes of computed values a graph keeps (what ``g.value`` computed and its
+#: checkpoints; a slice keeps its own context); past it, those asked longest ago go,
+#: computed again when asked (a notebook reading every value of a 1 GB-activation
+#: model kept them all)
 KEPT_VALUES_BYTES = 1 << 30
 
 
 class _Kept(dict):
-    """Computed values by var index, least recently asked first, counting their bytes
-    (a loop row's stacked values are counted by ``LoopIndex.kept_iterations``)."""
+    """Computed values by var index, least recently asked first, counting their bytes:
+    the rows of one stacked result (an unrolled while_loop's trips) count its bytes once,
+    while any is kept; a folded scan's rows (:meth:`loop_row`) count in
+    ``LoopIndex.kept_iterations``, which keeps them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.nbytes = 0
+        self._stacks: dict[int, list] = {}  # id of a stacked result: [it, rows kept]
+        self._elsewhere: set[int] = set()  # keys of rows counted by the loop index
 
     def __setitem__(self, key: int, value: Any) -> None:
         if key in self:
-            self.nbytes -= _nbytes(self[key])
+            del self[key]
         super().__setitem__(key, value)
-        self.nbytes += _nbytes(value)
+        if type(value) is Row:
+            stack = self._stacks.setdefault(id(value.array), [value.array, 0])
+            stack[1] += 1
+            self.nbytes += _nbytes(value.array) if stack[1] == 1 else 0
+        else:
+            self.nbytes += _nbytes(value)
 
     def __delitem__(self, key: int) -> None:
-        self.nbytes -= _nbytes(self[key])
+        value = self[key]
         super().__delitem__(key)
+        if key in self._elsewhere:
+            self._elsewhere.discard(key)
+        elif type(value) is Row:
+            stack = self._stacks[id(value.array)]
+            stack[1] -= 1
+            if not stack[1]:
+                del self._stacks[id(value.array)]
+                self.nbytes -= _nbytes(value.array)
+        else:
+            self.nbytes -= _nbytes(value)
+
+    def loop_row(self, key: int, row: Row) -> None:
+        """Keep ``row``, of a folded scan's rows the graph keeps (not counted here)."""
+        if key in self:
+            del self[key]
+        super().__setitem__(key, row)
+        self._elsewhere.add(key)
 
     def update(self, items: Any = (), /) -> None:  # type: ignore[override]
         for key, value in dict(items).items():
@@ -430,7 +457,7 @@ class Graph(Identical):
         for v in flat:  # a body value of a loop already run: a row of its stacked values
             rows = self._loop_rows.get(getattr(v, "template", None))
             if rows is not None and v.index not in self._values:
-                self._values[v.index] = Row(rows, v.iteration)
+                self._values.loop_row(v.index, Row(rows, v.iteration))
         missing = list(dict.fromkeys(v.index for v in flat if v.index not in self._values))
         if missing:
             args = self._require_args("g.value", check=False)
@@ -1070,7 +1097,7 @@ class Graph(Identical):
             self._loop_rows[template] = exposed.raw(edit)
         for i in sites:
             v = self._loop_index.vars[i - n]
-            self._values[i] = Row(self._loop_rows[v.template], v.iteration)
+            self._values.loop_row(i, Row(self._loop_rows[v.template], v.iteration))
 
     def _with_other_iterations(self, looped: list[int]) -> list[int]:
         """``looped`` and the other iterations of the same body values, not yet cached.

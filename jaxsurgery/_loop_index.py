@@ -349,11 +349,11 @@ class LoopIndex:
             f"a scan of length {f.eqn.params['length']}" if f.is_scan else "a while_loop"
             for f in program.folded[:3]
         ]
-        shown = [  # names of one value (in every iteration of the loops around it; in
-            # each of a loop's inside it, diffrax's stages: dy@0@1)
+        shown = [  # names of one value in each iteration (of the loops around it and
+            # inside it, diffrax's stages: dy@0@1), not of two (a name bound twice)
             n
             for n, ts in self.names.items()
-            if len({t.inner for t in ts}) == len(ts) and not is_generated(n)
+            if len({(t.outer, t.inner) for t in ts}) == len(ts) and not is_generated(n)
         ][:3]
         symbolic = any(
             f.is_scan and not isinstance(f.eqn.params["length"], int) for f in program.folded

@@ -196,6 +196,29 @@ def test_the_values_a_graph_keeps_stay_within_its_budget(monkeypatch):
     allclose(g.value(names[0]), expected[0])  # (gone: computed again)
     allclose(g.value(names[-1]), expected[-1])
 
+    def trips(x):  # an unrolled while_loop: each trip's value kept as a row of a stack
+        def body(c):
+            i, h = c
+            new = jnp.tanh(h * 1.01)
+            return i + 1, new
+
+        return jax.lax.while_loop(lambda c: c[0] < 20, body, (0, x))[1].sum()
+
+    g = js.trace(trips, x)
+    assert "body/new@19" in g.names()
+    allclose(g.value("body/new@5"), expected[11])
+    # (the 20 trips' stack, 1.3 MB, counted once, is past the budget: not kept; its
+    # rows counted nothing before, and stayed)
+    assert g._values.nbytes <= 4 * 64 * 256 * 4
+    assert sum(a.nbytes for a in {id(r.array): r.array for r in _rows(g)}.values()) == 0
+    allclose(g.value("body/new@19"), expected[39])
+
+
+def _rows(g):
+    from jaxsurgery._structured import Row
+
+    return [x for x in g._values.values() if type(x) is Row]
+
 
 def test_values_are_concrete_inside_jit():
     g = js.trace(mlp_12782, *mlp_12782_args())
