@@ -17,8 +17,13 @@ from models import mlp_12782, mlp_12782_args
 
 import jaxsurgery as js
 
-#: where the js.collect cases write (removed at exit)
-_SCRATCH = tempfile.TemporaryDirectory()
+
+def _collect_in_scratch(fn, batches):
+    """``js.collect`` into a folder removed when it returns or raises (a folder made at
+    import was left by each pytest-xdist worker, which imports every test module and
+    runs no exit handlers)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return js.collect(scratch + "/a.zarr", fn, batches, progress=False)
 
 
 class Scaled(eqx.Module):
@@ -242,20 +247,13 @@ CATALOG = [
     ),
     (
         "js.collect of a function that returns an array, not a dict",
-        lambda g, a: js.collect(
-            _SCRATCH.name + "/a.zarr", lambda x: x * 2, [jnp.ones((2, 3))], progress=False
-        ),
+        lambda g, a: _collect_in_scratch(lambda x: x * 2, [jnp.ones((2, 3))]),
         js.SelectionError,
         r"fn returned \w*Array\w*; js.collect needs a dict \{key: array\} per batch",
     ),
     (
         "js.collect of a function that returns a nested dict",
-        lambda g, a: js.collect(
-            _SCRATCH.name + "/a.zarr",
-            lambda x: {"a": {"b": x}},
-            [jnp.ones((2, 3))],
-            progress=False,
-        ),
+        lambda g, a: _collect_in_scratch(lambda x: {"a": {"b": x}}, [jnp.ones((2, 3))]),
         js.SelectionError,
         r"fn returned dict at 'a'; js.collect needs a flat dict \{key: array\} per batch",
     ),
