@@ -224,7 +224,7 @@ def library_calls(
     method: Callable[[Any, Any, tuple, dict], Any],
     framed: Callable[[Any], Callable | None],
     user: Callable[[Any], bool],
-    unnamed: Callable[[str], None] = lambda reason: None,
+    unnamed: Callable[[str], None],
 ) -> contextlib.AbstractContextManager:
     """While tracing: library containers call each item as ``call("layers[k]", item)``
     returns it (a function that runs the item in a named frame), Equinox layers

@@ -87,17 +87,16 @@ class _Kept(dict):
     def __init__(self) -> None:
         super().__init__()
         self.nbytes = 0
-        self._stacks: dict[int, list] = {}  # id of a stacked result: [it, rows kept]
+        self._stacks: dict[int, int] = {}  # id of a stacked result: its rows kept
         self._elsewhere: set[int] = set()  # keys of rows counted by the loop index
 
     def __setitem__(self, key: int, value: Any) -> None:
         if key in self:
             del self[key]
         super().__setitem__(key, value)
-        if type(value) is Row:
-            stack = self._stacks.setdefault(id(value.array), [value.array, 0])
-            stack[1] += 1
-            self.nbytes += _nbytes(value.array) if stack[1] == 1 else 0
+        if type(value) is Row:  # (its rows hold the stack: its id stays its own)
+            rows = self._stacks[id(value.array)] = self._stacks.get(id(value.array), 0) + 1
+            self.nbytes += _nbytes(value.array) if rows == 1 else 0
         else:
             self.nbytes += _nbytes(value)
 
@@ -107,9 +106,8 @@ class _Kept(dict):
         if key in self._elsewhere:
             self._elsewhere.discard(key)
         elif type(value) is Row:
-            stack = self._stacks[id(value.array)]
-            stack[1] -= 1
-            if not stack[1]:
+            self._stacks[id(value.array)] -= 1
+            if not self._stacks[id(value.array)]:
                 del self._stacks[id(value.array)]
                 self.nbytes -= _nbytes(value.array)
         else:
