@@ -199,9 +199,10 @@ def _array(x: Any, key: str, wanted: str) -> Any:
     try:
         return jnp.asarray(x)
     except OverflowError:  # a Python int past int32 (x64 off): JAX's bare error
+        what = f"is the Python int {x}" if isinstance(x, int) else f"({x}) holds a Python int"
         raise SliceError(
-            f"the patch for {key!r} is the Python int {x}, which JAX takes as an int32 "
-            f"and which that does not hold; give it as an array of {wanted}"
+            f"the patch for {key!r} {what}, which JAX takes as an int32 and which that does "
+            f"not hold; give it as an array of {wanted}"
         ) from None
     except (TypeError, ValueError):  # None, a string, an object JAX takes no array of
         raise SliceError(

@@ -191,35 +191,38 @@ def refuse_wrapping(what: str, dtype: Any, value: Any) -> None:
 
 
 def outside_range(dtype: Any, value: Any) -> str:
-    """What of a constant (a Python number, a NumPy or JAX array) lies outside an integer
-    or floating ``dtype``'s range and what casting it would do (``""`` if nothing): an
-    integer wraps around, a finite float becomes inf."""
+    """What of a constant (a Python number, a NumPy or JAX array) lies outside an integer,
+    floating or complex ``dtype``'s range and what casting it would do (``""`` if
+    nothing): an integer wraps around, a finite float (or a finite part of a complex
+    number) becomes inf."""
     kind = dtype_kind(dtype)
-    if kind not in (1, 2) or isinstance(value, jax.core.Tracer):
+    if kind not in (1, 2, 3) or isinstance(value, jax.core.Tracer):
         return ""
     if is_key(getattr(value, "dtype", None)):  # (refused elsewhere: not a number)
         return ""
-    if kind == 1 and isinstance(value, int) and not isinstance(value, bool):  # 2**70 too
-        said = out_of_range(dtype, value)
-        return said and f"{said}, where it would wrap around"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if kind == 1:  # 2**70 too
+            said = out_of_range(dtype, value)
+            return said and f"{said}, where it would wrap around"
+        try:  # (as an array, 10**50 is one of Python objects, which the check skips)
+            value = float(value)
+        except OverflowError:  # past float64's range
+            return _becomes_inf(dtype, f"a Python int of {len(str(abs(value)))} digits")
     if _within(getattr(value, "dtype", None), dtype):
         return ""  # (nothing of the given dtype is outside: no pass over its values)
     values = np.asarray(value)
     if values.size == 0:
         return ""
-    if kind == 2 and (
-        jnp.issubdtype(values.dtype, jnp.floating) or np.issubdtype(values.dtype, np.integer)
-    ):  # (bfloat16 too; an int 10**5 is inf as a float16)
-        with np.errstate(over="ignore"):
+    if kind in (2, 3) and dtype_kind(values.dtype) in (1, 2, kind):
+        # (bfloat16 too; an int 10**5 is inf as a float16; 1e300 as a complex64)
+        with np.errstate(over="ignore", invalid="ignore"):
             cast = values.astype(dtype)
-        over = np.isinf(cast.astype(np.float32)) & np.isfinite(values.astype(np.float64))
-        if over.any():  # (where the cast overflows: a value rounding to the largest is fine)
-            x, top = float(values[over].flat[0]), float(jnp.finfo(dtype).max)
-            name = jnp.dtype(dtype).name
-            return (
-                f"{x!r} is outside {name}'s range, -{top!r} .. {top!r}, where it would become inf"
-            )
-        return ""
+        # where the cast overflows (a value that rounds to the largest finite one is fine)
+        over = np.zeros(values.shape, bool)
+        for part in (np.real, np.imag) if kind == 3 else (np.real,):
+            wide = (part(a).astype(np.float64) for a in (cast, values))
+            over |= np.isinf(next(wide)) & np.isfinite(next(wide))
+        return _becomes_inf(dtype, values[over].flat[0].item()) if over.any() else ""
     if kind != 1 or not np.issubdtype(values.dtype, np.integer):
         return ""
     for end in (int(values.min()), int(values.max())):
@@ -229,17 +232,30 @@ def outside_range(dtype: Any, value: Any) -> str:
     return ""
 
 
+def _becomes_inf(dtype: Any, x: Any) -> str:
+    """Says that ``x`` (a number, or what to call it), outside a floating or complex
+    ``dtype``'s range, becomes inf."""
+    top = float(jnp.finfo(dtype).max)
+    each = " (each part)" if dtype_kind(dtype) == 3 else ""
+    return (
+        f"{x if isinstance(x, str) else repr(x)} is outside {jnp.dtype(dtype).name}'s range{each}, -{top!r} .. {top!r}, "
+        "where it would become inf"
+    )
+
+
 def _within(given: Any, dtype: Any) -> bool:
     """Whether every value of dtype ``given`` (None: not an array) is one ``dtype`` holds
     without wrapping around or becoming inf (a float32 patch of a float32 var)."""
-    if given is None or is_key(given) or dtype_kind(given) not in (1, 2):
+    if given is None or is_key(given) or dtype_kind(given) not in (1, 2, 3):
+        return False
+    if dtype_kind(given) == 3 and dtype_kind(dtype) != 3:
         return False
     if dtype_kind(dtype) == 1:
         if dtype_kind(given) != 1:
             return False
         a, b = jnp.iinfo(given), jnp.iinfo(dtype)
         return b.min <= a.min and a.max <= b.max
-    top = jnp.finfo(given).max if dtype_kind(given) == 2 else jnp.iinfo(given).max
+    top = jnp.finfo(given).max if dtype_kind(given) in (2, 3) else jnp.iinfo(given).max
     return float(top) <= float(jnp.finfo(dtype).max)
 
 

@@ -44,6 +44,21 @@ def test_float64_with_x64():
         np.testing.assert_allclose(np.diag(jac), 1 - np.tanh(np.asarray(a)) ** 2, rtol=1e-12)
 
 
+def test_a_float64_var_takes_values_past_float32s_range():
+    """With x64 on, 1e300 for a float64 var is in its range: the range check refused it
+    (it looked at the value as a float32), as a replacement and as a patch."""
+    with jax.enable_x64(True):
+        g = js.trace(lambda x: (jnp.sin(x) * 2).sum(), jnp.ones(3, jnp.float64))
+        h = g.vars[1].name
+        assert g.replace(h, 1e300).value(h).tolist() == [1e300] * 3
+        patched = g.patch_fn(h)({h: jnp.full(3, 1e300)}, jnp.ones(3))
+        np.testing.assert_allclose(patched, 6e300)
+        with pytest.raises(
+            js.SliceError, match="a Python int of 310 digits is outside float64's range"
+        ):
+            g.replace(h, 10**309)  # (a Python int past float64's range: inf)
+
+
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # (JAX's, for the value)
 def test_gradients_of_an_x64_graph_with_x64_switched_off_say_to_switch_it_on():
     """They raised JAX's TypeError (lax.add of float64 and float32: zeros made without

@@ -1062,7 +1062,41 @@ CATALOG = [
         js.SliceError,
         r"the patch for 'h' \(float16\): 999424.0 is outside float16's range",
     ),
+    (
+        "a Python int a float16 var cannot hold, as a replacement (became inf silently before)",
+        lambda g, a: _half_graph().replace("h", 10**50),
+        js.SliceError,
+        r"the replacement for 'h' \(float16\[3\]\): 1e\+50 is outside float16's range",
+    ),
+    (
+        "a list holding a Python int past int32 as a patch (called 'the Python int' before)",
+        lambda g, a: g.patch_fn("z1")({"z1": [2**62, 1]}, *mlp_12782_args()),
+        js.SliceError,
+        r"the patch for 'z1' \(\[4611686018427387904, 1\]\) holds a Python int, which JAX "
+        r"takes as an int32",
+    ),
+    (
+        "a finite complex number a complex64 var cannot hold (became inf silently before)",
+        lambda g, a: _complex_graph().replace("h", np.full(3, 1e300 + 1j)),
+        js.SliceError,
+        r"the replacement for 'h' \(complex64\[3\]\): \(1e\+300\+1j\) is outside complex64's "
+        r"range \(each part\), .* where it would become inf",
+    ),
+    (
+        "the same in its imaginary part, as a Python complex patch",
+        lambda g, a: _complex_graph().patch_fn("h")({"h": 1e300j}, jnp.ones(3)),
+        js.SliceError,
+        r"the patch for 'h' \(complex64\): 1e\+300j is outside complex64's range",
+    ),
 ]
+
+
+def _complex_graph():
+    def f(x):
+        h = jnp.exp(1j * x)
+        return jnp.abs(h * 2).sum()
+
+    return js.trace(f, jnp.ones(3))
 
 
 def _half_graph():
