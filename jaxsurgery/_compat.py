@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax._src import array as _array  # ArrayImpl, the type of a concrete jax.Array
+from jax._src import callback as _callback  # io_callback's effects (see split_known)
 from jax._src import config as _config  # eager_constant_folding (see staged_normally)
 from jax._src import core as _core  # the running trace (trace_ctx)
+from jax._src import effects as _effects  # what partial evaluation keeps (split_known)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
 from jax._src.interpreters import batching as _batching  # vmap tracers: their batch
@@ -440,10 +443,37 @@ def split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[
     unknown input, dropping the rule: see :func:`_hold`). jax 0.10 takes and returns
     ``ClosedJaxpr`` s, newer JAX plain ``Jaxpr`` s with constants as inputs.
     """
-    known, known_consts, unknown, n = _split_known(
-        ClosedJaxpr(_hold(closed.jaxpr), closed.consts), unknowns
-    )
+    with _keeping_io_callbacks():
+        known, known_consts, unknown, n = _split_known(
+            ClosedJaxpr(_hold(closed.jaxpr), closed.consts), unknowns
+        )
     return _unhold(known), known_consts, _unhold(unknown), n
+
+
+_KEEPING = [0, threading.Lock()]  # (how many splits run, each keeping io_callbacks)
+
+
+@contextlib.contextmanager
+def _keeping_io_callbacks() -> Iterator[None]:
+    """Partial evaluation keeps ``io_callback`` s, as it keeps debug callbacks: JAX
+    keeps an equation whose results nothing reads only where its effect is one of
+    ``partial_eval_kept_effects``, which lists debug callbacks and not io_callbacks
+    (JAX does not differentiate those); a slice cut inside a loop ran none of them,
+    nor did the context before it."""
+    kept = _effects.partial_eval_kept_effects
+    types = (_callback.IOEffect, _callback.OrderedIOEffect)
+    with _KEEPING[1]:
+        _KEEPING[0] += 1
+        for t in types:
+            kept.add_type(t)
+    try:
+        yield
+    finally:
+        with _KEEPING[1]:
+            _KEEPING[0] -= 1
+            if not _KEEPING[0]:
+                for t in types:
+                    kept._effect_types.discard(t)
 
 
 def _split_known(closed: ClosedJaxpr, unknowns: list[bool]) -> tuple[Jaxpr, list[Any], Jaxpr, int]:
@@ -594,6 +624,12 @@ def callbacks_only(effects: Any) -> bool:
 def calls_back(effects: Any) -> bool:
     """Whether an equation (a loop, with what its body does) calls back to the host."""
     return any(map(_is_callback, effects))
+
+
+def calls_io_back(effects: Any) -> bool:
+    """Whether an equation or a program (with what its bodies do) holds an
+    ``io_callback``, which JAX does not differentiate."""
+    return any(isinstance(e, (_callback.IOEffect, _callback.OrderedIOEffect)) for e in effects)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -48,7 +48,15 @@ import jax.numpy as jnp
 from . import _compat as C
 from ._patch_graph import read_by_derivative
 from ._rules import dropped_derivatives
-from ._slice import Decision, Slice, _check_connected, _coerce, _takes, shielded_note
+from ._slice import (
+    IO_CALLBACK_NOTE,
+    Decision,
+    Slice,
+    _check_connected,
+    _coerce,
+    _takes,
+    shielded_note,
+)
 from ._structured import Edit, Extra, Site, carry_entry
 
 if TYPE_CHECKING:
@@ -163,6 +171,8 @@ class LoopSlice(Slice):
         )
         if guards:
             notes += (_ON_PATH,)
+        if C.calls_io_back(jaxpr.effects):  # (partial evaluation keeps them: split_known)
+            notes += (IO_CALLBACK_NOTE,)
         s = cls(
             graph,
             in_tree,

@@ -461,6 +461,46 @@ def test_a_slice_keeping_an_io_callback_says_it_has_no_derivative(log):
             ask()
 
 
+def test_a_slice_cut_inside_a_loop_keeps_its_io_callbacks(log):
+    """A slice cut inside a folded scan ran its iterations' jax.debug.callbacks and none
+    of their io_callbacks, nor did its context (JAX's partial evaluation, which splits
+    the loop, keeps debug effects only): both run now, and the slice says that JAX
+    differentiates none of them (g.jvp refuses with a SliceError)."""
+    from jax.experimental import io_callback
+
+    def rnn(x):
+        def step(c, xt):
+            u = jnp.sin(c) + xt
+            io_callback(lambda v: log.append(float(v[0])), None, u, ordered=True)
+            return u * 0.5, None
+
+        return jax.lax.scan(step, x, jnp.stack([x, x + 1, x + 2, x + 3]))[0] * 2
+
+    def by_hand(u, start):  # the u of each iteration from ``start`` on, given u there
+        us = [u]
+        for t in range(start + 1, 4):
+            us.append(jnp.sin(us[-1] * 0.5) + x + t)
+        return [float(v[0]) for v in us]
+
+    x = jnp.array([0.5])
+    g = js.trace(rnn, x)
+    s = g.slice("step/u@1", "out")
+    z, out = g.value("step/u@1"), rnn(x)
+    jax.effects_barrier()
+    log.clear()
+    np.testing.assert_allclose(s(z), out, rtol=1e-6)  # the context runs u@0's
+    jax.effects_barrier()
+    np.testing.assert_allclose(log, [float(jnp.sin(x)[0] + x[0]), *by_hand(z, 1)], rtol=1e-6)
+    for run in (s, jax.jit(s)):
+        log.clear()
+        run(z + 1.0)
+        jax.effects_barrier()
+        np.testing.assert_allclose(log, by_hand(z + 1.0, 1), rtol=1e-6)
+    assert any("keeps an io_callback" in n for n in s.notes), s.notes
+    with pytest.raises(js.SliceError, match="no derivative of .*keeps an io_callback"):
+        g.jvp("step/u@1", "out", jnp.ones(1))
+
+
 def test_symbolic_shapes_say_what_runs_and_what_has_no_name():
     """jax.export's symbolic dimensions: a scan of symbolic length raised JAX's
     InconclusiveDimensionOperation when an iteration was selected; a symbolic shape of
