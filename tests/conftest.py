@@ -106,10 +106,11 @@ def check_slice(s, args, reference=None, *, eqns=None):
     out_vjp, pullback = jax.vjp(s, *args)
     cotangent = _random_like(jax.random.key(2), out_vjp)
     cts = pullback(cotangent)
-    if reference is not None:  # (compiled as one program: eagerly, each of its ops
-        ref_out, ref_tangent, ref_cts = jax.jit(_transformed, static_argnums=0)(  # compiles
-            reference, args, tangents, cotangent  # its own, which took a tenth of the
-        )  # suite's time)
+    if reference is not None:
+        # (one compiled program: eagerly, each op compiles its own, a tenth of the suite)
+        ref_out, ref_tangent, ref_cts = jax.jit(_transformed, static_argnums=0)(
+            reference, args, tangents, cotangent
+        )
         allclose(out, ref_out)
         allclose(tangent, ref_tangent)
         allclose(cts, ref_cts)
