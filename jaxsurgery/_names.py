@@ -235,8 +235,15 @@ def assign_names(
         candidates[var].extend(names)
     for var, names in _group(bindings, first).items():
         candidates[var].extend(names)
+    # a scope's name yields to an input, tag or Python variable of that name (rules 1-3
+    # rank first): `with jax.named_scope("enc"): z = ...` then `enc = ...` is the
+    # variable's name alone (a scope named like an argument: the argument's)
+    higher: dict[str, set[int]] = {n: set(vs) for n, vs in first.items()}
+    for name, var in (*bindings, *tagged):
+        higher.setdefault(name, set()).add(var)
     for var, name in scopes:
-        candidates[var].append(name)
+        if var in higher.get(name, (var,)):
+            candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)
     if any(name in bound or name in tag_names for _, name in outputs):

@@ -543,6 +543,35 @@ def test_named_scopes_name_outputs_and_transform_marks_are_not_scopes():
     assert not [n for n in g.names() if n.startswith(("jvp()", "transpose("))]
 
 
+def test_a_scope_yields_its_name_to_a_variable_tag_or_argument_of_that_name():
+    """Names rank Python variables, tags and arguments above scopes: the variable bound
+    after `with jax.named_scope("enc")` to `enc` was `%4 (enc)`, and `g["enc"]` was
+    ambiguous; a scope named like an argument added its output to g.select("x"), so
+    gradients "wrt x" had a key too many. The scope's values stay found by scope=."""
+
+    def f(x, w):
+        with jax.named_scope("enc"):
+            z = jnp.sin(x) * 2
+        enc = jnp.cos(z) + x
+        with jax.named_scope("x"):
+            y = jnp.sin(enc * w) + 1
+        with jax.named_scope("key"):
+            k = jnp.tanh(y)
+        k = js.tag(k * 3, "key")
+        return jnp.sum(k * x)
+
+    x, w = jnp.array([0.1, 0.2]), jnp.float32(1.5)
+    g = js.trace(f, x, w)
+    np.testing.assert_allclose(g.value("enc"), jnp.cos(jnp.sin(x) * 2) + x, rtol=1e-6)
+    assert [v.name for v in g.select("enc")] == ["enc"]
+    assert g["z"].scope == "enc" and g["z"] in g.select(scope="enc")
+    assert [v.name for v in g.select("x")] == ["x"] and g["y"] in g.select(scope="x")
+    assert [v.name for v in g.select("key")] == ["key"] and g["key"].primitive == "mul"
+    grads = g.grads("out", ["x", "enc"])
+    assert sorted(grads) == ["enc", "x"]
+    np.testing.assert_allclose(grads["x"], jax.grad(f)(x, w), rtol=1e-6)
+
+
 def test_names_lists_each_name_once_unnamed_vars_included():
     g = js.trace(lambda x: jnp.sin(jnp.cos(x)).sum(), jnp.ones(3))  # no Python names
     names = g.names()
