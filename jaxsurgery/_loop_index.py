@@ -366,10 +366,18 @@ class LoopIndex:
             if shown
             else ""
         )
+        answer = (
+            f"answer to name@iteration{named}"
+            if self.names
+            else "have no names from the code (code jaxsurgery does not rewrite: a "
+            "library's, JAX's own as in lax.custom_root, or code whose source it cannot "
+            "read): they answer to loop<k>%<i>@iteration (g.select('loop0%*@0') lists "
+            "the first loop's at iteration 0)"
+        )
         return (
             f"{', '.join(kinds)}{', ...' if len(program.folded) > 3 else ''} "
             f"stay{'s' if len(program.folded) == 1 else ''} one equation in the index: "
-            f"body values are not listed in g.vars but answer to name@iteration{named}"
+            f"body values are not listed in g.vars but {answer}"
             + ("; a symbolic length's iterations have no names" if symbolic else "")
         )
 

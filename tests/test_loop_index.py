@@ -1526,3 +1526,21 @@ def test_values_an_unrolled_inner_loop_makes_list_and_differentiate_at_every_ite
     model = _RematScan()
     g = js.trace(model.apply, model.init(jax.random.key(1), xs), xs)
     assert len(g.select("**@1")) > 0 and len(g.select("**@*")) > 0
+
+
+def test_the_note_of_a_folded_loop_no_code_names_says_how_its_values_are_named():
+    """A loop in code jaxsurgery cannot rewrite (a library's, JAX's own as the Newton
+    iterations of lax.custom_root, code without source) has no names from the code: the
+    note said its values "answer to name@iteration", which none did; it says they
+    answer to loop<k>%<i>@iteration, and they do."""
+    space: dict = {"jax": jax, "jnp": jnp}
+    exec(  # (no source to read: nothing in it is named)
+        "def rnn(h, xs):\n    return jax.lax.scan(lambda h, x: (jnp.tanh(h + x), h), h, xs)[0]\n",
+        space,
+    )
+    g = js.trace(space["rnn"], jnp.zeros(2), jnp.ones((5, 2)))
+    (note,) = [n for n in g.notes if "one equation in the index" in n]
+    assert "have no names from the code" in note and "name@iteration" not in note, note
+    (add,) = [v for v in g.select("loop0%*@2") if v.primitive == "add"]  # h + x at step 2
+    h = jnp.tanh(jnp.tanh(jnp.ones(2)) + 1.0)
+    np.testing.assert_allclose(g.value(add), h + 1.0, rtol=1e-6)
