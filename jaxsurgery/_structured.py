@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
-from ._eager import eval_jaxpr, per_jaxpr
+from ._eager import bind, eval_jaxpr, per_jaxpr
 from ._errors import SliceError
 
 #: a scan's values put in at no more than this many iterations (a slice's inputs) run
@@ -970,8 +970,38 @@ def at_some_iterations(site: Site, every: Site) -> bool:
 
 def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
     """Whether a ``while_loop`` runs another trip: its condition of the carry (a
-    scalar; a loop whose condition is per lane stays whole, see ``per_lane``)."""
-    return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
+    scalar; a loop whose condition is per lane stays whole, see ``per_lane``).
+
+    Per lane under ``jax.vmap`` also where the condition says "any lane goes on"
+    (Equinox's ``unvmap_any``, in the loops of optimistix and diffrax, whose bodies
+    then leave finished lanes as they are): a lane's trips, and whether a value it
+    reaches exists, are those of that lane alone, as ``vmap(h)(xs)[i]`` is ``h(xs[i])``
+    (a lane that stopped after one trip got a number for its fourth)."""
+    if not any(e.primitive.name in _ACROSS_LANES for e in cond.jaxpr.eqns):
+        return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
+    env = dict(zip(cond.jaxpr.constvars, cond.consts))
+    env.update(zip(cond.jaxpr.invars, [*consts, *carry]))
+    for eqn in cond.jaxpr.eqns:
+        ins = [a.val if type(a) is C.Literal else env[a] for a in eqn.invars]
+        name = eqn.primitive.name
+        if name in _ACROSS_LANES:  # (as outside vmap: over the value's own axes)
+            outs = [_ACROSS_LANES[name](*ins)]
+        else:
+            out = bind(eqn.primitive, eqn.params, *ins)
+            outs = list(out) if eqn.primitive.multiple_results else [out]
+        env.update(zip(eqn.outvars, outs))
+    a = cond.jaxpr.outvars[0]
+    return a.val if type(a) is C.Literal else env[a]
+
+
+#: Equinox's primitives that reduce across a vmap's lanes (and the check that a value
+#: is the same in every lane), as each is outside vmap
+_ACROSS_LANES: dict[str, Callable[..., Any]] = {
+    "unvmap_any": jnp.any,
+    "unvmap_all": jnp.all,
+    "unvmap_max": jnp.max,
+    "nonbatchable": lambda x: x,
+}
 
 
 def per_lane(eqn: Any) -> bool:

@@ -705,3 +705,39 @@ def test_a_counted_while_loop_in_a_scan_body_is_named_per_trip_unless_too_long()
         h = k
     g = js.trace(model(1000), w, xs)
     assert any("constants decide its trip count, but it would unroll past" in n for n in g.notes)
+
+
+def test_a_loop_whose_condition_is_any_lane_checks_each_lane_under_vmap():
+    """Equinox's loops (optimistix's solvers, diffrax's) go on while any vmap lane does
+    (``unvmap_any``) and leave finished lanes as they are: a value at a trip a lane
+    never reaches got a number under jax.vmap (an optimistix Newton solve: hunt Q),
+    where that lane alone is a SliceError; each lane is checked as that lane alone."""
+    import equinox.internal as eqxi
+
+    def f(target):
+        def body(c):
+            y = c
+            t = js.tag(y * 2.0, "t")
+            return jnp.where(y < target, y + 1.0, y) + 0.0 * t
+
+        y = jax.lax.while_loop(lambda y: eqxi.unvmap_any(y < target), body, 0.0)
+        return y * 3.0
+
+    g = js.trace(f, 5.0)  # 5 trips: t@0 .. t@4
+    values = g.values_fn(["t@4"])
+    s = g.slice("t@4", "out")
+    with pytest.raises(js.SliceError, match="another path"):
+        values(2.0)  # 2 trips: no t@4
+    np.testing.assert_allclose(  # lanes on the traced path: each as alone
+        jax.vmap(values)(jnp.array([5.0, 4.5]))["t@4"], [8.0, 8.0]
+    )
+    np.testing.assert_allclose(
+        jax.vmap(lambda x, t: s.bind(x)(t))(jnp.array([5.0, 4.5]), jnp.array([8.0, 1.0])),
+        [15.0, 15.0],
+    )
+    for run in (
+        lambda: jax.vmap(values)(jnp.array([5.0, 2.0])),
+        lambda: jax.vmap(lambda x: s.bind(x)(8.0))(jnp.array([5.0, 2.0])),
+    ):
+        with pytest.raises(js.SliceError, match="another path"):
+            run()
