@@ -236,9 +236,10 @@ def _becomes_inf(dtype: Any, x: Any) -> str:
     """Says that ``x`` (a number, or what to call it), outside a floating or complex
     ``dtype``'s range, becomes inf."""
     top = float(jnp.finfo(dtype).max)
+    shown = x if isinstance(x, str) else repr(x)
     each = " (each part)" if dtype_kind(dtype) == 3 else ""
     return (
-        f"{x if isinstance(x, str) else repr(x)} is outside {jnp.dtype(dtype).name}'s range{each}, -{top!r} .. {top!r}, "
+        f"{shown} is outside {jnp.dtype(dtype).name}'s range{each}, -{top!r} .. {top!r}, "
         "where it would become inf"
     )
 
