@@ -184,6 +184,14 @@ def _one_numbering(
     return {n: (*vs,) for n, vs in order.items() if len(vs) > 1}
 
 
+def _unnumbered(name: str) -> str:
+    """``name`` without its ``#k`` numbers (``blk#1/h#2`` is ``blk/h``)."""
+    return _NUMBER.sub("", name) if "#" in name else name
+
+
+_NUMBER = re.compile(r"#\d+")
+
+
 def _numbered(name: str, k: int) -> str:
     """``h#k``, with the ``#k`` before an iteration suffix: ``step/h#1@3``."""
     base, at, iterations = name.partition("@")
@@ -235,14 +243,15 @@ def assign_names(
         candidates[var].extend(names)
     for var, names in _group(bindings, first).items():
         candidates[var].extend(names)
-    # a scope's name yields to an input, tag or Python variable of that name (rules 1-3
-    # rank first): `with jax.named_scope("enc"): z = ...` then `enc = ...` is the
-    # variable's name alone (a scope named like an argument: the argument's)
-    higher: dict[str, set[int]] = {n: set(vs) for n, vs in first.items()}
+    # a scope's name yields to an input, tag, Python variable or call of that name (rules
+    # 1-3 rank first): `with jax.named_scope("enc"): z = ...` then `enc = ...` is the
+    # variable's name alone (a scope named like an argument: the argument's), also where
+    # both are numbered (a scope entered twice, "h" and "h#1"; a variable bound twice)
+    higher: dict[str, set[int]] = {_unnumbered(n): set(vs) for n, vs in first.items()}
     for name, var in (*bindings, *tagged):
-        higher.setdefault(name, set()).add(var)
+        higher.setdefault(_unnumbered(name), set()).add(var)
     for var, name in scopes:
-        if var in higher.get(name, (var,)):
+        if var in higher.get(_unnumbered(name), (var,)):
             candidates[var].append(name)
     for var, name in outputs:
         candidates[var].append(name)

@@ -696,7 +696,7 @@ def _goes_on(
         next(given) if i is not None else a.val if type(a) is C.Literal else C.zeros_of(a.aval)
         for a, i in zip(atoms, at)
     ]
-    return goes_on(cond, (), args) == expected  # args: its consts, then the carry
+    return goes_on(cond, (), args, lane_alone=True) == expected  # (consts, then the carry)
 
 
 def _evaluate_vars(

@@ -968,16 +968,20 @@ def at_some_iterations(site: Site, every: Site) -> bool:
     )
 
 
-def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
+def goes_on(
+    cond: Any, consts: Sequence[Any], carry: Sequence[Any], lane_alone: bool = False
+) -> Any:
     """Whether a ``while_loop`` runs another trip: its condition of the carry (a
     scalar; a loop whose condition is per lane stays whole, see ``per_lane``).
 
-    Per lane under ``jax.vmap`` also where the condition says "any lane goes on"
-    (Equinox's ``unvmap_any``, in the loops of optimistix and diffrax, whose bodies
-    then leave finished lanes as they are): a lane's trips, and whether a value it
-    reaches exists, are those of that lane alone, as ``vmap(h)(xs)[i]`` is ``h(xs[i])``
-    (a lane that stopped after one trip got a number for its fourth)."""
-    if not any(e.primitive.name in _ACROSS_LANES for e in cond.jaxpr.eqns):
+    ``lane_alone``: for a check, per lane under ``jax.vmap`` also where the condition
+    says "any lane goes on" (Equinox's ``unvmap_any``, in the loops of optimistix and
+    diffrax, whose bodies then leave finished lanes as they are): whether a trip
+    exists for that lane alone, as ``vmap(h)(xs)[i]`` is ``h(xs[i])`` (a lane that
+    stopped after one trip got a number for its fourth). Not for a loop that runs:
+    there the condition is the program's, every lane going on while one does (a body
+    that does not leave finished lanes as they are computes on)."""
+    if not lane_alone or not any(e.primitive.name in _ACROSS_LANES for e in cond.jaxpr.eqns):
         return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
     env = dict(zip(cond.jaxpr.constvars, cond.consts))
     env.update(zip(cond.jaxpr.invars, [*consts, *carry]))

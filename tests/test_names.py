@@ -571,6 +571,19 @@ def test_a_scope_yields_its_name_to_a_variable_tag_or_argument_of_that_name():
     assert sorted(grads) == ["enc", "x"]
     np.testing.assert_allclose(grads["x"], jax.grad(f)(x, w), rtol=1e-6)
 
+    def twice(x):  # a scope entered twice ("h", "h#1"), a variable bound twice
+        with jax.named_scope("h"):
+            a = jnp.sin(x) * 3
+        h = a * 2
+        with jax.named_scope("h"):
+            c = jnp.tanh(jnp.cos(h)) * 3
+        h = c + 1
+        return h * 5
+
+    g = js.trace(twice, x)
+    assert [g[n].primitive for n in ("h#0", "h#1")] == ["mul", "add"]
+    assert g.select("h").names == ("h#0", "h#1")
+
 
 def test_names_lists_each_name_once_unnamed_vars_included():
     g = js.trace(lambda x: jnp.sin(jnp.cos(x)).sum(), jnp.ones(3))  # no Python names
