@@ -46,7 +46,7 @@ from ._gc import gc_paused
 from ._made import Made, var_keys
 from ._promotion import alive, as_traced, held, holds, out_of_range, returned
 from ._rules import dropped_derivatives
-from ._structured import check_hits, goes_on
+from ._structured import check_hits, goes_on_alone
 
 if TYPE_CHECKING:
     from ._graph import Graph, Var
@@ -696,7 +696,7 @@ def _goes_on(
         next(given) if i is not None else a.val if type(a) is C.Literal else C.zeros_of(a.aval)
         for a, i in zip(atoms, at)
     ]
-    return goes_on(cond, (), args, lane_alone=True) == expected  # (consts, then the carry)
+    return goes_on_alone(cond, (), args) == expected  # args: its consts, then the carry
 
 
 def _evaluate_vars(

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat as C
-from ._eager import bind, eval_jaxpr, per_jaxpr
+from ._eager import eval_jaxpr, per_jaxpr, run_eqns
 from ._errors import SliceError
 
 #: a scan's values put in at no more than this many iterations (a slice's inputs) run
@@ -968,32 +968,27 @@ def at_some_iterations(site: Site, every: Site) -> bool:
     )
 
 
-def goes_on(
-    cond: Any, consts: Sequence[Any], carry: Sequence[Any], lane_alone: bool = False
-) -> Any:
+def goes_on(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
     """Whether a ``while_loop`` runs another trip: its condition of the carry (a
-    scalar; a loop whose condition is per lane stays whole, see ``per_lane``).
+    scalar; a loop whose condition is per lane stays whole, see ``per_lane``)."""
+    return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
 
-    ``lane_alone``: for a check, per lane under ``jax.vmap`` also where the condition
+
+def goes_on_alone(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
+    """:func:`goes_on` for a check: per lane under ``jax.vmap`` also where the condition
     says "any lane goes on" (Equinox's ``unvmap_any``, in the loops of optimistix and
-    diffrax, whose bodies then leave finished lanes as they are): whether a trip
-    exists for that lane alone, as ``vmap(h)(xs)[i]`` is ``h(xs[i])`` (a lane that
-    stopped after one trip got a number for its fourth). Not for a loop that runs:
-    there the condition is the program's, every lane going on while one does (a body
-    that does not leave finished lanes as they are computes on)."""
-    if not lane_alone or not any(e.primitive.name in _ACROSS_LANES for e in cond.jaxpr.eqns):
-        return C.jaxpr_as_fun(cond)(*consts, *carry)[0]
+    diffrax, whose bodies then leave finished lanes as they are): whether a trip exists
+    for that lane alone, as ``vmap(h)(xs)[i]`` is ``h(xs[i])`` (a lane that stopped
+    after one trip got a number for its fourth). Not for a loop that runs: there the
+    condition is the program's, every lane going on while one does (a body that does
+    not leave finished lanes as they are computes on)."""
+    eqns = cond.jaxpr.eqns
+    ops = [_ACROSS_LANES.get(e.primitive.name) for e in eqns]
+    if not any(ops):
+        return goes_on(cond, consts, carry)
     env = dict(zip(cond.jaxpr.constvars, cond.consts))
     env.update(zip(cond.jaxpr.invars, [*consts, *carry]))
-    for eqn in cond.jaxpr.eqns:
-        ins = [a.val if type(a) is C.Literal else env[a] for a in eqn.invars]
-        name = eqn.primitive.name
-        if name in _ACROSS_LANES:  # (as outside vmap: over the value's own axes)
-            outs = [_ACROSS_LANES[name](*ins)]
-        else:
-            out = bind(eqn.primitive, eqn.params, *ins)
-            outs = list(out) if eqn.primitive.multiple_results else [out]
-        env.update(zip(eqn.outvars, outs))
+    run_eqns(eqns, ops, env, [[] for _ in eqns])  # (those ops as outside vmap)
     a = cond.jaxpr.outvars[0]
     return a.val if type(a) is C.Literal else env[a]
 
