@@ -846,14 +846,17 @@ class _Interpreter:
         slots = [C.zeros_of(m[0].edit.aval, stacked=len(its)) for _, (its, m) in exposing]
 
         last = max(at, default=0)  # read only without tail, where some trip is edited
+        lanes = _lanes_apart(cond, groups)
 
         def cond_fn(state: tuple) -> Any:
-            counter, carry, _ = state
+            counter, carry, _, _ = state
             going = goes_on(cond, cond_consts, carry)
             return going if tail else going & (counter <= last)
 
         def body_fn(state: tuple) -> tuple:
-            counter, carry, found = state
+            counter, carry, found, alone = state
+            if lanes:
+                alone = alone & goes_on_alone(cond, cond_consts, carry)
             sub: dict[Any, Any] = {}
             inner = []
             hits = []
@@ -861,12 +864,13 @@ class _Interpreter:
                 k, hit = _row_of(trips[i], counter)
                 hits.append((k, hit))
                 extras = [s[k] for s in stacked[i]]
+                active = _and(hit, members[0].active)
                 inner.append(
                     _Pending(
                         members[0].steps[1:],
                         members[0].edit,
                         extras,
-                        _and(hit, members[0].active),
+                        _and(active, alone) if members[0].edit.kind == "hit" else active,
                         key=i,
                     )
                 )
@@ -878,9 +882,12 @@ class _Interpreter:
                 )
                 for (i, _), slot in zip(exposing, found)
             ]
-            return counter + 1, carry, found
+            return counter + 1, carry, found, alone
 
-        _, carry, found = jax.lax.while_loop(cond_fn, body_fn, (jnp.asarray(0), list(init), slots))
+        alone = jnp.asarray(True) if lanes else None  # (each lane's own trips: _lanes_apart)
+        _, carry, found, _ = jax.lax.while_loop(
+            cond_fn, body_fn, (jnp.asarray(0), list(init), slots, alone)
+        )
         for (i, (_, members)), values in zip(exposing, found):
             if members[0].key in ranged:  # a value at every trip: the rows themselves
                 exposed[members[0].key] = values
@@ -919,20 +926,35 @@ class _Interpreter:
         def step(carry: Sequence[Any]) -> list[Any]:
             return C.jaxpr_as_fun(body)(*body_consts, *carry)
 
-        trips, carry = jax.lax.while_loop(
+        lanes = _lanes_apart(cond, groups)
+
+        def alone_on(alone: Any, carry: Sequence[Any]) -> Any:
+            """Whether each lane alone runs this trip (see :func:`_lanes_apart`)."""
+            return alone & goes_on_alone(cond, cond_consts, carry) if lanes else None
+
+        trips, carry, alone = jax.lax.while_loop(
             lambda s: going_if(s[0] < at[0], s[1]),
-            lambda s: (s[0] + 1, step(s[1])),
-            (jnp.asarray(0), list(invals[n_cond + n_body :])),
+            lambda s: (s[0] + 1, step(s[1]), alone_on(s[2], s[1])),
+            (jnp.asarray(0), list(invals[n_cond + n_body :]), jnp.asarray(True) if lanes else None),
         )
         reached = trips == at[0]
         for t in range(at[0], at[-1] + 1):
             here = [m for its, members in groups for i, m in zip(its, members) if i == t]
             shown = [m for m in here if m.edit.kind != "apply"]
+            alone = alone_on(alone, carry)
 
-            def edited(carry: list[Any], here: list = here) -> tuple[list[Any], list[Any]]:
+            def edited(
+                carry: list[Any], here: list = here, alone: Any = alone
+            ) -> tuple[list[Any], list[Any]]:
                 sub: dict[Any, Any] = {}
                 inner = [
-                    _Pending(m.steps[1:], m.edit, m.extras, m.active, key=n)
+                    _Pending(
+                        m.steps[1:],
+                        m.edit,
+                        m.extras,
+                        _and(alone, m.active) if m.edit.kind == "hit" and lanes else m.active,
+                        key=n,
+                    )
                     for n, m in enumerate(here)
                 ]
                 out = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
@@ -991,6 +1013,21 @@ def goes_on_alone(cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any
     run_eqns(eqns, ops, env, [[] for _ in eqns])  # (those ops as outside vmap)
     a = cond.jaxpr.outvars[0]
     return a.val if type(a) is C.Literal else env[a]
+
+
+def _lanes_apart(cond: Any, groups: Sequence[tuple[Any, list[_Pending]]]) -> bool:
+    """Whether a ``while_loop`` holding these edits reports its hits (a trip reached,
+    for a check) per lane, each lane's condition taken alone (:func:`goes_on_alone`):
+    its condition reduces across vmap lanes (Equinox's ``unvmap_any``), so the loop runs
+    while any lane goes on, and a lane that alone stops before a trip a slice's context
+    or ``values_fn`` reads got that trip's number. The trips still run as the
+    program's condition says. Not for a condition with effects (a print: it would run
+    twice a trip)."""
+    return (
+        any(e.primitive.name in _ACROSS_LANES for e in cond.jaxpr.eqns)
+        and not cond.jaxpr.effects
+        and any(m.edit.kind == "hit" for _, members in groups for m in members)
+    )
 
 
 #: Equinox's primitives that reduce across a vmap's lanes (and the check that a value

@@ -742,9 +742,20 @@ def test_a_loop_whose_condition_is_any_lane_checks_each_lane_under_vmap():
         jax.vmap(lambda x, t: s.bind(x)(t))(jnp.array([5.0, 4.5]), jnp.array([2.0, 9.0])),
         [15.0, 15.0],
     )
+    late = g.slice("t@4", "out")  # (its context: the trips up to 4)
     for lanes in (jax.vmap, lambda fn: jax.jit(jax.vmap(fn))):
         with pytest.raises(Exception, match="another path"):  # (under jit: at run time)
             lanes(lambda x: s.bind(x)(2.0))(jnp.array([5.0, 2.0]))
+        # the values a bound context or values_fn reads, at trips near and far apart
+        # (one loop a trip at a time, one with a trip counter): each lane as alone
+        for run, on_path in (
+            (lambda x: late.bind(x)(8.0), [15.0, 15.0]),
+            (lambda x: g.values_fn(["t@4"])(x)["t@4"], [8.0, 8.0]),
+            (lambda x: g.values_fn(["t@0", "t@4"])(x)["t@0"], [0.0, 0.0]),
+        ):
+            with pytest.raises(Exception, match="another path"):
+                jax.block_until_ready(lanes(run)(jnp.array([5.0, 2.0])))
+            np.testing.assert_allclose(lanes(run)(jnp.array([5.0, 4.5])), on_path)
     targets = jnp.array([5.0, 2.0])
     u = js.trace(unmasked, 5.0)
     same = u.replace("t@1", lambda t: t * 1.0)
