@@ -855,8 +855,7 @@ class _Interpreter:
 
         def body_fn(state: tuple) -> tuple:
             counter, carry, found, alone = state
-            if lanes:
-                alone = alone & goes_on_alone(cond, cond_consts, carry)
+            alone = _alone(lanes, alone, cond, cond_consts, carry)
             sub: dict[Any, Any] = {}
             inner = []
             hits = []
@@ -864,16 +863,8 @@ class _Interpreter:
                 k, hit = _row_of(trips[i], counter)
                 hits.append((k, hit))
                 extras = [s[k] for s in stacked[i]]
-                active = _and(hit, members[0].active)
-                inner.append(
-                    _Pending(
-                        members[0].steps[1:],
-                        members[0].edit,
-                        extras,
-                        _and(active, alone) if members[0].edit.kind == "hit" else active,
-                        key=i,
-                    )
-                )
+                active = _hit_active(members[0].edit, _and(hit, members[0].active), alone)
+                inner.append(_Pending(members[0].steps[1:], members[0].edit, extras, active, key=i))
             inner = [*every, *inner]  # the program's edits before what a request exposes
             carry = self.run(body.jaxpr, body.consts, [*body_consts, *carry], inner, sub)
             found = [
@@ -927,21 +918,16 @@ class _Interpreter:
             return C.jaxpr_as_fun(body)(*body_consts, *carry)
 
         lanes = _lanes_apart(cond, groups)
-
-        def alone_on(alone: Any, carry: Sequence[Any]) -> Any:
-            """Whether each lane alone runs this trip (see :func:`_lanes_apart`)."""
-            return alone & goes_on_alone(cond, cond_consts, carry) if lanes else None
-
         trips, carry, alone = jax.lax.while_loop(
             lambda s: going_if(s[0] < at[0], s[1]),
-            lambda s: (s[0] + 1, step(s[1]), alone_on(s[2], s[1])),
+            lambda s: (s[0] + 1, step(s[1]), _alone(lanes, s[2], cond, cond_consts, s[1])),
             (jnp.asarray(0), list(invals[n_cond + n_body :]), jnp.asarray(True) if lanes else None),
         )
         reached = trips == at[0]
         for t in range(at[0], at[-1] + 1):
             here = [m for its, members in groups for i, m in zip(its, members) if i == t]
             shown = [m for m in here if m.edit.kind != "apply"]
-            alone = alone_on(alone, carry)
+            alone = _alone(lanes, alone, cond, cond_consts, carry)
 
             def edited(
                 carry: list[Any], here: list = here, alone: Any = alone
@@ -949,11 +935,7 @@ class _Interpreter:
                 sub: dict[Any, Any] = {}
                 inner = [
                     _Pending(
-                        m.steps[1:],
-                        m.edit,
-                        m.extras,
-                        _and(alone, m.active) if m.edit.kind == "hit" and lanes else m.active,
-                        key=n,
+                        m.steps[1:], m.edit, m.extras, _hit_active(m.edit, m.active, alone), key=n
                     )
                     for n, m in enumerate(here)
                 ]
@@ -1028,6 +1010,19 @@ def _lanes_apart(cond: Any, groups: Sequence[tuple[Any, list[_Pending]]]) -> boo
         and not cond.jaxpr.effects
         and any(m.edit.kind == "hit" for _, members in groups for m in members)
     )
+
+
+def _alone(lanes: bool, alone: Any, cond: Any, consts: Sequence[Any], carry: Sequence[Any]) -> Any:
+    """``alone`` (per lane, whether each lane alone ran every trip so far) and whether it
+    alone runs the trip from ``carry``; None where the loop needs no such flag
+    (``lanes``: see :func:`_lanes_apart`)."""
+    return alone & goes_on_alone(cond, consts, carry) if lanes else None
+
+
+def _hit_active(edit: Edit, active: Any, alone: Any) -> Any:
+    """The flag an edit in a trip runs under (``active``); a hit's also says whether each
+    lane alone got there (``alone``, see :func:`_alone`)."""
+    return active if alone is None or edit.kind != "hit" else _and(alone, active)
 
 
 #: Equinox's primitives that reduce across a vmap's lanes (and the check that a value
