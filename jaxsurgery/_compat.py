@@ -21,6 +21,7 @@ from jax._src import array as _array  # ArrayImpl, the type of a concrete jax.Ar
 from jax._src import callback as _callback  # io_callback's effects (see split_known)
 from jax._src import config as _config  # eager_constant_folding (see staged_normally)
 from jax._src import core as _core  # the running trace (trace_ctx)
+from jax._src import dispatch as _dispatch  # eager jnp's compiled ops (primitive_op)
 from jax._src import effects as _effects  # what partial evaluation keeps (split_known)
 from jax._src import source_info_util as _source_info_util  # user_frame lives here only
 from jax._src.interpreters import ad as _ad  # JVP tracers: their primal is named
@@ -370,6 +371,15 @@ def new_jaxpr(
 def jaxpr_as_fun(closed: ClosedJaxpr) -> Any:
     """A Python function that evaluates a closed jaxpr."""
     return jex_core.jaxpr_as_fun(closed)
+
+
+def primitive_op(primitive: Any, params: dict) -> Any:
+    """The compiled function JAX runs a primitive with, eagerly (``jnp.tanh(x)`` on an
+    array calls it): a ``jax.jit`` of the bound primitive, kept by JAX per primitive,
+    parameters and context, so that the ops a graph's values run share the compiles of
+    the user's own eager calls (and of every graph). A primitive holding no program of
+    its own only (its parameters bind as they are)."""
+    return _dispatch.xla_primitive_callable(primitive, **params)
 
 
 def context_key(eqn: JaxprEqn) -> tuple:

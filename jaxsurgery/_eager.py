@@ -57,8 +57,8 @@ def compiled_op(eqn: C.JaxprEqn) -> Any:
         if holds_body(eqn):
             # (lowered, a Pallas kernel run, outside the folding too)
             fn = functools.partial(_evaluated_staged, body_op(eqn))
-        else:
-            fn = jax.jit(functools.partial(bind, eqn.primitive, eqn.params))
+        else:  # (JAX's own: what the function run eagerly compiled is compiled)
+            fn = C.primitive_op(eqn.primitive, eqn.params)
         OPS[key] = fn
     return fn
 

@@ -840,6 +840,12 @@ class _Inliner(ControlFlow):
         self.consts.append(value)
         return var
 
+    def _call_constant(self, literal: C.Literal, result: C.Var) -> C.Var:
+        """A constant var for a literal a call returns, located at the call's ``result``."""
+        var = self._new_const(np.asarray(literal.val, literal.aval.dtype), literal.aval)
+        self._locate(var, result)
+        return var
+
     def _bind_consts(self, constvars: Sequence[C.Var], values: Sequence[Any], env: dict) -> None:
         for v, value in zip(constvars, values):
             env[v] = self._new_const(value, v.aval)
@@ -886,7 +892,16 @@ class _Inliner(ControlFlow):
                 step = Step(self.position)
                 again = C.recomputes(eqn)
                 self.recomputing += again
-                outs = region.outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
+                outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
+                # a constant the call returns (``return x * 2, 1.0``) is a constant var,
+                # as one the program returns: a value the caller's name (`b`) selects
+                # (located at the call's result: where it is in the nested program)
+                outs = region.outs = [
+                    self._call_constant(a, out)
+                    if type(a) is Literal and type(out) is not C.DropVar
+                    else a
+                    for a, out in zip(outs, eqn.outvars)
+                ]
                 self.recomputing -= again
                 region.end = len(self.eqns)
             elif name in LOOP_PRIMITIVES or name in BRANCH_PRIMITIVES:

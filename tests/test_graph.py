@@ -243,6 +243,34 @@ def test_constant_and_literal_outputs_become_const_vars():
     check_jaxpr(g.jaxpr)
 
 
+def test_a_constant_a_jitted_call_returns_is_a_const_var_its_name_selects():
+    """``a, b = layer(x)`` where the jitted layer returns ``1.0``: JAX makes that result a
+    literal of the call's jaxpr; inlined, it is a constant var named ``b`` (and
+    ``layer[1]``), as a constant output is, not a name that selects nothing."""
+
+    @jax.jit
+    def layer(x):
+        return x * 2, 1.0
+
+    def f(x):
+        a, b = layer(x)
+        c = a + b
+        return (c**2).sum()
+
+    x = jnp.arange(3.0)
+    g = js.trace(f, x)
+    assert g["b"].primitive == "const" and g["b"] == g["layer[1]"]
+    assert float(g.value("b")) == 1.0
+    check_jaxpr(g.jaxpr)
+    # the constant held fixed in a slice, and a slice from it (d out / d b = sum 2c)
+    s = g.slice("a", "out")
+    allclose(s(2 * x), f(x))
+    s_b = g.slice("b", "out")
+    allclose(jax.grad(s_b)(1.0), jax.grad(lambda b: ((2 * x + b) ** 2).sum())(1.0))
+    allclose(g.as_function()(x + 1), f(x + 1))
+    allclose(jax.jit(g.grads_fn("out", wrt=["b"]))(x)["b"], 2 * (2 * x + 1).sum())
+
+
 def test_networkx_view_is_an_index_of_the_jaxpr():
     g = js.trace(mlp_12782, *mlp_12782_args())
     nxg = g.to_networkx()
