@@ -23,7 +23,12 @@ Example:
     ...     return x * s + n
     >>> closed = jax.make_jaxpr(f)(jnp.ones(2, jnp.bfloat16), 2.5, 3)
     >>> weak_type_decides(closed)
-    {1: 'bfloat16'}
+    {1: [('bfloat16', 'float32')]}
+
+A number can reach its promotion through an op that makes a float of an int (``x_bf16 *
+(step / 1000)``, ``x + jnp.sqrt(n)``): a strongly typed int array given for it is the
+default float there (float32), not an int, which promotes ``x`` to float32: what
+:func:`computed_with` works out.
 """
 
 from __future__ import annotations
@@ -41,19 +46,19 @@ from ._errors import SliceError, short_list
 _CONVERT = "convert_element_type"
 
 
-def weak_type_decides(closed: Any) -> dict[int, str]:
-    """``{position of a program input: the dtype it was promoted with}`` for weakly
-    typed inputs (Python numbers) converted, or a weakly typed value computed from
-    them converted, to a dtype a strongly typed one of their dtype would not be
-    converted to (``2.5`` with a bfloat16 value: bfloat16)."""
-    found: dict[int, str] = {}
+def weak_type_decides(closed: Any) -> dict[int, list[tuple[str, str]]]:
+    """``{position of a program input: [(the dtype it was promoted with, its dtype
+    there)]}`` for weakly typed inputs (Python numbers) converted, or a weakly typed
+    value computed from them converted, to a dtype a strongly typed one of their dtype
+    would not be converted to (``2.5`` with a bfloat16 value: bfloat16, from float32)."""
+    found: dict[int, list[tuple[str, str]]] = {}
     jaxpr = closed.jaxpr
     weak = {v: k for k, v in enumerate(jaxpr.invars) if getattr(v.aval, "weak_type", False)}
     _walk(jaxpr, weak, found)
     return found
 
 
-def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, str]) -> None:
+def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, list[tuple[str, str]]]) -> None:
     """``watched``: weakly typed vars of ``jaxpr``, by the input they come from."""
     for eqn in jaxpr.eqns:
         reads = [watched[a] for a in eqn.invars if type(a) is not C.Literal and a in watched]
@@ -63,7 +68,9 @@ def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, str]) -> None:
             a = eqn.invars[0]
             new = eqn.params.get("new_dtype")
             if a in watched and new is not None and _promotes(a.aval.dtype, new):
-                found.setdefault(watched[a], str(new))
+                decision = (jnp.dtype(new).name, jnp.dtype(a.aval.dtype).name)
+                if decision not in (known := found.setdefault(watched[a], [])):
+                    known.append(decision)
         for v in eqn.outvars:  # a weakly typed result: computed from the number alone
             if getattr(v.aval, "weak_type", False):
                 watched[v] = reads[0]
@@ -121,6 +128,23 @@ def promoted(given: Any, decided: str) -> str | None:
         return jnp.dtype(jnp.promote_types(given, decided)).name
     except (TypeError, ValueError):  # TypePromotionError is a ValueError
         return None
+
+
+def computed_with(given: Any, traced: Any, decision: tuple[str, str]) -> str | None:
+    """The dtype a strongly typed array of dtype ``given`` computes with at a promotion
+    a Python number of dtype ``traced`` decided (``decision``, from
+    :func:`weak_type_decides`), or None where JAX promotes none: :func:`promoted` of the
+    array's dtype there, which is a float where the number became a float on the way
+    and the array is of a lower kind, as ``jnp`` makes one of it (an int32 step counter
+    given for ``step`` in ``x_bf16 * (step / 1000)``: float32, not bfloat16)."""
+    decided, there = decision
+    kind = dtype_kind(there) or 0
+    if (dtype_kind(traced) or 0) < kind and (dtype_kind(given) or 0) < kind:
+        # (JAX's table: a 64-bit int is a float64, a narrower one or a bool a float32)
+        wide = jnp.dtype(given).itemsize == 8
+        made = jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32)
+        given = made if kind == 2 else jnp.promote_types(made, np.complex64)  # (complex)
+    return promoted(given, decided)
 
 
 def held(x: Any, dtype: Any) -> Any:

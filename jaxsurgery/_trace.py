@@ -56,7 +56,7 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import IN_SHARD_MAP, Program
 from ._progress import phase, progress, reported
-from ._promotion import as_traced, held, holds, out_of_range, promoted, weak_type_decides
+from ._promotion import as_traced, computed_with, held, holds, out_of_range, weak_type_decides
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -250,7 +250,7 @@ def _trace(
     kept = [held(x, aval.dtype) for x, aval in zip(leaves, closed.in_avals)]
 
     @functools.cache
-    def decides() -> dict[int, str]:  # looked at when a graph is first called
+    def decides() -> dict[int, list[tuple[str, str]]]:  # looked at when first called
         return weak_type_decides(closed)
 
     # traced with x64 on, the program takes its inputs' dtypes (float64) as they are:
@@ -351,7 +351,7 @@ def same_avals(
     flat: list[Any],
     traced: list[Any],
     names: Sequence[str],
-    decides: Callable[[], dict[int, str]] = dict,
+    decides: Callable[[], dict[int, list[tuple[str, str]]]] = dict,
     wide: Sequence[Any] | None = None,
 ) -> list[Any]:
     """``flat``, checked against the shapes and dtypes the graph was traced with.
@@ -364,7 +364,8 @@ def same_avals(
     decided a dtype promotion (``decides()``, see :mod:`jaxsurgery._promotion`), an
     array given for it is refused where ``jax.jit`` would trace another program: where
     its dtype promotes to another than the one decided (a float32 array where
-    ``x_bf16 * 2.5`` computed in bfloat16); one that promotes to it (a bfloat16
+    ``x_bf16 * 2.5`` computed in bfloat16; an int32 array where ``x_bf16 * (n / 1000)``
+    did, the int made a float32 on the way); one that promotes to it (a bfloat16
     array) computes what the number did, and is converted to the traced dtype exactly.
     """
     out = []
@@ -392,8 +393,12 @@ def same_avals(
             dtype = new.dtype if isinstance(new, jax.Array) else dtype
         weak = dtype is None or getattr(getattr(new, "aval", new), "weak_type", False)
         was_weak = _dtype(old) is None or getattr(getattr(old, "aval", old), "weak_type", False)
-        decided = decides().get(k) if was_weak and not weak else None
-        computes = None if decided is None else promoted(dtype, decided)
+        decisions = decides().get(k, ()) if was_weak and not weak else ()
+        decided = computes = None
+        for decision in decisions:  # (the first one it would compute otherwise)
+            decided, computes = decision[0], computed_with(dtype, traced_dtype, decision)
+            if computes != decided:
+                break
         if decided is not None and computes != decided:
             would = (
                 f"make the function compute in {computes} instead"
@@ -915,7 +920,7 @@ class _ArgBinder:
         names: Sequence[str],
         args: tuple,
         kwargs: dict,
-        decides: Callable[[], dict[int, str]] = dict,
+        decides: Callable[[], dict[int, list[tuple[str, str]]]] = dict,
         wide: Sequence[Any] | None = None,
     ) -> list[Any]:
         """The flat dynamic leaves of new arguments, checked against the traced call

@@ -520,6 +520,38 @@ def test_an_array_that_promotes_as_the_python_number_did_is_taken():
         g.as_function()(x, jnp.float8_e4m3fn(1.5))
 
 
+@pytest.mark.parametrize(
+    "f",
+    [lambda x, n: x * (n / 1000), lambda x, n: x + jnp.sqrt(n), lambda x, n: x * jnp.cos(n)],
+    ids=["step_over_1000", "sqrt", "cos"],
+)
+def test_an_int_array_where_a_python_int_made_a_float_on_the_way_is_refused(f):
+    """``x_bf16 * (step / 1000)`` traced with a Python int ``step``: the number becomes a
+    weak float32, which bfloat16 takes; an int32 array for it becomes a float32 that
+    promotes ``x``, so ``jax.jit(f)`` computes in float32: refused (it ran the bfloat16
+    program silently, as int32 promotes with bfloat16 to bfloat16: hunt U). A Python
+    int, or the int a program that meets the int itself takes, is still taken."""
+    x = jnp.full(3, 1.001, jnp.bfloat16)
+    g = js.trace(f, x, 7)
+    assert jax.jit(f)(x, jnp.int32(7)).dtype == jnp.float32  # (what an array computes)
+    for make in (g.as_function, lambda: jax.jit(g.as_function())):
+        with pytest.raises(
+            js.SliceError, match="an array of int32 would make the function compute in float32"
+        ):
+            make()(x, jnp.int32(7))
+        got = make()(x, 7)
+        assert got.dtype == jnp.bfloat16
+        allclose(got.astype(jnp.float32), f(x, 7).astype(jnp.float32))
+    with pytest.raises(js.SliceError, match="compute in float32"):
+        g.values_fn(["out"])(x, jnp.int32(7))
+
+    def plus(x, n):  # an int meeting bfloat16 itself: int32 + bfloat16 is bfloat16
+        return x + n
+
+    got = js.trace(plus, x, 3).as_function()(x, jnp.int32(3))
+    assert got.dtype == jax.jit(plus)(x, jnp.int32(3)).dtype == jnp.bfloat16
+
+
 def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
     """The values of the inputs are converted as ``jax.jit`` takes them: a Python
     number weakly typed, so what is computed from it with a bfloat16 array stays
