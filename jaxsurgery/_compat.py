@@ -253,12 +253,21 @@ def rejit(fn: Any, fun: Any) -> Any:
         # copies of its calls are told apart (inlined by JAX, its names named nothing)
         "inline": False if inlined_when_traced(fn) else info.inline,
     }
-    for kind in ("in", "out"):
-        leaves = getattr(info, f"{kind}_shardings_leaves")
+    options.update(jit_shardings(fn))
+    return jax.jit(fun, **options)
+
+
+def jit_shardings(fn: Any) -> dict[str, Any]:
+    """The ``in_shardings`` / ``out_shardings`` a ``jax.jit``-ed function was given
+    (``{}``: none, or not a jit)."""
+    info = getattr(fn, "_jit_info", None)
+    found = {}
+    for kind in ("in", "out") if info is not None else ():
+        leaves = getattr(info, f"{kind}_shardings_leaves", ())
         if any(type(leaf).__name__ != "UnspecifiedValue" for leaf in leaves):
             treedef = getattr(info, f"{kind}_shardings_treedef")
-            options[f"{kind}_shardings"] = jax.tree_util.tree_unflatten(treedef, leaves)
-    return jax.jit(fun, **options)
+            found[f"{kind}_shardings"] = jax.tree_util.tree_unflatten(treedef, leaves)
+    return found
 
 
 def scan_layout(eqn: JaxprEqn) -> tuple[int, int]:

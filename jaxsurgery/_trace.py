@@ -218,6 +218,14 @@ def _trace(
     if reason and scoped_module(target) and (recorder.bindings or recorder.unrewritten):
         reason = None  # a linen module's apply: its modules' methods named what they bind
     notes = [f"no Python variable names in the traced function: {reason}"] if reason else []
+    shardings = list(C.jit_shardings(_outer_jit(fn)))
+    if shardings:  # (the jit's own options are not in its traced body: hunt U)
+        notes.append(
+            f"{_name(target)} is a jax.jit given {' and '.join(shardings)}, which the graph "
+            "traced through: the functions it returns compute where their arguments lie, "
+            "as the function's body does; jit them with yours "
+            f"(jax.jit(g.as_function(), {', '.join(f'{k}=...' for k in shardings)}))"
+        )
     notes += [
         f"no Python variable names in a function it calls: {why}"
         for why in dict.fromkeys(recorder.unrewritten)
@@ -574,6 +582,11 @@ def _statics(nums: Any, names: Any) -> tuple[list[int], list[str]]:
             f"static_argnums={nums!r}, static_argnames={names!r}"
         )
     return found
+
+
+def _outer_jit(fn: Any) -> Any:
+    """The ``jax.jit``-ed function ``fn`` is, also bound as a method (else ``fn``)."""
+    return fn.__func__ if isinstance(fn, types.MethodType) and is_jit(fn.__func__) else fn
 
 
 def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:

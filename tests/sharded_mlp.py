@@ -97,7 +97,29 @@ def main():
     s3 = g2.slice("u", "out")
     np.testing.assert_allclose(np.asarray(s3(3.0)), 6.0 * a_np, rtol=1e-5, atol=1e-5)
     explicit_grads(x_np, w1_np, w2_np)
+    jit_options(x_np, w1_np)
     print("sharded slices ok:", kept, out.sharding.spec)
+
+
+def jit_options(x_np, w1_np):
+    """A jit's out_shardings are an option of its call: a jit called inside the traced
+    function keeps them in as_function (which runs the call whole); js.trace of such a
+    jit traces its body, and g.notes says that the functions it returns do not (hunt U)."""
+    layer = jax.jit(lambda x, w: jnp.tanh(x @ w), out_shardings=spec("data", "model"))
+
+    def f(x, w):
+        h = layer(x, w)
+        return h * 2
+
+    x, w1 = jnp.asarray(x_np), jnp.asarray(w1_np)  # (on one device)
+    out = js.trace(f, x, w1).as_function()(x, w1)
+    assert out.sharding.is_equivalent_to(f(x, w1).sharding, 2), out.sharding
+    assert len(out.sharding.device_set) == 8, out.sharding
+    np.testing.assert_allclose(np.asarray(out), 2 * np.tanh(x_np @ w1_np), rtol=1e-5, atol=1e-5)
+    g = js.trace(layer, x, w1)
+    (note,) = [n for n in g.notes if "out_shardings" in n]
+    assert "jax.jit(g.as_function(), out_shardings=...)" in note, note
+    assert not any("shardings" in n for n in js.trace(f, x, w1).notes)
 
 
 def explicit_grads(x_np, w1_np, w2_np):
