@@ -682,13 +682,15 @@ def explicit_sharding(aval: Any) -> Any:
     return sharding
 
 
-def spec_of(aval: Any) -> jax.ShapeDtypeStruct:
+def spec_of(aval: Any, weak: bool = False) -> jax.ShapeDtypeStruct:
     """A ``ShapeDtypeStruct`` of ``aval`` to trace with: its shape and dtype, and its
-    sharding where that is part of its type (an Explicit mesh's)."""
+    sharding where that is part of its type (an Explicit mesh's); ``weak``: its weak
+    type too (a value computed from a Python number)."""
     sharding = explicit_sharding(aval)
+    weak_type = weak and getattr(aval, "weak_type", False)
     if sharding is None:
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak_type)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding, weak_type=weak_type)
 
 
 def resharded_like(x: Any, aval: Any, stacked: bool = False) -> Any:

@@ -41,7 +41,9 @@ class Extra:
 
 
 def spec_of(var: Var) -> jax.ShapeDtypeStruct:
-    return C.spec_of(var.aval)
+    """What a replacement is traced on: the var's type, weakly typed where the var is (a
+    value computed from a Python number: ``u * 2`` stays so, as in the function)."""
+    return C.spec_of(var.aval, weak=True)
 
 
 #: how JAX names the function ``_compat.make_jaxpr`` traces, in its messages

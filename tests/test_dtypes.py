@@ -552,6 +552,30 @@ def test_an_int_array_where_a_python_int_made_a_float_on_the_way_is_refused(f):
     assert got.dtype == jax.jit(plus)(x, jnp.int32(3)).dtype == jnp.bfloat16
 
 
+def test_a_replacement_of_a_weakly_typed_value_computes_weakly_as_the_hand_edit():
+    """``u = jnp.sin(s * 2)`` with ``s`` a Python float is weakly typed: a replacement of
+    ``u`` gets it so, and the patched function returns it so, as the same edit by hand
+    does (it got a strong float32, which promoted ``bf16 * u`` to float32: hunt U)."""
+
+    def f(x, s):
+        u = jnp.sin(s * 2)
+        return x * u, u
+
+    def edited(x, s):
+        u = jnp.sin(s * 2) * 2
+        return x * u, u
+
+    x = jnp.ones(3, jnp.bfloat16)
+    seen = []
+    patched = js.trace(f, x, 2.0).replace("u", lambda u: seen.append(u.weak_type) or u * 2)
+    assert seen == [True]
+    for run in (patched.as_function(), jax.jit(patched.as_function())):
+        got, want = run(x, 2.0)[1], edited(x, 2.0)[1]
+        assert got.weak_type and want.weak_type
+        assert (x * got).dtype == (x * want).dtype == jnp.bfloat16
+        allclose(got, want)
+
+
 def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
     """The values of the inputs are converted as ``jax.jit`` takes them: a Python
     number weakly typed, so what is computed from it with a bfloat16 array stays
