@@ -511,7 +511,8 @@ def _inlinable(eqn: C.JaxprEqn) -> bool:
         return True
     body = C.called_jaxpr(eqn).jaxpr
     outs = list(body.outvars)
-    return len(set(outs)) == len(outs) and not any(_passes_on(body, v) for v in outs)
+    # (a literal, unhashable, is a constant it passes on: checked first)
+    return not any(_passes_on(body, v) for v in outs) and len(set(outs)) == len(outs)
 
 
 def _passes_on(jaxpr: C.Jaxpr, atom: Any) -> bool:
@@ -840,9 +841,14 @@ class _Inliner(ControlFlow):
         self.consts.append(value)
         return var
 
-    def _call_constant(self, literal: C.Literal, result: C.Var) -> C.Var:
-        """A constant var for a literal a call returns, located at the call's ``result``."""
-        var = self._new_const(np.asarray(literal.val, literal.aval.dtype), literal.aval)
+    def _call_constant(self, literal: C.Literal, result: C.Var, source_info: Any) -> C.Var:
+        """A var for a literal a call returns, written by an identity equation at the
+        end of the call's region and located at the call's ``result`` (where it is in the
+        nested program): as a value the call makes, a slice from it cuts the call (and a
+        ``cond`` around it), which it would not from a constant (the call folded back
+        reads no input: the slice ignored it)."""
+        var = C.Var(literal.aval)
+        self.eqns.append(C.identity_eqn(literal, var, source_info))
         self._locate(var, result)
         return var
 
@@ -893,11 +899,10 @@ class _Inliner(ControlFlow):
                 again = C.recomputes(eqn)
                 self.recomputing += again
                 outs = self._inline(C.called_jaxpr(eqn), invars, source_info, step)
-                # a constant the call returns (``return x * 2, 1.0``) is a constant var,
-                # as one the program returns: a value the caller's name (`b`) selects
-                # (located at the call's result: where it is in the nested program)
+                # a constant the call returns (``return x * 2, 1.0``) is a value the
+                # call writes, which the caller's name (`b`) selects (see _call_constant)
                 outs = region.outs = [
-                    self._call_constant(a, out)
+                    self._call_constant(a, out, source_info)
                     if type(a) is Literal and type(out) is not C.DropVar
                     else a
                     for a, out in zip(outs, eqn.outvars)

@@ -699,3 +699,31 @@ def test_a_jitted_call_given_a_scalar_made_inside_the_function_traces():
     allclose(g.as_function()(x + 1), f(x + 1))
     allclose(g.value("d"), x - 3)
     check_slice(g.slice("d", "out"), (x - 3,), jnp.sin)
+
+
+def test_a_custom_jvp_returning_a_python_number_traces_and_keeps_its_rule():
+    """``return jnp.sin(x), 2.0`` from a ``custom_jvp``: its body returns a literal (a
+    constant it passes on), so the call stays one equation, keeping its rule (the check
+    hashed the literal: an internal TypeError, hunt W)."""
+
+    @jax.custom_jvp
+    def cj(x):
+        return jnp.sin(x), 2.0
+
+    @cj.defjvp
+    def cj_jvp(primals, tangents):
+        (x,), (tx,) = primals, tangents
+        return cj(x), (3.0 * jnp.cos(x) * tx, 0.0)  # a rule other than the body's
+
+    def f(x):
+        a, b = cj(x)
+        return (a * b).sum()
+
+    x = jnp.arange(3.0)
+    g = js.trace(f, x)
+    allclose(g.value("b"), 2.0)
+    want = jax.grad(f)(x)  # (the rule's 3 cos x, times b)
+    allclose(want, 6.0 * jnp.cos(x))
+    allclose(jax.grad(g.as_function())(x), want)
+    allclose(g.grads("out", ["x"])["x"], want)
+    allclose(jax.grad(g.slice("x", "out"))(x), want)
