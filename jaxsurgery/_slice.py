@@ -176,6 +176,19 @@ def assemble(program: Any, window: Window, ins: Sequence[int], outs: Sequence[in
         window.grow(missing)
 
 
+def _reads_apart(program: Any, region: Any, inputs: set[int], inside: set[int]) -> bool:
+    """Whether the region's equations read a slice input that the call does not take as
+    an operand: a constant its body closes over (``%1``, a jitted layer's captured
+    array). Folded back, the call reads its operands only, and the slice ignored the
+    input, silently."""
+    operands = {program.index.get(a) for a in region.ins if isinstance(a, C.Var)}
+    return any(
+        i in inputs and i not in operands and i not in inside
+        for e in range(region.start, region.end)
+        for i in program.eqn_in[e]
+    )
+
+
 def _towards(program: Any, eqns: set[int], outs: Sequence[int]) -> set[int]:
     """Those of ``eqns`` that the outputs are computed from (not only effects)."""
     found, stack = set(), [program.producer[o] for o in outs]
@@ -195,6 +208,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     cut: list[Any] = []
     skip_until = -1
     towards = _towards(program, chosen, outs)
+    inputs = set(ins)
     for region in program.regions:
         if region.start < skip_until:
             continue  # inside a call already folded
@@ -203,7 +217,11 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
             continue
         region_outs = {i for i in region.made_outs(program) if i is not None}
         inside = {o for e in range(region.start, region.end) for o in program.eqn_out[e]}
-        if (inside - region_outs) & boundary or (region_outs & set(ins)):
+        if (
+            (inside - region_outs) & boundary
+            or (region_outs & set(ins))
+            or _reads_apart(program, region, inputs, inside)
+        ):
             if region.primitive in C.CUSTOM_RULE_PRIMITIVES and any(
                 e in towards for e in window
             ):  # (only a print in the body, of what the call returns: no rule bypassed)
@@ -235,7 +253,6 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
     result.reverse()
     written = {index[v] for eqn in result for v in eqn.outvars if not isinstance(v, C.DropVar)}
     read = dict.fromkeys(index[a] for eqn in result for a in eqn.invars if isinstance(a, C.Var))
-    inputs = set(ins)
     context = [i for i in read if i not in written and i not in inputs]
     return result, context, notes, dead, cut
 

@@ -727,3 +727,26 @@ def test_a_custom_jvp_returning_a_python_number_traces_and_keeps_its_rule():
     allclose(jax.grad(g.as_function())(x), want)
     allclose(g.grads("out", ["x"])["x"], want)
     allclose(jax.grad(g.slice("x", "out"))(x), want)
+
+
+def test_a_slice_from_a_constant_a_jitted_body_closes_over_cuts_the_call():
+    """A jitted layer closing over an array: its body's constant is a var of the graph
+    (``%1``); a slice from it cuts the call (folded back, the call read its operands
+    only, and the slice ignored its input, silently: hunt W)."""
+    w = jnp.arange(3.0)
+
+    @jax.jit
+    def layer(x):
+        return jnp.sin(x * w)
+
+    def f(x):
+        h = layer(x)
+        return (h**2).sum()
+
+    x = jnp.arange(3.0) * 0.1 + 1
+    g = js.trace(f, x)
+    (const,) = g.select(primitive="const")
+    s = g.slice(const, "out")
+    for new in (w, w + 1):
+        allclose(s(new), (jnp.sin(x * new) ** 2).sum())
+    allclose(jax.grad(s)(w + 1), jax.grad(lambda v: (jnp.sin(x * v) ** 2).sum())(w + 1))
