@@ -241,7 +241,15 @@ class GradsFunction(TakesArguments):
         return self._values_and_grads(flat_args)[1]
 
     def values_and_grads(self, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
-        """``({key: wrt value}, {key: gradient})`` from one run (``with_values``)."""
+        """``({key: wrt value}, {key: gradient})`` from one run, for a function made
+        ``with_values`` (``g.attribution_fn``'s); else a SliceError (it returned no
+        values: hunt X)."""
+        if not self._wrt_exposures and self._groups:
+            raise SliceError(
+                "this gradients function computes the gradients only (g.grads_fn): take "
+                "the values from g.values_fn(...) with the same arguments, or both from "
+                "g.attribution_fn's run"
+            )
         flat = self.graph._flatten_args(*args, **kwargs)
         self._warn_once()
         return self._values_and_grads(flat)

@@ -434,6 +434,8 @@ class Slice(Made):
                 f"{needing} has no values; call s.bind(*args, **kwargs) with the "
                 "function's arguments first"
             )
+        if self._flat_args is self.graph._converted_args:
+            return self._flat_args  # (the graph's values check the arguments they read)
         return alive(self._flat_args, self.graph.inputs)
 
     def _context(self) -> list[Any]:

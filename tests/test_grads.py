@@ -481,3 +481,18 @@ def test_no_note_where_the_derivative_is_not_zero_for_every_argument():
     s = js.trace(f, c0).slice("c0", ("out[0]", "out[1]"))
     assert not any("is zero" in n for n in s.notes), s.notes
     allclose(jax.grad(lambda c: s(c)[0])(c0), jax.grad(lambda c: f(c)[0])(c0))
+
+
+def test_values_and_grads_of_a_grads_fn_says_it_has_no_values():
+    """``g.grads_fn(...)`` computes gradients only: its ``values_and_grads`` returned an
+    empty dict of values, silently (hunt X); attribution's function has both."""
+
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        return (h**2).mean()
+
+    w, x = jnp.eye(2), jnp.ones((3, 2))
+    g = js.trace(loss, w, x)
+    with pytest.raises(js.SliceError, match="gradients only.*g.values_fn"):
+        g.grads_fn("out", ["h", "w"]).values_and_grads(w, x)
+    allclose(g.grads_fn("out", ["h"])(w, x)["h"], g.grads("out", ["h"])["h"])

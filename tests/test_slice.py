@@ -326,10 +326,13 @@ def test_arguments_donated_after_tracing_are_a_clear_error_and_bind_still_works(
     step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x), donate_argnums=0)
     w_new = step(w, x)
     assert w.is_deleted()  # (the CPU backend donates, on jax 0.10 and 0.12)
-    runs = (lambda: g.value("h"), lambda: g.grads("out", ["h"]), lambda: s.context, lambda: s_w(x))
+    runs = (lambda: g.value("h"), lambda: g.grads("out", ["h"]), lambda: s_w(x))
     for run in runs:
         with pytest.raises(js.SliceError, match=r"argument 'w' .* was deleted .*donate_argnums"):
             run()
+    # a slice computing from no argument still runs (its context is empty)
+    assert s.context == {}
+    allclose(s(jnp.ones((4, 2))), 8.0)
     h_new = jnp.tanh(x @ w_new)
     allclose(s.bind(w_new, x)(h_new), loss(w_new, x))
     allclose(g.grads_fn("out", ["h"])(w_new, x)["h"], 2 * h_new)
@@ -347,6 +350,19 @@ def test_a_value_reading_no_deleted_argument_is_computed_on_a_fresh_graph():
     allclose(g.value("out[0]"), 2 * jnp.sin(x))
     with pytest.raises(js.SliceError, match=r"argument \"params\['w'\]\" .* was deleted"):
         g.value("out[1]")
+
+    # a slice's context names the donated arguments it computes from, not all (hunt X)
+    def two_layers(params, x):
+        h = jnp.tanh(x @ params[0])
+        h = jnp.tanh(h @ params[1])
+        return h.sum()
+
+    params = [jnp.eye(3), jnp.eye(3) * 2]
+    g = js.trace(two_layers, params, x)
+    s = g.slice("h#0", "h#1")  # reads params[1] only
+    jax.jit(lambda p: p, donate_argnums=0)(params)
+    with pytest.raises(js.SliceError, match=r"^the argument 'params\[1\]' this computes from"):
+        s.context  # noqa: B018 (the property computes it)
 
 
 def test_abstract_trace_needs_bind():
