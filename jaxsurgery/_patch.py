@@ -42,7 +42,9 @@ class Extra:
 
 def spec_of(var: Var) -> jax.ShapeDtypeStruct:
     """What a replacement is traced on: the var's type, weakly typed where the var is (a
-    value computed from a Python number: ``u * 2`` stays so, as in the function)."""
+    value computed from a Python number: ``u * 2`` stays so, as in the function; where
+    that makes another dtype, ``u * jnp.bfloat16(0.5)``, it is traced again on the
+    strongly typed value, whose result the target's dtype takes)."""
     return C.spec_of(var.aval, weak=True)
 
 
@@ -89,6 +91,11 @@ def replacement_jaxpr(
 
     try:
         closed = C.make_jaxpr(one_array, *[spec_of(v) for v in inputs])
+        if closed.out_avals and closed.out_avals[0].dtype != target.dtype:
+            # computed weakly, another dtype (u * a bfloat16 scalar): as the value is
+            # strongly typed, which the target's dtype takes back, as before
+            returned.clear()
+            closed = C.make_jaxpr(one_array, *[C.spec_of(v.aval) for v in inputs])
     except (TypeError, ValueError) as e:
         if returned and isinstance(e, SliceError):
             raise  # one_array's, for the Python number fn returned

@@ -135,11 +135,16 @@ def computed_with(given: Any, traced: Any, decision: tuple[str, str]) -> str | N
     a Python number of dtype ``traced`` decided (``decision``, from
     :func:`weak_type_decides`), or None where JAX promotes none: :func:`promoted` of the
     array's dtype there, which is a float where the number became a float on the way
-    and the array is of a lower kind, as ``jnp`` makes one of it (an int32 step counter
-    given for ``step`` in ``x_bf16 * (step / 1000)``: float32, not bfloat16)."""
+    and the array is an int, as ``jnp`` makes one of it (an int32 step counter given for
+    ``step`` in ``x_bf16 * (step / 1000)``: float32, not bfloat16). Where the traced
+    number was a float, what an int array becomes on its way is not in the program
+    (``s / 1000`` makes a float32 of an int8, ``x_bf16 * s`` keeps it an int8): taken as
+    the int."""
     decided, there = decision
     kind = dtype_kind(there) or 0
-    if (dtype_kind(traced) or 0) < kind and (dtype_kind(given) or 0) < kind:
+    # (not a bool: divided by a Python number, it is a weak float, which promotes as the
+    # number did; hunt W)
+    if (dtype_kind(traced) or 0) < kind and 0 < (dtype_kind(given) or 0) < kind:
         # (JAX's table: a 64-bit int is a float64, a narrower one or a bool a float32)
         wide = jnp.dtype(given).itemsize == 8
         made = jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32)

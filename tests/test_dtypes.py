@@ -544,6 +544,9 @@ def test_an_int_array_where_a_python_int_made_a_float_on_the_way_is_refused(f):
         allclose(got.astype(jnp.float32), f(x, 7).astype(jnp.float32))
     with pytest.raises(js.SliceError, match="compute in float32"):
         g.values_fn(["out"])(x, jnp.int32(7))
+    if f(x, jnp.asarray(True)).dtype == jnp.bfloat16:  # (a bool / 1000: a weak float)
+        got = g.as_function()(x, jnp.asarray(True))
+        assert got.dtype == jnp.bfloat16  # (refused once: hunt W)
 
     def plus(x, n):  # an int meeting bfloat16 itself: int32 + bfloat16 is bfloat16
         return x + n
@@ -574,6 +577,10 @@ def test_a_replacement_of_a_weakly_typed_value_computes_weakly_as_the_hand_edit(
         assert got.weak_type and want.weak_type
         assert (x * got).dtype == (x * want).dtype == jnp.bfloat16
         allclose(got, want)
+    # a replacement that makes another dtype of the weak value (bfloat16) is traced on
+    # the strong value, as before, and cast back (it was refused: hunt W)
+    half = js.trace(f, x, 2.0).replace("u", lambda u: u * jnp.bfloat16(0.5))
+    allclose(half.as_function()(x, 2.0)[1], jnp.sin(4.0) * 0.5)
 
 
 def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
