@@ -442,11 +442,12 @@ class _Interpreter:
         def read(a: Any) -> Any:
             return a.val if isinstance(a, C.Literal) else env[a]
 
-        batch: list[Any] = []
+        batch: list[int] = []  # (positions: the same run again reuses its jaxpr)
 
         def flush() -> None:
             if batch:
-                eval_equations(batch, env)
+                eqns = jaxpr.eqns
+                eval_equations([eqns[k] for k in batch], env, (jaxpr, tuple(batch)))
                 batch.clear()
 
         self._apply(triggers.get(-1, ()), env, exposed)
@@ -466,7 +467,7 @@ class _Interpreter:
                     if not isinstance(v, C.DropVar):
                         env[v] = x
             else:
-                batch.append(eqn)
+                batch.append(i)
             if i in triggers:
                 flush()
                 self._apply(triggers[i], env, exposed)
@@ -1087,25 +1088,53 @@ def _closed_eval(closed: Any, *args: Any) -> list[Any]:
     return eval_jaxpr(closed.jaxpr, closed.consts, *args)
 
 
-def eval_equations(eqns: Sequence[Any], env: dict) -> None:
+def eval_equations(
+    eqns: Sequence[Any], env: dict, where: tuple[Any, tuple[int, ...]] | None = None
+) -> None:
     """Evaluate straight-line equations (traceable): read what they need from ``env``,
     write what they make into it. One jaxpr for all of them, evaluated by JAX.
 
     Op by op, as an eager call of the function runs them: compiled whole, XLA rewrites
     ``a / exp(b)`` as ``a * exp(-b)``, and a cond decided at its threshold took another
     branch than the function and the graph's own values.
+
+    ``where``: ``(jaxpr, positions)`` of the equations in a program run again and again
+    (a function a graph made, called eagerly in a loop): the jaxpr made of them is kept
+    for it, and with it what ``eval_jaxpr`` works out once per jaxpr (each call made and
+    planned it anew: most of an eager call of a small model's ``values_fn``).
     """
+    if where is None:
+        one, ins, outs = _batch(eqns)
+    else:
+        program, positions = where
+        kept = per_jaxpr(_BATCHES, program, dict)
+        found = kept.get(positions)
+        if found is None:
+            if len(kept) > 1024:  # (a values_fn of every layer: a run between each)
+                kept.clear()
+            found = kept[positions] = _batch(eqns)
+        one, ins, outs = found
+    # a shard_map's or Pallas kernel's body is traced again when it runs: staged as JAX
+    # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
+    args = [env[a] for a in ins]
+    with C.staged_where_retraced(args, eqns):
+        values = eval_jaxpr(one, [], *args, once=True)
+    env.update(zip(outs, values))
+
+
+def _batch(eqns: Sequence[Any]) -> tuple[Any, list[Any], list[Any]]:
+    """``(jaxpr, inputs, outputs)`` of straight-line equations: what they read from
+    outside them, what they make."""
     inside = {v for e in eqns for v in e.outvars}
     ins = list(
         dict.fromkeys(a for e in eqns for a in e.invars if isinstance(a, C.Var) and a not in inside)
     )
     outs = [v for e in eqns for v in e.outvars if not isinstance(v, C.DropVar)]
-    # a shard_map's or Pallas kernel's body is traced again when it runs: staged as JAX
-    # stages it, also under ensure_compile_time_eval (see C.evaluated_staged)
-    args = [env[a] for a in ins]
-    with C.staged_where_retraced(args, eqns):
-        values = eval_jaxpr(C.new_jaxpr([], ins, outs, list(eqns)), [], *args, once=True)
-    env.update(zip(outs, values))
+    return C.new_jaxpr([], ins, outs, list(eqns)), ins, outs
+
+
+#: per program jaxpr (while it lives), the jaxprs of its runs of equations, by positions
+_BATCHES: dict[int, tuple[Any, Any]] = {}
 
 
 def _live(
