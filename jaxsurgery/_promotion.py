@@ -23,7 +23,7 @@ Example:
     ...     return x * s + n
     >>> closed = jax.make_jaxpr(f)(jnp.ones(2, jnp.bfloat16), 2.5, 3)
     >>> weak_type_decides(closed)
-    {1: [('bfloat16', 'float32')]}
+    {1: [('bfloat16', 'float32', True)]}
 
 A number can reach its promotion through an op that makes a float of an int (``x_bf16 *
 (step / 1000)``, ``x + jnp.sqrt(n)``): a strongly typed int array given for it is the
@@ -46,20 +46,26 @@ from ._errors import SliceError, short_list
 _CONVERT = "convert_element_type"
 
 
-def weak_type_decides(closed: Any) -> dict[int, list[tuple[str, str]]]:
+def weak_type_decides(closed: Any) -> dict[int, list[Decision]]:
     """``{position of a program input: [(the dtype it was promoted with, its dtype
-    there)]}`` for weakly typed inputs (Python numbers) converted, or a weakly typed
-    value computed from them converted, to a dtype a strongly typed one of their dtype
-    would not be converted to (``2.5`` with a bfloat16 value: bfloat16, from float32)."""
-    found: dict[int, list[tuple[str, str]]] = {}
+    there, whether it is the number itself there)]}`` for weakly typed inputs (Python
+    numbers) converted, or a weakly typed value computed from them converted, to a
+    dtype a strongly typed one of their dtype would not be converted to (``2.5`` with a
+    bfloat16 value: bfloat16, from float32; ``2.5 / 1000``: not the number itself)."""
+    found: dict[int, list[Decision]] = {}
     jaxpr = closed.jaxpr
     weak = {v: k for k, v in enumerate(jaxpr.invars) if getattr(v.aval, "weak_type", False)}
-    _walk(jaxpr, weak, found)
+    _walk(jaxpr, weak, set(weak), found)
     return found
 
 
-def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, list[tuple[str, str]]]) -> None:
-    """``watched``: weakly typed vars of ``jaxpr``, by the input they come from."""
+#: ``(dtype decided, the number's dtype there, whether the number itself is converted)``
+Decision = tuple[str, str, bool]
+
+
+def _walk(jaxpr: Any, watched: dict[Any, int], itself: set[Any], found: dict) -> None:
+    """``watched``: weakly typed vars of ``jaxpr``, by the input they come from;
+    ``itself``: those that are the input as it is (not computed from it)."""
     for eqn in jaxpr.eqns:
         reads = [watched[a] for a in eqn.invars if type(a) is not C.Literal and a in watched]
         if not reads:
@@ -68,7 +74,7 @@ def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, list[tuple[str, 
             a = eqn.invars[0]
             new = eqn.params.get("new_dtype")
             if a in watched and new is not None and _promotes(a.aval.dtype, new):
-                decision = (jnp.dtype(new).name, jnp.dtype(a.aval.dtype).name)
+                decision = (jnp.dtype(new).name, jnp.dtype(a.aval.dtype).name, a in itself)
                 if decision not in (known := found.setdefault(watched[a], [])):
                     known.append(decision)
         for v in eqn.outvars:  # a weakly typed result: computed from the number alone
@@ -81,7 +87,8 @@ def _walk(jaxpr: Any, watched: dict[Any, int], found: dict[int, list[tuple[str, 
                 if type(a) is not C.Literal and a in watched
             }
             if inner:
-                _walk(sub, inner, found)
+                kept = {v for v, a in zip(sub.invars, operands) if v in inner and a in itself}
+                _walk(sub, inner, kept, found)
 
 
 def _promotes(old: Any, new: Any) -> bool:
@@ -130,21 +137,22 @@ def promoted(given: Any, decided: str) -> str | None:
         return None
 
 
-def computed_with(given: Any, traced: Any, decision: tuple[str, str]) -> str | None:
+def computed_with(given: Any, traced: Any, decision: Decision) -> str | None:
     """The dtype a strongly typed array of dtype ``given`` computes with at a promotion
     a Python number of dtype ``traced`` decided (``decision``, from
     :func:`weak_type_decides`), or None where JAX promotes none: :func:`promoted` of the
     array's dtype there, which is a float where the number became a float on the way
     and the array is an int, as ``jnp`` makes one of it (an int32 step counter given for
-    ``step`` in ``x_bf16 * (step / 1000)``: float32, not bfloat16). Where the traced
-    number was a float, what an int array becomes on its way is not in the program
-    (``s / 1000`` makes a float32 of an int8, ``x_bf16 * s`` keeps it an int8): taken as
-    the int."""
-    decided, there = decision
+    ``step`` in ``x_bf16 * (step / 1000)``: float32, not bfloat16), or where a value
+    computed from a float number is converted and the array is an int (``s / 1000``
+    makes a float32 of an int8 array; ``x_bf16 * s`` with the number itself keeps it an
+    int8, which promotes to bfloat16)."""
+    decided, there, itself = decision
     kind = dtype_kind(there) or 0
     # (not a bool: divided by a Python number, it is a weak float, which promotes as the
     # number did; hunt W)
-    if (dtype_kind(traced) or 0) < kind and 0 < (dtype_kind(given) or 0) < kind:
+    made = (dtype_kind(traced) or 0) < kind or not itself
+    if made and 0 < (dtype_kind(given) or 0) < kind:
         # (JAX's table: a 64-bit int is a float64, a narrower one or a bool a float32)
         wide = jnp.dtype(given).itemsize == 8
         made = jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32)

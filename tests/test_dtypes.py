@@ -583,6 +583,29 @@ def test_a_replacement_of_a_weakly_typed_value_computes_weakly_as_the_hand_edit(
     allclose(half.as_function()(x, 2.0)[1], jnp.sin(4.0) * 0.5)
 
 
+def test_an_int_array_where_a_python_float_traced_was_computed_with_is_refused():
+    """``x_bf16 * (s / 1000)`` traced with ``s = 2.5``: an int8 array for ``s`` becomes a
+    float32 in ``s / 1000``, which promotes ``x`` (``jax.jit(f)`` computes in float32);
+    it was taken as an exact cast, running the bfloat16 program (hunt W). Where the
+    number itself meets ``x`` (``x_bf16 * s``), an int8 array promotes to bfloat16, as
+    the number did: taken."""
+    x = jnp.full(3, 1.001, jnp.bfloat16)
+    n = jnp.int8(5)
+
+    def scaled(x, s):
+        return x * (s / 1000)
+
+    def times(x, s):
+        return x * s
+
+    assert jax.jit(scaled)(x, n).dtype == jnp.float32
+    with pytest.raises(js.SliceError, match="an array of int8 would make the function compute"):
+        js.trace(scaled, x, 2.5).as_function()(x, n)
+    got = js.trace(times, x, 2.5).as_function()(x, n)
+    assert got.dtype == jax.jit(times)(x, n).dtype == jnp.bfloat16
+    allclose(got.astype(jnp.float32), times(x, n).astype(jnp.float32))
+
+
 def test_a_python_number_argument_is_weakly_typed_as_jax_jit_takes_it():
     """The values of the inputs are converted as ``jax.jit`` takes them: a Python
     number weakly typed, so what is computed from it with a bfloat16 array stays
