@@ -137,6 +137,19 @@ def promoted(given: Any, decided: str) -> str | None:
         return None
 
 
+def guessed(given: Any, traced: Any, decision: Decision) -> bool:
+    """Whether :func:`computed_with` takes an int array for a float where the program
+    computed a value from a float number before the promotion: ``s / 1000`` makes a
+    float32 of it, ``s * 2`` keeps it an int8 (another program than the traced one
+    either way, which the jaxpr of the number cannot tell apart)."""
+    kind = dtype_kind(decision[1]) or 0
+    return (
+        not decision[2]
+        and (dtype_kind(traced) or 0) >= kind
+        and 0 < (dtype_kind(given) or 0) < kind
+    )
+
+
 def computed_with(given: Any, traced: Any, decision: Decision) -> str | None:
     """The dtype a strongly typed array of dtype ``given`` computes with at a promotion
     a Python number of dtype ``traced`` decided (``decision``, from

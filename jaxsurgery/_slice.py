@@ -44,7 +44,7 @@ from ._eager import eval_jaxpr
 from ._errors import SliceError, short_list, type_of
 from ._gc import gc_paused
 from ._made import Made, var_keys
-from ._promotion import alive, as_traced, held, holds, out_of_range, returned
+from ._promotion import alive, as_traced, deleted, held, holds, out_of_range, returned
 from ._rules import dropped_derivatives
 from ._structured import check_hits, goes_on_alone
 
@@ -416,7 +416,7 @@ class Slice(Made):
 
     def input_values(self) -> tuple[Any, ...]:
         """The traced (or bound) values of the inputs, as positional arguments."""
-        args = self._require_args(f"its input{'s' if len(self.in_vars) > 1 else ''}")
+        args = self._require_args(f"its input{'s' if len(self.in_vars) > 1 else ''}", True)
         flat = _evaluate_vars(self.graph, self.in_vars, args)
         return self._as_args(_select.unflatten(self._in_tree, flat))
 
@@ -427,23 +427,31 @@ class Slice(Made):
         with jax.ensure_compile_time_eval():
             return {v.name: returned(x) for v, x in zip(self.context_vars, self._context())}
 
-    def _require_args(self, needing: str = "its context") -> Sequence[Any]:
+    def _require_args(self, needing: str = "its context", valued: bool = False) -> Sequence[Any]:
+        """The arguments the slice computes from, checked to be alive (donated ones are a
+        SliceError naming them); ``valued``: computed by the graph's values, which check
+        those they read (the traced arguments: not every argument is named)."""
         if self._flat_args is None:
             raise SliceError(
                 f"{self!r} is unbound: its graph was traced with abstract arguments, so "
                 f"{needing} has no values; call s.bind(*args, **kwargs) with the "
                 "function's arguments first"
             )
-        if self._flat_args is self.graph._converted_args:
-            return self._flat_args  # (the graph's values check the arguments they read)
+        if valued and self._flat_args is self.graph._converted_args:
+            return self._flat_args
         return alive(self._flat_args, self.graph.inputs)
 
     def _context(self) -> list[Any]:
         """The context values, computed once (not kept when computed under a transform,
         from its tracers: they are that trace's)."""
-        if self._context_values is not None:  # (arguments among them may be donated since)
-            return alive(self._context_values, self.context_vars)
+        found = self._context_values
+        if found is not None and not any(map(deleted, found)):
+            return found
+        # (arguments among them donated since: computed again, which checks the
+        # arguments it reads; an argument that is context itself is checked here)
         found = self._computed_context()
+        if len(found) == len(self.context_vars):  # (a loop slice's are its residuals)
+            alive(found, self.context_vars)
         if not C.holds_tracer(found):
             self._context_values = found
         return found
@@ -451,7 +459,7 @@ class Slice(Made):
     def _computed_context(self) -> list[Any]:
         found = self._argument_free_context()
         if found is None:
-            found = _evaluate_vars(self.graph, self.context_vars, self._require_args())
+            found = _evaluate_vars(self.graph, self.context_vars, self._require_args(valued=True))
         return found
 
     def _argument_free_context(self) -> list[Any] | None:

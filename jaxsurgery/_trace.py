@@ -56,7 +56,16 @@ from ._loop_index import index_templates, template_names
 from ._names import assign_names, shadowed_outputs
 from ._program import IN_SHARD_MAP, Program
 from ._progress import phase, progress, reported
-from ._promotion import as_traced, computed_with, held, holds, out_of_range, weak_type_decides
+from ._promotion import (
+    a_or_an,
+    as_traced,
+    computed_with,
+    guessed,
+    held,
+    holds,
+    out_of_range,
+    weak_type_decides,
+)
 from ._rewrite import _plain_partial
 from ._scopes import scope_names
 
@@ -413,6 +422,13 @@ def same_avals(
                 if computes
                 else f"not be promoted with {decided} (jax.jit(f) refuses it)"
             )
+            if guessed(dtype, traced_dtype, decision):  # (s / 1000 or s * 2: not told)
+                would = (
+                    "run another program than the traced one: what the function computes "
+                    f"from `{name}` before that would run on {dtype}, which jnp makes a "
+                    f"{computes} of in `{name} / 1000` or `jnp.sqrt({name})` (computing in "
+                    f"{computes}), and keeps {a_or_an(str(dtype))} in `{name} * 2`"
+                )
             raise SliceError(
                 f"argument `{name}` was traced as a Python number (weakly typed "
                 f"{traced_dtype}), which the traced program computes with as {decided}; "

@@ -599,7 +599,7 @@ def test_an_int_array_where_a_python_float_traced_was_computed_with_is_refused()
         return x * s
 
     assert jax.jit(scaled)(x, n).dtype == jnp.float32
-    with pytest.raises(js.SliceError, match="an array of int8 would make the function compute"):
+    with pytest.raises(js.SliceError, match="an array of int8 would run another program"):
         js.trace(scaled, x, 2.5).as_function()(x, n)
     got = js.trace(times, x, 2.5).as_function()(x, n)
     assert got.dtype == jax.jit(times)(x, n).dtype == jnp.bfloat16

@@ -365,6 +365,33 @@ def test_a_value_reading_no_deleted_argument_is_computed_on_a_fresh_graph():
         s.context  # noqa: B018 (the property computes it)
 
 
+def test_a_loop_slice_after_donation_names_the_donated_arguments():
+    """A slice cut inside a folded scan computes its context (the split's residuals)
+    from the arguments directly: after the traced parameters are donated it is a
+    SliceError naming them, also where the context was computed before (it was JAX's
+    'Array has been deleted': hunt Y)."""
+
+    def f(p, x):
+        h0 = jnp.tanh(p["w1"] @ x)
+
+        def body(h, _):
+            hn = jnp.tanh(p["w2"] @ h)
+            return hn, hn.sum()
+
+        h_last, ys = jax.lax.scan(body, h0, None, length=100)
+        return h_last.sum() + ys.sum()
+
+    for before in (False, True):
+        p = {"w1": jnp.eye(4) * 0.5, "w2": jnp.eye(4) * 0.3}
+        g = js.trace(f, p, jnp.ones(4))
+        s = g.slice("body/hn@5", "out")
+        if before:
+            s(jnp.ones(4))
+        jax.jit(lambda p: p, donate_argnums=0)(p)
+        with pytest.raises(js.SliceError, match=r"p\['w2'\].* donate_argnums"):
+            s(jnp.ones(4))
+
+
 def test_abstract_trace_needs_bind():
     specs = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlp_12782_args()
