@@ -244,7 +244,7 @@ class GradsFunction(TakesArguments):
         """``({key: wrt value}, {key: gradient})`` from one run, for a function made
         ``with_values`` (``g.attribution_fn``'s); else a SliceError (it returned no
         values: hunt X)."""
-        if not self._wrt_exposures and self._groups:
+        if not self._wrt_exposures:
             raise SliceError(
                 "this gradients function computes the gradients only (g.grads_fn): take "
                 "the values from g.values_fn(...) with the same arguments, or both from "

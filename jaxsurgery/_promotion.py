@@ -142,12 +142,20 @@ def guessed(given: Any, traced: Any, decision: Decision) -> bool:
     computed a value from a float number before the promotion: ``s / 1000`` makes a
     float32 of it, ``s * 2`` keeps it an int8 (another program than the traced one
     either way, which the jaxpr of the number cannot tell apart)."""
+    return _floated(given, traced, decision) == "computed"
+
+
+def _floated(given: Any, traced: Any, decision: Decision) -> str:
+    """Why an array of dtype ``given`` is a float at the decision (``""``: it is not):
+    ``"number"`` where the number became a float on the way, ``"computed"`` where a value
+    computed from a float number is converted. Not a bool: divided by a Python number,
+    it is a weak float, which promotes as the number did (hunt W)."""
     kind = dtype_kind(decision[1]) or 0
-    return (
-        not decision[2]
-        and (dtype_kind(traced) or 0) >= kind
-        and 0 < (dtype_kind(given) or 0) < kind
-    )
+    if not 0 < (dtype_kind(given) or 0) < kind:
+        return ""
+    if (dtype_kind(traced) or 0) < kind:
+        return "number"
+    return "" if decision[2] else "computed"
 
 
 def computed_with(given: Any, traced: Any, decision: Decision) -> str | None:
@@ -160,16 +168,12 @@ def computed_with(given: Any, traced: Any, decision: Decision) -> str | None:
     computed from a float number is converted and the array is an int (``s / 1000``
     makes a float32 of an int8 array; ``x_bf16 * s`` with the number itself keeps it an
     int8, which promotes to bfloat16)."""
-    decided, there, itself = decision
-    kind = dtype_kind(there) or 0
-    # (not a bool: divided by a Python number, it is a weak float, which promotes as the
-    # number did; hunt W)
-    made = (dtype_kind(traced) or 0) < kind or not itself
-    if made and 0 < (dtype_kind(given) or 0) < kind:
-        # (JAX's table: a 64-bit int is a float64, a narrower one or a bool a float32)
+    decided, there, _ = decision
+    if _floated(given, traced, decision):
+        # (JAX's table: a 64-bit int is a float64, a narrower one a float32)
         wide = jnp.dtype(given).itemsize == 8
         made = jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32)
-        given = made if kind == 2 else jnp.promote_types(made, np.complex64)  # (complex)
+        given = made if dtype_kind(there) == 2 else jnp.promote_types(made, np.complex64)
     return promoted(given, decided)
 
 

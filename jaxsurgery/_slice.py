@@ -219,7 +219,7 @@ def _fold(program: Any, eqns: set[int], ins: Sequence[int], outs: Sequence[int])
         inside = {o for e in range(region.start, region.end) for o in program.eqn_out[e]}
         if (
             (inside - region_outs) & boundary
-            or (region_outs & set(ins))
+            or (region_outs & inputs)
             or _reads_apart(program, region, inputs, inside)
         ):
             if region.primitive in C.CUSTOM_RULE_PRIMITIVES and any(
