@@ -57,6 +57,7 @@ from ._names import assign_names, shadowed_outputs
 from ._program import IN_SHARD_MAP, Program
 from ._progress import phase, progress, reported
 from ._promotion import (
+    Decision,
     a_or_an,
     as_traced,
     computed_with,
@@ -267,7 +268,7 @@ def _trace(
     kept = [held(x, aval.dtype) for x, aval in zip(leaves, closed.in_avals)]
 
     @functools.cache
-    def decides() -> dict[int, list[tuple[str, str, bool]]]:  # looked at when first called
+    def decides() -> dict[int, list[Decision]]:  # looked at when first called
         return weak_type_decides(closed)
 
     # traced with x64 on, the program takes its inputs' dtypes (float64) as they are:
@@ -368,7 +369,7 @@ def same_avals(
     flat: list[Any],
     traced: list[Any],
     names: Sequence[str],
-    decides: Callable[[], dict[int, list[tuple[str, str, bool]]]] = dict,
+    decides: Callable[[], dict[int, list[Decision]]] = dict,
     wide: Sequence[Any] | None = None,
 ) -> list[Any]:
     """``flat``, checked against the shapes and dtypes the graph was traced with.
@@ -949,7 +950,7 @@ class _ArgBinder:
         names: Sequence[str],
         args: tuple,
         kwargs: dict,
-        decides: Callable[[], dict[int, list[tuple[str, str, bool]]]] = dict,
+        decides: Callable[[], dict[int, list[Decision]]] = dict,
         wide: Sequence[Any] | None = None,
     ) -> list[Any]:
         """The flat dynamic leaves of new arguments, checked against the traced call
