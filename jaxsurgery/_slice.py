@@ -447,11 +447,8 @@ class Slice(Made):
         found = self._context_values
         if found is not None and not any(map(deleted, found)):
             return found
-        # (arguments among them donated since: computed again, which checks the
-        # arguments it reads; an argument that is context itself is checked here)
+        # (arguments among them donated since: computed again, which checks them)
         found = self._computed_context()
-        if len(found) == len(self.context_vars):  # (a loop slice's are its residuals)
-            alive(found, self.context_vars)
         if not C.holds_tracer(found):
             self._context_values = found
         return found
@@ -460,6 +457,9 @@ class Slice(Made):
         found = self._argument_free_context()
         if found is None:
             found = _evaluate_vars(self.graph, self.context_vars, self._require_args(valued=True))
+            # (the graph's values check the arguments they compute from; one that is
+            # context itself comes back as it is: checked here, by its name)
+            alive(found, self.context_vars)
         return found
 
     def _argument_free_context(self) -> list[Any] | None:
